@@ -1,0 +1,342 @@
+"""The cometq number formats: the one module that owns packing and permutations.
+
+Everything that reads or writes a quantized tensor (the reference ops, the Triton
+and CUDA kernels, checkpoint conversion, tests) goes through the constants and
+functions here.  ``docs/FORMAT.md`` is the prose version of this module; when
+the two disagree, this module is right and the doc is a bug.
+
+Summary (see docs/FORMAT.md for drawings):
+
+* INT4 values are two's-complement signed nibbles in [-8, 7].  Two values pack
+  into one ``uint8`` byte, the **even** index in the **low** nibble::
+
+      byte[i] = (q[2i] & 0xF) | ((q[2i+1] & 0xF) << 4)
+
+  Unsigned 4-bit (KV4) uses the same byte order with values in [0, 15].
+* The activation K axis is cut into blocks of ``BLOCK_K = 128`` channels.  K that
+  is not a multiple of 128 is zero-padded at the end to ``K_pad``; weights get
+  the same zero columns, so padding never changes a dot product.
+* An FMPQ layer owns an :class:`ActivationLayout`: a channel permutation ``perm``
+  (``x_perm[:, j] = x[:, perm[j]]``) and a per-block precision map
+  ``block_bits`` (4 or 8 per block of the *permuted, padded* K axis).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence
+
+import torch
+
+__all__ = [
+    "BLOCK_K",
+    "INT4_MIN",
+    "INT4_MAX",
+    "INT4_QMAX",
+    "INT8_QMAX",
+    "UINT4_MAX",
+    "SCALE_MODES",
+    "padded_k",
+    "num_blocks",
+    "pad_last_dim",
+    "pack_int4",
+    "unpack_int4",
+    "pack_uint4",
+    "unpack_uint4",
+    "ActivationLayout",
+    "check_tensor",
+]
+
+#: Channels per activation block.  One block is quantized with one precision
+#: (INT4 or INT8) and, in "block" scale mode, one scale per token.
+BLOCK_K = 128
+#: Range of a stored signed INT4 value (two's complement nibble).
+INT4_MIN, INT4_MAX = -8, 7
+#: Largest magnitude the symmetric quantizers produce.  -8 is never produced so
+#: the grid is symmetric; kernels must still accept -8 in weights (other
+#: producers, e.g. checkpoint converters, may use it).
+INT4_QMAX = 7
+INT8_QMAX = 127
+#: Largest unsigned 4-bit value (KV4).
+UINT4_MAX = 15
+
+#: Activation scale granularities: one scale per token per 128-channel block,
+#: or one scale per token per precision class (all INT4 blocks share one, all
+#: INT8 blocks another).
+SCALE_MODES = ("block", "class")
+
+
+# --------------------------------------------------------------------------
+# validation helpers (shared by every public function of the package)
+# --------------------------------------------------------------------------
+def _fmt_dtypes(dtypes: Iterable[torch.dtype]) -> str:
+    return ", ".join(str(d) for d in dtypes)
+
+
+def check_tensor(
+    name: str,
+    t,
+    *,
+    dtypes: Optional[Sequence[torch.dtype]] = None,
+    ndim: Optional[int] = None,
+    device: Optional[torch.device] = None,
+) -> torch.Tensor:
+    """Validate a tensor argument; raise TypeError/ValueError naming it.
+
+    ``assert`` is not input validation: every public op calls this.
+    """
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(
+            f"{name} must have dtype in ({_fmt_dtypes(dtypes)}), got {t.dtype} "
+            f"(shape {tuple(t.shape)})"
+        )
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    if device is not None and t.device != torch.device(device):
+        raise ValueError(
+            f"{name} is on {t.device} but must be on {device} (shape {tuple(t.shape)})"
+        )
+    return t
+
+
+def _check_int(name: str, v, *, minimum: Optional[int] = None) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{name} must be an int, got {v!r} ({type(v).__name__})")
+    if minimum is not None and v < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {v}")
+    return v
+
+
+# --------------------------------------------------------------------------
+# K padding
+# --------------------------------------------------------------------------
+def padded_k(k: int, block: int = BLOCK_K) -> int:
+    """K rounded up to a multiple of ``block`` (the stored width of every row)."""
+    _check_int("k", k, minimum=1)
+    _check_int("block", block, minimum=1)
+    return ((k + block - 1) // block) * block
+
+
+def num_blocks(k: int, block: int = BLOCK_K) -> int:
+    """Number of ``block``-channel blocks covering ``k`` channels."""
+    return padded_k(k, block) // block
+
+
+def pad_last_dim(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Zero-pad the last dimension of ``x`` to ``size`` (no copy if already that size)."""
+    check_tensor("x", x)
+    k = x.shape[-1]
+    if size < k:
+        raise ValueError(f"cannot pad last dim of shape {tuple(x.shape)} down to {size}")
+    if size == k:
+        return x
+    return torch.nn.functional.pad(x, (0, size - k))
+
+
+# --------------------------------------------------------------------------
+# 4-bit packing
+# --------------------------------------------------------------------------
+_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Pack signed INT4 values ``[..., K]`` (K even, values in [-8, 7]) into ``uint8 [..., K/2]``.
+
+    Even index -> low nibble, odd index -> high nibble; nibbles are two's complement.
+    """
+    check_tensor("q", q, dtypes=_INT_DTYPES)
+    if q.dim() == 0 or q.shape[-1] % 2 != 0:
+        raise ValueError(f"pack_int4 needs an even last dimension, got shape {tuple(q.shape)}")
+    if q.numel() and (int(q.min()) < INT4_MIN or int(q.max()) > INT4_MAX):
+        raise ValueError(
+            f"pack_int4 values must lie in [{INT4_MIN}, {INT4_MAX}], got range "
+            f"[{int(q.min())}, {int(q.max())}] (shape {tuple(q.shape)})"
+        )
+    n = q.to(torch.int16) & 0xF
+    lo, hi = n[..., 0::2], n[..., 1::2]
+    return (lo | (hi << 4)).to(torch.uint8)
+
+
+def unpack_int4(p: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_int4`: ``uint8 [..., K/2]`` -> ``int8 [..., K]`` in [-8, 7]."""
+    check_tensor("packed", p, dtypes=(torch.uint8,))
+    if p.dim() == 0:
+        raise ValueError("unpack_int4 needs at least 1-D input, got a scalar")
+    b = p.to(torch.int16)
+    lo = b & 0xF
+    hi = (b >> 4) & 0xF
+    # sign-extend a nibble: values >= 8 are negative
+    lo = lo - ((lo & 0x8) << 1)
+    hi = hi - ((hi & 0x8) << 1)
+    out = torch.stack((lo, hi), dim=-1).reshape(*p.shape[:-1], p.shape[-1] * 2)
+    return out.to(torch.int8)
+
+
+def pack_uint4(q: torch.Tensor) -> torch.Tensor:
+    """Pack unsigned 4-bit values ``[..., K]`` (K even, values in [0, 15]) into ``uint8 [..., K/2]``."""
+    check_tensor("q", q, dtypes=_INT_DTYPES)
+    if q.dim() == 0 or q.shape[-1] % 2 != 0:
+        raise ValueError(f"pack_uint4 needs an even last dimension, got shape {tuple(q.shape)}")
+    if q.numel() and (int(q.min()) < 0 or int(q.max()) > UINT4_MAX):
+        raise ValueError(
+            f"pack_uint4 values must lie in [0, {UINT4_MAX}], got range "
+            f"[{int(q.min())}, {int(q.max())}] (shape {tuple(q.shape)})"
+        )
+    n = q.to(torch.int16)
+    return (n[..., 0::2] | (n[..., 1::2] << 4)).to(torch.uint8)
+
+
+def unpack_uint4(p: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_uint4`: ``uint8 [..., K/2]`` -> ``uint8 [..., K]`` in [0, 15]."""
+    check_tensor("packed", p, dtypes=(torch.uint8,))
+    if p.dim() == 0:
+        raise ValueError("unpack_uint4 needs at least 1-D input, got a scalar")
+    lo = p & 0xF
+    hi = p >> 4
+    return torch.stack((lo, hi), dim=-1).reshape(*p.shape[:-1], p.shape[-1] * 2)
+
+
+# --------------------------------------------------------------------------
+# FMPQ activation layout
+# --------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class ActivationLayout:
+    """Channel permutation + block precision map of one FMPQ layer.
+
+    ``perm`` (int64 ``[K]``) is a permutation of ``range(K)``: the quantizer reads
+    ``x_perm[:, j] = x[:, perm[j]]``, zero-pads to ``K_pad`` and cuts 128-channel
+    blocks.  ``block_bits`` (int32 ``[K_pad/128]``) holds 4 or 8 per block.
+
+    Calibration puts INT8 blocks first (largest channels first), but the format
+    allows any pattern; kernels must handle all of them.
+    """
+
+    perm: torch.Tensor
+    block_bits: torch.Tensor
+
+    def __post_init__(self):
+        check_tensor("perm", self.perm, dtypes=(torch.int64, torch.int32), ndim=1)
+        check_tensor("block_bits", self.block_bits, dtypes=_INT_DTYPES, ndim=1)
+        k = self.perm.numel()
+        if k == 0:
+            raise ValueError("perm must not be empty")
+        nb = num_blocks(k)
+        if self.block_bits.numel() != nb:
+            raise ValueError(
+                f"block_bits has {self.block_bits.numel()} entries but K={k} needs "
+                f"{nb} blocks of {BLOCK_K} (shape {tuple(self.block_bits.shape)})"
+            )
+        bad = ~((self.block_bits == 4) | (self.block_bits == 8))
+        if bool(bad.any()):
+            idx = int(bad.nonzero()[0])
+            raise ValueError(
+                f"block_bits must hold only 4 or 8, got {int(self.block_bits[idx])} at block {idx}"
+            )
+        seen = torch.zeros(k, dtype=torch.bool, device=self.perm.device)
+        p = self.perm.long()
+        if int(p.min()) < 0 or int(p.max()) >= k:
+            raise ValueError(f"perm values must lie in [0, {k}), got range [{int(p.min())}, {int(p.max())}]")
+        seen[p] = True
+        if not bool(seen.all()):
+            raise ValueError(f"perm is not a permutation of range({k}): channel {int((~seen).nonzero()[0])} missing")
+        object.__setattr__(self, "perm", p)
+        object.__setattr__(self, "block_bits", self.block_bits.to(torch.int32))
+        # Python ints cached once: kernels' launch grids and fake (meta) shapes
+        # need them without reading tensor data (torch.compile cannot).
+        object.__setattr__(self, "_n_int8", int((self.block_bits == 8).sum()))
+        object.__setattr__(self, "_identity", bool(torch.equal(p, torch.arange(k, device=p.device))))
+
+    # --- constructors ----------------------------------------------------
+    @classmethod
+    def identity(cls, k: int, bits: int = 4, device=None) -> "ActivationLayout":
+        """No permutation; every block at ``bits`` (4: pure W4A4, 8: pure W4A8)."""
+        _check_int("k", k, minimum=1)
+        if bits not in (4, 8):
+            raise ValueError(f"bits must be 4 or 8, got {bits!r}")
+        return cls(
+            torch.arange(k, device=device),
+            torch.full((num_blocks(k),), bits, dtype=torch.int32, device=device),
+        )
+
+    @classmethod
+    def from_block_bits(cls, k: int, bits: Sequence[int], perm: Optional[torch.Tensor] = None, device=None):
+        """A layout with the given per-block precisions (identity permutation unless given)."""
+        p = torch.arange(k, device=device) if perm is None else perm
+        return cls(p, torch.as_tensor(list(bits), dtype=torch.int32, device=p.device))
+
+    # --- derived quantities --------------------------------------------------
+    @property
+    def in_features(self) -> int:
+        return self.perm.numel()
+
+    @property
+    def k_pad(self) -> int:
+        return padded_k(self.in_features)
+
+    @property
+    def n_blocks(self) -> int:
+        return self.block_bits.numel()
+
+    @property
+    def int8_blocks(self) -> torch.Tensor:
+        """Indices (int64) of INT8 blocks, ascending: their order in the ``q8`` buffer."""
+        return (self.block_bits == 8).nonzero().flatten()
+
+    @property
+    def int4_blocks(self) -> torch.Tensor:
+        """Indices (int64) of INT4 blocks, ascending: their order in the ``q4`` buffer."""
+        return (self.block_bits == 4).nonzero().flatten()
+
+    @property
+    def n_int8(self) -> int:
+        return self._n_int8
+
+    @property
+    def n_int4(self) -> int:
+        return self.n_blocks - self.n_int8
+
+    @property
+    def int8_fraction(self) -> float:
+        return self.n_int8 / self.n_blocks
+
+    def class_slot(self) -> torch.Tensor:
+        """int32 ``[n_blocks]``: position of each block inside its class buffer.
+
+        Block ``b`` lives at ``q8[:, slot[b]*128 : (slot[b]+1)*128]`` if INT8, else at
+        ``q4[:, slot[b]*64 : (slot[b]+1)*64]``.  This is the table kernels index with.
+        """
+        is8 = (self.block_bits == 8).to(torch.int32)
+        c8 = torch.cumsum(is8, 0) - is8
+        c4 = torch.cumsum(1 - is8, 0) - (1 - is8)
+        return torch.where(is8.bool(), c8, c4).to(torch.int32)
+
+    @property
+    def is_identity_perm(self) -> bool:
+        return self._identity
+
+    def inverse_perm(self) -> torch.Tensor:
+        inv = torch.empty_like(self.perm)
+        inv[self.perm] = torch.arange(self.in_features, device=self.perm.device)
+        return inv
+
+    def to(self, device) -> "ActivationLayout":
+        return ActivationLayout(self.perm.to(device), self.block_bits.to(device))
+
+    def permute_columns(self, w: torch.Tensor) -> torch.Tensor:
+        """Fold the permutation into a weight ``[N, K]``: column j of the result is column perm[j]."""
+        check_tensor("weight", w, ndim=2)
+        if w.shape[1] != self.in_features:
+            raise ValueError(
+                f"weight has {w.shape[1]} input features but the layout has K={self.in_features} "
+                f"(weight shape {tuple(w.shape)})"
+            )
+        return w[:, self.perm.to(w.device)]
+
+    def __repr__(self) -> str:
+        bits = "".join("8" if b == 8 else "4" for b in self.block_bits.tolist())
+        return (
+            f"ActivationLayout(K={self.in_features}, K_pad={self.k_pad}, blocks={bits}, "
+            f"int8={self.n_int8}/{self.n_blocks}, identity_perm={self.is_identity_perm})"
+        )

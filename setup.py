@@ -1,0 +1,73 @@
+"""Build script for cometq.
+
+The pure-Python package (``python/cometq``) and the Triton kernels (``kernels/``,
+installed as ``cometq.kernels``) always install.  The CUDA extension ``cometq._C``
+(``csrc/``) is built only when torch has CUDA, nvcc is found, csrc/ holds
+kernels, and ``COMETQ_SKIP_CUDA`` is not set to 1.
+"""
+import glob
+import os
+import shutil
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _cuda_extension():
+    if os.environ.get("COMETQ_SKIP_CUDA", "0") == "1":
+        return [], {}
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cu"))) + sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    if not sources:
+        return [], {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    except Exception:  # torch missing at build time: pure-Python install
+        return [], {}
+    nvcc = shutil.which("nvcc") or (CUDA_HOME and os.path.join(CUDA_HOME, "bin", "nvcc"))
+    if torch.version.cuda is None or not nvcc or not os.path.exists(nvcc):
+        return [], {}
+    archs = os.environ.get("COMETQ_CUDA_ARCHS", "80;86;89;90a").split(";")
+    gencode = []
+    for a in archs:
+        a = a.strip()
+        if a:
+            gencode += [f"-gencode=arch=compute_{a},code=sm_{a}"]
+    ext = CUDAExtension(
+        name="cometq._C",
+        sources=sources,
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        extra_compile_args={
+            "cxx": ["-O3", "-std=c++17"],
+            "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"] + gencode,
+        },
+    )
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _cuda_extension()
+
+setup(
+    name="cometq",
+    version="0.1.0",
+    description="W4Ax-KV4 LLM inference: INT4 weights, mixed INT4/INT8 activations, 4-bit KV cache",
+    long_description=open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    if os.path.exists(os.path.join(ROOT, "README.md"))
+    else "",
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=["cometq", "cometq.kernels"],
+    package_dir={"cometq": "python/cometq", "cometq.kernels": "kernels"},
+    install_requires=["torch>=2.4", "numpy", "tqdm", "safetensors"],
+    extras_require={
+        "triton": ["triton>=3.3"],
+        "hf": ["transformers>=4.56", "accelerate", "gguf", "tokenizers"],
+        "test": ["pytest", "hypothesis", "pytest-benchmark", "expecttest"],
+    },
+    entry_points={"console_scripts": ["cometq=cometq.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    zip_safe=False,
+)
