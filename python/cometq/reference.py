@@ -62,6 +62,16 @@ __all__ = [
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+def _div_const(x: torch.Tensor, d: float) -> torch.Tensor:
+    """``x / d`` as a true IEEE division on every device.
+
+    Dividing by a Python number lets torch's CUDA kernels multiply by the
+    reciprocal instead (one ulp off); the spec is a real division, so divide by a
+    tensor holding ``d``.
+    """
+    return x / torch.full_like(x, float(d))
+
+
 def _safe_div(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """x / s with s == 0 treated as 1 (its group is all zeros, so q = 0 either way)."""
     return x / torch.where(s == 0, torch.ones_like(s), s)
@@ -157,7 +167,7 @@ def quantize_weight_rtn(
     g = check_group_size(group_size, k_pad)
     wp = pad_last_dim(w.float(), k_pad).view(n, k_pad // g, g)
     absmax = wp.abs().amax(dim=-1)
-    scales = absmax * float(clip_ratio) / INT4_QMAX
+    scales = _div_const(absmax * float(clip_ratio), INT4_QMAX)
     q = torch.round(_safe_div(wp, scales[..., None])).clamp_(-INT4_QMAX, INT4_QMAX)
     qweight = pack_int4(q.view(n, k_pad).to(torch.int8))
     return QuantizedWeight(qweight, scales.contiguous(), k, -1 if group_size is None else group_size)
@@ -264,7 +274,7 @@ def quantize_activation(
         zero = torch.zeros(m, device=x.device)
         a4 = absmax[:, ~is8].amax(dim=1) if layout.n_int4 else zero
         a8 = absmax[:, is8].amax(dim=1) if layout.n_int8 else zero
-        scales = torch.stack((a4 / INT4_QMAX, a8 / INT8_QMAX), dim=1)
+        scales = torch.stack((_div_const(a4, INT4_QMAX), _div_const(a8, INT8_QMAX)), dim=1)
         bscale = scales[:, is8.long()]
     q = torch.round(_safe_div(xb, bscale[..., None]))
     q = torch.maximum(torch.minimum(q, qmax[:, None]), -qmax[:, None]).to(torch.int8)
@@ -517,7 +527,7 @@ def quantize_kv4(x: torch.Tensor, group_size: int = 64, axis: str = "token") -> 
         red = -2
     mn = g.amin(dim=red, keepdim=True)
     mx = g.amax(dim=red, keepdim=True)
-    scale16 = ((mx - mn) / UINT4_MAX).to(torch.float16)
+    scale16 = _div_const(mx - mn, UINT4_MAX).to(torch.float16)
     zero16 = mn.to(torch.float16)
     if not (bool(torch.isfinite(scale16).all()) and bool(torch.isfinite(zero16).all())):
         raise ValueError("KV4 scale/zero overflow float16: |x| too large or non-finite values in x")
