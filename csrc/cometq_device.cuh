@@ -1,0 +1,187 @@
+// Device helpers shared by the cometq kernels (no torch, plain CUDA).
+//
+//   * the per-CTA block table (which class buffer and slot each 128-channel
+//     block lives in), built in shared memory from block_bits;
+//   * cp.async wrappers (global -> shared copies that bypass registers);
+//   * mma.sync wrappers for the two integer tensor-core shapes we use;
+//   * the INT4 -> INT8 register conversion;
+//   * dtype load/store helpers.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "cometq_kernels.h"
+
+namespace cometq {
+
+constexpr int kBlockK = 128;  // channels per activation block (layout.BLOCK_K)
+
+// ---------------------------------------------------------------------------
+// Block table.  The q4 / q8 buffers hold each precision class in ascending block
+// order, so block b lives at slot = #(blocks before b of the same class).  Every
+// CTA rebuilds this small table in shared memory (nb ints, O(nb^2 / threads)
+// shared-memory reads) instead of taking it as an extra input: that keeps the
+// op's inputs exactly those of the reference and costs no extra kernel launch.
+//
+// s_info[b] bit layout:  [19:0] slot   [20] is_int8   [21] valid
+// "valid" is false when the slot does not fit the class buffer (block_bits
+// inconsistent with the q4/q8 widths); such a block is skipped, never read out
+// of bounds.  The bindings cannot check that without a device sync.
+// ---------------------------------------------------------------------------
+constexpr int kInfoSlotMask = (1 << 20) - 1;
+constexpr int kInfoInt8 = 1 << 20;
+constexpr int kInfoValid = 1 << 21;
+
+__device__ __forceinline__ void build_block_table(const int32_t* __restrict__ block_bits, int nb, int n4,
+                                                  int n8, int* s_is8, int* s_info) {
+  for (int b = threadIdx.x; b < nb; b += blockDim.x) s_is8[b] = (block_bits[b] == 8) ? 1 : 0;
+  __syncthreads();
+  for (int b = threadIdx.x; b < nb; b += blockDim.x) {
+    const int is8 = s_is8[b];
+    int slot = 0;
+    for (int j = 0; j < b; ++j) slot += (s_is8[j] == is8) ? 1 : 0;
+    const bool valid = slot < (is8 ? n8 : n4);
+    s_info[b] = (slot & kInfoSlotMask) | (is8 ? kInfoInt8 : 0) | (valid ? kInfoValid : 0);
+  }
+  __syncthreads();
+}
+
+// ---------------------------------------------------------------------------
+// cp.async (sm_80+): 16-byte global -> shared copy, asynchronous, L2-only (.cg:
+// the tiles are reused from shared memory, caching them in L1 would only evict
+// the scales).  Groups are committed per pipeline stage and waited on by count.
+// ---------------------------------------------------------------------------
+__device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem_src));
+#else
+  *reinterpret_cast<uint4*>(smem_dst) = *reinterpret_cast<const uint4*>(gmem_src);
+#endif
+}
+
+// Same, but when `valid` is false nothing is read from global memory and the 16
+// shared bytes are zero-filled (src-size operand 0).  Used for tile rows past M
+// or columns past N: their results are never stored, and zeros keep the shared
+// memory initialized (compute-sanitizer initcheck clean) without spending
+// bandwidth on duplicate rows.  gmem_src must still be a valid address.
+__device__ __forceinline__ void cp_async16_zfill(void* smem_dst, const void* gmem_src, bool valid) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
+  const unsigned src_size = valid ? 16u : 0u;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem_src), "r"(src_size));
+#else
+  *reinterpret_cast<uint4*>(smem_dst) = valid ? *reinterpret_cast<const uint4*>(gmem_src) : make_uint4(0, 0, 0, 0);
+#endif
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+
+// Wait until at most N committed groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
+}
+
+// ---------------------------------------------------------------------------
+// mma.sync wrappers.  Fragment layouts (PTX ISA, "Matrix fragments for mma.m16n8k32
+// / m16n8k64"), with g = lane / 4 ("groupID") and t = lane % 4:
+//
+//   m16n8k32 .s8 (A 16x32 row-major, B 32x8 "col" = K-contiguous per column):
+//     A reg0: row g,   k = 4t..4t+3        A reg1: row g+8, k = 4t..4t+3
+//     A reg2: row g,   k = 16+4t..16+4t+3  A reg3: row g+8, k = 16+4t..
+//     B reg0: col g,   k = 4t..4t+3        B reg1: col g,   k = 16+4t..
+//   m16n8k64 .s4 (same picture with 8 nibbles per register):
+//     A reg0: row g,   k = 8t..8t+7        A reg1: row g+8, k = 8t..8t+7
+//     A reg2: row g,   k = 32+8t..         A reg3: row g+8, k = 32+8t..
+//     B reg0: col g,   k = 8t..8t+7        B reg1: col g,   k = 32+8t..
+//   C/D (both): c0,c1: row g, cols 2t, 2t+1;  c2,c3: row g+8, cols 2t, 2t+1.
+//   Lower k sits in lower bits of a register (byte 0 / nibble 0 first).
+//
+// A dot product does not care in which order its K terms are summed, so the
+// GEMM feeds the k slots of A and B with the SAME permutation of the real
+// channels (see w4ax_gemm.cu, "k-slot permutation"); only the pairing matters.
+// ---------------------------------------------------------------------------
+__device__ __forceinline__ void mma_s8_m16n8k32(int (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                                uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#else
+  __trap();
+#endif
+}
+
+__device__ __forceinline__ void mma_s4_m16n8k64(int (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                                uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile(
+      "mma.sync.aligned.m16n8k64.row.col.s32.s4.s4.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#else
+  __trap();
+#endif
+}
+
+// ---------------------------------------------------------------------------
+// INT4 -> INT8 in registers, two bit operations per 4 values.
+//
+// A 32-bit word w holds 8 signed nibbles v0..v7, v0 in bits [3:0] (layout: even
+// index low).  Byte j of w is (v_{2j+1} << 4) | v_{2j}.
+//
+//   nib_lo_x16(w) = (w << 4) & 0xF0F0F0F0 : byte j = v_{2j}   << 4
+//   nib_hi_x16(w) =  w       & 0xF0F0F0F0 : byte j = v_{2j+1} << 4
+//
+// Read as int8, (v << 4) is exactly 16 * v for a two's-complement nibble v
+// (the nibble's sign bit lands on the byte's sign bit), so each result word
+// holds 4 INT8 values = 16 x the even (resp. odd) INT4 values, range
+// [-128, 112].  No shift back: the x16 (x256 when both operands are converted)
+// is an exact power of two folded into the fp32 epilogue scale.  The int32
+// accumulator stays exact: |16*8 * 16*8 * 128| = 2^21 << 2^31.
+//
+// The even values end up in one register and the odd in another: a
+// permutation of K, which the GEMM applies identically to both operands.
+// ---------------------------------------------------------------------------
+__device__ __forceinline__ uint32_t nib_lo_x16(uint32_t w) { return (w << 4) & 0xF0F0F0F0u; }
+__device__ __forceinline__ uint32_t nib_hi_x16(uint32_t w) { return w & 0xF0F0F0F0u; }
+
+// Bytes (0,2) of p and (0,2) of q -> one word (p0,p2,q0,q2);  (1,3) likewise.
+// With p = bytes c0..c3 and q = c4..c7 of 8 consecutive INT8 channels this
+// yields (c0,c2,c4,c6) and (c1,c3,c5,c7): the same even/odd split as above.
+__device__ __forceinline__ uint32_t bytes_even(uint32_t p, uint32_t q) { return __byte_perm(p, q, 0x6420); }
+__device__ __forceinline__ uint32_t bytes_odd(uint32_t p, uint32_t q) { return __byte_perm(p, q, 0x7531); }
+
+// ---------------------------------------------------------------------------
+// dtype helpers
+// ---------------------------------------------------------------------------
+__device__ __forceinline__ float load_as_float(const void* p, int64_t i, int dtype) {
+  if (dtype == COMETQ_DTYPE_F16) return __half2float(static_cast<const __half*>(p)[i]);
+  if (dtype == COMETQ_DTYPE_BF16) return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+  return static_cast<const float*>(p)[i];
+}
+
+__device__ __forceinline__ void store_from_float(void* p, int64_t i, float v, int dtype) {
+  if (dtype == COMETQ_DTYPE_F16) {
+    static_cast<__half*>(p)[i] = __float2half_rn(v);
+  } else if (dtype == COMETQ_DTYPE_BF16) {
+    static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v);
+  } else {
+    static_cast<float*>(p)[i] = v;
+  }
+}
+
+}  // namespace cometq

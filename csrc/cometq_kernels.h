@@ -1,0 +1,110 @@
+// cometq CUDA kernels: the host-side C interface.
+//
+// This header is the ONLY thing the torch bindings (csrc/torch_bindings.cpp)
+// and the CMake library users see of the kernels.  It is plain C-style C++:
+// POD argument structs holding raw pointers, sizes and row strides, plus launch
+// functions that take a cudaStream_t and return a cudaError_t.  No torch here,
+// so the kernel library builds anywhere nvcc runs (see CMakeLists.txt).
+//
+// Formats (owned by python/cometq/layout.py, spec in python/cometq/reference.py):
+//   * BLOCK_K = 128 activation channels per block; K is padded to K_pad = nb*128.
+//   * INT4 values are two's-complement nibbles, two per byte, EVEN index in the
+//     LOW nibble.  Weights: qweight uint8 [N, K_pad/2] (row stride ld_w bytes).
+//   * Activations: q4 uint8 [M, n4*64] holds the INT4 blocks, q8 int8 [M, n8*128]
+//     the INT8 blocks, each class in ascending block order.  block_bits int32
+//     [nb] says 4 or 8 per block (any value other than 8 is read as 4).
+//   * Activation scales fp32: "block" mode [M, nb], "class" mode [M, 2]
+//     (column 0: the INT4 class, column 1: the INT8 class).
+//   * Weight scales fp32 [N, K_pad/G] (G = K_pad for per-output-channel scales).
+#pragma once
+
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// dtype codes shared with the bindings (same numbering as cometq.ops._DTYPE_CODES)
+enum { COMETQ_DTYPE_F16 = 0, COMETQ_DTYPE_BF16 = 1, COMETQ_DTYPE_F32 = 2 };
+// activation scale modes
+enum { COMETQ_SCALE_BLOCK = 0, COMETQ_SCALE_CLASS = 1 };
+// which tensor-core path runs the INT4 x INT4 blocks
+//   S4: mma.sync m16n8k64 s4.s4 (native on sm_80/86/89; EMULATED and slow on sm_90)
+//   S8: INT4 -> INT8 in registers, mma.sync m16n8k32 s8.s8 (every arch >= sm_80)
+// INT8 activation blocks always run on the s8 instruction.
+enum { COMETQ_MMA_AUTO = 0, COMETQ_MMA_S4 = 1, COMETQ_MMA_S8 = 2 };
+
+// ---------------------------------------------------------------------------
+// W4Ax GEMM:  y[m, n] = sum_s a_scale[m, s] * w_scale[n, s] * acc[m, n, s] (+ bias[n])
+// where acc[m, n, s] is the exact int32 dot product of K segment s (a segment
+// is min(128, G) channels: both scales are constant over it).
+// ---------------------------------------------------------------------------
+typedef struct CometqGemmArgs {
+  const uint8_t* q4;        // [M, n4*64]   row stride ld_q4 bytes   (may be NULL when n4 == 0)
+  int64_t ld_q4;
+  const int8_t* q8;         // [M, n8*128]  row stride ld_q8 bytes   (may be NULL when n8 == 0)
+  int64_t ld_q8;
+  const float* a_scales;    // [M, nb] or [M, 2]   row stride ld_as elements
+  int64_t ld_as;
+  const int32_t* block_bits;  // [nb]
+  const uint8_t* qweight;   // [N, nb*64]   row stride ld_w bytes
+  int64_t ld_w;
+  const float* w_scales;    // [N, K_pad/G] row stride ld_ws elements
+  int64_t ld_ws;
+  const void* bias;         // [N] or NULL
+  int bias_dtype;           // COMETQ_DTYPE_*
+  void* out;                // [M, N] row stride ld_out elements
+  int64_t ld_out;
+  int out_dtype;            // COMETQ_DTYPE_*
+  float* workspace;         // fp32 [M, N] contiguous, ZEROED; required iff split_k > 1
+  int M, N;
+  int n_blocks;             // nb = K_pad / 128
+  int n4, n8;               // number of INT4 / INT8 blocks (widths of q4 / q8)
+  int group;                // effective weight group width G (K_pad for per channel)
+  int scale_mode;           // COMETQ_SCALE_*
+  int split_k;              // >= 1; gridDim.z. Use cometq_gemm_choose_split().
+  int mma_path;             // COMETQ_MMA_S4 or COMETQ_MMA_S8 (resolved, not AUTO)
+} CometqGemmArgs;
+
+// Resolve COMETQ_MMA_AUTO for a device of compute capability cc_major.cc_minor:
+// S4 on sm_8x (native INT4 tensor cores), S8 elsewhere.
+int cometq_resolve_mma_path(int requested, int cc_major);
+
+// Pick the split-K factor.  requested > 0 is honoured (clamped to [1, n_blocks]);
+// otherwise small-M problems (M <= 16) are split so the grid covers ~2 waves of
+// sm_count SMs, larger ones only when their output tiles cannot fill one wave
+// (keeping at least 4 K blocks per split).
+int cometq_gemm_choose_split(int M, int N, int n_blocks, int sm_count, int requested);
+
+// Launch the GEMM (and, when split_k > 1, the finalize kernel that adds bias
+// and converts the fp32 workspace into out).  Validates only what it must to
+// stay memory safe; the bindings validate shapes and dtypes.
+cudaError_t cometq_w4ax_gemm(const CometqGemmArgs* args, cudaStream_t stream);
+
+// ---------------------------------------------------------------------------
+// Activation quantization (bit-identical to reference.quantize_activation):
+// permute, zero-pad to K_pad, per-token per-block absmax, scale = absmax/qmax
+// (IEEE division), q = clamp(rint(x / scale), -qmax, qmax), pack.
+// ---------------------------------------------------------------------------
+typedef struct CometqActQuantArgs {
+  const void* x;            // [M, K] fp16/bf16/fp32, row stride ld_x elements
+  int64_t ld_x;
+  int x_dtype;              // COMETQ_DTYPE_*
+  const int64_t* perm;      // [K]: x_perm[:, j] = x[:, perm[j]]
+  const int32_t* block_bits;  // [nb]
+  int M, K, n_blocks, n4, n8;
+  int scale_mode;           // COMETQ_SCALE_*
+  uint8_t* q4;              // [M, n4*64]
+  int64_t ld_q4;
+  int8_t* q8;               // [M, n8*128]
+  int64_t ld_q8;
+  float* scales;            // [M, nb] or [M, 2]
+  int64_t ld_scales;
+} CometqActQuantArgs;
+
+cudaError_t cometq_quantize_act(const CometqActQuantArgs* args, cudaStream_t stream);
+
+#ifdef __cplusplus
+}  // extern "C"
+#endif

@@ -1,0 +1,272 @@
+// torch bindings of the cometq CUDA kernels: the ONE file of csrc/ that includes torch.
+//
+// The public ops cometq::quantize_act / cometq::w4ax_gemm are defined in Python
+// (python/cometq/ops.py, torch.library.custom_op) and dispatch to backends.
+// This extension defines RAW ops in its own namespace, cometq_C, registered for
+// the CUDA dispatch key only; python/cometq/_cuda_register.py wraps them as the
+// "cuda" backend and registers their fake (meta) implementations.
+//
+//   cometq_C::quantize_act(Tensor x, Tensor perm, Tensor block_bits, int n_int8,
+//                          int scale_mode) -> (Tensor q4, Tensor q8, Tensor scales)
+//   cometq_C::w4ax_gemm(Tensor q4, Tensor q8, Tensor a_scales, Tensor block_bits,
+//                       Tensor qweight, Tensor w_scales, int group_size, Tensor? bias,
+//                       ScalarType out_dtype, int scale_mode, int split_k, int mma_path) -> Tensor
+//
+// scale_mode: 0 = "block", 1 = "class".  group_size: -1 = per output channel.
+// split_k: 0 = automatic, k > 0 = exactly k K-slices (clamped to the block count).
+// mma_path: 0 = automatic, 1 = s4 mma (INT4 tensor cores), 2 = INT4->INT8 + s8 mma.
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/extension.h>
+
+#include <optional>
+#include <tuple>
+
+#include "cometq_kernels.h"
+
+namespace {
+
+constexpr int64_t kBlockK = 128;
+
+int dtype_code(at::ScalarType t, const char* what) {
+  switch (t) {
+    case at::kHalf:
+      return COMETQ_DTYPE_F16;
+    case at::kBFloat16:
+      return COMETQ_DTYPE_BF16;
+    case at::kFloat:
+      return COMETQ_DTYPE_F32;
+    default:
+      TORCH_CHECK(false, what, " must be float16, bfloat16 or float32, got ", t);
+  }
+  return -1;
+}
+
+void check_cuda(const at::Tensor& t, const char* op, const char* name, const at::Device& dev) {
+  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got device ", t.device(), " (shape ", t.sizes(),
+              ")");
+  TORCH_CHECK(t.device() == dev, op, ": ", name, " is on ", t.device(), " but the other inputs are on ", dev);
+}
+
+void check_dtype(const at::Tensor& t, at::ScalarType want, const char* op, const char* name) {
+  TORCH_CHECK(t.scalar_type() == want, op, ": ", name, " must have dtype ", want, ", got ", t.scalar_type(),
+              " (shape ", t.sizes(), ")");
+}
+
+void check_contig(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous, got shape ", t.sizes(), " strides ",
+              t.strides());
+}
+
+void check_aligned16(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.numel() == 0 || reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, op, ": ", name,
+              " data must be 16-byte aligned (cp.async), got an offset view (shape ", t.sizes(), ")");
+}
+
+void check_cuda_error(cudaError_t err, const char* op) {
+  TORCH_CHECK(err == cudaSuccess, op, ": kernel launch failed: ", cudaGetErrorString(err));
+}
+
+// ---------------------------------------------------------------------------
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act_cuda(const at::Tensor& x, const at::Tensor& perm,
+                                                                  const at::Tensor& block_bits, int64_t n_int8,
+                                                                  int64_t scale_mode) {
+  constexpr const char* op = "cometq_C::quantize_act";
+  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [M, K], got shape ", x.sizes());
+  const at::Device dev = x.device();
+  check_cuda(x, op, "x", dev);
+  check_cuda(perm, op, "perm", dev);
+  check_cuda(block_bits, op, "block_bits", dev);
+  const int x_dtype = dtype_code(x.scalar_type(), "cometq_C::quantize_act: x");
+  check_dtype(perm, at::kLong, op, "perm");
+  check_dtype(block_bits, at::kInt, op, "block_bits");
+  check_contig(x, op, "x");
+  check_contig(perm, op, "perm");
+  check_contig(block_bits, op, "block_bits");
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(K >= 1, op, ": x must have at least one channel, got shape ", x.sizes());
+  const int64_t nb = (K + kBlockK - 1) / kBlockK;
+  TORCH_CHECK(perm.dim() == 1 && perm.size(0) == K, op, ": perm shape ", perm.sizes(), " must be (", K,
+              ",) for x shape ", x.sizes());
+  TORCH_CHECK(block_bits.dim() == 1 && block_bits.size(0) == nb, op, ": block_bits shape ", block_bits.sizes(),
+              " must be (", nb, ",) for K=", K);
+  TORCH_CHECK(n_int8 >= 0 && n_int8 <= nb, op, ": n_int8=", n_int8, " out of range [0, ", nb, "]");
+  TORCH_CHECK(scale_mode == COMETQ_SCALE_BLOCK || scale_mode == COMETQ_SCALE_CLASS, op,
+              ": scale_mode must be 0 (block) or 1 (class), got ", scale_mode);
+  TORCH_CHECK(M <= INT32_MAX && K <= INT32_MAX, op, ": x shape ", x.sizes(), " too large");
+
+  const c10::cuda::CUDAGuard guard(dev);
+  const int64_t n4 = nb - n_int8;
+  auto q4 = at::empty({M, n4 * kBlockK / 2}, x.options().dtype(at::kByte));
+  auto q8 = at::empty({M, n_int8 * kBlockK}, x.options().dtype(at::kChar));
+  auto scales = at::empty({M, scale_mode == COMETQ_SCALE_BLOCK ? nb : 2}, x.options().dtype(at::kFloat));
+  if (M == 0) return {q4, q8, scales};
+
+  CometqActQuantArgs a{};
+  a.x = x.data_ptr();
+  a.ld_x = x.stride(0);
+  a.x_dtype = x_dtype;
+  a.perm = perm.data_ptr<int64_t>();
+  a.block_bits = block_bits.data_ptr<int32_t>();
+  a.M = static_cast<int>(M);
+  a.K = static_cast<int>(K);
+  a.n_blocks = static_cast<int>(nb);
+  a.n4 = static_cast<int>(n4);
+  a.n8 = static_cast<int>(n_int8);
+  a.scale_mode = static_cast<int>(scale_mode);
+  a.q4 = n4 ? q4.data_ptr<uint8_t>() : nullptr;
+  a.ld_q4 = n4 * kBlockK / 2;
+  a.q8 = n_int8 ? q8.data_ptr<int8_t>() : nullptr;
+  a.ld_q8 = n_int8 * kBlockK;
+  a.scales = scales.data_ptr<float>();
+  a.ld_scales = scales.size(1);
+  check_cuda_error(cometq_quantize_act(&a, c10::cuda::getCurrentCUDAStream()), op);
+  return {q4, q8, scales};
+}
+
+// ---------------------------------------------------------------------------
+at::Tensor w4ax_gemm_cuda(const at::Tensor& q4, const at::Tensor& q8, const at::Tensor& a_scales,
+                          const at::Tensor& block_bits, const at::Tensor& qweight, const at::Tensor& w_scales,
+                          int64_t group_size, const std::optional<at::Tensor>& bias, at::ScalarType out_dtype,
+                          int64_t scale_mode, int64_t split_k, int64_t mma_path) {
+  constexpr const char* op = "cometq_C::w4ax_gemm";
+  const at::Device dev = qweight.device();
+  check_cuda(qweight, op, "qweight", dev);
+  check_cuda(q4, op, "q4", dev);
+  check_cuda(q8, op, "q8", dev);
+  check_cuda(a_scales, op, "a_scales", dev);
+  check_cuda(block_bits, op, "block_bits", dev);
+  check_cuda(w_scales, op, "w_scales", dev);
+  check_dtype(q4, at::kByte, op, "q4");
+  check_dtype(q8, at::kChar, op, "q8");
+  check_dtype(a_scales, at::kFloat, op, "a_scales");
+  check_dtype(block_bits, at::kInt, op, "block_bits");
+  check_dtype(qweight, at::kByte, op, "qweight");
+  check_dtype(w_scales, at::kFloat, op, "w_scales");
+  const int out_code = dtype_code(out_dtype, "cometq_C::w4ax_gemm: out_dtype");
+  TORCH_CHECK(q4.dim() == 2, op, ": q4 must be 2-D [M, n_int4*64], got shape ", q4.sizes());
+  TORCH_CHECK(q8.dim() == 2, op, ": q8 must be 2-D [M, n_int8*128], got shape ", q8.sizes());
+  TORCH_CHECK(a_scales.dim() == 2, op, ": a_scales must be 2-D, got shape ", a_scales.sizes());
+  TORCH_CHECK(block_bits.dim() == 1 && block_bits.size(0) >= 1, op, ": block_bits must be 1-D and non-empty, got shape ",
+              block_bits.sizes());
+  TORCH_CHECK(qweight.dim() == 2, op, ": qweight must be 2-D [N, K_pad/2], got shape ", qweight.sizes());
+  TORCH_CHECK(w_scales.dim() == 2, op, ": w_scales must be 2-D [N, K_pad/G], got shape ", w_scales.sizes());
+  check_contig(q4, op, "q4");
+  check_contig(q8, op, "q8");
+  check_contig(a_scales, op, "a_scales");
+  check_contig(block_bits, op, "block_bits");
+  check_contig(qweight, op, "qweight");
+  check_contig(w_scales, op, "w_scales");
+  check_aligned16(q4, op, "q4");
+  check_aligned16(q8, op, "q8");
+  check_aligned16(qweight, op, "qweight");
+
+  const int64_t nb = block_bits.size(0);
+  const int64_t k_pad = nb * kBlockK;
+  const int64_t M = a_scales.size(0), N = qweight.size(0);
+  TORCH_CHECK(qweight.size(1) * 2 == k_pad, op, ": qweight shape ", qweight.sizes(), " holds K_pad=",
+              qweight.size(1) * 2, " but block_bits has ", nb, " blocks (K_pad=", k_pad, ")");
+  TORCH_CHECK(q4.size(0) == M && q8.size(0) == M, op, ": q4 ", q4.sizes(), ", q8 ", q8.sizes(), " and a_scales ",
+              a_scales.sizes(), " must have the same number of rows M");
+  TORCH_CHECK(q4.size(1) % (kBlockK / 2) == 0, op, ": q4 shape ", q4.sizes(), " is not a whole number of 64-byte INT4 blocks");
+  TORCH_CHECK(q8.size(1) % kBlockK == 0, op, ": q8 shape ", q8.sizes(), " is not a whole number of 128-byte INT8 blocks");
+  const int64_t n4 = q4.size(1) / (kBlockK / 2), n8 = q8.size(1) / kBlockK;
+  TORCH_CHECK(n4 + n8 == nb, op, ": q4 ", q4.sizes(), " (", n4, " INT4 blocks) + q8 ", q8.sizes(), " (", n8,
+              " INT8 blocks) do not cover the ", nb, " blocks of K_pad=", k_pad);
+  TORCH_CHECK(scale_mode == COMETQ_SCALE_BLOCK || scale_mode == COMETQ_SCALE_CLASS, op,
+              ": scale_mode must be 0 (block) or 1 (class), got ", scale_mode);
+  const int64_t ns = scale_mode == COMETQ_SCALE_BLOCK ? nb : 2;
+  TORCH_CHECK(a_scales.size(1) == ns, op, ": a_scales shape ", a_scales.sizes(), " needs ", ns, " columns in ",
+              scale_mode == COMETQ_SCALE_BLOCK ? "block" : "class", " mode");
+  // group size rules of reference.check_group_size
+  int64_t G = group_size;
+  if (group_size == -1) {
+    G = k_pad;
+  } else {
+    const bool ok_small = group_size >= 16 && kBlockK % group_size == 0 && (group_size & (group_size - 1)) == 0;
+    const bool ok_large = group_size > 0 && group_size % kBlockK == 0 && k_pad % group_size == 0;
+    TORCH_CHECK(ok_small || ok_large, op, ": group_size=", group_size, " is not supported for K_pad=", k_pad,
+                ": use -1 (per channel), 16, 32, 64, 128, or a multiple of 128 that divides K_pad");
+  }
+  TORCH_CHECK(w_scales.size(0) == N && w_scales.size(1) == k_pad / G, op, ": w_scales shape ", w_scales.sizes(),
+              " != (", N, ", ", k_pad / G, ") for group_size=", group_size);
+  const void* bias_ptr = nullptr;
+  int bias_code = COMETQ_DTYPE_F32;
+  if (bias.has_value()) {
+    const at::Tensor& bt = *bias;
+    check_cuda(bt, op, "bias", dev);
+    bias_code = dtype_code(bt.scalar_type(), "cometq_C::w4ax_gemm: bias");
+    TORCH_CHECK(bt.dim() == 1 && bt.size(0) == N, op, ": bias shape ", bt.sizes(), " != (", N, ",)");
+    check_contig(bt, op, "bias");
+    bias_ptr = bt.data_ptr();
+  }
+  TORCH_CHECK(mma_path >= 0 && mma_path <= 2, op, ": mma_path must be 0 (auto), 1 (s4) or 2 (s8), got ", mma_path);
+  TORCH_CHECK(split_k >= 0, op, ": split_k must be >= 0 (0 = auto), got ", split_k);
+  TORCH_CHECK(M <= INT32_MAX && N <= INT32_MAX && nb <= (1 << 20), op, ": problem too large (M=", M, ", N=", N,
+              ", blocks=", nb, ")");
+
+  const c10::cuda::CUDAGuard guard(dev);
+  auto out = at::empty({M, N}, qweight.options().dtype(out_dtype));
+  if (M == 0 || N == 0) return out;
+
+  int cc_major = 0, sm_count = 1;
+  check_cuda_error(cudaDeviceGetAttribute(&cc_major, cudaDevAttrComputeCapabilityMajor, dev.index()), op);
+  check_cuda_error(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, dev.index()), op);
+  const int path = cometq_resolve_mma_path(static_cast<int>(mma_path), cc_major);
+  const int split = cometq_gemm_choose_split(static_cast<int>(M), static_cast<int>(N), static_cast<int>(nb),
+                                             sm_count, static_cast<int>(split_k));
+  at::Tensor ws;
+  if (split > 1) ws = at::zeros({M, N}, qweight.options().dtype(at::kFloat));
+
+  CometqGemmArgs a{};
+  a.q4 = n4 ? q4.data_ptr<uint8_t>() : nullptr;
+  a.ld_q4 = q4.size(1);
+  a.q8 = n8 ? q8.data_ptr<int8_t>() : nullptr;
+  a.ld_q8 = q8.size(1);
+  a.a_scales = a_scales.data_ptr<float>();
+  a.ld_as = a_scales.size(1);
+  a.block_bits = block_bits.data_ptr<int32_t>();
+  a.qweight = qweight.data_ptr<uint8_t>();
+  a.ld_w = qweight.size(1);
+  a.w_scales = w_scales.data_ptr<float>();
+  a.ld_ws = w_scales.size(1);
+  a.bias = bias_ptr;
+  a.bias_dtype = bias_code;
+  a.out = out.data_ptr();
+  a.ld_out = N;
+  a.out_dtype = out_code;
+  a.workspace = split > 1 ? ws.data_ptr<float>() : nullptr;
+  a.M = static_cast<int>(M);
+  a.N = static_cast<int>(N);
+  a.n_blocks = static_cast<int>(nb);
+  a.n4 = static_cast<int>(n4);
+  a.n8 = static_cast<int>(n8);
+  a.group = static_cast<int>(G);
+  a.scale_mode = static_cast<int>(scale_mode);
+  a.split_k = split;
+  a.mma_path = path;
+  check_cuda_error(cometq_w4ax_gemm(&a, c10::cuda::getCurrentCUDAStream()), op);
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(cometq_C, m) {
+  m.def(
+      "quantize_act(Tensor x, Tensor perm, Tensor block_bits, int n_int8, int scale_mode) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "w4ax_gemm(Tensor q4, Tensor q8, Tensor a_scales, Tensor block_bits, Tensor qweight, Tensor w_scales, "
+      "int group_size, Tensor? bias, ScalarType out_dtype, int scale_mode, int split_k, int mma_path) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(cometq_C, CUDA, m) {
+  m.impl("quantize_act", &quantize_act_cuda);
+  m.impl("w4ax_gemm", &w4ax_gemm_cuda);
+}
+
+// The Python module only exists so `import cometq._C` loads the library (and
+// runs the registrations above); everything is reached through torch.ops.cometq_C.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "cometq CUDA kernels; ops are registered as torch.ops.cometq_C.*";
+}

@@ -1,0 +1,484 @@
+// W4Ax GEMM on integer tensor cores (mma.sync), plain CUDA (no torch).
+//
+// Semantics: exactly cometq.reference.w4ax_gemm (see cometq_kernels.h):
+//   y[m, n] = sum_s a_scale[m, s] * w_scale[n, s] * acc[m, n, s]  (+ bias[n])
+// acc[m, n, s] is the exact int32 dot product over K segment s of width
+// SEG = min(128, G); the epilogue is fp32 (the reference's is float64).
+//
+// ============================================================================
+// Design (docs/CUDA.md has the drawings)
+// ============================================================================
+// * One CTA computes a BM x BN output tile and walks the K blocks (128 channels
+//   each) of its split-K range in order.  All CTAs see the same block sequence,
+//   so INT4 and INT8 work is balanced across output tiles by construction; with
+//   split-K the K ranges are cut by cost (INT8 block = 2 INT4 blocks on the s4
+//   path, see split_range()).
+// * Pipeline: STAGES shared-memory stages, one K block per stage, filled with
+//   cp.async 16-byte copies; STAGES-1 blocks are in flight while one computes.
+// * Per K block: the A tile is the block's INT4 bytes (BM x 64 from q4) or INT8
+//   bytes (BM x 128 from q8), the B tile the block's weight nibbles (BN x 64).
+//   A block is two "k-steps" of 64 channels.
+// * Warp tile WM x WN = MT m16 tiles x NT n8 tiles.  Per k-step every thread
+//   reads, per row it owns (A rows g and g+8 of each m tile, B column g of each
+//   n tile), the 16 channels 16t..16t+15 of the k-step (t = lane % 4):
+//       INT4 data: one 8-byte load (uint2), INT8 data: one 16-byte load (uint4).
+// * k-slot permutation: those 16 channels fill the thread's k slots as follows
+//   (same assignment for A and B, so the dot product is unchanged):
+//     s4 path (m16n8k64, INT4 x INT4):
+//        reg0/"k 8t..8t+7"   <- channels 16t + 0..7   (low word of the uint2)
+//        reg1|2/"k 32+8t.."  <- channels 16t + 8..15  (high word)
+//     s8 path (m16n8k32, two mma per k-step, half h = 0, 1):
+//        "k 4t+j"     <- channel 16t + 8h + 2j      (even channels)
+//        "k 16+4t+j"  <- channel 16t + 8h + 2j + 1  (odd channels)
+//     The even/odd split is what the 2-op INT4->INT8 conversion produces
+//     (cometq_device.cuh: nib_lo_x16 / nib_hi_x16); INT8 activations are split
+//     the same way with two byte permutes.
+// * Segments narrower than a k-step (G = 16, 32): thread t's 16 channels lie
+//   in sub-segment (16t)/SEG; the k-step runs one masked mma per sub-segment
+//   (B registers of the other threads zeroed), each flushed to fp32 with its
+//   own weight scale.  Costs 2x/4x the mma for these rare group sizes, keeps
+//   one code path.
+// * Shared memory layout (bank conflicts):
+//     INT4 A rows and weight rows: 64 data bytes padded to ROW4 = 96 bytes.
+//       An 8-byte load by a half-warp touches rows g = 0..3 (or 4..7) at words
+//       24*g + 2t (+0/1) mod 32 = {0,24,16,8} + 0..7: all 32 banks, once.
+//     INT8 A rows: 128 bytes, no padding, 16-byte chunk c of row r stored at
+//       chunk (c ^ ((r & 1) << 2)).  A 16-byte load by a quarter-warp touches
+//       rows g, g+1 (one even, one odd) chunks 4ks + t: the XOR puts the odd
+//       row in the other half of the 128-byte line: 8 distinct chunks.
+// ============================================================================
+#include <algorithm>
+
+#include "cometq_device.cuh"
+#include "cometq_kernels.h"
+
+namespace cometq {
+
+constexpr int kRow4 = 96;   // smem bytes per INT4 A row / weight row (64 data + 32 pad)
+constexpr int kRow8 = 128;  // smem bytes per INT8 A row (swizzled, no pad)
+
+template <int BM_, int BN_, int WARPS_M_, int WARPS_N_, int STAGES_>
+struct GemmCfg {
+  static constexpr int BM = BM_;
+  static constexpr int BN = BN_;
+  static constexpr int WARPS_M = WARPS_M_;
+  static constexpr int WARPS_N = WARPS_N_;
+  static constexpr int STAGES = STAGES_;
+  static constexpr int THREADS = WARPS_M * WARPS_N * 32;
+  static constexpr int WM = BM / WARPS_M;  // warp tile rows
+  static constexpr int WN = BN / WARPS_N;  // warp tile cols
+  static constexpr int MT = WM / 16;       // m16 tiles per warp
+  static constexpr int NT = WN / 8;        // n8 tiles per warp
+  // A stage is sized for the larger (INT8) block; INT4 blocks use the first BM*kRow4 bytes.
+  static constexpr int A_BYTES = BM * kRow8;
+  static constexpr int B_BYTES = BN * kRow4;
+  static constexpr int STAGE_BYTES = A_BYTES + B_BYTES;
+  static constexpr int PIPE_BYTES = STAGES * STAGE_BYTES;
+  static_assert(WM % 16 == 0 && WN % 8 == 0, "warp tile must be whole m16 x n8 tiles");
+  static_assert(STAGES >= 2, "need at least double buffering");
+  static_assert(A_BYTES % 16 == 0 && B_BYTES % 16 == 0, "stages must stay 16-byte aligned");
+};
+
+// M > 64: 128 x 64 tiles, 8 warps (4 x 2), warp tile 32 x 32.
+using CfgLarge = GemmCfg<128, 64, 4, 2, 4>;
+// 16 < M <= 64: 64 x 64 tiles, 4 warps (2 x 2), warp tile 32 x 32.
+using CfgMid = GemmCfg<64, 64, 2, 2, 4>;
+// M <= 16 (decode): 16 x 64 tiles, 4 warps (1 x 4), warp tile 16 x 16, deeper
+// pipeline (the weight stream is the whole cost), split-K over the grid's z.
+using CfgSmall = GemmCfg<16, 64, 1, 4, 6>;
+
+// ---------------------------------------------------------------------------
+// split-K: z-slice `z` of `splits` owns the blocks whose cost prefix p (cost of
+// all blocks before it) satisfies floor(p * splits / total) == z.  The owner is
+// monotone in b, so each slice is one contiguous range, every block has exactly
+// one owner, and the slices carry (nearly) equal cost.
+// ---------------------------------------------------------------------------
+__device__ __forceinline__ void split_range(const int* s_info, int nb, int z, int splits, int cost8, int& begin,
+                                            int& end) {
+  if (splits <= 1) {
+    begin = 0;
+    end = nb;
+    return;
+  }
+  long long total = 0;
+  for (int b = 0; b < nb; ++b) total += (s_info[b] & kInfoInt8) ? cost8 : 1;
+  long long prefix = 0;
+  begin = 0;
+  end = 0;
+  bool found = false;
+  for (int b = 0; b < nb; ++b) {
+    const int owner = static_cast<int>((prefix * splits) / total);
+    if (owner == z) {
+      if (!found) begin = b;
+      found = true;
+      end = b + 1;
+    }
+    prefix += (s_info[b] & kInfoInt8) ? cost8 : 1;
+  }
+  if (!found) begin = end = 0;
+}
+
+// ---------------------------------------------------------------------------
+// Stage loader: K block b -> shared stage (A tile + B tile), all cp.async.
+// Rows past M / columns past N are zero-filled without a global read (the
+// source address is clamped to row M-1 / column N-1 so it stays valid); their
+// results are never stored.
+// ---------------------------------------------------------------------------
+template <class Cfg>
+__device__ __forceinline__ void load_stage(const CometqGemmArgs& p, const int* s_info, uint8_t* stage, int b,
+                                           int m0, int n0) {
+  uint8_t* sA = stage;
+  uint8_t* sB = stage + Cfg::A_BYTES;
+  const int info = s_info[b];
+  const int slot = info & kInfoSlotMask;
+  if (info & kInfoValid) {
+    if (info & kInfoInt8) {
+      // BM rows x 8 chunks of 16 bytes; chunk ch of row r -> swizzled chunk ch ^ ((r & 1) << 2)
+      for (int c = threadIdx.x; c < Cfg::BM * 8; c += Cfg::THREADS) {
+        const int r = c >> 3, ch = c & 7;
+        const int gm = min(m0 + r, p.M - 1);
+        const int8_t* src = p.q8 + static_cast<int64_t>(gm) * p.ld_q8 + static_cast<int64_t>(slot) * kBlockK + ch * 16;
+        cp_async16_zfill(sA + r * kRow8 + ((ch ^ ((r & 1) << 2)) << 4), src, m0 + r < p.M);
+      }
+    } else {
+      // BM rows x 4 chunks of 16 bytes (64 bytes = 128 nibbles), row stride kRow4
+      for (int c = threadIdx.x; c < Cfg::BM * 4; c += Cfg::THREADS) {
+        const int r = c >> 2, ch = c & 3;
+        const int gm = min(m0 + r, p.M - 1);
+        const uint8_t* src =
+            p.q4 + static_cast<int64_t>(gm) * p.ld_q4 + static_cast<int64_t>(slot) * (kBlockK / 2) + ch * 16;
+        cp_async16_zfill(sA + r * kRow4 + ch * 16, src, m0 + r < p.M);
+      }
+    }
+  }
+  // weights: BN rows x 4 chunks of 16 bytes: qweight[n, b*64 : b*64+64]
+  for (int c = threadIdx.x; c < Cfg::BN * 4; c += Cfg::THREADS) {
+    const int r = c >> 2, ch = c & 3;
+    const int gn = min(n0 + r, p.N - 1);
+    const uint8_t* src = p.qweight + static_cast<int64_t>(gn) * p.ld_w + static_cast<int64_t>(b) * (kBlockK / 2) + ch * 16;
+    cp_async16_zfill(sB + r * kRow4 + ch * 16, src, n0 + r < p.N);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// The kernel.
+// ---------------------------------------------------------------------------
+template <class Cfg, bool USE_S4>
+__global__ void __launch_bounds__(Cfg::THREADS) w4ax_gemm_kernel(const CometqGemmArgs p) {
+  constexpr int MT = Cfg::MT, NT = Cfg::NT;
+  extern __shared__ __align__(16) uint8_t smem[];
+  int* s_is8 = reinterpret_cast<int*>(smem + Cfg::PIPE_BYTES);
+  int* s_info = s_is8 + p.n_blocks;
+
+  const int nb = p.n_blocks;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2;  // "groupID": row (A, C) / column (B) within the 8-row group
+  const int t = lane & 3;   // "threadID_in_group": which 16 channels of a k-step
+  const int warp_m = warp / Cfg::WARPS_N, warp_n = warp % Cfg::WARPS_N;
+  const int m0 = blockIdx.y * Cfg::BM, n0 = blockIdx.x * Cfg::BN;
+  const int wm0 = warp_m * Cfg::WM, wn0 = warp_n * Cfg::WN;  // warp tile origin inside the CTA tile
+
+  build_block_table(p.block_bits, nb, p.n4, p.n8, s_is8, s_info);
+
+  int kb_begin, kb_end;
+  split_range(s_info, nb, blockIdx.z, gridDim.z, USE_S4 ? 2 : 1, kb_begin, kb_end);
+  const int nblk = kb_end - kb_begin;
+
+  const int seg = p.group < kBlockK ? p.group : kBlockK;  // segment width: 16, 32, 64 or 128
+  const int segs_per_step = seg >= 64 ? 1 : 64 / seg;      // sub-segments per 64-channel k-step
+  const int my_subseg = (16 * t) / seg;                    // (only used when segs_per_step > 1)
+
+  float acc[MT][NT][4];
+  int iacc[MT][NT][4];
+#pragma unroll
+  for (int i = 0; i < MT; ++i)
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        acc[i][j][e] = 0.f;
+        iacc[i][j][e] = 0;
+      }
+
+  // ---- prologue: fill STAGES-1 stages (always commit, so group counting is uniform)
+#pragma unroll
+  for (int s = 0; s < Cfg::STAGES - 1; ++s) {
+    if (s < nblk) load_stage<Cfg>(p, s_info, smem + s * Cfg::STAGE_BYTES, kb_begin + s, m0, n0);
+    cp_async_commit();
+  }
+
+  for (int it = 0; it < nblk; ++it) {
+    // Committed so far: STAGES-1 + it groups; allowing STAGES-2 in flight means
+    // group `it` (this block) has landed.  The barrier publishes it to all
+    // threads AND guarantees everybody finished computing block it-1, whose
+    // stage the prefetch below overwrites.
+    cp_async_wait<Cfg::STAGES - 2>();
+    __syncthreads();
+    {
+      const int pf = it + Cfg::STAGES - 1;
+      if (pf < nblk) load_stage<Cfg>(p, s_info, smem + (pf % Cfg::STAGES) * Cfg::STAGE_BYTES, kb_begin + pf, m0, n0);
+      cp_async_commit();
+    }
+
+    const int b = kb_begin + it;
+    const int info = s_info[b];
+    if (!(info & kInfoValid)) continue;  // uniform across the CTA (see build_block_table)
+    const bool is8 = (info & kInfoInt8) != 0;
+    const uint8_t* sA = smem + (it % Cfg::STAGES) * Cfg::STAGE_BYTES;
+    const uint8_t* sB = sA + Cfg::A_BYTES;
+
+    // Activation scale of each row this thread accumulates (rows g and g+8 of each m tile).
+    const int a_col = (p.scale_mode == COMETQ_SCALE_BLOCK) ? b : (is8 ? 1 : 0);
+    float a_sc[MT][2];
+#pragma unroll
+    for (int i = 0; i < MT; ++i)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int gm = min(m0 + wm0 + i * 16 + g + 8 * h, p.M - 1);
+        a_sc[i][h] = __ldg(p.a_scales + static_cast<int64_t>(gm) * p.ld_as + a_col);
+      }
+    // Exact power-of-two factor the INT4->INT8 conversion introduced (x16 per converted operand).
+    const float conv = is8 ? (1.f / 16.f) : (USE_S4 ? 1.f : (1.f / 256.f));
+
+#pragma unroll
+    for (int ks = 0; ks < 2; ++ks) {
+      // ---- fragments of this k-step: 16 channels (64ks + 16t ..) per owned row / column
+      uint2 braw[NT];
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        const int r = wn0 + j * 8 + g;
+        braw[j] = *reinterpret_cast<const uint2*>(sB + r * kRow4 + ks * 32 + t * 8);
+      }
+      // A operand registers, built once per k-step and reused by every n tile.
+      //   afr[i][h][0..3] = mma A regs {row g, row g+8, row g, row g+8} of m tile i
+      //   s4 path (is8 == false && USE_S4): h = 0 only, one m16n8k64
+      //     {lo word g, lo word g+8, hi word g, hi word g+8} (channels 16t+0..7 | 16t+8..15)
+      //   s8 path: h = half (channels 16t + 8h .. 16t + 8h + 7), one m16n8k32 each
+      //     {even ch of row g, even ch of row g+8, odd ch of row g, odd ch of row g+8}
+      uint32_t afr[MT][2][4];
+      if (is8) {
+        // INT8 activations: 16 bytes per row = channels 16t .. 16t+15 (natural order)
+#pragma unroll
+        for (int i = 0; i < MT; ++i) {
+          uint4 v[2];
+#pragma unroll
+          for (int rh = 0; rh < 2; ++rh) {
+            const int r = wm0 + i * 16 + g + 8 * rh;
+            const int ch = ks * 4 + t;  // 16-byte chunk holding channels 64ks + 16t ..
+            v[rh] = *reinterpret_cast<const uint4*>(sA + r * kRow8 + ((ch ^ ((r & 1) << 2)) << 4));
+          }
+          afr[i][0][0] = bytes_even(v[0].x, v[0].y);
+          afr[i][0][1] = bytes_even(v[1].x, v[1].y);
+          afr[i][0][2] = bytes_odd(v[0].x, v[0].y);
+          afr[i][0][3] = bytes_odd(v[1].x, v[1].y);
+          afr[i][1][0] = bytes_even(v[0].z, v[0].w);
+          afr[i][1][1] = bytes_even(v[1].z, v[1].w);
+          afr[i][1][2] = bytes_odd(v[0].z, v[0].w);
+          afr[i][1][3] = bytes_odd(v[1].z, v[1].w);
+        }
+      } else {
+        // INT4 activations: 8 bytes per row = 16 nibbles, channels 16t .. 16t+15
+#pragma unroll
+        for (int i = 0; i < MT; ++i) {
+          uint2 v[2];
+#pragma unroll
+          for (int rh = 0; rh < 2; ++rh) {
+            const int r = wm0 + i * 16 + g + 8 * rh;
+            v[rh] = *reinterpret_cast<const uint2*>(sA + r * kRow4 + ks * 32 + t * 8);
+          }
+          if (USE_S4) {
+            afr[i][0][0] = v[0].x;
+            afr[i][0][1] = v[1].x;
+            afr[i][0][2] = v[0].y;
+            afr[i][0][3] = v[1].y;
+          } else {
+            afr[i][0][0] = nib_lo_x16(v[0].x);
+            afr[i][0][1] = nib_lo_x16(v[1].x);
+            afr[i][0][2] = nib_hi_x16(v[0].x);
+            afr[i][0][3] = nib_hi_x16(v[1].x);
+            afr[i][1][0] = nib_lo_x16(v[0].y);
+            afr[i][1][1] = nib_lo_x16(v[1].y);
+            afr[i][1][2] = nib_hi_x16(v[0].y);
+            afr[i][1][3] = nib_hi_x16(v[1].y);
+          }
+        }
+      }
+      const bool s4_mma = USE_S4 && !is8;
+
+      for (int sub = 0; sub < segs_per_step; ++sub) {
+        // Mask: with sub-segments, only the threads whose channels belong to
+        // sub-segment `sub` contribute (zero B nibbles give zero products).
+        const uint32_t keep = (segs_per_step == 1 || my_subseg == sub) ? 0xFFFFFFFFu : 0u;
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+          const uint32_t w0 = braw[j].x & keep;  // weight nibbles, channels 16t + 0..7
+          const uint32_t w1 = braw[j].y & keep;  // weight nibbles, channels 16t + 8..15
+          if (s4_mma) {
+            // INT4 x INT4 native: one m16n8k64 per tile
+#pragma unroll
+            for (int i = 0; i < MT; ++i)
+              mma_s4_m16n8k64(iacc[i][j], afr[i][0][0], afr[i][0][1], afr[i][0][2], afr[i][0][3], w0, w1);
+          } else {
+            // s8: B = weights INT4 -> INT8 x16, {even, odd} channels of each half
+            const uint32_t b00 = nib_lo_x16(w0), b01 = nib_hi_x16(w0);
+            const uint32_t b10 = nib_lo_x16(w1), b11 = nib_hi_x16(w1);
+#pragma unroll
+            for (int i = 0; i < MT; ++i) {
+              mma_s8_m16n8k32(iacc[i][j], afr[i][0][0], afr[i][0][1], afr[i][0][2], afr[i][0][3], b00, b01);
+              mma_s8_m16n8k32(iacc[i][j], afr[i][1][0], afr[i][1][1], afr[i][1][2], afr[i][1][3], b10, b11);
+            }
+          }
+        }
+
+        // ---- flush the finished segment into fp32: acc += a_scale * w_scale * conv * iacc
+        if (seg <= 64 || ks == 1) {
+          const int seg_start = b * kBlockK + (seg == kBlockK ? 0 : ks * 64 + sub * seg);
+          const int grp = seg_start / p.group;
+#pragma unroll
+          for (int j = 0; j < NT; ++j) {
+            float w_sc[2];
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+              const int gn = min(n0 + wn0 + j * 8 + 2 * t + c, p.N - 1);
+              w_sc[c] = __ldg(p.w_scales + static_cast<int64_t>(gn) * p.ld_ws + grp) * conv;
+            }
+#pragma unroll
+            for (int i = 0; i < MT; ++i)
+#pragma unroll
+              for (int e = 0; e < 4; ++e) {
+                // e: 0 -> (row g, col 2t), 1 -> (g, 2t+1), 2 -> (g+8, 2t), 3 -> (g+8, 2t+1)
+                acc[i][j][e] += static_cast<float>(iacc[i][j][e]) * (a_sc[i][e >> 1] * w_sc[e & 1]);
+                iacc[i][j][e] = 0;
+              }
+          }
+        }
+      }
+    }
+  }
+  cp_async_wait<0>();  // nothing left in flight at exit
+
+  // ---- epilogue
+  const bool split = gridDim.z > 1;
+#pragma unroll
+  for (int i = 0; i < MT; ++i)
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int m = m0 + wm0 + i * 16 + g + 8 * (e >> 1);
+        const int n = n0 + wn0 + j * 8 + 2 * t + (e & 1);
+        if (m >= p.M || n >= p.N) continue;
+        if (split) {
+          atomicAdd(p.workspace + static_cast<int64_t>(m) * p.N + n, acc[i][j][e]);
+        } else {
+          float v = acc[i][j][e];
+          if (p.bias != nullptr) v += load_as_float(p.bias, n, p.bias_dtype);
+          store_from_float(p.out, static_cast<int64_t>(m) * p.ld_out + n, v, p.out_dtype);
+        }
+      }
+}
+
+// split-K: out = workspace (+ bias), converted to the output dtype.
+__global__ void splitk_finalize_kernel(const float* __restrict__ ws, int M, int N, const void* bias, int bias_dtype,
+                                       void* out, int64_t ld_out, int out_dtype) {
+  const int64_t total = static_cast<int64_t>(M) * N;
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int m = static_cast<int>(idx / N), n = static_cast<int>(idx % N);
+    float v = ws[idx];
+    if (bias != nullptr) v += load_as_float(bias, n, bias_dtype);
+    store_from_float(out, static_cast<int64_t>(m) * ld_out + n, v, out_dtype);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// host side
+// ---------------------------------------------------------------------------
+template <class Cfg, bool USE_S4>
+static cudaError_t launch_cfg(const CometqGemmArgs& a, cudaStream_t stream) {
+  auto kernel = w4ax_gemm_kernel<Cfg, USE_S4>;
+  const size_t smem = Cfg::PIPE_BYTES + 2 * sizeof(int) * static_cast<size_t>(a.n_blocks);
+  int dev = 0, max_optin = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  err = cudaDeviceGetAttribute(&max_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  if (err != cudaSuccess) return err;
+  if (smem > static_cast<size_t>(max_optin)) return cudaErrorInvalidValue;  // K far beyond any real layer
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (err != cudaSuccess) return err;
+  const unsigned gx = static_cast<unsigned>((a.N + Cfg::BN - 1) / Cfg::BN);
+  const unsigned gy = static_cast<unsigned>((a.M + Cfg::BM - 1) / Cfg::BM);
+  if (gy > 65535u || a.split_k > 65535) return cudaErrorInvalidConfiguration;
+  dim3 grid(gx, gy, static_cast<unsigned>(a.split_k));
+  kernel<<<grid, Cfg::THREADS, smem, stream>>>(a);
+  return cudaGetLastError();
+}
+
+template <bool USE_S4>
+static cudaError_t launch_path(const CometqGemmArgs& a, cudaStream_t stream) {
+  if (a.M <= 16) return launch_cfg<CfgSmall, USE_S4>(a, stream);
+  if (a.M <= 64) return launch_cfg<CfgMid, USE_S4>(a, stream);
+  return launch_cfg<CfgLarge, USE_S4>(a, stream);
+}
+
+}  // namespace cometq
+
+extern "C" int cometq_resolve_mma_path(int requested, int cc_major) {
+  if (requested == COMETQ_MMA_S4 || requested == COMETQ_MMA_S8) return requested;
+  // INT4 tensor cores exist natively on sm_80/86/89 only; Hopper emulates s4 mma (~25x slower than s8).
+  return cc_major == 8 ? COMETQ_MMA_S4 : COMETQ_MMA_S8;
+}
+
+extern "C" int cometq_gemm_choose_split(int M, int N, int n_blocks, int sm_count, int requested) {
+  if (n_blocks < 1) return 1;
+  if (requested > 0) return std::min(requested, n_blocks);
+  sm_count = std::max(sm_count, 1);
+  if (M <= 16) {
+    // decode: aim for ~2 waves of CTAs, at least 2 K blocks per split so the pipeline fills
+    const int tiles = (N + cometq::CfgSmall::BN - 1) / cometq::CfgSmall::BN;
+    const int want = (2 * sm_count + tiles - 1) / tiles;
+    const int cap = std::max(1, std::min(n_blocks / 2, 32));
+    return std::max(1, std::min(want, cap));
+  }
+  // larger M: split only when the output tiles cannot fill one wave, keeping >= 4 K blocks per split
+  const int bm = M <= 64 ? cometq::CfgMid::BM : cometq::CfgLarge::BM;
+  const int bn = M <= 64 ? cometq::CfgMid::BN : cometq::CfgLarge::BN;
+  const long long tiles = static_cast<long long>((N + bn - 1) / bn) * ((M + bm - 1) / bm);
+  if (tiles >= sm_count) return 1;
+  const int want = static_cast<int>((sm_count + tiles - 1) / tiles);
+  const int cap = std::max(1, std::min(n_blocks / 4, 16));
+  return std::max(1, std::min(want, cap));
+}
+
+extern "C" cudaError_t cometq_w4ax_gemm(const CometqGemmArgs* args, cudaStream_t stream) {
+  if (args == nullptr) return cudaErrorInvalidValue;
+  const CometqGemmArgs& a = *args;
+  if (a.M < 0 || a.N < 0 || a.n_blocks < 1 || a.n4 < 0 || a.n8 < 0 || a.n4 + a.n8 != a.n_blocks) {
+    return cudaErrorInvalidValue;
+  }
+  if (a.M == 0 || a.N == 0) return cudaSuccess;
+  if (a.group < 16 || (a.group < cometq::kBlockK && cometq::kBlockK % a.group != 0) ||
+      (a.group >= cometq::kBlockK && a.group % cometq::kBlockK != 0)) {
+    return cudaErrorInvalidValue;
+  }
+  if (a.split_k < 1 || (a.split_k > 1 && a.workspace == nullptr)) return cudaErrorInvalidValue;
+  if (a.qweight == nullptr || a.a_scales == nullptr || a.w_scales == nullptr || a.out == nullptr ||
+      a.block_bits == nullptr || (a.n4 > 0 && a.q4 == nullptr) || (a.n8 > 0 && a.q8 == nullptr)) {
+    return cudaErrorInvalidValue;
+  }
+  cudaError_t err;
+  if (a.mma_path == COMETQ_MMA_S4) {
+    err = cometq::launch_path<true>(a, stream);
+  } else if (a.mma_path == COMETQ_MMA_S8) {
+    err = cometq::launch_path<false>(a, stream);
+  } else {
+    return cudaErrorInvalidValue;
+  }
+  if (err != cudaSuccess || a.split_k == 1) return err;
+  const int64_t total = static_cast<int64_t>(a.M) * a.N;
+  const int threads = 256;
+  const int blocks = static_cast<int>(std::min<int64_t>((total + threads - 1) / threads, 4096));
+  cometq::splitk_finalize_kernel<<<blocks, threads, 0, stream>>>(a.workspace, a.M, a.N, a.bias, a.bias_dtype, a.out,
+                                                                  a.ld_out, a.out_dtype);
+  return cudaGetLastError();
+}

@@ -1,0 +1,117 @@
+"""Register the compiled CUDA kernels (``cometq._C``) as the ``"cuda"`` backend.
+
+``cometq.ops`` imports this module lazily the first time the ``cuda`` backend
+is asked for.  The extension defines raw ops in its own namespace
+``torch.ops.cometq_C`` (see ``csrc/torch_bindings.cpp``); this module
+
+* registers their fake (meta) implementations so ``torch.compile`` and
+  ``torch.library.opcheck`` can trace them, and
+* registers thin wrappers with the exact tensor-level signatures of
+  ``ops._ref_quantize_act`` / ``ops._ref_w4ax_gemm`` via ``ops.register_impl``.
+
+The wrappers only adapt arguments (dtype/contiguity/alignment, string scale
+mode -> int); the block table (which class buffer and slot each block uses) is
+built inside the kernels from ``block_bits``, so no extra launches are needed.
+
+Importing this module without the built extension raises ``ImportError``.
+"""
+from __future__ import annotations
+
+import torch
+
+from .layout import BLOCK_K
+
+try:
+    from . import _C  # noqa: F401  (loading the library registers torch.ops.cometq_C.*)
+except ImportError as e:  # pragma: no cover - depends on the build
+    raise ImportError(
+        "cometq._C (the CUDA extension) is not built, so the 'cuda' backend is unavailable. "
+        "Build it on a machine with nvcc and a CUDA build of torch: "
+        "`pip install --no-build-isolation -e .` (or `python setup.py build_ext --inplace`); "
+        f"COMETQ_SKIP_CUDA=1 disables it. Original error: {e}"
+    ) from e
+
+from . import ops
+
+__all__ = ["SCALE_MODE_CODES", "MMA_PATHS", "cuda_quantize_act", "cuda_w4ax_gemm"]
+
+#: scale_mode strings -> the int codes of the cometq_C ops
+SCALE_MODE_CODES = {"block": 0, "class": 1}
+#: mma_path names -> codes ("auto": s4 on sm_8x, s8 elsewhere)
+MMA_PATHS = {"auto": 0, "s4": 1, "s8": 2}
+
+
+# --------------------------------------------------------------------------
+# fake (meta) implementations of the raw ops: output shapes only
+# --------------------------------------------------------------------------
+@torch.library.register_fake("cometq_C::quantize_act")
+def _quantize_act_fake(x, perm, block_bits, n_int8, scale_mode):
+    m, k = x.shape
+    nb = (k + BLOCK_K - 1) // BLOCK_K
+    q4 = x.new_empty((m, (nb - n_int8) * BLOCK_K // 2), dtype=torch.uint8)
+    q8 = x.new_empty((m, n_int8 * BLOCK_K), dtype=torch.int8)
+    scales = x.new_empty((m, nb if scale_mode == 0 else 2), dtype=torch.float32)
+    return q4, q8, scales
+
+
+@torch.library.register_fake("cometq_C::w4ax_gemm")
+def _w4ax_gemm_fake(q4, q8, a_scales, block_bits, qweight, w_scales, group_size, bias, out_dtype, scale_mode,
+                    split_k, mma_path):
+    return qweight.new_empty((a_scales.shape[0], qweight.shape[0]), dtype=out_dtype)
+
+
+# --------------------------------------------------------------------------
+# argument adaptation
+# --------------------------------------------------------------------------
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """Contiguous and 16-byte aligned (the GEMM streams tiles with 16-byte cp.async)."""
+    t = t.contiguous()
+    if t.numel() and t.data_ptr() % 16:
+        t = t.clone()
+    return t
+
+
+def _scale_mode_code(scale_mode: str) -> int:
+    if scale_mode not in SCALE_MODE_CODES:
+        raise ValueError(f"scale_mode must be one of {tuple(SCALE_MODE_CODES)}, got {scale_mode!r}")
+    return SCALE_MODE_CODES[scale_mode]
+
+
+def cuda_quantize_act(x, perm, block_bits, n_int8: int, scale_mode: str):
+    """Same contract as ``ops._ref_quantize_act``: returns ``(q4, q8, scales)``."""
+    return torch.ops.cometq_C.quantize_act(
+        x.contiguous(),
+        perm.to(torch.int64).contiguous(),
+        block_bits.to(torch.int32).contiguous(),
+        int(n_int8),
+        _scale_mode_code(scale_mode),
+    )
+
+
+def cuda_w4ax_gemm(q4, q8, a_scales, block_bits, qweight, w_scales, group_size, bias, out_dtype, scale_mode,
+                   *, split_k: int = 0, mma_path: str = "auto"):
+    """Same contract as ``ops._ref_w4ax_gemm``; ``split_k`` / ``mma_path`` are test and tuning knobs."""
+    if mma_path not in MMA_PATHS:
+        raise ValueError(f"mma_path must be one of {tuple(MMA_PATHS)}, got {mma_path!r}")
+    return torch.ops.cometq_C.w4ax_gemm(
+        _aligned(q4),
+        _aligned(q8),
+        a_scales.contiguous(),
+        block_bits.to(torch.int32).contiguous(),
+        _aligned(qweight),
+        w_scales.contiguous(),
+        -1 if group_size is None else int(group_size),
+        None if bias is None else bias.contiguous(),
+        out_dtype,
+        _scale_mode_code(scale_mode),
+        int(split_k),
+        MMA_PATHS[mma_path],
+    )
+
+
+def _gemm_impl(q4, q8, a_scales, block_bits, qweight, w_scales, group_size, bias, out_dtype, scale_mode):
+    return cuda_w4ax_gemm(q4, q8, a_scales, block_bits, qweight, w_scales, group_size, bias, out_dtype, scale_mode)
+
+
+ops.register_impl("quantize_act", "cuda", cuda_quantize_act)
+ops.register_impl("w4ax_gemm", "cuda", _gemm_impl)

@@ -1,0 +1,218 @@
+"""Compile-only checks of csrc/ (CPU CI: needs nvcc, no GPU).
+
+* Every kernel instantiation compiles with nvcc for sm_80 and sm_90a (the
+  Ampere INT4 tensor-core path and the Hopper INT8 path are both template
+  instantiations, so both archs compile both; ptxas must list every entry).
+* The PTX really uses the instructions the design relies on (s4 and s8
+  mma.sync, cp.async) and nothing spills to local memory is REPORTED (not
+  asserted: performance is never asserted in tests).
+* csrc/*.cu / *.cuh / *.h include no torch header (the kernel library builds
+  without torch, see CMakeLists.txt); torch_bindings.cpp passes a host-compiler
+  syntax check against the installed torch headers when they are available.
+
+All compilations run concurrently in one module fixture (about a minute on 2 cores).
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CSRC = os.path.join(ROOT, "csrc")
+ARCHS = ("sm_80", "sm_90a")
+KERNEL_FILES = ("w4ax_gemm.cu", "act_quant.cu")
+# ptxas entry counts per file: GEMM = 3 tile configs x 2 mma paths + split-K finalize; act_quant = 3 input dtypes
+EXPECTED_ENTRIES = {"w4ax_gemm.cu": 7, "act_quant.cu": 3}
+NVCC_FLAGS = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-Xptxas", "-v", "-I", CSRC]
+
+
+def _find_nvcc():
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        return nvcc
+    for home in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+            return os.path.join(home, "bin", "nvcc")
+    return None
+
+
+NVCC = _find_nvcc()
+pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not found (set CUDA_HOME or put nvcc on PATH)")
+
+
+def _torch_include():
+    try:
+        import torch.utils.cpp_extension as ce
+
+        inc = ce.include_paths()
+    except Exception:  # pragma: no cover
+        return None
+    if not any(os.path.exists(os.path.join(p, "c10", "cuda", "CUDAGuard.h")) for p in inc):
+        return None
+    return inc
+
+
+@pytest.fixture(scope="module")
+def builds():
+    """Launch every compilation at once; return {key: (returncode, output, seconds)}."""
+    tmp = tempfile.mkdtemp(prefix="cometq_nvcc_")
+    jobs = {}
+    for f in KERNEL_FILES:
+        for arch in ARCHS:
+            out = os.path.join(tmp, f"{f}.{arch}.o")
+            jobs[("obj", f, arch)] = [NVCC, "-c", f"-arch={arch}", *NVCC_FLAGS, os.path.join(CSRC, f), "-o", out]
+    for arch in ARCHS:
+        out = os.path.join(tmp, f"w4ax_gemm.{arch}.ptx")
+        jobs[("ptx", arch)] = [NVCC, "-ptx", f"-arch={arch}", "-O3", "-std=c++17", "-I", CSRC,
+                               os.path.join(CSRC, "w4ax_gemm.cu"), "-o", out]
+    inc = _torch_include()
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if inc and cxx:
+        # CPU wheels of torch ship the c10/cuda headers but not the generated cmake macro header
+        stub = os.path.join(tmp, "stub", "c10", "cuda", "impl")
+        os.makedirs(stub)
+        with open(os.path.join(stub, "cuda_cmake_macros.h"), "w") as fh:
+            fh.write("#pragma once\n")
+        cuda_inc = os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(NVCC))), "include")
+        if not os.path.exists(os.path.join(cuda_inc, "cuda_runtime.h")):
+            cuda_inc = "/usr/local/cuda/include"
+        args = [cxx, "-std=c++20", "-fsyntax-only", "-DTORCH_EXTENSION_NAME=_C", "-DTORCH_API_INCLUDE_EXTENSION_H",
+                "-I", os.path.join(tmp, "stub")]
+        for p in inc:
+            args += ["-I", p]
+        args += ["-I", sysconfig.get_paths()["include"], "-I", cuda_inc, "-I", CSRC,
+                 os.path.join(CSRC, "torch_bindings.cpp")]
+        jobs[("bindings",)] = args
+    procs = {}
+    t0 = time.time()
+    for key, cmd in jobs.items():
+        procs[key] = (subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), time.time())
+    results = {}
+    for key, (p, start) in procs.items():
+        out, _ = p.communicate(timeout=600)
+        results[key] = (p.returncode, out, time.time() - start)
+    results["_wall"] = time.time() - t0
+    sys.stderr.write(f"\n[nvcc] all compilations: {results['_wall']:.1f}s wall\n")
+    results["_tmp"] = tmp
+    yield results
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("fname", KERNEL_FILES)
+def test_kernels_compile(builds, fname, arch):
+    rc, out, secs = builds[("obj", fname, arch)]
+    assert rc == 0, f"nvcc -arch={arch} {fname} failed:\n{out}"
+    ours = [ln for ln in out.splitlines() if "csrc" in ln and re.search(r"\bwarning\b", ln)]
+    assert not ours, "warnings in csrc:\n" + "\n".join(ours)
+    entries = re.findall(r"Compiling entry function '([^']+)'", out)
+    assert len(set(entries)) == EXPECTED_ENTRIES[fname], f"{fname} {arch}: entries {entries}"
+    # report (never assert) register use and spills
+    usage = re.findall(r"Used (\d+) registers", out)
+    spills = [int(s) for s in re.findall(r"(\d+) bytes spill stores", out)]
+    sys.stderr.write(f"\n[{fname} {arch}] {secs:.1f}s, registers {usage}, spill stores {spills}\n")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_ptx_uses_the_intended_instructions(builds, arch):
+    rc, out, _ = builds[("ptx", arch)]
+    assert rc == 0, out
+    ptx = open(os.path.join(builds["_tmp"], f"w4ax_gemm.{arch}.ptx")).read()
+    assert "mma.sync.aligned.m16n8k64.row.col.s32.s4.s4.s32" in ptx
+    assert "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32" in ptx
+    assert "cp.async.cg.shared.global" in ptx
+    assert "cp.async.wait_group" in ptx
+    assert "prmt.b32" in ptx  # the INT8 activation byte de-interleave
+
+
+def test_bindings_syntax(builds):
+    if ("bindings",) not in builds:
+        pytest.skip("torch headers with c10/cuda or a host C++ compiler not available")
+    rc, out, _ = builds[("bindings",)]
+    errors = [ln for ln in out.splitlines() if " error" in ln or "error:" in ln]
+    assert rc == 0 and not errors, out[-4000:]
+
+
+HOST_CHECK = r"""
+// Host-side logic of the C interface, run WITHOUT a GPU: every call below must
+// return before touching the CUDA runtime (argument validation) or is pure host code.
+#include <cstdio>
+#include "cometq_kernels.h"
+int main() {
+  int fails = 0;
+#define CHECK(c) do { if (!(c)) { std::printf("FAIL line %d: %s\n", __LINE__, #c); ++fails; } } while (0)
+  CHECK(cometq_resolve_mma_path(COMETQ_MMA_AUTO, 8) == COMETQ_MMA_S4);   // A100 / RTX 30xx / 40xx
+  CHECK(cometq_resolve_mma_path(COMETQ_MMA_AUTO, 9) == COMETQ_MMA_S8);   // H100: s4 mma is emulated
+  CHECK(cometq_resolve_mma_path(COMETQ_MMA_AUTO, 12) == COMETQ_MMA_S8);
+  CHECK(cometq_resolve_mma_path(COMETQ_MMA_S4, 9) == COMETQ_MMA_S4);     // explicit request wins
+  // decode (M <= 16): 64 tiles of 64 columns on 132 SMs -> ceil(264 / 64) = 5 splits
+  CHECK(cometq_gemm_choose_split(1, 4096, 32, 132, 0) == 5);
+  CHECK(cometq_gemm_choose_split(1, 4096, 5, 132, 0) == 2);     // at least 2 blocks per split
+  CHECK(cometq_gemm_choose_split(1, 4096, 1, 132, 0) == 1);
+  CHECK(cometq_gemm_choose_split(3, 200, 5, 132, 7) == 5);      // requested, clamped to the block count
+  CHECK(cometq_gemm_choose_split(3, 200, 5, 132, 2) == 2);
+  CHECK(cometq_gemm_choose_split(4096, 4096, 32, 132, 0) == 1); // enough tiles
+  CHECK(cometq_gemm_choose_split(64, 1024, 32, 132, 0) == 8);   // 16 tiles: ceil(132/16)=9, capped at 32/4
+  CHECK(cometq_w4ax_gemm(nullptr, 0) == cudaErrorInvalidValue);
+  static uint8_t buf[64];
+  CometqGemmArgs a = {};
+  a.M = 4; a.N = 8; a.n_blocks = 2; a.n4 = 1; a.n8 = 0;       // n4 + n8 != n_blocks
+  CHECK(cometq_w4ax_gemm(&a, 0) == cudaErrorInvalidValue);
+  a.n8 = 1; a.group = 48; a.split_k = 1;                       // bad group
+  CHECK(cometq_w4ax_gemm(&a, 0) == cudaErrorInvalidValue);
+  a.group = 128; a.split_k = 2;                                // split without workspace
+  CHECK(cometq_w4ax_gemm(&a, 0) == cudaErrorInvalidValue);
+  a.split_k = 1;                                               // null operands
+  CHECK(cometq_w4ax_gemm(&a, 0) == cudaErrorInvalidValue);
+  a.q4 = buf; a.q8 = (const int8_t*)buf; a.a_scales = (const float*)buf; a.block_bits = (const int32_t*)buf;
+  a.qweight = buf; a.w_scales = (const float*)buf; a.out = buf; a.mma_path = 7;   // bad path
+  CHECK(cometq_w4ax_gemm(&a, 0) == cudaErrorInvalidValue);
+  a.M = 0; a.mma_path = COMETQ_MMA_S8;                          // empty problem: no launch
+  CHECK(cometq_w4ax_gemm(&a, 0) == cudaSuccess);
+  CHECK(cometq_quantize_act(nullptr, 0) == cudaErrorInvalidValue);
+  CometqActQuantArgs q = {};
+  q.M = 2; q.K = 576; q.n_blocks = 4; q.n4 = 4;                // 576 channels need 5 blocks
+  CHECK(cometq_quantize_act(&q, 0) == cudaErrorInvalidValue);
+  q.n_blocks = 5; q.n4 = 3; q.n8 = 2; q.x = buf; q.perm = (const int64_t*)buf; q.block_bits = (const int32_t*)buf;
+  q.scales = (float*)buf; q.q4 = buf; q.q8 = (int8_t*)buf; q.x_dtype = 9;   // bad dtype
+  CHECK(cometq_quantize_act(&q, 0) == cudaErrorInvalidValue);
+  q.M = 0; q.x_dtype = COMETQ_DTYPE_F16;
+  CHECK(cometq_quantize_act(&q, 0) == cudaSuccess);
+  std::printf("%d failures\n", fails);
+  return fails != 0;
+}
+"""
+
+
+def test_host_interface_without_gpu(builds):
+    """Link the sm_80 objects into a host program and run the C interface's host logic."""
+    objs = [os.path.join(builds["_tmp"], f"{f}.sm_80.o") for f in KERNEL_FILES]
+    for f in KERNEL_FILES:
+        assert builds[("obj", f, "sm_80")][0] == 0
+    src = os.path.join(builds["_tmp"], "host_check.cpp")
+    exe = os.path.join(builds["_tmp"], "host_check")
+    with open(src, "w") as fh:
+        fh.write(HOST_CHECK)
+    r = subprocess.run([NVCC, "-std=c++17", "-I", CSRC, src, *objs, "-o", exe], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = subprocess.run([exe], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "0 failures" in r.stdout, r.stdout + r.stderr
+
+
+def test_kernel_sources_include_no_torch():
+    bad = []
+    for f in sorted(os.listdir(CSRC)):
+        if f.endswith((".cu", ".cuh", ".h")):
+            src = open(os.path.join(CSRC, f)).read()
+            for m in re.finditer(r'#\s*include\s*[<"]((?:torch|ATen|c10|pybind11)/[^>"]*|Python\.h)[>"]', src):
+                bad.append(f"{f}: {m.group(1)}")
+    assert not bad, f"kernel sources must not include torch headers: {bad}"
+

@@ -1,0 +1,332 @@
+"""The CUDA extension (cometq._C, csrc/) against the reference ops, on a GPU.
+
+Integer outputs (q4, q8, activation scales) must be bit-identical to
+``reference.quantize_activation`` computed on the CPU (IEEE division,
+round-half-even); GEMM outputs must match ``reference.w4ax_gemm`` within the
+``cometq.testing`` tolerances, and EXACTLY where the integer part is exposed
+(unit scales: the fp32 output is then the exact sum of the int32 segment
+accumulators).  Odd shapes (M = 1, 3, 17, 70, 130, 300; K = 576 = 4.5 blocks;
+N = 200, 333) and every block-map pattern, both scale modes, every group size
+family, both mma paths (the s4 path runs, emulated and slowly, on sm_90 too),
+split-K, bias and output dtypes, TORCH_CHECK error paths, and opcheck.
+
+Run by bench/gpu_check.sh (``pytest -m gpu``).  If CUDA is available but the
+extension is not built, these tests ERROR (ImportError) instead of skipping;
+set COMETQ_SKIP_CUDA=1 to skip them deliberately.
+"""
+from __future__ import annotations
+
+import os
+import zlib
+
+import pytest
+import torch
+
+from cometq import ops
+from cometq import reference as R
+from cometq.layout import BLOCK_K, ActivationLayout
+from cometq.testing import (
+    GEMM_BF16_RTOL,
+    GEMM_FP16_RTOL,
+    GEMM_FP32_ATOL,
+    GEMM_FP32_RTOL,
+    rand_activation,
+    rand_weight,
+)
+
+pytestmark = pytest.mark.gpu
+
+#: Overridable only to dry-run this file's logic against a CPU stand-in of cometq_C.
+DEVICE = os.environ.get("COMETQ_CUDA_TEST_DEVICE", "cuda")
+
+K = 576  # SmolLM2 hidden size: 4.5 blocks -> K_pad 640, 5 blocks
+PATTERNS = {
+    "all4": (4, 4, 4, 4, 4),
+    "all8": (8, 8, 8, 8, 8),
+    "int8_first": (8, 8, 4, 4, 4),
+    "int8_last": (4, 4, 4, 8, 8),
+    "alt48": (4, 8, 4, 8, 4),
+    "alt84": (8, 4, 8, 4, 8),
+    "one8_mid": (4, 4, 8, 4, 4),
+}
+RTOL = {torch.float32: GEMM_FP32_RTOL, torch.float16: GEMM_FP16_RTOL, torch.bfloat16: GEMM_BF16_RTOL}
+
+
+@pytest.fixture(scope="module")
+def C():
+    if os.environ.get("COMETQ_SKIP_CUDA", "0") == "1":
+        pytest.skip("COMETQ_SKIP_CUDA=1")
+    import cometq._cuda_register as CR  # ImportError (with instructions) when the extension is not built
+
+    return CR
+
+
+def _gen(*key):
+    # crc32 of the repr, not hash(): str hashes change between runs (PYTHONHASHSEED)
+    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
+
+
+def _layout(k, bits, gen):
+    return ActivationLayout(torch.randperm(k, generator=gen), torch.tensor(bits, dtype=torch.int32))
+
+
+def _operands(m, n, k, bits, group, scale_mode, seed_key):
+    gen = _gen(*seed_key)
+    lay = _layout(k, list(bits), gen)
+    x = rand_activation(m, k, outliers=5, generator=gen)
+    qa = R.quantize_activation(x, lay, scale_mode)
+    qw = R.quantize_weight_rtn(rand_weight(n, k, generator=gen)[:, lay.perm], group)
+    return qa, qw
+
+
+def _gs(qw):
+    return -1 if qw.group_size in (None, -1) else qw.group_size
+
+
+def _run_gemm(C, qa, qw, bias=None, out_dtype=torch.float32, **kw):
+    d = DEVICE
+    return C.cuda_w4ax_gemm(
+        qa.q4.to(d), qa.q8.to(d), qa.scales.to(d), qa.layout.block_bits.to(d), qw.qweight.to(d), qw.scales.to(d),
+        _gs(qw), None if bias is None else bias.to(d), out_dtype, qa.scale_mode, **kw,
+    )
+
+
+def _check_close(y, ref64, out_dtype):
+    assert y.dtype == out_dtype
+    torch.testing.assert_close(y.float().cpu(), ref64.float(), rtol=RTOL[out_dtype], atol=GEMM_FP32_ATOL)
+
+
+# ==========================================================================
+# quantize_act: bit-identical
+# ==========================================================================
+@pytest.mark.parametrize("m", [1, 3, 17])
+@pytest.mark.parametrize("pattern", list(PATTERNS))
+@pytest.mark.parametrize("scale_mode", ["block", "class"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_quantize_act_bit_identical(C, m, pattern, scale_mode, dtype):
+    gen = _gen("qa", m, pattern, scale_mode, str(dtype))
+    lay = _layout(K, list(PATTERNS[pattern]), gen)
+    x = rand_activation(m, K, outliers=5, dtype=dtype, generator=gen)
+    ref = R.quantize_activation(x, lay, scale_mode)  # on the CPU: IEEE division everywhere
+    q4, q8, sc = C.cuda_quantize_act(x.to(DEVICE), lay.perm.to(DEVICE), lay.block_bits.to(DEVICE), lay.n_int8, scale_mode)
+    assert torch.equal(q4.cpu(), ref.q4)
+    assert torch.equal(q8.cpu(), ref.q8)
+    assert torch.equal(sc.cpu(), ref.scales)
+
+
+@pytest.mark.parametrize("k", [1, 128, 129, 1000, 4096])
+@pytest.mark.parametrize("scale_mode", ["block", "class"])
+def test_quantize_act_shapes_and_zero_rows(C, k, scale_mode):
+    gen = _gen("qa_k", k, scale_mode)
+    nb = (k + BLOCK_K - 1) // BLOCK_K
+    bits = [8 if torch.rand(1, generator=gen).item() < 0.3 else 4 for _ in range(nb)]
+    lay = _layout(k, bits, gen)
+    x = rand_activation(5, k, outliers=min(k, 3), generator=gen)
+    x[2] = 0.0  # an all-zero token: scale 0, q 0
+    ref = R.quantize_activation(x, lay, scale_mode)
+    q4, q8, sc = C.cuda_quantize_act(x.to(DEVICE), lay.perm.to(DEVICE), lay.block_bits.to(DEVICE), lay.n_int8, scale_mode)
+    assert torch.equal(q4.cpu(), ref.q4) and torch.equal(q8.cpu(), ref.q8) and torch.equal(sc.cpu(), ref.scales)
+
+
+def test_quantize_act_through_ops(C):
+    gen = _gen("qa_ops")
+    lay = _layout(K, [8, 4, 4, 8, 4], gen)
+    x = rand_activation(9, K, outliers=5, dtype=torch.float16, generator=gen)
+    ref = R.quantize_activation(x, lay, "block")
+    got = ops.quantize_activation(x.to(DEVICE), lay.to(DEVICE), "block", backend="cuda")
+    assert torch.equal(got.q4.cpu(), ref.q4) and torch.equal(got.q8.cpu(), ref.q8)
+    assert torch.equal(got.scales.cpu(), ref.scales)
+
+
+def test_quantize_act_empty_m(C):
+    lay = ActivationLayout.from_block_bits(K, PATTERNS["alt48"])
+    x = torch.empty(0, K, device=DEVICE)
+    q4, q8, sc = C.cuda_quantize_act(x, lay.perm.to(DEVICE), lay.block_bits.to(DEVICE), lay.n_int8, "class")
+    assert q4.shape == (0, 3 * 64) and q8.shape == (0, 2 * 128) and sc.shape == (0, 2)
+
+
+# ==========================================================================
+# w4ax_gemm against the reference
+# ==========================================================================
+@pytest.mark.parametrize("m", [1, 3, 17, 130])
+@pytest.mark.parametrize("pattern", list(PATTERNS))
+@pytest.mark.parametrize("scale_mode", ["block", "class"])
+@pytest.mark.parametrize("mma_path", ["s4", "s8"])
+def test_gemm_block_patterns(C, m, pattern, scale_mode, mma_path):
+    qa, qw = _operands(m, 200, K, PATTERNS[pattern], 128, scale_mode, ("pat", m, pattern, scale_mode))
+    y = _run_gemm(C, qa, qw, mma_path=mma_path)
+    _check_close(y, R.w4ax_gemm(qa, qw, out_dtype=torch.float64), torch.float32)
+
+
+@pytest.mark.parametrize("group", [-1, 16, 32, 64, 128, 640])
+@pytest.mark.parametrize("m", [3, 70])
+@pytest.mark.parametrize("mma_path", ["s4", "s8"])
+def test_gemm_group_sizes(C, group, m, mma_path):
+    qa, qw = _operands(m, 200, K, PATTERNS["alt84"], group, "block", ("grp", group, m))
+    y = _run_gemm(C, qa, qw, mma_path=mma_path)
+    _check_close(y, R.w4ax_gemm(qa, qw, out_dtype=torch.float64), torch.float32)
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bias_dtype", [None, torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("m", [1, 17])
+def test_gemm_out_dtype_and_bias(C, out_dtype, bias_dtype, m):
+    qa, qw = _operands(m, 200, K, PATTERNS["int8_first"], 64, "class", ("dt", m))
+    bias = None
+    if bias_dtype is not None:
+        bias = torch.randn(200, generator=_gen("bias", m)).to(bias_dtype)
+    y = _run_gemm(C, qa, qw, bias=bias, out_dtype=out_dtype)
+    _check_close(y, R.w4ax_gemm(qa, qw, bias, out_dtype=torch.float64), out_dtype)
+
+
+@pytest.mark.parametrize("split_k", [0, 1, 2, 3, 5, 7])
+@pytest.mark.parametrize("m", [1, 17, 100])
+@pytest.mark.parametrize("mma_path", ["s4", "s8"])
+def test_gemm_split_k(C, split_k, m, mma_path):
+    qa, qw = _operands(m, 200, K, PATTERNS["int8_last"], 32, "block", ("split", m))
+    bias = torch.randn(200, generator=_gen("sbias", m))
+    y = _run_gemm(C, qa, qw, bias=bias, out_dtype=torch.float16, split_k=split_k, mma_path=mma_path)
+    _check_close(y, R.w4ax_gemm(qa, qw, bias, out_dtype=torch.float64), torch.float16)
+
+
+@pytest.mark.parametrize("pattern", ["all4", "all8", "alt48", "one8_mid"])
+@pytest.mark.parametrize("group", [16, 128, -1])
+@pytest.mark.parametrize("mma_path", ["s4", "s8"])
+@pytest.mark.parametrize("split_k", [1, 2])
+def test_gemm_integer_part_exact(C, pattern, group, mma_path, split_k):
+    """Unit scales: y == sum of the exact int32 segment accumulators, bit for bit."""
+    qa, qw = _operands(17, 200, K, PATTERNS[pattern], group, "block", ("int", pattern, group))
+    qa1 = R.QuantizedActivation(qa.q4, qa.q8, torch.ones_like(qa.scales), qa.layout, "block")
+    qw1 = R.QuantizedWeight(qw.qweight, torch.ones_like(qw.scales), qw.in_features, qw.group_size)
+    want = R.w4ax_int_accumulators(qa1, qw1).to(torch.int64).sum(-1)
+    assert int(want.abs().max()) < 2**24  # exactly representable in fp32
+    y = _run_gemm(C, qa1, qw1, mma_path=mma_path, split_k=split_k)
+    assert torch.equal(y.cpu(), want.float())
+
+
+@pytest.mark.parametrize("mma_path", ["s4", "s8"])
+def test_gemm_full_int_range(C, mma_path):
+    """Raw random bytes: every nibble value including -8, every int8 value including -128."""
+    gen = _gen("raw", mma_path)
+    m, n, nbits = 33, 77, (8, 4, 4, 8, 4)
+    lay = ActivationLayout(torch.arange(K), torch.tensor(nbits, dtype=torch.int32))
+    q4 = torch.randint(0, 256, (m, lay.n_int4 * 64), generator=gen, dtype=torch.int32).to(torch.uint8)
+    q8 = torch.randint(-128, 128, (m, lay.n_int8 * 128), generator=gen, dtype=torch.int32).to(torch.int8)
+    sc = torch.rand(m, lay.n_blocks, generator=gen) + 0.01
+    qa = R.QuantizedActivation(q4, q8, sc, lay, "block")
+    qweight = torch.randint(0, 256, (n, lay.k_pad // 2), generator=gen, dtype=torch.int32).to(torch.uint8)
+    qw = R.QuantizedWeight(qweight, torch.rand(n, lay.k_pad // 64, generator=gen) + 0.01, K, 64)
+    y = _run_gemm(C, qa, qw, mma_path=mma_path)
+    _check_close(y, R.w4ax_gemm(qa, qw, out_dtype=torch.float64), torch.float32)
+
+
+@pytest.mark.parametrize("mma_path", ["s4", "s8"])
+def test_gemm_large_odd(C, mma_path):
+    gen = _gen("large")
+    k = 2048 + 64  # 17 blocks
+    nb = (k + BLOCK_K - 1) // BLOCK_K
+    bits = [8 if torch.rand(1, generator=gen).item() < 0.25 else 4 for _ in range(nb)]
+    qa, qw = _operands(300, 333, k, bits, 128, "class", ("large",))
+    y = _run_gemm(C, qa, qw, out_dtype=torch.float16, mma_path=mma_path)
+    _check_close(y, R.w4ax_gemm(qa, qw, out_dtype=torch.float64), torch.float16)
+
+
+def test_gemm_through_ops_and_linear(C):
+    gen = _gen("linear")
+    lay = _layout(K, [8, 4, 4, 4, 8], gen)
+    x = rand_activation(7, K, outliers=5, dtype=torch.float16, generator=gen)
+    qw = R.quantize_weight_rtn(rand_weight(200, K, generator=gen)[:, lay.perm], 128)
+    bias = torch.randn(200, generator=gen).half()
+    ref = R.w4ax_linear(x.float(), qw, lay, bias.float(), "block").double()
+    qa = ops.quantize_activation(x.to(DEVICE), lay.to(DEVICE), "block", backend="cuda")
+    y = ops.w4ax_gemm_q(qa, qw.to(DEVICE), bias.to(DEVICE), out_dtype=torch.float16, backend="cuda")
+    _check_close(y, ref, torch.float16)
+
+
+def test_gemm_empty(C):
+    qa, qw = _operands(1, 16, K, PATTERNS["alt48"], 128, "block", ("empty",))
+    empty = R.QuantizedActivation(qa.q4[:0], qa.q8[:0], qa.scales[:0], qa.layout, "block")
+    y = _run_gemm(C, empty, qw, out_dtype=torch.float16)
+    assert y.shape == (0, 16) and y.dtype == torch.float16
+
+
+# ==========================================================================
+# error paths (TORCH_CHECK messages name the argument)
+# ==========================================================================
+def _raw_args(qa, qw, d=DEVICE):
+    return [qa.q4.to(d), qa.q8.to(d), qa.scales.to(d), qa.layout.block_bits.to(d), qw.qweight.to(d),
+            qw.scales.to(d), _gs(qw), None, torch.float32, 0 if qa.scale_mode == "block" else 1, 0, 0]
+
+
+def test_gemm_error_messages(C):
+    qa, qw = _operands(3, 24, K, PATTERNS["alt48"], 128, "block", ("err",))
+    f = torch.ops.cometq_C.w4ax_gemm
+
+    def call(i, v, match):
+        a = _raw_args(qa, qw)
+        a[i] = v
+        with pytest.raises(RuntimeError, match=match):
+            f(*a)
+
+    good = _raw_args(qa, qw)
+    call(0, good[0].to(torch.int8), "q4 must have dtype")
+    call(1, good[1].cpu(), "q8 must be a CUDA tensor")
+    call(2, good[2][:, :2].contiguous(), "a_scales shape")
+    call(4, good[4][:, :-64].contiguous(), "K_pad")
+    call(5, good[5][:, :3].contiguous(), "w_scales shape")
+    call(6, 48, "group_size=48")
+    call(7, torch.zeros(23, device=DEVICE), "bias shape")
+    call(8, torch.int32, "out_dtype")
+    call(9, 3, "scale_mode")
+    call(11, 5, "mma_path")
+    # non-contiguous q4: the left half of a twice-as-wide buffer (row stride 2x the width)
+    wide = torch.cat([good[0], good[0]], 1)[:, : good[0].shape[1]]
+    assert not wide.is_contiguous()
+    call(0, wide, "q4 must be contiguous")
+    # contiguous but not 16-byte aligned
+    buf = torch.empty(good[4].numel() + 1, dtype=torch.uint8, device=DEVICE)
+    mis = buf[1:].view(good[4].shape)
+    mis.copy_(good[4])
+    call(4, mis, "16-byte aligned")
+
+
+def test_quantize_act_error_messages(C):
+    lay = ActivationLayout.from_block_bits(K, PATTERNS["alt84"])
+    x = torch.randn(3, K, device=DEVICE)
+    perm, bits = lay.perm.to(DEVICE), lay.block_bits.to(DEVICE)
+    f = torch.ops.cometq_C.quantize_act
+    with pytest.raises(RuntimeError, match="x must be 2-D"):
+        f(x[0], perm, bits, lay.n_int8, 0)
+    with pytest.raises(RuntimeError, match="perm must have dtype"):
+        f(x, perm.int(), bits, lay.n_int8, 0)
+    with pytest.raises(RuntimeError, match="block_bits shape"):
+        f(x, perm, bits[:-1], lay.n_int8, 0)
+    with pytest.raises(RuntimeError, match="n_int8=9"):
+        f(x, perm, bits, 9, 0)
+    with pytest.raises(RuntimeError, match="x must be float16, bfloat16 or float32"):
+        f(x.double(), perm, bits, lay.n_int8, 0)
+    with pytest.raises(RuntimeError, match="must be a CUDA tensor"):
+        f(x.cpu(), perm, bits, lay.n_int8, 0)
+    with pytest.raises(ValueError, match="scale_mode"):
+        C.cuda_quantize_act(x, perm, bits, lay.n_int8, "tensor")
+
+
+# ==========================================================================
+# torch.library registration
+# ==========================================================================
+def test_opcheck_raw_ops(C):
+    qa, qw = _operands(5, 40, K, PATTERNS["alt84"], 64, "class", ("opcheck",))
+    args = _raw_args(qa, qw)
+    args[7] = torch.randn(40, device=DEVICE)
+    torch.library.opcheck(torch.ops.cometq_C.w4ax_gemm.default, tuple(args))
+    lay = qa.layout
+    x = torch.randn(5, K, device=DEVICE)
+    torch.library.opcheck(
+        torch.ops.cometq_C.quantize_act.default, (x, lay.perm.to(DEVICE), lay.block_bits.to(DEVICE), lay.n_int8, 1)
+    )
+
+
+def test_cuda_backend_is_registered(C):
+    assert "cuda" in ops.registered_backends("w4ax_gemm")
+    assert "cuda" in ops.registered_backends("quantize_act")
+    assert ops.resolve_backend("w4ax_gemm", torch.device(DEVICE), "cuda") == "cuda"
