@@ -1,0 +1,82 @@
+"""Helpers shared by the cometq Triton kernels (import triton here, never in __init__).
+
+Why the helpers look the way they do:
+
+* ``rint_rne``: ``torch.round`` rounds half to even.  libdevice ``rint`` does the
+  same on the GPU, but the Triton interpreter (how CI runs these kernels on CPU)
+  has no libdevice.  The classic magic-number trick ``(y + 1.5*2**23) - 1.5*2**23``
+  is exact round-half-to-even in IEEE fp32 for ``|y| < 2**22`` and is plain
+  arithmetic, so the *same* code runs in the interpreter and on the GPU (LLVM does
+  not reassociate ``fadd`` without fast-math flags, which Triton does not set;
+  tests/test_triton_aot.py checks the PTX keeps both adds).  Every caller feeds it
+  ``|y| <= qmax * (1 + 2 ulp) <= 128``.
+* ``unpack_lo``/``unpack_hi``: the INT4 format puts the even K index in the low
+  nibble (two's complement).  Bitcasting the byte to int8 and using arithmetic
+  shifts sign-extends a nibble in two ALU ops without any compare/select.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+#: 1.5 * 2**23: adding then subtracting it rounds an fp32 to an integer (RNE).
+_RNE_MAGIC = 12582912.0
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run in the CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def rint_rne(y):
+    """Round fp32 ``y`` (|y| < 2**22) to the nearest integer, ties to even (== torch.round)."""
+    return (y + 12582912.0) - 12582912.0
+
+
+@triton.jit
+def unpack_lo(p):
+    """uint8 bytes -> int8 value of the low nibble (even K index), sign-extended."""
+    p8 = p.to(tl.int8, bitcast=True)
+    return (p8 << 4) >> 4
+
+
+@triton.jit
+def unpack_hi(p):
+    """uint8 bytes -> int8 value of the high nibble (odd K index), sign-extended."""
+    return p.to(tl.int8, bitcast=True) >> 4
+
+
+def checks_with_sync() -> bool:
+    """Content checks that need a device->host sync (e.g. block_bits vs q8 width) run on
+    CPU always and on CUDA only with ``COMETQ_SYNC_CHECKS=1``: at decode a sync costs
+    more than the GEMM.  Shape checks are always on."""
+    return os.environ.get("COMETQ_SYNC_CHECKS", "0") == "1"
+
+
+def next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+_DUMMIES = {}
+
+
+def dummy(device, dtype=torch.float32) -> torch.Tensor:
+    """A 1-element tensor to stand in for an absent/empty operand (cached: no allocation
+    or fill kernel per call).
+
+    Triton's launcher rejects null pointers on some drivers, and empty tensors
+    (e.g. ``q8`` of a pure-W4A4 layer) may have one; the kernel never reads it.
+    """
+    key = (str(torch.device(device)), dtype)
+    t = _DUMMIES.get(key)
+    if t is None:
+        t = _DUMMIES[key] = torch.zeros(1, dtype=dtype, device=device)
+    return t
+
+
+def nonempty(t: torch.Tensor) -> torch.Tensor:
+    return t if t.numel() > 0 else dummy(t.device, t.dtype)

@@ -1,0 +1,223 @@
+"""Fused FMPQ activation quantization: permute + absmax + INT4/INT8 quantize + pack, one kernel.
+
+Output layout (owned by :mod:`cometq.layout`, produced bit-identically to
+:func:`cometq.reference.quantize_activation`)::
+
+    x [M, K] (fp16/bf16/fp32, original channel order)
+        gather by perm, zero-pad to K_pad, cut 128-channel blocks b = 0..NB-1
+    block b INT8 -> q8[m, slot[b]*128 : +128]  int8, value order = K order
+    block b INT4 -> q4[m, slot[b]*64  : +64 ]  uint8, byte j = (q[2j] & 0xF) | (q[2j+1] << 4)
+    scales: "block" mode [M, NB] (absmax_b / qmax_b), "class" mode [M, 2] (col 0 INT4, col 1 INT8)
+
+How a program works: it owns ``BLOCK_M`` tokens and one block (block mode) or
+all blocks of the row (class mode).  It reads the block's 128 channels as two
+``[BLOCK_M, 64]`` halves: the even and the odd permuted channels.  Those halves
+are exactly the low and high nibbles of the 64 packed INT4 bytes, so packing is
+``lo | hi << 4`` with no shuffle; for an INT8 block the halves are joined back
+into K order in registers and stored as one contiguous 128-byte row.  The gather by ``perm`` costs nothing extra because the halves are
+strided anyway.
+
+Class mode needs the absmax of *all* INT4 blocks (and all INT8 blocks) of a token
+before quantizing any of them, so a class-mode program walks the row twice:
+pass 1 reduces the class absmaxes (reading x), pass 2 quantizes (reading x
+again, from L2 for any realistic row: 8 KiB fp16 per token for K=4096).  Block
+mode is a single pass with one program per (token tile, block), so decode
+(M=1) still spreads over NB programs.
+
+Numerics match the reference exactly: fp32 math, IEEE division (``div_rn``,
+not the approximate ``div.full``), round-half-to-even, clamp to +-qmax, a block
+with absmax 0 divides by 1.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from cometq.layout import BLOCK_K, INT4_QMAX, INT8_QMAX, SCALE_MODES, ActivationLayout, check_tensor, padded_k
+
+from ._common import checks_with_sync, interpreting, next_pow2, nonempty, rint_rne
+
+__all__ = ["quantize_act_triton", "quantize_activation_triton", "act_quant_kernel"]
+
+_FLOAT = (torch.float16, torch.bfloat16, torch.float32)
+
+# The kernel spells qmax as the literals 7.0 / 127.0 (module globals are not
+# visible to @triton.jit code unless constexpr); refuse to load if the format changed.
+if (INT4_QMAX, INT8_QMAX) != (7, 127):  # pragma: no cover
+    raise ImportError(f"act_quant kernel hard-codes qmax 7/127 but the format says {INT4_QMAX}/{INT8_QMAX}")
+
+
+@triton.jit
+def _load_halves(x_ptr, perm_ptr, rm, m_mask, b, K, stride_xm, stride_xk, IDENTITY: tl.constexpr):
+    """Even and odd permuted channels of block ``b`` as fp32 ``[BLOCK_M, 64]``; padding reads 0."""
+    rows = x_ptr + rm[:, None] * stride_xm
+    if IDENTITY:
+        # no gather: one contiguous (vectorized) row load, split into even/odd in registers
+        k = b * 128 + tl.arange(0, 128)
+        x = tl.load(rows + k[None, :] * stride_xk, mask=m_mask[:, None] & (k < K)[None, :], other=0.0)
+        xe, xo = tl.split(tl.reshape(x.to(tl.float32), (x.shape[0], 64, 2)))
+    else:
+        j = tl.arange(0, 64)
+        ke = b * 128 + 2 * j  # permuted (padded) channel index of the low nibbles
+        ko = ke + 1
+        me = ke < K
+        mo = ko < K
+        ce = tl.load(perm_ptr + ke, mask=me, other=0)
+        co = tl.load(perm_ptr + ko, mask=mo, other=0)
+        xe = tl.load(rows + ce[None, :] * stride_xk, mask=m_mask[:, None] & me[None, :], other=0.0).to(tl.float32)
+        xo = tl.load(rows + co[None, :] * stride_xk, mask=m_mask[:, None] & mo[None, :], other=0.0).to(tl.float32)
+    return xe, xo
+
+
+@triton.jit
+def _quantize_store(xe, xo, s, qmax, is8, slot, rm, m_mask, q4_ptr, q8_ptr, stride_q4m, stride_q8m):
+    """Quantize one block with per-row scale ``s`` [BLOCK_M] and write it to q4 or q8."""
+    d = tl.where(s == 0.0, 1.0, s)[:, None]
+    qe = rint_rne(tl.math.div_rn(xe, d))
+    qo = rint_rne(tl.math.div_rn(xo, d))
+    qe = tl.minimum(tl.maximum(qe, -qmax), qmax).to(tl.int32)
+    qo = tl.minimum(tl.maximum(qo, -qmax), qmax).to(tl.int32)
+    j = tl.arange(0, 64)
+    if is8:
+        # back to K order in registers (join -> [BM, 64, 2] -> [BM, 128]: each thread
+        # holds both values of a pair), then one contiguous 128-byte row store
+        q = tl.reshape(tl.join(qe.to(tl.int8), qo.to(tl.int8)), (qe.shape[0], 128))
+        k = tl.arange(0, 128)
+        tl.store(q8_ptr + rm[:, None] * stride_q8m + slot * 128 + k[None, :], q, mask=m_mask[:, None])
+    else:
+        byte = (qe & 0xF) | ((qo & 0xF) << 4)
+        tl.store(q4_ptr + rm[:, None] * stride_q4m + slot * 64 + j[None, :], byte.to(tl.uint8), mask=m_mask[:, None])
+
+
+@triton.jit
+def act_quant_kernel(
+    x_ptr, perm_ptr, bits_ptr, slot_ptr, q4_ptr, q8_ptr, s_ptr,
+    M, K, NB,
+    stride_xm, stride_xk, stride_q4m, stride_q8m, stride_sm,
+    BLOCK_M: tl.constexpr,
+    CLASS_MODE: tl.constexpr,
+    IDENTITY: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = rm < M
+    if CLASS_MODE:
+        # pass 1: class absmax over every block of the row
+        a4 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        a8 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for b in range(0, NB):
+            xe, xo = _load_halves(x_ptr, perm_ptr, rm, m_mask, b, K, stride_xm, stride_xk, IDENTITY)
+            am = tl.maximum(tl.max(tl.abs(xe), axis=1), tl.max(tl.abs(xo), axis=1))
+            is8 = tl.load(bits_ptr + b) == 8
+            a8 = tl.where(is8, tl.maximum(a8, am), a8)
+            a4 = tl.where(is8, a4, tl.maximum(a4, am))
+        s4 = tl.math.div_rn(a4, 7.0)
+        s8 = tl.math.div_rn(a8, 127.0)
+        tl.store(s_ptr + rm * stride_sm, s4, mask=m_mask)
+        tl.store(s_ptr + rm * stride_sm + 1, s8, mask=m_mask)
+        # pass 2: quantize every block with its class scale (x comes from L2)
+        for b in range(0, NB):
+            xe, xo = _load_halves(x_ptr, perm_ptr, rm, m_mask, b, K, stride_xm, stride_xk, IDENTITY)
+            is8 = tl.load(bits_ptr + b) == 8
+            slot = tl.load(slot_ptr + b)
+            s = tl.where(is8, s8, s4)
+            qmax = tl.where(is8, 127.0, 7.0)
+            _quantize_store(xe, xo, s, qmax, is8, slot, rm, m_mask, q4_ptr, q8_ptr, stride_q4m, stride_q8m)
+    else:
+        b = tl.program_id(1)
+        xe, xo = _load_halves(x_ptr, perm_ptr, rm, m_mask, b, K, stride_xm, stride_xk, IDENTITY)
+        am = tl.maximum(tl.max(tl.abs(xe), axis=1), tl.max(tl.abs(xo), axis=1))
+        is8 = tl.load(bits_ptr + b) == 8
+        slot = tl.load(slot_ptr + b)
+        qmax = tl.where(is8, 127.0, 7.0)
+        s = tl.math.div_rn(am, qmax)
+        tl.store(s_ptr + rm * stride_sm + b, s, mask=m_mask)
+        _quantize_store(xe, xo, s, qmax, is8, slot, rm, m_mask, q4_ptr, q8_ptr, stride_q4m, stride_q8m)
+
+
+def _class_slot(block_bits: torch.Tensor) -> torch.Tensor:
+    # same table as ActivationLayout.class_slot(), computed on-device without a sync
+    is8 = (block_bits == 8).to(torch.int32)
+    c8 = torch.cumsum(is8, 0) - is8
+    c4 = torch.cumsum(1 - is8, 0) - (1 - is8)
+    return torch.where(is8.bool(), c8, c4).to(torch.int32)
+
+
+def _block_m(m: int) -> int:
+    if interpreting():
+        # the interpreter pays per program: one big tile
+        return max(16, min(64, next_pow2(m)))
+    return 16 if m <= 16 else 32
+
+
+def quantize_act_triton(
+    x: torch.Tensor,
+    perm: torch.Tensor,
+    block_bits: torch.Tensor,
+    n_int8: int,
+    scale_mode: str = "block",
+    *,
+    identity_perm: bool = False,
+    block_m: Optional[int] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tensor-level activation quantization (signature of ``cometq.ops._ref_quantize_act``).
+
+    ``identity_perm=True`` skips the gather (the caller vouches that ``perm`` is
+    ``arange(K)``; :func:`quantize_activation_triton` passes the layout's cached flag).
+    """
+    check_tensor("x", x, dtypes=_FLOAT, ndim=2)
+    check_tensor("perm", perm, dtypes=(torch.int64, torch.int32), ndim=1)
+    check_tensor("block_bits", block_bits, ndim=1)
+    if scale_mode not in SCALE_MODES:
+        raise ValueError(f"scale_mode must be one of {SCALE_MODES}, got {scale_mode!r}")
+    m, k = x.shape
+    if perm.shape[0] != k:
+        raise ValueError(f"perm shape {tuple(perm.shape)} must be ({k},) for x shape {tuple(x.shape)}")
+    nb = padded_k(k) // BLOCK_K
+    if block_bits.shape[0] != nb:
+        raise ValueError(f"block_bits shape {tuple(block_bits.shape)} must be ({nb},) for K={k}")
+    if isinstance(n_int8, bool) or not isinstance(n_int8, int) or not 0 <= n_int8 <= nb:
+        raise ValueError(f"n_int8 must be an int in [0, {nb}], got {n_int8!r}")
+    for name, t in (("perm", perm), ("block_bits", block_bits)):
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    if x.device.type != "cuda" or checks_with_sync():  # free on CPU; a device sync on CUDA (opt-in)
+        got = int((block_bits == 8).sum())
+        if got != n_int8:
+            raise ValueError(f"n_int8={n_int8} but block_bits holds {got} INT8 blocks")
+    n4 = nb - n_int8
+    q4 = torch.empty(m, n4 * BLOCK_K // 2, dtype=torch.uint8, device=x.device)
+    q8 = torch.empty(m, n_int8 * BLOCK_K, dtype=torch.int8, device=x.device)
+    scales = torch.empty(m, nb if scale_mode == "block" else 2, dtype=torch.float32, device=x.device)
+    if m == 0:
+        return q4, q8, scales
+    bm = block_m or _block_m(m)
+    slot = _class_slot(block_bits)
+    bits = block_bits.to(torch.int32)
+    class_mode = scale_mode == "class"
+    grid = (triton.cdiv(m, bm),) if class_mode else (triton.cdiv(m, bm), nb)
+    q4k, q8k = nonempty(q4), nonempty(q8)
+    act_quant_kernel[grid](
+        x, perm, bits, slot, q4k, q8k, scales,
+        m, k, nb,
+        x.stride(0), x.stride(1), q4.stride(0) if q4.numel() else 0, q8.stride(0) if q8.numel() else 0,
+        scales.stride(0),
+        BLOCK_M=bm, CLASS_MODE=class_mode, IDENTITY=bool(identity_perm),
+        num_warps=4,
+    )
+    return q4, q8, scales
+
+
+def quantize_activation_triton(x: torch.Tensor, layout: ActivationLayout, scale_mode: str = "block"):
+    """Dataclass-level twin of :func:`cometq.reference.quantize_activation`."""
+    from cometq.reference import QuantizedActivation
+
+    if not isinstance(layout, ActivationLayout):
+        raise TypeError(f"layout must be an ActivationLayout, got {type(layout).__name__}")
+    q4, q8, sc = quantize_act_triton(
+        x, layout.perm, layout.block_bits, layout.n_int8, scale_mode, identity_perm=layout.is_identity_perm
+    )
+    return QuantizedActivation(q4, q8, sc, layout, scale_mode)

@@ -1,0 +1,317 @@
+"""Ahead-of-time compile every cometq Triton kernel variant for sm_80 / sm_90, no GPU needed.
+
+The interpreter (how CI runs the kernels) accepts programs the GPU compiler
+rejects (dot shapes, dtype mixes, shared-memory overflow, layouts), so this
+compiles the real thing with ``triton.compile(ASTSource(...), target=GPUTarget)``
+and checks properties of the generated code that numerics depend on:
+
+* activation quantization divides with ``div.rn.f32`` (IEEE, not ``div.full``)
+  and keeps both adds of the round-half-to-even trick;
+* every GEMM config issues tensor-core int8 MMAs (``mma.sync`` on sm_80,
+  ``wgmma`` on sm_90 for 64-row-or-larger MMA tiles with >= 4 warps) and streams
+  global memory in 16-byte vectors.
+
+Compiles mirror the JIT's specialization of a real launch (16-byte aligned
+pointers, strides that are multiples of 16, unit strides as constants), so the
+PTX checked here is the PTX a GPU run would get for Llama-sized shapes.
+
+Run as ``python -m cometq.kernels.aot --arch 80 --arch 90 [--level full|ci|quick] [--json PATH]``
+in a process *without* ``TRITON_INTERPRET=1`` (the interpreter replaces jit
+functions).  Exit status 1 if anything failed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Dict, List, Optional, Tuple
+
+if os.environ.get("TRITON_INTERPRET", "0") == "1":  # pragma: no cover - guarded by the test
+    raise RuntimeError("cometq.kernels.aot must run without TRITON_INTERPRET=1 (the interpreter replaces jit functions)")
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from .act_quant import act_quant_kernel  # noqa: E402
+from .w4ax_gemm import GemmConfig, gen_configs, w4ax_gemm_kernel, w4ax_gemm_persistent_kernel  # noqa: E402
+
+_TY = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
+
+#: Llama-3-8B/70B layer shapes (N, K) used to enumerate the generated configs.
+SHAPES = {
+    "8B.qkv": (6144, 4096), "8B.o": (4096, 4096), "8B.gate_up": (28672, 4096), "8B.down": (4096, 14336),
+    "70B.qkv": (10240, 8192), "70B.gate_up": (57344, 8192), "70B.down": (8192, 28672),
+}
+M_BUCKETS = (16, 64, 256, 1024, 4096)
+
+
+def _act_sig(x_dtype: str) -> Dict[str, str]:
+    return dict(x_ptr=_TY[x_dtype], perm_ptr="*i64", bits_ptr="*i32", slot_ptr="*i32", q4_ptr="*u8", q8_ptr="*i8",
+                s_ptr="*fp32", M="i32", K="i32", NB="i32", stride_xm="i32", stride_xk="i32", stride_q4m="i32",
+                stride_q8m="i32", stride_sm="i32")
+
+
+def _gemm_sig(out: str, bias: str, persistent: bool) -> Dict[str, str]:
+    sig = dict(order_ptr="*i32", q4_ptr="*u8", q8_ptr="*i8", as_ptr="*fp32", w_ptr="*u8", ws_ptr="*fp32",
+               bias_ptr=_TY[bias], out_ptr=_TY[out], dbg_ptr="*i32", M="i32", N="i32", NB="i32", N8="i32",
+               GROUP="i32")
+    if persistent:
+        sig = dict(items_ptr="*i32", starts_ptr="*i32", **sig)
+    else:
+        sig["SPLIT"] = "i32"
+    sig.update(stride_q4m="i32", stride_q8m="i32", stride_asm="i32", stride_wn="i32", stride_wsn="i32",
+               stride_om="i32", stride_on="i32", stride_dm="i32", stride_dn="i32")
+    return sig
+
+
+def _full_sig(kernel, sig: Dict[str, str], constexprs: Dict[str, object]) -> Dict[str, str]:
+    sig = dict(sig)
+    for k in constexprs:
+        sig[k] = "constexpr"
+    missing = set(kernel.arg_names) - set(sig)
+    extra = set(sig) - set(kernel.arg_names)
+    if missing or extra:
+        raise RuntimeError(f"{kernel.__name__}: AOT signature out of date (missing {sorted(missing)}, extra {sorted(extra)})")
+    return {k: sig[k] for k in kernel.arg_names}
+
+
+def gemm_meta(group: int = 128, k_pad: int = 4096, class_mode: bool = False, bias: bool = True,
+              debug: bool = False, evict: str = "") -> Dict[str, object]:
+    seg = min(128, group if group > 0 else k_pad)
+    return dict(CLASS_MODE=class_mode, SEGS=128 // seg, SEG_H=seg // 2, H_LOAD=max(seg // 2, 32),
+                INT_ACC=class_mode and (group <= 0 or group >= k_pad), HAS_BIAS=bias, DEBUG=debug, EVICT_W=evict)
+
+
+def all_configs(quick: bool = False) -> List[GemmConfig]:
+    """Every distinct config gen_configs produces for the Llama shapes (n_int8 = 0 and 12.5%)."""
+    seen: List[GemmConfig] = []
+    shapes = list(SHAPES.values())[:2] if quick else list(SHAPES.values())
+    for n, k in shapes:
+        for mb in M_BUCKETS:
+            for n8 in (0, k // 128 // 8):
+                for c in gen_configs(mb, n, k, n8, interpret=False):
+                    if c not in seen:
+                        seen.append(c)
+    return seen
+
+
+#: Integer arguments a real launch passes as multiples of 16 (Llama shapes: K_pad/2, n*64,
+#: n*128, N; the debug buffer).  The JIT specializes such values (and every torch
+#: pointer, 16-byte aligned) with ``tt.divisibility=16``; without mirroring that here
+#: the AOT code would not vectorize loads the way the real one does.
+_DIVISIBLE = {"stride_q4m", "stride_q8m", "stride_wn", "stride_om", "N", "stride_dm", "stride_dn", "stride_xm", "K"}
+#: Arguments equal to 1 in every real launch (unit strides): the JIT turns them into constants.
+_UNIT = ("stride_on", "stride_xk")
+
+
+def _specialize(kernel, constexprs: Dict[str, object]) -> Tuple[Dict[str, object], Dict[tuple, list]]:
+    cons = dict(constexprs)
+    for name in _UNIT:
+        if name in kernel.arg_names:
+            cons.setdefault(name, 1)
+    attrs = {}
+    for i, name in enumerate(kernel.arg_names):
+        if name in cons:
+            continue
+        if name.endswith("_ptr") or name in _DIVISIBLE:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return cons, attrs
+
+
+def _compile(kernel, sig, constexprs, arch: int, num_warps: int, num_stages: int):
+    cons, attrs = _specialize(kernel, constexprs)
+    src = ASTSource(kernel, _full_sig(kernel, sig, cons), constexprs=cons, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+def jobs(quick: bool = False) -> List[Tuple[str, object, Dict[str, str], Dict[str, object], int, int, str]]:
+    """(name, kernel, signature, constexprs, num_warps, num_stages, kind) for every variant to compile."""
+    out = []
+    # activation quantization: both scale modes x input dtypes, gather and identity
+    for xd in ("fp16", "bf16", "fp32"):
+        for cm in (False, True):
+            for ident in ((False, True) if xd == "fp16" else (False,)):
+                for bm in (16, 32):
+                    out.append((f"act_quant[{xd},class={cm},ident={ident},BM={bm}]", act_quant_kernel, _act_sig(xd),
+                                dict(BLOCK_M=bm, CLASS_MODE=cm, IDENTITY=ident), 4, 1, "act"))
+    # every generated GEMM config (block mode, group 128, fp16 out, bias)
+    for c in all_configs(quick):
+        atomic = c.split > 1
+        out.append((f"gemm[{c}]", w4ax_gemm_kernel, _gemm_sig("fp32" if atomic else "fp16", "fp16", False),
+                    dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, GROUP_M=c.group_m, ATOMIC=atomic, SWAP_AB=c.swap_ab,
+                         INTERLEAVE8=c.interleave8, **gemm_meta(evict="evict_first" if c.block_m <= 64 else "")),
+                    c.num_warps, c.num_stages, "gemm"))
+    # feature variants on a representative config (128x128, 8 warps) and a decode config
+    variants = [
+        ("class,per-channel(int32 runs)", dict(class_mode=True, group=-1), "bf16", False, False),
+        ("class,g128", dict(class_mode=True, group=128), "fp16", False, False),
+        ("block,g64", dict(group=64), "fp32", False, False),
+        ("block,g32(masked)", dict(group=32), "fp16", False, False),
+        ("block,g16(masked)", dict(group=16), "fp16", False, False),
+        ("block,nobias,debug", dict(bias=False, debug=True), "fp16", False, False),
+        ("block,g128,atomic", dict(group=128), "fp32", True, False),
+        ("swap,class,per-channel", dict(class_mode=True, group=-1), "fp16", False, True),
+        ("swap,block,g64,debug", dict(group=64, debug=True), "fp16", False, True),
+        ("swap,block,g32(masked),atomic", dict(group=32), "fp32", True, True),
+        ("interleave8,class,per-channel", dict(class_mode=True, group=-1), "fp16", False, False),
+        ("interleave8,swap,block,g64,debug", dict(group=64, debug=True), "fp32", False, True),
+        ("interleave8,block,g32(masked),atomic", dict(group=32), "fp32", True, False),
+    ]
+    for name, kw, od, atomic, swap in variants:
+        for bm, bn, w, s in ((128, 128, 8, 3), (16, 64, 4, 4)):
+            out.append((f"gemm-variant[{name},{bm}x{bn}]", w4ax_gemm_kernel, _gemm_sig(od, "fp32", False),
+                        dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=8, ATOMIC=atomic, SWAP_AB=swap,
+                             INTERLEAVE8=name.startswith("interleave8"), **gemm_meta(**kw)),
+                        w, s, "gemm"))
+    # persistent stream-K kernel: atomic (split tiles) and whole-tile schedules
+    for atomic in (True, False):
+        for cm in (False, True):
+            for bm, bn, w, s, swap in ((128, 128, 8, 3, False), (64, 128, 4, 4, False), (64, 128, 4, 4, True)):
+                out.append((f"persistent[atomic={atomic},class={cm},swap+interleave8={swap},{bm}x{bn}]",
+                            w4ax_gemm_persistent_kernel, _gemm_sig("fp32" if atomic else "fp16", "fp16", True),
+                            dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=8, ATOMIC=atomic, SWAP_AB=swap, INTERLEAVE8=swap,
+                                 **gemm_meta(class_mode=cm, group=-1 if cm else 128)), w, s, "gemm"))
+    return out
+
+
+def _key(job) -> tuple:
+    name, kernel, sig, cons, w, s, kind = job
+    return (kernel.__name__, tuple(sorted(sig.items())), tuple(sorted(cons.items())), w, s)
+
+
+def dedupe(todo):
+    """Drop jobs that compile to the same binary (configs differing only in the runtime split)."""
+    seen, out = set(), []
+    for j in todo:
+        k = _key(j)
+        if k not in seen:
+            seen.add(k)
+            out.append(j)
+    return out
+
+
+def ci_subset(todo, arch: int):
+    """The representative set CI compiles on every run (the full set: ``level="full"``).
+
+    sm_90 (the target): every distinct generated GEMM config, every activation
+    quantizer mode, every feature variant on the decode tile, the persistent kernel
+    in both scale modes.  sm_80: one of each kernel family.  Skipped in CI: the
+    128x128 feature variants and group 16 (same code path as group 32, 15 s of
+    compile), fp32/bf16 inputs of the quantizer on sm_80.
+    """
+    keep = []
+    for j in todo:
+        name = j[0]
+        if arch >= 90:
+            if name.startswith("gemm["):
+                keep.append(j)
+            elif name.startswith("act_quant[") and "BM=32" in name and ("fp16" in name or "class=False" in name):
+                keep.append(j)
+            elif name.startswith("gemm-variant[") and "16x64" in name and "g16" not in name:
+                keep.append(j)
+            elif name.startswith("persistent[atomic=True") and "64x128" in name:
+                keep.append(j)
+        else:
+            if name in ("act_quant[fp16,class=False,ident=False,BM=32]", "act_quant[fp16,class=True,ident=False,BM=32]"):
+                keep.append(j)
+            elif name.startswith("gemm-variant[class,per-channel") or name.startswith("gemm-variant[block,g64,16x64"):
+                keep.append(j)
+            elif name.startswith("persistent[atomic=True,class=False,swap+interleave8=False,64x128"):
+                keep.append(j)
+    return keep
+
+
+def _wgmma_a_regs(ptx: str) -> int:
+    """How many wgmma instructions take A from registers (``{...}`` list) rather than a smem descriptor."""
+    n = 0
+    for line in ptx.splitlines():
+        line = line.strip()
+        if line.startswith("wgmma.mma_async"):
+            ops = line.split(None, 1)[1]
+            # operands: {d...}, a, b-desc, ...  -> A in registers when the 2nd operand is a {...} list
+            rest = ops.split("}", 1)[1].lstrip(", ").lstrip()
+            n += rest.startswith("{")
+    return n
+
+
+def check_code(kind: str, arch: int, constexprs: Dict[str, object], num_warps: int, ptx: str) -> Optional[str]:
+    """Return a problem description, or None if the generated code has the properties we rely on."""
+    if kind == "act":
+        if "div.rn.f32" not in ptx or "div.full" in ptx or "div.approx" in ptx:
+            return "activation quantization must use IEEE div.rn.f32"
+        if ptx.count("0f4B400000") == 0 or ptx.count("0f4B400000") != ptx.count("0fCB400000"):
+            return "round-half-even adds (+/- 1.5*2^23) were folded or lost"
+        return None
+    mma_m = constexprs["BLOCK_N"] if constexprs.get("SWAP_AB") else constexprs["BLOCK_M"]
+    if arch >= 90 and mma_m >= 64 and num_warps >= 4:
+        if "wgmma" not in ptx:
+            return "expected wgmma for a >=64-row tile on sm_90"
+    elif "mma.sync" not in ptx and "wgmma" not in ptx:
+        return "no tensor-core MMA in the GEMM"
+    if ".s8" not in ptx:
+        return "MMA is not int8"
+    if _wide_loads(ptx) == 0:
+        return "no 16-byte global loads (weights must stream in 16-byte vectors)"
+    return None
+
+
+def _wide_loads(ptx: str) -> int:
+    """16-byte global loads: ``cp.async ... 0x10`` (pipelined into shared memory) or ``ld.global.v4.b32``."""
+    n = 0
+    for line in ptx.splitlines():
+        if ("cp.async.cg.shared.global" in line or "cp.async.ca.shared.global" in line) and "0x10" in line:
+            n += 1
+        elif "ld.global" in line and ".v4.b32" in line:
+            n += 1
+    return n
+
+
+def run(archs: List[int], level: str = "full") -> List[dict]:
+    """Compile and check; ``level`` "full" (every variant), "ci" (:func:`ci_subset`), "quick" (configs of 2 shapes)."""
+    if level not in ("full", "ci", "quick"):
+        raise ValueError(f"level must be full, ci or quick, got {level!r}")
+    results = []
+    base = dedupe(jobs(quick=level == "quick"))
+    for arch in archs:
+        todo = ci_subset(base, arch) if level == "ci" else base
+        for name, kernel, sig, cons, w, s, kind in todo:
+            t0 = time.time()
+            rec = dict(name=name, arch=arch, ok=False)
+            try:
+                k = _compile(kernel, sig, cons, arch, w, s)
+                ptx = k.asm["ptx"]
+                problem = check_code(kind, arch, cons, w, ptx)
+                rec.update(ok=problem is None, problem=problem, shared=k.metadata.shared,
+                           wgmma=ptx.count("wgmma.mma_async"), wgmma_a_in_regs=_wgmma_a_regs(ptx),
+                           wide_loads=_wide_loads(ptx))
+            except Exception as e:  # noqa: BLE001 - reported per variant
+                rec.update(error=f"{type(e).__name__}: {str(e)[:400]}")
+            rec["seconds"] = round(time.time() - t0, 2)
+            results.append(rec)
+            print(("ok  " if rec["ok"] else "FAIL"), f"sm_{arch}", name, rec.get("problem") or rec.get("error") or "",
+                  f"{rec['seconds']}s", flush=True)
+    return results
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arch", type=int, action="append", help="compute capability x10 (80, 90); repeatable")
+    ap.add_argument("--level", default="full", choices=("full", "ci", "quick"),
+                    help="full: every variant; ci: the representative CI set; quick: configs of 2 shapes")
+    ap.add_argument("--json", help="write per-variant results here")
+    args = ap.parse_args(argv)
+    res = run(args.arch or [80, 90], level=args.level)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+    bad = [r for r in res if not r["ok"]]
+    print(f"{len(res) - len(bad)}/{len(res)} variants compiled and checked")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,749 @@
+"""W4Ax GEMM in Triton: INT4 weights x mixed INT4/INT8 activation blocks, int32 tensor-core dots.
+
+``y[m, n] = sum_segments a_scale[m, s] * w_scale[n, s] * (x_int[m, seg] . w_int[n, seg]) (+ bias[n])``
+(the spec is :func:`cometq.reference.w4ax_gemm`; integer partial sums are exact).
+
+Operand layouts in global memory (see cometq.layout)::
+
+    qweight uint8 [N, K_pad/2]   byte (n, b*64 + j) = w[n, b*128+2j] (lo nibble) | w[n, b*128+2j+1] (hi)
+    q4      uint8 [M, n4*64]     INT4 blocks, same nibble order, in ascending block order
+    q8      int8  [M, n8*128]    INT8 blocks in ascending block order
+    order   int32 [NB]           host-built list: the n8 INT8 block ids, then the n4 INT4 block ids
+                                 (position i < n8 -> q8 slot i; i >= n8 -> q4 slot i-n8)
+
+The key layout observation: because weights and INT4 activations share the
+nibble order, a 64-byte chunk of either unpacks into an "even-K" and an "odd-K"
+int8 ``[*, 64]`` half with two shifts, and::
+
+    x . w = x_even . w_even + x_odd . w_odd        (two tl.dot int8 -> int32, K=64 each)
+
+so *no* register shuffle (interleave) is needed on either side.  For INT8
+activation blocks the even/odd halves are loaded with stride 2 from the same
+128-byte row segment (two loads hitting the same L1/L2 lines), or, with the
+``interleave8`` config flag, loaded contiguously while the weight nibbles are
+interleaved back into K order in registers (one K=128 dot).  The ``swap_ab``
+flag computes the transposed tile ``W x^T`` so the unpacked weights are the
+MMA's A operand (see ``_block_segments``).  Hopper has no
+INT4 MMA (``mma .s4`` is emulated, wgmma rejects s4), so both activation
+precisions run on int8 MMA: an INT8 block and an INT4 block cost the same MMA
+work; INT4 blocks only halve activation bytes.  Weight bytes are identical.
+
+Scales (the "scale placement" question, see docs/KERNELS.md):
+
+* "block" mode: each block's int32 partial sum is converted and rescaled
+  (``acc_f += float(acc_blk) * a_scale[m, b] * w_scale[n, g]``): one FMA-ish
+  epilogue per block per output, in registers.
+* "class" mode with per-channel weights: the whole INT8 run and the whole INT4
+  run are accumulated in int32 (``|sum| < K*127*8 < 2**31`` for K < 2**21) and
+  rescaled once each, after the loops.  With weight groups the group scale
+  changes inside the run, so class mode falls back to per-segment rescaling.
+* weight group ``G < 128``: a block holds ``128/G`` segments.  For ``G >= 64``
+  each segment is its own pair of dots (K = G/2 >= 32, the int8 ``tl.dot``
+  minimum); for ``G = 16/32`` the segment is cut out of a 32-wide chunk by
+  zeroing the other activation columns (costs 2x/4x MMA work; such small
+  groups are not a target configuration).
+
+Three launch paths share one per-(tile, block-range) body ``_accumulate``:
+
+* tiled: grid ``(m_tiles * n_tiles,)``, grouped tile order for L2 reuse.
+* split-K (decode, M <= 16): grid ``(m_tiles * n_tiles, SPLIT)``: each program
+  streams ``NB/SPLIT`` blocks of weights (``evict_first``: weights are used once)
+  and adds its fp32 partial into a zeroed fp32 buffer with ``tl.atomic_add``
+  (summation order varies run to run: within tolerance, not bitwise).
+* persistent: grid ``(P,)`` programs; a host-side stream-K schedule gives each
+  program a contiguous list of (tile, block-range) work items with equal
+  *weighted* cost (INT8 block ``cost8``, INT4 block ``cost4``), so no SM ends up
+  with only INT8-heavy tiles.  Split tiles are combined with fp32 atomics.
+"""
+from __future__ import annotations
+
+import functools
+import weakref
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from cometq.layout import BLOCK_K, SCALE_MODES, check_tensor
+from cometq.reference import FLOAT_DTYPES, check_group_size
+
+from ._common import checks_with_sync, dummy, interpreting, next_pow2, nonempty, unpack_hi, unpack_lo
+
+__all__ = [
+    "GemmConfig",
+    "gen_configs",
+    "m_bucket",
+    "select_config",
+    "stream_k_schedule",
+    "w4ax_gemm_triton",
+    "w4ax_gemm_kernel",
+    "w4ax_gemm_persistent_kernel",
+    "PATHS",
+]
+
+PATHS = ("auto", "tiled", "splitk", "persistent")
+
+
+# ==========================================================================
+# kernel body
+# ==========================================================================
+@triton.jit
+def _outer(u_m, v_n, SWAP_AB: tl.constexpr):
+    """``u[m] * v[n]`` laid out like the accumulator: ``[BM, BN]``, or ``[BN, BM]`` when swapped."""
+    if SWAP_AB:
+        return v_n[:, None] * u_m[None, :]
+    else:
+        return u_m[:, None] * v_n[None, :]
+
+
+@triton.jit
+def _grid_ptrs(base, rm, rn, stride_m, stride_n, SWAP_AB: tl.constexpr):
+    if SWAP_AB:
+        return base + rn[:, None] * stride_n + rm[None, :] * stride_m
+    else:
+        return base + rm[:, None] * stride_m + rn[None, :] * stride_n
+
+
+@triton.jit
+def _grid_mask(m_mask, n_mask, SWAP_AB: tl.constexpr):
+    if SWAP_AB:
+        return n_mask[:, None] & m_mask[None, :]
+    else:
+        return m_mask[:, None] & n_mask[None, :]
+
+
+@triton.jit
+def _mma(acc, a_e, a_o, a_full, wp, FULL: tl.constexpr, SWAP_AB: tl.constexpr):
+    """``acc + x . w`` for one segment (int32), in the accumulator's orientation.
+
+    FULL=False: ``x_even . w_even + x_odd . w_odd`` (two dots, K = H each).
+    FULL=True (INT8 activations loaded contiguously as ``a_full`` [BM, 2H]): the
+    weight nibbles are interleaved back into K order in registers
+    (``join(lo, hi)`` -> ``[BN, H, 2]`` -> reshape ``[BN, 2H]``: each thread already
+    holds both nibbles of its bytes) and one K = 2H dot runs.
+    """
+    if FULL:
+        w_full = tl.reshape(tl.join(unpack_lo(wp), unpack_hi(wp)), (wp.shape[0], 2 * wp.shape[1]))
+        if SWAP_AB:
+            acc = tl.dot(w_full, tl.trans(a_full), acc, out_dtype=tl.int32)
+        else:
+            acc = tl.dot(a_full, tl.trans(w_full), acc, out_dtype=tl.int32)
+    else:
+        if SWAP_AB:
+            acc = tl.dot(unpack_lo(wp), tl.trans(a_e), acc, out_dtype=tl.int32)
+            acc = tl.dot(unpack_hi(wp), tl.trans(a_o), acc, out_dtype=tl.int32)
+        else:
+            acc = tl.dot(a_e, tl.trans(unpack_lo(wp)), acc, out_dtype=tl.int32)
+            acc = tl.dot(a_o, tl.trans(unpack_hi(wp)), acc, out_dtype=tl.int32)
+    return acc
+
+
+@triton.jit
+def _block_segments(
+    acc_f, acc_i, sa, b, slot,
+    q_ptr, w_ptr, ws_ptr, dbg_ptr,
+    rm, rn, m_mask, n_mask,
+    stride_qm, stride_wn, stride_wsn, stride_dm, stride_dn,
+    GROUP,
+    IS8: tl.constexpr, SEGS: tl.constexpr, SEG_H: tl.constexpr, H_LOAD: tl.constexpr,
+    INT_ACC: tl.constexpr, DEBUG: tl.constexpr, EVICT_W: tl.constexpr, SWAP_AB: tl.constexpr,
+    INTERLEAVE8: tl.constexpr,
+):
+    """All segments of one 128-block: int8 dots -> int32, then rescale (or int32 accumulate).
+
+    SWAP_AB computes ``acc^T = W x^T``: the unpacked weights (produced in registers)
+    become the MMA's A operand, which wgmma may take from registers, and the
+    activations (loaded as-is) the B operand it reads from shared memory; the
+    token dimension becomes the MMA's N (8..256) so small M wastes less of a
+    64-row wgmma tile.  Unswapped, the unpacked weights are the B operand and
+    must be written back to shared memory before every wgmma.
+
+    INTERLEAVE8 (INT8 blocks, G >= 64): load the activations contiguously (16-byte
+    vectors / cp.async) and interleave the weight nibbles instead of loading the
+    activations' even/odd K values with stride 2 (byte loads).
+    """
+    for s in tl.static_range(SEGS):
+        # the H_LOAD-byte chunk (packed weight columns) holding segment s
+        c0 = (s * SEG_H // H_LOAD) * H_LOAD  # constexpr (s is a static_range index)
+        j = c0 + tl.arange(0, H_LOAD)
+        a_e = None
+        a_o = None
+        a_full = None
+        if IS8 and INTERLEAVE8 and SEG_H == H_LOAD:
+            # INT8 block, contiguous: the 2*H K values of this segment in K order
+            jj = 2 * c0 + tl.arange(0, 2 * H_LOAD)
+            a_full = tl.load(q_ptr + rm[:, None] * stride_qm + slot * 128 + jj[None, :], mask=m_mask[:, None],
+                             other=0)
+        elif IS8:
+            # INT8 block: even / odd K values straight from q8 (stride-2 loads, same lines)
+            a_base = q_ptr + rm[:, None] * stride_qm + slot * 128 + 2 * j[None, :]
+            a_e = tl.load(a_base, mask=m_mask[:, None], other=0)
+            a_o = tl.load(a_base + 1, mask=m_mask[:, None], other=0)
+        else:
+            # INT4 block: one byte load gives both halves (lo nibble = even K)
+            ap = tl.load(q_ptr + rm[:, None] * stride_qm + slot * 64 + j[None, :], mask=m_mask[:, None], other=0)
+            a_e = unpack_lo(ap)
+            a_o = unpack_hi(ap)
+        if SEG_H < H_LOAD:
+            keep = (j >= s * SEG_H) & (j < (s + 1) * SEG_H)
+            a_e = tl.where(keep[None, :], a_e, 0).to(tl.int8)
+            a_o = tl.where(keep[None, :], a_o, 0).to(tl.int8)
+        # weights: H_LOAD contiguous bytes per row (16-byte vector loads), used once
+        wp = tl.load(w_ptr + rn[:, None] * stride_wn + b * 64 + j[None, :], mask=n_mask[:, None], other=0,
+                     eviction_policy=EVICT_W)
+        if INT_ACC and not DEBUG:
+            # class mode, per-channel weights: chain the int32 accumulator through the
+            # dots (acc = dot(a, b, acc)) so the MMAs of a whole run never stop for a rescale
+            acc_i = _mma(acc_i, a_e, a_o, a_full, wp, IS8 and INTERLEAVE8 and SEG_H == H_LOAD, SWAP_AB)
+        else:
+            acc_s = _mma(tl.zeros(acc_f.shape, dtype=tl.int32), a_e, a_o, a_full, wp,
+                         IS8 and INTERLEAVE8 and SEG_H == H_LOAD, SWAP_AB)
+            if DEBUG:
+                tl.store(_grid_ptrs(dbg_ptr + (b * SEGS + s), rm, rn, stride_dm, stride_dn, SWAP_AB), acc_s,
+                         mask=_grid_mask(m_mask, n_mask, SWAP_AB))
+            if INT_ACC:
+                acc_i += acc_s
+        if not INT_ACC:
+            wcol = (b * 128 + s * (2 * SEG_H)) // GROUP
+            sw = tl.load(ws_ptr + rn * stride_wsn + wcol, mask=n_mask, other=0.0)
+            acc_f += acc_s.to(tl.float32) * _outer(sa, sw, SWAP_AB)
+    return acc_f, acc_i
+
+
+@triton.jit
+def _accumulate(
+    i_lo, i_hi, N8,
+    order_ptr, q4_ptr, q8_ptr, as_ptr, w_ptr, ws_ptr, dbg_ptr,
+    rm, rn, m_mask, n_mask,
+    stride_q4m, stride_q8m, stride_asm, stride_wn, stride_wsn, stride_dm, stride_dn,
+    GROUP,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CLASS_MODE: tl.constexpr, SEGS: tl.constexpr, SEG_H: tl.constexpr, H_LOAD: tl.constexpr,
+    INT_ACC: tl.constexpr, DEBUG: tl.constexpr, EVICT_W: tl.constexpr, SWAP_AB: tl.constexpr,
+    INTERLEAVE8: tl.constexpr,
+):
+    """fp32 partial result (``[BLOCK_M, BLOCK_N]``, transposed if SWAP_AB) of block-list positions ``[i_lo, i_hi)``."""
+    if SWAP_AB:
+        acc_f = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc_f = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if CLASS_MODE:
+        sa4 = tl.load(as_ptr + rm * stride_asm, mask=m_mask, other=0.0)
+        sa8 = tl.load(as_ptr + rm * stride_asm + 1, mask=m_mask, other=0.0)
+    # ---- INT8 blocks: list positions [i_lo, min(i_hi, N8)), q8 slot = position
+    acc_i = tl.zeros(acc_f.shape, dtype=tl.int32)
+    for i in range(i_lo, tl.minimum(i_hi, N8)):
+        b = tl.load(order_ptr + i)
+        if CLASS_MODE:
+            sa = sa8
+        else:
+            sa = tl.load(as_ptr + rm * stride_asm + b, mask=m_mask, other=0.0)
+        acc_f, acc_i = _block_segments(
+            acc_f, acc_i, sa, b, i, q8_ptr, w_ptr, ws_ptr, dbg_ptr, rm, rn, m_mask, n_mask,
+            stride_q8m, stride_wn, stride_wsn, stride_dm, stride_dn, GROUP,
+            True, SEGS, SEG_H, H_LOAD, INT_ACC, DEBUG, EVICT_W, SWAP_AB, INTERLEAVE8)
+    if INT_ACC:
+        # class mode, per-channel weights: one rescale for the whole INT8 run
+        sw = tl.load(ws_ptr + rn * stride_wsn, mask=n_mask, other=0.0)
+        acc_f += acc_i.to(tl.float32) * _outer(sa8, sw, SWAP_AB)
+    # ---- INT4 blocks: list positions [max(i_lo, N8), i_hi), q4 slot = position - N8
+    acc_i = tl.zeros(acc_f.shape, dtype=tl.int32)
+    for i in range(tl.maximum(i_lo, N8), i_hi):
+        b = tl.load(order_ptr + i)
+        if CLASS_MODE:
+            sa = sa4
+        else:
+            sa = tl.load(as_ptr + rm * stride_asm + b, mask=m_mask, other=0.0)
+        acc_f, acc_i = _block_segments(
+            acc_f, acc_i, sa, b, i - N8, q4_ptr, w_ptr, ws_ptr, dbg_ptr, rm, rn, m_mask, n_mask,
+            stride_q4m, stride_wn, stride_wsn, stride_dm, stride_dn, GROUP,
+            False, SEGS, SEG_H, H_LOAD, INT_ACC, DEBUG, EVICT_W, SWAP_AB, INTERLEAVE8)
+    if INT_ACC:
+        sw = tl.load(ws_ptr + rn * stride_wsn, mask=n_mask, other=0.0)
+        acc_f += acc_i.to(tl.float32) * _outer(sa4, sw, SWAP_AB)
+    return acc_f
+
+
+@triton.jit
+def _tile_coords(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    # grouped ordering: GROUP_M row tiles sweep the N tiles together so their
+    # weight columns stay in L2 while the group is in flight
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * num_n
+    gid = tile // width
+    first_m = gid * GROUP_M
+    gsize = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (tile % width) % gsize
+    pid_n = (tile % width) // gsize
+    return pid_m, pid_n
+
+
+@triton.jit
+def _epilogue(acc_f, add_bias, out_ptr, bias_ptr, rm, rn, m_mask, n_mask, stride_om, stride_on,
+              HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, SWAP_AB: tl.constexpr):
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + rn, mask=n_mask & add_bias, other=0.0).to(tl.float32)
+        if SWAP_AB:
+            acc_f += bias[:, None]
+        else:
+            acc_f += bias[None, :]
+    ptrs = _grid_ptrs(out_ptr, rm, rn, stride_om, stride_on, SWAP_AB)
+    mask = _grid_mask(m_mask, n_mask, SWAP_AB)
+    if ATOMIC:
+        tl.atomic_add(ptrs, acc_f, mask=mask)
+    else:
+        tl.store(ptrs, acc_f.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def w4ax_gemm_kernel(
+    order_ptr, q4_ptr, q8_ptr, as_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, dbg_ptr,
+    M, N, NB, N8, GROUP, SPLIT,
+    stride_q4m, stride_q8m, stride_asm, stride_wn, stride_wsn, stride_om, stride_on, stride_dm, stride_dn,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, ATOMIC: tl.constexpr,
+    CLASS_MODE: tl.constexpr, SEGS: tl.constexpr, SEG_H: tl.constexpr, H_LOAD: tl.constexpr,
+    INT_ACC: tl.constexpr, HAS_BIAS: tl.constexpr, DEBUG: tl.constexpr, EVICT_W: tl.constexpr,
+    SWAP_AB: tl.constexpr, INTERLEAVE8: tl.constexpr,
+):
+    """Tiled (ATOMIC=False: whole block list, direct store) and split-K (ATOMIC=True: program_id(1)
+    takes 1/SPLIT of the block list and adds into a zeroed fp32 buffer) W4Ax GEMM.
+    SPLIT is a runtime value so every split factor shares one compiled kernel."""
+    pid_m, pid_n = _tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = rm < M
+    n_mask = rn < N
+    if not ATOMIC:
+        i_lo = 0
+        i_hi = NB
+    else:
+        chunk = tl.cdiv(NB, SPLIT)
+        i_lo = tl.program_id(1) * chunk
+        i_hi = tl.minimum(i_lo + chunk, NB)
+    acc_f = _accumulate(
+        i_lo, i_hi, N8, order_ptr, q4_ptr, q8_ptr, as_ptr, w_ptr, ws_ptr, dbg_ptr,
+        rm, rn, m_mask, n_mask,
+        stride_q4m, stride_q8m, stride_asm, stride_wn, stride_wsn, stride_dm, stride_dn, GROUP,
+        BLOCK_M, BLOCK_N, CLASS_MODE, SEGS, SEG_H, H_LOAD, INT_ACC, DEBUG, EVICT_W, SWAP_AB, INTERLEAVE8)
+    _epilogue(acc_f, i_lo == 0, out_ptr, bias_ptr, rm, rn, m_mask, n_mask, stride_om, stride_on,
+              HAS_BIAS, ATOMIC, SWAP_AB)
+
+
+@triton.jit
+def w4ax_gemm_persistent_kernel(
+    items_ptr, starts_ptr,
+    order_ptr, q4_ptr, q8_ptr, as_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, dbg_ptr,
+    M, N, NB, N8, GROUP,
+    stride_q4m, stride_q8m, stride_asm, stride_wn, stride_wsn, stride_om, stride_on, stride_dm, stride_dn,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, ATOMIC: tl.constexpr,
+    CLASS_MODE: tl.constexpr, SEGS: tl.constexpr, SEG_H: tl.constexpr, H_LOAD: tl.constexpr,
+    INT_ACC: tl.constexpr, HAS_BIAS: tl.constexpr, DEBUG: tl.constexpr, EVICT_W: tl.constexpr,
+    SWAP_AB: tl.constexpr, INTERLEAVE8: tl.constexpr,
+):
+    """Persistent stream-K W4Ax GEMM: program p runs work items ``starts[p] .. starts[p+1]``.
+
+    ``items`` int32 ``[n_items, 3]`` = (tile, i_lo, i_hi) over the block list.
+    """
+    p = tl.program_id(0)
+    w_lo = tl.load(starts_ptr + p)
+    w_hi = tl.load(starts_ptr + p + 1)
+    for w in range(w_lo, w_hi):
+        tile = tl.load(items_ptr + 3 * w)
+        i_lo = tl.load(items_ptr + 3 * w + 1)
+        i_hi = tl.load(items_ptr + 3 * w + 2)
+        pid_m, pid_n = _tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_mask = rm < M
+        n_mask = rn < N
+        acc_f = _accumulate(
+            i_lo, i_hi, N8, order_ptr, q4_ptr, q8_ptr, as_ptr, w_ptr, ws_ptr, dbg_ptr,
+            rm, rn, m_mask, n_mask,
+            stride_q4m, stride_q8m, stride_asm, stride_wn, stride_wsn, stride_dm, stride_dn, GROUP,
+            BLOCK_M, BLOCK_N, CLASS_MODE, SEGS, SEG_H, H_LOAD, INT_ACC, DEBUG, EVICT_W, SWAP_AB, INTERLEAVE8)
+        _epilogue(acc_f, i_lo == 0, out_ptr, bias_ptr, rm, rn, m_mask, n_mask, stride_om, stride_on,
+                  HAS_BIAS, ATOMIC, SWAP_AB)
+
+
+# ==========================================================================
+# configs ("autotune" per shape bucket)
+# ==========================================================================
+@dataclass(frozen=True)
+class GemmConfig:
+    """One launch configuration. ``split`` > 1 selects the split-K path."""
+
+    block_m: int
+    block_n: int
+    group_m: int = 8
+    split: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+    #: compute ``acc^T = W x^T`` (unpacked weights as the MMA A operand; see _block_segments)
+    swap_ab: bool = False
+    #: INT8 blocks: contiguous activation loads + weight nibble interleave (see _mma)
+    interleave8: bool = False
+
+    def __post_init__(self):
+        for name in ("block_m", "block_n"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 16 or v & (v - 1):
+                raise ValueError(f"{name} must be a power of two >= 16 (tl.dot minimum), got {v!r}")
+        for name in ("group_m", "split", "num_stages"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"num_warps must be one of 1, 2, 4, 8, 16, got {self.num_warps!r}")
+        for name in ("swap_ab", "interleave8"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+
+
+def m_bucket(m: int) -> int:
+    """Shape bucket of M: 16 (decode), 64, 256, 1024, 4096 (round up, capped)."""
+    for b in (16, 64, 256, 1024):
+        if m <= b:
+            return b
+    return 4096
+
+
+def gen_configs(mb: int, n: int, k: int, n_int8: int, *, interpret: Optional[bool] = None) -> List[GemmConfig]:
+    """Candidate configs for one (M-bucket, N, K, n_int8) shape.
+
+    Decode buckets (M <= 16) get split-K configs sized so ``n_tiles * split``
+    covers ~2-4 waves of 132 SMs; larger M gets tile shapes around the wgmma
+    sweet spot (BM 64..128, BN 64..256).  Under the interpreter: one large-block
+    config (interpretation cost is per program).
+    """
+    interpret = interpreting() if interpret is None else interpret
+    nb = max(1, k // BLOCK_K)
+    if interpret:
+        bn = max(16, min(128, next_pow2(n)))
+        split = 2 if (mb <= 16 and nb >= 2) else 1  # decode bucket: exercise split-K
+        return [GemmConfig(block_m=max(16, min(64, next_pow2(mb))), block_n=bn, group_m=8, split=split,
+                           num_warps=4, num_stages=1)]
+    cfgs: List[GemmConfig] = []
+    if mb <= 16:
+        for bn, warps in ((64, 4), (128, 4), (32, 2)):
+            tiles = triton.cdiv(n, bn)
+            for target in (264, 528):
+                split = max(1, min(nb, target // max(tiles, 1)))
+                cfgs.append(GemmConfig(16, bn, 1, split, warps, 4))
+                if bn >= 64:  # weights as the 64-row MMA operand, 16 tokens as its N
+                    cfgs.append(GemmConfig(16, bn, 1, split, warps, 4, swap_ab=True))
+    elif mb <= 64:
+        for bm, bn, w, s in ((64, 64, 4, 4), (64, 128, 4, 4), (32, 128, 4, 4), (64, 256, 8, 3)):
+            cfgs.append(GemmConfig(bm, bn, 8, 1, w, s))
+        tiles = triton.cdiv(n, 128)
+        if tiles < 264:  # few tiles: also try split-K
+            cfgs.append(GemmConfig(64, 128, 8, max(1, min(nb, 264 // tiles)), 4, 4))
+        cfgs.append(GemmConfig(64, 128, 8, 1, 4, 4, swap_ab=True))
+        cfgs.append(GemmConfig(32, 128, 8, 1, 4, 4, swap_ab=True))
+        if n_int8:  # contiguous INT8 activation loads only matter when there are INT8 blocks
+            cfgs.append(GemmConfig(64, 128, 8, 1, 4, 4, swap_ab=True, interleave8=True))
+    elif mb <= 256:
+        for bm, bn, w, s in ((64, 128, 4, 4), (128, 128, 8, 3), (128, 64, 4, 4), (64, 256, 8, 3)):
+            cfgs.append(GemmConfig(bm, bn, 8, 1, w, s))
+        cfgs.append(GemmConfig(128, 128, 8, 1, 8, 3, swap_ab=True))
+        if n_int8:
+            cfgs.append(GemmConfig(128, 128, 8, 1, 8, 3, interleave8=True))
+    else:
+        for bm, bn, w, s in ((128, 128, 8, 3), (128, 256, 8, 3), (256, 128, 8, 3), (128, 128, 4, 4), (64, 256, 8, 4)):
+            cfgs.append(GemmConfig(bm, bn, 8, 1, w, s))
+        for bm, bn, w, s in ((128, 128, 8, 3), (128, 256, 8, 3)):
+            cfgs.append(GemmConfig(bm, bn, 8, 1, w, s, swap_ab=True))
+        if n_int8:
+            for bm, bn, w, s, sw in ((128, 128, 8, 3, False), (128, 256, 8, 3, False), (128, 128, 8, 3, True)):
+                cfgs.append(GemmConfig(bm, bn, 8, 1, w, s, swap_ab=sw, interleave8=True))
+    # dedupe, keep order
+    seen, out = set(), []
+    for c in cfgs:
+        if c not in seen:
+            seen.add(c)
+            out.append(c)
+    return out
+
+
+_CONFIG_CACHE: Dict[tuple, GemmConfig] = {}
+
+
+def select_config(m: int, n: int, k_pad: int, n_int8: int, bench_fn=None, variant: tuple = ()) -> GemmConfig:
+    """Pick (and cache per (M-bucket, N, K, n_int8) + ``variant``) the fastest candidate.
+
+    ``bench_fn(cfg) -> seconds`` times one config (the caller launches it); without
+    one, or with a single candidate, the first candidate is used.  ``variant``
+    (path, scale mode, group) keeps e.g. the persistent path's choice apart.
+    """
+    key = (m_bucket(m), n, k_pad, n_int8, interpreting()) + tuple(variant)
+    hit = _CONFIG_CACHE.get(key)
+    if hit is not None:
+        return hit
+    cands = gen_configs(key[0], n, k_pad, n_int8)
+    best = cands[0]
+    if bench_fn is not None and len(cands) > 1:
+        times = []
+        for c in cands:
+            try:
+                times.append((bench_fn(c), c))
+            except Exception:  # a config the compiler rejects (e.g. out of shared memory) is skipped
+                continue
+        if times:
+            best = min(times, key=lambda t: t[0])[1]
+    _CONFIG_CACHE[key] = best
+    return best
+
+
+# ==========================================================================
+# persistent stream-K schedule
+# ==========================================================================
+@functools.lru_cache(maxsize=256)
+def _schedule_cached(n_tiles: int, n8: int, n4: int, programs: int, cost8: float, cost4: float):
+    nb = n8 + n4
+    cost = np.array([cost8] * n8 + [cost4] * n4, dtype=np.float64)
+    prefix = np.concatenate(([0.0], np.cumsum(cost)))  # prefix[i] = cost of positions < i
+    tile_cost = prefix[-1]
+    total = tile_cost * n_tiles
+    p = max(1, min(programs, n_tiles * nb))
+    # program boundaries in the flattened (tile, position) sequence: equal cost shares
+    targets = total * np.arange(1, p) / p
+    t = np.minimum((targets // tile_cost).astype(np.int64), n_tiles - 1)
+    rem = targets - t * tile_cost
+    i = np.searchsorted(prefix, rem, side="left")  # first position whose start reaches the share
+    bounds = np.unique(np.concatenate(([0], t * nb + np.minimum(i, nb), [n_tiles * nb])))
+    cuts = np.unique(np.concatenate((bounds, np.arange(0, n_tiles * nb + 1, nb))))
+    lo, hi = cuts[:-1], cuts[1:]
+    tiles = lo // nb
+    items = np.stack((tiles, lo - tiles * nb, hi - tiles * nb), axis=1).astype(np.int32)
+    owner = np.searchsorted(bounds, lo, side="right") - 1  # program owning each item
+    starts = np.searchsorted(owner, np.arange(len(bounds)), side="left").astype(np.int32)
+    split = bool(np.any((items[:, 1] != 0) | (items[:, 2] != nb)))
+    return items, starts, split
+
+
+def stream_k_schedule(n_tiles: int, n_int8: int, n_int4: int, programs: int,
+                      cost8: float = 2.0, cost4: float = 1.0):
+    """Stream-K work split of ``n_tiles`` output tiles over ``programs`` persistent programs.
+
+    Every tile walks the block list (``n_int8`` INT8 positions, then ``n_int4``
+    INT4 positions); a position costs ``cost8`` or ``cost4``.  The flattened
+    (tile, position) sequence is cut into ``programs`` contiguous pieces of equal
+    total cost, then at tile boundaries.  Returns ``(items int32 [n_items, 3] =
+    (tile, i_lo, i_hi), starts int32 [P+1], split)`` where program p owns items
+    ``starts[p]:starts[p+1]`` and ``split`` says some tile is shared (needs atomics).
+    The default 2:1 cost is the A100 ratio from the COMET paper; on Hopper both
+    classes use int8 MMA, so the real ratio must be measured (bench_gemm.py).
+    """
+    for name, v in (("n_tiles", n_tiles), ("programs", programs)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+    for name, v in (("n_int8", n_int8), ("n_int4", n_int4)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+    if n_int8 + n_int4 == 0:
+        raise ValueError("the block list is empty (n_int8 + n_int4 == 0)")
+    if not (cost8 > 0 and cost4 > 0):
+        raise ValueError(f"costs must be > 0, got cost8={cost8}, cost4={cost4}")
+    items, starts, split = _schedule_cached(n_tiles, n_int8, n_int4, programs, float(cost8), float(cost4))
+    return items.copy(), starts.copy(), split
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 3  # interpreter: a few programs, so tiles really get split
+
+
+# ==========================================================================
+# host entry point
+# ==========================================================================
+_ORDER_CACHE: Dict[tuple, tuple] = {}
+_SCHED_DEV_CACHE: Dict[tuple, tuple] = {}
+
+
+def _block_order(block_bits: torch.Tensor) -> torch.Tensor:
+    """INT8 block ids ascending, then INT4 block ids ascending (int32, on-device, no sync).
+
+    Cached per block_bits *object* (a layer's map is a long-lived tensor) while it is
+    alive and unmodified (``_version``), so decode pays no argsort launch per call."""
+    key = (id(block_bits), block_bits.data_ptr(), block_bits._version, block_bits.device)
+    hit = _ORDER_CACHE.get(key)
+    if hit is not None and hit[0]() is block_bits:
+        return hit[1]
+    order = torch.argsort((block_bits != 8).to(torch.int32), stable=True).to(torch.int32)
+    if len(_ORDER_CACHE) > 1024:
+        _ORDER_CACHE.clear()
+    _ORDER_CACHE[key] = (weakref.ref(block_bits), order)
+    return order
+
+
+def _schedule_on_device(tiles, n8, n4, p, cost8, cost4, device):
+    key = (tiles, n8, n4, p, float(cost8), float(cost4), str(device))
+    hit = _SCHED_DEV_CACHE.get(key)
+    if hit is None:
+        items, starts, split = stream_k_schedule(tiles, n8, n4, p, cost8, cost4)
+        hit = (torch.as_tensor(items, device=device).contiguous(), torch.as_tensor(starts, device=device), split)
+        if len(_SCHED_DEV_CACHE) > 256:
+            _SCHED_DEV_CACHE.clear()
+        _SCHED_DEV_CACHE[key] = hit
+    return hit
+
+
+def _check(q4, q8, a_scales, block_bits, qweight, w_scales, group_size, bias, out_dtype, scale_mode):
+    check_tensor("q4", q4, dtypes=(torch.uint8,), ndim=2)
+    check_tensor("q8", q8, dtypes=(torch.int8,), ndim=2)
+    check_tensor("a_scales", a_scales, dtypes=(torch.float32,), ndim=2)
+    check_tensor("block_bits", block_bits, ndim=1)
+    check_tensor("qweight", qweight, dtypes=(torch.uint8,), ndim=2)
+    check_tensor("w_scales", w_scales, dtypes=(torch.float32,), ndim=2)
+    if scale_mode not in SCALE_MODES:
+        raise ValueError(f"scale_mode must be one of {SCALE_MODES}, got {scale_mode!r}")
+    if out_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"out_dtype must be one of {FLOAT_DTYPES}, got {out_dtype}")
+    dev = qweight.device
+    for name, t in (("q4", q4), ("q8", q8), ("a_scales", a_scales), ("block_bits", block_bits), ("w_scales", w_scales)):
+        if t.device != dev:
+            raise ValueError(f"{name} is on {t.device} but qweight is on {dev} (shape {tuple(t.shape)})")
+    n, k_pad = qweight.shape[0], qweight.shape[1] * 2
+    nb = block_bits.shape[0]
+    if k_pad != nb * BLOCK_K:
+        raise ValueError(f"qweight shape {tuple(qweight.shape)} holds K_pad={k_pad} but block_bits has {nb} blocks")
+    m = a_scales.shape[0]
+    if q4.shape[0] != m or q8.shape[0] != m:
+        raise ValueError(f"q4 {tuple(q4.shape)} / q8 {tuple(q8.shape)} must have M={m} rows like a_scales")
+    if q4.shape[1] % (BLOCK_K // 2) or q8.shape[1] % BLOCK_K or q4.shape[1] * 2 + q8.shape[1] != k_pad:
+        raise ValueError(f"q4 {tuple(q4.shape)} + q8 {tuple(q8.shape)} do not cover K_pad={k_pad} in whole blocks")
+    ns = nb if scale_mode == "block" else 2
+    if a_scales.shape[1] != ns:
+        raise ValueError(f"a_scales shape {tuple(a_scales.shape)} needs {ns} columns in {scale_mode!r} mode")
+    g = check_group_size(group_size, k_pad)
+    if tuple(w_scales.shape) != (n, k_pad // g):
+        raise ValueError(f"w_scales shape {tuple(w_scales.shape)} != {(n, k_pad // g)} for group_size={group_size}")
+    if bias is not None:
+        check_tensor("bias", bias, dtypes=FLOAT_DTYPES, ndim=1, device=dev)
+        if bias.shape[0] != n:
+            raise ValueError(f"bias shape {tuple(bias.shape)} != ({n},)")
+    for name, t in (("q4", q4), ("q8", q8), ("qweight", qweight)):
+        if t.numel() and t.stride(1) != 1:
+            raise ValueError(f"{name} must be contiguous along K (stride {t.stride()}, shape {tuple(t.shape)})")
+    n8 = q8.shape[1] // BLOCK_K
+    if dev.type != "cuda" or checks_with_sync():
+        bad = ~((block_bits == 4) | (block_bits == 8))
+        if bool(bad.any()):
+            raise ValueError(f"block_bits must hold only 4 or 8, got {block_bits.tolist()}")
+        got = int((block_bits == 8).sum())
+        if got != n8:
+            raise ValueError(f"block_bits holds {got} INT8 blocks but q8 {tuple(q8.shape)} holds {n8}")
+    return m, n, k_pad, nb, n8, g
+
+
+def w4ax_gemm_triton(
+    q4: torch.Tensor,
+    q8: torch.Tensor,
+    a_scales: torch.Tensor,
+    block_bits: torch.Tensor,
+    qweight: torch.Tensor,
+    w_scales: torch.Tensor,
+    group_size: int,
+    bias: Optional[torch.Tensor] = None,
+    out_dtype: torch.dtype = torch.float16,
+    scale_mode: str = "block",
+    *,
+    path: str = "auto",
+    config: Optional[GemmConfig] = None,
+    programs: Optional[int] = None,
+    cost8: float = 2.0,
+    cost4: float = 1.0,
+    return_int_acc: bool = False,
+):
+    """Tensor-level W4Ax GEMM (signature of ``cometq.ops._ref_w4ax_gemm`` plus keyword extras).
+
+    ``path``: "auto" (the chosen config decides: split-K when its ``split`` > 1, which the
+    decode bucket M <= 16 configs are), "tiled", "splitk", "persistent".
+    ``config``: force a :class:`GemmConfig` (else chosen per shape bucket and cached).
+    ``programs``/``cost8``/``cost4``: persistent-path grid size and stream-K costs.
+    ``return_int_acc``: also return the int32 ``[M, N, S]`` per-segment accumulators
+    (``S = K_pad / min(128, G)``), equal to :func:`cometq.reference.w4ax_int_accumulators`.
+    """
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    if config is not None and not isinstance(config, GemmConfig):
+        raise TypeError(f"config must be a GemmConfig, got {type(config).__name__}")
+    m, n, k_pad, nb, n8, g = _check(q4, q8, a_scales, block_bits, qweight, w_scales, group_size, bias,
+                                     out_dtype, scale_mode)
+    dev = qweight.device
+    seg = min(BLOCK_K, g)
+    segs = BLOCK_K // seg
+    seg_h = seg // 2
+    h_load = max(seg_h, 32)  # int8 tl.dot needs K >= 32
+    class_mode = scale_mode == "class"
+    int_acc = class_mode and g == k_pad
+    dbg = torch.zeros(m, n, k_pad // seg, dtype=torch.int32, device=dev) if return_int_acc else None
+    if m == 0:
+        out = torch.empty(0, n, dtype=out_dtype, device=dev)
+        return (out, dbg) if return_int_acc else out
+    order = _block_order(block_bits)
+    args_common = dict(
+        q4=nonempty(q4), q8=nonempty(q8), bias=bias if bias is not None else dummy(dev),
+        dbg=dbg if dbg is not None else dummy(dev, torch.int32),
+    )
+    strides = (
+        q4.stride(0) if q4.numel() else 0, q8.stride(0) if q8.numel() else 0, a_scales.stride(0),
+        qweight.stride(0), w_scales.stride(0),
+    )
+    dstr = (dbg.stride(0), dbg.stride(1)) if dbg is not None else (0, 0)
+    evict = "evict_first" if m <= 64 else ""
+    meta = dict(CLASS_MODE=class_mode, SEGS=segs, SEG_H=seg_h, H_LOAD=h_load, INT_ACC=int_acc,
+                HAS_BIAS=bias is not None, DEBUG=return_int_acc, EVICT_W=evict)
+
+    def launch(cfg: GemmConfig, which: str):
+        tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+        if which == "persistent":
+            p = programs or _num_sms(dev)
+            items_t, starts_t, atomic = _schedule_on_device(tiles, n8, nb - n8, p, cost8, cost4, dev)
+        else:
+            split_k = cfg.split if which == "splitk" else 1
+            atomic = split_k > 1
+        if atomic:
+            out = torch.zeros(m, n, dtype=torch.float32, device=dev)
+        else:
+            out = torch.empty(m, n, dtype=out_dtype, device=dev)
+        common = (
+            order, args_common["q4"], args_common["q8"], a_scales, qweight, w_scales, args_common["bias"], out,
+            args_common["dbg"], m, n, nb, n8, g,
+            strides[0], strides[1], strides[2], strides[3], strides[4], out.stride(0), out.stride(1), dstr[0], dstr[1],
+        )
+        kw = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, GROUP_M=cfg.group_m, num_warps=cfg.num_warps,
+                  num_stages=cfg.num_stages, SWAP_AB=cfg.swap_ab,
+                  INTERLEAVE8=cfg.interleave8, **meta)
+        if which == "persistent":
+            w4ax_gemm_persistent_kernel[(starts_t.numel() - 1,)](items_t, starts_t, *common, ATOMIC=atomic, **kw)
+        else:
+            w4ax_gemm_kernel[(tiles, split_k)](*common[:14], split_k, *common[14:], ATOMIC=atomic, **kw)
+        return out if out.dtype == out_dtype else out.to(out_dtype)
+
+    if config is None:
+        bench_fn = None
+        if dev.type == "cuda" and not interpreting():
+            from triton.testing import do_bench
+
+            bench_fn = lambda c: do_bench(lambda: launch(c, _path_for(c, path)), warmup=5, rep=20)  # noqa: E731
+        config = select_config(m, n, k_pad, n8, bench_fn, variant=(path, scale_mode, g))
+    which = _path_for(config, path)
+    if which == "splitk" and config.split == 1 and path == "splitk":
+        # forced split-K with a non-split config: split over the blocks anyway
+        config = GemmConfig(config.block_m, config.block_n, config.group_m, max(2, min(nb, 4)),
+                            config.num_warps, config.num_stages, config.swap_ab, config.interleave8)
+    y = launch(config, which)
+    return (y, dbg) if return_int_acc else y
+
+
+def _path_for(cfg: GemmConfig, requested: str) -> str:
+    if requested in ("tiled", "persistent"):
+        return requested
+    if requested == "splitk":
+        return "splitk"
+    return "splitk" if cfg.split > 1 else "tiled"

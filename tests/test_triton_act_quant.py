@@ -1,0 +1,143 @@
+"""Triton fused activation quantization vs cometq.reference.quantize_activation: bit-identical.
+
+Runs under TRITON_INTERPRET=1 on CPU (tests/conftest.py) and natively on a GPU.
+"""
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from cometq import ops  # noqa: E402
+from cometq import reference as R  # noqa: E402
+from cometq.layout import ActivationLayout, num_blocks  # noqa: E402
+from cometq.testing import rand_activation  # noqa: E402
+
+from cometq.kernels.act_quant import quantize_act_triton, quantize_activation_triton  # noqa: E402
+
+
+def _bits(pattern: str, nb: int):
+    if pattern == "all4":
+        return [4] * nb
+    if pattern == "all8":
+        return [8] * nb
+    if pattern == "mixed":  # calibration style: INT8 blocks first
+        return [8] * max(1, nb // 4) + [4] * (nb - max(1, nb // 4))
+    if pattern == "alternating":
+        return [8 if i % 2 == 0 else 4 for i in range(nb)]
+    if pattern == "int8_last":
+        return [4] * (nb - 1) + [8]
+    raise ValueError(pattern)
+
+
+def _assert_same(got, ref):
+    assert got.q4.dtype == torch.uint8 and got.q8.dtype == torch.int8 and got.scales.dtype == torch.float32
+    assert torch.equal(got.q4, ref.q4), "packed INT4 blocks differ"
+    assert torch.equal(got.q8, ref.q8), "INT8 blocks differ"
+    assert torch.equal(got.scales, ref.scales), "scales differ"
+
+
+CASES = [
+    # (M, K, pattern, dtype, permuted)
+    (1, 576, "mixed", torch.float16, True),
+    (3, 576, "alternating", torch.float32, True),
+    (17, 576, "all4", torch.bfloat16, True),
+    (17, 576, "all8", torch.float16, False),
+    (3, 128, "all4", torch.float32, False),
+    (1, 128, "all8", torch.bfloat16, True),
+    (5, 300, "int8_last", torch.float16, True),
+    (3, 640, "mixed", torch.float32, False),
+]
+
+
+@pytest.mark.parametrize("scale_mode", ["block", "class"])
+@pytest.mark.parametrize("m,k,pattern,dtype,permuted", CASES)
+def test_matches_reference(m, k, pattern, dtype, permuted, scale_mode, device):
+    g = torch.Generator(device="cpu").manual_seed(1000 * m + k)
+    perm = torch.randperm(k, generator=g) if permuted else None
+    lay = ActivationLayout.from_block_bits(k, _bits(pattern, num_blocks(k)), perm=perm).to(device)
+    x = rand_activation(m, k, outliers=3, dtype=dtype, generator=g).to(device)
+    got = quantize_activation_triton(x, lay, scale_mode)
+    _assert_same(got, R.quantize_activation(x, lay, scale_mode))
+
+
+@pytest.mark.parametrize("scale_mode", ["block", "class"])
+def test_gather_path_with_identity_perm(scale_mode, device):
+    # the tensor-level entry never assumes identity: same result with and without the shortcut
+    g = torch.Generator().manual_seed(7)
+    lay = ActivationLayout.from_block_bits(576, [8, 4, 4, 8, 4]).to(device)
+    x = rand_activation(4, 576, outliers=2, generator=g).to(device)
+    a = quantize_act_triton(x, lay.perm, lay.block_bits, lay.n_int8, scale_mode, identity_perm=False)
+    b = quantize_act_triton(x, lay.perm, lay.block_bits, lay.n_int8, scale_mode, identity_perm=True)
+    for u, v in zip(a, b):
+        assert torch.equal(u, v)
+
+
+def test_round_half_to_even_and_zero_blocks(device):
+    # block 0: absmax 7 -> scale 1 (INT4) so x/s hits exact .5 ties; block 1 of row 1 is all
+    # zeros (scale 0 -> q 0); block 2 INT8 with ties at scale 1 (absmax 127)
+    k = 384
+    lay = ActivationLayout.from_block_bits(k, [4, 4, 8]).to(device)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, k, generator=g)
+    ties = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 3.5, -3.5, 6.5, -6.5])
+    x[:, : ties.numel()] = ties
+    x[:, 10] = 7.0
+    x[:, 11:128] = torch.rand(2, 117, generator=g) * 6.0
+    x[1, 128:256] = 0.0
+    x[:, 256:266] = ties * 20 + 0.5 * torch.sign(ties)  # ..., 10.5, 30.5, 50.5: ties at scale 1
+    x[:, 266] = 127.0
+    x = x.to(device)
+    got = quantize_activation_triton(x, lay, "block")
+    ref = R.quantize_activation(x, lay, "block")
+    _assert_same(got, ref)
+    assert float(ref.scales[0, 0]) == 1.0 and float(ref.scales[1, 1]) == 0.0
+    # and the ties really were rounded to even: 0.5 -> 0, 1.5 -> 2, 2.5 -> 2
+    assert ref.int_blocks()[0, :3].tolist() == [0, 2, 2]
+
+
+def test_strided_input(device):
+    g = torch.Generator().manual_seed(11)
+    lay = ActivationLayout.from_block_bits(576, [8, 4, 8, 4, 4], perm=torch.randperm(576, generator=g)).to(device)
+    big = rand_activation(3, 1152, outliers=4, generator=g, dtype=torch.float16).to(device)
+    x = big[:, ::2]  # non-contiguous along K
+    for mode in ("block", "class"):
+        _assert_same(quantize_activation_triton(x, lay, mode), R.quantize_activation(x.contiguous(), lay, mode))
+
+
+@pytest.mark.parametrize("scale_mode", ["block", "class"])
+def test_via_op(scale_mode, device):
+    g = torch.Generator().manual_seed(5)
+    lay = ActivationLayout.from_block_bits(576, [8, 4, 8, 4, 4], perm=torch.randperm(576, generator=g)).to(device)
+    x = rand_activation(3, 576, outliers=3, generator=g, dtype=torch.bfloat16).to(device)
+    got = ops.quantize_activation(x, lay, scale_mode, backend="triton")
+    _assert_same(got, R.quantize_activation(x, lay, scale_mode))
+    q4, q8, sc = ops.quantize_act(x, lay.perm, lay.block_bits, lay.n_int8, scale_mode, backend="triton")
+    assert torch.equal(q4, got.q4) and torch.equal(q8, got.q8) and torch.equal(sc, got.scales)
+
+
+def test_empty_batch(device):
+    lay = ActivationLayout.from_block_bits(256, [8, 4]).to(device)
+    q4, q8, sc = quantize_act_triton(torch.randn(0, 256, device=device), lay.perm, lay.block_bits, 1, "block")
+    assert q4.shape == (0, 64) and q8.shape == (0, 128) and sc.shape == (0, 2)
+
+
+def test_errors(device, monkeypatch):
+    monkeypatch.setenv("COMETQ_SYNC_CHECKS", "1")  # content checks that sync are opt-in on CUDA
+    lay = ActivationLayout.from_block_bits(256, [8, 4]).to(device)
+    x = torch.randn(2, 256, device=device)
+    with pytest.raises(TypeError, match="x must have dtype"):
+        quantize_act_triton(x.to(torch.int32), lay.perm, lay.block_bits, 1)
+    with pytest.raises(ValueError, match="x must be 2-D"):
+        quantize_act_triton(x[0], lay.perm, lay.block_bits, 1)
+    with pytest.raises(ValueError, match=r"perm shape \(255,\)"):
+        quantize_act_triton(x, lay.perm[:255], lay.block_bits, 1)
+    with pytest.raises(ValueError, match=r"block_bits shape \(3,\)"):
+        quantize_act_triton(x, lay.perm, torch.tensor([8, 4, 4], device=device), 1)
+    with pytest.raises(ValueError, match="n_int8=2 but block_bits holds 1"):
+        quantize_act_triton(x, lay.perm, lay.block_bits, 2)
+    with pytest.raises(ValueError, match="n_int8 must be an int"):
+        quantize_act_triton(x, lay.perm, lay.block_bits, 5)
+    with pytest.raises(ValueError, match="scale_mode"):
+        quantize_act_triton(x, lay.perm, lay.block_bits, 1, "token")
+    with pytest.raises(TypeError, match="layout must be an ActivationLayout"):
+        quantize_activation_triton(x, "not a layout")

@@ -1,0 +1,59 @@
+"""Ahead-of-time compile the Triton kernels for sm_80 and sm_90 (no GPU needed).
+
+The interpreter accepts programs the GPU compiler rejects, so every generated
+autotune config of the GEMM (all distinct configs for the Llama-3 8B/70B shapes
+and every M bucket) is compiled for sm_90, plus the activation quantizer's
+modes, the GEMM feature variants (class/int32 runs, groups 64/32, debug,
+atomics) on the decode tile, and the persistent kernel; sm_80 compiles one of
+each family.  The rest (feature variants on 128x128 tiles, group 16, sm_80 for
+every config) is the ``slow`` test: ``COMETQ_AOT_FULL=1 pytest tests/test_triton_aot.py``
+or ``python -m cometq.kernels.aot --level full``.  Compilation runs in a
+subprocess without TRITON_INTERPRET (the interpreter replaces jit functions).
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+
+
+def _aot(level: str, tmp_path, timeout: int):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / f"aot_{level}.json"
+    r = subprocess.run(
+        [sys.executable, "-m", "cometq.kernels.aot", "--arch", "90", "--arch", "80", "--level", level, "--json", str(out)],
+        env=env, capture_output=True, text=True, timeout=timeout,
+    )
+    assert out.exists(), f"AOT run produced no results (rc={r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    res = json.loads(out.read_text())
+    bad = [f"sm_{x['arch']} {x['name']}: {x.get('problem') or x.get('error')}" for x in res if not x["ok"]]
+    assert not bad, "kernels the GPU compiler rejects or miscompiles:\n" + "\n".join(bad)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    return res
+
+
+def test_aot_compile_ci_set(tmp_path):
+    res = _aot("ci", tmp_path, timeout=900)
+    # every distinct generated GEMM config was compiled for sm_90 (splits share a binary)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    n_cfg = subprocess.run(
+        [sys.executable, "-c",
+         "from cometq.kernels.aot import dedupe, jobs; print(sum(1 for j in dedupe(jobs()) if j[0].startswith('gemm[')))"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )
+    expected = int(n_cfg.stdout.strip().splitlines()[-1])
+    got = sum(1 for x in res if x["arch"] == 90 and x["name"].startswith("gemm["))
+    assert got == expected >= 10
+    names = {(x["arch"], x["name"].split("[")[0]) for x in res}
+    for arch in (80, 90):
+        for fam in ("act_quant", "gemm-variant", "persistent"):
+            assert (arch, fam) in names, f"sm_{arch} compiled no {fam} kernel"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("COMETQ_AOT_FULL") != "1", reason="~6 min on 2 cores; set COMETQ_AOT_FULL=1")
+def test_aot_compile_everything(tmp_path):
+    _aot("full", tmp_path, timeout=1800)

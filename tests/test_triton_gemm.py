@@ -1,0 +1,382 @@
+"""Triton W4Ax GEMM vs cometq.reference: int32 segment accumulators exactly, outputs within
+the named tolerances of cometq.testing.  Tiled, split-K (decode) and persistent stream-K paths.
+
+Runs under TRITON_INTERPRET=1 on CPU (tests/conftest.py) and natively on a GPU.
+"""
+import itertools
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from cometq import ops  # noqa: E402
+from cometq import reference as R  # noqa: E402
+from cometq.layout import ActivationLayout, num_blocks, padded_k  # noqa: E402
+from cometq.testing import (  # noqa: E402
+    GEMM_BF16_RTOL,
+    GEMM_FP16_RTOL,
+    GEMM_FP32_ATOL,
+    GEMM_FP32_RTOL,
+    rand_activation,
+    rand_weight,
+)
+
+from cometq.kernels.w4ax_gemm import (  # noqa: E402
+    GemmConfig,
+    gen_configs,
+    m_bucket,
+    select_config,
+    stream_k_schedule,
+    w4ax_gemm_triton,
+)
+
+RTOL = {torch.float32: GEMM_FP32_RTOL, torch.float16: GEMM_FP16_RTOL, torch.bfloat16: GEMM_BF16_RTOL}
+
+
+def _bits(pattern: str, nb: int):
+    return {
+        "all4": [4] * nb,
+        "all8": [8] * nb,
+        "mixed": [8] * max(1, nb // 4) + [4] * (nb - max(1, nb // 4)),
+        "alternating": [8 if i % 2 == 0 else 4 for i in range(nb)],
+    }[pattern]
+
+
+def _random_operands(m, k, n, pattern, scale_mode, group, device, seed, bias=True):
+    """Random packed operands over the full integer ranges (INT4 -8..7 incl. -8, INT8 -128..127)."""
+    g = torch.Generator().manual_seed(seed)
+    lay = ActivationLayout.from_block_bits(k, _bits(pattern, num_blocks(k)))
+    k_pad = padded_k(k)
+    q4 = torch.randint(0, 256, (m, lay.n_int4 * 64), generator=g, dtype=torch.uint8)
+    q8 = torch.randint(-128, 128, (m, lay.n_int8 * 128), generator=g, dtype=torch.int8)
+    ns = lay.n_blocks if scale_mode == "block" else 2
+    a_sc = torch.rand(m, ns, generator=g) * 0.1 + 0.01
+    qa = R.QuantizedActivation(q4, q8, a_sc, lay, scale_mode)
+    gw = R.check_group_size(group, k_pad)
+    qweight = torch.randint(0, 256, (n, k_pad // 2), generator=g, dtype=torch.uint8)
+    w_sc = torch.rand(n, k_pad // gw, generator=g) * 0.05 + 0.005
+    qw = R.QuantizedWeight(qweight, w_sc, k, group)
+    b = torch.randn(n, generator=g) if bias else None
+    return _qa_to(qa, device), qw.to(device), (b.to(device) if bias else None)
+
+
+def _qa_to(qa, device):
+    return R.QuantizedActivation(qa.q4.to(device), qa.q8.to(device), qa.scales.to(device), qa.layout.to(device),
+                                 qa.scale_mode)
+
+
+def _run(qa, qw, bias, out_dtype, **kw):
+    return w4ax_gemm_triton(qa.q4, qa.q8, qa.scales, qa.layout.block_bits, qw.qweight, qw.scales, qw.group_size,
+                            bias, out_dtype, qa.scale_mode, return_int_acc=True, **kw)
+
+
+def _check(qa, qw, bias, out_dtype, y, acc):
+    assert y.dtype == out_dtype and y.shape == (qa.m, qw.out_features)
+    assert torch.equal(acc, R.w4ax_int_accumulators(qa, qw)), "int32 segment accumulators differ"
+    ref = R.w4ax_gemm(qa, qw, bias, torch.float64)
+    torch.testing.assert_close(y.double(), ref.to(out_dtype).double(), rtol=RTOL[out_dtype], atol=GEMM_FP32_ATOL)
+
+
+# pattern x scale mode x group, with M, path, bias, out dtype rotated so every value of
+# each is covered several times without the full cross product (interpreter time)
+_PATHS = ("tiled", "splitk", "persistent")
+_MS = (1, 3, 17)
+_OUT = (torch.float32, torch.float16, torch.bfloat16)
+CASES = []
+for i, (pattern, mode, group) in enumerate(itertools.product(
+        ("all4", "all8", "mixed", "alternating"), ("block", "class"), (-1, 128, 64))):
+    CASES.append((i, pattern, mode, group, _MS[i % 3], _PATHS[(i // 3) % 3], i % 2 == 0, _OUT[(i // 2) % 3]))
+
+
+@pytest.mark.parametrize("case,pattern,mode,group,m,path,bias,out_dtype", CASES)
+def test_matches_reference(case, pattern, mode, group, m, path, bias, out_dtype, device):
+    qa, qw, b = _random_operands(m, 576, 200, pattern, mode, group, device, seed=100 + case)
+    y, acc = _run(qa, qw, b, out_dtype, path=path)
+    _check(qa, qw, b, out_dtype, y, acc)
+
+
+@pytest.mark.parametrize("path", _PATHS)
+@pytest.mark.parametrize("bits", [4, 8])
+def test_single_block_k128(path, bits, device):
+    pattern = "all4" if bits == 4 else "all8"
+    qa, qw, b = _random_operands(3, 128, 40, pattern, "block", -1, device, seed=bits)
+    y, acc = _run(qa, qw, b, torch.float32, path=path)
+    _check(qa, qw, b, torch.float32, y, acc)
+
+
+@pytest.mark.parametrize("group,mode", [(32, "block"), (16, "class")])
+def test_small_groups_masked_segments(group, mode, device):
+    # G < 64: a segment is cut out of a 32-byte chunk by masking (int8 tl.dot needs K >= 32)
+    qa, qw, b = _random_operands(3, 256, 40, "alternating", mode, group, device, seed=group)
+    y, acc = _run(qa, qw, b, torch.float32, path="tiled")
+    _check(qa, qw, b, torch.float32, y, acc)
+
+
+def test_group_spanning_blocks(device):
+    # G = 256 > 128: one weight scale over two activation blocks
+    qa, qw, b = _random_operands(3, 512, 40, "mixed", "class", 256, device, seed=256)
+    y, acc = _run(qa, qw, b, torch.float32, path="tiled")
+    _check(qa, qw, b, torch.float32, y, acc)
+
+
+@pytest.mark.parametrize("mode", ["block", "class"])
+def test_real_quantized_data_end_to_end(mode, device):
+    """Quantize real-looking data (outliers, FMPQ-calibrated layout), Triton all the way."""
+    from cometq.kernels.act_quant import quantize_activation_triton
+
+    g = torch.Generator().manual_seed(42)
+    k, n = 576, 200
+    x = rand_activation(17, k, outliers=6, generator=g)
+    lay = R.fmpq_calibrate(x.abs().amax(0), int8_blocks=1).to(device)
+    w = lay.permute_columns(rand_weight(n, k, generator=g)).to(device)
+    qw = R.quantize_weight_rtn(w, 128)
+    x = x.to(device)
+    qa = quantize_activation_triton(x, lay, mode)
+    b = torch.randn(n, generator=g).to(device)
+    y, acc = _run(qa, qw, b, torch.float32)
+    _check(qa, qw, b, torch.float32, y, acc)
+    # and the whole linear stays close to the float layer (quantization error, not kernel error)
+    y_lin = R.w4ax_linear(x, qw, lay, b, mode)
+    torch.testing.assert_close(y, y_lin, rtol=GEMM_FP32_RTOL, atol=GEMM_FP32_ATOL)
+
+
+@pytest.mark.parametrize("split", [2, 3, 5])
+def test_decode_splitk_configs(split, device):
+    # uneven splits of 5 blocks (2+2+1, ...), M = 1 decode; fp32 atomics -> order may vary,
+    # integer accumulators never do
+    qa, qw, b = _random_operands(1, 576, 200, "mixed", "block", 128, device, seed=split)
+    cfg = GemmConfig(block_m=16, block_n=64, group_m=1, split=split, num_warps=4, num_stages=1)
+    y, acc = _run(qa, qw, b, torch.float16, path="splitk", config=cfg)
+    _check(qa, qw, b, torch.float16, y, acc)
+
+
+@pytest.mark.parametrize("path,mode,group,m", [("tiled", "block", 64, 17), ("tiled", "class", -1, 3),
+                                               ("splitk", "block", 128, 1), ("persistent", "class", 128, 17),
+                                               ("persistent", "block", -1, 3)])
+def test_swap_ab(path, mode, group, m, device):
+    # acc^T = W x^T (weights as the MMA A operand): same integers, transposed tile
+    qa, qw, b = _random_operands(m, 576, 200, "alternating", mode, group, device, seed=77 + m)
+    cfg = GemmConfig(block_m=16, block_n=64, group_m=2, split=3 if path == "splitk" else 1, num_warps=4,
+                     num_stages=1, swap_ab=True)
+    y, acc = _run(qa, qw, b, torch.float16, path=path, config=cfg, programs=4)
+    _check(qa, qw, b, torch.float16, y, acc)
+
+
+@pytest.mark.parametrize("path,mode,group,swap", [("tiled", "block", 128, False), ("tiled", "class", -1, True),
+                                                   ("splitk", "block", 64, True), ("persistent", "class", 128, False),
+                                                   ("tiled", "block", 32, False)])
+def test_interleave8(path, mode, group, swap, device):
+    # INT8 blocks loaded contiguously, weight nibbles interleaved in registers (G >= 64;
+    # G = 32 falls back to the even/odd path): same integers
+    qa, qw, b = _random_operands(17, 576, 200, "alternating", mode, group, device, seed=55 + group)
+    cfg = GemmConfig(block_m=32, block_n=64, group_m=2, split=2 if path == "splitk" else 1, num_warps=4,
+                     num_stages=1, swap_ab=swap, interleave8=True)
+    y, acc = _run(qa, qw, b, torch.bfloat16, path=path, config=cfg, programs=3)
+    _check(qa, qw, b, torch.bfloat16, y, acc)
+
+
+@pytest.mark.parametrize("swap,path", [(False, "tiled"), (True, "persistent"), (False, "splitk")])
+def test_class_mode_chained_int32_without_debug(swap, path, device):
+    # with DEBUG off, class mode + per-channel weights chains one int32 accumulator through
+    # every dot of a run (a different code path from the debug one): check its output
+    qa, qw, b = _random_operands(17, 576, 200, "mixed", "class", -1, device, seed=31)
+    cfg = GemmConfig(block_m=32, block_n=64, group_m=2, split=2 if path == "splitk" else 1, num_warps=4,
+                     num_stages=1, swap_ab=swap, interleave8=path == "persistent")
+    y = w4ax_gemm_triton(qa.q4, qa.q8, qa.scales, qa.layout.block_bits, qw.qweight, qw.scales, -1, b,
+                         torch.float32, "class", path=path, config=cfg, programs=3)
+    ref = R.w4ax_gemm(qa, qw, b, torch.float64)
+    torch.testing.assert_close(y.double(), ref, rtol=GEMM_FP32_RTOL, atol=GEMM_FP32_ATOL)
+
+
+@pytest.mark.parametrize("programs,cost8", [(1, 2.0), (2, 2.0), (5, 1.0), (64, 2.0)])
+def test_persistent_programs(programs, cost8, device):
+    qa, qw, b = _random_operands(17, 576, 200, "alternating", "class", -1, device, seed=programs)
+    cfg = GemmConfig(block_m=16, block_n=64, group_m=2, split=1, num_warps=4, num_stages=1)
+    y, acc = _run(qa, qw, b, torch.float32, path="persistent", config=cfg, programs=programs, cost8=cost8)
+    _check(qa, qw, b, torch.float32, y, acc)
+
+
+@pytest.mark.parametrize("n_tiles,n8,n4,p,c8", [(1, 1, 4, 3, 2.0), (7, 2, 5, 4, 2.0), (12, 0, 5, 5, 1.0),
+                                                 (5, 3, 0, 8, 2.0), (33, 4, 28, 132, 2.0), (3, 1, 1, 100, 1.5)])
+def test_stream_k_schedule_covers_once_and_balances(n_tiles, n8, n4, p, c8):
+    items, starts, split = stream_k_schedule(n_tiles, n8, n4, p, cost8=c8)
+    nb = n8 + n4
+    assert starts[0] == 0 and starts[-1] == len(items) and np.all(np.diff(starts) >= 0)
+    cover = np.zeros((n_tiles, nb), dtype=np.int64)
+    for t, lo, hi in items:
+        assert 0 <= lo < hi <= nb
+        cover[t, lo:hi] += 1
+    assert np.all(cover == 1), "every (tile, block) must be computed exactly once"
+    cost = np.array([c8] * n8 + [1.0] * n4)
+    per_prog = [sum(cost[lo:hi].sum() for _, lo, hi in items[starts[q]:starts[q + 1]]) for q in range(len(starts) - 1)]
+    assert max(per_prog) - min(per_prog) <= 2 * max(cost) + 1e-9, per_prog
+    assert split == bool(np.any((items[:, 1] != 0) | (items[:, 2] != nb)))
+
+
+def test_via_op_and_dataclass_entry(device):
+    qa, qw, b = _random_operands(3, 576, 200, "mixed", "block", 128, device, seed=9)
+    ref = R.w4ax_gemm(qa, qw, b, torch.float64)
+    y = ops.w4ax_gemm(qa.q4, qa.q8, qa.scales, qa.layout.block_bits, qw.qweight, qw.scales, qw.group_size, b,
+                      torch.float32, "block", backend="triton")
+    torch.testing.assert_close(y.double(), ref, rtol=GEMM_FP32_RTOL, atol=GEMM_FP32_ATOL)
+    y16 = ops.w4ax_gemm_q(qa, qw, b, torch.float16, backend="triton")
+    torch.testing.assert_close(y16.double(), ref.half().double(), rtol=GEMM_FP16_RTOL, atol=GEMM_FP32_ATOL)
+    assert "triton" in ops.registered_backends("w4ax_gemm")
+    assert "triton" in ops.registered_backends("quantize_act")
+
+
+def test_configs_and_cache(monkeypatch):
+    for mb in (16, 64, 256, 1024, 4096):
+        cfgs = gen_configs(mb, 4096, 4096, 4, interpret=False)
+        assert cfgs and len(set(cfgs)) == len(cfgs)
+        assert all(c.block_m <= max(16, mb) for c in cfgs)
+        if mb == 16:
+            assert all(c.block_m == 16 for c in cfgs) and any(c.split > 1 for c in cfgs)
+    assert len(gen_configs(16, 4096, 4096, 4, interpret=True)) == 1
+    assert m_bucket(1) == 16 and m_bucket(17) == 64 and m_bucket(5000) == 4096
+
+    import cometq.kernels.w4ax_gemm as G
+
+    cands = [GemmConfig(16, 64), GemmConfig(16, 128), GemmConfig(32, 128), GemmConfig(64, 256)]
+    monkeypatch.setattr(G, "gen_configs", lambda *a, **k: list(cands))
+    calls = []
+
+    def fake_bench(c):
+        calls.append(c)
+        if c.block_n == 256:
+            raise RuntimeError("out of shared memory")  # a rejected config is skipped
+        return {64: 3.0, 128: 1.0}[c.block_n] + c.block_m / 1000
+
+    n = 12345  # a key no other test uses
+    a = select_config(3, n, 640, 1, fake_bench)
+    assert a == GemmConfig(16, 128) and len(calls) == 4
+    b = select_config(16, n, 640, 1, fake_bench)  # same M bucket: cached, nothing timed
+    assert b == a and len(calls) == 4
+    select_config(17, n, 640, 1, fake_bench)  # next bucket: timed again
+    assert len(calls) == 8
+
+
+def test_int_accumulators_do_not_overflow_long_k(device):
+    # worst case |sum| = K * 128 * 8: K = 2048 of extremes stays far below 2**31; exact
+    k, n, m = 2048, 16, 2
+    lay = ActivationLayout.from_block_bits(k, [8] * 8 + [4] * 8)
+    q8 = torch.full((m, 8 * 128), -128, dtype=torch.int8)
+    q4 = torch.full((m, 8 * 64), 0x88, dtype=torch.uint8)  # two -8 nibbles
+    qa = R.QuantizedActivation(q4, q8, torch.rand(m, 2) + 0.1, lay, "class")
+    qw = R.QuantizedWeight(torch.full((n, k // 2), 0x88, dtype=torch.uint8), torch.rand(n, 1) + 0.1, k, -1)
+    qa, qw = _qa_to(qa, device), qw.to(device)
+    y, acc = _run(qa, qw, None, torch.float32)
+    _check(qa, qw, None, torch.float32, y, acc)
+
+
+def test_errors(device, monkeypatch):
+    monkeypatch.setenv("COMETQ_SYNC_CHECKS", "1")  # content checks that sync are opt-in on CUDA
+    qa, qw, b = _random_operands(3, 256, 40, "mixed", "block", 128, device, seed=1)
+    args = [qa.q4, qa.q8, qa.scales, qa.layout.block_bits, qw.qweight, qw.scales, 128, b, torch.float32, "block"]
+
+    def call(**over):
+        a = list(args)
+        names = ["q4", "q8", "a_scales", "block_bits", "qweight", "w_scales", "group_size", "bias", "out_dtype",
+                 "scale_mode"]
+        for k, v in over.items():
+            a[names.index(k)] = v
+        return w4ax_gemm_triton(*a)
+
+    with pytest.raises(TypeError, match="q4 must have dtype"):
+        call(q4=qa.q4.to(torch.int8))
+    with pytest.raises(TypeError, match="qweight must have dtype"):
+        call(qweight=qw.qweight.to(torch.int8))
+    with pytest.raises(ValueError, match="holds K_pad=256 but block_bits has 3"):
+        call(block_bits=torch.tensor([8, 4, 4], device=device))
+    with pytest.raises(ValueError, match="do not cover K_pad"):
+        call(q4=qa.q4[:, :32])
+    with pytest.raises(ValueError, match="must have M=3 rows"):
+        call(q8=qa.q8[:2])
+    with pytest.raises(ValueError, match="needs 2 columns in 'block' mode"):
+        call(a_scales=qa.scales[:, :1])
+    with pytest.raises(ValueError, match="group_size=48"):
+        call(group_size=48)
+    with pytest.raises(ValueError, match=r"w_scales shape \(40, 2\) != \(40, 4\)"):
+        call(group_size=64)
+    with pytest.raises(ValueError, match=r"bias shape \(39,\)"):
+        call(bias=b[:39])
+    with pytest.raises(TypeError, match="out_dtype"):
+        call(out_dtype=torch.int32)
+    with pytest.raises(ValueError, match="scale_mode"):
+        call(scale_mode="tensor")
+    with pytest.raises(ValueError, match="block_bits holds 2 INT8 blocks but q8"):
+        call(block_bits=torch.tensor([8, 8], device=device))
+    with pytest.raises(ValueError, match="block_bits must hold only 4 or 8"):
+        call(block_bits=torch.tensor([8, 5], device=device))
+    with pytest.raises(ValueError, match="path must be one of"):
+        w4ax_gemm_triton(*args, path="fast")
+    with pytest.raises(TypeError, match="config must be a GemmConfig"):
+        w4ax_gemm_triton(*args, config=(64, 64))
+    with pytest.raises(ValueError, match="block_m must be a power of two"):
+        GemmConfig(block_m=8, block_n=64)
+    with pytest.raises(ValueError, match="num_warps"):
+        GemmConfig(block_m=16, block_n=64, num_warps=3)
+    with pytest.raises(TypeError, match="swap_ab must be a bool"):
+        GemmConfig(block_m=16, block_n=64, swap_ab=1)
+    with pytest.raises(TypeError, match="interleave8 must be a bool"):
+        GemmConfig(block_m=16, block_n=64, interleave8="yes")
+    with pytest.raises(ValueError, match="programs must be an int >= 1"):
+        stream_k_schedule(4, 1, 1, 0)
+    with pytest.raises(ValueError, match="block list is empty"):
+        stream_k_schedule(4, 0, 0, 2)
+
+
+def test_register_fails_cleanly_without_triton():
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "try:\n"
+        "    import cometq.kernels._register\n"
+        "except ImportError as e:\n"
+        "    print('IMPORTERROR', e)\n"
+        "import cometq.ops as o\n"
+        "try:\n"
+        "    o.resolve_backend('w4ax_gemm', 'cuda', 'triton')\n"
+        "except RuntimeError as e:\n"
+        "    print('RUNTIMEERROR', e)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "IMPORTERROR" in r.stdout and "needs triton" in r.stdout, r.stdout + r.stderr
+    assert "RUNTIMEERROR" in r.stdout and "not available" in r.stdout, r.stdout + r.stderr
+
+
+def test_block_order_cache_follows_in_place_updates():
+    from cometq.kernels.w4ax_gemm import _block_order
+
+    bb = torch.tensor([4, 8, 4, 8], dtype=torch.int32)
+    assert _block_order(bb).tolist() == [1, 3, 0, 2]
+    assert _block_order(bb) is _block_order(bb)  # cached while alive and unmodified
+    bb[0] = 8  # in-place update bumps the version: recomputed
+    assert _block_order(bb).tolist() == [0, 1, 3, 2]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 16, 64, 1024])
+@pytest.mark.parametrize("share", [0.0, 0.125])
+@pytest.mark.parametrize("path", ["auto", "persistent"])
+def test_gpu_llama_shape(m, share, path):
+    """Compiled kernels (autotuned configs) on a Llama-3-8B o_proj shape; integers exact for M <= 64."""
+    n, k = 4096, 4096
+    nb = k // 128
+    n8 = int(round(share * nb))
+    g = torch.Generator().manual_seed(m)
+    lay = ActivationLayout.from_block_bits(k, [8] * n8 + [4] * (nb - n8))
+    x = rand_activation(m, k, outliers=8, generator=g)
+    qa = _qa_to(R.quantize_activation(x, lay, "block"), "cuda")
+    qw = R.quantize_weight_rtn(rand_weight(n, k, generator=g), 128).to("cuda")
+    want_acc = m <= 64
+    out = w4ax_gemm_triton(qa.q4, qa.q8, qa.scales, qa.layout.block_bits, qw.qweight, qw.scales, 128, None,
+                           torch.float16, "block", path=path, return_int_acc=want_acc)
+    y = out[0] if want_acc else out
+    if want_acc:
+        assert torch.equal(out[1], R.w4ax_int_accumulators(qa, qw))
+    ref = R.w4ax_gemm(qa, qw, None, torch.float64)
+    torch.testing.assert_close(y.double(), ref.half().double(), rtol=GEMM_FP16_RTOL, atol=GEMM_FP32_ATOL)
