@@ -48,7 +48,7 @@ _ENV = "COMETQ_BACKEND"
 
 # op name -> backend -> implementation (same signature as the op)
 _IMPLS: Dict[str, Dict[str, Callable]] = {}
-_LAZY = {"triton": "cometq.kernels._register", "cuda": "cometq._cuda_register"}
+_LAZY = {"triton": ("cometq.kernels._register", "cometq.kernels._register_kv4"), "cuda": "cometq._cuda_register"}
 _LAZY_ERRORS: Dict[str, str] = {}
 
 
@@ -60,13 +60,14 @@ def register_impl(op: str, backend: str, fn: Callable) -> None:
 
 
 def _load_backend(backend: str) -> None:
-    mod = _LAZY.get(backend)
-    if mod is None or backend in _LAZY_ERRORS:
+    mods = _LAZY.get(backend)
+    if mods is None or backend in _LAZY_ERRORS:
         return
-    try:
-        importlib.import_module(mod)
-    except Exception as e:  # noqa: BLE001 - reported when the backend is asked for
-        _LAZY_ERRORS[backend] = f"{type(e).__name__}: {e}"
+    for mod in (mods,) if isinstance(mods, str) else mods:
+        try:
+            importlib.import_module(mod)
+        except Exception as e:  # noqa: BLE001 - reported when the backend is asked for
+            _LAZY_ERRORS[backend] = f"{type(e).__name__}: {e}"
 
 
 def _triton_on_cpu_ok() -> bool:
@@ -250,3 +251,161 @@ def w4ax_gemm_q(qa: R.QuantizedActivation, qw: R.QuantizedWeight, bias=None,
     gs = qw.group_size if qw.group_size not in (None, -1) else -1
     return w4ax_gemm(qa.q4, qa.q8, qa.scales, qa.layout.block_bits, qw.qweight, qw.scales, gs, bias,
                      out_dtype, qa.scale_mode, backend)
+
+
+# ==========================================================================
+# KV4 paged cache ops (feature: 4-bit KV cache, issue 6)
+# --------------------------------------------------------------------------
+# * kv4_quantize_append(x[n,H,T,D], packed, scale, zero, block_ids[n], offsets[n], group_size, axis)
+#     quantizes rows of new K or V and scatters them into a paged pool, in place
+#     (layout: cometq.paged module doc);
+# * kv4_decode_attention(q[B,Hq,D], k_packed, k_scale, k_zero, v_packed, v_scale, v_zero,
+#     tail_k, tail_v, block_tables[S,MB], quant_lens[S], tail_lens[S], seq_ids[B],
+#     group_size, key_axis, value_axis, sm_scale, num_splits) -> out[B,Hq,D]
+#     single-query attention that reads the packed pool directly.
+# Triton impls are registered by cometq.kernels._register_kv4 (lazy "triton" backend).
+# ==========================================================================
+def _kv4_scale_shape(axis: str, nb: int, h: int, bs: int, d: int, g: int):
+    return (nb, h, bs, d // g) if axis == "token" else (nb, h, bs // g, d)
+
+
+def _check_kv4_pool(name, packed, scale, zero, group_size, axis):
+    torch._check(axis in R.KV4_AXES, lambda: f"{name}: axis must be one of {R.KV4_AXES}, got {axis!r}")
+    torch._check(packed.dim() == 4 and packed.dtype == torch.uint8,
+                 lambda: f"{name}_packed must be uint8 [NB, H, BS, D/2], got {packed.dtype} {tuple(packed.shape)}")
+    nb, h, bs, d2 = packed.shape
+    d = d2 * 2
+    torch._check(group_size >= 2 and group_size % 2 == 0, lambda: f"group_size must be even >= 2, got {group_size}")
+    torch._check(bs % group_size == 0, lambda: f"block size {bs} is not a multiple of group_size={group_size}")
+    if axis == "token":
+        torch._check(d % group_size == 0, lambda: f"head_dim {d} is not a multiple of group_size={group_size}")
+    want = _kv4_scale_shape(axis, nb, h, bs, d, group_size)
+    for sn, t in (("scale", scale), ("zero", zero)):
+        torch._check(t.dtype == torch.float16 and tuple(t.shape) == want,
+                     lambda: f"{name}_{sn} must be float16 {want} for axis {axis!r}, got {t.dtype} {tuple(t.shape)}")
+    return nb, h, bs, d
+
+
+def _check_kv4_append_args(x, packed, scale, zero, block_ids, offsets, group_size, axis):
+    nb, h, bs, d = _check_kv4_pool("pool", packed, scale, zero, group_size, axis)
+    torch._check(x.dim() == 4 and x.dtype in R.FLOAT_DTYPES, lambda: f"x must be float [n, H, T, D], got {x.dtype} {tuple(x.shape)}")
+    torch._check(x.shape[1] == h and x.shape[3] == d, lambda: f"x shape {tuple(x.shape)} does not match pool heads {h} / head_dim {d}")
+    t = x.shape[2]
+    if axis == "channel":
+        torch._check(t == group_size, lambda: f"axis 'channel' appends whole groups: x shape {tuple(x.shape)} needs T == {group_size}")
+    else:
+        torch._check(1 <= t <= bs, lambda: f"x shape {tuple(x.shape)}: T must be in [1, block size {bs}]")
+    n = x.shape[0]
+    for nm, ix in (("block_ids", block_ids), ("offsets", offsets)):
+        torch._check(ix.dim() == 1 and ix.shape[0] == n and ix.dtype == torch.int32,
+                     lambda: f"{nm} must be int32 [{n}], got {ix.dtype} {tuple(ix.shape)}")
+
+
+def _check_kv4_attn_args(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, tail_k, tail_v,
+                         block_tables, quant_lens, tail_lens, seq_ids, group_size, key_axis, value_axis, num_splits):
+    nb, h, bs, d = _check_kv4_pool("k", k_packed, k_scale, k_zero, group_size, key_axis)
+    torch._check(tuple(v_packed.shape) == tuple(k_packed.shape),
+                 lambda: f"v_packed shape {tuple(v_packed.shape)} != k_packed shape {tuple(k_packed.shape)}")
+    _check_kv4_pool("v", v_packed, v_scale, v_zero, group_size, value_axis)
+    torch._check(q.dim() == 3 and q.dtype in R.FLOAT_DTYPES, lambda: f"q must be float [B, Hq, D], got {q.dtype} {tuple(q.shape)}")
+    torch._check(q.shape[2] == d, lambda: f"q head_dim {q.shape[2]} != pool head_dim {d}")
+    torch._check(q.shape[1] % h == 0, lambda: f"q heads {q.shape[1]} not a multiple of kv heads {h}")
+    s = block_tables.shape[0]
+    torch._check(block_tables.dim() == 2 and block_tables.dtype == torch.int32,
+                 lambda: f"block_tables must be int32 [S, MB], got {block_tables.dtype} {tuple(block_tables.shape)}")
+    for nm, t in (("quant_lens", quant_lens), ("tail_lens", tail_lens)):
+        torch._check(t.dim() == 1 and t.shape[0] == s and t.dtype == torch.int32,
+                     lambda: f"{nm} must be int32 [{s}], got {t.dtype} {tuple(t.shape)}")
+    torch._check(seq_ids.dim() == 1 and seq_ids.shape[0] == q.shape[0] and seq_ids.dtype == torch.int32,
+                 lambda: f"seq_ids must be int32 [{q.shape[0]}], got {seq_ids.dtype} {tuple(seq_ids.shape)}")
+    for nm, t in (("tail_k", tail_k), ("tail_v", tail_v)):
+        torch._check(t.dim() == 4 and t.shape[0] == s and t.shape[1] == h and t.shape[3] == d and t.dtype in R.FLOAT_DTYPES,
+                     lambda: f"{nm} must be float [{s}, {h}, G, {d}], got {t.dtype} {tuple(t.shape)}")
+    torch._check(num_splits >= 1, lambda: f"num_splits must be >= 1, got {num_splits}")
+
+
+def _ref_kv4_quantize_append(x, packed, scale, zero, block_ids, offsets, group_size, axis):
+    from .paged import kv4_quantize_append_reference
+
+    kv4_quantize_append_reference(x, packed, scale, zero, block_ids, offsets, group_size, axis)
+
+
+def _ref_kv4_decode_attention(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, tail_k, tail_v, block_tables,
+                              quant_lens, tail_lens, seq_ids, group_size, key_axis, value_axis, sm_scale, num_splits):
+    from .paged import kv4_decode_attention_reference
+
+    # num_splits only changes the kernel's work partition, never the math
+    return kv4_decode_attention_reference(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, tail_k, tail_v,
+                                          block_tables, quant_lens, tail_lens, seq_ids, group_size, key_axis,
+                                          value_axis, sm_scale)
+
+
+register_impl("kv4_quantize_append", "reference", _ref_kv4_quantize_append)
+register_impl("kv4_decode_attention", "reference", _ref_kv4_decode_attention)
+
+
+@torch.library.custom_op("cometq::kv4_quantize_append", mutates_args=("packed", "scale", "zero"))
+def _kv4_quantize_append_op(
+    x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, block_ids: torch.Tensor,
+    offsets: torch.Tensor, group_size: int, axis: str, backend: str,
+) -> None:
+    _check_kv4_append_args(x, packed, scale, zero, block_ids, offsets, group_size, axis)
+    b = resolve_backend("kv4_quantize_append", packed.device, backend or None)
+    _IMPLS["kv4_quantize_append"][b](x, packed, scale, zero, block_ids, offsets, group_size, axis)
+
+
+@_kv4_quantize_append_op.register_fake
+def _(x, packed, scale, zero, block_ids, offsets, group_size, axis, backend):
+    _check_kv4_append_args(x, packed, scale, zero, block_ids, offsets, group_size, axis)
+    return None
+
+
+@torch.library.custom_op("cometq::kv4_decode_attention", mutates_args=())
+def _kv4_decode_attention_op(
+    q: torch.Tensor, k_packed: torch.Tensor, k_scale: torch.Tensor, k_zero: torch.Tensor, v_packed: torch.Tensor,
+    v_scale: torch.Tensor, v_zero: torch.Tensor, tail_k: torch.Tensor, tail_v: torch.Tensor,
+    block_tables: torch.Tensor, quant_lens: torch.Tensor, tail_lens: torch.Tensor, seq_ids: torch.Tensor,
+    group_size: int, key_axis: str, value_axis: str, sm_scale: float, num_splits: int, backend: str,
+) -> torch.Tensor:
+    _check_kv4_attn_args(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, tail_k, tail_v, block_tables,
+                         quant_lens, tail_lens, seq_ids, group_size, key_axis, value_axis, num_splits)
+    b = resolve_backend("kv4_decode_attention", q.device, backend or None)
+    return _IMPLS["kv4_decode_attention"][b](q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, tail_k, tail_v,
+                                             block_tables, quant_lens, tail_lens, seq_ids, group_size, key_axis,
+                                             value_axis, sm_scale, num_splits)
+
+
+@_kv4_decode_attention_op.register_fake
+def _(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, tail_k, tail_v, block_tables, quant_lens, tail_lens,
+      seq_ids, group_size, key_axis, value_axis, sm_scale, num_splits, backend):
+    _check_kv4_attn_args(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, tail_k, tail_v, block_tables,
+                         quant_lens, tail_lens, seq_ids, group_size, key_axis, value_axis, num_splits)
+    return torch.empty_like(q)
+
+
+def _kv4_validate_eager(kind, fn, *args):
+    # torch._check raises RuntimeError; eager callers get the ValueError the style guide asks for
+    try:
+        fn(*args)
+    except RuntimeError as e:
+        raise ValueError(f"{kind}: {e}") from None
+
+
+def kv4_quantize_append(x, packed, scale, zero, block_ids, offsets, group_size: int, axis: str,
+                        backend: Optional[str] = None) -> None:
+    """Quantize rows ``x [n, H, T, D]`` into a paged KV4 pool in place (``torch.ops.cometq.kv4_quantize_append``)."""
+    R.check_tensor("x", x, dtypes=R.FLOAT_DTYPES)
+    _kv4_validate_eager("kv4_quantize_append", _check_kv4_append_args, x, packed, scale, zero, block_ids, offsets,
+                        int(group_size), axis)
+    torch.ops.cometq.kv4_quantize_append(x, packed, scale, zero, block_ids, offsets, int(group_size), axis, backend or "")
+
+
+def kv4_decode_attention(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, tail_k, tail_v, block_tables,
+                         quant_lens, tail_lens, seq_ids, group_size: int, key_axis: str, value_axis: str,
+                         sm_scale: float, num_splits: int = 1, backend: Optional[str] = None) -> torch.Tensor:
+    """Decode attention over a paged KV4 pool (``torch.ops.cometq.kv4_decode_attention``); see cometq.paged."""
+    R.check_tensor("q", q, dtypes=R.FLOAT_DTYPES)
+    args = (q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, tail_k, tail_v, block_tables, quant_lens,
+            tail_lens, seq_ids, int(group_size), key_axis, value_axis)
+    _kv4_validate_eager("kv4_decode_attention", _check_kv4_attn_args, *args, int(num_splits))
+    return torch.ops.cometq.kv4_decode_attention(*args, float(sm_scale), int(num_splits), backend or "")

@@ -32,3 +32,78 @@ def rand_activation(m: int, k: int, *, outliers: int = 0, dtype=torch.float32, d
 
 def rand_weight(n: int, k: int, *, dtype=torch.float32, device="cpu", generator=None):
     return (torch.randn(n, k, generator=generator, device=device) * k**-0.5).to(dtype)
+
+
+# --------------------------------------------------------------------------
+# Hugging Face drop-in (cometq.nn / quantize / checkpoint / eval)
+# --------------------------------------------------------------------------
+#: W4AxLinear CPU fast path (one fp32 matmul of dequantized operands) vs the
+#: reference op (exact integer segment dots, float64 epilogue) on the same
+#: input: identical quantized integers and scales, so only fp32 summation over
+#: K_pad <= 1536 products of unit-scale values differs (~sqrt(K) * 2**-24 relative);
+#: 1e-4 of the output's magnitude leaves a wide margin.
+FAST_PATH_RTOL = 1e-4
+FAST_PATH_ATOL = 1e-4
+#: Folding a permutation offline (MLP rows, weight columns) only reorders the
+#: float32 sums of the consumer: a few ulps of the logits' scale.
+FOLD_FP32_ATOL = 1e-5
+
+
+def tiny_causal_lm(arch: str = "llama", *, hidden: int = 192, intermediate: int = 320, layers: int = 2,
+                   vocab: int = 256, seed: int = 0):
+    """A tiny random transformers causal LM (hidden 192 and intermediate 320 are not
+    multiples of 128, so every K is padded).  ``arch``: llama | mistral | qwen2."""
+    import transformers as tf
+
+    kw = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+              num_attention_heads=3, num_key_value_heads=1, head_dim=hidden // 3, max_position_embeddings=256)
+    cfgs = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config}
+    if arch not in cfgs:
+        raise ValueError(f"arch must be one of {tuple(cfgs)}, got {arch!r}")
+    torch.manual_seed(seed)
+    model = tf.AutoModelForCausalLM.from_config(cfgs[arch](**kw))
+    # give a few input channels LLM-like outliers so FMPQ has something to sort
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+                idx = torch.randperm(p.numel())[:6]
+                p[idx] *= 20.0
+    return model.eval()
+
+
+# --------------------------------------------------------------------------
+# KV4 cache / paged pool / decode attention (issue 6)
+# --------------------------------------------------------------------------
+#: KV4 round-trip: an element is off by at most half a quantization step plus
+#: the float16 rounding of zero (and of 15 * scale at the top of the range):
+#: |x - x_hat| <= scale / 2 + KV4_FP16_SLACK * max(|min|, |max|) of its group.
+KV4_FP16_SLACK = 2.0 ** -10
+#: Triton decode attention with float16 queries: K/V are dequantized in fp32,
+#: then rounded to fp16 for the tensor-core dots (2**-11 relative per operand,
+#: and P in fp16), accumulations in fp32; output rounded to fp16.
+ATTN_FP16_RTOL = 1e-2
+ATTN_FP16_ATOL = 1e-2
+#: KV4Cache vs the full-precision cache on a tiny random Llama: next-token
+#: logits after prefill + decode steps that read 4-bit K/V.  Measured max
+#: |diff| / std(logits): 0.09-0.12 on the tests' random models (unstructured
+#: keys, near-uniform attention); a cache that loses the stored tokens (zeros
+#: instead of the dequantized K/V) gives ~4.  0.25 sits between the two.
+KVCACHE_LOGIT_REL_TOL = 0.25
+
+
+# --------------------------------------------------------------------------
+# Serving (cometq.serve): runner vs the HF model's own forward
+# --------------------------------------------------------------------------
+#: Runner with a full-precision (fp32) paged cache vs the HF forward: the same
+#: math, only the attention summation order and the ragged batching differ, so a
+#: few fp32 ulps of logits of magnitude <= ~10 (measured <= 4e-6).
+RUNNER_FP32_ATOL = 1e-4
+#: Runner with the paged KV4 pool vs the HF forward with full-precision K/V:
+#: 4-bit K/V (16 levels per group) perturbs attention; logits stay aligned
+#: (cosine similarity), measured >= 0.97 on the tiny outlier model.
+RUNNER_KV4_MIN_COSINE = 0.9
+#: Runner KV4 vs HF + ``cometq.kvcache.KV4Cache`` (same groups, same math, but the
+#: paged pool stages the tail in fp16 and quantizes a group the step it fills,
+#: while KV4Cache keeps it exact for that step): a few quantization steps of
+#: the logits (measured <= 0.18 on logits of magnitude ~3).
+RUNNER_KV4_VS_KV4CACHE_ATOL = 0.5

@@ -1,0 +1,129 @@
+"""Ahead-of-time compile the KV4 Triton kernels for sm_80 / sm_90 (no GPU needed).
+
+The interpreter accepts programs the GPU compiler rejects (dot shapes, dtype
+mixes, layouts), so CI also compiles the real thing with
+``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` and checks
+properties the numerics depend on:
+
+* the append kernel divides with ``div.rn.f32`` (IEEE), like the reference;
+* the attention kernel's fp16/bf16 variants use tensor-core MMAs.
+
+Run as ``python -m cometq.kernels.kv4_aot --arch 80 --arch 90 [--quick | --ci]`` in a
+process *without* ``TRITON_INTERPRET=1``.  Exit status 1 if anything failed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Dict, List
+
+if os.environ.get("TRITON_INTERPRET", "0") == "1":  # pragma: no cover - guarded by the test
+    raise RuntimeError("cometq.kernels.kv4_aot must run without TRITON_INTERPRET=1")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from .kv4_append import kv4_append_kernel  # noqa: E402
+from .kv4_attention import attention_meta, kv4_attn_reduce_kernel, kv4_attn_split_kernel  # noqa: E402
+
+_TY = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
+
+
+def _sig(kernel, ptrs: Dict[str, str], constexprs: Dict[str, object]) -> Dict[str, str]:
+    sig = {}
+    for a in kernel.arg_names:
+        if a in constexprs:
+            sig[a] = "constexpr"
+        elif a in ptrs:
+            sig[a] = ptrs[a]
+        elif a == "qk_scale":
+            sig[a] = "fp32"
+        else:
+            sig[a] = "i32"
+    return sig
+
+
+def jobs(quick: bool = False) -> List[tuple]:
+    out = []
+    for axis_ch in (False, True):
+        for xd in (torch.float16, torch.float32) if not quick else (torch.float16,):
+            ce = dict(T_IN=32 if axis_ch else 1, HALF_D=64, GROUP=32, AXIS_CHANNEL=axis_ch)
+            ptrs = dict(x_ptr=_TY[xd], packed_ptr="*u8", scale_ptr="*fp16", zero_ptr="*fp16", block_ptr="*i32",
+                        offset_ptr="*i32")
+            out.append((f"append[{'channel' if axis_ch else 'token'},{xd}]", kv4_append_kernel, ptrs, ce, 4, "append"))
+    axes = [("channel", "token"), ("token", "token"), ("channel", "channel")]
+    dts = (torch.float16, torch.bfloat16) if not quick else (torch.float16,)
+    for qd in dts:
+        for ka, va in axes if not quick else axes[:1]:
+            for qpk in (1, 4, 8):
+                for splits in (1, 8):
+                    tail = 32 if "channel" in (ka, va) else 0
+                    ce = attention_meta(qd, qpk, 128, 64, 32, tail, ka, va, splits)
+                    ptrs = {n: "*u8" for n in ("kp_ptr", "vp_ptr")}
+                    ptrs.update({n: "*fp16" for n in ("ks_ptr", "kz_ptr", "vs_ptr", "vz_ptr", "tk_ptr", "tv_ptr")})
+                    ptrs.update({n: "*i32" for n in ("bt_ptr", "qlen_ptr", "tlen_ptr", "sid_ptr")})
+                    ptrs.update({n: "*fp32" for n in ("po_ptr", "pm_ptr", "pl_ptr")})
+                    ptrs["q_ptr"] = _TY[qd]
+                    out.append((f"attn[{qd},{ka}/{va},qpk={qpk},splits={splits}]", kv4_attn_split_kernel, ptrs, ce, 4,
+                                "attn"))
+        ce = dict(HQ=32, NUM_SPLITS=8, SPLITS_P2=8, D=128)
+        ptrs = dict(po_ptr="*fp32", pm_ptr="*fp32", pl_ptr="*fp32", out_ptr=_TY[qd])
+        out.append((f"reduce[{qd}]", kv4_attn_reduce_kernel, ptrs, ce, 4, "reduce"))
+    return out
+
+
+#: the CI set: both append axes, the attention kernel at the GQA extremes (the
+#: 16-row padding of QPK=1 and QPK=8) with split-K, bf16 once, and the reduce
+CI_SET = ("append[token,torch.float16]", "append[channel,torch.float16]",
+          "attn[torch.float16,channel/token,qpk=1,splits=8]", "attn[torch.float16,channel/token,qpk=8,splits=1]",
+          "attn[torch.bfloat16,channel/channel,qpk=4,splits=8]", "reduce[torch.float16]")
+
+
+def compile_all(archs, quick: bool = False, ci: bool = False) -> List[dict]:
+    results = []
+    for arch in archs:
+        for name, kernel, ptrs, ce, warps, kind in jobs(quick and not ci):
+            if ci and name not in CI_SET:
+                continue
+            r = {"name": name, "arch": arch, "ok": False}
+            try:
+                src = ASTSource(kernel, _sig(kernel, ptrs, ce), constexprs=ce)
+                k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps))
+                ptx = k.asm["ptx"]
+                checks = []
+                if kind == "append":
+                    checks.append(("div.rn.f32", "div.rn.f32" in ptx))
+                if kind == "attn" and "fp32" not in name:
+                    checks.append(("tensor-core mma", "mma" in ptx))
+                bad = [c for c, ok in checks if not ok]
+                r.update(ok=not bad, failed_checks=bad, shared=k.metadata.shared)
+            except Exception as e:  # noqa: BLE001 - reported per variant
+                r["error"] = f"{type(e).__name__}: {str(e)[:500]}"
+            results.append(r)
+    return results
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", type=int, action="append", default=None)
+    ap.add_argument("--quick", action="store_true", help="fp16, one axis pair")
+    ap.add_argument("--ci", action="store_true", help="the minimal CI_SET only")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args(argv)
+    res = compile_all(a.arch or [80, 90], a.quick, a.ci)
+    bad = [r for r in res if not r["ok"]]
+    for r in res:
+        print(("ok  " if r["ok"] else "FAIL"), r["arch"], r["name"], r.get("error", ""), r.get("failed_checks", ""))
+    print(f"{len(res) - len(bad)}/{len(res)} compiled")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(res, f, indent=2)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,248 @@
+"""Triton: decode attention straight from the paged KV4 pool (flash-decoding).
+
+Decode attention is a bandwidth problem: one query row per sequence reads the
+whole K/V history once.  Reading 4-bit K/V (+ fp16 scale/zero per group) moves
+~3.5x fewer bytes than fp16 K/V, and dequantizing in registers right after the
+load keeps that saving -- no dequantized copy ever touches global memory.
+
+Work split (``kv4_attn_split_kernel``), grid ``(batch, kv_heads, num_splits)``::
+
+    sequence b:  [ blk0 blk1 | blk2 blk3 | blk4 ..  ] [tail]
+                   split 0     split 1     split S-1  (+ tail on the last split)
+
+* One program serves *all query heads of one KV head* (GQA ratio QPK = Hq/H):
+  the K/V tile is loaded and dequantized once and reused by QPK query rows,
+  padded to BLOCK_H >= 16 rows because ``tl.dot`` needs M >= 16 on tensor cores.
+* Split-K over the sequence's blocks (each sequence is cut into ``num_splits``
+  equal runs of blocks) gives enough programs to fill the SMs at small batch /
+  long context; ``kv4_attn_reduce_kernel`` merges the partial (max, sum, acc)
+  triples with the usual log-sum-exp rescaling.
+* A tile is one pool block: ``BLOCK_SIZE`` tokens x ``D/2`` packed bytes.  Even
+  and odd channels are kept as separate halves (low / high nibbles) through
+  both dots, so unpacking is a mask and a shift, never a register shuffle:
+  ``s = q_even . k_lo^T + q_odd . k_hi^T`` and ``acc_even += p . v_lo``,
+  ``acc_odd += p . v_hi``.
+* Scale/zero addressing is one formula for both axes:
+  ``scale[blk, h, t // TOK_DIV, c // CH_DIV]`` with (TOK_DIV, CH_DIV) = (1, G)
+  for per-token groups and (G, 1) for per-channel groups.
+* The full-precision tail (< G tokens, channel-axis pools) is attended by the
+  last split after its blocks.
+
+Softmax runs in the exp2 domain (``q`` pre-scaled by ``sm_scale * log2 e``).
+Dot operands are the query's dtype: fp16/bf16 on tensor cores on the GPU, or
+fp32 with ``input_precision="ieee"`` (what the CPU interpreter tests use, so
+they match the float32 reference within summation-order error).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+_NEG = tl.constexpr(-1.0e30)  # finite "minus infinity": exp2(_NEG - m) == 0 without inf - inf NaNs
+
+
+@triton.jit
+def _dequant_tile(packed_ptr, scale_ptr, zero_ptr, pbase, sbase, t, j, tmask, stride_pt, stride_st,
+                  TOK_DIV: tl.constexpr, CH_DIV: tl.constexpr):
+    """A K or V tile as two float32 halves [BLOCK_SIZE, HALF_D]: channels 2j (low nibbles), 2j+1 (high).
+
+    The packed bytes are loaded once (one 16-byte-vectorizable row of D/2 bytes
+    per token); masked tokens read 0 with scale/zero 0, so they dequantize to 0."""
+    p = tl.load(packed_ptr + pbase + t[:, None] * stride_pt + j[None, :], mask=tmask[:, None], other=0)
+    srow = sbase + (t // TOK_DIV)[:, None] * stride_st
+    so_lo = srow + ((2 * j) // CH_DIV)[None, :]
+    so_hi = srow + ((2 * j + 1) // CH_DIV)[None, :]
+    lo = (p & 0xF).to(tl.float32) * tl.load(scale_ptr + so_lo, mask=tmask[:, None], other=0.0).to(tl.float32) \
+        + tl.load(zero_ptr + so_lo, mask=tmask[:, None], other=0.0).to(tl.float32)
+    hi = (p >> 4).to(tl.float32) * tl.load(scale_ptr + so_hi, mask=tmask[:, None], other=0.0).to(tl.float32) \
+        + tl.load(zero_ptr + so_hi, mask=tmask[:, None], other=0.0).to(tl.float32)
+    return lo, hi
+
+
+@triton.jit
+def _dot(a, b, DOT_DTYPE: tl.constexpr):
+    if DOT_DTYPE == tl.float32:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE))
+
+
+@triton.jit
+def kv4_attn_split_kernel(
+    q_ptr, kp_ptr, ks_ptr, kz_ptr, vp_ptr, vs_ptr, vz_ptr, tk_ptr, tv_ptr,
+    bt_ptr, qlen_ptr, tlen_ptr, sid_ptr,
+    po_ptr, pm_ptr, pl_ptr,
+    qk_scale,
+    stride_qb, stride_qh,
+    stride_pb, stride_ph, stride_pt,
+    stride_ksb, stride_ksh, stride_kst,
+    stride_vsb, stride_vsh, stride_vst,
+    stride_tks, stride_tkh, stride_tkt,
+    stride_tvs, stride_tvh, stride_tvt,
+    stride_bts,
+    stride_pob, stride_poh, stride_pos,
+    NUM_SPLITS: tl.constexpr, QPK: tl.constexpr, BLOCK_H: tl.constexpr, HALF_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, TAIL_N: tl.constexpr,
+    K_TOK_DIV: tl.constexpr, K_CH_DIV: tl.constexpr, V_TOK_DIV: tl.constexpr, V_CH_DIV: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    slot = tl.load(sid_ptr + b)
+    lq = tl.load(qlen_ptr + slot)
+    n_blocks = tl.cdiv(lq, BLOCK_SIZE)
+    per = tl.cdiv(n_blocks, NUM_SPLITS)
+    blk_start = split * per
+    blk_end = tl.minimum(blk_start + per, n_blocks)
+
+    hh = tl.arange(0, BLOCK_H)
+    hmask = hh < QPK
+    heads = kvh * QPK + hh
+    j = tl.arange(0, HALF_D)
+    qb = q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh
+    q_lo = tl.load(qb + 2 * j[None, :], mask=hmask[:, None], other=0.0).to(tl.float32) * qk_scale
+    q_hi = tl.load(qb + 2 * j[None, :] + 1, mask=hmask[:, None], other=0.0).to(tl.float32) * qk_scale
+    q_lo = q_lo.to(DOT_DTYPE)
+    q_hi = q_hi.to(DOT_DTYPE)
+
+    m_i = tl.full([BLOCK_H], _NEG, tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc_lo = tl.zeros([BLOCK_H, HALF_D], tl.float32)
+    acc_hi = tl.zeros([BLOCK_H, HALF_D], tl.float32)
+    t = tl.arange(0, BLOCK_SIZE)
+    for i in range(blk_start, blk_end):
+        phys = tl.load(bt_ptr + slot.to(tl.int64) * stride_bts + i).to(tl.int64)
+        tmask = (i * BLOCK_SIZE + t) < lq
+        pbase = phys * stride_pb + kvh * stride_ph
+        k_lo, k_hi = _dequant_tile(kp_ptr, ks_ptr, kz_ptr, pbase, phys * stride_ksb + kvh * stride_ksh, t, j, tmask,
+                                   stride_pt, stride_kst, K_TOK_DIV, K_CH_DIV)
+        s = _dot(q_lo, tl.trans(k_lo), DOT_DTYPE) + _dot(q_hi, tl.trans(k_hi), DOT_DTYPE)  # [BLOCK_H, BLOCK_SIZE]
+        s = tl.where(tmask[None, :], s, _NEG)
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v_lo, v_hi = _dequant_tile(vp_ptr, vs_ptr, vz_ptr, pbase, phys * stride_vsb + kvh * stride_vsh, t, j, tmask,
+                                   stride_pt, stride_vst, V_TOK_DIV, V_CH_DIV)
+        acc_lo = acc_lo * alpha[:, None] + _dot(p, v_lo, DOT_DTYPE)
+        acc_hi = acc_hi * alpha[:, None] + _dot(p, v_hi, DOT_DTYPE)
+        m_i = m_new
+
+    if TAIL_N > 0:
+        if split == NUM_SPLITS - 1:
+            lt = tl.load(tlen_ptr + slot)
+            tt = tl.arange(0, TAIL_N)
+            tm = tt < lt
+            tkb = tk_ptr + slot.to(tl.int64) * stride_tks + kvh * stride_tkh + tt[:, None] * stride_tkt
+            tvb = tv_ptr + slot.to(tl.int64) * stride_tvs + kvh * stride_tvh + tt[:, None] * stride_tvt
+            k_lo = tl.load(tkb + 2 * j[None, :], mask=tm[:, None], other=0.0).to(tl.float32)
+            k_hi = tl.load(tkb + 2 * j[None, :] + 1, mask=tm[:, None], other=0.0).to(tl.float32)
+            s = _dot(q_lo, tl.trans(k_lo), DOT_DTYPE) + _dot(q_hi, tl.trans(k_hi), DOT_DTYPE)
+            s = tl.where(tm[None, :], s, _NEG)
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.math.exp2(m_i - m_new)
+            p = tl.math.exp2(s - m_new[:, None])
+            # masked columns: exp2(_NEG - m) underflows to 0 unless the row is all masked
+            p = tl.where(tm[None, :], p, 0.0)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v_lo = tl.load(tvb + 2 * j[None, :], mask=tm[:, None], other=0.0).to(tl.float32)
+            v_hi = tl.load(tvb + 2 * j[None, :] + 1, mask=tm[:, None], other=0.0).to(tl.float32)
+            acc_lo = acc_lo * alpha[:, None] + _dot(p, v_lo, DOT_DTYPE)
+            acc_hi = acc_hi * alpha[:, None] + _dot(p, v_hi, DOT_DTYPE)
+            m_i = m_new
+
+    # partials: acc [B, Hq, S, D] (even/odd channels interleaved back), m/l [B, Hq, S]
+    ob = po_ptr + b.to(tl.int64) * stride_pob + heads[:, None] * stride_poh + split * stride_pos
+    tl.store(ob + 2 * j[None, :], acc_lo, mask=hmask[:, None])
+    tl.store(ob + 2 * j[None, :] + 1, acc_hi, mask=hmask[:, None])
+    mo = (b.to(tl.int64) * (QPK * tl.num_programs(1)) + heads) * NUM_SPLITS + split
+    tl.store(pm_ptr + mo, m_i, mask=hmask)
+    tl.store(pl_ptr + mo, l_i, mask=hmask)
+
+
+@triton.jit
+def kv4_attn_reduce_kernel(
+    po_ptr, pm_ptr, pl_ptr, out_ptr,
+    stride_pob, stride_poh, stride_pos, stride_ob, stride_oh,
+    HQ: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, D: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    s = tl.arange(0, SPLITS_P2)
+    smask = s < NUM_SPLITS
+    mo = (b.to(tl.int64) * HQ + h) * NUM_SPLITS + s
+    m = tl.load(pm_ptr + mo, mask=smask, other=_NEG)
+    l = tl.load(pl_ptr + mo, mask=smask, other=0.0)
+    m_max = tl.max(m, axis=0)
+    w = tl.where(smask, tl.math.exp2(m - m_max), 0.0)
+    denom = tl.sum(w * l, axis=0)
+    d = tl.arange(0, D)
+    acc = tl.load(po_ptr + b.to(tl.int64) * stride_pob + h * stride_poh + s[:, None] * stride_pos + d[None, :],
+                  mask=smask[:, None], other=0.0)
+    o = tl.sum(acc * w[:, None], axis=0) / tl.where(denom == 0.0, 1.0, denom)
+    tl.store(out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + d, o.to(out_ptr.dtype.element_ty))
+
+
+_DOT = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+def _axis_divs(axis: str, group_size: int):
+    return (1, group_size) if axis == "token" else (group_size, 1)
+
+
+def attention_meta(dot_dtype, qpk: int, head_dim: int, block_size: int, group_size: int, tail_g: int,
+                   key_axis: str, value_axis: str, num_splits: int):
+    """constexprs of :func:`kv4_attn_split_kernel` for one call (shared with the AOT test)."""
+    kt, kc = _axis_divs(key_axis, group_size)
+    vt, vc = _axis_divs(value_axis, group_size)
+    return dict(NUM_SPLITS=num_splits, QPK=qpk, BLOCK_H=max(16, triton.next_power_of_2(qpk)), HALF_D=head_dim // 2,
+                BLOCK_SIZE=block_size, TAIL_N=0 if tail_g == 0 else max(16, triton.next_power_of_2(tail_g)),
+                K_TOK_DIV=kt, K_CH_DIV=kc, V_TOK_DIV=vt, V_CH_DIV=vc, DOT_DTYPE=_DOT[dot_dtype])
+
+
+def kv4_decode_attention_triton(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, tail_k, tail_v,
+                                block_tables, quant_lens, tail_lens, seq_ids, group_size: int, key_axis: str,
+                                value_axis: str, sm_scale: float, num_splits: int):
+    """Launch split + reduce (arguments as ``cometq.ops.kv4_decode_attention``)."""
+    bsz, hq, d = q.shape
+    nb, h, bs, half = k_packed.shape
+    if half & (half - 1) or half < 16 or bs & (bs - 1) or bs < 16:
+        raise ValueError(f"triton kv4 attention needs power-of-two head_dim >= 32 and block size >= 16, got pool {tuple(k_packed.shape)}")
+    if q.stride(2) != 1 or k_packed.stride(3) != 1 or tail_k.stride(3) != 1 or tail_v.stride(3) != 1:
+        raise ValueError("triton kv4 attention needs q, pool and tails contiguous in the last dimension")
+    if k_packed.stride() != v_packed.stride():
+        raise ValueError("k_packed and v_packed must have the same strides")
+    out = torch.empty_like(q)
+    if bsz == 0:
+        return out
+    ns = int(num_splits)
+    po = torch.empty(bsz, hq, ns, d, dtype=torch.float32, device=q.device)
+    pm = torch.empty(bsz, hq, ns, dtype=torch.float32, device=q.device)
+    pl = torch.empty_like(pm)
+    # the CPU interpreter computes bf16 tl.dot wrongly (numpy has no bf16); there the
+    # dots run in fp32 -- the GPU bf16 variant is covered by the AOT compile test
+    dot_dtype = torch.float32 if (q.device.type == "cpu" and q.dtype == torch.bfloat16) else q.dtype
+    meta = attention_meta(dot_dtype, hq // h, d, bs, group_size, tail_k.shape[2], key_axis, value_axis, ns)
+    kv4_attn_split_kernel[(bsz, h, ns)](
+        q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, tail_k, tail_v,
+        block_tables, quant_lens, tail_lens, seq_ids, po, pm, pl,
+        float(sm_scale) * math.log2(math.e),
+        q.stride(0), q.stride(1),
+        k_packed.stride(0), k_packed.stride(1), k_packed.stride(2),
+        k_scale.stride(0), k_scale.stride(1), k_scale.stride(2),
+        v_scale.stride(0), v_scale.stride(1), v_scale.stride(2),
+        tail_k.stride(0), tail_k.stride(1), tail_k.stride(2),
+        tail_v.stride(0), tail_v.stride(1), tail_v.stride(2),
+        block_tables.stride(0),
+        po.stride(0), po.stride(1), po.stride(2),
+        num_warps=4, **meta,
+    )
+    kv4_attn_reduce_kernel[(bsz, hq)](
+        po, pm, pl, out, po.stride(0), po.stride(1), po.stride(2), out.stride(0), out.stride(1),
+        HQ=hq, NUM_SPLITS=ns, SPLITS_P2=triton.next_power_of_2(ns), D=d, num_warps=4,
+    )
+    return out
