@@ -7,6 +7,8 @@ With no model argument every command uses the embedded SmolLM2-135M-Instruct
     cometq quantize -o DIR [...]     quantize a model and save a checkpoint
     cometq eval-ppl [--model DIR]    perplexity of a model (quantized checkpoint or not)
     cometq generate PROMPT [...]     generate text
+    cometq serve [--model DIR]       OpenAI-compatible HTTP server (W4Ax + paged KV4 by default)
+    cometq bench [--quick]           serving benchmark: throughput, TTFT, TPOT
 """
 from __future__ import annotations
 
@@ -201,6 +203,18 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .serve.cli import cmd_serve as run
+
+    return run(args)
+
+
+def cmd_bench(args) -> int:
+    from .serve.cli import cmd_bench as run
+
+    return run(args)
+
+
 # --------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     from .models import DEFAULT_MODEL
@@ -236,6 +250,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default=DEFAULT_MODEL)
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.set_defaults(fn=cmd_generate)
+
+    # serving (cometq.serve): OpenAI-compatible server and the serving benchmark
+    from .serve.cli import add_bench_parser, add_serve_args
+
+    sv = sub.add_parser("serve", help="OpenAI-compatible server (continuous batching, W4Ax + KV4)")
+    add_serve_args(sv, DEFAULT_MODEL)
+    sv.set_defaults(fn=cmd_serve)
+    add_bench_parser(sub).set_defaults(fn=cmd_bench)
     return p
 
 

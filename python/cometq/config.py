@@ -1,0 +1,265 @@
+"""``W4AxConfig``: what :func:`cometq.quantize_` does to a model, and how it is saved.
+
+One frozen dataclass, validated in ``__post_init__`` (bad values raise
+ValueError/TypeError naming the field and the value).  ``to_dict``/``from_dict``
+round-trip through JSON; the dict is what a checkpoint's ``config.json`` carries
+as ``quantization_config`` (with ``quant_method: "cometq"``).
+
+A small registry maps config types to the function that applies them, the way
+torchao's ``quantize_`` does: :func:`register_quantize_handler`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional, Tuple, Union
+
+from .layout import BLOCK_K, SCALE_MODES
+
+__all__ = [
+    "FORMAT_VERSION",
+    "QUANT_METHOD",
+    "W4AxConfig",
+    "register_quantize_handler",
+    "get_quantize_handler",
+]
+
+#: Version of the saved-checkpoint format (tensor names, shapes, dtypes, config keys).
+#: Loading a checkpoint with another version is refused with a clear error.
+FORMAT_VERSION = 1
+#: ``quant_method`` written into the Hugging Face ``quantization_config``.
+QUANT_METHOD = "cometq"
+
+WEIGHT_METHODS = ("rtn", "gptq")
+ACT_MODES = ("fmpq", 4, 8, 16)
+BACKENDS = ("auto", "reference", "triton", "cuda")
+KV_AXES = ("token", "channel")
+#: FMPQ default when no budget is given: a quarter of the 128-channel blocks INT8.
+DEFAULT_INT8_FRACTION = 0.25
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_group(name: str, g) -> None:
+    """Group-size rules of :func:`cometq.reference.check_group_size` that do not depend on K.
+
+    A multiple of 128 must also divide each layer's K_pad; that is checked per
+    layer at quantize time (the error names the layer).
+    """
+    if not _is_int(g):
+        raise TypeError(f"{name} must be an int (-1 = per output channel), got {g!r} ({type(g).__name__})")
+    if g == -1:
+        return
+    ok_small = g >= 16 and BLOCK_K % g == 0 and (g & (g - 1)) == 0
+    ok_large = g > 0 and g % BLOCK_K == 0
+    if not (ok_small or ok_large):
+        raise ValueError(f"{name}={g} is not supported: use -1 (per channel), 16, 32, 64, 128 or a multiple of {BLOCK_K}")
+
+
+@dataclass(frozen=True)
+class W4AxConfig:
+    """Quantization recipe of a W4Ax(-KV4) model.
+
+    Weights: ``weight_bits`` (4), ``group_size`` (-1 = per output channel, else
+    16/32/64/128 or a multiple of 128), ``weight_method`` ("rtn" | "gptq"),
+    ``clip_ratio`` (scale shrink for RTN) or ``clip_search`` (per-group grid search
+    of the clip ratio minimizing the weight error), GPTQ ``gptq_damp`` (fraction of
+    the mean Hessian diagonal added) and ``gptq_act_order`` (off: the FMPQ sort
+    already orders the columns and group scales must stay in stored column order).
+
+    Activations: ``act_bits`` = "fmpq" (mixed INT4/INT8 blocks), 4 (all INT4),
+    8 (all INT8) or 16 (weight-only: activations stay in floating point).  With
+    "fmpq" exactly one budget: ``int8_fraction`` | ``int8_blocks`` |
+    ``outlier_ratio`` (+ optional ``max_int8_blocks``); none given means
+    ``int8_fraction=0.25``.  ``scale_mode``: "block" (one scale per token per
+    block) or "class" (one per token per precision class).
+
+    ``kv4`` (+ ``kv_group_size``, ``kv_axis``) asks for the 4-bit KV cache
+    (built by :mod:`cometq.kvcache`; stored here so it is saved with the model).
+    ``skip_modules``: module names (or name suffixes) left in floating point.
+    ``fold_permutations``: fold the FMPQ permutation of ``down_proj`` into the
+    output rows of ``gate_proj``/``up_proj`` (exact; no run-time permute there).
+    ``backend``: op backend used by the quantized layers.
+    ``calib_n_samples``/``calib_seq_len``: calibration size used by helpers that
+    draw calibration data themselves (the CLI).
+    """
+
+    weight_bits: int = 4
+    group_size: int = 128
+    weight_method: str = "rtn"
+    clip_ratio: float = 1.0
+    clip_search: bool = False
+    gptq_damp: float = 0.01
+    gptq_act_order: bool = False
+    act_bits: Union[str, int] = "fmpq"
+    int8_fraction: Optional[float] = None
+    int8_blocks: Optional[int] = None
+    outlier_ratio: Optional[float] = None
+    max_int8_blocks: Optional[int] = None
+    scale_mode: str = "block"
+    kv4: bool = False
+    kv_group_size: int = 64
+    kv_axis: str = "token"
+    skip_modules: Tuple[str, ...] = ("lm_head",)
+    fold_permutations: bool = True
+    backend: str = "auto"
+    calib_n_samples: int = 16
+    calib_seq_len: int = 512
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self):
+        if not _is_int(self.weight_bits) or self.weight_bits != 4:
+            raise ValueError(f"weight_bits must be 4 (the only supported weight precision), got {self.weight_bits!r}")
+        _check_group("group_size", self.group_size)
+        if self.weight_method not in WEIGHT_METHODS:
+            raise ValueError(f"weight_method must be one of {WEIGHT_METHODS}, got {self.weight_method!r}")
+        if not _is_number(self.clip_ratio):
+            raise TypeError(f"clip_ratio must be a float, got {self.clip_ratio!r}")
+        if not (0.0 < float(self.clip_ratio) <= 1.0) or not math.isfinite(float(self.clip_ratio)):
+            raise ValueError(f"clip_ratio must be in (0, 1], got {self.clip_ratio!r}")
+        for name in ("clip_search", "gptq_act_order", "kv4", "fold_permutations"):
+            v = getattr(self, name)
+            if not isinstance(v, bool):
+                raise TypeError(f"{name} must be a bool, got {v!r} ({type(v).__name__})")
+        if self.clip_search and float(self.clip_ratio) != 1.0:
+            raise ValueError(f"clip_search=True searches the clip ratio; clip_ratio must stay 1.0, got {self.clip_ratio!r}")
+        if not _is_number(self.gptq_damp) or not (0.0 < float(self.gptq_damp) < 1.0):
+            raise ValueError(f"gptq_damp must be a float in (0, 1), got {self.gptq_damp!r}")
+        if isinstance(self.act_bits, bool) or self.act_bits not in ACT_MODES:
+            raise ValueError(f"act_bits must be one of {ACT_MODES} (16 = weight-only), got {self.act_bits!r}")
+        self._validate_fmpq()
+        if self.scale_mode not in SCALE_MODES:
+            raise ValueError(f"scale_mode must be one of {SCALE_MODES}, got {self.scale_mode!r}")
+        if not _is_int(self.kv_group_size) or self.kv_group_size < 2 or self.kv_group_size % 2:
+            raise ValueError(f"kv_group_size must be an even int >= 2, got {self.kv_group_size!r}")
+        if self.kv_axis not in KV_AXES:
+            raise ValueError(f"kv_axis must be one of {KV_AXES}, got {self.kv_axis!r}")
+        skip = self.skip_modules
+        if isinstance(skip, str) or not isinstance(skip, (tuple, list)):
+            raise TypeError(f"skip_modules must be a tuple of module names, got {skip!r}")
+        for s in skip:
+            if not isinstance(s, str) or not s:
+                raise TypeError(f"skip_modules entries must be non-empty strings, got {s!r}")
+        object.__setattr__(self, "skip_modules", tuple(skip))
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        for name in ("calib_n_samples", "calib_seq_len"):
+            v = getattr(self, name)
+            if not _is_int(v) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        if not _is_int(self.format_version):
+            raise TypeError(f"format_version must be an int, got {self.format_version!r}")
+        if self.format_version != FORMAT_VERSION:
+            raise ValueError(
+                f"unknown cometq format_version {self.format_version!r}: this cometq reads version {FORMAT_VERSION}"
+            )
+
+    def _validate_fmpq(self) -> None:
+        budgets = {"int8_fraction": self.int8_fraction, "int8_blocks": self.int8_blocks, "outlier_ratio": self.outlier_ratio}
+        given = [k for k, v in budgets.items() if v is not None]
+        if self.act_bits != "fmpq":
+            extra = given + (["max_int8_blocks"] if self.max_int8_blocks is not None else [])
+            if extra:
+                raise ValueError(f"{', '.join(extra)} only apply to act_bits='fmpq', got act_bits={self.act_bits!r}")
+            return
+        if len(given) > 1:
+            raise ValueError(f"pass exactly one FMPQ budget (int8_fraction, int8_blocks, outlier_ratio), got {given}")
+        if not given:
+            object.__setattr__(self, "int8_fraction", DEFAULT_INT8_FRACTION)
+        if self.int8_fraction is not None:
+            f = self.int8_fraction
+            if not _is_number(f):
+                raise TypeError(f"int8_fraction must be a float, got {f!r}")
+            if not 0.0 <= float(f) <= 1.0:
+                raise ValueError(f"int8_fraction must be in [0, 1], got {f!r}")
+            object.__setattr__(self, "int8_fraction", float(f))
+        if self.int8_blocks is not None and (not _is_int(self.int8_blocks) or self.int8_blocks < 0):
+            raise ValueError(f"int8_blocks must be an int >= 0, got {self.int8_blocks!r}")
+        if self.outlier_ratio is not None:
+            r = self.outlier_ratio
+            if not _is_number(r) or not float(r) > 0 or not math.isfinite(float(r)):
+                raise ValueError(f"outlier_ratio must be a finite float > 0, got {r!r}")
+            object.__setattr__(self, "outlier_ratio", float(r))
+        if self.max_int8_blocks is not None:
+            if self.outlier_ratio is None:
+                raise ValueError(f"max_int8_blocks caps outlier_ratio; it needs outlier_ratio, got max_int8_blocks={self.max_int8_blocks!r}")
+            if not _is_int(self.max_int8_blocks) or self.max_int8_blocks < 0:
+                raise ValueError(f"max_int8_blocks must be an int >= 0, got {self.max_int8_blocks!r}")
+
+    # ------------------------------------------------------------------
+    @property
+    def weight_only(self) -> bool:
+        return self.act_bits == 16
+
+    def fmpq_kwargs(self) -> Dict[str, Any]:
+        """Keyword arguments for :func:`cometq.reference.fmpq_calibrate`."""
+        if self.int8_blocks is not None:
+            return {"int8_blocks": self.int8_blocks}
+        if self.outlier_ratio is not None:
+            return {"outlier_ratio": self.outlier_ratio, "max_int8_blocks": self.max_int8_blocks}
+        return {"int8_fraction": self.int8_fraction}
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["skip_modules"] = list(self.skip_modules)
+        d["quant_method"] = QUANT_METHOD
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "W4AxConfig":
+        if not isinstance(d, dict):
+            raise TypeError(f"W4AxConfig.from_dict needs a dict, got {type(d).__name__}")
+        d = dict(d)
+        qm = d.pop("quant_method", QUANT_METHOD)
+        if qm != QUANT_METHOD:
+            raise ValueError(f"quant_method must be {QUANT_METHOD!r}, got {qm!r}")
+        if "format_version" not in d:
+            raise ValueError("quantization config has no format_version: not a cometq checkpoint config")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown W4AxConfig keys {unknown} (format_version {d.get('format_version')!r})")
+        if isinstance(d.get("skip_modules"), list):
+            d["skip_modules"] = tuple(d["skip_modules"])
+        # validate the version first so an unknown version is reported as such
+        fv = d["format_version"]
+        if fv != FORMAT_VERSION:
+            raise ValueError(f"unknown cometq format_version {fv!r}: this cometq reads version {FORMAT_VERSION}")
+        return cls(**d)
+
+
+# ----------------------------------------------------------------------
+# config type -> handler registry (torchao-style quantize_)
+# ----------------------------------------------------------------------
+_HANDLERS: Dict[type, Callable] = {}
+
+
+def register_quantize_handler(config_type: type) -> Callable[[Callable], Callable]:
+    """Decorator: ``fn(model, config, **kwargs)`` applies configs of ``config_type``."""
+    if not isinstance(config_type, type):
+        raise TypeError(f"register_quantize_handler needs a config class, got {config_type!r}")
+
+    def deco(fn: Callable) -> Callable:
+        if not callable(fn):
+            raise TypeError(f"handler must be callable, got {fn!r}")
+        _HANDLERS[config_type] = fn
+        return fn
+
+    return deco
+
+
+def get_quantize_handler(config) -> Callable:
+    for t in type(config).__mro__:
+        if t in _HANDLERS:
+            return _HANDLERS[t]
+    raise TypeError(
+        f"no quantize handler registered for config type {type(config).__name__}; "
+        f"known: {[t.__name__ for t in _HANDLERS]}"
+    )

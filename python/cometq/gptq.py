@@ -1,0 +1,129 @@
+"""GPTQ (Frantar et al., 2022) for symmetric INT4 weights, per channel or per group.
+
+Produces a :class:`cometq.reference.QuantizedWeight` in the same format as
+:func:`cometq.reference.quantize_weight_rtn`: ``qweight`` uint8 ``[N, K_pad/2]``,
+``scales`` float32 ``[N, K_pad/G]``, values in [-7, 7], scale = absmax * clip / 7.
+
+Algorithm: columns are quantized left to right; the rounding error of column i
+is spread over the not-yet-quantized columns with the inverse Hessian's
+Cholesky factor (``H = 2/n X^T X`` of the layer input, damped by
+``damp * mean(diag H)``), in lazy-update blocks of 128 columns.
+
+Group scales are taken when the quantizer enters a group, from the columns as
+updated so far (as in the GPTQ reference code).  ``act_order`` (off by default:
+the FMPQ sort already orders the columns by magnitude) processes columns by
+decreasing Hessian diagonal with *static* groups: every scale is fixed up front
+from the original weight in stored column order, so the stored format keeps
+group g = columns [g*G, (g+1)*G).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import reference as R
+from .layout import INT4_QMAX, check_tensor, pack_int4, pad_last_dim, padded_k
+
+__all__ = ["gptq_quantize"]
+
+_BLOCK = 128
+
+
+def _scale(w: torch.Tensor, clip_ratio: float) -> torch.Tensor:
+    """Per-row scale of a column slice ``w [N, g]``."""
+    return w.abs().amax(dim=1) * clip_ratio / INT4_QMAX
+
+
+def _q(w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    safe = torch.where(s == 0, torch.ones_like(s), s)
+    return torch.round(w / safe).clamp_(-INT4_QMAX, INT4_QMAX)
+
+
+@torch.no_grad()
+def gptq_quantize(
+    w: torch.Tensor,
+    hessian: torch.Tensor,
+    group_size: Optional[int] = 128,
+    *,
+    damp: float = 0.01,
+    act_order: bool = False,
+    clip_ratio: float = 1.0,
+) -> R.QuantizedWeight:
+    """GPTQ-quantize ``w [N, K]`` (stored column order) given ``hessian [K, K]`` (same order)."""
+    check_tensor("weight", w, dtypes=R.FLOAT_DTYPES, ndim=2)
+    check_tensor("hessian", hessian, dtypes=R.FLOAT_DTYPES + (torch.float64,), ndim=2)
+    n, k = w.shape
+    if n == 0 or k == 0:
+        raise ValueError(f"weight must be non-empty, got shape {tuple(w.shape)}")
+    if tuple(hessian.shape) != (k, k):
+        raise ValueError(f"hessian shape {tuple(hessian.shape)} must be ({k}, {k}) for weight shape {tuple(w.shape)}")
+    if not bool(torch.isfinite(hessian).all()):
+        raise ValueError("hessian has non-finite entries")
+    if not (0.0 < float(damp) < 1.0):
+        raise ValueError(f"damp must be in (0, 1), got {damp}")
+    if not (0.0 < float(clip_ratio) <= 1.0):
+        raise ValueError(f"clip_ratio must be in (0, 1], got {clip_ratio}")
+    k_pad = padded_k(k)
+    g = R.check_group_size(group_size, k_pad)
+    dev = w.device
+
+    W = pad_last_dim(w.float(), k_pad).clone()
+    H = torch.zeros(k_pad, k_pad, dtype=torch.float64, device=dev)
+    H[:k, :k] = hessian.double()
+    dead = torch.diagonal(H) == 0  # padding columns and channels never active
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    H += float(damp) * torch.mean(torch.diagonal(H)) * torch.eye(k_pad, dtype=torch.float64, device=dev)
+
+    n_groups = k_pad // g
+    scales = torch.zeros(n, n_groups, dtype=torch.float32, device=dev)
+    order = None
+    if act_order:
+        # static groups: scales from the original weight, stored order
+        scales = _scale(W.view(n, n_groups, g).reshape(n * n_groups, g), clip_ratio).view(n, n_groups)
+        order = torch.argsort(torch.diagonal(H), descending=True, stable=True)
+        W = W[:, order]
+        H = H[order][:, order]
+
+    L = torch.linalg.cholesky(H)
+    Hinv = torch.cholesky_inverse(L)
+    Hinv = torch.linalg.cholesky(Hinv, upper=True).float()
+
+    Q = torch.zeros_like(W)
+    for i1 in range(0, k_pad, _BLOCK):
+        i2 = min(i1 + _BLOCK, k_pad)
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        E1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if order is None:
+                gi = col // g
+                if col % g == 0:
+                    # entering a group: its columns as updated so far. A group of
+                    # <=128 lies in this block (W1); a larger one starts at the block
+                    # start where W[:, i1:] is fully updated.
+                    grp = W1[:, i : i + g] if g <= _BLOCK else W[:, col : col + g]
+                    scales[:, gi] = _scale(grp, clip_ratio)
+            else:
+                gi = int(order[col]) // g
+            s = scales[:, gi]
+            wc = W1[:, i]
+            q = _q(wc, s)
+            Q1[:, i] = q
+            d = Hinv1[i, i]
+            err = (wc - q * s) / d
+            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            E1[:, i] = err
+        Q[:, i1:i2] = Q1
+        W[:, i2:] -= E1 @ Hinv[i1:i2, i2:]
+
+    if order is not None:
+        inv = torch.empty_like(order)
+        inv[order] = torch.arange(k_pad, device=dev)
+        Q = Q[:, inv]
+    Q[:, k:] = 0
+    qweight = pack_int4(Q.to(torch.int8))
+    return R.QuantizedWeight(qweight, scales.contiguous(), k, -1 if group_size in (None, -1) else group_size)

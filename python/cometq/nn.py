@@ -1,0 +1,268 @@
+"""``W4AxLinear``: the quantized drop-in for ``nn.Linear``.
+
+State (all buffers, so ``state_dict``/safetensors carry them):
+
+* ``qweight`` uint8 ``[N, K_pad/2]`` and ``w_scales`` float32 ``[N, K_pad/G]``: the INT4
+  weight with the FMPQ permutation folded into its columns (see
+  :class:`cometq.reference.QuantizedWeight`);
+* ``perm`` int64 ``[K]`` and ``block_bits`` int32 ``[K_pad/128]``: the activation
+  layout (:class:`cometq.layout.ActivationLayout`); an identity ``perm`` means the
+  permutation was folded upstream (or there is none);
+* ``bias`` ``[N]`` (optional, in the model's dtype).
+
+Buffer shapes depend only on (K, N, group size, bias), never on calibration
+results, so an empty module can be built on the meta device from the config
+and the original ``nn.Linear`` shapes (this is how checkpoints are loaded).
+
+``forward`` flattens to 2-D, quantizes through ``cometq.ops.quantize_activation``
+and multiplies through ``cometq.ops.w4ax_gemm_q`` (backend from the config),
+reshapes back, returns the input dtype.  ``act_bits=16`` (weight-only) computes
+``x @ dequantized(W)^T`` instead.
+
+CPU fast path (``fast_path=True``, off by default): the reference GEMM loops over
+K segments in float64, too slow for perplexity runs on CPU.  The fast path uses
+the same quantized integers and scales (same op for the activations) and does one
+float32 matmul of the dequantized operands.  It equals the reference up to
+float32 rounding; tests hold it to ``cometq.testing.FAST_PATH_RTOL/ATOL``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from . import ops
+from . import reference as R
+from .layout import BLOCK_K, ActivationLayout, num_blocks, padded_k
+
+__all__ = ["W4AxLinear", "set_fast_path", "fake_quantize_activation"]
+
+ACT_MODES = ("fmpq", 4, 8, 16)
+
+
+class W4AxLinear(nn.Module):
+    """INT4-weight linear layer with FMPQ (INT4/INT8 block) activations."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        bias: bool = False,
+        group_size: int = 128,
+        act_bits: Union[str, int] = "fmpq",
+        scale_mode: str = "block",
+        backend: str = "auto",
+        bias_dtype: torch.dtype = torch.float32,
+        device=None,
+    ):
+        super().__init__()
+        if isinstance(act_bits, bool) or act_bits not in ACT_MODES:
+            raise ValueError(f"act_bits must be one of {ACT_MODES}, got {act_bits!r}")
+        for name, v in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        k_pad = padded_k(in_features)
+        g = R.check_group_size(group_size, k_pad)
+        self.in_features = in_features
+        self.out_features = out_features
+        self.group_size = -1 if group_size in (None, -1) else group_size
+        self.act_bits = act_bits
+        self.scale_mode = scale_mode
+        self.backend = backend
+        self.fast_path = False
+        self.register_buffer("qweight", torch.zeros(out_features, k_pad // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("w_scales", torch.zeros(out_features, k_pad // g, dtype=torch.float32, device=device))
+        self.register_buffer("perm", torch.arange(in_features, dtype=torch.int64, device=device))
+        self.register_buffer(
+            "block_bits", torch.full((num_blocks(in_features),), 4, dtype=torch.int32, device=device)
+        )
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype, device=device))
+        else:
+            self.bias = None
+        self._layout_key = None
+        self._layout = None
+        self._wdeq_key = None
+        self._wdeq = None
+
+    # ------------------------------------------------------------------
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        layout: Optional[ActivationLayout],
+        qweight: R.QuantizedWeight,
+        *,
+        act_bits: Union[str, int] = "fmpq",
+        scale_mode: str = "block",
+        backend: str = "auto",
+    ) -> "W4AxLinear":
+        """Wrap ``linear``'s bias with an already quantized weight (columns in ``layout`` order).
+
+        ``layout`` None means identity permutation; for act_bits 4/8 its block bits
+        must be all 4 / all 8.  The weight's columns must already be permuted by
+        ``layout.perm`` (or by the permutation folded upstream).
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear needs an nn.Linear, got {type(linear).__name__}")
+        if not isinstance(qweight, R.QuantizedWeight):
+            raise TypeError(f"qweight must be a QuantizedWeight, got {type(qweight).__name__}")
+        k, n = linear.in_features, linear.out_features
+        if qweight.in_features != k or qweight.out_features != n:
+            raise ValueError(
+                f"quantized weight is [{qweight.out_features}, {qweight.in_features}] but the linear is [{n}, {k}]"
+            )
+        dev = linear.weight.device
+        mod = cls(
+            k, n, bias=linear.bias is not None, group_size=qweight.group_size, act_bits=act_bits,
+            scale_mode=scale_mode, backend=backend,
+            bias_dtype=linear.bias.dtype if linear.bias is not None else torch.float32, device=dev,
+        )
+        if layout is None:
+            layout = ActivationLayout.identity(k, 8 if act_bits == 8 else 4, device=dev)
+        if not isinstance(layout, ActivationLayout):
+            raise TypeError(f"layout must be an ActivationLayout or None, got {type(layout).__name__}")
+        if layout.in_features != k:
+            raise ValueError(f"layout has K={layout.in_features} but the linear has in_features={k}")
+        if act_bits in (4, 8) and bool((layout.block_bits != act_bits).any()):
+            raise ValueError(f"act_bits={act_bits} needs all blocks at {act_bits} bits, got {layout!r}")
+        with torch.no_grad():
+            mod.qweight.copy_(qweight.qweight)
+            mod.w_scales.copy_(qweight.scales)
+            mod.perm.copy_(layout.perm)
+            mod.block_bits.copy_(layout.block_bits)
+            if linear.bias is not None:
+                mod.bias.copy_(linear.bias.detach())
+        return mod
+
+    # ------------------------------------------------------------------
+    def layout(self) -> ActivationLayout:
+        """The activation layout (validated once, cached until the buffers change)."""
+        key = (self.perm.device, self.perm.data_ptr(), self.perm._version,
+               self.block_bits.data_ptr(), self.block_bits._version)
+        if self._layout is None or self._layout_key != key:
+            self._layout = ActivationLayout(self.perm, self.block_bits)
+            self._layout_key = key
+        return self._layout
+
+    def quantized_weight(self) -> R.QuantizedWeight:
+        return R.QuantizedWeight(self.qweight, self.w_scales, self.in_features, self.group_size)
+
+    def _dequantized_weight(self) -> torch.Tensor:
+        """float32 ``[N, K_pad]`` (permuted column order).
+
+        Cached on CPU (the fast path's whole point), recomputed per call on other
+        devices so a GPU model never holds a float copy of its INT4 weights."""
+        if self.qweight.device.type != "cpu":
+            return R.dequantize_weight(self.quantized_weight(), trim=False)
+        key = (self.qweight.device, self.qweight.data_ptr(), self.qweight._version,
+               self.w_scales.data_ptr(), self.w_scales._version)
+        if self._wdeq is None or self._wdeq_key != key:
+            self._wdeq = R.dequantize_weight(self.quantized_weight(), trim=False)
+            self._wdeq_key = key
+        return self._wdeq
+
+    def _backend(self) -> Optional[str]:
+        return None if self.backend == "auto" else self.backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"W4AxLinear expects {self.in_features} input features, got input shape {tuple(x.shape)}"
+            )
+        lead = x.shape[:-1]
+        dtype = x.dtype
+        x2 = x.reshape(-1, self.in_features)
+        if dtype not in R.FLOAT_DTYPES:
+            raise TypeError(f"W4AxLinear input must be fp16/bf16/fp32, got {dtype}")
+        if self.act_bits == 16:
+            y = self._forward_weight_only(x2)
+        elif self.fast_path and x2.device.type == "cpu":
+            y = self._forward_fast(x2)
+        else:
+            qa = ops.quantize_activation(x2, self.layout(), self.scale_mode, self._backend())
+            y = ops.w4ax_gemm_q(qa, self.quantized_weight(), self.bias, out_dtype=dtype, backend=self._backend())
+        return y.to(dtype).reshape(*lead, self.out_features)
+
+    def _forward_weight_only(self, x2: torch.Tensor) -> torch.Tensor:
+        lay = self.layout()
+        xp = x2 if lay.is_identity_perm else x2[:, lay.perm]
+        w = self._dequantized_weight()[:, : self.in_features]
+        if self.fast_path or x2.device.type == "cpu":
+            y = xp.float() @ w.T
+        else:
+            y = xp @ w.to(x2.dtype).T
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y
+
+    def _forward_fast(self, x2: torch.Tensor) -> torch.Tensor:
+        # Same integers and scales as the reference path (fake_quantize_activation
+        # is the reference quantizer's math without the packing); only the
+        # accumulation differs: one fp32 matmul instead of exact per-segment
+        # integer dots with a float64 epilogue.
+        xd = fake_quantize_activation(x2, self.layout(), self.scale_mode)  # fp32 [M, K_pad], permuted
+        y = xd @ self._dequantized_weight().T
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y
+
+    def extra_repr(self) -> str:
+        lay = self.layout() if self.perm.device.type != "meta" else None
+        n8 = lay.n_int8 if lay is not None else "?"
+        perm = ("identity" if lay.is_identity_perm else "runtime") if lay is not None else "?"
+        act = {16: "A16 (weight-only)", 4: "A4", 8: "A8"}.get(self.act_bits, "A4/A8 FMPQ")
+        return (
+            f"K={self.in_features}, N={self.out_features}, K_pad={padded_k(self.in_features)}, "
+            f"group={self.group_size}, act={act}, int8_blocks={n8}/{num_blocks(self.in_features)}, "
+            f"perm={perm}, scale_mode={self.scale_mode}, bias={self.bias is not None}, backend={self.backend}"
+        )
+
+
+def set_fast_path(model: nn.Module, enabled: bool = True) -> int:
+    """Turn the CPU fast path of every :class:`W4AxLinear` in ``model`` on/off; returns how many."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {enabled!r}")
+    n = 0
+    for m in model.modules():
+        if isinstance(m, W4AxLinear):
+            m.fast_path = enabled
+            n += 1
+    return n
+
+
+def fake_quantize_activation(x: torch.Tensor, layout: ActivationLayout, scale_mode: str = "block") -> torch.Tensor:
+    """``dequantize_activation(quantize_activation(x, layout, scale_mode))`` without packing.
+
+    float32 ``[M, K_pad]`` in permuted order.  The arithmetic is the reference
+    quantizer's step for step (float32 absmax / qmax, IEEE division,
+    round-half-to-even, clamp, then ``q * scale``), so the result is bit-identical
+    to the reference round trip (tests check ``torch.equal``).
+    """
+    R.check_tensor("x", x, dtypes=R.FLOAT_DTYPES, ndim=2)
+    m, k = x.shape
+    if k != layout.in_features:
+        raise ValueError(f"x has K={k} channels (shape {tuple(x.shape)}) but the layout has K={layout.in_features}")
+    if scale_mode not in ("block", "class"):
+        raise ValueError(f"scale_mode must be 'block' or 'class', got {scale_mode!r}")
+    nb = layout.n_blocks
+    xp = x.float()
+    if not layout.is_identity_perm:
+        xp = xp[:, layout.perm]
+    xb = R.pad_last_dim(xp, layout.k_pad).view(m, nb, BLOCK_K)
+    absmax = xb.abs().amax(dim=-1)
+    is8 = layout.block_bits == 8
+    qmax = torch.where(is8, 127, 7).to(torch.float32)
+    if scale_mode == "block":
+        bscale = absmax / qmax
+    else:
+        zero = torch.zeros(m, device=x.device)
+        a4 = absmax[:, ~is8].amax(dim=1) if layout.n_int4 else zero
+        a8 = absmax[:, is8].amax(dim=1) if layout.n_int8 else zero
+        scales = torch.stack((a4 / 7, a8 / 127), dim=1)
+        bscale = scales[:, is8.long()]
+    q = torch.round(R._safe_div(xb, bscale[..., None]))
+    q = torch.maximum(torch.minimum(q, qmax[:, None]), -qmax[:, None])
+    return (q * bscale[..., None]).view(m, layout.k_pad)

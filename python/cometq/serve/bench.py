@@ -1,0 +1,342 @@
+"""End-to-end serving benchmark: throughput, TTFT, TPOT (``cometq bench`` / bench/bench_serving.py).
+
+Systems compared, same request mix (``batch`` requests of ``input_len`` random
+prompt tokens, each generating exactly ``output_len`` tokens, all submitted at
+once -- offline throughput at a given concurrency):
+
+* ``cometq-w4ax-kv4``: the model quantized with ``cometq.quantize_`` (W4Ax
+  linears) served by the cometq engine over the paged KV4 pool;
+* ``cometq-fp``: the unquantized model, same engine and runner, full-precision
+  paged cache (the "cometq FP16 path": isolates what W4Ax + KV4 buy);
+* ``hf-generate``: ``transformers`` ``model.generate`` on the unquantized model
+  (static batch, greedy, DynamicCache).
+
+On a GPU the default model is a Llama-3-8B-shaped random-weight model (no hub
+access needed), fp16, batch 1..64, 1024 in / 512 out.  On CPU: the embedded
+SmolLM2-135M (fp32) with small sizes.  ``--quick``: a tiny random model and a
+few small points (a smoke run).
+
+Metrics per (system, batch): output tokens/s (all requests' generated tokens /
+wall time), total tokens/s (prompt + output), mean and p50/p90 TTFT (submission
+to first token), mean TPOT ((finish - first token) / (output_len - 1)).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Dict, List, Optional
+
+__all__ = ["build_parser", "main", "run_bench"]
+
+SYSTEMS = ("cometq-w4ax-kv4", "cometq-fp", "hf-generate")
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cometq bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, add_help=add_help)
+    p.add_argument("--model", default=None,
+                   help="model directory, 'smollm2-135m', or 'llama3-8b-random' (default: llama3-8b-random on "
+                        "GPU, smollm2-135m on CPU, a tiny random model with --quick)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {','.join(SYSTEMS)}")
+    p.add_argument("--batch-sizes", default=None, help="comma-separated (default: GPU 1,4,16,64; CPU 1,4,8)")
+    p.add_argument("--input-len", type=int, default=None, help="prompt tokens (default: GPU 1024, CPU 64)")
+    p.add_argument("--output-len", type=int, default=None, help="generated tokens (default: GPU 512, CPU 32)")
+    p.add_argument("--block-size", type=int, default=64, help="KV pool block size (tokens)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="engine token budget per step (default: 8192 GPU, 512 CPU)")
+    p.add_argument("--quick", action="store_true", help="tiny model, few small points (smoke run)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (CPU; default: torch's choice -- use 1 on a busy machine, where "
+                        "OpenMP threads spin against each other)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="bench/results", help="directory for serving_<tag>.json/.md/.png")
+    p.add_argument("--tag", default=None, help="file name tag (default: device)")
+    return p
+
+
+# --------------------------------------------------------------------------- models
+def _llama3_8b_random(device, dtype):
+    """Llama-3-8B geometry (hidden 4096, 32 layers, 32/8 heads, vocab 128256), random weights."""
+    import transformers as tf
+
+    cfg = tf.LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+                         rope_theta=500000.0, rms_norm_eps=1e-5, bos_token_id=128000, eos_token_id=128001)
+    return random_llama(cfg, device, dtype)
+
+
+def random_llama(cfg, device, dtype, seed: int = 0):
+    """A random-weight causal LM of ``cfg`` built without a CPU copy (meta init, then N(0, 0.02))."""
+    import torch
+    import transformers as tf
+
+    with torch.device("meta"):
+        model = tf.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    model = model.to_empty(device=device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=g)
+    # the rotary inv_freq buffers were created on the meta device: build the module again
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=cfg).to(device)
+    return model.eval()
+
+
+def _load(name: str, device: str, quick: bool):
+    import torch
+
+    if quick and name is None:
+        from .tiny import byte_tokenizer, tiny_model
+
+        return tiny_model(max_positions=1024).to(device), byte_tokenizer(), "tiny-random-llama"
+    if name is None:
+        name = "llama3-8b-random" if device == "cuda" else "smollm2-135m"
+    if name == "llama3-8b-random":
+        return _llama3_8b_random(device, torch.float16), None, name
+    from ..models import load_model
+
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    model, tok = load_model(name, dtype=dtype, device=device)
+    return model, tok, name
+
+
+# --------------------------------------------------------------------------- runs
+def _prompts(vocab: int, batch: int, n: int, seed: int) -> List[List[int]]:
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for _ in range(batch)]
+
+
+def _summ(ttft: List[float], tpot: List[float], wall: float, batch: int, in_len: int, out_len: int) -> Dict:
+    ttft_sorted = sorted(ttft)
+    return {
+        "batch": batch, "input_len": in_len, "output_len": out_len, "wall_s": wall,
+        "output_tokens_per_s": batch * out_len / wall, "total_tokens_per_s": batch * (in_len + out_len) / wall,
+        "ttft_mean_s": statistics.fmean(ttft), "ttft_p50_s": ttft_sorted[len(ttft) // 2],
+        "ttft_p90_s": ttft_sorted[min(len(ttft) - 1, int(0.9 * len(ttft)))],
+        "tpot_mean_s": statistics.fmean(tpot) if tpot else float("nan"),
+    }
+
+
+def _sync(device):
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_engine(model, *, kv4: bool, batch: int, in_len: int, out_len: int, block_size: int, budget: int,
+               device: str, seed: int) -> Dict:
+    from .engine import Engine, EngineConfig
+    from .runner import ModelRunner
+    from .sampling import SamplingParams
+
+    blocks = batch * (-(-(in_len + out_len) // block_size))
+    kw = dict(group_size=min(block_size, 64)) if kv4 else {}
+    runner = ModelRunner.build(model, kv4=kv4, num_blocks=blocks, block_size=block_size, max_seqs=max(batch, 1), **kw)
+    eng = Engine(runner, None, EngineConfig(max_num_seqs=batch, max_num_batched_tokens=budget,
+                                            max_model_len=in_len + out_len))
+    sp = SamplingParams(max_tokens=out_len, temperature=0, ignore_eos=True)
+    warm = eng.add_request(_prompts(runner.vocab_size, 1, min(in_len, 16), seed + 1)[0],
+                           SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
+    while eng.has_work():
+        eng.step()
+    del warm
+    _sync(device)
+    t0 = time.monotonic()
+    reqs = [eng.add_request(p, sp) for p in _prompts(runner.vocab_size, batch, in_len, seed)]
+    steps = 0
+    while eng.has_work():
+        eng.step()
+        steps += 1
+    _sync(device)
+    wall = time.monotonic() - t0
+    if any(len(r.output_ids) != out_len for r in reqs):
+        raise RuntimeError(f"engine produced {[len(r.output_ids) for r in reqs]} tokens, wanted {out_len}")
+    ttft = [r.first_token_time - r.arrival for r in reqs]
+    tpot = [(r.finish_time - r.first_token_time) / (out_len - 1) for r in reqs if out_len > 1]
+    res = _summ(ttft, tpot, wall, batch, in_len, out_len)
+    res.update(steps=steps, preemptions=eng.stats["preemptions"], kv_pool_bytes=runner.pool.memory_bytes())
+    return res
+
+
+def run_hf_generate(model, *, batch: int, in_len: int, out_len: int, device: str, seed: int) -> Dict:
+    import torch
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class _Clock(LogitsProcessor):
+        def __init__(self):
+            self.times = []
+
+        def __call__(self, input_ids, scores):
+            if scores.is_cuda:  # the logits of this step must exist before we stamp the time
+                torch.cuda.synchronize()
+            self.times.append(time.monotonic())
+            return scores
+
+    ids = torch.tensor(_prompts(model.config.vocab_size, batch, in_len, seed), device=device)
+    kw = dict(max_new_tokens=out_len, min_new_tokens=out_len, do_sample=False, pad_token_id=0,
+              attention_mask=torch.ones_like(ids))
+    with torch.no_grad():
+        model.generate(ids[:1, :16], max_new_tokens=2, do_sample=False, pad_token_id=0)  # warm-up
+        _sync(device)
+        clock = _Clock()
+        t0 = time.monotonic()
+        out = model.generate(ids, logits_processor=LogitsProcessorList([clock]), **kw)
+        _sync(device)
+        wall = time.monotonic() - t0
+    if out.shape[1] != in_len + out_len:
+        raise RuntimeError(f"hf generate produced {out.shape[1] - in_len} tokens, wanted {out_len}")
+    first = clock.times[0] - t0  # logits of the first token exist after prefill (sync is implicit on CPU)
+    tpot = (wall - first) / max(1, out_len - 1)
+    return _summ([first] * batch, [tpot] * batch, wall, batch, in_len, out_len)
+
+
+def run_bench(args) -> Dict:
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    gpu = device == "cuda"
+    if args.quick:
+        batches, in_len, out_len = [1, 4], 32, 16
+    else:
+        batches = [1, 4, 16, 64] if gpu else [1, 4, 8]
+        in_len, out_len = (1024, 512) if gpu else (64, 32)
+    if args.batch_sizes:
+        batches = [int(b) for b in args.batch_sizes.split(",")]
+    in_len = args.input_len or in_len
+    out_len = args.output_len or out_len
+    budget = args.max_num_batched_tokens or (8192 if gpu else 512)
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    bad = [s for s in systems if s not in SYSTEMS]
+    if bad:
+        raise ValueError(f"unknown systems {bad}; choose from {SYSTEMS}")
+    for name, v in (("input-len", in_len), ("output-len", out_len), ("block-size", args.block_size)):
+        if v < 1:
+            raise ValueError(f"--{name} must be >= 1, got {v}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    _log(f"loading model on {device} ...")
+    model, tok, model_name = _load(args.model, device, args.quick)
+    qmodel = None
+    if "cometq-w4ax-kv4" in systems:
+        from .. import W4AxConfig, quantize_
+        from ..nn import set_fast_path
+
+        _log("quantizing (W4Ax, FMPQ) ...")
+        t = time.time()
+        qmodel = model if systems == ["cometq-w4ax-kv4"] else copy.deepcopy(model)
+        calib = torch.randint(0, model.config.vocab_size, (4, 128), generator=torch.Generator().manual_seed(1))
+        quantize_(qmodel, W4AxConfig(), calib_data=calib.to(device))
+        if not gpu:
+            set_fast_path(qmodel, True)
+        _log(f"quantized in {time.time() - t:.1f} s")
+    rows = []
+    for b in batches:  # systems interleaved per batch size: slow drift of a shared machine hits all alike
+        for system in systems:
+            _log(f"{system}: batch {b}, {in_len} in / {out_len} out ...")
+            try:
+                if system == "hf-generate":
+                    r = run_hf_generate(model, batch=b, in_len=in_len, out_len=out_len, device=device, seed=args.seed)
+                else:
+                    m = qmodel if system == "cometq-w4ax-kv4" else model
+                    r = run_engine(m, kv4=system == "cometq-w4ax-kv4", batch=b, in_len=in_len, out_len=out_len,
+                                   block_size=args.block_size, budget=budget, device=device, seed=args.seed)
+            except torch.cuda.OutOfMemoryError as e:  # pragma: no cover - GPU only
+                _log(f"  out of memory: {e}")
+                torch.cuda.empty_cache()
+                r = {"batch": b, "input_len": in_len, "output_len": out_len, "error": "out of memory"}
+            r["system"] = system
+            rows.append(r)
+            if "error" not in r:
+                _log(f"  {r['output_tokens_per_s']:.1f} out tok/s, TTFT {r['ttft_mean_s'] * 1e3:.1f} ms, "
+                     f"TPOT {r['tpot_mean_s'] * 1e3:.1f} ms")
+    dev_name = torch.cuda.get_device_name() if gpu else platform.processor() or platform.machine()
+    return {"model": model_name, "device": device, "device_name": dev_name, "dtype": str(model.dtype),
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "quick": bool(args.quick),
+            "block_size": args.block_size, "max_num_batched_tokens": budget, "results": rows}
+
+
+def markdown(res: Dict) -> str:
+    lines = [f"model {res['model']} ({res['dtype']}), {res['device']} {res['device_name']}",
+             "", "| system | batch | in/out | out tok/s | total tok/s | TTFT mean (ms) | TTFT p90 (ms) | TPOT (ms) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in res["results"]:
+        if "error" in r:
+            lines.append(f"| {r['system']} | {r['batch']} | {r['input_len']}/{r['output_len']} | {r['error']} "
+                         "| | | | |")
+            continue
+        lines.append(f"| {r['system']} | {r['batch']} | {r['input_len']}/{r['output_len']} | "
+                     f"{r['output_tokens_per_s']:.1f} | {r['total_tokens_per_s']:.1f} | {r['ttft_mean_s'] * 1e3:.1f} | "
+                     f"{r['ttft_p90_s'] * 1e3:.1f} | {r['tpot_mean_s'] * 1e3:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(res: Dict, path: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        _log("matplotlib not installed: no plot")
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for system in dict.fromkeys(r["system"] for r in res["results"]):
+        rs = [r for r in res["results"] if r["system"] == system and "error" not in r]
+        axes[0].plot([r["batch"] for r in rs], [r["output_tokens_per_s"] for r in rs], marker="o", label=system)
+        axes[1].plot([r["batch"] for r in rs], [r["tpot_mean_s"] * 1e3 for r in rs], marker="o", label=system)
+    for ax, yl in zip(axes, ("output tokens/s", "TPOT (ms)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch (concurrent requests)")
+        ax.set_ylabel(yl)
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"{res['model']} on {res['device_name']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    return run_and_write(build_parser().parse_args(argv))
+
+
+def run_and_write(args) -> int:
+    """Run the benchmark and write JSON, markdown and (if matplotlib) a PNG plot."""
+    res = run_bench(args)
+    os.makedirs(args.out, exist_ok=True)
+    tag = args.tag or (res["device"] + ("-quick" if args.quick else ""))
+    base = os.path.join(args.out, f"serving_{tag}")
+    with open(base + ".json", "w") as f:
+        json.dump(res, f, indent=2)
+    res["results"].sort(key=lambda r: (SYSTEMS.index(r["system"]), r["batch"]))
+    md = markdown(res)
+    with open(base + ".md", "w") as f:
+        f.write(md)
+    plot(res, base + ".png")
+    print(md)
+    _log(f"wrote {base}.json / .md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""``cometq serve`` and ``cometq bench`` (parser entries live in cometq/cli.py, logic here)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+__all__ = ["add_serve_args", "cmd_serve", "add_bench_parser", "cmd_bench"]
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def add_serve_args(p: argparse.ArgumentParser, default_model: str) -> None:
+    p.add_argument("--model", default=default_model,
+                   help="cometq checkpoint, transformers directory, or the embedded SmolLM2-135M (default)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--quantize", action=argparse.BooleanOptionalAction, default=True,
+                   help="quantize an unquantized model with W4Ax (FMPQ) before serving (default: on)")
+    p.add_argument("--kv4", action=argparse.BooleanOptionalAction, default=True,
+                   help="4-bit paged KV cache (default: on); --no-kv4 keeps K/V in the model's dtype")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--served-model-name", default=None, help="model id reported by /v1/models")
+    p.add_argument("--max-num-seqs", type=int, default=32, help="sequences batched at once")
+    p.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per engine step")
+    p.add_argument("--kv-tokens", type=int, default=16384, help="KV pool capacity in tokens")
+    p.add_argument("--block-size", type=int, default=32, help="KV pool block size in tokens")
+    p.add_argument("--max-model-len", type=int, default=None, help="prompt + output tokens per request")
+    p.add_argument("--max-prompt-tokens", type=int, default=None, help="longest accepted prompt")
+    p.add_argument("--max-concurrent-requests", type=int, default=256, help="HTTP requests in flight (429 beyond)")
+    p.add_argument("--serve-calib-samples", type=int, default=8, help="calibration windows for --quantize")
+
+
+def _is_quantized(model) -> bool:
+    from ..nn import W4AxLinear
+
+    return any(isinstance(m, W4AxLinear) for m in model.modules())
+
+
+def cmd_serve(args) -> int:
+    import torch
+
+    from ..cli import _calib, _load_any
+    from .launch import build_engine, serve_forever, start_stack
+    from .server import ServerConfig
+
+    for name in ("port", "max_num_seqs", "max_num_batched_tokens", "kv_tokens", "block_size",
+                 "max_concurrent_requests", "serve_calib_samples"):
+        v = getattr(args, name)
+        if v < (0 if name == "port" else 1):
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {0 if name == 'port' else 1}, got {v}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    _log(f"loading {args.model} ...")
+    model, tok = _load_any(args.model)
+    if device == "cuda":  # W4Ax buffers keep their dtypes: only an unquantized model is cast to fp16
+        model = model.to(device) if _is_quantized(model) else model.to(device=device, dtype=torch.float16)
+    if args.quantize and not _is_quantized(model):
+        from .. import W4AxConfig, quantize_
+
+        _log("quantizing with W4Ax (FMPQ) ...")
+        calib = _calib(tok, 512, args.serve_calib_samples)
+        quantize_(model, W4AxConfig(), calib_data=calib)
+    if device == "cpu" and _is_quantized(model):
+        from ..nn import set_fast_path
+
+        set_fast_path(model, True)
+    engine = build_engine(model, tok, kv4=args.kv4, block_size=args.block_size, kv_tokens=args.kv_tokens,
+                          max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                          max_model_len=args.max_model_len)
+    name = args.served_model_name or str(args.model)
+    scfg = ServerConfig(model_name=name, max_prompt_tokens=args.max_prompt_tokens,
+                        max_concurrent_requests=args.max_concurrent_requests)
+    stack = start_stack(engine, tok, host=args.host, port=args.port, server_config=scfg, log_level="info")
+    _log(f"cometq serving {name!r} ({'W4Ax' if _is_quantized(model) else 'unquantized'}, "
+         f"{'KV4' if args.kv4 else 'full-precision KV'}, {engine.pool.num_blocks} x {engine.pool.block_size}-token "
+         f"blocks) at {stack.base_url}/v1  (Ctrl-C to stop)")
+    serve_forever(stack)
+    return 0
+
+
+def add_bench_parser(sub) -> argparse.ArgumentParser:
+    from .bench import build_parser
+
+    return sub.add_parser("bench", parents=[build_parser(add_help=False)],
+                          help="serving benchmark: throughput, TTFT, TPOT (cometq vs HF generate)",
+                          description="End-to-end serving benchmark (see bench/bench_serving.py).")
+
+
+def cmd_bench(args) -> int:
+    from .bench import run_and_write
+
+    return run_and_write(args)

@@ -1,0 +1,446 @@
+"""The serving engine: request queue, continuous-batching scheduler, sampling, streaming outputs.
+
+Scheduler policy (one ``step()`` = one forward of the runner):
+
+1. Aborted requests are removed and their KV blocks freed.
+2. Running sequences, oldest admission first, each get their next chunk: one
+   token when decoding, up to the remaining token budget when their prompt is
+   still being prefilled (chunked prefill).  Capacity is reserved in the pool
+   before the forward.  If the pool is full, the *newest* running sequence is
+   preempted (blocks freed, put back at the head of the queue; it is later
+   recomputed from prompt + tokens generated so far, so its output continues
+   where it stopped) -- never dropped, never mixed with another.
+3. While token budget, sequence slots and free blocks remain, waiting requests
+   are admitted in FIFO order (no overtaking: the head of the queue waits until
+   it fits).
+4. One forward over all chunks; sequences whose chunk reached their last token
+   sample one token; outputs are pushed to each request's callback.
+
+A request whose prompt + max_tokens cannot fit the whole pool (or the model's
+context) is rejected at submission, so every admitted request can always
+finish once it runs alone: preemption cannot livelock.
+"""
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Deque, Dict, List, Optional, Sequence
+
+import torch
+
+from .kv import KVPool, PoolExhausted
+from .runner import Chunk, ModelRunner
+from .sampling import IncrementalDetokenizer, SamplingParams, make_generator, sample_token
+
+__all__ = ["EngineConfig", "RequestOutput", "Request", "Engine", "EngineLoop", "RequestRejected"]
+
+
+class RequestRejected(ValueError):
+    """A request that can never be served (too long, bad tokens); ``param`` names the field."""
+
+    def __init__(self, message: str, param: Optional[str] = None, code: Optional[str] = None):
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Scheduler limits.
+
+    * ``max_num_seqs``: sequences running at once (batch size cap).
+    * ``max_num_batched_tokens``: tokens per step (decode tokens + prefill chunks).
+    * ``max_model_len``: prompt + output tokens per request (default: the model's
+      context, capped by what the pool holds).
+    * ``max_queue``: waiting requests beyond which submissions are rejected.
+    """
+
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 512
+    max_model_len: Optional[int] = None
+    max_queue: int = 1024
+
+    def __post_init__(self):
+        for n in ("max_num_seqs", "max_num_batched_tokens", "max_queue"):
+            v = getattr(self, n)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{n} must be an int >= 1, got {v!r}")
+        v = self.max_model_len
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 2):
+            raise ValueError(f"max_model_len must be an int >= 2 or None, got {v!r}")
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    text: str  # new text since the previous output
+    token_ids: List[int]  # new token ids since the previous output
+    finished: bool
+    finish_reason: Optional[str] = None  # "stop" | "length" | "abort" | "error"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: Optional[str] = None
+
+
+_WAITING, _RUNNING, _FINISHED = "waiting", "running", "finished"
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt_ids: List[int]
+    params: SamplingParams
+    callback: Optional[Callable[[RequestOutput], None]] = None
+    arrival: float = field(default_factory=time.monotonic)
+    output_ids: List[int] = field(default_factory=list)
+    status: str = _WAITING
+    num_computed: int = 0  # tokens of prompt+output whose K/V are in the pool
+    seq_id: int = -1
+    first_token_time: Optional[float] = None
+    finish_time: Optional[float] = None
+    finish_reason: Optional[str] = None
+    num_preemptions: int = 0
+    generator: Optional[torch.Generator] = None
+    detok: Optional[IncrementalDetokenizer] = None
+    _sent_ids: int = 0
+
+    @property
+    def all_ids(self) -> List[int]:
+        return self.prompt_ids + self.output_ids
+
+
+class Engine:
+    """Synchronous engine: ``add_request`` then call ``step()`` until ``has_work()`` is False."""
+
+    def __init__(self, runner: ModelRunner, tokenizer=None, config: EngineConfig = EngineConfig(),
+                 eos_token_ids: Sequence[int] = ()):
+        if not isinstance(config, EngineConfig):
+            raise TypeError(f"config must be an EngineConfig, got {type(config).__name__}")
+        self.runner = runner
+        self.pool: KVPool = runner.pool
+        self.tokenizer = tokenizer
+        self.config = config
+        pool_tokens = self.pool.num_blocks * self.pool.block_size
+        self.max_model_len = min(config.max_model_len or runner.max_positions, runner.max_positions, pool_tokens)
+        self.max_num_seqs = min(config.max_num_seqs, getattr(self.pool, "max_seqs", config.max_num_seqs))
+        self.eos_token_ids = tuple(int(t) for t in eos_token_ids)
+        self.waiting: Deque[Request] = deque()
+        self.running: List[Request] = []
+        self.requests: Dict[str, Request] = {}
+        self._aborts: List[str] = []
+        self._lock = threading.Lock()  # guards waiting/requests/_aborts against submitting threads
+        self._ids = itertools.count()
+        self._seq_ids = itertools.count()
+        # statistics (read by /metrics)
+        self.stats = dict(steps=0, prompt_tokens=0, generation_tokens=0, preemptions=0, finished=0, aborted=0,
+                          rejected=0, errors=0, ttft_sum=0.0, ttft_count=0, tpot_sum=0.0, tpot_count=0,
+                          e2e_sum=0.0, e2e_count=0)
+        self._tok_events: Deque = deque()  # (time, tokens) for a recent tokens/s rate
+
+    # -- submission ---------------------------------------------------------------
+    def validate(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
+        n = len(prompt_ids)
+        if n == 0:
+            raise RequestRejected("prompt is empty", param="prompt", code="empty_prompt")
+        v = self.runner.vocab_size
+        bad = [t for t in prompt_ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < v]
+        if bad:
+            raise RequestRejected(f"prompt token ids out of range [0, {v}): {bad[:5]}", param="prompt",
+                                  code="invalid_token")
+        if n + params.max_tokens > self.max_model_len:
+            raise RequestRejected(
+                f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) = {n + params.max_tokens} exceeds the "
+                f"maximum context length {self.max_model_len}",
+                param="max_tokens" if n < self.max_model_len else "prompt", code="context_length_exceeded")
+
+    def add_request(self, prompt_ids: Sequence[int], params: SamplingParams = SamplingParams(),
+                    callback: Optional[Callable[[RequestOutput], None]] = None,
+                    request_id: Optional[str] = None) -> Request:
+        """Queue a request (thread-safe); raises :class:`RequestRejected` if it can never run."""
+        prompt_ids = list(prompt_ids)
+        try:
+            self.validate(prompt_ids, params)
+        except RequestRejected:
+            self.stats["rejected"] += 1
+            raise
+        with self._lock:
+            if len(self.waiting) >= self.config.max_queue:
+                self.stats["rejected"] += 1
+                raise RequestRejected(f"queue full ({self.config.max_queue} waiting requests)", code="queue_full")
+            rid = request_id or f"req-{next(self._ids)}"
+            if rid in self.requests:
+                raise RequestRejected(f"duplicate request id {rid!r}", param="request_id")
+            req = Request(rid, prompt_ids, params, callback)
+            req.generator = make_generator(params.seed, "cpu")
+            if self.tokenizer is not None:
+                req.detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop)
+            self.requests[rid] = req
+            self.waiting.append(req)
+        return req
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request (thread-safe); its blocks are freed at the next step."""
+        with self._lock:
+            self._aborts.append(request_id)
+
+    def has_work(self) -> bool:
+        with self._lock:
+            return bool(self.waiting or self.running or self._aborts)
+
+    # -- internals -------------------------------------------------------------------
+    def _emit(self, req: Request, final: bool = False, error: Optional[str] = None) -> None:
+        text = req.detok.take(final) if req.detok is not None else ""
+        new_ids = req.output_ids[req._sent_ids:]
+        req._sent_ids = len(req.output_ids)
+        if req.callback is None or not (text or new_ids or final):
+            return
+        out = RequestOutput(req.request_id, text, new_ids, final, req.finish_reason if final else None,
+                            len(req.prompt_ids), len(req.output_ids), error)
+        try:
+            req.callback(out)
+        except Exception:  # a broken consumer must not take the engine down
+            traceback.print_exc()
+
+    def _release(self, req: Request) -> None:
+        if req.seq_id >= 0:
+            self.pool.free(req.seq_id)
+            req.seq_id = -1
+        req.num_computed = 0
+
+    def _finish(self, req: Request, reason: str, error: Optional[str] = None) -> None:
+        if req.status == _FINISHED:
+            return
+        self._release(req)
+        if req in self.running:
+            self.running.remove(req)
+        with self._lock:
+            if req in self.waiting:
+                self.waiting.remove(req)
+            self.requests.pop(req.request_id, None)
+        req.status = _FINISHED
+        req.finish_reason = reason
+        req.finish_time = time.monotonic()
+        if req.detok is not None and reason != "abort":
+            req.detok.flush()
+        st = self.stats
+        if reason == "abort":
+            st["aborted"] += 1
+        elif reason == "error":
+            st["errors"] += 1
+        else:
+            st["finished"] += 1
+            st["e2e_sum"] += req.finish_time - req.arrival
+            st["e2e_count"] += 1
+            if req.first_token_time is not None and len(req.output_ids) > 1:
+                st["tpot_sum"] += (req.finish_time - req.first_token_time) / (len(req.output_ids) - 1)
+                st["tpot_count"] += 1
+        self._emit(req, final=True, error=error)
+
+    def _preempt(self, req: Request) -> None:
+        self._release(req)
+        self.running.remove(req)
+        req.status = _WAITING
+        req.num_preemptions += 1
+        self.stats["preemptions"] += 1
+        with self._lock:
+            self.waiting.appendleft(req)
+
+    def _process_aborts(self) -> None:
+        with self._lock:
+            ids, self._aborts = self._aborts, []
+        for rid in ids:
+            req = self.requests.get(rid)
+            if req is not None:
+                self._finish(req, "abort")
+
+    def _reserve(self, req: Request, n_tokens: int) -> bool:
+        if req.seq_id < 0:
+            req.seq_id = next(self._seq_ids)
+        try:
+            self.pool.reserve(req.seq_id, n_tokens)
+            return True
+        except PoolExhausted:
+            return False
+
+    def schedule(self) -> List[tuple]:
+        """Pick this step's chunks: [(request, n_tokens)] (capacity already reserved)."""
+        budget = self.config.max_num_batched_tokens
+        plan: List[tuple] = []
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(len(req.all_ids) - req.num_computed, budget)
+            while not self._reserve(req, req.num_computed + n):
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is req:
+                    break
+            else:
+                plan.append((req, n))
+                budget -= n
+                i += 1
+                continue
+            break  # req itself was preempted: it was the last running one
+        while budget > 0 and len(self.running) < self.max_num_seqs:
+            with self._lock:
+                if not self.waiting:
+                    break
+                req = self.waiting[0]
+            n = min(len(req.all_ids) - req.num_computed, budget)
+            if not self._reserve(req, req.num_computed + n):
+                if req.seq_id >= 0 and not self.pool.has_seq(req.seq_id):
+                    req.seq_id = -1
+                break
+            with self._lock:
+                self.waiting.popleft()
+            req.status = _RUNNING
+            self.running.append(req)
+            plan.append((req, n))
+            budget -= n
+        return plan
+
+    def step(self) -> int:
+        """One scheduler iteration; returns the number of tokens run through the model."""
+        self._process_aborts()
+        plan = self.schedule()
+        if not plan:
+            return 0
+        chunks = [Chunk(r.seq_id, r.all_ids[r.num_computed:r.num_computed + n], r.num_computed) for r, n in plan]
+        try:
+            logits = self.runner.forward(chunks)
+        except Exception as e:  # fail this step's requests loudly, keep serving the others
+            traceback.print_exc()
+            for r, _ in plan:
+                self._finish(r, "error", error=f"{type(e).__name__}: {e}")
+            return 0
+        # one device->host transfer per step: argmax of every row, and the logits themselves
+        # only when some request samples (its torch.Generator lives on the CPU)
+        greedy = logits.argmax(dim=-1).tolist()
+        host = logits.cpu() if any(not r.params.greedy for r, _ in plan) else None
+        now = time.monotonic()
+        self.stats["steps"] += 1
+        n_tok = 0
+        for i, (req, n) in enumerate(plan):
+            req.num_computed += n
+            n_tok += n
+            if req.num_computed < len(req.all_ids):
+                continue  # mid-prefill chunk: nothing to sample yet
+            tok = greedy[i] if req.params.greedy else sample_token(host[i], req.params, req.generator)
+            if req.first_token_time is None:
+                req.first_token_time = now
+                self.stats["ttft_sum"] += now - req.arrival
+                self.stats["ttft_count"] += 1
+                self.stats["prompt_tokens"] += len(req.prompt_ids)
+            self._on_token(req, tok)
+        self._tok_events.append((now, n_tok))
+        return n_tok
+
+    def _on_token(self, req: Request, tok: int) -> None:
+        p = req.params
+        self.stats["generation_tokens"] += 1
+        is_stop_id = tok in p.stop_token_ids or (not p.ignore_eos and tok in self.eos_token_ids)
+        if is_stop_id:
+            self._finish(req, "stop")
+            return
+        req.output_ids.append(tok)
+        hit = req.detok.add(tok) if req.detok is not None else None
+        if hit is not None:
+            self._finish(req, "stop")
+        elif len(req.output_ids) >= p.max_tokens or len(req.all_ids) >= self.max_model_len:
+            self._finish(req, "length")
+        else:
+            self._emit(req)
+
+    def fail_all(self, message: str) -> None:
+        for req in list(self.running) + list(self.waiting):
+            self._finish(req, "error", error=message)
+
+    # -- convenience ------------------------------------------------------------------
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, max_steps: int = 100000):
+        """Run prompts to completion (synchronously); returns the output token id lists."""
+        reqs = [self.add_request(p, params) for p in prompts]
+        for _ in range(max_steps):
+            if not self.has_work():
+                break
+            self.step()
+        else:
+            raise RuntimeError(f"generate did not finish in {max_steps} steps")
+        return [r.output_ids for r in reqs]
+
+    def tokens_per_second(self, window: float = 10.0) -> float:
+        now = time.monotonic()
+        ev = self._tok_events
+        while ev and now - ev[0][0] > window:
+            ev.popleft()
+        if not ev:
+            return 0.0
+        span = max(now - ev[0][0], 1e-3)
+        return sum(n for _, n in ev) / span
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            waiting = len(self.waiting)
+        return dict(self.stats, waiting=waiting, running=len(self.running),
+                    kv_blocks_used=self.pool.num_used_blocks, kv_blocks_total=self.pool.num_blocks,
+                    tokens_per_second=self.tokens_per_second())
+
+
+class EngineLoop:
+    """Runs ``engine.step()`` in a background thread; thread-safe submit/abort."""
+
+    def __init__(self, engine: Engine, idle_wait: float = 0.05):
+        self.engine = engine
+        self._cv = threading.Condition()
+        self._stop = False
+        self._idle_wait = idle_wait
+        self._thread = threading.Thread(target=self._run, name="cometq-engine", daemon=True)
+        self.error: Optional[str] = None
+
+    def start(self) -> "EngineLoop":
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def submit(self, prompt_ids, params, callback, request_id=None) -> Request:
+        req = self.engine.add_request(prompt_ids, params, callback, request_id)
+        self.wake()
+        return req
+
+    def abort(self, request_id: str) -> None:
+        self.engine.abort(request_id)
+        self.wake()
+
+    def wake(self) -> None:
+        with self._cv:
+            self._cv.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                if self._stop:
+                    break
+                if not self.engine.has_work():
+                    self._cv.wait(self._idle_wait)
+                    continue
+            try:
+                self.engine.step()
+            except Exception as e:  # scheduler bug: fail requests instead of hanging clients
+                traceback.print_exc()
+                self.error = f"{type(e).__name__}: {e}"
+                self.engine.fail_all(self.error)
+        self.engine.fail_all("server shutting down")

@@ -1,0 +1,234 @@
+"""Paged KV storage for the serving runner.
+
+Two pools share one interface (:class:`KVPool`):
+
+* :class:`PagedFPPool` -- full-precision (fp16/bf16/fp32) K/V in fixed-size
+  blocks.  This is the "cometq FP16 path" baseline and the fallback when the
+  4-bit pool is not available.
+* :class:`KV4PagedPool` (in :mod:`cometq.serve.kv4`) -- an adapter over
+  :mod:`cometq.paged`, the packed 4-bit pool read by ``cometq::kv4_decode_attention``.
+
+Block bookkeeping (free list, per-sequence block tables, token counts) is the
+pool's job; the runner only asks for capacity (``reserve``), writes K/V of
+every layer at explicit positions, and reads or attends.  Capacity is reserved
+for all layers at once: a sequence owns the same block ids in every layer, so
+one block table per sequence is enough (as in vLLM).
+
+Layout of :class:`PagedFPPool` (per layer)::
+
+    k[layer]: [num_blocks, block_size, n_kv_heads, head_dim]
+    token t of sequence s lives at block_table[s][t // block_size], row t % block_size
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["PoolExhausted", "KVPool", "PagedFPPool"]
+
+
+class PoolExhausted(RuntimeError):
+    """Not enough free blocks for a reservation (the engine waits or preempts)."""
+
+
+class KVPool:
+    """Block bookkeeping shared by every pool (subclasses own the tensors)."""
+
+    kind = "abstract"
+
+    def __init__(self, *, num_layers: int, num_blocks: int, block_size: int, n_kv_heads: int, head_dim: int):
+        for name, v in (("num_layers", num_layers), ("num_blocks", num_blocks), ("block_size", block_size),
+                        ("n_kv_heads", n_kv_heads), ("head_dim", head_dim)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        self.num_layers = num_layers
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.n_kv_heads = n_kv_heads
+        self.head_dim = head_dim
+        self._free: List[int] = list(range(num_blocks - 1, -1, -1))  # pop() gives low ids first
+        self._tables: Dict[int, List[int]] = {}
+        self._capacity: Dict[int, int] = {}
+
+    # -- bookkeeping -----------------------------------------------------------
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    def blocks_for(self, n_tokens: int) -> int:
+        return math.ceil(n_tokens / self.block_size)
+
+    def blocks_needed(self, seq_id: int, n_tokens: int) -> int:
+        """Extra blocks ``seq_id`` needs to hold ``n_tokens`` tokens in total."""
+        have = len(self._tables.get(seq_id, ()))
+        return max(0, self.blocks_for(n_tokens) - have)
+
+    def has_seq(self, seq_id: int) -> bool:
+        return seq_id in self._tables
+
+    def seq_ids(self) -> List[int]:
+        return list(self._tables)
+
+    def reserve(self, seq_id: int, n_tokens: int) -> None:
+        """Make room for ``n_tokens`` tokens in total (all layers); raises :class:`PoolExhausted`."""
+        if n_tokens < 0:
+            raise ValueError(f"n_tokens must be >= 0, got {n_tokens}")
+        need = self.blocks_needed(seq_id, n_tokens)
+        if need > len(self._free):
+            raise PoolExhausted(
+                f"sequence {seq_id} needs {need} more blocks for {n_tokens} tokens, {len(self._free)} free"
+            )
+        table = self._tables.setdefault(seq_id, [])
+        for _ in range(need):
+            table.append(self._free.pop())
+        self._capacity[seq_id] = max(self._capacity.get(seq_id, 0), n_tokens)
+        self._on_reserve(seq_id, n_tokens)
+
+    def free(self, seq_id: int) -> None:
+        """Return every block of ``seq_id`` (no-op for an unknown id)."""
+        table = self._tables.pop(seq_id, None)
+        self._capacity.pop(seq_id, None)
+        if table:
+            self._free.extend(reversed(table))
+        self._on_free(seq_id)
+
+    def block_table(self, seq_id: int) -> List[int]:
+        if seq_id not in self._tables:
+            raise KeyError(f"unknown sequence {seq_id}")
+        return self._tables[seq_id]
+
+    def _slots(self, seq_id: int, start: int, n: int, device) -> torch.Tensor:
+        """Flat slot indices (block * block_size + row) of tokens [start, start + n)."""
+        table = self.block_table(seq_id)
+        if start < 0 or start + n > len(table) * self.block_size:
+            raise ValueError(
+                f"tokens [{start}, {start + n}) of sequence {seq_id} exceed its reservation "
+                f"({len(table)} blocks of {self.block_size})"
+            )
+        pos = torch.arange(start, start + n)
+        blocks = torch.tensor(table, dtype=torch.long)[pos // self.block_size]
+        return (blocks * self.block_size + pos % self.block_size).to(device)
+
+    # hooks for subclasses
+    def _on_reserve(self, seq_id: int, n_tokens: int) -> None:
+        pass
+
+    def _on_free(self, seq_id: int) -> None:
+        pass
+
+    # -- data path (subclasses) ---------------------------------------------------
+    def write(self, layer: int, seq_id: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store K/V ``[n, n_kv_heads, head_dim]`` of tokens ``[start, start + n)``."""
+        raise NotImplementedError
+
+    def write_decode(self, layer: int, seq_ids: Sequence[int], starts: Sequence[int], k: torch.Tensor,
+                     v: torch.Tensor) -> None:
+        """One token per sequence: ``k, v [B, n_kv_heads, head_dim]`` at positions ``starts[b]``."""
+        for i, (s, st) in enumerate(zip(seq_ids, starts)):
+            self.write(layer, s, st, k[i:i + 1], v[i:i + 1])
+
+    def read(self, layer: int, seq_id: int, length: int, dtype: torch.dtype):
+        """K, V ``[length, n_kv_heads, head_dim]`` (dequantized for 4-bit pools)."""
+        raise NotImplementedError
+
+    def decode_attention(self, layer: int, seq_ids: Sequence[int], lengths: Sequence[int], q: torch.Tensor,
+                         scale: float) -> torch.Tensor:
+        """Attention of one query token per sequence: ``q [B, n_heads, D]`` -> ``[B, n_heads, D]``
+        over the first ``lengths[b]`` cached tokens of ``seq_ids[b]`` (already written)."""
+        raise NotImplementedError
+
+    def memory_bytes(self) -> int:
+        raise NotImplementedError
+
+    def _check_kv(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        want = (self.n_kv_heads, self.head_dim)
+        if k.dim() != 3 or tuple(k.shape[1:]) != want or k.shape != v.shape:
+            raise ValueError(
+                f"k and v must both be [n, {want[0]}, {want[1]}], got {tuple(k.shape)} and {tuple(v.shape)}"
+            )
+
+
+def padded_decode_attention(q: torch.Tensor, keys: List[torch.Tensor], values: List[torch.Tensor],
+                            scale: float) -> torch.Tensor:
+    """Reference batched decode attention over ragged caches (GQA aware).
+
+    ``q [B, H, D]``; ``keys[b], values[b]``: ``[T_b, Hkv, D]``.  Pads to the longest
+    cache and masks the padding, one SDPA call for the batch.
+    """
+    b, h, d = q.shape
+    t_max = max(k.shape[0] for k in keys)
+    hkv = keys[0].shape[1]
+    kp = q.new_zeros(b, t_max, hkv, d)
+    vp = q.new_zeros(b, t_max, hkv, d)
+    mask = torch.zeros(b, 1, 1, t_max, dtype=torch.bool, device=q.device)
+    for i, (k, v) in enumerate(zip(keys, values)):
+        n = k.shape[0]
+        kp[i, :n] = k.to(q.dtype)
+        vp[i, :n] = v.to(q.dtype)
+        mask[i, ..., :n] = True
+    return _masked_decode_sdpa(q, kp, vp, mask, scale)
+
+
+def _masked_decode_sdpa(q, kp, vp, mask, scale):
+    """``q [B, H, D]``, ``kp/vp [B, T, Hkv, D]``, ``mask [B, 1, 1, T]`` -> ``[B, H, D]``."""
+    rep = q.shape[1] // kp.shape[2]
+    kp, vp = kp.transpose(1, 2), vp.transpose(1, 2)
+    if rep > 1:
+        kp, vp = kp.repeat_interleave(rep, dim=1), vp.repeat_interleave(rep, dim=1)
+    out = F.scaled_dot_product_attention(q[:, :, None, :], kp, vp, attn_mask=mask, scale=scale)
+    return out[:, :, 0, :]
+
+
+class PagedFPPool(KVPool):
+    """Full-precision paged K/V (the unquantized baseline)."""
+
+    kind = "fp"
+
+    def __init__(self, *, num_layers: int, num_blocks: int, block_size: int, n_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device="cpu"):
+        super().__init__(num_layers=num_layers, num_blocks=num_blocks, block_size=block_size,
+                         n_kv_heads=n_kv_heads, head_dim=head_dim)
+        if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise TypeError(f"dtype must be fp16/bf16/fp32, got {dtype}")
+        self.dtype = dtype
+        self.device = torch.device(device)
+        shape = (num_layers, num_blocks * block_size, n_kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=self.device)
+        self.v = torch.zeros(shape, dtype=dtype, device=self.device)
+        self._dec_key = None  # cache of the decode gather indices of the current step
+
+    def write(self, layer, seq_id, start, k, v):
+        self._check_kv(k, v)
+        slots = self._slots(seq_id, start, k.shape[0], self.device)
+        self.k[layer, slots] = k.to(self.dtype)
+        self.v[layer, slots] = v.to(self.dtype)
+
+    def read(self, layer, seq_id, length, dtype):
+        slots = self._slots(seq_id, 0, length, self.device)
+        return self.k[layer, slots].to(dtype), self.v[layer, slots].to(dtype)
+
+    def decode_attention(self, layer, seq_ids, lengths, q, scale):
+        # One gather per layer: the [B, T_max] slot matrix (padding -> slot 0, masked) is
+        # built once per step and reused by every layer (same sequences, same lengths).
+        key = (tuple(seq_ids), tuple(lengths))
+        if self._dec_key != key:
+            t_max = max(lengths)
+            slots = torch.zeros(len(seq_ids), t_max, dtype=torch.long)
+            mask = torch.zeros(len(seq_ids), 1, 1, t_max, dtype=torch.bool)
+            for i, (s, n) in enumerate(zip(seq_ids, lengths)):
+                slots[i, :n] = self._slots(s, 0, n, "cpu")
+                mask[i, ..., :n] = True
+            self._dec_key, self._dec_slots, self._dec_mask = key, slots.to(self.device), mask.to(self.device)
+        kp = self.k[layer][self._dec_slots].to(q.dtype)
+        vp = self.v[layer][self._dec_slots].to(q.dtype)
+        return _masked_decode_sdpa(q, kp, vp, self._dec_mask, scale)
+
+    def memory_bytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()

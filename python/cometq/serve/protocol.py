@@ -1,0 +1,216 @@
+"""OpenAI request parsing and validation (no pydantic: every error names its field).
+
+Errors raise :class:`APIError`, which the server turns into
+``{"error": {"message", "type", "param", "code"}}`` with the given HTTP status.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from .sampling import SamplingParams
+
+__all__ = ["APIError", "ParsedRequest", "parse_completion", "parse_chat"]
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: Optional[str] = None, code: Optional[str] = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+
+    def body(self) -> Dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def _bad(msg: str, param: Optional[str] = None, code: Optional[str] = "invalid_value") -> APIError:
+    return APIError(400, msg, "invalid_request_error", param, code)
+
+
+@dataclass
+class ParsedRequest:
+    prompt_ids: List[int]
+    params: SamplingParams
+    stream: bool
+    include_usage: bool
+    model: str
+    max_tokens_given: bool = True  # False: the default may be shortened to fit the context
+
+
+def _num(body, name, default, lo, hi, *, integer=False, lo_open=False):
+    v = body.get(name, default)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not isinstance(v, int)):
+        kind = "an integer" if integer else "a number"
+        raise _bad(f"'{name}' must be {kind}, got {v!r}", name, "invalid_type")
+    if isinstance(v, float) and not math.isfinite(v):
+        raise _bad(f"'{name}' must be finite, got {v!r}", name)
+    if (v <= lo if lo_open else v < lo) or v > hi:
+        lb = "(" if lo_open else "["
+        raise _bad(f"'{name}' must be in {lb}{lo}, {hi}], got {v!r}", name)
+    return v
+
+
+def _common(body: Dict[str, Any], *, max_tokens_default: int,
+            max_tokens_names: Sequence[str]) -> Tuple[SamplingParams, bool, bool]:
+    for name, default in (("n", 1), ("best_of", 1)):
+        v = body.get(name, default)
+        if v is not None and v != 1:
+            raise _bad(f"'{name}' must be 1 (only one choice per request is supported), got {v!r}", name,
+                       "unsupported_value")
+    for name in ("presence_penalty", "frequency_penalty"):
+        v = _num(body, name, 0.0, -2.0, 2.0)
+        if v != 0:
+            raise _bad(f"'{name}' is not supported (must be 0), got {v!r}", name, "unsupported_value")
+    for name in ("logprobs", "echo", "top_logprobs", "logit_bias", "tools", "functions", "suffix"):
+        v = body.get(name)
+        if v not in (None, False, 0, {}, []):
+            raise _bad(f"'{name}' is not supported", name, "unsupported_parameter")
+    max_tokens = None
+    for name in max_tokens_names:
+        if body.get(name) is not None:
+            max_tokens = _num(body, name, None, 1, 1 << 20, integer=True)
+            break
+    if max_tokens is None:
+        max_tokens = max_tokens_default
+    temperature = _num(body, "temperature", 1.0, 0.0, 2.0)
+    top_p = _num(body, "top_p", 1.0, 0.0, 1.0, lo_open=True)
+    top_k = _num(body, "top_k", 0, -1, 1 << 20, integer=True)
+    top_k = 0 if top_k == -1 else top_k
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**64):
+        raise _bad(f"'seed' must be a 64-bit integer, got {seed!r}", "seed", "invalid_type")
+    stop = body.get("stop")
+    if stop is None:
+        stop = ()
+    elif isinstance(stop, str):
+        stop = (stop,)
+    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+        stop = tuple(stop)
+    else:
+        raise _bad(f"'stop' must be a string or a list of strings, got {stop!r}", "stop", "invalid_type")
+    if len(stop) > 16 or any(not s or len(s) > 256 for s in stop):
+        raise _bad("'stop' takes at most 16 non-empty strings of at most 256 characters", "stop")
+    stop_ids = body.get("stop_token_ids") or []
+    if not isinstance(stop_ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                                                 for t in stop_ids):
+        raise _bad(f"'stop_token_ids' must be a list of non-negative integers, got {stop_ids!r}", "stop_token_ids",
+                   "invalid_type")
+    ignore_eos = body.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise _bad(f"'ignore_eos' must be a boolean, got {ignore_eos!r}", "ignore_eos", "invalid_type")
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise _bad(f"'stream' must be a boolean, got {stream!r}", "stream", "invalid_type")
+    so = body.get("stream_options")
+    include_usage = False
+    if so is not None:
+        if not isinstance(so, dict):
+            raise _bad("'stream_options' must be an object", "stream_options", "invalid_type")
+        if not stream:
+            raise _bad("'stream_options' is only allowed when 'stream' is true", "stream_options")
+        include_usage = bool(so.get("include_usage", False))
+    params = SamplingParams(max_tokens=max_tokens, temperature=float(temperature), top_k=int(top_k),
+                            top_p=float(top_p), seed=seed, stop=stop, stop_token_ids=tuple(stop_ids),
+                            ignore_eos=ignore_eos)
+    return params, stream, include_usage
+
+
+def _model(body) -> str:
+    m = body.get("model")
+    if m is not None and not isinstance(m, str):
+        raise _bad(f"'model' must be a string, got {m!r}", "model", "invalid_type")
+    return m or ""
+
+
+def _token_list(v, vocab: int, param: str) -> List[int]:
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in v):
+        raise _bad(f"'{param}' token lists must hold integers", param, "invalid_type")
+    bad = [t for t in v if not 0 <= t < vocab]
+    if bad:
+        raise _bad(f"'{param}' holds token ids outside [0, {vocab}): {bad[:5]}", param, "invalid_token")
+    return list(v)
+
+
+def parse_completion(body: Any, tokenizer, vocab: int, max_tokens_default: int = 16) -> ParsedRequest:
+    if not isinstance(body, dict):
+        raise _bad("request body must be a JSON object", None, "invalid_json")
+    if "prompt" not in body:
+        raise _bad("'prompt' is required", "prompt", "missing_required_parameter")
+    p = body["prompt"]
+    if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
+        p = p[0]  # a batch of one
+    if isinstance(p, str):
+        ids = tokenizer(p, add_special_tokens=False)["input_ids"] if p else []
+    elif isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+        ids = _token_list(p, vocab, "prompt")
+    elif isinstance(p, list) and len(p) > 1 and all(isinstance(x, (str, list)) for x in p):
+        raise _bad("batched prompts are not supported: send one prompt per request", "prompt", "unsupported_value")
+    else:
+        raise _bad(f"'prompt' must be a string or a list of token ids, got {type(p).__name__}", "prompt",
+                   "invalid_type")
+    if not ids:
+        raise _bad("'prompt' must not be empty", "prompt")
+    params, stream, usage = _common(body, max_tokens_default=max_tokens_default, max_tokens_names=("max_tokens",))
+    return ParsedRequest(ids, params, stream, usage, _model(body), body.get("max_tokens") is not None)
+
+
+_ROLES = ("system", "user", "assistant", "developer", "tool")
+
+
+def _content_text(c, i: int) -> str:
+    if isinstance(c, str):
+        return c
+    if isinstance(c, list):
+        parts = []
+        for j, part in enumerate(c):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise _bad(f"messages[{i}].content[{j}] must be a text part {{'type': 'text', 'text': ...}}",
+                           f"messages[{i}].content", "invalid_type")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise _bad(f"messages[{i}].content must be a string or a list of text parts", f"messages[{i}].content",
+               "invalid_type")
+
+
+def chat_prompt_ids(tokenizer, messages: List[Dict[str, str]]) -> List[int]:
+    """Token ids of the conversation with the generation prompt, via the tokenizer's chat template
+    (a plain ``role: text`` transcript when the tokenizer has none)."""
+    if getattr(tokenizer, "chat_template", None):
+        out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(out, dict) or hasattr(out, "keys"):
+            out = out["input_ids"]
+        return list(out)
+    text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def parse_chat(body: Any, tokenizer, vocab: int, max_tokens_default: int = 256) -> ParsedRequest:
+    if not isinstance(body, dict):
+        raise _bad("request body must be a JSON object", None, "invalid_json")
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise _bad("'messages' must be a non-empty list", "messages",
+                   "missing_required_parameter" if msgs is None else "invalid_type")
+    clean = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            raise _bad(f"messages[{i}] must be an object", f"messages[{i}]", "invalid_type")
+        role = m.get("role")
+        if role not in _ROLES:
+            raise _bad(f"messages[{i}].role must be one of {list(_ROLES)}, got {role!r}", f"messages[{i}].role")
+        clean.append({"role": "system" if role == "developer" else role,
+                      "content": _content_text(m.get("content", ""), i)})
+    ids = chat_prompt_ids(tokenizer, clean)
+    params, stream, usage = _common(body, max_tokens_default=max_tokens_default,
+                                    max_tokens_names=("max_completion_tokens", "max_tokens"))
+    given = body.get("max_completion_tokens") is not None or body.get("max_tokens") is not None
+    return ParsedRequest(ids, params, stream, usage, _model(body), given)

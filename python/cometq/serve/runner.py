@@ -1,0 +1,212 @@
+"""Model runner: a gpt-fast style forward of a Llama-family HF model over a paged KV pool.
+
+The runner borrows the HF model's modules (embeddings, per-layer norms,
+q/k/v/o projections -- plain ``nn.Linear`` or cometq ``W4AxLinear`` after
+``quantize_`` --, MLP, rotary embedding, final norm, lm_head) and writes its own
+forward over a *flattened, ragged* batch: the tokens of every scheduled chunk
+are concatenated into one ``[T_total, hidden]`` matrix so every linear layer
+runs once per step for the whole batch (that is where W4Ax pays off), and only
+attention is per sequence:
+
+* prefill chunk (``start == 0`` or more than one token): causal attention of
+  the chunk's queries over ``cached prefix (read back from the pool) + the
+  chunk's own fresh full-precision K/V``; the chunk's K/V are then in the pool
+  (quantized to 4 bits for a KV4 pool);
+* decode token (one token, ``start > 0``): all decode queries of a step go
+  through the pool's batched ``decode_attention`` (for KV4: the
+  ``cometq::kv4_decode_attention`` op reading packed 4-bit K/V).
+
+Supported: LlamaForCausalLM and models with the same module tree (Mistral,
+Qwen2, Qwen3's q/k norms, SmolLM2).  Sliding-window attention is not
+implemented: the runner caps the context at the window, where it is exact.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .kv import KVPool, PagedFPPool
+
+__all__ = ["Chunk", "ModelRunner", "model_geometry"]
+
+
+@dataclass
+class Chunk:
+    """Tokens ``[start, start + len(tokens))`` of sequence ``seq_id`` to run this step."""
+
+    seq_id: int
+    tokens: List[int]
+    start: int
+
+    @property
+    def is_decode(self) -> bool:
+        return len(self.tokens) == 1 and self.start > 0
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def model_geometry(model):
+    """(num_layers, n_heads, n_kv_heads, head_dim, max_positions) of a Llama-family model."""
+    cfg = model.config
+    n_heads = cfg.num_attention_heads
+    n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
+    max_pos = getattr(cfg, "max_position_embeddings", 2048)
+    sw = getattr(cfg, "sliding_window", None)
+    if getattr(cfg, "use_sliding_window", True) is False:
+        sw = None
+    if isinstance(sw, int) and sw > 0:
+        max_pos = min(max_pos, sw)
+    return cfg.num_hidden_layers, n_heads, n_kv, head_dim, max_pos
+
+
+class ModelRunner:
+    """Runs chunks of many sequences through ``model`` against ``pool``."""
+
+    def __init__(self, model, pool: KVPool):
+        inner = getattr(model, "model", None)
+        missing = [n for n in ("embed_tokens", "layers", "norm", "rotary_emb") if not hasattr(inner, n)]
+        if inner is None or missing or not hasattr(model, "lm_head"):
+            raise TypeError(
+                f"{type(model).__name__} is not a Llama-family causal LM (missing model.{missing or 'model'} / lm_head)"
+            )
+        for i, layer in enumerate(inner.layers):
+            att = getattr(layer, "self_attn", None)
+            need = ("q_proj", "k_proj", "v_proj", "o_proj")
+            if att is None or not all(hasattr(att, n) for n in need) or not hasattr(layer, "mlp"):
+                raise TypeError(f"layer {i} of {type(model).__name__} lacks self_attn.{{q,k,v,o}}_proj / mlp")
+        self.model = model
+        self.inner = inner
+        self.num_layers, self.n_heads, self.n_kv_heads, self.head_dim, self.max_positions = model_geometry(model)
+        if (pool.num_layers, pool.n_kv_heads, pool.head_dim) != (self.num_layers, self.n_kv_heads, self.head_dim):
+            raise ValueError(
+                f"pool geometry (layers={pool.num_layers}, kv_heads={pool.n_kv_heads}, head_dim={pool.head_dim}) "
+                f"does not match the model ({self.num_layers}, {self.n_kv_heads}, {self.head_dim})"
+            )
+        self.pool = pool
+        self.scale = getattr(inner.layers[0].self_attn, "scaling", self.head_dim ** -0.5)
+        self.device = inner.embed_tokens.weight.device
+        self.dtype = inner.embed_tokens.weight.dtype
+        self.vocab_size = model.config.vocab_size
+
+    @classmethod
+    def with_fp_pool(cls, model, *, num_blocks: int, block_size: int = 16, dtype=None):
+        nl, _, nkv, hd, _ = model_geometry(model)
+        w = model.model.embed_tokens.weight
+        pool = PagedFPPool(num_layers=nl, num_blocks=num_blocks, block_size=block_size, n_kv_heads=nkv,
+                           head_dim=hd, dtype=dtype or w.dtype, device=w.device)
+        return cls(model, pool)
+
+    @classmethod
+    def with_kv4_pool(cls, model, *, num_blocks: int, block_size: int = 32, group_size: Optional[int] = None,
+                      max_seqs: int = 64, key_axis: str = "channel", value_axis: str = "token",
+                      backend: Optional[str] = None):
+        from .kv4 import KV4PagedPool
+
+        if group_size is None:  # 32 (docs/KV4.md default) unless the blocks are smaller
+            group_size = min(32, block_size)
+        nl, _, nkv, hd, _ = model_geometry(model)
+        w = model.model.embed_tokens.weight
+        pool = KV4PagedPool(num_layers=nl, num_blocks=num_blocks, n_kv_heads=nkv, head_dim=hd,
+                            block_size=block_size, group_size=group_size, key_axis=key_axis,
+                            value_axis=value_axis, max_seqs=max_seqs, device=w.device, backend=backend)
+        return cls(model, pool)
+
+    @classmethod
+    def build(cls, model, *, kv4: bool, num_blocks: int, block_size: int = 32, max_seqs: int = 64, **kw):
+        """A runner with a KV4 pool (``kv4=True``) or a full-precision paged pool in the model's dtype."""
+        if kv4:
+            return cls.with_kv4_pool(model, num_blocks=num_blocks, block_size=block_size, max_seqs=max_seqs, **kw)
+        return cls.with_fp_pool(model, num_blocks=num_blocks, block_size=block_size)
+
+    # ------------------------------------------------------------------------------
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        # x [T, H, D]; cos/sin [T, D] -> broadcast over heads (HF apply_rotary_pos_emb math)
+        return x * cos[:, None, :] + _rotate_half(x) * sin[:, None, :]
+
+    def _prefill_attention(self, q, k_all, v_all, start: int) -> torch.Tensor:
+        """q ``[n, H, D]`` at positions start..start+n-1; k_all/v_all ``[start+n, Hkv, D]``."""
+        n = q.shape[0]
+        rep = self.n_heads // self.n_kv_heads
+        qh = q.transpose(0, 1)[None]  # [1, H, n, D]
+        kh = k_all.transpose(0, 1).repeat_interleave(rep, dim=0)[None]
+        vh = v_all.transpose(0, 1).repeat_interleave(rep, dim=0)[None]
+        if start == 0:
+            out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=self.scale)
+        else:
+            qi = torch.arange(n, device=q.device)[:, None] + start
+            kj = torch.arange(start + n, device=q.device)[None, :]
+            out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=kj <= qi, scale=self.scale)
+        return out[0].transpose(0, 1)
+
+    @torch.inference_mode()
+    def forward(self, chunks: Sequence[Chunk], *, all_logits: bool = False) -> torch.Tensor:
+        """Run one step.  Returns logits (float32) of each chunk's last token ``[len(chunks), V]``
+        (or of every token ``[T_total, V]`` with ``all_logits``).  The chunks' K/V are
+        written to the pool, which must already hold capacity for them (``pool.reserve``)."""
+        if not chunks:
+            raise ValueError("forward needs at least one chunk")
+        ids, pos, offsets = [], [], []
+        for c in chunks:
+            if not c.tokens:
+                raise ValueError(f"chunk of sequence {c.seq_id} has no tokens")
+            if c.start + len(c.tokens) > self.max_positions:
+                raise ValueError(
+                    f"sequence {c.seq_id} reaches position {c.start + len(c.tokens)} > max {self.max_positions}"
+                )
+            offsets.append(len(ids))
+            ids.extend(c.tokens)
+            pos.extend(range(c.start, c.start + len(c.tokens)))
+        t = len(ids)
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"token ids out of range [0, {self.vocab_size}): {bad[:5]}")
+        dev = self.device
+        ids_t = torch.tensor(ids, dtype=torch.long, device=dev)
+        pos_t = torch.tensor(pos, dtype=torch.long, device=dev)
+        h = self.inner.embed_tokens(ids_t)  # [T, hidden]
+        cos, sin = self.inner.rotary_emb(h[None], pos_t[None])
+        cos, sin = cos[0].to(h.dtype), sin[0].to(h.dtype)
+        dec = [i for i, c in enumerate(chunks) if c.is_decode]
+        dec_rows = torch.tensor([offsets[i] for i in dec], dtype=torch.long, device=dev)
+        dec_ids = [chunks[i].seq_id for i in dec]
+        dec_starts = [chunks[i].start for i in dec]
+        H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
+        for li, layer in enumerate(self.inner.layers):
+            att = layer.self_attn
+            x = layer.input_layernorm(h)
+            q = att.q_proj(x).view(t, H, D)
+            k = att.k_proj(x).view(t, Hkv, D)
+            v = att.v_proj(x).view(t, Hkv, D)
+            if hasattr(att, "q_norm"):  # Qwen3-style per-head norms, before RoPE
+                q, k = att.q_norm(q), att.k_norm(k)
+            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+            out = torch.empty_like(q)
+            for i, c in enumerate(chunks):
+                o, n = offsets[i], len(c.tokens)
+                if c.is_decode:
+                    continue
+                kc, vc = k[o:o + n], v[o:o + n]
+                prefix = self.pool.read(li, c.seq_id, c.start, q.dtype) if c.start else None
+                self.pool.write(li, c.seq_id, c.start, kc, vc)
+                if prefix is not None:
+                    kc, vc = torch.cat([prefix[0], kc]), torch.cat([prefix[1], vc])
+                out[o:o + n] = self._prefill_attention(q[o:o + n], kc, vc, c.start)
+            if dec:
+                self.pool.write_decode(li, dec_ids, dec_starts, k[dec_rows], v[dec_rows])
+                out[dec_rows] = self.pool.decode_attention(
+                    li, dec_ids, [st + 1 for st in dec_starts], q[dec_rows], self.scale
+                ).to(out.dtype)
+            h = h + att.o_proj(out.reshape(t, H * D))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        if not all_logits:
+            last = torch.tensor([o + len(c.tokens) - 1 for o, c in zip(offsets, chunks)], device=dev)
+            h = h[last]
+        h = self.inner.norm(h)
+        return self.model.lm_head(h).float()

@@ -1,0 +1,329 @@
+"""OpenAI-compatible HTTP server (FastAPI + uvicorn) over the cometq engine.
+
+Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (SSE
+streaming with ``"stream": true``), ``GET /v1/models``, ``GET /health``,
+``GET /metrics`` (Prometheus text format).
+
+Threading: the engine steps in its own thread (:class:`EngineLoop`); handlers
+only parse, submit and await an ``asyncio.Queue`` that the engine thread feeds
+through ``loop.call_soon_threadsafe``, so model compute never blocks the
+event loop.  A client that disconnects (or whose stream is cancelled) aborts its
+request, which frees its KV blocks at the engine's next step.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import threading
+import time
+import uuid
+from typing import Any, Dict, Optional
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .engine import EngineLoop, RequestOutput, RequestRejected
+from .protocol import APIError, ParsedRequest, parse_chat, parse_completion
+
+__all__ = ["ServerConfig", "create_app", "ServerThread"]
+
+
+class ServerConfig:
+    """HTTP-level limits: prompt tokens per request, requests in flight, body size."""
+
+    def __init__(self, *, model_name: str = "cometq", max_prompt_tokens: Optional[int] = None,
+                 max_concurrent_requests: int = 256, max_body_bytes: int = 1 << 20,
+                 disconnect_poll_s: float = 0.25):
+        if max_prompt_tokens is not None and (not isinstance(max_prompt_tokens, int) or max_prompt_tokens < 1):
+            raise ValueError(f"max_prompt_tokens must be an int >= 1 or None, got {max_prompt_tokens!r}")
+        if not isinstance(max_concurrent_requests, int) or max_concurrent_requests < 1:
+            raise ValueError(f"max_concurrent_requests must be an int >= 1, got {max_concurrent_requests!r}")
+        self.model_name = model_name
+        self.max_prompt_tokens = max_prompt_tokens
+        self.max_concurrent_requests = max_concurrent_requests
+        self.max_body_bytes = max_body_bytes
+        self.disconnect_poll_s = disconnect_poll_s
+
+
+def _err(e: APIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+def create_app(loop_: EngineLoop, tokenizer, config: Optional[ServerConfig] = None) -> FastAPI:
+    cfg = config or ServerConfig()
+    engine = loop_.engine
+    vocab = engine.runner.vocab_size
+    max_prompt = min(cfg.max_prompt_tokens or engine.max_model_len - 1, engine.max_model_len - 1)
+    app = FastAPI(title="cometq", docs_url=None, redoc_url=None, openapi_url=None)
+    state = {"in_flight": 0, "http_requests": 0, "http_errors": 0, "created": int(time.time())}
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_exc(request, exc):  # 404 / 405 in the OpenAI error shape
+        typ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return JSONResponse({"error": {"message": str(exc.detail), "type": typ, "param": None,
+                                       "code": str(exc.status_code)}}, status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _val_exc(request, exc):
+        return _err(APIError(400, f"invalid request: {exc}", param=None, code="invalid_request"))
+
+    async def _read_json(request: Request) -> Any:
+        body = await request.body()
+        if len(body) > cfg.max_body_bytes:
+            raise APIError(413, f"request body of {len(body)} bytes exceeds {cfg.max_body_bytes}",
+                           code="request_too_large")
+        try:
+            return json.loads(body)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise APIError(400, f"could not parse the JSON body: {e}", code="invalid_json")
+
+    def _submit(pr: ParsedRequest, rid: str, aloop: asyncio.AbstractEventLoop) -> asyncio.Queue:
+        if len(pr.prompt_ids) > max_prompt:
+            raise APIError(400, f"the prompt has {len(pr.prompt_ids)} tokens, the limit is {max_prompt}",
+                           param="prompt", code="context_length_exceeded")
+        room = engine.max_model_len - len(pr.prompt_ids)
+        if not pr.max_tokens_given and pr.params.max_tokens > room >= 1:
+            pr.params = dataclasses.replace(pr.params, max_tokens=room)  # default length: fit the context
+        if pr.model and pr.model != cfg.model_name:
+            raise APIError(404, f"model {pr.model!r} does not exist (served: {cfg.model_name!r})",
+                           type="not_found_error", param="model", code="model_not_found")
+        if not loop_.alive:
+            raise APIError(503, "the engine is not running", type="server_error", code="engine_down")
+        q: asyncio.Queue = asyncio.Queue()
+
+        def done() -> None:
+            state["in_flight"] -= 1
+
+        def cb(out: RequestOutput) -> None:  # engine thread
+            try:
+                aloop.call_soon_threadsafe(q.put_nowait, out)
+                if out.finished:  # a request is in flight until the engine is done with it
+                    aloop.call_soon_threadsafe(done)
+            except RuntimeError:  # event loop closed during shutdown
+                pass
+
+        try:
+            loop_.submit(pr.prompt_ids, pr.params, cb, request_id=rid)
+        except RequestRejected as e:
+            status = 429 if e.code == "queue_full" else 400
+            raise APIError(status, str(e), type="rate_limit_error" if status == 429 else "invalid_request_error",
+                           param=e.param, code=e.code)
+        return q
+
+    async def _next(q: asyncio.Queue, request: Request, last_check: list) -> Optional[RequestOutput]:
+        """Next engine output, or None when the client went away (checked every poll interval,
+        also while outputs keep arriving)."""
+        while True:
+            now = time.monotonic()
+            if now - last_check[0] >= cfg.disconnect_poll_s:
+                last_check[0] = now
+                if await request.is_disconnected():
+                    return None
+            try:
+                return await asyncio.wait_for(q.get(), timeout=cfg.disconnect_poll_s)
+            except asyncio.TimeoutError:
+                continue
+
+    async def _handle(request: Request, chat: bool):
+        state["http_requests"] += 1
+        if state["in_flight"] >= cfg.max_concurrent_requests:
+            state["http_errors"] += 1
+            return _err(APIError(429, f"too many concurrent requests (limit {cfg.max_concurrent_requests})",
+                                 type="rate_limit_error", code="too_many_requests"))
+        state["in_flight"] += 1
+        submitted = False  # after submission the engine's final output ends the in-flight count
+        try:
+            body = await _read_json(request)
+            try:
+                pr = (parse_chat if chat else parse_completion)(body, tokenizer, vocab)
+            except ValueError as e:  # SamplingParams validation
+                raise APIError(400, str(e), code="invalid_value")
+            rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+            q = _submit(pr, rid, asyncio.get_running_loop())
+            submitted = True
+            if pr.stream:
+                return StreamingResponse(_stream(request, q, rid, pr, chat), media_type="text/event-stream",
+                                         headers={"Cache-Control": "no-cache"})
+            return await _full(request, q, rid, pr, chat)
+        except APIError as e:
+            state["http_errors"] += 1
+            return _err(e)
+        finally:
+            if not submitted:
+                state["in_flight"] -= 1
+
+    def _usage(out: RequestOutput) -> Dict[str, int]:
+        return {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
+                "total_tokens": out.prompt_tokens + out.completion_tokens}
+
+    async def _full(request, q, rid, pr, chat):
+        text, last, last_check = [], None, [time.monotonic()]
+        try:
+            while True:
+                out = await _next(q, request, last_check)
+                if out is None:
+                    loop_.abort(rid)
+                    return PlainTextResponse("", status_code=499)
+                text.append(out.text)
+                if out.finished:
+                    last = out
+                    break
+        except asyncio.CancelledError:
+            loop_.abort(rid)
+            raise
+        if last.finish_reason == "error":
+            raise APIError(500, f"generation failed: {last.error}", type="server_error", code="engine_error")
+        created = int(time.time())
+        reason = last.finish_reason if last.finish_reason in ("stop", "length") else "stop"
+        if chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": "".join(text)},
+                      "logprobs": None, "finish_reason": reason}
+            obj = "chat.completion"
+        else:
+            choice = {"index": 0, "text": "".join(text), "logprobs": None, "finish_reason": reason}
+            obj = "text_completion"
+        return JSONResponse({"id": rid, "object": obj, "created": created, "model": cfg.model_name,
+                             "choices": [choice], "usage": _usage(last)})
+
+    async def _stream(request, q, rid, pr, chat):
+        created = int(time.time())
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        done = False
+        last_check = [time.monotonic()]
+
+        def chunk(delta_text: Optional[str], reason: Optional[str], first: bool = False) -> str:
+            if chat:
+                delta: Dict[str, Any] = {}
+                if first:
+                    delta["role"] = "assistant"
+                if delta_text is not None:
+                    delta["content"] = delta_text
+                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+            else:
+                choice = {"index": 0, "text": delta_text or "", "logprobs": None, "finish_reason": reason}
+            c = {"id": rid, "object": obj, "created": created, "model": cfg.model_name, "choices": [choice]}
+            if pr.include_usage:
+                c["usage"] = None
+            return f"data: {json.dumps(c)}\n\n"
+
+        try:
+            if chat:
+                yield chunk("", None, first=True)
+            while True:
+                out = await _next(q, request, last_check)
+                if out is None:
+                    return
+                if out.finished and out.finish_reason == "error":
+                    done = True
+                    err = APIError(500, f"generation failed: {out.error}", type="server_error", code="engine_error")
+                    yield f"data: {json.dumps(err.body())}\n\n"
+                    yield "data: [DONE]\n\n"
+                    return
+                if out.text:
+                    yield chunk(out.text, None)
+                if out.finished:
+                    done = True
+                    reason = out.finish_reason if out.finish_reason in ("stop", "length") else "stop"
+                    yield chunk(None if chat else "", reason)
+                    if pr.include_usage:
+                        u = {"id": rid, "object": obj, "created": created, "model": cfg.model_name,
+                             "choices": [], "usage": _usage(out)}
+                        yield f"data: {json.dumps(u)}\n\n"
+                    yield "data: [DONE]\n\n"
+                    return
+        finally:
+            if not done:
+                loop_.abort(rid)  # client went away or the stream was cancelled
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await _handle(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await _handle(request, chat=True)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": cfg.model_name, "object": "model", "created": state["created"],
+                                            "owned_by": "cometq", "max_model_len": engine.max_model_len}]}
+
+    @app.get("/health")
+    async def health():
+        if not loop_.alive:
+            return JSONResponse({"status": "error", "error": loop_.error or "engine stopped"}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        s = engine.snapshot()
+        lines = []
+
+        def metric(name, typ, help_, value):
+            lines.extend([f"# HELP cometq_{name} {help_}", f"# TYPE cometq_{name} {typ}", f"cometq_{name} {value}"])
+
+        metric("queue_depth", "gauge", "Requests waiting for admission.", s["waiting"])
+        metric("running_requests", "gauge", "Sequences in the running batch.", s["running"])
+        metric("http_requests_in_flight", "gauge", "HTTP completion requests being served.", state["in_flight"])
+        metric("kv_blocks_used", "gauge", "KV pool blocks in use.", s["kv_blocks_used"])
+        metric("kv_blocks_total", "gauge", "KV pool blocks.", s["kv_blocks_total"])
+        metric("kv_usage_ratio", "gauge", "Fraction of KV pool blocks in use.",
+               f"{s['kv_blocks_used'] / max(1, s['kv_blocks_total']):.6f}")
+        metric("tokens_per_second", "gauge", "Tokens through the model per second (last 10 s).",
+               f"{s['tokens_per_second']:.3f}")
+        metric("prompt_tokens_total", "counter", "Prompt tokens of requests that produced a token.",
+               s["prompt_tokens"])
+        metric("generation_tokens_total", "counter", "Generated tokens.", s["generation_tokens"])
+        metric("engine_steps_total", "counter", "Engine steps (model forwards).", s["steps"])
+        metric("preemptions_total", "counter", "Sequences preempted (recomputed later) on a full KV pool.",
+               s["preemptions"])
+        for k in ("finished", "aborted", "rejected", "errors"):
+            metric(f"requests_{k}_total", "counter", f"Requests {k}.", s[k])
+        metric("http_requests_total", "counter", "Completion HTTP requests received.", state["http_requests"])
+        metric("http_errors_total", "counter", "Completion HTTP requests answered with an error.",
+               state["http_errors"])
+        for name, key, help_ in (("time_to_first_token_seconds", "ttft", "Arrival to first token."),
+                                 ("time_per_output_token_seconds", "tpot", "Mean time between output tokens."),
+                                 ("e2e_request_latency_seconds", "e2e", "Arrival to finish.")):
+            lines += [f"# HELP cometq_{name} {help_}", f"# TYPE cometq_{name} summary",
+                      f"cometq_{name}_sum {s[key + '_sum']:.6f}", f"cometq_{name}_count {s[key + '_count']}"]
+        return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+
+    app.state.engine_loop = loop_
+    app.state.server_state = state
+    return app
+
+
+class ServerThread:
+    """uvicorn in a background thread (tests, benchmarks); ``port=0`` picks a free port."""
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+        import uvicorn
+
+        self.config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
+                                     timeout_graceful_shutdown=2, lifespan="off")
+        self.server = uvicorn.Server(self.config)
+        self._thread = threading.Thread(target=self.server.run, name="cometq-http", daemon=True)
+        self.host = host
+        self.port = port
+
+    def start(self, timeout: float = 30.0) -> "ServerThread":
+        self._thread.start()
+        t0 = time.monotonic()
+        while not self.server.started:
+            if not self._thread.is_alive() or time.monotonic() - t0 > timeout:
+                raise RuntimeError(f"uvicorn did not start on {self.host}:{self.port} within {timeout} s")
+            time.sleep(0.02)
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        return self
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.server.should_exit = True
+        self._thread.join(timeout)

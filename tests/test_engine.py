@@ -1,0 +1,346 @@
+"""cometq.serve: runner (vs the HF forward), paged pools, scheduler, sampling, detokenization (CPU)."""
+import torch
+import pytest
+
+from cometq.testing import (RUNNER_FP32_ATOL, RUNNER_KV4_MIN_COSINE, RUNNER_KV4_VS_KV4CACHE_ATOL,
+                            tiny_causal_lm)
+from cometq.serve.engine import Engine, EngineConfig, RequestRejected
+from cometq.serve.kv import PagedFPPool, PoolExhausted
+from cometq.serve.runner import Chunk, ModelRunner
+from cometq.serve.sampling import IncrementalDetokenizer, SamplingParams, make_generator, sample_token
+from cometq.serve.tiny import byte_tokenizer, tiny_model
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    # tiny models: OpenMP threads only spin against the engine / HTTP / client threads on a 2-core runner
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_causal_lm("llama")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return byte_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def byte_model():
+    return tiny_model()
+
+
+def _rand_ids(n, seed, vocab=256):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (n,), generator=g).tolist()
+
+
+def _greedy_nocache(model, prompt, n):
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
+    return seq[len(prompt):]
+
+
+# ---------------------------------------------------------------- runner
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+def test_runner_fp_matches_hf_forward(arch):
+    m = tiny_causal_lm(arch)
+    r = ModelRunner.with_fp_pool(m, num_blocks=24, block_size=4)  # block 4: chunks straddle blocks
+    a, b = _rand_ids(17, 1), _rand_ids(7, 2)
+    with torch.no_grad():
+        ref_a, ref_b = m(torch.tensor([a])).logits[0], m(torch.tensor([b])).logits[0]
+    r.pool.reserve(0, 17)
+    r.pool.reserve(1, 7)
+    # ragged batch: chunked prefill of a (5 + 6 + 1 + 5 tokens) next to b's prefill and decode
+    l1 = r.forward([Chunk(0, a[:5], 0), Chunk(1, b[:6], 0)], all_logits=True)
+    l2 = r.forward([Chunk(0, a[5:11], 5), Chunk(1, b[6:7], 6)])
+    l3 = r.forward([Chunk(0, a[11:12], 11)])
+    l4 = r.forward([Chunk(0, a[12:17], 12)])
+    torch.testing.assert_close(l1[:5], ref_a[:5], rtol=0, atol=RUNNER_FP32_ATOL)
+    torch.testing.assert_close(l1[5:], ref_b[:6], rtol=0, atol=RUNNER_FP32_ATOL)
+    torch.testing.assert_close(l2, torch.stack([ref_a[10], ref_b[6]]), rtol=0, atol=RUNNER_FP32_ATOL)
+    torch.testing.assert_close(l3[0], ref_a[11], rtol=0, atol=RUNNER_FP32_ATOL)
+    torch.testing.assert_close(l4[0], ref_a[16], rtol=0, atol=RUNNER_FP32_ATOL)
+
+
+def test_runner_kv4_close_to_hf(llama):
+    from cometq.kvcache import KV4Cache
+
+    r = ModelRunner.with_kv4_pool(llama, num_blocks=8, block_size=16, group_size=16)
+    a = _rand_ids(40, 3)
+    r.pool.reserve(0, 40)
+    cache = KV4Cache(llama.config, key_axis="channel", value_axis="token", group_size=16, residual_length=0)
+    with torch.no_grad():
+        full = llama(torch.tensor([a])).logits[0]
+        cuts = [0, 20, 30] + list(range(31, 41))
+        for s, e in zip(cuts[:-1], cuts[1:]):
+            ours = r.forward([Chunk(0, a[s:e], s)])[0]
+            ref4 = llama(torch.tensor([a[s:e]]), past_key_values=cache, use_cache=True).logits[0, -1]
+            if s == 0:  # prefill from scratch attends to fresh full-precision K/V only: exact
+                torch.testing.assert_close(ours, full[e - 1], rtol=0, atol=RUNNER_FP32_ATOL)
+            cos = torch.nn.functional.cosine_similarity(ours, full[e - 1], dim=0)
+            assert cos >= RUNNER_KV4_MIN_COSINE, (s, e, float(cos))
+            torch.testing.assert_close(ours, ref4, rtol=0, atol=RUNNER_KV4_VS_KV4CACHE_ATOL)
+    assert r.pool.num_used_blocks == 3  # 40 tokens in blocks of 16 (engine accounting)
+    r.pool.free(0)
+    assert r.pool.num_used_blocks == 0 and all(p.num_free_blocks == 8 for p in r.pool.layers)
+
+
+@pytest.fixture(scope="module")
+def w4ax_model(byte_model):
+    import copy
+
+    from cometq import W4AxConfig, quantize_
+    from cometq.nn import set_fast_path
+
+    m = copy.deepcopy(byte_model)
+    quantize_(m, W4AxConfig(), calib_data=torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0)))
+    set_fast_path(m, True)
+    return m
+
+
+def test_runner_with_w4ax_linears(w4ax_model):
+    from cometq.nn import W4AxLinear
+
+    m = w4ax_model
+    assert isinstance(m.model.layers[0].self_attn.q_proj, W4AxLinear)
+    r = ModelRunner.with_fp_pool(m, num_blocks=4, block_size=8)
+    a = _rand_ids(12, 4)
+    r.pool.reserve(0, 12)
+    with torch.no_grad():
+        ref = m(torch.tensor([a])).logits[0]
+    got = torch.cat([r.forward([Chunk(0, a[:11], 0)], all_logits=True), r.forward([Chunk(0, a[11:], 11)])])
+    torch.testing.assert_close(got, ref, rtol=0, atol=RUNNER_FP32_ATOL)
+
+
+def test_engine_w4ax_kv4_batched_equals_solo(w4ax_model):
+    # the full cometq path: W4Ax linears (per-token activation scales) + paged KV4 + continuous batching;
+    # a budget that never splits a prompt, so each request sees the same chunks as when it runs alone
+    def engine():
+        r = ModelRunner.with_kv4_pool(w4ax_model, num_blocks=16, block_size=16, max_seqs=4)
+        return Engine(r, None, EngineConfig(max_num_seqs=4, max_num_batched_tokens=256))
+
+    prompts = [_rand_ids(5 + 9 * i, 70 + i) for i in range(4)]
+    sp = SamplingParams(max_tokens=20, temperature=0)
+    e = engine()
+    batched = e.generate(prompts, sp)
+    solo = [engine().generate([p], sp)[0] for p in prompts]
+    assert batched == solo and [len(o) for o in batched] == [20] * 4
+    assert e.pool.num_used_blocks == 0
+
+
+def test_runner_rejects_bad_input(llama):
+    r = ModelRunner.with_fp_pool(llama, num_blocks=4, block_size=4)
+    r.pool.reserve(0, 4)
+    with pytest.raises(ValueError, match="out of range"):
+        r.forward([Chunk(0, [1, 999], 0)])
+    with pytest.raises(ValueError, match="no tokens"):
+        r.forward([Chunk(0, [], 0)])
+    with pytest.raises(ValueError, match="exceed its reservation"):
+        r.forward([Chunk(0, [1] * 5, 0)])
+    with pytest.raises(TypeError, match="Llama-family"):
+        ModelRunner(torch.nn.Linear(2, 2), r.pool)
+    bad_pool = PagedFPPool(num_layers=1, num_blocks=2, block_size=4, n_kv_heads=1, head_dim=64)
+    with pytest.raises(ValueError, match="geometry"):
+        ModelRunner(llama, bad_pool)
+
+
+def test_pool_bookkeeping():
+    p = PagedFPPool(num_layers=1, num_blocks=5, block_size=4, n_kv_heads=1, head_dim=2)
+    p.reserve(7, 9)  # 3 blocks
+    assert p.num_free_blocks == 2 and p.blocks_needed(7, 12) == 0 and p.blocks_needed(7, 13) == 1
+    with pytest.raises(PoolExhausted):
+        p.reserve(8, 9)
+    assert not p.has_seq(8) and p.num_free_blocks == 2  # a failed reservation changes nothing
+    k = torch.randn(9, 1, 2)
+    p.write(0, 7, 0, k, -k)
+    kk, vv = p.read(0, 7, 9, torch.float32)
+    assert torch.equal(kk, k) and torch.equal(vv, -k)
+    p.free(7)
+    assert p.num_free_blocks == 5
+    with pytest.raises(ValueError, match="num_blocks"):
+        PagedFPPool(num_layers=1, num_blocks=0, block_size=4, n_kv_heads=1, head_dim=2)
+
+
+# ---------------------------------------------------------------- engine
+@pytest.fixture(scope="module")
+def greedy_cases(llama):
+    prompts = [_rand_ids(int(n), 10 + i) for i, n in enumerate(torch.randint(1, 26, (10,),
+               generator=torch.Generator().manual_seed(5)))]
+    return prompts, [_greedy_nocache(llama, p, 8) for p in prompts]
+
+
+@pytest.mark.parametrize("num_blocks", [64, 12])  # 12 blocks of 4 tokens: forces preemption
+def test_engine_greedy_continuous_batching(llama, greedy_cases, num_blocks):
+    prompts, refs = greedy_cases
+    r = ModelRunner.with_fp_pool(llama, num_blocks=num_blocks, block_size=4)
+    e = Engine(r, None, EngineConfig(max_num_seqs=6, max_num_batched_tokens=16))
+    params = SamplingParams(max_tokens=8, temperature=0)
+    reqs = [e.add_request(p, params) for p in prompts[:5]]
+    for _ in range(3):  # later arrivals join a running batch
+        e.step()
+    reqs += [e.add_request(p, params) for p in prompts[5:]]
+    for _ in range(2000):
+        if not e.has_work():
+            break
+        e.step()
+    assert not e.has_work()
+    assert [q.output_ids for q in reqs] == refs
+    assert all(q.finish_reason == "length" for q in reqs)
+    assert e.pool.num_used_blocks == 0
+    if num_blocks == 12:
+        assert e.stats["preemptions"] > 0
+    else:
+        assert e.stats["preemptions"] == 0
+
+
+def test_engine_kv4_pool_exhaustion_no_loss(llama):
+    r = ModelRunner.with_kv4_pool(llama, num_blocks=6, block_size=16, group_size=16, max_seqs=4)
+    e = Engine(r, None, EngineConfig(max_num_seqs=8, max_num_batched_tokens=64))
+    prompts = [_rand_ids(20 + i, 40 + i) for i in range(6)]
+    outs = e.generate(prompts, SamplingParams(max_tokens=12, temperature=0), max_steps=500)
+    assert [len(o) for o in outs] == [12] * 6
+    assert e.stats["preemptions"] > 0 and e.stats["finished"] == 6
+    assert e.pool.num_used_blocks == 0 and all(p.num_free_blocks == 6 for p in r.pool.layers)
+    # the first sequence was never preempted (oldest first): its tokens match a solo run
+    solo = Engine(ModelRunner.with_kv4_pool(llama, num_blocks=6, block_size=16, group_size=16), None)
+    assert solo.generate(prompts[:1], SamplingParams(max_tokens=12, temperature=0))[0] == outs[0]
+
+
+def test_engine_rejects_and_aborts(llama):
+    r = ModelRunner.with_fp_pool(llama, num_blocks=8, block_size=4)
+    e = Engine(r, None, EngineConfig(max_queue=2))
+    assert e.max_model_len == 32
+    with pytest.raises(RequestRejected, match="exceeds the maximum context length 32"):
+        e.add_request(_rand_ids(30, 0), SamplingParams(max_tokens=3))
+    with pytest.raises(RequestRejected, match="empty"):
+        e.add_request([], SamplingParams())
+    with pytest.raises(RequestRejected, match="out of range"):
+        e.add_request([1, 256], SamplingParams())
+    a = e.add_request(_rand_ids(5, 1), SamplingParams(max_tokens=20, temperature=0))
+    e.add_request(_rand_ids(5, 2), SamplingParams(max_tokens=2, temperature=0))
+    with pytest.raises(RequestRejected, match="queue full"):
+        e.add_request(_rand_ids(5, 3), SamplingParams())
+    for _ in range(3):
+        e.step()
+    assert e.pool.num_used_blocks > 0
+    e.abort(a.request_id)
+    for _ in range(50):
+        if not e.has_work():
+            break
+        e.step()
+    assert a.finish_reason == "abort" and len(a.output_ids) < 20
+    assert e.pool.num_used_blocks == 0 and e.stats["aborted"] == 1
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        EngineConfig(max_num_seqs=0)
+
+
+def test_engine_stops(byte_model, tok):
+    r = ModelRunner.with_fp_pool(byte_model, num_blocks=16, block_size=16)
+    e = Engine(r, tok, eos_token_ids=[tok.eos_token_id])
+    prompt = tok("Hello", add_special_tokens=False)["input_ids"]
+    greedy = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    ref = e.generate([prompt], greedy)[0]
+    # stop token id: generation ends before it, the token is not part of the output
+    stop_at = next(i for i in range(2, len(ref)) if ref[i] not in ref[:i])
+    got = e.generate([prompt], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True,
+                                              stop_token_ids=(ref[stop_at],)))[0]
+    assert got == ref[:stop_at]
+    # stop string: a piece of the greedy text; the text ends right before its first occurrence
+    outs = []
+    req = e.add_request(prompt, greedy, callback=outs.append)
+    while e.has_work():
+        e.step()
+    full = "".join(o.text for o in outs)
+    assert outs[-1].finished and outs[-1].finish_reason == "length"
+    cands = [full[i:i + 2] for i in range(3, len(full) - 2) if "\ufffd" not in full[i:i + 2]]
+    assert cands, full
+    stop = cands[0]
+    outs2 = []
+    req2 = e.add_request(prompt, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, stop=(stop,)),
+                         callback=outs2.append)
+    while e.has_work():
+        e.step()
+    text2 = "".join(o.text for o in outs2)
+    assert req2.finish_reason == "stop" and text2 == full[:full.index(stop)]
+    assert stop not in text2 and e.pool.num_used_blocks == 0
+    del req
+
+
+def test_engine_seeded_sampling_deterministic(byte_model):
+    r = ModelRunner.with_fp_pool(byte_model, num_blocks=32, block_size=16)
+    e = Engine(r, None)
+    p = _rand_ids(6, 9)
+    sp = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.95, top_k=50, seed=1234)
+    a, b = e.generate([p, p], sp)  # same seed, batched together
+    c = e.generate([p], sp)[0]
+    d = e.generate([p], SamplingParams(max_tokens=16, temperature=1.0, seed=99))[0]
+    assert a == b == c
+    assert d != a
+
+
+# ---------------------------------------------------------------- sampling / detok
+def test_sample_token_filters():
+    logits = torch.tensor([0.0, 3.0, 2.9, -1.0, 2.8, 1.0])
+    g = make_generator(0)
+    assert sample_token(logits, SamplingParams(temperature=0), g) == 1
+    assert sample_token(logits, SamplingParams(top_k=1), g) == 1
+    draws = {sample_token(logits, SamplingParams(temperature=2.0, top_k=3), g) for _ in range(200)}
+    assert draws == {1, 2, 4}
+    # p(1), p(2) ~ 0.35, 0.32: top_p 0.5 keeps exactly the two largest
+    draws = {sample_token(logits, SamplingParams(top_p=0.5), g) for _ in range(200)}
+    assert draws == {1, 2}
+    draws = {sample_token(logits, SamplingParams(temperature=1.0), g) for _ in range(2000)}
+    assert draws == set(range(6))
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(max_tokens=0), "max_tokens"), (dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"),
+    (dict(top_k=-2), "top_k"), (dict(seed="x"), "seed"), (dict(stop=("",)), "stop"),
+    (dict(stop_token_ids=(-1,)), "stop_token_ids"), (dict(max_tokens=True), "max_tokens"),
+])
+def test_sampling_params_validation(kw, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingParams(**kw)
+
+
+def test_incremental_detok_multibyte(tok):
+    text = "héllo wörld 日本語 🎉!"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) > len(text)  # byte-level: multi-byte characters span several tokens
+    d = IncrementalDetokenizer(tok, tok("ctx", add_special_tokens=False)["input_ids"])
+    deltas = []
+    for t in ids:
+        assert d.add(t) is None
+        deltas.append(d.take(False))
+    d.flush()
+    deltas.append(d.take(True))
+    assert "".join(deltas) == text
+    assert not any("\ufffd" in x for x in deltas)
+    # an incomplete character at the end is released (as U+FFFD) by flush, never dropped
+    d2 = IncrementalDetokenizer(tok, [])
+    for t in ids[:2]:  # 'h' + first byte of 'é'
+        d2.add(t)
+    assert d2.take(False) == "h"
+    d2.flush()
+    assert d2.take(True) == "\ufffd"
+
+
+def test_incremental_detok_holds_back_stop_prefix(tok):
+    d = IncrementalDetokenizer(tok, [], stop=("STOP",))
+    out = []
+    for ch in "abcSTO":
+        d.add(tok(ch, add_special_tokens=False)["input_ids"][0])
+        out.append(d.take(False))
+    assert "".join(out) == "abc"  # "STO" might become "STOP": held back
+    assert d.add(tok("P", add_special_tokens=False)["input_ids"][0]) == "STOP"
+    assert d.take(True) == "" and d.text == "abc"

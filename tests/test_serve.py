@@ -1,0 +1,320 @@
+"""cometq.serve HTTP server: the official openai client against a live loopback server (CPU)."""
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+from cometq.serve.launch import build_engine, start_stack  # noqa: E402
+from cometq.serve.server import ServerConfig  # noqa: E402
+from cometq.serve.tiny import byte_tokenizer, tiny_model  # noqa: E402
+
+MODEL = "tiny"
+TIMEOUT = 60
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    # tiny models: OpenMP threads only spin against the engine / HTTP / client threads on a 2-core runner
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return byte_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+def _stack(model, tok, **kw):
+    scfg = kw.pop("server_config", ServerConfig(model_name=MODEL, max_prompt_tokens=200))
+    eng = build_engine(model, tok, **kw)
+    return start_stack(eng, tok, server_config=scfg)
+
+
+@pytest.fixture(scope="module")
+def stack(model, tok):
+    s = _stack(model, tok, kv4=False, num_blocks=128, block_size=16, max_num_seqs=32, max_num_batched_tokens=256,
+               max_model_len=256)
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def client(stack):
+    return openai.OpenAI(base_url=stack.base_url + "/v1", api_key="none", max_retries=0, timeout=TIMEOUT)
+
+
+def _wait_idle(engine, timeout=10.0):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if engine.pool.num_used_blocks == 0 and not engine.running and not engine.waiting:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def _stream_text(stream, chat=False):
+    parts, reasons = [], []
+    for ch in stream:
+        if not ch.choices:
+            continue
+        c = ch.choices[0]
+        parts.append((c.delta.content or "") if chat else c.text)
+        if c.finish_reason:
+            reasons.append(c.finish_reason)
+    return "".join(parts), reasons
+
+
+def test_server_binds_loopback(stack):
+    assert stack.server.host == "127.0.0.1"
+    assert stack.server.server.servers[0].sockets[0].getsockname()[0] == "127.0.0.1"
+
+
+def test_models_health_metrics(stack, client):
+    ids = [m.id for m in client.models.list().data]
+    assert ids == [MODEL]
+    r = httpx.get(stack.base_url + "/health", timeout=TIMEOUT)
+    assert r.status_code == 200 and r.json() == {"status": "ok"}
+    client.completions.create(model=MODEL, prompt="metrics", max_tokens=3, temperature=0,
+                              extra_body={"ignore_eos": True})
+    text = httpx.get(stack.base_url + "/metrics", timeout=TIMEOUT).text
+    vals = {ln.split()[0]: float(ln.split()[1]) for ln in text.splitlines() if ln and not ln.startswith("#")}
+    for name in ("cometq_queue_depth", "cometq_kv_blocks_used", "cometq_kv_usage_ratio", "cometq_tokens_per_second",
+                 "cometq_time_to_first_token_seconds_count", "cometq_generation_tokens_total",
+                 "cometq_e2e_request_latency_seconds_sum"):
+        assert name in vals, name
+    assert vals["cometq_generation_tokens_total"] >= 3 and vals["cometq_time_to_first_token_seconds_count"] >= 1
+    assert vals["cometq_kv_blocks_total"] == 128
+
+
+def test_completion_stream_matches_non_stream(client):
+    kw = dict(model=MODEL, prompt="Hello wörld, 日本", max_tokens=20, temperature=0, extra_body={"ignore_eos": True})
+    full = client.completions.create(**kw)
+    assert full.object == "text_completion" and full.choices[0].finish_reason == "length"
+    assert full.usage.completion_tokens == 20 and full.usage.prompt_tokens == len("Hello wörld, 日本".encode())
+    text, reasons = _stream_text(client.completions.create(stream=True, **kw))
+    assert text == full.choices[0].text and reasons == ["length"]
+
+
+def test_chat_stream_matches_non_stream(client, tok):
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"}]
+    kw = dict(model=MODEL, messages=msgs, max_tokens=16, temperature=0.8, seed=7, extra_body={"ignore_eos": True})
+    full = client.chat.completions.create(**kw)
+    msg = full.choices[0].message
+    assert full.object == "chat.completion" and msg.role == "assistant"
+    want_prompt = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)["input_ids"]
+    assert full.usage.prompt_tokens == len(want_prompt)
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 16
+    text, reasons = _stream_text(chunks, chat=True)
+    assert text == msg.content and reasons == ["length"]
+
+
+def test_seed_determinism(client):
+    kw = dict(model=MODEL, prompt="seeded", max_tokens=16, temperature=1.0, top_p=0.9, extra_body={"ignore_eos": True})
+    a = client.completions.create(seed=42, **kw).choices[0].text
+    b = client.completions.create(seed=42, **kw).choices[0].text
+    c = client.completions.create(seed=43, **kw).choices[0].text
+    assert a == b and a != c
+
+
+def test_raw_sse_format(stack):
+    body = {"model": MODEL, "prompt": "sse", "max_tokens": 4, "temperature": 0, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", stack.base_url + "/v1/completions", json=body, timeout=TIMEOUT) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        lines = [ln for ln in r.iter_lines() if ln]
+    assert all(ln.startswith("data: ") for ln in lines)
+    assert lines[-1] == "data: [DONE]"
+    objs = [json.loads(ln[6:]) for ln in lines[:-1]]
+    assert objs[-1]["choices"][0]["finish_reason"] == "length"
+    assert len({o["id"] for o in objs}) == 1
+
+
+def test_32_concurrent_streams_get_their_own_tokens(stack, client):
+    prompts = [f"request {i}: " + "xyzw"[i % 4] * (i % 7 + 1) for i in range(32)]
+    kw = dict(model=MODEL, max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
+    solo = [client.completions.create(prompt=p, **kw).choices[0].text for p in prompts]
+    assert len(set(solo)) > 8  # prompts differ, so do their continuations
+    barrier = threading.Barrier(32, timeout=TIMEOUT)
+
+    def one(p):
+        barrier.wait()
+        return _stream_text(client.completions.create(prompt=p, stream=True, **kw))
+
+    with ThreadPoolExecutor(32) as ex:
+        got = list(ex.map(one, prompts))
+    assert [t for t, _ in got] == solo
+    assert all(r == ["length"] for _, r in got)
+    assert _wait_idle(stack.engine)
+
+
+@pytest.mark.parametrize("path,body,status,param", [
+    ("/v1/completions", b"{not json", 400, None),
+    ("/v1/completions", b"[1, 2]", 400, None),
+    ("/v1/completions", b'{"model": "tiny"}', 400, "prompt"),
+    ("/v1/completions", b'{"prompt": "x", "max_tokens": 0}', 400, "max_tokens"),
+    ("/v1/completions", b'{"prompt": "x", "max_tokens": "5"}', 400, "max_tokens"),
+    ("/v1/completions", b'{"prompt": "x", "temperature": 3}', 400, "temperature"),
+    ("/v1/completions", b'{"prompt": "x", "top_p": 0}', 400, "top_p"),
+    ("/v1/completions", b'{"prompt": "x", "n": 2}', 400, "n"),
+    ("/v1/completions", b'{"prompt": "x", "stop": 5}', 400, "stop"),
+    ("/v1/completions", b'{"prompt": "x", "seed": 1.5}', 400, "seed"),
+    ("/v1/completions", b'{"prompt": [1, 99999]}', 400, "prompt"),
+    ("/v1/completions", b'{"prompt": ""}', 400, "prompt"),
+    ("/v1/completions", b'{"prompt": "x", "stream": "yes"}', 400, "stream"),
+    ("/v1/completions", b'{"prompt": "x", "model": "gpt-9"}', 404, "model"),
+    ("/v1/completions", b'{"prompt": "x", "max_tokens": 256}', 400, "max_tokens"),
+    ("/v1/completions", json.dumps({"prompt": "y" * 201}).encode(), 400, "prompt"),
+    ("/v1/chat/completions", b'{"messages": []}', 400, "messages"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "wizard", "content": "x"}]}', 400, "messages[0].role"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": 5}]}', 400, "messages[0].content"),
+    ("/v1/nope", b"{}", 404, None),
+])
+def test_bad_requests_get_openai_errors(stack, path, body, status, param):
+    r = httpx.post(stack.base_url + path, content=body, headers={"content-type": "application/json"},
+                   timeout=TIMEOUT)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert err["param"] == param
+
+
+def test_openai_client_raises_on_bad_request(client):
+    with pytest.raises(openai.BadRequestError) as ei:
+        client.completions.create(model=MODEL, prompt="x" * 300, max_tokens=4)
+    assert ei.value.body["code"] == "context_length_exceeded"
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_client_disconnect_frees_sequence(stack, stream):
+    eng = stack.engine
+    assert _wait_idle(eng)
+    aborted, finished = eng.stats["aborted"], eng.stats["finished"]
+    orig_step = eng.step
+    eng.step = lambda: (time.sleep(0.02), orig_step())[1]  # a slow engine: 240 tokens take >= 5 s
+    body = {"model": MODEL, "prompt": "long one", "max_tokens": 240, "temperature": 0, "ignore_eos": True,
+            "stream": stream}
+    try:
+        with httpx.stream("POST", stack.base_url + "/v1/completions", json=body,
+                          timeout=None if stream else 0.5) as r:
+            for i, _ in enumerate(r.iter_lines()):
+                if i >= 3:
+                    break  # leave mid-stream: the connection is closed on exit
+        assert stream, "the non-streaming request should have timed out"
+    except httpx.ReadTimeout:
+        assert not stream
+    try:
+        assert _wait_idle(eng), (eng.pool.num_used_blocks, len(eng.running))
+    finally:
+        eng.step = orig_step
+    assert eng.stats["aborted"] == aborted + 1 and eng.stats["finished"] == finished
+
+
+def test_pool_exhaustion_under_load(model, tok):
+    # 10 blocks of 16 tokens for up to 16 running sequences: admission waits and preemption recomputes
+    s = _stack(model, tok, kv4=False, num_blocks=10, block_size=16, max_num_seqs=16, max_num_batched_tokens=64,
+               max_model_len=160)
+    try:
+        c = openai.OpenAI(base_url=s.base_url + "/v1", api_key="none", max_retries=0, timeout=TIMEOUT)
+        prompts = [f"load {i} " + "ab" * (i % 5) for i in range(16)]
+        kw = dict(model=MODEL, max_tokens=24, temperature=0, extra_body={"ignore_eos": True})
+        solo = [c.completions.create(prompt=p, **kw).choices[0].text for p in prompts]
+
+        def one(i):
+            if i % 2:
+                return _stream_text(c.completions.create(prompt=prompts[i], stream=True, **kw))[0]
+            return c.completions.create(prompt=prompts[i], **kw).choices[0].text
+
+        with ThreadPoolExecutor(16) as ex:
+            got = list(ex.map(one, range(16)))
+        assert got == solo
+        assert s.engine.stats["preemptions"] > 0
+        assert _wait_idle(s.engine)
+    finally:
+        s.stop()
+
+
+def test_kv4_server_and_limits(model, tok):
+    s = _stack(model, tok, kv4=True, num_blocks=16, block_size=16, group_size=16, max_num_seqs=4,
+               server_config=ServerConfig(model_name=MODEL, max_concurrent_requests=2))
+    try:
+        c = openai.OpenAI(base_url=s.base_url + "/v1", api_key="none", max_retries=0, timeout=TIMEOUT)
+        kw = dict(model=MODEL, prompt="four bit", max_tokens=20, temperature=0, extra_body={"ignore_eos": True})
+        full = c.completions.create(**kw).choices[0].text
+        text, _ = _stream_text(c.completions.create(stream=True, **kw))
+        assert text == full and s.engine.pool.kind == "kv4"
+        # concurrency limit: with the engine held busy, two streams are in flight and a third request gets 429
+        eng, gate = s.engine, threading.Event()
+        orig_step = eng.step
+        eng.step = lambda: (gate.wait(TIMEOUT), orig_step())[1]
+        in_flight = s.server.config.app.state.server_state
+        body = {"model": MODEL, "prompt": "slow", "max_tokens": 50, "temperature": 0, "ignore_eos": True,
+                "stream": True}
+        try:
+            with httpx.stream("POST", s.base_url + "/v1/completions", json=body, timeout=TIMEOUT) as r1, \
+                    httpx.stream("POST", s.base_url + "/v1/completions", json=body, timeout=TIMEOUT) as r2:
+                assert r1.status_code == r2.status_code == 200
+                assert in_flight["in_flight"] == 2
+                r3 = httpx.post(s.base_url + "/v1/completions", json={"model": MODEL, "prompt": "x"},
+                                timeout=TIMEOUT)
+                assert r3.status_code == 429 and r3.json()["error"]["type"] == "rate_limit_error"
+                gate.set()
+                lines = [ln for ln in r1.iter_lines() if ln]
+                assert lines[-1] == "data: [DONE]"
+        finally:
+            gate.set()
+            eng.step = orig_step
+        assert _wait_idle(s.engine)
+        assert all(p.num_free_blocks == 16 for p in s.engine.pool.layers)
+    finally:
+        s.stop()
+
+
+def test_chat_default_max_tokens_fits_context(stack, tok):
+    # no max_tokens: the chat default (256) is shortened to what the context (256) leaves
+    r = httpx.post(stack.base_url + "/v1/chat/completions", timeout=TIMEOUT,
+                   json={"messages": [{"role": "user", "content": "q" * 150}], "temperature": 0, "ignore_eos": True})
+    assert r.status_code == 200, r.text
+    u = r.json()["usage"]
+    assert u["prompt_tokens"] > 150 and u["prompt_tokens"] + u["completion_tokens"] == 256
+
+
+def test_engine_error_is_reported_and_server_keeps_serving(stack, client):
+    runner = stack.engine.runner
+    orig = runner.forward
+
+    def boom(chunks, **kw):
+        raise RuntimeError("injected failure")
+
+    runner.forward = boom
+    try:
+        r = httpx.post(stack.base_url + "/v1/completions", json={"prompt": "x", "max_tokens": 3}, timeout=TIMEOUT)
+        assert r.status_code == 500 and r.json()["error"]["code"] == "engine_error"
+        assert "injected failure" in r.json()["error"]["message"]
+        with httpx.stream("POST", stack.base_url + "/v1/completions", timeout=TIMEOUT,
+                          json={"prompt": "x", "max_tokens": 3, "stream": True}) as s:
+            lines = [ln for ln in s.iter_lines() if ln]
+        assert "injected failure" in json.loads(lines[-2][6:])["error"]["message"] and lines[-1] == "data: [DONE]"
+    finally:
+        runner.forward = orig
+    assert _wait_idle(stack.engine)
+    again = client.completions.create(model=MODEL, prompt="again", max_tokens=3, temperature=0,
+                                      extra_body={"ignore_eos": True})
+    assert again.usage.completion_tokens == 3
+    assert httpx.get(stack.base_url + "/health", timeout=TIMEOUT).status_code == 200

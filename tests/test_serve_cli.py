@@ -1,0 +1,90 @@
+"""`cometq serve` / `cometq bench` end to end (CPU): a real subprocess on loopback, the quick benchmark."""
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+
+from cometq.cli import build_parser, main  # noqa: E402
+from cometq.serve.bench import random_llama  # noqa: E402
+from cometq.serve.runner import Chunk, ModelRunner  # noqa: E402
+from cometq.serve.tiny import byte_tokenizer, tiny_model  # noqa: E402
+from cometq.testing import RUNNER_FP32_ATOL  # noqa: E402
+
+
+def test_cli_parsers():
+    a = build_parser().parse_args(["serve", "--no-quantize", "--no-kv4", "--port", "0"])
+    assert (a.quantize, a.kv4, a.port, a.host) == (False, False, 0, "127.0.0.1")
+    a = build_parser().parse_args(["bench", "--quick", "--batch-sizes", "1,2"])
+    assert a.quick and a.batch_sizes == "1,2"
+    with pytest.raises(SystemExit) as ei:
+        main(["bench", "--help"])
+    assert ei.value.code == 0
+
+
+def test_cli_serve_subprocess(tmp_path):
+    d = tmp_path / "tiny"
+    tiny_model().save_pretrained(d)
+    byte_tokenizer().save_pretrained(d)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", COMETQ_BACKEND="reference")
+    proc = subprocess.Popen([sys.executable, "-m", "cometq", "serve", "--model", str(d), "--port", "0",
+                             "--no-quantize", "--kv4", "--block-size", "16", "--kv-tokens", "1024",
+                             "--served-model-name", "tiny"],
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+    try:
+        url, lines, t0 = None, [], time.monotonic()
+        while url is None and time.monotonic() - t0 < 120:
+            line = proc.stderr.readline()
+            if not line:
+                break
+            lines.append(line)
+            m = re.search(r"at (http://127\.0\.0\.1:\d+)/v1", line)
+            url = m.group(1) if m else None
+        assert url, "".join(lines[-20:])
+        assert httpx.get(url + "/health", timeout=30).json() == {"status": "ok"}
+        r = httpx.post(url + "/v1/chat/completions", timeout=60,
+                       json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5,
+                             "temperature": 0, "ignore_eos": True})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
+        assert "cometq_kv_blocks_total 64" in httpx.get(url + "/metrics", timeout=30).text
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=20)
+
+
+def test_bench_quick(tmp_path):
+    rc = main(["bench", "--quick", "--batch-sizes", "2", "--input-len", "8", "--output-len", "4",
+               "--block-size", "16", "--out", str(tmp_path), "--tag", "t"])
+    assert rc == 0
+    res = json.loads((tmp_path / "serving_t.json").read_text())
+    rows = res["results"]
+    assert {r["system"] for r in rows} == {"cometq-w4ax-kv4", "cometq-fp", "hf-generate"}
+    for r in rows:
+        assert r["batch"] == 2 and r["output_tokens_per_s"] > 0 and r["ttft_mean_s"] > 0
+    assert "| cometq-w4ax-kv4 | 2 |" in (tmp_path / "serving_t.md").read_text()
+
+
+def test_random_llama_builder_matches_hf():
+    import transformers as tf
+
+    cfg = tf.LlamaConfig(vocab_size=300, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, rope_theta=500000.0)
+    m = random_llama(cfg, "cpu", torch.float32)
+    assert torch.equal(m.model.rotary_emb.inv_freq, tf.AutoModelForCausalLM.from_config(cfg).model.rotary_emb.inv_freq)
+    r = ModelRunner.with_fp_pool(m, num_blocks=4, block_size=8)
+    r.pool.reserve(0, 10)
+    ids = torch.randint(0, 300, (10,), generator=torch.Generator().manual_seed(0)).tolist()
+    with torch.no_grad():
+        torch.testing.assert_close(r.forward([Chunk(0, ids, 0)], all_logits=True), m(torch.tensor([ids])).logits[0],
+                                   rtol=0, atol=RUNNER_FP32_ATOL)
