@@ -43,6 +43,21 @@ def _config_from_args(args):
     return W4AxConfig(**kw)
 
 
+def _describe(cfg) -> str:
+    g = "per-channel" if cfg.group_size == -1 else f"g{cfg.group_size}"
+    if cfg.act_bits == "fmpq":
+        if cfg.int8_blocks is not None:
+            budget = f"{cfg.int8_blocks} INT8 blocks"
+        elif cfg.outlier_ratio is not None:
+            budget = f"outliers > {cfg.outlier_ratio}x median in INT8"
+        else:
+            budget = f"{cfg.int8_fraction:.1%} INT8 blocks"
+        act = f"A4/A8 FMPQ ({budget}, {cfg.scale_mode} scales)"
+    else:
+        act = f"A{cfg.act_bits}"
+    return f"W4 {cfg.weight_method.upper()} {g}, {act}"
+
+
 def _add_quant_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("quantization")
     g.add_argument("--act-bits", default="fmpq", choices=["fmpq", "4", "8", "16"],
@@ -50,7 +65,8 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--int8-fraction", type=float, default=0.25,
                    help="FMPQ budget: share of 128-channel activation blocks kept INT8 (default 0.25)")
     g.add_argument("--group-size", type=int, default=128, help="weight group size (-1 = per output channel)")
-    g.add_argument("--weight-method", default="rtn", choices=["rtn", "gptq"])
+    g.add_argument("--weight-method", default="gptq", choices=["rtn", "gptq"],
+                   help="INT4 weight quantizer (default gptq: 1.53x vs 1.75x fp32 perplexity for rtn on SmolLM2, docs/ACCURACY.md)")
     g.add_argument("--scale-mode", default="block", choices=["block", "class"],
                    help="activation scales per token per block, or per token per precision class")
     g.add_argument("--backend", default="auto", choices=["auto", "reference", "triton", "cuda"])
@@ -115,7 +131,15 @@ def cmd_demo(args) -> int:
     tq = time.time()
     quantize_(qmodel, cfg, calib_data=calib)
     tq = time.time() - tq
-    _log(f"quantized in {tq:.1f} s; perplexity ...")
+    fast = 0
+    if not args.exact_cpu and next(qmodel.parameters()).device.type == "cpu":
+        # On CPU the reference GEMM loops over K segments in float64; the fast path
+        # multiplies the same INT4/INT8 integers and scales in one fp32 matmul
+        # (tested against the reference op within cometq.testing.FAST_PATH_RTOL).
+        from .nn import set_fast_path
+
+        fast = set_fast_path(qmodel)
+    _log(f"quantized in {tq:.1f} s; perplexity ({'CPU fast path' if fast else 'reference op'}) ...")
     ppl_q = perplexity(qmodel, windows)
     gen_q = _generate(qmodel, tok, args.prompt, args.max_new_tokens)
 
@@ -128,6 +152,7 @@ def cmd_demo(args) -> int:
         "ppl_quantized": ppl_q,
         "ppl_ratio": ppl_q / ppl_fp,
         "quantize_seconds": tq,
+        "cpu_fast_path_layers": fast,
         "total_seconds": time.time() - t0,
         "prompt": args.prompt,
         "generation_unquantized": gen_fp,
@@ -140,7 +165,7 @@ def cmd_demo(args) -> int:
     print(f"| model | perplexity ({len(windows)} x {args.seq_len} tokens, pydoc_data.topics eval slice) | x unquantized |")
     print("|---|---|---|")
     print(f"| unquantized (fp32) | {ppl_fp:.3f} | 1.000 |")
-    print(f"| cometq {cfg.describe() if hasattr(cfg, 'describe') else 'W4Ax'} | {ppl_q:.3f} | {ppl_q / ppl_fp:.3f} |")
+    print(f"| cometq {_describe(cfg)} | {ppl_q:.3f} | {ppl_q / ppl_fp:.3f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2, default=str)
@@ -171,9 +196,11 @@ def _load_any(path: str):
             with open(cfg_path) as f:
                 qc = json.load(f).get("quantization_config") or {}
             if qc.get("quant_method") == "cometq":
+                from transformers import AutoTokenizer
+
                 from .checkpoint import load_quantized
 
-                return load_quantized(path)
+                return load_quantized(path), AutoTokenizer.from_pretrained(path)
     return load_model(path)
 
 
@@ -229,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--windows", type=int, default=8, help="evaluation windows (default 8)")
     d.add_argument("--seq-len", type=int, default=512, help="tokens per evaluation window")
     d.add_argument("--json", default=None, help="also write the results as JSON here")
+    d.add_argument("--exact-cpu", action="store_true",
+                   help="on CPU run the reference GEMM op (float64 integer segments) instead of the fp32 fast path")
     _add_quant_args(d)
     d.set_defaults(fn=cmd_demo)
 

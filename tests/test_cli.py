@@ -1,0 +1,63 @@
+"""The `cometq` command line on a tiny random Llama saved to disk (the real model runs in the demo)."""
+import json
+import math
+
+import pytest
+import torch
+
+from cometq import cli
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from cometq.serve.tiny import byte_tokenizer, tiny_model
+
+    d = tmp_path_factory.mktemp("tiny")
+    tiny_model(layers=2).save_pretrained(d)
+    byte_tokenizer().save_pretrained(d)
+    return str(d)
+
+
+SMALL = ["--windows", "2", "--seq-len", "64", "--calib-samples", "2", "--calib-seq-len", "64"]
+
+
+def test_demo_quantizes_and_reports(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "demo.json"
+    rc = cli.main(["demo", "--model", tiny_dir, "--max-new-tokens", "4", "--json", str(out), *SMALL])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert math.isfinite(res["ppl_unquantized"]) and math.isfinite(res["ppl_quantized"])
+    assert res["ppl_ratio"] == pytest.approx(res["ppl_quantized"] / res["ppl_unquantized"])
+    assert res["eval_windows"] == 2 and res["cpu_fast_path_layers"] == 14  # 7 Linears x 2 layers
+    assert res["config"]["weight_method"] == "gptq"
+    printed = capsys.readouterr().out
+    assert "| unquantized (fp32) |" in printed and "W4 GPTQ g128" in printed
+
+
+def test_quantize_then_eval_and_generate_from_checkpoint(tiny_dir, tmp_path, capsys):
+    ck = tmp_path / "ck"
+    assert cli.main(["quantize", "--model", tiny_dir, "-o", str(ck), "--weight-method", "rtn",
+                     "--calib-samples", "2", "--calib-seq-len", "64"]) == 0
+    capsys.readouterr()
+    assert cli.main(["eval-ppl", "--model", str(ck), "--windows", "2", "--seq-len", "64"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["windows"] == 2 and math.isfinite(res["perplexity"])
+    assert cli.main(["generate", "hello", "--model", str(ck), "--max-new-tokens", "3"]) == 0
+
+
+def test_eval_ppl_on_a_text_file(tiny_dir, tmp_path, capsys):
+    f = tmp_path / "t.txt"
+    f.write_text("the quick brown fox jumps over the lazy dog. " * 20)
+    assert cli.main(["eval-ppl", "--model", tiny_dir, "--text-file", str(f), "--windows", "3", "--seq-len", "32"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["windows"] == 3 and res["perplexity"] > 1.0
+
+
+def test_cli_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["demo", "--windows", "0"])
+    assert e.value.code == 2 and "--windows must be >= 1, got 0" in capsys.readouterr().err
+    assert cli.main(["eval-ppl", "--model", str(tmp_path / "nope")]) == 2
+    assert "is not a local directory" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--int8-fraction", "x"])
