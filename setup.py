@@ -68,7 +68,8 @@ setup(
     extras_require={
         "triton": ["triton>=3.3"],
         "hf": ["transformers>=4.56", "accelerate", "gguf", "tokenizers"],
-        "test": ["pytest", "hypothesis", "pytest-benchmark", "expecttest"],
+        "serve": ["fastapi", "uvicorn"],
+        "test": ["pytest", "hypothesis", "pytest-benchmark", "expecttest", "openai", "httpx"],
     },
     entry_points={"console_scripts": ["cometq=cometq.cli:main"]},
     ext_modules=ext_modules,
