@@ -236,33 +236,11 @@ def set_fast_path(model: nn.Module, enabled: bool = True) -> int:
 def fake_quantize_activation(x: torch.Tensor, layout: ActivationLayout, scale_mode: str = "block") -> torch.Tensor:
     """``dequantize_activation(quantize_activation(x, layout, scale_mode))`` without packing.
 
-    float32 ``[M, K_pad]`` in permuted order.  The arithmetic is the reference
-    quantizer's step for step (float32 absmax / qmax, IEEE division,
-    round-half-to-even, clamp, then ``q * scale``), so the result is bit-identical
-    to the reference round trip (tests check ``torch.equal``).
+    float32 ``[M, K_pad]`` in permuted order.  The integers and scales come from
+    :func:`cometq.reference.quantize_activation_blocks`, the reference quantizer's
+    own step, so the result is bit-identical to the reference round trip (tests
+    check ``torch.equal``).
     """
-    R.check_tensor("x", x, dtypes=R.FLOAT_DTYPES, ndim=2)
-    m, k = x.shape
-    if k != layout.in_features:
-        raise ValueError(f"x has K={k} channels (shape {tuple(x.shape)}) but the layout has K={layout.in_features}")
-    if scale_mode not in ("block", "class"):
-        raise ValueError(f"scale_mode must be 'block' or 'class', got {scale_mode!r}")
-    nb = layout.n_blocks
-    xp = x.float()
-    if not layout.is_identity_perm:
-        xp = xp[:, layout.perm]
-    xb = R.pad_last_dim(xp, layout.k_pad).view(m, nb, BLOCK_K)
-    absmax = xb.abs().amax(dim=-1)
-    is8 = layout.block_bits == 8
-    qmax = torch.where(is8, 127, 7).to(torch.float32)
-    if scale_mode == "block":
-        bscale = absmax / qmax
-    else:
-        zero = torch.zeros(m, device=x.device)
-        a4 = absmax[:, ~is8].amax(dim=1) if layout.n_int4 else zero
-        a8 = absmax[:, is8].amax(dim=1) if layout.n_int8 else zero
-        scales = torch.stack((a4 / 7, a8 / 127), dim=1)
-        bscale = scales[:, is8.long()]
-    q = torch.round(R._safe_div(xb, bscale[..., None]))
-    q = torch.maximum(torch.minimum(q, qmax[:, None]), -qmax[:, None])
+    q, _, bscale = R.quantize_activation_blocks(x, layout, scale_mode)
+    m = q.shape[0]
     return (q * bscale[..., None]).view(m, layout.k_pad)

@@ -48,6 +48,7 @@ __all__ = [
     "check_group_size",
     "quantize_weight_rtn",
     "dequantize_weight",
+    "quantize_activation_blocks",
     "quantize_activation",
     "dequantize_activation",
     "w4ax_int_accumulators",
@@ -242,12 +243,14 @@ class QuantizedActivation:
         return out.view(self.m, lay.k_pad)
 
 
-def quantize_activation(
-    x: torch.Tensor, layout: ActivationLayout, scale_mode: str = "block"
-) -> QuantizedActivation:
-    """Permute, cut into 128-channel blocks, quantize each block to its precision, pack.
+def quantize_activation_blocks(x: torch.Tensor, layout: ActivationLayout, scale_mode: str = "block"):
+    """The quantization step of :func:`quantize_activation`, before packing.
 
-    ``x`` is ``[M, K]`` (fp16/bf16/fp32), in the layer's *original* channel order.
+    Returns ``(q, scales, block_scales)``: ``q`` float32 ``[M, n_blocks, 128]`` holding
+    the integers, ``scales`` as stored (see :class:`QuantizedActivation`), and
+    ``block_scales`` float32 ``[M, n_blocks]``.  Shared by the packer below and by
+    fake-quantization paths (e.g. ``cometq.nn``'s CPU fast path), so the numerics
+    exist once.
     """
     check_tensor("x", x, dtypes=FLOAT_DTYPES, ndim=2)
     if not isinstance(layout, ActivationLayout):
@@ -277,7 +280,21 @@ def quantize_activation(
         scales = torch.stack((_div_const(a4, INT4_QMAX), _div_const(a8, INT8_QMAX)), dim=1)
         bscale = scales[:, is8.long()]
     q = torch.round(_safe_div(xb, bscale[..., None]))
-    q = torch.maximum(torch.minimum(q, qmax[:, None]), -qmax[:, None]).to(torch.int8)
+    q = torch.maximum(torch.minimum(q, qmax[:, None]), -qmax[:, None])
+    return q, scales, bscale
+
+
+def quantize_activation(
+    x: torch.Tensor, layout: ActivationLayout, scale_mode: str = "block"
+) -> QuantizedActivation:
+    """Permute, cut into 128-channel blocks, quantize each block to its precision, pack.
+
+    ``x`` is ``[M, K]`` (fp16/bf16/fp32), in the layer's *original* channel order.
+    """
+    q, scales, _ = quantize_activation_blocks(x, layout, scale_mode)
+    m = q.shape[0]
+    is8 = layout.block_bits == 8
+    q = q.to(torch.int8)
     q4 = pack_int4(q[:, ~is8].reshape(m, layout.n_int4 * BLOCK_K))
     q8 = q[:, is8].reshape(m, layout.n_int8 * BLOCK_K).contiguous()
     return QuantizedActivation(q4, q8, scales.contiguous(), layout, scale_mode)
