@@ -23,6 +23,7 @@ def test_defaults_fill_fmpq_budget():
 @pytest.mark.parametrize("cfg", [
     W4AxConfig(),
     W4AxConfig(group_size=-1, weight_method="gptq", gptq_damp=0.05, act_bits=4),
+    W4AxConfig(group_size=32, weight_method="gptq", gptq_sequential=True, gptq_act_order=True),
     W4AxConfig(group_size=256, int8_blocks=1, scale_mode="class", kv4=True, kv_axis="channel", kv_group_size=32),
     W4AxConfig(outlier_ratio=6.5, max_int8_blocks=2, skip_modules=("lm_head", "mlp.down_proj"), clip_search=True),
     W4AxConfig(act_bits=16, clip_ratio=0.9, backend="reference", calib_n_samples=3, calib_seq_len=64),
@@ -56,6 +57,8 @@ def test_frozen():
     (dict(clip_search=True, clip_ratio=0.9), ValueError, "clip_search"),
     (dict(clip_search=1), TypeError, "clip_search"),
     (dict(gptq_damp=0), ValueError, "gptq_damp"),
+    (dict(gptq_sequential=1), TypeError, "gptq_sequential"),
+    (dict(gptq_sequential="yes"), TypeError, "gptq_sequential"),
     (dict(act_bits=2), ValueError, "act_bits"),
     (dict(act_bits=True), ValueError, "act_bits"),
     (dict(act_bits="int4"), ValueError, "'int4'"),
@@ -128,3 +131,10 @@ def test_handler_registry_dispatches_on_config_type():
         cometq.quantize_("not a model", W4AxConfig())
     with pytest.raises(TypeError, match="config class"):
         register_quantize_handler("ScaleConfig")
+
+
+def test_config_without_gptq_sequential_loads_with_default():
+    """A checkpoint config written before the field existed still loads (field default)."""
+    d = W4AxConfig(weight_method="gptq").to_dict()
+    del d["gptq_sequential"]
+    assert W4AxConfig.from_dict(d).gptq_sequential == W4AxConfig().gptq_sequential

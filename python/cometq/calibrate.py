@@ -9,18 +9,20 @@ Collected per target Linear (by module name):
 * ``groups``: lists of Linear names that read the very same input tensor (q/k/v,
   gate/up): they must share one activation layout.
 
-The statistics come from one pass over the floating-point model (layers are not
-re-calibrated after earlier layers are quantized).
+:func:`collect_stats` makes one pass over the floating-point model.  Sequential
+GPTQ (``W4AxConfig.gptq_sequential``, in :mod:`cometq.quantize`) instead uses
+:func:`capture_layer_inputs` + :func:`collect_stats_with` to calibrate decoder
+layer i on the outputs of the already-quantized layers 0..i-1.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-__all__ = ["CalibrationStats", "collect_stats"]
+__all__ = ["CalibrationStats", "collect_stats", "collect_stats_with", "find_decoder_layers", "capture_layer_inputs"]
 
 
 @dataclass
@@ -75,6 +77,35 @@ def collect_stats(
     missing = [n for n in names if n not in modules]
     if missing:
         raise ValueError(f"modules not found in the model: {missing[:5]}")
+    dev = _device_of(model)
+    return collect_stats_with(
+        {n: modules[n] for n in names}, len(batches), lambda i: model(batches[i].to(dev)),
+        hessian=hessian, progress=progress,
+    )
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+@torch.no_grad()
+def collect_stats_with(
+    modules: Dict[str, nn.Module],
+    n_batches: int,
+    run: Callable[[int], object],
+    *,
+    hessian: bool = False,
+    progress: bool = False,
+) -> CalibrationStats:
+    """Statistics of the inputs of ``modules`` (name -> Linear) while ``run(i)`` runs batch ``i``.
+
+    ``run`` is anything that calls the modules: the whole model (one-pass
+    calibration) or a single decoder layer (sequential GPTQ).
+    """
+    names = list(modules)
     stats = CalibrationStats()
     first_inputs: Dict[str, torch.Tensor] = {}
     state = {"first": True}
@@ -110,20 +141,16 @@ def collect_stats(
     for n in names:
         handles.append(modules[n].register_forward_pre_hook(make_hook(n)))
     try:
-        dev = next(model.parameters()).device
-    except StopIteration:
-        dev = torch.device("cpu")
-    try:
-        it = batches
+        it = range(n_batches)
         if progress:
             try:
                 from tqdm.auto import tqdm
 
-                it = tqdm(batches, desc="cometq calibration", unit="batch", leave=False)
+                it = tqdm(it, desc="cometq calibration", unit="batch", leave=False)
             except ImportError:  # pragma: no cover - tqdm ships with transformers
                 pass
-        for i, b in enumerate(it):
-            model(b.to(dev))
+        for i in it:
+            run(i)
             if i == 0:
                 state["first"] = False
                 stats.groups = _shared_input_groups(names, first_inputs)
@@ -146,6 +173,85 @@ def collect_stats(
         if not bool(torch.isfinite(stats.absmax[n]).all()):
             raise ValueError(f"calibration produced non-finite activations at {n}")
     return stats
+
+
+# ----------------------------------------------------------------------
+# sequential (layer-by-layer) calibration helpers
+# ----------------------------------------------------------------------
+def find_decoder_layers(model: nn.Module, names: Sequence[str]) -> Optional[Tuple[str, nn.ModuleList]]:
+    """The ``nn.ModuleList`` holding the most target Linears (the decoder layers), or None."""
+    best = None
+    for n, m in model.named_modules():
+        if not isinstance(m, nn.ModuleList) or len(m) == 0 or not n:
+            continue
+        cnt = sum(1 for t in names if t.startswith(n + "."))
+        if cnt and (best is None or cnt > best[2]):
+            best = (n, m, cnt)
+    return None if best is None else (best[0], best[1])
+
+
+class _StopForward(Exception):
+    pass
+
+
+@torch.no_grad()
+def capture_layer_inputs(model: nn.Module, calib_data, layers: Sequence[nn.Module]):
+    """One forward per calibration batch up to the last of ``layers``.
+
+    Returns ``(hidden, calls)``: ``hidden[i]`` the hidden states entering
+    ``layers[0]`` for batch ``i``, and ``calls[j][i] = (extra_args, kwargs)`` what
+    ``layers[j]`` was called with besides the hidden states (position embeddings,
+    attention mask, ...; recorded per layer because models with mixed attention
+    types hand each layer its own mask).  Run with ``use_cache=False`` so no layer
+    writes a KV cache that later re-runs would extend.
+    """
+    batches = _as_batches(calib_data)
+    dev = _device_of(model)
+    hidden: List[torch.Tensor] = []
+    calls: List[List] = [[] for _ in layers]
+    handles = []
+
+    def make(j: int):
+        def hook(mod, args, kwargs):
+            kw = dict(kwargs)
+            if args:
+                h, extra = args[0], tuple(args[1:])
+            elif "hidden_states" in kw:
+                h, extra = kw.pop("hidden_states"), ()
+            else:
+                raise RuntimeError(f"decoder layer {j} was called without hidden states (args={len(args)}, kwargs={sorted(kw)})")
+            if j == 0:
+                hidden.append(h.detach())
+            calls[j].append((extra, kw))
+            if j == len(layers) - 1:
+                raise _StopForward
+        return hook
+
+    for j, layer in enumerate(layers):
+        handles.append(layer.register_forward_pre_hook(make(j), with_kwargs=True))
+    try:
+        for b in batches:
+            try:
+                try:
+                    model(b.to(dev), use_cache=False)
+                except TypeError as e:  # a plain nn.Module without a use_cache argument
+                    if "use_cache" not in str(e):
+                        raise
+                    model(b.to(dev))
+            except _StopForward:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    bad = [j for j, c in enumerate(calls) if len(c) != len(batches)]
+    if bad:
+        raise RuntimeError(f"decoder layers {bad[:5]} were not called once per calibration batch")
+    return hidden, calls
+
+
+def layer_output(out) -> torch.Tensor:
+    """Hidden states from a decoder layer's return value (a tensor or a tuple starting with one)."""
+    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def _shared_input_groups(names: Sequence[str], first_inputs: Dict[str, torch.Tensor]) -> List[List[str]]:

@@ -40,6 +40,8 @@ def _config_from_args(args):
     kw["act_bits"] = act if act == "fmpq" else int(act)
     if act == "fmpq":
         kw["int8_fraction"] = args.int8_fraction
+    if getattr(args, "gptq_sequential", None) is not None:  # None: the config default
+        kw["gptq_sequential"] = args.gptq_sequential
     return W4AxConfig(**kw)
 
 
@@ -66,7 +68,10 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
                    help="FMPQ budget: share of 128-channel activation blocks kept INT8 (default 0.25)")
     g.add_argument("--group-size", type=int, default=128, help="weight group size (-1 = per output channel)")
     g.add_argument("--weight-method", default="gptq", choices=["rtn", "gptq"],
-                   help="INT4 weight quantizer (default gptq: 1.53x vs 1.75x fp32 perplexity for rtn on SmolLM2, docs/ACCURACY.md)")
+                   help="INT4 weight quantizer (default gptq: 1.46x (sequential) vs 1.75x fp32 perplexity for rtn, "
+                        "FMPQ 25%% g128 on SmolLM2, docs/ACCURACY.md)")
+    g.add_argument("--gptq-sequential", action=argparse.BooleanOptionalAction, default=None,
+                   help="GPTQ layer by layer on the partly quantized model (default: W4AxConfig's gptq_sequential)")
     g.add_argument("--scale-mode", default="block", choices=["block", "class"],
                    help="activation scales per token per block, or per token per precision class")
     g.add_argument("--backend", default="auto", choices=["auto", "reference", "triton", "cuda"])

@@ -71,8 +71,17 @@ class W4AxConfig:
     16/32/64/128 or a multiple of 128), ``weight_method`` ("rtn" | "gptq"),
     ``clip_ratio`` (scale shrink for RTN) or ``clip_search`` (per-group grid search
     of the clip ratio minimizing the weight error), GPTQ ``gptq_damp`` (fraction of
-    the mean Hessian diagonal added) and ``gptq_act_order`` (off: the FMPQ sort
-    already orders the columns and group scales must stay in stored column order).
+    the mean Hessian diagonal added) and ``gptq_act_order`` (columns processed by
+    decreasing Hessian diagonal, static group scales in stored column order; off by
+    default: with FMPQ activations the FMPQ sort already orders the columns and
+    act-order measured no gain on SmolLM2 (16.19 vs 16.16 g128, 14.84 vs 14.69 g32);
+    turn it on for weight-only (act_bits=16): 13.25 vs 15.49 g128, docs/ACCURACY.md).
+    ``gptq_sequential``: calibrate decoder layer i on the outputs of the
+    already-quantized layers 0..i-1 (standard GPTQ practice) instead of taking
+    every Hessian from the floating-point model; needs ``calib_data`` (not
+    one-pass ``calib_stats``).  Only used with ``weight_method="gptq"``.  On by
+    default: SmolLM2-135M weight-only g128 perplexity 15.49 vs 16.05 one-pass
+    (docs/ACCURACY.md).
 
     Activations: ``act_bits`` = "fmpq" (mixed INT4/INT8 blocks), 4 (all INT4),
     8 (all INT8) or 16 (weight-only: activations stay in floating point).  With
@@ -98,6 +107,7 @@ class W4AxConfig:
     clip_search: bool = False
     gptq_damp: float = 0.01
     gptq_act_order: bool = False
+    gptq_sequential: bool = True
     act_bits: Union[str, int] = "fmpq"
     int8_fraction: Optional[float] = None
     int8_blocks: Optional[int] = None
@@ -124,7 +134,7 @@ class W4AxConfig:
             raise TypeError(f"clip_ratio must be a float, got {self.clip_ratio!r}")
         if not (0.0 < float(self.clip_ratio) <= 1.0) or not math.isfinite(float(self.clip_ratio)):
             raise ValueError(f"clip_ratio must be in (0, 1], got {self.clip_ratio!r}")
-        for name in ("clip_search", "gptq_act_order", "kv4", "fold_permutations"):
+        for name in ("clip_search", "gptq_act_order", "gptq_sequential", "kv4", "fold_permutations"):
             v = getattr(self, name)
             if not isinstance(v, bool):
                 raise TypeError(f"{name} must be a bool, got {v!r} ({type(v).__name__})")

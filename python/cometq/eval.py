@@ -132,7 +132,12 @@ def scheme_name(s: Scheme) -> str:
         return "W8A8 (INT8 per-channel W, per-token A; fake-quant)"
     if isinstance(s, tuple):
         return f"A-only FMPQ {100 * s[1]:.1f}% INT8 blocks (fp32 W; fake-quant)"
-    w = f"W4 {s.weight_method.upper()} g{s.group_size if s.group_size != -1 else 'chan'}"
+    meth = s.weight_method.upper()
+    if s.weight_method == "gptq":
+        meth += " seq" if s.gptq_sequential else " one-pass"
+        if s.gptq_act_order:
+            meth += " act-order"
+    w = f"W4 {meth} g{s.group_size if s.group_size != -1 else 'chan'}"
     if s.clip_search:
         w += " clip-search"
     if s.act_bits == 16:
@@ -158,11 +163,31 @@ def default_schemes() -> List[Scheme]:
         ("act_fmpq", 0.375),
         W4AxConfig(act_bits=16, weight_method="rtn", **g),
         W4AxConfig(act_bits=4, weight_method="rtn", **g),
-        W4AxConfig(int8_blocks=1, weight_method="gptq", **g),
+        W4AxConfig(int8_blocks=1, weight_method="gptq", gptq_sequential=False, gptq_act_order=False, **g),
         W4AxConfig(int8_fraction=0.25, weight_method="rtn", **g),
-        W4AxConfig(int8_fraction=0.125, weight_method="gptq", **g),
-        W4AxConfig(int8_fraction=0.25, weight_method="gptq", **g),
-        W4AxConfig(int8_fraction=0.375, weight_method="gptq", **g),
+        W4AxConfig(int8_fraction=0.125, weight_method="gptq", gptq_sequential=False, gptq_act_order=False, **g),
+        W4AxConfig(int8_fraction=0.25, weight_method="gptq", gptq_sequential=False, gptq_act_order=False, **g),
+        W4AxConfig(int8_fraction=0.375, weight_method="gptq", gptq_sequential=False, gptq_act_order=False, **g),
+    ]
+
+
+def gptq_study_schemes() -> List[Scheme]:
+    """GPTQ variants of docs/ACCURACY.md's "GPTQ study" table (``--gptq-study``), most
+    informative first.  The one-pass GPTQ rows they compare with are in ``--extra`` /
+    the main table."""
+    seq = dict(weight_method="gptq", gptq_sequential=True)
+    nat = dict(gptq_act_order=False, **seq)  # columns in stored (FMPQ-sorted or natural) order
+    act = dict(gptq_act_order=True, **seq)
+    return [
+        W4AxConfig(act_bits=16, **nat),
+        W4AxConfig(act_bits=16, group_size=32, **nat),
+        W4AxConfig(int8_fraction=0.25, **nat),
+        W4AxConfig(int8_fraction=0.25, group_size=32, **nat),
+        W4AxConfig(act_bits=16, **act),
+        W4AxConfig(act_bits=16, group_size=64, **nat),
+        W4AxConfig(int8_fraction=0.25, **act),
+        W4AxConfig(act_bits=16, group_size=32, **act),
+        W4AxConfig(int8_fraction=0.25, group_size=32, **act),
     ]
 
 
@@ -181,8 +206,9 @@ def compare_schemes(
     ``model`` itself is not modified (each scheme quantizes a deep copy).
     """
     schemes = list(default_schemes() if schemes is None else schemes)
-    need_stats = any(s != "fp" and s != "w8a8" for s in schemes)
-    need_h = any(isinstance(s, W4AxConfig) and s.weight_method == "gptq" for s in schemes)
+    seq = lambda s: isinstance(s, W4AxConfig) and s.weight_method == "gptq" and s.gptq_sequential  # noqa: E731
+    need_stats = any(s != "fp" and s != "w8a8" and not seq(s) for s in schemes)
+    need_h = any(isinstance(s, W4AxConfig) and s.weight_method == "gptq" and not s.gptq_sequential for s in schemes)
     stats = None
     if need_stats:
         t = time.time()
@@ -198,7 +224,11 @@ def compare_schemes(
             m = model
         else:
             m = copy.deepcopy(model)
-            if isinstance(s, W4AxConfig):
+            if isinstance(s, W4AxConfig) and s.weight_method == "gptq" and s.gptq_sequential:
+                # layer-by-layer calibration on the partly quantized copy: no shared stats
+                quantize_(m, s, calib_data=calib_data, progress=False, weight_cache=cache)
+                set_fast_path(m, True)
+            elif isinstance(s, W4AxConfig):
                 quantize_(m, s, calib_stats=stats, progress=False, weight_cache=cache)
                 set_fast_path(m, True)
             else:
@@ -231,6 +261,8 @@ def main(argv=None) -> List[Dict]:
     p.add_argument("--json", default=None, help="also write the rows as JSON here")
     p.add_argument("--quick", action="store_true", help="only fp, A-only FMPQ 25%%, W4 GPTQ FMPQ 25%%")
     p.add_argument("--extra", action="store_true", help="supplementary rows: weight-only GPTQ, clip search")
+    p.add_argument("--gptq-study", action="store_true",
+                   help="GPTQ rows: one-pass vs sequential, act_order, group size 128/64/32")
     a = p.parse_args(argv)
     from . import data
     from .models import load_model
@@ -244,11 +276,13 @@ def main(argv=None) -> List[Dict]:
           f"{len(wins)} x {a.seq_len} evaluation tokens (from {data.EVAL_START:.0%} on)")
     schemes = None
     if a.quick:
-        schemes = ["fp", ("act_fmpq", 0.25), W4AxConfig(int8_fraction=0.25, weight_method="gptq")]
+        schemes = ["fp", ("act_fmpq", 0.25), W4AxConfig(int8_fraction=0.25, weight_method="gptq", gptq_sequential=False, gptq_act_order=False)]
     elif a.extra:
-        schemes = ["fp", W4AxConfig(act_bits=16, weight_method="gptq"), W4AxConfig(act_bits=16, clip_search=True),
+        schemes = ["fp", W4AxConfig(act_bits=16, weight_method="gptq", gptq_sequential=False, gptq_act_order=False), W4AxConfig(act_bits=16, clip_search=True),
                    W4AxConfig(int8_fraction=0.25, clip_search=True), W4AxConfig(act_bits=16, group_size=32, clip_search=True),
                    W4AxConfig(int8_fraction=0.25, group_size=32, clip_search=True)]
+    if a.gptq_study:
+        schemes = gptq_study_schemes()
     rows = compare_schemes(model, calib, wins, schemes)
     print(format_table(rows))
     if a.json:

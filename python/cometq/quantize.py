@@ -23,6 +23,9 @@ Pipeline (for a :class:`~cometq.config.W4AxConfig`):
    ``o_proj``'s input (attention output) can only be permuted within the head
    structure; not folded.
 5. weights -> INT4 (RTN, RTN with clip search, or GPTQ), modules replaced.
+
+With ``gptq_sequential`` steps 2-5 run per decoder layer, each calibrated on the
+outputs of the already-quantized layers before it (:func:`_quantize_sequential`).
 """
 from __future__ import annotations
 
@@ -32,10 +35,17 @@ import torch
 from torch import nn
 
 from . import reference as R
-from .calibrate import CalibrationStats, collect_stats
+from .calibrate import (
+    CalibrationStats,
+    capture_layer_inputs,
+    collect_stats,
+    collect_stats_with,
+    find_decoder_layers,
+    layer_output,
+)
 from .config import W4AxConfig, get_quantize_handler, register_quantize_handler
 from .layout import BLOCK_K, INT4_QMAX, ActivationLayout, pack_int4, pad_last_dim, padded_k
-from .nn import W4AxLinear
+from .nn import W4AxLinear, set_fast_path
 
 __all__ = [
     "quantize_",
@@ -195,6 +205,17 @@ def quantize_w4ax(
     if not names:
         raise ValueError(f"no nn.Linear to quantize in {type(model).__name__} (skip_modules={config.skip_modules})")
     _check_groups_fit(model, names, config)
+    if config.weight_method == "gptq" and config.gptq_sequential:
+        if calib_stats is not None:
+            raise ValueError(
+                "gptq_sequential=True calibrates layer by layer on the partly quantized model; one-pass calib_stats "
+                "cannot be used: pass calib_data (or use gptq_sequential=False)"
+            )
+        if calib_data is None:
+            raise ValueError("GPTQ needs calibration data: pass calib_data=[LongTensor [1, T], ...]")
+        _quantize_sequential(model, config, calib_data, names, progress=progress, weight_cache=weight_cache)
+        model.cometq_config = config
+        return model
     need_calib = config.act_bits == "fmpq" or config.weight_method == "gptq"
     stats = calib_stats
     if need_calib and stats is None:
@@ -206,7 +227,73 @@ def quantize_w4ax(
         lacking = [n for n in names if n not in stats.absmax or (config.weight_method == "gptq" and n not in stats.hessian)]
         if lacking:
             raise ValueError(f"calib_stats lacks statistics for {lacking[:5]} (collected for another model or without hessian)")
+    _quantize_names(model, names, config, stats if need_calib else None, progress=progress, weight_cache=weight_cache)
+    model.cometq_config = config
+    return model
 
+
+def _quantize_sequential(model: nn.Module, config: W4AxConfig, calib_data, names: List[str], *,
+                         progress: bool, weight_cache: Optional[dict]) -> None:
+    """Sequential GPTQ: decoder layer i is calibrated on what layers 0..i-1, already
+    quantized (weights *and* activations, as configured), hand it.
+
+    Per decoder layer: its Linears' input statistics are collected with the layer
+    itself still in floating point (so q/k/v and gate/up share one Hessian each;
+    o_proj/down_proj see fp attention/MLP inputs of this layer), the layer's
+    Linears are quantized and replaced, and the layer is re-run to produce the
+    next layer's inputs.  Targets outside the decoder layers (rare: lm_head is
+    skipped by default) are calibrated one-pass on the floating-point model.
+    """
+    found = find_decoder_layers(model, names)
+    if found is None:
+        raise ValueError(
+            f"gptq_sequential=True needs the target Linears inside an nn.ModuleList of decoder layers; "
+            f"none found in {type(model).__name__}"
+        )
+    list_name, layers = found
+    per_layer = [[n for n in names if n.startswith(f"{list_name}.{j}.")] for j in range(len(layers))]
+    inside = {n for ln in per_layer for n in ln}
+    outside = [n for n in names if n not in inside]
+    out_stats = collect_stats(model, calib_data, outside, hessian=True, progress=False) if outside else None
+    hidden, calls = capture_layer_inputs(model, calib_data, list(layers))
+    it = range(len(layers))
+    if progress:
+        try:
+            from tqdm.auto import tqdm
+
+            it = tqdm(it, desc="cometq sequential GPTQ", unit="layer", leave=False)
+        except ImportError:  # pragma: no cover
+            pass
+    for j in it:
+        layer = layers[j]
+
+        def run(i, layer=layer, j=j):
+            extra, kw = calls[j][i]
+            return layer_output(layer(hidden[i], *extra, **kw))
+
+        lnames = per_layer[j]
+        if lnames:
+            mods = {n: model.get_submodule(n) for n in lnames}
+            stats = collect_stats_with(mods, len(hidden), run, hessian=True)
+            _quantize_names(model, lnames, config, stats, progress=False, weight_cache=weight_cache)
+            # propagate on the CPU fast path (same integers and scales as the
+            # reference op); restored afterwards so the model's default is unchanged
+            prev = {m: m.fast_path for m in layer.modules() if isinstance(m, W4AxLinear)}
+            set_fast_path(layer, True)
+        else:
+            prev = {}
+        try:
+            hidden = [run(i) for i in range(len(hidden))]
+        finally:
+            for m, f in prev.items():
+                m.fast_path = f
+    if outside:
+        _quantize_names(model, outside, config, out_stats, progress=False, weight_cache=weight_cache)
+
+
+def _quantize_names(model: nn.Module, names: List[str], config: W4AxConfig, stats: Optional[CalibrationStats], *,
+                    progress: bool, weight_cache: Optional[dict]) -> None:
+    """Layouts, the down_proj fold, INT4 weights and module replacement for ``names``."""
     # one layout per input: shared-input groups share the layout of their first member
     layouts: Dict[str, ActivationLayout] = {}
     for n in names:
@@ -274,5 +361,3 @@ def quantize_w4ax(
             lin, run_layout, qw, act_bits=config.act_bits, scale_mode=config.scale_mode, backend=config.backend
         )
         _set_module(model, n, new)
-    model.cometq_config = config
-    return model
