@@ -16,12 +16,14 @@ from .act_quant import quantize_act_triton
 from .w4ax_gemm import w4ax_gemm_triton
 
 
-def _triton_quantize_act(x, perm, block_bits, n_int8: int, scale_mode: str):
-    return quantize_act_triton(x, perm, block_bits, n_int8, scale_mode)
+def _triton_quantize_act(x, perm, block_bits, n_int8: int, scale_mode: str, int4_clip: float = 1.0):
+    return quantize_act_triton(x, perm, block_bits, n_int8, scale_mode, int4_clip=float(int4_clip))
 
 
-def _triton_w4ax_gemm(q4, q8, a_scales, block_bits, qweight, w_scales, group_size, bias, out_dtype, scale_mode):
-    return w4ax_gemm_triton(q4, q8, a_scales, block_bits, qweight, w_scales, group_size, bias, out_dtype, scale_mode)
+def _triton_w4ax_gemm(q4, q8, a_scales, block_bits, qweight, w_scales, w_offsets, group_size, bias, out_dtype,
+                      scale_mode):
+    return w4ax_gemm_triton(q4, q8, a_scales, block_bits, qweight, w_scales, group_size, bias, out_dtype, scale_mode,
+                            w_offsets=w_offsets)
 
 
 register_impl("quantize_act", "triton", _triton_quantize_act)

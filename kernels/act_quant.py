@@ -9,6 +9,15 @@ Output layout (owned by :mod:`cometq.layout`, produced bit-identically to
     block b INT4 -> q4[m, slot[b]*64  : +64 ]  uint8, byte j = (q[2j] & 0xF) | (q[2j+1] << 4)
     scales: "block" mode [M, NB] (absmax_b / qmax_b), "class" mode [M, 2] (col 0 INT4, col 1 INT8)
 
+INT4 clip (``ActivationLayout.int4_clip``, a runtime fp32 argument so one
+compiled kernel serves every layer): INT4 blocks use ``(absmax * clip) / 7``
+(block mode) and the INT4 class ``(amax4 * clip) / 7`` (class mode): one fp32
+multiply, then the IEEE division, exactly the reference's op order (a
+pre-divided ``clip / 7`` would round differently).  ``clip == 1`` multiplies
+by one, which is exact, so the unclipped results are bit-identical.  Values
+beyond the clipped range saturate at +-7 in the existing clamp.  INT8 blocks
+are never clipped.
+
 How a program works: it owns ``BLOCK_M`` tokens and one block (block mode) or
 all blocks of the row (class mode).  It reads the block's 128 channels as two
 ``[BLOCK_M, 64]`` halves: the even and the odd permuted channels.  Those halves
@@ -95,7 +104,7 @@ def _quantize_store(xe, xo, s, qmax, is8, slot, rm, m_mask, q4_ptr, q8_ptr, stri
 @triton.jit
 def act_quant_kernel(
     x_ptr, perm_ptr, bits_ptr, slot_ptr, q4_ptr, q8_ptr, s_ptr,
-    M, K, NB,
+    M, K, NB, int4_clip,
     stride_xm, stride_xk, stride_q4m, stride_q8m, stride_sm,
     BLOCK_M: tl.constexpr,
     CLASS_MODE: tl.constexpr,
@@ -114,7 +123,8 @@ def act_quant_kernel(
             is8 = tl.load(bits_ptr + b) == 8
             a8 = tl.where(is8, tl.maximum(a8, am), a8)
             a4 = tl.where(is8, a4, tl.maximum(a4, am))
-        s4 = tl.math.div_rn(a4, 7.0)
+        # clip first (fp32 multiply), then the IEEE division: the reference's op order
+        s4 = tl.math.div_rn(a4 * int4_clip, 7.0)
         s8 = tl.math.div_rn(a8, 127.0)
         tl.store(s_ptr + rm * stride_sm, s4, mask=m_mask)
         tl.store(s_ptr + rm * stride_sm + 1, s8, mask=m_mask)
@@ -133,7 +143,8 @@ def act_quant_kernel(
         is8 = tl.load(bits_ptr + b) == 8
         slot = tl.load(slot_ptr + b)
         qmax = tl.where(is8, 127.0, 7.0)
-        s = tl.math.div_rn(am, qmax)
+        # INT4 blocks: (absmax * clip) / 7; INT8 blocks keep their absmax (they hold the outliers)
+        s = tl.math.div_rn(tl.where(is8, am, am * int4_clip), qmax)
         tl.store(s_ptr + rm * stride_sm + b, s, mask=m_mask)
         _quantize_store(xe, xo, s, qmax, is8, slot, rm, m_mask, q4_ptr, q8_ptr, stride_q4m, stride_q8m)
 
@@ -162,8 +173,11 @@ def quantize_act_triton(
     *,
     identity_perm: bool = False,
     block_m: Optional[int] = None,
+    int4_clip: float = 1.0,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Tensor-level activation quantization (signature of ``cometq.ops._ref_quantize_act``).
+
+    ``int4_clip`` in (0, 1]: INT4 scales are ``(absmax * int4_clip) / 7`` (see module doc).
 
     ``identity_perm=True`` skips the gather (the caller vouches that ``perm`` is
     ``arange(K)``; :func:`quantize_activation_triton` passes the layout's cached flag).
@@ -181,6 +195,10 @@ def quantize_act_triton(
         raise ValueError(f"block_bits shape {tuple(block_bits.shape)} must be ({nb},) for K={k}")
     if isinstance(n_int8, bool) or not isinstance(n_int8, int) or not 0 <= n_int8 <= nb:
         raise ValueError(f"n_int8 must be an int in [0, {nb}], got {n_int8!r}")
+    if isinstance(int4_clip, bool) or not isinstance(int4_clip, (int, float)):
+        raise TypeError(f"int4_clip must be a float, got {int4_clip!r}")
+    if not 0.0 < float(int4_clip) <= 1.0:
+        raise ValueError(f"int4_clip must be in (0, 1], got {int4_clip!r}")
     for name, t in (("perm", perm), ("block_bits", block_bits)):
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
@@ -202,7 +220,7 @@ def quantize_act_triton(
     q4k, q8k = nonempty(q4), nonempty(q8)
     act_quant_kernel[grid](
         x, perm, bits, slot, q4k, q8k, scales,
-        m, k, nb,
+        m, k, nb, float(int4_clip),
         x.stride(0), x.stride(1), q4.stride(0) if q4.numel() else 0, q8.stride(0) if q8.numel() else 0,
         scales.stride(0),
         BLOCK_M=bm, CLASS_MODE=class_mode, IDENTITY=bool(identity_perm),
@@ -218,6 +236,7 @@ def quantize_activation_triton(x: torch.Tensor, layout: ActivationLayout, scale_
     if not isinstance(layout, ActivationLayout):
         raise TypeError(f"layout must be an ActivationLayout, got {type(layout).__name__}")
     q4, q8, sc = quantize_act_triton(
-        x, layout.perm, layout.block_bits, layout.n_int8, scale_mode, identity_perm=layout.is_identity_perm
+        x, layout.perm, layout.block_bits, layout.n_int8, scale_mode, identity_perm=layout.is_identity_perm,
+        int4_clip=layout.int4_clip,
     )
     return QuantizedActivation(q4, q8, sc, layout, scale_mode)

@@ -5,8 +5,9 @@ rejects (dot shapes, dtype mixes, shared-memory overflow, layouts), so this
 compiles the real thing with ``triton.compile(ASTSource(...), target=GPUTarget)``
 and checks properties of the generated code that numerics depend on:
 
-* activation quantization divides with ``div.rn.f32`` (IEEE, not ``div.full``)
-  and keeps both adds of the round-half-to-even trick;
+* activation quantization divides with ``div.rn.f32`` (IEEE, not ``div.full``),
+  keeps both adds of the round-half-to-even trick and the INT4 clip's own fp32
+  multiply (``(absmax * clip) / 7``, never a reciprocal or a fused op);
 * every GEMM config issues tensor-core int8 MMAs (``mma.sync`` on sm_80,
   ``wgmma`` on sm_90 for 64-row-or-larger MMA tiles with >= 4 warps) and streams
   global memory in 16-byte vectors.
@@ -50,20 +51,20 @@ M_BUCKETS = (16, 64, 256, 1024, 4096)
 
 def _act_sig(x_dtype: str) -> Dict[str, str]:
     return dict(x_ptr=_TY[x_dtype], perm_ptr="*i64", bits_ptr="*i32", slot_ptr="*i32", q4_ptr="*u8", q8_ptr="*i8",
-                s_ptr="*fp32", M="i32", K="i32", NB="i32", stride_xm="i32", stride_xk="i32", stride_q4m="i32",
-                stride_q8m="i32", stride_sm="i32")
+                s_ptr="*fp32", M="i32", K="i32", NB="i32", int4_clip="fp32", stride_xm="i32", stride_xk="i32",
+                stride_q4m="i32", stride_q8m="i32", stride_sm="i32")
 
 
 def _gemm_sig(out: str, bias: str, persistent: bool) -> Dict[str, str]:
     sig = dict(order_ptr="*i32", q4_ptr="*u8", q8_ptr="*i8", as_ptr="*fp32", w_ptr="*u8", ws_ptr="*fp32",
-               bias_ptr=_TY[bias], out_ptr=_TY[out], dbg_ptr="*i32", M="i32", N="i32", NB="i32", N8="i32",
-               GROUP="i32")
+               wo_ptr="*fp32", bias_ptr=_TY[bias], out_ptr=_TY[out], dbg_ptr="*i32", dsum_ptr="*i32", M="i32",
+               N="i32", NB="i32", N8="i32", GROUP="i32")
     if persistent:
         sig = dict(items_ptr="*i32", starts_ptr="*i32", **sig)
     else:
         sig["SPLIT"] = "i32"
     sig.update(stride_q4m="i32", stride_q8m="i32", stride_asm="i32", stride_wn="i32", stride_wsn="i32",
-               stride_om="i32", stride_on="i32", stride_dm="i32", stride_dn="i32")
+               stride_won="i32", stride_om="i32", stride_on="i32", stride_dm="i32", stride_dn="i32", stride_dsm="i32")
     return sig
 
 
@@ -79,10 +80,11 @@ def _full_sig(kernel, sig: Dict[str, str], constexprs: Dict[str, object]) -> Dic
 
 
 def gemm_meta(group: int = 128, k_pad: int = 4096, class_mode: bool = False, bias: bool = True,
-              debug: bool = False, evict: str = "") -> Dict[str, object]:
+              debug: bool = False, evict: str = "", asym: bool = False) -> Dict[str, object]:
     seg = min(128, group if group > 0 else k_pad)
     return dict(CLASS_MODE=class_mode, SEGS=128 // seg, SEG_H=seg // 2, H_LOAD=max(seg // 2, 32),
-                INT_ACC=class_mode and (group <= 0 or group >= k_pad), HAS_BIAS=bias, DEBUG=debug, EVICT_W=evict)
+                INT_ACC=class_mode and (group <= 0 or group >= k_pad), HAS_BIAS=bias, DEBUG=debug, EVICT_W=evict,
+                ASYM=asym)
 
 
 def all_configs(quick: bool = False) -> List[GemmConfig]:
@@ -138,13 +140,17 @@ def jobs(quick: bool = False) -> List[Tuple[str, object, Dict[str, str], Dict[st
                 for bm in (16, 32):
                     out.append((f"act_quant[{xd},class={cm},ident={ident},BM={bm}]", act_quant_kernel, _act_sig(xd),
                                 dict(BLOCK_M=bm, CLASS_MODE=cm, IDENTITY=ident), 4, 1, "act"))
-    # every generated GEMM config (block mode, group 128, fp16 out, bias)
-    for c in all_configs(quick):
-        atomic = c.split > 1
-        out.append((f"gemm[{c}]", w4ax_gemm_kernel, _gemm_sig("fp32" if atomic else "fp16", "fp16", False),
-                    dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, GROUP_M=c.group_m, ATOMIC=atomic, SWAP_AB=c.swap_ab,
-                         INTERLEAVE8=c.interleave8, **gemm_meta(evict="evict_first" if c.block_m <= 64 else "")),
-                    c.num_warps, c.num_stages, "gemm"))
+    # every generated GEMM config (block mode, group 128, fp16 out, bias), symmetric and
+    # asymmetric weights (ASYM: offset term, an extra row-sum + rank-1 update per segment)
+    for asym in (False, True):
+        for c in all_configs(quick):
+            atomic = c.split > 1
+            out.append((f"gemm{'-asym' if asym else ''}[{c}]", w4ax_gemm_kernel,
+                        _gemm_sig("fp32" if atomic else "fp16", "fp16", False),
+                        dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, GROUP_M=c.group_m, ATOMIC=atomic,
+                             SWAP_AB=c.swap_ab, INTERLEAVE8=c.interleave8,
+                             **gemm_meta(evict="evict_first" if c.block_m <= 64 else "", asym=asym)),
+                        c.num_warps, c.num_stages, "gemm"))
     # feature variants on a representative config (128x128, 8 warps) and a decode config
     variants = [
         ("class,per-channel(int32 runs)", dict(class_mode=True, group=-1), "bf16", False, False),
@@ -160,21 +166,38 @@ def jobs(quick: bool = False) -> List[Tuple[str, object, Dict[str, str], Dict[st
         ("interleave8,class,per-channel", dict(class_mode=True, group=-1), "fp16", False, False),
         ("interleave8,swap,block,g64,debug", dict(group=64, debug=True), "fp32", False, True),
         ("interleave8,block,g32(masked),atomic", dict(group=32), "fp32", True, False),
+        # asymmetric weights: every path (tiled / split-K atomics; persistent below), swap_ab and
+        # interleave8, both scale modes, per-channel (int32 runs + per-run activation sums) and groups
+        ("asym,class,per-channel(int32 runs)", dict(class_mode=True, group=-1, asym=True), "bf16", False, False),
+        ("asym,block,g128", dict(group=128, asym=True), "fp16", False, False),
+        ("asym,block,g64,atomic", dict(group=64, asym=True), "fp32", True, False),
+        ("asym,block,g32(masked)", dict(group=32, asym=True), "fp16", False, False),
+        ("asym,block,g16(masked)", dict(group=16, asym=True), "fp16", False, False),
+        ("asym,class,per-channel,nobias,debug,atomic", dict(class_mode=True, group=-1, bias=False, debug=True,
+                                                            asym=True), "fp32", True, False),
+        ("asym,swap,class,per-channel", dict(class_mode=True, group=-1, asym=True), "fp16", False, True),
+        ("asym,swap,block,g32(masked),atomic", dict(group=32, asym=True), "fp32", True, True),
+        ("asym,swap,class,g128,debug", dict(class_mode=True, group=128, debug=True, asym=True), "fp16", False, True),
+        ("asym,interleave8,class,per-channel,atomic", dict(class_mode=True, group=-1, asym=True), "fp32", True, False),
+        ("asym,interleave8,swap,block,g64,debug", dict(group=64, debug=True, asym=True), "fp32", False, True),
+        ("asym,interleave8,block,g128", dict(group=128, asym=True), "fp16", False, False),
     ]
     for name, kw, od, atomic, swap in variants:
         for bm, bn, w, s in ((128, 128, 8, 3), (16, 64, 4, 4)):
             out.append((f"gemm-variant[{name},{bm}x{bn}]", w4ax_gemm_kernel, _gemm_sig(od, "fp32", False),
                         dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=8, ATOMIC=atomic, SWAP_AB=swap,
-                             INTERLEAVE8=name.startswith("interleave8"), **gemm_meta(**kw)),
+                             INTERLEAVE8="interleave8" in name, **gemm_meta(**kw)),
                         w, s, "gemm"))
-    # persistent stream-K kernel: atomic (split tiles) and whole-tile schedules
-    for atomic in (True, False):
-        for cm in (False, True):
-            for bm, bn, w, s, swap in ((128, 128, 8, 3, False), (64, 128, 4, 4, False), (64, 128, 4, 4, True)):
-                out.append((f"persistent[atomic={atomic},class={cm},swap+interleave8={swap},{bm}x{bn}]",
-                            w4ax_gemm_persistent_kernel, _gemm_sig("fp32" if atomic else "fp16", "fp16", True),
-                            dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=8, ATOMIC=atomic, SWAP_AB=swap, INTERLEAVE8=swap,
-                                 **gemm_meta(class_mode=cm, group=-1 if cm else 128)), w, s, "gemm"))
+    # persistent stream-K kernel: atomic (split tiles) and whole-tile schedules, symmetric and asymmetric
+    for asym in (False, True):
+        for atomic in (True, False):
+            for cm in (False, True):
+                for bm, bn, w, s, swap in ((128, 128, 8, 3, False), (64, 128, 4, 4, False), (64, 128, 4, 4, True)):
+                    out.append((f"persistent[{'asym,' if asym else ''}atomic={atomic},class={cm},"
+                                f"swap+interleave8={swap},{bm}x{bn}]",
+                                w4ax_gemm_persistent_kernel, _gemm_sig("fp32" if atomic else "fp16", "fp16", True),
+                                dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=8, ATOMIC=atomic, SWAP_AB=swap, INTERLEAVE8=swap,
+                                     **gemm_meta(class_mode=cm, group=-1 if cm else 128, asym=asym)), w, s, "gemm"))
     return out
 
 
@@ -198,22 +221,29 @@ def ci_subset(todo, arch: int):
     """The representative set CI compiles on every run (the full set: ``level="full"``).
 
     sm_90 (the target): every distinct generated GEMM config, every activation
-    quantizer mode, every feature variant on the decode tile, the persistent kernel
-    in both scale modes.  sm_80: one of each kernel family.  Skipped in CI: the
-    128x128 feature variants and group 16 (same code path as group 32, 15 s of
-    compile), fp32/bf16 inputs of the quantizer on sm_80.
+    quantizer mode, every feature variant on the decode tile (the asymmetric ones
+    included: tiled and split-K, swap_ab, interleave8, both scale modes), the
+    persistent kernel in both scale modes (and its asymmetric swap variant), and
+    the asymmetric twins of three generated configs (a split-K decode config, a
+    swap_ab and an interleave8 prefill config).  sm_80: one of each kernel family
+    and one asymmetric kernel per path.  Skipped in CI: the 128x128 feature
+    variants and group 16 (same code path as group 32, 15 s of compile), fp32/bf16
+    inputs of the quantizer on sm_80, the other asymmetric generated configs.
     """
     keep = []
+    asym_cfgs = _ci_asym_configs(todo)
     for j in todo:
         name = j[0]
         if arch >= 90:
-            if name.startswith("gemm["):
+            if name.startswith("gemm[") or name in asym_cfgs:
                 keep.append(j)
             elif name.startswith("act_quant[") and "BM=32" in name and ("fp16" in name or "class=False" in name):
                 keep.append(j)
             elif name.startswith("gemm-variant[") and "16x64" in name and "g16" not in name:
                 keep.append(j)
             elif name.startswith("persistent[atomic=True") and "64x128" in name:
+                keep.append(j)
+            elif name.startswith("persistent[asym,atomic=True") and "swap+interleave8=True,64x128" in name:
                 keep.append(j)
         else:
             if name in ("act_quant[fp16,class=False,ident=False,BM=32]", "act_quant[fp16,class=True,ident=False,BM=32]"):
@@ -222,7 +252,27 @@ def ci_subset(todo, arch: int):
                 keep.append(j)
             elif name.startswith("persistent[atomic=True,class=False,swap+interleave8=False,64x128"):
                 keep.append(j)
+            elif name in ("gemm-variant[asym,class,per-channel(int32 runs),16x64]",
+                          "gemm-variant[asym,block,g64,atomic,16x64]",
+                          "persistent[asym,atomic=True,class=True,swap+interleave8=True,64x128]"):
+                keep.append(j)
     return keep
+
+
+def _ci_asym_configs(todo) -> set:
+    """Names of the asymmetric twins of three generated configs CI compiles for sm_90:
+    the first split-K (decode) one, the first swap_ab and the first interleave8 one."""
+    picks = {}
+    for name, _, _, cons, _, _, _ in todo:
+        if not name.startswith("gemm-asym["):
+            continue
+        if cons["ATOMIC"]:
+            picks.setdefault("splitk", name)
+        if cons["SWAP_AB"] and not cons["ATOMIC"]:
+            picks.setdefault("swap", name)
+        if cons["INTERLEAVE8"]:
+            picks.setdefault("interleave8", name)
+    return set(picks.values())
 
 
 def _wgmma_a_regs(ptx: str) -> int:
@@ -245,6 +295,9 @@ def check_code(kind: str, arch: int, constexprs: Dict[str, object], num_warps: i
             return "activation quantization must use IEEE div.rn.f32"
         if ptx.count("0f4B400000") == 0 or ptx.count("0f4B400000") != ptx.count("0fCB400000"):
             return "round-half-even adds (+/- 1.5*2^23) were folded or lost"
+        if "mul.f32" not in ptx and "mul.rn.f32" not in ptx:
+            # the INT4 clip is its own fp32 multiply before the division (spec op order)
+            return "INT4 clip multiply (absmax * int4_clip) missing"
         return None
     mma_m = constexprs["BLOCK_N"] if constexprs.get("SWAP_AB") else constexprs["BLOCK_M"]
     if arch >= 90 and mma_m >= 64 and num_warps >= 4:

@@ -2,6 +2,9 @@
 
 ``y[m, n] = sum_segments a_scale[m, s] * w_scale[n, s] * (x_int[m, seg] . w_int[n, seg]) (+ bias[n])``
 (the spec is :func:`cometq.reference.w4ax_gemm`; integer partial sums are exact).
+Asymmetric weights (``w_offsets``, the ``ASYM`` kernels) add
+``a_scale[m, s] * w_offset[n, s] * asum[m, s]`` per segment, ``asum`` the sum of
+the segment's activation integers (see ``_block_segments``).
 
 Operand layouts in global memory (see cometq.layout)::
 
@@ -143,14 +146,14 @@ def _mma(acc, a_e, a_o, a_full, wp, FULL: tl.constexpr, SWAP_AB: tl.constexpr):
 
 @triton.jit
 def _block_segments(
-    acc_f, acc_i, sa, b, slot,
-    q_ptr, w_ptr, ws_ptr, dbg_ptr,
+    acc_f, acc_i, asum_i, sa, b, slot,
+    q_ptr, w_ptr, ws_ptr, wo_ptr, dbg_ptr, dsum_ptr,
     rm, rn, m_mask, n_mask,
-    stride_qm, stride_wn, stride_wsn, stride_dm, stride_dn,
+    stride_qm, stride_wn, stride_wsn, stride_won, stride_dm, stride_dn, stride_dsm,
     GROUP,
     IS8: tl.constexpr, SEGS: tl.constexpr, SEG_H: tl.constexpr, H_LOAD: tl.constexpr,
     INT_ACC: tl.constexpr, DEBUG: tl.constexpr, EVICT_W: tl.constexpr, SWAP_AB: tl.constexpr,
-    INTERLEAVE8: tl.constexpr,
+    INTERLEAVE8: tl.constexpr, ASYM: tl.constexpr,
 ):
     """All segments of one 128-block: int8 dots -> int32, then rescale (or int32 accumulate).
 
@@ -164,6 +167,13 @@ def _block_segments(
     INTERLEAVE8 (INT8 blocks, G >= 64): load the activations contiguously (16-byte
     vectors / cp.async) and interleave the weight nibbles instead of loading the
     activations' even/odd K values with stride 2 (byte loads).
+
+    ASYM (asymmetric weights ``w = scale * q + offset``): the offset term of a
+    segment is ``a_scale[m] * offset[n] * asum[m]`` with ``asum`` the row sum of the
+    segment's activation integers, a rank-1 update.  ``asum`` comes from the
+    activation tile already in registers (after the SEG_H < H_LOAD mask, so it is
+    the segment's sum, not the chunk's); one reduction per segment, independent of
+    BLOCK_N.  ASYM=False compiles none of it.
     """
     for s in tl.static_range(SEGS):
         # the H_LOAD-byte chunk (packed weight columns) holding segment s
@@ -191,6 +201,17 @@ def _block_segments(
             keep = (j >= s * SEG_H) & (j < (s + 1) * SEG_H)
             a_e = tl.where(keep[None, :], a_e, 0).to(tl.int8)
             a_o = tl.where(keep[None, :], a_o, 0).to(tl.int8)
+        if ASYM:
+            # row sums of the segment's activation integers ([BLOCK_M] int32, exact:
+            # |sum| <= 128 * 128); rows beyond M loaded as 0
+            if IS8 and INTERLEAVE8 and SEG_H == H_LOAD:
+                asum = tl.sum(a_full.to(tl.int32), axis=1)
+            else:
+                asum = tl.sum(a_e.to(tl.int32), axis=1) + tl.sum(a_o.to(tl.int32), axis=1)
+            if DEBUG:
+                tl.store(dsum_ptr + rm * stride_dsm + (b * SEGS + s), asum, mask=m_mask)
+            if INT_ACC:
+                asum_i += asum
         # weights: H_LOAD contiguous bytes per row (16-byte vector loads), used once
         wp = tl.load(w_ptr + rn[:, None] * stride_wn + b * 64 + j[None, :], mask=n_mask[:, None], other=0,
                      eviction_policy=EVICT_W)
@@ -210,20 +231,23 @@ def _block_segments(
             wcol = (b * 128 + s * (2 * SEG_H)) // GROUP
             sw = tl.load(ws_ptr + rn * stride_wsn + wcol, mask=n_mask, other=0.0)
             acc_f += acc_s.to(tl.float32) * _outer(sa, sw, SWAP_AB)
-    return acc_f, acc_i
+            if ASYM:
+                wo = tl.load(wo_ptr + rn * stride_won + wcol, mask=n_mask, other=0.0)
+                acc_f += _outer(sa * asum.to(tl.float32), wo, SWAP_AB)
+    return acc_f, acc_i, asum_i
 
 
 @triton.jit
 def _accumulate(
     i_lo, i_hi, N8,
-    order_ptr, q4_ptr, q8_ptr, as_ptr, w_ptr, ws_ptr, dbg_ptr,
+    order_ptr, q4_ptr, q8_ptr, as_ptr, w_ptr, ws_ptr, wo_ptr, dbg_ptr, dsum_ptr,
     rm, rn, m_mask, n_mask,
-    stride_q4m, stride_q8m, stride_asm, stride_wn, stride_wsn, stride_dm, stride_dn,
+    stride_q4m, stride_q8m, stride_asm, stride_wn, stride_wsn, stride_won, stride_dm, stride_dn, stride_dsm,
     GROUP,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CLASS_MODE: tl.constexpr, SEGS: tl.constexpr, SEG_H: tl.constexpr, H_LOAD: tl.constexpr,
     INT_ACC: tl.constexpr, DEBUG: tl.constexpr, EVICT_W: tl.constexpr, SWAP_AB: tl.constexpr,
-    INTERLEAVE8: tl.constexpr,
+    INTERLEAVE8: tl.constexpr, ASYM: tl.constexpr,
 ):
     """fp32 partial result (``[BLOCK_M, BLOCK_N]``, transposed if SWAP_AB) of block-list positions ``[i_lo, i_hi)``."""
     if SWAP_AB:
@@ -235,35 +259,43 @@ def _accumulate(
         sa8 = tl.load(as_ptr + rm * stride_asm + 1, mask=m_mask, other=0.0)
     # ---- INT8 blocks: list positions [i_lo, min(i_hi, N8)), q8 slot = position
     acc_i = tl.zeros(acc_f.shape, dtype=tl.int32)
+    asum_i = tl.zeros((BLOCK_M,), dtype=tl.int32)  # ASYM + INT_ACC: the run's activation sum
     for i in range(i_lo, tl.minimum(i_hi, N8)):
         b = tl.load(order_ptr + i)
         if CLASS_MODE:
             sa = sa8
         else:
             sa = tl.load(as_ptr + rm * stride_asm + b, mask=m_mask, other=0.0)
-        acc_f, acc_i = _block_segments(
-            acc_f, acc_i, sa, b, i, q8_ptr, w_ptr, ws_ptr, dbg_ptr, rm, rn, m_mask, n_mask,
-            stride_q8m, stride_wn, stride_wsn, stride_dm, stride_dn, GROUP,
-            True, SEGS, SEG_H, H_LOAD, INT_ACC, DEBUG, EVICT_W, SWAP_AB, INTERLEAVE8)
+        acc_f, acc_i, asum_i = _block_segments(
+            acc_f, acc_i, asum_i, sa, b, i, q8_ptr, w_ptr, ws_ptr, wo_ptr, dbg_ptr, dsum_ptr, rm, rn, m_mask, n_mask,
+            stride_q8m, stride_wn, stride_wsn, stride_won, stride_dm, stride_dn, stride_dsm, GROUP,
+            True, SEGS, SEG_H, H_LOAD, INT_ACC, DEBUG, EVICT_W, SWAP_AB, INTERLEAVE8, ASYM)
     if INT_ACC:
         # class mode, per-channel weights: one rescale for the whole INT8 run
         sw = tl.load(ws_ptr + rn * stride_wsn, mask=n_mask, other=0.0)
         acc_f += acc_i.to(tl.float32) * _outer(sa8, sw, SWAP_AB)
+        if ASYM:  # and one offset term: a_scale * offset * (sum of the run's activation integers)
+            wo = tl.load(wo_ptr + rn * stride_won, mask=n_mask, other=0.0)
+            acc_f += _outer(sa8 * asum_i.to(tl.float32), wo, SWAP_AB)
     # ---- INT4 blocks: list positions [max(i_lo, N8), i_hi), q4 slot = position - N8
     acc_i = tl.zeros(acc_f.shape, dtype=tl.int32)
+    asum_i = tl.zeros((BLOCK_M,), dtype=tl.int32)
     for i in range(tl.maximum(i_lo, N8), i_hi):
         b = tl.load(order_ptr + i)
         if CLASS_MODE:
             sa = sa4
         else:
             sa = tl.load(as_ptr + rm * stride_asm + b, mask=m_mask, other=0.0)
-        acc_f, acc_i = _block_segments(
-            acc_f, acc_i, sa, b, i - N8, q4_ptr, w_ptr, ws_ptr, dbg_ptr, rm, rn, m_mask, n_mask,
-            stride_q4m, stride_wn, stride_wsn, stride_dm, stride_dn, GROUP,
-            False, SEGS, SEG_H, H_LOAD, INT_ACC, DEBUG, EVICT_W, SWAP_AB, INTERLEAVE8)
+        acc_f, acc_i, asum_i = _block_segments(
+            acc_f, acc_i, asum_i, sa, b, i - N8, q4_ptr, w_ptr, ws_ptr, wo_ptr, dbg_ptr, dsum_ptr, rm, rn, m_mask,
+            n_mask, stride_q4m, stride_wn, stride_wsn, stride_won, stride_dm, stride_dn, stride_dsm, GROUP,
+            False, SEGS, SEG_H, H_LOAD, INT_ACC, DEBUG, EVICT_W, SWAP_AB, INTERLEAVE8, ASYM)
     if INT_ACC:
         sw = tl.load(ws_ptr + rn * stride_wsn, mask=n_mask, other=0.0)
         acc_f += acc_i.to(tl.float32) * _outer(sa4, sw, SWAP_AB)
+        if ASYM:
+            wo = tl.load(wo_ptr + rn * stride_won, mask=n_mask, other=0.0)
+            acc_f += _outer(sa4 * asum_i.to(tl.float32), wo, SWAP_AB)
     return acc_f
 
 
@@ -301,13 +333,14 @@ def _epilogue(acc_f, add_bias, out_ptr, bias_ptr, rm, rn, m_mask, n_mask, stride
 
 @triton.jit
 def w4ax_gemm_kernel(
-    order_ptr, q4_ptr, q8_ptr, as_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, dbg_ptr,
+    order_ptr, q4_ptr, q8_ptr, as_ptr, w_ptr, ws_ptr, wo_ptr, bias_ptr, out_ptr, dbg_ptr, dsum_ptr,
     M, N, NB, N8, GROUP, SPLIT,
-    stride_q4m, stride_q8m, stride_asm, stride_wn, stride_wsn, stride_om, stride_on, stride_dm, stride_dn,
+    stride_q4m, stride_q8m, stride_asm, stride_wn, stride_wsn, stride_won, stride_om, stride_on, stride_dm, stride_dn,
+    stride_dsm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, ATOMIC: tl.constexpr,
     CLASS_MODE: tl.constexpr, SEGS: tl.constexpr, SEG_H: tl.constexpr, H_LOAD: tl.constexpr,
     INT_ACC: tl.constexpr, HAS_BIAS: tl.constexpr, DEBUG: tl.constexpr, EVICT_W: tl.constexpr,
-    SWAP_AB: tl.constexpr, INTERLEAVE8: tl.constexpr,
+    SWAP_AB: tl.constexpr, INTERLEAVE8: tl.constexpr, ASYM: tl.constexpr,
 ):
     """Tiled (ATOMIC=False: whole block list, direct store) and split-K (ATOMIC=True: program_id(1)
     takes 1/SPLIT of the block list and adds into a zeroed fp32 buffer) W4Ax GEMM.
@@ -325,10 +358,10 @@ def w4ax_gemm_kernel(
         i_lo = tl.program_id(1) * chunk
         i_hi = tl.minimum(i_lo + chunk, NB)
     acc_f = _accumulate(
-        i_lo, i_hi, N8, order_ptr, q4_ptr, q8_ptr, as_ptr, w_ptr, ws_ptr, dbg_ptr,
+        i_lo, i_hi, N8, order_ptr, q4_ptr, q8_ptr, as_ptr, w_ptr, ws_ptr, wo_ptr, dbg_ptr, dsum_ptr,
         rm, rn, m_mask, n_mask,
-        stride_q4m, stride_q8m, stride_asm, stride_wn, stride_wsn, stride_dm, stride_dn, GROUP,
-        BLOCK_M, BLOCK_N, CLASS_MODE, SEGS, SEG_H, H_LOAD, INT_ACC, DEBUG, EVICT_W, SWAP_AB, INTERLEAVE8)
+        stride_q4m, stride_q8m, stride_asm, stride_wn, stride_wsn, stride_won, stride_dm, stride_dn, stride_dsm,
+        GROUP, BLOCK_M, BLOCK_N, CLASS_MODE, SEGS, SEG_H, H_LOAD, INT_ACC, DEBUG, EVICT_W, SWAP_AB, INTERLEAVE8, ASYM)
     _epilogue(acc_f, i_lo == 0, out_ptr, bias_ptr, rm, rn, m_mask, n_mask, stride_om, stride_on,
               HAS_BIAS, ATOMIC, SWAP_AB)
 
@@ -336,13 +369,14 @@ def w4ax_gemm_kernel(
 @triton.jit
 def w4ax_gemm_persistent_kernel(
     items_ptr, starts_ptr,
-    order_ptr, q4_ptr, q8_ptr, as_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, dbg_ptr,
+    order_ptr, q4_ptr, q8_ptr, as_ptr, w_ptr, ws_ptr, wo_ptr, bias_ptr, out_ptr, dbg_ptr, dsum_ptr,
     M, N, NB, N8, GROUP,
-    stride_q4m, stride_q8m, stride_asm, stride_wn, stride_wsn, stride_om, stride_on, stride_dm, stride_dn,
+    stride_q4m, stride_q8m, stride_asm, stride_wn, stride_wsn, stride_won, stride_om, stride_on, stride_dm, stride_dn,
+    stride_dsm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, ATOMIC: tl.constexpr,
     CLASS_MODE: tl.constexpr, SEGS: tl.constexpr, SEG_H: tl.constexpr, H_LOAD: tl.constexpr,
     INT_ACC: tl.constexpr, HAS_BIAS: tl.constexpr, DEBUG: tl.constexpr, EVICT_W: tl.constexpr,
-    SWAP_AB: tl.constexpr, INTERLEAVE8: tl.constexpr,
+    SWAP_AB: tl.constexpr, INTERLEAVE8: tl.constexpr, ASYM: tl.constexpr,
 ):
     """Persistent stream-K W4Ax GEMM: program p runs work items ``starts[p] .. starts[p+1]``.
 
@@ -361,10 +395,11 @@ def w4ax_gemm_persistent_kernel(
         m_mask = rm < M
         n_mask = rn < N
         acc_f = _accumulate(
-            i_lo, i_hi, N8, order_ptr, q4_ptr, q8_ptr, as_ptr, w_ptr, ws_ptr, dbg_ptr,
+            i_lo, i_hi, N8, order_ptr, q4_ptr, q8_ptr, as_ptr, w_ptr, ws_ptr, wo_ptr, dbg_ptr, dsum_ptr,
             rm, rn, m_mask, n_mask,
-            stride_q4m, stride_q8m, stride_asm, stride_wn, stride_wsn, stride_dm, stride_dn, GROUP,
-            BLOCK_M, BLOCK_N, CLASS_MODE, SEGS, SEG_H, H_LOAD, INT_ACC, DEBUG, EVICT_W, SWAP_AB, INTERLEAVE8)
+            stride_q4m, stride_q8m, stride_asm, stride_wn, stride_wsn, stride_won, stride_dm, stride_dn, stride_dsm,
+            GROUP, BLOCK_M, BLOCK_N, CLASS_MODE, SEGS, SEG_H, H_LOAD, INT_ACC, DEBUG, EVICT_W, SWAP_AB, INTERLEAVE8,
+            ASYM)
         _epilogue(acc_f, i_lo == 0, out_ptr, bias_ptr, rm, rn, m_mask, n_mask, stride_om, stride_on,
                   HAS_BIAS, ATOMIC, SWAP_AB)
 
@@ -592,7 +627,7 @@ def _schedule_on_device(tiles, n8, n4, p, cost8, cost4, device):
     return hit
 
 
-def _check(q4, q8, a_scales, block_bits, qweight, w_scales, group_size, bias, out_dtype, scale_mode):
+def _check(q4, q8, a_scales, block_bits, qweight, w_scales, group_size, bias, out_dtype, scale_mode, w_offsets=None):
     check_tensor("q4", q4, dtypes=(torch.uint8,), ndim=2)
     check_tensor("q8", q8, dtypes=(torch.int8,), ndim=2)
     check_tensor("a_scales", a_scales, dtypes=(torch.float32,), ndim=2)
@@ -622,6 +657,10 @@ def _check(q4, q8, a_scales, block_bits, qweight, w_scales, group_size, bias, ou
     g = check_group_size(group_size, k_pad)
     if tuple(w_scales.shape) != (n, k_pad // g):
         raise ValueError(f"w_scales shape {tuple(w_scales.shape)} != {(n, k_pad // g)} for group_size={group_size}")
+    if w_offsets is not None:
+        check_tensor("w_offsets", w_offsets, dtypes=(torch.float32,), ndim=2, device=dev)
+        if tuple(w_offsets.shape) != tuple(w_scales.shape):
+            raise ValueError(f"w_offsets shape {tuple(w_offsets.shape)} != w_scales shape {tuple(w_scales.shape)}")
     if bias is not None:
         check_tensor("bias", bias, dtypes=FLOAT_DTYPES, ndim=1, device=dev)
         if bias.shape[0] != n:
@@ -658,6 +697,7 @@ def w4ax_gemm_triton(
     cost8: float = 2.0,
     cost4: float = 1.0,
     return_int_acc: bool = False,
+    w_offsets: Optional[torch.Tensor] = None,
 ):
     """Tensor-level W4Ax GEMM (signature of ``cometq.ops._ref_w4ax_gemm`` plus keyword extras).
 
@@ -666,14 +706,19 @@ def w4ax_gemm_triton(
     ``config``: force a :class:`GemmConfig` (else chosen per shape bucket and cached).
     ``programs``/``cost8``/``cost4``: persistent-path grid size and stream-K costs.
     ``return_int_acc``: also return the int32 ``[M, N, S]`` per-segment accumulators
-    (``S = K_pad / min(128, G)``), equal to :func:`cometq.reference.w4ax_int_accumulators`.
+    (``S = K_pad / min(128, G)``), equal to :func:`cometq.reference.w4ax_int_accumulators`;
+    with ``w_offsets`` also the int32 ``[M, S]`` activation sums
+    (:func:`cometq.reference.w4ax_act_sums`): ``(y, acc, asum)``.
+    ``w_offsets``: float32 ``[N, K_pad/G]`` (like ``w_scales``) for asymmetric weights
+    ``w = scale * q + offset``; adds ``a_scale * offset * asum`` per segment (ASYM kernels).
     """
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
     if config is not None and not isinstance(config, GemmConfig):
         raise TypeError(f"config must be a GemmConfig, got {type(config).__name__}")
     m, n, k_pad, nb, n8, g = _check(q4, q8, a_scales, block_bits, qweight, w_scales, group_size, bias,
-                                     out_dtype, scale_mode)
+                                     out_dtype, scale_mode, w_offsets)
+    asym = w_offsets is not None
     dev = qweight.device
     seg = min(BLOCK_K, g)
     segs = BLOCK_K // seg
@@ -682,22 +727,30 @@ def w4ax_gemm_triton(
     class_mode = scale_mode == "class"
     int_acc = class_mode and g == k_pad
     dbg = torch.zeros(m, n, k_pad // seg, dtype=torch.int32, device=dev) if return_int_acc else None
+    dsum = torch.zeros(m, k_pad // seg, dtype=torch.int32, device=dev) if (return_int_acc and asym) else None
+
+    def _ret(y):
+        if not return_int_acc:
+            return y
+        return (y, dbg, dsum) if asym else (y, dbg)
+
     if m == 0:
-        out = torch.empty(0, n, dtype=out_dtype, device=dev)
-        return (out, dbg) if return_int_acc else out
+        return _ret(torch.empty(0, n, dtype=out_dtype, device=dev))
     order = _block_order(block_bits)
     args_common = dict(
         q4=nonempty(q4), q8=nonempty(q8), bias=bias if bias is not None else dummy(dev),
         dbg=dbg if dbg is not None else dummy(dev, torch.int32),
+        dsum=dsum if dsum is not None else dummy(dev, torch.int32),
+        wo=w_offsets if asym else dummy(dev),
     )
     strides = (
         q4.stride(0) if q4.numel() else 0, q8.stride(0) if q8.numel() else 0, a_scales.stride(0),
-        qweight.stride(0), w_scales.stride(0),
+        qweight.stride(0), w_scales.stride(0), w_offsets.stride(0) if asym else 0,
     )
     dstr = (dbg.stride(0), dbg.stride(1)) if dbg is not None else (0, 0)
     evict = "evict_first" if m <= 64 else ""
     meta = dict(CLASS_MODE=class_mode, SEGS=segs, SEG_H=seg_h, H_LOAD=h_load, INT_ACC=int_acc,
-                HAS_BIAS=bias is not None, DEBUG=return_int_acc, EVICT_W=evict)
+                HAS_BIAS=bias is not None, DEBUG=return_int_acc, EVICT_W=evict, ASYM=asym)
 
     def launch(cfg: GemmConfig, which: str):
         tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
@@ -712,9 +765,9 @@ def w4ax_gemm_triton(
         else:
             out = torch.empty(m, n, dtype=out_dtype, device=dev)
         common = (
-            order, args_common["q4"], args_common["q8"], a_scales, qweight, w_scales, args_common["bias"], out,
-            args_common["dbg"], m, n, nb, n8, g,
-            strides[0], strides[1], strides[2], strides[3], strides[4], out.stride(0), out.stride(1), dstr[0], dstr[1],
+            order, args_common["q4"], args_common["q8"], a_scales, qweight, w_scales, args_common["wo"],
+            args_common["bias"], out, args_common["dbg"], args_common["dsum"], m, n, nb, n8, g,
+            *strides, out.stride(0), out.stride(1), dstr[0], dstr[1], dsum.stride(0) if dsum is not None else 0,
         )
         kw = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, GROUP_M=cfg.group_m, num_warps=cfg.num_warps,
                   num_stages=cfg.num_stages, SWAP_AB=cfg.swap_ab,
@@ -722,7 +775,7 @@ def w4ax_gemm_triton(
         if which == "persistent":
             w4ax_gemm_persistent_kernel[(starts_t.numel() - 1,)](items_t, starts_t, *common, ATOMIC=atomic, **kw)
         else:
-            w4ax_gemm_kernel[(tiles, split_k)](*common[:14], split_k, *common[14:], ATOMIC=atomic, **kw)
+            w4ax_gemm_kernel[(tiles, split_k)](*common[:16], split_k, *common[16:], ATOMIC=atomic, **kw)
         return out if out.dtype == out_dtype else out.to(out_dtype)
 
     if config is None:
@@ -731,14 +784,14 @@ def w4ax_gemm_triton(
             from triton.testing import do_bench
 
             bench_fn = lambda c: do_bench(lambda: launch(c, _path_for(c, path)), warmup=5, rep=20)  # noqa: E731
-        config = select_config(m, n, k_pad, n8, bench_fn, variant=(path, scale_mode, g))
+        variant = (path, scale_mode, g) + (("asym",) if asym else ())
+        config = select_config(m, n, k_pad, n8, bench_fn, variant=variant)
     which = _path_for(config, path)
     if which == "splitk" and config.split == 1 and path == "splitk":
         # forced split-K with a non-split config: split over the blocks anyway
         config = GemmConfig(config.block_m, config.block_n, config.group_m, max(2, min(nb, 4)),
                             config.num_warps, config.num_stages, config.swap_ab, config.interleave8)
-    y = launch(config, which)
-    return (y, dbg) if return_int_acc else y
+    return _ret(launch(config, which))
 
 
 def _path_for(cfg: GemmConfig, requested: str) -> str:

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import cometq
+from cometq.config import FORMAT_VERSION
 from cometq.checkpoint import COMETQ_CONFIG_NAME, load_quantized, read_cometq_config, save_quantized
 from cometq.config import W4AxConfig
 from cometq.hf import CheckpointError
@@ -55,7 +56,7 @@ def test_files_and_config(saved):
     files = set(os.listdir(d))
     assert {"model.safetensors", "config.json", COMETQ_CONFIG_NAME, "tokenizer_marker.json"} <= files
     qc = json.load(open(os.path.join(d, "config.json")))["quantization_config"]
-    assert qc["quant_method"] == "cometq" and qc["format_version"] == 1 and qc["int8_blocks"] == 1
+    assert qc["quant_method"] == "cometq" and qc["format_version"] == FORMAT_VERSION and qc["int8_blocks"] == 1
     assert read_cometq_config(d) == model.cometq_config
     sd = load_file(os.path.join(d, "model.safetensors"))
     k = "model.layers.0.self_attn.q_proj."

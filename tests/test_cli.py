@@ -34,6 +34,21 @@ def test_demo_quantizes_and_reports(tiny_dir, tmp_path, capsys):
     assert "| unquantized (fp32) |" in printed and "W4 GPTQ g128" in printed
 
 
+def test_demo_asym_clip_search_kv4(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "demo.json"
+    rc = cli.main(["demo", "--model", tiny_dir, "--max-new-tokens", "4", "--json", str(out), "--weight-method", "rtn",
+                   "--weight-format", "asym", "--group-size", "32", "--act-clip", "search", "--kv4", *SMALL])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert res["config"]["weight_sym"] is False and res["config"]["act_clip"] == "search" and res["config"]["kv4"]
+    assert math.isfinite(res["ppl_decode_w4ax_kv4"]) and math.isfinite(res["ppl_decode_fp_cache"])
+    assert res["ppl_decode_ratio"] == pytest.approx(res["ppl_decode_w4ax_kv4"] / res["ppl_decode_fp_cache"])
+    printed = capsys.readouterr().out
+    assert "W4 asym RTN g32" in printed and "KV4 cache (decode protocol)" in printed
+    assert cli.main(["demo", "--model", tiny_dir, "--act-clip", "1.5", *SMALL]) == 2
+    assert "act_clip must be in (0, 1]" in capsys.readouterr().err
+
+
 def test_quantize_then_eval_and_generate_from_checkpoint(tiny_dir, tmp_path, capsys):
     ck = tmp_path / "ck"
     assert cli.main(["quantize", "--model", tiny_dir, "-o", str(ck), "--weight-method", "rtn",
@@ -43,6 +58,10 @@ def test_quantize_then_eval_and_generate_from_checkpoint(tiny_dir, tmp_path, cap
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["windows"] == 2 and math.isfinite(res["perplexity"])
     assert cli.main(["generate", "hello", "--model", str(ck), "--max-new-tokens", "3"]) == 0
+    assert cli.main(["generate", "hello", "--model", str(ck), "--max-new-tokens", "3", "--kv4"]) == 0
+    assert cli.main(["eval-ppl", "--model", str(ck), "--windows", "2", "--seq-len", "64", "--kv4"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["protocol"] == "decode (KV4 cache)" and math.isfinite(res["perplexity"])
 
 
 def test_eval_ppl_on_a_text_file(tiny_dir, tmp_path, capsys):

@@ -29,13 +29,13 @@ def test_ops_match_reference(mode):
 @pytest.mark.parametrize("mode", L.SCALE_MODES)
 def test_opcheck(mode):
     x, lay, qw = _operands(mode, group=-1)
-    torch.library.opcheck(torch.ops.cometq.quantize_act.default, (x, lay.perm, lay.block_bits, lay.n_int8, mode, "reference"))
+    torch.library.opcheck(torch.ops.cometq.quantize_act.default, (x, lay.perm, lay.block_bits, lay.n_int8, mode, 1.0, "reference"))
     qa = ops.quantize_activation(x, lay, mode)
     bias = torch.randn(qw.out_features)
     for b in (None, bias):
         torch.library.opcheck(
             torch.ops.cometq.w4ax_gemm.default,
-            (qa.q4, qa.q8, qa.scales, lay.block_bits, qw.qweight, qw.scales, -1, b, 0, mode, "reference"),
+            (qa.q4, qa.q8, qa.scales, lay.block_bits, qw.qweight, qw.scales, None, -1, b, 0, mode, "reference"),
         )
 
 

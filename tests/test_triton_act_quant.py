@@ -141,3 +141,85 @@ def test_errors(device, monkeypatch):
         quantize_act_triton(x, lay.perm, lay.block_bits, 1, "token")
     with pytest.raises(TypeError, match="layout must be an ActivationLayout"):
         quantize_activation_triton(x, "not a layout")
+
+
+# --------------------------------------------------------------------------
+# INT4 clip (ActivationLayout.int4_clip): INT4 scales (absmax * clip) / 7, INT8 untouched
+# --------------------------------------------------------------------------
+CLIPS = (1.0, 0.9, 0.8375, 0.5)
+CLIP_CASES = [
+    # (M, K, pattern, dtype, permuted)
+    (1, 576, "mixed", torch.float16, True),
+    (3, 300, "alternating", torch.float32, True),
+    (17, 576, "all4", torch.bfloat16, False),
+    (3, 576, "all8", torch.float32, True),
+]
+
+
+@pytest.mark.parametrize("clip", CLIPS)
+@pytest.mark.parametrize("scale_mode", ["block", "class"])
+@pytest.mark.parametrize("m,k,pattern,dtype,permuted", CLIP_CASES)
+def test_int4_clip_matches_reference(m, k, pattern, dtype, permuted, scale_mode, clip, device):
+    g = torch.Generator(device="cpu").manual_seed(77 * m + k)
+    perm = torch.randperm(k, generator=g) if permuted else None
+    lay = ActivationLayout.from_block_bits(k, _bits(pattern, num_blocks(k)), perm=perm).with_clip(clip).to(device)
+    x = rand_activation(m, k, outliers=3, dtype=dtype, generator=g).to(device)
+    got = quantize_activation_triton(x, lay, scale_mode)
+    ref = R.quantize_activation(x, lay, scale_mode)
+    _assert_same(got, ref)
+    # the clip really acted: INT4 scales shrink, INT8 scales do not (so the test can fail)
+    base = R.quantize_activation(x, lay.with_clip(1.0), scale_mode)
+    # columns of `scales` that are INT4 scales (class mode: column 0, when there is an INT4 block)
+    is4 = (lay.block_bits == 4) if scale_mode == "block" else torch.tensor([lay.n_int4 > 0, False], device=device)
+    if clip < 1.0 and bool(is4.any()):
+        assert bool((got.scales[:, is4] < base.scales[:, is4]).all())
+    assert torch.equal(got.scales[:, ~is4], base.scales[:, ~is4])
+
+
+@pytest.mark.parametrize("scale_mode", ["block", "class"])
+def test_int4_clip_op_order_multiply_then_divide(scale_mode, device):
+    # (absmax * clip) / 7 and absmax * (clip / 7) round differently for some absmax: pick rows
+    # whose absmax tells the two apart and check the kernel follows the spec's order
+    clip = 0.8375
+    cand = torch.linspace(0.5, 40.0, 4001)
+    c32 = torch.tensor(clip, dtype=torch.float32)
+    spec = (cand * c32) / torch.tensor(7.0)
+    other = cand * (c32 / torch.tensor(7.0))
+    diff = cand[spec != other][:24]
+    assert diff.numel() >= 8, "no distinguishing absmax values found"
+    m, k = diff.numel(), 256
+    g = torch.Generator().manual_seed(13)
+    x = (torch.rand(m, k, generator=g) * 2 - 1) * diff[:, None] * 0.99
+    x[:, 3] = diff  # the absmax of the INT4 block 0 (and of the row's INT4 class)
+    x[:, 200] = -3.0 * diff  # INT8 block 1: never clipped
+    lay = ActivationLayout.from_block_bits(k, [4, 8]).with_clip(clip).to(device)
+    got = quantize_activation_triton(x.to(device), lay, scale_mode)
+    ref = R.quantize_activation(x.to(device), lay, scale_mode)
+    _assert_same(got, ref)
+    assert torch.equal(got.scales[:, 0].cpu(), spec[spec != other][:24])
+    assert not torch.equal(got.scales[:, 0].cpu(), other[spec != other][:24])
+
+
+@pytest.mark.parametrize("scale_mode", ["block", "class"])
+def test_int4_clip_via_op(scale_mode, device):
+    g = torch.Generator().manual_seed(21)
+    lay = ActivationLayout.from_block_bits(576, [8, 4, 8, 4, 4], perm=torch.randperm(576, generator=g))
+    lay = lay.with_clip(0.9).to(device)
+    x = rand_activation(3, 576, outliers=3, generator=g, dtype=torch.float16).to(device)
+    got = ops.quantize_activation(x, lay, scale_mode, backend="triton")  # no BackendUnsupported any more
+    _assert_same(got, R.quantize_activation(x, lay, scale_mode))
+    q4, q8, sc = ops.quantize_act(x, lay.perm, lay.block_bits, lay.n_int8, scale_mode, backend="triton",
+                                  int4_clip=0.9)
+    assert torch.equal(q4, got.q4) and torch.equal(q8, got.q8) and torch.equal(sc, got.scales)
+
+
+def test_int4_clip_errors(device):
+    lay = ActivationLayout.from_block_bits(256, [8, 4]).to(device)
+    x = torch.randn(2, 256, device=device)
+    for bad in (0.0, 1.5, -0.5, float("nan")):
+        with pytest.raises(ValueError, match="int4_clip must be in"):
+            quantize_act_triton(x, lay.perm, lay.block_bits, 1, int4_clip=bad)
+    with pytest.raises(TypeError, match="int4_clip must be a float"):
+        quantize_act_triton(x, lay.perm, lay.block_bits, 1, int4_clip=True)
+    with pytest.raises(TypeError, match="int4_clip must be a float"):
+        quantize_act_triton(x, lay.perm, lay.block_bits, 1, int4_clip="0.9")

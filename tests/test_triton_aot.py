@@ -4,8 +4,8 @@ The interpreter accepts programs the GPU compiler rejects, so every generated
 autotune config of the GEMM (all distinct configs for the Llama-3 8B/70B shapes
 and every M bucket) is compiled for sm_90, plus the activation quantizer's
 modes, the GEMM feature variants (class/int32 runs, groups 64/32, debug,
-atomics) on the decode tile, and the persistent kernel; sm_80 compiles one of
-each family.  The rest (feature variants on 128x128 tiles, group 16, sm_80 for
+atomics, asymmetric weights) on the decode tile, and the persistent kernel;
+sm_80 compiles one of each family and one asymmetric kernel per path.  The rest (feature variants on 128x128 tiles, group 16, sm_80 for
 every config) is the ``slow`` test: ``COMETQ_AOT_FULL=1 pytest tests/test_triton_aot.py``
 or ``python -m cometq.kernels.aot --level full``.  Compilation runs in a
 subprocess without TRITON_INTERPRET (the interpreter replaces jit functions).
@@ -51,9 +51,19 @@ def test_aot_compile_ci_set(tmp_path):
     for arch in (80, 90):
         for fam in ("act_quant", "gemm-variant", "persistent"):
             assert (arch, fam) in names, f"sm_{arch} compiled no {fam} kernel"
+    # asymmetric-weight (ASYM) kernels: at least one per path on both archs
+    for arch in (80, 90):
+        asym = [x["name"] for x in res if x["arch"] == arch and "asym" in x["name"]]
+        assert any(n.startswith("gemm-variant[asym") and "atomic" not in n for n in asym), f"sm_{arch}: no tiled ASYM"
+        assert any(n.startswith("gemm-variant[asym") and "atomic" in n for n in asym), f"sm_{arch}: no split-K ASYM"
+        assert any(n.startswith("persistent[asym") for n in asym), f"sm_{arch}: no persistent ASYM"
+    asym90 = [x["name"] for x in res if x["arch"] == 90 and "asym" in x["name"]]
+    for flavour in ("swap", "interleave8", "class", "block", "g32"):
+        assert any(flavour in n for n in asym90), f"sm_90 compiled no ASYM {flavour} variant"
+    assert any(n.startswith("gemm-asym[") for n in asym90), "sm_90 compiled no ASYM twin of a generated config"
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("COMETQ_AOT_FULL") != "1", reason="~6 min on 2 cores; set COMETQ_AOT_FULL=1")
+@pytest.mark.skipif(os.environ.get("COMETQ_AOT_FULL") != "1", reason="~12 min on 2 cores; set COMETQ_AOT_FULL=1")
 def test_aot_compile_everything(tmp_path):
     _aot("full", tmp_path, timeout=1800)

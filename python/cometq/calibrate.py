@@ -7,7 +7,10 @@ Collected per target Linear (by module name):
 * ``hessian`` float32 ``[K, K]`` (only with ``hessian=True``, i.e. GPTQ):
   ``H = 2/n * sum_t x_t x_t^T``, the proxy Hessian of the layer's squared output error;
 * ``groups``: lists of Linear names that read the very same input tensor (q/k/v,
-  gate/up): they must share one activation layout.
+  gate/up): they must share one activation layout;
+* ``samples`` float32 ``[S, K]`` (only with ``samples=S > 0``): input rows drawn at
+  an even stride from every batch, for the activation clip search
+  (:func:`search_act_clip`).
 
 :func:`collect_stats` makes one pass over the floating-point model.  Sequential
 GPTQ (``W4AxConfig.gptq_sequential``, in :mod:`cometq.quantize`) instead uses
@@ -22,7 +25,18 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-__all__ = ["CalibrationStats", "collect_stats", "collect_stats_with", "find_decoder_layers", "capture_layer_inputs"]
+__all__ = [
+    "CalibrationStats",
+    "collect_stats",
+    "collect_stats_with",
+    "find_decoder_layers",
+    "capture_layer_inputs",
+    "search_act_clip",
+    "ACT_CLIP_RATIOS",
+]
+
+#: INT4 clip ratios tried by :func:`search_act_clip` (1.0 first: ties keep no clip).
+ACT_CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
 
 
 @dataclass
@@ -31,6 +45,7 @@ class CalibrationStats:
     hessian: Dict[str, torch.Tensor] = field(default_factory=dict)
     n_tokens: Dict[str, int] = field(default_factory=dict)
     groups: List[List[str]] = field(default_factory=list)
+    samples: Dict[str, torch.Tensor] = field(default_factory=dict)
 
     def group_of(self, name: str) -> List[str]:
         for g in self.groups:
@@ -70,6 +85,7 @@ def collect_stats(
     *,
     hessian: bool = False,
     progress: bool = True,
+    samples: int = 0,
 ) -> CalibrationStats:
     """Run ``calib_data`` through ``model`` and collect input statistics of the Linears in ``names``."""
     batches = _as_batches(calib_data)
@@ -80,7 +96,7 @@ def collect_stats(
     dev = _device_of(model)
     return collect_stats_with(
         {n: modules[n] for n in names}, len(batches), lambda i: model(batches[i].to(dev)),
-        hessian=hessian, progress=progress,
+        hessian=hessian, progress=progress, samples=samples,
     )
 
 
@@ -99,8 +115,12 @@ def collect_stats_with(
     *,
     hessian: bool = False,
     progress: bool = False,
+    samples: int = 0,
 ) -> CalibrationStats:
     """Statistics of the inputs of ``modules`` (name -> Linear) while ``run(i)`` runs batch ``i``.
+
+    ``samples``: keep about this many input rows per input (an even stride through
+    every batch, ``ceil(samples / n_batches)`` rows each) in ``stats.samples``.
 
     ``run`` is anything that calls the modules: the whole model (one-pass
     calibration) or a single decoder layer (sequential GPTQ).
@@ -116,6 +136,10 @@ def collect_stats_with(
     last = {"x": None, "owner": None}
     alias: Dict[str, str] = {}
     h_sum: Dict[str, torch.Tensor] = {}
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
+        raise ValueError(f"samples must be an int >= 0, got {samples!r}")
+    per_batch = -(-samples // max(n_batches, 1)) if samples else 0
+    rows: Dict[str, List[torch.Tensor]] = {}
 
     def make_hook(name: str):
         def hook(mod, args):
@@ -135,6 +159,9 @@ def collect_stats_with(
                 if h is None:
                     h = h_sum[name] = torch.zeros(xf.shape[1], xf.shape[1], dtype=torch.float32, device=xf.device)
                 h.addmm_(xf.T, xf)  # sum of x x^T; scaled to GPTQ's 2/n once at the end
+            if per_batch:
+                step = max(1, xf.shape[0] // per_batch)
+                rows.setdefault(name, []).append(xf[::step][:per_batch].clone())
             stats.n_tokens[name] = stats.n_tokens.get(name, 0) + xf.shape[0]
         return hook
 
@@ -161,7 +188,11 @@ def collect_stats_with(
     last["x"] = None
     for n, h in h_sum.items():
         stats.hessian[n] = h.mul_(2.0 / stats.n_tokens[n])
+    for n, r in rows.items():
+        stats.samples[n] = torch.cat(r)[:samples]
     for n, owner in alias.items():
+        if owner in stats.samples:
+            stats.samples[n] = stats.samples[owner]
         stats.absmax[n] = stats.absmax[owner]
         stats.n_tokens[n] = stats.n_tokens[owner]
         if hessian:
@@ -269,3 +300,57 @@ def _shared_input_groups(names: Sequence[str], first_inputs: Dict[str, torch.Ten
             groups.append([n])
             reps.append(x)
     return [g for g in groups if len(g) > 1]
+
+
+# ----------------------------------------------------------------------
+# activation clip search
+# ----------------------------------------------------------------------
+@torch.no_grad()
+def search_act_clip(
+    x: torch.Tensor,
+    layout,
+    weights: Sequence[torch.Tensor],
+    *,
+    scale_mode: str = "block",
+    ratios: Sequence[float] = ACT_CLIP_RATIOS,
+) -> float:
+    """The INT4 clip ratio (from ``ratios``) whose fake-quantized activations give the
+    least output error ``sum_W ||(Q(x) - x) W^T||^2`` on samples ``x [S, K]``.
+
+    ``weights`` are the float weights ``[N, K]`` (original column order) of every
+    Linear reading this input: the error is measured where it matters, in the
+    layer outputs, so channels with large weights count more.  Layouts without
+    INT4 blocks return 1.0.
+    """
+    from . import reference as R
+    from .layout import ActivationLayout
+    from .nn import fake_quantize_activation
+
+    if not isinstance(layout, ActivationLayout):
+        raise TypeError(f"layout must be an ActivationLayout, got {type(layout).__name__}")
+    R.check_tensor("x", x, dtypes=R.FLOAT_DTYPES, ndim=2)
+    if x.shape[1] != layout.in_features or x.shape[0] == 0:
+        raise ValueError(f"samples shape {tuple(x.shape)} do not match the layout's K={layout.in_features}")
+    if not weights:
+        raise ValueError("search_act_clip needs the weights of the Linears reading this input")
+    ratios = [float(r) for r in ratios]
+    for r in ratios:
+        if not (0.0 < r <= 1.0):
+            raise ValueError(f"clip ratios must be in (0, 1], got {r}")
+    if layout.n_int4 == 0:
+        return 1.0
+    perm = layout.perm.to(x.device)
+    w = torch.cat([wt.detach().float().to(x.device) for wt in weights], dim=0)
+    if w.shape[1] != layout.in_features:
+        raise ValueError(f"weights have {w.shape[1]} input features but the layout has K={layout.in_features}")
+    wp = R.pad_last_dim(w[:, perm], layout.k_pad)  # [N, K_pad], permuted like the quantized x
+    xf = x.float()
+    xp = R.pad_last_dim(xf[:, perm], layout.k_pad)
+    ref = xp @ wp.T
+    best, best_err = 1.0, float("inf")
+    for r in ratios:
+        xq = fake_quantize_activation(xf, layout.with_clip(r), scale_mode)
+        err = float(((xq @ wp.T) - ref).pow(2).sum())
+        if err < best_err:
+            best, best_err = r, err
+    return best

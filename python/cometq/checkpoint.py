@@ -3,7 +3,8 @@
 A saved directory holds:
 
 * ``model.safetensors``: the state dict (each :class:`W4AxLinear` contributes
-  ``qweight`` uint8, ``w_scales`` float32, ``perm`` int64, ``block_bits`` int32 and
+  ``qweight`` uint8, ``w_scales`` float32, ``w_offsets`` float32 (asymmetric weights
+  only), ``act_clip`` float32 ``[1]``, ``perm`` int64, ``block_bits`` int32 and
   optionally ``bias``; unquantized modules keep their tensors);
 * ``config.json``: the model's Hugging Face config with ``quantization_config`` =
   the :class:`W4AxConfig` dict (``quant_method: "cometq"``, ``format_version``);

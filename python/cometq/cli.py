@@ -21,6 +21,10 @@ from typing import List, Optional
 
 DEFAULT_PROMPT = "Explain in one sentence what a Python list comprehension is."
 
+#: The recipe ``cometq demo`` / ``cometq quantize`` use unless told otherwise
+#: (chosen by measurement on SmolLM2-135M, docs/ACCURACY.md).
+DEFAULTS = {"group_size": 128, "weight_format": "sym", "act_clip": "1.0", "kv4": False}
+
 
 # --------------------------------------------------------------------------- helpers
 def _log(msg: str) -> None:
@@ -42,7 +46,20 @@ def _config_from_args(args):
         kw["int8_fraction"] = args.int8_fraction
     if getattr(args, "gptq_sequential", None) is not None:  # None: the config default
         kw["gptq_sequential"] = args.gptq_sequential
+    kw["weight_sym"] = args.weight_format == "sym"
+    if kw["act_bits"] in ("fmpq", 4):
+        kw["act_clip"] = _act_clip(args.act_clip)
+    kw["kv4"] = bool(args.kv4)
     return W4AxConfig(**kw)
+
+
+def _act_clip(v: str):
+    if v == "search":
+        return v
+    try:
+        return float(v)
+    except ValueError:
+        raise ValueError(f"--act-clip must be a float in (0, 1] or 'search', got {v!r}") from None
 
 
 def _describe(cfg) -> str:
@@ -57,7 +74,11 @@ def _describe(cfg) -> str:
         act = f"A4/A8 FMPQ ({budget}, {cfg.scale_mode} scales)"
     else:
         act = f"A{cfg.act_bits}"
-    return f"W4 {cfg.weight_method.upper()} {g}, {act}"
+    if cfg.act_bits in ("fmpq", 4) and cfg.act_clip != 1.0:
+        act += ", INT4 clip " + ("searched per layer" if cfg.act_clip == "search" else f"{cfg.act_clip:g}")
+    w = "W4" if cfg.weight_sym else "W4 asym"
+    kv = ", KV4" if cfg.kv4 else ""
+    return f"{w} {cfg.weight_method.upper()} {g}, {act}{kv}"
 
 
 def _add_quant_args(p: argparse.ArgumentParser) -> None:
@@ -66,7 +87,17 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
                    help="activation precision: fmpq (mixed INT4/INT8 blocks), 4, 8, or 16 (weight-only)")
     g.add_argument("--int8-fraction", type=float, default=0.25,
                    help="FMPQ budget: share of 128-channel activation blocks kept INT8 (default 0.25)")
-    g.add_argument("--group-size", type=int, default=128, help="weight group size (-1 = per output channel)")
+    g.add_argument("--group-size", type=int, default=DEFAULTS["group_size"],
+                   help=f"weight group size (-1 = per output channel; default {DEFAULTS['group_size']})")
+    g.add_argument("--weight-format", default=DEFAULTS["weight_format"], choices=["sym", "asym"],
+                   help="INT4 weight grid: sym (scale*q) or asym (scale*q + offset, 16 levels; default "
+                        f"{DEFAULTS['weight_format']})")
+    g.add_argument("--act-clip", default=DEFAULTS["act_clip"],
+                   help="INT4 activation clip ratio in (0, 1], or 'search' (per layer, least output error on "
+                        f"calibration samples; default {DEFAULTS['act_clip']})")
+    g.add_argument("--kv4", action=argparse.BooleanOptionalAction, default=DEFAULTS["kv4"],
+                   help="4-bit KV cache for generation and the decode-protocol perplexity "
+                        f"(default {'on' if DEFAULTS['kv4'] else 'off'})")
     g.add_argument("--weight-method", default="gptq", choices=["rtn", "gptq"],
                    help="INT4 weight quantizer (default gptq: 1.46x (sequential) vs 1.75x fp32 perplexity for rtn, "
                         "FMPQ 25%% g128 on SmolLM2, docs/ACCURACY.md)")
@@ -87,13 +118,18 @@ def _chat_ids(tok, prompt: str):
         return tok(prompt, return_tensors="pt")
 
 
-def _generate(model, tok, prompt: str, max_new_tokens: int) -> str:
+def _generate(model, tok, prompt: str, max_new_tokens: int, kv4: bool = False) -> str:
     import torch
 
     enc = _chat_ids(tok, prompt)
     enc = {k: v.to(model.device) for k, v in enc.items()}
+    kw = {}
+    if kv4:
+        from .kvcache import KV4Cache
+
+        kw["past_key_values"] = KV4Cache.for_model(model)
     with torch.no_grad():
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, **kw)
     return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
@@ -116,7 +152,7 @@ def cmd_demo(args) -> int:
     import torch
 
     from . import quantize_
-    from .eval import perplexity
+    from .eval import DECODE_CHUNK, DECODE_PREFIX, perplexity, perplexity_decode
     from .models import load_model
 
     torch.manual_seed(0)
@@ -126,11 +162,13 @@ def cmd_demo(args) -> int:
     windows = _windows(tok, args.seq_len, args.windows)
     calib = _calib(tok, args.calib_seq_len, args.calib_samples)
 
+    cfg = _config_from_args(args)
     _log(f"unquantized: perplexity over {len(windows)} x {args.seq_len} tokens ...")
     ppl_fp = perplexity(model, windows)
+    prefix = min(DECODE_PREFIX, args.seq_len // 2)
+    ppl_fp_dec = perplexity_decode(model, windows, "fp", prefix=prefix) if cfg.kv4 else None
     gen_fp = _generate(model, tok, args.prompt, args.max_new_tokens)
 
-    cfg = _config_from_args(args)
     qmodel = copy.deepcopy(model)
     _log(f"quantizing with {cfg} ...")
     tq = time.time()
@@ -146,7 +184,11 @@ def cmd_demo(args) -> int:
         fast = set_fast_path(qmodel)
     _log(f"quantized in {tq:.1f} s; perplexity ({'CPU fast path' if fast else 'reference op'}) ...")
     ppl_q = perplexity(qmodel, windows)
-    gen_q = _generate(qmodel, tok, args.prompt, args.max_new_tokens)
+    ppl_q_dec = None
+    if cfg.kv4:
+        _log("perplexity through the KV4 cache (decode protocol) ...")
+        ppl_q_dec = perplexity_decode(qmodel, windows, prefix=prefix)  # KV4Cache.for_model: the config's kv_* options
+    gen_q = _generate(qmodel, tok, args.prompt, args.max_new_tokens, kv4=cfg.kv4)
 
     result = {
         "model": args.model,
@@ -156,6 +198,9 @@ def cmd_demo(args) -> int:
         "ppl_unquantized": ppl_fp,
         "ppl_quantized": ppl_q,
         "ppl_ratio": ppl_q / ppl_fp,
+        "ppl_decode_fp_cache": ppl_fp_dec,
+        "ppl_decode_w4ax_kv4": ppl_q_dec,
+        "ppl_decode_ratio": (ppl_q_dec / ppl_fp_dec) if cfg.kv4 else None,
         "quantize_seconds": tq,
         "cpu_fast_path_layers": fast,
         "total_seconds": time.time() - t0,
@@ -170,7 +215,11 @@ def cmd_demo(args) -> int:
     print(f"| model | perplexity ({len(windows)} x {args.seq_len} tokens, pydoc_data.topics eval slice) | x unquantized |")
     print("|---|---|---|")
     print(f"| unquantized (fp32) | {ppl_fp:.3f} | 1.000 |")
-    print(f"| cometq {_describe(cfg)} | {ppl_q:.3f} | {ppl_q / ppl_fp:.3f} |")
+    print(f"| cometq {_describe(cfg).replace(', KV4', '')} (single pass: no cache read) | {ppl_q:.3f} | {ppl_q / ppl_fp:.3f} |")
+    if cfg.kv4:
+        print(f"| unquantized, fp cache (decode protocol: prefix {prefix}, {DECODE_CHUNK} tokens per step) "
+              f"| {ppl_fp_dec:.3f} | 1.000 |")
+        print(f"| cometq {_describe(cfg)} cache (decode protocol) | {ppl_q_dec:.3f} | {ppl_q_dec / ppl_fp_dec:.3f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2, default=str)
@@ -210,7 +259,7 @@ def _load_any(path: str):
 
 
 def cmd_eval_ppl(args) -> int:
-    from .eval import perplexity
+    from .eval import DECODE_PREFIX, perplexity, perplexity_decode
 
     model, tok = _load_any(args.model)
     if args.text_file:
@@ -224,14 +273,22 @@ def cmd_eval_ppl(args) -> int:
         windows = evaluation_windows(toks, seq_len=args.seq_len, n_windows=args.windows, start=0.0)
     else:
         windows = _windows(tok, args.seq_len, args.windows)
-    ppl = perplexity(model, windows)
-    print(json.dumps({"model": args.model, "windows": len(windows), "seq_len": args.seq_len, "perplexity": ppl}))
+    res = {"model": args.model, "windows": len(windows), "seq_len": args.seq_len}
+    if args.kv4:
+        # a single forward pass never reads the cache back: score through it (decode protocol)
+        res["protocol"] = "decode (KV4 cache)"
+        res["perplexity"] = perplexity_decode(model, windows, prefix=min(DECODE_PREFIX, args.seq_len // 2))
+    else:
+        res["perplexity"] = perplexity(model, windows)
+    print(json.dumps(res))
     return 0
 
 
 def cmd_generate(args) -> int:
     model, tok = _load_any(args.model)
-    print(_generate(model, tok, args.prompt, args.max_new_tokens))
+    cfg = getattr(model, "cometq_config", None)
+    kv4 = args.kv4 if args.kv4 is not None else bool(cfg is not None and cfg.kv4)
+    print(_generate(model, tok, args.prompt, args.max_new_tokens, kv4=kv4))
     return 0
 
 
@@ -277,12 +334,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--text-file", default=None, help="evaluate on this text instead of the pydoc_data eval slice")
     e.add_argument("--windows", type=int, default=40)
     e.add_argument("--seq-len", type=int, default=512)
+    e.add_argument("--kv4", action="store_true",
+                   help="score through the 4-bit KV cache (decode protocol: prefill, then 8 tokens per step)")
     e.set_defaults(fn=cmd_eval_ppl)
 
     g = sub.add_parser("generate", help="greedy generation from a prompt (chat template applied)")
     g.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT)
     g.add_argument("--model", default=DEFAULT_MODEL)
     g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--kv4", action=argparse.BooleanOptionalAction, default=None,
+                   help="4-bit KV cache (default: what the checkpoint's config asks for; off for a plain model)")
     g.set_defaults(fn=cmd_generate)
 
     # serving (cometq.serve): OpenAI-compatible server and the serving benchmark

@@ -27,7 +27,7 @@ __all__ = [
 
 #: Version of the saved-checkpoint format (tensor names, shapes, dtypes, config keys).
 #: Loading a checkpoint with another version is refused with a clear error.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 #: ``quant_method`` written into the Hugging Face ``quantization_config``.
 QUANT_METHOD = "cometq"
 
@@ -76,7 +76,9 @@ class W4AxConfig:
     default: with FMPQ activations the FMPQ sort already orders the columns and
     act-order measured no gain on SmolLM2 (16.19 vs 16.16 g128, 14.84 vs 14.69 g32);
     turn it on for weight-only (act_bits=16): 13.25 vs 15.49 g128, docs/ACCURACY.md).
-    ``gptq_sequential``: calibrate decoder layer i on the outputs of the
+    ``weight_sym``: symmetric INT4 weights (``scale * q``, q in [-7, 7]) or, when
+    False, asymmetric (``scale * q + offset``, q in [-8, 7]; the GEMM adds the
+    offset times per-group activation sums).  ``gptq_sequential``: calibrate decoder layer i on the outputs of the
     already-quantized layers 0..i-1 (standard GPTQ practice) instead of taking
     every Hessian from the floating-point model; needs ``calib_data`` (not
     one-pass ``calib_stats``).  Only used with ``weight_method="gptq"``.  On by
@@ -88,10 +90,17 @@ class W4AxConfig:
     "fmpq" exactly one budget: ``int8_fraction`` | ``int8_blocks`` |
     ``outlier_ratio`` (+ optional ``max_int8_blocks``); none given means
     ``int8_fraction=0.25``.  ``scale_mode``: "block" (one scale per token per
-    block) or "class" (one per token per precision class).
+    block) or "class" (one per token per precision class).  ``act_clip``: the
+    INT4-block clip ratio of every layer (``ActivationLayout.int4_clip``), a
+    float in (0, 1] or "search" (per layer input, the ratio of
+    :data:`cometq.calibrate.ACT_CLIP_RATIOS` with the least output error on
+    calibration samples, :func:`cometq.calibrate.search_act_clip`).
 
-    ``kv4`` (+ ``kv_group_size``, ``kv_axis``) asks for the 4-bit KV cache
-    (built by :mod:`cometq.kvcache`; stored here so it is saved with the model).
+    ``kv4`` (+ ``kv_group_size``, ``kv_key_axis``, ``kv_value_axis``,
+    ``kv_residual_length``; the fields of :class:`cometq.kvcache.KV4Config`, same
+    defaults, chosen by measurement in docs/KV4.md) asks for the 4-bit KV cache:
+    ``KV4Cache.for_model(model)`` builds it from the model's config, the CLI's
+    ``generate``/``eval-ppl``/``serve`` use it; stored here so it is saved with the model.
     ``skip_modules``: module names (or name suffixes) left in floating point.
     ``fold_permutations``: fold the FMPQ permutation of ``down_proj`` into the
     output rows of ``gate_proj``/``up_proj`` (exact; no run-time permute there).
@@ -108,15 +117,19 @@ class W4AxConfig:
     gptq_damp: float = 0.01
     gptq_act_order: bool = False
     gptq_sequential: bool = True
+    weight_sym: bool = True
     act_bits: Union[str, int] = "fmpq"
     int8_fraction: Optional[float] = None
     int8_blocks: Optional[int] = None
     outlier_ratio: Optional[float] = None
     max_int8_blocks: Optional[int] = None
     scale_mode: str = "block"
+    act_clip: Union[float, str] = 1.0
     kv4: bool = False
-    kv_group_size: int = 64
-    kv_axis: str = "token"
+    kv_group_size: int = 32
+    kv_key_axis: str = "channel"
+    kv_value_axis: str = "token"
+    kv_residual_length: int = 0
     skip_modules: Tuple[str, ...] = ("lm_head",)
     fold_permutations: bool = True
     backend: str = "auto"
@@ -134,12 +147,14 @@ class W4AxConfig:
             raise TypeError(f"clip_ratio must be a float, got {self.clip_ratio!r}")
         if not (0.0 < float(self.clip_ratio) <= 1.0) or not math.isfinite(float(self.clip_ratio)):
             raise ValueError(f"clip_ratio must be in (0, 1], got {self.clip_ratio!r}")
-        for name in ("clip_search", "gptq_act_order", "gptq_sequential", "kv4", "fold_permutations"):
+        for name in ("clip_search", "gptq_act_order", "gptq_sequential", "weight_sym", "kv4", "fold_permutations"):
             v = getattr(self, name)
             if not isinstance(v, bool):
                 raise TypeError(f"{name} must be a bool, got {v!r} ({type(v).__name__})")
         if self.clip_search and float(self.clip_ratio) != 1.0:
             raise ValueError(f"clip_search=True searches the clip ratio; clip_ratio must stay 1.0, got {self.clip_ratio!r}")
+        if self.clip_search and not self.weight_sym:
+            raise ValueError("clip_search searches symmetric scales; it needs weight_sym=True")
         if not _is_number(self.gptq_damp) or not (0.0 < float(self.gptq_damp) < 1.0):
             raise ValueError(f"gptq_damp must be a float in (0, 1), got {self.gptq_damp!r}")
         if isinstance(self.act_bits, bool) or self.act_bits not in ACT_MODES:
@@ -147,10 +162,23 @@ class W4AxConfig:
         self._validate_fmpq()
         if self.scale_mode not in SCALE_MODES:
             raise ValueError(f"scale_mode must be one of {SCALE_MODES}, got {self.scale_mode!r}")
+        c = self.act_clip
+        if isinstance(c, str):
+            if c != "search":
+                raise ValueError(f"act_clip must be a float in (0, 1] or 'search', got {c!r}")
+        elif not _is_number(c):
+            raise TypeError(f"act_clip must be a float in (0, 1] or 'search', got {c!r}")
+        elif not (0.0 < float(c) <= 1.0):
+            raise ValueError(f"act_clip must be in (0, 1], got {c!r}")
+        else:
+            object.__setattr__(self, "act_clip", float(c))
         if not _is_int(self.kv_group_size) or self.kv_group_size < 2 or self.kv_group_size % 2:
             raise ValueError(f"kv_group_size must be an even int >= 2, got {self.kv_group_size!r}")
-        if self.kv_axis not in KV_AXES:
-            raise ValueError(f"kv_axis must be one of {KV_AXES}, got {self.kv_axis!r}")
+        for name in ("kv_key_axis", "kv_value_axis"):
+            if getattr(self, name) not in KV_AXES:
+                raise ValueError(f"{name} must be one of {KV_AXES}, got {getattr(self, name)!r}")
+        if not _is_int(self.kv_residual_length) or self.kv_residual_length < 0:
+            raise ValueError(f"kv_residual_length must be an int >= 0, got {self.kv_residual_length!r}")
         skip = self.skip_modules
         if isinstance(skip, str) or not isinstance(skip, (tuple, list)):
             raise TypeError(f"skip_modules must be a tuple of module names, got {skip!r}")

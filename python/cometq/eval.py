@@ -11,7 +11,14 @@ or INT8 weights, activations quantized and dequantized in the reference math):
 
 * ``"fp"``: unquantized;
 * ``"w8a8"``: INT8 per-output-channel weights, INT8 per-token activations;
-* ``("act_fmpq", fraction)``: activation-only FMPQ (weights kept in float).
+* ``("kv4", scheme)``: ``scheme`` with the 4-bit KV cache
+  (:class:`cometq.kvcache.KV4Cache`, the model's ``kv_*`` options), scored with the
+  decode protocol of :func:`perplexity_decode` (a single forward pass never reads
+  the cache back); its ratio is to the ``("fpcache", "fp")`` row: the unquantized
+  model through the same protocol with a full-precision ``DynamicCache``;
+* ``("act_fmpq", fraction)`` or ``("act_fmpq", fraction, act_clip)``: activation-only
+  FMPQ (weights kept in float); ``act_clip`` a float or "search" as in
+  :class:`W4AxConfig`.
 
 Command line (what docs/ACCURACY.md was produced with)::
 
@@ -30,13 +37,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import reference as R
-from .calibrate import CalibrationStats, collect_stats
+from .calibrate import CalibrationStats, collect_stats, search_act_clip
 from .config import W4AxConfig
 from .layout import ActivationLayout
 from .nn import fake_quantize_activation, set_fast_path
 from .quantize import _set_module, quantize_, target_linears
 
-__all__ = ["perplexity", "compare_schemes", "default_schemes", "FakeQuantLinear", "format_table", "main"]
+__all__ = ["perplexity", "perplexity_decode", "nll_decode", "compare_schemes", "default_schemes", "FakeQuantLinear",
+           "format_table", "main"]
+
+#: Decode protocol of :func:`perplexity_decode` (docs/KV4.md): tokens prefilled
+#: before scoring starts, and tokens fed per forward pass after that.
+DECODE_PREFIX = 64
+DECODE_CHUNK = 8
 
 
 @torch.no_grad()
@@ -76,6 +89,61 @@ def perplexity(model: nn.Module, windows: Sequence[torch.Tensor], *, progress: b
     return math.exp(mean)
 
 
+@torch.no_grad()
+def nll_decode(model: nn.Module, windows: Sequence[torch.Tensor], cache_fn, prefix: int = DECODE_PREFIX,
+               chunk: int = DECODE_CHUNK) -> Tuple[float, int]:
+    """(sum of NLL, count) over tokens ``prefix..T-1`` of every window, scored through a cache.
+
+    Each window's first ``prefix`` tokens are prefilled into ``cache_fn()``, then the
+    rest is fed ``chunk`` tokens per forward pass: every scored token attends to the
+    older tokens *through the cache*, as in generation."""
+    if prefix < 1 or chunk < 1:
+        raise ValueError(f"prefix and chunk must be >= 1, got prefix={prefix}, chunk={chunk}")
+    try:
+        dev = next(model.parameters()).device
+    except StopIteration:
+        dev = torch.device("cpu")
+    tot, n = 0.0, 0
+    for i, w in enumerate(windows):
+        if w.dim() == 1:
+            w = w.unsqueeze(0)
+        if w.dim() != 2 or w.shape[1] <= prefix:
+            raise ValueError(f"windows[{i}] shape {tuple(w.shape)}: need [B, T] with T > prefix={prefix}")
+        w = w.long().to(dev)
+        cache = cache_fn()
+        out = model(w[:, :prefix], past_key_values=cache, use_cache=True)
+        last = out.logits[:, -1:]
+        pos = prefix
+        while pos < w.shape[1]:
+            ids = w[:, pos : pos + chunk]
+            out = model(ids, past_key_values=cache, use_cache=True)
+            # predictions for ids[0] come from `last`, for ids[1:] from out.logits[:, :-1]
+            pred = torch.cat([last, out.logits[:, :-1]], dim=1).float()
+            lp = torch.log_softmax(pred, dim=-1)
+            tot -= float(lp.gather(-1, ids[..., None]).sum())
+            n += ids.numel()
+            last = out.logits[:, -1:]
+            pos += chunk
+    return tot, n
+
+
+def perplexity_decode(model: nn.Module, windows: Sequence[torch.Tensor], cache_fn=None, *,
+                      prefix: int = DECODE_PREFIX, chunk: int = DECODE_CHUNK) -> float:
+    """Perplexity through a KV cache (:func:`nll_decode`); ``cache_fn`` defaults to
+    ``KV4Cache.for_model(model)`` (``"fp"`` for a full-precision DynamicCache)."""
+    if cache_fn is None or cache_fn == "kv4":
+        from .kvcache import KV4Cache
+
+        cache_fn = lambda: KV4Cache.for_model(model)  # noqa: E731
+    elif cache_fn == "fp":
+        from transformers import DynamicCache
+
+        cache_fn = DynamicCache
+    tot, n = nll_decode(model, windows, cache_fn, prefix, chunk)
+    mean = tot / n
+    return math.exp(mean) if math.isfinite(mean) else float("inf")
+
+
 class FakeQuantLinear(nn.Module):
     """Baseline layer for the table: float (or INT8-fake) weights, fake-quantized activations.
 
@@ -113,33 +181,51 @@ Scheme = Union[str, Tuple[str, float], W4AxConfig]
 
 def _apply_fake(model: nn.Module, scheme, stats: Optional[CalibrationStats]) -> None:
     names = target_linears(model, W4AxConfig(act_bits=16))
+    layouts: Dict[str, ActivationLayout] = {}
     for n in names:
         lin = model.get_submodule(n)
         if scheme == "w8a8":
             lay = ActivationLayout.identity(lin.in_features, 8, device=lin.weight.device)
             new = FakeQuantLinear(lin, lay, scale_mode="class", weight_bits=8)  # class mode, all INT8 = per token
         else:
-            _, frac = scheme
-            lay = R.fmpq_calibrate(stats.absmax[n].to(lin.weight.device), int8_fraction=float(frac))
-            new = FakeQuantLinear(lin, lay)
+            frac, clip = scheme[1], (scheme[2] if len(scheme) > 2 else 1.0)
+            if n not in layouts:  # one layout per shared input (q/k/v, gate/up), like quantize_
+                group = [g for g in stats.group_of(n) if g in names]
+                lay = R.fmpq_calibrate(stats.absmax[n].to(lin.weight.device), int8_fraction=float(frac))
+                if clip == "search":
+                    ws = [model.get_submodule(g).weight for g in group]
+                    lay = lay.with_clip(search_act_clip(stats.samples[n].to(lin.weight.device), lay, ws))
+                elif float(clip) != 1.0:
+                    lay = lay.with_clip(float(clip))
+                for g in group:
+                    layouts[g] = lay
+            new = FakeQuantLinear(lin, layouts[n])
         _set_module(model, n, new)
 
 
 def scheme_name(s: Scheme) -> str:
+    if isinstance(s, tuple) and s[0] == "kv4":
+        return scheme_name(s[1]) + " + KV4 cache (decode protocol)"
+    if isinstance(s, tuple) and s[0] == "fpcache":
+        return scheme_name(s[1]) + ", fp cache (decode protocol)"
     if s == "fp":
         return "unquantized (fp32)"
     if s == "w8a8":
         return "W8A8 (INT8 per-channel W, per-token A; fake-quant)"
     if isinstance(s, tuple):
-        return f"A-only FMPQ {100 * s[1]:.1f}% INT8 blocks (fp32 W; fake-quant)"
+        clip = s[2] if len(s) > 2 else 1.0
+        c = "" if clip == 1.0 else (" INT4 clip-search" if clip == "search" else f" INT4 clip {float(clip):g}")
+        return f"A-only FMPQ {100 * s[1]:.1f}% INT8 blocks{c} (fp32 W; fake-quant)"
     meth = s.weight_method.upper()
     if s.weight_method == "gptq":
         meth += " seq" if s.gptq_sequential else " one-pass"
         if s.gptq_act_order:
             meth += " act-order"
-    w = f"W4 {meth} g{s.group_size if s.group_size != -1 else 'chan'}"
+    w = f"W4{'' if s.weight_sym else ' asym'} {meth} g{s.group_size if s.group_size != -1 else 'chan'}"
     if s.clip_search:
         w += " clip-search"
+    if s.act_bits in ("fmpq", 4) and s.act_clip != 1.0:
+        w += " A-clip-search" if s.act_clip == "search" else f" A-clip {s.act_clip:g}"
     if s.act_bits == 16:
         return f"{w} A16 (weight-only)"
     if s.act_bits == 4:
@@ -206,37 +292,61 @@ def compare_schemes(
     ``model`` itself is not modified (each scheme quantizes a deep copy).
     """
     schemes = list(default_schemes() if schemes is None else schemes)
-    seq = lambda s: isinstance(s, W4AxConfig) and s.weight_method == "gptq" and s.gptq_sequential  # noqa: E731
-    need_stats = any(s != "fp" and s != "w8a8" and not seq(s) for s in schemes)
-    need_h = any(isinstance(s, W4AxConfig) and s.weight_method == "gptq" and not s.gptq_sequential for s in schemes)
+    wrapped = lambda s: isinstance(s, tuple) and s[0] in ("kv4", "fpcache")  # noqa: E731
+    inner = lambda s: s[1] if wrapped(s) else s  # noqa: E731
+    seq = lambda s: isinstance(inner(s), W4AxConfig) and inner(s).weight_method == "gptq" and inner(s).gptq_sequential  # noqa: E731
+    need_stats = any(inner(s) != "fp" and inner(s) != "w8a8" and not seq(s) for s in schemes)
+    need_h = any(isinstance(inner(s), W4AxConfig) and inner(s).weight_method == "gptq" and not seq(s) for s in schemes)
+    need_samples = any((isinstance(inner(s), tuple) and len(inner(s)) > 2 and inner(s)[2] == "search")
+                       or (isinstance(inner(s), W4AxConfig) and inner(s).act_clip == "search" and not seq(s))
+                       for s in schemes)
     stats = None
     if need_stats:
         t = time.time()
         names = target_linears(model, W4AxConfig(act_bits=16))
-        stats = collect_stats(model, calib_data, names, hessian=need_h, progress=progress)
+        from .quantize import ACT_CLIP_SAMPLES
+
+        stats = collect_stats(model, calib_data, names, hessian=need_h, progress=progress,
+                              samples=ACT_CLIP_SAMPLES if need_samples else 0)
         log(f"calibration: {len(names)} linears, {time.time() - t:.1f}s")
     rows: List[Dict] = []
     base = None
+    base_decode = None
     cache: dict = {}
     for s in schemes:
         t = time.time()
-        if s == "fp":
+        q = inner(s)
+        if q == "fp":
             m = model
         else:
             m = copy.deepcopy(model)
-            if isinstance(s, W4AxConfig) and s.weight_method == "gptq" and s.gptq_sequential:
+            if seq(s):
                 # layer-by-layer calibration on the partly quantized copy: no shared stats
-                quantize_(m, s, calib_data=calib_data, progress=False, weight_cache=cache)
+                quantize_(m, q, calib_data=calib_data, progress=False, weight_cache=cache)
                 set_fast_path(m, True)
-            elif isinstance(s, W4AxConfig):
-                quantize_(m, s, calib_stats=stats, progress=False, weight_cache=cache)
+            elif isinstance(q, W4AxConfig):
+                quantize_(m, q, calib_stats=stats, progress=False, weight_cache=cache)
                 set_fast_path(m, True)
             else:
-                _apply_fake(m, s, stats)
-        ppl = perplexity(m, windows, progress=progress)
-        if s == "fp" and base is None:
-            base = ppl
-        row = {"scheme": scheme_name(s), "ppl": ppl, "ratio": (ppl / base) if base else None, "seconds": time.time() - t}
+                _apply_fake(m, q, stats)
+        if wrapped(s):
+            kind = "kv4" if s[0] == "kv4" else "fp"
+            if kind == "kv4" and not (isinstance(q, W4AxConfig) and q.kv4):
+                from .kvcache import KV4Cache
+
+                mm = m
+                ppl = perplexity_decode(m, windows, lambda: KV4Cache(getattr(mm, "config", None)))
+            else:
+                ppl = perplexity_decode(m, windows, kind)
+            if s[0] == "fpcache" and q == "fp" and base_decode is None:
+                base_decode = ppl
+            ref = base_decode
+        else:
+            ppl = perplexity(m, windows, progress=progress)
+            if s == "fp" and base is None:
+                base = ppl
+            ref = base
+        row = {"scheme": scheme_name(s), "ppl": ppl, "ratio": (ppl / ref) if ref else None, "seconds": time.time() - t}
         rows.append(row)
         log(f"{row['scheme']}: ppl {ppl:.3f}" + (f" ({row['ratio']:.3f}x)" if row["ratio"] else "") + f" [{row['seconds']:.0f}s]")
         if m is not model:

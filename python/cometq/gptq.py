@@ -1,8 +1,10 @@
-"""GPTQ (Frantar et al., 2022) for symmetric INT4 weights, per channel or per group.
+"""GPTQ (Frantar et al., 2022) for INT4 weights, per channel or per group, symmetric or asymmetric.
 
 Produces a :class:`cometq.reference.QuantizedWeight` in the same format as
 :func:`cometq.reference.quantize_weight_rtn`: ``qweight`` uint8 ``[N, K_pad/2]``,
-``scales`` float32 ``[N, K_pad/G]``, values in [-7, 7], scale = absmax * clip / 7.
+``scales`` float32 ``[N, K_pad/G]``; symmetric: values in [-7, 7], scale = absmax * clip / 7;
+asymmetric (``sym=False``): values in [-8, 7] plus ``offsets`` (the grid of
+:func:`cometq.reference.asym_group_params`).
 
 Algorithm: columns are quantized left to right; the rounding error of column i
 is spread over the not-yet-quantized columns with the inverse Hessian's
@@ -30,12 +32,16 @@ __all__ = ["gptq_quantize"]
 _BLOCK = 128
 
 
-def _scale(w: torch.Tensor, clip_ratio: float) -> torch.Tensor:
-    """Per-row scale of a column slice ``w [N, g]``."""
-    return w.abs().amax(dim=1) * clip_ratio / INT4_QMAX
+def _params(w: torch.Tensor, clip_ratio: float, sym: bool, real: torch.Tensor):
+    """Per-row (scale, offset or None) of a column slice ``w [N, g]``; ``real [g]`` marks non-padding columns."""
+    if sym:
+        return w.abs().amax(dim=1) * clip_ratio / INT4_QMAX, None
+    return R.asym_group_params(w, real, clip_ratio)
 
 
-def _q(w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+def _q(w: torch.Tensor, s: torch.Tensor, o: Optional[torch.Tensor]) -> torch.Tensor:
+    if o is not None:
+        return R.asym_round(w, s, o)
     safe = torch.where(s == 0, torch.ones_like(s), s)
     return torch.round(w / safe).clamp_(-INT4_QMAX, INT4_QMAX)
 
@@ -49,6 +55,7 @@ def gptq_quantize(
     damp: float = 0.01,
     act_order: bool = False,
     clip_ratio: float = 1.0,
+    sym: bool = True,
 ) -> R.QuantizedWeight:
     """GPTQ-quantize ``w [N, K]`` (stored column order) given ``hessian [K, K]`` (same order)."""
     check_tensor("weight", w, dtypes=R.FLOAT_DTYPES, ndim=2)
@@ -77,11 +84,16 @@ def gptq_quantize(
     H += float(damp) * torch.mean(torch.diagonal(H)) * torch.eye(k_pad, dtype=torch.float64, device=dev)
 
     n_groups = k_pad // g
+    real = R.real_columns_mask(k, k_pad, g, dev)  # [n_groups, g]
     scales = torch.zeros(n, n_groups, dtype=torch.float32, device=dev)
+    offsets = None if sym else torch.zeros(n, n_groups, dtype=torch.float32, device=dev)
     order = None
     if act_order:
-        # static groups: scales from the original weight, stored order
-        scales = _scale(W.view(n, n_groups, g).reshape(n * n_groups, g), clip_ratio).view(n, n_groups)
+        # static groups: scales (and offsets) from the original weight, stored order
+        if sym:
+            scales = _params(W.view(n, n_groups, g).reshape(n * n_groups, g), clip_ratio, True, None)[0].view(n, n_groups)
+        else:
+            scales, offsets = R.asym_group_params(W.view(n, n_groups, g), real, clip_ratio)
         order = torch.argsort(torch.diagonal(H), descending=True, stable=True)
         W = W[:, order]
         H = H[order][:, order]
@@ -106,15 +118,19 @@ def gptq_quantize(
                     # <=128 lies in this block (W1); a larger one starts at the block
                     # start where W[:, i1:] is fully updated.
                     grp = W1[:, i : i + g] if g <= _BLOCK else W[:, col : col + g]
-                    scales[:, gi] = _scale(grp, clip_ratio)
+                    sc, of = _params(grp, clip_ratio, sym, real[gi])
+                    scales[:, gi] = sc
+                    if of is not None:
+                        offsets[:, gi] = of
             else:
                 gi = int(order[col]) // g
             s = scales[:, gi]
+            o = None if offsets is None else offsets[:, gi]
             wc = W1[:, i]
-            q = _q(wc, s)
+            q = _q(wc, s, o)
             Q1[:, i] = q
             d = Hinv1[i, i]
-            err = (wc - q * s) / d
+            err = (wc - (q * s if o is None else q * s + o)) / d
             W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
             E1[:, i] = err
         Q[:, i1:i2] = Q1
@@ -126,4 +142,5 @@ def gptq_quantize(
         Q = Q[:, inv]
     Q[:, k:] = 0
     qweight = pack_int4(Q.to(torch.int8))
-    return R.QuantizedWeight(qweight, scales.contiguous(), k, -1 if group_size in (None, -1) else group_size)
+    return R.QuantizedWeight(qweight, scales.contiguous(), k, -1 if group_size in (None, -1) else group_size,
+                             None if offsets is None else offsets.contiguous())

@@ -39,7 +39,7 @@ _ST_DTYPES = {
     "U8": "torch.uint8", "I8": "torch.int8", "I16": "torch.int16", "I32": "torch.int32", "I64": "torch.int64",
     "F16": "torch.float16", "BF16": "torch.bfloat16", "F32": "torch.float32", "F64": "torch.float64", "BOOL": "torch.bool",
 }
-_STRICT_DTYPE_SUFFIXES = (".qweight", ".w_scales", ".perm", ".block_bits")
+_STRICT_DTYPE_SUFFIXES = (".qweight", ".w_scales", ".w_offsets", ".act_clip", ".perm", ".block_bits")
 
 
 def check_checkpoint_against_model(model, checkpoint_files: List[str], allowed_missing=()) -> None:
@@ -131,12 +131,12 @@ def _define_classes():
                 new = W4AxLinear(
                     lin.in_features, lin.out_features, bias=lin.bias is not None, group_size=cfg.group_size,
                     act_bits=cfg.act_bits, scale_mode=cfg.scale_mode, backend=cfg.backend,
-                    bias_dtype=lin.weight.dtype, device=lin.weight.device,
+                    bias_dtype=lin.weight.dtype, asym=not cfg.weight_sym, device=lin.weight.device,
                 )
                 _set_module(model, n, new)
             # scales must stay float32 under dtype=float16/bfloat16
             strict = set(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
-            strict.add("w_scales")
+            strict.update(("w_scales", "w_offsets", "act_clip"))
             model._keep_in_fp32_modules_strict = strict
             if checkpoint_files:
                 tied = getattr(model, "all_tied_weights_keys", None) or {}

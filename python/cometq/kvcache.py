@@ -39,7 +39,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from .reference import KV4_AXES, KV4Tensor, dequantize_kv4, quantize_kv4
 
-__all__ = ["KV4Config", "KV4Layer", "KV4Cache", "DEFAULT_KV4_CONFIG"]
+__all__ = ["KV4Config", "KV4Layer", "KV4Cache", "DEFAULT_KV4_CONFIG", "kv4_config_for"]
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,18 @@ class KV4Config:
 
 
 DEFAULT_KV4_CONFIG = KV4Config()
+
+
+def kv4_config_for(model, **overrides) -> KV4Config:
+    """The :class:`KV4Config` a model asks for (see :meth:`KV4Cache.for_model`)."""
+    import dataclasses
+
+    cfg = getattr(model, "cometq_config", None)
+    base = DEFAULT_KV4_CONFIG
+    if cfg is not None and getattr(cfg, "kv4", False):
+        base = KV4Config(key_axis=cfg.kv_key_axis, value_axis=cfg.kv_value_axis, group_size=cfg.kv_group_size,
+                         residual_length=cfg.kv_residual_length)
+    return dataclasses.replace(base, **overrides) if overrides else base
 
 
 def _cat_kv4(a: Optional[KV4Tensor], b: KV4Tensor) -> KV4Tensor:
@@ -231,6 +243,13 @@ class KV4Cache(Cache):
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"config.num_hidden_layers must be a positive int, got {n!r}")
         super().__init__(layers=[KV4Layer(kv4) for _ in range(n)])
+
+    @classmethod
+    def for_model(cls, model, **overrides) -> "KV4Cache":
+        """A KV4 cache for ``model``: the KV4 options of its cometq config
+        (``W4AxConfig.kv_*``) when it was quantized with ``kv4=True``, else the
+        defaults; keyword ``overrides`` replace single :class:`KV4Config` fields."""
+        return cls(getattr(model, "config", None), kv4=kv4_config_for(model, **overrides))
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)

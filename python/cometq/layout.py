@@ -211,10 +211,18 @@ class ActivationLayout:
 
     Calibration puts INT8 blocks first (largest channels first), but the format
     allows any pattern; kernels must handle all of them.
+
+    ``int4_clip`` (a float in (0, 1], default 1.0, rounded to float32) shrinks the scale of
+    every INT4 block: ``scale = (absmax * int4_clip) / 7`` (fp32 multiply, then an
+    IEEE division), values beyond the clipped range saturate at +-7.  INT8 blocks
+    are never clipped (they hold the outliers).  Calibration picks it per layer
+    (``cometq.calibrate.search_act_clip``); 1.0 reproduces plain absmax scaling
+    bit for bit.
     """
 
     perm: torch.Tensor
     block_bits: torch.Tensor
+    int4_clip: float = 1.0
 
     def __post_init__(self):
         check_tensor("perm", self.perm, dtypes=(torch.int64, torch.int32), ndim=1)
@@ -241,6 +249,13 @@ class ActivationLayout:
         seen[p] = True
         if not bool(seen.all()):
             raise ValueError(f"perm is not a permutation of range({k}): channel {int((~seen).nonzero()[0])} missing")
+        if isinstance(self.int4_clip, bool) or not isinstance(self.int4_clip, (int, float)):
+            raise TypeError(f"int4_clip must be a float, got {self.int4_clip!r}")
+        if not (0.0 < float(self.int4_clip) <= 1.0):
+            raise ValueError(f"int4_clip must be in (0, 1], got {self.int4_clip!r}")
+        # rounded to float32 once: kernels take it as an fp32 argument and W4AxLinear
+        # stores it in a float32 buffer, so every path multiplies by the same number
+        object.__setattr__(self, "int4_clip", float(torch.tensor(float(self.int4_clip), dtype=torch.float32)))
         object.__setattr__(self, "perm", p)
         object.__setattr__(self, "block_bits", self.block_bits.to(torch.int32))
         # Python ints cached once: kernels' launch grids and fake (meta) shapes
@@ -322,7 +337,11 @@ class ActivationLayout:
         return inv
 
     def to(self, device) -> "ActivationLayout":
-        return ActivationLayout(self.perm.to(device), self.block_bits.to(device))
+        return ActivationLayout(self.perm.to(device), self.block_bits.to(device), self.int4_clip)
+
+    def with_clip(self, int4_clip: float) -> "ActivationLayout":
+        """The same permutation and block map with another INT4 clip ratio."""
+        return ActivationLayout(self.perm, self.block_bits, int4_clip)
 
     def permute_columns(self, w: torch.Tensor) -> torch.Tensor:
         """Fold the permutation into a weight ``[N, K]``: column j of the result is column perm[j]."""
@@ -338,5 +357,5 @@ class ActivationLayout:
         bits = "".join("8" if b == 8 else "4" for b in self.block_bits.tolist())
         return (
             f"ActivationLayout(K={self.in_features}, K_pad={self.k_pad}, blocks={bits}, "
-            f"int8={self.n_int8}/{self.n_blocks}, identity_perm={self.is_identity_perm})"
+            f"int8={self.n_int8}/{self.n_blocks}, identity_perm={self.is_identity_perm}, int4_clip={self.int4_clip:g})"
         )

@@ -55,9 +55,12 @@ class W4AxLinear(nn.Module):
         scale_mode: str = "block",
         backend: str = "auto",
         bias_dtype: torch.dtype = torch.float32,
+        asym: bool = False,
         device=None,
     ):
         super().__init__()
+        if not isinstance(asym, bool):
+            raise TypeError(f"asym must be a bool, got {asym!r}")
         if isinstance(act_bits, bool) or act_bits not in ACT_MODES:
             raise ValueError(f"act_bits must be one of {ACT_MODES}, got {act_bits!r}")
         for name, v in (("in_features", in_features), ("out_features", out_features)):
@@ -74,6 +77,13 @@ class W4AxLinear(nn.Module):
         self.fast_path = False
         self.register_buffer("qweight", torch.zeros(out_features, k_pad // 2, dtype=torch.uint8, device=device))
         self.register_buffer("w_scales", torch.zeros(out_features, k_pad // g, dtype=torch.float32, device=device))
+        if asym:  # asymmetric weights: w = scale * q + offset (reference.QuantizedWeight)
+            self.register_buffer("w_offsets", torch.zeros(out_features, k_pad // g, dtype=torch.float32, device=device))
+        else:
+            self.w_offsets = None
+        # INT4-block activation clip ratio (layout.ActivationLayout.int4_clip), a
+        # buffer so it is saved with the model
+        self.register_buffer("act_clip", torch.ones(1, dtype=torch.float32, device=device))
         self.register_buffer("perm", torch.arange(in_features, dtype=torch.int64, device=device))
         self.register_buffer(
             "block_bits", torch.full((num_blocks(in_features),), 4, dtype=torch.int32, device=device)
@@ -118,7 +128,8 @@ class W4AxLinear(nn.Module):
         mod = cls(
             k, n, bias=linear.bias is not None, group_size=qweight.group_size, act_bits=act_bits,
             scale_mode=scale_mode, backend=backend,
-            bias_dtype=linear.bias.dtype if linear.bias is not None else torch.float32, device=dev,
+            bias_dtype=linear.bias.dtype if linear.bias is not None else torch.float32,
+            asym=qweight.offsets is not None, device=dev,
         )
         if layout is None:
             layout = ActivationLayout.identity(k, 8 if act_bits == 8 else 4, device=dev)
@@ -131,6 +142,9 @@ class W4AxLinear(nn.Module):
         with torch.no_grad():
             mod.qweight.copy_(qweight.qweight)
             mod.w_scales.copy_(qweight.scales)
+            if qweight.offsets is not None:
+                mod.w_offsets.copy_(qweight.offsets)
+            mod.act_clip.fill_(layout.int4_clip)
             mod.perm.copy_(layout.perm)
             mod.block_bits.copy_(layout.block_bits)
             if linear.bias is not None:
@@ -141,14 +155,14 @@ class W4AxLinear(nn.Module):
     def layout(self) -> ActivationLayout:
         """The activation layout (validated once, cached until the buffers change)."""
         key = (self.perm.device, self.perm.data_ptr(), self.perm._version,
-               self.block_bits.data_ptr(), self.block_bits._version)
+               self.block_bits.data_ptr(), self.block_bits._version, self.act_clip.data_ptr(), self.act_clip._version)
         if self._layout is None or self._layout_key != key:
-            self._layout = ActivationLayout(self.perm, self.block_bits)
+            self._layout = ActivationLayout(self.perm, self.block_bits, float(self.act_clip[0]))
             self._layout_key = key
         return self._layout
 
     def quantized_weight(self) -> R.QuantizedWeight:
-        return R.QuantizedWeight(self.qweight, self.w_scales, self.in_features, self.group_size)
+        return R.QuantizedWeight(self.qweight, self.w_scales, self.in_features, self.group_size, self.w_offsets)
 
     def _dequantized_weight(self) -> torch.Tensor:
         """float32 ``[N, K_pad]`` (permuted column order).
@@ -158,7 +172,8 @@ class W4AxLinear(nn.Module):
         if self.qweight.device.type != "cpu":
             return R.dequantize_weight(self.quantized_weight(), trim=False)
         key = (self.qweight.device, self.qweight.data_ptr(), self.qweight._version,
-               self.w_scales.data_ptr(), self.w_scales._version)
+               self.w_scales.data_ptr(), self.w_scales._version,
+               None if self.w_offsets is None else (self.w_offsets.data_ptr(), self.w_offsets._version))
         if self._wdeq is None or self._wdeq_key != key:
             self._wdeq = R.dequantize_weight(self.quantized_weight(), trim=False)
             self._wdeq_key = key
@@ -216,7 +231,9 @@ class W4AxLinear(nn.Module):
         act = {16: "A16 (weight-only)", 4: "A4", 8: "A8"}.get(self.act_bits, "A4/A8 FMPQ")
         return (
             f"K={self.in_features}, N={self.out_features}, K_pad={padded_k(self.in_features)}, "
-            f"group={self.group_size}, act={act}, int8_blocks={n8}/{num_blocks(self.in_features)}, "
+            f"group={self.group_size}{'' if self.w_offsets is None else ' asym'}, act={act}, "
+            f"int8_blocks={n8}/{num_blocks(self.in_features)}, "
+            f"int4_clip={'?' if lay is None else format(lay.int4_clip, 'g')}, "
             f"perm={perm}, scale_mode={self.scale_mode}, bias={self.bias is not None}, backend={self.backend}"
         )
 

@@ -18,8 +18,12 @@ reference on CPU).  Asking for a backend that cannot run raises a clear error.
 Tensor-level signatures (the dataclasses of :mod:`cometq.reference` are
 unpacked into plain tensors so the ops are traceable):
 
-* ``quantize_act(x[M,K], perm[K], block_bits[NB], n_int8, scale_mode) -> (q4, q8, scales)``
-* ``w4ax_gemm(q4, q8, a_scales, block_bits, qweight, w_scales, group_size, bias?, out_dtype, scale_mode) -> y[M,N]``
+* ``quantize_act(x[M,K], perm[K], block_bits[NB], n_int8, scale_mode, int4_clip) -> (q4, q8, scales)``
+* ``w4ax_gemm(q4, q8, a_scales, block_bits, qweight, w_scales, w_offsets?, group_size, bias?, out_dtype, scale_mode) -> y[M,N]``
+
+A backend implementation that cannot run a particular *case* (e.g. the CUDA
+GEMM and asymmetric weights) raises :class:`BackendUnsupported`; under
+``auto`` the next backend in the order is tried, a forced backend reports it.
 """
 from __future__ import annotations
 
@@ -41,7 +45,12 @@ __all__ = [
     "w4ax_gemm",
     "quantize_activation",
     "w4ax_gemm_q",
+    "BackendUnsupported",
 ]
+
+
+class BackendUnsupported(NotImplementedError):
+    """Raised by a backend implementation for a case it does not handle (see module doc)."""
 
 BACKENDS = ("auto", "reference", "triton", "cuda")
 _ENV = "COMETQ_BACKEND"
@@ -80,6 +89,38 @@ def registered_backends(op: str) -> Tuple[str, ...]:
     return tuple(_IMPLS.get(op, {}))
 
 
+def candidate_backends(op: str, device: torch.device, requested: Optional[str] = None) -> Tuple[str, ...]:
+    """Backends to try for ``op`` on ``device``, in order: one for a forced backend,
+    the available ones of cuda > triton > reference under ``auto``."""
+    req = requested or os.environ.get(_ENV, "auto")
+    if req not in BACKENDS:
+        raise ValueError(f"unknown backend {req!r} (from {'argument' if requested else _ENV}); choose one of {BACKENDS}")
+    device = torch.device(device)
+    if req != "auto":
+        return (resolve_backend(op, device, req),)
+    out = []
+    if device.type == "cuda":
+        for b in ("cuda", "triton"):
+            _load_backend(b)
+            if b in _IMPLS.get(op, {}):
+                out.append(b)
+    out.append("reference")
+    return tuple(out)
+
+
+def _dispatch(op: str, device, requested: Optional[str], *args):
+    """Run ``op`` on the first candidate backend that supports this case."""
+    cands = candidate_backends(op, device, requested)
+    for i, b in enumerate(cands):
+        try:
+            return _IMPLS[op][b](*args)
+        except BackendUnsupported as e:
+            if len(cands) == 1:
+                raise RuntimeError(f"backend {b!r} cannot run op {op!r} for these arguments: {e}") from None
+            if i == len(cands) - 1:  # pragma: no cover - the reference supports every case
+                raise
+
+
 def resolve_backend(op: str, device: torch.device, requested: Optional[str] = None) -> str:
     """Pick the backend that runs ``op`` on ``device`` (see module doc)."""
     req = requested or os.environ.get(_ENV, "auto")
@@ -87,12 +128,7 @@ def resolve_backend(op: str, device: torch.device, requested: Optional[str] = No
         raise ValueError(f"unknown backend {req!r} (from {'argument' if requested else _ENV}); choose one of {BACKENDS}")
     device = torch.device(device)
     if req == "auto":
-        if device.type == "cuda":
-            for b in ("cuda", "triton"):
-                _load_backend(b)
-                if b in _IMPLS.get(op, {}):
-                    return b
-        return "reference"
+        return candidate_backends(op, device, req)[0]
     if req != "reference":
         _load_backend(req)
         if req not in _IMPLS.get(op, {}):
@@ -109,22 +145,18 @@ def resolve_backend(op: str, device: torch.device, requested: Optional[str] = No
 # --------------------------------------------------------------------------
 # reference implementations (tensor-level), registered as the "reference" backend
 # --------------------------------------------------------------------------
-def _layout_from(perm: torch.Tensor, block_bits: torch.Tensor) -> ActivationLayout:
-    return ActivationLayout(perm, block_bits)
-
-
-def _ref_quantize_act(x, perm, block_bits, n_int8: int, scale_mode: str):
-    qa = R.quantize_activation(x, _layout_from(perm, block_bits), scale_mode)
+def _ref_quantize_act(x, perm, block_bits, n_int8: int, scale_mode: str, int4_clip: float = 1.0):
+    qa = R.quantize_activation(x, ActivationLayout(perm, block_bits, int4_clip), scale_mode)
     return qa.q4, qa.q8, qa.scales
 
 
-def _ref_w4ax_gemm(q4, q8, a_scales, block_bits, qweight, w_scales, group_size, bias, out_dtype, scale_mode):
+def _ref_w4ax_gemm(q4, q8, a_scales, block_bits, qweight, w_scales, w_offsets, group_size, bias, out_dtype, scale_mode):
     k_pad = qweight.shape[1] * 2
     # the GEMM never needs the permutation: it was applied at quantize time and
     # folded into the weight columns.  K is only known up to padding here.
     lay = ActivationLayout(torch.arange(k_pad, device=qweight.device), block_bits)
     qa = R.QuantizedActivation(q4, q8, a_scales, lay, scale_mode)
-    qw = R.QuantizedWeight(qweight, w_scales, k_pad, group_size)
+    qw = R.QuantizedWeight(qweight, w_scales, k_pad, group_size, w_offsets)
     return R.w4ax_gemm(qa, qw, bias, out_dtype)
 
 
@@ -139,7 +171,7 @@ _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 _CODE_DTYPES = {v: k for k, v in _DTYPE_CODES.items()}
 
 
-def _check_quantize_act_args(x, perm, block_bits, n_int8, scale_mode):
+def _check_quantize_act_args(x, perm, block_bits, n_int8, scale_mode, int4_clip=1.0):
     torch._check(x.dim() == 2, lambda: f"x must be 2-D [M, K], got shape {tuple(x.shape)}")
     torch._check(perm.dim() == 1 and perm.shape[0] == x.shape[1],
                  lambda: f"perm shape {tuple(perm.shape)} must be ({x.shape[1]},) for x shape {tuple(x.shape)}")
@@ -148,21 +180,22 @@ def _check_quantize_act_args(x, perm, block_bits, n_int8, scale_mode):
                  lambda: f"block_bits shape {tuple(block_bits.shape)} must be ({nb},) for K={x.shape[1]}")
     torch._check(0 <= n_int8 <= nb, lambda: f"n_int8={n_int8} out of range [0, {nb}]")
     torch._check(scale_mode in SCALE_MODES, lambda: f"scale_mode must be one of {SCALE_MODES}, got {scale_mode!r}")
+    torch._check(0.0 < int4_clip <= 1.0, lambda: f"int4_clip must be in (0, 1], got {int4_clip}")
     return nb
 
 
 @torch.library.custom_op("cometq::quantize_act", mutates_args=())
 def _quantize_act_op(
-    x: torch.Tensor, perm: torch.Tensor, block_bits: torch.Tensor, n_int8: int, scale_mode: str, backend: str
+    x: torch.Tensor, perm: torch.Tensor, block_bits: torch.Tensor, n_int8: int, scale_mode: str, int4_clip: float,
+    backend: str,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _check_quantize_act_args(x, perm, block_bits, n_int8, scale_mode)
-    b = resolve_backend("quantize_act", x.device, backend or None)
-    return _IMPLS["quantize_act"][b](x, perm, block_bits, n_int8, scale_mode)
+    _check_quantize_act_args(x, perm, block_bits, n_int8, scale_mode, int4_clip)
+    return _dispatch("quantize_act", x.device, backend or None, x, perm, block_bits, n_int8, scale_mode, int4_clip)
 
 
 @_quantize_act_op.register_fake
-def _(x, perm, block_bits, n_int8, scale_mode, backend):
-    nb = _check_quantize_act_args(x, perm, block_bits, n_int8, scale_mode)
+def _(x, perm, block_bits, n_int8, scale_mode, int4_clip, backend):
+    nb = _check_quantize_act_args(x, perm, block_bits, n_int8, scale_mode, int4_clip)
     m = x.shape[0]
     q4 = x.new_empty((m, (nb - n_int8) * BLOCK_K // 2), dtype=torch.uint8)
     q8 = x.new_empty((m, n_int8 * BLOCK_K), dtype=torch.int8)
@@ -170,7 +203,8 @@ def _(x, perm, block_bits, n_int8, scale_mode, backend):
     return q4, q8, scales
 
 
-def _check_gemm_args(q4, q8, a_scales, block_bits, qweight, w_scales, group_size, bias, out_dtype_code, scale_mode):
+def _check_gemm_args(q4, q8, a_scales, block_bits, qweight, w_scales, w_offsets, group_size, bias, out_dtype_code,
+                     scale_mode):
     m = a_scales.shape[0]
     k_pad = qweight.shape[1] * 2
     nb = block_bits.shape[0]
@@ -185,6 +219,10 @@ def _check_gemm_args(q4, q8, a_scales, block_bits, qweight, w_scales, group_size
     g = R.check_group_size(group_size, k_pad)
     n = qweight.shape[0]
     torch._check(tuple(w_scales.shape) == (n, k_pad // g), lambda: f"w_scales shape {tuple(w_scales.shape)} != {(n, k_pad // g)}")
+    if w_offsets is not None:
+        torch._check(tuple(w_offsets.shape) == (n, k_pad // g),
+                     lambda: f"w_offsets shape {tuple(w_offsets.shape)} != w_scales shape {(n, k_pad // g)}")
+        torch._check(w_offsets.dtype == torch.float32, lambda: f"w_offsets must be float32, got {w_offsets.dtype}")
     if bias is not None:
         torch._check(tuple(bias.shape) == (n,), lambda: f"bias shape {tuple(bias.shape)} != ({n},)")
     torch._check(out_dtype_code in _CODE_DTYPES, lambda: f"bad out_dtype code {out_dtype_code}")
@@ -199,40 +237,44 @@ def _w4ax_gemm_op(
     block_bits: torch.Tensor,
     qweight: torch.Tensor,
     w_scales: torch.Tensor,
+    w_offsets: Optional[torch.Tensor],
     group_size: int,
     bias: Optional[torch.Tensor],
     out_dtype_code: int,
     scale_mode: str,
     backend: str,
 ) -> torch.Tensor:
-    _check_gemm_args(q4, q8, a_scales, block_bits, qweight, w_scales, group_size, bias, out_dtype_code, scale_mode)
-    b = resolve_backend("w4ax_gemm", qweight.device, backend or None)
-    return _IMPLS["w4ax_gemm"][b](
-        q4, q8, a_scales, block_bits, qweight, w_scales, group_size, bias, _CODE_DTYPES[out_dtype_code], scale_mode
-    )
+    _check_gemm_args(q4, q8, a_scales, block_bits, qweight, w_scales, w_offsets, group_size, bias, out_dtype_code,
+                     scale_mode)
+    return _dispatch("w4ax_gemm", qweight.device, backend or None, q4, q8, a_scales, block_bits, qweight, w_scales,
+                     w_offsets, group_size, bias, _CODE_DTYPES[out_dtype_code], scale_mode)
 
 
 @_w4ax_gemm_op.register_fake
-def _(q4, q8, a_scales, block_bits, qweight, w_scales, group_size, bias, out_dtype_code, scale_mode, backend):
-    m, n = _check_gemm_args(q4, q8, a_scales, block_bits, qweight, w_scales, group_size, bias, out_dtype_code, scale_mode)
+def _(q4, q8, a_scales, block_bits, qweight, w_scales, w_offsets, group_size, bias, out_dtype_code, scale_mode, backend):
+    m, n = _check_gemm_args(q4, q8, a_scales, block_bits, qweight, w_scales, w_offsets, group_size, bias,
+                            out_dtype_code, scale_mode)
     return qweight.new_empty((m, n), dtype=_CODE_DTYPES[out_dtype_code])
 
 
 # --------------------------------------------------------------------------
 # Python-level entry points
 # --------------------------------------------------------------------------
-def quantize_act(x, perm, block_bits, n_int8: int, scale_mode: str = "block", backend: Optional[str] = None):
+def quantize_act(x, perm, block_bits, n_int8: int, scale_mode: str = "block", backend: Optional[str] = None,
+                 int4_clip: float = 1.0):
     """Tensor-level activation quantization through ``torch.ops.cometq.quantize_act``."""
-    return torch.ops.cometq.quantize_act(x, perm, block_bits, int(n_int8), scale_mode, backend or "")
+    return torch.ops.cometq.quantize_act(x, perm, block_bits, int(n_int8), scale_mode, float(int4_clip), backend or "")
 
 
 def w4ax_gemm(q4, q8, a_scales, block_bits, qweight, w_scales, group_size: int, bias=None,
-              out_dtype: torch.dtype = torch.float16, scale_mode: str = "block", backend: Optional[str] = None):
-    """Tensor-level W4Ax GEMM through ``torch.ops.cometq.w4ax_gemm``."""
+              out_dtype: torch.dtype = torch.float16, scale_mode: str = "block", backend: Optional[str] = None,
+              w_offsets: Optional[torch.Tensor] = None):
+    """Tensor-level W4Ax GEMM through ``torch.ops.cometq.w4ax_gemm`` (``w_offsets``: asymmetric weights)."""
     if out_dtype not in _DTYPE_CODES:
         raise TypeError(f"out_dtype must be one of {tuple(_DTYPE_CODES)}, got {out_dtype}")
     return torch.ops.cometq.w4ax_gemm(
-        q4, q8, a_scales, block_bits, qweight, w_scales, int(group_size), bias, _DTYPE_CODES[out_dtype], scale_mode, backend or ""
+        q4, q8, a_scales, block_bits, qweight, w_scales, w_offsets, int(group_size), bias, _DTYPE_CODES[out_dtype],
+        scale_mode, backend or ""
     )
 
 
@@ -240,7 +282,7 @@ def quantize_activation(x: torch.Tensor, layout: ActivationLayout, scale_mode: s
                         backend: Optional[str] = None) -> R.QuantizedActivation:
     """Dataclass-level :func:`quantize_act` (same contract as the reference function)."""
     R.check_tensor("x", x, dtypes=R.FLOAT_DTYPES, ndim=2)
-    q4, q8, sc = quantize_act(x, layout.perm, layout.block_bits, layout.n_int8, scale_mode, backend)
+    q4, q8, sc = quantize_act(x, layout.perm, layout.block_bits, layout.n_int8, scale_mode, backend, layout.int4_clip)
     return R.QuantizedActivation(q4, q8, sc, layout, scale_mode)
 
 
@@ -250,7 +292,7 @@ def w4ax_gemm_q(qa: R.QuantizedActivation, qw: R.QuantizedWeight, bias=None,
     R._check_gemm_operands(qa, qw)
     gs = qw.group_size if qw.group_size not in (None, -1) else -1
     return w4ax_gemm(qa.q4, qa.q8, qa.scales, qa.layout.block_bits, qw.qweight, qw.scales, gs, bias,
-                     out_dtype, qa.scale_mode, backend)
+                     out_dtype, qa.scale_mode, backend, w_offsets=qw.offsets)
 
 
 # ==========================================================================

@@ -37,6 +37,7 @@ from torch import nn
 from . import reference as R
 from .calibrate import (
     CalibrationStats,
+    search_act_clip,
     capture_layer_inputs,
     collect_stats,
     collect_stats_with,
@@ -60,6 +61,12 @@ __all__ = [
 #: Clip ratios tried per (row, group) by ``clip_search``: the one with the least
 #: squared weight error wins (1.0 included, so it never does worse than RTN).
 CLIP_SEARCH_RATIOS = tuple(round(1.0 - 0.025 * i, 3) for i in range(13))  # 1.0 .. 0.7
+#: Calibration input rows kept per layer input for ``act_clip="search"``.
+ACT_CLIP_SAMPLES = 1024
+
+
+def _clip_samples(config: W4AxConfig) -> int:
+    return ACT_CLIP_SAMPLES if (config.act_clip == "search" and config.act_bits in ("fmpq", 4)) else 0
 
 
 def _is_skipped(name: str, skip) -> bool:
@@ -141,10 +148,10 @@ def _quantize_weight(w: torch.Tensor, config: W4AxConfig, hessian: Optional[torc
         from .gptq import gptq_quantize
 
         return gptq_quantize(w, hessian, config.group_size, damp=config.gptq_damp,
-                             act_order=config.gptq_act_order, clip_ratio=config.clip_ratio)
+                             act_order=config.gptq_act_order, clip_ratio=config.clip_ratio, sym=config.weight_sym)
     if config.clip_search:
         return quantize_weight_clip_search(w, config.group_size)
-    return R.quantize_weight_rtn(w, config.group_size, clip_ratio=config.clip_ratio)
+    return R.quantize_weight_rtn(w, config.group_size, clip_ratio=config.clip_ratio, sym=config.weight_sym)
 
 
 def _layout_for(config: W4AxConfig, k: int, absmax: Optional[torch.Tensor], device) -> ActivationLayout:
@@ -216,17 +223,22 @@ def quantize_w4ax(
         _quantize_sequential(model, config, calib_data, names, progress=progress, weight_cache=weight_cache)
         model.cometq_config = config
         return model
-    need_calib = config.act_bits == "fmpq" or config.weight_method == "gptq"
+    need_samples = _clip_samples(config) > 0
+    need_calib = config.act_bits == "fmpq" or config.weight_method == "gptq" or need_samples
     stats = calib_stats
     if need_calib and stats is None:
         if calib_data is None:
             why = "FMPQ activations" if config.act_bits == "fmpq" else "GPTQ"
             raise ValueError(f"{why} need calibration data: pass calib_data=[LongTensor [1, T], ...]")
-        stats = collect_stats(model, calib_data, names, hessian=config.weight_method == "gptq", progress=progress)
+        stats = collect_stats(model, calib_data, names, hessian=config.weight_method == "gptq", progress=progress,
+                              samples=_clip_samples(config))
     if stats is not None and need_calib:
         lacking = [n for n in names if n not in stats.absmax or (config.weight_method == "gptq" and n not in stats.hessian)]
         if lacking:
             raise ValueError(f"calib_stats lacks statistics for {lacking[:5]} (collected for another model or without hessian)")
+        if need_samples and any(n not in stats.samples for n in names):
+            raise ValueError("act_clip='search' needs input samples: calib_stats was collected without samples= "
+                             "(collect_stats(..., samples=N)) or pass calib_data instead")
     _quantize_names(model, names, config, stats if need_calib else None, progress=progress, weight_cache=weight_cache)
     model.cometq_config = config
     return model
@@ -254,7 +266,8 @@ def _quantize_sequential(model: nn.Module, config: W4AxConfig, calib_data, names
     per_layer = [[n for n in names if n.startswith(f"{list_name}.{j}.")] for j in range(len(layers))]
     inside = {n for ln in per_layer for n in ln}
     outside = [n for n in names if n not in inside]
-    out_stats = collect_stats(model, calib_data, outside, hessian=True, progress=False) if outside else None
+    out_stats = (collect_stats(model, calib_data, outside, hessian=True, progress=False, samples=_clip_samples(config))
+                 if outside else None)
     hidden, calls = capture_layer_inputs(model, calib_data, list(layers))
     it = range(len(layers))
     if progress:
@@ -274,7 +287,7 @@ def _quantize_sequential(model: nn.Module, config: W4AxConfig, calib_data, names
         lnames = per_layer[j]
         if lnames:
             mods = {n: model.get_submodule(n) for n in lnames}
-            stats = collect_stats_with(mods, len(hidden), run, hessian=True)
+            stats = collect_stats_with(mods, len(hidden), run, hessian=True, samples=_clip_samples(config))
             _quantize_names(model, lnames, config, stats, progress=False, weight_cache=weight_cache)
             # propagate on the CPU fast path (same integers and scales as the
             # reference op); restored afterwards so the model's default is unchanged
@@ -305,6 +318,14 @@ def _quantize_names(model: nn.Module, names: List[str], config: W4AxConfig, stat
         if absmax is not None and len(group) > 1:
             absmax = torch.stack([stats.absmax[g] for g in group if g in stats.absmax]).amax(0)
         lay = _layout_for(config, lin.in_features, absmax, lin.weight.device)
+        if config.act_bits in ("fmpq", 4) and lay.n_int4:
+            if config.act_clip == "search":
+                members = [g for g in group if g in names]
+                lay = lay.with_clip(search_act_clip(
+                    stats.samples[n].to(lin.weight.device), lay,
+                    [model.get_submodule(g).weight for g in members], scale_mode=config.scale_mode))
+            elif config.act_clip != 1.0:
+                lay = lay.with_clip(config.act_clip)
         for g in group:
             if g in names:
                 layouts[g] = lay
@@ -350,13 +371,15 @@ def _quantize_names(model: nn.Module, names: List[str], config: W4AxConfig, stat
             # lets benchmark sweeps reuse GPTQ across INT8 budgets (the FMPQ sort,
             # hence the column order, does not depend on the budget)
             key = (n, config.weight_method, config.group_size, config.clip_ratio, config.clip_search,
-                   config.gptq_damp, config.gptq_act_order, _digest(w), None if h is None else _digest(h))
+                   config.gptq_damp, config.gptq_act_order, config.weight_sym, _digest(w),
+                   None if h is None else _digest(h))
             qw = weight_cache.get(key)
             if qw is None:
                 qw = weight_cache[key] = _quantize_weight(w, config, h)
         else:
             qw = _quantize_weight(w, config, h)
-        run_layout = ActivationLayout(torch.arange(lin.in_features, device=perm.device), lay.block_bits) if n in folded else lay
+        run_layout = (ActivationLayout(torch.arange(lin.in_features, device=perm.device), lay.block_bits, lay.int4_clip)
+                      if n in folded else lay)
         new = W4AxLinear.from_linear(
             lin, run_layout, qw, act_bits=config.act_bits, scale_mode=config.scale_mode, backend=config.backend
         )

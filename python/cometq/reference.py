@@ -106,17 +106,27 @@ def check_group_size(group_size: Optional[int], k_pad: int) -> int:
 
 @dataclass(eq=False)
 class QuantizedWeight:
-    """An INT4 weight: ``qweight`` uint8 ``[N, K_pad/2]`` (see layout.pack_int4) and
-    ``scales`` float32 ``[N, K_pad/G]`` (``G = K_pad`` per channel).
+    """An INT4 weight: ``qweight`` uint8 ``[N, K_pad/2]`` (see layout.pack_int4),
+    ``scales`` float32 ``[N, K_pad/G]`` (``G = K_pad`` per channel) and, for the
+    asymmetric format, ``offsets`` float32 ``[N, K_pad/G]``.
+
+    * symmetric (``offsets is None``): ``w = scale * q``, q in [-7, 7] from the
+      quantizers here (kernels accept -8);
+    * asymmetric: ``w = scale * q + offset``, q in [-8, 7] (all 16 levels; the
+      GGUF Q4_1 / AWQ-style "min + scale" grid with the min folded into the
+      offset: ``offset = min + 8 * scale``).  The GEMM adds
+      ``offset[n, g] * sum_{k in g} x[m, k]`` per group (see :func:`w4ax_gemm`).
 
     Columns are in the layer's permuted order (the FMPQ permutation is folded in
-    before quantization); columns ``K..K_pad`` are zero.
+    before quantization); the stored integers of columns ``K..K_pad`` are zero
+    (they meet zero activations, so their offset never contributes).
     """
 
     qweight: torch.Tensor
     scales: torch.Tensor
     in_features: int
     group_size: int = -1
+    offsets: Optional[torch.Tensor] = None
 
     def __post_init__(self):
         check_tensor("qweight", self.qweight, dtypes=(torch.uint8,), ndim=2)
@@ -133,6 +143,14 @@ class QuantizedWeight:
             raise ValueError(f"scales shape {tuple(self.scales.shape)} != expected {want} for group_size={self.group_size}")
         if self.scales.device != self.qweight.device:
             raise ValueError(f"scales on {self.scales.device} but qweight on {self.qweight.device}")
+        if self.offsets is not None:
+            check_tensor("offsets", self.offsets, dtypes=(torch.float32,), ndim=2)
+            if tuple(self.offsets.shape) != want:
+                raise ValueError(
+                    f"offsets shape {tuple(self.offsets.shape)} != scales shape {want} for group_size={self.group_size}"
+                )
+            if self.offsets.device != self.qweight.device:
+                raise ValueError(f"offsets on {self.offsets.device} but qweight on {self.qweight.device}")
 
     @property
     def out_features(self) -> int:
@@ -146,8 +164,13 @@ class QuantizedWeight:
     def group_width(self) -> int:
         return check_group_size(self.group_size, self.k_pad)
 
+    @property
+    def asymmetric(self) -> bool:
+        return self.offsets is not None
+
     def to(self, device) -> "QuantizedWeight":
-        return QuantizedWeight(self.qweight.to(device), self.scales.to(device), self.in_features, self.group_size)
+        off = None if self.offsets is None else self.offsets.to(device)
+        return QuantizedWeight(self.qweight.to(device), self.scales.to(device), self.in_features, self.group_size, off)
 
 
 def quantize_weight_rtn(
@@ -155,9 +178,17 @@ def quantize_weight_rtn(
     group_size: Optional[int] = 128,
     *,
     clip_ratio: float = 1.0,
+    sym: bool = True,
 ) -> QuantizedWeight:
-    """Round-to-nearest symmetric INT4 quantization of ``w [N, K]`` (already in the layer's
-    permuted column order).  ``clip_ratio`` < 1 shrinks the scale (values beyond clip to +-7)."""
+    """Round-to-nearest INT4 quantization of ``w [N, K]`` (already in the layer's
+    permuted column order).
+
+    ``sym=True``: ``scale = absmax * clip_ratio / 7``, q in [-7, 7].
+    ``sym=False`` (asymmetric): per group ``scale = (max - min) * clip_ratio / 15``
+    over the group's real columns (the range shrinks about its centre when
+    ``clip_ratio < 1``), ``q = clamp(round((w - lo) / scale), 0, 15) - 8`` and
+    ``offset = lo + 8 * scale``.  Values beyond the clipped range saturate.
+    """
     check_tensor("weight", w, dtypes=FLOAT_DTYPES, ndim=2)
     if not (0.0 < float(clip_ratio) <= 1.0):
         raise ValueError(f"clip_ratio must be in (0, 1], got {clip_ratio}")
@@ -166,12 +197,49 @@ def quantize_weight_rtn(
         raise ValueError(f"weight must be non-empty, got shape {tuple(w.shape)}")
     k_pad = padded_k(k)
     g = check_group_size(group_size, k_pad)
+    gs = -1 if group_size is None else group_size
     wp = pad_last_dim(w.float(), k_pad).view(n, k_pad // g, g)
-    absmax = wp.abs().amax(dim=-1)
-    scales = _div_const(absmax * float(clip_ratio), INT4_QMAX)
-    q = torch.round(_safe_div(wp, scales[..., None])).clamp_(-INT4_QMAX, INT4_QMAX)
-    qweight = pack_int4(q.view(n, k_pad).to(torch.int8))
-    return QuantizedWeight(qweight, scales.contiguous(), k, -1 if group_size is None else group_size)
+    if sym:
+        absmax = wp.abs().amax(dim=-1)
+        scales = _div_const(absmax * float(clip_ratio), INT4_QMAX)
+        q = torch.round(_safe_div(wp, scales[..., None])).clamp_(-INT4_QMAX, INT4_QMAX)
+        qweight = pack_int4(q.view(n, k_pad).to(torch.int8))
+        return QuantizedWeight(qweight, scales.contiguous(), k, gs)
+    scales, offsets = asym_group_params(wp, real_columns_mask(k, k_pad, g, w.device), clip_ratio)
+    q = asym_round(wp, scales[..., None], offsets[..., None])
+    q = q.view(n, k_pad)
+    q[:, k:] = 0
+    return QuantizedWeight(pack_int4(q.to(torch.int8)), scales.contiguous(), k, gs, offsets.contiguous())
+
+
+def real_columns_mask(k: int, k_pad: int, g: int, device) -> torch.Tensor:
+    """bool ``[K_pad/G, G]``: which columns of each group are real (not padding)."""
+    return (torch.arange(k_pad, device=device) < k).view(k_pad // g, g)
+
+
+def asym_group_params(wg: torch.Tensor, real: torch.Tensor, clip_ratio: float = 1.0):
+    """Asymmetric (scale, offset) of groups ``wg [..., G]`` over the columns where
+    ``real [G]`` (or broadcastable) is True.  Groups with no real column or a
+    constant value get scale 0 (or the value's exactness: offset = the value)."""
+    big = torch.finfo(torch.float32).max
+    lo = torch.where(real, wg, big).amin(dim=-1)
+    hi = torch.where(real, wg, -big).amax(dim=-1)
+    empty = lo > hi
+    lo = torch.where(empty, torch.zeros_like(lo), lo)
+    hi = torch.where(empty, torch.zeros_like(hi), hi)
+    if float(clip_ratio) != 1.0:
+        mid = (hi + lo) * 0.5
+        half = (hi - lo) * (0.5 * float(clip_ratio))
+        lo, hi = mid - half, mid + half
+    scales = _div_const(hi - lo, UINT4_MAX)
+    offsets = lo + 8.0 * scales
+    return scales, offsets
+
+
+def asym_round(w: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Asymmetric INT4 integers (float, in [-8, 7]) of ``w`` for broadcastable scales/offsets."""
+    lo = offsets - 8.0 * scales
+    return (torch.round(_safe_div(w - lo, scales)).clamp_(0, UINT4_MAX) - 8.0)
 
 
 def weight_scales_per_column(qw: QuantizedWeight) -> torch.Tensor:
@@ -180,8 +248,13 @@ def weight_scales_per_column(qw: QuantizedWeight) -> torch.Tensor:
 
 
 def dequantize_weight(qw: QuantizedWeight, *, trim: bool = True) -> torch.Tensor:
-    """float32 ``[N, K]`` (``[N, K_pad]`` if ``trim=False``) in the permuted column order."""
+    """float32 ``[N, K]`` (``[N, K_pad]`` if ``trim=False``) in the permuted column order.
+
+    Asymmetric padding columns (``K..K_pad``) dequantize to their group's offset:
+    they only ever meet zero activations."""
     w = unpack_int4(qw.qweight).float() * weight_scales_per_column(qw)
+    if qw.offsets is not None:
+        w = w + qw.offsets.repeat_interleave(qw.group_width, dim=1)
     return w[:, : qw.in_features] if trim else w
 
 
@@ -270,12 +343,17 @@ def quantize_activation_blocks(x: torch.Tensor, layout: ActivationLayout, scale_
     absmax = xb.abs().amax(dim=-1)  # [M, nb]
     is8 = layout.block_bits == 8
     qmax = torch.where(is8, INT8_QMAX, INT4_QMAX).to(torch.float32)  # [nb]
+    clip = layout.int4_clip
     if scale_mode == "block":
+        if clip != 1.0:  # INT4 blocks: (absmax * clip) / 7; INT8 blocks untouched
+            absmax = torch.where(is8, absmax, absmax * clip)
         scales = absmax / qmax
         bscale = scales
     else:
         zero = torch.zeros(m, device=x.device)
         a4 = absmax[:, ~is8].amax(dim=1) if layout.n_int4 else zero
+        if clip != 1.0:
+            a4 = a4 * clip
         a8 = absmax[:, is8].amax(dim=1) if layout.n_int8 else zero
         scales = torch.stack((_div_const(a4, INT4_QMAX), _div_const(a8, INT8_QMAX)), dim=1)
         bscale = scales[:, is8.long()]
@@ -350,6 +428,14 @@ def w4ax_int_accumulators(qa: QuantizedActivation, qw: QuantizedWeight) -> torch
     return acc.permute(1, 2, 0).round().to(torch.int32)
 
 
+def w4ax_act_sums(qa: QuantizedActivation, qw: QuantizedWeight) -> torch.Tensor:
+    """int32 ``[M, S]``: the sum of the activation integers over every K segment
+    (what an asymmetric weight's offset multiplies; ``|sum| <= 128 * 127``)."""
+    seg = _segment_width(qw)
+    s = qa.layout.k_pad // seg
+    return qa.int_blocks().to(torch.int32).view(qa.m, s, seg).sum(dim=-1, dtype=torch.int32)
+
+
 def w4ax_segment_scales(qa: QuantizedActivation, qw: QuantizedWeight):
     """(activation scale ``[M, S]``, weight scale ``[N, S]``) of every K segment."""
     seg = _segment_width(qw)
@@ -364,7 +450,10 @@ def w4ax_gemm(
     bias: Optional[torch.Tensor] = None,
     out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """``y[m, n] = sum_s a_scale[m, s] * w_scale[n, s] * acc[m, n, s] (+ bias[n])``.
+    """``y[m, n] = sum_s a_scale[m, s] * (w_scale[n, s] * acc[m, n, s] + w_offset[n, s] * asum[m, s]) (+ bias[n])``.
+
+    ``asum`` (:func:`w4ax_act_sums`) and the offset term only exist for an
+    asymmetric weight (``qw.offsets``); the symmetric GEMM is the first term.
 
     The integer accumulators are exact; the epilogue runs in float64 and the result
     is rounded once to ``out_dtype`` (float64 allowed here, for tests).  This is the
@@ -384,10 +473,16 @@ def w4ax_gemm(
     xi = qa.int_blocks().to(torch.float64)
     wi = unpack_int4(qw.qweight).to(torch.float64)
     y = torch.zeros(qa.m, n, dtype=torch.float64, device=xi.device)
+    off = None
+    if qw.offsets is not None:
+        off = qw.offsets.repeat_interleave(qw.group_width // seg, dim=1).double()  # [N, S]
+        asum = w4ax_act_sums(qa, qw).double()  # [M, S]
     for j in range(s):  # one exact integer matmul per segment, scaled in the epilogue
         sl = slice(j * seg, (j + 1) * seg)
         acc = xi[:, sl] @ wi[:, sl].T
         y += acc * a_sc[:, j, None].double() * w_sc[None, :, j].double()
+        if off is not None:
+            y += (asum[:, j] * a_sc[:, j].double())[:, None] * off[None, :, j]
     if bias is not None:
         y += bias.double()
     return y.to(out_dtype)

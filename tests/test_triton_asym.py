@@ -1,0 +1,227 @@
+"""Triton W4Ax GEMM with asymmetric INT4 weights (``w = scale * q + offset``) vs cometq.reference.
+
+The ASYM kernels add ``a_scale[m, s] * w_offset[n, s] * asum[m, s]`` per K segment,
+``asum`` the sum of the segment's activation integers.  Checked here: the int32
+segment accumulators and the int32 activation sums exactly (the debug outputs),
+outputs within the named tolerances of cometq.testing, on every path (tiled,
+split-K, persistent), with swap_ab / interleave8, both scale modes, per-channel
+weights and groups 16..256, and the block maps all-INT4 / all-INT8 / mixed /
+alternating.  Runs under TRITON_INTERPRET=1 on CPU (tests/conftest.py).
+"""
+import itertools
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from cometq import ops  # noqa: E402
+from cometq import reference as R  # noqa: E402
+from cometq.layout import ActivationLayout, num_blocks, padded_k  # noqa: E402
+from cometq.testing import (  # noqa: E402
+    GEMM_BF16_RTOL,
+    GEMM_FP16_RTOL,
+    GEMM_FP32_ATOL,
+    GEMM_FP32_RTOL,
+    rand_activation,
+    rand_weight,
+)
+
+from cometq.kernels.act_quant import quantize_activation_triton  # noqa: E402
+from cometq.kernels.w4ax_gemm import GemmConfig, w4ax_gemm_triton  # noqa: E402
+
+RTOL = {torch.float32: GEMM_FP32_RTOL, torch.float16: GEMM_FP16_RTOL, torch.bfloat16: GEMM_BF16_RTOL}
+
+
+def _bits(pattern: str, nb: int):
+    return {
+        "all4": [4] * nb,
+        "all8": [8] * nb,
+        "mixed": [8] * max(1, nb // 4) + [4] * (nb - max(1, nb // 4)),
+        "alternating": [8 if i % 2 == 0 else 4 for i in range(nb)],
+    }[pattern]
+
+
+def _operands(m, k, n, pattern, scale_mode, group, device, seed, bias=True):
+    """Random packed operands over the full integer ranges (INT4 -8..7, INT8 -128..127) and
+    random signed offsets of the size an asymmetric quantizer produces (about the group mean)."""
+    g = torch.Generator().manual_seed(seed)
+    lay = ActivationLayout.from_block_bits(k, _bits(pattern, num_blocks(k)))
+    k_pad = padded_k(k)
+    q4 = torch.randint(0, 256, (m, lay.n_int4 * 64), generator=g, dtype=torch.uint8)
+    q8 = torch.randint(-128, 128, (m, lay.n_int8 * 128), generator=g, dtype=torch.int8)
+    ns = lay.n_blocks if scale_mode == "block" else 2
+    a_sc = torch.rand(m, ns, generator=g) * 0.1 + 0.01
+    gw = R.check_group_size(group, k_pad)
+    qweight = torch.randint(0, 256, (n, k_pad // 2), generator=g, dtype=torch.uint8)
+    w_sc = torch.rand(n, k_pad // gw, generator=g) * 0.05 + 0.005
+    w_off = (torch.rand(n, k_pad // gw, generator=g) - 0.5) * 0.1
+    qa = R.QuantizedActivation(q4.to(device), q8.to(device), a_sc.to(device), lay.to(device), scale_mode)
+    qw = R.QuantizedWeight(qweight.to(device), w_sc.to(device), k, group, w_off.to(device))
+    b = torch.randn(n, generator=g).to(device) if bias else None
+    return qa, qw, b
+
+
+def _run(qa, qw, bias, out_dtype, **kw):
+    return w4ax_gemm_triton(qa.q4, qa.q8, qa.scales, qa.layout.block_bits, qw.qweight, qw.scales, qw.group_size,
+                            bias, out_dtype, qa.scale_mode, w_offsets=qw.offsets, **kw)
+
+
+def _check(qa, qw, bias, out_dtype, out):
+    y, acc, asum = out
+    assert y.dtype == out_dtype and y.shape == (qa.m, qw.out_features)
+    assert torch.equal(acc, R.w4ax_int_accumulators(qa, qw)), "int32 segment accumulators differ"
+    assert torch.equal(asum, R.w4ax_act_sums(qa, qw)), "int32 activation segment sums differ"
+    ref = R.w4ax_gemm(qa, qw, bias, torch.float64)
+    torch.testing.assert_close(y.double(), ref.to(out_dtype).double(), rtol=RTOL[out_dtype], atol=GEMM_FP32_ATOL)
+
+
+# (block map x scale mode x group) crossed, with M, path, config flavour and out dtype
+# rotated so each value appears several times without the full product (interpreter time)
+_CFG = {  # interpreter-sized tiles: few programs
+    "auto": None,
+    "swap": GemmConfig(block_m=16, block_n=128, group_m=2, num_warps=4, num_stages=1, swap_ab=True),
+    "il8": GemmConfig(block_m=32, block_n=128, group_m=2, num_warps=4, num_stages=1, interleave8=True),
+    "swap+il8": GemmConfig(block_m=32, block_n=128, group_m=2, num_warps=4, num_stages=1, swap_ab=True,
+                           interleave8=True),
+}
+_PATHS = ("tiled", "splitk", "persistent")
+_MS = (1, 3, 17)
+_OUT = (torch.float32, torch.float16, torch.bfloat16)
+CASES = []
+for i, (pattern, mode, group) in enumerate(itertools.product(
+        ("all4", "all8", "mixed", "alternating"), ("block", "class"), (-1, 128, 64))):
+    CASES.append((i, pattern, mode, group, _MS[i % 3], _PATHS[(i // 3) % 3], tuple(_CFG)[i % 4], _OUT[(i // 2) % 3]))
+
+
+def _with_split(cfg, path):
+    if cfg is None or path != "splitk":
+        return cfg
+    return GemmConfig(cfg.block_m, cfg.block_n, cfg.group_m, 3, cfg.num_warps, cfg.num_stages, cfg.swap_ab,
+                      cfg.interleave8)
+
+
+@pytest.mark.parametrize("case,pattern,mode,group,m,path,flavour,out_dtype", CASES)
+def test_asym_matches_reference(case, pattern, mode, group, m, path, flavour, out_dtype, device):
+    qa, qw, b = _operands(m, 576, 200, pattern, mode, group, device, seed=300 + case, bias=case % 2 == 0)
+    out = _run(qa, qw, b, out_dtype, path=path, config=_with_split(_CFG[flavour], path), programs=4,
+               return_int_acc=True)
+    _check(qa, qw, b, out_dtype, out)
+
+
+@pytest.mark.parametrize("group,mode,flavour,path", [(32, "block", "swap", "tiled"), (16, "class", "auto", "splitk"),
+                                                     (32, "class", "swap+il8", "persistent")])
+def test_asym_small_groups_masked_segments(group, mode, flavour, path, device):
+    # G < 64: the segment is cut out of a 32-byte chunk by masking, and its activation sum must
+    # be the masked segment's, not the chunk's (interleave8 falls back to even/odd loads here)
+    qa, qw, b = _operands(3, 300, 72, "alternating", mode, group, device, seed=group)
+    out = _run(qa, qw, b, torch.float32, path=path, config=_with_split(_CFG[flavour], path), programs=3,
+               return_int_acc=True)
+    _check(qa, qw, b, torch.float32, out)
+
+
+@pytest.mark.parametrize("mode,path", [("class", "tiled"), ("block", "persistent")])
+def test_asym_group_spanning_blocks(mode, path, device):
+    # G = 256 > 128: one offset over two activation blocks (two segments with one offset column)
+    qa, qw, b = _operands(17, 500, 72, "mixed", mode, 256, device, seed=256)
+    out = _run(qa, qw, b, torch.float32, path=path, programs=3, return_int_acc=True)
+    _check(qa, qw, b, torch.float32, out)
+
+
+@pytest.mark.parametrize("flavour,path", [("auto", "tiled"), ("swap", "splitk"), ("swap+il8", "persistent"),
+                                          ("il8", "tiled")])
+def test_asym_class_chained_int32_without_debug(flavour, path, device):
+    # DEBUG off, class mode + per-channel weights: the int32 accumulator and the activation sum
+    # of a whole run are chained through the blocks and rescaled once (not the debug code path)
+    qa, qw, b = _operands(17, 576, 200, "mixed", "class", -1, device, seed=41)
+    y = _run(qa, qw, b, torch.float32, path=path, config=_with_split(_CFG[flavour], path), programs=3)
+    ref = R.w4ax_gemm(qa, qw, b, torch.float64)
+    torch.testing.assert_close(y.double(), ref, rtol=GEMM_FP32_RTOL, atol=GEMM_FP32_ATOL)
+
+
+@pytest.mark.parametrize("mode,group,clip", [("block", 128, 0.8375), ("class", -1, 0.9), ("block", 32, 0.5)])
+def test_asym_real_quantized_data_end_to_end(mode, group, clip, device):
+    """quantize_weight_rtn(sym=False) weights, clipped FMPQ activations, Triton all the way."""
+    g = torch.Generator().manual_seed(7)
+    k, n = 576, 200
+    x = rand_activation(17, k, outliers=6, generator=g)
+    lay = R.fmpq_calibrate(x.abs().amax(0), int8_blocks=1).with_clip(clip).to(device)
+    w = lay.permute_columns(rand_weight(n, k, generator=g) + 0.02).to(device)  # off-centre: offsets matter
+    qw = R.quantize_weight_rtn(w, group, sym=False)
+    assert qw.offsets is not None
+    x = x.to(device)
+    qa = quantize_activation_triton(x, lay, mode)
+    ref_qa = R.quantize_activation(x, lay, mode)
+    assert torch.equal(qa.q4, ref_qa.q4) and torch.equal(qa.q8, ref_qa.q8) and torch.equal(qa.scales, ref_qa.scales)
+    b = torch.randn(n, generator=g).to(device)
+    out = _run(qa, qw, b, torch.float32, return_int_acc=True)
+    _check(qa, qw, b, torch.float32, out)
+    # the offset term is not negligible here: dropping it moves the result far outside tolerance
+    y_sym = w4ax_gemm_triton(qa.q4, qa.q8, qa.scales, qa.layout.block_bits, qw.qweight, qw.scales, group, b,
+                             torch.float32, mode)
+    assert (y_sym - out[0]).abs().max() > 100 * GEMM_FP32_ATOL
+    # and the whole linear matches the reference linear (same quantized operands)
+    torch.testing.assert_close(out[0], R.w4ax_linear(x, qw, lay, b, mode), rtol=GEMM_FP32_RTOL, atol=GEMM_FP32_ATOL)
+
+
+def test_asym_via_ops_triton_backend(device):
+    qa, qw, b = _operands(3, 576, 200, "mixed", "block", 64, device, seed=5)
+    ref = R.w4ax_gemm(qa, qw, b, torch.float64)
+    y = ops.w4ax_gemm_q(qa, qw, b, torch.float16, backend="triton")  # no BackendUnsupported any more
+    torch.testing.assert_close(y.double(), ref.half().double(), rtol=GEMM_FP16_RTOL, atol=GEMM_FP32_ATOL)
+    y32 = ops.w4ax_gemm(qa.q4, qa.q8, qa.scales, qa.layout.block_bits, qw.qweight, qw.scales, qw.group_size, b,
+                        torch.float32, "block", backend="triton", w_offsets=qw.offsets)
+    torch.testing.assert_close(y32.double(), ref, rtol=GEMM_FP32_RTOL, atol=GEMM_FP32_ATOL)
+
+
+def test_symmetric_call_keeps_its_return_shape(device):
+    # without offsets the debug return stays (y, acc); with them it is (y, acc, asum)
+    qa, qw, b = _operands(3, 256, 40, "mixed", "block", 128, device, seed=2)
+    out = w4ax_gemm_triton(qa.q4, qa.q8, qa.scales, qa.layout.block_bits, qw.qweight, qw.scales, 128, b,
+                           torch.float32, "block", return_int_acc=True)
+    assert len(out) == 2
+    assert len(_run(qa, qw, b, torch.float32, return_int_acc=True)) == 3
+    empty = _run(R.QuantizedActivation(qa.q4[:0], qa.q8[:0], qa.scales[:0], qa.layout, "block"), qw, b,
+                 torch.float32, return_int_acc=True)
+    assert empty[0].shape == (0, 40) and empty[2].shape == (0, 2)
+
+
+def test_asym_errors(device):
+    qa, qw, b = _operands(3, 256, 40, "mixed", "block", 128, device, seed=1)
+    with pytest.raises(TypeError, match=r"w_offsets must have dtype .* got torch.float16"):
+        w4ax_gemm_triton(qa.q4, qa.q8, qa.scales, qa.layout.block_bits, qw.qweight, qw.scales, 128, b,
+                         torch.float32, "block", w_offsets=qw.offsets.half())
+    with pytest.raises(ValueError, match=r"w_offsets shape \(40, 1\) != w_scales shape \(40, 2\)"):
+        w4ax_gemm_triton(qa.q4, qa.q8, qa.scales, qa.layout.block_bits, qw.qweight, qw.scales, 128, b,
+                         torch.float32, "block", w_offsets=qw.offsets[:, :1])
+    with pytest.raises(ValueError, match="w_offsets must be 2-D"):
+        w4ax_gemm_triton(qa.q4, qa.q8, qa.scales, qa.layout.block_bits, qw.qweight, qw.scales, 128, b,
+                         torch.float32, "block", w_offsets=qw.offsets[:, 0])
+    with pytest.raises(TypeError, match="w_offsets must be a torch.Tensor"):
+        w4ax_gemm_triton(qa.q4, qa.q8, qa.scales, qa.layout.block_bits, qw.qweight, qw.scales, 128, b,
+                         torch.float32, "block", w_offsets=[0.0] * 80)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 16, 64, 1024])
+@pytest.mark.parametrize("mode,group", [("block", 128), ("class", -1), ("block", 32)])
+@pytest.mark.parametrize("path", ["auto", "persistent"])
+def test_gpu_asym_llama_shape(m, mode, group, path):
+    """Compiled ASYM kernels (autotuned configs), Llama-3-8B o_proj shape, clipped activations;
+    integers exact for M <= 64."""
+    n, k = 4096, 4096
+    g = torch.Generator().manual_seed(m)
+    lay = ActivationLayout.from_block_bits(k, [8] * 4 + [4] * 28).with_clip(0.9)
+    x = rand_activation(m, k, outliers=8, generator=g).cuda()
+    lay = lay.to("cuda")
+    qa = quantize_activation_triton(x, lay, mode)
+    ref_qa = R.quantize_activation(x, lay, mode)
+    assert torch.equal(qa.q4, ref_qa.q4) and torch.equal(qa.q8, ref_qa.q8) and torch.equal(qa.scales, ref_qa.scales)
+    qw = R.quantize_weight_rtn((rand_weight(n, k, generator=g) + 0.01).cuda(), group, sym=False)
+    want_acc = m <= 64
+    out = _run(qa, qw, None, torch.float16, path=path, return_int_acc=want_acc)
+    if want_acc:
+        _check(qa, qw, None, torch.float16, out)
+    else:
+        ref = R.w4ax_gemm(qa, qw, None, torch.float64)
+        torch.testing.assert_close(out.double(), ref.half().double(), rtol=GEMM_FP16_RTOL, atol=GEMM_FP32_ATOL)
