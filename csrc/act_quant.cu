@@ -3,11 +3,17 @@
 //
 //   xp[m, j]  = float(x[m, perm[j]])  for j < K,  0 for K <= j < K_pad
 //   absmax    = max |xp| over each 128-channel block (per token)
-//   "block":  scale[m, b] = absmax[m, b] / qmax_b                     (qmax 7 or 127)
-//   "class":  scale[m, 0] = max(absmax of INT4 blocks) / 7  (0 if none)
-//             scale[m, 1] = max(absmax of INT8 blocks) / 127 (0 if none)
+//   "block":  scale[m, b] = absmax[m, b] / 127                 (INT8 block)
+//             scale[m, b] = (absmax[m, b] * clip) / 7          (INT4 block)
+//   "class":  scale[m, 0] = (max(absmax of INT4 blocks) * clip) / 7  (0 if none)
+//             scale[m, 1] = max(absmax of INT8 blocks) / 127          (0 if none)
 //   q         = clamp(rint(xp / (scale == 0 ? 1 : scale)), -qmax, qmax)
 //
+// clip = int4_clip in (0, 1] (ActivationLayout.int4_clip): INT4 values beyond
+// the clipped range saturate at +-7; INT8 blocks hold the outliers and are never
+// clipped.  The product is rounded to fp32 (__fmul_rn: never fused into the
+// division) before the division, exactly like the reference's two torch ops;
+// clip = 1 multiplies exactly, so it reproduces the unclipped scales bit for bit.
 // Every division is an IEEE round-to-nearest division (__fdiv_rn: immune to
 // --use_fast_math), rint rounds half to even like torch.round, and max is
 // order-independent, so the result does not depend on the reduction order.
@@ -77,7 +83,7 @@ __global__ void __launch_bounds__(kActThreads) act_quant_kernel(const CometqActQ
   float* srow = p.scales + static_cast<int64_t>(m) * p.ld_scales;
   if (p.scale_mode == COMETQ_SCALE_BLOCK) {
     for (int b = threadIdx.x; b < nb; b += kActThreads) {
-      const float s = __fdiv_rn(s_absmax[b], s_is8[b] ? 127.f : 7.f);
+      const float s = s_is8[b] ? __fdiv_rn(s_absmax[b], 127.f) : __fdiv_rn(__fmul_rn(s_absmax[b], p.int4_clip), 7.f);
       s_scale[b] = s;
       srow[b] = s;
     }
@@ -90,7 +96,7 @@ __global__ void __launch_bounds__(kActThreads) act_quant_kernel(const CometqActQ
         a4 = fmaxf(a4, s_absmax[b]);
       }
     }
-    a4 = warp_max(a4);
+    a4 = __fmul_rn(warp_max(a4), p.int4_clip);  // the INT4 class is clipped after the max, like the reference
     a8 = warp_max(a8);
     const float s4 = __fdiv_rn(a4, 7.f), s8 = __fdiv_rn(a8, 127.f);
     if (lane == 0) {
@@ -151,6 +157,7 @@ extern "C" cudaError_t cometq_quantize_act(const CometqActQuantArgs* args, cudaS
       a.n4 + a.n8 != a.n_blocks) {
     return cudaErrorInvalidValue;
   }
+  if (!(a.int4_clip > 0.f && a.int4_clip <= 1.f)) return cudaErrorInvalidValue;  // also rejects NaN
   if (a.M == 0) return cudaSuccess;
   if (a.x == nullptr || a.perm == nullptr || a.block_bits == nullptr || a.scales == nullptr ||
       (a.n4 > 0 && a.q4 == nullptr) || (a.n8 > 0 && a.q8 == nullptr)) {

@@ -36,9 +36,13 @@ enum { COMETQ_SCALE_BLOCK = 0, COMETQ_SCALE_CLASS = 1 };
 enum { COMETQ_MMA_AUTO = 0, COMETQ_MMA_S4 = 1, COMETQ_MMA_S8 = 2 };
 
 // ---------------------------------------------------------------------------
-// W4Ax GEMM:  y[m, n] = sum_s a_scale[m, s] * w_scale[n, s] * acc[m, n, s] (+ bias[n])
+// W4Ax GEMM:
+//   y[m, n] = sum_s a_scale[m, s] * (w_scale[n, s] * acc[m, n, s] + w_offset[n, s] * asum[m, s]) (+ bias[n])
 // where acc[m, n, s] is the exact int32 dot product of K segment s (a segment
-// is min(128, G) channels: both scales are constant over it).
+// is min(128, G) channels: both scales are constant over it) and asum[m, s] the
+// exact sum of token m's activation integers over segment s.  The offset term
+// exists only for asymmetric weights (w_offsets != NULL: w = scale * q + offset,
+// q the same signed nibbles as the symmetric format).
 // ---------------------------------------------------------------------------
 typedef struct CometqGemmArgs {
   const uint8_t* q4;        // [M, n4*64]   row stride ld_q4 bytes   (may be NULL when n4 == 0)
@@ -52,6 +56,8 @@ typedef struct CometqGemmArgs {
   int64_t ld_w;
   const float* w_scales;    // [N, K_pad/G] row stride ld_ws elements
   int64_t ld_ws;
+  const float* w_offsets;   // [N, K_pad/G] row stride ld_wo elements, or NULL (symmetric weights)
+  int64_t ld_wo;
   const void* bias;         // [N] or NULL
   int bias_dtype;           // COMETQ_DTYPE_*
   void* out;                // [M, N] row stride ld_out elements
@@ -85,7 +91,8 @@ cudaError_t cometq_w4ax_gemm(const CometqGemmArgs* args, cudaStream_t stream);
 // ---------------------------------------------------------------------------
 // Activation quantization (bit-identical to reference.quantize_activation):
 // permute, zero-pad to K_pad, per-token per-block absmax, scale = absmax/qmax
-// (IEEE division), q = clamp(rint(x / scale), -qmax, qmax), pack.
+// (IEEE division; INT4 blocks: (absmax * int4_clip) / 7, the product rounded to
+// fp32 first), q = clamp(rint(x / scale), -qmax, qmax), pack.
 // ---------------------------------------------------------------------------
 typedef struct CometqActQuantArgs {
   const void* x;            // [M, K] fp16/bf16/fp32, row stride ld_x elements
@@ -95,6 +102,7 @@ typedef struct CometqActQuantArgs {
   const int32_t* block_bits;  // [nb]
   int M, K, n_blocks, n4, n8;
   int scale_mode;           // COMETQ_SCALE_*
+  float int4_clip;          // (0, 1]: INT4 scales use absmax * int4_clip (1 = plain absmax); INT8 never clipped
   uint8_t* q4;              // [M, n4*64]
   int64_t ld_q4;
   int8_t* q8;               // [M, n8*128]

@@ -7,12 +7,15 @@
 // "cuda" backend and registers their fake (meta) implementations.
 //
 //   cometq_C::quantize_act(Tensor x, Tensor perm, Tensor block_bits, int n_int8,
-//                          int scale_mode) -> (Tensor q4, Tensor q8, Tensor scales)
+//                          int scale_mode, float int4_clip) -> (Tensor q4, Tensor q8, Tensor scales)
 //   cometq_C::w4ax_gemm(Tensor q4, Tensor q8, Tensor a_scales, Tensor block_bits,
-//                       Tensor qweight, Tensor w_scales, int group_size, Tensor? bias,
-//                       ScalarType out_dtype, int scale_mode, int split_k, int mma_path) -> Tensor
+//                       Tensor qweight, Tensor w_scales, Tensor? w_offsets, int group_size,
+//                       Tensor? bias, ScalarType out_dtype, int scale_mode, int split_k,
+//                       int mma_path) -> Tensor
 //
 // scale_mode: 0 = "block", 1 = "class".  group_size: -1 = per output channel.
+// int4_clip: (0, 1], INT4 activation scales use absmax * int4_clip (1 = no clip).
+// w_offsets: float32 [N, K_pad/G] like w_scales (asymmetric weights) or None.
 // split_k: 0 = automatic, k > 0 = exactly k K-slices (clamped to the block count).
 // mma_path: 0 = automatic, 1 = s4 mma (INT4 tensor cores), 2 = INT4->INT8 + s8 mma.
 #include <c10/cuda/CUDAGuard.h>
@@ -70,7 +73,7 @@ void check_cuda_error(cudaError_t err, const char* op) {
 // ---------------------------------------------------------------------------
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act_cuda(const at::Tensor& x, const at::Tensor& perm,
                                                                   const at::Tensor& block_bits, int64_t n_int8,
-                                                                  int64_t scale_mode) {
+                                                                  int64_t scale_mode, double int4_clip) {
   constexpr const char* op = "cometq_C::quantize_act";
   TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [M, K], got shape ", x.sizes());
   const at::Device dev = x.device();
@@ -94,6 +97,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act_cuda(const at::Tenso
   TORCH_CHECK(scale_mode == COMETQ_SCALE_BLOCK || scale_mode == COMETQ_SCALE_CLASS, op,
               ": scale_mode must be 0 (block) or 1 (class), got ", scale_mode);
   TORCH_CHECK(M <= INT32_MAX && K <= INT32_MAX, op, ": x shape ", x.sizes(), " too large");
+  // (!(a > 0 && a <= 1) also rejects NaN)
+  TORCH_CHECK(int4_clip > 0.0 && int4_clip <= 1.0, op, ": int4_clip must be in (0, 1], got int4_clip=", int4_clip);
 
   const c10::cuda::CUDAGuard guard(dev);
   const int64_t n4 = nb - n_int8;
@@ -114,6 +119,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act_cuda(const at::Tenso
   a.n4 = static_cast<int>(n4);
   a.n8 = static_cast<int>(n_int8);
   a.scale_mode = static_cast<int>(scale_mode);
+  // fp32 like the reference's `absmax * int4_clip` on a float32 tensor (torch rounds the scalar to float)
+  a.int4_clip = static_cast<float>(int4_clip);
   a.q4 = n4 ? q4.data_ptr<uint8_t>() : nullptr;
   a.ld_q4 = n4 * kBlockK / 2;
   a.q8 = n_int8 ? q8.data_ptr<int8_t>() : nullptr;
@@ -127,7 +134,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act_cuda(const at::Tenso
 // ---------------------------------------------------------------------------
 at::Tensor w4ax_gemm_cuda(const at::Tensor& q4, const at::Tensor& q8, const at::Tensor& a_scales,
                           const at::Tensor& block_bits, const at::Tensor& qweight, const at::Tensor& w_scales,
-                          int64_t group_size, const std::optional<at::Tensor>& bias, at::ScalarType out_dtype,
+                          const std::optional<at::Tensor>& w_offsets, int64_t group_size,
+                          const std::optional<at::Tensor>& bias, at::ScalarType out_dtype,
                           int64_t scale_mode, int64_t split_k, int64_t mma_path) {
   constexpr const char* op = "cometq_C::w4ax_gemm";
   const at::Device dev = qweight.device();
@@ -190,6 +198,16 @@ at::Tensor w4ax_gemm_cuda(const at::Tensor& q4, const at::Tensor& q8, const at::
   }
   TORCH_CHECK(w_scales.size(0) == N && w_scales.size(1) == k_pad / G, op, ": w_scales shape ", w_scales.sizes(),
               " != (", N, ", ", k_pad / G, ") for group_size=", group_size);
+  const float* off_ptr = nullptr;
+  if (w_offsets.has_value()) {
+    const at::Tensor& wo = *w_offsets;
+    check_cuda(wo, op, "w_offsets", dev);
+    check_dtype(wo, at::kFloat, op, "w_offsets");
+    TORCH_CHECK(wo.dim() == 2 && wo.size(0) == N && wo.size(1) == k_pad / G, op, ": w_offsets shape ", wo.sizes(),
+                " != w_scales shape (", N, ", ", k_pad / G, ") for group_size=", group_size);
+    check_contig(wo, op, "w_offsets");
+    off_ptr = wo.data_ptr<float>();
+  }
   const void* bias_ptr = nullptr;
   int bias_code = COMETQ_DTYPE_F32;
   if (bias.has_value()) {
@@ -230,6 +248,8 @@ at::Tensor w4ax_gemm_cuda(const at::Tensor& q4, const at::Tensor& q8, const at::
   a.ld_w = qweight.size(1);
   a.w_scales = w_scales.data_ptr<float>();
   a.ld_ws = w_scales.size(1);
+  a.w_offsets = off_ptr;
+  a.ld_wo = w_scales.size(1);
   a.bias = bias_ptr;
   a.bias_dtype = bias_code;
   a.out = out.data_ptr();
@@ -253,11 +273,12 @@ at::Tensor w4ax_gemm_cuda(const at::Tensor& q4, const at::Tensor& q8, const at::
 
 TORCH_LIBRARY(cometq_C, m) {
   m.def(
-      "quantize_act(Tensor x, Tensor perm, Tensor block_bits, int n_int8, int scale_mode) "
+      "quantize_act(Tensor x, Tensor perm, Tensor block_bits, int n_int8, int scale_mode, float int4_clip) "
       "-> (Tensor, Tensor, Tensor)");
   m.def(
       "w4ax_gemm(Tensor q4, Tensor q8, Tensor a_scales, Tensor block_bits, Tensor qweight, Tensor w_scales, "
-      "int group_size, Tensor? bias, ScalarType out_dtype, int scale_mode, int split_k, int mma_path) -> Tensor");
+      "Tensor? w_offsets, int group_size, Tensor? bias, ScalarType out_dtype, int scale_mode, int split_k, "
+      "int mma_path) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(cometq_C, CUDA, m) {

@@ -1,9 +1,11 @@
 // W4Ax GEMM on integer tensor cores (mma.sync), plain CUDA (no torch).
 //
 // Semantics: exactly cometq.reference.w4ax_gemm (see cometq_kernels.h):
-//   y[m, n] = sum_s a_scale[m, s] * w_scale[n, s] * acc[m, n, s]  (+ bias[n])
+//   y[m, n] = sum_s a_scale[m, s] * (w_scale[n, s] * acc[m, n, s] + w_offset[n, s] * asum[m, s])  (+ bias[n])
 // acc[m, n, s] is the exact int32 dot product over K segment s of width
-// SEG = min(128, G); the epilogue is fp32 (the reference's is float64).
+// SEG = min(128, G); the epilogue is fp32 (the reference's is float64).  The
+// offset term (asymmetric weights, w_offsets != NULL) needs asum[m, s], the
+// exact sum of token m's activation integers over segment s.
 //
 // ============================================================================
 // Design (docs/CUDA.md has the drawings)
@@ -38,6 +40,21 @@
 //   (B registers of the other threads zeroed), each flushed to fp32 with its
 //   own weight scale.  Costs 2x/4x the mma for these rare group sizes, keeps
 //   one code path.
+// * Asymmetric weights (offset term): the weight integers stay the signed
+//   nibbles of the symmetric format and run through the same mma (on sm_8x the
+//   s4 path is untouched), so the offset is the only addition.  Its activation
+//   sums come for free from the A fragments: a thread already holds, for the A
+//   rows g and g+8 it loads, the 16 channels 16t..16t+15 of each k-step, and
+//   those are the SAME rows its accumulator fragment owns (C rows g, g+8).  It
+//   adds them up with dp4a (one instruction per 4 values), and at each segment
+//   flush the 4 threads t = 0..3 of the quad (which together hold all 64
+//   channels of the k-step) combine their partial sums with two xor shuffles.
+//   No shared memory, no extra barrier; with sub-segments (G = 16, 32) each
+//   thread's 16 channels lie in exactly one sub-segment (16t / SEG), so the
+//   other threads contribute 0 to its shuffle sum.  HAS_OFF is a template
+//   parameter: the symmetric instantiations compile to the same code as before
+//   the offsets existed (a run-time branch cost the symmetric s4 path 30-40
+//   registers on sm_80).
 // * Shared memory layout (bank conflicts):
 //     INT4 A rows and weight rows: 64 data bytes padded to ROW4 = 96 bytes.
 //       An 8-byte load by a half-warp touches rows g = 0..3 (or 4..7) at words
@@ -163,7 +180,7 @@ __device__ __forceinline__ void load_stage(const CometqGemmArgs& p, const int* s
 // ---------------------------------------------------------------------------
 // The kernel.
 // ---------------------------------------------------------------------------
-template <class Cfg, bool USE_S4>
+template <class Cfg, bool USE_S4, bool HAS_OFF>
 __global__ void __launch_bounds__(Cfg::THREADS) w4ax_gemm_kernel(const CometqGemmArgs p) {
   constexpr int MT = Cfg::MT, NT = Cfg::NT;
   extern __shared__ __align__(16) uint8_t smem[];
@@ -187,6 +204,15 @@ __global__ void __launch_bounds__(Cfg::THREADS) w4ax_gemm_kernel(const CometqGem
   const int seg = p.group < kBlockK ? p.group : kBlockK;  // segment width: 16, 32, 64 or 128
   const int segs_per_step = seg >= 64 ? 1 : 64 / seg;      // sub-segments per 64-channel k-step
   const int my_subseg = (16 * t) / seg;                    // (only used when segs_per_step > 1)
+
+  // Offset term (asymmetric weights, p.w_offsets != NULL): compile-time, so the
+  // shuffles below are executed by full warps or not at all.
+  constexpr bool has_off = HAS_OFF;
+  // asum[i][rh]: this thread's share of the activation sum of row g + 8 rh of m
+  // tile i over the current segment (x16 for INT4 blocks, see sum_nib8_x16).
+  int asum[MT][2];
+#pragma unroll
+  for (int i = 0; i < MT; ++i) asum[i][0] = asum[i][1] = 0;
 
   float acc[MT][NT][4];
   int iacc[MT][NT][4];
@@ -275,6 +301,11 @@ __global__ void __launch_bounds__(Cfg::THREADS) w4ax_gemm_kernel(const CometqGem
           afr[i][1][1] = bytes_even(v[1].z, v[1].w);
           afr[i][1][2] = bytes_odd(v[0].z, v[0].w);
           afr[i][1][3] = bytes_odd(v[1].z, v[1].w);
+          if (has_off) {
+#pragma unroll
+            for (int rh = 0; rh < 2; ++rh)
+              asum[i][rh] = sum_s8x4(v[rh].x, sum_s8x4(v[rh].y, sum_s8x4(v[rh].z, sum_s8x4(v[rh].w, asum[i][rh]))));
+          }
         }
       } else {
         // INT4 activations: 8 bytes per row = 16 nibbles, channels 16t .. 16t+15
@@ -300,6 +331,10 @@ __global__ void __launch_bounds__(Cfg::THREADS) w4ax_gemm_kernel(const CometqGem
             afr[i][1][1] = nib_lo_x16(v[1].y);
             afr[i][1][2] = nib_hi_x16(v[0].y);
             afr[i][1][3] = nib_hi_x16(v[1].y);
+          }
+          if (has_off) {  // (on the s8 path the widened words above are reused by the compiler)
+#pragma unroll
+            for (int rh = 0; rh < 2; ++rh) asum[i][rh] = sum_nib8_x16(v[rh].x, sum_nib8_x16(v[rh].y, asum[i][rh]));
           }
         }
       }
@@ -330,17 +365,35 @@ __global__ void __launch_bounds__(Cfg::THREADS) w4ax_gemm_kernel(const CometqGem
           }
         }
 
-        // ---- flush the finished segment into fp32: acc += a_scale * w_scale * conv * iacc
+        // ---- flush the finished segment into fp32:
+        //   acc += a_scale * w_scale * conv * iacc  (+ a_scale * asum * w_offset)
         if (seg <= 64 || ks == 1) {
           const int seg_start = b * kBlockK + (seg == kBlockK ? 0 : ks * 64 + sub * seg);
           const int grp = seg_start / p.group;
+          // a_off[i][rh] = a_scale * asum of the segment for owned row g + 8 rh of m tile i
+          float a_off[MT][2];
+          if (has_off) {
+            const bool mine = segs_per_step == 1 || my_subseg == sub;
+#pragma unroll
+            for (int i = 0; i < MT; ++i)
+#pragma unroll
+              for (int rh = 0; rh < 2; ++rh) {
+                // INT4 partial sums are 16x (each term a multiple of 16): the shift is exact
+                int sm = mine ? (is8 ? asum[i][rh] : (asum[i][rh] >> 4)) : 0;
+                sm += __shfl_xor_sync(0xFFFFFFFFu, sm, 1);  // quad t = 0..3: all 64 channels of the k-step
+                sm += __shfl_xor_sync(0xFFFFFFFFu, sm, 2);
+                a_off[i][rh] = a_sc[i][rh] * static_cast<float>(sm);  // |sm| <= 128 * 128: exact in fp32
+                if (sub == segs_per_step - 1) asum[i][rh] = 0;         // segment done for every sub-segment
+              }
+          }
 #pragma unroll
           for (int j = 0; j < NT; ++j) {
-            float w_sc[2];
+            float w_sc[2], w_of[2];
 #pragma unroll
             for (int c = 0; c < 2; ++c) {
               const int gn = min(n0 + wn0 + j * 8 + 2 * t + c, p.N - 1);
               w_sc[c] = __ldg(p.w_scales + static_cast<int64_t>(gn) * p.ld_ws + grp) * conv;
+              w_of[c] = has_off ? __ldg(p.w_offsets + static_cast<int64_t>(gn) * p.ld_wo + grp) : 0.f;
             }
 #pragma unroll
             for (int i = 0; i < MT; ++i)
@@ -348,6 +401,7 @@ __global__ void __launch_bounds__(Cfg::THREADS) w4ax_gemm_kernel(const CometqGem
               for (int e = 0; e < 4; ++e) {
                 // e: 0 -> (row g, col 2t), 1 -> (g, 2t+1), 2 -> (g+8, 2t), 3 -> (g+8, 2t+1)
                 acc[i][j][e] += static_cast<float>(iacc[i][j][e]) * (a_sc[i][e >> 1] * w_sc[e & 1]);
+                if (has_off) acc[i][j][e] += a_off[i][e >> 1] * w_of[e & 1];
                 iacc[i][j][e] = 0;
               }
           }
@@ -394,9 +448,9 @@ __global__ void splitk_finalize_kernel(const float* __restrict__ ws, int M, int 
 // ---------------------------------------------------------------------------
 // host side
 // ---------------------------------------------------------------------------
-template <class Cfg, bool USE_S4>
+template <class Cfg, bool USE_S4, bool HAS_OFF>
 static cudaError_t launch_cfg(const CometqGemmArgs& a, cudaStream_t stream) {
-  auto kernel = w4ax_gemm_kernel<Cfg, USE_S4>;
+  auto kernel = w4ax_gemm_kernel<Cfg, USE_S4, HAS_OFF>;
   const size_t smem = Cfg::PIPE_BYTES + 2 * sizeof(int) * static_cast<size_t>(a.n_blocks);
   int dev = 0, max_optin = 0;
   cudaError_t err = cudaGetDevice(&dev);
@@ -414,11 +468,17 @@ static cudaError_t launch_cfg(const CometqGemmArgs& a, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+template <bool USE_S4, bool HAS_OFF>
+static cudaError_t launch_cfg_m(const CometqGemmArgs& a, cudaStream_t stream) {
+  if (a.M <= 16) return launch_cfg<CfgSmall, USE_S4, HAS_OFF>(a, stream);
+  if (a.M <= 64) return launch_cfg<CfgMid, USE_S4, HAS_OFF>(a, stream);
+  return launch_cfg<CfgLarge, USE_S4, HAS_OFF>(a, stream);
+}
+
 template <bool USE_S4>
 static cudaError_t launch_path(const CometqGemmArgs& a, cudaStream_t stream) {
-  if (a.M <= 16) return launch_cfg<CfgSmall, USE_S4>(a, stream);
-  if (a.M <= 64) return launch_cfg<CfgMid, USE_S4>(a, stream);
-  return launch_cfg<CfgLarge, USE_S4>(a, stream);
+  if (a.w_offsets != nullptr) return launch_cfg_m<USE_S4, true>(a, stream);
+  return launch_cfg_m<USE_S4, false>(a, stream);
 }
 
 }  // namespace cometq

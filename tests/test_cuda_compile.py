@@ -29,8 +29,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
 ARCHS = ("sm_80", "sm_90a")
 KERNEL_FILES = ("w4ax_gemm.cu", "act_quant.cu")
-# ptxas entry counts per file: GEMM = 3 tile configs x 2 mma paths + split-K finalize; act_quant = 3 input dtypes
-EXPECTED_ENTRIES = {"w4ax_gemm.cu": 7, "act_quant.cu": 3}
+# ptxas entry counts per file: GEMM = 3 tile configs x 2 mma paths x {symmetric, asymmetric weights}
+# + split-K finalize; act_quant = 3 input dtypes
+EXPECTED_ENTRIES = {"w4ax_gemm.cu": 13, "act_quant.cu": 3}
 NVCC_FLAGS = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-Xptxas", "-v", "-I", CSRC]
 
 
@@ -131,6 +132,9 @@ def test_ptx_uses_the_intended_instructions(builds, arch):
     assert "cp.async.cg.shared.global" in ptx
     assert "cp.async.wait_group" in ptx
     assert "prmt.b32" in ptx  # the INT8 activation byte de-interleave
+    # asymmetric weights: activation row sums by dp4a, combined across the quad by xor shuffles
+    assert "dp4a.s32.s32" in ptx
+    assert "shfl.sync.bfly.b32" in ptx
 
 
 def test_bindings_syntax(builds):
@@ -144,6 +148,7 @@ def test_bindings_syntax(builds):
 HOST_CHECK = r"""
 // Host-side logic of the C interface, run WITHOUT a GPU: every call below must
 // return before touching the CUDA runtime (argument validation) or is pure host code.
+#include <cmath>
 #include <cstdio>
 #include "cometq_kernels.h"
 int main() {
@@ -177,6 +182,10 @@ int main() {
   CHECK(cometq_w4ax_gemm(&a, 0) == cudaErrorInvalidValue);
   a.M = 0; a.mma_path = COMETQ_MMA_S8;                          // empty problem: no launch
   CHECK(cometq_w4ax_gemm(&a, 0) == cudaSuccess);
+  a.w_offsets = (const float*)buf; a.ld_wo = 1;                // asymmetric: same validation, no launch
+  CHECK(cometq_w4ax_gemm(&a, 0) == cudaSuccess);
+  a.M = 4; a.mma_path = 7;
+  CHECK(cometq_w4ax_gemm(&a, 0) == cudaErrorInvalidValue);
   CHECK(cometq_quantize_act(nullptr, 0) == cudaErrorInvalidValue);
   CometqActQuantArgs q = {};
   q.M = 2; q.K = 576; q.n_blocks = 4; q.n4 = 4;                // 576 channels need 5 blocks
@@ -184,7 +193,13 @@ int main() {
   q.n_blocks = 5; q.n4 = 3; q.n8 = 2; q.x = buf; q.perm = (const int64_t*)buf; q.block_bits = (const int32_t*)buf;
   q.scales = (float*)buf; q.q4 = buf; q.q8 = (int8_t*)buf; q.x_dtype = 9;   // bad dtype
   CHECK(cometq_quantize_act(&q, 0) == cudaErrorInvalidValue);
-  q.M = 0; q.x_dtype = COMETQ_DTYPE_F16;
+  q.x_dtype = COMETQ_DTYPE_F16; q.int4_clip = 0.f;            // clip must be in (0, 1]
+  CHECK(cometq_quantize_act(&q, 0) == cudaErrorInvalidValue);
+  q.int4_clip = 1.5f;
+  CHECK(cometq_quantize_act(&q, 0) == cudaErrorInvalidValue);
+  q.int4_clip = std::nanf("");                                 // NaN
+  CHECK(cometq_quantize_act(&q, 0) == cudaErrorInvalidValue);
+  q.M = 0; q.int4_clip = 0.9f;
   CHECK(cometq_quantize_act(&q, 0) == cudaSuccess);
   std::printf("%d failures\n", fails);
   return fails != 0;

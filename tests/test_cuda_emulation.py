@@ -58,6 +58,25 @@ def bytes_odd(p, q):
     return byte_perm(p, q, 0x7531)
 
 
+def dp4a_ones(w, acc):
+    """__dp4a(w, 0x01010101, acc): acc + the 4 signed bytes of w (per lane)."""
+    return acc + _s8(w).sum(axis=1)
+
+
+def sum_s8x4(w, acc):
+    return dp4a_ones(w, acc)
+
+
+def sum_nib8_x16(w, acc):
+    """16 x the sum of the 8 signed nibbles of w (cometq_device.cuh)."""
+    return sum_s8x4(nib_lo_x16(w), sum_s8x4(nib_hi_x16(w), acc))
+
+
+def shfl_xor(v, mask):
+    """__shfl_xor_sync(0xFFFFFFFF, v, mask) over the 32 lanes."""
+    return v[LANE ^ mask]
+
+
 def _s8(w):
     """uint32 [32] -> int8 [32, 4] (byte 0 first)."""
     return w.astype("<u4").view(np.uint8).reshape(-1, 4).view(np.int8).astype(np.int64)
@@ -145,7 +164,8 @@ def split_range(info, z, splits, cost8):
     return (begin, end) if found else (0, 0)
 
 
-def emulate_gemm(q4, q8, a_scales, block_bits, qweight, w_scales, group, scale_mode, *, use_s4, cfg, split_k=1):
+def emulate_gemm(q4, q8, a_scales, block_bits, qweight, w_scales, group, scale_mode, *, use_s4, cfg, split_k=1,
+                 w_offsets=None):
     BM, BN, WARPS_M, WARPS_N = cfg
     WM, WN = BM // WARPS_M, BN // WARPS_N
     MT, NT = WM // 16, WN // 8
@@ -167,6 +187,8 @@ def emulate_gemm(q4, q8, a_scales, block_bits, qweight, w_scales, group, scale_m
                     wm0, wn0 = warp_m * WM, warp_n * WN
                     acc = np.zeros((MT, NT, 32, 4), np.float32)
                     iacc = np.zeros((MT, NT, 32, 4), np.int64)
+                    has_off = w_offsets is not None  # the HAS_OFF template parameter
+                    asum = np.zeros((MT, 2, 32), np.int64)  # per owned row g + 8 rh, per lane
                     for b in range(kb_begin, kb_end):
                         slot, is8, valid = info[b]
                         if not valid:
@@ -219,6 +241,10 @@ def emulate_gemm(q4, q8, a_scales, block_bits, qweight, w_scales, group, scale_m
                                     (x0, y0, z0, v0), (x1, y1, z1, v1) = v
                                     afr[i, 0] = (bytes_even(x0, y0), bytes_even(x1, y1), bytes_odd(x0, y0), bytes_odd(x1, y1))
                                     afr[i, 1] = (bytes_even(z0, v0), bytes_even(z1, v1), bytes_odd(z0, v0), bytes_odd(z1, v1))
+                                    if has_off:
+                                        for rh in range(2):
+                                            vx, vy, vz, vw = v[rh]
+                                            asum[i, rh] = sum_s8x4(vx, sum_s8x4(vy, sum_s8x4(vz, sum_s8x4(vw, asum[i, rh]))))
                                 else:
                                     (x0, y0), (x1, y1) = [(_ld32(sA, r * ROW4 + ks * 32 + T * 8), _ld32(sA, r * ROW4 + ks * 32 + T * 8 + 4)) for r in rows]
                                     if use_s4:
@@ -226,6 +252,9 @@ def emulate_gemm(q4, q8, a_scales, block_bits, qweight, w_scales, group, scale_m
                                     else:
                                         afr[i, 0] = (nib_lo_x16(x0), nib_lo_x16(x1), nib_hi_x16(x0), nib_hi_x16(x1))
                                         afr[i, 1] = (nib_lo_x16(y0), nib_lo_x16(y1), nib_hi_x16(y0), nib_hi_x16(y1))
+                                    if has_off:
+                                        for rh, (vx, vy) in enumerate(((x0, y0), (x1, y1))):
+                                            asum[i, rh] = sum_nib8_x16(vx, sum_nib8_x16(vy, asum[i, rh]))
                             s4_mma = use_s4 and not is8
                             for sub in range(segs_per_step):
                                 my_subseg = (16 * T) // seg
@@ -243,11 +272,27 @@ def emulate_gemm(q4, q8, a_scales, block_bits, qweight, w_scales, group, scale_m
                                 if seg <= 64 or ks == 1:
                                     seg_start = b * BLOCK_K + (0 if seg == BLOCK_K else ks * 64 + sub * seg)
                                     grp = seg_start // group
+                                    a_off = np.zeros((MT, 2, 32), np.float32)
+                                    if has_off:
+                                        mine = (segs_per_step == 1) | (my_subseg == sub)
+                                        for i in range(MT):
+                                            for rh in range(2):
+                                                sm = np.where(mine, asum[i, rh] if is8 else (asum[i, rh] >> 4), 0)
+                                                assert is8 or not (asum[i, rh] & 15).any()  # the shift is exact
+                                                sm = sm + shfl_xor(sm, 1)
+                                                sm = sm + shfl_xor(sm, 2)
+                                                a_off[i, rh] = a_sc[i, rh] * sm.astype(np.float32)
+                                                if sub == segs_per_step - 1:
+                                                    asum[i, rh] = 0
                                     for j in range(NT):
-                                        w_sc = [w_scales[np.minimum(n0 + wn0 + j * 8 + 2 * T + c, N - 1), grp] * conv for c in range(2)]
+                                        gns = [np.minimum(n0 + wn0 + j * 8 + 2 * T + c, N - 1) for c in range(2)]
+                                        w_sc = [w_scales[gn, grp] * conv for gn in gns]
+                                        w_of = [w_offsets[gn, grp] if has_off else np.float32(0) for gn in gns]
                                         for i in range(MT):
                                             for e in range(4):
                                                 acc[i, j, :, e] += iacc[i, j, :, e].astype(np.float32) * (a_sc[i, e >> 1] * w_sc[e & 1])
+                                                if has_off:
+                                                    acc[i, j, :, e] += a_off[i, e >> 1] * w_of[e & 1]
                                                 iacc[i, j, :, e] = 0
                     # ---- epilogue (split-K: atomicAdd into the workspace == out here)
                     for i in range(MT):
@@ -260,12 +305,16 @@ def emulate_gemm(q4, q8, a_scales, block_bits, qweight, w_scales, group, scale_m
     return out
 
 
-def _operands(m, n, k, bits, group, scale_mode, seed):
+def _operands(m, n, k, bits, group, scale_mode, seed, *, sym=True, int4_clip=1.0):
     gen = torch.Generator().manual_seed(seed)
-    lay = ActivationLayout(torch.randperm(k, generator=gen), torch.tensor(bits, dtype=torch.int32))
+    lay = ActivationLayout(torch.randperm(k, generator=gen), torch.tensor(bits, dtype=torch.int32), int4_clip)
     x = rand_activation(m, k, outliers=3, generator=gen)
     qa = R.quantize_activation(x, lay, scale_mode)
-    qw = R.quantize_weight_rtn(rand_weight(n, k, generator=gen)[:, lay.perm], group)
+    w = rand_weight(n, k, generator=gen)
+    if not sym:
+        # a per-row shift, so the offsets are far from zero (what asymmetric weights are for)
+        w = w + 0.5 * torch.randn(n, 1, generator=gen)
+    qw = R.quantize_weight_rtn(w[:, lay.perm], group, sym=sym)
     return qa, qw
 
 
@@ -317,6 +366,70 @@ def test_emulated_gemm_integer_exact():
         assert torch.equal(torch.from_numpy(y), want)
 
 
+@pytest.mark.parametrize(
+    "bits,group,scale_mode,use_s4,cfg,split_k",
+    [
+        ((4, 8, 4, 8, 8), -1, "block", True, "small", 1),
+        ((8, 4, 4, 4, 8), 128, "class", False, "mid", 3),
+        ((4, 4, 4, 4, 4), 64, "block", True, "small", 2),
+        ((8, 8, 8, 8, 8), 32, "block", False, "small", 1),
+        ((4, 8, 8, 4, 4), 16, "class", True, "small", 5),
+        ((4, 8, 8, 4, 4), 16, "block", False, "mid", 1),
+        ((4, 4, 8, 4, 4), 640, "block", False, "small", 4),
+        ((8, 4, 4, 8, 4), 32, "class", True, "large", 2),
+    ],
+)
+def test_emulated_asymmetric_gemm_matches_reference(bits, group, scale_mode, use_s4, cfg, split_k):
+    """Asymmetric weights (w_offsets) and clipped INT4 activations: the offset term's
+    per-lane dp4a row sums, quad shuffles and sub-segment masks vs reference.w4ax_gemm."""
+    m, n, k = (70 if cfg == "large" else 17), 72, 576
+    key = zlib.crc32(repr(("asym", bits, group, scale_mode)).encode())
+    qa, qw = _operands(m, n, k, list(bits), group, scale_mode, seed=key, sym=False, int4_clip=0.85)
+    assert qw.offsets is not None and float(qw.offsets.abs().mean()) > 0.1
+    y = emulate_gemm(
+        qa.q4.numpy(), qa.q8.numpy(), qa.scales.numpy(), list(bits), qw.qweight.numpy(), qw.scales.numpy(),
+        qw.group_width, 0 if scale_mode == "block" else 1, use_s4=use_s4, cfg=CFGS[cfg], split_k=split_k,
+        w_offsets=qw.offsets.numpy(),
+    )
+    ref = R.w4ax_gemm(qa, qw, out_dtype=torch.float64)
+    torch.testing.assert_close(torch.from_numpy(y), ref.float(), rtol=GEMM_FP32_RTOL, atol=GEMM_FP32_ATOL)
+    # the offset term matters here: dropping it is far outside the tolerance (the test can fail)
+    qw_sym = R.QuantizedWeight(qw.qweight, qw.scales, qw.in_features, qw.group_size)
+    assert (R.w4ax_gemm(qa, qw_sym, out_dtype=torch.float64) - ref).abs().max() > 100 * GEMM_FP32_ATOL
+
+
+@pytest.mark.parametrize("group", [16, 32, 64, 128, 640])
+@pytest.mark.parametrize("use_s4", [True, False])
+def test_emulated_activation_sums_exact(group, use_s4):
+    """w_scales = 0, integer offsets, unit activation scales: y[m, n] = sum_s off[n, s] * asum[m, s]
+    exactly, i.e. the row sums are exact integers for every segment width, including
+    -8 nibbles and -128 bytes (raw random bytes)."""
+    gen = torch.Generator().manual_seed(group * 2 + use_s4)
+    m, n, bits = 19, 24, [8, 4, 4, 8, 4]
+    lay = ActivationLayout(torch.arange(576), torch.tensor(bits, dtype=torch.int32))
+    q4 = torch.randint(0, 256, (m, lay.n_int4 * 64), generator=gen, dtype=torch.int32).to(torch.uint8)
+    q8 = torch.randint(-128, 128, (m, lay.n_int8 * 128), generator=gen, dtype=torch.int32).to(torch.int8)
+    qa = R.QuantizedActivation(q4, q8, torch.ones(m, lay.n_blocks), lay, "block")
+    qweight = torch.randint(0, 256, (n, lay.k_pad // 2), generator=gen, dtype=torch.int32).to(torch.uint8)
+    ns = lay.k_pad // group
+    offsets = torch.randint(-3, 4, (n, ns), generator=gen).float()
+    qw = R.QuantizedWeight(qweight, torch.zeros(n, ns), 576, group, offsets)
+    want = (R.w4ax_act_sums(qa, qw).double() @ offsets.double().repeat_interleave(max(1, group // 128), 1).T)
+    assert torch.equal(R.w4ax_gemm(qa, qw, out_dtype=torch.float64), want)
+    assert float(want.abs().max()) < 2**24
+    y = emulate_gemm(q4.numpy(), q8.numpy(), qa.scales.numpy(), bits, qweight.numpy(), qw.scales.numpy(), group, 0,
+                     use_s4=use_s4, cfg=CFGS["small"], split_k=2, w_offsets=offsets.numpy())
+    assert torch.equal(torch.from_numpy(y).double(), want)
+
+
+def test_activation_sum_helpers():
+    """dp4a-with-ones sums the signed bytes; sum_nib8_x16 gives 16 x the nibble sum."""
+    rng = np.random.default_rng(1)
+    w = rng.integers(0, 2**32, size=32, dtype=np.uint64).astype(np.uint32)
+    assert np.array_equal(sum_s8x4(w, np.zeros(32, np.int64)), _s8(w).sum(1))
+    assert np.array_equal(sum_nib8_x16(w, np.full(32, 5, np.int64)), 5 + 16 * _s4(w).sum(1))
+
+
 def test_split_ranges_partition_blocks_by_cost():
     info = block_table([8, 4, 4, 8, 8, 4, 4, 4, 4], 6, 3)
     for splits in range(1, 12):
@@ -345,7 +458,7 @@ def test_conversion_tricks():
 # --------------------------------------------------------------------------
 # act_quant, transcribed (one CTA per row, warp per block, lane = 4 channels)
 # --------------------------------------------------------------------------
-def emulate_act_quant(x, perm, block_bits, n_int8, scale_mode):
+def emulate_act_quant(x, perm, block_bits, n_int8, scale_mode, int4_clip=1.0):
     x = x.astype(np.float32)
     M, K = x.shape
     nb = len(block_bits)
@@ -361,13 +474,16 @@ def emulate_act_quant(x, perm, block_bits, n_int8, scale_mode):
             v[j < K] = x[m, perm[j[j < K]]]
             return v.reshape(32, 4)  # [lane, i]
         absmax = np.array([np.abs(gather(b)).max() for b in range(nb)], np.float32)
+        clip = np.float32(int4_clip)  # the bindings pass static_cast<float>(int4_clip)
         if scale_mode == 0:
-            s = absmax / np.where(np.array(block_bits) == 8, np.float32(127), np.float32(7))
+            is8 = np.array(block_bits) == 8
+            s = np.where(is8, absmax / np.float32(127), (absmax * clip) / np.float32(7)).astype(np.float32)
             scales[m] = s
         else:
             is8 = np.array(block_bits) == 8
             a4 = absmax[~is8].max() if (~is8).any() else np.float32(0)
             a8 = absmax[is8].max() if is8.any() else np.float32(0)
+            a4 = np.float32(a4) * clip  # __fmul_rn after the class max
             s4, s8 = np.float32(a4) / np.float32(7), np.float32(a8) / np.float32(127)
             scales[m] = (s4, s8)
             s = np.where(is8, s8, s4).astype(np.float32)
@@ -397,6 +513,30 @@ def test_emulated_act_quant_is_bit_identical(bits, scale_mode):
     assert torch.equal(torch.from_numpy(q4), ref.q4)
     assert torch.equal(torch.from_numpy(q8), ref.q8)
     assert torch.equal(torch.from_numpy(sc), ref.scales)
+
+
+@pytest.mark.parametrize("clip", [0.9, 0.55, 1 / 3])
+@pytest.mark.parametrize("bits", [(4, 4, 4, 4, 4), (8, 4, 8, 4, 4), (8, 8, 8, 8, 8)])
+@pytest.mark.parametrize("scale_mode", ["block", "class"])
+def test_emulated_act_quant_clip_is_bit_identical(clip, bits, scale_mode):
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((clip, bits, scale_mode)).encode()))
+    m, k = 4, 576
+    lay = ActivationLayout(torch.randperm(k, generator=gen), torch.tensor(bits, dtype=torch.int32), clip)
+    x = rand_activation(m, k, outliers=4, generator=gen)
+    ref = R.quantize_activation(x, lay, scale_mode)
+    q4, q8, sc = emulate_act_quant(x.numpy(), lay.perm.numpy(), list(bits), lay.n_int8,
+                                   0 if scale_mode == "block" else 1, int4_clip=clip)
+    assert torch.equal(torch.from_numpy(q4), ref.q4)
+    assert torch.equal(torch.from_numpy(q8), ref.q8)
+    assert torch.equal(torch.from_numpy(sc), ref.scales)
+    if lay.n_int4:  # the clip is live: some INT4 values saturate, and the scales differ from the unclipped ones
+        plain = R.quantize_activation(x, ActivationLayout(lay.perm, lay.block_bits), scale_mode)
+        assert not torch.equal(plain.scales, ref.scales)
+        assert (ref.int_blocks()[:, ~(lay.block_bits == 8).repeat_interleave(BLOCK_K)].abs() == 7).sum() > \
+            (plain.int_blocks()[:, ~(lay.block_bits == 8).repeat_interleave(BLOCK_K)].abs() == 7).sum()
+    if lay.n_int8:  # INT8 blocks are never clipped
+        plain = R.quantize_activation(x, ActivationLayout(lay.perm, lay.block_bits), scale_mode)
+        assert torch.equal(plain.q8, ref.q8)
 
 
 # --------------------------------------------------------------------------

@@ -9,6 +9,9 @@ accumulators).  Odd shapes (M = 1, 3, 17, 70, 130, 300; K = 576 = 4.5 blocks;
 N = 200, 333) and every block-map pattern, both scale modes, every group size
 family, both mma paths (the s4 path runs, emulated and slowly, on sm_90 too),
 split-K, bias and output dtypes, TORCH_CHECK error paths, and opcheck.
+The two optional format features are covered the same way: the INT4 activation
+clip (``int4_clip`` < 1, bit-identical) and asymmetric weights (``w_offsets``:
+within tolerance, and exact where the activation row sums are exposed).
 
 Run by bench/gpu_check.sh (``pytest -m gpu``).  If CUDA is available but the
 extension is not built, these tests ERROR (ImportError) instead of skipping;
@@ -17,6 +20,7 @@ set COMETQ_SKIP_CUDA=1 to skip them deliberately.
 from __future__ import annotations
 
 import os
+import re
 import zlib
 
 import pytest
@@ -66,16 +70,19 @@ def _gen(*key):
     return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
 
 
-def _layout(k, bits, gen):
-    return ActivationLayout(torch.randperm(k, generator=gen), torch.tensor(bits, dtype=torch.int32))
+def _layout(k, bits, gen, int4_clip=1.0):
+    return ActivationLayout(torch.randperm(k, generator=gen), torch.tensor(bits, dtype=torch.int32), int4_clip)
 
 
-def _operands(m, n, k, bits, group, scale_mode, seed_key):
+def _operands(m, n, k, bits, group, scale_mode, seed_key, *, sym=True, int4_clip=1.0):
     gen = _gen(*seed_key)
-    lay = _layout(k, list(bits), gen)
+    lay = _layout(k, list(bits), gen, int4_clip)
     x = rand_activation(m, k, outliers=5, generator=gen)
     qa = R.quantize_activation(x, lay, scale_mode)
-    qw = R.quantize_weight_rtn(rand_weight(n, k, generator=gen)[:, lay.perm], group)
+    w = rand_weight(n, k, generator=gen)
+    if not sym:
+        w = w + 0.5 * torch.randn(n, 1, generator=gen)  # offsets far from zero
+    qw = R.quantize_weight_rtn(w[:, lay.perm], group, sym=sym)
     return qa, qw
 
 
@@ -87,7 +94,8 @@ def _run_gemm(C, qa, qw, bias=None, out_dtype=torch.float32, **kw):
     d = DEVICE
     return C.cuda_w4ax_gemm(
         qa.q4.to(d), qa.q8.to(d), qa.scales.to(d), qa.layout.block_bits.to(d), qw.qweight.to(d), qw.scales.to(d),
-        _gs(qw), None if bias is None else bias.to(d), out_dtype, qa.scale_mode, **kw,
+        _gs(qw), None if bias is None else bias.to(d), out_dtype, qa.scale_mode,
+        w_offsets=None if qw.offsets is None else qw.offsets.to(d), **kw,
     )
 
 
@@ -143,6 +151,47 @@ def test_quantize_act_empty_m(C):
     x = torch.empty(0, K, device=DEVICE)
     q4, q8, sc = C.cuda_quantize_act(x, lay.perm.to(DEVICE), lay.block_bits.to(DEVICE), lay.n_int8, "class")
     assert q4.shape == (0, 3 * 64) and q8.shape == (0, 2 * 128) and sc.shape == (0, 2)
+
+
+@pytest.mark.parametrize("m", [1, 3, 17])
+@pytest.mark.parametrize("pattern", ["all4", "int8_first", "alt84", "all8"])
+@pytest.mark.parametrize("scale_mode", ["block", "class"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("clip", [0.9, 0.55, 1 / 3])
+def test_quantize_act_clip_bit_identical(C, m, pattern, scale_mode, dtype, clip):
+    """INT4 scales (absmax * clip) / 7, saturating at +-7; INT8 blocks unclipped."""
+    gen = _gen("qclip", m, pattern, scale_mode, str(dtype), clip)
+    lay = _layout(K, list(PATTERNS[pattern]), gen, clip)
+    x = rand_activation(m, K, outliers=5, dtype=dtype, generator=gen)
+    ref = R.quantize_activation(x, lay, scale_mode)  # on the CPU
+    q4, q8, sc = C.cuda_quantize_act(x.to(DEVICE), lay.perm.to(DEVICE), lay.block_bits.to(DEVICE), lay.n_int8,
+                                     scale_mode, clip)
+    assert torch.equal(q4.cpu(), ref.q4)
+    assert torch.equal(q8.cpu(), ref.q8)
+    assert torch.equal(sc.cpu(), ref.scales)
+
+
+def test_quantize_act_clip_one_is_unclipped(C):
+    gen = _gen("qclip1")
+    lay = _layout(K, [8, 4, 4, 8, 4], gen)
+    x = rand_activation(5, K, outliers=5, generator=gen).to(DEVICE)
+    args = (x, lay.perm.to(DEVICE), lay.block_bits.to(DEVICE), lay.n_int8, "class")
+    a = C.cuda_quantize_act(*args)
+    b = C.cuda_quantize_act(*args, 1.0)
+    c = C.cuda_quantize_act(*args, 0.7)
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    assert not torch.equal(a[2], c[2]) and torch.equal(a[1], c[1])  # INT4 class scale shrinks, INT8 blocks unchanged
+
+
+def test_quantize_act_clip_through_ops(C):
+    """ops with a clipped layout: the cuda backend runs it (no BackendUnsupported fallback)."""
+    gen = _gen("qclip_ops")
+    lay = _layout(K, [8, 4, 4, 8, 4], gen, 0.8)
+    x = rand_activation(9, K, outliers=5, dtype=torch.float16, generator=gen)
+    ref = R.quantize_activation(x, lay, "block")
+    got = ops.quantize_activation(x.to(DEVICE), lay.to(DEVICE), "block", backend="cuda")
+    assert torch.equal(got.q4.cpu(), ref.q4) and torch.equal(got.q8.cpu(), ref.q8)
+    assert torch.equal(got.scales.cpu(), ref.scales)
 
 
 # ==========================================================================
@@ -251,11 +300,102 @@ def test_gemm_empty(C):
 
 
 # ==========================================================================
+# asymmetric weights (w_offsets) against the reference
+# ==========================================================================
+@pytest.mark.parametrize("m", [1, 3, 17, 130])
+@pytest.mark.parametrize("pattern", ["all4", "all8", "int8_first", "alt48"])
+@pytest.mark.parametrize("scale_mode", ["block", "class"])
+@pytest.mark.parametrize("mma_path", ["s4", "s8"])
+def test_gemm_asymmetric_block_patterns(C, m, pattern, scale_mode, mma_path):
+    qa, qw = _operands(m, 200, K, PATTERNS[pattern], 128, scale_mode, ("asym_pat", m, pattern, scale_mode),
+                       sym=False, int4_clip=0.85)
+    y = _run_gemm(C, qa, qw, mma_path=mma_path)
+    _check_close(y, R.w4ax_gemm(qa, qw, out_dtype=torch.float64), torch.float32)
+
+
+@pytest.mark.parametrize("group", [-1, 16, 32, 64, 128, 640])
+@pytest.mark.parametrize("m", [3, 70])
+@pytest.mark.parametrize("mma_path", ["s4", "s8"])
+@pytest.mark.parametrize("split_k", [0, 1, 3])
+def test_gemm_asymmetric_group_sizes_split_k(C, group, m, mma_path, split_k):
+    qa, qw = _operands(m, 333, K, PATTERNS["alt84"], group, "block", ("asym_grp", group, m), sym=False)
+    bias = torch.randn(333, generator=_gen("asym_bias", group, m))
+    y = _run_gemm(C, qa, qw, bias=bias, mma_path=mma_path, split_k=split_k)
+    _check_close(y, R.w4ax_gemm(qa, qw, bias, out_dtype=torch.float64), torch.float32)
+
+
+@pytest.mark.parametrize("group", [16, 32, 64, 128, 640])
+@pytest.mark.parametrize("mma_path", ["s4", "s8"])
+@pytest.mark.parametrize("split_k", [1, 2])
+@pytest.mark.parametrize("m", [1, 17, 70])
+def test_gemm_asymmetric_activation_sums_exact(C, group, mma_path, split_k, m):
+    """w_scales = 0, small integer offsets, unit activation scales, raw random bytes
+    (every nibble incl. -8, every int8 incl. -128): y = sum_s off[n, s] * asum[m, s], bit for bit."""
+    gen = _gen("asum", group, mma_path, m)
+    n, bits = 77, (8, 4, 4, 8, 4)
+    lay = ActivationLayout(torch.arange(K), torch.tensor(bits, dtype=torch.int32))
+    q4 = torch.randint(0, 256, (m, lay.n_int4 * 64), generator=gen, dtype=torch.int32).to(torch.uint8)
+    q8 = torch.randint(-128, 128, (m, lay.n_int8 * 128), generator=gen, dtype=torch.int32).to(torch.int8)
+    qa = R.QuantizedActivation(q4, q8, torch.ones(m, lay.n_blocks), lay, "block")
+    qweight = torch.randint(0, 256, (n, lay.k_pad // 2), generator=gen, dtype=torch.int32).to(torch.uint8)
+    ns = lay.k_pad // group
+    offsets = torch.randint(-3, 4, (n, ns), generator=gen).float()
+    qw = R.QuantizedWeight(qweight, torch.zeros(n, ns), K, group, offsets)
+    want = R.w4ax_gemm(qa, qw, out_dtype=torch.float64)
+    assert float(want.abs().max()) < 2**24 and float(want.abs().max()) > 0
+    y = _run_gemm(C, qa, qw, mma_path=mma_path, split_k=split_k)
+    assert torch.equal(y.cpu().double(), want)
+
+
+@pytest.mark.parametrize("mma_path", ["s4", "s8"])
+def test_gemm_asymmetric_unit_scales_exact(C, mma_path):
+    """Unit scales and integer offsets: y = sum_s (acc + off * asum), all exact integers."""
+    gen = _gen("asym_unit", mma_path)
+    qa, qw = _operands(17, 200, K, PATTERNS["one8_mid"], 32, "block", ("asym_unit",), sym=False)
+    qa1 = R.QuantizedActivation(qa.q4, qa.q8, torch.ones_like(qa.scales), qa.layout, "block")
+    off = torch.randint(-2, 3, qw.scales.shape, generator=gen).float()
+    qw1 = R.QuantizedWeight(qw.qweight, torch.ones_like(qw.scales), qw.in_features, qw.group_size, off)
+    want = R.w4ax_gemm(qa1, qw1, out_dtype=torch.float64)
+    assert float(want.abs().max()) < 2**24
+    y = _run_gemm(C, qa1, qw1, mma_path=mma_path, split_k=2)
+    assert torch.equal(y.cpu().double(), want)
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16])
+def test_gemm_asymmetric_large_odd(C, out_dtype):
+    gen = _gen("asym_large")
+    k = 2048 + 64  # 17 blocks
+    nb = (k + BLOCK_K - 1) // BLOCK_K
+    bits = [8 if torch.rand(1, generator=gen).item() < 0.25 else 4 for _ in range(nb)]
+    qa, qw = _operands(300, 333, k, bits, 64, "class", ("asym_large",), sym=False, int4_clip=0.9)
+    y = _run_gemm(C, qa, qw, out_dtype=out_dtype)
+    _check_close(y, R.w4ax_gemm(qa, qw, out_dtype=torch.float64), out_dtype)
+
+
+def test_gemm_asymmetric_through_ops_and_linear(C):
+    """Clipped layout + asymmetric weight through the public ops with backend="cuda"
+    (neither case falls back any more) vs reference.w4ax_linear."""
+    gen = _gen("asym_linear")
+    lay = _layout(K, [8, 4, 4, 4, 8], gen, 0.8)
+    x = rand_activation(7, K, outliers=5, dtype=torch.float16, generator=gen)
+    w = rand_weight(200, K, generator=gen) + 0.3
+    qw = R.quantize_weight_rtn(w[:, lay.perm], 128, sym=False)
+    bias = torch.randn(200, generator=gen).half()
+    ref = R.w4ax_linear(x.float(), qw, lay, bias.float(), "block").double()
+    qa = ops.quantize_activation(x.to(DEVICE), lay.to(DEVICE), "block", backend="cuda")
+    y = ops.w4ax_gemm_q(qa, qw.to(DEVICE), bias.to(DEVICE), out_dtype=torch.float16, backend="cuda")
+    _check_close(y, ref, torch.float16)
+
+
+# ==========================================================================
 # error paths (TORCH_CHECK messages name the argument)
 # ==========================================================================
 def _raw_args(qa, qw, d=DEVICE):
+    #       0      1      2         3           4        5         6          7           8     9          10
     return [qa.q4.to(d), qa.q8.to(d), qa.scales.to(d), qa.layout.block_bits.to(d), qw.qweight.to(d),
-            qw.scales.to(d), _gs(qw), None, torch.float32, 0 if qa.scale_mode == "block" else 1, 0, 0]
+            qw.scales.to(d), None if qw.offsets is None else qw.offsets.to(d), _gs(qw), None, torch.float32,
+            0 if qa.scale_mode == "block" else 1, 0, 0]
+    #       11 scale_mode, 12 split_k, 13 mma_path (w_offsets is 6, group_size 7, bias 8, out_dtype 9)
 
 
 def test_gemm_error_messages(C):
@@ -274,11 +414,17 @@ def test_gemm_error_messages(C):
     call(2, good[2][:, :2].contiguous(), "a_scales shape")
     call(4, good[4][:, :-64].contiguous(), "K_pad")
     call(5, good[5][:, :3].contiguous(), "w_scales shape")
-    call(6, 48, "group_size=48")
-    call(7, torch.zeros(23, device=DEVICE), "bias shape")
-    call(8, torch.int32, "out_dtype")
-    call(9, 3, "scale_mode")
-    call(11, 5, "mma_path")
+    call(7, 48, "group_size=48")
+    call(8, torch.zeros(23, device=DEVICE), "bias shape")
+    call(9, torch.int32, "out_dtype")
+    call(10, 3, "scale_mode")
+    call(12, 5, "mma_path")
+    # w_offsets: dtype, shape, device, contiguity
+    off = torch.randn(good[5].shape, device=DEVICE)
+    call(6, off.half(), "w_offsets must have dtype")
+    call(6, off[:, :3].contiguous(), r"w_offsets shape \[24, 3\] != w_scales shape \(24, 5\)")
+    call(6, off.cpu(), "w_offsets must be a CUDA tensor")
+    call(6, torch.cat([off, off], 1)[:, : off.shape[1]], "w_offsets must be contiguous")
     # non-contiguous q4: the left half of a twice-as-wide buffer (row stride 2x the width)
     wide = torch.cat([good[0], good[0]], 1)[:, : good[0].shape[1]]
     assert not wide.is_contiguous()
@@ -296,17 +442,21 @@ def test_quantize_act_error_messages(C):
     perm, bits = lay.perm.to(DEVICE), lay.block_bits.to(DEVICE)
     f = torch.ops.cometq_C.quantize_act
     with pytest.raises(RuntimeError, match="x must be 2-D"):
-        f(x[0], perm, bits, lay.n_int8, 0)
+        f(x[0], perm, bits, lay.n_int8, 0, 1.0)
     with pytest.raises(RuntimeError, match="perm must have dtype"):
-        f(x, perm.int(), bits, lay.n_int8, 0)
+        f(x, perm.int(), bits, lay.n_int8, 0, 1.0)
     with pytest.raises(RuntimeError, match="block_bits shape"):
-        f(x, perm, bits[:-1], lay.n_int8, 0)
+        f(x, perm, bits[:-1], lay.n_int8, 0, 1.0)
     with pytest.raises(RuntimeError, match="n_int8=9"):
-        f(x, perm, bits, 9, 0)
+        f(x, perm, bits, 9, 0, 1.0)
     with pytest.raises(RuntimeError, match="x must be float16, bfloat16 or float32"):
-        f(x.double(), perm, bits, lay.n_int8, 0)
+        f(x.double(), perm, bits, lay.n_int8, 0, 1.0)
     with pytest.raises(RuntimeError, match="must be a CUDA tensor"):
-        f(x.cpu(), perm, bits, lay.n_int8, 0)
+        f(x.cpu(), perm, bits, lay.n_int8, 0, 1.0)
+    for bad in (0.0, 1.5, -0.5, float("nan")):
+        # (C++ streams a double like "%g": 0 -> "0", nan -> "nan")
+        with pytest.raises(RuntimeError, match=re.escape(f"int4_clip must be in (0, 1], got int4_clip={bad:g}")):
+            f(x, perm, bits, lay.n_int8, 0, bad)
     with pytest.raises(ValueError, match="scale_mode"):
         C.cuda_quantize_act(x, perm, bits, lay.n_int8, "tensor")
 
@@ -317,13 +467,19 @@ def test_quantize_act_error_messages(C):
 def test_opcheck_raw_ops(C):
     qa, qw = _operands(5, 40, K, PATTERNS["alt84"], 64, "class", ("opcheck",))
     args = _raw_args(qa, qw)
-    args[7] = torch.randn(40, device=DEVICE)
+    args[8] = torch.randn(40, device=DEVICE)
+    torch.library.opcheck(torch.ops.cometq_C.w4ax_gemm.default, tuple(args))
+    _, qw_asym = _operands(5, 40, K, PATTERNS["alt84"], 64, "class", ("opcheck",), sym=False)
+    args = _raw_args(qa, qw_asym)
+    assert args[6] is not None
     torch.library.opcheck(torch.ops.cometq_C.w4ax_gemm.default, tuple(args))
     lay = qa.layout
     x = torch.randn(5, K, device=DEVICE)
-    torch.library.opcheck(
-        torch.ops.cometq_C.quantize_act.default, (x, lay.perm.to(DEVICE), lay.block_bits.to(DEVICE), lay.n_int8, 1)
-    )
+    for clip in (1.0, 0.7):
+        torch.library.opcheck(
+            torch.ops.cometq_C.quantize_act.default,
+            (x, lay.perm.to(DEVICE), lay.block_bits.to(DEVICE), lay.n_int8, 1, clip),
+        )
 
 
 def test_cuda_backend_is_registered(C):

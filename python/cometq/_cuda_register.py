@@ -45,7 +45,8 @@ MMA_PATHS = {"auto": 0, "s4": 1, "s8": 2}
 # fake (meta) implementations of the raw ops: output shapes only
 # --------------------------------------------------------------------------
 @torch.library.register_fake("cometq_C::quantize_act")
-def _quantize_act_fake(x, perm, block_bits, n_int8, scale_mode):
+def _quantize_act_fake(x, perm, block_bits, n_int8, scale_mode, int4_clip):
+    torch._check(0.0 < int4_clip <= 1.0, lambda: f"int4_clip must be in (0, 1], got int4_clip={int4_clip}")
     m, k = x.shape
     nb = (k + BLOCK_K - 1) // BLOCK_K
     q4 = x.new_empty((m, (nb - n_int8) * BLOCK_K // 2), dtype=torch.uint8)
@@ -55,8 +56,12 @@ def _quantize_act_fake(x, perm, block_bits, n_int8, scale_mode):
 
 
 @torch.library.register_fake("cometq_C::w4ax_gemm")
-def _w4ax_gemm_fake(q4, q8, a_scales, block_bits, qweight, w_scales, group_size, bias, out_dtype, scale_mode,
-                    split_k, mma_path):
+def _w4ax_gemm_fake(q4, q8, a_scales, block_bits, qweight, w_scales, w_offsets, group_size, bias, out_dtype,
+                    scale_mode, split_k, mma_path):
+    if w_offsets is not None:
+        torch._check(w_offsets.dtype == torch.float32, lambda: f"w_offsets must be float32, got {w_offsets.dtype}")
+        torch._check(tuple(w_offsets.shape) == tuple(w_scales.shape),
+                     lambda: f"w_offsets shape {tuple(w_offsets.shape)} != w_scales shape {tuple(w_scales.shape)}")
     return qweight.new_empty((a_scales.shape[0], qweight.shape[0]), dtype=out_dtype)
 
 
@@ -77,7 +82,7 @@ def _scale_mode_code(scale_mode: str) -> int:
     return SCALE_MODE_CODES[scale_mode]
 
 
-def cuda_quantize_act(x, perm, block_bits, n_int8: int, scale_mode: str):
+def cuda_quantize_act(x, perm, block_bits, n_int8: int, scale_mode: str, int4_clip: float = 1.0):
     """Same contract as ``ops._ref_quantize_act``: returns ``(q4, q8, scales)``."""
     return torch.ops.cometq_C.quantize_act(
         x.contiguous(),
@@ -85,12 +90,14 @@ def cuda_quantize_act(x, perm, block_bits, n_int8: int, scale_mode: str):
         block_bits.to(torch.int32).contiguous(),
         int(n_int8),
         _scale_mode_code(scale_mode),
+        float(int4_clip),
     )
 
 
 def cuda_w4ax_gemm(q4, q8, a_scales, block_bits, qweight, w_scales, group_size, bias, out_dtype, scale_mode,
-                   *, split_k: int = 0, mma_path: str = "auto"):
-    """Same contract as ``ops._ref_w4ax_gemm``; ``split_k`` / ``mma_path`` are test and tuning knobs."""
+                   *, w_offsets=None, split_k: int = 0, mma_path: str = "auto"):
+    """Same contract as ``ops._ref_w4ax_gemm`` (``w_offsets``: asymmetric weights, float32 like
+    ``w_scales``); ``split_k`` / ``mma_path`` are test and tuning knobs."""
     if mma_path not in MMA_PATHS:
         raise ValueError(f"mma_path must be one of {tuple(MMA_PATHS)}, got {mma_path!r}")
     return torch.ops.cometq_C.w4ax_gemm(
@@ -100,6 +107,7 @@ def cuda_w4ax_gemm(q4, q8, a_scales, block_bits, qweight, w_scales, group_size, 
         block_bits.to(torch.int32).contiguous(),
         _aligned(qweight),
         w_scales.contiguous(),
+        None if w_offsets is None else w_offsets.contiguous(),
         -1 if group_size is None else int(group_size),
         None if bias is None else bias.contiguous(),
         out_dtype,
@@ -109,9 +117,14 @@ def cuda_w4ax_gemm(q4, q8, a_scales, block_bits, qweight, w_scales, group_size, 
     )
 
 
-def _gemm_impl(q4, q8, a_scales, block_bits, qweight, w_scales, group_size, bias, out_dtype, scale_mode):
-    return cuda_w4ax_gemm(q4, q8, a_scales, block_bits, qweight, w_scales, group_size, bias, out_dtype, scale_mode)
+def _act_impl(x, perm, block_bits, n_int8, scale_mode, int4_clip=1.0):
+    return cuda_quantize_act(x, perm, block_bits, n_int8, scale_mode, int4_clip)
 
 
-ops.register_impl("quantize_act", "cuda", cuda_quantize_act)
+def _gemm_impl(q4, q8, a_scales, block_bits, qweight, w_scales, w_offsets, group_size, bias, out_dtype, scale_mode):
+    return cuda_w4ax_gemm(q4, q8, a_scales, block_bits, qweight, w_scales, group_size, bias, out_dtype, scale_mode,
+                          w_offsets=w_offsets)
+
+
+ops.register_impl("quantize_act", "cuda", _act_impl)
 ops.register_impl("w4ax_gemm", "cuda", _gemm_impl)

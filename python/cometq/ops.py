@@ -21,8 +21,8 @@ unpacked into plain tensors so the ops are traceable):
 * ``quantize_act(x[M,K], perm[K], block_bits[NB], n_int8, scale_mode, int4_clip) -> (q4, q8, scales)``
 * ``w4ax_gemm(q4, q8, a_scales, block_bits, qweight, w_scales, w_offsets?, group_size, bias?, out_dtype, scale_mode) -> y[M,N]``
 
-A backend implementation that cannot run a particular *case* (e.g. the CUDA
-GEMM and asymmetric weights) raises :class:`BackendUnsupported`; under
+A backend implementation that cannot run a particular *case* (a feature its
+kernels do not have) raises :class:`BackendUnsupported`; under
 ``auto`` the next backend in the order is tried, a forced backend reports it.
 """
 from __future__ import annotations
