@@ -289,3 +289,83 @@ def test_fixed_act_clip_lands_in_every_layout(tiny):
     quantize_(m, W4AxConfig(act_clip=0.9, int8_fraction=0.25), calib_data=calib, progress=False)
     lays = [x.layout() for x in m.modules() if isinstance(x, W4AxLinear)]
     assert lays and all(lay.int4_clip == float(torch.tensor(0.9)) for lay in lays)
+
+
+# ---------------------------------------------------------------- group-granular FMPQ permutation
+@pytest.mark.parametrize("k, gran", [(576, 32), (300, 16), (256, 128), (200, 8)])
+def test_fmpq_granularity_moves_whole_runs(k, gran):
+    stats = torch.rand(k, generator=_gen(k)) + 0.1
+    stats[torch.randperm(k, generator=_gen(1))[:5]] = 50.0  # a few outlier channels
+    lay = R.fmpq_calibrate(stats, int8_fraction=0.25, granularity=gran)
+    full = k // gran
+    runs = lay.perm[: full * gran].view(full, gran)
+    # every run is an original aligned run, in order
+    assert torch.equal(runs - runs[:, :1], torch.arange(gran).expand(full, gran))
+    assert bool((runs[:, 0] % gran == 0).all())
+    assert torch.equal(lay.perm[full * gran:], torch.arange(full * gran, k))  # partial run stays last
+    # runs sorted by their largest channel
+    mx = stats[: full * gran].view(full, gran).amax(1)[runs[:, 0] // gran]
+    assert bool((mx[:-1] >= mx[1:]).all())
+    # threshold mode covers whole runs holding outliers
+    lo = R.fmpq_calibrate(stats, outlier_ratio=10.0, granularity=gran)
+    n_runs = int((stats[: full * gran].view(full, gran).amax(1) > 10.0 * float(stats.median())).sum())
+    assert lo.n_int8 == -(-n_runs * gran // 128)
+    with pytest.raises(ValueError, match="granularity"):
+        R.fmpq_calibrate(stats, int8_fraction=0.25, granularity=3)
+
+
+def _on_q4_1_grid(model, g=32):
+    """Put every Linear weight of ``model`` on an asymmetric group-g grid (like GGUF Q4_1)."""
+    with torch.no_grad():
+        for mod in model.modules():
+            if type(mod) is torch.nn.Linear:
+                w = mod.weight
+                n, k = w.shape
+                qw = R.quantize_weight_rtn(w.float(), g, sym=False)
+                w.copy_(R.dequantize_weight(qw).to(w.dtype))
+
+
+def test_asym_fmpq_keeps_a_group_grid_through_the_permutation(tiny):
+    """quantize_ with asymmetric g32 weights and FMPQ (granularity auto = 32) reproduces
+    weights that already sit on a g32 grid exactly, permutation folds included."""
+    import copy
+
+    from cometq import quantize_
+    from cometq.nn import W4AxLinear
+
+    model, calib = tiny
+    m = copy.deepcopy(model)
+    _on_q4_1_grid(m)
+    orig = {n: mod.weight.detach().clone() for n, mod in m.named_modules() if type(mod) is torch.nn.Linear}
+    quantize_(m, W4AxConfig(weight_method="rtn", group_size=32, weight_sym=False, int8_fraction=0.25),
+              calib_data=calib, progress=False)
+    checked = 0
+    for n, mod in m.named_modules():
+        if not isinstance(mod, W4AxLinear):
+            continue
+        deq = R.dequantize_weight(mod.quantized_weight())
+        lay = mod.layout()
+        want = orig[n][:, lay.perm] if not n.endswith("down_proj") else None
+        if n.endswith(("gate_proj", "up_proj")):
+            # rows reordered by the folded down_proj permutation: match rows by a fingerprint
+            r = torch.randn(deq.shape[1], dtype=torch.float64, generator=_gen(0))
+            fa, fb = torch.sort(deq.double() @ r).values, torch.sort(want.double() @ r).values
+            assert torch.allclose(fa, fb, rtol=0, atol=1e-5), n
+        elif want is not None:
+            assert torch.allclose(deq, want, rtol=0, atol=2e-6), n
+        else:  # down_proj: columns permuted offline, run layout is the identity
+            assert lay.is_identity_perm
+            r = torch.randn(deq.shape[0], dtype=torch.float64, generator=_gen(1))
+            fa = torch.sort(r @ deq.double()).values
+            fb = torch.sort(r @ orig[n].double()).values
+            assert torch.allclose(fa, fb, rtol=0, atol=1e-5), n
+        checked += 1
+    assert checked > 0
+    # and with symmetric granularity-1 FMPQ the grid is lost (the case this guards)
+    m2 = copy.deepcopy(model)
+    _on_q4_1_grid(m2)
+    quantize_(m2, W4AxConfig(weight_method="rtn", group_size=32, weight_sym=False, int8_fraction=0.25,
+                             perm_granularity=1), calib_data=calib, progress=False)
+    q = m2.get_submodule([n for n in orig if n.endswith("q_proj")][0])
+    n0 = [n for n in orig if n.endswith("q_proj")][0]
+    assert not torch.allclose(R.dequantize_weight(q.quantized_weight()), orig[n0][:, q.layout().perm], atol=2e-6)

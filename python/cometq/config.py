@@ -95,6 +95,11 @@ class W4AxConfig:
     float in (0, 1] or "search" (per layer input, the ratio of
     :data:`cometq.calibrate.ACT_CLIP_RATIOS` with the least output error on
     calibration samples, :func:`cometq.calibrate.search_act_clip`).
+    ``perm_granularity``: the FMPQ permutation moves channels in runs of this many
+    consecutive channels (``reference.fmpq_calibrate(granularity=...)``; an int
+    dividing 128) or "auto": ``group_size`` for asymmetric weights with groups
+    smaller than 128 (permuted weight groups stay whole original groups, so a
+    model already on a group grid, like SmolLM2's Q4_1 g32, keeps it), else 1.
 
     ``kv4`` (+ ``kv_group_size``, ``kv_key_axis``, ``kv_value_axis``,
     ``kv_residual_length``; the fields of :class:`cometq.kvcache.KV4Config`, same
@@ -125,6 +130,7 @@ class W4AxConfig:
     max_int8_blocks: Optional[int] = None
     scale_mode: str = "block"
     act_clip: Union[float, str] = 1.0
+    perm_granularity: Union[int, str] = "auto"
     kv4: bool = False
     kv_group_size: int = 32
     kv_key_axis: str = "channel"
@@ -172,6 +178,12 @@ class W4AxConfig:
             raise ValueError(f"act_clip must be in (0, 1], got {c!r}")
         else:
             object.__setattr__(self, "act_clip", float(c))
+        pg = self.perm_granularity
+        if isinstance(pg, str):
+            if pg != "auto":
+                raise ValueError(f"perm_granularity must be an int dividing {BLOCK_K} or 'auto', got {pg!r}")
+        elif not _is_int(pg) or pg < 1 or BLOCK_K % pg:
+            raise ValueError(f"perm_granularity must be an int dividing {BLOCK_K} or 'auto', got {pg!r}")
         if not _is_int(self.kv_group_size) or self.kv_group_size < 2 or self.kv_group_size % 2:
             raise ValueError(f"kv_group_size must be an even int >= 2, got {self.kv_group_size!r}")
         for name in ("kv_key_axis", "kv_value_axis"):
@@ -236,13 +248,23 @@ class W4AxConfig:
     def weight_only(self) -> bool:
         return self.act_bits == 16
 
+    @property
+    def granularity(self) -> int:
+        """The resolved ``perm_granularity``."""
+        if self.perm_granularity != "auto":
+            return int(self.perm_granularity)
+        if not self.weight_sym and 0 < self.group_size < BLOCK_K:
+            return self.group_size
+        return 1
+
     def fmpq_kwargs(self) -> Dict[str, Any]:
         """Keyword arguments for :func:`cometq.reference.fmpq_calibrate`."""
+        g = {"granularity": self.granularity}
         if self.int8_blocks is not None:
-            return {"int8_blocks": self.int8_blocks}
+            return {"int8_blocks": self.int8_blocks, **g}
         if self.outlier_ratio is not None:
-            return {"outlier_ratio": self.outlier_ratio, "max_int8_blocks": self.max_int8_blocks}
-        return {"int8_fraction": self.int8_fraction}
+            return {"outlier_ratio": self.outlier_ratio, "max_int8_blocks": self.max_int8_blocks, **g}
+        return {"int8_fraction": self.int8_fraction, **g}
 
     def to_dict(self) -> Dict[str, Any]:
         d = dataclasses.asdict(self)

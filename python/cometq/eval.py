@@ -16,9 +16,9 @@ or INT8 weights, activations quantized and dequantized in the reference math):
   decode protocol of :func:`perplexity_decode` (a single forward pass never reads
   the cache back); its ratio is to the ``("fpcache", "fp")`` row: the unquantized
   model through the same protocol with a full-precision ``DynamicCache``;
-* ``("act_fmpq", fraction)`` or ``("act_fmpq", fraction, act_clip)``: activation-only
-  FMPQ (weights kept in float); ``act_clip`` a float or "search" as in
-  :class:`W4AxConfig`.
+* ``("act_fmpq", fraction[, act_clip[, granularity]])``: activation-only
+  FMPQ (weights kept in float); ``act_clip`` a float or "search" and
+  ``granularity`` the permutation run length, as in :class:`W4AxConfig`.
 
 Command line (what docs/ACCURACY.md was produced with)::
 
@@ -189,9 +189,11 @@ def _apply_fake(model: nn.Module, scheme, stats: Optional[CalibrationStats]) -> 
             new = FakeQuantLinear(lin, lay, scale_mode="class", weight_bits=8)  # class mode, all INT8 = per token
         else:
             frac, clip = scheme[1], (scheme[2] if len(scheme) > 2 else 1.0)
+            gran = scheme[3] if len(scheme) > 3 else 1
             if n not in layouts:  # one layout per shared input (q/k/v, gate/up), like quantize_
                 group = [g for g in stats.group_of(n) if g in names]
-                lay = R.fmpq_calibrate(stats.absmax[n].to(lin.weight.device), int8_fraction=float(frac))
+                lay = R.fmpq_calibrate(stats.absmax[n].to(lin.weight.device), int8_fraction=float(frac),
+                                       granularity=int(gran))
                 if clip == "search":
                     ws = [model.get_submodule(g).weight for g in group]
                     lay = lay.with_clip(search_act_clip(stats.samples[n].to(lin.weight.device), lay, ws))
@@ -215,6 +217,8 @@ def scheme_name(s: Scheme) -> str:
     if isinstance(s, tuple):
         clip = s[2] if len(s) > 2 else 1.0
         c = "" if clip == 1.0 else (" INT4 clip-search" if clip == "search" else f" INT4 clip {float(clip):g}")
+        if len(s) > 3 and s[3] != 1:
+            c += f", channels moved in runs of {s[3]}"
         return f"A-only FMPQ {100 * s[1]:.1f}% INT8 blocks{c} (fp32 W; fake-quant)"
     meth = s.weight_method.upper()
     if s.weight_method == "gptq":
@@ -226,6 +230,10 @@ def scheme_name(s: Scheme) -> str:
         w += " clip-search"
     if s.act_bits in ("fmpq", 4) and s.act_clip != 1.0:
         w += " A-clip-search" if s.act_clip == "search" else f" A-clip {s.act_clip:g}"
+    if s.act_bits in ("fmpq", 4, 8) and s.scale_mode == "class":
+        w += " class-scales"
+    if s.act_bits == "fmpq" and s.granularity > 1:
+        w += f" perm-runs-{s.granularity}"
     if s.act_bits == 16:
         return f"{w} A16 (weight-only)"
     if s.act_bits == 4:

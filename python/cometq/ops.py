@@ -12,8 +12,9 @@ trace through it, and a real implementation that dispatches to a backend:
 Backends register implementations with :func:`register_impl`; the Triton and
 CUDA backends are imported lazily the first time they are asked for.  The
 choice is per call: ``backend=`` argument > ``COMETQ_BACKEND`` environment
-variable > ``"auto"`` (cuda, then triton, then reference, on CUDA tensors;
-reference on CPU).  Asking for a backend that cannot run raises a clear error.
+variable > ``"auto"`` (on CUDA tensors: the available backends of cuda,
+triton, reference; when two GPU backends can run an op, the fastest for the
+case is measured once and cached, :mod:`cometq.autotune`; reference on CPU).  Asking for a backend that cannot run raises a clear error.
 
 Tensor-level signatures (the dataclasses of :mod:`cometq.reference` are
 unpacked into plain tensors so the ops are traceable):
@@ -33,6 +34,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
+from . import autotune as _autotune  # measured choice under "auto" (issue #4)
 from . import reference as R
 from .layout import BLOCK_K, SCALE_MODES, ActivationLayout, padded_k
 
@@ -91,7 +93,8 @@ def registered_backends(op: str) -> Tuple[str, ...]:
 
 def candidate_backends(op: str, device: torch.device, requested: Optional[str] = None) -> Tuple[str, ...]:
     """Backends to try for ``op`` on ``device``, in order: one for a forced backend,
-    the available ones of cuda > triton > reference under ``auto``."""
+    the available ones of cuda > triton > reference under ``auto`` (the fixed order;
+    :func:`_dispatch` lets :mod:`cometq.autotune` put the measured-fastest first)."""
     req = requested or os.environ.get(_ENV, "auto")
     if req not in BACKENDS:
         raise ValueError(f"unknown backend {req!r} (from {'argument' if requested else _ENV}); choose one of {BACKENDS}")
@@ -111,6 +114,11 @@ def candidate_backends(op: str, device: torch.device, requested: Optional[str] =
 def _dispatch(op: str, device, requested: Optional[str], *args):
     """Run ``op`` on the first candidate backend that supports this case."""
     cands = candidate_backends(op, device, requested)
+    # --- measured auto choice (issue #4, cometq.autotune): with two or more
+    # non-reference candidates, the fastest for this case goes first.
+    if len(cands) > 1:
+        cands = _autotune.order(op, device, cands, _IMPLS[op], args, requested)
+    # --- end measured auto choice
     for i, b in enumerate(cands):
         try:
             return _IMPLS[op][b](*args)

@@ -515,11 +515,18 @@ def fmpq_calibrate(
     int8_fraction: Optional[float] = None,
     outlier_ratio: Optional[float] = None,
     max_int8_blocks: Optional[int] = None,
+    granularity: int = 1,
 ) -> ActivationLayout:
     """Turn per-channel activation statistics into an :class:`ActivationLayout`.
 
     Channels are sorted by ``channel_absmax`` (descending, stable) so outliers are
     packed into the fewest blocks, and blocks of similar magnitude share scales.
+
+    ``granularity`` G > 1 moves channels in runs of G consecutive channels (runs
+    sorted by their largest absmax; a last partial run stays last): permuted
+    column groups of G are then whole original groups, so weights that already
+    sit on a group-G grid (e.g. GGUF Q4_1, G = 32) keep it after the permutation
+    is folded into their columns.  G must divide 128.
     How many leading blocks become INT8 is set by exactly one of:
 
     * ``int8_blocks``: a block budget;
@@ -559,7 +566,22 @@ def fmpq_calibrate(
         if not 0 <= int(max_int8_blocks):
             raise ValueError(f"max_int8_blocks must be >= 0, got {max_int8_blocks}")
         n8 = min(n8, int(max_int8_blocks))
-    perm = torch.sort(stats, descending=True, stable=True).indices
+    if isinstance(granularity, bool) or not isinstance(granularity, int) or granularity < 1 or BLOCK_K % granularity:
+        raise ValueError(f"granularity must be an int dividing {BLOCK_K}, got {granularity!r}")
+    if granularity == 1:
+        perm = torch.sort(stats, descending=True, stable=True).indices
+    else:
+        full = k // granularity
+        runs = stats[: full * granularity].view(full, granularity).amax(dim=1)
+        order = torch.sort(runs, descending=True, stable=True).indices
+        perm = (order[:, None] * granularity + torch.arange(granularity, device=stats.device)).flatten()
+        perm = torch.cat([perm, torch.arange(full * granularity, k, device=stats.device)])
+        if outlier_ratio is not None:  # INT8 must cover whole runs holding outliers
+            med = float(stats.median())
+            n_out = int((runs > float(outlier_ratio) * med).sum()) * granularity
+            n8 = (n_out + BLOCK_K - 1) // BLOCK_K
+            if max_int8_blocks is not None:
+                n8 = min(n8, int(max_int8_blocks))
     bits = torch.full((nb,), 4, dtype=torch.int32, device=stats.device)
     bits[:n8] = 8
     return ActivationLayout(perm, bits)

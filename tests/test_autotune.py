@@ -1,0 +1,412 @@
+"""Measured backend choice under ``auto`` (cometq.autotune, issue #4).
+
+CPU tests drive the real ops (``ops.w4ax_gemm_q``, ``ops.quantize_activation``)
+with fake "cuda"/"triton" implementations registered in a copy of the registry,
+a fake timer that reports chosen durations, and the device check patched so a
+CPU tensor counts as measurable.  Each fake returns the reference result plus a
+backend-specific offset, so a test can tell which backend produced an output.
+"""
+import json
+import os
+import warnings
+
+import pytest
+import torch
+
+from cometq import autotune
+from cometq import layout as L
+from cometq import ops
+from cometq import reference as R
+from cometq.testing import rand_activation, rand_weight
+
+OFFSET = {"cuda": 1000.0, "triton": 2000.0, "reference": 0.0}
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _layout(k, n8, seed, clip=1.0):
+    perm = torch.randperm(k, generator=_gen(seed))
+    bits = [8 if i < n8 else 4 for i in range(L.num_blocks(k))]
+    return L.ActivationLayout(perm, torch.tensor(bits, dtype=torch.int32), clip)
+
+
+class Fakes:
+    """Fake backends + a fake timer sharing one call log."""
+
+    def __init__(self, ms):
+        self.ms = dict(ms)  # backend -> reported milliseconds
+        self.calls = []  # every fake impl call, in order
+        self.timed = []  # backends the timer measured
+        self.unsupported = {}  # backend -> predicate(args) -> raise BackendUnsupported
+        self.broken = set()  # backends raising a plain error
+
+    def impl(self, op, name):
+        ref = ops._IMPLS[op]["reference"]
+
+        def fn(*args):
+            self.calls.append((op, name))
+            if name in self.broken:
+                raise RuntimeError(f"{name} kernel exploded")
+            pred = self.unsupported.get(name)
+            if pred is not None and pred(op, args):
+                raise ops.BackendUnsupported(f"{name} cannot do this case")
+            out = ref(*args)
+            if op == "w4ax_gemm":
+                return out + OFFSET[name]
+            q4, q8, sc = out
+            return q4, q8, sc + OFFSET[name]
+
+        return fn
+
+    def timer(self, fn, device):
+        n = len(self.calls)
+        fn()
+        assert len(self.calls) == n + 1, "the timer must call exactly one backend"
+        name = self.calls[-1][1]
+        self.timed.append(name)
+        return self.ms[name]
+
+
+@pytest.fixture
+def fakes(monkeypatch):
+    for b in ("triton", "cuda"):
+        ops._load_backend(b)  # a later lazy import must not overwrite the fakes
+    impls = {op: dict(v) for op, v in ops._IMPLS.items()}
+    monkeypatch.setattr(ops, "_IMPLS", impls)
+    f = Fakes({"cuda": 2.0, "triton": 1.0})
+    for op in ("w4ax_gemm", "quantize_act"):
+        for b in ("cuda", "triton"):
+            ops.register_impl(op, b, f.impl(op, b))
+
+    def candidates(op, dev, req=None):
+        r = req or os.environ.get("COMETQ_BACKEND", "auto")
+        if r != "auto":
+            return (r,)
+        return tuple(b for b in ("cuda", "triton") if b in ops._IMPLS[op]) + ("reference",)
+
+    monkeypatch.setattr(ops, "candidate_backends", candidates)
+    monkeypatch.setattr(autotune, "_measurable", lambda d: True)
+    prev = autotune.set_timer(f.timer)
+    for v in ("COMETQ_BACKEND", autotune.ENV_ENABLE, autotune.ENV_CACHE):
+        monkeypatch.delenv(v, raising=False)
+    autotune.clear()
+    yield f
+    autotune.clear()
+    autotune.set_timer(prev)
+
+
+def _gemm_operands(m, n=20, k=200, n8=1, group=64, sym=True, seed=0):
+    lay = _layout(k, n8, seed)
+    qa = R.quantize_activation(rand_activation(m, k, outliers=2, generator=_gen(seed + 1)), lay)
+    qw = R.quantize_weight_rtn(lay.permute_columns(rand_weight(n, k, generator=_gen(seed + 2))), group, sym=sym)
+    return qa, qw
+
+
+def _only(rows, op):
+    out = [r for r in rows if r["op"] == op]
+    assert len(out) == 1, out
+    return out[0]
+
+
+# ---------------------------------------------------------------- buckets and keys
+def test_buckets():
+    assert [autotune.bucket_m(m) for m in (0, 1, 2, 3, 4, 5, 17, 4096, 5000, 100000)] == \
+        [1, 1, 2, 4, 4, 8, 32, 4096, 4096, 4096]
+    assert [autotune.bucket_count(n) for n in (0, 1, 2, 3, 5)] == [0, 1, 2, 4, 8]
+
+
+def test_gemm_key_separates_cases():
+    qa, qw = _gemm_operands(3)
+    args = (qa.q4, qa.q8, qa.scales, qa.layout.block_bits, qw.qweight, qw.scales, None, 64, None, torch.float16,
+            "block")
+    k = dict(autotune.case_key("w4ax_gemm", *args))
+    assert k == {"M": 4, "N": 20, "K": 256, "dtype": "float16", "n_int8": 1, "scale_mode": "block", "group": 64,
+                 "offsets": False, "bias": False}
+    k2 = dict(autotune.case_key("w4ax_gemm", *args[:6], qw.scales, *args[7:]))
+    assert k2["offsets"] is True and k2 != k
+
+
+# ---------------------------------------------------------------- choice and cache
+def test_faster_backend_is_picked_and_output_is_its_real_call(fakes):
+    qa, qw = _gemm_operands(3)
+    y = ops.w4ax_gemm_q(qa, qw, out_dtype=torch.float32)
+    ref = R.w4ax_gemm(qa, qw)
+    assert torch.allclose(y, ref + OFFSET["triton"], rtol=1e-6, atol=1e-3)
+    assert sorted(fakes.timed) == ["cuda", "triton"]  # each candidate timed once, reference never
+    assert fakes.calls[-1] == ("w4ax_gemm", "triton")  # the real call, after the timing calls
+    d = _only(autotune.report(), "w4ax_gemm")
+    assert d["choice"] == "triton" and d["times_ms"] == {"cuda": 2.0, "triton": 1.0} and d["source"] == "measured"
+    assert d["device"] == "cpu" and d["key"]["M"] == 4
+
+    # the other way round: cuda faster -> cuda (new process state)
+    autotune.clear()
+    fakes.ms = {"cuda": 0.5, "triton": 1.0}
+    y = ops.w4ax_gemm_q(qa, qw, out_dtype=torch.float32)
+    assert torch.allclose(y, ref + OFFSET["cuda"], rtol=1e-6, atol=1e-3)
+    assert _only(autotune.report(), "w4ax_gemm")["choice"] == "cuda"
+
+
+def test_choice_is_cached_per_bucket(fakes):
+    qa3, qw = _gemm_operands(3)
+    ops.w4ax_gemm_q(qa3, qw, out_dtype=torch.float32)
+    assert len(fakes.timed) == 2
+    ops.w4ax_gemm_q(qa3, qw, out_dtype=torch.float32)
+    qa4, _ = _gemm_operands(4)  # M=4: same bucket as M=3
+    ops.w4ax_gemm_q(qa4, qw, out_dtype=torch.float32)
+    assert len(fakes.timed) == 2
+    assert fakes.calls[-3:] == [("w4ax_gemm", "triton")] * 3  # no timing, chosen backend only
+    qa1, _ = _gemm_operands(1)  # decode bucket: tuned once more
+    ops.w4ax_gemm_q(qa1, qw, out_dtype=torch.float32)
+    assert len(fakes.timed) == 4
+    ops.w4ax_gemm_q(qa4, qw, out_dtype=torch.bfloat16)  # another dtype: another case
+    assert len(fakes.timed) == 6
+    assert sorted(r["key"]["M"] for r in autotune.report()) == [1, 4, 4]
+
+
+def test_quantize_activation_tunes_per_case_flags(fakes):
+    k = 300
+    x = rand_activation(5, k, outliers=2, generator=_gen(7))
+    lay = _layout(k, 1, seed=7)
+    fakes.ms = {"cuda": 0.3, "triton": 0.6}
+    qa = ops.quantize_activation(x, lay, "block")
+    want = R.quantize_activation(x, lay, "block")
+    assert torch.equal(qa.q4, want.q4) and torch.equal(qa.q8, want.q8)
+    assert torch.allclose(qa.scales, want.scales + OFFSET["cuda"])
+    ops.quantize_activation(x, lay, "block")
+    assert len(fakes.timed) == 2
+    ops.quantize_activation(x, lay, "class")  # scale_mode is a case flag
+    assert len(fakes.timed) == 4
+    ops.quantize_activation(x, _layout(k, 1, seed=7, clip=0.9), "block")  # clip on/off is a case flag
+    assert len(fakes.timed) == 6
+    ops.quantize_activation(x, _layout(k, 0, seed=7), "block")  # n_int8 bucket 0 vs 1
+    assert len(fakes.timed) == 8
+    keys = [r["key"] for r in autotune.report() if r["op"] == "quantize_act"]
+    assert len(keys) == 4 and {kk["dtype"] for kk in keys} == {"float32"}
+
+
+def test_unsupported_candidate_is_skipped(fakes):
+    fakes.ms = {"cuda": 0.1, "triton": 1.0}  # cuda would win, but cannot run offsets
+    fakes.unsupported["cuda"] = lambda op, args: op == "w4ax_gemm" and args[6] is not None
+    qa, qw = _gemm_operands(3, sym=False)
+    y = ops.w4ax_gemm_q(qa, qw, out_dtype=torch.float32)
+    assert torch.allclose(y, R.w4ax_gemm(qa, qw) + OFFSET["triton"], rtol=1e-6, atol=1e-3)
+    d = _only(autotune.report(), "w4ax_gemm")
+    assert d["choice"] == "triton" and d["times_ms"] == {"triton": 1.0}
+    assert d["key"]["offsets"] is True and d["skipped"]["cuda"].startswith("unsupported")
+    # symmetric weights: another case, cuda runs and wins
+    qa, qws = _gemm_operands(3, sym=True)
+    y = ops.w4ax_gemm_q(qa, qws, out_dtype=torch.float32)
+    assert torch.allclose(y, R.w4ax_gemm(qa, qws) + OFFSET["cuda"], rtol=1e-6, atol=1e-3)
+
+    # every non-reference candidate unsupported: reference runs, nothing timed
+    autotune.clear()
+    fakes.unsupported["triton"] = fakes.unsupported["cuda"]
+    qa, qw = _gemm_operands(3, sym=False)
+    y = ops.w4ax_gemm_q(qa, qw, out_dtype=torch.float32)
+    assert torch.allclose(y, R.w4ax_gemm(qa, qw), rtol=1e-6, atol=1e-6)
+    d = _only(autotune.report(), "w4ax_gemm")
+    assert d["choice"] == "reference" and d["times_ms"] == {} and set(d["skipped"]) == {"cuda", "triton"}
+
+
+def test_failing_candidate_warns_and_is_skipped(fakes):
+    fakes.ms = {"cuda": 0.1, "triton": 1.0}
+    fakes.broken.add("cuda")
+    qa, qw = _gemm_operands(3)
+    with pytest.warns(UserWarning, match="backend 'cuda' failed on op 'w4ax_gemm'.*exploded"):
+        y = ops.w4ax_gemm_q(qa, qw, out_dtype=torch.float32)
+    assert torch.allclose(y, R.w4ax_gemm(qa, qw) + OFFSET["triton"], rtol=1e-6, atol=1e-3)
+    assert _only(autotune.report(), "w4ax_gemm")["skipped"]["cuda"].startswith("error: RuntimeError")
+
+
+def test_single_gpu_backend_is_not_timed(fakes):
+    del ops._IMPLS["w4ax_gemm"]["cuda"]  # triton + reference: nothing to choose
+    qa, qw = _gemm_operands(3)
+    y = ops.w4ax_gemm_q(qa, qw, out_dtype=torch.float32)
+    assert fakes.timed == [] and autotune.report() == []
+    assert torch.allclose(y, R.w4ax_gemm(qa, qw) + OFFSET["triton"], rtol=1e-6, atol=1e-3)
+
+
+# ---------------------------------------------------------------- when not to tune
+def test_forced_backend_never_tunes(fakes, monkeypatch):
+    qa, qw = _gemm_operands(3)
+    y = ops.w4ax_gemm_q(qa, qw, out_dtype=torch.float32, backend="cuda")  # cuda is the slower one
+    assert torch.allclose(y, R.w4ax_gemm(qa, qw) + OFFSET["cuda"], rtol=1e-6, atol=1e-3)
+    monkeypatch.setenv("COMETQ_BACKEND", "cuda")
+    ops.w4ax_gemm_q(qa, qw, out_dtype=torch.float32)
+    ops.quantize_activation(rand_activation(2, 200, generator=_gen(3)), qa.layout)
+    assert fakes.timed == [] and autotune.report() == []
+    # order() itself: a forced request returns the candidates untouched
+    assert autotune.order("w4ax_gemm", "cpu", ("cuda", "triton", "reference"), {}, (), "triton") == \
+        ("cuda", "triton", "reference")
+
+
+def test_env_off_keeps_fixed_order(fakes, monkeypatch):
+    monkeypatch.setenv(autotune.ENV_ENABLE, "0")
+    qa, qw = _gemm_operands(3)
+    y = ops.w4ax_gemm_q(qa, qw, out_dtype=torch.float32)
+    assert fakes.timed == [] and autotune.report() == []
+    assert torch.allclose(y, R.w4ax_gemm(qa, qw) + OFFSET["cuda"], rtol=1e-6, atol=1e-3)  # cuda first
+    monkeypatch.setenv(autotune.ENV_ENABLE, "maybe")
+    with pytest.raises(ValueError, match="COMETQ_AUTOTUNE='maybe'"):
+        ops.w4ax_gemm_q(qa, qw, out_dtype=torch.float32)
+
+
+def test_unmeasurable_device_keeps_fixed_order(fakes, monkeypatch):
+    monkeypatch.setattr(autotune, "_measurable", lambda d: d.type == "cuda")  # the real rule, on a CPU tensor
+    qa, qw = _gemm_operands(3)
+    ops.w4ax_gemm_q(qa, qw, out_dtype=torch.float32)
+    assert fakes.timed == [] and fakes.calls == [("w4ax_gemm", "cuda")]
+
+
+def test_no_measurement_while_compiling(fakes, monkeypatch):
+    qa, qw = _gemm_operands(3)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    y = ops.w4ax_gemm_q(qa, qw, out_dtype=torch.float32)
+    assert fakes.timed == [] and autotune.report() == []  # nothing measured, nothing cached
+    assert torch.allclose(y, R.w4ax_gemm(qa, qw) + OFFSET["cuda"], rtol=1e-6, atol=1e-3)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+    ops.w4ax_gemm_q(qa, qw, out_dtype=torch.float32)  # eager: measures now
+    assert sorted(fakes.timed) == ["cuda", "triton"]
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    y = ops.w4ax_gemm_q(qa, qw, out_dtype=torch.float32)  # a cached decision is used while compiling
+    assert len(fakes.timed) == 2 and fakes.calls[-1] == ("w4ax_gemm", "triton")
+
+
+def test_torch_compile_through_the_op(fakes):
+    """A compiled caller goes through the fake impl at trace time and the tuned dispatch at run time."""
+    qa, qw = _gemm_operands(3)
+
+    def f(q4, q8, sc):
+        return ops.w4ax_gemm(q4, q8, sc, qa.layout.block_bits, qw.qweight, qw.scales, 64, out_dtype=torch.float32)
+
+    y = torch.compile(f, backend="eager", fullgraph=True)(qa.q4, qa.q8, qa.scales)
+    assert torch.allclose(y, R.w4ax_gemm(qa, qw) + OFFSET["triton"], rtol=1e-6, atol=1e-3)
+    assert sorted(fakes.timed) == ["cuda", "triton"]
+
+
+# ---------------------------------------------------------------- persistence
+def test_cache_file_round_trip(fakes, monkeypatch, tmp_path):
+    path = tmp_path / "sub" / "tune.json"
+    monkeypatch.setenv(autotune.ENV_CACHE, str(path))
+    qa, qw = _gemm_operands(3)
+    ops.w4ax_gemm_q(qa, qw, out_dtype=torch.float32)
+    data = json.loads(path.read_text())
+    assert data["format"] == autotune.CACHE_FORMAT and len(data["entries"]) == 1
+    e = data["entries"][0]
+    assert e["choice"] == "triton" and e["op"] == "w4ax_gemm" and e["key"]["M"] == 4
+    assert [p.name for p in path.parent.iterdir()] == ["tune.json"]  # no temp file left behind
+
+    autotune.clear()  # a new process: decisions come from the file, nothing is timed
+    fakes.timed.clear()
+    fakes.ms = {"cuda": 0.1, "triton": 1.0}
+    y = ops.w4ax_gemm_q(qa, qw, out_dtype=torch.float32)
+    assert fakes.timed == [] and torch.allclose(y, R.w4ax_gemm(qa, qw) + OFFSET["triton"], rtol=1e-6, atol=1e-3)
+    d = _only(autotune.report(), "w4ax_gemm")
+    assert d["source"] == "file" and d["times_ms"] == {"cuda": 2.0, "triton": 1.0}
+
+    qa1, _ = _gemm_operands(1)  # a new case is measured and merged into the file
+    ops.w4ax_gemm_q(qa1, qw, out_dtype=torch.float32)
+    data = json.loads(path.read_text())
+    assert sorted(e["key"]["M"] for e in data["entries"]) == [1, 4]
+    assert autotune._main([str(path)]) == 0
+
+
+def test_cached_choice_of_a_missing_backend_is_remeasured(fakes, monkeypatch, tmp_path):
+    path = tmp_path / "tune.json"
+    monkeypatch.setenv(autotune.ENV_CACHE, str(path))
+    qa, qw = _gemm_operands(3)
+    ops.w4ax_gemm_q(qa, qw, out_dtype=torch.float32)  # triton chosen
+    autotune.clear()
+    del ops._IMPLS["w4ax_gemm"]["triton"]  # this process lacks triton, has another slower backend
+    monkeypatch.setitem(OFFSET, "fake2", 3000.0)
+    ops._IMPLS["w4ax_gemm"]["fake2"] = fakes.impl("w4ax_gemm", "fake2")
+    fakes.ms["fake2"] = 5.0
+
+    def candidates(op, dev, req=None):
+        return ("cuda", "fake2", "reference")
+
+    monkeypatch.setattr(ops, "candidate_backends", candidates)
+    fakes.timed.clear()
+    ops.w4ax_gemm_q(qa, qw, out_dtype=torch.float32)
+    assert fakes.timed == ["cuda", "fake2"]  # re-timed: the cached choice cannot run here
+    assert _only(autotune.report(), "w4ax_gemm")["choice"] == "cuda"
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"format": 1, "fingerprint": {}, "entries": 3}',
+                                     "corrupt-entry"])
+def test_corrupt_cache_file_warns_and_is_ignored(fakes, monkeypatch, tmp_path, content):
+    path = tmp_path / "tune.json"
+    if content == "corrupt-entry":  # right header, broken entry
+        content = json.dumps({"format": autotune.CACHE_FORMAT, "fingerprint": autotune._fingerprint(),
+                              "entries": [{"op": "w4ax_gemm", "device": "cpu", "key": {"M": 4}, "choice": "cuda",
+                                           "times_ms": {"cuda": "fast"}}]})
+    path.write_text(content)
+    monkeypatch.setenv(autotune.ENV_CACHE, str(path))
+    qa, qw = _gemm_operands(3)
+    with pytest.warns(UserWarning, match="autotune cache .* ignored .*corrupt.*not be overwritten"):
+        y = ops.w4ax_gemm_q(qa, qw, out_dtype=torch.float32)
+    assert torch.allclose(y, R.w4ax_gemm(qa, qw) + OFFSET["triton"], rtol=1e-6, atol=1e-3)  # measured anyway
+    assert sorted(fakes.timed) == ["cuda", "triton"]
+    assert path.read_text() == content  # not overwritten
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once, not on every call
+        ops.w4ax_gemm_q(_gemm_operands(1)[0], qw, out_dtype=torch.float32)
+    assert autotune._main([str(path)]) == 1
+
+
+def test_stale_cache_file_is_replaced(fakes, monkeypatch, tmp_path):
+    path = tmp_path / "tune.json"
+    path.write_text(json.dumps({"format": autotune.CACHE_FORMAT, "fingerprint": {"torch": "0.0"}, "entries": []}))
+    monkeypatch.setenv(autotune.ENV_CACHE, str(path))
+    qa, qw = _gemm_operands(3)
+    with pytest.warns(UserWarning, match="ignored and will be replaced .*stale"):
+        ops.w4ax_gemm_q(qa, qw, out_dtype=torch.float32)
+    data = json.loads(path.read_text())
+    assert data["fingerprint"] == autotune._fingerprint() and len(data["entries"]) == 1
+
+
+def test_unwritable_cache_warns_once(fakes, monkeypatch, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    monkeypatch.setenv(autotune.ENV_CACHE, str(blocker / "tune.json"))  # parent is a file
+    qa, qw = _gemm_operands(3)
+    with pytest.warns(UserWarning, match="cannot write cache"):
+        y = ops.w4ax_gemm_q(qa, qw, out_dtype=torch.float32)
+    assert torch.allclose(y, R.w4ax_gemm(qa, qw) + OFFSET["triton"], rtol=1e-6, atol=1e-3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ops.w4ax_gemm_q(_gemm_operands(1)[0], qw, out_dtype=torch.float32)
+    assert len(autotune.report()) == 2
+
+
+def test_format_report(fakes):
+    assert "no decisions" in autotune.format_report()
+    qa, qw = _gemm_operands(3)
+    ops.w4ax_gemm_q(qa, qw, out_dtype=torch.float32)
+    text = autotune.format_report()
+    assert "w4ax_gemm" in text and "-> triton" in text and "triton=1.0000ms cuda=2.0000ms" in text
+
+
+# ---------------------------------------------------------------- GPU
+@pytest.mark.gpu
+def test_real_backends_on_gpu():
+    """Real timer, real backends: the auto result is bit-identical to the chosen backend's forced result."""
+    autotune.clear()
+    try:
+        qa, qw = _gemm_operands(17, n=300, k=576, n8=1)
+        dev = "cuda"
+        qa = R.QuantizedActivation(qa.q4.to(dev), qa.q8.to(dev), qa.scales.to(dev), qa.layout.to(dev), "block")
+        qw = qw.to(dev)
+        y = ops.w4ax_gemm_q(qa, qw, out_dtype=torch.float16, backend="auto")
+        cands = ops.candidate_backends("w4ax_gemm", torch.device(dev), "auto")
+        rows = [r for r in autotune.report() if r["op"] == "w4ax_gemm"]
+        if len([c for c in cands if c != "reference"]) < 2:
+            assert rows == []
+            return
+        assert len(rows) == 1 and all(t > 0 for t in rows[0]["times_ms"].values())
+        y2 = ops.w4ax_gemm_q(qa, qw, out_dtype=torch.float16, backend=rows[0]["choice"])
+        assert torch.equal(y, y2)
+    finally:
+        autotune.clear()
