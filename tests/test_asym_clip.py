@@ -326,7 +326,7 @@ def _on_q4_1_grid(model, g=32):
 
 
 def test_asym_fmpq_keeps_a_group_grid_through_the_permutation(tiny):
-    """quantize_ with asymmetric g32 weights and FMPQ (granularity auto = 32) reproduces
+    """quantize_ with asymmetric g32 weights and FMPQ moving runs of 32 channels reproduces
     weights that already sit on a g32 grid exactly, permutation folds included."""
     import copy
 
@@ -337,8 +337,8 @@ def test_asym_fmpq_keeps_a_group_grid_through_the_permutation(tiny):
     m = copy.deepcopy(model)
     _on_q4_1_grid(m)
     orig = {n: mod.weight.detach().clone() for n, mod in m.named_modules() if type(mod) is torch.nn.Linear}
-    quantize_(m, W4AxConfig(weight_method="rtn", group_size=32, weight_sym=False, int8_fraction=0.25),
-              calib_data=calib, progress=False)
+    quantize_(m, W4AxConfig(weight_method="rtn", group_size=32, weight_sym=False, int8_fraction=0.25,
+                            perm_granularity=32), calib_data=calib, progress=False)
     checked = 0
     for n, mod in m.named_modules():
         if not isinstance(mod, W4AxLinear):
@@ -361,11 +361,11 @@ def test_asym_fmpq_keeps_a_group_grid_through_the_permutation(tiny):
             assert torch.allclose(fa, fb, rtol=0, atol=1e-5), n
         checked += 1
     assert checked > 0
-    # and with symmetric granularity-1 FMPQ the grid is lost (the case this guards)
+    # and with single-channel FMPQ (the default) the grid is lost (the case this guards)
     m2 = copy.deepcopy(model)
     _on_q4_1_grid(m2)
-    quantize_(m2, W4AxConfig(weight_method="rtn", group_size=32, weight_sym=False, int8_fraction=0.25,
-                             perm_granularity=1), calib_data=calib, progress=False)
+    quantize_(m2, W4AxConfig(weight_method="rtn", group_size=32, weight_sym=False, int8_fraction=0.25),
+              calib_data=calib, progress=False)
     q = m2.get_submodule([n for n in orig if n.endswith("q_proj")][0])
     n0 = [n for n in orig if n.endswith("q_proj")][0]
     assert not torch.allclose(R.dequantize_weight(q.quantized_weight()), orig[n0][:, q.layout().perm], atol=2e-6)

@@ -18,11 +18,8 @@ def test_defaults_fill_fmpq_budget():
     assert W4AxConfig(int8_blocks=2).fmpq_kwargs() == {"int8_blocks": 2, "granularity": 1}
     assert W4AxConfig(outlier_ratio=8.0, max_int8_blocks=1).fmpq_kwargs() == {
         "outlier_ratio": 8.0, "max_int8_blocks": 1, "granularity": 1}
-    # "auto": asymmetric weights with groups < 128 keep whole groups together
-    assert W4AxConfig(weight_sym=False, group_size=32).granularity == 32
-    assert W4AxConfig(weight_sym=False, group_size=128).granularity == 1
-    assert W4AxConfig(group_size=32).granularity == 1
-    assert W4AxConfig(perm_granularity=16, group_size=32, weight_sym=False).granularity == 16
+    assert W4AxConfig(weight_sym=False, group_size=32).granularity == 1
+    assert W4AxConfig(perm_granularity=32, group_size=32, weight_sym=False).fmpq_kwargs()["granularity"] == 32
     assert W4AxConfig(act_bits=16).weight_only and not c.weight_only
 
 
@@ -80,7 +77,7 @@ def test_frozen():
     (dict(kv_value_axis="row"), ValueError, "kv_value_axis"),
     (dict(kv_residual_length=-1), ValueError, "kv_residual_length"),
     (dict(perm_granularity=3), ValueError, "perm_granularity"),
-    (dict(perm_granularity="x"), ValueError, "perm_granularity"),
+    (dict(perm_granularity="auto"), ValueError, "perm_granularity"),
     (dict(kv_group_size=3), ValueError, "kv_group_size"),
     (dict(skip_modules="lm_head"), TypeError, "skip_modules"),
     (dict(skip_modules=("",)), TypeError, "skip_modules"),

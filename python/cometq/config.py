@@ -97,9 +97,12 @@ class W4AxConfig:
     calibration samples, :func:`cometq.calibrate.search_act_clip`).
     ``perm_granularity``: the FMPQ permutation moves channels in runs of this many
     consecutive channels (``reference.fmpq_calibrate(granularity=...)``; an int
-    dividing 128) or "auto": ``group_size`` for asymmetric weights with groups
-    smaller than 128 (permuted weight groups stay whole original groups, so a
-    model already on a group grid, like SmolLM2's Q4_1 g32, keeps it), else 1.
+    dividing 128; default 1).  With runs of ``group_size`` the permuted weight
+    groups stay whole original groups, so a model already on a group grid (like
+    SmolLM2's Q4_1 g32) keeps it under asymmetric weights, but on SmolLM2 the
+    activations pay far more than the weights gain (activation-only FMPQ 25%:
+    1.090x with single channels, 1.259x with runs of 16, 1.350x with runs of
+    32; docs/ACCURACY.md), so the default moves single channels.
 
     ``kv4`` (+ ``kv_group_size``, ``kv_key_axis``, ``kv_value_axis``,
     ``kv_residual_length``; the fields of :class:`cometq.kvcache.KV4Config`, same
@@ -130,7 +133,7 @@ class W4AxConfig:
     max_int8_blocks: Optional[int] = None
     scale_mode: str = "block"
     act_clip: Union[float, str] = 1.0
-    perm_granularity: Union[int, str] = "auto"
+    perm_granularity: int = 1
     kv4: bool = False
     kv_group_size: int = 32
     kv_key_axis: str = "channel"
@@ -179,11 +182,8 @@ class W4AxConfig:
         else:
             object.__setattr__(self, "act_clip", float(c))
         pg = self.perm_granularity
-        if isinstance(pg, str):
-            if pg != "auto":
-                raise ValueError(f"perm_granularity must be an int dividing {BLOCK_K} or 'auto', got {pg!r}")
-        elif not _is_int(pg) or pg < 1 or BLOCK_K % pg:
-            raise ValueError(f"perm_granularity must be an int dividing {BLOCK_K} or 'auto', got {pg!r}")
+        if not _is_int(pg) or pg < 1 or BLOCK_K % pg:
+            raise ValueError(f"perm_granularity must be an int dividing {BLOCK_K}, got {pg!r}")
         if not _is_int(self.kv_group_size) or self.kv_group_size < 2 or self.kv_group_size % 2:
             raise ValueError(f"kv_group_size must be an even int >= 2, got {self.kv_group_size!r}")
         for name in ("kv_key_axis", "kv_value_axis"):
@@ -250,12 +250,7 @@ class W4AxConfig:
 
     @property
     def granularity(self) -> int:
-        """The resolved ``perm_granularity``."""
-        if self.perm_granularity != "auto":
-            return int(self.perm_granularity)
-        if not self.weight_sym and 0 < self.group_size < BLOCK_K:
-            return self.group_size
-        return 1
+        return int(self.perm_granularity)
 
     def fmpq_kwargs(self) -> Dict[str, Any]:
         """Keyword arguments for :func:`cometq.reference.fmpq_calibrate`."""
