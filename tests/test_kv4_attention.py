@@ -144,3 +144,34 @@ def test_aot_compile_sm80_sm90(tmp_path):
     res = json.loads(out.read_text())
     assert {x["arch"] for x in res} == {80, 90} and all(x["ok"] for x in res) and len(res) == 12
     assert any(x["name"].startswith("attn") for x in res) and any(x["name"].startswith("append") for x in res)
+
+
+def test_torch_compile_fullgraph_append_then_attend():
+    """Both KV4 ops trace into one graph (fake impls carry the shapes; the in-place append is a
+    declared mutation) and the compiled step matches eager exactly on the reference backend."""
+    from cometq.paged import pool_scale_shape
+
+    def fresh():
+        pool, sids = build_pool(("token", "token"), [20, 9])
+        return pool, sids
+
+    def step(x, packed, scale, zero, block_ids, offsets, q, args_rest):
+        ops.kv4_quantize_append(x, packed, scale, zero, block_ids, offsets, 8, "token", backend="reference")
+        return ops.kv4_decode_attention(q, *args_rest, 0.25, num_splits=2, backend="reference")
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 2, 1, 32, generator=g)
+    q = torch.randn(2, 4, 32, generator=g)
+    outs = []
+    for compiled in (False, True):
+        pool, sids = fresh()
+        a = _raw_args(pool, q, sids)
+        # write one new row into a free slot of the key pool (block 63 is never handed out here)
+        bid = torch.tensor([63, 63], dtype=torch.int32)
+        off = torch.tensor([0, 1], dtype=torch.int32)
+        f = torch.compile(step, fullgraph=True, backend="aot_eager") if compiled else step
+        y = f(x, pool.k_packed, pool.k_scale, pool.k_zero, bid, off, q, a[1:])
+        outs.append((y, pool.k_packed.clone(), pool.k_scale.clone()))
+    assert torch.equal(outs[0][0], outs[1][0])
+    assert torch.equal(outs[0][1], outs[1][1]) and torch.equal(outs[0][2], outs[1][2])
+    assert bool(outs[1][1][63].any())  # the append really wrote
