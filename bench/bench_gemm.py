@@ -2,30 +2,47 @@
 """W4Ax GEMM benchmark on one NVIDIA GPU, with its peers timed in the same run.
 
 For Llama-3-8B/70B layer shapes (y = x W^T, N = out, K = in features), M in
-{1, 16, 64, 256, 1024, 4096} and an INT8 block share of 0 / 12.5 / 25 % (INT8
-blocks first, as calibration lays them out), it times:
+{1, 16, 64, 256, 1024, 4096}, an INT8 block share of 0 / 12.5 / 25 % (INT8
+blocks first, as calibration lays them out) and the weight formats of
+``--weights`` (default: symmetric group ``--group``, asymmetric group 32 and
+asymmetric group 128 with fp32 offsets), it times:
 
-* ours: the cometq W4Ax GEMM per backend (``--backend triton[,cuda]``), the
-  Triton persistent stream-K variant (``triton-persistent``), and the whole
-  linear (activation quantization + GEMM, ``+aq``);
+* ours: the cometq W4Ax GEMM per backend (``--backend``, default triton plus cuda
+  when ``cometq._C`` is built), the Triton persistent stream-K variant
+  (``triton-persistent``, M > 16), the Triton deterministic split-K reduction
+  (``triton-det``, M <= 64, same config as ``triton``), and the whole linear
+  (activation quantization + GEMM, ``+aq``);
 * peers: cuBLAS FP16 (``x @ w.T``), cuBLASLt INT8 (``torch._int_mm``, M > 16),
   FP8 row-wise (``torch._scaled_mm``), W4A16 tinygemm (``torch._weight_int4pack_mm``).
 
 Every time is a ``triton.testing.do_bench`` median; beside it: TFLOP/s (TOPS for
-integer GEMMs) and achieved GB/s (bytes each kernel must move at least: weights,
-activations, scales, output).  Writes ``gemm.json``, ``gemm.md`` (a table with
-ratios vs FP16 and FP8) and ``gemm.png`` (if matplotlib is installed) into
-``--out`` (default ``$OUT`` or the current folder).  ``--what act_quant`` times
-the fused activation quantizer against the copy bandwidth instead/as well.
+integer GEMMs) and achieved GB/s over the bytes each kernel must move at least:
+weight nibbles + weight scales (+ offsets for asymmetric formats: at group 32
+the fp32 scales and offsets add 0.25 B/weight to the 0.5 B/weight of nibbles),
+activations and their scales, the fp16 output.  Rows carry ``bytes`` and
+``w_bytes_per_weight``.  Writes ``gemm.json`` (rewritten after every row, so a
+run cut short keeps what it measured), ``gemm.md`` (a table with ratios vs FP16
+and FP8) and ``gemm.png`` (if matplotlib is installed) into ``--out`` (default
+``$OUT`` or the current folder).  ``--what act_quant`` times the fused activation
+quantizer against the copy bandwidth instead/as well.
+
+``--quick`` (what bench/gpu_check.sh runs): 2 shapes, M in {1, 16, 1024}, INT8
+share 12.5 %, the three weight formats; only the symmetric format is autotuned,
+the other variants reuse its config (``--tune sym``); ``--time-budget`` stops
+starting new rows when the time is spent.  ``--dry-run`` runs the same code on
+the CPU (Triton interpreter, one tiny shape, one timed call instead of
+do_bench): it checks the script, not the speed.
 
     python bench/bench_gemm.py --quick            # ~2 shapes, 3 M values
     python bench/bench_gemm.py --backend triton,cuda --out results/
+    python bench/bench_gemm.py --dry-run --out /tmp/bench_dry
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import sys
 import time
 import traceback
@@ -38,7 +55,12 @@ MS = (1, 16, 64, 256, 1024, 4096)
 SHARES = (0.0, 0.125, 0.25)
 QUICK_SHAPES = ("8B.o", "8B.gate_up")
 QUICK_MS = (1, 16, 1024)
-QUICK_SHARES = (0.0, 0.125)
+QUICK_SHARES = (0.125,)
+#: weight formats: "sym" = symmetric with --group; "sym-gG" / "asym-gG" (G = 32, 64, 128, ..., -1 per channel)
+WEIGHTS = ("sym", "asym-g32", "asym-g128")
+DRY_SHAPES = {"tiny": (200, 576)}  # --dry-run: N not a multiple of the tile, K = 4.5 blocks
+DRY_MS = (1, 17)
+_WFMT = re.compile(r"^(sym|asym)(?:-g(-1|\d+))?$")
 
 
 def parse_args(argv=None):
@@ -46,7 +68,19 @@ def parse_args(argv=None):
                                  epilog=__doc__.split("\n\n", 1)[1])
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="output folder (default: $OUT or .)")
     ap.add_argument("--quick", action="store_true", help=f"shapes {QUICK_SHAPES}, M {QUICK_MS}, shares {QUICK_SHARES}")
-    ap.add_argument("--backend", default="triton", help="comma list of cometq backends to time: triton, cuda")
+    ap.add_argument("--backend", default="auto",
+                    help="comma list of cometq backends to time: triton, cuda; auto = triton (+ cuda if cometq._C "
+                         "is built)")
+    ap.add_argument("--weights", default=",".join(WEIGHTS),
+                    help="comma list of weight formats: sym (group --group), sym-gG, asym-gG (fp32 offsets)")
+    ap.add_argument("--tune", choices=("all", "sym"), default=None,
+                    help="autotune every variant (all) or only the first weight format, the others reusing its "
+                         "config (sym; default with --quick)")
+    ap.add_argument("--time-budget", type=float, default=None,
+                    help="seconds: start no new row after this (what was measured is written)")
+    ap.add_argument("--no-det", action="store_true", help="skip the deterministic split-K column")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="CPU smoke run under the Triton interpreter (tiny shape, one call per timing)")
     ap.add_argument("--what", default="gemm", help="comma list: gemm, act_quant")
     ap.add_argument("--shapes", help=f"comma list of shape names (default all: {', '.join(SHAPES)})")
     ap.add_argument("--ms", help="comma list of M values")
@@ -59,18 +93,38 @@ def parse_args(argv=None):
     ap.add_argument("--rep", type=int, default=50, help="do_bench repetitions (ms)")
     ap.add_argument("--no-plot", action="store_true")
     a = ap.parse_args(argv)
-    a.shapes = a.shapes.split(",") if a.shapes else list(QUICK_SHAPES if a.quick else SHAPES)
+    shapes = DRY_SHAPES if a.dry_run else SHAPES
+    a.shapes = a.shapes.split(",") if a.shapes else list(shapes if a.dry_run else (QUICK_SHAPES if a.quick else SHAPES))
     for s in a.shapes:
-        if s not in SHAPES:
-            ap.error(f"unknown shape {s!r}; choose from {', '.join(SHAPES)}")
-    a.ms = [int(v) for v in a.ms.split(",")] if a.ms else list(QUICK_MS if a.quick else MS)
-    a.shares = [float(v) for v in a.shares.split(",")] if a.shares else list(QUICK_SHARES if a.quick else SHARES)
+        if s not in shapes:
+            ap.error(f"unknown shape {s!r}; choose from {', '.join(shapes)}")
+    a.ms = ([int(v) for v in a.ms.split(",")] if a.ms
+            else list(DRY_MS if a.dry_run else (QUICK_MS if a.quick else MS)))
+    if any(m < 1 for m in a.ms):
+        ap.error(f"M values must be >= 1, got {a.ms}")
+    a.shares = ([float(v) for v in a.shares.split(",")] if a.shares
+                else list(QUICK_SHARES if (a.quick or a.dry_run) else SHARES))
     if any(not 0.0 <= s <= 1.0 for s in a.shares):
         ap.error(f"shares must lie in [0, 1], got {a.shares}")
     a.backend = [b.strip() for b in a.backend.split(",") if b.strip()]
     for b in a.backend:
-        if b not in ("triton", "cuda"):
-            ap.error(f"unknown backend {b!r} (triton, cuda)")
+        if b not in ("triton", "cuda", "auto"):
+            ap.error(f"unknown backend {b!r} (triton, cuda, auto)")
+    a.weights = [w.strip() for w in a.weights.split(",") if w.strip()]
+    if not a.weights:
+        ap.error("--weights is empty")
+    for w in a.weights:
+        mt = _WFMT.match(w)
+        if not mt:
+            ap.error(f"unknown weight format {w!r} (sym, sym-gG, asym-gG)")
+        if mt.group(2) is not None:
+            gs = int(mt.group(2))
+            if gs != -1 and gs not in (16, 32, 64) and (gs < 128 or gs % 128):
+                ap.error(f"weight format {w!r}: the group must be -1, 16, 32, 64 or a multiple of 128")
+    if a.tune is None:
+        a.tune = "sym" if (a.quick or a.dry_run) else "all"
+    if a.time_budget is not None and a.time_budget <= 0:
+        ap.error(f"--time-budget must be > 0, got {a.time_budget}")
     a.what = [w.strip() for w in a.what.split(",") if w.strip()]
     for w in a.what:
         if w not in ("gemm", "act_quant"):
@@ -82,6 +136,11 @@ def parse_args(argv=None):
 # helpers (import torch lazily so --help works anywhere)
 # --------------------------------------------------------------------------
 def _bench(fn, args):
+    if args.dry_run:  # interpreter: one warm call, one timed call (checks the code path, not the speed)
+        fn()
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
     from triton.testing import do_bench
 
     return do_bench(fn, warmup=args.warmup, rep=args.rep, return_mode="median") * 1e-3  # seconds
@@ -112,38 +171,124 @@ def _layout(k, share, device):
     return ActivationLayout(torch.arange(k, device=device), torch.tensor(bits, dtype=torch.int32, device=device))
 
 
-def bench_gemm(args, rows, errors):
+def weight_format(fmt: str, default_group: int):
+    """``"sym"`` / ``"sym-gG"`` / ``"asym-gG"`` -> (asym, group)."""
+    mt = _WFMT.match(fmt)
+    if not mt:
+        raise ValueError(f"unknown weight format {fmt!r} (sym, sym-gG, asym-gG)")
+    return mt.group(1) == "asym", int(mt.group(2)) if mt.group(2) is not None else default_group
+
+
+def weight_bytes(n: int, k_pad: int, group: int, asym: bool) -> int:
+    """Bytes of one INT4 weight matrix: nibbles + fp32 scales (+ fp32 offsets when asymmetric)."""
+    g = k_pad if group == -1 else group
+    return n * k_pad // 2 + n * (k_pad // g) * 4 * (2 if asym else 1)
+
+
+def resolve_backends(requested, device_type: str):
+    """``auto`` -> triton, plus cuda when the extension imports (CUDA devices only)."""
+    out = []
+    for b in requested:
+        if b == "auto":
+            out.append("triton")
+            if device_type == "cuda":
+                try:
+                    import cometq._C  # noqa: F401
+                    import cometq._cuda_register  # noqa: F401
+
+                    out.append("cuda")
+                except Exception as e:  # noqa: BLE001
+                    print(f"bench_gemm: cuda backend not timed ({type(e).__name__}: {str(e)[:120]})", flush=True)
+        else:
+            out.append(b)
+    seen = []
+    for b in out:
+        if b not in seen:
+            seen.append(b)
+    return seen
+
+
+class Budget:
+    """``--time-budget``: after it is spent, no new row starts (the current one finishes)."""
+
+    def __init__(self, seconds):
+        self.seconds = seconds
+        self.t0 = time.time()
+        self.hit = False
+        self.notes = []  # what was not run (not an error: the exit status stays 0)
+
+    def note(self, what: str):
+        self.notes.append(f"time budget ({self.seconds} s) spent: {what} not run")
+
+    def spent(self) -> bool:
+        if self.seconds is not None and time.time() - self.t0 > self.seconds:
+            self.hit = True
+        return self.hit
+
+
+def bench_gemm(args, rows, errors, dev, budget=None, flush=lambda: None):
     import torch
 
-    from cometq import ops
     from cometq.kernels.act_quant import quantize_act_triton
+    from cometq.kernels.w4ax_gemm import chosen_config, w4ax_gemm_triton
     from cometq.layout import padded_k
-    from cometq.kernels.w4ax_gemm import w4ax_gemm_triton
 
-    dev = torch.device("cuda")
-    for sname in args.shapes:
-        n, k = SHAPES[sname]
+    budget = budget or Budget(None)
+    shapes = DRY_SHAPES if args.dry_run else SHAPES
+    C = None
+    if "cuda" in args.backend:
+        from cometq import _cuda_register as C
+    formats = []
+    for f in args.weights:  # labels name the group: "sym" -> "sym-g128"
+        asym, group = weight_format(f, args.group)
+        label = f"{'asym' if asym else 'sym'}-g{group}"
+        if label not in [x[0] for x in formats]:
+            formats.append((label, asym, group))
+    tensors = {}
+
+    def shape_tensors(sname):
+        """Weights and peer operands of one shape, built on first use and kept (M is the outer
+        loop, so the decode rows of every shape come first when --time-budget cuts the run)."""
+        if sname in tensors:
+            return tensors[sname]
+        n, k = shapes[sname]
         k_pad = padded_k(k)
-        g = k_pad if args.group == -1 else args.group
-        try:
-            w16 = torch.randn(n, k, device=dev, dtype=torch.float16) * 0.02
-            qweight = torch.randint(0, 256, (n, k_pad // 2), device=dev, dtype=torch.uint8)
-            w_scales = torch.rand(n, k_pad // g, device=dev) * 0.01
-            peers = {}
-            if not args.no_peers:
-                peers["int8_w"] = torch.randint(-8, 8, (k, n), device=dev, dtype=torch.int8).t().contiguous().t()
-                peers["fp8_w"] = w16.to(torch.float8_e4m3fn)
-                try:
-                    peers["w4p"] = torch._convert_weight_to_int4pack(
-                        torch.randint(0, 16, (n, k // 2), device=dev, dtype=torch.uint8), 8)
-                    peers["sz"] = torch.randn(k // 128, n, 2, device=dev, dtype=torch.bfloat16)
-                except Exception as e:  # noqa: BLE001
-                    errors.append(f"{sname} int4pack: {type(e).__name__}: {str(e)[:160]}")
-            for m in args.ms:
+        w16 = torch.randn(n, k, device=dev, dtype=torch.float16) * 0.02
+        # one random nibble matrix serves every format (speed does not depend on the values);
+        # scales / offsets per format, fp32 [N, K_pad / G]
+        qweight = torch.randint(0, 256, (n, k_pad // 2), device=dev, dtype=torch.uint8)
+        wsc = {}
+        for fmt, asym, group in formats:
+            g = k_pad if group == -1 else group
+            sc = torch.rand(n, k_pad // g, device=dev) * 0.01
+            off = (torch.rand(n, k_pad // g, device=dev) - 0.5) * 0.01 if asym else None
+            wsc[fmt] = (sc, off)
+        peers = {}
+        if not args.no_peers:
+            peers["int8_w"] = torch.randint(-8, 8, (k, n), device=dev, dtype=torch.int8).t().contiguous().t()
+            peers["fp8_w"] = w16.to(torch.float8_e4m3fn)
+            try:
+                peers["w4p"] = torch._convert_weight_to_int4pack(
+                    torch.randint(0, 16, (n, k // 2), device=dev, dtype=torch.uint8), 8)
+                peers["sz"] = torch.randn(k // 128, n, 2, device=dev, dtype=torch.bfloat16)
+            except Exception as e:  # noqa: BLE001
+                errors.append(f"{sname} int4pack: {type(e).__name__}: {str(e)[:160]}")
+        tensors[sname] = (w16, qweight, wsc, peers)
+        return tensors[sname]
+
+    for m in args.ms:
+        for sname in args.shapes:
+            if budget.spent():
+                budget.note(f"M={m} {sname} and later")
+                return
+            try:
+                n, k = shapes[sname]
+                k_pad = padded_k(k)
+                w16, qweight, wsc, peers = shape_tensors(sname)
                 flops = 2.0 * m * n * k
                 x = torch.randn(m, k, device=dev, dtype=torch.float16)
                 base = dict(shape=sname, N=n, K=k, M=m)
-                # ---- peers (independent of the INT8 share)
+                # ---- peers (independent of the INT8 share and the weight format)
                 prow = dict(base, share=None, kind="peers")
                 _try(prow, "fp16", lambda: x @ w16.t(), args, flops, 2 * n * k + 2 * m * k + 2 * m * n)
                 if not args.no_peers:
@@ -163,68 +308,119 @@ def bench_gemm(args, rows, errors):
                         _try(prow, "w4a16", lambda: torch._weight_int4pack_mm(xb, w4p, 128, sz), args, flops,
                              n * k // 2 + n * k // 128 * 4 + 2 * m * k + 2 * m * n)
                 rows.append(prow)
-                # ---- ours, per INT8 share
+                flush()
+                # ---- ours, per INT8 share and weight format
                 for share in args.shares:
                     lay = _layout(k, share, dev)
                     q4, q8, a_sc = quantize_act_triton(x, lay.perm, lay.block_bits, lay.n_int8, args.scale_mode,
                                                        identity_perm=True)
-                    nbytes = (n * k // 2 + w_scales.numel() * 4 + q4.numel() + q8.numel() + a_sc.numel() * 4
-                              + 2 * m * n)
-                    row = dict(base, share=share, n_int8=lay.n_int8, kind="ours")
-                    for be in args.backend:
-                        fn = (lambda: ops.w4ax_gemm(q4, q8, a_sc, lay.block_bits, qweight, w_scales, args.group, None,
-                                                    torch.float16, args.scale_mode, backend=be))
-                        if be == "triton":  # call the kernel entry directly: no op dispatch overhead
-                            fn = (lambda: w4ax_gemm_triton(q4, q8, a_sc, lay.block_bits, qweight, w_scales, args.group,
-                                                           None, torch.float16, args.scale_mode))
-                        try:
-                            fn()  # first call autotunes (cached per shape bucket)
-                            torch.cuda.synchronize()
-                        except Exception as e:  # noqa: BLE001
-                            row[f"{be}_err"] = f"{type(e).__name__}: {str(e)[:160]}"
+                    tuned = None  # the first format's Triton config (reused by the others with --tune sym)
+                    for fi, (fmt, asym, group) in enumerate(formats):
+                        if budget.spent():
+                            budget.note(f"{sname} M={m} share={share} {fmt} and later")
+                            break
+                        w_sc, w_off = wsc[fmt]
+                        # bytes the GEMM must move at least: weight nibbles + scales (+ offsets),
+                        # activations + their scales, the fp16 output
+                        wb = weight_bytes(n, k_pad, group, asym)
+                        nbytes = wb + q4.numel() + q8.numel() + a_sc.numel() * 4 + 2 * m * n
+                        row = dict(base, share=share, n_int8=lay.n_int8, kind="ours", weights=fmt, group=group,
+                                   asym=asym, bytes=nbytes, w_bytes_per_weight=round(wb / (n * k), 4))
+                        reuse = tuned if (args.tune == "sym" and fi > 0) else None
+                        for be in args.backend:
+                            if be == "triton":  # the kernel entries directly: no op dispatch overhead
+                                fn = (lambda: w4ax_gemm_triton(q4, q8, a_sc, lay.block_bits, qweight, w_sc, group,
+                                                               None, torch.float16, args.scale_mode, w_offsets=w_off,
+                                                               config=reuse))
+
+                                def e2e():
+                                    a, b, c = quantize_act_triton(x, lay.perm, lay.block_bits, lay.n_int8,
+                                                                  args.scale_mode)
+                                    return w4ax_gemm_triton(a, b, c, lay.block_bits, qweight, w_sc, group, None,
+                                                            torch.float16, args.scale_mode, w_offsets=w_off,
+                                                            config=reuse)
+                            else:
+                                fn = (lambda: C.cuda_w4ax_gemm(q4, q8, a_sc, lay.block_bits, qweight, w_sc, group,
+                                                               None, torch.float16, args.scale_mode, w_offsets=w_off))
+
+                                def e2e():
+                                    a, b, c = C.cuda_quantize_act(x, lay.perm, lay.block_bits, lay.n_int8,
+                                                                  args.scale_mode)
+                                    return C.cuda_w4ax_gemm(a, b, c, lay.block_bits, qweight, w_sc, group, None,
+                                                            torch.float16, args.scale_mode, w_offsets=w_off)
+                            try:
+                                fn()  # first call autotunes (cached per shape bucket and variant)
+                                if dev.type == "cuda":
+                                    torch.cuda.synchronize()
+                            except Exception as e:  # noqa: BLE001
+                                row[f"{be}_err"] = f"{type(e).__name__}: {str(e)[:160]}"
+                                continue
+                            _try(row, be, fn, args, flops, nbytes)
+                            _try(row, be + "+aq", e2e, args, flops, nbytes + 2 * m * k)
+                        if "triton" not in args.backend or "triton_err" in row:
+                            rows.append(row)
+                            flush()
+                            print(_fmt(prow, row), flush=True)
                             continue
-                        _try(row, be, fn, args, flops, nbytes)
-
-                        def e2e(be=be):
-                            a, b, c = ops.quantize_act(x, lay.perm, lay.block_bits, lay.n_int8, args.scale_mode,
-                                                       backend=be)
-                            return ops.w4ax_gemm(a, b, c, lay.block_bits, qweight, w_scales, args.group, None,
-                                                 torch.float16, args.scale_mode, backend=be)
-
-                        _try(row, be + "+aq", e2e, args, flops, nbytes + 2 * m * k)
-                    if "triton" in args.backend and not args.no_persistent and m > 16:
-                        pf = (lambda: w4ax_gemm_triton(q4, q8, a_sc, lay.block_bits, qweight, w_scales, args.group,
-                                                       None, torch.float16, args.scale_mode, path="persistent"))
-                        try:
-                            pf()
-                            _try(row, "triton-persistent", pf, args, flops, nbytes)
-                        except Exception as e:  # noqa: BLE001
-                            row["triton-persistent_err"] = f"{type(e).__name__}: {str(e)[:160]}"
-                    rows.append(row)
-                    print(_fmt(prow, row), flush=True)
-            del w16, qweight, w_scales, peers
-            torch.cuda.empty_cache()
-        except Exception as e:  # noqa: BLE001
-            traceback.print_exc()
-            errors.append(f"{sname}: {type(e).__name__}: {str(e)[:200]}")
+                        cfg = reuse or chosen_config(m, n, k_pad, lay.n_int8, scale_mode=args.scale_mode,
+                                                     group_size=group, asym=asym)
+                        if fi == 0:
+                            tuned = cfg
+                        row["triton_config"] = str(cfg)
+                        if not args.no_persistent and m > 16:
+                            pf = (lambda: w4ax_gemm_triton(q4, q8, a_sc, lay.block_bits, qweight, w_sc, group, None,
+                                                           torch.float16, args.scale_mode, w_offsets=w_off,
+                                                           path="persistent",
+                                                           config=cfg if args.tune == "sym" else None))
+                            try:
+                                pf()
+                                _try(row, "triton-persistent", pf, args, flops, nbytes)
+                            except Exception as e:  # noqa: BLE001
+                                row["triton-persistent_err"] = f"{type(e).__name__}: {str(e)[:160]}"
+                        if not args.no_det and m <= 64 and cfg is not None:
+                            if cfg.split > 1:
+                                # same config as the triton column: the reduction's cost (workspace
+                                # write + read, one launch) against zero fill + fp32 atomics + cast
+                                df = (lambda: w4ax_gemm_triton(q4, q8, a_sc, lay.block_bits, qweight, w_sc, group,
+                                                               None, torch.float16, args.scale_mode, w_offsets=w_off,
+                                                               config=cfg, deterministic=True))
+                                try:
+                                    df()
+                                    _try(row, "triton-det", df, args, flops, nbytes)
+                                except Exception as e:  # noqa: BLE001
+                                    row["triton-det_err"] = f"{type(e).__name__}: {str(e)[:160]}"
+                            else:
+                                row["triton-det_note"] = "chosen config does not split K: already deterministic"
+                        rows.append(row)
+                        flush()
+                        print(_fmt(prow, row), flush=True)
+            except Exception as e:  # noqa: BLE001
+                traceback.print_exc()
+                errors.append(f"{sname} M={m}: {type(e).__name__}: {str(e)[:200]}")
 
 
 def _fmt(prow, row):
     keys = [k for k in list(prow) + list(row) if k.endswith("_us")]
     vals = {**prow, **row}
-    return f"{row['shape']:12s} M={row['M']:5d} share={row['share']:.3f} " + " ".join(f"{k[:-3]}={vals[k]}" for k in keys)
+    return (f"{row['shape']:12s} M={row['M']:5d} share={row['share']:.3f} {row.get('weights', ''):10s} "
+            + " ".join(f"{k[:-3]}={vals[k]}" for k in keys)
+            + (f" triton_GB/s={row['triton_gbps']}" if "triton_gbps" in row else ""))
 
 
-def bench_act_quant(args, rows, errors):
+def bench_act_quant(args, rows, errors, dev, budget=None, flush=lambda: None):
     import torch
 
     from cometq.kernels.act_quant import quantize_act_triton
 
-    dev = torch.device("cuda")
-    ks = sorted({SHAPES[s][1] for s in args.shapes})
+    budget = budget or Budget(None)
+    shapes = DRY_SHAPES if args.dry_run else SHAPES
+    ks = sorted({shapes[s][1] for s in args.shapes})
     for k in ks:
         for m in args.ms:
             for share in args.shares:
+                if budget.spent():
+                    budget.note(f"act_quant K={k} M={m} and later")
+                    return
                 try:
                     lay = _layout(k, share, dev)
                     perm = torch.randperm(k, device=dev)
@@ -238,6 +434,7 @@ def bench_act_quant(args, rows, errors):
                     _try(row, "aq_block_identity", lambda: quantize_act_triton(x, lay.perm, lay.block_bits, lay.n_int8,
                                                                                "block", identity_perm=True), args, None, nbytes)
                     rows.append(row)
+                    flush()
                     print(row, flush=True)
                 except Exception as e:  # noqa: BLE001
                     errors.append(f"act_quant K={k} M={m}: {type(e).__name__}: {str(e)[:200]}")
@@ -249,10 +446,14 @@ def bench_act_quant(args, rows, errors):
 def markdown(rows, backends):
     out = []
     peers = {(r["shape"], r["M"]): r for r in rows if r.get("kind") == "peers"}
-    ours = [r for r in rows if r.get("kind") == "ours"]
+    order = {name: i for i, name in enumerate(list(SHAPES) + list(DRY_SHAPES))}
+    # table order: shape, M, share (rows are measured M-major; the sort is stable: format order kept)
+    ours = sorted((r for r in rows if r.get("kind") == "ours"),
+                  key=lambda r: (order.get(r["shape"], len(order)), r["M"], r["share"]))
     if ours:
-        cols = backends + ["triton-persistent"] if "triton" in backends else list(backends)
-        head = ["shape", "M", "INT8 share", "FP16", "INT8", "FP8", "W4A16"] + cols + [f"{b}+aq" for b in backends]
+        cols = backends + ["triton-persistent", "triton-det"] if "triton" in backends else list(backends)
+        head = ["shape", "M", "INT8 share", "weights", "MB moved", "FP16", "INT8", "FP8", "W4A16"] + cols
+        head += [f"{b}+aq" for b in backends] + [f"{b} GB/s" for b in backends]
         head += [f"{c} vs FP16" for c in cols] + [f"{c} vs FP8" for c in cols]
         out.append("| " + " | ".join(head) + " |")
         out.append("|" + "---|" * len(head))
@@ -268,15 +469,21 @@ def markdown(rows, backends):
                     return "–"
                 return f"{b / a:.2f}x"
 
-            cells = [r["shape"], str(r["M"]), f"{100 * r['share']:.1f}%", t(p, "fp16"), t(p, "int8"), t(p, "fp8"),
+            cells = [r["shape"], str(r["M"]), f"{100 * r['share']:.1f}%", r.get("weights", "–"),
+                     f"{r['bytes'] / 1e6:.1f}" if "bytes" in r else "–", t(p, "fp16"), t(p, "int8"), t(p, "fp8"),
                      t(p, "w4a16")]
             cells += [t(r, c) for c in cols] + [t(r, f"{b}+aq") for b in backends]
+            cells += [str(r.get(f"{b}_gbps", "–")) for b in backends]
             cells += [ratio(r.get(c + "_us"), p.get("fp16_us")) for c in cols]
             cells += [ratio(r.get(c + "_us"), p.get("fp8_us")) for c in cols]
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
         out.append("Times in microseconds (do_bench medians). `x vs FP16` = FP16 time / x time (> 1: faster than FP16). "
-                   "`+aq` includes the fused activation quantization. TFLOP/s and GB/s per kernel are in gemm.json.")
+                   "`+aq` includes the fused activation quantization. `weights`: sym = symmetric, asym = fp32 "
+                   "offsets, gG = group size. `MB moved` = the bytes the GEMM must move at least (weight nibbles + "
+                   "scales + offsets, activations + scales, fp16 output); `GB/s` = MB moved / time. `triton-det`: "
+                   "deterministic split-K reduction on the same config as `triton` (M <= 64, when it splits). "
+                   "TFLOP/s and the configs are in gemm.json.")
     aq = [r for r in rows if r.get("kind") == "act_quant"]
     if aq:
         out.append("")
@@ -305,10 +512,12 @@ def plot(rows, path):
     fig, axes = plt.subplots(1, len(shapes), figsize=(4.5 * len(shapes), 3.6), squeeze=False)
     for ax, s in zip(axes[0], shapes):
         for share in sorted({r["share"] for r in ours}):
-            pts = [(r["M"], peers[(s, r["M"])]["fp16_us"] / r["triton_us"]) for r in ours
-                   if r["shape"] == s and r["share"] == share and peers.get((s, r["M"]), {}).get("fp16_us")]
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=f"W4Ax {100 * share:.1f}% INT8")
+            for wf in sorted({r.get("weights", "") for r in ours}):
+                pts = [(r["M"], peers[(s, r["M"])]["fp16_us"] / r["triton_us"]) for r in ours
+                       if r["shape"] == s and r["share"] == share and r.get("weights", "") == wf
+                       and peers.get((s, r["M"]), {}).get("fp16_us")]
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=f"W4Ax {wf} {100 * share:.1f}% INT8")
         for key, lab in (("fp8", "FP8"), ("int8", "INT8"), ("w4a16", "W4A16")):
             pts = [(m, p["fp16_us"] / p[key + "_us"]) for (sh, m), p in sorted(peers.items())
                    if sh == s and p.get(key + "_us") and p.get("fp16_us")]
@@ -327,37 +536,66 @@ def plot(rows, path):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.dry_run:
+        # before anything imports a @triton.jit module: run the kernels in the interpreter
+        os.environ["TRITON_INTERPRET"] = "1"
+        args.no_peers = True  # fp8 / int4pack / _int_mm peers are GPU kernels
     try:
         import torch
     except Exception as e:  # noqa: BLE001
         print(f"bench_gemm: torch is not importable ({e}); nothing to measure", file=sys.stderr)
         return 2
-    if not torch.cuda.is_available():
-        print("bench_gemm: no CUDA GPU visible (torch.cuda.is_available() is False). This benchmark times GPU "
-              "kernels; run it on a machine with an NVIDIA GPU (sm_80/sm_90).", file=sys.stderr)
-        return 2
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        print("bench_gemm: TRITON_INTERPRET=1 is set; unset it to time compiled kernels", file=sys.stderr)
-        return 2
+    if not args.dry_run:
+        if not torch.cuda.is_available():
+            print("bench_gemm: no CUDA GPU visible (torch.cuda.is_available() is False). This benchmark times GPU "
+                  "kernels; run it on a machine with an NVIDIA GPU (sm_80/sm_90), or use --dry-run to check the "
+                  "script on the CPU.", file=sys.stderr)
+            return 2
+        if os.environ.get("TRITON_INTERPRET", "0") == "1":
+            print("bench_gemm: TRITON_INTERPRET=1 is set; unset it to time compiled kernels", file=sys.stderr)
+            return 2
+    dev = torch.device("cpu" if args.dry_run else "cuda")
+    args.backend = resolve_backends(args.backend, dev.type)
     os.makedirs(args.out, exist_ok=True)
-    p = torch.cuda.get_device_properties(0)
     import triton
 
-    meta = dict(device=p.name, sms=p.multi_processor_count, capability=list(torch.cuda.get_device_capability()),
-                torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
+    if dev.type == "cuda":
+        p = torch.cuda.get_device_properties(0)
+        dev_meta = dict(device=p.name, sms=p.multi_processor_count, capability=list(torch.cuda.get_device_capability()))
+    else:
+        dev_meta = dict(device="cpu (dry run: Triton interpreter, times are meaningless)", sms=0, capability=None)
+    meta = dict(**dev_meta, torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
                 args={k: v for k, v in vars(args).items()}, started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     print(meta, flush=True)
     rows, errors = [], []
     t0 = time.time()
+    budget = Budget(args.time_budget)
+    path = os.path.join(args.out, "gemm.json")
+
+    def flush():
+        meta["seconds"] = round(time.time() - t0, 1)
+        meta["complete"] = False
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(dict(meta=meta, rows=rows, errors=errors), f, indent=1)
+        os.replace(tmp, path)  # a kill mid-write never leaves a broken file
+
     if "gemm" in args.what:
-        bench_gemm(args, rows, errors)
+        bench_gemm(args, rows, errors, dev, budget, flush)
     if "act_quant" in args.what:
-        bench_act_quant(args, rows, errors)
+        bench_act_quant(args, rows, errors, dev, budget, flush)
     meta["seconds"] = round(time.time() - t0, 1)
-    with open(os.path.join(args.out, "gemm.json"), "w") as f:
+    meta["budget_hit"] = budget.hit
+    meta["not_run"] = budget.notes
+    flush()
+    meta["complete"] = True
+    with open(path, "w") as f:
         json.dump(dict(meta=meta, rows=rows, errors=errors), f, indent=1)
-    md = f"# W4Ax GEMM on {p.name} ({meta['started']}, torch {torch.__version__}, triton {triton.__version__})\n\n"
+    md = (f"# W4Ax GEMM on {meta['device']} ({meta['started']}, torch {torch.__version__}, "
+          f"triton {triton.__version__})\n\n")
     md += markdown(rows, args.backend)
+    if budget.notes:
+        md += "\nNot run (--time-budget):\n" + "\n".join(f"- {e}" for e in budget.notes) + "\n"
     if errors:
         md += "\nErrors:\n" + "\n".join(f"- {e}" for e in errors) + "\n"
     with open(os.path.join(args.out, "gemm.md"), "w") as f:

@@ -10,7 +10,10 @@ and checks properties of the generated code that numerics depend on:
   multiply (``(absmax * clip) / 7``, never a reciprocal or a fused op);
 * every GEMM config issues tensor-core int8 MMAs (``mma.sync`` on sm_80,
   ``wgmma`` on sm_90 for 64-row-or-larger MMA tiles with >= 4 warps) and streams
-  global memory in 16-byte vectors.
+  global memory in 16-byte vectors;
+* split-K / stream-K: ATOMIC kernels issue fp32 atomics, the deterministic
+  (WORKSPACE) kernels and the reduction kernel never do, and the reduction reads
+  the fp32 partials in 16-byte vectors.
 
 Compiles mirror the JIT's specialization of a real launch (16-byte aligned
 pointers, strides that are multiples of 16, unit strides as constants), so the
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from typing import Dict, List, Optional, Tuple
@@ -37,7 +41,13 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from .act_quant import act_quant_kernel  # noqa: E402
-from .w4ax_gemm import GemmConfig, gen_configs, w4ax_gemm_kernel, w4ax_gemm_persistent_kernel  # noqa: E402
+from .w4ax_gemm import (  # noqa: E402
+    GemmConfig,
+    gen_configs,
+    w4ax_gemm_kernel,
+    w4ax_gemm_persistent_kernel,
+    w4ax_reduce_kernel,
+)
 
 _TY = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
 
@@ -57,10 +67,10 @@ def _act_sig(x_dtype: str) -> Dict[str, str]:
 
 def _gemm_sig(out: str, bias: str, persistent: bool) -> Dict[str, str]:
     sig = dict(order_ptr="*i32", q4_ptr="*u8", q8_ptr="*i8", as_ptr="*fp32", w_ptr="*u8", ws_ptr="*fp32",
-               wo_ptr="*fp32", bias_ptr=_TY[bias], out_ptr=_TY[out], dbg_ptr="*i32", dsum_ptr="*i32", M="i32",
-               N="i32", NB="i32", N8="i32", GROUP="i32")
+               wo_ptr="*fp32", bias_ptr=_TY[bias], out_ptr=_TY[out], dbg_ptr="*i32", dsum_ptr="*i32",
+               part_ptr="*fp32", M="i32", N="i32", NB="i32", N8="i32", GROUP="i32")
     if persistent:
-        sig = dict(items_ptr="*i32", starts_ptr="*i32", **sig)
+        sig = dict(items_ptr="*i32", starts_ptr="*i32", slots_ptr="*i32", **sig)
     else:
         sig["SPLIT"] = "i32"
     sig.update(stride_q4m="i32", stride_q8m="i32", stride_asm="i32", stride_wn="i32", stride_wsn="i32",
@@ -79,12 +89,19 @@ def _full_sig(kernel, sig: Dict[str, str], constexprs: Dict[str, object]) -> Dic
     return {k: sig[k] for k in kernel.arg_names}
 
 
+def _reduce_sig(out: str, bias: str) -> Dict[str, str]:
+    return dict(red_ptr="*i32", part_ptr="*fp32", bias_ptr=_TY[bias], out_ptr=_TY[out], M="i32", N="i32",
+                SLOTS="i32", stride_om="i32", stride_on="i32")
+
+
 def gemm_meta(group: int = 128, k_pad: int = 4096, class_mode: bool = False, bias: bool = True,
-              debug: bool = False, evict: str = "", asym: bool = False) -> Dict[str, object]:
+              debug: bool = False, evict: str = "", asym: bool = False, det: bool = False) -> Dict[str, object]:
+    """Constexprs of a GEMM launch; ``det``: the deterministic workspace store (WORKSPACE) instead
+    of a direct store / fp32 atomics (pair it with ``ATOMIC=False``)."""
     seg = min(128, group if group > 0 else k_pad)
     return dict(CLASS_MODE=class_mode, SEGS=128 // seg, SEG_H=seg // 2, H_LOAD=max(seg // 2, 32),
                 INT_ACC=class_mode and (group <= 0 or group >= k_pad), HAS_BIAS=bias, DEBUG=debug, EVICT_W=evict,
-                ASYM=asym)
+                ASYM=asym, WORKSPACE=det)
 
 
 def all_configs(quick: bool = False) -> List[GemmConfig]:
@@ -151,6 +168,25 @@ def jobs(quick: bool = False) -> List[Tuple[str, object, Dict[str, str], Dict[st
                              SWAP_AB=c.swap_ab, INTERLEAVE8=c.interleave8,
                              **gemm_meta(evict="evict_first" if c.block_m <= 64 else "", asym=asym)),
                         c.num_warps, c.num_stages, "gemm"))
+    # deterministic twins of the split configs (workspace store instead of atomics; fp16 out,
+    # written by the reduction) and the reduction kernel for each split tile shape
+    split_cfgs = [c for c in all_configs(quick) if c.split > 1]
+    for asym in (False, True):
+        for c in split_cfgs:
+            out.append((f"gemm-det{'-asym' if asym else ''}[{c}]", w4ax_gemm_kernel, _gemm_sig("fp16", "fp16", False),
+                        dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, GROUP_M=c.group_m, ATOMIC=False,
+                             SWAP_AB=c.swap_ab, INTERLEAVE8=c.interleave8,
+                             **gemm_meta(evict="evict_first" if c.block_m <= 64 else "", asym=asym, det=True)),
+                        c.num_warps, c.num_stages, "gemm"))
+    reduce_tiles = []
+    for c in split_cfgs + [GemmConfig(128, 128), GemmConfig(64, 128)]:  # + the persistent tiles below
+        if (c.block_m, c.block_n, c.group_m) not in reduce_tiles:
+            reduce_tiles.append((c.block_m, c.block_n, c.group_m))
+    for bm, bn, gm in reduce_tiles:
+        for od, bias, table in (("fp16", True, False), ("bf16", False, True), ("fp32", True, True)):
+            out.append((f"reduce[{od},bias={bias},table={table},{bm}x{bn},group_m={gm}]", w4ax_reduce_kernel,
+                        _reduce_sig(od, "fp16"),
+                        dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=gm, HAS_BIAS=bias, HAS_TABLE=table), 4, 1, "reduce"))
     # feature variants on a representative config (128x128, 8 warps) and a decode config
     variants = [
         ("class,per-channel(int32 runs)", dict(class_mode=True, group=-1), "bf16", False, False),
@@ -181,6 +217,11 @@ def jobs(quick: bool = False) -> List[Tuple[str, object, Dict[str, str], Dict[st
         ("asym,interleave8,class,per-channel,atomic", dict(class_mode=True, group=-1, asym=True), "fp32", True, False),
         ("asym,interleave8,swap,block,g64,debug", dict(group=64, debug=True, asym=True), "fp32", False, True),
         ("asym,interleave8,block,g128", dict(group=128, asym=True), "fp16", False, False),
+        # deterministic reduction: the workspace store (split-K pieces), symmetric and asymmetric
+        ("det,block,g128", dict(group=128, det=True), "fp16", False, False),
+        ("det,asym,swap,block,g32(masked)", dict(group=32, asym=True, det=True), "bf16", False, True),
+        ("det,asym,class,per-channel,debug", dict(class_mode=True, group=-1, asym=True, debug=True, det=True),
+         "fp32", False, False),
     ]
     for name, kw, od, atomic, swap in variants:
         for bm, bn, w, s in ((128, 128, 8, 3), (16, 64, 4, 4)):
@@ -188,16 +229,20 @@ def jobs(quick: bool = False) -> List[Tuple[str, object, Dict[str, str], Dict[st
                         dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=8, ATOMIC=atomic, SWAP_AB=swap,
                              INTERLEAVE8="interleave8" in name, **gemm_meta(**kw)),
                         w, s, "gemm"))
-    # persistent stream-K kernel: atomic (split tiles) and whole-tile schedules, symmetric and asymmetric
+    # persistent stream-K kernel: atomic (split tiles), whole-tile and deterministic (workspace)
+    # schedules, symmetric and asymmetric
     for asym in (False, True):
-        for atomic in (True, False):
+        for reduce in ("atomic", "direct", "det"):
+            atomic = reduce == "atomic"
             for cm in (False, True):
                 for bm, bn, w, s, swap in ((128, 128, 8, 3, False), (64, 128, 4, 4, False), (64, 128, 4, 4, True)):
-                    out.append((f"persistent[{'asym,' if asym else ''}atomic={atomic},class={cm},"
+                    tag = f"atomic={atomic}" if reduce != "det" else "det"
+                    out.append((f"persistent[{'asym,' if asym else ''}{tag},class={cm},"
                                 f"swap+interleave8={swap},{bm}x{bn}]",
                                 w4ax_gemm_persistent_kernel, _gemm_sig("fp32" if atomic else "fp16", "fp16", True),
                                 dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=8, ATOMIC=atomic, SWAP_AB=swap, INTERLEAVE8=swap,
-                                     **gemm_meta(class_mode=cm, group=-1 if cm else 128, asym=asym)), w, s, "gemm"))
+                                     **gemm_meta(class_mode=cm, group=-1 if cm else 128, asym=asym,
+                                                 det=reduce == "det")), w, s, "gemm"))
     return out
 
 
@@ -225,17 +270,28 @@ def ci_subset(todo, arch: int):
     included: tiled and split-K, swap_ab, interleave8, both scale modes), the
     persistent kernel in both scale modes (and its asymmetric swap variant), and
     the asymmetric twins of three generated configs (a split-K decode config, a
-    swap_ab and an interleave8 prefill config).  sm_80: one of each kernel family
-    and one asymmetric kernel per path.  Skipped in CI: the 128x128 feature
-    variants and group 16 (same code path as group 32, 15 s of compile), fp32/bf16
-    inputs of the quantizer on sm_80, the other asymmetric generated configs.
+    swap_ab and an interleave8 prefill config), the deterministic reduction
+    (workspace-store variants on the decode tile, the deterministic persistent
+    kernel at 64x128 (sym block mode, asym class mode + swap/interleave8), the
+    reduce kernel for every decode split tile and 64x128) and the deterministic
+    twin of the first split-K config (sym and asym).
+    sm_80: one of each kernel family, one asymmetric kernel per path, one
+    deterministic split-K, persistent and reduce kernel.  Skipped in CI: the
+    128x128 feature variants and group 16 (same code path as group 32, 15 s of
+    compile), fp32/bf16 inputs of the quantizer on sm_80, the other asymmetric and
+    deterministic generated configs.
     """
     keep = []
     asym_cfgs = _ci_asym_configs(todo)
+    det_cfgs = set()
+    for prefix in ("gemm-det[", "gemm-det-asym["):
+        first = next((j[0] for j in todo if j[0].startswith(prefix)), None)
+        if first is not None:
+            det_cfgs.add(first)
     for j in todo:
         name = j[0]
         if arch >= 90:
-            if name.startswith("gemm[") or name in asym_cfgs:
+            if name.startswith("gemm[") or name in asym_cfgs or name in det_cfgs:
                 keep.append(j)
             elif name.startswith("act_quant[") and "BM=32" in name and ("fp16" in name or "class=False" in name):
                 keep.append(j)
@@ -245,6 +301,11 @@ def ci_subset(todo, arch: int):
                 keep.append(j)
             elif name.startswith("persistent[asym,atomic=True") and "swap+interleave8=True,64x128" in name:
                 keep.append(j)
+            elif name in ("persistent[det,class=False,swap+interleave8=False,64x128]",
+                          "persistent[asym,det,class=True,swap+interleave8=True,64x128]"):
+                keep.append(j)  # deterministic stream-K: both scale modes, swap+interleave8 or not
+            elif name.startswith("reduce[") and ("16x" in name or "64x128" in name):
+                keep.append(j)  # the reduction for every decode split tile and the persistent 64x128
         else:
             if name in ("act_quant[fp16,class=False,ident=False,BM=32]", "act_quant[fp16,class=True,ident=False,BM=32]"):
                 keep.append(j)
@@ -254,7 +315,11 @@ def ci_subset(todo, arch: int):
                 keep.append(j)
             elif name in ("gemm-variant[asym,class,per-channel(int32 runs),16x64]",
                           "gemm-variant[asym,block,g64,atomic,16x64]",
-                          "persistent[asym,atomic=True,class=True,swap+interleave8=True,64x128]"):
+                          "persistent[asym,atomic=True,class=True,swap+interleave8=True,64x128]",
+                          "gemm-variant[det,block,g128,16x64]",
+                          "persistent[asym,det,class=False,swap+interleave8=False,64x128]",
+                          "reduce[fp16,bias=True,table=False,16x64,group_m=1]",
+                          "reduce[fp32,bias=True,table=True,64x128,group_m=8]"):
                 keep.append(j)
     return keep
 
@@ -299,6 +364,21 @@ def check_code(kind: str, arch: int, constexprs: Dict[str, object], num_warps: i
             # the INT4 clip is its own fp32 multiply before the division (spec op order)
             return "INT4 clip multiply (absmax * int4_clip) missing"
         return None
+    if kind == "reduce":
+        # deterministic reduction: plain loads in a fixed order, no atomics, 16-byte vectors
+        if _atomics(ptx):
+            return "the deterministic reduction must not use atomics"
+        if _wide_loads(ptx) == 0:
+            return "no 16-byte loads of the fp32 partials"
+        return None
+    if constexprs.get("WORKSPACE"):
+        # deterministic pieces: plain stores into the workspace, never an atomic
+        if _atomics(ptx):
+            return "deterministic (WORKSPACE) kernel issues atomics"
+        if "st.global" not in ptx:
+            return "deterministic (WORKSPACE) kernel stores nothing"
+    elif constexprs.get("ATOMIC") and not _atomics(ptx):
+        return "split-K (ATOMIC) kernel has no fp32 atomics"
     mma_m = constexprs["BLOCK_N"] if constexprs.get("SWAP_AB") else constexprs["BLOCK_M"]
     if arch >= 90 and mma_m >= 64 and num_warps >= 4:
         if "wgmma" not in ptx:
@@ -310,6 +390,14 @@ def check_code(kind: str, arch: int, constexprs: Dict[str, object], num_warps: i
     if _wide_loads(ptx) == 0:
         return "no 16-byte global loads (weights must stream in 16-byte vectors)"
     return None
+
+
+_ATOMIC_OP = re.compile(r"^\s*(@!?%p\d+\s+)?(atom|red)\.global")
+
+
+def _atomics(ptx: str) -> int:
+    """Global atomic instructions (``atom.global...`` / ``red.global...``, predicated or not)."""
+    return sum(1 for line in ptx.splitlines() if _ATOMIC_OP.match(line))
 
 
 def _wide_loads(ptx: str) -> int:

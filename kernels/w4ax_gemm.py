@@ -57,10 +57,30 @@ Three launch paths share one per-(tile, block-range) body ``_accumulate``:
   program a contiguous list of (tile, block-range) work items with equal
   *weighted* cost (INT8 block ``cost8``, INT4 block ``cost4``), so no SM ends up
   with only INT8-heavy tiles.  Split tiles are combined with fp32 atomics.
+
+Deterministic reduction (``deterministic=True`` or ``COMETQ_DETERMINISTIC=1``): the
+split-K and persistent kernels are compiled with ``WORKSPACE`` instead of ``ATOMIC``;
+every piece of a split tile stores its fp32 partial (no bias) into its own slot of a
+workspace (one ``[BLOCK_M, BLOCK_N]`` fp32 tile per piece, only valid elements
+written)::
+
+    split-K:     slot = tile * C + j            j = chunk index 0..C-1, C = cdiv(NB, cdiv(NB, SPLIT))
+    persistent:  slot = stream_k_slots(items)   pieces of a tile consecutive, in block order
+
+and ``w4ax_reduce_kernel`` (one program per split tile) computes
+``out = cast(((P_0 + P_1) + ... + P_{C-1}) + bias)`` in that fixed order.  Each
+``P_j`` is the same ``_accumulate`` over block-list positions ``[i_lo, i_hi)``, so the
+result depends only on where the tile's block list is cut: identical across runs,
+across SPLIT values with the same chunk size, and between split-K and a stream-K
+schedule that cut a tile at the same positions.  Unsplit tiles are stored
+directly as on the tiled path (``cast(P_0 + bias)``).  Cost: one ``[C, M, N]`` fp32
+write + read (L2-resident at decode) and one small launch, instead of the atomic
+path's zero fill + fp32 atomics + cast.
 """
 from __future__ import annotations
 
 import functools
+import os
 import weakref
 from dataclasses import dataclass
 from typing import Dict, List, Optional
@@ -77,11 +97,16 @@ from ._common import checks_with_sync, dummy, interpreting, next_pow2, nonempty,
 
 __all__ = [
     "GemmConfig",
+    "chosen_config",
     "gen_configs",
     "m_bucket",
     "select_config",
     "stream_k_schedule",
+    "stream_k_slots",
+    "resolve_deterministic",
+    "ENV_DETERMINISTIC",
     "w4ax_gemm_triton",
+    "w4ax_reduce_kernel",
     "w4ax_gemm_kernel",
     "w4ax_gemm_persistent_kernel",
     "PATHS",
@@ -315,8 +340,9 @@ def _tile_coords(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP
 
 
 @triton.jit
-def _epilogue(acc_f, add_bias, out_ptr, bias_ptr, rm, rn, m_mask, n_mask, stride_om, stride_on,
+def _epilogue(acc_f, add_bias, out_ptr, bias_ptr, rm, rn, m_mask, n_mask, stride_om, stride_on, keep,
               HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, SWAP_AB: tl.constexpr):
+    # keep: scalar, False suppresses the store (persistent deterministic items that go to the workspace)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + rn, mask=n_mask & add_bias, other=0.0).to(tl.float32)
         if SWAP_AB:
@@ -324,7 +350,7 @@ def _epilogue(acc_f, add_bias, out_ptr, bias_ptr, rm, rn, m_mask, n_mask, stride
         else:
             acc_f += bias[None, :]
     ptrs = _grid_ptrs(out_ptr, rm, rn, stride_om, stride_on, SWAP_AB)
-    mask = _grid_mask(m_mask, n_mask, SWAP_AB)
+    mask = _grid_mask(m_mask, n_mask, SWAP_AB) & keep
     if ATOMIC:
         tl.atomic_add(ptrs, acc_f, mask=mask)
     else:
@@ -332,25 +358,87 @@ def _epilogue(acc_f, add_bias, out_ptr, bias_ptr, rm, rn, m_mask, n_mask, stride
 
 
 @triton.jit
+def _store_partial(acc_f, part_ptr, slot, lm, ln, m_mask, n_mask, keep,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SWAP_AB: tl.constexpr):
+    """Deterministic mode: write the fp32 partial of one (tile, block range) into workspace slot ``slot``.
+
+    A slot is one row-major ``[BLOCK_M, BLOCK_N]`` fp32 tile (``lm``/``ln`` = row/column
+    inside the tile); rows >= M and columns >= N are masked, so the bytes moved are
+    the valid ``M x N`` elements only.  Plain stores: no atomics, no zero fill.
+    """
+    base = part_ptr + slot.to(tl.int64) * (BLOCK_M * BLOCK_N)
+    tl.store(_grid_ptrs(base, lm, ln, BLOCK_N, 1, SWAP_AB), acc_f, mask=_grid_mask(m_mask, n_mask, SWAP_AB) & keep)
+
+
+@triton.jit
+def w4ax_reduce_kernel(
+    red_ptr, part_ptr, bias_ptr, out_ptr, M, N, SLOTS, stride_om, stride_on,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_TABLE: tl.constexpr,
+):
+    """Deterministic split-K / stream-K reduction: ``out = cast(((P_0 + P_1) + ... + P_{c-1}) + bias)``.
+
+    One program per output tile that was computed in pieces.  ``HAS_TABLE=False``
+    (split-K): tile = program id, its ``c = SLOTS`` partials in slots
+    ``tile*SLOTS .. tile*SLOTS + SLOTS - 1`` (chunk order).  ``HAS_TABLE=True``
+    (persistent stream-K): ``red`` int32 ``[n, 3]`` = (tile, first slot, count), the
+    slots in schedule order (= ascending block ranges).  The sum runs in slot order
+    in fp32, one fixed sequence per element: the result does not depend on which
+    program finished first.
+    """
+    p = tl.program_id(0)
+    if HAS_TABLE:
+        tile = tl.load(red_ptr + 3 * p)
+        first = tl.load(red_ptr + 3 * p + 1)
+        count = tl.load(red_ptr + 3 * p + 2)
+    else:
+        tile = p
+        first = p * SLOTS
+        count = SLOTS
+    pid_m, pid_n = _tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    lm = tl.arange(0, BLOCK_M)
+    ln = tl.arange(0, BLOCK_N)
+    rm = pid_m * BLOCK_M + lm
+    rn = pid_n * BLOCK_N + ln
+    mask = (rm < M)[:, None] & (rn < N)[None, :]
+    offs = lm[:, None] * BLOCK_N + ln[None, :]
+    acc = tl.load(part_ptr + first.to(tl.int64) * (BLOCK_M * BLOCK_N) + offs, mask=mask, other=0.0)
+    for j in range(1, count):
+        acc += tl.load(part_ptr + (first + j).to(tl.int64) * (BLOCK_M * BLOCK_N) + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on, acc.to(out_ptr.dtype.element_ty),
+             mask=mask)
+
+
+@triton.jit
 def w4ax_gemm_kernel(
-    order_ptr, q4_ptr, q8_ptr, as_ptr, w_ptr, ws_ptr, wo_ptr, bias_ptr, out_ptr, dbg_ptr, dsum_ptr,
+    order_ptr, q4_ptr, q8_ptr, as_ptr, w_ptr, ws_ptr, wo_ptr, bias_ptr, out_ptr, dbg_ptr, dsum_ptr, part_ptr,
     M, N, NB, N8, GROUP, SPLIT,
     stride_q4m, stride_q8m, stride_asm, stride_wn, stride_wsn, stride_won, stride_om, stride_on, stride_dm, stride_dn,
     stride_dsm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, ATOMIC: tl.constexpr,
     CLASS_MODE: tl.constexpr, SEGS: tl.constexpr, SEG_H: tl.constexpr, H_LOAD: tl.constexpr,
     INT_ACC: tl.constexpr, HAS_BIAS: tl.constexpr, DEBUG: tl.constexpr, EVICT_W: tl.constexpr,
-    SWAP_AB: tl.constexpr, INTERLEAVE8: tl.constexpr, ASYM: tl.constexpr,
+    SWAP_AB: tl.constexpr, INTERLEAVE8: tl.constexpr, ASYM: tl.constexpr, WORKSPACE: tl.constexpr,
 ):
-    """Tiled (ATOMIC=False: whole block list, direct store) and split-K (ATOMIC=True: program_id(1)
-    takes 1/SPLIT of the block list and adds into a zeroed fp32 buffer) W4Ax GEMM.
-    SPLIT is a runtime value so every split factor shares one compiled kernel."""
-    pid_m, pid_n = _tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    """Tiled (ATOMIC=WORKSPACE=False: whole block list, direct store) and split-K W4Ax GEMM.
+
+    Split-K: program_id(1) takes chunk ``j`` (``cdiv(NB, SPLIT)`` consecutive list
+    positions) of the block list, and either adds its fp32 partial into a zeroed fp32
+    buffer (ATOMIC: fast, order varies run to run) or stores it into workspace slot
+    ``tile * SPLIT + j`` (WORKSPACE: deterministic; ``w4ax_reduce_kernel`` sums the
+    slots in chunk order).  SPLIT is a runtime value so every split factor shares one
+    compiled kernel."""
+    tile = tl.program_id(0)
+    pid_m, pid_n = _tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    lm = tl.arange(0, BLOCK_M)
+    ln = tl.arange(0, BLOCK_N)
+    rm = pid_m * BLOCK_M + lm
+    rn = pid_n * BLOCK_N + ln
     m_mask = rm < M
     n_mask = rn < N
-    if not ATOMIC:
+    if not (ATOMIC or WORKSPACE):
         i_lo = 0
         i_hi = NB
     else:
@@ -362,25 +450,33 @@ def w4ax_gemm_kernel(
         rm, rn, m_mask, n_mask,
         stride_q4m, stride_q8m, stride_asm, stride_wn, stride_wsn, stride_won, stride_dm, stride_dn, stride_dsm,
         GROUP, BLOCK_M, BLOCK_N, CLASS_MODE, SEGS, SEG_H, H_LOAD, INT_ACC, DEBUG, EVICT_W, SWAP_AB, INTERLEAVE8, ASYM)
-    _epilogue(acc_f, i_lo == 0, out_ptr, bias_ptr, rm, rn, m_mask, n_mask, stride_om, stride_on,
-              HAS_BIAS, ATOMIC, SWAP_AB)
+    if WORKSPACE:
+        _store_partial(acc_f, part_ptr, tile * SPLIT + tl.program_id(1), lm, ln, m_mask, n_mask, True,
+                       BLOCK_M, BLOCK_N, SWAP_AB)
+    else:
+        _epilogue(acc_f, i_lo == 0, out_ptr, bias_ptr, rm, rn, m_mask, n_mask, stride_om, stride_on, True,
+                  HAS_BIAS, ATOMIC, SWAP_AB)
 
 
 @triton.jit
 def w4ax_gemm_persistent_kernel(
-    items_ptr, starts_ptr,
-    order_ptr, q4_ptr, q8_ptr, as_ptr, w_ptr, ws_ptr, wo_ptr, bias_ptr, out_ptr, dbg_ptr, dsum_ptr,
+    items_ptr, starts_ptr, slots_ptr,
+    order_ptr, q4_ptr, q8_ptr, as_ptr, w_ptr, ws_ptr, wo_ptr, bias_ptr, out_ptr, dbg_ptr, dsum_ptr, part_ptr,
     M, N, NB, N8, GROUP,
     stride_q4m, stride_q8m, stride_asm, stride_wn, stride_wsn, stride_won, stride_om, stride_on, stride_dm, stride_dn,
     stride_dsm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, ATOMIC: tl.constexpr,
     CLASS_MODE: tl.constexpr, SEGS: tl.constexpr, SEG_H: tl.constexpr, H_LOAD: tl.constexpr,
     INT_ACC: tl.constexpr, HAS_BIAS: tl.constexpr, DEBUG: tl.constexpr, EVICT_W: tl.constexpr,
-    SWAP_AB: tl.constexpr, INTERLEAVE8: tl.constexpr, ASYM: tl.constexpr,
+    SWAP_AB: tl.constexpr, INTERLEAVE8: tl.constexpr, ASYM: tl.constexpr, WORKSPACE: tl.constexpr,
 ):
     """Persistent stream-K W4Ax GEMM: program p runs work items ``starts[p] .. starts[p+1]``.
 
     ``items`` int32 ``[n_items, 3]`` = (tile, i_lo, i_hi) over the block list.
+    Split tiles: ATOMIC adds fp32 partials into a zeroed buffer; WORKSPACE (deterministic)
+    stores item w's partial into slot ``slots[w]`` (the pieces of a tile get consecutive
+    slots in schedule order) and ``w4ax_reduce_kernel`` sums them; an item with
+    ``slots[w] = -1`` covers its whole tile and is stored directly (bias, cast).
     """
     p = tl.program_id(0)
     w_lo = tl.load(starts_ptr + p)
@@ -400,8 +496,17 @@ def w4ax_gemm_persistent_kernel(
             stride_q4m, stride_q8m, stride_asm, stride_wn, stride_wsn, stride_won, stride_dm, stride_dn, stride_dsm,
             GROUP, BLOCK_M, BLOCK_N, CLASS_MODE, SEGS, SEG_H, H_LOAD, INT_ACC, DEBUG, EVICT_W, SWAP_AB, INTERLEAVE8,
             ASYM)
-        _epilogue(acc_f, i_lo == 0, out_ptr, bias_ptr, rm, rn, m_mask, n_mask, stride_om, stride_on,
-                  HAS_BIAS, ATOMIC, SWAP_AB)
+        if WORKSPACE:
+            # one scalar per item decides where the tile goes; both stores are issued,
+            # the masks keep exactly one of them (no divergent control flow)
+            slot = tl.load(slots_ptr + w)
+            _store_partial(acc_f, part_ptr, tl.maximum(slot, 0), rm - pid_m * BLOCK_M, rn - pid_n * BLOCK_N,
+                           m_mask, n_mask, slot >= 0, BLOCK_M, BLOCK_N, SWAP_AB)
+            _epilogue(acc_f, i_lo == 0, out_ptr, bias_ptr, rm, rn, m_mask, n_mask, stride_om, stride_on, slot < 0,
+                      HAS_BIAS, False, SWAP_AB)
+        else:
+            _epilogue(acc_f, i_lo == 0, out_ptr, bias_ptr, rm, rn, m_mask, n_mask, stride_om, stride_on, True,
+                      HAS_BIAS, ATOMIC, SWAP_AB)
 
 
 # ==========================================================================
@@ -532,6 +637,17 @@ def select_config(m: int, n: int, k_pad: int, n_int8: int, bench_fn=None, varian
     return best
 
 
+def chosen_config(m: int, n: int, k_pad: int, n_int8: int, *, path: str = "auto", scale_mode: str = "block",
+                  group_size: int = 128, asym: bool = False, deterministic: bool = False) -> Optional[GemmConfig]:
+    """The config :func:`w4ax_gemm_triton` picked (and cached) for this shape and variant, or None
+    if that call has not happened yet.  Lets a benchmark time another variant (asymmetric
+    weights, the persistent path, the deterministic reduction) on the same config without
+    autotuning it again."""
+    g = check_group_size(group_size, k_pad)
+    variant = (path, scale_mode, g) + (("asym",) if asym else ()) + (("det",) if deterministic else ())
+    return _CONFIG_CACHE.get((m_bucket(m), n, k_pad, n_int8, interpreting()) + variant)
+
+
 # ==========================================================================
 # persistent stream-K schedule
 # ==========================================================================
@@ -586,6 +702,32 @@ def stream_k_schedule(n_tiles: int, n_int8: int, n_int4: int, programs: int,
     return items.copy(), starts.copy(), split
 
 
+def stream_k_slots(items: np.ndarray, n_tiles: int):
+    """Workspace slots of a stream-K schedule for the deterministic reduction.
+
+    ``items`` as returned by :func:`stream_k_schedule` (ascending (tile, i_lo): the
+    pieces of a tile are consecutive and in block order).  Returns ``(slots int32
+    [n_items], red int32 [n_split, 3])``: ``slots[w] = -1`` when item w covers its
+    whole tile (stored directly), else the piece's slot; pieces of one split tile get
+    consecutive slots in schedule order, and ``red`` lists each split tile as
+    (tile, first slot, piece count) for :func:`w4ax_reduce_kernel`.
+    """
+    items = np.asarray(items)
+    if items.ndim != 2 or items.shape[1] != 3:
+        raise ValueError(f"items must be an int [n_items, 3] array of (tile, i_lo, i_hi), got shape {items.shape}")
+    tiles = items[:, 0].astype(np.int64)
+    if tiles.size and (np.any(np.diff(tiles) < 0) or tiles.min() < 0 or tiles.max() >= n_tiles):
+        raise ValueError(f"items must be sorted by tile with tiles in [0, {n_tiles}), got {tiles.tolist()[:16]}...")
+    counts = np.bincount(tiles, minlength=n_tiles)
+    split_item = counts[tiles] > 1
+    slots = np.full(len(items), -1, dtype=np.int32)
+    slots[split_item] = np.arange(int(split_item.sum()), dtype=np.int32)
+    split_tiles = np.nonzero(counts > 1)[0]
+    first = np.searchsorted(tiles, split_tiles, side="left")
+    red = np.stack((split_tiles, slots[first] if len(first) else first, counts[split_tiles]), axis=1)
+    return slots, red.astype(np.int32).reshape(-1, 3)
+
+
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -616,15 +758,38 @@ def _block_order(block_bits: torch.Tensor) -> torch.Tensor:
 
 
 def _schedule_on_device(tiles, n8, n4, p, cost8, cost4, device):
+    """(items, starts, split, slots, red) on ``device``, cached: a steady-state call copies nothing."""
     key = (tiles, n8, n4, p, float(cost8), float(cost4), str(device))
     hit = _SCHED_DEV_CACHE.get(key)
     if hit is None:
         items, starts, split = stream_k_schedule(tiles, n8, n4, p, cost8, cost4)
-        hit = (torch.as_tensor(items, device=device).contiguous(), torch.as_tensor(starts, device=device), split)
+        slots, red = stream_k_slots(items, tiles)
+        hit = (torch.as_tensor(items, device=device).contiguous(), torch.as_tensor(starts, device=device), split,
+               torch.as_tensor(slots, device=device), torch.as_tensor(red, device=device).contiguous())
         if len(_SCHED_DEV_CACHE) > 256:
             _SCHED_DEV_CACHE.clear()
         _SCHED_DEV_CACHE[key] = hit
     return hit
+
+
+#: environment switch for the deterministic reduction, read at every call (``deterministic=None``)
+ENV_DETERMINISTIC = "COMETQ_DETERMINISTIC"
+
+
+def resolve_deterministic(deterministic: Optional[bool] = None) -> bool:
+    """The reduction mode of one call: the ``deterministic`` argument when given, else
+    ``COMETQ_DETERMINISTIC`` ("1"/"true"/"yes"/"on" -> True, unset/""/"0"/"false"/"no"/"off" -> False)."""
+    if deterministic is not None:
+        if not isinstance(deterministic, bool):
+            raise TypeError(f"deterministic must be a bool or None, got {deterministic!r}")
+        return deterministic
+    raw = os.environ.get(ENV_DETERMINISTIC, "")
+    v = raw.strip().lower()
+    if v in ("", "0", "false", "no", "off"):
+        return False
+    if v in ("1", "true", "yes", "on"):
+        return True
+    raise ValueError(f"{ENV_DETERMINISTIC} must be 0/1 (or true/false, yes/no, on/off), got {raw!r}")
 
 
 def _check(q4, q8, a_scales, block_bits, qweight, w_scales, group_size, bias, out_dtype, scale_mode, w_offsets=None):
@@ -698,6 +863,7 @@ def w4ax_gemm_triton(
     cost4: float = 1.0,
     return_int_acc: bool = False,
     w_offsets: Optional[torch.Tensor] = None,
+    deterministic: Optional[bool] = None,
 ):
     """Tensor-level W4Ax GEMM (signature of ``cometq.ops._ref_w4ax_gemm`` plus keyword extras).
 
@@ -711,7 +877,16 @@ def w4ax_gemm_triton(
     (:func:`cometq.reference.w4ax_act_sums`): ``(y, acc, asum)``.
     ``w_offsets``: float32 ``[N, K_pad/G]`` (like ``w_scales``) for asymmetric weights
     ``w = scale * q + offset``; adds ``a_scale * offset * asum`` per segment (ASYM kernels).
+    ``deterministic``: how split-K / split stream-K tiles are combined.  False: fp32
+    ``tl.atomic_add`` into a zeroed buffer (last bits vary run to run).  True: every
+    piece stores its fp32 partial in a workspace slot and ``w4ax_reduce_kernel`` adds
+    them in block order, ``cast(((P_0 + P_1) + ... + P_{c-1}) + bias)``: bit-identical
+    across calls, and across launches that cut the tile's block list at the same
+    points (see docs/KERNELS.md, "Deterministic reduction").  None (default): the
+    ``COMETQ_DETERMINISTIC`` environment variable, read at each call (unset: False).
+    The tiled path never splits a tile and is deterministic either way.
     """
+    det = resolve_deterministic(deterministic)
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
     if config is not None and not isinstance(config, GemmConfig):
@@ -754,28 +929,45 @@ def w4ax_gemm_triton(
 
     def launch(cfg: GemmConfig, which: str):
         tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+        red_t = None
         if which == "persistent":
             p = programs or _num_sms(dev)
-            items_t, starts_t, atomic = _schedule_on_device(tiles, n8, nb - n8, p, cost8, cost4, dev)
+            items_t, starts_t, split, slots_t, red_t = _schedule_on_device(tiles, n8, nb - n8, p, cost8, cost4, dev)
+            n_slots = slots_t.numel() if split else 0  # upper bound (unsplit items take no slot)
         else:
             split_k = cfg.split if which == "splitk" else 1
-            atomic = split_k > 1
+            if det and split_k > 1:
+                # launch only non-empty chunks: splits with the same chunk size give the same partition
+                split_k = triton.cdiv(nb, triton.cdiv(nb, split_k))
+            split = split_k > 1
+            n_slots = tiles * split_k
+        workspace = det and split
+        atomic = split and not det
         if atomic:
             out = torch.zeros(m, n, dtype=torch.float32, device=dev)
         else:
             out = torch.empty(m, n, dtype=out_dtype, device=dev)
+        # deterministic: fp32 partials, one [BLOCK_M, BLOCK_N] slot per piece of a split tile
+        # (only valid rows/columns are written and read: S*M*N*4 bytes each way)
+        part = (torch.empty(n_slots * cfg.block_m * cfg.block_n, dtype=torch.float32, device=dev)
+                if workspace else dummy(dev))
         common = (
             order, args_common["q4"], args_common["q8"], a_scales, qweight, w_scales, args_common["wo"],
-            args_common["bias"], out, args_common["dbg"], args_common["dsum"], m, n, nb, n8, g,
+            args_common["bias"], out, args_common["dbg"], args_common["dsum"], part, m, n, nb, n8, g,
             *strides, out.stride(0), out.stride(1), dstr[0], dstr[1], dsum.stride(0) if dsum is not None else 0,
         )
         kw = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, GROUP_M=cfg.group_m, num_warps=cfg.num_warps,
                   num_stages=cfg.num_stages, SWAP_AB=cfg.swap_ab,
-                  INTERLEAVE8=cfg.interleave8, **meta)
+                  INTERLEAVE8=cfg.interleave8, WORKSPACE=workspace, **meta)
         if which == "persistent":
-            w4ax_gemm_persistent_kernel[(starts_t.numel() - 1,)](items_t, starts_t, *common, ATOMIC=atomic, **kw)
+            w4ax_gemm_persistent_kernel[(starts_t.numel() - 1,)](items_t, starts_t, slots_t, *common, ATOMIC=atomic,
+                                                                 **kw)
+            if workspace:
+                _reduce_partials(red_t, red_t.shape[0], 0, part, bias, out, m, n, cfg)
         else:
-            w4ax_gemm_kernel[(tiles, split_k)](*common[:16], split_k, *common[16:], ATOMIC=atomic, **kw)
+            w4ax_gemm_kernel[(tiles, split_k)](*common[:17], split_k, *common[17:], ATOMIC=atomic, **kw)
+            if workspace:
+                _reduce_partials(None, tiles, split_k, part, bias, out, m, n, cfg)
         return out if out.dtype == out_dtype else out.to(out_dtype)
 
     if config is None:
@@ -784,7 +976,7 @@ def w4ax_gemm_triton(
             from triton.testing import do_bench
 
             bench_fn = lambda c: do_bench(lambda: launch(c, _path_for(c, path)), warmup=5, rep=20)  # noqa: E731
-        variant = (path, scale_mode, g) + (("asym",) if asym else ())
+        variant = (path, scale_mode, g) + (("asym",) if asym else ()) + (("det",) if det else ())
         config = select_config(m, n, k_pad, n8, bench_fn, variant=variant)
     which = _path_for(config, path)
     if which == "splitk" and config.split == 1 and path == "splitk":
@@ -792,6 +984,19 @@ def w4ax_gemm_triton(
         config = GemmConfig(config.block_m, config.block_n, config.group_m, max(2, min(nb, 4)),
                             config.num_warps, config.num_stages, config.swap_ab, config.interleave8)
     return _ret(launch(config, which))
+
+
+def _reduce_partials(red, n_programs: int, slots_per_tile: int, part, bias, out, m: int, n: int, cfg: GemmConfig):
+    """Launch the deterministic reduction: ``red`` (persistent: (tile, first, count) rows) or
+    ``slots_per_tile`` consecutive slots per tile (split-K, ``n_programs`` = tiles)."""
+    if n_programs == 0:
+        return
+    dev = out.device
+    w4ax_reduce_kernel[(n_programs,)](
+        red if red is not None else dummy(dev, torch.int32), part, bias if bias is not None else dummy(dev), out,
+        m, n, slots_per_tile, out.stride(0), out.stride(1),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, GROUP_M=cfg.group_m, HAS_BIAS=bias is not None,
+        HAS_TABLE=red is not None, num_warps=4, num_stages=1)
 
 
 def _path_for(cfg: GemmConfig, requested: str) -> str:

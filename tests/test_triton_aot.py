@@ -5,7 +5,9 @@ autotune config of the GEMM (all distinct configs for the Llama-3 8B/70B shapes
 and every M bucket) is compiled for sm_90, plus the activation quantizer's
 modes, the GEMM feature variants (class/int32 runs, groups 64/32, debug,
 atomics, asymmetric weights) on the decode tile, and the persistent kernel;
-sm_80 compiles one of each family and one asymmetric kernel per path.  The rest (feature variants on 128x128 tiles, group 16, sm_80 for
+sm_80 compiles one of each family and one asymmetric kernel per path.  The deterministic
+reduction (workspace-store split-K / persistent kernels, PTX checked free of atomics, and the
+reduce kernel) is compiled on both archs.  The rest (feature variants on 128x128 tiles, group 16, sm_80 for
 every config) is the ``slow`` test: ``COMETQ_AOT_FULL=1 pytest tests/test_triton_aot.py``
 or ``python -m cometq.kernels.aot --level full``.  Compilation runs in a
 subprocess without TRITON_INTERPRET (the interpreter replaces jit functions).
@@ -61,6 +63,19 @@ def test_aot_compile_ci_set(tmp_path):
     for flavour in ("swap", "interleave8", "class", "block", "g32"):
         assert any(flavour in n for n in asym90), f"sm_90 compiled no ASYM {flavour} variant"
     assert any(n.startswith("gemm-asym[") for n in asym90), "sm_90 compiled no ASYM twin of a generated config"
+    # deterministic reduction: workspace-store split-K and persistent kernels (no atomics, checked
+    # in the PTX) and the reduce kernel, on both archs; on sm_90 also sym/asym twins of a generated
+    # split config and a reduce kernel for every decode split tile shape
+    for arch in (80, 90):
+        mine = [x["name"] for x in res if x["arch"] == arch]
+        assert any(n.startswith("gemm-variant[det") for n in mine), f"sm_{arch}: no deterministic split-K kernel"
+        assert any(n.startswith(("persistent[det", "persistent[asym,det")) for n in mine), \
+            f"sm_{arch}: no deterministic persistent kernel"
+        assert any(n.startswith("reduce[") for n in mine), f"sm_{arch}: no reduce kernel"
+    mine90 = [x["name"] for x in res if x["arch"] == 90]
+    assert any(n.startswith("gemm-det[") for n in mine90) and any(n.startswith("gemm-det-asym[") for n in mine90)
+    for tile in ("16x32", "16x64", "16x128"):
+        assert any(n.startswith("reduce[") and tile in n for n in mine90), f"sm_90: no reduce kernel for {tile}"
 
 
 @pytest.mark.slow

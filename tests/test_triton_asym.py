@@ -164,6 +164,25 @@ def test_asym_real_quantized_data_end_to_end(mode, group, clip, device):
     torch.testing.assert_close(out[0], R.w4ax_linear(x, qw, lay, b, mode), rtol=GEMM_FP32_RTOL, atol=GEMM_FP32_ATOL)
 
 
+@pytest.mark.parametrize("group,mode,flavour", [(32, "block", "swap"), (128, "block", "auto"), (-1, "class", "il8")])
+def test_asym_deterministic_reduction(group, mode, flavour, device):
+    """deterministic=True with offsets (the recommended asym g32 recipe included): integers and
+    activation sums exact, within tolerance, bit-identical on a repeat and between split-K and a
+    stream-K schedule that cut the tile's block list at the same position."""
+    qa, qw, b = _operands(3, 512, 72, "all4", mode, group, device, seed=70 + group)  # NB = 4
+    base = _CFG[flavour] or GemmConfig(block_m=16, block_n=128, group_m=2, num_warps=4, num_stages=1)
+    cfg2 = GemmConfig(base.block_m, base.block_n, base.group_m, 2, base.num_warps, base.num_stages, base.swap_ab,
+                      base.interleave8)
+    out = _run(qa, qw, b, torch.float32, path="splitk", config=cfg2, deterministic=True, return_int_acc=True)
+    _check(qa, qw, b, torch.float32, out)
+    y = out[0]
+    again = _run(qa, qw, b, torch.float32, path="splitk", config=cfg2, deterministic=True)
+    assert torch.equal(y.view(torch.int32), again.view(torch.int32))
+    # one tile, all-INT4 (equal costs): 2 persistent programs cut the 4 blocks at 2, like SPLIT = 2
+    y_p = _run(qa, qw, b, torch.float32, path="persistent", config=cfg2, programs=2, deterministic=True)
+    assert torch.equal(y.view(torch.int32), y_p.view(torch.int32))
+
+
 def test_asym_via_ops_triton_backend(device):
     qa, qw, b = _operands(3, 576, 200, "mixed", "block", 64, device, seed=5)
     ref = R.w4ax_gemm(qa, qw, b, torch.float64)

@@ -25,12 +25,15 @@ from cometq.testing import (  # noqa: E402
     rand_weight,
 )
 
+import cometq.kernels.w4ax_gemm as G  # noqa: E402
 from cometq.kernels.w4ax_gemm import (  # noqa: E402
     GemmConfig,
     gen_configs,
     m_bucket,
+    resolve_deterministic,
     select_config,
     stream_k_schedule,
+    stream_k_slots,
     w4ax_gemm_triton,
 )
 
@@ -227,6 +230,10 @@ def test_via_op_and_dataclass_entry(device):
     torch.testing.assert_close(y16.double(), ref.half().double(), rtol=GEMM_FP16_RTOL, atol=GEMM_FP32_ATOL)
     assert "triton" in ops.registered_backends("w4ax_gemm")
     assert "triton" in ops.registered_backends("quantize_act")
+    # the op call above tuned (here: took the only candidate) and cached a config for this shape
+    n8 = qa.layout.n_int8
+    assert G.chosen_config(3, 200, 640, n8, group_size=128) == gen_configs(16, 200, 640, n8)[0]
+    assert G.chosen_config(3, 12345, 640, n8, group_size=128) is None  # never called
 
 
 def test_configs_and_cache(monkeypatch):
@@ -356,6 +363,267 @@ def test_block_order_cache_follows_in_place_updates():
     assert _block_order(bb) is _block_order(bb)  # cached while alive and unmodified
     bb[0] = 8  # in-place update bumps the version: recomputed
     assert _block_order(bb).tolist() == [0, 1, 3, 2]
+
+
+# ==========================================================================
+# deterministic split-K / stream-K reduction
+# ==========================================================================
+def _with_offsets(qw, seed):
+    """The same weights made asymmetric: random signed fp32 offsets (ASYM kernels)."""
+    g = torch.Generator().manual_seed(seed)
+    off = ((torch.rand(qw.scales.shape, generator=g) - 0.5) * 0.1).to(qw.scales.device)
+    return R.QuantizedWeight(qw.qweight, qw.scales, qw.in_features, qw.group_size, off)
+
+
+def _tile_coords(tile, m, n, bm, bn, group_m):
+    """Python copy of the kernels' grouped tile order (``_tile_coords``)."""
+    num_m, num_n = -(-m // bm), -(-n // bn)
+    width = group_m * num_n
+    first_m = (tile // width) * group_m
+    gsize = min(num_m - first_m, group_m)
+    return first_m + (tile % width) % gsize, (tile % width) // gsize
+
+
+def _fp32_partial(qa, qw, lo, hi):
+    """The kernel's fp32 operation sequence over block-list positions ``[lo, hi)`` (``_accumulate``),
+    in torch fp32 (each op rounded on its own, as in the interpreter: no FMA contraction)."""
+    acc = R.w4ax_int_accumulators(qa, qw)  # [M, N, S] int32, exact
+    asum = R.w4ax_act_sums(qa, qw) if qw.offsets is not None else None
+    bits = qa.layout.block_bits.cpu()
+    order = torch.cat([torch.nonzero(bits == 8).flatten(), torch.nonzero(bits != 8).flatten()]).tolist()
+    n8 = int((bits == 8).sum())
+    k_pad = qa.layout.k_pad
+    g = R.check_group_size(qw.group_size, k_pad)
+    seg = min(128, g)
+    segs = 128 // seg
+    a_sc, w_sc = qa.scales.cpu(), qw.scales.cpu()
+    w_off = qw.offsets.cpu() if qw.offsets is not None else None
+    acc, asum = acc.cpu(), (asum.cpu() if asum is not None else None)
+    p = torch.zeros(qa.m, qw.out_features, dtype=torch.float32)
+    if qa.scale_mode == "class" and g == k_pad:  # chained int32 runs, one rescale per class run
+        for run, col in ((range(lo, min(hi, n8)), 1), (range(max(lo, n8), hi), 0)):
+            acc_i = torch.zeros(qa.m, qw.out_features, dtype=torch.int32)
+            asum_i = torch.zeros(qa.m, dtype=torch.int32)
+            for i in run:
+                acc_i += acc[:, :, order[i]]
+                if asum is not None:
+                    asum_i += asum[:, order[i]]
+            sa = a_sc[:, col]
+            p = p + acc_i.float() * (sa[:, None] * w_sc[None, :, 0])
+            if w_off is not None:
+                p = p + (sa * asum_i.float())[:, None] * w_off[None, :, 0]
+        return p
+    for i in range(lo, hi):
+        b = order[i]
+        if qa.scale_mode == "block":
+            sa = a_sc[:, b]
+        else:
+            sa = a_sc[:, 1 if i < n8 else 0]
+        for s_ in range(segs):
+            col = (b * 128 + s_ * seg) // g
+            p = p + acc[:, :, b * segs + s_].float() * (sa[:, None] * w_sc[None, :, col])
+            if w_off is not None:
+                p = p + (sa * asum[:, b * segs + s_].float())[:, None] * w_off[None, :, col]
+    return p
+
+
+def _emulate_deterministic(qa, qw, bias, cfg, pieces):
+    """The documented deterministic result: per tile ``((P_0 + P_1) + ...) + bias`` over its pieces
+    ``pieces(tile) -> [(i_lo, i_hi), ...]`` (block order), fp32, before the output cast."""
+    m, n = qa.m, qw.out_features
+    y = torch.empty(m, n, dtype=torch.float32)
+    parts = {}
+    for t in range(-(-m // cfg.block_m) * -(-n // cfg.block_n)):
+        pm, pn = _tile_coords(t, m, n, cfg.block_m, cfg.block_n, cfg.group_m)
+        rows = slice(pm * cfg.block_m, min(m, (pm + 1) * cfg.block_m))
+        cols = slice(pn * cfg.block_n, min(n, (pn + 1) * cfg.block_n))
+        tot = None
+        for lo_hi in pieces(t):
+            if lo_hi not in parts:
+                parts[lo_hi] = _fp32_partial(qa, qw, *lo_hi)
+            tot = parts[lo_hi][rows, cols] if tot is None else tot + parts[lo_hi][rows, cols]
+        if bias is not None:
+            tot = tot + bias.cpu().float()[cols]
+        y[rows, cols] = tot
+    return y
+
+
+def _splitk_pieces(nb, split):
+    chunk = -(-nb // split)
+    return lambda t: [(lo, min(lo + chunk, nb)) for lo in range(0, nb, chunk)]
+
+
+def _schedule_pieces(m, n, cfg, lay, programs, cost8=2.0):
+    tiles = -(-m // cfg.block_m) * -(-n // cfg.block_n)
+    items, _, _ = stream_k_schedule(tiles, lay.n_int8, lay.n_int4, programs, cost8=cost8)
+    by_tile = {}
+    for t, lo, hi in items.tolist():
+        by_tile.setdefault(t, []).append((lo, hi))
+    return lambda t: by_tile[t]
+
+
+def _bits_equal(a, b):
+    """Bitwise equality (also tells -0.0 from +0.0)."""
+    view = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}[a.dtype]
+    return a.dtype == b.dtype and torch.equal(a.contiguous().view(view), b.contiguous().view(view))
+
+
+_DET_CFG = {
+    "plain": GemmConfig(block_m=16, block_n=64, group_m=2, num_warps=4, num_stages=1),
+    "swap": GemmConfig(block_m=16, block_n=128, group_m=2, num_warps=4, num_stages=1, swap_ab=True),
+    "il8": GemmConfig(block_m=32, block_n=64, group_m=2, num_warps=4, num_stages=1, interleave8=True),
+}
+DET_CASES = [  # path, pattern, mode, group, m, flavour, split|programs, out dtype, asym
+    ("splitk", "mixed", "block", 128, 1, "plain", 2, torch.float32, False),
+    ("splitk", "alternating", "class", -1, 3, "swap", 3, torch.float16, False),
+    ("splitk", "all8", "block", 64, 17, "il8", 5, torch.float32, True),
+    ("splitk", "mixed", "class", 128, 1, "swap", 4, torch.float32, True),
+    ("persistent", "alternating", "block", -1, 17, "plain", 3, torch.float32, False),
+    ("persistent", "mixed", "class", -1, 17, "il8", 5, torch.float16, True),
+    ("persistent", "all4", "block", 32, 3, "swap", 4, torch.float32, True),
+]
+
+
+@pytest.mark.parametrize("path,pattern,mode,group,m,flavour,par,out_dtype,asym", DET_CASES)
+def test_deterministic_follows_documented_order(path, pattern, mode, group, m, flavour, par, out_dtype, asym, device):
+    """deterministic=True equals, bit for bit, the documented fp32 order: per tile the pieces'
+    partials summed in block order, then the bias, then the cast; and stays within tolerance."""
+    qa, qw, b = _random_operands(m, 576, 200, pattern, mode, group, device, seed=900 + m + par)
+    if asym:
+        qw = _with_offsets(qw, seed=par)
+    base = _DET_CFG[flavour]
+    cfg = GemmConfig(base.block_m, base.block_n, base.group_m, par if path == "splitk" else 1, base.num_warps,
+                     base.num_stages, base.swap_ab, base.interleave8)
+    kw = dict(path=path, config=cfg, programs=par, deterministic=True)
+    out = w4ax_gemm_triton(qa.q4, qa.q8, qa.scales, qa.layout.block_bits, qw.qweight, qw.scales, qw.group_size, b,
+                           out_dtype, mode, w_offsets=qw.offsets, return_int_acc=True, **kw)
+    y = out[0]
+    assert torch.equal(out[1], R.w4ax_int_accumulators(qa, qw))
+    ref = R.w4ax_gemm(qa, qw, b, torch.float64)
+    torch.testing.assert_close(y.double(), ref.to(out_dtype).double(), rtol=RTOL[out_dtype], atol=GEMM_FP32_ATOL)
+    # repeated call (without the debug outputs: the production code path) -> the same bits
+    y2 = w4ax_gemm_triton(qa.q4, qa.q8, qa.scales, qa.layout.block_bits, qw.qweight, qw.scales, qw.group_size, b,
+                          out_dtype, mode, w_offsets=qw.offsets, **kw)
+    assert _bits_equal(y, y2)
+    if device == "cuda":
+        return  # the GPU compiler may contract mul+add into FMA: the fp32 emulation is exact only interpreted
+    nb = qa.layout.n_blocks
+    pieces = (_splitk_pieces(nb, par) if path == "splitk"
+              else _schedule_pieces(m, qw.out_features, cfg, qa.layout, par))
+    want = _emulate_deterministic(qa, qw, b, cfg, pieces).to(out_dtype)
+    assert _bits_equal(y, want), (y - want).abs().max()
+
+
+def test_deterministic_same_cuts_same_bits(device):
+    """Where the summation order is defined to be the same, the bits are the same."""
+    qa, qw, b = _random_operands(3, 512, 40, "all4", "block", 128, device, seed=61)  # NB = 4, one 16x64 tile
+    qw = _with_offsets(qw, seed=61)
+    args = (qa.q4, qa.q8, qa.scales, qa.layout.block_bits, qw.qweight, qw.scales, 128, b, torch.float32, "block")
+
+    def run(path, split=1, programs=None, deterministic=True):
+        cfg = GemmConfig(16, 64, 2, split, 4, 1)
+        return w4ax_gemm_triton(*args, path=path, config=cfg, programs=programs, deterministic=deterministic,
+                                w_offsets=qw.offsets)
+
+    # split-K with 2 chunks and a stream-K schedule cutting the one tile at the same position
+    items, _, split = stream_k_schedule(1, 0, 4, 2, cost8=1.0)
+    assert split and items.tolist() == [[0, 0, 2], [0, 2, 4]]
+    y_split2 = run("splitk", split=2)
+    assert _bits_equal(y_split2, run("persistent", programs=2))
+    # SPLIT = 3 cuts 4 blocks into chunks of 2 as well (a trailing empty chunk is not launched)
+    assert _bits_equal(y_split2, run("splitk", split=3))
+    # one piece per tile: split-K "1 chunk", an unsplit stream-K schedule and the tiled path agree
+    y_tiled = run("tiled", deterministic=False)
+    assert _bits_equal(y_tiled, run("persistent", programs=1))
+    assert _bits_equal(y_tiled, run("tiled"))  # the tiled path never splits: deterministic either way
+    # different cuts: a different (documented) order, still within tolerance of the reference
+    ref = R.w4ax_gemm(qa, qw, b, torch.float64)
+    for y in (run("splitk", split=4), y_split2, y_tiled):
+        torch.testing.assert_close(y.double(), ref, rtol=GEMM_FP32_RTOL, atol=GEMM_FP32_ATOL)
+
+
+def test_deterministic_switch_env_and_argument(device, monkeypatch):
+    """COMETQ_DETERMINISTIC is read at call time; the argument wins; bad values are named."""
+    qa, qw, b = _random_operands(1, 576, 72, "mixed", "block", 128, device, seed=3)
+    args = (qa.q4, qa.q8, qa.scales, qa.layout.block_bits, qw.qweight, qw.scales, 128, b, torch.float16, "block")
+    cfg = GemmConfig(16, 64, 2, 3, 4, 1)
+    calls = []
+    real = G._reduce_partials
+    monkeypatch.setattr(G, "_reduce_partials", lambda *a, **k: (calls.append(a[1:3]), real(*a, **k))[1])
+    monkeypatch.delenv("COMETQ_DETERMINISTIC", raising=False)
+    y_atomic = w4ax_gemm_triton(*args, path="splitk", config=cfg)
+    assert calls == []  # default: the atomic path
+    y_arg = w4ax_gemm_triton(*args, path="splitk", config=cfg, deterministic=True)
+    assert calls == [(2, 3)]  # 2 tiles (N = 72, BLOCK_N = 64), 3 chunks of the 5 blocks
+    monkeypatch.setenv("COMETQ_DETERMINISTIC", "1")
+    y_env = w4ax_gemm_triton(*args, path="splitk", config=cfg)
+    assert len(calls) == 2 and _bits_equal(y_env, y_arg)
+    w4ax_gemm_triton(*args, path="splitk", config=cfg, deterministic=False)  # the argument wins
+    assert len(calls) == 2
+    # through the op (registered Triton impl, no keyword): the environment decides
+    y_op = ops.w4ax_gemm(*args, backend="triton")
+    assert len(calls) == 3 and y_op.shape == (1, 72)
+    ref = R.w4ax_gemm(qa, qw, b, torch.float64).half().double()
+    for y in (y_atomic, y_arg, y_op):
+        torch.testing.assert_close(y.double(), ref, rtol=GEMM_FP16_RTOL, atol=GEMM_FP32_ATOL)
+    for v in ("0", "", "false", "off"):
+        monkeypatch.setenv("COMETQ_DETERMINISTIC", v)
+        assert resolve_deterministic() is False
+    for v in ("1", "true", "YES", "on"):
+        monkeypatch.setenv("COMETQ_DETERMINISTIC", v)
+        assert resolve_deterministic() is True
+    monkeypatch.setenv("COMETQ_DETERMINISTIC", "sometimes")
+    with pytest.raises(ValueError, match="COMETQ_DETERMINISTIC must be 0/1.*'sometimes'"):
+        w4ax_gemm_triton(*args, path="splitk", config=cfg)
+    with pytest.raises(TypeError, match="deterministic must be a bool or None, got 1"):
+        w4ax_gemm_triton(*args, deterministic=1)
+
+
+@pytest.mark.parametrize("n_tiles,n8,n4,p", [(1, 1, 4, 3), (7, 2, 5, 4), (12, 0, 5, 5), (5, 3, 0, 8), (4, 1, 3, 2),
+                                               (33, 4, 28, 132)])
+def test_stream_k_slots(n_tiles, n8, n4, p):
+    items, _, split = stream_k_schedule(n_tiles, n8, n4, p)
+    slots, red = stream_k_slots(items, n_tiles)
+    pieces = np.bincount(items[:, 0], minlength=n_tiles)
+    assert slots.dtype == np.int32 and red.dtype == np.int32 and red.shape[1] == 3
+    assert np.array_equal(slots < 0, pieces[items[:, 0]] == 1)  # whole-tile items: stored directly
+    used = slots[slots >= 0]
+    assert np.array_equal(used, np.arange(len(used)))  # consecutive, schedule order
+    assert split == (len(red) > 0)
+    assert np.array_equal(red[:, 0], np.nonzero(pieces > 1)[0])
+    for tile, first, count in red:
+        mine = np.nonzero(items[:, 0] == tile)[0]
+        assert count == len(mine) and np.array_equal(slots[mine], first + np.arange(count))
+        assert np.all(np.diff(items[mine, 1]) > 0)  # slots follow block order
+    with pytest.raises(ValueError, match=r"items must be an int \[n_items, 3\] array"):
+        stream_k_slots(items[:, :2], n_tiles)
+    if len(items) > 1 and items[0, 0] != items[-1, 0]:
+        with pytest.raises(ValueError, match="sorted by tile"):
+            stream_k_slots(items[::-1], n_tiles)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,path", [(1, "splitk"), (16, "splitk"), (64, "persistent"), (1024, "persistent")])
+@pytest.mark.parametrize("asym", [False, True])
+def test_gpu_deterministic_repeatable(m, path, asym):
+    """Compiled deterministic kernels: bit-identical across repeated calls, within tolerance.
+    (One generated config per case, not autotuned: compile time.)"""
+    n, k = 4096, 4096
+    cands = gen_configs(m_bucket(m), n, k, 4, interpret=False)
+    cfg = next((c for c in cands if c.split > 1), cands[0]) if path == "splitk" else cands[0]
+    g = torch.Generator().manual_seed(m)
+    lay = ActivationLayout.from_block_bits(k, [8] * 4 + [4] * 28)
+    x = rand_activation(m, k, outliers=8, generator=g)
+    qa = _qa_to(R.quantize_activation(x, lay, "block"), "cuda")
+    qw = R.quantize_weight_rtn((rand_weight(n, k, generator=g) + 0.01).cuda(), 32 if asym else 128, sym=not asym)
+    args = (qa.q4, qa.q8, qa.scales, qa.layout.block_bits, qw.qweight, qw.scales, qw.group_size, None,
+            torch.float16, "block")
+    ys = [w4ax_gemm_triton(*args, path=path, config=cfg, w_offsets=qw.offsets, deterministic=True)
+          for _ in range(4)]
+    for y in ys[1:]:
+        assert _bits_equal(ys[0], y)
+    ref = R.w4ax_gemm(qa, qw, None, torch.float64)
+    torch.testing.assert_close(ys[0].double(), ref.half().double(), rtol=GEMM_FP16_RTOL, atol=GEMM_FP32_ATOL)
 
 
 @pytest.mark.gpu
