@@ -218,7 +218,7 @@ def test_search_act_clip_prefers_clipping_heavy_tails_and_errors():
 # ---------------------------------------------------------------- config, quantize_, save/load
 @pytest.mark.parametrize("kw, exc, match", [
     (dict(act_clip=0.0), ValueError, "act_clip"),
-    (dict(act_clip="auto"), ValueError, "act_clip"),
+    (dict(act_clip="best"), ValueError, "act_clip"),
     (dict(act_clip=[0.9]), TypeError, "act_clip"),
     (dict(weight_sym=1), TypeError, "weight_sym"),
     (dict(weight_sym=False, clip_search=True), ValueError, "weight_sym"),
@@ -369,3 +369,10 @@ def test_asym_fmpq_keeps_a_group_grid_through_the_permutation(tiny):
     q = m2.get_submodule([n for n in orig if n.endswith("q_proj")][0])
     n0 = [n for n in orig if n.endswith("q_proj")][0]
     assert not torch.allclose(R.dequantize_weight(q.quantized_weight()), orig[n0][:, q.layout().perm], atol=2e-6)
+
+
+def test_act_clip_auto_resolves_by_act_bits():
+    assert W4AxConfig().clip == "search"  # FMPQ calibrates anyway
+    assert W4AxConfig(act_bits=4).clip == 1.0 and W4AxConfig(act_bits=16).clip == 1.0
+    assert W4AxConfig(act_bits=4, act_clip="search").clip == "search"
+    assert W4AxConfig(act_clip=0.85).clip == 0.85

@@ -90,7 +90,9 @@ def test_runner_kv4_close_to_hf(llama):
             cos = torch.nn.functional.cosine_similarity(ours, full[e - 1], dim=0)
             assert cos >= RUNNER_KV4_MIN_COSINE, (s, e, float(cos))
             torch.testing.assert_close(ours, ref4, rtol=0, atol=RUNNER_KV4_VS_KV4CACHE_ATOL)
-    assert r.pool.num_used_blocks == 3  # 40 tokens in blocks of 16 (engine accounting)
+    # 40 tokens with per-channel keys, G=16: 32 are 4-bit (2 blocks of 16), the last 8 wait in the fp
+    # tail, which needs no block (the pool's exact accounting is the engine's)
+    assert r.pool.num_used_blocks == 2
     r.pool.free(0)
     assert r.pool.num_used_blocks == 0 and all(p.num_free_blocks == 8 for p in r.pool.layers)
 

@@ -4,7 +4,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cometq.paged import KV4PoolExhausted, PagedKV4Config, PagedKV4Pool
+from cometq.paged import KV4PoolExhausted, MultiLayerKV4Pool, PagedKV4Config, PagedKV4Pool
 from cometq.reference import dequantize_kv4, quantize_kv4
 
 AXES = [("token", "token"), ("channel", "token"), ("channel", "channel")]
@@ -30,35 +30,49 @@ def _expected(x, n_q, g, axis):
     return torch.cat([deq, x[:, n_q:].float()], 1)
 
 
-def check_invariants(pool: PagedKV4Pool):
-    c = pool.config
-    owned = [b for s in pool.sequences for b in pool.blocks_of(s)]
+def check_invariants(pool):
+    """Allocator + table invariants of a PagedKV4Pool view or a MultiLayerKV4Pool (every layer)."""
+    m = pool.pool if isinstance(pool, PagedKV4Pool) else pool
+    c = m.config
+    owned = [b for s in m.sequences for b in m.blocks_of(s)]
     assert len(owned) == len(set(owned)), "a block is shared by two sequences (or listed twice)"
-    free = pool._free_blocks
+    free = m._free_blocks
     assert len(free) == len(set(free))
     assert set(owned).isdisjoint(free), "a block is both free and owned"
     assert sorted(owned + free) == list(range(c.num_blocks)), "a block leaked"
-    for s in pool.sequences:
-        q, t = pool._qlen[s], pool._tlen[s]
-        assert len(pool.blocks_of(s)) == -(-q // c.block_size)
-        assert int(pool.quant_lens[s]) == q and int(pool.tail_lens[s]) == t
-        row = pool.block_tables[s].tolist()
-        nb = len(pool.blocks_of(s))
-        assert row[:nb] == pool.blocks_of(s) and all(x == -1 for x in row[nb:])
-        if c.staged:
-            assert q % c.group_size == 0 and t < c.group_size
-        else:
-            assert t == 0
-    live = set(pool.sequences)
-    assert sorted(live | set(pool._free_slots)) == list(range(c.max_seqs))
+    assert m.num_free_blocks + m.num_used_blocks == c.num_blocks
+    for s in m.sequences:
+        blocks = m.blocks_of(s)
+        row = m.block_tables[s].tolist()
+        assert row[: len(blocks)] == blocks and all(x == -1 for x in row[len(blocks):])
+        assert len(blocks) <= c.blocks_per_seq
+        for li in range(m.num_layers):
+            q, t = m.quant_len(s, li), m.tail_len(s, li)
+            assert q + t <= m.capacity(s), "a layer holds more tokens than its sequence's blocks"
+            assert -(-q // c.block_size) <= len(blocks)
+            assert int(m.quant_lens[li, s]) == q and int(m.tail_lens[li, s]) == t
+            if c.staged:
+                assert q % c.group_size == 0 and t < c.group_size
+            else:
+                assert t == 0
+    live = set(m.sequences)
+    assert sorted(live | set(m._free_slots)) == list(range(c.max_seqs))
     for s in set(range(c.max_seqs)) - live:
-        assert int(pool.quant_lens[s]) == 0 and int(pool.tail_lens[s]) == 0
-        assert (pool.block_tables[s] == -1).all()
+        assert (m.quant_lens[:, s] == 0).all() and (m.tail_lens[:, s] == 0).all()
+        assert (m.block_tables[s] == -1).all()
+
+
+def check_exact_blocks(pool: PagedKV4Pool):
+    """A one-layer pool that allocates on append owns exactly the blocks its 4-bit tokens fill."""
+    for s in pool.sequences:
+        assert len(pool.blocks_of(s)) == -(-pool.quant_len(s) // pool.config.block_size)
 
 
 def _snapshot(pool):
-    return (list(pool._free_blocks), {s: list(b) for s, b in pool._blocks.items()}, dict(pool._qlen),
-            dict(pool._tlen), pool.block_tables.clone(), pool.k_packed.clone(), pool.tail_k.clone())
+    m = pool.pool if isinstance(pool, PagedKV4Pool) else pool
+    return (list(m._free_blocks), {s: list(b) for s, b in m._blocks.items()}, [list(x) for x in m._qlen],
+            [list(x) for x in m._tlen], m.block_tables.clone(), m.quant_lens.clone(), m.tail_lens.clone(),
+            m.k_packed.clone(), m.k_scale.clone(), m.v_packed.clone(), m.tail_k.clone(), m.tail_v.clone())
 
 
 def _same(a, b):
@@ -117,11 +131,12 @@ def test_allocation_invariants(ops, axes, max_bps):
                     vs = v if op[0] == "append" else v[:, i : i + 1]
                     contents[s] = (torch.cat([contents[s][0], ks], 1), torch.cat([contents[s][1], vs], 1))
         check_invariants(pool)
+        check_exact_blocks(pool)
     # data: every live sequence reads back as the reference quantization of what was appended
     c = pool.config
     for s in pool.sequences:
         k, v = pool.gather(s)
-        nq = pool._qlen[s]
+        nq = pool.quant_len(s)
         assert torch.equal(k, _expected(contents[s][0], nq, c.group_size, c.key_axis))
         assert torch.equal(v, _expected(contents[s][1], nq, c.group_size, c.value_axis))
 
@@ -146,7 +161,7 @@ def test_prefill_then_decode_matches_reference(axes, backend):
     for s, (k, v) in ((a, (ka, va)), (b, (kb, vb))):
         assert pool.seq_len(s) == k.shape[1]
         gk, gv = pool.gather(s)
-        nq = pool._qlen[s]
+        nq = pool.quant_len(s)
         assert nq == (k.shape[1] // 8 * 8 if c.staged else k.shape[1])
         assert torch.equal(gk, _expected(k, nq, c.group_size, c.key_axis))
         assert torch.equal(gv, _expected(v, nq, c.group_size, c.value_axis))
@@ -243,7 +258,7 @@ def test_pool_holds_what_kv4cache_holds(axes):
     gk, gv = pool.gather(s)
     lk = torch.cat([dequantize_kv4(layer.qkeys)[0], layer.keys[0]], 1)
     lv = torch.cat([dequantize_kv4(layer.qvalues)[0], layer.values[0]], 1)
-    assert layer.quantized_length == pool._qlen[s] == 40
+    assert layer.quantized_length == pool.quant_len(s) == 40
     assert torch.equal(gk, lk) and torch.equal(gv, lv)
 
 
@@ -257,3 +272,343 @@ def test_opcheck_quantize_append():
             torch.tensor([5, 15], dtype=torch.int32), 8, "token", "reference")
     torch.library.opcheck(torch.ops.cometq.kv4_quantize_append, args,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+# ---------------------------------------------------------------- multi-layer pool, one shared allocator
+def _ml(axes=("channel", "token"), layers=3, **kw):
+    base = dict(head_dim=8, group_size=4, block_size=8, num_blocks=10, max_seqs=4)
+    base.update(kw)
+    return MultiLayerKV4Pool(_cfg(*axes, **base), layers)
+
+
+def _layer_tokens(pool, t, seed):
+    c = pool.config
+    return _tokens(c.num_kv_heads, t, c.head_dim, seed)
+
+
+ml_ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("add")),
+        st.tuples(st.just("reserve"), st.integers(0, 3), st.integers(0, 48)),
+        st.tuples(st.just("reserve_many"), st.lists(st.tuples(st.integers(0, 3), st.integers(0, 40)), min_size=1,
+                                                    max_size=4)),
+        # append to one layer (layers may lag each other within a forward); T may exceed the reservation
+        st.tuples(st.just("append"), st.integers(0, 2), st.integers(0, 3), st.integers(0, 20)),
+        st.tuples(st.just("prefill"), st.integers(0, 2), st.lists(st.tuples(st.integers(0, 3), st.integers(0, 12)),
+                                                                  min_size=1, max_size=4)),
+        st.tuples(st.just("decode"), st.integers(0, 2), st.lists(st.integers(0, 3), min_size=1, max_size=4)),
+        st.tuples(st.just("free"), st.integers(0, 3)),
+    ),
+    max_size=30,
+)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n0=st.integers(0, 4), ops=ml_ops, axes=st.sampled_from(AXES), max_bps=st.sampled_from([None, 3]))
+def test_shared_allocator_invariants(n0, ops, axes, max_bps):
+    """Random reserve/append/free: no block leaked or shared, reserve and appends all-or-nothing,
+    free returns everything, and every layer reads back the reference quantization of what it got."""
+    pool = _ml(axes, max_blocks_per_seq=max_bps)
+    c, nl = pool.config, pool.num_layers
+    contents = {}  # (slot, layer) -> (k, v) appended so far
+    seed = 0
+    ops = [("add",)] * n0 + ops  # start with several live sequences more often
+
+    def pick(i):
+        live = pool.sequences
+        return live[i % len(live)] if live else None
+
+    for op in ops:
+        seed += 1
+        before = _snapshot(pool)
+        if op[0] == "add":
+            if pool.num_free_slots == 0:
+                with pytest.raises(KV4PoolExhausted, match="no free sequence slot"):
+                    pool.add_sequence()
+                assert _same(before, _snapshot(pool))
+            else:
+                s = pool.add_sequence()
+                assert pool.blocks_of(s) == [] and all(pool.seq_len(s, li) == 0 for li in range(nl))
+                for li in range(nl):
+                    contents[s, li] = (torch.zeros(2, 0, 8), torch.zeros(2, 0, 8))
+        elif op[0] in ("reserve", "reserve_many") and pool.sequences:
+            plan = {pick(i): n for i, n in ([op[1:]] if op[0] == "reserve" else op[1])}
+            have = {s: len(pool.blocks_of(s)) for s in plan}
+            want = {s: max(have[s], pool.blocks_for(n)) for s, n in plan.items()}
+            free0 = pool.num_free_blocks
+            fits = (sum(want[s] - have[s] for s in plan) <= free0
+                    and all(pool.blocks_for(n) <= c.blocks_per_seq for n in plan.values()))
+            try:
+                pool.reserve(*next(iter(plan.items()))) if op[0] == "reserve" else pool.reserve_many(plan)
+            except KV4PoolExhausted:
+                assert not fits
+                assert _same(before, _snapshot(pool)), "a failed reserve changed the pool (partial allocation)"
+            else:
+                assert fits
+                for s, n in plan.items():
+                    assert len(pool.blocks_of(s)) == want[s] and pool.capacity(s) >= n
+                    assert pool.blocks_of(s)[: have[s]] == before[1][s], "reserve moved blocks already owned"
+                assert pool.num_free_blocks == free0 - sum(want[s] - have[s] for s in plan)
+        elif op[0] in ("append", "prefill", "decode") and pool.sequences:
+            li = op[1]
+            if op[0] == "append":
+                sids, lens = [pick(op[2])], [op[3]]
+            elif op[0] == "prefill":
+                sids, lens = [], []
+                for i, n in op[2]:
+                    if pick(i) not in sids:
+                        sids.append(pick(i))
+                        lens.append(n)
+            else:
+                sids = list(dict.fromkeys(pick(i) for i in op[2]))
+                lens = [1] * len(sids)
+            data = [_layer_tokens(pool, n, seed * 10 + j) for j, n in enumerate(lens)]
+            fits = all(pool.seq_len(s, li) + n <= pool.capacity(s) for s, n in zip(sids, lens))
+            try:
+                if op[0] == "append":
+                    pool.append(li, sids[0], *data[0])
+                elif op[0] == "prefill":
+                    pool.append_prefill(li, sids, [d[0] for d in data], [d[1] for d in data])
+                else:
+                    k = torch.stack([d[0][:, 0] for d in data])
+                    v = torch.stack([d[1][:, 0] for d in data])
+                    pool.append_decode(li, sids, k, v)
+            except ValueError as e:
+                assert not fits and "reserve" in str(e)
+                assert _same(before, _snapshot(pool)), "an append past the reservation changed the pool"
+            else:
+                assert fits
+                assert pool.num_free_blocks == before[0].__len__(), "an append allocated blocks"
+                for s, (k, v) in zip(sids, data):
+                    ck, cv = contents[s, li]
+                    contents[s, li] = (torch.cat([ck, k], 1), torch.cat([cv, v], 1))
+        elif op[0] == "free" and pool.sequences:
+            s = pick(op[1])
+            n_owned, free0 = len(pool.blocks_of(s)), pool.num_free_blocks
+            pool.free(s)
+            assert pool.num_free_blocks == free0 + n_owned and s not in pool.sequences
+            for li in range(nl):
+                del contents[s, li]
+        check_invariants(pool)
+    for s in pool.sequences:
+        for li in range(nl):
+            k, v = pool.gather(s, li)
+            nq = pool.quant_len(s, li)
+            assert torch.equal(k, _expected(contents[s, li][0], nq, c.group_size, c.key_axis))
+            assert torch.equal(v, _expected(contents[s, li][1], nq, c.group_size, c.value_axis))
+    for s in pool.sequences:
+        pool.free(s)
+    check_invariants(pool)
+    assert pool.num_free_blocks == c.num_blocks and pool.num_free_slots == c.max_seqs
+
+
+def _filled_pool(axes, backend="reference", layers=2, lengths=(1, 8, 13, 30)):
+    pool = _ml(axes, layers, head_dim=32, group_size=8, block_size=16, num_blocks=16, max_seqs=4)
+    sids = [pool.add_sequence() for _ in lengths]
+    for s, n in zip(sids, lengths):
+        pool.reserve(s, n)
+    for li in range(layers):
+        data = [_layer_tokens(pool, n, 100 * li + s) for s, n in zip(sids, lengths)]
+        pool.append_prefill(li, sids, [d[0] for d in data], [d[1] for d in data], backend=backend)
+    return pool, sids
+
+
+@pytest.mark.parametrize("axes", AXES)
+def test_gather_prefix_equals_prefix_of_full_gather(axes):
+    pool, sids = _filled_pool(axes)
+    for li in range(pool.num_layers):
+        for s in sids:
+            fk, fv = pool.gather(s, li)
+            n = pool.seq_len(s, li)
+            assert fk.shape[1] == n
+            for m in sorted({0, 1, n // 2, n - 1, n, pool.quant_len(s, li), min(n, 17)}):
+                if 0 <= m <= n:
+                    pk, pv = pool.gather(s, li, m)
+                    assert torch.equal(pk, fk[:, :m]) and torch.equal(pv, fv[:, :m]), (li, s, m)
+            pk, _ = pool.gather(s, li, n, dtype=torch.float16)
+            assert pk.dtype == torch.float16 and torch.equal(pk, fk.half())
+    with pytest.raises(ValueError, match=r"n_tokens must be an int in \[0, 30\]"):
+        pool.gather(sids[3], 0, 31)
+    with pytest.raises(ValueError, match="layer must be an int in"):
+        pool.gather(sids[0], 2)
+
+
+def _state(pool):
+    return [pool.k_packed, pool.k_scale, pool.k_zero, pool.v_packed, pool.v_scale, pool.v_zero, pool.tail_k,
+            pool.tail_v, pool.block_tables, pool.quant_lens, pool.tail_lens]
+
+
+@pytest.mark.parametrize("axes", AXES)
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_batched_prefill_equals_sequential_appends(axes, backend):
+    """One append_prefill over several sequences == one append per sequence, bit for bit
+    (including sequences that already hold a partial tail / partial block, and an empty chunk)."""
+    pools = [_ml(axes, 2, head_dim=32, group_size=8, block_size=16, num_blocks=16, max_seqs=4) for _ in range(2)]
+    first, second = (5, 0, 16, 11), (19, 7, 0, 25)
+    for p in pools:
+        sids = [p.add_sequence() for _ in first]
+        for s, a, b in zip(sids, first, second):
+            p.reserve(s, a + b)
+    for step, lens in enumerate((first, second)):
+        for li in range(2):
+            data = [_layer_tokens(pools[0], n, 1000 * step + 10 * li + j) for j, n in enumerate(lens)]
+            pools[0].append_prefill(li, sids, [d[0] for d in data], [d[1] for d in data], backend=backend)
+            for s, (k, v) in zip(sids, data):
+                pools[1].append(li, s, k, v, backend=backend)
+    for a, b in zip(_state(pools[0]), _state(pools[1])):
+        assert torch.equal(a, b)
+    assert [pools[0].seq_len(s, 1) for s in sids] == [a + b for a, b in zip(first, second)]
+    check_invariants(pools[0])
+
+
+def test_append_prefill_matches_one_layer_view_and_kv4_reference():
+    """The one-layer PagedKV4Pool view and the multi-layer pool write the same bytes."""
+    axes = ("channel", "token")
+    multi, sids = _filled_pool(axes, layers=1)
+    single = PagedKV4Pool(_cfg(*axes, head_dim=32, group_size=8, block_size=16, num_blocks=16, max_seqs=4))
+    for s, n in zip(sids, (1, 8, 13, 30)):
+        assert single.add_sequence() == s
+        single.append(s, *_layer_tokens(multi, n, s))
+    for a, b in zip(_state(multi), _state(single.pool)):
+        assert torch.equal(a, b)
+
+
+def test_multilayer_views_share_one_allocator():
+    pool = _ml(("token", "token"), layers=3, num_blocks=6)
+    views = [pool.layer(i) for i in range(3)]
+    s = views[1].add_sequence()  # a slot is a slot of every layer
+    assert pool.sequences == views[0].sequences == views[2].sequences == [s]
+    views[1].append(s, *_layer_tokens(pool, 17, 0))  # the view reserves 3 blocks of 8 for all layers
+    assert pool.blocks_of(s) == views[2].blocks_of(s) and len(pool.blocks_of(s)) == 3
+    assert all(v.num_free_blocks == 3 for v in views)
+    assert views[0].seq_len(s) == 0 and views[1].seq_len(s) == 17  # lengths are per layer
+    views[0].append(s, *_layer_tokens(pool, 17, 1))  # already reserved: no new block
+    assert pool.num_free_blocks == 3
+    assert views[1].k_packed.data_ptr() == pool.k_packed[1].data_ptr()
+    views[2].free_sequence(s)
+    assert pool.num_free_blocks == 6 and pool.sequences == []
+
+
+def test_reserve_is_all_or_nothing_and_exact():
+    pool = _ml(("channel", "token"), layers=2, num_blocks=5, max_blocks_per_seq=3)
+    a, b = pool.add_sequence(), pool.add_sequence()
+    pool.reserve(a, 11)  # G=4: 8 tokens 4-bit (1 block of 8) + 3 in the fp tail (no block)
+    assert len(pool.blocks_of(a)) == 1 and pool.capacity(a) == 8 + 3
+    pool.reserve(a, 5)  # never shrinks
+    assert len(pool.blocks_of(a)) == 1
+    snap = _snapshot(pool)
+    with pytest.raises(KV4PoolExhausted, match=r"max_blocks_per_seq=3 for 28 tokens"):
+        pool.reserve(b, 28)
+    with pytest.raises(KV4PoolExhausted, match=r"reserve needs 5 blocks, only 4 free of 5 \(sequence 0: \+2, sequence 1: \+3\)"):
+        pool.reserve_many({a: 24, b: 24})
+    assert _same(snap, _snapshot(pool))
+    with pytest.raises(ValueError, match="n_tokens must be an int >= 0"):
+        pool.reserve(a, -1)
+    with pytest.raises(KeyError, match="unknown sequence id 7"):
+        pool.reserve(7, 1)
+    # appends never allocate: past the reservation is a caller error, nothing written
+    with pytest.raises(ValueError, match=r"layer 1: sequence 0 would reach 12 tokens but its reservation holds 11"):
+        pool.append(1, a, *_layer_tokens(pool, 12, 0))
+    with pytest.raises(ValueError, match="call reserve"):
+        # b owns no block: its fp tail holds G-1 = 3 tokens, not 4 (a's 1 token would fit: still nothing written)
+        pool.append_prefill(0, [a, b], [torch.randn(2, 1, 8), torch.randn(2, 4, 8)],
+                            [torch.randn(2, 1, 8), torch.randn(2, 4, 8)])
+    assert _same(snap, _snapshot(pool))
+    pool.reserve_many({a: 24, b: 16})
+    assert pool.num_free_blocks == 0 and len(pool.blocks_of(a)) == 3 and len(pool.blocks_of(b)) == 2
+    pool.free(a)
+    assert pool.num_free_blocks == 3 and pool.blocks_of(b) == [3, 4]
+    check_invariants(pool)
+
+
+def test_multilayer_errors():
+    with pytest.raises(ValueError, match="num_layers must be an int >= 1, got 0"):
+        MultiLayerKV4Pool(_cfg(), 0)
+    with pytest.raises(TypeError, match="PagedKV4Config"):
+        MultiLayerKV4Pool("cfg", 2)
+    pool = _ml(("token", "token"), layers=2)
+    s, t = pool.add_sequence(), pool.add_sequence()
+    pool.reserve_many({s: 4, t: 4})
+    k = torch.randn(2, 2, 8)
+    with pytest.raises(ValueError, match="distinct"):
+        pool.append_prefill(0, [s, s], [k, k], [k, k])
+    with pytest.raises(ValueError, match="one k and one v per sequence: 2 seq_ids, 1 k, 2 v"):
+        pool.append_prefill(0, [s, t], [k], [k, k])
+    with pytest.raises(TypeError, match="share a dtype"):
+        pool.append_prefill(0, [s, t], [k, k.half()], [k, k.half()])
+    with pytest.raises(ValueError, match=r"ks\[1\] shape \(2, 2, 4\) != expected \(2, T, 8\)"):
+        pool.append_prefill(0, [s, t], [k, k[..., :4]], [k, k])
+    with pytest.raises(ValueError, match=r"vs\[0\] shape \(2, 1, 8\)"):
+        pool.append_prefill(0, [s], [k], [k[:, :1]])
+    with pytest.raises(ValueError, match="layer must be an int in \\[0, 2\\), got 2"):
+        pool.append(2, s, k, k)
+    with pytest.raises(ValueError, match="empty in layer 1"):
+        pool.decode_attention(1, torch.randn(1, 4, 8), [s])
+    assert pool.seq_len(s, 0) == 0 and pool.num_used_blocks == 2
+
+
+def test_multilayer_decode_attention_per_layer():
+    """Decode attention of layer l reads layer l's data through the shared block table."""
+    pool, sids = _filled_pool(("channel", "token"), layers=2)
+    q = torch.randn(len(sids), 4, 32, generator=torch.Generator().manual_seed(3))
+    for li in range(2):
+        out = pool.decode_attention(li, q, sids, backend="reference")
+        for i, s in enumerate(sids):
+            k, v = pool.gather(s, li)
+            k, v = k.repeat_interleave(2, 0), v.repeat_interleave(2, 0)
+            p = torch.softmax(torch.einsum("hd,htd->ht", q[i], k) * 32 ** -0.5, -1)
+            torch.testing.assert_close(out[i], torch.einsum("ht,htd->hd", p, v), rtol=1e-5, atol=1e-5)
+    assert not torch.equal(pool.decode_attention(0, q, sids), pool.decode_attention(1, q, sids))
+    # the Triton kernel reads a layer slice (non-zero storage offset) of the stacked storage
+    from cometq.testing import ATTN_ATOL, ATTN_RTOL
+
+    torch.testing.assert_close(pool.decode_attention(1, q, sids, num_splits=2, backend="triton"),
+                               pool.decode_attention(1, q, sids, backend="reference"), rtol=ATTN_RTOL, atol=ATTN_ATOL)
+
+
+def test_serving_adapter_uses_the_pool_allocator():
+    from cometq.serve.kv import PoolExhausted
+    from cometq.serve.kv4 import KV4PagedPool
+
+    p = KV4PagedPool(num_layers=2, num_blocks=4, n_kv_heads=2, head_dim=8, block_size=8, group_size=4, max_seqs=2,
+                     tail_dtype=torch.float32)
+    p.reserve(100, 19)  # 16 tokens 4-bit (2 blocks), 3 in the tail
+    assert p.num_used_blocks == 2 == p.kv.num_used_blocks and p.layers[1].num_free_blocks == 2
+    with pytest.raises(PoolExhausted, match="sequence 101: reserve needs 3 blocks, only 2 free"):
+        p.reserve(101, 24)
+    assert not p.has_seq(101) and p.kv.num_free_slots == 1  # the failed reservation released its slot
+    p.reserve(101, 4)
+    with pytest.raises(PoolExhausted, match="no free sequence slot"):
+        p.reserve(102, 1)
+    g = torch.Generator().manual_seed(0)
+    ka, va, kb, vb = (torch.randn(n, 2, 8, generator=g) for n in (19, 19, 4, 4))
+    for li in range(2):  # the batched prefill write == the per-sequence write of another pool
+        p.write_prefill(li, [100, 101], [0, 0], [ka[:11], kb[:3]], [va[:11], vb[:3]])
+        p.write_prefill(li, [100, 101], [11, 3], [ka[11:], kb[3:]], [va[11:], vb[3:]])
+    q = KV4PagedPool(num_layers=2, num_blocks=4, n_kv_heads=2, head_dim=8, block_size=8, group_size=4, max_seqs=2,
+                     tail_dtype=torch.float32)
+    q.reserve(100, 19)
+    q.reserve(101, 4)
+    for li in range(2):
+        q.write(li, 100, 0, ka, va)
+        q.write(li, 101, 0, kb, vb)
+    # same bytes (the tails compared up to their lengths: stale tail rows beyond are never read)
+    for a, b in zip(_state(p.kv)[:6] + _state(p.kv)[8:], _state(q.kv)[:6] + _state(q.kv)[8:]):
+        assert torch.equal(a, b)
+    for li in range(2):
+        for s in (0, 1):
+            t = int(p.kv.tail_lens[li, s])
+            assert torch.equal(p.kv.tail_k[li, s, :, :t], q.kv.tail_k[li, s, :, :t])
+            assert torch.equal(p.kv.tail_v[li, s, :, :t], q.kv.tail_v[li, s, :, :t])
+    k7, v7 = p.read(1, 100, 7, torch.float32)
+    kf, vf = p.read(1, 100, 19, torch.float32)
+    assert k7.shape == (7, 2, 8) and torch.equal(k7, kf[:7]) and torch.equal(v7, vf[:7])
+    with pytest.raises(ValueError, match="appends at the end: sequence 100 holds 19 tokens in layer 0, write starts at 3"):
+        p.write(0, 100, 3, ka[:1], va[:1])
+    with pytest.raises(ValueError, match="holds 19 tokens, 20 requested"):
+        p.read(0, 100, 20, torch.float32)
+    p.free(100)
+    p.free(100)  # unknown id: no-op
+    assert p.num_used_blocks == 1 and p.seq_ids() == [101]
+    p.free(101)
+    assert p.num_used_blocks == 0 and p.kv.num_free_slots == 2

@@ -228,7 +228,7 @@ def test_gptq_pipeline_and_weight_cache():
     base = tiny_causal_lm("llama", layers=1)
     calib = _calib(2, 32)
     names = target_linears(base, W4AxConfig())
-    stats = collect_stats(base, calib, names, hessian=True, progress=False)
+    stats = collect_stats(base, calib, names, hessian=True, progress=False, samples=64)
     assert sorted(map(sorted, stats.groups)) == sorted([
         ["model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"],
         ["model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"]])

@@ -23,7 +23,7 @@ DEFAULT_PROMPT = "Explain in one sentence what a Python list comprehension is."
 
 #: The recipe ``cometq demo`` / ``cometq quantize`` use unless told otherwise
 #: (chosen by measurement on SmolLM2-135M, docs/ACCURACY.md).
-DEFAULTS = {"group_size": 128, "weight_format": "sym", "act_clip": "1.0", "kv4": False}
+DEFAULTS = {"group_size": 128, "weight_format": "sym", "act_clip": "auto", "kv4": False}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -47,14 +47,14 @@ def _config_from_args(args):
     if getattr(args, "gptq_sequential", None) is not None:  # None: the config default
         kw["gptq_sequential"] = args.gptq_sequential
     kw["weight_sym"] = args.weight_format == "sym"
-    if kw["act_bits"] in ("fmpq", 4):
+    if kw["act_bits"] in ("fmpq", 4) or args.act_clip != "auto":
         kw["act_clip"] = _act_clip(args.act_clip)
     kw["kv4"] = bool(args.kv4)
     return W4AxConfig(**kw)
 
 
 def _act_clip(v: str):
-    if v == "search":
+    if v in ("search", "auto"):
         return v
     try:
         return float(v)
@@ -74,8 +74,8 @@ def _describe(cfg) -> str:
         act = f"A4/A8 FMPQ ({budget}, {cfg.scale_mode} scales)"
     else:
         act = f"A{cfg.act_bits}"
-    if cfg.act_bits in ("fmpq", 4) and cfg.act_clip != 1.0:
-        act += ", INT4 clip " + ("searched per layer" if cfg.act_clip == "search" else f"{cfg.act_clip:g}")
+    if cfg.act_bits in ("fmpq", 4) and cfg.clip != 1.0:
+        act += ", INT4 clip " + ("searched per layer" if cfg.clip == "search" else f"{cfg.clip:g}")
     w = "W4" if cfg.weight_sym else "W4 asym"
     kv = ", KV4" if cfg.kv4 else ""
     return f"{w} {cfg.weight_method.upper()} {g}, {act}{kv}"
@@ -93,8 +93,9 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
                    help="INT4 weight grid: sym (scale*q) or asym (scale*q + offset, 16 levels; default "
                         f"{DEFAULTS['weight_format']})")
     g.add_argument("--act-clip", default=DEFAULTS["act_clip"],
-                   help="INT4 activation clip ratio in (0, 1], or 'search' (per layer, least output error on "
-                        f"calibration samples; default {DEFAULTS['act_clip']})")
+                   help="INT4 activation clip ratio in (0, 1], 'search' (per layer, least output error on "
+                        "calibration samples) or 'auto' (search for FMPQ, 1.0 for plain A4; "
+                        f"default {DEFAULTS['act_clip']})")
     g.add_argument("--kv4", action=argparse.BooleanOptionalAction, default=DEFAULTS["kv4"],
                    help="4-bit KV cache for generation and the decode-protocol perplexity "
                         f"(default {'on' if DEFAULTS['kv4'] else 'off'})")

@@ -228,8 +228,8 @@ def scheme_name(s: Scheme) -> str:
     w = f"W4{'' if s.weight_sym else ' asym'} {meth} g{s.group_size if s.group_size != -1 else 'chan'}"
     if s.clip_search:
         w += " clip-search"
-    if s.act_bits in ("fmpq", 4) and s.act_clip != 1.0:
-        w += " A-clip-search" if s.act_clip == "search" else f" A-clip {s.act_clip:g}"
+    if s.act_bits in ("fmpq", 4) and s.clip != 1.0:
+        w += " A-clip-search" if s.clip == "search" else f" A-clip {s.clip:g}"
     if s.act_bits in ("fmpq", 4, 8) and s.scale_mode == "class":
         w += " class-scales"
     if s.act_bits == "fmpq" and s.granularity > 1:
@@ -306,7 +306,7 @@ def compare_schemes(
     need_stats = any(inner(s) != "fp" and inner(s) != "w8a8" and not seq(s) for s in schemes)
     need_h = any(isinstance(inner(s), W4AxConfig) and inner(s).weight_method == "gptq" and not seq(s) for s in schemes)
     need_samples = any((isinstance(inner(s), tuple) and len(inner(s)) > 2 and inner(s)[2] == "search")
-                       or (isinstance(inner(s), W4AxConfig) and inner(s).act_clip == "search" and not seq(s))
+                       or (isinstance(inner(s), W4AxConfig) and inner(s).clip == "search" and not seq(s))
                        for s in schemes)
     stats = None
     if need_stats:

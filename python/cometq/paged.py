@@ -1,7 +1,7 @@
 """Paged 4-bit KV pool for serving, and the pure-torch references of its ops.
 
-Pool layout (one pool per attention layer; copy of this section lives in docs/FORMAT.md)
--------------------------------------------------------------------------------------------
+Pool layout (per attention layer; copy of this section lives in docs/FORMAT.md)
+---------------------------------------------------------------------------------
 Names: ``NB`` blocks, ``H`` KV heads, ``BS`` tokens per block, ``D`` head_dim,
 ``G`` quantization group size, ``S`` sequence slots, ``MB`` max blocks per sequence.
 ``BS`` is a multiple of ``G`` so a block always holds whole quantization groups
@@ -29,9 +29,23 @@ Names: ``NB`` blocks, ``H`` KV heads, ``BS`` tokens per block, ``D`` head_dim,
   tokens in the tail.  Logical sequence = the quantized tokens then the tail.
 
 Blocks are owned by exactly one sequence (no sharing) and go back to the free
-list when the sequence is freed.  Allocation is all-or-nothing: an append that
-needs more blocks than are free raises :class:`KV4PoolExhausted` (a
-``RuntimeError`` a scheduler can catch to preempt) before touching any state.
+list when the sequence is freed.  Allocation is all-or-nothing: a reservation
+(or an append of :class:`PagedKV4Pool`, which reserves for itself) that needs
+more blocks than are free raises :class:`KV4PoolExhausted` (a ``RuntimeError`` a
+scheduler can catch to preempt) before touching any state.
+
+Several layers, one allocator (:class:`MultiLayerKV4Pool`)
+-----------------------------------------------------------
+The per-layer tensors above are stacked along a leading layer dim ``L``
+(``k_packed [L, NB, H, BS, D/2]``, ``tail_k [L, S, H, G, D]``, ...;
+``k_packed[l]`` is layer ``l``'s contiguous one-layer pool).  ``block_tables
+[S, MB]`` is shared: a sequence owns the same block ids in every layer, taken
+by one ``reserve(seq, n_tokens)`` for all layers.  ``quant_lens``/``tail_lens``
+are ``[L, S]`` because a forward pass writes its layers one after another.
+A sequence of ``n`` tokens owns ``ceil(q(n) / BS)`` blocks, ``q(n) = n`` for
+token-axis pools and ``q(n) = floor(n / G) * G`` for staged pools (the last
+``n mod G`` tokens live in the tail, which needs no block).
+:class:`PagedKV4Pool` is a one-layer view of it.
 """
 from __future__ import annotations
 
@@ -48,6 +62,7 @@ __all__ = [
     "KV4PoolExhausted",
     "PagedKV4Config",
     "PagedKV4Pool",
+    "MultiLayerKV4Pool",
     "kv4_quantize_append_reference",
     "kv4_decode_attention_reference",
     "pool_scale_shape",
@@ -225,41 +240,54 @@ def default_num_splits(batch: int, kv_heads: int, max_blocks: int, num_sms: int 
 
 
 # --------------------------------------------------------------------------
-# the pool
+# the pool: one shared allocator for all layers, and per-layer views
 # --------------------------------------------------------------------------
-class PagedKV4Pool:
-    """A paged KV4 pool for one attention layer (layout in the module doc).
+class MultiLayerKV4Pool:
+    """Paged KV4 storage for ``num_layers`` attention layers with ONE block allocator.
+
+    A sequence owns one slot and one block table, shared by every layer: block
+    id ``b`` of a sequence is ``k_packed[l, b]`` in every layer ``l`` (the
+    per-layer tensors are the documented one-layer layout stacked along a
+    leading layer dim, so ``k_packed[l]`` is contiguous and is what the ops
+    read).  Capacity is claimed explicitly and up front with :meth:`reserve`
+    (all-or-nothing, for all layers at once); appends only write into blocks
+    the sequence already owns, so a forward pass can never run out of blocks
+    half way through its layers.  Lengths are kept per layer
+    (``quant_lens``/``tail_lens`` ``[L, S]``) because a forward writes layer 0
+    before layer 1 reads anything.
 
     Host-side bookkeeping (free list, block lists, lengths) lives in Python so
-    scheduling decisions never synchronize with the GPU; the int32 tables the
-    kernels read are mirrored on ``device``.
+    scheduling decisions never synchronize with the device; the int32 tables
+    the kernels read are mirrored on ``device``.
     """
 
-    def __init__(self, config: PagedKV4Config, device="cpu"):
+    def __init__(self, config: PagedKV4Config, num_layers: int, device="cpu"):
         if not isinstance(config, PagedKV4Config):
             raise TypeError(f"config must be a PagedKV4Config, got {type(config).__name__}")
+        _pos_int("num_layers", num_layers)
         self.config = c = config
+        self.num_layers = nl = num_layers
         self.device = torch.device(device)
         nb, h, bs, d, g = c.num_blocks, c.num_kv_heads, c.block_size, c.head_dim, c.group_size
         kw = dict(device=self.device)
-        self.k_packed = torch.zeros(nb, h, bs, d // 2, dtype=torch.uint8, **kw)
-        self.v_packed = torch.zeros(nb, h, bs, d // 2, dtype=torch.uint8, **kw)
-        self.k_scale = torch.zeros(pool_scale_shape(c.key_axis, nb, h, bs, d, g), dtype=torch.float16, **kw)
+        self.k_packed = torch.zeros(nl, nb, h, bs, d // 2, dtype=torch.uint8, **kw)
+        self.v_packed = torch.zeros(nl, nb, h, bs, d // 2, dtype=torch.uint8, **kw)
+        self.k_scale = torch.zeros((nl,) + pool_scale_shape(c.key_axis, nb, h, bs, d, g), dtype=torch.float16, **kw)
         self.k_zero = torch.zeros_like(self.k_scale)
-        self.v_scale = torch.zeros(pool_scale_shape(c.value_axis, nb, h, bs, d, g), dtype=torch.float16, **kw)
+        self.v_scale = torch.zeros((nl,) + pool_scale_shape(c.value_axis, nb, h, bs, d, g), dtype=torch.float16, **kw)
         self.v_zero = torch.zeros_like(self.v_scale)
         tg = g if c.staged else 0
-        self.tail_k = torch.zeros(c.max_seqs, h, tg, d, dtype=c.tail_dtype, **kw)
-        self.tail_v = torch.zeros(c.max_seqs, h, tg, d, dtype=c.tail_dtype, **kw)
+        self.tail_k = torch.zeros(nl, c.max_seqs, h, tg, d, dtype=c.tail_dtype, **kw)
+        self.tail_v = torch.zeros(nl, c.max_seqs, h, tg, d, dtype=c.tail_dtype, **kw)
         self.block_tables = torch.full((c.max_seqs, c.blocks_per_seq), -1, dtype=torch.int32, **kw)
-        self.quant_lens = torch.zeros(c.max_seqs, dtype=torch.int32, **kw)
-        self.tail_lens = torch.zeros(c.max_seqs, dtype=torch.int32, **kw)
+        self.quant_lens = torch.zeros(nl, c.max_seqs, dtype=torch.int32, **kw)
+        self.tail_lens = torch.zeros(nl, c.max_seqs, dtype=torch.int32, **kw)
         # host mirrors
         self._free_blocks: List[int] = list(range(nb - 1, -1, -1))  # pop() hands out low ids first
         self._free_slots: List[int] = list(range(c.max_seqs - 1, -1, -1))
         self._blocks: Dict[int, List[int]] = {}
-        self._qlen: Dict[int, int] = {}
-        self._tlen: Dict[int, int] = {}
+        self._qlen: List[List[int]] = [[0] * c.max_seqs for _ in range(nl)]
+        self._tlen: List[List[int]] = [[0] * c.max_seqs for _ in range(nl)]
 
     # -- bookkeeping ----------------------------------------------------------
     @property
@@ -267,208 +295,447 @@ class PagedKV4Pool:
         return len(self._free_blocks)
 
     @property
+    def num_used_blocks(self) -> int:
+        return self.config.num_blocks - len(self._free_blocks)
+
+    @property
+    def num_free_slots(self) -> int:
+        return len(self._free_slots)
+
+    @property
     def sequences(self) -> List[int]:
         return sorted(self._blocks)
-
-    def seq_len(self, seq_id: int) -> int:
-        self._check_seq(seq_id)
-        return self._qlen[seq_id] + self._tlen[seq_id]
-
-    def blocks_of(self, seq_id: int) -> List[int]:
-        self._check_seq(seq_id)
-        return list(self._blocks[seq_id])
 
     def _check_seq(self, seq_id) -> None:
         if isinstance(seq_id, bool) or not isinstance(seq_id, int) or seq_id not in self._blocks:
             raise KeyError(f"unknown sequence id {seq_id!r} (live: {self.sequences})")
 
+    def _check_layer(self, layer) -> None:
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer must be an int in [0, {self.num_layers}), got {layer!r}")
+
+    def quant_len(self, seq_id: int, layer: int = 0) -> int:
+        """Tokens of ``seq_id`` stored 4-bit in ``layer``."""
+        self._check_seq(seq_id)
+        self._check_layer(layer)
+        return self._qlen[layer][seq_id]
+
+    def tail_len(self, seq_id: int, layer: int = 0) -> int:
+        """Tokens of ``seq_id`` waiting in the full-precision tail of ``layer``."""
+        self._check_seq(seq_id)
+        self._check_layer(layer)
+        return self._tlen[layer][seq_id]
+
+    def seq_len(self, seq_id: int, layer: int = 0) -> int:
+        return self.quant_len(seq_id, layer) + self._tlen[layer][seq_id]
+
+    def blocks_of(self, seq_id: int) -> List[int]:
+        self._check_seq(seq_id)
+        return list(self._blocks[seq_id])
+
+    def quant_tokens_for(self, n_tokens: int) -> int:
+        """4-bit tokens of a sequence holding ``n_tokens`` (a staged pool keeps the last
+        ``n_tokens % G`` in the fp tail, which needs no block)."""
+        g = self.config.group_size
+        return n_tokens // g * g if self.config.staged else n_tokens
+
+    def blocks_for(self, n_tokens: int) -> int:
+        """Blocks a sequence of ``n_tokens`` tokens owns: exactly what its 4-bit part fills."""
+        return -(-self.quant_tokens_for(n_tokens) // self.config.block_size)
+
+    def capacity(self, seq_id: int) -> int:
+        """Largest length ``seq_id`` can reach with the blocks it owns now."""
+        self._check_seq(seq_id)
+        c = self.config
+        return len(self._blocks[seq_id]) * c.block_size + (c.group_size - 1 if c.staged else 0)
+
+    def blocks_needed(self, seq_id: int, n_tokens: int) -> int:
+        """Extra blocks ``reserve(seq_id, n_tokens)`` would take (``n_tokens`` = total length)."""
+        self._check_seq(seq_id)
+        return max(0, self.blocks_for(n_tokens) - len(self._blocks[seq_id]))
+
+    # -- slots, reservation, release ----------------------------------------------
     def add_sequence(self) -> int:
-        """Reserve a sequence slot; raises :class:`KV4PoolExhausted` when all are taken."""
+        """Take a sequence slot (no blocks yet); raises :class:`KV4PoolExhausted` when all are taken."""
         if not self._free_slots:
             raise KV4PoolExhausted(f"no free sequence slot (max_seqs={self.config.max_seqs})")
         s = self._free_slots.pop()
-        self._blocks[s], self._qlen[s], self._tlen[s] = [], 0, 0
-        self.quant_lens[s] = 0
-        self.tail_lens[s] = 0
+        self._blocks[s] = []
+        for li in range(self.num_layers):
+            self._qlen[li][s] = self._tlen[li][s] = 0
+        self.quant_lens[:, s] = 0
+        self.tail_lens[:, s] = 0
         return s
 
-    def free_sequence(self, seq_id: int) -> None:
-        """Return a sequence's blocks and slot to the pool."""
+    def reserve(self, seq_id: int, n_tokens: int) -> None:
+        """Own enough blocks (in every layer) for ``seq_id`` to hold ``n_tokens`` tokens in total.
+
+        All-or-nothing: raises :class:`KV4PoolExhausted` -- naming the sequence, the
+        blocks wanted and the blocks free -- before changing anything.  Never shrinks.
+        """
+        self.reserve_many({seq_id: n_tokens})
+
+    def reserve_many(self, plan: Dict[int, int]) -> None:
+        """:meth:`reserve` for ``{seq_id: n_tokens}``, all-or-nothing across the sequences."""
+        mb, total = self.config.blocks_per_seq, 0
+        extra: Dict[int, int] = {}
+        for s, n in plan.items():
+            self._check_seq(s)
+            if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+                raise ValueError(f"n_tokens must be an int >= 0, got {n!r} for sequence {s}")
+            have = len(self._blocks[s])
+            want = self.blocks_for(n)
+            if want > mb:
+                raise KV4PoolExhausted(
+                    f"sequence {s} would need {want} blocks > max_blocks_per_seq={mb} for {n} tokens "
+                    f"(at most {self.config.max_tokens_per_seq} tokens per sequence)"
+                )
+            extra[s] = max(0, want - have)
+            total += extra[s]
+        if total > len(self._free_blocks):
+            detail = ", ".join(f"sequence {s}: +{e}" for s, e in extra.items() if e)
+            raise KV4PoolExhausted(
+                f"reserve needs {total} blocks, only {len(self._free_blocks)} free of {self.config.num_blocks} "
+                f"({detail}); nothing was allocated"
+            )
+        for s, e in extra.items():
+            blocks = self._blocks[s]
+            for _ in range(e):
+                b = self._free_blocks.pop()
+                self.block_tables[s, len(blocks)] = b
+                blocks.append(b)
+
+    def free(self, seq_id: int) -> None:
+        """Return every block and the slot of ``seq_id`` to the pool (all layers)."""
         self._check_seq(seq_id)
         blocks = self._blocks.pop(seq_id)
         self._free_blocks.extend(reversed(blocks))
-        del self._qlen[seq_id], self._tlen[seq_id]
+        for li in range(self.num_layers):
+            self._qlen[li][seq_id] = self._tlen[li][seq_id] = 0
         self.block_tables[seq_id] = -1
-        self.quant_lens[seq_id] = 0
-        self.tail_lens[seq_id] = 0
+        self.quant_lens[:, seq_id] = 0
+        self.tail_lens[:, seq_id] = 0
         self._free_slots.append(seq_id)
 
-    def blocks_needed(self, seq_id: int, n_new: int) -> int:
-        """Extra blocks an append of ``n_new`` tokens would allocate."""
-        self._check_seq(seq_id)
-        q, t = self._plan_lengths(seq_id, n_new)
-        return -(-q // self.config.block_size) - len(self._blocks[seq_id])
-
-    def _plan_lengths(self, seq_id, n_new):
-        g = self.config.group_size
-        q, t = self._qlen[seq_id], self._tlen[seq_id]
-        if self.config.staged:
-            full = (t + n_new) // g
-            return q + full * g, (t + n_new) - full * g
-        return q + n_new, 0
-
-    def _reserve(self, plan: Dict[int, int]) -> None:
-        """Allocate blocks for {seq_id: n_new}; all-or-nothing."""
-        need, mb = 0, self.config.blocks_per_seq
-        for s, n in plan.items():
-            extra = self.blocks_needed(s, n)
-            if len(self._blocks[s]) + extra > mb:
-                raise KV4PoolExhausted(
-                    f"sequence {s} would need {len(self._blocks[s]) + extra} blocks > max_blocks_per_seq={mb} "
-                    f"(length {self.seq_len(s)} + {n} tokens)"
-                )
-            need += extra
-        if need > len(self._free_blocks):
-            raise KV4PoolExhausted(f"append needs {need} blocks, only {len(self._free_blocks)} free of {self.config.num_blocks}")
-        for s, n in plan.items():
-            for _ in range(self.blocks_needed(s, n)):
-                b = self._free_blocks.pop()
-                self.block_tables[s, len(self._blocks[s])] = b
-                self._blocks[s].append(b)
-
     # -- appends ----------------------------------------------------------------
-    def _check_kv(self, k, v, lead: int):
-        c = self.config
-        for name, x in (("k", k), ("v", v)):
-            check_tensor(name, x, dtypes=FLOAT_DTYPES, ndim=3)
-            if x.shape[0] != lead or x.shape[1] != c.num_kv_heads or x.shape[2] != c.head_dim:
-                raise ValueError(f"{name} shape {tuple(x.shape)} != expected ({lead}, {c.num_kv_heads}, {c.head_dim})")
-            if x.device != self.device:
-                raise ValueError(f"{name} is on {x.device}, pool is on {self.device}")
+    def _check_fits(self, layer: int, lengths: Dict[int, int]) -> None:
+        for s, n in lengths.items():
+            cap = self.capacity(s)
+            if n > cap:
+                raise ValueError(
+                    f"layer {layer}: sequence {s} would reach {n} tokens but its reservation holds {cap} "
+                    f"({len(self._blocks[s])} blocks); call reserve(seq, n_tokens) first"
+                )
 
-    def append(self, seq_id: int, k: torch.Tensor, v: torch.Tensor, backend: Optional[str] = None) -> None:
-        """Append ``T`` tokens ``k, v [H, T, D]`` (prefill or one step) to one sequence."""
-        self._check_seq(seq_id)
+    def _check_rows(self, name, x, lead=None):
         c = self.config
-        for name, x in (("k", k), ("v", v)):
-            check_tensor(name, x, dtypes=FLOAT_DTYPES, ndim=3)
-            if x.shape[0] != c.num_kv_heads or x.shape[2] != c.head_dim or x.shape != k.shape:
-                raise ValueError(f"{name} shape {tuple(x.shape)} != expected ({c.num_kv_heads}, T, {c.head_dim})")
-        n = k.shape[1]
-        if n == 0:
-            return
-        self._reserve({seq_id: n})
-        s, g, bs = seq_id, c.group_size, c.block_size
-        q0, t0 = self._qlen[s], self._tlen[s]
-        if not c.staged:
-            pos = torch.arange(q0, q0 + n)
-            blocks = torch.tensor([self._blocks[s][p // bs] for p in pos.tolist()], dtype=torch.int32)
-            self._quantize_rows(k.transpose(0, 1)[:, :, None], v.transpose(0, 1)[:, :, None], blocks, pos % bs, backend)
-            self._qlen[s] = q0 + n
+        check_tensor(name, x, dtypes=FLOAT_DTYPES, ndim=3)
+        if lead is not None:
+            ok = x.shape == (lead, c.num_kv_heads, c.head_dim)
+            want = f"({lead}, {c.num_kv_heads}, {c.head_dim})"
         else:
-            seq_k = torch.cat([self.tail_k[s, :, :t0].to(k.dtype), k], dim=1)
-            seq_v = torch.cat([self.tail_v[s, :, :t0].to(v.dtype), v], dim=1)
-            full = seq_k.shape[1] // g
-            if full:
-                xk = seq_k[:, : full * g].reshape(c.num_kv_heads, full, g, c.head_dim).transpose(0, 1)
-                xv = seq_v[:, : full * g].reshape(c.num_kv_heads, full, g, c.head_dim).transpose(0, 1)
-                pos = torch.arange(full) * g + q0
-                blocks = torch.tensor([self._blocks[s][p // bs] for p in pos.tolist()], dtype=torch.int32)
-                self._quantize_rows(xk, xv, blocks, pos % bs, backend)
-            rest = seq_k.shape[1] - full * g
-            self.tail_k[s, :, :rest] = seq_k[:, full * g :].to(c.tail_dtype)
-            self.tail_v[s, :, :rest] = seq_v[:, full * g :].to(c.tail_dtype)
-            self._qlen[s], self._tlen[s] = q0 + full * g, rest
-        self.quant_lens[s] = self._qlen[s]
-        self.tail_lens[s] = self._tlen[s]
+            ok = x.shape[0] == c.num_kv_heads and x.shape[2] == c.head_dim
+            want = f"({c.num_kv_heads}, T, {c.head_dim})"
+        if not ok:
+            raise ValueError(f"{name} shape {tuple(x.shape)} != expected {want}")
+        if x.device != self.device:
+            raise ValueError(f"{name} is on {x.device}, pool is on {self.device}")
 
-    def append_decode(self, seq_ids: Sequence[int], k: torch.Tensor, v: torch.Tensor, backend: Optional[str] = None) -> None:
-        """One new token per sequence, batched: ``k, v [n, H, D]`` for ``seq_ids`` (distinct)."""
+    def _check_ids(self, seq_ids) -> List[int]:
         seq_ids = list(seq_ids)
         if len(set(seq_ids)) != len(seq_ids):
             raise ValueError(f"seq_ids must be distinct, got {seq_ids}")
         for s in seq_ids:
             self._check_seq(s)
-        self._check_kv(k, v, len(seq_ids))
+        return seq_ids
+
+    def append(self, layer: int, seq_id: int, k: torch.Tensor, v: torch.Tensor, backend: Optional[str] = None) -> None:
+        """Append ``T`` tokens ``k, v [H, T, D]`` to one sequence in ``layer``."""
+        self.append_prefill(layer, [seq_id], [k], [v], backend)
+
+    def append_prefill(self, layer: int, seq_ids: Sequence[int], ks: Sequence[torch.Tensor],
+                       vs: Sequence[torch.Tensor], backend: Optional[str] = None) -> None:
+        """Append ``ks[i], vs[i] [H, T_i, D]`` to sequence ``seq_ids[i]`` in ``layer``, for all i at once.
+
+        The 4-bit rows of every sequence go through ONE ``cometq::kv4_quantize_append``
+        call for K and one for V (token axis: one row per token; staged pools: one row
+        per completed group of G tokens, tail first).  Quantization is per row, so the
+        result is bit-identical to appending the sequences one after another.  All
+        sequences must have been reserved for their new length; nothing is written if
+        any check fails.  Every ``ks[i]``/``vs[i]`` must have the same dtype.
+        """
+        self._check_layer(layer)
+        seq_ids = self._check_ids(seq_ids)
+        ks, vs = list(ks), list(vs)
+        if len(ks) != len(seq_ids) or len(vs) != len(seq_ids):
+            raise ValueError(f"need one k and one v per sequence: {len(seq_ids)} seq_ids, {len(ks)} k, {len(vs)} v")
+        dtypes = set()
+        for i, (k, v) in enumerate(zip(ks, vs)):
+            self._check_rows(f"ks[{i}]", k)
+            self._check_rows(f"vs[{i}]", v)
+            if k.shape != v.shape:
+                raise ValueError(f"ks[{i}] shape {tuple(k.shape)} != vs[{i}] shape {tuple(v.shape)}")
+            dtypes.update((k.dtype, v.dtype))
+        if len(dtypes) > 1:
+            raise TypeError(f"all k/v of one append_prefill must share a dtype, got {sorted(map(str, dtypes))}")
+        L = layer
+        self._check_fits(L, {s: self.seq_len(s, L) + k.shape[1] for s, k in zip(seq_ids, ks)})
+        c = self.config
+        g, bs, h, d = c.group_size, c.block_size, c.num_kv_heads, c.head_dim
+        rows_k, rows_v, blocks, offs = [], [], [], []
+        updates = []  # (seq, new quant len, new tail k, new tail v): applied after the quantize calls
+        for s, k, v in zip(seq_ids, ks, vs):
+            n = k.shape[1]
+            if n == 0:
+                continue
+            table = self._blocks[s]
+            q0, t0 = self._qlen[L][s], self._tlen[L][s]
+            if not c.staged:
+                rows_k.append(k.transpose(0, 1)[:, :, None])  # [T, H, 1, D]: one row per token
+                rows_v.append(v.transpose(0, 1)[:, :, None])
+                pos = range(q0, q0 + n)
+                updates.append((s, q0 + n, None, None))
+            else:
+                seq_k = torch.cat([self.tail_k[L, s, :, :t0].to(k.dtype), k], dim=1)
+                seq_v = torch.cat([self.tail_v[L, s, :, :t0].to(v.dtype), v], dim=1)
+                full = seq_k.shape[1] // g
+                if full:  # [full, H, G, D]: one row per completed group
+                    rows_k.append(seq_k[:, : full * g].reshape(h, full, g, d).transpose(0, 1))
+                    rows_v.append(seq_v[:, : full * g].reshape(h, full, g, d).transpose(0, 1))
+                pos = range(q0, q0 + full * g, g)
+                updates.append((s, q0 + full * g, seq_k[:, full * g :], seq_v[:, full * g :]))
+            blocks.extend(table[p // bs] for p in pos)
+            offs.extend(p % bs for p in pos)
+        if rows_k:
+            # rows land past every quant length: invisible until the lengths below move
+            self._quantize_rows(L, torch.cat(rows_k), torch.cat(rows_v), blocks, offs, backend)
+        for s, q1, tk, tv in updates:
+            self._qlen[L][s] = q1
+            if tk is not None:
+                rest = tk.shape[1]
+                self.tail_k[L, s, :, :rest] = tk.to(c.tail_dtype)
+                self.tail_v[L, s, :, :rest] = tv.to(c.tail_dtype)
+                self._tlen[L][s] = rest
+        self._sync_lens(L, seq_ids)
+
+    def append_decode(self, layer: int, seq_ids: Sequence[int], k: torch.Tensor, v: torch.Tensor,
+                      backend: Optional[str] = None) -> None:
+        """One new token per sequence, batched: ``k, v [n, H, D]`` for ``seq_ids`` (distinct)."""
+        self._check_layer(layer)
+        seq_ids = self._check_ids(seq_ids)
+        self._check_rows("k", k, len(seq_ids))
+        self._check_rows("v", v, len(seq_ids))
         if not seq_ids:
             return
-        self._reserve({s: 1 for s in seq_ids})
+        L = layer
+        self._check_fits(L, {s: self.seq_len(s, L) + 1 for s in seq_ids})
         c = self.config
         g, bs = c.group_size, c.block_size
         if not c.staged:
-            pos = [self._qlen[s] for s in seq_ids]
-            blocks = torch.tensor([self._blocks[s][p // bs] for s, p in zip(seq_ids, pos)], dtype=torch.int32)
-            offs = torch.tensor([p % bs for p in pos], dtype=torch.int32)
-            self._quantize_rows(k[:, :, None], v[:, :, None], blocks, offs, backend)
+            pos = [self._qlen[L][s] for s in seq_ids]
+            blocks = [self._blocks[s][p // bs] for s, p in zip(seq_ids, pos)]
+            self._quantize_rows(L, k[:, :, None], v[:, :, None], blocks, [p % bs for p in pos], backend)
             for s in seq_ids:
-                self._qlen[s] += 1
+                self._qlen[L][s] += 1
         else:
             slots = torch.tensor(seq_ids, dtype=torch.long, device=self.device)
-            tpos = torch.tensor([self._tlen[s] for s in seq_ids], dtype=torch.long, device=self.device)
-            self.tail_k[slots, :, tpos] = k.to(c.tail_dtype)
-            self.tail_v[slots, :, tpos] = v.to(c.tail_dtype)
-            full = [i for i, s in enumerate(seq_ids) if self._tlen[s] + 1 == g]
+            tpos = torch.tensor([self._tlen[L][s] for s in seq_ids], dtype=torch.long, device=self.device)
+            self.tail_k[L, slots, :, tpos] = k.to(c.tail_dtype)
+            self.tail_v[L, slots, :, tpos] = v.to(c.tail_dtype)
+            full = [s for s in seq_ids if self._tlen[L][s] + 1 == g]
             for s in seq_ids:
-                self._tlen[s] += 1
-            if full:
-                fs = torch.tensor([seq_ids[i] for i in full], dtype=torch.long, device=self.device)
-                pos = [self._qlen[seq_ids[i]] for i in full]
-                blocks = torch.tensor([self._blocks[seq_ids[i]][p // bs] for i, p in zip(full, pos)], dtype=torch.int32)
-                offs = torch.tensor([p % bs for p in pos], dtype=torch.int32)
-                self._quantize_rows(self.tail_k[fs], self.tail_v[fs], blocks, offs, backend)
-                for i in full:
-                    s = seq_ids[i]
-                    self._qlen[s] += g
-                    self._tlen[s] = 0
-        idx = torch.tensor(seq_ids, dtype=torch.long, device=self.device)
-        self.quant_lens[idx] = torch.tensor([self._qlen[s] for s in seq_ids], dtype=torch.int32, device=self.device)
-        self.tail_lens[idx] = torch.tensor([self._tlen[s] for s in seq_ids], dtype=torch.int32, device=self.device)
+                self._tlen[L][s] += 1
+            if full:  # these tails just completed a group: quantize it into the sequence's blocks
+                fs = torch.tensor(full, dtype=torch.long, device=self.device)
+                pos = [self._qlen[L][s] for s in full]
+                blocks = [self._blocks[s][p // bs] for s, p in zip(full, pos)]
+                self._quantize_rows(L, self.tail_k[L, fs], self.tail_v[L, fs], blocks, [p % bs for p in pos], backend)
+                for s in full:
+                    self._qlen[L][s] += g
+                    self._tlen[L][s] = 0
+        self._sync_lens(L, seq_ids)
 
-    def _quantize_rows(self, xk, xv, blocks, offsets, backend):
+    def _sync_lens(self, layer: int, seq_ids: List[int]) -> None:
+        if not seq_ids:
+            return
+        idx = torch.tensor(seq_ids, dtype=torch.long, device=self.device)
+        self.quant_lens[layer, idx] = torch.tensor([self._qlen[layer][s] for s in seq_ids], dtype=torch.int32,
+                                                   device=self.device)
+        self.tail_lens[layer, idx] = torch.tensor([self._tlen[layer][s] for s in seq_ids], dtype=torch.int32,
+                                                  device=self.device)
+
+    def _quantize_rows(self, layer, xk, xv, blocks, offsets, backend):
         from . import ops
 
-        blocks = blocks.to(self.device)
-        offsets = offsets.to(device=self.device, dtype=torch.int32)
-        c = self.config
-        ops.kv4_quantize_append(xk.contiguous(), self.k_packed, self.k_scale, self.k_zero, blocks, offsets, c.group_size, c.key_axis, backend)
-        ops.kv4_quantize_append(xv.contiguous(), self.v_packed, self.v_scale, self.v_zero, blocks, offsets, c.group_size, c.value_axis, backend)
+        blocks = torch.tensor(blocks, dtype=torch.int32, device=self.device)
+        offsets = torch.tensor(offsets, dtype=torch.int32, device=self.device)
+        c, L = self.config, layer
+        ops.kv4_quantize_append(xk.contiguous(), self.k_packed[L], self.k_scale[L], self.k_zero[L], blocks, offsets,
+                                c.group_size, c.key_axis, backend)
+        ops.kv4_quantize_append(xv.contiguous(), self.v_packed[L], self.v_scale[L], self.v_zero[L], blocks, offsets,
+                                c.group_size, c.value_axis, backend)
 
     # -- reads ----------------------------------------------------------------
-    def gather(self, seq_id: int, dtype=torch.float32):
-        """Dequantized ``(k, v)`` ``[H, T, D]`` of one sequence (tests / debugging only)."""
+    def gather(self, seq_id: int, layer: int, n_tokens: Optional[int] = None, dtype=torch.float32):
+        """Dequantized ``(k, v)`` ``[H, n, D]``: the first ``n_tokens`` tokens (default: all) of
+        ``seq_id`` in ``layer``.  Only the blocks covering the prefix are dequantized
+        (a prefix read by a chunked prefill does not pay for the whole sequence)."""
+        self._check_layer(layer)
         self._check_seq(seq_id)
-        c = self.config
-        q, t = self._qlen[seq_id], self._tlen[seq_id]
-        blocks = self._blocks[seq_id][: -(-q // c.block_size)]
-        k = _gather_kv4(self.k_packed, self.k_scale, self.k_zero, blocks, q, c.group_size, c.key_axis, dtype)
-        v = _gather_kv4(self.v_packed, self.v_scale, self.v_zero, blocks, q, c.group_size, c.value_axis, dtype)
-        k = torch.cat([k, self.tail_k[seq_id, :, :t].to(dtype)], 1)
-        v = torch.cat([v, self.tail_v[seq_id, :, :t].to(dtype)], 1)
+        L, c = layer, self.config
+        q, t = self._qlen[L][seq_id], self._tlen[L][seq_id]
+        if n_tokens is None:
+            n_tokens = q + t
+        if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or not 0 <= n_tokens <= q + t:
+            raise ValueError(f"n_tokens must be an int in [0, {q + t}] (length of sequence {seq_id} in layer {L}), "
+                             f"got {n_tokens!r}")
+        nq = min(n_tokens, q)
+        blocks = self._blocks[seq_id][: -(-nq // c.block_size)]
+        k = _gather_kv4(self.k_packed[L], self.k_scale[L], self.k_zero[L], blocks, nq, c.group_size, c.key_axis, dtype)
+        v = _gather_kv4(self.v_packed[L], self.v_scale[L], self.v_zero[L], blocks, nq, c.group_size, c.value_axis,
+                        dtype)
+        nt = n_tokens - nq
+        if nt:
+            k = torch.cat([k, self.tail_k[L, seq_id, :, :nt].to(dtype)], 1)
+            v = torch.cat([v, self.tail_v[L, seq_id, :, :nt].to(dtype)], 1)
         return k, v
 
-    def default_num_splits(self, seq_ids: Sequence[int], num_sms: int = 132) -> int:
+    def default_num_splits(self, seq_ids: Sequence[int], layer: int = 0, num_sms: int = 132) -> int:
         """Split-K partitions for a decode batch (see :func:`default_num_splits`)."""
         if not seq_ids:
             return 1
-        longest = max(-(-self._qlen[s] // self.config.block_size) for s in seq_ids)
+        longest = max(-(-self._qlen[layer][s] // self.config.block_size) for s in seq_ids)
         return default_num_splits(len(seq_ids), self.config.num_kv_heads, longest, num_sms)
+
+    def decode_attention(self, layer: int, q: torch.Tensor, seq_ids: Sequence[int], sm_scale: Optional[float] = None,
+                         num_splits: Optional[int] = None, backend: Optional[str] = None) -> torch.Tensor:
+        """``cometq::kv4_decode_attention`` of ``q [len(seq_ids), Hq, D]`` over ``layer`` of these sequences."""
+        from . import ops
+
+        self._check_layer(layer)
+        seq_ids = list(seq_ids)
+        for s in seq_ids:
+            if self.seq_len(s, layer) < 1:
+                raise ValueError(f"sequence {s} is empty in layer {layer}: append tokens before attending")
+        c, L = self.config, layer
+        sm = float(sm_scale) if sm_scale is not None else c.head_dim ** -0.5
+        ns = int(num_splits) if num_splits is not None else self.default_num_splits(seq_ids, L)
+        ids = torch.tensor(seq_ids, dtype=torch.int32, device=self.device)
+        return ops.kv4_decode_attention(
+            q, self.k_packed[L], self.k_scale[L], self.k_zero[L], self.v_packed[L], self.v_scale[L], self.v_zero[L],
+            self.tail_k[L], self.tail_v[L], self.block_tables, self.quant_lens[L], self.tail_lens[L], ids,
+            c.group_size, c.key_axis, c.value_axis, sm, ns, backend,
+        )
+
+    def memory_bytes(self) -> int:
+        """Bytes of every layer's blocks (data + scales + zeros) and staging tails."""
+        tails = 2 * self.tail_k.numel() * self.tail_k.element_size()
+        return self.num_layers * self.config.bytes_per_block() * self.config.num_blocks + tails
+
+    def layer(self, layer: int) -> "PagedKV4Pool":
+        """A one-layer :class:`PagedKV4Pool` view of ``layer`` (shares storage and allocator)."""
+        self._check_layer(layer)
+        return PagedKV4Pool._view(self, layer)
+
+
+class PagedKV4Pool:
+    """A paged KV4 pool for one attention layer (layout in the module doc).
+
+    A thin view of one layer of a :class:`MultiLayerKV4Pool`:
+    ``PagedKV4Pool(config)`` owns a one-layer pool; ``multi.layer(i)`` views layer
+    ``i`` of a shared one.  Unlike the multi-layer API, ``append`` and
+    ``append_decode`` allocate what they need themselves (a :meth:`~MultiLayerKV4Pool.reserve`
+    for the new length, all-or-nothing, shared by every layer) before writing.
+    """
+
+    def __init__(self, config: PagedKV4Config, device="cpu"):
+        self._init(MultiLayerKV4Pool(config, 1, device), 0)
+
+    @classmethod
+    def _view(cls, pool: MultiLayerKV4Pool, layer: int) -> "PagedKV4Pool":
+        self = cls.__new__(cls)
+        self._init(pool, layer)
+        return self
+
+    def _init(self, pool: MultiLayerKV4Pool, layer: int) -> None:
+        self.pool, self.layer = pool, layer
+        self.config, self.device = pool.config, pool.device
+        L = layer  # views of this layer's storage (contiguous: the layer dim leads)
+        self.k_packed, self.v_packed = pool.k_packed[L], pool.v_packed[L]
+        self.k_scale, self.k_zero = pool.k_scale[L], pool.k_zero[L]
+        self.v_scale, self.v_zero = pool.v_scale[L], pool.v_zero[L]
+        self.tail_k, self.tail_v = pool.tail_k[L], pool.tail_v[L]
+        self.block_tables = pool.block_tables
+        self.quant_lens, self.tail_lens = pool.quant_lens[L], pool.tail_lens[L]
+
+    # -- bookkeeping (the shared allocator's) -----------------------------------
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free_blocks
+
+    @property
+    def sequences(self) -> List[int]:
+        return self.pool.sequences
+
+    def seq_len(self, seq_id: int) -> int:
+        return self.pool.seq_len(seq_id, self.layer)
+
+    def quant_len(self, seq_id: int) -> int:
+        return self.pool.quant_len(seq_id, self.layer)
+
+    def tail_len(self, seq_id: int) -> int:
+        return self.pool.tail_len(seq_id, self.layer)
+
+    def blocks_of(self, seq_id: int) -> List[int]:
+        return self.pool.blocks_of(seq_id)
+
+    def add_sequence(self) -> int:
+        """Reserve a sequence slot; raises :class:`KV4PoolExhausted` when all are taken."""
+        return self.pool.add_sequence()
+
+    def free_sequence(self, seq_id: int) -> None:
+        """Return a sequence's blocks and slot to the pool (every layer of it)."""
+        self.pool.free(seq_id)
+
+    def blocks_needed(self, seq_id: int, n_new: int) -> int:
+        """Extra blocks an append of ``n_new`` tokens would allocate."""
+        return self.pool.blocks_needed(seq_id, self.seq_len(seq_id) + n_new)
+
+    # -- appends ----------------------------------------------------------------
+    def append(self, seq_id: int, k: torch.Tensor, v: torch.Tensor, backend: Optional[str] = None) -> None:
+        """Append ``T`` tokens ``k, v [H, T, D]`` (prefill or one step) to one sequence."""
+        self.pool._check_seq(seq_id)
+        for name, x in (("k", k), ("v", v)):
+            self.pool._check_rows(name, x)
+            if x.shape != k.shape:
+                raise ValueError(f"{name} shape {tuple(x.shape)} != k shape {tuple(k.shape)}")
+        if k.shape[1] == 0:
+            return
+        self.pool.reserve(seq_id, self.seq_len(seq_id) + k.shape[1])
+        self.pool.append(self.layer, seq_id, k, v, backend)
+
+    def append_decode(self, seq_ids: Sequence[int], k: torch.Tensor, v: torch.Tensor, backend: Optional[str] = None) -> None:
+        """One new token per sequence, batched: ``k, v [n, H, D]`` for ``seq_ids`` (distinct)."""
+        seq_ids = self.pool._check_ids(seq_ids)
+        self.pool._check_rows("k", k, len(seq_ids))
+        self.pool._check_rows("v", v, len(seq_ids))
+        if not seq_ids:
+            return
+        self.pool.reserve_many({s: self.seq_len(s) + 1 for s in seq_ids})
+        self.pool.append_decode(self.layer, seq_ids, k, v, backend)
+
+    # -- reads ----------------------------------------------------------------
+    def gather(self, seq_id: int, dtype=torch.float32, n_tokens: Optional[int] = None):
+        """Dequantized ``(k, v)`` ``[H, T, D]`` of one sequence (or its first ``n_tokens``)."""
+        return self.pool.gather(seq_id, self.layer, n_tokens, dtype)
+
+    def default_num_splits(self, seq_ids: Sequence[int], num_sms: int = 132) -> int:
+        """Split-K partitions for a decode batch (see :func:`default_num_splits`)."""
+        return self.pool.default_num_splits(seq_ids, self.layer, num_sms)
 
     def decode_attention(self, q: torch.Tensor, seq_ids: Sequence[int], sm_scale: Optional[float] = None,
                          num_splits: Optional[int] = None, backend: Optional[str] = None) -> torch.Tensor:
         """``cometq::kv4_decode_attention`` of ``q [len(seq_ids), Hq, D]`` over these sequences."""
-        from . import ops
-
-        seq_ids = list(seq_ids)
         for s in seq_ids:
-            self._check_seq(s)
-            if self.seq_len(s) < 1:
-                raise ValueError(f"sequence {s} is empty: append tokens before attending")
-        c = self.config
-        sm = float(sm_scale) if sm_scale is not None else c.head_dim ** -0.5
-        ns = int(num_splits) if num_splits is not None else self.default_num_splits(seq_ids)
-        ids = torch.tensor(seq_ids, dtype=torch.int32, device=self.device)
-        return ops.kv4_decode_attention(
-            q, self.k_packed, self.k_scale, self.k_zero, self.v_packed, self.v_scale, self.v_zero,
-            self.tail_k, self.tail_v, self.block_tables, self.quant_lens, self.tail_lens, ids,
-            c.group_size, c.key_axis, c.value_axis, sm, ns, backend,
-        )
+            self.pool._check_seq(s)
+        return self.pool.decode_attention(self.layer, q, seq_ids, sm_scale, num_splits, backend)

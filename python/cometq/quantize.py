@@ -66,7 +66,7 @@ ACT_CLIP_SAMPLES = 1024
 
 
 def _clip_samples(config: W4AxConfig) -> int:
-    return ACT_CLIP_SAMPLES if (config.act_clip == "search" and config.act_bits in ("fmpq", 4)) else 0
+    return ACT_CLIP_SAMPLES if (config.clip == "search" and config.act_bits in ("fmpq", 4)) else 0
 
 
 def _is_skipped(name: str, skip) -> bool:
@@ -319,13 +319,13 @@ def _quantize_names(model: nn.Module, names: List[str], config: W4AxConfig, stat
             absmax = torch.stack([stats.absmax[g] for g in group if g in stats.absmax]).amax(0)
         lay = _layout_for(config, lin.in_features, absmax, lin.weight.device)
         if config.act_bits in ("fmpq", 4) and lay.n_int4:
-            if config.act_clip == "search":
+            if config.clip == "search":
                 members = [g for g in group if g in names]
                 lay = lay.with_clip(search_act_clip(
                     stats.samples[n].to(lin.weight.device), lay,
                     [model.get_submodule(g).weight for g in members], scale_mode=config.scale_mode))
-            elif config.act_clip != 1.0:
-                lay = lay.with_clip(config.act_clip)
+            elif config.clip != 1.0:
+                lay = lay.with_clip(config.clip)
         for g in group:
             if g in names:
                 layouts[g] = lay

@@ -1,23 +1,25 @@
-"""Adapter: :class:`cometq.paged.PagedKV4Pool` (one per layer) behind the runner's :class:`KVPool` interface.
+"""Adapter: :class:`cometq.paged.MultiLayerKV4Pool` behind the runner's :class:`KVPool` interface.
 
-The 4-bit pool keeps its own free list per layer; this adapter keeps the
-engine-facing bookkeeping (one block table per sequence, all layers at once)
-and maps each engine sequence id to a pool *slot*, the same slot in every
-layer (every layer sees the same allocation calls in the same order).
+The 4-bit pool itself does the block accounting: one allocator, one block table
+per sequence shared by every layer, and an explicit all-or-nothing
+``reserve``.  The engine's ``reserve``/``free``/``num_used_blocks`` are the
+pool's, so there is no second ledger to keep in step.  The only state kept
+here is the map from engine sequence ids (an ever-growing counter) to pool
+slots (``0 .. max_seqs-1``).
 
-Accounting is conservative: the engine reserves ``ceil(tokens / block_size)``
-blocks per sequence, while a staged pool (per-channel keys) stores up to G-1
-recent tokens in its full-precision tail without a block.  So the layer pools
-never run out before the engine's accounting does, and ``KV4PoolExhausted``
-cannot surprise the runner mid-step.
+Accounting is exact: a sequence of ``n`` tokens owns the blocks its 4-bit part
+fills (a staged pool -- per-channel keys -- keeps the last ``n mod G`` tokens
+in its full-precision tail, which needs no block).  The engine reserves the
+whole length of a step's chunk before the forward, so no layer's append can
+run out of blocks mid-forward.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from ..paged import PagedKV4Config, PagedKV4Pool
+from ..paged import KV4PoolExhausted, MultiLayerKV4Pool, PagedKV4Config
 from .kv import KVPool, PoolExhausted
 
 __all__ = ["KV4PagedPool"]
@@ -33,75 +35,118 @@ class KV4PagedPool(KVPool):
                  tail_dtype: torch.dtype = torch.float16, device="cpu", backend: Optional[str] = None):
         super().__init__(num_layers=num_layers, num_blocks=num_blocks, block_size=block_size,
                          n_kv_heads=n_kv_heads, head_dim=head_dim)
+        # the base class's ledger is not used: the KV4 pool's allocator is the only one
+        del self._free, self._tables, self._capacity
         self.config = PagedKV4Config(num_blocks=num_blocks, num_kv_heads=n_kv_heads, head_dim=head_dim,
                                      block_size=block_size, group_size=group_size, key_axis=key_axis,
                                      value_axis=value_axis, max_seqs=max_seqs, tail_dtype=tail_dtype)
         self.device = torch.device(device)
         self.max_seqs = max_seqs
         self.backend = backend
-        self.layers = [PagedKV4Pool(self.config, self.device) for _ in range(num_layers)]
+        self.kv = MultiLayerKV4Pool(self.config, num_layers, self.device)
+        self.layers = [self.kv.layer(i) for i in range(num_layers)]  # one-layer views (shared allocator)
         self._slot: Dict[int, int] = {}
 
-    def reserve(self, seq_id: int, n_tokens: int) -> None:
-        new = seq_id not in self._slot
-        if new:
-            if len(self._slot) >= self.max_seqs:
-                raise PoolExhausted(f"no free KV4 sequence slot (max_seqs={self.max_seqs})")
-            slots = {p.add_sequence() for p in self.layers}
-            if len(slots) != 1:  # layers are driven identically; a mismatch is a bookkeeping bug
-                raise RuntimeError(f"KV4 layer pools disagree on the slot of sequence {seq_id}: {slots}")
-            self._slot[seq_id] = slots.pop()
-        try:
-            super().reserve(seq_id, n_tokens)
-        except PoolExhausted:
-            if new:
-                self._on_free(seq_id)
-            raise
+    # -- bookkeeping: all delegated to the pool's allocator -------------------------
+    @property
+    def num_free_blocks(self) -> int:
+        return self.kv.num_free_blocks
 
-    def _on_free(self, seq_id: int) -> None:
+    @property
+    def num_used_blocks(self) -> int:
+        return self.kv.num_used_blocks
+
+    def blocks_for(self, n_tokens: int) -> int:
+        return self.kv.blocks_for(n_tokens)
+
+    def blocks_needed(self, seq_id: int, n_tokens: int) -> int:
+        if seq_id in self._slot:
+            return self.kv.blocks_needed(self._slot[seq_id], n_tokens)
+        return self.kv.blocks_for(n_tokens)
+
+    def has_seq(self, seq_id: int) -> bool:
+        return seq_id in self._slot
+
+    def seq_ids(self) -> List[int]:
+        return list(self._slot)
+
+    def block_table(self, seq_id: int) -> List[int]:
+        return self.kv.blocks_of(self._slot_of(seq_id))
+
+    def reserve(self, seq_id: int, n_tokens: int) -> None:
+        """Room for ``n_tokens`` tokens in total (all layers); raises :class:`PoolExhausted`, changing nothing."""
+        if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 0:
+            raise ValueError(f"n_tokens must be an int >= 0, got {n_tokens!r}")
+        new = seq_id not in self._slot
+        try:
+            if new:
+                self._slot[seq_id] = self.kv.add_sequence()
+            self.kv.reserve(self._slot[seq_id], n_tokens)
+        except KV4PoolExhausted as e:
+            if new and seq_id in self._slot:
+                self.kv.free(self._slot.pop(seq_id))
+            raise PoolExhausted(f"sequence {seq_id}: {e}") from e
+
+    def free(self, seq_id: int) -> None:
+        """Return every block of ``seq_id`` (no-op for an unknown id)."""
         slot = self._slot.pop(seq_id, None)
         if slot is not None:
-            for p in self.layers:
-                p.free_sequence(slot)
+            self.kv.free(slot)
 
     def _slot_of(self, seq_id: int) -> int:
         if seq_id not in self._slot:
             raise KeyError(f"unknown sequence {seq_id}")
         return self._slot[seq_id]
 
+    def _check_at_end(self, layer: int, seq_id: int, slot: int, start: int) -> None:
+        n = self.kv.seq_len(slot, layer)
+        if n != start:
+            raise ValueError(f"KV4 pool appends at the end: sequence {seq_id} holds {n} tokens in layer {layer}, "
+                             f"write starts at {start}")
+
+    # -- data path ------------------------------------------------------------------
     def write(self, layer, seq_id, start, k, v):
         self._check_kv(k, v)
-        p, s = self.layers[layer], self._slot_of(seq_id)
-        if p.seq_len(s) != start:
-            raise ValueError(f"KV4 pool appends at the end: sequence {seq_id} holds {p.seq_len(s)} tokens, "
-                             f"write starts at {start}")
-        if start + k.shape[0] > self._capacity.get(seq_id, 0):
-            raise ValueError(f"tokens [{start}, {start + k.shape[0]}) exceed the reservation of sequence {seq_id}")
-        p.append(s, k.transpose(0, 1), v.transpose(0, 1), backend=self.backend)
+        slot = self._slot_of(seq_id)
+        self._check_at_end(layer, seq_id, slot, start)
+        self.kv.append(layer, slot, k.transpose(0, 1), v.transpose(0, 1), backend=self.backend)
+
+    def write_prefill(self, layer: int, seq_ids: Sequence[int], starts: Sequence[int], ks: Sequence[torch.Tensor],
+                      vs: Sequence[torch.Tensor]) -> None:
+        """Prefill chunks of several sequences in one batched append: ``ks[i], vs[i] [n_i, Hkv, D]`` at
+        positions ``starts[i]..`` (each at the end of its sequence)."""
+        if not len(seq_ids) == len(starts) == len(ks) == len(vs):
+            raise ValueError(f"need one start, k and v per sequence: {len(seq_ids)} seq_ids, {len(starts)} starts, "
+                             f"{len(ks)} k, {len(vs)} v")
+        slots = []
+        for s, st, k, v in zip(seq_ids, starts, ks, vs):
+            self._check_kv(k, v)
+            slots.append(self._slot_of(s))
+            self._check_at_end(layer, s, slots[-1], st)
+        self.kv.append_prefill(layer, slots, [k.transpose(0, 1) for k in ks], [v.transpose(0, 1) for v in vs],
+                               backend=self.backend)
 
     def write_decode(self, layer, seq_ids, starts, k, v):
-        p = self.layers[layer]
         slots = [self._slot_of(s) for s in seq_ids]
         for s, sl, st in zip(seq_ids, slots, starts):
-            if p.seq_len(sl) != st:
-                raise ValueError(f"KV4 pool appends at the end: sequence {s} holds {p.seq_len(sl)} tokens, "
-                                 f"write at {st}")
-        p.append_decode(slots, k, v, backend=self.backend)
+            self._check_at_end(layer, s, sl, st)
+        self.kv.append_decode(layer, slots, k, v, backend=self.backend)
 
     def read(self, layer, seq_id, length, dtype):
-        k, v = self.layers[layer].gather(self._slot_of(seq_id), dtype)
-        if k.shape[1] < length:
-            raise ValueError(f"sequence {seq_id} holds {k.shape[1]} tokens, {length} requested")
-        return k[:, :length].transpose(0, 1), v[:, :length].transpose(0, 1)
+        slot = self._slot_of(seq_id)
+        n = self.kv.seq_len(slot, layer)
+        if length > n:
+            raise ValueError(f"sequence {seq_id} holds {n} tokens, {length} requested")
+        k, v = self.kv.gather(slot, layer, length, dtype)  # dequantizes only the prefix's blocks
+        return k.transpose(0, 1), v.transpose(0, 1)
 
     def decode_attention(self, layer, seq_ids, lengths, q, scale):
-        p = self.layers[layer]
         slots = [self._slot_of(s) for s in seq_ids]
         for s, sl, n in zip(seq_ids, slots, lengths):
-            if p.seq_len(sl) != n:
-                raise ValueError(f"decode over {n} tokens but sequence {s} holds {p.seq_len(sl)}")
-        return p.decode_attention(q, slots, sm_scale=scale, backend=self.backend)
+            have = self.kv.seq_len(sl, layer)
+            if have != n:
+                raise ValueError(f"decode over {n} tokens but sequence {s} holds {have} in layer {layer}")
+        return self.kv.decode_attention(layer, q, slots, sm_scale=scale, backend=self.backend)
 
     def memory_bytes(self) -> int:
-        tails = 2 * self.layers[0].tail_k.numel() * self.layers[0].tail_k.element_size()
-        return self.num_layers * (self.config.bytes_per_block() * self.num_blocks + tails)
+        return self.kv.memory_bytes()
