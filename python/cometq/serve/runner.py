@@ -174,6 +174,7 @@ class ModelRunner:
         cos, sin = self.inner.rotary_emb(h[None], pos_t[None])
         cos, sin = cos[0].to(h.dtype), sin[0].to(h.dtype)
         dec = [i for i, c in enumerate(chunks) if c.is_decode]
+        pre = [i for i, c in enumerate(chunks) if not c.is_decode]
         dec_rows = torch.tensor([offsets[i] for i in dec], dtype=torch.long, device=dev)
         dec_ids = [chunks[i].seq_id for i in dec]
         dec_starts = [chunks[i].start for i in dec]
@@ -188,16 +189,24 @@ class ModelRunner:
                 q, k = att.q_norm(q), att.k_norm(k)
             q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
             out = torch.empty_like(q)
-            for i, c in enumerate(chunks):
-                o, n = offsets[i], len(c.tokens)
-                if c.is_decode:
-                    continue
-                kc, vc = k[o:o + n], v[o:o + n]
-                prefix = self.pool.read(li, c.seq_id, c.start, q.dtype) if c.start else None
-                self.pool.write(li, c.seq_id, c.start, kc, vc)
-                if prefix is not None:
-                    kc, vc = torch.cat([prefix[0], kc]), torch.cat([prefix[1], vc])
-                out[o:o + n] = self._prefill_attention(q[o:o + n], kc, vc, c.start)
+            if pre:
+                # cached prefixes are read before this step's K/V land (a staged KV4 tail may turn
+                # into 4-bit groups on the write), then all chunks are written in one batched call
+                prefixes = [self.pool.read(li, chunks[i].seq_id, chunks[i].start, q.dtype) if chunks[i].start
+                            else None for i in pre]
+                kcs = [k[offsets[i]:offsets[i] + len(chunks[i].tokens)] for i in pre]
+                vcs = [v[offsets[i]:offsets[i] + len(chunks[i].tokens)] for i in pre]
+                if len(pre) > 1 and hasattr(self.pool, "write_prefill"):
+                    self.pool.write_prefill(li, [chunks[i].seq_id for i in pre], [chunks[i].start for i in pre],
+                                            kcs, vcs)
+                else:
+                    for i, kc, vc in zip(pre, kcs, vcs):
+                        self.pool.write(li, chunks[i].seq_id, chunks[i].start, kc, vc)
+                for i, prefix, kc, vc in zip(pre, prefixes, kcs, vcs):
+                    o, n, c = offsets[i], len(chunks[i].tokens), chunks[i]
+                    if prefix is not None:
+                        kc, vc = torch.cat([prefix[0], kc]), torch.cat([prefix[1], vc])
+                    out[o:o + n] = self._prefill_attention(q[o:o + n], kc, vc, c.start)
             if dec:
                 self.pool.write_decode(li, dec_ids, dec_starts, k[dec_rows], v[dec_rows])
                 out[dec_rows] = self.pool.decode_attention(
