@@ -12,6 +12,7 @@
 #                             folder holding gemm.json / gemm.md; it also runs, Triton only, when the
 #                             extension did not build)
 #   cuda_timing.json/.log     a few timings of the cometq_C kernels vs fp16 matmul
+#   autotune.json/.log        which backend `auto` picked per case, with the timings (cometq.autotune)
 #   gpu_check_summary.json    what ran, how long, what passed
 # Exit status: non-zero iff the build or the GPU tests failed (benchmarks never
 # fail the check).  Whole script sized for ~8 minutes: every step has a time
@@ -199,6 +200,45 @@ EOF_T
   tail -8 "$OUT/cuda_timing.log"
 fi
 BENCH_JSON="${BENCH_JSON%\}}, \"cuda_timing\": {\"status\": \"$TIMING_STATUS\"}}"
+
+# ---------------------------------------------------------------- auto dispatch decisions
+# Which backend `auto` measures as faster per case (cometq.autotune), for the
+# formats the accuracy work recommends (asym g32) and the fastest one (sym g128).
+TUNE_STATUS=skipped
+if [ "$BUILD_STATUS" = ok ] && [ "$(remaining)" -ge 30 ]; then
+  log "auto dispatch (cometq.autotune)"
+  OUT="$OUT" COMETQ_AUTOTUNE_CACHE="$OUT/autotune_cache.json" timeout "$(limit 60)" $PY - > "$OUT/autotune.log" 2>&1 <<'EOF_A'
+import json, os
+import torch
+from cometq import autotune, ops, reference as R
+from cometq.layout import ActivationLayout
+
+torch.manual_seed(0)
+dev = "cuda"
+n, k = 4096, 4096
+for sym, g in ((True, 128), (False, 32)):
+    w = torch.randn(n, k, device=dev) * k ** -0.5
+    qw = R.quantize_weight_rtn(w, g, sym=sym)
+    bits = torch.full((k // 128,), 4, dtype=torch.int32, device=dev)
+    bits[: k // 128 // 8] = 8
+    lay = ActivationLayout(torch.randperm(k, device=dev), bits, 0.9)
+    for m in (1, 16, 1024):
+        x = torch.randn(m, k, device=dev, dtype=torch.float16)
+        qa = ops.quantize_activation(x, lay)
+        ops.w4ax_gemm_q(qa, qw, out_dtype=torch.float16)
+torch.cuda.synchronize()
+rep = autotune.report()
+with open(os.path.join(os.environ["OUT"], "autotune.json"), "w") as fh:
+    json.dump(rep, fh, indent=2, default=str)
+print(autotune.format_report())
+EOF_A
+  RC=$?
+  TUNE_STATUS=ok
+  [ $RC -ne 0 ] && TUNE_STATUS="fail(rc=$RC)"
+  log "autotune: $TUNE_STATUS"
+  tail -12 "$OUT/autotune.log"
+fi
+BENCH_JSON="${BENCH_JSON%\}}, \"autotune\": {\"status\": \"$TUNE_STATUS\"}}"
 
 # ---------------------------------------------------------------- summary
 OUT="$OUT" BUILD_STATUS="$BUILD_STATUS" BUILD_HOW="$BUILD_HOW" BUILD_S="$BUILD_S" TEST_STATUS="$TEST_STATUS" \
