@@ -376,3 +376,39 @@ def test_act_clip_auto_resolves_by_act_bits():
     assert W4AxConfig(act_bits=4).clip == 1.0 and W4AxConfig(act_bits=16).clip == 1.0
     assert W4AxConfig(act_bits=4, act_clip="search").clip == "search"
     assert W4AxConfig(act_clip=0.85).clip == 0.85
+
+
+def test_true_sequential_stages_and_effect(tiny):
+    """gptq_true_sequential: q/k/v, then o_proj, then the MLP (gate/up/down together); o_proj's
+    and the MLP's Hessians then come from the partly quantized layer, so the weights differ."""
+    import copy
+
+    from cometq import quantize_
+    from cometq.calibrate import collect_stats_with
+    from cometq.nn import W4AxLinear
+    from cometq.quantize import _true_sequential_stages
+
+    model, calib = tiny
+    layer = model.model.layers[0]
+    names = [f"model.layers.0.{n}" for n, m in layer.named_modules() if type(m) is torch.nn.Linear]
+    mods = {n: model.get_submodule(n) for n in names}
+    ids = calib[0]
+
+    def run(i):
+        return model(ids)
+
+    st = collect_stats_with(mods, 1, run)
+    stages = _true_sequential_stages(model, names, st, run)
+    short = [sorted(x.rsplit(".", 1)[1] for x in s) for s in stages]
+    assert short == [["k_proj", "q_proj", "v_proj"], ["o_proj"], ["down_proj", "gate_proj", "up_proj"]]
+    outs = []
+    for ts in (False, True):
+        m = copy.deepcopy(model)
+        quantize_(m, W4AxConfig(weight_method="gptq", gptq_true_sequential=ts, group_size=32), calib_data=calib,
+                  progress=False)
+        outs.append(m)
+        assert all(not x.fast_path for x in m.modules() if isinstance(x, W4AxLinear))  # default restored
+    a, b = (o.model.layers[0] for o in outs)
+    assert torch.equal(a.self_attn.q_proj.qweight, b.self_attn.q_proj.qweight)  # first stage: same Hessian
+    assert not torch.equal(a.self_attn.o_proj.qweight, b.self_attn.o_proj.qweight)
+    assert not torch.equal(a.mlp.down_proj.qweight, b.mlp.down_proj.qweight)

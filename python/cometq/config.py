@@ -76,6 +76,10 @@ class W4AxConfig:
     default: with FMPQ activations the FMPQ sort already orders the columns and
     act-order measured no gain on SmolLM2 (16.19 vs 16.16 g128, 14.84 vs 14.69 g32);
     turn it on for weight-only (act_bits=16): 13.25 vs 15.49 g128, docs/ACCURACY.md).
+    ``gptq_true_sequential`` (with ``gptq_sequential``): inside a decoder layer,
+    quantize in call order -- q/k/v, then o_proj calibrated on the outputs of the
+    quantized q/k/v, then the MLP calibrated on the quantized attention -- instead of
+    taking every Hessian of the layer from the layer in floating point.
     ``weight_sym``: symmetric INT4 weights (``scale * q``, q in [-7, 7]) or, when
     False, asymmetric (``scale * q + offset``, q in [-8, 7]; the GEMM adds the
     offset times per-group activation sums).  ``gptq_sequential``: calibrate decoder layer i on the outputs of the
@@ -128,6 +132,7 @@ class W4AxConfig:
     gptq_damp: float = 0.01
     gptq_act_order: bool = False
     gptq_sequential: bool = True
+    gptq_true_sequential: bool = False
     weight_sym: bool = True
     act_bits: Union[str, int] = "fmpq"
     int8_fraction: Optional[float] = None
@@ -159,7 +164,8 @@ class W4AxConfig:
             raise TypeError(f"clip_ratio must be a float, got {self.clip_ratio!r}")
         if not (0.0 < float(self.clip_ratio) <= 1.0) or not math.isfinite(float(self.clip_ratio)):
             raise ValueError(f"clip_ratio must be in (0, 1], got {self.clip_ratio!r}")
-        for name in ("clip_search", "gptq_act_order", "gptq_sequential", "weight_sym", "kv4", "fold_permutations"):
+        for name in ("clip_search", "gptq_act_order", "gptq_sequential", "gptq_true_sequential", "weight_sym", "kv4",
+                     "fold_permutations"):
             v = getattr(self, name)
             if not isinstance(v, bool):
                 raise TypeError(f"{name} must be a bool, got {v!r} ({type(v).__name__})")

@@ -223,6 +223,8 @@ def scheme_name(s: Scheme) -> str:
     meth = s.weight_method.upper()
     if s.weight_method == "gptq":
         meth += " seq" if s.gptq_sequential else " one-pass"
+        if s.gptq_sequential and s.gptq_true_sequential:
+            meth += " true-seq"
         if s.gptq_act_order:
             meth += " act-order"
     w = f"W4{'' if s.weight_sym else ' asym'} {meth} g{s.group_size if s.group_size != -1 else 'chan'}"

@@ -285,16 +285,23 @@ def _quantize_sequential(model: nn.Module, config: W4AxConfig, calib_data, names
             return layer_output(layer(hidden[i], *extra, **kw))
 
         lnames = per_layer[j]
+        prev = {}
         if lnames:
             mods = {n: model.get_submodule(n) for n in lnames}
             stats = collect_stats_with(mods, len(hidden), run, hessian=True, samples=_clip_samples(config))
-            _quantize_names(model, lnames, config, stats, progress=False, weight_cache=weight_cache)
-            # propagate on the CPU fast path (same integers and scales as the
-            # reference op); restored afterwards so the model's default is unchanged
-            prev = {m: m.fast_path for m in layer.modules() if isinstance(m, W4AxLinear)}
-            set_fast_path(layer, True)
-        else:
-            prev = {}
+            stages = _true_sequential_stages(model, lnames, stats, run) if config.gptq_true_sequential else [lnames]
+            for k, stage in enumerate(stages):
+                if k > 0:
+                    # this stage's inputs with the earlier stages of the layer already quantized
+                    smods = {n: model.get_submodule(n) for n in stage}
+                    stats = collect_stats_with(smods, len(hidden), run, hessian=True, samples=_clip_samples(config))
+                _quantize_names(model, stage, config, stats, progress=False, weight_cache=weight_cache)
+                # propagate on the CPU fast path (same integers and scales as the
+                # reference op); restored afterwards so the model's default is unchanged
+                for m in layer.modules():
+                    if isinstance(m, W4AxLinear) and m not in prev:
+                        prev[m] = m.fast_path
+                set_fast_path(layer, True)
         try:
             hidden = [run(i) for i in range(len(hidden))]
         finally:
@@ -302,6 +309,33 @@ def _quantize_sequential(model: nn.Module, config: W4AxConfig, calib_data, names
                 m.fast_path = f
     if outside:
         _quantize_names(model, outside, config, out_stats, progress=False, weight_cache=weight_cache)
+
+
+def _true_sequential_stages(model: nn.Module, lnames: List[str], stats: CalibrationStats, run) -> List[List[str]]:
+    """``lnames`` cut into stages in call order: Linears sharing an input form one stage,
+    and a gated MLP's gate/up/down stay together (down_proj's permutation is folded into
+    gate/up rows, so their layouts are decided at once)."""
+    order: List[str] = []
+    mods = {n: model.get_submodule(n) for n in lnames}
+    handles = [m.register_forward_pre_hook(lambda mod, args, n=n: order.append(n) if n not in order else None)
+               for n, m in mods.items()]
+    try:
+        run(0)
+    finally:
+        for h in handles:
+            h.remove()
+    order += [n for n in lnames if n not in order]
+    triples = {x: t[1:] for t in mlp_triples(model, lnames) for x in t[1:]}
+    stages: List[List[str]] = []
+    seen = set()
+    for n in order:
+        if n in seen:
+            continue
+        stage = list(triples[n]) if n in triples else [g for g in stats.group_of(n) if g in lnames]
+        stage = [x for x in stage if x not in seen]
+        seen.update(stage)
+        stages.append(stage)
+    return stages
 
 
 def _quantize_names(model: nn.Module, names: List[str], config: W4AxConfig, stats: Optional[CalibrationStats], *,
