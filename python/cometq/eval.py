@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import math
 import time
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -287,6 +288,35 @@ def gptq_study_schemes() -> List[Scheme]:
     ]
 
 
+def v2_study_schemes() -> List[Scheme]:
+    """Rows of docs/ACCURACY.md's "format v2" table (``--v2-study``): the INT4 activation
+    clip, asymmetric weights, the permutation granularity, and the full W4Ax-KV4 pipeline."""
+    rtn_a = dict(weight_method="rtn", group_size=32, weight_sym=False)
+    gptq = dict(weight_method="gptq", int8_fraction=0.25)  # act_clip "auto" = search for FMPQ
+    best = W4AxConfig(group_size=32, weight_sym=False, **gptq)
+    return [
+        "fp",
+        ("act_fmpq", 0.25, 0.9),
+        ("act_fmpq", 0.25, "search"),
+        ("act_fmpq", 0.125, "search"),
+        ("act_fmpq", 0.25, "search", 16),
+        ("act_fmpq", 0.25, "search", 32),
+        W4AxConfig(act_bits=16, **rtn_a),
+        W4AxConfig(act_bits=16, **{**rtn_a, "group_size": 128}),
+        W4AxConfig(int8_fraction=0.25, act_clip=1.0, **rtn_a),
+        W4AxConfig(int8_fraction=0.25, **rtn_a),
+        W4AxConfig(int8_fraction=0.25, scale_mode="class", **rtn_a),
+        best,
+        W4AxConfig(group_size=32, **gptq),
+        W4AxConfig(group_size=128, **gptq),
+        W4AxConfig(group_size=128, weight_sym=False, **gptq),
+        W4AxConfig(group_size=32, weight_sym=False, gptq_true_sequential=True, **gptq),
+        ("fpcache", "fp"),
+        ("kv4", "fp"),
+        ("kv4", dataclasses.replace(best, kv4=True)),
+    ]
+
+
 def compare_schemes(
     model: nn.Module,
     calib_data,
@@ -381,6 +411,8 @@ def main(argv=None) -> List[Dict]:
     p.add_argument("--json", default=None, help="also write the rows as JSON here")
     p.add_argument("--quick", action="store_true", help="only fp, A-only FMPQ 25%%, W4 GPTQ FMPQ 25%%")
     p.add_argument("--extra", action="store_true", help="supplementary rows: weight-only GPTQ, clip search")
+    p.add_argument("--v2-study", action="store_true",
+                   help="format v2 rows: INT4 activation clip, asymmetric weights, KV4 pipeline (docs/ACCURACY.md)")
     p.add_argument("--gptq-study", action="store_true",
                    help="GPTQ rows: one-pass vs sequential, act_order, group size 128/64/32")
     a = p.parse_args(argv)
@@ -403,6 +435,8 @@ def main(argv=None) -> List[Dict]:
                    W4AxConfig(int8_fraction=0.25, group_size=32, clip_search=True)]
     if a.gptq_study:
         schemes = gptq_study_schemes()
+    if a.v2_study:
+        schemes = v2_study_schemes()
     rows = compare_schemes(model, calib, wins, schemes)
     print(format_table(rows))
     if a.json:
