@@ -53,26 +53,8 @@ def _parse_cfg(s: str):
     return (k, v, int(g), int(r))
 
 
-def nll_decode(model, windows, cache_fn, prefix: int, chunk: int):
-    """Sum of NLL and count over tokens prefix+1.. of each window, scored through the cache."""
-    tot, n = 0.0, 0
-    with torch.no_grad():
-        for w in windows:
-            cache = cache_fn()
-            out = model(w[:, :prefix], past_key_values=cache, use_cache=True)
-            last = out.logits[:, -1:]
-            pos = prefix
-            while pos < w.shape[1]:
-                ids = w[:, pos : pos + chunk]
-                out = model(ids, past_key_values=cache, use_cache=True)
-                # predictions for ids[0] come from `last`, for ids[1:] from out.logits[:, :-1]
-                pred = torch.cat([last, out.logits[:, :-1]], dim=1).float()
-                lp = torch.log_softmax(pred, dim=-1)
-                tot -= float(lp.gather(-1, ids[..., None]).sum())
-                n += ids.numel()
-                last = out.logits[:, -1:]
-                pos += chunk
-    return tot, n
+# the decode-protocol scorer lives in the library (also used by `cometq demo --kv4`)
+from cometq.eval import nll_decode  # noqa: E402
 
 
 class FakeQuantCache:
