@@ -54,7 +54,7 @@ ext_modules, cmdclass = _cuda_extension()
 
 setup(
     name="cometq",
-    version="0.1.0",
+    version="0.2.0",
     description="W4Ax-KV4 LLM inference: INT4 weights, mixed INT4/INT8 activations, 4-bit KV cache",
     long_description=open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
     if os.path.exists(os.path.join(ROOT, "README.md"))

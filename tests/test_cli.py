@@ -31,7 +31,8 @@ def test_demo_quantizes_and_reports(tiny_dir, tmp_path, capsys):
     assert res["eval_windows"] == 2 and res["cpu_fast_path_layers"] == 14  # 7 Linears x 2 layers
     assert res["config"]["weight_method"] == "gptq"
     printed = capsys.readouterr().out
-    assert "| unquantized (fp32) |" in printed and "W4 GPTQ g128" in printed
+    assert "| unquantized (fp32) |" in printed and "W4 asym GPTQ g32" in printed
+    assert res["config"]["kv4"] and math.isfinite(res["ppl_decode_w4ax_kv4"])  # the default pipeline is W4Ax-KV4
 
 
 def test_demo_asym_clip_search_kv4(tiny_dir, tmp_path, capsys):

@@ -28,7 +28,8 @@ def test_defaults_fill_fmpq_budget():
     W4AxConfig(group_size=-1, weight_method="gptq", gptq_damp=0.05, act_bits=4),
     W4AxConfig(group_size=32, weight_method="gptq", gptq_sequential=True, gptq_act_order=True),
     W4AxConfig(group_size=256, int8_blocks=1, scale_mode="class", kv4=True, kv_key_axis="token", kv_value_axis="channel", kv_group_size=64, kv_residual_length=16),
-    W4AxConfig(outlier_ratio=6.5, max_int8_blocks=2, skip_modules=("lm_head", "mlp.down_proj"), clip_search=True),
+    W4AxConfig(outlier_ratio=6.5, max_int8_blocks=2, skip_modules=("lm_head", "mlp.down_proj"), clip_search=True,
+               weight_sym=True),
     W4AxConfig(act_bits=16, clip_ratio=0.9, backend="reference", calib_n_samples=3, calib_seq_len=64),
 ])
 def test_dict_round_trip_through_json(cfg):

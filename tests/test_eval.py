@@ -67,5 +67,5 @@ def test_compare_schemes_rows_and_model_untouched():
     with torch.no_grad():
         assert torch.equal(model(wins[0]).logits, before)  # each scheme ran on a copy
     table = format_table(rows)
-    assert table.count("\n") == len(rows) + 1 and "W4 RTN g128 A16 (weight-only)" in table
+    assert table.count("\n") == len(rows) + 1 and "W4 asym RTN g128 A16 (weight-only)" in table
     assert len(lines) == len(rows) + 1  # calibration line + one per scheme

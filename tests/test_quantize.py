@@ -208,7 +208,7 @@ def test_fast_path_matches_reference_op(group):
 
 def test_skip_modules_and_clip_search():
     model = tiny_causal_lm("qwen2")
-    cfg = W4AxConfig(act_bits=4, clip_search=True, skip_modules=("lm_head", "mlp"))
+    cfg = W4AxConfig(act_bits=4, clip_search=True, weight_sym=True, skip_modules=("lm_head", "mlp"))
     names = target_linears(model, cfg)
     assert names and all("mlp" not in n and "lm_head" not in n for n in names)
     cometq.quantize_(model, cfg)
@@ -246,8 +246,9 @@ def test_gptq_pipeline_and_weight_cache():
     k = base.model.layers[0].self_attn.k_proj
     perm = outs[1].model.layers[0].self_attn.k_proj.perm
     h = stats.hessian["model.layers.0.self_attn.k_proj"]
-    direct = gptq_quantize(k.weight.detach()[:, perm], h[perm][:, perm], 128)
-    assert torch.equal(direct.qweight, outs[1].model.layers[0].self_attn.k_proj.qweight)
+    direct = gptq_quantize(k.weight.detach()[:, perm], h[perm][:, perm], 128, sym=False)  # default: asymmetric
+    got = outs[1].model.layers[0].self_attn.k_proj
+    assert torch.equal(direct.qweight, got.qweight) and torch.equal(direct.offsets, got.w_offsets)
     with torch.no_grad():
         assert torch.isfinite(outs[1](_ids()).logits).all()
 
@@ -339,7 +340,8 @@ def test_sequential_gptq_calibrates_on_quantized_prefix(arch):
 
     base = tiny_causal_lm(arch, layers=2)
     calib = _calib(2, 32)
-    cfg = dict(weight_method="gptq", act_bits=16, gptq_act_order=True)
+    # layer-by-layer semantics only (true-sequential stages are tested in test_asym_clip.py)
+    cfg = dict(weight_method="gptq", act_bits=16, gptq_act_order=True, gptq_true_sequential=False, weight_sym=True)
     one = copy.deepcopy(base)
     cometq.quantize_(one, W4AxConfig(gptq_sequential=False, **cfg), calib_data=calib, progress=False)
     seq = copy.deepcopy(base)

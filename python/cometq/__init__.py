@@ -4,7 +4,7 @@ from .layout import BLOCK_K, ActivationLayout
 from .reference import QuantizedActivation, QuantizedWeight, KV4Tensor
 from .config import W4AxConfig, register_quantize_handler
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "__version__",
@@ -21,6 +21,7 @@ __all__ = [
     "W4AxLinear",
     "save_quantized",
     "load_quantized",
+    "KV4Cache",
 ]
 
 # Heavier pieces load on first use; `import cometq` never imports transformers.
@@ -29,6 +30,7 @@ _LAZY = {
     "W4AxLinear": ("nn", "W4AxLinear"),
     "save_quantized": ("checkpoint", "save_quantized"),
     "load_quantized": ("checkpoint", "load_quantized"),
+    "KV4Cache": ("kvcache", "KV4Cache"),
 }
 
 

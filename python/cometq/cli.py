@@ -23,7 +23,7 @@ DEFAULT_PROMPT = "Explain in one sentence what a Python list comprehension is."
 
 #: The recipe ``cometq demo`` / ``cometq quantize`` use unless told otherwise
 #: (chosen by measurement on SmolLM2-135M, docs/ACCURACY.md).
-DEFAULTS = {"group_size": 128, "weight_format": "sym", "act_clip": "auto", "kv4": False}
+DEFAULTS = {"group_size": 32, "weight_format": "asym", "act_clip": "auto", "kv4": True}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -100,8 +100,8 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
                    help="4-bit KV cache for generation and the decode-protocol perplexity "
                         f"(default {'on' if DEFAULTS['kv4'] else 'off'})")
     g.add_argument("--weight-method", default="gptq", choices=["rtn", "gptq"],
-                   help="INT4 weight quantizer (default gptq: 1.46x (sequential) vs 1.75x fp32 perplexity for rtn, "
-                        "FMPQ 25%% g128 on SmolLM2, docs/ACCURACY.md)")
+                   help="INT4 weight quantizer (default gptq: sequential GPTQ; on SmolLM2 with FMPQ 25%% and the "
+                        "default asym g32 weights 1.20x fp32 perplexity vs 1.43x for rtn, docs/ACCURACY.md)")
     g.add_argument("--gptq-sequential", action=argparse.BooleanOptionalAction, default=None,
                    help="GPTQ layer by layer on the partly quantized model (default: W4AxConfig's gptq_sequential)")
     g.add_argument("--scale-mode", default="block", choices=["block", "class"],

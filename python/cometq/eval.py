@@ -250,6 +250,12 @@ def scheme_name(s: Scheme) -> str:
     return f"{w} FMPQ {100 * s.int8_fraction:.1f}% INT8 blocks"
 
 
+def V1(**kw) -> W4AxConfig:
+    """A config with the recipe defaults the pre-v2 tables of docs/ACCURACY.md were measured
+    with (symmetric weights, no activation clip), so their commands still reproduce them."""
+    return W4AxConfig(**{"weight_sym": True, "act_clip": 1.0, "gptq_true_sequential": False, **kw})
+
+
 def default_schemes() -> List[Scheme]:
     g = dict(group_size=128)
     return [
@@ -258,13 +264,13 @@ def default_schemes() -> List[Scheme]:
         ("act_fmpq", 0.125),
         ("act_fmpq", 0.25),
         ("act_fmpq", 0.375),
-        W4AxConfig(act_bits=16, weight_method="rtn", **g),
-        W4AxConfig(act_bits=4, weight_method="rtn", **g),
-        W4AxConfig(int8_blocks=1, weight_method="gptq", gptq_sequential=False, gptq_act_order=False, **g),
-        W4AxConfig(int8_fraction=0.25, weight_method="rtn", **g),
-        W4AxConfig(int8_fraction=0.125, weight_method="gptq", gptq_sequential=False, gptq_act_order=False, **g),
-        W4AxConfig(int8_fraction=0.25, weight_method="gptq", gptq_sequential=False, gptq_act_order=False, **g),
-        W4AxConfig(int8_fraction=0.375, weight_method="gptq", gptq_sequential=False, gptq_act_order=False, **g),
+        V1(act_bits=16, weight_method="rtn", **g),
+        V1(act_bits=4, weight_method="rtn", **g),
+        V1(int8_blocks=1, weight_method="gptq", gptq_sequential=False, gptq_act_order=False, **g),
+        V1(int8_fraction=0.25, weight_method="rtn", **g),
+        V1(int8_fraction=0.125, weight_method="gptq", gptq_sequential=False, gptq_act_order=False, **g),
+        V1(int8_fraction=0.25, weight_method="gptq", gptq_sequential=False, gptq_act_order=False, **g),
+        V1(int8_fraction=0.375, weight_method="gptq", gptq_sequential=False, gptq_act_order=False, **g),
     ]
 
 
@@ -276,15 +282,15 @@ def gptq_study_schemes() -> List[Scheme]:
     nat = dict(gptq_act_order=False, **seq)  # columns in stored (FMPQ-sorted or natural) order
     act = dict(gptq_act_order=True, **seq)
     return [
-        W4AxConfig(act_bits=16, **nat),
-        W4AxConfig(act_bits=16, group_size=32, **nat),
-        W4AxConfig(int8_fraction=0.25, **nat),
-        W4AxConfig(int8_fraction=0.25, group_size=32, **nat),
-        W4AxConfig(act_bits=16, **act),
-        W4AxConfig(act_bits=16, group_size=64, **nat),
-        W4AxConfig(int8_fraction=0.25, **act),
-        W4AxConfig(act_bits=16, group_size=32, **act),
-        W4AxConfig(int8_fraction=0.25, group_size=32, **act),
+        V1(act_bits=16, **nat),
+        V1(act_bits=16, group_size=32, **nat),
+        V1(int8_fraction=0.25, **nat),
+        V1(int8_fraction=0.25, group_size=32, **nat),
+        V1(act_bits=16, **act),
+        V1(act_bits=16, group_size=64, **nat),
+        V1(int8_fraction=0.25, **act),
+        V1(act_bits=16, group_size=32, **act),
+        V1(int8_fraction=0.25, group_size=32, **act),
     ]
 
 
@@ -292,8 +298,10 @@ def v2_study_schemes() -> List[Scheme]:
     """Rows of docs/ACCURACY.md's "format v2" table (``--v2-study``): the INT4 activation
     clip, asymmetric weights, the permutation granularity, and the full W4Ax-KV4 pipeline."""
     rtn_a = dict(weight_method="rtn", group_size=32, weight_sym=False)
-    gptq = dict(weight_method="gptq", int8_fraction=0.25)  # act_clip "auto" = search for FMPQ
+    # act_clip "auto" = search for FMPQ; true-sequential only where named (it became the default after)
+    gptq = dict(weight_method="gptq", int8_fraction=0.25, gptq_true_sequential=False)
     best = W4AxConfig(group_size=32, weight_sym=False, **gptq)
+    best_ts = dataclasses.replace(best, gptq_true_sequential=True)
     return [
         "fp",
         ("act_fmpq", 0.25, 0.9),
@@ -307,13 +315,14 @@ def v2_study_schemes() -> List[Scheme]:
         W4AxConfig(int8_fraction=0.25, **rtn_a),
         W4AxConfig(int8_fraction=0.25, scale_mode="class", **rtn_a),
         best,
-        W4AxConfig(group_size=32, **gptq),
-        W4AxConfig(group_size=128, **gptq),
+        W4AxConfig(group_size=32, weight_sym=True, **gptq),
+        W4AxConfig(group_size=128, weight_sym=True, **gptq),
         W4AxConfig(group_size=128, weight_sym=False, **gptq),
-        W4AxConfig(group_size=32, weight_sym=False, gptq_true_sequential=True, **gptq),
+        best_ts,
         ("fpcache", "fp"),
         ("kv4", "fp"),
         ("kv4", dataclasses.replace(best, kv4=True)),
+        ("kv4", dataclasses.replace(best_ts, kv4=True)),
     ]
 
 
@@ -428,11 +437,11 @@ def main(argv=None) -> List[Dict]:
           f"{len(wins)} x {a.seq_len} evaluation tokens (from {data.EVAL_START:.0%} on)")
     schemes = None
     if a.quick:
-        schemes = ["fp", ("act_fmpq", 0.25), W4AxConfig(int8_fraction=0.25, weight_method="gptq", gptq_sequential=False, gptq_act_order=False)]
+        schemes = ["fp", ("act_fmpq", 0.25), V1(int8_fraction=0.25, weight_method="gptq", gptq_sequential=False, gptq_act_order=False)]
     elif a.extra:
-        schemes = ["fp", W4AxConfig(act_bits=16, weight_method="gptq", gptq_sequential=False, gptq_act_order=False), W4AxConfig(act_bits=16, clip_search=True),
-                   W4AxConfig(int8_fraction=0.25, clip_search=True), W4AxConfig(act_bits=16, group_size=32, clip_search=True),
-                   W4AxConfig(int8_fraction=0.25, group_size=32, clip_search=True)]
+        schemes = ["fp", V1(act_bits=16, weight_method="gptq", gptq_sequential=False, gptq_act_order=False), V1(act_bits=16, clip_search=True),
+                   V1(int8_fraction=0.25, clip_search=True), V1(act_bits=16, group_size=32, clip_search=True),
+                   V1(int8_fraction=0.25, group_size=32, clip_search=True)]
     if a.gptq_study:
         schemes = gptq_study_schemes()
     if a.v2_study:
