@@ -31,6 +31,8 @@ def test_defaults_fill_fmpq_budget():
     W4AxConfig(outlier_ratio=6.5, max_int8_blocks=2, skip_modules=("lm_head", "mlp.down_proj"), clip_search=True,
                weight_sym=True),
     W4AxConfig(act_bits=16, clip_ratio=0.9, backend="reference", calib_n_samples=3, calib_seq_len=64),
+    W4AxConfig(weight_method="gptq", gptq_mse=False),
+    W4AxConfig(weight_method="gptq", gptq_mse=True),
 ])
 def test_dict_round_trip_through_json(cfg):
     d = json.loads(json.dumps(cfg.to_dict()))
@@ -63,6 +65,9 @@ def test_frozen():
     (dict(gptq_damp=0), ValueError, "gptq_damp"),
     (dict(gptq_sequential=1), TypeError, "gptq_sequential"),
     (dict(gptq_sequential="yes"), TypeError, "gptq_sequential"),
+    (dict(gptq_mse="on"), TypeError, "gptq_mse"),
+    (dict(gptq_mse=1), TypeError, "gptq_mse"),
+    (dict(gptq_mse=True, gptq_act_order=True), ValueError, "gptq_act_order"),
     (dict(act_bits=2), ValueError, "act_bits"),
     (dict(act_bits=True), ValueError, "act_bits"),
     (dict(act_bits="int4"), ValueError, "'int4'"),
@@ -146,3 +151,13 @@ def test_config_without_gptq_sequential_loads_with_default():
     d = W4AxConfig(weight_method="gptq").to_dict()
     del d["gptq_sequential"]
     assert W4AxConfig.from_dict(d).gptq_sequential == W4AxConfig().gptq_sequential
+
+
+def test_gptq_mse_auto_resolves_and_old_configs_load_without_it():
+    assert W4AxConfig().gptq_mse == "auto" and W4AxConfig().mse is True
+    assert W4AxConfig(gptq_act_order=True).mse is False  # auto: off under act-order
+    assert W4AxConfig(gptq_mse=False).mse is False
+    # a checkpoint config from before the field: its weights were quantized without it
+    d = W4AxConfig(weight_method="gptq").to_dict()
+    del d["gptq_mse"]
+    assert W4AxConfig.from_dict(d).gptq_mse is False

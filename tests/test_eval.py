@@ -69,3 +69,16 @@ def test_compare_schemes_rows_and_model_untouched():
     table = format_table(rows)
     assert table.count("\n") == len(rows) + 1 and "W4 asym RTN g128 A16 (weight-only)" in table
     assert len(lines) == len(rows) + 1  # calibration line + one per scheme
+
+
+def test_study_scheme_lists_have_distinct_names():
+    from cometq.eval import default_schemes, gptq_study_schemes, mse_study_schemes, v2_study_schemes
+
+    for schemes in (default_schemes(), gptq_study_schemes(), v2_study_schemes(), mse_study_schemes()):
+        names = [scheme_name(s) for s in schemes]
+        assert len(set(names)) == len(names), names
+    names = [scheme_name(s) for s in mse_study_schemes()]
+    # the default recipe is named with its MSE ranges; the pinned older recipes are not
+    assert "W4 asym GPTQ seq true-seq mse g32 A-clip-search FMPQ 25.0% INT8 blocks" in names
+    assert "W4 asym GPTQ seq true-seq g32 A-clip-search FMPQ 25.0% INT8 blocks" in names
+    assert not any(" mse" in scheme_name(s) for s in v2_study_schemes() + gptq_study_schemes() + default_schemes())

@@ -87,3 +87,27 @@ def test_errors():
         gptq_quantize(w, torch.eye(64), 48)
     with pytest.raises(TypeError, match="weight"):
         gptq_quantize(w.long(), torch.eye(64))
+
+
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("group", [32, 128])
+def test_mse_ranges_lower_the_output_error(sym, group):
+    gen = torch.Generator().manual_seed(5)
+    k, n = 576, 48
+    x = _correlated_inputs(2048, k, gen)
+    w = torch.randn(n, k, generator=gen) * k**-0.5
+    h = 2 * x.T @ x / x.shape[0]
+    plain = gptq_quantize(w, h, group, sym=sym)
+    mse = gptq_quantize(w, h, group, sym=sym, mse=True)
+    assert mse.scales.shape == plain.scales.shape and (mse.offsets is None) == sym
+    q = unpack_int4(mse.qweight)
+    lo = -7 if sym else -8
+    assert int(q.min()) >= lo and int(q.max()) <= 7 and not bool(q[:, k:].any())
+    # the shrink factors include 1.0, and here some groups pick < 1.0
+    assert not torch.equal(mse.scales, plain.scales)
+    assert _out_err(x, w, mse) < _out_err(x, w, plain)
+
+
+def test_mse_with_act_order_is_refused():
+    with pytest.raises(ValueError, match="act_order"):
+        gptq_quantize(torch.randn(4, 64), torch.eye(64), 32, act_order=True, mse=True)

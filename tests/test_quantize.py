@@ -246,9 +246,18 @@ def test_gptq_pipeline_and_weight_cache():
     k = base.model.layers[0].self_attn.k_proj
     perm = outs[1].model.layers[0].self_attn.k_proj.perm
     h = stats.hessian["model.layers.0.self_attn.k_proj"]
-    direct = gptq_quantize(k.weight.detach()[:, perm], h[perm][:, perm], 128, sym=False)  # default: asymmetric
+    wp, hp = k.weight.detach()[:, perm], h[perm][:, perm]
+    direct = gptq_quantize(wp, hp, 128, sym=False, mse=True)  # defaults: asymmetric, MSE group ranges
     got = outs[1].model.layers[0].self_attn.k_proj
     assert torch.equal(direct.qweight, got.qweight) and torch.equal(direct.offsets, got.w_offsets)
+    # gptq_mse=False is plain min/max GPTQ, and the cache keeps the two apart
+    m = copy.deepcopy(base)
+    cometq.quantize_(m, W4AxConfig(weight_method="gptq", gptq_sequential=False, gptq_mse=False, int8_fraction=0.67),
+                     calib_stats=stats, progress=False, weight_cache=cache)
+    plain = gptq_quantize(wp, hp, 128, sym=False)
+    got = m.model.layers[0].self_attn.k_proj
+    assert torch.equal(plain.qweight, got.qweight) and torch.equal(plain.offsets, got.w_offsets)
+    assert not torch.equal(plain.scales, direct.scales) and len(cache) == 2 * len(names)
     with torch.no_grad():
         assert torch.isfinite(outs[1](_ids()).logits).all()
 

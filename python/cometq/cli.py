@@ -46,6 +46,8 @@ def _config_from_args(args):
         kw["int8_fraction"] = args.int8_fraction
     if getattr(args, "gptq_sequential", None) is not None:  # None: the config default
         kw["gptq_sequential"] = args.gptq_sequential
+    if getattr(args, "gptq_mse", None) is not None:
+        kw["gptq_mse"] = args.gptq_mse
     kw["weight_sym"] = args.weight_format == "sym"
     if kw["act_bits"] in ("fmpq", 4) or args.act_clip != "auto":
         kw["act_clip"] = _act_clip(args.act_clip)
@@ -104,6 +106,9 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
                         "default asym g32 weights 1.20x fp32 perplexity vs 1.43x for rtn, docs/ACCURACY.md)")
     g.add_argument("--gptq-sequential", action=argparse.BooleanOptionalAction, default=None,
                    help="GPTQ layer by layer on the partly quantized model (default: W4AxConfig's gptq_sequential)")
+    g.add_argument("--gptq-mse", action=argparse.BooleanOptionalAction, default=None,
+                   help="GPTQ picks each weight group's range (shrink 1.0..0.8) by least Hessian-weighted rounding "
+                        "error (default: W4AxConfig's gptq_mse, 'auto' = on)")
     g.add_argument("--scale-mode", default="block", choices=["block", "class"],
                    help="activation scales per token per block, or per token per precision class")
     g.add_argument("--backend", default="auto", choices=["auto", "reference", "triton", "cuda"])

@@ -82,6 +82,12 @@ class W4AxConfig:
     taking every Hessian of the layer from the layer in floating point.  On by
     default: SmolLM2 asym g32 + FMPQ 25% 13.07 (1.179x) vs 13.34 (1.204x); costs two
     more calibration passes per layer.
+    ``gptq_mse``: each weight group's range is shrunk by the factor (1.0 .. 0.8)
+    with the least Hessian-weighted rounding error when GPTQ reaches the group
+    (``cometq.gptq.gptq_quantize(mse=True)``).  "auto" (default) = on, except
+    with ``gptq_act_order`` (static ranges fixed before GPTQ's updates; shrinking
+    them clips the updated weights).  SmolLM2 full pipeline (asym g32 true-seq +
+    FMPQ 25% + clip): 12.60 = 1.137x vs 13.07 = 1.179x without (docs/ACCURACY.md).
     ``weight_sym``: symmetric INT4 weights (``scale * q``, q in [-7, 7]) or, when
     False (default), asymmetric (``scale * q + offset``, q in [-8, 7]; the GEMM adds
     the offset times per-group activation sums).  Asymmetric measured better at
@@ -138,6 +144,7 @@ class W4AxConfig:
     gptq_act_order: bool = False
     gptq_sequential: bool = True
     gptq_true_sequential: bool = True
+    gptq_mse: Union[bool, str] = "auto"
     weight_sym: bool = False
     act_bits: Union[str, int] = "fmpq"
     int8_fraction: Optional[float] = None
@@ -176,6 +183,11 @@ class W4AxConfig:
                 raise TypeError(f"{name} must be a bool, got {v!r} ({type(v).__name__})")
         if self.clip_search and float(self.clip_ratio) != 1.0:
             raise ValueError(f"clip_search=True searches the clip ratio; clip_ratio must stay 1.0, got {self.clip_ratio!r}")
+        if not isinstance(self.gptq_mse, bool) and self.gptq_mse != "auto":
+            raise TypeError(f"gptq_mse must be a bool or 'auto', got {self.gptq_mse!r}")
+        if self.gptq_mse is True and self.gptq_act_order:
+            raise ValueError("gptq_mse=True picks each group's range when GPTQ reaches it; gptq_act_order=True fixes the "
+                             "ranges up front: use one of them (gptq_mse='auto' turns it off under act-order)")
         if self.clip_search and not self.weight_sym:
             raise ValueError("clip_search searches symmetric scales; it needs weight_sym=True")
         if not _is_number(self.gptq_damp) or not (0.0 < float(self.gptq_damp) < 1.0):
@@ -270,6 +282,11 @@ class W4AxConfig:
         return self.act_clip
 
     @property
+    def mse(self) -> bool:
+        """The resolved ``gptq_mse`` ("auto": on unless ``gptq_act_order``)."""
+        return (not self.gptq_act_order) if self.gptq_mse == "auto" else bool(self.gptq_mse)
+
+    @property
     def granularity(self) -> int:
         return int(self.perm_granularity)
 
@@ -298,6 +315,8 @@ class W4AxConfig:
             raise ValueError(f"quant_method must be {QUANT_METHOD!r}, got {qm!r}")
         if "format_version" not in d:
             raise ValueError("quantization config has no format_version: not a cometq checkpoint config")
+        # checkpoints written before gptq_mse existed were quantized without it
+        d.setdefault("gptq_mse", False)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:

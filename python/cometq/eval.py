@@ -228,6 +228,8 @@ def scheme_name(s: Scheme) -> str:
             meth += " true-seq"
         if s.gptq_act_order:
             meth += " act-order"
+        if s.mse:
+            meth += " mse"
     w = f"W4{'' if s.weight_sym else ' asym'} {meth} g{s.group_size if s.group_size != -1 else 'chan'}"
     if s.clip_search:
         w += " clip-search"
@@ -253,7 +255,7 @@ def scheme_name(s: Scheme) -> str:
 def V1(**kw) -> W4AxConfig:
     """A config with the recipe defaults the pre-v2 tables of docs/ACCURACY.md were measured
     with (symmetric weights, no activation clip), so their commands still reproduce them."""
-    return W4AxConfig(**{"weight_sym": True, "act_clip": 1.0, "gptq_true_sequential": False, **kw})
+    return W4AxConfig(**{"weight_sym": True, "act_clip": 1.0, "gptq_true_sequential": False, "gptq_mse": False, **kw})
 
 
 def default_schemes() -> List[Scheme]:
@@ -299,7 +301,7 @@ def v2_study_schemes() -> List[Scheme]:
     clip, asymmetric weights, the permutation granularity, and the full W4Ax-KV4 pipeline."""
     rtn_a = dict(weight_method="rtn", group_size=32, weight_sym=False)
     # act_clip "auto" = search for FMPQ; true-sequential only where named (it became the default after)
-    gptq = dict(weight_method="gptq", int8_fraction=0.25, gptq_true_sequential=False)
+    gptq = dict(weight_method="gptq", int8_fraction=0.25, gptq_true_sequential=False, gptq_mse=False)
     best = W4AxConfig(group_size=32, weight_sym=False, **gptq)
     best_ts = dataclasses.replace(best, gptq_true_sequential=True)
     return [
@@ -323,6 +325,23 @@ def v2_study_schemes() -> List[Scheme]:
         ("kv4", "fp"),
         ("kv4", dataclasses.replace(best, kv4=True)),
         ("kv4", dataclasses.replace(best_ts, kv4=True)),
+    ]
+
+
+def mse_study_schemes() -> List[Scheme]:
+    """Rows of docs/ACCURACY.md's "GPTQ MSE ranges" table (``--mse-study``): the default
+    recipe with and without ``gptq_mse``, group-128 weight formats, and the W4Ax-KV4
+    pipeline through the decode protocol."""
+    ts = W4AxConfig(group_size=32, weight_sym=False, weight_method="gptq", int8_fraction=0.25)  # the defaults
+    return [
+        "fp",
+        dataclasses.replace(ts, gptq_mse=False),
+        ts,
+        dataclasses.replace(ts, group_size=128),
+        dataclasses.replace(ts, group_size=128, weight_sym=True),
+        ("fpcache", "fp"),
+        ("fpcache", ts),
+        ("kv4", dataclasses.replace(ts, kv4=True)),
     ]
 
 
@@ -422,6 +441,8 @@ def main(argv=None) -> List[Dict]:
     p.add_argument("--extra", action="store_true", help="supplementary rows: weight-only GPTQ, clip search")
     p.add_argument("--v2-study", action="store_true",
                    help="format v2 rows: INT4 activation clip, asymmetric weights, KV4 pipeline (docs/ACCURACY.md)")
+    p.add_argument("--mse-study", action="store_true",
+                   help="GPTQ MSE group ranges: default recipe with/without, g128 formats, W4Ax-KV4 (docs/ACCURACY.md)")
     p.add_argument("--gptq-study", action="store_true",
                    help="GPTQ rows: one-pass vs sequential, act_order, group size 128/64/32")
     a = p.parse_args(argv)
@@ -446,6 +467,8 @@ def main(argv=None) -> List[Dict]:
         schemes = gptq_study_schemes()
     if a.v2_study:
         schemes = v2_study_schemes()
+    if a.mse_study:
+        schemes = mse_study_schemes()
     rows = compare_schemes(model, calib, wins, schemes)
     print(format_table(rows))
     if a.json:

@@ -148,7 +148,8 @@ def _quantize_weight(w: torch.Tensor, config: W4AxConfig, hessian: Optional[torc
         from .gptq import gptq_quantize
 
         return gptq_quantize(w, hessian, config.group_size, damp=config.gptq_damp,
-                             act_order=config.gptq_act_order, clip_ratio=config.clip_ratio, sym=config.weight_sym)
+                             act_order=config.gptq_act_order, clip_ratio=config.clip_ratio, sym=config.weight_sym,
+                             mse=config.mse)
     if config.clip_search:
         return quantize_weight_clip_search(w, config.group_size)
     return R.quantize_weight_rtn(w, config.group_size, clip_ratio=config.clip_ratio, sym=config.weight_sym)
@@ -405,7 +406,7 @@ def _quantize_names(model: nn.Module, names: List[str], config: W4AxConfig, stat
             # lets benchmark sweeps reuse GPTQ across INT8 budgets (the FMPQ sort,
             # hence the column order, does not depend on the budget)
             key = (n, config.weight_method, config.group_size, config.clip_ratio, config.clip_search,
-                   config.gptq_damp, config.gptq_act_order, config.weight_sym, _digest(w),
+                   config.gptq_damp, config.gptq_act_order, config.mse, config.weight_sym, _digest(w),
                    None if h is None else _digest(h))
             qw = weight_cache.get(key)
             if qw is None:
