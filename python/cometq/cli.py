@@ -103,7 +103,7 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
                         f"(default {'on' if DEFAULTS['kv4'] else 'off'})")
     g.add_argument("--weight-method", default="gptq", choices=["rtn", "gptq"],
                    help="INT4 weight quantizer (default gptq: sequential GPTQ; on SmolLM2 with FMPQ 25%% and the "
-                        "default asym g32 weights 1.20x fp32 perplexity vs 1.43x for rtn, docs/ACCURACY.md)")
+                        "default asym g32 weights 1.16x fp32 perplexity vs 1.43x for rtn, docs/ACCURACY.md)")
     g.add_argument("--gptq-sequential", action=argparse.BooleanOptionalAction, default=None,
                    help="GPTQ layer by layer on the partly quantized model (default: W4AxConfig's gptq_sequential)")
     g.add_argument("--gptq-mse", action=argparse.BooleanOptionalAction, default=None,

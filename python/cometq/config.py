@@ -87,7 +87,9 @@ class W4AxConfig:
     (``cometq.gptq.gptq_quantize(mse=True)``).  "auto" (default) = on, except
     with ``gptq_act_order`` (static ranges fixed before GPTQ's updates; shrinking
     them clips the updated weights).  SmolLM2 full pipeline (asym g32 true-seq +
-    FMPQ 25% + clip): 12.60 = 1.137x vs 13.07 = 1.179x without (docs/ACCURACY.md).
+    FMPQ 25% + clip): 12.81 = 1.156x (1 thread; 12.60 = 1.137x with 2) vs 13.07 =
+    1.179x without; with the KV4 cache (decode protocol) 1.171x vs 1.210x
+    (docs/ACCURACY.md).
     ``weight_sym``: symmetric INT4 weights (``scale * q``, q in [-7, 7]) or, when
     False (default), asymmetric (``scale * q + offset``, q in [-8, 7]; the GEMM adds
     the offset times per-group activation sums).  Asymmetric measured better at

@@ -337,11 +337,11 @@ def mse_study_schemes() -> List[Scheme]:
         "fp",
         dataclasses.replace(ts, gptq_mse=False),
         ts,
-        dataclasses.replace(ts, group_size=128),
-        dataclasses.replace(ts, group_size=128, weight_sym=True),
         ("fpcache", "fp"),
         ("fpcache", ts),
         ("kv4", dataclasses.replace(ts, kv4=True)),
+        dataclasses.replace(ts, group_size=128),
+        dataclasses.replace(ts, group_size=128, weight_sym=True),
     ]
 
 
