@@ -91,11 +91,11 @@ pack() {
 # ---------------------------------------------------------------- environment
 nvidia-smi > "$W/nvidia-smi.txt" 2>&1 || true
 if [ -z "${COMETQ_CUDA_ARCHS:-}" ]; then
-  CC=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' .')
-  case "$CC" in
+  GPU_CC=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' .')
+  case "$GPU_CC" in
     90) COMETQ_CUDA_ARCHS="90a" ;;   # wgmma/arch-specific features need the "a" target
     "") COMETQ_CUDA_ARCHS="80;86;89;90a" ;;
-    *) COMETQ_CUDA_ARCHS="$CC" ;;
+    *) COMETQ_CUDA_ARCHS="$GPU_CC" ;;
   esac
 fi
 export COMETQ_CUDA_ARCHS
