@@ -11,20 +11,22 @@ from cometq.paged import PagedKV4Config, PagedKV4Pool, kv4_decode_attention_refe
 from cometq.testing import ATTN_ATOL, ATTN_FP16_ATOL, ATTN_FP16_RTOL, ATTN_RTOL
 
 AXES = [("token", "token"), ("channel", "token"), ("channel", "channel")]
+# the Triton tests run on the GPU when there is one (the interpreter on CPU otherwise)
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def build_pool(axes, lengths, kv_heads=2, head_dim=32, block_size=16, group_size=8, seed=0):
+def build_pool(axes, lengths, kv_heads=2, head_dim=32, block_size=16, group_size=8, seed=0, device="cpu"):
     """A pool with one sequence per length (prefill of half, then decode steps, so both paths write it).
 
     Blocks are handed out interleaved between sequences, so tables are not contiguous."""
     c = PagedKV4Config(num_blocks=64, num_kv_heads=kv_heads, head_dim=head_dim, block_size=block_size,
                        group_size=group_size, key_axis=axes[0], value_axis=axes[1], max_seqs=8,
                        tail_dtype=torch.float32)
-    pool = PagedKV4Pool(c)
+    pool = PagedKV4Pool(c, device)
     g = torch.Generator().manual_seed(seed)
     sids = [pool.add_sequence() for _ in lengths]
-    data = {s: (torch.randn(kv_heads, n, head_dim, generator=g) + torch.randn(head_dim, generator=g) * 2,
-                torch.randn(kv_heads, n, head_dim, generator=g)) for s, n in zip(sids, lengths)}
+    data = {s: ((torch.randn(kv_heads, n, head_dim, generator=g) + torch.randn(head_dim, generator=g) * 2).to(device),
+                torch.randn(kv_heads, n, head_dim, generator=g).to(device)) for s, n in zip(sids, lengths)}
     for s, n in zip(sids, lengths):
         pool.append(s, data[s][0][:, : n // 2], data[s][1][:, : n // 2])
     for t in range(max(lengths)):
@@ -43,8 +45,8 @@ def _call(pool, q, sids, backend, num_splits):
 def test_triton_matches_reference(axes, qpk):
     # lengths: a single token, exactly one block, odd with a partial block or a tail, several blocks
     lengths = [1, 16, 37, 53]
-    pool, sids = build_pool(axes, lengths)
-    q = torch.randn(len(sids), 2 * qpk, 32, generator=torch.Generator().manual_seed(qpk))
+    pool, sids = build_pool(axes, lengths, device=DEV)
+    q = torch.randn(len(sids), 2 * qpk, 32, generator=torch.Generator().manual_seed(qpk)).to(DEV)
     ref = _call(pool, q, sids, "reference", 1)
     # the pool view really is mixed: 4-bit blocks, partial blocks and (staged) fp tails
     assert [pool.seq_len(s) for s in sids] == lengths
@@ -66,8 +68,9 @@ def test_reference_is_attention_over_gathered_kv():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_triton_half_precision_queries(dtype):
-    pool, sids = build_pool(("channel", "token"), [40, 7], kv_heads=1, head_dim=64, block_size=32, group_size=32)
-    q = torch.randn(2, 4, 64).to(dtype)
+    pool, sids = build_pool(("channel", "token"), [40, 7], kv_heads=1, head_dim=64, block_size=32, group_size=32,
+                            device=DEV)
+    q = torch.randn(2, 4, 64).to(DEV, dtype)
     ref = _call(pool, q, sids, "reference", 1)
     out = _call(pool, q, sids, "triton", 2)
     assert out.dtype == dtype
@@ -77,8 +80,8 @@ def test_triton_half_precision_queries(dtype):
 
 
 def test_more_splits_than_blocks_and_permuted_batch():
-    pool, sids = build_pool(("token", "token"), [3, 40, 17])
-    q = torch.randn(4, 4, 32)
+    pool, sids = build_pool(("token", "token"), [3, 40, 17], device=DEV)
+    q = torch.randn(4, 4, 32).to(DEV)
     order = [sids[2], sids[0], sids[1], sids[2]]  # batch rows need not follow slot order; repeats allowed
     ref = _call(pool, q, order, "reference", 1)
     out = _call(pool, q, order, "triton", 5)  # 5 splits > 3 blocks: empty splits must not contribute
@@ -119,9 +122,9 @@ def test_op_errors():
 
 
 def test_triton_rejects_unsupported_geometry():
-    pool, sids = build_pool(("channel", "token"), [20], head_dim=24, block_size=8, group_size=8)
+    pool, sids = build_pool(("channel", "token"), [20], head_dim=24, block_size=8, group_size=8, device=DEV)
     with pytest.raises(ValueError, match="power-of-two head_dim"):
-        _call(pool, torch.randn(1, 2, 24), sids, "triton", 1)
+        _call(pool, torch.randn(1, 2, 24).to(DEV), sids, "triton", 1)
 
 
 def test_opcheck_reference():

@@ -8,6 +8,12 @@ from cometq.paged import KV4PoolExhausted, MultiLayerKV4Pool, PagedKV4Config, Pa
 from cometq.reference import dequantize_kv4, quantize_kv4
 
 AXES = [("token", "token"), ("channel", "token"), ("channel", "channel")]
+# the Triton cases run on the GPU when there is one (the interpreter on CPU otherwise)
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _dev(backend):
+    return DEV if backend == "triton" else "cpu"
 
 
 def _cfg(ka="channel", va="token", **kw):
@@ -145,10 +151,11 @@ def test_allocation_invariants(ops, axes, max_bps):
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_prefill_then_decode_matches_reference(axes, backend):
     c = _cfg(*axes)
-    pool = PagedKV4Pool(c)
+    dev = _dev(backend)
+    pool = PagedKV4Pool(c, dev)
     a, b = pool.add_sequence(), pool.add_sequence()
-    ka, va = _tokens(2, 29, 32, 1)
-    kb, vb = _tokens(2, 17, 32, 2)
+    ka, va = (t.to(dev) for t in _tokens(2, 29, 32, 1))
+    kb, vb = (t.to(dev) for t in _tokens(2, 17, 32, 2))
     pool.append(a, ka[:, :13], va[:, :13], backend=backend)
     pool.append(b, kb[:, :3], vb[:, :3], backend=backend)
     for t in range(13, 29):  # batched decode; b stops after its 17 tokens
@@ -275,15 +282,16 @@ def test_opcheck_quantize_append():
 
 
 # ---------------------------------------------------------------- multi-layer pool, one shared allocator
-def _ml(axes=("channel", "token"), layers=3, **kw):
+def _ml(axes=("channel", "token"), layers=3, device="cpu", **kw):
     base = dict(head_dim=8, group_size=4, block_size=8, num_blocks=10, max_seqs=4)
     base.update(kw)
-    return MultiLayerKV4Pool(_cfg(*axes, **base), layers)
+    return MultiLayerKV4Pool(_cfg(*axes, **base), layers, device)
 
 
 def _layer_tokens(pool, t, seed):
     c = pool.config
-    return _tokens(c.num_kv_heads, t, c.head_dim, seed)
+    k, v = _tokens(c.num_kv_heads, t, c.head_dim, seed)
+    return k.to(pool.device), v.to(pool.device)
 
 
 ml_ops = st.lists(
@@ -402,8 +410,8 @@ def test_shared_allocator_invariants(n0, ops, axes, max_bps):
     assert pool.num_free_blocks == c.num_blocks and pool.num_free_slots == c.max_seqs
 
 
-def _filled_pool(axes, backend="reference", layers=2, lengths=(1, 8, 13, 30)):
-    pool = _ml(axes, layers, head_dim=32, group_size=8, block_size=16, num_blocks=16, max_seqs=4)
+def _filled_pool(axes, backend="reference", layers=2, lengths=(1, 8, 13, 30), device="cpu"):
+    pool = _ml(axes, layers, device, head_dim=32, group_size=8, block_size=16, num_blocks=16, max_seqs=4)
     sids = [pool.add_sequence() for _ in lengths]
     for s, n in zip(sids, lengths):
         pool.reserve(s, n)
@@ -443,7 +451,8 @@ def _state(pool):
 def test_batched_prefill_equals_sequential_appends(axes, backend):
     """One append_prefill over several sequences == one append per sequence, bit for bit
     (including sequences that already hold a partial tail / partial block, and an empty chunk)."""
-    pools = [_ml(axes, 2, head_dim=32, group_size=8, block_size=16, num_blocks=16, max_seqs=4) for _ in range(2)]
+    pools = [_ml(axes, 2, _dev(backend), head_dim=32, group_size=8, block_size=16, num_blocks=16, max_seqs=4)
+             for _ in range(2)]
     first, second = (5, 0, 16, 11), (19, 7, 0, 25)
     for p in pools:
         sids = [p.add_sequence() for _ in first]
@@ -549,8 +558,8 @@ def test_multilayer_errors():
 
 def test_multilayer_decode_attention_per_layer():
     """Decode attention of layer l reads layer l's data through the shared block table."""
-    pool, sids = _filled_pool(("channel", "token"), layers=2)
-    q = torch.randn(len(sids), 4, 32, generator=torch.Generator().manual_seed(3))
+    pool, sids = _filled_pool(("channel", "token"), layers=2, device=DEV)
+    q = torch.randn(len(sids), 4, 32, generator=torch.Generator().manual_seed(3)).to(DEV)
     for li in range(2):
         out = pool.decode_attention(li, q, sids, backend="reference")
         for i, s in enumerate(sids):

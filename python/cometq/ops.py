@@ -143,10 +143,8 @@ def resolve_backend(op: str, device: torch.device, requested: Optional[str] = No
             why = _LAZY_ERRORS.get(req, "no implementation registered")
             raise RuntimeError(f"backend {req!r} is not available for op {op!r}: {why}")
         if device.type != "cuda" and not (req == "triton" and _triton_on_cpu_ok()):
-            raise RuntimeError(
-                f"backend {req!r} needs a CUDA tensor for op {op!r}, got device {device} "
-                f"(the triton backend runs on CPU only with TRITON_INTERPRET=1)"
-            )
+            hint = " (the triton backend runs on CPU only with TRITON_INTERPRET=1)" if req == "triton" else ""
+            raise RuntimeError(f"backend {req!r} needs a CUDA tensor for op {op!r}, got device {device}{hint}")
     return req
 
 
