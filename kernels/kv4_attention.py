@@ -54,11 +54,19 @@ def _dequant_tile(packed_ptr, scale_ptr, zero_ptr, pbase, sbase, t, j, tmask, st
     p = tl.load(packed_ptr + pbase + t[:, None] * stride_pt + j[None, :], mask=tmask[:, None], other=0)
     srow = sbase + (t // TOK_DIV)[:, None] * stride_st
     so_lo = srow + ((2 * j) // CH_DIV)[None, :]
-    so_hi = srow + ((2 * j + 1) // CH_DIV)[None, :]
-    lo = (p & 0xF).to(tl.float32) * tl.load(scale_ptr + so_lo, mask=tmask[:, None], other=0.0).to(tl.float32) \
-        + tl.load(zero_ptr + so_lo, mask=tmask[:, None], other=0.0).to(tl.float32)
-    hi = (p >> 4).to(tl.float32) * tl.load(scale_ptr + so_hi, mask=tmask[:, None], other=0.0).to(tl.float32) \
-        + tl.load(zero_ptr + so_hi, mask=tmask[:, None], other=0.0).to(tl.float32)
+    s_lo = tl.load(scale_ptr + so_lo, mask=tmask[:, None], other=0.0).to(tl.float32)
+    z_lo = tl.load(zero_ptr + so_lo, mask=tmask[:, None], other=0.0).to(tl.float32)
+    if CH_DIV > 1:
+        # per-token groups (CH_DIV = G, even): channels 2j and 2j+1 always share a group,
+        # so the odd half reuses the even half's scale/zero -- half the scale loads
+        s_hi = s_lo
+        z_hi = z_lo
+    else:
+        so_hi = srow + ((2 * j + 1) // CH_DIV)[None, :]
+        s_hi = tl.load(scale_ptr + so_hi, mask=tmask[:, None], other=0.0).to(tl.float32)
+        z_hi = tl.load(zero_ptr + so_hi, mask=tmask[:, None], other=0.0).to(tl.float32)
+    lo = (p & 0xF).to(tl.float32) * s_lo + z_lo
+    hi = (p >> 4).to(tl.float32) * s_hi + z_hi
     return lo, hi
 
 
@@ -206,8 +214,12 @@ def attention_meta(dot_dtype, qpk: int, head_dim: int, block_size: int, group_si
 
 def kv4_decode_attention_triton(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, tail_k, tail_v,
                                 block_tables, quant_lens, tail_lens, seq_ids, group_size: int, key_axis: str,
-                                value_axis: str, sm_scale: float, num_splits: int):
-    """Launch split + reduce (arguments as ``cometq.ops.kv4_decode_attention``)."""
+                                value_axis: str, sm_scale: float, num_splits: int, *, num_warps: int = 4,
+                                num_stages: int = None):
+    """Launch split + reduce (arguments as ``cometq.ops.kv4_decode_attention``).
+
+    ``num_warps`` / ``num_stages`` of the split kernel are keyword extras for
+    benchmark sweeps (None: Triton's default stages)."""
     bsz, hq, d = q.shape
     nb, h, bs, half = k_packed.shape
     if half & (half - 1) or half < 16 or bs & (bs - 1) or bs < 16:
@@ -239,7 +251,7 @@ def kv4_decode_attention_triton(q, k_packed, k_scale, k_zero, v_packed, v_scale,
         tail_v.stride(0), tail_v.stride(1), tail_v.stride(2),
         block_tables.stride(0),
         po.stride(0), po.stride(1), po.stride(2),
-        num_warps=4, **meta,
+        num_warps=num_warps, **({} if num_stages is None else dict(num_stages=num_stages)), **meta,
     )
     kv4_attn_reduce_kernel[(bsz, hq)](
         po, pm, pl, out, po.stride(0), po.stride(1), po.stride(2), out.stride(0), out.stride(1),
