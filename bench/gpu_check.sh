@@ -29,7 +29,7 @@
 #        PYTEST_ARGS (extra pytest arguments), GPU_CHECK_SKIP (comma list of stages
 #        to skip: build, triton_tests, cuda_tests, diag, gemm, attention, serving, autotune),
 #        TRITON_TEST_FILES (the Triton test files), TRITON_TESTS_CAP / DIAG_CAP /
-#        SERVING_CAP (stage time caps, s), COMETQ_GEMM_TUNE=0 (first config per bucket,
+#        SERVING_CAP (stage time caps, s), SERVING_ARGS (bench_serving.py arguments), COMETQ_GEMM_TUNE=0 (first config per bucket,
 #        no autotuning: bounds compile time in short runs).
 set -u
 cd "$(dirname "$0")/.."
@@ -197,7 +197,9 @@ GL=$(limit 110)
 bench gemm "$GL" $PY bench/bench_gemm.py --quick --time-budget $((GL > 30 ? GL - 15 : 15)) --out "$W/gemm"
 bench attention 60 $PY bench/bench_attention.py --batch 1,16,64 --context 1024,4096 --out "$W/attention"
 SL=$(limit "${SERVING_CAP:-150}")
-bench serving "$SL" $PY bench/bench_serving.py --batch-sizes 64 --input-len 256 --output-len 64 --out "$W/serving"
+# shellcheck disable=SC2086
+bench serving "$SL" $PY bench/bench_serving.py ${SERVING_ARGS:---batch-sizes 64 --input-len 256 --output-len 64} \
+  --out "$W/serving"
 
 # Which backend `auto` measures as faster per case (cometq.autotune), for the
 # asymmetric g32 format the accuracy work recommends and the fastest (sym g128).
