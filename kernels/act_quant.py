@@ -47,7 +47,7 @@ import triton.language as tl
 
 from cometq.layout import BLOCK_K, INT4_QMAX, INT8_QMAX, SCALE_MODES, ActivationLayout, check_tensor, padded_k
 
-from ._common import checks_with_sync, interpreting, next_pow2, nonempty, rint_rne
+from ._common import checks_with_sync, derived, interpreting, next_pow2, nonempty, rint_rne
 
 __all__ = ["quantize_act_triton", "quantize_activation_triton", "act_quant_kernel"]
 
@@ -213,8 +213,10 @@ def quantize_act_triton(
     if m == 0:
         return q4, q8, scales
     bm = block_m or _block_m(m)
-    slot = _class_slot(block_bits)
-    bits = block_bits.to(torch.int32)
+    # per block map, computed once (a layer's map is a long-lived tensor): no cumsum /
+    # cast kernels per call
+    slot = derived(block_bits, "act_quant.class_slot", _class_slot)
+    bits = derived(block_bits, "act_quant.bits_i32", lambda t: t.to(torch.int32))
     class_mode = scale_mode == "class"
     grid = (triton.cdiv(m, bm),) if class_mode else (triton.cdiv(m, bm), nb)
     q4k, q8k = nonempty(q4), nonempty(q8)

@@ -81,7 +81,6 @@ from __future__ import annotations
 
 import functools
 import os
-import weakref
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
@@ -93,7 +92,7 @@ import triton.language as tl
 from cometq.layout import BLOCK_K, SCALE_MODES, check_tensor
 from cometq.reference import FLOAT_DTYPES, check_group_size
 
-from ._common import checks_with_sync, dummy, interpreting, next_pow2, nonempty, unpack_hi, unpack_lo
+from ._common import checks_with_sync, derived, dummy, interpreting, next_pow2, nonempty, unpack_hi, unpack_lo
 
 __all__ = [
     "GemmConfig",
@@ -737,7 +736,6 @@ def _num_sms(device: torch.device) -> int:
 # ==========================================================================
 # host entry point
 # ==========================================================================
-_ORDER_CACHE: Dict[tuple, tuple] = {}
 _SCHED_DEV_CACHE: Dict[tuple, tuple] = {}
 
 
@@ -746,15 +744,8 @@ def _block_order(block_bits: torch.Tensor) -> torch.Tensor:
 
     Cached per block_bits *object* (a layer's map is a long-lived tensor) while it is
     alive and unmodified (``_version``), so decode pays no argsort launch per call."""
-    key = (id(block_bits), block_bits.data_ptr(), block_bits._version, block_bits.device)
-    hit = _ORDER_CACHE.get(key)
-    if hit is not None and hit[0]() is block_bits:
-        return hit[1]
-    order = torch.argsort((block_bits != 8).to(torch.int32), stable=True).to(torch.int32)
-    if len(_ORDER_CACHE) > 1024:
-        _ORDER_CACHE.clear()
-    _ORDER_CACHE[key] = (weakref.ref(block_bits), order)
-    return order
+    return derived(block_bits, "w4ax.block_order",
+                   lambda t: torch.argsort((t != 8).to(torch.int32), stable=True).to(torch.int32))
 
 
 def _schedule_on_device(tiles, n8, n4, p, cost8, cost4, device):

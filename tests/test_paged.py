@@ -240,8 +240,11 @@ def test_bytes_per_block():
 def test_default_num_splits():
     from cometq.paged import default_num_splits
 
-    assert default_num_splits(16, 8, 64) == 3  # 128 programs -> 3 splits fill 2 waves of 132 SMs
-    assert default_num_splits(1, 8, 64) == 33
+    assert default_num_splits(16, 8, 64) == 4  # 128 programs -> 4 splits fill ~4 waves of 132 SMs
+    assert default_num_splits(1, 8, 64) == 64  # capped by the 64 blocks (66 wanted)
+    assert default_num_splits(1, 8, 128) == 64  # and by 64
+    assert default_num_splits(2, 8, 128) == 33
+    assert default_num_splits(8, 8, 128) == 8
     assert default_num_splits(1, 8, 4) == 4  # never more splits than blocks
     assert default_num_splits(64, 8, 256) == 1
     pool = PagedKV4Pool(_cfg("token", "token"))
@@ -621,3 +624,22 @@ def test_serving_adapter_uses_the_pool_allocator():
     assert p.num_used_blocks == 1 and p.seq_ids() == [101]
     p.free(101)
     assert p.num_used_blocks == 0 and p.kv.num_free_slots == 2
+
+
+def test_canonical_device_cpu():
+    from cometq.layout import canonical_device
+
+    assert canonical_device("cpu") == torch.device("cpu")
+    assert canonical_device(torch.device("cpu")) == torch.device("cpu")
+
+
+@pytest.mark.gpu
+def test_pool_built_on_plain_cuda_accepts_cuda0_tensors():
+    """``device="cuda"`` (no index) must compare equal to the ``cuda:0`` of the data
+    (the first H100 run refused every append with 'k is on cuda:0, pool is on cuda')."""
+    pool = PagedKV4Pool(_cfg("channel", "token"), "cuda")
+    assert pool.device.index is not None
+    s = pool.add_sequence()
+    k, v = _tokens(2, 21, 32, 0)
+    pool.append(s, k.cuda(), v.cuda())
+    assert pool.seq_len(s) == 21

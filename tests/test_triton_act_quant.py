@@ -223,3 +223,18 @@ def test_int4_clip_errors(device):
         quantize_act_triton(x, lay.perm, lay.block_bits, 1, int4_clip=True)
     with pytest.raises(TypeError, match="int4_clip must be a float"):
         quantize_act_triton(x, lay.perm, lay.block_bits, 1, int4_clip="0.9")
+
+
+def test_block_map_tables_follow_in_place_updates(device):
+    """The per-map slot / int32 tables are cached per tensor; an in-place edit of the map
+    (same object, new ``_version``) must not reuse the stale tables."""
+    g = torch.Generator().manual_seed(7)
+    k = 384
+    x = rand_activation(5, k, generator=g).to(device)
+    bits = torch.tensor([8, 4, 4], dtype=torch.int32, device=device)
+    perm = torch.randperm(k, generator=g).to(device)
+    for pattern in ([8, 4, 4], [4, 4, 8], [4, 8, 4]):
+        bits.copy_(torch.tensor(pattern, dtype=torch.int32))
+        lay = ActivationLayout(perm, bits)
+        got = quantize_activation_triton(x, lay)
+        _assert_same(got, R.quantize_activation(x, lay))

@@ -73,6 +73,15 @@ def _fmt_dtypes(dtypes: Iterable[torch.dtype]) -> str:
     return ", ".join(str(d) for d in dtypes)
 
 
+def canonical_device(device) -> torch.device:
+    """``torch.device(device)`` with the CUDA index filled in (``"cuda"`` -> ``cuda:<current>``),
+    so a pool built with ``device="cuda"`` compares equal to the ``cuda:0`` of its tensors."""
+    d = torch.device(device)
+    if d.type == "cuda" and d.index is None:
+        d = torch.device("cuda", torch.cuda.current_device())
+    return d
+
+
 def check_tensor(
     name: str,
     t,
@@ -94,7 +103,7 @@ def check_tensor(
         )
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
-    if device is not None and t.device != torch.device(device):
+    if device is not None and canonical_device(t.device) != canonical_device(device):
         raise ValueError(
             f"{name} is on {t.device} but must be on {device} (shape {tuple(t.shape)})"
         )

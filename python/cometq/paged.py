@@ -55,7 +55,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from .layout import check_tensor
+from .layout import canonical_device, check_tensor
 from .reference import FLOAT_DTYPES, KV4_AXES, KV4Tensor, dequantize_kv4, quantize_kv4
 
 __all__ = [
@@ -233,9 +233,13 @@ def kv4_decode_attention_reference(
 
 
 def default_num_splits(batch: int, kv_heads: int, max_blocks: int, num_sms: int = 132) -> int:
-    """Split-K partitions so ``batch * kv_heads * splits`` programs fill ~2 waves of
-    SMs (132 on H100), never more splits than the longest sequence has blocks."""
-    want = -(-2 * num_sms // max(1, batch * kv_heads))
+    """Split-K partitions so ``batch * kv_heads * splits`` programs fill ~4 waves of
+    SMs (132 on H100), never more splits than the longest sequence has blocks.
+
+    Measured on an H100 (bench/RESULTS.md, 2026-11-26; batch 16, context 4096, Llama-3-8B
+    heads): 3 splits (2 waves) 239 us, 6 splits 191 us, 12 splits 199 us; batch 64: 1 split 691 us,
+    2 splits 701 us."""
+    want = 4 * num_sms // max(1, batch * kv_heads)  # floor: batch 64 x 8 heads stays at 1 (measured best)
     return max(1, min(want, max_blocks, 64))
 
 
@@ -267,7 +271,7 @@ class MultiLayerKV4Pool:
         _pos_int("num_layers", num_layers)
         self.config = c = config
         self.num_layers = nl = num_layers
-        self.device = torch.device(device)
+        self.device = canonical_device(device)
         nb, h, bs, d, g = c.num_blocks, c.num_kv_heads, c.block_size, c.head_dim, c.group_size
         kw = dict(device=self.device)
         self.k_packed = torch.zeros(nl, nb, h, bs, d // 2, dtype=torch.uint8, **kw)

@@ -27,6 +27,8 @@ from typing import Dict, List, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..paged import canonical_device
+
 __all__ = ["PoolExhausted", "KVPool", "PagedFPPool"]
 
 
@@ -198,7 +200,7 @@ class PagedFPPool(KVPool):
         if dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise TypeError(f"dtype must be fp16/bf16/fp32, got {dtype}")
         self.dtype = dtype
-        self.device = torch.device(device)
+        self.device = canonical_device(device)
         shape = (num_layers, num_blocks * block_size, n_kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=self.device)
         self.v = torch.zeros(shape, dtype=dtype, device=self.device)

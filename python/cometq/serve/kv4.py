@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from ..paged import KV4PoolExhausted, MultiLayerKV4Pool, PagedKV4Config
+from ..paged import KV4PoolExhausted, MultiLayerKV4Pool, PagedKV4Config, canonical_device
 from .kv import KVPool, PoolExhausted
 
 __all__ = ["KV4PagedPool"]
@@ -40,7 +40,7 @@ class KV4PagedPool(KVPool):
         self.config = PagedKV4Config(num_blocks=num_blocks, num_kv_heads=n_kv_heads, head_dim=head_dim,
                                      block_size=block_size, group_size=group_size, key_axis=key_axis,
                                      value_axis=value_axis, max_seqs=max_seqs, tail_dtype=tail_dtype)
-        self.device = torch.device(device)
+        self.device = canonical_device(device)
         self.max_seqs = max_seqs
         self.backend = backend
         self.kv = MultiLayerKV4Pool(self.config, num_layers, self.device)
