@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import cometq
+from cometq import ops
 from cometq import reference as R
 from cometq.config import W4AxConfig
 from cometq.layout import ActivationLayout
@@ -416,3 +417,28 @@ def test_sequential_gptq_error_paths():
     with pytest.raises(ValueError, match="decoder layers"):
         cometq.quantize_(flat, W4AxConfig(weight_method="gptq", gptq_sequential=True, act_bits=16), calib_data=calib)
     assert not any(isinstance(m, W4AxLinear) for m in model.modules())
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("asym,group", [(False, 128), (True, 32)])
+def test_eager_linear_path_equals_op_path(backend, asym, group, device):
+    """W4AxLinear's eager path (ops.w4ax_linear_eager: no custom-op layer) runs the same
+    backend and kernels as the torch.ops path: bit-identical output."""
+    gen = torch.Generator().manual_seed(3)
+    k, n = 576, 96
+    lin = nn.Linear(k, n, bias=True)
+    with torch.no_grad():
+        lin.weight.copy_(rand_weight(n, k, generator=gen))
+        lin.bias.copy_(torch.randn(n, generator=gen))
+    x = rand_activation(9, k, outliers=12, generator=gen)
+    lay = R.fmpq_calibrate(x.abs().amax(0), int8_blocks=1)
+    qw = R.quantize_weight_rtn(lay.permute_columns(lin.weight.detach()), group, sym=not asym)
+    m = W4AxLinear.from_linear(lin, lay, qw, backend=backend).to(device)
+    x = x.to(device)
+    y = m(x)
+    qa = ops.quantize_activation(x, m.layout(), m.scale_mode, backend)
+    want = ops.w4ax_gemm_q(qa, m.quantized_weight(), m.bias, out_dtype=x.dtype, backend=backend)
+    assert torch.equal(y, want)
+    with pytest.raises(ValueError, match="must be \\[M, 576\\]"):
+        ops.w4ax_linear_eager(x[:, :500], m.perm, m.block_bits, 1, "block", 1.0, m.qweight, m.w_scales, m.w_offsets,
+                              group, m.bias, x.dtype, backend)

@@ -196,9 +196,17 @@ class W4AxLinear(nn.Module):
             y = self._forward_weight_only(x2)
         elif self.fast_path and x2.device.type == "cpu":
             y = self._forward_fast(x2)
-        else:
+        elif torch.compiler.is_compiling():
+            # traced: through the torch.ops (fake implementations carry the shapes)
             qa = ops.quantize_activation(x2, self.layout(), self.scale_mode, self._backend())
             y = ops.w4ax_gemm_q(qa, self.quantized_weight(), self.bias, out_dtype=dtype, backend=self._backend())
+        else:
+            # eager: same backends and kernels, minus the per-call op-dispatch layer
+            lay = self.layout()
+            gs = self.group_size if self.group_size not in (None, -1) else -1
+            y = ops.w4ax_linear_eager(x2, lay.perm, lay.block_bits, lay.n_int8, self.scale_mode, lay.int4_clip,
+                                      self.qweight, self.w_scales, self.w_offsets, gs, self.bias, dtype,
+                                      self._backend())
         return y.to(dtype).reshape(*lead, self.out_features)
 
     def _forward_weight_only(self, x2: torch.Tensor) -> torch.Tensor:

@@ -284,6 +284,29 @@ def w4ax_gemm(q4, q8, a_scales, block_bits, qweight, w_scales, group_size: int, 
     )
 
 
+def w4ax_linear_eager(x, perm, block_bits, n_int8: int, scale_mode: str, int4_clip: float, qweight, w_scales,
+                      w_offsets, group_size: int, bias, out_dtype: torch.dtype, backend: Optional[str] = None):
+    """``quantize_act`` then ``w4ax_gemm`` in eager mode, without the custom-op machinery.
+
+    Same backend choice and fallback order (:func:`_dispatch`), same kernels, so the result
+    is bit-identical to the two ``torch.ops.cometq`` calls; what it skips is the per-call
+    dispatcher / ``torch._check`` validation layer and the dataclass wrappers (~40 % of
+    a decode step's Python time in the serving engine, measured with the kernels stubbed
+    out).  For callers that own and have validated the weight-side tensors (a
+    :class:`cometq.nn.W4AxLinear`); each backend still checks the tensors it launches on.
+    Not traceable: under ``torch.compile`` use the ops.
+    """
+    if out_dtype not in _DTYPE_CODES:
+        raise TypeError(f"out_dtype must be one of {tuple(_DTYPE_CODES)}, got {out_dtype}")
+    if x.dim() != 2 or x.shape[1] != perm.shape[0]:
+        raise ValueError(f"x shape {tuple(x.shape)} must be [M, {perm.shape[0]}] (the layout's K)")
+    be = backend or None
+    q4, q8, sc = _dispatch("quantize_act", x.device, be, x, perm, block_bits, int(n_int8), scale_mode,
+                           float(int4_clip))
+    return _dispatch("w4ax_gemm", qweight.device, be, q4, q8, sc, block_bits, qweight, w_scales, w_offsets,
+                     int(group_size), bias, out_dtype, scale_mode)
+
+
 def quantize_activation(x: torch.Tensor, layout: ActivationLayout, scale_mode: str = "block",
                         backend: Optional[str] = None) -> R.QuantizedActivation:
     """Dataclass-level :func:`quantize_act` (same contract as the reference function)."""
@@ -448,7 +471,14 @@ def kv4_quantize_append(x, packed, scale, zero, block_ids, offsets, group_size: 
     R.check_tensor("x", x, dtypes=R.FLOAT_DTYPES)
     _kv4_validate_eager("kv4_quantize_append", _check_kv4_append_args, x, packed, scale, zero, block_ids, offsets,
                         int(group_size), axis)
-    torch.ops.cometq.kv4_quantize_append(x, packed, scale, zero, block_ids, offsets, int(group_size), axis, backend or "")
+    if torch.compiler.is_compiling():
+        torch.ops.cometq.kv4_quantize_append(x, packed, scale, zero, block_ids, offsets, int(group_size), axis,
+                                             backend or "")
+        return
+    # eager: validated once above; the op layer would run the same checks again (its
+    # dispatcher + torch._check cost ~as much as a decode step's kernel launches)
+    b = resolve_backend("kv4_quantize_append", packed.device, backend or None)
+    _IMPLS["kv4_quantize_append"][b](x, packed, scale, zero, block_ids, offsets, int(group_size), axis)
 
 
 def kv4_decode_attention(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, tail_k, tail_v, block_tables,
@@ -459,4 +489,8 @@ def kv4_decode_attention(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero
     args = (q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, tail_k, tail_v, block_tables, quant_lens,
             tail_lens, seq_ids, int(group_size), key_axis, value_axis)
     _kv4_validate_eager("kv4_decode_attention", _check_kv4_attn_args, *args, int(num_splits))
-    return torch.ops.cometq.kv4_decode_attention(*args, float(sm_scale), int(num_splits), backend or "")
+    if torch.compiler.is_compiling():
+        return torch.ops.cometq.kv4_decode_attention(*args, float(sm_scale), int(num_splits), backend or "")
+    # eager: validated once above, straight to the backend (same impl the op would run)
+    b = resolve_backend("kv4_decode_attention", q.device, backend or None)
+    return _IMPLS["kv4_decode_attention"][b](*args, float(sm_scale), int(num_splits))

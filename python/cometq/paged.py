@@ -85,6 +85,21 @@ def _pos_int(name, v, lo=1):
         raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
 
 
+def to_device_ints(values, dtype: torch.dtype, device) -> torch.Tensor:
+    """A small int tensor on ``device`` from host ints, without a stream sync.
+
+    ``torch.tensor(list, device="cuda")`` copies from pageable memory and waits for the
+    copy -- and so for every kernel queued before it: one such call per layer makes the
+    CPU wait for the GPU at every layer of a decode step.  A pinned staging tensor and a
+    ``non_blocking`` copy keep the CPU running ahead (PyTorch's pinned allocator holds the
+    staging buffer until the copy has run)."""
+    t = torch.tensor(values, dtype=dtype)
+    device = torch.device(device)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t if device.type == "cpu" else t.to(device)
+
+
 @dataclass(frozen=True)
 class PagedKV4Config:
     """Geometry of a paged KV4 pool (see the module doc for the layout)."""
@@ -292,6 +307,19 @@ class MultiLayerKV4Pool:
         self._blocks: Dict[int, List[int]] = {}
         self._qlen: List[List[int]] = [[0] * c.max_seqs for _ in range(nl)]
         self._tlen: List[List[int]] = [[0] * c.max_seqs for _ in range(nl)]
+        # device copies of small host int tuples (slot ids, positions, lengths): the layers of
+        # one decode step ask for the same tuples, so only the first layer copies
+        self._ints_cache: Dict[tuple, torch.Tensor] = {}
+
+    def _ints(self, values: tuple, dtype: torch.dtype) -> torch.Tensor:
+        """Cached :func:`to_device_ints` of a tuple (callers never write into the result)."""
+        key = (values, dtype)
+        t = self._ints_cache.get(key)
+        if t is None:
+            if len(self._ints_cache) >= 256:
+                self._ints_cache.clear()
+            t = self._ints_cache[key] = to_device_ints(values, dtype, self.device)
+        return t
 
     # -- bookkeeping ----------------------------------------------------------
     @property
@@ -542,15 +570,16 @@ class MultiLayerKV4Pool:
             for s in seq_ids:
                 self._qlen[L][s] += 1
         else:
-            slots = torch.tensor(seq_ids, dtype=torch.long, device=self.device)
-            tpos = torch.tensor([self._tlen[L][s] for s in seq_ids], dtype=torch.long, device=self.device)
+            tl = self._tlen[L]
+            slots = self._ints(tuple(seq_ids), torch.long)
+            tpos = self._ints(tuple(tl[s] for s in seq_ids), torch.long)
             self.tail_k[L, slots, :, tpos] = k.to(c.tail_dtype)
             self.tail_v[L, slots, :, tpos] = v.to(c.tail_dtype)
             full = [s for s in seq_ids if self._tlen[L][s] + 1 == g]
             for s in seq_ids:
                 self._tlen[L][s] += 1
             if full:  # these tails just completed a group: quantize it into the sequence's blocks
-                fs = torch.tensor(full, dtype=torch.long, device=self.device)
+                fs = self._ints(tuple(full), torch.long)
                 pos = [self._qlen[L][s] for s in full]
                 blocks = [self._blocks[s][p // bs] for s, p in zip(full, pos)]
                 self._quantize_rows(L, self.tail_k[L, fs], self.tail_v[L, fs], blocks, [p % bs for p in pos], backend)
@@ -562,17 +591,16 @@ class MultiLayerKV4Pool:
     def _sync_lens(self, layer: int, seq_ids: List[int]) -> None:
         if not seq_ids:
             return
-        idx = torch.tensor(seq_ids, dtype=torch.long, device=self.device)
-        self.quant_lens[layer, idx] = torch.tensor([self._qlen[layer][s] for s in seq_ids], dtype=torch.int32,
-                                                   device=self.device)
-        self.tail_lens[layer, idx] = torch.tensor([self._tlen[layer][s] for s in seq_ids], dtype=torch.int32,
-                                                  device=self.device)
+        idx = self._ints(tuple(seq_ids), torch.long)
+        ql, tl = self._qlen[layer], self._tlen[layer]
+        self.quant_lens[layer, idx] = self._ints(tuple(ql[s] for s in seq_ids), torch.int32)
+        self.tail_lens[layer, idx] = self._ints(tuple(tl[s] for s in seq_ids), torch.int32)
 
     def _quantize_rows(self, layer, xk, xv, blocks, offsets, backend):
         from . import ops
 
-        blocks = torch.tensor(blocks, dtype=torch.int32, device=self.device)
-        offsets = torch.tensor(offsets, dtype=torch.int32, device=self.device)
+        blocks = self._ints(tuple(blocks), torch.int32)
+        offsets = self._ints(tuple(offsets), torch.int32)
         c, L = self.config, layer
         ops.kv4_quantize_append(xk.contiguous(), self.k_packed[L], self.k_scale[L], self.k_zero[L], blocks, offsets,
                                 c.group_size, c.key_axis, backend)
@@ -618,13 +646,15 @@ class MultiLayerKV4Pool:
 
         self._check_layer(layer)
         seq_ids = list(seq_ids)
+        ql, tl = self._qlen[layer], self._tlen[layer]
         for s in seq_ids:
-            if self.seq_len(s, layer) < 1:
+            self._check_seq(s)
+            if ql[s] + tl[s] < 1:
                 raise ValueError(f"sequence {s} is empty in layer {layer}: append tokens before attending")
         c, L = self.config, layer
         sm = float(sm_scale) if sm_scale is not None else c.head_dim ** -0.5
         ns = int(num_splits) if num_splits is not None else self.default_num_splits(seq_ids, L)
-        ids = torch.tensor(seq_ids, dtype=torch.int32, device=self.device)
+        ids = self._ints(tuple(seq_ids), torch.int32)
         return ops.kv4_decode_attention(
             q, self.k_packed[L], self.k_scale[L], self.k_zero[L], self.v_packed[L], self.v_scale[L], self.v_zero[L],
             self.tail_k[L], self.tail_v[L], self.block_tables, self.quant_lens[L], self.tail_lens[L], ids,

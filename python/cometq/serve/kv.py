@@ -27,7 +27,7 @@ from typing import Dict, List, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..paged import canonical_device
+from ..paged import canonical_device, to_device_ints
 
 __all__ = ["PoolExhausted", "KVPool", "PagedFPPool"]
 
@@ -205,12 +205,38 @@ class PagedFPPool(KVPool):
         self.k = torch.zeros(shape, dtype=dtype, device=self.device)
         self.v = torch.zeros(shape, dtype=dtype, device=self.device)
         self._dec_key = None  # cache of the decode gather indices of the current step
+        self._wr_key = None  # cache of the decode write slots of the current step
 
     def write(self, layer, seq_id, start, k, v):
         self._check_kv(k, v)
         slots = self._slots(seq_id, start, k.shape[0], self.device)
         self.k[layer, slots] = k.to(self.dtype)
         self.v[layer, slots] = v.to(self.dtype)
+
+    def _on_reserve(self, seq_id, n_tokens):
+        self._dec_key = self._wr_key = None  # a block table changed: per-step caches are stale
+
+    def _on_free(self, seq_id):
+        self._dec_key = self._wr_key = None
+
+    def write_decode(self, layer, seq_ids, starts, k, v):
+        # one token per sequence: one scatter for the batch; the slot vector is the same for
+        # every layer of a step, so it is built (and copied to the device) once per step
+        self._check_kv(k, v)
+        if k.shape[0] != len(seq_ids) or len(starts) != len(seq_ids):
+            raise ValueError(f"need one k/v row and one start per sequence: {len(seq_ids)} seq_ids, "
+                             f"{len(starts)} starts, k shape {tuple(k.shape)}")
+        key = (tuple(seq_ids), tuple(starts))
+        if self._wr_key != key:
+            bs, flat = self.block_size, []
+            for s, st in zip(seq_ids, starts):
+                table = self.block_table(s)
+                if not 0 <= st < len(table) * bs:
+                    raise ValueError(f"token {st} of sequence {s} exceeds its reservation ({len(table)} blocks of {bs})")
+                flat.append(table[st // bs] * bs + st % bs)
+            self._wr_key, self._wr_slots = key, to_device_ints(flat, torch.long, self.device)
+        self.k[layer, self._wr_slots] = k.to(self.dtype)
+        self.v[layer, self._wr_slots] = v.to(self.dtype)
 
     def read(self, layer, seq_id, length, dtype):
         slots = self._slots(seq_id, 0, length, self.device)
@@ -227,7 +253,10 @@ class PagedFPPool(KVPool):
             for i, (s, n) in enumerate(zip(seq_ids, lengths)):
                 slots[i, :n] = self._slots(s, 0, n, "cpu")
                 mask[i, ..., :n] = True
-            self._dec_key, self._dec_slots, self._dec_mask = key, slots.to(self.device), mask.to(self.device)
+            pin = self.device.type == "cuda"  # pinned + non_blocking: no stream sync
+            self._dec_key = key
+            self._dec_slots = (slots.pin_memory() if pin else slots).to(self.device, non_blocking=pin)
+            self._dec_mask = (mask.pin_memory() if pin else mask).to(self.device, non_blocking=pin)
         kp = self.k[layer][self._dec_slots].to(q.dtype)
         vp = self.v[layer][self._dec_slots].to(q.dtype)
         return _masked_decode_sdpa(q, kp, vp, self._dec_mask, scale)

@@ -128,8 +128,11 @@ class KV4PagedPool(KVPool):
 
     def write_decode(self, layer, seq_ids, starts, k, v):
         slots = [self._slot_of(s) for s in seq_ids]
+        self.kv._check_layer(layer)
+        ql, tl = self.kv._qlen[layer], self.kv._tlen[layer]  # direct reads: this runs per layer per step
         for s, sl, st in zip(seq_ids, slots, starts):
-            self._check_at_end(layer, s, sl, st)
+            if ql[sl] + tl[sl] != st:
+                self._check_at_end(layer, s, sl, st)  # raises with the full message
         self.kv.append_decode(layer, slots, k, v, backend=self.backend)
 
     def read(self, layer, seq_id, length, dtype):
@@ -142,8 +145,10 @@ class KV4PagedPool(KVPool):
 
     def decode_attention(self, layer, seq_ids, lengths, q, scale):
         slots = [self._slot_of(s) for s in seq_ids]
+        self.kv._check_layer(layer)
+        ql, tl = self.kv._qlen[layer], self.kv._tlen[layer]
         for s, sl, n in zip(seq_ids, slots, lengths):
-            have = self.kv.seq_len(sl, layer)
+            have = ql[sl] + tl[sl]
             if have != n:
                 raise ValueError(f"decode over {n} tokens but sequence {s} holds {have} in layer {layer}")
         return self.kv.decode_attention(layer, q, slots, sm_scale=scale, backend=self.backend)

@@ -28,6 +28,7 @@ from typing import List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..paged import to_device_ints
 from .kv import KVPool, PagedFPPool
 
 __all__ = ["Chunk", "ModelRunner", "model_geometry"]
@@ -168,14 +169,15 @@ class ModelRunner:
         if bad:
             raise ValueError(f"token ids out of range [0, {self.vocab_size}): {bad[:5]}")
         dev = self.device
-        ids_t = torch.tensor(ids, dtype=torch.long, device=dev)
-        pos_t = torch.tensor(pos, dtype=torch.long, device=dev)
+        # pinned, non-blocking copies: no CPU-GPU sync before the step's kernels are queued
+        ids_t = to_device_ints(ids, torch.long, dev)
+        pos_t = to_device_ints(pos, torch.long, dev)
         h = self.inner.embed_tokens(ids_t)  # [T, hidden]
         cos, sin = self.inner.rotary_emb(h[None], pos_t[None])
         cos, sin = cos[0].to(h.dtype), sin[0].to(h.dtype)
         dec = [i for i, c in enumerate(chunks) if c.is_decode]
         pre = [i for i, c in enumerate(chunks) if not c.is_decode]
-        dec_rows = torch.tensor([offsets[i] for i in dec], dtype=torch.long, device=dev)
+        dec_rows = to_device_ints([offsets[i] for i in dec], torch.long, dev)
         dec_ids = [chunks[i].seq_id for i in dec]
         dec_starts = [chunks[i].start for i in dec]
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
@@ -215,7 +217,7 @@ class ModelRunner:
             h = h + att.o_proj(out.reshape(t, H * D))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         if not all_logits:
-            last = torch.tensor([o + len(c.tokens) - 1 for o, c in zip(offsets, chunks)], device=dev)
+            last = to_device_ints([o + len(c.tokens) - 1 for o, c in zip(offsets, chunks)], torch.long, dev)
             h = h[last]
         h = self.inner.norm(h)
         return self.model.lm_head(h).float()
