@@ -92,6 +92,8 @@ def parse_args(argv=None):
     ap.add_argument("--warmup", type=int, default=10, help="do_bench warmup (ms)")
     ap.add_argument("--rep", type=int, default=50, help="do_bench repetitions (ms)")
     ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--graph", action="store_true",
+                    help="for M <= 64 also time every GEMM replayed from a CUDA graph (`<col>-graph` keys in the JSON)")
     a = ap.parse_args(argv)
     shapes = DRY_SHAPES if a.dry_run else SHAPES
     a.shapes = a.shapes.split(",") if a.shapes else list(shapes if a.dry_run else (QUICK_SHAPES if a.quick else SHAPES))
@@ -135,20 +137,36 @@ def parse_args(argv=None):
 # --------------------------------------------------------------------------
 # helpers (import torch lazily so --help works anywhere)
 # --------------------------------------------------------------------------
-def _bench(fn, args):
+def _bench(fn, args, graph=False):
     if args.dry_run:  # interpreter: one warm call, one timed call (checks the code path, not the speed)
         fn()
         t0 = time.perf_counter()
         fn()
         return time.perf_counter() - t0
-    from triton.testing import do_bench
+    from triton.testing import do_bench, do_bench_cudagraph
 
+    if graph:  # replayed from a CUDA graph: GPU time without the Python launch cost
+        import torch
+
+        fn()  # compile / tune before the capture
+        torch.cuda.synchronize()
+        with torch.cuda.stream(torch.cuda.Stream()):
+            return do_bench_cudagraph(fn, rep=args.rep, return_mode="median") * 1e-3
     return do_bench(fn, warmup=args.warmup, rep=args.rep, return_mode="median") * 1e-3  # seconds
 
 
 def _try(row, key, fn, args, flops=None, nbytes=None):
+    """Time ``fn`` into ``row[key + "_us"]`` (+ TFLOP/s, GB/s); with ``--graph`` and M <= 64
+    also ``row[key + "-graph_us"]`` (CUDA-graph replay: at small M the eager time is the
+    CPU's launch cost, measured on the H100 at 2-10x the GPU time)."""
+    if getattr(args, "graph", False) and not args.dry_run and row.get("M", 1 << 30) <= 64:
+        _try_one(row, key + "-graph", fn, args, flops, nbytes, graph=True)
+    return _try_one(row, key, fn, args, flops, nbytes)
+
+
+def _try_one(row, key, fn, args, flops=None, nbytes=None, graph=False):
     try:
-        t = _bench(fn, args)
+        t = _bench(fn, args, graph)
     except Exception as e:  # noqa: BLE001 - a peer missing on this build is reported, not fatal
         row[key + "_err"] = f"{type(e).__name__}: {str(e)[:160]}"
         return None
@@ -484,6 +502,25 @@ def markdown(rows, backends):
                    "scales + offsets, activations + scales, fp16 output); `GB/s` = MB moved / time. `triton-det`: "
                    "deterministic split-K reduction on the same config as `triton` (M <= 64, when it splits). "
                    "TFLOP/s and the configs are in gemm.json.")
+    graphed = [r for r in ours if any(k.endswith("-graph_us") for k in r)]
+    if graphed:
+        gcols = [c for c in backends] + [f"{b}+aq" for b in backends]
+        out.append("")
+        out.append("CUDA-graph replay (`--graph`, M <= 64): GPU time without the Python launch cost, us")
+        out.append("")
+        head = ["shape", "M", "INT8 share", "weights", "FP16 graph"] + [f"{c} graph" for c in gcols]
+        head += [f"{b} graph vs FP16 graph" for b in backends]
+        out.append("| " + " | ".join(head) + " |")
+        out.append("|" + "---|" * len(head))
+        for r in graphed:
+            p = peers.get((r["shape"], r["M"]), {})
+            f16 = p.get("fp16-graph_us")
+            cells = [r["shape"], str(r["M"]), f"{100 * r['share']:.1f}%", r.get("weights", "–"),
+                     "–" if f16 is None else f"{f16:.1f}"]
+            cells += ["–" if r.get(c + "-graph_us") is None else f"{r[c + '-graph_us']:.1f}" for c in gcols]
+            cells += ["–" if (f16 is None or r.get(b + "-graph_us") is None) else f"{f16 / r[b + '-graph_us']:.2f}x"
+                      for b in backends]
+            out.append("| " + " | ".join(cells) + " |")
     aq = [r for r in rows if r.get("kind") == "act_quant"]
     if aq:
         out.append("")

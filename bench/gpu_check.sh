@@ -26,7 +26,7 @@
 #
 # Knobs: COMETQ_CUDA_ARCHS (default: the visible GPU's arch only, e.g. "90a"),
 #        MAX_JOBS (default 16), PYTHON (default python3), GPU_CHECK_BUDGET_S,
-#        PYTEST_ARGS (extra pytest arguments), GPU_CHECK_SKIP (comma list of stages
+#        PYTEST_ARGS (extra pytest arguments), PYTEST_WORKERS (xdist workers, default 8), GPU_CHECK_SKIP (comma list of stages
 #        to skip: build, triton_tests, cuda_tests, diag, gemm, attention, serving, autotune),
 #        TRITON_TEST_FILES (the Triton test files), TRITON_TESTS_CAP / DIAG_CAP /
 #        SERVING_CAP (stage time caps, s), SERVING_ARGS (bench_serving.py arguments), COMETQ_GEMM_TUNE=0 (first config per bucket,
@@ -135,7 +135,7 @@ run_pytest() {  # name cap files...
   local name=$1 cap=$2; shift 2
   local T=$SECONDS RC
   # shellcheck disable=SC2086
-  timeout "$(limit "$cap")" $PY -m pytest -q -p no:cacheprovider -n 6 --timeout 150 -rf \
+  timeout "$(limit "$cap")" $PY -m pytest -q -p no:cacheprovider -n "${PYTEST_WORKERS:-8}" --timeout 150 -rf \
     --junitxml="$W/$name.xml" --durations=20 ${PYTEST_ARGS:-} "$@" > "$W/$name.log" 2>&1
   RC=$?
   local ST=ok
@@ -194,11 +194,14 @@ bench() {  # name cap cmd...
 bench diag "${DIAG_CAP:-70}" $PY bench/diag_decode.py --out "$W/diag"
 # bench_gemm stops starting rows at --time-budget and rewrites its JSON after every row
 GL=$(limit 110)
-bench gemm "$GL" $PY bench/bench_gemm.py --quick --time-budget $((GL > 30 ? GL - 15 : 15)) --out "$W/gemm"
+bench gemm "$GL" $PY bench/bench_gemm.py --quick --graph --time-budget $((GL > 30 ? GL - 15 : 15)) --out "$W/gemm"
 bench attention 60 $PY bench/bench_attention.py --batch 1,16,64 --context 1024,4096 --out "$W/attention"
 SL=$(limit "${SERVING_CAP:-150}")
 # shellcheck disable=SC2086
-bench serving "$SL" $PY bench/bench_serving.py ${SERVING_ARGS:---batch-sizes 64 --input-len 256 --output-len 64} \
+# untuned GEMM configs (first candidate per bucket) unless the caller sets COMETQ_GEMM_TUNE:
+# autotuning every bucket of four Llama-3-8B shapes does not fit a short run
+bench serving "$SL" env COMETQ_GEMM_TUNE="${COMETQ_GEMM_TUNE:-0}" $PY bench/bench_serving.py \
+  ${SERVING_ARGS:---batch-sizes 64 --input-len 256 --output-len 64 --systems hf-generate,cometq-w4ax-kv4,cometq-fp} \
   --out "$W/serving"
 
 # Which backend `auto` measures as faster per case (cometq.autotune), for the

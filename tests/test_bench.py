@@ -23,3 +23,29 @@ def test_bench_gemm_dry_run(tmp_path):
 def test_gpu_check_script_parses():
     r = subprocess.run(["bash", "-n", os.path.join(ROOT, "bench", "gpu_check.sh")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_bench_gemm_graph_table():
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        import bench_gemm as B
+    finally:
+        sys.path.pop(0)
+    rows = [dict(kind="peers", shape="8B.o", M=1, **{"fp16_us": 23.0, "fp16-graph_us": 10.0}),
+            dict(kind="ours", shape="8B.o", M=1, share=0.125, weights="sym", bytes=9e6,
+                 **{"triton_us": 40.0, "triton-graph_us": 16.0, "triton+aq-graph_us": 30.0})]
+    md = B.markdown(rows, ["triton"])
+    assert "CUDA-graph replay" in md
+    assert "| 8B.o | 1 | 12.5% | sym | 10.0 | 16.0 | 30.0 | 0.62x |" in md
+    assert "CUDA-graph replay" not in B.markdown(rows[:1] + [dict(rows[1], **{"triton-graph_us": None})][:0], ["triton"])
+
+
+def test_diag_decode_dry_run(tmp_path):
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "diag_decode.py"), "--dry-run", "--ms", "1",
+                        "--out", str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = json.load(open(tmp_path / "diag_decode.json"))
+    whats = {row["what"] for row in data["rows"]}
+    assert {"act_quant", "w4ax", "w4ax_det+aq", "attention"} <= whats
+    assert not [row for row in data["rows"] if any(k.endswith("_err") for k in row)]
