@@ -16,7 +16,8 @@
 #   pytest-cuda.xml/.log          CUDA-op, engine and dispatch tests (after the build)
 #   diag/diag_decode.json, diag_profile.txt   bench/diag_decode.py (small-M launch overhead,
 #                                 every decode config eager vs CUDA graph, attention sweep)
-#   gemm/gemm.json|md             bench_gemm.py --quick (Triton, CUDA and peers)
+#   gemm/gemm.json|md             bench_gemm.py --quick --graph (Triton, CUDA and peers; CUDA-graph columns)
+#   gemm_class/gemm.json|md       class scales + per-channel weights (int32 accumulation across blocks)
 #   attention.json|md             bench_attention.py (KV4 paged decode vs SDPA)
 #   serving/serving_*.json|md     bench_serving.py (Llama-3-8B geometry, random weights)
 #   autotune.json/.log            which backend `auto` picked per case (cometq.autotune)
@@ -27,7 +28,7 @@
 # Knobs: COMETQ_CUDA_ARCHS (default: the visible GPU's arch only, e.g. "90a"),
 #        MAX_JOBS (default 16), PYTHON (default python3), GPU_CHECK_BUDGET_S,
 #        PYTEST_ARGS (extra pytest arguments), PYTEST_WORKERS (xdist workers, default 8), GPU_CHECK_SKIP (comma list of stages
-#        to skip: build, triton_tests, cuda_tests, diag, gemm, attention, serving, autotune),
+#        to skip: build, triton_tests, cuda_tests, diag, gemm, gemm_class, attention, serving, autotune),
 #        TRITON_TEST_FILES (the Triton test files), TRITON_TESTS_CAP / DIAG_CAP /
 #        SERVING_CAP (stage time caps, s), SERVING_ARGS (bench_serving.py arguments), COMETQ_GEMM_TUNE=0 (first config per bucket,
 #        no autotuning: bounds compile time in short runs).
@@ -195,13 +196,17 @@ bench diag "${DIAG_CAP:-70}" $PY bench/diag_decode.py --out "$W/diag"
 # bench_gemm stops starting rows at --time-budget and rewrites its JSON after every row
 GL=$(limit 110)
 bench gemm "$GL" $PY bench/bench_gemm.py --quick --graph --time-budget $((GL > 30 ? GL - 15 : 15)) --out "$W/gemm"
+# the scale-placement crux (issue #3): one scale per token per precision class + per-channel
+# weights lets whole runs of blocks accumulate in int32 (no float rescale every 128 channels)
+bench gemm_class 45 $PY bench/bench_gemm.py --shapes 8B.o,8B.gate_up --ms 16,1024 --shares 0.125 --weights sym \
+  --group -1 --scale-mode class --no-peers --no-persistent --time-budget 30 --out "$W/gemm_class"
 bench attention 60 $PY bench/bench_attention.py --batch 1,16,64 --context 1024,4096 --out "$W/attention"
 SL=$(limit "${SERVING_CAP:-150}")
 # shellcheck disable=SC2086
 # untuned GEMM configs (first candidate per bucket) unless the caller sets COMETQ_GEMM_TUNE:
 # autotuning every bucket of four Llama-3-8B shapes does not fit a short run
 bench serving "$SL" env COMETQ_GEMM_TUNE="${COMETQ_GEMM_TUNE:-0}" $PY bench/bench_serving.py \
-  ${SERVING_ARGS:---batch-sizes 64 --input-len 256 --output-len 64 --systems hf-generate,cometq-w4ax-kv4,cometq-fp} \
+  ${SERVING_ARGS:---batch-sizes 64 --input-len 256 --output-len 64 --systems hf-generate,cometq-w4ax-kv4+graphs,cometq-w4ax-kv4,cometq-fp+graphs,cometq-fp} \
   --out "$W/serving"
 
 # Which backend `auto` measures as faster per case (cometq.autotune), for the

@@ -346,3 +346,41 @@ def test_incremental_detok_holds_back_stop_prefix(tok):
     assert "".join(out) == "abc"  # "STO" might become "STOP": held back
     assert d.add(tok("P", add_special_tokens=False)["input_ids"][0]) == "STOP"
     assert d.take(True) == "" and d.text == "abc"
+
+
+@pytest.mark.parametrize("kv4", [False, True])
+def test_piecewise_decode_matches_plain_forward(w4ax_model, kv4):
+    """The decode-graph pieces (run eagerly here: graphs=False) with batch padding give the plain
+    forward's logits: same modules, same pool calls, padded rows dropped.  On a GPU the same
+    pieces are captured as CUDA graphs (tests/test_engine_gpu.py)."""
+    outs = {}
+    for piecewise in (False, True):
+        r = ModelRunner.build(w4ax_model, kv4=kv4, num_blocks=24, block_size=16, max_seqs=5)
+        if piecewise:
+            r.enable_cuda_graphs(max_batch=8, graphs=False)
+        prompts = [_rand_ids(6 + 5 * i, 90 + i) for i in range(5)]
+        for s, p in enumerate(prompts):
+            r.pool.reserve(s, len(p) + 6)
+        logits = [r.forward([Chunk(s, p, 0) for s, p in enumerate(prompts)])]
+        toks = [p[-1] for p in prompts]
+        pos = [len(p) for p in prompts]
+        for step in range(5):  # batch 5 -> padded to the 8 bucket; then 3 sequences -> the 4 bucket
+            live = range(5) if step < 3 else range(3)
+            lg = r.forward([Chunk(s, [toks[s]], pos[s]) for s in live])
+            logits.append(lg)
+            for j, s in enumerate(live):
+                toks[s] = int(lg[j].argmax())
+                pos[s] += 1
+        outs[piecewise] = logits
+        if piecewise:
+            assert sorted(r._graphs._by_size) == [4, 8]
+    for a, b in zip(outs[False], outs[True]):
+        torch.testing.assert_close(b, a, rtol=0, atol=RUNNER_FP32_ATOL)
+
+
+def test_enable_cuda_graphs_validation(w4ax_model):
+    r = ModelRunner.build(w4ax_model, kv4=True, num_blocks=8, block_size=16, max_seqs=2)
+    with pytest.raises(ValueError, match="max_batch"):
+        r.enable_cuda_graphs(max_batch=0)
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA model"):
+        r.enable_cuda_graphs(max_batch=4)

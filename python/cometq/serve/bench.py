@@ -9,7 +9,9 @@ once -- offline throughput at a given concurrency):
 * ``cometq-fp``: the unquantized model, same engine and runner, full-precision
   paged cache (the "cometq FP16 path": isolates what W4Ax + KV4 buy);
 * ``hf-generate``: ``transformers`` ``model.generate`` on the unquantized model
-  (static batch, greedy, DynamicCache).
+  (static batch, greedy, DynamicCache);
+* ``cometq-w4ax-kv4+graphs`` / ``cometq-fp+graphs`` (opt-in, GPU): the cometq systems
+  with decode steps replayed from piecewise CUDA graphs.
 
 On a GPU the default model is a Llama-3-8B-shaped random-weight model (no hub
 access needed), fp16, batch 1..64, 1024 in / 512 out.  On CPU: the embedded
@@ -35,6 +37,9 @@ from typing import Dict, List, Optional
 __all__ = ["build_parser", "main", "run_bench"]
 
 SYSTEMS = ("cometq-w4ax-kv4", "cometq-fp", "hf-generate")
+#: also accepted by --systems: the cometq systems with piecewise CUDA graphs for decode steps
+#: (ModelRunner.enable_cuda_graphs; GPU only)
+ALL_SYSTEMS = SYSTEMS + ("cometq-w4ax-kv4+graphs", "cometq-fp+graphs")
 
 
 def _log(msg: str) -> None:
@@ -48,7 +53,8 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="model directory, 'smollm2-135m', or 'llama3-8b-random' (default: llama3-8b-random on "
                         "GPU, smollm2-135m on CPU, a tiny random model with --quick)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {','.join(SYSTEMS)}")
+    p.add_argument("--systems", default=",".join(SYSTEMS),
+                   help=f"comma-separated subset of {','.join(ALL_SYSTEMS)} (+graphs: CUDA graphs for decode, GPU)")
     p.add_argument("--batch-sizes", default=None, help="comma-separated (default: GPU 1,4,16,64; CPU 1,4,8)")
     p.add_argument("--input-len", type=int, default=None, help="prompt tokens (default: GPU 1024, CPU 64)")
     p.add_argument("--output-len", type=int, default=None, help="generated tokens (default: GPU 512, CPU 32)")
@@ -141,7 +147,7 @@ def _sync(device):
 
 
 def run_engine(model, *, kv4: bool, batch: int, in_len: int, out_len: int, block_size: int, budget: int,
-               device: str, seed: int) -> Dict:
+               device: str, seed: int, cuda_graphs: bool = False) -> Dict:
     from .engine import Engine, EngineConfig
     from .runner import ModelRunner
     from .sampling import SamplingParams
@@ -149,6 +155,8 @@ def run_engine(model, *, kv4: bool, batch: int, in_len: int, out_len: int, block
     blocks = batch * (-(-(in_len + out_len) // block_size))
     kw = dict(group_size=min(block_size, 64)) if kv4 else {}
     runner = ModelRunner.build(model, kv4=kv4, num_blocks=blocks, block_size=block_size, max_seqs=max(batch, 1), **kw)
+    if cuda_graphs:  # captured during the warm-up below (first decode step of the batch)
+        runner.enable_cuda_graphs(max_batch=max(batch, 1))
     eng = Engine(runner, None, EngineConfig(max_num_seqs=batch, max_num_batched_tokens=budget,
                                             max_model_len=in_len + out_len))
     sp = SamplingParams(max_tokens=out_len, temperature=0, ignore_eos=True)
@@ -226,9 +234,11 @@ def run_bench(args) -> Dict:
     out_len = args.output_len or out_len
     budget = args.max_num_batched_tokens or (8192 if gpu else 512)
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
-    bad = [s for s in systems if s not in SYSTEMS]
+    bad = [s for s in systems if s not in ALL_SYSTEMS]
     if bad:
-        raise ValueError(f"unknown systems {bad}; choose from {SYSTEMS}")
+        raise ValueError(f"unknown systems {bad}; choose from {ALL_SYSTEMS}")
+    if not gpu and any(s.endswith("+graphs") for s in systems):
+        raise ValueError("the +graphs systems need a CUDA device")
     for name, v in (("input-len", in_len), ("output-len", out_len), ("block-size", args.block_size)):
         if v < 1:
             raise ValueError(f"--{name} must be >= 1, got {v}")
@@ -240,13 +250,13 @@ def run_bench(args) -> Dict:
     _log(f"loading model on {device} ...")
     model, tok, model_name = _load(args.model, device, args.quick)
     qmodel = None
-    if "cometq-w4ax-kv4" in systems:
+    if any(s.startswith("cometq-w4ax-kv4") for s in systems):
         from .. import W4AxConfig, quantize_
         from ..nn import set_fast_path
 
         _log("quantizing (W4Ax, FMPQ) ...")
         t = time.time()
-        qmodel = model if systems == ["cometq-w4ax-kv4"] else copy.deepcopy(model)
+        qmodel = model if all(s.startswith("cometq-w4ax-kv4") for s in systems) else copy.deepcopy(model)
         calib = torch.randint(0, model.config.vocab_size, (4, 128), generator=torch.Generator().manual_seed(1))
         quantize_(qmodel, W4AxConfig(), calib_data=calib.to(device))
         if not gpu:
@@ -260,9 +270,10 @@ def run_bench(args) -> Dict:
                 if system == "hf-generate":
                     r = run_hf_generate(model, batch=b, in_len=in_len, out_len=out_len, device=device, seed=args.seed)
                 else:
-                    m = qmodel if system == "cometq-w4ax-kv4" else model
-                    r = run_engine(m, kv4=system == "cometq-w4ax-kv4", batch=b, in_len=in_len, out_len=out_len,
-                                   block_size=args.block_size, budget=budget, device=device, seed=args.seed)
+                    kv4 = system.startswith("cometq-w4ax-kv4")
+                    r = run_engine(qmodel if kv4 else model, kv4=kv4, batch=b, in_len=in_len, out_len=out_len,
+                                   block_size=args.block_size, budget=budget, device=device, seed=args.seed,
+                                   cuda_graphs=system.endswith("+graphs"))
             except torch.cuda.OutOfMemoryError as e:  # pragma: no cover - GPU only
                 _log(f"  out of memory: {e}")
                 torch.cuda.empty_cache()
@@ -331,7 +342,7 @@ def run_and_write(args) -> int:
     base = os.path.join(args.out, f"serving_{tag}")
     with open(base + ".json", "w") as f:
         json.dump(res, f, indent=2)
-    res["results"].sort(key=lambda r: (SYSTEMS.index(r["system"]), r["batch"]))
+    res["results"].sort(key=lambda r: (ALL_SYSTEMS.index(r["system"]), r["batch"]))
     md = markdown(res)
     with open(base + ".md", "w") as f:
         f.write(md)

@@ -23,7 +23,7 @@ implemented: the runner caps the context at the window, where it is exact.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -146,6 +146,54 @@ class ModelRunner:
             out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=kj <= qi, scale=self.scale)
         return out[0].transpose(0, 1)
 
+    # the pieces of a layer around attention (shared by the eager forward and the decode graphs)
+    def _embed(self, ids_t: torch.Tensor, pos_t: torch.Tensor):
+        h = self.inner.embed_tokens(ids_t)  # [T, hidden]
+        cos, sin = self.inner.rotary_emb(h[None], pos_t[None])
+        return h, cos[0].to(h.dtype), sin[0].to(h.dtype)
+
+    def _qkv(self, layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Pre-attention half of a layer: ``q [T, H, D]``, ``k, v [T, Hkv, D]`` (RoPE applied)."""
+        att, t = layer.self_attn, h.shape[0]
+        x = layer.input_layernorm(h)
+        q = att.q_proj(x).view(t, self.n_heads, self.head_dim)
+        k = att.k_proj(x).view(t, self.n_kv_heads, self.head_dim)
+        v = att.v_proj(x).view(t, self.n_kv_heads, self.head_dim)
+        if hasattr(att, "q_norm"):  # Qwen3-style per-head norms, before RoPE
+            q, k = att.q_norm(q), att.k_norm(k)
+        return self._rope(q, cos, sin), self._rope(k, cos, sin), v
+
+    def _finish_layer(self, layer, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """Post-attention half of a layer: o_proj + residual, MLP + residual (``attn [T, H*D]``)."""
+        h = h + layer.self_attn.o_proj(attn)
+        return h + layer.mlp(layer.post_attention_layernorm(h))
+
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(self.inner.norm(h)).float()
+
+    def enable_cuda_graphs(self, max_batch: int = 64, *, graphs: bool = True) -> None:
+        """Run pure-decode steps of up to ``max_batch`` sequences through piecewise CUDA graphs.
+
+        Everything but attention is captured (vLLM's piecewise scheme): per padded batch
+        size, one graph for embedding + layer 0's pre-attention half, one per layer
+        boundary (post-attention half of layer l + pre-attention half of l + 1) and one
+        for the last layer + norm + lm_head; the KV writes and decode attention run
+        eagerly between them on the real rows (the pool's bookkeeping is host-side).
+        Measured on an H100 (bench/RESULTS.md): eager launches cost 2-10x the GPU time
+        of each small-M op, so a decode step was ~95 % Python.  Buckets are captured on
+        first use (after an eager warm-up that compiles and tunes every kernel).
+        ``graphs=False`` runs the same pieces eagerly (the CPU tests check the piece
+        split and the padding against the plain forward that way).
+        """
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
+        if graphs and self.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA model, this one is on {self.device}")
+        self._graphs = _DecodeGraphs(self, max_batch, graphs)
+
+    def disable_cuda_graphs(self) -> None:
+        self._graphs = None
+
     @torch.inference_mode()
     def forward(self, chunks: Sequence[Chunk], *, all_logits: bool = False) -> torch.Tensor:
         """Run one step.  Returns logits (float32) of each chunk's last token ``[len(chunks), V]``
@@ -172,24 +220,18 @@ class ModelRunner:
         # pinned, non-blocking copies: no CPU-GPU sync before the step's kernels are queued
         ids_t = to_device_ints(ids, torch.long, dev)
         pos_t = to_device_ints(pos, torch.long, dev)
-        h = self.inner.embed_tokens(ids_t)  # [T, hidden]
-        cos, sin = self.inner.rotary_emb(h[None], pos_t[None])
-        cos, sin = cos[0].to(h.dtype), sin[0].to(h.dtype)
+        graphs = getattr(self, "_graphs", None)
+        if graphs is not None and not all_logits and all(c.is_decode for c in chunks) and graphs.fits(len(chunks)):
+            return graphs.run(chunks, ids_t, pos_t)
+        h, cos, sin = self._embed(ids_t, pos_t)
         dec = [i for i, c in enumerate(chunks) if c.is_decode]
         pre = [i for i, c in enumerate(chunks) if not c.is_decode]
         dec_rows = to_device_ints([offsets[i] for i in dec], torch.long, dev)
         dec_ids = [chunks[i].seq_id for i in dec]
         dec_starts = [chunks[i].start for i in dec]
-        H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
+        H, D = self.n_heads, self.head_dim
         for li, layer in enumerate(self.inner.layers):
-            att = layer.self_attn
-            x = layer.input_layernorm(h)
-            q = att.q_proj(x).view(t, H, D)
-            k = att.k_proj(x).view(t, Hkv, D)
-            v = att.v_proj(x).view(t, Hkv, D)
-            if hasattr(att, "q_norm"):  # Qwen3-style per-head norms, before RoPE
-                q, k = att.q_norm(q), att.k_norm(k)
-            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+            q, k, v = self._qkv(layer, h, cos, sin)
             out = torch.empty_like(q)
             if pre:
                 # cached prefixes are read before this step's K/V land (a staged KV4 tail may turn
@@ -214,10 +256,123 @@ class ModelRunner:
                 out[dec_rows] = self.pool.decode_attention(
                     li, dec_ids, [st + 1 for st in dec_starts], q[dec_rows], self.scale
                 ).to(out.dtype)
-            h = h + att.o_proj(out.reshape(t, H * D))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            h = self._finish_layer(layer, h, out.reshape(t, H * D))
         if not all_logits:
             last = to_device_ints([o + len(c.tokens) - 1 for o, c in zip(offsets, chunks)], torch.long, dev)
             h = h[last]
-        h = self.inner.norm(h)
-        return self.model.lm_head(h).float()
+        return self._head(h)
+
+
+def _graph_buckets(max_batch: int) -> List[int]:
+    """Padded batch sizes: powers of two to 16, then steps of 16 (every GEMM shape-bucket
+    edge -- 16, 64, 256 -- is a graph bucket, so padding never moves a step to another
+    GEMM config), capped at ``max_batch``."""
+    out, b = [], 1
+    while b < min(16, max_batch):
+        out.append(b)
+        b *= 2
+    b = 16
+    while b < max_batch:
+        out.append(b)
+        b += 16
+    out.append(max_batch)
+    return sorted(set(out))
+
+
+class _DecodeBucket:
+    """Static buffers, piece outputs and graphs of one padded batch size."""
+
+    def __init__(self, runner: "ModelRunner", bp: int):
+        dev = runner.device
+        self.bp = bp
+        self.ids = torch.zeros(bp, dtype=torch.long, device=dev)
+        self.pos = torch.ones(bp, dtype=torch.long, device=dev)
+        self.attn = torch.zeros(bp, runner.n_heads * runner.head_dim, dtype=runner.dtype, device=dev)
+        n = runner.num_layers
+        self.q: List[Optional[torch.Tensor]] = [None] * n
+        self.k: List[Optional[torch.Tensor]] = [None] * n
+        self.v: List[Optional[torch.Tensor]] = [None] * n
+        self.h = self.cos = self.sin = self.logits = None
+        self.graphs: List = []
+
+
+class _DecodeGraphs:
+    """Piecewise decode graphs of a :class:`ModelRunner` (see ``enable_cuda_graphs``)."""
+
+    def __init__(self, runner: "ModelRunner", max_batch: int, use_graphs: bool):
+        self.r = runner
+        self.max_batch = max_batch
+        self.use_graphs = use_graphs
+        self.buckets = _graph_buckets(max_batch)
+        self._by_size: Dict[int, _DecodeBucket] = {}
+        self._pool = None
+
+    def fits(self, b: int) -> bool:
+        return 1 <= b <= self.max_batch
+
+    def _bucket_size(self, b: int) -> int:
+        return next(x for x in self.buckets if x >= b)
+
+    # piece i of num_layers + 1: reads bucket state, writes its outputs into it
+    def _piece(self, st: _DecodeBucket, i: int) -> None:
+        r, layers = self.r, self.r.inner.layers
+        if i == 0:
+            st.h, st.cos, st.sin = r._embed(st.ids, st.pos)
+        else:
+            st.h = r._finish_layer(layers[i - 1], st.h, st.attn)
+        if i < len(layers):
+            st.q[i], st.k[i], st.v[i] = r._qkv(layers[i], st.h, st.cos, st.sin)
+        else:
+            st.logits = r._head(st.h)
+
+    def _prepare(self, bp: int) -> _DecodeBucket:
+        st = self._by_size.get(bp)
+        if st is not None:
+            return st
+        st = _DecodeBucket(self.r, bp)
+        n_pieces = self.r.num_layers + 1
+        if self.use_graphs:
+            # eager warm-up on a side stream: compiles / autotunes every kernel of this shape and
+            # fills every per-shape cache, so nothing inside the capture allocates host state,
+            # launches a benchmark or syncs
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for _ in range(2):
+                    for i in range(n_pieces):
+                        self._piece(st, i)
+            torch.cuda.current_stream().wait_stream(s)
+            torch.cuda.synchronize()
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            for i in range(n_pieces):
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g, pool=self._pool):
+                    self._piece(st, i)
+                st.graphs.append(g)
+        self._by_size[bp] = st
+        return st
+
+    def _run_piece(self, st: _DecodeBucket, i: int) -> None:
+        if self.use_graphs:
+            st.graphs[i].replay()
+        else:
+            self._piece(st, i)
+
+    def run(self, chunks: Sequence[Chunk], ids_t: torch.Tensor, pos_t: torch.Tensor) -> torch.Tensor:
+        r = self.r
+        b = len(chunks)
+        st = self._prepare(self._bucket_size(b))
+        # rows >= b keep the previous step's (valid) ids / positions: their outputs are dropped
+        st.ids[:b].copy_(ids_t)
+        st.pos[:b].copy_(pos_t)
+        seq_ids = [c.seq_id for c in chunks]
+        starts = [c.start for c in chunks]
+        lens = [s + 1 for s in starts]
+        self._run_piece(st, 0)
+        for li in range(r.num_layers):
+            r.pool.write_decode(li, seq_ids, starts, st.k[li][:b], st.v[li][:b])
+            o = r.pool.decode_attention(li, seq_ids, lens, st.q[li][:b], r.scale)
+            st.attn[:b].copy_(o.reshape(b, -1))
+            self._run_piece(st, li + 1)
+        return st.logits[:b].clone()
