@@ -95,13 +95,15 @@ def _reduce_sig(out: str, bias: str) -> Dict[str, str]:
 
 
 def gemm_meta(group: int = 128, k_pad: int = 4096, class_mode: bool = False, bias: bool = True,
-              debug: bool = False, evict: str = "", asym: bool = False, det: bool = False) -> Dict[str, object]:
+              debug: bool = False, evict: str = "", asym: bool = False, det: bool = False,
+              ordered: bool = False) -> Dict[str, object]:
     """Constexprs of a GEMM launch; ``det``: the deterministic workspace store (WORKSPACE) instead
-    of a direct store / fp32 atomics (pair it with ``ATOMIC=False``)."""
+    of a direct store / fp32 atomics (pair it with ``ATOMIC=False``); ``ordered``: an INT8-first
+    block map (block i at list position i, no ``order`` load)."""
     seg = min(128, group if group > 0 else k_pad)
     return dict(CLASS_MODE=class_mode, SEGS=128 // seg, SEG_H=seg // 2, H_LOAD=max(seg // 2, 32),
                 INT_ACC=class_mode and (group <= 0 or group >= k_pad), HAS_BIAS=bias, DEBUG=debug, EVICT_W=evict,
-                ASYM=asym, WORKSPACE=det)
+                ASYM=asym, WORKSPACE=det, ORDERED=ordered)
 
 
 def all_configs(quick: bool = False) -> List[GemmConfig]:
@@ -166,7 +168,10 @@ def jobs(quick: bool = False) -> List[Tuple[str, object, Dict[str, str], Dict[st
                         _gemm_sig("fp32" if atomic else "fp16", "fp16", False),
                         dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, GROUP_M=c.group_m, ATOMIC=atomic,
                              SWAP_AB=c.swap_ab, INTERLEAVE8=c.interleave8,
-                             **gemm_meta(evict="evict_first" if c.block_m <= 64 else "", asym=asym)),
+                             # symmetric entries compile the INT8-first (ORDERED) variant calibrated
+                             # layers run, asymmetric ones the general order-table variant
+                             **gemm_meta(evict="evict_first" if c.block_m <= 64 else "", asym=asym,
+                                         ordered=not asym)),
                         c.num_warps, c.num_stages, "gemm"))
     # deterministic twins of the split configs (workspace store instead of atomics; fp16 out,
     # written by the reduction) and the reduction kernel for each split tile shape

@@ -271,9 +271,14 @@ def _accumulate(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CLASS_MODE: tl.constexpr, SEGS: tl.constexpr, SEG_H: tl.constexpr, H_LOAD: tl.constexpr,
     INT_ACC: tl.constexpr, DEBUG: tl.constexpr, EVICT_W: tl.constexpr, SWAP_AB: tl.constexpr,
-    INTERLEAVE8: tl.constexpr, ASYM: tl.constexpr,
+    INTERLEAVE8: tl.constexpr, ASYM: tl.constexpr, ORDERED: tl.constexpr,
 ):
-    """fp32 partial result (``[BLOCK_M, BLOCK_N]``, transposed if SWAP_AB) of block-list positions ``[i_lo, i_hi)``."""
+    """fp32 partial result (``[BLOCK_M, BLOCK_N]``, transposed if SWAP_AB) of block-list positions ``[i_lo, i_hi)``.
+
+    ORDERED: the map already lists its INT8 blocks first (what calibration writes), so
+    list position i *is* block i -- the weight address is affine in the loop counter
+    instead of depending on a load of ``order[i]`` in the same iteration (an indirect
+    address the software pipeliner cannot issue stages ahead)."""
     if SWAP_AB:
         acc_f = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
@@ -285,7 +290,10 @@ def _accumulate(
     acc_i = tl.zeros(acc_f.shape, dtype=tl.int32)
     asum_i = tl.zeros((BLOCK_M,), dtype=tl.int32)  # ASYM + INT_ACC: the run's activation sum
     for i in range(i_lo, tl.minimum(i_hi, N8)):
-        b = tl.load(order_ptr + i)
+        if ORDERED:
+            b = i
+        else:
+            b = tl.load(order_ptr + i)
         if CLASS_MODE:
             sa = sa8
         else:
@@ -305,7 +313,10 @@ def _accumulate(
     acc_i = tl.zeros(acc_f.shape, dtype=tl.int32)
     asum_i = tl.zeros((BLOCK_M,), dtype=tl.int32)
     for i in range(tl.maximum(i_lo, N8), i_hi):
-        b = tl.load(order_ptr + i)
+        if ORDERED:
+            b = i
+        else:
+            b = tl.load(order_ptr + i)
         if CLASS_MODE:
             sa = sa4
         else:
@@ -420,6 +431,7 @@ def w4ax_gemm_kernel(
     CLASS_MODE: tl.constexpr, SEGS: tl.constexpr, SEG_H: tl.constexpr, H_LOAD: tl.constexpr,
     INT_ACC: tl.constexpr, HAS_BIAS: tl.constexpr, DEBUG: tl.constexpr, EVICT_W: tl.constexpr,
     SWAP_AB: tl.constexpr, INTERLEAVE8: tl.constexpr, ASYM: tl.constexpr, WORKSPACE: tl.constexpr,
+    ORDERED: tl.constexpr = False,
 ):
     """Tiled (ATOMIC=WORKSPACE=False: whole block list, direct store) and split-K W4Ax GEMM.
 
@@ -448,7 +460,8 @@ def w4ax_gemm_kernel(
         i_lo, i_hi, N8, order_ptr, q4_ptr, q8_ptr, as_ptr, w_ptr, ws_ptr, wo_ptr, dbg_ptr, dsum_ptr,
         rm, rn, m_mask, n_mask,
         stride_q4m, stride_q8m, stride_asm, stride_wn, stride_wsn, stride_won, stride_dm, stride_dn, stride_dsm,
-        GROUP, BLOCK_M, BLOCK_N, CLASS_MODE, SEGS, SEG_H, H_LOAD, INT_ACC, DEBUG, EVICT_W, SWAP_AB, INTERLEAVE8, ASYM)
+        GROUP, BLOCK_M, BLOCK_N, CLASS_MODE, SEGS, SEG_H, H_LOAD, INT_ACC, DEBUG, EVICT_W, SWAP_AB, INTERLEAVE8, ASYM,
+        ORDERED)
     if WORKSPACE:
         _store_partial(acc_f, part_ptr, tile * SPLIT + tl.program_id(1), lm, ln, m_mask, n_mask, True,
                        BLOCK_M, BLOCK_N, SWAP_AB)
@@ -468,6 +481,7 @@ def w4ax_gemm_persistent_kernel(
     CLASS_MODE: tl.constexpr, SEGS: tl.constexpr, SEG_H: tl.constexpr, H_LOAD: tl.constexpr,
     INT_ACC: tl.constexpr, HAS_BIAS: tl.constexpr, DEBUG: tl.constexpr, EVICT_W: tl.constexpr,
     SWAP_AB: tl.constexpr, INTERLEAVE8: tl.constexpr, ASYM: tl.constexpr, WORKSPACE: tl.constexpr,
+    ORDERED: tl.constexpr = False,
 ):
     """Persistent stream-K W4Ax GEMM: program p runs work items ``starts[p] .. starts[p+1]``.
 
@@ -494,7 +508,7 @@ def w4ax_gemm_persistent_kernel(
             rm, rn, m_mask, n_mask,
             stride_q4m, stride_q8m, stride_asm, stride_wn, stride_wsn, stride_won, stride_dm, stride_dn, stride_dsm,
             GROUP, BLOCK_M, BLOCK_N, CLASS_MODE, SEGS, SEG_H, H_LOAD, INT_ACC, DEBUG, EVICT_W, SWAP_AB, INTERLEAVE8,
-            ASYM)
+            ASYM, ORDERED)
         if WORKSPACE:
             # one scalar per item decides where the tile goes; both stores are issued,
             # the masks keep exactly one of them (no divergent control flow)
@@ -739,6 +753,17 @@ def _num_sms(device: torch.device) -> int:
 _SCHED_DEV_CACHE: Dict[tuple, tuple] = {}
 
 
+def _int8_first(block_bits: torch.Tensor) -> bool:
+    """True when the map lists every INT8 block before every INT4 block (calibration's
+    layout): the kernels then address block i directly (ORDERED).  Cached per map, so the
+    one device read happens once per layer (e.g. in a warm-up), never per call."""
+    def check(t):
+        is8 = (t == 8).to(torch.int32)
+        return bool(torch.all(is8[1:] <= is8[:-1])) if t.numel() > 1 else True
+
+    return derived(block_bits, "w4ax.int8_first", check)
+
+
 def _block_order(block_bits: torch.Tensor) -> torch.Tensor:
     """INT8 block ids ascending, then INT4 block ids ascending (int32, on-device, no sync).
 
@@ -916,7 +941,8 @@ def w4ax_gemm_triton(
     dstr = (dbg.stride(0), dbg.stride(1)) if dbg is not None else (0, 0)
     evict = "evict_first" if m <= 64 else ""
     meta = dict(CLASS_MODE=class_mode, SEGS=segs, SEG_H=seg_h, H_LOAD=h_load, INT_ACC=int_acc,
-                HAS_BIAS=bias is not None, DEBUG=return_int_acc, EVICT_W=evict, ASYM=asym)
+                HAS_BIAS=bias is not None, DEBUG=return_int_acc, EVICT_W=evict, ASYM=asym,
+                ORDERED=_int8_first(block_bits))
 
     def launch(cfg: GemmConfig, which: str):
         tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
