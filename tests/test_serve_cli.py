@@ -22,6 +22,8 @@ from cometq.testing import RUNNER_FP32_ATOL  # noqa: E402
 def test_cli_parsers():
     a = build_parser().parse_args(["serve", "--no-quantize", "--no-kv4", "--port", "0"])
     assert (a.quantize, a.kv4, a.port, a.host) == (False, False, 0, "127.0.0.1")
+    assert a.cuda_graphs is False
+    assert build_parser().parse_args(["serve", "--cuda-graphs"]).cuda_graphs is True
     a = build_parser().parse_args(["bench", "--quick", "--batch-sizes", "1,2"])
     assert a.quick and a.batch_sizes == "1,2"
     with pytest.raises(SystemExit) as ei:
@@ -88,3 +90,11 @@ def test_random_llama_builder_matches_hf():
     with torch.no_grad():
         torch.testing.assert_close(r.forward([Chunk(0, ids, 0)], all_logits=True), m(torch.tensor([ids])).logits[0],
                                    rtol=0, atol=RUNNER_FP32_ATOL)
+
+
+def test_build_engine_cuda_graphs_needs_cuda():
+    from cometq.serve.launch import build_engine
+    from cometq.serve.tiny import byte_tokenizer, tiny_model
+
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA model"):
+        build_engine(tiny_model(), byte_tokenizer(), kv4=False, kv_tokens=256, max_num_seqs=4, cuda_graphs=True)

@@ -30,6 +30,8 @@ def add_serve_args(p: argparse.ArgumentParser, default_model: str) -> None:
     p.add_argument("--max-prompt-tokens", type=int, default=None, help="longest accepted prompt")
     p.add_argument("--max-concurrent-requests", type=int, default=256, help="HTTP requests in flight (429 beyond)")
     p.add_argument("--serve-calib-samples", type=int, default=8, help="calibration windows for --quantize")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="replay decode steps from piecewise CUDA graphs (GPU only; captured per batch size on first use)")
 
 
 def _is_quantized(model) -> bool:
@@ -67,7 +69,7 @@ def cmd_serve(args) -> int:
         set_fast_path(model, True)
     engine = build_engine(model, tok, kv4=args.kv4, block_size=args.block_size, kv_tokens=args.kv_tokens,
                           max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                          max_model_len=args.max_model_len)
+                          max_model_len=args.max_model_len, cuda_graphs=args.cuda_graphs)
     name = args.served_model_name or str(args.model)
     scfg = ServerConfig(model_name=name, max_prompt_tokens=args.max_prompt_tokens,
                         max_concurrent_requests=args.max_concurrent_requests)

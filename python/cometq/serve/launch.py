@@ -29,17 +29,21 @@ def eos_ids(model, tokenizer) -> List[int]:
 
 def build_engine(model, tokenizer, *, kv4: bool = True, num_blocks: Optional[int] = None, block_size: int = 32,
                  kv_tokens: int = 8192, max_num_seqs: int = 32, max_num_batched_tokens: int = 512,
-                 max_model_len: Optional[int] = None, max_queue: int = 1024, **pool_kw) -> Engine:
+                 max_model_len: Optional[int] = None, max_queue: int = 1024, cuda_graphs: bool = False,
+                 **pool_kw) -> Engine:
     """An engine over a KV4 (``kv4=True``) or full-precision paged pool.
 
     The pool holds ``num_blocks`` blocks of ``block_size`` tokens (default:
     enough blocks for ``kv_tokens`` tokens).  ``max_model_len`` defaults to the
-    model's context capped by the pool.
+    model's context capped by the pool.  ``cuda_graphs``: replay decode steps from
+    piecewise CUDA graphs (:meth:`ModelRunner.enable_cuda_graphs`; CUDA models only).
     """
     if num_blocks is None:
         num_blocks = max(1, -(-kv_tokens // block_size))
     runner = ModelRunner.build(model, kv4=kv4, num_blocks=num_blocks, block_size=block_size,
                                max_seqs=max_num_seqs, **pool_kw)
+    if cuda_graphs:
+        runner.enable_cuda_graphs(max_batch=max_num_seqs)
     cfg = EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                        max_model_len=max_model_len, max_queue=max_queue)
     return Engine(runner, tokenizer, cfg, eos_token_ids=eos_ids(model, tokenizer))

@@ -347,7 +347,8 @@ class _DecodeGraphs:
                 self._pool = torch.cuda.graph_pool_handle()
             for i in range(n_pieces):
                 g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g, pool=self._pool):
+                # thread_local: the server's other threads may touch CUDA while the engine thread captures
+                with torch.cuda.graph(g, pool=self._pool, capture_error_mode="thread_local"):
                     self._piece(st, i)
                 st.graphs.append(g)
         self._by_size[bp] = st
