@@ -122,8 +122,14 @@ def kv4_attn_split_kernel(
     acc_lo = tl.zeros([BLOCK_H, HALF_D], tl.float32)
     acc_hi = tl.zeros([BLOCK_H, HALF_D], tl.float32)
     t = tl.arange(0, BLOCK_SIZE)
+    # the block-table entry is fetched one iteration ahead: the K/V addresses of iteration i
+    # then depend on a loop-carried value, not on a load issued in the same iteration (which
+    # would leave every K/V load waiting on a dependent global load)
+    bt_row = bt_ptr + slot.to(tl.int64) * stride_bts
+    phys_next = tl.load(bt_row + blk_start, mask=blk_start < blk_end, other=0).to(tl.int64)
     for i in range(blk_start, blk_end):
-        phys = tl.load(bt_ptr + slot.to(tl.int64) * stride_bts + i).to(tl.int64)
+        phys = phys_next
+        phys_next = tl.load(bt_row + i + 1, mask=i + 1 < blk_end, other=0).to(tl.int64)
         tmask = (i * BLOCK_SIZE + t) < lq
         pbase = phys * stride_pb + kvh * stride_ph
         k_lo, k_hi = _dequant_tile(kp_ptr, ks_ptr, kz_ptr, pbase, phys * stride_ksb + kvh * stride_ksh, t, j, tmask,
