@@ -63,15 +63,25 @@ def test_engine_cuda_batch_matches_solo(model16):
         assert s[:4] == b[:4]
 
 
-@pytest.mark.parametrize("kv4", [False, True])
-def test_decode_cuda_graphs_match_eager(model16, kv4):
+@pytest.mark.parametrize("what", ["fp", "kv4", "w4ax-kv4"])
+def test_decode_cuda_graphs_match_eager(model16, what):
     """Piecewise CUDA graphs of decode steps (ModelRunner.enable_cuda_graphs) give the eager
-    engine's greedy tokens (batch 5 padded to the 8-graph, then fewer sequences)."""
+    engine's greedy tokens (batch 5 padded to the 8-graph, then fewer sequences); w4ax-kv4
+    captures the Triton/CUDA W4Ax linears too."""
+    model = model16
+    if what == "w4ax-kv4":
+        import copy
+
+        from cometq import W4AxConfig, quantize_
+
+        model = copy.deepcopy(model16)
+        quantize_(model, W4AxConfig(), calib_data=torch.randint(0, 256, (2, 64), device="cuda"))
+    kv4 = what != "fp"
     prompts = [_ids(9 + 4 * i, 40 + i) for i in range(5)]
     sp = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
     outs = {}
     for graphs in (False, True):
-        r = ModelRunner.build(model16, kv4=kv4, num_blocks=32, block_size=32, max_seqs=8)
+        r = ModelRunner.build(model, kv4=kv4, num_blocks=32, block_size=32, max_seqs=8)
         if graphs:
             r.enable_cuda_graphs(max_batch=8)
         e = Engine(r, None, EngineConfig(max_num_seqs=8, max_num_batched_tokens=4096))
