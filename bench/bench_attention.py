@@ -97,23 +97,43 @@ def main(argv=None) -> int:
     ap.add_argument("--splits", type=int, default=0, help="split-K partitions (0 = cometq.paged.default_num_splits)")
     ap.add_argument("--out", default="bench/results/attention", help="output prefix (.json, .md, .png)")
     ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="CPU smoke run under the Triton interpreter (tiny shapes, one call per timing): checks the "
+                         "script, not the speed")
     args = ap.parse_args(argv)
+    if args.dry_run:
+        os.environ["TRITON_INTERPRET"] = "1"
+        args.batch, args.context = [2], [80]
+        args.q_heads, args.kv_heads, args.head_dim, args.block_size, args.group_size = 8, 2, 32, 16, 16
 
     import torch
 
-    if not torch.cuda.is_available():
+    if not args.dry_run and not torch.cuda.is_available():
         print("bench_attention.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing was measured.",
               file=sys.stderr)
         return 2
     import triton.testing
 
     from cometq import ops
-    from cometq.kernels.kv4_attention import kv4_decode_attention_triton
+    from cometq.kernels.kv4_attention import fold_k_eligible, kv4_decode_attention_triton
     from cometq.paged import default_num_splits
 
-    dev = torch.device("cuda")
-    props = torch.cuda.get_device_properties(dev)
+    dev = torch.device("cpu" if args.dry_run else "cuda")
+    if args.dry_run:
+        class props:  # noqa: N801 - stands in for the CUDA device properties
+            name, multi_processor_count = "cpu (dry run: Triton interpreter, times are meaningless)", 132
+    else:
+        props = torch.cuda.get_device_properties(dev)
     sms = props.multi_processor_count
+
+    def bench(fn):
+        if args.dry_run:
+            t0 = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t0) * 1e3
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+    act_dtype = torch.float32 if args.dry_run else torch.float16
     hq, h, d = args.q_heads, args.kv_heads, args.head_dim
     sm_scale = d ** -0.5
     rows = []
@@ -124,10 +144,11 @@ def main(argv=None) -> int:
             pool["tail_k"], pool["tail_v"], pool["block_tables"], pool["quant_lens"], pool["tail_lens"],
             pool["seq_ids"], args.group_size, args.key_axis, args.value_axis, sm_scale, splits, backend="triton")
 
+    fold_ok = fold_k_eligible(args.key_axis, args.group_size)
     if not args.no_check:
         b, t = 2, 1000
         pool = build_pool(b, t, h, d, args.block_size, args.group_size, args.key_axis, args.value_axis, dev)
-        q = torch.randn(b, hq, d, device=dev, dtype=torch.float16)
+        q = torch.randn(b, hq, d, device=dev, dtype=act_dtype)
         k, v = dequant_pool(pool, b, t, args.group_size, args.key_axis, args.value_axis)
         ref = torch.nn.functional.scaled_dot_product_attention(q[:, :, None].float(), k.float(), v.float(),
                                                                enable_gqa=True)[:, :, 0]
@@ -135,6 +156,13 @@ def main(argv=None) -> int:
             out = kv4_call(pool, q, splits).float()
             err = float((out - ref).abs().max())
             print(f"check B={b} T={t} splits={splits}: max |kv4 - sdpa(dequant)| = {err:.2e}")
+            if fold_ok:  # the folded-key variant is checked too before it is timed
+                raw = (q, pool["k_packed"], pool["k_scale"], pool["k_zero"], pool["v_packed"], pool["v_scale"],
+                       pool["v_zero"], pool["tail_k"], pool["tail_v"], pool["block_tables"], pool["quant_lens"],
+                       pool["tail_lens"], pool["seq_ids"], args.group_size, args.key_axis, args.value_axis,
+                       sm_scale, splits)
+                err = max(err, float((kv4_decode_attention_triton(*raw, fold_k=True).float() - ref).abs().max()))
+                print(f"check B={b} T={t} splits={splits} fold_k: max |kv4 - sdpa(dequant)| = {err:.2e}")
             if not err < 2e-2:
                 print("correctness check FAILED; not benchmarking", file=sys.stderr)
                 return 1
@@ -143,19 +171,18 @@ def main(argv=None) -> int:
         for t in args.context:
             torch.cuda.empty_cache()
             pool = build_pool(b, t, h, d, args.block_size, args.group_size, args.key_axis, args.value_axis, dev)
-            q = torch.randn(b, hq, d, device=dev, dtype=torch.float16)
+            q = torch.randn(b, hq, d, device=dev, dtype=act_dtype)
             splits = args.splits or default_num_splits(b, h, -(-t // args.block_size), sms)
             args_raw = (q, pool["k_packed"], pool["k_scale"], pool["k_zero"], pool["v_packed"], pool["v_scale"],
                         pool["v_zero"], pool["tail_k"], pool["tail_v"], pool["block_tables"], pool["quant_lens"],
                         pool["tail_lens"], pool["seq_ids"], args.group_size, args.key_axis, args.value_axis,
                         sm_scale, splits)
-            ms_kv4 = triton.testing.do_bench(lambda: kv4_decode_attention_triton(*args_raw), warmup=25, rep=100,
-                                             return_mode="median")
-            ms_kv4_op = triton.testing.do_bench(lambda: kv4_call(pool, q, splits), warmup=25, rep=100,
-                                                return_mode="median")
+            ms_kv4 = bench(lambda: kv4_decode_attention_triton(*args_raw, fold_k=False))
+            ms_fold = bench(lambda: kv4_decode_attention_triton(*args_raw, fold_k=True)) if fold_ok else None
+            ms_kv4_op = bench(lambda: kv4_call(pool, q, splits))
             kb4 = kv4_bytes(pool, b, t)
             del pool
-            k = torch.randn(b, h, t, d, device=dev, dtype=torch.float16)
+            k = torch.randn(b, h, t, d, device=dev, dtype=act_dtype)
             v = torch.randn_like(k)
             q4 = q[:, :, None]
             gqa = True
@@ -166,10 +193,11 @@ def main(argv=None) -> int:
                 gqa = False
                 ke, ve = k.repeat_interleave(hq // h, 1), v.repeat_interleave(hq // h, 1)
                 sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(q4, ke, ve)  # noqa: E731
-            ms_sdpa = triton.testing.do_bench(sdpa, warmup=25, rep=100, return_mode="median")
+            ms_sdpa = bench(sdpa)
             kb16 = 2 * b * h * t * d * 2
             del k, v
             row = dict(batch=b, context=t, splits=splits, ms_kv4=ms_kv4, ms_kv4_op=ms_kv4_op, ms_sdpa=ms_sdpa, speedup=ms_sdpa / ms_kv4,
+                       ms_kv4_fold=ms_fold, speedup_fold=(ms_sdpa / ms_fold) if ms_fold else None,
                        gbs_kv4=kb4 / ms_kv4 / 1e6, gbs_sdpa=kb16 / ms_sdpa / 1e6, kv_bytes_kv4=kb4, kv_bytes_fp16=kb16,
                        sdpa_enable_gqa=gqa)
             rows.append(row)
@@ -184,11 +212,13 @@ def main(argv=None) -> int:
     md = [f"Decode attention on {props.name}: {hq} q heads / {h} kv heads, head_dim {d}, KV4 K {args.key_axis} / "
           f"V {args.value_axis}, G={args.group_size}, block {args.block_size} (torch {torch.__version__}, "
           f"triton {triton.__version__})", "",
-          "| batch | context | splits | KV4 kernel ms | KV4 via torch op ms | SDPA fp16 ms | speedup | KV4 GB/s | SDPA GB/s |",
-          "|---|---|---|---|---|---|---|---|---|"]
+          "| batch | context | splits | KV4 kernel ms | KV4 via torch op ms | SDPA fp16 ms | speedup | KV4 GB/s | SDPA GB/s "
+          "| KV4 fold_k ms | fold_k speedup |",
+          "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        fold = (f"{r['ms_kv4_fold']:.4f} | {r['speedup_fold']:.2f}x" if r.get("ms_kv4_fold") else "– | –")
         md.append(f"| {r['batch']} | {r['context']} | {r['splits']} | {r['ms_kv4']:.4f} | {r['ms_kv4_op']:.4f} | {r['ms_sdpa']:.4f} | "
-                  f"{r['speedup']:.2f}x | {r['gbs_kv4']:.0f} | {r['gbs_sdpa']:.0f} |")
+                  f"{r['speedup']:.2f}x | {r['gbs_kv4']:.0f} | {r['gbs_sdpa']:.0f} | {fold} |")
     text = "\n".join(md)
     with open(args.out + ".md", "w") as f:
         f.write(text + "\n")

@@ -189,18 +189,16 @@ def attention_rows(dev, dry):
                 qq, k16, v16, enable_gqa=True), warmup=10, rep=40, return_mode="median") * 1e3, 2)
         ds = default_num_splits(b, h, -(-t // bs))
         for ns in sorted({ds, max(1, ds // 2), ds * 2, ds * 4}):
-            for warps in (4, 8):
+            for warps, fold in ((4, False), (8, False), (4, True)):
                 args = (q,) + tuple(pool[k] for k in ("k_packed", "k_scale", "k_zero", "v_packed", "v_scale", "v_zero",
                                                        "tail_k", "tail_v", "block_tables", "quant_lens", "tail_lens",
                                                        "seq_ids")) + (grp, "channel", "token", d ** -0.5, ns)
-                key = f"kv4_s{ns}_w{warps}_us"
+                key = f"kv4_s{ns}_w{warps}{'_fold' if fold else ''}_us"
                 try:
-                    ms = _time(lambda: kv4_decode_attention_triton(*args, num_warps=warps), False, dry)
+                    ms = _time(lambda: kv4_decode_attention_triton(*args, num_warps=warps, fold_k=fold), False, dry)
                     row[key] = round(ms * 1e3, 2)
                 except Exception as e:  # noqa: BLE001
                     row[key + "_err"] = f"{type(e).__name__}: {str(e)[:200]}"
-                if dry:
-                    break
         row["default_splits"] = ds
         rows.append(row)
         print(json.dumps(row), flush=True)

@@ -70,6 +70,10 @@ def jobs(quick: bool = False) -> List[tuple]:
                     ptrs["q_ptr"] = _TY[qd]
                     out.append((f"attn[{qd},{ka}/{va},qpk={qpk},splits={splits}]", kv4_attn_split_kernel, ptrs, ce, 4,
                                 "attn"))
+                    if ka == "channel":  # the folded-key variant (FOLD_K), same pools
+                        ce_f = attention_meta(qd, qpk, 128, 64, 32, tail, ka, va, splits, fold_k=True)
+                        out.append((f"attn-fold[{qd},{ka}/{va},qpk={qpk},splits={splits}]", kv4_attn_split_kernel,
+                                    ptrs, ce_f, 4, "attn"))
         ce = dict(HQ=32, NUM_SPLITS=8, SPLITS_P2=8, D=128)
         ptrs = dict(po_ptr="*fp32", pm_ptr="*fp32", pl_ptr="*fp32", out_ptr=_TY[qd])
         out.append((f"reduce[{qd}]", kv4_attn_reduce_kernel, ptrs, ce, 4, "reduce"))
@@ -80,7 +84,8 @@ def jobs(quick: bool = False) -> List[tuple]:
 #: 16-row padding of QPK=1 and QPK=8) with split-K, bf16 once, and the reduce
 CI_SET = ("append[token,torch.float16]", "append[channel,torch.float16]",
           "attn[torch.float16,channel/token,qpk=1,splits=8]", "attn[torch.float16,channel/token,qpk=8,splits=1]",
-          "attn[torch.bfloat16,channel/channel,qpk=4,splits=8]", "reduce[torch.float16]")
+          "attn[torch.bfloat16,channel/channel,qpk=4,splits=8]", "reduce[torch.float16]",
+          "attn-fold[torch.float16,channel/token,qpk=4,splits=8]")
 
 
 def compile_all(archs, quick: bool = False, ci: bool = False) -> List[dict]:

@@ -36,6 +36,8 @@ they match the float32 reference within summation-order error).
 from __future__ import annotations
 
 import math
+import os
+from typing import Optional
 
 import torch
 import triton
@@ -95,7 +97,7 @@ def kv4_attn_split_kernel(
     NUM_SPLITS: tl.constexpr, QPK: tl.constexpr, BLOCK_H: tl.constexpr, HALF_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, TAIL_N: tl.constexpr,
     K_TOK_DIV: tl.constexpr, K_CH_DIV: tl.constexpr, V_TOK_DIV: tl.constexpr, V_CH_DIV: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, FOLD_K: tl.constexpr = False,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -114,6 +116,8 @@ def kv4_attn_split_kernel(
     qb = q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh
     q_lo = tl.load(qb + 2 * j[None, :], mask=hmask[:, None], other=0.0).to(tl.float32) * qk_scale
     q_hi = tl.load(qb + 2 * j[None, :] + 1, mask=hmask[:, None], other=0.0).to(tl.float32) * qk_scale
+    q_lo_f = q_lo
+    q_hi_f = q_hi
     q_lo = q_lo.to(DOT_DTYPE)
     q_hi = q_hi.to(DOT_DTYPE)
 
@@ -130,21 +134,52 @@ def kv4_attn_split_kernel(
     for i in range(blk_start, blk_end):
         phys = phys_next
         phys_next = tl.load(bt_row + i + 1, mask=i + 1 < blk_end, other=0).to(tl.int64)
-        tmask = (i * BLOCK_SIZE + t) < lq
         pbase = phys * stride_pb + kvh * stride_ph
-        k_lo, k_hi = _dequant_tile(kp_ptr, ks_ptr, kz_ptr, pbase, phys * stride_ksb + kvh * stride_ksh, t, j, tmask,
-                                   stride_pt, stride_kst, K_TOK_DIV, K_CH_DIV)
-        s = _dot(q_lo, tl.trans(k_lo), DOT_DTYPE) + _dot(q_hi, tl.trans(k_hi), DOT_DTYPE)  # [BLOCK_H, BLOCK_SIZE]
-        s = tl.where(tmask[None, :], s, _NEG)
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v_lo, v_hi = _dequant_tile(vp_ptr, vs_ptr, vz_ptr, pbase, phys * stride_vsb + kvh * stride_vsh, t, j, tmask,
-                                   stride_pt, stride_vst, V_TOK_DIV, V_CH_DIV)
-        acc_lo = acc_lo * alpha[:, None] + _dot(p, v_lo, DOT_DTYPE)
-        acc_hi = acc_hi * alpha[:, None] + _dot(p, v_hi, DOT_DTYPE)
-        m_i = m_new
+        if FOLD_K:
+            # per-channel key groups (K_TOK_DIV = G tokens share one scale/zero row of D
+            # channels): fold them into the query instead of dequantizing K,
+            #     q . (k * sc + z) = (q * sc) . k + q . z
+            # per G-token sub-tile: two [D/2] scale loads and a [BLOCK_H, D/2] multiply replace
+            # the four [G, D/2] scale/zero gathers and the FMA over the K tile; the nibbles
+            # feed the dot as they are (0..15 is exact in fp16/bf16)
+            ksb = phys * stride_ksb + kvh * stride_ksh
+            for gi in tl.static_range(BLOCK_SIZE // K_TOK_DIV):
+                tg = gi * K_TOK_DIV + tl.arange(0, K_TOK_DIV)
+                tmask = (i * BLOCK_SIZE + tg) < lq
+                kq = tl.load(kp_ptr + pbase + tg[:, None] * stride_pt + j[None, :], mask=tmask[:, None], other=0)
+                srow = ksb + gi * stride_kst
+                sc_lo = tl.load(ks_ptr + srow + 2 * j).to(tl.float32)
+                sc_hi = tl.load(ks_ptr + srow + 2 * j + 1).to(tl.float32)
+                z_lo = tl.load(kz_ptr + srow + 2 * j).to(tl.float32)
+                z_hi = tl.load(kz_ptr + srow + 2 * j + 1).to(tl.float32)
+                bias = tl.sum(q_lo_f * z_lo[None, :] + q_hi_f * z_hi[None, :], axis=1)  # [BLOCK_H]
+                s = _dot(q_lo_f * sc_lo[None, :], tl.trans((kq & 0xF).to(tl.float32)), DOT_DTYPE) \
+                    + _dot(q_hi_f * sc_hi[None, :], tl.trans((kq >> 4).to(tl.float32)), DOT_DTYPE) + bias[:, None]
+                s = tl.where(tmask[None, :], s, _NEG)
+                m_new = tl.maximum(m_i, tl.max(s, axis=1))
+                alpha = tl.math.exp2(m_i - m_new)
+                p = tl.math.exp2(s - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, axis=1)
+                v_lo, v_hi = _dequant_tile(vp_ptr, vs_ptr, vz_ptr, pbase, phys * stride_vsb + kvh * stride_vsh, tg, j,
+                                           tmask, stride_pt, stride_vst, V_TOK_DIV, V_CH_DIV)
+                acc_lo = acc_lo * alpha[:, None] + _dot(p, v_lo, DOT_DTYPE)
+                acc_hi = acc_hi * alpha[:, None] + _dot(p, v_hi, DOT_DTYPE)
+                m_i = m_new
+        else:
+            tmask = (i * BLOCK_SIZE + t) < lq
+            k_lo, k_hi = _dequant_tile(kp_ptr, ks_ptr, kz_ptr, pbase, phys * stride_ksb + kvh * stride_ksh, t, j,
+                                       tmask, stride_pt, stride_kst, K_TOK_DIV, K_CH_DIV)
+            s = _dot(q_lo, tl.trans(k_lo), DOT_DTYPE) + _dot(q_hi, tl.trans(k_hi), DOT_DTYPE)  # [BLOCK_H, BLOCK_SIZE]
+            s = tl.where(tmask[None, :], s, _NEG)
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.math.exp2(m_i - m_new)
+            p = tl.math.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v_lo, v_hi = _dequant_tile(vp_ptr, vs_ptr, vz_ptr, pbase, phys * stride_vsb + kvh * stride_vsh, t, j,
+                                       tmask, stride_pt, stride_vst, V_TOK_DIV, V_CH_DIV)
+            acc_lo = acc_lo * alpha[:, None] + _dot(p, v_lo, DOT_DTYPE)
+            acc_hi = acc_hi * alpha[:, None] + _dot(p, v_hi, DOT_DTYPE)
+            m_i = m_new
 
     if TAIL_N > 0:
         if split == NUM_SPLITS - 1:
@@ -208,24 +243,42 @@ def _axis_divs(axis: str, group_size: int):
     return (1, group_size) if axis == "token" else (group_size, 1)
 
 
+#: opt-in switch for the folded-key variant (FOLD_K) until the GPU measures it against the
+#: dequantizing one: "1" on, anything else off; the ``fold_k`` argument overrides it
+ENV_FOLD_K = "COMETQ_KV4_FOLD_K"
+
+
+def fold_k_eligible(key_axis: str, group_size: int) -> bool:
+    """FOLD_K needs per-channel key groups (one scale row per G tokens) of G >= 16 tokens
+    (a sub-tile is a ``tl.dot`` operand: N, K >= 16)."""
+    return key_axis == "channel" and group_size >= 16
+
+
 def attention_meta(dot_dtype, qpk: int, head_dim: int, block_size: int, group_size: int, tail_g: int,
-                   key_axis: str, value_axis: str, num_splits: int):
+                   key_axis: str, value_axis: str, num_splits: int, fold_k: bool = False):
     """constexprs of :func:`kv4_attn_split_kernel` for one call (shared with the AOT test)."""
     kt, kc = _axis_divs(key_axis, group_size)
     vt, vc = _axis_divs(value_axis, group_size)
     return dict(NUM_SPLITS=num_splits, QPK=qpk, BLOCK_H=max(16, triton.next_power_of_2(qpk)), HALF_D=head_dim // 2,
                 BLOCK_SIZE=block_size, TAIL_N=0 if tail_g == 0 else max(16, triton.next_power_of_2(tail_g)),
-                K_TOK_DIV=kt, K_CH_DIV=kc, V_TOK_DIV=vt, V_CH_DIV=vc, DOT_DTYPE=_DOT[dot_dtype])
+                K_TOK_DIV=kt, K_CH_DIV=kc, V_TOK_DIV=vt, V_CH_DIV=vc, DOT_DTYPE=_DOT[dot_dtype], FOLD_K=bool(fold_k))
 
 
 def kv4_decode_attention_triton(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, tail_k, tail_v,
                                 block_tables, quant_lens, tail_lens, seq_ids, group_size: int, key_axis: str,
                                 value_axis: str, sm_scale: float, num_splits: int, *, num_warps: int = 4,
-                                num_stages: int = None):
+                                num_stages: int = None, fold_k: Optional[bool] = None):
     """Launch split + reduce (arguments as ``cometq.ops.kv4_decode_attention``).
 
     ``num_warps`` / ``num_stages`` of the split kernel are keyword extras for
-    benchmark sweeps (None: Triton's default stages)."""
+    benchmark sweeps (None: Triton's default stages).  ``fold_k``: fold per-channel
+    key scales into the query (FOLD_K) instead of dequantizing K; None: the
+    ``COMETQ_KV4_FOLD_K`` environment variable (off unless "1"), and only where
+    :func:`fold_k_eligible`; True on an ineligible pool is an error."""
+    if fold_k is None:
+        fold_k = os.environ.get(ENV_FOLD_K, "0") == "1" and fold_k_eligible(key_axis, group_size)
+    elif fold_k and not fold_k_eligible(key_axis, group_size):
+        raise ValueError(f"fold_k needs key_axis 'channel' and group_size >= 16, got {key_axis!r} / {group_size}")
     bsz, hq, d = q.shape
     nb, h, bs, half = k_packed.shape
     if half & (half - 1) or half < 16 or bs & (bs - 1) or bs < 16:
@@ -244,7 +297,7 @@ def kv4_decode_attention_triton(q, k_packed, k_scale, k_zero, v_packed, v_scale,
     # the CPU interpreter computes bf16 tl.dot wrongly (numpy has no bf16); there the
     # dots run in fp32 -- the GPU bf16 variant is covered by the AOT compile test
     dot_dtype = torch.float32 if (q.device.type == "cpu" and q.dtype == torch.bfloat16) else q.dtype
-    meta = attention_meta(dot_dtype, hq // h, d, bs, group_size, tail_k.shape[2], key_axis, value_axis, ns)
+    meta = attention_meta(dot_dtype, hq // h, d, bs, group_size, tail_k.shape[2], key_axis, value_axis, ns, fold_k)
     kv4_attn_split_kernel[(bsz, h, ns)](
         q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, tail_k, tail_v,
         block_tables, quant_lens, tail_lens, seq_ids, po, pm, pl,

@@ -49,3 +49,15 @@ def test_diag_decode_dry_run(tmp_path):
     whats = {row["what"] for row in data["rows"]}
     assert {"act_quant", "w4ax", "w4ax_det+aq", "attention"} <= whats
     assert not [row for row in data["rows"] if any(k.endswith("_err") for k in row)]
+
+
+def test_bench_attention_dry_run(tmp_path):
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    out = tmp_path / "attn"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_attention.py"), "--dry-run", "--out",
+                        str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    data = json.load(open(str(out) + ".json"))
+    row = data["rows"][0]
+    assert row["ms_kv4"] > 0 and row["ms_kv4_fold"] > 0  # both variants ran (G=16 channel keys: fold eligible)
+    assert "fold_k" in open(str(out) + ".md").read()

@@ -145,7 +145,8 @@ def test_aot_compile_sm80_sm90(tmp_path):
     import json
 
     res = json.loads(out.read_text())
-    assert {x["arch"] for x in res} == {80, 90} and all(x["ok"] for x in res) and len(res) == 12
+    assert {x["arch"] for x in res} == {80, 90} and all(x["ok"] for x in res) and len(res) == 14
+    assert any(x["name"].startswith("attn-fold") for x in res)
     assert any(x["name"].startswith("attn") for x in res) and any(x["name"].startswith("append") for x in res)
 
 
@@ -178,3 +179,35 @@ def test_torch_compile_fullgraph_append_then_attend():
     assert torch.equal(outs[0][0], outs[1][0])
     assert torch.equal(outs[0][1], outs[1][1]) and torch.equal(outs[0][2], outs[1][2])
     assert bool(outs[1][1][63].any())  # the append really wrote
+
+
+@pytest.mark.parametrize("group,block,qpk", [(16, 32, 4), (32, 64, 1), (16, 16, 8)])
+def test_triton_fold_k_matches_reference(group, block, qpk):
+    """FOLD_K (per-channel key scales folded into the query) vs the reference, and vs the
+    dequantizing variant: equal up to rounding (odd lengths, partial groups, staged tails)."""
+    from cometq.kernels.kv4_attention import kv4_decode_attention_triton
+
+    lengths = [1, group - 3, 2 * block + 5, 3 * block]
+    pool, sids = build_pool(("channel", "token"), lengths, head_dim=32, block_size=block, group_size=group,
+                            device=DEV)
+    q = torch.randn(len(sids), 2 * qpk, 32, generator=torch.Generator().manual_seed(group + qpk)).to(DEV)
+    ref = _call(pool, q, sids, "reference", 1)
+    a = _raw_args(pool, q, sids)
+    for ns in (1, 3):
+        got = kv4_decode_attention_triton(*a, 32 ** -0.5, ns, fold_k=True)
+        base = kv4_decode_attention_triton(*a, 32 ** -0.5, ns, fold_k=False)
+        torch.testing.assert_close(got, ref, rtol=ATTN_RTOL, atol=ATTN_ATOL)
+        torch.testing.assert_close(got, base, rtol=ATTN_RTOL, atol=ATTN_ATOL)
+
+
+def test_fold_k_switch(monkeypatch):
+    from cometq.kernels import kv4_attention as KA
+
+    assert KA.fold_k_eligible("channel", 32) and not KA.fold_k_eligible("token", 32)
+    assert not KA.fold_k_eligible("channel", 8)
+    pool, sids = build_pool(("token", "token"), [20], device=DEV)
+    a = _raw_args(pool, torch.randn(1, 4, 32).to(DEV), sids)
+    with pytest.raises(ValueError, match="fold_k needs key_axis 'channel' and group_size >= 16"):
+        KA.kv4_decode_attention_triton(*a, 0.2, 1, fold_k=True)
+    monkeypatch.setenv(KA.ENV_FOLD_K, "1")  # ineligible pool: the switch is ignored, not an error
+    KA.kv4_decode_attention_triton(*a, 0.2, 1)
