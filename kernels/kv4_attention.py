@@ -81,6 +81,22 @@ def _dot(a, b, DOT_DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _softmax_step(s, tmask, m_i, l_i, acc_lo, acc_hi, v_lo, v_hi, DOT_DTYPE: tl.constexpr):
+    """One online-softmax step over a tile of keys: scores ``s [BLOCK_H, T]`` (columns with
+    ``tmask`` False get weight 0), values ``v_lo / v_hi [T, D/2]`` -> updated ``(m, l, acc_lo, acc_hi)``."""
+    s = tl.where(tmask[None, :], s, _NEG)
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.math.exp2(m_i - m_new)
+    # masked columns: exp2(_NEG - m) underflows to 0 unless the whole row is masked (a tail
+    # with no tokens): the where makes that case 0 too
+    p = tl.where(tmask[None, :], tl.math.exp2(s - m_new[:, None]), 0.0)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc_lo = acc_lo * alpha[:, None] + _dot(p, v_lo, DOT_DTYPE)
+    acc_hi = acc_hi * alpha[:, None] + _dot(p, v_hi, DOT_DTYPE)
+    return m_new, l_i, acc_lo, acc_hi
+
+
+@triton.jit
 def kv4_attn_split_kernel(
     q_ptr, kp_ptr, ks_ptr, kz_ptr, vp_ptr, vs_ptr, vz_ptr, tk_ptr, tv_ptr,
     bt_ptr, qlen_ptr, tlen_ptr, sid_ptr,
@@ -155,31 +171,17 @@ def kv4_attn_split_kernel(
                 bias = tl.sum(q_lo_f * z_lo[None, :] + q_hi_f * z_hi[None, :], axis=1)  # [BLOCK_H]
                 s = _dot(q_lo_f * sc_lo[None, :], tl.trans((kq & 0xF).to(tl.float32)), DOT_DTYPE) \
                     + _dot(q_hi_f * sc_hi[None, :], tl.trans((kq >> 4).to(tl.float32)), DOT_DTYPE) + bias[:, None]
-                s = tl.where(tmask[None, :], s, _NEG)
-                m_new = tl.maximum(m_i, tl.max(s, axis=1))
-                alpha = tl.math.exp2(m_i - m_new)
-                p = tl.math.exp2(s - m_new[:, None])
-                l_i = l_i * alpha + tl.sum(p, axis=1)
                 v_lo, v_hi = _dequant_tile(vp_ptr, vs_ptr, vz_ptr, pbase, phys * stride_vsb + kvh * stride_vsh, tg, j,
                                            tmask, stride_pt, stride_vst, V_TOK_DIV, V_CH_DIV)
-                acc_lo = acc_lo * alpha[:, None] + _dot(p, v_lo, DOT_DTYPE)
-                acc_hi = acc_hi * alpha[:, None] + _dot(p, v_hi, DOT_DTYPE)
-                m_i = m_new
+                m_i, l_i, acc_lo, acc_hi = _softmax_step(s, tmask, m_i, l_i, acc_lo, acc_hi, v_lo, v_hi, DOT_DTYPE)
         else:
             tmask = (i * BLOCK_SIZE + t) < lq
             k_lo, k_hi = _dequant_tile(kp_ptr, ks_ptr, kz_ptr, pbase, phys * stride_ksb + kvh * stride_ksh, t, j,
                                        tmask, stride_pt, stride_kst, K_TOK_DIV, K_CH_DIV)
             s = _dot(q_lo, tl.trans(k_lo), DOT_DTYPE) + _dot(q_hi, tl.trans(k_hi), DOT_DTYPE)  # [BLOCK_H, BLOCK_SIZE]
-            s = tl.where(tmask[None, :], s, _NEG)
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.math.exp2(m_i - m_new)
-            p = tl.math.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
             v_lo, v_hi = _dequant_tile(vp_ptr, vs_ptr, vz_ptr, pbase, phys * stride_vsb + kvh * stride_vsh, t, j,
                                        tmask, stride_pt, stride_vst, V_TOK_DIV, V_CH_DIV)
-            acc_lo = acc_lo * alpha[:, None] + _dot(p, v_lo, DOT_DTYPE)
-            acc_hi = acc_hi * alpha[:, None] + _dot(p, v_hi, DOT_DTYPE)
-            m_i = m_new
+            m_i, l_i, acc_lo, acc_hi = _softmax_step(s, tmask, m_i, l_i, acc_lo, acc_hi, v_lo, v_hi, DOT_DTYPE)
 
     if TAIL_N > 0:
         if split == NUM_SPLITS - 1:
@@ -191,18 +193,9 @@ def kv4_attn_split_kernel(
             k_lo = tl.load(tkb + 2 * j[None, :], mask=tm[:, None], other=0.0).to(tl.float32)
             k_hi = tl.load(tkb + 2 * j[None, :] + 1, mask=tm[:, None], other=0.0).to(tl.float32)
             s = _dot(q_lo, tl.trans(k_lo), DOT_DTYPE) + _dot(q_hi, tl.trans(k_hi), DOT_DTYPE)
-            s = tl.where(tm[None, :], s, _NEG)
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.math.exp2(m_i - m_new)
-            p = tl.math.exp2(s - m_new[:, None])
-            # masked columns: exp2(_NEG - m) underflows to 0 unless the row is all masked
-            p = tl.where(tm[None, :], p, 0.0)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
             v_lo = tl.load(tvb + 2 * j[None, :], mask=tm[:, None], other=0.0).to(tl.float32)
             v_hi = tl.load(tvb + 2 * j[None, :] + 1, mask=tm[:, None], other=0.0).to(tl.float32)
-            acc_lo = acc_lo * alpha[:, None] + _dot(p, v_lo, DOT_DTYPE)
-            acc_hi = acc_hi * alpha[:, None] + _dot(p, v_hi, DOT_DTYPE)
-            m_i = m_new
+            m_i, l_i, acc_lo, acc_hi = _softmax_step(s, tm, m_i, l_i, acc_lo, acc_hi, v_lo, v_hi, DOT_DTYPE)
 
     # partials: acc [B, Hq, S, D] (even/odd channels interleaved back), m/l [B, Hq, S]
     ob = po_ptr + b.to(tl.int64) * stride_pob + heads[:, None] * stride_poh + split * stride_pos
