@@ -88,6 +88,29 @@ CI_SET = ("append[token,torch.float16]", "append[channel,torch.float16]",
           "attn-fold[torch.float16,channel/token,qpk=4,splits=8]")
 
 
+def ptxas_usage(ptx: str, arch: int) -> dict:
+    """Registers and spill bytes per thread of a kernel's PTX, from Triton's bundled ``ptxas -v``
+    (what the GPU will run, without a GPU: occupancy steps at 168 / 128 registers for 4 warps)."""
+    import re
+    import subprocess
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    tool = get_ptxas(arch)
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as fh:
+            fh.write(ptx)
+        sm = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
+        r = subprocess.run([getattr(tool, "path", str(tool)), f"-arch={sm}", "-v", src, "-o", os.path.join(d, "k.cubin")],
+                           capture_output=True, text=True, timeout=300)
+    text = r.stdout + r.stderr
+    regs = re.search(r"Used (\d+) registers", text)
+    spill = re.search(r"(\d+) bytes spill stores", text)
+    return {"registers": int(regs.group(1)) if regs else None, "spill_bytes": int(spill.group(1)) if spill else None}
+
+
 def compile_all(archs, quick: bool = False, ci: bool = False) -> List[dict]:
     results = []
     for arch in archs:
@@ -106,6 +129,8 @@ def compile_all(archs, quick: bool = False, ci: bool = False) -> List[dict]:
                     checks.append(("tensor-core mma", "mma" in ptx))
                 bad = [c for c, ok in checks if not ok]
                 r.update(ok=not bad, failed_checks=bad, shared=k.metadata.shared)
+                if kind == "attn":
+                    r.update(ptxas_usage(ptx, arch))
             except Exception as e:  # noqa: BLE001 - reported per variant
                 r["error"] = f"{type(e).__name__}: {str(e)[:500]}"
             results.append(r)

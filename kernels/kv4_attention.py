@@ -113,7 +113,7 @@ def kv4_attn_split_kernel(
     NUM_SPLITS: tl.constexpr, QPK: tl.constexpr, BLOCK_H: tl.constexpr, HALF_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, TAIL_N: tl.constexpr,
     K_TOK_DIV: tl.constexpr, K_CH_DIV: tl.constexpr, V_TOK_DIV: tl.constexpr, V_CH_DIV: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, FOLD_K: tl.constexpr = False,
+    DOT_DTYPE: tl.constexpr, FOLD_K: tl.constexpr = False, TILE: tl.constexpr = 16,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -141,47 +141,44 @@ def kv4_attn_split_kernel(
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc_lo = tl.zeros([BLOCK_H, HALF_D], tl.float32)
     acc_hi = tl.zeros([BLOCK_H, HALF_D], tl.float32)
-    t = tl.arange(0, BLOCK_SIZE)
-    # the block-table entry is fetched one iteration ahead: the K/V addresses of iteration i
-    # then depend on a loop-carried value, not on a load issued in the same iteration (which
-    # would leave every K/V load waiting on a dependent global load)
+    # the loop walks token tiles of TILE tokens (TILE divides BLOCK_SIZE): a pool block of 64
+    # tokens in one tile held [64, D/2] fp32 K/V halves plus their scale/zero gathers in
+    # registers -- 255 registers and spills at 4 warps (ptxas, sm_90a) -- where 32-token tiles
+    # need ~150 and no spills; a runtime loop (not a static unroll over a block's tiles) keeps
+    # the compiler from hoisting the next tile's loads into the same register budget
+    NSUB: tl.constexpr = BLOCK_SIZE // TILE
+    tt = tl.arange(0, TILE)
     bt_row = bt_ptr + slot.to(tl.int64) * stride_bts
-    phys_next = tl.load(bt_row + blk_start, mask=blk_start < blk_end, other=0).to(tl.int64)
-    for i in range(blk_start, blk_end):
-        phys = phys_next
-        phys_next = tl.load(bt_row + i + 1, mask=i + 1 < blk_end, other=0).to(tl.int64)
+    for it in range(blk_start * NSUB, blk_end * NSUB):
+        i = it // NSUB
+        sub = it % NSUB
+        phys = tl.load(bt_row + i).to(tl.int64)  # same entry for the NSUB tiles of a block (L1 hit)
+        tok = sub * TILE + tt  # token rows within the block
+        tmask = (i * BLOCK_SIZE + tok) < lq
         pbase = phys * stride_pb + kvh * stride_ph
         if FOLD_K:
-            # per-channel key groups (K_TOK_DIV = G tokens share one scale/zero row of D
-            # channels): fold them into the query instead of dequantizing K,
+            # per-channel key groups (TILE = K_TOK_DIV = G tokens share one scale/zero row of
+            # D channels): fold them into the query instead of dequantizing K,
             #     q . (k * sc + z) = (q * sc) . k + q . z
-            # per G-token sub-tile: two [D/2] scale loads and a [BLOCK_H, D/2] multiply replace
-            # the four [G, D/2] scale/zero gathers and the FMA over the K tile; the nibbles
-            # feed the dot as they are (0..15 is exact in fp16/bf16)
-            ksb = phys * stride_ksb + kvh * stride_ksh
-            for gi in tl.static_range(BLOCK_SIZE // K_TOK_DIV):
-                tg = gi * K_TOK_DIV + tl.arange(0, K_TOK_DIV)
-                tmask = (i * BLOCK_SIZE + tg) < lq
-                kq = tl.load(kp_ptr + pbase + tg[:, None] * stride_pt + j[None, :], mask=tmask[:, None], other=0)
-                srow = ksb + gi * stride_kst
-                sc_lo = tl.load(ks_ptr + srow + 2 * j).to(tl.float32)
-                sc_hi = tl.load(ks_ptr + srow + 2 * j + 1).to(tl.float32)
-                z_lo = tl.load(kz_ptr + srow + 2 * j).to(tl.float32)
-                z_hi = tl.load(kz_ptr + srow + 2 * j + 1).to(tl.float32)
-                bias = tl.sum(q_lo_f * z_lo[None, :] + q_hi_f * z_hi[None, :], axis=1)  # [BLOCK_H]
-                s = _dot(q_lo_f * sc_lo[None, :], tl.trans((kq & 0xF).to(tl.float32)), DOT_DTYPE) \
-                    + _dot(q_hi_f * sc_hi[None, :], tl.trans((kq >> 4).to(tl.float32)), DOT_DTYPE) + bias[:, None]
-                v_lo, v_hi = _dequant_tile(vp_ptr, vs_ptr, vz_ptr, pbase, phys * stride_vsb + kvh * stride_vsh, tg, j,
-                                           tmask, stride_pt, stride_vst, V_TOK_DIV, V_CH_DIV)
-                m_i, l_i, acc_lo, acc_hi = _softmax_step(s, tmask, m_i, l_i, acc_lo, acc_hi, v_lo, v_hi, DOT_DTYPE)
+            # two [D/2] scale loads and a [BLOCK_H, D/2] multiply replace the four [G, D/2]
+            # scale/zero gathers and the FMA over the K tile; the nibbles feed the dot as they
+            # are (0..15 is exact in fp16/bf16)
+            kq = tl.load(kp_ptr + pbase + tok[:, None] * stride_pt + j[None, :], mask=tmask[:, None], other=0)
+            srow = phys * stride_ksb + kvh * stride_ksh + sub * stride_kst
+            sc_lo = tl.load(ks_ptr + srow + 2 * j).to(tl.float32)
+            sc_hi = tl.load(ks_ptr + srow + 2 * j + 1).to(tl.float32)
+            z_lo = tl.load(kz_ptr + srow + 2 * j).to(tl.float32)
+            z_hi = tl.load(kz_ptr + srow + 2 * j + 1).to(tl.float32)
+            bias = tl.sum(q_lo_f * z_lo[None, :] + q_hi_f * z_hi[None, :], axis=1)  # [BLOCK_H]
+            s = _dot(q_lo_f * sc_lo[None, :], tl.trans((kq & 0xF).to(tl.float32)), DOT_DTYPE) \
+                + _dot(q_hi_f * sc_hi[None, :], tl.trans((kq >> 4).to(tl.float32)), DOT_DTYPE) + bias[:, None]
         else:
-            tmask = (i * BLOCK_SIZE + t) < lq
-            k_lo, k_hi = _dequant_tile(kp_ptr, ks_ptr, kz_ptr, pbase, phys * stride_ksb + kvh * stride_ksh, t, j,
+            k_lo, k_hi = _dequant_tile(kp_ptr, ks_ptr, kz_ptr, pbase, phys * stride_ksb + kvh * stride_ksh, tok, j,
                                        tmask, stride_pt, stride_kst, K_TOK_DIV, K_CH_DIV)
-            s = _dot(q_lo, tl.trans(k_lo), DOT_DTYPE) + _dot(q_hi, tl.trans(k_hi), DOT_DTYPE)  # [BLOCK_H, BLOCK_SIZE]
-            v_lo, v_hi = _dequant_tile(vp_ptr, vs_ptr, vz_ptr, pbase, phys * stride_vsb + kvh * stride_vsh, t, j,
-                                       tmask, stride_pt, stride_vst, V_TOK_DIV, V_CH_DIV)
-            m_i, l_i, acc_lo, acc_hi = _softmax_step(s, tmask, m_i, l_i, acc_lo, acc_hi, v_lo, v_hi, DOT_DTYPE)
+            s = _dot(q_lo, tl.trans(k_lo), DOT_DTYPE) + _dot(q_hi, tl.trans(k_hi), DOT_DTYPE)  # [BLOCK_H, TILE]
+        v_lo, v_hi = _dequant_tile(vp_ptr, vs_ptr, vz_ptr, pbase, phys * stride_vsb + kvh * stride_vsh, tok, j,
+                                   tmask, stride_pt, stride_vst, V_TOK_DIV, V_CH_DIV)
+        m_i, l_i, acc_lo, acc_hi = _softmax_step(s, tmask, m_i, l_i, acc_lo, acc_hi, v_lo, v_hi, DOT_DTYPE)
 
     if TAIL_N > 0:
         if split == NUM_SPLITS - 1:
@@ -247,6 +244,12 @@ def fold_k_eligible(key_axis: str, group_size: int) -> bool:
     return key_axis == "channel" and group_size >= 16
 
 
+def attention_tile(block_size: int, group_size: int, fold_k: bool) -> int:
+    """Tokens per loop iteration: one key group with FOLD_K (its scale row is folded into q),
+    else min(32, block size) (see the kernel's register note)."""
+    return group_size if fold_k else min(32, block_size)
+
+
 def attention_meta(dot_dtype, qpk: int, head_dim: int, block_size: int, group_size: int, tail_g: int,
                    key_axis: str, value_axis: str, num_splits: int, fold_k: bool = False):
     """constexprs of :func:`kv4_attn_split_kernel` for one call (shared with the AOT test)."""
@@ -254,7 +257,8 @@ def attention_meta(dot_dtype, qpk: int, head_dim: int, block_size: int, group_si
     vt, vc = _axis_divs(value_axis, group_size)
     return dict(NUM_SPLITS=num_splits, QPK=qpk, BLOCK_H=max(16, triton.next_power_of_2(qpk)), HALF_D=head_dim // 2,
                 BLOCK_SIZE=block_size, TAIL_N=0 if tail_g == 0 else max(16, triton.next_power_of_2(tail_g)),
-                K_TOK_DIV=kt, K_CH_DIV=kc, V_TOK_DIV=vt, V_CH_DIV=vc, DOT_DTYPE=_DOT[dot_dtype], FOLD_K=bool(fold_k))
+                K_TOK_DIV=kt, K_CH_DIV=kc, V_TOK_DIV=vt, V_CH_DIV=vc, DOT_DTYPE=_DOT[dot_dtype], FOLD_K=bool(fold_k),
+                TILE=attention_tile(block_size, group_size, fold_k))
 
 
 def kv4_decode_attention_triton(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, tail_k, tail_v,
