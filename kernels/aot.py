@@ -434,6 +434,10 @@ def run(archs: List[int], level: str = "full") -> List[dict]:
                 rec.update(ok=problem is None, problem=problem, shared=k.metadata.shared,
                            wgmma=ptx.count("wgmma.mma_async"), wgmma_a_in_regs=_wgmma_a_regs(ptx),
                            wide_loads=_wide_loads(ptx))
+                if arch == 90 and name.startswith("gemm["):  # the generated configs: registers / spills
+                    from .kv4_aot import ptxas_usage
+
+                    rec.update(ptxas_usage(ptx, arch))
             except Exception as e:  # noqa: BLE001 - reported per variant
                 rec.update(error=f"{type(e).__name__}: {str(e)[:400]}")
             rec["seconds"] = round(time.time() - t0, 2)

@@ -612,9 +612,13 @@ def gen_configs(mb: int, n: int, k: int, n_int8: int, *, interpret: Optional[boo
         if n_int8:
             for bm, bn, w, s, sw in ((128, 128, 8, 3, False), (128, 256, 8, 3, False), (128, 128, 8, 3, True)):
                 cfgs.append(GemmConfig(bm, bn, 8, 1, w, s, swap_ab=sw, interleave8=True))
-    # dedupe, keep order
+    # dedupe, keep order; drop tiles whose two [BM, BN] accumulators (fp32 result + int32
+    # block sum) need more than 64 registers per thread each: ptxas (sm_90a) spills those
+    # (128x256 / 256x128 at 8 warps, 128x128 at 4 warps: 1-2.4 KB of spills per thread)
     seen, out = set(), []
     for c in cfgs:
+        if c.block_m * c.block_n > 64 * 32 * c.num_warps:
+            continue
         if c not in seen:
             seen.add(c)
             out.append(c)
