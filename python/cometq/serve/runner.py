@@ -136,11 +136,15 @@ class ModelRunner:
         n = q.shape[0]
         rep = self.n_heads // self.n_kv_heads
         qh = q.transpose(0, 1)[None]  # [1, H, n, D]
-        kh = k_all.transpose(0, 1).repeat_interleave(rep, dim=0)[None]
-        vh = v_all.transpose(0, 1).repeat_interleave(rep, dim=0)[None]
+        kh = k_all.transpose(0, 1)[None]  # [1, Hkv, T, D]
+        vh = v_all.transpose(0, 1)[None]
         if start == 0:
-            out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=self.scale)
+            # causal, no mask: GQA inside SDPA (flash supports it), no [H, T, D] K/V copies
+            out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=self.scale, enable_gqa=rep > 1)
         else:
+            # a continued chunk needs a mask, which the GQA-capable fused kernels do not take:
+            # expand the heads so the masked call stays on a fused (memory-efficient) kernel
+            kh, vh = kh.repeat_interleave(rep, dim=1), vh.repeat_interleave(rep, dim=1)
             qi = torch.arange(n, device=q.device)[:, None] + start
             kj = torch.arange(start + n, device=q.device)[None, :]
             out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=kj <= qi, scale=self.scale)
