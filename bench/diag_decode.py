@@ -10,6 +10,8 @@ causes in one short run:
   (``do_bench``: includes Python launch overhead whenever the CPU is slower than
   the GPU) and replayed from a CUDA graph (``do_bench_cudagraph``: GPU time
   only), beside cuBLAS FP16 timed both ways; achieved GB/s over the weight bytes.
+* ``w4ax_unordered``: the first candidate on the same blocks with the INT8 ones last (the
+  kernel's ORDERED fast path off: block order read from a table inside the loop).
 * ``act_quant``: the fused activation quantization alone, eager vs graph.
 * ``attention``: the KV4 paged decode kernel over a sweep of split counts and
   warps (Llama-3-8B heads) vs SDPA, kernel launcher only.
@@ -105,8 +107,20 @@ def gemm_rows(dev, dry, ms, shapes):
                       nbytes=wbytes)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-            # the deterministic reduction and the whole linear on the first candidate
+            # ORDERED A/B: the same blocks with the INT8 ones last (not INT8-first: the kernel then
+            # reads the block order table inside its loop) on the first candidate
             cfg = cands[0]
+            nb_ = lay.block_bits.numel()
+            bits_last = torch.full((nb_,), 4, dtype=torch.int32, device=dev)
+            bits_last[nb_ - lay.n_int8:] = 8
+            qa_l = R.quantize_activation(x.float(), ActivationLayout(lay.perm, bits_last, 0.9), "block")
+            row = dict(base, what="w4ax_unordered", config=repr(cfg))
+            _both(row, "w4ax", lambda: w4ax_gemm_triton(qa_l.q4, qa_l.q8, qa_l.scales, bits_last, qw.qweight, qw.scales,
+                                                          128, None, torch.float16, "block", config=cfg), dry,
+                  nbytes=wbytes)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            # the deterministic reduction and the whole linear on the first candidate
             row = dict(base, what="w4ax_det+aq", config=repr(cfg))
             _both(row, "w4ax_det", lambda: w4ax_gemm_triton(q4, q8, sc, lay.block_bits, qw.qweight, qw.scales, 128,
                                                               None, torch.float16, "block", config=cfg,

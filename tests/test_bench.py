@@ -47,7 +47,7 @@ def test_diag_decode_dry_run(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     data = json.load(open(tmp_path / "diag_decode.json"))
     whats = {row["what"] for row in data["rows"]}
-    assert {"act_quant", "w4ax", "w4ax_det+aq", "attention"} <= whats
+    assert {"act_quant", "w4ax", "w4ax_unordered", "w4ax_det+aq", "attention"} <= whats
     assert not [row for row in data["rows"] if any(k.endswith("_err") for k in row)]
 
 
