@@ -79,8 +79,12 @@ path's zero fill + fp32 atomics + cast.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 import os
+import tempfile
+import warnings
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
@@ -626,20 +630,70 @@ def gen_configs(mb: int, n: int, k: int, n_int8: int, *, interpret: Optional[boo
 
 
 _CONFIG_CACHE: Dict[tuple, GemmConfig] = {}
+#: a JSON file that keeps tuned configs across processes (like Triton's own autotune cache):
+#: a serving process then starts with every shape bucket it has seen before already tuned
+ENV_CONFIG_CACHE = "COMETQ_GEMM_CONFIG_CACHE"
+_FILE_CONFIGS: Dict[str, Dict[str, dict]] = {}  # path -> {key string: config fields}
 
 
-def select_config(m: int, n: int, k_pad: int, n_int8: int, bench_fn=None, variant: tuple = ()) -> GemmConfig:
+def _file_key(key: tuple, device_name: str) -> str:
+    return json.dumps([device_name, triton.__version__, *[str(x) for x in key]])
+
+
+def _file_configs(path: str) -> Dict[str, dict]:
+    if path not in _FILE_CONFIGS:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                data = json.load(fh)
+            entries = data.get("configs", {}) if isinstance(data, dict) else {}
+            _FILE_CONFIGS[path] = entries if isinstance(entries, dict) else {}
+        except (OSError, ValueError):  # missing or unreadable: start empty (never crash a run)
+            _FILE_CONFIGS[path] = {}
+    return _FILE_CONFIGS[path]
+
+
+def _save_file_config(path: str, fkey: str, cfg: GemmConfig) -> None:
+    entries = _file_configs(path)
+    entries[fkey] = dataclasses.asdict(cfg)
+    try:
+        d = os.path.dirname(os.path.abspath(path))
+        os.makedirs(d, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".cometq-gemm-configs-", suffix=".json", dir=d)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump({"format": 1, "configs": entries}, fh, indent=1, sort_keys=True)
+        os.replace(tmp, path)  # atomic: a reader never sees half a file
+    except OSError as e:
+        warnings.warn(f"cometq: could not write the GEMM config cache {path!r}: {e}", UserWarning, stacklevel=3)
+
+
+def select_config(m: int, n: int, k_pad: int, n_int8: int, bench_fn=None, variant: tuple = (),
+                  device_name: str = "") -> GemmConfig:
     """Pick (and cache per (M-bucket, N, K, n_int8) + ``variant``) the fastest candidate.
 
     ``bench_fn(cfg) -> seconds`` times one config (the caller launches it); without
     one, or with a single candidate, the first candidate is used.  ``variant``
     (path, scale mode, group) keeps e.g. the persistent path's choice apart.
+    With ``COMETQ_GEMM_CONFIG_CACHE`` set to a JSON path, a tuned choice is also written
+    there (keyed by ``device_name`` and the Triton version) and read back by later
+    processes, tuning or not -- only while it is still one of the generated candidates.
     """
     key = (m_bucket(m), n, k_pad, n_int8, interpreting()) + tuple(variant)
     hit = _CONFIG_CACHE.get(key)
     if hit is not None:
         return hit
     cands = gen_configs(key[0], n, k_pad, n_int8)
+    # read even when not tuning (COMETQ_GEMM_TUNE=0): a choice tuned earlier beats the first candidate
+    path = os.environ.get(ENV_CONFIG_CACHE) if len(cands) > 1 else None
+    fkey = _file_key(key, device_name) if path else None
+    if path:
+        stored = _file_configs(path).get(fkey)
+        try:
+            cfg = GemmConfig(**stored) if isinstance(stored, dict) else None
+        except (TypeError, ValueError):
+            cfg = None
+        if cfg is not None and cfg in cands:
+            _CONFIG_CACHE[key] = cfg
+            return cfg
     best = cands[0]
     if bench_fn is not None and len(cands) > 1:
         times = []
@@ -650,6 +704,8 @@ def select_config(m: int, n: int, k_pad: int, n_int8: int, bench_fn=None, varian
                 continue
         if times:
             best = min(times, key=lambda t: t[0])[1]
+            if path:
+                _save_file_config(path, fkey, best)
     _CONFIG_CACHE[key] = best
     return best
 
@@ -743,6 +799,18 @@ def stream_k_slots(items: np.ndarray, n_tiles: int):
     first = np.searchsorted(tiles, split_tiles, side="left")
     red = np.stack((split_tiles, slots[first] if len(first) else first, counts[split_tiles]), axis=1)
     return slots, red.astype(np.int32).reshape(-1, 3)
+
+
+@functools.lru_cache(maxsize=16)
+def _device_name_cached(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+def _device_name(device: torch.device) -> str:
+    """The card's name (the config cache key: a choice tuned on one GPU model is not reused on another)."""
+    if device.type == "cuda":
+        return _device_name_cached(device.index if device.index is not None else torch.cuda.current_device())
+    return device.type
 
 
 def _num_sms(device: torch.device) -> int:
@@ -1000,7 +1068,8 @@ def w4ax_gemm_triton(
 
             bench_fn = lambda c: do_bench(lambda: launch(c, _path_for(c, path)), warmup=5, rep=20)  # noqa: E731
         variant = (path, scale_mode, g) + (("asym",) if asym else ()) + (("det",) if det else ())
-        config = select_config(m, n, k_pad, n8, bench_fn, variant=variant)
+        config = select_config(m, n, k_pad, n8, bench_fn, variant=variant,
+                               device_name=_device_name(dev) if os.environ.get(ENV_CONFIG_CACHE) else "")
     which = _path_for(config, path)
     if which == "splitk" and config.split == 1 and path == "splitk":
         # forced split-K with a non-split config: split over the blocks anyway

@@ -267,6 +267,55 @@ def test_configs_and_cache(monkeypatch):
     assert len(calls) == 8
 
 
+def test_select_config_file_cache(monkeypatch, tmp_path):
+    """COMETQ_GEMM_CONFIG_CACHE keeps tuned choices across processes (here: a cleared in-memory
+    cache); a stored config that is no longer a candidate, or another device's entry, is retuned."""
+    import json
+
+    from cometq.kernels import w4ax_gemm as G
+
+    cands = [GemmConfig(16, 64), GemmConfig(16, 128), GemmConfig(32, 128)]
+    monkeypatch.setattr(G, "gen_configs", lambda *a, **k: list(cands))
+    path = tmp_path / "sub" / "gemm_configs.json"
+    monkeypatch.setenv(G.ENV_CONFIG_CACHE, str(path))
+    monkeypatch.setattr(G, "_FILE_CONFIGS", {})
+    calls = []
+
+    def fake_bench(c):
+        calls.append(c)
+        return {64: 3.0, 128: 1.0}[c.block_n] + c.block_m / 1000
+
+    n = 23456  # a key no other test uses
+    assert select_config(3, n, 640, 1, fake_bench, device_name="cardA") == GemmConfig(16, 128)
+    assert len(calls) == 3 and path.exists()
+    stored = json.loads(path.read_text())["configs"]
+    assert len(stored) == 1 and list(stored.values())[0]["block_n"] == 128
+    # "a new process": empty in-memory caches, same file -> no timing at all
+    monkeypatch.setattr(G, "_CONFIG_CACHE", {})
+    monkeypatch.setattr(G, "_FILE_CONFIGS", {})
+    assert select_config(5, n, 640, 1, fake_bench, device_name="cardA") == GemmConfig(16, 128)
+    assert len(calls) == 3
+    # untuned callers (no bench_fn, e.g. COMETQ_GEMM_TUNE=0) also take the stored choice
+    monkeypatch.setattr(G, "_CONFIG_CACHE", {})
+    assert select_config(5, n, 640, 1, None, device_name="cardA") == GemmConfig(16, 128)
+    # another card: tuned again (and added to the file)
+    monkeypatch.setattr(G, "_CONFIG_CACHE", {})
+    select_config(5, n, 640, 1, fake_bench, device_name="cardB")
+    assert len(calls) == 6 and len(json.loads(path.read_text())["configs"]) == 2
+    # the stored choice stopped being a candidate (configs changed): retuned, not reused
+    monkeypatch.setattr(G, "_CONFIG_CACHE", {})
+    monkeypatch.setattr(G, "_FILE_CONFIGS", {})
+    cands[:] = [GemmConfig(16, 64), GemmConfig(32, 128)]
+    assert select_config(5, n, 640, 1, fake_bench, device_name="cardA") == GemmConfig(32, 128)
+    assert len(calls) == 8
+    # a corrupt file is ignored (and replaced on the next write), never fatal
+    path.write_text("{not json")
+    monkeypatch.setattr(G, "_CONFIG_CACHE", {})
+    monkeypatch.setattr(G, "_FILE_CONFIGS", {})
+    assert select_config(5, n, 640, 1, fake_bench, device_name="cardA") == GemmConfig(32, 128)
+    assert json.loads(path.read_text())["format"] == 1
+
+
 def test_int_accumulators_do_not_overflow_long_k(device):
     # worst case |sum| = K * 128 * 8: K = 2048 of extremes stays far below 2**31; exact
     k, n, m = 2048, 16, 2
