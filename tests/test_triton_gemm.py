@@ -599,13 +599,13 @@ def test_deterministic_switch_env_and_argument(device, monkeypatch):
     calls = []
     real = G._reduce_partials
     monkeypatch.setattr(G, "_reduce_partials", lambda *a, **k: (calls.append(a[1:3]), real(*a, **k))[1])
-    monkeypatch.delenv("COMETQ_DETERMINISTIC", raising=False)
+    monkeypatch.setenv("COMETQ_DETERMINISTIC", "0")
     y_atomic = w4ax_gemm_triton(*args, path="splitk", config=cfg)
-    assert calls == []  # default: the atomic path
+    assert calls == []  # COMETQ_DETERMINISTIC=0: the atomic path
     y_arg = w4ax_gemm_triton(*args, path="splitk", config=cfg, deterministic=True)
     assert calls == [(2, 3)]  # 2 tiles (N = 72, BLOCK_N = 64), 3 chunks of the 5 blocks
-    monkeypatch.setenv("COMETQ_DETERMINISTIC", "1")
-    y_env = w4ax_gemm_triton(*args, path="splitk", config=cfg)
+    monkeypatch.delenv("COMETQ_DETERMINISTIC", raising=False)
+    y_env = w4ax_gemm_triton(*args, path="splitk", config=cfg)  # default (measured): deterministic
     assert len(calls) == 2 and _bits_equal(y_env, y_arg)
     w4ax_gemm_triton(*args, path="splitk", config=cfg, deterministic=False)  # the argument wins
     assert len(calls) == 2
@@ -615,10 +615,10 @@ def test_deterministic_switch_env_and_argument(device, monkeypatch):
     ref = R.w4ax_gemm(qa, qw, b, torch.float64).half().double()
     for y in (y_atomic, y_arg, y_op):
         torch.testing.assert_close(y.double(), ref, rtol=GEMM_FP16_RTOL, atol=GEMM_FP32_ATOL)
-    for v in ("0", "", "false", "off"):
+    for v in ("0", "false", "off", "No"):
         monkeypatch.setenv("COMETQ_DETERMINISTIC", v)
         assert resolve_deterministic() is False
-    for v in ("1", "true", "YES", "on"):
+    for v in ("", "1", "true", "YES", "on"):
         monkeypatch.setenv("COMETQ_DETERMINISTIC", v)
         assert resolve_deterministic() is True
     monkeypatch.setenv("COMETQ_DETERMINISTIC", "sometimes")
