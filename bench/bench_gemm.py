@@ -10,7 +10,9 @@ asymmetric group 128 with fp32 offsets), it times:
 * ours: the cometq W4Ax GEMM per backend (``--backend``, default triton plus cuda
   when ``cometq._C`` is built), the Triton persistent stream-K variant
   (``triton-persistent``, M > 16), the Triton deterministic split-K reduction
-  (``triton-det``, M <= 64, same config as ``triton``), and the whole linear
+  (``triton-det``, M <= 64, same config as ``triton``), the Hopper TMA kernel
+  (``triton-tma``, M > 16, symmetric weights with groups >= 128; the ``triton`` column
+  times the pointer-load kernels only), and the whole linear
   (activation quantization + GEMM, ``+aq``);
 * peers: cuBLAS FP16 (``x @ w.T``), cuBLASLt INT8 (``torch._int_mm``, M > 16),
   FP8 row-wise (``torch._scaled_mm``), W4A16 tinygemm (``torch._weight_int4pack_mm``).
@@ -79,6 +81,7 @@ def parse_args(argv=None):
     ap.add_argument("--time-budget", type=float, default=None,
                     help="seconds: start no new row after this (what was measured is written)")
     ap.add_argument("--no-det", action="store_true", help="skip the deterministic split-K column")
+    ap.add_argument("--no-tma", action="store_true", help="skip the Hopper TMA kernel column (triton-tma)")
     ap.add_argument("--dry-run", action="store_true",
                     help="CPU smoke run under the Triton interpreter (tiny shape, one call per timing)")
     ap.add_argument("--what", default="gemm", help="comma list: gemm, act_quant")
@@ -350,16 +353,18 @@ def bench_gemm(args, rows, errors, dev, budget=None, flush=lambda: None):
                                 # the triton column keeps the fp32-atomic split-K reduction (the default
                                 # until the first H100 run; comparable across runs), triton-det the
                                 # deterministic one (the default since)
+                                # and the pointer kernels only (tma=False): the TMA kernel has its
+                                # own column, triton-tma
                                 fn = (lambda: w4ax_gemm_triton(q4, q8, a_sc, lay.block_bits, qweight, w_sc, group,
                                                                None, torch.float16, args.scale_mode, w_offsets=w_off,
-                                                               config=reuse, deterministic=False))
+                                                               config=reuse, deterministic=False, tma=False))
 
                                 def e2e():
                                     a, b, c = quantize_act_triton(x, lay.perm, lay.block_bits, lay.n_int8,
                                                                   args.scale_mode)
                                     return w4ax_gemm_triton(a, b, c, lay.block_bits, qweight, w_sc, group, None,
                                                             torch.float16, args.scale_mode, w_offsets=w_off,
-                                                            config=reuse, deterministic=False)
+                                                            config=reuse, deterministic=False, tma=False)
                             else:
                                 fn = (lambda: C.cuda_w4ax_gemm(q4, q8, a_sc, lay.block_bits, qweight, w_sc, group,
                                                                None, torch.float16, args.scale_mode, w_offsets=w_off))
@@ -398,6 +403,18 @@ def bench_gemm(args, rows, errors, dev, budget=None, flush=lambda: None):
                                 _try(row, "triton-persistent", pf, args, flops, nbytes)
                             except Exception as e:  # noqa: BLE001
                                 row["triton-persistent_err"] = f"{type(e).__name__}: {str(e)[:160]}"
+                        if not args.no_tma and m > 16 and not asym and (group == -1 or group >= 128):
+                            # the Hopper TMA kernel, autotuned over its own configs (sym formats only)
+                            tf = (lambda: w4ax_gemm_triton(q4, q8, a_sc, lay.block_bits, qweight, w_sc, group, None,
+                                                           torch.float16, args.scale_mode, path="tma"))
+                            try:
+                                tf()
+                                _try(row, "triton-tma", tf, args, flops, nbytes)
+                                row["triton-tma_config"] = str(chosen_config(
+                                    m, n, k_pad, lay.n_int8, path="tma", scale_mode=args.scale_mode,
+                                    group_size=group))
+                            except Exception as e:  # noqa: BLE001
+                                row["triton-tma_err"] = f"{type(e).__name__}: {str(e)[:160]}"
                         if not args.no_det and m <= 64 and cfg is not None:
                             if cfg.split > 1:
                                 # same config as the triton column: the reduction's cost (workspace
@@ -472,7 +489,8 @@ def markdown(rows, backends):
     ours = sorted((r for r in rows if r.get("kind") == "ours"),
                   key=lambda r: (order.get(r["shape"], len(order)), r["M"], r["share"]))
     if ours:
-        cols = backends + ["triton-persistent", "triton-det"] if "triton" in backends else list(backends)
+        cols = (backends + ["triton-persistent", "triton-tma", "triton-det"] if "triton" in backends
+                else list(backends))
         head = ["shape", "M", "INT8 share", "weights", "MB moved", "FP16", "INT8", "FP8", "W4A16"] + cols
         head += [f"{b}+aq" for b in backends] + [f"{b} GB/s" for b in backends]
         head += [f"{c} vs FP16" for c in cols] + [f"{c} vs FP8" for c in cols]
@@ -504,7 +522,10 @@ def markdown(rows, backends):
                    "offsets, gG = group size. `MB moved` = the bytes the GEMM must move at least (weight nibbles + "
                    "scales + offsets, activations + scales, fp16 output); `GB/s` = MB moved / time. `triton-det`: "
                    "deterministic split-K reduction on the same config as `triton` (M <= 64, when it splits; the default "
-                   "since 2026-11-26, while the `triton` column keeps the fp32-atomic reduction). "
+                   "since 2026-11-26, while the `triton` column keeps the fp32-atomic reduction). `triton`: "
+                   "the pointer-load kernels (comparable with the first runs); `triton-tma`: the Hopper TMA "
+                   "kernel (M > 16, symmetric weights, groups >= 128), autotuned over its own configs; "
+                   "path='auto' picks between both. "
                    "TFLOP/s and the configs are in gemm.json.")
     graphed = [r for r in ours if any(k.endswith("-graph_us") for k in r)]
     if graphed:

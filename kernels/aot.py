@@ -46,6 +46,7 @@ from .w4ax_gemm import (  # noqa: E402
     gen_configs,
     w4ax_gemm_kernel,
     w4ax_gemm_persistent_kernel,
+    w4ax_gemm_tma_kernel,
     w4ax_reduce_kernel,
 )
 
@@ -87,6 +88,22 @@ def _full_sig(kernel, sig: Dict[str, str], constexprs: Dict[str, object]) -> Dic
     if missing or extra:
         raise RuntimeError(f"{kernel.__name__}: AOT signature out of date (missing {sorted(missing)}, extra {sorted(extra)})")
     return {k: sig[k] for k in kernel.arg_names}
+
+
+def _tma_sig(out: str, bias: str, block_m: int, block_n: int) -> Dict[str, str]:
+    """Signature of ``w4ax_gemm_tma_kernel``: the three operands are host TMA descriptors
+    (``tensordesc<dtype[box]>``; the launcher encodes them per call)."""
+    return dict(order_ptr="*i32", a4_desc=f"tensordesc<u8[{block_m}, 64]>", a8_desc=f"tensordesc<i8[{block_m}, 128]>",
+                w_desc=f"tensordesc<u8[{block_n}, 64]>", as_ptr="*fp32", ws_ptr="*fp32", bias_ptr=_TY[bias],
+                out_ptr=_TY[out], dbg_ptr="*i32", M="i32", N="i32", NB="i32", N8="i32", GROUP="i32",
+                stride_asm="i32", stride_wsn="i32", stride_om="i32", stride_on="i32", stride_dm="i32", stride_dn="i32")
+
+
+def tma_meta(class_mode: bool = False, group: int = 128, k_pad: int = 4096, bias: bool = True, debug: bool = False,
+             ordered: bool = True) -> Dict[str, object]:
+    """Constexprs of a TMA-kernel launch (see :func:`gemm_meta`)."""
+    return dict(CLASS_MODE=class_mode, INT_ACC=class_mode and (group <= 0 or group >= k_pad), HAS_BIAS=bias,
+                DEBUG=debug, ORDERED=ordered)
 
 
 def _reduce_sig(out: str, bias: str) -> Dict[str, str]:
@@ -248,6 +265,38 @@ def jobs(quick: bool = False) -> List[Tuple[str, object, Dict[str, str], Dict[st
                                 dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=8, ATOMIC=atomic, SWAP_AB=swap, INTERLEAVE8=swap,
                                      **gemm_meta(class_mode=cm, group=-1 if cm else 128, asym=asym,
                                                  det=reduce == "det")), w, s, "gemm"))
+    return out + tma_jobs()
+
+
+def tma_configs() -> List[GemmConfig]:
+    """Every distinct TMA-kernel config gen_configs offers (M buckets above decode)."""
+    seen: List[GemmConfig] = []
+    for mb in M_BUCKETS[1:]:
+        for c in gen_configs(mb, 4096, 4096, 4, interpret=False, tma="only"):
+            if c not in seen:
+                seen.append(c)
+    return seen
+
+
+def tma_jobs() -> list:
+    """The Hopper TMA kernel (sm_90 only: TMA does not exist before Hopper and the dispatcher
+    never offers it there): every config in block mode (g128) and class mode per-channel
+    (int32 runs), INT8-first maps; and the remaining features on the first tile (class g128,
+    debug stores, a general block order, fp32 / bf16 out, no bias)."""
+    out = []
+    for c in tma_configs():
+        for mode, kw in (("block,g128", dict()), ("class,per-channel", dict(class_mode=True, group=-1))):
+            out.append((f"gemm-tma[{mode},{c}]", w4ax_gemm_tma_kernel, _tma_sig("fp16", "fp16", c.block_m, c.block_n),
+                        dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, GROUP_M=c.group_m, **tma_meta(**kw)),
+                        c.num_warps, c.num_stages, "tma"))
+    c = tma_configs()[0]
+    for name, kw, od in (("class,g128,unordered", dict(class_mode=True, group=128, ordered=False), "bf16"),
+                         ("block,per-channel,debug,nobias", dict(group=-1, debug=True, bias=False), "fp32"),
+                         ("class,per-channel,debug,unordered", dict(class_mode=True, group=-1, debug=True,
+                                                                   ordered=False), "fp16")):
+        out.append((f"gemm-tma-variant[{name},{c}]", w4ax_gemm_tma_kernel, _tma_sig(od, "fp16", c.block_m, c.block_n),
+                    dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, GROUP_M=c.group_m, **tma_meta(**kw)),
+                    c.num_warps, c.num_stages, "tma"))
     return out
 
 
@@ -270,7 +319,8 @@ def dedupe(todo):
 def ci_subset(todo, arch: int):
     """The representative set CI compiles on every run (the full set: ``level="full"``).
 
-    sm_90 (the target): every distinct generated GEMM config, every activation
+    sm_90 (the target): every distinct generated GEMM config (and every TMA-kernel config in
+    both scale modes, with its feature variants), every activation
     quantizer mode, every feature variant on the decode tile (the asymmetric ones
     included: tiled and split-K, swap_ab, interleave8, both scale modes), the
     persistent kernel in both scale modes (and its asymmetric swap variant), and
@@ -296,7 +346,7 @@ def ci_subset(todo, arch: int):
     for j in todo:
         name = j[0]
         if arch >= 90:
-            if name.startswith("gemm[") or name in asym_cfgs or name in det_cfgs:
+            if name.startswith(("gemm[", "gemm-tma[", "gemm-tma-variant[")) or name in asym_cfgs or name in det_cfgs:
                 keep.append(j)
             elif name.startswith("act_quant[") and "BM=32" in name and ("fp16" in name or "class=False" in name):
                 keep.append(j)
@@ -369,6 +419,17 @@ def check_code(kind: str, arch: int, constexprs: Dict[str, object], num_warps: i
             # the INT4 clip is its own fp32 multiply before the division (spec op order)
             return "INT4 clip multiply (absmax * int4_clip) missing"
         return None
+    if kind == "tma":
+        # operands by TMA (bulk tensor copies), weights unpacked in registers as wgmma's A operand
+        if arch < 90:
+            return "the TMA kernel is compiled for sm_90+ only"
+        if "cp.async.bulk.tensor" not in ptx:
+            return "no TMA (cp.async.bulk.tensor) loads"
+        if "wgmma" not in ptx or ".s8" not in ptx:
+            return "expected int8 wgmma"
+        if _wgmma_a_regs(ptx) == 0:
+            return "no wgmma takes the unpacked weights (A) from registers"
+        return None
     if kind == "reduce":
         # deterministic reduction: plain loads in a fixed order, no atomics, 16-byte vectors
         if _atomics(ptx):
@@ -425,6 +486,8 @@ def run(archs: List[int], level: str = "full") -> List[dict]:
     for arch in archs:
         todo = ci_subset(base, arch) if level == "ci" else base
         for name, kernel, sig, cons, w, s, kind in todo:
+            if kind == "tma" and arch < 90:
+                continue  # no TMA before Hopper (the dispatcher never offers the kernel there)
             t0 = time.time()
             rec = dict(name=name, arch=arch, ok=False)
             try:
@@ -434,7 +497,7 @@ def run(archs: List[int], level: str = "full") -> List[dict]:
                 rec.update(ok=problem is None, problem=problem, shared=k.metadata.shared,
                            wgmma=ptx.count("wgmma.mma_async"), wgmma_a_in_regs=_wgmma_a_regs(ptx),
                            wide_loads=_wide_loads(ptx))
-                if arch == 90 and name.startswith("gemm["):  # the generated configs: registers / spills
+                if arch == 90 and name.startswith(("gemm[", "gemm-tma[")):  # generated configs: registers / spills
                     from .kv4_aot import ptxas_usage
 
                     rec.update(ptxas_usage(ptx, arch))

@@ -108,14 +108,17 @@ __all__ = [
     "stream_k_slots",
     "resolve_deterministic",
     "ENV_DETERMINISTIC",
+    "ENV_TMA",
     "w4ax_gemm_triton",
     "w4ax_reduce_kernel",
     "w4ax_gemm_kernel",
     "w4ax_gemm_persistent_kernel",
+    "w4ax_gemm_tma_kernel",
+    "tma_available",
     "PATHS",
 ]
 
-PATHS = ("auto", "tiled", "splitk", "persistent")
+PATHS = ("auto", "tiled", "splitk", "persistent", "tma")
 
 
 # ==========================================================================
@@ -526,6 +529,124 @@ def w4ax_gemm_persistent_kernel(
                       HAS_BIAS, ATOMIC, SWAP_AB)
 
 
+@triton.jit
+def _tma_block_done(acc_f, acc_i, acc_s, sa_cls, b, as_ptr, ws_ptr, dbg_ptr, rm, rn, m_mask, n_mask,
+                    stride_asm, stride_wsn, stride_dm, stride_dn, GROUP,
+                    CLASS_MODE: tl.constexpr, INT_ACC: tl.constexpr, DEBUG: tl.constexpr):
+    """One block's int32 result ``acc_s`` ([BLOCK_N, BLOCK_M], transposed) into the running sums:
+    DEBUG stores it (segment b of the ``[M, N, NB]`` int32 debug buffer); INT_ACC adds it to the
+    run's int32 sum; else it is rescaled now (``a_scale[m, b] * w_scale[n, g(b)]``)."""
+    if DEBUG:
+        tl.store(_grid_ptrs(dbg_ptr + b, rm, rn, stride_dm, stride_dn, True), acc_s,
+                 mask=_grid_mask(m_mask, n_mask, True))
+    if INT_ACC:
+        acc_i += acc_s
+    else:
+        if CLASS_MODE:
+            sa = sa_cls
+        else:
+            sa = tl.load(as_ptr + rm * stride_asm + b, mask=m_mask, other=0.0)
+        sw = tl.load(ws_ptr + rn * stride_wsn + (b * 128) // GROUP, mask=n_mask, other=0.0)
+        acc_f += acc_s.to(tl.float32) * _outer(sa, sw, True)
+    return acc_f, acc_i
+
+
+@triton.jit
+def w4ax_gemm_tma_kernel(
+    order_ptr, a4_desc, a8_desc, w_desc, as_ptr, ws_ptr, bias_ptr, out_ptr, dbg_ptr,
+    M, N, NB, N8, GROUP,
+    stride_asm, stride_wsn, stride_om, stride_on, stride_dm, stride_dn,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
+    CLASS_MODE: tl.constexpr, INT_ACC: tl.constexpr, HAS_BIAS: tl.constexpr, DEBUG: tl.constexpr,
+    ORDERED: tl.constexpr,
+):
+    """Hopper prefill W4Ax GEMM: TMA tensor descriptors, weights as the register A operand.
+
+    Why a second tiled kernel: ptxas -v on the pointer-based kernel at BLOCK 128x128 / 8 warps
+    (every large-M config, sm_90a) reports 255 registers per thread -> one CTA (8 warps) per SM,
+    and every wgmma is followed by ``wgmma.wait_group 0`` (the unpacked operand is rewritten
+    each block), so nothing hides the MMA latency.  Most of those registers are address and
+    mask tensors of the pointer loads.  Here every operand tile comes in by TMA
+    (``cp.async.bulk.tensor`` into shared memory, mbarrier-tracked, out-of-range rows zero-filled
+    by the copy engine: no address registers, no masks) and the same 128x128 class-mode tile
+    needs ~110 registers: two CTAs per SM, one's MMAs overlapping the other's unpacking.
+
+    Operand flow per 128-channel block (acc is ``[BLOCK_N, BLOCK_M]``: ``W x^T``)::
+
+        weights  [BLOCK_N, 64] u8 --TMA--> smem --ld--> regs: unpack lo/hi --> wgmma A (registers)
+        INT8 act [BLOCK_M, 128] i8 --TMA--> smem ---------------------------> wgmma B (as loaded)
+        INT4 act [BLOCK_M, 64] u8 --TMA--> smem --ld--> unpack lo/hi --st--> wgmma B (2 dots)
+
+    For INT8 blocks the weight nibbles are interleaved back into K order in registers
+    (``join(lo, hi)``: each thread holds both nibbles of its bytes) so the activations go
+    from TMA straight into the MMA, one K=128 dot.  INT4 blocks use the even/odd split
+    (``x.w = x_even.w_even + x_odd.w_odd``).
+
+    Scales: block mode rescales each block's int32 result; class mode with per-channel
+    weights (INT_ACC) chains one int32 accumulator through a whole precision run
+    (``acc = dot(a, b, acc)``) and rescales once per run.  Weight groups must be >= 128
+    (one scale per block or per run of blocks); asymmetric weights and smaller groups use
+    ``w4ax_gemm_kernel``.  DEBUG additionally stores each block's int32 result.
+    """
+    tile = tl.program_id(0)
+    pid_m, pid_n = _tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    off_m = pid_m * BLOCK_M
+    off_n = pid_n * BLOCK_N
+    rm = off_m + tl.arange(0, BLOCK_M)
+    rn = off_n + tl.arange(0, BLOCK_N)
+    m_mask = rm < M
+    n_mask = rn < N
+    acc_f = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    sa8 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    sa4 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    if CLASS_MODE:
+        sa4 = tl.load(as_ptr + rm * stride_asm, mask=m_mask, other=0.0)
+        sa8 = tl.load(as_ptr + rm * stride_asm + 1, mask=m_mask, other=0.0)
+    # ---- INT8 blocks: list positions [0, N8), q8 slot = position
+    acc_i = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
+    for i in range(0, N8):
+        if ORDERED:
+            b = i
+        else:
+            b = tl.load(order_ptr + i)
+        wp = w_desc.load([off_n, b * 64])
+        a = a8_desc.load([off_m, i * 128])
+        w = tl.reshape(tl.join(unpack_lo(wp), unpack_hi(wp)), (BLOCK_N, 128))
+        if INT_ACC and not DEBUG:
+            acc_i = tl.dot(w, tl.trans(a), acc_i, out_dtype=tl.int32)
+        else:
+            acc_s = tl.dot(w, tl.trans(a), out_dtype=tl.int32)
+            acc_f, acc_i = _tma_block_done(acc_f, acc_i, acc_s, sa8, b, as_ptr, ws_ptr, dbg_ptr, rm, rn, m_mask,
+                                           n_mask, stride_asm, stride_wsn, stride_dm, stride_dn, GROUP,
+                                           CLASS_MODE, INT_ACC, DEBUG)
+    if INT_ACC:
+        sw = tl.load(ws_ptr + rn * stride_wsn, mask=n_mask, other=0.0)
+        acc_f += acc_i.to(tl.float32) * _outer(sa8, sw, True)
+    # ---- INT4 blocks: list positions [N8, NB), q4 slot = position - N8
+    acc_i = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
+    for i in range(N8, NB):
+        if ORDERED:
+            b = i
+        else:
+            b = tl.load(order_ptr + i)
+        wp = w_desc.load([off_n, b * 64])
+        ap = a4_desc.load([off_m, (i - N8) * 64])
+        if INT_ACC and not DEBUG:
+            acc_i = tl.dot(unpack_lo(wp), tl.trans(unpack_lo(ap)), acc_i, out_dtype=tl.int32)
+            acc_i = tl.dot(unpack_hi(wp), tl.trans(unpack_hi(ap)), acc_i, out_dtype=tl.int32)
+        else:
+            acc_s = tl.dot(unpack_lo(wp), tl.trans(unpack_lo(ap)), out_dtype=tl.int32)
+            acc_s = tl.dot(unpack_hi(wp), tl.trans(unpack_hi(ap)), acc_s, out_dtype=tl.int32)
+            acc_f, acc_i = _tma_block_done(acc_f, acc_i, acc_s, sa4, b, as_ptr, ws_ptr, dbg_ptr, rm, rn, m_mask,
+                                           n_mask, stride_asm, stride_wsn, stride_dm, stride_dn, GROUP,
+                                           CLASS_MODE, INT_ACC, DEBUG)
+    if INT_ACC:
+        sw = tl.load(ws_ptr + rn * stride_wsn, mask=n_mask, other=0.0)
+        acc_f += acc_i.to(tl.float32) * _outer(sa4, sw, True)
+    _epilogue(acc_f, True, out_ptr, bias_ptr, rm, rn, m_mask, n_mask, stride_om, stride_on, True,
+              HAS_BIAS, False, True)
+
+
 # ==========================================================================
 # configs ("autotune" per shape bucket)
 # ==========================================================================
@@ -543,6 +664,9 @@ class GemmConfig:
     swap_ab: bool = False
     #: INT8 blocks: contiguous activation loads + weight nibble interleave (see _mma)
     interleave8: bool = False
+    #: the Hopper TMA kernel (``w4ax_gemm_tma_kernel``: tensor descriptors, weights as the
+    #: register A operand); implies the swapped orientation, ignores swap_ab/interleave8/split
+    tma: bool = False
 
     def __post_init__(self):
         for name in ("block_m", "block_n"):
@@ -555,7 +679,7 @@ class GemmConfig:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
         if self.num_warps not in (1, 2, 4, 8, 16):
             raise ValueError(f"num_warps must be one of 1, 2, 4, 8, 16, got {self.num_warps!r}")
-        for name in ("swap_ab", "interleave8"):
+        for name in ("swap_ab", "interleave8", "tma"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
 
@@ -568,21 +692,32 @@ def m_bucket(m: int) -> int:
     return 4096
 
 
-def gen_configs(mb: int, n: int, k: int, n_int8: int, *, interpret: Optional[bool] = None) -> List[GemmConfig]:
+def gen_configs(mb: int, n: int, k: int, n_int8: int, *, interpret: Optional[bool] = None,
+                tma: str = "none") -> List[GemmConfig]:
     """Candidate configs for one (M-bucket, N, K, n_int8) shape.
 
     Decode buckets (M <= 16) get split-K configs sized so ``n_tiles * split``
     covers ~2-4 waves of 132 SMs; larger M gets tile shapes around the wgmma
     sweet spot (BM 64..128, BN 64..256).  Under the interpreter: one large-block
     config (interpretation cost is per program).
+    ``tma``: "none", "also" (append the Hopper TMA kernel's configs for M > 16) or
+    "only" (just those): the caller decides whether the call can use TMA
+    (:func:`tma_available`).
     """
+    if tma not in ("none", "also", "only"):
+        raise ValueError(f"tma must be 'none', 'also' or 'only', got {tma!r}")
     interpret = interpreting() if interpret is None else interpret
     nb = max(1, k // BLOCK_K)
     if interpret:
         bn = max(16, min(128, next_pow2(n)))
+        if tma == "only":
+            return [GemmConfig(block_m=max(16, min(64, next_pow2(mb))), block_n=max(64, bn), group_m=8,
+                               num_warps=4, num_stages=1, tma=True)]
         split = 2 if (mb <= 16 and nb >= 2) else 1  # decode bucket: exercise split-K
         return [GemmConfig(block_m=max(16, min(64, next_pow2(mb))), block_n=bn, group_m=8, split=split,
                            num_warps=4, num_stages=1)]
+    if tma == "only":
+        return _tma_configs(mb)
     cfgs: List[GemmConfig] = []
     if mb <= 16:
         for bn, warps in ((64, 4), (128, 4), (32, 2)):
@@ -619,6 +754,8 @@ def gen_configs(mb: int, n: int, k: int, n_int8: int, *, interpret: Optional[boo
     # dedupe, keep order; drop tiles whose two [BM, BN] accumulators (fp32 result + int32
     # block sum) need more than 64 registers per thread each: ptxas (sm_90a) spills those
     # (128x256 / 256x128 at 8 warps, 128x128 at 4 warps: 1-2.4 KB of spills per thread)
+    if tma == "also" and mb > 16:
+        cfgs += _tma_configs(mb)
     seen, out = set(), []
     for c in cfgs:
         if c.block_m * c.block_n > 64 * 32 * c.num_warps:
@@ -627,6 +764,32 @@ def gen_configs(mb: int, n: int, k: int, n_int8: int, *, interpret: Optional[boo
             seen.add(c)
             out.append(c)
     return out
+
+
+def _tma_configs(mb: int) -> List[GemmConfig]:
+    """TMA-kernel tiles ("BM x BN" = tokens x weight rows; the MMA is ``[BN, BM]``), chosen by
+    ptxas -v for sm_90a (no spills in block mode, class mode per-channel and class mode g128):
+
+    ======================  ==========  ================  ============
+    tile / warps / stages   registers   CTAs (warps)/SM   shared mem
+    ======================  ==========  ================  ============
+    128x64  / 4 / 4         228-246     2 (8)             78 KB
+    64x128  / 4 / 4         242-255     2 (8)             58 KB
+    64x64   / 4 / 4         154-188     2-3 (8-12)        45 KB
+    128x128 / 8 / 3         241-255     1 (8)             66 KB (block mode: 136 B spill)
+    64x256  / 8 / 3         238-255     1 (8)             58 KB
+    ======================  ==========  ================  ============
+
+    128x128 / 4 warps, 128x256 and 256x128 spill 0.7-2 KB and are not offered.  The fp32 sum
+    and the int32 block / run result (64 registers each per thread at 128x128 / 8 warps) are
+    what keeps every tile above 128 registers; which occupancy wins is measured
+    (bench_gemm.py, ``triton-tma`` column)."""
+    if mb <= 64:
+        return [GemmConfig(64, 128, 8, 1, 4, 4, tma=True), GemmConfig(64, 64, 8, 1, 4, 4, tma=True),
+                GemmConfig(64, 256, 8, 1, 8, 3, tma=True)]
+    return [GemmConfig(128, 64, 8, 1, 4, 4, tma=True), GemmConfig(64, 128, 8, 1, 4, 4, tma=True),
+            GemmConfig(64, 64, 8, 1, 4, 4, tma=True), GemmConfig(128, 128, 8, 1, 8, 3, tma=True),
+            GemmConfig(64, 256, 8, 1, 8, 3, tma=True)]
 
 
 _CONFIG_CACHE: Dict[tuple, GemmConfig] = {}
@@ -667,7 +830,7 @@ def _save_file_config(path: str, fkey: str, cfg: GemmConfig) -> None:
 
 
 def select_config(m: int, n: int, k_pad: int, n_int8: int, bench_fn=None, variant: tuple = (),
-                  device_name: str = "") -> GemmConfig:
+                  device_name: str = "", tma: str = "none") -> GemmConfig:
     """Pick (and cache per (M-bucket, N, K, n_int8) + ``variant``) the fastest candidate.
 
     ``bench_fn(cfg) -> seconds`` times one config (the caller launches it); without
@@ -676,12 +839,14 @@ def select_config(m: int, n: int, k_pad: int, n_int8: int, bench_fn=None, varian
     With ``COMETQ_GEMM_CONFIG_CACHE`` set to a JSON path, a tuned choice is also written
     there (keyed by ``device_name`` and the Triton version) and read back by later
     processes, tuning or not -- only while it is still one of the generated candidates.
+    ``tma``: whether the TMA kernel's configs are candidates ("none"/"also"/"only", see
+    :func:`gen_configs`); part of the cache key.
     """
-    key = (m_bucket(m), n, k_pad, n_int8, interpreting()) + tuple(variant)
+    key = (m_bucket(m), n, k_pad, n_int8, interpreting()) + tuple(variant) + ((f"tma-{tma}",) if tma != "none" else ())
     hit = _CONFIG_CACHE.get(key)
     if hit is not None:
         return hit
-    cands = gen_configs(key[0], n, k_pad, n_int8)
+    cands = gen_configs(key[0], n, k_pad, n_int8, tma=tma)
     # read even when not tuning (COMETQ_GEMM_TUNE=0): a choice tuned earlier beats the first candidate
     path = os.environ.get(ENV_CONFIG_CACHE) if len(cands) > 1 else None
     fkey = _file_key(key, device_name) if path else None
@@ -720,7 +885,52 @@ def chosen_config(m: int, n: int, k_pad: int, n_int8: int, *, path: str = "auto"
     g = check_group_size(group_size, k_pad)
     det = resolve_deterministic(deterministic)  # None: the same default the GEMM call used
     variant = (path, scale_mode, g) + (("asym",) if asym else ()) + (("det",) if det else ())
-    return _CONFIG_CACHE.get((m_bucket(m), n, k_pad, n_int8, interpreting()) + variant)
+    key = (m_bucket(m), n, k_pad, n_int8, interpreting()) + variant
+    for suffix in ((), ("tma-also",), ("tma-only",)):
+        hit = _CONFIG_CACHE.get(key + suffix)
+        if hit is not None:
+            return hit
+    return None
+
+
+def tma_available(dev: torch.device, *, asym: bool = False, group: int = 128,
+                  tensors: tuple = ()) -> Optional[str]:
+    """None if a call can run the TMA kernel, else why not (a sentence for error messages).
+
+    Needs Hopper or newer (TMA; the interpreter emulates it), symmetric weights, weight groups
+    of >= 128 channels (one scale per block), and 16-byte aligned operand rows (a TMA
+    descriptor's base address and row pitch must be multiples of 16 bytes)."""
+    if dev.type == "cuda" and not interpreting():
+        cap = torch.cuda.get_device_capability(dev)
+        if cap < (9, 0):
+            return f"TMA needs compute capability >= 9.0, {dev} has {cap[0]}.{cap[1]}"
+    elif not interpreting():
+        return f"the TMA kernel runs on CUDA devices (or the Triton interpreter), got {dev}"
+    if asym:
+        return "the TMA kernel has no asymmetric-weight (offset) term"
+    if group < BLOCK_K:
+        return f"the TMA kernel needs weight groups of >= {BLOCK_K} channels, got group_size={group}"
+    for name, t in tensors:
+        if t.numel() and (t.data_ptr() % 16 or t.stride(0) % 16):
+            return (f"{name} (shape {tuple(t.shape)}, stride {t.stride()}) is not 16-byte aligned "
+                    "(TMA descriptor base and row pitch)")
+    return None
+
+
+_TMA_DUMMIES: Dict[tuple, torch.Tensor] = {}
+
+
+def _tma_desc(t: torch.Tensor, block: List[int]):
+    """A TMA descriptor over a 2-D uint8/int8 operand (an empty one -- e.g. ``q8`` of a pure-W4A4
+    layer -- gets a cached 1-row stand-in the kernel never reads)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    if t.numel() == 0:
+        key = (str(t.device), t.dtype)
+        t = _TMA_DUMMIES.get(key)
+        if t is None:
+            t = _TMA_DUMMIES[key] = torch.zeros(1, BLOCK_K, dtype=key[1], device=key[0])
+    return TensorDescriptor(t, [t.shape[0], t.shape[1]], [t.stride(0), 1], block)
 
 
 # ==========================================================================
@@ -862,6 +1072,9 @@ def _schedule_on_device(tiles, n8, n4, p, cost8, cost4, device):
     return hit
 
 
+#: "0" keeps the TMA kernel's configs out of path="auto" (read at every call, ``tma=None``)
+ENV_TMA = "COMETQ_GEMM_TMA"
+
 #: environment switch for the deterministic reduction, read at every call (``deterministic=None``)
 ENV_DETERMINISTIC = "COMETQ_DETERMINISTIC"
 
@@ -959,11 +1172,17 @@ def w4ax_gemm_triton(
     return_int_acc: bool = False,
     w_offsets: Optional[torch.Tensor] = None,
     deterministic: Optional[bool] = None,
+    tma: Optional[bool] = None,
 ):
     """Tensor-level W4Ax GEMM (signature of ``cometq.ops._ref_w4ax_gemm`` plus keyword extras).
 
     ``path``: "auto" (the chosen config decides: split-K when its ``split`` > 1, which the
-    decode bucket M <= 16 configs are), "tiled", "splitk", "persistent".
+    decode bucket M <= 16 configs are; a TMA config runs the TMA kernel), "tiled", "splitk",
+    "persistent", "tma" (the Hopper TMA kernel ``w4ax_gemm_tma_kernel``; ValueError when the
+    call cannot use it, see :func:`tma_available`).
+    ``tma``: whether "auto" may pick a TMA config (None: ``COMETQ_GEMM_TMA``, default on; the
+    TMA configs join the candidates only for M > 16 on Hopper with symmetric weights and
+    groups >= 128).
     ``config``: force a :class:`GemmConfig` (else chosen per shape bucket and cached).
     ``programs``/``cost8``/``cost4``: persistent-path grid size and stream-K costs.
     ``return_int_acc``: also return the int32 ``[M, N, S]`` per-segment accumulators
@@ -1007,6 +1226,18 @@ def w4ax_gemm_triton(
     if m == 0:
         return _ret(torch.empty(0, n, dtype=out_dtype, device=dev))
     order = _block_order(block_bits)
+    no_tma = tma_available(dev, asym=asym, group=g, tensors=(("q4", q4), ("q8", q8), ("qweight", qweight)))
+    if no_tma is not None and (path == "tma" or (config is not None and config.tma)):
+        raise ValueError(f"the TMA path cannot run this call: {no_tma}")
+    if config is not None and config.tma and path not in ("auto", "tma"):
+        raise ValueError(f"config {config} is a TMA config but path={path!r}; use path='tma' or 'auto'")
+    if config is not None and path == "tma" and not config.tma:
+        raise ValueError(f"path='tma' needs a TMA config (tma=True), got {config}")
+    if tma is None:
+        tma = os.environ.get(ENV_TMA, "1").strip().lower() not in ("0", "false", "no", "off")
+    elif not isinstance(tma, bool):
+        raise TypeError(f"tma must be a bool or None, got {tma!r}")
+    tma_mode = "only" if path == "tma" else ("also" if (path == "auto" and tma and no_tma is None) else "none")
     args_common = dict(
         q4=nonempty(q4), q8=nonempty(q8), bias=bias if bias is not None else dummy(dev),
         dbg=dbg if dbg is not None else dummy(dev, torch.int32),
@@ -1025,6 +1256,17 @@ def w4ax_gemm_triton(
 
     def launch(cfg: GemmConfig, which: str):
         tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+        if which == "tma":
+            out = torch.empty(m, n, dtype=out_dtype, device=dev)
+            w4ax_gemm_tma_kernel[(tiles,)](
+                order, _tma_desc(q4, [cfg.block_m, BLOCK_K // 2]), _tma_desc(q8, [cfg.block_m, BLOCK_K]),
+                _tma_desc(qweight, [cfg.block_n, BLOCK_K // 2]), a_scales, w_scales, args_common["bias"], out,
+                args_common["dbg"], m, n, nb, n8, g, a_scales.stride(0), w_scales.stride(0), out.stride(0),
+                out.stride(1), dstr[0], dstr[1],
+                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, GROUP_M=cfg.group_m, CLASS_MODE=class_mode,
+                INT_ACC=int_acc, HAS_BIAS=bias is not None, DEBUG=return_int_acc, ORDERED=meta["ORDERED"],
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            return out
         red_t = None
         if which == "persistent":
             p = programs or _num_sms(dev)
@@ -1076,12 +1318,12 @@ def w4ax_gemm_triton(
             bench_fn = lambda c: do_bench(lambda: launch(c, _path_for(c, path)), warmup=5, rep=20)  # noqa: E731
         variant = (path, scale_mode, g) + (("asym",) if asym else ()) + (("det",) if det else ())
         config = select_config(m, n, k_pad, n8, bench_fn, variant=variant,
-                               device_name=_device_name(dev) if os.environ.get(ENV_CONFIG_CACHE) else "")
+                               device_name=_device_name(dev) if os.environ.get(ENV_CONFIG_CACHE) else "",
+                               tma=tma_mode)
     which = _path_for(config, path)
     if which == "splitk" and config.split == 1 and path == "splitk":
         # forced split-K with a non-split config: split over the blocks anyway
-        config = GemmConfig(config.block_m, config.block_n, config.group_m, max(2, min(nb, 4)),
-                            config.num_warps, config.num_stages, config.swap_ab, config.interleave8)
+        config = dataclasses.replace(config, split=max(2, min(nb, 4)))
     return _ret(launch(config, which))
 
 
@@ -1099,6 +1341,8 @@ def _reduce_partials(red, n_programs: int, slots_per_tile: int, part, bias, out,
 
 
 def _path_for(cfg: GemmConfig, requested: str) -> str:
+    if cfg.tma:
+        return "tma"
     if requested in ("tiled", "persistent"):
         return requested
     if requested == "splitk":

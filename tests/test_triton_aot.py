@@ -7,7 +7,8 @@ modes, the GEMM feature variants (class/int32 runs, groups 64/32, debug,
 atomics, asymmetric weights) on the decode tile, and the persistent kernel;
 sm_80 compiles one of each family and one asymmetric kernel per path.  The deterministic
 reduction (workspace-store split-K / persistent kernels, PTX checked free of atomics, and the
-reduce kernel) is compiled on both archs.  The rest (feature variants on 128x128 tiles, group 16, sm_80 for
+reduce kernel) is compiled on both archs; the Hopper TMA kernel (every offered config, both
+scale modes, and its feature variants) on sm_90.  The rest (feature variants on 128x128 tiles, group 16, sm_80 for
 every config) is the ``slow`` test: ``COMETQ_AOT_FULL=1 pytest tests/test_triton_aot.py``
 or ``python -m cometq.kernels.aot --level full``.  Compilation runs in a
 subprocess without TRITON_INTERPRET (the interpreter replaces jit functions).
@@ -61,6 +62,15 @@ def test_aot_compile_ci_set(tmp_path):
     def unsplit(text):  # split-K factors share one binary: compare configs without them
         return re.sub(r"split=\d+, ", "", text)
 
+    # the Hopper TMA kernel: every offered config in both scale modes, TMA loads + register-A wgmma
+    # checked in the PTX (check_code), spills at most a little (block mode 128x128: 136 B)
+    n_tma = len({c for mb in (64, 256, 1024, 4096) for c in gen_configs(mb, 4096, 4096, 4, interpret=False, tma="only")})
+    tma90 = {x["name"]: x for x in res if x["arch"] == 90 and x["name"].startswith("gemm-tma[")}
+    assert len(tma90) == 2 * n_tma >= 8
+    for x in tma90.values():
+        assert x["spill_bytes"] is not None and x["spill_bytes"] <= 256, x
+    assert any(x["name"].startswith("gemm-tma-variant[") for x in res if x["arch"] == 90)
+    assert not any(x["name"].startswith("gemm-tma") for x in res if x["arch"] == 80)
     for mb in (16, 64, 256, 1024, 4096):
         first = gen_configs(mb, 4096, 4096, 4, interpret=False)[0]
         hits = [x for name, x in gemm90.items() if unsplit(name) == unsplit(f"gemm[{first}]")]

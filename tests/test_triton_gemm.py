@@ -697,3 +697,114 @@ def test_gpu_llama_shape(m, share, path):
         assert torch.equal(out[1], R.w4ax_int_accumulators(qa, qw))
     ref = R.w4ax_gemm(qa, qw, None, torch.float64)
     torch.testing.assert_close(y.double(), ref.half().double(), rtol=GEMM_FP16_RTOL, atol=GEMM_FP32_ATOL)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hopper TMA kernel (path="tma"): the interpreter emulates the tensor descriptors on CPU
+# ---------------------------------------------------------------------------------------------
+TMA_CASES = []
+for i, (pattern, (mode, group)) in enumerate(itertools.product(
+        ("all4", "all8", "mixed", "alternating"), (("block", 128), ("class", -1), ("class", 128), ("block", -1)))):
+    TMA_CASES.append((pattern, mode, group, (1, 17, 70)[i % 3], _OUT[i % 3], i % 2 == 1))
+
+
+@pytest.mark.parametrize("pattern,mode,group,m,out_dtype,bias", TMA_CASES)
+def test_tma_matches_reference(pattern, mode, group, m, out_dtype, bias, device):
+    """Integers exact (each block's int32 result, DEBUG), outputs within tolerance; M not a multiple of the
+    tile and N=200 not a multiple of 64 (the copy engine zero-fills rows past the end)."""
+    qa, qw, b = _random_operands(m, 576, 200, pattern, mode, group, device, seed=300 + m, bias=bias)
+    y, acc = _run(qa, qw, b, out_dtype, path="tma")
+    _check(qa, qw, b, out_dtype, y, acc)
+
+
+@pytest.mark.parametrize("mode,group,pattern", [("class", -1, "mixed"), ("class", -1, "alternating"),
+                                                ("block", 256, "mixed"), ("class", 256, "all8")])
+def test_tma_without_debug(mode, group, pattern, device):
+    # DEBUG off: class mode + per-channel weights chains one int32 accumulator per run
+    # (acc = dot(a, b, acc)); weight groups spanning two blocks (G = 256) rescale per block
+    qa, qw, b = _random_operands(37, 512, 200, pattern, mode, group, device, seed=41)
+    y = w4ax_gemm_triton(qa.q4, qa.q8, qa.scales, qa.layout.block_bits, qw.qweight, qw.scales, group, b,
+                         torch.float32, mode, path="tma")
+    ref = R.w4ax_gemm(qa, qw, b, torch.float64)
+    torch.testing.assert_close(y.double(), ref, rtol=GEMM_FP32_RTOL, atol=GEMM_FP32_ATOL)
+    y_tiled = w4ax_gemm_triton(qa.q4, qa.q8, qa.scales, qa.layout.block_bits, qw.qweight, qw.scales, group, b,
+                               torch.float32, mode, path="tiled")
+    torch.testing.assert_close(y, y_tiled, rtol=GEMM_FP32_RTOL, atol=GEMM_FP32_ATOL)
+
+
+def test_tma_explicit_config_and_auto(device):
+    qa, qw, b = _random_operands(20, 384, 96, "mixed", "block", 128, device, seed=7)
+    cfg = GemmConfig(block_m=32, block_n=64, group_m=2, num_warps=4, num_stages=1, tma=True)
+    for path in ("tma", "auto"):  # a TMA config runs the TMA kernel on either path
+        y, acc = _run(qa, qw, b, torch.float16, path=path, config=cfg)
+        _check(qa, qw, b, torch.float16, y, acc)
+
+
+def test_tma_errors(device):
+    qa, qw, b = _random_operands(5, 256, 64, "mixed", "block", 128, device, seed=9)
+    args = (qa.q4, qa.q8, qa.scales, qa.layout.block_bits, qw.qweight, qw.scales, 128, b, torch.float16, "block")
+    with pytest.raises(ValueError, match="asymmetric"):
+        w4ax_gemm_triton(*args, path="tma", w_offsets=torch.zeros_like(qw.scales))
+    qa64, qw64, _ = _random_operands(5, 256, 64, "mixed", "block", 64, device, seed=9)
+    with pytest.raises(ValueError, match="group_size=64"):
+        w4ax_gemm_triton(qa64.q4, qa64.q8, qa64.scales, qa64.layout.block_bits, qw64.qweight, qw64.scales, 64,
+                         None, torch.float16, "block", path="tma")
+    # a q8 view whose rows are not 16-byte aligned cannot be a TMA descriptor
+    wide = torch.zeros(qa.m, qa.q8.shape[1] + 1, dtype=torch.int8, device=qa.q8.device)
+    q8_view = wide[:, 1:]
+    q8_view.copy_(qa.q8)
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        w4ax_gemm_triton(qa.q4, q8_view, *args[2:], path="tma")
+    tma_cfg = GemmConfig(block_m=32, block_n=64, num_warps=4, num_stages=1, tma=True)
+    with pytest.raises(ValueError, match="TMA config"):
+        w4ax_gemm_triton(*args, path="tiled", config=tma_cfg)
+    with pytest.raises(ValueError, match="needs a TMA config"):
+        w4ax_gemm_triton(*args, path="tma", config=GemmConfig(block_m=32, block_n=64))
+    with pytest.raises(TypeError, match="tma must be a bool"):
+        GemmConfig(block_m=32, block_n=64, tma=1)
+    with pytest.raises(ValueError, match="tma must be"):
+        gen_configs(64, 4096, 4096, 4, tma="yes")
+    # the fallback path is untouched: the same q8 view runs on the pointer kernel
+    y = w4ax_gemm_triton(qa.q4, q8_view, *args[2:], path="tiled")
+    torch.testing.assert_close(y, w4ax_gemm_triton(*args, path="tiled"))
+
+
+def test_tma_candidates():
+    from cometq.kernels.w4ax_gemm import tma_available
+
+    for mb in (64, 256, 1024, 4096):
+        plain = gen_configs(mb, 4096, 4096, 4, interpret=False)
+        also = gen_configs(mb, 4096, 4096, 4, interpret=False, tma="also")
+        only = gen_configs(mb, 4096, 4096, 4, interpret=False, tma="only")
+        assert not any(c.tma for c in plain)
+        assert also[:len(plain)] == plain and set(also[len(plain):]) == set(only) and all(c.tma for c in only)
+        # every TMA tile: the weight-row side is a whole wgmma M (64), <= 64 fp32 accumulators/thread
+        assert all(c.block_n % 64 == 0 and c.block_m * c.block_n <= 2048 * c.num_warps for c in only)
+    assert not any(c.tma for c in gen_configs(16, 4096, 4096, 4, interpret=False, tma="also"))
+    assert gen_configs(64, 4096, 4096, 4, interpret=True, tma="only")[0].tma
+    cpu = torch.device("cpu")
+    assert tma_available(cpu, asym=True) is not None and tma_available(cpu, group=32) is not None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [64, 1024])
+@pytest.mark.parametrize("mode,group", [("block", 128), ("class", -1)])
+def test_gpu_tma_llama_shape(m, mode, group):
+    """Every TMA candidate config, compiled for the GPU, on a Llama-3-8B o_proj shape."""
+    from cometq.kernels.w4ax_gemm import tma_available
+
+    if tma_available(torch.device("cuda")) is not None:
+        pytest.skip(tma_available(torch.device("cuda")))
+    n, k = 4096, 4096
+    nb = k // 128
+    g = torch.Generator().manual_seed(m)
+    lay = ActivationLayout.from_block_bits(k, [8] * 4 + [4] * (nb - 4))
+    x = rand_activation(m, k, outliers=8, generator=g)
+    qa = _qa_to(R.quantize_activation(x, lay, mode), "cuda")
+    qw = R.quantize_weight_rtn(rand_weight(n, k, generator=g), group).to("cuda")
+    ref = R.w4ax_gemm(qa, qw, None, torch.float64)
+    for cfg in gen_configs(m_bucket(m), n, k, 4, interpret=False, tma="only"):
+        y = w4ax_gemm_triton(qa.q4, qa.q8, qa.scales, qa.layout.block_bits, qw.qweight, qw.scales, group, None,
+                             torch.float16, mode, path="tma", config=cfg)
+        torch.testing.assert_close(y.double(), ref.half().double(), rtol=GEMM_FP16_RTOL, atol=GEMM_FP32_ATOL,
+                                   msg=lambda s: f"{cfg}: {s}")
