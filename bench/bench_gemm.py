@@ -11,8 +11,9 @@ asymmetric group 128 with fp32 offsets), it times:
   when ``cometq._C`` is built), the Triton persistent stream-K variant
   (``triton-persistent``, M > 16), the Triton deterministic split-K reduction
   (``triton-det``, M <= 64, same config as ``triton``), the Hopper TMA kernel
-  (``triton-tma``, M > 16, symmetric weights with groups >= 128; the ``triton`` column
-  times the pointer-load kernels only), and the whole linear
+  (``triton-tma``: symmetric weights with groups >= 128, split-K with the deterministic
+  reduction at decode; the ``triton`` column times the pointer-load kernels only), and the
+  whole linear
   (activation quantization + GEMM, ``+aq``);
 * peers: cuBLAS FP16 (``x @ w.T``), cuBLASLt INT8 (``torch._int_mm``, M > 16),
   FP8 row-wise (``torch._scaled_mm``), W4A16 tinygemm (``torch._weight_int4pack_mm``).
@@ -403,7 +404,7 @@ def bench_gemm(args, rows, errors, dev, budget=None, flush=lambda: None):
                                 _try(row, "triton-persistent", pf, args, flops, nbytes)
                             except Exception as e:  # noqa: BLE001
                                 row["triton-persistent_err"] = f"{type(e).__name__}: {str(e)[:160]}"
-                        if not args.no_tma and m > 16 and not asym and (group == -1 or group >= 128):
+                        if not args.no_tma and not asym and (group == -1 or group >= 128):
                             # the Hopper TMA kernel, autotuned over its own configs (sym formats only)
                             tf = (lambda: w4ax_gemm_triton(q4, q8, a_sc, lay.block_bits, qweight, w_sc, group, None,
                                                            torch.float16, args.scale_mode, path="tma"))
@@ -524,12 +525,14 @@ def markdown(rows, backends):
                    "deterministic split-K reduction on the same config as `triton` (M <= 64, when it splits; the default "
                    "since 2026-11-26, while the `triton` column keeps the fp32-atomic reduction). `triton`: "
                    "the pointer-load kernels (comparable with the first runs); `triton-tma`: the Hopper TMA "
-                   "kernel (M > 16, symmetric weights, groups >= 128), autotuned over its own configs; "
+                   "kernel (symmetric weights, groups >= 128), autotuned over its own configs; "
                    "path='auto' picks between both. "
                    "TFLOP/s and the configs are in gemm.json.")
     graphed = [r for r in ours if any(k.endswith("-graph_us") for k in r)]
     if graphed:
         gcols = [c for c in backends] + [f"{b}+aq" for b in backends]
+        if any("triton-tma-graph_us" in r for r in graphed):
+            gcols.append("triton-tma")
         out.append("")
         out.append("CUDA-graph replay (`--graph`, M <= 64): GPU time without the Python launch cost, us")
         out.append("")

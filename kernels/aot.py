@@ -95,15 +95,16 @@ def _tma_sig(out: str, bias: str, block_m: int, block_n: int) -> Dict[str, str]:
     (``tensordesc<dtype[box]>``; the launcher encodes them per call)."""
     return dict(order_ptr="*i32", a4_desc=f"tensordesc<u8[{block_m}, 64]>", a8_desc=f"tensordesc<i8[{block_m}, 128]>",
                 w_desc=f"tensordesc<u8[{block_n}, 64]>", as_ptr="*fp32", ws_ptr="*fp32", bias_ptr=_TY[bias],
-                out_ptr=_TY[out], dbg_ptr="*i32", M="i32", N="i32", NB="i32", N8="i32", GROUP="i32",
-                stride_asm="i32", stride_wsn="i32", stride_om="i32", stride_on="i32", stride_dm="i32", stride_dn="i32")
+                out_ptr=_TY[out], dbg_ptr="*i32", part_ptr="*fp32", M="i32", N="i32", NB="i32", N8="i32",
+                GROUP="i32", SPLIT="i32", stride_asm="i32", stride_wsn="i32", stride_om="i32", stride_on="i32", stride_dm="i32", stride_dn="i32")
 
 
 def tma_meta(class_mode: bool = False, group: int = 128, k_pad: int = 4096, bias: bool = True, debug: bool = False,
-             ordered: bool = True) -> Dict[str, object]:
-    """Constexprs of a TMA-kernel launch (see :func:`gemm_meta`)."""
+             ordered: bool = True, split: bool = False) -> Dict[str, object]:
+    """Constexprs of a TMA-kernel launch (see :func:`gemm_meta`); ``split``: split-K pieces into the
+    deterministic workspace (WORKSPACE)."""
     return dict(CLASS_MODE=class_mode, INT_ACC=class_mode and (group <= 0 or group >= k_pad), HAS_BIAS=bias,
-                DEBUG=debug, ORDERED=ordered)
+                DEBUG=debug, ORDERED=ordered, WORKSPACE=split)
 
 
 def _reduce_sig(out: str, bias: str) -> Dict[str, str]:
@@ -269,9 +270,10 @@ def jobs(quick: bool = False) -> List[Tuple[str, object, Dict[str, str], Dict[st
 
 
 def tma_configs() -> List[GemmConfig]:
-    """Every distinct TMA-kernel config gen_configs offers (M buckets above decode)."""
+    """Every distinct TMA-kernel config gen_configs offers (all M buckets; split factors share a
+    binary, so configs differing only in ``split`` (> 1) are one compile: see :func:`dedupe`)."""
     seen: List[GemmConfig] = []
-    for mb in M_BUCKETS[1:]:
+    for mb in M_BUCKETS:
         for c in gen_configs(mb, 4096, 4096, 4, interpret=False, tma="only"):
             if c not in seen:
                 seen.append(c)
@@ -280,16 +282,18 @@ def tma_configs() -> List[GemmConfig]:
 
 def tma_jobs() -> list:
     """The Hopper TMA kernel (sm_90 only: TMA does not exist before Hopper and the dispatcher
-    never offers it there): every config in block mode (g128) and class mode per-channel
-    (int32 runs), INT8-first maps; and the remaining features on the first tile (class g128,
-    debug stores, a general block order, fp32 / bf16 out, no bias)."""
+    never offers it there): every config (decode split-K ones with the workspace store) in
+    block mode (g128) and class mode per-channel (int32 runs), INT8-first maps; and the
+    remaining features on the first tile (class g128, debug stores, a general block order,
+    fp32 / bf16 out, no bias)."""
     out = []
     for c in tma_configs():
         for mode, kw in (("block,g128", dict()), ("class,per-channel", dict(class_mode=True, group=-1))):
             out.append((f"gemm-tma[{mode},{c}]", w4ax_gemm_tma_kernel, _tma_sig("fp16", "fp16", c.block_m, c.block_n),
-                        dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, GROUP_M=c.group_m, **tma_meta(**kw)),
+                        dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, GROUP_M=c.group_m,
+                             **tma_meta(split=c.split > 1, **kw)),
                         c.num_warps, c.num_stages, "tma"))
-    c = tma_configs()[0]
+    c = next(c for c in tma_configs() if c.split == 1)
     for name, kw, od in (("class,g128,unordered", dict(class_mode=True, group=128, ordered=False), "bf16"),
                          ("block,per-channel,debug,nobias", dict(group=-1, debug=True, bias=False), "fp32"),
                          ("class,per-channel,debug,unordered", dict(class_mode=True, group=-1, debug=True,

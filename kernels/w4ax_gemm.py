@@ -553,14 +553,14 @@ def _tma_block_done(acc_f, acc_i, acc_s, sa_cls, b, as_ptr, ws_ptr, dbg_ptr, rm,
 
 @triton.jit
 def w4ax_gemm_tma_kernel(
-    order_ptr, a4_desc, a8_desc, w_desc, as_ptr, ws_ptr, bias_ptr, out_ptr, dbg_ptr,
-    M, N, NB, N8, GROUP,
+    order_ptr, a4_desc, a8_desc, w_desc, as_ptr, ws_ptr, bias_ptr, out_ptr, dbg_ptr, part_ptr,
+    M, N, NB, N8, GROUP, SPLIT,
     stride_asm, stride_wsn, stride_om, stride_on, stride_dm, stride_dn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
     CLASS_MODE: tl.constexpr, INT_ACC: tl.constexpr, HAS_BIAS: tl.constexpr, DEBUG: tl.constexpr,
-    ORDERED: tl.constexpr,
+    ORDERED: tl.constexpr, WORKSPACE: tl.constexpr,
 ):
-    """Hopper prefill W4Ax GEMM: TMA tensor descriptors, weights as the register A operand.
+    """Hopper W4Ax GEMM: TMA tensor descriptors, weights as the register A operand.
 
     Why a second tiled kernel: ptxas -v on the pointer-based kernel at BLOCK 128x128 / 8 warps
     (every large-M config, sm_90a) reports 255 registers per thread -> one CTA (8 warps) per SM,
@@ -587,15 +587,32 @@ def w4ax_gemm_tma_kernel(
     (``acc = dot(a, b, acc)``) and rescales once per run.  Weight groups must be >= 128
     (one scale per block or per run of blocks); asymmetric weights and smaller groups use
     ``w4ax_gemm_kernel``.  DEBUG additionally stores each block's int32 result.
+
+    Split-K (decode: few weight-row tiles, so the block list is cut into ``SPLIT`` chunks to
+    put every SM on the weight stream): WORKSPACE stores chunk ``j = program_id(1)``'s fp32
+    partial into workspace slot ``tile * SPLIT + j`` and ``w4ax_reduce_kernel`` adds the
+    slots in chunk order (the deterministic reduction of the pointer kernel, same slots,
+    same order).  For decode the point of TMA is the weight stream: each stage is one bulk
+    copy of a ``[BLOCK_N, 64]``-byte tile, so ``num_stages`` tiles per CTA are in flight
+    without a register or an address per byte.
     """
     tile = tl.program_id(0)
     pid_m, pid_n = _tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     off_m = pid_m * BLOCK_M
     off_n = pid_n * BLOCK_N
-    rm = off_m + tl.arange(0, BLOCK_M)
-    rn = off_n + tl.arange(0, BLOCK_N)
+    lm = tl.arange(0, BLOCK_M)
+    ln = tl.arange(0, BLOCK_N)
+    rm = off_m + lm
+    rn = off_n + ln
     m_mask = rm < M
     n_mask = rn < N
+    if WORKSPACE:
+        chunk = tl.cdiv(NB, SPLIT)
+        i_lo = tl.program_id(1) * chunk
+        i_hi = tl.minimum(i_lo + chunk, NB)
+    else:
+        i_lo = 0
+        i_hi = NB
     acc_f = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     sa8 = tl.zeros((BLOCK_M,), dtype=tl.float32)
     sa4 = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -604,7 +621,7 @@ def w4ax_gemm_tma_kernel(
         sa8 = tl.load(as_ptr + rm * stride_asm + 1, mask=m_mask, other=0.0)
     # ---- INT8 blocks: list positions [0, N8), q8 slot = position
     acc_i = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
-    for i in range(0, N8):
+    for i in range(i_lo, tl.minimum(i_hi, N8)):
         if ORDERED:
             b = i
         else:
@@ -624,7 +641,7 @@ def w4ax_gemm_tma_kernel(
         acc_f += acc_i.to(tl.float32) * _outer(sa8, sw, True)
     # ---- INT4 blocks: list positions [N8, NB), q4 slot = position - N8
     acc_i = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
-    for i in range(N8, NB):
+    for i in range(tl.maximum(i_lo, N8), i_hi):
         if ORDERED:
             b = i
         else:
@@ -643,8 +660,12 @@ def w4ax_gemm_tma_kernel(
     if INT_ACC:
         sw = tl.load(ws_ptr + rn * stride_wsn, mask=n_mask, other=0.0)
         acc_f += acc_i.to(tl.float32) * _outer(sa4, sw, True)
-    _epilogue(acc_f, True, out_ptr, bias_ptr, rm, rn, m_mask, n_mask, stride_om, stride_on, True,
-              HAS_BIAS, False, True)
+    if WORKSPACE:
+        _store_partial(acc_f, part_ptr, tile * SPLIT + tl.program_id(1), lm, ln, m_mask, n_mask, True,
+                       BLOCK_M, BLOCK_N, True)
+    else:
+        _epilogue(acc_f, True, out_ptr, bias_ptr, rm, rn, m_mask, n_mask, stride_om, stride_on, True,
+                  HAS_BIAS, False, True)
 
 
 # ==========================================================================
@@ -665,7 +686,8 @@ class GemmConfig:
     #: INT8 blocks: contiguous activation loads + weight nibble interleave (see _mma)
     interleave8: bool = False
     #: the Hopper TMA kernel (``w4ax_gemm_tma_kernel``: tensor descriptors, weights as the
-    #: register A operand); implies the swapped orientation, ignores swap_ab/interleave8/split
+    #: register A operand); implies the swapped orientation, ignores swap_ab/interleave8;
+    #: ``split`` > 1 cuts K with the deterministic workspace reduction
     tma: bool = False
 
     def __post_init__(self):
@@ -710,14 +732,14 @@ def gen_configs(mb: int, n: int, k: int, n_int8: int, *, interpret: Optional[boo
     nb = max(1, k // BLOCK_K)
     if interpret:
         bn = max(16, min(128, next_pow2(n)))
+        split = 2 if (mb <= 16 and nb >= 2) else 1  # decode bucket: exercise split-K
         if tma == "only":
             return [GemmConfig(block_m=max(16, min(64, next_pow2(mb))), block_n=max(64, bn), group_m=8,
-                               num_warps=4, num_stages=1, tma=True)]
-        split = 2 if (mb <= 16 and nb >= 2) else 1  # decode bucket: exercise split-K
+                               split=split, num_warps=4, num_stages=1, tma=True)]
         return [GemmConfig(block_m=max(16, min(64, next_pow2(mb))), block_n=bn, group_m=8, split=split,
                            num_warps=4, num_stages=1)]
     if tma == "only":
-        return _tma_configs(mb)
+        return _tma_configs(mb, n, nb)
     cfgs: List[GemmConfig] = []
     if mb <= 16:
         for bn, warps in ((64, 4), (128, 4), (32, 2)):
@@ -754,8 +776,8 @@ def gen_configs(mb: int, n: int, k: int, n_int8: int, *, interpret: Optional[boo
     # dedupe, keep order; drop tiles whose two [BM, BN] accumulators (fp32 result + int32
     # block sum) need more than 64 registers per thread each: ptxas (sm_90a) spills those
     # (128x256 / 256x128 at 8 warps, 128x128 at 4 warps: 1-2.4 KB of spills per thread)
-    if tma == "also" and mb > 16:
-        cfgs += _tma_configs(mb)
+    if tma == "also":
+        cfgs += _tma_configs(mb, n, nb)
     seen, out = set(), []
     for c in cfgs:
         if c.block_m * c.block_n > 64 * 32 * c.num_warps:
@@ -766,7 +788,7 @@ def gen_configs(mb: int, n: int, k: int, n_int8: int, *, interpret: Optional[boo
     return out
 
 
-def _tma_configs(mb: int) -> List[GemmConfig]:
+def _tma_configs(mb: int, n: int, nb: int) -> List[GemmConfig]:
     """TMA-kernel tiles ("BM x BN" = tokens x weight rows; the MMA is ``[BN, BM]``), chosen by
     ptxas -v for sm_90a (no spills in block mode, class mode per-channel and class mode g128):
 
@@ -783,7 +805,19 @@ def _tma_configs(mb: int) -> List[GemmConfig]:
     128x128 / 4 warps, 128x256 and 256x128 spill 0.7-2 KB and are not offered.  The fp32 sum
     and the int32 block / run result (64 registers each per thread at 128x128 / 8 warps) are
     what keeps every tile above 128 registers; which occupancy wins is measured
-    (bench_gemm.py, ``triton-tma`` column)."""
+    (bench_gemm.py, ``triton-tma`` column).
+
+    Decode (M <= 16): 16-token tiles (wgmma N = 16) with split-K sized like the pointer
+    kernel's (~2 or ~4 waves of 132 SMs), 4 or 6 weight tiles in flight per CTA."""
+    if mb <= 16:
+        out = []
+        for bn in (128, 64):
+            tiles = triton.cdiv(n, bn)
+            for target in (264, 528):
+                split = max(1, min(nb, target // max(tiles, 1)))
+                for stages in (4, 6):
+                    out.append(GemmConfig(16, bn, 1, split, 4, stages, tma=True))
+        return list(dict.fromkeys(out))
     if mb <= 64:
         return [GemmConfig(64, 128, 8, 1, 4, 4, tma=True), GemmConfig(64, 64, 8, 1, 4, 4, tma=True),
                 GemmConfig(64, 256, 8, 1, 8, 3, tma=True)]
@@ -893,6 +927,11 @@ def chosen_config(m: int, n: int, k_pad: int, n_int8: int, *, path: str = "auto"
     return None
 
 
+@functools.lru_cache(maxsize=16)
+def _capability_cached(index: int) -> tuple:
+    return torch.cuda.get_device_capability(index)
+
+
 def tma_available(dev: torch.device, *, asym: bool = False, group: int = 128,
                   tensors: tuple = ()) -> Optional[str]:
     """None if a call can run the TMA kernel, else why not (a sentence for error messages).
@@ -901,7 +940,7 @@ def tma_available(dev: torch.device, *, asym: bool = False, group: int = 128,
     of >= 128 channels (one scale per block), and 16-byte aligned operand rows (a TMA
     descriptor's base address and row pitch must be multiples of 16 bytes)."""
     if dev.type == "cuda" and not interpreting():
-        cap = torch.cuda.get_device_capability(dev)
+        cap = _capability_cached(dev.index if dev.index is not None else torch.cuda.current_device())
         if cap < (9, 0):
             return f"TMA needs compute capability >= 9.0, {dev} has {cap[0]}.{cap[1]}"
     elif not interpreting():
@@ -1257,15 +1296,21 @@ def w4ax_gemm_triton(
     def launch(cfg: GemmConfig, which: str):
         tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
         if which == "tma":
+            # split-K pieces always go through the deterministic workspace (no atomic variant)
+            split_k = triton.cdiv(nb, triton.cdiv(nb, cfg.split)) if cfg.split > 1 else 1
             out = torch.empty(m, n, dtype=out_dtype, device=dev)
-            w4ax_gemm_tma_kernel[(tiles,)](
+            part = (torch.empty(tiles * split_k * cfg.block_m * cfg.block_n, dtype=torch.float32, device=dev)
+                    if split_k > 1 else dummy(dev))
+            w4ax_gemm_tma_kernel[(tiles, split_k)](
                 order, _tma_desc(q4, [cfg.block_m, BLOCK_K // 2]), _tma_desc(q8, [cfg.block_m, BLOCK_K]),
                 _tma_desc(qweight, [cfg.block_n, BLOCK_K // 2]), a_scales, w_scales, args_common["bias"], out,
-                args_common["dbg"], m, n, nb, n8, g, a_scales.stride(0), w_scales.stride(0), out.stride(0),
-                out.stride(1), dstr[0], dstr[1],
+                args_common["dbg"], part, m, n, nb, n8, g, split_k, a_scales.stride(0), w_scales.stride(0),
+                out.stride(0), out.stride(1), dstr[0], dstr[1],
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, GROUP_M=cfg.group_m, CLASS_MODE=class_mode,
                 INT_ACC=int_acc, HAS_BIAS=bias is not None, DEBUG=return_int_acc, ORDERED=meta["ORDERED"],
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                WORKSPACE=split_k > 1, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            if split_k > 1:
+                _reduce_partials(None, tiles, split_k, part, bias, out, m, n, cfg)
             return out
         red_t = None
         if which == "persistent":

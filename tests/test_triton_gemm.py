@@ -732,6 +732,30 @@ def test_tma_without_debug(mode, group, pattern, device):
     torch.testing.assert_close(y, y_tiled, rtol=GEMM_FP32_RTOL, atol=GEMM_FP32_ATOL)
 
 
+@pytest.mark.parametrize("split,pattern,mode,group", [(2, "mixed", "block", 128), (3, "alternating", "class", -1),
+                                                      (5, "all4", "class", 128), (4, "all8", "block", -1)])
+def test_tma_splitk_decode(split, pattern, mode, group, device):
+    """Decode split-K on the TMA kernel: chunks of cdiv(NB, SPLIT) blocks (uneven: 5 blocks in
+    2+2+1, ...), each piece into its workspace slot, summed by the reduce kernel in chunk order --
+    under the interpreter the same bits as the pointer kernel's deterministic split-K on the same
+    cuts in block mode (same per-block float ops in the same order)."""
+    qa, qw, b = _random_operands(1, 576, 200, pattern, mode, group, device, seed=50 + split)
+    cfg = GemmConfig(block_m=16, block_n=64, group_m=1, split=split, num_warps=4, num_stages=1, tma=True)
+    y, acc = _run(qa, qw, b, torch.float16, path="tma", config=cfg)
+    _check(qa, qw, b, torch.float16, y, acc)
+    y2 = w4ax_gemm_triton(qa.q4, qa.q8, qa.scales, qa.layout.block_bits, qw.qweight, qw.scales, group, b,
+                          torch.float32, mode, path="tma", config=cfg)
+    ref = R.w4ax_gemm(qa, qw, b, torch.float64)
+    torch.testing.assert_close(y2.double(), ref, rtol=GEMM_FP32_RTOL, atol=GEMM_FP32_ATOL)
+    assert _bits_equal(y2, w4ax_gemm_triton(qa.q4, qa.q8, qa.scales, qa.layout.block_bits, qw.qweight, qw.scales,
+                                            group, b, torch.float32, mode, path="tma", config=cfg))
+    if mode == "block" and device == "cpu":  # interpreter: same float ops in the same order
+        ptr_cfg = GemmConfig(block_m=16, block_n=64, group_m=1, split=split, num_warps=4, num_stages=1, swap_ab=True)
+        assert _bits_equal(y2, w4ax_gemm_triton(qa.q4, qa.q8, qa.scales, qa.layout.block_bits, qw.qweight,
+                                                qw.scales, group, b, torch.float32, mode, path="splitk",
+                                                config=ptr_cfg, deterministic=True))
+
+
 def test_tma_explicit_config_and_auto(device):
     qa, qw, b = _random_operands(20, 384, 96, "mixed", "block", 128, device, seed=7)
     cfg = GemmConfig(block_m=32, block_n=64, group_m=2, num_warps=4, num_stages=1, tma=True)
@@ -780,14 +804,15 @@ def test_tma_candidates():
         assert also[:len(plain)] == plain and set(also[len(plain):]) == set(only) and all(c.tma for c in only)
         # every TMA tile: the weight-row side is a whole wgmma M (64), <= 64 fp32 accumulators/thread
         assert all(c.block_n % 64 == 0 and c.block_m * c.block_n <= 2048 * c.num_warps for c in only)
-    assert not any(c.tma for c in gen_configs(16, 4096, 4096, 4, interpret=False, tma="also"))
+    dec = gen_configs(16, 4096, 4096, 4, interpret=False, tma="only")
+    assert dec and all(c.tma and c.block_m == 16 and c.split > 1 for c in dec)
     assert gen_configs(64, 4096, 4096, 4, interpret=True, tma="only")[0].tma
     cpu = torch.device("cpu")
     assert tma_available(cpu, asym=True) is not None and tma_available(cpu, group=32) is not None
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m", [64, 1024])
+@pytest.mark.parametrize("m", [1, 16, 64, 1024])
 @pytest.mark.parametrize("mode,group", [("block", 128), ("class", -1)])
 def test_gpu_tma_llama_shape(m, mode, group):
     """Every TMA candidate config, compiled for the GPU, on a Llama-3-8B o_proj shape."""
