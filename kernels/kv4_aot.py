@@ -111,6 +111,25 @@ def ptxas_usage(ptx: str, arch: int) -> dict:
     return {"registers": int(regs.group(1)) if regs else None, "spill_bytes": int(spill.group(1)) if spill else None}
 
 
+def _attrs(kernel, ce) -> Dict[tuple, list]:
+    """The JIT's specialization of a real launch: every pointer and every integer argument that is
+    a multiple of 16 gets ``tt.divisibility=16`` (what lets loads vectorize to 16 bytes and go
+    through ``cp.async``).  Strides are those of the default pools (head_dim 128, block 64,
+    G = 32): all multiples of 16 except a per-token scale row (D/G = 4 values)."""
+    small = set()
+    if ce.get("K_TOK_DIV") == 1:
+        small.add("stride_kst")
+    if ce.get("V_TOK_DIV") == 1:
+        small.add("stride_vst")
+    attrs = {}
+    for i, a in enumerate(kernel.arg_names):
+        if a in ce:
+            continue
+        if a.endswith("_ptr") or (a.startswith("stride_") and a not in small):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return attrs
+
+
 def compile_all(archs, quick: bool = False, ci: bool = False) -> List[dict]:
     results = []
     for arch in archs:
@@ -119,7 +138,8 @@ def compile_all(archs, quick: bool = False, ci: bool = False) -> List[dict]:
                 continue
             r = {"name": name, "arch": arch, "ok": False}
             try:
-                src = ASTSource(kernel, _sig(kernel, ptrs, ce), constexprs=ce)
+                src = ASTSource(kernel, _sig(kernel, ptrs, ce), constexprs=ce,
+                                attrs=_attrs(kernel, ce) if kind == "attn" else None)
                 k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps))
                 ptx = k.asm["ptx"]
                 checks = []
@@ -127,6 +147,10 @@ def compile_all(archs, quick: bool = False, ci: bool = False) -> List[dict]:
                     checks.append(("div.rn.f32", "div.rn.f32" in ptx))
                 if kind == "attn" and "fp32" not in name:
                     checks.append(("tensor-core mma", "mma" in ptx))
+                if kind == "attn":
+                    # the packed K and V bytes stream through cp.async (software-pipelined: the
+                    # next tiles are in flight while this one is dequantized)
+                    checks.append(("cp.async K/V stream", "cp.async" in ptx))
                 bad = [c for c, ok in checks if not ok]
                 r.update(ok=not bad, failed_checks=bad, shared=k.metadata.shared)
                 if kind == "attn":

@@ -47,28 +47,76 @@ _NEG = tl.constexpr(-1.0e30)  # finite "minus infinity": exp2(_NEG - m) == 0 wit
 
 
 @triton.jit
-def _dequant_tile(packed_ptr, scale_ptr, zero_ptr, pbase, sbase, t, j, tmask, stride_pt, stride_st,
-                  TOK_DIV: tl.constexpr, CH_DIV: tl.constexpr):
-    """A K or V tile as two float32 halves [BLOCK_SIZE, HALF_D]: channels 2j (low nibbles), 2j+1 (high).
+def _compact(TOK_DIV: tl.constexpr, CH_DIV: tl.constexpr, TILE: tl.constexpr):
+    """True when a tile's scales/zeros are one contiguous block at their own granularity:
+    per-token groups (a ``[TILE, D/G]`` block) or per-channel groups of >= TILE tokens (one
+    ``[D]`` row for the whole tile).  Per-channel groups shorter than the tile (G < 16) are
+    gathered per element instead."""
+    return (TOK_DIV == 1) or (CH_DIV == 1 and TOK_DIV >= TILE)
 
-    The packed bytes are loaded once (one 16-byte-vectorizable row of D/2 bytes
-    per token); masked tokens read 0 with scale/zero 0, so they dequantize to 0."""
-    p = tl.load(packed_ptr + pbase + t[:, None] * stride_pt + j[None, :], mask=tmask[:, None], other=0)
-    srow = sbase + (t // TOK_DIV)[:, None] * stride_st
-    so_lo = srow + ((2 * j) // CH_DIV)[None, :]
-    s_lo = tl.load(scale_ptr + so_lo, mask=tmask[:, None], other=0.0).to(tl.float32)
-    z_lo = tl.load(zero_ptr + so_lo, mask=tmask[:, None], other=0.0).to(tl.float32)
-    if CH_DIV > 1:
-        # per-token groups (CH_DIV = G, even): channels 2j and 2j+1 always share a group,
-        # so the odd half reuses the even half's scale/zero -- half the scale loads
-        s_hi = s_lo
-        z_hi = z_lo
+
+@triton.jit
+def _load_scales(scale_ptr, zero_ptr, sbase, t0, t, tmask, valid, stride_st,
+                 TOK_DIV: tl.constexpr, CH_DIV: tl.constexpr, TILE: tl.constexpr, HALF_D: tl.constexpr):
+    """The compact scale and zero block of the tile starting at token ``t0`` (fp16, as stored):
+    per-channel ``[D]`` (16-byte loads of one row), per-token ``[TILE, D/G]``.  ``valid`` False
+    (a prefetch past the last tile) loads nothing.  Non-compact layouts return placeholders
+    (:func:`_dequant_tile` gathers those itself)."""
+    if CH_DIV == 1 and TOK_DIV >= TILE:
+        c = tl.arange(0, 2 * HALF_D)
+        row = sbase + (t0 // TOK_DIV) * stride_st
+        s = tl.load(scale_ptr + row + c, mask=valid & (c >= 0), other=0.0)
+        z = tl.load(zero_ptr + row + c, mask=valid & (c >= 0), other=0.0)
+    elif TOK_DIV == 1:
+        NG: tl.constexpr = 2 * HALF_D // CH_DIV
+        so = sbase + t[:, None] * stride_st + tl.arange(0, NG)[None, :]
+        s = tl.load(scale_ptr + so, mask=tmask[:, None] & valid, other=0.0)
+        z = tl.load(zero_ptr + so, mask=tmask[:, None] & valid, other=0.0)
     else:
-        so_hi = srow + ((2 * j + 1) // CH_DIV)[None, :]
-        s_hi = tl.load(scale_ptr + so_hi, mask=tmask[:, None], other=0.0).to(tl.float32)
-        z_hi = tl.load(zero_ptr + so_hi, mask=tmask[:, None], other=0.0).to(tl.float32)
-    lo = (p & 0xF).to(tl.float32) * s_lo + z_lo
-    hi = (p >> 4).to(tl.float32) * s_hi + z_hi
+        s = 0.0
+        z = 0.0
+    return s, z
+
+
+@triton.jit
+def _pairs(row, HALF_D: tl.constexpr):
+    """A ``[D]`` per-channel row -> (even channels, odd channels), fp32 ``[D/2]`` each."""
+    return tl.split(tl.reshape(row.to(tl.float32), (HALF_D, 2)))
+
+
+@triton.jit
+def _dequant_tile(packed_ptr, scale_ptr, zero_ptr, pbase, sbase, s, z, t, j, tmask, stride_pt, stride_st,
+                  TOK_DIV: tl.constexpr, CH_DIV: tl.constexpr, TILE: tl.constexpr, HALF_D: tl.constexpr):
+    """A K or V tile as two float32 halves [TILE, HALF_D]: channels 2j (low nibbles), 2j+1 (high).
+
+    ``s``/``z``: the tile's compact scale/zero block from :func:`_load_scales` (loaded one
+    tile ahead, so its latency hides behind the previous tile's math), broadcast here:
+    a per-channel row splits into even/odd halves; per-token ``[TILE, D/G]`` scales apply to
+    the tile viewed as ``[TILE, D/G, G/2]`` (the G/2 channels of a group inside a half).
+    The packed bytes are one 16-byte-vectorizable row of D/2 bytes per token; masked tokens
+    read 0."""
+    p = tl.load(packed_ptr + pbase + t[:, None] * stride_pt + j[None, :], mask=tmask[:, None], other=0)
+    if CH_DIV == 1 and TOK_DIV >= TILE:
+        s_lo, s_hi = _pairs(s, HALF_D)
+        z_lo, z_hi = _pairs(z, HALF_D)
+        lo = (p & 0xF).to(tl.float32) * s_lo[None, :] + z_lo[None, :]
+        hi = (p >> 4).to(tl.float32) * s_hi[None, :] + z_hi[None, :]
+    elif TOK_DIV == 1:
+        NG: tl.constexpr = 2 * HALF_D // CH_DIV
+        GH: tl.constexpr = CH_DIV // 2
+        s3 = s.to(tl.float32)[:, :, None]
+        z3 = z.to(tl.float32)[:, :, None]
+        lo = tl.reshape(tl.reshape((p & 0xF).to(tl.float32), (TILE, NG, GH)) * s3 + z3, (TILE, HALF_D))
+        hi = tl.reshape(tl.reshape((p >> 4).to(tl.float32), (TILE, NG, GH)) * s3 + z3, (TILE, HALF_D))
+    else:
+        # per-channel groups shorter than the tile: gather scale/zero per element
+        srow = sbase + (t // TOK_DIV)[:, None] * stride_st
+        s_lo = tl.load(scale_ptr + srow + 2 * j[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
+        z_lo = tl.load(zero_ptr + srow + 2 * j[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
+        s_hi = tl.load(scale_ptr + srow + 2 * j[None, :] + 1, mask=tmask[:, None], other=0.0).to(tl.float32)
+        z_hi = tl.load(zero_ptr + srow + 2 * j[None, :] + 1, mask=tmask[:, None], other=0.0).to(tl.float32)
+        lo = (p & 0xF).to(tl.float32) * s_lo + z_lo
+        hi = (p >> 4).to(tl.float32) * s_hi + z_hi
     return lo, hi
 
 
@@ -149,36 +197,56 @@ def kv4_attn_split_kernel(
     NSUB: tl.constexpr = BLOCK_SIZE // TILE
     tt = tl.arange(0, TILE)
     bt_row = bt_ptr + slot.to(tl.int64) * stride_bts
-    for it in range(blk_start * NSUB, blk_end * NSUB):
+    it_lo = blk_start * NSUB
+    it_hi = blk_end * NSUB
+    # scales/zeros are prefetched one tile ahead (software pipelining by hand): Triton's
+    # pipeliner streams the packed bytes through shared memory but leaves these small loads in
+    # place, where each tile would wait a full memory round trip for them before its math
+    valid = it_lo < it_hi
+    phys = tl.load(bt_row + it_lo // NSUB, mask=valid, other=0).to(tl.int64)
+    tok = (it_lo % NSUB) * TILE + tt
+    tmask = ((it_lo // NSUB) * BLOCK_SIZE + tok) < lq
+    ks, kz = _load_scales(ks_ptr, kz_ptr, phys * stride_ksb + kvh * stride_ksh, (it_lo % NSUB) * TILE, tok, tmask,
+                          valid, stride_kst, K_TOK_DIV, K_CH_DIV, TILE, HALF_D)
+    vs, vz = _load_scales(vs_ptr, vz_ptr, phys * stride_vsb + kvh * stride_vsh, (it_lo % NSUB) * TILE, tok, tmask,
+                          valid, stride_vst, V_TOK_DIV, V_CH_DIV, TILE, HALF_D)
+    for it in range(it_lo, it_hi):
         i = it // NSUB
         sub = it % NSUB
         phys = tl.load(bt_row + i).to(tl.int64)  # same entry for the NSUB tiles of a block (L1 hit)
         tok = sub * TILE + tt  # token rows within the block
         tmask = (i * BLOCK_SIZE + tok) < lq
         pbase = phys * stride_pb + kvh * stride_ph
+        # the next tile's scales (consumed next iteration)
+        nxt = it + 1
+        valid = nxt < it_hi
+        phys_n = tl.load(bt_row + nxt // NSUB, mask=valid, other=0).to(tl.int64)
+        tok_n = (nxt % NSUB) * TILE + tt
+        tmask_n = ((nxt // NSUB) * BLOCK_SIZE + tok_n) < lq
+        ks_n, kz_n = _load_scales(ks_ptr, kz_ptr, phys_n * stride_ksb + kvh * stride_ksh, (nxt % NSUB) * TILE, tok_n,
+                                  tmask_n, valid, stride_kst, K_TOK_DIV, K_CH_DIV, TILE, HALF_D)
+        vs_n, vz_n = _load_scales(vs_ptr, vz_ptr, phys_n * stride_vsb + kvh * stride_vsh, (nxt % NSUB) * TILE, tok_n,
+                                  tmask_n, valid, stride_vst, V_TOK_DIV, V_CH_DIV, TILE, HALF_D)
         if FOLD_K:
-            # per-channel key groups (TILE = K_TOK_DIV = G tokens share one scale/zero row of
-            # D channels): fold them into the query instead of dequantizing K,
+            # per-channel key groups (the tile lies inside one group: one scale/zero row of D
+            # channels): fold them into the query instead of dequantizing K,
             #     q . (k * sc + z) = (q * sc) . k + q . z
-            # two [D/2] scale loads and a [BLOCK_H, D/2] multiply replace the four [G, D/2]
-            # scale/zero gathers and the FMA over the K tile; the nibbles feed the dot as they
-            # are (0..15 is exact in fp16/bf16)
+            # a [BLOCK_H, D/2] multiply replaces the FMA over the K tile; the nibbles feed the
+            # dot as they are (0..15 is exact in fp16/bf16)
             kq = tl.load(kp_ptr + pbase + tok[:, None] * stride_pt + j[None, :], mask=tmask[:, None], other=0)
-            srow = phys * stride_ksb + kvh * stride_ksh + sub * stride_kst
-            sc_lo = tl.load(ks_ptr + srow + 2 * j).to(tl.float32)
-            sc_hi = tl.load(ks_ptr + srow + 2 * j + 1).to(tl.float32)
-            z_lo = tl.load(kz_ptr + srow + 2 * j).to(tl.float32)
-            z_hi = tl.load(kz_ptr + srow + 2 * j + 1).to(tl.float32)
+            sc_lo, sc_hi = _pairs(ks, HALF_D)
+            z_lo, z_hi = _pairs(kz, HALF_D)
             bias = tl.sum(q_lo_f * z_lo[None, :] + q_hi_f * z_hi[None, :], axis=1)  # [BLOCK_H]
             s = _dot(q_lo_f * sc_lo[None, :], tl.trans((kq & 0xF).to(tl.float32)), DOT_DTYPE) \
                 + _dot(q_hi_f * sc_hi[None, :], tl.trans((kq >> 4).to(tl.float32)), DOT_DTYPE) + bias[:, None]
         else:
-            k_lo, k_hi = _dequant_tile(kp_ptr, ks_ptr, kz_ptr, pbase, phys * stride_ksb + kvh * stride_ksh, tok, j,
-                                       tmask, stride_pt, stride_kst, K_TOK_DIV, K_CH_DIV)
+            k_lo, k_hi = _dequant_tile(kp_ptr, ks_ptr, kz_ptr, pbase, phys * stride_ksb + kvh * stride_ksh, ks, kz,
+                                       tok, j, tmask, stride_pt, stride_kst, K_TOK_DIV, K_CH_DIV, TILE, HALF_D)
             s = _dot(q_lo, tl.trans(k_lo), DOT_DTYPE) + _dot(q_hi, tl.trans(k_hi), DOT_DTYPE)  # [BLOCK_H, TILE]
-        v_lo, v_hi = _dequant_tile(vp_ptr, vs_ptr, vz_ptr, pbase, phys * stride_vsb + kvh * stride_vsh, tok, j,
-                                   tmask, stride_pt, stride_vst, V_TOK_DIV, V_CH_DIV)
+        v_lo, v_hi = _dequant_tile(vp_ptr, vs_ptr, vz_ptr, pbase, phys * stride_vsb + kvh * stride_vsh, vs, vz,
+                                   tok, j, tmask, stride_pt, stride_vst, V_TOK_DIV, V_CH_DIV, TILE, HALF_D)
         m_i, l_i, acc_lo, acc_hi = _softmax_step(s, tmask, m_i, l_i, acc_lo, acc_hi, v_lo, v_hi, DOT_DTYPE)
+        ks, kz, vs, vz = ks_n, kz_n, vs_n, vz_n
 
     if TAIL_N > 0:
         if split == NUM_SPLITS - 1:
@@ -244,10 +312,15 @@ def fold_k_eligible(key_axis: str, group_size: int) -> bool:
     return key_axis == "channel" and group_size >= 16
 
 
-def attention_tile(block_size: int, group_size: int, fold_k: bool) -> int:
-    """Tokens per loop iteration: one key group with FOLD_K (its scale row is folded into q),
-    else min(32, block size) (see the kernel's register note)."""
-    return group_size if fold_k else min(32, block_size)
+def attention_tile(block_size: int, group_size: int, fold_k: bool, key_axis: str = "token",
+                   value_axis: str = "token") -> int:
+    """Tokens per loop iteration: min(32, block size) (see the kernel's register note), cut to
+    the group size when a per-channel group (G >= 16) is shorter, so every tile lies inside one
+    scale row (compact scale loads, and FOLD_K folds exactly one row into q)."""
+    tile = min(32, block_size)
+    if (fold_k or "channel" in (key_axis, value_axis)) and 16 <= group_size < tile:
+        tile = group_size
+    return tile
 
 
 def attention_meta(dot_dtype, qpk: int, head_dim: int, block_size: int, group_size: int, tail_g: int,
@@ -258,7 +331,7 @@ def attention_meta(dot_dtype, qpk: int, head_dim: int, block_size: int, group_si
     return dict(NUM_SPLITS=num_splits, QPK=qpk, BLOCK_H=max(16, triton.next_power_of_2(qpk)), HALF_D=head_dim // 2,
                 BLOCK_SIZE=block_size, TAIL_N=0 if tail_g == 0 else max(16, triton.next_power_of_2(tail_g)),
                 K_TOK_DIV=kt, K_CH_DIV=kc, V_TOK_DIV=vt, V_CH_DIV=vc, DOT_DTYPE=_DOT[dot_dtype], FOLD_K=bool(fold_k),
-                TILE=attention_tile(block_size, group_size, fold_k))
+                TILE=attention_tile(block_size, group_size, fold_k, key_axis, value_axis))
 
 
 def kv4_decode_attention_triton(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, tail_k, tail_v,

@@ -218,3 +218,22 @@ def test_fold_k_switch(monkeypatch):
         KA.kv4_decode_attention_triton(*a, 0.2, 1, fold_k=True)
     monkeypatch.setenv(KA.ENV_FOLD_K, "1")  # ineligible pool: the switch is ignored, not an error
     KA.kv4_decode_attention_triton(*a, 0.2, 1)
+
+
+@pytest.mark.parametrize("axes,group,block,head_dim", [(("channel", "channel"), 16, 64, 32),
+                                                      (("channel", "channel"), 32, 32, 64),
+                                                      (("token", "token"), 32, 32, 64),
+                                                      (("token", "channel"), 64, 64, 128),
+                                                      (("channel", "token"), 2, 16, 32)])
+def test_triton_scale_layouts(axes, group, block, head_dim):
+    """Every way the kernel reads scales: one [D] row per tile (per-channel groups >= 16 tokens,
+    the tile cut to the group), a [tile, D/G] block (per-token groups, D/G = 1..8) and the
+    per-element gather (per-channel groups shorter than 16 tokens); all prefetched one tile
+    ahead across block boundaries, splits and partial last tiles."""
+    lengths = [2, block - 1, 2 * block + 3, 4 * block]
+    pool, sids = build_pool(axes, lengths, head_dim=head_dim, block_size=block, group_size=group, device=DEV)
+    q = torch.randn(len(sids), 8, head_dim, generator=torch.Generator().manual_seed(group)).to(DEV)
+    ref = _call(pool, q, sids, "reference", 1)
+    for ns in (1, 2, 5):
+        out = _call(pool, q, sids, "triton", ns)
+        torch.testing.assert_close(out, ref, rtol=ATTN_RTOL, atol=ATTN_ATOL)
