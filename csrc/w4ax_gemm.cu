@@ -74,8 +74,13 @@ namespace cometq {
 constexpr int kRow4 = 96;   // smem bytes per INT4 A row / weight row (64 data + 32 pad)
 constexpr int kRow8 = 128;  // smem bytes per INT8 A row (swizzled, no pad)
 
-template <int BM_, int BN_, int WARPS_M_, int WARPS_N_, int STAGES_>
+template <int BM_, int BN_, int WARPS_M_, int WARPS_N_, int STAGES_, int MIN_CTAS_ = 1>
 struct GemmCfg {
+  // MIN_CTAS: CTAs per SM the register allocation must allow (__launch_bounds__ minBlocks).
+  // Without it ptxas gave the 8-warp large tile 148 registers -> one CTA per SM, whose
+  // per-block scale flush and smem fragment loads then leave the tensor cores idle; with two
+  // CTAs resident one's MMAs overlap the other's flush.
+  static constexpr int MIN_CTAS = MIN_CTAS_;
   static constexpr int BM = BM_;
   static constexpr int BN = BN_;
   static constexpr int WARPS_M = WARPS_M_;
@@ -96,10 +101,11 @@ struct GemmCfg {
   static_assert(A_BYTES % 16 == 0 && B_BYTES % 16 == 0, "stages must stay 16-byte aligned");
 };
 
-// M > 64: 128 x 64 tiles, 8 warps (4 x 2), warp tile 32 x 32.
-using CfgLarge = GemmCfg<128, 64, 4, 2, 4>;
-// 16 < M <= 64: 64 x 64 tiles, 4 warps (2 x 2), warp tile 32 x 32.
-using CfgMid = GemmCfg<64, 64, 2, 2, 4>;
+// M > 64: 128 x 64 tiles, 8 warps (4 x 2), warp tile 32 x 32; two CTAs per SM (<= 128 registers,
+// 2 x 90 KB of pipeline smem).
+using CfgLarge = GemmCfg<128, 64, 4, 2, 4, 2>;
+// 16 < M <= 64: 64 x 64 tiles, 4 warps (2 x 2), warp tile 32 x 32; four CTAs per SM (<= 128 registers).
+using CfgMid = GemmCfg<64, 64, 2, 2, 4, 4>;
 // M <= 16 (decode): 16 x 64 tiles, 4 warps (1 x 4), warp tile 16 x 16, deeper
 // pipeline (the weight stream is the whole cost), split-K over the grid's z.
 using CfgSmall = GemmCfg<16, 64, 1, 4, 6>;
@@ -181,7 +187,7 @@ __device__ __forceinline__ void load_stage(const CometqGemmArgs& p, const int* s
 // The kernel.
 // ---------------------------------------------------------------------------
 template <class Cfg, bool USE_S4, bool HAS_OFF>
-__global__ void __launch_bounds__(Cfg::THREADS) w4ax_gemm_kernel(const CometqGemmArgs p) {
+__global__ void __launch_bounds__(Cfg::THREADS, Cfg::MIN_CTAS) w4ax_gemm_kernel(const CometqGemmArgs p) {
   constexpr int MT = Cfg::MT, NT = Cfg::NT;
   extern __shared__ __align__(16) uint8_t smem[];
   int* s_is8 = reinterpret_cast<int*>(smem + Cfg::PIPE_BYTES);
