@@ -72,9 +72,10 @@ def test_compare_schemes_rows_and_model_untouched():
 
 
 def test_study_scheme_lists_have_distinct_names():
-    from cometq.eval import default_schemes, gptq_study_schemes, mse_study_schemes, v2_study_schemes
+    from cometq.eval import crux_study_schemes, default_schemes, gptq_study_schemes, mse_study_schemes, v2_study_schemes
 
-    for schemes in (default_schemes(), gptq_study_schemes(), v2_study_schemes(), mse_study_schemes()):
+    for schemes in (default_schemes(), gptq_study_schemes(), v2_study_schemes(), mse_study_schemes(),
+                    crux_study_schemes()):
         names = [scheme_name(s) for s in schemes]
         assert len(set(names)) == len(names), names
     names = [scheme_name(s) for s in mse_study_schemes()]

@@ -345,6 +345,23 @@ def mse_study_schemes() -> List[Scheme]:
     ]
 
 
+def crux_study_schemes() -> List[Scheme]:
+    """Rows of docs/ACCURACY.md's "kernel formats" table (``--crux-study``): the accuracy side of
+    the scale-placement question (issue #3) for the formats the Hopper TMA kernel runs --
+    symmetric weights, groups of 128 or one per output channel, block or class activation
+    scales -- with the default recipe otherwise (true-sequential GPTQ with MSE ranges, INT4
+    clip search, FMPQ 25%).  Class scales + per-channel weights is the case that accumulates
+    whole precision runs in int32."""
+    base = W4AxConfig(weight_method="gptq", weight_sym=True, int8_fraction=0.25)
+    return [
+        "fp",
+        dataclasses.replace(base, group_size=128),
+        dataclasses.replace(base, group_size=128, scale_mode="class"),
+        dataclasses.replace(base, group_size=-1),
+        dataclasses.replace(base, group_size=-1, scale_mode="class"),
+    ]
+
+
 def compare_schemes(
     model: nn.Module,
     calib_data,
@@ -445,6 +462,8 @@ def main(argv=None) -> List[Dict]:
                    help="GPTQ MSE group ranges: default recipe with/without, g128 formats, W4Ax-KV4 (docs/ACCURACY.md)")
     p.add_argument("--gptq-study", action="store_true",
                    help="GPTQ rows: one-pass vs sequential, act_order, group size 128/64/32")
+    p.add_argument("--crux-study", action="store_true",
+                   help="kernel formats: symmetric g128 / per-channel weights x block / class activation scales")
     a = p.parse_args(argv)
     from . import data
     from .models import load_model
@@ -469,6 +488,8 @@ def main(argv=None) -> List[Dict]:
         schemes = v2_study_schemes()
     if a.mse_study:
         schemes = mse_study_schemes()
+    if a.crux_study:
+        schemes = crux_study_schemes()
     rows = compare_schemes(model, calib, wins, schemes)
     print(format_table(rows))
     if a.json:
