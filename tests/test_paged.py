@@ -222,6 +222,12 @@ def test_errors():
         pool.append_decode([s], torch.randn(1, 2, 16), torch.randn(1, 2, 16))
     with pytest.raises(ValueError, match="empty"):
         pool.decode_attention(torch.randn(1, 4, 32), [s])
+    # ids that compare equal to a live slot but are not ints, and unknown ids, in batched calls
+    for bad in (float(s), True if s == 1 else 1.0 * s, s + 7):
+        with pytest.raises(KeyError, match="unknown sequence id"):
+            pool.append_decode([bad], torch.randn(1, 2, 32), torch.randn(1, 2, 32))
+        with pytest.raises(KeyError, match="unknown sequence id"):
+            pool.pool.decode_attention(0, torch.randn(1, 4, 32), [bad])
     pool.free_sequence(s)
     with pytest.raises(KeyError):
         pool.free_sequence(s)

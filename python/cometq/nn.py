@@ -27,7 +27,7 @@ float32 rounding; tests hold it to ``cometq.testing.FAST_PATH_RTOL/ATOL``.
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import List, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -36,7 +36,7 @@ from . import ops
 from . import reference as R
 from .layout import BLOCK_K, ActivationLayout, num_blocks, padded_k
 
-__all__ = ["W4AxLinear", "set_fast_path", "fake_quantize_activation"]
+__all__ = ["W4AxLinear", "set_fast_path", "fake_quantize_activation", "fuse_linears"]
 
 ACT_MODES = ("fmpq", 4, 8, 16)
 
@@ -269,3 +269,87 @@ def fake_quantize_activation(x: torch.Tensor, layout: ActivationLayout, scale_mo
     q, _, bscale = R.quantize_activation_blocks(x, layout, scale_mode)
     m = q.shape[0]
     return (q * bscale[..., None]).view(m, layout.k_pad)
+
+
+def _fusable_w4ax(mods: Sequence["W4AxLinear"]) -> bool:
+    a = mods[0]
+    for m in mods[1:]:
+        if (m.in_features, m.group_size, m.act_bits, m.scale_mode, m.backend, m.fast_path) != \
+                (a.in_features, a.group_size, a.act_bits, a.scale_mode, a.backend, a.fast_path):
+            return False
+        if (m.w_offsets is None) != (a.w_offsets is None):
+            return False
+        if m.qweight.device != a.qweight.device:
+            return False
+        if not (torch.equal(m.perm, a.perm) and torch.equal(m.block_bits, a.block_bits)
+                and torch.equal(m.act_clip, a.act_clip)):
+            return False  # a different activation layout: the input would be quantized differently
+        if (m.bias is None) != (a.bias is None) or (m.bias is not None and m.bias.dtype != a.bias.dtype):
+            return False
+    return True
+
+
+def fuse_linears(mods: Sequence[nn.Module]) -> Optional[nn.Module]:
+    """One module computing ``cat([m(x) for m in mods], -1)`` for linears that read the same input
+    (q/k/v, gate/up), or None when they cannot be fused.
+
+    Why: one GEMM with ``N = sum(N_i)`` instead of several, and for :class:`W4AxLinear` one
+    activation quantization instead of one per projection (they share the input's FMPQ layout,
+    see ``quantize_``): fewer launches per decode step and wider GEMMs.  Fusable: all
+    ``nn.Linear`` with one input size, dtype and device, or all :class:`W4AxLinear` with the same
+    activation layout (permutation, block map, INT4 clip), group size, scale mode, activation
+    mode, backend and weight symmetry.
+
+    No weight is duplicated: the fused module owns the concatenated tensors and each original
+    module's weights become row views of them, so both stay usable and in sync (an in-place
+    update of either is seen by both).
+    """
+    mods = list(mods)
+    if len(mods) < 2:
+        return None
+    if all(type(m) is nn.Linear for m in mods):
+        a = mods[0]
+        if any(m.in_features != a.in_features or m.weight.dtype != a.weight.dtype or m.weight.device != a.weight.device
+               for m in mods):
+            return None
+        n = sum(m.out_features for m in mods)
+        has_bias = any(m.bias is not None for m in mods)
+        fused = nn.Linear(a.in_features, n, bias=has_bias, device="meta")
+        with torch.no_grad():
+            fused.weight = nn.Parameter(torch.cat([m.weight.detach() for m in mods]), requires_grad=False)
+            if has_bias:
+                fused.bias = nn.Parameter(torch.cat([
+                    m.bias.detach() if m.bias is not None
+                    else torch.zeros(m.out_features, dtype=a.weight.dtype, device=a.weight.device) for m in mods]),
+                    requires_grad=False)
+            o = 0
+            for m in mods:
+                m.weight = nn.Parameter(fused.weight[o:o + m.out_features], requires_grad=m.weight.requires_grad)
+                if m.bias is not None:
+                    m.bias = nn.Parameter(fused.bias[o:o + m.out_features], requires_grad=m.bias.requires_grad)
+                o += m.out_features
+        return fused
+    if not (all(isinstance(m, W4AxLinear) for m in mods) and _fusable_w4ax(mods)):
+        return None
+    a = mods[0]
+    n = sum(m.out_features for m in mods)
+    dev = a.qweight.device
+    fused = W4AxLinear(a.in_features, n, bias=a.bias is not None, group_size=a.group_size, act_bits=a.act_bits,
+                       scale_mode=a.scale_mode, backend=a.backend,
+                       bias_dtype=a.bias.dtype if a.bias is not None else torch.float32,
+                       asym=a.w_offsets is not None, device="meta")
+    fused.fast_path = a.fast_path
+    names: List[str] = ["qweight", "w_scales"] + (["w_offsets"] if a.w_offsets is not None else []) + \
+        (["bias"] if a.bias is not None else [])
+    with torch.no_grad():
+        for name in names:
+            fused._buffers[name] = torch.cat([getattr(m, name) for m in mods])
+        for name in ("act_clip", "perm", "block_bits"):  # the shared layout (a copy: it is small)
+            fused._buffers[name] = getattr(a, name).clone()
+        o = 0
+        for m in mods:
+            for name in names:
+                m._buffers[name] = fused._buffers[name][o:o + m.out_features]
+            m._wdeq = m._wdeq_key = None  # a CPU fast-path cache keyed on the old storage
+            o += m.out_features
+    return fused

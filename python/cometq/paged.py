@@ -474,12 +474,25 @@ class MultiLayerKV4Pool:
             raise ValueError(f"{name} is on {x.device}, pool is on {self.device}")
 
     def _check_ids(self, seq_ids) -> List[int]:
+        # runs per layer per decode step for the whole batch: set operations and one type scan
+        # instead of a Python-level check per id (the message path names the bad id)
         seq_ids = list(seq_ids)
-        if len(set(seq_ids)) != len(seq_ids):
+        ids = set(seq_ids)
+        if len(ids) != len(seq_ids):
             raise ValueError(f"seq_ids must be distinct, got {seq_ids}")
-        for s in seq_ids:
-            self._check_seq(s)
+        if not ids <= self._blocks.keys() or any(type(s) is not int for s in seq_ids):
+            for s in seq_ids:
+                self._check_seq(s)
         return seq_ids
+
+    def _check_decode_fits(self, layer: int, seq_ids: List[int]) -> None:
+        """Every sequence can take one more token in ``layer`` (its reservation covers it)."""
+        c = self.config
+        bs, extra = c.block_size, (c.group_size - 1 if c.staged else 0)
+        ql, tl, blocks = self._qlen[layer], self._tlen[layer], self._blocks
+        for s in seq_ids:
+            if ql[s] + tl[s] + 1 > len(blocks[s]) * bs + extra:
+                self._check_fits(layer, {s: ql[s] + tl[s] + 1})  # raises with the full message
 
     def append(self, layer: int, seq_id: int, k: torch.Tensor, v: torch.Tensor, backend: Optional[str] = None) -> None:
         """Append ``T`` tokens ``k, v [H, T, D]`` to one sequence in ``layer``."""
@@ -560,7 +573,7 @@ class MultiLayerKV4Pool:
         if not seq_ids:
             return
         L = layer
-        self._check_fits(L, {s: self.seq_len(s, L) + 1 for s in seq_ids})
+        self._check_decode_fits(L, seq_ids)
         c = self.config
         g, bs = c.group_size, c.block_size
         if not c.staged:
@@ -647,8 +660,10 @@ class MultiLayerKV4Pool:
         self._check_layer(layer)
         seq_ids = list(seq_ids)
         ql, tl = self._qlen[layer], self._tlen[layer]
+        if not set(seq_ids) <= self._blocks.keys() or any(type(s) is not int for s in seq_ids):
+            for s in seq_ids:
+                self._check_seq(s)
         for s in seq_ids:
-            self._check_seq(s)
             if ql[s] + tl[s] < 1:
                 raise ValueError(f"sequence {s} is empty in layer {layer}: append tokens before attending")
         c, L = self.config, layer

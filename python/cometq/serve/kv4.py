@@ -126,8 +126,15 @@ class KV4PagedPool(KVPool):
         self.kv.append_prefill(layer, slots, [k.transpose(0, 1) for k in ks], [v.transpose(0, 1) for v in vs],
                                backend=self.backend)
 
+    def _slots_of(self, seq_ids) -> List[int]:
+        slot = self._slot
+        try:
+            return [slot[s] for s in seq_ids]
+        except KeyError:
+            return [self._slot_of(s) for s in seq_ids]  # raises naming the unknown id
+
     def write_decode(self, layer, seq_ids, starts, k, v):
-        slots = [self._slot_of(s) for s in seq_ids]
+        slots = self._slots_of(seq_ids)
         self.kv._check_layer(layer)
         ql, tl = self.kv._qlen[layer], self.kv._tlen[layer]  # direct reads: this runs per layer per step
         for s, sl, st in zip(seq_ids, slots, starts):
@@ -144,7 +151,7 @@ class KV4PagedPool(KVPool):
         return k.transpose(0, 1), v.transpose(0, 1)
 
     def decode_attention(self, layer, seq_ids, lengths, q, scale):
-        slots = [self._slot_of(s) for s in seq_ids]
+        slots = self._slots_of(seq_ids)
         self.kv._check_layer(layer)
         ql, tl = self.kv._qlen[layer], self.kv._tlen[layer]
         for s, sl, n in zip(seq_ids, slots, lengths):

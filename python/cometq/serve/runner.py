@@ -70,7 +70,7 @@ def model_geometry(model):
 class ModelRunner:
     """Runs chunks of many sequences through ``model`` against ``pool``."""
 
-    def __init__(self, model, pool: KVPool):
+    def __init__(self, model, pool: KVPool, *, fuse: bool = True):
         inner = getattr(model, "model", None)
         missing = [n for n in ("embed_tokens", "layers", "norm", "rotary_emb") if not hasattr(inner, n)]
         if inner is None or missing or not hasattr(model, "lm_head"):
@@ -95,19 +95,49 @@ class ModelRunner:
         self.device = inner.embed_tokens.weight.device
         self.dtype = inner.embed_tokens.weight.dtype
         self.vocab_size = model.config.vocab_size
+        if not isinstance(fuse, bool):
+            raise TypeError(f"fuse must be a bool, got {fuse!r}")
+        # per layer: fused q/k/v and gate/up projections (None where the modules differ)
+        self._qkv_fused: List = [None] * self.num_layers
+        self._mlp_fused: List = [None] * self.num_layers
+        if fuse:
+            self.fuse_projections()
+
+    def fuse_projections(self) -> int:
+        """Fuse each layer's q/k/v and gate/up projections (:func:`cometq.nn.fuse_linears`): one
+        GEMM (and, for W4Ax layers, one activation quantization) per group instead of 3 / 2.
+        The model's own modules keep working (their weights become views of the fused ones).
+        Returns how many groups were fused."""
+        from ..nn import fuse_linears
+
+        n = 0
+        for li, layer in enumerate(self.inner.layers):
+            att = layer.self_attn
+            if self._qkv_fused[li] is None:
+                f = fuse_linears([att.q_proj, att.k_proj, att.v_proj])
+                if f is not None:
+                    self._qkv_fused[li] = f
+            mlp = layer.mlp
+            if self._mlp_fused[li] is None and all(hasattr(mlp, a) for a in ("gate_proj", "up_proj", "down_proj",
+                                                                            "act_fn")):
+                f = fuse_linears([mlp.gate_proj, mlp.up_proj])
+                if f is not None:
+                    self._mlp_fused[li] = f
+            n += (self._qkv_fused[li] is not None) + (self._mlp_fused[li] is not None)
+        return n
 
     @classmethod
-    def with_fp_pool(cls, model, *, num_blocks: int, block_size: int = 16, dtype=None):
+    def with_fp_pool(cls, model, *, num_blocks: int, block_size: int = 16, dtype=None, fuse: bool = True):
         nl, _, nkv, hd, _ = model_geometry(model)
         w = model.model.embed_tokens.weight
         pool = PagedFPPool(num_layers=nl, num_blocks=num_blocks, block_size=block_size, n_kv_heads=nkv,
                            head_dim=hd, dtype=dtype or w.dtype, device=w.device)
-        return cls(model, pool)
+        return cls(model, pool, fuse=fuse)
 
     @classmethod
     def with_kv4_pool(cls, model, *, num_blocks: int, block_size: int = 32, group_size: Optional[int] = None,
                       max_seqs: int = 64, key_axis: str = "channel", value_axis: str = "token",
-                      backend: Optional[str] = None):
+                      backend: Optional[str] = None, fuse: bool = True):
         from .kv4 import KV4PagedPool
 
         if group_size is None:  # 32 (docs/KV4.md default) unless the blocks are smaller
@@ -117,14 +147,17 @@ class ModelRunner:
         pool = KV4PagedPool(num_layers=nl, num_blocks=num_blocks, n_kv_heads=nkv, head_dim=hd,
                             block_size=block_size, group_size=group_size, key_axis=key_axis,
                             value_axis=value_axis, max_seqs=max_seqs, device=w.device, backend=backend)
-        return cls(model, pool)
+        return cls(model, pool, fuse=fuse)
 
     @classmethod
-    def build(cls, model, *, kv4: bool, num_blocks: int, block_size: int = 32, max_seqs: int = 64, **kw):
-        """A runner with a KV4 pool (``kv4=True``) or a full-precision paged pool in the model's dtype."""
+    def build(cls, model, *, kv4: bool, num_blocks: int, block_size: int = 32, max_seqs: int = 64,
+              fuse: bool = True, **kw):
+        """A runner with a KV4 pool (``kv4=True``) or a full-precision paged pool in the model's dtype.
+        ``fuse``: fuse q/k/v and gate/up projections (:meth:`fuse_projections`)."""
         if kv4:
-            return cls.with_kv4_pool(model, num_blocks=num_blocks, block_size=block_size, max_seqs=max_seqs, **kw)
-        return cls.with_fp_pool(model, num_blocks=num_blocks, block_size=block_size)
+            return cls.with_kv4_pool(model, num_blocks=num_blocks, block_size=block_size, max_seqs=max_seqs,
+                                     fuse=fuse, **kw)
+        return cls.with_fp_pool(model, num_blocks=num_blocks, block_size=block_size, fuse=fuse)
 
     # ------------------------------------------------------------------------------
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -160,9 +193,17 @@ class ModelRunner:
         """Pre-attention half of a layer: ``q [T, H, D]``, ``k, v [T, Hkv, D]`` (RoPE applied)."""
         att, t = layer.self_attn, h.shape[0]
         x = layer.input_layernorm(h)
-        q = att.q_proj(x).view(t, self.n_heads, self.head_dim)
-        k = att.k_proj(x).view(t, self.n_kv_heads, self.head_dim)
-        v = att.v_proj(x).view(t, self.n_kv_heads, self.head_dim)
+        fused = self._qkv_fused[self._layer_index(layer)]
+        if fused is not None:
+            nq, nkv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+            q, k, v = fused(x).split([nq, nkv, nkv], dim=-1)
+            q = q.reshape(t, self.n_heads, self.head_dim)
+            k = k.reshape(t, self.n_kv_heads, self.head_dim)
+            v = v.reshape(t, self.n_kv_heads, self.head_dim).contiguous()  # (q, k: RoPE makes new tensors)
+        else:
+            q = att.q_proj(x).view(t, self.n_heads, self.head_dim)
+            k = att.k_proj(x).view(t, self.n_kv_heads, self.head_dim)
+            v = att.v_proj(x).view(t, self.n_kv_heads, self.head_dim)
         if hasattr(att, "q_norm"):  # Qwen3-style per-head norms, before RoPE
             q, k = att.q_norm(q), att.k_norm(k)
         return self._rope(q, cos, sin), self._rope(k, cos, sin), v
@@ -170,7 +211,19 @@ class ModelRunner:
     def _finish_layer(self, layer, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """Post-attention half of a layer: o_proj + residual, MLP + residual (``attn [T, H*D]``)."""
         h = h + layer.self_attn.o_proj(attn)
-        return h + layer.mlp(layer.post_attention_layernorm(h))
+        x = layer.post_attention_layernorm(h)
+        fused = self._mlp_fused[self._layer_index(layer)]
+        if fused is None:
+            return h + layer.mlp(x)
+        mlp = layer.mlp
+        gate, up = fused(x).split([mlp.gate_proj.out_features, mlp.up_proj.out_features], dim=-1)
+        return h + mlp.down_proj(mlp.act_fn(gate) * up)
+
+    def _layer_index(self, layer) -> int:
+        idx = getattr(self, "_layer_ids", None)
+        if idx is None:
+            idx = self._layer_ids = {id(m): i for i, m in enumerate(self.inner.layers)}
+        return idx[id(layer)]
 
     def _head(self, h: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(self.inner.norm(h)).float()
