@@ -552,6 +552,13 @@ def _tma_block_done(acc_f, acc_i, acc_s, sa_cls, b, as_ptr, ws_ptr, dbg_ptr, rm,
 
 
 @triton.jit
+def _tma_run_done(acc_f, acc_i, sa, ws_ptr, rn, n_mask, stride_wsn):
+    """End of a precision run in class mode with per-channel weights: its int32 sum, rescaled once."""
+    sw = tl.load(ws_ptr + rn * stride_wsn, mask=n_mask, other=0.0)
+    return acc_f + acc_i.to(tl.float32) * _outer(sa, sw, True)
+
+
+@triton.jit
 def w4ax_gemm_tma_kernel(
     order_ptr, a4_desc, a8_desc, w_desc, as_ptr, ws_ptr, bias_ptr, out_ptr, dbg_ptr, part_ptr,
     M, N, NB, N8, GROUP, SPLIT,
@@ -637,8 +644,7 @@ def w4ax_gemm_tma_kernel(
                                            n_mask, stride_asm, stride_wsn, stride_dm, stride_dn, GROUP,
                                            CLASS_MODE, INT_ACC, DEBUG)
     if INT_ACC:
-        sw = tl.load(ws_ptr + rn * stride_wsn, mask=n_mask, other=0.0)
-        acc_f += acc_i.to(tl.float32) * _outer(sa8, sw, True)
+        acc_f = _tma_run_done(acc_f, acc_i, sa8, ws_ptr, rn, n_mask, stride_wsn)
     # ---- INT4 blocks: list positions [N8, NB), q4 slot = position - N8
     acc_i = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
     for i in range(tl.maximum(i_lo, N8), i_hi):
@@ -658,8 +664,7 @@ def w4ax_gemm_tma_kernel(
                                            n_mask, stride_asm, stride_wsn, stride_dm, stride_dn, GROUP,
                                            CLASS_MODE, INT_ACC, DEBUG)
     if INT_ACC:
-        sw = tl.load(ws_ptr + rn * stride_wsn, mask=n_mask, other=0.0)
-        acc_f += acc_i.to(tl.float32) * _outer(sa4, sw, True)
+        acc_f = _tma_run_done(acc_f, acc_i, sa4, ws_ptr, rn, n_mask, stride_wsn)
     if WORKSPACE:
         _store_partial(acc_f, part_ptr, tile * SPLIT + tl.program_id(1), lm, ln, m_mask, n_mask, True,
                        BLOCK_M, BLOCK_N, True)
