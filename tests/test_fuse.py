@@ -107,3 +107,20 @@ def test_runner_fuse_flag_validation():
     m = tiny_causal_lm("llama")
     with pytest.raises(TypeError, match="fuse must be a bool"):
         ModelRunner(m, ModelRunner.with_fp_pool(m, num_blocks=4, block_size=4).pool, fuse=1)
+
+
+def test_runner_refuses_after_the_model_changes():
+    """The model's modules view the fused weights; replacing them (e.g. ``model.to``, a reload)
+    makes the runner fuse again instead of running stale weights."""
+    m = tiny_causal_lm("llama")
+    r = ModelRunner.with_fp_pool(m, num_blocks=8, block_size=4)
+    ids = torch.randint(0, m.config.vocab_size, (6,), generator=torch.Generator().manual_seed(8)).tolist()
+    old = r._qkv_fused[0]
+    with torch.no_grad():  # new tensors for v_proj (what .to() / load_state_dict(assign=True) do)
+        v = m.model.layers[0].self_attn.v_proj
+        v.weight = nn.Parameter(v.weight.detach().clone() * 1.5, requires_grad=False)
+        ref = m(torch.tensor([ids])).logits[0, -1]
+    r.pool.reserve(0, 6)
+    got = r.forward([Chunk(0, ids, 0)])[0]
+    assert r._qkv_fused[0] is not old
+    torch.testing.assert_close(got, ref, rtol=0, atol=RUNNER_FP32_ATOL)

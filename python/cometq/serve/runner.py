@@ -193,7 +193,7 @@ class ModelRunner:
         """Pre-attention half of a layer: ``q [T, H, D]``, ``k, v [T, Hkv, D]`` (RoPE applied)."""
         att, t = layer.self_attn, h.shape[0]
         x = layer.input_layernorm(h)
-        fused = self._qkv_fused[self._layer_index(layer)]
+        fused = self._current_fused(self._qkv_fused, self._layer_index(layer), (att.q_proj, att.k_proj, att.v_proj))
         if fused is not None:
             nq, nkv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
             q, k, v = fused(x).split([nq, nkv, nkv], dim=-1)
@@ -212,12 +212,35 @@ class ModelRunner:
         """Post-attention half of a layer: o_proj + residual, MLP + residual (``attn [T, H*D]``)."""
         h = h + layer.self_attn.o_proj(attn)
         x = layer.post_attention_layernorm(h)
-        fused = self._mlp_fused[self._layer_index(layer)]
+        mlp = layer.mlp
+        fused = self._current_fused(self._mlp_fused, self._layer_index(layer), (getattr(mlp, "gate_proj", None),
+                                                                             getattr(mlp, "up_proj", None)))
         if fused is None:
             return h + layer.mlp(x)
-        mlp = layer.mlp
         gate, up = fused(x).split([mlp.gate_proj.out_features, mlp.up_proj.out_features], dim=-1)
         return h + mlp.down_proj(mlp.act_fn(gate) * up)
+
+    @staticmethod
+    def _current_fused(table: List, li: int, parts):
+        """The fused module of ``parts`` if it still backs them, else a fresh fusion (or None).
+
+        The model's modules view the fused weights; if the model was moved (``.to``), cast,
+        re-quantized or reloaded since, they hold new tensors and the old fusion is stale."""
+        from ..nn import fuse_linears
+
+        f = table[li]
+        if f is None:
+            return None
+        w = f.qweight if hasattr(f, "qweight") else f.weight
+        ptr = w.untyped_storage().data_ptr()
+        for p in parts:
+            mine = getattr(p, "qweight", None)
+            if mine is None:
+                mine = getattr(p, "weight", None)
+            if mine is None or mine.device != w.device or mine.untyped_storage().data_ptr() != ptr:
+                table[li] = f = fuse_linears(list(parts))
+                break
+        return f
 
     def _layer_index(self, layer) -> int:
         idx = getattr(self, "_layer_ids", None)
@@ -240,7 +263,10 @@ class ModelRunner:
         of each small-M op, so a decode step was ~95 % Python.  Buckets are captured on
         first use (after an eager warm-up that compiles and tunes every kernel).
         ``graphs=False`` runs the same pieces eagerly (the CPU tests check the piece
-        split and the padding against the plain forward that way).
+        split and the padding against the plain forward that way).  Graphs hold the
+        weights' addresses: enable them once the model is final (replacing its tensors
+        afterwards, e.g. ``model.to`` or a reload, needs ``disable_cuda_graphs`` and a new
+        ``enable_cuda_graphs``).
         """
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
