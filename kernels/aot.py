@@ -465,6 +465,20 @@ def check_code(kind: str, arch: int, constexprs: Dict[str, object], num_warps: i
 _ATOMIC_OP = re.compile(r"^\s*(@!?%p\d+\s+)?(atom|red)\.global")
 
 
+#: sm_90 per-SM limits (H100): registers, shared memory (bytes, incl. 1 KB reserved per CTA), CTAs
+_SM90 = dict(regs=65536, smem=233472, ctas=32, warps=64)
+
+
+def occupancy_sm90(registers: int, shared: int, num_warps: int) -> int:
+    """CTAs of one kernel that fit an sm_90 SM at once (registers allocated per warp in units of
+    256, shared memory + 1 KB per CTA, at most 64 warps / 32 CTAs): the static occupancy the
+    register and shared-memory numbers imply."""
+    per_warp = -(-registers * 32 // 256) * 256
+    by_regs = _SM90["regs"] // max(1, per_warp * num_warps)
+    by_smem = _SM90["smem"] // (shared + 1024)
+    return max(0, min(by_regs, by_smem, _SM90["ctas"], _SM90["warps"] // num_warps))
+
+
 def _atomics(ptx: str) -> int:
     """Global atomic instructions (``atom.global...`` / ``red.global...``, predicated or not)."""
     return sum(1 for line in ptx.splitlines() if _ATOMIC_OP.match(line))
@@ -505,6 +519,10 @@ def run(archs: List[int], level: str = "full") -> List[dict]:
                     from .kv4_aot import ptxas_usage
 
                     rec.update(ptxas_usage(ptx, arch))
+                    if rec.get("registers"):
+                        rec["ctas_per_sm"] = occupancy_sm90(rec["registers"], k.metadata.shared, w)
+                    rec["wgmma_wait0"] = len(re.findall(r"wgmma\.wait_group\.sync\.aligned 0", ptx))
+                    rec["tma_loads"] = ptx.count("cp.async.bulk.tensor")
             except Exception as e:  # noqa: BLE001 - reported per variant
                 rec.update(error=f"{type(e).__name__}: {str(e)[:400]}")
             rec["seconds"] = round(time.time() - t0, 2)
@@ -514,17 +532,44 @@ def run(archs: List[int], level: str = "full") -> List[dict]:
     return results
 
 
+def resource_table(res: List[dict]) -> str:
+    """Markdown: registers, spills, shared memory, CTAs per SM of every generated sm_90 config
+    (the static side of a GEMM's speed, readable without a GPU)."""
+    rows = [r for r in res if r["arch"] == 90 and r["name"].startswith(("gemm[", "gemm-tma[")) and r.get("ok")]
+    out = ["| kernel / config | registers | spill B | smem KB | CTAs/SM | warps/SM | TMA loads | wgmma wait 0 |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        m = re.search(r"block_m=(\d+), block_n=(\d+), group_m=\d+, split=(\d+), num_warps=(\d+), num_stages=(\d+), "
+                      r"swap_ab=(\w+), interleave8=(\w+)", r["name"])
+        if m is None:
+            continue
+        bm, bn, split, w, st, swap, il8 = m.groups()
+        kind = r["name"].split("[", 1)[0] + ("[" + r["name"].split("[", 1)[1].split(",GemmConfig")[0] + "]"
+                                             if r["name"].startswith("gemm-tma[") else "")
+        flags = "".join(f for f, on in ((" swap", swap == "True"), (" il8", il8 == "True")) if on)
+        cfg = f"{bm}x{bn} w{w} s{st}{' split' if int(split) > 1 else ''}{flags}"
+        ctas = r.get("ctas_per_sm")
+        out.append(f"| {kind} {cfg} | {r.get('registers')} | {r.get('spill_bytes')} | {r.get('shared', 0) / 1024:.0f} | "
+                   f"{ctas} | {ctas * int(w) if ctas is not None else '-'} | {r.get('tma_loads', 0)} | "
+                   f"{r.get('wgmma_wait0', 0)} |")
+    return "\n".join(out) + "\n"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", type=int, action="append", help="compute capability x10 (80, 90); repeatable")
     ap.add_argument("--level", default="full", choices=("full", "ci", "quick"),
                     help="full: every variant; ci: the representative CI set; quick: configs of 2 shapes")
     ap.add_argument("--json", help="write per-variant results here")
+    ap.add_argument("--table", help="write a markdown table of the generated configs' sm_90 resources here")
     args = ap.parse_args(argv)
     res = run(args.arch or [80, 90], level=args.level)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)
+    if args.table:
+        with open(args.table, "w") as f:
+            f.write(resource_table(res))
     bad = [r for r in res if not r["ok"]]
     print(f"{len(res) - len(bad)}/{len(res)} variants compiled and checked")
     return 1 if bad else 0

@@ -65,6 +65,14 @@ def test_aot_compile_ci_set(tmp_path):
     # the Hopper TMA kernel: every offered config in both scale modes, TMA loads + register-A wgmma
     # checked in the PTX (check_code), spills at most a little (block mode 128x128: 136 B)
     # (configs differing only in a split factor > 1 share one binary: SPLIT is a runtime argument)
+    # static occupancy of every generated config (registers + shared memory -> CTAs per SM)
+    for x in list(gemm90.values()):
+        assert x.get("ctas_per_sm", 0) >= 1, x
+    occ = subprocess.run(
+        [sys.executable, "-c", "from cometq.kernels.aot import occupancy_sm90 as o; "
+         "print(o(255, 40960, 8), o(128, 13316, 4), o(64, 20536, 4), o(255, 200000, 4))"],
+        env=env, capture_output=True, text=True, timeout=120)
+    assert occ.stdout.split() == ["1", "4", "8", "1"], occ.stdout + occ.stderr
     n_tma = len({(c.block_m, c.block_n, c.group_m, c.num_warps, c.num_stages, c.split > 1)
                  for mb in (16, 64, 256, 1024, 4096) for c in gen_configs(mb, 4096, 4096, 4, interpret=False, tma="only")})
     tma90 = {x["name"]: x for x in res if x["arch"] == 90 and x["name"].startswith("gemm-tma[")}
