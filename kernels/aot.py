@@ -523,6 +523,9 @@ def run(archs: List[int], level: str = "full") -> List[dict]:
                         rec["ctas_per_sm"] = occupancy_sm90(rec["registers"], k.metadata.shared, w)
                     rec["wgmma_wait0"] = len(re.findall(r"wgmma\.wait_group\.sync\.aligned 0", ptx))
                     rec["tma_loads"] = ptx.count("cp.async.bulk.tensor")
+                    from .kv4_aot import loop_profile
+
+                    rec.update(loop_profile(k.asm["cubin"]))
             except Exception as e:  # noqa: BLE001 - reported per variant
                 rec.update(error=f"{type(e).__name__}: {str(e)[:400]}")
             rec["seconds"] = round(time.time() - t0, 2)
@@ -536,8 +539,9 @@ def resource_table(res: List[dict]) -> str:
     """Markdown: registers, spills, shared memory, CTAs per SM of every generated sm_90 config
     (the static side of a GEMM's speed, readable without a GPU)."""
     rows = [r for r in res if r["arch"] == 90 and r["name"].startswith(("gemm[", "gemm-tma[")) and r.get("ok")]
-    out = ["| kernel / config | registers | spill B | smem KB | CTAs/SM | warps/SM | TMA loads | wgmma wait 0 |",
-           "|---|---|---|---|---|---|---|---|"]
+    out = ["| kernel / config | registers | spill B | smem KB | CTAs/SM | warps/SM | TMA loads | wgmma wait 0 "
+           "| loop instr. | PRMT | conversions |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         m = re.search(r"block_m=(\d+), block_n=(\d+), group_m=\d+, split=(\d+), num_warps=(\d+), num_stages=(\d+), "
                       r"swap_ab=(\w+), interleave8=(\w+)", r["name"])
@@ -551,7 +555,8 @@ def resource_table(res: List[dict]) -> str:
         ctas = r.get("ctas_per_sm")
         out.append(f"| {kind} {cfg} | {r.get('registers')} | {r.get('spill_bytes')} | {r.get('shared', 0) / 1024:.0f} | "
                    f"{ctas} | {ctas * int(w) if ctas is not None else '-'} | {r.get('tma_loads', 0)} | "
-                   f"{r.get('wgmma_wait0', 0)} |")
+                   f"{r.get('wgmma_wait0', 0)} | {r.get('loop_instructions', '-')} | {r.get('loop_prmt', '-')} | "
+                   f"{r.get('loop_conversions', '-')} |")
     return "\n".join(out) + "\n"
 
 

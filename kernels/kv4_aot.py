@@ -111,6 +111,50 @@ def ptxas_usage(ptx: str, arch: int) -> dict:
     return {"registers": int(regs.group(1)) if regs else None, "spill_bytes": int(spill.group(1)) if spill else None}
 
 
+def loop_profile(cubin: bytes) -> dict:
+    """Static instruction mix of a kernel's main loop, from the SASS (Triton's bundled ``nvdisasm``).
+
+    The innermost backward-branch loops are found in the disassembly and the longest one is
+    reported: its instruction count (per thread per iteration: one K block for the GEMMs, one
+    token tile for attention), and how many of those are byte permutes (``PRMT``: int8 element
+    shuffles) and conversions (``I2F``/``F2F``/``F2FP``: issued at 1/8 of the FP32 rate on Hopper).
+    Divided into an iteration's bytes this bounds what issue rate alone allows -- the check a
+    machine without a GPU can make on a memory-bound kernel.  Empty if nvdisasm is missing."""
+    import collections
+    import re
+    import subprocess
+    import tempfile
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    if not os.path.exists(tool):
+        return {}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([tool, "-c", f.name], capture_output=True, text=True, timeout=300).stdout
+    ins, labels = [], {}
+    for line in text.splitlines():
+        m = re.match(r"^\s*(\.L\w+):", line)
+        if m:
+            labels[m.group(1)] = len(ins)
+            continue
+        m = re.match(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)(.*);", line)
+        if m:
+            ins.append((m.group(1), m.group(2)))
+    loops = []
+    for i, (op, rest) in enumerate(ins):
+        m = re.search(r"(\.L\w+)", rest) if op.startswith("BRA") else None
+        if m and labels.get(m.group(1), i + 1) <= i:
+            loops.append((labels[m.group(1)], i))
+    inner = [l for l in loops if not any(o != l and l[0] <= o[0] and o[1] <= l[1] for o in loops)]
+    if not inner:
+        return {}
+    a, b = max(inner, key=lambda x: x[1] - x[0])
+    ops = collections.Counter(op.split(".")[0] for op, _ in ins[a:b + 1])
+    return {"loop_instructions": b - a + 1, "loop_prmt": ops["PRMT"],
+            "loop_conversions": ops["I2F"] + ops["F2F"] + ops["F2FP"] + ops["I2FP"]}
+
+
 def _attrs(kernel, ce) -> Dict[tuple, list]:
     """The JIT's specialization of a real launch: every pointer and every integer argument that is
     a multiple of 16 gets ``tt.divisibility=16`` (what lets loads vectorize to 16 bytes and go
@@ -155,6 +199,7 @@ def compile_all(archs, quick: bool = False, ci: bool = False) -> List[dict]:
                 r.update(ok=not bad, failed_checks=bad, shared=k.metadata.shared)
                 if kind == "attn":
                     r.update(ptxas_usage(ptx, arch))
+                    r.update(loop_profile(k.asm["cubin"]))
             except Exception as e:  # noqa: BLE001 - reported per variant
                 r["error"] = f"{type(e).__name__}: {str(e)[:500]}"
             results.append(r)

@@ -31,7 +31,10 @@ Work split (``kv4_attn_split_kernel``), grid ``(batch, kv_heads, num_splits)``::
 Softmax runs in the exp2 domain (``q`` pre-scaled by ``sm_scale * log2 e``).
 Dot operands are the query's dtype: fp16/bf16 on tensor cores on the GPU, or
 fp32 with ``input_precision="ieee"`` (what the CPU interpreter tests use, so
-they match the float32 reference within summation-order error).
+they match the float32 reference within summation-order error).  K/V tiles are
+dequantized straight into that dtype (``n * scale + zero`` as one FMA in fp16 /
+bf16, nibbles converted by the magic-number trick of :func:`_nib`): no int->float
+or fp32->fp16 conversion instructions in the loop.
 """
 from __future__ import annotations
 
@@ -79,15 +82,40 @@ def _load_scales(scale_ptr, zero_ptr, sbase, t0, t, tmask, valid, stride_st,
 
 
 @triton.jit
-def _pairs(row, HALF_D: tl.constexpr):
-    """A ``[D]`` per-channel row -> (even channels, odd channels), fp32 ``[D/2]`` each."""
-    return tl.split(tl.reshape(row.to(tl.float32), (HALF_D, 2)))
+def _nib(p, HI: tl.constexpr, DT: tl.constexpr):
+    """uint8 -> the low (``HI`` False) or high nibble (0..15) as ``DT``, exactly, with no
+    int -> float conversion instruction.
+
+    The magic-number trick: ``as_fp16(0x6400 | n) = 1024 + n``, ``as_bf16(0x4300 | n) = 128 + n``,
+    ``as_fp32(0x4B000000 | n) = 2**23 + n`` (n below the mantissa range), so an OR, a bitcast and
+    one subtraction give n.  Why (SASS of the AOT cubin, ``nvdisasm``; docs/KV4.md): the plain
+    ``.to(tl.float32)`` is an ``I2F`` and the fp32 result needs an ``F2F`` pack to fp16 for the
+    tensor cores -- conversions Hopper issues at 1/8 of the FP32 rate, ~100 per thread per
+    32-token tile.  Dequantizing in the dot's own dtype (fp16/bf16) also lets the compiler pair
+    the subtraction and the scale FMA into ``HADD2``/``HFMA2``."""
+    if DT == tl.float16:
+        n = (p.to(tl.uint16) >> 4) if HI else (p.to(tl.uint16) & 0xF)
+        return (n | 0x6400).to(tl.float16, bitcast=True) - 1024.0
+    elif DT == tl.bfloat16:
+        n = (p.to(tl.uint16) >> 4) if HI else (p.to(tl.uint16) & 0xF)
+        return (n | 0x4300).to(tl.bfloat16, bitcast=True) - 128.0
+    else:
+        n = (p.to(tl.uint32) >> 4) if HI else (p.to(tl.uint32) & 0xF)
+        return (n | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
+def _pairs(row, HALF_D: tl.constexpr, DT: tl.constexpr = tl.float32):
+    """A ``[D]`` per-channel row -> (even channels, odd channels), ``DT`` ``[D/2]`` each."""
+    return tl.split(tl.reshape(row.to(DT), (HALF_D, 2)))
 
 
 @triton.jit
 def _dequant_tile(packed_ptr, scale_ptr, zero_ptr, pbase, sbase, s, z, t, j, tmask, stride_pt, stride_st,
-                  TOK_DIV: tl.constexpr, CH_DIV: tl.constexpr, TILE: tl.constexpr, HALF_D: tl.constexpr):
-    """A K or V tile as two float32 halves [TILE, HALF_D]: channels 2j (low nibbles), 2j+1 (high).
+                  TOK_DIV: tl.constexpr, CH_DIV: tl.constexpr, TILE: tl.constexpr, HALF_D: tl.constexpr,
+                  DT: tl.constexpr):
+    """A K or V tile as two halves [TILE, HALF_D] in ``DT`` (the dot's dtype): channels 2j (low
+    nibbles), 2j+1 (high); ``n * scale + zero`` is computed in ``DT`` (one rounding: an FMA).
 
     ``s``/``z``: the tile's compact scale/zero block from :func:`_load_scales` (loaded one
     tile ahead, so its latency hides behind the previous tile's math), broadcast here:
@@ -97,17 +125,17 @@ def _dequant_tile(packed_ptr, scale_ptr, zero_ptr, pbase, sbase, s, z, t, j, tma
     read 0."""
     p = tl.load(packed_ptr + pbase + t[:, None] * stride_pt + j[None, :], mask=tmask[:, None], other=0)
     if CH_DIV == 1 and TOK_DIV >= TILE:
-        s_lo, s_hi = _pairs(s, HALF_D)
-        z_lo, z_hi = _pairs(z, HALF_D)
-        lo = (p & 0xF).to(tl.float32) * s_lo[None, :] + z_lo[None, :]
-        hi = (p >> 4).to(tl.float32) * s_hi[None, :] + z_hi[None, :]
+        s_lo, s_hi = _pairs(s, HALF_D, DT)
+        z_lo, z_hi = _pairs(z, HALF_D, DT)
+        lo = _nib(p, False, DT) * s_lo[None, :] + z_lo[None, :]
+        hi = _nib(p, True, DT) * s_hi[None, :] + z_hi[None, :]
     elif TOK_DIV == 1:
         NG: tl.constexpr = 2 * HALF_D // CH_DIV
         GH: tl.constexpr = CH_DIV // 2
-        s3 = s.to(tl.float32)[:, :, None]
-        z3 = z.to(tl.float32)[:, :, None]
-        lo = tl.reshape(tl.reshape((p & 0xF).to(tl.float32), (TILE, NG, GH)) * s3 + z3, (TILE, HALF_D))
-        hi = tl.reshape(tl.reshape((p >> 4).to(tl.float32), (TILE, NG, GH)) * s3 + z3, (TILE, HALF_D))
+        s3 = s.to(DT)[:, :, None]
+        z3 = z.to(DT)[:, :, None]
+        lo = tl.reshape(tl.reshape(_nib(p, False, DT), (TILE, NG, GH)) * s3 + z3, (TILE, HALF_D))
+        hi = tl.reshape(tl.reshape(_nib(p, True, DT), (TILE, NG, GH)) * s3 + z3, (TILE, HALF_D))
     else:
         # per-channel groups shorter than the tile: gather scale/zero per element
         srow = sbase + (t // TOK_DIV)[:, None] * stride_st
@@ -115,8 +143,8 @@ def _dequant_tile(packed_ptr, scale_ptr, zero_ptr, pbase, sbase, s, z, t, j, tma
         z_lo = tl.load(zero_ptr + srow + 2 * j[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
         s_hi = tl.load(scale_ptr + srow + 2 * j[None, :] + 1, mask=tmask[:, None], other=0.0).to(tl.float32)
         z_hi = tl.load(zero_ptr + srow + 2 * j[None, :] + 1, mask=tmask[:, None], other=0.0).to(tl.float32)
-        lo = (p & 0xF).to(tl.float32) * s_lo + z_lo
-        hi = (p >> 4).to(tl.float32) * s_hi + z_hi
+        lo = _nib(p, False, tl.float32) * s_lo + z_lo
+        hi = _nib(p, True, tl.float32) * s_hi + z_hi
     return lo, hi
 
 
@@ -237,14 +265,16 @@ def kv4_attn_split_kernel(
             sc_lo, sc_hi = _pairs(ks, HALF_D)
             z_lo, z_hi = _pairs(kz, HALF_D)
             bias = tl.sum(q_lo_f * z_lo[None, :] + q_hi_f * z_hi[None, :], axis=1)  # [BLOCK_H]
-            s = _dot(q_lo_f * sc_lo[None, :], tl.trans((kq & 0xF).to(tl.float32)), DOT_DTYPE) \
-                + _dot(q_hi_f * sc_hi[None, :], tl.trans((kq >> 4).to(tl.float32)), DOT_DTYPE) + bias[:, None]
+            s = _dot(q_lo_f * sc_lo[None, :], tl.trans(_nib(kq, False, DOT_DTYPE)), DOT_DTYPE) \
+                + _dot(q_hi_f * sc_hi[None, :], tl.trans(_nib(kq, True, DOT_DTYPE)), DOT_DTYPE) + bias[:, None]
         else:
             k_lo, k_hi = _dequant_tile(kp_ptr, ks_ptr, kz_ptr, pbase, phys * stride_ksb + kvh * stride_ksh, ks, kz,
-                                       tok, j, tmask, stride_pt, stride_kst, K_TOK_DIV, K_CH_DIV, TILE, HALF_D)
+                                       tok, j, tmask, stride_pt, stride_kst, K_TOK_DIV, K_CH_DIV, TILE, HALF_D,
+                                       DOT_DTYPE)
             s = _dot(q_lo, tl.trans(k_lo), DOT_DTYPE) + _dot(q_hi, tl.trans(k_hi), DOT_DTYPE)  # [BLOCK_H, TILE]
         v_lo, v_hi = _dequant_tile(vp_ptr, vs_ptr, vz_ptr, pbase, phys * stride_vsb + kvh * stride_vsh, vs, vz,
-                                   tok, j, tmask, stride_pt, stride_vst, V_TOK_DIV, V_CH_DIV, TILE, HALF_D)
+                                   tok, j, tmask, stride_pt, stride_vst, V_TOK_DIV, V_CH_DIV, TILE, HALF_D,
+                                   DOT_DTYPE)
         m_i, l_i, acc_lo, acc_hi = _softmax_step(s, tmask, m_i, l_i, acc_lo, acc_hi, v_lo, v_hi, DOT_DTYPE)
         ks, kz, vs, vz = ks_n, kz_n, vs_n, vz_n
 

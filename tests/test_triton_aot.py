@@ -81,6 +81,13 @@ def test_aot_compile_ci_set(tmp_path):
         assert x["spill_bytes"] is not None and x["spill_bytes"] <= 256, x
     assert any(x["name"].startswith("gemm-tma-variant[") for x in res if x["arch"] == 90)
     assert not any(x["name"].startswith("gemm-tma") for x in res if x["arch"] == 80)
+    # instruction budget of one K block of the decode GEMM (SASS of the first decode candidate):
+    # with the int8 nibble unpack compiled as byte shifts it was 855 instructions per thread, 352
+    # of them PRMT byte shuffles (issue-bound near the ~1 TB/s the H100 measured); the word-wide
+    # inline-PTX unpack brings it to ~350
+    dec = unsplit(f"gemm[{gen_configs(16, 4096, 4096, 4, interpret=False)[0]}]")
+    dec_hits = [x for name, x in gemm90.items() if unsplit(name) == dec]
+    assert dec_hits and all(0 < x["loop_instructions"] < 450 and x["loop_prmt"] <= 100 for x in dec_hits), dec_hits
     for mb in (16, 64, 256, 1024, 4096):
         first = gen_configs(mb, 4096, 4096, 4, interpret=False)[0]
         hits = [x for name, x in gemm90.items() if unsplit(name) == unsplit(f"gemm[{first}]")]
@@ -118,3 +125,34 @@ def test_aot_compile_ci_set(tmp_path):
 @pytest.mark.skipif(os.environ.get("COMETQ_AOT_FULL") != "1", reason="~12 min on 2 cores; set COMETQ_AOT_FULL=1")
 def test_aot_compile_everything(tmp_path):
     _aot("full", tmp_path, timeout=1800)
+
+
+def test_word_unpack_trick_is_exact():
+    """The GPU unpack (kernels/_common.py, inline PTX on 32-bit words of four packed bytes) against
+    the shift form the interpreter runs: every byte value in every lane.  The constants are read
+    from the PTX text itself, so an edited mask, multiplier or shift fails here."""
+    import re
+
+    import numpy as np
+
+    from cometq.kernels import _common as C
+
+    def consts(asm):
+        return [int(x, 0) for x in re.findall(r"\b(0x[0-9A-Fa-f]+|\d+)\s*;", str(asm))]
+
+    lo_c, hi_c = consts(C._ASM_LO.value), consts(C._ASM_HI.value)
+    assert lo_c == [0x08080808, 30, 0x0F0F0F0F] and hi_c == [4, 0x08080808, 30, 0x0F0F0F0F], (lo_c, hi_c)
+    b = np.arange(256, dtype=np.uint64)
+    w = b | (((b * 7 + 3) % 256) << 8) | (((b + 101) % 256) << 16) | ((255 - b) << 24)
+    m32 = np.uint64(0xFFFFFFFF)
+
+    def lanes(x):
+        return np.stack([(x >> np.uint64(8 * i)) & np.uint64(255) for i in range(4)], -1).astype(np.uint8).view(np.int8)
+
+    sign, mul, low = (np.uint64(v) for v in lo_c)
+    lo = ((w & low) | (((w & sign) * mul) & m32)) & m32
+    sh = w >> np.uint64(hi_c[0])
+    hi = ((sh & low) | (((sh & sign) * mul) & m32)) & m32
+    byte = lanes(w).view(np.uint8).astype(np.int32)
+    assert (lanes(lo).astype(np.int32) == ((byte & 15) ^ 8) - 8).all()
+    assert (lanes(hi).astype(np.int32) == ((byte >> 4) ^ 8) - 8).all()
