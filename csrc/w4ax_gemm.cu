@@ -116,29 +116,52 @@ using CfgSmall = GemmCfg<16, 64, 1, 4, 6>;
 // monotone in b, so each slice is one contiguous range, every block has exactly
 // one owner, and the slices carry (nearly) equal cost.
 // ---------------------------------------------------------------------------
-__device__ __forceinline__ void split_range(const int* s_info, int nb, int z, int splits, int cost8, int& begin,
-                                            int& end) {
+__device__ __forceinline__ void split_range(const int* s_info, int nb, int z, int splits, int cost8, int* s_range,
+                                            int& begin, int& end) {
   if (splits <= 1) {
     begin = 0;
     end = nb;
     return;
   }
-  long long total = 0;
-  for (int b = 0; b < nb; ++b) total += (s_info[b] & kInfoInt8) ? cost8 : 1;
-  long long prefix = 0;
-  begin = 0;
-  end = 0;
-  bool found = false;
-  for (int b = 0; b < nb; ++b) {
-    const int owner = static_cast<int>((prefix * splits) / total);
-    if (owner == z) {
-      if (!found) begin = b;
-      found = true;
-      end = b + 1;
+  // One warp: a shuffle scan of the block costs, 32 blocks per step, and a ballot of the
+  // blocks this slice owns (the first version had every thread walk all nb blocks twice).
+  if (threadIdx.x < 32) {
+    const int lane = threadIdx.x;
+    int total = 0;
+    for (int c = 0; c < nb; c += 32) {
+      const int b = c + lane;
+      int w = b < nb ? ((s_info[b] & kInfoInt8) ? cost8 : 1) : 0;
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) w += __shfl_xor_sync(0xFFFFFFFFu, w, off);
+      total += w;
     }
-    prefix += (s_info[b] & kInfoInt8) ? cost8 : 1;
+    long long prefix = 0;  // cost of the chunks before this one
+    int first = -1, last = -1;
+    for (int c = 0; c < nb; c += 32) {
+      const int b = c + lane;
+      const int w = b < nb ? ((s_info[b] & kInfoInt8) ? cost8 : 1) : 0;
+      int incl = w;  // inclusive scan of the chunk's costs
+#pragma unroll
+      for (int off = 1; off < 32; off <<= 1) {
+        const int n = __shfl_up_sync(0xFFFFFFFFu, incl, off);
+        if (lane >= off) incl += n;
+      }
+      const long long before = prefix + incl - w;  // cost of every block before b
+      const unsigned mine = __ballot_sync(0xFFFFFFFFu, b < nb && (before * splits) / total == z);
+      if (mine != 0u) {
+        if (first < 0) first = c + __ffs(mine) - 1;
+        last = c + 31 - __clz(mine);
+      }
+      prefix += __shfl_sync(0xFFFFFFFFu, incl, 31);
+    }
+    if (lane == 0) {
+      s_range[0] = first < 0 ? 0 : first;
+      s_range[1] = first < 0 ? 0 : last + 1;
+    }
   }
-  if (!found) begin = end = 0;
+  __syncthreads();
+  begin = s_range[0];
+  end = s_range[1];
 }
 
 // ---------------------------------------------------------------------------
@@ -192,6 +215,7 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::MIN_CTAS) w4ax_gemm_kernel(
   extern __shared__ __align__(16) uint8_t smem[];
   int* s_is8 = reinterpret_cast<int*>(smem + Cfg::PIPE_BYTES);
   int* s_info = s_is8 + p.n_blocks;
+  int* s_range = s_info + p.n_blocks;  // this CTA's split-K block range (split_range)
 
   const int nb = p.n_blocks;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -204,7 +228,7 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::MIN_CTAS) w4ax_gemm_kernel(
   build_block_table(p.block_bits, nb, p.n4, p.n8, s_is8, s_info);
 
   int kb_begin, kb_end;
-  split_range(s_info, nb, blockIdx.z, gridDim.z, USE_S4 ? 2 : 1, kb_begin, kb_end);
+  split_range(s_info, nb, blockIdx.z, gridDim.z, USE_S4 ? 2 : 1, s_range, kb_begin, kb_end);
   const int nblk = kb_end - kb_begin;
 
   const int seg = p.group < kBlockK ? p.group : kBlockK;  // segment width: 16, 32, 64 or 128
@@ -457,7 +481,7 @@ __global__ void splitk_finalize_kernel(const float* __restrict__ ws, int M, int 
 template <class Cfg, bool USE_S4, bool HAS_OFF>
 static cudaError_t launch_cfg(const CometqGemmArgs& a, cudaStream_t stream) {
   auto kernel = w4ax_gemm_kernel<Cfg, USE_S4, HAS_OFF>;
-  const size_t smem = Cfg::PIPE_BYTES + 2 * sizeof(int) * static_cast<size_t>(a.n_blocks);
+  const size_t smem = Cfg::PIPE_BYTES + sizeof(int) * (2 * static_cast<size_t>(a.n_blocks) + 2);
   int dev = 0, max_optin = 0;
   cudaError_t err = cudaGetDevice(&dev);
   if (err != cudaSuccess) return err;

@@ -164,6 +164,66 @@ def split_range(info, z, splits, cost8):
     return (begin, end) if found else (0, 0)
 
 
+def block_table_warp(block_bits, n4, n8):
+    """csrc/cometq_device.cuh build_block_table as written: one warp, 32 blocks per step, slots
+    from ballots (rank = earlier chunks' class count + popc(ballot & lanes below))."""
+    nb, info = len(block_bits), [None] * len(block_bits)
+    base8 = base4 = 0
+    for c in range(0, nb, 32):
+        lanes = [c + lane for lane in range(32)]
+        is8 = [b < nb and int(block_bits[b]) == 8 for b in lanes]
+        m8 = sum(1 << lane for lane in range(32) if is8[lane])
+        m4 = sum(1 << lane for lane in range(32) if lanes[lane] < nb and not is8[lane])
+        for lane, b in enumerate(lanes):
+            if b < nb:
+                below = (1 << lane) - 1
+                slot = base8 + bin(m8 & below).count("1") if is8[lane] else base4 + bin(m4 & below).count("1")
+                info[b] = (slot, bool(is8[lane]), slot < (n8 if is8[lane] else n4))
+        base8 += bin(m8).count("1")
+        base4 += bin(m4).count("1")
+    return info
+
+
+def split_range_warp(info, z, splits, cost8):
+    """csrc/w4ax_gemm.cu split_range as written: one warp, a shuffle scan of the costs per 32-block
+    chunk and a ballot of the blocks slice z owns (first set bit / last set bit)."""
+    nb = len(info)
+    if splits <= 1:
+        return 0, nb
+    cost = [(cost8 if info[b][1] else 1) if b < nb else 0 for b in range(-(-nb // 32) * 32)]
+    total = sum(cost)
+    prefix, first, last = 0, -1, -1
+    for c in range(0, nb, 32):
+        w = cost[c:c + 32]
+        incl = list(np.cumsum(w))
+        mine = [c + lane < nb and ((prefix + incl[lane] - w[lane]) * splits) // total == z for lane in range(32)]
+        if any(mine):
+            lanes = [lane for lane in range(32) if mine[lane]]
+            if first < 0:
+                first = c + lanes[0]
+            last = c + lanes[-1]
+        prefix += incl[31]
+    return (0, 0) if first < 0 else (first, last + 1)
+
+
+def test_warp_block_table_and_split_range_equal_the_definitions():
+    """The ballot / shuffle-scan versions the kernels run compute exactly the serial definitions:
+    random block maps of 1..300 blocks (several 32-block chunks, ragged last chunk), inconsistent
+    class widths (invalid slots), every split count up to 40, both cost ratios."""
+    rng = np.random.default_rng(7)
+    for trial in range(60):
+        nb = int(rng.integers(1, 300))
+        bits = list(np.where(rng.random(nb) < rng.random(), 8, 4))
+        n8 = sum(1 for b in bits if b == 8) - int(trial % 5 == 0)  # sometimes one slot too few
+        n4 = nb - sum(1 for b in bits if b == 8)
+        ref = block_table(bits, n4, n8)
+        assert block_table_warp(bits, n4, n8) == ref
+        for splits in (1, 2, 3, 7, 32, 40):
+            for cost8 in (1, 2):
+                got = [split_range_warp(ref, z, splits, cost8) for z in range(splits)]
+                assert got == [split_range(ref, z, splits, cost8) for z in range(splits)], (nb, splits, cost8)
+
+
 def emulate_gemm(q4, q8, a_scales, block_bits, qweight, w_scales, group, scale_mode, *, use_s4, cfg, split_k=1,
                  w_offsets=None):
     BM, BN, WARPS_M, WARPS_N = cfg
@@ -173,12 +233,12 @@ def emulate_gemm(q4, q8, a_scales, block_bits, qweight, w_scales, group, scale_m
     nb = len(block_bits)
     n4, n8 = q4.shape[1] // 64, q8.shape[1] // 128
     q4b, q8b, wb = q4.reshape(M, -1), q8.view(np.uint8).reshape(M, -1), qweight
-    info = block_table(block_bits, n4, n8)
+    info = block_table_warp(block_bits, n4, n8)
     seg = min(group, BLOCK_K)
     segs_per_step = 1 if seg >= 64 else 64 // seg
     out = np.zeros((M, N), np.float32)
     for bz in range(split_k):
-        kb_begin, kb_end = split_range(info, bz, split_k, 2 if use_s4 else 1)
+        kb_begin, kb_end = split_range_warp(info, bz, split_k, 2 if use_s4 else 1)
         for by in range((M + BM - 1) // BM):
             for bx in range((N + BN - 1) // BN):
                 m0, n0 = by * BM, bx * BN
@@ -463,7 +523,7 @@ def emulate_act_quant(x, perm, block_bits, n_int8, scale_mode, int4_clip=1.0):
     M, K = x.shape
     nb = len(block_bits)
     n4 = nb - n_int8
-    info = block_table(block_bits, n4, n_int8)
+    info = block_table_warp(block_bits, n4, n_int8)
     q4 = np.zeros((M, n4 * 64), np.uint8)
     q8 = np.zeros((M, n_int8 * 128), np.int8)
     scales = np.zeros((M, nb if scale_mode == 0 else 2), np.float32)
