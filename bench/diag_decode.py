@@ -6,7 +6,7 @@ at M = 1 slower than cuBLAS FP16 and the fused activation quantization adding
 causes in one short run:
 
 * ``gemm``: for Llama-3-8B o_proj / gate_up shapes at M in {1, 16}, every
-  candidate config of the decode bucket (``gen_configs``) timed eagerly
+  candidate config of the decode bucket (``gen_configs``; on Hopper the TMA kernel's too) timed eagerly
   (``do_bench``: includes Python launch overhead whenever the CPU is slower than
   the GPU) and replayed from a CUDA graph (``do_bench_cudagraph``: GPU time
   only), beside cuBLAS FP16 timed both ways; achieved GB/s over the weight bytes.
@@ -69,7 +69,7 @@ def gemm_rows(dev, dry, ms, shapes):
 
     from cometq import reference as R
     from cometq.kernels.act_quant import quantize_act_triton
-    from cometq.kernels.w4ax_gemm import gen_configs, m_bucket, w4ax_gemm_triton
+    from cometq.kernels.w4ax_gemm import gen_configs, m_bucket, tma_available, w4ax_gemm_triton
     from cometq.layout import ActivationLayout
 
     rows = []
@@ -100,6 +100,8 @@ def gemm_rows(dev, dry, ms, shapes):
                                                            int4_clip=0.9), dry, nbytes=2 * m * k)
             rows.append(row)
             cands = gen_configs(m_bucket(m), n, k, lay.n_int8)
+            if tma_available(torch.device(dev)) is None:  # Hopper (or the interpreter): the TMA kernel's too
+                cands += gen_configs(m_bucket(m), n, k, lay.n_int8, tma="only")
             for ci, cfg in enumerate(cands):
                 row = dict(base, what="w4ax", cand=ci, config=repr(cfg))
                 _both(row, "w4ax", lambda: w4ax_gemm_triton(q4, q8, sc, lay.block_bits, qw.qweight, qw.scales, 128,
