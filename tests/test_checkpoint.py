@@ -188,3 +188,28 @@ def test_tied_embeddings_round_trip(tmp_path):
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
     with torch.no_grad():
         assert torch.equal(loaded(_ids()).logits, y)
+
+
+def test_save_after_projection_fusion(tmp_path):
+    """A serving runner fuses q/k/v and gate/up (the model's modules become row views of the
+    fused weights); saving afterwards still writes every tensor on its own and loads back equal
+    (transformers' writer copies views; the plain-module path clones them, ``_owned``)."""
+    from cometq.checkpoint import _owned
+    from cometq.serve.runner import ModelRunner
+
+    model = tiny_causal_lm("llama")
+    cometq.quantize_(model, W4AxConfig(group_size=64), calib_data=_calib(), progress=False)
+    ModelRunner.with_fp_pool(model, num_blocks=4, block_size=4)
+    q = model.model.layers[0].self_attn.q_proj.qweight
+    assert q.untyped_storage().nbytes() > q.numel()  # a view of the fused storage
+    with torch.no_grad():
+        ref = model(_ids()).logits
+    d = str(tmp_path / "fused")
+    save_quantized(model, None, d)
+    from transformers import AutoModelForCausalLM
+
+    back = AutoModelForCausalLM.from_pretrained(d)
+    with torch.no_grad():
+        assert torch.equal(back(_ids()).logits, ref)
+    owned = _owned(q)
+    assert owned.untyped_storage().nbytes() == owned.numel() and torch.equal(owned, q.cpu())

@@ -42,6 +42,15 @@ def _model_config(model: nn.Module) -> W4AxConfig:
     )
 
 
+def _owned(t: torch.Tensor) -> torch.Tensor:
+    """A CPU tensor that owns its storage: safetensors refuses tensors sharing memory, which row
+    views do (e.g. the projections a serving runner fused, ``cometq.nn.fuse_linears``)."""
+    t = t.detach().contiguous().cpu()
+    if t.untyped_storage().nbytes() != t.numel() * t.element_size():
+        t = t.clone()
+    return t
+
+
 def save_quantized(model: nn.Module, *args, tokenizer=None, save_directory: Optional[str] = None) -> str:
     """Save a model quantized by :func:`cometq.quantize_`.
 
@@ -92,7 +101,7 @@ def save_quantized(model: nn.Module, *args, tokenizer=None, save_directory: Opti
     else:
         from safetensors.torch import save_file
 
-        sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        sd = {k: _owned(v) for k, v in model.state_dict().items()}
         save_file(sd, os.path.join(save_directory, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(save_directory, COMETQ_CONFIG_NAME), "w") as f:
         json.dump(meta, f, indent=2, sort_keys=True)
