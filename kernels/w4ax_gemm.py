@@ -778,6 +778,14 @@ def gen_configs(mb: int, n: int, k: int, n_int8: int, *, interpret: Optional[boo
         if n_int8:
             for bm, bn, w, s, sw in ((128, 128, 8, 3, False), (128, 256, 8, 3, False), (128, 128, 8, 3, True)):
                 cfgs.append(GemmConfig(bm, bn, 8, 1, w, s, swap_ab=sw, interleave8=True))
+    if mb > 16 and cfgs and cfgs[0].split == 1 and nb >= 2:
+        # too few output tiles to fill the SMs (e.g. a batch-64 decode step of o_proj / down_proj:
+        # one 64-row M tile x N/64 = 64 tiles on 132 SMs): the first candidate -- what runs untuned
+        # (COMETQ_GEMM_TUNE=0) -- splits K so ~2 waves of CTAs stream the weights
+        first = cfgs[0]
+        tiles = triton.cdiv(mb, first.block_m) * triton.cdiv(n, first.block_n)
+        if tiles < 132:
+            cfgs.insert(0, dataclasses.replace(first, split=min(nb, triton.cdiv(264, tiles))))
     # dedupe, keep order; drop tiles whose two [BM, BN] accumulators (fp32 result + int32
     # block sum) need more than 64 registers per thread each: ptxas (sm_90a) spills those
     # (128x256 / 256x128 at 8 warps, 128x128 at 4 warps: 1-2.4 KB of spills per thread)
