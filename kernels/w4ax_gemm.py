@@ -777,6 +777,10 @@ def gen_configs(mb: int, n: int, k: int, n_int8: int, *, interpret: Optional[boo
         if n_int8:
             cfgs.append(GemmConfig(128, 128, 8, 1, 8, 3, interleave8=True))
     else:
+        if n_int8:
+            # first (untuned): the H100's autotuned winner at M = 1024 for both 8B.o and 8B.gate_up
+            # with INT8 blocks, sym and asym (bench/results/h100-2026-11-26-run1/gemm.json)
+            cfgs.append(GemmConfig(128, 128, 8, 1, 8, 3, swap_ab=True, interleave8=True))
         for bm, bn, w, s in ((128, 128, 8, 3), (128, 256, 8, 3), (256, 128, 8, 3), (128, 128, 4, 4), (64, 256, 8, 4)):
             cfgs.append(GemmConfig(bm, bn, 8, 1, w, s))
         for bm, bn, w, s in ((128, 128, 8, 3), (128, 256, 8, 3)):

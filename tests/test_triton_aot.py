@@ -91,7 +91,10 @@ def test_aot_compile_ci_set(tmp_path):
     for mb in (16, 64, 256, 1024, 4096):
         first = gen_configs(mb, 4096, 4096, 4, interpret=False)[0]
         hits = [x for name, x in gemm90.items() if unsplit(name) == unsplit(f"gemm[{first}]")]
-        assert hits and all(x["spill_bytes"] == 0 for x in hits), (mb, first, hits)
+        # M >= 1024 with INT8 blocks: the first is the H100's measured winner (128x128 swap +
+        # interleave8), which spills ~130 B; everything else untuned must not spill
+        allowed = 256 if mb >= 1024 else 0
+        assert hits and all(x["spill_bytes"] <= allowed for x in hits), (mb, first, hits)
     names = {(x["arch"], x["name"].split("[")[0]) for x in res}
     for arch in (80, 90):
         for fam in ("act_quant", "gemm-variant", "persistent"):
