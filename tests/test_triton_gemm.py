@@ -812,10 +812,11 @@ def test_tma_candidates():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m", [1, 16, 64, 1024])
+@pytest.mark.parametrize("m", [1, 1024])
 @pytest.mark.parametrize("mode,group", [("block", 128), ("class", -1)])
 def test_gpu_tma_llama_shape(m, mode, group):
-    """Every TMA candidate config, compiled for the GPU, on a Llama-3-8B o_proj shape."""
+    """Every TMA candidate config, compiled for the GPU, on a Llama-3-8B o_proj shape (the decode
+    bucket's at M = 1; M = 1024's include every M = 64 tile)."""
     from cometq.kernels.w4ax_gemm import tma_available
 
     if tma_available(torch.device("cuda")) is not None:
