@@ -818,12 +818,14 @@ def _tma_configs(mb: int, n: int, nb: int) -> List[GemmConfig]:
     ======================  ==========  ================  ============
     tile / warps / stages   registers   CTAs (warps)/SM   shared mem
     ======================  ==========  ================  ============
-    128x64  / 4 / 4         228-246     2 (8)             78 KB
-    64x128  / 4 / 4         242-255     2 (8)             58 KB
-    64x64   / 4 / 4         154-188     2-3 (8-12)        45 KB
-    128x128 / 8 / 3         241-255     1 (8)             66 KB (block mode: 136 B spill)
-    64x256  / 8 / 3         238-255     1 (8)             58 KB
+    128x64  / 4 / 4         201-222     2 (8)             77 KB
+    64x128  / 4 / 4         250-254     2 (8)             57 KB
+    64x64   / 4 / 4         145-178     2-3 (8-12)        44 KB
+    128x128 / 8 / 3         254-255     1 (8)             64 KB (block mode: 136 B spill)
+    64x256  / 8 / 3         250-254     1 (8)             57 KB
     ======================  ==========  ================  ============
+
+    (with the word-wide INT4 unpack; bench/results/static-sm90/gemm_resources.md has every config)
 
     128x128 / 4 warps, 128x256 and 256x128 spill 0.7-2 KB and are not offered.  The fp32 sum
     and the int32 block / run result (64 registers each per thread at 128x128 / 8 warps) are

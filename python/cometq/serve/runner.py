@@ -22,6 +22,7 @@ implemented: the runner caps the context at the window, where it is exact.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
@@ -100,6 +101,7 @@ class ModelRunner:
         # per layer: fused q/k/v and gate/up projections (None where the modules differ)
         self._qkv_fused: List = [None] * self.num_layers
         self._mlp_fused: List = [None] * self.num_layers
+        self._fused_keys: Dict = {}  # (table, layer) -> weakrefs to the weights a fusion was checked against
         if fuse:
             self.fuse_projections()
 
@@ -221,25 +223,32 @@ class ModelRunner:
         return h + mlp.down_proj(mlp.act_fn(gate) * up)
 
     @staticmethod
-    def _current_fused(table: List, li: int, parts):
+    def _weights_of(parts) -> list:
+        return [getattr(p, "qweight", None) if hasattr(p, "qweight") else getattr(p, "weight", None) for p in parts]
+
+    def _current_fused(self, table: List, li: int, parts):
         """The fused module of ``parts`` if it still backs them, else a fresh fusion (or None).
 
         The model's modules view the fused weights; if the model was moved (``.to``), cast,
-        re-quantized or reloaded since, they hold new tensors and the old fusion is stale."""
+        re-quantized or reloaded since, they hold new tensor objects and the old fusion is stale
+        (an identity check per group and step against weak references: in-place updates keep
+        the objects, and the views, valid)."""
         from ..nn import fuse_linears
 
         f = table[li]
         if f is None:
             return None
-        w = f.qweight if hasattr(f, "qweight") else f.weight
-        ptr = w.untyped_storage().data_ptr()
-        for p in parts:
-            mine = getattr(p, "qweight", None)
-            if mine is None:
-                mine = getattr(p, "weight", None)
-            if mine is None or mine.device != w.device or mine.untyped_storage().data_ptr() != ptr:
-                table[li] = f = fuse_linears(list(parts))
-                break
+        current = self._weights_of(parts)
+        seen = self._fused_keys.get((id(table), li))
+        if seen is None or any(r() is not t for r, t in zip(seen, current)):
+            w = f.qweight if hasattr(f, "qweight") else f.weight
+            ptr = w.untyped_storage().data_ptr()
+            for p in parts:
+                mine = getattr(p, "qweight", None) if hasattr(p, "qweight") else getattr(p, "weight", None)
+                if mine is None or mine.device != w.device or mine.untyped_storage().data_ptr() != ptr:
+                    table[li] = f = fuse_linears(list(parts))
+                    break
+            self._fused_keys[(id(table), li)] = [weakref.ref(t) for t in self._weights_of(parts)]
         return f
 
     def _layer_index(self, layer) -> int:
