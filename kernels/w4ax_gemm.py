@@ -572,11 +572,13 @@ def w4ax_gemm_tma_kernel(
     Why a second tiled kernel: ptxas -v on the pointer-based kernel at BLOCK 128x128 / 8 warps
     (every large-M config, sm_90a) reports 255 registers per thread -> one CTA (8 warps) per SM,
     and every wgmma is followed by ``wgmma.wait_group 0`` (the unpacked operand is rewritten
-    each block), so nothing hides the MMA latency.  Most of those registers are address and
-    mask tensors of the pointer loads.  Here every operand tile comes in by TMA
+    each block), so nothing hides the MMA latency.  Here every operand tile comes in by TMA
     (``cp.async.bulk.tensor`` into shared memory, mbarrier-tracked, out-of-range rows zero-filled
-    by the copy engine: no address registers, no masks) and the same 128x128 class-mode tile
-    needs ~110 registers: two CTAs per SM, one's MMAs overlapping the other's unpacking.
+    by the copy engine: no address or mask registers for the operands).  A stripped probe of this
+    loop with a single int32 accumulator compiles to 106-126 registers at 128x128 / 8 warps; the
+    kernel also keeps the fp32 sum (64 more per thread there), so it is the 4-warp tiles that
+    reach two CTAs per SM (145-254 registers; ``_tma_configs``) -- one CTA's MMAs can then
+    overlap the other's unpacking.  Which tile wins is for the GPU to say.
 
     Operand flow per 128-channel block (acc is ``[BLOCK_N, BLOCK_M]``: ``W x^T``)::
 
