@@ -97,6 +97,9 @@ def main(argv=None) -> int:
     ap.add_argument("--splits", type=int, default=0, help="split-K partitions (0 = cometq.paged.default_num_splits)")
     ap.add_argument("--out", default="bench/results/attention", help="output prefix (.json, .md, .png)")
     ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--sweep", action="store_true",
+                    help="also time every launch config the tuner considers (warps x tile) at 0.5x..4x the default "
+                         "split count, per shape (JSON 'sweep', a markdown table)")
     ap.add_argument("--dry-run", action="store_true",
                     help="CPU smoke run under the Triton interpreter (tiny shapes, one call per timing): checks the "
                          "script, not the speed")
@@ -115,7 +118,8 @@ def main(argv=None) -> int:
     import triton.testing
 
     from cometq import ops
-    from cometq.kernels.kv4_attention import fold_k_eligible, kv4_decode_attention_triton
+    from cometq.kernels.kv4_attention import (attention_configs, fold_k_eligible, kv4_decode_attention_triton,
+                                              last_config)
     from cometq.paged import default_num_splits
 
     dev = torch.device("cpu" if args.dry_run else "cuda")
@@ -178,6 +182,20 @@ def main(argv=None) -> int:
                         pool["tail_lens"], pool["seq_ids"], args.group_size, args.key_axis, args.value_axis,
                         sm_scale, splits)
             ms_kv4 = bench(lambda: kv4_decode_attention_triton(*args_raw, fold_k=False))
+            cfg_used = last_config()  # tuned on the first call (or the untuned default)
+            sweep = []
+            if args.sweep:
+                nblk = -(-t // args.block_size)
+                for cfg in attention_configs(args.block_size, args.group_size, False, args.key_axis, args.value_axis):
+                    for ns in sorted({max(1, splits // 2), splits, min(nblk, 64, splits * 2), min(nblk, 64, splits * 4)}):
+                        raw = args_raw[:-1] + (ns,)
+                        try:
+                            ms = bench(lambda: kv4_decode_attention_triton(*raw, config=cfg, fold_k=False))
+                        except Exception as e:  # noqa: BLE001 - e.g. out of resources: reported, not fatal
+                            sweep.append(dict(num_warps=cfg.num_warps, tile=cfg.tile, lazy=cfg.lazy, splits=ns,
+                                              error=f"{type(e).__name__}: {str(e)[:200]}"))
+                            continue
+                        sweep.append(dict(num_warps=cfg.num_warps, tile=cfg.tile, lazy=cfg.lazy, splits=ns, ms=ms))
             ms_fold = bench(lambda: kv4_decode_attention_triton(*args_raw, fold_k=True)) if fold_ok else None
             ms_kv4_op = bench(lambda: kv4_call(pool, q, splits))
             kb4 = kv4_bytes(pool, b, t)
@@ -199,7 +217,14 @@ def main(argv=None) -> int:
             row = dict(batch=b, context=t, splits=splits, ms_kv4=ms_kv4, ms_kv4_op=ms_kv4_op, ms_sdpa=ms_sdpa, speedup=ms_sdpa / ms_kv4,
                        ms_kv4_fold=ms_fold, speedup_fold=(ms_sdpa / ms_fold) if ms_fold else None,
                        gbs_kv4=kb4 / ms_kv4 / 1e6, gbs_sdpa=kb16 / ms_sdpa / 1e6, kv_bytes_kv4=kb4, kv_bytes_fp16=kb16,
-                       sdpa_enable_gqa=gqa)
+                       sdpa_enable_gqa=gqa,
+                       config=None if cfg_used is None else dict(num_warps=cfg_used.num_warps, tile=cfg_used.tile,
+                                                                 lazy=cfg_used.lazy))
+            if sweep:
+                for x in sweep:
+                    if "ms" in x:
+                        x["speedup"] = ms_sdpa / x["ms"]
+                row["sweep"] = sweep
             rows.append(row)
             print(json.dumps(row), flush=True)
 
@@ -212,13 +237,26 @@ def main(argv=None) -> int:
     md = [f"Decode attention on {props.name}: {hq} q heads / {h} kv heads, head_dim {d}, KV4 K {args.key_axis} / "
           f"V {args.value_axis}, G={args.group_size}, block {args.block_size} (torch {torch.__version__}, "
           f"triton {triton.__version__})", "",
-          "| batch | context | splits | KV4 kernel ms | KV4 via torch op ms | SDPA fp16 ms | speedup | KV4 GB/s | SDPA GB/s "
-          "| KV4 fold_k ms | fold_k speedup |",
-          "|---|---|---|---|---|---|---|---|---|---|---|"]
+          "| batch | context | splits | config (warps/tile/lazy) | KV4 kernel ms | KV4 via torch op ms | SDPA fp16 ms "
+          "| speedup | KV4 GB/s | SDPA GB/s | KV4 fold_k ms | fold_k speedup |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         fold = (f"{r['ms_kv4_fold']:.4f} | {r['speedup_fold']:.2f}x" if r.get("ms_kv4_fold") else "– | –")
-        md.append(f"| {r['batch']} | {r['context']} | {r['splits']} | {r['ms_kv4']:.4f} | {r['ms_kv4_op']:.4f} | {r['ms_sdpa']:.4f} | "
-                  f"{r['speedup']:.2f}x | {r['gbs_kv4']:.0f} | {r['gbs_sdpa']:.0f} | {fold} |")
+        c = r.get("config")
+        cs = f"{c['num_warps']}/{c['tile']}/{'lazy' if c['lazy'] else 'eager'}" if c else "–"
+        md.append(f"| {r['batch']} | {r['context']} | {r['splits']} | {cs} | {r['ms_kv4']:.4f} | {r['ms_kv4_op']:.4f} | "
+                  f"{r['ms_sdpa']:.4f} | {r['speedup']:.2f}x | {r['gbs_kv4']:.0f} | {r['gbs_sdpa']:.0f} | {fold} |")
+    if any(r.get("sweep") for r in rows):
+        md += ["", "Launch-config sweep (KV4 kernel ms; warps / tokens per tile / lazy rescale x splits; "
+               "the config the tuner picked for the main row is marked *):", "",
+               "| batch | context | warps | tile | lazy | splits | ms | speedup vs SDPA |", "|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            for x in r.get("sweep", []):
+                pick = r.get("config") == dict(num_warps=x["num_warps"], tile=x["tile"], lazy=x["lazy"]) \
+                    and x["splits"] == r["splits"]
+                ms = f"{x['ms']:.4f}{' *' if pick else ''} | {x['speedup']:.2f}x" if "ms" in x else f"{x['error']} | –"
+                md.append(f"| {r['batch']} | {r['context']} | {x['num_warps']} | {x['tile']} | {x['lazy']} | "
+                          f"{x['splits']} | {ms} |")
     text = "\n".join(md)
     with open(args.out + ".md", "w") as f:
         f.write(text + "\n")

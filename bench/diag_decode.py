@@ -186,7 +186,7 @@ def attention_rows(dev, dry):
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from bench_attention import build_pool
 
-    from cometq.kernels.kv4_attention import kv4_decode_attention_triton
+    from cometq.kernels.kv4_attention import AttnConfig, attention_configs, kv4_decode_attention_triton
     from cometq.paged import default_num_splits
 
     hq, h, d, bs, grp = (4, 2, 32, 16, 16) if dry else (32, 8, 128, 64, 32)
@@ -205,13 +205,17 @@ def attention_rows(dev, dry):
                 qq, k16, v16, enable_gqa=True), warmup=10, rep=40, return_mode="median") * 1e3, 2)
         ds = default_num_splits(b, h, -(-t // bs))
         for ns in sorted({ds, max(1, ds // 2), ds * 2, ds * 4}):
-            for warps, fold in ((4, False), (8, False), (4, True)):
+            # every launch config the tuner considers, plus the folded-key variant at 4 warps
+            cfgs = [(c, False) for c in attention_configs(bs, grp, False, "channel", "token")]
+            cfgs.append((AttnConfig(4, cfgs[0][0].tile), True))
+            for cfg, fold in cfgs:
                 args = (q,) + tuple(pool[k] for k in ("k_packed", "k_scale", "k_zero", "v_packed", "v_scale", "v_zero",
                                                        "tail_k", "tail_v", "block_tables", "quant_lens", "tail_lens",
                                                        "seq_ids")) + (grp, "channel", "token", d ** -0.5, ns)
-                key = f"kv4_s{ns}_w{warps}{'_fold' if fold else ''}_us"
+                key = (f"kv4_s{ns}_w{cfg.num_warps}_t{cfg.tile}{'_lazy' if cfg.lazy else ''}"
+                       f"{'_fold' if fold else ''}_us")
                 try:
-                    ms = _time(lambda: kv4_decode_attention_triton(*args, num_warps=warps, fold_k=fold), False, dry)
+                    ms = _time(lambda: kv4_decode_attention_triton(*args, config=cfg, fold_k=fold), False, dry)
                     row[key] = round(ms * 1e3, 2)
                 except Exception as e:  # noqa: BLE001
                     row[key + "_err"] = f"{type(e).__name__}: {str(e)[:200]}"

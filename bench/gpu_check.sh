@@ -18,7 +18,7 @@
 #                                 every decode config eager vs CUDA graph, attention sweep)
 #   gemm/gemm.json|md             bench_gemm.py --quick --graph (Triton, CUDA and peers; CUDA-graph columns)
 #   gemm_class/gemm.json|md       class scales + per-channel weights (int32 accumulation across blocks)
-#   attention.json|md             bench_attention.py (KV4 paged decode vs SDPA)
+#   attention.json|md             bench_attention.py --sweep (KV4 paged decode vs SDPA; every launch config)
 #   serving/serving_*.json|md     bench_serving.py (Llama-3-8B geometry, random weights)
 #   autotune.json/.log            which backend `auto` picked per case (cometq.autotune)
 #   gemm_configs.json             tuned GEMM configs (COMETQ_GEMM_CONFIG_CACHE; commit it as
@@ -201,7 +201,9 @@ bench() {  # name cap cmd...
 GL=$(limit 130)
 bench gemm "$GL" $PY bench/bench_gemm.py --quick --ms 1024,1,16 --graph --time-budget $((GL > 30 ? GL - 15 : 15)) \
   --out "$W/gemm"
-bench attention 45 $PY bench/bench_attention.py --batch 1,16,64 --context 1024,4096 --out "$W/attention"
+# (the launch config is tuned on each shape's first call; --sweep also times every candidate
+# config at 0.5x..4x the default split count: what the untuned default should become)
+bench attention 70 $PY bench/bench_attention.py --batch 1,16,64 --context 1024,4096 --sweep --out "$W/attention"
 SL=$(limit "${SERVING_CAP:-150}")
 # untuned GEMM configs (first candidate per bucket) unless the caller sets COMETQ_GEMM_TUNE:
 # autotuning every bucket of four Llama-3-8B shapes does not fit a short run

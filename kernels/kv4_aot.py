@@ -28,7 +28,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from .kv4_append import kv4_append_kernel  # noqa: E402
-from .kv4_attention import attention_meta, kv4_attn_reduce_kernel, kv4_attn_split_kernel  # noqa: E402
+from .kv4_attention import attention_configs, attention_meta, kv4_attn_reduce_kernel, kv4_attn_split_kernel  # noqa: E402
 
 _TY = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
 
@@ -74,6 +74,18 @@ def jobs(quick: bool = False) -> List[tuple]:
                         ce_f = attention_meta(qd, qpk, 128, 64, 32, tail, ka, va, splits, fold_k=True)
                         out.append((f"attn-fold[{qd},{ka}/{va},qpk={qpk},splits={splits}]", kv4_attn_split_kernel,
                                     ptrs, ce_f, 4, "attn"))
+        # the other launch configs the tuner times (fewer warps, 16-token tiles, lazy rescale),
+        # on the default pool format (K per channel, V per token, G 32) at GQA 4
+        ka, va = axes[0]
+        ptrs = {n: "*u8" for n in ("kp_ptr", "vp_ptr")}
+        ptrs.update({n: "*fp16" for n in ("ks_ptr", "kz_ptr", "vs_ptr", "vz_ptr", "tk_ptr", "tv_ptr")})
+        ptrs.update({n: "*i32" for n in ("bt_ptr", "qlen_ptr", "tlen_ptr", "sid_ptr")})
+        ptrs.update({n: "*fp32" for n in ("po_ptr", "pm_ptr", "pl_ptr")})
+        ptrs["q_ptr"] = _TY[qd]
+        for cfg in attention_configs(64, 32, False, ka, va)[1:]:
+            ce = attention_meta(qd, 4, 128, 64, 32, 32, ka, va, 8, config=cfg)
+            out.append((f"attn-cfg[{qd},{ka}/{va},qpk=4,splits=8,w{cfg.num_warps},t{cfg.tile}"
+                        f"{',lazy' if cfg.lazy else ''}]", kv4_attn_split_kernel, ptrs, ce, cfg.num_warps, "attn"))
         ce = dict(HQ=32, NUM_SPLITS=8, SPLITS_P2=8, D=128)
         ptrs = dict(po_ptr="*fp32", pm_ptr="*fp32", pl_ptr="*fp32", out_ptr=_TY[qd])
         out.append((f"reduce[{qd}]", kv4_attn_reduce_kernel, ptrs, ce, 4, "reduce"))
@@ -85,7 +97,10 @@ def jobs(quick: bool = False) -> List[tuple]:
 CI_SET = ("append[token,torch.float16]", "append[channel,torch.float16]",
           "attn[torch.float16,channel/token,qpk=1,splits=8]", "attn[torch.float16,channel/token,qpk=8,splits=1]",
           "attn[torch.bfloat16,channel/channel,qpk=4,splits=8]", "reduce[torch.float16]",
-          "attn-fold[torch.float16,channel/token,qpk=4,splits=8]")
+          "attn-fold[torch.float16,channel/token,qpk=4,splits=8]",
+          "attn-cfg[torch.float16,channel/token,qpk=4,splits=8,w2,t32,lazy]",
+          "attn-cfg[torch.float16,channel/token,qpk=4,splits=8,w1,t32,lazy]",
+          "attn-cfg[torch.float16,channel/token,qpk=4,splits=8,w1,t16,lazy]")
 
 
 def ptxas_usage(ptx: str, arch: int) -> dict:
@@ -200,6 +215,9 @@ def compile_all(archs, quick: bool = False, ci: bool = False) -> List[dict]:
                 if kind == "attn":
                     r.update(ptxas_usage(ptx, arch))
                     r.update(loop_profile(k.asm["cubin"]))
+                    if r.get("loop_instructions"):
+                        # issue cost of 32 tokens for the whole program (all its warps)
+                        r["warp_instructions_per_32_tokens"] = r["loop_instructions"] * warps * 32 // ce["TILE"]
             except Exception as e:  # noqa: BLE001 - reported per variant
                 r["error"] = f"{type(e).__name__}: {str(e)[:500]}"
             results.append(r)

@@ -38,15 +38,20 @@ or fp32->fp16 conversion instructions in the loop.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
-from typing import Optional
+from dataclasses import dataclass
+from typing import Dict, List, Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from ._common import _ASM_UNPACK, interpreting
+
 _NEG = tl.constexpr(-1.0e30)  # finite "minus infinity": exp2(_NEG - m) == 0 without inf - inf NaNs
+_LAZY = tl.constexpr(8.0)  # log2 headroom of the lazy softmax rescale (probabilities <= 256)
 
 
 @triton.jit
@@ -104,6 +109,62 @@ def _nib(p, HI: tl.constexpr, DT: tl.constexpr):
         return (n | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
 
 
+# Word-wide nibble -> fp16/bf16 (GPU only; the interpreter runs ``_nib``).  Triton packs four
+# uint8 elements per 32-bit register (``pack=4``); each output is four 16-bit values in two
+# registers, element k in lane k.  ``prmt`` spreads bytes 0,1 (2,3) into the two 16-bit lanes,
+# then one ``lop3`` masks a nibble and ORs the magic exponent:
+#
+#     w  = [b3 b2 b1 b0]             prmt(w, 0, 0x4140) = [00 b1 00 b0]
+#     lo : (t & 0x000F000F) | 0x64006400  -> fp16 lanes 1024 + (b & 15)
+#     hi : (t & 0x00F000F0) | 0x54005400  -> fp16 lanes   64 + (b >> 4)   (nibble lands on
+#          mantissa bits 4..7, whose unit under exponent 2**6 is 1/16: no shift needed)
+#
+# bf16 has only 7 mantissa bits (bits 4..7 would reach the exponent), so its high nibble is
+# shifted down first: ((t >> 4) & 0x000F000F) | 0x43004300 -> 128 + (b >> 4).
+# 6 (fp16) / 8 (bf16) instructions per four bytes, where the elementwise form compiles to
+# ~36 (``PRMT`` byte extracts, 16-bit moves; SASS of the AOT cubin).  Checked exhaustively
+# by executing the PTX text (tests/test_kv4_attention.py).
+_ASM_NIB_F16 = tl.constexpr("""{
+.reg .b32 t, u, m, h;
+mov.b32 m, 0x64006400;
+mov.b32 h, 0x54005400;
+prmt.b32 t, $4, 0, 0x4140;
+prmt.b32 u, $4, 0, 0x4342;
+lop3.b32 $0, t, 0x000F000F, m, 0xEA;
+lop3.b32 $1, u, 0x000F000F, m, 0xEA;
+lop3.b32 $2, t, 0x00F000F0, h, 0xEA;
+lop3.b32 $3, u, 0x00F000F0, h, 0xEA;
+}""")
+
+_ASM_NIB_BF16 = tl.constexpr("""{
+.reg .b32 t, u, m;
+mov.b32 m, 0x43004300;
+prmt.b32 t, $4, 0, 0x4140;
+prmt.b32 u, $4, 0, 0x4342;
+lop3.b32 $0, t, 0x000F000F, m, 0xEA;
+lop3.b32 $1, u, 0x000F000F, m, 0xEA;
+shr.u32 t, t, 4;
+shr.u32 u, u, 4;
+lop3.b32 $2, t, 0x000F000F, m, 0xEA;
+lop3.b32 $3, u, 0x000F000F, m, 0xEA;
+}""")
+
+
+@triton.jit
+def _nib2(p, DT: tl.constexpr):
+    """uint8 -> (low nibble, high nibble) as ``DT``, exactly (0..15); one pass over the bytes."""
+    if _ASM_UNPACK and DT == tl.float16:
+        lo, hi = tl.inline_asm_elementwise(_ASM_NIB_F16, "=r,=r,=r,=r,r", [p], dtype=(tl.uint16, tl.uint16),
+                                           is_pure=True, pack=4)
+        return lo.to(tl.float16, bitcast=True) - 1024.0, hi.to(tl.float16, bitcast=True) - 64.0
+    elif _ASM_UNPACK and DT == tl.bfloat16:
+        lo, hi = tl.inline_asm_elementwise(_ASM_NIB_BF16, "=r,=r,=r,=r,r", [p], dtype=(tl.uint16, tl.uint16),
+                                           is_pure=True, pack=4)
+        return lo.to(tl.bfloat16, bitcast=True) - 128.0, hi.to(tl.bfloat16, bitcast=True) - 128.0
+    else:
+        return _nib(p, False, DT), _nib(p, True, DT)
+
+
 @triton.jit
 def _pairs(row, HALF_D: tl.constexpr, DT: tl.constexpr = tl.float32):
     """A ``[D]`` per-channel row -> (even channels, odd channels), ``DT`` ``[D/2]`` each."""
@@ -127,15 +188,17 @@ def _dequant_tile(packed_ptr, scale_ptr, zero_ptr, pbase, sbase, s, z, t, j, tma
     if CH_DIV == 1 and TOK_DIV >= TILE:
         s_lo, s_hi = _pairs(s, HALF_D, DT)
         z_lo, z_hi = _pairs(z, HALF_D, DT)
-        lo = _nib(p, False, DT) * s_lo[None, :] + z_lo[None, :]
-        hi = _nib(p, True, DT) * s_hi[None, :] + z_hi[None, :]
+        n_lo, n_hi = _nib2(p, DT)
+        lo = n_lo * s_lo[None, :] + z_lo[None, :]
+        hi = n_hi * s_hi[None, :] + z_hi[None, :]
     elif TOK_DIV == 1:
         NG: tl.constexpr = 2 * HALF_D // CH_DIV
         GH: tl.constexpr = CH_DIV // 2
         s3 = s.to(DT)[:, :, None]
         z3 = z.to(DT)[:, :, None]
-        lo = tl.reshape(tl.reshape(_nib(p, False, DT), (TILE, NG, GH)) * s3 + z3, (TILE, HALF_D))
-        hi = tl.reshape(tl.reshape(_nib(p, True, DT), (TILE, NG, GH)) * s3 + z3, (TILE, HALF_D))
+        n_lo, n_hi = _nib2(p, DT)
+        lo = tl.reshape(tl.reshape(n_lo, (TILE, NG, GH)) * s3 + z3, (TILE, HALF_D))
+        hi = tl.reshape(tl.reshape(n_hi, (TILE, NG, GH)) * s3 + z3, (TILE, HALF_D))
     else:
         # per-channel groups shorter than the tile: gather scale/zero per element
         srow = sbase + (t // TOK_DIV)[:, None] * stride_st
@@ -157,19 +220,42 @@ def _dot(a, b, DOT_DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _softmax_step(s, tmask, m_i, l_i, acc_lo, acc_hi, v_lo, v_hi, DOT_DTYPE: tl.constexpr):
+def _softmax_step(s, tmask, m_i, l_i, acc_lo, acc_hi, v_lo, v_hi, DOT_DTYPE: tl.constexpr, LAZY: tl.constexpr):
     """One online-softmax step over a tile of keys: scores ``s [BLOCK_H, T]`` (columns with
-    ``tmask`` False get weight 0), values ``v_lo / v_hi [T, D/2]`` -> updated ``(m, l, acc_lo, acc_hi)``."""
+    ``tmask`` False get weight 0), values ``v_lo / v_hi [T, D/2]`` -> updated ``(m, l, acc_lo, acc_hi)``.
+
+    ``LAZY``: the running reference max ``m`` only moves when a row's tile max exceeds it by
+    more than ``2**_LAZY`` (then every ``exp2`` below stays <= 2**_LAZY: no overflow in the
+    fp16/bf16 probabilities or the fp32 sums).  ``acc`` and ``l`` always share ``m``, so
+    ``o = acc / l`` and the split merge (log-sum-exp over ``(m, l, acc)``) are exact for any
+    reference max.  Most tiles then skip the ``[BLOCK_H, D]`` accumulator rescale behind a
+    CTA-uniform branch: ~100 of ~700 SASS instructions per 16-token tile at one warp
+    (tests/test_kv4_attention.py).  With 4 warps the branch's cross-warp "any row moved"
+    costs about what it saves, so the 4-warp config rescales every tile."""
     s = tl.where(tmask[None, :], s, _NEG)
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    alpha = tl.math.exp2(m_i - m_new)
+    m_tile = tl.max(s, axis=1)
+    if LAZY:
+        if tl.max((m_tile > m_i + _LAZY).to(tl.int32), axis=0) > 0:
+            m_new = tl.maximum(m_i, m_tile)
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha
+            acc_lo = acc_lo * alpha[:, None]
+            acc_hi = acc_hi * alpha[:, None]
+            m_i = m_new
+    else:
+        m_new = tl.maximum(m_i, m_tile)
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha
+        acc_lo = acc_lo * alpha[:, None]
+        acc_hi = acc_hi * alpha[:, None]
+        m_i = m_new
     # masked columns: exp2(_NEG - m) underflows to 0 unless the whole row is masked (a tail
     # with no tokens): the where makes that case 0 too
-    p = tl.where(tmask[None, :], tl.math.exp2(s - m_new[:, None]), 0.0)
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc_lo = acc_lo * alpha[:, None] + _dot(p, v_lo, DOT_DTYPE)
-    acc_hi = acc_hi * alpha[:, None] + _dot(p, v_hi, DOT_DTYPE)
-    return m_new, l_i, acc_lo, acc_hi
+    p = tl.where(tmask[None, :], tl.math.exp2(s - m_i[:, None]), 0.0)
+    l_i = l_i + tl.sum(p, axis=1)
+    acc_lo = acc_lo + _dot(p, v_lo, DOT_DTYPE)
+    acc_hi = acc_hi + _dot(p, v_hi, DOT_DTYPE)
+    return m_i, l_i, acc_lo, acc_hi
 
 
 @triton.jit
@@ -190,6 +276,7 @@ def kv4_attn_split_kernel(
     BLOCK_SIZE: tl.constexpr, TAIL_N: tl.constexpr,
     K_TOK_DIV: tl.constexpr, K_CH_DIV: tl.constexpr, V_TOK_DIV: tl.constexpr, V_CH_DIV: tl.constexpr,
     DOT_DTYPE: tl.constexpr, FOLD_K: tl.constexpr = False, TILE: tl.constexpr = 16,
+    LAZY_RESCALE: tl.constexpr = False,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -265,8 +352,9 @@ def kv4_attn_split_kernel(
             sc_lo, sc_hi = _pairs(ks, HALF_D)
             z_lo, z_hi = _pairs(kz, HALF_D)
             bias = tl.sum(q_lo_f * z_lo[None, :] + q_hi_f * z_hi[None, :], axis=1)  # [BLOCK_H]
-            s = _dot(q_lo_f * sc_lo[None, :], tl.trans(_nib(kq, False, DOT_DTYPE)), DOT_DTYPE) \
-                + _dot(q_hi_f * sc_hi[None, :], tl.trans(_nib(kq, True, DOT_DTYPE)), DOT_DTYPE) + bias[:, None]
+            n_lo, n_hi = _nib2(kq, DOT_DTYPE)
+            s = _dot(q_lo_f * sc_lo[None, :], tl.trans(n_lo), DOT_DTYPE) \
+                + _dot(q_hi_f * sc_hi[None, :], tl.trans(n_hi), DOT_DTYPE) + bias[:, None]
         else:
             k_lo, k_hi = _dequant_tile(kp_ptr, ks_ptr, kz_ptr, pbase, phys * stride_ksb + kvh * stride_ksh, ks, kz,
                                        tok, j, tmask, stride_pt, stride_kst, K_TOK_DIV, K_CH_DIV, TILE, HALF_D,
@@ -275,22 +363,24 @@ def kv4_attn_split_kernel(
         v_lo, v_hi = _dequant_tile(vp_ptr, vs_ptr, vz_ptr, pbase, phys * stride_vsb + kvh * stride_vsh, vs, vz,
                                    tok, j, tmask, stride_pt, stride_vst, V_TOK_DIV, V_CH_DIV, TILE, HALF_D,
                                    DOT_DTYPE)
-        m_i, l_i, acc_lo, acc_hi = _softmax_step(s, tmask, m_i, l_i, acc_lo, acc_hi, v_lo, v_hi, DOT_DTYPE)
+        m_i, l_i, acc_lo, acc_hi = _softmax_step(s, tmask, m_i, l_i, acc_lo, acc_hi, v_lo, v_hi, DOT_DTYPE,
+                                                 LAZY_RESCALE)
         ks, kz, vs, vz = ks_n, kz_n, vs_n, vz_n
 
     if TAIL_N > 0:
         if split == NUM_SPLITS - 1:
             lt = tl.load(tlen_ptr + slot)
-            tt = tl.arange(0, TAIL_N)
-            tm = tt < lt
-            tkb = tk_ptr + slot.to(tl.int64) * stride_tks + kvh * stride_tkh + tt[:, None] * stride_tkt
-            tvb = tv_ptr + slot.to(tl.int64) * stride_tvs + kvh * stride_tvh + tt[:, None] * stride_tvt
+            tn = tl.arange(0, TAIL_N)
+            tm = tn < lt
+            tkb = tk_ptr + slot.to(tl.int64) * stride_tks + kvh * stride_tkh + tn[:, None] * stride_tkt
+            tvb = tv_ptr + slot.to(tl.int64) * stride_tvs + kvh * stride_tvh + tn[:, None] * stride_tvt
             k_lo = tl.load(tkb + 2 * j[None, :], mask=tm[:, None], other=0.0).to(tl.float32)
             k_hi = tl.load(tkb + 2 * j[None, :] + 1, mask=tm[:, None], other=0.0).to(tl.float32)
             s = _dot(q_lo, tl.trans(k_lo), DOT_DTYPE) + _dot(q_hi, tl.trans(k_hi), DOT_DTYPE)
             v_lo = tl.load(tvb + 2 * j[None, :], mask=tm[:, None], other=0.0).to(tl.float32)
             v_hi = tl.load(tvb + 2 * j[None, :] + 1, mask=tm[:, None], other=0.0).to(tl.float32)
-            m_i, l_i, acc_lo, acc_hi = _softmax_step(s, tm, m_i, l_i, acc_lo, acc_hi, v_lo, v_hi, DOT_DTYPE)
+            m_i, l_i, acc_lo, acc_hi = _softmax_step(s, tm, m_i, l_i, acc_lo, acc_hi, v_lo, v_hi, DOT_DTYPE,
+                                                     LAZY_RESCALE)
 
     # partials: acc [B, Hq, S, D] (even/odd channels interleaved back), m/l [B, Hq, S]
     ob = po_ptr + b.to(tl.int64) * stride_pob + heads[:, None] * stride_poh + split * stride_pos
@@ -353,27 +443,99 @@ def attention_tile(block_size: int, group_size: int, fold_k: bool, key_axis: str
     return tile
 
 
+@dataclass(frozen=True)
+class AttnConfig:
+    """Launch config of the split kernel: warps per program, tokens per loop iteration, and
+    whether the online softmax rescales lazily (``_softmax_step``)."""
+
+    num_warps: int
+    tile: int
+    lazy: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.num_warps, bool) or self.num_warps not in (1, 2, 4, 8):
+            raise ValueError(f"num_warps must be one of 1, 2, 4, 8, got {self.num_warps!r}")
+        if isinstance(self.tile, bool) or not isinstance(self.tile, int) or self.tile < 16 or self.tile & (self.tile - 1):
+            raise ValueError(f"tile must be a power of two >= 16 (a tl.dot operand dimension), got {self.tile!r}")
+        if not isinstance(self.lazy, bool):
+            raise TypeError(f"lazy must be a bool, got {self.lazy!r}")
+
+
+def attention_configs(block_size: int, group_size: int, fold_k: bool, key_axis: str = "token",
+                      value_axis: str = "token") -> List[AttnConfig]:
+    """Candidate launch configs, the untuned default first.
+
+    Why fewer warps are candidates (SASS of the AOT sm_90a cubins, ``kv4_aot``; per 32 tokens,
+    fp16, K per channel / V per token, GQA 4): a program's query rows are padded to 16 for the
+    MMA, so with 4 warps each warp recomputes row statistics the others also hold and the
+    probabilities / V tile cross warps through shared memory (13 barriers per tile): ~1920 warp
+    instructions per 32 tokens at 4 warps, ~1630 at 2, ~1240 at 1 (the probabilities then stay
+    in registers).  Fewer warps per program need more programs (splits) to fill the SMs and
+    more registers per thread (1 warp: ~250), so which one wins per batch / context is timed
+    (:func:`kv4_decode_attention_triton` tunes on first use; ``bench_attention.py --sweep``).
+    The first config -- the 4-warp kernel measured on the H100 -- runs untuned."""
+    base = attention_tile(block_size, group_size, fold_k, key_axis, value_axis)
+    out = [AttnConfig(4, base, False), AttnConfig(2, base, True), AttnConfig(1, base, True)]
+    if base > 16:
+        out.append(AttnConfig(1, 16, True))
+    return list(dict.fromkeys(out))
+
+
 def attention_meta(dot_dtype, qpk: int, head_dim: int, block_size: int, group_size: int, tail_g: int,
-                   key_axis: str, value_axis: str, num_splits: int, fold_k: bool = False):
-    """constexprs of :func:`kv4_attn_split_kernel` for one call (shared with the AOT test)."""
+                   key_axis: str, value_axis: str, num_splits: int, fold_k: bool = False,
+                   config: Optional[AttnConfig] = None):
+    """constexprs of :func:`kv4_attn_split_kernel` for one call (shared with the AOT test);
+    ``config`` None: the default tile, eager rescaling."""
     kt, kc = _axis_divs(key_axis, group_size)
     vt, vc = _axis_divs(value_axis, group_size)
+    tile = attention_tile(block_size, group_size, fold_k, key_axis, value_axis) if config is None else config.tile
+    if tile > block_size or ("channel" in (key_axis, value_axis) and 16 <= group_size < tile):
+        raise ValueError(f"tile {tile} must fit the pool block ({block_size} tokens) and a per-channel group "
+                         f"(group_size={group_size})")
     return dict(NUM_SPLITS=num_splits, QPK=qpk, BLOCK_H=max(16, triton.next_power_of_2(qpk)), HALF_D=head_dim // 2,
                 BLOCK_SIZE=block_size, TAIL_N=0 if tail_g == 0 else max(16, triton.next_power_of_2(tail_g)),
                 K_TOK_DIV=kt, K_CH_DIV=kc, V_TOK_DIV=vt, V_CH_DIV=vc, DOT_DTYPE=_DOT[dot_dtype], FOLD_K=bool(fold_k),
-                TILE=attention_tile(block_size, group_size, fold_k, key_axis, value_axis))
+                TILE=tile, LAZY_RESCALE=bool(config.lazy) if config is not None else False)
+
+
+#: "0": no timing on first use (each shape takes the first candidate of
+#: :func:`attention_configs`, or a choice tuned earlier in the process)
+ENV_TUNE = "COMETQ_ATTN_TUNE"
+_TUNED: Dict[tuple, AttnConfig] = {}
+
+
+_LAST: List[Optional[AttnConfig]] = [None]
+
+
+def last_config() -> Optional[AttnConfig]:
+    """The config of this process's most recent split-kernel launch (for benchmark reports)."""
+    return _LAST[0]
+
+
+def tuned_configs() -> Dict[str, dict]:
+    """The configs chosen so far in this process (for benchmark reports)."""
+    return {repr(k): dataclasses.asdict(v) for k, v in _TUNED.items()}
+
+
+def _capturing(dev: torch.device) -> bool:
+    return dev.type == "cuda" and bool(torch.cuda.is_current_stream_capturing())
 
 
 def kv4_decode_attention_triton(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, tail_k, tail_v,
                                 block_tables, quant_lens, tail_lens, seq_ids, group_size: int, key_axis: str,
-                                value_axis: str, sm_scale: float, num_splits: int, *, num_warps: int = 4,
+                                value_axis: str, sm_scale: float, num_splits: int, *,
+                                config: Optional[AttnConfig] = None, num_warps: Optional[int] = None,
                                 num_stages: int = None, fold_k: Optional[bool] = None):
     """Launch split + reduce (arguments as ``cometq.ops.kv4_decode_attention``).
 
-    ``num_warps`` / ``num_stages`` of the split kernel are keyword extras for
-    benchmark sweeps (None: Triton's default stages).  ``fold_k``: fold per-channel
-    key scales into the query (FOLD_K) instead of dequantizing K; None: the
-    ``COMETQ_KV4_FOLD_K`` environment variable (off unless "1"), and only where
+    Launch config (:class:`AttnConfig`): ``config`` if given; else ``num_warps`` if given
+    (default tile, lazy rescaling below 4 warps); else the one chosen for this shape class --
+    on a GPU the candidates of :func:`attention_configs` are timed on first use and the
+    fastest is kept per (pool format, dtype, GQA ratio, program-count bucket), unless
+    ``COMETQ_ATTN_TUNE=0`` or a CUDA graph is being captured (then the first candidate).
+    ``num_stages``: keyword extra for benchmark sweeps (None: Triton's default).
+    ``fold_k``: fold per-channel key scales into the query (FOLD_K) instead of dequantizing
+    K; None: the ``COMETQ_KV4_FOLD_K`` environment variable (off unless "1"), and only where
     :func:`fold_k_eligible`; True on an ineligible pool is an error."""
     if fold_k is None:
         fold_k = os.environ.get(ENV_FOLD_K, "0") == "1" and fold_k_eligible(key_axis, group_size)
@@ -397,21 +559,51 @@ def kv4_decode_attention_triton(q, k_packed, k_scale, k_zero, v_packed, v_scale,
     # the CPU interpreter computes bf16 tl.dot wrongly (numpy has no bf16); there the
     # dots run in fp32 -- the GPU bf16 variant is covered by the AOT compile test
     dot_dtype = torch.float32 if (q.device.type == "cpu" and q.dtype == torch.bfloat16) else q.dtype
-    meta = attention_meta(dot_dtype, hq // h, d, bs, group_size, tail_k.shape[2], key_axis, value_axis, ns, fold_k)
-    kv4_attn_split_kernel[(bsz, h, ns)](
-        q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, tail_k, tail_v,
-        block_tables, quant_lens, tail_lens, seq_ids, po, pm, pl,
-        float(sm_scale) * math.log2(math.e),
-        q.stride(0), q.stride(1),
-        k_packed.stride(0), k_packed.stride(1), k_packed.stride(2),
-        k_scale.stride(0), k_scale.stride(1), k_scale.stride(2),
-        v_scale.stride(0), v_scale.stride(1), v_scale.stride(2),
-        tail_k.stride(0), tail_k.stride(1), tail_k.stride(2),
-        tail_v.stride(0), tail_v.stride(1), tail_v.stride(2),
-        block_tables.stride(0),
-        po.stride(0), po.stride(1), po.stride(2),
-        num_warps=num_warps, **({} if num_stages is None else dict(num_stages=num_stages)), **meta,
-    )
+    qpk, tail_g = hq // h, tail_k.shape[2]
+
+    def launch(cfg: AttnConfig):
+        meta = attention_meta(dot_dtype, qpk, d, bs, group_size, tail_g, key_axis, value_axis, ns, fold_k, cfg)
+        kv4_attn_split_kernel[(bsz, h, ns)](
+            q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, tail_k, tail_v,
+            block_tables, quant_lens, tail_lens, seq_ids, po, pm, pl,
+            float(sm_scale) * math.log2(math.e),
+            q.stride(0), q.stride(1),
+            k_packed.stride(0), k_packed.stride(1), k_packed.stride(2),
+            k_scale.stride(0), k_scale.stride(1), k_scale.stride(2),
+            v_scale.stride(0), v_scale.stride(1), v_scale.stride(2),
+            tail_k.stride(0), tail_k.stride(1), tail_k.stride(2),
+            tail_v.stride(0), tail_v.stride(1), tail_v.stride(2),
+            block_tables.stride(0),
+            po.stride(0), po.stride(1), po.stride(2),
+            num_warps=cfg.num_warps, **({} if num_stages is None else dict(num_stages=num_stages)), **meta,
+        )
+
+    if config is None and num_warps is not None:
+        w = int(num_warps)
+        config = AttnConfig(w, attention_tile(bs, group_size, fold_k, key_axis, value_axis), w < 4)
+    if config is None:
+        cands = attention_configs(bs, group_size, fold_k, key_axis, value_axis)
+        # program-count bucket: what decides occupancy (and so the best warps per program)
+        key = (str(q.device), dot_dtype, qpk, d, bs, group_size, tail_g > 0, key_axis, value_axis, bool(fold_k),
+               triton.next_power_of_2(bsz * h * ns))
+        config = _TUNED.get(key)
+        if config is None:
+            config = cands[0]
+            if (q.device.type == "cuda" and not interpreting() and os.environ.get(ENV_TUNE, "1") != "0"
+                    and len(cands) > 1 and not _capturing(q.device)):
+                from triton.testing import do_bench
+
+                times = []
+                for c in cands:
+                    try:
+                        times.append((do_bench(lambda: launch(c), warmup=3, rep=10), c))
+                    except Exception:  # noqa: BLE001 - a config the compiler rejects (e.g. out of resources)
+                        continue
+                if times:
+                    config = min(times, key=lambda t: t[0])[1]
+                _TUNED[key] = config
+    launch(config)
+    _LAST[0] = config
     kv4_attn_reduce_kernel[(bsz, hq)](
         po, pm, pl, out, po.stride(0), po.stride(1), po.stride(2), out.stride(0), out.stride(1),
         HQ=hq, NUM_SPLITS=ns, SPLITS_P2=triton.next_power_of_2(ns), D=d, num_warps=4,

@@ -58,10 +58,15 @@ def test_diag_decode_dry_run(tmp_path):
 def test_bench_attention_dry_run(tmp_path):
     env = dict(os.environ, TRITON_INTERPRET="1")
     out = tmp_path / "attn"
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_attention.py"), "--dry-run", "--out",
-                        str(out)], env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_attention.py"), "--dry-run", "--sweep",
+                        "--out", str(out)], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     data = json.load(open(str(out) + ".json"))
     row = data["rows"][0]
     assert row["ms_kv4"] > 0 and row["ms_kv4_fold"] > 0  # both variants ran (G=16 channel keys: fold eligible)
-    assert "fold_k" in open(str(out) + ".md").read()
+    assert row["config"] == {"num_warps": 4, "tile": 16, "lazy": False}  # untuned on CPU: the first candidate
+    # the sweep timed every candidate (16-token blocks: tile 16 at 4 / 2 / 1 warps) without errors
+    assert {(x["num_warps"], x["tile"]) for x in row["sweep"]} == {(4, 16), (2, 16), (1, 16)}
+    assert all(x.get("ms", 0) > 0 for x in row["sweep"])
+    md = open(str(out) + ".md").read()
+    assert "fold_k" in md and "Launch-config sweep" in md

@@ -131,28 +131,10 @@ def test_aot_compile_everything(tmp_path):
 
 
 def _run_ptx(asm: str, x):
-    """Execute the tiny straight-line PTX subset the unpack snippets use (``.reg`` declarations,
-    ``and.b32``, ``or.b32``, ``shr.u32``, ``mul.lo.u32`` on 32-bit registers and immediates) on a
-    numpy uint64 array holding 32-bit words: ``$1`` is the input, ``$0`` the result."""
-    import re
+    """The snippet on numpy uint64 words: ``$1`` is the input, ``$0`` the result."""
+    from cometq.testing import run_ptx
 
-    import numpy as np
-
-    m32 = np.uint64(0xFFFFFFFF)
-    regs = {"$1": x.astype(np.uint64) & m32}
-    ops = {"and.b32": lambda a, b: a & b, "or.b32": lambda a, b: a | b,
-           "shr.u32": lambda a, b: a >> b, "mul.lo.u32": lambda a, b: (a * b) & m32}
-    for stmt in str(asm).replace("{", ";").replace("}", ";").split(";"):
-        stmt = stmt.strip()
-        if not stmt or stmt.startswith(".reg"):
-            continue
-        op, args = stmt.split(None, 1)
-        d, a, b = [t.strip() for t in args.split(",")]
-        val = (lambda t: regs[t] if t in regs else np.uint64(int(t, 0)))
-        if op not in ops:
-            raise AssertionError(f"unexpected PTX instruction {op!r} in {asm!r}")
-        regs[d] = ops[op](val(a), val(b)) & m32
-    return regs["$0"]
+    return run_ptx(asm, {"$1": x})["$0"]
 
 
 def test_word_unpack_trick_is_exact():

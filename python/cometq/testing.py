@@ -107,3 +107,66 @@ RUNNER_KV4_MIN_COSINE = 0.9
 #: while KV4Cache keeps it exact for that step): a few quantization steps of
 #: the logits (measured <= 0.18 on logits of magnitude ~3).
 RUNNER_KV4_VS_KV4CACHE_ATOL = 0.5
+
+
+# --------------------------------------------------------------------------
+# inline PTX of the Triton kernels, executed on the CPU
+# --------------------------------------------------------------------------
+def run_ptx(asm: str, inputs: dict):
+    """Execute the straight-line PTX subset the kernels' inline-asm snippets use, on numpy
+    uint64 arrays holding 32-bit words (element-wise over the arrays).
+
+    ``inputs`` maps operand names (``"$1"``) to arrays; returns the register file (a dict:
+    read the outputs, e.g. ``regs["$0"]``).  Supported: ``.reg`` declarations, ``mov.b32``,
+    ``and.b32``, ``or.b32``, ``shr.u32``, ``mul.lo.u32``, ``prmt.b32`` (default mode,
+    including the sign-replicate selector bit) and ``lop3.b32`` (any LUT).  Anything else
+    raises, so a kernel snippet using an instruction this model does not know fails its test
+    instead of being checked against a guess."""
+    import numpy as np
+
+    m32 = np.uint64(0xFFFFFFFF)
+    regs = {k: np.asarray(v).astype(np.uint64) & m32 for k, v in inputs.items()}
+
+    def val(t):
+        return regs[t] if t in regs else np.uint64(int(t, 0))
+
+    def prmt(a, b, c):
+        both = (val(b) << np.uint64(32)) | val(a)  # bytes 0-3 = a, 4-7 = b
+        sel = int(c, 0)
+        out = np.zeros_like(both)
+        for i in range(4):
+            s = (sel >> (4 * i)) & 0xF
+            byte = (both >> np.uint64(8 * (s & 7))) & np.uint64(0xFF)
+            if s & 8:  # replicate the byte's sign bit
+                byte = np.where(byte & np.uint64(0x80), np.uint64(0xFF), np.uint64(0))
+            out |= byte << np.uint64(8 * i)
+        return out
+
+    def lop3(a, b, c, lut):
+        a, b, c, lut = val(a), val(b), val(c), int(lut, 0)
+        out = np.zeros_like(a | b | c)
+        for i in range(8):
+            if lut >> i & 1:
+                out |= ((a if i & 4 else ~a) & (b if i & 2 else ~b) & (c if i & 1 else ~c)) & m32
+        return out
+
+    binary = {"and.b32": lambda a, b: val(a) & val(b), "or.b32": lambda a, b: val(a) | val(b),
+              "shr.u32": lambda a, b: val(a) >> val(b), "mul.lo.u32": lambda a, b: (val(a) * val(b)) & m32}
+    for stmt in str(asm).replace("{", ";").replace("}", ";").split(";"):
+        stmt = stmt.strip()
+        if not stmt or stmt.startswith(".reg"):
+            continue
+        op, rest = stmt.split(None, 1)
+        args = [t.strip() for t in rest.split(",")]
+        if op == "mov.b32":
+            res = val(args[1]) + np.zeros(1, dtype=np.uint64)
+        elif op in binary:
+            res = binary[op](*args[1:])
+        elif op == "prmt.b32":
+            res = prmt(*args[1:])
+        elif op == "lop3.b32":
+            res = lop3(*args[1:])
+        else:
+            raise AssertionError(f"PTX instruction {op!r} is not modelled (snippet: {asm!r})")
+        regs[args[0]] = res & m32
+    return regs
