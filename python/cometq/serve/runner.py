@@ -185,6 +185,13 @@ class ModelRunner:
             out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=kj <= qi, scale=self.scale)
         return out[0].transpose(0, 1)
 
+    def _prefill_attention_batch(self, q, k, v) -> torch.Tensor:
+        """Fresh prompts of equal length: q ``[G, n, H, D]``, k/v ``[G, n, Hkv, D]`` -> ``[G, n, H, D]``
+        (causal, positions 0..n-1; the same math as :meth:`_prefill_attention` with ``start == 0``)."""
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                             scale=self.scale, enable_gqa=self.n_heads != self.n_kv_heads)
+        return out.transpose(1, 2)
+
     # the pieces of a layer around attention (shared by the eager forward and the decode graphs)
     def _embed(self, ids_t: torch.Tensor, pos_t: torch.Tensor):
         h = self.inner.embed_tokens(ids_t)  # [T, hidden]
@@ -322,6 +329,14 @@ class ModelRunner:
         dec_ids = [chunks[i].seq_id for i in dec]
         dec_starts = [chunks[i].start for i in dec]
         H, D = self.n_heads, self.head_dim
+        by_len: dict = {}
+        for i in pre:
+            if chunks[i].start == 0 and len(chunks[i].tokens) > 1:
+                by_len.setdefault(len(chunks[i].tokens), []).append(i)
+        same_len = [g for g in by_len.values() if len(g) > 1]
+        grouped = {i for g in same_len for i in g}
+        same_rows = [to_device_ints([r for i in g for r in range(offsets[i], offsets[i] + len(chunks[i].tokens))],
+                                    torch.long, dev) for g in same_len]
         for li, layer in enumerate(self.inner.layers):
             q, k, v = self._qkv(layer, h, cos, sin)
             out = torch.empty_like(q)
@@ -338,7 +353,17 @@ class ModelRunner:
                 else:
                     for i, kc, vc in zip(pre, kcs, vcs):
                         self.pool.write(li, chunks[i].seq_id, chunks[i].start, kc, vc)
+                # fresh prompts of one length share a batched causal SDPA call (a batch of equal
+                # prompts -- the serving benchmark's -- was one call per sequence per layer)
+                for group, rows in zip(same_len, same_rows):
+                    n = len(chunks[group[0]].tokens)
+                    qs = q[rows].view(len(group), n, H, D)
+                    ks = torch.stack([kcs[pre.index(i)] for i in group])
+                    vs = torch.stack([vcs[pre.index(i)] for i in group])
+                    out[rows] = self._prefill_attention_batch(qs, ks, vs).reshape(len(group) * n, H, D)
                 for i, prefix, kc, vc in zip(pre, prefixes, kcs, vcs):
+                    if i in grouped:
+                        continue
                     o, n, c = offsets[i], len(chunks[i].tokens), chunks[i]
                     if prefix is not None:
                         kc, vc = torch.cat([prefix[0], kc]), torch.cat([prefix[1], vc])
