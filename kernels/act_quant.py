@@ -47,9 +47,10 @@ import triton.language as tl
 
 from cometq.layout import BLOCK_K, INT4_QMAX, INT8_QMAX, SCALE_MODES, ActivationLayout, check_tensor, padded_k
 
-from ._common import checks_with_sync, derived, interpreting, next_pow2, nonempty, rint_rne
+from ._common import checks_with_sync, derived, interpreting, next_pow2, nonempty, rint_rne, unpack_hi, unpack_lo
 
-__all__ = ["quantize_act_triton", "quantize_activation_triton", "act_quant_kernel"]
+__all__ = ["quantize_act_triton", "quantize_activation_triton", "act_quant_kernel", "split_rows_triton",
+           "split_rows_kernel"]
 
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -242,3 +243,48 @@ def quantize_activation_triton(x: torch.Tensor, layout: ActivationLayout, scale_
         int4_clip=layout.int4_clip,
     )
     return QuantizedActivation(q4, q8, sc, layout, scale_mode)
+
+
+@triton.jit
+def split_rows_kernel(q4_ptr, q8_ptr, out_ptr, M, N8, stride_q4m, stride_q8m, stride_om, BLOCK_M: tl.constexpr):
+    """One (token tile, list position) of :func:`cometq.layout.split_activation_rows`: an INT8
+    slot's 128 bytes split into even / odd channels (a register reshape), an INT4 slot's 64
+    packed bytes unpacked into low / high nibbles; both stored as two 64-byte int8 halves."""
+    pid_m = tl.program_id(0)
+    i = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = rm < M
+    j = tl.arange(0, 64)
+    if i < N8:
+        k = tl.arange(0, 128)
+        x = tl.load(q8_ptr + rm[:, None] * stride_q8m + i * 128 + k[None, :], mask=m_mask[:, None], other=0)
+        lo, hi = tl.split(tl.reshape(x, (BLOCK_M, 64, 2)))
+    else:
+        p = tl.load(q4_ptr + rm[:, None] * stride_q4m + (i - N8) * 64 + j[None, :], mask=m_mask[:, None], other=0)
+        lo = unpack_lo(p)
+        hi = unpack_hi(p)
+    row = out_ptr + rm[:, None] * stride_om + i * 128 + j[None, :]
+    tl.store(row, lo, mask=m_mask[:, None])
+    tl.store(row + 64, hi, mask=m_mask[:, None])
+
+
+def split_rows_triton(q4: torch.Tensor, q8: torch.Tensor) -> torch.Tensor:
+    """:func:`cometq.layout.split_activation_rows` on the device (bit-identical)."""
+    check_tensor("q4", q4, dtypes=(torch.uint8,), ndim=2)
+    check_tensor("q8", q8, dtypes=(torch.int8,), ndim=2)
+    if q4.shape[0] != q8.shape[0] or q4.shape[1] % (BLOCK_K // 2) or q8.shape[1] % BLOCK_K:
+        raise ValueError(f"q4 {tuple(q4.shape)} / q8 {tuple(q8.shape)} are not [M, n4*64] / [M, n8*128] "
+                         "of one activation")
+    if q4.device != q8.device:
+        raise ValueError(f"q4 is on {q4.device} but q8 is on {q8.device}")
+    m = q4.shape[0]
+    n8 = q8.shape[1] // BLOCK_K
+    nb = n8 + q4.shape[1] // (BLOCK_K // 2)
+    out = torch.empty(m, nb * BLOCK_K, dtype=torch.int8, device=q4.device)
+    if m == 0 or nb == 0:
+        return out
+    bm = max(16, min(64, next_pow2(m))) if interpreting() else 32
+    split_rows_kernel[(triton.cdiv(m, bm), nb)](
+        nonempty(q4), nonempty(q8), out, m, n8, q4.stride(0) if q4.numel() else 0,
+        q8.stride(0) if q8.numel() else 0, out.stride(0), BLOCK_M=bm, num_warps=4)
+    return out

@@ -40,10 +40,11 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from .act_quant import act_quant_kernel  # noqa: E402
+from .act_quant import act_quant_kernel, split_rows_kernel  # noqa: E402
 from .w4ax_gemm import (  # noqa: E402
     GemmConfig,
     gen_configs,
+    tma_split_rows,
     w4ax_gemm_kernel,
     w4ax_gemm_persistent_kernel,
     w4ax_gemm_tma_kernel,
@@ -90,10 +91,12 @@ def _full_sig(kernel, sig: Dict[str, str], constexprs: Dict[str, object]) -> Dic
     return {k: sig[k] for k in kernel.arg_names}
 
 
-def _tma_sig(out: str, bias: str, block_m: int, block_n: int) -> Dict[str, str]:
+def _tma_sig(out: str, bias: str, block_m: int, block_n: int, a_split: bool = False) -> Dict[str, str]:
     """Signature of ``w4ax_gemm_tma_kernel``: the three operands are host TMA descriptors
-    (``tensordesc<dtype[box]>``; the launcher encodes them per call)."""
-    return dict(order_ptr="*i32", a4_desc=f"tensordesc<u8[{block_m}, 64]>", a8_desc=f"tensordesc<i8[{block_m}, 128]>",
+    (``tensordesc<dtype[box]>``; the launcher encodes them per call).  ``a_split``: split
+    activation rows (A_SPLIT: boxes of 64 int8 columns, ``w4ax_gemm.tma_split_rows``)."""
+    a8 = f"tensordesc<i8[{block_m}, 64]>" if a_split else f"tensordesc<i8[{block_m}, 128]>"
+    return dict(order_ptr="*i32", a4_desc=f"tensordesc<u8[{block_m}, 64]>", a8_desc=a8,
                 w_desc=f"tensordesc<u8[{block_n}, 64]>", as_ptr="*fp32", ws_ptr="*fp32", bias_ptr=_TY[bias],
                 out_ptr=_TY[out], dbg_ptr="*i32", part_ptr="*fp32", M="i32", N="i32", NB="i32", N8="i32",
                 GROUP="i32", SPLIT="i32", stride_asm="i32", stride_wsn="i32", stride_om="i32", stride_on="i32", stride_dm="i32", stride_dn="i32")
@@ -177,6 +180,10 @@ def jobs(quick: bool = False) -> List[Tuple[str, object, Dict[str, str], Dict[st
                 for bm in (16, 32):
                     out.append((f"act_quant[{xd},class={cm},ident={ident},BM={bm}]", act_quant_kernel, _act_sig(xd),
                                 dict(BLOCK_M=bm, CLASS_MODE=cm, IDENTITY=ident), 4, 1, "act"))
+    # the split-row repack the Hopper TMA GEMM reads at token tiles > 16
+    out.append(("split_rows[BM=32]", split_rows_kernel,
+                dict(q4_ptr="*u8", q8_ptr="*i8", out_ptr="*i8", M="i32", N8="i32", stride_q4m="i32",
+                     stride_q8m="i32", stride_om="i32", BLOCK_M="constexpr"), dict(BLOCK_M=32), 4, 1, "repack"))
     # every generated GEMM config (block mode, group 128, fp16 out, bias), symmetric and
     # asymmetric weights (ASYM: offset term, an extra row-sum + rank-1 update per segment)
     for asym in (False, True):
@@ -289,8 +296,10 @@ def tma_jobs() -> list:
     out = []
     for c in tma_configs():
         for mode, kw in (("block,g128", dict()), ("class,per-channel", dict(class_mode=True, group=-1))):
-            out.append((f"gemm-tma[{mode},{c}]", w4ax_gemm_tma_kernel, _tma_sig("fp16", "fp16", c.block_m, c.block_n),
-                        dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, GROUP_M=c.group_m,
+            sp = tma_split_rows(c, mode.startswith("class"))
+            out.append((f"gemm-tma[{mode},{c}]", w4ax_gemm_tma_kernel,
+                        _tma_sig("fp16", "fp16", c.block_m, c.block_n, sp),
+                        dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, GROUP_M=c.group_m, A_SPLIT=sp,
                              **tma_meta(split=c.split > 1, **kw)),
                         c.num_warps, c.num_stages, "tma"))
     c = next(c for c in tma_configs() if c.split == 1)
@@ -298,8 +307,9 @@ def tma_jobs() -> list:
                          ("block,per-channel,debug,nobias", dict(group=-1, debug=True, bias=False), "fp32"),
                          ("class,per-channel,debug,unordered", dict(class_mode=True, group=-1, debug=True,
                                                                    ordered=False), "fp16")):
-        out.append((f"gemm-tma-variant[{name},{c}]", w4ax_gemm_tma_kernel, _tma_sig(od, "fp16", c.block_m, c.block_n),
-                    dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, GROUP_M=c.group_m, **tma_meta(**kw)),
+        sp = tma_split_rows(c, bool(kw.get("class_mode")))
+        out.append((f"gemm-tma-variant[{name},{c}]", w4ax_gemm_tma_kernel, _tma_sig(od, "fp16", c.block_m, c.block_n, sp),
+                    dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, GROUP_M=c.group_m, A_SPLIT=sp, **tma_meta(**kw)),
                     c.num_warps, c.num_stages, "tma"))
     return out
 
@@ -354,6 +364,8 @@ def ci_subset(todo, arch: int):
                 keep.append(j)
             elif name.startswith("act_quant[") and "BM=32" in name and ("fp16" in name or "class=False" in name):
                 keep.append(j)
+            elif name.startswith("split_rows["):
+                keep.append(j)
             elif name.startswith("gemm-variant[") and "16x64" in name and "g16" not in name:
                 keep.append(j)
             elif name.startswith("persistent[atomic=True") and "64x128" in name:
@@ -366,7 +378,8 @@ def ci_subset(todo, arch: int):
             elif name.startswith("reduce[") and ("16x" in name or "64x128" in name):
                 keep.append(j)  # the reduction for every decode split tile and the persistent 64x128
         else:
-            if name in ("act_quant[fp16,class=False,ident=False,BM=32]", "act_quant[fp16,class=True,ident=False,BM=32]"):
+            if name in ("act_quant[fp16,class=False,ident=False,BM=32]", "act_quant[fp16,class=True,ident=False,BM=32]",
+                        "split_rows[BM=32]"):
                 keep.append(j)
             elif name.startswith("gemm-variant[class,per-channel") or name.startswith("gemm-variant[block,g64,16x64"):
                 keep.append(j)
@@ -422,6 +435,13 @@ def check_code(kind: str, arch: int, constexprs: Dict[str, object], num_warps: i
         if "mul.f32" not in ptx and "mul.rn.f32" not in ptx:
             # the INT4 clip is its own fp32 multiply before the division (spec op order)
             return "INT4 clip multiply (absmax * int4_clip) missing"
+        return None
+    if kind == "repack":
+        # word-wide nibble unpack (inline PTX, kernels/_common.py) and 16-byte row stores
+        if "0x0F0F0F0F" not in ptx:
+            return "the INT4 unpack is not the word-wide inline PTX"
+        if _wide_stores(ptx) == 0:
+            return "no 16-byte stores of the split rows"
         return None
     if kind == "tma":
         # operands by TMA (bulk tensor copies), weights unpacked in registers as wgmma's A operand
@@ -482,6 +502,10 @@ def occupancy_sm90(registers: int, shared: int, num_warps: int) -> int:
 def _atomics(ptx: str) -> int:
     """Global atomic instructions (``atom.global...`` / ``red.global...``, predicated or not)."""
     return sum(1 for line in ptx.splitlines() if _ATOMIC_OP.match(line))
+
+
+def _wide_stores(ptx: str) -> int:
+    return len(re.findall(r"st\.global(?:\.\w+)*\.v4\.b32", ptx))
 
 
 def _wide_loads(ptx: str) -> int:

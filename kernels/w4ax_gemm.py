@@ -97,6 +97,7 @@ from cometq.layout import BLOCK_K, SCALE_MODES, check_tensor
 from cometq.reference import FLOAT_DTYPES, check_group_size
 
 from ._common import checks_with_sync, derived, dummy, interpreting, next_pow2, nonempty, unpack_hi, unpack_lo
+from .act_quant import split_rows_triton
 
 __all__ = [
     "GemmConfig",
@@ -565,7 +566,7 @@ def w4ax_gemm_tma_kernel(
     stride_asm, stride_wsn, stride_om, stride_on, stride_dm, stride_dn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
     CLASS_MODE: tl.constexpr, INT_ACC: tl.constexpr, HAS_BIAS: tl.constexpr, DEBUG: tl.constexpr,
-    ORDERED: tl.constexpr, WORKSPACE: tl.constexpr,
+    ORDERED: tl.constexpr, WORKSPACE: tl.constexpr, A_SPLIT: tl.constexpr = False,
 ):
     """Hopper W4Ax GEMM: TMA tensor descriptors, weights as the register A operand.
 
@@ -636,12 +637,24 @@ def w4ax_gemm_tma_kernel(
         else:
             b = tl.load(order_ptr + i)
         wp = w_desc.load([off_n, b * 64])
-        a = a8_desc.load([off_m, i * 128])
-        w = tl.reshape(tl.join(unpack_lo(wp), unpack_hi(wp)), (BLOCK_N, 128))
-        if INT_ACC and not DEBUG:
-            acc_i = tl.dot(w, tl.trans(a), acc_i, out_dtype=tl.int32)
+        if A_SPLIT:
+            # unified int8 rows (a8_desc boxes [BLOCK_M, 64]): position i = [even | odd] channels
+            a_lo = a8_desc.load([off_m, i * 128])
+            a_hi = a8_desc.load([off_m, i * 128 + 64])
+            if INT_ACC and not DEBUG:
+                acc_i = tl.dot(unpack_lo(wp), tl.trans(a_lo), acc_i, out_dtype=tl.int32)
+                acc_i = tl.dot(unpack_hi(wp), tl.trans(a_hi), acc_i, out_dtype=tl.int32)
+            else:
+                acc_s = tl.dot(unpack_lo(wp), tl.trans(a_lo), out_dtype=tl.int32)
+                acc_s = tl.dot(unpack_hi(wp), tl.trans(a_hi), acc_s, out_dtype=tl.int32)
         else:
-            acc_s = tl.dot(w, tl.trans(a), out_dtype=tl.int32)
+            a = a8_desc.load([off_m, i * 128])
+            w = tl.reshape(tl.join(unpack_lo(wp), unpack_hi(wp)), (BLOCK_N, 128))
+            if INT_ACC and not DEBUG:
+                acc_i = tl.dot(w, tl.trans(a), acc_i, out_dtype=tl.int32)
+            else:
+                acc_s = tl.dot(w, tl.trans(a), out_dtype=tl.int32)
+        if not (INT_ACC and not DEBUG):
             acc_f, acc_i = _tma_block_done(acc_f, acc_i, acc_s, sa8, b, as_ptr, ws_ptr, dbg_ptr, rm, rn, m_mask,
                                            n_mask, stride_asm, stride_wsn, stride_dm, stride_dn, GROUP,
                                            CLASS_MODE, INT_ACC, DEBUG)
@@ -655,13 +668,19 @@ def w4ax_gemm_tma_kernel(
         else:
             b = tl.load(order_ptr + i)
         wp = w_desc.load([off_n, b * 64])
-        ap = a4_desc.load([off_m, (i - N8) * 64])
-        if INT_ACC and not DEBUG:
-            acc_i = tl.dot(unpack_lo(wp), tl.trans(unpack_lo(ap)), acc_i, out_dtype=tl.int32)
-            acc_i = tl.dot(unpack_hi(wp), tl.trans(unpack_hi(ap)), acc_i, out_dtype=tl.int32)
+        if A_SPLIT:
+            a_lo = a8_desc.load([off_m, i * 128])
+            a_hi = a8_desc.load([off_m, i * 128 + 64])
         else:
-            acc_s = tl.dot(unpack_lo(wp), tl.trans(unpack_lo(ap)), out_dtype=tl.int32)
-            acc_s = tl.dot(unpack_hi(wp), tl.trans(unpack_hi(ap)), acc_s, out_dtype=tl.int32)
+            ap = a4_desc.load([off_m, (i - N8) * 64])
+            a_lo = unpack_lo(ap)
+            a_hi = unpack_hi(ap)
+        if INT_ACC and not DEBUG:
+            acc_i = tl.dot(unpack_lo(wp), tl.trans(a_lo), acc_i, out_dtype=tl.int32)
+            acc_i = tl.dot(unpack_hi(wp), tl.trans(a_hi), acc_i, out_dtype=tl.int32)
+        else:
+            acc_s = tl.dot(unpack_lo(wp), tl.trans(a_lo), out_dtype=tl.int32)
+            acc_s = tl.dot(unpack_hi(wp), tl.trans(a_hi), acc_s, out_dtype=tl.int32)
             acc_f, acc_i = _tma_block_done(acc_f, acc_i, acc_s, sa4, b, as_ptr, ws_ptr, dbg_ptr, rm, rn, m_mask,
                                            n_mask, stride_asm, stride_wsn, stride_dm, stride_dn, GROUP,
                                            CLASS_MODE, INT_ACC, DEBUG)
@@ -981,6 +1000,19 @@ def tma_available(dev: torch.device, *, asym: bool = False, group: int = 128,
             return (f"{name} (shape {tuple(t.shape)}, stride {t.stride()}) is not 16-byte aligned "
                     "(TMA descriptor base and row pitch)")
     return None
+
+
+def tma_split_rows(cfg: GemmConfig, class_mode: bool) -> bool:
+    """Whether the TMA kernel reads split activation rows (``A_SPLIT``; the launcher repacks
+    the activation once per call, ``layout.split_activation_rows``) instead of q4 / q8.
+
+    Not for decode tiles (16 tokens: their activation unpack is 1 KB per block next to 8 KB of
+    weights, and the repack would be a launch per call).  Otherwise by the SASS instruction
+    count per block (sm_90a, docs/KERNELS.md): class mode always gains (INT8 / INT4 loops
+    236 / 201-265 -> 176 / 177); block mode only when the token tile is the larger side
+    (128x64: 484 / 510 -> 425 / 425), where the in-loop unpack of BM activation rows
+    outweighs the second TMA wait; at 64x128, 64x64 and 128x128 its INT4 loop grows by 9-17."""
+    return cfg.block_m > 16 and (class_mode or cfg.block_m > cfg.block_n)
 
 
 _TMA_DUMMIES: Dict[tuple, torch.Tensor] = {}
@@ -1328,14 +1360,17 @@ def w4ax_gemm_triton(
             out = torch.empty(m, n, dtype=out_dtype, device=dev)
             part = (torch.empty(tiles * split_k * cfg.block_m * cfg.block_n, dtype=torch.float32, device=dev)
                     if split_k > 1 else dummy(dev))
+            a_split = tma_split_rows(cfg, class_mode)
+            a8d = (_tma_desc(split_rows_triton(q4, q8), [cfg.block_m, BLOCK_K // 2]) if a_split
+                   else _tma_desc(q8, [cfg.block_m, BLOCK_K]))
             w4ax_gemm_tma_kernel[(tiles, split_k)](
-                order, _tma_desc(q4, [cfg.block_m, BLOCK_K // 2]), _tma_desc(q8, [cfg.block_m, BLOCK_K]),
+                order, _tma_desc(q4, [cfg.block_m, BLOCK_K // 2]), a8d,
                 _tma_desc(qweight, [cfg.block_n, BLOCK_K // 2]), a_scales, w_scales, args_common["bias"], out,
                 args_common["dbg"], part, m, n, nb, n8, g, split_k, a_scales.stride(0), w_scales.stride(0),
                 out.stride(0), out.stride(1), dstr[0], dstr[1],
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, GROUP_M=cfg.group_m, CLASS_MODE=class_mode,
                 INT_ACC=int_acc, HAS_BIAS=bias is not None, DEBUG=return_int_acc, ORDERED=meta["ORDERED"],
-                WORKSPACE=split_k > 1, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                WORKSPACE=split_k > 1, A_SPLIT=a_split, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
             if split_k > 1:
                 _reduce_partials(None, tiles, split_k, part, bias, out, m, n, cfg)
             return out

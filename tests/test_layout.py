@@ -141,3 +141,21 @@ def test_layout_type_errors():
     lay = L.ActivationLayout.identity(10)
     with pytest.raises(ValueError, match=r"11 input features but the layout has K=10 \(weight shape \(2, 11\)\)"):
         lay.permute_columns(torch.randn(2, 11))
+
+
+def test_split_activation_rows_spec():
+    """Split rows: INT8 slots first, then INT4 slots; each 128-channel slot as [even | odd]."""
+    q8 = torch.arange(128, dtype=torch.int16).sub(64).to(torch.int8)[None]  # one INT8 slot: values -64..63
+    vals4 = torch.tensor([(i % 16) - 8 for i in range(128)], dtype=torch.int8)[None]
+    q4 = L.pack_int4(vals4)
+    out = L.split_activation_rows(q4, q8)
+    assert out.shape == (1, 256) and out.dtype == torch.int8
+    assert torch.equal(out[0, :64], q8[0, 0::2]) and torch.equal(out[0, 64:128], q8[0, 1::2])
+    assert torch.equal(out[0, 128:192], vals4[0, 0::2]) and torch.equal(out[0, 192:], vals4[0, 1::2])
+    # either side may be empty (pure W4A4 / W4A8 layers)
+    assert torch.equal(L.split_activation_rows(q4, q8[:, :0]), out[:, 128:])
+    assert torch.equal(L.split_activation_rows(q4[:, :0], q8), out[:, :128])
+    with pytest.raises(ValueError, match="are not"):
+        L.split_activation_rows(q4[:, :10], q8)
+    with pytest.raises(TypeError, match="q8"):
+        L.split_activation_rows(q4, q8.to(torch.int16))

@@ -238,3 +238,19 @@ def test_block_map_tables_follow_in_place_updates(device):
         lay = ActivationLayout(perm, bits)
         got = quantize_activation_triton(x, lay)
         _assert_same(got, R.quantize_activation(x, lay))
+
+
+@pytest.mark.parametrize("m,n8,n4", [(1, 2, 3), (17, 0, 4), (70, 3, 0), (5, 1, 1)])
+def test_split_rows_matches_layout_spec(m, n8, n4, device):
+    """The TMA GEMM's activation repack: bit-identical to cometq.layout.split_activation_rows."""
+    from cometq.kernels.act_quant import split_rows_triton
+    from cometq.layout import pack_int4, split_activation_rows
+
+    g = torch.Generator().manual_seed(m * 31 + n8)
+    q8 = torch.randint(-127, 128, (m, n8 * 128), generator=g).to(torch.int8)
+    q4 = pack_int4(torch.randint(-8, 8, (m, n4 * 128), generator=g))
+    want = split_activation_rows(q4, q8)
+    got = split_rows_triton(q4.to(device), q8.to(device))
+    assert torch.equal(got.cpu(), want)
+    with pytest.raises(ValueError, match="are not"):
+        split_rows_triton(torch.zeros(m, 3, dtype=torch.uint8, device=device), q8.to(device))

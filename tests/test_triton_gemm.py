@@ -764,6 +764,22 @@ def test_tma_explicit_config_and_auto(device):
         _check(qa, qw, b, torch.float16, y, acc)
 
 
+@pytest.mark.parametrize("mode,group,pattern", [("block", 128, "mixed"), ("class", -1, "alternating"),
+                                                ("block", -1, "all4"), ("class", 128, "all8")])
+def test_tma_split_rows(mode, group, pattern, device):
+    """Split activation rows (A_SPLIT: the launcher repacks q4 / q8 once, the kernel reads both
+    halves by TMA): a 128x64 tile runs it in both scale modes, a 64x128 tile only in class mode
+    (tma_split_rows); every block's int32 result exact, the outputs within tolerance."""
+    from cometq.kernels.w4ax_gemm import tma_split_rows
+
+    qa, qw, b = _random_operands(70, 576, 200, pattern, mode, group, device, seed=77)
+    for bm, bn in ((128, 64), (64, 128)):
+        cfg = GemmConfig(block_m=bm, block_n=bn, group_m=2, num_warps=4, num_stages=1, tma=True)
+        assert tma_split_rows(cfg, mode == "class") == (mode == "class" or bm > bn)
+        y, acc = _run(qa, qw, b, torch.float16, path="tma", config=cfg)
+        _check(qa, qw, b, torch.float16, y, acc)
+
+
 def test_tma_errors(device):
     qa, qw, b = _random_operands(5, 256, 64, "mixed", "block", 128, device, seed=9)
     args = (qa.q4, qa.q8, qa.scales, qa.layout.block_bits, qw.qweight, qw.scales, 128, b, torch.float16, "block")

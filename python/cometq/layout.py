@@ -43,6 +43,7 @@ __all__ = [
     "unpack_int4",
     "pack_uint4",
     "unpack_uint4",
+    "split_activation_rows",
     "ActivationLayout",
     "check_tensor",
 ]
@@ -205,6 +206,37 @@ def unpack_uint4(p: torch.Tensor) -> torch.Tensor:
     lo = p & 0xF
     hi = p >> 4
     return torch.stack((lo, hi), dim=-1).reshape(*p.shape[:-1], p.shape[-1] * 2)
+
+
+def split_activation_rows(q4: torch.Tensor, q8: torch.Tensor) -> torch.Tensor:
+    """The *split-row* form of a quantized activation (the Hopper TMA GEMM's operand, derived
+    from ``q4``/``q8`` per call; never stored)::
+
+        out[m, i*128 : i*128 + 64]       = even channels of list position i   (int8 values)
+        out[m, i*128 + 64 : (i+1)*128]   = odd channels of list position i
+
+    List positions put the INT8 blocks first: position ``i < n8`` is q8 slot ``i``, position
+    ``n8 + j`` is q4 slot ``j`` (unpacked to int8, values in [-8, 7]).  Even / odd halves are
+    exactly the low / high nibbles of a packed INT4 byte row (and of the packed weights), so
+    the GEMM multiplies ``w_lo . a_even + w_hi . a_odd`` with both activation halves straight
+    from the copy engine: no unpacking in the GEMM loop, which runs it once per weight-row
+    tile (N / BLOCK_N times per token tile) -- the repack runs it once.
+
+    ``q4`` uint8 ``[M, n4 * 64]``, ``q8`` int8 ``[M, n8 * 128]`` -> int8 ``[M, (n8 + n4) * 128]``."""
+    check_tensor("q4", q4, dtypes=(torch.uint8,), ndim=2)
+    check_tensor("q8", q8, dtypes=(torch.int8,), ndim=2)
+    if q4.shape[0] != q8.shape[0] or q4.shape[1] % (BLOCK_K // 2) or q8.shape[1] % BLOCK_K:
+        raise ValueError(f"q4 {tuple(q4.shape)} / q8 {tuple(q8.shape)} are not [M, n4*64] / [M, n8*128] "
+                         "of one activation")
+    m = q4.shape[0]
+    parts = []
+    for vals in (q8, unpack_int4(q4)):
+        if vals.shape[1]:
+            v = vals.reshape(m, -1, BLOCK_K)
+            parts.append(torch.cat([v[..., 0::2], v[..., 1::2]], dim=-1).reshape(m, -1))
+    if not parts:
+        return torch.empty(m, 0, dtype=torch.int8, device=q4.device)
+    return torch.cat(parts, dim=1).contiguous()
 
 
 # --------------------------------------------------------------------------
