@@ -83,6 +83,9 @@ def parse_args(argv=None):
                     help="seconds: start no new row after this (what was measured is written)")
     ap.add_argument("--no-det", action="store_true", help="skip the deterministic split-K column")
     ap.add_argument("--no-tma", action="store_true", help="skip the Hopper TMA kernel column (triton-tma)")
+    ap.add_argument("--no-wbm", action="store_true",
+                    help="skip the block-major weight column (triton-wbm, M <= 64: the triton config with the "
+                         "weights stored block-major)")
     ap.add_argument("--dry-run", action="store_true",
                     help="CPU smoke run under the Triton interpreter (tiny shape, one call per timing)")
     ap.add_argument("--what", default="gemm", help="comma list: gemm, act_quant")
@@ -253,7 +256,7 @@ def bench_gemm(args, rows, errors, dev, budget=None, flush=lambda: None):
 
     from cometq.kernels.act_quant import quantize_act_triton
     from cometq.kernels.w4ax_gemm import chosen_config, w4ax_gemm_triton
-    from cometq.layout import padded_k
+    from cometq.layout import padded_k, weights_block_major
 
     budget = budget or Budget(None)
     shapes = DRY_SHAPES if args.dry_run else SHAPES
@@ -279,6 +282,8 @@ def bench_gemm(args, rows, errors, dev, budget=None, flush=lambda: None):
         # one random nibble matrix serves every format (speed does not depend on the values);
         # scales / offsets per format, fp32 [N, K_pad / G]
         qweight = torch.randint(0, 256, (n, k_pad // 2), device=dev, dtype=torch.uint8)
+        # the same weights stored block-major (layout.weights_block_major): the triton-wbm column
+        qweight_bm = weights_block_major(qweight) if not args.no_wbm else None
         wsc = {}
         for fmt, asym, group in formats:
             g = k_pad if group == -1 else group
@@ -295,7 +300,7 @@ def bench_gemm(args, rows, errors, dev, budget=None, flush=lambda: None):
                 peers["sz"] = torch.randn(k // 128, n, 2, device=dev, dtype=torch.bfloat16)
             except Exception as e:  # noqa: BLE001
                 errors.append(f"{sname} int4pack: {type(e).__name__}: {str(e)[:160]}")
-        tensors[sname] = (w16, qweight, wsc, peers)
+        tensors[sname] = (w16, qweight, qweight_bm, wsc, peers)
         return tensors[sname]
 
     for m in args.ms:
@@ -306,7 +311,7 @@ def bench_gemm(args, rows, errors, dev, budget=None, flush=lambda: None):
             try:
                 n, k = shapes[sname]
                 k_pad = padded_k(k)
-                w16, qweight, wsc, peers = shape_tensors(sname)
+                w16, qweight, qweight_bm, wsc, peers = shape_tensors(sname)
                 flops = 2.0 * m * n * k
                 x = torch.randn(m, k, device=dev, dtype=torch.float16)
                 base = dict(shape=sname, N=n, K=k, M=m)
@@ -411,11 +416,29 @@ def bench_gemm(args, rows, errors, dev, budget=None, flush=lambda: None):
                             try:
                                 tf()
                                 _try(row, "triton-tma", tf, args, flops, nbytes)
-                                row["triton-tma_config"] = str(chosen_config(
-                                    m, n, k_pad, lay.n_int8, path="tma", scale_mode=args.scale_mode,
-                                    group_size=group))
+                                tcfg = chosen_config(m, n, k_pad, lay.n_int8, path="tma", scale_mode=args.scale_mode,
+                                                     group_size=group)
+                                row["triton-tma_config"] = str(tcfg)
+                                if qweight_bm is not None and m <= 64 and tcfg is not None:
+                                    # the same TMA config over block-major weights (one contiguous box per block)
+                                    tbf = (lambda: w4ax_gemm_triton(q4, q8, a_sc, lay.block_bits, qweight_bm, w_sc,
+                                                                    group, None, torch.float16, args.scale_mode,
+                                                                    path="tma", config=tcfg))
+                                    tbf()
+                                    _try(row, "triton-tma-wbm", tbf, args, flops, nbytes)
                             except Exception as e:  # noqa: BLE001
                                 row["triton-tma_err"] = f"{type(e).__name__}: {str(e)[:160]}"
+                        if qweight_bm is not None and m <= 64 and cfg is not None:
+                            # same config as the triton column, weights block-major: each tile's block
+                            # is one contiguous BN x 64-byte run instead of BN pieces 2K bytes apart
+                            bf = (lambda: w4ax_gemm_triton(q4, q8, a_sc, lay.block_bits, qweight_bm, w_sc, group,
+                                                           None, torch.float16, args.scale_mode, w_offsets=w_off,
+                                                           config=cfg, deterministic=False, tma=False))
+                            try:
+                                bf()
+                                _try(row, "triton-wbm", bf, args, flops, nbytes)
+                            except Exception as e:  # noqa: BLE001
+                                row["triton-wbm_err"] = f"{type(e).__name__}: {str(e)[:160]}"
                         if not args.no_det and m <= 64 and cfg is not None:
                             if cfg.split > 1:
                                 # same config as the triton column: the reduction's cost (workspace
@@ -490,7 +513,8 @@ def markdown(rows, backends):
     ours = sorted((r for r in rows if r.get("kind") == "ours"),
                   key=lambda r: (order.get(r["shape"], len(order)), r["M"], r["share"]))
     if ours:
-        cols = (backends + ["triton-persistent", "triton-tma", "triton-det"] if "triton" in backends
+        cols = (backends + ["triton-persistent", "triton-tma", "triton-det", "triton-wbm", "triton-tma-wbm"]
+                if "triton" in backends
                 else list(backends))
         head = ["shape", "M", "INT8 share", "weights", "MB moved", "FP16", "INT8", "FP8", "W4A16"] + cols
         head += [f"{b}+aq" for b in backends] + [f"{b} GB/s" for b in backends]
@@ -525,14 +549,17 @@ def markdown(rows, backends):
                    "deterministic split-K reduction on the same config as `triton` (M <= 64, when it splits; the default "
                    "since 2026-11-26, while the `triton` column keeps the fp32-atomic reduction). `triton`: "
                    "the pointer-load kernels (comparable with the first runs); `triton-tma`: the Hopper TMA "
-                   "kernel (symmetric weights, groups >= 128), autotuned over its own configs; "
+                   "kernel (symmetric weights, groups >= 128), autotuned over its own configs; `triton-wbm`: "
+                   "the `triton` config with the weights stored block-major (layout.weights_block_major, M <= 64; "
+                   "`triton-tma-wbm`: the same for the `triton-tma` config); "
                    "path='auto' picks between both. "
                    "TFLOP/s and the configs are in gemm.json.")
     graphed = [r for r in ours if any(k.endswith("-graph_us") for k in r)]
     if graphed:
         gcols = [c for c in backends] + [f"{b}+aq" for b in backends]
-        if any("triton-tma-graph_us" in r for r in graphed):
-            gcols.append("triton-tma")
+        for extra in ("triton-tma", "triton-wbm", "triton-tma-wbm"):
+            if any(f"{extra}-graph_us" in r for r in graphed):
+                gcols.append(extra)
         out.append("")
         out.append("CUDA-graph replay (`--graph`, M <= 64): GPU time without the Python launch cost, us")
         out.append("")

@@ -75,7 +75,7 @@ def _gemm_sig(out: str, bias: str, persistent: bool) -> Dict[str, str]:
         sig = dict(items_ptr="*i32", starts_ptr="*i32", slots_ptr="*i32", **sig)
     else:
         sig["SPLIT"] = "i32"
-    sig.update(stride_q4m="i32", stride_q8m="i32", stride_asm="i32", stride_wn="i32", stride_wsn="i32",
+    sig.update(stride_q4m="i32", stride_q8m="i32", stride_asm="i32", stride_wn="i32", stride_wb="i32", stride_wsn="i32",
                stride_won="i32", stride_om="i32", stride_on="i32", stride_dm="i32", stride_dn="i32", stride_dsm="i32")
     return sig
 
@@ -144,7 +144,7 @@ def all_configs(quick: bool = False) -> List[GemmConfig]:
 #: n*128, N; the debug buffer).  The JIT specializes such values (and every torch
 #: pointer, 16-byte aligned) with ``tt.divisibility=16``; without mirroring that here
 #: the AOT code would not vectorize loads the way the real one does.
-_DIVISIBLE = {"stride_q4m", "stride_q8m", "stride_wn", "stride_om", "N", "stride_dm", "stride_dn", "stride_xm", "K"}
+_DIVISIBLE = {"stride_q4m", "stride_q8m", "stride_wn", "stride_wb", "stride_om", "N", "stride_dm", "stride_dn", "stride_xm", "K"}
 #: Arguments equal to 1 in every real launch (unit strides): the JIT turns them into constants.
 _UNIT = ("stride_on", "stride_xk")
 
@@ -303,13 +303,15 @@ def tma_jobs() -> list:
                              **tma_meta(split=c.split > 1, **kw)),
                         c.num_warps, c.num_stages, "tma"))
     c = next(c for c in tma_configs() if c.split == 1)
-    for name, kw, od in (("class,g128,unordered", dict(class_mode=True, group=128, ordered=False), "bf16"),
+    for name, kw, od in (("block,g128,weights-block-major", dict(), "fp16"),
+                         ("class,g128,unordered", dict(class_mode=True, group=128, ordered=False), "bf16"),
                          ("block,per-channel,debug,nobias", dict(group=-1, debug=True, bias=False), "fp32"),
                          ("class,per-channel,debug,unordered", dict(class_mode=True, group=-1, debug=True,
                                                                    ordered=False), "fp16")):
         sp = tma_split_rows(c, bool(kw.get("class_mode")))
         out.append((f"gemm-tma-variant[{name},{c}]", w4ax_gemm_tma_kernel, _tma_sig(od, "fp16", c.block_m, c.block_n, sp),
-                    dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, GROUP_M=c.group_m, A_SPLIT=sp, **tma_meta(**kw)),
+                    dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, GROUP_M=c.group_m, A_SPLIT=sp,
+                         W_BLOCK_MAJOR="weights-block-major" in name, **tma_meta(**kw)),
                     c.num_warps, c.num_stages, "tma"))
     return out
 

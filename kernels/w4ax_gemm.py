@@ -181,7 +181,7 @@ def _block_segments(
     acc_f, acc_i, asum_i, sa, b, slot,
     q_ptr, w_ptr, ws_ptr, wo_ptr, dbg_ptr, dsum_ptr,
     rm, rn, m_mask, n_mask,
-    stride_qm, stride_wn, stride_wsn, stride_won, stride_dm, stride_dn, stride_dsm,
+    stride_qm, stride_wn, stride_wb, stride_wsn, stride_won, stride_dm, stride_dn, stride_dsm,
     GROUP,
     IS8: tl.constexpr, SEGS: tl.constexpr, SEG_H: tl.constexpr, H_LOAD: tl.constexpr,
     INT_ACC: tl.constexpr, DEBUG: tl.constexpr, EVICT_W: tl.constexpr, SWAP_AB: tl.constexpr,
@@ -245,7 +245,7 @@ def _block_segments(
             if INT_ACC:
                 asum_i += asum
         # weights: H_LOAD contiguous bytes per row (16-byte vector loads), used once
-        wp = tl.load(w_ptr + rn[:, None] * stride_wn + b * 64 + j[None, :], mask=n_mask[:, None], other=0,
+        wp = tl.load(w_ptr + rn[:, None] * stride_wn + b * stride_wb + j[None, :], mask=n_mask[:, None], other=0,
                      eviction_policy=EVICT_W)
         if INT_ACC and not DEBUG:
             # class mode, per-channel weights: chain the int32 accumulator through the
@@ -274,7 +274,7 @@ def _accumulate(
     i_lo, i_hi, N8,
     order_ptr, q4_ptr, q8_ptr, as_ptr, w_ptr, ws_ptr, wo_ptr, dbg_ptr, dsum_ptr,
     rm, rn, m_mask, n_mask,
-    stride_q4m, stride_q8m, stride_asm, stride_wn, stride_wsn, stride_won, stride_dm, stride_dn, stride_dsm,
+    stride_q4m, stride_q8m, stride_asm, stride_wn, stride_wb, stride_wsn, stride_won, stride_dm, stride_dn, stride_dsm,
     GROUP,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CLASS_MODE: tl.constexpr, SEGS: tl.constexpr, SEG_H: tl.constexpr, H_LOAD: tl.constexpr,
@@ -308,7 +308,7 @@ def _accumulate(
             sa = tl.load(as_ptr + rm * stride_asm + b, mask=m_mask, other=0.0)
         acc_f, acc_i, asum_i = _block_segments(
             acc_f, acc_i, asum_i, sa, b, i, q8_ptr, w_ptr, ws_ptr, wo_ptr, dbg_ptr, dsum_ptr, rm, rn, m_mask, n_mask,
-            stride_q8m, stride_wn, stride_wsn, stride_won, stride_dm, stride_dn, stride_dsm, GROUP,
+            stride_q8m, stride_wn, stride_wb, stride_wsn, stride_won, stride_dm, stride_dn, stride_dsm, GROUP,
             True, SEGS, SEG_H, H_LOAD, INT_ACC, DEBUG, EVICT_W, SWAP_AB, INTERLEAVE8, ASYM)
     if INT_ACC:
         # class mode, per-channel weights: one rescale for the whole INT8 run
@@ -331,7 +331,7 @@ def _accumulate(
             sa = tl.load(as_ptr + rm * stride_asm + b, mask=m_mask, other=0.0)
         acc_f, acc_i, asum_i = _block_segments(
             acc_f, acc_i, asum_i, sa, b, i - N8, q4_ptr, w_ptr, ws_ptr, wo_ptr, dbg_ptr, dsum_ptr, rm, rn, m_mask,
-            n_mask, stride_q4m, stride_wn, stride_wsn, stride_won, stride_dm, stride_dn, stride_dsm, GROUP,
+            n_mask, stride_q4m, stride_wn, stride_wb, stride_wsn, stride_won, stride_dm, stride_dn, stride_dsm, GROUP,
             False, SEGS, SEG_H, H_LOAD, INT_ACC, DEBUG, EVICT_W, SWAP_AB, INTERLEAVE8, ASYM)
     if INT_ACC:
         sw = tl.load(ws_ptr + rn * stride_wsn, mask=n_mask, other=0.0)
@@ -433,7 +433,7 @@ def w4ax_reduce_kernel(
 def w4ax_gemm_kernel(
     order_ptr, q4_ptr, q8_ptr, as_ptr, w_ptr, ws_ptr, wo_ptr, bias_ptr, out_ptr, dbg_ptr, dsum_ptr, part_ptr,
     M, N, NB, N8, GROUP, SPLIT,
-    stride_q4m, stride_q8m, stride_asm, stride_wn, stride_wsn, stride_won, stride_om, stride_on, stride_dm, stride_dn,
+    stride_q4m, stride_q8m, stride_asm, stride_wn, stride_wb, stride_wsn, stride_won, stride_om, stride_on, stride_dm, stride_dn,
     stride_dsm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, ATOMIC: tl.constexpr,
     CLASS_MODE: tl.constexpr, SEGS: tl.constexpr, SEG_H: tl.constexpr, H_LOAD: tl.constexpr,
@@ -467,7 +467,7 @@ def w4ax_gemm_kernel(
     acc_f = _accumulate(
         i_lo, i_hi, N8, order_ptr, q4_ptr, q8_ptr, as_ptr, w_ptr, ws_ptr, wo_ptr, dbg_ptr, dsum_ptr,
         rm, rn, m_mask, n_mask,
-        stride_q4m, stride_q8m, stride_asm, stride_wn, stride_wsn, stride_won, stride_dm, stride_dn, stride_dsm,
+        stride_q4m, stride_q8m, stride_asm, stride_wn, stride_wb, stride_wsn, stride_won, stride_dm, stride_dn, stride_dsm,
         GROUP, BLOCK_M, BLOCK_N, CLASS_MODE, SEGS, SEG_H, H_LOAD, INT_ACC, DEBUG, EVICT_W, SWAP_AB, INTERLEAVE8, ASYM,
         ORDERED)
     if WORKSPACE:
@@ -483,7 +483,7 @@ def w4ax_gemm_persistent_kernel(
     items_ptr, starts_ptr, slots_ptr,
     order_ptr, q4_ptr, q8_ptr, as_ptr, w_ptr, ws_ptr, wo_ptr, bias_ptr, out_ptr, dbg_ptr, dsum_ptr, part_ptr,
     M, N, NB, N8, GROUP,
-    stride_q4m, stride_q8m, stride_asm, stride_wn, stride_wsn, stride_won, stride_om, stride_on, stride_dm, stride_dn,
+    stride_q4m, stride_q8m, stride_asm, stride_wn, stride_wb, stride_wsn, stride_won, stride_om, stride_on, stride_dm, stride_dn,
     stride_dsm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, ATOMIC: tl.constexpr,
     CLASS_MODE: tl.constexpr, SEGS: tl.constexpr, SEG_H: tl.constexpr, H_LOAD: tl.constexpr,
@@ -514,7 +514,7 @@ def w4ax_gemm_persistent_kernel(
         acc_f = _accumulate(
             i_lo, i_hi, N8, order_ptr, q4_ptr, q8_ptr, as_ptr, w_ptr, ws_ptr, wo_ptr, dbg_ptr, dsum_ptr,
             rm, rn, m_mask, n_mask,
-            stride_q4m, stride_q8m, stride_asm, stride_wn, stride_wsn, stride_won, stride_dm, stride_dn, stride_dsm,
+            stride_q4m, stride_q8m, stride_asm, stride_wn, stride_wb, stride_wsn, stride_won, stride_dm, stride_dn, stride_dsm,
             GROUP, BLOCK_M, BLOCK_N, CLASS_MODE, SEGS, SEG_H, H_LOAD, INT_ACC, DEBUG, EVICT_W, SWAP_AB, INTERLEAVE8,
             ASYM, ORDERED)
         if WORKSPACE:
@@ -553,6 +553,17 @@ def _tma_block_done(acc_f, acc_i, acc_s, sa_cls, b, as_ptr, ws_ptr, dbg_ptr, rm,
 
 
 @triton.jit
+def _tma_weights(w_desc, off_n, b, N, W_BLOCK_MAJOR: tl.constexpr):
+    """Block ``b`` of weight rows ``off_n..``: row-major ``[N, K/2]`` (box at column b*64) or
+    block-major (``layout.weights_block_major``: the descriptor spans ``[NB * N, 64]``, block b's
+    rows start at row b*N, so every box is one contiguous ``BLOCK_N x 64``-byte run)."""
+    if W_BLOCK_MAJOR:
+        return w_desc.load([b * N + off_n, 0])
+    else:
+        return w_desc.load([off_n, b * 64])
+
+
+@triton.jit
 def _tma_run_done(acc_f, acc_i, sa, ws_ptr, rn, n_mask, stride_wsn):
     """End of a precision run in class mode with per-channel weights: its int32 sum, rescaled once."""
     sw = tl.load(ws_ptr + rn * stride_wsn, mask=n_mask, other=0.0)
@@ -566,7 +577,7 @@ def w4ax_gemm_tma_kernel(
     stride_asm, stride_wsn, stride_om, stride_on, stride_dm, stride_dn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
     CLASS_MODE: tl.constexpr, INT_ACC: tl.constexpr, HAS_BIAS: tl.constexpr, DEBUG: tl.constexpr,
-    ORDERED: tl.constexpr, WORKSPACE: tl.constexpr, A_SPLIT: tl.constexpr = False,
+    ORDERED: tl.constexpr, WORKSPACE: tl.constexpr, A_SPLIT: tl.constexpr = False, W_BLOCK_MAJOR: tl.constexpr = False,
 ):
     """Hopper W4Ax GEMM: TMA tensor descriptors, weights as the register A operand.
 
@@ -636,7 +647,7 @@ def w4ax_gemm_tma_kernel(
             b = i
         else:
             b = tl.load(order_ptr + i)
-        wp = w_desc.load([off_n, b * 64])
+        wp = _tma_weights(w_desc, off_n, b, N, W_BLOCK_MAJOR)
         if A_SPLIT:
             # unified int8 rows (a8_desc boxes [BLOCK_M, 64]): position i = [even | odd] channels
             a_lo = a8_desc.load([off_m, i * 128])
@@ -667,7 +678,7 @@ def w4ax_gemm_tma_kernel(
             b = i
         else:
             b = tl.load(order_ptr + i)
-        wp = w_desc.load([off_n, b * 64])
+        wp = _tma_weights(w_desc, off_n, b, N, W_BLOCK_MAJOR)
         if A_SPLIT:
             a_lo = a8_desc.load([off_m, i * 128])
             a_hi = a8_desc.load([off_m, i * 128 + 64])
@@ -1203,7 +1214,14 @@ def _check(q4, q8, a_scales, block_bits, qweight, w_scales, group_size, bias, ou
     check_tensor("q8", q8, dtypes=(torch.int8,), ndim=2)
     check_tensor("a_scales", a_scales, dtypes=(torch.float32,), ndim=2)
     check_tensor("block_bits", block_bits, ndim=1)
-    check_tensor("qweight", qweight, dtypes=(torch.uint8,), ndim=2)
+    check_tensor("qweight", qweight, dtypes=(torch.uint8,))
+    if qweight.dim() == 3:
+        # block-major weights (layout.weights_block_major): a [N, NB, 64] view of [NB, N, 64] storage
+        if qweight.shape[2] != BLOCK_K // 2 or qweight.stride() != (BLOCK_K // 2, qweight.shape[0] * BLOCK_K // 2, 1):
+            raise ValueError(f"a 3-D qweight must be the block-major view [N, NB, 64] with strides (64, N*64, 1) "
+                             f"(layout.weights_block_major), got shape {tuple(qweight.shape)} stride {qweight.stride()}")
+    elif qweight.dim() != 2:
+        raise ValueError(f"qweight must be 2-D [N, K_pad/2] (or the 3-D block-major view), got shape {tuple(qweight.shape)}")
     check_tensor("w_scales", w_scales, dtypes=(torch.float32,), ndim=2)
     if scale_mode not in SCALE_MODES:
         raise ValueError(f"scale_mode must be one of {SCALE_MODES}, got {scale_mode!r}")
@@ -1213,7 +1231,8 @@ def _check(q4, q8, a_scales, block_bits, qweight, w_scales, group_size, bias, ou
     for name, t in (("q4", q4), ("q8", q8), ("a_scales", a_scales), ("block_bits", block_bits), ("w_scales", w_scales)):
         if t.device != dev:
             raise ValueError(f"{name} is on {t.device} but qweight is on {dev} (shape {tuple(t.shape)})")
-    n, k_pad = qweight.shape[0], qweight.shape[1] * 2
+    n = qweight.shape[0]
+    k_pad = qweight.shape[1] * 2 if qweight.dim() == 2 else qweight.shape[1] * BLOCK_K
     nb = block_bits.shape[0]
     if k_pad != nb * BLOCK_K:
         raise ValueError(f"qweight shape {tuple(qweight.shape)} holds K_pad={k_pad} but block_bits has {nb} blocks")
@@ -1236,7 +1255,7 @@ def _check(q4, q8, a_scales, block_bits, qweight, w_scales, group_size, bias, ou
         check_tensor("bias", bias, dtypes=FLOAT_DTYPES, ndim=1, device=dev)
         if bias.shape[0] != n:
             raise ValueError(f"bias shape {tuple(bias.shape)} != ({n},)")
-    for name, t in (("q4", q4), ("q8", q8), ("qweight", qweight)):
+    for name, t in (("q4", q4), ("q8", q8)) + ((("qweight", qweight),) if qweight.dim() == 2 else ()):
         if t.numel() and t.stride(1) != 1:
             raise ValueError(f"{name} must be contiguous along K (stride {t.stride()}, shape {tuple(t.shape)})")
     n8 = q8.shape[1] // BLOCK_K
@@ -1307,6 +1326,8 @@ def w4ax_gemm_triton(
                                      out_dtype, scale_mode, w_offsets)
     asym = w_offsets is not None
     dev = qweight.device
+    w_bm = qweight.dim() == 3  # block-major weights: block b of row n at b * N * 64 + n * 64
+    w_block_stride = qweight.stride(1) if w_bm else BLOCK_K // 2
     seg = min(BLOCK_K, g)
     segs = BLOCK_K // seg
     seg_h = seg // 2
@@ -1344,7 +1365,7 @@ def w4ax_gemm_triton(
     )
     strides = (
         q4.stride(0) if q4.numel() else 0, q8.stride(0) if q8.numel() else 0, a_scales.stride(0),
-        qweight.stride(0), w_scales.stride(0), w_offsets.stride(0) if asym else 0,
+        qweight.stride(0), w_block_stride, w_scales.stride(0), w_offsets.stride(0) if asym else 0,
     )
     dstr = (dbg.stride(0), dbg.stride(1)) if dbg is not None else (0, 0)
     evict = "evict_first" if m <= 64 else ""
@@ -1365,12 +1386,14 @@ def w4ax_gemm_triton(
                    else _tma_desc(q8, [cfg.block_m, BLOCK_K]))
             w4ax_gemm_tma_kernel[(tiles, split_k)](
                 order, _tma_desc(q4, [cfg.block_m, BLOCK_K // 2]), a8d,
-                _tma_desc(qweight, [cfg.block_n, BLOCK_K // 2]), a_scales, w_scales, args_common["bias"], out,
+                _tma_desc(torch.as_strided(qweight, (nb * n, BLOCK_K // 2), (BLOCK_K // 2, 1)) if w_bm else qweight,
+                          [cfg.block_n, BLOCK_K // 2]), a_scales, w_scales, args_common["bias"], out,
                 args_common["dbg"], part, m, n, nb, n8, g, split_k, a_scales.stride(0), w_scales.stride(0),
                 out.stride(0), out.stride(1), dstr[0], dstr[1],
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, GROUP_M=cfg.group_m, CLASS_MODE=class_mode,
                 INT_ACC=int_acc, HAS_BIAS=bias is not None, DEBUG=return_int_acc, ORDERED=meta["ORDERED"],
-                WORKSPACE=split_k > 1, A_SPLIT=a_split, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                WORKSPACE=split_k > 1, A_SPLIT=a_split, W_BLOCK_MAJOR=w_bm, num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages)
             if split_k > 1:
                 _reduce_partials(None, tiles, split_k, part, bias, out, m, n, cfg)
             return out

@@ -159,3 +159,17 @@ def test_split_activation_rows_spec():
         L.split_activation_rows(q4[:, :10], q8)
     with pytest.raises(TypeError, match="q8"):
         L.split_activation_rows(q4, q8.to(torch.int16))
+
+
+def test_weights_block_major():
+    """Block-major storage of packed weights: same values, block b of row n at (b * N + n) * 64."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randint(0, 256, (5, 3 * 64), generator=g).to(torch.uint8)
+    bm = L.weights_block_major(w)
+    assert bm.shape == (5, 3, 64) and bm.stride() == (64, 5 * 64, 1)
+    assert torch.equal(bm.reshape(5, -1), w)
+    flat = torch.as_strided(bm, (3 * 5 * 64,), (1,))  # the storage, in order
+    for n, b in ((0, 0), (4, 1), (2, 2)):
+        assert torch.equal(flat[(b * 5 + n) * 64:(b * 5 + n + 1) * 64], w[n, b * 64:(b + 1) * 64])
+    with pytest.raises(ValueError, match="multiple of 64"):
+        L.weights_block_major(w[:, :100])

@@ -780,6 +780,30 @@ def test_tma_split_rows(mode, group, pattern, device):
         _check(qa, qw, b, torch.float16, y, acc)
 
 
+@pytest.mark.parametrize("asym", [False, True])
+def test_block_major_weights_same_bits(asym, device):
+    """Weights stored block-major (layout.weights_block_major, a [N, NB, 64] view): every path
+    gives the same bits as the row-major tensor (only the addresses differ); the TMA kernel
+    reads one contiguous box per block (symmetric weights only)."""
+    from cometq.layout import weights_block_major
+
+    for m, mode, group in ((1, "block", 128), (17, "class", -1), (40, "block", 64 if asym else 128)):
+        qa, qw, b = _random_operands(m, 576, 200, "mixed", mode, group, device, seed=90 + m)
+        offsets = (torch.randn(qw.scales.shape, generator=torch.Generator().manual_seed(m)) * 0.01).to(device) \
+            if asym else None
+        bm = weights_block_major(qw.qweight)
+        paths = ("tiled", "splitk", "persistent") + (() if asym or group < 128 else ("tma",))
+        for path in paths:
+            args = (qa.q4, qa.q8, qa.scales, qa.layout.block_bits)
+            rest = (qw.scales, group, b, torch.float32, mode)
+            kw = dict(path=path, w_offsets=offsets)
+            assert _bits_equal(w4ax_gemm_triton(*args, qw.qweight, *rest, **kw),
+                               w4ax_gemm_triton(*args, bm, *rest, **kw)), (m, mode, path)
+    with pytest.raises(ValueError, match="block-major view"):
+        w4ax_gemm_triton(qa.q4, qa.q8, qa.scales, qa.layout.block_bits, qw.qweight.reshape(200, -1, 64), qw.scales,
+                         group, b, torch.float32, mode)
+
+
 def test_tma_errors(device):
     qa, qw, b = _random_operands(5, 256, 64, "mixed", "block", 128, device, seed=9)
     args = (qa.q4, qa.q8, qa.scales, qa.layout.block_bits, qw.qweight, qw.scales, 128, b, torch.float16, "block")

@@ -44,6 +44,7 @@ __all__ = [
     "pack_uint4",
     "unpack_uint4",
     "split_activation_rows",
+    "weights_block_major",
     "ActivationLayout",
     "check_tensor",
 ]
@@ -206,6 +207,24 @@ def unpack_uint4(p: torch.Tensor) -> torch.Tensor:
     lo = p & 0xF
     hi = p >> 4
     return torch.stack((lo, hi), dim=-1).reshape(*p.shape[:-1], p.shape[-1] * 2)
+
+
+def weights_block_major(qweight: torch.Tensor) -> torch.Tensor:
+    """Packed INT4 weights ``uint8 [N, K_pad/2]`` re-stored **block-major** (an alternative
+    *storage* of the same values, for the Triton kernels; experimental until measured):
+
+        storage [NB, N, 64]: block b of weight row n at byte (b * N + n) * 64
+
+    returned as the ``[N, NB, 64]`` view of that storage (strides ``(64, N*64, 1)``), so
+    ``view[n, b, j] == qweight[n, b*64 + j]``.  Why: a GEMM tile of ``BN`` rows reads, per
+    128-channel block, ``BN`` 64-byte pieces 2*K apart in the row-major format (scattered DRAM
+    bursts), one contiguous ``BN * 64``-byte run in this one.  ``w4ax_gemm_triton`` accepts
+    either form."""
+    check_tensor("qweight", qweight, dtypes=(torch.uint8,), ndim=2)
+    n, half = qweight.shape
+    if half % (BLOCK_K // 2):
+        raise ValueError(f"qweight shape {tuple(qweight.shape)}: K_pad/2 must be a multiple of {BLOCK_K // 2}")
+    return qweight.reshape(n, half // (BLOCK_K // 2), BLOCK_K // 2).transpose(0, 1).contiguous().transpose(0, 1)
 
 
 def split_activation_rows(q4: torch.Tensor, q8: torch.Tensor) -> torch.Tensor:
