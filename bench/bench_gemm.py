@@ -389,6 +389,11 @@ def bench_gemm(args, rows, errors, dev, budget=None, flush=lambda: None):
                                 continue
                             _try(row, be, fn, args, flops, nbytes)
                             _try(row, be + "+aq", e2e, args, flops, nbytes + 2 * m * k)
+                            if be == "cuda" and qweight_bm is not None and m <= 64:
+                                # the CUDA kernel over block-major weights (one contiguous run per tile and block)
+                                _try(row, "cuda-wbm", lambda: C.cuda_w4ax_gemm(
+                                    q4, q8, a_sc, lay.block_bits, qweight_bm, w_sc, group, None, torch.float16,
+                                    args.scale_mode, w_offsets=w_off), args, flops, nbytes)
                         if "triton" not in args.backend or "triton_err" in row:
                             rows.append(row)
                             flush()
@@ -516,6 +521,8 @@ def markdown(rows, backends):
         cols = (backends + ["triton-persistent", "triton-tma", "triton-det", "triton-wbm", "triton-tma-wbm"]
                 if "triton" in backends
                 else list(backends))
+        if "cuda" in backends:
+            cols.append("cuda-wbm")
         head = ["shape", "M", "INT8 share", "weights", "MB moved", "FP16", "INT8", "FP8", "W4A16"] + cols
         head += [f"{b}+aq" for b in backends] + [f"{b} GB/s" for b in backends]
         head += [f"{c} vs FP16" for c in cols] + [f"{c} vs FP8" for c in cols]
@@ -551,13 +558,13 @@ def markdown(rows, backends):
                    "the pointer-load kernels (comparable with the first runs); `triton-tma`: the Hopper TMA "
                    "kernel (symmetric weights, groups >= 128), autotuned over its own configs; `triton-wbm`: "
                    "the `triton` config with the weights stored block-major (layout.weights_block_major, M <= 64; "
-                   "`triton-tma-wbm`: the same for the `triton-tma` config); "
+                   "`triton-tma-wbm` / `cuda-wbm`: the same for the `triton-tma` config / the CUDA kernel); "
                    "path='auto' picks between both. "
                    "TFLOP/s and the configs are in gemm.json.")
     graphed = [r for r in ours if any(k.endswith("-graph_us") for k in r)]
     if graphed:
         gcols = [c for c in backends] + [f"{b}+aq" for b in backends]
-        for extra in ("triton-tma", "triton-wbm", "triton-tma-wbm"):
+        for extra in ("triton-tma", "triton-wbm", "triton-tma-wbm", "cuda-wbm"):
             if any(f"{extra}-graph_us" in r for r in graphed):
                 gcols.append(extra)
         out.append("")

@@ -54,6 +54,9 @@ typedef struct CometqGemmArgs {
   const int32_t* block_bits;  // [nb]
   const uint8_t* qweight;   // [N, nb*64]   row stride ld_w bytes
   int64_t ld_w;
+  // bytes between consecutive 128-channel blocks of a weight row: 64 (row-major, the format)
+  // or N*64 (block-major storage, layout.weights_block_major: ld_w = 64); 0 means 64
+  int64_t ld_wb;
   const float* w_scales;    // [N, K_pad/G] row stride ld_ws elements
   int64_t ld_ws;
   const float* w_offsets;   // [N, K_pad/G] row stride ld_wo elements, or NULL (symmetric weights)

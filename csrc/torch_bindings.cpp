@@ -157,13 +157,20 @@ at::Tensor w4ax_gemm_cuda(const at::Tensor& q4, const at::Tensor& q8, const at::
   TORCH_CHECK(a_scales.dim() == 2, op, ": a_scales must be 2-D, got shape ", a_scales.sizes());
   TORCH_CHECK(block_bits.dim() == 1 && block_bits.size(0) >= 1, op, ": block_bits must be 1-D and non-empty, got shape ",
               block_bits.sizes());
-  TORCH_CHECK(qweight.dim() == 2, op, ": qweight must be 2-D [N, K_pad/2], got shape ", qweight.sizes());
+  // qweight: the row-major format [N, K_pad/2], or the block-major view [N, NB, 64] with strides
+  // (64, N*64, 1) of [NB, N, 64] storage (layout.weights_block_major)
+  const bool w_block_major = qweight.dim() == 3;
+  TORCH_CHECK(qweight.dim() == 2 || (w_block_major && qweight.size(2) == kBlockK / 2 &&
+                                     qweight.stride(0) == kBlockK / 2 &&
+                                     qweight.stride(1) == qweight.size(0) * (kBlockK / 2) && qweight.stride(2) == 1),
+              op, ": qweight must be 2-D [N, K_pad/2] or the block-major view [N, NB, 64] with strides (64, N*64, 1), "
+              "got shape ", qweight.sizes(), " strides ", qweight.strides());
   TORCH_CHECK(w_scales.dim() == 2, op, ": w_scales must be 2-D [N, K_pad/G], got shape ", w_scales.sizes());
   check_contig(q4, op, "q4");
   check_contig(q8, op, "q8");
   check_contig(a_scales, op, "a_scales");
   check_contig(block_bits, op, "block_bits");
-  check_contig(qweight, op, "qweight");
+  if (!w_block_major) check_contig(qweight, op, "qweight");
   check_contig(w_scales, op, "w_scales");
   check_aligned16(q4, op, "q4");
   check_aligned16(q8, op, "q8");
@@ -172,8 +179,9 @@ at::Tensor w4ax_gemm_cuda(const at::Tensor& q4, const at::Tensor& q8, const at::
   const int64_t nb = block_bits.size(0);
   const int64_t k_pad = nb * kBlockK;
   const int64_t M = a_scales.size(0), N = qweight.size(0);
-  TORCH_CHECK(qweight.size(1) * 2 == k_pad, op, ": qweight shape ", qweight.sizes(), " holds K_pad=",
-              qweight.size(1) * 2, " but block_bits has ", nb, " blocks (K_pad=", k_pad, ")");
+  const int64_t w_k_pad = w_block_major ? qweight.size(1) * kBlockK : qweight.size(1) * 2;
+  TORCH_CHECK(w_k_pad == k_pad, op, ": qweight shape ", qweight.sizes(), " holds K_pad=", w_k_pad,
+              " but block_bits has ", nb, " blocks (K_pad=", k_pad, ")");
   TORCH_CHECK(q4.size(0) == M && q8.size(0) == M, op, ": q4 ", q4.sizes(), ", q8 ", q8.sizes(), " and a_scales ",
               a_scales.sizes(), " must have the same number of rows M");
   TORCH_CHECK(q4.size(1) % (kBlockK / 2) == 0, op, ": q4 shape ", q4.sizes(), " is not a whole number of 64-byte INT4 blocks");
@@ -245,7 +253,8 @@ at::Tensor w4ax_gemm_cuda(const at::Tensor& q4, const at::Tensor& q8, const at::
   a.ld_as = a_scales.size(1);
   a.block_bits = block_bits.data_ptr<int32_t>();
   a.qweight = qweight.data_ptr<uint8_t>();
-  a.ld_w = qweight.size(1);
+  a.ld_w = w_block_major ? kBlockK / 2 : qweight.size(1);
+  a.ld_wb = w_block_major ? qweight.stride(1) : kBlockK / 2;
   a.w_scales = w_scales.data_ptr<float>();
   a.ld_ws = w_scales.size(1);
   a.w_offsets = off_ptr;

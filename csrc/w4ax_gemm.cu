@@ -197,11 +197,14 @@ __device__ __forceinline__ void load_stage(const CometqGemmArgs& p, const int* s
       }
     }
   }
-  // weights: BN rows x 4 chunks of 16 bytes: qweight[n, b*64 : b*64+64]
+  // weights: BN rows x 4 chunks of 16 bytes: qweight[n, b*64 : b*64+64] (row-major: rows ld_w apart,
+  // blocks 64 bytes apart; block-major storage: ld_w = 64, blocks ld_wb = N*64 apart, so a tile's
+  // block is one contiguous BN x 64-byte run)
+  const int64_t wb = p.ld_wb ? p.ld_wb : kBlockK / 2;
   for (int c = threadIdx.x; c < Cfg::BN * 4; c += Cfg::THREADS) {
     const int r = c >> 2, ch = c & 3;
     const int gn = min(n0 + r, p.N - 1);
-    const uint8_t* src = p.qweight + static_cast<int64_t>(gn) * p.ld_w + static_cast<int64_t>(b) * (kBlockK / 2) + ch * 16;
+    const uint8_t* src = p.qweight + static_cast<int64_t>(gn) * p.ld_w + static_cast<int64_t>(b) * wb + ch * 16;
     cp_async16_zfill(sB + r * kRow4 + ch * 16, src, n0 + r < p.N);
   }
 }

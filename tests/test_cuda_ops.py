@@ -207,6 +207,26 @@ def test_gemm_block_patterns(C, m, pattern, scale_mode, mma_path):
     _check_close(y, R.w4ax_gemm(qa, qw, out_dtype=torch.float64), torch.float32)
 
 
+@pytest.mark.parametrize("m", [1, 17, 130])
+@pytest.mark.parametrize("sym", [True, False])
+def test_gemm_block_major_weights(C, m, sym):
+    """Block-major weight storage (layout.weights_block_major, the [N, NB, 64] view): the same
+    bits as the row-major format on every tile config (decode, mid, large); a 3-D qweight
+    with other strides is refused with the shape in the message."""
+    from cometq.layout import weights_block_major
+
+    qa, qw = _operands(m, 200, K, PATTERNS["alt84"], 128, "block", ("wbm", m, sym), sym=sym)
+    d = DEVICE
+    args = (qa.q4.to(d), qa.q8.to(d), qa.scales.to(d), qa.layout.block_bits.to(d))
+    rest = (qw.scales.to(d), _gs(qw), None, torch.float32, "block")
+    kw = dict(w_offsets=None if qw.offsets is None else qw.offsets.to(d))
+    want = C.cuda_w4ax_gemm(*args, qw.qweight.to(d), *rest, **kw)
+    got = C.cuda_w4ax_gemm(*args, weights_block_major(qw.qweight.to(d)), *rest, **kw)
+    assert torch.equal(got, want)
+    with pytest.raises(RuntimeError, match="block-major view"):
+        C.cuda_w4ax_gemm(*args, qw.qweight.to(d).reshape(200, -1, 64), *rest, **kw)
+
+
 @pytest.mark.parametrize("group", [-1, 16, 32, 64, 128, 640])
 @pytest.mark.parametrize("m", [3, 70])
 @pytest.mark.parametrize("mma_path", ["s4", "s8"])

@@ -105,7 +105,7 @@ def cuda_w4ax_gemm(q4, q8, a_scales, block_bits, qweight, w_scales, group_size, 
         _aligned(q8),
         a_scales.contiguous(),
         block_bits.to(torch.int32).contiguous(),
-        _aligned(qweight),
+        qweight if qweight.dim() == 3 else _aligned(qweight),  # 3-D: the block-major view, checked by the op
         w_scales.contiguous(),
         None if w_offsets is None else w_offsets.contiguous(),
         -1 if group_size is None else int(group_size),
