@@ -107,7 +107,7 @@ def tma_meta(class_mode: bool = False, group: int = 128, k_pad: int = 4096, bias
     """Constexprs of a TMA-kernel launch (see :func:`gemm_meta`); ``split``: split-K pieces into the
     deterministic workspace (WORKSPACE)."""
     return dict(CLASS_MODE=class_mode, INT_ACC=class_mode and (group <= 0 or group >= k_pad), HAS_BIAS=bias,
-                DEBUG=debug, ORDERED=ordered, WORKSPACE=split)
+                DEBUG=debug, ORDERED=ordered, WORKSPACE=split, W_BLOCK_MAJOR=False)
 
 
 def _reduce_sig(out: str, bias: str) -> Dict[str, str]:
@@ -311,7 +311,7 @@ def tma_jobs() -> list:
         sp = tma_split_rows(c, bool(kw.get("class_mode")))
         out.append((f"gemm-tma-variant[{name},{c}]", w4ax_gemm_tma_kernel, _tma_sig(od, "fp16", c.block_m, c.block_n, sp),
                     dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, GROUP_M=c.group_m, A_SPLIT=sp,
-                         W_BLOCK_MAJOR="weights-block-major" in name, **tma_meta(**kw)),
+                         **dict(tma_meta(**kw), W_BLOCK_MAJOR="weights-block-major" in name)),
                     c.num_warps, c.num_stages, "tma"))
     return out
 

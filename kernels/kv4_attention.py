@@ -220,6 +220,14 @@ def _dot(a, b, DOT_DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _move_max(m_i, m_tile, l_i, acc_lo, acc_hi):
+    """Raise the running reference max to include ``m_tile``; rescale the sums to it."""
+    m_new = tl.maximum(m_i, m_tile)
+    alpha = tl.math.exp2(m_i - m_new)
+    return m_new, l_i * alpha, acc_lo * alpha[:, None], acc_hi * alpha[:, None]
+
+
+@triton.jit
 def _softmax_step(s, tmask, m_i, l_i, acc_lo, acc_hi, v_lo, v_hi, DOT_DTYPE: tl.constexpr, LAZY: tl.constexpr):
     """One online-softmax step over a tile of keys: scores ``s [BLOCK_H, T]`` (columns with
     ``tmask`` False get weight 0), values ``v_lo / v_hi [T, D/2]`` -> updated ``(m, l, acc_lo, acc_hi)``.
@@ -236,19 +244,9 @@ def _softmax_step(s, tmask, m_i, l_i, acc_lo, acc_hi, v_lo, v_hi, DOT_DTYPE: tl.
     m_tile = tl.max(s, axis=1)
     if LAZY:
         if tl.max((m_tile > m_i + _LAZY).to(tl.int32), axis=0) > 0:
-            m_new = tl.maximum(m_i, m_tile)
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha
-            acc_lo = acc_lo * alpha[:, None]
-            acc_hi = acc_hi * alpha[:, None]
-            m_i = m_new
+            m_i, l_i, acc_lo, acc_hi = _move_max(m_i, m_tile, l_i, acc_lo, acc_hi)
     else:
-        m_new = tl.maximum(m_i, m_tile)
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha
-        acc_lo = acc_lo * alpha[:, None]
-        acc_hi = acc_hi * alpha[:, None]
-        m_i = m_new
+        m_i, l_i, acc_lo, acc_hi = _move_max(m_i, m_tile, l_i, acc_lo, acc_hi)
     # masked columns: exp2(_NEG - m) underflows to 0 unless the whole row is masked (a tail
     # with no tokens): the where makes that case 0 too
     p = tl.where(tmask[None, :], tl.math.exp2(s - m_i[:, None]), 0.0)
@@ -517,24 +515,6 @@ def tuned_configs() -> Dict[str, dict]:
     return {repr(k): dataclasses.asdict(v) for k, v in _TUNED.items()}
 
 
-def _time_ms(fn, warmup: int = 2, rep: int = 8) -> float:
-    """Median of ``rep`` CUDA-event timed calls after ``warmup`` (the first compiles).  Not
-    ``triton.testing.do_bench``: that allocates a 256 MB L2-flush buffer per call, which a
-    serving process whose KV pool holds the free memory may not have -- and a decode step's
-    K/V reads dwarf L2 anyway."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(rep):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2]
-
-
 def _capturing(dev: torch.device) -> bool:
     return dev.type == "cuda" and bool(torch.cuda.is_current_stream_capturing())
 
@@ -609,10 +589,15 @@ def kv4_decode_attention_triton(q, k_packed, k_scale, k_zero, v_packed, v_scale,
             config = cands[0]
             if (q.device.type == "cuda" and not interpreting() and os.environ.get(ENV_TUNE, "1") != "0"
                     and len(cands) > 1 and not _capturing(q.device)):
+                from cometq.autotune import cuda_event_timer
+
+                # CUDA events, not triton.testing.do_bench: that allocates a 256 MB L2-flush buffer
+                # per call, which a serving process whose KV pool holds the free memory may not have
+                # (and a decode step's K/V reads dwarf L2 anyway)
                 times = []
                 for c in cands:
                     try:
-                        times.append((_time_ms(lambda: launch(c)), c))
+                        times.append((cuda_event_timer(lambda: launch(c), q.device, warmup=2, reps=8), c))
                     except Exception:  # noqa: BLE001 - a config the compiler rejects (e.g. out of resources)
                         continue
                 if times:

@@ -553,6 +553,17 @@ def _tma_block_done(acc_f, acc_i, acc_s, sa_cls, b, as_ptr, ws_ptr, dbg_ptr, rm,
 
 
 @triton.jit
+def _tma_dots_lohi(wp, a_even, a_odd, acc, CHAIN: tl.constexpr):
+    """``W x^T`` of one block from its two K = 64 halves: low weight nibbles x even channels +
+    high nibbles x odd channels, int32; ``CHAIN``: onto ``acc`` (a run's int32 sum), else fresh."""
+    if CHAIN:
+        acc = tl.dot(unpack_lo(wp), tl.trans(a_even), acc, out_dtype=tl.int32)
+    else:
+        acc = tl.dot(unpack_lo(wp), tl.trans(a_even), out_dtype=tl.int32)
+    return tl.dot(unpack_hi(wp), tl.trans(a_odd), acc, out_dtype=tl.int32)
+
+
+@triton.jit
 def _tma_weights(w_desc, off_n, b, N, W_BLOCK_MAJOR: tl.constexpr):
     """Block ``b`` of weight rows ``off_n..``: row-major ``[N, K/2]`` (box at column b*64) or
     block-major (``layout.weights_block_major``: the descriptor spans ``[NB * N, 64]``, block b's
@@ -650,14 +661,12 @@ def w4ax_gemm_tma_kernel(
         wp = _tma_weights(w_desc, off_n, b, N, W_BLOCK_MAJOR)
         if A_SPLIT:
             # unified int8 rows (a8_desc boxes [BLOCK_M, 64]): position i = [even | odd] channels
-            a_lo = a8_desc.load([off_m, i * 128])
-            a_hi = a8_desc.load([off_m, i * 128 + 64])
             if INT_ACC and not DEBUG:
-                acc_i = tl.dot(unpack_lo(wp), tl.trans(a_lo), acc_i, out_dtype=tl.int32)
-                acc_i = tl.dot(unpack_hi(wp), tl.trans(a_hi), acc_i, out_dtype=tl.int32)
+                acc_i = _tma_dots_lohi(wp, a8_desc.load([off_m, i * 128]), a8_desc.load([off_m, i * 128 + 64]),
+                                       acc_i, True)
             else:
-                acc_s = tl.dot(unpack_lo(wp), tl.trans(a_lo), out_dtype=tl.int32)
-                acc_s = tl.dot(unpack_hi(wp), tl.trans(a_hi), acc_s, out_dtype=tl.int32)
+                acc_s = _tma_dots_lohi(wp, a8_desc.load([off_m, i * 128]), a8_desc.load([off_m, i * 128 + 64]),
+                                       acc_i, False)
         else:
             a = a8_desc.load([off_m, i * 128])
             w = tl.reshape(tl.join(unpack_lo(wp), unpack_hi(wp)), (BLOCK_N, 128))
@@ -687,11 +696,9 @@ def w4ax_gemm_tma_kernel(
             a_lo = unpack_lo(ap)
             a_hi = unpack_hi(ap)
         if INT_ACC and not DEBUG:
-            acc_i = tl.dot(unpack_lo(wp), tl.trans(a_lo), acc_i, out_dtype=tl.int32)
-            acc_i = tl.dot(unpack_hi(wp), tl.trans(a_hi), acc_i, out_dtype=tl.int32)
+            acc_i = _tma_dots_lohi(wp, a_lo, a_hi, acc_i, True)
         else:
-            acc_s = tl.dot(unpack_lo(wp), tl.trans(a_lo), out_dtype=tl.int32)
-            acc_s = tl.dot(unpack_hi(wp), tl.trans(a_hi), acc_s, out_dtype=tl.int32)
+            acc_s = _tma_dots_lohi(wp, a_lo, a_hi, acc_i, False)
             acc_f, acc_i = _tma_block_done(acc_f, acc_i, acc_s, sa4, b, as_ptr, ws_ptr, dbg_ptr, rm, rn, m_mask,
                                            n_mask, stride_asm, stride_wsn, stride_dm, stride_dn, GROUP,
                                            CLASS_MODE, INT_ACC, DEBUG)
