@@ -334,3 +334,20 @@ def test_triton_every_launch_config_matches_reference(axes):
     # num_warps alone picks the default tile (lazy below 4 warps)
     got = kv4_decode_attention_triton(*a, 32 ** -0.5, 2, num_warps=1)
     torch.testing.assert_close(got, ref, rtol=ATTN_RTOL, atol=ATTN_ATOL)
+
+
+def test_check_pool_false_still_checks_the_query():
+    """check_pool=False (a pool vouching for its own tensors) gives the same result and still
+    rejects a bad query / batch with the op's messages."""
+    pool, sids = build_pool(("channel", "token"), [20, 9])
+    q = torch.randn(2, 4, 32)
+    a = _raw_args(pool, q, sids)
+    want = ops.kv4_decode_attention(*a, 0.2, 1, "reference")
+    got = ops.kv4_decode_attention(*a, 0.2, 1, "reference", check_pool=False)
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="q head_dim 16 != pool head_dim 32"):
+        ops.kv4_decode_attention(torch.randn(2, 4, 16), *a[1:], 0.2, 1, "reference", check_pool=False)
+    with pytest.raises(ValueError, match="not a multiple of kv heads"):
+        ops.kv4_decode_attention(torch.randn(2, 3, 32), *a[1:], 0.2, 1, "reference", check_pool=False)
+    with pytest.raises(ValueError, match="seq_ids must be int32"):
+        ops.kv4_decode_attention(q, *a[1:12], a[12][:1], *a[13:], 0.2, 1, "reference", check_pool=False)

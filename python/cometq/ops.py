@@ -395,6 +395,19 @@ def _check_kv4_attn_args(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero
     torch._check(num_splits >= 1, lambda: f"num_splits must be >= 1, got {num_splits}")
 
 
+def _check_kv4_attn_query(q, k_packed, tail_k, seq_ids, num_splits):
+    """The per-call part of :func:`_check_kv4_attn_args` (the query, the batch ids, the split count)
+    for a caller that vouches for the pool tensors."""
+    _, h, _, d2 = k_packed.shape
+    torch._check(q.dim() == 3 and q.dtype in R.FLOAT_DTYPES, lambda: f"q must be float [B, Hq, D], got {q.dtype} {tuple(q.shape)}")
+    torch._check(q.shape[2] == 2 * d2, lambda: f"q head_dim {q.shape[2]} != pool head_dim {2 * d2}")
+    torch._check(q.shape[1] % h == 0, lambda: f"q heads {q.shape[1]} not a multiple of kv heads {h}")
+    torch._check(q.device == k_packed.device, lambda: f"q is on {q.device}, the pool on {k_packed.device}")
+    torch._check(seq_ids.dim() == 1 and seq_ids.shape[0] == q.shape[0] and seq_ids.dtype == torch.int32,
+                 lambda: f"seq_ids must be int32 [{q.shape[0]}], got {seq_ids.dtype} {tuple(seq_ids.shape)}")
+    torch._check(num_splits >= 1, lambda: f"num_splits must be >= 1, got {num_splits}")
+
+
 def _ref_kv4_quantize_append(x, packed, scale, zero, block_ids, offsets, group_size, axis):
     from .paged import kv4_quantize_append_reference
 
@@ -483,12 +496,23 @@ def kv4_quantize_append(x, packed, scale, zero, block_ids, offsets, group_size: 
 
 def kv4_decode_attention(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, tail_k, tail_v, block_tables,
                          quant_lens, tail_lens, seq_ids, group_size: int, key_axis: str, value_axis: str,
-                         sm_scale: float, num_splits: int = 1, backend: Optional[str] = None) -> torch.Tensor:
-    """Decode attention over a paged KV4 pool (``torch.ops.cometq.kv4_decode_attention``); see cometq.paged."""
+                         sm_scale: float, num_splits: int = 1, backend: Optional[str] = None, *,
+                         check_pool: bool = True) -> torch.Tensor:
+    """Decode attention over a paged KV4 pool (``torch.ops.cometq.kv4_decode_attention``); see cometq.paged.
+
+    ``check_pool=False``: the caller built the pool tensors (k/v packed, scales, zeros, tails,
+    block tables, lengths) and vouches for their shapes -- :class:`cometq.paged.MultiLayerKV4Pool`
+    does, per layer per decode step, where the full check cost ~80 us of Python per call (a
+    third of a layer's eager attention time with the kernels stubbed out).  ``q``, ``seq_ids``
+    and ``num_splits`` are still checked, with the same messages."""
     R.check_tensor("q", q, dtypes=R.FLOAT_DTYPES)
     args = (q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, tail_k, tail_v, block_tables, quant_lens,
             tail_lens, seq_ids, int(group_size), key_axis, value_axis)
-    _kv4_validate_eager("kv4_decode_attention", _check_kv4_attn_args, *args, int(num_splits))
+    if check_pool or torch.compiler.is_compiling():
+        _kv4_validate_eager("kv4_decode_attention", _check_kv4_attn_args, *args, int(num_splits))
+    else:
+        _kv4_validate_eager("kv4_decode_attention", _check_kv4_attn_query, q, k_packed, tail_k, seq_ids,
+                            int(num_splits))
     if torch.compiler.is_compiling():
         return torch.ops.cometq.kv4_decode_attention(*args, float(sm_scale), int(num_splits), backend or "")
     # eager: validated once above, straight to the backend (same impl the op would run)

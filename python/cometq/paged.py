@@ -299,8 +299,9 @@ class MultiLayerKV4Pool:
         self.tail_k = torch.zeros(nl, c.max_seqs, h, tg, d, dtype=c.tail_dtype, **kw)
         self.tail_v = torch.zeros(nl, c.max_seqs, h, tg, d, dtype=c.tail_dtype, **kw)
         self.block_tables = torch.full((c.max_seqs, c.blocks_per_seq), -1, dtype=torch.int32, **kw)
-        self.quant_lens = torch.zeros(nl, c.max_seqs, dtype=torch.int32, **kw)
-        self.tail_lens = torch.zeros(nl, c.max_seqs, dtype=torch.int32, **kw)
+        # both length tables in one buffer: a decode step updates a layer's two rows with one write
+        self._lens = torch.zeros(2, nl, c.max_seqs, dtype=torch.int32, **kw)
+        self.quant_lens, self.tail_lens = self._lens[0], self._lens[1]
         # host mirrors
         self._free_blocks: List[int] = list(range(nb - 1, -1, -1))  # pop() hands out low ids first
         self._free_slots: List[int] = list(range(c.max_seqs - 1, -1, -1))
@@ -606,8 +607,9 @@ class MultiLayerKV4Pool:
             return
         idx = self._ints(tuple(seq_ids), torch.long)
         ql, tl = self._qlen[layer], self._tlen[layer]
-        self.quant_lens[layer, idx] = self._ints(tuple(ql[s] for s in seq_ids), torch.int32)
-        self.tail_lens[layer, idx] = self._ints(tuple(tl[s] for s in seq_ids), torch.int32)
+        # one index_put for both tables (a kernel launch per layer per step on the GPU)
+        vals = tuple(ql[s] for s in seq_ids) + tuple(tl[s] for s in seq_ids)
+        self._lens[:, layer, idx] = self._ints(vals, torch.int32).view(2, len(seq_ids))
 
     def _quantize_rows(self, layer, xk, xv, blocks, offsets, backend):
         from . import ops
@@ -673,7 +675,7 @@ class MultiLayerKV4Pool:
         return ops.kv4_decode_attention(
             q, self.k_packed[L], self.k_scale[L], self.k_zero[L], self.v_packed[L], self.v_scale[L], self.v_zero[L],
             self.tail_k[L], self.tail_v[L], self.block_tables, self.quant_lens[L], self.tail_lens[L], ids,
-            c.group_size, c.key_axis, c.value_axis, sm, ns, backend,
+            c.group_size, c.key_axis, c.value_axis, sm, ns, backend, check_pool=False,  # the pool built them
         )
 
     def memory_bytes(self) -> int:
