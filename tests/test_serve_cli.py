@@ -98,3 +98,19 @@ def test_build_engine_cuda_graphs_needs_cuda():
 
     with pytest.raises(ValueError, match="CUDA graphs need a CUDA model"):
         build_engine(tiny_model(), byte_tokenizer(), kv4=False, kv_tokens=256, max_num_seqs=4, cuda_graphs=True)
+
+
+def test_decode_step_profile_runs_and_drains():
+    """The serving bench's host-bound diagnostic: a fresh batch, a few profiled decode steps
+    (on CPU only wall time is meaningful: no GPU kernels), and the engine left empty."""
+    from cometq.serve.bench import _decode_step_profile
+    from cometq.serve.engine import Engine, EngineConfig
+    from cometq.serve.runner import ModelRunner
+    from cometq.serve.tiny import tiny_model
+
+    model = tiny_model()
+    runner = ModelRunner.with_fp_pool(model, num_blocks=64, block_size=8)
+    eng = Engine(runner, None, EngineConfig(max_num_seqs=4, max_num_batched_tokens=256, max_model_len=64))
+    r = _decode_step_profile(eng, runner, batch=4, in_len=12, seed=0, steps=3, device="cpu")
+    assert r["decode_step_profiled"] == 3 and r["decode_step_wall_ms"] > 0 and r["decode_step_gpu_busy_ms"] == 0
+    assert not eng.has_work()

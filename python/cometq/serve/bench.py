@@ -66,6 +66,9 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="torch intra-op threads (CPU; default: torch's choice -- use 1 on a busy machine, where "
                         "OpenMP threads spin against each other)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-step-profile", action="store_true",
+                   help="skip the decode-step profile (GPU: wall time vs GPU-busy time per decode step, after each "
+                        "engine run)")
     p.add_argument("--out", default="bench/results", help="directory for serving_<tag>.json/.md/.png")
     p.add_argument("--tag", default=None, help="file name tag (default: device)")
     return p
@@ -147,7 +150,7 @@ def _sync(device):
 
 
 def run_engine(model, *, kv4: bool, batch: int, in_len: int, out_len: int, block_size: int, budget: int,
-               device: str, seed: int, cuda_graphs: bool = False) -> Dict:
+               device: str, seed: int, cuda_graphs: bool = False, step_profile: bool = True) -> Dict:
     from .engine import Engine, EngineConfig
     from .runner import ModelRunner
     from .sampling import SamplingParams
@@ -183,7 +186,51 @@ def run_engine(model, *, kv4: bool, batch: int, in_len: int, out_len: int, block
     tpot = [(r.finish_time - r.first_token_time) / (out_len - 1) for r in reqs if out_len > 1]
     res = _summ(ttft, tpot, wall, batch, in_len, out_len)
     res.update(steps=steps, preemptions=eng.stats["preemptions"], kv_pool_bytes=runner.pool.memory_bytes())
+    if device == "cuda" and step_profile:
+        try:
+            res.update(_decode_step_profile(eng, runner, batch, in_len, seed))
+        except Exception as e:  # noqa: BLE001 - a diagnostic, never fails the benchmark
+            res["step_profile_error"] = f"{type(e).__name__}: {str(e)[:200]}"
     return res
+
+
+def _decode_step_profile(eng, runner, batch: int, in_len: int, seed: int, steps: int = 6,
+                         device: str = "cuda") -> Dict:
+    """Is a decode step host-bound?  A fresh batch is prefilled, then ``steps`` decode steps run
+    under ``torch.profiler``: wall time per step vs the summed duration of the GPU kernels in it
+    (busy time).  Busy much below wall = the GPU waits for Python (launches, bookkeeping)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from .sampling import SamplingParams
+
+    sp = SamplingParams(max_tokens=steps + 3, temperature=0, ignore_eos=True)
+    for p in _prompts(runner.vocab_size, batch, in_len, seed + 2):
+        eng.add_request(p, sp)
+    eng.step()  # prefill (may take more than one step under the token budget)
+    while eng.has_work() and any(not r.output_ids for r in eng.requests.values()):
+        eng.step()
+    eng.step()
+    _sync(device)
+    n = 0
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=acts) as prof:
+        t0 = time.monotonic()
+        while eng.has_work() and n < steps:
+            eng.step()
+            n += 1
+        _sync(device)
+        wall = time.monotonic() - t0
+    busy_us, kernels = 0.0, 0
+    for e in prof.events():
+        if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA:
+            busy_us += e.time_range.elapsed_us()
+            kernels += 1
+    while eng.has_work():
+        eng.step()
+    n = max(n, 1)
+    return {"decode_step_wall_ms": wall / n * 1e3, "decode_step_gpu_busy_ms": busy_us / n / 1e3,
+            "decode_step_kernels": kernels / n, "decode_step_profiled": n}
 
 
 def run_hf_generate(model, *, batch: int, in_len: int, out_len: int, device: str, seed: int) -> Dict:
@@ -273,7 +320,8 @@ def run_bench(args) -> Dict:
                     kv4 = system.startswith("cometq-w4ax-kv4")
                     r = run_engine(qmodel if kv4 else model, kv4=kv4, batch=b, in_len=in_len, out_len=out_len,
                                    block_size=args.block_size, budget=budget, device=device, seed=args.seed,
-                                   cuda_graphs=system.endswith("+graphs"))
+                                   cuda_graphs=system.endswith("+graphs"),
+                                   step_profile=not getattr(args, "no_step_profile", False))
             except torch.cuda.OutOfMemoryError as e:  # pragma: no cover - GPU only
                 _log(f"  out of memory: {e}")
                 torch.cuda.empty_cache()
@@ -291,16 +339,22 @@ def run_bench(args) -> Dict:
 
 def markdown(res: Dict) -> str:
     lines = [f"model {res['model']} ({res['dtype']}), {res['device']} {res['device_name']}",
-             "", "| system | batch | in/out | out tok/s | total tok/s | TTFT mean (ms) | TTFT p90 (ms) | TPOT (ms) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "", "| system | batch | in/out | out tok/s | total tok/s | TTFT mean (ms) | TTFT p90 (ms) | TPOT (ms) "
+             "| decode step wall / GPU busy (ms) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in res["results"]:
         if "error" in r:
             lines.append(f"| {r['system']} | {r['batch']} | {r['input_len']}/{r['output_len']} | {r['error']} "
-                         "| | | | |")
+                         "| | | | | |")
             continue
+        prof = (f"{r['decode_step_wall_ms']:.2f} / {r['decode_step_gpu_busy_ms']:.2f}"
+                if "decode_step_wall_ms" in r else "–")
         lines.append(f"| {r['system']} | {r['batch']} | {r['input_len']}/{r['output_len']} | "
                      f"{r['output_tokens_per_s']:.1f} | {r['total_tokens_per_s']:.1f} | {r['ttft_mean_s'] * 1e3:.1f} | "
-                     f"{r['ttft_p90_s'] * 1e3:.1f} | {r['tpot_mean_s'] * 1e3:.2f} |")
+                     f"{r['ttft_p90_s'] * 1e3:.1f} | {r['tpot_mean_s'] * 1e3:.2f} | {prof} |")
+    lines.append("")
+    lines.append("Decode step wall / GPU busy: a fresh batch after the timed run, a few decode steps under "
+                 "torch.profiler; GPU busy = summed kernel time. Busy far below wall: the step is host-bound.")
     return "\n".join(lines) + "\n"
 
 
