@@ -500,6 +500,7 @@ def attention_meta(dot_dtype, qpk: int, head_dim: int, block_size: int, group_si
 #: :func:`attention_configs`, or a choice tuned earlier in the process)
 ENV_TUNE = "COMETQ_ATTN_TUNE"
 _TUNED: Dict[tuple, AttnConfig] = {}
+_META: Dict[tuple, dict] = {}
 
 
 _LAST: List[Optional[AttnConfig]] = [None]
@@ -560,7 +561,13 @@ def kv4_decode_attention_triton(q, k_packed, k_scale, k_zero, v_packed, v_scale,
     qpk, tail_g = hq // h, tail_k.shape[2]
 
     def launch(cfg: AttnConfig):
-        meta = attention_meta(dot_dtype, qpk, d, bs, group_size, tail_g, key_axis, value_axis, ns, fold_k, cfg)
+        mkey = (dot_dtype, qpk, d, bs, group_size, tail_g, key_axis, value_axis, ns, bool(fold_k), cfg)
+        meta = _META.get(mkey)
+        if meta is None:  # built once per shape class (a decode step launches this per layer)
+            if len(_META) > 1024:
+                _META.clear()
+            meta = _META[mkey] = attention_meta(dot_dtype, qpk, d, bs, group_size, tail_g, key_axis, value_axis,
+                                                ns, fold_k, cfg)
         kv4_attn_split_kernel[(bsz, h, ns)](
             q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, tail_k, tail_v,
             block_tables, quant_lens, tail_lens, seq_ids, po, pm, pl,
@@ -580,15 +587,18 @@ def kv4_decode_attention_triton(q, k_packed, k_scale, k_zero, v_packed, v_scale,
         w = int(num_warps)
         config = AttnConfig(w, attention_tile(bs, group_size, fold_k, key_axis, value_axis), w < 4)
     if config is None:
-        cands = attention_configs(bs, group_size, fold_k, key_axis, value_axis)
         # program-count bucket: what decides occupancy (and so the best warps per program)
         key = (str(q.device), dot_dtype, qpk, d, bs, group_size, tail_g > 0, key_axis, value_axis, bool(fold_k),
                triton.next_power_of_2(bsz * h * ns))
         config = _TUNED.get(key)
         if config is None:
+            cands = attention_configs(bs, group_size, fold_k, key_axis, value_axis)
             config = cands[0]
-            if (q.device.type == "cuda" and not interpreting() and os.environ.get(ENV_TUNE, "1") != "0"
-                    and len(cands) > 1 and not _capturing(q.device)):
+            tune = (q.device.type == "cuda" and not interpreting() and os.environ.get(ENV_TUNE, "1") != "0"
+                    and len(cands) > 1)
+            if not tune:
+                _TUNED[key] = config  # the untuned choice is fixed too: no candidate list per call
+            elif not _capturing(q.device):
                 from cometq.autotune import cuda_event_timer
 
                 # CUDA events, not triton.testing.do_bench: that allocates a 256 MB L2-flush buffer
