@@ -27,7 +27,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from .kv4_append import kv4_append_kernel  # noqa: E402
+from .kv4_append import kv4_append_kernel, kv4_tail_write_kernel  # noqa: E402
 from .kv4_attention import attention_configs, attention_meta, kv4_attn_reduce_kernel, kv4_attn_split_kernel  # noqa: E402
 
 _TY = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
@@ -86,6 +86,10 @@ def jobs(quick: bool = False) -> List[tuple]:
             ce = attention_meta(qd, 4, 128, 64, 32, 32, ka, va, 8, config=cfg)
             out.append((f"attn-cfg[{qd},{ka}/{va},qpk=4,splits=8,w{cfg.num_warps},t{cfg.tile}"
                         f"{',lazy' if cfg.lazy else ''}]", kv4_attn_split_kernel, ptrs, ce, cfg.num_warps, "attn"))
+        # the decode tail write (staged pools: tails + length rows, one launch)
+        ptrs = dict(k_ptr=_TY[qd], v_ptr=_TY[qd], tk_ptr="*fp16", tv_ptr="*fp16", slot_ptr="*i32", tpos_ptr="*i32",
+                    lens_ptr="*i32", new_ptr="*i32")
+        out.append((f"tail_write[{qd}]", kv4_tail_write_kernel, ptrs, dict(BLOCK_H=8, BLOCK_D=128), 4, "tail"))
         ce = dict(HQ=32, NUM_SPLITS=8, SPLITS_P2=8, D=128)
         ptrs = dict(po_ptr="*fp32", pm_ptr="*fp32", pl_ptr="*fp32", out_ptr=_TY[qd])
         out.append((f"reduce[{qd}]", kv4_attn_reduce_kernel, ptrs, ce, 4, "reduce"))
@@ -100,7 +104,7 @@ CI_SET = ("append[token,torch.float16]", "append[channel,torch.float16]",
           "attn-fold[torch.float16,channel/token,qpk=4,splits=8]",
           "attn-cfg[torch.float16,channel/token,qpk=4,splits=8,w2,t32,lazy]",
           "attn-cfg[torch.float16,channel/token,qpk=4,splits=8,w1,t32,lazy]",
-          "attn-cfg[torch.float16,channel/token,qpk=4,splits=8,w1,t16,lazy]")
+          "attn-cfg[torch.float16,channel/token,qpk=4,splits=8,w1,t16,lazy]", "tail_write[torch.float16]")
 
 
 def ptxas_usage(ptx: str, arch: int) -> dict:

@@ -115,3 +115,54 @@ def kv4_quantize_append_triton(x, packed, scale, zero, block_ids, offsets, group
         scale.stride(0), scale.stride(1), scale.stride(2),
         T_IN=t, HALF_D=half, GROUP=group_size, AXIS_CHANNEL=(axis == "channel"),
     )
+
+
+@triton.jit
+def kv4_tail_write_kernel(
+    k_ptr, v_ptr, tk_ptr, tv_ptr, slot_ptr, tpos_ptr, lens_ptr, new_ptr,
+    B, H, D,
+    stride_kb, stride_kh, stride_vb, stride_vh,
+    stride_ts, stride_th, stride_tt,
+    stride_l2, stride_ls,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One decode token per sequence into a staged pool's full-precision tails, plus the
+    layer's two length rows, in one launch (was three ``index_put`` launches per layer per
+    decode step): program ``b`` copies ``k[b], v[b]`` ``[H, D]`` to tail position
+    ``tpos[b]`` of slot ``slots[b]`` (cast to the tail dtype: round to nearest even, as
+    ``Tensor.to``) and stores the slot's new quant / tail lengths ``new[b]`` / ``new[B + b]``."""
+    b = tl.program_id(0)
+    slot = tl.load(slot_ptr + b).to(tl.int64)
+    t = tl.load(tpos_ptr + b).to(tl.int64)
+    hh = tl.arange(0, BLOCK_H)
+    dd = tl.arange(0, BLOCK_D)
+    mask = (hh < H)[:, None] & (dd < D)[None, :]
+    src_k = k_ptr + b.to(tl.int64) * stride_kb + hh[:, None] * stride_kh + dd[None, :]
+    src_v = v_ptr + b.to(tl.int64) * stride_vb + hh[:, None] * stride_vh + dd[None, :]
+    dst = slot * stride_ts + hh[:, None] * stride_th + t * stride_tt + dd[None, :]
+    tl.store(tk_ptr + dst, tl.load(src_k, mask=mask).to(tk_ptr.dtype.element_ty), mask=mask)
+    tl.store(tv_ptr + dst, tl.load(src_v, mask=mask).to(tv_ptr.dtype.element_ty), mask=mask)
+    tl.store(lens_ptr + slot * stride_ls, tl.load(new_ptr + b))
+    tl.store(lens_ptr + stride_l2 + slot * stride_ls, tl.load(new_ptr + B + b))
+
+
+def kv4_tail_write_triton(k, v, tail_k, tail_v, slots, tpos, lens, new_lens) -> None:
+    """Launch :func:`kv4_tail_write_kernel`.  ``k, v [B, H, D]`` (last dim contiguous), ``tail_k /
+    tail_v [S, H, G, D]`` (one layer, same strides, last dim contiguous), ``slots / tpos [B]``
+    ints, ``lens [2, S]`` int32 (quant, tail rows of one layer), ``new_lens [2 * B]`` int32."""
+    bsz, h, d = k.shape
+    if bsz == 0:
+        return
+    if (tuple(v.shape) != tuple(k.shape) or tail_k.stride() != tail_v.stride() or k.stride(2) != 1
+            or v.stride(2) != 1 or tail_k.stride(3) != 1 or tuple(tail_k.shape[1::2]) != (h, d)):
+        raise ValueError(f"tail write: k {tuple(k.shape)} / v {tuple(v.shape)} / tails {tuple(tail_k.shape)} "
+                         f"(strides {tail_k.stride()} / {tail_v.stride()}) do not match")
+    if slots.numel() != bsz or tpos.numel() != bsz or new_lens.numel() != 2 * bsz or lens.dim() != 2:
+        raise ValueError(f"tail write: slots {tuple(slots.shape)}, tpos {tuple(tpos.shape)}, new_lens "
+                         f"{tuple(new_lens.shape)}, lens {tuple(lens.shape)} for a batch of {bsz}")
+    kv4_tail_write_kernel[(bsz,)](
+        k, v, tail_k, tail_v, slots, tpos, lens, new_lens, bsz, h, d,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        tail_k.stride(0), tail_k.stride(1), tail_k.stride(2), lens.stride(0), lens.stride(1),
+        BLOCK_H=triton.next_power_of_2(h), BLOCK_D=triton.next_power_of_2(d), num_warps=4,
+    )

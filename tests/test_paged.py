@@ -649,3 +649,36 @@ def test_pool_built_on_plain_cuda_accepts_cuda0_tensors():
     k, v = _tokens(2, 21, 32, 0)
     pool.append(s, k.cuda(), v.cuda())
     assert pool.seq_len(s) == 21
+
+
+@pytest.mark.parametrize("axes,tail_dtype", [(("channel", "token"), torch.float16), (("channel", "channel"), torch.float32),
+                                             (("token", "channel"), torch.float16)])
+def test_fused_tail_write_same_state_as_torch_path(axes, tail_dtype):
+    """Staged pools: decode appends through the one-launch Triton tail write (tails + both
+    length rows; backend "triton") leave every pool tensor bit-identical to the torch index
+    writes (backend "reference"), across group completions and a batch that shrinks."""
+    from cometq.paged import MultiLayerKV4Pool
+
+    c = _cfg(*axes, tail_dtype=tail_dtype)
+    dev = _dev("triton")
+    pools = {be: MultiLayerKV4Pool(c, 2, dev) for be in ("reference", "triton")}
+    ka, va = (t.to(dev) for t in _tokens(2, 29, 32, 7))
+    kb, vb = (t.to(dev) for t in _tokens(2, 21, 32, 8))
+    for be, pool in pools.items():
+        a, b = pool.add_sequence(), pool.add_sequence()
+        pool.reserve(a, 29)
+        pool.reserve(b, 21)
+        for L in range(2):
+            pool.append_prefill(L, [a, b], [ka[:, :5], kb[:, :3]], [va[:, :5], vb[:, :3]], backend=be)
+        for t in range(5, 29):
+            sids = [a, b] if t - 2 < 21 else [a]
+            k = torch.stack([ka[:, t]] + ([kb[:, t - 2]] if len(sids) == 2 else []))
+            v = torch.stack([va[:, t]] + ([vb[:, t - 2]] if len(sids) == 2 else []))
+            for L in range(2):
+                assert pool._fused_tail_write(be) == (be == "triton")
+                pool.append_decode(L, sids, k, v, backend=be)
+    ref, tri = pools["reference"], pools["triton"]
+    for name in ("k_packed", "k_scale", "k_zero", "v_packed", "v_scale", "v_zero", "tail_k", "tail_v", "quant_lens",
+                 "tail_lens"):
+        assert torch.equal(getattr(ref, name), getattr(tri, name)), name
+    assert ref._qlen == tri._qlen and ref._tlen == tri._tlen

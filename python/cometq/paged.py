@@ -583,6 +583,29 @@ class MultiLayerKV4Pool:
             self._quantize_rows(L, k[:, :, None], v[:, :, None], blocks, [p % bs for p in pos], backend)
             for s in seq_ids:
                 self._qlen[L][s] += 1
+        elif self._fused_tail_write(backend):
+            # one Triton launch writes the tails and the final lengths (three index_puts below);
+            # the host ledger is settled first, so the launch carries the lengths after any
+            # group this token completes (quantized right after, before anything reads them)
+            from cometq.kernels.kv4_append import kv4_tail_write_triton
+
+            ql, tl = self._qlen[L], self._tlen[L]
+            tpos_v = tuple(tl[s] for s in seq_ids)
+            full = [s for s, t in zip(seq_ids, tpos_v) if t + 1 == g]
+            pos = [ql[s] for s in full]
+            for s in seq_ids:
+                tl[s] += 1
+            for s in full:
+                ql[s] += g
+                tl[s] = 0
+            new = tuple(ql[s] for s in seq_ids) + tuple(tl[s] for s in seq_ids)
+            kv4_tail_write_triton(k, v, self.tail_k[L], self.tail_v[L], self._ints(tuple(seq_ids), torch.int32),
+                                  self._ints(tpos_v, torch.int32), self._lens[:, L], self._ints(new, torch.int32))
+            if full:
+                fs = self._ints(tuple(full), torch.long)
+                blocks = [self._blocks[s][p // bs] for s, p in zip(full, pos)]
+                self._quantize_rows(L, self.tail_k[L, fs], self.tail_v[L, fs], blocks, [p % bs for p in pos], backend)
+            return
         else:
             tl = self._tlen[L]
             slots = self._ints(tuple(seq_ids), torch.long)
@@ -601,6 +624,16 @@ class MultiLayerKV4Pool:
                     self._qlen[L][s] += g
                     self._tlen[L][s] = 0
         self._sync_lens(L, seq_ids)
+
+    def _fused_tail_write(self, backend: Optional[str]) -> bool:
+        """Whether decode appends to the staged tails go through the one-launch Triton kernel
+        (the Triton backend resolves for this pool's device) or the torch index writes."""
+        from .ops import resolve_backend
+
+        try:
+            return resolve_backend("kv4_quantize_append", self.device, backend) == "triton"
+        except (RuntimeError, ValueError):
+            return False
 
     def _sync_lens(self, layer: int, seq_ids: List[int]) -> None:
         if not seq_ids:
