@@ -62,16 +62,20 @@ def jobs(quick: bool = False) -> List[tuple]:
             for qpk in (1, 4, 8):
                 for splits in (1, 8):
                     tail = 32 if "channel" in (ka, va) else 0
-                    ce = attention_meta(qd, qpk, 128, 64, 32, tail, ka, va, splits)
+                    # one split: the launcher's direct store (the split kernel writes the output)
+                    ce = attention_meta(qd, qpk, 128, 64, 32, tail, ka, va, splits, direct=splits == 1)
                     ptrs = {n: "*u8" for n in ("kp_ptr", "vp_ptr")}
                     ptrs.update({n: "*fp16" for n in ("ks_ptr", "kz_ptr", "vs_ptr", "vz_ptr", "tk_ptr", "tv_ptr")})
                     ptrs.update({n: "*i32" for n in ("bt_ptr", "qlen_ptr", "tlen_ptr", "sid_ptr")})
                     ptrs.update({n: "*fp32" for n in ("po_ptr", "pm_ptr", "pl_ptr")})
                     ptrs["q_ptr"] = _TY[qd]
+                    if splits == 1:
+                        ptrs["po_ptr"] = _TY[qd]
                     out.append((f"attn[{qd},{ka}/{va},qpk={qpk},splits={splits}]", kv4_attn_split_kernel, ptrs, ce, 4,
                                 "attn"))
                     if ka == "channel":  # the folded-key variant (FOLD_K), same pools
-                        ce_f = attention_meta(qd, qpk, 128, 64, 32, tail, ka, va, splits, fold_k=True)
+                        ce_f = attention_meta(qd, qpk, 128, 64, 32, tail, ka, va, splits, fold_k=True,
+                                              direct=splits == 1)
                         out.append((f"attn-fold[{qd},{ka}/{va},qpk={qpk},splits={splits}]", kv4_attn_split_kernel,
                                     ptrs, ce_f, 4, "attn"))
         # the other launch configs the tuner times (fewer warps, 16-token tiles, lazy rescale),

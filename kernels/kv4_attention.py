@@ -48,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import _ASM_UNPACK, interpreting
+from ._common import _ASM_UNPACK, dummy, interpreting
 
 _NEG = tl.constexpr(-1.0e30)  # finite "minus infinity": exp2(_NEG - m) == 0 without inf - inf NaNs
 _LAZY = tl.constexpr(8.0)  # log2 headroom of the lazy softmax rescale (probabilities <= 256)
@@ -274,7 +274,7 @@ def kv4_attn_split_kernel(
     BLOCK_SIZE: tl.constexpr, TAIL_N: tl.constexpr,
     K_TOK_DIV: tl.constexpr, K_CH_DIV: tl.constexpr, V_TOK_DIV: tl.constexpr, V_CH_DIV: tl.constexpr,
     DOT_DTYPE: tl.constexpr, FOLD_K: tl.constexpr = False, TILE: tl.constexpr = 16,
-    LAZY_RESCALE: tl.constexpr = False,
+    LAZY_RESCALE: tl.constexpr = False, DIRECT: tl.constexpr = False,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -382,11 +382,19 @@ def kv4_attn_split_kernel(
 
     # partials: acc [B, Hq, S, D] (even/odd channels interleaved back), m/l [B, Hq, S]
     ob = po_ptr + b.to(tl.int64) * stride_pob + heads[:, None] * stride_poh + split * stride_pos
-    tl.store(ob + 2 * j[None, :], acc_lo, mask=hmask[:, None])
-    tl.store(ob + 2 * j[None, :] + 1, acc_hi, mask=hmask[:, None])
-    mo = (b.to(tl.int64) * (QPK * tl.num_programs(1)) + heads) * NUM_SPLITS + split
-    tl.store(pm_ptr + mo, m_i, mask=hmask)
-    tl.store(pl_ptr + mo, l_i, mask=hmask)
+    if DIRECT:
+        # one split (po_ptr is the output [B, Hq, D]): the reduce kernel's merge of a single
+        # partial is o = acc / l (its weight exp2(m - m) is exactly 1), so it is done here and the
+        # reduce launch and the partial buffers are skipped -- same float ops, same bits
+        den = tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        tl.store(ob + 2 * j[None, :], (acc_lo / den).to(po_ptr.dtype.element_ty), mask=hmask[:, None])
+        tl.store(ob + 2 * j[None, :] + 1, (acc_hi / den).to(po_ptr.dtype.element_ty), mask=hmask[:, None])
+    else:
+        tl.store(ob + 2 * j[None, :], acc_lo, mask=hmask[:, None])
+        tl.store(ob + 2 * j[None, :] + 1, acc_hi, mask=hmask[:, None])
+        mo = (b.to(tl.int64) * (QPK * tl.num_programs(1)) + heads) * NUM_SPLITS + split
+        tl.store(pm_ptr + mo, m_i, mask=hmask)
+        tl.store(pl_ptr + mo, l_i, mask=hmask)
 
 
 @triton.jit
@@ -481,7 +489,7 @@ def attention_configs(block_size: int, group_size: int, fold_k: bool, key_axis: 
 
 def attention_meta(dot_dtype, qpk: int, head_dim: int, block_size: int, group_size: int, tail_g: int,
                    key_axis: str, value_axis: str, num_splits: int, fold_k: bool = False,
-                   config: Optional[AttnConfig] = None):
+                   config: Optional[AttnConfig] = None, direct: bool = False):
     """constexprs of :func:`kv4_attn_split_kernel` for one call (shared with the AOT test);
     ``config`` None: the default tile, eager rescaling."""
     kt, kc = _axis_divs(key_axis, group_size)
@@ -493,7 +501,8 @@ def attention_meta(dot_dtype, qpk: int, head_dim: int, block_size: int, group_si
     return dict(NUM_SPLITS=num_splits, QPK=qpk, BLOCK_H=max(16, triton.next_power_of_2(qpk)), HALF_D=head_dim // 2,
                 BLOCK_SIZE=block_size, TAIL_N=0 if tail_g == 0 else max(16, triton.next_power_of_2(tail_g)),
                 K_TOK_DIV=kt, K_CH_DIV=kc, V_TOK_DIV=vt, V_CH_DIV=vc, DOT_DTYPE=_DOT[dot_dtype], FOLD_K=bool(fold_k),
-                TILE=tile, LAZY_RESCALE=bool(config.lazy) if config is not None else False)
+                TILE=tile, LAZY_RESCALE=bool(config.lazy) if config is not None else False,
+                DIRECT=bool(direct) and num_splits == 1)
 
 
 #: "0": no timing on first use (each shape takes the first candidate of
@@ -524,7 +533,8 @@ def kv4_decode_attention_triton(q, k_packed, k_scale, k_zero, v_packed, v_scale,
                                 block_tables, quant_lens, tail_lens, seq_ids, group_size: int, key_axis: str,
                                 value_axis: str, sm_scale: float, num_splits: int, *,
                                 config: Optional[AttnConfig] = None, num_warps: Optional[int] = None,
-                                num_stages: int = None, fold_k: Optional[bool] = None):
+                                num_stages: int = None, fold_k: Optional[bool] = None,
+                                direct_store: Optional[bool] = None):
     """Launch split + reduce (arguments as ``cometq.ops.kv4_decode_attention``).
 
     Launch config (:class:`AttnConfig`): ``config`` if given; else ``num_warps`` if given
@@ -535,7 +545,10 @@ def kv4_decode_attention_triton(q, k_packed, k_scale, k_zero, v_packed, v_scale,
     ``num_stages``: keyword extra for benchmark sweeps (None: Triton's default).
     ``fold_k``: fold per-channel key scales into the query (FOLD_K) instead of dequantizing
     K; None: the ``COMETQ_KV4_FOLD_K`` environment variable (off unless "1"), and only where
-    :func:`fold_k_eligible`; True on an ineligible pool is an error."""
+    :func:`fold_k_eligible`; True on an ineligible pool is an error.
+    ``direct_store`` (None: when ``num_splits == 1``): the split kernel normalizes and writes the
+    output itself -- one launch and no partial buffers (a batch-64 decode step uses one split);
+    bit-identical to the reduce kernel's merge of one partial."""
     if fold_k is None:
         fold_k = os.environ.get(ENV_FOLD_K, "0") == "1" and fold_k_eligible(key_axis, group_size)
     elif fold_k and not fold_k_eligible(key_axis, group_size):
@@ -552,22 +565,28 @@ def kv4_decode_attention_triton(q, k_packed, k_scale, k_zero, v_packed, v_scale,
     if bsz == 0:
         return out
     ns = int(num_splits)
-    po = torch.empty(bsz, hq, ns, d, dtype=torch.float32, device=q.device)
-    pm = torch.empty(bsz, hq, ns, dtype=torch.float32, device=q.device)
-    pl = torch.empty_like(pm)
+    direct = (ns == 1) if direct_store is None else (bool(direct_store) and ns == 1)
+    if direct:  # the split kernel writes `out` (po strides = out's, split stride 0)
+        po, pm, pl = out, dummy(q.device), dummy(q.device)
+        po_strides = (out.stride(0), out.stride(1), 0)
+    else:
+        po = torch.empty(bsz, hq, ns, d, dtype=torch.float32, device=q.device)
+        pm = torch.empty(bsz, hq, ns, dtype=torch.float32, device=q.device)
+        pl = torch.empty_like(pm)
+        po_strides = (po.stride(0), po.stride(1), po.stride(2))
     # the CPU interpreter computes bf16 tl.dot wrongly (numpy has no bf16); there the
     # dots run in fp32 -- the GPU bf16 variant is covered by the AOT compile test
     dot_dtype = torch.float32 if (q.device.type == "cpu" and q.dtype == torch.bfloat16) else q.dtype
     qpk, tail_g = hq // h, tail_k.shape[2]
 
     def launch(cfg: AttnConfig):
-        mkey = (dot_dtype, qpk, d, bs, group_size, tail_g, key_axis, value_axis, ns, bool(fold_k), cfg)
+        mkey = (dot_dtype, qpk, d, bs, group_size, tail_g, key_axis, value_axis, ns, bool(fold_k), cfg, direct)
         meta = _META.get(mkey)
         if meta is None:  # built once per shape class (a decode step launches this per layer)
             if len(_META) > 1024:
                 _META.clear()
             meta = _META[mkey] = attention_meta(dot_dtype, qpk, d, bs, group_size, tail_g, key_axis, value_axis,
-                                                ns, fold_k, cfg)
+                                                ns, fold_k, cfg, direct)
         kv4_attn_split_kernel[(bsz, h, ns)](
             q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, tail_k, tail_v,
             block_tables, quant_lens, tail_lens, seq_ids, po, pm, pl,
@@ -579,7 +598,7 @@ def kv4_decode_attention_triton(q, k_packed, k_scale, k_zero, v_packed, v_scale,
             tail_k.stride(0), tail_k.stride(1), tail_k.stride(2),
             tail_v.stride(0), tail_v.stride(1), tail_v.stride(2),
             block_tables.stride(0),
-            po.stride(0), po.stride(1), po.stride(2),
+            *po_strides,
             num_warps=cfg.num_warps, **({} if num_stages is None else dict(num_stages=num_stages)), **meta,
         )
 
@@ -615,6 +634,8 @@ def kv4_decode_attention_triton(q, k_packed, k_scale, k_zero, v_packed, v_scale,
                 _TUNED[key] = config
     launch(config)
     _LAST[0] = config
+    if direct:
+        return out
     kv4_attn_reduce_kernel[(bsz, hq)](
         po, pm, pl, out, po.stride(0), po.stride(1), po.stride(2), out.stride(0), out.stride(1),
         HQ=hq, NUM_SPLITS=ns, SPLITS_P2=triton.next_power_of_2(ns), D=d, num_warps=4,

@@ -351,3 +351,20 @@ def test_check_pool_false_still_checks_the_query():
         ops.kv4_decode_attention(torch.randn(2, 3, 32), *a[1:], 0.2, 1, "reference", check_pool=False)
     with pytest.raises(ValueError, match="seq_ids must be int32"):
         ops.kv4_decode_attention(q, *a[1:12], a[12][:1], *a[13:], 0.2, 1, "reference", check_pool=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_one_split_direct_store_same_bits_as_reduce(dtype):
+    """num_splits == 1: the split kernel writes the output itself (no reduce launch) -- the same
+    float ops as the reduce kernel's merge of one partial, so the same bits."""
+    from cometq.kernels.kv4_attention import kv4_decode_attention_triton
+
+    pool, sids = build_pool(("channel", "token"), [5, 40, 17], device=DEV)
+    q = torch.randn(3, 4, 32, generator=torch.Generator().manual_seed(3)).to(DEV, dtype)
+    a = _raw_args(pool, q, sids)
+    direct = kv4_decode_attention_triton(*a, 32 ** -0.5, 1)
+    reduced = kv4_decode_attention_triton(*a, 32 ** -0.5, 1, direct_store=False)
+    assert direct.dtype == dtype and torch.equal(direct, reduced)
+    ref = _call(pool, q.float(), sids, "reference", 1)
+    tol = dict(rtol=ATTN_RTOL, atol=ATTN_ATOL) if dtype == torch.float32 else dict(rtol=ATTN_FP16_RTOL, atol=ATTN_FP16_ATOL)
+    torch.testing.assert_close(direct.float(), ref.float(), **tol)
