@@ -67,8 +67,8 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         "OpenMP threads spin against each other)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-step-profile", action="store_true",
-                   help="skip the decode-step profile (GPU: wall time vs GPU-busy time per decode step, after each "
-                        "engine run)")
+                   help="skip the decode-step profile (GPU, +graphs systems: wall time vs GPU-busy time per decode "
+                        "step, after the timed run)")
     p.add_argument("--out", default="bench/results", help="directory for serving_<tag>.json/.md/.png")
     p.add_argument("--tag", default=None, help="file name tag (default: device)")
     return p
@@ -321,7 +321,9 @@ def run_bench(args) -> Dict:
                     r = run_engine(qmodel if kv4 else model, kv4=kv4, batch=b, in_len=in_len, out_len=out_len,
                                    block_size=args.block_size, budget=budget, device=device, seed=args.seed,
                                    cuda_graphs=system.endswith("+graphs"),
-                                   step_profile=not getattr(args, "no_step_profile", False))
+                                   # the graph systems only: the eager ones are host-bound by design
+                                   step_profile=system.endswith("+graphs") and not getattr(args, "no_step_profile",
+                                                                                          False))
             except torch.cuda.OutOfMemoryError as e:  # pragma: no cover - GPU only
                 _log(f"  out of memory: {e}")
                 torch.cuda.empty_cache()
