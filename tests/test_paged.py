@@ -246,11 +246,11 @@ def test_bytes_per_block():
 def test_default_num_splits():
     from cometq.paged import default_num_splits
 
-    assert default_num_splits(16, 8, 64) == 4  # 128 programs -> 4 splits fill ~4 waves of 132 SMs
-    assert default_num_splits(1, 8, 64) == 64  # capped by the 64 blocks (66 wanted)
+    assert default_num_splits(16, 8, 64) == 6  # 128 programs x 6 splits ~ 6 per SM (H100 best at batch 16)
+    assert default_num_splits(1, 8, 64) == 64  # capped by the 64 blocks (99 wanted)
     assert default_num_splits(1, 8, 128) == 64  # and by 64
-    assert default_num_splits(2, 8, 128) == 33
-    assert default_num_splits(8, 8, 128) == 8
+    assert default_num_splits(2, 8, 128) == 49
+    assert default_num_splits(8, 8, 128) == 12
     assert default_num_splits(1, 8, 4) == 4  # never more splits than blocks
     assert default_num_splits(64, 8, 256) == 1
     pool = PagedKV4Pool(_cfg("token", "token"))

@@ -248,13 +248,15 @@ def kv4_decode_attention_reference(
 
 
 def default_num_splits(batch: int, kv_heads: int, max_blocks: int, num_sms: int = 132) -> int:
-    """Split-K partitions so ``batch * kv_heads * splits`` programs fill ~4 waves of
-    SMs (132 on H100), never more splits than the longest sequence has blocks.
+    """Split-K partitions so ``batch * kv_heads * splits`` programs number ~6 per SM (132 SMs on
+    H100), never more splits than the longest sequence has blocks.
 
     Measured on an H100 (bench/RESULTS.md, 2026-11-26; batch 16, context 4096, Llama-3-8B
-    heads): 3 splits (2 waves) 239 us, 6 splits 191 us, 12 splits 199 us; batch 64: 1 split 691 us,
-    2 splits 701 us."""
-    want = 4 * num_sms // max(1, batch * kv_heads)  # floor: batch 64 x 8 heads stays at 1 (measured best)
+    heads): 3 splits 239 us, 6 splits 191 us (best), 12 splits 199 us; batch 64: 1 split 691 us
+    (best), 2 splits 701 us -- 6 x 132 programs gives 6 at batch 16 and keeps 1 at batch 64
+    (where one split also skips the reduce launch).  The 1-2-warp launch configs hold more
+    programs per SM; ``bench_attention.py --sweep`` measures them at 0.5-4x this count."""
+    want = 6 * num_sms // max(1, batch * kv_heads)  # floor: batch 64 x 8 heads stays at 1 (measured best)
     return max(1, min(want, max_blocks, 64))
 
 
