@@ -232,6 +232,9 @@ def main(argv=None) -> int:
                 head_dim=d, block_size=args.block_size, group_size=args.group_size, key_axis=args.key_axis,
                 value_axis=args.value_axis, time=time.strftime("%Y-%m-%d %H:%M:%S"))
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    from cometq.kernels.kv4_attention import tuned_configs
+
+    meta["launch_configs_chosen"] = tuned_configs()  # per shape class: what the tuner (or the default) picked
     with open(args.out + ".json", "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=2)
     md = [f"Decode attention on {props.name}: {hq} q heads / {h} kv heads, head_dim {d}, KV4 K {args.key_axis} / "
