@@ -209,7 +209,7 @@ SL=$(limit "${SERVING_CAP:-150}")
 # autotuning every bucket of four Llama-3-8B shapes does not fit a short run
 # shellcheck disable=SC2086
 bench serving "$SL" env COMETQ_GEMM_TUNE="${COMETQ_GEMM_TUNE:-0}" $PY bench/bench_serving.py \
-  ${SERVING_ARGS:---batch-sizes 64 --input-len 256 --output-len 64 --systems hf-generate,cometq-w4ax-kv4+graphs,cometq-w4ax-kv4,cometq-fp+graphs,cometq-fp} \
+  ${SERVING_ARGS:---batch-sizes 64 --input-len 256 --output-len 64 --systems hf-generate,cometq-w4ax-kv4+graphs,cometq-w4ax-kv4+piecewise,cometq-fp+graphs,cometq-fp} \
   --out "$W/serving"
 # ---------------------------------------------------------------- CUDA-op and engine tests
 # (after the benchmarks: ~550 of their 811 cases passed on the first lease, none failed)

@@ -12,8 +12,9 @@ except Exception as e:  # pragma: no cover - exercised where triton is absent
 
 from cometq.ops import register_impl
 
-from .kv4_append import kv4_quantize_append_triton
+from .kv4_append import kv4_decode_append_triton, kv4_quantize_append_triton
 from .kv4_attention import kv4_decode_attention_triton
 
 register_impl("kv4_quantize_append", "triton", kv4_quantize_append_triton)
 register_impl("kv4_decode_attention", "triton", kv4_decode_attention_triton)
+register_impl("kv4_decode_append", "triton", kv4_decode_append_triton)

@@ -27,7 +27,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from .kv4_append import kv4_append_kernel, kv4_tail_write_kernel  # noqa: E402
+from .kv4_append import kv4_append_kernel, kv4_decode_append_kernel  # noqa: E402
 from .kv4_attention import attention_configs, attention_meta, kv4_attn_reduce_kernel, kv4_attn_split_kernel  # noqa: E402
 
 _TY = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
@@ -90,10 +90,14 @@ def jobs(quick: bool = False) -> List[tuple]:
             ce = attention_meta(qd, 4, 128, 64, 32, 32, ka, va, 8, config=cfg)
             out.append((f"attn-cfg[{qd},{ka}/{va},qpk=4,splits=8,w{cfg.num_warps},t{cfg.tile}"
                         f"{',lazy' if cfg.lazy else ''}]", kv4_attn_split_kernel, ptrs, ce, cfg.num_warps, "attn"))
-        # the decode tail write (staged pools: tails + length rows, one launch)
-        ptrs = dict(k_ptr=_TY[qd], v_ptr=_TY[qd], tk_ptr="*fp16", tv_ptr="*fp16", slot_ptr="*i32", tpos_ptr="*i32",
-                    lens_ptr="*i32", new_ptr="*i32")
-        out.append((f"tail_write[{qd}]", kv4_tail_write_kernel, ptrs, dict(BLOCK_H=8, BLOCK_D=128), 4, "tail"))
+        # the device-side decode append (one token per sequence, lengths advanced on the device)
+        for ka, va in (axes[0], axes[1]) if not quick else axes[:1]:
+            ptrs = dict(k_ptr=_TY[qd], v_ptr=_TY[qd], kp_ptr="*u8", vp_ptr="*u8", tk_ptr="*fp16", tv_ptr="*fp16",
+                        bt_ptr="*i32", lens_ptr="*i32", slot_ptr="*i32")
+            ptrs.update({n: "*fp16" for n in ("ks_ptr", "kz_ptr", "vs_ptr", "vz_ptr")})
+            ce = dict(HALF_D=64, GROUP=32, BLOCK_SIZE=64, STAGED="channel" in (ka, va), K_CHANNEL=ka == "channel",
+                      V_CHANNEL=va == "channel")
+            out.append((f"decode_append[{qd},{ka}/{va}]", kv4_decode_append_kernel, ptrs, ce, 4, "append"))
         ce = dict(HQ=32, NUM_SPLITS=8, SPLITS_P2=8, D=128)
         ptrs = dict(po_ptr="*fp32", pm_ptr="*fp32", pl_ptr="*fp32", out_ptr=_TY[qd])
         out.append((f"reduce[{qd}]", kv4_attn_reduce_kernel, ptrs, ce, 4, "reduce"))
@@ -108,7 +112,8 @@ CI_SET = ("append[token,torch.float16]", "append[channel,torch.float16]",
           "attn-fold[torch.float16,channel/token,qpk=4,splits=8]",
           "attn-cfg[torch.float16,channel/token,qpk=4,splits=8,w2,t32,lazy]",
           "attn-cfg[torch.float16,channel/token,qpk=4,splits=8,w1,t32,lazy]",
-          "attn-cfg[torch.float16,channel/token,qpk=4,splits=8,w1,t16,lazy]", "tail_write[torch.float16]")
+          "attn-cfg[torch.float16,channel/token,qpk=4,splits=8,w1,t16,lazy]", "decode_append[torch.float16,channel/token]",
+          "decode_append[torch.float16,token/token]")
 
 
 def ptxas_usage(ptx: str, arch: int) -> dict:

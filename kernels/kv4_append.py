@@ -33,22 +33,12 @@ def _rne(y):
 
 
 @triton.jit
-def kv4_append_kernel(
-    x_ptr, packed_ptr, scale_ptr, zero_ptr, block_ptr, offset_ptr,
-    stride_xn, stride_xh, stride_xt, stride_xd,
-    stride_pb, stride_ph, stride_pt,
-    stride_sb, stride_sh, stride_st,
-    T_IN: tl.constexpr, HALF_D: tl.constexpr, GROUP: tl.constexpr, AXIS_CHANNEL: tl.constexpr,
-):
-    row = tl.program_id(0)
-    h = tl.program_id(1)
-    blk = tl.load(block_ptr + row).to(tl.int64)
-    off = tl.load(offset_ptr + row)
-    t = tl.arange(0, T_IN)
-    j = tl.arange(0, HALF_D)
-    xb = x_ptr + row.to(tl.int64) * stride_xn + h * stride_xh + t[:, None] * stride_xt
-    x_lo = tl.load(xb + (2 * j)[None, :] * stride_xd).to(tl.float32)      # [T_IN, HALF_D] channels 2j
-    x_hi = tl.load(xb + (2 * j + 1)[None, :] * stride_xd).to(tl.float32)  # channels 2j+1
+def _quantize_store(x_lo, x_hi, packed_ptr, scale_ptr, zero_ptr, blk, off, h, t, j,
+                    stride_pb, stride_ph, stride_pt, stride_sb, stride_sh, stride_st,
+                    T_IN: tl.constexpr, HALF_D: tl.constexpr, GROUP: tl.constexpr, AXIS_CHANNEL: tl.constexpr):
+    """Quantize ``T_IN`` tokens of one head -- fp32 halves ``x_lo`` (channels 2j) / ``x_hi``
+    (2j+1), ``[T_IN, HALF_D]`` -- and store data, scales and zeros at token rows
+    ``off + t`` of pool block ``blk`` (shared by the append and the decode-append kernels)."""
     if AXIS_CHANNEL:
         # one group = the T_IN (== GROUP) tokens of each channel: reduce over tokens
         mn_lo = tl.min(x_lo, axis=0)[None, :]
@@ -97,6 +87,28 @@ def kv4_append_kernel(
         tl.store(zero_ptr + sb + 2 * j + 1, tl.reshape(z_hi, [HALF_D]))
 
 
+@triton.jit
+def kv4_append_kernel(
+    x_ptr, packed_ptr, scale_ptr, zero_ptr, block_ptr, offset_ptr,
+    stride_xn, stride_xh, stride_xt, stride_xd,
+    stride_pb, stride_ph, stride_pt,
+    stride_sb, stride_sh, stride_st,
+    T_IN: tl.constexpr, HALF_D: tl.constexpr, GROUP: tl.constexpr, AXIS_CHANNEL: tl.constexpr,
+):
+    row = tl.program_id(0)
+    h = tl.program_id(1)
+    blk = tl.load(block_ptr + row).to(tl.int64)
+    off = tl.load(offset_ptr + row)
+    t = tl.arange(0, T_IN)
+    j = tl.arange(0, HALF_D)
+    xb = x_ptr + row.to(tl.int64) * stride_xn + h * stride_xh + t[:, None] * stride_xt
+    x_lo = tl.load(xb + (2 * j)[None, :] * stride_xd).to(tl.float32)      # [T_IN, HALF_D] channels 2j
+    x_hi = tl.load(xb + (2 * j + 1)[None, :] * stride_xd).to(tl.float32)  # channels 2j+1
+    _quantize_store(x_lo, x_hi, packed_ptr, scale_ptr, zero_ptr, blk, off, h, t, j,
+                    stride_pb, stride_ph, stride_pt, stride_sb, stride_sh, stride_st,
+                    T_IN, HALF_D, GROUP, AXIS_CHANNEL)
+
+
 def kv4_quantize_append_triton(x, packed, scale, zero, block_ids, offsets, group_size: int, axis: str) -> None:
     """Launch :func:`kv4_append_kernel` (arguments as ``cometq.ops.kv4_quantize_append``)."""
     n, h, t, d = x.shape
@@ -118,51 +130,134 @@ def kv4_quantize_append_triton(x, packed, scale, zero, block_ids, offsets, group
 
 
 @triton.jit
-def kv4_tail_write_kernel(
-    k_ptr, v_ptr, tk_ptr, tv_ptr, slot_ptr, tpos_ptr, lens_ptr, new_ptr,
-    B, H, D,
+def kv4_decode_append_kernel(
+    k_ptr, v_ptr, kp_ptr, ks_ptr, kz_ptr, vp_ptr, vs_ptr, vz_ptr, tk_ptr, tv_ptr, bt_ptr, lens_ptr, slot_ptr,
+    H,
     stride_kb, stride_kh, stride_vb, stride_vh,
+    stride_pb, stride_ph, stride_pt,
+    stride_ksb, stride_ksh, stride_kst,
+    stride_vsb, stride_vsh, stride_vst,
     stride_ts, stride_th, stride_tt,
-    stride_l2, stride_ls,
-    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    stride_bts, stride_l2, stride_ls,
+    HALF_D: tl.constexpr, GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    STAGED: tl.constexpr, K_CHANNEL: tl.constexpr, V_CHANNEL: tl.constexpr,
 ):
-    """One decode token per sequence into a staged pool's full-precision tails, plus the
-    layer's two length rows, in one launch (was three ``index_put`` launches per layer per
-    decode step): program ``b`` copies ``k[b], v[b]`` ``[H, D]`` to tail position
-    ``tpos[b]`` of slot ``slots[b]`` (cast to the tail dtype: round to nearest even, as
-    ``Tensor.to``) and stores the slot's new quant / tail lengths ``new[b]`` / ``new[B + b]``."""
+    """The whole decode append of one token per sequence, on the device: program ``b``
+    appends ``k[b], v[b]`` ``[H, D]`` to slot ``slots[b]`` of a one-layer pool (``-1``: a
+    padding row, nothing happens) and advances the slot's lengths ``lens [2, S]`` itself.
+
+    Nothing comes from the host but the slot ids, so a decode step (append + attention for
+    every layer) can be captured in one CUDA graph: where the token goes and whether it
+    completes a quantization group are read from the lengths in device memory.
+
+    Staged pools (an axis is ``"channel"``): the token goes to tail row ``t = tail_len``;
+    when ``t == G - 1`` it completes a group and the tail's G tokens are quantized into block
+    ``block_tables[s, q // BS]`` at row ``q % BS`` (``q = quant_len``), then ``q += G, t = 0``.
+    The group is assembled in registers -- tail rows ``0..G-2`` loaded from memory plus the
+    new token as just rounded to the tail dtype -- so no thread reads another thread's store
+    through global memory (no barrier needed).  The tail row is written either way (the
+    reference writes it before quantizing; the state stays bit-identical).  Token-axis pools
+    quantize the token straight into row ``q % BS``.
+
+    A row whose destination block is missing (no reservation: the pool's host checks make
+    that impossible) is skipped whole instead of writing through a ``-1`` block id."""
     b = tl.program_id(0)
     slot = tl.load(slot_ptr + b).to(tl.int64)
-    t = tl.load(tpos_ptr + b).to(tl.int64)
-    hh = tl.arange(0, BLOCK_H)
-    dd = tl.arange(0, BLOCK_D)
-    mask = (hh < H)[:, None] & (dd < D)[None, :]
-    src_k = k_ptr + b.to(tl.int64) * stride_kb + hh[:, None] * stride_kh + dd[None, :]
-    src_v = v_ptr + b.to(tl.int64) * stride_vb + hh[:, None] * stride_vh + dd[None, :]
-    dst = slot * stride_ts + hh[:, None] * stride_th + t * stride_tt + dd[None, :]
-    tl.store(tk_ptr + dst, tl.load(src_k, mask=mask).to(tk_ptr.dtype.element_ty), mask=mask)
-    tl.store(tv_ptr + dst, tl.load(src_v, mask=mask).to(tv_ptr.dtype.element_ty), mask=mask)
-    tl.store(lens_ptr + slot * stride_ls, tl.load(new_ptr + b))
-    tl.store(lens_ptr + stride_l2 + slot * stride_ls, tl.load(new_ptr + B + b))
+    if slot >= 0:
+        ql = tl.load(lens_ptr + slot * stride_ls)
+        tlen = tl.load(lens_ptr + stride_l2 + slot * stride_ls)
+        j = tl.arange(0, HALF_D)
+        b64 = b.to(tl.int64)
+        if STAGED:
+            full = tlen == GROUP - 1
+            blk = tl.load(bt_ptr + slot * stride_bts + ql // BLOCK_SIZE, mask=full, other=0).to(tl.int64)
+            if blk >= 0:
+                t = tl.arange(0, GROUP)
+                off = ql % BLOCK_SIZE
+                for h in range(H):
+                    tb = slot * stride_ts + h * stride_th
+                    kb = k_ptr + b64 * stride_kb + h * stride_kh
+                    vb = v_ptr + b64 * stride_vb + h * stride_vh
+                    # round to the tail dtype like Tensor.to (nearest even)
+                    k_lo = tl.load(kb + 2 * j).to(tk_ptr.dtype.element_ty)
+                    k_hi = tl.load(kb + 2 * j + 1).to(tk_ptr.dtype.element_ty)
+                    v_lo = tl.load(vb + 2 * j).to(tv_ptr.dtype.element_ty)
+                    v_hi = tl.load(vb + 2 * j + 1).to(tv_ptr.dtype.element_ty)
+                    row = tb + tlen * stride_tt
+                    tl.store(tk_ptr + row + 2 * j, k_lo)
+                    tl.store(tk_ptr + row + 2 * j + 1, k_hi)
+                    tl.store(tv_ptr + row + 2 * j, v_lo)
+                    tl.store(tv_ptr + row + 2 * j + 1, v_hi)
+                    if full:
+                        old = (t < tlen)[:, None]
+                        new = (t == tlen)[:, None]
+                        rows = tb + t[:, None] * stride_tt
+                        xk_lo = tl.where(new, k_lo.to(tl.float32)[None, :],
+                                         tl.load(tk_ptr + rows + 2 * j[None, :], mask=old, other=0.0).to(tl.float32))
+                        xk_hi = tl.where(new, k_hi.to(tl.float32)[None, :],
+                                         tl.load(tk_ptr + rows + 2 * j[None, :] + 1, mask=old, other=0.0).to(tl.float32))
+                        xv_lo = tl.where(new, v_lo.to(tl.float32)[None, :],
+                                         tl.load(tv_ptr + rows + 2 * j[None, :], mask=old, other=0.0).to(tl.float32))
+                        xv_hi = tl.where(new, v_hi.to(tl.float32)[None, :],
+                                         tl.load(tv_ptr + rows + 2 * j[None, :] + 1, mask=old, other=0.0).to(tl.float32))
+                        _quantize_store(xk_lo, xk_hi, kp_ptr, ks_ptr, kz_ptr, blk, off, h, t, j,
+                                        stride_pb, stride_ph, stride_pt, stride_ksb, stride_ksh, stride_kst,
+                                        GROUP, HALF_D, GROUP, K_CHANNEL)
+                        _quantize_store(xv_lo, xv_hi, vp_ptr, vs_ptr, vz_ptr, blk, off, h, t, j,
+                                        stride_pb, stride_ph, stride_pt, stride_vsb, stride_vsh, stride_vst,
+                                        GROUP, HALF_D, GROUP, V_CHANNEL)
+                if full:
+                    tl.store(lens_ptr + slot * stride_ls, ql + GROUP)
+                    tl.store(lens_ptr + stride_l2 + slot * stride_ls, 0)
+                else:
+                    tl.store(lens_ptr + stride_l2 + slot * stride_ls, tlen + 1)
+        else:
+            blk = tl.load(bt_ptr + slot * stride_bts + ql // BLOCK_SIZE).to(tl.int64)
+            if blk >= 0:
+                t = tl.arange(0, 1)
+                off = ql % BLOCK_SIZE
+                for h in range(H):
+                    kb = k_ptr + b64 * stride_kb + h * stride_kh
+                    vb = v_ptr + b64 * stride_vb + h * stride_vh
+                    _quantize_store(tl.load(kb + 2 * j[None, :]).to(tl.float32),
+                                    tl.load(kb + 2 * j[None, :] + 1).to(tl.float32),
+                                    kp_ptr, ks_ptr, kz_ptr, blk, off, h, t, j,
+                                    stride_pb, stride_ph, stride_pt, stride_ksb, stride_ksh, stride_kst,
+                                    1, HALF_D, GROUP, False)
+                    _quantize_store(tl.load(vb + 2 * j[None, :]).to(tl.float32),
+                                    tl.load(vb + 2 * j[None, :] + 1).to(tl.float32),
+                                    vp_ptr, vs_ptr, vz_ptr, blk, off, h, t, j,
+                                    stride_pb, stride_ph, stride_pt, stride_vsb, stride_vsh, stride_vst,
+                                    1, HALF_D, GROUP, False)
+                tl.store(lens_ptr + slot * stride_ls, ql + 1)
 
 
-def kv4_tail_write_triton(k, v, tail_k, tail_v, slots, tpos, lens, new_lens) -> None:
-    """Launch :func:`kv4_tail_write_kernel`.  ``k, v [B, H, D]`` (last dim contiguous), ``tail_k /
-    tail_v [S, H, G, D]`` (one layer, same strides, last dim contiguous), ``slots / tpos [B]``
-    ints, ``lens [2, S]`` int32 (quant, tail rows of one layer), ``new_lens [2 * B]`` int32."""
+def kv4_decode_append_triton(k, v, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, tail_k, tail_v,
+                             block_tables, lens, slots, group_size: int, key_axis: str, value_axis: str) -> None:
+    """Launch :func:`kv4_decode_append_kernel` (arguments as ``cometq.ops.kv4_decode_append``)."""
     bsz, h, d = k.shape
     if bsz == 0:
         return
-    if (tuple(v.shape) != tuple(k.shape) or tail_k.stride() != tail_v.stride() or k.stride(2) != 1
-            or v.stride(2) != 1 or tail_k.stride(3) != 1 or tuple(tail_k.shape[1::2]) != (h, d)):
-        raise ValueError(f"tail write: k {tuple(k.shape)} / v {tuple(v.shape)} / tails {tuple(tail_k.shape)} "
-                         f"(strides {tail_k.stride()} / {tail_v.stride()}) do not match")
-    if slots.numel() != bsz or tpos.numel() != bsz or new_lens.numel() != 2 * bsz or lens.dim() != 2:
-        raise ValueError(f"tail write: slots {tuple(slots.shape)}, tpos {tuple(tpos.shape)}, new_lens "
-                         f"{tuple(new_lens.shape)}, lens {tuple(lens.shape)} for a batch of {bsz}")
-    kv4_tail_write_kernel[(bsz,)](
-        k, v, tail_k, tail_v, slots, tpos, lens, new_lens, bsz, h, d,
+    half = d // 2
+    if half & (half - 1) or group_size & (group_size - 1):
+        raise ValueError(f"triton kv4 decode append needs power-of-two head_dim and group_size, got k shape "
+                         f"{tuple(k.shape)}, group_size={group_size}")
+    if k.stride(2) != 1 or v.stride(2) != 1 or k_packed.stride(3) != 1 or k_scale.stride(3) != 1:
+        raise ValueError("triton kv4 decode append needs k, v and pool tensors contiguous in the last dimension")
+    if (k_packed.stride() != v_packed.stride() or k_zero.stride() != k_scale.stride()
+            or v_zero.stride() != v_scale.stride() or tail_k.stride() != tail_v.stride()
+            or (tail_k.numel() and tail_k.stride(3) != 1)):
+        raise ValueError("triton kv4 decode append needs k/v pools, scales/zeros and tails with matching strides")
+    staged = "channel" in (key_axis, value_axis)
+    kv4_decode_append_kernel[(bsz,)](
+        k, v, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, tail_k, tail_v, block_tables, lens, slots,
+        h,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        tail_k.stride(0), tail_k.stride(1), tail_k.stride(2), lens.stride(0), lens.stride(1),
-        BLOCK_H=triton.next_power_of_2(h), BLOCK_D=triton.next_power_of_2(d), num_warps=4,
+        k_packed.stride(0), k_packed.stride(1), k_packed.stride(2),
+        k_scale.stride(0), k_scale.stride(1), k_scale.stride(2),
+        v_scale.stride(0), v_scale.stride(1), v_scale.stride(2),
+        tail_k.stride(0), tail_k.stride(1), tail_k.stride(2) if staged else 0,
+        block_tables.stride(0), lens.stride(0), lens.stride(1),
+        HALF_D=half, GROUP=group_size, BLOCK_SIZE=k_packed.shape[2], STAGED=staged,
+        K_CHANNEL=key_axis == "channel", V_CHANNEL=value_axis == "channel", num_warps=4,
     )

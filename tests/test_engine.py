@@ -407,6 +407,79 @@ def test_piecewise_decode_matches_plain_forward(w4ax_model, kv4):
         torch.testing.assert_close(b, a, rtol=0, atol=RUNNER_FP32_ATOL)
 
 
+def _decode_run(r, prompts, steps=8):
+    """Prefill ``prompts`` as one batch, then greedy decode steps (batch 5 -> later 3): logits per step."""
+    for s, p in enumerate(prompts):
+        r.pool.reserve(s, len(p) + steps + 1)
+    logits = [r.forward([Chunk(s, p, 0) for s, p in enumerate(prompts)])]
+    toks = [p[-1] for p in prompts]
+    pos = [len(p) for p in prompts]
+    for step in range(steps):
+        live = range(5) if step < steps // 2 else range(3)
+        lg = r.forward([Chunk(s, [toks[s]], pos[s]) for s in live])
+        logits.append(lg)
+        for j, s in enumerate(live):
+            toks[s] = int(lg[j].argmax())
+            pos[s] += 1
+    return logits
+
+
+@pytest.mark.parametrize("axes", [("channel", "token"), ("token", "token")])
+def test_full_step_decode_matches_plain_forward(w4ax_model, axes):
+    """The full-step decode path (the whole step in one graph on a GPU; run eagerly here): KV4
+    appends and attention through the pool's device-side ops, padding rows appending nothing
+    -- same logits as the plain forward, and the device lengths and host ledger agree after
+    crossing group boundaries (group 4: several flushes in 8 steps)."""
+    outs, pools = {}, {}
+    prompts = [_rand_ids(6 + 5 * i, 90 + i) for i in range(5)]
+    for full in (False, True):
+        r = ModelRunner.build(w4ax_model, kv4=True, num_blocks=24, block_size=16, max_seqs=5, group_size=4,
+                              key_axis=axes[0], value_axis=axes[1])
+        if full:
+            r.enable_cuda_graphs(max_batch=8, graphs=False)
+            assert r._graphs.full  # the default where the pool supports it
+        outs[full] = _decode_run(r, prompts)
+        pools[full] = r.pool.kv
+        if full:
+            assert sorted(r._graphs._by_size) == [4, 8]
+            assert r._graphs._by_size[8].num_splits == r.pool.decode_num_splits(8)
+    for a, b in zip(outs[False], outs[True]):
+        torch.testing.assert_close(b, a, rtol=0, atol=RUNNER_FP32_ATOL)
+    assert torch.equal(pools[False]._lens, pools[True]._lens)
+    assert pools[False]._qlen == pools[True]._qlen and pools[False]._tlen == pools[True]._tlen
+    # the device lengths are what the host ledger says
+    assert pools[True]._lens[0].tolist() == pools[True]._qlen and pools[True]._lens[1].tolist() == pools[True]._tlen
+
+
+def test_full_step_decode_errors(w4ax_model):
+    r = ModelRunner.build(w4ax_model, kv4=True, num_blocks=8, block_size=16, max_seqs=2)
+    with pytest.raises(TypeError, match="full must be a bool"):
+        r.enable_cuda_graphs(max_batch=4, graphs=False, full="yes")
+    fp = ModelRunner.build(w4ax_model, kv4=False, num_blocks=8, block_size=16)
+    with pytest.raises(ValueError, match="full-step decode graphs need a pool with device-side decode ops"):
+        fp.enable_cuda_graphs(max_batch=4, graphs=False, full=True)
+    fp.enable_cuda_graphs(max_batch=4, graphs=False)
+    assert not fp._graphs.full  # the full-precision pool stays piecewise
+    r.enable_cuda_graphs(max_batch=4, graphs=False, full=True)
+    p = _rand_ids(15, 5)
+    r.pool.reserve(0, 16)  # one block of 16 (group 16): the 16th token fills it
+    r.forward([Chunk(0, p, 0)])
+    before = (repr(r.pool.kv._qlen), repr(r.pool.kv._tlen), r.pool.kv._lens.clone())
+    with pytest.raises(ValueError, match=r"holds 15 tokens, the decode step expects 14 \(engine sequences \[0\]"):
+        r.forward([Chunk(0, [3], 14)])
+    with pytest.raises(KeyError, match="unknown sequence 1"):
+        r.forward([Chunk(1, [3], 14)])
+    assert (repr(r.pool.kv._qlen), repr(r.pool.kv._tlen)) == before[:2] and torch.equal(r.pool.kv._lens, before[2])
+    r.forward([Chunk(0, [3], 15)])  # completes the group: quantized into the reserved block
+    assert r.pool.kv._qlen[0][0] == 16 and r.pool.kv._lens[0, :, 0].tolist() == [16] * r.num_layers
+    r.forward([Chunk(0, [3], 16)])  # tail again: no block needed
+    r.pool.kv._blocks[0].pop()  # (a ledger the reservation no longer covers)
+    lens = r.pool.kv._lens.clone()
+    with pytest.raises(ValueError, match="would reach 18 tokens but its reservation holds 15"):
+        r.forward([Chunk(0, [3], 17)])
+    assert r.pool.kv._qlen[0][0] + r.pool.kv._tlen[0][0] == 17 and torch.equal(r.pool.kv._lens, lens)
+
+
 def test_enable_cuda_graphs_validation(w4ax_model):
     r = ModelRunner.build(w4ax_model, kv4=True, num_blocks=8, block_size=16, max_seqs=2)
     with pytest.raises(ValueError, match="max_batch"):

@@ -63,10 +63,12 @@ def test_engine_cuda_batch_matches_solo(model16):
         assert s[:4] == b[:4]
 
 
-@pytest.mark.parametrize("what", ["fp", "kv4", "w4ax-kv4"])
+@pytest.mark.parametrize("what", ["fp", "kv4", "kv4-piecewise", "w4ax-kv4"])
 def test_decode_cuda_graphs_match_eager(model16, what):
-    """Piecewise CUDA graphs of decode steps (ModelRunner.enable_cuda_graphs) give the eager
-    engine's greedy tokens (batch 5 padded to the 8-graph, then fewer sequences); w4ax-kv4
+    """CUDA graphs of decode steps (ModelRunner.enable_cuda_graphs) give the eager engine's
+    greedy tokens (batch 5 padded to the 8-graph, then fewer sequences): full-step graphs for
+    the KV4 pool (appends + attention captured; 16 tokens cross the 32-token group of the
+    longest prompts), piecewise for the full-precision pool (and kv4-piecewise); w4ax-kv4
     captures the Triton/CUDA W4Ax linears too."""
     model = model16
     if what == "w4ax-kv4":
@@ -83,10 +85,15 @@ def test_decode_cuda_graphs_match_eager(model16, what):
     for graphs in (False, True):
         r = ModelRunner.build(model, kv4=kv4, num_blocks=32, block_size=32, max_seqs=8)
         if graphs:
-            r.enable_cuda_graphs(max_batch=8)
+            r.enable_cuda_graphs(max_batch=8, full=False if what == "kv4-piecewise" else None)
+            assert r._graphs.full == what in ("kv4", "w4ax-kv4")
         e = Engine(r, None, EngineConfig(max_num_seqs=8, max_num_batched_tokens=4096))
         outs[graphs] = e.generate(prompts, sp)
         if graphs:
             assert r._graphs._by_size and all(st.graphs for st in r._graphs._by_size.values())
+            if r._graphs.full:
+                assert all(len(st.graphs) == 1 for st in r._graphs._by_size.values())
+                kv = r.pool.kv  # every sequence finished and was freed: device lengths back to zero
+                assert int(kv._lens.abs().sum()) == 0 and kv.num_used_blocks == 0
     same = sum(a == b for a, b in zip(outs[False], outs[True]))
     assert same >= 4, (outs[False], outs[True])  # fp16 padding may flip a near-tie, rarely

@@ -124,3 +124,38 @@ def test_runner_refuses_after_the_model_changes():
     got = r.forward([Chunk(0, ids, 0)])[0]
     assert r._qkv_fused[0] is not old
     torch.testing.assert_close(got, ref, rtol=0, atol=RUNNER_FP32_ATOL)
+
+
+def test_two_runners_on_one_w4ax_model(quantized):
+    """A second runner re-fuses the model's projections (the first one's fusions go stale);
+    the first re-fuses inside its forward, which runs under ``torch.inference_mode``: the new
+    fused modules must stay usable (an inference-tensor fusion crashed the W4Ax layout cache
+    with 'Inference tensors do not track version counter')."""
+    m = copy.deepcopy(quantized)
+    ids = torch.randint(0, m.config.vocab_size, (7,), generator=torch.Generator().manual_seed(4)).tolist()
+    with torch.no_grad():
+        ref = m(torch.tensor([ids])).logits[0, -1]
+    a = ModelRunner.with_fp_pool(m, num_blocks=8, block_size=4)
+    b = ModelRunner.with_fp_pool(m, num_blocks=8, block_size=4)
+    for r in (a, b, a):
+        r.pool.free(0)
+        r.pool.reserve(0, 7)
+        torch.testing.assert_close(r.forward([Chunk(0, ids, 0)])[0], ref, rtol=0, atol=RUNNER_FP32_ATOL)
+    with torch.no_grad():  # and the HF forward still runs on the (re-)fused storage
+        torch.testing.assert_close(m(torch.tensor([ids])).logits[0, -1], ref, rtol=0, atol=RUNNER_FP32_ATOL)
+
+
+def test_w4ax_linear_made_under_inference_mode(quantized):
+    """Buffers that are inference tensors (a model quantized under ``torch.inference_mode``) keep
+    no version counter: the layer still runs, outside inference mode too."""
+    lin = quantized.model.layers[0].mlp.down_proj
+    with torch.inference_mode():
+        inf = copy.deepcopy(lin)
+        for name, buf in list(inf.named_buffers()):
+            setattr(inf, name, buf.clone())
+        assert inf.perm.is_inference()
+    x = torch.randn(3, lin.in_features)
+    with torch.inference_mode():
+        want = lin(x)
+        torch.testing.assert_close(inf(x), want, rtol=0, atol=0)
+    torch.testing.assert_close(inf(x), want, rtol=0, atol=0)

@@ -651,12 +651,17 @@ def test_pool_built_on_plain_cuda_accepts_cuda0_tensors():
     assert pool.seq_len(s) == 21
 
 
+_POOL_TENSORS = ("k_packed", "k_scale", "k_zero", "v_packed", "v_scale", "v_zero", "tail_k", "tail_v", "quant_lens",
+                 "tail_lens", "block_tables")
+
+
 @pytest.mark.parametrize("axes,tail_dtype", [(("channel", "token"), torch.float16), (("channel", "channel"), torch.float32),
-                                             (("token", "channel"), torch.float16)])
-def test_fused_tail_write_same_state_as_torch_path(axes, tail_dtype):
-    """Staged pools: decode appends through the one-launch Triton tail write (tails + both
-    length rows; backend "triton") leave every pool tensor bit-identical to the torch index
-    writes (backend "reference"), across group completions and a batch that shrinks."""
+                                             (("token", "channel"), torch.float16), (("token", "token"), torch.float16)])
+def test_device_append_same_state_as_torch_path(axes, tail_dtype):
+    """Decode appends through the one-launch device append (``cometq::kv4_decode_append`` on
+    Triton: tail or block write, the group a token completes, both length rows) leave every
+    pool tensor bit-identical to the torch path (backend "reference": index writes + group
+    quantization), across group and block completions and a batch that shrinks."""
     from cometq.paged import MultiLayerKV4Pool
 
     c = _cfg(*axes, tail_dtype=tail_dtype)
@@ -675,10 +680,143 @@ def test_fused_tail_write_same_state_as_torch_path(axes, tail_dtype):
             k = torch.stack([ka[:, t]] + ([kb[:, t - 2]] if len(sids) == 2 else []))
             v = torch.stack([va[:, t]] + ([vb[:, t - 2]] if len(sids) == 2 else []))
             for L in range(2):
-                assert pool._fused_tail_write(be) == (be == "triton")
+                assert pool._device_append(be) == (be == "triton")
                 pool.append_decode(L, sids, k, v, backend=be)
     ref, tri = pools["reference"], pools["triton"]
-    for name in ("k_packed", "k_scale", "k_zero", "v_packed", "v_scale", "v_zero", "tail_k", "tail_v", "quant_lens",
-                 "tail_lens"):
+    for name in _POOL_TENSORS:
         assert torch.equal(getattr(ref, name), getattr(tri, name)), name
     assert ref._qlen == tri._qlen and ref._tlen == tri._tlen
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("axes", [("channel", "token"), ("token", "token")])
+def test_device_decode_step_matches_append_decode(backend, axes):
+    """The graph-capturable decode step -- ``check/advance_decode_step`` on the host once, then per
+    layer ``decode_append_device`` with padding rows (slot -1) and ``decode_attention_device``
+    with padding rows repeating a slot -- leaves the pool exactly as ``append_decode`` does and
+    attends exactly like ``decode_attention`` (real rows)."""
+    from cometq.paged import MultiLayerKV4Pool
+
+    c = _cfg(*axes, tail_dtype=torch.float16, group_size=8, block_size=16, num_blocks=16)
+    dev = _dev(backend)
+    pools = [MultiLayerKV4Pool(c, 2, dev) for _ in range(2)]
+    g = torch.Generator().manual_seed(3)
+    lens0 = [3, 7, 6]
+    for pool in pools:
+        for n in lens0:
+            s = pool.add_sequence()
+            pool.reserve(s, n + 19)
+    for L in range(2):
+        ks = [torch.randn(2, n, 32, generator=g).to(dev) for n in lens0]
+        vs = [torch.randn(2, n, 32, generator=g).to(dev) for n in lens0]
+        for pool in pools:
+            pool.append_prefill(L, [0, 1, 2], ks, vs, backend="reference")
+    eager, dev_pool = pools
+    seqs = [2, 0, 1]
+    for step in range(19):  # crosses group (8) and block (16) boundaries
+        lens = [lens0[s] + step for s in seqs]
+        k = torch.randn(3, 2, 32, generator=g).to(dev)
+        v = torch.randn(3, 2, 32, generator=g).to(dev)
+        q = torch.randn(3, 4, 32, generator=g).to(dev)
+        dev_pool.check_decode_step(seqs, lens)
+        dev_pool.advance_decode_step(seqs)
+        pad_slots = torch.tensor(seqs + [-1, -1], dtype=torch.int32, device=dev)
+        attn_slots = torch.tensor(seqs + [seqs[0]] * 2, dtype=torch.int32, device=dev)
+        kp = torch.cat([k, torch.randn(2, 2, 32, generator=g).to(dev)])  # padding rows hold garbage
+        vp = torch.cat([v, torch.randn(2, 2, 32, generator=g).to(dev)])
+        qp = torch.cat([q, torch.randn(2, 4, 32, generator=g).to(dev)])
+        for L in range(2):
+            eager.append_decode(L, seqs, k, v, backend=backend)
+            dev_pool.decode_append_device(L, kp, vp, pad_slots, backend)
+            if step in (0, 1, 9, 18) and L == step % 2:  # (the interpreter is slow per attention call)
+                want = eager.decode_attention(L, q, seqs, sm_scale=0.3, num_splits=2, backend=backend)
+                got = dev_pool.decode_attention_device(L, qp, attn_slots, 0.3, 2, backend)
+                assert torch.equal(got[:3], want)
+    for name in _POOL_TENSORS:
+        assert torch.equal(getattr(eager, name), getattr(dev_pool, name)), name
+    assert eager._qlen == dev_pool._qlen and eager._tlen == dev_pool._tlen
+
+
+def test_check_decode_step_errors():
+    pool = _ml(layers=2)
+    a, b = pool.add_sequence(), pool.add_sequence()
+    pool.reserve(a, 4)
+    pool.reserve(b, 12)
+    x = torch.randn(2, 3, 8)
+    for L in range(2):
+        pool.append(L, a, x, x)
+        pool.append(L, b, x, x)
+    before = (repr(pool._qlen), repr(pool._tlen))
+    with pytest.raises(ValueError, match="sequence 1 holds 3 tokens, the decode step expects 4"):
+        pool.check_decode_step([a, b], [3, 4])
+    with pytest.raises(ValueError, match="distinct"):
+        pool.check_decode_step([a, a], [3, 3])
+    with pytest.raises(ValueError, match="one length per sequence"):
+        pool.check_decode_step([a, b], [3])
+    pool.append(1, a, x[:, :1], x[:, :1])  # layer 1 ahead of layer 0
+    with pytest.raises(ValueError, match="layer 0: sequence 0 holds 3 tokens, the decode step expects 4"):
+        pool.check_decode_step([a], [4])
+    assert (repr(pool._qlen), repr(pool._tlen)) != before  # (the append above moved layer 1 only)
+    pool2 = _ml(("token", "token"), layers=1, block_size=8)
+    s = pool2.add_sequence()
+    pool2.reserve(s, 8)
+    pool2.append(0, s, torch.randn(2, 8, 8), torch.randn(2, 8, 8))
+    with pytest.raises(ValueError, match="reserve"):
+        pool2.check_decode_step([s], [8])  # the 9th token needs a second block
+    assert pool2._qlen[0][s] == 8
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_decode_append_op_padding_and_missing_block(backend):
+    """The op itself: padding rows (-1) change nothing; a row whose token would land in an
+    unreserved block is an error in the reference and skipped whole by the kernel."""
+    from cometq import ops
+
+    c = _cfg("token", "token", tail_dtype=torch.float16, group_size=8, block_size=16, num_blocks=4)
+    dev = _dev(backend)
+    pool = MultiLayerKV4Pool(c, 1, dev)
+    s = pool.add_sequence()
+    pool.reserve(s, 16)
+    pool.append(0, s, torch.randn(2, 16, 32).to(dev), torch.randn(2, 16, 32).to(dev))  # block full, no 2nd block
+    snap = {n: getattr(pool, n).clone() for n in _POOL_TENSORS}
+    x = torch.randn(1, 2, 32, device=dev)
+    args = (x, x, pool.k_packed[0], pool.k_scale[0], pool.k_zero[0], pool.v_packed[0], pool.v_scale[0],
+            pool.v_zero[0], pool.tail_k[0], pool.tail_v[0], pool.block_tables, pool._lens[:, 0])
+    ops.kv4_decode_append(*args, torch.tensor([-1], dtype=torch.int32, device=dev), 8, "token", "token", backend)
+    for n in _POOL_TENSORS:
+        assert torch.equal(getattr(pool, n), snap[n]), n
+    one = torch.tensor([s], dtype=torch.int32, device=dev)
+    if backend == "reference":
+        with pytest.raises(ValueError, match="no block 1 reserved"):
+            ops.kv4_decode_append(*args, one, 8, "token", "token", backend)
+    else:
+        ops.kv4_decode_append(*args, one, 8, "token", "token", backend)
+        for n in _POOL_TENSORS:
+            assert torch.equal(getattr(pool, n), snap[n]), n
+
+
+def test_decode_append_op_checks_and_opcheck():
+    from cometq import ops
+
+    pool = _ml(layers=1)
+    s = pool.add_sequence()
+    pool.reserve(s, 8)
+    c = pool.config
+    x = torch.randn(1, 2, 8)
+    pargs = (pool.k_packed[0], pool.k_scale[0], pool.k_zero[0], pool.v_packed[0], pool.v_scale[0], pool.v_zero[0],
+             pool.tail_k[0], pool.tail_v[0], pool.block_tables)
+    slots = torch.tensor([s], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"k must be float \[B, 2, 8\], got torch.float32 \(1, 3, 8\)"):
+        ops.kv4_decode_append(torch.randn(1, 3, 8), torch.randn(1, 3, 8), *pargs, pool._lens[:, 0], slots, 4,
+                              "channel", "token")
+    with pytest.raises(ValueError, match=r"slots must be int32 \[1\], got torch.int64"):
+        ops.kv4_decode_append(x, x, *pargs, pool._lens[:, 0], slots.long(), 4, "channel", "token")
+    with pytest.raises(ValueError, match=r"lens must be int32 \[2, 4\]"):
+        ops.kv4_decode_append(x, x, *pargs, pool.quant_lens[0], slots, 4, "channel", "token")
+    with pytest.raises(ValueError, match="tail_k must be float"):
+        ops.kv4_decode_append(x, x, *pargs[:6], pool.tail_k[0, :, :, :2], *pargs[7:], pool._lens[:, 0], slots, 4,
+                              "channel", "token")
+    args = (x, x.clone(), *[t.clone() for t in pargs[:8]], pool.block_tables.clone(), pool._lens[:, 0].clone(), slots,
+            c.group_size, c.key_axis, c.value_axis, "reference")
+    torch.library.opcheck(torch.ops.cometq.kv4_decode_append, args,
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))

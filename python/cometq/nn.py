@@ -41,6 +41,13 @@ __all__ = ["W4AxLinear", "set_fast_path", "fake_quantize_activation", "fuse_line
 ACT_MODES = ("fmpq", 4, 8, 16)
 
 
+def _version_of(t: torch.Tensor):
+    """A tensor's in-place version for cache keys.  Inference tensors (made under
+    ``torch.inference_mode``) keep no version counter: their key never matches, so a cache
+    keyed on one is rebuilt per call instead of raising."""
+    return object() if t.is_inference() else t._version
+
+
 class W4AxLinear(nn.Module):
     """INT4-weight linear layer with FMPQ (INT4/INT8 block) activations."""
 
@@ -154,8 +161,8 @@ class W4AxLinear(nn.Module):
     # ------------------------------------------------------------------
     def layout(self) -> ActivationLayout:
         """The activation layout (validated once, cached until the buffers change)."""
-        key = (self.perm.device, self.perm.data_ptr(), self.perm._version,
-               self.block_bits.data_ptr(), self.block_bits._version, self.act_clip.data_ptr(), self.act_clip._version)
+        key = (self.perm.device, self.perm.data_ptr(), _version_of(self.perm), self.block_bits.data_ptr(),
+               _version_of(self.block_bits), self.act_clip.data_ptr(), _version_of(self.act_clip))
         if self._layout is None or self._layout_key != key:
             self._layout = ActivationLayout(self.perm, self.block_bits, float(self.act_clip[0]))
             self._layout_key = key
@@ -171,9 +178,9 @@ class W4AxLinear(nn.Module):
         devices so a GPU model never holds a float copy of its INT4 weights."""
         if self.qweight.device.type != "cpu":
             return R.dequantize_weight(self.quantized_weight(), trim=False)
-        key = (self.qweight.device, self.qweight.data_ptr(), self.qweight._version,
-               self.w_scales.data_ptr(), self.w_scales._version,
-               None if self.w_offsets is None else (self.w_offsets.data_ptr(), self.w_offsets._version))
+        key = (self.qweight.device, self.qweight.data_ptr(), _version_of(self.qweight),
+               self.w_scales.data_ptr(), _version_of(self.w_scales),
+               None if self.w_offsets is None else (self.w_offsets.data_ptr(), _version_of(self.w_offsets)))
         if self._wdeq is None or self._wdeq_key != key:
             self._wdeq = R.dequantize_weight(self.quantized_weight(), trim=False)
             self._wdeq_key = key

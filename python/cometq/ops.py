@@ -333,7 +333,10 @@ def w4ax_gemm_q(qa: R.QuantizedActivation, qw: R.QuantizedWeight, bias=None,
 # * kv4_decode_attention(q[B,Hq,D], k_packed, k_scale, k_zero, v_packed, v_scale, v_zero,
 #     tail_k, tail_v, block_tables[S,MB], quant_lens[S], tail_lens[S], seq_ids[B],
 #     group_size, key_axis, value_axis, sm_scale, num_splits) -> out[B,Hq,D]
-#     single-query attention that reads the packed pool directly.
+#     single-query attention that reads the packed pool directly;
+# * kv4_decode_append(k[B,H,D], v[B,H,D], k_packed, k_scale, k_zero, v_packed, v_scale, v_zero,
+#     tail_k, tail_v, block_tables[S,MB], lens[2,S], slots[B], group_size, key_axis, value_axis)
+#     one decode token per sequence, lengths advanced on the device (CUDA-graph capturable).
 # Triton impls are registered by cometq.kernels._register_kv4 (lazy "triton" backend).
 # ==========================================================================
 def _kv4_scale_shape(axis: str, nb: int, h: int, bs: int, d: int, g: int):
@@ -408,6 +411,36 @@ def _check_kv4_attn_query(q, k_packed, tail_k, seq_ids, num_splits):
     torch._check(num_splits >= 1, lambda: f"num_splits must be >= 1, got {num_splits}")
 
 
+def _check_kv4_decode_append_rows(k, v, k_packed, slots):
+    """The per-call part of the decode-append checks (the new rows and their slots)."""
+    _, h, _, d2 = k_packed.shape
+    for nm, t in (("k", k), ("v", v)):
+        torch._check(t.dim() == 3 and t.dtype in R.FLOAT_DTYPES and tuple(t.shape[1:]) == (h, 2 * d2),
+                     lambda: f"{nm} must be float [B, {h}, {2 * d2}], got {t.dtype} {tuple(t.shape)}")
+        torch._check(t.device == k_packed.device, lambda: f"{nm} is on {t.device}, the pool on {k_packed.device}")
+    torch._check(tuple(v.shape) == tuple(k.shape), lambda: f"v shape {tuple(v.shape)} != k shape {tuple(k.shape)}")
+    torch._check(slots.dim() == 1 and slots.shape[0] == k.shape[0] and slots.dtype == torch.int32,
+                 lambda: f"slots must be int32 [{k.shape[0]}], got {slots.dtype} {tuple(slots.shape)}")
+
+
+def _check_kv4_decode_append_args(k, v, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, tail_k, tail_v,
+                                  block_tables, lens, slots, group_size, key_axis, value_axis):
+    nb, h, bs, d = _check_kv4_pool("k", k_packed, k_scale, k_zero, group_size, key_axis)
+    torch._check(tuple(v_packed.shape) == tuple(k_packed.shape),
+                 lambda: f"v_packed shape {tuple(v_packed.shape)} != k_packed shape {tuple(k_packed.shape)}")
+    _check_kv4_pool("v", v_packed, v_scale, v_zero, group_size, value_axis)
+    _check_kv4_decode_append_rows(k, v, k_packed, slots)
+    torch._check(block_tables.dim() == 2 and block_tables.dtype == torch.int32,
+                 lambda: f"block_tables must be int32 [S, MB], got {block_tables.dtype} {tuple(block_tables.shape)}")
+    s = block_tables.shape[0]
+    torch._check(lens.dim() == 2 and tuple(lens.shape) == (2, s) and lens.dtype == torch.int32,
+                 lambda: f"lens must be int32 [2, {s}] (quant, tail lengths), got {lens.dtype} {tuple(lens.shape)}")
+    tg = group_size if "channel" in (key_axis, value_axis) else 0
+    for nm, t in (("tail_k", tail_k), ("tail_v", tail_v)):
+        torch._check(t.dim() == 4 and tuple(t.shape) == (s, h, tg, d) and t.dtype in R.FLOAT_DTYPES,
+                     lambda: f"{nm} must be float [{s}, {h}, {tg}, {d}], got {t.dtype} {tuple(t.shape)}")
+
+
 def _ref_kv4_quantize_append(x, packed, scale, zero, block_ids, offsets, group_size, axis):
     from .paged import kv4_quantize_append_reference
 
@@ -424,7 +457,16 @@ def _ref_kv4_decode_attention(q, k_packed, k_scale, k_zero, v_packed, v_scale, v
                                           value_axis, sm_scale)
 
 
+def _ref_kv4_decode_append(k, v, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, tail_k, tail_v, block_tables,
+                           lens, slots, group_size, key_axis, value_axis):
+    from .paged import kv4_decode_append_reference
+
+    kv4_decode_append_reference(k, v, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, tail_k, tail_v,
+                                block_tables, lens, slots, group_size, key_axis, value_axis)
+
+
 register_impl("kv4_quantize_append", "reference", _ref_kv4_quantize_append)
+register_impl("kv4_decode_append", "reference", _ref_kv4_decode_append)
 register_impl("kv4_decode_attention", "reference", _ref_kv4_decode_attention)
 
 
@@ -441,6 +483,29 @@ def _kv4_quantize_append_op(
 @_kv4_quantize_append_op.register_fake
 def _(x, packed, scale, zero, block_ids, offsets, group_size, axis, backend):
     _check_kv4_append_args(x, packed, scale, zero, block_ids, offsets, group_size, axis)
+    return None
+
+
+@torch.library.custom_op("cometq::kv4_decode_append",
+                         mutates_args=("k_packed", "k_scale", "k_zero", "v_packed", "v_scale", "v_zero", "tail_k",
+                                       "tail_v", "lens"))
+def _kv4_decode_append_op(
+    k: torch.Tensor, v: torch.Tensor, k_packed: torch.Tensor, k_scale: torch.Tensor, k_zero: torch.Tensor,
+    v_packed: torch.Tensor, v_scale: torch.Tensor, v_zero: torch.Tensor, tail_k: torch.Tensor, tail_v: torch.Tensor,
+    block_tables: torch.Tensor, lens: torch.Tensor, slots: torch.Tensor, group_size: int, key_axis: str,
+    value_axis: str, backend: str,
+) -> None:
+    args = (k, v, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, tail_k, tail_v, block_tables, lens, slots,
+            group_size, key_axis, value_axis)
+    _check_kv4_decode_append_args(*args)
+    _IMPLS["kv4_decode_append"][resolve_backend("kv4_decode_append", k_packed.device, backend or None)](*args)
+
+
+@_kv4_decode_append_op.register_fake
+def _(k, v, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, tail_k, tail_v, block_tables, lens, slots,
+      group_size, key_axis, value_axis, backend):
+    _check_kv4_decode_append_args(k, v, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, tail_k, tail_v,
+                                  block_tables, lens, slots, group_size, key_axis, value_axis)
     return None
 
 
@@ -518,3 +583,26 @@ def kv4_decode_attention(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero
     # eager: validated once above, straight to the backend (same impl the op would run)
     b = resolve_backend("kv4_decode_attention", q.device, backend or None)
     return _IMPLS["kv4_decode_attention"][b](*args, float(sm_scale), int(num_splits))
+
+
+def kv4_decode_append(k, v, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, tail_k, tail_v, block_tables, lens,
+                      slots, group_size: int, key_axis: str, value_axis: str, backend: Optional[str] = None, *,
+                      check_pool: bool = True) -> None:
+    """Append one decode token per sequence to a one-layer paged KV4 pool and advance its lengths,
+    all on the device (``torch.ops.cometq.kv4_decode_append``; spec:
+    :func:`cometq.paged.kv4_decode_append_reference`).  ``slots [B]`` int32, distinct, ``-1`` =
+    padding row.  The caller guarantees every slot has the block its token lands in reserved
+    (:class:`cometq.paged.MultiLayerKV4Pool` checks that on its host ledger); with nothing else
+    read from the host, a CUDA graph can hold the call.  ``check_pool=False``: as for
+    :func:`kv4_decode_attention`, only ``k``, ``v`` and ``slots`` are checked."""
+    R.check_tensor("k", k, dtypes=R.FLOAT_DTYPES)
+    args = (k, v, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, tail_k, tail_v, block_tables, lens, slots,
+            int(group_size), key_axis, value_axis)
+    if check_pool or torch.compiler.is_compiling():
+        _kv4_validate_eager("kv4_decode_append", _check_kv4_decode_append_args, *args)
+    else:
+        _kv4_validate_eager("kv4_decode_append", _check_kv4_decode_append_rows, k, v, k_packed, slots)
+    if torch.compiler.is_compiling():
+        torch.ops.cometq.kv4_decode_append(*args, backend or "")
+        return
+    _IMPLS["kv4_decode_append"][resolve_backend("kv4_decode_append", k_packed.device, backend or None)](*args)

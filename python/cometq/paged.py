@@ -64,6 +64,7 @@ __all__ = [
     "PagedKV4Pool",
     "MultiLayerKV4Pool",
     "kv4_quantize_append_reference",
+    "kv4_decode_append_reference",
     "kv4_decode_attention_reference",
     "pool_scale_shape",
     "default_num_splits",
@@ -190,6 +191,51 @@ def kv4_quantize_append_reference(x, packed, scale, zero, block_ids, offsets, gr
                 raise ValueError(f"row {i}: channel-group offset {o} is not a multiple of group_size={group_size}")
             scale[b, :, o // group_size] = q.scale[:, 0]
             zero[b, :, o // group_size] = q.zero[:, 0]
+
+
+def kv4_decode_append_reference(k, v, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, tail_k, tail_v,
+                                block_tables, lens, slots, group_size: int, key_axis: str, value_axis: str) -> None:
+    """One decode token per row into a one-layer pool, advancing the lengths -- the whole
+    decode append, in place (the spec of the device-side kernel a CUDA graph can hold).
+
+    ``k, v [B, H, D]``; ``lens`` int32 ``[2, S]`` (row 0 quant lengths, row 1 tail lengths);
+    ``slots`` int32 ``[B]``, distinct, ``-1`` for a padding row (skipped).  For slot ``s``
+    with ``q, t = lens[:, s]``:
+
+    * staged pool (an axis is ``"channel"``): ``tail[s, :, t] = x`` (cast to the tail
+      dtype); if ``t + 1 == G`` the tail's G tokens are quantized into block
+      ``block_tables[s, q // BS]`` at row ``q % BS`` (as :func:`kv4_quantize_append_reference`)
+      and ``lens[:, s] = (q + G, 0)``, else ``lens[1, s] = t + 1``;
+    * token-axis pool: ``x`` is quantized into block ``block_tables[s, q // BS]`` at row
+      ``q % BS`` and ``lens[0, s] = q + 1``.
+
+    A destination block of ``-1`` (the token needs a block the sequence never reserved) is
+    a ``ValueError`` here; the kernel skips such a row whole."""
+    staged = "channel" in (key_axis, value_axis)
+    bs, g = k_packed.shape[2], group_size
+    for b, s in enumerate(slots.tolist()):
+        if s < 0:
+            continue
+        q, t = int(lens[0, s]), int(lens[1, s])
+        flush = not staged or t + 1 == g
+        blk = int(block_tables[s, q // bs]) if flush else 0
+        if blk < 0:
+            raise ValueError(f"row {b}: slot {s} holds {q} quantized tokens but has no block {q // bs} reserved")
+        ids = torch.tensor([blk], dtype=torch.int32)
+        offs = torch.tensor([q % bs], dtype=torch.int32)
+        if staged:
+            tail_k[s, :, t] = k[b].to(tail_k.dtype)
+            tail_v[s, :, t] = v[b].to(tail_v.dtype)
+            if flush:
+                kv4_quantize_append_reference(tail_k[s][None], k_packed, k_scale, k_zero, ids, offs, g, key_axis)
+                kv4_quantize_append_reference(tail_v[s][None], v_packed, v_scale, v_zero, ids, offs, g, value_axis)
+                lens[0, s], lens[1, s] = q + g, 0
+            else:
+                lens[1, s] = t + 1
+        else:
+            kv4_quantize_append_reference(k[b][None, :, None], k_packed, k_scale, k_zero, ids, offs, g, key_axis)
+            kv4_quantize_append_reference(v[b][None, :, None], v_packed, v_scale, v_zero, ids, offs, g, value_axis)
+            lens[0, s] = q + 1
 
 
 def _gather_kv4(packed, scale, zero, blocks, n_tokens, group_size, axis, dtype=torch.float32):
@@ -579,35 +625,19 @@ class MultiLayerKV4Pool:
         self._check_decode_fits(L, seq_ids)
         c = self.config
         g, bs = c.group_size, c.block_size
+        if self._device_append(backend):
+            # one launch: the token (tails or blocks), the group it may complete, and both length
+            # rows, all decided on the device from the lengths there (kv4_decode_append_kernel);
+            # the host ledger advances by the same rule without reading anything back
+            self.decode_append_device(L, k, v, self._ints(tuple(seq_ids), torch.int32), backend)
+            self._advance_host(L, seq_ids)
+            return
         if not c.staged:
             pos = [self._qlen[L][s] for s in seq_ids]
             blocks = [self._blocks[s][p // bs] for s, p in zip(seq_ids, pos)]
             self._quantize_rows(L, k[:, :, None], v[:, :, None], blocks, [p % bs for p in pos], backend)
             for s in seq_ids:
                 self._qlen[L][s] += 1
-        elif self._fused_tail_write(backend):
-            # one Triton launch writes the tails and the final lengths (three index_puts below);
-            # the host ledger is settled first, so the launch carries the lengths after any
-            # group this token completes (quantized right after, before anything reads them)
-            from cometq.kernels.kv4_append import kv4_tail_write_triton
-
-            ql, tl = self._qlen[L], self._tlen[L]
-            tpos_v = tuple(tl[s] for s in seq_ids)
-            full = [s for s, t in zip(seq_ids, tpos_v) if t + 1 == g]
-            pos = [ql[s] for s in full]
-            for s in seq_ids:
-                tl[s] += 1
-            for s in full:
-                ql[s] += g
-                tl[s] = 0
-            new = tuple(ql[s] for s in seq_ids) + tuple(tl[s] for s in seq_ids)
-            kv4_tail_write_triton(k, v, self.tail_k[L], self.tail_v[L], self._ints(tuple(seq_ids), torch.int32),
-                                  self._ints(tpos_v, torch.int32), self._lens[:, L], self._ints(new, torch.int32))
-            if full:
-                fs = self._ints(tuple(full), torch.long)
-                blocks = [self._blocks[s][p // bs] for s, p in zip(full, pos)]
-                self._quantize_rows(L, self.tail_k[L, fs], self.tail_v[L, fs], blocks, [p % bs for p in pos], backend)
-            return
         else:
             tl = self._tlen[L]
             slots = self._ints(tuple(seq_ids), torch.long)
@@ -627,15 +657,84 @@ class MultiLayerKV4Pool:
                     self._tlen[L][s] = 0
         self._sync_lens(L, seq_ids)
 
-    def _fused_tail_write(self, backend: Optional[str]) -> bool:
-        """Whether decode appends to the staged tails go through the one-launch Triton kernel
-        (the Triton backend resolves for this pool's device) or the torch index writes."""
+    def _device_append(self, backend: Optional[str]) -> bool:
+        """Whether decode appends of this (staged) pool run as the one-launch device append
+        (``cometq::kv4_decode_append`` resolves to Triton for this pool's device) instead of
+        the torch index writes + group quantization launches."""
         from .ops import resolve_backend
 
         try:
-            return resolve_backend("kv4_quantize_append", self.device, backend) == "triton"
+            return resolve_backend("kv4_decode_append", self.device, backend) == "triton"
         except (RuntimeError, ValueError):
             return False
+
+    def _advance_host(self, layer: int, seq_ids: Sequence[int]) -> None:
+        """Advance the host ledger of ``layer`` by one token per sequence (the device append's rule)."""
+        ql, tl = self._qlen[layer], self._tlen[layer]
+        if not self.config.staged:
+            for s in seq_ids:
+                ql[s] += 1
+            return
+        g = self.config.group_size
+        for s in seq_ids:
+            if tl[s] + 1 == g:
+                ql[s] += g
+                tl[s] = 0
+            else:
+                tl[s] += 1
+
+    # -- the device-side decode step (CUDA-graph capturable) ------------------------
+    def check_decode_step(self, seq_ids: Sequence[int], lengths: Sequence[int]) -> List[int]:
+        """Host side of a decode step whose appends run on the device in every layer
+        (:meth:`decode_append_device`, e.g. inside one captured graph): check that the
+        sequences are distinct, that each holds ``lengths[i]`` tokens in *every* layer and has
+        the block its next token lands in reserved.  Raises ``ValueError``; changes nothing.
+        Then :meth:`advance_decode_step` moves the host ledger as the device lengths will move."""
+        seq_ids = self._check_ids(seq_ids)
+        lengths = list(lengths)
+        if len(lengths) != len(seq_ids):
+            raise ValueError(f"need one length per sequence: {len(seq_ids)} seq_ids, {len(lengths)} lengths")
+        for L in range(self.num_layers):
+            ql, tl = self._qlen[L], self._tlen[L]
+            have = [ql[s] + tl[s] for s in seq_ids]
+            if have != lengths:
+                i = next(i for i, (h, n) in enumerate(zip(have, lengths)) if h != n)
+                raise ValueError(f"layer {L}: sequence {seq_ids[i]} holds {have[i]} tokens, the decode step "
+                                 f"expects {lengths[i]}")
+        self._check_decode_fits(0, seq_ids)  # reservations are per sequence (all layers alike)
+        return seq_ids
+
+    def advance_decode_step(self, seq_ids: Sequence[int]) -> None:
+        """Advance the host ledger of every layer by one token per sequence (after
+        :meth:`check_decode_step`; the device appends of the step move the device lengths)."""
+        for L in range(self.num_layers):
+            self._advance_host(L, seq_ids)
+
+    def decode_append_device(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor,
+                             backend: Optional[str] = None) -> None:
+        """``cometq::kv4_decode_append`` into ``layer``: one token per row of ``k, v [B, H, D]`` for
+        the int32 ``slots [B]`` (``-1``: padding row).  Reads nothing from the host and leaves
+        the host ledger alone (:meth:`advance_decode_step` / :meth:`append_decode` keep it)."""
+        from . import ops
+
+        c, L = self.config, layer
+        ops.kv4_decode_append(k, v, self.k_packed[L], self.k_scale[L], self.k_zero[L], self.v_packed[L],
+                              self.v_scale[L], self.v_zero[L], self.tail_k[L], self.tail_v[L], self.block_tables,
+                              self._lens[:, L], slots, c.group_size, c.key_axis, c.value_axis, backend,
+                              check_pool=False)
+
+    def decode_attention_device(self, layer: int, q: torch.Tensor, slots: torch.Tensor, sm_scale: float,
+                                num_splits: int, backend: Optional[str] = None) -> torch.Tensor:
+        """``cometq::kv4_decode_attention`` of ``q [B, Hq, D]`` over the int32 ``slots [B]`` (each a
+        sequence holding >= 1 token; rows may repeat a slot), with no host-side reads."""
+        from . import ops
+
+        c, L = self.config, layer
+        return ops.kv4_decode_attention(
+            q, self.k_packed[L], self.k_scale[L], self.k_zero[L], self.v_packed[L], self.v_scale[L], self.v_zero[L],
+            self.tail_k[L], self.tail_v[L], self.block_tables, self.quant_lens[L], self.tail_lens[L], slots,
+            c.group_size, c.key_axis, c.value_axis, float(sm_scale), int(num_splits), backend, check_pool=False,
+        )
 
     def _sync_lens(self, layer: int, seq_ids: List[int]) -> None:
         if not seq_ids:

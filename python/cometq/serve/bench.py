@@ -11,7 +11,10 @@ once -- offline throughput at a given concurrency):
 * ``hf-generate``: ``transformers`` ``model.generate`` on the unquantized model
   (static batch, greedy, DynamicCache);
 * ``cometq-w4ax-kv4+graphs`` / ``cometq-fp+graphs`` (opt-in, GPU): the cometq systems
-  with decode steps replayed from piecewise CUDA graphs.
+  with decode steps replayed from CUDA graphs -- one graph per step (appends and KV4
+  attention captured) for the KV4 pool, piecewise graphs (attention eager) for the
+  full-precision pool; ``cometq-w4ax-kv4+piecewise``: the KV4 system with piecewise graphs
+  (what the full-step graph is measured against).
 
 On a GPU the default model is a Llama-3-8B-shaped random-weight model (no hub
 access needed), fp16, batch 1..64, 1024 in / 512 out.  On CPU: the embedded
@@ -37,9 +40,11 @@ from typing import Dict, List, Optional
 __all__ = ["build_parser", "main", "run_bench"]
 
 SYSTEMS = ("cometq-w4ax-kv4", "cometq-fp", "hf-generate")
-#: also accepted by --systems: the cometq systems with piecewise CUDA graphs for decode steps
-#: (ModelRunner.enable_cuda_graphs; GPU only)
-ALL_SYSTEMS = SYSTEMS + ("cometq-w4ax-kv4+graphs", "cometq-fp+graphs")
+#: also accepted by --systems: the cometq systems with CUDA graphs for decode steps
+#: (ModelRunner.enable_cuda_graphs; GPU only): "+graphs" the default scheme (full-step for KV4),
+#: "+piecewise" piecewise graphs (attention and appends eager between them)
+ALL_SYSTEMS = SYSTEMS + ("cometq-w4ax-kv4+graphs", "cometq-fp+graphs", "cometq-w4ax-kv4+piecewise")
+_GRAPH_SUFFIXES = ("+graphs", "+piecewise")
 
 
 def _log(msg: str) -> None:
@@ -54,7 +59,8 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         "GPU, smollm2-135m on CPU, a tiny random model with --quick)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--systems", default=",".join(SYSTEMS),
-                   help=f"comma-separated subset of {','.join(ALL_SYSTEMS)} (+graphs: CUDA graphs for decode, GPU)")
+                   help=f"comma-separated subset of {','.join(ALL_SYSTEMS)} (+graphs: CUDA graphs for decode, GPU; "
+                        "+piecewise: piecewise graphs)")
     p.add_argument("--batch-sizes", default=None, help="comma-separated (default: GPU 1,4,16,64; CPU 1,4,8)")
     p.add_argument("--input-len", type=int, default=None, help="prompt tokens (default: GPU 1024, CPU 64)")
     p.add_argument("--output-len", type=int, default=None, help="generated tokens (default: GPU 512, CPU 32)")
@@ -150,7 +156,9 @@ def _sync(device):
 
 
 def run_engine(model, *, kv4: bool, batch: int, in_len: int, out_len: int, block_size: int, budget: int,
-               device: str, seed: int, cuda_graphs: bool = False, step_profile: bool = True) -> Dict:
+               device: str, seed: int, cuda_graphs=False, step_profile: bool = True) -> Dict:
+    """One engine run.  ``cuda_graphs``: False, True (the runner's default scheme) or
+    ``"piecewise"``."""
     from .engine import Engine, EngineConfig
     from .runner import ModelRunner
     from .sampling import SamplingParams
@@ -159,7 +167,7 @@ def run_engine(model, *, kv4: bool, batch: int, in_len: int, out_len: int, block
     kw = dict(group_size=min(block_size, 64)) if kv4 else {}
     runner = ModelRunner.build(model, kv4=kv4, num_blocks=blocks, block_size=block_size, max_seqs=max(batch, 1), **kw)
     if cuda_graphs:  # captured during the warm-up below (first decode step of the batch)
-        runner.enable_cuda_graphs(max_batch=max(batch, 1))
+        runner.enable_cuda_graphs(max_batch=max(batch, 1), full=False if cuda_graphs == "piecewise" else None)
     eng = Engine(runner, None, EngineConfig(max_num_seqs=batch, max_num_batched_tokens=budget,
                                             max_model_len=in_len + out_len))
     sp = SamplingParams(max_tokens=out_len, temperature=0, ignore_eos=True)
@@ -186,6 +194,9 @@ def run_engine(model, *, kv4: bool, batch: int, in_len: int, out_len: int, block
     tpot = [(r.finish_time - r.first_token_time) / (out_len - 1) for r in reqs if out_len > 1]
     res = _summ(ttft, tpot, wall, batch, in_len, out_len)
     res.update(steps=steps, preemptions=eng.stats["preemptions"], kv_pool_bytes=runner.pool.memory_bytes())
+    graphs = getattr(runner, "_graphs", None)
+    if graphs is not None:  # which decode-graph scheme ran (full-step or piecewise)
+        res["decode_graphs"] = "full-step" if graphs.full else "piecewise"
     if device == "cuda" and step_profile:
         try:
             res.update(_decode_step_profile(eng, runner, batch, in_len, seed))
@@ -284,8 +295,8 @@ def run_bench(args) -> Dict:
     bad = [s for s in systems if s not in ALL_SYSTEMS]
     if bad:
         raise ValueError(f"unknown systems {bad}; choose from {ALL_SYSTEMS}")
-    if not gpu and any(s.endswith("+graphs") for s in systems):
-        raise ValueError("the +graphs systems need a CUDA device")
+    if not gpu and any(s.endswith(_GRAPH_SUFFIXES) for s in systems):
+        raise ValueError("the +graphs / +piecewise systems need a CUDA device")
     for name, v in (("input-len", in_len), ("output-len", out_len), ("block-size", args.block_size)):
         if v < 1:
             raise ValueError(f"--{name} must be >= 1, got {v}")
@@ -320,9 +331,10 @@ def run_bench(args) -> Dict:
                     kv4 = system.startswith("cometq-w4ax-kv4")
                     r = run_engine(qmodel if kv4 else model, kv4=kv4, batch=b, in_len=in_len, out_len=out_len,
                                    block_size=args.block_size, budget=budget, device=device, seed=args.seed,
-                                   cuda_graphs=system.endswith("+graphs"),
+                                   cuda_graphs="piecewise" if system.endswith("+piecewise")
+                                   else system.endswith("+graphs"),
                                    # the graph systems only: the eager ones are host-bound by design
-                                   step_profile=system.endswith("+graphs") and not getattr(args, "no_step_profile",
+                                   step_profile=system.endswith(_GRAPH_SUFFIXES) and not getattr(args, "no_step_profile",
                                                                                           False))
             except torch.cuda.OutOfMemoryError as e:  # pragma: no cover - GPU only
                 _log(f"  out of memory: {e}")

@@ -31,7 +31,7 @@ def add_serve_args(p: argparse.ArgumentParser, default_model: str) -> None:
     p.add_argument("--max-concurrent-requests", type=int, default=256, help="HTTP requests in flight (429 beyond)")
     p.add_argument("--serve-calib-samples", type=int, default=8, help="calibration windows for --quantize")
     p.add_argument("--cuda-graphs", action="store_true",
-                   help="replay decode steps from piecewise CUDA graphs (GPU only; captured per batch size on first use)")
+                   help="replay decode steps from CUDA graphs (GPU only; one graph per step with the KV4 pool, piecewise otherwise; captured per batch size on first use)")
 
 
 def _is_quantized(model) -> bool:

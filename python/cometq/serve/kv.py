@@ -55,6 +55,11 @@ class KVPool:
         self._tables: Dict[int, List[int]] = {}
         self._capacity: Dict[int, int] = {}
 
+    def device_decode_supported(self, graphs: bool = True) -> bool:
+        """Whether the pool has device-side decode ops for full-step CUDA graphs (the KV4 pool
+        does; this one's decode path keeps host-side bookkeeping per layer)."""
+        return False
+
     # -- bookkeeping -----------------------------------------------------------
     @property
     def num_free_blocks(self) -> int:

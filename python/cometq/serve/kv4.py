@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from ..paged import KV4PoolExhausted, MultiLayerKV4Pool, PagedKV4Config, canonical_device
+from ..paged import KV4PoolExhausted, MultiLayerKV4Pool, PagedKV4Config, canonical_device, default_num_splits
 from .kv import KVPool, PoolExhausted
 
 __all__ = ["KV4PagedPool"]
@@ -159,6 +159,51 @@ class KV4PagedPool(KVPool):
             if have != n:
                 raise ValueError(f"decode over {n} tokens but sequence {s} holds {have} in layer {layer}")
         return self.kv.decode_attention(layer, q, slots, sm_scale=scale, backend=self.backend)
+
+    # -- device-side decode steps (full-step CUDA graphs, ModelRunner.enable_cuda_graphs) --
+    def device_decode_supported(self, graphs: bool = True) -> bool:
+        """Whether :meth:`decode_layer_device` can run inside a CUDA graph here: the decode
+        append and attention ops resolve to Triton on this pool's device (the reference ops read
+        lengths back to the host).  Without graphs (``graphs=False``) any backend runs the step."""
+        if not graphs:
+            return True
+        from ..ops import resolve_backend
+
+        try:
+            return all(resolve_backend(op, self.device, self.backend) == "triton"
+                       for op in ("kv4_decode_append", "kv4_decode_attention"))
+        except (RuntimeError, ValueError):
+            return False
+
+    def check_decode_step(self, seq_ids: Sequence[int], starts: Sequence[int]) -> List[int]:
+        """Check a decode step of one token per sequence at positions ``starts`` (each sequence
+        holds exactly ``starts[i]`` tokens in every layer and has room for one more); returns
+        the pool slots.  Changes nothing."""
+        slots = self._slots_of(seq_ids)
+        try:
+            self.kv.check_decode_step(slots, starts)
+        except ValueError as e:
+            raise ValueError(f"{e} (engine sequences {list(seq_ids)} are pool slots {slots})") from None
+        return slots
+
+    def advance_decode_step(self, seq_ids: Sequence[int]) -> None:
+        """Move the host ledger of every layer by one token per sequence (the device appends of
+        the step, :meth:`decode_layer_device`, move the device lengths the same way)."""
+        self.kv.advance_decode_step(self._slots_of(seq_ids))
+
+    def decode_num_splits(self, batch: int) -> int:
+        """Split-K count of decode attention for a captured step of ``batch`` rows: fixed per
+        graph, so sized for the longest sequence the pool can hold (a split past a sequence's
+        last block exits at once)."""
+        return default_num_splits(batch, self.n_kv_heads, self.config.blocks_per_seq)
+
+    def decode_layer_device(self, layer: int, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor,
+                            append_slots: torch.Tensor, attn_slots: torch.Tensor, scale: float,
+                            num_splits: int) -> torch.Tensor:
+        """Append ``k, v [B, Hkv, D]`` (int32 ``append_slots``, -1 = padding) and attend with
+        ``q [B, H, D]`` over ``attn_slots`` in ``layer``: device tensors only, no host reads."""
+        self.kv.decode_append_device(layer, k, v, append_slots, self.backend)
+        return self.kv.decode_attention_device(layer, q, attn_slots, scale, num_splits, self.backend)
 
     def memory_bytes(self) -> int:
         return self.kv.memory_bytes()

@@ -36,7 +36,8 @@ def build_engine(model, tokenizer, *, kv4: bool = True, num_blocks: Optional[int
     The pool holds ``num_blocks`` blocks of ``block_size`` tokens (default:
     enough blocks for ``kv_tokens`` tokens).  ``max_model_len`` defaults to the
     model's context capped by the pool.  ``cuda_graphs``: replay decode steps from
-    piecewise CUDA graphs (:meth:`ModelRunner.enable_cuda_graphs`; CUDA models only).
+    CUDA graphs (:meth:`ModelRunner.enable_cuda_graphs`: one graph per step with the KV4 pool,
+    piecewise otherwise; CUDA models only).
     """
     if num_blocks is None:
         num_blocks = max(1, -(-kv_tokens // block_size))

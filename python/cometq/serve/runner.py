@@ -253,7 +253,10 @@ class ModelRunner:
             for p in parts:
                 mine = getattr(p, "qweight", None) if hasattr(p, "qweight") else getattr(p, "weight", None)
                 if mine is None or mine.device != w.device or mine.untyped_storage().data_ptr() != ptr:
-                    table[li] = f = fuse_linears(list(parts))
+                    # (forward runs under inference_mode: a fusion made there would own inference
+                    # tensors, which the model's modules -- views of them -- cannot use outside it)
+                    with torch.inference_mode(False):
+                        table[li] = f = fuse_linears(list(parts))
                     break
             self._fused_keys[(id(table), li)] = [weakref.ref(t) for t in self._weights_of(parts)]
         return f
@@ -267,28 +270,45 @@ class ModelRunner:
     def _head(self, h: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(self.inner.norm(h)).float()
 
-    def enable_cuda_graphs(self, max_batch: int = 64, *, graphs: bool = True) -> None:
-        """Run pure-decode steps of up to ``max_batch`` sequences through piecewise CUDA graphs.
+    def enable_cuda_graphs(self, max_batch: int = 64, *, graphs: bool = True, full: Optional[bool] = None) -> None:
+        """Run pure-decode steps of up to ``max_batch`` sequences through CUDA graphs.
 
-        Everything but attention is captured (vLLM's piecewise scheme): per padded batch
-        size, one graph for embedding + layer 0's pre-attention half, one per layer
-        boundary (post-attention half of layer l + pre-attention half of l + 1) and one
-        for the last layer + norm + lm_head; the KV writes and decode attention run
-        eagerly between them on the real rows (the pool's bookkeeping is host-side).
-        Measured on an H100 (bench/RESULTS.md): eager launches cost 2-10x the GPU time
-        of each small-M op, so a decode step was ~95 % Python.  Buckets are captured on
-        first use (after an eager warm-up that compiles and tunes every kernel).
-        ``graphs=False`` runs the same pieces eagerly (the CPU tests check the piece
-        split and the padding against the plain forward that way).  Graphs hold the
-        weights' addresses: enable them once the model is final (replacing its tensors
-        afterwards, e.g. ``model.to`` or a reload, needs ``disable_cuda_graphs`` and a new
-        ``enable_cuda_graphs``).
+        Two schemes, per padded batch size (buckets captured on first use, after an eager
+        warm-up that compiles and tunes every kernel):
+
+        * **full** (``full=True``; the default where the pool supports it -- the KV4 pool
+          with its Triton kernels): the whole decode step, every layer's KV4 append and
+          attention included, is ONE graph.  The pool's device-side ops take only slot ids
+          from a static buffer and read/advance the lengths in device memory
+          (``cometq::kv4_decode_append``); the host checks the step and advances its own
+          ledger by the same rule (``check/advance_decode_step``), so nothing is read back.
+          Attention uses a fixed split count per bucket (``decode_num_splits``); padding
+          rows append nothing (slot -1) and attend over a real sequence (dropped).
+        * **piecewise** (``full=False``; the full-precision pool): everything but attention
+          is captured (vLLM's piecewise scheme): one graph for embedding + layer 0's
+          pre-attention half, one per layer boundary and one for the last layer + norm +
+          lm_head; the KV writes and decode attention run eagerly between them on the real
+          rows (that pool's bookkeeping is host-side).
+
+        Measured on an H100 (bench/RESULTS.md): eager launches cost 2-10x the GPU time of
+        each small-M op, so a decode step was ~95 % Python.  ``graphs=False`` runs the same
+        code eagerly (the CPU tests check the step split and the padding against the plain
+        forward that way).  Graphs hold the weights' and the pool's addresses: enable them
+        once the model is final (replacing its tensors afterwards, e.g. ``model.to`` or a
+        reload, needs ``disable_cuda_graphs`` and a new ``enable_cuda_graphs``).
         """
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
         if graphs and self.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA model, this one is on {self.device}")
-        self._graphs = _DecodeGraphs(self, max_batch, graphs)
+        if full is not None and not isinstance(full, bool):
+            raise TypeError(f"full must be a bool or None, got {full!r}")
+        ok = bool(getattr(self.pool, "device_decode_supported", lambda g: False)(graphs))
+        if full and not ok:
+            raise ValueError(f"full-step decode graphs need a pool with device-side decode ops (the KV4 pool with "
+                             f"Triton kernels); this runner has {type(self.pool).__name__} "
+                             f"(backend {getattr(self.pool, 'backend', None)!r}) on {self.device}")
+        self._graphs = _DecodeGraphs(self, max_batch, graphs, ok if full is None else full)
 
     def disable_cuda_graphs(self) -> None:
         self._graphs = None
@@ -316,13 +336,14 @@ class ModelRunner:
         if bad:
             raise ValueError(f"token ids out of range [0, {self.vocab_size}): {bad[:5]}")
         dev = self.device
-        # pinned, non-blocking copies: no CPU-GPU sync before the step's kernels are queued
-        ids_t = to_device_ints(ids, torch.long, dev)
-        pos_t = to_device_ints(pos, torch.long, dev)
         graphs = getattr(self, "_graphs", None)
         if graphs is not None and not all_logits and all(c.is_decode for c in chunks) and graphs.fits(len(chunks)):
-            return graphs.run(chunks, ids_t, pos_t)
-        h, cos, sin = self._embed(ids_t, pos_t)
+            if graphs.full:  # one host->device copy of its own (ids, positions, slots)
+                return graphs.run_full(chunks, ids, pos)
+            return graphs.run(chunks, to_device_ints(ids, torch.long, self.device),
+                              to_device_ints(pos, torch.long, self.device))
+        # pinned, non-blocking copies: no CPU-GPU sync before the step's kernels are queued
+        h, cos, sin = self._embed(to_device_ints(ids, torch.long, dev), to_device_ints(pos, torch.long, dev))
         dec = [i for i, c in enumerate(chunks) if c.is_decode]
         pre = [i for i, c in enumerate(chunks) if not c.is_decode]
         dec_rows = to_device_ints([offsets[i] for i in dec], torch.long, dev)
@@ -411,15 +432,20 @@ class _DecodeBucket:
         self.v: List[Optional[torch.Tensor]] = [None] * n
         self.h = self.cos = self.sin = self.logits = None
         self.graphs: List = []
+        # full-step mode: int32 [4, bp] = token ids, positions, append slots (-1: padding row),
+        # attention slots (padding rows repeat a real one); one host->device copy per step
+        self.meta = torch.zeros(4, bp, dtype=torch.int32, device=dev)
+        self.num_splits = 1
 
 
 class _DecodeGraphs:
     """Piecewise decode graphs of a :class:`ModelRunner` (see ``enable_cuda_graphs``)."""
 
-    def __init__(self, runner: "ModelRunner", max_batch: int, use_graphs: bool):
+    def __init__(self, runner: "ModelRunner", max_batch: int, use_graphs: bool, full: bool = False):
         self.r = runner
         self.max_batch = max_batch
         self.use_graphs = use_graphs
+        self.full = full
         self.buckets = _graph_buckets(max_batch)
         self._by_size: Dict[int, _DecodeBucket] = {}
         self._pool = None
@@ -493,4 +519,65 @@ class _DecodeGraphs:
             o = r.pool.decode_attention(li, seq_ids, lens, st.q[li][:b], r.scale)
             st.attn[:b].copy_(o.reshape(b, -1))
             self._run_piece(st, li + 1)
+        return st.logits[:b].clone()
+
+    # -- full-step mode: the whole decode step (appends and attention too) in one graph ----
+    def _step(self, st: _DecodeBucket) -> None:
+        r = self.r
+        bp = st.bp
+        h, cos, sin = r._embed(st.meta[0], st.meta[1])
+        for li, layer in enumerate(r.inner.layers):
+            q, k, v = r._qkv(layer, h, cos, sin)
+            o = r.pool.decode_layer_device(li, k, v, q, st.meta[2], st.meta[3], r.scale, st.num_splits)
+            h = r._finish_layer(layer, h, o.reshape(bp, -1).to(h.dtype))
+        st.logits = r._head(h)
+
+    def _prepare_full(self, bp: int, host_meta: torch.Tensor) -> _DecodeBucket:
+        st = self._by_size.get(bp)
+        if st is not None:
+            return st
+        st = _DecodeBucket(self.r, bp)
+        st.num_splits = self.r.pool.decode_num_splits(bp)
+        if self.use_graphs:
+            # warm-up (compile, autotune, per-shape caches) and capture with every append slot
+            # -1: nothing is written to the pool; attention reads the step's real sequences
+            warm = host_meta.clone()
+            warm[2] = -1
+            st.meta.copy_(warm.to(st.meta.device))
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for _ in range(2):
+                    self._step(st)
+            torch.cuda.current_stream().wait_stream(s)
+            torch.cuda.synchronize()
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=self._pool, capture_error_mode="thread_local"):
+                self._step(st)
+            st.graphs.append(g)
+        self._by_size[bp] = st
+        return st
+
+    def run_full(self, chunks: Sequence[Chunk], ids: List[int], pos: List[int]) -> torch.Tensor:
+        pool = self.r.pool
+        b = len(chunks)
+        bp = self._bucket_size(b)
+        seq_ids = [c.seq_id for c in chunks]
+        # checks every sequence and layer before anything runs (raises, changing nothing)
+        slots = pool.check_decode_step(seq_ids, [c.start for c in chunks])
+        pad = bp - b
+        host = torch.tensor([ids + ids[:1] * pad, pos + pos[:1] * pad, slots + [-1] * pad,
+                             slots + slots[:1] * pad], dtype=torch.int32)
+        st = self._prepare_full(bp, host)
+        pool.advance_decode_step(seq_ids)  # the host ledger moves as the device lengths will
+        if st.meta.device.type == "cuda":
+            st.meta.copy_(host.pin_memory(), non_blocking=True)
+        else:
+            st.meta.copy_(host)
+        if self.use_graphs:
+            st.graphs[0].replay()
+        else:
+            self._step(st)
         return st.logits[:b].clone()
