@@ -480,6 +480,34 @@ def test_full_step_decode_errors(w4ax_model):
     assert r.pool.kv._qlen[0][0] + r.pool.kv._tlen[0][0] == 17 and torch.equal(r.pool.kv._lens, lens)
 
 
+@pytest.mark.parametrize("kv4", [False, True])
+def test_failed_graph_capture_falls_back_to_eager(w4ax_model, monkeypatch, kv4):
+    """A capture that fails (warm-up or capture raising) costs nothing but the graphs: the step
+    runs eagerly with a warning, the pool stays consistent, later steps stay eager."""
+    from cometq.serve import runner as runner_mod
+
+    def boom(self, *a):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(runner_mod._DecodeGraphs, "_capture_full", boom)
+    monkeypatch.setattr(runner_mod._DecodeGraphs, "_capture_pieces", boom)
+    prompts = [_rand_ids(6 + 5 * i, 90 + i) for i in range(5)]
+    outs = {}
+    for graphs in (False, True):
+        r = ModelRunner.build(w4ax_model, kv4=kv4, num_blocks=24, block_size=16, max_seqs=5)
+        if graphs:
+            r.enable_cuda_graphs(max_batch=8, graphs=False)
+            r._graphs.use_graphs = True  # (as on a GPU: capture on first use)
+            with pytest.warns(RuntimeWarning, match="CUDA graph capture of the (full|piecewise) decode step at "
+                                                     "batch 8 failed: RuntimeError: operation not permitted"):
+                outs[graphs] = _decode_run(r, prompts, steps=4)
+            assert r._graphs is None
+        else:
+            outs[graphs] = _decode_run(r, prompts, steps=4)
+    for a, b in zip(outs[False], outs[True]):
+        torch.testing.assert_close(b, a, rtol=0, atol=RUNNER_FP32_ATOL)
+
+
 def test_enable_cuda_graphs_validation(w4ax_model):
     r = ModelRunner.build(w4ax_model, kv4=True, num_blocks=8, block_size=16, max_seqs=2)
     with pytest.raises(ValueError, match="max_batch"):

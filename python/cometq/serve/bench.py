@@ -340,6 +340,12 @@ def run_bench(args) -> Dict:
                 _log(f"  out of memory: {e}")
                 torch.cuda.empty_cache()
                 r = {"batch": b, "input_len": in_len, "output_len": out_len, "error": "out of memory"}
+            except Exception as e:  # noqa: BLE001 - one failing system (e.g. a graph capture) must not cost the others
+                import traceback
+
+                traceback.print_exc()
+                r = {"batch": b, "input_len": in_len, "output_len": out_len,
+                     "error": f"{type(e).__name__}: {str(e)[:300]}"}
             r["system"] = system
             rows.append(r)
             if "error" not in r:
@@ -363,7 +369,8 @@ def markdown(res: Dict) -> str:
             continue
         prof = (f"{r['decode_step_wall_ms']:.2f} / {r['decode_step_gpu_busy_ms']:.2f}"
                 if "decode_step_wall_ms" in r else "–")
-        lines.append(f"| {r['system']} | {r['batch']} | {r['input_len']}/{r['output_len']} | "
+        label = r["system"] + (f" ({r['decode_graphs']})" if "decode_graphs" in r else "")
+        lines.append(f"| {label} | {r['batch']} | {r['input_len']}/{r['output_len']} | "
                      f"{r['output_tokens_per_s']:.1f} | {r['total_tokens_per_s']:.1f} | {r['ttft_mean_s'] * 1e3:.1f} | "
                      f"{r['ttft_p90_s'] * 1e3:.1f} | {r['tpot_mean_s'] * 1e3:.2f} | {prof} |")
     lines.append("")

@@ -22,6 +22,7 @@ implemented: the runner caps the context at the window, where it is exact.
 """
 from __future__ import annotations
 
+import warnings
 import weakref
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
@@ -338,10 +339,14 @@ class ModelRunner:
         dev = self.device
         graphs = getattr(self, "_graphs", None)
         if graphs is not None and not all_logits and all(c.is_decode for c in chunks) and graphs.fits(len(chunks)):
-            if graphs.full:  # one host->device copy of its own (ids, positions, slots)
-                return graphs.run_full(chunks, ids, pos)
-            return graphs.run(chunks, to_device_ints(ids, torch.long, self.device),
-                              to_device_ints(pos, torch.long, self.device))
+            try:
+                if graphs.full:  # one host->device copy of its own (ids, positions, slots)
+                    return graphs.run_full(chunks, ids, pos)
+                return graphs.run(chunks, to_device_ints(ids, torch.long, self.device),
+                                  to_device_ints(pos, torch.long, self.device))
+            except _CaptureFailed as e:  # raised before the step touched the pool: run it eagerly
+                warnings.warn(f"{e}; decode steps run eagerly from now on", RuntimeWarning, stacklevel=2)
+                self._graphs = None
         # pinned, non-blocking copies: no CPU-GPU sync before the step's kernels are queued
         h, cos, sin = self._embed(to_device_ints(ids, torch.long, dev), to_device_ints(pos, torch.long, dev))
         dec = [i for i, c in enumerate(chunks) if c.is_decode]
@@ -399,6 +404,18 @@ class ModelRunner:
             last = to_device_ints([o + len(c.tokens) - 1 for o, c in zip(offsets, chunks)], torch.long, dev)
             h = h[last]
         return self._head(h)
+
+
+class _CaptureFailed(RuntimeError):
+    """Warm-up or capture of a decode graph failed (nothing was written to the pool yet)."""
+
+
+def _capture(fn, what: str):
+    """Run a bucket's warm-up + capture ``fn``; any failure becomes :class:`_CaptureFailed`."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - reported (with its type) and handled by the caller
+        raise _CaptureFailed(f"CUDA graph capture of {what} failed: {type(e).__name__}: {e}") from e
 
 
 def _graph_buckets(max_batch: int) -> List[int]:
@@ -475,27 +492,30 @@ class _DecodeGraphs:
         st = _DecodeBucket(self.r, bp)
         n_pieces = self.r.num_layers + 1
         if self.use_graphs:
-            # eager warm-up on a side stream: compiles / autotunes every kernel of this shape and
-            # fills every per-shape cache, so nothing inside the capture allocates host state,
-            # launches a benchmark or syncs
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                for _ in range(2):
-                    for i in range(n_pieces):
-                        self._piece(st, i)
-            torch.cuda.current_stream().wait_stream(s)
-            torch.cuda.synchronize()
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            for i in range(n_pieces):
-                g = torch.cuda.CUDAGraph()
-                # thread_local: the server's other threads may touch CUDA while the engine thread captures
-                with torch.cuda.graph(g, pool=self._pool, capture_error_mode="thread_local"):
-                    self._piece(st, i)
-                st.graphs.append(g)
+            _capture(lambda: self._capture_pieces(st, n_pieces), f"the piecewise decode step at batch {bp}")
         self._by_size[bp] = st
         return st
+
+    def _capture_pieces(self, st: _DecodeBucket, n_pieces: int) -> None:
+        # eager warm-up on a side stream: compiles / autotunes every kernel of this shape and
+        # fills every per-shape cache, so nothing inside the capture allocates host state,
+        # launches a benchmark or syncs
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                for i in range(n_pieces):
+                    self._piece(st, i)
+        torch.cuda.current_stream().wait_stream(s)
+        torch.cuda.synchronize()
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        for i in range(n_pieces):
+            g = torch.cuda.CUDAGraph()
+            # thread_local: the server's other threads may touch CUDA while the engine thread captures
+            with torch.cuda.graph(g, pool=self._pool, capture_error_mode="thread_local"):
+                self._piece(st, i)
+            st.graphs.append(g)
 
     def _run_piece(self, st: _DecodeBucket, i: int) -> None:
         if self.use_graphs:
@@ -539,26 +559,29 @@ class _DecodeGraphs:
         st = _DecodeBucket(self.r, bp)
         st.num_splits = self.r.pool.decode_num_splits(bp)
         if self.use_graphs:
-            # warm-up (compile, autotune, per-shape caches) and capture with every append slot
-            # -1: nothing is written to the pool; attention reads the step's real sequences
-            warm = host_meta.clone()
-            warm[2] = -1
-            st.meta.copy_(warm.to(st.meta.device))
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                for _ in range(2):
-                    self._step(st)
-            torch.cuda.current_stream().wait_stream(s)
-            torch.cuda.synchronize()
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=self._pool, capture_error_mode="thread_local"):
-                self._step(st)
-            st.graphs.append(g)
+            _capture(lambda: self._capture_full(st, host_meta), f"the full decode step at batch {bp}")
         self._by_size[bp] = st
         return st
+
+    def _capture_full(self, st: _DecodeBucket, host_meta: torch.Tensor) -> None:
+        # warm-up (compile, autotune, per-shape caches) and capture with every append slot -1:
+        # nothing is written to the pool; attention reads the step's real sequences
+        warm = host_meta.clone()
+        warm[2] = -1
+        st.meta.copy_(warm.to(st.meta.device))
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                self._step(st)
+        torch.cuda.current_stream().wait_stream(s)
+        torch.cuda.synchronize()
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=self._pool, capture_error_mode="thread_local"):
+            self._step(st)
+        st.graphs.append(g)
 
     def run_full(self, chunks: Sequence[Chunk], ids: List[int], pos: List[int]) -> torch.Tensor:
         pool = self.r.pool
