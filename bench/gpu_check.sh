@@ -20,6 +20,7 @@
 #   gemm_class/gemm.json|md       class scales + per-channel weights (int32 accumulation across blocks)
 #   attention.json|md             bench_attention.py --sweep (KV4 paged decode vs SDPA; every launch config)
 #   serving/serving_*.json|md     bench_serving.py (Llama-3-8B geometry, random weights)
+#   microbench.json|md            pytest-benchmark microbenchmarks (bench/test_microbench.py) + ratio table
 #   autotune.json/.log            which backend `auto` picked per case (cometq.autotune)
 #   gemm_configs.json             tuned GEMM configs (COMETQ_GEMM_CONFIG_CACHE; commit it as
 #                                 bench/results/gemm_configs.json to reuse the tuning)
@@ -31,7 +32,7 @@
 # Knobs: COMETQ_CUDA_ARCHS (default: the visible GPU's arch only, e.g. "90a"),
 #        MAX_JOBS (default 16), PYTHON (default python3), GPU_CHECK_BUDGET_S,
 #        PYTEST_ARGS (extra pytest arguments), PYTEST_WORKERS (xdist workers, default 8), GPU_CHECK_SKIP (comma list of stages
-#        to skip: build, triton_tests, cuda_tests, diag, gemm, gemm_class, attention, serving, autotune),
+#        to skip: build, triton_tests, cuda_tests, diag, gemm, gemm_class, microbench, attention, serving, autotune),
 #        TRITON_TEST_FILES (the Triton test files), TRITON_TESTS_CAP / CUDA_TESTS_CAP / DIAG_CAP /
 #        SERVING_CAP (stage time caps, s), SERVING_ARGS (bench_serving.py arguments), COMETQ_GEMM_TUNE=0 (first config per bucket,
 #        no autotuning: bounds compile time in short runs).
@@ -224,6 +225,10 @@ fi
 # weights lets whole runs of blocks accumulate in int32 (no float rescale every 128 channels)
 bench gemm_class 45 $PY bench/bench_gemm.py --shapes 8B.o,8B.gate_up --ms 1024,16 --shares 0.125 --weights sym \
   --group -1 --scale-mode class --no-peers --no-persistent --time-budget 30 --out "$W/gemm_class"
+# pytest-benchmark microbenchmarks (issue #3's harness: linear layers vs FP16/FP8, KV4 decode
+# attention vs SDPA, the device-side KV4 append), JSON + ratio table
+bench microbench 40 sh -c "$PY -m pytest -q -p no:cacheprovider -o addopts= bench/test_microbench.py \
+  --benchmark-json='$W/microbench.json' && $PY bench/microbench_table.py '$W/microbench.json' --out '$W/microbench.md'"
 # decode-path diagnostics: launch overhead vs GPU time, every decode config, attention sweep
 bench diag "${DIAG_CAP:-70}" $PY bench/diag_decode.py --out "$W/diag"
 

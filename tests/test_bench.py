@@ -70,3 +70,22 @@ def test_bench_attention_dry_run(tmp_path):
     assert all(x.get("ms", 0) > 0 for x in row["sweep"])
     md = open(str(out) + ".md").read()
     assert "fold_k" in md and "Launch-config sweep" in md
+
+
+def test_microbench_smoke_and_table(tmp_path):
+    """The pytest-benchmark microbenchmarks run (CPU: tiny shapes, reference ops) and their JSON
+    turns into the ratio table."""
+    out = tmp_path / "micro.json"
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
+                        os.path.join(ROOT, "bench", "test_microbench.py"), f"--benchmark-json={out}"],
+                       capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    data = json.load(open(out))
+    groups = {b["group"] for b in data["benchmarks"]}
+    assert {"linear tiny M=3", "decode attention b=2 ctx=80", "decode append b=2"} <= groups, groups
+    t = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "microbench_table.py"), str(out), "--out",
+                        str(tmp_path / "micro.md")], capture_output=True, text=True, timeout=60)
+    assert t.returncode == 0, t.stderr
+    md = (tmp_path / "micro.md").read_text()
+    assert "| linear tiny M=3 | cometq-reference |" in md and "x vs fp16 |" in md
+    assert "x vs sdpa-fp16 |" in md

@@ -514,3 +514,18 @@ def test_enable_cuda_graphs_validation(w4ax_model):
         r.enable_cuda_graphs(max_batch=0)
     with pytest.raises(ValueError, match="CUDA graphs need a CUDA model"):
         r.enable_cuda_graphs(max_batch=4)
+
+
+def test_request_token_slice_equals_all_ids_slice():
+    """The scheduler's list-free views of prompt + output (``num_tokens``, ``token_slice``)."""
+    from cometq.serve.engine import Request
+
+    g = torch.Generator().manual_seed(0)
+    for n_p, n_o in [(0, 0), (1, 0), (0, 3), (5, 4), (7, 1)]:
+        req = Request(request_id="r", prompt_ids=torch.randint(0, 99, (n_p,), generator=g).tolist(),
+                      params=SamplingParams(max_tokens=8))
+        req.output_ids = torch.randint(0, 99, (n_o,), generator=g).tolist()
+        assert req.num_tokens == len(req.all_ids)
+        for a in range(n_p + n_o + 1):
+            for b in range(a, n_p + n_o + 1):
+                assert req.token_slice(a, b) == req.all_ids[a:b], (n_p, n_o, a, b)

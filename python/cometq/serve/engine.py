@@ -112,6 +112,21 @@ class Request:
     def all_ids(self) -> List[int]:
         return self.prompt_ids + self.output_ids
 
+    @property
+    def num_tokens(self) -> int:
+        """``len(all_ids)`` without building the list (the scheduler asks per request per step)."""
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def token_slice(self, start: int, stop: int) -> List[int]:
+        """``all_ids[start:stop]`` (0 <= start <= stop) without concatenating prompt and output."""
+        p = self.prompt_ids
+        n = len(p)
+        if stop <= n:
+            return p[start:stop]
+        if start >= n:
+            return self.output_ids[start - n:stop - n]
+        return p[start:] + self.output_ids[:stop - n]
+
 
 class Engine:
     """Synchronous engine: ``add_request`` then call ``step()`` until ``has_work()`` is False."""
@@ -275,7 +290,7 @@ class Engine:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(len(req.all_ids) - req.num_computed, budget)
+            n = min(req.num_tokens - req.num_computed, budget)
             while not self._reserve(req, req.num_computed + n):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -292,7 +307,7 @@ class Engine:
                 if not self.waiting:
                     break
                 req = self.waiting[0]
-            n = min(len(req.all_ids) - req.num_computed, budget)
+            n = min(req.num_tokens - req.num_computed, budget)
             if not self._reserve(req, req.num_computed + n):
                 if req.seq_id >= 0 and not self.pool.has_seq(req.seq_id):
                     req.seq_id = -1
@@ -311,7 +326,7 @@ class Engine:
         plan = self.schedule()
         if not plan:
             return 0
-        chunks = [Chunk(r.seq_id, r.all_ids[r.num_computed:r.num_computed + n], r.num_computed) for r, n in plan]
+        chunks = [Chunk(r.seq_id, r.token_slice(r.num_computed, r.num_computed + n), r.num_computed) for r, n in plan]
         try:
             logits = self.runner.forward(chunks)
         except Exception as e:  # fail this step's requests loudly, keep serving the others
@@ -329,7 +344,7 @@ class Engine:
         for i, (req, n) in enumerate(plan):
             req.num_computed += n
             n_tok += n
-            if req.num_computed < len(req.all_ids):
+            if req.num_computed < req.num_tokens:
                 continue  # mid-prefill chunk: nothing to sample yet
             tok = greedy[i] if req.params.greedy else sample_token(host[i], req.params, req.generator)
             if req.first_token_time is None:
@@ -352,7 +367,7 @@ class Engine:
         hit = req.detok.add(tok) if req.detok is not None else None
         if hit is not None:
             self._finish(req, "stop")
-        elif len(req.output_ids) >= p.max_tokens or len(req.all_ids) >= self.max_model_len:
+        elif len(req.output_ids) >= p.max_tokens or req.num_tokens >= self.max_model_len:
             self._finish(req, "length")
         else:
             self._emit(req)
