@@ -354,6 +354,8 @@ def test_check_pool_false_still_checks_the_query():
         ops.kv4_decode_attention(torch.randn(2, 3, 32), *a[1:], 0.2, 1, "reference", check_pool=False)
     with pytest.raises(ValueError, match="seq_ids must be int32"):
         ops.kv4_decode_attention(q, *a[1:12], a[12][:1], *a[13:], 0.2, 1, "reference", check_pool=False)
+    with pytest.raises(ValueError, match="seq_ids are on meta, the pool on cpu"):
+        ops.kv4_decode_attention(q, *a[1:12], a[12].to("meta"), *a[13:], 0.2, 1, "reference", check_pool=False)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -655,9 +655,12 @@ _POOL_TENSORS = ("k_packed", "k_scale", "k_zero", "v_packed", "v_scale", "v_zero
                  "tail_lens", "block_tables")
 
 
-@pytest.mark.parametrize("axes,tail_dtype", [(("channel", "token"), torch.float16), (("channel", "channel"), torch.float32),
-                                             (("token", "channel"), torch.float16), (("token", "token"), torch.float16)])
-def test_device_append_same_state_as_torch_path(axes, tail_dtype):
+@pytest.mark.parametrize("axes,tail_dtype,x_dtype", [(("channel", "token"), torch.float16, torch.float32),
+                                                     (("channel", "channel"), torch.float32, torch.float32),
+                                                     (("token", "channel"), torch.float16, torch.float32),
+                                                     (("token", "token"), torch.float16, torch.float32),
+                                                     (("channel", "token"), torch.float16, torch.bfloat16)])
+def test_device_append_same_state_as_torch_path(axes, tail_dtype, x_dtype):
     """Decode appends through the one-launch device append (``cometq::kv4_decode_append`` on
     Triton: tail or block write, the group a token completes, both length rows) leave every
     pool tensor bit-identical to the torch path (backend "reference": index writes + group
@@ -667,8 +670,8 @@ def test_device_append_same_state_as_torch_path(axes, tail_dtype):
     c = _cfg(*axes, tail_dtype=tail_dtype)
     dev = _dev("triton")
     pools = {be: MultiLayerKV4Pool(c, 2, dev) for be in ("reference", "triton")}
-    ka, va = (t.to(dev) for t in _tokens(2, 29, 32, 7))
-    kb, vb = (t.to(dev) for t in _tokens(2, 21, 32, 8))
+    ka, va = (t.to(dev, x_dtype) for t in _tokens(2, 29, 32, 7))  # (bf16: the tail cast rounds bf16 -> fp16)
+    kb, vb = (t.to(dev, x_dtype) for t in _tokens(2, 21, 32, 8))
     for be, pool in pools.items():
         a, b = pool.add_sequence(), pool.add_sequence()
         pool.reserve(a, 29)
@@ -811,6 +814,10 @@ def test_decode_append_op_checks_and_opcheck():
                               "channel", "token")
     with pytest.raises(ValueError, match=r"slots must be int32 \[1\], got torch.int64"):
         ops.kv4_decode_append(x, x, *pargs, pool._lens[:, 0], slots.long(), 4, "channel", "token")
+    with pytest.raises(ValueError, match="lens is on meta, the pool on cpu"):
+        ops.kv4_decode_append(x, x, *pargs, pool._lens[:, 0].to("meta"), slots, 4, "channel", "token")
+    with pytest.raises(ValueError, match="slots are on meta, the pool on cpu"):
+        ops.kv4_decode_append(x, x, *pargs, pool._lens[:, 0], slots.to("meta"), 4, "channel", "token")
     with pytest.raises(ValueError, match=r"lens must be int32 \[2, 4\]"):
         ops.kv4_decode_append(x, x, *pargs, pool.quant_lens[0], slots, 4, "channel", "token")
     with pytest.raises(ValueError, match="tail_k must be float"):

@@ -392,6 +392,9 @@ def _check_kv4_attn_args(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero
                      lambda: f"{nm} must be int32 [{s}], got {t.dtype} {tuple(t.shape)}")
     torch._check(seq_ids.dim() == 1 and seq_ids.shape[0] == q.shape[0] and seq_ids.dtype == torch.int32,
                  lambda: f"seq_ids must be int32 [{q.shape[0]}], got {seq_ids.dtype} {tuple(seq_ids.shape)}")
+    for nm, t in (("q", q), ("seq_ids", seq_ids), ("block_tables", block_tables), ("quant_lens", quant_lens),
+                  ("tail_lens", tail_lens)):
+        torch._check(t.device == k_packed.device, lambda: f"{nm} is on {t.device}, the pool on {k_packed.device}")
     for nm, t in (("tail_k", tail_k), ("tail_v", tail_v)):
         torch._check(t.dim() == 4 and t.shape[0] == s and t.shape[1] == h and t.shape[3] == d and t.dtype in R.FLOAT_DTYPES,
                      lambda: f"{nm} must be float [{s}, {h}, G, {d}], got {t.dtype} {tuple(t.shape)}")
@@ -408,6 +411,8 @@ def _check_kv4_attn_query(q, k_packed, tail_k, seq_ids, num_splits):
     torch._check(q.device == k_packed.device, lambda: f"q is on {q.device}, the pool on {k_packed.device}")
     torch._check(seq_ids.dim() == 1 and seq_ids.shape[0] == q.shape[0] and seq_ids.dtype == torch.int32,
                  lambda: f"seq_ids must be int32 [{q.shape[0]}], got {seq_ids.dtype} {tuple(seq_ids.shape)}")
+    torch._check(seq_ids.device == k_packed.device,
+                 lambda: f"seq_ids are on {seq_ids.device}, the pool on {k_packed.device}")
     torch._check(num_splits >= 1, lambda: f"num_splits must be >= 1, got {num_splits}")
 
 
@@ -421,6 +426,7 @@ def _check_kv4_decode_append_rows(k, v, k_packed, slots):
     torch._check(tuple(v.shape) == tuple(k.shape), lambda: f"v shape {tuple(v.shape)} != k shape {tuple(k.shape)}")
     torch._check(slots.dim() == 1 and slots.shape[0] == k.shape[0] and slots.dtype == torch.int32,
                  lambda: f"slots must be int32 [{k.shape[0]}], got {slots.dtype} {tuple(slots.shape)}")
+    torch._check(slots.device == k_packed.device, lambda: f"slots are on {slots.device}, the pool on {k_packed.device}")
 
 
 def _check_kv4_decode_append_args(k, v, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, tail_k, tail_v,
@@ -439,6 +445,8 @@ def _check_kv4_decode_append_args(k, v, k_packed, k_scale, k_zero, v_packed, v_s
     for nm, t in (("tail_k", tail_k), ("tail_v", tail_v)):
         torch._check(t.dim() == 4 and tuple(t.shape) == (s, h, tg, d) and t.dtype in R.FLOAT_DTYPES,
                      lambda: f"{nm} must be float [{s}, {h}, {tg}, {d}], got {t.dtype} {tuple(t.shape)}")
+    for nm, t in (("block_tables", block_tables), ("lens", lens), ("tail_k", tail_k), ("tail_v", tail_v)):
+        torch._check(t.device == k_packed.device, lambda: f"{nm} is on {t.device}, the pool on {k_packed.device}")
 
 
 def _ref_kv4_quantize_append(x, packed, scale, zero, block_ids, offsets, group_size, axis):
