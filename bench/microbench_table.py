@@ -5,7 +5,7 @@
 Per case: microseconds per op (median of the timed calls / ``reps`` launches per call),
 GB/s and TFLOP/s from the bytes / FLOPs the case declares, and the speed-up over the
 group's peer measured in the same run (cuBLAS FP16 for linear layers, SDPA over fp16 K/V
-for decode attention): ``peer time / this time``.
+for decode attention, the HF modules for the fused layer ops): ``peer time / this time``.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import sys
 from typing import Dict, List
 
 #: the peer each group is compared with (first one present)
-BASELINES = ("fp16", "sdpa-fp16")
+BASELINES = ("fp16", "sdpa-fp16", "hf-module")
 
 
 def rows(data: Dict) -> List[Dict]:

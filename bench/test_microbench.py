@@ -217,3 +217,46 @@ def test_kv4_decode_append(benchmark, backend):
 
     _run(benchmark, fn, group=f"decode append b={b}", system=f"cometq-{backend}",
          nbytes=2 * k.numel() * k.element_size() * (1 + 1 / c.group_size))
+
+
+# ---------------------------------------------------------------- fused layer ops vs the HF modules
+@pytest.mark.parametrize("system", ["cometq-fused", "hf-module"])
+def test_layer_elementwise(benchmark, system):
+    """One decode layer's elementwise pieces at batch 64 (Llama-3-8B widths): RMSNorm, add +
+    RMSNorm, RoPE split of the fused q/k/v output, SiLU-and-mul -- the fused ops (4 kernels) vs
+    the HF modules / runner code they replace (~25 kernels)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from cometq import ops
+    from cometq.layers import rope_qkv_reference
+
+    t, c, inter, hq, hkv, d = (64, 4096, 14336, 32, 8, 128) if GPU else (2, 64, 96, 4, 2, 16)
+    dt = torch.float16 if GPU else torch.float32
+    gen = torch.Generator(device=DEV).manual_seed(5)
+    h = torch.randn(t, c, device=DEV, generator=gen).to(dt)
+    o = torch.randn(t, c, device=DEV, generator=gen).to(dt)
+    qkv = torch.randn(t, (hq + 2 * hkv) * d, device=DEV, generator=gen).to(dt)
+    cos = torch.rand(t, d, device=DEV, generator=gen).to(dt)
+    sin = torch.rand(t, d, device=DEV, generator=gen).to(dt)
+    gu = torch.randn(t, 2 * inter, device=DEV, generator=gen).to(dt)
+    norm = LlamaRMSNorm(c, eps=1e-5).to(DEV, dt)
+    be = "triton" if GPU else "reference"
+
+    if system == "cometq-fused":
+        def fn():
+            ops.rms_norm(h, norm.weight, 1e-5, be)
+            ops.add_rms_norm(o, h, norm.weight, 1e-5, be)
+            ops.rope_qkv(qkv, cos, sin, hq, hkv, be)
+            ops.silu_mul(gu, be)
+    else:
+        act = torch.nn.SiLU()
+
+        def fn():
+            norm(h)
+            norm(h + o)
+            rope_qkv_reference(qkv, cos, sin, hq, hkv)
+            g, u = gu.chunk(2, dim=-1)
+            act(g) * u
+
+    nbytes = (4 * t * c + 2 * t * c + 2 * qkv.numel() + gu.numel() * 3 // 2) * (2 if GPU else 4)
+    _run(benchmark, fn, group=f"layer elementwise b={t}", system=system, nbytes=nbytes)

@@ -1,4 +1,5 @@
-"""Ahead-of-time compile the KV4 Triton kernels for sm_80 / sm_90 (no GPU needed).
+"""Ahead-of-time compile the KV4 Triton kernels (and the Llama-layer elementwise kernels the
+serving runner uses beside them, ``layer_ops.py``) for sm_80 / sm_90 (no GPU needed).
 
 The interpreter accepts programs the GPU compiler rejects (dot shapes, dtype
 mixes, layouts), so CI also compiles the real thing with
@@ -28,6 +29,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from .kv4_append import kv4_append_kernel, kv4_decode_append_kernel  # noqa: E402
+from .layer_ops import rms_norm_kernel, rope_qkv_kernel, silu_mul_kernel  # noqa: E402
 from .kv4_attention import attention_configs, attention_meta, kv4_attn_reduce_kernel, kv4_attn_split_kernel  # noqa: E402
 
 _TY = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
@@ -40,7 +42,7 @@ def _sig(kernel, ptrs: Dict[str, str], constexprs: Dict[str, object]) -> Dict[st
             sig[a] = "constexpr"
         elif a in ptrs:
             sig[a] = ptrs[a]
-        elif a == "qk_scale":
+        elif a in ("qk_scale", "eps"):
             sig[a] = "fp32"
         else:
             sig[a] = "i32"
@@ -98,6 +100,15 @@ def jobs(quick: bool = False) -> List[tuple]:
             ce = dict(HALF_D=64, GROUP=32, BLOCK_SIZE=64, STAGED="channel" in (ka, va), K_CHANNEL=ka == "channel",
                       V_CHANNEL=va == "channel")
             out.append((f"decode_append[{qd},{ka}/{va}]", kv4_decode_append_kernel, ptrs, ce, 4, "append"))
+        # the serving runner's fused layer ops (Llama-3-8B widths; SmolLM2's 576 pads to 1024)
+        out.append((f"layer_rms_norm[{qd},res]", rms_norm_kernel,
+                    dict(x_ptr=_TY[qd], r_ptr=_TY[qd], w_ptr=_TY[qd], y_ptr=_TY[qd], h_ptr=_TY[qd]),
+                    dict(BLOCK_C=4096, HAS_RES=True), 4, "layer"))
+        out.append((f"layer_rope_qkv[{qd}]", rope_qkv_kernel,
+                    {n: _TY[qd] for n in ("x_ptr", "cos_ptr", "sin_ptr", "q_ptr", "k_ptr", "v_ptr")},
+                    dict(NQ=32, NKV=8, D=128, BLOCK_H=32), 4, "layer"))
+        out.append((f"layer_silu_mul[{qd}]", silu_mul_kernel, dict(x_ptr=_TY[qd], y_ptr=_TY[qd]), dict(BLOCK=2048), 4,
+                    "layer"))
         ce = dict(HQ=32, NUM_SPLITS=8, SPLITS_P2=8, D=128)
         ptrs = dict(po_ptr="*fp32", pm_ptr="*fp32", pl_ptr="*fp32", out_ptr=_TY[qd])
         out.append((f"reduce[{qd}]", kv4_attn_reduce_kernel, ptrs, ce, 4, "reduce"))
@@ -113,7 +124,8 @@ CI_SET = ("append[token,torch.float16]", "append[channel,torch.float16]",
           "attn-cfg[torch.float16,channel/token,qpk=4,splits=8,w2,t32,lazy]",
           "attn-cfg[torch.float16,channel/token,qpk=4,splits=8,w1,t32,lazy]",
           "attn-cfg[torch.float16,channel/token,qpk=4,splits=8,w1,t16,lazy]", "decode_append[torch.float16,channel/token]",
-          "decode_append[torch.float16,token/token]")
+          "decode_append[torch.float16,token/token]", "layer_rms_norm[torch.float16,res]",
+          "layer_rope_qkv[torch.float16]", "layer_silu_mul[torch.float16]")
 
 
 def ptxas_usage(ptx: str, arch: int) -> dict:

@@ -82,7 +82,8 @@ def test_microbench_smoke_and_table(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     data = json.load(open(out))
     groups = {b["group"] for b in data["benchmarks"]}
-    assert {"linear tiny M=3", "decode attention b=2 ctx=80", "decode append b=2"} <= groups, groups
+    assert {"linear tiny M=3", "decode attention b=2 ctx=80", "decode append b=2", "layer elementwise b=2"} <= groups, \
+        groups
     t = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "microbench_table.py"), str(out), "--out",
                         str(tmp_path / "micro.md")], capture_output=True, text=True, timeout=60)
     assert t.returncode == 0, t.stderr

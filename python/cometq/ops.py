@@ -614,3 +614,170 @@ def kv4_decode_append(k, v, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero
         torch.ops.cometq.kv4_decode_append(*args, backend or "")
         return
     _IMPLS["kv4_decode_append"][resolve_backend("kv4_decode_append", k_packed.device, backend or None)](*args)
+
+
+# ==========================================================================
+# Llama-layer elementwise ops (cometq.layers: references = the HF math; Triton
+# kernels in kernels/layer_ops.py, registered by cometq.kernels._register_kv4):
+# * rms_norm(x[T,C], weight[C], eps) -> y[T,C]
+# * add_rms_norm(x[T,C], residual[T,C], weight[C], eps) -> (y, h = x + residual)
+# * rope_qkv(qkv[T,(Hq+2Hkv)*D], cos[T,D], sin[T,D], n_q, n_kv) -> (q[T,Hq,D], k[T,Hkv,D], v[T,Hkv,D])
+# * silu_mul(x[T,2I]) -> silu(x[:, :I]) * x[:, I:]
+# ==========================================================================
+def _check_layer_rows(name, x):
+    torch._check(x.dim() == 2 and x.dtype in R.FLOAT_DTYPES,
+                 lambda: f"{name} must be a float [T, C] tensor, got {x.dtype} {tuple(x.shape)}")
+
+
+def _check_rms_norm_args(x, weight, eps):
+    _check_layer_rows("x", x)
+    torch._check(weight.dim() == 1 and weight.shape[0] == x.shape[1] and weight.dtype in R.FLOAT_DTYPES,
+                 lambda: f"weight must be float [{x.shape[1]}], got {weight.dtype} {tuple(weight.shape)}")
+    torch._check(weight.device == x.device, lambda: f"weight is on {weight.device}, x on {x.device}")
+    torch._check(eps >= 0.0, lambda: f"eps must be >= 0, got {eps}")
+
+
+def _check_add_rms_norm_args(x, residual, weight, eps):
+    _check_rms_norm_args(x, weight, eps)
+    torch._check(residual.shape == x.shape and residual.dtype == x.dtype and residual.device == x.device,
+                 lambda: f"residual {residual.dtype} {tuple(residual.shape)} on {residual.device} must match x "
+                         f"{x.dtype} {tuple(x.shape)} on {x.device}")
+
+
+def _check_rope_qkv_args(qkv, cos, sin, n_q, n_kv):
+    _check_layer_rows("qkv", qkv)
+    torch._check(n_q >= 1 and n_kv >= 1 and n_q % n_kv == 0,
+                 lambda: f"n_q / n_kv must be >= 1 with n_q a multiple of n_kv, got {n_q} / {n_kv}")
+    heads = n_q + 2 * n_kv
+    torch._check(qkv.shape[1] % heads == 0 and (qkv.shape[1] // heads) % 2 == 0,
+                 lambda: f"qkv width {qkv.shape[1]} is not (n_q + 2 n_kv) = {heads} heads of an even head_dim")
+    d = qkv.shape[1] // heads
+    for nm, t in (("cos", cos), ("sin", sin)):
+        torch._check(t.shape == (qkv.shape[0], d) and t.dtype == qkv.dtype and t.device == qkv.device,
+                     lambda: f"{nm} must be {qkv.dtype} [{qkv.shape[0]}, {d}] on {qkv.device}, got {t.dtype} "
+                             f"{tuple(t.shape)} on {t.device}")
+
+
+def _check_silu_mul_args(x):
+    _check_layer_rows("x", x)
+    torch._check(x.shape[1] % 2 == 0, lambda: f"x must be [T, 2I] (gate | up), got {tuple(x.shape)}")
+
+
+def _ref_rms_norm(x, weight, eps):
+    from .layers import rms_norm_reference
+
+    return rms_norm_reference(x, weight, eps)
+
+
+def _ref_add_rms_norm(x, residual, weight, eps):
+    from .layers import add_rms_norm_reference
+
+    return add_rms_norm_reference(x, residual, weight, eps)
+
+
+def _ref_rope_qkv(qkv, cos, sin, n_q, n_kv):
+    from .layers import rope_qkv_reference
+
+    return rope_qkv_reference(qkv, cos, sin, n_q, n_kv)
+
+
+def _ref_silu_mul(x):
+    from .layers import silu_mul_reference
+
+    return silu_mul_reference(x)
+
+
+register_impl("rms_norm", "reference", _ref_rms_norm)
+register_impl("add_rms_norm", "reference", _ref_add_rms_norm)
+register_impl("rope_qkv", "reference", _ref_rope_qkv)
+register_impl("silu_mul", "reference", _ref_silu_mul)
+
+
+def _impl(op: str, device, backend: str):
+    return _IMPLS[op][resolve_backend(op, device, backend or None)]
+
+
+@torch.library.custom_op("cometq::rms_norm", mutates_args=())
+def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str) -> torch.Tensor:
+    _check_rms_norm_args(x, weight, eps)
+    return _impl("rms_norm", x.device, backend)(x.contiguous(), weight, eps)
+
+
+@_rms_norm_op.register_fake
+def _(x, weight, eps, backend):
+    _check_rms_norm_args(x, weight, eps)
+    return x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype))
+
+
+@torch.library.custom_op("cometq::add_rms_norm", mutates_args=())
+def _add_rms_norm_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                     backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    _check_add_rms_norm_args(x, residual, weight, eps)
+    return _impl("add_rms_norm", x.device, backend)(x.contiguous(), residual.contiguous(), weight, eps)
+
+
+@_add_rms_norm_op.register_fake
+def _(x, residual, weight, eps, backend):
+    _check_add_rms_norm_args(x, residual, weight, eps)
+    return x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype)), torch.empty_like(x)
+
+
+@torch.library.custom_op("cometq::rope_qkv", mutates_args=())
+def _rope_qkv_op(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_q: int, n_kv: int,
+                 backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_rope_qkv_args(qkv, cos, sin, n_q, n_kv)
+    return _impl("rope_qkv", qkv.device, backend)(qkv.contiguous(), cos.contiguous(), sin.contiguous(), n_q, n_kv)
+
+
+@_rope_qkv_op.register_fake
+def _(qkv, cos, sin, n_q, n_kv, backend):
+    _check_rope_qkv_args(qkv, cos, sin, n_q, n_kv)
+    t, d = qkv.shape[0], qkv.shape[1] // (n_q + 2 * n_kv)
+    return qkv.new_empty(t, n_q, d), qkv.new_empty(t, n_kv, d), qkv.new_empty(t, n_kv, d)
+
+
+@torch.library.custom_op("cometq::silu_mul", mutates_args=())
+def _silu_mul_op(x: torch.Tensor, backend: str) -> torch.Tensor:
+    _check_silu_mul_args(x)
+    return _impl("silu_mul", x.device, backend)(x.contiguous())
+
+
+@_silu_mul_op.register_fake
+def _(x, backend):
+    _check_silu_mul_args(x)
+    return x.new_empty(x.shape[0], x.shape[1] // 2)
+
+
+def _layer_op(op: str, check, args, device, backend):
+    """Eager: validate once (ValueError naming the bad value), then straight to the backend;
+    under torch.compile: the custom op (its fake impl carries the same checks)."""
+    if torch.compiler.is_compiling():
+        return getattr(torch.ops.cometq, op)(*args, backend or "")
+    _kv4_validate_eager(op, check, *args)
+    fn = _IMPLS[op][resolve_backend(op, device, backend)]
+    return fn(*[a.contiguous() if isinstance(a, torch.Tensor) and a.dim() == 2 else a for a in args])
+
+
+def rms_norm(x, weight, eps: float, backend: Optional[str] = None) -> torch.Tensor:
+    """``LlamaRMSNorm`` of ``x [T, C]`` as one kernel (``torch.ops.cometq.rms_norm``; spec :mod:`cometq.layers`)."""
+    R.check_tensor("x", x, dtypes=R.FLOAT_DTYPES)
+    return _layer_op("rms_norm", _check_rms_norm_args, (x, weight, float(eps)), x.device, backend)
+
+
+def add_rms_norm(x, residual, weight, eps: float, backend: Optional[str] = None):
+    """``h = x + residual``, ``(rms_norm(h), h)`` as one kernel (``torch.ops.cometq.add_rms_norm``)."""
+    R.check_tensor("x", x, dtypes=R.FLOAT_DTYPES)
+    return _layer_op("add_rms_norm", _check_add_rms_norm_args, (x, residual, weight, float(eps)), x.device, backend)
+
+
+def rope_qkv(qkv, cos, sin, n_q: int, n_kv: int, backend: Optional[str] = None):
+    """Fused q/k/v projection output -> RoPE'd ``q``, ``k`` and ``v`` heads, contiguous
+    (``torch.ops.cometq.rope_qkv``; spec :func:`cometq.layers.rope_qkv_reference`)."""
+    R.check_tensor("qkv", qkv, dtypes=R.FLOAT_DTYPES)
+    return _layer_op("rope_qkv", _check_rope_qkv_args, (qkv, cos, sin, int(n_q), int(n_kv)), qkv.device, backend)
+
+
+def silu_mul(x, backend: Optional[str] = None) -> torch.Tensor:
+    """``silu(gate) * up`` of a fused gate/up output ``[T, 2I]`` (``torch.ops.cometq.silu_mul``)."""
+    R.check_tensor("x", x, dtypes=R.FLOAT_DTYPES)
+    return _layer_op("silu_mul", _check_silu_mul_args, (x,), x.device, backend)

@@ -72,7 +72,8 @@ def model_geometry(model):
 class ModelRunner:
     """Runs chunks of many sequences through ``model`` against ``pool``."""
 
-    def __init__(self, model, pool: KVPool, *, fuse: bool = True):
+    def __init__(self, model, pool: KVPool, *, fuse: bool = True, fused_ops: Optional[bool] = None,
+                 fused_ops_backend: Optional[str] = None):
         inner = getattr(model, "model", None)
         missing = [n for n in ("embed_tokens", "layers", "norm", "rotary_emb") if not hasattr(inner, n)]
         if inner is None or missing or not hasattr(model, "lm_head"):
@@ -105,6 +106,50 @@ class ModelRunner:
         self._fused_keys: Dict = {}  # (table, layer) -> weakrefs to the weights a fusion was checked against
         if fuse:
             self.fuse_projections()
+        # one-kernel RMSNorm / add+RMSNorm / RoPE split / SiLU-and-mul (cometq.layers) instead of
+        # the HF modules' ~25 tiny kernels per layer; None: on where the Triton kernels run (CUDA)
+        if fused_ops is not None and not isinstance(fused_ops, bool):
+            raise TypeError(f"fused_ops must be a bool or None, got {fused_ops!r}")
+        self._fops_backend = fused_ops_backend
+        self._fops = self._fused_ops_available() if fused_ops is None else fused_ops
+        if self._fops and not self._fused_ops_supported():
+            raise ValueError(f"fused_ops=True needs RMSNorm layers (weight, variance_epsilon), SiLU MLPs and "
+                             f"rotate-half RoPE over the whole head_dim; {type(model).__name__} has other modules")
+
+    _NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
+    _SILUS = ("SiLU", "SiLUActivation")
+
+    def _fused_ops_supported(self) -> bool:
+        """The layer modules are the ones :mod:`cometq.layers` reproduces (HF RMSNorm math, SiLU)."""
+        inner = self.inner
+        norms = [inner.norm] + [m for layer in inner.layers for m in (layer.input_layernorm,
+                                                                      layer.post_attention_layernorm)]
+        ok = all(type(m).__name__ in self._NORMS and hasattr(m, "variance_epsilon") for m in norms)
+        acts = [getattr(layer.mlp, "act_fn", None) for layer in inner.layers]
+        return ok and all(type(a).__name__ in self._SILUS for a in acts)
+
+    def _fused_ops_available(self) -> bool:
+        from ..ops import resolve_backend
+
+        if self.device.type != "cuda" or not self._fused_ops_supported():
+            return False
+        try:
+            return all(resolve_backend(op, self.device, self._fops_backend) == "triton"
+                       for op in ("rms_norm", "add_rms_norm", "rope_qkv", "silu_mul"))
+        except (RuntimeError, ValueError):
+            return False
+
+    @property
+    def fused_ops(self) -> bool:
+        """Whether the layer's elementwise pieces run as the fused ops (``cometq.layers``)."""
+        return self._fops
+
+    def _norm(self, mod, h: torch.Tensor) -> torch.Tensor:
+        if self._fops:
+            from .. import ops
+
+            return ops.rms_norm(h, mod.weight, mod.variance_epsilon, self._fops_backend)
+        return mod(h)
 
     def fuse_projections(self) -> int:
         """Fuse each layer's q/k/v and gate/up projections (:func:`cometq.nn.fuse_linears`): one
@@ -130,17 +175,18 @@ class ModelRunner:
         return n
 
     @classmethod
-    def with_fp_pool(cls, model, *, num_blocks: int, block_size: int = 16, dtype=None, fuse: bool = True):
+    def with_fp_pool(cls, model, *, num_blocks: int, block_size: int = 16, dtype=None, fuse: bool = True,
+                     fused_ops: Optional[bool] = None):
         nl, _, nkv, hd, _ = model_geometry(model)
         w = model.model.embed_tokens.weight
         pool = PagedFPPool(num_layers=nl, num_blocks=num_blocks, block_size=block_size, n_kv_heads=nkv,
                            head_dim=hd, dtype=dtype or w.dtype, device=w.device)
-        return cls(model, pool, fuse=fuse)
+        return cls(model, pool, fuse=fuse, fused_ops=fused_ops)
 
     @classmethod
     def with_kv4_pool(cls, model, *, num_blocks: int, block_size: int = 32, group_size: Optional[int] = None,
                       max_seqs: int = 64, key_axis: str = "channel", value_axis: str = "token",
-                      backend: Optional[str] = None, fuse: bool = True):
+                      backend: Optional[str] = None, fuse: bool = True, fused_ops: Optional[bool] = None):
         from .kv4 import KV4PagedPool
 
         if group_size is None:  # 32 (docs/KV4.md default) unless the blocks are smaller
@@ -150,17 +196,18 @@ class ModelRunner:
         pool = KV4PagedPool(num_layers=nl, num_blocks=num_blocks, n_kv_heads=nkv, head_dim=hd,
                             block_size=block_size, group_size=group_size, key_axis=key_axis,
                             value_axis=value_axis, max_seqs=max_seqs, device=w.device, backend=backend)
-        return cls(model, pool, fuse=fuse)
+        return cls(model, pool, fuse=fuse, fused_ops=fused_ops)
 
     @classmethod
     def build(cls, model, *, kv4: bool, num_blocks: int, block_size: int = 32, max_seqs: int = 64,
-              fuse: bool = True, **kw):
+              fuse: bool = True, fused_ops: Optional[bool] = None, **kw):
         """A runner with a KV4 pool (``kv4=True``) or a full-precision paged pool in the model's dtype.
-        ``fuse``: fuse q/k/v and gate/up projections (:meth:`fuse_projections`)."""
+        ``fuse``: fuse q/k/v and gate/up projections (:meth:`fuse_projections`); ``fused_ops``: the
+        one-kernel RMSNorm / RoPE split / SiLU-and-mul (:mod:`cometq.layers`; None: on with CUDA)."""
         if kv4:
             return cls.with_kv4_pool(model, num_blocks=num_blocks, block_size=block_size, max_seqs=max_seqs,
-                                     fuse=fuse, **kw)
-        return cls.with_fp_pool(model, num_blocks=num_blocks, block_size=block_size, fuse=fuse)
+                                     fuse=fuse, fused_ops=fused_ops, **kw)
+        return cls.with_fp_pool(model, num_blocks=num_blocks, block_size=block_size, fuse=fuse, fused_ops=fused_ops)
 
     # ------------------------------------------------------------------------------
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -202,8 +249,13 @@ class ModelRunner:
     def _qkv(self, layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """Pre-attention half of a layer: ``q [T, H, D]``, ``k, v [T, Hkv, D]`` (RoPE applied)."""
         att, t = layer.self_attn, h.shape[0]
-        x = layer.input_layernorm(h)
+        x = self._norm(layer.input_layernorm, h)
         fused = self._current_fused(self._qkv_fused, self._layer_index(layer), (att.q_proj, att.k_proj, att.v_proj))
+        if fused is not None and self._fops and not hasattr(att, "q_norm") and cos.shape[-1] == self.head_dim:
+            from .. import ops
+
+            # split + RoPE + v copy in one kernel (the unfused path: ~11 kernels)
+            return ops.rope_qkv(fused(x), cos, sin, self.n_heads, self.n_kv_heads, self._fops_backend)
         if fused is not None:
             nq, nkv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
             q, k, v = fused(x).split([nq, nkv, nkv], dim=-1)
@@ -220,14 +272,26 @@ class ModelRunner:
 
     def _finish_layer(self, layer, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """Post-attention half of a layer: o_proj + residual, MLP + residual (``attn [T, H*D]``)."""
-        h = h + layer.self_attn.o_proj(attn)
-        x = layer.post_attention_layernorm(h)
+        o = layer.self_attn.o_proj(attn)
+        if self._fops:
+            from .. import ops
+
+            norm = layer.post_attention_layernorm
+            x, h = ops.add_rms_norm(o, h, norm.weight, norm.variance_epsilon, self._fops_backend)
+        else:
+            h = h + o
+            x = layer.post_attention_layernorm(h)
         mlp = layer.mlp
         fused = self._current_fused(self._mlp_fused, self._layer_index(layer), (getattr(mlp, "gate_proj", None),
                                                                              getattr(mlp, "up_proj", None)))
         if fused is None:
             return h + layer.mlp(x)
-        gate, up = fused(x).split([mlp.gate_proj.out_features, mlp.up_proj.out_features], dim=-1)
+        gu = fused(x)
+        if self._fops and mlp.gate_proj.out_features == mlp.up_proj.out_features:
+            from .. import ops
+
+            return h + mlp.down_proj(ops.silu_mul(gu, self._fops_backend))
+        gate, up = gu.split([mlp.gate_proj.out_features, mlp.up_proj.out_features], dim=-1)
         return h + mlp.down_proj(mlp.act_fn(gate) * up)
 
     @staticmethod
@@ -269,7 +333,7 @@ class ModelRunner:
         return idx[id(layer)]
 
     def _head(self, h: torch.Tensor) -> torch.Tensor:
-        return self.model.lm_head(self.inner.norm(h)).float()
+        return self.model.lm_head(self._norm(self.inner.norm, h)).float()
 
     def enable_cuda_graphs(self, max_batch: int = 64, *, graphs: bool = True, full: Optional[bool] = None) -> None:
         """Run pure-decode steps of up to ``max_batch`` sequences through CUDA graphs.
