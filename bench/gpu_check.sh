@@ -163,7 +163,7 @@ if ! skip triton_tests; then
   # shellcheck disable=SC2086
   # the engine's GPU tests (CUDA graphs included) run here too: they need no extension
   run_pytest pytest-triton "${TRITON_TESTS_CAP:-120}" ${TRITON_TEST_FILES:-tests/test_engine_gpu.py \
-    tests/test_kv4_attention.py tests/test_paged.py tests/test_triton_gemm.py tests/test_triton_asym.py \
+    tests/test_layer_ops.py tests/test_kv4_attention.py tests/test_paged.py tests/test_triton_gemm.py tests/test_triton_asym.py \
     tests/test_triton_act_quant.py tests/test_ops.py tests/test_quantize.py::test_eager_linear_path_equals_op_path} || TESTS_OK=no
   pack
 fi
