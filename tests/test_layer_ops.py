@@ -147,3 +147,15 @@ def test_runner_fused_ops_validation():
     with pytest.raises(ValueError, match="fused_ops=True needs RMSNorm layers"):
         ModelRunner.build(model, kv4=False, num_blocks=4, block_size=16, fused_ops=True)
     assert not ModelRunner.build(model, kv4=False, num_blocks=4, block_size=16).fused_ops
+
+
+def test_layer_op_impl():
+    """The unchecked backend function the runner caches equals the checked op."""
+    x = torch.randn(3, 64, generator=_g(9))
+    w = torch.randn(64, generator=_g(10))
+    fn = ops.layer_op_impl("rms_norm", "cpu", "reference")
+    assert torch.equal(fn(x, w, 1e-5), ops.rms_norm(x, w, 1e-5, "reference"))
+    with pytest.raises(ValueError, match="not a layer op: 'w4ax_gemm'"):
+        ops.layer_op_impl("w4ax_gemm", "cpu")
+    with pytest.raises(RuntimeError, match="backend 'cuda' is not available for op 'rms_norm'"):
+        ops.layer_op_impl("rms_norm", "cpu", "cuda")  # (no CUDA implementation of the layer ops)

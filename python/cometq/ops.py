@@ -758,6 +758,17 @@ def _layer_op(op: str, check, args, device, backend):
     return fn(*[a.contiguous() if isinstance(a, torch.Tensor) and a.dim() == 2 else a for a in args])
 
 
+def layer_op_impl(op: str, device, backend: Optional[str] = None) -> Callable:
+    """The backend function of a layer op (``rms_norm``, ``add_rms_norm``, ``rope_qkv``,
+    ``silu_mul``) for ``device``, to call without the per-call checks -- for a caller that
+    builds the arguments itself (the serving runner: four calls per layer per step, where the
+    checks cost about as much Python as the kernel launch).  Same arguments as the op minus
+    ``backend``; the Triton launchers still check the layouts they launch on."""
+    if op not in ("rms_norm", "add_rms_norm", "rope_qkv", "silu_mul"):
+        raise ValueError(f"not a layer op: {op!r}")
+    return _IMPLS[op][resolve_backend(op, device, backend)]
+
+
 def rms_norm(x, weight, eps: float, backend: Optional[str] = None) -> torch.Tensor:
     """``LlamaRMSNorm`` of ``x [T, C]`` as one kernel (``torch.ops.cometq.rms_norm``; spec :mod:`cometq.layers`)."""
     R.check_tensor("x", x, dtypes=R.FLOAT_DTYPES)

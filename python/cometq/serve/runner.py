@@ -144,11 +144,21 @@ class ModelRunner:
         """Whether the layer's elementwise pieces run as the fused ops (``cometq.layers``)."""
         return self._fops
 
+    def _fop(self, op: str):
+        """The fused layer op's backend function, resolved once (the runner builds its arguments:
+        no per-call validation layer; ``ops.layer_op_impl``)."""
+        impls = self.__dict__.setdefault("_fop_impls", {})
+        key = (op, self._fops_backend)
+        fn = impls.get(key)
+        if fn is None:
+            from ..ops import layer_op_impl
+
+            fn = impls[key] = layer_op_impl(op, self.device, self._fops_backend)
+        return fn
+
     def _norm(self, mod, h: torch.Tensor) -> torch.Tensor:
         if self._fops:
-            from .. import ops
-
-            return ops.rms_norm(h, mod.weight, mod.variance_epsilon, self._fops_backend)
+            return self._fop("rms_norm")(h, mod.weight, mod.variance_epsilon)
         return mod(h)
 
     def fuse_projections(self) -> int:
@@ -252,10 +262,8 @@ class ModelRunner:
         x = self._norm(layer.input_layernorm, h)
         fused = self._current_fused(self._qkv_fused, self._layer_index(layer), (att.q_proj, att.k_proj, att.v_proj))
         if fused is not None and self._fops and not hasattr(att, "q_norm") and cos.shape[-1] == self.head_dim:
-            from .. import ops
-
             # split + RoPE + v copy in one kernel (the unfused path: ~11 kernels)
-            return ops.rope_qkv(fused(x), cos, sin, self.n_heads, self.n_kv_heads, self._fops_backend)
+            return self._fop("rope_qkv")(fused(x), cos, sin, self.n_heads, self.n_kv_heads)
         if fused is not None:
             nq, nkv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
             q, k, v = fused(x).split([nq, nkv, nkv], dim=-1)
@@ -274,10 +282,8 @@ class ModelRunner:
         """Post-attention half of a layer: o_proj + residual, MLP + residual (``attn [T, H*D]``)."""
         o = layer.self_attn.o_proj(attn)
         if self._fops:
-            from .. import ops
-
             norm = layer.post_attention_layernorm
-            x, h = ops.add_rms_norm(o, h, norm.weight, norm.variance_epsilon, self._fops_backend)
+            x, h = self._fop("add_rms_norm")(o, h, norm.weight, norm.variance_epsilon)
         else:
             h = h + o
             x = layer.post_attention_layernorm(h)
@@ -288,9 +294,7 @@ class ModelRunner:
             return h + layer.mlp(x)
         gu = fused(x)
         if self._fops and mlp.gate_proj.out_features == mlp.up_proj.out_features:
-            from .. import ops
-
-            return h + mlp.down_proj(ops.silu_mul(gu, self._fops_backend))
+            return h + mlp.down_proj(self._fop("silu_mul")(gu))
         gate, up = gu.split([mlp.gate_proj.out_features, mlp.up_proj.out_features], dim=-1)
         return h + mlp.down_proj(mlp.act_fn(gate) * up)
 
