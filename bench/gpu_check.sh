@@ -206,11 +206,13 @@ bench gemm "$GL" $PY bench/bench_gemm.py --quick --ms 1024,1,16 --graph --time-b
 # config at 0.5x..4x the default split count: what the untuned default should become)
 bench attention 70 $PY bench/bench_attention.py --batch 1,16,64 --context 1024,4096 --sweep --out "$W/attention"
 SL=$(limit "${SERVING_CAP:-150}")
+# systems in priority order (a capped run keeps the rows that finished: the JSON is rewritten
+# after each): the HF baseline, the two targets' systems, then the comparisons.
 # untuned GEMM configs (first candidate per bucket) unless the caller sets COMETQ_GEMM_TUNE:
 # autotuning every bucket of four Llama-3-8B shapes does not fit a short run
 # shellcheck disable=SC2086
 bench serving "$SL" env COMETQ_GEMM_TUNE="${COMETQ_GEMM_TUNE:-0}" $PY bench/bench_serving.py \
-  ${SERVING_ARGS:---batch-sizes 64 --input-len 256 --output-len 64 --systems hf-generate,cometq-w4ax-kv4+graphs,cometq-w4ax-kv4+piecewise,cometq-fp+graphs,cometq-fp} \
+  ${SERVING_ARGS:---batch-sizes 64 --input-len 256 --output-len 64 --systems hf-generate,cometq-w4ax-kv4+graphs,cometq-fp+graphs,cometq-w4ax-kv4+piecewise,cometq-fp} \
   --out "$W/serving"
 # ---------------------------------------------------------------- CUDA-op and engine tests
 # (after the benchmarks: ~550 of their 811 cases passed on the first lease, none failed)

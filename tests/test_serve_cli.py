@@ -71,6 +71,7 @@ def test_bench_quick(tmp_path):
     assert rc == 0
     res = json.loads((tmp_path / "serving_t.json").read_text())
     rows = res["results"]
+    assert res["complete"] is True  # (rewritten after every row with complete=False while running)
     assert {r["system"] for r in rows} == {"cometq-w4ax-kv4", "cometq-fp", "hf-generate"}
     for r in rows:
         assert r["batch"] == 2 and r["output_tokens_per_s"] > 0 and r["ttft_mean_s"] > 0
@@ -114,3 +115,25 @@ def test_decode_step_profile_runs_and_drains():
     r = _decode_step_profile(eng, runner, batch=4, in_len=12, seed=0, steps=3, device="cpu")
     assert r["decode_step_profiled"] == 3 and r["decode_step_wall_ms"] > 0 and r["decode_step_gpu_busy_ms"] == 0
     assert not eng.has_work()
+
+
+def test_bench_writes_rows_as_they_finish(tmp_path, monkeypatch):
+    """A time-capped run keeps what finished: the JSON / markdown are rewritten after every row."""
+    from cometq.serve import bench as B
+
+    seen = []
+    real = B.run_engine
+
+    def run_engine(*a, **kw):
+        if seen:  # the second engine run "times out": the first one's row must be on disk already
+            on_disk = json.loads((tmp_path / "serving_t.json").read_text())
+            assert on_disk["complete"] is False and len(on_disk["results"]) == 1
+            raise KeyboardInterrupt
+        seen.append(1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(B, "run_engine", run_engine)
+    with pytest.raises(KeyboardInterrupt):
+        main(["bench", "--quick", "--batch-sizes", "2", "--input-len", "8", "--output-len", "4", "--block-size", "16",
+              "--systems", "cometq-fp,cometq-w4ax-kv4", "--out", str(tmp_path), "--tag", "t"])
+    assert "| cometq-fp | 2 |" in (tmp_path / "serving_t.md").read_text()

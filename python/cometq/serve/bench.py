@@ -276,7 +276,9 @@ def run_hf_generate(model, *, batch: int, in_len: int, out_len: int, device: str
     return _summ([first] * batch, [tpot] * batch, wall, batch, in_len, out_len)
 
 
-def run_bench(args) -> Dict:
+def run_bench(args, progress=None) -> Dict:
+    """Run every (batch, system); ``progress(result_so_far)`` after each row (the caller writes
+    partial results: a time-capped GPU run keeps what finished)."""
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -348,13 +350,21 @@ def run_bench(args) -> Dict:
                      "error": f"{type(e).__name__}: {str(e)[:300]}"}
             r["system"] = system
             rows.append(r)
+            if progress is not None:
+                progress(_result(model_name, device, gpu, model, args, budget, rows))
             if "error" not in r:
                 _log(f"  {r['output_tokens_per_s']:.1f} out tok/s, TTFT {r['ttft_mean_s'] * 1e3:.1f} ms, "
                      f"TPOT {r['tpot_mean_s'] * 1e3:.1f} ms")
+    return _result(model_name, device, gpu, model, args, budget, rows)
+
+
+def _result(model_name, device, gpu, model, args, budget, rows) -> Dict:
+    import torch
+
     dev_name = torch.cuda.get_device_name() if gpu else platform.processor() or platform.machine()
     return {"model": model_name, "device": device, "device_name": dev_name, "dtype": str(model.dtype),
             "torch": torch.__version__, "threads": torch.get_num_threads(), "quick": bool(args.quick),
-            "block_size": args.block_size, "max_num_batched_tokens": budget, "results": rows}
+            "block_size": args.block_size, "max_num_batched_tokens": budget, "results": list(rows)}
 
 
 def markdown(res: Dict) -> str:
@@ -410,20 +420,26 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def run_and_write(args) -> int:
-    """Run the benchmark and write JSON, markdown and (if matplotlib) a PNG plot."""
-    res = run_bench(args)
+    """Run the benchmark and write JSON, markdown and (if matplotlib) a PNG plot.  JSON and
+    markdown are rewritten after every row, so a run stopped by a time limit keeps its rows."""
     os.makedirs(args.out, exist_ok=True)
-    tag = args.tag or (res["device"] + ("-quick" if args.quick else ""))
-    base = os.path.join(args.out, f"serving_{tag}")
-    with open(base + ".json", "w") as f:
-        json.dump(res, f, indent=2)
-    res["results"].sort(key=lambda r: (ALL_SYSTEMS.index(r["system"]), r["batch"]))
-    md = markdown(res)
-    with open(base + ".md", "w") as f:
-        f.write(md)
-    plot(res, base + ".png")
-    print(md)
-    _log(f"wrote {base}.json / .md")
+
+    def write(res, final=False):
+        tag = args.tag or (res["device"] + ("-quick" if args.quick else ""))
+        base = os.path.join(args.out, f"serving_{tag}")
+        res = dict(res, results=sorted(res["results"], key=lambda r: (ALL_SYSTEMS.index(r["system"]), r["batch"])),
+                   complete=final)
+        with open(base + ".json", "w") as f:
+            json.dump(res, f, indent=2)
+        md = markdown(res)
+        with open(base + ".md", "w") as f:
+            f.write(md)
+        if final:
+            plot(res, base + ".png")
+            print(md)
+            _log(f"wrote {base}.json / .md")
+
+    write(run_bench(args, progress=write), final=True)
     return 0
 
 
