@@ -159,3 +159,42 @@ def test_layer_op_impl():
         ops.layer_op_impl("w4ax_gemm", "cpu")
     with pytest.raises(RuntimeError, match="backend 'cuda' is not available for op 'rms_norm'"):
         ops.layer_op_impl("rms_norm", "cpu", "cuda")  # (no CUDA implementation of the layer ops)
+
+
+def test_full_step_with_fused_ops_defers_the_residual():
+    """The full-step decode path with the fused ops adds each layer's MLP output inside the next
+    layer's norm (add_rms_norm; the last one inside the final norm): same logits as the plain
+    forward with the same fused ops (KV4 pool, Triton kernels under the interpreter on CPU)."""
+    from cometq.serve.runner import Chunk, ModelRunner
+    from cometq.serve.tiny import tiny_model
+    from cometq.testing import RUNNER_FP32_ATOL
+
+    model = tiny_model().to(DEV)
+    prompts = [torch.randint(0, 256, (6 + 3 * i,), generator=_g(20 + i)).tolist() for i in range(3)]
+    outs, calls = {}, {}
+    for full in (False, True):
+        r = ModelRunner.build(model, kv4=True, num_blocks=16, block_size=16, max_seqs=4, fused_ops=True)
+        r._fops_backend = "triton"
+        if full:
+            r.enable_cuda_graphs(max_batch=4, graphs=False)
+            assert r._graphs.full
+        n = {"add_rms_norm": 0}
+        real = r._fop
+
+        def counting(op, real=real, n=n):
+            if op in n:
+                n[op] += 1
+            return real(op)
+
+        r._fop = counting
+        for s, p in enumerate(prompts):
+            r.pool.reserve(s, len(p) + 3)
+        lg = [r.forward([Chunk(s, p, 0) for s, p in enumerate(prompts)])]
+        n["add_rms_norm"] = 0
+        for step in range(3):
+            lg.append(r.forward([Chunk(s, [5 + s], len(p) + step) for s, p in enumerate(prompts)]))
+        outs[full], calls[full] = torch.cat(lg), n["add_rms_norm"]
+    torch.testing.assert_close(outs[True], outs[False], rtol=0, atol=RUNNER_FP32_ATOL)
+    layers = model.config.num_hidden_layers
+    assert calls[False] == 3 * layers  # one add + norm per layer (post-attention)
+    assert calls[True] == 3 * 2 * layers  # plus one per layer boundary and the final norm, in place of the adds

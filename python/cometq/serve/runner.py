@@ -256,10 +256,12 @@ class ModelRunner:
         cos, sin = self.inner.rotary_emb(h[None], pos_t[None])
         return h, cos[0].to(h.dtype), sin[0].to(h.dtype)
 
-    def _qkv(self, layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """Pre-attention half of a layer: ``q [T, H, D]``, ``k, v [T, Hkv, D]`` (RoPE applied)."""
+    def _qkv(self, layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, x: Optional[torch.Tensor] = None):
+        """Pre-attention half of a layer: ``q [T, H, D]``, ``k, v [T, Hkv, D]`` (RoPE applied).
+        ``x``: the input norm of ``h`` when the caller already has it (a fused add + norm)."""
         att, t = layer.self_attn, h.shape[0]
-        x = self._norm(layer.input_layernorm, h)
+        if x is None:
+            x = self._norm(layer.input_layernorm, h)
         fused = self._current_fused(self._qkv_fused, self._layer_index(layer), (att.q_proj, att.k_proj, att.v_proj))
         if fused is not None and self._fops and not hasattr(att, "q_norm") and cos.shape[-1] == self.head_dim:
             # split + RoPE + v copy in one kernel (the unfused path: ~11 kernels)
@@ -280,6 +282,12 @@ class ModelRunner:
 
     def _finish_layer(self, layer, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """Post-attention half of a layer: o_proj + residual, MLP + residual (``attn [T, H*D]``)."""
+        h, mlp_out = self._finish_layer_deferred(layer, h, attn)
+        return h + mlp_out
+
+    def _finish_layer_deferred(self, layer, h: torch.Tensor, attn: torch.Tensor):
+        """:meth:`_finish_layer` without the last residual add: ``(h, mlp_out)``, the layer's output
+        being ``h + mlp_out`` (a caller with the fused ops adds it inside the next norm)."""
         o = layer.self_attn.o_proj(attn)
         if self._fops:
             norm = layer.post_attention_layernorm
@@ -291,12 +299,12 @@ class ModelRunner:
         fused = self._current_fused(self._mlp_fused, self._layer_index(layer), (getattr(mlp, "gate_proj", None),
                                                                              getattr(mlp, "up_proj", None)))
         if fused is None:
-            return h + layer.mlp(x)
+            return h, layer.mlp(x)
         gu = fused(x)
         if self._fops and mlp.gate_proj.out_features == mlp.up_proj.out_features:
-            return h + mlp.down_proj(self._fop("silu_mul")(gu))
+            return h, mlp.down_proj(self._fop("silu_mul")(gu))
         gate, up = gu.split([mlp.gate_proj.out_features, mlp.up_proj.out_features], dim=-1)
-        return h + mlp.down_proj(mlp.act_fn(gate) * up)
+        return h, mlp.down_proj(mlp.act_fn(gate) * up)
 
     @staticmethod
     def _weights_of(parts) -> list:
@@ -614,11 +622,25 @@ class _DecodeGraphs:
         r = self.r
         bp = st.bp
         h, cos, sin = r._embed(st.meta[0], st.meta[1])
+        pending = None  # fused ops: a layer's MLP output, added to h inside the next norm (one kernel less)
         for li, layer in enumerate(r.inner.layers):
-            q, k, v = r._qkv(layer, h, cos, sin)
+            x = None
+            if pending is not None:
+                norm = layer.input_layernorm
+                x, h = r._fop("add_rms_norm")(pending, h, norm.weight, norm.variance_epsilon)
+            q, k, v = r._qkv(layer, h, cos, sin, x)
             o = r.pool.decode_layer_device(li, k, v, q, st.meta[2], st.meta[3], r.scale, st.num_splits)
-            h = r._finish_layer(layer, h, o.reshape(bp, -1).to(h.dtype))
-        st.logits = r._head(h)
+            o = o.reshape(bp, -1).to(h.dtype)
+            if r.fused_ops:
+                h, pending = r._finish_layer_deferred(layer, h, o)
+            else:
+                h = r._finish_layer(layer, h, o)
+        if pending is not None:
+            norm = r.inner.norm
+            x, _ = r._fop("add_rms_norm")(pending, h, norm.weight, norm.variance_epsilon)
+            st.logits = r.model.lm_head(x).float()
+        else:
+            st.logits = r._head(h)
 
     def _prepare_full(self, bp: int, host_meta: torch.Tensor) -> _DecodeBucket:
         st = self._by_size.get(bp)
