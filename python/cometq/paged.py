@@ -658,9 +658,9 @@ class MultiLayerKV4Pool:
         self._sync_lens(L, seq_ids)
 
     def _device_append(self, backend: Optional[str]) -> bool:
-        """Whether decode appends of this (staged) pool run as the one-launch device append
+        """Whether decode appends of this pool run as the one-launch device append
         (``cometq::kv4_decode_append`` resolves to Triton for this pool's device) instead of
-        the torch index writes + group quantization launches."""
+        the torch index writes + quantization launches."""
         from .ops import resolve_backend
 
         try:
