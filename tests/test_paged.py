@@ -827,3 +827,18 @@ def test_decode_append_op_checks_and_opcheck():
             c.group_size, c.key_axis, c.value_axis, "reference")
     torch.library.opcheck(torch.ops.cometq.kv4_decode_append, args,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_default_split_count_uses_the_pools_gpu():
+    """Split counts are sized for the pool's GPU (its SM count; 132 = an H100 off the GPU)."""
+    from cometq.paged import default_num_splits
+
+    pool = _ml(layers=1)
+    s = pool.add_sequence()
+    pool.reserve(s, 40)
+    pool.append(0, s, torch.randn(2, 40, 8), torch.randn(2, 40, 8))
+    assert pool.num_sms == (torch.cuda.get_device_properties(0).multi_processor_count if DEV == "cuda" and
+                            pool.device.type == "cuda" else 132)
+    assert pool.default_num_splits([s]) == default_num_splits(1, 2, 5, pool.num_sms)
+    assert pool.default_num_splits([s], num_sms=2) == 5  # 6 * 2 // 2 = 6 wanted, capped at the 5 blocks
+    assert pool.default_num_splits([s], num_sms=1) == 3  # 6 * 1 // 2 programs per SM

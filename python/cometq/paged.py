@@ -781,12 +781,25 @@ class MultiLayerKV4Pool:
             v = torch.cat([v, self.tail_v[L, seq_id, :, :nt].to(dtype)], 1)
         return k, v
 
-    def default_num_splits(self, seq_ids: Sequence[int], layer: int = 0, num_sms: int = 132) -> int:
-        """Split-K partitions for a decode batch (see :func:`default_num_splits`)."""
+    @property
+    def num_sms(self) -> int:
+        """Streaming multiprocessors of the pool's GPU (132, an H100's, off the GPU): what the
+        default split counts are sized for."""
+        n = self.__dict__.get("_num_sms")
+        if n is None:
+            n = 132
+            if self.device.type == "cuda":
+                n = torch.cuda.get_device_properties(self.device).multi_processor_count
+            self._num_sms = n
+        return n
+
+    def default_num_splits(self, seq_ids: Sequence[int], layer: int = 0, num_sms: Optional[int] = None) -> int:
+        """Split-K partitions for a decode batch (see :func:`default_num_splits`; ``num_sms``
+        default: the pool's GPU's)."""
         if not seq_ids:
             return 1
         longest = max(-(-self._qlen[layer][s] // self.config.block_size) for s in seq_ids)
-        return default_num_splits(len(seq_ids), self.config.num_kv_heads, longest, num_sms)
+        return default_num_splits(len(seq_ids), self.config.num_kv_heads, longest, num_sms or self.num_sms)
 
     def decode_attention(self, layer: int, q: torch.Tensor, seq_ids: Sequence[int], sm_scale: Optional[float] = None,
                          num_splits: Optional[int] = None, backend: Optional[str] = None) -> torch.Tensor:
@@ -914,7 +927,7 @@ class PagedKV4Pool:
         """Dequantized ``(k, v)`` ``[H, T, D]`` of one sequence (or its first ``n_tokens``)."""
         return self.pool.gather(seq_id, self.layer, n_tokens, dtype)
 
-    def default_num_splits(self, seq_ids: Sequence[int], num_sms: int = 132) -> int:
+    def default_num_splits(self, seq_ids: Sequence[int], num_sms: Optional[int] = None) -> int:
         """Split-K partitions for a decode batch (see :func:`default_num_splits`)."""
         return self.pool.default_num_splits(seq_ids, self.layer, num_sms)
 

@@ -195,7 +195,7 @@ class KV4PagedPool(KVPool):
         """Split-K count of decode attention for a captured step of ``batch`` rows: fixed per
         graph, so sized for the longest sequence the pool can hold (a split past a sequence's
         last block exits at once)."""
-        return default_num_splits(batch, self.n_kv_heads, self.config.blocks_per_seq)
+        return default_num_splits(batch, self.n_kv_heads, self.config.blocks_per_seq, self.kv.num_sms)
 
     def decode_layer_device(self, layer: int, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor,
                             append_slots: torch.Tensor, attn_slots: torch.Tensor, scale: float,
