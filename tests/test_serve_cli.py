@@ -137,3 +137,13 @@ def test_bench_writes_rows_as_they_finish(tmp_path, monkeypatch):
         main(["bench", "--quick", "--batch-sizes", "2", "--input-len", "8", "--output-len", "4", "--block-size", "16",
               "--systems", "cometq-fp,cometq-w4ax-kv4", "--out", str(tmp_path), "--tag", "t"])
     assert "| cometq-fp | 2 |" in (tmp_path / "serving_t.md").read_text()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
+@pytest.mark.parametrize("system", ["cometq-w4ax-kv4+graphs", "cometq-w4ax-kv4+piecewise"])
+def test_bench_graph_systems_need_cuda(tmp_path, system, capsys):
+    """The CLI reports the bad --systems value (exit 2, message on stderr), never a traceback."""
+    assert main(["bench", "--quick", "--systems", system, "--out", str(tmp_path)]) == 2
+    assert "the +graphs / +piecewise systems need a CUDA device" in capsys.readouterr().err
+    assert main(["bench", "--quick", "--systems", system + "x", "--out", str(tmp_path)]) == 2
+    assert f"unknown systems ['{system}x']" in capsys.readouterr().err
