@@ -433,6 +433,17 @@ def bench_gemm(args, rows, errors, dev, budget=None, flush=lambda: None):
                                     _try(row, "triton-tma-wbm", tbf, args, flops, nbytes)
                             except Exception as e:  # noqa: BLE001
                                 row["triton-tma_err"] = f"{type(e).__name__}: {str(e)[:160]}"
+                        if m > 64:
+                            # the dequant path (both operands to fp16, then cuBLAS): an autotune
+                            # candidate at M >= 1024 -- FP16-GEMM speed minus one pass over the weights
+                            qf = (lambda: w4ax_gemm_triton(q4, q8, a_sc, lay.block_bits, qweight, w_sc, group, None,
+                                                           torch.float16, args.scale_mode, w_offsets=w_off,
+                                                           path="dequant"))
+                            try:
+                                qf()
+                                _try(row, "triton-dequant", qf, args, flops, nbytes)
+                            except Exception as e:  # noqa: BLE001
+                                row["triton-dequant_err"] = f"{type(e).__name__}: {str(e)[:160]}"
                         if qweight_bm is not None and m <= 64 and cfg is not None:
                             # same config as the triton column, weights block-major: each tile's block
                             # is one contiguous BN x 64-byte run instead of BN pieces 2K bytes apart
@@ -518,7 +529,8 @@ def markdown(rows, backends):
     ours = sorted((r for r in rows if r.get("kind") == "ours"),
                   key=lambda r: (order.get(r["shape"], len(order)), r["M"], r["share"]))
     if ours:
-        cols = (backends + ["triton-persistent", "triton-tma", "triton-det", "triton-wbm", "triton-tma-wbm"]
+        cols = (backends + ["triton-persistent", "triton-tma", "triton-dequant", "triton-det", "triton-wbm",
+                            "triton-tma-wbm"]
                 if "triton" in backends
                 else list(backends))
         if "cuda" in backends:
@@ -559,6 +571,8 @@ def markdown(rows, backends):
                    "kernel (symmetric weights, groups >= 128), autotuned over its own configs; `triton-wbm`: "
                    "the `triton` config with the weights stored block-major (layout.weights_block_major, M <= 64; "
                    "`triton-tma-wbm` / `cuda-wbm`: the same for the `triton-tma` config / the CUDA kernel); "
+                   "`triton-dequant` (M > 64): both operands dequantized to fp16, then cuBLAS (an autotune "
+                   "candidate at M >= 1024; not integer-exact); "
                    "path='auto' picks between both. "
                    "TFLOP/s and the configs are in gemm.json.")
     graphed = [r for r in ours if any(k.endswith("-graph_us") for k in r)]

@@ -41,6 +41,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from .act_quant import act_quant_kernel, split_rows_kernel  # noqa: E402
+from .dequant_gemm import dequant_act_kernel, dequant_weight_kernel  # noqa: E402
 from .w4ax_gemm import (  # noqa: E402
     GemmConfig,
     gen_configs,
@@ -135,7 +136,7 @@ def all_configs(quick: bool = False) -> List[GemmConfig]:
         for mb in M_BUCKETS:
             for n8 in (0, k // 128 // 8):
                 for c in gen_configs(mb, n, k, n8, interpret=False):
-                    if c not in seen:
+                    if c not in seen and not c.dequant:  # (the dequant path's kernels: dequant_jobs)
                         seen.append(c)
     return seen
 
@@ -144,7 +145,8 @@ def all_configs(quick: bool = False) -> List[GemmConfig]:
 #: n*128, N; the debug buffer).  The JIT specializes such values (and every torch
 #: pointer, 16-byte aligned) with ``tt.divisibility=16``; without mirroring that here
 #: the AOT code would not vectorize loads the way the real one does.
-_DIVISIBLE = {"stride_q4m", "stride_q8m", "stride_wn", "stride_wb", "stride_om", "N", "stride_dm", "stride_dn", "stride_xm", "K"}
+_DIVISIBLE = {"stride_q4m", "stride_q8m", "stride_wn", "stride_wb", "stride_om", "N", "stride_dm", "stride_dn", "stride_xm", "K",
+              "stride_ow"}
 #: Arguments equal to 1 in every real launch (unit strides): the JIT turns them into constants.
 _UNIT = ("stride_on", "stride_xk")
 
@@ -184,6 +186,18 @@ def jobs(quick: bool = False) -> List[Tuple[str, object, Dict[str, str], Dict[st
     out.append(("split_rows[BM=32]", split_rows_kernel,
                 dict(q4_ptr="*u8", q8_ptr="*i8", out_ptr="*i8", M="i32", N8="i32", stride_q4m="i32",
                      stride_q8m="i32", stride_om="i32", BLOCK_M="constexpr"), dict(BLOCK_M=32), 4, 1, "repack"))
+    # the dequant path (large M: dequantize both operands, cuBLAS): its two kernels, block and
+    # class mode activations, symmetric and asymmetric weights
+    for cm in (False, True):
+        out.append((f"dequant_act[fp16,class={cm}]", dequant_act_kernel,
+                    dict(q4_ptr="*u8", q8_ptr="*i8", as_ptr="*fp32", bits_ptr="*i32", out_ptr="*fp16", M="i32",
+                         stride_q4m="i32", stride_q8m="i32", stride_asm="i32", stride_om="i32",
+                         BLOCK_M="constexpr", CLASS_MODE="constexpr"), dict(BLOCK_M=32, CLASS_MODE=cm), 4, 1, "dequant"))
+    for asym in (False, True):
+        out.append((f"dequant_weight[fp16,asym={asym}]", dequant_weight_kernel,
+                    dict(qw_ptr="*u8", ws_ptr="*fp32", wo_ptr="*fp32", out_ptr="*fp16", N="i32", GROUP="i32",
+                         stride_wn="i32", stride_wb="i32", stride_wsn="i32", stride_won="i32", stride_ow="i32",
+                         BLOCK_N="constexpr", ASYM="constexpr"), dict(BLOCK_N=32, ASYM=asym), 4, 1, "dequant"))
     # every generated GEMM config (block mode, group 128, fp16 out, bias), symmetric and
     # asymmetric weights (ASYM: offset term, an extra row-sum + rank-1 update per segment)
     for asym in (False, True):
@@ -366,7 +380,7 @@ def ci_subset(todo, arch: int):
                 keep.append(j)
             elif name.startswith("act_quant[") and "BM=32" in name and ("fp16" in name or "class=False" in name):
                 keep.append(j)
-            elif name.startswith("split_rows["):
+            elif name.startswith(("split_rows[", "dequant_")):
                 keep.append(j)
             elif name.startswith("gemm-variant[") and "16x64" in name and "g16" not in name:
                 keep.append(j)
@@ -381,7 +395,7 @@ def ci_subset(todo, arch: int):
                 keep.append(j)  # the reduction for every decode split tile and the persistent 64x128
         else:
             if name in ("act_quant[fp16,class=False,ident=False,BM=32]", "act_quant[fp16,class=True,ident=False,BM=32]",
-                        "split_rows[BM=32]"):
+                        "split_rows[BM=32]", "dequant_act[fp16,class=False]", "dequant_weight[fp16,asym=True]"):
                 keep.append(j)
             elif name.startswith("gemm-variant[class,per-channel") or name.startswith("gemm-variant[block,g64,16x64"):
                 keep.append(j)
@@ -444,6 +458,13 @@ def check_code(kind: str, arch: int, constexprs: Dict[str, object], num_warps: i
             return "the INT4 unpack is not the word-wide inline PTX"
         if _wide_stores(ptx) == 0:
             return "no 16-byte stores of the split rows"
+        return None
+    if kind == "dequant":
+        # the nibbles unpacked by the word-wide inline PTX, 16-byte stores of the 16-bit operand rows
+        if "0x0F0F0F0F" not in ptx:
+            return "the INT4 unpack is not the word-wide inline PTX"
+        if _wide_stores(ptx) == 0:
+            return "no 16-byte stores of the dequantized rows"
         return None
     if kind == "tma":
         # operands by TMA (bulk tensor copies), weights unpacked in registers as wgmma's A operand

@@ -119,7 +119,7 @@ __all__ = [
     "PATHS",
 ]
 
-PATHS = ("auto", "tiled", "splitk", "persistent", "tma")
+PATHS = ("auto", "tiled", "splitk", "persistent", "tma", "dequant")
 
 
 # ==========================================================================
@@ -733,6 +733,9 @@ class GemmConfig:
     #: register A operand); implies the swapped orientation, ignores swap_ab/interleave8;
     #: ``split`` > 1 cuts K with the deterministic workspace reduction
     tma: bool = False
+    #: large M: dequantize both operands to 16 bits and run cuBLAS (``kernels/dequant_gemm.py``);
+    #: a tuning candidate, never the untuned first choice (not integer-exact: DEQUANT_GEMM_RTOL)
+    dequant: bool = False
 
     def __post_init__(self):
         for name in ("block_m", "block_n"):
@@ -745,7 +748,7 @@ class GemmConfig:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
         if self.num_warps not in (1, 2, 4, 8, 16):
             raise ValueError(f"num_warps must be one of 1, 2, 4, 8, 16, got {self.num_warps!r}")
-        for name in ("swap_ab", "interleave8", "tma"):
+        for name in ("swap_ab", "interleave8", "tma", "dequant"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
 
@@ -840,9 +843,12 @@ def gen_configs(mb: int, n: int, k: int, n_int8: int, *, interpret: Optional[boo
     # (128x256 / 256x128 at 8 warps, 128x128 at 4 warps: 1-2.4 KB of spills per thread)
     if tma == "also":
         cfgs += _tma_configs(mb, n, nb)
+    if mb >= 1024:
+        # dequantize + cuBLAS (compute-bound sizes): last, so only a measured win picks it
+        cfgs.append(GemmConfig(128, 128, 1, 1, 4, 1, dequant=True))
     seen, out = set(), []
     for c in cfgs:
-        if c.block_m * c.block_n > 64 * 32 * c.num_warps:
+        if c.block_m * c.block_n > 64 * 32 * c.num_warps and not c.dequant:  # (dequant: no accumulator tile)
             continue
         if c not in seen:
             seen.add(c)
@@ -1359,6 +1365,10 @@ def w4ax_gemm_triton(
         raise ValueError(f"config {config} is a TMA config but path={path!r}; use path='tma' or 'auto'")
     if config is not None and path == "tma" and not config.tma:
         raise ValueError(f"path='tma' needs a TMA config (tma=True), got {config}")
+    if return_int_acc and (path == "dequant" or (config is not None and config.dequant)):
+        raise ValueError("return_int_acc needs an integer-accumulating path; the dequant path has none")
+    if path == "dequant":
+        config = config or GemmConfig(128, 128, 1, 1, 4, 1, dequant=True)
     if tma is None:
         tma = os.environ.get(ENV_TMA, "1").strip().lower() not in ("0", "false", "no", "off")
     elif not isinstance(tma, bool):
@@ -1382,6 +1392,11 @@ def w4ax_gemm_triton(
 
     def launch(cfg: GemmConfig, which: str):
         tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+        if which == "dequant":
+            from .dequant_gemm import w4ax_gemm_dequant
+
+            return w4ax_gemm_dequant(args_common["q4"], args_common["q8"], a_scales, block_bits, qweight, w_scales, g,
+                                     bias, out_dtype, scale_mode, w_offsets, stride_wb=w_block_stride)
         if which == "tma":
             # split-K pieces always go through the deterministic workspace (no atomic variant)
             split_k = triton.cdiv(nb, triton.cdiv(nb, cfg.split)) if cfg.split > 1 else 1
@@ -1457,6 +1472,9 @@ def w4ax_gemm_triton(
         config = select_config(m, n, k_pad, n8, bench_fn, variant=variant,
                                device_name=_device_name(dev) if os.environ.get(ENV_CONFIG_CACHE) else "",
                                tma=tma_mode)
+    if return_int_acc and config.dequant and path == "auto":
+        # the integer accumulators need an integer path: the bucket's first candidate (never dequant)
+        config = gen_configs(m_bucket(m), n, k_pad, n8, tma=tma_mode)[0]
     which = _path_for(config, path)
     if which == "splitk" and config.split == 1 and path == "splitk":
         # forced split-K with a non-split config: split over the blocks anyway
@@ -1478,6 +1496,8 @@ def _reduce_partials(red, n_programs: int, slots_per_tile: int, part, bias, out,
 
 
 def _path_for(cfg: GemmConfig, requested: str) -> str:
+    if requested == "dequant" or (cfg.dequant and requested == "auto"):
+        return "dequant"
     if cfg.tma:
         return "tma"
     if requested in ("tiled", "persistent"):

@@ -1,0 +1,126 @@
+"""Triton: the W4Ax GEMM for large M as dequantize + cuBLAS (the ``dequant`` path).
+
+At prefill sizes (M in the thousands) a GEMM is compute-bound and 4-bit weights save no
+time; what matters is tensor-core throughput.  This path turns both quantized operands
+back into fp16/bf16 -- ``A'[m, k] = q_a[m, k] * s_a[m, block(k)]`` and
+``W'[n, k] = q_w[n, k] * s_w[n, group(k)] (+ offset)``, both in the permuted K order --
+and runs ``A' @ W'^T`` on cuBLAS: the W4Ax product (activations still quantized to
+INT4/INT8, weights still INT4) at FP16-GEMM speed, plus one pass over the weights
+(2 bytes written per weight; ~5 % of the GEMM at M = 8192).  The AWQ/GPTQ kernels in
+vLLM do the same above a batch threshold.  Numerics: the integer-exact kernels sum
+``q_a * q_w`` exactly and scale once per block; here every operand element is rounded
+to the 16-bit dtype first (relative 2^-11 for fp16), so results agree with the reference
+within :data:`DEQUANT_GEMM_RTOL` of the output's scale, not bit for bit.  Whether it
+runs is measured: ``GemmConfig(dequant=True)`` is one of the large-M candidates the
+autotuner times (never the untuned first choice), ``path="dequant"`` forces it.
+
+Layouts (cometq.layout): ``q4`` holds the INT4 blocks in ascending block order (64
+bytes per block, low nibble = even K), ``q8`` the INT8 blocks (128 bytes); block ``b``'s
+slot is its rank among the blocks of its own precision, counted in-kernel from
+``block_bits`` (at most a few dozen blocks: no host-side table, no extra launch).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import unpack_hi, unpack_lo
+
+__all__ = ["w4ax_gemm_dequant", "dequant_act_kernel", "dequant_weight_kernel", "DEQUANT_GEMM_RTOL"]
+
+#: dequant path vs the integer-exact reference, relative to max |y|: fp16 operand rounding
+#: (2^-11 each) over K products plus the fp16 output rounding
+DEQUANT_GEMM_RTOL = 4e-3
+
+
+@triton.jit
+def _interleave(lo, hi, ROWS: tl.constexpr):
+    """Low / high nibble values ``[ROWS, 64]`` -> K order ``[ROWS, 128]`` (even = low)."""
+    return tl.reshape(tl.join(lo, hi), (ROWS, 128))
+
+
+@triton.jit
+def _row_tile(ROWS: tl.constexpr, limit):
+    """This program's rows (axis 0, ``ROWS`` each), their mask and int64 offsets, and its block (axis 1)."""
+    r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    return r < limit, r.to(tl.int64), tl.program_id(1)
+
+
+@triton.jit
+def dequant_act_kernel(q4_ptr, q8_ptr, as_ptr, bits_ptr, out_ptr, M,
+                       stride_q4m, stride_q8m, stride_asm, stride_om,
+                       BLOCK_M: tl.constexpr, CLASS_MODE: tl.constexpr):
+    """``A'[m, b*128 : +128] = q[m, block b] * scale[m, b]`` for ``BLOCK_M`` tokens of block ``b``."""
+    mm, rm64, b = _row_tile(BLOCK_M, M)
+    bits = tl.load(bits_ptr + b)
+    slot = 0
+    for i in range(0, b):  # rank of block b among the blocks of its precision
+        slot += (tl.load(bits_ptr + i) == bits).to(tl.int32)
+    if CLASS_MODE:
+        s = tl.load(as_ptr + rm64 * stride_asm + (bits == 8).to(tl.int32), mask=mm, other=0.0)
+    else:
+        s = tl.load(as_ptr + rm64 * stride_asm + b, mask=mm, other=0.0)
+    j = tl.arange(0, 64)
+    if bits == 8:
+        base = q8_ptr + rm64[:, None] * stride_q8m + slot * 128 + 2 * j[None, :]
+        lo = tl.load(base, mask=mm[:, None], other=0)
+        hi = tl.load(base + 1, mask=mm[:, None], other=0)
+    else:
+        p = tl.load(q4_ptr + rm64[:, None] * stride_q4m + slot * 64 + j[None, :], mask=mm[:, None], other=0)
+        lo = unpack_lo(p)
+        hi = unpack_hi(p)
+    x = _interleave(lo, hi, BLOCK_M).to(tl.float32) * s[:, None]
+    c = tl.arange(0, 128)
+    tl.store(out_ptr + rm64[:, None] * stride_om + b * 128 + c[None, :], x.to(out_ptr.dtype.element_ty),
+             mask=mm[:, None])
+
+
+@triton.jit
+def dequant_weight_kernel(qw_ptr, ws_ptr, wo_ptr, out_ptr, N, GROUP,
+                          stride_wn, stride_wb, stride_wsn, stride_won, stride_ow,
+                          BLOCK_N: tl.constexpr, ASYM: tl.constexpr):
+    """``W'[n, b*128 : +128] = q_w * scale[n, group] (+ offset[n, group])`` for ``BLOCK_N`` rows."""
+    nm, rn64, b = _row_tile(BLOCK_N, N)
+    j = tl.arange(0, 64)
+    p = tl.load(qw_ptr + rn64[:, None] * stride_wn + b * stride_wb + j[None, :], mask=nm[:, None], other=0)
+    c = tl.arange(0, 128)
+    g = (b * 128 + c) // GROUP  # the weight group of each column (G >= 32 divides 128 or is a multiple)
+    sc = tl.load(ws_ptr + rn64[:, None] * stride_wsn + g[None, :], mask=nm[:, None], other=0.0)
+    w = _interleave(unpack_lo(p), unpack_hi(p), BLOCK_N).to(tl.float32) * sc
+    if ASYM:
+        w += tl.load(wo_ptr + rn64[:, None] * stride_won + g[None, :], mask=nm[:, None], other=0.0)
+    tl.store(out_ptr + rn64[:, None] * stride_ow + b * 128 + c[None, :], w.to(out_ptr.dtype.element_ty),
+             mask=nm[:, None])
+
+
+def w4ax_gemm_dequant(q4, q8, a_scales, block_bits, qweight, w_scales, group: int, bias,
+                      out_dtype: torch.dtype, scale_mode: str, w_offsets: Optional[torch.Tensor] = None,
+                      stride_wb: Optional[int] = None) -> torch.Tensor:
+    """``y = A' @ W'^T (+ bias)`` (module doc).  Arguments as :func:`cometq.kernels.w4ax_gemm.w4ax_gemm_triton`
+    after its checks: ``group`` the resolved weight group width (K_pad for per-channel),
+    ``stride_wb`` the weight block stride (64 row-major, N * 64 block-major)."""
+    m = a_scales.shape[0]
+    n = qweight.shape[0]
+    nb = block_bits.numel()
+    k_pad = nb * 128
+    dev = qweight.device
+    dt = out_dtype if out_dtype in (torch.float16, torch.bfloat16) else torch.float32
+    a = torch.empty(m, k_pad, dtype=dt, device=dev)
+    w = torch.empty(n, k_pad, dtype=dt, device=dev)
+    if m and nb:
+        bm = 32
+        dequant_act_kernel[(triton.cdiv(m, bm), nb)](
+            q4, q8, a_scales, block_bits, a, m, q4.stride(0) if q4.numel() else 0, q8.stride(0) if q8.numel() else 0,
+            a_scales.stride(0), a.stride(0), BLOCK_M=bm, CLASS_MODE=scale_mode == "class", num_warps=4)
+    if n and nb:
+        bn = 32
+        dequant_weight_kernel[(triton.cdiv(n, bn), nb)](
+            qweight, w_scales, w_offsets if w_offsets is not None else w_scales, w, n, group,
+            qweight.stride(0), 64 if stride_wb is None else stride_wb, w_scales.stride(0),
+            w_offsets.stride(0) if w_offsets is not None else 0, w.stride(0),
+            BLOCK_N=bn, ASYM=w_offsets is not None, num_warps=4)
+    y = torch.addmm(bias.to(dt), a, w.t()) if bias is not None else a @ w.t()
+    return y if y.dtype == out_dtype else y.to(out_dtype)
