@@ -10,9 +10,10 @@ INT4/INT8, weights still INT4) at FP16-GEMM speed, plus one pass over the weight
 vLLM do the same above a batch threshold.  Numerics: the integer-exact kernels sum
 ``q_a * q_w`` exactly and scale once per block; here every operand element is rounded
 to the 16-bit dtype first (relative 2^-11 for fp16), so results agree with the reference
-within :data:`DEQUANT_GEMM_RTOL` of the output's scale, not bit for bit.  Whether it
-runs is measured: ``GemmConfig(dequant=True)`` is one of the large-M candidates the
-autotuner times (never the untuned first choice), ``path="dequant"`` forces it.
+within :data:`DEQUANT_GEMM_RTOL` of the output's scale, not bit for bit.
+``GemmConfig(dequant=True)`` is the untuned first candidate of the M >= 1024 buckets (run
+1 measured the best integer kernel there at 0.25x cuBLAS FP16); the integer and TMA
+kernels stay candidates the autotuner times, ``path="dequant"`` forces this one.
 
 Layouts (cometq.layout): ``q4`` holds the INT4 blocks in ascending block order (64
 bytes per block, low nibble = even K), ``q8`` the INT8 blocks (128 bytes); block ``b``'s

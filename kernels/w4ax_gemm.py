@@ -734,7 +734,7 @@ class GemmConfig:
     #: ``split`` > 1 cuts K with the deterministic workspace reduction
     tma: bool = False
     #: large M: dequantize both operands to 16 bits and run cuBLAS (``kernels/dequant_gemm.py``);
-    #: a tuning candidate, never the untuned first choice (not integer-exact: DEQUANT_GEMM_RTOL)
+    #: the untuned choice of the M >= 1024 buckets (not integer-exact: DEQUANT_GEMM_RTOL)
     dequant: bool = False
 
     def __post_init__(self):
@@ -844,8 +844,12 @@ def gen_configs(mb: int, n: int, k: int, n_int8: int, *, interpret: Optional[boo
     if tma == "also":
         cfgs += _tma_configs(mb, n, nb)
     if mb >= 1024:
-        # dequantize + cuBLAS (compute-bound sizes): last, so only a measured win picks it
-        cfgs.append(GemmConfig(128, 128, 1, 1, 4, 1, dequant=True))
+        # dequantize + cuBLAS (compute-bound sizes) first: what runs untuned.  Run 1 (H100,
+        # bench/results/h100-2026-11-26-run1) measured the best pointer config here at 0.25x
+        # cuBLAS FP16 at M = 1024; this path is FP16-GEMM speed minus one pass over the weights
+        # (~0.7x at M = 1024, ~0.95x at 8192 by bytes and FLOPs).  The integer kernels (and the
+        # TMA kernel) stay candidates: autotuning picks them where they measure faster.
+        cfgs.insert(0, GemmConfig(128, 128, 1, 1, 4, 1, dequant=True))
     seen, out = set(), []
     for c in cfgs:
         if c.block_m * c.block_n > 64 * 32 * c.num_warps and not c.dequant:  # (dequant: no accumulator tile)
@@ -1473,8 +1477,8 @@ def w4ax_gemm_triton(
                                device_name=_device_name(dev) if os.environ.get(ENV_CONFIG_CACHE) else "",
                                tma=tma_mode)
     if return_int_acc and config.dequant and path == "auto":
-        # the integer accumulators need an integer path: the bucket's first candidate (never dequant)
-        config = gen_configs(m_bucket(m), n, k_pad, n8, tma=tma_mode)[0]
+        # the integer accumulators need an integer path: the bucket's first integer candidate
+        config = next(c for c in gen_configs(m_bucket(m), n, k_pad, n8, tma=tma_mode) if not c.dequant)
     which = _path_for(config, path)
     if which == "splitk" and config.split == 1 and path == "splitk":
         # forced split-K with a non-split config: split over the blocks anyway

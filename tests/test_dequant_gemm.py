@@ -68,13 +68,26 @@ def test_dequant_path_block_major_weights():
     assert torch.equal(y, _run(qa, qw, lay, b, torch.float16))
 
 
-def test_dequant_is_a_tuning_candidate_never_the_default():
+def test_dequant_is_the_untuned_large_m_choice():
     for mb in (16, 64, 256):
         assert not any(c.dequant for c in G.gen_configs(mb, 4096, 4096, 4, interpret=False))
     for mb in (1024, 4096):
         cands = G.gen_configs(mb, 4096, 4096, 4, interpret=False, tma="also")
-        assert cands[-1].dequant and not any(c.dequant for c in cands[:-1])  # last: only a measured win picks it
+        # first (untuned), the integer and TMA kernels after it (autotuning times them all)
+        assert cands[0].dequant and not any(c.dequant for c in cands[1:]) and any(c.tma for c in cands)
     assert not any(c.dequant for c in G.gen_configs(4096, 4096, 4096, 4, interpret=True))
+
+
+def test_auto_with_int_accumulators_avoids_the_dequant_path(monkeypatch):
+    """A chosen dequant config cannot give integer accumulators: the call takes the bucket's
+    first integer config instead (same result within the GEMM tolerance, exact int32 sums)."""
+    qa, qw, lay, b, ref = _case(3, 256, 32, "mixed", "block", 128, True, 2)
+    monkeypatch.setattr(G, "select_config", lambda *a, **k: G.GemmConfig(128, 128, 1, 1, 4, 1, dequant=True))
+    d = DEV
+    y, acc = G.w4ax_gemm_triton(qa.q4.to(d), qa.q8.to(d), qa.scales.to(d), lay.block_bits.to(d), qw.qweight.to(d),
+                                qw.scales.to(d), 128, None, torch.float32, "block", return_int_acc=True)
+    assert torch.equal(acc.cpu(), R.w4ax_int_accumulators(qa, qw))
+    _close(y, ref)
 
 
 def test_dequant_path_errors():
