@@ -89,12 +89,17 @@ def test_aot_compile_ci_set(tmp_path):
     dec_hits = [x for name, x in gemm90.items() if unsplit(name) == dec]
     assert dec_hits and all(0 < x["loop_instructions"] < 450 and x["loop_prmt"] <= 100 for x in dec_hits), dec_hits
     for mb in (16, 64, 256, 1024, 4096):
-        first = gen_configs(mb, 4096, 4096, 4, interpret=False)[0]
+        # the first integer-kernel candidate (M >= 1024 starts with the dequant path, whose
+        # kernels are the dequant_* jobs checked below)
+        first = next(c for c in gen_configs(mb, 4096, 4096, 4, interpret=False) if not c.dequant)
         hits = [x for name, x in gemm90.items() if unsplit(name) == unsplit(f"gemm[{first}]")]
         # M >= 1024 with INT8 blocks: the first is the H100's measured winner (128x128 swap +
         # interleave8), which spills ~130 B; everything else untuned must not spill
         allowed = 256 if mb >= 1024 else 0
         assert hits and all(x["spill_bytes"] <= allowed for x in hits), (mb, first, hits)
+    # the dequant path's two kernels compiled for both archs, without spills
+    dq = [x for x in res if x["name"].startswith("dequant_")]
+    assert {x["arch"] for x in dq} == {80, 90} and all(x["ok"] and not x.get("spill_bytes") for x in dq), dq
     names = {(x["arch"], x["name"].split("[")[0]) for x in res}
     for arch in (80, 90):
         for fam in ("act_quant", "gemm-variant", "persistent"):
