@@ -14,6 +14,7 @@
 #   env.txt, nvidia-smi.txt, install.log, build.log
 #   pytest-triton.xml/.log        Triton kernel tests on the GPU (run while the extension builds)
 #   pytest-cuda.xml/.log          CUDA-op, engine and dispatch tests (after the build)
+#   pytest-*.failures.txt         each failure with its traceback, written as it happens
 #   diag/diag_decode.json, diag_profile.txt   bench/diag_decode.py (small-M launch overhead,
 #                                 every decode config eager vs CUDA graph, attention sweep)
 #   gemm/gemm.json|md             bench_gemm.py --quick --graph (Triton, CUDA and peers; CUDA-graph columns)
@@ -33,7 +34,7 @@
 #        MAX_JOBS (default 16), PYTHON (default python3), GPU_CHECK_BUDGET_S,
 #        PYTEST_ARGS (extra pytest arguments), PYTEST_WORKERS (xdist workers, default 8), GPU_CHECK_SKIP (comma list of stages
 #        to skip: build, triton_tests, cuda_tests, diag, gemm, gemm_class, microbench, attention, serving, autotune),
-#        TRITON_TEST_FILES (the Triton test files), TRITON_TESTS_CAP / CUDA_TESTS_CAP / DIAG_CAP /
+#        TRITON_TEST_FILES / CUDA_TEST_FILES (the test files of the two test stages), CUDA_TEST_WORKERS, TRITON_TESTS_CAP / CUDA_TESTS_CAP / DIAG_CAP /
 #        SERVING_CAP (stage time caps, s), SERVING_ARGS (bench_serving.py arguments), COMETQ_GEMM_TUNE=0 (first config per bucket,
 #        no autotuning: bounds compile time in short runs).
 set -u
@@ -146,7 +147,9 @@ run_pytest() {  # name cap files...
   local name=$1 cap=$2; shift 2
   local T=$SECONDS RC
   # shellcheck disable=SC2086
-  timeout "$(limit "$cap")" $PY -m pytest -q -p no:cacheprovider -n "${PYTEST_WORKERS:-8}" --timeout 150 -rf \
+  # COMETQ_FAIL_LOG (tests/conftest.py): every failure is written the moment it happens, so a
+  # stage killed at its limit still names its failures (the junit XML is only written at the end)
+  COMETQ_FAIL_LOG="$W/$name.failures.txt" timeout "$(limit "$cap")" $PY -m pytest -q -p no:cacheprovider -n "${PYTEST_WORKERS:-8}" --timeout 150 -rf \
     --junitxml="$W/$name.xml" --durations=20 ${PYTEST_ARGS:-} "$@" > "$W/$name.log" 2>&1
   RC=$?
   local ST=ok
@@ -204,7 +207,7 @@ bench gemm "$GL" $PY bench/bench_gemm.py --quick --ms 1024,1,16 --graph --time-b
   --out "$W/gemm"
 # (the launch config is tuned on each shape's first call; --sweep also times every candidate
 # config at 0.5x..4x the default split count: what the untuned default should become)
-bench attention 70 $PY bench/bench_attention.py --batch 1,16,64 --context 1024,4096 --sweep --out "$W/attention"
+bench attention "${ATTENTION_CAP:-70}" $PY bench/bench_attention.py ${ATTENTION_ARGS:---batch 1,16,64 --context 1024,4096 --sweep} --out "$W/attention"
 SL=$(limit "${SERVING_CAP:-150}")
 # systems in priority order (a capped run keeps the rows that finished: the JSON is rewritten
 # after each): the HF baseline, the two targets' systems, then the comparisons.
@@ -218,8 +221,9 @@ bench serving "$SL" env COMETQ_GEMM_TUNE="${COMETQ_GEMM_TUNE:-0}" $PY bench/benc
 # (after the benchmarks: ~550 of their 811 cases passed on the first lease, none failed)
 if [ "$BUILD" = ok ] && ! skip cuda_tests; then
   log "CUDA op / engine / dispatch tests"
-  run_pytest pytest-cuda "${CUDA_TESTS_CAP:-80}" tests/test_cuda_register.py tests/test_autotune.py \
-    tests/test_cuda_ops.py || TESTS_OK=no
+  # shellcheck disable=SC2086
+  PYTEST_WORKERS=${CUDA_TEST_WORKERS:-${PYTEST_WORKERS:-8}} run_pytest pytest-cuda "${CUDA_TESTS_CAP:-80}" \
+    ${CUDA_TEST_FILES:-tests/test_cuda_register.py tests/test_autotune.py tests/test_cuda_ops.py} || TESTS_OK=no
   pack
 fi
 

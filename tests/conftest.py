@@ -33,3 +33,16 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def device():
     return "cuda" if _HAS_CUDA else "cpu"
+
+
+def pytest_runtest_logreport(report):
+    """COMETQ_FAIL_LOG=path: append each failure (test id + traceback) to that file the moment
+    it is reported, so a run killed at a time limit (the GPU check's stages) still says which
+    tests failed and why; a crashed xdist worker is reported here too.  Runs in the xdist
+    controller, so one process writes the file."""
+    path = os.environ.get("COMETQ_FAIL_LOG")
+    if not path or not report.failed or os.environ.get("PYTEST_XDIST_WORKER"):
+        return  # (workers' reports reach the controller's hook as well)
+    text = getattr(report, "longreprtext", "") or str(report.longrepr)
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(f"=== FAILED {report.nodeid} ({report.when})\n{text[-4000:]}\n\n")

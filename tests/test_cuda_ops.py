@@ -211,20 +211,34 @@ def test_gemm_block_patterns(C, m, pattern, scale_mode, mma_path):
 @pytest.mark.parametrize("sym", [True, False])
 def test_gemm_block_major_weights(C, m, sym):
     """Block-major weight storage (layout.weights_block_major, the [N, NB, 64] view): the same
-    bits as the row-major format on every tile config (decode, mid, large); a 3-D qweight
-    with other strides is refused with the shape in the message."""
+    bits as the row-major format on every tile config (decode, mid, large)."""
     from cometq.layout import weights_block_major
 
+    args, qweight, rest, kw = _wbm_operands(m, sym)
+    want = C.cuda_w4ax_gemm(*args, qweight, *rest, **kw)
+    torch.cuda.synchronize()
+    got = C.cuda_w4ax_gemm(*args, weights_block_major(qweight), *rest, **kw)
+    torch.cuda.synchronize()
+    assert torch.equal(got, want)
+
+
+def _wbm_operands(m, sym):
     qa, qw = _operands(m, 200, K, PATTERNS["alt84"], 128, "block", ("wbm", m, sym), sym=sym)
     d = DEVICE
     args = (qa.q4.to(d), qa.q8.to(d), qa.scales.to(d), qa.layout.block_bits.to(d))
     rest = (qw.scales.to(d), _gs(qw), None, torch.float32, "block")
     kw = dict(w_offsets=None if qw.offsets is None else qw.offsets.to(d))
-    want = C.cuda_w4ax_gemm(*args, qw.qweight.to(d), *rest, **kw)
-    got = C.cuda_w4ax_gemm(*args, weights_block_major(qw.qweight.to(d)), *rest, **kw)
-    assert torch.equal(got, want)
+    return args, qw.qweight.to(d), rest, kw
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_gemm_block_major_rejects_other_strides(C, sym):
+    """A 3-D qweight that is not the block-major view of [NB, N, 64] storage is refused with
+    its shape and strides in the message (a separate test: the first GPU run of the combined
+    test crashed its worker, and this names which call did)."""
+    args, qweight, rest, kw = _wbm_operands(17, sym)
     with pytest.raises(RuntimeError, match="block-major view"):
-        C.cuda_w4ax_gemm(*args, qw.qweight.to(d).reshape(200, -1, 64), *rest, **kw)
+        C.cuda_w4ax_gemm(*args, qweight.reshape(200, -1, 64), *rest, **kw)
 
 
 @pytest.mark.parametrize("group", [-1, 16, 32, 64, 128, 640])

@@ -183,8 +183,11 @@ def run_engine(model, *, kv4: bool, batch: int, in_len: int, out_len: int, block
     t0 = time.monotonic()
     reqs = [eng.add_request(p, sp) for p in _prompts(runner.vocab_size, batch, in_len, seed)]
     steps = 0
+    step_s = []  # host wall time per step (no sync: a slow outlier = a capture, a compile, an allocator stall)
     while eng.has_work():
+        ts = time.monotonic()
         eng.step()
+        step_s.append(time.monotonic() - ts)
         steps += 1
     _sync(device)
     wall = time.monotonic() - t0
@@ -194,6 +197,10 @@ def run_engine(model, *, kv4: bool, batch: int, in_len: int, out_len: int, block
     tpot = [(r.finish_time - r.first_token_time) / (out_len - 1) for r in reqs if out_len > 1]
     res = _summ(ttft, tpot, wall, batch, in_len, out_len)
     res.update(steps=steps, preemptions=eng.stats["preemptions"], kv_pool_bytes=runner.pool.memory_bytes())
+    if step_s:
+        srt = sorted(step_s)
+        res.update(step_ms_p50=srt[len(srt) // 2] * 1e3, step_ms_max=srt[-1] * 1e3,
+                   step_ms_top3=[round(v * 1e3, 2) for v in srt[-3:][::-1]])
     graphs = getattr(runner, "_graphs", None)
     if graphs is not None:  # which decode-graph scheme ran (full-step or piecewise)
         res["decode_graphs"] = "full-step" if graphs.full else "piecewise"
@@ -233,15 +240,30 @@ def _decode_step_profile(eng, runner, batch: int, in_len: int, seed: int, steps:
         _sync(device)
         wall = time.monotonic() - t0
     busy_us, kernels = 0.0, 0
+    by_name: Dict[str, List[float]] = {}
     for e in prof.events():
         if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA:
-            busy_us += e.time_range.elapsed_us()
+            us = e.time_range.elapsed_us()
+            busy_us += us
             kernels += 1
+            agg = by_name.setdefault(e.name[:120], [0.0, 0])
+            agg[0] += us
+            agg[1] += 1
     while eng.has_work():
         eng.step()
     n = max(n, 1)
     return {"decode_step_wall_ms": wall / n * 1e3, "decode_step_gpu_busy_ms": busy_us / n / 1e3,
-            "decode_step_kernels": kernels / n, "decode_step_profiled": n}
+            "decode_step_kernels": kernels / n, "decode_step_profiled": n,
+            "decode_step_top_kernels": top_kernels(by_name, n)}
+
+
+def top_kernels(by_name: Dict[str, List[float]], steps: int, k: int = 15) -> List[Dict]:
+    """The ``k`` kernels with the most GPU time: name, ms per step, launches per step, share of
+    the busy time (where a decode step's GPU time goes)."""
+    total = sum(v[0] for v in by_name.values()) or 1.0
+    rows = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:k]
+    return [{"name": name, "ms_per_step": us / steps / 1e3, "launches_per_step": cnt / steps,
+             "share": us / total} for name, (us, cnt) in rows]
 
 
 def run_hf_generate(model, *, batch: int, in_len: int, out_len: int, device: str, seed: int) -> Dict:
@@ -386,6 +408,12 @@ def markdown(res: Dict) -> str:
     lines.append("")
     lines.append("Decode step wall / GPU busy: a fresh batch after the timed run, a few decode steps under "
                  "torch.profiler; GPU busy = summed kernel time. Busy far below wall: the step is host-bound.")
+    for r in res["results"]:
+        if r.get("decode_step_top_kernels"):
+            lines += ["", f"Where a decode step's GPU time goes: {r['system']}, batch {r['batch']}", "",
+                      "| kernel | ms / step | launches / step | share of busy |", "|---|---|---|---|"]
+            lines += [f"| `{k['name'][:90]}` | {k['ms_per_step']:.3f} | {k['launches_per_step']:.1f} | "
+                      f"{k['share'] * 100:.1f}% |" for k in r["decode_step_top_kernels"]]
     return "\n".join(lines) + "\n"
 
 
