@@ -86,7 +86,7 @@ def test_decode_cuda_graphs_match_eager(model16, what):
         r = ModelRunner.build(model, kv4=kv4, num_blocks=32, block_size=32, max_seqs=8)
         if graphs:
             r.enable_cuda_graphs(max_batch=8, full=False if what == "kv4-piecewise" else None)
-            assert r._graphs.full == what in ("kv4", "w4ax-kv4")
+            assert r._graphs.full == (what in ("kv4", "w4ax-kv4"))
         e = Engine(r, None, EngineConfig(max_num_seqs=8, max_num_batched_tokens=4096))
         outs[graphs] = e.generate(prompts, sp)
         if graphs:

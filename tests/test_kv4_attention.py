@@ -15,10 +15,12 @@ AXES = [("token", "token"), ("channel", "token"), ("channel", "channel")]
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def build_pool(axes, lengths, kv_heads=2, head_dim=32, block_size=16, group_size=8, seed=0, device="cpu"):
+def build_pool(axes, lengths, kv_heads=2, head_dim=32, block_size=16, group_size=8, seed=0, device="cpu",
+               append_backend=None):
     """A pool with one sequence per length (prefill of half, then decode steps, so both paths write it).
 
-    Blocks are handed out interleaved between sequences, so tables are not contiguous."""
+    Blocks are handed out interleaved between sequences, so tables are not contiguous.
+    ``append_backend``: the appends' backend (None = the pool's default for its device)."""
     c = PagedKV4Config(num_blocks=64, num_kv_heads=kv_heads, head_dim=head_dim, block_size=block_size,
                        group_size=group_size, key_axis=axes[0], value_axis=axes[1], max_seqs=8,
                        tail_dtype=torch.float32)
@@ -28,12 +30,12 @@ def build_pool(axes, lengths, kv_heads=2, head_dim=32, block_size=16, group_size
     data = {s: ((torch.randn(kv_heads, n, head_dim, generator=g) + torch.randn(head_dim, generator=g) * 2).to(device),
                 torch.randn(kv_heads, n, head_dim, generator=g).to(device)) for s, n in zip(sids, lengths)}
     for s, n in zip(sids, lengths):
-        pool.append(s, data[s][0][:, : n // 2], data[s][1][:, : n // 2])
+        pool.append(s, data[s][0][:, : n // 2], data[s][1][:, : n // 2], backend=append_backend)
     for t in range(max(lengths)):
         step = [s for s, n in zip(sids, lengths) if n // 2 <= t < n]
         if step:
             pool.append_decode(step, torch.stack([data[s][0][:, t] for s in step]),
-                               torch.stack([data[s][1][:, t] for s in step]))
+                               torch.stack([data[s][1][:, t] for s in step]), backend=append_backend)
     return pool, sids
 
 
@@ -91,7 +93,8 @@ def test_more_splits_than_blocks_and_permuted_batch():
 def _raw_args(pool, q, sids):
     c = pool.config
     return (q, pool.k_packed, pool.k_scale, pool.k_zero, pool.v_packed, pool.v_scale, pool.v_zero, pool.tail_k,
-            pool.tail_v, pool.block_tables, pool.quant_lens, pool.tail_lens, torch.tensor(sids, dtype=torch.int32),
+            pool.tail_v, pool.block_tables, pool.quant_lens, pool.tail_lens,
+            torch.tensor(sids, dtype=torch.int32, device=pool.k_packed.device),
             c.group_size, c.key_axis, c.value_axis)
 
 
@@ -122,7 +125,9 @@ def test_op_errors():
 
 
 def test_triton_rejects_unsupported_geometry():
-    pool, sids = build_pool(("channel", "token"), [20], head_dim=24, block_size=8, group_size=8, device=DEV)
+    # (reference appends: on the GPU the Triton append would reject head_dim 24 first)
+    pool, sids = build_pool(("channel", "token"), [20], head_dim=24, block_size=8, group_size=8, device=DEV,
+                            append_backend="reference")
     with pytest.raises(ValueError, match="power-of-two head_dim"):
         _call(pool, torch.randn(1, 2, 24).to(DEV), sids, "triton", 1)
 

@@ -138,7 +138,7 @@ def test_runner_fused_ops_validation():
     from cometq.serve.runner import ModelRunner
     from cometq.serve.tiny import tiny_model
 
-    model = tiny_model()
+    model = tiny_model().to(DEV)
     with pytest.raises(TypeError, match="fused_ops must be a bool or None"):
         ModelRunner.build(model, kv4=False, num_blocks=4, block_size=16, fused_ops=1)
     r = ModelRunner.build(model, kv4=False, num_blocks=4, block_size=16)

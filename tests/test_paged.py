@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 
 from cometq.paged import KV4PoolExhausted, MultiLayerKV4Pool, PagedKV4Config, PagedKV4Pool
 from cometq.reference import dequantize_kv4, quantize_kv4
+from cometq.testing import ATTN_ATOL, ATTN_RTOL
 
 AXES = [("token", "token"), ("channel", "token"), ("channel", "channel")]
 # the Triton cases run on the GPU when there is one (the interpreter on CPU otherwise)
@@ -734,7 +735,9 @@ def test_device_decode_step_matches_append_decode(backend, axes):
             if step in (0, 1, 9, 18) and L == step % 2:  # (the interpreter is slow per attention call)
                 want = eager.decode_attention(L, q, seqs, sm_scale=0.3, num_splits=2, backend=backend)
                 got = dev_pool.decode_attention_device(L, qp, attn_slots, 0.3, 2, backend)
-                assert torch.equal(got[:3], want)
+                # equal up to rounding: on the GPU the launch config is tuned per batch shape
+                # (3 rows vs 5 padded rows), and a different tile sums in a different order
+                torch.testing.assert_close(got[:3], want, rtol=ATTN_RTOL, atol=ATTN_ATOL)
     for name in _POOL_TENSORS:
         assert torch.equal(getattr(eager, name), getattr(dev_pool, name)), name
     assert eager._qlen == dev_pool._qlen and eager._tlen == dev_pool._tlen
