@@ -32,8 +32,10 @@ except ImportError as e:  # pragma: no cover - depends on the build
     ) from e
 
 from . import ops
+from ._cuda_checks import check_quantize_act_inputs, check_w4ax_gemm_inputs
 
-__all__ = ["SCALE_MODE_CODES", "MMA_PATHS", "cuda_quantize_act", "cuda_w4ax_gemm"]
+__all__ = ["SCALE_MODE_CODES", "MMA_PATHS", "cuda_quantize_act", "cuda_w4ax_gemm", "check_quantize_act_inputs",
+           "check_w4ax_gemm_inputs"]
 
 #: scale_mode strings -> the int codes of the cometq_C ops
 SCALE_MODE_CODES = {"block": 0, "class": 1}
@@ -84,6 +86,7 @@ def _scale_mode_code(scale_mode: str) -> int:
 
 def cuda_quantize_act(x, perm, block_bits, n_int8: int, scale_mode: str, int4_clip: float = 1.0):
     """Same contract as ``ops._ref_quantize_act``: returns ``(q4, q8, scales)``."""
+    check_quantize_act_inputs(x, perm, block_bits, n_int8, scale_mode, int4_clip)
     return torch.ops.cometq_C.quantize_act(
         x.contiguous(),
         perm.to(torch.int64).contiguous(),
@@ -100,6 +103,8 @@ def cuda_w4ax_gemm(q4, q8, a_scales, block_bits, qweight, w_scales, group_size, 
     ``w_scales``); ``split_k`` / ``mma_path`` are test and tuning knobs."""
     if mma_path not in MMA_PATHS:
         raise ValueError(f"mma_path must be one of {tuple(MMA_PATHS)}, got {mma_path!r}")
+    check_w4ax_gemm_inputs(q4, q8, a_scales, block_bits, qweight, w_scales, w_offsets, group_size, bias,
+                           out_dtype, scale_mode, split_k)
     return torch.ops.cometq_C.w4ax_gemm(
         _aligned(q4),
         _aligned(q8),
