@@ -19,18 +19,27 @@
 // order-independent, so the result does not depend on the reduction order.
 // (NaN inputs are not part of the contract: fmaxf drops NaN, torch.amax keeps it.)
 //
-// Work split: one CTA (4 warps) per token row; a warp handles one 128-channel
-// block at a time, each lane 4 consecutive channels (lane*4 .. lane*4+3), which
-// is exactly 2 packed INT4 bytes or 4 INT8 bytes: one 16-bit / 32-bit store per
-// lane, a warp writes the block's 64 / 128 bytes contiguously.
+// Work split: one CTA per token row, one warp per 128-channel block (up to 32
+// warps; beyond 32 blocks a warp takes every 32nd block); each lane handles 4
+// consecutive channels (lane*4 .. lane*4+3), which is exactly 2 packed INT4 bytes
+// or 4 INT8 bytes: one 16-bit / 32-bit store per lane, a warp writes the block's
+// 64 / 128 bytes contiguously.
 // Two passes over the row (absmax, then quantize) re-gather x from global
 // memory (L1/L2 hits) instead of staging K floats in shared memory, so any K works.
+// Why a warp per block: each block costs two dependent round trips to memory per
+// pass (perm[j], then x[perm[j]]), and nothing else hides them.  With 4 warps per
+// row (the first version) a K = 4096 row took 8 blocks x 2 passes of those in series:
+// 14 us per call at 64 rows on the H100 (run 4, 2026-11-27: 1.8 ms of a batch-64
+// decode step), for 0.5 MB of input.  The thread count is chosen at launch
+// (launch_act_quant); the loops below stride by the launched warp count.
+#include <algorithm>
+
 #include "cometq_device.cuh"
 #include "cometq_kernels.h"
 
 namespace cometq {
 
-constexpr int kActThreads = 128;
+constexpr int kActMaxThreads = 1024;  // one warp per block up to 32 blocks (K <= 4096)
 
 __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
@@ -54,7 +63,7 @@ __device__ __forceinline__ float warp_max(float a) {
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kActThreads) act_quant_kernel(const CometqActQuantArgs p) {
+__global__ void __launch_bounds__(kActMaxThreads) act_quant_kernel(const CometqActQuantArgs p) {
   extern __shared__ __align__(16) int act_smem[];
   const int nb = p.n_blocks;
   int* s_is8 = act_smem;
@@ -66,11 +75,11 @@ __global__ void __launch_bounds__(kActThreads) act_quant_kernel(const CometqActQ
 
   const int m = blockIdx.x;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  constexpr int kWarps = kActThreads / 32;
+  const int n_threads = blockDim.x, n_warps = blockDim.x >> 5;  // a multiple of 32 (launch_act_quant)
   const T* xrow = static_cast<const T*>(p.x) + static_cast<int64_t>(m) * p.ld_x;
 
   // ---- pass 1: per-block absmax
-  for (int b = warp; b < nb; b += kWarps) {
+  for (int b = warp; b < nb; b += n_warps) {
     float v[4];
     gather4(xrow, p.perm, p.K, b, lane, v);
     float a = fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3])));
@@ -82,7 +91,7 @@ __global__ void __launch_bounds__(kActThreads) act_quant_kernel(const CometqActQ
   // ---- scales
   float* srow = p.scales + static_cast<int64_t>(m) * p.ld_scales;
   if (p.scale_mode == COMETQ_SCALE_BLOCK) {
-    for (int b = threadIdx.x; b < nb; b += kActThreads) {
+    for (int b = threadIdx.x; b < nb; b += n_threads) {
       const float s = s_is8[b] ? __fdiv_rn(s_absmax[b], 127.f) : __fdiv_rn(__fmul_rn(s_absmax[b], p.int4_clip), 7.f);
       s_scale[b] = s;
       srow[b] = s;
@@ -108,7 +117,7 @@ __global__ void __launch_bounds__(kActThreads) act_quant_kernel(const CometqActQ
   __syncthreads();
 
   // ---- pass 2: quantize and pack
-  for (int b = warp; b < nb; b += kWarps) {
+  for (int b = warp; b < nb; b += n_warps) {
     const int info = s_info[b];
     if (!(info & kInfoValid)) continue;  // n_int8 inconsistent with block_bits: never write out of bounds
     const int slot = info & kInfoSlotMask;
@@ -144,7 +153,10 @@ static cudaError_t launch_act_quant(const CometqActQuantArgs& a, cudaStream_t st
     cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (err != cudaSuccess) return err;
   }
-  kernel<<<a.M, kActThreads, smem, stream>>>(a);
+  // one warp per block, at least 4 warps (the scale step and the block table use warp 0),
+  // at most kActMaxThreads
+  const int threads = std::min(kActMaxThreads, std::max(128, 32 * a.n_blocks));
+  kernel<<<a.M, threads, smem, stream>>>(a);
   return cudaGetLastError();
 }
 
