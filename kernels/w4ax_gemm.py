@@ -850,6 +850,14 @@ def gen_configs(mb: int, n: int, k: int, n_int8: int, *, interpret: Optional[boo
         # (~0.7x at M = 1024, ~0.95x at 8192 by bytes and FLOPs).  The integer kernels (and the
         # TMA kernel) stay candidates: autotuning picks them where they measure faster.
         cfgs.insert(0, GemmConfig(128, 128, 1, 1, 4, 1, dequant=True))
+        if mb == 1024 and tma == "also":
+            # ... except in the 1024 bucket (257..1024 rows) where the TMA kernel applies: run 3
+            # (H100, 2026-11-27, bench/results/h100-2026-11-27-run3) measured TMA 128x64 at 492 us
+            # vs dequant 867 us on 8B.gate_up at M = 1024 (133 vs 142 us on 8B.o): the weight
+            # pass of the dequant path is not amortized over so few rows.  Bucket 4096 (> 1024
+            # rows, e.g. a prefill chunk) keeps dequant first: its weight pass is amortized and
+            # cuBLAS's fp16 speed wins (unmeasured above M = 1024: tuning decides).
+            cfgs.insert(0, _tma_configs(mb, n, nb)[0])
     seen, out = set(), []
     for c in cfgs:
         if c.block_m * c.block_n > 64 * 32 * c.num_warps and not c.dequant:  # (dequant: no accumulator tile)

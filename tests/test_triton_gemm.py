@@ -849,7 +849,11 @@ def test_tma_candidates():
         also = [c for c in gen_configs(mb, 4096, 4096, 4, interpret=False, tma="also") if not c.dequant]
         only = gen_configs(mb, 4096, 4096, 4, interpret=False, tma="only")
         assert not any(c.tma for c in plain)
-        assert also[:len(plain)] == plain and set(also[len(plain):]) == set(only) and all(c.tma for c in only)
+        assert [c for c in also if not c.tma] == plain and {c for c in also if c.tma} == set(only)
+        assert all(c.tma for c in only)
+        # TMA configs after the pointer ones, except the 1024 bucket's first (measured faster, run 3)
+        lead = 1 if mb == 1024 else 0
+        assert also[:lead] == only[:lead] and also[lead:lead + len(plain)] == plain
         # every TMA tile: the weight-row side is a whole wgmma M (64), <= 64 fp32 accumulators/thread
         assert all(c.block_n % 64 == 0 and c.block_m * c.block_n <= 2048 * c.num_warps for c in only)
     dec = gen_configs(16, 4096, 4096, 4, interpret=False, tma="only")
