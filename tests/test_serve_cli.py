@@ -146,4 +146,28 @@ def test_bench_graph_systems_need_cuda(tmp_path, system, capsys):
     assert main(["bench", "--quick", "--systems", system, "--out", str(tmp_path)]) == 2
     assert "the +graphs / +piecewise systems need a CUDA device" in capsys.readouterr().err
     assert main(["bench", "--quick", "--systems", system + "x", "--out", str(tmp_path)]) == 2
-    assert f"unknown systems ['{system}x']" in capsys.readouterr().err
+    assert f"unknown system '{system}x'" in capsys.readouterr().err
+
+
+def test_bench_system_weight_formats(tmp_path, capsys):
+    """A W4Ax system may name its weight format (``@sym-g128``): each format is quantized once and
+    labelled in the rows; bad names and formats are refused by the CLI with exit 2."""
+    from cometq.serve.bench import parse_system
+
+    assert parse_system("cometq-w4ax-kv4+graphs@sym-g128") == ("cometq-w4ax-kv4+graphs",
+                                                               {"weight_sym": True, "group_size": 128})
+    assert parse_system("cometq-w4ax-kv4@asym-g-1") == ("cometq-w4ax-kv4", {"weight_sym": False, "group_size": -1})
+    assert parse_system("hf-generate") == ("hf-generate", {})
+    for bad, msg in (("cometq-fp@sym-g128", "only the cometq-w4ax-kv4 systems take a weight format"),
+                     ("cometq-w4ax-kv4@sym", "is not sym-gG / asym-gG"),
+                     ("cometq-w4ax-kv4@int3-g128", "is not sym-gG / asym-gG")):
+        with pytest.raises(ValueError, match=msg):
+            parse_system(bad)
+        assert main(["bench", "--quick", "--systems", bad, "--out", str(tmp_path)]) == 2
+        assert msg in capsys.readouterr().err
+    assert main(["bench", "--quick", "--batch-sizes", "2", "--input-len", "8", "--output-len", "3", "--block-size", "16",
+                 "--systems", "cometq-w4ax-kv4@sym-g128,cometq-w4ax-kv4", "--out", str(tmp_path), "--tag", "w"]) == 0
+    res = json.loads((tmp_path / "serving_w.json").read_text())
+    assert [r["system"] for r in res["results"]] == ["cometq-w4ax-kv4", "cometq-w4ax-kv4@sym-g128"]
+    assert all(r["output_tokens_per_s"] > 0 for r in res["results"])
+    assert "| cometq-w4ax-kv4@sym-g128 | 2 |" in (tmp_path / "serving_w.md").read_text()

@@ -32,6 +32,7 @@ import copy
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -45,6 +46,26 @@ SYSTEMS = ("cometq-w4ax-kv4", "cometq-fp", "hf-generate")
 #: "+piecewise" piecewise graphs (attention and appends eager between them)
 ALL_SYSTEMS = SYSTEMS + ("cometq-w4ax-kv4+graphs", "cometq-fp+graphs", "cometq-w4ax-kv4+piecewise")
 _GRAPH_SUFFIXES = ("+graphs", "+piecewise")
+#: a W4Ax system may name its weight format: "cometq-w4ax-kv4+graphs@sym-g128" (symmetric INT4
+#: weights in groups of 128: the Hopper TMA kernel's format), "@asym-g32", ...; without one the
+#: system runs ``W4AxConfig()``'s default (asymmetric, groups of 128)
+_WFMT = re.compile(r"^(sym|asym)-g(-1|\d+)$")
+
+
+def parse_system(system: str):
+    """``"base[@fmt]"`` -> ``(base, W4AxConfig kwargs or {})``; ValueError naming a bad one."""
+    base, _, fmt = system.partition("@")
+    if base not in ALL_SYSTEMS:
+        raise ValueError(f"unknown system {system!r}; choose from {ALL_SYSTEMS} (W4Ax ones optionally with "
+                         "@sym-gG / @asym-gG)")
+    if not fmt:
+        return base, {}
+    if not base.startswith("cometq-w4ax-kv4"):
+        raise ValueError(f"system {system!r}: only the cometq-w4ax-kv4 systems take a weight format")
+    m = _WFMT.match(fmt)
+    if not m:
+        raise ValueError(f"system {system!r}: weight format {fmt!r} is not sym-gG / asym-gG (G = -1, 16, 32, ...)")
+    return base, {"weight_sym": m.group(1) == "sym", "group_size": int(m.group(2))}
 
 
 def _log(msg: str) -> None:
@@ -60,7 +81,8 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--systems", default=",".join(SYSTEMS),
                    help=f"comma-separated subset of {','.join(ALL_SYSTEMS)} (+graphs: CUDA graphs for decode, GPU; "
-                        "+piecewise: piecewise graphs)")
+                        "+piecewise: piecewise graphs; a W4Ax system may end in a weight format, e.g. "
+                        "cometq-w4ax-kv4+graphs@sym-g128; default: W4AxConfig()'s asymmetric g128)")
     p.add_argument("--batch-sizes", default=None, help="comma-separated (default: GPU 1,4,16,64; CPU 1,4,8)")
     p.add_argument("--input-len", type=int, default=None, help="prompt tokens (default: GPU 1024, CPU 64)")
     p.add_argument("--output-len", type=int, default=None, help="generated tokens (default: GPU 512, CPU 32)")
@@ -316,10 +338,8 @@ def run_bench(args, progress=None) -> Dict:
     out_len = args.output_len or out_len
     budget = args.max_num_batched_tokens or (8192 if gpu else 512)
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
-    bad = [s for s in systems if s not in ALL_SYSTEMS]
-    if bad:
-        raise ValueError(f"unknown systems {bad}; choose from {ALL_SYSTEMS}")
-    if not gpu and any(s.endswith(_GRAPH_SUFFIXES) for s in systems):
+    parsed = {s: parse_system(s) for s in systems}  # (ValueError on a bad name or format)
+    if not gpu and any(parsed[s][0].endswith(_GRAPH_SUFFIXES) for s in systems):
         raise ValueError("the +graphs / +piecewise systems need a CUDA device")
     for name, v in (("input-len", in_len), ("output-len", out_len), ("block-size", args.block_size)):
         if v < 1:
@@ -331,18 +351,23 @@ def run_bench(args, progress=None) -> Dict:
     torch.manual_seed(args.seed)
     _log(f"loading model on {device} ...")
     model, tok, model_name = _load(args.model, device, args.quick)
-    qmodel = None
-    if any(s.startswith("cometq-w4ax-kv4") for s in systems):
+    qmodels = {}  # weight format (W4AxConfig kwargs, as a sorted tuple) -> quantized copy
+    formats = list(dict.fromkeys(tuple(sorted(parsed[s][1].items())) for s in systems
+                                 if s.startswith("cometq-w4ax-kv4")))
+    for fmt in formats:
         from .. import W4AxConfig, quantize_
         from ..nn import set_fast_path
 
-        _log("quantizing (W4Ax, FMPQ) ...")
+        _log(f"quantizing (W4Ax, FMPQ{', ' + str(dict(fmt)) if fmt else ''}) ...")
         t = time.time()
-        qmodel = model if all(s.startswith("cometq-w4ax-kv4") for s in systems) else copy.deepcopy(model)
+        # the last format may take the model itself when no system needs it unquantized
+        only_w4ax = all(s.startswith("cometq-w4ax-kv4") for s in systems)
+        qmodel = model if (only_w4ax and fmt == formats[-1]) else copy.deepcopy(model)
         calib = torch.randint(0, model.config.vocab_size, (4, 128), generator=torch.Generator().manual_seed(1))
-        quantize_(qmodel, W4AxConfig(), calib_data=calib.to(device))
+        quantize_(qmodel, W4AxConfig(**dict(fmt)), calib_data=calib.to(device))
         if not gpu:
             set_fast_path(qmodel, True)
+        qmodels[fmt] = qmodel
         _log(f"quantized in {time.time() - t:.1f} s")
     rows = []
     for b in batches:  # systems interleaved per batch size: slow drift of a shared machine hits all alike
@@ -352,14 +377,16 @@ def run_bench(args, progress=None) -> Dict:
                 if system == "hf-generate":
                     r = run_hf_generate(model, batch=b, in_len=in_len, out_len=out_len, device=device, seed=args.seed)
                 else:
-                    kv4 = system.startswith("cometq-w4ax-kv4")
-                    r = run_engine(qmodel if kv4 else model, kv4=kv4, batch=b, in_len=in_len, out_len=out_len,
+                    base, fmt = parsed[system]
+                    kv4 = base.startswith("cometq-w4ax-kv4")
+                    r = run_engine(qmodels[tuple(sorted(fmt.items()))] if kv4 else model, kv4=kv4, batch=b,
+                                   in_len=in_len, out_len=out_len,
                                    block_size=args.block_size, budget=budget, device=device, seed=args.seed,
-                                   cuda_graphs="piecewise" if system.endswith("+piecewise")
-                                   else system.endswith("+graphs"),
+                                   cuda_graphs="piecewise" if base.endswith("+piecewise")
+                                   else base.endswith("+graphs"),
                                    # the graph systems only: the eager ones are host-bound by design
-                                   step_profile=system.endswith(_GRAPH_SUFFIXES) and not getattr(args, "no_step_profile",
-                                                                                          False))
+                                   step_profile=base.endswith(_GRAPH_SUFFIXES) and not getattr(args, "no_step_profile",
+                                                                                        False))
             except torch.cuda.OutOfMemoryError as e:  # pragma: no cover - GPU only
                 _log(f"  out of memory: {e}")
                 torch.cuda.empty_cache()
@@ -455,7 +482,8 @@ def run_and_write(args) -> int:
     def write(res, final=False):
         tag = args.tag or (res["device"] + ("-quick" if args.quick else ""))
         base = os.path.join(args.out, f"serving_{tag}")
-        res = dict(res, results=sorted(res["results"], key=lambda r: (ALL_SYSTEMS.index(r["system"]), r["batch"])),
+        res = dict(res, results=sorted(res["results"], key=lambda r: (ALL_SYSTEMS.index(parse_system(r["system"])[0]),
+                                                                     r["system"], r["batch"])),
                    complete=final)
         with open(base + ".json", "w") as f:
             json.dump(res, f, indent=2)
