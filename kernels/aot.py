@@ -194,10 +194,12 @@ def jobs(quick: bool = False) -> List[Tuple[str, object, Dict[str, str], Dict[st
                          stride_q4m="i32", stride_q8m="i32", stride_asm="i32", stride_om="i32",
                          BLOCK_M="constexpr", CLASS_MODE="constexpr"), dict(BLOCK_M=32, CLASS_MODE=cm), 4, 1, "dequant"))
     for asym in (False, True):
-        out.append((f"dequant_weight[fp16,asym={asym}]", dequant_weight_kernel,
-                    dict(qw_ptr="*u8", ws_ptr="*fp32", wo_ptr="*fp32", out_ptr="*fp16", N="i32", GROUP="i32",
-                         stride_wn="i32", stride_wb="i32", stride_wsn="i32", stride_won="i32", stride_ow="i32",
-                         BLOCK_N="constexpr", ASYM="constexpr"), dict(BLOCK_N=32, ASYM=asym), 4, 1, "dequant"))
+        for whole in (False, True):  # groups inside a block (G = 32 / 64) or spanning it (G >= 128)
+            out.append((f"dequant_weight[fp16,asym={asym},whole_block_groups={whole}]", dequant_weight_kernel,
+                        dict(qw_ptr="*u8", ws_ptr="*fp32", wo_ptr="*fp32", out_ptr="*fp16", N="i32", GROUP="i32",
+                             stride_wn="i32", stride_wb="i32", stride_wsn="i32", stride_won="i32", stride_ow="i32",
+                             BLOCK_N="constexpr", ASYM="constexpr", WHOLE_BLOCK_GROUPS="constexpr"),
+                        dict(BLOCK_N=64, ASYM=asym, WHOLE_BLOCK_GROUPS=whole), 4, 1, "dequant"))
     # every generated GEMM config (block mode, group 128, fp16 out, bias), symmetric and
     # asymmetric weights (ASYM: offset term, an extra row-sum + rank-1 update per segment)
     for asym in (False, True):

@@ -3,8 +3,9 @@
 At prefill sizes (M in the thousands) a GEMM is compute-bound and 4-bit weights save no
 time; what matters is tensor-core throughput.  This path turns both quantized operands
 back into fp16/bf16 -- ``A'[m, k] = q_a[m, k] * s_a[m, block(k)]`` and
-``W'[n, k] = q_w[n, k] * s_w[n, group(k)] (+ offset)``, both in the permuted K order --
-and runs ``A' @ W'^T`` on cuBLAS: the W4Ax product (activations still quantized to
+``W'[n, k] = q_w[n, k] * s_w[n, group(k)] (+ offset)``, both in the permuted K order (and,
+inside each 128-channel block, even channels before odd ones: see below) -- and runs
+``A' @ W'^T`` on cuBLAS: the W4Ax product (activations still quantized to
 INT4/INT8, weights still INT4) at FP16-GEMM speed, plus one pass over the weights
 (2 bytes written per weight; ~5 % of the GEMM at M = 8192).  The AWQ/GPTQ kernels in
 vLLM do the same above a batch threshold.  Numerics: the integer-exact kernels sum
@@ -38,10 +39,14 @@ __all__ = ["w4ax_gemm_dequant", "dequant_act_kernel", "dequant_weight_kernel", "
 DEQUANT_GEMM_RTOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 2e-3}
 
 
-@triton.jit
-def _interleave(lo, hi, ROWS: tl.constexpr):
-    """Low / high nibble values ``[ROWS, 64]`` -> K order ``[ROWS, 128]`` (even = low)."""
-    return tl.reshape(tl.join(lo, hi), (ROWS, 128))
+# K order of A' and W' inside each 128-channel block: the 64 even channels, then the 64 odd
+# ones ("half-split").  y = A' @ W'^T only needs the SAME order in both operands, and this one
+# is what the packed nibbles give for free (low nibble = even channel): each half is a
+# contiguous [rows, 64] store, where restoring the natural interleaved order (tl.join +
+# reshape) cost a register shuffle through shared memory per tile.
+#
+#     block b of A' / W':  | ch 0, 2, 4, ..., 126 | ch 1, 3, 5, ..., 127 |
+#                          0                      64                    128
 
 
 @triton.jit
@@ -74,28 +79,42 @@ def dequant_act_kernel(q4_ptr, q8_ptr, as_ptr, bits_ptr, out_ptr, M,
         p = tl.load(q4_ptr + rm64[:, None] * stride_q4m + slot * 64 + j[None, :], mask=mm[:, None], other=0)
         lo = unpack_lo(p)
         hi = unpack_hi(p)
-    x = _interleave(lo, hi, BLOCK_M).to(tl.float32) * s[:, None]
-    c = tl.arange(0, 128)
-    tl.store(out_ptr + rm64[:, None] * stride_om + b * 128 + c[None, :], x.to(out_ptr.dtype.element_ty),
-             mask=mm[:, None])
+    dst = out_ptr + rm64[:, None] * stride_om + b * 128 + j[None, :]  # half-split K order (above)
+    ty = out_ptr.dtype.element_ty
+    tl.store(dst, (lo.to(tl.float32) * s[:, None]).to(ty), mask=mm[:, None])
+    tl.store(dst + 64, (hi.to(tl.float32) * s[:, None]).to(ty), mask=mm[:, None])
 
 
 @triton.jit
 def dequant_weight_kernel(qw_ptr, ws_ptr, wo_ptr, out_ptr, N, GROUP,
                           stride_wn, stride_wb, stride_wsn, stride_won, stride_ow,
-                          BLOCK_N: tl.constexpr, ASYM: tl.constexpr):
-    """``W'[n, b*128 : +128] = q_w * scale[n, group] (+ offset[n, group])`` for ``BLOCK_N`` rows."""
+                          BLOCK_N: tl.constexpr, ASYM: tl.constexpr, WHOLE_BLOCK_GROUPS: tl.constexpr):
+    """``W'[n, b*128 : +128] = q_w * scale[n, group] (+ offset[n, group])`` for ``BLOCK_N`` rows,
+    in the half-split K order (above).  ``WHOLE_BLOCK_GROUPS``: groups span whole blocks
+    (G >= 128 or per channel): one scale (and offset) per row, loaded once."""
     nm, rn64, b = _row_tile(BLOCK_N, N)
     j = tl.arange(0, 64)
     p = tl.load(qw_ptr + rn64[:, None] * stride_wn + b * stride_wb + j[None, :], mask=nm[:, None], other=0)
-    c = tl.arange(0, 128)
-    g = (b * 128 + c) // GROUP  # the weight group of each column (G >= 32 divides 128 or is a multiple)
-    sc = tl.load(ws_ptr + rn64[:, None] * stride_wsn + g[None, :], mask=nm[:, None], other=0.0)
-    w = _interleave(unpack_lo(p), unpack_hi(p), BLOCK_N).to(tl.float32) * sc
+    if WHOLE_BLOCK_GROUPS:
+        g = (b * 128) // GROUP
+        sc = tl.load(ws_ptr + rn64 * stride_wsn + g, mask=nm, other=0.0)[:, None]
+        if ASYM:
+            of = tl.load(wo_ptr + rn64 * stride_won + g, mask=nm, other=0.0)[:, None]
+    else:
+        # channels 2j and 2j+1 share a group (G is even): one [rows, 64] gather serves both halves
+        g = (b * 128 + 2 * j) // GROUP
+        sc = tl.load(ws_ptr + rn64[:, None] * stride_wsn + g[None, :], mask=nm[:, None], other=0.0)
+        if ASYM:
+            of = tl.load(wo_ptr + rn64[:, None] * stride_won + g[None, :], mask=nm[:, None], other=0.0)
+    lo = unpack_lo(p).to(tl.float32) * sc
+    hi = unpack_hi(p).to(tl.float32) * sc
     if ASYM:
-        w += tl.load(wo_ptr + rn64[:, None] * stride_won + g[None, :], mask=nm[:, None], other=0.0)
-    tl.store(out_ptr + rn64[:, None] * stride_ow + b * 128 + c[None, :], w.to(out_ptr.dtype.element_ty),
-             mask=nm[:, None])
+        lo += of
+        hi += of
+    dst = out_ptr + rn64[:, None] * stride_ow + b * 128 + j[None, :]
+    ty = out_ptr.dtype.element_ty
+    tl.store(dst, lo.to(ty), mask=nm[:, None])
+    tl.store(dst + 64, hi.to(ty), mask=nm[:, None])
 
 
 def w4ax_gemm_dequant(q4, q8, a_scales, block_bits, qweight, w_scales, group: int, bias,
@@ -118,11 +137,11 @@ def w4ax_gemm_dequant(q4, q8, a_scales, block_bits, qweight, w_scales, group: in
             q4, q8, a_scales, block_bits, a, m, q4.stride(0) if q4.numel() else 0, q8.stride(0) if q8.numel() else 0,
             a_scales.stride(0), a.stride(0), BLOCK_M=bm, CLASS_MODE=scale_mode == "class", num_warps=4)
     if n and nb:
-        bn = 32
+        bn = 64  # 64 rows x 64 bytes in, 16 KB (fp16) out per program
         dequant_weight_kernel[(triton.cdiv(n, bn), nb)](
             qweight, w_scales, w_offsets if w_offsets is not None else w_scales, w, n, group,
             qweight.stride(0), 64 if stride_wb is None else stride_wb, w_scales.stride(0),
             w_offsets.stride(0) if w_offsets is not None else 0, w.stride(0),
-            BLOCK_N=bn, ASYM=w_offsets is not None, num_warps=4)
+            BLOCK_N=bn, ASYM=w_offsets is not None, WHOLE_BLOCK_GROUPS=group >= 128, num_warps=4)
     y = torch.addmm(bias.to(dt), a, w.t()) if bias is not None else a @ w.t()
     return y if y.dtype == out_dtype else y.to(out_dtype)
