@@ -114,6 +114,12 @@ def test_decode_step_profile_runs_and_drains():
     eng = Engine(runner, None, EngineConfig(max_num_seqs=4, max_num_batched_tokens=256, max_model_len=64))
     r = _decode_step_profile(eng, runner, batch=4, in_len=12, seed=0, steps=3, device="cpu")
     assert r["decode_step_profiled"] == 3 and r["decode_step_wall_ms"] > 0 and r["decode_step_gpu_busy_ms"] == 0
+    assert r["decode_step_top_kernels"] == []  # no GPU kernels on CPU
+    cpu = r["decode_step_top_cpu_ops"]  # the host side is profiled everywhere
+    assert 0 < len(cpu) <= 10 and all(c["ms_per_step"] > 0 for c in cpu)
+    assert cpu == sorted(cpu, key=lambda c: -c["ms_per_step"]) and abs(sum(c["share"] for c in cpu)) <= 1.0 + 1e-9
+    py = r["decode_step_top_python"]  # and the Python functions (cProfile)
+    assert 0 < len(py) <= 12 and any("engine.py" in f["name"] or "runner.py" in f["name"] for f in py)
     assert not eng.has_work()
 
 

@@ -244,7 +244,7 @@ def _decode_step_profile(eng, runner, batch: int, in_len: int, seed: int, steps:
 
     from .sampling import SamplingParams
 
-    sp = SamplingParams(max_tokens=steps + 3, temperature=0, ignore_eos=True)
+    sp = SamplingParams(max_tokens=2 * steps + 3, temperature=0, ignore_eos=True)
     for p in _prompts(runner.vocab_size, batch, in_len, seed + 2):
         eng.add_request(p, sp)
     eng.step()  # prefill (may take more than one step under the token budget)
@@ -271,17 +271,49 @@ def _decode_step_profile(eng, runner, batch: int, in_len: int, seed: int, steps:
             agg = by_name.setdefault(e.name[:120], [0.0, 0])
             agg[0] += us
             agg[1] += 1
+    # host side: the CPU ops with the most self time (what the GPU waits for when busy < wall)
+    cpu_ops: Dict[str, List[float]] = {}
+    try:
+        for a in prof.key_averages():
+            us = getattr(a, "self_cpu_time_total", 0.0)
+            if us > 0 and getattr(a, "device_type", None) != torch.autograd.DeviceType.CUDA:
+                cpu_ops[a.key[:120]] = [us, a.count]
+    except Exception:  # noqa: BLE001 - a diagnostic only
+        pass
+    # Python side: a few more decode steps under cProfile (functions by own time; the
+    # interpreter's overhead inflates them alike, so the shares are what to read)
+    py_funcs: Dict[str, List[float]] = {}
+    n_py = 0
+    try:
+        import cProfile
+        import pstats
+
+        cp = cProfile.Profile()
+        cp.enable()
+        while eng.has_work() and n_py < steps:
+            eng.step()
+            n_py += 1
+        _sync(device)
+        cp.disable()
+        for (fname, line, func), (_cc, ncalls, tottime, _ct, _callers) in pstats.Stats(cp).stats.items():
+            if tottime > 0:
+                key = f"{os.path.basename(fname)}:{line}({func})"[:120]
+                py_funcs[key] = [tottime * 1e6, ncalls]
+    except Exception:  # noqa: BLE001 - a diagnostic only
+        pass
     while eng.has_work():
         eng.step()
     n = max(n, 1)
     return {"decode_step_wall_ms": wall / n * 1e3, "decode_step_gpu_busy_ms": busy_us / n / 1e3,
             "decode_step_kernels": kernels / n, "decode_step_profiled": n,
-            "decode_step_top_kernels": top_kernels(by_name, n)}
+            "decode_step_top_kernels": top_kernels(by_name, n),
+            "decode_step_top_cpu_ops": top_kernels(cpu_ops, n, k=10),
+            "decode_step_top_python": top_kernels(py_funcs, max(n_py, 1), k=12)}
 
 
 def top_kernels(by_name: Dict[str, List[float]], steps: int, k: int = 15) -> List[Dict]:
-    """The ``k`` kernels with the most GPU time: name, ms per step, launches per step, share of
-    the busy time (where a decode step's GPU time goes)."""
+    """The ``k`` entries (kernels, or CPU ops) with the most time: name, ms per step, launches
+    (calls) per step, share of the total (where a decode step's time goes)."""
     total = sum(v[0] for v in by_name.values()) or 1.0
     rows = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:k]
     return [{"name": name, "ms_per_step": us / steps / 1e3, "launches_per_step": cnt / steps,
@@ -441,6 +473,16 @@ def markdown(res: Dict) -> str:
                       "| kernel | ms / step | launches / step | share of busy |", "|---|---|---|---|"]
             lines += [f"| `{k['name'][:90]}` | {k['ms_per_step']:.3f} | {k['launches_per_step']:.1f} | "
                       f"{k['share'] * 100:.1f}% |" for k in r["decode_step_top_kernels"]]
+        if r.get("decode_step_top_python"):
+            lines += ["", f"Python functions of a decode step (own time under cProfile): {r['system']}, "
+                          f"batch {r['batch']}", "", "| function | ms / step | calls / step | share |", "|---|---|---|---|"]
+            lines += [f"| `{k['name'][:90]}` | {k['ms_per_step']:.3f} | {k['launches_per_step']:.1f} | "
+                      f"{k['share'] * 100:.1f}% |" for k in r["decode_step_top_python"]]
+        if r.get("decode_step_top_cpu_ops"):
+            lines += ["", f"Host side of a decode step (CPU self time under the profiler): {r['system']}, "
+                          f"batch {r['batch']}", "", "| CPU op | ms / step | calls / step | share |", "|---|---|---|---|"]
+            lines += [f"| `{k['name'][:90]}` | {k['ms_per_step']:.3f} | {k['launches_per_step']:.1f} | "
+                      f"{k['share'] * 100:.1f}% |" for k in r["decode_step_top_cpu_ops"]]
     return "\n".join(lines) + "\n"
 
 
