@@ -66,7 +66,8 @@ typedef struct CometqGemmArgs {
   void* out;                // [M, N] row stride ld_out elements
   int64_t ld_out;
   int out_dtype;            // COMETQ_DTYPE_*
-  float* workspace;         // fp32 [M, N] contiguous, ZEROED; required iff split_k > 1
+  float* workspace;         // fp32 [split_k, M, N] contiguous (one slab per split, fully
+                            // overwritten: no zeroing needed); required iff split_k > 1
   int M, N;
   int n_blocks;             // nb = K_pad / 128
   int n4, n8;               // number of INT4 / INT8 blocks (widths of q4 / q8)

@@ -242,7 +242,7 @@ at::Tensor w4ax_gemm_cuda(const at::Tensor& q4, const at::Tensor& q8, const at::
   const int split = cometq_gemm_choose_split(static_cast<int>(M), static_cast<int>(N), static_cast<int>(nb),
                                              sm_count, static_cast<int>(split_k));
   at::Tensor ws;
-  if (split > 1) ws = at::zeros({M, N}, qweight.options().dtype(at::kFloat));
+  if (split > 1) ws = at::empty({split, M, N}, qweight.options().dtype(at::kFloat));  // slabs, fully written
 
   CometqGemmArgs a{};
   a.q4 = n4 ? q4.data_ptr<uint8_t>() : nullptr;

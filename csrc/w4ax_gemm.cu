@@ -473,7 +473,10 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::MIN_CTAS) w4ax_gemm_kernel(
         const int n = n0 + wn0 + j * 8 + 2 * t + (e & 1);
         if (m >= p.M || n >= p.N) continue;
         if (split) {
-          atomicAdd(p.workspace + static_cast<int64_t>(m) * p.N + n, acc[i][j][e]);
+          // this split's own slab: every (z, m, n) is written by exactly one CTA (a split with an
+          // empty block range writes zeros), so the workspace needs no zeroing and the finalize
+          // kernel sums the slabs in a fixed order (deterministic; no atomics)
+          p.workspace[(static_cast<int64_t>(blockIdx.z) * p.M + m) * p.N + n] = acc[i][j][e];
         } else {
           float v = acc[i][j][e];
           if (p.bias != nullptr) v += load_as_float(p.bias, n, p.bias_dtype);
@@ -482,14 +485,17 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::MIN_CTAS) w4ax_gemm_kernel(
       }
 }
 
-// split-K: out = workspace (+ bias), converted to the output dtype.
-__global__ void splitk_finalize_kernel(const float* __restrict__ ws, int M, int N, const void* bias, int bias_dtype,
-                                       void* out, int64_t ld_out, int out_dtype) {
+// split-K: out = sum of the splits' slabs, in split order (+ bias), converted to the output dtype.
+// (Run 4 had the splits atomicAdd into one zeroed [M, N] buffer: a fill kernel per GEMM -- 96
+// launches per batch-64 decode step of an 8B model -- and run-to-run rounding differences.)
+__global__ void splitk_finalize_kernel(const float* __restrict__ ws, int splits, int M, int N, const void* bias,
+                                       int bias_dtype, void* out, int64_t ld_out, int out_dtype) {
   const int64_t total = static_cast<int64_t>(M) * N;
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int m = static_cast<int>(idx / N), n = static_cast<int>(idx % N);
     float v = ws[idx];
+    for (int z = 1; z < splits; ++z) v += ws[static_cast<int64_t>(z) * total + idx];
     if (bias != nullptr) v += load_as_float(bias, n, bias_dtype);
     store_from_float(out, static_cast<int64_t>(m) * ld_out + n, v, out_dtype);
   }
@@ -588,7 +594,7 @@ extern "C" cudaError_t cometq_w4ax_gemm(const CometqGemmArgs* args, cudaStream_t
   const int64_t total = static_cast<int64_t>(a.M) * a.N;
   const int threads = 256;
   const int blocks = static_cast<int>(std::min<int64_t>((total + threads - 1) / threads, 4096));
-  cometq::splitk_finalize_kernel<<<blocks, threads, 0, stream>>>(a.workspace, a.M, a.N, a.bias, a.bias_dtype, a.out,
-                                                                  a.ld_out, a.out_dtype);
+  cometq::splitk_finalize_kernel<<<blocks, threads, 0, stream>>>(a.workspace, a.split_k, a.M, a.N, a.bias,
+                                                                  a.bias_dtype, a.out, a.ld_out, a.out_dtype);
   return cudaGetLastError();
 }

@@ -236,7 +236,10 @@ def emulate_gemm(q4, q8, a_scales, block_bits, qweight, w_scales, group, scale_m
     info = block_table_warp(block_bits, n4, n8)
     seg = min(group, BLOCK_K)
     segs_per_step = 1 if seg >= 64 else 64 // seg
-    out = np.zeros((M, N), np.float32)
+    # split-K slabs: split z stores its partial tiles into ws[z] (no zeroing: every element of
+    # every slab is written exactly once -- checked below), the finalize kernel sums them in order
+    ws = np.full((split_k, M, N), np.nan, np.float32)
+    written = np.zeros((split_k, M, N), np.int64)
     for bz in range(split_k):
         kb_begin, kb_end = split_range_warp(info, bz, split_k, 2 if use_s4 else 1)
         for by in range((M + BM - 1) // BM):
@@ -354,14 +357,19 @@ def emulate_gemm(q4, q8, a_scales, block_bits, qweight, w_scales, group, scale_m
                                                 if has_off:
                                                     acc[i, j, :, e] += a_off[i, e >> 1] * w_of[e & 1]
                                                 iacc[i, j, :, e] = 0
-                    # ---- epilogue (split-K: atomicAdd into the workspace == out here)
+                    # ---- epilogue (split-K: a plain store into this split's slab)
                     for i in range(MT):
                         for j in range(NT):
                             for e in range(4):
                                 m = m0 + wm0 + i * 16 + G + 8 * (e >> 1)
                                 n = n0 + wn0 + j * 8 + 2 * T + (e & 1)
                                 ok = (m < M) & (n < N)
-                                np.add.at(out, (m[ok], n[ok]), acc[i, j, ok, e])
+                                ws[bz, m[ok], n[ok]] = acc[i, j, ok, e]
+                                np.add.at(written, (bz, m[ok], n[ok]), 1)
+    assert (written == 1).all(), "a slab element written twice or never"
+    out = ws[0].copy()  # splitk_finalize_kernel: the slabs summed in split order
+    for z in range(1, split_k):
+        out += ws[z]
     return out
 
 
