@@ -419,7 +419,11 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::MIN_CTAS) w4ax_gemm_kernel(
         //   acc += a_scale * w_scale * conv * iacc  (+ a_scale * asum * w_offset)
         if (seg <= 64 || ks == 1) {
           const int seg_start = b * kBlockK + (seg == kBlockK ? 0 : ks * 64 + sub * seg);
-          const int grp = seg_start / p.group;
+          // weight group = seg_start / group: a shift for power-of-two groups (all but multiples of
+          // 128 like 384) instead of a ~20-instruction integer division per flush (computed here,
+          // not kept live across the loop: one more register spilled the 64x64 asymmetric tile)
+          const int grp = (p.group & (p.group - 1)) == 0 ? (seg_start >> (__ffs(p.group) - 1))
+                                                          : seg_start / p.group;
           // a_off[i][rh] = a_scale * asum of the segment for owned row g + 8 rh of m tile i
           float a_off[MT][2];
           if (has_off) {
