@@ -31,6 +31,12 @@ SO=$(ls python/cometq/_C*.so 2>/dev/null | head -1)
     ldd "$SO"
     echo "-- C++ runtime symbols DEFINED in the library (non-empty: a static copy)"
     nm -D --defined-only "$SO" 2>/dev/null | grep -E " (__cxa_|_Unwind_|__gxx_personality)" | head -20
+    # a toolchain whose crtbegin registers EH frames itself (__register_frame_info: no
+    # .eh_frame_hdr lookup) hands the runtime libgcc_s a struct of ITS version -- a known
+    # way to crash in libgcc's linear_search_fdes on the first exception (pytorch#117597)
+    echo "-- EH frame registration / lookup table"
+    nm -D "$SO" 2>/dev/null | grep -E "register_frame" || echo "(no __register_frame_info reference)"
+    readelf -S "$SO" 2>/dev/null | grep -E "eh_frame" || echo "(no .eh_frame sections?)"
     echo "-- .comment"
     readelf -p .comment "$SO" 2>/dev/null | tail -n +2
   }
