@@ -39,7 +39,8 @@
 #        to skip: build, triton_tests, cuda_tests, toolchain, diag, gemm, gemm_large, gemm_class, microbench,
 #        attention, serving, autotune), GEMM_ARGS / ATTENTION_ARGS / SERVING_ARGS (the stages' arguments),
 #        GEMM_CAP / ATTENTION_CAP,
-#        TRITON_TEST_FILES / CUDA_TEST_FILES (the test files of the two test stages), CUDA_TEST_WORKERS, TRITON_TESTS_CAP / CUDA_TESTS_CAP / DIAG_CAP /
+#        TRITON_TEST_FILES / CUDA_TEST_FILES (the test files of the two test stages), TRITON_TEST_WORKERS (12) /
+#        CUDA_TEST_WORKERS, TRITON_TESTS_CAP / CUDA_TESTS_CAP / DIAG_CAP /
 #        SERVING_CAP (stage time caps, s), SERVING_ARGS (bench_serving.py arguments), COMETQ_GEMM_TUNE=0 (first config per bucket,
 #        no autotuning: bounds compile time in short runs).
 set -u
@@ -170,7 +171,9 @@ if ! skip triton_tests; then
   log "Triton kernel tests"
   # shellcheck disable=SC2086
   # the engine's GPU tests (CUDA graphs included) run here too: they need no extension
-  run_pytest pytest-triton "${TRITON_TESTS_CAP:-160}" ${TRITON_TEST_FILES:-tests/test_engine_gpu.py \
+  # 12 workers: the extension build beside them keeps only ~3 cores busy (3 translation units),
+  # and the Triton tests are bound by kernel compilation on the CPU (runs 3-4: > 150 s at 8)
+  PYTEST_WORKERS=${TRITON_TEST_WORKERS:-${PYTEST_WORKERS:-12}} run_pytest pytest-triton "${TRITON_TESTS_CAP:-160}" ${TRITON_TEST_FILES:-tests/test_engine_gpu.py \
     tests/test_layer_ops.py tests/test_kv4_attention.py tests/test_paged.py tests/test_triton_gemm.py tests/test_triton_asym.py \
     tests/test_triton_act_quant.py tests/test_ops.py tests/test_quantize.py::test_eager_linear_path_equals_op_path} || TESTS_OK=no
   pack
