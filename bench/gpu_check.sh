@@ -217,12 +217,14 @@ SL=$(limit "${SERVING_CAP:-150}")
 # rows that finished: the JSON is rewritten after each): the HF baseline (~1 min at this shape),
 # the target system (W4AxConfig() default: asymmetric g128 weights), the FP16 engine it is
 # compared with, then the same system with symmetric g128 weights (the TMA kernels' format;
-# run 4's decode step ran the asymmetric CUDA GEMM for 71 % of its time). Untuned GEMM configs (first candidate
+# run 4's decode step ran the asymmetric CUDA GEMM for 71 % of its time), and last, if the cap
+# allows, the FP16 engine with piecewise graphs (run 3: slower than its eager mode, unexplained;
+# the per-step times show where). Untuned GEMM configs (first candidate
 # per bucket) unless the caller sets COMETQ_GEMM_TUNE: autotuning every bucket of four
 # Llama-3-8B shapes does not fit a short run
 # shellcheck disable=SC2086
 bench serving "$SL" env COMETQ_GEMM_TUNE="${COMETQ_GEMM_TUNE:-0}" $PY bench/bench_serving.py \
-  ${SERVING_ARGS:---batch-sizes 64 --input-len 1024 --output-len 512 --systems hf-generate,cometq-w4ax-kv4+graphs,cometq-fp,cometq-w4ax-kv4+graphs@sym-g128} \
+  ${SERVING_ARGS:---batch-sizes 64 --input-len 1024 --output-len 512 --systems hf-generate,cometq-w4ax-kv4+graphs,cometq-fp,cometq-w4ax-kv4+graphs@sym-g128,cometq-fp+graphs} \
   --out "$W/serving"
 # bench_gemm stops starting rows at --time-budget and rewrites its JSON after every row
 GL=$(limit "${GEMM_CAP:-70}")
