@@ -165,6 +165,58 @@ def test_choice_is_cached_per_bucket(fakes):
     assert sorted(r["key"]["M"] for r in autotune.report()) == [1, 4, 4]
 
 
+def test_graph_timing_mode_keeps_its_own_decisions(fakes):
+    """Inside ``timing("graph")`` the graph timer decides, the case key carries the mode, and the
+    eager decision for the same shape is untouched (decode graphs vs eager steps)."""
+    graph_ms = {"cuda": 3.0, "triton": 0.5}
+    timed_graph = []
+
+    def graph_timer(fn, device):
+        n = len(fakes.calls)
+        fn()
+        name = fakes.calls[n][1]
+        timed_graph.append(name)
+        return graph_ms[name]
+
+    prev = autotune.set_timer(graph_timer, mode="graph")
+    try:
+        fakes.ms.update({"cuda": 1.0, "triton": 4.0})  # eager: launch-bound Triton loses
+        qa, qw = _gemm_operands(3)
+        ops.w4ax_gemm_q(qa, qw, out_dtype=torch.float32)
+        assert autotune.timing_mode() == "eager" and fakes.calls[-1] == ("w4ax_gemm", "cuda")
+        with autotune.timing("graph"):
+            assert autotune.timing_mode() == "graph"
+            ops.w4ax_gemm_q(qa, qw, out_dtype=torch.float32)
+            assert fakes.calls[-1] == ("w4ax_gemm", "triton")
+            ops.w4ax_gemm_q(qa, qw, out_dtype=torch.float32)  # cached: no more timing
+        assert autotune.timing_mode() == "eager"
+        assert sorted(timed_graph) == ["cuda", "triton"] and sorted(fakes.timed) == ["cuda", "triton"]
+        ops.w4ax_gemm_q(qa, qw, out_dtype=torch.float32)  # eager again: the eager decision
+        assert fakes.calls[-1] == ("w4ax_gemm", "cuda")
+        rows = [r for r in autotune.report() if r["op"] == "w4ax_gemm"]
+        by_mode = {r["key"].get("timing", "eager"): r["choice"] for r in rows}
+        assert by_mode == {"eager": "cuda", "graph": "triton"}
+        # the eager key is exactly the case key (cache files from before the modes keep working)
+        eager_key = [r["key"] for r in rows if "timing" not in r["key"]][0]
+        args = (qa.q4, qa.q8, qa.scales, qa.layout.block_bits, qw.qweight, qw.scales, qw.offsets, 64, None,
+                torch.float32, "block")
+        assert eager_key == dict(autotune.case_key("w4ax_gemm", *args))
+    finally:
+        autotune.set_timer(prev, mode="graph")
+
+
+def test_timing_mode_errors():
+    with pytest.raises(ValueError, match="timing mode must be one of"):
+        with autotune.timing("lazy"):
+            pass
+    with pytest.raises(ValueError, match="timing mode must be one of"):
+        autotune.set_timer(None, mode="sometimes")
+    assert autotune.timing_mode() == "eager"
+    prev = autotune.set_timer(lambda fn, d: 1.0, mode="graph")
+    assert autotune.set_timer(None, mode="graph") is not prev  # (the fake)
+    assert autotune.set_timer(prev, mode="graph") is autotune.cuda_graph_timer  # default restored by None
+
+
 def test_quantize_activation_tunes_per_case_flags(fakes):
     k = 300
     x = rand_activation(5, k, outliers=2, generator=_gen(7))
@@ -408,5 +460,13 @@ def test_real_backends_on_gpu():
         assert len(rows) == 1 and all(t > 0 for t in rows[0]["times_ms"].values())
         y2 = ops.w4ax_gemm_q(qa, qw, out_dtype=torch.float16, backend=rows[0]["choice"])
         assert torch.equal(y, y2)
+        # graph timing: CUDA-graph replays of each candidate (a capture failure falls back to
+        # the eager timer); its own decision, and the same bits again
+        with autotune.timing("graph"):
+            y3 = ops.w4ax_gemm_q(qa, qw, out_dtype=torch.float16, backend="auto")
+        rows = [r for r in autotune.report() if r["op"] == "w4ax_gemm"]
+        g = [r for r in rows if r["key"].get("timing") == "graph"]
+        assert len(rows) == 2 and len(g) == 1 and all(t > 0 for t in g[0]["times_ms"].values())
+        assert torch.equal(y3, ops.w4ax_gemm_q(qa, qw, out_dtype=torch.float16, backend=g[0]["choice"]))
     finally:
         autotune.clear()

@@ -28,6 +28,18 @@ on a CUDA device, when **two or more non-reference backends** can run an op,
   or while a CUDA graph is being captured: a decision already cached is used,
   otherwise the fixed order (nothing is cached, the next eager call measures).
 
+**Two timing modes.**  ``eager`` (the default): each call bracketed by events as it is
+launched, so a small-M call whose GPU time is shorter than its Python launch measures the
+launch (what an eager decode step pays).  ``graph``: the calls are captured into a CUDA graph
+and replayed (:func:`cuda_graph_timer`), so only GPU time counts -- what a step replayed from
+a CUDA graph pays.  The two disagree exactly where it matters: run 3 on an H100 measured the
+8B.o GEMM at M = 1 at 154 us eager / 9.6 us replayed for Triton and 19.7 / 13.6 us for the
+CUDA kernel, so eager timing picked CUDA for the decode graphs although Triton's kernels were
+faster there (and the batch-64 decode step spent 71 % of its GPU time in the CUDA GEMM).
+:func:`timing` selects the mode for a block of calls (``ModelRunner`` warms its decode graphs
+up under ``timing("graph")``); the mode is part of the case, so each mode keeps its own
+decisions.  A capture that fails falls back to the eager timer for that candidate.
+
 Decisions live in memory for the life of the process.  Environment:
 
 ``COMETQ_AUTOTUNE=0``  (or false/off/no) turns measurement off: fixed order.
@@ -46,6 +58,8 @@ with its timings (``format_report()`` as text; ``python -m cometq.autotune
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import os
 import statistics
@@ -67,7 +81,10 @@ __all__ = [
     "case_key",
     "register_key_fn",
     "cuda_event_timer",
+    "cuda_graph_timer",
     "set_timer",
+    "timing",
+    "timing_mode",
     "order",
     "report",
     "format_report",
@@ -82,6 +99,7 @@ CACHE_FORMAT = 1
 M_BUCKET_CAP = 4096  # every M >= 4096 is one prefill case
 WARMUP = 3  # the first call of a Triton kernel compiles it: never timed
 REPS = 10
+GRAPH_CALLS = 10  # calls captured into one graph by cuda_graph_timer
 
 _TRUE = ("", "1", "true", "on", "yes")
 _FALSE = ("0", "false", "off", "no")
@@ -210,16 +228,84 @@ def cuda_event_timer(fn: Callable[[], Any], device: torch.device, warmup: int = 
         return float(statistics.median(s.elapsed_time(e) for s, e in evs))
 
 
+def cuda_graph_timer(fn: Callable[[], Any], device: torch.device, warmup: int = WARMUP, reps: int = REPS,
+                     calls: int = GRAPH_CALLS) -> float:
+    """Median milliseconds of one ``fn()`` replayed from a CUDA graph: GPU time only.
+
+    ``calls`` calls are captured into one graph (after ``warmup`` eager calls: compilation
+    and per-shape caches happen outside the capture), the graph is replayed ``reps`` times,
+    each bracketed by events.  A capture that fails (an op that syncs or allocates host
+    state) falls back to :func:`cuda_event_timer`."""
+    with torch.cuda.device(device):
+        for _ in range(warmup):
+            fn()
+        torch.cuda.synchronize(device)
+        g = torch.cuda.CUDAGraph()
+        try:
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                fn()  # one more eager call on the capture stream (lazy per-stream state)
+            torch.cuda.current_stream(device).wait_stream(side)
+            torch.cuda.synchronize(device)
+            # thread_local: another thread's CUDA calls do not invalidate this capture
+            with torch.cuda.graph(g, capture_error_mode="thread_local"):
+                for _ in range(calls):
+                    fn()
+        except Exception:  # noqa: BLE001 - not capturable: time it eagerly instead
+            del g
+            torch.cuda.synchronize(device)
+            return cuda_event_timer(fn, device, 0, reps)
+        g.replay()
+        evs = []
+        for _ in range(reps):
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            g.replay()
+            e.record()
+            evs.append((s, e))
+        torch.cuda.synchronize(device)
+        ms = float(statistics.median(s.elapsed_time(e) for s, e in evs)) / calls
+        del g
+        return ms
+
+
 Timer = Callable[[Callable[[], Any], torch.device], float]
-_timer: Timer = cuda_event_timer
+TIMING_MODES = ("eager", "graph")
+_timers: Dict[str, Timer] = {"eager": cuda_event_timer, "graph": cuda_graph_timer}
+_DEFAULT_TIMERS = dict(_timers)
+_mode: contextvars.ContextVar = contextvars.ContextVar("cometq_autotune_timing", default="eager")
 
 
-def set_timer(fn: Optional[Timer]) -> Timer:
-    """Replace the module timer (``None`` restores :func:`cuda_event_timer`); returns the previous one."""
-    global _timer
-    prev = _timer
-    _timer = cuda_event_timer if fn is None else fn
+def _check_mode(mode: str) -> str:
+    if mode not in TIMING_MODES:
+        raise ValueError(f"timing mode must be one of {TIMING_MODES}, got {mode!r}")
+    return mode
+
+
+def set_timer(fn: Optional[Timer], mode: str = "eager") -> Timer:
+    """Replace the timer of a timing mode (``None`` restores the default: :func:`cuda_event_timer`
+    for ``"eager"``, :func:`cuda_graph_timer` for ``"graph"``); returns the previous one."""
+    _check_mode(mode)
+    prev = _timers[mode]
+    _timers[mode] = _DEFAULT_TIMERS[mode] if fn is None else fn
     return prev
+
+
+def timing_mode() -> str:
+    """The timing mode of the calling context (``"eager"`` unless inside :func:`timing`)."""
+    return _mode.get()
+
+
+@contextlib.contextmanager
+def timing(mode: str):
+    """Measure the decisions made inside this block with ``mode``'s timer (``"graph"``: GPU
+    time of CUDA-graph replays, for calls that will be replayed from a graph)."""
+    token = _mode.set(_check_mode(mode))
+    try:
+        yield
+    finally:
+        _mode.reset(token)
 
 
 # --------------------------------------------------------------------------
@@ -423,14 +509,18 @@ def order(op: str, device, candidates: Sequence[str], impls: Dict[str, Callable]
     device = torch.device(device)
     if not _measurable(device) or not enabled():
         return cands
-    ck = (op, _device_name(device), case_key(op, *args))
+    mode = timing_mode()
+    key = case_key(op, *args)
+    if mode != "eager":  # the eager key stays what it always was (cache files keep working)
+        key = tuple(sorted(key + (("timing", mode),)))
+    ck = (op, _device_name(device), key)
     with _LOCK:
         _load(os.environ.get(ENV_CACHE) or None)
         d = _CACHE.get(ck)
         if d is None or d.choice not in cands:  # unknown, or chosen a backend this process lacks
             if _tracing_or_capturing(device):
                 return cands
-            times, skipped = _measure(op, impls, tuned, args, device, timer or _timer)
+            times, skipped = _measure(op, impls, tuned, args, device, timer or _timers[mode])
             choice = min(times, key=times.get) if times else cands[-1]
             d = _CACHE[ck] = Decision(op, ck[1], ck[2], choice, times, skipped)
             path = os.environ.get(ENV_CACHE)

@@ -30,6 +30,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from .. import autotune
 from ..paged import to_device_ints
 from .kv import KVPool, PagedFPPool
 
@@ -578,7 +579,9 @@ class _DecodeGraphs:
         # launches a benchmark or syncs
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
+        # backend choices made here are timed as graph replays (GPU time): what these calls
+        # will cost, where an eager timing would measure their Python launch (cometq.autotune)
+        with torch.cuda.stream(s), autotune.timing("graph"):
             for _ in range(2):
                 for i in range(n_pieces):
                     self._piece(st, i)
@@ -661,7 +664,7 @@ class _DecodeGraphs:
         st.meta.copy_(warm.to(st.meta.device))
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
+        with torch.cuda.stream(s), autotune.timing("graph"):  # (see _capture_pieces)
             for _ in range(2):
                 self._step(st)
         torch.cuda.current_stream().wait_stream(s)
