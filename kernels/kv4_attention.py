@@ -525,6 +525,18 @@ def tuned_configs() -> Dict[str, dict]:
     return {repr(k): dataclasses.asdict(v) for k, v in _TUNED.items()}
 
 
+_AUTOTUNE: list = []
+
+
+def _autotune():
+    """``cometq.autotune`` (imported on first use: the package imports this module)."""
+    if not _AUTOTUNE:
+        import cometq.autotune
+
+        _AUTOTUNE.append(cometq.autotune)
+    return _AUTOTUNE[0]
+
+
 def _capturing(dev: torch.device) -> bool:
     return dev.type == "cuda" and bool(torch.cuda.is_current_stream_capturing())
 
@@ -606,9 +618,13 @@ def kv4_decode_attention_triton(q, k_packed, k_scale, k_zero, v_packed, v_scale,
         w = int(num_warps)
         config = AttnConfig(w, attention_tile(bs, group_size, fold_k, key_axis, value_axis), w < 4)
     if config is None:
-        # program-count bucket: what decides occupancy (and so the best warps per program)
+        at = _autotune()
+        # program-count bucket: what decides occupancy (and so the best warps per program); the
+        # timing mode (cometq.autotune.timing): a step replayed from a CUDA graph is timed as
+        # graph replays, GPU time only (eager timing includes the launch)
+        mode = at.timing_mode()
         key = (str(q.device), dot_dtype, qpk, d, bs, group_size, tail_g > 0, key_axis, value_axis, bool(fold_k),
-               triton.next_power_of_2(bsz * h * ns))
+               triton.next_power_of_2(bsz * h * ns), mode)
         config = _TUNED.get(key)
         if config is None:
             cands = attention_configs(bs, group_size, fold_k, key_axis, value_axis)
@@ -618,15 +634,14 @@ def kv4_decode_attention_triton(q, k_packed, k_scale, k_zero, v_packed, v_scale,
             if not tune:
                 _TUNED[key] = config  # the untuned choice is fixed too: no candidate list per call
             elif not _capturing(q.device):
-                from cometq.autotune import cuda_event_timer
-
                 # CUDA events, not triton.testing.do_bench: that allocates a 256 MB L2-flush buffer
                 # per call, which a serving process whose KV pool holds the free memory may not have
                 # (and a decode step's K/V reads dwarf L2 anyway)
+                timer = at.cuda_graph_timer if mode == "graph" else at.cuda_event_timer
                 times = []
                 for c in cands:
                     try:
-                        times.append((cuda_event_timer(lambda: launch(c), q.device, warmup=2, reps=8), c))
+                        times.append((timer(lambda: launch(c), q.device, warmup=2, reps=8), c))
                     except Exception:  # noqa: BLE001 - a config the compiler rejects (e.g. out of resources)
                         continue
                 if times:
