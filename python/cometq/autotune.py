@@ -34,8 +34,8 @@ launch (what an eager decode step pays).  ``graph``: the calls are captured into
 and replayed (:func:`cuda_graph_timer`), so only GPU time counts -- what a step replayed from
 a CUDA graph pays.  The two disagree exactly where it matters: run 3 on an H100 measured the
 8B.o GEMM at M = 1 at 154 us eager / 9.6 us replayed for Triton and 19.7 / 13.6 us for the
-CUDA kernel, so eager timing picked CUDA for the decode graphs although Triton's kernels were
-faster there (and the batch-64 decode step spent 71 % of its GPU time in the CUDA GEMM).
+CUDA kernel: eager timing cannot see which is faster inside a graph (run 4's batch-64 decode
+step, replayed from a graph, spent 71 % of its GPU time in the CUDA GEMM eager timing chose).
 :func:`timing` selects the mode for a block of calls (``ModelRunner`` warms its decode graphs
 up under ``timing("graph")``); the mode is part of the case, so each mode keeps its own
 decisions.  A capture that fails falls back to the eager timer for that candidate.
