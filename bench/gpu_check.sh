@@ -21,7 +21,7 @@
 #   gemm_large/gemm.json|md       bench_gemm.py at M = 1024 (TMA / dequant / pointer kernels vs FP16, FP8)
 #   gemm_shares/gemm.json|md      8B.gate_up at 0 % and 12.5 % INT8 blocks (issue #3's <= 10 % target)
 #   gemm_class/gemm.json|md       class scales + per-channel weights (int32 accumulation across blocks)
-#   attention.json|md             bench_attention.py --sweep at batch 16 / context 4096 (KV4 paged decode vs SDPA)
+#   attention.json|md             bench_attention.py --sweep at batch 16 and 64, context 4096 (KV4 paged decode vs SDPA)
 #   serving/serving_*.json|md     bench_serving.py (Llama-3-8B geometry, random weights, batch 64, 1024 / 512)
 #   microbench.json|md            pytest-benchmark microbenchmarks (bench/test_microbench.py) + ratio table
 #   toolchain.txt                 bench/diag_toolchain.sh: C++ toolchain facts + the raw-op error probe
@@ -227,13 +227,13 @@ bench serving "$SL" env COMETQ_GEMM_TUNE="${COMETQ_GEMM_TUNE:-0}" $PY bench/benc
   ${SERVING_ARGS:---batch-sizes 64 --input-len 1024 --output-len 512 --systems hf-generate,cometq-w4ax-kv4+graphs,cometq-fp,cometq-w4ax-kv4+graphs@sym-g128,cometq-fp+graphs} \
   --out "$W/serving"
 # bench_gemm stops starting rows at --time-budget and rewrites its JSON after every row
-GL=$(limit "${GEMM_CAP:-70}")
+GL=$(limit "${GEMM_CAP:-60}")
 # shellcheck disable=SC2086
 bench gemm "$GL" $PY bench/bench_gemm.py ${GEMM_ARGS:---shapes 8B.gate_up,8B.qkv,8B.o,8B.down --ms 64,16 --shares 0.25 --weights asym-g128,sym --tune sym --graph} \
   --time-budget $((GL > 30 ? GL - 15 : 15)) --out "$W/gemm"
 # (the launch config is tuned on each shape's first call; --sweep also times every candidate
 # config at 0.5x..4x the default split count: what the untuned default should become)
-bench attention "${ATTENTION_CAP:-45}" $PY bench/bench_attention.py ${ATTENTION_ARGS:---batch 16 --context 4096 --sweep} \
+bench attention "${ATTENTION_CAP:-60}" $PY bench/bench_attention.py ${ATTENTION_ARGS:---batch 16,64 --context 4096 --sweep} \
   --out "$W/attention"
 # ---------------------------------------------------------------- CUDA-op and engine tests
 # (after the benchmarks: ~550 of their 811 cases passed on the first lease, none failed)
