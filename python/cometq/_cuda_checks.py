@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from .layout import BLOCK_K
+from .reference import check_group_size
 
 #: the device type the raw ops take (a module attribute so the CPU tests can exercise the checks)
 DEVICE_TYPE = "cuda"
@@ -120,12 +121,7 @@ def check_w4ax_gemm_inputs(q4, q8, a_scales, block_bits, qweight, w_scales, w_of
     ns = nb if _scale_mode(scale_mode) == "block" else 2
     if a_scales.shape[1] != ns:
         raise ValueError(f"a_scales shape {tuple(a_scales.shape)} needs {ns} columns in {scale_mode} mode")
-    g = k_pad if group_size in (None, -1) else int(group_size)
-    ok_small = 16 <= g and BLOCK_K % g == 0 and g & (g - 1) == 0
-    ok_large = g > 0 and g % BLOCK_K == 0 and k_pad % g == 0
-    if not (ok_small or ok_large):
-        raise ValueError(f"group_size={group_size} is not supported for K_pad={k_pad}: use -1 (per channel), "
-                         f"16, 32, 64, 128, or a multiple of {BLOCK_K} that divides K_pad")
+    g = check_group_size(group_size, k_pad)  # the format's rule (the kernel's TORCH_CHECK is the same)
     if tuple(w_scales.shape) != (n, k_pad // g):
         raise ValueError(f"w_scales shape {tuple(w_scales.shape)} != ({n}, {k_pad // g}) for "
                          f"group_size={group_size}")
