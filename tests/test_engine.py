@@ -185,6 +185,27 @@ def test_runner_rejects_bad_input(llama):
         ModelRunner(llama, bad_pool)
 
 
+def test_fp_pool_decode_slots_match_per_sequence_slots():
+    """The FP pool's decode-attention slot matrix (built for the whole batch at once) equals the
+    per-sequence slots (``_slots``) row by row, zero and masked past each length; a length past a
+    sequence's reservation is refused."""
+    g = torch.Generator().manual_seed(4)
+    p = PagedFPPool(num_layers=1, num_blocks=40, block_size=4, n_kv_heads=1, head_dim=8)
+    lens = [5, 1, 12, 9]
+    for s, n in zip((3, 0, 7, 2), lens):
+        p.reserve(s, n + 2)
+    seqs = [3, 0, 7, 2]
+    q = torch.randn(4, 2, 8, generator=g)
+    p.decode_attention(0, seqs, lens, q, 0.3)
+    want = torch.zeros(4, 12, dtype=torch.long)
+    for i, (s, n) in enumerate(zip(seqs, lens)):
+        want[i, :n] = p._slots(s, 0, n, "cpu")
+    assert torch.equal(p._dec_slots, want)
+    assert torch.equal(p._dec_mask[:, 0, 0], torch.arange(12)[None, :] < torch.tensor(lens)[:, None])
+    with pytest.raises(ValueError, match=r"tokens \[0, 13\) of sequence 2 exceed its reservation"):
+        p.decode_attention(0, seqs, [5, 1, 12, 13], q, 0.3)
+
+
 def test_pool_bookkeeping():
     p = PagedFPPool(num_layers=1, num_blocks=5, block_size=4, n_kv_heads=1, head_dim=2)
     p.reserve(7, 9)  # 3 blocks
