@@ -26,6 +26,7 @@
 #   microbench.json|md            pytest-benchmark microbenchmarks (bench/test_microbench.py) + ratio table
 #   toolchain.txt                 bench/diag_toolchain.sh: C++ toolchain facts + the raw-op error probe
 #   autotune.json/.log            which backend `auto` picked per case (cometq.autotune)
+#   tune_decode.json              bench/tune_decode.py: the decode buckets' tuned GEMM configs (last stage)
 #   gemm_configs.json             tuned GEMM configs (COMETQ_GEMM_CONFIG_CACHE; commit it as
 #                                 bench/results/gemm_configs.json to reuse the tuning)
 # Exit status: non-zero iff the build or a test stage failed (benchmarks never
@@ -38,7 +39,7 @@
 #        MAX_JOBS (default 16), PYTHON (default python3), GPU_CHECK_BUDGET_S,
 #        PYTEST_ARGS (extra pytest arguments), PYTEST_WORKERS (xdist workers, default 8), GPU_CHECK_SKIP (comma list of stages
 #        to skip: build, triton_tests, cuda_tests, toolchain, diag, gemm, gemm_large, gemm_shares, gemm_class, microbench,
-#        attention, serving, autotune), GEMM_ARGS / ATTENTION_ARGS / SERVING_ARGS (the stages' arguments),
+#        attention, serving, autotune, tune_decode), GEMM_ARGS / ATTENTION_ARGS / SERVING_ARGS (the stages' arguments),
 #        GEMM_CAP / ATTENTION_CAP,
 #        TRITON_TEST_FILES / CUDA_TEST_FILES (the test files of the two test stages), TRITON_TEST_WORKERS (12) /
 #        CUDA_TEST_WORKERS, TRITON_TESTS_CAP / CUDA_TESTS_CAP / DIAG_CAP /
@@ -297,6 +298,11 @@ EOF_A
   export W COMETQ_AUTOTUNE_CACHE="$W/autotune_cache.json"
   bench autotune 45 $PY "$W/autotune_probe.py"
 fi
+
+# last, when time is left: tune the decode buckets' GEMM configs the way serving calls them, into
+# $COMETQ_GEMM_CONFIG_CACHE (brought back as gemm_configs.json: commit it as
+# bench/results/gemm_configs.json and the next runs' untuned serving uses the tuned configs)
+bench tune_decode 90 $PY bench/tune_decode.py --time-budget 70 --out "$W"
 
 pack
 cat "$W/summary.out"

@@ -55,6 +55,26 @@ def test_diag_decode_dry_run(tmp_path):
     assert not [row for row in data["rows"] if any(k.endswith("_err") for k in row)]
 
 
+def test_tune_decode_dry_run(tmp_path):
+    """bench/tune_decode.py (fills the GEMM config cache for serving's decode buckets): every
+    case calls the triton backend the way a quantized linear does and names its config; bad
+    arguments are refused with a message."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    script = os.path.join(ROOT, "bench", "tune_decode.py")
+    r = subprocess.run([sys.executable, script, "--dry-run", "--out", str(tmp_path)], env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = json.load(open(tmp_path / "tune_decode.json"))
+    assert {(row["weights"], row["m"]) for row in data["rows"]} == {(w, m) for w in ("asym-g128", "sym-g128")
+                                                                     for m in (64, 16)}
+    assert all(row["config"] and row["config"].startswith("GemmConfig(") and row["out_shape"] == [row["m"], 200]
+               for row in data["rows"])
+    for bad, msg in ((["--weights", "int3-g128"], "is not sym-gG"), (["--ms", "0"], "must be >= 1"),
+                     (["--shapes", "8B.lm_head"], "unknown shape")):
+        r = subprocess.run([sys.executable, script, *bad], env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and msg in r.stderr, r.stderr[-2000:]
+
+
 def test_bench_attention_dry_run(tmp_path):
     env = dict(os.environ, TRITON_INTERPRET="1")
     out = tmp_path / "attn"
@@ -98,7 +118,7 @@ def test_gpu_check_plumbing_on_cpu(tmp_path):
     cost a lease's device time)."""
     out, work = tmp_path / "out", tmp_path / "work"
     env = dict(os.environ, OUT=str(out), GPU_CHECK_WORK=str(work), PYTHON=sys.executable, GPU_CHECK_BUDGET_S="200",
-               GPU_CHECK_SKIP="build,triton_tests,cuda_tests,toolchain,diag,gemm,gemm_large,gemm_shares,gemm_class,attention,serving,autotune")
+               GPU_CHECK_SKIP="build,triton_tests,cuda_tests,toolchain,diag,gemm,gemm_large,gemm_shares,gemm_class,attention,serving,autotune,tune_decode")
     env.pop("TRITON_INTERPRET", None)
     r = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_check.sh")], env=env, capture_output=True, text=True,
                        timeout=600, cwd=ROOT)
