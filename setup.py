@@ -6,12 +6,28 @@ installed as ``cometq.kernels``) always install.  The CUDA extension ``cometq._C
 kernels, and ``COMETQ_SKIP_CUDA`` is not set to 1.
 """
 import glob
+import importlib.util
 import os
 import shutil
+import sys
 
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _use_safe_host_compiler() -> None:
+    """Build with a C++ compiler that links the shared C++ runtime: one that puts a static
+    copy into ``_C`` turns every TORCH_CHECK into a SIGSEGV (see ``python/cometq/_toolchain.py``)."""
+    spec = importlib.util.spec_from_file_location("_cometq_toolchain",
+                                                  os.path.join(ROOT, "python", "cometq", "_toolchain.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    override = mod.choose_host_compiler()
+    if override:
+        print(f"cometq: {os.environ.get('CXX', 'c++')} links a static C++ runtime into shared libraries "
+              f"(C++ exceptions from cometq._C would crash); building with {override}", file=sys.stderr)
+        os.environ.update(override)
 
 
 def _cuda_extension():
@@ -28,6 +44,8 @@ def _cuda_extension():
     nvcc = shutil.which("nvcc") or (CUDA_HOME and os.path.join(CUDA_HOME, "bin", "nvcc"))
     if torch.version.cuda is None or not nvcc or not os.path.exists(nvcc):
         return [], {}
+    if sys.platform.startswith("linux"):
+        _use_safe_host_compiler()
     archs = os.environ.get("COMETQ_CUDA_ARCHS", "80;86;89;90a").split(";")
     gencode = []
     for a in archs:
