@@ -631,7 +631,9 @@ def kv4_decode_attention_triton(q, k_packed, k_scale, k_zero, v_packed, v_scale,
             config = cands[0]
             tune = (q.device.type == "cuda" and not interpreting() and os.environ.get(ENV_TUNE, "1") != "0"
                     and len(cands) > 1)
-            if not tune:
+            if tune and at.frozen_now():
+                pass  # cometq.autotune.frozen(): the default now, nothing cached (a later call tunes)
+            elif not tune:
                 _TUNED[key] = config  # the untuned choice is fixed too: no candidate list per call
             elif not _capturing(q.device):
                 # CUDA events, not triton.testing.do_bench: that allocates a 256 MB L2-flush buffer

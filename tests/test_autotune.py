@@ -326,6 +326,23 @@ def test_no_measurement_while_compiling(fakes, monkeypatch):
     assert len(fakes.timed) == 2 and fakes.calls[-1] == ("w4ax_gemm", "triton")
 
 
+def test_frozen_block_never_measures(fakes):
+    """Inside ``autotune.frozen()`` nothing is measured or cached (fixed order); a decision
+    made outside it is used inside; outside again, an unseen case tunes as usual."""
+    qa, qw = _gemm_operands(3)
+    with autotune.frozen():
+        assert autotune.frozen_now()
+        y = ops.w4ax_gemm_q(qa, qw, out_dtype=torch.float32)
+    assert not autotune.frozen_now()
+    assert fakes.timed == [] and autotune.report() == []
+    assert torch.allclose(y, R.w4ax_gemm(qa, qw) + OFFSET["cuda"], rtol=1e-6, atol=1e-3)  # fixed order: cuda first
+    ops.w4ax_gemm_q(qa, qw, out_dtype=torch.float32)  # outside: measures (triton is faster)
+    assert sorted(fakes.timed) == ["cuda", "triton"]
+    with autotune.frozen():
+        ops.w4ax_gemm_q(qa, qw, out_dtype=torch.float32)  # the decision made outside is used
+    assert len(fakes.timed) == 2 and fakes.calls[-1] == ("w4ax_gemm", "triton")
+
+
 def test_torch_compile_through_the_op(fakes):
     """A compiled caller goes through the fake impl at trace time and the tuned dispatch at run time."""
     qa, qw = _gemm_operands(3)

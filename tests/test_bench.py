@@ -131,3 +131,17 @@ def test_gpu_check_plumbing_on_cpu(tmp_path):
     with tarfile.open(out / "gpu_check.tgz") as t:
         names = {os.path.basename(n) for n in t.getnames()}
     assert {"microbench.json", "microbench.md", "steps.log", "gpu_check_summary.json"} <= names, names
+
+
+def test_diag_prefill_dry_run(tmp_path):
+    """bench/diag_prefill.py (gpu_check's prefill stage) on the tiny model: both systems, each
+    shape timed and profiled, JSON written; a bad --shapes value is refused."""
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "diag_prefill.py"), "--quick", "--shapes", "2x16",
+                        "--reps", "1", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = json.load(open(tmp_path / "prefill.json"))
+    assert [(row["system"], row["tokens"]) for row in data["rows"]] == [("w4ax", 32), ("fp", 32)]
+    assert all(row["ms"] > 0 and row["top_cpu_ops"] for row in data["rows"])
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "diag_prefill.py"), "--quick", "--shapes", "2x",
+                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0 and "--shapes wants SEQSxLEN" in r.stderr

@@ -101,6 +101,35 @@ def test_runner_batched_equal_length_prefill(llama, kv4):
     torch.testing.assert_close(got, torch.cat(want), rtol=0, atol=RUNNER_FP32_ATOL)
 
 
+@pytest.mark.parametrize("kv4", [False, True])
+def test_decode_rows_of_a_prefill_step_never_tune(llama, kv4, monkeypatch):
+    """The decode rows of a step that also prefills run under ``autotune.frozen()`` (a tuning
+    sweep there stalled GPU run 5's prefill steps for seconds); a decode-only step does not."""
+    from cometq import autotune
+
+    r = (ModelRunner.with_kv4_pool(llama, num_blocks=32, block_size=8, group_size=4) if kv4
+         else ModelRunner.with_fp_pool(llama, num_blocks=32, block_size=4))
+    seen = []
+    real = r.pool.decode_attention
+
+    def spy(*a, **kw):
+        seen.append(autotune.frozen_now())
+        return real(*a, **kw)
+
+    monkeypatch.setattr(r.pool, "decode_attention", spy)
+    for sid in (0, 1):
+        r.pool.reserve(sid, 12)
+    p0, p1 = _rand_ids(6, 1), _rand_ids(5, 2)
+    with torch.no_grad():
+        r.forward([Chunk(0, p0, 0)])
+        r.forward([Chunk(0, [7], 6), Chunk(1, p1, 0)])  # decode row + prefill chunk
+        n_layers = len(seen)
+        r.forward([Chunk(0, [8], 7), Chunk(1, [9], 5)])  # decode only
+    assert n_layers == llama.config.num_hidden_layers and all(seen[:n_layers])
+    assert len(seen) == 2 * n_layers and not any(seen[n_layers:])
+    assert not autotune.frozen_now()
+
+
 def test_runner_kv4_close_to_hf(llama):
     from cometq.kvcache import KV4Cache
 

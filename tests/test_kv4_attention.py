@@ -380,3 +380,25 @@ def test_one_split_direct_store_same_bits_as_reduce(dtype):
     ref = _call(pool, q.float(), sids, "reference", 1)
     tol = dict(rtol=ATTN_RTOL, atol=ATTN_ATOL) if dtype == torch.float32 else dict(rtol=ATTN_FP16_RTOL, atol=ATTN_FP16_ATOL)
     torch.testing.assert_close(direct.float(), ref.float(), **tol)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the launch-config tuner runs on CUDA only")
+def test_launch_config_tuner_respects_frozen(monkeypatch):
+    """Inside ``cometq.autotune.frozen()`` the KV4 attention kernel runs its default config and
+    caches nothing (a prefill step's decode rows must not stall on a tuning sweep); outside, the
+    same call tunes once and caches the choice."""
+    from cometq import autotune
+    from cometq.kernels import kv4_attention as KA
+
+    monkeypatch.setattr(KA, "_TUNED", {})
+    monkeypatch.delenv(KA.ENV_TUNE, raising=False)
+    pool, sids = build_pool(("channel", "token"), [40, 17], device="cuda")
+    q = torch.randn(2, 4, 32, generator=torch.Generator().manual_seed(5)).to("cuda")
+    ref = _call(pool, q, sids, "reference", 1)
+    with autotune.frozen():
+        out = _call(pool, q, sids, "triton", 2)
+    assert KA._TUNED == {}
+    torch.testing.assert_close(out, ref, rtol=ATTN_RTOL, atol=ATTN_ATOL)
+    out = _call(pool, q, sids, "triton", 2)
+    assert len(KA._TUNED) == 1
+    torch.testing.assert_close(out, ref, rtol=ATTN_RTOL, atol=ATTN_ATOL)

@@ -75,7 +75,26 @@ def test_bench_quick(tmp_path):
     assert {r["system"] for r in rows} == {"cometq-w4ax-kv4", "cometq-fp", "hf-generate"}
     for r in rows:
         assert r["batch"] == 2 and r["output_tokens_per_s"] > 0 and r["ttft_mean_s"] > 0
-    assert "| cometq-w4ax-kv4 | 2 |" in (tmp_path / "serving_t.md").read_text()
+    md = (tmp_path / "serving_t.md").read_text()
+    assert "| cometq-w4ax-kv4 | 2 |" in md
+    for r in rows:
+        if r["system"] == "hf-generate":
+            continue
+        # 2 prompts of 8 tokens fit one step: one prefill step, then 3 decode-only steps of 2 sequences
+        assert (r["prefill_steps"], r["decode_only_steps"]) == (1, 3), r
+        assert r["slowest_steps"] and {s["decode"] for s in r["slowest_steps"]} <= {0, 2}
+        assert isinstance(r["tuned_in_timed_run"], dict)
+    assert "prefill steps: n / s" in md
+
+
+def test_step_breakdown():
+    from cometq.serve.bench import step_breakdown
+
+    b = step_breakdown([0.5, 0.01, 2.0, 0.02], [(0, 8, 8192), (8, 0, 0), (8, 8, 8184), (16, 0, 0)], k=2)
+    assert (b["prefill_steps"], b["decode_only_steps"]) == (2, 2)
+    assert b["prefill_steps_ms"] == pytest.approx(2500.0) and b["decode_only_steps_ms"] == pytest.approx(30.0)
+    assert b["slowest_steps"] == [{"index": 2, "ms": 2000.0, "decode": 8, "prefill": 8, "tokens": 8184},
+                                  {"index": 0, "ms": 500.0, "decode": 0, "prefill": 8, "tokens": 8192}]
 
 
 def test_random_llama_builder_matches_hf():

@@ -250,6 +250,9 @@ def test_configs_and_cache(monkeypatch):
 
     cands = [GemmConfig(16, 64), GemmConfig(16, 128), GemmConfig(32, 128), GemmConfig(64, 256)]
     monkeypatch.setattr(G, "gen_configs", lambda *a, **k: list(cands))
+    # in-memory only: a config file cache (gpu_check sets one for all stages) would keep this
+    # fake tuning across processes (GPU run 5: a second process found the key and timed nothing)
+    monkeypatch.delenv(G.ENV_CONFIG_CACHE, raising=False)
     calls = []
 
     def fake_bench(c):

@@ -78,6 +78,8 @@ __all__ = [
     "Decision",
     "bucket_m",
     "bucket_count",
+    "frozen",
+    "frozen_now",
     "case_key",
     "register_key_fn",
     "cuda_event_timer",
@@ -308,6 +310,29 @@ def timing(mode: str):
         _mode.reset(token)
 
 
+_frozen: contextvars.ContextVar = contextvars.ContextVar("cometq_autotune_frozen", default=False)
+
+
+def frozen_now() -> bool:
+    """Whether the calling context is inside :func:`frozen` (no new measurements)."""
+    return _frozen.get()
+
+
+@contextlib.contextmanager
+def frozen():
+    """No new measurements inside this block: a decision already made is used, otherwise the
+    untuned default (fixed order, first launch config) -- and nothing is cached, so a later call
+    outside the block still tunes the case.  For calls whose speed does not matter but whose
+    first-time tuning would stall (the decode rows of a prefill step: a few microseconds of
+    attention beside a step of ~100 ms, where a tuning sweep compiles and times every candidate
+    config -- seconds)."""
+    token = _frozen.set(True)
+    try:
+        yield
+    finally:
+        _frozen.reset(token)
+
+
 # --------------------------------------------------------------------------
 # state
 # --------------------------------------------------------------------------
@@ -518,7 +543,7 @@ def order(op: str, device, candidates: Sequence[str], impls: Dict[str, Callable]
         _load(os.environ.get(ENV_CACHE) or None)
         d = _CACHE.get(ck)
         if d is None or d.choice not in cands:  # unknown, or chosen a backend this process lacks
-            if _tracing_or_capturing(device):
+            if _tracing_or_capturing(device) or frozen_now():
                 return cands
             times, skipped = _measure(op, impls, tuned, args, device, timer or _timers[mode])
             choice = min(times, key=times.get) if times else cands[-1]

@@ -196,23 +196,32 @@ def run_engine(model, *, kv4: bool, batch: int, in_len: int, out_len: int, block
     # warm-up with the measured batch shape (full prompts, a few decode steps): every
     # kernel specialization and GEMM shape bucket the run hits is compiled (and tuned)
     # here, not inside the timed TTFT / TPOT
-    warm_sp = SamplingParams(max_tokens=min(out_len, 3), temperature=0, ignore_eos=True)
+    # enough tokens that the first sequences still decode while the last ones prefill: the mixed
+    # (prefill + eager decode) steps of the timed run, with their decode batch sizes, are warmed too
+    prefill_steps = -(-batch * in_len // max(budget, 1))
+    warm_sp = SamplingParams(max_tokens=min(out_len, prefill_steps + 3), temperature=0, ignore_eos=True)
     for p in _prompts(runner.vocab_size, batch, in_len, seed + 1):
         eng.add_request(p, warm_sp)
     while eng.has_work():
         eng.step()
     _sync(device)
+    tuned0 = tuning_counts()
     t0 = time.monotonic()
     reqs = [eng.add_request(p, sp) for p in _prompts(runner.vocab_size, batch, in_len, seed)]
     steps = 0
-    step_s = []  # host wall time per step (no sync: a slow outlier = a capture, a compile, an allocator stall)
+    # host wall time per step (each step ends in a device->host copy of the sampled ids, so it
+    # includes the step's GPU time; a slow outlier = a capture, a compile, a tuning, an allocator
+    # stall) with what the step ran: (decode sequences, prefill chunks, prefill tokens)
+    step_s, step_shapes = [], []
     while eng.has_work():
         ts = time.monotonic()
         eng.step()
         step_s.append(time.monotonic() - ts)
+        step_shapes.append(eng.last_step_shape)
         steps += 1
     _sync(device)
     wall = time.monotonic() - t0
+    tuned1 = tuning_counts()
     if any(len(r.output_ids) != out_len for r in reqs):
         raise RuntimeError(f"engine produced {[len(r.output_ids) for r in reqs]} tokens, wanted {out_len}")
     ttft = [r.first_token_time - r.arrival for r in reqs]
@@ -223,6 +232,9 @@ def run_engine(model, *, kv4: bool, batch: int, in_len: int, out_len: int, block
         srt = sorted(step_s)
         res.update(step_ms_p50=srt[len(srt) // 2] * 1e3, step_ms_max=srt[-1] * 1e3,
                    step_ms_top3=[round(v * 1e3, 2) for v in srt[-3:][::-1]])
+        res.update(step_breakdown(step_s, step_shapes))
+    # decisions made inside the timed run (a tuning there is a stall the warm-up should have paid)
+    res["tuned_in_timed_run"] = {k: tuned1[k] - tuned0.get(k, 0) for k in tuned1 if tuned1[k] != tuned0.get(k, 0)}
     graphs = getattr(runner, "_graphs", None)
     if graphs is not None:  # which decode-graph scheme ran (full-step or piecewise)
         res["decode_graphs"] = "full-step" if graphs.full else "piecewise"
@@ -232,6 +244,36 @@ def run_engine(model, *, kv4: bool, batch: int, in_len: int, out_len: int, block
         except Exception as e:  # noqa: BLE001 - a diagnostic, never fails the benchmark
             res["step_profile_error"] = f"{type(e).__name__}: {str(e)[:200]}"
     return res
+
+
+def tuning_counts() -> Dict[str, int]:
+    """How many tuned choices each tuner holds (backend choice, Triton GEMM configs, KV4 attention
+    launch configs); a difference across a timed run = tuning (and compiling) inside it."""
+    out = {}
+    try:
+        from .. import autotune
+
+        out["backend_choices"] = len(autotune._CACHE)
+    except Exception:  # noqa: BLE001 - a diagnostic only
+        pass
+    for name, mod, attr in (("gemm_configs", "cometq.kernels.w4ax_gemm", "_CONFIG_CACHE"),
+                            ("kv4_attention_configs", "cometq.kernels.kv4_attention", "_TUNED")):
+        m = sys.modules.get(mod)
+        if m is not None and hasattr(m, attr):
+            out[name] = len(getattr(m, attr))
+    return out
+
+
+def step_breakdown(step_s: List[float], shapes: List[tuple], k: int = 8) -> Dict:
+    """Steps with prefill tokens vs decode-only steps: count and total ms, and the ``k`` slowest
+    steps with their shape (``decode`` sequences, ``prefill`` chunks, prefill ``tokens``)."""
+    pre = [t for t, sh in zip(step_s, shapes) if sh[2] > 0]
+    dec = [t for t, sh in zip(step_s, shapes) if sh[2] == 0]
+    slow = sorted(range(len(step_s)), key=lambda i: -step_s[i])[:k]
+    return {"prefill_steps": len(pre), "prefill_steps_ms": sum(pre) * 1e3,
+            "decode_only_steps": len(dec), "decode_only_steps_ms": sum(dec) * 1e3,
+            "slowest_steps": [{"index": i, "ms": round(step_s[i] * 1e3, 2), "decode": shapes[i][0],
+                               "prefill": shapes[i][1], "tokens": shapes[i][2]} for i in slow]}
 
 
 def _decode_step_profile(eng, runner, batch: int, in_len: int, seed: int, steps: int = 6,
@@ -467,6 +509,18 @@ def markdown(res: Dict) -> str:
     lines.append("")
     lines.append("Decode step wall / GPU busy: a fresh batch after the timed run, a few decode steps under "
                  "torch.profiler; GPU busy = summed kernel time. Busy far below wall: the step is host-bound.")
+    split = [r for r in res["results"] if "prefill_steps" in r]
+    if split:
+        lines += ["", "Where the timed run's wall time goes (steps with prefill tokens vs decode-only steps; "
+                      "slowest steps as ms (decode seqs + prefill chunks / prefill tokens)):", "",
+                  "| system | batch | prefill steps: n / s | decode-only steps: n / s | slowest steps | "
+                  "tuned inside the timed run |", "|---|---|---|---|---|---|"]
+        for r in split:
+            slow = ", ".join(f"{x['ms']:.0f} ({x['decode']}+{x['prefill']}/{x['tokens']})"
+                             for x in r.get("slowest_steps", [])[:4])
+            tuned = ", ".join(f"{k} +{v}" for k, v in r.get("tuned_in_timed_run", {}).items()) or "nothing"
+            lines.append(f"| {r['system']} | {r['batch']} | {r['prefill_steps']} / {r['prefill_steps_ms'] / 1e3:.2f} | "
+                         f"{r['decode_only_steps']} / {r['decode_only_steps_ms'] / 1e3:.2f} | {slow} | {tuned} |")
     for r in res["results"]:
         if r.get("decode_step_top_kernels"):
             lines += ["", f"Where a decode step's GPU time goes: {r['system']}, batch {r['batch']}", "",

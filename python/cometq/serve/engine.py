@@ -155,6 +155,9 @@ class Engine:
                           rejected=0, errors=0, ttft_sum=0.0, ttft_count=0, tpot_sum=0.0, tpot_count=0,
                           e2e_sum=0.0, e2e_count=0)
         self._tok_events: Deque = deque()  # (time, tokens) for a recent tokens/s rate
+        # what the last step ran: (decode sequences, prefill chunks, prefill tokens); benchmarks
+        # read it to tell a slow prefill step from a slow decode step
+        self.last_step_shape = (0, 0, 0)
 
     # -- submission ---------------------------------------------------------------
     def validate(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
@@ -327,6 +330,8 @@ class Engine:
         if not plan:
             return 0
         chunks = [Chunk(r.seq_id, r.token_slice(r.num_computed, r.num_computed + n), r.num_computed) for r, n in plan]
+        n_dec = sum(1 for c in chunks if c.is_decode)
+        self.last_step_shape = (n_dec, len(chunks) - n_dec, sum(len(c.tokens) for c in chunks if not c.is_decode))
         try:
             logits = self.runner.forward(chunks)
         except Exception as e:  # fail this step's requests loudly, keep serving the others

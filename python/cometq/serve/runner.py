@@ -22,6 +22,7 @@ implemented: the runner caps the context at the window, where it is exact.
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -472,10 +473,15 @@ class ModelRunner:
                         kc, vc = torch.cat([prefix[0], kc]), torch.cat([prefix[1], vc])
                     out[o:o + n] = self._prefill_attention(q[o:o + n], kc, vc, c.start)
             if dec:
-                self.pool.write_decode(li, dec_ids, dec_starts, k[dec_rows], v[dec_rows])
-                out[dec_rows] = self.pool.decode_attention(
-                    li, dec_ids, [st + 1 for st in dec_starts], q[dec_rows], self.scale
-                ).to(out.dtype)
+                # decode rows beside prefill chunks: their attention is microseconds of a long
+                # step, so a first-time tuning of its launch config (every candidate compiled and
+                # timed: seconds; GPU run 5 saw 2-10 s steps while the decode batch grew during
+                # prefill) must not stall it -- untuned unless a choice exists (autotune.frozen)
+                with autotune.frozen() if pre else contextlib.nullcontext():
+                    self.pool.write_decode(li, dec_ids, dec_starts, k[dec_rows], v[dec_rows])
+                    out[dec_rows] = self.pool.decode_attention(
+                        li, dec_ids, [st + 1 for st in dec_starts], q[dec_rows], self.scale
+                    ).to(out.dtype)
             h = self._finish_layer(layer, h, out.reshape(t, H * D))
         if not all_logits:
             last = to_device_ints([o + len(c.tokens) - 1 for o, c in zip(offsets, chunks)], torch.long, dev)
