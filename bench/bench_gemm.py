@@ -414,21 +414,23 @@ def bench_gemm(args, rows, errors, dev, budget=None, flush=lambda: None):
                                 _try(row, "triton-persistent", pf, args, flops, nbytes)
                             except Exception as e:  # noqa: BLE001
                                 row["triton-persistent_err"] = f"{type(e).__name__}: {str(e)[:160]}"
-                        if not args.no_tma and not asym and (group == -1 or group >= 128):
-                            # the Hopper TMA kernel, autotuned over its own configs (sym formats only)
+                        if not args.no_tma and (group == -1 or group >= 128):
+                            # the Hopper TMA kernel, autotuned over its own configs (groups >= 128;
+                            # asymmetric weights since the ninth session: the offset term per block)
                             tf = (lambda: w4ax_gemm_triton(q4, q8, a_sc, lay.block_bits, qweight, w_sc, group, None,
-                                                           torch.float16, args.scale_mode, path="tma"))
+                                                           torch.float16, args.scale_mode, w_offsets=w_off,
+                                                           path="tma"))
                             try:
                                 tf()
                                 _try(row, "triton-tma", tf, args, flops, nbytes)
                                 tcfg = chosen_config(m, n, k_pad, lay.n_int8, path="tma", scale_mode=args.scale_mode,
-                                                     group_size=group)
+                                                     group_size=group, asym=asym)
                                 row["triton-tma_config"] = str(tcfg)
                                 if qweight_bm is not None and m <= 64 and tcfg is not None:
                                     # the same TMA config over block-major weights (one contiguous box per block)
                                     tbf = (lambda: w4ax_gemm_triton(q4, q8, a_sc, lay.block_bits, qweight_bm, w_sc,
                                                                     group, None, torch.float16, args.scale_mode,
-                                                                    path="tma", config=tcfg))
+                                                                    w_offsets=w_off, path="tma", config=tcfg))
                                     tbf()
                                     _try(row, "triton-tma-wbm", tbf, args, flops, nbytes)
                             except Exception as e:  # noqa: BLE001

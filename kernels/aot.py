@@ -100,15 +100,16 @@ def _tma_sig(out: str, bias: str, block_m: int, block_n: int, a_split: bool = Fa
     return dict(order_ptr="*i32", a4_desc=f"tensordesc<u8[{block_m}, 64]>", a8_desc=a8,
                 w_desc=f"tensordesc<u8[{block_n}, 64]>", as_ptr="*fp32", ws_ptr="*fp32", bias_ptr=_TY[bias],
                 out_ptr=_TY[out], dbg_ptr="*i32", part_ptr="*fp32", M="i32", N="i32", NB="i32", N8="i32",
-                GROUP="i32", SPLIT="i32", stride_asm="i32", stride_wsn="i32", stride_om="i32", stride_on="i32", stride_dm="i32", stride_dn="i32")
+                GROUP="i32", SPLIT="i32", stride_asm="i32", stride_wsn="i32", stride_om="i32", stride_on="i32", stride_dm="i32", stride_dn="i32",
+                wo_ptr="*fp32", dsum_ptr="*i32", stride_won="i32", stride_dsm="i32")
 
 
 def tma_meta(class_mode: bool = False, group: int = 128, k_pad: int = 4096, bias: bool = True, debug: bool = False,
-             ordered: bool = True, split: bool = False) -> Dict[str, object]:
+             ordered: bool = True, split: bool = False, asym: bool = False) -> Dict[str, object]:
     """Constexprs of a TMA-kernel launch (see :func:`gemm_meta`); ``split``: split-K pieces into the
-    deterministic workspace (WORKSPACE)."""
+    deterministic workspace (WORKSPACE); ``asym``: the offset term (ASYM)."""
     return dict(CLASS_MODE=class_mode, INT_ACC=class_mode and (group <= 0 or group >= k_pad), HAS_BIAS=bias,
-                DEBUG=debug, ORDERED=ordered, WORKSPACE=split, W_BLOCK_MAJOR=False)
+                DEBUG=debug, ORDERED=ordered, WORKSPACE=split, W_BLOCK_MAJOR=False, ASYM=asym)
 
 
 def _reduce_sig(out: str, bias: str) -> Dict[str, str]:
@@ -292,12 +293,12 @@ def jobs(quick: bool = False) -> List[Tuple[str, object, Dict[str, str], Dict[st
     return out + tma_jobs()
 
 
-def tma_configs() -> List[GemmConfig]:
+def tma_configs(asym: bool = False) -> List[GemmConfig]:
     """Every distinct TMA-kernel config gen_configs offers (all M buckets; split factors share a
     binary, so configs differing only in ``split`` (> 1) are one compile: see :func:`dedupe`)."""
     seen: List[GemmConfig] = []
     for mb in M_BUCKETS:
-        for c in gen_configs(mb, 4096, 4096, 4, interpret=False, tma="only"):
+        for c in gen_configs(mb, 4096, 4096, 4, interpret=False, tma="only", asym=asym):
             if c not in seen:
                 seen.append(c)
     return seen
@@ -306,12 +307,17 @@ def tma_configs() -> List[GemmConfig]:
 def tma_jobs() -> list:
     """The Hopper TMA kernel (sm_90 only: TMA does not exist before Hopper and the dispatcher
     never offers it there): every config (decode split-K ones with the workspace store) in
-    block mode (g128) and class mode per-channel (int32 runs), INT8-first maps; and the
+    block mode (g128, symmetric and asymmetric) and class mode per-channel (int32 runs),
+    INT8-first maps; and the
     remaining features on the first tile (class g128, debug stores, a general block order,
     fp32 / bf16 out, no bias)."""
     out = []
-    for c in tma_configs():
-        for mode, kw in (("block,g128", dict()), ("class,per-channel", dict(class_mode=True, group=-1))):
+    # asymmetric g128 block mode (W4AxConfig()'s default format, serving's): every config the
+    # ASYM candidates hold
+    for c, asym in [(c, False) for c in tma_configs()] + [(c, True) for c in tma_configs(asym=True)]:
+        modes = ((("block,g128,asym", dict(asym=True)),) if asym else
+                 (("block,g128", dict()), ("class,per-channel", dict(class_mode=True, group=-1))))
+        for mode, kw in modes:
             sp = tma_split_rows(c, mode.startswith("class"))
             out.append((f"gemm-tma[{mode},{c}]", w4ax_gemm_tma_kernel,
                         _tma_sig("fp16", "fp16", c.block_m, c.block_n, sp),
@@ -323,7 +329,11 @@ def tma_jobs() -> list:
                          ("class,g128,unordered", dict(class_mode=True, group=128, ordered=False), "bf16"),
                          ("block,per-channel,debug,nobias", dict(group=-1, debug=True, bias=False), "fp32"),
                          ("class,per-channel,debug,unordered", dict(class_mode=True, group=-1, debug=True,
-                                                                   ordered=False), "fp16")):
+                                                                   ordered=False), "fp16"),
+                         ("class,per-channel,asym,debug", dict(class_mode=True, group=-1, debug=True, asym=True),
+                          "fp16"),
+                         ("block,g256,asym,debug,unordered", dict(group=256, debug=True, asym=True, ordered=False),
+                          "bf16")):
         sp = tma_split_rows(c, bool(kw.get("class_mode")))
         out.append((f"gemm-tma-variant[{name},{c}]", w4ax_gemm_tma_kernel, _tma_sig(od, "fp16", c.block_m, c.block_n, sp),
                     dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, GROUP_M=c.group_m, A_SPLIT=sp,

@@ -543,13 +543,19 @@ def _tma_block_done(acc_f, acc_i, acc_s, sa_cls, b, as_ptr, ws_ptr, dbg_ptr, rm,
     if INT_ACC:
         acc_i += acc_s
     else:
-        if CLASS_MODE:
-            sa = sa_cls
-        else:
-            sa = tl.load(as_ptr + rm * stride_asm + b, mask=m_mask, other=0.0)
+        sa = _tma_row_scale(sa_cls, b, as_ptr, rm, m_mask, stride_asm, CLASS_MODE)
         sw = tl.load(ws_ptr + rn * stride_wsn + (b * 128) // GROUP, mask=n_mask, other=0.0)
         acc_f += acc_s.to(tl.float32) * _outer(sa, sw, True)
     return acc_f, acc_i
+
+
+@triton.jit
+def _tma_row_scale(sa_cls, b, as_ptr, rm, m_mask, stride_asm, CLASS_MODE: tl.constexpr):
+    """Block ``b``'s activation scale per token: the class scale, or ``a_scale[m, b]`` (block mode)."""
+    if CLASS_MODE:
+        return sa_cls
+    else:
+        return tl.load(as_ptr + rm * stride_asm + b, mask=m_mask, other=0.0)
 
 
 @triton.jit
@@ -582,13 +588,48 @@ def _tma_run_done(acc_f, acc_i, sa, ws_ptr, rn, n_mask, stride_wsn):
 
 
 @triton.jit
+def _tma_offset_term(acc_f, acc_o, asum, sa_cls, b, as_ptr, wo_ptr, dsum_ptr, rm, rn, m_mask, n_mask,
+                     stride_asm, stride_won, stride_dsm, GROUP,
+                     CLASS_MODE: tl.constexpr, INT_ACC: tl.constexpr, DEBUG: tl.constexpr):
+    """ASYM: block ``b``'s offset term ``a_scale[m, b] * w_offset[n, g(b)] * asum[m, b]``
+    (``asum`` = the block's activation integers summed per token, ``[BLOCK_M]`` int32), a
+    rank-1 update of the transposed ``[BLOCK_N, BLOCK_M]`` sum.  INT_ACC (one offset per row
+    for the whole K): the sums add up in ``acc_o`` and :func:`_tma_run_offset` applies them once
+    per precision run.  DEBUG also stores ``asum`` (segment b of the ``[M, NB]`` buffer)."""
+    if DEBUG:
+        tl.store(dsum_ptr + rm * stride_dsm + b, asum, mask=m_mask)
+    if INT_ACC:
+        acc_o += asum
+    else:
+        sa = _tma_row_scale(sa_cls, b, as_ptr, rm, m_mask, stride_asm, CLASS_MODE)
+        wo = tl.load(wo_ptr + rn * stride_won + (b * 128) // GROUP, mask=n_mask, other=0.0)
+        acc_f += _outer(sa * asum.to(tl.float32), wo, True)
+    return acc_f, acc_o
+
+
+@triton.jit
+def _tma_run_offset(acc_f, acc_o, sa, wo_ptr, rn, n_mask, stride_won):
+    """End of a precision run (ASYM + INT_ACC): ``sa * w_offset[n] * (the run's activation sum)``."""
+    wo = tl.load(wo_ptr + rn * stride_won, mask=n_mask, other=0.0)
+    return acc_f + _outer(sa * acc_o.to(tl.float32), wo, True)
+
+
+@triton.jit
+def _row_sum(x):
+    """Per-token sum of a ``[BLOCK_M, K]`` tile of activation integers, int32."""
+    return tl.sum(x.to(tl.int32), axis=1)
+
+
+@triton.jit
 def w4ax_gemm_tma_kernel(
     order_ptr, a4_desc, a8_desc, w_desc, as_ptr, ws_ptr, bias_ptr, out_ptr, dbg_ptr, part_ptr,
     M, N, NB, N8, GROUP, SPLIT,
     stride_asm, stride_wsn, stride_om, stride_on, stride_dm, stride_dn,
+    wo_ptr, dsum_ptr, stride_won, stride_dsm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
     CLASS_MODE: tl.constexpr, INT_ACC: tl.constexpr, HAS_BIAS: tl.constexpr, DEBUG: tl.constexpr,
     ORDERED: tl.constexpr, WORKSPACE: tl.constexpr, A_SPLIT: tl.constexpr = False, W_BLOCK_MAJOR: tl.constexpr = False,
+    ASYM: tl.constexpr = False,
 ):
     """Hopper W4Ax GEMM: TMA tensor descriptors, weights as the register A operand.
 
@@ -617,8 +658,12 @@ def w4ax_gemm_tma_kernel(
     Scales: block mode rescales each block's int32 result; class mode with per-channel
     weights (INT_ACC) chains one int32 accumulator through a whole precision run
     (``acc = dot(a, b, acc)``) and rescales once per run.  Weight groups must be >= 128
-    (one scale per block or per run of blocks); asymmetric weights and smaller groups use
-    ``w4ax_gemm_kernel``.  DEBUG additionally stores each block's int32 result.
+    (one scale per block or per run of blocks); smaller groups use ``w4ax_gemm_kernel``.
+    ASYM (asymmetric weights, ``w = scale * q + offset``): each block's activation integers
+    are also summed per token (the tile is in registers anyway for INT4 blocks; for INT8
+    blocks one extra shared-memory read of the ``[BLOCK_M, 128]`` tile) and the offset term
+    ``a_scale * w_offset * asum`` is one rank-1 update per block (INT_ACC: per run).  DEBUG
+    additionally stores each block's int32 result (and, ASYM, its activation sums).
 
     Split-K (decode: few weight-row tiles, so the block list is cut into ``SPLIT`` chunks to
     put every SM on the weight stream): WORKSPACE stores chunk ``j = program_id(1)``'s fp32
@@ -653,6 +698,7 @@ def w4ax_gemm_tma_kernel(
         sa8 = tl.load(as_ptr + rm * stride_asm + 1, mask=m_mask, other=0.0)
     # ---- INT8 blocks: list positions [0, N8), q8 slot = position
     acc_i = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
+    acc_o = tl.zeros((BLOCK_M,), dtype=tl.int32)  # ASYM + INT_ACC: the run's activation sum
     for i in range(i_lo, tl.minimum(i_hi, N8)):
         if ORDERED:
             b = i
@@ -661,12 +707,14 @@ def w4ax_gemm_tma_kernel(
         wp = _tma_weights(w_desc, off_n, b, N, W_BLOCK_MAJOR)
         if A_SPLIT:
             # unified int8 rows (a8_desc boxes [BLOCK_M, 64]): position i = [even | odd] channels
+            a_e = a8_desc.load([off_m, i * 128])
+            a_o = a8_desc.load([off_m, i * 128 + 64])
             if INT_ACC and not DEBUG:
-                acc_i = _tma_dots_lohi(wp, a8_desc.load([off_m, i * 128]), a8_desc.load([off_m, i * 128 + 64]),
-                                       acc_i, True)
+                acc_i = _tma_dots_lohi(wp, a_e, a_o, acc_i, True)
             else:
-                acc_s = _tma_dots_lohi(wp, a8_desc.load([off_m, i * 128]), a8_desc.load([off_m, i * 128 + 64]),
-                                       acc_i, False)
+                acc_s = _tma_dots_lohi(wp, a_e, a_o, acc_i, False)
+            if ASYM:
+                asum = _row_sum(a_e) + _row_sum(a_o)
         else:
             a = a8_desc.load([off_m, i * 128])
             w = tl.reshape(tl.join(unpack_lo(wp), unpack_hi(wp)), (BLOCK_N, 128))
@@ -674,14 +722,23 @@ def w4ax_gemm_tma_kernel(
                 acc_i = tl.dot(w, tl.trans(a), acc_i, out_dtype=tl.int32)
             else:
                 acc_s = tl.dot(w, tl.trans(a), out_dtype=tl.int32)
+            if ASYM:
+                asum = _row_sum(a)
         if not (INT_ACC and not DEBUG):
             acc_f, acc_i = _tma_block_done(acc_f, acc_i, acc_s, sa8, b, as_ptr, ws_ptr, dbg_ptr, rm, rn, m_mask,
                                            n_mask, stride_asm, stride_wsn, stride_dm, stride_dn, GROUP,
                                            CLASS_MODE, INT_ACC, DEBUG)
+        if ASYM:
+            acc_f, acc_o = _tma_offset_term(acc_f, acc_o, asum, sa8, b, as_ptr, wo_ptr, dsum_ptr, rm, rn, m_mask,
+                                            n_mask, stride_asm, stride_won, stride_dsm, GROUP,
+                                            CLASS_MODE, INT_ACC, DEBUG)
     if INT_ACC:
         acc_f = _tma_run_done(acc_f, acc_i, sa8, ws_ptr, rn, n_mask, stride_wsn)
+        if ASYM:
+            acc_f = _tma_run_offset(acc_f, acc_o, sa8, wo_ptr, rn, n_mask, stride_won)
     # ---- INT4 blocks: list positions [N8, NB), q4 slot = position - N8
     acc_i = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
+    acc_o = tl.zeros((BLOCK_M,), dtype=tl.int32)
     for i in range(tl.maximum(i_lo, N8), i_hi):
         if ORDERED:
             b = i
@@ -702,8 +759,14 @@ def w4ax_gemm_tma_kernel(
             acc_f, acc_i = _tma_block_done(acc_f, acc_i, acc_s, sa4, b, as_ptr, ws_ptr, dbg_ptr, rm, rn, m_mask,
                                            n_mask, stride_asm, stride_wsn, stride_dm, stride_dn, GROUP,
                                            CLASS_MODE, INT_ACC, DEBUG)
+        if ASYM:
+            acc_f, acc_o = _tma_offset_term(acc_f, acc_o, _row_sum(a_lo) + _row_sum(a_hi), sa4, b, as_ptr, wo_ptr,
+                                            dsum_ptr, rm, rn, m_mask, n_mask, stride_asm, stride_won, stride_dsm,
+                                            GROUP, CLASS_MODE, INT_ACC, DEBUG)
     if INT_ACC:
         acc_f = _tma_run_done(acc_f, acc_i, sa4, ws_ptr, rn, n_mask, stride_wsn)
+        if ASYM:
+            acc_f = _tma_run_offset(acc_f, acc_o, sa4, wo_ptr, rn, n_mask, stride_won)
     if WORKSPACE:
         _store_partial(acc_f, part_ptr, tile * SPLIT + tl.program_id(1), lm, ln, m_mask, n_mask, True,
                        BLOCK_M, BLOCK_N, True)
@@ -762,7 +825,7 @@ def m_bucket(m: int) -> int:
 
 
 def gen_configs(mb: int, n: int, k: int, n_int8: int, *, interpret: Optional[bool] = None,
-                tma: str = "none") -> List[GemmConfig]:
+                tma: str = "none", asym: bool = False) -> List[GemmConfig]:
     """Candidate configs for one (M-bucket, N, K, n_int8) shape.
 
     Decode buckets (M <= 16) get split-K configs sized so ``n_tiles * split``
@@ -771,7 +834,9 @@ def gen_configs(mb: int, n: int, k: int, n_int8: int, *, interpret: Optional[boo
     config (interpretation cost is per program).
     ``tma``: "none", "also" (append the Hopper TMA kernel's configs for M > 16) or
     "only" (just those): the caller decides whether the call can use TMA
-    (:func:`tma_available`).
+    (:func:`tma_available`).  ``asym``: the call has weight offsets (the TMA kernel's ASYM
+    variant: its 128x128 / 8-warp tile spills 652 B per thread on sm_90a, ptxas -v, and is not
+    offered).
     """
     if tma not in ("none", "also", "only"):
         raise ValueError(f"tma must be 'none', 'also' or 'only', got {tma!r}")
@@ -786,7 +851,7 @@ def gen_configs(mb: int, n: int, k: int, n_int8: int, *, interpret: Optional[boo
         return [GemmConfig(block_m=max(16, min(64, next_pow2(mb))), block_n=bn, group_m=8, split=split,
                            num_warps=4, num_stages=1)]
     if tma == "only":
-        return _tma_configs(mb, n, nb)
+        return _tma_configs(mb, n, nb, asym)
     cfgs: List[GemmConfig] = []
     if mb <= 16:
         # first (what runs untuned): BN 128, swapped, ~2 waves -- best or within 8 % of the best
@@ -842,7 +907,7 @@ def gen_configs(mb: int, n: int, k: int, n_int8: int, *, interpret: Optional[boo
     # block sum) need more than 64 registers per thread each: ptxas (sm_90a) spills those
     # (128x256 / 256x128 at 8 warps, 128x128 at 4 warps: 1-2.4 KB of spills per thread)
     if tma == "also":
-        cfgs += _tma_configs(mb, n, nb)
+        cfgs += _tma_configs(mb, n, nb, asym)
     if mb >= 1024:
         # dequantize + cuBLAS (compute-bound sizes) first: what runs untuned.  Run 1 (H100,
         # bench/results/h100-2026-11-26-run1) measured the best pointer config here at 0.25x
@@ -857,7 +922,7 @@ def gen_configs(mb: int, n: int, k: int, n_int8: int, *, interpret: Optional[boo
             # pass of the dequant path is not amortized over so few rows.  Bucket 4096 (> 1024
             # rows, e.g. a prefill chunk) keeps dequant first: its weight pass is amortized and
             # cuBLAS's fp16 speed wins (unmeasured above M = 1024: tuning decides).
-            cfgs.insert(0, _tma_configs(mb, n, nb)[0])
+            cfgs.insert(0, _tma_configs(mb, n, nb, asym)[0])
     seen, out = set(), []
     for c in cfgs:
         if c.block_m * c.block_n > 64 * 32 * c.num_warps and not c.dequant:  # (dequant: no accumulator tile)
@@ -868,7 +933,7 @@ def gen_configs(mb: int, n: int, k: int, n_int8: int, *, interpret: Optional[boo
     return out
 
 
-def _tma_configs(mb: int, n: int, nb: int) -> List[GemmConfig]:
+def _tma_configs(mb: int, n: int, nb: int, asym: bool = False) -> List[GemmConfig]:
     """TMA-kernel tiles ("BM x BN" = tokens x weight rows; the MMA is ``[BN, BM]``), chosen by
     ptxas -v for sm_90a (no spills in block mode, class mode per-channel and class mode g128):
 
@@ -903,9 +968,11 @@ def _tma_configs(mb: int, n: int, nb: int) -> List[GemmConfig]:
     if mb <= 64:
         return [GemmConfig(64, 128, 8, 1, 4, 4, tma=True), GemmConfig(64, 64, 8, 1, 4, 4, tma=True),
                 GemmConfig(64, 256, 8, 1, 8, 3, tma=True)]
-    return [GemmConfig(128, 64, 8, 1, 4, 4, tma=True), GemmConfig(64, 128, 8, 1, 4, 4, tma=True),
-            GemmConfig(64, 64, 8, 1, 4, 4, tma=True), GemmConfig(128, 128, 8, 1, 8, 3, tma=True),
-            GemmConfig(64, 256, 8, 1, 8, 3, tma=True)]
+    out = [GemmConfig(128, 64, 8, 1, 4, 4, tma=True), GemmConfig(64, 128, 8, 1, 4, 4, tma=True),
+           GemmConfig(64, 64, 8, 1, 4, 4, tma=True), GemmConfig(128, 128, 8, 1, 8, 3, tma=True),
+           GemmConfig(64, 256, 8, 1, 8, 3, tma=True)]
+    # ASYM (offsets): ptxas -v, sm_90a -- 128x128 / 8 warps spills 652 B per thread (the others none)
+    return [c for c in out if not (asym and c.block_m == 128 and c.block_n == 128)]
 
 
 _CONFIG_CACHE: Dict[tuple, GemmConfig] = {}
@@ -962,7 +1029,7 @@ def select_config(m: int, n: int, k_pad: int, n_int8: int, bench_fn=None, varian
     hit = _CONFIG_CACHE.get(key)
     if hit is not None:
         return hit
-    cands = gen_configs(key[0], n, k_pad, n_int8, tma=tma)
+    cands = gen_configs(key[0], n, k_pad, n_int8, tma=tma, asym="asym" in variant)
     # read even when not tuning (COMETQ_GEMM_TUNE=0): a choice tuned earlier beats the first candidate
     path = os.environ.get(ENV_CONFIG_CACHE) if len(cands) > 1 else None
     fkey = _file_key(key, device_name) if path else None
@@ -1018,17 +1085,17 @@ def tma_available(dev: torch.device, *, asym: bool = False, group: int = 128,
                   tensors: tuple = ()) -> Optional[str]:
     """None if a call can run the TMA kernel, else why not (a sentence for error messages).
 
-    Needs Hopper or newer (TMA; the interpreter emulates it), symmetric weights, weight groups
-    of >= 128 channels (one scale per block), and 16-byte aligned operand rows (a TMA
-    descriptor's base address and row pitch must be multiples of 16 bytes)."""
+    Needs Hopper or newer (TMA; the interpreter emulates it), weight groups of >= 128
+    channels (one scale -- and, asymmetric, one offset -- per block), and 16-byte aligned
+    operand rows (a TMA descriptor's base address and row pitch must be multiples of 16
+    bytes).  ``asym`` is accepted for the callers' sake (the kernel has the offset term since
+    2026-11-27)."""
     if dev.type == "cuda" and not interpreting():
         cap = _capability_cached(dev.index if dev.index is not None else torch.cuda.current_device())
         if cap < (9, 0):
             return f"TMA needs compute capability >= 9.0, {dev} has {cap[0]}.{cap[1]}"
     elif not interpreting():
         return f"the TMA kernel runs on CUDA devices (or the Triton interpreter), got {dev}"
-    if asym:
-        return "the TMA kernel has no asymmetric-weight (offset) term"
     if group < BLOCK_K:
         return f"the TMA kernel needs weight groups of >= {BLOCK_K} channels, got group_size={group}"
     for name, t in tensors:
@@ -1323,8 +1390,7 @@ def w4ax_gemm_triton(
     "persistent", "tma" (the Hopper TMA kernel ``w4ax_gemm_tma_kernel``; ValueError when the
     call cannot use it, see :func:`tma_available`).
     ``tma``: whether "auto" may pick a TMA config (None: ``COMETQ_GEMM_TMA``, default on; the
-    TMA configs join the candidates only for M > 16 on Hopper with symmetric weights and
-    groups >= 128).
+    TMA configs join the candidates on Hopper for groups >= 128, symmetric or asymmetric).
     ``config``: force a :class:`GemmConfig` (else chosen per shape bucket and cached).
     ``programs``/``cost8``/``cost4``: persistent-path grid size and stream-K costs.
     ``return_int_acc``: also return the int32 ``[M, N, S]`` per-segment accumulators
@@ -1424,10 +1490,11 @@ def w4ax_gemm_triton(
                           [cfg.block_n, BLOCK_K // 2]), a_scales, w_scales, args_common["bias"], out,
                 args_common["dbg"], part, m, n, nb, n8, g, split_k, a_scales.stride(0), w_scales.stride(0),
                 out.stride(0), out.stride(1), dstr[0], dstr[1],
+                args_common["wo"], args_common["dsum"], strides[6], dsum.stride(0) if dsum is not None else 0,
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, GROUP_M=cfg.group_m, CLASS_MODE=class_mode,
                 INT_ACC=int_acc, HAS_BIAS=bias is not None, DEBUG=return_int_acc, ORDERED=meta["ORDERED"],
-                WORKSPACE=split_k > 1, A_SPLIT=a_split, W_BLOCK_MAJOR=w_bm, num_warps=cfg.num_warps,
-                num_stages=cfg.num_stages)
+                WORKSPACE=split_k > 1, A_SPLIT=a_split, W_BLOCK_MAJOR=w_bm, ASYM=asym,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
             if split_k > 1:
                 _reduce_partials(None, tiles, split_k, part, bias, out, m, n, cfg)
             return out
@@ -1486,7 +1553,7 @@ def w4ax_gemm_triton(
                                tma=tma_mode)
     if return_int_acc and config.dequant and path == "auto":
         # the integer accumulators need an integer path: the bucket's first integer candidate
-        config = next(c for c in gen_configs(m_bucket(m), n, k_pad, n8, tma=tma_mode) if not c.dequant)
+        config = next(c for c in gen_configs(m_bucket(m), n, k_pad, n8, tma=tma_mode, asym=asym) if not c.dequant)
     which = _path_for(config, path)
     if which == "splitk" and config.split == 1 and path == "splitk":
         # forced split-K with a non-split config: split over the blocks anyway

@@ -76,7 +76,12 @@ def test_aot_compile_ci_set(tmp_path):
     n_tma = len({(c.block_m, c.block_n, c.group_m, c.num_warps, c.num_stages, c.split > 1)
                  for mb in (16, 64, 256, 1024, 4096) for c in gen_configs(mb, 4096, 4096, 4, interpret=False, tma="only")})
     tma90 = {x["name"]: x for x in res if x["arch"] == 90 and x["name"].startswith("gemm-tma[")}
-    assert len(tma90) == 2 * n_tma >= 8
+    # block g128, class per-channel, block g128 asymmetric (W4AxConfig()'s default format)
+    n_asym = len({(c.block_m, c.block_n, c.group_m, c.num_warps, c.num_stages, c.split > 1)
+                  for mb in (16, 64, 256, 1024, 4096)
+                  for c in gen_configs(mb, 4096, 4096, 4, interpret=False, tma="only", asym=True)})
+    assert len(tma90) == 2 * n_tma + n_asym >= 12 and n_asym == n_tma - 1  # (no 128x128 / 8 warps)
+    assert sum(",asym," in name for name in tma90) == n_asym
     for x in tma90.values():
         assert x["spill_bytes"] is not None and x["spill_bytes"] <= 256, x
     assert any(x["name"].startswith("gemm-tma-variant[") for x in res if x["arch"] == 90)

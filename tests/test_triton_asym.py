@@ -252,3 +252,62 @@ def test_gpu_asym_llama_shape(m, mode, group, path):
             assert float((out.double() - ref).abs().max()) <= DEQUANT_GEMM_RTOL[torch.float16] * float(ref.abs().max())
         else:
             torch.testing.assert_close(out.double(), ref.half().double(), rtol=GEMM_FP16_RTOL, atol=GEMM_FP32_ATOL)
+
+
+# ---------------------------------------------------------------------------------------------
+# the Hopper TMA kernel with offsets (ASYM; groups >= 128): W4AxConfig()'s asym-g128 format
+# ---------------------------------------------------------------------------------------------
+_TMA_CFGS = {
+    "64x64": GemmConfig(block_m=64, block_n=64, group_m=2, num_warps=4, num_stages=1, tma=True),
+    "128x64-split-rows": GemmConfig(block_m=128, block_n=64, group_m=2, num_warps=4, num_stages=1, tma=True),
+    "decode-split3": GemmConfig(block_m=16, block_n=64, group_m=1, split=3, num_warps=4, num_stages=1, tma=True),
+}
+TMA_ASYM_CASES = []
+for i, (pattern, (mode, group)) in enumerate(itertools.product(
+        ("all4", "all8", "mixed", "alternating"), (("block", 128), ("class", -1), ("class", 128), ("block", -1)))):
+    TMA_ASYM_CASES.append((i, pattern, mode, group, (1, 17, 70)[i % 3], tuple(_TMA_CFGS)[i % 3], _OUT[i % 3]))
+
+
+@pytest.mark.parametrize("case,pattern,mode,group,m,flavour,out_dtype", TMA_ASYM_CASES)
+def test_tma_asym_matches_reference(case, pattern, mode, group, m, flavour, out_dtype, device):
+    """Every block's int32 result and activation sum exact (DEBUG), the output within tolerance:
+    both scale modes, per-channel / g128 offsets, split activation rows, decode split-K."""
+    qa, qw, b = _operands(m, 576, 200, pattern, mode, group, device, seed=600 + case, bias=case % 2 == 0)
+    out = _run(qa, qw, b, out_dtype, path="tma", config=_TMA_CFGS[flavour], return_int_acc=True)
+    _check(qa, qw, b, out_dtype, out)
+
+
+@pytest.mark.parametrize("mode,group,pattern", [("class", -1, "mixed"), ("class", -1, "alternating"),
+                                                ("block", 128, "mixed"), ("class", 128, "all8"),
+                                                ("block", 256, "alternating")])
+def test_tma_asym_without_debug(mode, group, pattern, device):
+    """DEBUG off: class mode + per-channel offsets chains the run's activation sum (one rank-1
+    update per precision run); block mode one per block (G = 256: one offset column over two
+    blocks) -- both equal to the pointer kernel."""
+    qa, qw, b = _operands(37, 512, 200, pattern, mode, group, device, seed=43)
+    y = _run(qa, qw, b, torch.float32, path="tma")
+    ref = R.w4ax_gemm(qa, qw, b, torch.float64)
+    torch.testing.assert_close(y.double(), ref, rtol=GEMM_FP32_RTOL, atol=GEMM_FP32_ATOL)
+    torch.testing.assert_close(y, _run(qa, qw, b, torch.float32, path="tiled"), rtol=GEMM_FP32_RTOL,
+                               atol=GEMM_FP32_ATOL)
+    # the offset term is really applied (dropping it moves the result far outside tolerance)
+    y_sym = w4ax_gemm_triton(qa.q4, qa.q8, qa.scales, qa.layout.block_bits, qw.qweight, qw.scales, qw.group_size, b,
+                             torch.float32, mode, path="tma")
+    assert (y_sym - y).abs().max() > 100 * GEMM_FP32_ATOL
+
+
+def test_tma_asym_block_major_weights_and_auto(device):
+    """Block-major weights give the same bits on the TMA kernel with offsets; ``path="auto"``
+    now offers the TMA configs for asymmetric g128 weights (tma_available says yes)."""
+    from cometq.layout import weights_block_major
+
+    qa, qw, b = _operands(40, 576, 200, "mixed", "block", 128, device, seed=91)
+    cfg = _TMA_CFGS["64x64"]
+    args = (qa.q4, qa.q8, qa.scales, qa.layout.block_bits)
+    rest = (qw.scales, 128, b, torch.float32, "block")
+    y = w4ax_gemm_triton(*args, qw.qweight, *rest, path="tma", config=cfg, w_offsets=qw.offsets)
+    y_bm = w4ax_gemm_triton(*args, weights_block_major(qw.qweight), *rest, path="tma", config=cfg,
+                            w_offsets=qw.offsets)
+    assert torch.equal(y.view(torch.int32), y_bm.view(torch.int32))
+    assert G.tma_available(torch.device(device), asym=True, group=128) is None or device == "cuda"
+    assert any(c.tma for c in G.gen_configs(64, 200, 576, 1, interpret=False, tma="also"))
