@@ -6,8 +6,9 @@ shapes inside a timed run does not fit.  Tuned choices persist in the JSON file 
 ``COMETQ_GEMM_CONFIG_CACHE`` (kernels/w4ax_gemm.py), and an untuned process reads them back:
 this script fills that file for the decode buckets ahead of time, calling the ``triton``
 backend exactly the way a quantized linear does (``cometq.ops``' implementation: path
-"auto", the default split-K reduction, TMA where it applies), so the cache keys match what
-serving looks up.  Commit the resulting file as ``bench/results/gemm_configs.json``
+"auto", the default split-K reduction, TMA where it applies) and in the timing mode serving's
+decode-graph warm-up uses (``--timing graph``: each config timed as CUDA-graph replays, kept
+under the graph key), so the cache keys match what serving looks up.  Commit the resulting file as ``bench/results/gemm_configs.json``
 (``bench/gpu_check.sh`` seeds every run from it).
 
     COMETQ_GEMM_CONFIG_CACHE=bench/results/gemm_configs.json python bench/tune_decode.py
@@ -43,6 +44,9 @@ def parse_args(argv=None):
     ap.add_argument("--ms", default="64,16", help="comma list of M values (one per decode bucket)")
     ap.add_argument("--weights", default="asym-g128,sym-g128", help="comma list of sym-gG / asym-gG")
     ap.add_argument("--share", type=float, default=0.25, help="INT8 block share (default 0.25, FMPQ's default)")
+    ap.add_argument("--timing", choices=("graph", "eager"), default="graph",
+                    help="time configs as CUDA-graph replays (default: serving replays its decode steps "
+                         "from graphs, and looks their configs up under the graph key) or eagerly")
     ap.add_argument("--time-budget", type=float, default=None, help="seconds: start no new case after this")
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for tune_decode.json")
     ap.add_argument("--dry-run", action="store_true", help="CPU smoke run: interpreter, tiny shape, no tuning")
@@ -78,7 +82,7 @@ def main(argv=None) -> int:
     import torch
 
     sys.path.insert(0, os.path.join(ROOT, "python"))
-    from cometq import ops
+    from cometq import autotune, ops
     from cometq import reference as R
     from cometq.kernels.w4ax_gemm import m_bucket
     from cometq.layout import BLOCK_K, ActivationLayout, padded_k
@@ -118,11 +122,13 @@ def main(argv=None) -> int:
                         qw.scales, qw.offsets, qw.group_size if qw.group_size is not None else -1, None,
                         torch.float16 if dev == "cuda" else torch.float32, "block")
                 ts = time.time()
-                y = gemm(*args)  # tunes (and saves) this bucket's config on first use
+                with autotune.timing(a.timing):  # the mode serving's decode-graph warm-up tunes in
+                    y = gemm(*args)  # tunes (and saves) this bucket's config on first use
                 if dev == "cuda":
                     torch.cuda.synchronize()
                 cfg = G.chosen_config(m, n, padded_k(k), n8, scale_mode="block",
-                                      group_size=qw.group_size if qw.group_size is not None else -1, asym=asym)
+                                      group_size=qw.group_size if qw.group_size is not None else -1, asym=asym,
+                                      graph=a.timing == "graph")
                 rows.append({"shape": sname, "n": n, "k": k, "m": m, "m_bucket": m_bucket(m), "weights": fmt,
                              "n_int8": n8, "config": None if cfg is None else str(cfg),
                              "seconds": round(time.time() - ts, 2), "out_shape": list(y.shape)})
@@ -130,7 +136,8 @@ def main(argv=None) -> int:
                       flush=True)
     os.makedirs(a.out, exist_ok=True)
     res = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu (dry run)",
-           "config_cache": os.environ.get("COMETQ_GEMM_CONFIG_CACHE"), "share": a.share, "rows": rows,
+           "config_cache": os.environ.get("COMETQ_GEMM_CONFIG_CACHE"), "share": a.share, "timing": a.timing,
+           "rows": rows,
            "skipped_for_time": skipped, "seconds": round(time.time() - t0, 1)}
     with open(os.path.join(a.out, "tune_decode.json"), "w") as fh:
         json.dump(res, fh, indent=2)

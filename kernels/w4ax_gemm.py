@@ -923,6 +923,12 @@ def gen_configs(mb: int, n: int, k: int, n_int8: int, *, interpret: Optional[boo
             # rows, e.g. a prefill chunk) keeps dequant first: its weight pass is amortized and
             # cuBLAS's fp16 speed wins (unmeasured above M = 1024: tuning decides).
             cfgs.insert(0, _tma_configs(mb, n, nb, asym)[0])
+    if mb == 64 and tma == "also":
+        # the 64 bucket (17..64 rows: a batch-64 decode step) also starts with the TMA kernel
+        # where it applies: run 5 (H100, 2026-11-27, bench/results/h100-2026-11-27-run5, CUDA-graph
+        # replay, sym-g128) measured TMA 64x64 at 23.3 / 23.4 us on 8B.qkv / 8B.o vs 44.4 / 44.3
+        # for the tuned pointer config, and 50.7 (64x128) vs 56.5 on 8B.gate_up
+        cfgs.insert(0, next(c for c in _tma_configs(mb, n, nb, asym) if c.block_n == 64))
     seen, out = set(), []
     for c in cfgs:
         if c.block_m * c.block_n > 64 * 32 * c.num_warps and not c.dequant:  # (dequant: no accumulator tile)
@@ -1060,14 +1066,15 @@ def select_config(m: int, n: int, k_pad: int, n_int8: int, bench_fn=None, varian
 
 def chosen_config(m: int, n: int, k_pad: int, n_int8: int, *, path: str = "auto", scale_mode: str = "block",
                   group_size: int = 128, asym: bool = False,
-                  deterministic: Optional[bool] = None) -> Optional[GemmConfig]:
+                  deterministic: Optional[bool] = None, graph: bool = False) -> Optional[GemmConfig]:
     """The config :func:`w4ax_gemm_triton` picked (and cached) for this shape and variant, or None
     if that call has not happened yet.  Lets a benchmark time another variant (asymmetric
     weights, the persistent path, the deterministic reduction) on the same config without
-    autotuning it again."""
+    autotuning it again.  ``graph``: the choice made under ``cometq.autotune.timing("graph")``."""
     g = check_group_size(group_size, k_pad)
     det = resolve_deterministic(deterministic)  # None: the same default the GEMM call used
-    variant = (path, scale_mode, g) + (("asym",) if asym else ()) + (("det",) if det else ())
+    variant = ((path, scale_mode, g) + (("asym",) if asym else ()) + (("det",) if det else ())
+               + (("graph",) if graph else ()))
     key = (m_bucket(m), n, k_pad, n_int8, interpreting()) + variant
     for suffix in ((), ("tma-also",), ("tma-only",)):
         hit = _CONFIG_CACHE.get(key + suffix)
@@ -1541,13 +1548,25 @@ def w4ax_gemm_triton(
 
     if config is None:
         bench_fn = None
+        # the caller's timing mode (cometq.autotune.timing): "graph" inside the serving runner's
+        # decode-graph warm-ups -- configs are then timed as CUDA-graph replays (GPU time) and kept
+        # under their own key.  Eager timing includes each call's host work, which for the TMA
+        # kernel (descriptors built per call) swamps its GPU time at small M: run 5 measured
+        # 8B.gate_up at M = 64 as 179 us eager vs 50.7 us replayed
+        graph_mode = _timing_mode() == "graph"
         # COMETQ_GEMM_TUNE=0 takes each bucket's first candidate untimed (the test suite sets
         # it: timing ~10 compiled candidates per shape would dominate a GPU test run)
         if dev.type == "cuda" and not interpreting() and os.environ.get("COMETQ_GEMM_TUNE", "1") != "0":
-            from triton.testing import do_bench
+            if graph_mode:
+                from cometq.autotune import cuda_graph_timer
 
-            bench_fn = lambda c: do_bench(lambda: launch(c, _path_for(c, path)), warmup=5, rep=20)  # noqa: E731
-        variant = (path, scale_mode, g) + (("asym",) if asym else ()) + (("det",) if det else ())
+                bench_fn = lambda c: cuda_graph_timer(lambda: launch(c, _path_for(c, path)), dev)  # noqa: E731
+            else:
+                from triton.testing import do_bench
+
+                bench_fn = lambda c: do_bench(lambda: launch(c, _path_for(c, path)), warmup=5, rep=20)  # noqa: E731
+        variant = ((path, scale_mode, g) + (("asym",) if asym else ()) + (("det",) if det else ())
+                   + (("graph",) if graph_mode else ()))
         config = select_config(m, n, k_pad, n8, bench_fn, variant=variant,
                                device_name=_device_name(dev) if os.environ.get(ENV_CONFIG_CACHE) else "",
                                tma=tma_mode)
@@ -1572,6 +1591,16 @@ def _reduce_partials(red, n_programs: int, slots_per_tile: int, part, bias, out,
         m, n, slots_per_tile, out.stride(0), out.stride(1),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, GROUP_M=cfg.group_m, HAS_BIAS=bias is not None,
         HAS_TABLE=red is not None, num_warps=4, num_stages=1)
+
+
+def _timing_mode() -> str:
+    """``cometq.autotune.timing_mode()`` ("eager" when the package is not importable: the kernels
+    module also works on its own)."""
+    try:
+        from cometq.autotune import timing_mode
+    except ImportError:  # pragma: no cover - kernels used without the cometq package
+        return "eager"
+    return timing_mode()
 
 
 def _path_for(cfg: GemmConfig, requested: str) -> str:

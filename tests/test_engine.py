@@ -558,6 +558,64 @@ def test_failed_graph_capture_falls_back_to_eager(w4ax_model, monkeypatch, kv4):
         torch.testing.assert_close(b, a, rtol=0, atol=RUNNER_FP32_ATOL)
 
 
+@pytest.mark.parametrize("full", [False, True])
+def test_decode_graphs_capture_in_graph_timing_mode(w4ax_model, monkeypatch, full):
+    """Warm-up AND capture of a decode graph run under ``autotune.timing("graph")``: choices are
+    kept per timing mode, so a capture under the eager key found none and recorded the fixed
+    order (GPU run 5: every projection ran the CUDA GEMM inside the graphs, though graph timing
+    had measured Triton faster on some).  CUDA's stream / graph calls are faked on the CPU."""
+    import contextlib
+
+    from cometq import autotune
+    from cometq.serve import runner as runner_mod
+
+    class _Fake:
+        def __init__(self, *a, **kw):
+            pass
+
+        def wait_stream(self, *a):
+            pass
+
+    captures = []
+
+    @contextlib.contextmanager
+    def graph(g, **kw):
+        captures.append(autotune.timing_mode())
+        yield
+
+    for name, val in (("Stream", _Fake), ("CUDAGraph", _Fake), ("current_stream", lambda: _Fake()),
+                      ("stream", lambda s: contextlib.nullcontext()), ("synchronize", lambda: None),
+                      ("graph_pool_handle", lambda: None), ("graph", graph)):
+        monkeypatch.setattr(runner_mod.torch.cuda, name, val)
+    modes = []
+    r = ModelRunner.build(w4ax_model, kv4=True, num_blocks=24, block_size=16, max_seqs=4)
+    r.enable_cuda_graphs(max_batch=4, graphs=False, full=full)
+    g = r._graphs
+    if full:
+        real = runner_mod._DecodeGraphs._step
+        monkeypatch.setattr(runner_mod._DecodeGraphs, "_step",
+                            lambda self, st: (modes.append(autotune.timing_mode()), real(self, st))[1])
+        for sid in range(2):
+            r.pool.reserve(sid, 8)
+        with torch.no_grad():
+            r.forward([Chunk(sid, _rand_ids(5, sid), 0) for sid in range(2)])
+            slots = r.pool.check_decode_step([0, 1], [5, 5])
+            host_meta = torch.tensor([[1, 2], [5, 5], slots, slots], dtype=torch.int32)  # (as run_full builds it)
+            st = runner_mod._DecodeBucket(r, 2)
+            st.num_splits = r.pool.decode_num_splits(2)
+            g._capture_full(st, host_meta)
+    else:
+        real = runner_mod._DecodeGraphs._piece
+        monkeypatch.setattr(runner_mod._DecodeGraphs, "_piece",
+                            lambda self, st, i: (modes.append(autotune.timing_mode()), real(self, st, i))[1])
+        st = runner_mod._DecodeBucket(r, 2)
+        with torch.no_grad():
+            g._capture_pieces(st, r.num_layers + 1)
+    assert captures and set(captures) == {"graph"}
+    assert modes and set(modes) == {"graph"}
+    assert autotune.timing_mode() == "eager"
+
+
 def test_enable_cuda_graphs_validation(w4ax_model):
     r = ModelRunner.build(w4ax_model, kv4=True, num_blocks=8, block_size=16, max_seqs=2)
     with pytest.raises(ValueError, match="max_batch"):

@@ -597,8 +597,12 @@ class _DecodeGraphs:
             self._pool = torch.cuda.graph_pool_handle()
         for i in range(n_pieces):
             g = torch.cuda.CUDAGraph()
-            # thread_local: the server's other threads may touch CUDA while the engine thread captures
-            with torch.cuda.graph(g, pool=self._pool, capture_error_mode="thread_local"):
+            # thread_local: the server's other threads may touch CUDA while the engine thread captures.
+            # The capture runs in the warm-up's timing mode: the choices are looked up by mode, and
+            # under the eager key a capture finds none (no measuring while capturing) and records
+            # the fixed order -- run 5's decode graphs ran the CUDA GEMM on every projection
+            # although graph timing had measured Triton faster on some
+            with autotune.timing("graph"), torch.cuda.graph(g, pool=self._pool, capture_error_mode="thread_local"):
                 self._piece(st, i)
             st.graphs.append(g)
 
@@ -678,8 +682,8 @@ class _DecodeGraphs:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=self._pool, capture_error_mode="thread_local"):
-            self._step(st)
+        with autotune.timing("graph"), torch.cuda.graph(g, pool=self._pool, capture_error_mode="thread_local"):
+            self._step(st)  # (the warm-up's timing mode: see _capture_pieces)
         st.graphs.append(g)
 
     def run_full(self, chunks: Sequence[Chunk], ids: List[int], pos: List[int]) -> torch.Tensor:
