@@ -109,7 +109,7 @@ def jobs(quick: bool = False) -> List[tuple]:
                     dict(NQ=32, NKV=8, D=128, BLOCK_H=32), 4, "layer"))
         out.append((f"layer_silu_mul[{qd}]", silu_mul_kernel, dict(x_ptr=_TY[qd], y_ptr=_TY[qd]), dict(BLOCK=2048), 4,
                     "layer"))
-        ce = dict(HQ=32, NUM_SPLITS=8, SPLITS_P2=8, D=128)
+        ce = dict(HQ=32, SPLITS_P2=8, D=128)
         ptrs = dict(po_ptr="*fp32", pm_ptr="*fp32", pl_ptr="*fp32", out_ptr=_TY[qd])
         out.append((f"reduce[{qd}]", kv4_attn_reduce_kernel, ptrs, ce, 4, "reduce"))
     return out

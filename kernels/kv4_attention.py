@@ -270,7 +270,7 @@ def kv4_attn_split_kernel(
     stride_tvs, stride_tvh, stride_tvt,
     stride_bts,
     stride_pob, stride_poh, stride_pos,
-    NUM_SPLITS: tl.constexpr, QPK: tl.constexpr, BLOCK_H: tl.constexpr, HALF_D: tl.constexpr,
+    QPK: tl.constexpr, BLOCK_H: tl.constexpr, HALF_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, TAIL_N: tl.constexpr,
     K_TOK_DIV: tl.constexpr, K_CH_DIV: tl.constexpr, V_TOK_DIV: tl.constexpr, V_CH_DIV: tl.constexpr,
     DOT_DTYPE: tl.constexpr, FOLD_K: tl.constexpr = False, TILE: tl.constexpr = 16,
@@ -279,10 +279,14 @@ def kv4_attn_split_kernel(
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
+    # the split count is the grid's third dimension, not a constexpr: a decode batch's split count
+    # follows its size and length (paged.default_num_splits), and a constexpr compiled a new kernel
+    # (and, untuned, a whole launch-config sweep) for every new count -- GPU run 5's 2-10 s steps
+    num_splits = tl.num_programs(2)
     slot = tl.load(sid_ptr + b)
     lq = tl.load(qlen_ptr + slot)
     n_blocks = tl.cdiv(lq, BLOCK_SIZE)
-    per = tl.cdiv(n_blocks, NUM_SPLITS)
+    per = tl.cdiv(n_blocks, num_splits)
     blk_start = split * per
     blk_end = tl.minimum(blk_start + per, n_blocks)
 
@@ -366,7 +370,7 @@ def kv4_attn_split_kernel(
         ks, kz, vs, vz = ks_n, kz_n, vs_n, vz_n
 
     if TAIL_N > 0:
-        if split == NUM_SPLITS - 1:
+        if split == num_splits - 1:
             lt = tl.load(tlen_ptr + slot)
             tn = tl.arange(0, TAIL_N)
             tm = tn < lt
@@ -392,7 +396,7 @@ def kv4_attn_split_kernel(
     else:
         tl.store(ob + 2 * j[None, :], acc_lo, mask=hmask[:, None])
         tl.store(ob + 2 * j[None, :] + 1, acc_hi, mask=hmask[:, None])
-        mo = (b.to(tl.int64) * (QPK * tl.num_programs(1)) + heads) * NUM_SPLITS + split
+        mo = (b.to(tl.int64) * (QPK * tl.num_programs(1)) + heads) * num_splits + split
         tl.store(pm_ptr + mo, m_i, mask=hmask)
         tl.store(pl_ptr + mo, l_i, mask=hmask)
 
@@ -400,14 +404,15 @@ def kv4_attn_split_kernel(
 @triton.jit
 def kv4_attn_reduce_kernel(
     po_ptr, pm_ptr, pl_ptr, out_ptr,
-    stride_pob, stride_poh, stride_pos, stride_ob, stride_oh,
-    HQ: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, D: tl.constexpr,
+    stride_pob, stride_poh, stride_pos, stride_ob, stride_oh, num_splits,
+    HQ: tl.constexpr, SPLITS_P2: tl.constexpr, D: tl.constexpr,
 ):
+    # num_splits at run time (SPLITS_P2, its power-of-two bound, stays a constexpr: 7 variants)
     b = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.arange(0, SPLITS_P2)
-    smask = s < NUM_SPLITS
-    mo = (b.to(tl.int64) * HQ + h) * NUM_SPLITS + s
+    smask = s < num_splits
+    mo = (b.to(tl.int64) * HQ + h) * num_splits + s
     m = tl.load(pm_ptr + mo, mask=smask, other=_NEG)
     l = tl.load(pl_ptr + mo, mask=smask, other=0.0)
     m_max = tl.max(m, axis=0)
@@ -498,7 +503,7 @@ def attention_meta(dot_dtype, qpk: int, head_dim: int, block_size: int, group_si
     if tile > block_size or ("channel" in (key_axis, value_axis) and 16 <= group_size < tile):
         raise ValueError(f"tile {tile} must fit the pool block ({block_size} tokens) and a per-channel group "
                          f"(group_size={group_size})")
-    return dict(NUM_SPLITS=num_splits, QPK=qpk, BLOCK_H=max(16, triton.next_power_of_2(qpk)), HALF_D=head_dim // 2,
+    return dict(QPK=qpk, BLOCK_H=max(16, triton.next_power_of_2(qpk)), HALF_D=head_dim // 2,
                 BLOCK_SIZE=block_size, TAIL_N=0 if tail_g == 0 else max(16, triton.next_power_of_2(tail_g)),
                 K_TOK_DIV=kt, K_CH_DIV=kc, V_TOK_DIV=vt, V_CH_DIV=vc, DOT_DTYPE=_DOT[dot_dtype], FOLD_K=bool(fold_k),
                 TILE=tile, LAZY_RESCALE=bool(config.lazy) if config is not None else False,
@@ -654,7 +659,7 @@ def kv4_decode_attention_triton(q, k_packed, k_scale, k_zero, v_packed, v_scale,
     if direct:
         return out
     kv4_attn_reduce_kernel[(bsz, hq)](
-        po, pm, pl, out, po.stride(0), po.stride(1), po.stride(2), out.stride(0), out.stride(1),
-        HQ=hq, NUM_SPLITS=ns, SPLITS_P2=triton.next_power_of_2(ns), D=d, num_warps=4,
+        po, pm, pl, out, po.stride(0), po.stride(1), po.stride(2), out.stride(0), out.stride(1), ns,
+        HQ=hq, SPLITS_P2=triton.next_power_of_2(ns), D=d, num_warps=4,
     )
     return out
