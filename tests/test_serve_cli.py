@@ -22,8 +22,19 @@ from cometq.testing import RUNNER_FP32_ATOL  # noqa: E402
 def test_cli_parsers():
     a = build_parser().parse_args(["serve", "--no-quantize", "--no-kv4", "--port", "0"])
     assert (a.quantize, a.kv4, a.port, a.host) == (False, False, 0, "127.0.0.1")
-    assert a.cuda_graphs is False
+    assert a.cuda_graphs is None and a.enforce_eager is False
     assert build_parser().parse_args(["serve", "--cuda-graphs"]).cuda_graphs is True
+    from cometq.serve.cli import use_cuda_graphs
+
+    def graphs(*argv, device="cuda"):
+        return use_cuda_graphs(build_parser().parse_args(["serve", *argv]), device)
+
+    # default: on for the KV4 pool on CUDA; off for the full-precision pool and on the CPU
+    assert graphs() is True and graphs("--no-kv4") is False and graphs(device="cpu") is False
+    assert graphs("--enforce-eager") is False and graphs("--no-cuda-graphs") is False
+    assert graphs("--cuda-graphs", "--no-kv4") is True and graphs("--cuda-graphs", device="cpu") is True
+    with pytest.raises(ValueError, match="contradict"):
+        graphs("--cuda-graphs", "--enforce-eager")
     a = build_parser().parse_args(["bench", "--quick", "--batch-sizes", "1,2"])
     assert a.quick and a.batch_sizes == "1,2"
     with pytest.raises(SystemExit) as ei:
