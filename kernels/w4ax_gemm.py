@@ -616,8 +616,12 @@ def _tma_run_offset(acc_f, acc_o, sa, wo_ptr, rn, n_mask, stride_won):
 
 @triton.jit
 def _row_sum(x):
-    """Per-token sum of a ``[BLOCK_M, K]`` tile of activation integers, int32."""
-    return tl.sum(x.to(tl.int32), axis=1)
+    """Per-token sum of a ``[BLOCK_M, K]`` tile of activation integers, int32, on the tensor
+    cores: ``x @ ones[K, 16]`` gives 16 equal columns (an exact int32 dot), one is kept.  A
+    plain ``tl.sum`` converts and adds every element in registers (and, for an INT8 tile the
+    MMA reads straight from shared memory, first loads it there)."""
+    ones = tl.full((x.shape[1], 16), 1, tl.int8)
+    return tl.max(tl.dot(x, ones, out_dtype=tl.int32), axis=1)
 
 
 @triton.jit
@@ -660,8 +664,8 @@ def w4ax_gemm_tma_kernel(
     (``acc = dot(a, b, acc)``) and rescales once per run.  Weight groups must be >= 128
     (one scale per block or per run of blocks); smaller groups use ``w4ax_gemm_kernel``.
     ASYM (asymmetric weights, ``w = scale * q + offset``): each block's activation integers
-    are also summed per token (the tile is in registers anyway for INT4 blocks; for INT8
-    blocks one extra shared-memory read of the ``[BLOCK_M, 128]`` tile) and the offset term
+    are also summed per token (one more small int8 MMA against a ones tile, :func:`_row_sum`)
+    and the offset term
     ``a_scale * w_offset * asum`` is one rank-1 update per block (INT_ACC: per run).  DEBUG
     additionally stores each block's int32 result (and, ASYM, its activation sums).
 
