@@ -574,7 +574,7 @@ def run(archs: List[int], level: str = "full") -> List[dict]:
                 rec.update(ok=problem is None, problem=problem, shared=k.metadata.shared,
                            wgmma=ptx.count("wgmma.mma_async"), wgmma_a_in_regs=_wgmma_a_regs(ptx),
                            wide_loads=_wide_loads(ptx))
-                if arch == 90 and name.startswith(("gemm[", "gemm-tma[")):  # generated configs: registers / spills
+                if arch == 90 and name.startswith(("gemm[", "gemm-tma[", "gemm-asym[")):  # generated configs: registers / spills
                     from .kv4_aot import ptxas_usage
 
                     rec.update(ptxas_usage(ptx, arch))

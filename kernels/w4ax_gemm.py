@@ -203,9 +203,10 @@ def _block_segments(
     ASYM (asymmetric weights ``w = scale * q + offset``): the offset term of a
     segment is ``a_scale[m] * offset[n] * asum[m]`` with ``asum`` the row sum of the
     segment's activation integers, a rank-1 update.  ``asum`` comes from the
-    activation tile already in registers (after the SEG_H < H_LOAD mask, so it is
-    the segment's sum, not the chunk's); one reduction per segment, independent of
-    BLOCK_N.  ASYM=False compiles none of it.
+    activation tile already loaded (after the SEG_H < H_LOAD mask, so it is the
+    segment's sum, not the chunk's), as one small MMA against a ones tile
+    (:func:`_row_sum`); one per segment, independent of BLOCK_N.  ASYM=False
+    compiles none of it.
     """
     for s in tl.static_range(SEGS):
         # the H_LOAD-byte chunk (packed weight columns) holding segment s
@@ -236,10 +237,11 @@ def _block_segments(
         if ASYM:
             # row sums of the segment's activation integers ([BLOCK_M] int32, exact:
             # |sum| <= 128 * 128); rows beyond M loaded as 0
+            # (on the tensor cores, _row_sum: x @ ones)
             if IS8 and INTERLEAVE8 and SEG_H == H_LOAD:
-                asum = tl.sum(a_full.to(tl.int32), axis=1)
+                asum = _row_sum(a_full)
             else:
-                asum = tl.sum(a_e.to(tl.int32), axis=1) + tl.sum(a_o.to(tl.int32), axis=1)
+                asum = _row_sum(a_e) + _row_sum(a_o)
             if DEBUG:
                 tl.store(dsum_ptr + rm * stride_dsm + (b * SEGS + s), asum, mask=m_mask)
             if INT_ACC:
@@ -616,12 +618,18 @@ def _tma_run_offset(acc_f, acc_o, sa, wo_ptr, rn, n_mask, stride_won):
 
 @triton.jit
 def _row_sum(x):
-    """Per-token sum of a ``[BLOCK_M, K]`` tile of activation integers, int32, on the tensor
-    cores: ``x @ ones[K, 16]`` gives 16 equal columns (an exact int32 dot), one is kept.  A
-    plain ``tl.sum`` converts and adds every element in registers (and, for an INT8 tile the
-    MMA reads straight from shared memory, first loads it there)."""
-    ones = tl.full((x.shape[1], 16), 1, tl.int8)
-    return tl.max(tl.dot(x, ones, out_dtype=tl.int32), axis=1)
+    """Per-token sum of a ``[BLOCK_M, K]`` tile of activation integers, int32.  From 64 rows on
+    the tensor cores: ``x @ ones[K, 16]`` gives 16 equal columns (an exact int32 dot), one is
+    kept; a plain ``tl.sum`` converts and adds every element in registers (and, for an INT8
+    tile the MMA reads straight from shared memory, first loads it there).  SASS per K block
+    (sm_90a, kernels/aot.py, asymmetric g128): TMA 64x64 667 -> 591, 128x64 735 -> 605, pointer
+    64x128 987 -> 852; at 16 rows the dot costs more than it saves (pointer 16x128 461 -> 564),
+    so small tiles keep ``tl.sum``."""
+    if x.shape[0] >= 64:
+        ones = tl.full((x.shape[1], 16), 1, tl.int8)
+        return tl.max(tl.dot(x, ones, out_dtype=tl.int32), axis=1)
+    else:
+        return tl.sum(x.to(tl.int32), axis=1)
 
 
 @triton.jit

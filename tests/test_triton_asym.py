@@ -311,3 +311,16 @@ def test_tma_asym_block_major_weights_and_auto(device):
     assert torch.equal(y.view(torch.int32), y_bm.view(torch.int32))
     assert G.tma_available(torch.device(device), asym=True, group=128) is None or device == "cuda"
     assert any(c.tma for c in G.gen_configs(64, 200, 576, 1, interpret=False, tma="also"))
+
+
+@pytest.mark.parametrize("flavour,mode,group,pattern", [("swap+il8", "block", 128, "mixed"),
+                                                        ("il8", "class", -1, "alternating"),
+                                                        ("swap", "block", 64, "all4")])
+def test_asym_64_row_tiles_sum_on_the_tensor_cores(flavour, mode, group, pattern, device):
+    """64-row activation tiles take their per-token sums from an int8 MMA against a ones tile
+    (``_row_sum``; smaller tiles keep ``tl.sum``): the sums and accumulators stay exact."""
+    base = _CFG[flavour]
+    cfg = GemmConfig(64, 128, 2, 1, 4, 1, base.swap_ab, base.interleave8)
+    qa, qw, b = _operands(70, 576, 200, pattern, mode, group, device, seed=64 + len(flavour))
+    out = _run(qa, qw, b, torch.float32, path="tiled", config=cfg, return_int_acc=True)
+    _check(qa, qw, b, torch.float32, out)
