@@ -130,6 +130,33 @@ def test_decode_rows_of_a_prefill_step_never_tune(llama, kv4, monkeypatch):
     assert not autotune.frozen_now()
 
 
+@pytest.mark.parametrize("kv4", [False, True])
+def test_engine_warmup_leaves_a_clean_engine(llama, kv4):
+    """``Engine.warmup`` runs throw-away rounds (1 and max_num_seqs sequences without graphs),
+    then the pool is empty, the statistics are zero, and generation matches a cold engine's."""
+    def engine():
+        r = (ModelRunner.with_kv4_pool(llama, num_blocks=40, block_size=8, group_size=4) if kv4
+             else ModelRunner.with_fp_pool(llama, num_blocks=40, block_size=4))
+        return Engine(r, None, EngineConfig(max_num_seqs=3, max_num_batched_tokens=64))
+
+    prompts = [_rand_ids(7 + i, 300 + i) for i in range(3)]
+    sp = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+    warm = engine()
+    free = warm.pool.num_free_blocks
+    assert warm.warmup(prompt_len=6, max_tokens=2) == [1, 3]
+    assert warm.pool.num_free_blocks == free and not warm.has_work() and not warm.requests
+    assert warm.stats["steps"] == 0 and warm.stats["generation_tokens"] == 0
+    assert warm.generate(prompts, sp) == engine().generate(prompts, sp)
+    assert warm.warmup(batch_sizes=[2]) == [2]
+    with pytest.raises(ValueError, match=r"batch sizes must lie in \[1, 3\]"):
+        warm.warmup(batch_sizes=[4])
+    with pytest.raises(ValueError, match="must be >= 1"):
+        warm.warmup(prompt_len=0)
+    warm.add_request(prompts[0], sp)
+    with pytest.raises(RuntimeError, match="before any request"):
+        warm.warmup()
+
+
 def test_runner_kv4_close_to_hf(llama):
     from cometq.kvcache import KV4Cache
 

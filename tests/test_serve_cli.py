@@ -22,7 +22,7 @@ from cometq.testing import RUNNER_FP32_ATOL  # noqa: E402
 def test_cli_parsers():
     a = build_parser().parse_args(["serve", "--no-quantize", "--no-kv4", "--port", "0"])
     assert (a.quantize, a.kv4, a.port, a.host) == (False, False, 0, "127.0.0.1")
-    assert a.cuda_graphs is None and a.enforce_eager is False
+    assert a.cuda_graphs is None and a.enforce_eager is False and a.warmup is None
     assert build_parser().parse_args(["serve", "--cuda-graphs"]).cuda_graphs is True
     from cometq.serve.cli import use_cuda_graphs
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 __all__ = ["add_serve_args", "cmd_serve", "add_bench_parser", "cmd_bench"]
 
@@ -35,6 +36,9 @@ def add_serve_args(p: argparse.ArgumentParser, default_model: str) -> None:
                         "with the KV4 pool, piecewise otherwise; captured per batch size on first use)")
     p.add_argument("--enforce-eager", action="store_true",
                    help="never use CUDA graphs (vLLM's name for --no-cuda-graphs)")
+    p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=None,
+                   help="run throw-away requests at start-up so compiles, tuning and graph captures do not "
+                        "stall the first users (default: on for a CUDA device)")
 
 
 def use_cuda_graphs(args, device: str) -> bool:
@@ -89,6 +93,10 @@ def cmd_serve(args) -> int:
     engine = build_engine(model, tok, kv4=args.kv4, block_size=args.block_size, kv_tokens=args.kv_tokens,
                           max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                           max_model_len=args.max_model_len, cuda_graphs=use_cuda_graphs(args, device))
+    if (device == "cuda") if args.warmup is None else args.warmup:
+        t = time.time()
+        sizes = engine.warmup()
+        _log(f"warmed up (batch sizes {sizes}) in {time.time() - t:.1f} s")
     name = args.served_model_name or str(args.model)
     scfg = ServerConfig(model_name=name, max_prompt_tokens=args.max_prompt_tokens,
                         max_concurrent_requests=args.max_concurrent_requests)

@@ -381,6 +381,47 @@ class Engine:
         for req in list(self.running) + list(self.waiting):
             self._finish(req, "error", error=message)
 
+    # -- start-up -----------------------------------------------------------------------
+    def warmup(self, prompt_len: int = 16, max_tokens: int = 3, batch_sizes: Optional[Sequence[int]] = None) -> List[int]:
+        """Run throw-away requests before serving, so first-time work -- kernel compiles, backend
+        and launch-config tuning, a CUDA graph capture per decode batch bucket -- happens here and
+        not inside the first users' requests (vLLM profiles and captures at start-up too).
+
+        One round per batch size (default: the runner's decode-graph buckets up to
+        ``max_num_seqs`` when graphs are on, else 1 and ``max_num_seqs``), each ``batch`` prompts
+        of ``prompt_len`` tokens generating ``max_tokens`` greedy tokens.  Must run before any
+        request is queued; the statistics are reset afterwards.  Returns the batch sizes run."""
+        if self.has_work():
+            raise RuntimeError("warmup() must run before any request is queued")
+        if prompt_len < 1 or max_tokens < 1:
+            raise ValueError(f"prompt_len and max_tokens must be >= 1, got {prompt_len} and {max_tokens}")
+        prompt_len = max(1, min(prompt_len, self.max_model_len - max_tokens))
+        if prompt_len + max_tokens > self.max_model_len:
+            raise ValueError(f"max_tokens={max_tokens} does not fit the context length {self.max_model_len}")
+        if batch_sizes is None:
+            graphs = getattr(self.runner, "_graphs", None)
+            if graphs is not None:
+                batch_sizes = [b for b in graphs.buckets if b <= self.max_num_seqs]
+            else:
+                batch_sizes = sorted({1, self.max_num_seqs})
+        sizes = [int(b) for b in batch_sizes]
+        bad = [b for b in sizes if not 1 <= b <= self.max_num_seqs]
+        if bad:
+            raise ValueError(f"warm-up batch sizes must lie in [1, {self.max_num_seqs}], got {bad}")
+        params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+        vocab = self.runner.vocab_size
+        for b in sizes:
+            for i in range(b):
+                self.add_request([(7 * i + j) % vocab for j in range(prompt_len)], params)
+            while self.has_work():
+                self.step()
+        for k, v in self.stats.items():  # a fresh start for /metrics
+            self.stats[k] = type(v)(0)
+        self._tok_events.clear()
+        with self._lock:
+            self.requests.clear()
+        return sizes
+
     # -- convenience ------------------------------------------------------------------
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, max_steps: int = 100000):
         """Run prompts to completion (synchronously); returns the output token id lists."""
