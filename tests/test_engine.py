@@ -262,6 +262,36 @@ def test_fp_pool_decode_slots_match_per_sequence_slots():
         p.decode_attention(0, seqs, [5, 1, 12, 13], q, 0.3)
 
 
+def test_fp_pool_write_prefill_equals_per_sequence_writes():
+    """The FP pool's batched prefill write (one index write per layer, slots built once per step)
+    stores exactly what per-sequence writes store; the cached slots follow a changed table."""
+    g = torch.Generator().manual_seed(3)
+
+    def pool():
+        p = PagedFPPool(num_layers=2, num_blocks=16, block_size=4, n_kv_heads=2, head_dim=8)
+        for sid, n in ((0, 9), (1, 6), (2, 5)):
+            p.reserve(sid, n)
+        return p
+
+    a, b = pool(), pool()
+    chunks = [(0, 0, 9), (1, 2, 4), (2, 0, 5)]
+    kv = {c: (torch.randn(c[2], 2, 8, generator=g), torch.randn(c[2], 2, 8, generator=g)) for c in chunks}
+    for layer in (0, 1):
+        a.write_prefill(layer, [c[0] for c in chunks], [c[1] for c in chunks], [kv[c][0] for c in chunks],
+                        [kv[c][1] for c in chunks])
+        for c in chunks:
+            b.write(layer, c[0], c[1], *kv[c])
+    assert torch.equal(a.k, b.k) and torch.equal(a.v, b.v)
+    a.free(1)  # a table changes: the per-step slot cache must not be reused
+    a.reserve(3, 6)
+    x = (torch.randn(6, 2, 8, generator=g), torch.randn(6, 2, 8, generator=g))
+    a.write_prefill(0, [3], [0], [x[0]], [x[1]])
+    k3, _ = a.read(0, 3, 6, torch.float32)
+    assert torch.equal(k3, x[0])
+    with pytest.raises(ValueError, match="one start, k and v per sequence"):
+        a.write_prefill(0, [0, 2], [0], [x[0]], [x[1]])
+
+
 def test_pool_bookkeeping():
     p = PagedFPPool(num_layers=1, num_blocks=5, block_size=4, n_kv_heads=1, head_dim=2)
     p.reserve(7, 9)  # 3 blocks
