@@ -514,6 +514,7 @@ def attention_meta(dot_dtype, qpk: int, head_dim: int, block_size: int, group_si
 #: :func:`attention_configs`, or a choice tuned earlier in the process)
 ENV_TUNE = "COMETQ_ATTN_TUNE"
 _TUNED: Dict[tuple, AttnConfig] = {}
+_SPLIT_FACTOR: Dict[tuple, int] = {}  # tuned multiple of the caller's split count (per _TUNED key)
 _META: Dict[tuple, dict] = {}
 
 
@@ -527,7 +528,7 @@ def last_config() -> Optional[AttnConfig]:
 
 def tuned_configs() -> Dict[str, dict]:
     """The configs chosen so far in this process (for benchmark reports)."""
-    return {repr(k): dataclasses.asdict(v) for k, v in _TUNED.items()}
+    return {repr(k): dict(dataclasses.asdict(v), split_factor=_SPLIT_FACTOR.get(k, 1)) for k, v in _TUNED.items()}
 
 
 _AUTOTUNE: list = []
@@ -556,9 +557,11 @@ def kv4_decode_attention_triton(q, k_packed, k_scale, k_zero, v_packed, v_scale,
 
     Launch config (:class:`AttnConfig`): ``config`` if given; else ``num_warps`` if given
     (default tile, lazy rescaling below 4 warps); else the one chosen for this shape class --
-    on a GPU the candidates of :func:`attention_configs` are timed on first use and the
-    fastest is kept per (pool format, dtype, GQA ratio, program-count bucket), unless
-    ``COMETQ_ATTN_TUNE=0`` or a CUDA graph is being captured (then the first candidate).
+    on a GPU the candidates of :func:`attention_configs` are timed on first use, each at 1x,
+    2x and 4x ``num_splits`` (at most the block-table width and 64), and the fastest pair is
+    kept per (pool format, dtype, GQA ratio, program-count bucket, timing mode), unless
+    ``COMETQ_ATTN_TUNE=0`` or a CUDA graph is being captured (then the first candidate at
+    ``num_splits``).  A forced ``config`` / ``num_warps`` always runs ``num_splits``.
     ``num_stages``: keyword extra for benchmark sweeps (None: Triton's default).
     ``fold_k``: fold per-channel key scales into the query (FOLD_K) instead of dequantizing
     K; None: the ``COMETQ_KV4_FOLD_K`` environment variable (off unless "1"), and only where
@@ -578,33 +581,34 @@ def kv4_decode_attention_triton(q, k_packed, k_scale, k_zero, v_packed, v_scale,
         raise ValueError("triton kv4 attention needs q, pool and tails contiguous in the last dimension")
     if k_packed.stride() != v_packed.stride():
         raise ValueError("k_packed and v_packed must have the same strides")
-    out = torch.empty_like(q)
     if bsz == 0:
-        return out
+        return torch.empty_like(q)
     ns = int(num_splits)
-    direct = (ns == 1) if direct_store is None else (bool(direct_store) and ns == 1)
-    if direct:  # the split kernel writes `out` (po strides = out's, split stride 0)
-        po, pm, pl = out, dummy(q.device), dummy(q.device)
-        po_strides = (out.stride(0), out.stride(1), 0)
-    else:
-        po = torch.empty(bsz, hq, ns, d, dtype=torch.float32, device=q.device)
-        pm = torch.empty(bsz, hq, ns, dtype=torch.float32, device=q.device)
-        pl = torch.empty_like(pm)
-        po_strides = (po.stride(0), po.stride(1), po.stride(2))
     # the CPU interpreter computes bf16 tl.dot wrongly (numpy has no bf16); there the
     # dots run in fp32 -- the GPU bf16 variant is covered by the AOT compile test
     dot_dtype = torch.float32 if (q.device.type == "cpu" and q.dtype == torch.bfloat16) else q.dtype
     qpk, tail_g = hq // h, tail_k.shape[2]
 
-    def launch(cfg: AttnConfig):
-        mkey = (dot_dtype, qpk, d, bs, group_size, tail_g, key_axis, value_axis, ns, bool(fold_k), cfg, direct)
+    def run(cfg: AttnConfig, n_split: int) -> torch.Tensor:
+        """Split kernel (+ reduce) with ``n_split`` splits into a fresh output."""
+        out = torch.empty_like(q)
+        direct = (n_split == 1) if direct_store is None else (bool(direct_store) and n_split == 1)
+        if direct:  # the split kernel writes `out` (po strides = out's, split stride 0)
+            po, pm, pl = out, dummy(q.device), dummy(q.device)
+            po_strides = (out.stride(0), out.stride(1), 0)
+        else:
+            po = torch.empty(bsz, hq, n_split, d, dtype=torch.float32, device=q.device)
+            pm = torch.empty(bsz, hq, n_split, dtype=torch.float32, device=q.device)
+            pl = torch.empty_like(pm)
+            po_strides = (po.stride(0), po.stride(1), po.stride(2))
+        mkey = (dot_dtype, qpk, d, bs, group_size, tail_g, key_axis, value_axis, bool(fold_k), cfg, direct)
         meta = _META.get(mkey)
         if meta is None:  # built once per shape class (a decode step launches this per layer)
             if len(_META) > 1024:
                 _META.clear()
             meta = _META[mkey] = attention_meta(dot_dtype, qpk, d, bs, group_size, tail_g, key_axis, value_axis,
-                                                ns, fold_k, cfg, direct)
-        kv4_attn_split_kernel[(bsz, h, ns)](
+                                                n_split, fold_k, cfg, direct)
+        kv4_attn_split_kernel[(bsz, h, n_split)](
             q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, tail_k, tail_v,
             block_tables, quant_lens, tail_lens, seq_ids, po, pm, pl,
             float(sm_scale) * math.log2(math.e),
@@ -618,10 +622,17 @@ def kv4_decode_attention_triton(q, k_packed, k_scale, k_zero, v_packed, v_scale,
             *po_strides,
             num_warps=cfg.num_warps, **({} if num_stages is None else dict(num_stages=num_stages)), **meta,
         )
+        if not direct:
+            kv4_attn_reduce_kernel[(bsz, hq)](
+                po, pm, pl, out, po.stride(0), po.stride(1), po.stride(2), out.stride(0), out.stride(1), n_split,
+                HQ=hq, SPLITS_P2=triton.next_power_of_2(n_split), D=d, num_warps=4,
+            )
+        return out
 
     if config is None and num_warps is not None:
         w = int(num_warps)
         config = AttnConfig(w, attention_tile(bs, group_size, fold_k, key_axis, value_axis), w < 4)
+    factor = 1
     if config is None:
         at = _autotune()
         # program-count bucket: what decides occupancy (and so the best warps per program); the
@@ -643,21 +654,28 @@ def kv4_decode_attention_triton(q, k_packed, k_scale, k_zero, v_packed, v_scale,
             elif not _capturing(q.device):
                 # CUDA events, not triton.testing.do_bench: that allocates a 256 MB L2-flush buffer
                 # per call, which a serving process whose KV pool holds the free memory may not have
-                # (and a decode step's K/V reads dwarf L2 anyway)
+                # (and a decode step's K/V reads dwarf L2 anyway).  The split count is tuned with the
+                # config (x1, x2, x4 the caller's, at most the block-table width): the caller's count
+                # (paged.default_num_splits) was sized for 4-warp programs, and the 1-2-warp configs
+                # leave an SM with few warps at a batch-64 step's one split (H100 run 5: 392 GB/s)
                 timer = at.cuda_graph_timer if mode == "graph" else at.cuda_event_timer
+                cap = max(ns, min(64, block_tables.shape[1]))
+                factors = sorted({f for f in (1, 2, 4) if ns * f <= cap})
                 times = []
-                for c in cands:
-                    try:
-                        times.append((timer(lambda: launch(c), q.device, warmup=2, reps=8), c))
-                    except Exception:  # noqa: BLE001 - a config the compiler rejects (e.g. out of resources)
-                        continue
+                for f in factors:
+                    for c in cands:
+                        try:
+                            times.append((timer(lambda: run(c, ns * f), q.device, warmup=2, reps=8), c, f))
+                        except Exception:  # noqa: BLE001 - a config the compiler rejects (e.g. out of resources)
+                            continue
                 if times:
-                    config = min(times, key=lambda t: t[0])[1]
+                    _, config, factor = min(times, key=lambda t: t[0])
+                    _SPLIT_FACTOR[key] = factor
                 _TUNED[key] = config
-    launch(config)
+        factor = _SPLIT_FACTOR.get(key, 1)
+    out = run(config, ns * factor)
     _LAST[0] = config
-    if direct:
-        return out
+    return out
     kv4_attn_reduce_kernel[(bsz, hq)](
         po, pm, pl, out, po.stride(0), po.stride(1), po.stride(2), out.stride(0), out.stride(1), ns,
         HQ=hq, SPLITS_P2=triton.next_power_of_2(ns), D=d, num_warps=4,

@@ -391,6 +391,7 @@ def test_launch_config_tuner_respects_frozen(monkeypatch):
     from cometq.kernels import kv4_attention as KA
 
     monkeypatch.setattr(KA, "_TUNED", {})
+    monkeypatch.setattr(KA, "_SPLIT_FACTOR", {})
     monkeypatch.delenv(KA.ENV_TUNE, raising=False)
     pool, sids = build_pool(("channel", "token"), [40, 17], device="cuda")
     q = torch.randn(2, 4, 32, generator=torch.Generator().manual_seed(5)).to("cuda")
@@ -400,5 +401,6 @@ def test_launch_config_tuner_respects_frozen(monkeypatch):
     assert KA._TUNED == {}
     torch.testing.assert_close(out, ref, rtol=ATTN_RTOL, atol=ATTN_ATOL)
     out = _call(pool, q, sids, "triton", 2)
-    assert len(KA._TUNED) == 1
+    assert len(KA._TUNED) == 1 and set(KA._SPLIT_FACTOR.values()) <= {1, 2, 4}
     torch.testing.assert_close(out, ref, rtol=ATTN_RTOL, atol=ATTN_ATOL)
+    assert all(v["split_factor"] in (1, 2, 4) for v in KA.tuned_configs().values())
