@@ -147,7 +147,10 @@ def test_engine_warmup_leaves_a_clean_engine(llama, kv4):
     assert warm.pool.num_free_blocks == free and not warm.has_work() and not warm.requests
     assert warm.stats["steps"] == 0 and warm.stats["generation_tokens"] == 0
     assert warm.generate(prompts, sp) == engine().generate(prompts, sp)
-    assert warm.warmup(batch_sizes=[2]) == [2]
+    assert warm.warmup(batch_sizes=[2], prefill_len=0) == [2]
+    assert warm.warmup(batch_sizes=[1], prefill_len=40) == [1] and warm.pool.num_free_blocks == free
+    with pytest.raises(ValueError, match="prefill_len"):
+        warm.warmup(prefill_len=-1)
     with pytest.raises(ValueError, match=r"batch sizes must lie in \[1, 3\]"):
         warm.warmup(batch_sizes=[4])
     with pytest.raises(ValueError, match="must be >= 1"):

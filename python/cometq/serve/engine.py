@@ -382,15 +382,18 @@ class Engine:
             self._finish(req, "error", error=message)
 
     # -- start-up -----------------------------------------------------------------------
-    def warmup(self, prompt_len: int = 16, max_tokens: int = 3, batch_sizes: Optional[Sequence[int]] = None) -> List[int]:
+    def warmup(self, prompt_len: int = 16, max_tokens: int = 3, batch_sizes: Optional[Sequence[int]] = None,
+               prefill_len: Optional[int] = None) -> List[int]:
         """Run throw-away requests before serving, so first-time work -- kernel compiles, backend
         and launch-config tuning, a CUDA graph capture per decode batch bucket -- happens here and
         not inside the first users' requests (vLLM profiles and captures at start-up too).
 
         One round per batch size (default: the runner's decode-graph buckets up to
         ``max_num_seqs`` when graphs are on, else 1 and ``max_num_seqs``), each ``batch`` prompts
-        of ``prompt_len`` tokens generating ``max_tokens`` greedy tokens.  Must run before any
-        request is queued; the statistics are reset afterwards.  Returns the batch sizes run."""
+        of ``prompt_len`` tokens generating ``max_tokens`` greedy tokens; then one prompt of
+        ``prefill_len`` tokens (default: a full step's token budget, capped by the context; 0
+        skips it) for the large-M GEMM shapes of long prompts.  Must run before any request is
+        queued; the statistics are reset afterwards.  Returns the batch sizes run."""
         if self.has_work():
             raise RuntimeError("warmup() must run before any request is queued")
         if prompt_len < 1 or max_tokens < 1:
@@ -408,11 +411,19 @@ class Engine:
         bad = [b for b in sizes if not 1 <= b <= self.max_num_seqs]
         if bad:
             raise ValueError(f"warm-up batch sizes must lie in [1, {self.max_num_seqs}], got {bad}")
+        if prefill_len is None:
+            prefill_len = self.config.max_num_batched_tokens
+        if isinstance(prefill_len, bool) or not isinstance(prefill_len, int) or prefill_len < 0:
+            raise ValueError(f"prefill_len must be an int >= 0, got {prefill_len!r}")
+        prefill_len = min(prefill_len, self.max_model_len - 1)
         params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
         vocab = self.runner.vocab_size
-        for b in sizes:
-            for i in range(b):
-                self.add_request([(7 * i + j) % vocab for j in range(prompt_len)], params)
+        rounds = [[prompt_len] * b for b in sizes] + ([[prefill_len]] if prefill_len > prompt_len else [])
+        for lens in rounds:
+            for i, n in enumerate(lens):
+                self.add_request([(7 * i + j) % vocab for j in range(n)],
+                                 params if n + max_tokens <= self.max_model_len else
+                                 SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
             while self.has_work():
                 self.step()
         for k, v in self.stats.items():  # a fresh start for /metrics
