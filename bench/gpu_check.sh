@@ -216,9 +216,9 @@ bench() {  # name cap cmd...
 # Untuned GEMM configs (first candidate per bucket) in both unless the caller sets
 # COMETQ_GEMM_TUNE: tuning every bucket of four Llama-3-8B shapes does not fit a short run (run
 # 5: the tuned first W4Ax prefill step did not finish in 150 s)
-bench prefill "${PREFILL_CAP:-60}" env COMETQ_GEMM_TUNE="${COMETQ_GEMM_TUNE:-0}" \
+bench prefill "${PREFILL_CAP:-70}" env COMETQ_GEMM_TUNE="${COMETQ_GEMM_TUNE:-0}" \
   $PY bench/diag_prefill.py ${PREFILL_ARGS:---shapes 8x1024 --systems w4ax,fp --reps 2} --out "$W/prefill"
-SL=$(limit "${SERVING_CAP:-200}")
+SL=$(limit "${SERVING_CAP:-190}")
 # #7's target shape: batch 64, 1024 prompt / 512 output tokens. Systems in priority order (a
 # capped run keeps the rows that finished: the JSON is rewritten after each): the HF baseline
 # (~1 min at this shape), the target system (W4AxConfig() default: asymmetric g128 weights), the
