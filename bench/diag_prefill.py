@@ -137,8 +137,12 @@ def main(argv=None) -> int:
                 print(f"    {k['ms_per_step']:9.2f} ms x{k['launches_per_step']:<5.0f} {k['name'][:90]}")
             for k in r.get("top_cpu_ops", [])[:5]:
                 print(f"    cpu {k['ms_per_step']:9.2f} ms x{k['launches_per_step']:<5.0f} {k['name'][:90]}")
+            # which backend each quantized projection's GEMM / act-quant measured fastest at this M
+            from cometq import autotune
+
+            results["autotune"] = autotune.report()
             with open(path, "w") as f:
-                json.dump(results, f, indent=1)
+                json.dump(results, f, indent=1, default=str)
         del runner, qmodel
         if device == "cuda":
             torch.cuda.empty_cache()
