@@ -25,6 +25,7 @@
 #   prefill/prefill.json          bench/diag_prefill.py: one 8 x 1024-token prefill step, W4Ax-KV4 vs FP16 runner, profiled
 #   serving/serving_*.json|md     bench_serving.py (Llama-3-8B geometry, random weights, batch 64, 1024 / 512)
 #   microbench.json|md            pytest-benchmark microbenchmarks (bench/test_microbench.py) + ratio table
+#   raw_errors.log                bench/diag_raw_errors.py: every raw-op TORCH_CHECK raises ("ALL RAISED") or names the crash
 #   toolchain.txt                 bench/diag_toolchain.sh (GPU_CHECK_TOOLCHAIN=1): C++ toolchain facts + the raw-op error probe
 #   autotune.json/.log            which backend `auto` picked per case (cometq.autotune)
 #   tune_decode.json              bench/tune_decode.py: the decode buckets' tuned GEMM configs (last stage)
@@ -40,7 +41,7 @@
 #        MAX_JOBS (default 16), PYTHON (default python3), GPU_CHECK_BUDGET_S,
 #        PYTEST_ARGS (extra pytest arguments), PYTEST_WORKERS (xdist workers, default 8), GPU_CHECK_SKIP (comma list of stages
 #        to skip: build, triton_tests, cuda_tests, toolchain, diag, gemm, gemm_large, gemm_shares, gemm_class, microbench,
-#        attention, prefill, serving, autotune, tune_decode), GEMM_ARGS / ATTENTION_ARGS / SERVING_ARGS (the stages' arguments),
+#        attention, raw_errors, prefill, serving, autotune, tune_decode), GEMM_ARGS / ATTENTION_ARGS / SERVING_ARGS (the stages' arguments),
 #        GEMM_CAP / ATTENTION_CAP,
 #        TRITON_TEST_FILES / CUDA_TEST_FILES (the test files of the two test stages), TRITON_TEST_WORKERS (12) /
 #        CUDA_TEST_WORKERS, TRITON_TESTS_CAP / CUDA_TESTS_CAP / DIAG_CAP /
@@ -218,6 +219,9 @@ bench() {  # name cap cmd...
 # Untuned GEMM configs (first candidate per bucket) in both unless the caller sets
 # COMETQ_GEMM_TUNE: tuning every bucket of four Llama-3-8B shapes does not fit a short run (run
 # 5: the tuned first W4Ax prefill step did not finish in 150 s)
+# did setup.py's host-compiler choice fix the crash-on-TORCH_CHECK (run 5's root cause)? ~5 s;
+# "ALL RAISED" in raw_errors.log (the pytest twin sits late in the capped CUDA test stage)
+[ "$BUILD" = ok ] && bench raw_errors 20 $PY bench/diag_raw_errors.py
 bench prefill "${PREFILL_CAP:-70}" env COMETQ_GEMM_TUNE="${COMETQ_GEMM_TUNE:-0}" \
   $PY bench/diag_prefill.py ${PREFILL_ARGS:---shapes 8x1024 --systems w4ax,fp --reps 2} --out "$W/prefill"
 SL=$(limit "${SERVING_CAP:-190}")
