@@ -41,6 +41,14 @@ import triton.language as tl
 _RNE_MAGIC = 12582912.0
 
 
+def cometq_autotune():
+    """The ``cometq.autotune`` module, imported on first use (the package imports the kernels, so
+    not at import time): the kernels' own tuners follow its timing mode and ``frozen()``."""
+    import cometq.autotune
+
+    return cometq.autotune
+
+
 def interpreting() -> bool:
     """True when Triton kernels run in the CPU interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

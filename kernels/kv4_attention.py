@@ -48,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import _ASM_UNPACK, dummy, interpreting
+from ._common import _ASM_UNPACK, cometq_autotune, dummy, interpreting
 
 _NEG = tl.constexpr(-1.0e30)  # finite "minus infinity": exp2(_NEG - m) == 0 without inf - inf NaNs
 _LAZY = tl.constexpr(8.0)  # log2 headroom of the lazy softmax rescale (probabilities <= 256)
@@ -281,7 +281,8 @@ def kv4_attn_split_kernel(
     split = tl.program_id(2)
     # the split count is the grid's third dimension, not a constexpr: a decode batch's split count
     # follows its size and length (paged.default_num_splits), and a constexpr compiled a new kernel
-    # (and, untuned, a whole launch-config sweep) for every new count -- GPU run 5's 2-10 s steps
+    # (and, untuned, a whole launch-config sweep) for every new count -- the likeliest cause of
+    # GPU run 5's 2-10 s prefill steps
     num_splits = tl.num_programs(2)
     slot = tl.load(sid_ptr + b)
     lq = tl.load(qlen_ptr + slot)
@@ -531,18 +532,6 @@ def tuned_configs() -> Dict[str, dict]:
     return {repr(k): dict(dataclasses.asdict(v), split_factor=_SPLIT_FACTOR.get(k, 1)) for k, v in _TUNED.items()}
 
 
-_AUTOTUNE: list = []
-
-
-def _autotune():
-    """``cometq.autotune`` (imported on first use: the package imports this module)."""
-    if not _AUTOTUNE:
-        import cometq.autotune
-
-        _AUTOTUNE.append(cometq.autotune)
-    return _AUTOTUNE[0]
-
-
 def _capturing(dev: torch.device) -> bool:
     return dev.type == "cuda" and bool(torch.cuda.is_current_stream_capturing())
 
@@ -634,7 +623,7 @@ def kv4_decode_attention_triton(q, k_packed, k_scale, k_zero, v_packed, v_scale,
         config = AttnConfig(w, attention_tile(bs, group_size, fold_k, key_axis, value_axis), w < 4)
     factor = 1
     if config is None:
-        at = _autotune()
+        at = cometq_autotune()
         # program-count bucket: what decides occupancy (and so the best warps per program); the
         # timing mode (cometq.autotune.timing): a step replayed from a CUDA graph is timed as
         # graph replays, GPU time only (eager timing includes the launch)

@@ -96,7 +96,8 @@ import triton.language as tl
 from cometq.layout import BLOCK_K, SCALE_MODES, check_tensor
 from cometq.reference import FLOAT_DTYPES, check_group_size
 
-from ._common import checks_with_sync, derived, dummy, interpreting, next_pow2, nonempty, unpack_hi, unpack_lo
+from ._common import (checks_with_sync, cometq_autotune, derived, dummy, interpreting, next_pow2, nonempty,
+                      unpack_hi, unpack_lo)
 from .act_quant import split_rows_triton
 
 __all__ = [
@@ -1565,14 +1566,13 @@ def w4ax_gemm_triton(
         # under their own key.  Eager timing includes each call's host work, which for the TMA
         # kernel (descriptors built per call) swamps its GPU time at small M: run 5 measured
         # 8B.gate_up at M = 64 as 179 us eager vs 50.7 us replayed
-        graph_mode = _timing_mode() == "graph"
+        graph_mode = cometq_autotune().timing_mode() == "graph"
         # COMETQ_GEMM_TUNE=0 takes each bucket's first candidate untimed (the test suite sets
         # it: timing ~10 compiled candidates per shape would dominate a GPU test run)
         if dev.type == "cuda" and not interpreting() and os.environ.get("COMETQ_GEMM_TUNE", "1") != "0":
             if graph_mode:
-                from cometq.autotune import cuda_graph_timer
-
-                bench_fn = lambda c: cuda_graph_timer(lambda: launch(c, _path_for(c, path)), dev)  # noqa: E731
+                timer = cometq_autotune().cuda_graph_timer
+                bench_fn = lambda c: timer(lambda: launch(c, _path_for(c, path)), dev)  # noqa: E731
             else:
                 from triton.testing import do_bench
 
@@ -1603,16 +1603,6 @@ def _reduce_partials(red, n_programs: int, slots_per_tile: int, part, bias, out,
         m, n, slots_per_tile, out.stride(0), out.stride(1),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, GROUP_M=cfg.group_m, HAS_BIAS=bias is not None,
         HAS_TABLE=red is not None, num_warps=4, num_stages=1)
-
-
-def _timing_mode() -> str:
-    """``cometq.autotune.timing_mode()`` ("eager" when the package is not importable: the kernels
-    module also works on its own)."""
-    try:
-        from cometq.autotune import timing_mode
-    except ImportError:  # pragma: no cover - kernels used without the cometq package
-        return "eager"
-    return timing_mode()
 
 
 def _path_for(cfg: GemmConfig, requested: str) -> str:

@@ -43,7 +43,7 @@ def add_serve_args(p: argparse.ArgumentParser, default_model: str) -> None:
 
 def use_cuda_graphs(args, device: str) -> bool:
     """Decode steps from CUDA graphs.  Default: on for the KV4 pool on a CUDA device (one graph per
-    step; H100 run 3, batch 64: 2085 out tok/s with them, the graph-vs-eager token tests pass),
+    step; H100 run 3, batch 64: 2085 out tok/s with them, 2083 with piecewise graphs),
     off otherwise -- the full-precision pool's piecewise graphs measured SLOWER than its eager
     steps in run 3 (451 vs 1425 tok/s, unexplained), and the CPU has none.  ``--enforce-eager`` /
     ``--no-cuda-graphs`` turn them off, ``--cuda-graphs`` asks for them (a CPU device then fails
