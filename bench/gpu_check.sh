@@ -228,13 +228,14 @@ SL=$(limit "${SERVING_CAP:-190}")
 # #7's target shape: batch 64, 1024 prompt / 512 output tokens. Systems in priority order (a
 # capped run keeps the rows that finished: the JSON is rewritten after each): the HF baseline
 # (~1 min at this shape), the target system (W4AxConfig() default: asymmetric g128 weights), the
-# FP16 engine it is compared with, then the same system with symmetric g128 weights (the TMA
+# FP16 engine it is compared with, the target system with async scheduling off (what queuing
+# each decode step ahead of the host buys), then the same system with symmetric g128 weights (the TMA
 # kernels' format), and last the FP16 engine with piecewise graphs (run 3: slower than eager,
 # unexplained). The rows carry per-step times split into prefill and decode-only steps and what
 # was tuned inside the timed run.
 # shellcheck disable=SC2086
 bench serving "$SL" env COMETQ_GEMM_TUNE="${COMETQ_GEMM_TUNE:-0}" $PY bench/bench_serving.py \
-  ${SERVING_ARGS:---batch-sizes 64 --input-len 1024 --output-len 512 --systems hf-generate,cometq-w4ax-kv4+graphs,cometq-fp,cometq-w4ax-kv4+graphs@sym-g128,cometq-fp+graphs} \
+  ${SERVING_ARGS:---batch-sizes 64 --input-len 1024 --output-len 512 --systems hf-generate,cometq-w4ax-kv4+graphs,cometq-fp,cometq-w4ax-kv4+graphs-sync,cometq-w4ax-kv4+graphs@sym-g128,cometq-fp+graphs} \
   --out "$W/serving"
 # ---------------------------------------------------------------- CUDA-op and engine tests
 if [ "$BUILD" = ok ] && ! skip cuda_tests; then

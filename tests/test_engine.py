@@ -697,3 +697,140 @@ def test_request_token_slice_equals_all_ids_slice():
         for a in range(n_p + n_o + 1):
             for b in range(a, n_p + n_o + 1):
                 assert req.token_slice(a, b) == req.all_ids[a:b], (n_p, n_o, a, b)
+
+
+# ---------------------------------------------------------------- async scheduling
+def _async_engine(model, *, async_scheduling, graphs=True, num_blocks=40, max_seqs=6, budget=64, group=4):
+    r = ModelRunner.build(model, kv4=True, num_blocks=num_blocks, block_size=8, max_seqs=max_seqs, group_size=group)
+    if graphs:
+        r.enable_cuda_graphs(max_batch=8, graphs=False)  # the full-step path, run eagerly on the CPU
+    return Engine(r, None, EngineConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget,
+                                        async_scheduling=async_scheduling))
+
+
+def _drive(e, prompts, params, late=(), abort_at=None, max_steps=3000):
+    """Run ``prompts`` (``late``: (step, prompt, params) submitted after that many steps;
+    ``abort_at``: (step, index) aborts a request then); returns the requests."""
+    reqs = [e.add_request(p, sp) for p, sp in zip(prompts, params)]
+    for n in range(max_steps):
+        for at, p, sp in late:
+            if at == n:
+                reqs.append(e.add_request(p, sp))
+        if abort_at is not None and abort_at[0] == n:
+            e.abort(reqs[abort_at[1]].request_id)
+        if not e.has_work() and n > max((at for at, _, _ in late), default=0):
+            break
+        e.step()
+    assert not e.has_work()
+    return reqs
+
+
+def _outcome(reqs):
+    return [(q.output_ids, q.finish_reason) for q in reqs]
+
+
+def test_async_scheduling_same_outputs_as_sync(w4ax_model):
+    """Async scheduling (decode step N+1 queued, fed by the device, before step N's tokens are
+    read) gives the synchronous engine's outputs exactly: requests finishing at different
+    lengths (the step before a length stop is never queued ahead: no row is wasted), one
+    stopping on a stop token and one aborted while a step is queued ahead (those rows are
+    dropped), late arrivals joining -- and frees every block."""
+    prompts = [_rand_ids(5 + 3 * i, 300 + i) for i in range(5)]
+    greedy = [SamplingParams(max_tokens=n, temperature=0) for n in (14, 9, 20, 3, 17)]
+    ref = _drive(_async_engine(w4ax_model, async_scheduling=False), prompts, greedy)
+    # a stop token in the middle of request 2's output: it stops there while the others go on
+    out2 = ref[2].output_ids
+    k = next(i for i in range(4, len(out2)) if out2[i] not in out2[:i])
+    stopping = list(greedy)
+    stopping[2] = SamplingParams(max_tokens=20, temperature=0, stop_token_ids=(out2[k],))
+    late = [(6, _rand_ids(7, 400), SamplingParams(max_tokens=8, temperature=0)),
+            (11, _rand_ids(4, 401), SamplingParams(max_tokens=12, temperature=0))]
+    for case, kw in (("stop+abort", dict(params=stopping, abort_at=(k + 5, 0))),
+                     ("late arrivals", dict(params=greedy, late=late))):
+        runs = {}
+        for mode in ("sync", "async", "eager"):
+            e = _async_engine(w4ax_model, async_scheduling=mode == "async", graphs=mode != "eager")
+            runs[mode] = (_outcome(_drive(e, prompts, kw["params"], late=kw.get("late", ()),
+                                          abort_at=kw.get("abort_at"))), e)
+        assert runs["async"][0] == runs["sync"][0] == runs["eager"][0], case
+        ea = runs["async"][1]
+        assert ea.async_steps > 5 and runs["sync"][1].async_steps == 0, case
+        assert ea.pool.num_used_blocks == 0, case
+        # the device lengths agree with the host ledger (every queued-ahead append was accounted or freed)
+        kv = ea.pool.kv
+        assert kv._lens[0].tolist() == kv._qlen and kv._lens[1].tolist() == kv._tlen, case
+        if case == "stop+abort":
+            got = runs["async"][0]
+            assert got[2] == (out2[:k], "stop") and got[0][1] == "abort" and len(got[0][0]) < 14
+            assert ea.async_dropped == 2  # the stopped and the aborted request's queued-ahead rows
+        else:
+            assert [r[1] for r in runs["async"][0]] == ["length"] * 7
+            assert ea.async_dropped == 0
+
+
+def test_async_scheduling_falls_back_where_it_cannot_apply(w4ax_model):
+    """Sampling requests (their logits go to the host), a full pool (no room to queue ahead:
+    preemption goes the ordinary way) and a failing continue (disabled with a warning) keep
+    the synchronous outputs."""
+    prompts = [_rand_ids(6 + i, 500 + i) for i in range(4)]
+    mixed = [SamplingParams(max_tokens=10, temperature=0)] * 3 + [SamplingParams(max_tokens=10, temperature=0.8,
+                                                                                seed=7)]
+    for kw in (dict(), dict(num_blocks=7)):  # 7 blocks of 8: preemption
+        sp = mixed if not kw else [SamplingParams(max_tokens=10, temperature=0)] * 4
+        outs = []
+        for mode in (False, True):
+            e = _async_engine(w4ax_model, async_scheduling=mode, **kw)
+            outs.append((_outcome(_drive(e, prompts, sp)), e))
+        assert outs[0][0] == outs[1][0]
+        assert outs[1][1].pool.num_used_blocks == 0
+        if kw:
+            assert outs[1][1].stats["preemptions"] > 0
+        else:
+            assert outs[1][1].async_steps == 0  # a sampling request in every step's batch
+    e = _async_engine(w4ax_model, async_scheduling=True)
+
+    def broken(prev):
+        raise RuntimeError("no feedback")
+
+    e.runner.decode_continue = broken
+    greedy = [SamplingParams(max_tokens=6, temperature=0)] * 2
+    with pytest.warns(RuntimeWarning, match="async scheduling disabled: RuntimeError: no feedback"):
+        got = _outcome(_drive(e, prompts[:2], greedy))
+    ref = _outcome(_drive(_async_engine(w4ax_model, async_scheduling=False), prompts[:2], greedy))
+    assert got == ref and e.async_steps == 0 and not e._async
+
+
+def test_decode_continue_checks(w4ax_model):
+    """decode_continue refuses a future that is not the last step of its bucket, and a pool
+    without room for the next token -- before touching the pool."""
+    r = ModelRunner.build(w4ax_model, kv4=True, num_blocks=16, block_size=8, max_seqs=4, group_size=4)
+    assert r.decode_async([Chunk(0, [1], 3)]) is None  # no decode graphs: the caller runs forward
+    r.enable_cuda_graphs(max_batch=4, graphs=False)
+    for s in range(2):
+        r.pool.reserve(s, 9)
+    with torch.no_grad():
+        r.forward([Chunk(s, _rand_ids(7, s), 0) for s in range(2)])
+    assert r.decode_async([Chunk(0, _rand_ids(3, 9), 0), Chunk(1, [2], 7)]) is None  # a prefill chunk
+    f1 = r.decode_async([Chunk(0, [1], 7), Chunk(1, [2], 7)])
+    f2 = r.decode_continue(f1)  # positions 8
+    assert f2.starts == [8, 8] and len(f1.tokens()) == 2
+    with pytest.raises(RuntimeError, match="another step ran on this batch bucket"):
+        r.decode_continue(f1)
+    # one block of 8 + a staged tail of group - 1 = 3: room for 11 tokens (positions 0..10)
+    f = r.decode_continue(r.decode_continue(f2))
+    assert f.starts == [10, 10]
+    before = (repr(r.pool.kv._qlen), repr(r.pool.kv._tlen), r.pool.kv._lens.clone())
+    with pytest.raises(ValueError, match="would reach 12 tokens but its reservation holds 11"):
+        r.decode_continue(f)
+    assert (repr(r.pool.kv._qlen), repr(r.pool.kv._tlen)) == before[:2] and torch.equal(r.pool.kv._lens, before[2])
+    with pytest.raises(RuntimeError, match="DecodeFuture of this runner"):
+        r.decode_continue("f")
+    # the fed-back tokens are the greedy tokens: continuing == forwarding the argmax by hand
+    r3 = ModelRunner.build(w4ax_model, kv4=True, num_blocks=16, block_size=8, max_seqs=4, group_size=4)
+    for s in range(2):
+        r3.pool.reserve(s, 9)
+    with torch.no_grad():
+        r3.forward([Chunk(s, _rand_ids(7, s), 0) for s in range(2)])
+        t1 = r3.forward([Chunk(0, [1], 7), Chunk(1, [2], 7)]).argmax(-1).tolist()
+        t2 = r3.forward([Chunk(0, [t1[0]], 8), Chunk(1, [t1[1]], 8)]).argmax(-1).tolist()
+    assert f1.tokens() == t1 and f2.tokens() == t2

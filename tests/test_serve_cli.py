@@ -24,6 +24,19 @@ def test_cli_parsers():
     assert (a.quantize, a.kv4, a.port, a.host) == (False, False, 0, "127.0.0.1")
     assert a.cuda_graphs is None and a.enforce_eager is False and a.warmup is None
     assert build_parser().parse_args(["serve", "--cuda-graphs"]).cuda_graphs is True
+    assert a.async_scheduling is True
+    assert build_parser().parse_args(["serve", "--no-async-scheduling"]).async_scheduling is False
+    from cometq.serve.bench import parse_system
+    from cometq.serve.launch import build_engine
+
+    assert parse_system("cometq-w4ax-kv4+graphs-sync@sym-g128") == ("cometq-w4ax-kv4+graphs-sync",
+                                                                    {"weight_sym": True, "group_size": 128})
+    assert build_engine(tiny_model(), None, kv4=True, num_blocks=4, block_size=16,
+                        async_scheduling=False).config.async_scheduling is False
+    with pytest.raises(TypeError, match="async_scheduling must be a bool"):
+        from cometq.serve.engine import EngineConfig
+
+        EngineConfig(async_scheduling=1)
     from cometq.serve.cli import use_cuda_graphs
 
     def graphs(*argv, device="cuda"):

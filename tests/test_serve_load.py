@@ -11,11 +11,15 @@ pytest.importorskip("httpx")
 from cometq.serve.loadtest import run_load_test  # noqa: E402
 
 
-@pytest.mark.parametrize("kv4", [False, True])
-def test_load_mixed_requests(kv4):
+@pytest.mark.parametrize("kv4,full_step", [(False, False), (True, False), (True, True)])
+def test_load_mixed_requests(kv4, full_step):
+    # full_step: the KV4 decode steps through the full-step graph path (run eagerly on the CPU),
+    # so async scheduling serves the load: disconnects abort requests with a step queued ahead
     n = 200 if not kv4 else 60
-    rep = run_load_test(requests=n, concurrency=32, malformed=0.1, disconnect=0.1, max_tokens=8, seed=1 + kv4,
-                        timeout=120.0, kv4=kv4)
+    rep = run_load_test(requests=n, concurrency=32, malformed=0.1, disconnect=0.1, max_tokens=8 + 4 * full_step,
+                        seed=1 + kv4 + full_step, timeout=120.0, kv4=kv4, full_step=full_step)
+    if full_step:
+        assert rep["async_steps"] > 0
     assert rep["failures"] == []
     assert rep["ok"] + rep["rejected_with_error"] + rep["disconnected"] == n
     assert rep["rejected_with_error"] > 0 and rep["disconnected"] > 0 and rep["ok"] > n // 2

@@ -44,8 +44,10 @@ SYSTEMS = ("cometq-w4ax-kv4", "cometq-fp", "hf-generate")
 #: also accepted by --systems: the cometq systems with CUDA graphs for decode steps
 #: (ModelRunner.enable_cuda_graphs; GPU only): "+graphs" the default scheme (full-step for KV4),
 #: "+piecewise" piecewise graphs (attention and appends eager between them)
-ALL_SYSTEMS = SYSTEMS + ("cometq-w4ax-kv4+graphs", "cometq-fp+graphs", "cometq-w4ax-kv4+piecewise")
-_GRAPH_SUFFIXES = ("+graphs", "+piecewise")
+#: "+graphs-sync" the default scheme with the engine's async scheduling off (EngineConfig)
+ALL_SYSTEMS = SYSTEMS + ("cometq-w4ax-kv4+graphs", "cometq-fp+graphs", "cometq-w4ax-kv4+piecewise",
+                         "cometq-w4ax-kv4+graphs-sync")
+_GRAPH_SUFFIXES = ("+graphs", "+piecewise", "+graphs-sync")
 #: a W4Ax system may name its weight format: "cometq-w4ax-kv4+graphs@sym-g128" (symmetric INT4
 #: weights in groups of 128: the Hopper TMA kernel's format), "@asym-g32", ...; without one the
 #: system runs ``W4AxConfig()``'s default (asymmetric, groups of 128)
@@ -178,9 +180,10 @@ def _sync(device):
 
 
 def run_engine(model, *, kv4: bool, batch: int, in_len: int, out_len: int, block_size: int, budget: int,
-               device: str, seed: int, cuda_graphs=False, step_profile: bool = True) -> Dict:
+               device: str, seed: int, cuda_graphs=False, step_profile: bool = True,
+               async_scheduling: bool = True) -> Dict:
     """One engine run.  ``cuda_graphs``: False, True (the runner's default scheme) or
-    ``"piecewise"``."""
+    ``"piecewise"``; ``async_scheduling``: the engine's (EngineConfig)."""
     from .engine import Engine, EngineConfig
     from .runner import ModelRunner
     from .sampling import SamplingParams
@@ -191,7 +194,7 @@ def run_engine(model, *, kv4: bool, batch: int, in_len: int, out_len: int, block
     if cuda_graphs:  # captured during the warm-up below (first decode step of the batch)
         runner.enable_cuda_graphs(max_batch=max(batch, 1), full=False if cuda_graphs == "piecewise" else None)
     eng = Engine(runner, None, EngineConfig(max_num_seqs=batch, max_num_batched_tokens=budget,
-                                            max_model_len=in_len + out_len))
+                                            max_model_len=in_len + out_len, async_scheduling=async_scheduling))
     sp = SamplingParams(max_tokens=out_len, temperature=0, ignore_eos=True)
     # warm-up with the measured batch shape (full prompts, a few decode steps): every
     # kernel specialization and GEMM shape bucket the run hits is compiled (and tuned)
@@ -235,6 +238,8 @@ def run_engine(model, *, kv4: bool, batch: int, in_len: int, out_len: int, block
         res.update(step_breakdown(step_s, step_shapes))
     # decisions made inside the timed run (a tuning there is a stall the warm-up should have paid)
     res["tuned_in_timed_run"] = {k: tuned1[k] - tuned0.get(k, 0) for k in tuned1 if tuned1[k] != tuned0.get(k, 0)}
+    # decode steps queued ahead of the host (async scheduling; counted over warm-up + timed run)
+    res.update(async_scheduling=async_scheduling, async_steps=eng.async_steps, async_dropped_rows=eng.async_dropped)
     graphs = getattr(runner, "_graphs", None)
     if graphs is not None:  # which decode-graph scheme ran (full-step or piecewise)
         res["decode_graphs"] = "full-step" if graphs.full else "piecewise"
@@ -457,7 +462,8 @@ def run_bench(args, progress=None) -> Dict:
                                    in_len=in_len, out_len=out_len,
                                    block_size=args.block_size, budget=budget, device=device, seed=args.seed,
                                    cuda_graphs="piecewise" if base.endswith("+piecewise")
-                                   else base.endswith("+graphs"),
+                                   else base.endswith(("+graphs", "+graphs-sync")),
+                                   async_scheduling=not base.endswith("-sync"),
                                    # the graph systems only: the eager ones are host-bound by design
                                    step_profile=base.endswith(_GRAPH_SUFFIXES) and not getattr(args, "no_step_profile",
                                                                                         False))
@@ -503,6 +509,8 @@ def markdown(res: Dict) -> str:
         prof = (f"{r['decode_step_wall_ms']:.2f} / {r['decode_step_gpu_busy_ms']:.2f}"
                 if "decode_step_wall_ms" in r else "–")
         label = r["system"] + (f" ({r['decode_graphs']})" if "decode_graphs" in r else "")
+        if r.get("async_steps"):  # decode steps queued ahead of the host (async scheduling)
+            label += f" [async {r['async_steps']} steps]"
         lines.append(f"| {label} | {r['batch']} | {r['input_len']}/{r['output_len']} | "
                      f"{r['output_tokens_per_s']:.1f} | {r['total_tokens_per_s']:.1f} | {r['ttft_mean_s'] * 1e3:.1f} | "
                      f"{r['ttft_p90_s'] * 1e3:.1f} | {r['tpot_mean_s'] * 1e3:.2f} | {prof} |")

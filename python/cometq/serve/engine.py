@@ -26,6 +26,7 @@ import itertools
 import threading
 import time
 import traceback
+import warnings
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Deque, Dict, List, Optional, Sequence
@@ -57,18 +58,29 @@ class EngineConfig:
     * ``max_model_len``: prompt + output tokens per request (default: the model's
       context, capped by what the pool holds).
     * ``max_queue``: waiting requests beyond which submissions are rejected.
+    * ``async_scheduling``: while the GPU runs decode step N, queue step N+1 before reading
+      N's tokens (the host's bookkeeping, streaming and launch of a step then overlap the
+      GPU's previous step instead of idling it).  Applies where the runner has full-step
+      decode graphs (``ModelRunner.enable_cuda_graphs`` with the KV4 pool) and the step
+      after N is sure to run the same requests (all greedy and decoding, none reaching
+      ``max_tokens`` at N, no request waiting for a free slot, no abort pending); a request
+      that stops at N (a stop token or string) has its extra step's token dropped.
+      Outputs are identical either way.
     """
 
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 512
     max_model_len: Optional[int] = None
     max_queue: int = 1024
+    async_scheduling: bool = True
 
     def __post_init__(self):
         for n in ("max_num_seqs", "max_num_batched_tokens", "max_queue"):
             v = getattr(self, n)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{n} must be an int >= 1, got {v!r}")
+        if not isinstance(self.async_scheduling, bool):
+            raise TypeError(f"async_scheduling must be a bool, got {self.async_scheduling!r}")
         v = self.max_model_len
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 2):
             raise ValueError(f"max_model_len must be an int >= 2 or None, got {v!r}")
@@ -158,6 +170,12 @@ class Engine:
         # what the last step ran: (decode sequences, prefill chunks, prefill tokens); benchmarks
         # read it to tell a slow prefill step from a slow decode step
         self.last_step_shape = (0, 0, 0)
+        # async scheduling: the decode step queued ahead (its future, requests and sequence ids),
+        # and how many steps were queued that way
+        self._ahead: Optional[tuple] = None
+        self._async = config.async_scheduling
+        self.async_steps = 0
+        self.async_dropped = 0  # rows computed ahead for requests that had stopped meanwhile
 
     # -- submission ---------------------------------------------------------------
     def validate(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
@@ -324,29 +342,104 @@ class Engine:
         return plan
 
     def step(self) -> int:
-        """One scheduler iteration; returns the number of tokens run through the model."""
+        """One scheduler iteration; returns the number of tokens run through the model.
+
+        With async scheduling a step may have been queued by the previous call: this call then
+        queues the one after it (when the batch stays the same) and reads the queued one's tokens."""
         self._process_aborts()
+        if self._ahead is not None:
+            fut, reqs, seq_ids = self._ahead
+            self._ahead = None
+            live = [r.status == _RUNNING and r.seq_id == s for r, s in zip(reqs, seq_ids)]
+            self.async_dropped += live.count(False)
+            if any(live):
+                plan = [(r, 1) for r in reqs]
+                self.last_step_shape = (len(reqs), 0, 0)
+                if all(live):
+                    self._queue_ahead(plan, fut)
+                return self._read_future(plan, fut, live)
         plan = self.schedule()
         if not plan:
             return 0
         chunks = [Chunk(r.seq_id, r.token_slice(r.num_computed, r.num_computed + n), r.num_computed) for r, n in plan]
         n_dec = sum(1 for c in chunks if c.is_decode)
         self.last_step_shape = (n_dec, len(chunks) - n_dec, sum(len(c.tokens) for c in chunks if not c.is_decode))
+        fut = None
         try:
-            logits = self.runner.forward(chunks)
+            if (self._async and n_dec == len(chunks) and all(r.params.greedy for r, _ in plan)
+                    and self.runner.supports_async_decode(len(chunks))):
+                fut = self.runner.decode_async(chunks)  # None: run it through forward
+            if fut is None:
+                logits = self.runner.forward(chunks)
         except Exception as e:  # fail this step's requests loudly, keep serving the others
             traceback.print_exc()
             for r, _ in plan:
                 self._finish(r, "error", error=f"{type(e).__name__}: {e}")
             return 0
+        if fut is not None:
+            self._queue_ahead(plan, fut)
+            return self._read_future(plan, fut, [True] * len(plan))
         # one device->host transfer per step: argmax of every row, and the logits themselves
         # only when some request samples (its torch.Generator lives on the CPU)
         greedy = logits.argmax(dim=-1).tolist()
         host = logits.cpu() if any(not r.params.greedy for r, _ in plan) else None
+        return self._process(plan, greedy, host)
+
+    def _can_queue_ahead(self, reqs: List[Request]) -> bool:
+        """Is the step after the one in flight sure to run exactly ``reqs``, one decode token
+        each (what the scheduler would plan once that step's tokens are in)?"""
+        if not self._async or self.running != reqs or len(reqs) > self.config.max_num_batched_tokens:
+            return False
+        with self._lock:
+            if self._aborts or (self.waiting and len(self.running) < self.max_num_seqs):
+                return False
+        for r in reqs:
+            # the step in flight adds one output token: the request must go on after it
+            if (not r.params.greedy or r.num_computed + 1 != r.num_tokens or len(r.output_ids) + 1 >= r.params.max_tokens
+                    or r.num_tokens + 1 >= self.max_model_len):
+                return False
+        return True
+
+    def _queue_ahead(self, plan: List[tuple], fut) -> None:
+        """Async scheduling: queue the step after ``fut``'s before reading ``fut``'s tokens."""
+        reqs = [r for r, _ in plan]
+        if not self._can_queue_ahead(reqs):
+            return
+        # room for the queued step's token (the one in flight has its room already); no preemption
+        # here -- a full pool just means the next step is scheduled the ordinary way
+        if not all(self._reserve(r, r.num_computed + 2) for r in reqs):
+            return
+        try:
+            nxt = self.runner.decode_continue(fut)
+        except Exception as e:  # noqa: BLE001 - an engine/runner mismatch: serve on synchronously
+            warnings.warn(f"async scheduling disabled: {type(e).__name__}: {e}", RuntimeWarning, stacklevel=2)
+            self._async = False
+            return
+        self._ahead = (nxt, reqs, [r.seq_id for r in reqs])
+        self.async_steps += 1
+
+    def _read_future(self, plan: List[tuple], fut, live: List[bool]) -> int:
+        try:
+            toks = fut.tokens()
+        except Exception as e:  # a device error: fail the step's requests (as a failed forward does)
+            traceback.print_exc()
+            for (r, _), ok in zip(plan, live):
+                if ok:
+                    self._finish(r, "error", error=f"{type(e).__name__}: {e}")
+            return 0
+        return self._process(plan, toks, None, live)
+
+    def _process(self, plan: List[tuple], greedy: List[int], host: Optional[torch.Tensor],
+                 live: Optional[List[bool]] = None) -> int:
+        """Account a finished step: ``greedy`` = each row's argmax token, ``host`` = its logits
+        on the CPU (for sampling requests); rows not ``live`` (their request stopped, was aborted
+        or preempted while the step was queued ahead) are dropped."""
         now = time.monotonic()
         self.stats["steps"] += 1
         n_tok = 0
         for i, (req, n) in enumerate(plan):
+            if live is not None and not live[i]:
+                continue
             req.num_computed += n
             n_tok += n
             if req.num_computed < req.num_tokens:

@@ -180,7 +180,8 @@ async def _run(url: str, n: int, concurrency: int, p_bad: float, p_disc: float, 
 
 def run_load_test(*, url: Optional[str] = None, requests: int = 1000, concurrency: int = 32, malformed: float = 0.1,
                   disconnect: float = 0.1, max_tokens: int = 8, seed: int = 0, timeout: float = 120.0,
-                  num_blocks: Optional[int] = None, kv4: bool = False, torch_threads: Optional[int] = 1) -> Dict:
+                  num_blocks: Optional[int] = None, kv4: bool = False, torch_threads: Optional[int] = 1,
+                  full_step: bool = False) -> Dict:
     """Run the load test (own tiny-model server unless ``url``); returns a report dict.
 
     Own server: a full-precision pool of 24 blocks (preemption under load: recomputed
@@ -190,7 +191,12 @@ def run_load_test(*, url: Optional[str] = None, requests: int = 1000, concurrenc
     earlier chunks through the 4-bit cache), so a recomputed or re-chunked request may
     legitimately continue differently from its solo run.
     ``torch_threads``: intra-op threads for the run (1 avoids OpenMP spin-waiting
-    against the HTTP and client threads on small machines; None leaves it)."""
+    against the HTTP and client threads on small machines; None leaves it).
+    ``full_step`` (with ``kv4``): decode steps take the full-step CUDA-graph path, run
+    eagerly (``enable_cuda_graphs(graphs=False)``), so the engine's async scheduling -- a
+    step queued before the previous one's tokens are read -- serves the load as on a GPU."""
+    if full_step and not kv4:
+        raise ValueError("full_step needs kv4=True (the full-step decode path is the KV4 pool's)")
     import torch
 
     old_threads = torch.get_num_threads()
@@ -209,6 +215,8 @@ def run_load_test(*, url: Optional[str] = None, requests: int = 1000, concurrenc
         eng = build_engine(tiny_model(), tok, kv4=kv4, num_blocks=num_blocks, block_size=16, max_num_seqs=16,
                            max_num_batched_tokens=2048 if kv4 else 128, max_model_len=256,
                            **({"group_size": 16} if kv4 else {}))
+        if full_step:
+            eng.runner.enable_cuda_graphs(max_batch=eng.max_num_seqs, graphs=False, full=True)
         stack = start_stack(eng, tok, server_config=ServerConfig(model_name="tiny", max_prompt_tokens=max_prompt,
                                                                  max_concurrent_requests=concurrency + 8))
         url = stack.base_url
@@ -224,6 +232,7 @@ def run_load_test(*, url: Optional[str] = None, requests: int = 1000, concurrenc
             rep["preemptions"] = eng.stats["preemptions"]
             rep["aborted"] = eng.stats["aborted"]
             rep["engine_alive"] = stack.loop.alive
+            rep["async_steps"] = eng.async_steps
             if rep["kv_blocks_used_after"]:
                 rep["failures"].append(f"{rep['kv_blocks_used_after']} KV blocks still in use after the run")
         if rep["health_status"] != 200:
@@ -245,11 +254,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--disconnect", type=float, default=0.1)
     p.add_argument("--max-tokens", type=int, default=8)
     p.add_argument("--kv4", action="store_true", help="own server: 4-bit KV pool")
+    p.add_argument("--full-step", action="store_true",
+                   help="own --kv4 server: decode through the full-step graph path run eagerly (async scheduling)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the report here")
     a = p.parse_args(argv)
     rep = run_load_test(url=a.url, requests=a.requests, concurrency=a.concurrency, malformed=a.malformed,
-                        disconnect=a.disconnect, max_tokens=a.max_tokens, seed=a.seed, kv4=a.kv4)
+                        disconnect=a.disconnect, max_tokens=a.max_tokens, seed=a.seed, kv4=a.kv4,
+                        full_step=a.full_step)
     short = {k: v for k, v in rep.items() if k != "failures"}
     short["n_failures"] = len(rep["failures"])
     print(json.dumps(short, indent=2))

@@ -35,7 +35,7 @@ from .. import autotune
 from ..paged import to_device_ints
 from .kv import KVPool, PagedFPPool
 
-__all__ = ["Chunk", "ModelRunner", "model_geometry"]
+__all__ = ["Chunk", "DecodeFuture", "ModelRunner", "model_geometry"]
 
 
 @dataclass
@@ -392,11 +392,8 @@ class ModelRunner:
     def disable_cuda_graphs(self) -> None:
         self._graphs = None
 
-    @torch.inference_mode()
-    def forward(self, chunks: Sequence[Chunk], *, all_logits: bool = False) -> torch.Tensor:
-        """Run one step.  Returns logits (float32) of each chunk's last token ``[len(chunks), V]``
-        (or of every token ``[T_total, V]`` with ``all_logits``).  The chunks' K/V are
-        written to the pool, which must already hold capacity for them (``pool.reserve``)."""
+    def _flatten(self, chunks: Sequence[Chunk]):
+        """Checked token ids, positions and row offsets of a step's chunks, concatenated."""
         if not chunks:
             raise ValueError("forward needs at least one chunk")
         ids, pos, offsets = [], [], []
@@ -410,10 +407,57 @@ class ModelRunner:
             offsets.append(len(ids))
             ids.extend(c.tokens)
             pos.extend(range(c.start, c.start + len(c.tokens)))
-        t = len(ids)
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
             raise ValueError(f"token ids out of range [0, {self.vocab_size}): {bad[:5]}")
+        return ids, pos, offsets
+
+    # -- asynchronous greedy decode (the engine's async scheduling) ---------------------
+    def supports_async_decode(self, batch: int) -> bool:
+        """Whether :meth:`decode_async` / :meth:`decode_continue` run a pure-decode step of
+        ``batch`` sequences here: full-step decode graphs are on (``enable_cuda_graphs``; run
+        eagerly with ``graphs=False``) and the batch fits them."""
+        g = getattr(self, "_graphs", None)
+        return g is not None and g.full and g.fits(batch)
+
+    @torch.inference_mode()
+    def decode_async(self, chunks: Sequence[Chunk]) -> Optional["DecodeFuture"]:
+        """Queue a pure-decode step and return at once: a :class:`DecodeFuture` of each row's
+        greedy token (the argmax of its logits, computed inside the step), or ``None`` where
+        the step cannot run that way (no full-step graphs, a batch they do not fit, a chunk
+        that is not a decode token, a capture that failed) -- run :meth:`forward` then.
+        Checks and pool effects are :meth:`forward`'s."""
+        if not chunks or not self.supports_async_decode(len(chunks)) or not all(c.is_decode for c in chunks):
+            return None
+        ids, pos, _ = self._flatten(chunks)
+        try:
+            return self._graphs.run_full(chunks, ids, pos, future=True)
+        except _CaptureFailed as e:  # raised before the step touched the pool (see forward)
+            warnings.warn(f"{e}; decode steps run eagerly from now on", RuntimeWarning, stacklevel=2)
+            self._graphs = None
+            return None
+
+    @torch.inference_mode()
+    def decode_continue(self, prev: "DecodeFuture") -> "DecodeFuture":
+        """Queue the decode step after ``prev``'s without waiting for ``prev``: the same
+        sequences, one position on, each fed the token ``prev`` produces -- on the device (the
+        step graph writes its argmax ids and the next positions into its own input buffer), so
+        the host neither reads ``prev``'s tokens nor copies anything to the GPU.  ``prev`` must
+        be the last step run on its batch bucket; the pool must hold room for one more token
+        per sequence (``pool.reserve``).  Raises ``ValueError`` / ``RuntimeError`` before
+        touching the pool."""
+        g = getattr(self, "_graphs", None)
+        if g is None or not isinstance(prev, DecodeFuture) or prev.graphs is not g:
+            raise RuntimeError("decode_continue needs a DecodeFuture of this runner's current decode graphs")
+        return g.continue_full(prev)
+
+    @torch.inference_mode()
+    def forward(self, chunks: Sequence[Chunk], *, all_logits: bool = False) -> torch.Tensor:
+        """Run one step.  Returns logits (float32) of each chunk's last token ``[len(chunks), V]``
+        (or of every token ``[T_total, V]`` with ``all_logits``).  The chunks' K/V are
+        written to the pool, which must already hold capacity for them (``pool.reserve``)."""
+        ids, pos, offsets = self._flatten(chunks)
+        t = len(ids)
         dev = self.device
         graphs = getattr(self, "_graphs", None)
         if graphs is not None and not all_logits and all(c.is_decode for c in chunks) and graphs.fits(len(chunks)):
@@ -536,6 +580,50 @@ class _DecodeBucket:
         # attention slots (padding rows repeat a real one); one host->device copy per step
         self.meta = torch.zeros(4, bp, dtype=torch.int32, device=dev)
         self.num_splits = 1
+        # full-step mode: each row's argmax token (written by the step, read by DecodeFuture),
+        # pinned host copies of it (a ring: a step may be queued while the previous one's
+        # tokens are still being read) and the future of the last step run on this bucket
+        self.next_ids: Optional[torch.Tensor] = None
+        self._host_ids = [None] * 3
+        self._launches = 0
+        self.last: Optional["DecodeFuture"] = None
+
+
+class DecodeFuture:
+    """The greedy tokens of a queued full-step decode step (:meth:`ModelRunner.decode_async`).
+
+    ``tokens()`` waits for that step only (a CUDA event after the device->host copy of its
+    argmax ids), not for steps queued after it."""
+
+    def __init__(self, graphs: "_DecodeGraphs", st: _DecodeBucket, seq_ids: List[int], starts: List[int]):
+        self.graphs, self.bucket = graphs, st
+        self.seq_ids, self.starts = seq_ids, starts
+        b = len(seq_ids)
+        src = st.next_ids[:b]
+        if src.device.type == "cuda":
+            i = st._launches % len(st._host_ids)
+            buf = st._host_ids[i]
+            if buf is None:
+                buf = st._host_ids[i] = torch.empty(st.bp, dtype=src.dtype, pin_memory=True)
+            self._host = buf[:b]
+            self._host.copy_(src, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host, self._event = src.clone(), None
+        st._launches += 1
+        self._tokens: Optional[List[int]] = None
+
+    def done(self) -> bool:
+        return self._event is None or self._event.query()
+
+    def tokens(self) -> List[int]:
+        """Each row's argmax token id (waits for the step)."""
+        if self._tokens is None:
+            if self._event is not None:
+                self._event.synchronize()
+            self._tokens = self._host.tolist()
+        return self._tokens
 
 
 class _DecodeGraphs:
@@ -654,6 +742,13 @@ class _DecodeGraphs:
             st.logits = r.model.lm_head(x).float()
         else:
             st.logits = r._head(h)
+        # device feedback (async scheduling, decode_continue): each row's greedy token and the
+        # next position become the inputs of a replay that follows with no host copy in between
+        # (a plain run_full overwrites them); padding rows follow row 0 -- their outputs are
+        # dropped and they append nothing (slot -1)
+        st.next_ids = st.logits.argmax(dim=-1)
+        st.meta[0].copy_(st.next_ids)
+        st.meta[1].add_(1)
 
     def _prepare_full(self, bp: int, host_meta: torch.Tensor) -> _DecodeBucket:
         st = self._by_size.get(bp)
@@ -671,11 +766,12 @@ class _DecodeGraphs:
         # nothing is written to the pool; attention reads the step's real sequences
         warm = host_meta.clone()
         warm[2] = -1
-        st.meta.copy_(warm.to(st.meta.device))
+        warm = warm.to(st.meta.device)
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s), autotune.timing("graph"):  # (see _capture_pieces)
             for _ in range(2):
+                st.meta.copy_(warm)  # (each run advances the positions: the step's device feedback)
                 self._step(st)
         torch.cuda.current_stream().wait_stream(s)
         torch.cuda.synchronize()
@@ -686,13 +782,16 @@ class _DecodeGraphs:
             self._step(st)  # (the warm-up's timing mode: see _capture_pieces)
         st.graphs.append(g)
 
-    def run_full(self, chunks: Sequence[Chunk], ids: List[int], pos: List[int]) -> torch.Tensor:
+    def run_full(self, chunks: Sequence[Chunk], ids: List[int], pos: List[int], future: bool = False):
+        """One full decode step: its logits ``[b, V]``, or (``future``) a :class:`DecodeFuture`
+        of its greedy tokens without waiting for the step."""
         pool = self.r.pool
         b = len(chunks)
         bp = self._bucket_size(b)
         seq_ids = [c.seq_id for c in chunks]
+        starts = [c.start for c in chunks]
         # checks every sequence and layer before anything runs (raises, changing nothing)
-        slots = pool.check_decode_step(seq_ids, [c.start for c in chunks])
+        slots = pool.check_decode_step(seq_ids, starts)
         pad = bp - b
         host = torch.tensor([ids + ids[:1] * pad, pos + pos[:1] * pad, slots + [-1] * pad,
                              slots + slots[:1] * pad], dtype=torch.int32)
@@ -702,8 +801,33 @@ class _DecodeGraphs:
             st.meta.copy_(host.pin_memory(), non_blocking=True)
         else:
             st.meta.copy_(host)
+        self._launch(st)
+        st.last = DecodeFuture(self, st, seq_ids, starts) if future else None
+        return st.last if future else st.logits[:b].clone()
+
+    def _launch(self, st: _DecodeBucket) -> None:
         if self.use_graphs:
             st.graphs[0].replay()
         else:
             self._step(st)
-        return st.logits[:b].clone()
+
+    def continue_full(self, prev: DecodeFuture) -> DecodeFuture:
+        """The step after ``prev``'s on the same bucket, fed by the device (see ``_step``)."""
+        st = prev.bucket
+        if st.last is not prev or self._by_size.get(st.bp) is not st:
+            raise RuntimeError("decode_continue: another step ran on this batch bucket after the one continued "
+                               "(its inputs are no longer the device feedback of that step)")
+        seq_ids, starts = prev.seq_ids, [s + 1 for s in prev.starts]
+        top = max(starts)
+        if top >= self.r.max_positions:
+            raise ValueError(f"sequence {seq_ids[starts.index(top)]} reaches position {top + 1} > max "
+                             f"{self.r.max_positions}")
+        pool = self.r.pool
+        slots = pool.check_decode_step(seq_ids, starts)  # raises, changing nothing
+        if st.meta.device.type != "cuda" and st.meta[2, :len(slots)].tolist() != slots:  # (a test-time check)
+            raise RuntimeError(f"decode_continue: the step's append slots {st.meta[2].tolist()} are not the "
+                               f"sequences' pool slots {slots}")
+        pool.advance_decode_step(seq_ids)
+        self._launch(st)
+        st.last = DecodeFuture(self, st, seq_ids, starts)
+        return st.last
