@@ -26,6 +26,7 @@
 #   serving/serving_*.json|md     bench_serving.py (Llama-3-8B geometry, random weights, batch 64, 1024 / 512)
 #   microbench.json|md            pytest-benchmark microbenchmarks (bench/test_microbench.py) + ratio table
 #   raw_errors.log                bench/diag_raw_errors.py: every raw-op TORCH_CHECK raises ("ALL RAISED") or names the crash
+#   cuda_gemm_smoke.log           the CUDA GEMM vs the reference (group sizes, block patterns, split-K) before any timing
 #   toolchain.txt                 bench/diag_toolchain.sh (GPU_CHECK_TOOLCHAIN=1): C++ toolchain facts + the raw-op error probe
 #   autotune.json/.log            which backend `auto` picked per case (cometq.autotune)
 #   tune_decode.json              bench/tune_decode.py: the decode buckets' tuned GEMM configs (last stage)
@@ -41,7 +42,7 @@
 #        MAX_JOBS (default 16), PYTHON (default python3), GPU_CHECK_BUDGET_S,
 #        PYTEST_ARGS (extra pytest arguments), PYTEST_WORKERS (xdist workers, default 8), GPU_CHECK_SKIP (comma list of stages
 #        to skip: build, triton_tests, cuda_tests, toolchain, diag, gemm, gemm_large, gemm_shares, gemm_class, microbench,
-#        attention, raw_errors, prefill, serving, autotune, tune_decode), GEMM_ARGS / ATTENTION_ARGS / SERVING_ARGS (the stages' arguments),
+#        attention, raw_errors, cuda_gemm_smoke, prefill, serving, autotune, tune_decode), GEMM_ARGS / ATTENTION_ARGS / SERVING_ARGS (the stages' arguments),
 #        GEMM_CAP / ATTENTION_CAP,
 #        TRITON_TEST_FILES / CUDA_TEST_FILES (the test files of the two test stages), TRITON_TEST_WORKERS (12) /
 #        CUDA_TEST_WORKERS, TRITON_TESTS_CAP / CUDA_TESTS_CAP / DIAG_CAP /
@@ -222,6 +223,11 @@ bench() {  # name cap cmd...
 # did setup.py's host-compiler choice fix the crash-on-TORCH_CHECK (run 5's root cause)? ~5 s;
 # "ALL RAISED" in raw_errors.log (the pytest twin sits late in the capped CUDA test stage)
 [ "$BUILD" = ok ] && bench raw_errors 20 $PY bench/diag_raw_errors.py
+# the CUDA GEMM against the reference before any number is taken with it (the tenth session moved
+# its scales into the pipeline stages, CPU-verified by emulation only): every group size, block
+# pattern and split-K; ~10 s (the full CUDA test stage runs after serving)
+[ "$BUILD" = ok ] && ! skip cuda_gemm_smoke && PYTEST_WORKERS=4 run_pytest cuda_gemm_smoke 45 tests/test_cuda_ops.py \
+  -k "gemm_group_sizes or gemm_block_patterns or gemm_split_k or gemm_block_major_weights"
 bench prefill "${PREFILL_CAP:-70}" env COMETQ_GEMM_TUNE="${COMETQ_GEMM_TUNE:-0}" \
   $PY bench/diag_prefill.py ${PREFILL_ARGS:---shapes 8x1024 --systems w4ax,fp --reps 2} --out "$W/prefill"
 SL=$(limit "${SERVING_CAP:-190}")

@@ -93,6 +93,17 @@ __device__ __forceinline__ void cp_async16_zfill(void* smem_dst, const void* gme
 #endif
 }
 
+// 4-byte copy (.ca: the only cp.async form below 16 bytes) of one fp32 scale or offset into a
+// pipeline stage's scale area (w4ax_gemm.cu, load_stage).
+__device__ __forceinline__ void cp_async4(void* smem_dst, const void* gmem_src) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(s), "l"(gmem_src));
+#else
+  *reinterpret_cast<float*>(smem_dst) = *reinterpret_cast<const float*>(gmem_src);
+#endif
+}
+
 __device__ __forceinline__ void cp_async_commit() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.commit_group;\n" ::);

@@ -16,7 +16,9 @@
 //   split-K the K ranges are cut by cost (INT8 block = 2 INT4 blocks on the s4
 //   path, see split_range()).
 // * Pipeline: STAGES shared-memory stages, one K block per stage, filled with
-//   cp.async 16-byte copies; STAGES-1 blocks are in flight while one computes.
+//   cp.async 16-byte copies (and the block's activation / weight scales, 4-byte
+//   copies into the stage's scale area: load_stage); STAGES-1 blocks are in
+//   flight while one computes.
 // * Per K block: the A tile is the block's INT4 bytes (BM x 64 from q4) or INT8
 //   bytes (BM x 128 from q8), the B tile the block's weight nibbles (BN x 64).
 //   A block is two "k-steps" of 64 channels.
@@ -94,12 +96,24 @@ struct GemmCfg {
   // A stage is sized for the larger (INT8) block; INT4 blocks use the first BM*kRow4 bytes.
   static constexpr int A_BYTES = BM * kRow8;
   static constexpr int B_BYTES = BN * kRow4;
-  static constexpr int STAGE_BYTES = A_BYTES + B_BYTES;
-  static constexpr int PIPE_BYTES = STAGES * STAGE_BYTES;
+  static constexpr int TILE_BYTES = A_BYTES + B_BYTES;
+  // A stage = A tile | B tile | scale area (fp32; see load_stage):
+  //     [ a_scale: BM | w_scale: BN x GPB | w_offset: BN x GPB (asymmetric weights only) ]
+  // GPB = 1 << gpb_log2 = weight groups per 128-channel block (a run-time value: 128 / G for
+  // G < 128, else 1), so the stage size is a run-time value too (16-byte multiple).
+  __host__ __device__ static constexpr int stage_bytes(int gpb_log2, bool off) {
+    return TILE_BYTES + ((BM + (off ? 2 : 1) * (BN << gpb_log2)) * 4 + 15) / 16 * 16;
+  }
   static_assert(WM % 16 == 0 && WN % 8 == 0, "warp tile must be whole m16 x n8 tiles");
   static_assert(STAGES >= 2, "need at least double buffering");
   static_assert(A_BYTES % 16 == 0 && B_BYTES % 16 == 0, "stages must stay 16-byte aligned");
 };
+
+// log2 of the weight groups per 128-channel block: 3, 2, 1 for G = 16, 32, 64; 0 for G >= 128
+// (G is validated by cometq_w4ax_gemm: 16, 32, 64 or a multiple of 128).
+__host__ __device__ constexpr int groups_per_block_log2(int group) {
+  return group >= kBlockK ? 0 : (group == 16 ? 3 : (group == 32 ? 2 : 1));
+}
 
 // M > 64: 128 x 64 tiles, 8 warps (4 x 2), warp tile 32 x 32; two CTAs per SM (<= 128 registers,
 // 2 x 90 KB of pipeline smem).
@@ -178,9 +192,9 @@ __host__ __device__ constexpr int cdiv_c(int a, int b) { return (a + b - 1) / b;
 // source address is clamped to row M-1 / column N-1 so it stays valid); their
 // results are never stored.
 // ---------------------------------------------------------------------------
-template <class Cfg>
+template <class Cfg, bool HAS_OFF>
 __device__ __forceinline__ void load_stage(const CometqGemmArgs& p, const int* s_info, uint8_t* stage, int b,
-                                           int m0, int n0) {
+                                           int m0, int n0, int gpb_log2) {
   uint8_t* sA = stage;
   uint8_t* sB = stage + Cfg::A_BYTES;
   const int info = s_info[b];
@@ -224,6 +238,41 @@ __device__ __forceinline__ void load_stage(const CometqGemmArgs& p, const int* s
     const uint8_t* src = p.qweight + static_cast<int64_t>(gn) * p.ld_w + static_cast<int64_t>(b) * wb + ch * 16;
     cp_async16_zfill(sB + r * kRow4 + ch * 16, src, n0 + r < p.N);
   }
+  // The block's scales into the stage's scale area, in the same commit group as its tiles (so
+  // they land STAGES-1 blocks ahead of the flush that reads them):
+  //     sS[r]                             a_scale[m0 + r, a_col]           r < BM
+  //     sS[BM + (r << L) + gi]            w_scale[n0 + r, grp0 + gi]       r < BN, gi < 1 << L
+  //     sS[BM + ((BN + r) << L) + gi]     w_offset[n0 + r, grp0 + gi]      (HAS_OFF)
+  // with L = gpb_log2 and grp0 = the block's first weight group.  Rows past M / columns past N
+  // repeat the last one (their results are never stored).  Why: the first version __ldg'd these
+  // in the flush, right before the FFMAs that use them -- an exposed L2 round trip per K block
+  // plus 64-bit address math per value (SASS of the 64 x 64 asymmetric sm_90a tile: 20 LDG and
+  // ~100 address instructions per block, of ~1340 per block in all).
+  float* sS = reinterpret_cast<float*>(stage + Cfg::TILE_BYTES);
+  const int a_col = (p.scale_mode == COMETQ_SCALE_BLOCK) ? b : ((info & kInfoInt8) ? 1 : 0);
+#pragma unroll
+  for (int i = 0; i < cdiv_c(Cfg::BM, Cfg::THREADS); ++i) {
+    const int r = threadIdx.x + i * Cfg::THREADS;
+    if (Cfg::BM % Cfg::THREADS != 0 && r >= Cfg::BM) break;
+    const int gm = min(m0 + r, p.M - 1);
+    cp_async4(sS + r, p.a_scales + static_cast<int64_t>(gm) * p.ld_as + a_col);
+  }
+  const int grp0 = gpb_log2 > 0 ? (b << gpb_log2)
+                                : ((p.group & (p.group - 1)) == 0 ? (b * kBlockK) >> (__ffs(p.group) - 1)
+                                                                  : (b * kBlockK) / p.group);
+  const int n_w = Cfg::BN << gpb_log2;
+  float* sW = sS + Cfg::BM;
+  // (kept rolled: unrolled for the 8-groups worst case it cost the sm_80 asymmetric tiles 24 B of
+  // spills; one or two trips for G >= 128)
+#pragma unroll 1
+  for (int i = 0; i < cdiv_c(Cfg::BN * 8, Cfg::THREADS); ++i) {  // (GPB <= 8: G >= 16)
+    const int c = threadIdx.x + i * Cfg::THREADS;
+    if (c >= n_w) break;
+    const int r = c >> gpb_log2, gi = c & ((1 << gpb_log2) - 1);
+    const int64_t gn = min(n0 + r, p.N - 1);
+    cp_async4(sW + c, p.w_scales + gn * p.ld_ws + grp0 + gi);
+    if (HAS_OFF) cp_async4(sW + n_w + c, p.w_offsets + gn * p.ld_wo + grp0 + gi);
+  }
 }
 
 // ---------------------------------------------------------------------------
@@ -233,7 +282,9 @@ template <class Cfg, bool USE_S4, bool HAS_OFF>
 __global__ void __launch_bounds__(Cfg::THREADS, Cfg::MIN_CTAS) w4ax_gemm_kernel(const CometqGemmArgs p) {
   constexpr int MT = Cfg::MT, NT = Cfg::NT;
   extern __shared__ __align__(16) uint8_t smem[];
-  int* s_is8 = reinterpret_cast<int*>(smem + Cfg::PIPE_BYTES);
+  const int gpb_log2 = groups_per_block_log2(p.group);
+  const int stage_b = Cfg::stage_bytes(gpb_log2, HAS_OFF);
+  int* s_is8 = reinterpret_cast<int*>(smem + Cfg::STAGES * stage_b);
   int* s_info = s_is8 + p.n_blocks;
   int* s_range = s_info + p.n_blocks;  // this CTA's split-K block range (split_range)
 
@@ -279,7 +330,7 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::MIN_CTAS) w4ax_gemm_kernel(
   // ---- prologue: fill STAGES-1 stages (always commit, so group counting is uniform)
 #pragma unroll
   for (int s = 0; s < Cfg::STAGES - 1; ++s) {
-    if (s < nblk) load_stage<Cfg>(p, s_info, smem + s * Cfg::STAGE_BYTES, kb_begin + s, m0, n0);
+    if (s < nblk) load_stage<Cfg, HAS_OFF>(p, s_info, smem + s * stage_b, kb_begin + s, m0, n0, gpb_log2);
     cp_async_commit();
   }
 
@@ -292,7 +343,8 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::MIN_CTAS) w4ax_gemm_kernel(
     __syncthreads();
     {
       const int pf = it + Cfg::STAGES - 1;
-      if (pf < nblk) load_stage<Cfg>(p, s_info, smem + (pf % Cfg::STAGES) * Cfg::STAGE_BYTES, kb_begin + pf, m0, n0);
+      if (pf < nblk)
+        load_stage<Cfg, HAS_OFF>(p, s_info, smem + (pf % Cfg::STAGES) * stage_b, kb_begin + pf, m0, n0, gpb_log2);
       cp_async_commit();
     }
 
@@ -300,19 +352,16 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::MIN_CTAS) w4ax_gemm_kernel(
     const int info = s_info[b];
     if (!(info & kInfoValid)) continue;  // uniform across the CTA (see build_block_table)
     const bool is8 = (info & kInfoInt8) != 0;
-    const uint8_t* sA = smem + (it % Cfg::STAGES) * Cfg::STAGE_BYTES;
+    const uint8_t* sA = smem + (it % Cfg::STAGES) * stage_b;
     const uint8_t* sB = sA + Cfg::A_BYTES;
+    const float* sS = reinterpret_cast<const float*>(sA + Cfg::TILE_BYTES);  // the block's scales (load_stage)
 
     // Activation scale of each row this thread accumulates (rows g and g+8 of each m tile).
-    const int a_col = (p.scale_mode == COMETQ_SCALE_BLOCK) ? b : (is8 ? 1 : 0);
     float a_sc[MT][2];
 #pragma unroll
     for (int i = 0; i < MT; ++i)
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int gm = min(m0 + wm0 + i * 16 + g + 8 * h, p.M - 1);
-        a_sc[i][h] = __ldg(p.a_scales + static_cast<int64_t>(gm) * p.ld_as + a_col);
-      }
+      for (int h = 0; h < 2; ++h) a_sc[i][h] = sS[wm0 + i * 16 + g + 8 * h];
     // Exact power-of-two factor the INT4->INT8 conversion introduced (x16 per converted operand).
     const float conv = is8 ? (1.f / 16.f) : (USE_S4 ? 1.f : (1.f / 256.f));
 
@@ -418,12 +467,8 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::MIN_CTAS) w4ax_gemm_kernel(
         // ---- flush the finished segment into fp32:
         //   acc += a_scale * w_scale * conv * iacc  (+ a_scale * asum * w_offset)
         if (seg <= 64 || ks == 1) {
-          const int seg_start = b * kBlockK + (seg == kBlockK ? 0 : ks * 64 + sub * seg);
-          // weight group = seg_start / group: a shift for power-of-two groups (all but multiples of
-          // 128 like 384) instead of a ~20-instruction integer division per flush (computed here,
-          // not kept live across the loop: one more register spilled the 64x64 asymmetric tile)
-          const int grp = (p.group & (p.group - 1)) == 0 ? (seg_start >> (__ffs(p.group) - 1))
-                                                          : seg_start / p.group;
+          // the segment's weight group within the block (its scales: the stage's scale area)
+          const int gi = seg == kBlockK ? 0 : ks * segs_per_step + sub;
           // a_off[i][rh] = a_scale * asum of the segment for owned row g + 8 rh of m tile i
           float a_off[MT][2];
           if (has_off) {
@@ -445,9 +490,9 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::MIN_CTAS) w4ax_gemm_kernel(
             float w_sc[2], w_of[2];
 #pragma unroll
             for (int c = 0; c < 2; ++c) {
-              const int gn = min(n0 + wn0 + j * 8 + 2 * t + c, p.N - 1);
-              w_sc[c] = __ldg(p.w_scales + static_cast<int64_t>(gn) * p.ld_ws + grp) * conv;
-              w_of[c] = has_off ? __ldg(p.w_offsets + static_cast<int64_t>(gn) * p.ld_wo + grp) : 0.f;
+              const int r = wn0 + j * 8 + 2 * t + c;  // column of the CTA tile
+              w_sc[c] = sS[Cfg::BM + (r << gpb_log2) + gi] * conv;
+              w_of[c] = has_off ? sS[Cfg::BM + ((Cfg::BN + r) << gpb_log2) + gi] : 0.f;
             }
 #pragma unroll
             for (int i = 0; i < MT; ++i)
@@ -511,7 +556,8 @@ __global__ void splitk_finalize_kernel(const float* __restrict__ ws, int splits,
 template <class Cfg, bool USE_S4, bool HAS_OFF>
 static cudaError_t launch_cfg(const CometqGemmArgs& a, cudaStream_t stream) {
   auto kernel = w4ax_gemm_kernel<Cfg, USE_S4, HAS_OFF>;
-  const size_t smem = Cfg::PIPE_BYTES + sizeof(int) * (2 * static_cast<size_t>(a.n_blocks) + 2);
+  const size_t smem = static_cast<size_t>(Cfg::STAGES) * Cfg::stage_bytes(groups_per_block_log2(a.group), HAS_OFF) +
+                      sizeof(int) * (2 * static_cast<size_t>(a.n_blocks) + 2);
   int dev = 0, max_optin = 0;
   cudaError_t err = cudaGetDevice(&dev);
   if (err != cudaSuccess) return err;

@@ -236,6 +236,7 @@ def emulate_gemm(q4, q8, a_scales, block_bits, qweight, w_scales, group, scale_m
     info = block_table_warp(block_bits, n4, n8)
     seg = min(group, BLOCK_K)
     segs_per_step = 1 if seg >= 64 else 64 // seg
+    gpb_log2 = 0 if group >= BLOCK_K else {16: 3, 32: 2, 64: 1}[group]  # groups_per_block_log2
     # split-K slabs: split z stores its partial tiles into ws[z] (no zeroing: every element of
     # every slab is written exactly once -- checked below), the finalize kernel sums them in order
     ws = np.full((split_k, M, N), np.nan, np.float32)
@@ -277,13 +278,29 @@ def emulate_gemm(q4, q8, a_scales, block_bits, qweight, w_scales, group, scale_m
                             gn = min(n0 + r, N - 1)
                             src = wb[gn, b * 64 + ch * 16: b * 64 + ch * 16 + 16]
                             sB[r * ROW4 + ch * 16: r * ROW4 + ch * 16 + 16] = src if n0 + r < N else 0
-                        # ---- compute
+                        # the stage's scale area: [a_scale BM | w_scale BN << L | w_offset BN << L]
+                        n_w = BN << gpb_log2
+                        sS = np.full(BM + 2 * n_w, np.nan, np.float32)  # (NaN: a slot never written shows)
                         a_col = b if scale_mode == 0 else int(is8)
+                        for r in range(BM):
+                            sS[r] = a_scales[min(m0 + r, M - 1), a_col]
+                        if gpb_log2 > 0:
+                            grp0 = b << gpb_log2
+                        elif group & (group - 1) == 0:
+                            grp0 = (b * BLOCK_K) >> (group.bit_length() - 1)  # (b*128) >> (__ffs(G) - 1)
+                        else:
+                            grp0 = (b * BLOCK_K) // group
+                        for c in range(n_w):
+                            r, gi = c >> gpb_log2, c & ((1 << gpb_log2) - 1)
+                            gn = min(n0 + r, N - 1)
+                            sS[BM + c] = w_scales[gn, grp0 + gi]
+                            if w_offsets is not None:
+                                sS[BM + n_w + c] = w_offsets[gn, grp0 + gi]
+                        # ---- compute
                         a_sc = np.zeros((MT, 2, 32), np.float32)
                         for i in range(MT):
                             for h in range(2):
-                                gm = np.minimum(m0 + wm0 + i * 16 + G + 8 * h, M - 1)
-                                a_sc[i, h] = a_scales[gm, a_col]
+                                a_sc[i, h] = sS[wm0 + i * 16 + G + 8 * h]
                         conv = np.float32(1 / 16) if is8 else (np.float32(1) if use_s4 else np.float32(1 / 256))
                         for ks in range(2):
                             braw = []
@@ -333,8 +350,10 @@ def emulate_gemm(q4, q8, a_scales, block_bits, qweight, w_scales, group, scale_m
                                             mma_s8_m16n8k32(iacc[i, j], *afr[i, 0], b00, b01)
                                             mma_s8_m16n8k32(iacc[i, j], *afr[i, 1], b10, b11)
                                 if seg <= 64 or ks == 1:
+                                    gi = 0 if seg == BLOCK_K else ks * segs_per_step + sub
+                                    # (the definition: the segment's weight group is its first channel // G)
                                     seg_start = b * BLOCK_K + (0 if seg == BLOCK_K else ks * 64 + sub * seg)
-                                    grp = seg_start // group
+                                    assert grp0 + gi == seg_start // group
                                     a_off = np.zeros((MT, 2, 32), np.float32)
                                     if has_off:
                                         mine = (segs_per_step == 1) | (my_subseg == sub)
@@ -348,9 +367,10 @@ def emulate_gemm(q4, q8, a_scales, block_bits, qweight, w_scales, group, scale_m
                                                 if sub == segs_per_step - 1:
                                                     asum[i, rh] = 0
                                     for j in range(NT):
-                                        gns = [np.minimum(n0 + wn0 + j * 8 + 2 * T + c, N - 1) for c in range(2)]
-                                        w_sc = [w_scales[gn, grp] * conv for gn in gns]
-                                        w_of = [w_offsets[gn, grp] if has_off else np.float32(0) for gn in gns]
+                                        rs = [wn0 + j * 8 + 2 * T + c for c in range(2)]  # CTA-tile columns
+                                        w_sc = [sS[BM + (r << gpb_log2) + gi] * conv for r in rs]
+                                        w_of = [sS[BM + ((BN + r) << gpb_log2) + gi] if has_off else np.float32(0)
+                                                for r in rs]
                                         for i in range(MT):
                                             for e in range(4):
                                                 acc[i, j, :, e] += iacc[i, j, :, e].astype(np.float32) * (a_sc[i, e >> 1] * w_sc[e & 1])
