@@ -325,6 +325,29 @@ def test_gemm_through_ops_and_linear(C):
     _check_close(y, ref, torch.float16)
 
 
+@pytest.mark.parametrize("mode", ["eager", "graph"])
+def test_gemm_split_count_is_tuned_at_small_m(C, mode, monkeypatch):
+    """Through the ops layer at M <= 64 the CUDA GEMM's split count is timed once per shape and
+    timing mode (cometq._cuda_split) and the result stays the reference's; COMETQ_CUDA_SPLIT_TUNE=0
+    and M > 64 leave the kernel's own rule (nothing cached)."""
+    from cometq import _cuda_split, autotune
+
+    _cuda_split.clear()
+    qa, qw = _operands(64, 200, 1280, [4, 8, 4, 4, 4, 4, 8, 4, 4, 4], 128, "block", ("split-tune",), sym=False)
+    ref = R.w4ax_gemm(qa, qw, out_dtype=torch.float64)
+    qa = R.QuantizedActivation(qa.q4.to(DEVICE), qa.q8.to(DEVICE), qa.scales.to(DEVICE), qa.layout.to(DEVICE), "block")
+    with autotune.timing(mode):
+        y = ops.w4ax_gemm_q(qa, qw.to(DEVICE), None, out_dtype=torch.float32, backend="cuda")
+    _check_close(y, ref, torch.float32)
+    assert [k[-1] for k in _cuda_split._CACHE] == [mode]
+    assert next(iter(_cuda_split._CACHE.values())) in _cuda_split.split_candidates(64, 10)
+    _cuda_split.clear()
+    monkeypatch.setenv(_cuda_split.ENV_TUNE, "0")
+    y = ops.w4ax_gemm_q(qa, qw.to(DEVICE), None, out_dtype=torch.float32, backend="cuda")
+    _check_close(y, ref, torch.float32)
+    assert not _cuda_split._CACHE
+
+
 def test_gemm_empty(C):
     qa, qw = _operands(1, 16, K, PATTERNS["alt48"], 128, "block", ("empty",))
     empty = R.QuantizedActivation(qa.q4[:0], qa.q8[:0], qa.scales[:0], qa.layout, "block")

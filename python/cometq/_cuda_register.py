@@ -31,7 +31,7 @@ except ImportError as e:  # pragma: no cover - depends on the build
         f"COMETQ_SKIP_CUDA=1 disables it. Original error: {e}"
     ) from e
 
-from . import ops
+from . import _cuda_split, ops
 from ._cuda_checks import check_quantize_act_inputs, check_w4ax_gemm_inputs
 
 __all__ = ["SCALE_MODE_CODES", "MMA_PATHS", "cuda_quantize_act", "cuda_w4ax_gemm", "check_quantize_act_inputs",
@@ -127,8 +127,15 @@ def _act_impl(x, perm, block_bits, n_int8, scale_mode, int4_clip=1.0):
 
 
 def _gemm_impl(q4, q8, a_scales, block_bits, qweight, w_scales, w_offsets, group_size, bias, out_dtype, scale_mode):
-    return cuda_w4ax_gemm(q4, q8, a_scales, block_bits, qweight, w_scales, group_size, bias, out_dtype, scale_mode,
-                          w_offsets=w_offsets)
+    def launch(split):
+        return cuda_w4ax_gemm(q4, q8, a_scales, block_bits, qweight, w_scales, group_size, bias, out_dtype,
+                              scale_mode, w_offsets=w_offsets, split_k=split)
+
+    # M <= 64: the split count timed once per shape and timing mode (cometq._cuda_split)
+    split = _cuda_split.tuned_split(a_scales.shape[0], w_scales.shape[0], block_bits.numel(), q8.shape[1] // BLOCK_K,
+                                    -1 if group_size is None else int(group_size), w_offsets is not None,
+                                    qweight.dim() == 3, a_scales.device, launch)
+    return launch(split)
 
 
 ops.register_impl("quantize_act", "cuda", _act_impl)

@@ -262,7 +262,8 @@ def tuning_counts() -> Dict[str, int]:
     except Exception:  # noqa: BLE001 - a diagnostic only
         pass
     for name, mod, attr in (("gemm_configs", "cometq.kernels.w4ax_gemm", "_CONFIG_CACHE"),
-                            ("kv4_attention_configs", "cometq.kernels.kv4_attention", "_TUNED")):
+                            ("kv4_attention_configs", "cometq.kernels.kv4_attention", "_TUNED"),
+                            ("cuda_gemm_splits", "cometq._cuda_split", "_CACHE")):
         m = sys.modules.get(mod)
         if m is not None and hasattr(m, attr):
             out[name] = len(getattr(m, attr))

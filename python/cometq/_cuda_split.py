@@ -1,0 +1,101 @@
+"""Split-K count of the CUDA W4Ax GEMM at small M, chosen by timing.
+
+The kernel's built-in rule (``cometq_gemm_choose_split`` in csrc/w4ax_gemm.cu) splits K
+only until the output tiles cover one wave of *one* CTA per SM (M > 16), or ~2 waves
+(M <= 16).  It cannot know how latency-bound a K block is or how many CTAs an SM holds:
+on the H100 the 64 x 64 tile fits 3 CTAs per SM (shared memory), and run 5 (2026-11-27,
+M = 64, CUDA-graph replay) had 8B.o as 64 tiles x 3 splits = 192 CTAs for 396 resident
+slots, 8B.gate_up as 448 unsplit CTAs = 1.13 waves of them -- and both below cuBLAS FP16.
+The best count depends on the GPU and the kernel version, so like the Triton kernel's
+configs (``cometq.kernels.w4ax_gemm.select_config``) it is measured: the first call of a
+shape (per ``cometq.autotune`` timing mode: eager, or CUDA-graph replays inside the
+serving runner's graph warm-ups) times a few counts and keeps the fastest.
+
+Cheap (no compile: the split count is a launch argument), so it stays on when
+``COMETQ_GEMM_TUNE=0`` skips the Triton configs' tuning; ``COMETQ_CUDA_SPLIT_TUNE=0``
+turns it off (the kernel's rule then decides, as before).  Never tunes while frozen
+(``autotune.frozen``), tracing or capturing.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Dict, List, Optional, Tuple
+
+__all__ = ["TUNE_MAX_M", "SPLIT_CHOICES", "ENV_TUNE", "split_candidates", "split_key", "choose_split",
+           "tuning_enabled", "tuned_split", "clear"]
+
+#: largest M whose split count is tuned (the decode buckets; larger M fills the GPU with tiles)
+TUNE_MAX_M = 64
+#: counts tried besides 0 (= the kernel's own rule), kept to those leaving >= 2 K blocks per split
+SPLIT_CHOICES = (1, 2, 3, 4, 6, 8)
+ENV_TUNE = "COMETQ_CUDA_SPLIT_TUNE"
+
+_CACHE: Dict[tuple, int] = {}
+
+
+def tuning_enabled() -> bool:
+    return os.environ.get(ENV_TUNE, "1") != "0"
+
+
+def split_candidates(m: int, n_blocks: int) -> List[int]:
+    """Counts to time for an ``m``-row GEMM over ``n_blocks`` K blocks: 0 (the kernel's rule)
+    first, then :data:`SPLIT_CHOICES` with at least two K blocks per split; ``[0]`` above
+    :data:`TUNE_MAX_M` (not tuned)."""
+    if m > TUNE_MAX_M or m < 1:
+        return [0]
+    return [0] + [s for s in SPLIT_CHOICES if s <= n_blocks // 2 or s == 1]
+
+
+def split_key(m: int, n: int, n_blocks: int, n_int8: int, group: int, asym: bool, block_major: bool,
+              mode: str) -> tuple:
+    """Cache key: exact M (decode graphs run a handful of padded batch sizes), the weight's shape
+    and format, the INT8 block count, and the timing mode."""
+    return (int(m), int(n), int(n_blocks), int(n_int8), int(group), bool(asym), bool(block_major), str(mode))
+
+
+def choose_split(key: tuple, cands: List[int], bench_fn: Optional[Callable[[int], float]]) -> int:
+    """The cached count for ``key``; else, with ``bench_fn(split) -> seconds``, time every
+    candidate, cache and return the fastest (a candidate that raises is skipped); without a
+    ``bench_fn`` (not tunable now) return 0 -- the kernel's rule -- and cache nothing, so a later
+    tunable call still tunes."""
+    hit = _CACHE.get(key)
+    if hit is not None:
+        return hit
+    if bench_fn is None or len(cands) < 2:
+        return cands[0] if cands else 0
+    times: List[Tuple[float, int]] = []
+    for s in cands:
+        try:
+            times.append((float(bench_fn(s)), s))
+        except Exception:  # noqa: BLE001 - e.g. a workspace that does not fit: skip that count
+            continue
+    best = min(times)[1] if times else 0
+    _CACHE[key] = best
+    return best
+
+
+def tuned_split(m: int, n: int, n_blocks: int, n_int8: int, group: int, asym: bool, block_major: bool, device,
+                launch: Callable[[int], object]) -> int:
+    """The split count for one GEMM call (``launch(split)`` runs it): cached per :func:`split_key`
+    (the current ``cometq.autotune`` timing mode included), timed with that mode's timer when
+    tuning is allowed here (CUDA device, :func:`tuning_enabled`, not frozen, not tracing or
+    capturing), else the cached count or 0."""
+    cands = split_candidates(m, n_blocks)
+    if len(cands) < 2:
+        return 0
+    from . import autotune
+
+    mode = autotune.timing_mode()
+    key = split_key(m, n, n_blocks, n_int8, group, asym, block_major, mode)
+    bench_fn = None
+    if (tuning_enabled() and getattr(device, "type", None) == "cuda" and not autotune.frozen_now()
+            and not autotune._tracing_or_capturing(device)):
+        timer = autotune.cuda_graph_timer if mode == "graph" else autotune.cuda_event_timer
+
+        def bench_fn(split):
+            return timer(lambda: launch(split), device)
+    return choose_split(key, cands, bench_fn)
+
+
+def clear() -> None:
+    _CACHE.clear()
