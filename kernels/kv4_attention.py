@@ -665,8 +665,3 @@ def kv4_decode_attention_triton(q, k_packed, k_scale, k_zero, v_packed, v_scale,
     out = run(config, ns * factor)
     _LAST[0] = config
     return out
-    kv4_attn_reduce_kernel[(bsz, hq)](
-        po, pm, pl, out, po.stride(0), po.stride(1), po.stride(2), out.stride(0), out.stride(1), ns,
-        HQ=hq, SPLITS_P2=triton.next_power_of_2(ns), D=d, num_warps=4,
-    )
-    return out
