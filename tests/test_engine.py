@@ -834,3 +834,20 @@ def test_decode_continue_checks(w4ax_model):
         t1 = r3.forward([Chunk(0, [1], 7), Chunk(1, [2], 7)]).argmax(-1).tolist()
         t2 = r3.forward([Chunk(0, [t1[0]], 8), Chunk(1, [t1[1]], 8)]).argmax(-1).tolist()
     assert f1.tokens() == t1 and f2.tokens() == t2
+
+
+def test_async_decode_needs_a_head_within_the_vocabulary(w4ax_model):
+    """A padded LM head (more rows than the vocabulary / embedding) could feed the device an
+    argmax id the host never checked: no async decode then (the engine runs synchronously)."""
+    import copy
+
+    r = ModelRunner.build(w4ax_model, kv4=True, num_blocks=8, block_size=8, max_seqs=2, group_size=4)
+    r.enable_cuda_graphs(max_batch=2, graphs=False)
+    assert r.supports_async_decode(2) and not r.supports_async_decode(3)
+    padded = copy.deepcopy(w4ax_model)
+    old = padded.lm_head
+    padded.lm_head = torch.nn.Linear(old.in_features, old.out_features + 4, bias=False)
+    r2 = ModelRunner.build(padded, kv4=True, num_blocks=8, block_size=8, max_seqs=2, group_size=4)
+    r2.enable_cuda_graphs(max_batch=2, graphs=False)
+    assert not r2.supports_async_decode(2)
+    assert r2.decode_async([Chunk(0, [1], 3)]) is None

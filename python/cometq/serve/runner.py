@@ -100,6 +100,13 @@ class ModelRunner:
         self.device = inner.embed_tokens.weight.device
         self.dtype = inner.embed_tokens.weight.dtype
         self.vocab_size = model.config.vocab_size
+        # device feedback of greedy tokens (decode_continue) is safe only when every logit row's
+        # argmax is a valid input id: a head wider than the vocabulary / embedding (padded heads)
+        # could feed an id the host check (_flatten) never saw -- an out-of-range embedding read
+        head = getattr(model, "lm_head", None)
+        head_rows = getattr(head, "out_features", None) or getattr(getattr(head, "weight", None), "shape", [None])[0]
+        self._feedback_ok = head_rows is not None and head_rows <= min(self.vocab_size,
+                                                                       inner.embed_tokens.num_embeddings)
         if not isinstance(fuse, bool):
             raise TypeError(f"fuse must be a bool, got {fuse!r}")
         # per layer: fused q/k/v and gate/up projections (None where the modules differ)
@@ -416,9 +423,10 @@ class ModelRunner:
     def supports_async_decode(self, batch: int) -> bool:
         """Whether :meth:`decode_async` / :meth:`decode_continue` run a pure-decode step of
         ``batch`` sequences here: full-step decode graphs are on (``enable_cuda_graphs``; run
-        eagerly with ``graphs=False``) and the batch fits them."""
+        eagerly with ``graphs=False``), the batch fits them, and every argmax of the LM head is
+        a valid token id (no head rows past the vocabulary)."""
         g = getattr(self, "_graphs", None)
-        return g is not None and g.full and g.fits(batch)
+        return g is not None and g.full and g.fits(batch) and self._feedback_ok
 
     @torch.inference_mode()
     def decode_async(self, chunks: Sequence[Chunk]) -> Optional["DecodeFuture"]:
