@@ -130,6 +130,12 @@ def test_ptx_uses_the_intended_instructions(builds, arch):
     assert "mma.sync.aligned.m16n8k64.row.col.s32.s4.s4.s32" in ptx
     assert "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32" in ptx
     assert "cp.async.cg.shared.global" in ptx
+    assert "cp.async.ca.shared.global" in ptx  # the 4-byte scale copies into each stage's scale area
+    # the GEMM entries read no scale with __ldg any more (the flush reads the stage's scale area;
+    # the first version had 10-36 `ld.global.nc.f32` per entry); the finalize kernel keeps its own
+    gemm = re.split(r"\.visible \.entry ", ptx)
+    gemm = [e for e in gemm if e.startswith("_ZN6cometq16w4ax_gemm_kernel")]
+    assert len(gemm) == 12 and all("ld.global.nc.f32" not in e for e in gemm)
     assert "cp.async.wait_group" in ptx
     assert "prmt.b32" in ptx  # the INT8 activation byte de-interleave
     # asymmetric weights: activation row sums by dp4a, combined across the quad by xor shuffles
