@@ -15,6 +15,10 @@ Scheduler policy (one ``step()`` = one forward of the runner):
    it fits).
 4. One forward over all chunks; sequences whose chunk reached their last token
    sample one token; outputs are pushed to each request's callback.
+5. Async scheduling (``EngineConfig.async_scheduling``, full-step decode graphs only): when
+   the next step is sure to run the same greedy decode batch, it is queued on the GPU before
+   this step's tokens are read (fed by the device); the following ``step()`` reads it.  Rows
+   of requests that stopped or were aborted meanwhile are dropped; outputs do not change.
 
 A request whose prompt + max_tokens cannot fit the whole pool (or the model's
 context) is rejected at submission, so every admitted request can always
