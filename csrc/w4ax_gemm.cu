@@ -98,7 +98,7 @@ struct GemmCfg {
   static constexpr int B_BYTES = BN * kRow4;
   static constexpr int TILE_BYTES = A_BYTES + B_BYTES;
   // A stage = A tile | B tile | scale area (fp32; see load_stage):
-  //     [ a_scale: BM | w_scale: BN x GPB | w_offset: BN x GPB (asymmetric weights only) ]
+  //     [ a_scale: BM | w_scale: GPB x BN | w_offset: GPB x BN (asymmetric weights only) ]
   // GPB = 1 << gpb_log2 = weight groups per 128-channel block (a run-time value: 128 / G for
   // G < 128, else 1), so the stage size is a run-time value too (16-byte multiple).
   __host__ __device__ static constexpr int stage_bytes(int gpb_log2, bool off) {
@@ -107,6 +107,8 @@ struct GemmCfg {
   static_assert(WM % 16 == 0 && WN % 8 == 0, "warp tile must be whole m16 x n8 tiles");
   static_assert(STAGES >= 2, "need at least double buffering");
   static_assert(A_BYTES % 16 == 0 && B_BYTES % 16 == 0, "stages must stay 16-byte aligned");
+  static_assert(BM % 2 == 0 && WN % 2 == 0 && (BN & (BN - 1)) == 0,
+                "scale area: 8-byte aligned column pairs, power-of-two BN");
 };
 
 // log2 of the weight groups per 128-channel block: 3, 2, 1 for G = 16, 32, 64; 0 for G >= 128
@@ -241,9 +243,12 @@ __device__ __forceinline__ void load_stage(const CometqGemmArgs& p, const int* s
   // The block's scales into the stage's scale area, in the same commit group as its tiles (so
   // they land STAGES-1 blocks ahead of the flush that reads them):
   //     sS[r]                             a_scale[m0 + r, a_col]           r < BM
-  //     sS[BM + (r << L) + gi]            w_scale[n0 + r, grp0 + gi]       r < BN, gi < 1 << L
-  //     sS[BM + ((BN + r) << L) + gi]     w_offset[n0 + r, grp0 + gi]      (HAS_OFF)
-  // with L = gpb_log2 and grp0 = the block's first weight group.  Rows past M / columns past N
+  //     sS[BM + gi * BN + r]              w_scale[n0 + r, grp0 + gi]       r < BN, gi < GPB = 1 << L
+  //     sS[BM + (GPB + gi) * BN + r]      w_offset[n0 + r, grp0 + gi]      (HAS_OFF)
+  // with L = gpb_log2 and grp0 = the block's first weight group.  Group-major, so the two
+  // adjacent columns 2t, 2t+1 a thread's accumulators own are one 8-byte shared load at a
+  // compile-time offset per n8 tile (column-major cost ~80 address instructions per flush:
+  // the run-time L in every index).  Rows past M / columns past N
   // repeat the last one (their results are never stored).  Why: the first version __ldg'd these
   // in the flush, right before the FFMAs that use them -- an exposed L2 round trip per K block
   // plus 64-bit address math per value (SASS of the 64 x 64 asymmetric sm_90a tile: 20 LDG and
@@ -268,7 +273,7 @@ __device__ __forceinline__ void load_stage(const CometqGemmArgs& p, const int* s
   for (int i = 0; i < cdiv_c(Cfg::BN * 8, Cfg::THREADS); ++i) {  // (GPB <= 8: G >= 16)
     const int c = threadIdx.x + i * Cfg::THREADS;
     if (c >= n_w) break;
-    const int r = c >> gpb_log2, gi = c & ((1 << gpb_log2) - 1);
+    const int gi = c / Cfg::BN, r = c % Cfg::BN;  // (BN a power of two: a shift and a mask)
     const int64_t gn = min(n0 + r, p.N - 1);
     cp_async4(sW + c, p.w_scales + gn * p.ld_ws + grp0 + gi);
     if (HAS_OFF) cp_async4(sW + n_w + c, p.w_offsets + gn * p.ld_wo + grp0 + gi);
@@ -485,15 +490,16 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::MIN_CTAS) w4ax_gemm_kernel(
                 if (sub == segs_per_step - 1) asum[i][rh] = 0;         // segment done for every sub-segment
               }
           }
+          // this segment's weight scales / offsets of the CTA tile's columns (group-major rows)
+          const float* ws_row = sS + Cfg::BM + gi * Cfg::BN + wn0 + 2 * t;
+          const float* wo_row = ws_row + (Cfg::BN << gpb_log2);
 #pragma unroll
           for (int j = 0; j < NT; ++j) {
-            float w_sc[2], w_of[2];
-#pragma unroll
-            for (int c = 0; c < 2; ++c) {
-              const int r = wn0 + j * 8 + 2 * t + c;  // column of the CTA tile
-              w_sc[c] = sS[Cfg::BM + (r << gpb_log2) + gi] * conv;
-              w_of[c] = has_off ? sS[Cfg::BM + ((Cfg::BN + r) << gpb_log2) + gi] : 0.f;
-            }
+            // columns wn0 + 8j + 2t and + 1 (8-byte aligned: even column, 16-byte aligned rows)
+            const float2 ws2 = *reinterpret_cast<const float2*>(ws_row + j * 8);
+            const float2 wo2 = has_off ? *reinterpret_cast<const float2*>(wo_row + j * 8) : make_float2(0.f, 0.f);
+            const float w_sc[2] = {ws2.x * conv, ws2.y * conv};
+            const float w_of[2] = {wo2.x, wo2.y};
 #pragma unroll
             for (int i = 0; i < MT; ++i)
 #pragma unroll

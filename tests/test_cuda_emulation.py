@@ -278,7 +278,7 @@ def emulate_gemm(q4, q8, a_scales, block_bits, qweight, w_scales, group, scale_m
                             gn = min(n0 + r, N - 1)
                             src = wb[gn, b * 64 + ch * 16: b * 64 + ch * 16 + 16]
                             sB[r * ROW4 + ch * 16: r * ROW4 + ch * 16 + 16] = src if n0 + r < N else 0
-                        # the stage's scale area: [a_scale BM | w_scale BN << L | w_offset BN << L]
+                        # the stage's scale area: [a_scale BM | w_scale GPB x BN | w_offset GPB x BN]
                         n_w = BN << gpb_log2
                         sS = np.full(BM + 2 * n_w, np.nan, np.float32)  # (NaN: a slot never written shows)
                         a_col = b if scale_mode == 0 else int(is8)
@@ -291,7 +291,7 @@ def emulate_gemm(q4, q8, a_scales, block_bits, qweight, w_scales, group, scale_m
                         else:
                             grp0 = (b * BLOCK_K) // group
                         for c in range(n_w):
-                            r, gi = c >> gpb_log2, c & ((1 << gpb_log2) - 1)
+                            gi, r = c // BN, c % BN  # group-major
                             gn = min(n0 + r, N - 1)
                             sS[BM + c] = w_scales[gn, grp0 + gi]
                             if w_offsets is not None:
@@ -367,10 +367,13 @@ def emulate_gemm(q4, q8, a_scales, block_bits, qweight, w_scales, group, scale_m
                                                 if sub == segs_per_step - 1:
                                                     asum[i, rh] = 0
                                     for j in range(NT):
-                                        rs = [wn0 + j * 8 + 2 * T + c for c in range(2)]  # CTA-tile columns
-                                        w_sc = [sS[BM + (r << gpb_log2) + gi] * conv for r in rs]
-                                        w_of = [sS[BM + ((BN + r) << gpb_log2) + gi] if has_off else np.float32(0)
-                                                for r in rs]
+                                        # ws_row / wo_row + 8j: one float2 of columns wn0 + 8j + 2t, + 1
+                                        ws_row = BM + gi * BN + wn0 + 2 * T
+                                        wo_row = ws_row + (BN << gpb_log2)
+                                        assert ((ws_row + j * 8) % 2 == 0).all()  # 8-byte aligned pairs
+                                        w_sc = [sS[ws_row + j * 8 + c] * conv for c in range(2)]
+                                        w_of = [sS[wo_row + j * 8 + c] if has_off else np.float32(0)
+                                                for c in range(2)]
                                         for i in range(MT):
                                             for e in range(4):
                                                 acc[i, j, :, e] += iacc[i, j, :, e].astype(np.float32) * (a_sc[i, e >> 1] * w_sc[e & 1])
