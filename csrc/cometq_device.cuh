@@ -192,20 +192,6 @@ __device__ __forceinline__ uint32_t bytes_even(uint32_t p, uint32_t q) { return 
 __device__ __forceinline__ uint32_t bytes_odd(uint32_t p, uint32_t q) { return __byte_perm(p, q, 0x7531); }
 
 // ---------------------------------------------------------------------------
-// Activation row sums (the asymmetric-weight offset term needs sum_k a[m, k]
-// per segment).  dp4a against 0x01010101 adds the 4 signed bytes of a word into
-// an int32 in one instruction (sm_61+).  Nibbles are first widened with the
-// same two bit operations as above, so the result is 16 x their sum (exact:
-// |16 * 8 * 16| per word); the caller shifts the x16 back out once per segment.
-// ---------------------------------------------------------------------------
-__device__ __forceinline__ int sum_s8x4(uint32_t w, int acc) {
-  return __dp4a(static_cast<int>(w), 0x01010101, acc);
-}
-__device__ __forceinline__ int sum_nib8_x16(uint32_t w, int acc) {
-  return sum_s8x4(nib_lo_x16(w), sum_s8x4(nib_hi_x16(w), acc));
-}
-
-// ---------------------------------------------------------------------------
 // dtype helpers
 // ---------------------------------------------------------------------------
 __device__ __forceinline__ float load_as_float(const void* p, int64_t i, int dtype) {

@@ -45,15 +45,13 @@
 // * Asymmetric weights (offset term): the weight integers stay the signed
 //   nibbles of the symmetric format and run through the same mma (on sm_8x the
 //   s4 path is untouched), so the offset is the only addition.  Its activation
-//   sums come for free from the A fragments: a thread already holds, for the A
-//   rows g and g+8 it loads, the 16 channels 16t..16t+15 of each k-step, and
-//   those are the SAME rows its accumulator fragment owns (C rows g, g+8).  It
-//   adds them up with dp4a (one instruction per 4 values), and at each segment
-//   flush the 4 threads t = 0..3 of the quad (which together hold all 64
-//   channels of the k-step) combine their partial sums with two xor shuffles.
-//   No shared memory, no extra barrier; with sub-segments (G = 16, 32) each
-//   thread's 16 channels lie in exactly one sub-segment (16t / SEG), so the
-//   other threads contribute 0 to its shuffle sum.  HAS_OFF is a template
+//   sums run on the tensor cores: one more n8 tile per m tile whose B operand is
+//   all ones (masked like the weights for sub-segments) -- every column of its
+//   C fragment is the row sum, and a C fragment's rows (g, g+8) are exactly the
+//   rows of the thread's accumulators.  No shared memory, no shuffle, no barrier:
+//   2 MMAs (s8) or 1 (s4) per k-step and m tile.  (The first version summed the
+//   A words with dp4a and combined the quad with two xor shuffles per flush:
+//   1108 -> 1011 SASS instructions per K block on the 64 x 64 sm_90a tile.)  HAS_OFF is a template
 //   parameter: the symmetric instantiations compile to the same code as before
 //   the offsets existed (a run-time branch cost the symmetric s4 path 30-40
 //   registers on sm_80).
@@ -314,11 +312,13 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::MIN_CTAS) w4ax_gemm_kernel(
   // Offset term (asymmetric weights, p.w_offsets != NULL): compile-time, so the
   // shuffles below are executed by full warps or not at all.
   constexpr bool has_off = HAS_OFF;
-  // asum[i][rh]: this thread's share of the activation sum of row g + 8 rh of m
-  // tile i over the current segment (x16 for INT4 blocks, see sum_nib8_x16).
-  int asum[MT][2];
+  // isum[i]: the C fragment of an extra n8 tile whose B operand is all ones, so its every
+  // column is the activation row sum over the current segment: c0 = row g, c2 = row g + 8 of
+  // m tile i -- exactly the rows this thread's accumulators own (x16 for INT4 blocks on the
+  // s8 path, whose A operand is the x16 widening).
+  int isum[MT][4];
 #pragma unroll
-  for (int i = 0; i < MT; ++i) asum[i][0] = asum[i][1] = 0;
+  for (int i = 0; i < MT; ++i) isum[i][0] = isum[i][1] = isum[i][2] = isum[i][3] = 0;
 
   float acc[MT][NT][4];
   int iacc[MT][NT][4];
@@ -405,11 +405,6 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::MIN_CTAS) w4ax_gemm_kernel(
           afr[i][1][1] = bytes_even(v[1].z, v[1].w);
           afr[i][1][2] = bytes_odd(v[0].z, v[0].w);
           afr[i][1][3] = bytes_odd(v[1].z, v[1].w);
-          if (has_off) {
-#pragma unroll
-            for (int rh = 0; rh < 2; ++rh)
-              asum[i][rh] = sum_s8x4(v[rh].x, sum_s8x4(v[rh].y, sum_s8x4(v[rh].z, sum_s8x4(v[rh].w, asum[i][rh]))));
-          }
         }
       } else {
         // INT4 activations: 8 bytes per row = 16 nibbles, channels 16t .. 16t+15
@@ -435,10 +430,6 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::MIN_CTAS) w4ax_gemm_kernel(
             afr[i][1][1] = nib_lo_x16(v[1].y);
             afr[i][1][2] = nib_hi_x16(v[0].y);
             afr[i][1][3] = nib_hi_x16(v[1].y);
-          }
-          if (has_off) {  // (on the s8 path the widened words above are reused by the compiler)
-#pragma unroll
-            for (int rh = 0; rh < 2; ++rh) asum[i][rh] = sum_nib8_x16(v[rh].x, sum_nib8_x16(v[rh].y, asum[i][rh]));
           }
         }
       }
@@ -468,6 +459,22 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::MIN_CTAS) w4ax_gemm_kernel(
             }
           }
         }
+        if (has_off) {
+          // The activation row sums on the tensor cores: one more n8 tile against B = ones
+          // (masked like the weights, so a sub-segment sums only its own channels).  Per K block
+          // and m tile that is 2 MMAs (s8) or 1 (s4), in place of the per-thread dp4a sums over the
+          // A words (4-8 IDP + 4 LOP per k-step and row) and the two quad shuffles of each flush.
+          const uint32_t ones = keep & (s4_mma ? 0x11111111u : 0x01010101u);
+#pragma unroll
+          for (int i = 0; i < MT; ++i) {
+            if (s4_mma) {
+              mma_s4_m16n8k64(isum[i], afr[i][0][0], afr[i][0][1], afr[i][0][2], afr[i][0][3], ones, ones);
+            } else {
+              mma_s8_m16n8k32(isum[i], afr[i][0][0], afr[i][0][1], afr[i][0][2], afr[i][0][3], ones, ones);
+              mma_s8_m16n8k32(isum[i], afr[i][1][0], afr[i][1][1], afr[i][1][2], afr[i][1][3], ones, ones);
+            }
+          }
+        }
 
         // ---- flush the finished segment into fp32:
         //   acc += a_scale * w_scale * conv * iacc  (+ a_scale * asum * w_offset)
@@ -477,18 +484,16 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::MIN_CTAS) w4ax_gemm_kernel(
           // a_off[i][rh] = a_scale * asum of the segment for owned row g + 8 rh of m tile i
           float a_off[MT][2];
           if (has_off) {
-            const bool mine = segs_per_step == 1 || my_subseg == sub;
 #pragma unroll
             for (int i = 0; i < MT; ++i)
 #pragma unroll
               for (int rh = 0; rh < 2; ++rh) {
-                // INT4 partial sums are 16x (each term a multiple of 16): the shift is exact
-                int sm = mine ? (is8 ? asum[i][rh] : (asum[i][rh] >> 4)) : 0;
-                sm += __shfl_xor_sync(0xFFFFFFFFu, sm, 1);  // quad t = 0..3: all 64 channels of the k-step
-                sm += __shfl_xor_sync(0xFFFFFFFFu, sm, 2);
+                // INT4 blocks on the s8 path summed x16 operands (each term a multiple of 16): exact shift
+                const int sm = (is8 || USE_S4) ? isum[i][2 * rh] : (isum[i][2 * rh] >> 4);
                 a_off[i][rh] = a_sc[i][rh] * static_cast<float>(sm);  // |sm| <= 128 * 128: exact in fp32
-                if (sub == segs_per_step - 1) asum[i][rh] = 0;         // segment done for every sub-segment
               }
+#pragma unroll
+            for (int i = 0; i < MT; ++i) isum[i][0] = isum[i][1] = isum[i][2] = isum[i][3] = 0;
           }
           // this segment's weight scales / offsets of the CTA tile's columns (group-major rows)
           const float* ws_row = sS + Cfg::BM + gi * Cfg::BN + wn0 + 2 * t;

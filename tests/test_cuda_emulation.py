@@ -58,25 +58,6 @@ def bytes_odd(p, q):
     return byte_perm(p, q, 0x7531)
 
 
-def dp4a_ones(w, acc):
-    """__dp4a(w, 0x01010101, acc): acc + the 4 signed bytes of w (per lane)."""
-    return acc + _s8(w).sum(axis=1)
-
-
-def sum_s8x4(w, acc):
-    return dp4a_ones(w, acc)
-
-
-def sum_nib8_x16(w, acc):
-    """16 x the sum of the 8 signed nibbles of w (cometq_device.cuh)."""
-    return sum_s8x4(nib_lo_x16(w), sum_s8x4(nib_hi_x16(w), acc))
-
-
-def shfl_xor(v, mask):
-    """__shfl_xor_sync(0xFFFFFFFF, v, mask) over the 32 lanes."""
-    return v[LANE ^ mask]
-
-
 def _s8(w):
     """uint32 [32] -> int8 [32, 4] (byte 0 first)."""
     return w.astype("<u4").view(np.uint8).reshape(-1, 4).view(np.int8).astype(np.int64)
@@ -252,7 +233,8 @@ def emulate_gemm(q4, q8, a_scales, block_bits, qweight, w_scales, group, scale_m
                     acc = np.zeros((MT, NT, 32, 4), np.float32)
                     iacc = np.zeros((MT, NT, 32, 4), np.int64)
                     has_off = w_offsets is not None  # the HAS_OFF template parameter
-                    asum = np.zeros((MT, 2, 32), np.int64)  # per owned row g + 8 rh, per lane
+                    # the ones tile's C fragment: c0 = row g, c2 = row g + 8 sums (c1, c3 the same)
+                    isum = np.zeros((MT, 32, 4), np.int64)
                     for b in range(kb_begin, kb_end):
                         slot, is8, valid = info[b]
                         if not valid:
@@ -321,10 +303,6 @@ def emulate_gemm(q4, q8, a_scales, block_bits, qweight, w_scales, group, scale_m
                                     (x0, y0, z0, v0), (x1, y1, z1, v1) = v
                                     afr[i, 0] = (bytes_even(x0, y0), bytes_even(x1, y1), bytes_odd(x0, y0), bytes_odd(x1, y1))
                                     afr[i, 1] = (bytes_even(z0, v0), bytes_even(z1, v1), bytes_odd(z0, v0), bytes_odd(z1, v1))
-                                    if has_off:
-                                        for rh in range(2):
-                                            vx, vy, vz, vw = v[rh]
-                                            asum[i, rh] = sum_s8x4(vx, sum_s8x4(vy, sum_s8x4(vz, sum_s8x4(vw, asum[i, rh]))))
                                 else:
                                     (x0, y0), (x1, y1) = [(_ld32(sA, r * ROW4 + ks * 32 + T * 8), _ld32(sA, r * ROW4 + ks * 32 + T * 8 + 4)) for r in rows]
                                     if use_s4:
@@ -332,9 +310,6 @@ def emulate_gemm(q4, q8, a_scales, block_bits, qweight, w_scales, group, scale_m
                                     else:
                                         afr[i, 0] = (nib_lo_x16(x0), nib_lo_x16(x1), nib_hi_x16(x0), nib_hi_x16(x1))
                                         afr[i, 1] = (nib_lo_x16(y0), nib_lo_x16(y1), nib_hi_x16(y0), nib_hi_x16(y1))
-                                    if has_off:
-                                        for rh, (vx, vy) in enumerate(((x0, y0), (x1, y1))):
-                                            asum[i, rh] = sum_nib8_x16(vx, sum_nib8_x16(vy, asum[i, rh]))
                             s4_mma = use_s4 and not is8
                             for sub in range(segs_per_step):
                                 my_subseg = (16 * T) // seg
@@ -349,6 +324,15 @@ def emulate_gemm(q4, q8, a_scales, block_bits, qweight, w_scales, group, scale_m
                                         for i in range(MT):
                                             mma_s8_m16n8k32(iacc[i, j], *afr[i, 0], b00, b01)
                                             mma_s8_m16n8k32(iacc[i, j], *afr[i, 1], b10, b11)
+                                if has_off:
+                                    # activation row sums: one more n8 tile against B = ones, masked like the weights
+                                    ones = keep & np.uint32(0x11111111 if s4_mma else 0x01010101)
+                                    for i in range(MT):
+                                        if s4_mma:
+                                            mma_s4_m16n8k64(isum[i], *afr[i, 0], ones, ones)
+                                        else:
+                                            mma_s8_m16n8k32(isum[i], *afr[i, 0], ones, ones)
+                                            mma_s8_m16n8k32(isum[i], *afr[i, 1], ones, ones)
                                 if seg <= 64 or ks == 1:
                                     gi = 0 if seg == BLOCK_K else ks * segs_per_step + sub
                                     # (the definition: the segment's weight group is its first channel // G)
@@ -356,16 +340,16 @@ def emulate_gemm(q4, q8, a_scales, block_bits, qweight, w_scales, group, scale_m
                                     assert grp0 + gi == seg_start // group
                                     a_off = np.zeros((MT, 2, 32), np.float32)
                                     if has_off:
-                                        mine = (segs_per_step == 1) | (my_subseg == sub)
                                         for i in range(MT):
+                                            # every column of the ones tile is the row sum
+                                            assert np.array_equal(isum[i, :, 0], isum[i, :, 1])
+                                            assert np.array_equal(isum[i, :, 2], isum[i, :, 3])
                                             for rh in range(2):
-                                                sm = np.where(mine, asum[i, rh] if is8 else (asum[i, rh] >> 4), 0)
-                                                assert is8 or not (asum[i, rh] & 15).any()  # the shift is exact
-                                                sm = sm + shfl_xor(sm, 1)
-                                                sm = sm + shfl_xor(sm, 2)
+                                                x16 = not (is8 or use_s4)  # INT4 blocks on the s8 path: x16 operands
+                                                sm = isum[i, :, 2 * rh] >> 4 if x16 else isum[i, :, 2 * rh]
+                                                assert not x16 or not (isum[i, :, 2 * rh] & 15).any()  # the shift is exact
                                                 a_off[i, rh] = a_sc[i, rh] * sm.astype(np.float32)
-                                                if sub == segs_per_step - 1:
-                                                    asum[i, rh] = 0
+                                        isum[:] = 0
                                     for j in range(NT):
                                         # ws_row / wo_row + 8j: one float2 of columns wn0 + 8j + 2t, + 1
                                         ws_row = BM + gi * BN + wn0 + 2 * T
@@ -472,7 +456,7 @@ def test_emulated_gemm_integer_exact():
 )
 def test_emulated_asymmetric_gemm_matches_reference(bits, group, scale_mode, use_s4, cfg, split_k):
     """Asymmetric weights (w_offsets) and clipped INT4 activations: the offset term's
-    per-lane dp4a row sums, quad shuffles and sub-segment masks vs reference.w4ax_gemm."""
+    row sums (an MMA against a ones tile), the x16 shift and sub-segment masks vs reference.w4ax_gemm."""
     m, n, k = (70 if cfg == "large" else 17), 72, 576
     key = zlib.crc32(repr(("asym", bits, group, scale_mode)).encode())
     qa, qw = _operands(m, n, k, list(bits), group, scale_mode, seed=key, sym=False, int4_clip=0.85)
@@ -511,14 +495,6 @@ def test_emulated_activation_sums_exact(group, use_s4):
     y = emulate_gemm(q4.numpy(), q8.numpy(), qa.scales.numpy(), bits, qweight.numpy(), qw.scales.numpy(), group, 0,
                      use_s4=use_s4, cfg=CFGS["small"], split_k=2, w_offsets=offsets.numpy())
     assert torch.equal(torch.from_numpy(y).double(), want)
-
-
-def test_activation_sum_helpers():
-    """dp4a-with-ones sums the signed bytes; sum_nib8_x16 gives 16 x the nibble sum."""
-    rng = np.random.default_rng(1)
-    w = rng.integers(0, 2**32, size=32, dtype=np.uint64).astype(np.uint32)
-    assert np.array_equal(sum_s8x4(w, np.zeros(32, np.int64)), _s8(w).sum(1))
-    assert np.array_equal(sum_nib8_x16(w, np.full(32, 5, np.int64)), 5 + 16 * _s4(w).sum(1))
 
 
 def test_split_ranges_partition_blocks_by_cost():
