@@ -118,8 +118,11 @@ __host__ __device__ constexpr int groups_per_block_log2(int group) {
 // M > 64: 128 x 64 tiles, 8 warps (4 x 2), warp tile 32 x 32; two CTAs per SM (<= 128 registers,
 // 2 x 90 KB of pipeline smem).
 using CfgLarge = GemmCfg<128, 64, 4, 2, 4, 2>;
-// 16 < M <= 64: 64 x 64 tiles, 4 warps (2 x 2), warp tile 32 x 32; four CTAs per SM (<= 128 registers).
-using CfgMid = GemmCfg<64, 64, 2, 2, 4, 4>;
+// 16 < M <= 64: 64 x 64 tiles, 4 warps (2 x 2), warp tile 32 x 32.  Three CTAs per SM: shared
+// memory allows no more on an H100 (4 stages x 15.1 KB + block tables = ~61 KB per CTA, 228 KB per
+// SM), so the register bound is 3 (<= 168 per thread).  (It was 4 -- 128 registers, never
+// reachable -- which spilled the asymmetric tile once its row sums moved onto the tensor cores.)
+using CfgMid = GemmCfg<64, 64, 2, 2, 4, 3>;
 // M <= 16 (decode): 16 x 64 tiles, 4 warps (1 x 4), warp tile 16 x 16, deeper
 // pipeline (the weight stream is the whole cost), split-K over the grid's z.
 using CfgSmall = GemmCfg<16, 64, 1, 4, 6>;
