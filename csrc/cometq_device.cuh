@@ -184,6 +184,15 @@ __device__ __forceinline__ void mma_s4_m16n8k64(int (&c)[4], uint32_t a0, uint32
 // ---------------------------------------------------------------------------
 __device__ __forceinline__ uint32_t nib_lo_x16(uint32_t w) { return (w << 4) & 0xF0F0F0F0u; }
 __device__ __forceinline__ uint32_t nib_hi_x16(uint32_t w) { return w & 0xF0F0F0F0u; }
+// The same with a mask ANDed in, as one 3-input LOP3 (written as PTX: from `(x & c) & keep` with
+// keep = cond ? ~0 : 0 the compiler makes a SEL per word on top of the LOP3).
+__device__ __forceinline__ uint32_t and3_f0(uint32_t x, uint32_t keep) {
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, 0xF0F0F0F0, 0x80;" : "=r"(d) : "r"(x), "r"(keep));  // 0x80: a & b & c
+  return d;
+}
+__device__ __forceinline__ uint32_t nib_lo_x16_masked(uint32_t w, uint32_t keep) { return and3_f0(w << 4, keep); }
+__device__ __forceinline__ uint32_t nib_hi_x16_masked(uint32_t w, uint32_t keep) { return and3_f0(w, keep); }
 
 // Bytes (0,2) of p and (0,2) of q -> one word (p0,p2,q0,q2);  (1,3) likewise.
 // With p = bytes c0..c3 and q = c4..c7 of 8 consecutive INT8 channels this

@@ -141,6 +141,8 @@ def test_ptx_uses_the_intended_instructions(builds, arch):
     # asymmetric weights: activation row sums as an MMA against ones, not dp4a + quad shuffles
     # (the shuffles left are the block table's and split range's warp reductions)
     assert "dp4a" not in ptx
+    # sm_90's weight conversion with the sub-segment mask folded into a 3-input lop3 (and3_f0)
+    assert "0xF0F0F0F0, 0x80;" in ptx
 
 
 def test_bindings_syntax(builds):

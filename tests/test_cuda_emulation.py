@@ -15,6 +15,8 @@ tests/test_cuda_ops.py.
 """
 from __future__ import annotations
 
+import os
+import re
 import zlib
 
 import numpy as np
@@ -48,6 +50,23 @@ def byte_perm(p, q, sel):
     for i in range(4):
         out |= src[(sel >> (4 * i)) & 7] << np.uint32(8 * i)
     return out
+
+
+def _cuda_asm(name):
+    """The PTX string of a cometq_device.cuh helper's inline asm, operands renamed %N -> $N (run_ptx)."""
+    src = open(os.path.join(os.path.dirname(__file__), "..", "csrc", "cometq_device.cuh")).read()
+    body = src[src.index(f"uint32_t {name}("):]
+    asm = re.search(r'asm\("([^"]*)"', body).group(1)
+    return re.sub(r"%(\d)", r"$\1", asm)
+
+
+def and3_f0(x, keep):
+    """and3_f0 (cometq_device.cuh): x & keep & 0xF0F0F0F0 as one lop3 -- executed from its PTX."""
+    from cometq.testing import run_ptx
+
+    x = np.asarray(x, np.uint64) & np.uint64(0xFFFFFFFF)
+    keep = np.broadcast_to(np.asarray(keep, np.uint64), x.shape)
+    return run_ptx(_cuda_asm("and3_f0"), {"$1": x, "$2": keep})["$0"].astype(np.uint32)
 
 
 def bytes_even(p, q):
@@ -320,7 +339,12 @@ def emulate_gemm(q4, q8, a_scales, block_bits, qweight, w_scales, group, scale_m
                                         for i in range(MT):
                                             mma_s4_m16n8k64(iacc[i, j], *afr[i, 0], w0, w1)
                                     else:
-                                        b00, b01, b10, b11 = nib_lo_x16(w0), nib_hi_x16(w0), nib_lo_x16(w1), nib_hi_x16(w1)
+                                        if use_s4:  # (sm_8x: INT8 blocks only; masked words, then converted)
+                                            b00, b01, b10, b11 = nib_lo_x16(w0), nib_hi_x16(w0), nib_lo_x16(w1), nib_hi_x16(w1)
+                                        else:  # sm_90: the raw words converted with the mask as the LOP3's third input
+                                            r0, r1 = braw[j]
+                                            b00, b01 = and3_f0(r0 << np.uint32(4), keep), and3_f0(r0, keep)
+                                            b10, b11 = and3_f0(r1 << np.uint32(4), keep), and3_f0(r1, keep)
                                         for i in range(MT):
                                             mma_s8_m16n8k32(iacc[i, j], *afr[i, 0], b00, b01)
                                             mma_s8_m16n8k32(iacc[i, j], *afr[i, 1], b10, b11)
@@ -515,6 +539,10 @@ def test_conversion_tricks():
     nib = _s4(w)
     assert np.array_equal(_s8(nib_lo_x16(w)), 16 * nib[:, 0::2])
     assert np.array_equal(_s8(nib_hi_x16(w)), 16 * nib[:, 1::2])
+    # the masked forms (sm_90's B conversion): the lop3 LUT is a & b & c, the mask all-or-nothing
+    for keep in (np.uint32(0xFFFFFFFF), np.uint32(0)):
+        assert np.array_equal(and3_f0(w << np.uint32(4), keep), nib_lo_x16(w) & keep)
+        assert np.array_equal(and3_f0(w, keep), nib_hi_x16(w) & keep)
     p = rng.integers(0, 2**32, size=32, dtype=np.uint64).astype(np.uint32)
     q = rng.integers(0, 2**32, size=32, dtype=np.uint64).astype(np.uint32)
     allb = np.concatenate([_s8(p), _s8(q)], axis=1)
