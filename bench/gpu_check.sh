@@ -26,7 +26,7 @@
 #   serving/serving_*.json|md     bench_serving.py (Llama-3-8B geometry, random weights, batch 64, 1024 / 512)
 #   microbench.json|md            pytest-benchmark microbenchmarks (bench/test_microbench.py) + ratio table
 #   raw_errors.log                bench/diag_raw_errors.py: every raw-op TORCH_CHECK raises ("ALL RAISED") or names the crash
-#   cuda_gemm_smoke.log           the CUDA GEMM vs the reference (group sizes, block patterns, split-K, asymmetric) before any timing
+#   cuda_gemm_smoke.log           the CUDA GEMM and act-quant vs the reference (group sizes, block patterns, split-K, asymmetric) before any timing
 #   toolchain.txt                 bench/diag_toolchain.sh (GPU_CHECK_TOOLCHAIN=1): C++ toolchain facts + the raw-op error probe
 #   autotune.json/.log            which backend `auto` picked per case (cometq.autotune)
 #   tune_decode.json              bench/tune_decode.py: the decode buckets' tuned GEMM configs (last stage)
@@ -231,7 +231,7 @@ bench() {  # name cap cmd...
 # (the GEMM benchmark's own `cuda` columns still time it)
 if [ "$BUILD" = ok ] && ! skip cuda_gemm_smoke; then
   PYTEST_WORKERS=4 run_pytest cuda_gemm_smoke 60 tests/test_cuda_ops.py \
-    -k "gemm_group_sizes or gemm_block_patterns or gemm_split_k or gemm_block_major_weights or gemm_asymmetric_group_sizes_split_k or gemm_asymmetric_activation_sums_exact" || true
+    -k "gemm_group_sizes or gemm_block_patterns or gemm_split_k or gemm_block_major_weights or gemm_asymmetric_group_sizes_split_k or gemm_asymmetric_activation_sums_exact or quantize_act_bit_identical" || true
   if [ -s "$W/cuda_gemm_smoke.failures.txt" ]; then
     export COMETQ_BACKEND=triton
     stage cuda_backend_disabled "COMETQ_BACKEND=triton" 0

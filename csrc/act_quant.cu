@@ -32,6 +32,16 @@
 // 14 us per call at 64 rows on the H100 (run 4, 2026-11-27: 1.8 ms of a batch-64
 // decode step), for 0.5 MB of input.  The thread count is chosen at launch
 // (launch_act_quant); the loops below stride by the launched warp count.
+//
+// "block" scale mode (the default) needs no row-wide reduction at all: every block's
+// scale is its own absmax.  So it runs act_quant_block_kernel instead: one warp per
+// (row, block) in 4-warp CTAs, grid (M, ceil(n_blocks / 4)), each warp doing the whole
+// job for its block -- gather once, warp-max, scale, quantize the values still in
+// registers, store -- with no CTA barrier and no second gather.  The row kernel above
+// ran a K = 14336 row (down_proj) as 112 blocks on 32 warps: 4 rounds of the two
+// dependent round trips per pass, two passes, 64 CTAs for a batch of 64 rows (half the
+// SMs idle); the block kernel runs 112 x 64 independent warps in 1792 CTAs.  A warp
+// finds its block's slot itself (block_slot: ballots over the earlier blocks' bits).
 #include <algorithm>
 
 #include "cometq_device.cuh"
@@ -53,6 +63,23 @@ __device__ __forceinline__ void gather4(const T* __restrict__ xrow, const int64_
   for (int i = 0; i < 4; ++i) {
     const int j = b * kBlockK + lane * 4 + i;
     v[i] = (j < K) ? to_float(xrow[perm[j]]) : 0.f;
+  }
+}
+
+// Lane `lane`'s 4 quantized channels of block slot `slot` (row m): 4 INT8 bytes, or 2 bytes
+// of nibbles (even channel -> low nibble, layout.pack_int4; two's complement).
+__device__ __forceinline__ void store_block_lane(const CometqActQuantArgs& p, int m, int slot, bool is8, int lane,
+                                                 const int (&q)[4]) {
+  if (is8) {
+    const uint32_t word = (static_cast<uint32_t>(q[0]) & 0xFFu) | ((static_cast<uint32_t>(q[1]) & 0xFFu) << 8) |
+                          ((static_cast<uint32_t>(q[2]) & 0xFFu) << 16) | ((static_cast<uint32_t>(q[3]) & 0xFFu) << 24);
+    int8_t* dst = p.q8 + static_cast<int64_t>(m) * p.ld_q8 + static_cast<int64_t>(slot) * kBlockK + lane * 4;
+    *reinterpret_cast<uint32_t*>(dst) = word;
+  } else {
+    const uint32_t byte0 = (static_cast<uint32_t>(q[0]) & 0xFu) | ((static_cast<uint32_t>(q[1]) & 0xFu) << 4);
+    const uint32_t byte1 = (static_cast<uint32_t>(q[2]) & 0xFu) | ((static_cast<uint32_t>(q[3]) & 0xFu) << 4);
+    uint8_t* dst = p.q4 + static_cast<int64_t>(m) * p.ld_q4 + static_cast<int64_t>(slot) * (kBlockK / 2) + lane * 2;
+    *reinterpret_cast<uint16_t*>(dst) = static_cast<uint16_t>(byte0 | (byte1 << 8));
   }
 }
 
@@ -130,23 +157,59 @@ __global__ void __launch_bounds__(kActMaxThreads) act_quant_kernel(const CometqA
     int q[4];
 #pragma unroll
     for (int i = 0; i < 4; ++i) q[i] = static_cast<int>(fminf(fmaxf(rintf(__fdiv_rn(v[i], d)), -qmax), qmax));
-    if (is8) {
-      const uint32_t word = (static_cast<uint32_t>(q[0]) & 0xFFu) | ((static_cast<uint32_t>(q[1]) & 0xFFu) << 8) |
-                            ((static_cast<uint32_t>(q[2]) & 0xFFu) << 16) | ((static_cast<uint32_t>(q[3]) & 0xFFu) << 24);
-      int8_t* dst = p.q8 + static_cast<int64_t>(m) * p.ld_q8 + static_cast<int64_t>(slot) * kBlockK + lane * 4;
-      *reinterpret_cast<uint32_t*>(dst) = word;
-    } else {
-      // even channel -> low nibble (layout.pack_int4), two's complement nibbles
-      const uint32_t byte0 = (static_cast<uint32_t>(q[0]) & 0xFu) | ((static_cast<uint32_t>(q[1]) & 0xFu) << 4);
-      const uint32_t byte1 = (static_cast<uint32_t>(q[2]) & 0xFu) | ((static_cast<uint32_t>(q[3]) & 0xFu) << 4);
-      uint8_t* dst = p.q4 + static_cast<int64_t>(m) * p.ld_q4 + static_cast<int64_t>(slot) * (kBlockK / 2) + lane * 2;
-      *reinterpret_cast<uint16_t*>(dst) = static_cast<uint16_t>(byte0 | (byte1 << 8));
-    }
+    store_block_lane(p, m, slot, is8, lane, q);
   }
+}
+
+// Block b's slot in its class buffer and validity (the same rule as build_block_table, for
+// one block, by one warp): slot = #(blocks before b of the same class).
+__device__ __forceinline__ int block_slot(const int32_t* __restrict__ block_bits, int b, int n4, int n8, int lane,
+                                          bool& is8, bool& valid) {
+  int n8_before = 0;
+  for (int c = 0; c <= b; c += 32) {  // warp-uniform trip count
+    const int bb = c + lane;
+    n8_before += __popc(__ballot_sync(0xFFFFFFFFu, bb < b && block_bits[bb] == 8));
+  }
+  is8 = block_bits[b] == 8;
+  const int slot = is8 ? n8_before : b - n8_before;
+  valid = slot < (is8 ? n8 : n4);
+  return slot;
+}
+
+constexpr int kActBlockWarps = 4;  // warps (= blocks) per CTA of act_quant_block_kernel
+
+template <typename T>
+__global__ void __launch_bounds__(32 * kActBlockWarps) act_quant_block_kernel(const CometqActQuantArgs p) {
+  const int lane = threadIdx.x & 31;
+  // rows on x (up to 2^31 - 1), block groups on y (n_blocks / 4 << 65535): neighbouring CTAs
+  // are the same blocks of neighbouring rows, so they share the perm reads in L1 / L2
+  const int b = blockIdx.y * kActBlockWarps + (threadIdx.x >> 5);
+  if (b >= p.n_blocks) return;  // (whole warps: no barrier below)
+  const int m = blockIdx.x;
+  bool is8, valid;
+  const int slot = block_slot(p.block_bits, b, p.n4, p.n8, lane, is8, valid);
+  const T* xrow = static_cast<const T*>(p.x) + static_cast<int64_t>(m) * p.ld_x;
+  float v[4];
+  gather4(xrow, p.perm, p.K, b, lane, v);
+  const float a = warp_max(fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3]))));
+  const float s = is8 ? __fdiv_rn(a, 127.f) : __fdiv_rn(__fmul_rn(a, p.int4_clip), 7.f);
+  if (lane == 0) p.scales[static_cast<int64_t>(m) * p.ld_scales + b] = s;
+  if (!valid) return;  // n_int8 inconsistent with block_bits: never write out of bounds
+  const float qmax = is8 ? 127.f : 7.f;
+  const float d = (s == 0.f) ? 1.f : s;  // all-zero block: q = 0 either way (reference _safe_div)
+  int q[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) q[i] = static_cast<int>(fminf(fmaxf(rintf(__fdiv_rn(v[i], d)), -qmax), qmax));
+  store_block_lane(p, m, slot, is8, lane, q);
 }
 
 template <typename T>
 static cudaError_t launch_act_quant(const CometqActQuantArgs& a, cudaStream_t stream) {
+  if (a.scale_mode == COMETQ_SCALE_BLOCK) {
+    const dim3 grid(a.M, (a.n_blocks + kActBlockWarps - 1) / kActBlockWarps);
+    act_quant_block_kernel<T><<<grid, 32 * kActBlockWarps, 0, stream>>>(a);
+    return cudaGetLastError();
+  }
   const size_t smem = 4 * sizeof(int) * static_cast<size_t>(a.n_blocks);
   auto kernel = act_quant_kernel<T>;
   if (smem > 48 * 1024) {

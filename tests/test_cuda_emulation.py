@@ -184,6 +184,19 @@ def block_table_warp(block_bits, n4, n8):
     return info
 
 
+def block_slot_warp(block_bits, b, n4, n8):
+    """csrc/act_quant.cu block_slot as written: one warp finds block b's own slot, counting the
+    INT8 blocks before b with one ballot per 32-block chunk up to b's."""
+    nb = len(block_bits)
+    n8_before = 0
+    for c in range(0, b + 1, 32):
+        ballot = [c + lane < b and int(block_bits[c + lane]) == 8 for lane in range(32) if c + lane < nb]
+        n8_before += sum(ballot)
+    is8 = int(block_bits[b]) == 8
+    slot = n8_before if is8 else b - n8_before
+    return slot, is8, slot < (n8 if is8 else n4)
+
+
 def split_range_warp(info, z, splits, cost8):
     """csrc/w4ax_gemm.cu split_range as written: one warp, a shuffle scan of the costs per 32-block
     chunk and a ballot of the blocks slice z owns (first set bit / last set bit)."""
@@ -218,6 +231,7 @@ def test_warp_block_table_and_split_range_equal_the_definitions():
         n4 = nb - sum(1 for b in bits if b == 8)
         ref = block_table(bits, n4, n8)
         assert block_table_warp(bits, n4, n8) == ref
+        assert [block_slot_warp(bits, b, n4, n8) for b in range(nb)] == ref
         for splits in (1, 2, 3, 7, 32, 40):
             for cost8 in (1, 2):
                 got = [split_range_warp(ref, z, splits, cost8) for z in range(splits)]
@@ -554,11 +568,16 @@ def test_conversion_tricks():
 # act_quant, transcribed (one CTA per row, warp per block, lane = 4 channels)
 # --------------------------------------------------------------------------
 def emulate_act_quant(x, perm, block_bits, n_int8, scale_mode, int4_clip=1.0):
+    """"block" mode: act_quant_block_kernel (a warp per (row, block), its own slot by block_slot);
+    "class" mode: act_quant_kernel (a CTA per row, the block table).  Same per-lane math."""
     x = x.astype(np.float32)
     M, K = x.shape
     nb = len(block_bits)
     n4 = nb - n_int8
-    info = block_table_warp(block_bits, n4, n_int8)
+    if scale_mode == 0:
+        info = [block_slot_warp(block_bits, b, n4, n_int8) for b in range(nb)]
+    else:
+        info = block_table_warp(block_bits, n4, n_int8)
     q4 = np.zeros((M, n4 * 64), np.uint8)
     q8 = np.zeros((M, n_int8 * 128), np.int8)
     scales = np.zeros((M, nb if scale_mode == 0 else 2), np.float32)
