@@ -42,6 +42,10 @@ def cases():
         ("block-major view", lambda: g(q4, q8, a_s, bits, qw.view(24, 5, 64), ws, None, 128, None,
                                        torch.float16, 0, 0, 0)),
         ("group_size=48", lambda: g(q4, q8, a_s, bits, qw, ws, None, 48, None, torch.float16, 0, 0, 0)),
+        ("tile must be 0 (by M) or 1", lambda: g(q4, q8, a_s, bits, qw, ws, None, 128, None, torch.float16, 0, 0, 0,
+                                                  2)),
+        ("needs M <= 64, got M=65", lambda: g(q4.new_zeros(65, 128), q8.new_zeros(65, 384), a_s.new_ones(65, 5), bits,
+                                              qw, ws, None, 128, None, torch.float16, 0, 0, 0, 1)),
     ]
 
 

@@ -231,7 +231,7 @@ bench() {  # name cap cmd...
 # (the GEMM benchmark's own `cuda` columns still time it)
 if [ "$BUILD" = ok ] && ! skip cuda_gemm_smoke; then
   PYTEST_WORKERS=4 run_pytest cuda_gemm_smoke 60 tests/test_cuda_ops.py \
-    -k "gemm_group_sizes or gemm_block_patterns or gemm_split_k or gemm_block_major_weights or gemm_asymmetric_group_sizes_split_k or gemm_asymmetric_activation_sums_exact or quantize_act_bit_identical" || true
+    -k "gemm_group_sizes or gemm_block_patterns or gemm_split_k or gemm_block_major_weights or gemm_asymmetric_group_sizes_split_k or gemm_asymmetric_activation_sums_exact or quantize_act_bit_identical or gemm_tile" || true
   if [ -s "$W/cuda_gemm_smoke.failures.txt" ]; then
     export COMETQ_BACKEND=triton
     stage cuda_backend_disabled "COMETQ_BACKEND=triton" 0

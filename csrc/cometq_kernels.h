@@ -35,6 +35,12 @@ enum { COMETQ_SCALE_BLOCK = 0, COMETQ_SCALE_CLASS = 1 };
 // INT8 activation blocks always run on the s8 instruction.
 enum { COMETQ_MMA_AUTO = 0, COMETQ_MMA_S4 = 1, COMETQ_MMA_S8 = 2 };
 
+// Tile / pipeline variant of the GEMM (a tuning knob, like split_k):
+//   AUTO: by M -- 16 x 64 (M <= 16), 64 x 64 with 4 stages, 3 CTAs per SM (M <= 64), 128 x 64.
+//   MID3 (M <= 64 only): the 64 x 64 tile with 3 stages, so 4 CTAs fit an H100 SM (16 warps
+//         instead of 12: more latency hiding, one block less prefetched per CTA).
+enum { COMETQ_TILE_AUTO = 0, COMETQ_TILE_MID3 = 1 };
+
 // ---------------------------------------------------------------------------
 // W4Ax GEMM:
 //   y[m, n] = sum_s a_scale[m, s] * (w_scale[n, s] * acc[m, n, s] + w_offset[n, s] * asum[m, s]) (+ bias[n])
@@ -75,6 +81,7 @@ typedef struct CometqGemmArgs {
   int scale_mode;           // COMETQ_SCALE_*
   int split_k;              // >= 1; gridDim.z. Use cometq_gemm_choose_split().
   int mma_path;             // COMETQ_MMA_S4 or COMETQ_MMA_S8 (resolved, not AUTO)
+  int tile;                 // COMETQ_TILE_* (MID3 requires M <= 64)
 } CometqGemmArgs;
 
 // Resolve COMETQ_MMA_AUTO for a device of compute capability cc_major.cc_minor:

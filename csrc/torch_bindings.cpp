@@ -11,13 +11,14 @@
 //   cometq_C::w4ax_gemm(Tensor q4, Tensor q8, Tensor a_scales, Tensor block_bits,
 //                       Tensor qweight, Tensor w_scales, Tensor? w_offsets, int group_size,
 //                       Tensor? bias, ScalarType out_dtype, int scale_mode, int split_k,
-//                       int mma_path) -> Tensor
+//                       int mma_path, int tile=0) -> Tensor
 //
 // scale_mode: 0 = "block", 1 = "class".  group_size: -1 = per output channel.
 // int4_clip: (0, 1], INT4 activation scales use absmax * int4_clip (1 = no clip).
 // w_offsets: float32 [N, K_pad/G] like w_scales (asymmetric weights) or None.
 // split_k: 0 = automatic, k > 0 = exactly k K-slices (clamped to the block count).
 // mma_path: 0 = automatic, 1 = s4 mma (INT4 tensor cores), 2 = INT4->INT8 + s8 mma.
+// tile: 0 = by M, 1 = the 64 x 64 tile with 3 stages (4 CTAs per SM; M <= 64 only).
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/extension.h>
@@ -136,7 +137,7 @@ at::Tensor w4ax_gemm_cuda(const at::Tensor& q4, const at::Tensor& q8, const at::
                           const at::Tensor& block_bits, const at::Tensor& qweight, const at::Tensor& w_scales,
                           const std::optional<at::Tensor>& w_offsets, int64_t group_size,
                           const std::optional<at::Tensor>& bias, at::ScalarType out_dtype,
-                          int64_t scale_mode, int64_t split_k, int64_t mma_path) {
+                          int64_t scale_mode, int64_t split_k, int64_t mma_path, int64_t tile) {
   constexpr const char* op = "cometq_C::w4ax_gemm";
   const at::Device dev = qweight.device();
   check_cuda(qweight, op, "qweight", dev);
@@ -228,6 +229,8 @@ at::Tensor w4ax_gemm_cuda(const at::Tensor& q4, const at::Tensor& q8, const at::
   }
   TORCH_CHECK(mma_path >= 0 && mma_path <= 2, op, ": mma_path must be 0 (auto), 1 (s4) or 2 (s8), got ", mma_path);
   TORCH_CHECK(split_k >= 0, op, ": split_k must be >= 0 (0 = auto), got ", split_k);
+  TORCH_CHECK(tile == 0 || tile == 1, op, ": tile must be 0 (by M) or 1 (64x64, 3 stages), got ", tile);
+  TORCH_CHECK(tile == 0 || M <= 64, op, ": tile=1 (the 64x64 3-stage tile) needs M <= 64, got M=", M);
   TORCH_CHECK(M <= INT32_MAX && N <= INT32_MAX && nb <= (1 << 20), op, ": problem too large (M=", M, ", N=", N,
               ", blocks=", nb, ")");
 
@@ -274,6 +277,7 @@ at::Tensor w4ax_gemm_cuda(const at::Tensor& q4, const at::Tensor& q8, const at::
   a.scale_mode = static_cast<int>(scale_mode);
   a.split_k = split;
   a.mma_path = path;
+  a.tile = static_cast<int>(tile);
   check_cuda_error(cometq_w4ax_gemm(&a, c10::cuda::getCurrentCUDAStream()), op);
   return out;
 }
@@ -287,7 +291,7 @@ TORCH_LIBRARY(cometq_C, m) {
   m.def(
       "w4ax_gemm(Tensor q4, Tensor q8, Tensor a_scales, Tensor block_bits, Tensor qweight, Tensor w_scales, "
       "Tensor? w_offsets, int group_size, Tensor? bias, ScalarType out_dtype, int scale_mode, int split_k, "
-      "int mma_path) -> Tensor");
+      "int mma_path, int tile=0) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(cometq_C, CUDA, m) {

@@ -123,6 +123,10 @@ using CfgLarge = GemmCfg<128, 64, 4, 2, 4, 2>;
 // SM), so the register bound is 3 (<= 168 per thread).  (It was 4 -- 128 registers, never
 // reachable -- which spilled the asymmetric tile once its row sums moved onto the tensor cores.)
 using CfgMid = GemmCfg<64, 64, 2, 2, 4, 3>;
+// The same tile with 3 stages (~46 KB), so shared memory fits 4 CTAs per SM and registers are
+// bounded for 4 (<= 128): COMETQ_TILE_MID3, a variant the ops layer's tuner times against CfgMid
+// (which occupancy wins at M <= 64 is a measurement, not a static count: same K loop).
+using CfgMid3 = GemmCfg<64, 64, 2, 2, 3, 4>;
 // M <= 16 (decode): 16 x 64 tiles, 4 warps (1 x 4), warp tile 16 x 16, deeper
 // pipeline (the weight stream is the whole cost), split-K over the grid's z.
 using CfgSmall = GemmCfg<16, 64, 1, 4, 6>;
@@ -601,6 +605,7 @@ static cudaError_t launch_cfg(const CometqGemmArgs& a, cudaStream_t stream) {
 template <bool USE_S4, bool HAS_OFF>
 static cudaError_t launch_cfg_m(const CometqGemmArgs& a, cudaStream_t stream) {
   if (a.M <= 16) return launch_cfg<CfgSmall, USE_S4, HAS_OFF>(a, stream);
+  if (a.tile == COMETQ_TILE_MID3) return launch_cfg<CfgMid3, USE_S4, HAS_OFF>(a, stream);  // (M <= 64: checked)
   if (a.M <= 64) return launch_cfg<CfgMid, USE_S4, HAS_OFF>(a, stream);
   return launch_cfg<CfgLarge, USE_S4, HAS_OFF>(a, stream);
 }
@@ -652,6 +657,7 @@ extern "C" cudaError_t cometq_w4ax_gemm(const CometqGemmArgs* args, cudaStream_t
     return cudaErrorInvalidValue;
   }
   if (a.split_k < 1 || (a.split_k > 1 && a.workspace == nullptr)) return cudaErrorInvalidValue;
+  if (a.tile != COMETQ_TILE_AUTO && !(a.tile == COMETQ_TILE_MID3 && a.M <= 64)) return cudaErrorInvalidValue;
   if (a.qweight == nullptr || a.a_scales == nullptr || a.w_scales == nullptr || a.out == nullptr ||
       a.block_bits == nullptr || (a.n4 > 0 && a.q4 == nullptr) || (a.n8 > 0 && a.q8 == nullptr)) {
     return cudaErrorInvalidValue;

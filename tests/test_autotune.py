@@ -491,38 +491,46 @@ def test_real_backends_on_gpu():
 
 # ---------------------------------------------------------------- CUDA GEMM split-K tuning
 def test_cuda_split_candidates_and_choice():
-    """The CUDA GEMM's split count at small M (cometq._cuda_split): 0 (the kernel's own rule)
-    first, counts leaving >= 2 K blocks per split, nothing to tune above M = 64; the fastest
-    timed count is kept per key (timing mode included), a failing count is skipped, and
-    without a timer (frozen, capturing, CPU) the kernel's rule decides and nothing is cached."""
+    """The CUDA GEMM's (split count, tile variant) at small M (cometq._cuda_split): split 0 (the
+    kernel's own rule) first, counts leaving >= 2 K blocks per split, on the tile by M and -- for
+    17 <= M <= 64 -- again on the 3-stage 64 x 64 tile; nothing to tune above M = 64; the fastest
+    timed choice is kept per key (timing mode included), a failing one is skipped, ties keep the
+    earlier, and without a timer (frozen, capturing, CPU) the default decides, uncached."""
     from cometq import _cuda_split as S
 
     S.clear()
-    assert S.split_candidates(64, 32) == [0, 1, 2, 3, 4, 6, 8]
-    assert S.split_candidates(16, 5) == [0, 1, 2]  # K = 576: 5 blocks, >= 2 per split
-    assert S.split_candidates(65, 32) == [0] and S.split_candidates(1024, 112) == [0]
+    splits = [0, 1, 2, 3, 4, 6, 8]
+    assert S.split_candidates(64, 32) == [(s, 0) for s in splits] + [(s, 1) for s in splits]
+    assert S.split_candidates(17, 32)[-1] == (8, 1)
+    assert S.split_candidates(16, 5) == [(0, 0), (1, 0), (2, 0)]  # K = 576: 5 blocks; M <= 16: no tile 1
+    assert S.split_candidates(65, 32) == [S.DEFAULT_CHOICE] and S.split_candidates(1024, 112) == [(0, 0)]
     cost = {0: 5.0, 1: 9.0, 2: 4.0, 3: 2.5, 4: 3.0, 6: 7.0, 8: 1.0}
     timed = []
 
-    def bench(s):
-        timed.append(s)
-        if s == 8:
+    def bench(c):
+        timed.append(c)
+        split, tile = c
+        if split == 8:
             raise RuntimeError("workspace too large")
-        return cost[s]
+        return cost[split] + (0.5 if tile else 0.0)
 
     k_eager = S.split_key(64, 4096, 32, 8, 128, True, False, "eager")
     k_graph = S.split_key(64, 4096, 32, 8, 128, True, False, "graph")
     assert k_eager != k_graph
     cands = S.split_candidates(64, 32)
-    assert S.choose_split(k_graph, cands, None) == 0 and k_graph not in S._CACHE  # untunable: not cached
-    assert S.choose_split(k_eager, cands, bench) == 3 and timed == cands  # 8 failed: skipped
+    assert S.choose_split(k_graph, cands, None) == (0, 0) and k_graph not in S._CACHE  # untunable: not cached
+    assert S.choose_split(k_eager, cands, bench) == (3, 0) and timed == cands  # split 8 failed: skipped
     timed.clear()
-    assert S.choose_split(k_eager, cands, bench) == 3 and timed == []  # cached
+    assert S.choose_split(k_eager, cands, bench) == (3, 0) and timed == []  # cached
     cost[3] = 9.9
-    assert S.choose_split(k_graph, cands, bench) == 4  # its own measurement
-    assert S.choose_split(k_eager, cands, None) == 3  # a cached choice is used even when frozen
+    assert S.choose_split(k_graph, cands, bench) == (4, 0)  # its own measurement
+    assert S.choose_split(k_eager, cands, None) == (3, 0)  # a cached choice is used even when frozen
     S.clear()
-    assert S.choose_split(k_eager, cands, lambda s: 1 / 0) == 0  # every count failed: the kernel's rule
+    assert S.choose_split(k_eager, cands, lambda c: 1.0 + (c == (2, 1)) * -0.5) == (2, 1)  # the 3-stage tile won
+    S.clear()
+    assert S.choose_split(k_eager, cands, lambda c: 1.0) == (0, 0)  # a tie keeps the first
+    S.clear()
+    assert S.choose_split(k_eager, cands, lambda c: 1 / 0) == (0, 0)  # every choice failed: the default
 
 
 def test_cuda_split_tuning_switch(monkeypatch):
@@ -547,7 +555,7 @@ def test_cuda_split_tuned_split_uses_the_timing_modes_timer(monkeypatch):
         def t(fn, dev):
             fn()
             calls[name].append(launched[-1])
-            return {0: 3.0, 1: 4.0, 2: 1.0}.get(launched[-1], 2.0)
+            return {(0, 0): 3.0, (1, 0): 4.0, (2, 0): 1.0}.get(launched[-1], 2.0)
         return t
 
     monkeypatch.setattr(autotune, "cuda_event_timer", timer("eager"))
@@ -555,15 +563,19 @@ def test_cuda_split_tuned_split_uses_the_timing_modes_timer(monkeypatch):
     monkeypatch.setattr(autotune, "_tracing_or_capturing", lambda dev: False)
     cuda = torch.device("cuda")
     args = (16, 4096, 5, 1, 128, True, False)
-    assert S.tuned_split(*args, cuda, launched.append) == 2 and calls["eager"] == [0, 1, 2]
+    three = [(0, 0), (1, 0), (2, 0)]  # M = 16: the 16-row tile only
+    assert S.tuned_split(*args, cuda, launched.append) == (2, 0) and calls["eager"] == three
     with autotune.timing("graph"):
-        assert S.tuned_split(*args, cuda, launched.append) == 2 and calls["graph"] == [0, 1, 2]
-    assert S.tuned_split(*args, cuda, launched.append) == 2 and len(calls["eager"]) == 3  # cached
+        assert S.tuned_split(*args, cuda, launched.append) == (2, 0) and calls["graph"] == three
+    assert S.tuned_split(*args, cuda, launched.append) == (2, 0) and len(calls["eager"]) == 3  # cached
     S.clear()
     with autotune.frozen():
-        assert S.tuned_split(*args, cuda, launched.append) == 0
-    assert S.tuned_split(*args, torch.device("cpu"), launched.append) == 0
+        assert S.tuned_split(*args, cuda, launched.append) == (0, 0)
+    assert S.tuned_split(*args, torch.device("cpu"), launched.append) == (0, 0)
     monkeypatch.setenv(S.ENV_TUNE, "0")
-    assert S.tuned_split(*args, cuda, launched.append) == 0
+    assert S.tuned_split(*args, cuda, launched.append) == (0, 0)
     assert not S._CACHE and len(calls["eager"]) == 3
-    assert S.tuned_split(65, 4096, 5, 1, 128, True, False, cuda, launched.append) == 0  # M > 64: not tuned
+    assert S.tuned_split(65, 4096, 5, 1, 128, True, False, cuda, launched.append) == (0, 0)  # M > 64: not tuned
+    monkeypatch.delenv(S.ENV_TUNE)
+    assert S.tuned_split(64, 4096, 5, 1, 128, True, False, cuda, launched.append) == (2, 0)
+    assert calls["eager"][3:] == [(0, 0), (1, 0), (2, 0), (0, 1), (1, 1), (2, 1)]  # M = 64: both tiles timed

@@ -348,6 +348,30 @@ def test_gemm_split_count_is_tuned_at_small_m(C, mode, monkeypatch):
     assert not _cuda_split._CACHE
 
 
+@pytest.mark.parametrize("m", [1, 17, 64])
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("split_k", [0, 3])
+def test_gemm_tile_mid3_is_bit_identical(C, m, sym, split_k):
+    """tile=1 (the 64 x 64 tile with 3 stages, 4 CTAs per SM) runs the same K loop and flush order
+    as the default 64 x 64 tile: bit-identical outputs for M > 16 (at M = 1 the default is the
+    16-row tile: only the reference is compared), and the reference's within tolerance."""
+    qa, qw = _operands(m, 333, K, PATTERNS["alt84"], 128, "block", ("mid3", m, sym), sym=sym)
+    ref = R.w4ax_gemm(qa, qw, out_dtype=torch.float64)
+    y3 = _run_gemm(C, qa, qw, split_k=split_k, tile=1)
+    _check_close(y3, ref, torch.float32)
+    if m > 16:
+        assert torch.equal(y3, _run_gemm(C, qa, qw, split_k=split_k, tile=0))
+
+
+def test_gemm_tile_errors(C):
+    qa, qw = _operands(65, 40, K, PATTERNS["alt84"], 128, "block", ("tile-err",))
+    with pytest.raises(ValueError, match="tile must be one of"):
+        _run_gemm(C, qa, qw, tile=2)
+    with pytest.raises(ValueError, match=r"needs M <= 64, got a_scales of shape \(65, 5\)"):
+        _run_gemm(C, qa, qw, tile=1)
+    # (the raw op's own TORCH_CHECKs for tile: bench/diag_raw_errors.py, in a child process)
+
+
 def test_gemm_empty(C):
     qa, qw = _operands(1, 16, K, PATTERNS["alt48"], 128, "block", ("empty",))
     empty = R.QuantizedActivation(qa.q4[:0], qa.q8[:0], qa.scales[:0], qa.layout, "block")
@@ -539,6 +563,7 @@ def test_opcheck_raw_ops(C):
     args = _raw_args(qa, qw_asym)
     assert args[6] is not None
     torch.library.opcheck(torch.ops.cometq_C.w4ax_gemm.default, tuple(args))
+    torch.library.opcheck(torch.ops.cometq_C.w4ax_gemm.default, tuple(args) + (1,))  # tile=1 (M = 5 <= 64)
     lay = qa.layout
     x = torch.randn(5, K, device=DEVICE)
     for clip in (1.0, 0.7):

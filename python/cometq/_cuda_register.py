@@ -41,6 +41,10 @@ __all__ = ["SCALE_MODE_CODES", "MMA_PATHS", "cuda_quantize_act", "cuda_w4ax_gemm
 SCALE_MODE_CODES = {"block": 0, "class": 1}
 #: mma_path names -> codes ("auto": s4 on sm_8x, s8 elsewhere)
 MMA_PATHS = {"auto": 0, "s4": 1, "s8": 2}
+#: tile variants (csrc/cometq_kernels.h COMETQ_TILE_*): 0 = by M; 1 = the 64 x 64 tile with 3
+#: stages (4 CTAs per SM instead of 3), M <= 64 only -- a tuning knob like split_k
+TILES = (0, 1)
+TILE_MID3_MAX_M = 64
 
 
 # --------------------------------------------------------------------------
@@ -59,7 +63,10 @@ def _quantize_act_fake(x, perm, block_bits, n_int8, scale_mode, int4_clip):
 
 @torch.library.register_fake("cometq_C::w4ax_gemm")
 def _w4ax_gemm_fake(q4, q8, a_scales, block_bits, qweight, w_scales, w_offsets, group_size, bias, out_dtype,
-                    scale_mode, split_k, mma_path):
+                    scale_mode, split_k, mma_path, tile=0):
+    torch._check(tile in TILES, lambda: f"tile must be 0 (by M) or 1 (64x64, 3 stages), got tile={tile}")
+    torch._check(tile == 0 or a_scales.shape[0] <= TILE_MID3_MAX_M,
+                 lambda: f"tile=1 (the 64x64 3-stage tile) needs M <= 64, got M={a_scales.shape[0]}")
     if w_offsets is not None:
         torch._check(w_offsets.dtype == torch.float32, lambda: f"w_offsets must be float32, got {w_offsets.dtype}")
         torch._check(tuple(w_offsets.shape) == tuple(w_scales.shape),
@@ -98,11 +105,16 @@ def cuda_quantize_act(x, perm, block_bits, n_int8: int, scale_mode: str, int4_cl
 
 
 def cuda_w4ax_gemm(q4, q8, a_scales, block_bits, qweight, w_scales, group_size, bias, out_dtype, scale_mode,
-                   *, w_offsets=None, split_k: int = 0, mma_path: str = "auto"):
+                   *, w_offsets=None, split_k: int = 0, mma_path: str = "auto", tile: int = 0):
     """Same contract as ``ops._ref_w4ax_gemm`` (``w_offsets``: asymmetric weights, float32 like
-    ``w_scales``); ``split_k`` / ``mma_path`` are test and tuning knobs."""
+    ``w_scales``); ``split_k`` / ``mma_path`` / ``tile`` are test and tuning knobs."""
     if mma_path not in MMA_PATHS:
         raise ValueError(f"mma_path must be one of {tuple(MMA_PATHS)}, got {mma_path!r}")
+    if tile not in TILES:
+        raise ValueError(f"tile must be one of {TILES} (0 = by M, 1 = 64x64 with 3 stages), got {tile!r}")
+    if tile and a_scales.shape[0] > TILE_MID3_MAX_M:
+        raise ValueError(f"tile=1 (the 64x64 3-stage tile) needs M <= {TILE_MID3_MAX_M}, "
+                         f"got a_scales of shape {tuple(a_scales.shape)}")
     check_w4ax_gemm_inputs(q4, q8, a_scales, block_bits, qweight, w_scales, w_offsets, group_size, bias,
                            out_dtype, scale_mode, split_k)
     return torch.ops.cometq_C.w4ax_gemm(
@@ -119,6 +131,7 @@ def cuda_w4ax_gemm(q4, q8, a_scales, block_bits, qweight, w_scales, group_size, 
         _scale_mode_code(scale_mode),
         int(split_k),
         MMA_PATHS[mma_path],
+        int(tile),
     )
 
 
@@ -127,15 +140,16 @@ def _act_impl(x, perm, block_bits, n_int8, scale_mode, int4_clip=1.0):
 
 
 def _gemm_impl(q4, q8, a_scales, block_bits, qweight, w_scales, w_offsets, group_size, bias, out_dtype, scale_mode):
-    def launch(split):
+    def launch(choice):
+        split, tile = choice
         return cuda_w4ax_gemm(q4, q8, a_scales, block_bits, qweight, w_scales, group_size, bias, out_dtype,
-                              scale_mode, w_offsets=w_offsets, split_k=split)
+                              scale_mode, w_offsets=w_offsets, split_k=split, tile=tile)
 
-    # M <= 64: the split count timed once per shape and timing mode (cometq._cuda_split)
-    split = _cuda_split.tuned_split(a_scales.shape[0], w_scales.shape[0], block_bits.numel(), q8.shape[1] // BLOCK_K,
-                                    -1 if group_size is None else int(group_size), w_offsets is not None,
-                                    qweight.dim() == 3, a_scales.device, launch)
-    return launch(split)
+    # M <= 64: the (split count, tile variant) timed once per shape and timing mode (cometq._cuda_split)
+    choice = _cuda_split.tuned_split(a_scales.shape[0], w_scales.shape[0], block_bits.numel(),
+                                     q8.shape[1] // BLOCK_K, -1 if group_size is None else int(group_size),
+                                     w_offsets is not None, qweight.dim() == 3, a_scales.device, launch)
+    return launch(choice)
 
 
 ops.register_impl("quantize_act", "cuda", _act_impl)
