@@ -185,6 +185,30 @@ def _try_one(row, key, fn, args, flops=None, nbytes=None, graph=False):
     return t
 
 
+def _cuda_tuned(row, C, q4, q8, a_sc, lay, qweight, w_sc, w_off, group, args, flops, nbytes, dev):
+    """``cuda-tuned`` column: the CUDA GEMM with the (split, tile) pair ``cometq._cuda_split`` picks for
+    this shape (tuned here under the bench's timing mode: graph replays with ``--graph``), recorded in
+    ``row["cuda_tuned_choice"]``; the ``cuda`` column is the kernel's own rule on the tile by M."""
+    import torch
+
+    from cometq import _cuda_split, autotune
+
+    def launch(choice):
+        return C.cuda_w4ax_gemm(q4, q8, a_sc, lay.block_bits, qweight, w_sc, group, None, torch.float16,
+                                args.scale_mode, w_offsets=w_off, split_k=choice[0], tile=choice[1])
+
+    try:
+        with autotune.timing("graph" if args.graph else "eager"):
+            choice = _cuda_split.tuned_split(q4.shape[0], qweight.shape[0], lay.n_blocks, lay.n_int8,
+                                             -1 if group is None else int(group), w_off is not None, False, dev,
+                                             launch)
+    except Exception as e:  # noqa: BLE001 - reported, not fatal
+        row["cuda-tuned_err"] = f"{type(e).__name__}: {str(e)[:160]}"
+        return
+    row["cuda_tuned_choice"] = list(choice)
+    _try(row, "cuda-tuned", lambda: launch(choice), args, flops, nbytes)
+
+
 def _layout(k, share, device):
     import torch
 
@@ -394,6 +418,11 @@ def bench_gemm(args, rows, errors, dev, budget=None, flush=lambda: None):
                                 _try(row, "cuda-wbm", lambda: C.cuda_w4ax_gemm(
                                     q4, q8, a_sc, lay.block_bits, qweight_bm, w_sc, group, None, torch.float16,
                                     args.scale_mode, w_offsets=w_off), args, flops, nbytes)
+                            if be == "cuda" and m <= 64 and not args.dry_run:
+                                # what the ops layer runs: the (split count, tile variant) its tuner keeps
+                                # (cometq._cuda_split; timed in this bench's mode), and that choice timed
+                                _cuda_tuned(row, C, q4, q8, a_sc, lay, qweight, w_sc, w_off, group, args, flops,
+                                            nbytes, dev)
                         if "triton" not in args.backend or "triton_err" in row:
                             rows.append(row)
                             flush()
@@ -536,7 +565,7 @@ def markdown(rows, backends):
                 if "triton" in backends
                 else list(backends))
         if "cuda" in backends:
-            cols.append("cuda-wbm")
+            cols += ["cuda-wbm", "cuda-tuned"]
         head = ["shape", "M", "INT8 share", "weights", "MB moved", "FP16", "INT8", "FP8", "W4A16"] + cols
         head += [f"{b}+aq" for b in backends] + [f"{b} GB/s" for b in backends]
         head += [f"{c} vs FP16" for c in cols] + [f"{c} vs FP8" for c in cols]
@@ -574,13 +603,15 @@ def markdown(rows, backends):
                    "the `triton` config with the weights stored block-major (layout.weights_block_major, M <= 64; "
                    "`triton-tma-wbm` / `cuda-wbm`: the same for the `triton-tma` config / the CUDA kernel); "
                    "`triton-dequant` (M > 64): both operands dequantized to fp16, then cuBLAS (an autotune "
-                   "candidate at M >= 1024; not integer-exact); "
+                   "candidate at M >= 1024; not integer-exact); `cuda`: the CUDA kernel with its own split rule "
+                   "on the tile chosen by M; `cuda-tuned` (M <= 64): with the (split, tile) the ops layer's "
+                   "tuner keeps (`cuda_tuned_choice` in gemm.json; tile 1 = the 3-stage 64x64 pipeline); "
                    "path='auto' picks between both. "
                    "TFLOP/s and the configs are in gemm.json.")
     graphed = [r for r in ours if any(k.endswith("-graph_us") for k in r)]
     if graphed:
         gcols = [c for c in backends] + [f"{b}+aq" for b in backends]
-        for extra in ("triton-tma", "triton-wbm", "triton-tma-wbm", "cuda-wbm"):
+        for extra in ("triton-tma", "triton-wbm", "triton-tma-wbm", "cuda-wbm", "cuda-tuned"):
             if any(f"{extra}-graph_us" in r for r in graphed):
                 gcols.append(extra)
         out.append("")
