@@ -98,7 +98,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="bench/results/attention", help="output prefix (.json, .md, .png)")
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--sweep", action="store_true",
-                    help="also time every launch config the tuner considers (warps x tile) at 0.5x..4x the default "
+                    help="also time every launch config the tuner considers (warps x tile) at 0.5x..8x the default "
                          "split count, per shape (JSON 'sweep', a markdown table)")
     ap.add_argument("--dry-run", action="store_true",
                     help="CPU smoke run under the Triton interpreter (tiny shapes, one call per timing): checks the "
@@ -187,7 +187,8 @@ def main(argv=None) -> int:
             if args.sweep:
                 nblk = -(-t // args.block_size)
                 for cfg in attention_configs(args.block_size, args.group_size, False, args.key_axis, args.value_axis):
-                    for ns in sorted({max(1, splits // 2), splits, min(nblk, 64, splits * 2), min(nblk, 64, splits * 4)}):
+                    for ns in sorted({max(1, splits // 2), splits, min(nblk, 64, splits * 2), min(nblk, 64, splits * 4),
+                                      min(nblk, 64, splits * 8)}):
                         raw = args_raw[:-1] + (ns,)
                         try:
                             ms = bench(lambda: kv4_decode_attention_triton(*raw, config=cfg, fold_k=False))

@@ -516,6 +516,10 @@ def attention_meta(dot_dtype, qpk: int, head_dim: int, block_size: int, group_si
 ENV_TUNE = "COMETQ_ATTN_TUNE"
 _TUNED: Dict[tuple, AttnConfig] = {}
 _SPLIT_FACTOR: Dict[tuple, int] = {}  # tuned multiple of the caller's split count (per _TUNED key)
+#: multiples of the caller's split count the tuner tries (capped by the block-table width and 64).
+#: 8x since 2026-11-27: at a batch-64 decode step (one split) 4x still left ~16 one- or two-warp
+#: programs per SM for a kernel whose loop is latency-bound (run 5: 392 GB/s at one split)
+SPLIT_FACTORS = (1, 2, 4, 8)
 _META: Dict[tuple, dict] = {}
 
 
@@ -547,7 +551,7 @@ def kv4_decode_attention_triton(q, k_packed, k_scale, k_zero, v_packed, v_scale,
     Launch config (:class:`AttnConfig`): ``config`` if given; else ``num_warps`` if given
     (default tile, lazy rescaling below 4 warps); else the one chosen for this shape class --
     on a GPU the candidates of :func:`attention_configs` are timed on first use, each at 1x,
-    2x and 4x ``num_splits`` (at most the block-table width and 64), and the fastest pair is
+    2x, 4x and 8x ``num_splits`` (:data:`SPLIT_FACTORS`; at most the block-table width and 64), and the fastest pair is
     kept per (pool format, dtype, GQA ratio, program-count bucket, timing mode), unless
     ``COMETQ_ATTN_TUNE=0`` or a CUDA graph is being captured (then the first candidate at
     ``num_splits``).  A forced ``config`` / ``num_warps`` always runs ``num_splits``.
@@ -644,12 +648,12 @@ def kv4_decode_attention_triton(q, k_packed, k_scale, k_zero, v_packed, v_scale,
                 # CUDA events, not triton.testing.do_bench: that allocates a 256 MB L2-flush buffer
                 # per call, which a serving process whose KV pool holds the free memory may not have
                 # (and a decode step's K/V reads dwarf L2 anyway).  The split count is tuned with the
-                # config (x1, x2, x4 the caller's, at most the block-table width): the caller's count
+                # config (SPLIT_FACTORS x the caller's, at most the block-table width): the caller's count
                 # (paged.default_num_splits) was sized for 4-warp programs, and the 1-2-warp configs
                 # leave an SM with few warps at a batch-64 step's one split (H100 run 5: 392 GB/s)
                 timer = at.cuda_graph_timer if mode == "graph" else at.cuda_event_timer
                 cap = max(ns, min(64, block_tables.shape[1]))
-                factors = sorted({f for f in (1, 2, 4) if ns * f <= cap})
+                factors = sorted({f for f in SPLIT_FACTORS if ns * f <= cap})
                 times = []
                 for f in factors:
                     for c in cands:
