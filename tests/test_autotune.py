@@ -579,3 +579,18 @@ def test_cuda_split_tuned_split_uses_the_timing_modes_timer(monkeypatch):
     monkeypatch.delenv(S.ENV_TUNE)
     assert S.tuned_split(64, 4096, 5, 1, 128, True, False, cuda, launched.append) == (2, 0)
     assert calls["eager"][3:] == [(0, 0), (1, 0), (2, 0), (0, 1), (1, 1), (2, 1)]  # M = 64: both tiles timed
+
+
+def test_serving_bench_reports_the_cuda_gemm_choices():
+    """bench_serving's rows carry what the CUDA GEMM tuner kept (cometq.serve.bench.cuda_gemm_choices)."""
+    from cometq import _cuda_split as S
+    from cometq.serve import bench as B
+
+    S.clear()
+    assert B.cuda_gemm_choices() == {}
+    S._CACHE[S.split_key(64, 4096, 32, 8, 128, True, False, "graph")] = (3, 1)
+    S._CACHE[S.split_key(16, 6144, 32, 8, 128, True, False, "graph")] = (0, 0)
+    got = B.cuda_gemm_choices()
+    assert got["M=64 N=4096 blocks=32 int8=8 group=128 asym=True block_major=False mode=graph"] == [3, 1]
+    assert len(got) == 2 and [0, 0] in got.values()
+    S.clear()

@@ -238,6 +238,9 @@ def run_engine(model, *, kv4: bool, batch: int, in_len: int, out_len: int, block
         res.update(step_breakdown(step_s, step_shapes))
     # decisions made inside the timed run (a tuning there is a stall the warm-up should have paid)
     res["tuned_in_timed_run"] = {k: tuned1[k] - tuned0.get(k, 0) for k in tuned1 if tuned1[k] != tuned0.get(k, 0)}
+    choices = cuda_gemm_choices()
+    if choices:  # what the CUDA GEMM's tuner kept per decode shape: (split count, tile variant)
+        res["cuda_gemm_choices"] = choices
     # decode steps queued ahead of the host (async scheduling; counted over warm-up + timed run)
     res.update(async_scheduling=async_scheduling, async_steps=eng.async_steps, async_dropped_rows=eng.async_dropped)
     graphs = getattr(runner, "_graphs", None)
@@ -268,6 +271,17 @@ def tuning_counts() -> Dict[str, int]:
         if m is not None and hasattr(m, attr):
             out[name] = len(getattr(m, attr))
     return out
+
+
+def cuda_gemm_choices() -> Dict[str, List[int]]:
+    """The CUDA GEMM tuner's kept ``(split, tile)`` per key (``cometq._cuda_split``: M, N, K blocks,
+    INT8 blocks, group, asym, block-major, timing mode), keys as ``"M=64 N=4096 ..."`` strings;
+    empty when the CUDA backend never ran."""
+    m = sys.modules.get("cometq._cuda_split")
+    if m is None:
+        return {}
+    names = ("M", "N", "blocks", "int8", "group", "asym", "block_major", "mode")
+    return {" ".join(f"{n}={v}" for n, v in zip(names, k)): list(c) for k, c in sorted(m._CACHE.items(), key=repr)}
 
 
 def step_breakdown(step_s: List[float], shapes: List[tuple], k: int = 8) -> Dict:
