@@ -19,7 +19,7 @@
 // order-independent, so the result does not depend on the reduction order.
 // (NaN inputs are not part of the contract: fmaxf drops NaN, torch.amax keeps it.)
 //
-// Work split: one CTA per token row, one warp per 128-channel block (up to 32
+// Work split ("class" scale mode, act_quant_kernel): one CTA per token row, one warp per 128-channel block (up to 32
 // warps; beyond 32 blocks a warp takes every 32nd block); each lane handles 4
 // consecutive channels (lane*4 .. lane*4+3), which is exactly 2 packed INT4 bytes
 // or 4 INT8 bytes: one 16-bit / 32-bit store per lane, a warp writes the block's
@@ -66,10 +66,17 @@ __device__ __forceinline__ void gather4(const T* __restrict__ xrow, const int64_
   }
 }
 
-// Lane `lane`'s 4 quantized channels of block slot `slot` (row m): 4 INT8 bytes, or 2 bytes
-// of nibbles (even channel -> low nibble, layout.pack_int4; two's complement).
-__device__ __forceinline__ void store_block_lane(const CometqActQuantArgs& p, int m, int slot, bool is8, int lane,
-                                                 const int (&q)[4]) {
+// Lane `lane`'s 4 channels v of block slot `slot` (row m), quantized with scale s and stored:
+// 4 INT8 bytes, or 2 bytes of nibbles (even channel -> low nibble, layout.pack_int4; two's
+// complement).  q = clamp(rint(v / s), -qmax, qmax), s == 0 dividing by 1 (an all-zero block:
+// q = 0 either way, the reference's _safe_div).
+__device__ __forceinline__ void quantize_store_lane(const CometqActQuantArgs& p, int m, int slot, bool is8, int lane,
+                                                    const float (&v)[4], float s) {
+  const float qmax = is8 ? 127.f : 7.f;
+  const float d = (s == 0.f) ? 1.f : s;
+  int q[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) q[i] = static_cast<int>(fminf(fmaxf(rintf(__fdiv_rn(v[i], d)), -qmax), qmax));
   if (is8) {
     const uint32_t word = (static_cast<uint32_t>(q[0]) & 0xFFu) | ((static_cast<uint32_t>(q[1]) & 0xFFu) << 8) |
                           ((static_cast<uint32_t>(q[2]) & 0xFFu) << 16) | ((static_cast<uint32_t>(q[3]) & 0xFFu) << 24);
@@ -102,7 +109,7 @@ __global__ void __launch_bounds__(kActMaxThreads) act_quant_kernel(const CometqA
 
   const int m = blockIdx.x;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int n_threads = blockDim.x, n_warps = blockDim.x >> 5;  // a multiple of 32 (launch_act_quant)
+  const int n_warps = blockDim.x >> 5;  // blockDim.x is a multiple of 32 (launch_act_quant)
   const T* xrow = static_cast<const T*>(p.x) + static_cast<int64_t>(m) * p.ld_x;
 
   // ---- pass 1: per-block absmax
@@ -115,15 +122,9 @@ __global__ void __launch_bounds__(kActMaxThreads) act_quant_kernel(const CometqA
   }
   __syncthreads();
 
-  // ---- scales
+  // ---- scales (class mode: "block" mode runs act_quant_block_kernel)
   float* srow = p.scales + static_cast<int64_t>(m) * p.ld_scales;
-  if (p.scale_mode == COMETQ_SCALE_BLOCK) {
-    for (int b = threadIdx.x; b < nb; b += n_threads) {
-      const float s = s_is8[b] ? __fdiv_rn(s_absmax[b], 127.f) : __fdiv_rn(__fmul_rn(s_absmax[b], p.int4_clip), 7.f);
-      s_scale[b] = s;
-      srow[b] = s;
-    }
-  } else if (warp == 0) {
+  if (warp == 0) {
     float a4 = 0.f, a8 = 0.f;
     for (int b = lane; b < nb; b += 32) {
       if (s_is8[b]) {
@@ -147,17 +148,9 @@ __global__ void __launch_bounds__(kActMaxThreads) act_quant_kernel(const CometqA
   for (int b = warp; b < nb; b += n_warps) {
     const int info = s_info[b];
     if (!(info & kInfoValid)) continue;  // n_int8 inconsistent with block_bits: never write out of bounds
-    const int slot = info & kInfoSlotMask;
-    const bool is8 = (info & kInfoInt8) != 0;
-    const float qmax = is8 ? 127.f : 7.f;
-    const float s = s_scale[b];
-    const float d = (s == 0.f) ? 1.f : s;  // all-zero block: q = 0 either way (reference _safe_div)
     float v[4];
     gather4(xrow, p.perm, p.K, b, lane, v);
-    int q[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) q[i] = static_cast<int>(fminf(fmaxf(rintf(__fdiv_rn(v[i], d)), -qmax), qmax));
-    store_block_lane(p, m, slot, is8, lane, q);
+    quantize_store_lane(p, m, info & kInfoSlotMask, (info & kInfoInt8) != 0, lane, v, s_scale[b]);
   }
 }
 
@@ -195,12 +188,7 @@ __global__ void __launch_bounds__(32 * kActBlockWarps) act_quant_block_kernel(co
   const float s = is8 ? __fdiv_rn(a, 127.f) : __fdiv_rn(__fmul_rn(a, p.int4_clip), 7.f);
   if (lane == 0) p.scales[static_cast<int64_t>(m) * p.ld_scales + b] = s;
   if (!valid) return;  // n_int8 inconsistent with block_bits: never write out of bounds
-  const float qmax = is8 ? 127.f : 7.f;
-  const float d = (s == 0.f) ? 1.f : s;  // all-zero block: q = 0 either way (reference _safe_div)
-  int q[4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) q[i] = static_cast<int>(fminf(fmaxf(rintf(__fdiv_rn(v[i], d)), -qmax), qmax));
-  store_block_lane(p, m, slot, is8, lane, q);
+  quantize_store_lane(p, m, slot, is8, lane, v, s);
 }
 
 template <typename T>
