@@ -15,6 +15,11 @@ SDPA: fp16 K and V), and the speedup.  Before timing, the kernel is checked
 against SDPA over the dequantized K/V on the smallest shape.
 Target: >= 3x over SDPA at batch 16, context 4096 (H100).
 
+Also timed when the CUDA extension is built and handles the pool format: the CUDA kernel
+(csrc/kv4_attention.cu, column ``cuda``: the best of 1x / 2x / 4x the split count, each recorded
+in ``cuda_sweep``), after the same correctness check (a CUDA kernel that fails it is reported
+in the JSON and not timed; the Triton columns still are).
+
     python bench/bench_attention.py --out bench/results/attention   # writes .json, .md, .png
 """
 from __future__ import annotations
@@ -142,6 +147,11 @@ def main(argv=None) -> int:
     sm_scale = d ** -0.5
     rows = []
 
+    def raw_args(pool, q, splits):
+        return (q, pool["k_packed"], pool["k_scale"], pool["k_zero"], pool["v_packed"], pool["v_scale"],
+                pool["v_zero"], pool["tail_k"], pool["tail_v"], pool["block_tables"], pool["quant_lens"],
+                pool["tail_lens"], pool["seq_ids"], args.group_size, args.key_axis, args.value_axis, sm_scale, splits)
+
     def kv4_call(pool, q, splits):
         return ops.kv4_decode_attention(
             q, pool["k_packed"], pool["k_scale"], pool["k_zero"], pool["v_packed"], pool["v_scale"], pool["v_zero"],
@@ -149,6 +159,14 @@ def main(argv=None) -> int:
             pool["seq_ids"], args.group_size, args.key_axis, args.value_axis, sm_scale, splits, backend="triton")
 
     fold_ok = fold_k_eligible(args.key_axis, args.group_size)
+    cuda_attn, cuda_note = None, "not tried (dry run)"
+    if not args.dry_run:
+        try:
+            import cometq._cuda_register as CR
+
+            cuda_attn, cuda_note = CR.cuda_kv4_decode_attention, None
+        except ImportError as e:
+            cuda_note = f"CUDA extension not available: {str(e)[:200]}"
     if not args.no_check:
         b, t = 2, 1000
         pool = build_pool(b, t, h, d, args.block_size, args.group_size, args.key_axis, args.value_axis, dev)
@@ -170,6 +188,16 @@ def main(argv=None) -> int:
             if not err < 2e-2:
                 print("correctness check FAILED; not benchmarking", file=sys.stderr)
                 return 1
+            if cuda_attn is not None:
+                try:
+                    e_cuda = float((cuda_attn(*raw_args(pool, q, splits)).float() - ref).abs().max())
+                except ValueError as e:  # a pool format the CUDA kernel does not handle
+                    cuda_attn, cuda_note = None, f"not run: {e}"
+                    continue
+                print(f"check B={b} T={t} splits={splits} cuda: max |kv4 - sdpa(dequant)| = {e_cuda:.2e}")
+                if not e_cuda < 2e-2:
+                    cuda_attn, cuda_note = None, f"correctness check FAILED (max error {e_cuda:.2e}): not timed"
+                    print(f"CUDA kernel: {cuda_note}", file=sys.stderr)
 
     for b in args.batch:
         for t in args.context:
@@ -198,6 +226,13 @@ def main(argv=None) -> int:
                             continue
                         sweep.append(dict(num_warps=cfg.num_warps, tile=cfg.tile, lazy=cfg.lazy, splits=ns, ms=ms))
             ms_fold = bench(lambda: kv4_decode_attention_triton(*args_raw, fold_k=True)) if fold_ok else None
+            cuda_sweep = {}
+            if cuda_attn is not None:
+                nblk = -(-t // args.block_size)
+                for ns in sorted({splits, min(4 * nblk, 1024, 2 * splits), min(4 * nblk, 1024, 4 * splits)}):
+                    raw = args_raw[:-1] + (ns,)
+                    cuda_sweep[ns] = bench(lambda: cuda_attn(*raw))
+            ms_cuda = min(cuda_sweep.values()) if cuda_sweep else None
             ms_kv4_op = bench(lambda: kv4_call(pool, q, splits))
             kb4 = kv4_bytes(pool, b, t)
             del pool
@@ -218,7 +253,10 @@ def main(argv=None) -> int:
             row = dict(batch=b, context=t, splits=splits, ms_kv4=ms_kv4, ms_kv4_op=ms_kv4_op, ms_sdpa=ms_sdpa, speedup=ms_sdpa / ms_kv4,
                        ms_kv4_fold=ms_fold, speedup_fold=(ms_sdpa / ms_fold) if ms_fold else None,
                        gbs_kv4=kb4 / ms_kv4 / 1e6, gbs_sdpa=kb16 / ms_sdpa / 1e6, kv_bytes_kv4=kb4, kv_bytes_fp16=kb16,
-                       sdpa_enable_gqa=gqa,
+                       sdpa_enable_gqa=gqa, ms_cuda=ms_cuda, speedup_cuda=(ms_sdpa / ms_cuda) if ms_cuda else None,
+                       gbs_cuda=(kb4 / ms_cuda / 1e6) if ms_cuda else None,
+                       cuda_splits=min(cuda_sweep, key=cuda_sweep.get) if cuda_sweep else None,
+                       cuda_sweep={str(k): v for k, v in cuda_sweep.items()},
                        config=None if cfg_used is None else dict(num_warps=cfg_used.num_warps, tile=cfg_used.tile,
                                                                  lazy=cfg_used.lazy))
             if sweep:
@@ -231,7 +269,7 @@ def main(argv=None) -> int:
 
     meta = dict(device=props.name, sms=sms, torch=torch.__version__, triton=triton.__version__, q_heads=hq, kv_heads=h,
                 head_dim=d, block_size=args.block_size, group_size=args.group_size, key_axis=args.key_axis,
-                value_axis=args.value_axis, time=time.strftime("%Y-%m-%d %H:%M:%S"))
+                value_axis=args.value_axis, time=time.strftime("%Y-%m-%d %H:%M:%S"), cuda_kernel=cuda_note or "timed")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     from cometq.kernels.kv4_attention import tuned_configs
 
@@ -242,14 +280,18 @@ def main(argv=None) -> int:
           f"V {args.value_axis}, G={args.group_size}, block {args.block_size} (torch {torch.__version__}, "
           f"triton {triton.__version__})", "",
           "| batch | context | splits | config (warps/tile/lazy) | KV4 kernel ms | KV4 via torch op ms | SDPA fp16 ms "
-          "| speedup | KV4 GB/s | SDPA GB/s | KV4 fold_k ms | fold_k speedup |",
-          "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+          "| speedup | KV4 GB/s | SDPA GB/s | KV4 fold_k ms | fold_k speedup | CUDA kernel ms (splits) | CUDA speedup |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         fold = (f"{r['ms_kv4_fold']:.4f} | {r['speedup_fold']:.2f}x" if r.get("ms_kv4_fold") else "– | –")
         c = r.get("config")
         cs = f"{c['num_warps']}/{c['tile']}/{'lazy' if c['lazy'] else 'eager'}" if c else "–"
+        cu = (f"{r['ms_cuda']:.4f} ({r['cuda_splits']}) | {r['speedup_cuda']:.2f}x" if r.get("ms_cuda")
+              else "– | –")
         md.append(f"| {r['batch']} | {r['context']} | {r['splits']} | {cs} | {r['ms_kv4']:.4f} | {r['ms_kv4_op']:.4f} | "
-                  f"{r['ms_sdpa']:.4f} | {r['speedup']:.2f}x | {r['gbs_kv4']:.0f} | {r['gbs_sdpa']:.0f} | {fold} |")
+                  f"{r['ms_sdpa']:.4f} | {r['speedup']:.2f}x | {r['gbs_kv4']:.0f} | {r['gbs_sdpa']:.0f} | {fold} | {cu} |")
+    if cuda_note:
+        md += ["", f"CUDA kernel (csrc/kv4_attention.cu): {cuda_note}"]
     if any(r.get("sweep") for r in rows):
         md += ["", "Launch-config sweep (KV4 kernel ms; warps / tokens per tile / lazy rescale x splits; "
                "the config the tuner picked for the main row is marked *):", "",
@@ -275,7 +317,12 @@ def main(argv=None) -> int:
         return 0
     fig, ax = plt.subplots(figsize=(7, 4))
     labels = [f"B{r['batch']}\n{r['context'] // 1024}k" for r in rows]
-    ax.bar(range(len(rows)), [r["speedup"] for r in rows])
+    xs = list(range(len(rows)))
+    if any(r.get("speedup_cuda") for r in rows):
+        ax.bar([x - 0.2 for x in xs], [r["speedup"] for r in rows], width=0.4, label="Triton")
+        ax.bar([x + 0.2 for x in xs], [r.get("speedup_cuda") or 0 for r in rows], width=0.4, label="CUDA")
+    else:
+        ax.bar(xs, [r["speedup"] for r in rows])
     ax.axhline(1.0, color="gray", lw=0.8)
     ax.axhline(3.0, color="red", lw=0.8, ls="--", label="target 3x")
     ax.set_xticks(range(len(rows)), labels)

@@ -27,6 +27,7 @@
 #   microbench.json|md            pytest-benchmark microbenchmarks (bench/test_microbench.py) + ratio table
 #   raw_errors.log                bench/diag_raw_errors.py: every raw-op TORCH_CHECK raises ("ALL RAISED") or names the crash
 #   cuda_gemm_smoke.log           the CUDA GEMM and act-quant vs the reference (group sizes, block patterns, split-K, asymmetric) before any timing
+#   cuda_attn_smoke.log           the CUDA KV4 decode attention kernel vs the reference (if it passes, later stages run COMETQ_KV4_ATTN_CUDA=auto)
 #   toolchain.txt                 bench/diag_toolchain.sh (GPU_CHECK_TOOLCHAIN=1): C++ toolchain facts + the raw-op error probe
 #   autotune.json/.log            which backend `auto` picked per case (cometq.autotune)
 #   tune_decode.json              bench/tune_decode.py: the decode buckets' tuned GEMM configs (last stage)
@@ -42,7 +43,7 @@
 #        MAX_JOBS (default 16), PYTHON (default python3), GPU_CHECK_BUDGET_S,
 #        PYTEST_ARGS (extra pytest arguments), PYTEST_WORKERS (xdist workers, default 8), GPU_CHECK_SKIP (comma list of stages
 #        to skip: build, triton_tests, cuda_tests, toolchain, diag, gemm, gemm_large, gemm_shares, gemm_class, microbench,
-#        attention, raw_errors, cuda_gemm_smoke, prefill, serving, autotune, tune_decode), GEMM_ARGS / ATTENTION_ARGS / SERVING_ARGS (the stages' arguments),
+#        attention, raw_errors, cuda_gemm_smoke, cuda_attn_smoke, prefill, serving, autotune, tune_decode), GEMM_ARGS / ATTENTION_ARGS / SERVING_ARGS (the stages' arguments),
 #        GEMM_CAP / ATTENTION_CAP,
 #        TRITON_TEST_FILES / CUDA_TEST_FILES (the test files of the two test stages), TRITON_TEST_WORKERS (12) /
 #        CUDA_TEST_WORKERS, TRITON_TESTS_CAP / CUDA_TESTS_CAP / DIAG_CAP /
@@ -236,6 +237,19 @@ if [ "$BUILD" = ok ] && ! skip cuda_gemm_smoke; then
     export COMETQ_BACKEND=triton
     stage cuda_backend_disabled "COMETQ_BACKEND=triton" 0
     log "cuda_gemm_smoke had failures: later stages run with COMETQ_BACKEND=triton"
+  fi
+fi
+# the CUDA KV4 decode attention kernel (csrc/kv4_attention.cu, twelfth session: CPU-verified by
+# emulation only) against the reference. Only if every selected test passes do the later stages run
+# with COMETQ_KV4_ATTN_CUDA=auto (the "cuda" backend then times it against the Triton kernel per
+# shape class and keeps the faster: serving rows report `kv4_attention_choices`); otherwise the
+# Triton kernel as before. bench_attention.py's `cuda` column re-checks it before timing either way.
+if [ "$BUILD" = ok ] && ! skip cuda_attn_smoke; then
+  if COMETQ_ATTN_TUNE=0 PYTEST_WORKERS=2 run_pytest cuda_attn_smoke 40 tests/test_cuda_kv4_attention.py \
+    -k "quant_lens_not or graph_capture or errors or (matches_reference and 128-32-2-4) or (matches_reference and 64-16-3-3)"; then
+    export COMETQ_KV4_ATTN_CUDA="${COMETQ_KV4_ATTN_CUDA:-auto}"
+    stage kv4_attention_cuda "COMETQ_KV4_ATTN_CUDA=$COMETQ_KV4_ATTN_CUDA" 0
+    log "cuda_attn_smoke passed: later stages run with COMETQ_KV4_ATTN_CUDA=$COMETQ_KV4_ATTN_CUDA"
   fi
 fi
 bench prefill "${PREFILL_CAP:-70}" env COMETQ_GEMM_TUNE="${COMETQ_GEMM_TUNE:-0}" \

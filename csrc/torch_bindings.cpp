@@ -25,6 +25,8 @@
 
 #include <optional>
 #include <tuple>
+#include <utility>
+#include <vector>
 
 #include "cometq_kernels.h"
 
@@ -282,6 +284,111 @@ at::Tensor w4ax_gemm_cuda(const at::Tensor& q4, const at::Tensor& q8, const at::
   return out;
 }
 
+// ---------------------------------------------------------------------------
+at::Tensor kv4_decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_packed, const at::Tensor& k_scale,
+                                     const at::Tensor& k_zero, const at::Tensor& v_packed, const at::Tensor& v_scale,
+                                     const at::Tensor& v_zero, const at::Tensor& tail_k, const at::Tensor& tail_v,
+                                     const at::Tensor& block_tables, const at::Tensor& quant_lens,
+                                     const at::Tensor& tail_lens, const at::Tensor& seq_ids, int64_t group_size,
+                                     double sm_scale, int64_t num_splits) {
+  constexpr const char* op = "cometq_C::kv4_decode_attention";
+  const at::Device dev = q.device();
+  const std::pair<const at::Tensor*, const char*> all[] = {
+      {&q, "q"},           {&k_packed, "k_packed"},         {&k_scale, "k_scale"},       {&k_zero, "k_zero"},
+      {&v_packed, "v_packed"}, {&v_scale, "v_scale"},       {&v_zero, "v_zero"},         {&tail_k, "tail_k"},
+      {&tail_v, "tail_v"}, {&block_tables, "block_tables"}, {&quant_lens, "quant_lens"}, {&tail_lens, "tail_lens"},
+      {&seq_ids, "seq_ids"}};
+  for (const auto& [t, name] : all) {
+    check_cuda(*t, op, name, dev);
+    check_contig(*t, op, name);
+    check_aligned16(*t, op, name);
+  }
+  check_dtype(q, at::kHalf, op, "q");
+  for (const auto& [t, name] : {std::make_pair(&k_packed, "k_packed"), std::make_pair(&v_packed, "v_packed")})
+    check_dtype(*t, at::kByte, op, name);
+  for (const auto& [t, name] : {std::make_pair(&k_scale, "k_scale"), std::make_pair(&k_zero, "k_zero"),
+                                std::make_pair(&v_scale, "v_scale"), std::make_pair(&v_zero, "v_zero"),
+                                std::make_pair(&tail_k, "tail_k"), std::make_pair(&tail_v, "tail_v")})
+    check_dtype(*t, at::kHalf, op, name);
+  for (const auto& [t, name] : {std::make_pair(&block_tables, "block_tables"), std::make_pair(&quant_lens, "quant_lens"),
+                                std::make_pair(&tail_lens, "tail_lens"), std::make_pair(&seq_ids, "seq_ids")})
+    check_dtype(*t, at::kInt, op, name);
+  TORCH_CHECK(q.dim() == 3, op, ": q must be [B, Hq, D], got shape ", q.sizes());
+  TORCH_CHECK(k_packed.dim() == 4, op, ": k_packed must be [NB, H, BS, D/2], got shape ", k_packed.sizes());
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
+  const int64_t NB = k_packed.size(0), H = k_packed.size(1), BS = k_packed.size(2), G = group_size;
+  TORCH_CHECK(k_packed.size(3) * 2 == D, op, ": k_packed shape ", k_packed.sizes(), " does not hold head_dim ", D,
+              " of q shape ", q.sizes());
+  TORCH_CHECK(v_packed.sizes() == k_packed.sizes(), op, ": v_packed shape ", v_packed.sizes(),
+              " != k_packed shape ", k_packed.sizes());
+  TORCH_CHECK(H > 0 && Hq % H == 0, op, ": q heads ", Hq, " (q shape ", q.sizes(), ") not a multiple of kv heads ", H);
+  TORCH_CHECK(G > 0 && BS % G == 0, op, ": block_size ", BS, " (k_packed shape ", k_packed.sizes(),
+              ") must be a multiple of group_size=", G);
+  TORCH_CHECK(cometq_kv4_attention_supported(static_cast<int>(D), static_cast<int>(G), static_cast<int>(Hq / H)), op,
+              ": unsupported case head_dim=", D, ", group_size=", G, ", query heads per kv head=", Hq / H,
+              " (needs head_dim 64 or 128, group_size a multiple of 16 dividing head_dim, <= 8 query heads per kv head)");
+  const std::vector<int64_t> ks_shape{NB, H, BS / G, D}, vs_shape{NB, H, BS, D / G};
+  TORCH_CHECK(k_scale.sizes() == ks_shape && k_zero.sizes() == ks_shape, op, ": k_scale ", k_scale.sizes(),
+              " / k_zero ", k_zero.sizes(), " must be ", at::IntArrayRef(ks_shape), " (keys per channel, group_size=", G,
+              ")");
+  TORCH_CHECK(v_scale.sizes() == vs_shape && v_zero.sizes() == vs_shape, op, ": v_scale ", v_scale.sizes(),
+              " / v_zero ", v_zero.sizes(), " must be ", at::IntArrayRef(vs_shape), " (values per token, group_size=",
+              G, ")");
+  TORCH_CHECK(tail_k.dim() == 4 && tail_k.size(1) == H && tail_k.size(2) == G && tail_k.size(3) == D, op,
+              ": tail_k shape ", tail_k.sizes(), " must be [S, ", H, ", ", G, ", ", D, "]");
+  TORCH_CHECK(tail_v.sizes() == tail_k.sizes(), op, ": tail_v shape ", tail_v.sizes(), " != tail_k shape ",
+              tail_k.sizes());
+  const int64_t S = tail_k.size(0);
+  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == S, op, ": block_tables shape ", block_tables.sizes(),
+              " must be [", S, ", max_blocks]");
+  TORCH_CHECK(quant_lens.dim() == 1 && quant_lens.size(0) == S && tail_lens.dim() == 1 && tail_lens.size(0) == S, op,
+              ": quant_lens ", quant_lens.sizes(), " and tail_lens ", tail_lens.sizes(), " must be [", S, "]");
+  TORCH_CHECK(seq_ids.dim() == 1 && seq_ids.size(0) == B, op, ": seq_ids shape ", seq_ids.sizes(), " must be [", B,
+              "] (q shape ", q.sizes(), ")");
+  TORCH_CHECK(num_splits >= 1 && num_splits <= 1024, op, ": num_splits must be in [1, 1024], got ", num_splits);
+  TORCH_CHECK(B <= 65535 && H <= 65535 && NB * H * BS <= (int64_t(1) << 40), op, ": problem too large (B=", B,
+              ", H=", H, ", pool rows=", NB * H * BS, ")");
+
+  const c10::cuda::CUDAGuard guard(dev);
+  auto out = at::empty_like(q);
+  if (B == 0) return out;
+  at::Tensor part_o, part_ml;
+  if (num_splits > 1) {
+    part_o = at::empty({B, Hq, num_splits, D}, q.options().dtype(at::kFloat));
+    part_ml = at::empty({B, Hq, num_splits, 2}, q.options().dtype(at::kFloat));
+  }
+  CometqKv4AttnArgs a{};
+  a.q = q.data_ptr();
+  a.ld_qb = q.stride(0);
+  a.ld_qh = q.stride(1);
+  a.k_packed = k_packed.data_ptr<uint8_t>();
+  a.v_packed = v_packed.data_ptr<uint8_t>();
+  a.k_scale = k_scale.data_ptr();
+  a.k_zero = k_zero.data_ptr();
+  a.v_scale = v_scale.data_ptr();
+  a.v_zero = v_zero.data_ptr();
+  a.tail_k = tail_k.data_ptr();
+  a.tail_v = tail_v.data_ptr();
+  a.block_tables = block_tables.data_ptr<int32_t>();
+  a.ld_bt = block_tables.size(1);
+  a.quant_lens = quant_lens.data_ptr<int32_t>();
+  a.tail_lens = tail_lens.data_ptr<int32_t>();
+  a.seq_ids = seq_ids.data_ptr<int32_t>();
+  a.out = out.data_ptr();
+  a.part_o = num_splits > 1 ? part_o.data_ptr<float>() : nullptr;
+  a.part_ml = num_splits > 1 ? part_ml.data_ptr<float>() : nullptr;
+  a.B = static_cast<int>(B);
+  a.Hq = static_cast<int>(Hq);
+  a.H = static_cast<int>(H);
+  a.D = static_cast<int>(D);
+  a.BS = static_cast<int>(BS);
+  a.G = static_cast<int>(G);
+  a.splits = static_cast<int>(num_splits);
+  a.qk_scale = static_cast<float>(sm_scale * 1.4426950408889634);  // log2(e): the kernel's softmax is exp2
+  check_cuda_error(cometq_kv4_decode_attention(&a, c10::cuda::getCurrentCUDAStream()), op);
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(cometq_C, m) {
@@ -292,11 +399,16 @@ TORCH_LIBRARY(cometq_C, m) {
       "w4ax_gemm(Tensor q4, Tensor q8, Tensor a_scales, Tensor block_bits, Tensor qweight, Tensor w_scales, "
       "Tensor? w_offsets, int group_size, Tensor? bias, ScalarType out_dtype, int scale_mode, int split_k, "
       "int mma_path, int tile=0) -> Tensor");
+  m.def(
+      "kv4_decode_attention(Tensor q, Tensor k_packed, Tensor k_scale, Tensor k_zero, Tensor v_packed, "
+      "Tensor v_scale, Tensor v_zero, Tensor tail_k, Tensor tail_v, Tensor block_tables, Tensor quant_lens, "
+      "Tensor tail_lens, Tensor seq_ids, int group_size, float sm_scale, int num_splits) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(cometq_C, CUDA, m) {
   m.impl("quantize_act", &quantize_act_cuda);
   m.impl("w4ax_gemm", &w4ax_gemm_cuda);
+  m.impl("kv4_decode_attention", &kv4_decode_attention_cuda);
 }
 
 // The Python module only exists so `import cometq._C` loads the library (and

@@ -108,3 +108,56 @@ def test_quantize_act_checks():
     for args, exc, match in cases:
         with pytest.raises(exc, match=match):
             CC.check_quantize_act_inputs(*args)
+
+
+# --------------------------------------------------------------------------
+# KV4 decode attention (csrc/kv4_attention.cu)
+# --------------------------------------------------------------------------
+def _attn_args(d=128, g=32, h=2, hq=8, bs=64, nb=5, s=3, b=2):
+    e = lambda *shape, dt=torch.float16: torch.zeros(*shape, dtype=dt)  # noqa: E731
+    return dict(q=torch.randn(b, hq, d).half(), k_packed=e(nb, h, bs, d // 2, dt=torch.uint8),
+                k_scale=e(nb, h, bs // g, d), k_zero=e(nb, h, bs // g, d), v_packed=e(nb, h, bs, d // 2, dt=torch.uint8),
+                v_scale=e(nb, h, bs, d // g), v_zero=e(nb, h, bs, d // g), tail_k=e(s, h, g, d), tail_v=e(s, h, g, d),
+                block_tables=e(s, 4, dt=torch.int32), quant_lens=e(s, dt=torch.int32), tail_lens=e(s, dt=torch.int32),
+                seq_ids=e(b, dt=torch.int32), group_size=g, num_splits=4)
+
+
+def test_kv4_attention_support_rule_and_reasons():
+    assert CC.kv4_attention_supported(128, 32, 4) and CC.kv4_attention_supported(64, 16, 3)
+    assert not CC.kv4_attention_supported(128, 8, 4)    # key group shorter than a 16-token tile
+    assert not CC.kv4_attention_supported(128, 48, 4)   # does not divide head_dim
+    assert not CC.kv4_attention_supported(128, 32, 9)   # more than 8 query heads per kv head
+    assert not CC.kv4_attention_supported(80, 16, 4)
+    a = _attn_args()
+    why = lambda **kw: CC.kv4_attention_unsupported(**{**dict(q=a["q"], k_packed=a["k_packed"],  # noqa: E731
+                                                                 tail_k=a["tail_k"], group_size=32, key_axis="channel",
+                                                                 value_axis="token"), **kw})
+    assert why() is None
+    assert "axes key='token'" in why(key_axis="token")
+    assert "tail dtype torch.float32" in why(tail_k=a["tail_k"].float())
+    assert "q dtype torch.bfloat16" in why(q=a["q"].bfloat16())
+    assert "group_size=8" in why(group_size=8)
+
+
+def test_kv4_attention_inputs():
+    CC.check_kv4_attention_inputs(**_attn_args())
+    CC.check_kv4_attention_inputs(**_attn_args(d=64, g=16, h=3, hq=9))
+    a = _attn_args()
+    bad = [
+        (dict(q=a["q"].float()), TypeError, r"q must have dtype torch.float16"),
+        (dict(k_scale=a["k_scale"].float()), TypeError, r"k_scale must have dtype torch.float16"),
+        (dict(seq_ids=a["seq_ids"].long()), TypeError, r"seq_ids must have dtype torch.int32"),
+        (dict(k_scale=torch.zeros(5, 2, 64, 4).half()), ValueError, r"k_scale \(5, 2, 64, 4\) .* must be \(5, 2, 2, 128\)"),
+        (dict(v_scale=torch.zeros(5, 2, 2, 128).half()), ValueError, r"v_scale .* must be \(5, 2, 64, 4\)"),
+        (dict(tail_v=torch.zeros(3, 2, 32, 64).half()), ValueError, r"tail_v shape .* != tail_k shape"),
+        (dict(seq_ids=torch.zeros(3, dtype=torch.int32)), ValueError, r"seq_ids shape \(3,\) must be \[2\]"),
+        (dict(num_splits=0), ValueError, r"num_splits must be in \[1, 1024\], got 0"),
+        (dict(q=torch.randn(2, 7, 128).half()), ValueError, r"q heads 7 .* not a multiple of kv heads 2"),
+        (dict(group_size=48), ValueError, r"block_size 64 .* multiple of group_size=48"),
+        (dict(k_packed=torch.zeros(5, 2, 64, 128, dtype=torch.uint8)[..., ::2]), ValueError,
+         r"k_packed must be contiguous"),
+        (dict(quant_lens=torch.zeros(4, dtype=torch.int32)), ValueError, r"quant_lens \(4,\) and tail_lens \(3,\)"),
+    ]
+    for change, exc, match in bad:
+        with pytest.raises(exc, match=match):
+            CC.check_kv4_attention_inputs(**dict(a, **change))

@@ -28,10 +28,11 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
 ARCHS = ("sm_80", "sm_90a")
-KERNEL_FILES = ("w4ax_gemm.cu", "act_quant.cu")
+KERNEL_FILES = ("w4ax_gemm.cu", "act_quant.cu", "kv4_attention.cu")
 # ptxas entry counts per file: GEMM = 3 tile configs x 2 mma paths x {symmetric, asymmetric weights}
 # + split-K finalize; act_quant = 3 input dtypes
-EXPECTED_ENTRIES = {"w4ax_gemm.cu": 17, "act_quant.cu": 6}  # act_quant: row + block kernels x 3 dtypes
+EXPECTED_ENTRIES = {"w4ax_gemm.cu": 17, "act_quant.cu": 6,  # act_quant: row + block kernels x 3 dtypes
+                    "kv4_attention.cu": 3}  # head_dim 64 / 128 + the split reduce
 NVCC_FLAGS = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-Xptxas", "-v", "-I", CSRC]
 
 
@@ -74,6 +75,9 @@ def builds():
         out = os.path.join(tmp, f"w4ax_gemm.{arch}.ptx")
         jobs[("ptx", arch)] = [NVCC, "-ptx", f"-arch={arch}", "-O3", "-std=c++17", "-I", CSRC,
                                os.path.join(CSRC, "w4ax_gemm.cu"), "-o", out]
+        out = os.path.join(tmp, f"kv4_attention.{arch}.ptx")
+        jobs[("ptx-kv4", arch)] = [NVCC, "-ptx", f"-arch={arch}", "-O3", "-std=c++17", "-I", CSRC,
+                                   os.path.join(CSRC, "kv4_attention.cu"), "-o", out]
     inc = _torch_include()
     cxx = shutil.which("g++") or shutil.which("c++")
     if inc and cxx:
@@ -122,11 +126,16 @@ def test_kernels_compile(builds, fname, arch):
     sys.stderr.write(f"\n[{fname} {arch}] {secs:.1f}s, registers {usage}, spill stores {spills}\n")
 
 
+def _ptx(builds, key, fname, arch):
+    rc, out, _ = builds[(key, arch)]
+    assert rc == 0, out
+    with open(os.path.join(builds["_tmp"], f"{fname}.{arch}.ptx")) as fh:
+        return fh.read()
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_ptx_uses_the_intended_instructions(builds, arch):
-    rc, out, _ = builds[("ptx", arch)]
-    assert rc == 0, out
-    ptx = open(os.path.join(builds["_tmp"], f"w4ax_gemm.{arch}.ptx")).read()
+    ptx = _ptx(builds, "ptx", "w4ax_gemm", arch)
     assert "mma.sync.aligned.m16n8k64.row.col.s32.s4.s4.s32" in ptx
     assert "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32" in ptx
     assert "cp.async.cg.shared.global" in ptx
@@ -143,6 +152,22 @@ def test_ptx_uses_the_intended_instructions(builds, arch):
     assert "dp4a" not in ptx
     # sm_90's weight conversion with the sub-segment mask folded into a 3-input lop3 (and3_f0)
     assert "0xF0F0F0F0, 0x80;" in ptx
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_kv4_attention_ptx_uses_the_intended_instructions(builds, arch):
+    ptx = _ptx(builds, "ptx-kv4", "kv4_attention", arch)
+    # fp16 tensor cores with fp32 accumulation for QK^T (keys on the rows) and PV (channels on the rows)
+    assert "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in ptx
+    # P goes from the S^T accumulator layout to the PV B operand by an 8x8 transpose, not shared memory
+    assert "movmatrix.sync.aligned.m8n8.trans.b16" in ptx
+    # nibbles -> fp16 {1024 + lo, 64 + hi} with one lop3 (a & b) | c after a byte permute
+    assert "15728655" in ptx or "0x00F0000F" in ptx  # the key pair's mask (0x00F0000F)
+    assert "prmt.b32" in ptx and "lop3.b32" in ptx
+    # the loop holds no shared-memory traffic of K/V: only the query (once per key group) and the
+    # final merge of the warps use it
+    body = ptx[ptx.index(".entry _ZN6cometq"):]
+    assert body.count("bar.sync") <= 2 * 2  # per entry: after the query, before the merge
 
 
 def test_bindings_syntax(builds):
@@ -209,6 +234,33 @@ int main() {
   CHECK(cometq_quantize_act(&q, 0) == cudaErrorInvalidValue);
   q.M = 0; q.int4_clip = 0.9f;
   CHECK(cometq_quantize_act(&q, 0) == cudaSuccess);
+  // KV4 decode attention: supported cases, argument validation before any launch
+  CHECK(cometq_kv4_attention_supported(128, 32, 4) == 1);
+  CHECK(cometq_kv4_attention_supported(64, 16, 3) == 1);   // SmolLM2: 9 q heads / 3 kv heads
+  CHECK(cometq_kv4_attention_supported(128, 128, 8) == 1);
+  CHECK(cometq_kv4_attention_supported(96, 32, 4) == 0);   // head_dim
+  CHECK(cometq_kv4_attention_supported(128, 8, 4) == 0);   // key group shorter than a 16-token tile
+  CHECK(cometq_kv4_attention_supported(128, 48, 4) == 0);  // does not divide head_dim
+  CHECK(cometq_kv4_attention_supported(64, 128, 4) == 0);
+  CHECK(cometq_kv4_attention_supported(128, 32, 9) == 0);  // > 8 query heads per kv head
+  CHECK(cometq_kv4_attention_supported(128, 32, 0) == 0);
+  CHECK(cometq_kv4_decode_attention(nullptr, 0) == cudaErrorInvalidValue);
+  CometqKv4AttnArgs k = {};
+  k.B = 0;                                                     // empty batch: no launch
+  CHECK(cometq_kv4_decode_attention(&k, 0) == cudaSuccess);
+  k.B = 2; k.Hq = 8; k.H = 2; k.D = 128; k.BS = 64; k.G = 32; k.splits = 1;   // null operands
+  CHECK(cometq_kv4_decode_attention(&k, 0) == cudaErrorInvalidValue);
+  k.q = buf; k.k_packed = buf; k.v_packed = buf; k.k_scale = buf; k.k_zero = buf; k.v_scale = buf; k.v_zero = buf;
+  k.tail_k = buf; k.tail_v = buf; k.block_tables = (const int32_t*)buf; k.quant_lens = (const int32_t*)buf;
+  k.tail_lens = (const int32_t*)buf; k.seq_ids = (const int32_t*)buf; k.out = buf;
+  k.Hq = 7;                                                    // not a multiple of the kv heads
+  CHECK(cometq_kv4_decode_attention(&k, 0) == cudaErrorInvalidValue);
+  k.Hq = 8; k.BS = 48;                                         // block not whole groups
+  CHECK(cometq_kv4_decode_attention(&k, 0) == cudaErrorInvalidValue);
+  k.BS = 64; k.splits = 2;                                     // split without partial buffers
+  CHECK(cometq_kv4_decode_attention(&k, 0) == cudaErrorInvalidValue);
+  k.splits = 0;
+  CHECK(cometq_kv4_decode_attention(&k, 0) == cudaErrorInvalidValue);
   std::printf("%d failures\n", fails);
   return fails != 0;
 }

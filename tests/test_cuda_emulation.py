@@ -25,7 +25,7 @@ import torch
 
 from cometq import reference as R
 from cometq.layout import BLOCK_K, ActivationLayout
-from cometq.testing import GEMM_FP32_ATOL, GEMM_FP32_RTOL, rand_activation, rand_weight
+from cometq.testing import GEMM_FP32_ATOL, GEMM_FP32_RTOL, byte_perm, rand_activation, rand_weight
 
 ROW4, ROW8 = 96, 128
 MASK = np.uint32(0xF0F0F0F0)
@@ -40,16 +40,6 @@ def nib_lo_x16(w):
 
 def nib_hi_x16(w):
     return w & MASK
-
-
-def byte_perm(p, q, sel):
-    src = [(p >> np.uint32(8 * i)) & np.uint32(0xFF) for i in range(4)] + [
-        (q >> np.uint32(8 * i)) & np.uint32(0xFF) for i in range(4)
-    ]
-    out = np.zeros_like(p)
-    for i in range(4):
-        out |= src[(sel >> (4 * i)) & 7] << np.uint32(8 * i)
-    return out
 
 
 def _cuda_asm(name):

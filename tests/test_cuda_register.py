@@ -58,6 +58,18 @@ except RuntimeError as e:
 q4, q8, sc = torch.ops.cometq_C.quantize_act(torch.empty(3, K, device="meta"), meta(lay.perm), meta(lay.block_bits),
                                              lay.n_int8, 0, 1.0)
 assert q4.shape == (3, 192) and q8.shape == (3, 256) and sc.shape == (3, 5)
+e = lambda *s, dt=torch.float16: torch.empty(*s, dtype=dt, device="meta")
+i32 = torch.int32
+pool = [e(10, 2, 64, 64, dt=torch.uint8), e(10, 2, 2, 128), e(10, 2, 2, 128), e(10, 2, 64, 64, dt=torch.uint8),
+        e(10, 2, 64, 4), e(10, 2, 64, 4), e(4, 2, 32, 128), e(4, 2, 32, 128), e(4, 5, dt=i32), e(4, dt=i32),
+        e(4, dt=i32), e(3, dt=i32)]
+o = torch.ops.cometq_C.kv4_decode_attention(e(3, 8, 128), *pool, 32, 0.088, 4)
+assert o.shape == (3, 8, 128) and o.dtype == torch.float16
+try:
+    torch.ops.cometq_C.kv4_decode_attention(e(3, 8, 128), *pool, 32, 0.088, 0)
+    raise SystemExit("num_splits=0 was not rejected")
+except RuntimeError as err:
+    assert "num_splits must be in [1, 1024], got 0" in str(err), err
 print("FAKES OK")
 '''
 

@@ -4,6 +4,7 @@ import pytest
 
 from cometq.testing import (RUNNER_FP32_ATOL, RUNNER_KV4_MIN_COSINE, RUNNER_KV4_VS_KV4CACHE_ATOL,
                             tiny_causal_lm)
+from cometq.nn import set_fast_path
 from cometq.serve.engine import Engine, EngineConfig, RequestRejected
 from cometq.serve.kv import PagedFPPool, PoolExhausted
 from cometq.serve.runner import Chunk, ModelRunner
@@ -190,7 +191,6 @@ def w4ax_model(byte_model):
     import copy
 
     from cometq import W4AxConfig, quantize_
-    from cometq.nn import set_fast_path
 
     m = copy.deepcopy(byte_model)
     quantize_(m, W4AxConfig(), calib_data=torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0)))
@@ -214,16 +214,25 @@ def test_runner_with_w4ax_linears(w4ax_model):
 
 def test_engine_w4ax_kv4_batched_equals_solo(w4ax_model):
     # the full cometq path: W4Ax linears (per-token activation scales) + paged KV4 + continuous batching;
-    # a budget that never splits a prompt, so each request sees the same chunks as when it runs alone
+    # a budget that never splits a prompt, so each request sees the same chunks as when it runs alone.
+    # The W4Ax layers run their reference path here (exact integer dots, float64 epilogue: a row's
+    # result does not depend on the other rows), not the CPU fast path: its one fp32 matmul over
+    # all the step's rows sums in an order that depends on the row count on some BLAS builds (AMD
+    # EPYC, 2026-11-27), and the next layer's activation quantization turns a last-bit difference
+    # into a different integer, so batched and solo drift apart after a few tokens.
     def engine():
         r = ModelRunner.with_kv4_pool(w4ax_model, num_blocks=16, block_size=16, max_seqs=4)
         return Engine(r, None, EngineConfig(max_num_seqs=4, max_num_batched_tokens=256))
 
     prompts = [_rand_ids(5 + 9 * i, 70 + i) for i in range(4)]
     sp = SamplingParams(max_tokens=20, temperature=0)
-    e = engine()
-    batched = e.generate(prompts, sp)
-    solo = [engine().generate([p], sp)[0] for p in prompts]
+    set_fast_path(w4ax_model, False)
+    try:
+        e = engine()
+        batched = e.generate(prompts, sp)
+        solo = [engine().generate([p], sp)[0] for p in prompts]
+    finally:
+        set_fast_path(w4ax_model, True)
     assert batched == solo and [len(o) for o in batched] == [20] * 4
     assert e.pool.num_used_blocks == 0
 

@@ -140,3 +140,95 @@ def check_w4ax_gemm_inputs(q4, q8, a_scales, block_bits, qweight, w_scales, w_of
         raise ValueError(f"problem too large (M={m}, N={n}, blocks={nb})")
 
 
+
+
+# --------------------------------------------------------------------------
+# KV4 decode attention (csrc/kv4_attention.cu)
+# --------------------------------------------------------------------------
+#: what the CUDA kernel handles (cometq_kv4_attention_supported in csrc/kv4_attention.cu)
+KV4_ATTN_HEAD_DIMS = (64, 128)
+KV4_ATTN_MAX_QPK = 8
+
+
+def kv4_attention_supported(head_dim: int, group_size: int, qpk: int) -> bool:
+    """The C interface's rule: head_dim 64 or 128; the key group whole 16-token tiles
+    (``group_size % 16 == 0``) and the value group dividing head_dim; 1..8 query heads per KV head."""
+    return (head_dim in KV4_ATTN_HEAD_DIMS and group_size >= 16 and group_size % 16 == 0
+            and head_dim % group_size == 0 and 1 <= qpk <= KV4_ATTN_MAX_QPK)
+
+
+def kv4_attention_unsupported(q, k_packed, tail_k, group_size: int, key_axis: str, value_axis: str):
+    """Why the CUDA kernel cannot run this pool / query (a string), or None when it can.  It runs
+    the serving pool's default format: keys per channel, values per token, fp16 query and tail."""
+    if (key_axis, value_axis) != ("channel", "token"):
+        return f"axes key={key_axis!r}, value={value_axis!r} (the CUDA kernel: key 'channel', value 'token')"
+    if q.dtype != torch.float16 or tail_k.dtype != torch.float16:
+        return f"q dtype {q.dtype}, tail dtype {tail_k.dtype} (the CUDA kernel: float16)"
+    if q.dim() != 3 or k_packed.dim() != 4 or k_packed.shape[1] == 0 or q.shape[1] % k_packed.shape[1]:
+        return f"q shape {tuple(q.shape)} / k_packed shape {tuple(k_packed.shape)}"
+    if not kv4_attention_supported(q.shape[2], int(group_size), q.shape[1] // k_packed.shape[1]):
+        return (f"head_dim={q.shape[2]}, group_size={group_size}, query heads per kv head="
+                f"{q.shape[1] // k_packed.shape[1]}")
+    return None
+
+
+def check_kv4_attention_inputs(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, tail_k, tail_v,
+                               block_tables, quant_lens, tail_lens, seq_ids, group_size: int,
+                               num_splits: int) -> None:
+    """The TORCH_CHECKs of ``cometq_C::kv4_decode_attention`` (csrc/torch_bindings.cpp), in Python."""
+    _cuda_tensor("q", q, q.device if isinstance(q, torch.Tensor) else None, (torch.float16,), 3)
+    dev = q.device
+    named = dict(k_packed=k_packed, k_scale=k_scale, k_zero=k_zero, v_packed=v_packed, v_scale=v_scale,
+                 v_zero=v_zero, tail_k=tail_k, tail_v=tail_v, block_tables=block_tables, quant_lens=quant_lens,
+                 tail_lens=tail_lens, seq_ids=seq_ids)
+    for name, t in named.items():
+        dt = ((torch.uint8,) if name.endswith("packed") else (torch.int32,)
+              if name in ("block_tables", "quant_lens", "tail_lens", "seq_ids") else (torch.float16,))
+        _cuda_tensor(name, t, dev, dt)
+    for name, t in dict(q=q, **named).items():
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous, got shape {tuple(t.shape)} strides {t.stride()}")
+        if t.numel() and t.data_ptr() % 16:
+            raise ValueError(f"{name} data must be 16-byte aligned, got an offset view (shape {tuple(t.shape)})")
+    if k_packed.dim() != 4:
+        raise ValueError(f"k_packed must be [NB, H, BS, D/2], got shape {tuple(k_packed.shape)}")
+    b, hq, d = q.shape
+    nb, h, bs, _ = k_packed.shape
+    g = int(group_size)
+    if k_packed.shape[3] * 2 != d:
+        raise ValueError(f"k_packed shape {tuple(k_packed.shape)} does not hold head_dim {d} of q shape "
+                         f"{tuple(q.shape)}")
+    if v_packed.shape != k_packed.shape:
+        raise ValueError(f"v_packed shape {tuple(v_packed.shape)} != k_packed shape {tuple(k_packed.shape)}")
+    if h == 0 or hq % h:
+        raise ValueError(f"q heads {hq} (q shape {tuple(q.shape)}) not a multiple of kv heads {h}")
+    if g <= 0 or bs % g:
+        raise ValueError(f"block_size {bs} (k_packed shape {tuple(k_packed.shape)}) must be a multiple of "
+                         f"group_size={g}")
+    if not kv4_attention_supported(d, g, hq // h):
+        raise ValueError(f"unsupported case head_dim={d}, group_size={g}, query heads per kv head={hq // h} "
+                         "(needs head_dim 64 or 128, group_size a multiple of 16 dividing head_dim, <= 8 query "
+                         "heads per kv head)")
+    ks, vs = (nb, h, bs // g, d), (nb, h, bs, d // g)
+    if tuple(k_scale.shape) != ks or tuple(k_zero.shape) != ks:
+        raise ValueError(f"k_scale {tuple(k_scale.shape)} / k_zero {tuple(k_zero.shape)} must be {ks} (keys per "
+                         f"channel, group_size={g})")
+    if tuple(v_scale.shape) != vs or tuple(v_zero.shape) != vs:
+        raise ValueError(f"v_scale {tuple(v_scale.shape)} / v_zero {tuple(v_zero.shape)} must be {vs} (values "
+                         f"per token, group_size={g})")
+    if tail_k.dim() != 4 or tuple(tail_k.shape[1:]) != (h, g, d):
+        raise ValueError(f"tail_k shape {tuple(tail_k.shape)} must be [S, {h}, {g}, {d}]")
+    if tail_v.shape != tail_k.shape:
+        raise ValueError(f"tail_v shape {tuple(tail_v.shape)} != tail_k shape {tuple(tail_k.shape)}")
+    s = tail_k.shape[0]
+    if block_tables.dim() != 2 or block_tables.shape[0] != s:
+        raise ValueError(f"block_tables shape {tuple(block_tables.shape)} must be [{s}, max_blocks]")
+    if tuple(quant_lens.shape) != (s,) or tuple(tail_lens.shape) != (s,):
+        raise ValueError(f"quant_lens {tuple(quant_lens.shape)} and tail_lens {tuple(tail_lens.shape)} must be "
+                         f"[{s}]")
+    if tuple(seq_ids.shape) != (b,):
+        raise ValueError(f"seq_ids shape {tuple(seq_ids.shape)} must be [{b}] (q shape {tuple(q.shape)})")
+    if not 1 <= int(num_splits) <= 1024:
+        raise ValueError(f"num_splits must be in [1, 1024], got {num_splits}")
+    if b > 65535 or h > 65535 or nb * h * bs > (1 << 40):
+        raise ValueError(f"problem too large (B={b}, H={h}, pool rows={nb * h * bs})")

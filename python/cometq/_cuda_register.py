@@ -31,11 +31,14 @@ except ImportError as e:  # pragma: no cover - depends on the build
         f"COMETQ_SKIP_CUDA=1 disables it. Original error: {e}"
     ) from e
 
-from . import _cuda_split, ops
-from ._cuda_checks import check_quantize_act_inputs, check_w4ax_gemm_inputs
+import os
 
-__all__ = ["SCALE_MODE_CODES", "MMA_PATHS", "cuda_quantize_act", "cuda_w4ax_gemm", "check_quantize_act_inputs",
-           "check_w4ax_gemm_inputs"]
+from . import _cuda_split, ops
+from ._cuda_checks import (check_kv4_attention_inputs, check_quantize_act_inputs, check_w4ax_gemm_inputs,
+                           kv4_attention_unsupported)
+
+__all__ = ["SCALE_MODE_CODES", "MMA_PATHS", "cuda_quantize_act", "cuda_w4ax_gemm", "cuda_kv4_decode_attention",
+           "kv4_attention_cuda_enabled", "check_quantize_act_inputs", "check_w4ax_gemm_inputs"]
 
 #: scale_mode strings -> the int codes of the cometq_C ops
 SCALE_MODE_CODES = {"block": 0, "class": 1}
@@ -72,6 +75,15 @@ def _w4ax_gemm_fake(q4, q8, a_scales, block_bits, qweight, w_scales, w_offsets, 
         torch._check(tuple(w_offsets.shape) == tuple(w_scales.shape),
                      lambda: f"w_offsets shape {tuple(w_offsets.shape)} != w_scales shape {tuple(w_scales.shape)}")
     return qweight.new_empty((a_scales.shape[0], qweight.shape[0]), dtype=out_dtype)
+
+
+@torch.library.register_fake("cometq_C::kv4_decode_attention")
+def _kv4_decode_attention_fake(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, tail_k, tail_v, block_tables,
+                               quant_lens, tail_lens, seq_ids, group_size, sm_scale, num_splits):
+    torch._check(q.dim() == 3 and q.dtype == torch.float16,
+                 lambda: f"q must be float16 [B, Hq, D], got {q.dtype} {tuple(q.shape)}")
+    torch._check(1 <= num_splits <= 1024, lambda: f"num_splits must be in [1, 1024], got {num_splits}")
+    return torch.empty_like(q)
 
 
 # --------------------------------------------------------------------------
@@ -152,5 +164,92 @@ def _gemm_impl(q4, q8, a_scales, block_bits, qweight, w_scales, w_offsets, group
     return launch(choice)
 
 
+#: ``COMETQ_KV4_ATTN_CUDA`` -- which kernel the "cuda" backend runs for KV4 decode attention on the
+#: pools the CUDA kernel handles (the rest always run the Triton kernel):
+#:   "0" / unset: the Triton kernel;  "1": the CUDA kernel (csrc/kv4_attention.cu);
+#:   "auto": both timed on first use per (device, head_dim, group, GQA ratio, program-count bucket,
+#:   timing mode) -- the CUDA kernel at 1x / 2x / 4x the caller's split count -- and the fastest kept.
+#: Not "auto" by default until an H100 run has measured the CUDA kernel (written 2026-11-27 without a
+#: GPU); bench/gpu_check.sh sets "auto" after its GPU tests pass (stage cuda_attn_smoke).
+KV4_ATTN_ENV = "COMETQ_KV4_ATTN_CUDA"
+KV4_ATTN_MODES = ("0", "1", "auto")
+#: multiples of the caller's split count the "auto" mode times the CUDA kernel at
+KV4_ATTN_SPLIT_FACTORS = (1, 2, 4)
+#: "auto" choices: key -> ("cuda", split factor) or ("triton", 1)
+_ATTN_CHOICE: dict = {}
+
+
+def kv4_attention_mode() -> str:
+    v = os.environ.get(KV4_ATTN_ENV, "0")
+    if v not in KV4_ATTN_MODES:
+        raise ValueError(f"{KV4_ATTN_ENV} must be one of {KV4_ATTN_MODES}, got {v!r}")
+    return v
+
+
+def kv4_attention_cuda_enabled() -> bool:
+    """Whether the CUDA kernel may run (``COMETQ_KV4_ATTN_CUDA`` "1" or "auto")."""
+    return kv4_attention_mode() != "0"
+
+
+def kv4_attention_choices() -> dict:
+    """The "auto" mode's kept choices, keys as strings (for benchmark reports)."""
+    names = ("device", "head_dim", "group", "qpk", "programs", "mode")
+    return {" ".join(f"{n}={v}" for n, v in zip(names, k)): list(c) for k, c in sorted(_ATTN_CHOICE.items(), key=repr)}
+
+
+def cuda_kv4_decode_attention(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, tail_k, tail_v, block_tables,
+                              quant_lens, tail_lens, seq_ids, group_size: int, key_axis: str, value_axis: str,
+                              sm_scale: float, num_splits: int = 1):
+    """The CUDA kernel itself (csrc/kv4_attention.cu), arguments as ``cometq.ops.kv4_decode_attention``;
+    raises ValueError for a pool format or query it does not handle (see
+    :func:`cometq._cuda_checks.kv4_attention_unsupported`)."""
+    why = kv4_attention_unsupported(q, k_packed, tail_k, group_size, key_axis, value_axis)
+    if why is not None:
+        raise ValueError(f"the CUDA KV4 attention kernel does not handle {why}")
+    check_kv4_attention_inputs(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, tail_k, tail_v, block_tables,
+                               quant_lens, tail_lens, seq_ids, group_size, num_splits)
+    return torch.ops.cometq_C.kv4_decode_attention(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, tail_k,
+                                                   tail_v, block_tables, quant_lens, tail_lens, seq_ids,
+                                                   int(group_size), float(sm_scale), int(num_splits))
+
+
+def _kv4_attn_impl(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, tail_k, tail_v, block_tables, quant_lens,
+                   tail_lens, seq_ids, group_size, key_axis, value_axis, sm_scale, num_splits):
+    args = (q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, tail_k, tail_v, block_tables, quant_lens,
+            tail_lens, seq_ids, group_size, key_axis, value_axis, sm_scale, num_splits)
+    ops._load_backend("triton")
+    impls = ops._IMPLS["kv4_decode_attention"]
+    triton_impl = impls.get("triton", impls["reference"])  # the reference only where Triton is missing
+    mode = kv4_attention_mode()
+    if mode == "0" or kv4_attention_unsupported(q, k_packed, tail_k, group_size, key_axis, value_axis) is not None:
+        return triton_impl(*args)
+    if mode == "1":
+        return cuda_kv4_decode_attention(*args)
+    # "auto": the faster of the two for this shape class, timed once
+    from . import autotune
+
+    ns = int(num_splits)
+    tmode = autotune.timing_mode()
+    programs = 1 << max(0, (q.shape[0] * k_packed.shape[1] * ns - 1).bit_length())
+    key = (str(q.device), q.shape[2], int(group_size), q.shape[1] // k_packed.shape[1], programs, tmode)
+    choice = _ATTN_CHOICE.get(key)
+    if choice is None:
+        if torch.cuda.is_current_stream_capturing() or autotune.frozen_now():
+            return triton_impl(*args)  # no timing inside a capture / a frozen region (nothing cached)
+        triton_impl(*args)  # its own launch-config tuner runs on first use: not part of the timing
+        timer = autotune.cuda_graph_timer if tmode == "graph" else autotune.cuda_event_timer
+        times = [(timer(lambda: triton_impl(*args), q.device, warmup=2, reps=8), ("triton", 1))]
+        for f in KV4_ATTN_SPLIT_FACTORS:
+            if ns * f <= 1024:
+                cargs = args[:-1] + (ns * f,)
+                times.append((timer(lambda: cuda_kv4_decode_attention(*cargs), q.device, warmup=2, reps=8),
+                              ("cuda", f)))
+        choice = _ATTN_CHOICE[key] = min(times, key=lambda t: t[0])[1]
+    if choice[0] == "cuda":
+        return cuda_kv4_decode_attention(*args[:-1], ns * choice[1])
+    return triton_impl(*args)
+
+
 ops.register_impl("quantize_act", "cuda", _act_impl)
+ops.register_impl("kv4_decode_attention", "cuda", _kv4_attn_impl)
 ops.register_impl("w4ax_gemm", "cuda", _gemm_impl)

@@ -112,6 +112,20 @@ RUNNER_KV4_VS_KV4CACHE_ATOL = 0.5
 # --------------------------------------------------------------------------
 # inline PTX of the Triton kernels, executed on the CPU
 # --------------------------------------------------------------------------
+def byte_perm(p, q, sel: int):
+    """CUDA's ``__byte_perm(p, q, sel)`` (``prmt.b32`` default mode) on numpy uint32 arrays:
+    result byte i = byte ``(sel >> 4i) & 7`` of the 8-byte pair (p = bytes 0-3, q = bytes 4-7)."""
+    import numpy as np
+
+    src = [(p >> np.uint32(8 * i)) & np.uint32(0xFF) for i in range(4)] + [
+        (q >> np.uint32(8 * i)) & np.uint32(0xFF) for i in range(4)
+    ]
+    out = np.zeros_like(p | q)
+    for i in range(4):
+        out |= src[(sel >> (4 * i)) & 7] << np.uint32(8 * i)
+    return out
+
+
 def run_ptx(asm: str, inputs: dict):
     """Execute the straight-line PTX subset the kernels' inline-asm snippets use, on numpy
     uint64 arrays holding 32-bit words (element-wise over the arrays).

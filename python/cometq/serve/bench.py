@@ -241,6 +241,10 @@ def run_engine(model, *, kv4: bool, batch: int, in_len: int, out_len: int, block
     choices = cuda_gemm_choices()
     if choices:  # what the CUDA GEMM's tuner kept per decode shape: (split count, tile variant)
         res["cuda_gemm_choices"] = choices
+    reg = sys.modules.get("cometq._cuda_register")
+    if reg is not None:  # KV4 attention kernel per shape class under COMETQ_KV4_ATTN_CUDA=auto
+        res["kv4_attention_cuda"] = reg.kv4_attention_mode()
+        res["kv4_attention_choices"] = reg.kv4_attention_choices()
     # decode steps queued ahead of the host (async scheduling; counted over warm-up + timed run)
     res.update(async_scheduling=async_scheduling, async_steps=eng.async_steps, async_dropped_rows=eng.async_dropped)
     graphs = getattr(runner, "_graphs", None)
@@ -266,7 +270,8 @@ def tuning_counts() -> Dict[str, int]:
         pass
     for name, mod, attr in (("gemm_configs", "cometq.kernels.w4ax_gemm", "_CONFIG_CACHE"),
                             ("kv4_attention_configs", "cometq.kernels.kv4_attention", "_TUNED"),
-                            ("cuda_gemm_splits", "cometq._cuda_split", "_CACHE")):
+                            ("cuda_gemm_splits", "cometq._cuda_split", "_CACHE"),
+                            ("kv4_attention_backend", "cometq._cuda_register", "_ATTN_CHOICE")):
         m = sys.modules.get(mod)
         if m is not None and hasattr(m, attr):
             out[name] = len(getattr(m, attr))

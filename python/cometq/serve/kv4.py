@@ -163,15 +163,17 @@ class KV4PagedPool(KVPool):
     # -- device-side decode steps (full-step CUDA graphs, ModelRunner.enable_cuda_graphs) --
     def device_decode_supported(self, graphs: bool = True) -> bool:
         """Whether :meth:`decode_layer_device` can run inside a CUDA graph here: the decode
-        append and attention ops resolve to Triton on this pool's device (the reference ops read
-        lengths back to the host).  Without graphs (``graphs=False``) any backend runs the step."""
+        append resolves to Triton and the attention to Triton or CUDA (the CUDA backend's
+        attention -- csrc/kv4_attention.cu or, for what it does not handle, the Triton kernel --
+        reads nothing back either) on this pool's device (the reference ops read lengths back to
+        the host).  Without graphs (``graphs=False``) any backend runs the step."""
         if not graphs:
             return True
         from ..ops import resolve_backend
 
         try:
-            return all(resolve_backend(op, self.device, self.backend) == "triton"
-                       for op in ("kv4_decode_append", "kv4_decode_attention"))
+            return (resolve_backend("kv4_decode_append", self.device, self.backend) == "triton"
+                    and resolve_backend("kv4_decode_attention", self.device, self.backend) in ("triton", "cuda"))
         except (RuntimeError, ValueError):
             return False
 

@@ -1,0 +1,488 @@
+// Paged KV4 decode attention on fp16 tensor cores (mma.sync m16n8k16), plain CUDA (no torch).
+//
+// Semantics: exactly cometq.paged.kv4_decode_attention_reference for the serving pool's default
+// format (cometq.paged: keys 4-bit per channel in groups of G tokens, values 4-bit per token in
+// groups of G channels, the < G newest tokens of each sequence in an fp16 tail):
+//     out[b, h] = softmax_t(sm_scale * q[b, h] . k_t) . v_t   over the sequence's quantized
+//     tokens t < quant_lens[s] (s = seq_ids[b]) and then its tail_lens[s] fp16 tail tokens.
+// x = n * scale + zero for a nibble n in 0..15 (reference.quantize_kv4).
+//
+// ============================================================================
+// Why a CUDA kernel beside the Triton one (kernels/kv4_attention.py)
+// ============================================================================
+// A Triton dot needs 16 rows, so a GQA-4 program pads its 4 query heads to 16: 3/4 of the
+// softmax, of the [16, D] accumulator and of its rescales is padding, and the dequantized K/V
+// tiles reach the MMA operand layout through shared memory.  Its 1-warp config runs ~1240
+// SASS instructions per 32 tokens (sm_90a; 254 registers: 8 warps per SM).  Here the roles
+// are swapped so the heads are the narrow side of the MMA:
+//
+//     S^T [16 tokens x 8 heads] = K [16 tokens x D] . Q'^T [D x 8 heads]     (n8: GQA <= 8)
+//     O^T [D x 8 heads]        += V^T [D x 16 tokens] . P^T [16 tokens x 8 heads]
+//
+// and every operand is built in registers straight from the packed bytes (no shared memory,
+// no barrier in the loop).  Per 16 tokens and warp (sm_90a SASS, D = 128): 8 + 8 HMMA, ~96
+// instructions of K nibble conversion, ~112 of V conversion + dequantization, ~40 of online
+// softmax, ~460 executed in all (the Triton kernel's best config: ~620), at 128 registers.
+//
+// * Keys per channel: the scale / zero of a channel are constant over a key group (G tokens),
+//   so they fold into the query once per group instead of into every key element:
+//       q . (n * sc + z) = (q * sc) . n + q . z
+//   and the nibbles go into the MMA as integers: a byte b (channels 2j low, 2j+1 high nibble)
+//   becomes the fp16 pair {lo, hi} in three instructions,
+//       prmt  b -> bytes {b, x, b, x};   lop3  & 0x00F0000F | 0x54006400;   HSUB2 {1024, 64}
+//   (0x6400 | n is 1024 + n; 0x5400 | (n << 4) is 64 + n: the high nibble needs no shift).
+//   The zero term q . z is one bias per head and group (fp32, on the MMA: an A operand whose
+//   rows are all equal gives it in every row of the S^T fragment; it is the C input of every
+//   tile of the group).  (Folding the 1024 / 64 offsets into that bias as well saves the HSUB2
+//   but leaves the fp32 accumulator holding ~1024 * sum|q'| next to a logit of ~sum|q' n|: the
+//   tensor cores' truncating fp32 adds then cost up to ~1e-2 in the logit for outlier channels.)
+// * Values per token (groups along D): V^T's k index is the token, so a register pair holds
+//   one channel of two tokens: prmt of the two token rows' bytes + lop3 as above, then
+//   (m - off) * s + z with the token pair's scales (HSUB2 exact + HFMA2, one rounding: the
+//   Triton kernel's numerics).
+// * P: the S^T accumulator fragment (thread holds tokens g, g+8 x heads 2t, 2t+1) is the
+//   transpose of the B fragment P^T needs (tokens 2t, 2t+1 x head g): movmatrix.trans per
+//   8 x 8 half block, 2 per 16 tokens.  Heads 2t, 2t+1 are also the columns the thread owns in
+//   the O^T fragment, so the online softmax's max / rescale never crosses lanes except for the
+//   max over the 8 token rows (3 shuffles per head).
+//
+// Channel assignment (d = head_dim channel; the MMA k order is free as long as both operands
+// use the same one; t = lane % 4, g = lane / 4):
+//   QK: thread t reads bytes [t*D/8, (t+1)*D/8) of its key rows g, g+8 (one 16-byte load each
+//       at D = 128); k-chunk c, register p (0: k slots 2t,2t+1; 1: slots 2t+8,2t+9) holds byte
+//       t*D/8 + 2c + p = channels (d, d+1), d = t*D/4 + 4c + 2p.  The query / its scales are read
+//       with the same map (contiguous D/4 halves per thread).
+//   PV: thread g reads bytes [g*D/16, (g+1)*D/16) of token rows 2t, 2t+1, 2t+8, 2t+9; d-tile i's
+//       row g is the low nibble of byte g*D/16 + i (d = g*D/8 + 2i), row g+8 its high nibble
+//       (d + 1).  All of a thread's channels lie in one value group when G % (D/8) == 0.
+//
+// Work split: grid (batch, kv head, split); a split owns a contiguous range of key groups;
+// warp w of the CTA takes groups w, w + WARPS, ... (each group: G/16 token tiles, the next
+// tile's bytes loaded while this one computes), the last split also the fp16 tail.  The warps'
+// (max, sum, O) merge through shared memory at the end; one split writes the output, more
+// write fp32 partials that kv4_attn_reduce_kernel combines (flash-decoding).
+// ============================================================================
+#include <cuda_fp16.h>
+#include <math.h>
+
+#include "cometq_kernels.h"
+
+namespace cometq {
+namespace {
+
+constexpr int kWarps = 4;           // warps per CTA
+constexpr int kHeads = 8;           // MMA n: query heads per KV head, padded
+constexpr float kNegInf = -INFINITY;
+// The online softmax keeps a reference max per head and moves it only when a tile's max
+// exceeds it by more than this (log2 units): P <= 2^8 fits fp16, and most tiles skip the
+// O rescale (same rule as the Triton kernel's LAZY_RESCALE).
+constexpr float kLazy = 8.f;
+
+__device__ __forceinline__ uint32_t h2u(__half2 h) { return *reinterpret_cast<uint32_t*>(&h); }
+__device__ __forceinline__ __half2 u2h(uint32_t u) { return *reinterpret_cast<__half2*>(&u); }
+
+__device__ __forceinline__ uint32_t lop3_and_or(uint32_t x, uint32_t mask, uint32_t bits) {
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(x), "r"(mask), "r"(bits));  // (a & b) | c
+  return d;
+}
+
+// fp16 pair {low nibble, high nibble} of byte `sel` (0..3) of w: {1024 + lo, 64 + hi} by the
+// magic exponents, then the offsets subtracted (exact).
+__device__ __forceinline__ uint32_t key_pair(uint32_t w, int sel) {
+  const __half2 m = u2h(lop3_and_or(__byte_perm(w, 0u, sel * 0x1111), 0x00F0000Fu, 0x54006400u));
+  return h2u(__hsub2(m, __floats2half2_rn(1024.f, 64.f)));
+}
+
+__device__ __forceinline__ void mma_f16_m16n8k16(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                                 uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t movmatrix_trans(uint32_t x) {
+  uint32_t d;
+  asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(d) : "r"(x));
+  return d;
+}
+
+template <int N>
+struct Bytes;  // N bytes of a row, loaded with one vector load
+template <>
+struct Bytes<16> {
+  uint4 v;
+  __device__ __forceinline__ uint32_t word(int i) const { return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w; }
+  __device__ __forceinline__ void load(const uint8_t* p) { v = __ldg(reinterpret_cast<const uint4*>(p)); }
+  __device__ __forceinline__ void zero() { v = make_uint4(0, 0, 0, 0); }
+};
+template <>
+struct Bytes<8> {
+  uint2 v;
+  __device__ __forceinline__ uint32_t word(int i) const { return i == 0 ? v.x : v.y; }
+  __device__ __forceinline__ void load(const uint8_t* p) { v = __ldg(reinterpret_cast<const uint2*>(p)); }
+  __device__ __forceinline__ void zero() { v = make_uint2(0, 0); }
+};
+template <>
+struct Bytes<4> {
+  uint32_t v;
+  __device__ __forceinline__ uint32_t word(int) const { return v; }
+  __device__ __forceinline__ void load(const uint8_t* p) { v = __ldg(reinterpret_cast<const uint32_t*>(p)); }
+  __device__ __forceinline__ void zero() { v = 0; }
+};
+
+// One 16-token tile's raw bytes (what the thread loads of it).
+template <int D>
+struct TileRaw {
+  Bytes<D / 8> k[2];    // key rows g, g + 8
+  Bytes<D / 16> v[4];   // value rows 2t, 2t+1, 2t+8, 2t+9
+  __half2 vs[2], vz[2];  // their scale / zero (the thread's value group): {2t, 2t+1}, {2t+8, 2t+9}
+};
+
+struct Softmax {
+  float m[2];  // reference max of heads 2t, 2t+1 (log2 units)
+  float l[2];  // this lane's part of the sum of P (rows g, g+8)
+};
+
+template <int D>
+__device__ __forceinline__ void load_tile(const CometqKv4AttnArgs& p, TileRaw<D>& r, int64_t row0, int n_valid,
+                                          int vgrp) {
+  // row0: pool row ((block * H + head) * BS + token) of the tile's first token -- the row of D/2
+  // packed bytes and of D/G value scales; n_valid: tokens of the tile to read (the rest are zeros)
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int vpg = D / p.G;  // value groups per token
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int tok = g + 8 * h;
+    if (tok < n_valid)
+      r.k[h].load(p.k_packed + (row0 + tok) * (D / 2) + t * (D / 8));
+    else
+      r.k[h].zero();
+  }
+  __half sc[4], zr[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int tok = 2 * t + (j & 1) + 8 * (j >> 1);
+    if (tok < n_valid) {
+      r.v[j].load(p.v_packed + (row0 + tok) * (D / 2) + g * (D / 16));
+      sc[j] = reinterpret_cast<const __half*>(p.v_scale)[(row0 + tok) * vpg + vgrp];
+      zr[j] = reinterpret_cast<const __half*>(p.v_zero)[(row0 + tok) * vpg + vgrp];
+    } else {
+      // zero bytes and scales: a masked token's value is exactly 0 (its P is 0 too; no NaN from
+      // whatever the pool holds past the sequence)
+      r.v[j].zero();
+      sc[j] = zr[j] = __float2half(0.f);
+    }
+  }
+  r.vs[0] = __halves2half2(sc[0], sc[1]);
+  r.vs[1] = __halves2half2(sc[2], sc[3]);
+  r.vz[0] = __halves2half2(zr[0], zr[1]);
+  r.vz[1] = __halves2half2(zr[2], zr[3]);
+}
+
+// Online softmax of one S^T tile (c[e]: e = 0 (token g, head 2t), 1 (g, 2t+1), 2 (g+8, 2t),
+// 3 (g+8, 2t+1)); masked tokens must already be -inf.  Rescales o when the reference max moves
+// and returns the P^T B fragment {tokens 2t,2t+1 | 2t+8,2t+9 of head g}.
+template <int D>
+__device__ __forceinline__ void softmax_tile(float (&c)[4], Softmax& sm, float (&o)[D / 16][4], uint32_t& pb0,
+                                             uint32_t& pb1) {
+  float mx[2] = {fmaxf(c[0], c[2]), fmaxf(c[1], c[3])};
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+#pragma unroll
+    for (int off = 4; off < 32; off <<= 1) mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xFFFFFFFFu, mx[h], off));
+  bool move[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) move[h] = mx[h] > sm.m[h] + kLazy;  // false while both are -inf
+  if (__any_sync(0xFFFFFFFFu, move[0] || move[1])) {
+    float alpha[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      alpha[h] = move[h] ? exp2f(sm.m[h] - mx[h]) : 1.f;  // exp2(-inf) = 0 on the first tile
+      if (move[h]) sm.m[h] = mx[h];
+      sm.l[h] *= alpha[h];
+    }
+#pragma unroll
+    for (int i = 0; i < D / 16; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o[i][e] *= alpha[e & 1];
+  }
+  float pr[4];
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const float m = sm.m[e & 1] == kNegInf ? 0.f : sm.m[e & 1];  // nothing seen yet: c is -inf, p = 0
+    pr[e] = exp2f(c[e] - m);
+    sm.l[e & 1] += pr[e];
+  }
+  pb0 = movmatrix_trans(h2u(__floats2half2_rn(pr[0], pr[1])));  // tokens 0..7 of the tile
+  pb1 = movmatrix_trans(h2u(__floats2half2_rn(pr[2], pr[3])));  // tokens 8..15
+}
+
+// O^T += V^T . P^T for one tile of 4-bit values.
+template <int D>
+__device__ __forceinline__ void pv_tile(const TileRaw<D>& r, float (&o)[D / 16][4], uint32_t pb0, uint32_t pb1) {
+  const __half2 s01 = r.vs[0], z01 = r.vz[0], s89 = r.vs[1], z89 = r.vz[1];
+  const __half2 off_lo = __floats2half2_rn(1024.f, 1024.f), off_hi = __floats2half2_rn(64.f, 64.f);
+#pragma unroll
+  for (int i = 0; i < D / 16; ++i) {
+    // byte i of the thread's D/16 bytes of each row: bytes {row 2t, -, row 2t+1, -}
+    const int w = i / 4, sel = i % 4;
+    const uint32_t sel2 = sel * 0x0011 + (sel + 4) * 0x1100;
+    const uint32_t x01 = __byte_perm(r.v[0].word(w), r.v[1].word(w), sel2);
+    const uint32_t x89 = __byte_perm(r.v[2].word(w), r.v[3].word(w), sel2);
+    const __half2 a0 = __hfma2(__hsub2(u2h(lop3_and_or(x01, 0x000F000Fu, 0x64006400u)), off_lo), s01, z01);
+    const __half2 a1 = __hfma2(__hsub2(u2h(lop3_and_or(x01, 0x00F000F0u, 0x54005400u)), off_hi), s01, z01);
+    const __half2 a2 = __hfma2(__hsub2(u2h(lop3_and_or(x89, 0x000F000Fu, 0x64006400u)), off_lo), s89, z89);
+    const __half2 a3 = __hfma2(__hsub2(u2h(lop3_and_or(x89, 0x00F000F0u, 0x54005400u)), off_hi), s89, z89);
+    mma_f16_m16n8k16(o[i], h2u(a0), h2u(a1), h2u(a2), h2u(a3), pb0, pb1);
+  }
+}
+
+template <int QW>
+__device__ __forceinline__ void load_query(const uint4 (*s_q)[32], int lane, uint32_t (&qs)[QW]) {
+#pragma unroll
+  for (int j = 0; j < QW; j += 4) {
+    const uint4 w = s_q[j / 4][lane];
+    qs[j] = w.x, qs[j + 1] = w.y, qs[j + 2] = w.z, qs[j + 3] = w.w;
+  }
+}
+
+template <int D>
+__global__ void __launch_bounds__(kWarps * 32, 4) kv4_attn_kernel(const CometqKv4AttnArgs p) {
+  constexpr int KC = D / 16;  // k-chunks of QK (and d-tiles of PV)
+  constexpr int QW = D / 8;   // query / key-scale half2 per thread (channels t*D/4 ..)
+  __shared__ float s_o[kWarps][kHeads][D];
+  __shared__ float s_ml[kWarps][kHeads][2];
+
+  const int b = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z, nsplit = gridDim.z;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int qpk = p.Hq / p.H, G = p.G;
+  const int slot = p.seq_ids[b];
+  const int lq = p.quant_lens[slot], lt = p.tail_lens[slot];
+  const int ng = (lq + G - 1) / G;
+  const int per = (ng + nsplit - 1) / nsplit;
+  const int g_begin = min(split * per, ng), g_end = min(g_begin + per, ng);
+  const bool tail = split == nsplit - 1 && lt > 0;
+  const int n_items = g_end - g_begin + (tail ? 1 : 0);
+
+  // The query of head g (this lane's B column), scaled by sm_scale * log2(e), channels t*D/4 ..:
+  // kept in shared memory (read back once per key group) -- in registers it pushed the 128-thread
+  // CTA over the 128 registers that 4 CTAs per SM allow (spills at D = 128).
+  __shared__ uint4 s_q[QW / 4][32];
+  if (warp == 0) {
+    const __half* qrow = reinterpret_cast<const __half*>(p.q) + b * p.ld_qb + (kvh * qpk + g) * p.ld_qh + t * (D / 4);
+#pragma unroll
+    for (int j = 0; j < QW; j += 4) {
+      uint32_t w[4];
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const float2 f =
+            g < qpk ? __half22float2(reinterpret_cast<const __half2*>(qrow)[j + k]) : make_float2(0.f, 0.f);
+        w[k] = h2u(__floats2half2_rn(f.x * p.qk_scale, f.y * p.qk_scale));
+      }
+      s_q[j / 4][lane] = make_uint4(w[0], w[1], w[2], w[3]);
+    }
+  }
+  __syncthreads();
+
+  Softmax sm;
+  sm.m[0] = sm.m[1] = kNegInf;
+  sm.l[0] = sm.l[1] = 0.f;
+  float o[KC][4];
+#pragma unroll
+  for (int i = 0; i < KC; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+
+  const int* bt = p.block_tables + static_cast<int64_t>(slot) * p.ld_bt;
+  const int vgrp = g * (D / 8) / G;  // the thread's value group (all its channels lie in it)
+  for (int it = warp; it < n_items; it += kWarps) {
+    const int gi = g_begin + it;
+    if (gi < g_end) {
+      // ---- a key group of G quantized tokens: fold its channel scales into the query
+      const int tok0 = gi * G;
+      const int phys = bt[tok0 / p.BS];
+      const int in_blk = tok0 % p.BS;
+      const int64_t head_row = (static_cast<int64_t>(phys) * p.H + kvh) * p.BS;  // pool row of token 0 of the block
+      const int64_t ks_off = ((static_cast<int64_t>(phys) * p.H + kvh) * (p.BS / G) + in_blk / G) * D + t * (D / 4);
+      uint32_t ksc[QW], kz[QW];
+#pragma unroll
+      for (int j = 0; j < QW; j += 4) {
+        const uint4 s4 = __ldg(reinterpret_cast<const uint4*>(reinterpret_cast<const __half*>(p.k_scale) + ks_off) + j / 4);
+        const uint4 z4 = __ldg(reinterpret_cast<const uint4*>(reinterpret_cast<const __half*>(p.k_zero) + ks_off) + j / 4);
+        ksc[j] = s4.x, ksc[j + 1] = s4.y, ksc[j + 2] = s4.z, ksc[j + 3] = s4.w;
+        kz[j] = z4.x, kz[j + 1] = z4.y, kz[j + 2] = z4.z, kz[j + 3] = z4.w;
+      }
+      const int ntile = min(G, lq - tok0 + 15) / 16;  // tiles with a valid token (lq - tok0 >= 1)
+      TileRaw<D> cur;
+      // q' = qs * sc (B operand of this group) and bias = qs . z in every row (the tiles' C input)
+      uint32_t qs[QW], qp[QW];
+      load_query<QW>(s_q, lane, qs);
+#pragma unroll
+      for (int j = 0; j < QW; ++j) qp[j] = h2u(__hmul2(u2h(qs[j]), u2h(ksc[j])));
+      float bias[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+      for (int c = 0; c < KC; ++c)
+        mma_f16_m16n8k16(bias, kz[2 * c], kz[2 * c], kz[2 * c + 1], kz[2 * c + 1], qs[2 * c], qs[2 * c + 1]);
+      for (int u = 0; u < ntile; ++u) {
+        const int ttok = tok0 + 16 * u;  // sequence index of the tile's token 0
+        load_tile<D>(p, cur, head_row + in_blk + 16 * u, min(16, lq - ttok), vgrp);
+        float s[4] = {bias[0], bias[1], bias[2], bias[3]};
+#pragma unroll
+        for (int c = 0; c < KC; ++c) {
+          const int w = (2 * c) / 4, sel = (2 * c) % 4;  // bytes 2c (p = 0) and 2c + 1 (p = 1)
+          mma_f16_m16n8k16(s, key_pair(cur.k[0].word(w), sel), key_pair(cur.k[1].word(w), sel),
+                           key_pair(cur.k[0].word(w), sel + 1), key_pair(cur.k[1].word(w), sel + 1), qp[2 * c],
+                           qp[2 * c + 1]);
+        }
+        if (ttok + 16 > lq) {  // the sequence ends inside this tile
+          if (ttok + g >= lq) s[0] = s[1] = kNegInf;
+          if (ttok + g + 8 >= lq) s[2] = s[3] = kNegInf;
+        }
+        uint32_t pb0, pb1;
+        softmax_tile<D>(s, sm, o, pb0, pb1);
+        pv_tile<D>(cur, o, pb0, pb1);
+      }
+    } else {
+      // ---- the fp16 tail (< G tokens): same MMAs, operands straight from the halves
+      const __half* tk = reinterpret_cast<const __half*>(p.tail_k) + (static_cast<int64_t>(slot) * p.H + kvh) * G * D;
+      const __half* tv = reinterpret_cast<const __half*>(p.tail_v) + (static_cast<int64_t>(slot) * p.H + kvh) * G * D;
+      uint32_t qs[QW];
+      load_query<QW>(s_q, lane, qs);
+      for (int u = 0; u * 16 < lt; ++u) {
+        float s[4] = {0.f, 0.f, 0.f, 0.f};
+        uint32_t kr[2][QW];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int tok = 16 * u + g + 8 * h;
+#pragma unroll
+          for (int j = 0; j < QW; ++j)
+            kr[h][j] = tok < lt ? reinterpret_cast<const uint32_t*>(tk + static_cast<int64_t>(tok) * D + t * (D / 4))[j] : 0u;
+        }
+#pragma unroll
+        for (int c = 0; c < KC; ++c)
+          mma_f16_m16n8k16(s, kr[0][2 * c], kr[1][2 * c], kr[0][2 * c + 1], kr[1][2 * c + 1], qs[2 * c], qs[2 * c + 1]);
+        if (16 * u + g >= lt) s[0] = s[1] = kNegInf;
+        if (16 * u + g + 8 >= lt) s[2] = s[3] = kNegInf;
+        uint32_t pb0, pb1;
+        softmax_tile<D>(s, sm, o, pb0, pb1);
+        // V^T fragment: channel pair rows (g: d = g*D/8 + 2i, g+8: d + 1) of tokens {2t, 2t+1}, {2t+8, 2t+9}
+        const int tk0 = 16 * u + 2 * t;
+#pragma unroll
+        for (int i = 0; i < KC; ++i) {
+          uint32_t w[4];
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            const int tok = tk0 + (j & 1) + 8 * (j >> 1);
+            w[j] = tok < lt ? reinterpret_cast<const uint32_t*>(tv + static_cast<int64_t>(tok) * D + g * (D / 8))[i]
+                            : 0u;
+          }
+          mma_f16_m16n8k16(o[i], __byte_perm(w[0], w[1], 0x5410), __byte_perm(w[0], w[1], 0x7632),
+                           __byte_perm(w[2], w[3], 0x5410), __byte_perm(w[2], w[3], 0x7632), pb0, pb1);
+        }
+      }
+    }
+  }
+
+  // ---- merge the warps: full sums of P per head, then (max, sum, O) through shared memory
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+#pragma unroll
+    for (int off = 4; off < 32; off <<= 1) sm.l[h] += __shfl_xor_sync(0xFFFFFFFFu, sm.l[h], off);
+  if (g == 0) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      s_ml[warp][2 * t + h][0] = sm.m[h];
+      s_ml[warp][2 * t + h][1] = sm.l[h];
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < KC; ++i) {
+    const int d = g * (D / 8) + 2 * i;
+    s_o[warp][2 * t][d] = o[i][0];
+    s_o[warp][2 * t + 1][d] = o[i][1];
+    s_o[warp][2 * t][d + 1] = o[i][2];
+    s_o[warp][2 * t + 1][d + 1] = o[i][3];
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < qpk * D; e += kWarps * 32) {
+    const int h = e / D, d = e % D;
+    float mw = kNegInf;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) mw = fmaxf(mw, s_ml[w][h][0]);
+    float l = 0.f, acc = 0.f;
+    if (mw != kNegInf) {
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) {
+        const float f = exp2f(s_ml[w][h][0] - mw);  // 0 for a warp that saw nothing
+        l += f * s_ml[w][h][1];
+        acc += f * s_o[w][h][d];
+      }
+    }
+    const int head = kvh * qpk + h;
+    if (nsplit == 1) {
+      reinterpret_cast<__half*>(p.out)[(static_cast<int64_t>(b) * p.Hq + head) * D + d] =
+          __float2half_rn(l > 0.f ? acc / l : 0.f);
+    } else {
+      const int64_t po = (static_cast<int64_t>(b) * p.Hq + head) * nsplit + split;
+      p.part_o[po * D + d] = acc;
+      if (d == 0) {
+        p.part_ml[po * 2] = mw;
+        p.part_ml[po * 2 + 1] = l;
+      }
+    }
+  }
+}
+
+// out[b, h] = sum_s 2^(m_s - M) o_s / sum_s 2^(m_s - M) l_s   (M = max_s m_s)
+__global__ void kv4_attn_reduce_kernel(const float* __restrict__ part_o, const float* __restrict__ part_ml,
+                                       int nsplit, int D, __half* __restrict__ out) {
+  const int64_t bh = blockIdx.x;  // b * Hq + h
+  const float* ml = part_ml + bh * nsplit * 2;
+  float mw = kNegInf;
+  for (int s = 0; s < nsplit; ++s) mw = fmaxf(mw, ml[2 * s]);
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    float l = 0.f, acc = 0.f;
+    if (mw != kNegInf) {
+      for (int s = 0; s < nsplit; ++s) {
+        const float f = exp2f(ml[2 * s] - mw);
+        l += f * ml[2 * s + 1];
+        acc += f * part_o[(bh * nsplit + s) * D + d];
+      }
+    }
+    out[bh * D + d] = __float2half_rn(l > 0.f ? acc / l : 0.f);
+  }
+}
+
+template <int D>
+cudaError_t launch(const CometqKv4AttnArgs& a, cudaStream_t stream) {
+  const dim3 grid(a.B, a.H, a.splits);
+  kv4_attn_kernel<D><<<grid, kWarps * 32, 0, stream>>>(a);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess || a.splits == 1) return err;
+  kv4_attn_reduce_kernel<<<a.B * a.Hq, D, 0, stream>>>(a.part_o, a.part_ml, a.splits, D,
+                                                       reinterpret_cast<__half*>(a.out));
+  return cudaGetLastError();
+}
+
+}  // namespace
+}  // namespace cometq
+
+extern "C" int cometq_kv4_attention_supported(int head_dim, int group_size, int qpk) {
+  // D = 64 or 128; key groups whole 16-token tiles; a thread's D/8 value channels in one group
+  return (head_dim == 64 || head_dim == 128) && group_size >= 16 && group_size % 16 == 0 &&
+         head_dim % group_size == 0 && qpk >= 1 && qpk <= cometq::kHeads;
+}
+
+extern "C" cudaError_t cometq_kv4_decode_attention(const CometqKv4AttnArgs* args, cudaStream_t stream) {
+  if (args == nullptr) return cudaErrorInvalidValue;
+  const CometqKv4AttnArgs& a = *args;
+  if (a.B == 0) return cudaSuccess;  // nothing to attend
+  if (!a.q || !a.k_packed || !a.v_packed || !a.k_scale || !a.k_zero || !a.v_scale || !a.v_zero || !a.tail_k ||
+      !a.tail_v || !a.block_tables || !a.quant_lens || !a.tail_lens || !a.seq_ids || !a.out)
+    return cudaErrorInvalidValue;
+  if (a.B < 0 || a.B > 65535 || a.H > 65535 || a.H <= 0 || a.Hq % a.H != 0 || a.splits < 1 || a.BS % a.G != 0 ||
+      !cometq_kv4_attention_supported(a.D, a.G, a.Hq / a.H) || (a.splits > 1 && (!a.part_o || !a.part_ml)))
+    return cudaErrorInvalidValue;
+  return a.D == 64 ? cometq::launch<64>(a, stream) : cometq::launch<128>(a, stream);
+}
