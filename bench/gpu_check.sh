@@ -246,7 +246,7 @@ fi
 # Triton kernel as before. bench_attention.py's `cuda` column re-checks it before timing either way.
 if [ "$BUILD" = ok ] && ! skip cuda_attn_smoke; then
   if COMETQ_ATTN_TUNE=0 PYTEST_WORKERS=2 run_pytest cuda_attn_smoke 40 tests/test_cuda_kv4_attention.py \
-    -k "quant_lens_not or graph_capture or errors or (matches_reference and 128-32-2-4) or (matches_reference and 64-16-3-3)"; then
+    -k "quant_lens_not or graph_capture or errors or bf16 or (matches_reference and 128-32-2-4) or (matches_reference and 64-16-3-3)"; then
     export COMETQ_KV4_ATTN_CUDA="${COMETQ_KV4_ATTN_CUDA:-auto}"
     stage kv4_attention_cuda "COMETQ_KV4_ATTN_CUDA=$COMETQ_KV4_ATTN_CUDA" 0
     log "cuda_attn_smoke passed: later stages run with COMETQ_KV4_ATTN_CUDA=$COMETQ_KV4_ATTN_CUDA"

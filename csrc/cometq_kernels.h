@@ -127,12 +127,13 @@ cudaError_t cometq_quantize_act(const CometqActQuantArgs* args, cudaStream_t str
 // ---------------------------------------------------------------------------
 // Paged KV4 decode attention (cometq.paged.kv4_decode_attention_reference) for the serving
 // pool's default format: keys per channel (scales [NB, H, BS/G, D]), values per token (scales
-// [NB, H, BS, D/G]), an fp16 tail of < G tokens per sequence; fp16 query / output.  Every
+// [NB, H, BS, D/G]), a tail of < G tokens per sequence; query, output and tail in io_dtype (fp16
+// or bf16), scales / zeros fp16.  Every
 // tensor contiguous and 16-byte aligned; lengths, block tables and slots are trusted (device
 // data; the pool keeps them consistent).  quant_lens[s] need not be a multiple of G.
 // ---------------------------------------------------------------------------
 typedef struct CometqKv4AttnArgs {
-  const void* q;              // fp16 [B, Hq, D], element strides ld_qb (batch), ld_qh (head)
+  const void* q;              // io_dtype [B, Hq, D], element strides ld_qb (batch), ld_qh (head)
   int64_t ld_qb, ld_qh;
   const uint8_t* k_packed;    // [NB, H, BS, D/2] (channel 2j: low nibble, 2j+1: high)
   const uint8_t* v_packed;    // [NB, H, BS, D/2]
@@ -140,19 +141,20 @@ typedef struct CometqKv4AttnArgs {
   const void* k_zero;         // fp16 [NB, H, BS/G, D]
   const void* v_scale;        // fp16 [NB, H, BS, D/G]
   const void* v_zero;         // fp16 [NB, H, BS, D/G]
-  const void* tail_k;         // fp16 [S, H, G, D]
-  const void* tail_v;         // fp16 [S, H, G, D]
+  const void* tail_k;         // io_dtype [S, H, G, D]
+  const void* tail_v;         // io_dtype [S, H, G, D]
   const int32_t* block_tables;  // [S, MB], row stride ld_bt
   int64_t ld_bt;
   const int32_t* quant_lens;  // [S]
   const int32_t* tail_lens;   // [S]
   const int32_t* seq_ids;     // [B]
-  void* out;                  // fp16 [B, Hq, D] contiguous
+  void* out;                  // io_dtype [B, Hq, D] contiguous
   float* part_o;              // fp32 [B, Hq, splits, D]  (splits > 1)
   float* part_ml;             // fp32 [B, Hq, splits, 2]  (splits > 1: running max (log2), sum)
   int B, Hq, H, D, BS, G;
   int splits;                 // >= 1: CTAs per (batch row, KV head), each a range of key groups
   float qk_scale;             // sm_scale * log2(e)
+  int io_dtype;               // COMETQ_DTYPE_F16 or COMETQ_DTYPE_BF16 (q, out, tails)
 } CometqKv4AttnArgs;
 
 // 1 if the kernel handles head_dim / group_size / query heads per KV head (D 64 or 128,

@@ -2,7 +2,8 @@
 //
 // Semantics: exactly cometq.paged.kv4_decode_attention_reference for the serving pool's default
 // format (cometq.paged: keys 4-bit per channel in groups of G tokens, values 4-bit per token in
-// groups of G channels, the < G newest tokens of each sequence in an fp16 tail):
+// groups of G channels, the < G newest tokens of each sequence in a full-precision tail), fp16 or
+// bf16 query / output / tail:
 //     out[b, h] = softmax_t(sm_scale * q[b, h] . k_t) . v_t   over the sequence's quantized
 //     tokens t < quant_lens[s] (s = seq_ids[b]) and then its tail_lens[s] fp16 tail tokens.
 // x = n * scale + zero for a nibble n in 0..15 (reference.quantize_kv4).
@@ -62,6 +63,7 @@
 // (max, sum, O) merge through shared memory at the end; one split writes the output, more
 // write fp32 partials that kv4_attn_reduce_kernel combines (flash-decoding).
 // ============================================================================
+#include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <math.h>
 
@@ -108,6 +110,26 @@ __device__ __forceinline__ uint32_t movmatrix_trans(uint32_t x) {
   asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(d) : "r"(x));
   return d;
 }
+
+// The query / output / fp16-tail dtype (IO): fp16 or bf16.  Everything inside runs in fp16 either
+// way (a bf16 query is rounded to fp16 once, after the sm_scale: Llama-scale queries and keys are
+// far inside fp16's range, and fp16 keeps 3 more bits of P and of the dequantized values).
+template <typename IO>
+struct Io;
+template <>
+struct Io<__half> {
+  __device__ __forceinline__ static float2 pair(uint32_t w) { return __half22float2(u2h(w)); }
+  __device__ __forceinline__ static uint32_t to_h2(uint32_t w) { return w; }
+  __device__ __forceinline__ static __half from(float v) { return __float2half_rn(v); }
+};
+template <>
+struct Io<__nv_bfloat16> {
+  __device__ __forceinline__ static float2 pair(uint32_t w) {
+    return __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&w));
+  }
+  __device__ __forceinline__ static uint32_t to_h2(uint32_t w) { return h2u(__float22half2_rn(pair(w))); }
+  __device__ __forceinline__ static __nv_bfloat16 from(float v) { return __float2bfloat16_rn(v); }
+};
 
 template <int N>
 struct Bytes;  // N bytes of a row, loaded with one vector load
@@ -249,7 +271,7 @@ __device__ __forceinline__ void load_query(const uint4 (*s_q)[32], int lane, uin
   }
 }
 
-template <int D>
+template <int D, typename IO>
 __global__ void __launch_bounds__(kWarps * 32, 4) kv4_attn_kernel(const CometqKv4AttnArgs p) {
   constexpr int KC = D / 16;  // k-chunks of QK (and d-tiles of PV)
   constexpr int QW = D / 8;   // query / key-scale half2 per thread (channels t*D/4 ..)
@@ -272,14 +294,13 @@ __global__ void __launch_bounds__(kWarps * 32, 4) kv4_attn_kernel(const CometqKv
   // CTA over the 128 registers that 4 CTAs per SM allow (spills at D = 128).
   __shared__ uint4 s_q[QW / 4][32];
   if (warp == 0) {
-    const __half* qrow = reinterpret_cast<const __half*>(p.q) + b * p.ld_qb + (kvh * qpk + g) * p.ld_qh + t * (D / 4);
+    const IO* qrow = reinterpret_cast<const IO*>(p.q) + b * p.ld_qb + (kvh * qpk + g) * p.ld_qh + t * (D / 4);
 #pragma unroll
     for (int j = 0; j < QW; j += 4) {
       uint32_t w[4];
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
-        const float2 f =
-            g < qpk ? __half22float2(reinterpret_cast<const __half2*>(qrow)[j + k]) : make_float2(0.f, 0.f);
+        const float2 f = g < qpk ? Io<IO>::pair(reinterpret_cast<const uint32_t*>(qrow)[j + k]) : make_float2(0.f, 0.f);
         w[k] = h2u(__floats2half2_rn(f.x * p.qk_scale, f.y * p.qk_scale));
       }
       s_q[j / 4][lane] = make_uint4(w[0], w[1], w[2], w[3]);
@@ -344,9 +365,9 @@ __global__ void __launch_bounds__(kWarps * 32, 4) kv4_attn_kernel(const CometqKv
         pv_tile<D>(cur, o, pb0, pb1);
       }
     } else {
-      // ---- the fp16 tail (< G tokens): same MMAs, operands straight from the halves
-      const __half* tk = reinterpret_cast<const __half*>(p.tail_k) + (static_cast<int64_t>(slot) * p.H + kvh) * G * D;
-      const __half* tv = reinterpret_cast<const __half*>(p.tail_v) + (static_cast<int64_t>(slot) * p.H + kvh) * G * D;
+      // ---- the full-precision tail (< G tokens, IO dtype): same MMAs, operands from the values
+      const IO* tk = reinterpret_cast<const IO*>(p.tail_k) + (static_cast<int64_t>(slot) * p.H + kvh) * G * D;
+      const IO* tv = reinterpret_cast<const IO*>(p.tail_v) + (static_cast<int64_t>(slot) * p.H + kvh) * G * D;
       uint32_t qs[QW];
       load_query<QW>(s_q, lane, qs);
       for (int u = 0; u * 16 < lt; ++u) {
@@ -357,7 +378,9 @@ __global__ void __launch_bounds__(kWarps * 32, 4) kv4_attn_kernel(const CometqKv
           const int tok = 16 * u + g + 8 * h;
 #pragma unroll
           for (int j = 0; j < QW; ++j)
-            kr[h][j] = tok < lt ? reinterpret_cast<const uint32_t*>(tk + static_cast<int64_t>(tok) * D + t * (D / 4))[j] : 0u;
+            kr[h][j] = tok < lt
+                           ? Io<IO>::to_h2(reinterpret_cast<const uint32_t*>(tk + static_cast<int64_t>(tok) * D + t * (D / 4))[j])
+                           : 0u;
         }
 #pragma unroll
         for (int c = 0; c < KC; ++c)
@@ -377,8 +400,10 @@ __global__ void __launch_bounds__(kWarps * 32, 4) kv4_attn_kernel(const CometqKv
             w[j] = tok < lt ? reinterpret_cast<const uint32_t*>(tv + static_cast<int64_t>(tok) * D + g * (D / 8))[i]
                             : 0u;
           }
-          mma_f16_m16n8k16(o[i], __byte_perm(w[0], w[1], 0x5410), __byte_perm(w[0], w[1], 0x7632),
-                           __byte_perm(w[2], w[3], 0x5410), __byte_perm(w[2], w[3], 0x7632), pb0, pb1);
+          // (16-bit lanes move as they are; a bf16 pair is converted to fp16 after)
+          mma_f16_m16n8k16(o[i], Io<IO>::to_h2(__byte_perm(w[0], w[1], 0x5410)),
+                           Io<IO>::to_h2(__byte_perm(w[0], w[1], 0x7632)), Io<IO>::to_h2(__byte_perm(w[2], w[3], 0x5410)),
+                           Io<IO>::to_h2(__byte_perm(w[2], w[3], 0x7632)), pb0, pb1);
         }
       }
     }
@@ -421,8 +446,8 @@ __global__ void __launch_bounds__(kWarps * 32, 4) kv4_attn_kernel(const CometqKv
     }
     const int head = kvh * qpk + h;
     if (nsplit == 1) {
-      reinterpret_cast<__half*>(p.out)[(static_cast<int64_t>(b) * p.Hq + head) * D + d] =
-          __float2half_rn(l > 0.f ? acc / l : 0.f);
+      reinterpret_cast<IO*>(p.out)[(static_cast<int64_t>(b) * p.Hq + head) * D + d] =
+          Io<IO>::from(l > 0.f ? acc / l : 0.f);
     } else {
       const int64_t po = (static_cast<int64_t>(b) * p.Hq + head) * nsplit + split;
       p.part_o[po * D + d] = acc;
@@ -435,8 +460,9 @@ __global__ void __launch_bounds__(kWarps * 32, 4) kv4_attn_kernel(const CometqKv
 }
 
 // out[b, h] = sum_s 2^(m_s - M) o_s / sum_s 2^(m_s - M) l_s   (M = max_s m_s)
+template <typename IO>
 __global__ void kv4_attn_reduce_kernel(const float* __restrict__ part_o, const float* __restrict__ part_ml,
-                                       int nsplit, int D, __half* __restrict__ out) {
+                                       int nsplit, int D, IO* __restrict__ out) {
   const int64_t bh = blockIdx.x;  // b * Hq + h
   const float* ml = part_ml + bh * nsplit * 2;
   float mw = kNegInf;
@@ -450,18 +476,18 @@ __global__ void kv4_attn_reduce_kernel(const float* __restrict__ part_o, const f
         acc += f * part_o[(bh * nsplit + s) * D + d];
       }
     }
-    out[bh * D + d] = __float2half_rn(l > 0.f ? acc / l : 0.f);
+    out[bh * D + d] = Io<IO>::from(l > 0.f ? acc / l : 0.f);
   }
 }
 
-template <int D>
+template <int D, typename IO>
 cudaError_t launch(const CometqKv4AttnArgs& a, cudaStream_t stream) {
   const dim3 grid(a.B, a.H, a.splits);
-  kv4_attn_kernel<D><<<grid, kWarps * 32, 0, stream>>>(a);
+  kv4_attn_kernel<D, IO><<<grid, kWarps * 32, 0, stream>>>(a);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess || a.splits == 1) return err;
-  kv4_attn_reduce_kernel<<<a.B * a.Hq, D, 0, stream>>>(a.part_o, a.part_ml, a.splits, D,
-                                                       reinterpret_cast<__half*>(a.out));
+  kv4_attn_reduce_kernel<IO><<<a.B * a.Hq, D, 0, stream>>>(a.part_o, a.part_ml, a.splits, D,
+                                                           reinterpret_cast<IO*>(a.out));
   return cudaGetLastError();
 }
 
@@ -482,7 +508,12 @@ extern "C" cudaError_t cometq_kv4_decode_attention(const CometqKv4AttnArgs* args
       !a.tail_v || !a.block_tables || !a.quant_lens || !a.tail_lens || !a.seq_ids || !a.out)
     return cudaErrorInvalidValue;
   if (a.B < 0 || a.B > 65535 || a.H > 65535 || a.H <= 0 || a.Hq % a.H != 0 || a.splits < 1 || a.BS % a.G != 0 ||
-      !cometq_kv4_attention_supported(a.D, a.G, a.Hq / a.H) || (a.splits > 1 && (!a.part_o || !a.part_ml)))
+      !cometq_kv4_attention_supported(a.D, a.G, a.Hq / a.H) || (a.splits > 1 && (!a.part_o || !a.part_ml)) ||
+      (a.io_dtype != COMETQ_DTYPE_F16 && a.io_dtype != COMETQ_DTYPE_BF16))
     return cudaErrorInvalidValue;
-  return a.D == 64 ? cometq::launch<64>(a, stream) : cometq::launch<128>(a, stream);
+  if (a.io_dtype == COMETQ_DTYPE_F16)
+    return a.D == 64 ? cometq::launch<64, __half>(a, stream) : cometq::launch<128, __half>(a, stream);
+  if (a.io_dtype == COMETQ_DTYPE_BF16)
+    return a.D == 64 ? cometq::launch<64, __nv_bfloat16>(a, stream) : cometq::launch<128, __nv_bfloat16>(a, stream);
+  return cudaErrorInvalidValue;
 }

@@ -303,12 +303,14 @@ at::Tensor kv4_decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_pa
     check_contig(*t, op, name);
     check_aligned16(*t, op, name);
   }
-  check_dtype(q, at::kHalf, op, "q");
+  TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, op,
+              ": q must be float16 or bfloat16, got ", q.scalar_type(), " (shape ", q.sizes(), ")");
+  check_dtype(tail_k, q.scalar_type(), op, "tail_k");
+  check_dtype(tail_v, q.scalar_type(), op, "tail_v");
   for (const auto& [t, name] : {std::make_pair(&k_packed, "k_packed"), std::make_pair(&v_packed, "v_packed")})
     check_dtype(*t, at::kByte, op, name);
   for (const auto& [t, name] : {std::make_pair(&k_scale, "k_scale"), std::make_pair(&k_zero, "k_zero"),
-                                std::make_pair(&v_scale, "v_scale"), std::make_pair(&v_zero, "v_zero"),
-                                std::make_pair(&tail_k, "tail_k"), std::make_pair(&tail_v, "tail_v")})
+                                std::make_pair(&v_scale, "v_scale"), std::make_pair(&v_zero, "v_zero")})
     check_dtype(*t, at::kHalf, op, name);
   for (const auto& [t, name] : {std::make_pair(&block_tables, "block_tables"), std::make_pair(&quant_lens, "quant_lens"),
                                 std::make_pair(&tail_lens, "tail_lens"), std::make_pair(&seq_ids, "seq_ids")})
@@ -385,6 +387,7 @@ at::Tensor kv4_decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_pa
   a.G = static_cast<int>(G);
   a.splits = static_cast<int>(num_splits);
   a.qk_scale = static_cast<float>(sm_scale * 1.4426950408889634);  // log2(e): the kernel's softmax is exp2
+  a.io_dtype = q.scalar_type() == at::kHalf ? COMETQ_DTYPE_F16 : COMETQ_DTYPE_BF16;
   check_cuda_error(cometq_kv4_decode_attention(&a, c10::cuda::getCurrentCUDAStream()), op);
   return out;
 }

@@ -135,16 +135,22 @@ def test_kv4_attention_support_rule_and_reasons():
     assert why() is None
     assert "axes key='token'" in why(key_axis="token")
     assert "tail dtype torch.float32" in why(tail_k=a["tail_k"].float())
-    assert "q dtype torch.bfloat16" in why(q=a["q"].bfloat16())
+    assert "q dtype torch.bfloat16" in why(q=a["q"].bfloat16())  # bf16 query with an fp16 tail
+    assert why(q=a["q"].bfloat16(), tail_k=a["tail_k"].bfloat16()) is None
+    assert "q dtype torch.float32" in why(q=a["q"].float(), tail_k=a["tail_k"].float())
     assert "group_size=8" in why(group_size=8)
 
 
 def test_kv4_attention_inputs():
     CC.check_kv4_attention_inputs(**_attn_args())
     CC.check_kv4_attention_inputs(**_attn_args(d=64, g=16, h=3, hq=9))
+    b16 = _attn_args()
+    CC.check_kv4_attention_inputs(**dict(b16, q=b16["q"].bfloat16(), tail_k=b16["tail_k"].bfloat16(),
+                                         tail_v=b16["tail_v"].bfloat16()))
     a = _attn_args()
     bad = [
-        (dict(q=a["q"].float()), TypeError, r"q must have dtype torch.float16"),
+        (dict(q=a["q"].float()), TypeError, r"q must have dtype torch.float16 or torch.bfloat16"),
+        (dict(q=a["q"].bfloat16()), TypeError, r"tail_k must have dtype torch.bfloat16"),
         (dict(k_scale=a["k_scale"].float()), TypeError, r"k_scale must have dtype torch.float16"),
         (dict(seq_ids=a["seq_ids"].long()), TypeError, r"seq_ids must have dtype torch.int32"),
         (dict(k_scale=torch.zeros(5, 2, 64, 4).half()), ValueError, r"k_scale \(5, 2, 64, 4\) .* must be \(5, 2, 2, 128\)"),

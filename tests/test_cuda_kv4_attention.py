@@ -29,21 +29,21 @@ def C():
     return CR
 
 
-def _pool(lengths, kv_heads, head_dim, group, block=64, seed=0):
+def _pool(lengths, kv_heads, head_dim, group, block=64, seed=0, dtype=torch.float16):
     c = PagedKV4Config(num_blocks=96, num_kv_heads=kv_heads, head_dim=head_dim, block_size=block, group_size=group,
-                       key_axis="channel", value_axis="token", max_seqs=8, tail_dtype=torch.float16)
+                       key_axis="channel", value_axis="token", max_seqs=8, tail_dtype=dtype)
     pool = PagedKV4Pool(c, "cuda")
     g = torch.Generator().manual_seed(seed)
     sids = [pool.add_sequence() for _ in lengths]
     data = {s: ((torch.randn(kv_heads, n, head_dim, generator=g) + torch.randn(head_dim, generator=g) * 3).cuda(),
                 torch.randn(kv_heads, n, head_dim, generator=g).cuda()) for s, n in zip(sids, lengths)}
     for s, n in zip(sids, lengths):
-        pool.append(s, data[s][0][:, : n // 2].half(), data[s][1][:, : n // 2].half())
+        pool.append(s, data[s][0][:, : n // 2].to(dtype), data[s][1][:, : n // 2].to(dtype))
     for t in range(max(lengths)):
         step = [s for s, n in zip(sids, lengths) if n // 2 <= t < n]
         if step:
-            pool.append_decode(step, torch.stack([data[s][0][:, t] for s in step]).half(),
-                               torch.stack([data[s][1][:, t] for s in step]).half())
+            pool.append_decode(step, torch.stack([data[s][0][:, t] for s in step]).to(dtype),
+                               torch.stack([data[s][1][:, t] for s in step]).to(dtype))
     return pool, sids
 
 
@@ -71,6 +71,20 @@ def test_cuda_matches_reference(C, head_dim, group, kv_heads, qpk, splits):
     # the Triton kernel on the same pool agrees too (the two are alternatives under one op)
     tri = ops.kv4_decode_attention(*a, sm, num_splits=splits, backend="triton")
     torch.testing.assert_close(out.float(), tri.float(), rtol=2 * ATTN_FP16_RTOL, atol=2 * ATTN_FP16_ATOL)
+
+
+@pytest.mark.parametrize("head_dim,group,kv_heads,qpk", [(128, 32, 2, 4), (64, 16, 3, 3)])
+def test_cuda_bf16(C, head_dim, group, kv_heads, qpk):
+    """bf16 query, tail and output (fp16 inside the kernel)."""
+    pool, sids = _pool([9, 70, 200], kv_heads, head_dim, group, seed=5, dtype=torch.bfloat16)
+    q = torch.randn(len(sids), kv_heads * qpk, head_dim, generator=torch.Generator().manual_seed(2)).cuda().bfloat16()
+    a = _args(pool, q, sids)
+    sm = 1 / math.sqrt(head_dim)
+    ref = kv4_decode_attention_reference(*[t.cpu() if isinstance(t, torch.Tensor) else t for t in a], sm)
+    for splits in (1, 4):
+        out = C.cuda_kv4_decode_attention(*a, sm, splits)
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out.float().cpu(), ref.float(), rtol=ATTN_FP16_RTOL, atol=ATTN_FP16_ATOL)
 
 
 def test_cuda_quant_lens_not_a_multiple_of_the_group(C):

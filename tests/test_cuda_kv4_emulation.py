@@ -122,7 +122,7 @@ def emulate(q, kp, ks, kz, vp, vs, vz, tk, tv, bt, qlen, tlen, sids, G, sm_scale
     kp_rows = kp.reshape(-1, D // 2)  # pool row (block * H + head) * BS + token
     vp_rows = vp.reshape(-1, D // 2)
     vs_rows, vz_rows = vs.reshape(-1, vpg), vz.reshape(-1, vpg)
-    out = np.zeros((B, Hq, D), dtype=np.float16)
+    out = np.zeros((B, Hq, D), dtype=np.float32)  # rounded to the IO dtype by the caller (the kernel's store)
     part_o = np.zeros((B, Hq, nsplit, D), dtype=np.float32)
     part_ml = np.zeros((B, Hq, nsplit, 2), dtype=np.float32)
     for b in range(B):
@@ -292,7 +292,7 @@ def emulate(q, kp, ks, kz, vp, vs, vz, tk, tv, bt, qlen, tlen, sids, G, sm_scale
                         lt_, acc = np.float32(0), np.zeros(D, np.float32)
                     head = kvh * qpk + h
                     if nsplit == 1:
-                        out[b, head] = (acc / lt_ if lt_ > 0 else np.zeros(D)).astype(np.float16)
+                        out[b, head] = acc / lt_ if lt_ > 0 else np.zeros(D)
                     else:
                         part_o[b, head, split] = acc
                         part_ml[b, head, split] = (mw, lt_)
@@ -306,7 +306,7 @@ def emulate(q, kp, ks, kz, vp, vs, vz, tk, tv, bt, qlen, tlen, sids, G, sm_scale
                     continue
                 f = np.exp2(ml[:, 0] - mw)
                 lt_ = (f * ml[:, 1]).sum()
-                out[b, h] = ((f[:, None] * part_o[b, h]).sum(0) / lt_ if lt_ > 0 else 0).astype(np.float16)
+                out[b, h] = (f[:, None] * part_o[b, h]).sum(0) / lt_ if lt_ > 0 else 0
     return out
 
 
@@ -371,19 +371,37 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("D,G,H,qpk,lens,tails,splits", CASES)
-def test_emulated_kernel_matches_reference(D, G, H, qpk, lens, tails, splits):
+def _run(case, io=torch.float16, seed_q=7, sids=None):
+    """(emulated kernel output, reference) for a case; ``io``: the query / tail / output dtype."""
+    D, G, H, qpk, lens, tails, splits = case
     kp, ks, kz, vp, vs, vz, tk, tv, bt, ql, tl = _pool(D, G, H, qpk, lens, tails, seed=D + G + qpk)
+    tk, tv = tk.to(io), tv.to(io)
     S = len(lens)
-    sids = torch.tensor(list(range(S))[::-1] + [0], dtype=torch.int32)  # permuted, repeated rows
-    q = (torch.randn(len(sids), H * qpk, D, generator=torch.Generator().manual_seed(7)) * 1.5).to(torch.float16)
+    if sids is None:
+        sids = torch.tensor(list(range(S))[::-1] + [0], dtype=torch.int32)  # permuted, repeated rows
+    q = (torch.randn(len(sids), H * qpk, D, generator=torch.Generator().manual_seed(seed_q)) * 1.5).to(io)
     sm = 1 / math.sqrt(D)
-    npy = lambda t: t.numpy()  # noqa: E731
+    # numpy has no bf16: the kernel reads bf16 as float and rounds to fp16, which fp32 -> fp16 reproduces
+    npy = lambda t: (t.float() if t.dtype == torch.bfloat16 else t).numpy()  # noqa: E731
     got = emulate(npy(q), npy(kp), npy(ks), npy(kz), npy(vp), npy(vs), npy(vz), npy(tk), npy(tv), npy(bt), npy(ql),
                   npy(tl), npy(sids), G, sm, splits)
     ref = kv4_decode_attention_reference(q, kp, ks, kz, vp, vs, vz, tk, tv, bt, ql, tl, sids, G, "channel", "token",
                                          sm)
-    torch.testing.assert_close(torch.from_numpy(got).float(), ref.float(), rtol=ATTN_FP16_RTOL, atol=ATTN_FP16_ATOL)
+    return torch.from_numpy(got).to(io), ref
+
+
+@pytest.mark.parametrize("D,G,H,qpk,lens,tails,splits", CASES)
+def test_emulated_kernel_matches_reference(D, G, H, qpk, lens, tails, splits):
+    got, ref = _run((D, G, H, qpk, lens, tails, splits))
+    torch.testing.assert_close(got.float(), ref.float(), rtol=ATTN_FP16_RTOL, atol=ATTN_FP16_ATOL)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_emulated_kernel_bf16_io(case):
+    """bf16 query / tail / output (fp16 inside): off by at most an output rounding (measured: 1 bf16 ulp)."""
+    got, ref = _run(case, io=torch.bfloat16)
+    assert got.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), ref.float(), rtol=ATTN_FP16_RTOL, atol=ATTN_FP16_ATOL)
 
 
 def test_emulation_detects_a_wrong_channel_map():
@@ -402,7 +420,8 @@ def test_emulation_detects_a_wrong_channel_map():
                       1 / math.sqrt(D), splits)
     finally:
         key_pair = good
-    assert not torch.allclose(torch.from_numpy(got).float(), ref.float(), rtol=ATTN_FP16_RTOL, atol=ATTN_FP16_ATOL)
+    got = torch.from_numpy(got).half().float()
+    assert not torch.allclose(got, ref.float(), rtol=ATTN_FP16_RTOL, atol=ATTN_FP16_ATOL)
 
 
 def test_nibble_pairs_and_lop3_from_the_kernel_ptx():

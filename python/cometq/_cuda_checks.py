@@ -159,11 +159,12 @@ def kv4_attention_supported(head_dim: int, group_size: int, qpk: int) -> bool:
 
 def kv4_attention_unsupported(q, k_packed, tail_k, group_size: int, key_axis: str, value_axis: str):
     """Why the CUDA kernel cannot run this pool / query (a string), or None when it can.  It runs
-    the serving pool's default format: keys per channel, values per token, fp16 query and tail."""
+    the serving pool's default format: keys per channel, values per token, an fp16 or bf16 query
+    and tail (one dtype)."""
     if (key_axis, value_axis) != ("channel", "token"):
         return f"axes key={key_axis!r}, value={value_axis!r} (the CUDA kernel: key 'channel', value 'token')"
-    if q.dtype != torch.float16 or tail_k.dtype != torch.float16:
-        return f"q dtype {q.dtype}, tail dtype {tail_k.dtype} (the CUDA kernel: float16)"
+    if q.dtype not in (torch.float16, torch.bfloat16) or tail_k.dtype != q.dtype:
+        return f"q dtype {q.dtype}, tail dtype {tail_k.dtype} (the CUDA kernel: float16 or bfloat16, one for both)"
     if q.dim() != 3 or k_packed.dim() != 4 or k_packed.shape[1] == 0 or q.shape[1] % k_packed.shape[1]:
         return f"q shape {tuple(q.shape)} / k_packed shape {tuple(k_packed.shape)}"
     if not kv4_attention_supported(q.shape[2], int(group_size), q.shape[1] // k_packed.shape[1]):
@@ -176,14 +177,15 @@ def check_kv4_attention_inputs(q, k_packed, k_scale, k_zero, v_packed, v_scale, 
                                block_tables, quant_lens, tail_lens, seq_ids, group_size: int,
                                num_splits: int) -> None:
     """The TORCH_CHECKs of ``cometq_C::kv4_decode_attention`` (csrc/torch_bindings.cpp), in Python."""
-    _cuda_tensor("q", q, q.device if isinstance(q, torch.Tensor) else None, (torch.float16,), 3)
+    _cuda_tensor("q", q, q.device if isinstance(q, torch.Tensor) else None, (torch.float16, torch.bfloat16), 3)
     dev = q.device
     named = dict(k_packed=k_packed, k_scale=k_scale, k_zero=k_zero, v_packed=v_packed, v_scale=v_scale,
                  v_zero=v_zero, tail_k=tail_k, tail_v=tail_v, block_tables=block_tables, quant_lens=quant_lens,
                  tail_lens=tail_lens, seq_ids=seq_ids)
     for name, t in named.items():
         dt = ((torch.uint8,) if name.endswith("packed") else (torch.int32,)
-              if name in ("block_tables", "quant_lens", "tail_lens", "seq_ids") else (torch.float16,))
+              if name in ("block_tables", "quant_lens", "tail_lens", "seq_ids") else (q.dtype,)
+              if name.startswith("tail_") else (torch.float16,))
         _cuda_tensor(name, t, dev, dt)
     for name, t in dict(q=q, **named).items():
         if not t.is_contiguous():

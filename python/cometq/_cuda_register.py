@@ -80,8 +80,8 @@ def _w4ax_gemm_fake(q4, q8, a_scales, block_bits, qweight, w_scales, w_offsets, 
 @torch.library.register_fake("cometq_C::kv4_decode_attention")
 def _kv4_decode_attention_fake(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, tail_k, tail_v, block_tables,
                                quant_lens, tail_lens, seq_ids, group_size, sm_scale, num_splits):
-    torch._check(q.dim() == 3 and q.dtype == torch.float16,
-                 lambda: f"q must be float16 [B, Hq, D], got {q.dtype} {tuple(q.shape)}")
+    torch._check(q.dim() == 3 and q.dtype in (torch.float16, torch.bfloat16),
+                 lambda: f"q must be float16 or bfloat16 [B, Hq, D], got {q.dtype} {tuple(q.shape)}")
     torch._check(1 <= num_splits <= 1024, lambda: f"num_splits must be in [1, 1024], got {num_splits}")
     return torch.empty_like(q)
 
