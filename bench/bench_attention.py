@@ -16,8 +16,8 @@ against SDPA over the dequantized K/V on the smallest shape.
 Target: >= 3x over SDPA at batch 16, context 4096 (H100).
 
 Also timed when the CUDA extension is built and handles the pool format: the CUDA kernel
-(csrc/kv4_attention.cu, column ``cuda``: the best of 1x / 2x / 4x the split count, each recorded
-in ``cuda_sweep``), after the same correctness check (a CUDA kernel that fails it is reported
+(csrc/kv4_attention.cu, column ``cuda``: the best of 1x / 2x / 4x the split count x its two launch
+variants, each recorded in ``cuda_sweep`` as "splits/v<variant>"), after the same correctness check (a CUDA kernel that fails it is reported
 in the JSON and not timed; the Triton columns still are).
 
     python bench/bench_attention.py --out bench/results/attention   # writes .json, .md, .png
@@ -231,7 +231,8 @@ def main(argv=None) -> int:
                 nblk = -(-t // args.block_size)
                 for ns in sorted({splits, min(4 * nblk, 1024, 2 * splits), min(4 * nblk, 1024, 4 * splits)}):
                     raw = args_raw[:-1] + (ns,)
-                    cuda_sweep[ns] = bench(lambda: cuda_attn(*raw))
+                    for var in (0, 1):  # launch variants: 4 CTAs / SM; 3 CTAs / SM + next tile prefetched
+                        cuda_sweep[f"{ns}/v{var}"] = bench(lambda: cuda_attn(*raw, variant=var))
             ms_cuda = min(cuda_sweep.values()) if cuda_sweep else None
             ms_kv4_op = bench(lambda: kv4_call(pool, q, splits))
             kb4 = kv4_bytes(pool, b, t)
@@ -256,7 +257,7 @@ def main(argv=None) -> int:
                        sdpa_enable_gqa=gqa, ms_cuda=ms_cuda, speedup_cuda=(ms_sdpa / ms_cuda) if ms_cuda else None,
                        gbs_cuda=(kb4 / ms_cuda / 1e6) if ms_cuda else None,
                        cuda_splits=min(cuda_sweep, key=cuda_sweep.get) if cuda_sweep else None,
-                       cuda_sweep={str(k): v for k, v in cuda_sweep.items()},
+                       cuda_sweep=cuda_sweep,
                        config=None if cfg_used is None else dict(num_warps=cfg_used.num_warps, tile=cfg_used.tile,
                                                                  lazy=cfg_used.lazy))
             if sweep:

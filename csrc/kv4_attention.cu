@@ -271,8 +271,12 @@ __device__ __forceinline__ void load_query(const uint4 (*s_q)[32], int lane, uin
   }
 }
 
-template <int D, typename IO>
-__global__ void __launch_bounds__(kWarps * 32, 4) kv4_attn_kernel(const CometqKv4AttnArgs p) {
+// PF (launch variant 1): the next tile's bytes are loaded into registers while this one computes
+// (20 more registers: 3 CTAs = 12 warps per SM at <= 168); variant 0 loads each tile when it
+// starts and leaves latency hiding to 4 CTAs = 16 warps per SM (<= 128 registers; with the
+// prefetch at that bound it spilled).  Which wins is a measurement: the "auto" mode times both.
+template <int D, typename IO, bool PF>
+__global__ void __launch_bounds__(kWarps * 32, PF ? 3 : 4) kv4_attn_kernel(const CometqKv4AttnArgs p) {
   constexpr int KC = D / 16;  // k-chunks of QK (and d-tiles of PV)
   constexpr int QW = D / 8;   // query / key-scale half2 per thread (channels t*D/4 ..)
   __shared__ float s_o[kWarps][kHeads][D];
@@ -335,7 +339,8 @@ __global__ void __launch_bounds__(kWarps * 32, 4) kv4_attn_kernel(const CometqKv
         kz[j] = z4.x, kz[j + 1] = z4.y, kz[j + 2] = z4.z, kz[j + 3] = z4.w;
       }
       const int ntile = min(G, lq - tok0 + 15) / 16;  // tiles with a valid token (lq - tok0 >= 1)
-      TileRaw<D> cur;
+      TileRaw<D> cur, nxt;
+      if constexpr (PF) load_tile<D>(p, cur, head_row + in_blk, min(16, lq - tok0), vgrp);  // under q' / bias
       // q' = qs * sc (B operand of this group) and bias = qs . z in every row (the tiles' C input)
       uint32_t qs[QW], qp[QW];
       load_query<QW>(s_q, lane, qs);
@@ -347,7 +352,11 @@ __global__ void __launch_bounds__(kWarps * 32, 4) kv4_attn_kernel(const CometqKv
         mma_f16_m16n8k16(bias, kz[2 * c], kz[2 * c], kz[2 * c + 1], kz[2 * c + 1], qs[2 * c], qs[2 * c + 1]);
       for (int u = 0; u < ntile; ++u) {
         const int ttok = tok0 + 16 * u;  // sequence index of the tile's token 0
-        load_tile<D>(p, cur, head_row + in_blk + 16 * u, min(16, lq - ttok), vgrp);
+        if constexpr (PF) {
+          if (u + 1 < ntile) load_tile<D>(p, nxt, head_row + in_blk + 16 * (u + 1), min(16, lq - ttok - 16), vgrp);
+        } else {
+          load_tile<D>(p, cur, head_row + in_blk + 16 * u, min(16, lq - ttok), vgrp);
+        }
         float s[4] = {bias[0], bias[1], bias[2], bias[3]};
 #pragma unroll
         for (int c = 0; c < KC; ++c) {
@@ -363,6 +372,7 @@ __global__ void __launch_bounds__(kWarps * 32, 4) kv4_attn_kernel(const CometqKv
         uint32_t pb0, pb1;
         softmax_tile<D>(s, sm, o, pb0, pb1);
         pv_tile<D>(cur, o, pb0, pb1);
+        if constexpr (PF) cur = nxt;
       }
     } else {
       // ---- the full-precision tail (< G tokens, IO dtype): same MMAs, operands from the values
@@ -483,7 +493,10 @@ __global__ void kv4_attn_reduce_kernel(const float* __restrict__ part_o, const f
 template <int D, typename IO>
 cudaError_t launch(const CometqKv4AttnArgs& a, cudaStream_t stream) {
   const dim3 grid(a.B, a.H, a.splits);
-  kv4_attn_kernel<D, IO><<<grid, kWarps * 32, 0, stream>>>(a);
+  if (a.variant == 1)
+    kv4_attn_kernel<D, IO, true><<<grid, kWarps * 32, 0, stream>>>(a);
+  else
+    kv4_attn_kernel<D, IO, false><<<grid, kWarps * 32, 0, stream>>>(a);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess || a.splits == 1) return err;
   kv4_attn_reduce_kernel<IO><<<a.B * a.Hq, D, 0, stream>>>(a.part_o, a.part_ml, a.splits, D,
@@ -509,7 +522,7 @@ extern "C" cudaError_t cometq_kv4_decode_attention(const CometqKv4AttnArgs* args
     return cudaErrorInvalidValue;
   if (a.B < 0 || a.B > 65535 || a.H > 65535 || a.H <= 0 || a.Hq % a.H != 0 || a.splits < 1 || a.BS % a.G != 0 ||
       !cometq_kv4_attention_supported(a.D, a.G, a.Hq / a.H) || (a.splits > 1 && (!a.part_o || !a.part_ml)) ||
-      (a.io_dtype != COMETQ_DTYPE_F16 && a.io_dtype != COMETQ_DTYPE_BF16))
+      (a.io_dtype != COMETQ_DTYPE_F16 && a.io_dtype != COMETQ_DTYPE_BF16) || (a.variant != 0 && a.variant != 1))
     return cudaErrorInvalidValue;
   if (a.io_dtype == COMETQ_DTYPE_F16)
     return a.D == 64 ? cometq::launch<64, __half>(a, stream) : cometq::launch<128, __half>(a, stream);

@@ -290,7 +290,7 @@ at::Tensor kv4_decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_pa
                                      const at::Tensor& v_zero, const at::Tensor& tail_k, const at::Tensor& tail_v,
                                      const at::Tensor& block_tables, const at::Tensor& quant_lens,
                                      const at::Tensor& tail_lens, const at::Tensor& seq_ids, int64_t group_size,
-                                     double sm_scale, int64_t num_splits) {
+                                     double sm_scale, int64_t num_splits, int64_t variant) {
   constexpr const char* op = "cometq_C::kv4_decode_attention";
   const at::Device dev = q.device();
   const std::pair<const at::Tensor*, const char*> all[] = {
@@ -348,6 +348,8 @@ at::Tensor kv4_decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_pa
   TORCH_CHECK(seq_ids.dim() == 1 && seq_ids.size(0) == B, op, ": seq_ids shape ", seq_ids.sizes(), " must be [", B,
               "] (q shape ", q.sizes(), ")");
   TORCH_CHECK(num_splits >= 1 && num_splits <= 1024, op, ": num_splits must be in [1, 1024], got ", num_splits);
+  TORCH_CHECK(variant == 0 || variant == 1, op, ": variant must be 0 (4 CTAs per SM) or 1 (3 CTAs per SM, next tile "
+              "prefetched), got ", variant);
   TORCH_CHECK(B <= 65535 && H <= 65535 && NB * H * BS <= (int64_t(1) << 40), op, ": problem too large (B=", B,
               ", H=", H, ", pool rows=", NB * H * BS, ")");
 
@@ -388,6 +390,7 @@ at::Tensor kv4_decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_pa
   a.splits = static_cast<int>(num_splits);
   a.qk_scale = static_cast<float>(sm_scale * 1.4426950408889634);  // log2(e): the kernel's softmax is exp2
   a.io_dtype = q.scalar_type() == at::kHalf ? COMETQ_DTYPE_F16 : COMETQ_DTYPE_BF16;
+  a.variant = static_cast<int>(variant);
   check_cuda_error(cometq_kv4_decode_attention(&a, c10::cuda::getCurrentCUDAStream()), op);
   return out;
 }
@@ -405,7 +408,7 @@ TORCH_LIBRARY(cometq_C, m) {
   m.def(
       "kv4_decode_attention(Tensor q, Tensor k_packed, Tensor k_scale, Tensor k_zero, Tensor v_packed, "
       "Tensor v_scale, Tensor v_zero, Tensor tail_k, Tensor tail_v, Tensor block_tables, Tensor quant_lens, "
-      "Tensor tail_lens, Tensor seq_ids, int group_size, float sm_scale, int num_splits) -> Tensor");
+      "Tensor tail_lens, Tensor seq_ids, int group_size, float sm_scale, int num_splits, int variant=0) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(cometq_C, CUDA, m) {

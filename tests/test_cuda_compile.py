@@ -32,7 +32,7 @@ KERNEL_FILES = ("w4ax_gemm.cu", "act_quant.cu", "kv4_attention.cu")
 # ptxas entry counts per file: GEMM = 3 tile configs x 2 mma paths x {symmetric, asymmetric weights}
 # + split-K finalize; act_quant = 3 input dtypes
 EXPECTED_ENTRIES = {"w4ax_gemm.cu": 17, "act_quant.cu": 6,  # act_quant: row + block kernels x 3 dtypes
-                    "kv4_attention.cu": 6}  # head_dim 64 / 128 x fp16 / bf16 IO + the split reduce x 2
+                    "kv4_attention.cu": 10}  # head_dim 64/128 x fp16/bf16 IO x 2 launch variants + 2 reduces
 NVCC_FLAGS = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-Xptxas", "-v", "-I", CSRC]
 
 
@@ -167,7 +167,7 @@ def test_kv4_attention_ptx_uses_the_intended_instructions(builds, arch):
     # the loop holds no shared-memory traffic of K/V: only the query (once per key group) and the
     # final merge of the warps use it
     entries = [e for e in re.split(r"\.entry ", ptx)[1:] if "kv4_attn_kernel" in e.split("(")[0]]
-    assert len(entries) == 4  # head_dim 64 / 128 x fp16 / bf16 query
+    assert len(entries) == 8  # head_dim 64 / 128 x fp16 / bf16 query x 2 launch variants
     assert all(e.count("bar.sync") <= 2 for e in entries)  # after the query, before the merge
 
 
@@ -263,6 +263,8 @@ int main() {
   k.splits = 0;
   CHECK(cometq_kv4_decode_attention(&k, 0) == cudaErrorInvalidValue);
   k.splits = 1; k.io_dtype = COMETQ_DTYPE_F32;                 // fp32 queries: not this kernel's
+  CHECK(cometq_kv4_decode_attention(&k, 0) == cudaErrorInvalidValue);
+  k.io_dtype = COMETQ_DTYPE_F16; k.variant = 2;                // no such launch variant
   CHECK(cometq_kv4_decode_attention(&k, 0) == cudaErrorInvalidValue);
   std::printf("%d failures\n", fails);
   return fails != 0;

@@ -57,7 +57,8 @@ def _args(pool, q, sids):
 @pytest.mark.parametrize("head_dim,group,kv_heads,qpk", [(128, 32, 2, 4), (128, 32, 1, 8), (64, 16, 3, 3),
                                                          (64, 32, 2, 1), (128, 64, 2, 2), (128, 16, 1, 5)])
 @pytest.mark.parametrize("splits", [1, 3, 8])
-def test_cuda_matches_reference(C, head_dim, group, kv_heads, qpk, splits):
+@pytest.mark.parametrize("variant", [0, 1])
+def test_cuda_matches_reference(C, head_dim, group, kv_heads, qpk, splits, variant):
     lengths = [1, 17, group, 2 * group + 5, 300, 64 * 3 + group - 1]
     pool, sids = _pool(lengths, kv_heads, head_dim, group, seed=head_dim + group + qpk)
     order = sids[::-1] + [sids[2]]
@@ -65,8 +66,10 @@ def test_cuda_matches_reference(C, head_dim, group, kv_heads, qpk, splits):
     a = _args(pool, q, order)
     sm = 1 / math.sqrt(head_dim)
     ref = kv4_decode_attention_reference(*[t.cpu() if isinstance(t, torch.Tensor) else t for t in a], sm)
-    out = C.cuda_kv4_decode_attention(*a, sm, splits)
+    out = C.cuda_kv4_decode_attention(*a, sm, splits, variant=variant)
     assert out.dtype == torch.float16 and out.shape == q.shape
+    # the two launch variants load in a different order, the math is the same: same bits
+    assert torch.equal(out, C.cuda_kv4_decode_attention(*a, sm, splits, variant=1 - variant))
     torch.testing.assert_close(out.float().cpu(), ref.float(), rtol=ATTN_FP16_RTOL, atol=ATTN_FP16_ATOL)
     # the Triton kernel on the same pool agrees too (the two are alternatives under one op)
     tri = ops.kv4_decode_attention(*a, sm, num_splits=splits, backend="triton")
@@ -146,6 +149,8 @@ def test_cuda_errors(C):
         C.cuda_kv4_decode_attention(*a[:14], "token", "token", 0.1, 1)
     with pytest.raises(ValueError, match=r"num_splits must be in \[1, 1024\], got 0"):
         C.cuda_kv4_decode_attention(*a, 0.1, 0)
+    with pytest.raises(ValueError, match=r"variant must be one of \(0, 1\), got 2"):
+        C.cuda_kv4_decode_attention(*a, 0.1, 1, variant=2)
     bad = list(a)
     bad[12] = torch.tensor([0, 0], dtype=torch.int32, device="cuda")
     with pytest.raises(ValueError, match=r"seq_ids shape \(2,\) must be \[1\]"):

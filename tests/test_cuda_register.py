@@ -65,6 +65,7 @@ pool = [e(10, 2, 64, 64, dt=torch.uint8), e(10, 2, 2, 128), e(10, 2, 2, 128), e(
         e(4, dt=i32), e(3, dt=i32)]
 o = torch.ops.cometq_C.kv4_decode_attention(e(3, 8, 128), *pool, 32, 0.088, 4)
 assert o.shape == (3, 8, 128) and o.dtype == torch.float16
+assert torch.ops.cometq_C.kv4_decode_attention(e(3, 8, 128), *pool, 32, 0.088, 4, 1).shape == (3, 8, 128)
 try:
     torch.ops.cometq_C.kv4_decode_attention(e(3, 8, 128), *pool, 32, 0.088, 0)
     raise SystemExit("num_splits=0 was not rejected")

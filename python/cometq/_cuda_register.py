@@ -48,6 +48,9 @@ MMA_PATHS = {"auto": 0, "s4": 1, "s8": 2}
 #: stages (4 CTAs per SM instead of 3), M <= 64 only -- a tuning knob like split_k
 TILES = (0, 1)
 TILE_MID3_MAX_M = 64
+#: launch variants of the CUDA KV4 attention kernel (csrc/kv4_attention.cu): 0 = 4 CTAs per SM,
+#: each tile loaded when it starts; 1 = 3 CTAs per SM, the next tile loaded while one computes
+KV4_ATTN_VARIANTS = (0, 1)
 
 
 # --------------------------------------------------------------------------
@@ -79,10 +82,11 @@ def _w4ax_gemm_fake(q4, q8, a_scales, block_bits, qweight, w_scales, w_offsets, 
 
 @torch.library.register_fake("cometq_C::kv4_decode_attention")
 def _kv4_decode_attention_fake(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, tail_k, tail_v, block_tables,
-                               quant_lens, tail_lens, seq_ids, group_size, sm_scale, num_splits):
+                               quant_lens, tail_lens, seq_ids, group_size, sm_scale, num_splits, variant=0):
     torch._check(q.dim() == 3 and q.dtype in (torch.float16, torch.bfloat16),
                  lambda: f"q must be float16 or bfloat16 [B, Hq, D], got {q.dtype} {tuple(q.shape)}")
     torch._check(1 <= num_splits <= 1024, lambda: f"num_splits must be in [1, 1024], got {num_splits}")
+    torch._check(variant in KV4_ATTN_VARIANTS, lambda: f"variant must be 0 or 1, got {variant}")
     return torch.empty_like(q)
 
 
@@ -168,14 +172,15 @@ def _gemm_impl(q4, q8, a_scales, block_bits, qweight, w_scales, w_offsets, group
 #: pools the CUDA kernel handles (the rest always run the Triton kernel):
 #:   "0" / unset: the Triton kernel;  "1": the CUDA kernel (csrc/kv4_attention.cu);
 #:   "auto": both timed on first use per (device, head_dim, group, GQA ratio, program-count bucket,
-#:   timing mode) -- the CUDA kernel at 1x / 2x / 4x the caller's split count -- and the fastest kept.
+#:   timing mode) -- the CUDA kernel in both launch variants at 1x / 2x / 4x the caller's split
+#:   count -- and the fastest kept.
 #: Not "auto" by default until an H100 run has measured the CUDA kernel (written 2026-11-27 without a
 #: GPU); bench/gpu_check.sh sets "auto" after its GPU tests pass (stage cuda_attn_smoke).
 KV4_ATTN_ENV = "COMETQ_KV4_ATTN_CUDA"
 KV4_ATTN_MODES = ("0", "1", "auto")
 #: multiples of the caller's split count the "auto" mode times the CUDA kernel at
 KV4_ATTN_SPLIT_FACTORS = (1, 2, 4)
-#: "auto" choices: key -> ("cuda", split factor) or ("triton", 1)
+#: "auto" choices: key -> ("cuda", split factor, variant) or ("triton", 1, 0)
 _ATTN_CHOICE: dict = {}
 
 
@@ -199,10 +204,12 @@ def kv4_attention_choices() -> dict:
 
 def cuda_kv4_decode_attention(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, tail_k, tail_v, block_tables,
                               quant_lens, tail_lens, seq_ids, group_size: int, key_axis: str, value_axis: str,
-                              sm_scale: float, num_splits: int = 1):
-    """The CUDA kernel itself (csrc/kv4_attention.cu), arguments as ``cometq.ops.kv4_decode_attention``;
-    raises ValueError for a pool format or query it does not handle (see
-    :func:`cometq._cuda_checks.kv4_attention_unsupported`)."""
+                              sm_scale: float, num_splits: int = 1, *, variant: int = 0):
+    """The CUDA kernel itself (csrc/kv4_attention.cu), arguments as ``cometq.ops.kv4_decode_attention``
+    (``variant``: :data:`KV4_ATTN_VARIANTS`, a tuning knob); raises ValueError for a pool format or
+    query it does not handle (see :func:`cometq._cuda_checks.kv4_attention_unsupported`)."""
+    if variant not in KV4_ATTN_VARIANTS:
+        raise ValueError(f"variant must be one of {KV4_ATTN_VARIANTS}, got {variant!r}")
     why = kv4_attention_unsupported(q, k_packed, tail_k, group_size, key_axis, value_axis)
     if why is not None:
         raise ValueError(f"the CUDA KV4 attention kernel does not handle {why}")
@@ -210,7 +217,7 @@ def cuda_kv4_decode_attention(q, k_packed, k_scale, k_zero, v_packed, v_scale, v
                                quant_lens, tail_lens, seq_ids, group_size, num_splits)
     return torch.ops.cometq_C.kv4_decode_attention(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, tail_k,
                                                    tail_v, block_tables, quant_lens, tail_lens, seq_ids,
-                                                   int(group_size), float(sm_scale), int(num_splits))
+                                                   int(group_size), float(sm_scale), int(num_splits), int(variant))
 
 
 def _kv4_attn_impl(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, tail_k, tail_v, block_tables, quant_lens,
@@ -238,15 +245,16 @@ def _kv4_attn_impl(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, tail
             return triton_impl(*args)  # no timing inside a capture / a frozen region (nothing cached)
         triton_impl(*args)  # its own launch-config tuner runs on first use: not part of the timing
         timer = autotune.cuda_graph_timer if tmode == "graph" else autotune.cuda_event_timer
-        times = [(timer(lambda: triton_impl(*args), q.device, warmup=2, reps=8), ("triton", 1))]
+        times = [(timer(lambda: triton_impl(*args), q.device, warmup=2, reps=8), ("triton", 1, 0))]
         for f in KV4_ATTN_SPLIT_FACTORS:
-            if ns * f <= 1024:
-                cargs = args[:-1] + (ns * f,)
-                times.append((timer(lambda: cuda_kv4_decode_attention(*cargs), q.device, warmup=2, reps=8),
-                              ("cuda", f)))
+            for v in KV4_ATTN_VARIANTS:
+                if ns * f <= 1024:
+                    cargs = args[:-1] + (ns * f,)
+                    times.append((timer(lambda: cuda_kv4_decode_attention(*cargs, variant=v), q.device, warmup=2,
+                                        reps=8), ("cuda", f, v)))
         choice = _ATTN_CHOICE[key] = min(times, key=lambda t: t[0])[1]
     if choice[0] == "cuda":
-        return cuda_kv4_decode_attention(*args[:-1], ns * choice[1])
+        return cuda_kv4_decode_attention(*args[:-1], ns * choice[1], variant=choice[2])
     return triton_impl(*args)
 
 
