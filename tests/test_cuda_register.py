@@ -88,3 +88,89 @@ def test_fakes_accept_the_bindings_schemas():
     p = subprocess.run([sys.executable, "-c", _FAKE_CHECK, os.path.join(root, "csrc", "torch_bindings.cpp")],
                        capture_output=True, text=True, timeout=300, env=env)
     assert p.returncode == 0 and "FAKES OK" in p.stdout, p.stdout[-2000:] + p.stderr[-3000:]
+
+
+_ATTN_ROUTING = r"""
+import re, sys, types, torch
+src = open(sys.argv[1]).read()
+lib = torch.library.Library("cometq_C", "DEF")
+for d in re.findall(r'm\.def\(\s*((?:"[^"]*"\s*)+)\)', src):
+    lib.define("".join(re.findall(r'"([^"]*)"', d)))
+from cometq.paged import kv4_decode_attention_reference as ref
+cuda_calls = []
+def cpu_kernel(q, kp, ks, kz, vp, vs, vz, tk, tv, bt, ql, tl, sids, g, sm, ns, variant=0):
+    cuda_calls.append((ns, variant))  # a CPU stand-in of the CUDA kernel: the reference
+    return ref(q, kp, ks, kz, vp, vs, vz, tk, tv, bt, ql, tl, sids, g, "channel", "token", sm)
+lib.impl("kv4_decode_attention", cpu_kernel, "CPU")
+sys.modules["cometq._C"] = types.ModuleType("cometq._C")
+import cometq._cuda_checks as CC
+CC.DEVICE_TYPE = "cpu"
+from cometq import autotune, ops
+ops._LAZY_ERRORS["triton"] = "stubbed by the test"  # keep the stub below (no kernels import)
+tri_calls = []
+def triton_stub(*a):
+    tri_calls.append(a[-1])
+    return ops._IMPLS["kv4_decode_attention"]["reference"](*a)
+ops._IMPLS["kv4_decode_attention"]["triton"] = triton_stub
+import cometq._cuda_register as CR
+# timings: Triton 1.0 ms; the CUDA kernel 0.5 ms at 2x the splits in variant 1, 0.9 ms otherwise
+def fake_timer(fn, device, warmup=0, reps=0):
+    n0, t0 = len(cuda_calls), len(tri_calls)
+    fn()
+    if len(tri_calls) > t0:
+        return 1.0
+    ns, var = cuda_calls[-1]
+    return 0.5 if (ns, var) == (2 * 3, 1) else 0.9
+autotune.cuda_event_timer = fake_timer
+h, d, g, S = 2, 128, 32, 3
+e = lambda *s, dt=torch.float16: torch.zeros(*s, dtype=dt)
+pool = [e(4, h, 64, d // 2, dt=torch.uint8), e(4, h, 2, d), e(4, h, 2, d), e(4, h, 64, d // 2, dt=torch.uint8),
+        e(4, h, 64, d // g), e(4, h, 64, d // g), torch.randn(S, h, g, d).half(), torch.randn(S, h, g, d).half(),
+        torch.full((S, 2), -1, dtype=torch.int32), e(S, dt=torch.int32), torch.ones(S, dtype=torch.int32),
+        torch.arange(2, dtype=torch.int32)]
+q = torch.randn(2, 8, d).half()
+args = (q, *pool, g, "channel", "token", 0.088, 3)
+want = ref(*args[:-1])
+import os
+def run(mode, a=args):
+    os.environ[CR.KV4_ATTN_ENV] = mode
+    return CR._kv4_attn_impl(*a)
+assert torch.equal(run("0"), want) and cuda_calls == [] and tri_calls == [3]
+assert torch.equal(run("1"), want) and cuda_calls == [(3, 0)]                  # always, as called
+tok = args[:14] + ("token", "token") + args[16:]
+run("1", tok); assert cuda_calls == [(3, 0)] and tri_calls[-1] == 3          # a format it does not handle
+cuda_calls.clear(); tri_calls.clear()
+with autotune.frozen():                                                      # no timing, nothing kept
+    run("auto"); assert cuda_calls == [] and tri_calls == [3] and CR._ATTN_CHOICE == {}
+out = run("auto")
+assert torch.equal(out, want)
+(key, choice), = CR._ATTN_CHOICE.items()
+assert choice == ("cuda", 2, 1), choice
+assert key[1:] == (128, 32, 4, 16, "eager"), key                            # 2 rows x 2 kv heads x 3 splits -> 16
+n = len(cuda_calls)
+run("auto"); assert cuda_calls[n:] == [(6, 1)]                              # the kept choice, no new timing
+assert "head_dim=128 group=32 qpk=4" in next(iter(CR.kv4_attention_choices()))
+os.environ[CR.KV4_ATTN_ENV] = "yes"
+try:
+    CR._kv4_attn_impl(*args); raise SystemExit("bad mode accepted")
+except ValueError as err:
+    assert "must be one of ('0', '1', 'auto')" in str(err), err
+print("ROUTING OK")
+"""
+
+
+def test_kv4_attention_routing_of_the_cuda_backend():
+    """COMETQ_KV4_ATTN_CUDA 0 / 1 / auto under the "cuda" backend, without the extension: a child
+    process defines the bindings' schemas with the reference as a CPU stand-in kernel, stubs the
+    Triton kernel and the timer, and checks which kernel each mode runs, that "auto" keeps the
+    timed-fastest (split factor, launch variant) and times nothing when frozen or on a format the
+    CUDA kernel does not handle."""
+    import os
+    import subprocess
+
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(root, "python"), os.environ.get("PYTHONPATH", "")]))
+    env.pop("COMETQ_KV4_ATTN_CUDA", None)
+    p = subprocess.run([sys.executable, "-c", _ATTN_ROUTING, os.path.join(root, "csrc", "torch_bindings.cpp")],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0 and "ROUTING OK" in p.stdout, p.stdout[-2000:] + p.stderr[-3000:]

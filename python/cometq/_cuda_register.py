@@ -241,7 +241,7 @@ def _kv4_attn_impl(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, tail
     key = (str(q.device), q.shape[2], int(group_size), q.shape[1] // k_packed.shape[1], programs, tmode)
     choice = _ATTN_CHOICE.get(key)
     if choice is None:
-        if torch.cuda.is_current_stream_capturing() or autotune.frozen_now():
+        if (q.device.type == "cuda" and torch.cuda.is_current_stream_capturing()) or autotune.frozen_now():
             return triton_impl(*args)  # no timing inside a capture / a frozen region (nothing cached)
         triton_impl(*args)  # its own launch-config tuner runs on first use: not part of the timing
         timer = autotune.cuda_graph_timer if tmode == "graph" else autotune.cuda_event_timer
