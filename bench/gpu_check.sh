@@ -28,6 +28,7 @@
 #   raw_errors.log                bench/diag_raw_errors.py: every raw-op TORCH_CHECK raises ("ALL RAISED") or names the crash
 #   cuda_gemm_smoke.log           the CUDA GEMM and act-quant vs the reference (group sizes, block patterns, split-K, asymmetric) before any timing
 #   cuda_attn_smoke.log           the CUDA KV4 decode attention kernel vs the reference (if it passes, later stages run COMETQ_KV4_ATTN_CUDA=auto)
+#   splitk_fixup_smoke.log        the TMA kernel's in-kernel split-K reduction vs the reduce kernel (if it passes: COMETQ_SPLITK_FIXUP=1)
 #   toolchain.txt                 bench/diag_toolchain.sh (GPU_CHECK_TOOLCHAIN=1): C++ toolchain facts + the raw-op error probe
 #   autotune.json/.log            which backend `auto` picked per case (cometq.autotune)
 #   tune_decode.json              bench/tune_decode.py: the decode buckets' tuned GEMM configs (last stage)
@@ -43,7 +44,7 @@
 #        MAX_JOBS (default 16), PYTHON (default python3), GPU_CHECK_BUDGET_S,
 #        PYTEST_ARGS (extra pytest arguments), PYTEST_WORKERS (xdist workers, default 8), GPU_CHECK_SKIP (comma list of stages
 #        to skip: build, triton_tests, cuda_tests, toolchain, diag, gemm, gemm_large, gemm_shares, gemm_class, microbench,
-#        attention, raw_errors, cuda_gemm_smoke, cuda_attn_smoke, prefill, serving, autotune, tune_decode), GEMM_ARGS / ATTENTION_ARGS / SERVING_ARGS (the stages' arguments),
+#        attention, raw_errors, cuda_gemm_smoke, cuda_attn_smoke, splitk_fixup_smoke, prefill, serving, autotune, tune_decode), GEMM_ARGS / ATTENTION_ARGS / SERVING_ARGS (the stages' arguments),
 #        GEMM_CAP / ATTENTION_CAP,
 #        TRITON_TEST_FILES / CUDA_TEST_FILES (the test files of the two test stages), TRITON_TEST_WORKERS (12) /
 #        CUDA_TEST_WORKERS, TRITON_TESTS_CAP / CUDA_TESTS_CAP / DIAG_CAP /
@@ -250,6 +251,17 @@ if [ "$BUILD" = ok ] && ! skip cuda_attn_smoke; then
     export COMETQ_KV4_ATTN_CUDA="${COMETQ_KV4_ATTN_CUDA:-auto}"
     stage kv4_attention_cuda "COMETQ_KV4_ATTN_CUDA=$COMETQ_KV4_ATTN_CUDA" 0
     log "cuda_attn_smoke passed: later stages run with COMETQ_KV4_ATTN_CUDA=$COMETQ_KV4_ATTN_CUDA"
+  fi
+fi
+# the Triton TMA kernel's in-kernel split-K reduction (COMETQ_SPLITK_FIXUP, twelfth session: its
+# counters' memory ordering cannot be exercised without a GPU): same bits as the reduce kernel,
+# 20 repeats; if it passes, later stages (serving, the GEMM table) run with it -- one launch less
+# per decode GEMM that splits K
+if ! skip splitk_fixup_smoke; then
+  if PYTEST_WORKERS=1 run_pytest splitk_fixup_smoke 40 tests/test_triton_gemm.py -k "splitk_fixup"; then
+    export COMETQ_SPLITK_FIXUP="${COMETQ_SPLITK_FIXUP:-1}"
+    stage splitk_fixup "COMETQ_SPLITK_FIXUP=$COMETQ_SPLITK_FIXUP" 0
+    log "splitk_fixup_smoke passed: later stages run with COMETQ_SPLITK_FIXUP=$COMETQ_SPLITK_FIXUP"
   fi
 fi
 bench prefill "${PREFILL_CAP:-70}" env COMETQ_GEMM_TUNE="${COMETQ_GEMM_TUNE:-0}" \

@@ -101,15 +101,17 @@ def _tma_sig(out: str, bias: str, block_m: int, block_n: int, a_split: bool = Fa
                 w_desc=f"tensordesc<u8[{block_n}, 64]>", as_ptr="*fp32", ws_ptr="*fp32", bias_ptr=_TY[bias],
                 out_ptr=_TY[out], dbg_ptr="*i32", part_ptr="*fp32", M="i32", N="i32", NB="i32", N8="i32",
                 GROUP="i32", SPLIT="i32", stride_asm="i32", stride_wsn="i32", stride_om="i32", stride_on="i32", stride_dm="i32", stride_dn="i32",
-                wo_ptr="*fp32", dsum_ptr="*i32", stride_won="i32", stride_dsm="i32")
+                wo_ptr="*fp32", dsum_ptr="*i32", stride_won="i32", stride_dsm="i32", cnt_ptr="*i32")
 
 
 def tma_meta(class_mode: bool = False, group: int = 128, k_pad: int = 4096, bias: bool = True, debug: bool = False,
-             ordered: bool = True, split: bool = False, asym: bool = False) -> Dict[str, object]:
+             ordered: bool = True, split: bool = False, asym: bool = False, fixup: bool = False) -> Dict[str, object]:
     """Constexprs of a TMA-kernel launch (see :func:`gemm_meta`); ``split``: split-K pieces into the
-    deterministic workspace (WORKSPACE); ``asym``: the offset term (ASYM)."""
+    deterministic workspace (WORKSPACE); ``asym``: the offset term (ASYM); ``fixup``: the in-kernel
+    split-K reduction (FIXUP)."""
     return dict(CLASS_MODE=class_mode, INT_ACC=class_mode and (group <= 0 or group >= k_pad), HAS_BIAS=bias,
-                DEBUG=debug, ORDERED=ordered, WORKSPACE=split, W_BLOCK_MAJOR=False, ASYM=asym)
+                DEBUG=debug, ORDERED=ordered, WORKSPACE=split, W_BLOCK_MAJOR=False, ASYM=asym,
+                FIXUP=fixup and split)
 
 
 def _reduce_sig(out: str, bias: str) -> Dict[str, str]:
@@ -339,6 +341,14 @@ def tma_jobs() -> list:
                     dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, GROUP_M=c.group_m, A_SPLIT=sp,
                          **dict(tma_meta(**kw), W_BLOCK_MAJOR="weights-block-major" in name)),
                     c.num_warps, c.num_stages, "tma"))
+    # the in-kernel split-K reduction (COMETQ_SPLITK_FIXUP) on every decode split config, the serving format
+    for c in [c for c in tma_configs(asym=True) if c.split > 1]:
+        sp = tma_split_rows(c, False)
+        out.append((f"gemm-tma-variant[block,g128,asym,splitk-fixup,{c}]", w4ax_gemm_tma_kernel,
+                    _tma_sig("fp16", "fp16", c.block_m, c.block_n, sp),
+                    dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, GROUP_M=c.group_m, A_SPLIT=sp,
+                         **tma_meta(split=True, asym=True, fixup=True)),
+                    c.num_warps, c.num_stages, "tma"))
     return out
 
 
@@ -488,6 +498,12 @@ def check_code(kind: str, arch: int, constexprs: Dict[str, object], num_warps: i
             return "expected int8 wgmma"
         if _wgmma_a_regs(ptx) == 0:
             return "no wgmma takes the unpacked weights (A) from registers"
+        if constexprs.get("FIXUP"):
+            # the in-kernel split-K reduction: a gpu-scope acq_rel counter, the slots read from L2
+            if not any("atom" in ln and ".acq_rel" in ln and ".gpu" in ln and ".add" in ln for ln in ptx.splitlines()):
+                return "FIXUP: no gpu-scope acq_rel atomic add on the tile counter"
+            if "ld.global.cg" not in ptx:
+                return "FIXUP: the other pieces' slots are not read with ld.global.cg"
         return None
     if kind == "reduce":
         # deterministic reduction: plain loads in a fixed order, no atomics, 16-byte vectors

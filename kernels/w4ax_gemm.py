@@ -110,6 +110,7 @@ __all__ = [
     "stream_k_slots",
     "resolve_deterministic",
     "ENV_DETERMINISTIC",
+    "ENV_SPLITK_FIXUP",
     "ENV_TMA",
     "w4ax_gemm_triton",
     "w4ax_reduce_kernel",
@@ -392,6 +393,29 @@ def _store_partial(acc_f, part_ptr, slot, lm, ln, m_mask, n_mask, keep,
 
 
 @triton.jit
+def _reduce_tile(part_ptr, first, count, bias_ptr, out_ptr, pid_m, pid_n, M, N, stride_om, stride_on,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, CACHE: tl.constexpr):
+    """``out[tile] = cast(((P_first + P_first+1) + ...) + bias)`` over ``count`` workspace slots, in slot order.
+    CACHE ".cg": the slots were written by other programs of the same launch -- read them from L2,
+    never from a possibly stale L1 line ("" otherwise)."""
+    lm = tl.arange(0, BLOCK_M)
+    ln = tl.arange(0, BLOCK_N)
+    rm = pid_m * BLOCK_M + lm
+    rn = pid_n * BLOCK_N + ln
+    mask = (rm < M)[:, None] & (rn < N)[None, :]
+    offs = lm[:, None] * BLOCK_N + ln[None, :]
+    acc = tl.load(part_ptr + first.to(tl.int64) * (BLOCK_M * BLOCK_N) + offs, mask=mask, other=0.0,
+                  cache_modifier=CACHE)
+    for j in range(1, count):
+        acc += tl.load(part_ptr + (first + j).to(tl.int64) * (BLOCK_M * BLOCK_N) + offs, mask=mask, other=0.0,
+                       cache_modifier=CACHE)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on, acc.to(out_ptr.dtype.element_ty),
+             mask=mask)
+
+
+@triton.jit
 def w4ax_reduce_kernel(
     red_ptr, part_ptr, bias_ptr, out_ptr, M, N, SLOTS, stride_om, stride_on,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -417,19 +441,27 @@ def w4ax_reduce_kernel(
         first = p * SLOTS
         count = SLOTS
     pid_m, pid_n = _tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    lm = tl.arange(0, BLOCK_M)
-    ln = tl.arange(0, BLOCK_N)
-    rm = pid_m * BLOCK_M + lm
-    rn = pid_n * BLOCK_N + ln
-    mask = (rm < M)[:, None] & (rn < N)[None, :]
-    offs = lm[:, None] * BLOCK_N + ln[None, :]
-    acc = tl.load(part_ptr + first.to(tl.int64) * (BLOCK_M * BLOCK_N) + offs, mask=mask, other=0.0)
-    for j in range(1, count):
-        acc += tl.load(part_ptr + (first + j).to(tl.int64) * (BLOCK_M * BLOCK_N) + offs, mask=mask, other=0.0)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on, acc.to(out_ptr.dtype.element_ty),
-             mask=mask)
+    _reduce_tile(part_ptr, first, count, bias_ptr, out_ptr, pid_m, pid_n, M, N, stride_om, stride_on,
+                 BLOCK_M, BLOCK_N, HAS_BIAS, "")
+
+
+@triton.jit
+def _splitk_fixup(tile, pid_m, pid_n, count, part_ptr, cnt_ptr, bias_ptr, out_ptr, M, N, stride_om, stride_on,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Split-K without the reduce launch (FIXUP): after this piece's partial is in its workspace
+    slot, one gpu-scope acq_rel atomic per program counts the tile's pieces; the last one to
+    arrive sums the ``count`` slots itself -- :func:`w4ax_reduce_kernel`'s loads and adds in its
+    order, so the same bits -- and sets the counter back to 0 for the next GEMM of the stream.
+    Ordering (CUTLASS's serial split-K pattern): every thread's slot stores, a CTA barrier, then
+    the release half of the atomic (cumulative over the barrier); the last program's acquire half
+    orders its ``.cg`` loads after every other piece's release.  Why: a decode GEMM's reduce
+    kernel is one more launch (and its gap) per split GEMM in a decode step."""
+    tl.debug_barrier()
+    prev = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+    if prev == count - 1:
+        tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed", scope="gpu")
+        _reduce_tile(part_ptr, tile * count, count, bias_ptr, out_ptr, pid_m, pid_n, M, N, stride_om, stride_on,
+                     BLOCK_M, BLOCK_N, HAS_BIAS, ".cg")
 
 
 @triton.jit
@@ -638,11 +670,11 @@ def w4ax_gemm_tma_kernel(
     order_ptr, a4_desc, a8_desc, w_desc, as_ptr, ws_ptr, bias_ptr, out_ptr, dbg_ptr, part_ptr,
     M, N, NB, N8, GROUP, SPLIT,
     stride_asm, stride_wsn, stride_om, stride_on, stride_dm, stride_dn,
-    wo_ptr, dsum_ptr, stride_won, stride_dsm,
+    wo_ptr, dsum_ptr, stride_won, stride_dsm, cnt_ptr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
     CLASS_MODE: tl.constexpr, INT_ACC: tl.constexpr, HAS_BIAS: tl.constexpr, DEBUG: tl.constexpr,
     ORDERED: tl.constexpr, WORKSPACE: tl.constexpr, A_SPLIT: tl.constexpr = False, W_BLOCK_MAJOR: tl.constexpr = False,
-    ASYM: tl.constexpr = False,
+    ASYM: tl.constexpr = False, FIXUP: tl.constexpr = False,
 ):
     """Hopper W4Ax GEMM: TMA tensor descriptors, weights as the register A operand.
 
@@ -682,7 +714,9 @@ def w4ax_gemm_tma_kernel(
     put every SM on the weight stream): WORKSPACE stores chunk ``j = program_id(1)``'s fp32
     partial into workspace slot ``tile * SPLIT + j`` and ``w4ax_reduce_kernel`` adds the
     slots in chunk order (the deterministic reduction of the pointer kernel, same slots,
-    same order).  For decode the point of TMA is the weight stream: each stage is one bulk
+    same order) -- or, FIXUP (``COMETQ_SPLITK_FIXUP=1``), the tile's last piece to finish adds
+    them itself (:func:`_splitk_fixup`, int32 tile counters ``cnt_ptr``: same bits, no reduce
+    launch).  For decode the point of TMA is the weight stream: each stage is one bulk
     copy of a ``[BLOCK_N, 64]``-byte tile, so ``num_stages`` tiles per CTA are in flight
     without a register or an address per byte.
     """
@@ -798,6 +832,9 @@ def w4ax_gemm_tma_kernel(
     if WORKSPACE:
         _store_partial(acc_f, part_ptr, tile * SPLIT + tl.program_id(1), lm, ln, m_mask, n_mask, True,
                        BLOCK_M, BLOCK_N, True)
+        if FIXUP:
+            _splitk_fixup(tile, pid_m, pid_n, SPLIT, part_ptr, cnt_ptr, bias_ptr, out_ptr, M, N, stride_om,
+                          stride_on, BLOCK_M, BLOCK_N, HAS_BIAS)
     else:
         _epilogue(acc_f, True, out_ptr, bias_ptr, rm, rn, m_mask, n_mask, stride_om, stride_on, True,
                   HAS_BIAS, False, True)
@@ -1517,6 +1554,8 @@ def w4ax_gemm_triton(
             part = (torch.empty(tiles * split_k * cfg.block_m * cfg.block_n, dtype=torch.float32, device=dev)
                     if split_k > 1 else dummy(dev))
             a_split = tma_split_rows(cfg, class_mode)
+            cnt = tile_counters(dev, tiles) if split_k > 1 and splitk_fixup_enabled() else None
+            fixup = cnt is not None
             a8d = (_tma_desc(split_rows_triton(q4, q8), [cfg.block_m, BLOCK_K // 2]) if a_split
                    else _tma_desc(q8, [cfg.block_m, BLOCK_K]))
             w4ax_gemm_tma_kernel[(tiles, split_k)](
@@ -1526,11 +1565,12 @@ def w4ax_gemm_triton(
                 args_common["dbg"], part, m, n, nb, n8, g, split_k, a_scales.stride(0), w_scales.stride(0),
                 out.stride(0), out.stride(1), dstr[0], dstr[1],
                 args_common["wo"], args_common["dsum"], strides[6], dsum.stride(0) if dsum is not None else 0,
+                cnt if fixup else dummy(dev, torch.int32),
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, GROUP_M=cfg.group_m, CLASS_MODE=class_mode,
                 INT_ACC=int_acc, HAS_BIAS=bias is not None, DEBUG=return_int_acc, ORDERED=meta["ORDERED"],
-                WORKSPACE=split_k > 1, A_SPLIT=a_split, W_BLOCK_MAJOR=w_bm, ASYM=asym,
+                WORKSPACE=split_k > 1, A_SPLIT=a_split, W_BLOCK_MAJOR=w_bm, ASYM=asym, FIXUP=fixup,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-            if split_k > 1:
+            if split_k > 1 and not fixup:
                 _reduce_partials(None, tiles, split_k, part, bias, out, m, n, cfg)
             return out
         red_t = None
@@ -1605,6 +1645,42 @@ def w4ax_gemm_triton(
         # forced split-K with a non-split config: split over the blocks anyway
         config = dataclasses.replace(config, split=max(2, min(nb, 4)))
     return _ret(launch(config, which))
+
+
+#: "1": split-K on the TMA kernel reduces in-kernel (the tile's last piece adds the slots, no reduce
+#: launch; :func:`_splitk_fixup`); "0" / unset: the reduce kernel.  Same bits either way.  Opt-in
+#: until an H100 run has checked it (its memory ordering cannot be exercised without a GPU);
+#: bench/gpu_check.sh turns it on after its GPU test passes.
+ENV_SPLITK_FIXUP = "COMETQ_SPLITK_FIXUP"
+_COUNTERS: Dict[tuple, torch.Tensor] = {}
+_OLD_COUNTERS: List[torch.Tensor] = []
+
+
+def splitk_fixup_enabled() -> bool:
+    v = os.environ.get(ENV_SPLITK_FIXUP, "0")
+    if v not in ("0", "1"):
+        raise ValueError(f"{ENV_SPLITK_FIXUP} must be 0 or 1, got {v!r}")
+    return v == "1"
+
+
+def tile_counters(dev: torch.device, tiles: int) -> Optional[torch.Tensor]:
+    """The in-kernel split-K reduction's int32 tile counters on ``dev`` (at least ``tiles``), or None
+    (then the launch uses the reduce kernel).  Zero between GEMMs -- each tile's last piece resets
+    its own -- so one buffer serves every GEMM in stream order, CUDA graphs included (a replay keeps
+    the captured address: the buffer is never freed or replaced while it is big enough).  Allocated
+    outside a capture only (an allocation inside one would belong to that graph's private pool):
+    while capturing without a big enough buffer the launch takes the reduce kernel.  Not for split
+    GEMMs running concurrently on two streams (they would share counters)."""
+    key = str(dev)
+    buf = _COUNTERS.get(key)
+    if buf is not None and buf.numel() >= tiles:
+        return buf
+    if dev.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return None
+    if buf is not None:
+        _OLD_COUNTERS.append(buf)  # a captured graph may still hold its address
+    buf = _COUNTERS[key] = torch.zeros(max(1 << 16, triton.next_power_of_2(tiles)), dtype=torch.int32, device=dev)
+    return buf
 
 
 def _reduce_partials(red, n_programs: int, slots_per_tile: int, part, bias, out, m: int, n: int, cfg: GemmConfig):
