@@ -78,6 +78,8 @@ def _gemm_sig(out: str, bias: str, persistent: bool) -> Dict[str, str]:
         sig["SPLIT"] = "i32"
     sig.update(stride_q4m="i32", stride_q8m="i32", stride_asm="i32", stride_wn="i32", stride_wb="i32", stride_wsn="i32",
                stride_won="i32", stride_om="i32", stride_on="i32", stride_dm="i32", stride_dn="i32", stride_dsm="i32")
+    if not persistent:
+        sig["cnt_ptr"] = "*i32"  # the in-kernel split-K reduction's tile counters (FIXUP)
     return sig
 
 
@@ -227,6 +229,14 @@ def jobs(quick: bool = False) -> List[Tuple[str, object, Dict[str, str], Dict[st
                              SWAP_AB=c.swap_ab, INTERLEAVE8=c.interleave8,
                              **gemm_meta(evict="evict_first" if c.block_m <= 64 else "", asym=asym, det=True)),
                         c.num_warps, c.num_stages, "gemm"))
+    # the in-kernel split-K reduction (COMETQ_SPLITK_FIXUP) on the first deterministic split config
+    for asym in (False, True):
+        c = split_cfgs[0]
+        out.append((f"gemm-det-fixup{'-asym' if asym else ''}[{c}]", w4ax_gemm_kernel, _gemm_sig("fp16", "fp16", False),
+                    dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, GROUP_M=c.group_m, ATOMIC=False,
+                         SWAP_AB=c.swap_ab, INTERLEAVE8=c.interleave8, FIXUP=True,
+                         **gemm_meta(evict="evict_first" if c.block_m <= 64 else "", asym=asym, det=True)),
+                    c.num_warps, c.num_stages, "gemm"))
     reduce_tiles = []
     for c in split_cfgs + [GemmConfig(128, 128), GemmConfig(64, 128)]:  # + the persistent tiles below
         if (c.block_m, c.block_n, c.group_m) not in reduce_tiles:
@@ -292,6 +302,9 @@ def jobs(quick: bool = False) -> List[Tuple[str, object, Dict[str, str], Dict[st
                                 dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=8, ATOMIC=atomic, SWAP_AB=swap, INTERLEAVE8=swap,
                                      **gemm_meta(class_mode=cm, group=-1 if cm else 128, asym=asym,
                                                  det=reduce == "det")), w, s, "gemm"))
+    for job in out:  # the pointer kernel's in-kernel split-K reduction: off unless a job turns it on
+        if job[1] is w4ax_gemm_kernel:
+            job[3].setdefault("FIXUP", False)
     return out + tma_jobs()
 
 
@@ -391,7 +404,7 @@ def ci_subset(todo, arch: int):
     keep = []
     asym_cfgs = _ci_asym_configs(todo)
     det_cfgs = set()
-    for prefix in ("gemm-det[", "gemm-det-asym["):
+    for prefix in ("gemm-det[", "gemm-det-asym[", "gemm-det-fixup[", "gemm-det-fixup-asym["):
         first = next((j[0] for j in todo if j[0].startswith(prefix)), None)
         if first is not None:
             det_cfgs.add(first)
@@ -423,6 +436,8 @@ def ci_subset(todo, arch: int):
                 keep.append(j)
             elif name.startswith("persistent[atomic=True,class=False,swap+interleave8=False,64x128"):
                 keep.append(j)
+            elif name.startswith("gemm-det-fixup["):
+                keep.append(j)  # the in-kernel split-K reduction's counter atomics on sm_80 too
             elif name in ("gemm-variant[asym,class,per-channel(int32 runs),16x64]",
                           "gemm-variant[asym,block,g64,atomic,16x64]",
                           "persistent[asym,atomic=True,class=True,swap+interleave8=True,64x128]",
@@ -512,7 +527,14 @@ def check_code(kind: str, arch: int, constexprs: Dict[str, object], num_warps: i
         if _wide_loads(ptx) == 0:
             return "no 16-byte loads of the fp32 partials"
         return None
-    if constexprs.get("WORKSPACE"):
+    if constexprs.get("FIXUP"):
+        # in-kernel split-K reduction: the tile counter's acq_rel add and its reset are the only
+        # atomics (the partial sums are plain stores / .cg loads: the result stays deterministic)
+        if not any("atom" in ln and ".acq_rel" in ln and ".gpu" in ln and ".add" in ln for ln in ptx.splitlines()):
+            return "FIXUP: no gpu-scope acq_rel atomic add on the tile counter"
+        if _atomics(ptx) != 2 or "ld.global.cg" not in ptx:
+            return f"FIXUP: expected the counter's add + reset and .cg slot loads, got {_atomics(ptx)} atomics"
+    elif constexprs.get("WORKSPACE"):
         # deterministic pieces: plain stores into the workspace, never an atomic
         if _atomics(ptx):
             return "deterministic (WORKSPACE) kernel issues atomics"

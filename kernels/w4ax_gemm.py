@@ -469,12 +469,12 @@ def w4ax_gemm_kernel(
     order_ptr, q4_ptr, q8_ptr, as_ptr, w_ptr, ws_ptr, wo_ptr, bias_ptr, out_ptr, dbg_ptr, dsum_ptr, part_ptr,
     M, N, NB, N8, GROUP, SPLIT,
     stride_q4m, stride_q8m, stride_asm, stride_wn, stride_wb, stride_wsn, stride_won, stride_om, stride_on, stride_dm, stride_dn,
-    stride_dsm,
+    stride_dsm, cnt_ptr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, ATOMIC: tl.constexpr,
     CLASS_MODE: tl.constexpr, SEGS: tl.constexpr, SEG_H: tl.constexpr, H_LOAD: tl.constexpr,
     INT_ACC: tl.constexpr, HAS_BIAS: tl.constexpr, DEBUG: tl.constexpr, EVICT_W: tl.constexpr,
     SWAP_AB: tl.constexpr, INTERLEAVE8: tl.constexpr, ASYM: tl.constexpr, WORKSPACE: tl.constexpr,
-    ORDERED: tl.constexpr = False,
+    ORDERED: tl.constexpr = False, FIXUP: tl.constexpr = False,
 ):
     """Tiled (ATOMIC=WORKSPACE=False: whole block list, direct store) and split-K W4Ax GEMM.
 
@@ -482,8 +482,8 @@ def w4ax_gemm_kernel(
     positions) of the block list, and either adds its fp32 partial into a zeroed fp32
     buffer (ATOMIC: fast, order varies run to run) or stores it into workspace slot
     ``tile * SPLIT + j`` (WORKSPACE: deterministic; ``w4ax_reduce_kernel`` sums the
-    slots in chunk order).  SPLIT is a runtime value so every split factor shares one
-    compiled kernel."""
+    slots in chunk order -- or, FIXUP, the tile's last piece does, :func:`_splitk_fixup`).
+    SPLIT is a runtime value so every split factor shares one compiled kernel."""
     tile = tl.program_id(0)
     pid_m, pid_n = _tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     lm = tl.arange(0, BLOCK_M)
@@ -508,6 +508,9 @@ def w4ax_gemm_kernel(
     if WORKSPACE:
         _store_partial(acc_f, part_ptr, tile * SPLIT + tl.program_id(1), lm, ln, m_mask, n_mask, True,
                        BLOCK_M, BLOCK_N, SWAP_AB)
+        if FIXUP:
+            _splitk_fixup(tile, pid_m, pid_n, SPLIT, part_ptr, cnt_ptr, bias_ptr, out_ptr, M, N, stride_om,
+                          stride_on, BLOCK_M, BLOCK_N, HAS_BIAS)
     else:
         _epilogue(acc_f, i_lo == 0, out_ptr, bias_ptr, rm, rn, m_mask, n_mask, stride_om, stride_on, True,
                   HAS_BIAS, ATOMIC, SWAP_AB)
@@ -1609,8 +1612,11 @@ def w4ax_gemm_triton(
             if workspace:
                 _reduce_partials(red_t, red_t.shape[0], 0, part, bias, out, m, n, cfg)
         else:
-            w4ax_gemm_kernel[(tiles, split_k)](*common[:17], split_k, *common[17:], ATOMIC=atomic, **kw)
-            if workspace:
+            cnt = tile_counters(dev, tiles) if workspace and splitk_fixup_enabled() else None
+            w4ax_gemm_kernel[(tiles, split_k)](*common[:17], split_k, *common[17:],
+                                               cnt if cnt is not None else dummy(dev, torch.int32), ATOMIC=atomic,
+                                               FIXUP=cnt is not None, **kw)
+            if workspace and cnt is None:
                 _reduce_partials(None, tiles, split_k, part, bias, out, m, n, cfg)
         return out if out.dtype == out_dtype else out.to(out_dtype)
 
@@ -1647,8 +1653,8 @@ def w4ax_gemm_triton(
     return _ret(launch(config, which))
 
 
-#: "1": split-K on the TMA kernel reduces in-kernel (the tile's last piece adds the slots, no reduce
-#: launch; :func:`_splitk_fixup`); "0" / unset: the reduce kernel.  Same bits either way.  Opt-in
+#: "1": deterministic split-K (the TMA kernel's and the pointer kernel's) reduces in-kernel (the tile's
+#: last piece adds the slots, no reduce launch; :func:`_splitk_fixup`); "0" / unset: the reduce kernel.  Same bits either way.  Opt-in
 #: until an H100 run has checked it (its memory ordering cannot be exercised without a GPU);
 #: bench/gpu_check.sh turns it on after its GPU test passes.
 ENV_SPLITK_FIXUP = "COMETQ_SPLITK_FIXUP"

@@ -766,26 +766,32 @@ def test_tma_splitk_decode(split, pattern, mode, group, device):
                                                 config=ptr_cfg, deterministic=True))
 
 
-@pytest.mark.parametrize("split,pattern,mode,group,bias", [(2, "mixed", "block", 128, True),
-                                                           (3, "alternating", "class", -1, False),
-                                                           (5, "all8", "block", -1, True)])
-def test_tma_splitk_fixup_same_bits(split, pattern, mode, group, bias, device, monkeypatch):
+@pytest.mark.parametrize("path,split,pattern,mode,group,bias", [("tma", 2, "mixed", "block", 128, True),
+                                                                ("tma", 3, "alternating", "class", -1, False),
+                                                                ("tma", 5, "all8", "block", -1, True),
+                                                                ("splitk", 3, "mixed", "block", 128, True),
+                                                                ("splitk", 4, "alternating", "class", -1, False)])
+def test_splitk_fixup_same_bits(path, split, pattern, mode, group, bias, device, monkeypatch):
     """COMETQ_SPLITK_FIXUP=1: the tile's last split piece adds the workspace slots in-kernel
-    (no reduce launch) -- the reduce kernel's loads and adds in its order, so the same bits; every
-    tile counter is back at 0 afterwards (the next GEMM of the stream reuses them).  On a GPU this
-    also exercises the counters' memory ordering (M = 3, several tiles per GEMM, repeated)."""
+    (no reduce launch), on the TMA kernel and the pointer kernel's deterministic split-K -- the
+    reduce kernel's loads and adds in its order, so the same bits; every tile counter is back at 0
+    afterwards (the next GEMM of the stream reuses them).  On a GPU this also exercises the
+    counters' memory ordering (M = 3, several tiles per GEMM, repeated)."""
+    if path == "tma" and group not in (-1, 128):
+        pytest.skip("the TMA kernel takes groups >= 128")
     qa, qw, b = _random_operands(3, 576, 200, pattern, mode, group, device, seed=60 + split, bias=bias)
-    cfg = GemmConfig(block_m=16, block_n=64, group_m=1, split=split, num_warps=4, num_stages=1, tma=True)
+    cfg = GemmConfig(block_m=16, block_n=64, group_m=1, split=split, num_warps=4, num_stages=1, tma=path == "tma")
     args = (qa.q4, qa.q8, qa.scales, qa.layout.block_bits, qw.qweight, qw.scales, group, b, torch.float32, mode)
+    kw = dict(path=path, config=cfg) if path == "tma" else dict(path=path, config=cfg, deterministic=True)
     monkeypatch.setenv(G.ENV_SPLITK_FIXUP, "0")
-    want = w4ax_gemm_triton(*args, path="tma", config=cfg)
+    want = w4ax_gemm_triton(*args, **kw)
     monkeypatch.setenv(G.ENV_SPLITK_FIXUP, "1")
     for _ in range(1 if device == "cpu" else 20):
-        assert _bits_equal(want, w4ax_gemm_triton(*args, path="tma", config=cfg))
+        assert _bits_equal(want, w4ax_gemm_triton(*args, **kw))
     assert G._COUNTERS and all(int(c.abs().sum()) == 0 for c in G._COUNTERS.values())
     monkeypatch.setenv(G.ENV_SPLITK_FIXUP, "yes")
     with pytest.raises(ValueError, match="COMETQ_SPLITK_FIXUP must be 0 or 1"):
-        w4ax_gemm_triton(*args, path="tma", config=cfg)
+        w4ax_gemm_triton(*args, **kw)
 
 
 def test_tma_explicit_config_and_auto(device):
