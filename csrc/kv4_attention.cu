@@ -5,7 +5,7 @@
 // groups of G channels, the < G newest tokens of each sequence in a full-precision tail), fp16 or
 // bf16 query / output / tail:
 //     out[b, h] = softmax_t(sm_scale * q[b, h] . k_t) . v_t   over the sequence's quantized
-//     tokens t < quant_lens[s] (s = seq_ids[b]) and then its tail_lens[s] fp16 tail tokens.
+//     tokens t < quant_lens[s] (s = seq_ids[b]) and then its tail_lens[s] tail tokens.
 // x = n * scale + zero for a nibble n in 0..15 (reference.quantize_kv4).
 //
 // ============================================================================
@@ -20,8 +20,8 @@
 //     S^T [16 tokens x 8 heads] = K [16 tokens x D] . Q'^T [D x 8 heads]     (n8: GQA <= 8)
 //     O^T [D x 8 heads]        += V^T [D x 16 tokens] . P^T [16 tokens x 8 heads]
 //
-// and every operand is built in registers straight from the packed bytes (no shared memory,
-// no barrier in the loop).  Per 16 tokens and warp (sm_90a SASS, D = 128): 8 + 8 HMMA, ~96
+// and every operand is built in registers straight from the packed bytes (no K/V in shared
+// memory, no barrier in the loop).  Per 16 tokens and warp (sm_90a SASS, D = 128): 8 + 8 HMMA, ~96
 // instructions of K nibble conversion, ~112 of V conversion + dequantization, ~40 of online
 // softmax, ~460 executed in all (the Triton kernel's best config: ~620), at 128 registers.
 //
@@ -58,8 +58,8 @@
 //       (d + 1).  All of a thread's channels lie in one value group when G % (D/8) == 0.
 //
 // Work split: grid (batch, kv head, split); a split owns a contiguous range of key groups;
-// warp w of the CTA takes groups w, w + WARPS, ... (each group: G/16 token tiles, the next
-// tile's bytes loaded while this one computes), the last split also the fp16 tail.  The warps'
+// warp w of the CTA takes groups w, w + WARPS, ... (each group: G/16 token tiles; launch
+// variant 1 loads the next tile's bytes while one computes), the last split also the tail.  The warps'
 // (max, sum, O) merge through shared memory at the end; one split writes the output, more
 // write fp32 partials that kv4_attn_reduce_kernel combines (flash-decoding).
 // ============================================================================
