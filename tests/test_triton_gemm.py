@@ -655,6 +655,43 @@ def test_stream_k_slots(n_tiles, n8, n4, p):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("path", ["tma", "splitk"])
+def test_gpu_splitk_fixup_llama_shape_and_cuda_graph(path, monkeypatch):
+    """The in-kernel split-K reduction on a decode shape (8B.o, M = 16, asymmetric g128: the serving
+    format) on the GPU -- 448 CTAs racing on 32 tile counters per call -- eagerly and replayed from
+    a CUDA graph (the counters' address captured): the same bits as the reduce kernel every time,
+    and every counter back at 0."""
+    if path == "tma" and G.tma_available(torch.device("cuda"), asym=True, group=128) is not None:
+        pytest.skip("no TMA on this GPU")
+    n, k, m = 4096, 4096, 16
+    g = torch.Generator().manual_seed(11)
+    lay = ActivationLayout.from_block_bits(k, [8] * 8 + [4] * 24)
+    qa = _qa_to(R.quantize_activation(rand_activation(m, k, outliers=8, generator=g), lay, "block"), "cuda")
+    qw = R.quantize_weight_rtn((rand_weight(n, k, generator=g) + 0.01).cuda(), 128, sym=False)
+    cfg = GemmConfig(block_m=16, block_n=128, group_m=1, split=8, num_warps=4, num_stages=4, tma=path == "tma")
+    args = (qa.q4, qa.q8, qa.scales, qa.layout.block_bits, qw.qweight, qw.scales, 128, None, torch.float16, "block")
+    kw = dict(path=path, config=cfg, w_offsets=qw.offsets, deterministic=True)
+    monkeypatch.setenv(G.ENV_SPLITK_FIXUP, "0")
+    want = w4ax_gemm_triton(*args, **kw)
+    monkeypatch.setenv(G.ENV_SPLITK_FIXUP, "1")
+    for _ in range(10):
+        assert _bits_equal(want, w4ax_gemm_triton(*args, **kw))
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        w4ax_gemm_triton(*args, **kw)  # warm-up outside the capture (compile, counters allocated)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = w4ax_gemm_triton(*args, **kw)
+    for _ in range(10):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert _bits_equal(want, got)
+    assert all(int(c.abs().sum()) == 0 for c in G._COUNTERS.values())
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("m,path", [(1, "splitk"), (16, "splitk"), (64, "persistent"), (1024, "persistent")])
 @pytest.mark.parametrize("asym", [False, True])
 def test_gpu_deterministic_repeatable(m, path, asym):
