@@ -174,13 +174,14 @@ run_pytest() {  # name cap files...
   [ "$ST" = ok ]
 }
 TESTS_OK=yes
-# the Triton TMA kernel's in-kernel split-K reduction (COMETQ_SPLITK_FIXUP, twelfth session: its
-# counters' memory ordering cannot be exercised without a GPU): same bits as the reduce kernel, 20
-# repeats; if it passes, every later stage (serving, the GEMM table) runs with it -- one launch less
+# the Triton GEMMs' in-kernel split-K reduction (COMETQ_SPLITK_FIXUP, twelfth session: its counters'
+# memory ordering cannot be exercised without a GPU): same bits as the reduce kernel on a decode
+# shape, eager and replayed from a CUDA graph (TMA and pointer kernel); if it passes, every later
+# stage (serving, the GEMM table) runs with it -- one launch less
 # per decode GEMM that splits K.  Runs while the extension builds (the Triton tests that follow
 # end ~25 s before the build does in runs 3-5), so it costs no wall time.
 if ! skip splitk_fixup_smoke; then
-  if PYTEST_WORKERS=1 run_pytest splitk_fixup_smoke 25 tests/test_triton_gemm.py -k "splitk_fixup"; then
+  if PYTEST_WORKERS=1 run_pytest splitk_fixup_smoke 30 tests/test_triton_gemm.py -k "gpu_splitk_fixup"; then
     export COMETQ_SPLITK_FIXUP="${COMETQ_SPLITK_FIXUP:-1}"
     stage splitk_fixup "COMETQ_SPLITK_FIXUP=$COMETQ_SPLITK_FIXUP" 0
     log "splitk_fixup_smoke passed: later stages run with COMETQ_SPLITK_FIXUP=$COMETQ_SPLITK_FIXUP"
@@ -259,8 +260,9 @@ fi
 # shape class and keeps the faster: serving rows report `kv4_attention_choices`); otherwise the
 # Triton kernel as before. bench_attention.py's `cuda` column re-checks it before timing either way.
 if [ "$BUILD" = ok ] && ! skip cuda_attn_smoke; then
-  if COMETQ_ATTN_TUNE=0 PYTEST_WORKERS=2 run_pytest cuda_attn_smoke 30 tests/test_cuda_kv4_attention.py \
-    -k "quant_lens_not or graph_capture or errors or bf16 or (matches_reference and 128-32-2-4) or (matches_reference and 64-16-3-3)"; then
+  # (ids: variant-splits-head_dim-group-kv_heads-qpk; each case also checks the other variant's bits)
+  if COMETQ_ATTN_TUNE=0 PYTEST_WORKERS=2 run_pytest cuda_attn_smoke 45 tests/test_cuda_kv4_attention.py \
+    -k "quant_lens_not or graph_capture or errors or bf16 or 0-1-128-32-2-4 or 0-8-128-32-2-4 or 0-3-64-16-3-3"; then
     export COMETQ_KV4_ATTN_CUDA="${COMETQ_KV4_ATTN_CUDA:-auto}"
     stage kv4_attention_cuda "COMETQ_KV4_ATTN_CUDA=$COMETQ_KV4_ATTN_CUDA" 0
     log "cuda_attn_smoke passed: later stages run with COMETQ_KV4_ATTN_CUDA=$COMETQ_KV4_ATTN_CUDA"
