@@ -711,7 +711,10 @@ def main(argv=None) -> int:
     else:
         dev_meta = dict(device="cpu (dry run: Triton interpreter, times are meaningless)", sms=0, capability=None)
     meta = dict(**dev_meta, torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
-                args={k: v for k, v in vars(args).items()}, started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+                args={k: v for k, v in vars(args).items()}, started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                # the switches that change which kernels run (gpu_check.sh sets them after its smoke tests)
+                env={k: os.environ.get(k) for k in ("COMETQ_SPLITK_FIXUP", "COMETQ_DETERMINISTIC", "COMETQ_GEMM_TUNE",
+                                                    "COMETQ_CUDA_SPLIT_TUNE", "COMETQ_BACKEND")})
     print(meta, flush=True)
     rows, errors = [], []
     t0 = time.time()
