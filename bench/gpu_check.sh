@@ -262,7 +262,7 @@ fi
 if [ "$BUILD" = ok ] && ! skip cuda_attn_smoke; then
   # (ids: variant-splits-head_dim-group-kv_heads-qpk; each case also checks the other variant's bits)
   if COMETQ_ATTN_TUNE=0 PYTEST_WORKERS=2 run_pytest cuda_attn_smoke 45 tests/test_cuda_kv4_attention.py \
-    -k "quant_lens_not or graph_capture or errors or bf16 or 0-1-128-32-2-4 or 0-8-128-32-2-4 or 0-3-64-16-3-3"; then
+    -k "offset_views or quant_lens_not or graph_capture or errors or bf16 or 0-1-128-32-2-4 or 0-8-128-32-2-4 or 0-3-64-16-3-3"; then
     export COMETQ_KV4_ATTN_CUDA="${COMETQ_KV4_ATTN_CUDA:-auto}"
     stage kv4_attention_cuda "COMETQ_KV4_ATTN_CUDA=$COMETQ_KV4_ATTN_CUDA" 0
     log "cuda_attn_smoke passed: later stages run with COMETQ_KV4_ATTN_CUDA=$COMETQ_KV4_ATTN_CUDA"

@@ -301,6 +301,10 @@ at::Tensor kv4_decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_pa
   for (const auto& [t, name] : all) {
     check_cuda(*t, op, name, dev);
     check_contig(*t, op, name);
+    // the kernel reads the int32 index tensors (block_tables .. seq_ids, the last four) one element
+    // at a time: only the tensors it loads in 16-byte vectors must be 16-byte aligned (a decode batch's
+    // seq_ids is an offset view of the runner's persistent slot buffer)
+    if (t->scalar_type() == at::kInt) continue;
     check_aligned16(*t, op, name);
   }
   TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, op,

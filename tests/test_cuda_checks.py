@@ -139,6 +139,9 @@ def test_kv4_attention_support_rule_and_reasons():
     assert why(q=a["q"].bfloat16(), tail_k=a["tail_k"].bfloat16()) is None
     assert "q dtype torch.float32" in why(q=a["q"].float(), tail_k=a["tail_k"].float())
     assert "group_size=8" in why(group_size=8)
+    # a query the kernel cannot vector-load is routed elsewhere, not rejected mid-capture
+    assert "q not contiguous and 16-byte aligned" in why(q=torch.randn(1, 8 * 128 + 4).half()[:, 4:].view(1, 8, 128))
+    assert "q not contiguous" in why(q=torch.randn(2, 128, 8).half().transpose(1, 2))
 
 
 def test_kv4_attention_inputs():
@@ -167,3 +170,8 @@ def test_kv4_attention_inputs():
     for change, exc, match in bad:
         with pytest.raises(exc, match=match):
             CC.check_kv4_attention_inputs(**dict(a, **change))
+    # the int32 index tensors are read one element at a time: an offset view is fine (a decode
+    # batch's seq_ids is a slice of the runner's slot buffer); a vector-loaded tensor must be aligned
+    CC.check_kv4_attention_inputs(**dict(a, seq_ids=torch.zeros(3, dtype=torch.int32)[1:]))
+    with pytest.raises(ValueError, match=r"q data must be 16-byte aligned, got an offset view \(shape \(2, 8, 128\)\)"):
+        CC.check_kv4_attention_inputs(**dict(a, q=torch.randn(2 * 8 * 128 + 2).half()[2:].view(2, 8, 128)))

@@ -161,6 +161,29 @@ def test_cuda_errors(C):
         C.cuda_kv4_decode_attention(*bad, 0.1, 1)
 
 
+def test_cuda_offset_views(C, monkeypatch):
+    """seq_ids as an offset view of a bigger slot buffer (what the runner passes for a batch of 1:
+    gpu_check run 6's batch-1 graph capture failed on a 16-byte check there) gives the same bits;
+    a misaligned query is routed to the Triton kernel instead of raising."""
+    pool, sids = _pool([70, 33], 2, 128, 32)
+    q = torch.randn(1, 8, 128).cuda().half()
+    a = list(_args(pool, q, sids[1:]))
+    want = C.cuda_kv4_decode_attention(*a, 0.09, 2)
+    buf = torch.tensor([7] + sids[1:], dtype=torch.int32, device="cuda")
+    a[12] = buf[1:]
+    assert a[12].data_ptr() % 16
+    assert torch.equal(C.cuda_kv4_decode_attention(*a, 0.09, 2), want)
+    qbuf = torch.empty(8 * 128 + 4, dtype=torch.float16, device="cuda")
+    qm = qbuf[4:].view(1, 8, 128)
+    qm.copy_(q)
+    a[0] = qm
+    with pytest.raises(ValueError, match=r"q not contiguous and 16-byte aligned"):
+        C.cuda_kv4_decode_attention(*a, 0.09, 2)
+    monkeypatch.setenv("COMETQ_KV4_ATTN_CUDA", "1")
+    got = ops.kv4_decode_attention(*a, 0.09, num_splits=2, backend="cuda")  # falls back to Triton
+    torch.testing.assert_close(got.float(), want.float(), atol=ATTN_FP16_ATOL, rtol=ATTN_FP16_RTOL)
+
+
 def test_cuda_graph_capture(C):
     """The kernel (and its split reduce) replays inside a CUDA graph: nothing read back to the host."""
     pool, sids = _pool([70, 200], 2, 128, 32)

@@ -148,6 +148,9 @@ def check_w4ax_gemm_inputs(q4, q8, a_scales, block_bits, qweight, w_scales, w_of
 #: what the CUDA kernel handles (cometq_kv4_attention_supported in csrc/kv4_attention.cu)
 KV4_ATTN_HEAD_DIMS = (64, 128)
 KV4_ATTN_MAX_QPK = 8
+#: int32 tensors the kernel reads one element at a time (no 16-byte alignment needed: a decode
+#: batch's ``seq_ids`` is an offset view of the runner's persistent slot buffer)
+KV4_ATTN_INDEX_TENSORS = ("block_tables", "quant_lens", "tail_lens", "seq_ids")
 
 
 def kv4_attention_supported(head_dim: int, group_size: int, qpk: int) -> bool:
@@ -170,6 +173,9 @@ def kv4_attention_unsupported(q, k_packed, tail_k, group_size: int, key_axis: st
     if not kv4_attention_supported(q.shape[2], int(group_size), q.shape[1] // k_packed.shape[1]):
         return (f"head_dim={q.shape[2]}, group_size={group_size}, query heads per kv head="
                 f"{q.shape[1] // k_packed.shape[1]}")
+    for name, t in (("q", q), ("tail_k", tail_k)):  # read in 16-byte vectors (the pool's are allocations)
+        if not t.is_contiguous() or (t.numel() and t.data_ptr() % 16):
+            return f"{name} not contiguous and 16-byte aligned (shape {tuple(t.shape)}, strides {t.stride()})"
     return None
 
 
@@ -190,7 +196,7 @@ def check_kv4_attention_inputs(q, k_packed, k_scale, k_zero, v_packed, v_scale, 
     for name, t in dict(q=q, **named).items():
         if not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous, got shape {tuple(t.shape)} strides {t.stride()}")
-        if t.numel() and t.data_ptr() % 16:
+        if t.numel() and t.data_ptr() % 16 and name not in KV4_ATTN_INDEX_TENSORS:
             raise ValueError(f"{name} data must be 16-byte aligned, got an offset view (shape {tuple(t.shape)})")
     if k_packed.dim() != 4:
         raise ValueError(f"k_packed must be [NB, H, BS, D/2], got shape {tuple(k_packed.shape)}")
