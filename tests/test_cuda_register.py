@@ -133,8 +133,12 @@ args = (q, *pool, g, "channel", "token", 0.088, 3)
 want = ref(*args[:-1])
 import os
 def run(mode, a=args):
-    os.environ[CR.KV4_ATTN_ENV] = mode
+    if mode is None:
+        os.environ.pop(CR.KV4_ATTN_ENV, None)
+    else:
+        os.environ[CR.KV4_ATTN_ENV] = mode
     return CR._kv4_attn_impl(*a)
+assert CR.kv4_attention_mode() == "auto"                                     # unset: timed against Triton
 assert torch.equal(run("0"), want) and cuda_calls == [] and tri_calls == [3]
 assert torch.equal(run("1"), want) and cuda_calls == [(3, 0)]                  # always, as called
 tok = args[:14] + ("token", "token") + args[16:]
@@ -149,6 +153,7 @@ assert choice == ("cuda", 2, 1), choice
 assert key[1:] == (128, 32, 4, 16, "eager"), key                            # 2 rows x 2 kv heads x 3 splits -> 16
 n = len(cuda_calls)
 run("auto"); assert cuda_calls[n:] == [(6, 1)]                              # the kept choice, no new timing
+run(None); assert cuda_calls[n + 1:] == [(6, 1)]                             # unset = auto
 assert "head_dim=128 group=32 qpk=4" in next(iter(CR.kv4_attention_choices()))
 os.environ[CR.KV4_ATTN_ENV] = "yes"
 try:
