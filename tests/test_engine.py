@@ -601,8 +601,9 @@ def test_full_step_decode_errors(w4ax_model):
 
 @pytest.mark.parametrize("kv4", [False, True])
 def test_failed_graph_capture_falls_back_to_eager(w4ax_model, monkeypatch, kv4):
-    """A capture that fails (warm-up or capture raising) costs nothing but the graphs: the step
-    runs eagerly with a warning, the pool stays consistent, later steps stay eager."""
+    """A capture that fails (warm-up or capture raising) costs nothing but that bucket's graphs:
+    the step runs eagerly with a warning, the pool stays consistent, later steps of that bucket
+    stay eager (here both buckets the run meets, 8 and 4, fail)."""
     from cometq.serve import runner as runner_mod
 
     def boom(self, *a):
@@ -620,10 +621,62 @@ def test_failed_graph_capture_falls_back_to_eager(w4ax_model, monkeypatch, kv4):
             with pytest.warns(RuntimeWarning, match="CUDA graph capture of the (full|piecewise) decode step at "
                                                      "batch 8 failed: RuntimeError: operation not permitted"):
                 outs[graphs] = _decode_run(r, prompts, steps=4)
-            assert r._graphs is None
+            assert r._graphs is not None and sorted(r._graphs.failed) == [4, 8] and not r._graphs._by_size
         else:
             outs[graphs] = _decode_run(r, prompts, steps=4)
     for a, b in zip(outs[False], outs[True]):
+        torch.testing.assert_close(b, a, rtol=0, atol=RUNNER_FP32_ATOL)
+
+
+def test_failed_capture_of_one_bucket_keeps_the_others(w4ax_model, monkeypatch):
+    """GPU run 6: the batch-1 full-step capture failed (an input check of one kernel) and every
+    decode step of the run went eager.  Now only the failing bucket runs eagerly: here bucket 4
+    (batch 3) fails while bucket 8 (batch 5) is 'captured' (a CPU stand-in graph whose replay
+    runs the step) and replayed -- same logits as without graphs; and after
+    MAX_CAPTURE_FAILURES failed buckets every step runs eagerly."""
+    from cometq.serve import runner as runner_mod
+
+    replays = []
+
+    class _Graph:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def replay(self):
+            replays.append(1)
+            self.fn()
+
+    def capture(self, st, host_meta):
+        if st.bp == 4:
+            raise ValueError("seq_ids data must be 16-byte aligned, got an offset view (shape (3,))")
+        st.graphs = [_Graph(lambda: self._step(st))]
+
+    monkeypatch.setattr(runner_mod._DecodeGraphs, "_capture_full", capture)
+    prompts = [_rand_ids(6 + 5 * i, 90 + i) for i in range(5)]
+    ref = _decode_run(ModelRunner.build(w4ax_model, kv4=True, num_blocks=24, block_size=16, max_seqs=5),
+                      prompts, steps=6)
+    r = ModelRunner.build(w4ax_model, kv4=True, num_blocks=24, block_size=16, max_seqs=5)
+    r.enable_cuda_graphs(max_batch=8, graphs=False)
+    r._graphs.use_graphs = True
+    with pytest.warns(RuntimeWarning, match=r"at batch 4 failed: ValueError: seq_ids data .* decode steps of batch "
+                                            r"bucket 4 run eagerly from now on \(the other buckets keep their graphs\)"):
+        got = _decode_run(r, prompts, steps=6)
+    assert r._graphs is not None and list(r._graphs.failed) == [4] and list(r._graphs._by_size) == [8]
+    assert len(replays) == 3  # the 3 batch-5 steps; the 3 batch-3 steps ran eagerly
+    assert r._graphs.fits(5) and not r._graphs.fits(3) and not r.supports_async_decode(3)
+    for a, b in zip(ref, got):
+        torch.testing.assert_close(b, a, rtol=0, atol=RUNNER_FP32_ATOL)
+    # two failed buckets with MAX_CAPTURE_FAILURES = 2: systematic, every decode step eager
+    monkeypatch.setattr(runner_mod, "MAX_CAPTURE_FAILURES", 2)
+    monkeypatch.setattr(runner_mod._DecodeGraphs, "_capture_full",
+                        lambda self, st, hm: (_ for _ in ()).throw(RuntimeError("not capturable")))
+    r = ModelRunner.build(w4ax_model, kv4=True, num_blocks=24, block_size=16, max_seqs=5)
+    r.enable_cuda_graphs(max_batch=8, graphs=False)
+    r._graphs.use_graphs = True
+    with pytest.warns(RuntimeWarning, match=r"2 decode graph buckets failed \(\[4, 8\]\): decode steps run eagerly"):
+        got = _decode_run(r, prompts, steps=6)
+    assert r._graphs is None
+    for a, b in zip(ref, got):
         torch.testing.assert_close(b, a, rtol=0, atol=RUNNER_FP32_ATOL)
 
 

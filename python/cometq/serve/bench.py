@@ -253,6 +253,10 @@ def run_engine(model, *, kv4: bool, batch: int, in_len: int, out_len: int, block
     graphs = getattr(runner, "_graphs", None)
     if graphs is not None:  # which decode-graph scheme ran (full-step or piecewise)
         res["decode_graphs"] = "full-step" if graphs.full else "piecewise"
+        if graphs.failed:  # batch buckets whose capture failed (they ran eagerly): bucket -> why
+            res["decode_graphs_failed"] = {str(b): why[:300] for b, why in sorted(graphs.failed.items())}
+    else:  # none enabled, or captures failed in MAX_CAPTURE_FAILURES buckets (every step eager)
+        res["decode_graphs"] = "none"
     if device == "cuda" and step_profile:
         try:
             res.update(_decode_step_profile(eng, runner, batch, in_len, seed))
@@ -531,7 +535,11 @@ def markdown(res: Dict) -> str:
             continue
         prof = (f"{r['decode_step_wall_ms']:.2f} / {r['decode_step_gpu_busy_ms']:.2f}"
                 if "decode_step_wall_ms" in r else "–")
-        label = r["system"] + (f" ({r['decode_graphs']})" if "decode_graphs" in r else "")
+        dg = r.get("decode_graphs")
+        label = r["system"] + (f" ({dg})" if dg not in (None, "none") else
+                               " (eager decode)" if dg == "none" and "+graphs" in r["system"] else "")
+        if r.get("decode_graphs_failed"):
+            label += f" [eager buckets {', '.join(r['decode_graphs_failed'])}]"
         if r.get("async_steps"):  # decode steps queued ahead of the host (async scheduling)
             label += f" [async {r['async_steps']} steps]"
         lines.append(f"| {label} | {r['batch']} | {r['input_len']}/{r['output_len']} | "

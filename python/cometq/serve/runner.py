@@ -441,9 +441,23 @@ class ModelRunner:
         try:
             return self._graphs.run_full(chunks, ids, pos, future=True)
         except _CaptureFailed as e:  # raised before the step touched the pool (see forward)
-            warnings.warn(f"{e}; decode steps run eagerly from now on", RuntimeWarning, stacklevel=2)
-            self._graphs = None
+            self._capture_failed(e)
             return None
+
+    def _capture_failed(self, e: "_CaptureFailed") -> None:
+        """A bucket's warm-up or capture raised: that batch bucket runs eagerly from now on, the
+        others keep their graphs (GPU run 6: one bucket's failure turned every decode step of
+        the run eager, 58 ms per step for 10 ms of GPU work) -- unless :data:`MAX_CAPTURE_FAILURES`
+        buckets failed, which looks systematic: then every decode step runs eagerly."""
+        g = self._graphs
+        g.failed[e.bucket] = str(e)
+        if len(g.failed) >= MAX_CAPTURE_FAILURES:
+            warnings.warn(f"{e}; {len(g.failed)} decode graph buckets failed ({sorted(g.failed)}): decode steps "
+                          "run eagerly from now on", RuntimeWarning, stacklevel=3)
+            self._graphs = None
+        else:
+            warnings.warn(f"{e}; decode steps of batch bucket {e.bucket} run eagerly from now on (the other "
+                          "buckets keep their graphs)", RuntimeWarning, stacklevel=3)
 
     @torch.inference_mode()
     def decode_continue(self, prev: "DecodeFuture") -> "DecodeFuture":
@@ -475,8 +489,7 @@ class ModelRunner:
                 return graphs.run(chunks, to_device_ints(ids, torch.long, self.device),
                                   to_device_ints(pos, torch.long, self.device))
             except _CaptureFailed as e:  # raised before the step touched the pool: run it eagerly
-                warnings.warn(f"{e}; decode steps run eagerly from now on", RuntimeWarning, stacklevel=2)
-                self._graphs = None
+                self._capture_failed(e)
         # pinned, non-blocking copies: no CPU-GPU sync before the step's kernels are queued
         h, cos, sin = self._embed(to_device_ints(ids, torch.long, dev), to_device_ints(pos, torch.long, dev))
         dec = [i for i, c in enumerate(chunks) if c.is_decode]
@@ -544,13 +557,22 @@ class ModelRunner:
 class _CaptureFailed(RuntimeError):
     """Warm-up or capture of a decode graph failed (nothing was written to the pool yet)."""
 
+    def __init__(self, msg: str, bucket: int):
+        super().__init__(msg)
+        self.bucket = bucket
 
-def _capture(fn, what: str):
+
+#: decode graph buckets whose capture may fail before every decode step runs eagerly (see
+#: ``ModelRunner._capture_failed``)
+MAX_CAPTURE_FAILURES = 3
+
+
+def _capture(fn, what: str, bucket: int):
     """Run a bucket's warm-up + capture ``fn``; any failure becomes :class:`_CaptureFailed`."""
     try:
         return fn()
     except Exception as e:  # noqa: BLE001 - reported (with its type) and handled by the caller
-        raise _CaptureFailed(f"CUDA graph capture of {what} failed: {type(e).__name__}: {e}") from e
+        raise _CaptureFailed(f"CUDA graph capture of {what} failed: {type(e).__name__}: {e}", bucket) from e
 
 
 def _graph_buckets(max_batch: int) -> List[int]:
@@ -642,9 +664,11 @@ class _DecodeGraphs:
         self.buckets = _graph_buckets(max_batch)
         self._by_size: Dict[int, _DecodeBucket] = {}
         self._pool = None
+        self.failed: Dict[int, str] = {}  # bucket -> why its capture failed (those run eagerly)
 
     def fits(self, b: int) -> bool:
-        return 1 <= b <= self.max_batch
+        """A batch of ``b`` decode rows runs on these graphs (its bucket's capture has not failed)."""
+        return 1 <= b <= self.max_batch and self._bucket_size(b) not in self.failed
 
     def _bucket_size(self, b: int) -> int:
         return next(x for x in self.buckets if x >= b)
@@ -668,7 +692,7 @@ class _DecodeGraphs:
         st = _DecodeBucket(self.r, bp)
         n_pieces = self.r.num_layers + 1
         if self.use_graphs:
-            _capture(lambda: self._capture_pieces(st, n_pieces), f"the piecewise decode step at batch {bp}")
+            _capture(lambda: self._capture_pieces(st, n_pieces), f"the piecewise decode step at batch {bp}", bp)
         self._by_size[bp] = st
         return st
 
@@ -762,7 +786,7 @@ class _DecodeGraphs:
         st = _DecodeBucket(self.r, bp)
         st.num_splits = self.r.pool.decode_num_splits(bp)
         if self.use_graphs:
-            _capture(lambda: self._capture_full(st, host_meta), f"the full decode step at batch {bp}")
+            _capture(lambda: self._capture_full(st, host_meta), f"the full decode step at batch {bp}", bp)
         self._by_size[bp] = st
         return st
 
