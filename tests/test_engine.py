@@ -628,6 +628,37 @@ def test_failed_graph_capture_falls_back_to_eager(w4ax_model, monkeypatch, kv4):
         torch.testing.assert_close(b, a, rtol=0, atol=RUNNER_FP32_ATOL)
 
 
+def test_refusion_drops_the_decode_graphs(w4ax_model):
+    """GPU run 6 (test_async_scheduling_cuda_graphs_same_tokens): two runners built on one model
+    take its fused q/k/v and gate/up weights from each other (the model's modules become views
+    of the newest fusion); a runner that sees this re-fuses and frees its old fused weights -- which
+    its captured decode graphs still replayed (NaN logits -> token 0 on the GPU).  Re-fusing now
+    drops the captures (captured again on next use, on the new weights)."""
+    import gc
+    import weakref
+
+    prompts = [_rand_ids(6 + 5 * i, 90 + i) for i in range(5)]
+    r1 = ModelRunner.build(w4ax_model, kv4=True, num_blocks=24, block_size=16, max_seqs=5)
+    r1.enable_cuda_graphs(max_batch=8, graphs=False)
+    ref = _decode_run(r1, prompts, steps=4)
+    assert sorted(r1._graphs._by_size) == [4, 8] and r1.graph_resets == 0
+    old = weakref.ref(r1._qkv_fused[0].qweight)
+    ModelRunner.build(w4ax_model, kv4=True, num_blocks=24, block_size=16, max_seqs=5)  # takes the weights over
+    for s in range(5):
+        r1.pool.free(s)
+    got = _decode_run(r1, prompts, steps=4)  # its prefill re-fuses: the captures go
+    gc.collect()
+    assert r1.graph_resets == 1 and old() is None
+    assert sorted(r1._graphs._by_size) == [4, 8]  # captured again, on the new fusion
+    for a, b in zip(ref, got):
+        torch.testing.assert_close(b, a, rtol=0, atol=RUNNER_FP32_ATOL)
+    # fusing more groups later replaces weights too: the captures go as well
+    r3 = ModelRunner.build(w4ax_model, kv4=True, num_blocks=24, block_size=16, max_seqs=5, fuse=False)
+    r3.enable_cuda_graphs(max_batch=8, graphs=False)
+    _decode_run(r3, prompts, steps=2)
+    assert r3._graphs._by_size and r3.fuse_projections() > 0 and not r3._graphs._by_size and r3.graph_resets == 1
+
+
 def test_failed_capture_of_one_bucket_keeps_the_others(w4ax_model, monkeypatch):
     """GPU run 6: the batch-1 full-step capture failed (an input check of one kernel) and every
     decode step of the run went eager.  Now only the failing bucket runs eagerly: here bucket 4

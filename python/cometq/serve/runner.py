@@ -113,6 +113,7 @@ class ModelRunner:
         self._qkv_fused: List = [None] * self.num_layers
         self._mlp_fused: List = [None] * self.num_layers
         self._fused_keys: Dict = {}  # (table, layer) -> weakrefs to the weights a fusion was checked against
+        self.graph_resets = 0  # times the captured decode graphs were dropped (reset_cuda_graphs)
         if fuse:
             self.fuse_projections()
         # one-kernel RMSNorm / add+RMSNorm / RoPE split / SiLU-and-mul (cometq.layers) instead of
@@ -177,20 +178,24 @@ class ModelRunner:
         Returns how many groups were fused."""
         from ..nn import fuse_linears
 
-        n = 0
+        n = new = 0
         for li, layer in enumerate(self.inner.layers):
             att = layer.self_attn
             if self._qkv_fused[li] is None:
                 f = fuse_linears([att.q_proj, att.k_proj, att.v_proj])
                 if f is not None:
                     self._qkv_fused[li] = f
+                    new += 1
             mlp = layer.mlp
             if self._mlp_fused[li] is None and all(hasattr(mlp, a) for a in ("gate_proj", "up_proj", "down_proj",
                                                                             "act_fn")):
                 f = fuse_linears([mlp.gate_proj, mlp.up_proj])
                 if f is not None:
                     self._mlp_fused[li] = f
+                    new += 1
             n += (self._qkv_fused[li] is not None) + (self._mlp_fused[li] is not None)
+        if new and hasattr(self, "graph_resets"):
+            self.reset_cuda_graphs()  # graphs captured on the unfused weights (now replaced by views)
         return n
 
     @classmethod
@@ -343,9 +348,31 @@ class ModelRunner:
                     # tensors, which the model's modules -- views of them -- cannot use outside it)
                     with torch.inference_mode(False):
                         table[li] = f = fuse_linears(list(parts))
+                    # the old fusion's weights are now freed: a decode graph captured on them would
+                    # read freed memory at its next replay (GPU run 6: two runners sharing one
+                    # model took its fused weights from each other; the first runner's batch-1
+                    # graph then produced NaN logits -> token 0).  Captured again on next use.
+                    self.reset_cuda_graphs()
                     break
             self._fused_keys[(id(table), li)] = [weakref.ref(t) for t in self._weights_of(parts)]
         return f
+
+    def reset_cuda_graphs(self) -> int:
+        """Forget every captured decode graph (they are captured again on next use); returns how
+        many batch buckets were dropped.  Called when the runner re-fuses projections (the model's
+        weights changed identity); call it after replacing the model's weight tensors yourself --
+        a graph replays the tensors it was captured on (in-place updates are seen, replaced
+        tensors are not)."""
+        g = getattr(self, "_graphs", None)
+        if g is None or not g._by_size:
+            return 0
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # no replay of a dropped graph is still running
+        n = len(g._by_size)
+        g._by_size.clear()
+        g._pool = None
+        self.graph_resets += 1
+        return n
 
     def _layer_index(self, layer) -> int:
         idx = getattr(self, "_layer_ids", None)
