@@ -47,10 +47,11 @@ import triton.language as tl
 
 from cometq.layout import BLOCK_K, INT4_QMAX, INT8_QMAX, SCALE_MODES, ActivationLayout, check_tensor, padded_k
 
-from ._common import checks_with_sync, derived, interpreting, next_pow2, nonempty, rint_rne, unpack_hi, unpack_lo
+from ._common import (checks_with_sync, derived, dummy, interpreting, next_pow2, nonempty, rint_rne, unpack_hi,
+                      unpack_lo)
 
-__all__ = ["quantize_act_triton", "quantize_activation_triton", "act_quant_kernel", "split_rows_triton",
-           "split_rows_kernel"]
+__all__ = ["quantize_act_triton", "fake_quant_act_triton", "quantize_activation_triton", "act_quant_kernel",
+           "split_rows_triton", "split_rows_kernel"]
 
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -83,15 +84,25 @@ def _load_halves(x_ptr, perm_ptr, rm, m_mask, b, K, stride_xm, stride_xk, IDENTI
 
 
 @triton.jit
-def _quantize_store(xe, xo, s, qmax, is8, slot, rm, m_mask, q4_ptr, q8_ptr, stride_q4m, stride_q8m):
-    """Quantize one block with per-row scale ``s`` [BLOCK_M] and write it to q4 or q8."""
+def _quantize_store(xe, xo, s, qmax, is8, slot, rm, m_mask, q4_ptr, q8_ptr, stride_q4m, stride_q8m,
+                    b, out_ptr, stride_om, FAKE: tl.constexpr):
+    """Quantize one block with per-row scale ``s`` [BLOCK_M] and write it to q4 or q8 -- or, FAKE,
+    write ``q * s`` (16-bit) to block ``b`` of ``out`` in the dequant path's half-split K order."""
     d = tl.where(s == 0.0, 1.0, s)[:, None]
     qe = rint_rne(tl.math.div_rn(xe, d))
     qo = rint_rne(tl.math.div_rn(xo, d))
     qe = tl.minimum(tl.maximum(qe, -qmax), qmax).to(tl.int32)
     qo = tl.minimum(tl.maximum(qo, -qmax), qmax).to(tl.int32)
     j = tl.arange(0, 64)
-    if is8:
+    if FAKE:
+        # what dequant_act_kernel makes of the packed block (int -> fp32, times the fp32 scale,
+        # rounded once to the 16-bit type): the same bits, without the packed round trip through
+        # memory (the large-M dequant path: kernels/dequant_gemm.py, w4ax_linear_dequant)
+        dst = out_ptr + rm.to(tl.int64)[:, None] * stride_om + b * 128 + j[None, :]
+        ty = out_ptr.dtype.element_ty
+        tl.store(dst, (qe.to(tl.float32) * s[:, None]).to(ty), mask=m_mask[:, None])
+        tl.store(dst + 64, (qo.to(tl.float32) * s[:, None]).to(ty), mask=m_mask[:, None])
+    elif is8:
         # back to K order in registers (join -> [BM, 64, 2] -> [BM, 128]: each thread
         # holds both values of a pair), then one contiguous 128-byte row store
         q = tl.reshape(tl.join(qe.to(tl.int8), qo.to(tl.int8)), (qe.shape[0], 128))
@@ -107,10 +118,14 @@ def act_quant_kernel(
     x_ptr, perm_ptr, bits_ptr, slot_ptr, q4_ptr, q8_ptr, s_ptr,
     M, K, NB, int4_clip,
     stride_xm, stride_xk, stride_q4m, stride_q8m, stride_sm,
+    out_ptr, stride_om,
     BLOCK_M: tl.constexpr,
     CLASS_MODE: tl.constexpr,
     IDENTITY: tl.constexpr,
+    FAKE: tl.constexpr = False,
 ):
+    """Permute + quantize + pack (module doc); FAKE: the dequantized values instead (``out``
+    ``[M, K_pad]`` 16-bit, half-split K order, no q4 / q8 / scales written)."""
     pid_m = tl.program_id(0)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = rm < M
@@ -127,8 +142,9 @@ def act_quant_kernel(
         # clip first (fp32 multiply), then the IEEE division: the reference's op order
         s4 = tl.math.div_rn(a4 * int4_clip, 7.0)
         s8 = tl.math.div_rn(a8, 127.0)
-        tl.store(s_ptr + rm * stride_sm, s4, mask=m_mask)
-        tl.store(s_ptr + rm * stride_sm + 1, s8, mask=m_mask)
+        if not FAKE:
+            tl.store(s_ptr + rm * stride_sm, s4, mask=m_mask)
+            tl.store(s_ptr + rm * stride_sm + 1, s8, mask=m_mask)
         # pass 2: quantize every block with its class scale (x comes from L2)
         for b in range(0, NB):
             xe, xo = _load_halves(x_ptr, perm_ptr, rm, m_mask, b, K, stride_xm, stride_xk, IDENTITY)
@@ -136,7 +152,8 @@ def act_quant_kernel(
             slot = tl.load(slot_ptr + b)
             s = tl.where(is8, s8, s4)
             qmax = tl.where(is8, 127.0, 7.0)
-            _quantize_store(xe, xo, s, qmax, is8, slot, rm, m_mask, q4_ptr, q8_ptr, stride_q4m, stride_q8m)
+            _quantize_store(xe, xo, s, qmax, is8, slot, rm, m_mask, q4_ptr, q8_ptr, stride_q4m, stride_q8m,
+                            b, out_ptr, stride_om, FAKE)
     else:
         b = tl.program_id(1)
         xe, xo = _load_halves(x_ptr, perm_ptr, rm, m_mask, b, K, stride_xm, stride_xk, IDENTITY)
@@ -146,8 +163,10 @@ def act_quant_kernel(
         qmax = tl.where(is8, 127.0, 7.0)
         # INT4 blocks: (absmax * clip) / 7; INT8 blocks keep their absmax (they hold the outliers)
         s = tl.math.div_rn(tl.where(is8, am, am * int4_clip), qmax)
-        tl.store(s_ptr + rm * stride_sm + b, s, mask=m_mask)
-        _quantize_store(xe, xo, s, qmax, is8, slot, rm, m_mask, q4_ptr, q8_ptr, stride_q4m, stride_q8m)
+        if not FAKE:
+            tl.store(s_ptr + rm * stride_sm + b, s, mask=m_mask)
+        _quantize_store(xe, xo, s, qmax, is8, slot, rm, m_mask, q4_ptr, q8_ptr, stride_q4m, stride_q8m,
+                        b, out_ptr, stride_om, FAKE)
 
 
 def _class_slot(block_bits: torch.Tensor) -> torch.Tensor:
@@ -183,6 +202,48 @@ def quantize_act_triton(
     ``identity_perm=True`` skips the gather (the caller vouches that ``perm`` is
     ``arange(K)``; :func:`quantize_activation_triton` passes the layout's cached flag).
     """
+    m, k, nb = _check_act_args(x, perm, block_bits, n_int8, scale_mode, int4_clip)
+    n4 = nb - n_int8
+    q4 = torch.empty(m, n4 * BLOCK_K // 2, dtype=torch.uint8, device=x.device)
+    q8 = torch.empty(m, n_int8 * BLOCK_K, dtype=torch.int8, device=x.device)
+    scales = torch.empty(m, nb if scale_mode == "block" else 2, dtype=torch.float32, device=x.device)
+    if m == 0:
+        return q4, q8, scales
+    _launch_act(x, perm, block_bits, scale_mode, int4_clip, identity_perm, block_m, nonempty(q4), nonempty(q8),
+                scales, q4.stride(0) if q4.numel() else 0, q8.stride(0) if q8.numel() else 0, None)
+    return q4, q8, scales
+
+
+def fake_quant_act_triton(
+    x: torch.Tensor,
+    perm: torch.Tensor,
+    block_bits: torch.Tensor,
+    n_int8: int,
+    scale_mode: str = "block",
+    *,
+    out_dtype: torch.dtype = torch.float16,
+    identity_perm: bool = False,
+    block_m: Optional[int] = None,
+    int4_clip: float = 1.0,
+) -> torch.Tensor:
+    """The dequant path's activation operand straight from ``x``: ``A' [M, K_pad]`` in ``out_dtype``
+    (fp16 / bf16 / fp32), each block's ``q * scale`` in the half-split K order of
+    :mod:`cometq.kernels.dequant_gemm` -- bit for bit what ``dequant_act_kernel`` makes of
+    :func:`quantize_act_triton`'s output, in one pass (no packed activation written and read back).
+    Arguments as :func:`quantize_act_triton`."""
+    m, k, nb = _check_act_args(x, perm, block_bits, n_int8, scale_mode, int4_clip)
+    if out_dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"out_dtype must be float16, bfloat16 or float32, got {out_dtype}")
+    out = torch.empty(m, nb * BLOCK_K, dtype=out_dtype, device=x.device)
+    if m:
+        d8, d4 = dummy(x.device, torch.int8), dummy(x.device, torch.uint8)
+        _launch_act(x, perm, block_bits, scale_mode, int4_clip, identity_perm, block_m, d4, d8,
+                    dummy(x.device), 0, 0, out)
+    return out
+
+
+def _check_act_args(x, perm, block_bits, n_int8, scale_mode, int4_clip):
+    """The shared argument checks of the two entry points; returns ``(M, K, n_blocks)``."""
     check_tensor("x", x, dtypes=_FLOAT, ndim=2)
     check_tensor("perm", perm, dtypes=(torch.int64, torch.int32), ndim=1)
     check_tensor("block_bits", block_bits, ndim=1)
@@ -207,12 +268,13 @@ def quantize_act_triton(
         got = int((block_bits == 8).sum())
         if got != n_int8:
             raise ValueError(f"n_int8={n_int8} but block_bits holds {got} INT8 blocks")
-    n4 = nb - n_int8
-    q4 = torch.empty(m, n4 * BLOCK_K // 2, dtype=torch.uint8, device=x.device)
-    q8 = torch.empty(m, n_int8 * BLOCK_K, dtype=torch.int8, device=x.device)
-    scales = torch.empty(m, nb if scale_mode == "block" else 2, dtype=torch.float32, device=x.device)
-    if m == 0:
-        return q4, q8, scales
+    return m, k, nb
+
+
+def _launch_act(x, perm, block_bits, scale_mode, int4_clip, identity_perm, block_m, q4k, q8k, scales,
+                stride_q4m, stride_q8m, out):
+    m, k = x.shape
+    nb = block_bits.shape[0]
     bm = block_m or _block_m(m)
     # per block map, computed once (a layer's map is a long-lived tensor): no cumsum /
     # cast kernels per call
@@ -220,16 +282,15 @@ def quantize_act_triton(
     bits = derived(block_bits, "act_quant.bits_i32", lambda t: t.to(torch.int32))
     class_mode = scale_mode == "class"
     grid = (triton.cdiv(m, bm),) if class_mode else (triton.cdiv(m, bm), nb)
-    q4k, q8k = nonempty(q4), nonempty(q8)
+    fake = out is not None
     act_quant_kernel[grid](
         x, perm, bits, slot, q4k, q8k, scales,
         m, k, nb, float(int4_clip),
-        x.stride(0), x.stride(1), q4.stride(0) if q4.numel() else 0, q8.stride(0) if q8.numel() else 0,
-        scales.stride(0),
-        BLOCK_M=bm, CLASS_MODE=class_mode, IDENTITY=bool(identity_perm),
+        x.stride(0), x.stride(1), stride_q4m, stride_q8m, scales.stride(0) if not fake else 0,
+        out if fake else dummy(x.device, torch.float16), out.stride(0) if fake else 0,
+        BLOCK_M=bm, CLASS_MODE=class_mode, IDENTITY=bool(identity_perm), FAKE=fake,
         num_warps=4,
     )
-    return q4, q8, scales
 
 
 def quantize_activation_triton(x: torch.Tensor, layout: ActivationLayout, scale_mode: str = "block"):

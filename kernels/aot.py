@@ -62,10 +62,10 @@ SHAPES = {
 M_BUCKETS = (16, 64, 256, 1024, 4096)
 
 
-def _act_sig(x_dtype: str) -> Dict[str, str]:
+def _act_sig(x_dtype: str, out: str = "fp16") -> Dict[str, str]:
     return dict(x_ptr=_TY[x_dtype], perm_ptr="*i64", bits_ptr="*i32", slot_ptr="*i32", q4_ptr="*u8", q8_ptr="*i8",
                 s_ptr="*fp32", M="i32", K="i32", NB="i32", int4_clip="fp32", stride_xm="i32", stride_xk="i32",
-                stride_q4m="i32", stride_q8m="i32", stride_sm="i32")
+                stride_q4m="i32", stride_q8m="i32", stride_sm="i32", out_ptr=_TY[out], stride_om="i32")
 
 
 def _gemm_sig(out: str, bias: str, persistent: bool) -> Dict[str, str]:
@@ -186,7 +186,14 @@ def jobs(quick: bool = False) -> List[Tuple[str, object, Dict[str, str], Dict[st
             for ident in ((False, True) if xd == "fp16" else (False,)):
                 for bm in (16, 32):
                     out.append((f"act_quant[{xd},class={cm},ident={ident},BM={bm}]", act_quant_kernel, _act_sig(xd),
-                                dict(BLOCK_M=bm, CLASS_MODE=cm, IDENTITY=ident), 4, 1, "act"))
+                                dict(BLOCK_M=bm, CLASS_MODE=cm, IDENTITY=ident, FAKE=False), 4, 1, "act"))
+    # the fused dequant route's activation operand (FAKE: q * scale stored as 16-bit, no packing):
+    # fp16 / bf16 inputs into their own dtype, both scale modes, gather and identity
+    for xd in ("fp16", "bf16"):
+        for cm in (False, True):
+            for ident in (False, True):
+                out.append((f"act_quant[{xd},class={cm},ident={ident},BM=32,fake]", act_quant_kernel,
+                            _act_sig(xd, xd), dict(BLOCK_M=32, CLASS_MODE=cm, IDENTITY=ident, FAKE=True), 4, 1, "act"))
     # the split-row repack the Hopper TMA GEMM reads at token tiles > 16
     out.append(("split_rows[BM=32]", split_rows_kernel,
                 dict(q4_ptr="*u8", q8_ptr="*i8", out_ptr="*i8", M="i32", N8="i32", stride_q4m="i32",
@@ -430,6 +437,7 @@ def ci_subset(todo, arch: int):
                 keep.append(j)  # the reduction for every decode split tile and the persistent 64x128
         else:
             if name in ("act_quant[fp16,class=False,ident=False,BM=32]", "act_quant[fp16,class=True,ident=False,BM=32]",
+                        "act_quant[fp16,class=False,ident=False,BM=32,fake]",
                         "split_rows[BM=32]", "dequant_act[fp16,class=False]", "dequant_weight[fp16,asym=True]"):
                 keep.append(j)
             elif name.startswith("gemm-variant[class,per-channel") or name.startswith("gemm-variant[block,g64,16x64"):

@@ -31,7 +31,8 @@ import triton.language as tl
 
 from ._common import unpack_hi, unpack_lo
 
-__all__ = ["w4ax_gemm_dequant", "dequant_act_kernel", "dequant_weight_kernel", "DEQUANT_GEMM_RTOL"]
+__all__ = ["w4ax_gemm_dequant", "w4ax_linear_dequant", "dequant_act_kernel", "dequant_weight_kernel",
+           "DEQUANT_GEMM_RTOL"]
 
 #: dequant path vs the integer-exact reference, relative to max |y|, per output dtype: the
 #: operands are rounded to it (fp16 2^-11, bf16 2^-8 each) and so is the output; measured
@@ -124,18 +125,43 @@ def w4ax_gemm_dequant(q4, q8, a_scales, block_bits, qweight, w_scales, group: in
     after its checks: ``group`` the resolved weight group width (K_pad for per-channel),
     ``stride_wb`` the weight block stride (64 row-major, N * 64 block-major)."""
     m = a_scales.shape[0]
-    n = qweight.shape[0]
     nb = block_bits.numel()
-    k_pad = nb * 128
-    dev = qweight.device
-    dt = out_dtype if out_dtype in (torch.float16, torch.bfloat16) else torch.float32
-    a = torch.empty(m, k_pad, dtype=dt, device=dev)
-    w = torch.empty(n, k_pad, dtype=dt, device=dev)
+    dt = _operand_dtype(out_dtype)
+    a = torch.empty(m, nb * 128, dtype=dt, device=qweight.device)
     if m and nb:
         bm = 32
         dequant_act_kernel[(triton.cdiv(m, bm), nb)](
             q4, q8, a_scales, block_bits, a, m, q4.stride(0) if q4.numel() else 0, q8.stride(0) if q8.numel() else 0,
             a_scales.stride(0), a.stride(0), BLOCK_M=bm, CLASS_MODE=scale_mode == "class", num_warps=4)
+    return _times_dequant_weight(a, qweight, w_scales, w_offsets, group, bias, out_dtype, stride_wb)
+
+
+def w4ax_linear_dequant(x, perm, block_bits, n_int8: int, scale_mode: str, int4_clip: float, qweight, w_scales,
+                        w_offsets, group: int, bias, out_dtype: torch.dtype, *, identity_perm: bool = False,
+                        stride_wb: Optional[int] = None) -> torch.Tensor:
+    """The whole W4Ax linear on the dequant path from the unquantized input ``x [M, K]``: ``A'``
+    by :func:`cometq.kernels.act_quant.fake_quant_act_triton` (quantize and dequantize in one pass:
+    no packed activation written and read back -- at M = 8192 the two-kernel route cost ~350 us per
+    projection on the H100, run 6), then ``W'`` and cuBLAS as :func:`w4ax_gemm_dequant`.  Bit for bit
+    ``w4ax_gemm_dequant(*quantize_act_triton(x, ...))``.  ``group``: the resolved weight group width."""
+    from .act_quant import fake_quant_act_triton
+
+    a = fake_quant_act_triton(x, perm, block_bits, n_int8, scale_mode, out_dtype=_operand_dtype(out_dtype),
+                              identity_perm=identity_perm, int4_clip=int4_clip)
+    return _times_dequant_weight(a, qweight, w_scales, w_offsets, group, bias, out_dtype, stride_wb)
+
+
+def _operand_dtype(out_dtype: torch.dtype) -> torch.dtype:
+    return out_dtype if out_dtype in (torch.float16, torch.bfloat16) else torch.float32
+
+
+def _times_dequant_weight(a, qweight, w_scales, w_offsets, group: int, bias, out_dtype, stride_wb):
+    """``a @ W'^T (+ bias)``: ``W'`` dequantized into ``a``'s dtype and K order, then cuBLAS."""
+    n = qweight.shape[0]
+    k_pad = a.shape[1]
+    nb = k_pad // 128
+    dt = a.dtype
+    w = torch.empty(n, k_pad, dtype=dt, device=a.device)
     if n and nb:
         bn = 64  # 64 rows x 64 bytes in, 16 KB (fp16) out per program
         dequant_weight_kernel[(triton.cdiv(n, bn), nb)](

@@ -100,3 +100,121 @@ def test_dequant_path_errors():
         _run(qa, qw, lay, b, torch.float16, return_int_acc=True)
     with pytest.raises(TypeError, match="dequant must be a bool"):
         G.GemmConfig(128, 128, dequant=1)
+
+
+# --------------------------------------------------------------------------
+# the fused route: quantize + dequantize the activations in one pass (w4ax_linear_dequant)
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize("m,k,n,pattern,scale_mode,identity", [
+    (1, 576, 72, "mixed", "block", False),   # K = 4.5 x 128: a padded last block
+    (19, 384, 96, "int8", "block", False),
+    (33, 256, 130, "int4", "class", False),
+    (8, 512, 64, "mixed", "class", True),    # identity permutation: the contiguous load
+])
+def test_fused_dequant_linear_is_bit_identical(m, k, n, pattern, scale_mode, identity):
+    """``A'`` from ``x`` in one pass (the act-quant kernel's FAKE mode) equals what the dequant
+    path makes of the packed activations, bit for bit; so does the whole linear (fp16 and fp32
+    out, bias, asymmetric g64 weights), and it stays within the dequant path's tolerance of the
+    integer reference."""
+    from cometq.kernels.act_quant import fake_quant_act_triton, quantize_act_triton
+    from cometq.kernels.dequant_gemm import dequant_act_kernel, w4ax_linear_dequant
+
+    g = torch.Generator().manual_seed(m * 7 + k)
+    x = (torch.randn(m, k, generator=g) * (1 + 6 * (torch.rand(k, generator=g) > 0.9))).half()
+    nb = -(-k // 128)
+    bits = {"mixed": [8 if i % 3 == 1 else 4 for i in range(nb)], "int4": [4] * nb, "int8": [8] * nb}[pattern]
+    perm = torch.arange(k) if identity else torch.randperm(k, generator=g)
+    lay = ActivationLayout(perm, torch.tensor(bits, dtype=torch.int32), 0.93)
+    qw = R.quantize_weight_rtn(torch.randn(n, k, generator=g) * 0.05, 64, sym=False)
+    bias = torch.randn(n, generator=g).half()
+    d = DEV
+    xd, pd, bd = x.to(d), lay.perm.to(d), lay.block_bits.to(d)
+    q4, q8, sc = quantize_act_triton(xd, pd, bd, lay.n_int8, scale_mode, identity_perm=identity,
+                                     int4_clip=lay.int4_clip)
+    for dt in (torch.float16, torch.float32):
+        want = torch.empty(m, nb * 128, dtype=dt, device=d)
+        dequant_act_kernel[(-(-m // 32), nb)](G.nonempty(q4), G.nonempty(q8), sc, bd, want, m,
+                                              q4.stride(0) if q4.numel() else 0, q8.stride(0) if q8.numel() else 0,
+                                              sc.stride(0), want.stride(0), BLOCK_M=32,
+                                              CLASS_MODE=scale_mode == "class", num_warps=4)
+        got = fake_quant_act_triton(xd, pd, bd, lay.n_int8, scale_mode, out_dtype=dt, identity_perm=identity,
+                                    int4_clip=lay.int4_clip)
+        assert got.dtype == dt and torch.equal(got, want), dt
+        wargs = (qw.qweight.to(d), qw.scales.to(d), 64, bias.to(d), dt, scale_mode)
+        y = w4ax_linear_dequant(xd, pd, bd, lay.n_int8, scale_mode, lay.int4_clip, qw.qweight.to(d), qw.scales.to(d),
+                                qw.offsets.to(d), 64, bias.to(d), dt, identity_perm=identity)
+        two = G.w4ax_gemm_triton(q4, q8, sc, bd, *wargs, path="dequant", w_offsets=qw.offsets.to(d))
+        assert torch.equal(y, two), dt
+    qa = R.quantize_activation(x.float(), lay, scale_mode)
+    _close(y, R.w4ax_gemm(qa, qw, bias.float()).double())
+
+
+def test_fused_dequant_errors():
+    from cometq.kernels.act_quant import fake_quant_act_triton
+
+    x = torch.randn(4, 256).to(DEV)
+    perm, bits = torch.arange(256).to(DEV), torch.tensor([8, 4], dtype=torch.int32).to(DEV)
+    with pytest.raises(TypeError, match="out_dtype must be float16, bfloat16 or float32, got torch.int8"):
+        fake_quant_act_triton(x, perm, bits, 1, out_dtype=torch.int8)
+    with pytest.raises(ValueError, match=r"n_int8=2 but block_bits holds 1 INT8 blocks"):
+        fake_quant_act_triton(x, perm, bits, 2)
+    with pytest.raises(ValueError, match=r"perm shape \(255,\) must be \(256,\)"):
+        fake_quant_act_triton(x, perm[:255], bits, 1)
+    assert fake_quant_act_triton(x[:0], perm, bits, 1).shape == (0, 256)
+
+
+def test_linear_route_choice(monkeypatch):
+    """``ops.w4ax_linear_eager`` at M >= FUSED_DEQUANT_MIN_M: the fused dequant route is a
+    candidate beside quantize + GEMM ("split"), first untuned from the 4096 bucket on, and timed
+    per case like a backend (a fake device check and timer drive it here); below the threshold,
+    or off CUDA, only the split route runs."""
+    from cometq import autotune, ops
+
+    g = torch.Generator().manual_seed(5)
+    k, n = 256, 48
+    lay = ActivationLayout(torch.randperm(k, generator=g), torch.tensor([8, 4], dtype=torch.int32))
+    qw = R.quantize_weight_rtn(torch.randn(n, k, generator=g) * 0.05, 128, sym=False)
+    ran = []
+    for name in ("_linear_split", "_linear_fused"):
+        real = getattr(ops, name)
+        monkeypatch.setitem(ops._LINEAR_ROUTES, name.split("_")[-1],
+                            lambda *a, _r=real, _n=name: (ran.append(_n.split("_")[-1]), _r(*a))[1])
+
+    def call(m):
+        x = torch.randn(m, k, generator=g)
+        return x, ops.w4ax_linear_eager(x, lay.perm, lay.block_bits, lay.n_int8, "block", 1.0, qw.qweight, qw.scales,
+                                        qw.offsets, 128, None, torch.float32)
+
+    call(1024)
+    assert ran == ["split"]  # on the CPU: never fused
+    monkeypatch.setattr(ops, "_fused_dequant_applies", lambda *a: True)
+    ran.clear()
+    call(1023)
+    call(2048)  # unmeasured device: the fixed order, split first below the 4096 bucket
+    x, y = call(4100)  # ... fused first from it on
+    assert ran == ["split", "split", "fused"]
+    ref = R.w4ax_gemm(R.quantize_activation(x, lay, "block"), qw).double()
+    _close(y, ref)
+    # measured: the faster route is kept per case (M bucket, N, K, flags)
+    autotune.clear()
+    monkeypatch.setattr(autotune, "_measurable", lambda d: True)
+    times = {"split": 2.0, "fused": 1.0}
+
+    def fake_timer(fn, device, **kw):
+        n0 = len(ran)
+        fn()
+        return times[ran[n0]]
+
+    prev = autotune.set_timer(fake_timer)
+    try:
+        ran.clear()
+        call(1500)
+        assert ran == ["split", "fused", "fused"]  # each timed once, then the fused one runs
+        ran.clear()
+        call(2000)  # same bucket: the kept choice, no timing
+        assert ran == ["fused"]
+        (d,) = [d for d in autotune.report() if d["op"] == "w4ax_linear_route"]
+        assert d["choice"] == "fused" and d["times_ms"] == times and d["key"]["M"] == 2048
+    finally:
+        autotune.set_timer(prev)
+        autotune.clear()

@@ -300,11 +300,76 @@ def w4ax_linear_eager(x, perm, block_bits, n_int8: int, scale_mode: str, int4_cl
         raise TypeError(f"out_dtype must be one of {tuple(_DTYPE_CODES)}, got {out_dtype}")
     if x.dim() != 2 or x.shape[1] != perm.shape[0]:
         raise ValueError(f"x shape {tuple(x.shape)} must be [M, {perm.shape[0]}] (the layout's K)")
-    be = backend or None
-    q4, q8, sc = _dispatch("quantize_act", x.device, be, x, perm, block_bits, int(n_int8), scale_mode,
-                           float(int4_clip))
+    args = (x, perm, block_bits, int(n_int8), scale_mode, float(int4_clip), qweight, w_scales, w_offsets,
+            int(group_size), bias, out_dtype, backend or None)
+    if x.shape[0] >= FUSED_DEQUANT_MIN_M and _fused_dequant_applies(*args):
+        # large M: the fused dequant route (one pass from x to the 16-bit activation operand) beside
+        # quantize + GEMM, timed per case like a backend; first untuned where the GEMM's own first
+        # candidate is the dequant path anyway (M >= 4096: same result, two passes fewer)
+        cands = ("fused", "split") if _autotune.bucket_m(x.shape[0]) >= 4096 else ("split", "fused")
+        route = _autotune.order("w4ax_linear_route", x.device, cands, _LINEAR_ROUTES, args)[0]
+        return _LINEAR_ROUTES[route](*args)
+    return _LINEAR_ROUTES["split"](*args)
+
+
+#: rows from which :func:`w4ax_linear_eager` on CUDA also considers the fused dequant route
+#: (:func:`cometq.kernels.dequant_gemm.w4ax_linear_dequant`): the GEMM's own dequant path starts
+#: at the 1024 bucket, and there quantizing the activations and dequantizing them again costs two
+#: passes over [M, K] (run 6, 8 x 1024-token prefill step: 44 of 259 ms)
+FUSED_DEQUANT_MIN_M = 1024
+
+
+def _linear_split(x, perm, block_bits, n_int8, scale_mode, int4_clip, qweight, w_scales, w_offsets, group_size,
+                  bias, out_dtype, be):
+    q4, q8, sc = _dispatch("quantize_act", x.device, be, x, perm, block_bits, n_int8, scale_mode, int4_clip)
     return _dispatch("w4ax_gemm", qweight.device, be, q4, q8, sc, block_bits, qweight, w_scales, w_offsets,
-                     int(group_size), bias, out_dtype, scale_mode)
+                     group_size, bias, out_dtype, scale_mode)
+
+
+def _linear_fused(x, perm, block_bits, n_int8, scale_mode, int4_clip, qweight, w_scales, w_offsets, group_size,
+                  bias, out_dtype, be):
+    from cometq.kernels.dequant_gemm import w4ax_linear_dequant
+
+    k_pad = block_bits.shape[0] * BLOCK_K
+    group = k_pad if group_size in (None, -1) else int(group_size)
+    return w4ax_linear_dequant(x, perm, block_bits, n_int8, scale_mode, int4_clip, qweight, w_scales, w_offsets, group,
+                               bias, out_dtype, stride_wb=qweight.stride(1) if qweight.dim() == 3 else None)
+
+
+_LINEAR_ROUTES = {"split": _linear_split, "fused": _linear_fused}
+
+
+def _fused_dequant_applies(x, perm, block_bits, n_int8, scale_mode, int4_clip, qweight, w_scales, w_offsets,
+                           group_size, bias, out_dtype, be) -> bool:
+    """The fused route runs this call: a CUDA input, the Triton backend allowed and loaded, and
+    weight tensors of the shapes the split route's GEMM would accept (else that route runs and
+    its checks name the problem)."""
+    if x.device.type != "cuda" or qweight.device != x.device or (be or os.environ.get(_ENV, "auto")) not in ("auto",
+                                                                                                        "triton"):
+        return False
+    try:
+        _load_backend("triton")
+    except Exception:  # noqa: BLE001 - no Triton here: the split route (its own error if forced)
+        return False
+    if "w4ax_gemm" not in _IMPLS or "triton" not in _IMPLS["w4ax_gemm"]:
+        return False
+    nb = block_bits.shape[0]
+    n = qweight.shape[0]  # (block-major weights: the [N, NB, 64] view, layout.weights_block_major)
+    k2 = qweight.shape[1] if qweight.dim() == 2 else qweight.shape[1] * qweight.shape[2]
+    return (k2 * 2 == nb * BLOCK_K and w_scales.dim() == 2 and w_scales.shape[0] == n
+            and (w_offsets is None or w_offsets.shape == w_scales.shape))
+
+
+def _key_linear_route(x, perm, block_bits, n_int8, scale_mode, int4_clip, qweight, w_scales, w_offsets, group_size,
+                      bias, out_dtype, be):
+    return (("M", _autotune.bucket_m(x.shape[0])), ("N", int(qweight.shape[0])), ("K", int(x.shape[1])),
+            ("dtype", str(out_dtype).replace("torch.", "")), ("x_dtype", str(x.dtype).replace("torch.", "")),
+            ("n_int8", _autotune.bucket_count(n_int8)), ("scale_mode", str(scale_mode)), ("group", int(group_size)),
+            ("offsets", w_offsets is not None), ("bias", bias is not None), ("clip", float(int4_clip) != 1.0),
+            ("block_major", qweight.dim() == 3))
+
+
+_autotune.register_key_fn("w4ax_linear_route", _key_linear_route)
 
 
 def quantize_activation(x: torch.Tensor, layout: ActivationLayout, scale_mode: str = "block",
