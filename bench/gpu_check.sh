@@ -239,8 +239,8 @@ bench() {  # name cap cmd...
 # order = priority for a short lease (later stages are skipped when the budget runs out):
 # the prefill step (run 5: ~1-2 s per 8192-token step vs 0.285 s for the own FP16 runner: the
 # reason W4Ax-KV4 reached only 1.34x HF at 1024 / 512), serving (#7's targets: W4Ax-KV4 vs HF
-# and vs the own FP16 engine, same run), the GEMM at the decode-step shapes, the KV4 attention
-# target row (#6: batch 16, context 4096; Triton and CUDA kernels), the CUDA-op tests, then
+# and vs the own FP16 engine, same run), the KV4 attention target row (#6: batch 16, context
+# 4096; Triton and CUDA kernels), the GEMM at the decode-step shapes, the CUDA-op tests, then
 # comparisons and diagnostics.
 # Untuned GEMM configs (first candidate per bucket) in both unless the caller sets
 # COMETQ_GEMM_TUNE: tuning every bucket of four Llama-3-8B shapes does not fit a short run (run
@@ -296,15 +296,16 @@ SL=$(limit "${SERVING_CAP:-230}")
 bench serving "$SL" env COMETQ_GEMM_TUNE="${COMETQ_GEMM_TUNE:-0}" $PY bench/bench_serving.py \
   ${SERVING_ARGS:---batch-sizes 64 --input-len 1024 --output-len 512 --systems hf-generate,cometq-w4ax-kv4+graphs,cometq-fp,cometq-w4ax-kv4+graphs-sync,cometq-w4ax-kv4+graphs@sym-g128,cometq-fp+graphs} \
   --out "$W/serving"
+# #6's target row before the GEMM table (run 6 never reached it; the CUDA kernel is new there)
+# (the launch config is tuned on each shape's first call; ATTENTION_ARGS=... --sweep also times
+# every candidate config at 0.5x..4x the default split count: run 5 has that table)
+bench attention "${ATTENTION_CAP:-40}" $PY bench/bench_attention.py ${ATTENTION_ARGS:---batch 16 --context 4096} \
+  --out "$W/attention"
 # bench_gemm stops starting rows at --time-budget and rewrites its JSON after every row
 GL=$(limit "${GEMM_CAP:-45}")
 # shellcheck disable=SC2086
 bench gemm "$GL" $PY bench/bench_gemm.py ${GEMM_ARGS:---shapes 8B.gate_up,8B.qkv,8B.o,8B.down --ms 64,16 --shares 0.25 --weights asym-g128,sym --tune sym --graph} \
   --time-budget $((GL > 30 ? GL - 15 : 15)) --out "$W/gemm"
-# (the launch config is tuned on each shape's first call; ATTENTION_ARGS=... --sweep also times
-# every candidate config at 0.5x..4x the default split count: run 5 has that table)
-bench attention "${ATTENTION_CAP:-30}" $PY bench/bench_attention.py ${ATTENTION_ARGS:---batch 16 --context 4096} \
-  --out "$W/attention"
 
 # ---------------------------------------------------------------- CUDA-op and engine tests
 # (after the GEMM table and the attention row: the smoke stages above already ran the CUDA
