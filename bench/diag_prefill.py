@@ -110,7 +110,11 @@ def main(argv=None) -> int:
     max_tokens = max(s * n for s, n in shapes)
     max_seqs = max(s for s, _ in shapes)
     results = {"model": name, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "rows": []}
+               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "rows": [],
+               # kernel switches of this run (the fused dequant route's choice is in "autotune":
+               # op w4ax_linear_route)
+               "env": {k: os.environ.get(k) for k in ("COMETQ_ACT_QUANT_ROWS", "COMETQ_BACKEND", "COMETQ_GEMM_TUNE",
+                                                      "COMETQ_AUTOTUNE", "COMETQ_SPLITK_FIXUP")}}
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "prefill.json")
     for system in systems:  # in the order given (the first gets the time a capped run has)

@@ -44,7 +44,7 @@
 #        MAX_JOBS (default 16), PYTHON (default python3), GPU_CHECK_BUDGET_S,
 #        PYTEST_ARGS (extra pytest arguments), PYTEST_WORKERS (xdist workers, default 8), GPU_CHECK_SKIP (comma list of stages
 #        to skip: build, triton_tests, cuda_tests, toolchain, diag, gemm, gemm_large, gemm_shares, gemm_class, microbench,
-#        attention, raw_errors, cuda_gemm_smoke, cuda_attn_smoke, splitk_fixup_smoke, prefill, serving, autotune, tune_decode), GEMM_ARGS / ATTENTION_ARGS / SERVING_ARGS (the stages' arguments),
+#        attention, raw_errors, cuda_act_rows_smoke, cuda_gemm_smoke, cuda_attn_smoke, splitk_fixup_smoke, prefill, serving, autotune, tune_decode), GEMM_ARGS / ATTENTION_ARGS / SERVING_ARGS (the stages' arguments),
 #        GEMM_CAP / ATTENTION_CAP,
 #        TRITON_TEST_FILES / CUDA_TEST_FILES (the test files of the two test stages), TRITON_TEST_WORKERS (12) /
 #        CUDA_TEST_WORKERS, TRITON_TESTS_CAP / CUDA_TESTS_CAP / DIAG_CAP /
@@ -254,6 +254,17 @@ bench() {  # name cap cmd...
 # A test that FAILS (not one cut by the cap) makes every later stage run with COMETQ_BACKEND=triton:
 # a wrong CUDA GEMM picked by `auto` for its speed would make the serving numbers meaningless
 # (the GEMM benchmark's own `cuda` columns still time it)
+# the CUDA act-quant's large-M rows kernel (thirteenth session, CPU-compiled only): if a test of it
+# FAILS, every later stage runs COMETQ_ACT_QUANT_ROWS=0 (the block kernel at every M), so a bug in
+# it costs the prefill numbers, not the CUDA backend of the whole run
+if [ "$BUILD" = ok ] && ! skip cuda_act_rows_smoke; then
+  PYTEST_WORKERS=3 run_pytest cuda_act_rows_smoke 30 tests/test_cuda_ops.py -k "quantize_act_rows_kernel" || true
+  if [ -s "$W/cuda_act_rows_smoke.failures.txt" ]; then
+    export COMETQ_ACT_QUANT_ROWS=0
+    stage act_quant_rows "COMETQ_ACT_QUANT_ROWS=0 (smoke failed)" 0
+    log "cuda_act_rows_smoke failed: later stages run with COMETQ_ACT_QUANT_ROWS=0"
+  fi
+fi
 if [ "$BUILD" = ok ] && ! skip cuda_gemm_smoke; then
   PYTEST_WORKERS=8 run_pytest cuda_gemm_smoke 60 tests/test_cuda_ops.py \
     -k "gemm_group_sizes or gemm_block_patterns or gemm_split_k or gemm_block_major_weights or gemm_asymmetric_group_sizes_split_k or gemm_asymmetric_activation_sums_exact or quantize_act_bit_identical or gemm_tile" || true

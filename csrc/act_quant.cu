@@ -42,7 +42,24 @@
 // dependent round trips per pass, two passes, 64 CTAs for a batch of 64 rows (half the
 // SMs idle); the block kernel runs 112 x 64 independent warps in 1792 CTAs.  A warp
 // finds its block's slot itself (block_slot: ballots over the earlier blocks' bits).
+//
+// Large M ("block" mode, M >= kActRowsMinM: prefill), act_quant_rows_kernel: why another kernel.
+// The layout's permutation sorts channels by magnitude, so a 128-channel block gathers from all
+// over the row: each 2-byte x load of a warp hits its own 32-byte sector, and a block costs ~16x
+// its bytes in sector traffic.  The block kernel's CTAs each take 4 blocks of one row, so every
+// row's sectors travel L2 -> SM ~8 times (K = 4096): 234 us per 8192 x 4096 call on the H100 (run
+// 6's prefill profile, ~13 % of copy bandwidth).  The rows kernel stages what it gathers from in
+// shared memory instead: a CTA (8 warps, persistent over rows) converts the permutation to 16-bit
+// indices once, then per row copies x in with coalesced 16-byte streaming loads and gathers from
+// shared memory (bank conflicts instead of sector waste):
+//
+//     smem:  | is8 / slot table [2 x nb] | perm16 [nb x 128] | x row [K] (16-byte aligned) |
+//
+// Same values, same scale and rounding code as the block kernel: the same bits.  K <= 32767
+// (16-bit indices); COMETQ_ACT_QUANT_ROWS=0 turns it off, =1 uses it at any M (tests).
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 
 #include "cometq_device.cuh"
 #include "cometq_kernels.h"
@@ -191,9 +208,99 @@ __global__ void __launch_bounds__(32 * kActBlockWarps) act_quant_block_kernel(co
   quantize_store_lane(p, m, slot, is8, lane, v, s);
 }
 
+constexpr int kActRowsWarps = 8;
+constexpr int kActRowsMinM = 256;
+constexpr int kActRowsMaxK = 32767;
+
+template <typename T>
+__global__ void __launch_bounds__(32 * kActRowsWarps) act_quant_rows_kernel(const CometqActQuantArgs p) {
+  extern __shared__ __align__(16) unsigned char rows_smem[];
+  const int nb = p.n_blocks, K = p.K;
+  int* s_is8 = reinterpret_cast<int*>(rows_smem);
+  int* s_info = s_is8 + nb;
+  uint16_t* s_perm = reinterpret_cast<uint16_t*>(s_info + nb);
+  const size_t x_off = (2 * sizeof(int) * nb + sizeof(uint16_t) * nb * kBlockK + 15) & ~size_t(15);
+  T* s_x = reinterpret_cast<T*>(rows_smem + x_off);
+
+  build_block_table(p.block_bits, nb, p.n4, p.n8, s_is8, s_info);  // (ends with a barrier)
+  for (int j = threadIdx.x; j < nb * kBlockK; j += blockDim.x) {
+    // clamped: an index outside the row (never made by ActivationLayout) stays inside shared memory
+    const int64_t c = j < K ? p.perm[j] : 0;
+    s_perm[j] = static_cast<uint16_t>(c < 0 ? 0 : (c >= K ? K - 1 : c));
+  }
+  __syncthreads();
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  constexpr int kVec = 16 / sizeof(T);
+  for (int m = blockIdx.x; m < p.M; m += gridDim.x) {
+    const T* xrow = static_cast<const T*>(p.x) + static_cast<int64_t>(m) * p.ld_x;
+    int done = 0;
+    if ((reinterpret_cast<uintptr_t>(xrow) & 15) == 0) {  // the row is read once: streaming loads
+      const int nv = K / kVec;
+      for (int i = threadIdx.x; i < nv; i += blockDim.x)
+        reinterpret_cast<uint4*>(s_x)[i] = __ldcs(reinterpret_cast<const uint4*>(xrow) + i);
+      done = nv * kVec;
+    }
+    for (int j = done + threadIdx.x; j < K; j += blockDim.x) s_x[j] = xrow[j];
+    __syncthreads();
+    for (int b = warp; b < nb; b += kActRowsWarps) {
+      float v[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int j = b * kBlockK + lane * 4 + i;
+        v[i] = (j < K) ? to_float(s_x[s_perm[j]]) : 0.f;
+      }
+      const int info = s_info[b];
+      const bool is8 = (info & kInfoInt8) != 0;
+      const float a = warp_max(fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3]))));
+      const float sc = is8 ? __fdiv_rn(a, 127.f) : __fdiv_rn(__fmul_rn(a, p.int4_clip), 7.f);
+      if (lane == 0) p.scales[static_cast<int64_t>(m) * p.ld_scales + b] = sc;
+      if (info & kInfoValid) quantize_store_lane(p, m, info & kInfoSlotMask, is8, lane, v, sc);
+    }
+    __syncthreads();  // the next row overwrites s_x
+  }
+}
+
+// COMETQ_ACT_QUANT_ROWS: "0" never the rows kernel, "1" whenever it applies (K <= 32767),
+// unset / anything else: from kActRowsMinM rows on
+static int act_rows_mode() {
+  const char* v = std::getenv("COMETQ_ACT_QUANT_ROWS");
+  if (v != nullptr && std::strcmp(v, "0") == 0) return 0;
+  if (v != nullptr && std::strcmp(v, "1") == 0) return 1;
+  return -1;
+}
+
+template <typename T>
+static cudaError_t launch_act_quant_rows(const CometqActQuantArgs& a, cudaStream_t stream) {
+  const size_t smem = ((2 * sizeof(int) * a.n_blocks + sizeof(uint16_t) * a.n_blocks * kBlockK + 15) & ~size_t(15)) +
+                      sizeof(T) * static_cast<size_t>(a.K);
+  auto kernel = act_quant_rows_kernel<T>;
+  int dev = 0, sms = 132, per_sm = 1, smem_max = 48 * 1024;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&smem_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  if (err != cudaSuccess) return err;
+  if (smem > static_cast<size_t>(smem_max)) return cudaErrorNotSupported;  // (the caller runs the block kernel)
+  if (smem > 48 * 1024) {
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    if (err != cudaSuccess) return err;
+  }
+  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, 32 * kActRowsWarps, smem);
+  if (err != cudaSuccess) return err;
+  // persistent over rows: the permutation is staged once per CTA, not once per row
+  const int grid = std::max(1, std::min(a.M, sms * std::max(1, per_sm)));
+  kernel<<<grid, 32 * kActRowsWarps, smem, stream>>>(a);
+  return cudaGetLastError();
+}
+
 template <typename T>
 static cudaError_t launch_act_quant(const CometqActQuantArgs& a, cudaStream_t stream) {
   if (a.scale_mode == COMETQ_SCALE_BLOCK) {
+    const int rows = act_rows_mode();
+    if (a.K <= kActRowsMaxK && (rows == 1 || (rows == -1 && a.M >= kActRowsMinM))) {
+      const cudaError_t err = launch_act_quant_rows<T>(a, stream);
+      if (err != cudaErrorNotSupported) return err;  // else: too much shared memory here, the block kernel
+    }
     const dim3 grid(a.M, (a.n_blocks + kActBlockWarps - 1) / kActBlockWarps);
     act_quant_block_kernel<T><<<grid, 32 * kActBlockWarps, 0, stream>>>(a);
     return cudaGetLastError();

@@ -136,6 +136,33 @@ def test_quantize_act_shapes_and_zero_rows(C, k, scale_mode):
     assert torch.equal(q4.cpu(), ref.q4) and torch.equal(q8.cpu(), ref.q8) and torch.equal(sc.cpu(), ref.scales)
 
 
+@pytest.mark.parametrize("k", [129, 576, 4096, 14336])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_quantize_act_rows_kernel_bit_identical(C, k, dtype, monkeypatch):
+    """The large-M rows kernel (permutation and x row staged in shared memory; "block" mode,
+    M >= 256 or COMETQ_ACT_QUANT_ROWS=1) against the reference and the block kernel, bit for bit:
+    a random permutation (scattered gathers, like the magnitude-sorted ones calibration makes),
+    K = 129 (rows not 16-byte aligned: the scalar copy), an all-zero token, M = 300 (auto) and
+    M = 5 (forced), and COMETQ_ACT_QUANT_ROWS=0 (the block kernel)."""
+    gen = _gen("qa_rows", k, str(dtype))
+    nb = (k + BLOCK_K - 1) // BLOCK_K
+    bits = [8 if i % 4 == 0 else 4 for i in range(nb)]
+    lay = _layout(k, bits, gen)
+    x = rand_activation(300, k, outliers=min(k, 9), dtype=dtype, generator=gen)
+    x[7] = 0.0
+    args = (lay.perm.to(DEVICE), lay.block_bits.to(DEVICE), lay.n_int8, "block")
+    for mode, rows in (("auto", 300), ("1", 5), ("0", 300)):
+        if mode == "auto":
+            monkeypatch.delenv("COMETQ_ACT_QUANT_ROWS", raising=False)
+        else:
+            monkeypatch.setenv("COMETQ_ACT_QUANT_ROWS", mode)
+        xs = x[1:1 + rows] if k == 129 else x[:rows]  # (K = 129: an offset start too)
+        want = R.quantize_activation(xs, lay, "block")
+        q4, q8, sc = C.cuda_quantize_act(xs.to(DEVICE), *args)
+        assert torch.equal(q4.cpu(), want.q4) and torch.equal(q8.cpu(), want.q8), (mode, k, dtype)
+        assert torch.equal(sc.cpu(), want.scales), (mode, k, dtype)
+
+
 def test_quantize_act_through_ops(C):
     gen = _gen("qa_ops")
     lay = _layout(K, [8, 4, 4, 8, 4], gen)
