@@ -264,6 +264,7 @@ if [ "$BUILD" = ok ] && ! skip cuda_act_rows_smoke; then
     stage act_quant_rows "COMETQ_ACT_QUANT_ROWS=0 (smoke failed)" 0
     log "cuda_act_rows_smoke failed: later stages run with COMETQ_ACT_QUANT_ROWS=0"
   fi
+  pack  # (a call cut by the device limit keeps what was packed last: run 6's rerun lost its smokes)
 fi
 if [ "$BUILD" = ok ] && ! skip cuda_gemm_smoke; then
   PYTEST_WORKERS=8 run_pytest cuda_gemm_smoke 60 tests/test_cuda_ops.py \
@@ -273,6 +274,7 @@ if [ "$BUILD" = ok ] && ! skip cuda_gemm_smoke; then
     stage cuda_backend_disabled "COMETQ_BACKEND=triton" 0
     log "cuda_gemm_smoke had failures: later stages run with COMETQ_BACKEND=triton"
   fi
+  pack
 fi
 # the CUDA KV4 decode attention kernel (csrc/kv4_attention.cu; default COMETQ_KV4_ATTN_CUDA=auto since
 # run 6: timed against the Triton kernel per shape class, the faster kept -- serving rows report
@@ -293,6 +295,7 @@ if [ "$BUILD" = ok ] && ! skip cuda_attn_smoke; then
     stage kv4_attention_cuda "COMETQ_KV4_ATTN_CUDA=0 (smoke failed)" 0
     log "cuda_attn_smoke failed: later stages run with COMETQ_KV4_ATTN_CUDA=0"
   fi
+  pack
 fi
 bench prefill "${PREFILL_CAP:-50}" env COMETQ_GEMM_TUNE="${COMETQ_GEMM_TUNE:-0}" \
   $PY bench/diag_prefill.py ${PREFILL_ARGS:---shapes 8x1024 --systems w4ax,fp --reps 2} --out "$W/prefill"
