@@ -47,8 +47,10 @@
 // The layout's permutation sorts channels by magnitude, so a 128-channel block gathers from all
 // over the row: each 2-byte x load of a warp hits its own 32-byte sector, and a block costs ~16x
 // its bytes in sector traffic.  The block kernel's CTAs each take 4 blocks of one row, so every
-// row's sectors travel L2 -> SM ~8 times (K = 4096): 234 us per 8192 x 4096 call on the H100 (run
-// 6's prefill profile, ~13 % of copy bandwidth).  The rows kernel stages what it gathers from in
+// row's sectors travel L2 -> SM ~8 times (K = 4096).  Run 6's prefill profile (H100, 8 x 1024 tokens):
+// 30.0 ms for the step's 128 calls (K = 4096 and 14336; 234 us on average, ~0.6 TB/s over the ~18 GB
+// they read and write, ~20 % of copy bandwidth) -- the gather is the likely cause, not timed alone
+// (down_proj's folded identity permutation gathers contiguously).  The rows kernel stages what it gathers from in
 // shared memory instead: a CTA (8 warps, persistent over rows) converts the permutation to 16-bit
 // indices once, then per row copies x in with coalesced 16-byte streaming loads and gathers from
 // shared memory (bank conflicts instead of sector waste):

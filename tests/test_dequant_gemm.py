@@ -187,6 +187,13 @@ def test_linear_route_choice(monkeypatch):
 
     call(1024)
     assert ran == ["split"]  # on the CPU: never fused
+    # the weight-side shapes the fused route indexes unchecked (else the split route runs and names the problem)
+    ok = lambda **kw: ops._fused_shapes_ok(**{**dict(block_bits=lay.block_bits, qweight=qw.qweight,  # noqa: E731
+                                                     w_scales=qw.scales, w_offsets=qw.offsets, group_size=128), **kw})
+    assert ok() and ok(qweight=weights_block_major(qw.qweight))
+    assert not ok(group_size=64) and not ok(w_scales=qw.scales[:, :1]) and not ok(w_offsets=qw.offsets[:-1])
+    assert not ok(qweight=qw.qweight[:, :64]) and not ok(group_size=96)
+    assert ok(group_size=-1, w_scales=qw.scales[:, :1], w_offsets=qw.offsets[:, :1])
     monkeypatch.setattr(ops, "_fused_dequant_applies", lambda *a: True)
     ran.clear()
     call(1023)

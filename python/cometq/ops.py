@@ -353,10 +353,18 @@ def _fused_dequant_applies(x, perm, block_bits, n_int8, scale_mode, int4_clip, q
         return False
     if "w4ax_gemm" not in _IMPLS or "triton" not in _IMPLS["w4ax_gemm"]:
         return False
+    return _fused_shapes_ok(block_bits, qweight, w_scales, w_offsets, group_size)
+
+
+def _fused_shapes_ok(block_bits, qweight, w_scales, w_offsets, group_size) -> bool:
+    """Weight-side shapes the fused route indexes without further checks (row-major or block-major
+    ``qweight``, scales / offsets ``[N, K_pad / G]``)."""
     nb = block_bits.shape[0]
     n = qweight.shape[0]  # (block-major weights: the [N, NB, 64] view, layout.weights_block_major)
     k2 = qweight.shape[1] if qweight.dim() == 2 else qweight.shape[1] * qweight.shape[2]
-    return (k2 * 2 == nb * BLOCK_K and w_scales.dim() == 2 and w_scales.shape[0] == n
+    group = nb * BLOCK_K if group_size in (None, -1) else int(group_size)
+    return (k2 * 2 == nb * BLOCK_K and group > 0 and (nb * BLOCK_K) % group == 0 and w_scales.dim() == 2
+            and tuple(w_scales.shape) == (n, nb * BLOCK_K // group)
             and (w_offsets is None or w_offsets.shape == w_scales.shape))
 
 
