@@ -250,12 +250,26 @@ def main(argv=None) -> int:
                 sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(q4, ke, ve)  # noqa: E731
             ms_sdpa = bench(sdpa)
             kb16 = 2 * b * h * t * d * 2
-            del k, v
+            # the FP16 serving baseline's kernel (cometq::paged_decode_attention, Triton) on the
+            # same K/V in a paged fp16 cache [slots, Hkv, D] (blocks of one sequence contiguous)
+            from cometq.kernels.paged_attention import paged_decode_attention_triton
+
+            nblk16 = -(-t // args.block_size)
+            kc = torch.zeros(b * nblk16 * args.block_size, h, d, device=dev, dtype=act_dtype)
+            vc = torch.zeros_like(kc)
+            kc.view(b, nblk16 * args.block_size, h, d)[:, :t] = k.transpose(1, 2)
+            vc.view(b, nblk16 * args.block_size, h, d)[:, :t] = v.transpose(1, 2)
+            bt16 = torch.arange(b * nblk16, device=dev, dtype=torch.int32).view(b, nblk16)
+            lens16 = torch.full((b,), t, device=dev, dtype=torch.int32)
+            ms_fp16_paged = bench(lambda: paged_decode_attention_triton(q, kc, vc, bt16, lens16, args.block_size,
+                                                                        1.0 / math.sqrt(d), 0))
+            del k, v, kc, vc
             row = dict(batch=b, context=t, splits=splits, ms_kv4=ms_kv4, ms_kv4_op=ms_kv4_op, ms_sdpa=ms_sdpa, speedup=ms_sdpa / ms_kv4,
                        ms_kv4_fold=ms_fold, speedup_fold=(ms_sdpa / ms_fold) if ms_fold else None,
                        gbs_kv4=kb4 / ms_kv4 / 1e6, gbs_sdpa=kb16 / ms_sdpa / 1e6, kv_bytes_kv4=kb4, kv_bytes_fp16=kb16,
                        sdpa_enable_gqa=gqa, ms_cuda=ms_cuda, speedup_cuda=(ms_sdpa / ms_cuda) if ms_cuda else None,
                        gbs_cuda=(kb4 / ms_cuda / 1e6) if ms_cuda else None,
+                       ms_fp16_paged=ms_fp16_paged, gbs_fp16_paged=kb16 / ms_fp16_paged / 1e6,
                        cuda_splits=min(cuda_sweep, key=cuda_sweep.get) if cuda_sweep else None,
                        cuda_sweep=cuda_sweep,
                        config=None if cfg_used is None else dict(num_warps=cfg_used.num_warps, tile=cfg_used.tile,
@@ -281,8 +295,9 @@ def main(argv=None) -> int:
           f"V {args.value_axis}, G={args.group_size}, block {args.block_size} (torch {torch.__version__}, "
           f"triton {triton.__version__})", "",
           "| batch | context | splits | config (warps/tile/lazy) | KV4 kernel ms | KV4 via torch op ms | SDPA fp16 ms "
-          "| speedup | KV4 GB/s | SDPA GB/s | KV4 fold_k ms | fold_k speedup | CUDA kernel ms (splits) | CUDA speedup |",
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+          "| speedup | KV4 GB/s | SDPA GB/s | KV4 fold_k ms | fold_k speedup | CUDA kernel ms (splits) | CUDA speedup "
+          "| FP16 paged (baseline kernel) ms | its GB/s |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         fold = (f"{r['ms_kv4_fold']:.4f} | {r['speedup_fold']:.2f}x" if r.get("ms_kv4_fold") else "– | –")
         c = r.get("config")
@@ -290,7 +305,8 @@ def main(argv=None) -> int:
         cu = (f"{r['ms_cuda']:.4f} ({r['cuda_splits']}) | {r['speedup_cuda']:.2f}x" if r.get("ms_cuda")
               else "– | –")
         md.append(f"| {r['batch']} | {r['context']} | {r['splits']} | {cs} | {r['ms_kv4']:.4f} | {r['ms_kv4_op']:.4f} | "
-                  f"{r['ms_sdpa']:.4f} | {r['speedup']:.2f}x | {r['gbs_kv4']:.0f} | {r['gbs_sdpa']:.0f} | {fold} | {cu} |")
+                  f"{r['ms_sdpa']:.4f} | {r['speedup']:.2f}x | {r['gbs_kv4']:.0f} | {r['gbs_sdpa']:.0f} | {fold} | {cu} | "
+                  f"{r['ms_fp16_paged']:.4f} | {r['gbs_fp16_paged']:.0f} |")
     if cuda_note:
         md += ["", f"CUDA kernel (csrc/kv4_attention.cu): {cuda_note}"]
     if any(r.get("sweep") for r in rows):

@@ -16,10 +16,12 @@ from cometq.ops import register_impl
 from .kv4_append import kv4_decode_append_triton, kv4_quantize_append_triton
 from .kv4_attention import kv4_decode_attention_triton
 from .layer_ops import add_rms_norm_triton, rms_norm_triton, rope_qkv_triton, silu_mul_triton
+from .paged_attention import paged_decode_attention_triton
 
 register_impl("kv4_quantize_append", "triton", kv4_quantize_append_triton)
 register_impl("kv4_decode_attention", "triton", kv4_decode_attention_triton)
 register_impl("kv4_decode_append", "triton", kv4_decode_append_triton)
+register_impl("paged_decode_attention", "triton", paged_decode_attention_triton)
 register_impl("rms_norm", "triton", rms_norm_triton)
 register_impl("add_rms_norm", "triton", add_rms_norm_triton)
 register_impl("rope_qkv", "triton", rope_qkv_triton)

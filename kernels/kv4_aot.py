@@ -30,7 +30,8 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from .kv4_append import kv4_append_kernel, kv4_decode_append_kernel  # noqa: E402
 from .layer_ops import rms_norm_kernel, rope_qkv_kernel, silu_mul_kernel  # noqa: E402
-from .kv4_attention import attention_configs, attention_meta, kv4_attn_reduce_kernel, kv4_attn_split_kernel  # noqa: E402
+from .kv4_attention import _DOT, attention_configs, attention_meta, kv4_attn_reduce_kernel, kv4_attn_split_kernel  # noqa: E402
+from .paged_attention import NUM_WARPS as PAGED_WARPS, TILE as PAGED_TILE, paged_attn_split_kernel  # noqa: E402
 
 _TY = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
 
@@ -112,6 +113,15 @@ def jobs(quick: bool = False) -> List[tuple]:
         ce = dict(HQ=32, SPLITS_P2=8, D=128)
         ptrs = dict(po_ptr="*fp32", pm_ptr="*fp32", pl_ptr="*fp32", out_ptr=_TY[qd])
         out.append((f"reduce[{qd}]", kv4_attn_reduce_kernel, ptrs, ce, 4, "reduce"))
+        # the FP16 baseline's paged decode attention (paged_attention.py): Llama-3-8B heads, block 16
+        for qpk in (1, 4, 8) if not quick else (4,):
+            for direct in (True, False):
+                ce = dict(QPK=qpk, BLOCK_H=max(16, qpk), D=128, BLOCK_SIZE=16, TILE=PAGED_TILE, DOT_DTYPE=_DOT[qd],
+                          DIRECT=direct)
+                ptrs = dict(q_ptr=_TY[qd], k_ptr=_TY[qd], v_ptr=_TY[qd], bt_ptr="*i32", len_ptr="*i32")
+                ptrs.update({n: _TY[qd] if direct else "*fp32" for n in ("po_ptr", "pm_ptr", "pl_ptr")})
+                out.append((f"paged[{qd},qpk={qpk},{'direct' if direct else 'split'}]", paged_attn_split_kernel, ptrs,
+                            ce, PAGED_WARPS, "paged"))
     return out
 
 
@@ -125,7 +135,8 @@ CI_SET = ("append[token,torch.float16]", "append[channel,torch.float16]",
           "attn-cfg[torch.float16,channel/token,qpk=4,splits=8,w1,t32,lazy]",
           "attn-cfg[torch.float16,channel/token,qpk=4,splits=8,w1,t16,lazy]", "decode_append[torch.float16,channel/token]",
           "decode_append[torch.float16,token/token]", "layer_rms_norm[torch.float16,res]",
-          "layer_rope_qkv[torch.float16]", "layer_silu_mul[torch.float16]")
+          "layer_rope_qkv[torch.float16]", "layer_silu_mul[torch.float16]",
+          "paged[torch.float16,qpk=4,direct]", "paged[torch.bfloat16,qpk=8,split]")
 
 
 def ptxas_usage(ptx: str, arch: int) -> dict:
@@ -223,13 +234,13 @@ def compile_all(archs, quick: bool = False, ci: bool = False) -> List[dict]:
             r = {"name": name, "arch": arch, "ok": False}
             try:
                 src = ASTSource(kernel, _sig(kernel, ptrs, ce), constexprs=ce,
-                                attrs=_attrs(kernel, ce) if kind == "attn" else None)
+                                attrs=_attrs(kernel, ce) if kind in ("attn", "paged") else None)
                 k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps))
                 ptx = k.asm["ptx"]
                 checks = []
                 if kind == "append":
                     checks.append(("div.rn.f32", "div.rn.f32" in ptx))
-                if kind == "attn" and "fp32" not in name:
+                if kind in ("attn", "paged") and "fp32" not in name:
                     checks.append(("tensor-core mma", "mma" in ptx))
                 if kind == "attn":
                     # the packed K and V bytes stream through cp.async (software-pipelined: the
@@ -237,7 +248,7 @@ def compile_all(archs, quick: bool = False, ci: bool = False) -> List[dict]:
                     checks.append(("cp.async K/V stream", "cp.async" in ptx))
                 bad = [c for c, ok in checks if not ok]
                 r.update(ok=not bad, failed_checks=bad, shared=k.metadata.shared)
-                if kind == "attn":
+                if kind in ("attn", "paged"):
                     r.update(ptxas_usage(ptx, arch))
                     r.update(loop_profile(k.asm["cubin"]))
                     if r.get("loop_instructions"):

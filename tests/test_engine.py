@@ -253,23 +253,29 @@ def test_runner_rejects_bad_input(llama):
         ModelRunner(llama, bad_pool)
 
 
-def test_fp_pool_decode_slots_match_per_sequence_slots():
-    """The FP pool's decode-attention slot matrix (built for the whole batch at once) equals the
-    per-sequence slots (``_slots``) row by row, zero and masked past each length; a length past a
-    sequence's reservation is refused."""
+def test_fp_pool_decode_attention_matches_per_sequence_attention():
+    """The FP pool's batched decode attention (``cometq::paged_decode_attention`` over the step's
+    block tables, built once for the whole batch) equals attention over each sequence's own
+    slots (``read``) row by row; a length past a sequence's reservation is refused."""
+    import torch.nn.functional as F
+
     g = torch.Generator().manual_seed(4)
-    p = PagedFPPool(num_layers=1, num_blocks=40, block_size=4, n_kv_heads=1, head_dim=8)
+    p = PagedFPPool(num_layers=2, num_blocks=40, block_size=4, n_kv_heads=1, head_dim=8)
+    p.k.copy_(torch.randn(p.k.shape, generator=g))
+    p.v.copy_(torch.randn(p.v.shape, generator=g))
     lens = [5, 1, 12, 9]
-    for s, n in zip((3, 0, 7, 2), lens):
-        p.reserve(s, n + 2)
     seqs = [3, 0, 7, 2]
+    for s, n in zip(seqs, lens):
+        p.reserve(s, n + 2)
     q = torch.randn(4, 2, 8, generator=g)
-    p.decode_attention(0, seqs, lens, q, 0.3)
-    want = torch.zeros(4, 12, dtype=torch.long)
+    out = p.decode_attention(1, seqs, lens, q, 0.3)
+    assert p._dec_tables.dtype == torch.int32 and p._dec_tables.shape == (4, 4)
     for i, (s, n) in enumerate(zip(seqs, lens)):
-        want[i, :n] = p._slots(s, 0, n, "cpu")
-    assert torch.equal(p._dec_slots, want)
-    assert torch.equal(p._dec_mask[:, 0, 0], torch.arange(12)[None, :] < torch.tensor(lens)[:, None])
+        assert p._dec_tables[i, :len(p.block_table(s))].tolist() == p.block_table(s)
+        k, v = p.read(1, s, n, torch.float32)  # [n, 1, 8]
+        want = F.scaled_dot_product_attention(q[i][:, None], k.transpose(0, 1).expand(2, n, 8),
+                                              v.transpose(0, 1).expand(2, n, 8), scale=0.3)[:, 0]
+        torch.testing.assert_close(out[i], want, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match=r"tokens \[0, 13\) of sequence 2 exceed its reservation"):
         p.decode_attention(0, seqs, [5, 1, 12, 13], q, 0.3)
 

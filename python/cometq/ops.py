@@ -690,6 +690,78 @@ def kv4_decode_append(k, v, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero
 
 
 # ==========================================================================
+# paged full-precision decode attention (the FP16 serving baseline's pool,
+# cometq.serve.kv.PagedFPPool; spec cometq.paged.paged_decode_attention_reference):
+# * paged_decode_attention(q[B,Hq,D], k_cache[S,Hkv,D], v_cache[S,Hkv,D],
+#       block_tables[B,NB] int, lengths[B] int, block_size, sm_scale, num_splits) -> [B,Hq,D]
+# ==========================================================================
+def _check_paged_attn_args(q, k_cache, v_cache, block_tables, lengths, block_size, num_splits):
+    torch._check(q.dim() == 3 and q.dtype in R.FLOAT_DTYPES,
+                 lambda: f"q must be a float [B, Hq, D] tensor, got {q.dtype} {tuple(q.shape)}")
+    torch._check(k_cache.dim() == 3 and k_cache.dtype in R.FLOAT_DTYPES,
+                 lambda: f"k_cache must be a float [slots, Hkv, D] tensor, got {k_cache.dtype} {tuple(k_cache.shape)}")
+    torch._check(v_cache.shape == k_cache.shape and v_cache.dtype == k_cache.dtype,
+                 lambda: f"v_cache {v_cache.dtype} {tuple(v_cache.shape)} must match k_cache {k_cache.dtype} "
+                         f"{tuple(k_cache.shape)}")
+    bsz, hq, d = q.shape
+    torch._check(k_cache.shape[2] == d, lambda: f"k_cache head_dim {k_cache.shape[2]} != q head_dim {d} "
+                                                f"(q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)})")
+    torch._check(k_cache.shape[1] >= 1 and hq % k_cache.shape[1] == 0,
+                 lambda: f"q heads {hq} must be a multiple of kv heads {k_cache.shape[1]}")
+    torch._check(block_size >= 1, lambda: f"block_size must be >= 1, got {block_size}")
+    torch._check(k_cache.shape[0] % block_size == 0,
+                 lambda: f"k_cache holds {k_cache.shape[0]} slots, not a whole number of blocks of {block_size}")
+    torch._check(block_tables.dim() == 2 and block_tables.shape[0] == bsz
+                 and block_tables.dtype in (torch.int32, torch.int64),
+                 lambda: f"block_tables must be int32/int64 [{bsz}, max_blocks], got {block_tables.dtype} "
+                         f"{tuple(block_tables.shape)}")
+    torch._check(lengths.dim() == 1 and lengths.shape[0] == bsz and lengths.dtype in (torch.int32, torch.int64),
+                 lambda: f"lengths must be int32/int64 [{bsz}], got {lengths.dtype} {tuple(lengths.shape)}")
+    torch._check(num_splits >= 0, lambda: f"num_splits must be >= 0 (0 = default), got {num_splits}")
+    for nm, t in (("k_cache", k_cache), ("v_cache", v_cache), ("block_tables", block_tables), ("lengths", lengths)):
+        torch._check(t.device == q.device, lambda nm=nm, t=t: f"{nm} is on {t.device}, q on {q.device}")
+
+
+def _ref_paged_decode_attention(q, k_cache, v_cache, block_tables, lengths, block_size, sm_scale, num_splits):
+    from .paged import paged_decode_attention_reference
+
+    return paged_decode_attention_reference(q, k_cache, v_cache, block_tables, lengths, block_size, sm_scale)
+
+
+register_impl("paged_decode_attention", "reference", _ref_paged_decode_attention)
+
+
+@torch.library.custom_op("cometq::paged_decode_attention", mutates_args=())
+def _paged_decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                               block_tables: torch.Tensor, lengths: torch.Tensor, block_size: int, sm_scale: float,
+                               num_splits: int, backend: str) -> torch.Tensor:
+    _check_paged_attn_args(q, k_cache, v_cache, block_tables, lengths, block_size, num_splits)
+    return _impl("paged_decode_attention", q.device, backend)(q, k_cache, v_cache, block_tables, lengths, block_size,
+                                                              sm_scale, num_splits)
+
+
+@_paged_decode_attention_op.register_fake
+def _(q, k_cache, v_cache, block_tables, lengths, block_size, sm_scale, num_splits, backend):
+    _check_paged_attn_args(q, k_cache, v_cache, block_tables, lengths, block_size, num_splits)
+    return torch.empty_like(q)
+
+
+def paged_decode_attention(q, k_cache, v_cache, block_tables, lengths, block_size: int, sm_scale: float,
+                           num_splits: int = 0, backend: Optional[str] = None) -> torch.Tensor:
+    """Decode attention of one query per row over a paged full-precision K/V cache
+    (``torch.ops.cometq.paged_decode_attention``; spec
+    :func:`cometq.paged.paged_decode_attention_reference`): the FP16 serving baseline reads its
+    pool in place instead of gathering a padded copy.  ``num_splits`` 0: the kernel's default
+    (split the sequence only when the batch leaves SMs idle)."""
+    R.check_tensor("q", q, dtypes=R.FLOAT_DTYPES)
+    args = (q, k_cache, v_cache, block_tables, lengths, int(block_size))
+    _kv4_validate_eager("paged_decode_attention", _check_paged_attn_args, *args, int(num_splits))
+    if torch.compiler.is_compiling():
+        return torch.ops.cometq.paged_decode_attention(*args, float(sm_scale), int(num_splits), backend or "")
+    return _impl("paged_decode_attention", q.device, backend)(*args, float(sm_scale), int(num_splits))
+
+
+# ==========================================================================
 # Llama-layer elementwise ops (cometq.layers: references = the HF math; Triton
 # kernels in kernels/layer_ops.py, registered by cometq.kernels._register_kv4):
 # * rms_norm(x[T,C], weight[C], eps) -> y[T,C]

@@ -293,6 +293,58 @@ def kv4_decode_attention_reference(
     return out
 
 
+def check_paged_tables(block_tables, lengths, block_size: int, n_slots: int):
+    """Content checks of a paged cache's ``block_tables [B, NB]`` / ``lengths [B]`` (a device
+    sync on CUDA): lengths in ``[0, NB * block_size]``, and every block a live token uses
+    inside the cache's ``n_slots // block_size`` blocks.  Returns ``(live [B, T_max] bool,
+    block id per token [B, T_max] int64)``."""
+    bsz, nb = block_tables.shape
+    lens = lengths.to(torch.long)
+    if bsz and int(lens.min()) < 0:
+        raise ValueError(f"lengths must be >= 0, got {lengths.tolist()}")
+    t_max = int(lens.max()) if bsz else 0
+    if t_max > nb * block_size:
+        raise ValueError(f"length {t_max} exceeds the block table's {nb} blocks of {block_size} tokens "
+                         f"(block_tables shape {tuple(block_tables.shape)})")
+    pos = torch.arange(t_max, device=block_tables.device)
+    live = pos[None, :] < lens[:, None]  # [B, T]
+    phys = block_tables.to(torch.long)[:, pos // block_size]
+    bad = live & ((phys < 0) | (phys * block_size >= n_slots))
+    if bool(bad.any()):
+        raise ValueError(f"block ids must be in [0, {n_slots // block_size}) for the cache of {n_slots} slots, got "
+                         f"{sorted(set(phys[bad].tolist()))[:8]}")
+    return live, phys
+
+
+def paged_decode_attention_reference(q, k_cache, v_cache, block_tables, lengths, block_size: int,
+                                     sm_scale: float) -> torch.Tensor:
+    """Single-query attention of ``q [B, Hq, D]`` over a paged *full-precision* K/V cache (the
+    FP16 serving baseline's pool; spec of ``cometq::paged_decode_attention``).
+
+    ``k_cache, v_cache [num_slots, Hkv, D]``: token ``t`` of batch row ``b`` sits in slot
+    ``block_tables[b, t // block_size] * block_size + t % block_size``, for ``t < lengths[b]``.
+    Query head ``h`` reads KV head ``h // (Hq / Hkv)`` (GQA).  Math in float32, returns
+    ``q.dtype``; a row of length 0 attends to nothing and gives zeros (as the kernel does)."""
+    check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=3)
+    bsz, hq, d = q.shape
+    hkv = k_cache.shape[1]
+    if hq % hkv:
+        raise ValueError(f"q heads {hq} not a multiple of kv heads {hkv} (q shape {tuple(q.shape)})")
+    live, phys = check_paged_tables(block_tables, lengths, block_size, k_cache.shape[0])
+    out = torch.zeros_like(q)
+    if live.shape[1] == 0:
+        return out
+    pos = torch.arange(live.shape[1], device=q.device)
+    slots = torch.where(live, phys * block_size + pos % block_size, torch.zeros((), dtype=torch.long, device=q.device))
+    k, v = k_cache[slots].float(), v_cache[slots].float()  # [B, T, Hkv, D]
+    qg = q.float().view(bsz, hkv, hq // hkv, d)
+    sc = torch.einsum("bgrd,btgd->bgrt", qg, k) * sm_scale
+    sc = sc.masked_fill(~live[:, None, None, :], float("-inf"))
+    p = torch.softmax(sc, dim=-1).nan_to_num(0.0)  # a row of length 0: all -inf -> NaN -> 0
+    out = torch.einsum("bgrt,btgd->bgrd", p, v).reshape(bsz, hq, d)
+    return out.to(q.dtype)
+
+
 def default_num_splits(batch: int, kv_heads: int, max_blocks: int, num_sms: int = 132) -> int:
     """Split-K partitions so ``batch * kv_heads * splits`` programs number ~6 per SM (132 SMs on
     H100), never more splits than the longest sequence has blocks.
