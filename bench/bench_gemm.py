@@ -280,6 +280,7 @@ def bench_gemm(args, rows, errors, dev, budget=None, flush=lambda: None):
 
     from cometq.kernels.act_quant import quantize_act_triton
     from cometq.kernels.w4ax_gemm import chosen_config, w4ax_gemm_triton
+    from cometq.kernels.w16_gemm import W16_MAX_M
     from cometq.layout import padded_k, weights_block_major
 
     budget = budget or Budget(None)
@@ -475,6 +476,29 @@ def bench_gemm(args, rows, errors, dev, budget=None, flush=lambda: None):
                                 _try(row, "triton-dequant", qf, args, flops, nbytes)
                             except Exception as e:  # noqa: BLE001
                                 row["triton-dequant_err"] = f"{type(e).__name__}: {str(e)[:160]}"
+                        if m <= W16_MAX_M:
+                            # the w16 route (kernels/w16_gemm.py): weights dequantized in registers, 16-bit
+                            # MMA on the fake-quantized activations -- the GEMM alone from a ready A'
+                            # (triton-w16; block-major weights: triton-w16-wbm) and the whole linear from x
+                            # with its one-pass activation quantize-dequantize (triton-w16+aq); not
+                            # integer-exact (the dequant path's tolerance)
+                            from cometq.kernels.act_quant import fake_quant_act_triton
+                            from cometq.kernels.w16_gemm import w16_gemm, w4ax_linear_w16
+
+                            a16 = fake_quant_act_triton(x, lay.perm, lay.block_bits, lay.n_int8, args.scale_mode)
+                            grp = k_pad if group == -1 else group
+                            wf = (lambda: w16_gemm(a16, qweight, w_sc, w_off, grp, None, torch.float16))
+                            we = (lambda: w4ax_linear_w16(x, lay.perm, lay.block_bits, lay.n_int8, args.scale_mode,
+                                                          1.0, qweight, w_sc, w_off, grp, None, torch.float16))
+                            try:
+                                wf()
+                                _try(row, "triton-w16", wf, args, flops, nbytes)
+                                _try(row, "triton-w16+aq", we, args, flops, nbytes + 2 * m * k)
+                                if qweight_bm is not None and m <= 64:
+                                    wb = (lambda: w16_gemm(a16, qweight_bm, w_sc, w_off, grp, None, torch.float16))
+                                    _try(row, "triton-w16-wbm", wb, args, flops, nbytes)
+                            except Exception as e:  # noqa: BLE001
+                                row["triton-w16_err"] = f"{type(e).__name__}: {str(e)[:160]}"
                         if qweight_bm is not None and m <= 64 and cfg is not None:
                             # same config as the triton column, weights block-major: each tile's block
                             # is one contiguous BN x 64-byte run instead of BN pieces 2K bytes apart
@@ -561,7 +585,7 @@ def markdown(rows, backends):
                   key=lambda r: (order.get(r["shape"], len(order)), r["M"], r["share"]))
     if ours:
         cols = (backends + ["triton-persistent", "triton-tma", "triton-dequant", "triton-det", "triton-wbm",
-                            "triton-tma-wbm"]
+                            "triton-tma-wbm", "triton-w16", "triton-w16-wbm", "triton-w16+aq"]
                 if "triton" in backends
                 else list(backends))
         if "cuda" in backends:
@@ -606,12 +630,16 @@ def markdown(rows, backends):
                    "candidate at M >= 1024; not integer-exact); `cuda`: the CUDA kernel with its own split rule "
                    "on the tile chosen by M; `cuda-tuned` (M <= 64): with the (split, tile) the ops layer's "
                    "tuner keeps (`cuda_tuned_choice` in gemm.json; tile 1 = the 3-stage 64x64 pipeline); "
-                   "path='auto' picks between both. "
+                   "path='auto' picks between both; `triton-w16` (M <= 256): weights dequantized in registers, "
+                   "16-bit MMA on the activations quantized and dequantized once (kernels/w16_gemm.py; GEMM "
+                   "alone, `-wbm` block-major weights, `+aq` with the one-pass activation quantize-dequantize; "
+                   "not integer-exact). "
                    "TFLOP/s and the configs are in gemm.json.")
     graphed = [r for r in ours if any(k.endswith("-graph_us") for k in r)]
     if graphed:
         gcols = [c for c in backends] + [f"{b}+aq" for b in backends]
-        for extra in ("triton-tma", "triton-wbm", "triton-tma-wbm", "cuda-wbm", "cuda-tuned"):
+        for extra in ("triton-tma", "triton-wbm", "triton-tma-wbm", "cuda-wbm", "cuda-tuned", "triton-w16",
+                      "triton-w16-wbm", "triton-w16+aq"):
             if any(f"{extra}-graph_us" in r for r in graphed):
                 gcols.append(extra)
         out.append("")

@@ -42,6 +42,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from .act_quant import act_quant_kernel, split_rows_kernel  # noqa: E402
 from .dequant_gemm import dequant_act_kernel, dequant_weight_kernel  # noqa: E402
+from .w16_gemm import w16_gemm_kernel  # noqa: E402
 from .w4ax_gemm import (  # noqa: E402
     GemmConfig,
     gen_configs,
@@ -212,6 +213,22 @@ def jobs(quick: bool = False) -> List[Tuple[str, object, Dict[str, str], Dict[st
                              stride_wn="i32", stride_wb="i32", stride_wsn="i32", stride_won="i32", stride_ow="i32",
                              BLOCK_N="constexpr", ASYM="constexpr", WHOLE_BLOCK_GROUPS="constexpr"),
                         dict(BLOCK_N=64, ASYM=asym, WHOLE_BLOCK_GROUPS=whole), 4, 1, "dequant"))
+    # the w16 route (small M: weights dequantized in registers, 16-bit MMA): the default tiles
+    # (16 and 64 rows x 64 weight rows), fp16 (exponent-trick dequant) and bf16 operands,
+    # symmetric / asymmetric weights, groups inside or spanning a block; split-K partials are fp32
+    for dt in ("fp16", "bf16"):
+        for bm in (16, 64):
+            for asym in (False, True):
+                for whole in (False, True):
+                    if dt == "bf16" and (bm == 16 or not whole):
+                        continue
+                    out.append((f"w16[{dt},{bm}x64,asym={asym},whole_block_groups={whole}]", w16_gemm_kernel,
+                                dict(a_ptr=f"*{dt}", qw_ptr="*u8", ws_ptr="*fp32", wo_ptr="*fp32", out_ptr="*fp32",
+                                     M="i32", N="i32", NB="i32", GROUP="i32", stride_am="i32", stride_wn="i32",
+                                     stride_wb="i32", stride_wsn="i32", stride_won="i32", stride_os="i32",
+                                     stride_om="i32"),
+                                dict(BLOCK_M=bm, BLOCK_N=64, ASYM=asym, WHOLE_BLOCK_GROUPS=whole, MAGIC=dt == "fp16",
+                                     NUM_STAGES=3), 4, 3, "w16"))
     # every generated GEMM config (block mode, group 128, fp16 out, bias), symmetric and
     # asymmetric weights (ASYM: offset term, an extra row-sum + rank-1 update per segment)
     for asym in (False, True):
@@ -422,7 +439,7 @@ def ci_subset(todo, arch: int):
                 keep.append(j)
             elif name.startswith("act_quant[") and "BM=32" in name and ("fp16" in name or "class=False" in name):
                 keep.append(j)
-            elif name.startswith(("split_rows[", "dequant_")):
+            elif name.startswith(("split_rows[", "dequant_", "w16[")):
                 keep.append(j)
             elif name.startswith("gemm-variant[") and "16x64" in name and "g16" not in name:
                 keep.append(j)
@@ -438,7 +455,9 @@ def ci_subset(todo, arch: int):
         else:
             if name in ("act_quant[fp16,class=False,ident=False,BM=32]", "act_quant[fp16,class=True,ident=False,BM=32]",
                         "act_quant[fp16,class=False,ident=False,BM=32,fake]",
-                        "split_rows[BM=32]", "dequant_act[fp16,class=False]", "dequant_weight[fp16,asym=True]"):
+                        "split_rows[BM=32]", "dequant_act[fp16,class=False]", "dequant_weight[fp16,asym=True]",
+                        "w16[fp16,64x64,asym=True,whole_block_groups=True]",
+                        "w16[bf16,64x64,asym=False,whole_block_groups=True]"):
                 keep.append(j)
             elif name.startswith("gemm-variant[class,per-channel") or name.startswith("gemm-variant[block,g64,16x64"):
                 keep.append(j)
@@ -510,6 +529,20 @@ def check_code(kind: str, arch: int, constexprs: Dict[str, object], num_warps: i
             return "the INT4 unpack is not the word-wide inline PTX"
         if _wide_stores(ptx) == 0:
             return "no 16-byte stores of the dequantized rows"
+        return None
+    if kind == "w16":
+        # 16-bit tensor-core MMAs (wgmma on sm_90 with the dequantized weights as the
+        # register-sourced A operand, mma.sync before); fp16 weights by the exponent trick (no
+        # int -> float conversion of the nibbles: one I2F at most, outside the inner loop)
+        if arch >= 90:
+            if "wgmma.mma_async" not in ptx:
+                return "no wgmma"
+            if _wgmma_a_regs(ptx) != ptx.count("wgmma.mma_async"):
+                return "the dequantized weights are not wgmma's register operand (a shared-memory round trip)"
+        elif "mma.sync" not in ptx:
+            return "no tensor-core mma.sync"
+        if constexprs.get("MAGIC") and ptx.count("cvt.rn.f16.s32") + ptx.count("cvt.rn.f16.s16") > 0:
+            return "fp16 weights converted from integers (the exponent trick was lost)"
         return None
     if kind == "tma":
         # operands by TMA (bulk tensor copies), weights unpacked in registers as wgmma's A operand

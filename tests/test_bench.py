@@ -25,6 +25,9 @@ def test_bench_gemm_dry_run(tmp_path):
     assert tma_ok and all("triton-tma_us" in r for r in tma_ok), ours
     assert any(r["asym"] for r in tma_ok), ours
     assert not any("triton-tma_us" in r for r in ours if r not in tma_ok)
+    # the w16 route's columns at small M (GEMM alone and the whole linear), every weight format
+    small = [r for r in ours if r["M"] <= 256]
+    assert small and all("triton-w16_us" in r and "triton-w16+aq_us" in r for r in small), small
 
 
 def test_gpu_check_script_parses():

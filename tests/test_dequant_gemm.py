@@ -173,6 +173,7 @@ def test_linear_route_choice(monkeypatch):
     per case like a backend (a fake device check and timer drive it here); below the threshold,
     or off CUDA, only the split route runs."""
     from cometq import autotune, ops
+    from cometq.testing import fake_route_timer, record_linear_routes
 
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("drives the route choice with a fake device check on CPU tensors: needs the interpreter")
@@ -180,11 +181,7 @@ def test_linear_route_choice(monkeypatch):
     k, n = 256, 48
     lay = ActivationLayout(torch.randperm(k, generator=g), torch.tensor([8, 4], dtype=torch.int32))
     qw = R.quantize_weight_rtn(torch.randn(n, k, generator=g) * 0.05, 128, sym=False)
-    ran = []
-    for name in ("_linear_split", "_linear_fused"):
-        real = getattr(ops, name)
-        monkeypatch.setitem(ops._LINEAR_ROUTES, name.split("_")[-1],
-                            lambda *a, _r=real, _n=name: (ran.append(_n.split("_")[-1]), _r(*a))[1])
+    ran = record_linear_routes(monkeypatch, ops, ("split", "fused"))
 
     def call(m):
         x = torch.randn(m, k, generator=g)
@@ -212,13 +209,7 @@ def test_linear_route_choice(monkeypatch):
     autotune.clear()
     monkeypatch.setattr(autotune, "_measurable", lambda d: True)
     times = {"split": 2.0, "fused": 1.0}
-
-    def fake_timer(fn, device, **kw):
-        n0 = len(ran)
-        fn()
-        return times[ran[n0]]
-
-    prev = autotune.set_timer(fake_timer)
+    prev = autotune.set_timer(fake_route_timer(ran, times))
     try:
         ran.clear()
         call(1500)

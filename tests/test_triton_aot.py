@@ -105,6 +105,11 @@ def test_aot_compile_ci_set(tmp_path):
     # the dequant path's two kernels compiled for both archs, without spills
     dq = [x for x in res if x["name"].startswith("dequant_")]
     assert {x["arch"] for x in dq} == {80, 90} and all(x["ok"] and not x.get("spill_bytes") for x in dq), dq
+    # the w16 route's kernel (wgmma with the dequantized weights in registers on sm_90, the exponent
+    # trick for fp16: check_code): every variant on sm_90, two on sm_80
+    w16 = [x for x in res if x["name"].startswith("w16[")]
+    assert all(x["ok"] for x in w16) and sum(x["arch"] == 90 for x in w16) == 10 and \
+        sum(x["arch"] == 80 for x in w16) == 2, w16
     names = {(x["arch"], x["name"].split("[")[0]) for x in res}
     for arch in (80, 90):
         for fam in ("act_quant", "gemm-variant", "persistent"):

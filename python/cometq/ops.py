@@ -302,12 +302,19 @@ def w4ax_linear_eager(x, perm, block_bits, n_int8: int, scale_mode: str, int4_cl
         raise ValueError(f"x shape {tuple(x.shape)} must be [M, {perm.shape[0]}] (the layout's K)")
     args = (x, perm, block_bits, int(n_int8), scale_mode, float(int4_clip), qweight, w_scales, w_offsets,
             int(group_size), bias, out_dtype, backend or None)
-    if x.shape[0] >= FUSED_DEQUANT_MIN_M and _fused_dequant_applies(*args):
+    m = x.shape[0]
+    if m >= FUSED_DEQUANT_MIN_M and _fused_dequant_applies(*args):
         # large M: the fused dequant route (one pass from x to the 16-bit activation operand) beside
         # quantize + GEMM, timed per case like a backend; first untuned where the GEMM's own first
         # candidate is the dequant path anyway (M >= 4096: same result, two passes fewer)
-        cands = ("fused", "split") if _autotune.bucket_m(x.shape[0]) >= 4096 else ("split", "fused")
+        cands = ("fused", "split") if _autotune.bucket_m(m) >= 4096 else ("split", "fused")
         route = _autotune.order("w4ax_linear_route", x.device, cands, _LINEAR_ROUTES, args)[0]
+        return _LINEAR_ROUTES[route](*args)
+    if 0 < m <= W16_MAX_M and os.environ.get(ENV_W16, "1") != "0" and _fused_dequant_applies(*args):
+        # small M: the w16 route (activations fake-quantized once, weights dequantized in
+        # registers, 16-bit MMA: kernels/w16_gemm.py) beside quantize + GEMM; split stays first
+        # untuned (integer-exact), the tuner keeps w16 only where it measures faster
+        route = _autotune.order("w4ax_linear_route", x.device, ("split", "w16"), _LINEAR_ROUTES, args)[0]
         return _LINEAR_ROUTES[route](*args)
     return _LINEAR_ROUTES["split"](*args)
 
@@ -326,17 +333,35 @@ def _linear_split(x, perm, block_bits, n_int8, scale_mode, int4_clip, qweight, w
                      group_size, bias, out_dtype, scale_mode)
 
 
-def _linear_fused(x, perm, block_bits, n_int8, scale_mode, int4_clip, qweight, w_scales, w_offsets, group_size,
-                  bias, out_dtype, be):
-    from cometq.kernels.dequant_gemm import w4ax_linear_dequant
-
+def _linear_16bit(fn, x, perm, block_bits, n_int8, scale_mode, int4_clip, qweight, w_scales, w_offsets, group_size,
+                  bias, out_dtype):
+    """A 16-bit-operand route (``w4ax_linear_dequant`` / ``w4ax_linear_w16``): the resolved group
+    width (K_pad for per-channel weights) and the weights' block stride (block-major views)."""
     k_pad = block_bits.shape[0] * BLOCK_K
     group = k_pad if group_size in (None, -1) else int(group_size)
-    return w4ax_linear_dequant(x, perm, block_bits, n_int8, scale_mode, int4_clip, qweight, w_scales, w_offsets, group,
-                               bias, out_dtype, stride_wb=qweight.stride(1) if qweight.dim() == 3 else None)
+    return fn(x, perm, block_bits, n_int8, scale_mode, int4_clip, qweight, w_scales, w_offsets, group, bias, out_dtype,
+              stride_wb=qweight.stride(1) if qweight.dim() == 3 else None)
 
 
-_LINEAR_ROUTES = {"split": _linear_split, "fused": _linear_fused}
+def _linear_fused(*args):
+    from cometq.kernels.dequant_gemm import w4ax_linear_dequant
+
+    return _linear_16bit(w4ax_linear_dequant, *args[:-1])  # (args[-1]: the backend, Triton here)
+
+
+def _linear_w16(*args):
+    from cometq.kernels.w16_gemm import w4ax_linear_w16
+
+    return _linear_16bit(w4ax_linear_w16, *args[:-1])
+
+
+#: rows up to which :func:`w4ax_linear_eager` on CUDA also times the w16 route
+#: (:mod:`cometq.kernels.w16_gemm`; same value as ``W16_MAX_M`` there, kept here so this module
+#: imports without Triton); ``COMETQ_LINEAR_W16=0`` takes the route out of the choice
+W16_MAX_M = 256
+ENV_W16 = "COMETQ_LINEAR_W16"
+
+_LINEAR_ROUTES = {"split": _linear_split, "fused": _linear_fused, "w16": _linear_w16}
 
 
 def _fused_dequant_applies(x, perm, block_bits, n_int8, scale_mode, int4_clip, qweight, w_scales, w_offsets,

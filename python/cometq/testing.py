@@ -184,3 +184,25 @@ def run_ptx(asm: str, inputs: dict):
             raise AssertionError(f"PTX instruction {op!r} is not modelled (snippet: {asm!r})")
         regs[args[0]] = res & m32
     return regs
+
+
+def record_linear_routes(monkeypatch, ops_module, names=("split", "fused", "w16")) -> list:
+    """Tests of ``ops.w4ax_linear_eager``'s route choice: wrap the named routes so each run
+    appends its name to the returned list (``monkeypatch`` undoes it)."""
+    ran = []
+    for name in names:
+        real = ops_module._LINEAR_ROUTES[name]
+        monkeypatch.setitem(ops_module._LINEAR_ROUTES, name,
+                            lambda *a, _r=real, _n=name: (ran.append(_n), _r(*a))[1])
+    return ran
+
+
+def fake_route_timer(ran: list, times: dict):
+    """An autotune timer for those tests: runs the candidate once and reports ``times[route]``
+    for the route it ran (read from the list :func:`record_linear_routes` fills)."""
+    def timer(fn, device, **kw):
+        n0 = len(ran)
+        fn()
+        return times[ran[n0]]
+
+    return timer

@@ -1,0 +1,224 @@
+"""Triton: the W4Ax linear on 16-bit tensor cores with weights dequantized in registers (the
+``w16`` route, small M).
+
+Why another route.  At decode sizes (M <= 256) a W4Ax GEMM should be bound by its weight bytes,
+but the integer kernels are bound by instruction issue: per 128-channel K block each warp
+unpacks INT4 weights to INT8, runs the INT8 MMAs, then converts its INT32 accumulators to float
+and rescales them by the token's block scale and the weight's group scale -- per output
+element, every block.  H100 run 7 (Llama-3-8B geometry, batch 64): 4.24 ms of W4Ax GEMM per
+decode step against cuBLAS FP16's 5.38 ms, ~0.9 TB/s of weight bytes; static SASS counts put
+that kernel at ~1000 instructions per warp per K block, which is what 0.9 TB/s works out to at 4
+instructions per clock per SM.
+
+This route moves the per-token-per-block activation scale out of the K loop: the activations
+are quantized and dequantized once per call (``A'[m, k] = q_a * s_a[m, block]`` in fp16 / bf16
+/ fp32, :func:`cometq.kernels.act_quant.fake_quant_act_triton`, an [M, K] pass that is small
+at decode), so the K loop is the W4A16 GEMM of Marlin / GPTQ kernels::
+
+    for each 128-channel block b of this program's K range:
+        W'[n, b] = q_w[n, b] * s_w[n, group] (+ o_w[n, group])     in registers, no shared round trip
+        acc[n, m] += W'[n, b] . A'[m, b]                             16-bit MMA, fp32 accumulate
+
+with no epilogue per block.  The product is computed transposed (``acc = W' A'^T``, weights
+on the MMA's M side): on Hopper the dequantized weights are then wgmma's register-sourced A
+operand and only the activation tile goes through shared memory (the layout of vLLM's
+Machete).  fp16 weights are dequantized with the exponent trick: the biased nibble ``u ^ 8`` OR
+``0x6400`` is the fp16 number ``1032 + v`` (exact), so ``v`` is one fp16 subtraction away and no
+int-to-float conversion is issued.
+
+Numerics: the dequant path's (:mod:`cometq.kernels.dequant_gemm`): each operand element is
+rounded to the 16-bit dtype before the MMA (the weight here after two fp16 operations, a
+subtraction that is exact and an FMA), so results agree with the integer-exact reference within
+:data:`cometq.kernels.dequant_gemm.DEQUANT_GEMM_RTOL`, not bit for bit.  K order: the half-split
+order of the dequant path (even channels of a block, then odd: what the nibbles give).
+
+Split-K: with few N tiles (N = 4096 at BLOCK_N = 64 is 64 programs) the K blocks are cut into
+``split`` runs; each writes an fp32 partial ``[split, M, N]`` and one sum over ``split`` (a torch
+reduction: deterministic, graph-capturable) adds them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import unpack_hi, unpack_lo
+
+__all__ = ["W16Config", "w16_config", "w16_gemm", "w4ax_linear_w16", "w16_gemm_kernel", "W16_MAX_M"]
+
+#: rows up to which :func:`cometq.ops.w4ax_linear_eager` times this route beside quantize + GEMM
+W16_MAX_M = 256
+
+
+@triton.jit
+def _dequant_half(u, sc, of, ASYM: tl.constexpr, MAGIC: tl.constexpr, DT: tl.constexpr):
+    """4-bit two's-complement nibbles ``u`` (0..15, int) -> ``DT`` weights ``v * sc (+ of)``."""
+    if MAGIC:
+        # fp16 bits 0x6400 | (u ^ 8) = 1024 + (v + 8), exact; minus 1032 -> v (exact in fp16)
+        h = ((u ^ 8) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1032.0
+        w = h * sc.to(tl.float16)
+        if ASYM:
+            w = w + of.to(tl.float16)
+        return w
+    else:
+        v = ((u ^ 8) - 8).to(tl.float32)
+        w = v * sc
+        if ASYM:
+            w = w + of
+        return w.to(DT)
+
+
+@triton.jit
+def w16_gemm_kernel(
+    a_ptr, qw_ptr, ws_ptr, wo_ptr, out_ptr,
+    M, N, NB, GROUP,
+    stride_am, stride_wn, stride_wb, stride_wsn, stride_won, stride_os, stride_om,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ASYM: tl.constexpr, WHOLE_BLOCK_GROUPS: tl.constexpr,
+    MAGIC: tl.constexpr, NUM_STAGES: tl.constexpr,
+):
+    """``out[s, m, n] = sum over this split's blocks of A'[m, b] . W'[n, b]`` (fp32, or the
+    output dtype when there is one split).  Grid ``(m tiles * n tiles, split)``."""
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    n_splits = tl.num_programs(1)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    pid_m = pid // tiles_n
+    pid_n = pid % tiles_n
+    per = tl.cdiv(NB, n_splits)
+    b0 = split * per
+    b1 = tl.minimum(b0 + per, NB)
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mm = rm < M
+    nm = rn < N
+    rm64 = rm.to(tl.int64)
+    rn64 = rn.to(tl.int64)
+    j = tl.arange(0, 64)
+    DT: tl.constexpr = a_ptr.dtype.element_ty
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    for b in tl.range(b0, b1, num_stages=NUM_STAGES):
+        # weights: 64 packed bytes per row per block (low nibble = even channel)
+        p = tl.load(qw_ptr + rn64[:, None] * stride_wn + b * stride_wb + j[None, :], mask=nm[:, None], other=0)
+        if WHOLE_BLOCK_GROUPS:
+            g = (b * 128) // GROUP
+            sc = tl.load(ws_ptr + rn64 * stride_wsn + g, mask=nm, other=0.0)[:, None]
+            of = sc
+            if ASYM:
+                of = tl.load(wo_ptr + rn64 * stride_won + g, mask=nm, other=0.0)[:, None]
+        else:
+            # channels 2j and 2j+1 share a group (G is even): one [rows, 64] gather for both halves
+            g = (b * 128 + 2 * j) // GROUP
+            sc = tl.load(ws_ptr + rn64[:, None] * stride_wsn + g[None, :], mask=nm[:, None], other=0.0)
+            of = sc
+            if ASYM:
+                of = tl.load(wo_ptr + rn64[:, None] * stride_won + g[None, :], mask=nm[:, None], other=0.0)
+        pi = p.to(tl.int32)
+        w_lo = _dequant_half(pi & 0xF, sc, of, ASYM, MAGIC, DT)
+        w_hi = _dequant_half((pi >> 4) & 0xF, sc, of, ASYM, MAGIC, DT)
+        # activations: A' block b in the half-split order (even channels, then odd)
+        abase = a_ptr + rm64[:, None] * stride_am + b * 128 + j[None, :]
+        a_lo = tl.load(abase, mask=mm[:, None], other=0.0)
+        a_hi = tl.load(abase + 64, mask=mm[:, None], other=0.0)
+        if DT == tl.float32:
+            acc += tl.dot(w_lo, tl.trans(a_lo), input_precision="ieee")
+            acc += tl.dot(w_hi, tl.trans(a_hi), input_precision="ieee")
+        else:
+            acc += tl.dot(w_lo, tl.trans(a_lo))
+            acc += tl.dot(w_hi, tl.trans(a_hi))
+    # acc is [n, m]: store transposed
+    dst = out_ptr + split * stride_os + rm64[None, :] * stride_om + rn64[:, None]
+    tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=nm[:, None] & mm[None, :])
+
+
+@dataclass(frozen=True)
+class W16Config:
+    """Launch config of :func:`w16_gemm_kernel`: tile sizes, warps, pipeline stages, split-K."""
+
+    block_m: int
+    block_n: int
+    num_warps: int = 4
+    num_stages: int = 3
+    split: int = 1
+
+    def __post_init__(self):
+        for name in ("block_m", "block_n"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 16 or v & (v - 1):
+                raise ValueError(f"{name} must be a power of two >= 16, got {v!r}")
+        if self.num_warps not in (1, 2, 4, 8):
+            raise ValueError(f"num_warps must be 1, 2, 4 or 8, got {self.num_warps!r}")
+        if not isinstance(self.num_stages, int) or self.num_stages < 1:
+            raise ValueError(f"num_stages must be an int >= 1, got {self.num_stages!r}")
+        if not isinstance(self.split, int) or self.split < 1:
+            raise ValueError(f"split must be an int >= 1, got {self.split!r}")
+
+
+def w16_config(m: int, n: int, nb: int, num_sms: int = 132) -> W16Config:
+    """The default config: the whole M (up to 64 rows) in one tile, 64 weight rows per program,
+    and enough K splits for ~2 programs per SM (never fewer than 4 blocks per split)."""
+    bm = min(64, max(16, triton.next_power_of_2(max(1, m))))
+    bn = 64
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    split = max(1, min(2 * num_sms // max(1, tiles), nb // 4 if nb >= 4 else 1))
+    return W16Config(bm, bn, 4, 3, split)
+
+
+def w16_gemm(a: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor, w_offsets: Optional[torch.Tensor],
+             group: int, bias: Optional[torch.Tensor], out_dtype: torch.dtype, stride_wb: Optional[int] = None,
+             config: Optional[W16Config] = None) -> torch.Tensor:
+    """``y = A' @ W'^T (+ bias)`` with ``W'`` dequantized in registers.  ``a [M, K_pad]``: the
+    16-bit (or fp32) activation operand in the half-split K order; ``qweight`` ``[N, K_pad/2]``
+    uint8 or the block-major ``[N, nb, 64]`` view of :func:`cometq.layout.weights_block_major`
+    (``stride_wb`` default: 64, or the view's block stride N * 64); ``group``
+    the resolved weight group width (K_pad for per-channel weights).  Shapes are the caller's
+    (the ops layer checks them)."""
+    m, k_pad = a.shape
+    n = qweight.shape[0]
+    nb = k_pad // 128
+    if stride_wb is None:
+        stride_wb = qweight.stride(1) if qweight.dim() == 3 else 64
+    stride_wn = qweight.stride(0)
+    if m == 0 or n == 0:
+        y = torch.zeros(m, n, dtype=out_dtype, device=a.device)
+        return y + bias.to(out_dtype) if bias is not None and m else y
+    dev = a.device
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 132
+    cfg = config or w16_config(m, n, nb, sms)
+    split = max(1, min(cfg.split, nb))
+    direct = split == 1 and bias is None
+    out = torch.empty((m, n) if direct else (split, m, n), dtype=out_dtype if direct else torch.float32, device=dev)
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
+    w16_gemm_kernel[grid](
+        a, qweight, w_scales, w_offsets if w_offsets is not None else w_scales, out,
+        m, n, nb, group,
+        a.stride(0), stride_wn, stride_wb, w_scales.stride(0), w_offsets.stride(0) if w_offsets is not None else 0,
+        0 if direct else out.stride(0), out.stride(-2),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, ASYM=w_offsets is not None, WHOLE_BLOCK_GROUPS=group >= 128,
+        MAGIC=a.dtype == torch.float16, NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps,
+    )
+    if direct:
+        return out
+    y = out.sum(0) if split > 1 else out[0]
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype)
+
+
+def w4ax_linear_w16(x, perm, block_bits, n_int8: int, scale_mode: str, int4_clip: float, qweight, w_scales,
+                    w_offsets, group: int, bias, out_dtype: torch.dtype, *, identity_perm: bool = False,
+                    stride_wb: Optional[int] = None, config: Optional[W16Config] = None) -> torch.Tensor:
+    """The whole W4Ax linear on the ``w16`` route from ``x [M, K]``: ``A'`` by
+    :func:`cometq.kernels.act_quant.fake_quant_act_triton` (the activations quantized to
+    INT4/INT8 and back in one pass), then :func:`w16_gemm`.  Same operands, rounded the same
+    way, as :func:`cometq.kernels.dequant_gemm.w4ax_linear_dequant` (which materializes ``W'``
+    and calls cuBLAS); ``group``: the resolved weight group width."""
+    from .act_quant import fake_quant_act_triton
+    from .dequant_gemm import _operand_dtype
+
+    a = fake_quant_act_triton(x, perm, block_bits, n_int8, scale_mode, out_dtype=_operand_dtype(out_dtype),
+                              identity_perm=identity_perm, int4_clip=int4_clip)
+    return w16_gemm(a, qweight, w_scales, w_offsets, group, bias, out_dtype, stride_wb, config)

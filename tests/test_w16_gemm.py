@@ -1,0 +1,151 @@
+"""The ``w16`` route (small M): activations quantized and dequantized once, INT4 weights
+dequantized in registers, 16-bit MMA -- vs the integer-exact reference (within the dequant
+path's tolerance) and vs the dequant path itself (same operands, cuBLAS).
+
+Triton kernels run under TRITON_INTERPRET=1 on CPU (tests/conftest.py) and natively on a GPU."""
+import pytest
+import torch
+
+from cometq import reference as R
+from cometq.kernels.dequant_gemm import DEQUANT_GEMM_RTOL, w4ax_linear_dequant
+from cometq.kernels.w16_gemm import W16Config, w16_config, w4ax_linear_w16
+from cometq.layout import ActivationLayout, weights_block_major
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _case(m, k, n, pattern, group, sym, seed, scale_mode="block", bias=True):
+    g = torch.Generator().manual_seed(seed)
+    # fp16-representable input and bias: the fp16 runs quantize exactly what the reference does
+    x = (torch.randn(m, k, generator=g) * (1 + 6 * (torch.rand(k, generator=g) > 0.9))).half().float()
+    nb = -(-k // 128)
+    bits = {"mixed": [8 if i % 3 == 1 else 4 for i in range(nb)], "int4": [4] * nb, "int8": [8] * nb}[pattern]
+    lay = ActivationLayout(torch.randperm(k, generator=g), torch.tensor(bits, dtype=torch.int32), 0.93)
+    qw = R.quantize_weight_rtn(torch.randn(n, k, generator=g) * 0.05, group, sym=sym)
+    b = torch.randn(n, generator=g).half().float() if bias else None
+    ref = R.w4ax_gemm(R.quantize_activation(x, lay, scale_mode), qw, b).double()
+    return x, lay, qw, b, ref
+
+
+def _close(y, ref, dt):
+    err = float((y.double().cpu() - ref).abs().max())
+    assert err <= DEQUANT_GEMM_RTOL[dt] * float(ref.abs().max()), (dt, err, float(ref.abs().max()))
+
+
+def _call(x, lay, qw, b, dt, scale_mode="block", config=None, block_major=False):
+    d = DEV
+    group = lay.block_bits.numel() * 128 if qw.group_size in (None, -1) else qw.group_size
+    qweight = weights_block_major(qw.qweight) if block_major else qw.qweight
+    sw = qweight.stride(1) if qweight.dim() == 3 else None
+    return w4ax_linear_w16(x.to(d).to(dt if dt != torch.float32 else torch.float32), lay.perm.to(d),
+                           lay.block_bits.to(d), lay.n_int8, scale_mode, lay.int4_clip, qweight.to(d), qw.scales.to(d),
+                           None if qw.offsets is None else qw.offsets.to(d), group,
+                           None if b is None else b.to(d).to(dt), dt, stride_wb=sw, config=config)
+
+
+@pytest.mark.parametrize("m,k,n,pattern", [(1, 576, 72, "mixed"), (17, 384, 96, "int8"), (33, 256, 130, "int4"),
+                                           (64, 512, 64, "mixed")])
+@pytest.mark.parametrize("dt", [torch.float16, torch.float32])
+def test_w16_matches_reference(m, k, n, pattern, dt):
+    x, lay, qw, b, ref = _case(m, k, n, pattern, 128, False, m + k + n)
+    y = _call(x, lay, qw, b, dt)
+    assert y.dtype == dt and y.shape == (m, n)
+    _close(y, ref, dt)
+
+
+@pytest.mark.parametrize("group,sym", [(32, False), (64, True), (-1, True), (128, True), (256, False)])
+def test_w16_weight_formats_and_split(group, sym):
+    x, lay, qw, b, ref = _case(9, 512, 72, "mixed", group, sym, 11)
+    for cfg in (None, W16Config(16, 16, 4, 2, 1), W16Config(16, 32, 4, 1, 3), W16Config(32, 64, 4, 3, 4)):
+        _close(_call(x, lay, qw, b, torch.float16, config=cfg), ref, torch.float16)
+
+
+def test_w16_block_major_weights_and_class_scales():
+    x, lay, qw, b, ref = _case(5, 384, 48, "mixed", 128, False, 3, scale_mode="class")
+    for bm in (False, True):
+        _close(_call(x, lay, qw, b, torch.float16, scale_mode="class", block_major=bm), ref, torch.float16)
+
+
+def test_w16_equals_dequant_route_operands():
+    """Same A' (the fake-quant pass), same W' values: the w16 result is the dequant path's
+    cuBLAS product up to summation order and fp16 weight rounding."""
+    x, lay, qw, b, ref = _case(7, 256, 40, "mixed", 64, False, 5, bias=False)
+    d = DEV
+    y = _call(x, lay, qw, None, torch.float32)
+    two = w4ax_linear_dequant(x.to(d), lay.perm.to(d), lay.block_bits.to(d), lay.n_int8, "block", lay.int4_clip,
+                              qw.qweight.to(d), qw.scales.to(d), qw.offsets.to(d), 64, None, torch.float32)
+    torch.testing.assert_close(y, two, rtol=1e-5, atol=1e-5 * float(two.abs().max()))
+    _close(y, ref, torch.float32)
+
+
+def test_w16_config_rules():
+    assert w16_config(64, 28672, 32).split == 1  # 448 tiles already fill the SMs
+    c = w16_config(1, 4096, 112)  # 64 tiles: split K
+    assert c.block_m == 16 and c.split == 4 and 64 * c.split <= 2 * 132
+    assert w16_config(3, 64, 2).split == 1
+    with pytest.raises(ValueError, match="block_n must be a power of two >= 16, got 48"):
+        W16Config(16, 48)
+    with pytest.raises(ValueError, match="split must be an int >= 1, got 0"):
+        W16Config(16, 16, split=0)
+
+
+def test_w16_empty():
+    x, lay, qw, b, _ = _case(2, 256, 16, "mixed", 128, True, 1)
+    y = _call(x[:0], lay, qw, b, torch.float16)
+    assert y.shape == (0, 16) and y.dtype == torch.float16
+
+
+def test_w16_route_choice(monkeypatch):
+    """``ops.w4ax_linear_eager`` at 1 <= M <= W16_MAX_M: the w16 route is a candidate beside
+    quantize + GEMM ("split"), split first untuned, the measured-faster one kept per case;
+    never above W16_MAX_M, never with COMETQ_LINEAR_W16=0 (a fake device check and timer
+    drive it here)."""
+    import os
+
+    from cometq import autotune, ops
+    from cometq.testing import fake_route_timer, record_linear_routes
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("drives the route choice with a fake device check on CPU tensors: needs the interpreter")
+    x0, lay, qw, _, _ = _case(1, 256, 48, "mixed", 128, False, 9, bias=False)
+    ran = record_linear_routes(monkeypatch, ops, ("split", "w16"))
+    g = torch.Generator().manual_seed(2)
+
+    def call(m):
+        x = torch.randn(m, 256, generator=g)
+        return x, ops.w4ax_linear_eager(x, lay.perm, lay.block_bits, lay.n_int8, "block", lay.int4_clip, qw.qweight,
+                                        qw.scales, qw.offsets, 128, None, torch.float32)
+
+    call(4)
+    assert ran == ["split"]  # on the CPU: never w16
+    monkeypatch.setattr(ops, "_fused_dequant_applies", lambda *a: True)
+    ran.clear()
+    call(4)
+    assert ran == ["split"]  # unmeasured device: split first
+    autotune.clear()
+    monkeypatch.setattr(autotune, "_measurable", lambda d: True)
+    times = {"split": 2.0, "w16": 1.0}
+    prev = autotune.set_timer(fake_route_timer(ran, times))
+    try:
+        ran.clear()
+        x, y = call(3)
+        assert ran == ["split", "w16", "w16"]  # each timed once, then the w16 one runs
+        ref = R.w4ax_gemm(R.quantize_activation(x, lay, "block"), qw).double()
+        _close(y, ref, torch.float32)
+        ran.clear()
+        call(ops.W16_MAX_M + 1)
+        assert ran == ["split"]  # above the threshold: not a candidate
+        monkeypatch.setenv("COMETQ_LINEAR_W16", "0")
+        ran.clear()
+        call(3)
+        assert ran == ["split"]
+    finally:
+        autotune.set_timer(prev)
+        autotune.clear()
+
+
+def test_w16_max_m_matches_ops():
+    from cometq import ops
+    from cometq.kernels.w16_gemm import W16_MAX_M
+
+    assert ops.W16_MAX_M == W16_MAX_M
