@@ -163,6 +163,8 @@ def test_decode_step_profile_runs_and_drains():
     assert cpu == sorted(cpu, key=lambda c: -c["ms_per_step"]) and abs(sum(c["share"] for c in cpu)) <= 1.0 + 1e-9
     py = r["decode_step_top_python"]  # and the Python functions (cProfile)
     assert 0 < len(py) <= 12 and any("engine.py" in f["name"] or "runner.py" in f["name"] for f in py)
+    # the first (prefill) step profiled as well: wall time; no GPU kernels on CPU
+    assert r["prefill_step_wall_ms"] > 0 and r["prefill_step_gpu_busy_ms"] == 0 and r["prefill_step_top_kernels"] == []
     assert not eng.has_work()
 
 

@@ -642,8 +642,11 @@ class MultiLayerKV4Pool:
                 pos = range(q0, q0 + n)
                 updates.append((s, q0 + n, None, None))
             else:
-                seq_k = torch.cat([self.tail_k[L, s, :, :t0].to(k.dtype), k], dim=1)
-                seq_v = torch.cat([self.tail_v[L, s, :, :t0].to(v.dtype), v], dim=1)
+                if t0:
+                    seq_k = torch.cat([self.tail_k[L, s, :, :t0].to(k.dtype), k], dim=1)
+                    seq_v = torch.cat([self.tail_v[L, s, :, :t0].to(v.dtype), v], dim=1)
+                else:  # a fresh sequence (every prompt's first chunk): no staged tail to prepend
+                    seq_k, seq_v = k, v
                 full = seq_k.shape[1] // g
                 if full:  # [full, H, G, D]: one row per completed group
                     rows_k.append(seq_k[:, : full * g].reshape(h, full, g, d).transpose(0, 1))

@@ -321,13 +321,22 @@ def _decode_step_profile(eng, runner, batch: int, in_len: int, seed: int, steps:
     sp = SamplingParams(max_tokens=2 * steps + 3, temperature=0, ignore_eos=True)
     for p in _prompts(runner.vocab_size, batch, in_len, seed + 2):
         eng.add_request(p, sp)
-    eng.step()  # prefill (may take more than one step under the token budget)
-    while eng.has_work() and any(not r.output_ids for r in eng.requests.values()):
+    _sync(device)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    # the first step (prefill chunks of the fresh batch, up to the token budget) profiled too:
+    # H100 run 7's W4Ax prefill steps in the timed run took 343-386 ms where diag_prefill's 8 x 1024
+    # step took 246 ms -- where the difference goes is what this table shows
+    with profile(activities=acts) as pprof:
+        t0 = time.monotonic()
         eng.step()
+        _sync(device)
+        pwall = time.monotonic() - t0
+    pbusy_us, _, pby_name = _gpu_kernel_times(pprof)
+    while eng.has_work() and any(not r.output_ids for r in eng.requests.values()):
+        eng.step()  # (the rest of the prefill under the token budget)
     eng.step()
     _sync(device)
     n = 0
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=acts) as prof:
         t0 = time.monotonic()
         while eng.has_work() and n < steps:
@@ -335,16 +344,7 @@ def _decode_step_profile(eng, runner, batch: int, in_len: int, seed: int, steps:
             n += 1
         _sync(device)
         wall = time.monotonic() - t0
-    busy_us, kernels = 0.0, 0
-    by_name: Dict[str, List[float]] = {}
-    for e in prof.events():
-        if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA:
-            us = e.time_range.elapsed_us()
-            busy_us += us
-            kernels += 1
-            agg = by_name.setdefault(e.name[:120], [0.0, 0])
-            agg[0] += us
-            agg[1] += 1
+    busy_us, kernels, by_name = _gpu_kernel_times(prof)
     # host side: the CPU ops with the most self time (what the GPU waits for when busy < wall)
     cpu_ops: Dict[str, List[float]] = {}
     try:
@@ -382,7 +382,26 @@ def _decode_step_profile(eng, runner, batch: int, in_len: int, seed: int, steps:
             "decode_step_kernels": kernels / n, "decode_step_profiled": n,
             "decode_step_top_kernels": top_kernels(by_name, n),
             "decode_step_top_cpu_ops": top_kernels(cpu_ops, n, k=10),
-            "decode_step_top_python": top_kernels(py_funcs, max(n_py, 1), k=12)}
+            "decode_step_top_python": top_kernels(py_funcs, max(n_py, 1), k=12),
+            "prefill_step_wall_ms": pwall * 1e3, "prefill_step_gpu_busy_ms": pbusy_us / 1e3,
+            "prefill_step_top_kernels": top_kernels(pby_name, 1)}
+
+
+def _gpu_kernel_times(prof):
+    """``(busy us, kernel count, {name: [us, count]})`` of the CUDA events of a profile."""
+    import torch
+
+    busy_us, kernels = 0.0, 0
+    by_name: Dict[str, List[float]] = {}
+    for e in prof.events():
+        if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA:
+            us = e.time_range.elapsed_us()
+            busy_us += us
+            kernels += 1
+            agg = by_name.setdefault(e.name[:120], [0.0, 0])
+            agg[0] += us
+            agg[1] += 1
+    return busy_us, kernels, by_name
 
 
 def top_kernels(by_name: Dict[str, List[float]], steps: int, k: int = 15) -> List[Dict]:
@@ -561,6 +580,13 @@ def markdown(res: Dict) -> str:
             lines.append(f"| {r['system']} | {r['batch']} | {r['prefill_steps']} / {r['prefill_steps_ms'] / 1e3:.2f} | "
                          f"{r['decode_only_steps']} / {r['decode_only_steps_ms'] / 1e3:.2f} | {slow} | {tuned} |")
     for r in res["results"]:
+        if r.get("prefill_step_top_kernels"):
+            lines += ["", f"Where a prefill step's GPU time goes: {r['system']}, batch {r['batch']} (the profiled "
+                          f"batch's first step: {r['prefill_step_wall_ms']:.1f} ms wall, "
+                          f"{r['prefill_step_gpu_busy_ms']:.1f} ms GPU busy)", "",
+                      "| kernel | ms | launches | share of busy |", "|---|---|---|---|"]
+            lines += [f"| `{k['name'][:90]}` | {k['ms_per_step']:.3f} | {k['launches_per_step']:.0f} | "
+                      f"{k['share'] * 100:.1f}% |" for k in r["prefill_step_top_kernels"]]
         if r.get("decode_step_top_kernels"):
             lines += ["", f"Where a decode step's GPU time goes: {r['system']}, batch {r['batch']}", "",
                       "| kernel | ms / step | launches / step | share of busy |", "|---|---|---|---|"]
