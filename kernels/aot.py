@@ -543,6 +543,8 @@ def check_code(kind: str, arch: int, constexprs: Dict[str, object], num_warps: i
             return "no tensor-core mma.sync"
         if constexprs.get("MAGIC") and ptx.count("cvt.rn.f16.s32") + ptx.count("cvt.rn.f16.s16") > 0:
             return "fp16 weights converted from integers (the exponent trick was lost)"
+        if constexprs.get("MAGIC") and "0x64646464" not in ptx:
+            return "the fp16 nibble unpack is not the word-wide inline PTX"
         return None
     if kind == "tma":
         # operands by TMA (bulk tensor copies), weights unpacked in registers as wgmma's A operand

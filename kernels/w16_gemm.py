@@ -45,7 +45,40 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import unpack_hi, unpack_lo
+from ._common import _ASM_UNPACK
+
+# fp16 weights from packed nibbles on whole 32-bit words (four bytes per register, ``pack=4``):
+# t = (w & 0x0F0F0F0F) ^ 0x08080808 (one lop3: the biased nibbles u ^ 8 = v + 8), then two
+# byte permutes put each biased nibble under an 0x64 exponent byte -- the fp16 numbers 1032 + v,
+# element i (byte i of w) in the low / high half of output register i // 2.  7 instructions per
+# 8 weights, where the Triton integer form compiled to ~16 (LOP3 / PRMT / SHF per byte lane).
+# Checked exhaustively against the integer form in tests/test_w16_gemm.py (the PTX model of
+# cometq.testing.run_ptx); the interpreter runs the integer form.
+_ASM_F16_LO = tl.constexpr("""{
+.reg .b32 t;
+lop3.b32 t, $2, 0x0F0F0F0F, 0x08080808, 0x6A;
+prmt.b32 $0, t, 0x64646464, 0x4140;
+prmt.b32 $1, t, 0x64646464, 0x4342;
+}""")
+
+_ASM_F16_HI = tl.constexpr("""{
+.reg .b32 s, t;
+shr.u32 s, $2, 4;
+lop3.b32 t, s, 0x0F0F0F0F, 0x08080808, 0x6A;
+prmt.b32 $0, t, 0x64646464, 0x4140;
+prmt.b32 $1, t, 0x64646464, 0x4342;
+}""")
+
+
+@triton.jit
+def _biased_f16(p, HI: tl.constexpr):
+    """uint8 bytes -> fp16 ``1032 + v`` of the low (even channel) or high nibble ``v`` (exact)."""
+    if _ASM_UNPACK:
+        return tl.inline_asm_elementwise(_ASM_F16_HI if HI else _ASM_F16_LO, "=r,=r,r", [p], dtype=tl.float16,
+                                         is_pure=True, pack=4)
+    else:
+        u = (p.to(tl.int32) >> 4) & 0xF if HI else p.to(tl.int32) & 0xF
+        return ((u ^ 8) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
 
 __all__ = ["W16Config", "w16_config", "w16_gemm", "w4ax_linear_w16", "w16_gemm_kernel", "W16_MAX_M"]
 
@@ -54,16 +87,17 @@ W16_MAX_M = 256
 
 
 @triton.jit
-def _dequant_half(u, sc, of, ASYM: tl.constexpr, MAGIC: tl.constexpr, DT: tl.constexpr):
-    """4-bit two's-complement nibbles ``u`` (0..15, int) -> ``DT`` weights ``v * sc (+ of)``."""
+def _dequant_half(p, sc, of, HI: tl.constexpr, ASYM: tl.constexpr, MAGIC: tl.constexpr, DT: tl.constexpr):
+    """Packed bytes ``p`` -> ``DT`` weights ``v * sc (+ of)`` of their low or high nibbles ``v``."""
     if MAGIC:
         # fp16 bits 0x6400 | (u ^ 8) = 1024 + (v + 8), exact; minus 1032 -> v (exact in fp16)
-        h = ((u ^ 8) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1032.0
+        h = _biased_f16(p, HI) - 1032.0
         w = h * sc.to(tl.float16)
         if ASYM:
             w = w + of.to(tl.float16)
         return w
     else:
+        u = (p.to(tl.int32) >> 4) & 0xF if HI else p.to(tl.int32) & 0xF
         v = ((u ^ 8) - 8).to(tl.float32)
         w = v * sc
         if ASYM:
@@ -116,9 +150,8 @@ def w16_gemm_kernel(
             of = sc
             if ASYM:
                 of = tl.load(wo_ptr + rn64[:, None] * stride_won + g[None, :], mask=nm[:, None], other=0.0)
-        pi = p.to(tl.int32)
-        w_lo = _dequant_half(pi & 0xF, sc, of, ASYM, MAGIC, DT)
-        w_hi = _dequant_half((pi >> 4) & 0xF, sc, of, ASYM, MAGIC, DT)
+        w_lo = _dequant_half(p, sc, of, False, ASYM, MAGIC, DT)
+        w_hi = _dequant_half(p, sc, of, True, ASYM, MAGIC, DT)
         # activations: A' block b in the half-split order (even channels, then odd)
         abase = a_ptr + rm64[:, None] * stride_am + b * 128 + j[None, :]
         a_lo = tl.load(abase, mask=mm[:, None], other=0.0)

@@ -126,10 +126,15 @@ def test_w16_route_choice(monkeypatch):
     monkeypatch.setattr(autotune, "_measurable", lambda d: True)
     times = {"split": 2.0, "w16": 1.0}
     prev = autotune.set_timer(fake_route_timer(ran, times))
+    monkeypatch.setattr(ops, "_W16_AGREES", {})
     try:
         ran.clear()
         x, y = call(3)
-        assert ran == ["split", "w16", "w16"]  # each timed once, then the w16 one runs
+        # checked against split once, each timed once, then the w16 one runs
+        assert ran == ["split", "w16", "split", "w16", "w16"]
+        ran.clear()
+        call(4)  # same case: no second check, no timing
+        assert ran == ["w16"]
         ref = R.w4ax_gemm(R.quantize_activation(x, lay, "block"), qw).double()
         _close(y, ref, torch.float32)
         ran.clear()
@@ -149,3 +154,58 @@ def test_w16_max_m_matches_ops():
     from cometq.kernels.w16_gemm import W16_MAX_M
 
     assert ops.W16_MAX_M == W16_MAX_M
+
+
+def test_f16_nibble_asm_is_exact():
+    """The inline-PTX fp16 unpack (GPU only: the interpreter runs the integer form) on the PTX
+    model, every byte value in every lane: element i of a word's 4 bytes -> the fp16 number
+    1032 + v of its low / high nibble v, elements 0, 1 in the low / high half of the first output
+    register, 2, 3 in the second (the order of Triton's pack=4 operands)."""
+    import numpy as np
+
+    from cometq.kernels import w16_gemm as W
+    from cometq.testing import run_ptx
+
+    b = np.arange(256, dtype=np.uint64)
+    w = b | (((b * 7 + 3) % 256) << 8) | (((b + 101) % 256) << 16) | ((255 - b) << 24)
+    byte = np.stack([(w >> np.uint64(8 * i)) & np.uint64(255) for i in range(4)], -1).astype(np.int64)
+    for asm, hi in ((W._ASM_F16_LO.value, False), (W._ASM_F16_HI.value, True)):
+        r = run_ptx(asm, {"$2": w})
+        halves = np.stack([r["$0"] & 0xFFFF, r["$0"] >> 16, r["$1"] & 0xFFFF, r["$1"] >> 16], -1).astype(np.uint16)
+        nib = (byte >> 4) & 15 if hi else byte & 15
+        assert (halves.view(np.float16).astype(np.float64) == 1032 + ((nib ^ 8) - 8)).all(), hi
+
+
+def test_w16_route_never_kept_when_it_disagrees(monkeypatch):
+    """The tuner times speed only: a w16 result that disagrees with quantize + GEMM beyond the
+    dequant path's tolerance takes the route out of that case's choice (with a warning), even
+    when it would be timed faster; other cases are checked on their own."""
+    import os
+
+    from cometq import autotune, ops
+    from cometq.testing import fake_route_timer, record_linear_routes
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("drives the route choice with a fake device check on CPU tensors: needs the interpreter")
+    x0, lay, qw, _, _ = _case(1, 256, 48, "mixed", 128, False, 9, bias=False)
+    real = ops._LINEAR_ROUTES["w16"]
+    monkeypatch.setitem(ops._LINEAR_ROUTES, "w16", lambda *a: real(*a) * 1.01)  # 1 % off: a broken kernel
+    ran = record_linear_routes(monkeypatch, ops, ("split", "w16"))
+    monkeypatch.setattr(ops, "_fused_dequant_applies", lambda *a: True)
+    monkeypatch.setattr(ops, "_W16_AGREES", {})
+    autotune.clear()
+    monkeypatch.setattr(autotune, "_measurable", lambda d: True)
+    prev = autotune.set_timer(fake_route_timer(ran, {"split": 2.0, "w16": 1.0}))
+    g = torch.Generator().manual_seed(4)
+    try:
+        x = torch.randn(3, 256, generator=g)
+        with pytest.warns(RuntimeWarning, match=r"the w16 route disagrees with quantize \+ GEMM .*M=3, N=48, K=256"):
+            y = ops.w4ax_linear_eager(x, lay.perm, lay.block_bits, lay.n_int8, "block", lay.int4_clip, qw.qweight,
+                                      qw.scales, qw.offsets, 128, None, torch.float32)
+        assert ran == ["split", "w16", "split"]  # checked once, then split (never timed)
+        ref = R.w4ax_gemm(R.quantize_activation(x, lay, "block"), qw)
+        assert torch.equal(y, ref.to(y.dtype)) or torch.allclose(y, ref, rtol=1e-5, atol=1e-5)
+        assert list(ops._W16_AGREES.values()) == [False]
+    finally:
+        autotune.set_timer(prev)
+        autotune.clear()

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import warnings
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -310,13 +311,48 @@ def w4ax_linear_eager(x, perm, block_bits, n_int8: int, scale_mode: str, int4_cl
         cands = ("fused", "split") if _autotune.bucket_m(m) >= 4096 else ("split", "fused")
         route = _autotune.order("w4ax_linear_route", x.device, cands, _LINEAR_ROUTES, args)[0]
         return _LINEAR_ROUTES[route](*args)
-    if 0 < m <= W16_MAX_M and os.environ.get(ENV_W16, "1") != "0" and _fused_dequant_applies(*args):
+    if (0 < m <= W16_MAX_M and os.environ.get(ENV_W16, "1") != "0" and _fused_dequant_applies(*args)
+            and _w16_agrees(args)):
         # small M: the w16 route (activations fake-quantized once, weights dequantized in
         # registers, 16-bit MMA: kernels/w16_gemm.py) beside quantize + GEMM; split stays first
         # untuned (integer-exact), the tuner keeps w16 only where it measures faster
         route = _autotune.order("w4ax_linear_route", x.device, ("split", "w16"), _LINEAR_ROUTES, args)[0]
         return _LINEAR_ROUTES[route](*args)
     return _LINEAR_ROUTES["split"](*args)
+
+
+#: per (GPU, case): did the w16 route's result agree with the integer-exact split route's
+#: (within the dequant path's tolerance) when the case was first tuned -- the tuner times speed
+#: only, and a fast wrong route must never be kept
+_W16_AGREES: dict = {}
+
+
+def _w16_agrees(args) -> bool:
+    """Check the w16 route against "split" once per case, before the tuner may time it (one
+    device sync, at tuning time only).  Where nothing is timed (no measurable device, tuning
+    off) split runs first anyway: True.  While a CUDA graph is captured or tuning is frozen no
+    check can run: False (split) until one has."""
+    x, out_dtype = args[0], args[11]
+    if not (_autotune._measurable(x.device) and _autotune.enabled()):
+        return True
+    key = (_autotune._device_name(x.device), _key_linear_route(*args))
+    ok = _W16_AGREES.get(key)
+    if ok is None:
+        if _autotune._tracing_or_capturing(x.device) or _autotune.frozen_now():
+            return False
+        from cometq.kernels.dequant_gemm import DEQUANT_GEMM_RTOL
+
+        ref = _LINEAR_ROUTES["split"](*args).float()
+        got = _LINEAR_ROUTES["w16"](*args).float()
+        err = float((got - ref).abs().max()) if ref.numel() else 0.0
+        tol = DEQUANT_GEMM_RTOL.get(out_dtype, DEQUANT_GEMM_RTOL[torch.float32]) * float(ref.abs().max()) \
+            if ref.numel() else 0.0
+        ok = _W16_AGREES[key] = bool(err <= tol)  # (NaN: False)
+        if not ok:
+            warnings.warn(f"cometq: the w16 route disagrees with quantize + GEMM on this case (max error {err:.3g} "
+                          f"> {tol:.3g}: M={x.shape[0]}, N={args[6].shape[0]}, K={x.shape[1]}); it is not used for "
+                          "it", RuntimeWarning, stacklevel=3)
+    return ok
 
 
 #: rows from which :func:`w4ax_linear_eager` on CUDA also considers the fused dequant route
