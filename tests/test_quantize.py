@@ -421,9 +421,12 @@ def test_sequential_gptq_error_paths():
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("asym,group", [(False, 128), (True, 32)])
-def test_eager_linear_path_equals_op_path(backend, asym, group, device):
+def test_eager_linear_path_equals_op_path(backend, asym, group, device, monkeypatch):
     """W4AxLinear's eager path (ops.w4ax_linear_eager: no custom-op layer) runs the same
-    backend and kernels as the torch.ops path: bit-identical output."""
+    backend and kernels as the torch.ops path: bit-identical output (on the quantize + GEMM
+    route: the w16 route, which a GPU may time faster at this M, is within the dequant path's
+    tolerance only -- tests/test_w16_gemm.py)."""
+    monkeypatch.setenv("COMETQ_LINEAR_W16", "0")
     gen = torch.Generator().manual_seed(3)
     k, n = 576, 96
     lin = nn.Linear(k, n, bias=True)

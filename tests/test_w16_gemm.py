@@ -125,7 +125,7 @@ def test_w16_route_choice(monkeypatch):
     autotune.clear()
     monkeypatch.setattr(autotune, "_measurable", lambda d: True)
     times = {"split": 2.0, "w16": 1.0}
-    prev = autotune.set_timer(fake_route_timer(ran, times))
+    prev = autotune.set_timer(fake_route_timer(ran, times), "graph")  # (the route is timed as graph replays)
     monkeypatch.setattr(ops, "_W16_AGREES", {})
     try:
         ran.clear()
@@ -135,6 +135,10 @@ def test_w16_route_choice(monkeypatch):
         ran.clear()
         call(4)  # same case: no second check, no timing
         assert ran == ["w16"]
+        # one decision per case, timed as graph replays whatever the caller's mode (eager steps and
+        # their CUDA-graph replays must round alike)
+        (d,) = [d for d in autotune.report() if d["op"] == "w4ax_linear_route"]
+        assert d["choice"] == "w16" and d["key"]["timing"] == "graph" and d["key"]["M"] == 4
         ref = R.w4ax_gemm(R.quantize_activation(x, lay, "block"), qw).double()
         _close(y, ref, torch.float32)
         ran.clear()
@@ -145,7 +149,7 @@ def test_w16_route_choice(monkeypatch):
         call(3)
         assert ran == ["split"]
     finally:
-        autotune.set_timer(prev)
+        autotune.set_timer(prev, "graph")
         autotune.clear()
 
 
@@ -195,7 +199,7 @@ def test_w16_route_never_kept_when_it_disagrees(monkeypatch):
     monkeypatch.setattr(ops, "_W16_AGREES", {})
     autotune.clear()
     monkeypatch.setattr(autotune, "_measurable", lambda d: True)
-    prev = autotune.set_timer(fake_route_timer(ran, {"split": 2.0, "w16": 1.0}))
+    prev = autotune.set_timer(fake_route_timer(ran, {"split": 2.0, "w16": 1.0}), "graph")
     g = torch.Generator().manual_seed(4)
     try:
         x = torch.randn(3, 256, generator=g)
@@ -207,5 +211,5 @@ def test_w16_route_never_kept_when_it_disagrees(monkeypatch):
         assert torch.equal(y, ref.to(y.dtype)) or torch.allclose(y, ref, rtol=1e-5, atol=1e-5)
         assert list(ops._W16_AGREES.values()) == [False]
     finally:
-        autotune.set_timer(prev)
+        autotune.set_timer(prev, "graph")
         autotune.clear()

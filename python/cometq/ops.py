@@ -290,7 +290,10 @@ def w4ax_linear_eager(x, perm, block_bits, n_int8: int, scale_mode: str, int4_cl
     """``quantize_act`` then ``w4ax_gemm`` in eager mode, without the custom-op machinery.
 
     Same backend choice and fallback order (:func:`_dispatch`), same kernels, so the result
-    is bit-identical to the two ``torch.ops.cometq`` calls; what it skips is the per-call
+    is bit-identical to the two ``torch.ops.cometq`` calls -- on the quantize + GEMM route
+    ("split"); on CUDA the tuner may instead keep a 16-bit route where it measures faster (the
+    fused dequant route from 1024 rows, the w16 route up to 256 rows), whose results agree with
+    it within the dequant path's tolerance (``DEQUANT_GEMM_RTOL``), not bit for bit.  What it skips is the per-call
     dispatcher / ``torch._check`` validation layer and the dataclass wrappers (~40 % of
     a decode step's Python time in the serving engine, measured with the kernels stubbed
     out).  For callers that own and have validated the weight-side tensors (a
@@ -315,8 +318,11 @@ def w4ax_linear_eager(x, perm, block_bits, n_int8: int, scale_mode: str, int4_cl
             and _w16_agrees(args)):
         # small M: the w16 route (activations fake-quantized once, weights dequantized in
         # registers, 16-bit MMA: kernels/w16_gemm.py) beside quantize + GEMM; split stays first
-        # untuned (integer-exact), the tuner keeps w16 only where it measures faster
-        route = _autotune.order("w4ax_linear_route", x.device, ("split", "w16"), _LINEAR_ROUTES, args)[0]
+        # untuned (integer-exact), the tuner keeps w16 only where it measures faster.  Timed as
+        # graph replays whatever the caller's mode: the two routes round differently, so an eager
+        # step and a CUDA-graph replay of it must make the same choice (one decision per case)
+        with _autotune.timing("graph"):
+            route = _autotune.order("w4ax_linear_route", x.device, ("split", "w16"), _LINEAR_ROUTES, args)[0]
         return _LINEAR_ROUTES[route](*args)
     return _LINEAR_ROUTES["split"](*args)
 
@@ -402,9 +408,9 @@ _LINEAR_ROUTES = {"split": _linear_split, "fused": _linear_fused, "w16": _linear
 
 def _fused_dequant_applies(x, perm, block_bits, n_int8, scale_mode, int4_clip, qweight, w_scales, w_offsets,
                            group_size, bias, out_dtype, be) -> bool:
-    """The fused route runs this call: a CUDA input, the Triton backend allowed and loaded, and
-    weight tensors of the shapes the split route's GEMM would accept (else that route runs and
-    its checks name the problem)."""
+    """A 16-bit Triton route (fused dequant, w16) may run this call: a CUDA input, the Triton
+    backend allowed and loaded, and weight tensors of the shapes the split route's GEMM would
+    accept (else that route runs and its checks name the problem)."""
     if x.device.type != "cuda" or qweight.device != x.device or (be or os.environ.get(_ENV, "auto")) not in ("auto",
                                                                                                         "triton"):
         return False
