@@ -27,6 +27,7 @@ from typing import Dict, List, Sequence
 import torch
 import torch.nn.functional as F
 
+from .. import ops
 from ..paged import canonical_device, to_device_ints
 
 __all__ = ["PoolExhausted", "KVPool", "PagedFPPool"]
@@ -297,8 +298,6 @@ class PagedFPPool(KVPool):
             self._dec_key = key
             self._dec_tables = (tab.pin_memory() if pin else tab).to(self.device, non_blocking=pin)
             self._dec_lens = (lens.pin_memory() if pin else lens).to(self.device, non_blocking=pin)
-        from .. import ops
-
         return ops.paged_decode_attention(q, self.k[layer], self.v[layer], self._dec_tables,
                                           self._dec_lens, self.block_size, scale)
 
