@@ -73,32 +73,41 @@ def test_runner_fp_matches_hf_forward(arch):
     torch.testing.assert_close(l4[0], ref_a[16], rtol=0, atol=RUNNER_FP32_ATOL)
 
 
+@pytest.mark.parametrize("order", ["back-to-back", "interleaved", "whole"])
 @pytest.mark.parametrize("kv4", [False, True])
-def test_runner_batched_equal_length_prefill(llama, kv4):
+def test_runner_batched_equal_length_prefill(llama, kv4, order):
     """Fresh prompts of one length share one batched SDPA call per layer; mixed with a prompt of
-    another length and a continued chunk in the same step, every row equals the solo runs."""
+    another length and a continued chunk in the same step, every row equals the solo runs.
+    ``order``: the equal prompts back to back in the step (their rows a slice: views), split by
+    the other prompt (a row gather), or the whole step (the batched result is the output)."""
     prompts = [_rand_ids(9, 10 + i) for i in range(3)] + [_rand_ids(5, 20)]
+    if order == "interleaved":
+        prompts = [prompts[0], prompts[3], prompts[1], prompts[2]]
+    elif order == "whole":
+        prompts = prompts[:3]
 
     def runner():
         return (ModelRunner.with_kv4_pool(llama, num_blocks=32, block_size=8, group_size=4) if kv4
                 else ModelRunner.with_fp_pool(llama, num_blocks=32, block_size=4))
 
     r = runner()
-    for sid, p in enumerate(prompts + [prompts[0]]):
+    for sid in list(range(len(prompts))) + [4]:
         r.pool.reserve(sid, 12)
     with torch.no_grad():
-        r.forward([Chunk(4, prompts[0][:6], 0)])  # sequence 4: a prefix, continued in the batched step
-        got = r.forward([Chunk(i, p, 0) for i, p in enumerate(prompts)] + [Chunk(4, prompts[0][6:], 6)],
-                        all_logits=True)
+        cont = [] if order == "whole" else [Chunk(4, prompts[0][6:], 6)]
+        if cont:
+            r.forward([Chunk(4, prompts[0][:6], 0)])  # sequence 4: a prefix, continued in the batched step
+        got = r.forward([Chunk(i, p, 0) for i, p in enumerate(prompts)] + cont, all_logits=True)
         want = []
         for i, p in enumerate(prompts):
             solo = runner()
             solo.pool.reserve(0, 12)
             want.append(solo.forward([Chunk(0, p, 0)], all_logits=True))
-        solo = runner()
-        solo.pool.reserve(0, 12)
-        solo.forward([Chunk(0, prompts[0][:6], 0)])
-        want.append(solo.forward([Chunk(0, prompts[0][6:], 6)], all_logits=True))
+        if cont:
+            solo = runner()
+            solo.pool.reserve(0, 12)
+            solo.forward([Chunk(0, prompts[0][:6], 0)])
+            want.append(solo.forward([Chunk(0, prompts[0][6:], 6)], all_logits=True))
     torch.testing.assert_close(got, torch.cat(want), rtol=0, atol=RUNNER_FP32_ATOL)
 
 

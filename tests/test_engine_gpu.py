@@ -136,3 +136,46 @@ def test_async_scheduling_cuda_graphs_same_tokens(model16):
     assert second[True] == second[False]
     if second[True][0][1] == "stop":  # (fp16: batch 2 may round differently from batch 5)
         assert engines[True].async_dropped == 1
+
+
+@pytest.mark.parametrize("fresh", [24, 520])
+@pytest.mark.parametrize("what", ["fp", "kv4", "w4ax-kv4"])
+def test_mixed_prefill_step_never_syncs(model16, what, fresh):
+    """A warmed-up step that mixes a decode row, a continued prefill chunk (its cached prefix
+    read back from the pool) and two fresh prompts queues all its kernels without waiting for
+    the GPU (``torch.cuda.set_sync_debug_mode("error")``).  H100 run 7: the KV4 prefix read
+    copied its block list with ``torch.as_tensor(list, device=cuda)`` -- a sync per layer --
+    and every serving step with a continued chunk took ~90 ms more than the others.  ``fresh``:
+    the two fresh prompts' length (step of 1 + 34 + 2 * fresh rows: the W4Ax linears' small-M
+    routes, and from 1024 rows the large-M ones)."""
+    model = model16
+    if what == "w4ax-kv4":
+        import copy
+
+        from cometq import W4AxConfig, quantize_
+
+        model = copy.deepcopy(model16)
+        quantize_(model, W4AxConfig(), calib_data=torch.randint(0, 256, (2, 64), device="cuda"))
+    r = ModelRunner.build(model, kv4=what != "fp", num_blocks=96, block_size=32, max_seqs=16)
+    a, b, c, d = _ids(40, 70), _ids(70, 71), _ids(fresh, 72), _ids(fresh, 73)
+
+    def mixed(base: int, check: bool):
+        for i, n in enumerate((41, 70, fresh, fresh)):
+            r.pool.reserve(base + i, n)
+        r.forward([Chunk(base, a, 0)])  # a decoding sequence (40 tokens cached)
+        r.forward([Chunk(base + 1, b[:36], 0)])  # a prompt whose first 36 tokens were prefilled
+        torch.cuda.synchronize()
+        chunks = [Chunk(base, a[-1:], 40), Chunk(base + 1, b[36:], 36), Chunk(base + 2, c, 0), Chunk(base + 3, d, 0)]
+        if check:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            out = r.forward(chunks)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
+        assert out.shape == (4, model.config.vocab_size) and bool(torch.isfinite(out).all())
+        for i in range(4):
+            r.pool.free(base + i)
+
+    mixed(0, check=False)  # compiles and tunes what this step needs
+    mixed(8, check=True)

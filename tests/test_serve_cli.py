@@ -147,14 +147,16 @@ def test_build_engine_cuda_graphs_needs_cuda():
 def test_decode_step_profile_runs_and_drains():
     """The serving bench's host-bound diagnostic: a fresh batch, a few profiled decode steps
     (on CPU only wall time is meaningful: no GPU kernels), and the engine left empty."""
-    from cometq.serve.bench import _decode_step_profile
+    from cometq.serve.bench import _decode_step_profile, markdown
     from cometq.serve.engine import Engine, EngineConfig
     from cometq.serve.runner import ModelRunner
     from cometq.serve.tiny import tiny_model
 
     model = tiny_model()
     runner = ModelRunner.with_fp_pool(model, num_blocks=64, block_size=8)
-    eng = Engine(runner, None, EngineConfig(max_num_seqs=4, max_num_batched_tokens=256, max_model_len=64))
+    # a token budget of 20 splits the 4 x 12 prompts: step 0 prefill only (12 + 8), step 1 a decode
+    # row + a continued chunk + a fresh prompt + the start of the last, step 2 three decode rows + a continued chunk
+    eng = Engine(runner, None, EngineConfig(max_num_seqs=4, max_num_batched_tokens=20, max_model_len=64))
     r = _decode_step_profile(eng, runner, batch=4, in_len=12, seed=0, steps=3, device="cpu")
     assert r["decode_step_profiled"] == 3 and r["decode_step_wall_ms"] > 0 and r["decode_step_gpu_busy_ms"] == 0
     assert r["decode_step_top_kernels"] == []  # no GPU kernels on CPU
@@ -163,8 +165,14 @@ def test_decode_step_profile_runs_and_drains():
     assert cpu == sorted(cpu, key=lambda c: -c["ms_per_step"]) and abs(sum(c["share"] for c in cpu)) <= 1.0 + 1e-9
     py = r["decode_step_top_python"]  # and the Python functions (cProfile)
     assert 0 < len(py) <= 12 and any("engine.py" in f["name"] or "runner.py" in f["name"] for f in py)
-    # the first (prefill) step profiled as well: wall time; no GPU kernels on CPU
-    assert r["prefill_step_wall_ms"] > 0 and r["prefill_step_gpu_busy_ms"] == 0 and r["prefill_step_top_kernels"] == []
+    # the first three (prefill) steps profiled one by one: wall time; no GPU kernels on CPU
+    pre = r["prefill_steps_profiled"]
+    assert [st["shape"] for st in pre] == [[0, 2, 20], [1, 3, 19], [3, 1, 9]]
+    assert all(st["wall_ms"] > 0 and st["gpu_busy_ms"] == 0 and st["top_kernels"] == [] for st in pre)
+    md = markdown({"model": "tiny", "dtype": "fp32", "device": "cpu", "device_name": "cpu",
+                   "results": [dict(r, system="cometq-fp", batch=4, input_len=12, output_len=3, output_tokens_per_s=1.0,
+                                    total_tokens_per_s=1.0, ttft_mean_s=0.1, ttft_p90_s=0.1, tpot_mean_s=0.1)]})
+    assert "| 1 | 1+3/19 |" in md and "Where the slowest of them goes" in md
     assert not eng.has_work()
 
 

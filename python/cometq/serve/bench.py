@@ -309,7 +309,7 @@ def step_breakdown(step_s: List[float], shapes: List[tuple], k: int = 8) -> Dict
 
 
 def _decode_step_profile(eng, runner, batch: int, in_len: int, seed: int, steps: int = 6,
-                         device: str = "cuda") -> Dict:
+                         device: str = "cuda", prefill_profile_steps: int = 3) -> Dict:
     """Is a decode step host-bound?  A fresh batch is prefilled, then ``steps`` decode steps run
     under ``torch.profiler``: wall time per step vs the summed duration of the GPU kernels in it
     (busy time).  Busy much below wall = the GPU waits for Python (launches, bookkeeping)."""
@@ -323,15 +323,22 @@ def _decode_step_profile(eng, runner, batch: int, in_len: int, seed: int, steps:
         eng.add_request(p, sp)
     _sync(device)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    # the first step (prefill chunks of the fresh batch, up to the token budget) profiled too:
-    # H100 run 7's W4Ax prefill steps in the timed run took 343-386 ms where diag_prefill's 8 x 1024
-    # step took 246 ms -- where the difference goes is what this table shows
-    with profile(activities=acts) as pprof:
-        t0 = time.monotonic()
-        eng.step()
-        _sync(device)
-        pwall = time.monotonic() - t0
-    pbusy_us, _, pby_name = _gpu_kernel_times(pprof)
+    # the fresh batch's first prefill steps, each profiled on its own: step 0 is prefill chunks
+    # only, step 1 adds the first decode rows, step 2 (when the token budget splits a prompt)
+    # a continued chunk -- H100 run 7's W4Ax steps of the third kind took ~90 ms more than the
+    # first two (343-386 vs 248 ms), its FP16 engine's did not
+    pre_steps = []
+    while eng.has_work() and len(pre_steps) < prefill_profile_steps:
+        with profile(activities=acts) as pprof:
+            t0 = time.monotonic()
+            eng.step()
+            _sync(device)
+            pwall = time.monotonic() - t0
+        pbusy_us, _, pby_name = _gpu_kernel_times(pprof)
+        pre_steps.append({"shape": list(eng.last_step_shape), "wall_ms": pwall * 1e3, "gpu_busy_ms": pbusy_us / 1e3,
+                          "top_kernels": top_kernels(pby_name, 1)})
+        if not eng.last_step_shape[1]:
+            break  # a decode-only step: the prefill is over
     while eng.has_work() and any(not r.output_ids for r in eng.requests.values()):
         eng.step()  # (the rest of the prefill under the token budget)
     eng.step()
@@ -383,8 +390,7 @@ def _decode_step_profile(eng, runner, batch: int, in_len: int, seed: int, steps:
             "decode_step_top_kernels": top_kernels(by_name, n),
             "decode_step_top_cpu_ops": top_kernels(cpu_ops, n, k=10),
             "decode_step_top_python": top_kernels(py_funcs, max(n_py, 1), k=12),
-            "prefill_step_wall_ms": pwall * 1e3, "prefill_step_gpu_busy_ms": pbusy_us / 1e3,
-            "prefill_step_top_kernels": top_kernels(pby_name, 1)}
+            "prefill_steps_profiled": pre_steps}
 
 
 def _gpu_kernel_times(prof):
@@ -580,13 +586,23 @@ def markdown(res: Dict) -> str:
             lines.append(f"| {r['system']} | {r['batch']} | {r['prefill_steps']} / {r['prefill_steps_ms'] / 1e3:.2f} | "
                          f"{r['decode_only_steps']} / {r['decode_only_steps_ms'] / 1e3:.2f} | {slow} | {tuned} |")
     for r in res["results"]:
-        if r.get("prefill_step_top_kernels"):
-            lines += ["", f"Where a prefill step's GPU time goes: {r['system']}, batch {r['batch']} (the profiled "
-                          f"batch's first step: {r['prefill_step_wall_ms']:.1f} ms wall, "
-                          f"{r['prefill_step_gpu_busy_ms']:.1f} ms GPU busy)", "",
+        pre = r.get("prefill_steps_profiled")
+        if pre:
+            lines += ["", f"The fresh batch's first steps, each profiled: {r['system']}, batch {r['batch']} (shape: "
+                          "decode rows + prefill chunks / prefill tokens)", "",
+                      "| step | shape | wall (ms) | GPU busy (ms) | top kernel |", "|---|---|---|---|---|"]
+            for i, st in enumerate(pre):
+                d, c, t = st["shape"]
+                top = st["top_kernels"][0] if st["top_kernels"] else None
+                lines.append(f"| {i} | {d}+{c}/{t} | {st['wall_ms']:.1f} | {st['gpu_busy_ms']:.1f} | "
+                             + (f"`{top['name'][:60]}` {top['ms_per_step']:.1f} ms |" if top else "– |"))
+            slow = max(pre, key=lambda st: st["wall_ms"])
+            d, c, t = slow["shape"]
+            lines += ["", f"Where the slowest of them goes ({d}+{c}/{t}: {slow['wall_ms']:.1f} ms wall, "
+                          f"{slow['gpu_busy_ms']:.1f} ms GPU busy)", "",
                       "| kernel | ms | launches | share of busy |", "|---|---|---|---|"]
             lines += [f"| `{k['name'][:90]}` | {k['ms_per_step']:.3f} | {k['launches_per_step']:.0f} | "
-                      f"{k['share'] * 100:.1f}% |" for k in r["prefill_step_top_kernels"]]
+                      f"{k['share'] * 100:.1f}% |" for k in slow["top_kernels"]]
         if r.get("decode_step_top_kernels"):
             lines += ["", f"Where a decode step's GPU time goes: {r['system']}, batch {r['batch']}", "",
                       "| kernel | ms / step | launches / step | share of busy |", "|---|---|---|---|"]
