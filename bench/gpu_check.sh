@@ -29,6 +29,7 @@
 #   cuda_gemm_smoke.log           the CUDA GEMM and act-quant vs the reference (group sizes, block patterns, split-K, asymmetric) before any timing
 #   cuda_attn_smoke.log           the CUDA KV4 decode attention kernel vs the reference (if it fails, later stages run COMETQ_KV4_ATTN_CUDA=0)
 #   splitk_fixup_smoke.log        the in-kernel split-K reduction vs the reduce kernel (if it passes: COMETQ_SPLITK_FIXUP=1 after the Triton tests)
+#   cuda_fixup_smoke.log          the CUDA GEMM's in-kernel split-K reduction vs its finalize kernel (if it passes: COMETQ_CUDA_SPLITK_FIXUP=1)
 #   toolchain.txt                 bench/diag_toolchain.sh (GPU_CHECK_TOOLCHAIN=1): C++ toolchain facts + the raw-op error probe
 #   autotune.json/.log            which backend `auto` picked per case (cometq.autotune)
 #   tune_decode.json              bench/tune_decode.py: the decode buckets' tuned GEMM configs (last stage)
@@ -46,7 +47,7 @@
 #        MAX_JOBS (default 16), PYTHON (default python3), GPU_CHECK_BUDGET_S,
 #        PYTEST_ARGS (extra pytest arguments), PYTEST_WORKERS (xdist workers, default 8), GPU_CHECK_SKIP (comma list of stages
 #        to skip: build, triton_tests, cuda_tests, toolchain, diag, gemm, gemm_large, gemm_shares, gemm_class, microbench,
-#        attention, raw_errors, cuda_act_rows_smoke, cuda_gemm_smoke, cuda_attn_smoke, splitk_fixup_smoke, prefill, serving, autotune, tune_decode), GEMM_ARGS / ATTENTION_ARGS / SERVING_ARGS (the stages' arguments),
+#        attention, raw_errors, cuda_act_rows_smoke, cuda_gemm_smoke, cuda_fixup_smoke, cuda_attn_smoke, splitk_fixup_smoke, prefill, serving, autotune, tune_decode), GEMM_ARGS / ATTENTION_ARGS / SERVING_ARGS (the stages' arguments),
 #        GEMM_CAP / ATTENTION_CAP,
 #        TRITON_TEST_FILES / CUDA_TEST_FILES (the test files of the two test stages), TRITON_TEST_WORKERS (12) /
 #        CUDA_TEST_WORKERS, TRITON_TESTS_CAP / CUDA_TESTS_CAP / DIAG_CAP /
@@ -295,6 +296,18 @@ if [ "$BUILD" = ok ] && ! skip cuda_gemm_smoke; then
   fi
   pack
 fi
+# the CUDA GEMM's in-kernel split-K reduction (COMETQ_CUDA_SPLITK_FIXUP, fifteenth session, CPU-compiled
+# only: its counters' memory ordering needs a GPU): the finalize kernel's bits eagerly, twice in a row
+# and from a CUDA graph; if every test passes, the later stages run with it (one launch less per split
+# decode GEMM: run 7 had 80 finalize launches per decode step)
+if [ "$BUILD" = ok ] && ! skip cuda_fixup_smoke && [ "${COMETQ_BACKEND:-auto}" != triton ]; then
+  if PYTEST_WORKERS=2 run_pytest cuda_fixup_smoke 30 tests/test_cuda_ops.py -k "gemm_splitk_fixup"; then
+    export COMETQ_CUDA_SPLITK_FIXUP="${COMETQ_CUDA_SPLITK_FIXUP:-1}"
+    stage cuda_splitk_fixup "COMETQ_CUDA_SPLITK_FIXUP=$COMETQ_CUDA_SPLITK_FIXUP" 0
+    log "cuda_fixup_smoke passed: later stages run with COMETQ_CUDA_SPLITK_FIXUP=$COMETQ_CUDA_SPLITK_FIXUP"
+  fi
+  pack
+fi
 # the CUDA KV4 decode attention kernel (csrc/kv4_attention.cu; default COMETQ_KV4_ATTN_CUDA=auto since
 # run 6: timed against the Triton kernel per shape class, the faster kept -- serving rows report
 # `kv4_attention_choices`) against the reference. If a selected test fails, the later stages run
@@ -345,12 +358,14 @@ bench gemm "$GL" $PY bench/bench_gemm.py ${GEMM_ARGS:---shapes 8B.gate_up,8B.qkv
 
 # ---------------------------------------------------------------- CUDA-op and engine tests
 # (after the GEMM table and the attention row: the smoke stages above already ran the CUDA
-# GEMM / act-quant / attention tests that later numbers depend on)
+# GEMM / act-quant / attention tests that later numbers depend on; first, the no-sync check of a
+# mixed serving step with the CUDA kernels loaded -- the Triton stage ran it without them)
 if [ "$BUILD" = ok ] && ! skip cuda_tests; then
   log "CUDA op / engine / dispatch tests"
   # shellcheck disable=SC2086
   PYTEST_WORKERS=${CUDA_TEST_WORKERS:-${PYTEST_WORKERS:-8}} run_pytest pytest-cuda "${CUDA_TESTS_CAP:-60}" \
-    ${CUDA_TEST_FILES:-tests/test_cuda_register.py tests/test_autotune.py tests/test_cuda_ops.py} || TESTS_OK=no
+    ${CUDA_TEST_FILES:-tests/test_engine_gpu.py::test_mixed_prefill_step_never_syncs tests/test_cuda_register.py \
+      tests/test_autotune.py tests/test_cuda_ops.py} || TESTS_OK=no
   pack
 fi
 # the C++ toolchain probe (root-caused in run 5: the image's /opt/gcc wrapper links a static

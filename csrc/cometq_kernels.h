@@ -74,6 +74,10 @@ typedef struct CometqGemmArgs {
   int out_dtype;            // COMETQ_DTYPE_*
   float* workspace;         // fp32 [split_k, M, N] contiguous (one slab per split, fully
                             // overwritten: no zeroing needed); required iff split_k > 1
+  int32_t* tile_counters;   // split_k > 1: NULL = a finalize kernel sums the slabs; else int32
+                            // [>= cometq_gemm_num_tiles(M, N, tile)], all zero on entry: each
+                            // tile's last split sums them in-kernel (same bits) and leaves its
+                            // counter zero again
   int M, N;
   int n_blocks;             // nb = K_pad / 128
   int n4, n8;               // number of INT4 / INT8 blocks (widths of q4 / q8)
@@ -94,8 +98,11 @@ int cometq_resolve_mma_path(int requested, int cc_major);
 // (keeping at least 4 K blocks per split).
 int cometq_gemm_choose_split(int M, int N, int n_blocks, int sm_count, int requested);
 
-// Launch the GEMM (and, when split_k > 1, the finalize kernel that adds bias
-// and converts the fp32 workspace into out).  Validates only what it must to
+// Output tiles of the launch for M x N (tile: COMETQ_TILE_*): the size tile_counters needs.
+int64_t cometq_gemm_num_tiles(int M, int N, int tile);
+
+// Launch the GEMM (and, when split_k > 1 without tile_counters, the finalize kernel that adds
+// bias and converts the fp32 workspace into out).  Validates only what it must to
 // stay memory safe; the bindings validate shapes and dtypes.
 cudaError_t cometq_w4ax_gemm(const CometqGemmArgs* args, cudaStream_t stream);
 

@@ -11,7 +11,7 @@
 //   cometq_C::w4ax_gemm(Tensor q4, Tensor q8, Tensor a_scales, Tensor block_bits,
 //                       Tensor qweight, Tensor w_scales, Tensor? w_offsets, int group_size,
 //                       Tensor? bias, ScalarType out_dtype, int scale_mode, int split_k,
-//                       int mma_path, int tile=0) -> Tensor
+//                       int mma_path, int tile=0, Tensor(a!)? tile_counters=None) -> Tensor
 //
 // scale_mode: 0 = "block", 1 = "class".  group_size: -1 = per output channel.
 // int4_clip: (0, 1], INT4 activation scales use absmax * int4_clip (1 = no clip).
@@ -19,6 +19,8 @@
 // split_k: 0 = automatic, k > 0 = exactly k K-slices (clamped to the block count).
 // mma_path: 0 = automatic, 1 = s4 mma (INT4 tensor cores), 2 = INT4->INT8 + s8 mma.
 // tile: 0 = by M, 1 = the 64 x 64 tile with 3 stages (4 CTAs per SM; M <= 64 only).
+// tile_counters: int32, all zero (left zero), >= one per output tile: a split launch reduces its
+//   slabs in-kernel (the tile's last split) instead of launching the finalize kernel; same bits.
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/extension.h>
@@ -139,7 +141,8 @@ at::Tensor w4ax_gemm_cuda(const at::Tensor& q4, const at::Tensor& q8, const at::
                           const at::Tensor& block_bits, const at::Tensor& qweight, const at::Tensor& w_scales,
                           const std::optional<at::Tensor>& w_offsets, int64_t group_size,
                           const std::optional<at::Tensor>& bias, at::ScalarType out_dtype,
-                          int64_t scale_mode, int64_t split_k, int64_t mma_path, int64_t tile) {
+                          int64_t scale_mode, int64_t split_k, int64_t mma_path, int64_t tile,
+                          const std::optional<at::Tensor>& tile_counters) {
   constexpr const char* op = "cometq_C::w4ax_gemm";
   const at::Device dev = qweight.device();
   check_cuda(qweight, op, "qweight", dev);
@@ -248,6 +251,18 @@ at::Tensor w4ax_gemm_cuda(const at::Tensor& q4, const at::Tensor& q8, const at::
                                              sm_count, static_cast<int>(split_k));
   at::Tensor ws;
   if (split > 1) ws = at::empty({split, M, N}, qweight.options().dtype(at::kFloat));  // slabs, fully written
+  int32_t* counters = nullptr;
+  if (tile_counters.has_value()) {
+    // the in-kernel split-K reduction's per-tile counters (all zero; left zero): only a split launch uses them
+    const at::Tensor& tc = *tile_counters;
+    check_cuda(tc, op, "tile_counters", dev);
+    check_dtype(tc, at::kInt, op, "tile_counters");
+    check_contig(tc, op, "tile_counters");
+    const int64_t tiles = cometq_gemm_num_tiles(static_cast<int>(M), static_cast<int>(N), static_cast<int>(tile));
+    TORCH_CHECK(tc.dim() == 1 && tc.size(0) >= tiles, op, ": tile_counters shape ", tc.sizes(), " needs at least ",
+                tiles, " counters (output tiles of M=", M, ", N=", N, ")");
+    if (split > 1) counters = tc.data_ptr<int32_t>();
+  }
 
   CometqGemmArgs a{};
   a.q4 = n4 ? q4.data_ptr<uint8_t>() : nullptr;
@@ -270,6 +285,7 @@ at::Tensor w4ax_gemm_cuda(const at::Tensor& q4, const at::Tensor& q8, const at::
   a.ld_out = N;
   a.out_dtype = out_code;
   a.workspace = split > 1 ? ws.data_ptr<float>() : nullptr;
+  a.tile_counters = counters;
   a.M = static_cast<int>(M);
   a.N = static_cast<int>(N);
   a.n_blocks = static_cast<int>(nb);
@@ -408,7 +424,7 @@ TORCH_LIBRARY(cometq_C, m) {
   m.def(
       "w4ax_gemm(Tensor q4, Tensor q8, Tensor a_scales, Tensor block_bits, Tensor qweight, Tensor w_scales, "
       "Tensor? w_offsets, int group_size, Tensor? bias, ScalarType out_dtype, int scale_mode, int split_k, "
-      "int mma_path, int tile=0) -> Tensor");
+      "int mma_path, int tile=0, Tensor(a!)? tile_counters=None) -> Tensor");
   m.def(
       "kv4_decode_attention(Tensor q, Tensor k_packed, Tensor k_scale, Tensor k_zero, Tensor v_packed, "
       "Tensor v_scale, Tensor v_zero, Tensor tail_k, Tensor tail_v, Tensor block_tables, Tensor quant_lens, "

@@ -288,7 +288,11 @@ __device__ __forceinline__ void load_stage(const CometqGemmArgs& p, const int* s
 // ---------------------------------------------------------------------------
 // The kernel.
 // ---------------------------------------------------------------------------
-template <class Cfg, bool USE_S4, bool HAS_OFF>
+// FIXUP: a split launch reduces its slabs in-kernel (p.tile_counters; see the epilogue).  Its own
+// instantiation (M <= 64 tiles only): the reduction's code in every kernel made the 128-register
+// s8 tiles spill in the K loop (sm_90a: 2 LDL per K block in the 3-stage 64 x 64 tile, 8 in the
+// 128 x 64 one); the instantiations without it are unchanged.
+template <class Cfg, bool USE_S4, bool HAS_OFF, bool FIXUP = false>
 __global__ void __launch_bounds__(Cfg::THREADS, Cfg::MIN_CTAS) w4ax_gemm_kernel(const CometqGemmArgs p) {
   constexpr int MT = Cfg::MT, NT = Cfg::NT;
   extern __shared__ __align__(16) uint8_t smem[];
@@ -560,6 +564,48 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::MIN_CTAS) w4ax_gemm_kernel(
           store_from_float(p.out, static_cast<int64_t>(m) * p.ld_out + n, v, p.out_dtype);
         }
       }
+  if constexpr (FIXUP) {
+  if (!split) return;
+
+  // ---- in-kernel split-K reduction (tile_counters set): the tile's last split to finish sums
+  // the slabs, so no finalize kernel runs (H100 run 7: 80 finalize launches per batch-64 decode
+  // step, 0.25 ms of kernels plus a graph-node gap each).  The classic threadfence reduction:
+  //
+  //   every CTA:  store slab -> __threadfence -> barrier -> thread 0: old = atomicAdd(counter, 1)
+  //   last (old == splits - 1): barrier -> __threadfence -> read all slabs (L2, __ldcg: another
+  //                SM's stores are not in this SM's L1) -> out
+  //
+  // The sum runs z = 0, 1, ..., splits - 1 from 0 + slab 0, then + bias: the finalize kernel's
+  // order of fp32 adds, so the output is bit-identical to it whichever split finishes last.
+  // The last CTA resets its counter: zero between GEMMs, one buffer for every GEMM in stream
+  // order (CUDA graphs included).
+  __shared__ int s_last;
+  __threadfence();
+  __syncthreads();
+  const int tile_id = blockIdx.y * gridDim.x + blockIdx.x;
+  if (threadIdx.x == 0) {
+    const int prev = atomicAdd(p.tile_counters + tile_id, 1);
+    s_last = prev == static_cast<int>(gridDim.z) - 1;
+    if (s_last) p.tile_counters[tile_id] = 0;  // every other split of the tile has counted already
+  }
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  // (the accumulators are dead here: a plain row-major walk of the tile, coalesced, adds no
+  // register pressure -- the fragment-order walk made the 128-register s8 tiles spill in the K loop)
+  const int64_t slab = static_cast<int64_t>(p.M) * p.N;
+#pragma unroll 1
+  for (int r = threadIdx.x; r < Cfg::BM * Cfg::BN; r += Cfg::THREADS) {
+    const int m = m0 + r / Cfg::BN, n = n0 + r % Cfg::BN;
+    if (m >= p.M || n >= p.N) continue;
+    const int64_t idx = static_cast<int64_t>(m) * p.N + n;
+    float v = __ldcg(p.workspace + idx);
+#pragma unroll 1
+    for (int z = 1; z < static_cast<int>(gridDim.z); ++z) v += __ldcg(p.workspace + z * slab + idx);
+    if (p.bias != nullptr) v += load_as_float(p.bias, n, p.bias_dtype);
+    store_from_float(p.out, static_cast<int64_t>(m) * p.ld_out + n, v, p.out_dtype);
+  }
+  }  // FIXUP
 }
 
 // split-K: out = sum of the splits' slabs, in split order (+ bias), converted to the output dtype.
@@ -581,9 +627,9 @@ __global__ void splitk_finalize_kernel(const float* __restrict__ ws, int splits,
 // ---------------------------------------------------------------------------
 // host side
 // ---------------------------------------------------------------------------
-template <class Cfg, bool USE_S4, bool HAS_OFF>
+template <class Cfg, bool USE_S4, bool HAS_OFF, bool FIXUP = false>
 static cudaError_t launch_cfg(const CometqGemmArgs& a, cudaStream_t stream) {
-  auto kernel = w4ax_gemm_kernel<Cfg, USE_S4, HAS_OFF>;
+  auto kernel = w4ax_gemm_kernel<Cfg, USE_S4, HAS_OFF, FIXUP>;
   const size_t smem = static_cast<size_t>(Cfg::STAGES) * Cfg::stage_bytes(groups_per_block_log2(a.group), HAS_OFF) +
                       sizeof(int) * (2 * static_cast<size_t>(a.n_blocks) + 2);
   int dev = 0, max_optin = 0;
@@ -602,19 +648,25 @@ static cudaError_t launch_cfg(const CometqGemmArgs& a, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-template <bool USE_S4, bool HAS_OFF>
+template <bool USE_S4, bool HAS_OFF, bool FIXUP>
 static cudaError_t launch_cfg_m(const CometqGemmArgs& a, cudaStream_t stream) {
-  if (a.M <= 16) return launch_cfg<CfgSmall, USE_S4, HAS_OFF>(a, stream);
-  if (a.tile == COMETQ_TILE_MID3) return launch_cfg<CfgMid3, USE_S4, HAS_OFF>(a, stream);  // (M <= 64: checked)
-  if (a.M <= 64) return launch_cfg<CfgMid, USE_S4, HAS_OFF>(a, stream);
-  return launch_cfg<CfgLarge, USE_S4, HAS_OFF>(a, stream);
+  if (a.M <= 16) return launch_cfg<CfgSmall, USE_S4, HAS_OFF, FIXUP>(a, stream);
+  if (a.tile == COMETQ_TILE_MID3) return launch_cfg<CfgMid3, USE_S4, HAS_OFF, FIXUP>(a, stream);  // (M <= 64: checked)
+  if (a.M <= 64) return launch_cfg<CfgMid, USE_S4, HAS_OFF, FIXUP>(a, stream);
+  return launch_cfg<CfgLarge, USE_S4, HAS_OFF>(a, stream);  // (no FIXUP instantiation: see uses_fixup)
 }
 
 template <bool USE_S4>
-static cudaError_t launch_path(const CometqGemmArgs& a, cudaStream_t stream) {
-  if (a.w_offsets != nullptr) return launch_cfg_m<USE_S4, true>(a, stream);
-  return launch_cfg_m<USE_S4, false>(a, stream);
+static cudaError_t launch_path(const CometqGemmArgs& a, bool fixup, cudaStream_t stream) {
+  if (a.w_offsets != nullptr) {
+    return fixup ? launch_cfg_m<USE_S4, true, true>(a, stream) : launch_cfg_m<USE_S4, true, false>(a, stream);
+  }
+  return fixup ? launch_cfg_m<USE_S4, false, true>(a, stream) : launch_cfg_m<USE_S4, false, false>(a, stream);
 }
+
+// The launch reduces split-K in-kernel: counters given, K split, and an M <= 64 tile (the decode
+// GEMMs; the 128-row tile splits only when its tiles cannot fill the GPU, and has no FIXUP build).
+static bool uses_fixup(const CometqGemmArgs& a) { return a.tile_counters != nullptr && a.split_k > 1 && a.M <= 64; }
 
 }  // namespace cometq
 
@@ -645,6 +697,21 @@ extern "C" int cometq_gemm_choose_split(int M, int N, int n_blocks, int sm_count
   return std::max(1, std::min(want, cap));
 }
 
+extern "C" int64_t cometq_gemm_num_tiles(int M, int N, int tile) {
+  int bm = cometq::CfgLarge::BM, bn = cometq::CfgLarge::BN;  // the launch's choice (launch_cfg_m)
+  if (M <= 16) {
+    bm = cometq::CfgSmall::BM;
+    bn = cometq::CfgSmall::BN;
+  } else if (tile == COMETQ_TILE_MID3) {
+    bm = cometq::CfgMid3::BM;
+    bn = cometq::CfgMid3::BN;
+  } else if (M <= 64) {
+    bm = cometq::CfgMid::BM;
+    bn = cometq::CfgMid::BN;
+  }
+  return static_cast<int64_t>((N + bn - 1) / bn) * ((M + bm - 1) / bm);
+}
+
 extern "C" cudaError_t cometq_w4ax_gemm(const CometqGemmArgs* args, cudaStream_t stream) {
   if (args == nullptr) return cudaErrorInvalidValue;
   const CometqGemmArgs& a = *args;
@@ -663,14 +730,15 @@ extern "C" cudaError_t cometq_w4ax_gemm(const CometqGemmArgs* args, cudaStream_t
     return cudaErrorInvalidValue;
   }
   cudaError_t err;
+  const bool fixup = cometq::uses_fixup(a);
   if (a.mma_path == COMETQ_MMA_S4) {
-    err = cometq::launch_path<true>(a, stream);
+    err = cometq::launch_path<true>(a, fixup, stream);
   } else if (a.mma_path == COMETQ_MMA_S8) {
-    err = cometq::launch_path<false>(a, stream);
+    err = cometq::launch_path<false>(a, fixup, stream);
   } else {
     return cudaErrorInvalidValue;
   }
-  if (err != cudaSuccess || a.split_k == 1) return err;
+  if (err != cudaSuccess || a.split_k == 1 || fixup) return err;
   const int64_t total = static_cast<int64_t>(a.M) * a.N;
   const int threads = 256;
   const int blocks = static_cast<int>(std::min<int64_t>((total + threads - 1) / threads, 4096));

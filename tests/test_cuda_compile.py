@@ -31,7 +31,9 @@ ARCHS = ("sm_80", "sm_90a")
 KERNEL_FILES = ("w4ax_gemm.cu", "act_quant.cu", "kv4_attention.cu")
 # ptxas entry counts per file: GEMM = 3 tile configs x 2 mma paths x {symmetric, asymmetric weights}
 # + split-K finalize; act_quant = 3 kernels x 3 input dtypes
-EXPECTED_ENTRIES = {"w4ax_gemm.cu": 17, "act_quant.cu": 9,  # act_quant: class-row, block and rows kernels x 3 dtypes
+EXPECTED_ENTRIES = {"w4ax_gemm.cu": 29, "act_quant.cu": 9,  # gemm: 4 tiles x s4/s8 x sym/asym + the 3 M <= 64 tiles
+                    # again with the in-kernel split-K reduction (FIXUP) + the finalize kernel;
+                    # act_quant: class-row, block and rows kernels x 3 dtypes
                     "kv4_attention.cu": 10}  # head_dim 64/128 x fp16/bf16 IO x 2 launch variants + 2 reduces
 NVCC_FLAGS = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-Xptxas", "-v", "-I", CSRC]
 
@@ -144,7 +146,12 @@ def test_ptx_uses_the_intended_instructions(builds, arch):
     # the first version had 10-36 `ld.global.nc.f32` per entry); the finalize kernel keeps its own
     gemm = re.split(r"\.visible \.entry ", ptx)
     gemm = [e for e in gemm if e.startswith("_ZN6cometq16w4ax_gemm_kernel")]
-    assert len(gemm) == 16 and all("ld.global.nc.f32" not in e for e in gemm)  # 4 tiles x s4/s8 x sym/asym
+    assert len(gemm) == 28 and all("ld.global.nc.f32" not in e for e in gemm)  # 4 tiles x s4/s8 x sym/asym + 12
+    # the in-kernel split-K reduction (template flag FIXUP, the 3 tiles of M <= 64): a counter
+    # atomic and L2 reads of the other splits' slabs there, nothing of it in the 16 others
+    fixup = [e for e in gemm if re.match(r"\S*ELb[01]ELb[01]ELb1EE", e)]
+    assert len(fixup) == 12 and all("atom.global.add" in e and "ld.global.cg" in e for e in fixup)
+    assert not any("atom." in e for e in gemm if e not in fixup)
     assert "cp.async.wait_group" in ptx
     assert "prmt.b32" in ptx  # the INT8 activation byte de-interleave
     # asymmetric weights: activation row sums as an MMA against ones, not dp4a + quad shuffles
@@ -200,6 +207,12 @@ int main() {
   CHECK(cometq_gemm_choose_split(3, 200, 5, 132, 2) == 2);
   CHECK(cometq_gemm_choose_split(4096, 4096, 32, 132, 0) == 1); // enough tiles
   CHECK(cometq_gemm_choose_split(64, 1024, 32, 132, 0) == 8);   // 16 tiles: ceil(132/16)=9, capped at 32/4
+  // the in-kernel split-K reduction's counter count: the launch's output tiles
+  CHECK(cometq_gemm_num_tiles(1, 4096, COMETQ_TILE_AUTO) == 64);       // 16 x 64 tiles
+  CHECK(cometq_gemm_num_tiles(17, 200, COMETQ_TILE_AUTO) == 4);        // 64 x 64: 1 x 4
+  CHECK(cometq_gemm_num_tiles(64, 14336, COMETQ_TILE_MID3) == 224);
+  CHECK(cometq_gemm_num_tiles(65, 200, COMETQ_TILE_AUTO) == 4);        // 128 x 64: 1 x 4
+  CHECK(cometq_gemm_num_tiles(4096, 4096, COMETQ_TILE_AUTO) == 2048);
   CHECK(cometq_w4ax_gemm(nullptr, 0) == cudaErrorInvalidValue);
   static uint8_t buf[64];
   CometqGemmArgs a = {};

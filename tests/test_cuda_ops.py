@@ -390,6 +390,69 @@ def test_gemm_tile_mid3_is_bit_identical(C, m, sym, split_k):
         assert torch.equal(y3, _run_gemm(C, qa, qw, split_k=split_k, tile=0))
 
 
+@pytest.mark.parametrize("m,n,k,split_k,sym,tile", [
+    (1, 200, K, 3, True, 0), (3, 77, K, 5, False, 0), (16, 4096, 1280, 4, False, 0), (17, 200, K, 2, True, 0),
+    (64, 1000, 1280, 5, False, 0), (64, 333, 1280, 7, True, 1), (100, 130, 1280, 3, False, 0)])
+def test_gemm_splitk_fixup_bit_identical(C, m, n, k, split_k, sym, tile):
+    """The in-kernel split-K reduction (``tile_counters``: each tile's last split sums the slabs)
+    gives the finalize kernel's bits -- twice in a row (each tile resets its own counter) and
+    replayed from a CUDA graph -- and leaves every counter zero."""
+    nb = -(-k // BLOCK_K)
+    bits = [8 if i % 3 == 1 else 4 for i in range(nb)]
+    qa, qw = _operands(m, n, k, bits, 128 if sym else 32, "block", ("fixup", m, n, k), sym=sym)
+    d = DEVICE
+    args = (qa.q4.to(d), qa.q8.to(d), qa.scales.to(d), qa.layout.block_bits.to(d), qw.qweight.to(d), qw.scales.to(d),
+            _gs(qw), torch.randn(n, generator=_gen("fixup-bias", m)).half().to(d), torch.float16, "block")
+    kw = dict(w_offsets=None if qw.offsets is None else qw.offsets.to(d), split_k=split_k, tile=tile)
+    want = C.cuda_w4ax_gemm(*args, **kw)
+    _check_close(want, R.w4ax_gemm(qa, qw, args[7].float().cpu(), out_dtype=torch.float64), torch.float16)
+    counters = torch.zeros(1 << 16, dtype=torch.int32, device=d)
+    for _ in range(2):
+        assert torch.equal(C.cuda_w4ax_gemm(*args, **kw, tile_counters=counters), want)
+    torch.cuda.synchronize()
+    assert int(counters.abs().sum()) == 0
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        C.cuda_w4ax_gemm(*args, **kw, tile_counters=counters)  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = C.cuda_w4ax_gemm(*args, **kw, tile_counters=counters)
+    for _ in range(3):
+        out.zero_()
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, want) and int(counters.abs().sum()) == 0
+
+
+def test_gemm_splitk_fixup_through_the_backend(C, monkeypatch):
+    """``COMETQ_CUDA_SPLITK_FIXUP=1``: the cuda backend's GEMM (its tuned split count at M <= 64)
+    passes the shared counters and gives the finalize kernel's bits; bad counters are rejected."""
+    from cometq import _cuda_split
+
+    qa, qw = _operands(16, 4096, 1280, [4, 8, 4, 4, 4, 4, 8, 4, 4, 4], 128, "block", ("fixup-backend",), sym=False)
+    qa = R.QuantizedActivation(qa.q4.to(DEVICE), qa.q8.to(DEVICE), qa.scales.to(DEVICE), qa.layout.to(DEVICE), "block")
+    qw = qw.to(DEVICE)
+    monkeypatch.setenv(_cuda_split.ENV_TUNE, "0")  # the kernel's own split rule: M = 16 splits K
+    monkeypatch.setenv(C.CUDA_FIXUP_ENV, "0")
+    want = ops.w4ax_gemm_q(qa, qw, None, out_dtype=torch.float16, backend="cuda")
+    monkeypatch.setenv(C.CUDA_FIXUP_ENV, "1")
+    got = ops.w4ax_gemm_q(qa, qw, None, out_dtype=torch.float16, backend="cuda")
+    assert torch.equal(got, want)
+    counters = C.cuda_tile_counters(qw.qweight.device)
+    torch.cuda.synchronize()
+    assert counters.numel() >= C.CUDA_COUNTERS_MIN and int(counters.abs().sum()) == 0
+    monkeypatch.setenv(C.CUDA_FIXUP_ENV, "2")
+    with pytest.raises(ValueError, match="COMETQ_CUDA_SPLITK_FIXUP must be 0 or 1, got '2'"):
+        ops.w4ax_gemm_q(qa, qw, None, out_dtype=torch.float16, backend="cuda")
+    args = (qa.q4, qa.q8, qa.scales, qa.layout.block_bits, qw.qweight, qw.scales, 128, None, torch.float16, "block")
+    with pytest.raises(ValueError, match="tile_counters must be 1-D int32"):
+        C.cuda_w4ax_gemm(*args, w_offsets=qw.offsets, split_k=4, tile_counters=counters.float())
+    with pytest.raises(RuntimeError, match="needs at least 64 counters"):  # 16 x 64 tiles of N = 4096
+        C.cuda_w4ax_gemm(*args, w_offsets=qw.offsets, split_k=4, tile_counters=counters[:10])
+
+
 def test_gemm_tile_errors(C):
     qa, qw = _operands(65, 40, K, PATTERNS["alt84"], 128, "block", ("tile-err",))
     with pytest.raises(ValueError, match="tile must be one of"):

@@ -48,6 +48,13 @@ g = torch.ops.cometq_C.w4ax_gemm
 args = [meta(qa.q4), meta(qa.q8), meta(qa.scales), meta(lay.block_bits), meta(qw.qweight), meta(qw.scales),
         meta(qw.offsets), 128, None, torch.float16, 0, 0, 0]
 assert g(*args).shape == (64, 40) and g(*args, 1).shape == (64, 40)  # tile: default 0, or 1 at M <= 64
+counters = torch.zeros(1 << 16, dtype=torch.int32, device="meta")  # the in-kernel split-K reduction's
+assert g(*args, 0, counters).shape == (64, 40) and g(*args, 1, tile_counters=counters).shape == (64, 40)
+try:
+    g(*args, 0, counters.float())
+    raise SystemExit("float tile_counters were not rejected")
+except RuntimeError as e:
+    assert "tile_counters must be 1-D int32" in str(e), e
 a65 = list(args)
 a65[2] = torch.empty(65, 5, device="meta")
 try:

@@ -38,7 +38,8 @@ from ._cuda_checks import (check_kv4_attention_inputs, check_quantize_act_inputs
                            kv4_attention_unsupported)
 
 __all__ = ["SCALE_MODE_CODES", "MMA_PATHS", "cuda_quantize_act", "cuda_w4ax_gemm", "cuda_kv4_decode_attention",
-           "kv4_attention_cuda_enabled", "check_quantize_act_inputs", "check_w4ax_gemm_inputs"]
+           "kv4_attention_cuda_enabled", "check_quantize_act_inputs", "check_w4ax_gemm_inputs",
+           "cuda_splitk_fixup_enabled", "cuda_tile_counters"]
 
 #: scale_mode strings -> the int codes of the cometq_C ops
 SCALE_MODE_CODES = {"block": 0, "class": 1}
@@ -69,7 +70,10 @@ def _quantize_act_fake(x, perm, block_bits, n_int8, scale_mode, int4_clip):
 
 @torch.library.register_fake("cometq_C::w4ax_gemm")
 def _w4ax_gemm_fake(q4, q8, a_scales, block_bits, qweight, w_scales, w_offsets, group_size, bias, out_dtype,
-                    scale_mode, split_k, mma_path, tile=0):
+                    scale_mode, split_k, mma_path, tile=0, tile_counters=None):
+    if tile_counters is not None:
+        torch._check(tile_counters.dtype == torch.int32 and tile_counters.dim() == 1,
+                     lambda: f"tile_counters must be 1-D int32, got {tile_counters.dtype} {tuple(tile_counters.shape)}")
     torch._check(tile in TILES, lambda: f"tile must be 0 (by M) or 1 (64x64, 3 stages), got tile={tile}")
     torch._check(tile == 0 or a_scales.shape[0] <= TILE_MID3_MAX_M,
                  lambda: f"tile=1 (the 64x64 3-stage tile) needs M <= 64, got M={a_scales.shape[0]}")
@@ -120,10 +124,56 @@ def cuda_quantize_act(x, perm, block_bits, n_int8: int, scale_mode: str, int4_cl
     )
 
 
+#: ``COMETQ_CUDA_SPLITK_FIXUP`` -- "1": a split-K CUDA GEMM sums its slabs in the kernel (each tile's
+#: last split, csrc/w4ax_gemm.cu) instead of launching the finalize kernel after it: the same bits,
+#: one launch less per split GEMM (H100 run 7: 80 finalize launches per batch-64 decode step,
+#: 0.25 ms of kernels plus a graph-node gap each).  "0" (default): the finalize kernel.  Off by
+#: default until GPU-tested: bench/gpu_check.sh turns it on for its later stages when its
+#: bit-identity test passes (the counters' memory ordering cannot be exercised without a GPU).
+CUDA_FIXUP_ENV = "COMETQ_CUDA_SPLITK_FIXUP"
+#: counters per device: at least this many (one per output tile of a split launch; the launches
+#: that split have fewer tiles than SMs, or are decode GEMMs: N / 64 tiles)
+CUDA_COUNTERS_MIN = 1 << 16
+_COUNTERS: dict = {}
+_OLD_COUNTERS: list = []  # replaced buffers stay alive: a captured graph may hold their address
+
+
+def cuda_splitk_fixup_enabled() -> bool:
+    v = os.environ.get(CUDA_FIXUP_ENV, "0")
+    if v not in ("0", "1"):
+        raise ValueError(f"{CUDA_FIXUP_ENV} must be 0 or 1, got {v!r}")
+    return v == "1"
+
+
+def cuda_tile_counters(device, tiles: int = 0):
+    """The int32 tile counters of the in-kernel split-K reduction on ``device`` (at least
+    ``tiles``; zero between GEMMs -- each tile's last split resets its own -- so one buffer
+    serves every GEMM in stream order, CUDA graphs included), or None while a CUDA graph is
+    being captured without a big enough buffer (an allocation there would belong to the
+    graph's private pool; the launch then takes the finalize kernel).  Not for split GEMMs
+    running concurrently on two streams."""
+    key = str(device)
+    buf = _COUNTERS.get(key)
+    if buf is not None and buf.numel() >= tiles:
+        return buf
+    if torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return None
+    if buf is not None:
+        _OLD_COUNTERS.append(buf)
+    buf = _COUNTERS[key] = torch.zeros(max(CUDA_COUNTERS_MIN, int(tiles)), dtype=torch.int32, device=device)
+    return buf
+
+
+def _tiles_upper_bound(m: int, n: int) -> int:
+    """Output tiles of any CUDA GEMM launch of M x N (its smallest tile: 16 x 64)."""
+    return -(-m // 16) * -(-n // 64)
+
+
 def cuda_w4ax_gemm(q4, q8, a_scales, block_bits, qweight, w_scales, group_size, bias, out_dtype, scale_mode,
-                   *, w_offsets=None, split_k: int = 0, mma_path: str = "auto", tile: int = 0):
+                   *, w_offsets=None, split_k: int = 0, mma_path: str = "auto", tile: int = 0, tile_counters=None):
     """Same contract as ``ops._ref_w4ax_gemm`` (``w_offsets``: asymmetric weights, float32 like
-    ``w_scales``); ``split_k`` / ``mma_path`` / ``tile`` are test and tuning knobs."""
+    ``w_scales``); ``split_k`` / ``mma_path`` / ``tile`` are test and tuning knobs;
+    ``tile_counters`` (:func:`cuda_tile_counters`): a split launch reduces its slabs in-kernel."""
     if mma_path not in MMA_PATHS:
         raise ValueError(f"mma_path must be one of {tuple(MMA_PATHS)}, got {mma_path!r}")
     if tile not in TILES:
@@ -133,6 +183,12 @@ def cuda_w4ax_gemm(q4, q8, a_scales, block_bits, qweight, w_scales, group_size, 
                          f"got a_scales of shape {tuple(a_scales.shape)}")
     check_w4ax_gemm_inputs(q4, q8, a_scales, block_bits, qweight, w_scales, w_offsets, group_size, bias,
                            out_dtype, scale_mode, split_k)
+    if tile_counters is not None:
+        if not isinstance(tile_counters, torch.Tensor):
+            raise TypeError(f"tile_counters must be a tensor or None, got {type(tile_counters).__name__}")
+        if tile_counters.dtype != torch.int32 or tile_counters.dim() != 1 or tile_counters.device != qweight.device:
+            raise ValueError(f"tile_counters must be 1-D int32 on {qweight.device}, got {tile_counters.dtype} "
+                             f"shape {tuple(tile_counters.shape)} on {tile_counters.device}")
     return torch.ops.cometq_C.w4ax_gemm(
         _aligned(q4),
         _aligned(q8),
@@ -148,6 +204,7 @@ def cuda_w4ax_gemm(q4, q8, a_scales, block_bits, qweight, w_scales, group_size, 
         int(split_k),
         MMA_PATHS[mma_path],
         int(tile),
+        tile_counters,
     )
 
 
@@ -156,10 +213,13 @@ def _act_impl(x, perm, block_bits, n_int8, scale_mode, int4_clip=1.0):
 
 
 def _gemm_impl(q4, q8, a_scales, block_bits, qweight, w_scales, w_offsets, group_size, bias, out_dtype, scale_mode):
+    counters = (cuda_tile_counters(qweight.device, _tiles_upper_bound(a_scales.shape[0], qweight.shape[0]))
+                if cuda_splitk_fixup_enabled() else None)
+
     def launch(choice):
         split, tile = choice
         return cuda_w4ax_gemm(q4, q8, a_scales, block_bits, qweight, w_scales, group_size, bias, out_dtype,
-                              scale_mode, w_offsets=w_offsets, split_k=split, tile=tile)
+                              scale_mode, w_offsets=w_offsets, split_k=split, tile=tile, tile_counters=counters)
 
     # M <= 64: the (split count, tile variant) timed once per shape and timing mode (cometq._cuda_split)
     choice = _cuda_split.tuned_split(a_scales.shape[0], w_scales.shape[0], block_bits.numel(),

@@ -248,7 +248,8 @@ def run_engine(model, *, kv4: bool, batch: int, in_len: int, out_len: int, block
     # decode steps queued ahead of the host (async scheduling; counted over warm-up + timed run)
     res.update(async_scheduling=async_scheduling, async_steps=eng.async_steps, async_dropped_rows=eng.async_dropped)
     # kernel switches of this run (gpu_check.sh turns the opt-in ones on after their GPU tests pass)
-    res["env"] = {k: os.environ.get(k) for k in ("COMETQ_SPLITK_FIXUP", "COMETQ_KV4_ATTN_CUDA", "COMETQ_BACKEND",
+    res["env"] = {k: os.environ.get(k) for k in ("COMETQ_SPLITK_FIXUP", "COMETQ_CUDA_SPLITK_FIXUP",
+                                                 "COMETQ_KV4_ATTN_CUDA", "COMETQ_BACKEND",
                                                  "COMETQ_GEMM_TUNE", "COMETQ_ACT_QUANT_ROWS")}
     graphs = getattr(runner, "_graphs", None)
     if graphs is not None:  # which decode-graph scheme ran (full-step or piecewise)
