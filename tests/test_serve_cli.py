@@ -119,6 +119,13 @@ def test_step_breakdown():
     assert b["prefill_steps_ms"] == pytest.approx(2500.0) and b["decode_only_steps_ms"] == pytest.approx(30.0)
     assert b["slowest_steps"] == [{"index": 2, "ms": 2000.0, "decode": 8, "prefill": 8, "tokens": 8184},
                                   {"index": 0, "ms": 500.0, "decode": 0, "prefill": 8, "tokens": 8192}]
+    # the decode-only steps' spread: quantiles, the mean per tenth of the run, the slowest of them
+    assert b["decode_only_ms_quantiles"] == {"p10": 10.0, "p50": 20.0, "p90": 20.0, "p99": 20.0, "max": 20.0}
+    assert b["decode_only_ms_by_tenth"] == [10.0, 20.0]
+    assert b["slowest_decode_only_steps"] == [{"index": 3, "ms": 20.0, "decode": 16}, {"index": 1, "ms": 10.0, "decode": 8}]
+    d = step_breakdown([0.009] * 18 + [0.012] * 2, [(64, 0, 0)] * 20, k=1)  # a tail in the last tenth
+    assert d["decode_only_ms_by_tenth"] == [9.0] * 9 + [12.0] and d["decode_only_ms_quantiles"]["p90"] == 12.0
+    assert d["prefill_steps"] == 0 and d["slowest_decode_only_steps"][0]["ms"] == 12.0
 
 
 def test_random_llama_builder_matches_hf():

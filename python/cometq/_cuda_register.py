@@ -126,8 +126,8 @@ def cuda_quantize_act(x, perm, block_bits, n_int8: int, scale_mode: str, int4_cl
 
 #: ``COMETQ_CUDA_SPLITK_FIXUP`` -- "1": a split-K CUDA GEMM sums its slabs in the kernel (each tile's
 #: last split, csrc/w4ax_gemm.cu) instead of launching the finalize kernel after it: the same bits,
-#: one launch less per split GEMM (H100 run 7: 80 finalize launches per batch-64 decode step,
-#: 0.25 ms of kernels plus a graph-node gap each).  "0" (default): the finalize kernel.  Off by
+#: one launch less per split GEMM (H100 run 7: 96 finalize launches per batch-64 decode step,
+#: 0.30 ms of its 8.43 ms of kernels).  "0" (default): the finalize kernel.  Off by
 #: default until GPU-tested: bench/gpu_check.sh turns it on for its later stages when its
 #: bit-identity test passes (the counters' memory ordering cannot be exercised without a GPU).
 CUDA_FIXUP_ENV = "COMETQ_CUDA_SPLITK_FIXUP"
