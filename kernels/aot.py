@@ -40,7 +40,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from .act_quant import act_quant_kernel, split_rows_kernel  # noqa: E402
+from .act_quant import ROWS_BLOCK_M, act_quant_kernel, split_rows_kernel  # noqa: E402
 from .dequant_gemm import dequant_act_kernel, dequant_weight_kernel  # noqa: E402
 from .w16_gemm import w16_gemm_kernel  # noqa: E402
 from .w4ax_gemm import (  # noqa: E402
@@ -187,14 +187,24 @@ def jobs(quick: bool = False) -> List[Tuple[str, object, Dict[str, str], Dict[st
             for ident in ((False, True) if xd == "fp16" else (False,)):
                 for bm in (16, 32):
                     out.append((f"act_quant[{xd},class={cm},ident={ident},BM={bm}]", act_quant_kernel, _act_sig(xd),
-                                dict(BLOCK_M=bm, CLASS_MODE=cm, IDENTITY=ident, FAKE=False), 4, 1, "act"))
+                                dict(BLOCK_M=bm, CLASS_MODE=cm, IDENTITY=ident, FAKE=False, ROWS=False), 4, 1, "act"))
     # the fused dequant route's activation operand (FAKE: q * scale stored as 16-bit, no packing):
     # fp16 / bf16 inputs into their own dtype, both scale modes, gather and identity
     for xd in ("fp16", "bf16"):
         for cm in (False, True):
             for ident in (False, True):
                 out.append((f"act_quant[{xd},class={cm},ident={ident},BM=32,fake]", act_quant_kernel,
-                            _act_sig(xd, xd), dict(BLOCK_M=32, CLASS_MODE=cm, IDENTITY=ident, FAKE=True), 4, 1, "act"))
+                            _act_sig(xd, xd), dict(BLOCK_M=32, CLASS_MODE=cm, IDENTITY=ident, FAKE=True, ROWS=False),
+                            4, 1, "act"))
+    # block mode by rows (ROWS: a program walks every block of ROWS_BLOCK_M rows; M >= ROWS_MIN_M),
+    # packed for every input dtype and FAKE for the 16-bit ones, gather and identity
+    for xd in ("fp16", "bf16", "fp32"):
+        for ident in (False, True):
+            for fake in ((False, True) if xd != "fp32" else (False,)):
+                tag = f"act_quant[{xd},class=False,ident={ident},BM={ROWS_BLOCK_M},rows{',fake' if fake else ''}]"
+                out.append((tag, act_quant_kernel, _act_sig(xd, xd if fake else "fp16"),
+                            dict(BLOCK_M=ROWS_BLOCK_M, CLASS_MODE=False, IDENTITY=ident, FAKE=fake, ROWS=True), 4, 1,
+                            "act"))
     # the split-row repack the Hopper TMA GEMM reads at token tiles > 16
     out.append(("split_rows[BM=32]", split_rows_kernel,
                 dict(q4_ptr="*u8", q8_ptr="*i8", out_ptr="*i8", M="i32", N8="i32", stride_q4m="i32",
@@ -439,6 +449,8 @@ def ci_subset(todo, arch: int):
                 keep.append(j)
             elif name.startswith("act_quant[") and "BM=32" in name and ("fp16" in name or "class=False" in name):
                 keep.append(j)
+            elif name.startswith("act_quant[fp16,") and ",rows" in name:
+                keep.append(j)  # block mode by rows: packed and FAKE, gather and identity
             elif name.startswith(("split_rows[", "dequant_", "w16[")):
                 keep.append(j)
             elif name.startswith("gemm-variant[") and "16x64" in name and "g16" not in name:
@@ -455,6 +467,7 @@ def ci_subset(todo, arch: int):
         else:
             if name in ("act_quant[fp16,class=False,ident=False,BM=32]", "act_quant[fp16,class=True,ident=False,BM=32]",
                         "act_quant[fp16,class=False,ident=False,BM=32,fake]",
+                        f"act_quant[fp16,class=False,ident=False,BM={ROWS_BLOCK_M},rows,fake]",
                         "split_rows[BM=32]", "dequant_act[fp16,class=False]", "dequant_weight[fp16,asym=True]",
                         "w16[fp16,64x64,asym=True,whole_block_groups=True]",
                         "w16[bf16,64x64,asym=False,whole_block_groups=True]"):

@@ -254,3 +254,40 @@ def test_split_rows_matches_layout_spec(m, n8, n4, device):
     assert torch.equal(got.cpu(), want)
     with pytest.raises(ValueError, match="are not"):
         split_rows_triton(torch.zeros(m, 3, dtype=torch.uint8, device=device), q8.to(device))
+
+
+@pytest.mark.parametrize("rows", [True, False])
+@pytest.mark.parametrize("m,k,pattern,dtype,permuted", [
+    (1, 576, "mixed", torch.float16, True), (9, 300, "int8_last", torch.float32, True),
+    (17, 640, "alternating", torch.bfloat16, True), (5, 256, "all8", torch.float16, False),
+    (3, 384, "all4", torch.float32, True)])
+def test_block_mode_by_rows_matches_reference(m, k, pattern, dtype, permuted, rows, device):
+    """Block mode's two grids -- one program per (row tile, block), or one per row tile walking all
+    its blocks (``rows``; the default from ``ROWS_MIN_M`` rows) -- give the reference's bits,
+    packed and FAKE (the dequant path's ``q * s``), gather and identity; class mode ignores it."""
+    from cometq.kernels.act_quant import fake_quant_act_triton
+
+    g = torch.Generator(device="cpu").manual_seed(77 * m + k)
+    perm = torch.randperm(k, generator=g) if permuted else torch.arange(k)
+    lay = ActivationLayout(perm, torch.tensor(_bits(pattern, num_blocks(k)), dtype=torch.int32), 0.9).to(device)
+    x = rand_activation(m, k, outliers=3, dtype=dtype, generator=g).to(device)
+    q4, q8, sc = quantize_act_triton(x, lay.perm, lay.block_bits, lay.n_int8, "block", rows=rows,
+                                     int4_clip=lay.int4_clip, identity_perm=not permuted)
+    _assert_same(R.QuantizedActivation(q4, q8, sc, lay, "block"), R.quantize_activation(x, lay, "block"))
+    if dtype != torch.float32:
+        args = (x, lay.perm, lay.block_bits, lay.n_int8, "block")
+        kw = dict(out_dtype=dtype, int4_clip=lay.int4_clip, identity_perm=not permuted)
+        assert torch.equal(fake_quant_act_triton(*args, rows=rows, **kw),
+                           fake_quant_act_triton(*args, rows=not rows, **kw))
+    c = quantize_act_triton(x, lay.perm, lay.block_bits, lay.n_int8, "class", rows=rows, int4_clip=lay.int4_clip)
+    _assert_same(R.QuantizedActivation(*c, lay, "class"), R.quantize_activation(x, lay, "class"))
+
+
+def test_block_mode_by_rows_is_the_default_from_rows_min_m(monkeypatch):
+    from cometq.kernels import act_quant as A
+
+    assert A._use_rows(A.ROWS_MIN_M, "block", None) and not A._use_rows(A.ROWS_MIN_M - 1, "block", None)
+    assert not A._use_rows(10 ** 6, "class", None) and A._use_rows(1, "block", True)
+    x, lay = torch.randn(2, 256), ActivationLayout.from_block_bits(256, [8, 4])
+    with pytest.raises(TypeError, match="rows must be a bool or None, got 1"):
+        quantize_act_triton(x, lay.perm, lay.block_bits, 1, "block", rows=1)
