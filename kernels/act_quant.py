@@ -131,22 +131,7 @@ def act_quant_kernel(
     pid_m = tl.program_id(0)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = rm < M
-    if ROWS and not CLASS_MODE:
-        # one program per BLOCK_M rows, all their blocks: the permuted gathers of a row come back
-        # to the same SM, whose L1 serves the 32-byte sectors the row's other blocks touch again
-        # (one program per (rows, block) fetches a sector per channel: up to 16x the row's bytes)
-        for b in range(0, NB):
-            xe, xo = _load_halves(x_ptr, perm_ptr, rm, m_mask, b, K, stride_xm, stride_xk, IDENTITY)
-            am = tl.maximum(tl.max(tl.abs(xe), axis=1), tl.max(tl.abs(xo), axis=1))
-            is8 = tl.load(bits_ptr + b) == 8
-            slot = tl.load(slot_ptr + b)
-            qmax = tl.where(is8, 127.0, 7.0)
-            s = tl.math.div_rn(tl.where(is8, am, am * int4_clip), qmax)
-            if not FAKE:
-                tl.store(s_ptr + rm * stride_sm + b, s, mask=m_mask)
-            _quantize_store(xe, xo, s, qmax, is8, slot, rm, m_mask, q4_ptr, q8_ptr, stride_q4m, stride_q8m,
-                            b, out_ptr, stride_om, FAKE)
-    elif CLASS_MODE:
+    if CLASS_MODE:
         # pass 1: class absmax over every block of the row
         a4 = tl.zeros((BLOCK_M,), dtype=tl.float32)
         a8 = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -171,19 +156,36 @@ def act_quant_kernel(
             qmax = tl.where(is8, 127.0, 7.0)
             _quantize_store(xe, xo, s, qmax, is8, slot, rm, m_mask, q4_ptr, q8_ptr, stride_q4m, stride_q8m,
                             b, out_ptr, stride_om, FAKE)
+    elif ROWS:
+        # block mode, every block of the program's rows: the permuted gathers of a row come back to
+        # the same SM, whose L1 serves the 32-byte sectors the row's other blocks touch again (one
+        # program per (rows, block) fetches a sector per channel: up to 16x the row's bytes)
+        for b in range(0, NB):
+            _block_mode_block(x_ptr, perm_ptr, bits_ptr, slot_ptr, q4_ptr, q8_ptr, s_ptr, K, int4_clip, stride_xm,
+                              stride_xk, stride_q4m, stride_q8m, stride_sm, out_ptr, stride_om, rm, m_mask, b,
+                              IDENTITY, FAKE)
     else:
-        b = tl.program_id(1)
-        xe, xo = _load_halves(x_ptr, perm_ptr, rm, m_mask, b, K, stride_xm, stride_xk, IDENTITY)
-        am = tl.maximum(tl.max(tl.abs(xe), axis=1), tl.max(tl.abs(xo), axis=1))
-        is8 = tl.load(bits_ptr + b) == 8
-        slot = tl.load(slot_ptr + b)
-        qmax = tl.where(is8, 127.0, 7.0)
-        # INT4 blocks: (absmax * clip) / 7; INT8 blocks keep their absmax (they hold the outliers)
-        s = tl.math.div_rn(tl.where(is8, am, am * int4_clip), qmax)
-        if not FAKE:
-            tl.store(s_ptr + rm * stride_sm + b, s, mask=m_mask)
-        _quantize_store(xe, xo, s, qmax, is8, slot, rm, m_mask, q4_ptr, q8_ptr, stride_q4m, stride_q8m,
-                        b, out_ptr, stride_om, FAKE)
+        _block_mode_block(x_ptr, perm_ptr, bits_ptr, slot_ptr, q4_ptr, q8_ptr, s_ptr, K, int4_clip, stride_xm,
+                          stride_xk, stride_q4m, stride_q8m, stride_sm, out_ptr, stride_om, rm, m_mask,
+                          tl.program_id(1), IDENTITY, FAKE)
+
+
+@triton.jit
+def _block_mode_block(x_ptr, perm_ptr, bits_ptr, slot_ptr, q4_ptr, q8_ptr, s_ptr, K, int4_clip, stride_xm,
+                      stride_xk, stride_q4m, stride_q8m, stride_sm, out_ptr, stride_om, rm, m_mask, b,
+                      IDENTITY: tl.constexpr, FAKE: tl.constexpr):
+    """Block mode, block ``b`` of rows ``rm``: its own absmax scale, quantize, store."""
+    xe, xo = _load_halves(x_ptr, perm_ptr, rm, m_mask, b, K, stride_xm, stride_xk, IDENTITY)
+    am = tl.maximum(tl.max(tl.abs(xe), axis=1), tl.max(tl.abs(xo), axis=1))
+    is8 = tl.load(bits_ptr + b) == 8
+    slot = tl.load(slot_ptr + b)
+    qmax = tl.where(is8, 127.0, 7.0)
+    # INT4 blocks: (absmax * clip) / 7; INT8 blocks keep their absmax (they hold the outliers)
+    s = tl.math.div_rn(tl.where(is8, am, am * int4_clip), qmax)
+    if not FAKE:
+        tl.store(s_ptr + rm * stride_sm + b, s, mask=m_mask)
+    _quantize_store(xe, xo, s, qmax, is8, slot, rm, m_mask, q4_ptr, q8_ptr, stride_q4m, stride_q8m,
+                    b, out_ptr, stride_om, FAKE)
 
 
 #: block mode from this many rows on: one program per ``ROWS_BLOCK_M`` rows walks all their blocks
