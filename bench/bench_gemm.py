@@ -543,8 +543,14 @@ def _fmt(prow, row):
 def bench_act_quant(args, rows, errors, dev, budget=None, flush=lambda: None):
     import torch
 
-    from cometq.kernels.act_quant import quantize_act_triton
+    from cometq.kernels.act_quant import fake_quant_act_triton, quantize_act_triton
 
+    cuda_aq = None
+    if not args.dry_run:
+        try:
+            from cometq._cuda_register import cuda_quantize_act as cuda_aq
+        except ImportError:
+            pass
     budget = budget or Budget(None)
     shapes = DRY_SHAPES if args.dry_run else SHAPES
     ks = sorted({shapes[s][1] for s in args.shapes})
@@ -566,6 +572,17 @@ def bench_act_quant(args, rows, errors, dev, budget=None, flush=lambda: None):
                              args, None, nbytes)
                     _try(row, "aq_block_identity", lambda: quantize_act_triton(x, lay.perm, lay.block_bits, lay.n_int8,
                                                                                "block", identity_perm=True), args, None, nbytes)
+                    # block mode's two grids (the default picks by M: kernels/act_quant.py ROWS_MIN_M), the
+                    # fused dequant route's FAKE pass (x in, 16-bit A' out) and the CUDA kernel
+                    for grid in (True, False):
+                        _try(row, f"aq_block_{'rows' if grid else 'blocks'}",
+                             lambda: quantize_act_triton(x, perm, lay.block_bits, lay.n_int8, "block", rows=grid),
+                             args, None, nbytes)
+                    _try(row, "aq_fake", lambda: fake_quant_act_triton(x, perm, lay.block_bits, lay.n_int8, "block"),
+                         args, None, 2 * m * k + 2 * m * lay.n_blocks * 128)
+                    if cuda_aq is not None:
+                        _try(row, "aq_cuda", lambda: cuda_aq(x, perm, lay.block_bits, lay.n_int8, "block"), args, None,
+                             nbytes)
                     rows.append(row)
                     flush()
                     print(row, flush=True)
@@ -661,11 +678,14 @@ def markdown(rows, backends):
     aq = [r for r in rows if r.get("kind") == "act_quant"]
     if aq:
         out.append("")
-        out.append("| K | M | INT8 share | copy GB/s | block GB/s | class GB/s | block (identity perm) GB/s |")
-        out.append("|---|---|---|---|---|---|---|")
+        cols = ("copy", "aq_block", "aq_class", "aq_block_identity", "aq_block_rows", "aq_block_blocks", "aq_fake",
+                "aq_cuda")
+        out.append("| K | M | INT8 share | copy GB/s | block GB/s | class GB/s | block (identity perm) GB/s "
+                   "| block, by rows GB/s | block, per-block grid GB/s | FAKE (x -> 16-bit A') GB/s | CUDA GB/s |")
+        out.append("|---|---|---|---|---|---|---|---|---|---|---|")
         for r in aq:
-            out.append(f"| {r['K']} | {r['M']} | {100 * r['share']:.1f}% | {r.get('copy_gbps', '–')} | "
-                       f"{r.get('aq_block_gbps', '–')} | {r.get('aq_class_gbps', '–')} | {r.get('aq_block_identity_gbps', '–')} |")
+            out.append(f"| {r['K']} | {r['M']} | {100 * r['share']:.1f}% | "
+                       + " | ".join(str(r.get(c + "_gbps", "–")) for c in cols) + " |")
     return "\n".join(out) + "\n"
 
 

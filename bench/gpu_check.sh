@@ -21,6 +21,7 @@
 #   gemm_large/gemm.json|md       bench_gemm.py at M = 1024 (TMA / dequant / pointer kernels vs FP16, FP8)
 #   gemm_shares/gemm.json|md      8B.gate_up at 0 % and 12.5 % INT8 blocks (issue #3's <= 10 % target)
 #   gemm_class/gemm.json|md       class scales + per-channel weights (int32 accumulation across blocks)
+#   act_quant/gemm.json|md        activation quantization GB/s: Triton by rows / per block / FAKE, CUDA, copy
 #   attention.json|md             bench_attention.py --sweep at batch 16 and 64, context 4096 (KV4 paged decode vs SDPA)
 #   prefill/prefill.json          bench/diag_prefill.py: one 8 x 1024-token prefill step, W4Ax-KV4 vs FP16 runner, profiled
 #   serving/serving_*.json|md     bench_serving.py (Llama-3-8B geometry, random weights, batch 64, 1024 / 512)
@@ -47,7 +48,7 @@
 #        MAX_JOBS (default 16), PYTHON (default python3), GPU_CHECK_BUDGET_S,
 #        PYTEST_ARGS (extra pytest arguments), PYTEST_WORKERS (xdist workers, default 8), GPU_CHECK_SKIP (comma list of stages
 #        to skip: build, triton_tests, cuda_tests, toolchain, diag, gemm, gemm_large, gemm_shares, gemm_class, microbench,
-#        attention, raw_errors, cuda_act_rows_smoke, cuda_gemm_smoke, cuda_fixup_smoke, cuda_attn_smoke, splitk_fixup_smoke, prefill, serving, autotune, tune_decode), GEMM_ARGS / ATTENTION_ARGS / SERVING_ARGS (the stages' arguments),
+#        attention, act_quant, raw_errors, cuda_act_rows_smoke, cuda_gemm_smoke, cuda_fixup_smoke, cuda_attn_smoke, splitk_fixup_smoke, prefill, serving, autotune, tune_decode), GEMM_ARGS / ATTENTION_ARGS / SERVING_ARGS (the stages' arguments),
 #        GEMM_CAP / ATTENTION_CAP,
 #        TRITON_TEST_FILES / CUDA_TEST_FILES (the test files of the two test stages), TRITON_TEST_WORKERS (12) /
 #        CUDA_TEST_WORKERS, TRITON_TESTS_CAP / CUDA_TESTS_CAP / DIAG_CAP /
@@ -384,6 +385,11 @@ bench gemm_shares 40 $PY bench/bench_gemm.py --shapes 8B.gate_up --ms 16,1024 --
 # weights lets whole runs of blocks accumulate in int32 (no float rescale every 128 channels)
 bench gemm_class 45 $PY bench/bench_gemm.py --shapes 8B.o,8B.gate_up --ms 1024,16 --shares 0.125 --weights sym \
   --group -1 --scale-mode class --no-peers --no-persistent --time-budget 30 --out "$W/gemm_class"
+# issue #3's activation-quantization target (>= 70 % of copy bandwidth): the Triton kernel's two
+# block-mode grids (by rows from 256 rows, fifteenth session; per block), its FAKE pass (the fused
+# dequant route's A') and the CUDA kernel, GB/s beside a copy
+bench act_quant 30 $PY bench/bench_gemm.py --what act_quant --shapes 8B.o,8B.down --ms 64,1024,8192 --shares 0.25 \
+  --time-budget 20 --no-plot --out "$W/act_quant"
 # pytest-benchmark microbenchmarks (issue #3's harness: linear layers vs FP16/FP8, KV4 decode
 # attention vs SDPA, the device-side KV4 append), JSON + ratio table
 bench microbench 40 sh -c "$PY -m pytest -q -p no:cacheprovider -o addopts= bench/test_microbench.py \

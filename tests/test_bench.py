@@ -151,3 +151,21 @@ def test_diag_prefill_dry_run(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "diag_prefill.py"), "--quick", "--shapes", "2x",
                         "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert r.returncode != 0 and "--shapes wants SEQSxLEN" in r.stderr
+
+
+def test_bench_act_quant_dry_run(tmp_path):
+    """``--what act_quant``: every column (both block-mode grids, the FAKE pass, the copy), a row
+    on each side of the by-rows threshold, and the markdown table with them."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_gemm.py"), "--dry-run", "--what", "act_quant",
+                        "--ms", "3,300", "--shares", "0.25", "--no-plot", "--out", str(tmp_path)],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = json.load(open(tmp_path / "gemm.json"))
+    aq = [x for x in data["rows"] if x.get("kind") == "act_quant"]
+    assert {x["M"] for x in aq} == {3, 300}, aq
+    for x in aq:
+        for c in ("copy", "aq_block", "aq_class", "aq_block_rows", "aq_block_blocks", "aq_fake"):
+            assert x.get(c + "_us", 0) > 0, (c, x)
+    md = open(tmp_path / "gemm.md").read()
+    assert "block, by rows GB/s" in md and "FAKE (x -> 16-bit A') GB/s" in md
