@@ -93,6 +93,7 @@ import torch
 import triton
 import triton.language as tl
 
+from cometq._counters import _COUNTERS, tile_counters  # noqa: F401  (_COUNTERS: the GPU tests read it)
 from cometq.layout import BLOCK_K, SCALE_MODES, check_tensor
 from cometq.reference import FLOAT_DTYPES, check_group_size
 
@@ -1658,8 +1659,7 @@ def w4ax_gemm_triton(
 #: until an H100 run has checked it (its memory ordering cannot be exercised without a GPU);
 #: bench/gpu_check.sh turns it on after its GPU test passes.
 ENV_SPLITK_FIXUP = "COMETQ_SPLITK_FIXUP"
-_COUNTERS: Dict[tuple, torch.Tensor] = {}
-_OLD_COUNTERS: List[torch.Tensor] = []
+# (the counters, shared with the CUDA GEMM's in-kernel reduction: cometq._counters.tile_counters)
 
 
 def splitk_fixup_enabled() -> bool:
@@ -1667,26 +1667,6 @@ def splitk_fixup_enabled() -> bool:
     if v not in ("0", "1"):
         raise ValueError(f"{ENV_SPLITK_FIXUP} must be 0 or 1, got {v!r}")
     return v == "1"
-
-
-def tile_counters(dev: torch.device, tiles: int) -> Optional[torch.Tensor]:
-    """The in-kernel split-K reduction's int32 tile counters on ``dev`` (at least ``tiles``), or None
-    (then the launch uses the reduce kernel).  Zero between GEMMs -- each tile's last piece resets
-    its own -- so one buffer serves every GEMM in stream order, CUDA graphs included (a replay keeps
-    the captured address: the buffer is never freed or replaced while it is big enough).  Allocated
-    outside a capture only (an allocation inside one would belong to that graph's private pool):
-    while capturing without a big enough buffer the launch takes the reduce kernel.  Not for split
-    GEMMs running concurrently on two streams (they would share counters)."""
-    key = str(dev)
-    buf = _COUNTERS.get(key)
-    if buf is not None and buf.numel() >= tiles:
-        return buf
-    if dev.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return None
-    if buf is not None:
-        _OLD_COUNTERS.append(buf)  # a captured graph may still hold its address
-    buf = _COUNTERS[key] = torch.zeros(max(1 << 16, triton.next_power_of_2(tiles)), dtype=torch.int32, device=dev)
-    return buf
 
 
 def _reduce_partials(red, n_programs: int, slots_per_tile: int, part, bias, out, m: int, n: int, cfg: GemmConfig):

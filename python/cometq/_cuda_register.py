@@ -34,6 +34,8 @@ except ImportError as e:  # pragma: no cover - depends on the build
 import os
 
 from . import _cuda_split, ops
+from ._counters import COUNTERS_MIN as CUDA_COUNTERS_MIN
+from ._counters import tile_counters as cuda_tile_counters  # (shared with the Triton GEMMs' reduction)
 from ._cuda_checks import (check_kv4_attention_inputs, check_quantize_act_inputs, check_w4ax_gemm_inputs,
                            kv4_attention_unsupported)
 
@@ -131,11 +133,6 @@ def cuda_quantize_act(x, perm, block_bits, n_int8: int, scale_mode: str, int4_cl
 #: default until GPU-tested: bench/gpu_check.sh turns it on for its later stages when its
 #: bit-identity test passes (the counters' memory ordering cannot be exercised without a GPU).
 CUDA_FIXUP_ENV = "COMETQ_CUDA_SPLITK_FIXUP"
-#: counters per device: at least this many (one per output tile of a split launch; the launches
-#: that split have fewer tiles than SMs, or are decode GEMMs: N / 64 tiles)
-CUDA_COUNTERS_MIN = 1 << 16
-_COUNTERS: dict = {}
-_OLD_COUNTERS: list = []  # replaced buffers stay alive: a captured graph may hold their address
 
 
 def cuda_splitk_fixup_enabled() -> bool:
@@ -143,25 +140,6 @@ def cuda_splitk_fixup_enabled() -> bool:
     if v not in ("0", "1"):
         raise ValueError(f"{CUDA_FIXUP_ENV} must be 0 or 1, got {v!r}")
     return v == "1"
-
-
-def cuda_tile_counters(device, tiles: int = 0):
-    """The int32 tile counters of the in-kernel split-K reduction on ``device`` (at least
-    ``tiles``; zero between GEMMs -- each tile's last split resets its own -- so one buffer
-    serves every GEMM in stream order, CUDA graphs included), or None while a CUDA graph is
-    being captured without a big enough buffer (an allocation there would belong to the
-    graph's private pool; the launch then takes the finalize kernel).  Not for split GEMMs
-    running concurrently on two streams."""
-    key = str(device)
-    buf = _COUNTERS.get(key)
-    if buf is not None and buf.numel() >= tiles:
-        return buf
-    if torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return None
-    if buf is not None:
-        _OLD_COUNTERS.append(buf)
-    buf = _COUNTERS[key] = torch.zeros(max(CUDA_COUNTERS_MIN, int(tiles)), dtype=torch.int32, device=device)
-    return buf
 
 
 def _tiles_upper_bound(m: int, n: int) -> int:
