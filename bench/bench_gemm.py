@@ -43,6 +43,7 @@ do_bench): it checks the script, not the speed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -160,6 +161,20 @@ def _bench(fn, args, graph=False):
         with torch.cuda.stream(torch.cuda.Stream()):
             return do_bench_cudagraph(fn, rep=args.rep, return_mode="median") * 1e-3
     return do_bench(fn, warmup=args.warmup, rep=args.rep, return_mode="median") * 1e-3  # seconds
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str):
+    """``os.environ[name] = value`` inside the block (the previous state restored after)."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
 
 
 def _try(row, key, fn, args, flops=None, nbytes=None):
@@ -545,10 +560,12 @@ def bench_act_quant(args, rows, errors, dev, budget=None, flush=lambda: None):
 
     from cometq.kernels.act_quant import fake_quant_act_triton, quantize_act_triton
 
-    cuda_aq = None
+    cuda_aq = cuda_fq = None
     if not args.dry_run:
         try:
             from cometq._cuda_register import cuda_quantize_act as cuda_aq
+            from cometq._cuda_register import HAS_FAKE_QUANT, cuda_fake_quant_act
+            cuda_fq = cuda_fake_quant_act if HAS_FAKE_QUANT else None
         except ImportError:
             pass
     budget = budget or Budget(None)
@@ -583,6 +600,14 @@ def bench_act_quant(args, rows, errors, dev, budget=None, flush=lambda: None):
                     if cuda_aq is not None:
                         _try(row, "aq_cuda", lambda: cuda_aq(x, perm, lay.block_bits, lay.n_int8, "block"), args, None,
                              nbytes)
+                        # the rows kernel (M >= 256) with its pre-cp.async row loader, same run: what the
+                        # double-buffered loader changed
+                        with _env("COMETQ_ACT_QUANT_ROWS_LOAD", "sync"):
+                            _try(row, "aq_cuda_sync", lambda: cuda_aq(x, perm, lay.block_bits, lay.n_int8, "block"),
+                                 args, None, nbytes)
+                    if cuda_fq is not None:
+                        _try(row, "aq_cuda_fake", lambda: cuda_fq(x, perm, lay.block_bits, lay.n_int8, "block"), args,
+                             None, 2 * m * k + 2 * m * lay.n_blocks * 128)
                     rows.append(row)
                     flush()
                     print(row, flush=True)
@@ -679,10 +704,11 @@ def markdown(rows, backends):
     if aq:
         out.append("")
         cols = ("copy", "aq_block", "aq_class", "aq_block_identity", "aq_block_rows", "aq_block_blocks", "aq_fake",
-                "aq_cuda")
+                "aq_cuda", "aq_cuda_sync", "aq_cuda_fake")
         out.append("| K | M | INT8 share | copy GB/s | block GB/s | class GB/s | block (identity perm) GB/s "
-                   "| block, by rows GB/s | block, per-block grid GB/s | FAKE (x -> 16-bit A') GB/s | CUDA GB/s |")
-        out.append("|---|---|---|---|---|---|---|---|---|---|---|")
+                   "| block, by rows GB/s | block, per-block grid GB/s | FAKE (x -> 16-bit A') GB/s | CUDA GB/s "
+                   "| CUDA, sync row loads GB/s | CUDA FAKE GB/s |")
+        out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in aq:
             out.append(f"| {r['K']} | {r['M']} | {100 * r['share']:.1f}% | "
                        + " | ".join(str(r.get(c + "_gbps", "–")) for c in cols) + " |")

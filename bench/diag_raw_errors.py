@@ -44,6 +44,10 @@ def cases():
         ("group_size=48", lambda: g(q4, q8, a_s, bits, qw, ws, None, 48, None, torch.float16, 0, 0, 0)),
         ("tile must be 0 (by M) or 1", lambda: g(q4, q8, a_s, bits, qw, ws, None, 128, None, torch.float16, 0, 0, 0,
                                                   2)),
+        ("cometq_C::fake_quant_act: out_dtype must be float16", lambda: torch.ops.cometq_C.fake_quant_act(
+            x, perm, bits, 3, 0, 1.0, torch.int8)),
+        ("cometq_C::fake_quant_act: n_int8=9", lambda: torch.ops.cometq_C.fake_quant_act(
+            x, perm, bits, 9, 0, 1.0, torch.float16)),
         ("needs M <= 64, got M=65", lambda: g(q4.new_zeros(65, 128), q8.new_zeros(65, 384), a_s.new_ones(65, 5), bits,
                                               qw, ws, None, 128, None, torch.float16, 0, 0, 0, 1)),
     ]

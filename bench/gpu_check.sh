@@ -278,12 +278,21 @@ bench() {  # name cap cmd...
 # the CUDA act-quant's large-M rows kernel (thirteenth session, CPU-compiled only): if a test of it
 # FAILS, every later stage runs COMETQ_ACT_QUANT_ROWS=0 (the block kernel at every M), so a bug in
 # it costs the prefill numbers, not the CUDA backend of the whole run
+# The same stage checks the FAKE output (sixteenth session: the 16-bit routes' activation operand
+# from the CUDA kernels, CPU-compiled only) and the rows kernel's cp.async row loaders: a failing
+# FAKE test makes later stages run COMETQ_CUDA_FAKE_QUANT=0 (the Triton FAKE pass serves the routes)
 if [ "$BUILD" = ok ] && ! skip cuda_act_rows_smoke; then
-  PYTEST_WORKERS=3 run_pytest cuda_act_rows_smoke 30 tests/test_cuda_ops.py -k "quantize_act_rows_kernel" || true
-  if [ -s "$W/cuda_act_rows_smoke.failures.txt" ]; then
+  PYTEST_WORKERS=3 run_pytest cuda_act_rows_smoke 40 tests/test_cuda_ops.py \
+    -k "quantize_act_rows_kernel or fake_quant_act" || true
+  if grep -q "quantize_act_rows_kernel" "$W/cuda_act_rows_smoke.failures.txt" 2>/dev/null; then
     export COMETQ_ACT_QUANT_ROWS=0
     stage act_quant_rows "COMETQ_ACT_QUANT_ROWS=0 (smoke failed)" 0
     log "cuda_act_rows_smoke failed: later stages run with COMETQ_ACT_QUANT_ROWS=0"
+  fi
+  if grep -q "fake_quant_act" "$W/cuda_act_rows_smoke.failures.txt" 2>/dev/null; then
+    export COMETQ_CUDA_FAKE_QUANT=0
+    stage cuda_fake_quant "COMETQ_CUDA_FAKE_QUANT=0 (smoke failed)" 0
+    log "cuda FAKE act-quant failed: later stages run with COMETQ_CUDA_FAKE_QUANT=0"
   fi
   pack  # (a call cut by the device limit keeps what was packed last: run 6's rerun lost its smokes)
 fi

@@ -52,13 +52,21 @@
 // they read and write, ~20 % of copy bandwidth) -- the gather is the likely cause, not timed alone
 // (down_proj's folded identity permutation gathers contiguously).  The rows kernel stages what it gathers from in
 // shared memory instead: a CTA (8 warps, persistent over rows) converts the permutation to 16-bit
-// indices once, then per row copies x in with coalesced 16-byte streaming loads and gathers from
-// shared memory (bank conflicts instead of sector waste):
+// indices once, then per row copies x in with 16-byte cp.async chunks (two row buffers: the next
+// row streams in while this one is quantized; see kRowsAsync2) and gathers from shared memory
+// (bank conflicts instead of sector waste):
 //
-//     smem:  | is8 / slot table [2 x nb] | perm16 [nb x 128] | x row [K] (16-byte aligned) |
+//     smem:  | is8 / slot table [2 x nb] | perm16 [nb x 128] | x row buffer 0 [K] | x row buffer 1 [K] |
+//                                                             (each rounded up to 16 bytes)
 //
 // Same values, same scale and rounding code as the block kernel: the same bits.  K <= 32767
 // (16-bit indices); COMETQ_ACT_QUANT_ROWS=0 turns it off, =1 uses it at any M (tests).
+//
+// FAKE (CometqActQuantArgs.out set): every kernel writes the dequantized values q * scale in the
+// 16-bit routes' half-split K order instead of the packed blocks and scales (fake_store_lane):
+// the large-M dequant route's and the small-M w16 route's activation operand in one pass, where
+// quantize + dequantize cost a second kernel and a round trip of the packed bytes (H100 run 7,
+// 8 x 1024-token prefill step: dequant_act 14.2 ms beside the rows kernel's 20.1).
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
@@ -85,17 +93,52 @@ __device__ __forceinline__ void gather4(const T* __restrict__ xrow, const int64_
   }
 }
 
-// Lane `lane`'s 4 channels v of block slot `slot` (row m), quantized with scale s and stored:
-// 4 INT8 bytes, or 2 bytes of nibbles (even channel -> low nibble, layout.pack_int4; two's
-// complement).  q = clamp(rint(v / s), -qmax, qmax), s == 0 dividing by 1 (an all-zero block:
-// q = 0 either way, the reference's _safe_div).
-__device__ __forceinline__ void quantize_store_lane(const CometqActQuantArgs& p, int m, int slot, bool is8, int lane,
-                                                    const float (&v)[4], float s) {
+// FAKE output: the lane's 4 values q * s (fp32 product, rounded once to out_dtype: what
+// cometq.kernels.dequant_gemm's dequant_act_kernel makes of the packed block) in the half-split K
+// order of the 16-bit routes (cometq_kernels.h):
+//
+//     lane l holds channels 4l, 4l+1, 4l+2, 4l+3 of block b
+//     out row:  | b*128 + 2l, 2l+1  <- channels 4l, 4l+2 (even) | b*128 + 64 + 2l, 2l+1 <- 4l+1, 4l+3 (odd) |
+//
+// Two 4-byte stores per lane (8-byte for fp32): a warp writes each half of the block as one
+// contiguous 128-byte (256-byte) run.  Element offsets are even (ld_out even), so the pairs are aligned.
+__device__ __forceinline__ void fake_store_lane(const CometqActQuantArgs& p, int m, int b, int lane, const int (&q)[4],
+                                                float s) {
+  const float v0 = __fmul_rn(static_cast<float>(q[0]), s), v1 = __fmul_rn(static_cast<float>(q[1]), s);
+  const float v2 = __fmul_rn(static_cast<float>(q[2]), s), v3 = __fmul_rn(static_cast<float>(q[3]), s);
+  const int64_t at = static_cast<int64_t>(m) * p.ld_out + static_cast<int64_t>(b) * kBlockK + 2 * lane;
+  if (p.out_dtype == COMETQ_DTYPE_F16) {
+    __half2* o = reinterpret_cast<__half2*>(static_cast<__half*>(p.out) + at);
+    o[0] = __floats2half2_rn(v0, v2);   // (low half = lower address = first argument)
+    o[32] = __floats2half2_rn(v1, v3);  // + 64 elements
+  } else if (p.out_dtype == COMETQ_DTYPE_BF16) {
+    __nv_bfloat162* o = reinterpret_cast<__nv_bfloat162*>(static_cast<__nv_bfloat16*>(p.out) + at);
+    o[0] = __floats2bfloat162_rn(v0, v2);
+    o[32] = __floats2bfloat162_rn(v1, v3);
+  } else {
+    float2* o = reinterpret_cast<float2*>(static_cast<float*>(p.out) + at);
+    o[0] = make_float2(v0, v2);
+    o[32] = make_float2(v1, v3);
+  }
+}
+
+// Lane `lane`'s 4 channels v of block b (slot `slot` of its class buffer, row m), quantized with
+// scale s and stored: 4 INT8 bytes, or 2 bytes of nibbles (even channel -> low nibble,
+// layout.pack_int4; two's complement) -- or, FAKE, the dequantized values (fake_store_lane).
+// q = clamp(rint(v / s), -qmax, qmax), s == 0 dividing by 1 (an all-zero block: q = 0 either
+// way, the reference's _safe_div).
+template <bool FAKE>
+__device__ __forceinline__ void quantize_store_lane(const CometqActQuantArgs& p, int m, int b, int slot, bool is8,
+                                                    int lane, const float (&v)[4], float s) {
   const float qmax = is8 ? 127.f : 7.f;
   const float d = (s == 0.f) ? 1.f : s;
   int q[4];
 #pragma unroll
   for (int i = 0; i < 4; ++i) q[i] = static_cast<int>(fminf(fmaxf(rintf(__fdiv_rn(v[i], d)), -qmax), qmax));
+  if constexpr (FAKE) {
+    fake_store_lane(p, m, b, lane, q, s);
+    return;
+  }
   if (is8) {
     const uint32_t word = (static_cast<uint32_t>(q[0]) & 0xFFu) | ((static_cast<uint32_t>(q[1]) & 0xFFu) << 8) |
                           ((static_cast<uint32_t>(q[2]) & 0xFFu) << 16) | ((static_cast<uint32_t>(q[3]) & 0xFFu) << 24);
@@ -115,7 +158,7 @@ __device__ __forceinline__ float warp_max(float a) {
   return a;
 }
 
-template <typename T>
+template <typename T, bool FAKE>
 __global__ void __launch_bounds__(kActMaxThreads) act_quant_kernel(const CometqActQuantArgs p) {
   extern __shared__ __align__(16) int act_smem[];
   const int nb = p.n_blocks;
@@ -142,7 +185,7 @@ __global__ void __launch_bounds__(kActMaxThreads) act_quant_kernel(const CometqA
   __syncthreads();
 
   // ---- scales (class mode: "block" mode runs act_quant_block_kernel)
-  float* srow = p.scales + static_cast<int64_t>(m) * p.ld_scales;
+  float* srow = FAKE ? nullptr : p.scales + static_cast<int64_t>(m) * p.ld_scales;
   if (warp == 0) {
     float a4 = 0.f, a8 = 0.f;
     for (int b = lane; b < nb; b += 32) {
@@ -155,7 +198,7 @@ __global__ void __launch_bounds__(kActMaxThreads) act_quant_kernel(const CometqA
     a4 = __fmul_rn(warp_max(a4), p.int4_clip);  // the INT4 class is clipped after the max, like the reference
     a8 = warp_max(a8);
     const float s4 = __fdiv_rn(a4, 7.f), s8 = __fdiv_rn(a8, 127.f);
-    if (lane == 0) {
+    if (!FAKE && lane == 0) {
       srow[0] = s4;
       srow[1] = s8;
     }
@@ -166,10 +209,11 @@ __global__ void __launch_bounds__(kActMaxThreads) act_quant_kernel(const CometqA
   // ---- pass 2: quantize and pack
   for (int b = warp; b < nb; b += n_warps) {
     const int info = s_info[b];
-    if (!(info & kInfoValid)) continue;  // n_int8 inconsistent with block_bits: never write out of bounds
+    // n_int8 inconsistent with block_bits: never write out of bounds (FAKE writes no class buffer)
+    if (!FAKE && !(info & kInfoValid)) continue;
     float v[4];
     gather4(xrow, p.perm, p.K, b, lane, v);
-    quantize_store_lane(p, m, info & kInfoSlotMask, (info & kInfoInt8) != 0, lane, v, s_scale[b]);
+    quantize_store_lane<FAKE>(p, m, b, info & kInfoSlotMask, (info & kInfoInt8) != 0, lane, v, s_scale[b]);
   }
 }
 
@@ -190,7 +234,7 @@ __device__ __forceinline__ int block_slot(const int32_t* __restrict__ block_bits
 
 constexpr int kActBlockWarps = 4;  // warps (= blocks) per CTA of act_quant_block_kernel
 
-template <typename T>
+template <typename T, bool FAKE>
 __global__ void __launch_bounds__(32 * kActBlockWarps) act_quant_block_kernel(const CometqActQuantArgs p) {
   const int lane = threadIdx.x & 31;
   // rows on x (up to 2^31 - 1), block groups on y (n_blocks / 4 << 65535): neighbouring CTAs
@@ -205,62 +249,106 @@ __global__ void __launch_bounds__(32 * kActBlockWarps) act_quant_block_kernel(co
   gather4(xrow, p.perm, p.K, b, lane, v);
   const float a = warp_max(fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3]))));
   const float s = is8 ? __fdiv_rn(a, 127.f) : __fdiv_rn(__fmul_rn(a, p.int4_clip), 7.f);
-  if (lane == 0) p.scales[static_cast<int64_t>(m) * p.ld_scales + b] = s;
-  if (!valid) return;  // n_int8 inconsistent with block_bits: never write out of bounds
-  quantize_store_lane(p, m, slot, is8, lane, v, s);
+  if (!FAKE && lane == 0) p.scales[static_cast<int64_t>(m) * p.ld_scales + b] = s;
+  if (!FAKE && !valid) return;  // n_int8 inconsistent with block_bits: never write out of bounds
+  quantize_store_lane<FAKE>(p, m, b, slot, is8, lane, v, s);
 }
 
 constexpr int kActRowsWarps = 8;
 constexpr int kActRowsMinM = 256;
 constexpr int kActRowsMaxK = 32767;
 
+// Shared memory of the rows kernel: | is8 / info table [2 x nb] int | perm16 [nb x 128] | x row buffers |
+// (each buffer K elements rounded up to 16 bytes, 16-byte aligned).
+__host__ __device__ inline size_t rows_x_offset(int nb) {
+  return (2 * sizeof(int) * nb + sizeof(uint16_t) * nb * kBlockK + 15) & ~size_t(15);
+}
 template <typename T>
-__global__ void __launch_bounds__(32 * kActRowsWarps) act_quant_rows_kernel(const CometqActQuantArgs p) {
+__host__ __device__ inline int rows_x_stride(int K) {  // elements per row buffer
+  return static_cast<int>(((static_cast<size_t>(K) * sizeof(T) + 15) & ~size_t(15)) / sizeof(T));
+}
+
+// Row loading modes of the rows kernel (chosen at launch):
+//   kRowsSync:   plain loads through registers into one buffer, row by row (rows not 16-byte aligned);
+//   kRowsAsync1: cp.async, one buffer: every 16-byte chunk of the row in flight at once;
+//   kRowsAsync2: cp.async, two buffers: row i+1 streams in while row i is quantized.
+// Why: the first version copied each row with register loads and then computed, with a barrier
+// in between, so a CTA's copies were a few dependent round trips per row with nothing to
+// overlap them but the other CTAs on the SM -- at K = 14336 only 3-4 fit (56 KB of shared
+// memory each).  H100 run 7: 20.1 ms for a prefill step's 128 calls, ~0.7 TB/s of x reads,
+// against issue #3's 70 % of copy bandwidth.
+enum { kRowsSync = 0, kRowsAsync1 = 1, kRowsAsync2 = 2 };
+
+template <typename T, bool FAKE>
+__global__ void __launch_bounds__(32 * kActRowsWarps) act_quant_rows_kernel(const CometqActQuantArgs p, int mode) {
   extern __shared__ __align__(16) unsigned char rows_smem[];
   const int nb = p.n_blocks, K = p.K;
   int* s_is8 = reinterpret_cast<int*>(rows_smem);
   int* s_info = s_is8 + nb;
-  uint16_t* s_perm = reinterpret_cast<uint16_t*>(s_info + nb);
-  const size_t x_off = (2 * sizeof(int) * nb + sizeof(uint16_t) * nb * kBlockK + 15) & ~size_t(15);
-  T* s_x = reinterpret_cast<T*>(rows_smem + x_off);
+  uint16_t* s_perm = reinterpret_cast<uint16_t*>(s_info + nb);  // (8-byte aligned: offset 8 nb)
+  T* s_x0 = reinterpret_cast<T*>(rows_smem + rows_x_offset(nb));
+  const int x_stride = rows_x_stride<T>(K);
 
   build_block_table(p.block_bits, nb, p.n4, p.n8, s_is8, s_info);  // (ends with a barrier)
   for (int j = threadIdx.x; j < nb * kBlockK; j += blockDim.x) {
-    // clamped: an index outside the row (never made by ActivationLayout) stays inside shared memory
+    // clamped: an index outside the row (never made by ActivationLayout) stays inside shared memory;
+    // the padding channels j >= K read x[0] and are masked to 0 below
     const int64_t c = j < K ? p.perm[j] : 0;
     s_perm[j] = static_cast<uint16_t>(c < 0 ? 0 : (c >= K ? K - 1 : c));
   }
   __syncthreads();
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  constexpr int kVec = 16 / sizeof(T);
-  for (int m = blockIdx.x; m < p.M; m += gridDim.x) {
-    const T* xrow = static_cast<const T*>(p.x) + static_cast<int64_t>(m) * p.ld_x;
-    int done = 0;
-    if ((reinterpret_cast<uintptr_t>(xrow) & 15) == 0) {  // the row is read once: streaming loads
-      const int nv = K / kVec;
-      for (int i = threadIdx.x; i < nv; i += blockDim.x)
-        reinterpret_cast<uint4*>(s_x)[i] = __ldcs(reinterpret_cast<const uint4*>(xrow) + i);
-      done = nv * kVec;
+  const int row_bytes = K * static_cast<int>(sizeof(T));
+  const int n_chunks = (row_bytes + 15) >> 4;
+  // every 16-byte chunk of row m into dst, asynchronously (the last one partial); one commit group
+  auto issue_row = [&](int m, T* dst) {
+    const unsigned char* src =
+        reinterpret_cast<const unsigned char*>(static_cast<const T*>(p.x) + static_cast<int64_t>(m) * p.ld_x);
+    unsigned char* d = reinterpret_cast<unsigned char*>(dst);
+    for (int i = threadIdx.x; i < n_chunks; i += blockDim.x)
+      cp_async16_bytes(d + 16 * i, src + 16 * i, static_cast<unsigned>(min(16, row_bytes - 16 * i)));
+    cp_async_commit();
+  };
+  if (mode == kRowsAsync2 && blockIdx.x < p.M) issue_row(blockIdx.x, s_x0);
+
+  int it = 0;
+  for (int m = blockIdx.x; m < p.M; m += gridDim.x, ++it) {
+    T* s_x = s_x0 + (mode == kRowsAsync2 ? (it & 1) * x_stride : 0);
+    if (mode == kRowsAsync2) {
+      // the other buffer was last read in the previous iteration, which ended with a barrier
+      if (m + static_cast<int>(gridDim.x) < p.M) {
+        issue_row(m + gridDim.x, s_x0 + ((it + 1) & 1) * x_stride);
+        cp_async_wait<1>();  // this row's group has landed (the next row's may still be in flight)
+      } else {
+        cp_async_wait<0>();
+      }
+    } else if (mode == kRowsAsync1) {
+      issue_row(m, s_x);
+      cp_async_wait<0>();
+    } else {
+      const T* xrow = static_cast<const T*>(p.x) + static_cast<int64_t>(m) * p.ld_x;
+      for (int j = threadIdx.x; j < K; j += blockDim.x) s_x[j] = xrow[j];
     }
-    for (int j = done + threadIdx.x; j < K; j += blockDim.x) s_x[j] = xrow[j];
     __syncthreads();
     for (int b = warp; b < nb; b += kActRowsWarps) {
+      // the lane's 4 permutation entries in one 8-byte shared load
+      const uint2 pp = *reinterpret_cast<const uint2*>(s_perm + b * kBlockK + lane * 4);
+      const int idx[4] = {static_cast<int>(pp.x & 0xFFFFu), static_cast<int>(pp.x >> 16),
+                          static_cast<int>(pp.y & 0xFFFFu), static_cast<int>(pp.y >> 16)};
       float v[4];
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int j = b * kBlockK + lane * 4 + i;
-        v[i] = (j < K) ? to_float(s_x[s_perm[j]]) : 0.f;
-      }
+      for (int i = 0; i < 4; ++i) v[i] = (b * kBlockK + lane * 4 + i < K) ? to_float(s_x[idx[i]]) : 0.f;
       const int info = s_info[b];
       const bool is8 = (info & kInfoInt8) != 0;
       const float a = warp_max(fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3]))));
       const float sc = is8 ? __fdiv_rn(a, 127.f) : __fdiv_rn(__fmul_rn(a, p.int4_clip), 7.f);
-      if (lane == 0) p.scales[static_cast<int64_t>(m) * p.ld_scales + b] = sc;
-      if (info & kInfoValid) quantize_store_lane(p, m, info & kInfoSlotMask, is8, lane, v, sc);
+      if (!FAKE && lane == 0) p.scales[static_cast<int64_t>(m) * p.ld_scales + b] = sc;
+      if (FAKE || (info & kInfoValid)) quantize_store_lane<FAKE>(p, m, b, info & kInfoSlotMask, is8, lane, v, sc);
     }
-    __syncthreads();  // the next row overwrites s_x
+    __syncthreads();  // every warp is done with s_x before it is refilled
   }
+  cp_async_wait<0>();  // (nothing is left in flight: the last row waited for its group)
 }
 
 // COMETQ_ACT_QUANT_ROWS: "0" never the rows kernel, "1" whenever it applies (K <= 32767),
@@ -272,16 +360,31 @@ static int act_rows_mode() {
   return -1;
 }
 
-template <typename T>
+// COMETQ_ACT_QUANT_ROWS_LOAD: the rows kernel's row loading ("sync", "async1"; unset or anything
+// else: "async2" where the rows are 16-byte aligned and two buffers fit, else the next one down)
+static int act_rows_load_cap() {
+  const char* v = std::getenv("COMETQ_ACT_QUANT_ROWS_LOAD");
+  if (v != nullptr && std::strcmp(v, "sync") == 0) return kRowsSync;
+  if (v != nullptr && std::strcmp(v, "async1") == 0) return kRowsAsync1;
+  return kRowsAsync2;
+}
+
+template <typename T, bool FAKE>
 static cudaError_t launch_act_quant_rows(const CometqActQuantArgs& a, cudaStream_t stream) {
-  const size_t smem = ((2 * sizeof(int) * a.n_blocks + sizeof(uint16_t) * a.n_blocks * kBlockK + 15) & ~size_t(15)) +
-                      sizeof(T) * static_cast<size_t>(a.K);
-  auto kernel = act_quant_rows_kernel<T>;
+  const size_t buf = sizeof(T) * static_cast<size_t>(rows_x_stride<T>(a.K));
+  const size_t base = rows_x_offset(a.n_blocks);
+  auto kernel = act_quant_rows_kernel<T, FAKE>;
   int dev = 0, sms = 132, per_sm = 1, smem_max = 48 * 1024;
   cudaError_t err = cudaGetDevice(&dev);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&smem_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
   if (err != cudaSuccess) return err;
+  // cp.async reads 16-byte aligned chunks: the row starts must be (the base and the row stride)
+  const bool aligned = (reinterpret_cast<uintptr_t>(a.x) & 15) == 0 &&
+                       (a.M == 1 || (a.ld_x * static_cast<int64_t>(sizeof(T))) % 16 == 0);
+  int mode = aligned ? act_rows_load_cap() : kRowsSync;
+  if (mode == kRowsAsync2 && base + 2 * buf > static_cast<size_t>(smem_max)) mode = kRowsAsync1;
+  const size_t smem = base + (mode == kRowsAsync2 ? 2 : 1) * buf;
   if (smem > static_cast<size_t>(smem_max)) return cudaErrorNotSupported;  // (the caller runs the block kernel)
   if (smem > 48 * 1024) {
     err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
@@ -291,24 +394,24 @@ static cudaError_t launch_act_quant_rows(const CometqActQuantArgs& a, cudaStream
   if (err != cudaSuccess) return err;
   // persistent over rows: the permutation is staged once per CTA, not once per row
   const int grid = std::max(1, std::min(a.M, sms * std::max(1, per_sm)));
-  kernel<<<grid, 32 * kActRowsWarps, smem, stream>>>(a);
+  kernel<<<grid, 32 * kActRowsWarps, smem, stream>>>(a, mode);
   return cudaGetLastError();
 }
 
-template <typename T>
+template <typename T, bool FAKE>
 static cudaError_t launch_act_quant(const CometqActQuantArgs& a, cudaStream_t stream) {
   if (a.scale_mode == COMETQ_SCALE_BLOCK) {
     const int rows = act_rows_mode();
     if (a.K <= kActRowsMaxK && (rows == 1 || (rows == -1 && a.M >= kActRowsMinM))) {
-      const cudaError_t err = launch_act_quant_rows<T>(a, stream);
+      const cudaError_t err = launch_act_quant_rows<T, FAKE>(a, stream);
       if (err != cudaErrorNotSupported) return err;  // else: too much shared memory here, the block kernel
     }
     const dim3 grid(a.M, (a.n_blocks + kActBlockWarps - 1) / kActBlockWarps);
-    act_quant_block_kernel<T><<<grid, 32 * kActBlockWarps, 0, stream>>>(a);
+    act_quant_block_kernel<T, FAKE><<<grid, 32 * kActBlockWarps, 0, stream>>>(a);
     return cudaGetLastError();
   }
   const size_t smem = 4 * sizeof(int) * static_cast<size_t>(a.n_blocks);
-  auto kernel = act_quant_kernel<T>;
+  auto kernel = act_quant_kernel<T, FAKE>;
   if (smem > 48 * 1024) {
     cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (err != cudaSuccess) return err;
@@ -318,6 +421,11 @@ static cudaError_t launch_act_quant(const CometqActQuantArgs& a, cudaStream_t st
   const int threads = std::min(kActMaxThreads, std::max(128, 32 * a.n_blocks));
   kernel<<<a.M, threads, smem, stream>>>(a);
   return cudaGetLastError();
+}
+
+template <typename T>
+static cudaError_t launch_act_quant_any(const CometqActQuantArgs& a, cudaStream_t stream) {
+  return a.out != nullptr ? launch_act_quant<T, true>(a, stream) : launch_act_quant<T, false>(a, stream);
 }
 
 }  // namespace cometq
@@ -331,17 +439,25 @@ extern "C" cudaError_t cometq_quantize_act(const CometqActQuantArgs* args, cudaS
   }
   if (!(a.int4_clip > 0.f && a.int4_clip <= 1.f)) return cudaErrorInvalidValue;  // also rejects NaN
   if (a.M == 0) return cudaSuccess;
-  if (a.x == nullptr || a.perm == nullptr || a.block_bits == nullptr || a.scales == nullptr ||
-      (a.n4 > 0 && a.q4 == nullptr) || (a.n8 > 0 && a.q8 == nullptr)) {
+  if (a.x == nullptr || a.perm == nullptr || a.block_bits == nullptr) return cudaErrorInvalidValue;
+  if (a.out != nullptr) {  // FAKE: the dequantized values only (q4 / q8 / scales unused)
+    if (a.out_dtype != COMETQ_DTYPE_F16 && a.out_dtype != COMETQ_DTYPE_BF16 && a.out_dtype != COMETQ_DTYPE_F32) {
+      return cudaErrorInvalidValue;
+    }
+    if (a.ld_out < static_cast<int64_t>(a.n_blocks) * cometq::kBlockK || (a.ld_out & 1) ||
+        (reinterpret_cast<uintptr_t>(a.out) & 7)) {
+      return cudaErrorInvalidValue;  // the pair stores need even offsets from an 8-byte aligned base
+    }
+  } else if (a.scales == nullptr || (a.n4 > 0 && a.q4 == nullptr) || (a.n8 > 0 && a.q8 == nullptr)) {
     return cudaErrorInvalidValue;
   }
   switch (a.x_dtype) {
     case COMETQ_DTYPE_F16:
-      return cometq::launch_act_quant<__half>(a, stream);
+      return cometq::launch_act_quant_any<__half>(a, stream);
     case COMETQ_DTYPE_BF16:
-      return cometq::launch_act_quant<__nv_bfloat16>(a, stream);
+      return cometq::launch_act_quant_any<__nv_bfloat16>(a, stream);
     case COMETQ_DTYPE_F32:
-      return cometq::launch_act_quant<float>(a, stream);
+      return cometq::launch_act_quant_any<float>(a, stream);
     default:
       return cudaErrorInvalidValue;
   }

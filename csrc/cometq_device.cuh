@@ -93,6 +93,19 @@ __device__ __forceinline__ void cp_async16_zfill(void* smem_dst, const void* gme
 #endif
 }
 
+// Same, copying only the first `bytes` (0..16) bytes of the 16 and zero-filling the rest (src-size
+// operand): a row's last chunk when its byte length is not a multiple of 16 (gmem_src 16-byte
+// aligned; nothing past gmem_src + bytes is read).
+__device__ __forceinline__ void cp_async16_bytes(void* smem_dst, const void* gmem_src, unsigned bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem_src), "r"(bytes));
+#else
+  for (unsigned i = 0; i < 16; ++i)
+    static_cast<unsigned char*>(smem_dst)[i] = i < bytes ? static_cast<const unsigned char*>(gmem_src)[i] : 0;
+#endif
+}
+
 // 4-byte copy (.ca: the only cp.async form below 16 bytes) of one fp32 scale or offset into a
 // pipeline stage's scale area (w4ax_gemm.cu, load_stage).
 __device__ __forceinline__ void cp_async4(void* smem_dst, const void* gmem_src) {

@@ -127,8 +127,18 @@ typedef struct CometqActQuantArgs {
   int64_t ld_q8;
   float* scales;            // [M, nb] or [M, 2]
   int64_t ld_scales;
+  // FAKE output (out != NULL): the dequantized values instead of q4 / q8 / scales (which are then
+  // not written and may be NULL) -- the 16-bit routes' activation operand
+  // (cometq.kernels.dequant_gemm, cometq.layout.half_split_blocks):
+  //     out[m, b*128 + j]      = fp32(q[m, b*128 + 2j])     * scale[m, b]    j < 64 (even channels)
+  //     out[m, b*128 + 64 + j] = fp32(q[m, b*128 + 2j + 1]) * scale[m, b]           (odd channels)
+  // the product rounded once to out_dtype.  [M, nb*128], row stride ld_out elements (even).
+  void* out;
+  int64_t ld_out;
+  int out_dtype;            // COMETQ_DTYPE_*
 } CometqActQuantArgs;
 
+// Packed (out == NULL) or FAKE (out != NULL) activation quantization.
 cudaError_t cometq_quantize_act(const CometqActQuantArgs* args, cudaStream_t stream);
 
 // ---------------------------------------------------------------------------

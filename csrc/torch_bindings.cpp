@@ -8,6 +8,9 @@
 //
 //   cometq_C::quantize_act(Tensor x, Tensor perm, Tensor block_bits, int n_int8,
 //                          int scale_mode, float int4_clip) -> (Tensor q4, Tensor q8, Tensor scales)
+//   cometq_C::fake_quant_act(Tensor x, Tensor perm, Tensor block_bits, int n_int8, int scale_mode,
+//                            float int4_clip, ScalarType out_dtype) -> Tensor out
+//       (the dequantized activation [M, K_pad], half-split K order: the 16-bit routes' operand)
 //   cometq_C::w4ax_gemm(Tensor q4, Tensor q8, Tensor a_scales, Tensor block_bits,
 //                       Tensor qweight, Tensor w_scales, Tensor? w_offsets, int group_size,
 //                       Tensor? bias, ScalarType out_dtype, int scale_mode, int split_k,
@@ -26,6 +29,7 @@
 #include <torch/extension.h>
 
 #include <optional>
+#include <string>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -76,16 +80,15 @@ void check_cuda_error(cudaError_t err, const char* op) {
 }
 
 // ---------------------------------------------------------------------------
-std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act_cuda(const at::Tensor& x, const at::Tensor& perm,
-                                                                  const at::Tensor& block_bits, int64_t n_int8,
-                                                                  int64_t scale_mode, double int4_clip) {
-  constexpr const char* op = "cometq_C::quantize_act";
+// The checks and argument struct shared by quantize_act and fake_quant_act (outputs left unset).
+CometqActQuantArgs act_quant_args(const char* op, const at::Tensor& x, const at::Tensor& perm,
+                                  const at::Tensor& block_bits, int64_t n_int8, int64_t scale_mode, double int4_clip) {
   TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [M, K], got shape ", x.sizes());
   const at::Device dev = x.device();
   check_cuda(x, op, "x", dev);
   check_cuda(perm, op, "perm", dev);
   check_cuda(block_bits, op, "block_bits", dev);
-  const int x_dtype = dtype_code(x.scalar_type(), "cometq_C::quantize_act: x");
+  const int x_dtype = dtype_code(x.scalar_type(), (std::string(op) + ": x").c_str());
   check_dtype(perm, at::kLong, op, "perm");
   check_dtype(block_bits, at::kInt, op, "block_bits");
   check_contig(x, op, "x");
@@ -104,14 +107,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act_cuda(const at::Tenso
   TORCH_CHECK(M <= INT32_MAX && K <= INT32_MAX, op, ": x shape ", x.sizes(), " too large");
   // (!(a > 0 && a <= 1) also rejects NaN)
   TORCH_CHECK(int4_clip > 0.0 && int4_clip <= 1.0, op, ": int4_clip must be in (0, 1], got int4_clip=", int4_clip);
-
-  const c10::cuda::CUDAGuard guard(dev);
-  const int64_t n4 = nb - n_int8;
-  auto q4 = at::empty({M, n4 * kBlockK / 2}, x.options().dtype(at::kByte));
-  auto q8 = at::empty({M, n_int8 * kBlockK}, x.options().dtype(at::kChar));
-  auto scales = at::empty({M, scale_mode == COMETQ_SCALE_BLOCK ? nb : 2}, x.options().dtype(at::kFloat));
-  if (M == 0) return {q4, q8, scales};
-
   CometqActQuantArgs a{};
   a.x = x.data_ptr();
   a.ld_x = x.stride(0);
@@ -121,11 +116,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act_cuda(const at::Tenso
   a.M = static_cast<int>(M);
   a.K = static_cast<int>(K);
   a.n_blocks = static_cast<int>(nb);
-  a.n4 = static_cast<int>(n4);
+  a.n4 = static_cast<int>(nb - n_int8);
   a.n8 = static_cast<int>(n_int8);
   a.scale_mode = static_cast<int>(scale_mode);
   // fp32 like the reference's `absmax * int4_clip` on a float32 tensor (torch rounds the scalar to float)
   a.int4_clip = static_cast<float>(int4_clip);
+  return a;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act_cuda(const at::Tensor& x, const at::Tensor& perm,
+                                                                  const at::Tensor& block_bits, int64_t n_int8,
+                                                                  int64_t scale_mode, double int4_clip) {
+  constexpr const char* op = "cometq_C::quantize_act";
+  CometqActQuantArgs a = act_quant_args(op, x, perm, block_bits, n_int8, scale_mode, int4_clip);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t M = a.M, nb = a.n_blocks, n4 = a.n4;
+  auto q4 = at::empty({M, n4 * kBlockK / 2}, x.options().dtype(at::kByte));
+  auto q8 = at::empty({M, n_int8 * kBlockK}, x.options().dtype(at::kChar));
+  auto scales = at::empty({M, scale_mode == COMETQ_SCALE_BLOCK ? nb : 2}, x.options().dtype(at::kFloat));
+  if (M == 0) return {q4, q8, scales};
   a.q4 = n4 ? q4.data_ptr<uint8_t>() : nullptr;
   a.ld_q4 = n4 * kBlockK / 2;
   a.q8 = n_int8 ? q8.data_ptr<int8_t>() : nullptr;
@@ -134,6 +143,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act_cuda(const at::Tenso
   a.ld_scales = scales.size(1);
   check_cuda_error(cometq_quantize_act(&a, c10::cuda::getCurrentCUDAStream()), op);
   return {q4, q8, scales};
+}
+
+// The dequantized activation operand of the 16-bit routes: out [M, nb*128] in out_dtype, each
+// block's q * scale in the half-split K order (cometq_kernels.h, CometqActQuantArgs.out).
+at::Tensor fake_quant_act_cuda(const at::Tensor& x, const at::Tensor& perm, const at::Tensor& block_bits,
+                               int64_t n_int8, int64_t scale_mode, double int4_clip, at::ScalarType out_dtype) {
+  constexpr const char* op = "cometq_C::fake_quant_act";
+  CometqActQuantArgs a = act_quant_args(op, x, perm, block_bits, n_int8, scale_mode, int4_clip);
+  a.out_dtype = dtype_code(out_dtype, "cometq_C::fake_quant_act: out_dtype");
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto out = at::empty({static_cast<int64_t>(a.M), static_cast<int64_t>(a.n_blocks) * kBlockK},
+                       x.options().dtype(out_dtype));
+  if (a.M == 0) return out;
+  a.out = out.data_ptr();
+  a.ld_out = out.stride(0);
+  check_cuda_error(cometq_quantize_act(&a, c10::cuda::getCurrentCUDAStream()), op);
+  return out;
 }
 
 // ---------------------------------------------------------------------------
@@ -422,6 +448,9 @@ TORCH_LIBRARY(cometq_C, m) {
       "quantize_act(Tensor x, Tensor perm, Tensor block_bits, int n_int8, int scale_mode, float int4_clip) "
       "-> (Tensor, Tensor, Tensor)");
   m.def(
+      "fake_quant_act(Tensor x, Tensor perm, Tensor block_bits, int n_int8, int scale_mode, float int4_clip, "
+      "ScalarType out_dtype) -> Tensor");
+  m.def(
       "w4ax_gemm(Tensor q4, Tensor q8, Tensor a_scales, Tensor block_bits, Tensor qweight, Tensor w_scales, "
       "Tensor? w_offsets, int group_size, Tensor? bias, ScalarType out_dtype, int scale_mode, int split_k, "
       "int mma_path, int tile=0, Tensor(a!)? tile_counters=None) -> Tensor");
@@ -433,6 +462,7 @@ TORCH_LIBRARY(cometq_C, m) {
 
 TORCH_LIBRARY_IMPL(cometq_C, CUDA, m) {
   m.impl("quantize_act", &quantize_act_cuda);
+  m.impl("fake_quant_act", &fake_quant_act_cuda);
   m.impl("w4ax_gemm", &w4ax_gemm_cuda);
   m.impl("kv4_decode_attention", &kv4_decode_attention_cuda);
 }

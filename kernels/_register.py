@@ -12,12 +12,17 @@ except Exception as e:  # pragma: no cover - exercised where triton is absent
 
 from cometq.ops import register_impl
 
-from .act_quant import quantize_act_triton
+from .act_quant import fake_quant_act_triton, quantize_act_triton
 from .w4ax_gemm import w4ax_gemm_triton
 
 
 def _triton_quantize_act(x, perm, block_bits, n_int8: int, scale_mode: str, int4_clip: float = 1.0):
     return quantize_act_triton(x, perm, block_bits, n_int8, scale_mode, int4_clip=float(int4_clip))
+
+
+def _triton_fake_quant_act(x, perm, block_bits, n_int8: int, scale_mode: str, int4_clip: float, out_dtype):
+    return fake_quant_act_triton(x, perm, block_bits, n_int8, scale_mode, out_dtype=out_dtype,
+                                 int4_clip=float(int4_clip))
 
 
 def _triton_w4ax_gemm(q4, q8, a_scales, block_bits, qweight, w_scales, w_offsets, group_size, bias, out_dtype,
@@ -27,4 +32,5 @@ def _triton_w4ax_gemm(q4, q8, a_scales, block_bits, qweight, w_scales, w_offsets
 
 
 register_impl("quantize_act", "triton", _triton_quantize_act)
+register_impl("fake_quant_act", "triton", _triton_fake_quant_act)
 register_impl("w4ax_gemm", "triton", _triton_w4ax_gemm)

@@ -31,8 +31,8 @@ import triton.language as tl
 
 from ._common import unpack_hi, unpack_lo
 
-__all__ = ["w4ax_gemm_dequant", "w4ax_linear_dequant", "dequant_act_kernel", "dequant_weight_kernel",
-           "DEQUANT_GEMM_RTOL"]
+__all__ = ["w4ax_gemm_dequant", "w4ax_linear_dequant", "dequant_weight_gemm", "dequant_act_kernel",
+           "dequant_weight_kernel", "DEQUANT_GEMM_RTOL"]
 
 #: dequant path vs the integer-exact reference, relative to max |y|, per output dtype: the
 #: operands are rounded to it (fp16 2^-11, bf16 2^-8 each) and so is the output; measured
@@ -133,7 +133,7 @@ def w4ax_gemm_dequant(q4, q8, a_scales, block_bits, qweight, w_scales, group: in
         dequant_act_kernel[(triton.cdiv(m, bm), nb)](
             q4, q8, a_scales, block_bits, a, m, q4.stride(0) if q4.numel() else 0, q8.stride(0) if q8.numel() else 0,
             a_scales.stride(0), a.stride(0), BLOCK_M=bm, CLASS_MODE=scale_mode == "class", num_warps=4)
-    return _times_dequant_weight(a, qweight, w_scales, w_offsets, group, bias, out_dtype, stride_wb)
+    return dequant_weight_gemm(a, qweight, w_scales, w_offsets, group, bias, out_dtype, stride_wb)
 
 
 def w4ax_linear_dequant(x, perm, block_bits, n_int8: int, scale_mode: str, int4_clip: float, qweight, w_scales,
@@ -148,15 +148,21 @@ def w4ax_linear_dequant(x, perm, block_bits, n_int8: int, scale_mode: str, int4_
 
     a = fake_quant_act_triton(x, perm, block_bits, n_int8, scale_mode, out_dtype=_operand_dtype(out_dtype),
                               identity_perm=identity_perm, int4_clip=int4_clip)
-    return _times_dequant_weight(a, qweight, w_scales, w_offsets, group, bias, out_dtype, stride_wb)
+    return dequant_weight_gemm(a, qweight, w_scales, w_offsets, group, bias, out_dtype, stride_wb)
 
 
 def _operand_dtype(out_dtype: torch.dtype) -> torch.dtype:
     return out_dtype if out_dtype in (torch.float16, torch.bfloat16) else torch.float32
 
 
-def _times_dequant_weight(a, qweight, w_scales, w_offsets, group: int, bias, out_dtype, stride_wb):
-    """``a @ W'^T (+ bias)``: ``W'`` dequantized into ``a``'s dtype and K order, then cuBLAS."""
+def dequant_weight_gemm(a, qweight, w_scales, w_offsets, group: int, bias, out_dtype,
+                        stride_wb: Optional[int] = None) -> torch.Tensor:
+    """``a @ W'^T (+ bias)``: ``W'`` dequantized into ``a``'s dtype and K order, then cuBLAS.
+    ``a [M, K_pad]``: the activation operand in the half-split K order (``fake_quant_act``);
+    ``group`` the resolved weight group width; ``stride_wb`` the weight block stride (default 64:
+    row-major ``[N, K_pad/2]``; a block-major ``[N, NB, 64]`` view's N * 64)."""
+    if stride_wb is None:
+        stride_wb = qweight.stride(1) if qweight.dim() == 3 else None
     n = qweight.shape[0]
     k_pad = a.shape[1]
     nb = k_pad // 128

@@ -557,9 +557,10 @@ def test_conversion_tricks():
 # --------------------------------------------------------------------------
 # act_quant, transcribed (one CTA per row, warp per block, lane = 4 channels)
 # --------------------------------------------------------------------------
-def emulate_act_quant(x, perm, block_bits, n_int8, scale_mode, int4_clip=1.0):
+def emulate_act_quant(x, perm, block_bits, n_int8, scale_mode, int4_clip=1.0, fake=False):
     """"block" mode: act_quant_block_kernel (a warp per (row, block), its own slot by block_slot);
-    "class" mode: act_quant_kernel (a CTA per row, the block table).  Same per-lane math."""
+    "class" mode: act_quant_kernel (a CTA per row, the block table).  Same per-lane math.
+    ``fake``: the FAKE output instead (fake_store_lane): fp32 ``[M, nb*128]``, returned alone."""
     x = x.astype(np.float32)
     M, K = x.shape
     nb = len(block_bits)
@@ -571,6 +572,7 @@ def emulate_act_quant(x, perm, block_bits, n_int8, scale_mode, int4_clip=1.0):
     q4 = np.zeros((M, n4 * 64), np.uint8)
     q8 = np.zeros((M, n_int8 * 128), np.int8)
     scales = np.zeros((M, nb if scale_mode == 0 else 2), np.float32)
+    out = np.full((M, nb * 128), np.nan, np.float32)  # (every element must be written)
     for m in range(M):
         def gather(b):
             j = b * 128 + np.arange(128)
@@ -596,12 +598,22 @@ def emulate_act_quant(x, perm, block_bits, n_int8, scale_mode, int4_clip=1.0):
             qmax = np.float32(127 if is8b else 7)
             d = np.float32(1) if s[b] == 0 else np.float32(s[b])
             q = np.clip(np.rint(gather(b) / d), -qmax, qmax).astype(np.int64)  # [32, 4]
+            if fake:
+                # lane l: o[0] = (q[l,0], q[l,2]) at b*128 + 2l; o[32] (+64 elements) = (q[l,1], q[l,3])
+                v = q.astype(np.float32) * np.float32(s[b])
+                for lane in range(32):
+                    at = b * 128 + 2 * lane
+                    out[m, at: at + 2] = (v[lane, 0], v[lane, 2])
+                    out[m, at + 64: at + 66] = (v[lane, 1], v[lane, 3])
+                continue
             if is8b:
                 q8[m, slot * 128: slot * 128 + 128] = q.reshape(-1).astype(np.int8)
             else:
                 byte0 = (q[:, 0] & 0xF) | ((q[:, 1] & 0xF) << 4)
                 byte1 = (q[:, 2] & 0xF) | ((q[:, 3] & 0xF) << 4)
                 q4[m, slot * 64: slot * 64 + 64] = np.stack([byte0, byte1], 1).reshape(-1).astype(np.uint8)
+    if fake:
+        return out
     return q4, q8, scales
 
 
@@ -617,6 +629,25 @@ def test_emulated_act_quant_is_bit_identical(bits, scale_mode):
     assert torch.equal(torch.from_numpy(q4), ref.q4)
     assert torch.equal(torch.from_numpy(q8), ref.q8)
     assert torch.equal(torch.from_numpy(sc), ref.scales)
+
+
+@pytest.mark.parametrize("bits", [(4, 4, 4, 4, 4), (8, 4, 8, 4, 4)])
+@pytest.mark.parametrize("scale_mode", ["block", "class"])
+def test_emulated_fake_act_quant_is_the_reference(bits, scale_mode):
+    """The FAKE output's lane -> element mapping (fake_store_lane: two pair stores per lane into the
+    half-split order) equals ``ops.fake_quant_act``'s reference, bit for bit (fp32 out; fp16 / bf16
+    round the same products once)."""
+    from cometq import ops
+
+    gen = torch.Generator().manual_seed(7 * sum(bits))
+    m, k = 3, 576
+    lay = ActivationLayout(torch.randperm(k, generator=gen), torch.tensor(bits, dtype=torch.int32), 0.9)
+    x = rand_activation(m, k, outliers=4, generator=gen)
+    ref = ops.fake_quant_act(x, lay.perm, lay.block_bits, lay.n_int8, scale_mode, torch.float32,
+                             backend="reference", int4_clip=0.9)
+    out = emulate_act_quant(x.numpy(), lay.perm.numpy(), list(bits), lay.n_int8, 0 if scale_mode == "block" else 1,
+                            int4_clip=0.9, fake=True)
+    assert torch.equal(torch.from_numpy(out), ref)
 
 
 @pytest.mark.parametrize("clip", [0.9, 0.55, 1 / 3])

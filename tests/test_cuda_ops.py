@@ -163,6 +163,68 @@ def test_quantize_act_rows_kernel_bit_identical(C, k, dtype, monkeypatch):
         assert torch.equal(sc.cpu(), want.scales), (mode, k, dtype)
 
 
+@pytest.mark.parametrize("load", ["sync", "async1", "async2"])
+@pytest.mark.parametrize("k,dtype", [(576, torch.float16), (4096, torch.bfloat16), (14336, torch.float32),
+                                     (130, torch.float16)])
+def test_quantize_act_rows_kernel_load_modes(C, load, k, dtype, monkeypatch):
+    """The rows kernel's three row loaders (COMETQ_ACT_QUANT_ROWS_LOAD: register copies, cp.async
+    into one buffer, cp.async double-buffered) give the reference's bits: K = 130 fp16 (260-byte
+    rows: a partial last 16-byte chunk, zero-filled), K = 14336 fp32 (56 KB rows: two buffers and
+    the permutation in 140 KB), M = 300 rows over fewer CTAs than rows (the double buffer wraps)."""
+    gen = _gen("qa_rows_load", k, str(dtype))
+    nb = (k + BLOCK_K - 1) // BLOCK_K
+    lay = _layout(k, [8 if i % 3 == 0 else 4 for i in range(nb)], gen)
+    x = rand_activation(300, k, outliers=min(k, 9), dtype=dtype, generator=gen)
+    x[5] = 0.0
+    monkeypatch.setenv("COMETQ_ACT_QUANT_ROWS_LOAD", load)
+    monkeypatch.setenv("COMETQ_ACT_QUANT_ROWS", "1")
+    want = R.quantize_activation(x, lay, "block")
+    q4, q8, sc = C.cuda_quantize_act(x.to(DEVICE), lay.perm.to(DEVICE), lay.block_bits.to(DEVICE), lay.n_int8, "block")
+    assert torch.equal(q4.cpu(), want.q4) and torch.equal(q8.cpu(), want.q8) and torch.equal(sc.cpu(), want.scales)
+
+
+@pytest.mark.parametrize("rows", ["0", "1", "auto"])
+@pytest.mark.parametrize("scale_mode", ["block", "class"])
+@pytest.mark.parametrize("x_dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_fake_quant_act_bit_identical(C, rows, scale_mode, x_dtype, monkeypatch):
+    """The FAKE output (the 16-bit routes' activation operand, half-split K order) of all three
+    act-quant kernels -- block ("0"), rows ("1", and "auto" at M = 300), class (a row CTA) -- in
+    every output dtype equals ``ops.fake_quant_act``'s reference bit for bit, on a K = 576 layer
+    (the padded last block) with an all-zero token; and it is the packed kernel's output
+    dequantized (the CUDA quantize_act on the same input)."""
+    gen = _gen("fq", rows, scale_mode, str(x_dtype))
+    lay = _layout(K, list(PATTERNS["alt84"]), gen, 0.85)
+    m = 300 if rows == "auto" else 7
+    x = rand_activation(m, K, outliers=5, dtype=x_dtype, generator=gen)
+    x[2] = 0.0
+    if rows == "auto":
+        monkeypatch.delenv("COMETQ_ACT_QUANT_ROWS", raising=False)
+    else:
+        monkeypatch.setenv("COMETQ_ACT_QUANT_ROWS", rows)
+    args = (lay.perm.to(DEVICE), lay.block_bits.to(DEVICE), lay.n_int8, scale_mode, 0.85)
+    for out_dtype in (torch.float16, torch.bfloat16, torch.float32):
+        want = ops.fake_quant_act(x, lay.perm, lay.block_bits, lay.n_int8, scale_mode, out_dtype, backend="reference",
+                                  int4_clip=0.85)
+        got = C.cuda_fake_quant_act(x.to(DEVICE), *args, out_dtype=out_dtype)
+        assert got.dtype == out_dtype and got.shape == (m, 640)
+        assert torch.equal(got.cpu(), want), (rows, scale_mode, x_dtype, out_dtype)
+    got = ops.fake_quant_act(x.to(DEVICE), *args[:4], torch.float32, backend="cuda", int4_clip=0.85)
+    assert torch.equal(got.cpu(), want)
+    assert C.cuda_fake_quant_act(x[:0].to(DEVICE), *args).shape == (0, 640)
+
+
+def test_fake_quant_act_rejects_bad_inputs(C):
+    lay = ActivationLayout.from_block_bits(K, PATTERNS["alt84"])
+    x = torch.randn(3, K, device=DEVICE)
+    perm, bits = lay.perm.to(DEVICE), lay.block_bits.to(DEVICE)
+    with pytest.raises(TypeError, match="out_dtype must be float16, bfloat16 or float32, got torch.int8"):
+        C.cuda_fake_quant_act(x, perm, bits, lay.n_int8, "block", out_dtype=torch.int8)
+    with pytest.raises(ValueError, match="block_bits shape"):
+        C.cuda_fake_quant_act(x, perm, bits[:-1], lay.n_int8, "block")
+    torch.library.opcheck(torch.ops.cometq_C.fake_quant_act.default,
+                          (x, perm, bits, lay.n_int8, 0, 1.0, torch.float16))
+
+
 def test_quantize_act_through_ops(C):
     gen = _gen("qa_ops")
     lay = _layout(K, [8, 4, 4, 8, 4], gen)
@@ -666,4 +728,6 @@ def test_opcheck_raw_ops(C):
 def test_cuda_backend_is_registered(C):
     assert "cuda" in ops.registered_backends("w4ax_gemm")
     assert "cuda" in ops.registered_backends("quantize_act")
+    if os.environ.get("COMETQ_CUDA_FAKE_QUANT", "1") != "0":  # (the GPU check's escape when its FAKE test failed)
+        assert "cuda" in ops.registered_backends("fake_quant_act")
     assert ops.resolve_backend("w4ax_gemm", torch.device(DEVICE), "cuda") == "cuda"

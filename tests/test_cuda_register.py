@@ -65,6 +65,18 @@ except RuntimeError as e:
 q4, q8, sc = torch.ops.cometq_C.quantize_act(torch.empty(3, K, device="meta"), meta(lay.perm), meta(lay.block_bits),
                                              lay.n_int8, 0, 1.0)
 assert q4.shape == (3, 192) and q8.shape == (3, 256) and sc.shape == (3, 5)
+import cometq._cuda_register as CR
+assert CR.HAS_FAKE_QUANT
+for dt in (torch.float16, torch.bfloat16, torch.float32):
+    a = torch.ops.cometq_C.fake_quant_act(torch.empty(3, K, device="meta"), meta(lay.perm), meta(lay.block_bits),
+                                          lay.n_int8, 0, 0.9, dt)
+    assert a.shape == (3, 640) and a.dtype == dt
+try:
+    torch.ops.cometq_C.fake_quant_act(torch.empty(3, K, device="meta"), meta(lay.perm), meta(lay.block_bits),
+                                      lay.n_int8, 0, 1.0, torch.int8)
+    raise SystemExit("an int8 out_dtype was not rejected")
+except RuntimeError as err:
+    assert "out_dtype must be float16, bfloat16 or float32" in str(err), err
 e = lambda *s, dt=torch.float16: torch.empty(*s, dtype=dt, device="meta")
 i32 = torch.int32
 pool = [e(10, 2, 64, 64, dt=torch.uint8), e(10, 2, 2, 128), e(10, 2, 2, 128), e(10, 2, 64, 64, dt=torch.uint8),

@@ -222,3 +222,82 @@ def test_linear_route_choice(monkeypatch):
     finally:
         autotune.set_timer(prev)
         autotune.clear()
+
+
+def test_half_split_blocks_is_the_even_odd_order():
+    from cometq.layout import half_split_blocks
+
+    v = torch.arange(3 * 256).reshape(3, 256)
+    out = half_split_blocks(v)
+    for b in range(2):
+        assert torch.equal(out[:, b * 128: b * 128 + 64], v[:, b * 128: b * 128 + 128: 2])
+        assert torch.equal(out[:, b * 128 + 64: b * 128 + 128], v[:, b * 128 + 1: b * 128 + 128: 2])
+    assert half_split_blocks(v[0]).shape == (256,) and out.is_contiguous()
+    with pytest.raises(ValueError, match=r"multiple of 128, got shape \(3, 200\)"):
+        half_split_blocks(torch.zeros(3, 200))
+    with pytest.raises(TypeError, match="must be a torch.Tensor"):
+        half_split_blocks([1, 2])
+
+
+@pytest.mark.parametrize("m,k,pattern,scale_mode,clip", [
+    (1, 576, "mixed", "block", 1.0),    # K = 4.5 x 128: the padded last block
+    (17, 384, "int8", "class", 0.9),
+    (5, 256, "int4", "block", 0.8),
+])
+def test_fake_quant_act_op_backends_bit_identical(m, k, pattern, scale_mode, clip):
+    """``ops.fake_quant_act`` (the 16-bit routes' activation operand): the reference is the
+    packed reference quantizer's blocks dequantized into the half-split order (fp32 product,
+    rounded once), and the Triton backend's FAKE kernel gives the same bits; opcheck on the op."""
+    from cometq import ops
+    from cometq.layout import half_split_blocks
+
+    g = torch.Generator().manual_seed(m * 31 + k)
+    x = (torch.randn(m, k, generator=g) * (1 + 6 * (torch.rand(k, generator=g) > 0.9))).half()
+    x[0, :7] = 0.0
+    nb = -(-k // 128)
+    bits = {"mixed": [8 if i % 3 == 1 else 4 for i in range(nb)], "int4": [4] * nb, "int8": [8] * nb}[pattern]
+    lay = ActivationLayout(torch.randperm(k, generator=g), torch.tensor(bits, dtype=torch.int32), clip)
+    qa = R.quantize_activation(x, lay, scale_mode)
+    want32 = half_split_blocks(qa.int_blocks().float() * qa.block_scales().repeat_interleave(128, dim=1))
+    for dt in (torch.float16, torch.bfloat16, torch.float32):
+        ref = ops.fake_quant_act(x, lay.perm, lay.block_bits, lay.n_int8, scale_mode, dt, backend="reference",
+                                 int4_clip=clip)
+        assert ref.dtype == dt and ref.shape == (m, nb * 128) and torch.equal(ref, want32.to(dt)), dt
+        if dt == torch.bfloat16 and DEV == "cpu":
+            continue  # (the Triton interpreter rounds fp32 -> bf16 toward zero; the GPU rounds to nearest)
+        d = DEV
+        got = ops.fake_quant_act(x.to(d), lay.perm.to(d), lay.block_bits.to(d), lay.n_int8, scale_mode, dt,
+                                 backend="triton", int4_clip=clip)
+        assert torch.equal(got.cpu(), ref), dt
+    torch.library.opcheck(torch.ops.cometq.fake_quant_act.default,
+                          (x, lay.perm, lay.block_bits, lay.n_int8, scale_mode, clip, 0, "reference"))
+    with pytest.raises(TypeError, match="out_dtype must be one of"):
+        ops.fake_quant_act(x, lay.perm, lay.block_bits, lay.n_int8, scale_mode, torch.int8)
+    with pytest.raises(RuntimeError, match=r"perm shape \(3,\) must be"):
+        ops.fake_quant_act(x, lay.perm[:3], lay.block_bits, lay.n_int8, scale_mode, backend="reference")
+
+
+def test_16bit_routes_take_the_activation_operand_from_the_op(monkeypatch):
+    """The fused and w16 routes of ``ops.w4ax_linear_eager`` get ``A'`` through the
+    ``fake_quant_act`` dispatch (so the CUDA kernel can serve it where it measures faster), with
+    the caller's backend request, then run their GEMM on it: same result as the Triton-only
+    ``w4ax_linear_dequant``."""
+    from cometq import ops
+    from cometq.kernels.dequant_gemm import w4ax_linear_dequant
+
+    if os.environ.get("TRITON_INTERPRET") != "1" and DEV == "cpu":
+        pytest.skip("the Triton GEMM runs on CPU only under the interpreter")
+    g = torch.Generator().manual_seed(11)
+    m, k, n = 6, 384, 40
+    lay = ActivationLayout(torch.randperm(k, generator=g), torch.tensor([4, 8, 4], dtype=torch.int32))
+    qw = R.quantize_weight_rtn(torch.randn(n, k, generator=g) * 0.05, 128, sym=False)
+    x = torch.randn(m, k, generator=g).to(DEV)
+    seen = []
+    real = ops._IMPLS["fake_quant_act"]["triton"]
+    monkeypatch.setitem(ops._IMPLS["fake_quant_act"], "triton", lambda *a: (seen.append(a[-1]), real(*a))[1])
+    args = (x, lay.perm.to(DEV), lay.block_bits.to(DEV), lay.n_int8, "block", 1.0, qw.qweight.to(DEV),
+            qw.scales.to(DEV), qw.offsets.to(DEV), 128, None, torch.float32, "triton")
+    y = ops._LINEAR_ROUTES["fused"](*args)
+    assert seen == [torch.float32]
+    want = w4ax_linear_dequant(*args[:9], 128, None, torch.float32)
+    assert torch.equal(y, want)

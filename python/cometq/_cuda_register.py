@@ -39,7 +39,7 @@ from ._counters import tile_counters as cuda_tile_counters  # (shared with the T
 from ._cuda_checks import (check_kv4_attention_inputs, check_quantize_act_inputs, check_w4ax_gemm_inputs,
                            kv4_attention_unsupported)
 
-__all__ = ["SCALE_MODE_CODES", "MMA_PATHS", "cuda_quantize_act", "cuda_w4ax_gemm", "cuda_kv4_decode_attention",
+__all__ = ["SCALE_MODE_CODES", "MMA_PATHS", "cuda_quantize_act", "cuda_fake_quant_act", "cuda_w4ax_gemm", "cuda_kv4_decode_attention",
            "kv4_attention_cuda_enabled", "check_quantize_act_inputs", "check_w4ax_gemm_inputs",
            "cuda_splitk_fixup_enabled", "cuda_tile_counters"]
 
@@ -68,6 +68,20 @@ def _quantize_act_fake(x, perm, block_bits, n_int8, scale_mode, int4_clip):
     q8 = x.new_empty((m, n_int8 * BLOCK_K), dtype=torch.int8)
     scales = x.new_empty((m, nb if scale_mode == 0 else 2), dtype=torch.float32)
     return q4, q8, scales
+
+
+#: the extension has the FAKE act-quant op (a library built before it lacks it: the "cuda" backend
+#: then has no fake_quant_act implementation and the Triton one runs)
+HAS_FAKE_QUANT = hasattr(torch.ops.cometq_C, "fake_quant_act")
+
+if HAS_FAKE_QUANT:
+    @torch.library.register_fake("cometq_C::fake_quant_act")
+    def _fake_quant_act_fake(x, perm, block_bits, n_int8, scale_mode, int4_clip, out_dtype):
+        torch._check(0.0 < int4_clip <= 1.0, lambda: f"int4_clip must be in (0, 1], got int4_clip={int4_clip}")
+        torch._check(out_dtype in (torch.float16, torch.bfloat16, torch.float32),
+                     lambda: f"out_dtype must be float16, bfloat16 or float32, got {out_dtype}")
+        m, k = x.shape
+        return x.new_empty((m, (k + BLOCK_K - 1) // BLOCK_K * BLOCK_K), dtype=out_dtype)
 
 
 @torch.library.register_fake("cometq_C::w4ax_gemm")
@@ -115,15 +129,24 @@ def _scale_mode_code(scale_mode: str) -> int:
 
 def cuda_quantize_act(x, perm, block_bits, n_int8: int, scale_mode: str, int4_clip: float = 1.0):
     """Same contract as ``ops._ref_quantize_act``: returns ``(q4, q8, scales)``."""
+    return torch.ops.cometq_C.quantize_act(*_act_args(x, perm, block_bits, n_int8, scale_mode, int4_clip))
+
+
+def _act_args(x, perm, block_bits, n_int8, scale_mode, int4_clip) -> tuple:
+    """Checked, and adapted to the raw act-quant ops' argument types (both outputs' ops)."""
     check_quantize_act_inputs(x, perm, block_bits, n_int8, scale_mode, int4_clip)
-    return torch.ops.cometq_C.quantize_act(
-        x.contiguous(),
-        perm.to(torch.int64).contiguous(),
-        block_bits.to(torch.int32).contiguous(),
-        int(n_int8),
-        _scale_mode_code(scale_mode),
-        float(int4_clip),
-    )
+    return (x.contiguous(), perm.to(torch.int64).contiguous(), block_bits.to(torch.int32).contiguous(), int(n_int8),
+            _scale_mode_code(scale_mode), float(int4_clip))
+
+
+def cuda_fake_quant_act(x, perm, block_bits, n_int8: int, scale_mode: str, int4_clip: float = 1.0,
+                        out_dtype: torch.dtype = torch.float16):
+    """Same contract as ``ops._ref_fake_quant_act``: the dequantized activation ``[M, K_pad]`` in
+    ``out_dtype``, half-split K order (csrc/act_quant.cu, FAKE output)."""
+    args = _act_args(x, perm, block_bits, n_int8, scale_mode, int4_clip)
+    if out_dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"out_dtype must be float16, bfloat16 or float32, got {out_dtype}")
+    return torch.ops.cometq_C.fake_quant_act(*args, out_dtype)
 
 
 #: ``COMETQ_CUDA_SPLITK_FIXUP`` -- "1": a split-K CUDA GEMM sums its slabs in the kernel (each tile's
@@ -298,5 +321,10 @@ def _kv4_attn_impl(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, tail
 
 
 ops.register_impl("quantize_act", "cuda", _act_impl)
+#: ``COMETQ_CUDA_FAKE_QUANT=0``: the "cuda" backend offers no ``fake_quant_act`` (the Triton FAKE pass
+#: serves the 16-bit routes; bench/gpu_check.sh sets it when the kernel's GPU test fails)
+CUDA_FAKE_QUANT_ENV = "COMETQ_CUDA_FAKE_QUANT"
+if HAS_FAKE_QUANT and os.environ.get(CUDA_FAKE_QUANT_ENV, "1") != "0":
+    ops.register_impl("fake_quant_act", "cuda", cuda_fake_quant_act)
 ops.register_impl("kv4_decode_attention", "cuda", _kv4_attn_impl)
 ops.register_impl("w4ax_gemm", "cuda", _gemm_impl)

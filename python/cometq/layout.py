@@ -44,6 +44,7 @@ __all__ = [
     "pack_uint4",
     "unpack_uint4",
     "split_activation_rows",
+    "half_split_blocks",
     "weights_block_major",
     "ActivationLayout",
     "check_tensor",
@@ -256,6 +257,25 @@ def split_activation_rows(q4: torch.Tensor, q8: torch.Tensor) -> torch.Tensor:
     if not parts:
         return torch.empty(m, 0, dtype=torch.int8, device=q4.device)
     return torch.cat(parts, dim=1).contiguous()
+
+
+def half_split_blocks(v: torch.Tensor) -> torch.Tensor:
+    """The K order of the 16-bit routes' operands (the dequant and w16 GEMMs,
+    ``cometq.kernels.dequant_gemm``): within every 128-channel block the 64 even channels
+    first, then the 64 odd ones -- the order the packed nibbles give for free (low nibble =
+    even channel), applied alike to both operands of the product, so it changes no dot
+    product::
+
+        out[..., b*128 + j]      = v[..., b*128 + 2j]         j < 64
+        out[..., b*128 + 64 + j] = v[..., b*128 + 2j + 1]
+
+    ``v [..., K_pad]`` (K_pad a multiple of 128) -> a new tensor of the same shape and dtype."""
+    if not isinstance(v, torch.Tensor):
+        raise TypeError(f"v must be a torch.Tensor, got {type(v).__name__}")
+    if v.dim() < 1 or v.shape[-1] % BLOCK_K:
+        raise ValueError(f"v must have a last dim that is a multiple of {BLOCK_K}, got shape {tuple(v.shape)}")
+    lead = v.shape[:-1]
+    return v.reshape(*lead, -1, BLOCK_K // 2, 2).transpose(-1, -2).reshape(v.shape).contiguous()
 
 
 # --------------------------------------------------------------------------

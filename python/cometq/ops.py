@@ -21,6 +21,10 @@ unpacked into plain tensors so the ops are traceable):
 
 * ``quantize_act(x[M,K], perm[K], block_bits[NB], n_int8, scale_mode, int4_clip) -> (q4, q8, scales)``
 * ``w4ax_gemm(q4, q8, a_scales, block_bits, qweight, w_scales, w_offsets?, group_size, bias?, out_dtype, scale_mode) -> y[M,N]``
+* ``fake_quant_act(x[M,K], perm[K], block_bits[NB], n_int8, scale_mode, int4_clip, out_dtype) -> a[M,K_pad]``:
+  the quantized activation dequantized again (``q * scale`` rounded once to ``out_dtype``) in the
+  half-split K order (:func:`cometq.layout.half_split_blocks`) -- the operand of the 16-bit
+  routes (large-M dequant, small-M w16), made in one pass
 
 A backend implementation that cannot run a particular *case* (a feature its
 kernels do not have) raises :class:`BackendUnsupported`; under
@@ -37,7 +41,7 @@ import torch
 
 from . import autotune as _autotune  # measured choice under "auto" (issue #4)
 from . import reference as R
-from .layout import BLOCK_K, SCALE_MODES, ActivationLayout, padded_k
+from .layout import BLOCK_K, SCALE_MODES, ActivationLayout, half_split_blocks, padded_k
 
 __all__ = [
     "BACKENDS",
@@ -45,6 +49,7 @@ __all__ = [
     "registered_backends",
     "resolve_backend",
     "quantize_act",
+    "fake_quant_act",
     "w4ax_gemm",
     "quantize_activation",
     "w4ax_gemm_q",
@@ -167,7 +172,17 @@ def _ref_w4ax_gemm(q4, q8, a_scales, block_bits, qweight, w_scales, w_offsets, g
     return R.w4ax_gemm(qa, qw, bias, out_dtype)
 
 
+def _ref_fake_quant_act(x, perm, block_bits, n_int8: int, scale_mode: str, int4_clip: float, out_dtype: torch.dtype):
+    # the reference quantizer's integers and block scales; the fp32 product rounded once to
+    # out_dtype (what dequantizing the packed blocks gives), in the half-split K order.  The
+    # integers go through int32 as in the packed round trip: rint(-0.3) = -0.0 must come back +0
+    q, _, bscale = R.quantize_activation_blocks(x, ActivationLayout(perm, block_bits, int4_clip), scale_mode)
+    v = q.to(torch.int32).to(torch.float32) * bscale[..., None]
+    return half_split_blocks(v.reshape(x.shape[0], -1)).to(out_dtype)
+
+
 register_impl("quantize_act", "reference", _ref_quantize_act)
+register_impl("fake_quant_act", "reference", _ref_fake_quant_act)
 register_impl("w4ax_gemm", "reference", _ref_w4ax_gemm)
 
 
@@ -208,6 +223,24 @@ def _(x, perm, block_bits, n_int8, scale_mode, int4_clip, backend):
     q8 = x.new_empty((m, n_int8 * BLOCK_K), dtype=torch.int8)
     scales = x.new_empty((m, nb if scale_mode == "block" else 2), dtype=torch.float32)
     return q4, q8, scales
+
+
+@torch.library.custom_op("cometq::fake_quant_act", mutates_args=())
+def _fake_quant_act_op(
+    x: torch.Tensor, perm: torch.Tensor, block_bits: torch.Tensor, n_int8: int, scale_mode: str, int4_clip: float,
+    out_dtype_code: int, backend: str,
+) -> torch.Tensor:
+    _check_quantize_act_args(x, perm, block_bits, n_int8, scale_mode, int4_clip)
+    torch._check(out_dtype_code in _CODE_DTYPES, lambda: f"bad out_dtype code {out_dtype_code}")
+    return _dispatch("fake_quant_act", x.device, backend or None, x, perm, block_bits, n_int8, scale_mode, int4_clip,
+                     _CODE_DTYPES[out_dtype_code])
+
+
+@_fake_quant_act_op.register_fake
+def _(x, perm, block_bits, n_int8, scale_mode, int4_clip, out_dtype_code, backend):
+    nb = _check_quantize_act_args(x, perm, block_bits, n_int8, scale_mode, int4_clip)
+    torch._check(out_dtype_code in _CODE_DTYPES, lambda: f"bad out_dtype code {out_dtype_code}")
+    return x.new_empty((x.shape[0], nb * BLOCK_K), dtype=_CODE_DTYPES[out_dtype_code])
 
 
 def _check_gemm_args(q4, q8, a_scales, block_bits, qweight, w_scales, w_offsets, group_size, bias, out_dtype_code,
@@ -271,6 +304,17 @@ def quantize_act(x, perm, block_bits, n_int8: int, scale_mode: str = "block", ba
                  int4_clip: float = 1.0):
     """Tensor-level activation quantization through ``torch.ops.cometq.quantize_act``."""
     return torch.ops.cometq.quantize_act(x, perm, block_bits, int(n_int8), scale_mode, float(int4_clip), backend or "")
+
+
+def fake_quant_act(x, perm, block_bits, n_int8: int, scale_mode: str = "block", out_dtype: torch.dtype = torch.float16,
+                   backend: Optional[str] = None, int4_clip: float = 1.0):
+    """The 16-bit routes' activation operand through ``torch.ops.cometq.fake_quant_act``:
+    ``[M, K_pad]`` in ``out_dtype`` (fp16 / bf16 / fp32), each block's ``q * scale`` in the
+    half-split K order -- bit for bit the dequantized :func:`quantize_act` (module doc)."""
+    if out_dtype not in _DTYPE_CODES:
+        raise TypeError(f"out_dtype must be one of {tuple(_DTYPE_CODES)}, got {out_dtype}")
+    return torch.ops.cometq.fake_quant_act(x, perm, block_bits, int(n_int8), scale_mode, float(int4_clip),
+                                           _DTYPE_CODES[out_dtype], backend or "")
 
 
 def w4ax_gemm(q4, q8, a_scales, block_bits, qweight, w_scales, group_size: int, bias=None,
@@ -375,26 +419,32 @@ def _linear_split(x, perm, block_bits, n_int8, scale_mode, int4_clip, qweight, w
                      group_size, bias, out_dtype, scale_mode)
 
 
-def _linear_16bit(fn, x, perm, block_bits, n_int8, scale_mode, int4_clip, qweight, w_scales, w_offsets, group_size,
-                  bias, out_dtype):
-    """A 16-bit-operand route (``w4ax_linear_dequant`` / ``w4ax_linear_w16``): the resolved group
-    width (K_pad for per-channel weights) and the weights' block stride (block-major views)."""
+def _linear_16bit(gemm, x, perm, block_bits, n_int8, scale_mode, int4_clip, qweight, w_scales, w_offsets, group_size,
+                  bias, out_dtype, be):
+    """A 16-bit-operand route: the activation operand ``A'`` by ``fake_quant_act`` (whichever
+    backend measures faster for the case, under ``be``), then ``gemm`` (the Triton dequant + cuBLAS
+    or w16 GEMM) with the resolved group width (K_pad for per-channel weights) and the weights'
+    block stride (block-major views)."""
+    from cometq.kernels.dequant_gemm import _operand_dtype
+
+    a = _dispatch("fake_quant_act", x.device, be, x, perm, block_bits, n_int8, scale_mode, int4_clip,
+                  _operand_dtype(out_dtype))
     k_pad = block_bits.shape[0] * BLOCK_K
     group = k_pad if group_size in (None, -1) else int(group_size)
-    return fn(x, perm, block_bits, n_int8, scale_mode, int4_clip, qweight, w_scales, w_offsets, group, bias, out_dtype,
-              stride_wb=qweight.stride(1) if qweight.dim() == 3 else None)
+    return gemm(a, qweight, w_scales, w_offsets, group, bias, out_dtype,
+                stride_wb=qweight.stride(1) if qweight.dim() == 3 else None)
 
 
 def _linear_fused(*args):
-    from cometq.kernels.dequant_gemm import w4ax_linear_dequant
+    from cometq.kernels.dequant_gemm import dequant_weight_gemm
 
-    return _linear_16bit(w4ax_linear_dequant, *args[:-1])  # (args[-1]: the backend, Triton here)
+    return _linear_16bit(dequant_weight_gemm, *args)
 
 
 def _linear_w16(*args):
-    from cometq.kernels.w16_gemm import w4ax_linear_w16
+    from cometq.kernels.w16_gemm import w16_gemm
 
-    return _linear_16bit(w4ax_linear_w16, *args[:-1])
+    return _linear_16bit(w16_gemm, *args)
 
 
 #: rows up to which :func:`w4ax_linear_eager` on CUDA also times the w16 route
@@ -445,6 +495,16 @@ def _key_linear_route(x, perm, block_bits, n_int8, scale_mode, int4_clip, qweigh
 
 
 _autotune.register_key_fn("w4ax_linear_route", _key_linear_route)
+
+
+def _key_fake_quant_act(x, perm, block_bits, n_int8, scale_mode, int4_clip, out_dtype):
+    return (("M", _autotune.bucket_m(x.shape[0])), ("K", int(x.shape[1])),
+            ("x_dtype", str(x.dtype).replace("torch.", "")), ("dtype", str(out_dtype).replace("torch.", "")),
+            ("n_int8", _autotune.bucket_count(n_int8)), ("scale_mode", str(scale_mode)),
+            ("clip", float(int4_clip) != 1.0))
+
+
+_autotune.register_key_fn("fake_quant_act", _key_fake_quant_act)
 
 
 def quantize_activation(x: torch.Tensor, layout: ActivationLayout, scale_mode: str = "block",
