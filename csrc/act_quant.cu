@@ -17,7 +17,7 @@
 // Every division is an IEEE round-to-nearest division (__fdiv_rn: immune to
 // --use_fast_math), rint rounds half to even like torch.round, and max is
 // order-independent, so the result does not depend on the reduction order.
-// (NaN inputs are not part of the contract: fmaxf drops NaN, torch.amax keeps it.)
+// (NaN inputs are not part of the contract: the kernels' max may drop or keep them, torch.amax keeps them.)
 //
 // Work split ("class" scale mode, act_quant_kernel): one CTA per token row, one warp per 128-channel block (up to 32
 // warps; beyond 32 blocks a warp takes every 32nd block); each lane handles 4
@@ -122,6 +122,45 @@ __device__ __forceinline__ void fake_store_lane(const CometqActQuantArgs& p, int
   }
 }
 
+// q[i] = clamp(rint(v[i] / d), -qmax, qmax), the quotient bit for bit __fdiv_rn(v[i], d).
+// Why not __fdiv_rn itself: nvcc emits it per value as MUFU.RCP, two FFMAs refining the
+// reciprocal, three FFMAs for the quotient and its correction, and an FCHK with a branch to a
+// slow path (~13 instructions with the branch bookkeeping); four of them were a third of the rows
+// kernel's ~160 instructions per warp and block (SASS, sm_90a), and at prefill sizes its
+// instructions cost about as much time as its bytes (8192 x 4096: ~45 us at the full issue rate of
+// 528 schedulers vs ~30 us of copy bandwidth; run 7 measured 157 us per call on average).
+// Here the reciprocal is refined once per block (d is the block's scale, the same for the whole
+// warp) and each value costs the three FFMAs of the same fast path:
+//
+//     r0 = rcp.approx(d);  r = fma(r0, fma(-d, r0, 1), r0)              once
+//     y = v * r;  e = fma(-d, y, v);  quotient = fma(r, e, y)           per value
+//
+// That sequence is the correctly rounded quotient whenever no intermediate is subnormal or
+// overflows (what FCHK guards), which the range test on d ensures for every |v / d| >= 2^-2 of a
+// block (|v| >= 2^-62 then); below that the quotient rounds to 0 whatever its last bit.  (A CPU
+// check with exact rational arithmetic: every r0 within 2 ulp of 1/d, 60000 quotients, many
+// within 2^-30 of a half-integer -- all correctly rounded.)  Outside the range (an all-tiny or
+// huge block) the values take __fdiv_rn.  rint + clamp + convert is one F2I.RN and two integer
+// clamps (round half to even, like torch.round).
+__device__ __forceinline__ void quantize4(const float (&v)[4], float d, int qmax, int (&q)[4]) {
+  float y[4];
+  if (d >= 0x1p-60f && d <= 0x1p60f) {
+    float r;
+    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(d));
+    r = __fmaf_rn(r, __fmaf_rn(-d, r, 1.f), r);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float t = __fmul_rn(v[i], r);
+      y[i] = __fmaf_rn(r, __fmaf_rn(-d, t, v[i]), t);
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) y[i] = __fdiv_rn(v[i], d);
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i) q[i] = min(max(__float2int_rn(y[i]), -qmax), qmax);
+}
+
 // Lane `lane`'s 4 channels v of block b (slot `slot` of its class buffer, row m), quantized with
 // scale s and stored: 4 INT8 bytes, or 2 bytes of nibbles (even channel -> low nibble,
 // layout.pack_int4; two's complement) -- or, FAKE, the dequantized values (fake_store_lane).
@@ -130,11 +169,8 @@ __device__ __forceinline__ void fake_store_lane(const CometqActQuantArgs& p, int
 template <bool FAKE>
 __device__ __forceinline__ void quantize_store_lane(const CometqActQuantArgs& p, int m, int b, int slot, bool is8,
                                                     int lane, const float (&v)[4], float s) {
-  const float qmax = is8 ? 127.f : 7.f;
-  const float d = (s == 0.f) ? 1.f : s;
   int q[4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) q[i] = static_cast<int>(fminf(fmaxf(rintf(__fdiv_rn(v[i], d)), -qmax), qmax));
+  quantize4(v, (s == 0.f) ? 1.f : s, is8 ? 127 : 7, q);
   if constexpr (FAKE) {
     fake_store_lane(p, m, b, lane, q, s);
     return;
@@ -152,10 +188,17 @@ __device__ __forceinline__ void quantize_store_lane(const CometqActQuantArgs& p,
   }
 }
 
+// Max over the warp of a non-negative float (absolute values): a non-negative float's bits order
+// like the float, so it is one integer max reduction (REDUX, sm_80+) instead of five shuffle + max
+// rounds.  (Every caller passes fabsf values or maxima of them; NaN is not part of the contract.)
 __device__ __forceinline__ float warp_max(float a) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  return __uint_as_float(__reduce_max_sync(0xFFFFFFFFu, __float_as_uint(a)));
+#else
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) a = fmaxf(a, __shfl_xor_sync(0xFFFFFFFFu, a, off));
   return a;
+#endif
 }
 
 template <typename T, bool FAKE>
@@ -259,13 +302,14 @@ constexpr int kActRowsMinM = 256;
 constexpr int kActRowsMaxK = 32767;
 
 // Shared memory of the rows kernel: | is8 / info table [2 x nb] int | perm16 [nb x 128] | x row buffers |
-// (each buffer K elements rounded up to 16 bytes, 16-byte aligned).
+// (each buffer K + 1 elements rounded up to 16 bytes, 16-byte aligned; element K is a zero that
+// the padding channels j >= K of the last block gather: no per-value bounds test).
 __host__ __device__ inline size_t rows_x_offset(int nb) {
   return (2 * sizeof(int) * nb + sizeof(uint16_t) * nb * kBlockK + 15) & ~size_t(15);
 }
 template <typename T>
 __host__ __device__ inline int rows_x_stride(int K) {  // elements per row buffer
-  return static_cast<int>(((static_cast<size_t>(K) * sizeof(T) + 15) & ~size_t(15)) / sizeof(T));
+  return static_cast<int>(((static_cast<size_t>(K + 1) * sizeof(T) + 15) & ~size_t(15)) / sizeof(T));
 }
 
 // Row loading modes of the rows kernel (chosen at launch):
@@ -292,10 +336,13 @@ __global__ void __launch_bounds__(32 * kActRowsWarps) act_quant_rows_kernel(cons
   build_block_table(p.block_bits, nb, p.n4, p.n8, s_is8, s_info);  // (ends with a barrier)
   for (int j = threadIdx.x; j < nb * kBlockK; j += blockDim.x) {
     // clamped: an index outside the row (never made by ActivationLayout) stays inside shared memory;
-    // the padding channels j >= K read x[0] and are masked to 0 below
+    // the padding channels j >= K read the zero at element K
     const int64_t c = j < K ? p.perm[j] : 0;
-    s_perm[j] = static_cast<uint16_t>(c < 0 ? 0 : (c >= K ? K - 1 : c));
+    s_perm[j] = static_cast<uint16_t>(j >= K ? K : (c < 0 ? 0 : (c >= K ? K - 1 : c)));
   }
+  // element K of each buffer: zero, and never written by a row copy (the register copy stops at
+  // K - 1; a cp.async chunk that covers it zero-fills everything past the row's bytes)
+  if (threadIdx.x < (mode == kRowsAsync2 ? 2 : 1)) s_x0[threadIdx.x * x_stride + K] = T(0.f);
   __syncthreads();
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -338,7 +385,7 @@ __global__ void __launch_bounds__(32 * kActRowsWarps) act_quant_rows_kernel(cons
                           static_cast<int>(pp.y & 0xFFFFu), static_cast<int>(pp.y >> 16)};
       float v[4];
 #pragma unroll
-      for (int i = 0; i < 4; ++i) v[i] = (b * kBlockK + lane * 4 + i < K) ? to_float(s_x[idx[i]]) : 0.f;
+      for (int i = 0; i < 4; ++i) v[i] = to_float(s_x[idx[i]]);  // (padding channels: the zero at K)
       const int info = s_info[b];
       const bool is8 = (info & kInfoInt8) != 0;
       const float a = warp_max(fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3]))));

@@ -631,6 +631,58 @@ def test_emulated_act_quant_is_bit_identical(bits, scale_mode):
     assert torch.equal(torch.from_numpy(sc), ref.scales)
 
 
+def _f32(x):
+    """A Fraction rounded to the nearest float32 (ties to even; subnormals), as a Fraction."""
+    from fractions import Fraction as F
+
+    if x == 0:
+        return F(0)
+    a = abs(x)
+    e = a.numerator.bit_length() - a.denominator.bit_length()
+    while F(2) ** e > a:
+        e -= 1
+    while F(2) ** (e + 1) <= a:
+        e += 1
+    ulp = F(2) ** (max(e, -126) - 23)
+    m = a / ulp
+    fl = m.numerator // m.denominator
+    if m - fl > F(1, 2) or (m - fl == F(1, 2) and fl % 2):
+        fl += 1
+    return (1 if x > 0 else -1) * fl * ulp
+
+
+def test_act_quant_division_fast_path_is_correctly_rounded():
+    """csrc/act_quant.cu quantize4: the quotient v / d as the division's fast path with the
+    reciprocal refined once per block (r = fma(r0, fma(-d, r0, 1), r0); y = v * r;
+    q = fma(r, fma(-d, y, v), y)) must be the correctly rounded quotient -- the bits __fdiv_rn
+    (and the reference's IEEE division) give -- for any r0 within the 1-ulp error bound of
+    rcp.approx, for block scales in the kernel's fast range [2^-60, 2^60].  Exact rational
+    arithmetic, half the quotients within 2^-30 .. 2^-10 of a half-integer (where a last-bit
+    error would change the rounded integer)."""
+    import random
+    import struct
+    from fractions import Fraction as F
+
+    def step(x, k):  # the float32 k ulps from x (x > 0)
+        return F(struct.unpack("<f", struct.pack("<I", struct.unpack("<I", struct.pack("<f", float(x)))[0] + k))[0])
+
+    rng = random.Random(20261127)
+    for _ in range(800):
+        qmax = rng.choice([7, 127])
+        d = _f32(F(rng.uniform(0.5, 2.0)) * F(2) ** rng.randint(-60, 59))
+        if rng.random() < 0.5:
+            target = rng.randint(-qmax, qmax) + 0.5 + rng.choice([-1, 1]) * rng.random() * 2.0 ** -rng.randint(10, 30)
+        else:
+            target = rng.uniform(-qmax, qmax)
+        v = _f32(F(target) * d)
+        exact = _f32(v / d)
+        for k in (-1, 0, 1):
+            r0 = step(_f32(1 / d), k)
+            r = _f32(r0 * _f32(1 - d * r0) + r0)
+            y = _f32(v * r)
+            assert _f32(r * _f32(v - d * y) + y) == exact, (float(v), float(d), k)
+
+
 @pytest.mark.parametrize("bits", [(4, 4, 4, 4, 4), (8, 4, 8, 4, 4)])
 @pytest.mark.parametrize("scale_mode", ["block", "class"])
 def test_emulated_fake_act_quant_is_the_reference(bits, scale_mode):
