@@ -600,11 +600,13 @@ def bench_act_quant(args, rows, errors, dev, budget=None, flush=lambda: None):
                     if cuda_aq is not None:
                         _try(row, "aq_cuda", lambda: cuda_aq(x, perm, lay.block_bits, lay.n_int8, "block"), args, None,
                              nbytes)
-                        # the rows kernel (M >= 256) with its pre-cp.async row loader, same run: what the
-                        # double-buffered loader changed
-                        with _env("COMETQ_ACT_QUANT_ROWS_LOAD", "sync"):
-                            _try(row, "aq_cuda_sync", lambda: cuda_aq(x, perm, lay.block_bits, lay.n_int8, "block"),
-                                 args, None, nbytes)
+                        # the rows kernel's (M >= 256) three row loaders side by side, same run (the
+                        # default picks async2 or async1 by resident CTAs: csrc/act_quant.cu)
+                        for load in ("sync", "async1", "async2"):
+                            with _env("COMETQ_ACT_QUANT_ROWS_LOAD", load):
+                                _try(row, f"aq_cuda_{load}",
+                                     lambda: cuda_aq(x, perm, lay.block_bits, lay.n_int8, "block"), args, None,
+                                     nbytes)
                     if cuda_fq is not None:
                         _try(row, "aq_cuda_fake", lambda: cuda_fq(x, perm, lay.block_bits, lay.n_int8, "block"), args,
                              None, 2 * m * k + 2 * m * lay.n_blocks * 128)
@@ -704,11 +706,12 @@ def markdown(rows, backends):
     if aq:
         out.append("")
         cols = ("copy", "aq_block", "aq_class", "aq_block_identity", "aq_block_rows", "aq_block_blocks", "aq_fake",
-                "aq_cuda", "aq_cuda_sync", "aq_cuda_fake")
+                "aq_cuda", "aq_cuda_sync", "aq_cuda_async1", "aq_cuda_async2", "aq_cuda_fake")
         out.append("| K | M | INT8 share | copy GB/s | block GB/s | class GB/s | block (identity perm) GB/s "
                    "| block, by rows GB/s | block, per-block grid GB/s | FAKE (x -> 16-bit A') GB/s | CUDA GB/s "
-                   "| CUDA, sync row loads GB/s | CUDA FAKE GB/s |")
-        out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+                   "| CUDA rows, sync loads GB/s | CUDA rows, 1 cp.async buffer GB/s | CUDA rows, 2 buffers GB/s "
+                   "| CUDA FAKE GB/s |")
+        out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in aq:
             out.append(f"| {r['K']} | {r['M']} | {100 * r['share']:.1f}% | "
                        + " | ".join(str(r.get(c + "_gbps", "–")) for c in cols) + " |")

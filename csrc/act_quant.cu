@@ -407,10 +407,13 @@ static int act_rows_mode() {
   return -1;
 }
 
-// COMETQ_ACT_QUANT_ROWS_LOAD: the rows kernel's row loading ("sync", "async1"; unset or anything
-// else: "async2" where the rows are 16-byte aligned and two buffers fit, else the next one down)
-static int act_rows_load_cap() {
+// COMETQ_ACT_QUANT_ROWS_LOAD: the rows kernel's row loading -- "sync", "async1", "async2" (forced
+// where the rows are 16-byte aligned and two buffers fit); unset or anything else: "async2" where
+// it also keeps enough CTAs resident (launch_act_quant_rows), else the next one down
+static int act_rows_load_cap(bool& forced) {
   const char* v = std::getenv("COMETQ_ACT_QUANT_ROWS_LOAD");
+  forced = v != nullptr &&
+           (std::strcmp(v, "sync") == 0 || std::strcmp(v, "async1") == 0 || std::strcmp(v, "async2") == 0);
   if (v != nullptr && std::strcmp(v, "sync") == 0) return kRowsSync;
   if (v != nullptr && std::strcmp(v, "async1") == 0) return kRowsAsync1;
   return kRowsAsync2;
@@ -429,16 +432,33 @@ static cudaError_t launch_act_quant_rows(const CometqActQuantArgs& a, cudaStream
   // cp.async reads 16-byte aligned chunks: the row starts must be (the base and the row stride)
   const bool aligned = (reinterpret_cast<uintptr_t>(a.x) & 15) == 0 &&
                        (a.M == 1 || (a.ld_x * static_cast<int64_t>(sizeof(T))) % 16 == 0);
-  int mode = aligned ? act_rows_load_cap() : kRowsSync;
+  bool forced = false;
+  int mode = aligned ? act_rows_load_cap(forced) : kRowsSync;
   if (mode == kRowsAsync2 && base + 2 * buf > static_cast<size_t>(smem_max)) mode = kRowsAsync1;
-  const size_t smem = base + (mode == kRowsAsync2 ? 2 : 1) * buf;
-  if (smem > static_cast<size_t>(smem_max)) return cudaErrorNotSupported;  // (the caller runs the block kernel)
-  if (smem > 48 * 1024) {
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (base + buf > static_cast<size_t>(smem_max)) return cudaErrorNotSupported;  // (the caller runs the block kernel)
+  // (the attribute allows the largest size this launch may take, so both occupancies below are real)
+  const size_t smem_cap = base + (mode == kRowsAsync2 ? 2 : 1) * buf;
+  if (smem_cap > 48 * 1024) {
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_cap));
     if (err != cudaSuccess) return err;
   }
-  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, 32 * kActRowsWarps, smem);
+  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, 32 * kActRowsWarps, smem_cap);
   if (err != cudaSuccess) return err;
+  if (mode == kRowsAsync2 && !forced) {
+    // The second buffer costs resident CTAs where rows are long (fp16, K = 14336: 2 CTAs per SM
+    // instead of 3), and the kernel is issue-bound as much as copy-bound: keep it only where at
+    // least min(4, the one-buffer count) CTAs still fit; else one buffer (whose copies the
+    // other resident CTAs' quantization overlaps).  A guess to settle on the GPU (bench_gemm
+    // --what act_quant times the loaders side by side).
+    int per_sm1 = 1;
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm1, kernel, 32 * kActRowsWarps, base + buf);
+    if (err != cudaSuccess) return err;
+    if (per_sm < std::min(4, per_sm1)) {
+      mode = kRowsAsync1;
+      per_sm = per_sm1;
+    }
+  }
+  const size_t smem = base + (mode == kRowsAsync2 ? 2 : 1) * buf;
   // persistent over rows: the permutation is staged once per CTA, not once per row
   const int grid = std::max(1, std::min(a.M, sms * std::max(1, per_sm)));
   kernel<<<grid, 32 * kActRowsWarps, smem, stream>>>(a, mode);
