@@ -176,12 +176,13 @@ def block_table_warp(block_bits, n4, n8):
 
 def block_slot_warp(block_bits, b, n4, n8):
     """csrc/act_quant.cu block_slot as written: one warp finds block b's own slot, counting the
-    INT8 blocks before b with one ballot per 32-block chunk up to b's."""
-    nb = len(block_bits)
+    INT8 blocks before b: rounds of 8 chunks x 32 lanes (loads of blocks >= b read as 0), one
+    ballot per chunk."""
     n8_before = 0
-    for c in range(0, b + 1, 32):
-        ballot = [c + lane < b and int(block_bits[c + lane]) == 8 for lane in range(32) if c + lane < nb]
-        n8_before += sum(ballot)
+    for c0 in range(0, b, 256):
+        bits = [[int(block_bits[c0 + 32 * i + lane]) if c0 + 32 * i + lane < b else 0 for lane in range(32)]
+                for i in range(8)]
+        n8_before += sum(sum(x == 8 for x in chunk) for chunk in bits)
     is8 = int(block_bits[b]) == 8
     slot = n8_before if is8 else b - n8_before
     return slot, is8, slot < (n8 if is8 else n4)
