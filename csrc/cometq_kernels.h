@@ -98,6 +98,11 @@ int cometq_resolve_mma_path(int requested, int cc_major);
 // (keeping at least 4 K blocks per split).
 int cometq_gemm_choose_split(int M, int N, int n_blocks, int sm_count, int requested);
 
+// Whether every per-row offset the GEMM forms fits 32 bits: M * ld_q4, M * ld_q8, M * ld_as,
+// N * ld_w, N * ld_ws, N * ld_wo <= INT32_MAX (bytes, or elements for the fp32 scales).
+// cometq_w4ax_gemm refuses (cudaErrorInvalidValue) a launch that does not.
+int cometq_gemm_offsets_fit(const CometqGemmArgs* args);
+
 // Output tiles of the launch for M x N (tile: COMETQ_TILE_*): the size tile_counters needs.
 int64_t cometq_gemm_num_tiles(int M, int N, int tile);
 

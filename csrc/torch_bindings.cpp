@@ -322,6 +322,9 @@ at::Tensor w4ax_gemm_cuda(const at::Tensor& q4, const at::Tensor& q8, const at::
   a.split_k = split;
   a.mma_path = path;
   a.tile = static_cast<int>(tile);
+  TORCH_CHECK(cometq_gemm_offsets_fit(&a), op, ": operands too large for the kernel's 32-bit row offsets (q4 ",
+              q4.sizes(), ", q8 ", q8.sizes(), ", a_scales ", a_scales.sizes(), ", qweight ", qweight.sizes(),
+              ", w_scales ", w_scales.sizes(), "): each must span < 2^31 bytes (scales: elements)");
   check_cuda_error(cometq_w4ax_gemm(&a, c10::cuda::getCurrentCUDAStream()), op);
   return out;
 }

@@ -188,63 +188,77 @@ __device__ __forceinline__ void split_range(const int* s_info, int nb, int z, in
 __host__ __device__ constexpr int cdiv_c(int a, int b) { return (a + b - 1) / b; }
 
 // ---------------------------------------------------------------------------
-// Stage loader: K block b -> shared stage (A tile + B tile), all cp.async.
-// The chunk loops run a compile-time trip count (chunk c = threadIdx.x + i * THREADS, the
-// same chunks in the same order as a `c += THREADS` loop): written as `for (c = threadIdx.x;
-// c < N; c += THREADS)` the compiler cannot bound the trip count (it does not know
-// threadIdx.x < THREADS) and kept a real loop with its address math per chunk -- ~60 SASS
-// instructions per 16-byte copy, ~370 per K block on the 64x64 tile (sm_90a), more than the
-// block's MMAs and unpacking together.
-// Rows past M / columns past N are zero-filled without a global read (the
-// source address is clamped to row M-1 / column N-1 so it stays valid); their
-// results are never stored.
+// Stage loader: K block b -> shared stage (A tile + B tile + the block's scales), all cp.async.
+//
+// Thread tid copies chunks c = tid + i * THREADS (i = 0, 1, ...: compile-time trip counts) of
+//     INT4 A rows / weight rows: row c / 4, 16-byte column c % 4   (64 bytes per row)
+//     INT8 A rows:               row c / 8, 16-byte column c % 8   (128 bytes per row, swizzled)
+// so chunk i's row is chunk 0's + i * THREADS / 4 (/ 8) and its column is chunk 0's.  The address
+// of a chunk is the block's base (q4 / q8 slot, weight block: uniform across the CTA, 64-bit) plus
+// a 32-bit row offset -- row * row stride + column, with the row clamped to the last one.  Why
+// 32-bit: with 64-bit row products, clamps and sign extensions per chunk, the sm_90a SASS spent
+// ~180 instructions per warp and K block on issuing its 4-8 copies, more than the block's 40 MMAs
+// and their operand conversion together (the 64 x 64 asymmetric tile: ~630 per block in all);
+// now ~147 (static counts, INT4-block path).  (The first version looped with `c += THREADS`, ~60 instructions per copy; then compile-time trip
+// counts; keeping the offsets in registers across the K loop instead made ptxas spill the
+// 128-register tiles.)  Every row offset is below its tensor's extent, which cometq_w4ax_gemm
+// checks against INT32_MAX (cometq_gemm_offsets_fit).
+// Rows past M / columns past N are zero-filled without a global read (the source is the clamped
+// row, a valid address); their results are never stored.
 // ---------------------------------------------------------------------------
+// One 16-byte chunk of rows [0, limit) (row `row`, byte column `col`, row stride `ld` bytes) from
+// base + row * ld + col into dst; a row >= limit is zero-filled from the clamped row's address.
+__device__ __forceinline__ void copy_row_chunk(void* dst, const void* base, int row, int limit, int ld, int col) {
+  const bool ok = row < limit;
+  const unsigned off = static_cast<unsigned>((ok ? row : limit - 1) * ld + col);
+  cp_async16_zfill(dst, static_cast<const uint8_t*>(base) + off, ok);
+}
+
+// The calling thread's chunks of a ROWS x (CPR x 16 bytes) tile: chunk i is row row0 + i * THREADS / CPR
+// (shared-memory destination dst + i * THREADS / CPR * DST_ROW), while chunk number
+// threadIdx.x + i * THREADS < ROWS * CPR.
+template <int ROWS, int CPR, int DST_ROW, int THREADS>
+__device__ __forceinline__ void copy_rows(uint8_t* dst, const void* base, int row0, int limit, int ld, int col) {
+  static_assert(THREADS % CPR == 0, "a thread's chunks must share their column");
+#pragma unroll
+  for (int i = 0; i < cdiv_c(ROWS * CPR, THREADS); ++i) {
+    if ((ROWS * CPR) % THREADS != 0 && static_cast<int>(threadIdx.x) + i * THREADS >= ROWS * CPR) break;
+    copy_row_chunk(dst + i * (THREADS / CPR) * DST_ROW, base, row0 + i * (THREADS / CPR), limit, ld, col);
+  }
+}
+
 template <class Cfg, bool HAS_OFF>
 __device__ __forceinline__ void load_stage(const CometqGemmArgs& p, const int* s_info, uint8_t* stage, int b,
                                            int m0, int n0, int gpb_log2) {
+  static_assert((Cfg::THREADS / 8) % 2 == 0, "the INT8 swizzle (row parity) must be the same for a thread's chunks");
+  static_assert(Cfg::THREADS % Cfg::BN == 0, "a thread's weight-scale column must be the same for every group");
+  static_assert(Cfg::BM <= Cfg::THREADS, "one activation scale per thread");
+  const int tid = threadIdx.x;
   uint8_t* sA = stage;
   uint8_t* sB = stage + Cfg::A_BYTES;
   const int info = s_info[b];
   const int slot = info & kInfoSlotMask;
+  const int r4 = tid >> 2, c4 = tid & 3;
   if (info & kInfoValid) {
     if (info & kInfoInt8) {
       // BM rows x 8 chunks of 16 bytes; chunk ch of row r -> swizzled chunk ch ^ ((r & 1) << 2)
-#pragma unroll
-      for (int i = 0; i < cdiv_c(Cfg::BM * 8, Cfg::THREADS); ++i) {
-        const int c = threadIdx.x + i * Cfg::THREADS;
-        if ((Cfg::BM * 8) % Cfg::THREADS != 0 && c >= Cfg::BM * 8) break;
-        const int r = c >> 3, ch = c & 7;
-        const int gm = min(m0 + r, p.M - 1);
-        const int8_t* src = p.q8 + static_cast<int64_t>(gm) * p.ld_q8 + static_cast<int64_t>(slot) * kBlockK + ch * 16;
-        cp_async16_zfill(sA + r * kRow8 + ((ch ^ ((r & 1) << 2)) << 4), src, m0 + r < p.M);
-      }
+      const int r8 = tid >> 3, c8 = tid & 7;
+      copy_rows<Cfg::BM, 8, kRow8, Cfg::THREADS>(sA + r8 * kRow8 + ((c8 ^ ((r8 & 1) << 2)) << 4),
+                                                 p.q8 + static_cast<int64_t>(slot) * kBlockK, m0 + r8, p.M,
+                                                 static_cast<int>(p.ld_q8), c8 * 16);
     } else {
       // BM rows x 4 chunks of 16 bytes (64 bytes = 128 nibbles), row stride kRow4
-#pragma unroll
-      for (int i = 0; i < cdiv_c(Cfg::BM * 4, Cfg::THREADS); ++i) {
-        const int c = threadIdx.x + i * Cfg::THREADS;
-        if ((Cfg::BM * 4) % Cfg::THREADS != 0 && c >= Cfg::BM * 4) break;
-        const int r = c >> 2, ch = c & 3;
-        const int gm = min(m0 + r, p.M - 1);
-        const uint8_t* src =
-            p.q4 + static_cast<int64_t>(gm) * p.ld_q4 + static_cast<int64_t>(slot) * (kBlockK / 2) + ch * 16;
-        cp_async16_zfill(sA + r * kRow4 + ch * 16, src, m0 + r < p.M);
-      }
+      copy_rows<Cfg::BM, 4, kRow4, Cfg::THREADS>(sA + r4 * kRow4 + c4 * 16,
+                                                 p.q4 + static_cast<int64_t>(slot) * (kBlockK / 2), m0 + r4, p.M,
+                                                 static_cast<int>(p.ld_q4), c4 * 16);
     }
   }
   // weights: BN rows x 4 chunks of 16 bytes: qweight[n, b*64 : b*64+64] (row-major: rows ld_w apart,
   // blocks 64 bytes apart; block-major storage: ld_w = 64, blocks ld_wb = N*64 apart, so a tile's
   // block is one contiguous BN x 64-byte run)
-  const int64_t wb = p.ld_wb ? p.ld_wb : kBlockK / 2;
-#pragma unroll
-  for (int i = 0; i < cdiv_c(Cfg::BN * 4, Cfg::THREADS); ++i) {
-    const int c = threadIdx.x + i * Cfg::THREADS;
-    if ((Cfg::BN * 4) % Cfg::THREADS != 0 && c >= Cfg::BN * 4) break;
-    const int r = c >> 2, ch = c & 3;
-    const int gn = min(n0 + r, p.N - 1);
-    const uint8_t* src = p.qweight + static_cast<int64_t>(gn) * p.ld_w + static_cast<int64_t>(b) * wb + ch * 16;
-    cp_async16_zfill(sB + r * kRow4 + ch * 16, src, n0 + r < p.N);
-  }
+  copy_rows<Cfg::BN, 4, kRow4, Cfg::THREADS>(sB + r4 * kRow4 + c4 * 16,
+                                             p.qweight + static_cast<int64_t>(b) * (p.ld_wb ? p.ld_wb : kBlockK / 2),
+                                             n0 + r4, p.N, static_cast<int>(p.ld_w), c4 * 16);
   // The block's scales into the stage's scale area, in the same commit group as its tiles (so
   // they land STAGES-1 blocks ahead of the flush that reads them):
   //     sS[r]                             a_scale[m0 + r, a_col]           r < BM
@@ -260,28 +274,26 @@ __device__ __forceinline__ void load_stage(const CometqGemmArgs& p, const int* s
   // ~100 address instructions per block, of ~1340 per block in all).
   float* sS = reinterpret_cast<float*>(stage + Cfg::TILE_BYTES);
   const int a_col = (p.scale_mode == COMETQ_SCALE_BLOCK) ? b : ((info & kInfoInt8) ? 1 : 0);
-#pragma unroll
-  for (int i = 0; i < cdiv_c(Cfg::BM, Cfg::THREADS); ++i) {
-    const int r = threadIdx.x + i * Cfg::THREADS;
-    if (Cfg::BM % Cfg::THREADS != 0 && r >= Cfg::BM) break;
-    const int gm = min(m0 + r, p.M - 1);
-    cp_async4(sS + r, p.a_scales + static_cast<int64_t>(gm) * p.ld_as + a_col);
-  }
+  if (Cfg::BM == Cfg::THREADS || tid < Cfg::BM)
+    cp_async4(sS + tid, p.a_scales + static_cast<unsigned>(min(m0 + tid, p.M - 1) * static_cast<int>(p.ld_as) + a_col));
   const int grp0 = gpb_log2 > 0 ? (b << gpb_log2)
                                 : ((p.group & (p.group - 1)) == 0 ? (b * kBlockK) >> (__ffs(p.group) - 1)
                                                                   : (b * kBlockK) / p.group);
   const int n_w = Cfg::BN << gpb_log2;
   float* sW = sS + Cfg::BM;
+  const int wr = min(n0 + tid % Cfg::BN, p.N - 1);
+  const float* ws_row = p.w_scales + static_cast<unsigned>(wr * static_cast<int>(p.ld_ws) + grp0);
+  const float* wo_row = HAS_OFF ? p.w_offsets + static_cast<unsigned>(wr * static_cast<int>(p.ld_wo) + grp0) : nullptr;
   // (kept rolled: unrolled for the 8-groups worst case it cost the sm_80 asymmetric tiles 24 B of
-  // spills; one or two trips for G >= 128)
+  // spills; one or two trips for G >= 128).  c = tid + i * THREADS: column c % BN = tid % BN (the
+  // thread's ws_row), group c / BN
 #pragma unroll 1
   for (int i = 0; i < cdiv_c(Cfg::BN * 8, Cfg::THREADS); ++i) {  // (GPB <= 8: G >= 16)
-    const int c = threadIdx.x + i * Cfg::THREADS;
+    const int c = tid + i * Cfg::THREADS;
     if (c >= n_w) break;
-    const int gi = c / Cfg::BN, r = c % Cfg::BN;  // (BN a power of two: a shift and a mask)
-    const int64_t gn = min(n0 + r, p.N - 1);
-    cp_async4(sW + c, p.w_scales + gn * p.ld_ws + grp0 + gi);
-    if (HAS_OFF) cp_async4(sW + n_w + c, p.w_offsets + gn * p.ld_wo + grp0 + gi);
+    const int gi = c / Cfg::BN;  // (BN a power of two: a shift)
+    cp_async4(sW + c, ws_row + gi);
+    if (HAS_OFF) cp_async4(sW + n_w + c, wo_row + gi);
   }
 }
 
@@ -712,6 +724,17 @@ extern "C" int64_t cometq_gemm_num_tiles(int M, int N, int tile) {
   return static_cast<int64_t>((N + bn - 1) / bn) * ((M + bm - 1) / bm);
 }
 
+extern "C" int cometq_gemm_offsets_fit(const CometqGemmArgs* args) {
+  // load_stage addresses a row of q4 / q8 / qweight / a_scales / w_scales / w_offsets by a 32-bit
+  // offset (row * row stride + column) from the block's 64-bit base: each tensor's extent over its
+  // rows must stay below INT32_MAX bytes (elements for the fp32 scales)
+  const CometqGemmArgs& a = *args;
+  const int64_t lim = INT32_MAX;
+  const int64_t M = a.M, N = a.N;
+  return M * a.ld_q4 <= lim && M * a.ld_q8 <= lim && M * a.ld_as <= lim && N * a.ld_w <= lim &&
+         N * a.ld_ws <= lim && N * a.ld_wo <= lim;
+}
+
 extern "C" cudaError_t cometq_w4ax_gemm(const CometqGemmArgs* args, cudaStream_t stream) {
   if (args == nullptr) return cudaErrorInvalidValue;
   const CometqGemmArgs& a = *args;
@@ -729,6 +752,7 @@ extern "C" cudaError_t cometq_w4ax_gemm(const CometqGemmArgs* args, cudaStream_t
       a.block_bits == nullptr || (a.n4 > 0 && a.q4 == nullptr) || (a.n8 > 0 && a.q8 == nullptr)) {
     return cudaErrorInvalidValue;
   }
+  if (!cometq_gemm_offsets_fit(&a)) return cudaErrorInvalidValue;  // (32-bit row offsets: load_stage)
   cudaError_t err;
   const bool fixup = cometq::uses_fixup(a);
   if (a.mma_path == COMETQ_MMA_S4) {

@@ -175,3 +175,17 @@ def test_kv4_attention_inputs():
     CC.check_kv4_attention_inputs(**dict(a, seq_ids=torch.zeros(3, dtype=torch.int32)[1:]))
     with pytest.raises(ValueError, match=r"q data must be 16-byte aligned, got an offset view \(shape \(2, 8, 128\)\)"):
         CC.check_kv4_attention_inputs(**dict(a, q=torch.randn(2 * 8 * 128 + 2).half()[2:].view(2, 8, 128)))
+
+
+def test_gemm_operands_beyond_32_bit_row_offsets_are_refused():
+    """The CUDA GEMM forms row offsets in 32 bits (csrc/w4ax_gemm.cu load_stage): operands spanning
+    2^31 bytes or more over their rows are refused by name (expanded views: no memory), and the
+    ops-level CUDA backend reports them as unsupported so ``auto`` runs the Triton GEMM."""
+    a = _gemm_args()
+    assert CC.gemm_extent_problem(a["q4"], a["q8"], a["a_scales"], a["qweight"], a["w_scales"]) is None
+    m = 1 << 23  # 8M tokens x 384 INT8 bytes (3 blocks) = 3 GiB
+    big = dict(a, q4=a["q4"][:1].expand(m, -1), q8=a["q8"][:1].expand(m, -1), a_scales=a["a_scales"][:1].expand(m, -1))
+    why = CC.gemm_extent_problem(big["q4"], big["q8"], big["a_scales"], big["qweight"], big["w_scales"])
+    assert why is not None and "'q8': 3221225472" in why and "32-bit row offsets" in why
+    with pytest.raises(ValueError, match=r"too large for the CUDA GEMM's 32-bit row offsets: \{'q8'"):
+        CC.check_w4ax_gemm_inputs(**big)

@@ -263,27 +263,41 @@ def emulate_gemm(q4, q8, a_scales, block_bits, qweight, w_scales, group, scale_m
                         slot, is8, valid = info[b]
                         if not valid:
                             continue
-                        # ---- load_stage
+                        # ---- load_stage: thread tid copies chunks i = 0, 1, ... of rows tid/4 + i*THREADS/4
+                        # (INT8: tid/8 + i*THREADS/8), 16-byte column tid%4 (tid%8): copy_row_chunk's
+                        # clamped 32-bit row offset from the block's base, zero-filled past the edge
                         sA = np.zeros(BM * ROW8, np.uint8)
                         sB = np.zeros(BN * ROW4, np.uint8)
-                        if is8:
-                            for c in range(BM * 8):
-                                r, ch = c >> 3, c & 7
-                                gm = min(m0 + r, M - 1)
-                                src = q8b[gm, slot * 128 + ch * 16: slot * 128 + ch * 16 + 16]
-                                dst = r * ROW8 + ((ch ^ ((r & 1) << 2)) << 4)
-                                sA[dst:dst + 16] = src if m0 + r < M else 0  # cp_async16_zfill
-                        else:
-                            for c in range(BM * 4):
-                                r, ch = c >> 2, c & 3
-                                gm = min(m0 + r, M - 1)
-                                src = q4b[gm, slot * 64 + ch * 16: slot * 64 + ch * 16 + 16]
-                                sA[r * ROW4 + ch * 16: r * ROW4 + ch * 16 + 16] = src if m0 + r < M else 0
-                        for c in range(BN * 4):
-                            r, ch = c >> 2, c & 3
-                            gn = min(n0 + r, N - 1)
-                            src = wb[gn, b * 64 + ch * 16: b * 64 + ch * 16 + 16]
-                            sB[r * ROW4 + ch * 16: r * ROW4 + ch * 16 + 16] = src if n0 + r < N else 0
+                        threads = 32 * WARPS_M * WARPS_N
+
+                        def copy_row_chunk(dst, dst_off, base_flat, row, limit, ld, col):
+                            ok = row < limit
+                            off = (row if ok else limit - 1) * ld + col
+                            dst[dst_off:dst_off + 16] = base_flat[off:off + 16] if ok else 0
+
+                        for tid in range(threads):
+                            r4, c4, r8, c8 = tid >> 2, tid & 3, tid >> 3, tid & 7
+                            if is8:
+                                for i in range(-(-(BM * 8) // threads)):
+                                    if tid + i * threads >= BM * 8:
+                                        break
+                                    r = r8 + i * (threads // 8)
+                                    dst = r * ROW8 + ((c8 ^ ((r8 & 1) << 2)) << 4)  # (r & 1 == r8 & 1)
+                                    copy_row_chunk(sA, dst, q8b.reshape(-1)[slot * 128:], m0 + r, M, q8b.shape[1],
+                                                   c8 * 16)
+                            else:
+                                for i in range(-(-(BM * 4) // threads)):
+                                    if tid + i * threads >= BM * 4:
+                                        break
+                                    r = r4 + i * (threads // 4)
+                                    copy_row_chunk(sA, r * ROW4 + c4 * 16, q4b.reshape(-1)[slot * 64:], m0 + r, M,
+                                                   q4b.shape[1], c4 * 16)
+                            for i in range(-(-(BN * 4) // threads)):
+                                if tid + i * threads >= BN * 4:
+                                    break
+                                r = r4 + i * (threads // 4)
+                                copy_row_chunk(sB, r * ROW4 + c4 * 16, wb.reshape(-1)[b * 64:], n0 + r, N, wb.shape[1],
+                                               c4 * 16)
                         # the stage's scale area: [a_scale BM | w_scale GPB x BN | w_offset GPB x BN]
                         n_w = BN << gpb_log2
                         sS = np.full(BM + 2 * n_w, np.nan, np.float32)  # (NaN: a slot never written shows)

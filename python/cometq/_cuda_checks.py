@@ -138,6 +138,25 @@ def check_w4ax_gemm_inputs(q4, q8, a_scales, block_bits, qweight, w_scales, w_of
         raise ValueError(f"split_k must be >= 0 (0 = auto), got {split_k}")
     if m > _INT_MAX or n > _INT_MAX or nb > (1 << 20):
         raise ValueError(f"problem too large (M={m}, N={n}, blocks={nb})")
+    why = gemm_extent_problem(q4, q8, a_scales, qweight, w_scales)
+    if why is not None:
+        raise ValueError(why)
+
+
+def gemm_extent_problem(q4, q8, a_scales, qweight, w_scales):
+    """Why the CUDA GEMM cannot address these operands, or None: it forms each row's offset in 32
+    bits (csrc/w4ax_gemm.cu load_stage; cometq_gemm_offsets_fit), so every operand must span fewer
+    than 2^31 bytes over its rows (the fp32 scales: elements)."""
+    m, n = a_scales.shape[0], qweight.shape[0]
+    ld_w = qweight.shape[1] if qweight.dim() == 2 else BLOCK_K // 2  # (block-major: 64-byte rows per block)
+    extents = {"q4": m * q4.shape[1], "q8": m * q8.shape[1], "a_scales": m * a_scales.shape[1], "qweight": n * ld_w,
+               "w_scales": n * w_scales.shape[1]}
+    big = {k: v for k, v in extents.items() if v > _INT_MAX}
+    if big:
+        return (f"operands too large for the CUDA GEMM's 32-bit row offsets: {big} (each must be < 2^31; "
+                f"q4 {tuple(q4.shape)}, q8 {tuple(q8.shape)}, a_scales {tuple(a_scales.shape)}, qweight "
+                f"{tuple(qweight.shape)}, w_scales {tuple(w_scales.shape)})")
+    return None
 
 
 

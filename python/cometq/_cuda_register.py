@@ -37,7 +37,7 @@ from . import _cuda_split, ops
 from ._counters import COUNTERS_MIN as CUDA_COUNTERS_MIN
 from ._counters import tile_counters as cuda_tile_counters  # (shared with the Triton GEMMs' reduction)
 from ._cuda_checks import (check_kv4_attention_inputs, check_quantize_act_inputs, check_w4ax_gemm_inputs,
-                           kv4_attention_unsupported)
+                           gemm_extent_problem, kv4_attention_unsupported)
 
 __all__ = ["SCALE_MODE_CODES", "MMA_PATHS", "cuda_quantize_act", "cuda_fake_quant_act", "cuda_w4ax_gemm", "cuda_kv4_decode_attention",
            "kv4_attention_cuda_enabled", "check_quantize_act_inputs", "check_w4ax_gemm_inputs",
@@ -214,6 +214,9 @@ def _act_impl(x, perm, block_bits, n_int8, scale_mode, int4_clip=1.0):
 
 
 def _gemm_impl(q4, q8, a_scales, block_bits, qweight, w_scales, w_offsets, group_size, bias, out_dtype, scale_mode):
+    why = gemm_extent_problem(q4, q8, a_scales, qweight, w_scales)
+    if why is not None:
+        raise ops.BackendUnsupported(why)  # (under auto the Triton GEMM runs it)
     counters = (cuda_tile_counters(qweight.device, _tiles_upper_bound(a_scales.shape[0], qweight.shape[0]))
                 if cuda_splitk_fixup_enabled() else None)
 
