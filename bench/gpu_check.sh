@@ -49,7 +49,7 @@
 #        PYTEST_ARGS (extra pytest arguments), PYTEST_WORKERS (xdist workers, default 8), GPU_CHECK_SKIP (comma list of stages
 #        to skip: build, triton_tests, cuda_tests, toolchain, diag, gemm, gemm_large, gemm_shares, gemm_class, microbench,
 #        attention, act_quant, raw_errors, cuda_act_rows_smoke, cuda_gemm_smoke, cuda_fixup_smoke, cuda_attn_smoke, splitk_fixup_smoke, prefill, serving, autotune, tune_decode), GEMM_ARGS / ATTENTION_ARGS / SERVING_ARGS (the stages' arguments),
-#        GEMM_CAP / ATTENTION_CAP,
+#        GEMM_CAP / ATTENTION_CAP / ACT_QUANT_CAP,
 #        TRITON_TEST_FILES / CUDA_TEST_FILES (the test files of the two test stages), TRITON_TEST_WORKERS (12) /
 #        CUDA_TEST_WORKERS, TRITON_TESTS_CAP / CUDA_TESTS_CAP / DIAG_CAP /
 #        SERVING_CAP / PREFILL_CAP (stage time caps, s), PREFILL_ARGS, SERVING_ARGS (bench_serving.py arguments), COMETQ_GEMM_TUNE=0 (first config per bucket,
@@ -360,6 +360,13 @@ bench serving "$SL" env COMETQ_GEMM_TUNE="${COMETQ_GEMM_TUNE:-0}" $PY bench/benc
 # every candidate config at 0.5x..4x the default split count: run 5 has that table)
 bench attention "${ATTENTION_CAP:-40}" $PY bench/bench_attention.py ${ATTENTION_ARGS:---batch 16 --context 4096} \
   --out "$W/attention"
+# issue #3's activation-quantization target (>= 70 % of copy bandwidth): the Triton kernel's two
+# block-mode grids (by rows from 256 rows, fifteenth session; per block), its FAKE pass (the fused
+# dequant route's A'), the CUDA kernel with each of its three row loaders and its FAKE output
+# (sixteenth session), GB/s beside a copy.  Before the GEMM table since the sixteenth session:
+# the act-quant kernels changed most there (runs 6-8 never reached this stage at the end)
+bench act_quant "${ACT_QUANT_CAP:-30}" $PY bench/bench_gemm.py --what act_quant --shapes 8B.o,8B.down \
+  --ms 64,1024,8192 --shares 0.25 --time-budget 20 --no-plot --out "$W/act_quant"
 # bench_gemm stops starting rows at --time-budget and rewrites its JSON after every row
 GL=$(limit "${GEMM_CAP:-45}")
 # shellcheck disable=SC2086
@@ -394,11 +401,6 @@ bench gemm_shares 40 $PY bench/bench_gemm.py --shapes 8B.gate_up --ms 16,1024 --
 # weights lets whole runs of blocks accumulate in int32 (no float rescale every 128 channels)
 bench gemm_class 45 $PY bench/bench_gemm.py --shapes 8B.o,8B.gate_up --ms 1024,16 --shares 0.125 --weights sym \
   --group -1 --scale-mode class --no-peers --no-persistent --time-budget 30 --out "$W/gemm_class"
-# issue #3's activation-quantization target (>= 70 % of copy bandwidth): the Triton kernel's two
-# block-mode grids (by rows from 256 rows, fifteenth session; per block), its FAKE pass (the fused
-# dequant route's A') and the CUDA kernel, GB/s beside a copy
-bench act_quant 30 $PY bench/bench_gemm.py --what act_quant --shapes 8B.o,8B.down --ms 64,1024,8192 --shares 0.25 \
-  --time-budget 20 --no-plot --out "$W/act_quant"
 # pytest-benchmark microbenchmarks (issue #3's harness: linear layers vs FP16/FP8, KV4 decode
 # attention vs SDPA, the device-side KV4 append), JSON + ratio table
 bench microbench 40 sh -c "$PY -m pytest -q -p no:cacheprovider -o addopts= bench/test_microbench.py \
