@@ -188,7 +188,8 @@ TESTS_OK=yes
 # apart from the fixup's), the export comes after that stage.
 FIXUP_OK=no
 if ! skip splitk_fixup_smoke; then
-  if PYTEST_WORKERS=1 run_pytest splitk_fixup_smoke 30 tests/test_triton_gemm.py -k "gpu_splitk_fixup"; then
+  if PYTEST_WORKERS=1 run_pytest splitk_fixup_smoke 40 tests/test_triton_gemm.py tests/test_w16_gemm.py \
+      -k "gpu_splitk_fixup or split_reduction_in_kernel"; then
     FIXUP_OK=yes
   fi
 fi

@@ -42,7 +42,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from .act_quant import ROWS_BLOCK_M, act_quant_kernel, split_rows_kernel  # noqa: E402
 from .dequant_gemm import dequant_act_kernel, dequant_weight_kernel  # noqa: E402
-from .w16_gemm import w16_gemm_kernel  # noqa: E402
+from .w16_gemm import w16_gemm_kernel, w16_reduce_kernel  # noqa: E402
 from .w4ax_gemm import (  # noqa: E402
     GemmConfig,
     gen_configs,
@@ -232,13 +232,25 @@ def jobs(quick: bool = False) -> List[Tuple[str, object, Dict[str, str], Dict[st
                 for whole in (False, True):
                     if dt == "bf16" and (bm == 16 or not whole):
                         continue
-                    out.append((f"w16[{dt},{bm}x64,asym={asym},whole_block_groups={whole}]", w16_gemm_kernel,
-                                dict(a_ptr=f"*{dt}", qw_ptr="*u8", ws_ptr="*fp32", wo_ptr="*fp32", out_ptr="*fp32",
-                                     M="i32", N="i32", NB="i32", GROUP="i32", stride_am="i32", stride_wn="i32",
-                                     stride_wb="i32", stride_wsn="i32", stride_won="i32", stride_os="i32",
-                                     stride_om="i32"),
-                                dict(BLOCK_M=bm, BLOCK_N=64, ASYM=asym, WHOLE_BLOCK_GROUPS=whole, MAGIC=dt == "fp16",
-                                     NUM_STAGES=3), 4, 3, "w16"))
+                    for fixup in (False, True):  # (the in-kernel split-K reduction: the 64-row asym tiles)
+                        if fixup and (bm != 64 or not asym or not whole):
+                            continue
+                        out.append((f"w16{'-fixup' if fixup else ''}[{dt},{bm}x64,asym={asym},"
+                                    f"whole_block_groups={whole}]", w16_gemm_kernel,
+                                    dict(a_ptr=f"*{dt}", qw_ptr="*u8", ws_ptr="*fp32", wo_ptr="*fp32", out_ptr="*fp32",
+                                         M="i32", N="i32", NB="i32", GROUP="i32", stride_am="i32", stride_wn="i32",
+                                         stride_wb="i32", stride_wsn="i32", stride_won="i32", stride_os="i32",
+                                         stride_om="i32", cnt_ptr="*i32", bias_ptr=f"*{dt}", y_ptr=f"*{dt}",
+                                         stride_ym="i32"),
+                                    dict(BLOCK_M=bm, BLOCK_N=64, ASYM=asym, WHOLE_BLOCK_GROUPS=whole,
+                                         MAGIC=dt == "fp16", NUM_STAGES=3, FIXUP=fixup, HAS_BIAS=fixup), 4, 3,
+                                    "w16"))
+    # the w16 split-K reduction (fp32 partials -> out dtype, ordered, + bias)
+    for dt in ("fp16", "bf16"):
+        out.append((f"w16_reduce[{dt}]", w16_reduce_kernel,
+                    dict(part_ptr="*fp32", bias_ptr=f"*{dt}", y_ptr=f"*{dt}", M="i32", N="i32", SPLIT="i32",
+                         stride_os="i32", stride_om="i32", stride_ym="i32"),
+                    dict(BLOCK=1024, HAS_BIAS=True), 4, 1, "reduce"))
     # every generated GEMM config (block mode, group 128, fp16 out, bias), symmetric and
     # asymmetric weights (ASYM: offset term, an extra row-sum + rank-1 update per segment)
     for asym in (False, True):
@@ -451,7 +463,7 @@ def ci_subset(todo, arch: int):
                 keep.append(j)
             elif name.startswith("act_quant[fp16,") and ",rows" in name:
                 keep.append(j)  # block mode by rows: packed and FAKE, gather and identity
-            elif name.startswith(("split_rows[", "dequant_", "w16[")):
+            elif name.startswith(("split_rows[", "dequant_", "w16[", "w16-fixup[", "w16_reduce[")):
                 keep.append(j)
             elif name.startswith("gemm-variant[") and "16x64" in name and "g16" not in name:
                 keep.append(j)
@@ -470,7 +482,8 @@ def ci_subset(todo, arch: int):
                         f"act_quant[fp16,class=False,ident=False,BM={ROWS_BLOCK_M},rows,fake]",
                         "split_rows[BM=32]", "dequant_act[fp16,class=False]", "dequant_weight[fp16,asym=True]",
                         "w16[fp16,64x64,asym=True,whole_block_groups=True]",
-                        "w16[bf16,64x64,asym=False,whole_block_groups=True]"):
+                        "w16[bf16,64x64,asym=False,whole_block_groups=True]",
+                        "w16-fixup[fp16,64x64,asym=True,whole_block_groups=True]", "w16_reduce[fp16]"):
                 keep.append(j)
             elif name.startswith("gemm-variant[class,per-channel") or name.startswith("gemm-variant[block,g64,16x64"):
                 keep.append(j)
@@ -558,6 +571,12 @@ def check_code(kind: str, arch: int, constexprs: Dict[str, object], num_warps: i
             return "fp16 weights converted from integers (the exponent trick was lost)"
         if constexprs.get("MAGIC") and "0x64646464" not in ptx:
             return "the fp16 nibble unpack is not the word-wide inline PTX"
+        if constexprs.get("FIXUP"):
+            # the in-kernel split-K reduction: a gpu-scope acq_rel counter, the partials read from L2
+            if not any("atom" in ln and ".acq_rel" in ln and ".gpu" in ln and ".add" in ln for ln in ptx.splitlines()):
+                return "FIXUP: no gpu-scope acq_rel atomic add on the tile counter"
+            if "ld.global.cg" not in ptx:
+                return "FIXUP: the other splits' partials are not read with ld.global.cg"
         return None
     if kind == "tma":
         # operands by TMA (bulk tensor copies), weights unpacked in registers as wgmma's A operand

@@ -33,8 +33,12 @@ subtraction that is exact and an FMA), so results agree with the integer-exact r
 order of the dequant path (even channels of a block, then odd: what the nibbles give).
 
 Split-K: with few N tiles (N = 4096 at BLOCK_N = 64 is 64 programs) the K blocks are cut into
-``split`` runs; each writes an fp32 partial ``[split, M, N]`` and one sum over ``split`` (a torch
-reduction: deterministic, graph-capturable) adds them.
+``split`` runs; each writes an fp32 partial ``[split, M, N]``, and one ordered sum
+``((P_0 + P_1) + ...) + bias``, cast to the output dtype, combines them: a small reduce kernel
+(``w16_reduce_kernel``; it replaced a torch sum, a bias add and a cast -- three launches per
+split linear of a decode step), or with ``COMETQ_SPLITK_FIXUP=1`` the tile's last split program
+itself (the in-kernel reduction of :mod:`cometq.kernels.w4ax_gemm`: a gpu-scope acq_rel counter
+per tile, ``cometq._counters``), the same adds in the same order -- the same bits.
 """
 from __future__ import annotations
 
@@ -45,7 +49,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import _ASM_UNPACK
+from cometq._counters import tile_counters
+
+from ._common import _ASM_UNPACK, dummy
 
 # fp16 weights from packed nibbles on whole 32-bit words (four bytes per register, ``pack=4``):
 # t = (w & 0x0F0F0F0F) ^ 0x08080808 (one lop3: the biased nibbles u ^ 8 = v + 8), then two
@@ -80,7 +86,8 @@ def _biased_f16(p, HI: tl.constexpr):
         u = (p.to(tl.int32) >> 4) & 0xF if HI else p.to(tl.int32) & 0xF
         return ((u ^ 8) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
 
-__all__ = ["W16Config", "w16_config", "w16_gemm", "w4ax_linear_w16", "w16_gemm_kernel", "W16_MAX_M"]
+__all__ = ["W16Config", "w16_config", "w16_gemm", "w4ax_linear_w16", "w16_gemm_kernel", "w16_reduce_kernel",
+           "W16_MAX_M"]
 
 #: rows up to which :func:`cometq.ops.w4ax_linear_eager` times this route beside quantize + GEMM
 W16_MAX_M = 256
@@ -106,15 +113,47 @@ def _dequant_half(p, sc, of, HI: tl.constexpr, ASYM: tl.constexpr, MAGIC: tl.con
 
 
 @triton.jit
+def _sum_splits(part_ptr, offs, mask, SPLIT, stride_os, bias_ptr, rn, nm, HAS_BIAS: tl.constexpr,
+                CACHE: tl.constexpr):
+    """``((P_0 + P_1) + ... + P_{SPLIT-1}) + bias`` at ``offs`` (fp32, in split order): the one
+    sequence of adds both reductions (:func:`w16_reduce_kernel`, the in-kernel FIXUP) run."""
+    acc = tl.load(part_ptr + offs, mask=mask, other=0.0, cache_modifier=CACHE)
+    for s in range(1, SPLIT):
+        acc += tl.load(part_ptr + s * stride_os + offs, mask=mask, other=0.0, cache_modifier=CACHE)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=nm, other=0.0).to(tl.float32)
+    return acc
+
+
+@triton.jit
+def w16_reduce_kernel(part_ptr, bias_ptr, y_ptr, M, N, SPLIT, stride_os, stride_om, stride_ym,
+                      BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """``y[m, n] = cast(((P_0 + P_1) + ...) + bias)`` for the ``[SPLIT, M, N]`` fp32 partials;
+    ``BLOCK`` elements of one row per program (grid ``(M, cdiv(N, BLOCK))``)."""
+    m = tl.program_id(0).to(tl.int64)
+    rn = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    nm = rn < N
+    acc = _sum_splits(part_ptr, m * stride_om + rn, nm, SPLIT, stride_os, bias_ptr, rn, nm, HAS_BIAS, "")
+    tl.store(y_ptr + m * stride_ym + rn, acc.to(y_ptr.dtype.element_ty), mask=nm)
+
+
+@triton.jit
 def w16_gemm_kernel(
     a_ptr, qw_ptr, ws_ptr, wo_ptr, out_ptr,
     M, N, NB, GROUP,
     stride_am, stride_wn, stride_wb, stride_wsn, stride_won, stride_os, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ASYM: tl.constexpr, WHOLE_BLOCK_GROUPS: tl.constexpr,
     MAGIC: tl.constexpr, NUM_STAGES: tl.constexpr,
+    cnt_ptr=None, bias_ptr=None, y_ptr=None, stride_ym=0,
+    FIXUP: tl.constexpr = False, HAS_BIAS: tl.constexpr = False,
 ):
     """``out[s, m, n] = sum over this split's blocks of A'[m, b] . W'[n, b]`` (fp32, or the
-    output dtype when there is one split).  Grid ``(m tiles * n tiles, split)``."""
+    output dtype when there is one split).  Grid ``(m tiles * n tiles, split)``.  FIXUP: after
+    its partial, a program counts its tile's finished splits (``cnt_ptr``, one int32 per tile,
+    zero between GEMMs); the last one writes ``y = cast(sum of the partials + bias)`` for the tile
+    (:func:`w16_reduce_kernel`'s adds, in its order) and puts the counter back to 0.  Ordering as
+    in ``w4ax_gemm._splitk_fixup``: every thread's partial stores, a CTA barrier, the release half
+    of the acq_rel atomic; the last program's acquire half orders its ``.cg`` (L2) loads."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
     n_splits = tl.num_programs(1)
@@ -163,8 +202,17 @@ def w16_gemm_kernel(
             acc += tl.dot(w_lo, tl.trans(a_lo))
             acc += tl.dot(w_hi, tl.trans(a_hi))
     # acc is [n, m]: store transposed
-    dst = out_ptr + split * stride_os + rm64[None, :] * stride_om + rn64[:, None]
-    tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=nm[:, None] & mm[None, :])
+    offs = rm64[None, :] * stride_om + rn64[:, None]
+    mask = nm[:, None] & mm[None, :]
+    tl.store(out_ptr + split * stride_os + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    if FIXUP:
+        tl.debug_barrier()
+        prev = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel", scope="gpu")
+        if prev == n_splits - 1:
+            tl.atomic_xchg(cnt_ptr + pid, 0, sem="relaxed", scope="gpu")
+            y = _sum_splits(out_ptr, offs, mask, n_splits, stride_os, bias_ptr, rn64[:, None], nm[:, None], HAS_BIAS,
+                            ".cg")
+            tl.store(y_ptr + rm64[None, :] * stride_ym + rn64[:, None], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @dataclass(frozen=True)
@@ -224,21 +272,34 @@ def w16_gemm(a: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor, w_o
     split = max(1, min(cfg.split, nb))
     direct = split == 1 and bias is None
     out = torch.empty((m, n) if direct else (split, m, n), dtype=out_dtype if direct else torch.float32, device=dev)
-    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
-    w16_gemm_kernel[grid](
+    tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+    y = None if direct else torch.empty((m, n), dtype=out_dtype, device=dev)
+    fixup = not direct and split > 1 and _splitk_fixup_enabled()
+    w16_gemm_kernel[(tiles, split)](
         a, qweight, w_scales, w_offsets if w_offsets is not None else w_scales, out,
         m, n, nb, group,
         a.stride(0), stride_wn, stride_wb, w_scales.stride(0), w_offsets.stride(0) if w_offsets is not None else 0,
         0 if direct else out.stride(0), out.stride(-2),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, ASYM=w_offsets is not None, WHOLE_BLOCK_GROUPS=group >= 128,
         MAGIC=a.dtype == torch.float16, NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps,
+        cnt_ptr=tile_counters(dev, tiles) if fixup else dummy(dev, torch.int32),
+        bias_ptr=bias if bias is not None else dummy(dev), y_ptr=y if y is not None else out,
+        stride_ym=y.stride(0) if y is not None else 0, FIXUP=fixup, HAS_BIAS=bias is not None,
     )
     if direct:
         return out
-    y = out.sum(0) if split > 1 else out[0]
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(out_dtype)
+    if not fixup:
+        block = min(1024, triton.next_power_of_2(n))
+        w16_reduce_kernel[(m, triton.cdiv(n, block))](
+            out, bias if bias is not None else dummy(dev), y, m, n, split, out.stride(0), out.stride(1), y.stride(0),
+            BLOCK=block, HAS_BIAS=bias is not None, num_warps=4)
+    return y
+
+
+def _splitk_fixup_enabled() -> bool:
+    from .w4ax_gemm import splitk_fixup_enabled  # (the one switch for the Triton GEMMs' in-kernel reduction)
+
+    return splitk_fixup_enabled()
 
 
 def w4ax_linear_w16(x, perm, block_bits, n_int8: int, scale_mode: str, int4_clip: float, qweight, w_scales,

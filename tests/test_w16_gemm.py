@@ -213,3 +213,38 @@ def test_w16_route_never_kept_when_it_disagrees(monkeypatch):
     finally:
         autotune.set_timer(prev, "graph")
         autotune.clear()
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_w16_split_reduction_in_kernel_same_bits(bias, monkeypatch):
+    """Split-K partials of the w16 GEMM are combined as ``cast(((P_0 + P_1) + ...) + bias)``: by the
+    reduce kernel, or with ``COMETQ_SPLITK_FIXUP=1`` by each tile's last split program (no
+    reduce launch) -- the same adds in the same order, so the same bits; the tile counters are
+    back at 0 afterwards (on a GPU, repeated: the counters' memory ordering)."""
+    import cometq._counters as CNT
+    from cometq.kernels import w16_gemm as W
+    from cometq.kernels.dequant_gemm import _operand_dtype
+    from cometq.kernels.act_quant import fake_quant_act_triton
+
+    x, lay, qw, b, ref = _case(20, 640, 136, "mixed", 128, False, 21, bias=bias)
+    d = DEV
+    a = fake_quant_act_triton(x.to(d).half(), lay.perm.to(d), lay.block_bits.to(d), lay.n_int8, "block",
+                              out_dtype=_operand_dtype(torch.float16), int4_clip=lay.int4_clip)
+    cfg = W16Config(16, 64, 4, 1, 3)  # 2 x 3 tiles, 3 splits
+    args = (a, qw.qweight.to(d), qw.scales.to(d), qw.offsets.to(d), 128, None if b is None else b.to(d).half(),
+            torch.float16)
+    monkeypatch.setenv("COMETQ_SPLITK_FIXUP", "0")
+    want = W.w16_gemm(*args, config=cfg)
+    # the reduce kernel's order, spelled out in torch: the kernel's partials re-derived per split
+    parts = [W.w16_gemm(a[:, s0 * 128:s1 * 128], qw.qweight.to(d)[:, s0 * 64:s1 * 64], qw.scales.to(d)[:, s0:s1],
+                        qw.offsets.to(d)[:, s0:s1], 128, None, torch.float32, config=W16Config(16, 64, 4, 1, 1))
+             for s0, s1 in ((0, 2), (2, 4), (4, 5))]  # (per = cdiv(5 blocks, 3) = 2)
+    acc = (parts[0] + parts[1]) + parts[2]
+    if b is not None:
+        acc = acc + b.to(d).half().float()
+    assert torch.equal(want, acc.half())
+    monkeypatch.setenv("COMETQ_SPLITK_FIXUP", "1")
+    for _ in range(1 if d == "cpu" else 20):
+        assert torch.equal(W.w16_gemm(*args, config=cfg), want)
+    assert CNT._COUNTERS and all(int(c.abs().sum()) == 0 for c in CNT._COUNTERS.values())
+    _close(want, ref, torch.float16)
