@@ -233,6 +233,7 @@ def test_half_split_blocks_is_the_even_odd_order():
         assert torch.equal(out[:, b * 128: b * 128 + 64], v[:, b * 128: b * 128 + 128: 2])
         assert torch.equal(out[:, b * 128 + 64: b * 128 + 128], v[:, b * 128 + 1: b * 128 + 128: 2])
     assert half_split_blocks(v[0]).shape == (256,) and out.is_contiguous()
+    assert half_split_blocks(v[:0]).shape == (0, 256)
     with pytest.raises(ValueError, match=r"multiple of 128, got shape \(3, 200\)"):
         half_split_blocks(torch.zeros(3, 200))
     with pytest.raises(TypeError, match="must be a torch.Tensor"):
@@ -271,6 +272,11 @@ def test_fake_quant_act_op_backends_bit_identical(m, k, pattern, scale_mode, cli
         assert torch.equal(got.cpu(), ref), dt
     torch.library.opcheck(torch.ops.cometq.fake_quant_act.default,
                           (x, lay.perm, lay.block_bits, lay.n_int8, scale_mode, clip, 0, "reference"))
+    for be in ("reference", "triton"):  # no rows: an empty [0, K_pad] operand
+        d = DEV if be == "triton" else "cpu"
+        empty = ops.fake_quant_act(x[:0].to(d), lay.perm.to(d), lay.block_bits.to(d), lay.n_int8, scale_mode,
+                                   backend=be, int4_clip=clip)
+        assert empty.shape == (0, nb * 128) and empty.dtype == torch.float16
     with pytest.raises(TypeError, match="out_dtype must be one of"):
         ops.fake_quant_act(x, lay.perm, lay.block_bits, lay.n_int8, scale_mode, torch.int8)
     with pytest.raises(RuntimeError, match=r"perm shape \(3,\) must be"):

@@ -275,7 +275,8 @@ def half_split_blocks(v: torch.Tensor) -> torch.Tensor:
     if v.dim() < 1 or v.shape[-1] % BLOCK_K:
         raise ValueError(f"v must have a last dim that is a multiple of {BLOCK_K}, got shape {tuple(v.shape)}")
     lead = v.shape[:-1]
-    return v.reshape(*lead, -1, BLOCK_K // 2, 2).transpose(-1, -2).reshape(v.shape).contiguous()
+    nb = v.shape[-1] // BLOCK_K
+    return v.reshape(*lead, nb, BLOCK_K // 2, 2).transpose(-1, -2).reshape(v.shape).contiguous()
 
 
 # --------------------------------------------------------------------------

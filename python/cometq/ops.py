@@ -178,7 +178,7 @@ def _ref_fake_quant_act(x, perm, block_bits, n_int8: int, scale_mode: str, int4_
     # integers go through int32 as in the packed round trip: rint(-0.3) = -0.0 must come back +0
     q, _, bscale = R.quantize_activation_blocks(x, ActivationLayout(perm, block_bits, int4_clip), scale_mode)
     v = q.to(torch.int32).to(torch.float32) * bscale[..., None]
-    return half_split_blocks(v.reshape(x.shape[0], -1)).to(out_dtype)
+    return half_split_blocks(v.reshape(x.shape[0], q.shape[1] * BLOCK_K)).to(out_dtype)
 
 
 register_impl("quantize_act", "reference", _ref_quantize_act)
