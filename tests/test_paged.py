@@ -845,3 +845,47 @@ def test_default_split_count_uses_the_pools_gpu():
     assert pool.default_num_splits([s]) == default_num_splits(1, 2, 5, pool.num_sms)
     assert pool.default_num_splits([s], num_sms=2) == 5  # 6 * 2 // 2 = 6 wanted, capped at the 5 blocks
     assert pool.default_num_splits([s], num_sms=1) == 3  # 6 * 1 // 2 programs per SM
+
+
+def test_cat_rows_is_a_view_for_adjacent_parts():
+    """paged._cat_rows: the rows of back-to-back prompts (views of one step's K) concatenate as a
+    strided view of that tensor -- no copy; anything else (a gap, another tensor, other strides)
+    is torch.cat, and every result equals torch.cat."""
+    from cometq.paged import _cat_rows
+
+    g, h, d = 4, 2, 8
+    k = torch.randn(40, h, d)  # a step's K: 40 tokens [T, H, D]
+    views = [k[a:b].transpose(0, 1).reshape(h, (b - a) // g, g, d).transpose(0, 1) for a, b in ((0, 8), (8, 20), (20, 40))]
+    got = _cat_rows(views)
+    assert torch.equal(got, torch.cat(views)) and got.data_ptr() == k.data_ptr()  # a view of k
+    gap = [views[0], k[12:20].transpose(0, 1).reshape(h, 2, g, d).transpose(0, 1)]
+    assert torch.equal(_cat_rows(gap), torch.cat(gap)) and _cat_rows(gap).data_ptr() != k.data_ptr()
+    other = [views[0], views[1].clone()]
+    assert torch.equal(_cat_rows(other), torch.cat(other))
+    assert _cat_rows(views[:1]) is views[0]
+
+
+@pytest.mark.parametrize("axes", AXES)
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_prefill_of_back_to_back_prompts_equals_sequential_appends(axes, backend):
+    """Fresh prompts whose K / V sit back to back in one tensor (a prefill step's layout): the
+    batched append (its rows one strided view, no copy) == one append per sequence, bit for bit."""
+    pools = [_ml(axes, 1, _dev(backend), head_dim=32, group_size=8, block_size=16, num_blocks=16, max_seqs=4)
+             for _ in range(2)]
+    lens = (16, 24, 8)
+    k_all, v_all = _layer_tokens(pools[0], sum(lens), 77)  # [H, T, D]
+    k_all = k_all.transpose(0, 1).contiguous().transpose(0, 1)  # the runner's storage: [T, H, D]
+    v_all = v_all.transpose(0, 1).contiguous().transpose(0, 1)
+    cuts = [0, 16, 40, 48]
+    ks = [k_all[:, a:b] for a, b in zip(cuts, cuts[1:])]
+    vs = [v_all[:, a:b] for a, b in zip(cuts, cuts[1:])]
+    for p in pools:
+        sids = [p.add_sequence() for _ in lens]
+        for s, n in zip(sids, lens):
+            p.reserve(s, n)
+    pools[0].append_prefill(0, sids, ks, vs, backend=backend)
+    for s, k, v in zip(sids, ks, vs):
+        pools[1].append(0, s, k, v, backend=backend)
+    for a, b in zip(_state(pools[0]), _state(pools[1])):
+        assert torch.equal(a, b)
+    check_invariants(pools[0])
