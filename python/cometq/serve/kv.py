@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
-from ..paged import canonical_device, to_device_ints
+from ..paged import _cat_rows, canonical_device, to_device_ints
 
 __all__ = ["PoolExhausted", "KVPool", "PagedFPPool"]
 
@@ -242,8 +242,9 @@ class PagedFPPool(KVPool):
         for k, v in zip(ks, vs):
             self._check_kv(k, v)
         slots = self._chunk_slots(list(seq_ids), list(starts), [k.shape[0] for k in ks])
-        k = ks[0] if len(ks) == 1 else torch.cat(list(ks))
-        v = vs[0] if len(vs) == 1 else torch.cat(list(vs))
+        # (back-to-back chunks of the step's K / V -- every fresh prompt of a prefill step -- are one view)
+        k = _cat_rows(list(ks))
+        v = _cat_rows(list(vs))
         self.k[layer, slots] = k.to(self.dtype)
         self.v[layer, slots] = v.to(self.dtype)
 
