@@ -346,11 +346,29 @@ __global__ void __launch_bounds__(32 * kActRowsWarps) act_quant_rows_kernel(cons
   const int x_stride = rows_x_stride<T>(K);
 
   build_block_table(p.block_bits, nb, p.n4, p.n8, s_is8, s_info);  // (ends with a barrier)
-  for (int j = threadIdx.x; j < nb * kBlockK; j += blockDim.x) {
-    // clamped: an index outside the row (never made by ActivationLayout) stays inside shared memory;
-    // the padding channels j >= K read the zero at element K
-    const int64_t c = j < K ? p.perm[j] : 0;
-    s_perm[j] = static_cast<uint16_t>(j >= K ? K : (c < 0 ? 0 : (c >= K ? K - 1 : c)));
+  // The permutation as 16-bit indices, clamped (an index outside the row -- never made by
+  // ActivationLayout -- stays inside shared memory); the padding channels j >= K read the zero at
+  // element K.  kPermBatch loads in flight per thread before the stores: a loop of one load and one
+  // store per trip waited a memory round trip per trip -- 16 of them in a row at K = 4096, 56 at
+  // K = 14336, in every CTA before its first row (SASS: one LDG.64 -> STS.U16 per trip); now 2 / 7.
+  // (8, not 16: 16 took the kernel from 32 to 61 registers, 8 CTAs per SM to 4.)
+  // (Only each index's low 32-bit word is read: a valid index is < K <= 32767, and any other value
+  // still lands inside the row after the clamp -- the memory-safety contract for bad input.)
+  constexpr int kPermBatch = 8;
+  const int total = nb * kBlockK;
+  const int* perm_lo = reinterpret_cast<const int*>(p.perm);  // (little-endian: word 2j is perm[j]'s low half)
+  for (int j0 = threadIdx.x; j0 < total; j0 += kPermBatch * static_cast<int>(blockDim.x)) {
+    int c[kPermBatch];
+#pragma unroll
+    for (int u = 0; u < kPermBatch; ++u) {
+      const int j = j0 + u * static_cast<int>(blockDim.x);
+      c[u] = j < K ? __ldg(perm_lo + 2 * j) : 0;
+    }
+#pragma unroll
+    for (int u = 0; u < kPermBatch; ++u) {
+      const int j = j0 + u * static_cast<int>(blockDim.x);
+      if (j < total) s_perm[j] = static_cast<uint16_t>(j >= K ? K : (c[u] < 0 ? 0 : (c[u] >= K ? K - 1 : c[u])));
+    }
   }
   // element K of each buffer: zero, and never written by a row copy (the register copy stops at
   // K - 1; a cp.async chunk that covers it zero-fills everything past the row's bytes)
