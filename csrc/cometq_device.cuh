@@ -39,26 +39,41 @@ constexpr int kInfoSlotMask = (1 << 20) - 1;
 constexpr int kInfoInt8 = 1 << 20;
 constexpr int kInfoValid = 1 << 21;
 
+// The chunks' loads are issued 8 at a time before their ballots: one memory round trip for any
+// layer up to 256 blocks (K = 32768), where a load-then-ballot loop waited one per 32 blocks (4 for
+// a down_proj's 112) -- in front of every CTA's first copy, which at decode (a split-K CTA streams
+// only a few K blocks) is a visible part of the GEMM.
 __device__ __forceinline__ void build_block_table(const int32_t* __restrict__ block_bits, int nb, int n4,
                                                   int n8, int* s_is8, int* s_info) {
   if (threadIdx.x < 32) {  // every block size used is >= 32 threads
     const int lane = threadIdx.x;
     const unsigned below = (1u << lane) - 1u;
     int base8 = 0, base4 = 0;  // blocks of each class in the chunks before this one
-    for (int c = 0; c < nb; c += 32) {
-      const int b = c + lane;
-      const bool in = b < nb;
-      const bool is8 = in && block_bits[b] == 8;
-      const unsigned m8 = __ballot_sync(0xFFFFFFFFu, is8);
-      const unsigned m4 = __ballot_sync(0xFFFFFFFFu, in && !is8);
-      if (in) {
-        const int slot = is8 ? base8 + __popc(m8 & below) : base4 + __popc(m4 & below);
-        const bool valid = slot < (is8 ? n8 : n4);
-        s_is8[b] = is8 ? 1 : 0;
-        s_info[b] = (slot & kInfoSlotMask) | (is8 ? kInfoInt8 : 0) | (valid ? kInfoValid : 0);
+    for (int c0 = 0; c0 < nb; c0 += 256) {
+      int bits[8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const int b = c0 + 32 * i + lane;
+        bits[i] = b < nb ? __ldg(block_bits + b) : 0;
       }
-      base8 += __popc(m8);
-      base4 += __popc(m4);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const int c = c0 + 32 * i;
+        if (c >= nb) break;  // (warp-uniform)
+        const int b = c + lane;
+        const bool in = b < nb;
+        const bool is8 = in && bits[i] == 8;
+        const unsigned m8 = __ballot_sync(0xFFFFFFFFu, is8);
+        const unsigned m4 = __ballot_sync(0xFFFFFFFFu, in && !is8);
+        if (in) {
+          const int slot = is8 ? base8 + __popc(m8 & below) : base4 + __popc(m4 & below);
+          const bool valid = slot < (is8 ? n8 : n4);
+          s_is8[b] = is8 ? 1 : 0;
+          s_info[b] = (slot & kInfoSlotMask) | (is8 ? kInfoInt8 : 0) | (valid ? kInfoValid : 0);
+        }
+        base8 += __popc(m8);
+        base4 += __popc(m4);
+      }
     }
   }
   __syncthreads();

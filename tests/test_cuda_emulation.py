@@ -155,23 +155,34 @@ def split_range(info, z, splits, cost8):
 
 
 def block_table_warp(block_bits, n4, n8):
-    """csrc/cometq_device.cuh build_block_table as written: one warp, 32 blocks per step, slots
-    from ballots (rank = earlier chunks' class count + popc(ballot & lanes below))."""
+    """csrc/cometq_device.cuh build_block_table as written: one warp; rounds of 8 chunks whose
+    bits are all loaded first (blocks past nb read as 0), then per chunk of 32 blocks slots from
+    ballots (rank = earlier chunks' class count + popc(ballot & lanes below))."""
     nb, info = len(block_bits), [None] * len(block_bits)
     base8 = base4 = 0
-    for c in range(0, nb, 32):
-        lanes = [c + lane for lane in range(32)]
-        is8 = [b < nb and int(block_bits[b]) == 8 for b in lanes]
-        m8 = sum(1 << lane for lane in range(32) if is8[lane])
-        m4 = sum(1 << lane for lane in range(32) if lanes[lane] < nb and not is8[lane])
-        for lane, b in enumerate(lanes):
-            if b < nb:
-                below = (1 << lane) - 1
-                slot = base8 + bin(m8 & below).count("1") if is8[lane] else base4 + bin(m4 & below).count("1")
-                info[b] = (slot, bool(is8[lane]), slot < (n8 if is8[lane] else n4))
-        base8 += bin(m8).count("1")
-        base4 += bin(m4).count("1")
+    for c0 in range(0, nb, 256):
+        bits = [[int(block_bits[b]) if b < nb else 0 for b in range(c0 + 32 * i, c0 + 32 * i + 32)] for i in range(8)]
+        for i in range(8):
+            c = c0 + 32 * i
+            if c >= nb:
+                break
+            base8, base4 = _block_table_chunk(bits[i], c, nb, n4, n8, info, base8, base4)
     return info
+
+
+def _block_table_chunk(bits, c, nb, n4, n8, info, base8, base4):
+    """One chunk of build_block_table: lanes c .. c + 31 with their loaded bits; fills ``info``
+    and returns the class counts after the chunk."""
+    lanes = [c + lane for lane in range(32)]
+    is8 = [b < nb and bits[lane] == 8 for lane, b in enumerate(lanes)]
+    m8 = sum(1 << lane for lane in range(32) if is8[lane])
+    m4 = sum(1 << lane for lane in range(32) if lanes[lane] < nb and not is8[lane])
+    for lane, b in enumerate(lanes):
+        if b < nb:
+            below = (1 << lane) - 1
+            slot = base8 + bin(m8 & below).count("1") if is8[lane] else base4 + bin(m4 & below).count("1")
+            info[b] = (slot, bool(is8[lane]), slot < (n8 if is8[lane] else n4))
+    return base8 + bin(m8).count("1"), base4 + bin(m4).count("1")
 
 
 def block_slot_warp(block_bits, b, n4, n8):
