@@ -273,11 +273,7 @@ __device__ __forceinline__ int block_slot(const int32_t* __restrict__ block_bits
   int n8_before = 0;
   for (int c0 = 0; c0 < b; c0 += 256) {  // warp-uniform trip count (one for K <= 32768)
     int bits[8];
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      const int bb = c0 + 32 * i + lane;
-      bits[i] = bb < b ? __ldg(block_bits + bb) : 0;
-    }
+    load_block_bits8(block_bits, c0, b, lane, bits);
 #pragma unroll
     for (int i = 0; i < 8; ++i) n8_before += __popc(__ballot_sync(0xFFFFFFFFu, bits[i] == 8));
   }

@@ -39,6 +39,17 @@ constexpr int kInfoSlotMask = (1 << 20) - 1;
 constexpr int kInfoInt8 = 1 << 20;
 constexpr int kInfoValid = 1 << 21;
 
+// bits[i] = block_bits[c0 + 32 i + lane] for the blocks below `limit` (else 0): 8 chunks of a warp's
+// block-map loads in flight at once (build_block_table, act_quant.cu block_slot).
+__device__ __forceinline__ void load_block_bits8(const int32_t* __restrict__ block_bits, int c0, int limit, int lane,
+                                                 int (&bits)[8]) {
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const int b = c0 + 32 * i + lane;
+    bits[i] = b < limit ? __ldg(block_bits + b) : 0;
+  }
+}
+
 // The chunks' loads are issued 8 at a time before their ballots: one memory round trip for any
 // layer up to 256 blocks (K = 32768), where a load-then-ballot loop waited one per 32 blocks (4 for
 // a down_proj's 112) -- in front of every CTA's first copy, which at decode (a split-K CTA streams
@@ -51,11 +62,7 @@ __device__ __forceinline__ void build_block_table(const int32_t* __restrict__ bl
     int base8 = 0, base4 = 0;  // blocks of each class in the chunks before this one
     for (int c0 = 0; c0 < nb; c0 += 256) {
       int bits[8];
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        const int b = c0 + 32 * i + lane;
-        bits[i] = b < nb ? __ldg(block_bits + b) : 0;
-      }
+      load_block_bits8(block_bits, c0, nb, lane, bits);
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
         const int c = c0 + 32 * i;
