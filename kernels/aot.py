@@ -213,7 +213,8 @@ def jobs(quick: bool = False) -> List[Tuple[str, object, Dict[str, str], Dict[st
     # class mode activations, symmetric and asymmetric weights
     for cm in (False, True):
         out.append((f"dequant_act[fp16,class={cm}]", dequant_act_kernel,
-                    dict(q4_ptr="*u8", q8_ptr="*i8", as_ptr="*fp32", bits_ptr="*i32", out_ptr="*fp16", M="i32",
+                    dict(q4_ptr="*u8", q8_ptr="*i8", as_ptr="*fp32", bits_ptr="*i32", slot_ptr="*i32", out_ptr="*fp16",
+                         M="i32",
                          stride_q4m="i32", stride_q8m="i32", stride_asm="i32", stride_om="i32",
                          BLOCK_M="constexpr", CLASS_MODE="constexpr"), dict(BLOCK_M=32, CLASS_MODE=cm), 4, 1, "dequant"))
     for asym in (False, True):

@@ -58,15 +58,16 @@ def _row_tile(ROWS: tl.constexpr, limit):
 
 
 @triton.jit
-def dequant_act_kernel(q4_ptr, q8_ptr, as_ptr, bits_ptr, out_ptr, M,
+def dequant_act_kernel(q4_ptr, q8_ptr, as_ptr, bits_ptr, slot_ptr, out_ptr, M,
                        stride_q4m, stride_q8m, stride_asm, stride_om,
                        BLOCK_M: tl.constexpr, CLASS_MODE: tl.constexpr):
-    """``A'[m, b*128 : +128] = q[m, block b] * scale[m, b]`` for ``BLOCK_M`` tokens of block ``b``."""
+    """``A'[m, b*128 : +128] = q[m, block b] * scale[m, b]`` for ``BLOCK_M`` tokens of block ``b``.
+    ``slot_ptr``: block ``b``'s rank among the blocks of its precision (the class slot table of
+    :mod:`cometq.kernels.act_quant`, cached per block map).  (It was counted here, one scalar load
+    per earlier block in a loop: a program of block 100 waited 100 dependent loads.)"""
     mm, rm64, b = _row_tile(BLOCK_M, M)
     bits = tl.load(bits_ptr + b)
-    slot = 0
-    for i in range(0, b):  # rank of block b among the blocks of its precision
-        slot += (tl.load(bits_ptr + i) == bits).to(tl.int32)
+    slot = tl.load(slot_ptr + b)
     if CLASS_MODE:
         s = tl.load(as_ptr + rm64 * stride_asm + (bits == 8).to(tl.int32), mask=mm, other=0.0)
     else:
@@ -130,9 +131,11 @@ def w4ax_gemm_dequant(q4, q8, a_scales, block_bits, qweight, w_scales, group: in
     a = torch.empty(m, nb * 128, dtype=dt, device=qweight.device)
     if m and nb:
         bm = 32
+        bits, slots = block_tables(block_bits)
         dequant_act_kernel[(triton.cdiv(m, bm), nb)](
-            q4, q8, a_scales, block_bits, a, m, q4.stride(0) if q4.numel() else 0, q8.stride(0) if q8.numel() else 0,
-            a_scales.stride(0), a.stride(0), BLOCK_M=bm, CLASS_MODE=scale_mode == "class", num_warps=4)
+            q4, q8, a_scales, bits, slots, a, m, q4.stride(0) if q4.numel() else 0,
+            q8.stride(0) if q8.numel() else 0, a_scales.stride(0), a.stride(0), BLOCK_M=bm,
+            CLASS_MODE=scale_mode == "class", num_warps=4)
     return dequant_weight_gemm(a, qweight, w_scales, w_offsets, group, bias, out_dtype, stride_wb)
 
 
@@ -149,6 +152,16 @@ def w4ax_linear_dequant(x, perm, block_bits, n_int8: int, scale_mode: str, int4_
     a = fake_quant_act_triton(x, perm, block_bits, n_int8, scale_mode, out_dtype=_operand_dtype(out_dtype),
                               identity_perm=identity_perm, int4_clip=int4_clip)
     return dequant_weight_gemm(a, qweight, w_scales, w_offsets, group, bias, out_dtype, stride_wb)
+
+
+def block_tables(block_bits: torch.Tensor):
+    """``(bits int32 [nb], class slots int32 [nb])`` of a block map, computed once per map tensor
+    (the act-quant kernels' cached tables)."""
+    from .act_quant import _class_slot
+    from ._common import derived
+
+    return (derived(block_bits, "act_quant.bits_i32", lambda t: t.to(torch.int32)),
+            derived(block_bits, "act_quant.class_slot", _class_slot))
 
 
 def _operand_dtype(out_dtype: torch.dtype) -> torch.dtype:

@@ -119,7 +119,7 @@ def test_fused_dequant_linear_is_bit_identical(m, k, n, pattern, scale_mode, ide
     out, bias, asymmetric g64 weights), and it stays within the dequant path's tolerance of the
     integer reference."""
     from cometq.kernels.act_quant import fake_quant_act_triton, quantize_act_triton
-    from cometq.kernels.dequant_gemm import dequant_act_kernel, w4ax_linear_dequant
+    from cometq.kernels.dequant_gemm import block_tables, dequant_act_kernel, w4ax_linear_dequant
 
     g = torch.Generator().manual_seed(m * 7 + k)
     x = (torch.randn(m, k, generator=g) * (1 + 6 * (torch.rand(k, generator=g) > 0.9))).half()
@@ -135,7 +135,7 @@ def test_fused_dequant_linear_is_bit_identical(m, k, n, pattern, scale_mode, ide
                                      int4_clip=lay.int4_clip)
     for dt in (torch.float16, torch.float32):
         want = torch.empty(m, nb * 128, dtype=dt, device=d)
-        dequant_act_kernel[(-(-m // 32), nb)](G.nonempty(q4), G.nonempty(q8), sc, bd, want, m,
+        dequant_act_kernel[(-(-m // 32), nb)](G.nonempty(q4), G.nonempty(q8), sc, *block_tables(bd), want, m,
                                               q4.stride(0) if q4.numel() else 0, q8.stride(0) if q8.numel() else 0,
                                               sc.stride(0), want.stride(0), BLOCK_M=32,
                                               CLASS_MODE=scale_mode == "class", num_warps=4)
