@@ -206,6 +206,13 @@ def _class_slot(block_bits: torch.Tensor) -> torch.Tensor:
     return torch.where(is8.bool(), c8, c4).to(torch.int32)
 
 
+def block_tables(block_bits: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(bits int32 [nb], class slots int32 [nb])`` of a block map, computed once per map tensor
+    (cached: no cast / cumsum kernels per call); shared with :mod:`cometq.kernels.dequant_gemm`."""
+    return (derived(block_bits, "act_quant.bits_i32", lambda t: t.to(torch.int32)),
+            derived(block_bits, "act_quant.class_slot", _class_slot))
+
+
 def _block_m(m: int) -> int:
     if interpreting():
         # the interpreter pays per program: one big tile
@@ -318,8 +325,7 @@ def _launch_act(x, perm, block_bits, scale_mode, int4_clip, identity_perm, block
     nb = block_bits.shape[0]
     # per block map, computed once (a layer's map is a long-lived tensor): no cumsum /
     # cast kernels per call
-    slot = derived(block_bits, "act_quant.class_slot", _class_slot)
-    bits = derived(block_bits, "act_quant.bits_i32", lambda t: t.to(torch.int32))
+    bits, slot = block_tables(block_bits)
     class_mode = scale_mode == "class"
     by_rows = _use_rows(m, scale_mode, rows)
     bm = block_m or (ROWS_BLOCK_M if by_rows and not interpreting() else _block_m(m))

@@ -131,6 +131,8 @@ def w4ax_gemm_dequant(q4, q8, a_scales, block_bits, qweight, w_scales, group: in
     a = torch.empty(m, nb * 128, dtype=dt, device=qweight.device)
     if m and nb:
         bm = 32
+        from .act_quant import block_tables
+
         bits, slots = block_tables(block_bits)
         dequant_act_kernel[(triton.cdiv(m, bm), nb)](
             q4, q8, a_scales, bits, slots, a, m, q4.stride(0) if q4.numel() else 0,
@@ -152,16 +154,6 @@ def w4ax_linear_dequant(x, perm, block_bits, n_int8: int, scale_mode: str, int4_
     a = fake_quant_act_triton(x, perm, block_bits, n_int8, scale_mode, out_dtype=_operand_dtype(out_dtype),
                               identity_perm=identity_perm, int4_clip=int4_clip)
     return dequant_weight_gemm(a, qweight, w_scales, w_offsets, group, bias, out_dtype, stride_wb)
-
-
-def block_tables(block_bits: torch.Tensor):
-    """``(bits int32 [nb], class slots int32 [nb])`` of a block map, computed once per map tensor
-    (the act-quant kernels' cached tables)."""
-    from .act_quant import _class_slot
-    from ._common import derived
-
-    return (derived(block_bits, "act_quant.bits_i32", lambda t: t.to(torch.int32)),
-            derived(block_bits, "act_quant.class_slot", _class_slot))
 
 
 def _operand_dtype(out_dtype: torch.dtype) -> torch.dtype:

@@ -119,7 +119,8 @@ def test_fused_dequant_linear_is_bit_identical(m, k, n, pattern, scale_mode, ide
     out, bias, asymmetric g64 weights), and it stays within the dequant path's tolerance of the
     integer reference."""
     from cometq.kernels.act_quant import fake_quant_act_triton, quantize_act_triton
-    from cometq.kernels.dequant_gemm import block_tables, dequant_act_kernel, w4ax_linear_dequant
+    from cometq.kernels.act_quant import block_tables
+    from cometq.kernels.dequant_gemm import dequant_act_kernel, w4ax_linear_dequant
 
     g = torch.Generator().manual_seed(m * 7 + k)
     x = (torch.randn(m, k, generator=g) * (1 + 6 * (torch.rand(k, generator=g) > 0.9))).half()
