@@ -199,13 +199,14 @@ __host__ __device__ constexpr int cdiv_c(int a, int b) { return (a + b - 1) / b;
 // 32-bit: with 64-bit row products, clamps and sign extensions per chunk, the sm_90a SASS spent
 // ~180 instructions per warp and K block on issuing its 4-8 copies, more than the block's 40 MMAs
 // and their operand conversion together (the 64 x 64 asymmetric tile: ~630 per block in all);
-// now ~147 (static counts, INT4-block path).  (The first version looped with `c += THREADS`, ~60 instructions per copy; then compile-time trip
-// counts; keeping the offsets in registers across the K loop instead made ptxas spill the
-// 128-register tiles.)  Every row offset is below its tensor's extent, which cometq_w4ax_gemm
-// checks against INT32_MAX (cometq_gemm_offsets_fit).
+// now ~147 (static counts, INT4-block path).  (The first version looped with `c += THREADS`, ~60
+// instructions per copy; then compile-time trip counts; keeping the offsets in registers across
+// the K loop instead made ptxas spill the 128-register tiles.)  Every row offset is below its
+// tensor's extent, which cometq_w4ax_gemm checks against INT32_MAX (cometq_gemm_offsets_fit).
 // Rows past M / columns past N are zero-filled without a global read (the source is the clamped
 // row, a valid address); their results are never stored.
 // ---------------------------------------------------------------------------
+
 // One 16-byte chunk of rows [0, limit) (row `row`, byte column `col`, row stride `ld` bytes) from
 // base + row * ld + col into dst; a row >= limit is zero-filled from the clamped row's address.
 __device__ __forceinline__ void copy_row_chunk(void* dst, const void* base, int row, int limit, int ld, int col) {
