@@ -514,6 +514,24 @@ def bench_gemm(args, rows, errors, dev, budget=None, flush=lambda: None):
                                     _try(row, "triton-w16-wbm", wb, args, flops, nbytes)
                             except Exception as e:  # noqa: BLE001
                                 row["triton-w16_err"] = f"{type(e).__name__}: {str(e)[:160]}"
+                            if "cuda" in args.backend:
+                                # the same GEMM in CUDA (csrc/w16_gemm.cu; split and tile tuned per case
+                                # as the route runs it), from the same A'
+                                try:
+                                    import cometq._cuda_register as CR
+
+                                    if CR.HAS_W16:
+                                        cf = (lambda: CR._w16_impl(a16, qweight, w_sc, w_off, grp, None,
+                                                                   torch.float16))
+                                        cf()
+                                        _try(row, "cuda-w16", cf, args, flops, nbytes)
+                                        if qweight_bm is not None and m <= 64:
+                                            cb = (lambda: CR._w16_impl(a16, qweight_bm, w_sc, w_off, grp, None,
+                                                                       torch.float16))
+                                            cb()
+                                            _try(row, "cuda-w16-wbm", cb, args, flops, nbytes)
+                                except Exception as e:  # noqa: BLE001
+                                    row["cuda-w16_err"] = f"{type(e).__name__}: {str(e)[:160]}"
                         if qweight_bm is not None and m <= 64 and cfg is not None:
                             # same config as the triton column, weights block-major: each tile's block
                             # is one contiguous BN x 64-byte run instead of BN pieces 2K bytes apart
@@ -633,7 +651,7 @@ def markdown(rows, backends):
                 if "triton" in backends
                 else list(backends))
         if "cuda" in backends:
-            cols += ["cuda-wbm", "cuda-tuned"]
+            cols += ["cuda-wbm", "cuda-tuned", "cuda-w16", "cuda-w16-wbm"]
         head = ["shape", "M", "INT8 share", "weights", "MB moved", "FP16", "INT8", "FP8", "W4A16"] + cols
         head += [f"{b}+aq" for b in backends] + [f"{b} GB/s" for b in backends]
         head += [f"{c} vs FP16" for c in cols] + [f"{c} vs FP8" for c in cols]
@@ -677,13 +695,14 @@ def markdown(rows, backends):
                    "path='auto' picks between both; `triton-w16` (M <= 256): weights dequantized in registers, "
                    "16-bit MMA on the activations quantized and dequantized once (kernels/w16_gemm.py; GEMM "
                    "alone, `-wbm` block-major weights, `+aq` with the one-pass activation quantize-dequantize; "
-                   "not integer-exact). "
+                   "not integer-exact); `cuda-w16`: the same GEMM in CUDA (csrc/w16_gemm.cu, split and tile "
+                   "tuned per case). "
                    "TFLOP/s and the configs are in gemm.json.")
     graphed = [r for r in ours if any(k.endswith("-graph_us") for k in r)]
     if graphed:
         gcols = [c for c in backends] + [f"{b}+aq" for b in backends]
         for extra in ("triton-tma", "triton-wbm", "triton-tma-wbm", "cuda-wbm", "cuda-tuned", "triton-w16",
-                      "triton-w16-wbm", "triton-w16+aq"):
+                      "triton-w16-wbm", "triton-w16+aq", "cuda-w16", "cuda-w16-wbm"):
             if any(f"{extra}-graph_us" in r for r in graphed):
                 gcols.append(extra)
         out.append("")

@@ -28,6 +28,7 @@
 #   microbench.json|md            pytest-benchmark microbenchmarks (bench/test_microbench.py) + ratio table
 #   raw_errors.log                bench/diag_raw_errors.py: every raw-op TORCH_CHECK raises ("ALL RAISED") or names the crash
 #   cuda_gemm_smoke.log           the CUDA GEMM and act-quant vs the reference (group sizes, block patterns, split-K, asymmetric) before any timing
+#   cuda_w16_smoke.log            the CUDA w16 GEMM vs its reference (if a test fails, later stages run COMETQ_CUDA_W16=0)
 #   cuda_attn_smoke.log           the CUDA KV4 decode attention kernel vs the reference (if it fails, later stages run COMETQ_KV4_ATTN_CUDA=0)
 #   splitk_fixup_smoke.log        the in-kernel split-K reduction vs the reduce kernel (if it passes: COMETQ_SPLITK_FIXUP=1 after the Triton tests)
 #   cuda_fixup_smoke.log          the CUDA GEMM's in-kernel split-K reduction vs its finalize kernel (if it passes: COMETQ_CUDA_SPLITK_FIXUP=1)
@@ -48,7 +49,7 @@
 #        MAX_JOBS (default 16), PYTHON (default python3), GPU_CHECK_BUDGET_S,
 #        PYTEST_ARGS (extra pytest arguments), PYTEST_WORKERS (xdist workers, default 8), GPU_CHECK_SKIP (comma list of stages
 #        to skip: build, triton_tests, cuda_tests, toolchain, diag, gemm, gemm_large, gemm_shares, gemm_class, microbench,
-#        attention, act_quant, raw_errors, cuda_act_rows_smoke, cuda_gemm_smoke, cuda_fixup_smoke, cuda_attn_smoke, splitk_fixup_smoke, prefill, serving, autotune, tune_decode), GEMM_ARGS / ATTENTION_ARGS / SERVING_ARGS (the stages' arguments),
+#        attention, act_quant, raw_errors, cuda_act_rows_smoke, cuda_gemm_smoke, cuda_w16_smoke, cuda_fixup_smoke, cuda_attn_smoke, splitk_fixup_smoke, prefill, serving, autotune, tune_decode), GEMM_ARGS / ATTENTION_ARGS / SERVING_ARGS (the stages' arguments),
 #        GEMM_CAP / ATTENTION_CAP / ACT_QUANT_CAP,
 #        TRITON_TEST_FILES / CUDA_TEST_FILES (the test files of the two test stages), TRITON_TEST_WORKERS (12) /
 #        CUDA_TEST_WORKERS, TRITON_TESTS_CAP / CUDA_TESTS_CAP / DIAG_CAP /
@@ -304,6 +305,18 @@ if [ "$BUILD" = ok ] && ! skip cuda_gemm_smoke; then
     export COMETQ_BACKEND=triton
     stage cuda_backend_disabled "COMETQ_BACKEND=triton" 0
     log "cuda_gemm_smoke had failures: later stages run with COMETQ_BACKEND=triton"
+  fi
+  pack
+fi
+# the w16 route's CUDA GEMM (csrc/w16_gemm.cu, seventeenth session, CPU-emulated only): the whole
+# test file (~90 cases, ~15 s); a FAILED test makes every later stage run COMETQ_CUDA_W16=0 (the route
+# keeps the Triton w16 kernel).  The GEMM table's cuda-w16 columns and the serving rows use it.
+if [ "$BUILD" = ok ] && ! skip cuda_w16_smoke && [ "${COMETQ_BACKEND:-auto}" != triton ]; then
+  PYTEST_WORKERS=4 run_pytest cuda_w16_smoke 35 tests/test_cuda_w16.py || true
+  if [ -s "$W/cuda_w16_smoke.failures.txt" ]; then
+    export COMETQ_CUDA_W16=0
+    stage cuda_w16 "COMETQ_CUDA_W16=0 (smoke failed)" 0
+    log "cuda_w16_smoke had failures: later stages run with COMETQ_CUDA_W16=0"
   fi
   pack
 fi

@@ -154,6 +154,40 @@ __device__ __forceinline__ void cp_async_wait() {
 }
 
 // ---------------------------------------------------------------------------
+// Tile loaders shared by the GEMMs (w4ax_gemm.cu load_stage, w16_gemm.cu w16_load_stage): a tile's
+// rows are copied as 16-byte chunks at a 64-bit tile base plus a 32-bit row offset (row * row
+// stride + column, the row clamped to the last one; the launchers check every offset fits 32 bits).
+// ---------------------------------------------------------------------------
+__host__ __device__ constexpr int cdiv_c(int a, int b) { return (a + b - 1) / b; }
+
+// log2 of the weight groups per 128-channel block: 3, 2, 1 for G = 16, 32, 64; 0 for G >= 128
+// (G is validated by cometq_w4ax_gemm: 16, 32, 64 or a multiple of 128).
+__host__ __device__ constexpr int groups_per_block_log2(int group) {
+  return group >= kBlockK ? 0 : (group == 16 ? 3 : (group == 32 ? 2 : 1));
+}
+
+// One 16-byte chunk of rows [0, limit) (row `row`, byte column `col`, row stride `ld` bytes) from
+// base + row * ld + col into dst; a row >= limit is zero-filled from the clamped row's address.
+__device__ __forceinline__ void copy_row_chunk(void* dst, const void* base, int row, int limit, int ld, int col) {
+  const bool ok = row < limit;
+  const unsigned off = static_cast<unsigned>((ok ? row : limit - 1) * ld + col);
+  cp_async16_zfill(dst, static_cast<const uint8_t*>(base) + off, ok);
+}
+
+// The calling thread's chunks of a ROWS x (CPR x 16 bytes) tile: chunk i is row row0 + i * THREADS / CPR
+// (shared-memory destination dst + i * THREADS / CPR * DST_ROW), while chunk number
+// threadIdx.x + i * THREADS < ROWS * CPR.
+template <int ROWS, int CPR, int DST_ROW, int THREADS>
+__device__ __forceinline__ void copy_rows(uint8_t* dst, const void* base, int row0, int limit, int ld, int col) {
+  static_assert(THREADS % CPR == 0, "a thread's chunks must share their column");
+#pragma unroll
+  for (int i = 0; i < cdiv_c(ROWS * CPR, THREADS); ++i) {
+    if ((ROWS * CPR) % THREADS != 0 && static_cast<int>(threadIdx.x) + i * THREADS >= ROWS * CPR) break;
+    copy_row_chunk(dst + i * (THREADS / CPR) * DST_ROW, base, row0 + i * (THREADS / CPR), limit, ld, col);
+  }
+}
+
+// ---------------------------------------------------------------------------
 // mma.sync wrappers.  Fragment layouts (PTX ISA, "Matrix fragments for mma.m16n8k32
 // / m16n8k64"), with g = lane / 4 ("groupID") and t = lane % 4:
 //
@@ -234,6 +268,11 @@ __device__ __forceinline__ uint32_t nib_hi_x16_masked(uint32_t w, uint32_t keep)
 // yields (c0,c2,c4,c6) and (c1,c3,c5,c7): the same even/odd split as above.
 __device__ __forceinline__ uint32_t bytes_even(uint32_t p, uint32_t q) { return __byte_perm(p, q, 0x6420); }
 __device__ __forceinline__ uint32_t bytes_odd(uint32_t p, uint32_t q) { return __byte_perm(p, q, 0x7531); }
+
+// Host: out = sum of the fp32 slabs ws[0..splits) of [M, N] in split order (+ bias), converted to
+// out_dtype (w4ax_gemm.cu; the split-K epilogue of both GEMMs).
+cudaError_t launch_splitk_finalize(const float* ws, int splits, int M, int N, const void* bias, int bias_dtype,
+                                   void* out, int64_t ld_out, int out_dtype, cudaStream_t stream);
 
 // ---------------------------------------------------------------------------
 // dtype helpers

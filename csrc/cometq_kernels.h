@@ -112,6 +112,48 @@ int64_t cometq_gemm_num_tiles(int M, int N, int tile);
 cudaError_t cometq_w4ax_gemm(const CometqGemmArgs* args, cudaStream_t stream);
 
 // ---------------------------------------------------------------------------
+// The w16 route's GEMM (csrc/w16_gemm.cu; same contract as cometq.kernels.w16_gemm.w16_gemm):
+//   out[m, n] = sum_k A'[m, k] * W'[n, k] (+ bias[n]),  W'[n, k] = v * s (+ o) in the operand dtype
+// with A' the activation operand of cometq_quantize_act's FAKE output (half-split K order) and
+// v the weight nibble of the same half-split position; fp32 accumulation, one final rounding.
+// Not integer-exact: within cometq.kernels.dequant_gemm.DEQUANT_GEMM_RTOL of the reference.
+// ---------------------------------------------------------------------------
+// Tile variant (a tuning knob): AUTO = by M (16, 32 or 64 tokens x 128 weight rows per CTA, 4
+// warps); WIDE = 64 tokens x 256 weight rows, 8 warps (half the A' traffic per weight byte).
+enum { COMETQ_W16_TILE_AUTO = 0, COMETQ_W16_TILE_WIDE = 1 };
+
+typedef struct CometqW16Args {
+  const void* a;            // [M, K_pad] fp16 or bf16 (a_dtype), row stride lda elements (a multiple
+  int64_t lda;              // of 8: 16-byte rows), 16-byte aligned base
+  int a_dtype;              // COMETQ_DTYPE_F16 / BF16: the operand (and MMA) dtype
+  const uint8_t* qweight;   // [N, K_pad/2] nibbles, row stride ld_w bytes, 16-byte aligned rows
+  int64_t ld_w;
+  int64_t ld_wb;            // bytes between 128-channel blocks of a row: 64 (row-major) or N*64 (block-major)
+  const float* w_scales;    // [N, K_pad/G] row stride ld_ws elements
+  int64_t ld_ws;
+  const float* w_offsets;   // [N, K_pad/G] row stride ld_wo, or NULL (symmetric weights)
+  int64_t ld_wo;
+  const void* bias;         // [N] or NULL
+  int bias_dtype;
+  void* out;                // [M, N] row stride ld_out elements
+  int64_t ld_out;
+  int out_dtype;
+  float* workspace;         // fp32 [split_k, M, N] (split_k > 1)
+  int M, N, n_blocks;       // n_blocks = K_pad / 128
+  int group;                // effective weight group width G: 16, 32, 64 or a multiple of 128
+  int split_k;              // >= 1 (cometq_w16_choose_split)
+  int tile;                 // COMETQ_W16_TILE_*
+} CometqW16Args;
+
+// Output tiles of an M x N launch (tile: COMETQ_W16_TILE_*).
+int64_t cometq_w16_num_tiles(int M, int N, int tile);
+// Split-K factor: requested > 0 honoured (clamped to n_blocks); else ~2 CTAs per SM, >= 4 blocks per split.
+int cometq_w16_choose_split(int M, int N, int n_blocks, int sm_count, int tile, int requested);
+// Whether M * lda * 2, N * ld_w, N * ld_ws, N * ld_wo fit 32 bits (the loader's row offsets).
+int cometq_w16_offsets_fit(const CometqW16Args* args);
+cudaError_t cometq_w16_gemm(const CometqW16Args* args, cudaStream_t stream);
+
+// ---------------------------------------------------------------------------
 // Activation quantization (bit-identical to reference.quantize_activation):
 // permute, zero-pad to K_pad, per-token per-block absmax, scale = absmax/qmax
 // (IEEE division; INT4 blocks: (absmax * int4_clip) / 7, the product rounded to

@@ -162,6 +162,56 @@ at::Tensor fake_quant_act_cuda(const at::Tensor& x, const at::Tensor& perm, cons
   return out;
 }
 
+// qweight: the row-major format [N, K_pad/2], or the block-major view [N, NB, 64] with strides
+// (64, N*64, 1) of [NB, N, 64] storage (layout.weights_block_major).  Returns whether block-major.
+bool check_weight_layout(const at::Tensor& qweight, const char* op) {
+  const bool block_major = qweight.dim() == 3;
+  TORCH_CHECK(qweight.dim() == 2 || (block_major && qweight.size(2) == kBlockK / 2 &&
+                                     qweight.stride(0) == kBlockK / 2 &&
+                                     qweight.stride(1) == qweight.size(0) * (kBlockK / 2) && qweight.stride(2) == 1),
+              op, ": qweight must be 2-D [N, K_pad/2] or the block-major view [N, NB, 64] with strides (64, N*64, 1), "
+              "got shape ", qweight.sizes(), " strides ", qweight.strides());
+  return block_major;
+}
+
+// The effective group width (K_pad for -1) under the rules of reference.check_group_size.
+int64_t resolve_group(int64_t group_size, int64_t k_pad, const char* op) {
+  if (group_size == -1) return k_pad;
+  const bool ok_small = group_size >= 16 && kBlockK % group_size == 0 && (group_size & (group_size - 1)) == 0;
+  const bool ok_large = group_size > 0 && group_size % kBlockK == 0 && k_pad % group_size == 0;
+  TORCH_CHECK(ok_small || ok_large, op, ": group_size=", group_size, " is not supported for K_pad=", k_pad,
+              ": use -1 (per channel), 16, 32, 64, 128, or a multiple of 128 that divides K_pad");
+  return group_size;
+}
+
+// w_scales (and w_offsets when given) fp32 contiguous [N, K_pad/G]; returns the offsets' pointer or NULL.
+const float* check_weight_scales(const at::Tensor& w_scales, const std::optional<at::Tensor>& w_offsets, int64_t N,
+                                 int64_t k_pad, int64_t G, int64_t group_size, const char* op, const at::Device& dev) {
+  TORCH_CHECK(w_scales.size(0) == N && w_scales.size(1) == k_pad / G, op, ": w_scales shape ", w_scales.sizes(),
+              " != (", N, ", ", k_pad / G, ") for group_size=", group_size);
+  if (!w_offsets.has_value()) return nullptr;
+  const at::Tensor& wo = *w_offsets;
+  check_cuda(wo, op, "w_offsets", dev);
+  check_dtype(wo, at::kFloat, op, "w_offsets");
+  TORCH_CHECK(wo.dim() == 2 && wo.size(0) == N && wo.size(1) == k_pad / G, op, ": w_offsets shape ", wo.sizes(),
+              " != w_scales shape (", N, ", ", k_pad / G, ") for group_size=", group_size);
+  check_contig(wo, op, "w_offsets");
+  return wo.data_ptr<float>();
+}
+
+// bias: 1-D [N] contiguous (fp16 / bf16 / fp32); its pointer or NULL, its dtype code in *code.
+const void* check_bias(const std::optional<at::Tensor>& bias, int64_t N, const char* op, const at::Device& dev,
+                       int* code) {
+  *code = COMETQ_DTYPE_F32;
+  if (!bias.has_value()) return nullptr;
+  const at::Tensor& bt = *bias;
+  check_cuda(bt, op, "bias", dev);
+  *code = dtype_code(bt.scalar_type(), op);
+  TORCH_CHECK(bt.dim() == 1 && bt.size(0) == N, op, ": bias shape ", bt.sizes(), " != (", N, ",)");
+  check_contig(bt, op, "bias");
+  return bt.data_ptr();
+}
+
 // ---------------------------------------------------------------------------
 at::Tensor w4ax_gemm_cuda(const at::Tensor& q4, const at::Tensor& q8, const at::Tensor& a_scales,
                           const at::Tensor& block_bits, const at::Tensor& qweight, const at::Tensor& w_scales,
@@ -189,14 +239,7 @@ at::Tensor w4ax_gemm_cuda(const at::Tensor& q4, const at::Tensor& q8, const at::
   TORCH_CHECK(a_scales.dim() == 2, op, ": a_scales must be 2-D, got shape ", a_scales.sizes());
   TORCH_CHECK(block_bits.dim() == 1 && block_bits.size(0) >= 1, op, ": block_bits must be 1-D and non-empty, got shape ",
               block_bits.sizes());
-  // qweight: the row-major format [N, K_pad/2], or the block-major view [N, NB, 64] with strides
-  // (64, N*64, 1) of [NB, N, 64] storage (layout.weights_block_major)
-  const bool w_block_major = qweight.dim() == 3;
-  TORCH_CHECK(qweight.dim() == 2 || (w_block_major && qweight.size(2) == kBlockK / 2 &&
-                                     qweight.stride(0) == kBlockK / 2 &&
-                                     qweight.stride(1) == qweight.size(0) * (kBlockK / 2) && qweight.stride(2) == 1),
-              op, ": qweight must be 2-D [N, K_pad/2] or the block-major view [N, NB, 64] with strides (64, N*64, 1), "
-              "got shape ", qweight.sizes(), " strides ", qweight.strides());
+  const bool w_block_major = check_weight_layout(qweight, op);
   TORCH_CHECK(w_scales.dim() == 2, op, ": w_scales must be 2-D [N, K_pad/G], got shape ", w_scales.sizes());
   check_contig(q4, op, "q4");
   check_contig(q8, op, "q8");
@@ -226,38 +269,10 @@ at::Tensor w4ax_gemm_cuda(const at::Tensor& q4, const at::Tensor& q8, const at::
   const int64_t ns = scale_mode == COMETQ_SCALE_BLOCK ? nb : 2;
   TORCH_CHECK(a_scales.size(1) == ns, op, ": a_scales shape ", a_scales.sizes(), " needs ", ns, " columns in ",
               scale_mode == COMETQ_SCALE_BLOCK ? "block" : "class", " mode");
-  // group size rules of reference.check_group_size
-  int64_t G = group_size;
-  if (group_size == -1) {
-    G = k_pad;
-  } else {
-    const bool ok_small = group_size >= 16 && kBlockK % group_size == 0 && (group_size & (group_size - 1)) == 0;
-    const bool ok_large = group_size > 0 && group_size % kBlockK == 0 && k_pad % group_size == 0;
-    TORCH_CHECK(ok_small || ok_large, op, ": group_size=", group_size, " is not supported for K_pad=", k_pad,
-                ": use -1 (per channel), 16, 32, 64, 128, or a multiple of 128 that divides K_pad");
-  }
-  TORCH_CHECK(w_scales.size(0) == N && w_scales.size(1) == k_pad / G, op, ": w_scales shape ", w_scales.sizes(),
-              " != (", N, ", ", k_pad / G, ") for group_size=", group_size);
-  const float* off_ptr = nullptr;
-  if (w_offsets.has_value()) {
-    const at::Tensor& wo = *w_offsets;
-    check_cuda(wo, op, "w_offsets", dev);
-    check_dtype(wo, at::kFloat, op, "w_offsets");
-    TORCH_CHECK(wo.dim() == 2 && wo.size(0) == N && wo.size(1) == k_pad / G, op, ": w_offsets shape ", wo.sizes(),
-                " != w_scales shape (", N, ", ", k_pad / G, ") for group_size=", group_size);
-    check_contig(wo, op, "w_offsets");
-    off_ptr = wo.data_ptr<float>();
-  }
-  const void* bias_ptr = nullptr;
+  const int64_t G = resolve_group(group_size, k_pad, op);
+  const float* off_ptr = check_weight_scales(w_scales, w_offsets, N, k_pad, G, group_size, op, dev);
   int bias_code = COMETQ_DTYPE_F32;
-  if (bias.has_value()) {
-    const at::Tensor& bt = *bias;
-    check_cuda(bt, op, "bias", dev);
-    bias_code = dtype_code(bt.scalar_type(), "cometq_C::w4ax_gemm: bias");
-    TORCH_CHECK(bt.dim() == 1 && bt.size(0) == N, op, ": bias shape ", bt.sizes(), " != (", N, ",)");
-    check_contig(bt, op, "bias");
-    bias_ptr = bt.data_ptr();
-  }
+  const void* bias_ptr = check_bias(bias, N, op, dev, &bias_code);
   TORCH_CHECK(mma_path >= 0 && mma_path <= 2, op, ": mma_path must be 0 (auto), 1 (s4) or 2 (s8), got ", mma_path);
   TORCH_CHECK(split_k >= 0, op, ": split_k must be >= 0 (0 = auto), got ", split_k);
   TORCH_CHECK(tile == 0 || tile == 1, op, ": tile must be 0 (by M) or 1 (64x64, 3 stages), got ", tile);
@@ -326,6 +341,88 @@ at::Tensor w4ax_gemm_cuda(const at::Tensor& q4, const at::Tensor& q8, const at::
               q4.sizes(), ", q8 ", q8.sizes(), ", a_scales ", a_scales.sizes(), ", qweight ", qweight.sizes(),
               ", w_scales ", w_scales.sizes(), "): each must span < 2^31 bytes (scales: elements)");
   check_cuda_error(cometq_w4ax_gemm(&a, c10::cuda::getCurrentCUDAStream()), op);
+  return out;
+}
+
+// ---------------------------------------------------------------------------
+// y = A' @ W'^T (+ bias), the w16 route's GEMM (csrc/w16_gemm.cu)
+at::Tensor w16_gemm_cuda(const at::Tensor& a, const at::Tensor& qweight, const at::Tensor& w_scales,
+                         const std::optional<at::Tensor>& w_offsets, int64_t group_size,
+                         const std::optional<at::Tensor>& bias, at::ScalarType out_dtype, int64_t split_k,
+                         int64_t tile) {
+  constexpr const char* op = "cometq_C::w16_gemm";
+  const at::Device dev = qweight.device();
+  check_cuda(a, op, "a", dev);
+  check_cuda(qweight, op, "qweight", dev);
+  check_cuda(w_scales, op, "w_scales", dev);
+  TORCH_CHECK(a.scalar_type() == at::kHalf || a.scalar_type() == at::kBFloat16, op,
+              ": a must be float16 or bfloat16 (the MMA operand dtype), got ", a.scalar_type());
+  check_dtype(qweight, at::kByte, op, "qweight");
+  check_dtype(w_scales, at::kFloat, op, "w_scales");
+  const int out_code = dtype_code(out_dtype, "cometq_C::w16_gemm: out_dtype");
+  TORCH_CHECK(a.dim() == 2, op, ": a must be 2-D [M, K_pad], got shape ", a.sizes());
+  TORCH_CHECK(a.stride(1) == 1 && a.stride(0) % 8 == 0 && a.stride(0) >= a.size(1), op,
+              ": a must have unit column stride and a row stride that is a multiple of 8 elements (16-byte rows), "
+              "got shape ", a.sizes(), " strides ", a.strides());
+  TORCH_CHECK(a.size(1) >= kBlockK && a.size(1) % kBlockK == 0, op, ": a shape ", a.sizes(),
+              " must be [M, K_pad] with K_pad a positive multiple of ", kBlockK);
+  const bool w_block_major = check_weight_layout(qweight, op);
+  TORCH_CHECK(w_scales.dim() == 2, op, ": w_scales must be 2-D [N, K_pad/G], got shape ", w_scales.sizes());
+  if (!w_block_major) check_contig(qweight, op, "qweight");
+  check_contig(w_scales, op, "w_scales");
+  check_aligned16(a, op, "a");
+  check_aligned16(qweight, op, "qweight");
+  const int64_t M = a.size(0), N = qweight.size(0), k_pad = a.size(1), nb = k_pad / kBlockK;
+  const int64_t w_k_pad = w_block_major ? qweight.size(1) * kBlockK : qweight.size(1) * 2;
+  TORCH_CHECK(w_k_pad == k_pad, op, ": qweight shape ", qweight.sizes(), " holds K_pad=", w_k_pad, " but a shape ",
+              a.sizes(), " has K_pad=", k_pad);
+  const int64_t G = resolve_group(group_size, k_pad, op);
+  const float* off_ptr = check_weight_scales(w_scales, w_offsets, N, k_pad, G, group_size, op, dev);
+  int bias_code = COMETQ_DTYPE_F32;
+  const void* bias_ptr = check_bias(bias, N, op, dev, &bias_code);
+  TORCH_CHECK(split_k >= 0, op, ": split_k must be >= 0 (0 = auto), got ", split_k);
+  TORCH_CHECK(tile == COMETQ_W16_TILE_AUTO || tile == COMETQ_W16_TILE_WIDE, op,
+              ": tile must be 0 (by M) or 1 (the wide 64 x 256 tile), got ", tile);
+  TORCH_CHECK(M <= INT32_MAX && N <= INT32_MAX && nb <= (1 << 20), op, ": problem too large (M=", M, ", N=", N,
+              ", blocks=", nb, ")");
+
+  const c10::cuda::CUDAGuard guard(dev);
+  auto out = at::empty({M, N}, qweight.options().dtype(out_dtype));
+  if (M == 0 || N == 0) return out;
+  int sm_count = 1;
+  check_cuda_error(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, dev.index()), op);
+  const int split = cometq_w16_choose_split(static_cast<int>(M), static_cast<int>(N), static_cast<int>(nb), sm_count,
+                                            static_cast<int>(tile), static_cast<int>(split_k));
+  at::Tensor ws;
+  if (split > 1) ws = at::empty({split, M, N}, qweight.options().dtype(at::kFloat));  // slabs, fully written
+
+  CometqW16Args p{};
+  p.a = a.data_ptr();
+  p.lda = a.stride(0);
+  p.a_dtype = a.scalar_type() == at::kHalf ? COMETQ_DTYPE_F16 : COMETQ_DTYPE_BF16;
+  p.qweight = qweight.data_ptr<uint8_t>();
+  p.ld_w = w_block_major ? kBlockK / 2 : qweight.size(1);
+  p.ld_wb = w_block_major ? qweight.stride(1) : kBlockK / 2;
+  p.w_scales = w_scales.data_ptr<float>();
+  p.ld_ws = w_scales.size(1);
+  p.w_offsets = off_ptr;
+  p.ld_wo = w_scales.size(1);
+  p.bias = bias_ptr;
+  p.bias_dtype = bias_code;
+  p.out = out.data_ptr();
+  p.ld_out = N;
+  p.out_dtype = out_code;
+  p.workspace = split > 1 ? ws.data_ptr<float>() : nullptr;
+  p.M = static_cast<int>(M);
+  p.N = static_cast<int>(N);
+  p.n_blocks = static_cast<int>(nb);
+  p.group = static_cast<int>(G);
+  p.split_k = split;
+  p.tile = static_cast<int>(tile);
+  TORCH_CHECK(cometq_w16_offsets_fit(&p), op, ": operands too large for the kernel's 32-bit row offsets (a ",
+              a.sizes(), ", qweight ", qweight.sizes(), ", w_scales ", w_scales.sizes(),
+              "): each must span < 2^31 bytes (scales: elements)");
+  check_cuda_error(cometq_w16_gemm(&p, c10::cuda::getCurrentCUDAStream()), op);
   return out;
 }
 
@@ -458,6 +555,9 @@ TORCH_LIBRARY(cometq_C, m) {
       "Tensor? w_offsets, int group_size, Tensor? bias, ScalarType out_dtype, int scale_mode, int split_k, "
       "int mma_path, int tile=0, Tensor(a!)? tile_counters=None) -> Tensor");
   m.def(
+      "w16_gemm(Tensor a, Tensor qweight, Tensor w_scales, Tensor? w_offsets, int group_size, Tensor? bias, "
+      "ScalarType out_dtype, int split_k, int tile=0) -> Tensor");
+  m.def(
       "kv4_decode_attention(Tensor q, Tensor k_packed, Tensor k_scale, Tensor k_zero, Tensor v_packed, "
       "Tensor v_scale, Tensor v_zero, Tensor tail_k, Tensor tail_v, Tensor block_tables, Tensor quant_lens, "
       "Tensor tail_lens, Tensor seq_ids, int group_size, float sm_scale, int num_splits, int variant=0) -> Tensor");
@@ -467,6 +567,7 @@ TORCH_LIBRARY_IMPL(cometq_C, CUDA, m) {
   m.impl("quantize_act", &quantize_act_cuda);
   m.impl("fake_quant_act", &fake_quant_act_cuda);
   m.impl("w4ax_gemm", &w4ax_gemm_cuda);
+  m.impl("w16_gemm", &w16_gemm_cuda);
   m.impl("kv4_decode_attention", &kv4_decode_attention_cuda);
 }
 

@@ -109,12 +109,6 @@ struct GemmCfg {
                 "scale area: 8-byte aligned column pairs, power-of-two BN");
 };
 
-// log2 of the weight groups per 128-channel block: 3, 2, 1 for G = 16, 32, 64; 0 for G >= 128
-// (G is validated by cometq_w4ax_gemm: 16, 32, 64 or a multiple of 128).
-__host__ __device__ constexpr int groups_per_block_log2(int group) {
-  return group >= kBlockK ? 0 : (group == 16 ? 3 : (group == 32 ? 2 : 1));
-}
-
 // M > 64: 128 x 64 tiles, 8 warps (4 x 2), warp tile 32 x 32; two CTAs per SM (<= 128 registers,
 // 2 x 90 KB of pipeline smem).
 using CfgLarge = GemmCfg<128, 64, 4, 2, 4, 2>;
@@ -185,7 +179,6 @@ __device__ __forceinline__ void split_range(const int* s_info, int nb, int z, in
   end = s_range[1];
 }
 
-__host__ __device__ constexpr int cdiv_c(int a, int b) { return (a + b - 1) / b; }
 
 // ---------------------------------------------------------------------------
 // Stage loader: K block b -> shared stage (A tile + B tile + the block's scales), all cp.async.
@@ -206,27 +199,6 @@ __host__ __device__ constexpr int cdiv_c(int a, int b) { return (a + b - 1) / b;
 // Rows past M / columns past N are zero-filled without a global read (the source is the clamped
 // row, a valid address); their results are never stored.
 // ---------------------------------------------------------------------------
-
-// One 16-byte chunk of rows [0, limit) (row `row`, byte column `col`, row stride `ld` bytes) from
-// base + row * ld + col into dst; a row >= limit is zero-filled from the clamped row's address.
-__device__ __forceinline__ void copy_row_chunk(void* dst, const void* base, int row, int limit, int ld, int col) {
-  const bool ok = row < limit;
-  const unsigned off = static_cast<unsigned>((ok ? row : limit - 1) * ld + col);
-  cp_async16_zfill(dst, static_cast<const uint8_t*>(base) + off, ok);
-}
-
-// The calling thread's chunks of a ROWS x (CPR x 16 bytes) tile: chunk i is row row0 + i * THREADS / CPR
-// (shared-memory destination dst + i * THREADS / CPR * DST_ROW), while chunk number
-// threadIdx.x + i * THREADS < ROWS * CPR.
-template <int ROWS, int CPR, int DST_ROW, int THREADS>
-__device__ __forceinline__ void copy_rows(uint8_t* dst, const void* base, int row0, int limit, int ld, int col) {
-  static_assert(THREADS % CPR == 0, "a thread's chunks must share their column");
-#pragma unroll
-  for (int i = 0; i < cdiv_c(ROWS * CPR, THREADS); ++i) {
-    if ((ROWS * CPR) % THREADS != 0 && static_cast<int>(threadIdx.x) + i * THREADS >= ROWS * CPR) break;
-    copy_row_chunk(dst + i * (THREADS / CPR) * DST_ROW, base, row0 + i * (THREADS / CPR), limit, ld, col);
-  }
-}
 
 template <class Cfg, bool HAS_OFF>
 __device__ __forceinline__ void load_stage(const CometqGemmArgs& p, const int* s_info, uint8_t* stage, int b,
@@ -640,6 +612,15 @@ __global__ void splitk_finalize_kernel(const float* __restrict__ ws, int splits,
 // ---------------------------------------------------------------------------
 // host side
 // ---------------------------------------------------------------------------
+cudaError_t launch_splitk_finalize(const float* ws, int splits, int M, int N, const void* bias, int bias_dtype,
+                                   void* out, int64_t ld_out, int out_dtype, cudaStream_t stream) {
+  const int64_t total = static_cast<int64_t>(M) * N;
+  const int threads = 256;
+  const int blocks = static_cast<int>(std::min<int64_t>((total + threads - 1) / threads, 4096));
+  splitk_finalize_kernel<<<blocks, threads, 0, stream>>>(ws, splits, M, N, bias, bias_dtype, out, ld_out, out_dtype);
+  return cudaGetLastError();
+}
+
 template <class Cfg, bool USE_S4, bool HAS_OFF, bool FIXUP = false>
 static cudaError_t launch_cfg(const CometqGemmArgs& a, cudaStream_t stream) {
   auto kernel = w4ax_gemm_kernel<Cfg, USE_S4, HAS_OFF, FIXUP>;
@@ -764,10 +745,6 @@ extern "C" cudaError_t cometq_w4ax_gemm(const CometqGemmArgs* args, cudaStream_t
     return cudaErrorInvalidValue;
   }
   if (err != cudaSuccess || a.split_k == 1 || fixup) return err;
-  const int64_t total = static_cast<int64_t>(a.M) * a.N;
-  const int threads = 256;
-  const int blocks = static_cast<int>(std::min<int64_t>((total + threads - 1) / threads, 4096));
-  cometq::splitk_finalize_kernel<<<blocks, threads, 0, stream>>>(a.workspace, a.split_k, a.M, a.N, a.bias,
-                                                                  a.bias_dtype, a.out, a.ld_out, a.out_dtype);
-  return cudaGetLastError();
+  return cometq::launch_splitk_finalize(a.workspace, a.split_k, a.M, a.N, a.bias, a.bias_dtype, a.out, a.ld_out,
+                                        a.out_dtype, stream);
 }

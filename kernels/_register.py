@@ -14,6 +14,7 @@ from cometq.ops import register_impl
 
 from .act_quant import fake_quant_act_triton, quantize_act_triton
 from .w4ax_gemm import w4ax_gemm_triton
+from .w16_gemm import w16_gemm
 
 
 def _triton_quantize_act(x, perm, block_bits, n_int8: int, scale_mode: str, int4_clip: float = 1.0):
@@ -34,3 +35,4 @@ def _triton_w4ax_gemm(q4, q8, a_scales, block_bits, qweight, w_scales, w_offsets
 register_impl("quantize_act", "triton", _triton_quantize_act)
 register_impl("fake_quant_act", "triton", _triton_fake_quant_act)
 register_impl("w4ax_gemm", "triton", _triton_w4ax_gemm)
+register_impl("w16_gemm", "triton", w16_gemm)

@@ -189,3 +189,41 @@ def test_gemm_operands_beyond_32_bit_row_offsets_are_refused():
     assert why is not None and "'q8': 3221225472" in why and "32-bit row offsets" in why
     with pytest.raises(ValueError, match=r"too large for the CUDA GEMM's 32-bit row offsets: \{'q8'"):
         CC.check_w4ax_gemm_inputs(**big)
+
+
+def _w16_args(sym=True, group=128):
+    g = torch.Generator().manual_seed(9)
+    qw = R.quantize_weight_rtn(rand_weight(24, K, generator=g), group, sym=sym)
+    return dict(a=torch.randn(3, 640, generator=g).half(), qweight=qw.qweight, w_scales=qw.scales,
+                w_offsets=qw.offsets, group_size=group, bias=None, out_dtype=torch.float16, split_k=0, tile=0)
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_good_w16_inputs_pass(sym):
+    a = _w16_args(sym)
+    CC.check_w16_gemm_inputs(**a)
+    CC.check_w16_gemm_inputs(**dict(a, a=a["a"].bfloat16(), qweight=weights_block_major(a["qweight"]),
+                                    bias=torch.randn(24), split_k=3, tile=1, out_dtype=torch.float32))
+
+
+@pytest.mark.parametrize("change,exc,match", [
+    (dict(a=torch.randn(3, 640)), TypeError, r"a must have dtype torch.float16 or torch.bfloat16"),
+    (dict(a=torch.randn(3, 576).half()), ValueError, r"K_pad a positive multiple of 128, got|multiple of 128"),
+    (dict(a=torch.randn(3, 768).half()), ValueError, r"holds K_pad=640 but a shape \(3, 768\)"),
+    (dict(group_size=48), ValueError, r"group_size"),
+    (dict(w_scales=torch.rand(24, 4)), ValueError, r"w_scales shape \(24, 4\) != \(24, 5\)"),
+    (dict(bias=torch.randn(7)), ValueError, r"bias shape \(7,\) != \(24,\)"),
+    (dict(split_k=-1), ValueError, r"split_k must be >= 0"),
+    (dict(tile=2), ValueError, r"tile must be 0 \(by M\) or 1"),
+    (dict(out_dtype=torch.int8), TypeError, r"out_dtype must be"),
+])
+def test_bad_w16_inputs_raise(change, exc, match):
+    with pytest.raises(exc, match=match):
+        CC.check_w16_gemm_inputs(**dict(_w16_args(), **change))
+
+
+def test_w16_operands_beyond_32_bit_row_offsets_are_refused():
+    a = torch.empty(1 << 20, 1 << 11, dtype=torch.float16, device="meta")  # 2^32 bytes of A'
+    why = CC.w16_extent_problem(a, torch.empty(24, 1024, dtype=torch.uint8), torch.empty(24, 16))
+    assert why is not None and "32-bit row offsets" in why and "'a': 4294967296" in why
+    assert CC.w16_extent_problem(a[:8], torch.empty(24, 1024, dtype=torch.uint8), torch.empty(24, 16)) is None

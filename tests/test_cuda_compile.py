@@ -28,13 +28,14 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
 ARCHS = ("sm_80", "sm_90a")
-KERNEL_FILES = ("w4ax_gemm.cu", "act_quant.cu", "kv4_attention.cu")
+KERNEL_FILES = ("w4ax_gemm.cu", "act_quant.cu", "kv4_attention.cu", "w16_gemm.cu")
 # ptxas entry counts per file: GEMM = 3 tile configs x 2 mma paths x {symmetric, asymmetric weights}
 # + split-K finalize; act_quant = 3 kernels x 3 input dtypes x 2 outputs (packed, FAKE)
 EXPECTED_ENTRIES = {"w4ax_gemm.cu": 29, "act_quant.cu": 18,  # gemm: 4 tiles x s4/s8 x sym/asym + the 3 M <= 64 tiles
                     # again with the in-kernel split-K reduction (FIXUP) + the finalize kernel;
                     # act_quant: class-row, block and rows kernels x 3 dtypes x packed / FAKE output
-                    "kv4_attention.cu": 10}  # head_dim 64/128 x fp16/bf16 IO x 2 launch variants + 2 reduces
+                    "kv4_attention.cu": 10,  # head_dim 64/128 x fp16/bf16 IO x 2 launch variants + 2 reduces
+                    "w16_gemm.cu": 16}  # 4 tiles x fp16/bf16 operands x sym/asym weights
 NVCC_FLAGS = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-Xptxas", "-v", "-I", CSRC]
 
 
@@ -77,6 +78,9 @@ def builds():
         out = os.path.join(tmp, f"w4ax_gemm.{arch}.ptx")
         jobs[("ptx", arch)] = [NVCC, "-ptx", f"-arch={arch}", "-O3", "-std=c++17", "-I", CSRC,
                                os.path.join(CSRC, "w4ax_gemm.cu"), "-o", out]
+        out = os.path.join(tmp, f"w16_gemm.{arch}.ptx")
+        jobs[("ptx-w16", arch)] = [NVCC, "-ptx", f"-arch={arch}", "-O3", "-std=c++17", "-I", CSRC,
+                                   os.path.join(CSRC, "w16_gemm.cu"), "-o", out]
         out = os.path.join(tmp, f"kv4_attention.{arch}.ptx")
         jobs[("ptx-kv4", arch)] = [NVCC, "-ptx", f"-arch={arch}", "-O3", "-std=c++17", "-I", CSRC,
                                    os.path.join(CSRC, "kv4_attention.cu"), "-o", out]
@@ -176,6 +180,22 @@ def test_kv4_attention_ptx_uses_the_intended_instructions(builds, arch):
     entries = [e for e in re.split(r"\.entry ", ptx)[1:] if "kv4_attn_kernel" in e.split("(")[0]]
     assert len(entries) == 8  # head_dim 64 / 128 x fp16 / bf16 query x 2 launch variants
     assert all(e.count("bar.sync") <= 2 for e in entries)  # after the query, before the merge
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_w16_ptx_uses_the_intended_instructions(builds, arch):
+    ptx = _ptx(builds, "ptx-w16", "w16_gemm", arch)
+    # 16-bit tensor cores, fp32 accumulation, both operand dtypes
+    assert "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in ptx
+    assert "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" in ptx
+    # nibbles -> 16-bit values by one (a & b) ^ c lop3 with the magic exponents (no int -> float cvt)
+    assert "0x6A;" in ptx
+    entries = [e for e in re.split(r"\.entry ", ptx)[1:] if "w16_gemm_kernel" in e.split("(")[0]]
+    assert len(entries) == 16
+    for e in entries:
+        assert "cp.async.cg.shared.global" in e and "cp.async.wait_group" in e
+        # no per-block float epilogue: the K loop converts no integer to float
+        assert "cvt.rn.f32.s32" not in e
 
 
 def test_bindings_syntax(builds):
@@ -279,6 +299,35 @@ int main() {
   CHECK(cometq_kv4_decode_attention(&k, 0) == cudaErrorInvalidValue);
   k.io_dtype = COMETQ_DTYPE_F16; k.variant = 2;                // no such launch variant
   CHECK(cometq_kv4_decode_attention(&k, 0) == cudaErrorInvalidValue);
+  // w16 GEMM: tiles, split rule, argument validation before any launch
+  CHECK(cometq_w16_num_tiles(1, 4096, COMETQ_W16_TILE_AUTO) == 32);     // 16 x 128 tiles
+  CHECK(cometq_w16_num_tiles(33, 4096, COMETQ_W16_TILE_AUTO) == 32);    // 64 x 128
+  CHECK(cometq_w16_num_tiles(100, 200, COMETQ_W16_TILE_AUTO) == 4);     // 2 x 2
+  CHECK(cometq_w16_num_tiles(64, 28672, COMETQ_W16_TILE_WIDE) == 112);  // 64 x 256
+  CHECK(cometq_w16_choose_split(1, 4096, 32, 132, 0, 0) == 8);          // ceil(264 / 32) = 9, capped at 32 / 4
+  CHECK(cometq_w16_choose_split(64, 28672, 32, 132, 0, 0) == 2);        // 224 tiles: ceil(264 / 224)
+  CHECK(cometq_w16_choose_split(64, 4096, 3, 132, 0, 0) == 1);          // < 8 blocks: never split
+  CHECK(cometq_w16_choose_split(64, 4096, 32, 132, 0, 5) == 5);         // requested
+  CHECK(cometq_w16_gemm(nullptr, 0) == cudaErrorInvalidValue);
+  CometqW16Args w = {};
+  w.M = 0; w.N = 8; w.n_blocks = 1;                            // empty problem: no launch
+  CHECK(cometq_w16_gemm(&w, 0) == cudaSuccess);
+  w.M = 4; w.group = 48;                                       // bad group
+  CHECK(cometq_w16_gemm(&w, 0) == cudaErrorInvalidValue);
+  w.group = 128; w.a_dtype = COMETQ_DTYPE_F32;                 // fp32 operands: the Triton kernel's
+  CHECK(cometq_w16_gemm(&w, 0) == cudaErrorInvalidValue);
+  w.a_dtype = COMETQ_DTYPE_F16;                                // null operands
+  CHECK(cometq_w16_gemm(&w, 0) == cudaErrorInvalidValue);
+  w.a = buf; w.qweight = buf; w.w_scales = (const float*)buf; w.out = buf;
+  w.ld_w = 64; w.ld_wb = 64; w.lda = 132; w.split_k = 1;       // A' rows not 16-byte multiples
+  CHECK(cometq_w16_gemm(&w, 0) == cudaErrorInvalidValue);
+  w.lda = 128; w.split_k = 2;                                  // split without workspace
+  CHECK(cometq_w16_gemm(&w, 0) == cudaErrorInvalidValue);
+  w.split_k = 1; w.tile = 5;                                   // no such tile
+  CHECK(cometq_w16_gemm(&w, 0) == cudaErrorInvalidValue);
+  w.tile = 0; w.M = 1 << 20; w.lda = 1 << 12;                  // A' spans 2^33 bytes: 32-bit offsets refused
+  CHECK(cometq_w16_offsets_fit(&w) == 0);
+  CHECK(cometq_w16_gemm(&w, 0) == cudaErrorInvalidValue);
   std::printf("%d failures\n", fails);
   return fails != 0;
 }

@@ -77,6 +77,22 @@ try:
     raise SystemExit("an int8 out_dtype was not rejected")
 except RuntimeError as err:
     assert "out_dtype must be float16, bfloat16 or float32" in str(err), err
+assert CR.HAS_W16
+for dt in (torch.float16, torch.bfloat16):
+    for wo in (None, meta(qw.offsets)):
+        y = torch.ops.cometq_C.w16_gemm(torch.empty(3, 640, dtype=dt, device="meta"), meta(qw.qweight),
+                                        meta(qw.scales), wo, 128, None, torch.float32, 0)
+        assert y.shape == (3, 40) and y.dtype == torch.float32
+assert torch.ops.cometq_C.w16_gemm(torch.empty(3, 640, dtype=torch.float16, device="meta"), meta(qw.qweight),
+                                   meta(qw.scales), None, 128, None, torch.float16, 2, 1).shape == (3, 40)
+for bad, msg in (((torch.float32, 0, 0), "a must be float16 or bfloat16"), ((torch.float16, 0, 2), "tile must be"),
+                 ((torch.float16, -1, 0), "split_k must be >= 0")):
+    try:
+        torch.ops.cometq_C.w16_gemm(torch.empty(3, 640, dtype=bad[0], device="meta"), meta(qw.qweight),
+                                    meta(qw.scales), None, 128, None, torch.float16, bad[1], bad[2])
+        raise SystemExit(f"{bad} was not rejected")
+    except RuntimeError as err:
+        assert msg in str(err), err
 e = lambda *s, dt=torch.float16: torch.empty(*s, dtype=dt, device="meta")
 i32 = torch.int32
 pool = [e(10, 2, 64, 64, dt=torch.uint8), e(10, 2, 2, 128), e(10, 2, 2, 128), e(10, 2, 64, 64, dt=torch.uint8),

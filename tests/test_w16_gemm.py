@@ -248,3 +248,48 @@ def test_w16_split_reduction_in_kernel_same_bits(bias, monkeypatch):
         assert torch.equal(W.w16_gemm(*args, config=cfg), want)
     assert CNT._COUNTERS and all(int(c.abs().sum()) == 0 for c in CNT._COUNTERS.values())
     _close(want, ref, torch.float16)
+
+
+@pytest.mark.parametrize("dt", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("group,sym,block_major", [(128, False, False), (32, True, True), (-1, False, True)])
+def test_w16_reference_op_matches_integer_reference(dt, group, sym, block_major):
+    """ops._ref_w16_gemm (the "reference" backend of the w16 GEMM, the spec of the Triton and CUDA
+    kernels) on the FAKE activation operand is the W4Ax product within the dequant tolerance."""
+    from cometq import ops
+
+    x, lay, qw, b, ref = _case(5, 576, 40, "mixed", group, sym, 3)
+    a = ops._ref_fake_quant_act(x, lay.perm, lay.block_bits, lay.n_int8, "block", lay.int4_clip, dt)
+    g = lay.block_bits.numel() * 128 if qw.group_size in (None, -1) else qw.group_size
+    qweight = weights_block_major(qw.qweight) if block_major else qw.qweight
+    y = ops._ref_w16_gemm(a, qweight, qw.scales, qw.offsets, g, None if b is None else b.to(dt), dt)
+    assert y.dtype == dt and y.shape == (5, 40)
+    _close(y, ref, dt)
+
+
+@pytest.mark.parametrize("dt", [torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+    DEV == "cpu", reason="the Triton interpreter's bf16 dot is not the GPU's (checked on the GPU)"))])
+def test_w16_triton_kernel_is_the_reference_op(dt):
+    """The Triton kernel against its op's reference on the same A': W' within one rounding of the
+    reference's (the interpreter rounds v * s and + o separately, the GPU fuses them; bf16 goes
+    through fp32), summed in fp32 vs float64."""
+    from cometq import ops
+    from cometq.kernels.w16_gemm import w16_gemm
+
+    x, lay, qw, b, ref = _case(7, 384, 72, "mixed", 64, False, 5)
+    a = ops._ref_fake_quant_act(x, lay.perm, lay.block_bits, lay.n_int8, "block", lay.int4_clip, dt)
+    want = ops._ref_w16_gemm(a, qw.qweight, qw.scales, qw.offsets, 64, None, torch.float32).double()
+    got = w16_gemm(a.to(DEV), qw.qweight.to(DEV), qw.scales.to(DEV), qw.offsets.to(DEV), 64, None,
+                   torch.float32).double().cpu()
+    tol = DEQUANT_GEMM_RTOL[dt] / 4 * float(want.abs().max())
+    assert float((got - want).abs().max()) <= tol
+
+
+def test_w16_gemm_dispatch_on_cpu_is_the_reference():
+    from cometq import ops
+
+    x, lay, qw, b, ref = _case(3, 256, 24, "int4", 128, True, 8)
+    a = ops._ref_fake_quant_act(x.half(), lay.perm, lay.block_bits, lay.n_int8, "block", lay.int4_clip,
+                                torch.float16)
+    y = ops._dispatch("w16_gemm", torch.device("cpu"), None, a, qw.qweight, qw.scales, None, 128, b.half(),
+                      torch.float16)
+    assert torch.equal(y, ops._ref_w16_gemm(a, qw.qweight, qw.scales, None, 128, b.half(), torch.float16))

@@ -92,18 +92,7 @@ def check_w4ax_gemm_inputs(q4, q8, a_scales, block_bits, qweight, w_scales, w_of
     if nb < 1:
         raise ValueError(f"block_bits must be 1-D and non-empty, got shape {tuple(block_bits.shape)}")
     half = BLOCK_K // 2
-    if qweight.dim() == 3:
-        n = qweight.shape[0]
-        if qweight.shape[2] != half or qweight.stride() != (half, n * half, 1):
-            raise ValueError(f"qweight must be 2-D [N, K_pad/2] or the block-major view [N, NB, {half}] with "
-                             f"strides ({half}, N*{half}, 1), got shape {tuple(qweight.shape)} strides "
-                             f"{qweight.stride()}")
-        w_k_pad = qweight.shape[1] * BLOCK_K
-    elif qweight.dim() == 2:
-        w_k_pad = qweight.shape[1] * 2
-    else:
-        raise ValueError(f"qweight must be 2-D [N, K_pad/2] or the block-major view [N, NB, {half}], "
-                         f"got shape {tuple(qweight.shape)}")
+    w_k_pad = _weight_k_pad(qweight)
     k_pad = nb * BLOCK_K
     if w_k_pad != k_pad:
         raise ValueError(f"qweight shape {tuple(qweight.shape)} holds K_pad={w_k_pad} but block_bits has {nb} "
@@ -121,7 +110,19 @@ def check_w4ax_gemm_inputs(q4, q8, a_scales, block_bits, qweight, w_scales, w_of
     ns = nb if _scale_mode(scale_mode) == "block" else 2
     if a_scales.shape[1] != ns:
         raise ValueError(f"a_scales shape {tuple(a_scales.shape)} needs {ns} columns in {scale_mode} mode")
-    g = check_group_size(group_size, k_pad)  # the format's rule (the kernel's TORCH_CHECK is the same)
+    _check_weight_side(w_scales, w_offsets, bias, group_size, n, k_pad, dev)
+    if int(split_k) < 0:
+        raise ValueError(f"split_k must be >= 0 (0 = auto), got {split_k}")
+    if m > _INT_MAX or n > _INT_MAX or nb > (1 << 20):
+        raise ValueError(f"problem too large (M={m}, N={n}, blocks={nb})")
+    why = gemm_extent_problem(q4, q8, a_scales, qweight, w_scales)
+    if why is not None:
+        raise ValueError(why)
+
+
+def _check_weight_side(w_scales, w_offsets, bias, group_size, n: int, k_pad: int, dev) -> None:
+    """Scales / offsets ``[N, K_pad/G]`` under the format's group rule, bias ``[N]`` (both GEMMs)."""
+    g = check_group_size(group_size, k_pad)  # the format's rule (the kernels' TORCH_CHECK is the same)
     if tuple(w_scales.shape) != (n, k_pad // g):
         raise ValueError(f"w_scales shape {tuple(w_scales.shape)} != ({n}, {k_pad // g}) for "
                          f"group_size={group_size}")
@@ -134,13 +135,68 @@ def check_w4ax_gemm_inputs(q4, q8, a_scales, block_bits, qweight, w_scales, w_of
         _cuda_tensor("bias", bias, dev, _FLOATS)
         if tuple(bias.shape) != (n,):
             raise ValueError(f"bias shape {tuple(bias.shape)} != ({n},)")
+
+
+def _weight_k_pad(qweight) -> int:
+    """K_pad of a row-major ``[N, K_pad/2]`` qweight or of its block-major ``[N, NB, 64]`` view
+    (strides ``(64, N*64, 1)``, layout.weights_block_major); ValueError for anything else."""
+    half = BLOCK_K // 2
+    if qweight.dim() == 3:
+        n = qweight.shape[0]
+        if qweight.shape[2] != half or qweight.stride() != (half, n * half, 1):
+            raise ValueError(f"qweight must be 2-D [N, K_pad/2] or the block-major view [N, NB, {half}] with "
+                             f"strides ({half}, N*{half}, 1), got shape {tuple(qweight.shape)} strides "
+                             f"{qweight.stride()}")
+        return qweight.shape[1] * BLOCK_K
+    if qweight.dim() == 2:
+        return qweight.shape[1] * 2
+    raise ValueError(f"qweight must be 2-D [N, K_pad/2] or the block-major view [N, NB, {half}], "
+                     f"got shape {tuple(qweight.shape)}")
+
+
+def check_w16_gemm_inputs(a, qweight, w_scales, w_offsets, group_size, bias, out_dtype, split_k: int,
+                          tile: int) -> None:
+    """What ``cometq_C::w16_gemm`` checks, as ValueError / TypeError (``a`` is made contiguous and
+    16-byte aligned by the caller)."""
+    if not isinstance(qweight, torch.Tensor):
+        raise TypeError(f"qweight must be a torch.Tensor, got {type(qweight).__name__}")
+    dev = qweight.device
+    _cuda_tensor("a", a, dev, (torch.float16, torch.bfloat16), 2)
+    _cuda_tensor("qweight", qweight, dev, (torch.uint8,))
+    _cuda_tensor("w_scales", w_scales, dev, (torch.float32,), 2)
+    if out_dtype not in _FLOATS:
+        raise TypeError(f"out_dtype must be float16, bfloat16 or float32, got {out_dtype}")
+    m, k_pad = a.shape
+    if k_pad < BLOCK_K or k_pad % BLOCK_K:
+        raise ValueError(f"a shape {tuple(a.shape)} must be [M, K_pad] with K_pad a positive multiple of {BLOCK_K}")
+    w_k_pad = _weight_k_pad(qweight)
+    if w_k_pad != k_pad:
+        raise ValueError(f"qweight shape {tuple(qweight.shape)} holds K_pad={w_k_pad} but a shape {tuple(a.shape)} "
+                         f"has K_pad={k_pad}")
+    n = qweight.shape[0]
+    _check_weight_side(w_scales, w_offsets, bias, group_size, n, k_pad, dev)
     if int(split_k) < 0:
         raise ValueError(f"split_k must be >= 0 (0 = auto), got {split_k}")
-    if m > _INT_MAX or n > _INT_MAX or nb > (1 << 20):
-        raise ValueError(f"problem too large (M={m}, N={n}, blocks={nb})")
-    why = gemm_extent_problem(q4, q8, a_scales, qweight, w_scales)
+    if tile not in (0, 1):
+        raise ValueError(f"tile must be 0 (by M) or 1 (the wide 64 x 256 tile), got {tile!r}")
+    if m > _INT_MAX or n > _INT_MAX or k_pad // BLOCK_K > (1 << 20):
+        raise ValueError(f"problem too large (M={m}, N={n}, blocks={k_pad // BLOCK_K})")
+    why = w16_extent_problem(a, qweight, w_scales)
     if why is not None:
         raise ValueError(why)
+
+
+def w16_extent_problem(a, qweight, w_scales):
+    """Why the CUDA w16 GEMM cannot address these operands, or None (32-bit row offsets, as
+    :func:`gemm_extent_problem`; cometq_w16_offsets_fit)."""
+    ld_w = qweight.shape[1] if qweight.dim() == 2 else BLOCK_K // 2
+    extents = {"a": a.shape[0] * a.shape[1] * a.element_size(), "qweight": qweight.shape[0] * ld_w,
+               "w_scales": w_scales.shape[0] * w_scales.shape[1]}
+    big = {k: v for k, v in extents.items() if v > _INT_MAX}
+    if big:
+        return (f"operands too large for the CUDA w16 GEMM's 32-bit row offsets: {big} (each must be < 2^31; "
+                f"a {tuple(a.shape)}, qweight {tuple(qweight.shape)}, w_scales {tuple(w_scales.shape)})")
+    return None
 
 
 def gemm_extent_problem(q4, q8, a_scales, qweight, w_scales):

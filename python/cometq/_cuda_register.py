@@ -37,9 +37,11 @@ from . import _cuda_split, ops
 from ._counters import COUNTERS_MIN as CUDA_COUNTERS_MIN
 from ._counters import tile_counters as cuda_tile_counters  # (shared with the Triton GEMMs' reduction)
 from ._cuda_checks import (check_kv4_attention_inputs, check_quantize_act_inputs, check_w4ax_gemm_inputs,
-                           gemm_extent_problem, kv4_attention_unsupported)
+                           check_w16_gemm_inputs, gemm_extent_problem, kv4_attention_unsupported,
+                           w16_extent_problem)
 
-__all__ = ["SCALE_MODE_CODES", "MMA_PATHS", "cuda_quantize_act", "cuda_fake_quant_act", "cuda_w4ax_gemm", "cuda_kv4_decode_attention",
+__all__ = ["SCALE_MODE_CODES", "MMA_PATHS", "cuda_quantize_act", "cuda_fake_quant_act", "cuda_w4ax_gemm", "cuda_w16_gemm",
+           "cuda_kv4_decode_attention",
            "kv4_attention_cuda_enabled", "check_quantize_act_inputs", "check_w4ax_gemm_inputs",
            "cuda_splitk_fixup_enabled", "cuda_tile_counters"]
 
@@ -51,6 +53,9 @@ MMA_PATHS = {"auto": 0, "s4": 1, "s8": 2}
 #: stages (4 CTAs per SM instead of 3), M <= 64 only -- a tuning knob like split_k
 TILES = (0, 1)
 TILE_MID3_MAX_M = 64
+#: w16 GEMM tile variants (COMETQ_W16_TILE_*): 0 = by M (16 / 32 / 64 tokens x 128 weight rows),
+#: 1 = 64 tokens x 256 weight rows (8 warps)
+W16_TILES = (0, 1)
 #: launch variants of the CUDA KV4 attention kernel (csrc/kv4_attention.cu): 0 = 4 CTAs per SM,
 #: each tile loaded when it starts; 1 = 3 CTAs per SM, the next tile loaded while one computes
 KV4_ATTN_VARIANTS = (0, 1)
@@ -98,6 +103,19 @@ def _w4ax_gemm_fake(q4, q8, a_scales, block_bits, qweight, w_scales, w_offsets, 
         torch._check(tuple(w_offsets.shape) == tuple(w_scales.shape),
                      lambda: f"w_offsets shape {tuple(w_offsets.shape)} != w_scales shape {tuple(w_scales.shape)}")
     return qweight.new_empty((a_scales.shape[0], qweight.shape[0]), dtype=out_dtype)
+
+
+#: the extension has the w16 GEMM (csrc/w16_gemm.cu; a library built before it lacks it)
+HAS_W16 = hasattr(torch.ops.cometq_C, "w16_gemm")
+
+if HAS_W16:
+    @torch.library.register_fake("cometq_C::w16_gemm")
+    def _w16_gemm_fake(a, qweight, w_scales, w_offsets, group_size, bias, out_dtype, split_k, tile=0):
+        torch._check(a.dtype in (torch.float16, torch.bfloat16),
+                     lambda: f"a must be float16 or bfloat16, got {a.dtype}")
+        torch._check(tile in W16_TILES, lambda: f"tile must be 0 (by M) or 1 (the wide tile), got tile={tile}")
+        torch._check(split_k >= 0, lambda: f"split_k must be >= 0 (0 = auto), got {split_k}")
+        return qweight.new_empty((a.shape[0], qweight.shape[0]), dtype=out_dtype)
 
 
 @torch.library.register_fake("cometq_C::kv4_decode_attention")
@@ -207,6 +225,43 @@ def cuda_w4ax_gemm(q4, q8, a_scales, block_bits, qweight, w_scales, group_size, 
         int(tile),
         tile_counters,
     )
+
+
+def cuda_w16_gemm(a, qweight, w_scales, w_offsets, group, bias, out_dtype, stride_wb=None, config=None, *,
+                  split_k: int = 0, tile: int = 0):
+    """The w16 route's GEMM in CUDA (csrc/w16_gemm.cu): same contract as
+    :func:`cometq.kernels.w16_gemm.w16_gemm` for fp16 / bf16 ``a`` (``group``: the resolved width;
+    ``stride_wb`` / ``config`` are the Triton kernel's launch details, ignored); ``split_k`` (0 =
+    the kernel's rule) and ``tile`` (:data:`W16_TILES`) are tuning knobs."""
+    a = _aligned(a)
+    check_w16_gemm_inputs(a, qweight, w_scales, w_offsets, group, bias, out_dtype, split_k, tile)
+    return torch.ops.cometq_C.w16_gemm(
+        a, qweight if qweight.dim() == 3 else _aligned(qweight), w_scales.contiguous(),
+        None if w_offsets is None else w_offsets.contiguous(), int(group),
+        None if bias is None else bias.contiguous(), out_dtype, int(split_k), int(tile))
+
+
+#: ``(split_k, tile)`` candidates the "cuda" w16 GEMM times per case (split 0: the kernel's rule)
+W16_CHOICES = tuple((s, t) for t in W16_TILES for s in (0, 1, 2, 4, 8))
+
+
+def _w16_impl(a, qweight, w_scales, w_offsets, group, bias, out_dtype, stride_wb=None):
+    if a.dtype not in (torch.float16, torch.bfloat16):
+        raise ops.BackendUnsupported(f"the CUDA w16 GEMM takes float16 / bfloat16 operands, got {a.dtype}")
+    why = w16_extent_problem(a, qweight, w_scales)
+    if why is not None:
+        raise ops.BackendUnsupported(why)
+    nb = a.shape[1] // BLOCK_K
+
+    def launch(choice):
+        return cuda_w16_gemm(a, qweight, w_scales, w_offsets, group, bias, out_dtype, split_k=choice[0],
+                             tile=choice[1])
+
+    cands = [c for c in W16_CHOICES if c[0] <= max(1, nb // 2)]
+    key = ("w16",) + _cuda_split.split_key(a.shape[0], qweight.shape[0], nb, 0, int(group), w_offsets is not None,
+                                           qweight.dim() == 3, "graph") + (str(a.dtype), bias is not None)
+    choice = _cuda_split.tuned_choice(key, cands, a.device, launch)
+    return launch(choice)
 
 
 def _act_impl(x, perm, block_bits, n_int8, scale_mode, int4_clip=1.0):
@@ -329,5 +384,10 @@ ops.register_impl("quantize_act", "cuda", _act_impl)
 CUDA_FAKE_QUANT_ENV = "COMETQ_CUDA_FAKE_QUANT"
 if HAS_FAKE_QUANT and os.environ.get(CUDA_FAKE_QUANT_ENV, "1") != "0":
     ops.register_impl("fake_quant_act", "cuda", cuda_fake_quant_act)
+#: ``COMETQ_CUDA_W16=0``: the "cuda" backend offers no ``w16_gemm`` (the w16 route runs the Triton
+#: kernel; bench/gpu_check.sh sets it when the CUDA kernel's GPU test fails)
+CUDA_W16_ENV = "COMETQ_CUDA_W16"
+if HAS_W16 and os.environ.get(CUDA_W16_ENV, "1") != "0":
+    ops.register_impl("w16_gemm", "cuda", _w16_impl)
 ops.register_impl("kv4_decode_attention", "cuda", _kv4_attn_impl)
 ops.register_impl("w4ax_gemm", "cuda", _gemm_impl)

@@ -27,7 +27,7 @@ import os
 from typing import Callable, Dict, List, Optional, Tuple
 
 __all__ = ["TUNE_MAX_M", "SPLIT_CHOICES", "ENV_TUNE", "DEFAULT_CHOICE", "split_candidates", "split_key",
-           "choose_split", "tuning_enabled", "tuned_split", "clear"]
+           "choose_split", "tuning_enabled", "tuned_split", "tuned_choice", "clear"]
 
 #: largest M whose split count is tuned (the decode buckets; larger M fills the GPU with tiles)
 TUNE_MAX_M = 64
@@ -107,6 +107,20 @@ def tuned_split(m: int, n: int, n_blocks: int, n_int8: int, group: int, asym: bo
 
         def bench_fn(choice):
             return timer(lambda: launch(choice), device)
+    return choose_split(key, cands, bench_fn)
+
+
+def tuned_choice(key: tuple, cands: List[Choice], device, launch: Callable[[Choice], object]) -> Choice:
+    """Like :func:`tuned_split` for another kernel's launch knobs: the cached choice for ``key``
+    (the caller's full cache key) among ``cands`` (first = the untuned default), timed as CUDA-graph
+    replays when tuning is allowed here."""
+    from . import autotune
+
+    bench_fn = None
+    if (tuning_enabled() and getattr(device, "type", None) == "cuda" and not autotune.frozen_now()
+            and not autotune._tracing_or_capturing(device)):
+        def bench_fn(choice):
+            return autotune.cuda_graph_timer(lambda: launch(choice), device)
     return choose_split(key, cands, bench_fn)
 
 

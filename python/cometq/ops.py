@@ -181,9 +181,38 @@ def _ref_fake_quant_act(x, perm, block_bits, n_int8: int, scale_mode: str, int4_
     return half_split_blocks(v.reshape(x.shape[0], q.shape[1] * BLOCK_K)).to(out_dtype)
 
 
+def _ref_w16_gemm(a, qweight, w_scales, w_offsets, group: int, bias, out_dtype: torch.dtype,
+                  stride_wb: Optional[int] = None):
+    """The w16 route's GEMM half (``w16_gemm``): ``y = A' @ W'^T (+ bias)`` for the activation
+    operand ``a [M, K_pad]`` (16-bit or fp32, half-split K order, :func:`fake_quant_act`) and
+    ``W'[n, k] = v * s (+ o)`` of the nibble ``v`` at half-split position ``k``, with ``s`` / ``o``
+    rounded to ``a``'s dtype and the product (+ offset) rounded once to it; the sum in float64
+    here, fp32 in the kernels, then ``+ bias`` and one rounding to ``out_dtype``.  ``qweight``:
+    ``[N, K_pad/2]`` or the block-major ``[N, NB, 64]`` view; ``group`` the resolved width
+    (K_pad for per-channel weights); ``stride_wb`` is a kernel launch detail (unused here)."""
+    n = qweight.shape[0]
+    q = qweight.reshape(n, -1).to(torch.int32)
+    nb = q.shape[1] // (BLOCK_K // 2)
+    lo, hi = q & 0xF, (q >> 4) & 0xF
+    v = torch.cat([lo.view(n, nb, 64), hi.view(n, nb, 64)], dim=2).reshape(n, nb * BLOCK_K)
+    v = torch.where(v >= 8, v - 16, v).to(torch.float64)
+    pos = torch.arange(BLOCK_K, device=q.device)
+    chan = (torch.arange(nb, device=q.device)[:, None] * BLOCK_K + 2 * (pos % 64) + (pos >= 64)).reshape(-1)
+    grp = chan // int(group)
+    dt = a.dtype
+    w = v * w_scales.to(dt).to(torch.float64)[:, grp]
+    if w_offsets is not None:
+        w = w + w_offsets.to(dt).to(torch.float64)[:, grp]
+    y = a.to(torch.float64) @ w.to(dt).to(torch.float64).T
+    if bias is not None:
+        y = y + bias.to(torch.float64)
+    return y.to(out_dtype)
+
+
 register_impl("quantize_act", "reference", _ref_quantize_act)
 register_impl("fake_quant_act", "reference", _ref_fake_quant_act)
 register_impl("w4ax_gemm", "reference", _ref_w4ax_gemm)
+register_impl("w16_gemm", "reference", _ref_w16_gemm)
 
 
 # --------------------------------------------------------------------------
@@ -442,9 +471,17 @@ def _linear_fused(*args):
 
 
 def _linear_w16(*args):
-    from cometq.kernels.w16_gemm import w16_gemm
+    be = args[-1]
 
-    return _linear_16bit(w16_gemm, *args)
+    def gemm(a, qweight, w_scales, w_offsets, group, bias, out_dtype, stride_wb=None):
+        # the GEMM half by backend (Triton / CUDA kernels, timed per case under auto).  One decision
+        # per case whatever the caller's timing mode (graph-replay timings): the kernels round
+        # differently (summation order), so an eager step and a graph replay must pick the same one.
+        with _autotune.timing("graph"):
+            return _dispatch("w16_gemm", a.device, be, a, qweight, w_scales, w_offsets, group, bias, out_dtype,
+                             stride_wb)
+
+    return _linear_16bit(gemm, *args)
 
 
 #: rows up to which :func:`w4ax_linear_eager` on CUDA also times the w16 route
@@ -505,6 +542,16 @@ def _key_fake_quant_act(x, perm, block_bits, n_int8, scale_mode, int4_clip, out_
 
 
 _autotune.register_key_fn("fake_quant_act", _key_fake_quant_act)
+
+
+def _key_w16_gemm(a, qweight, w_scales, w_offsets, group, bias, out_dtype, stride_wb=None):
+    return (("M", _autotune.bucket_m(a.shape[0])), ("N", int(qweight.shape[0])), ("K", int(a.shape[1])),
+            ("a_dtype", str(a.dtype).replace("torch.", "")), ("dtype", str(out_dtype).replace("torch.", "")),
+            ("group", int(group)), ("offsets", w_offsets is not None), ("bias", bias is not None),
+            ("block_major", qweight.dim() == 3))
+
+
+_autotune.register_key_fn("w16_gemm", _key_w16_gemm)
 
 
 def quantize_activation(x: torch.Tensor, layout: ActivationLayout, scale_mode: str = "block",

@@ -1,0 +1,478 @@
+// The w16 route's GEMM in CUDA: y = A' @ W'^T (+ bias) with the INT4 weights dequantized to
+// fp16 / bf16 in registers and 16-bit tensor-core MMAs (mma.sync m16n8k16, fp32 accumulate).
+// Plain CUDA (no torch).
+//
+// Semantics: cometq.kernels.w16_gemm.w16_gemm (the Triton kernel of the same route), within
+// cometq.kernels.dequant_gemm.DEQUANT_GEMM_RTOL of the integer-exact reference:
+//   A'[m, k]  the activation operand (cometq::fake_quant_act: q * scale rounded to the 16-bit
+//             dtype), half-split K order (layout.half_split_blocks: per 128-channel block the 64
+//             even channels, then the 64 odd ones -- what the packed nibbles give);
+//   W'[n, k]  = v * s (+ o) for the nibble v of qweight, the group's scale s and offset o, both
+//             rounded to the operand dtype, one rounding (HFMA2) -- the Triton kernel's fp16 numerics;
+//   y         = sum_k A' W' in fp32 (+ bias), rounded once to the output dtype.
+//
+// ============================================================================
+// Why (H100 run 7, Llama-3-8B geometry, batch-64 decode): the integer W4Ax kernels are bound by
+// instruction issue, not weight bytes.  Per 128-channel block they convert their INT32
+// accumulators to fp32 and rescale them by the token's block scale and the weight's group scale --
+// per output element, every block: at a 64 x 64 tile that flush is ~160 of ~630 SASS
+// instructions per warp and block, for 1 KB of weights per warp (~1.6 B per instruction; at 4
+// instructions per clock per SM that is ~1.5 TB/s at best -- run 7 measured ~0.9).  Here the
+// activation scale is already inside A' and the weight scale is folded into the dequantized
+// weight, so the K loop has no epilogue at all and every MMA accumulates straight through:
+//
+//     per K block and warp (32 weight rows x BM tokens):  4 LDS.128 of weights, 16 words ->
+//     64 fp16 pairs (2 PRMT + 4 LOP3 + 4 HSUB2 + 4 HFMA2 per word: 224 instructions),
+//     BM/2 LDS.128 of A', 16 * BM/8 MMAs  -->  ~520 instructions at BM = 64 for 2 KB of weights
+//     (~3.9 B per instruction; the Triton w16 kernel's 64 x 64 tile: ~388 for 1 KB).
+//
+// The product is computed transposed -- out^T = W' A'^T -- so the weights are the MMA's A operand
+// (m16: 16 weight rows) and the tokens its n8 side: at decode the token count is small (8-64)
+// and the n8 side pads the least (M = 1: 7 of 8 columns wasted instead of 15 of 16 rows).
+//
+// ============================================================================
+// Fragments (mma.m16n8k16, g = lane / 4, t = lane % 4):
+//     A (weights) a0: row g,   k slots 2t, 2t+1      a1: row g+8, slots 2t, 2t+1
+//                 a2: row g,   slots 2t+8, 2t+9      a3: row g+8, slots 2t+8, 2t+9
+//     B (A'^T)    b0: token g, slots 2t, 2t+1        b1: token g, slots 2t+8, 2t+9
+//     C           c0, c1: row g, tokens 2t, 2t+1;    c2, c3: row g+8, tokens 2t, 2t+1
+// k-slot -> half-split position (any bijection works if A and B use the same one): thread t owns
+// bytes 16t .. 16t+15 of each weight row's 64-byte block, i.e. 4 words; word s' (bytes
+// j0 = 16t + 4s' .. j0+3) holds positions j0..j0+3 in its low nibbles and 64+j0.. in its high ones:
+//     k step (s', lo):  slots 2t, 2t+1 <- positions j0, j0+1;   slots 2t+8, 2t+9 <- j0+2, j0+3
+//     k step (s', hi):  the same + 64
+// so one weight word gives 4 A registers of 2 k steps (bytes {0,1} and {2,3} by PRMT, low / high
+// nibbles by the LOP3 mask), and the B registers of a token for steps s' = 2q, 2q+1 are the 16
+// bytes of A' at positions 16t + 8q .. +7: one LDS.128 (16-byte chunk 2t + q, + 8 for hi).
+//
+// Nibble -> 16-bit value without a conversion instruction (the magic-exponent trick; the stored
+// nibble u is v in two's complement, u ^ 8 = v + 8 in 0..15):
+//     fp16 lo:  (x & 0x000F000F) ^ 0x64086408  = bits 0x6400 | (v + 8)       = 1032 + v
+//     fp16 hi:  (x & 0x00F000F0) ^ 0x54805480  = bits 0x5400 | (v + 8) << 4  = 72 + v    (ulp 1/16)
+//     bf16:     (x [>> 4] & 0x000F000F) ^ 0x43084308 = 136 + v  (bf16 has 7 mantissa bits: the high
+//               nibble would touch the exponent, so it is shifted down first)
+// one LOP3 each (lut 0x6A = (a & b) ^ c); subtracting the same bits (HSUB2) leaves v exactly, and
+// HFMA2 gives v * s + o with one rounding.
+//
+// ============================================================================
+// Shared memory, one K block per pipeline stage (cp.async, STAGES deep):
+//     W tile  [BN rows][64 B]      row r at r * 64: a quarter-warp's LDS.128 (rows g, g+1 x 16t)
+//                                  reads 128 contiguous bytes: no bank conflict
+//     A' tile [BM tokens][256 B]   16-byte chunk c of token r at chunk c ^ (r & 1): a quarter-warp
+//                                  reads chunks 2t + q of tokens g, g+1 -> 8 distinct chunks mod 8
+//     scales  [GPB][BN] fp32 (+ offsets [GPB][BN]): the block's weight groups (GPB = 128 / G, or 1)
+// Warp w owns weight rows 32w .. 32w + 31 of the CTA's BN = 32 * WARPS and every token of its BM.
+// After the K loop the fp32 tile goes through shared memory ([BM][BN + 4]: the fragment writes
+// hit 32 distinct banks) so the global stores are row-contiguous.  Split-K: grid z takes a
+// contiguous run of K blocks and writes an fp32 slab; splitk_finalize_kernel (w4ax_gemm.cu)
+// sums the slabs in split order and adds the bias.
+// ============================================================================
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <type_traits>
+
+#include "cometq_device.cuh"
+#include "cometq_kernels.h"
+
+namespace cometq {
+namespace {
+
+template <int BM_, int WARPS_, int STAGES_, int MIN_CTAS_>
+struct W16Cfg {
+  static constexpr int BM = BM_;              // tokens per CTA (n8 tiles: BM / 8)
+  static constexpr int WARPS = WARPS_;
+  static constexpr int STAGES = STAGES_;
+  static constexpr int MIN_CTAS = MIN_CTAS_;  // __launch_bounds__ minBlocks
+  static constexpr int THREADS = WARPS * 32;
+  static constexpr int BN = WARPS * 32;       // weight rows per CTA: 32 per warp
+  static constexpr int NT = BM / 8;
+  static constexpr int W_BYTES = BN * 64;
+  static constexpr int A_ROW = 256;           // 128 16-bit values
+  static constexpr int A_BYTES = BM * A_ROW;
+  static constexpr int TILE_BYTES = W_BYTES + A_BYTES;
+  static constexpr int C_LD = BN + 4;         // fp32 row stride of the epilogue tile
+  __host__ __device__ static constexpr int stage_bytes(int gpb, bool off) {
+    return TILE_BYTES + (((off ? 2 : 1) * BN * gpb * 4 + 15) / 16) * 16;
+  }
+  static_assert(BM % 8 == 0 && BM >= 8, "tokens come in n8 tiles");
+  static_assert(THREADS % 16 == 0 && (THREADS / 16) % 2 == 0, "A' swizzle: a thread's chunks keep their row parity");
+};
+
+// COMETQ_W16_TILE_*: M <= 16, M <= 32, else 64 tokens per CTA with 4 warps (128 weight rows), and
+// the wide variant (8 warps, 256 weight rows: half the A' traffic per weight byte, for large N).
+using W16T16 = W16Cfg<16, 4, 4, 4>;
+using W16T32 = W16Cfg<32, 4, 4, 3>;
+using W16T64 = W16Cfg<64, 4, 3, 2>;
+using W16Wide = W16Cfg<64, 8, 3, 1>;
+
+__device__ __forceinline__ uint32_t lop3_and_xor(uint32_t x, uint32_t mask, uint32_t bits) {
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0x6A;" : "=r"(d) : "r"(x), "r"(mask), "r"(bits));  // (a & b) ^ c
+  return d;
+}
+
+// Per operand dtype: the nibble -> value trick (header), scale packing and the MMA.
+template <typename T>
+struct W16Op;
+template <>
+struct W16Op<__half> {
+  using V2 = __half2;
+  static constexpr uint32_t kLoMagic = 0x64086408u;  // 1032 + v
+  static constexpr uint32_t kHiMagic = 0x54805480u;  // 72 + v (the high nibble in place: ulp 1/16)
+  static constexpr bool kHiShift = false;
+  __device__ static __forceinline__ V2 splat(float v) { return __float2half2_rn(v); }
+};
+template <>
+struct W16Op<__nv_bfloat16> {
+  using V2 = __nv_bfloat162;
+  static constexpr uint32_t kLoMagic = 0x43084308u;  // 136 + v
+  static constexpr uint32_t kHiMagic = 0x43084308u;  // the high nibble shifted down first
+  static constexpr bool kHiShift = true;
+  __device__ static __forceinline__ V2 splat(float v) { return __float2bfloat162_rn(v); }
+};
+
+template <typename V, typename U>
+__device__ __forceinline__ V bits_as(U u) {
+  static_assert(sizeof(U) == sizeof(V), "same size");
+  return *reinterpret_cast<const V*>(&u);
+}
+
+// fp32 scale -> the 16-bit pair {s, s} as register bits
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float v) {
+  return bits_as<uint32_t>(W16Op<T>::splat(v));
+}
+
+// Byte pair word (bytes in the low halves of the two 16-bit lanes) -> the two weights v * s (+ o)
+// of its low (HI = false) or high nibbles, as a 16-bit pair.
+template <typename T, bool HI, bool OFF>
+__device__ __forceinline__ uint32_t dequant(uint32_t pair, uint32_t s2, uint32_t o2) {
+  using Op = W16Op<T>;
+  using V2 = typename Op::V2;
+  constexpr uint32_t kMagic = HI ? Op::kHiMagic : Op::kLoMagic;
+  constexpr bool kShift = HI && Op::kHiShift;
+  const uint32_t m = lop3_and_xor(kShift ? (pair >> 4) : pair, (HI && !kShift) ? 0x00F000F0u : 0x000F000Fu, kMagic);
+  const V2 v = __hsub2(bits_as<V2>(m), bits_as<V2>(kMagic));  // exact: v
+  if constexpr (OFF) {
+    return bits_as<uint32_t>(__hfma2(v, bits_as<V2>(s2), bits_as<V2>(o2)));  // one rounding
+  } else {
+    return bits_as<uint32_t>(__hmul2(v, bits_as<V2>(s2)));
+  }
+}
+
+// C += A B, mma.sync m16n8k16, fp32 accumulation, fp16 or bf16 operands.
+#define COMETQ_W16_MMA(TY)                                                                                   \
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." TY "." TY ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "   \
+               "{%8,%9}, {%0,%1,%2,%3};\n"                                                                   \
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                              \
+               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1))
+template <typename T>
+__device__ __forceinline__ void mma16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                         uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (std::is_same<T, __half>::value) {
+    COMETQ_W16_MMA("f16");
+  } else {
+    COMETQ_W16_MMA("bf16");
+  }
+#else
+  __trap();
+#endif
+}
+#undef COMETQ_W16_MMA
+
+// K block b -> one pipeline stage: the W tile, the A' tile and the block's weight scales / offsets.
+template <class Cfg, bool HAS_OFF>
+__device__ __forceinline__ void w16_load_stage(const CometqW16Args& p, uint8_t* stage, int b, int m0, int n0,
+                                               int gpb, int grp0) {
+  const int tid = threadIdx.x;
+  uint8_t* sW = stage;
+  uint8_t* sA = stage + Cfg::W_BYTES;
+  // weights: BN rows x 4 chunks, row n0 + r of block b at qweight + b * ld_wb + r * ld_w (row-major:
+  // ld_wb = 64; block-major: ld_w = 64, ld_wb = N * 64, so the tile is one contiguous run)
+  copy_rows<Cfg::BN, 4, 64, Cfg::THREADS>(sW + (tid >> 2) * 64 + (tid & 3) * 16,
+                                          p.qweight + static_cast<int64_t>(b) * p.ld_wb, n0 + (tid >> 2), p.N,
+                                          static_cast<int>(p.ld_w), (tid & 3) * 16);
+  // A': BM rows x 16 chunks (256 bytes of block b), chunk c of row r stored at chunk c ^ (r & 1)
+  const int ra = tid >> 4, ca = tid & 15;
+  copy_rows<Cfg::BM, 16, Cfg::A_ROW, Cfg::THREADS>(
+      sA + ra * Cfg::A_ROW + ((ca ^ (ra & 1)) << 4),
+      static_cast<const uint8_t*>(p.a) + static_cast<int64_t>(b) * Cfg::A_ROW, m0 + ra, p.M,
+      static_cast<int>(p.lda * 2), ca * 16);
+  // scales: sS[gi * BN + r] = w_scales[n0 + r, grp0 + gi] (one row per thread: BN == THREADS);
+  // offsets after GPB * BN of them.  Rows past N repeat the last one (never stored).
+  float* sS = reinterpret_cast<float*>(stage + Cfg::TILE_BYTES);
+  const int wr = min(n0 + tid, p.N - 1);
+  const float* ws_row = p.w_scales + static_cast<unsigned>(wr * static_cast<int>(p.ld_ws) + grp0);
+#pragma unroll 1
+  for (int gi = 0; gi < gpb; ++gi) {
+    cp_async4(sS + gi * Cfg::BN + tid, ws_row + gi);
+    if (HAS_OFF) {
+      cp_async4(sS + (gpb + gi) * Cfg::BN + tid,
+                p.w_offsets + static_cast<unsigned>(wr * static_cast<int>(p.ld_wo) + grp0 + gi));
+    }
+  }
+}
+
+template <class Cfg, typename T, bool HAS_OFF>
+__global__ void __launch_bounds__(Cfg::THREADS, Cfg::MIN_CTAS) w16_gemm_kernel(const CometqW16Args p) {
+  constexpr int NT = Cfg::NT;
+  extern __shared__ __align__(16) uint8_t smem[];
+  const int gpb_log2 = groups_per_block_log2(p.group);
+  const int gpb = 1 << gpb_log2;
+  const int stage_b = Cfg::stage_bytes(gpb, HAS_OFF);
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int n0 = blockIdx.x * Cfg::BN, m0 = blockIdx.y * Cfg::BM;
+  const int wr0 = warp * 32;  // the warp's first weight row in the tile
+
+  // this split's K blocks: a contiguous run (every block costs the same here)
+  const int per = (p.n_blocks + gridDim.z - 1) / gridDim.z;
+  const int kb_begin = min(p.n_blocks, static_cast<int>(blockIdx.z) * per);
+  const int nblk = min(p.n_blocks, kb_begin + per) - kb_begin;
+  // the group of block b (G >= 128) or of its first channel (G < 128: GPB groups per block); a shift
+  // for power-of-two G (an integer division is ~20 instructions per prefetched block)
+  const bool g_pow2 = (p.group & (p.group - 1)) == 0;
+  const int g_log2 = __ffs(p.group) - 1;
+  auto first_group = [&](int b) {
+    return gpb_log2 > 0 ? (b << gpb_log2) : (g_pow2 ? (b * kBlockK) >> g_log2 : (b * kBlockK) / p.group);
+  };
+  // group within the block of this thread's channels 32t + 16q .. +15 (k steps of word pair q):
+  // one group for G >= 32, two (q = 0, 1) for G = 16
+  const int gsh = p.group >= kBlockK ? 31 : g_log2;
+
+  float acc[2][NT][4];
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+
+#pragma unroll
+  for (int s = 0; s < Cfg::STAGES - 1; ++s) {
+    if (s < nblk) {
+      w16_load_stage<Cfg, HAS_OFF>(p, smem + s * stage_b, kb_begin + s, m0, n0, gpb, first_group(kb_begin + s));
+    }
+    cp_async_commit();
+  }
+
+  for (int it = 0; it < nblk; ++it) {
+    cp_async_wait<Cfg::STAGES - 2>();
+    __syncthreads();  // block `it` landed for everyone; everyone is done with the stage refilled below
+    {
+      const int pf = it + Cfg::STAGES - 1;
+      if (pf < nblk) {
+        w16_load_stage<Cfg, HAS_OFF>(p, smem + (pf % Cfg::STAGES) * stage_b, kb_begin + pf, m0, n0, gpb,
+                                     first_group(kb_begin + pf));
+      }
+      cp_async_commit();
+    }
+    const uint8_t* sW = smem + (it % Cfg::STAGES) * stage_b;
+    const uint8_t* sA = sW + Cfg::W_BYTES;
+    const float* sS = reinterpret_cast<const float*>(sW + Cfg::TILE_BYTES);
+
+    // the thread's 16 weight bytes of rows wr0 + g + 8 r (r = 0..3: m tile r / 2, half r % 2)
+    uint4 wv[4];
+#pragma unroll
+    for (int r = 0; r < 4; ++r) wv[r] = *reinterpret_cast<const uint4*>(sW + (wr0 + g + 8 * r) * 64 + t * 16);
+
+    uint32_t s2[4], o2[4];
+#pragma unroll
+    for (int q = 0; q < 2; ++q) {
+      if (q == 0 || gsh == 4) {  // (G = 16: word pair q = 1 is the next group)
+        const int gi = (32 * t + 16 * q) >> gsh;
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          s2[r] = pack2<T>(sS[gi * Cfg::BN + wr0 + g + 8 * r]);
+          o2[r] = HAS_OFF ? pack2<T>(sS[(gpb + gi) * Cfg::BN + wr0 + g + 8 * r]) : 0u;
+        }
+      }
+      // bytes {0, 1} / {2, 3} of words 2q, 2q + 1 of each row, one per 16-bit lane
+      uint32_t pr[4][2][2];
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const uint32_t w0 = q == 0 ? wv[r].x : wv[r].z;
+        const uint32_t w1 = q == 0 ? wv[r].y : wv[r].w;
+        pr[r][0][0] = __byte_perm(w0, 0u, 0x4140);
+        pr[r][0][1] = __byte_perm(w0, 0u, 0x4342);
+        pr[r][1][0] = __byte_perm(w1, 0u, 0x4140);
+        pr[r][1][1] = __byte_perm(w1, 0u, 0x4342);
+      }
+#pragma unroll
+      for (int hi = 0; hi < 2; ++hi) {
+        // A registers of k steps (2q + ss, hi) for m tiles i = 0, 1
+        uint32_t af[2][2][4];
+#pragma unroll
+        for (int ss = 0; ss < 2; ++ss)
+#pragma unroll
+          for (int i = 0; i < 2; ++i)
+#pragma unroll
+            for (int reg = 0; reg < 4; ++reg) {
+              const int r = 2 * i + (reg & 1);  // a0 / a2: row g, a1 / a3: row g + 8
+              const uint32_t pair = pr[r][ss][reg >> 1];
+              af[ss][i][reg] = hi ? dequant<T, true, HAS_OFF>(pair, s2[r], o2[r])
+                                  : dequant<T, false, HAS_OFF>(pair, s2[r], o2[r]);
+            }
+        const int chunk = hi * 8 + 2 * t + q;
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+          // token 8j + g (row parity = g's): B registers of both k steps
+          const uint4 bv = *reinterpret_cast<const uint4*>(sA + (8 * j + g) * Cfg::A_ROW + ((chunk ^ (g & 1)) << 4));
+#pragma unroll
+          for (int i = 0; i < 2; ++i) {
+            mma16816<T>(acc[i][j], af[0][i][0], af[0][i][1], af[0][i][2], af[0][i][3], bv.x, bv.y);
+            mma16816<T>(acc[i][j], af[1][i][0], af[1][i][1], af[1][i][2], af[1][i][3], bv.z, bv.w);
+          }
+        }
+      }
+    }
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // the stages are free: the epilogue tile reuses them
+
+  // ---- epilogue: fragments -> sC[token][n] (fp32) -> row-contiguous global stores
+  float* sC = reinterpret_cast<float*>(smem);
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int n = wr0 + 16 * i + g + 8 * (e >> 1);
+        const int m = 8 * j + 2 * t + (e & 1);
+        sC[m * Cfg::C_LD + n] = acc[i][j][e];
+      }
+  __syncthreads();
+  const bool split = gridDim.z > 1;
+  const int rows = min(Cfg::BM, p.M - m0);
+#pragma unroll 1
+  for (int idx = threadIdx.x; idx < rows * Cfg::BN; idx += Cfg::THREADS) {
+    const int r = idx / Cfg::BN, c = idx % Cfg::BN;
+    const int m = m0 + r, n = n0 + c;
+    if (n >= p.N) continue;
+    const float v = sC[r * Cfg::C_LD + c];
+    if (split) {
+      // this split's own slab (every (z, m, n) written by exactly one CTA: a split with no blocks
+      // writes zeros), summed in split order by the finalize kernel
+      p.workspace[(static_cast<int64_t>(blockIdx.z) * p.M + m) * p.N + n] = v;
+    } else {
+      store_from_float(p.out, static_cast<int64_t>(m) * p.ld_out + n,
+                       p.bias != nullptr ? v + load_as_float(p.bias, n, p.bias_dtype) : v, p.out_dtype);
+    }
+  }
+}
+
+template <class Cfg>
+constexpr size_t w16_smem_bytes(int gpb, bool off) {
+  const size_t stages = static_cast<size_t>(Cfg::STAGES) * Cfg::stage_bytes(gpb, off);
+  const size_t ctile = static_cast<size_t>(Cfg::BM) * Cfg::C_LD * 4;
+  return stages > ctile ? stages : ctile;
+}
+
+template <class Cfg, typename T, bool HAS_OFF>
+cudaError_t w16_launch(const CometqW16Args& a, cudaStream_t stream) {
+  auto kernel = w16_gemm_kernel<Cfg, T, HAS_OFF>;
+  const size_t smem = w16_smem_bytes<Cfg>(1 << groups_per_block_log2(a.group), HAS_OFF);
+  int dev = 0, max_optin = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  err = cudaDeviceGetAttribute(&max_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  if (err != cudaSuccess) return err;
+  if (smem > static_cast<size_t>(max_optin)) return cudaErrorInvalidValue;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (err != cudaSuccess) return err;
+  const unsigned gx = static_cast<unsigned>((a.N + Cfg::BN - 1) / Cfg::BN);
+  const unsigned gy = static_cast<unsigned>((a.M + Cfg::BM - 1) / Cfg::BM);
+  if (gy > 65535u || a.split_k > 65535) return cudaErrorInvalidConfiguration;
+  kernel<<<dim3(gx, gy, static_cast<unsigned>(a.split_k)), Cfg::THREADS, smem, stream>>>(a);
+  return cudaGetLastError();
+}
+
+template <class Cfg>
+cudaError_t w16_launch_cfg(const CometqW16Args& a, cudaStream_t stream) {
+  const bool off = a.w_offsets != nullptr;
+  if (a.a_dtype == COMETQ_DTYPE_F16) {
+    return off ? w16_launch<Cfg, __half, true>(a, stream) : w16_launch<Cfg, __half, false>(a, stream);
+  }
+  return off ? w16_launch<Cfg, __nv_bfloat16, true>(a, stream) : w16_launch<Cfg, __nv_bfloat16, false>(a, stream);
+}
+
+// tile by M (COMETQ_W16_TILE_AUTO) or the wide 8-warp tile
+void w16_tile_dims(int M, int tile, int* bm, int* bn) {
+  if (tile == COMETQ_W16_TILE_WIDE) {
+    *bm = W16Wide::BM;
+    *bn = W16Wide::BN;
+  } else if (M <= 16) {
+    *bm = W16T16::BM;
+    *bn = W16T16::BN;
+  } else if (M <= 32) {
+    *bm = W16T32::BM;
+    *bn = W16T32::BN;
+  } else {
+    *bm = W16T64::BM;
+    *bn = W16T64::BN;
+  }
+}
+
+}  // namespace
+}  // namespace cometq
+
+extern "C" int64_t cometq_w16_num_tiles(int M, int N, int tile) {
+  int bm = 0, bn = 0;
+  cometq::w16_tile_dims(M, tile, &bm, &bn);
+  return static_cast<int64_t>((N + bn - 1) / bn) * ((M + bm - 1) / bm);
+}
+
+extern "C" int cometq_w16_choose_split(int M, int N, int n_blocks, int sm_count, int tile, int requested) {
+  if (n_blocks < 1) return 1;
+  if (requested > 0) return std::min(requested, n_blocks);
+  // enough CTAs for ~2 per SM, keeping >= 4 K blocks per split (the pipeline must fill)
+  const int64_t tiles = cometq_w16_num_tiles(M, N, tile);
+  const int64_t want = (2LL * std::max(sm_count, 1) + tiles - 1) / tiles;
+  const int cap = std::max(1, n_blocks / 4);
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(want, cap)));
+}
+
+extern "C" int cometq_w16_offsets_fit(const CometqW16Args* args) {
+  // w16_load_stage addresses a row of A' / qweight / the scales by a 32-bit offset from a 64-bit base
+  const CometqW16Args& a = *args;
+  const int64_t lim = INT32_MAX;
+  const int64_t M = a.M, N = a.N;
+  return M * a.lda * 2 <= lim && N * a.ld_w <= lim && N * a.ld_ws <= lim && N * a.ld_wo <= lim;
+}
+
+extern "C" cudaError_t cometq_w16_gemm(const CometqW16Args* args, cudaStream_t stream) {
+  if (args == nullptr) return cudaErrorInvalidValue;
+  const CometqW16Args& a = *args;
+  if (a.M < 0 || a.N < 0 || a.n_blocks < 1) return cudaErrorInvalidValue;
+  if (a.M == 0 || a.N == 0) return cudaSuccess;
+  if (a.group < 16 || (a.group < cometq::kBlockK && cometq::kBlockK % a.group != 0) ||
+      (a.group >= cometq::kBlockK && a.group % cometq::kBlockK != 0)) {
+    return cudaErrorInvalidValue;
+  }
+  if (a.a_dtype != COMETQ_DTYPE_F16 && a.a_dtype != COMETQ_DTYPE_BF16) return cudaErrorInvalidValue;
+  if (a.a == nullptr || a.qweight == nullptr || a.w_scales == nullptr || a.out == nullptr) return cudaErrorInvalidValue;
+  if (a.ld_wb < 64 || a.ld_w < 64 || a.lda < a.n_blocks * cometq::kBlockK || a.lda % 8 != 0) {
+    return cudaErrorInvalidValue;  // (16-byte aligned A' rows: cp.async)
+  }
+  if (a.split_k < 1 || (a.split_k > 1 && a.workspace == nullptr)) return cudaErrorInvalidValue;
+  if (a.tile != COMETQ_W16_TILE_AUTO && a.tile != COMETQ_W16_TILE_WIDE) return cudaErrorInvalidValue;
+  if (!cometq_w16_offsets_fit(&a)) return cudaErrorInvalidValue;
+  cudaError_t err;
+  if (a.tile == COMETQ_W16_TILE_WIDE) {
+    err = cometq::w16_launch_cfg<cometq::W16Wide>(a, stream);
+  } else if (a.M <= 16) {
+    err = cometq::w16_launch_cfg<cometq::W16T16>(a, stream);
+  } else if (a.M <= 32) {
+    err = cometq::w16_launch_cfg<cometq::W16T32>(a, stream);
+  } else {
+    err = cometq::w16_launch_cfg<cometq::W16T64>(a, stream);
+  }
+  if (err != cudaSuccess || a.split_k == 1) return err;
+  return cometq::launch_splitk_finalize(a.workspace, a.split_k, a.M, a.N, a.bias, a.bias_dtype, a.out, a.ld_out,
+                                        a.out_dtype, stream);
+}
