@@ -312,7 +312,7 @@ fi
 # test file (~90 cases, ~15 s); a FAILED test makes every later stage run COMETQ_CUDA_W16=0 (the route
 # keeps the Triton w16 kernel).  The GEMM table's cuda-w16 columns and the serving rows use it.
 if [ "$BUILD" = ok ] && ! skip cuda_w16_smoke && [ "${COMETQ_BACKEND:-auto}" != triton ]; then
-  PYTEST_WORKERS=4 run_pytest cuda_w16_smoke 35 tests/test_cuda_w16.py || true
+  PYTEST_WORKERS=4 run_pytest cuda_w16_smoke 35 tests/test_cuda_w16.py -k "not splitk_fixup" || true
   if [ -s "$W/cuda_w16_smoke.failures.txt" ]; then
     export COMETQ_CUDA_W16=0
     stage cuda_w16 "COMETQ_CUDA_W16=0 (smoke failed)" 0
@@ -323,9 +323,14 @@ fi
 # the CUDA GEMM's in-kernel split-K reduction (COMETQ_CUDA_SPLITK_FIXUP, fifteenth session, CPU-compiled
 # only: its counters' memory ordering needs a GPU): the finalize kernel's bits eagerly, twice in a row
 # and from a CUDA graph; if every test passes, the later stages run with it (one launch less per split
-# decode GEMM: run 7 had 96 finalize launches, 0.30 ms, per decode step)
+# decode GEMM: run 7 had 96 finalize launches, 0.30 ms, per decode step); the w16 GEMM's reduction
+# (seventeenth session) is tested in the same stage unless its smoke turned that kernel off
 if [ "$BUILD" = ok ] && ! skip cuda_fixup_smoke && [ "${COMETQ_BACKEND:-auto}" != triton ]; then
-  if PYTEST_WORKERS=2 run_pytest cuda_fixup_smoke 30 tests/test_cuda_ops.py -k "gemm_splitk_fixup"; then
+  FIXUP_K="gemm_splitk_fixup"
+  FIXUP_FILES="tests/test_cuda_ops.py"
+  if [ "${COMETQ_CUDA_W16:-1}" != 0 ]; then FIXUP_K="$FIXUP_K or w16_splitk_fixup"; FIXUP_FILES="$FIXUP_FILES tests/test_cuda_w16.py"; fi
+  # shellcheck disable=SC2086
+  if PYTEST_WORKERS=2 run_pytest cuda_fixup_smoke 30 $FIXUP_FILES -k "$FIXUP_K"; then
     export COMETQ_CUDA_SPLITK_FIXUP="${COMETQ_CUDA_SPLITK_FIXUP:-1}"
     stage cuda_splitk_fixup "COMETQ_CUDA_SPLITK_FIXUP=$COMETQ_CUDA_SPLITK_FIXUP" 0
     log "cuda_fixup_smoke passed: later stages run with COMETQ_CUDA_SPLITK_FIXUP=$COMETQ_CUDA_SPLITK_FIXUP"

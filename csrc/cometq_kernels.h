@@ -139,6 +139,9 @@ typedef struct CometqW16Args {
   int64_t ld_out;
   int out_dtype;
   float* workspace;         // fp32 [split_k, M, N] (split_k > 1)
+  int32_t* tile_counters;   // split_k > 1: NULL = the finalize kernel sums the slabs; else int32
+                            // [>= cometq_w16_num_tiles(M, N, tile)], all zero on entry (left zero):
+                            // each tile's last split sums them in-kernel (same bits)
   int M, N, n_blocks;       // n_blocks = K_pad / 128
   int group;                // effective weight group width G: 16, 32, 64 or a multiple of 128
   int split_k;              // >= 1 (cometq_w16_choose_split)

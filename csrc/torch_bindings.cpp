@@ -349,7 +349,7 @@ at::Tensor w4ax_gemm_cuda(const at::Tensor& q4, const at::Tensor& q8, const at::
 at::Tensor w16_gemm_cuda(const at::Tensor& a, const at::Tensor& qweight, const at::Tensor& w_scales,
                          const std::optional<at::Tensor>& w_offsets, int64_t group_size,
                          const std::optional<at::Tensor>& bias, at::ScalarType out_dtype, int64_t split_k,
-                         int64_t tile) {
+                         int64_t tile, const std::optional<at::Tensor>& tile_counters) {
   constexpr const char* op = "cometq_C::w16_gemm";
   const at::Device dev = qweight.device();
   check_cuda(a, op, "a", dev);
@@ -395,6 +395,17 @@ at::Tensor w16_gemm_cuda(const at::Tensor& a, const at::Tensor& qweight, const a
                                             static_cast<int>(tile), static_cast<int>(split_k));
   at::Tensor ws;
   if (split > 1) ws = at::empty({split, M, N}, qweight.options().dtype(at::kFloat));  // slabs, fully written
+  int32_t* counters = nullptr;
+  if (tile_counters.has_value()) {
+    const at::Tensor& tc = *tile_counters;
+    check_cuda(tc, op, "tile_counters", dev);
+    check_dtype(tc, at::kInt, op, "tile_counters");
+    check_contig(tc, op, "tile_counters");
+    const int64_t tiles = cometq_w16_num_tiles(static_cast<int>(M), static_cast<int>(N), static_cast<int>(tile));
+    TORCH_CHECK(tc.dim() == 1 && tc.size(0) >= tiles, op, ": tile_counters shape ", tc.sizes(), " needs at least ",
+                tiles, " counters (output tiles of M=", M, ", N=", N, ")");
+    if (split > 1) counters = tc.data_ptr<int32_t>();
+  }
 
   CometqW16Args p{};
   p.a = a.data_ptr();
@@ -413,6 +424,7 @@ at::Tensor w16_gemm_cuda(const at::Tensor& a, const at::Tensor& qweight, const a
   p.ld_out = N;
   p.out_dtype = out_code;
   p.workspace = split > 1 ? ws.data_ptr<float>() : nullptr;
+  p.tile_counters = counters;
   p.M = static_cast<int>(M);
   p.N = static_cast<int>(N);
   p.n_blocks = static_cast<int>(nb);
@@ -556,7 +568,7 @@ TORCH_LIBRARY(cometq_C, m) {
       "int mma_path, int tile=0, Tensor(a!)? tile_counters=None) -> Tensor");
   m.def(
       "w16_gemm(Tensor a, Tensor qweight, Tensor w_scales, Tensor? w_offsets, int group_size, Tensor? bias, "
-      "ScalarType out_dtype, int split_k, int tile=0) -> Tensor");
+      "ScalarType out_dtype, int split_k, int tile=0, Tensor(a!)? tile_counters=None) -> Tensor");
   m.def(
       "kv4_decode_attention(Tensor q, Tensor k_packed, Tensor k_scale, Tensor k_zero, Tensor v_packed, "
       "Tensor v_scale, Tensor v_zero, Tensor tail_k, Tensor tail_v, Tensor block_tables, Tensor quant_lens, "

@@ -65,7 +65,8 @@
 // After the K loop the fp32 tile goes through shared memory ([BM][BN + 4]: the fragment writes
 // hit 32 distinct banks) so the global stores are row-contiguous.  Split-K: grid z takes a
 // contiguous run of K blocks and writes an fp32 slab; splitk_finalize_kernel (w4ax_gemm.cu)
-// sums the slabs in split order and adds the bias.
+// sums the slabs in split order and adds the bias -- or, with tile counters, the tile's last
+// split does (FIXUP: same adds, same bits, one launch less).
 // ============================================================================
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -216,7 +217,11 @@ __device__ __forceinline__ void w16_load_stage(const CometqW16Args& p, uint8_t* 
   }
 }
 
-template <class Cfg, typename T, bool HAS_OFF>
+// FIXUP: a split launch sums its slabs in-kernel (p.tile_counters: each tile's last split to finish
+// adds them in split order + bias, the finalize kernel's sequence of fp32 adds -- the same bits --
+// and resets its counter), so no finalize kernel runs.  The integer GEMM's reduction
+// (w4ax_gemm.cu, the threadfence pattern drawn there).
+template <class Cfg, typename T, bool HAS_OFF, bool FIXUP>
 __global__ void __launch_bounds__(Cfg::THREADS, Cfg::MIN_CTAS) w16_gemm_kernel(const CometqW16Args p) {
   constexpr int NT = Cfg::NT;
   extern __shared__ __align__(16) uint8_t smem[];
@@ -364,6 +369,33 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::MIN_CTAS) w16_gemm_kernel(c
                        p.bias != nullptr ? v + load_as_float(p.bias, n, p.bias_dtype) : v, p.out_dtype);
     }
   }
+  if constexpr (FIXUP) {
+    if (!split) return;
+    __shared__ int s_last;
+    __threadfence();  // this CTA's slab stores before its count
+    __syncthreads();
+    const int tile_id = blockIdx.y * gridDim.x + blockIdx.x;
+    if (threadIdx.x == 0) {
+      const int prev = atomicAdd(p.tile_counters + tile_id, 1);
+      s_last = prev == static_cast<int>(gridDim.z) - 1;
+      if (s_last) p.tile_counters[tile_id] = 0;  // every other split of the tile has counted already
+    }
+    __syncthreads();
+    if (!s_last) return;
+    __threadfence();
+    const int64_t slab = static_cast<int64_t>(p.M) * p.N;
+#pragma unroll 1
+    for (int idx = threadIdx.x; idx < rows * Cfg::BN; idx += Cfg::THREADS) {
+      const int m = m0 + idx / Cfg::BN, n = n0 + idx % Cfg::BN;
+      if (n >= p.N) continue;
+      const int64_t at = static_cast<int64_t>(m) * p.N + n;
+      float v = __ldcg(p.workspace + at);  // (L2: the other splits' stores are not in this SM's L1)
+#pragma unroll 1
+      for (int z = 1; z < static_cast<int>(gridDim.z); ++z) v += __ldcg(p.workspace + z * slab + at);
+      if (p.bias != nullptr) v += load_as_float(p.bias, n, p.bias_dtype);
+      store_from_float(p.out, static_cast<int64_t>(m) * p.ld_out + n, v, p.out_dtype);
+    }
+  }
 }
 
 template <class Cfg>
@@ -373,9 +405,9 @@ constexpr size_t w16_smem_bytes(int gpb, bool off) {
   return stages > ctile ? stages : ctile;
 }
 
-template <class Cfg, typename T, bool HAS_OFF>
+template <class Cfg, typename T, bool HAS_OFF, bool FIXUP>
 cudaError_t w16_launch(const CometqW16Args& a, cudaStream_t stream) {
-  auto kernel = w16_gemm_kernel<Cfg, T, HAS_OFF>;
+  auto kernel = w16_gemm_kernel<Cfg, T, HAS_OFF, FIXUP>;
   const size_t smem = w16_smem_bytes<Cfg>(1 << groups_per_block_log2(a.group), HAS_OFF);
   int dev = 0, max_optin = 0;
   cudaError_t err = cudaGetDevice(&dev);
@@ -392,13 +424,20 @@ cudaError_t w16_launch(const CometqW16Args& a, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-template <class Cfg>
+template <class Cfg, bool FIXUP>
 cudaError_t w16_launch_cfg(const CometqW16Args& a, cudaStream_t stream) {
   const bool off = a.w_offsets != nullptr;
   if (a.a_dtype == COMETQ_DTYPE_F16) {
-    return off ? w16_launch<Cfg, __half, true>(a, stream) : w16_launch<Cfg, __half, false>(a, stream);
+    return off ? w16_launch<Cfg, __half, true, FIXUP>(a, stream) : w16_launch<Cfg, __half, false, FIXUP>(a, stream);
   }
-  return off ? w16_launch<Cfg, __nv_bfloat16, true>(a, stream) : w16_launch<Cfg, __nv_bfloat16, false>(a, stream);
+  return off ? w16_launch<Cfg, __nv_bfloat16, true, FIXUP>(a, stream)
+             : w16_launch<Cfg, __nv_bfloat16, false, FIXUP>(a, stream);
+}
+
+template <class Cfg>
+cudaError_t w16_launch_fix(const CometqW16Args& a, cudaStream_t stream) {
+  return (a.tile_counters != nullptr && a.split_k > 1) ? w16_launch_cfg<Cfg, true>(a, stream)
+                                                       : w16_launch_cfg<Cfg, false>(a, stream);
 }
 
 // tile by M (COMETQ_W16_TILE_AUTO) or the wide 8-warp tile
@@ -464,15 +503,15 @@ extern "C" cudaError_t cometq_w16_gemm(const CometqW16Args* args, cudaStream_t s
   if (!cometq_w16_offsets_fit(&a)) return cudaErrorInvalidValue;
   cudaError_t err;
   if (a.tile == COMETQ_W16_TILE_WIDE) {
-    err = cometq::w16_launch_cfg<cometq::W16Wide>(a, stream);
+    err = cometq::w16_launch_fix<cometq::W16Wide>(a, stream);
   } else if (a.M <= 16) {
-    err = cometq::w16_launch_cfg<cometq::W16T16>(a, stream);
+    err = cometq::w16_launch_fix<cometq::W16T16>(a, stream);
   } else if (a.M <= 32) {
-    err = cometq::w16_launch_cfg<cometq::W16T32>(a, stream);
+    err = cometq::w16_launch_fix<cometq::W16T32>(a, stream);
   } else {
-    err = cometq::w16_launch_cfg<cometq::W16T64>(a, stream);
+    err = cometq::w16_launch_fix<cometq::W16T64>(a, stream);
   }
-  if (err != cudaSuccess || a.split_k == 1) return err;
+  if (err != cudaSuccess || a.split_k == 1 || a.tile_counters != nullptr) return err;
   return cometq::launch_splitk_finalize(a.workspace, a.split_k, a.M, a.N, a.bias, a.bias_dtype, a.out, a.ld_out,
                                         a.out_dtype, stream);
 }

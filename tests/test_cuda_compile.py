@@ -35,7 +35,7 @@ EXPECTED_ENTRIES = {"w4ax_gemm.cu": 29, "act_quant.cu": 18,  # gemm: 4 tiles x s
                     # again with the in-kernel split-K reduction (FIXUP) + the finalize kernel;
                     # act_quant: class-row, block and rows kernels x 3 dtypes x packed / FAKE output
                     "kv4_attention.cu": 10,  # head_dim 64/128 x fp16/bf16 IO x 2 launch variants + 2 reduces
-                    "w16_gemm.cu": 16}  # 4 tiles x fp16/bf16 operands x sym/asym weights
+                    "w16_gemm.cu": 32}  # 4 tiles x fp16/bf16 operands x sym/asym weights x in-kernel split-K or not
 NVCC_FLAGS = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-Xptxas", "-v", "-I", CSRC]
 
 
@@ -191,11 +191,16 @@ def test_w16_ptx_uses_the_intended_instructions(builds, arch):
     # nibbles -> 16-bit values by one (a & b) ^ c lop3 with the magic exponents (no int -> float cvt)
     assert "0x6A;" in ptx
     entries = [e for e in re.split(r"\.entry ", ptx)[1:] if "w16_gemm_kernel" in e.split("(")[0]]
-    assert len(entries) == 16
+    assert len(entries) == 32
     for e in entries:
         assert "cp.async.cg.shared.global" in e and "cp.async.wait_group" in e
         # no per-block float epilogue: the K loop converts no integer to float
         assert "cvt.rn.f32.s32" not in e
+    # the in-kernel split-K reduction (template flag FIXUP): a counter atomic and L2 reads of the
+    # other splits' slabs, in exactly half of the entries
+    fixup = [e for e in entries if re.match(r"\S*Lb[01]ELb1EEEv", e)]
+    assert len(fixup) == 16 and all("atom.global.add" in e and "ld.global.cg" in e for e in fixup)
+    assert not any("atom." in e for e in entries if e not in fixup)
 
 
 def test_bindings_syntax(builds):

@@ -85,6 +85,14 @@ for dt in (torch.float16, torch.bfloat16):
         assert y.shape == (3, 40) and y.dtype == torch.float32
 assert torch.ops.cometq_C.w16_gemm(torch.empty(3, 640, dtype=torch.float16, device="meta"), meta(qw.qweight),
                                    meta(qw.scales), None, 128, None, torch.float16, 2, 1).shape == (3, 40)
+assert torch.ops.cometq_C.w16_gemm(torch.empty(3, 640, dtype=torch.float16, device="meta"), meta(qw.qweight),
+                                   meta(qw.scales), None, 128, None, torch.float16, 2, 0, counters).shape == (3, 40)
+try:
+    torch.ops.cometq_C.w16_gemm(torch.empty(3, 640, dtype=torch.float16, device="meta"), meta(qw.qweight),
+                                meta(qw.scales), None, 128, None, torch.float16, 2, 0, counters.float())
+    raise SystemExit("float tile_counters were not rejected (w16)")
+except RuntimeError as err:
+    assert "tile_counters must be 1-D int32" in str(err), err
 for bad, msg in (((torch.float32, 0, 0), "a must be float16 or bfloat16"), ((torch.float16, 0, 2), "tile must be"),
                  ((torch.float16, -1, 0), "split_k must be >= 0")):
     try:

@@ -122,6 +122,37 @@ def test_w16_dispatch_and_route(C):
                       None, gs, None, torch.float32)
 
 
+@pytest.mark.parametrize("m,n,k,split_k,tile", [(1, 4096, 4096, 8, 0), (17, 264, 1280, 3, 0), (64, 520, 2048, 4, 1),
+                                                (100, 136, 640, 5, 0)])
+def test_w16_splitk_fixup_bit_identical(C, m, n, k, split_k, tile):
+    """The in-kernel split-K reduction (tile counters: each tile's last split sums the slabs) gives
+    the finalize kernel's bits -- twice in a row and replayed from a CUDA graph -- and leaves every
+    counter zero."""
+    a, qw, gs, bias = _operands(m, n, k, 128, False, torch.float16, m * 7 + split_k, torch.float16)
+    args = (_to(a), _to(qw.qweight), _to(qw.scales), _to(qw.offsets), gs, _to(bias), torch.float16)
+    kw = dict(split_k=split_k, tile=tile)
+    want = C.cuda_w16_gemm(*args, **kw)
+    _check(want, ops._ref_w16_gemm(a, qw.qweight, qw.scales, qw.offsets, gs, bias, torch.float16), torch.float16)
+    counters = torch.zeros(1 << 16, dtype=torch.int32, device=DEV)
+    for _ in range(2):
+        assert torch.equal(C.cuda_w16_gemm(*args, **kw, tile_counters=counters), want)
+    torch.cuda.synchronize()
+    assert int(counters.abs().sum()) == 0
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        C.cuda_w16_gemm(*args, **kw, tile_counters=counters)  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = C.cuda_w16_gemm(*args, **kw, tile_counters=counters)
+    for _ in range(3):
+        out.zero_()
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, want) and int(counters.abs().sum()) == 0
+
+
 def test_w16_rejects_bad_inputs(C):
     a, qw, gs, _ = _operands(4, 64, 256, 128, True, torch.float16, 1)
     a, qweight, sc = _to(a), _to(qw.qweight), _to(qw.scales)
@@ -134,6 +165,8 @@ def test_w16_rejects_bad_inputs(C):
         C.cuda_w16_gemm(a, qweight, sc, None, gs, None, torch.float16, tile=3)
     with pytest.raises(ValueError, match="w_scales shape"):
         C.cuda_w16_gemm(a, qweight, sc[:, :0], None, gs, None, torch.float16)
+    with pytest.raises(ValueError, match="tile_counters must be 1-D int32"):
+        C.cuda_w16_gemm(a, qweight, sc, None, gs, None, torch.float16, tile_counters=torch.zeros(8, device=DEV))
     # an offset view of A' is copied to an aligned buffer (cp.async needs 16-byte rows), same result
     big = torch.zeros(4 * 256 + 8, dtype=torch.float16, device=DEV)
     view = big[8:].view(4, 256)

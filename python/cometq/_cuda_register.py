@@ -110,7 +110,12 @@ HAS_W16 = hasattr(torch.ops.cometq_C, "w16_gemm")
 
 if HAS_W16:
     @torch.library.register_fake("cometq_C::w16_gemm")
-    def _w16_gemm_fake(a, qweight, w_scales, w_offsets, group_size, bias, out_dtype, split_k, tile=0):
+    def _w16_gemm_fake(a, qweight, w_scales, w_offsets, group_size, bias, out_dtype, split_k, tile=0,
+                       tile_counters=None):
+        if tile_counters is not None:
+            torch._check(tile_counters.dtype == torch.int32 and tile_counters.dim() == 1,
+                         lambda: f"tile_counters must be 1-D int32, got {tile_counters.dtype} "
+                                 f"{tuple(tile_counters.shape)}")
         torch._check(a.dtype in (torch.float16, torch.bfloat16),
                      lambda: f"a must be float16 or bfloat16, got {a.dtype}")
         torch._check(tile in W16_TILES, lambda: f"tile must be 0 (by M) or 1 (the wide tile), got tile={tile}")
@@ -188,6 +193,15 @@ def _tiles_upper_bound(m: int, n: int) -> int:
     return -(-m // 16) * -(-n // 64)
 
 
+def _check_counters(tile_counters, device) -> None:
+    if tile_counters is not None:
+        if not isinstance(tile_counters, torch.Tensor):
+            raise TypeError(f"tile_counters must be a tensor or None, got {type(tile_counters).__name__}")
+        if tile_counters.dtype != torch.int32 or tile_counters.dim() != 1 or tile_counters.device != device:
+            raise ValueError(f"tile_counters must be 1-D int32 on {device}, got {tile_counters.dtype} "
+                             f"shape {tuple(tile_counters.shape)} on {tile_counters.device}")
+
+
 def cuda_w4ax_gemm(q4, q8, a_scales, block_bits, qweight, w_scales, group_size, bias, out_dtype, scale_mode,
                    *, w_offsets=None, split_k: int = 0, mma_path: str = "auto", tile: int = 0, tile_counters=None):
     """Same contract as ``ops._ref_w4ax_gemm`` (``w_offsets``: asymmetric weights, float32 like
@@ -202,12 +216,7 @@ def cuda_w4ax_gemm(q4, q8, a_scales, block_bits, qweight, w_scales, group_size, 
                          f"got a_scales of shape {tuple(a_scales.shape)}")
     check_w4ax_gemm_inputs(q4, q8, a_scales, block_bits, qweight, w_scales, w_offsets, group_size, bias,
                            out_dtype, scale_mode, split_k)
-    if tile_counters is not None:
-        if not isinstance(tile_counters, torch.Tensor):
-            raise TypeError(f"tile_counters must be a tensor or None, got {type(tile_counters).__name__}")
-        if tile_counters.dtype != torch.int32 or tile_counters.dim() != 1 or tile_counters.device != qweight.device:
-            raise ValueError(f"tile_counters must be 1-D int32 on {qweight.device}, got {tile_counters.dtype} "
-                             f"shape {tuple(tile_counters.shape)} on {tile_counters.device}")
+    _check_counters(tile_counters, qweight.device)
     return torch.ops.cometq_C.w4ax_gemm(
         _aligned(q4),
         _aligned(q8),
@@ -228,17 +237,19 @@ def cuda_w4ax_gemm(q4, q8, a_scales, block_bits, qweight, w_scales, group_size, 
 
 
 def cuda_w16_gemm(a, qweight, w_scales, w_offsets, group, bias, out_dtype, stride_wb=None, config=None, *,
-                  split_k: int = 0, tile: int = 0):
+                  split_k: int = 0, tile: int = 0, tile_counters=None):
     """The w16 route's GEMM in CUDA (csrc/w16_gemm.cu): same contract as
     :func:`cometq.kernels.w16_gemm.w16_gemm` for fp16 / bf16 ``a`` (``group``: the resolved width;
     ``stride_wb`` / ``config`` are the Triton kernel's launch details, ignored); ``split_k`` (0 =
-    the kernel's rule) and ``tile`` (:data:`W16_TILES`) are tuning knobs."""
+    the kernel's rule) and ``tile`` (:data:`W16_TILES`) are tuning knobs; ``tile_counters``
+    (:func:`cuda_tile_counters`): a split launch sums its slabs in-kernel (same bits)."""
     a = _aligned(a)
     check_w16_gemm_inputs(a, qweight, w_scales, w_offsets, group, bias, out_dtype, split_k, tile)
+    _check_counters(tile_counters, qweight.device)
     return torch.ops.cometq_C.w16_gemm(
         a, qweight if qweight.dim() == 3 else _aligned(qweight), w_scales.contiguous(),
         None if w_offsets is None else w_offsets.contiguous(), int(group),
-        None if bias is None else bias.contiguous(), out_dtype, int(split_k), int(tile))
+        None if bias is None else bias.contiguous(), out_dtype, int(split_k), int(tile), tile_counters)
 
 
 #: ``(split_k, tile)`` candidates the "cuda" w16 GEMM times per case (split 0: the kernel's rule)
@@ -253,9 +264,13 @@ def _w16_impl(a, qweight, w_scales, w_offsets, group, bias, out_dtype, stride_wb
         raise ops.BackendUnsupported(why)
     nb = a.shape[1] // BLOCK_K
 
+    # (the tiles of any launch of this M x N: the 16-token tile's count bounds the others')
+    counters = (cuda_tile_counters(qweight.device, -(-a.shape[0] // 16) * -(-qweight.shape[0] // 128))
+                if cuda_splitk_fixup_enabled() else None)
+
     def launch(choice):
         return cuda_w16_gemm(a, qweight, w_scales, w_offsets, group, bias, out_dtype, split_k=choice[0],
-                             tile=choice[1])
+                             tile=choice[1], tile_counters=counters)
 
     cands = [c for c in W16_CHOICES if c[0] <= max(1, nb // 2)]
     key = ("w16",) + _cuda_split.split_key(a.shape[0], qweight.shape[0], nb, 0, int(group), w_offsets is not None,
