@@ -16,7 +16,8 @@ against SDPA over the dequantized K/V on the smallest shape.
 Target: >= 3x over SDPA at batch 16, context 4096 (H100).
 
 Also timed when the CUDA extension is built and handles the pool format: the CUDA kernel
-(csrc/kv4_attention.cu, column ``cuda``: the best of 1x / 2x / 4x the split count x its two launch
+(csrc/kv4_attention.cu, column ``cuda``: the best of 1x / 2x / 4x the split count and the one-wave
+count x its two launch
 variants, each recorded in ``cuda_sweep`` as "splits/v<variant>"), after the same correctness check (a CUDA kernel that fails it is reported
 in the JSON and not timed; the Triton columns still are).
 
@@ -229,9 +230,13 @@ def main(argv=None) -> int:
             cuda_sweep = {}
             if cuda_attn is not None:
                 nblk = -(-t // args.block_size)
-                for ns in sorted({splits, min(4 * nblk, 1024, 2 * splits), min(4 * nblk, 1024, 4 * splits)}):
-                    raw = args_raw[:-1] + (ns,)
-                    for var in (0, 1):  # launch variants: 4 CTAs / SM; 3 CTAs / SM + next tile prefetched
+                for var in (0, 1):  # launch variants: 4 CTAs / SM; 3 CTAs / SM + next tile prefetched
+                    # 1x / 2x / 4x the split count, and the count whose grid is one full wave of the
+                    # variant's resident CTAs (what COMETQ_KV4_ATTN_CUDA=auto times too)
+                    wave = CR.kv4_attention_wave_splits(b, args.kv_heads, var, props.multi_processor_count)
+                    for ns in sorted({splits, min(4 * nblk, 1024, 2 * splits), min(4 * nblk, 1024, 4 * splits),
+                                      wave}):
+                        raw = args_raw[:-1] + (ns,)
                         cuda_sweep[f"{ns}/v{var}"] = bench(lambda: cuda_attn(*raw, variant=var))
             ms_cuda = min(cuda_sweep.values()) if cuda_sweep else None
             ms_kv4_op = bench(lambda: kv4_call(pool, q, splits))

@@ -198,6 +198,21 @@ n = len(cuda_calls)
 run("auto"); assert cuda_calls[n:] == [(6, 1)]                              # the kept choice, no new timing
 run(None); assert cuda_calls[n + 1:] == [(6, 1)]                             # unset = auto
 assert "head_dim=128 group=32 qpk=4" in next(iter(CR.kv4_attention_choices()))
+# the wave-filling split count is a candidate too: 2 rows x 2 kv heads, 132 SMs x 3 CTAs (variant 1)
+# -> 99 splits; kept when it times fastest, recomputed from the call's batch
+assert CR.kv4_attention_wave_splits(2, 2, 1, 132) == 99 and CR.kv4_attention_wave_splits(16, 8, 0, 132) == 4
+assert CR.kv4_attention_wave_splits(64, 8, 1, 132) == 1
+CR._ATTN_CHOICE.clear(); cuda_calls.clear()
+def wave_timer(fn, device, warmup=0, reps=0):
+    t0 = len(tri_calls)
+    fn()
+    return 1.0 if len(tri_calls) > t0 else (0.3 if cuda_calls[-1] == (99, 1) else 0.9)
+autotune.cuda_event_timer = wave_timer
+out = run("auto")
+assert torch.equal(out, want)
+assert (99, 1) in cuda_calls and (132, 0) in cuda_calls and (3, 0) in cuda_calls
+(key, choice), = CR._ATTN_CHOICE.items()
+assert choice == ("cuda", "wave", 1) and cuda_calls[-1] == (99, 1), (choice, cuda_calls[-1])
 os.environ[CR.KV4_ATTN_ENV] = "yes"
 try:
     CR._kv4_attn_impl(*args); raise SystemExit("bad mode accepted")

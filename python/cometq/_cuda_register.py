@@ -315,8 +315,34 @@ KV4_ATTN_MODES = ("0", "1", "auto")
 KV4_ATTN_DEFAULT = "auto"
 #: multiples of the caller's split count the "auto" mode times the CUDA kernel at
 KV4_ATTN_SPLIT_FACTORS = (1, 2, 4)
-#: "auto" choices: key -> ("cuda", split factor, variant) or ("triton", 1, 0)
+#: CTAs per SM of each launch variant (csrc/kv4_attention.cu __launch_bounds__: 4, or 3 with the
+#: next tile's registers): "auto" also times the split count that makes the grid one full wave of
+#: them ("wave"), since (batch x KV heads x splits) CTAs a little above a wave run a second, mostly
+#: empty one -- batch 16 x 8 heads x the default 6 splits is 768 CTAs for 528 slots (1.45 waves)
+KV4_ATTN_CTAS_PER_SM = {0: 4, 1: 3}
+#: "auto" choices: key -> ("cuda", split factor, variant), ("cuda", "wave", variant) or ("triton", 1, 0)
 _ATTN_CHOICE: dict = {}
+_NUM_SMS: dict = {}
+
+
+def _num_sms(device) -> int:
+    if getattr(device, "type", None) != "cuda":
+        return 132  # (the CPU stand-in of the routing test: an H100's count)
+    n = _NUM_SMS.get(device)
+    if n is None:
+        n = _NUM_SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return n
+
+
+def kv4_attention_wave_splits(batch: int, kv_heads: int, variant: int, num_sms: int) -> int:
+    """The split count whose grid fills the GPU's resident CTA slots of ``variant`` once (>= 1)."""
+    return max(1, min(1024, num_sms * KV4_ATTN_CTAS_PER_SM[variant] // max(1, batch * kv_heads)))
+
+
+def _attn_splits(choice, ns: int, batch: int, kv_heads: int, device) -> int:
+    if choice[1] == "wave":
+        return kv4_attention_wave_splits(batch, kv_heads, choice[2], _num_sms(device))
+    return ns * choice[1]
 
 
 def kv4_attention_mode() -> str:
@@ -381,15 +407,21 @@ def _kv4_attn_impl(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, tail
         triton_impl(*args)  # its own launch-config tuner runs on first use: not part of the timing
         timer = autotune.cuda_graph_timer if tmode == "graph" else autotune.cuda_event_timer
         times = [(timer(lambda: triton_impl(*args), q.device, warmup=2, reps=8), ("triton", 1, 0))]
-        for f in KV4_ATTN_SPLIT_FACTORS:
-            for v in KV4_ATTN_VARIANTS:
-                if ns * f <= 1024:
-                    cargs = args[:-1] + (ns * f,)
-                    times.append((timer(lambda: cuda_kv4_decode_attention(*cargs, variant=v), q.device, warmup=2,
-                                        reps=8), ("cuda", f, v)))
+        tried = set()
+        for v in KV4_ATTN_VARIANTS:
+            for f in KV4_ATTN_SPLIT_FACTORS + ("wave",):
+                c = ("cuda", f, v)
+                splits = _attn_splits(c, ns, q.shape[0], k_packed.shape[1], q.device)
+                if splits > 1024 or (splits, v) in tried:
+                    continue
+                tried.add((splits, v))
+                cargs = args[:-1] + (splits,)
+                times.append((timer(lambda: cuda_kv4_decode_attention(*cargs, variant=v), q.device, warmup=2,
+                                    reps=8), c))
         choice = _ATTN_CHOICE[key] = min(times, key=lambda t: t[0])[1]
     if choice[0] == "cuda":
-        return cuda_kv4_decode_attention(*args[:-1], ns * choice[1], variant=choice[2])
+        return cuda_kv4_decode_attention(*args[:-1], _attn_splits(choice, ns, q.shape[0], k_packed.shape[1], q.device),
+                                         variant=choice[2])
     return triton_impl(*args)
 
 
