@@ -17,6 +17,7 @@
 #   pytest-*.failures.txt         each failure with its traceback, written as it happens
 #   diag/diag_decode.json, diag_profile.txt   bench/diag_decode.py (small-M launch overhead,
 #                                 every decode config eager vs CUDA graph, attention sweep)
+#   gemm_decode/gemm.json|md      bench_gemm.py 8B.gate_up / 8B.o at M = 64 (asym-g128, graphs) before serving: the w16 GEMMs vs the rest
 #   gemm/gemm.json|md             bench_gemm.py at the decode-step shapes, M = 64 and 16, asym-g128 (the serving default) and sym-g128, 25 % INT8 blocks (CUDA-graph columns)
 #   gemm_large/gemm.json|md       bench_gemm.py at M = 1024 (TMA / dequant / pointer kernels vs FP16, FP8)
 #   gemm_shares/gemm.json|md      8B.gate_up at 0 % and 12.5 % INT8 blocks (issue #3's <= 10 % target)
@@ -49,7 +50,7 @@
 #        MAX_JOBS (default 16), PYTHON (default python3), GPU_CHECK_BUDGET_S,
 #        PYTEST_ARGS (extra pytest arguments), PYTEST_WORKERS (xdist workers, default 8), GPU_CHECK_SKIP (comma list of stages
 #        to skip: build, triton_tests, cuda_tests, toolchain, diag, gemm, gemm_large, gemm_shares, gemm_class, microbench,
-#        attention, act_quant, raw_errors, cuda_act_rows_smoke, cuda_gemm_smoke, cuda_w16_smoke, cuda_fixup_smoke, cuda_attn_smoke, splitk_fixup_smoke, prefill, serving, autotune, tune_decode), GEMM_ARGS / ATTENTION_ARGS / SERVING_ARGS (the stages' arguments),
+#        attention, act_quant, raw_errors, cuda_act_rows_smoke, cuda_gemm_smoke, cuda_w16_smoke, cuda_fixup_smoke, cuda_attn_smoke, splitk_fixup_smoke, gemm_decode, prefill, serving, autotune, tune_decode), GEMM_ARGS / ATTENTION_ARGS / SERVING_ARGS (the stages' arguments),
 #        GEMM_CAP / ATTENTION_CAP / ACT_QUANT_CAP,
 #        TRITON_TEST_FILES / CUDA_TEST_FILES (the test files of the two test stages), TRITON_TEST_WORKERS (12) /
 #        CUDA_TEST_WORKERS, TRITON_TESTS_CAP / CUDA_TESTS_CAP / DIAG_CAP /
@@ -312,7 +313,7 @@ fi
 # test file (~90 cases, ~15 s); a FAILED test makes every later stage run COMETQ_CUDA_W16=0 (the route
 # keeps the Triton w16 kernel).  The GEMM table's cuda-w16 columns and the serving rows use it.
 if [ "$BUILD" = ok ] && ! skip cuda_w16_smoke && [ "${COMETQ_BACKEND:-auto}" != triton ]; then
-  PYTEST_WORKERS=4 run_pytest cuda_w16_smoke 35 tests/test_cuda_w16.py -k "not splitk_fixup" || true
+  PYTEST_WORKERS=4 run_pytest cuda_w16_smoke 30 tests/test_cuda_w16.py -k "not splitk_fixup" || true
   if [ -s "$W/cuda_w16_smoke.failures.txt" ]; then
     export COMETQ_CUDA_W16=0
     stage cuda_w16 "COMETQ_CUDA_W16=0 (smoke failed)" 0
@@ -358,6 +359,12 @@ if [ "$BUILD" = ok ] && ! skip cuda_attn_smoke; then
   fi
   pack
 fi
+# the decode GEMM at the batch-64 serving shape before serving (seventeenth session: the CUDA w16
+# GEMM; runs 6-8 reached the full GEMM table at the end with 0-20 s left): 8B.gate_up and 8B.o at
+# M = 64, asym-g128, CUDA-graph replays -- FP16 / FP8 peers, the integer kernels, triton-w16 and
+# cuda-w16 side by side in one run
+bench gemm_decode "${GEMM_DECODE_CAP:-35}" $PY bench/bench_gemm.py --shapes 8B.gate_up,8B.o --ms 64 --shares 0.25 \
+  --weights asym-g128 --graph --time-budget 25 --no-plot --out "$W/gemm_decode"
 bench prefill "${PREFILL_CAP:-50}" env COMETQ_GEMM_TUNE="${COMETQ_GEMM_TUNE:-0}" \
   $PY bench/diag_prefill.py ${PREFILL_ARGS:---shapes 8x1024 --systems w4ax,fp --reps 2} --out "$W/prefill"
 SL=$(limit "${SERVING_CAP:-230}")
