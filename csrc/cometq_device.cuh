@@ -293,4 +293,38 @@ __device__ __forceinline__ void store_from_float(void* p, int64_t i, float v, in
   }
 }
 
+// ---------------------------------------------------------------------------
+// Split-K reduction shared by the GEMMs (w4ax_gemm.cu draws the protocol): every split stores
+// its fp32 slab; the tile's last split to finish sums the slabs in split order (+ bias) -- the
+// finalize kernel's sequence of fp32 adds, so the same bits whichever split finishes last.
+// ---------------------------------------------------------------------------
+// Called by every thread after its slab stores: whether this CTA is the tile's last split
+// (block-uniform; that CTA has reset the tile's counter to zero for the next GEMM).
+__device__ __forceinline__ bool splitk_last_cta(int32_t* counters, int tile_id) {
+  __shared__ int s_last;
+  __threadfence();  // this CTA's slab stores before its count
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const int prev = atomicAdd(counters + tile_id, 1);
+    s_last = prev == static_cast<int>(gridDim.z) - 1;
+    if (s_last) counters[tile_id] = 0;  // every other split of the tile has counted already
+  }
+  __syncthreads();
+  const bool last = s_last != 0;
+  if (last) __threadfence();
+  return last;
+}
+
+// out[out_idx] = ((slab 0 + slab 1) + ...) + bias[n] at element `at` of the [splits][M][N] slabs,
+// read from L2 (__ldcg: another SM's stores are not in this SM's L1).
+__device__ __forceinline__ void splitk_sum_store(const float* ws, int splits, int64_t slab, int64_t at, int n,
+                                                 const void* bias, int bias_dtype, void* out, int64_t out_idx,
+                                                 int out_dtype) {
+  float v = __ldcg(ws + at);
+#pragma unroll 1
+  for (int z = 1; z < splits; ++z) v += __ldcg(ws + z * slab + at);
+  if (bias != nullptr) v += load_as_float(bias, n, bias_dtype);
+  store_from_float(out, out_idx, v, out_dtype);
+}
+
 }  // namespace cometq

@@ -212,6 +212,44 @@ const void* check_bias(const std::optional<at::Tensor>& bias, int64_t N, const c
   return bt.data_ptr();
 }
 
+// The in-kernel split-K reduction's per-tile counters (int32, all zero, left zero): checked, and
+// passed on only to a split launch (NULL otherwise).
+int32_t* check_counters(const std::optional<at::Tensor>& tile_counters, int split, int64_t tiles, int64_t M, int64_t N,
+                        const char* op, const at::Device& dev) {
+  if (!tile_counters.has_value()) return nullptr;
+  const at::Tensor& tc = *tile_counters;
+  check_cuda(tc, op, "tile_counters", dev);
+  check_dtype(tc, at::kInt, op, "tile_counters");
+  check_contig(tc, op, "tile_counters");
+  TORCH_CHECK(tc.dim() == 1 && tc.size(0) >= tiles, op, ": tile_counters shape ", tc.sizes(), " needs at least ", tiles,
+              " counters (output tiles of M=", M, ", N=", N, ")");
+  return split > 1 ? tc.data_ptr<int32_t>() : nullptr;
+}
+
+// The weight-side, output and split-K fields both GEMMs' argument structs share.
+template <class Args>
+void fill_weight_side(Args& a, const at::Tensor& qweight, bool block_major, const at::Tensor& w_scales,
+                      const float* off_ptr, const void* bias_ptr, int bias_code, const at::Tensor& out, int out_code,
+                      const at::Tensor& ws, int32_t* counters, int64_t M, int64_t N, int64_t nb, int split) {
+  a.qweight = qweight.data_ptr<uint8_t>();
+  a.ld_w = block_major ? kBlockK / 2 : qweight.size(1);
+  a.ld_wb = block_major ? qweight.stride(1) : kBlockK / 2;
+  a.w_scales = w_scales.data_ptr<float>();
+  a.ld_ws = w_scales.size(1);
+  a.w_offsets = off_ptr;
+  a.ld_wo = w_scales.size(1);
+  a.bias = bias_ptr;
+  a.bias_dtype = bias_code;
+  a.out = out.data_ptr();
+  a.ld_out = N;
+  a.out_dtype = out_code;
+  a.workspace = split > 1 ? ws.data_ptr<float>() : nullptr;
+  a.tile_counters = counters;
+  a.M = static_cast<int>(M);
+  a.N = static_cast<int>(N);
+  a.n_blocks = static_cast<int>(nb);
+}
+
 // ---------------------------------------------------------------------------
 at::Tensor w4ax_gemm_cuda(const at::Tensor& q4, const at::Tensor& q8, const at::Tensor& a_scales,
                           const at::Tensor& block_bits, const at::Tensor& qweight, const at::Tensor& w_scales,
@@ -292,18 +330,9 @@ at::Tensor w4ax_gemm_cuda(const at::Tensor& q4, const at::Tensor& q8, const at::
                                              sm_count, static_cast<int>(split_k));
   at::Tensor ws;
   if (split > 1) ws = at::empty({split, M, N}, qweight.options().dtype(at::kFloat));  // slabs, fully written
-  int32_t* counters = nullptr;
-  if (tile_counters.has_value()) {
-    // the in-kernel split-K reduction's per-tile counters (all zero; left zero): only a split launch uses them
-    const at::Tensor& tc = *tile_counters;
-    check_cuda(tc, op, "tile_counters", dev);
-    check_dtype(tc, at::kInt, op, "tile_counters");
-    check_contig(tc, op, "tile_counters");
-    const int64_t tiles = cometq_gemm_num_tiles(static_cast<int>(M), static_cast<int>(N), static_cast<int>(tile));
-    TORCH_CHECK(tc.dim() == 1 && tc.size(0) >= tiles, op, ": tile_counters shape ", tc.sizes(), " needs at least ",
-                tiles, " counters (output tiles of M=", M, ", N=", N, ")");
-    if (split > 1) counters = tc.data_ptr<int32_t>();
-  }
+  int32_t* counters = check_counters(tile_counters, split,
+                                     cometq_gemm_num_tiles(static_cast<int>(M), static_cast<int>(N), static_cast<int>(tile)),
+                                     M, N, op, dev);
 
   CometqGemmArgs a{};
   a.q4 = n4 ? q4.data_ptr<uint8_t>() : nullptr;
@@ -313,23 +342,8 @@ at::Tensor w4ax_gemm_cuda(const at::Tensor& q4, const at::Tensor& q8, const at::
   a.a_scales = a_scales.data_ptr<float>();
   a.ld_as = a_scales.size(1);
   a.block_bits = block_bits.data_ptr<int32_t>();
-  a.qweight = qweight.data_ptr<uint8_t>();
-  a.ld_w = w_block_major ? kBlockK / 2 : qweight.size(1);
-  a.ld_wb = w_block_major ? qweight.stride(1) : kBlockK / 2;
-  a.w_scales = w_scales.data_ptr<float>();
-  a.ld_ws = w_scales.size(1);
-  a.w_offsets = off_ptr;
-  a.ld_wo = w_scales.size(1);
-  a.bias = bias_ptr;
-  a.bias_dtype = bias_code;
-  a.out = out.data_ptr();
-  a.ld_out = N;
-  a.out_dtype = out_code;
-  a.workspace = split > 1 ? ws.data_ptr<float>() : nullptr;
-  a.tile_counters = counters;
-  a.M = static_cast<int>(M);
-  a.N = static_cast<int>(N);
-  a.n_blocks = static_cast<int>(nb);
+  fill_weight_side(a, qweight, w_block_major, w_scales, off_ptr, bias_ptr, bias_code, out, out_code, ws, counters, M,
+                   N, nb, split);
   a.n4 = static_cast<int>(n4);
   a.n8 = static_cast<int>(n8);
   a.group = static_cast<int>(G);
@@ -395,39 +409,16 @@ at::Tensor w16_gemm_cuda(const at::Tensor& a, const at::Tensor& qweight, const a
                                             static_cast<int>(tile), static_cast<int>(split_k));
   at::Tensor ws;
   if (split > 1) ws = at::empty({split, M, N}, qweight.options().dtype(at::kFloat));  // slabs, fully written
-  int32_t* counters = nullptr;
-  if (tile_counters.has_value()) {
-    const at::Tensor& tc = *tile_counters;
-    check_cuda(tc, op, "tile_counters", dev);
-    check_dtype(tc, at::kInt, op, "tile_counters");
-    check_contig(tc, op, "tile_counters");
-    const int64_t tiles = cometq_w16_num_tiles(static_cast<int>(M), static_cast<int>(N), static_cast<int>(tile));
-    TORCH_CHECK(tc.dim() == 1 && tc.size(0) >= tiles, op, ": tile_counters shape ", tc.sizes(), " needs at least ",
-                tiles, " counters (output tiles of M=", M, ", N=", N, ")");
-    if (split > 1) counters = tc.data_ptr<int32_t>();
-  }
+  int32_t* counters = check_counters(tile_counters, split,
+                                     cometq_w16_num_tiles(static_cast<int>(M), static_cast<int>(N), static_cast<int>(tile)),
+                                     M, N, op, dev);
 
   CometqW16Args p{};
   p.a = a.data_ptr();
   p.lda = a.stride(0);
   p.a_dtype = a.scalar_type() == at::kHalf ? COMETQ_DTYPE_F16 : COMETQ_DTYPE_BF16;
-  p.qweight = qweight.data_ptr<uint8_t>();
-  p.ld_w = w_block_major ? kBlockK / 2 : qweight.size(1);
-  p.ld_wb = w_block_major ? qweight.stride(1) : kBlockK / 2;
-  p.w_scales = w_scales.data_ptr<float>();
-  p.ld_ws = w_scales.size(1);
-  p.w_offsets = off_ptr;
-  p.ld_wo = w_scales.size(1);
-  p.bias = bias_ptr;
-  p.bias_dtype = bias_code;
-  p.out = out.data_ptr();
-  p.ld_out = N;
-  p.out_dtype = out_code;
-  p.workspace = split > 1 ? ws.data_ptr<float>() : nullptr;
-  p.tile_counters = counters;
-  p.M = static_cast<int>(M);
-  p.N = static_cast<int>(N);
-  p.n_blocks = static_cast<int>(nb);
+  fill_weight_side(p, qweight, w_block_major, w_scales, off_ptr, bias_ptr, bias_code, out, out_code, ws, counters, M,
+                   N, nb, split);
   p.group = static_cast<int>(G);
   p.split_k = split;
   p.tile = static_cast<int>(tile);

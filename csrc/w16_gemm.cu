@@ -371,29 +371,14 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::MIN_CTAS) w16_gemm_kernel(c
   }
   if constexpr (FIXUP) {
     if (!split) return;
-    __shared__ int s_last;
-    __threadfence();  // this CTA's slab stores before its count
-    __syncthreads();
-    const int tile_id = blockIdx.y * gridDim.x + blockIdx.x;
-    if (threadIdx.x == 0) {
-      const int prev = atomicAdd(p.tile_counters + tile_id, 1);
-      s_last = prev == static_cast<int>(gridDim.z) - 1;
-      if (s_last) p.tile_counters[tile_id] = 0;  // every other split of the tile has counted already
-    }
-    __syncthreads();
-    if (!s_last) return;
-    __threadfence();
+    if (!splitk_last_cta(p.tile_counters, blockIdx.y * gridDim.x + blockIdx.x)) return;
     const int64_t slab = static_cast<int64_t>(p.M) * p.N;
 #pragma unroll 1
     for (int idx = threadIdx.x; idx < rows * Cfg::BN; idx += Cfg::THREADS) {
       const int m = m0 + idx / Cfg::BN, n = n0 + idx % Cfg::BN;
       if (n >= p.N) continue;
-      const int64_t at = static_cast<int64_t>(m) * p.N + n;
-      float v = __ldcg(p.workspace + at);  // (L2: the other splits' stores are not in this SM's L1)
-#pragma unroll 1
-      for (int z = 1; z < static_cast<int>(gridDim.z); ++z) v += __ldcg(p.workspace + z * slab + at);
-      if (p.bias != nullptr) v += load_as_float(p.bias, n, p.bias_dtype);
-      store_from_float(p.out, static_cast<int64_t>(m) * p.ld_out + n, v, p.out_dtype);
+      splitk_sum_store(p.workspace, gridDim.z, slab, static_cast<int64_t>(m) * p.N + n, n, p.bias, p.bias_dtype,
+                       p.out, static_cast<int64_t>(m) * p.ld_out + n, p.out_dtype);
     }
   }
 }

@@ -564,18 +564,7 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::MIN_CTAS) w4ax_gemm_kernel(
   // order of fp32 adds, so the output is bit-identical to it whichever split finishes last.
   // The last CTA resets its counter: zero between GEMMs, one buffer for every GEMM in stream
   // order (CUDA graphs included).
-  __shared__ int s_last;
-  __threadfence();
-  __syncthreads();
-  const int tile_id = blockIdx.y * gridDim.x + blockIdx.x;
-  if (threadIdx.x == 0) {
-    const int prev = atomicAdd(p.tile_counters + tile_id, 1);
-    s_last = prev == static_cast<int>(gridDim.z) - 1;
-    if (s_last) p.tile_counters[tile_id] = 0;  // every other split of the tile has counted already
-  }
-  __syncthreads();
-  if (!s_last) return;
-  __threadfence();
+  if (!splitk_last_cta(p.tile_counters, blockIdx.y * gridDim.x + blockIdx.x)) return;
   // (the accumulators are dead here: a plain row-major walk of the tile, coalesced, adds no
   // register pressure -- the fragment-order walk made the 128-register s8 tiles spill in the K loop)
   const int64_t slab = static_cast<int64_t>(p.M) * p.N;
@@ -583,12 +572,8 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::MIN_CTAS) w4ax_gemm_kernel(
   for (int r = threadIdx.x; r < Cfg::BM * Cfg::BN; r += Cfg::THREADS) {
     const int m = m0 + r / Cfg::BN, n = n0 + r % Cfg::BN;
     if (m >= p.M || n >= p.N) continue;
-    const int64_t idx = static_cast<int64_t>(m) * p.N + n;
-    float v = __ldcg(p.workspace + idx);
-#pragma unroll 1
-    for (int z = 1; z < static_cast<int>(gridDim.z); ++z) v += __ldcg(p.workspace + z * slab + idx);
-    if (p.bias != nullptr) v += load_as_float(p.bias, n, p.bias_dtype);
-    store_from_float(p.out, static_cast<int64_t>(m) * p.ld_out + n, v, p.out_dtype);
+    splitk_sum_store(p.workspace, gridDim.z, slab, static_cast<int64_t>(m) * p.N + n, n, p.bias, p.bias_dtype, p.out,
+                     static_cast<int64_t>(m) * p.ld_out + n, p.out_dtype);
   }
   }  // FIXUP
 }
@@ -602,10 +587,7 @@ __global__ void splitk_finalize_kernel(const float* __restrict__ ws, int splits,
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int m = static_cast<int>(idx / N), n = static_cast<int>(idx % N);
-    float v = ws[idx];
-    for (int z = 1; z < splits; ++z) v += ws[static_cast<int64_t>(z) * total + idx];
-    if (bias != nullptr) v += load_as_float(bias, n, bias_dtype);
-    store_from_float(out, static_cast<int64_t>(m) * ld_out + n, v, out_dtype);
+    splitk_sum_store(ws, splits, total, idx, n, bias, bias_dtype, out, static_cast<int64_t>(m) * ld_out + n, out_dtype);
   }
 }
 
