@@ -34,6 +34,7 @@ from cometq.testing import (
     GEMM_FP16_RTOL,
     GEMM_FP32_ATOL,
     GEMM_FP32_RTOL,
+    check_inkernel_reduction,
     rand_activation,
     rand_weight,
 )
@@ -468,24 +469,8 @@ def test_gemm_splitk_fixup_bit_identical(C, m, n, k, split_k, sym, tile):
     kw = dict(w_offsets=None if qw.offsets is None else qw.offsets.to(d), split_k=split_k, tile=tile)
     want = C.cuda_w4ax_gemm(*args, **kw)
     _check_close(want, R.w4ax_gemm(qa, qw, args[7].float().cpu(), out_dtype=torch.float64), torch.float16)
-    counters = torch.zeros(1 << 16, dtype=torch.int32, device=d)
-    for _ in range(2):
-        assert torch.equal(C.cuda_w4ax_gemm(*args, **kw, tile_counters=counters), want)
-    torch.cuda.synchronize()
-    assert int(counters.abs().sum()) == 0
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        C.cuda_w4ax_gemm(*args, **kw, tile_counters=counters)  # warm-up outside the capture
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out = C.cuda_w4ax_gemm(*args, **kw, tile_counters=counters)
-    for _ in range(3):
-        out.zero_()
-        g.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(out, want) and int(counters.abs().sum()) == 0
+    check_inkernel_reduction(lambda c: C.cuda_w4ax_gemm(*args, **kw, tile_counters=c), want,
+                             torch.zeros(1 << 16, dtype=torch.int32, device=d))
 
 
 def test_gemm_splitk_fixup_through_the_backend(C, monkeypatch):

@@ -20,6 +20,7 @@ import torch
 from cometq import ops
 from cometq import reference as R
 from cometq.layout import weights_block_major
+from cometq.testing import check_inkernel_reduction
 
 pytestmark = pytest.mark.gpu
 
@@ -133,24 +134,8 @@ def test_w16_splitk_fixup_bit_identical(C, m, n, k, split_k, tile):
     kw = dict(split_k=split_k, tile=tile)
     want = C.cuda_w16_gemm(*args, **kw)
     _check(want, ops._ref_w16_gemm(a, qw.qweight, qw.scales, qw.offsets, gs, bias, torch.float16), torch.float16)
-    counters = torch.zeros(1 << 16, dtype=torch.int32, device=DEV)
-    for _ in range(2):
-        assert torch.equal(C.cuda_w16_gemm(*args, **kw, tile_counters=counters), want)
-    torch.cuda.synchronize()
-    assert int(counters.abs().sum()) == 0
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        C.cuda_w16_gemm(*args, **kw, tile_counters=counters)  # warm-up outside the capture
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out = C.cuda_w16_gemm(*args, **kw, tile_counters=counters)
-    for _ in range(3):
-        out.zero_()
-        g.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(out, want) and int(counters.abs().sum()) == 0
+    check_inkernel_reduction(lambda c: C.cuda_w16_gemm(*args, **kw, tile_counters=c), want,
+                             torch.zeros(1 << 16, dtype=torch.int32, device=DEV))
 
 
 def test_w16_rejects_bad_inputs(C):

@@ -206,3 +206,26 @@ def fake_route_timer(ran: list, times: dict):
         return times[ran[n0]]
 
     return timer
+
+
+def check_inkernel_reduction(launch, want, counters) -> None:
+    """GPU tests of an in-kernel split-K reduction: ``launch(counters)`` (a GEMM with tile counters)
+    must give ``want`` (the finalize kernel's result) bit for bit twice in a row and replayed three
+    times from a CUDA graph, leaving every counter zero each time."""
+    for _ in range(2):
+        assert torch.equal(launch(counters), want)
+    torch.cuda.synchronize()
+    assert int(counters.abs().sum()) == 0
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        launch(counters)  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = launch(counters)
+    for _ in range(3):
+        out.zero_()
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, want) and int(counters.abs().sum()) == 0
