@@ -150,7 +150,8 @@ typedef struct CometqW16Args {
 
 // Output tiles of an M x N launch (tile: COMETQ_W16_TILE_*).
 int64_t cometq_w16_num_tiles(int M, int N, int tile);
-// Split-K factor: requested > 0 honoured (clamped to n_blocks); else ~2 CTAs per SM, >= 4 blocks per split.
+// Split-K factor: requested > 0 honoured (clamped to n_blocks); else ~2 CTAs per SM at M <= 16, and
+// for larger M only as many splits as it takes the tiles to cover the SMs once; >= 4 blocks per split.
 int cometq_w16_choose_split(int M, int N, int n_blocks, int sm_count, int tile, int requested);
 // Whether M * lda * 2, N * ld_w, N * ld_ws, N * ld_wo fit 32 bits (the loader's row offsets).
 int cometq_w16_offsets_fit(const CometqW16Args* args);

@@ -454,9 +454,14 @@ extern "C" int64_t cometq_w16_num_tiles(int M, int N, int tile) {
 extern "C" int cometq_w16_choose_split(int M, int N, int n_blocks, int sm_count, int tile, int requested) {
   if (n_blocks < 1) return 1;
   if (requested > 0) return std::min(requested, n_blocks);
-  // enough CTAs for ~2 per SM, keeping >= 4 K blocks per split (the pipeline must fill)
+  // M <= 16 (the 16-token tile, 4 CTAs per SM): ~2 CTAs per SM, the weight stream is everything and
+  // the slabs are small; larger M: split only until the tiles cover the SMs once -- each split
+  // writes and reads back an fp32 [M, N] slab (at M = 64, N = 28672 two splits would move 15 MB
+  // of slabs beside 33 MB of weights).  At least 4 K blocks per split either way.
   const int64_t tiles = cometq_w16_num_tiles(M, N, tile);
-  const int64_t want = (2LL * std::max(sm_count, 1) + tiles - 1) / tiles;
+  const int64_t sms = std::max(sm_count, 1);
+  if (M > 16 && tiles >= sms) return 1;
+  const int64_t want = M <= 16 ? (2 * sms + tiles - 1) / tiles : (sms + tiles - 1) / tiles;
   const int cap = std::max(1, n_blocks / 4);
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(want, cap)));
 }

@@ -310,7 +310,11 @@ int main() {
   CHECK(cometq_w16_num_tiles(100, 200, COMETQ_W16_TILE_AUTO) == 4);     // 2 x 2
   CHECK(cometq_w16_num_tiles(64, 28672, COMETQ_W16_TILE_WIDE) == 112);  // 64 x 256
   CHECK(cometq_w16_choose_split(1, 4096, 32, 132, 0, 0) == 8);          // ceil(264 / 32) = 9, capped at 32 / 4
-  CHECK(cometq_w16_choose_split(64, 28672, 32, 132, 0, 0) == 2);        // 224 tiles: ceil(264 / 224)
+  CHECK(cometq_w16_choose_split(1, 28672, 32, 132, 0, 0) == 2);         // 224 tiles: ceil(264 / 224)
+  CHECK(cometq_w16_choose_split(64, 28672, 32, 132, 0, 0) == 1);        // 224 tiles cover the SMs: no slabs
+  CHECK(cometq_w16_choose_split(64, 28672, 32, 132, 1, 0) == 2);        // wide: 112 tiles < 132 SMs
+  CHECK(cometq_w16_choose_split(64, 4096, 32, 132, 0, 0) == 5);         // 32 tiles: ceil(132 / 32)
+  CHECK(cometq_w16_choose_split(64, 4096, 32, 132, 1, 0) == 8);         // wide: 16 tiles -> 9, capped at 8
   CHECK(cometq_w16_choose_split(64, 4096, 3, 132, 0, 0) == 1);          // < 8 blocks: never split
   CHECK(cometq_w16_choose_split(64, 4096, 32, 132, 0, 5) == 5);         // requested
   CHECK(cometq_w16_gemm(nullptr, 0) == cudaErrorInvalidValue);
