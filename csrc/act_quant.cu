@@ -81,6 +81,12 @@ constexpr int kActMaxThreads = 1024;  // one warp per block up to 32 blocks (K <
 __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+// zero of each input type: torch's build defines __CUDA_NO_HALF_CONVERSIONS__ /
+// __CUDA_NO_BFLOAT16_CONVERSIONS__, so `T(0.f)` does not compile for the 16-bit types there
+template <typename T> __device__ __forceinline__ T zero_of();
+template <> __device__ __forceinline__ float zero_of<float>() { return 0.f; }
+template <> __device__ __forceinline__ __half zero_of<__half>() { return __float2half_rn(0.f); }
+template <> __device__ __forceinline__ __nv_bfloat16 zero_of<__nv_bfloat16>() { return __float2bfloat16_rn(0.f); }
 
 // The 4 permuted, zero-padded channels b*128 + lane*4 + (0..3) of one row.
 template <typename T>
@@ -368,7 +374,7 @@ __global__ void __launch_bounds__(32 * kActRowsWarps) act_quant_rows_kernel(cons
   }
   // element K of each buffer: zero, and never written by a row copy (the register copy stops at
   // K - 1; a cp.async chunk that covers it zero-fills everything past the row's bytes)
-  if (threadIdx.x < (mode == kRowsAsync2 ? 2 : 1)) s_x0[threadIdx.x * x_stride + K] = T(0.f);
+  if (threadIdx.x < (mode == kRowsAsync2 ? 2 : 1)) s_x0[threadIdx.x * x_stride + K] = zero_of<T>();
   __syncthreads();
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;

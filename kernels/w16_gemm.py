@@ -106,9 +106,13 @@ def _dequant_half(p, sc, of, HI: tl.constexpr, ASYM: tl.constexpr, MAGIC: tl.con
     else:
         u = (p.to(tl.int32) >> 4) & 0xF if HI else p.to(tl.int32) & 0xF
         v = ((u ^ 8) - 8).to(tl.float32)
-        w = v * sc
+        # the spec (ops._ref_w16_gemm) rounds s and o to the operand dtype first, then v * s (+ o)
+        # once: v * s is exact in fp32 (4 x 8 significant bits for bf16), so the one rounding is
+        # the `.to(DT)` below.  (Run 9, H200: with the fp32 scales unrounded every weight of a
+        # group carried the same bf16 scale error, 1.3x the bf16 test's tolerance.)
+        w = v * sc.to(DT).to(tl.float32)
         if ASYM:
-            w = w + of
+            w = w + of.to(DT).to(tl.float32)
         return w.to(DT)
 
 

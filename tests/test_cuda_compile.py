@@ -36,7 +36,12 @@ EXPECTED_ENTRIES = {"w4ax_gemm.cu": 29, "act_quant.cu": 18,  # gemm: 4 tiles x s
                     # act_quant: class-row, block and rows kernels x 3 dtypes x packed / FAKE output
                     "kv4_attention.cu": 10,  # head_dim 64/128 x fp16/bf16 IO x 2 launch variants + 2 reduces
                     "w16_gemm.cu": 32}  # 4 tiles x fp16/bf16 operands x sym/asym weights x in-kernel split-K or not
-NVCC_FLAGS = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-Xptxas", "-v", "-I", CSRC]
+# torch's extension build adds these defines to every nvcc call (no implicit half/bfloat16
+# conversions or operators): compile with them too, or code that only builds outside torch passes
+# here (run 9 on the H200: `T(0.f)` for T = __half broke the extension build)
+TORCH_NVCC_DEFINES = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+                      "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__"]
+NVCC_FLAGS = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", *TORCH_NVCC_DEFINES, "-Xptxas", "-v", "-I", CSRC]
 
 
 def _find_nvcc():
@@ -367,3 +372,13 @@ def test_kernel_sources_include_no_torch():
                 bad.append(f"{f}: {m.group(1)}")
     assert not bad, f"kernel sources must not include torch headers: {bad}"
 
+
+
+def test_compile_flags_carry_torchs_nvcc_defines():
+    """The compile test builds with every define torch's extension build adds (a define torch adds
+    later and this list lacks would let code that breaks the real build pass here)."""
+    ce = pytest.importorskip("torch.utils.cpp_extension")
+    torch_defines = {f for f in getattr(ce, "COMMON_NVCC_FLAGS", []) if f.startswith("-D")}
+    missing = torch_defines - set(TORCH_NVCC_DEFINES)
+    assert not missing, f"torch's nvcc defines missing from TORCH_NVCC_DEFINES: {sorted(missing)}"
+    assert set(TORCH_NVCC_DEFINES) <= set(NVCC_FLAGS)
