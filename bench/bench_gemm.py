@@ -605,15 +605,26 @@ def bench_act_quant(args, rows, errors, dev, budget=None, flush=lambda: None):
                     for mode in ("block", "class"):
                         _try(row, f"aq_{mode}", lambda: quantize_act_triton(x, perm, lay.block_bits, lay.n_int8, mode),
                              args, None, nbytes)
+                        # the one-row-per-program kernel that permutes on chip vs the older kernels
+                        # (block: the per-block / by-rows grid by M; class: the two-pass walk)
+                        _try(row, f"aq_{mode}_gather",
+                             lambda: quantize_act_triton(x, perm, lay.block_bits, lay.n_int8, mode, gather=True),
+                             args, None, nbytes)
+                        _try(row, f"aq_{mode}_nogather",
+                             lambda: quantize_act_triton(x, perm, lay.block_bits, lay.n_int8, mode, gather=False),
+                             args, None, nbytes)
                     _try(row, "aq_block_identity", lambda: quantize_act_triton(x, lay.perm, lay.block_bits, lay.n_int8,
                                                                                "block", identity_perm=True), args, None, nbytes)
                     # block mode's two grids (the default picks by M: kernels/act_quant.py ROWS_MIN_M), the
                     # fused dequant route's FAKE pass (x in, 16-bit A' out) and the CUDA kernel
-                    for grid in (True, False):
+                    for grid in (True, False):  # (an explicit grid never takes the gather kernel)
                         _try(row, f"aq_block_{'rows' if grid else 'blocks'}",
                              lambda: quantize_act_triton(x, perm, lay.block_bits, lay.n_int8, "block", rows=grid),
                              args, None, nbytes)
                     _try(row, "aq_fake", lambda: fake_quant_act_triton(x, perm, lay.block_bits, lay.n_int8, "block"),
+                         args, None, 2 * m * k + 2 * m * lay.n_blocks * 128)
+                    _try(row, "aq_fake_nogather",
+                         lambda: fake_quant_act_triton(x, perm, lay.block_bits, lay.n_int8, "block", gather=False),
                          args, None, 2 * m * k + 2 * m * lay.n_blocks * 128)
                     if cuda_aq is not None:
                         _try(row, "aq_cuda", lambda: cuda_aq(x, perm, lay.block_bits, lay.n_int8, "block"), args, None,
@@ -724,13 +735,17 @@ def markdown(rows, backends):
     aq = [r for r in rows if r.get("kind") == "act_quant"]
     if aq:
         out.append("")
-        cols = ("copy", "aq_block", "aq_class", "aq_block_identity", "aq_block_rows", "aq_block_blocks", "aq_fake",
-                "aq_cuda", "aq_cuda_sync", "aq_cuda_async1", "aq_cuda_async2", "aq_cuda_fake")
-        out.append("| K | M | INT8 share | copy GB/s | block GB/s | class GB/s | block (identity perm) GB/s "
-                   "| block, by rows GB/s | block, per-block grid GB/s | FAKE (x -> 16-bit A') GB/s | CUDA GB/s "
+        cols = ("copy", "aq_block", "aq_class", "aq_block_gather", "aq_block_nogather", "aq_class_gather",
+                "aq_class_nogather", "aq_block_identity", "aq_block_rows", "aq_block_blocks", "aq_fake",
+                "aq_fake_nogather", "aq_cuda", "aq_cuda_sync", "aq_cuda_async1", "aq_cuda_async2", "aq_cuda_fake")
+        out.append("| K | M | INT8 share | copy GB/s | block GB/s | class GB/s | block, gather kernel GB/s "
+                   "| block, older kernels GB/s | class, gather kernel GB/s | class, two-pass kernel GB/s "
+                   "| block (identity perm) GB/s "
+                   "| block, by rows GB/s | block, per-block grid GB/s | FAKE (x -> 16-bit A') GB/s "
+                   "| FAKE, older kernels GB/s | CUDA GB/s "
                    "| CUDA rows, sync loads GB/s | CUDA rows, 1 cp.async buffer GB/s | CUDA rows, 2 buffers GB/s "
                    "| CUDA FAKE GB/s |")
-        out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        out.append("|" + "---|" * (len(cols) + 3))
         for r in aq:
             out.append(f"| {r['K']} | {r['M']} | {100 * r['share']:.1f}% | "
                        + " | ".join(str(r.get(c + "_gbps", "–")) for c in cols) + " |")

@@ -310,10 +310,11 @@ if [ "$BUILD" = ok ] && ! skip cuda_gemm_smoke; then
   pack
 fi
 # the w16 route's CUDA GEMM (csrc/w16_gemm.cu, seventeenth session, CPU-emulated only): the whole
-# test file (~90 cases, ~15 s); a FAILED test makes every later stage run COMETQ_CUDA_W16=0 (the route
+# test file (~90 cases); a FAILED test makes every later stage run COMETQ_CUDA_W16=0 (the route
 # keeps the Triton w16 kernel).  The GEMM table's cuda-w16 columns and the serving rows use it.
+# Run 9's rerun (H200): ~86 of ~90 passed, 0 failed, in the 30 s cap (4 workers' start-up included): 40 s
 if [ "$BUILD" = ok ] && ! skip cuda_w16_smoke && [ "${COMETQ_BACKEND:-auto}" != triton ]; then
-  PYTEST_WORKERS=4 run_pytest cuda_w16_smoke 30 tests/test_cuda_w16.py -k "not splitk_fixup" || true
+  PYTEST_WORKERS=4 run_pytest cuda_w16_smoke 40 tests/test_cuda_w16.py -k "not splitk_fixup" || true
   if [ -s "$W/cuda_w16_smoke.failures.txt" ]; then
     export COMETQ_CUDA_W16=0
     stage cuda_w16 "COMETQ_CUDA_W16=0 (smoke failed)" 0

@@ -51,7 +51,7 @@ from ._common import (checks_with_sync, derived, dummy, interpreting, next_pow2,
                       unpack_lo)
 
 __all__ = ["quantize_act_triton", "fake_quant_act_triton", "quantize_activation_triton", "act_quant_kernel",
-           "split_rows_triton", "split_rows_kernel"]
+           "act_quant_gather_kernel", "split_rows_triton", "split_rows_kernel"]
 
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -188,6 +188,91 @@ def _block_mode_block(x_ptr, perm_ptr, bits_ptr, slot_ptr, q4_ptr, q8_ptr, s_ptr
                     b, out_ptr, stride_om, FAKE)
 
 
+
+@triton.jit
+def act_quant_gather_kernel(
+    x_ptr, perm_ptr, bits_ptr, slot_ptr, q4_ptr, q8_ptr, s_ptr,
+    M, K, NB, int4_clip,
+    stride_xm, stride_xk, stride_q4m, stride_q8m, stride_sm,
+    out_ptr, stride_om,
+    KP: tl.constexpr,
+    CLASS_MODE: tl.constexpr,
+    IDENTITY: tl.constexpr,
+    FAKE: tl.constexpr,
+):
+    """One token per program, the whole row in registers: the same outputs as
+    :func:`act_quant_kernel` (block or class mode, packed or FAKE), bit for bit.
+
+    Why: the other kernels gather ``x[m, perm[k]]`` straight from global memory, one 2-byte load
+    per channel, each its own 32-byte sector -- L1-wavefront-bound, not bandwidth-bound (run 9,
+    H200, K = 4096, M = 8192: 225 GB/s against 1190 GB/s without the permutation; the prefill
+    step's act-quant took 20 % of its kernel time).  Here the row is read once with contiguous,
+    vectorized loads, and ``tl.gather`` permutes it on chip (Triton lowers a cross-warp gather
+    through shared memory: 2-byte reads from random banks, a few-way conflicts at worst)::
+
+        x[m, 0 : KP]   (contiguous, zero past K)
+          --tl.gather(perm)-->  xg[p] = x[m, perm[p]]            p = b*128 + 2*j + h  (K order)
+          --reshape-->          [NBP, 64, 2]  (block b, pair j, half h: h = 0 even / 1 odd channel)
+          absmax over (j, h) per block; class mode: max over the INT4 / INT8 blocks of the row
+          q = clamp(rint(xg / s))          (IEEE division, ties to even: the reference's order)
+          FAKE : (q * s) as [NBP, 2, 64] -> out[m, b*128 + h*64 + j]   (half-split order)
+          INT8 : q as [NBP, 128]         -> q8[m, slot[b]*128 + k]      (K order)
+          INT4 : lo | hi << 4 [NBP, 64]  -> q4[m, slot[b]*64 + j]
+
+    ``KP`` = next power of two >= ``NB * 128`` (tensor shapes are powers of two); blocks
+    ``b >= NB`` are masked out of every store.  Register use grows with ``KP`` (the launcher
+    keeps ``KP <= GATHER_MAX_KP``)."""
+    m = tl.program_id(0).to(tl.int64)
+    p = tl.arange(0, KP)
+    real = p < K
+    row = x_ptr + m * stride_xm
+    if IDENTITY:
+        xg = tl.load(row + p * stride_xk, mask=real, other=0.0)
+    else:
+        x = tl.load(row + p * stride_xk, mask=real, other=0.0)
+        src = tl.load(perm_ptr + p, mask=real, other=0).to(tl.int32)
+        src = tl.minimum(tl.maximum(src, 0), KP - 1)  # a bad perm entry cannot address outside the tile
+        xg = tl.where(real, tl.gather(x, src, 0), 0.0)
+    NBP: tl.constexpr = KP // 128
+    x3 = tl.reshape(xg.to(tl.float32), (NBP, 64, 2))
+    am = tl.max(tl.max(tl.abs(x3), axis=2), axis=1)  # [NBP]
+    bi = tl.arange(0, NBP)
+    bmask = bi < NB
+    is8 = tl.load(bits_ptr + bi, mask=bmask, other=4) == 8
+    slot = tl.load(slot_ptr + bi, mask=bmask, other=0)
+    qmax = tl.where(is8, 127.0, 7.0)
+    if CLASS_MODE:
+        # (blocks past NB read as INT4 and hold zeros: they change neither maximum)
+        a4 = tl.max(tl.where(is8, 0.0, am), axis=0)
+        a8 = tl.max(tl.where(is8, am, 0.0), axis=0)
+        s4 = tl.math.div_rn(a4 * int4_clip, 7.0)
+        s8 = tl.math.div_rn(a8, 127.0)
+        s = tl.where(is8, s8, s4)
+        if not FAKE:
+            tl.store(s_ptr + m * stride_sm, s4)
+            tl.store(s_ptr + m * stride_sm + 1, s8)
+    else:
+        s = tl.math.div_rn(tl.where(is8, am, am * int4_clip), qmax)
+        if not FAKE:
+            tl.store(s_ptr + m * stride_sm + bi, s, mask=bmask)
+    d = tl.where(s == 0.0, 1.0, s)[:, None, None]
+    q = rint_rne(tl.math.div_rn(x3, d))
+    q = tl.minimum(tl.maximum(q, -qmax[:, None, None]), qmax[:, None, None])
+    if FAKE:
+        v = (q * s[:, None, None]).to(out_ptr.dtype.element_ty)
+        v = tl.reshape(tl.permute(v, (0, 2, 1)), (KP,))  # [NBP, 2, 64]: the half-split order
+        tl.store(out_ptr + m * stride_om + p, v, mask=p < NB * 128)
+    else:
+        qi = q.to(tl.int32)
+        k = tl.arange(0, 128)
+        q8 = tl.reshape(qi, (NBP, 128)).to(tl.int8)
+        tl.store(q8_ptr + m * stride_q8m + slot[:, None] * 128 + k[None, :], q8, mask=(is8 & bmask)[:, None])
+        lo, hi = tl.split(qi)
+        byte = ((lo & 0xF) | ((hi & 0xF) << 4)).to(tl.uint8)
+        j = tl.arange(0, 64)
+        tl.store(q4_ptr + m * stride_q4m + slot[:, None] * 64 + j[None, :], byte,
+                 mask=((~is8) & bmask)[:, None])
+
 #: block mode from this many rows on: one program per ``ROWS_BLOCK_M`` rows walks all their blocks
 #: (``act_quant_kernel``'s ROWS) instead of one program per (row tile, block).  The per-block
 #: programs gather a block's 128 permuted channels from all over the row, each 2-byte load a
@@ -196,6 +281,16 @@ def _block_mode_block(x_ptr, perm_ptr, bits_ptr, slot_ptr, q4_ptr, q8_ptr, s_ptr
 #: (decode) spread over many programs.  Same bits either way.
 ROWS_MIN_M = 256
 ROWS_BLOCK_M = 8
+
+#: the gather kernel (:func:`act_quant_gather_kernel`, one row per program, permuted on chip) from
+#: this many rows on, and for class mode at every M (its two-pass kernel re-gathers each row: 3 GB/s
+#: at M = 64 in run 9).  Below it the per-block grid spreads a few tokens over many programs.
+#: Unmeasured guess (eighteenth session): the act_quant bench's "gather" columns decide it.
+GATHER_MIN_M = 16
+#: the largest power-of-two row tile the gather kernel holds (Llama-70B's down_proj: K = 28672)
+#: and the most shared memory its on-chip permutation may stage (the tile in x's dtype)
+GATHER_MAX_KP = 32768
+GATHER_MAX_SMEM = 64 * 1024
 
 
 def _class_slot(block_bits: torch.Tensor) -> torch.Tensor:
@@ -231,6 +326,7 @@ def quantize_act_triton(
     block_m: Optional[int] = None,
     int4_clip: float = 1.0,
     rows: Optional[bool] = None,
+    gather: Optional[bool] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Tensor-level activation quantization (signature of ``cometq.ops._ref_quantize_act``).
 
@@ -239,7 +335,10 @@ def quantize_act_triton(
     ``identity_perm=True`` skips the gather (the caller vouches that ``perm`` is
     ``arange(K)``; :func:`quantize_activation_triton` passes the layout's cached flag).
     ``rows`` (block mode): one program per row tile walking all its blocks (True) or one per
-    (row tile, block) (False); None: by ``ROWS_MIN_M``.  Same bits either way.
+    (row tile, block) (False); None: by ``ROWS_MIN_M``.  ``gather``: one program per token,
+    the row permuted on chip (:func:`act_quant_gather_kernel`); None: from ``GATHER_MIN_M`` rows
+    (class mode: always) unless ``rows`` is given or the row is over the kernel's limits.  Same
+    bits in every case.
     """
     m, k, nb = _check_act_args(x, perm, block_bits, n_int8, scale_mode, int4_clip)
     n4 = nb - n_int8
@@ -249,7 +348,7 @@ def quantize_act_triton(
     if m == 0:
         return q4, q8, scales
     _launch_act(x, perm, block_bits, scale_mode, int4_clip, identity_perm, block_m, nonempty(q4), nonempty(q8),
-                scales, q4.stride(0) if q4.numel() else 0, q8.stride(0) if q8.numel() else 0, None, rows)
+                scales, q4.stride(0) if q4.numel() else 0, q8.stride(0) if q8.numel() else 0, None, rows, gather)
     return q4, q8, scales
 
 
@@ -265,6 +364,7 @@ def fake_quant_act_triton(
     block_m: Optional[int] = None,
     int4_clip: float = 1.0,
     rows: Optional[bool] = None,
+    gather: Optional[bool] = None,
 ) -> torch.Tensor:
     """The dequant path's activation operand straight from ``x``: ``A' [M, K_pad]`` in ``out_dtype``
     (fp16 / bf16 / fp32), each block's ``q * scale`` in the half-split K order of
@@ -278,7 +378,7 @@ def fake_quant_act_triton(
     if m:
         d8, d4 = dummy(x.device, torch.int8), dummy(x.device, torch.uint8)
         _launch_act(x, perm, block_bits, scale_mode, int4_clip, identity_perm, block_m, d4, d8,
-                    dummy(x.device), 0, 0, out, rows)
+                    dummy(x.device), 0, 0, out, rows, gather)
     return out
 
 
@@ -319,18 +419,59 @@ def _use_rows(m: int, scale_mode: str, rows: Optional[bool]) -> bool:
     return m >= ROWS_MIN_M if rows is None else rows
 
 
+def gather_kp(k: int) -> int:
+    """The gather kernel's row tile for ``K`` channels: the next power of two >= ``K_pad``."""
+    return next_pow2(padded_k(k))
+
+
+def _use_gather(m: int, k: int, x_dtype: torch.dtype, scale_mode: str, rows: Optional[bool],
+                gather: Optional[bool]) -> bool:
+    if gather is not None and not isinstance(gather, bool):
+        raise TypeError(f"gather must be a bool or None, got {gather!r}")
+    kp = gather_kp(k)
+    fits = kp <= GATHER_MAX_KP and kp * torch.tensor([], dtype=x_dtype).element_size() <= GATHER_MAX_SMEM
+    if gather:
+        if not fits:
+            raise ValueError(f"gather=True: K={k} needs a {kp}-channel row tile in {x_dtype}, over the gather "
+                             f"kernel's limits ({GATHER_MAX_KP} channels, {GATHER_MAX_SMEM} bytes)")
+        return True
+    if gather is False or rows is not None or not fits:
+        return False  # an explicit grid choice keeps its kernel
+    return scale_mode == "class" or m >= GATHER_MIN_M
+
+
+def _gather_warps(kp: int) -> int:
+    # ~16 channels per thread up to 8 K channels, 32-64 beyond (16 warps is the most a CTA has)
+    return 4 if kp <= 2048 else 8 if kp <= 4096 else 16
+
+
 def _launch_act(x, perm, block_bits, scale_mode, int4_clip, identity_perm, block_m, q4k, q8k, scales,
-                stride_q4m, stride_q8m, out, rows: Optional[bool] = None):
+                stride_q4m, stride_q8m, out, rows: Optional[bool] = None, gather: Optional[bool] = None):
     m, k = x.shape
     nb = block_bits.shape[0]
     # per block map, computed once (a layer's map is a long-lived tensor): no cumsum /
     # cast kernels per call
     bits, slot = block_tables(block_bits)
     class_mode = scale_mode == "class"
+    fake = out is not None
+    if _use_gather(m, k, x.dtype, scale_mode, rows, gather):
+        kp = gather_kp(k)
+        # int32 channel indices (cached per perm tensor): every program reads the whole table,
+        # 4 bytes per channel instead of 8 -- at K = 4096 an int64 table is 4x the row's fp16 bytes
+        perm32 = perm if perm.dtype == torch.int32 or identity_perm else derived(
+            perm, "act_quant.perm_i32", lambda t: t.to(torch.int32))
+        act_quant_gather_kernel[(m,)](
+            x, perm32, bits, slot, q4k, q8k, scales,
+            m, k, nb, float(int4_clip),
+            x.stride(0), x.stride(1), stride_q4m, stride_q8m, scales.stride(0) if not fake else 0,
+            out if fake else dummy(x.device, torch.float16), out.stride(0) if fake else 0,
+            KP=kp, CLASS_MODE=class_mode, IDENTITY=bool(identity_perm), FAKE=fake,
+            num_warps=_gather_warps(kp),
+        )
+        return
     by_rows = _use_rows(m, scale_mode, rows)
     bm = block_m or (ROWS_BLOCK_M if by_rows and not interpreting() else _block_m(m))
     grid = (triton.cdiv(m, bm),) if class_mode or by_rows else (triton.cdiv(m, bm), nb)
-    fake = out is not None
     act_quant_kernel[grid](
         x, perm, bits, slot, q4k, q8k, scales,
         m, k, nb, float(int4_clip),

@@ -40,7 +40,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from .act_quant import ROWS_BLOCK_M, act_quant_kernel, split_rows_kernel  # noqa: E402
+from .act_quant import ROWS_BLOCK_M, _gather_warps, act_quant_gather_kernel, act_quant_kernel, split_rows_kernel  # noqa: E402
 from .dequant_gemm import dequant_act_kernel, dequant_weight_kernel  # noqa: E402
 from .w16_gemm import w16_gemm_kernel, w16_reduce_kernel  # noqa: E402
 from .w4ax_gemm import (  # noqa: E402
@@ -205,6 +205,22 @@ def jobs(quick: bool = False) -> List[Tuple[str, object, Dict[str, str], Dict[st
                 out.append((tag, act_quant_kernel, _act_sig(xd, xd if fake else "fp16"),
                             dict(BLOCK_M=ROWS_BLOCK_M, CLASS_MODE=False, IDENTITY=ident, FAKE=fake, ROWS=True), 4, 1,
                             "act"))
+    # the gather kernel (a row per program, permuted on chip by tl.gather): every row tile from
+    # SmolLM2's 576 channels (KP 1024) to Llama-70B's 28672 (KP 32768), both scale modes, packed
+    # and FAKE, gather and identity (fp16); bf16 / fp32 inputs at Llama-8B's 4096
+    gather_kps = (1024, 4096, 16384, 32768)
+    for kp in gather_kps:
+        for cm in (False, True):
+            for ident in (False, True):
+                for fake in (False, True):
+                    tag = f"act_quant_gather[fp16,KP={kp},class={cm},ident={ident}{',fake' if fake else ''}]"
+                    out.append((tag, act_quant_gather_kernel, dict(_act_sig("fp16", "fp16"), perm_ptr="*i32"),
+                                dict(KP=kp, CLASS_MODE=cm, IDENTITY=ident, FAKE=fake), _gather_warps(kp), 1, "act"))
+    for xd in ("bf16", "fp32"):
+        for fake in ((False, True) if xd != "fp32" else (False,)):
+            tag = f"act_quant_gather[{xd},KP=4096,class=False,ident=False{',fake' if fake else ''}]"
+            out.append((tag, act_quant_gather_kernel, dict(_act_sig(xd, xd if fake else "fp16"), perm_ptr="*i32"),
+                        dict(KP=4096, CLASS_MODE=False, IDENTITY=False, FAKE=fake), _gather_warps(4096), 1, "act"))
     # the split-row repack the Hopper TMA GEMM reads at token tiles > 16
     out.append(("split_rows[BM=32]", split_rows_kernel,
                 dict(q4_ptr="*u8", q8_ptr="*i8", out_ptr="*i8", M="i32", N8="i32", stride_q4m="i32",
@@ -464,6 +480,8 @@ def ci_subset(todo, arch: int):
                 keep.append(j)
             elif name.startswith("act_quant[fp16,") and ",rows" in name:
                 keep.append(j)  # block mode by rows: packed and FAKE, gather and identity
+            elif name.startswith("act_quant_gather[") and ("ident=False" in name or "KP=4096" in name):
+                keep.append(j)  # the gather kernel: every tile size and mode (identity at one size)
             elif name.startswith(("split_rows[", "dequant_", "w16[", "w16-fixup[", "w16_reduce[")):
                 keep.append(j)
             elif name.startswith("gemm-variant[") and "16x64" in name and "g16" not in name:
@@ -481,6 +499,9 @@ def ci_subset(todo, arch: int):
             if name in ("act_quant[fp16,class=False,ident=False,BM=32]", "act_quant[fp16,class=True,ident=False,BM=32]",
                         "act_quant[fp16,class=False,ident=False,BM=32,fake]",
                         f"act_quant[fp16,class=False,ident=False,BM={ROWS_BLOCK_M},rows,fake]",
+                        "act_quant_gather[fp16,KP=4096,class=False,ident=False]",
+                        "act_quant_gather[fp16,KP=32768,class=False,ident=False,fake]",
+                        "act_quant_gather[fp16,KP=16384,class=True,ident=False]",
                         "split_rows[BM=32]", "dequant_act[fp16,class=False]", "dequant_weight[fp16,asym=True]",
                         "w16[fp16,64x64,asym=True,whole_block_groups=True]",
                         "w16[bf16,64x64,asym=False,whole_block_groups=True]",

@@ -291,3 +291,48 @@ def test_block_mode_by_rows_is_the_default_from_rows_min_m(monkeypatch):
     x, lay = torch.randn(2, 256), ActivationLayout.from_block_bits(256, [8, 4])
     with pytest.raises(TypeError, match="rows must be a bool or None, got 1"):
         quantize_act_triton(x, lay.perm, lay.block_bits, 1, "block", rows=1)
+
+
+@pytest.mark.parametrize("scale_mode", ["block", "class"])
+@pytest.mark.parametrize("m,k,pattern,dtype,permuted", [
+    (1, 576, "mixed", torch.float16, True), (9, 300, "int8_last", torch.float32, True),
+    (17, 640, "alternating", torch.bfloat16, True), (5, 256, "all8", torch.float16, False),
+    (3, 384, "all4", torch.float32, True), (2, 1100, "mixed", torch.bfloat16, True)])
+def test_gather_kernel_matches_reference(m, k, pattern, dtype, permuted, scale_mode, device):
+    """The one-row-per-program kernel that permutes on chip (``gather=True``; K = 1100 pads to a
+    2048-channel tile with 9 real blocks) gives the reference's bits -- packed, and FAKE equal to
+    the per-block kernel's -- with and without the permutation, clipped INT4 scales included."""
+    from cometq.kernels.act_quant import fake_quant_act_triton
+
+    g = torch.Generator(device="cpu").manual_seed(91 * m + k)
+    perm = torch.randperm(k, generator=g) if permuted else torch.arange(k)
+    lay = ActivationLayout(perm, torch.tensor(_bits(pattern, num_blocks(k)), dtype=torch.int32), 0.85).to(device)
+    x = rand_activation(m, k, outliers=3, dtype=dtype, generator=g).to(device)
+    args = (x, lay.perm, lay.block_bits, lay.n_int8, scale_mode)
+    for ident in ((False, True) if not permuted else (False,)):
+        kw = dict(int4_clip=lay.int4_clip, identity_perm=ident)
+        got = quantize_act_triton(*args, gather=True, **kw)
+        _assert_same(R.QuantizedActivation(*got, lay, scale_mode), R.quantize_activation(x, lay, scale_mode))
+        for out_dtype in (torch.float16, torch.bfloat16, torch.float32):
+            want = fake_quant_act_triton(*args, out_dtype=out_dtype, gather=False, rows=False, **kw)
+            assert torch.equal(fake_quant_act_triton(*args, out_dtype=out_dtype, gather=True, **kw), want)
+
+
+def test_gather_kernel_policy_and_errors(device):
+    from cometq.kernels import act_quant as A
+
+    f16 = torch.float16
+    assert A._use_gather(A.GATHER_MIN_M, 4096, f16, "block", None, None)
+    assert not A._use_gather(A.GATHER_MIN_M - 1, 4096, f16, "block", None, None)
+    assert A._use_gather(1, 4096, f16, "class", None, None)  # class mode: at every M
+    assert not A._use_gather(10 ** 4, 4096, f16, "block", True, None)  # an explicit grid keeps its kernel
+    assert not A._use_gather(10 ** 4, 40000, f16, "block", None, None)  # over the tile limit: the rows kernel
+    assert A._use_gather(10 ** 4, 28672, f16, "block", None, None)  # Llama-70B down_proj fits (32768, 64 KiB)
+    assert not A._use_gather(10 ** 4, 28672, torch.float32, "block", None, None)  # 128 KiB of fp32: no
+    assert A.gather_kp(576) == 1024 and A.gather_kp(4096) == 4096 and A.gather_kp(14336) == 16384
+    x = torch.randn(2, 40000, device=device, dtype=f16)
+    lay = ActivationLayout.from_block_bits(40000, [4] * num_blocks(40000)).to(device)
+    with pytest.raises(ValueError, match="K=40000 needs a 65536-channel row tile"):
+        quantize_act_triton(x, lay.perm, lay.block_bits, 0, "block", gather=True)
+    with pytest.raises(TypeError, match="gather must be a bool or None, got 'yes'"):
+        quantize_act_triton(x[:, :256], lay.perm[:256], lay.block_bits[:2], 0, "block", gather="yes")
