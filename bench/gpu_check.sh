@@ -372,15 +372,14 @@ SL=$(limit "${SERVING_CAP:-230}")
 # #7's target shape: batch 64, 1024 prompt / 512 output tokens. Systems in priority order (a
 # capped run keeps the rows that finished: the JSON is rewritten after each): the HF baseline
 # (~1 min at this shape), the target system (W4AxConfig() default: asymmetric g128 weights), the
-# FP16 engine it is compared with, eager and with piecewise graphs (run 3: graphs slower than
-# eager, unexplained; run 7 never reached the graph row; since run 7 its decode attention reads
-# the pool in place), the target system with async scheduling off (what queuing each decode step
-# ahead of the host buys), and last the same system with symmetric g128 weights (the TMA
-# kernels' format). The rows carry per-step times split into prefill and decode-only steps and what
+# FP16 engine it is compared with, with piecewise graphs (its eager row was dropped in the
+# eighteenth session: 2.8x slower than with graphs in run 9, so not the baseline #7 compares with),
+# the target system with symmetric g128 weights (the TMA kernels' format), and last the target
+# system with async scheduling off (what queuing each decode step ahead of the host buys). The rows carry per-step times split into prefill and decode-only steps and what
 # was tuned inside the timed run.
 # shellcheck disable=SC2086
 bench serving "$SL" env COMETQ_GEMM_TUNE="${COMETQ_GEMM_TUNE:-0}" $PY bench/bench_serving.py \
-  ${SERVING_ARGS:---batch-sizes 64 --input-len 1024 --output-len 512 --systems hf-generate,cometq-w4ax-kv4+graphs,cometq-fp,cometq-fp+graphs,cometq-w4ax-kv4+graphs-sync,cometq-w4ax-kv4+graphs@sym-g128} \
+  ${SERVING_ARGS:---batch-sizes 64 --input-len 1024 --output-len 512 --systems hf-generate,cometq-w4ax-kv4+graphs,cometq-fp+graphs,cometq-w4ax-kv4+graphs@sym-g128,cometq-w4ax-kv4+graphs-sync} \
   --out "$W/serving"
 # #6's target row before the GEMM table (run 6 never reached it; the CUDA kernel is new there)
 # (the launch config is tuned on each shape's first call; ATTENTION_ARGS=... --sweep also times

@@ -215,12 +215,14 @@ def jobs(quick: bool = False) -> List[Tuple[str, object, Dict[str, str], Dict[st
                 for fake in (False, True):
                     tag = f"act_quant_gather[fp16,KP={kp},class={cm},ident={ident}{',fake' if fake else ''}]"
                     out.append((tag, act_quant_gather_kernel, dict(_act_sig("fp16", "fp16"), perm_ptr="*i32"),
-                                dict(KP=kp, CLASS_MODE=cm, IDENTITY=ident, FAKE=fake), _gather_warps(kp), 1, "act"))
+                                dict(KP=kp, CLASS_MODE=cm, IDENTITY=ident, FAKE=fake), _gather_warps(kp), 1,
+                                "act_gather"))
     for xd in ("bf16", "fp32"):
         for fake in ((False, True) if xd != "fp32" else (False,)):
             tag = f"act_quant_gather[{xd},KP=4096,class=False,ident=False{',fake' if fake else ''}]"
             out.append((tag, act_quant_gather_kernel, dict(_act_sig(xd, xd if fake else "fp16"), perm_ptr="*i32"),
-                        dict(KP=4096, CLASS_MODE=False, IDENTITY=False, FAKE=fake), _gather_warps(4096), 1, "act"))
+                        dict(KP=4096, CLASS_MODE=False, IDENTITY=False, FAKE=fake), _gather_warps(4096), 1,
+                        "act_gather"))
     # the split-row repack the Hopper TMA GEMM reads at token tiles > 16
     out.append(("split_rows[BM=32]", split_rows_kernel,
                 dict(q4_ptr="*u8", q8_ptr="*i8", out_ptr="*i8", M="i32", N8="i32", stride_q4m="i32",
@@ -563,6 +565,19 @@ def check_code(kind: str, arch: int, constexprs: Dict[str, object], num_warps: i
         if "mul.f32" not in ptx and "mul.rn.f32" not in ptx:
             # the INT4 clip is its own fp32 multiply before the division (spec op order)
             return "INT4 clip multiply (absmax * int4_clip) missing"
+        return None
+    if kind == "act_gather":
+        base = check_code("act", arch, constexprs, num_warps, ptx)
+        if base:
+            return base
+        # the row read with 16-byte loads and permuted through shared memory (tl.gather), the
+        # quotient by the reciprocal's fast path (_quotient: fma.rn beside the guarded div.rn)
+        if "ld.global.v4" not in ptx:
+            return "the row is not read with 16-byte loads"
+        if not constexprs.get("IDENTITY") and "ld.shared" not in ptx:
+            return "the permutation does not go through shared memory"
+        if "fma.rn.f32" not in ptx:
+            return "no fma.rn.f32: the division's fast path is missing"
         return None
     if kind == "repack":
         # word-wide nibble unpack (inline PTX, kernels/_common.py) and 16-byte row stores

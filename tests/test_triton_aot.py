@@ -110,6 +110,11 @@ def test_aot_compile_ci_set(tmp_path):
     w16 = [x for x in res if x["name"].startswith("w16[")]
     assert all(x["ok"] for x in w16) and sum(x["arch"] == 90 for x in w16) == 10 and \
         sum(x["arch"] == 80 for x in w16) == 2, w16
+    # the act-quant gather kernel (act_gather checks: 16-byte row loads, the permutation through
+    # shared memory, the division's fma fast path): both archs, no spills up to a 16384 tile
+    gather = [x for x in res if x["name"].startswith("act_quant_gather[")]
+    assert {x["arch"] for x in gather} == {80, 90} and all(x["ok"] for x in gather), gather
+    assert all(not x.get("spill_bytes") for x in gather if "KP=32768" not in x["name"]), gather
     names = {(x["arch"], x["name"].split("[")[0]) for x in res}
     for arch in (80, 90):
         for fam in ("act_quant", "gemm-variant", "persistent"):
