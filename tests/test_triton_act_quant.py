@@ -336,3 +336,40 @@ def test_gather_kernel_policy_and_errors(device):
         quantize_act_triton(x, lay.perm, lay.block_bits, 0, "block", gather=True)
     with pytest.raises(TypeError, match="gather must be a bool or None, got 'yes'"):
         quantize_act_triton(x[:, :256], lay.perm[:256], lay.block_bits[:2], 0, "block", gather="yes")
+
+
+@pytest.mark.parametrize("scale_mode", ["block", "class"])
+def test_gather_kernel_quotients_near_ties(scale_mode, device):
+    """Quotients within a few ulps of a half-integer, where a last-bit error in x / s changes the
+    rounded integer: the gather kernel's division fast path (on the GPU; the interpreter divides
+    per value) must give the reference's bits.  Each block keeps its absmax element, so the
+    scales are the reference's; the other values are rebuilt as (k + 1/2) * s, nudged by 0-3
+    ulps either way, for non-power-of-two scales over a wide exponent range."""
+    g = torch.Generator(device="cpu").manual_seed(2026)
+    m, k = 24, 1024
+    nb = num_blocks(k)
+    lay = ActivationLayout(torch.randperm(k, generator=g), torch.tensor(_bits("alternating", nb), dtype=torch.int32))
+    x = torch.randn(m, k, generator=g) * torch.exp2(torch.randint(-20, 20, (m, 1), generator=g).float())
+    ref = R.quantize_activation(x, lay, scale_mode)
+    s = ref.scales if scale_mode == "block" else ref.scales[:, [0, 1]]
+    xp = x[:, lay.perm]  # permuted order: channel c of block b at xp[:, b*128 + c]
+    is8 = lay.block_bits == 8
+    for b in range(nb):
+        sb = s[:, b] if scale_mode == "block" else s[:, 1 if is8[b] else 0]
+        qmax = 127 if is8[b] else 7
+        blk = xp[:, b * 128:(b + 1) * 128]
+        keep = blk.abs().argmax(dim=1)
+        kk = torch.randint(-qmax, qmax, (m, 128), generator=g).float() + 0.5
+        v = (kk * sb[:, None]).float()
+        nudge = torch.randint(-3, 4, (m, 128), generator=g).to(torch.int32)
+        v = (v.view(torch.int32) + nudge).view(torch.float32)
+        v = torch.where(v.abs() > blk.abs().amax(dim=1, keepdim=True), kk.sign() * 0.0, v)  # never a new absmax
+        v[torch.arange(m), keep] = blk[torch.arange(m), keep]
+        xp[:, b * 128:(b + 1) * 128] = v
+    x = torch.empty_like(xp)
+    x[:, lay.perm] = xp
+    want = R.quantize_activation(x, lay, scale_mode)
+    assert torch.equal(want.scales, ref.scales)
+    lay_d = lay.to(device)
+    got = quantize_act_triton(x.to(device), lay_d.perm, lay_d.block_bits, lay.n_int8, scale_mode, gather=True)
+    _assert_same(R.QuantizedActivation(*(t.cpu() for t in got), lay, scale_mode), want)
