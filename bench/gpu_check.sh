@@ -300,7 +300,7 @@ if [ "$BUILD" = ok ] && ! skip cuda_act_rows_smoke; then
   pack  # (a call cut by the device limit keeps what was packed last: run 6's rerun lost its smokes)
 fi
 if [ "$BUILD" = ok ] && ! skip cuda_gemm_smoke; then
-  PYTEST_WORKERS=8 run_pytest cuda_gemm_smoke 60 tests/test_cuda_ops.py \
+  PYTEST_WORKERS=8 run_pytest cuda_gemm_smoke "${CUDA_GEMM_SMOKE_CAP:-45}" tests/test_cuda_ops.py \
     -k "gemm_group_sizes or gemm_block_patterns or gemm_split_k or gemm_block_major_weights or gemm_asymmetric_group_sizes_split_k or gemm_asymmetric_activation_sums_exact or quantize_act_bit_identical or gemm_tile" || true
   if [ -s "$W/cuda_gemm_smoke.failures.txt" ]; then
     export COMETQ_BACKEND=triton
@@ -366,6 +366,14 @@ fi
 # cuda-w16 side by side in one run
 bench gemm_decode "${GEMM_DECODE_CAP:-35}" $PY bench/bench_gemm.py --shapes 8B.gate_up,8B.o --ms 64 --shares 0.25 \
   --weights asym-g128 --graph --time-budget 25 --no-plot --out "$W/gemm_decode"
+# issue #3's activation-quantization target (>= 70 % of copy bandwidth): the Triton gather kernel
+# (eighteenth session: one row per program, permuted on chip) beside the older kernels (the two
+# block-mode grids, the class-mode two-pass walk), the FAKE pass (the fused dequant route's A'), the
+# CUDA kernel with each of its three row loaders and its FAKE output, GB/s beside a copy.  Right
+# after the decode GEMM since the eighteenth session (~15 s): run 9 measured the permutation gather
+# as the W4Ax prefill step's largest extra (48.7 of 233.9 ms), and prefill / serving use the result
+bench act_quant "${ACT_QUANT_CAP:-30}" $PY bench/bench_gemm.py --what act_quant --shapes 8B.o,8B.down \
+  --ms 64,1024,8192 --shares 0.25 --time-budget 20 --no-plot --out "$W/act_quant"
 bench prefill "${PREFILL_CAP:-50}" env COMETQ_GEMM_TUNE="${COMETQ_GEMM_TUNE:-0}" \
   $PY bench/diag_prefill.py ${PREFILL_ARGS:---shapes 8x1024 --systems w4ax,fp --reps 2} --out "$W/prefill"
 SL=$(limit "${SERVING_CAP:-230}")
@@ -386,13 +394,6 @@ bench serving "$SL" env COMETQ_GEMM_TUNE="${COMETQ_GEMM_TUNE:-0}" $PY bench/benc
 # every candidate config at 0.5x..4x the default split count: run 5 has that table)
 bench attention "${ATTENTION_CAP:-40}" $PY bench/bench_attention.py ${ATTENTION_ARGS:---batch 16 --context 4096} \
   --out "$W/attention"
-# issue #3's activation-quantization target (>= 70 % of copy bandwidth): the Triton kernel's two
-# block-mode grids (by rows from 256 rows, fifteenth session; per block), its FAKE pass (the fused
-# dequant route's A'), the CUDA kernel with each of its three row loaders and its FAKE output
-# (sixteenth session), GB/s beside a copy.  Before the GEMM table since the sixteenth session:
-# the act-quant kernels changed most there (runs 6-8 never reached this stage at the end)
-bench act_quant "${ACT_QUANT_CAP:-30}" $PY bench/bench_gemm.py --what act_quant --shapes 8B.o,8B.down \
-  --ms 64,1024,8192 --shares 0.25 --time-budget 20 --no-plot --out "$W/act_quant"
 # bench_gemm stops starting rows at --time-budget and rewrites its JSON after every row
 GL=$(limit "${GEMM_CAP:-45}")
 # shellcheck disable=SC2086
