@@ -264,6 +264,18 @@ def jobs(quick: bool = False) -> List[Tuple[str, object, Dict[str, str], Dict[st
                                     dict(BLOCK_M=bm, BLOCK_N=64, ASYM=asym, WHOLE_BLOCK_GROUPS=whole,
                                          MAGIC=dt == "fp16", NUM_STAGES=3, FIXUP=fixup, HAS_BIAS=fixup), 4, 3,
                                     "w16"))
+    # the other tuning candidates of kernels/w16_gemm.py w16_configs (the default's 64-row weight
+    # tile is above): 32 / 128 weight rows, 8 warps at 128, the 4-stage pipeline -- fp16 operands,
+    # asymmetric whole-block groups (W4AxConfig()'s format), every token tile
+    for bm in (16, 32, 64):
+        for bn, warps, stages in ((64, 4, 4), (32, 4, 3), (128, 4, 3), (128, 8, 3)):
+            out.append((f"w16-cand[fp16,{bm}x{bn},warps={warps},stages={stages}]", w16_gemm_kernel,
+                        dict(a_ptr="*fp16", qw_ptr="*u8", ws_ptr="*fp32", wo_ptr="*fp32", out_ptr="*fp32",
+                             M="i32", N="i32", NB="i32", GROUP="i32", stride_am="i32", stride_wn="i32",
+                             stride_wb="i32", stride_wsn="i32", stride_won="i32", stride_os="i32",
+                             stride_om="i32", cnt_ptr="*i32", bias_ptr="*fp16", y_ptr="*fp16", stride_ym="i32"),
+                        dict(BLOCK_M=bm, BLOCK_N=bn, ASYM=True, WHOLE_BLOCK_GROUPS=True, MAGIC=True,
+                             NUM_STAGES=stages, FIXUP=False, HAS_BIAS=False), warps, stages, "w16"))
     # the w16 split-K reduction (fp32 partials -> out dtype, ordered, + bias)
     for dt in ("fp16", "bf16"):
         out.append((f"w16_reduce[{dt}]", w16_reduce_kernel,
@@ -484,7 +496,7 @@ def ci_subset(todo, arch: int):
                 keep.append(j)  # block mode by rows: packed and FAKE, gather and identity
             elif name.startswith("act_quant_gather[") and ("ident=False" in name or "KP=4096" in name):
                 keep.append(j)  # the gather kernel: every tile size and mode (identity at one size)
-            elif name.startswith(("split_rows[", "dequant_", "w16[", "w16-fixup[", "w16_reduce[")):
+            elif name.startswith(("split_rows[", "dequant_", "w16[", "w16-fixup[", "w16_reduce[", "w16-cand[")):
                 keep.append(j)
             elif name.startswith("gemm-variant[") and "16x64" in name and "g16" not in name:
                 keep.append(j)
@@ -507,7 +519,8 @@ def ci_subset(todo, arch: int):
                         "split_rows[BM=32]", "dequant_act[fp16,class=False]", "dequant_weight[fp16,asym=True]",
                         "w16[fp16,64x64,asym=True,whole_block_groups=True]",
                         "w16[bf16,64x64,asym=False,whole_block_groups=True]",
-                        "w16-fixup[fp16,64x64,asym=True,whole_block_groups=True]", "w16_reduce[fp16]"):
+                        "w16-fixup[fp16,64x64,asym=True,whole_block_groups=True]", "w16_reduce[fp16]",
+                        "w16-cand[fp16,64x128,warps=8,stages=3]"):
                 keep.append(j)
             elif name.startswith("gemm-variant[class,per-channel") or name.startswith("gemm-variant[block,g64,16x64"):
                 keep.append(j)
@@ -597,7 +610,11 @@ def check_code(kind: str, arch: int, constexprs: Dict[str, object], num_warps: i
         # 16-bit tensor-core MMAs (wgmma on sm_90 with the dequantized weights as the
         # register-sourced A operand, mma.sync before); fp16 weights by the exponent trick (no
         # int -> float conversion of the nibbles: one I2F at most, outside the inner loop)
-        if arch >= 90:
+        if arch >= 90 and constexprs.get("BLOCK_N", 64) < 64:
+            # a 32-row weight tile is below wgmma's 64-row M (one warpgroup): mma.sync, registers only
+            if "mma.sync" not in ptx:
+                return "no tensor-core mma.sync (32-row weight tile)"
+        elif arch >= 90:
             if "wgmma.mma_async" not in ptx:
                 return "no wgmma"
             if _wgmma_a_regs(ptx) != ptx.count("wgmma.mma_async"):

@@ -42,8 +42,10 @@ per tile, ``cometq._counters``), the same adds in the same order -- the same bit
 """
 from __future__ import annotations
 
+import functools
+import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Dict, List, Optional
 
 import torch
 import triton
@@ -51,7 +53,7 @@ import triton.language as tl
 
 from cometq._counters import tile_counters
 
-from ._common import _ASM_UNPACK, dummy
+from ._common import _ASM_UNPACK, dummy, interpreting
 
 # fp16 weights from packed nibbles on whole 32-bit words (four bytes per register, ``pack=4``):
 # t = (w & 0x0F0F0F0F) ^ 0x08080808 (one lop3: the biased nibbles u ^ 8 = v + 8), then two
@@ -242,14 +244,102 @@ class W16Config:
             raise ValueError(f"split must be an int >= 1, got {self.split!r}")
 
 
+def _split_for(m: int, n: int, nb: int, bm: int, bn: int, programs_per_sm: int, num_sms: int) -> int:
+    """K splits for ~``programs_per_sm`` programs per SM (never fewer than 4 blocks per split)."""
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    return max(1, min(programs_per_sm * num_sms // max(1, tiles), nb // 4 if nb >= 4 else 1))
+
+
 def w16_config(m: int, n: int, nb: int, num_sms: int = 132) -> W16Config:
     """The default config: the whole M (up to 64 rows) in one tile, 64 weight rows per program,
     and enough K splits for ~2 programs per SM (never fewer than 4 blocks per split)."""
     bm = min(64, max(16, triton.next_power_of_2(max(1, m))))
-    bn = 64
-    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
-    split = max(1, min(2 * num_sms // max(1, tiles), nb // 4 if nb >= 4 else 1))
-    return W16Config(bm, bn, 4, 3, split)
+    return W16Config(bm, 64, 4, 3, _split_for(m, n, nb, bm, 64, 2, num_sms))
+
+
+def w16_configs(m: int, n: int, nb: int, num_sms: int = 132) -> List[W16Config]:
+    """The tuning candidates of one shape, :func:`w16_config` first (what an untuned call runs):
+    the same tile with a 4-stage pipeline and with ~1 / ~4 programs per SM, 32 weight rows per
+    program (more programs for a small N; below wgmma's 64-row M, so mma.sync on Hopper too) and
+    128 (half the activation-tile reloads per weight byte; 4 or 8 warps).  Five compiled variants
+    per token tile, every one compiled ahead of time for sm_80 / sm_90 (kernels/aot.py; static:
+    no spills on sm_90, 107-255 registers; 64 x 128 with 4 warps spills 132 B on sm_80)."""
+    d = w16_config(m, n, nb, num_sms)
+    bm = d.block_m
+    cands = [d, W16Config(bm, 64, 4, 4, d.split),
+             W16Config(bm, 64, 4, 3, _split_for(m, n, nb, bm, 64, 1, num_sms)),
+             W16Config(bm, 64, 4, 3, _split_for(m, n, nb, bm, 64, 4, num_sms)),
+             W16Config(bm, 32, 4, 3, _split_for(m, n, nb, bm, 32, 2, num_sms)),
+             W16Config(bm, 128, 4, 3, _split_for(m, n, nb, bm, 128, 2, num_sms)),
+             W16Config(bm, 128, 8, 3, _split_for(m, n, nb, bm, 128, 2, num_sms))]
+    out: List[W16Config] = []
+    for c in cands:
+        if c not in out:
+            out.append(c)
+    return out
+
+
+#: tuned choices per (token tile, N, K blocks, weight format, operand dtype, SMs, timing mode)
+_W16_CHOICE: Dict[tuple, W16Config] = {}
+_W16_FILE_READ: set = set()
+
+
+@functools.lru_cache(maxsize=4096)
+def _default_config(m: int, n: int, nb: int, num_sms: int) -> W16Config:
+    return w16_config(m, n, nb, num_sms)
+
+
+def _tuning_allowed(dev: torch.device) -> bool:
+    from cometq import autotune
+
+    if dev.type != "cuda" or interpreting() or os.environ.get("COMETQ_GEMM_TUNE", "1") == "0":
+        return False
+    return not (autotune.frozen_now() or torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling())
+
+
+def select_w16_config(m: int, n: int, nb: int, asym: bool, dtype: torch.dtype, num_sms: int, bench_fn=None, *,
+                      graph: bool = False, device_name: str = "") -> W16Config:
+    """The config a call without one runs: a choice tuned earlier for this case (in this process,
+    or in the ``COMETQ_GEMM_CONFIG_CACHE`` file of :mod:`cometq.kernels.w4ax_gemm`, keyed by
+    ``device_name`` and the Triton version), else -- with ``bench_fn(cfg) -> time`` -- the fastest
+    of :func:`w16_configs` (stored in both), else the default.  ``graph``: timed as CUDA-graph
+    replays (the serving runner's decode graphs), kept apart from eager choices."""
+    from .w4ax_gemm import ENV_CONFIG_CACHE, _file_configs, _file_key, _save_file_config, m_bucket
+
+    # per token tile and M bucket (eager serving sees every batch size from 1 to 256: one tuning
+    # per bucket, not per M); a choice made at one M of the bucket is a valid launch at another
+    bm = min(64, max(16, triton.next_power_of_2(max(1, m))))
+    key = ("w16", bm, m_bucket(m), n, nb, bool(asym), str(dtype).replace("torch.", ""), num_sms) + \
+        (("graph",) if graph else ())
+    hit = _W16_CHOICE.get(key)
+    if hit is not None:
+        return hit
+    path = os.environ.get(ENV_CONFIG_CACHE)
+    fkey = _file_key(key, device_name) if path else None
+    if path and (path, fkey) not in _W16_FILE_READ:
+        _W16_FILE_READ.add((path, fkey))  # (read once per key: a miss is not looked up per call)
+        stored = _file_configs(path).get(fkey)
+        try:
+            cfg = W16Config(**stored) if isinstance(stored, dict) else None
+        except (TypeError, ValueError):
+            cfg = None
+        if cfg is not None and cfg.block_m == bm:
+            _W16_CHOICE[key] = cfg
+            return cfg
+    if bench_fn is None:
+        return _default_config(m, n, nb, num_sms)  # untuned: nothing cached, a later call may tune
+    cands = w16_configs(m, n, nb, num_sms)
+    times = []
+    for c in cands:
+        try:
+            times.append((bench_fn(c), c))
+        except Exception:  # a config the compiler rejects (e.g. out of registers) is skipped
+            continue
+    best = min(times, key=lambda t: t[0])[1] if times else cands[0]
+    _W16_CHOICE[key] = best
+    if path and times:
+        _save_file_config(path, fkey, best)
+    return best
 
 
 def w16_gemm(a: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor, w_offsets: Optional[torch.Tensor],
@@ -272,7 +362,28 @@ def w16_gemm(a: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor, w_o
         return y + bias.to(out_dtype) if bias is not None and m else y
     dev = a.device
     sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 132
-    cfg = config or w16_config(m, n, nb, sms)
+    cfg = config
+    if cfg is None:
+        bench_fn, graph, name = None, False, ""
+        if dev.type == "cuda" and not interpreting():
+            from cometq import autotune
+
+            from .w4ax_gemm import ENV_CONFIG_CACHE, _device_name
+
+            graph = autotune.timing_mode() == "graph"
+            name = _device_name(dev) if os.environ.get(ENV_CONFIG_CACHE) else ""
+            if _tuning_allowed(dev):
+                def run(c):
+                    return w16_gemm(a, qweight, w_scales, w_offsets, group, bias, out_dtype, stride_wb, c)
+
+                if graph:
+                    bench_fn = lambda c: autotune.cuda_graph_timer(lambda: run(c), dev)  # noqa: E731
+                else:
+                    from triton.testing import do_bench
+
+                    bench_fn = lambda c: do_bench(lambda: run(c), warmup=5, rep=20)  # noqa: E731
+        cfg = select_w16_config(m, n, nb, w_offsets is not None, a.dtype, sms, bench_fn, graph=graph,
+                                device_name=name)
     split = max(1, min(cfg.split, nb))
     direct = split == 1 and bias is None
     out = torch.empty((m, n) if direct else (split, m, n), dtype=out_dtype if direct else torch.float32, device=dev)

@@ -115,6 +115,10 @@ def test_aot_compile_ci_set(tmp_path):
     gather = [x for x in res if x["name"].startswith("act_quant_gather[")]
     assert {x["arch"] for x in gather} == {80, 90} and all(x["ok"] for x in gather), gather
     assert all(not x.get("spill_bytes") for x in gather if "KP=32768" not in x["name"]), gather
+    # the w16 kernel's tuning candidates (kernels/w16_gemm.py w16_configs): all on sm_90, one on sm_80
+    cand = [x for x in res if x["name"].startswith("w16-cand[")]
+    assert all(x["ok"] for x in cand) and sum(x["arch"] == 90 for x in cand) == 12 and \
+        sum(x["arch"] == 80 for x in cand) == 1, cand
     names = {(x["arch"], x["name"].split("[")[0]) for x in res}
     for arch in (80, 90):
         for fam in ("act_quant", "gemm-variant", "persistent"):

@@ -293,3 +293,45 @@ def test_w16_gemm_dispatch_on_cpu_is_the_reference():
     y = ops._dispatch("w16_gemm", torch.device("cpu"), None, a, qw.qweight, qw.scales, None, 128, b.half(),
                       torch.float16)
     assert torch.equal(y, ops._ref_w16_gemm(a, qw.qweight, qw.scales, None, 128, b.half(), torch.float16))
+
+
+def test_w16_tuning_candidates_and_choice(tmp_path, monkeypatch):
+    """kernels/w16_gemm.py's config tuning: the default first among distinct valid candidates;
+    the fastest kept per (token tile, M bucket, shape, format, dtype, SMs, timing mode) and in the
+    config-cache file (read back by a fresh process state); no timing function: the exact-M
+    default, nothing remembered, so a later tuning call still tunes."""
+    from cometq.kernels import w16_gemm as W
+
+    for m, n, nb in ((1, 4096, 32), (64, 28672, 32), (17, 576, 5), (200, 6144, 112)):
+        cands = W.w16_configs(m, n, nb, 132)
+        assert cands[0] == w16_config(m, n, nb, 132) and len(set(cands)) == len(cands) >= 4
+        assert all(c.block_m == cands[0].block_m and 1 <= c.split <= max(1, nb // 4) for c in cands)
+        assert {c.block_n for c in cands} == {32, 64, 128}
+    monkeypatch.setenv("COMETQ_GEMM_CONFIG_CACHE", str(tmp_path / "cfg.json"))
+    monkeypatch.setattr(W, "_W16_CHOICE", {})
+    monkeypatch.setattr(W, "_W16_FILE_READ", set())
+    args = (64, 4096, 32, True, torch.float16, 132)
+    assert W.select_w16_config(*args) == w16_config(64, 4096, 32, 132)  # untuned
+    times = {c: 10.0 - i for i, c in enumerate(W.w16_configs(64, 4096, 32, 132))}  # the last is fastest
+    calls = []
+
+    def bench(c):
+        calls.append(c)
+        if c.block_n == 32:
+            raise RuntimeError("out of resources")  # a rejected config is skipped
+        return times[c]
+
+    best = W.select_w16_config(*args, bench, device_name="GPU-X")
+    assert best == max((c for c in times if c.block_n != 32), key=lambda c: -times[c]) and len(calls) == len(times)
+    assert W.select_w16_config(*args, bench, device_name="GPU-X") == best and len(calls) == len(times)  # cached
+    assert W.select_w16_config(33, 4096, 32, True, torch.float16, 132, device_name="GPU-X") == best  # same bucket
+    # graph timing is its own case; another bucket (M = 16) too
+    assert W.select_w16_config(*args, graph=True) == w16_config(64, 4096, 32, 132)
+    assert W.select_w16_config(16, 4096, 32, True, torch.float16, 132) == w16_config(16, 4096, 32, 132)
+    # a fresh process state reads the file
+    monkeypatch.setattr(W, "_W16_CHOICE", {})
+    monkeypatch.setattr(W, "_W16_FILE_READ", set())
+    assert W.select_w16_config(*args, device_name="GPU-X") == best
+    monkeypatch.setattr(W, "_W16_CHOICE", {})
+    monkeypatch.setattr(W, "_W16_FILE_READ", set())
+    assert W.select_w16_config(*args, device_name="GPU-Y") == w16_config(64, 4096, 32, 132)  # other card
