@@ -60,6 +60,42 @@ def rint_rne(y):
     return (y + 12582912.0) - 12582912.0
 
 
+#: the division's fast path in :func:`quotient_rn` (off in the interpreter, whose ``fma`` rounds twice)
+FAST_DIV = tl.constexpr(not interpreting())
+
+
+@triton.jit
+def quotient_rn(x, d, FAST: tl.constexpr):
+    """``x / d`` correctly rounded (the bits of ``tl.math.div_rn``) for scales ``d`` broadcast
+    over ``x`` (pass them at their own granularity -- a block's, a group's --: the reciprocal is
+    computed once per element of ``d``).  Why not ``div_rn`` per value: it compiles to MUFU.RCP, five FFMAs,
+    an FCHK and a branch to a slow path per value (~10 SASS instructions with the branch
+    bookkeeping: ~150 of the act-quant gather kernel's ~500 per thread at K = 4096), and such
+    kernels are issue-bound before they are bandwidth-bound.  FAST: the reciprocal once per block,
+    three FFMAs per value -- the sequence of csrc/act_quant.cu's ``quantize4``::
+
+        r0 = 1 / d (IEEE);  r = fma(r0, fma(-d, r0, 1), r0)                 per block
+        t = x * r;  quotient = fma(r, fma(-d, t, x), t)                     per value
+
+    correctly rounded whenever no intermediate is subnormal or overflows, which holds for every
+    ``|x / d| >= 2^-2`` when all of the row's scales lie in [2^-60, 2^60] (below 2^-2 the quotient
+    rounds to 0 whatever its last bit); tests/test_cuda_emulation.py proves the sequence with
+    exact rationals (r0 within 1 ulp of 1/d, quotients within 2^-30 of a half-integer).  A row
+    with a scale outside that range takes ``div_rn`` for every value (one uniform branch)."""
+    if FAST:
+        inr = ((d >= 8.673617379884035e-19) & (d <= 1.152921504606847e18)).to(tl.int32)  # 2^-60, 2^60
+        if tl.min(tl.reshape(inr, (d.numel,)), axis=0) == 1:
+            r0 = tl.math.div_rn(tl.full(d.shape, 1.0, tl.float32), d)
+            r = tl.fma(r0, tl.fma(-d, r0, 1.0), r0)
+            t = x * r
+            y = tl.fma(r, tl.fma(-d, t, x), t)
+        else:
+            y = tl.math.div_rn(x, d)
+    else:
+        y = tl.math.div_rn(x, d)
+    return y
+
+
 #: inline-PTX nibble unpack on whole words (see the module doc); off in the interpreter
 _ASM_UNPACK = tl.constexpr(not interpreting())
 

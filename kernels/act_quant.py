@@ -47,8 +47,8 @@ import triton.language as tl
 
 from cometq.layout import BLOCK_K, INT4_QMAX, INT8_QMAX, SCALE_MODES, ActivationLayout, check_tensor, padded_k
 
-from ._common import (checks_with_sync, derived, dummy, interpreting, next_pow2, nonempty, rint_rne, unpack_hi,
-                      unpack_lo)
+from ._common import (FAST_DIV, checks_with_sync, derived, dummy, interpreting, next_pow2, nonempty, quotient_rn,
+                      rint_rne, unpack_hi, unpack_lo)
 
 __all__ = ["quantize_act_triton", "fake_quant_act_triton", "quantize_activation_triton", "act_quant_kernel",
            "act_quant_gather_kernel", "split_rows_triton", "split_rows_kernel"]
@@ -189,41 +189,6 @@ def _block_mode_block(x_ptr, perm_ptr, bits_ptr, slot_ptr, q4_ptr, q8_ptr, s_ptr
 
 
 
-#: the division's fast path in :func:`_quotient` (off in the interpreter, whose ``fma`` rounds twice)
-FAST_DIV = tl.constexpr(not interpreting())
-
-
-@triton.jit
-def _quotient(x, d, FAST: tl.constexpr):
-    """``x / d`` correctly rounded (the bits of ``tl.math.div_rn``) for block scales ``d``
-    (broadcast over ``x``).  Why not ``div_rn`` per value: it compiles to MUFU.RCP, five FFMAs,
-    an FCHK and a branch to a slow path per value (~10 SASS instructions with the branch
-    bookkeeping: ~150 of the gather kernel's ~500 per thread at K = 4096), and a row-sized
-    program is issue-bound before it is bandwidth-bound.  FAST: the reciprocal once per block,
-    three FFMAs per value -- the sequence of csrc/act_quant.cu's ``quantize4``::
-
-        r0 = 1 / d (IEEE);  r = fma(r0, fma(-d, r0, 1), r0)                 per block
-        t = x * r;  quotient = fma(r, fma(-d, t, x), t)                     per value
-
-    correctly rounded whenever no intermediate is subnormal or overflows, which holds for every
-    ``|x / d| >= 2^-2`` when all of the row's scales lie in [2^-60, 2^60] (below 2^-2 the quotient
-    rounds to 0 whatever its last bit); tests/test_cuda_emulation.py proves the sequence with
-    exact rationals (r0 within 1 ulp of 1/d, quotients within 2^-30 of a half-integer).  A row
-    with a scale outside that range takes ``div_rn`` for every value (one uniform branch)."""
-    if FAST:
-        inr = ((d >= 8.673617379884035e-19) & (d <= 1.152921504606847e18)).to(tl.int32)  # 2^-60, 2^60
-        if tl.min(tl.reshape(inr, (d.numel,)), axis=0) == 1:
-            r0 = tl.math.div_rn(tl.full(d.shape, 1.0, tl.float32), d)
-            r = tl.fma(r0, tl.fma(-d, r0, 1.0), r0)
-            t = x * r
-            y = tl.fma(r, tl.fma(-d, t, x), t)
-        else:
-            y = tl.math.div_rn(x, d)
-    else:
-        y = tl.math.div_rn(x, d)
-    return y
-
-
 @triton.jit
 def act_quant_gather_kernel(
     x_ptr, perm_ptr, bits_ptr, slot_ptr, q4_ptr, q8_ptr, s_ptr,
@@ -291,7 +256,7 @@ def act_quant_gather_kernel(
         if not FAKE:
             tl.store(s_ptr + m * stride_sm + bi, s, mask=bmask)
     d = tl.where(s == 0.0, 1.0, s)[:, None, None]
-    q = rint_rne(_quotient(x3, d, FAST_DIV))
+    q = rint_rne(quotient_rn(x3, d, FAST_DIV))
     q = tl.minimum(tl.maximum(q, -qmax[:, None, None]), qmax[:, None, None])
     if FAKE:
         v = (q * s[:, None, None]).to(out_ptr.dtype.element_ty)

@@ -21,15 +21,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _rne(y):
-    # round-half-to-even like torch.round; libdevice.rint is not available under
-    # the interpreter, and this is exact for the small magnitudes seen here
-    f = tl.floor(y)
-    d = y - f
-    odd = f - 2.0 * tl.floor(f * 0.5)
-    return tl.where(d > 0.5, f + 1.0, tl.where(d < 0.5, f, f + odd))
+from ._common import FAST_DIV, quotient_rn, rint_rne
 
 
 @triton.jit
@@ -64,15 +56,24 @@ def _quantize_store(x_lo, x_hi, packed_ptr, scale_ptr, zero_ptr, blk, off, h, t,
         sp = blk * stride_sb + h * stride_sh + (off + t)[:, None] * stride_st + g[None, :]
         tl.store(scale_ptr + sp, s_g)
         tl.store(zero_ptr + sp, z_g)
-        s_lo = tl.reshape(tl.broadcast_to(s_g[:, :, None], [T_IN, NG, GROUP // 2]), [T_IN, HALF_D])
-        z_lo = tl.reshape(tl.broadcast_to(z_g[:, :, None], [T_IN, NG, GROUP // 2]), [T_IN, HALF_D])
-        s_hi = s_lo
-        z_hi = z_lo
-    # quantize with the fp16-rounded scale/zero (what dequantization will see)
-    sf_lo = s_lo.to(tl.float32)
-    sf_hi = s_hi.to(tl.float32)
-    q_lo = _rne(tl.math.div_rn(x_lo - z_lo.to(tl.float32), tl.where(sf_lo == 0.0, 1.0, sf_lo)))
-    q_hi = _rne(tl.math.div_rn(x_hi - z_hi.to(tl.float32), tl.where(sf_hi == 0.0, 1.0, sf_hi)))
+    # (the fast division pays for its per-scale reciprocal and range check over >= 16 tokens; a
+    # single token per call -- unstaged pools, decode -- keeps the IEEE division per value)
+    FAST: tl.constexpr = FAST_DIV and T_IN >= 16
+    # quantize with the fp16-rounded scale/zero (what dequantization will see); the quotient by
+    # quotient_rn with the scales at their own granularity ([1, HALF_D] per channel, [T_IN, NG, 1]
+    # per group): one reciprocal per scale and three FFMAs per value on the GPU instead of an IEEE
+    # division per value (the same bits); rint_rne is exact here (|quotient| <= 15 + rounding)
+    if AXIS_CHANNEL:
+        sf_lo = s_lo.to(tl.float32)
+        sf_hi = s_hi.to(tl.float32)
+        q_lo = rint_rne(quotient_rn(x_lo - z_lo.to(tl.float32), tl.where(sf_lo == 0.0, 1.0, sf_lo), FAST))
+        q_hi = rint_rne(quotient_rn(x_hi - z_hi.to(tl.float32), tl.where(sf_hi == 0.0, 1.0, sf_hi), FAST))
+    else:
+        sf3 = s_g.to(tl.float32)[:, :, None]
+        d3 = tl.where(sf3 == 0.0, 1.0, sf3)
+        zf3 = z_g.to(tl.float32)[:, :, None]
+        q_lo = tl.reshape(rint_rne(quotient_rn(lo3 - zf3, d3, FAST)), [T_IN, HALF_D])
+        q_hi = tl.reshape(rint_rne(quotient_rn(hi3 - zf3, d3, FAST)), [T_IN, HALF_D])
     q_lo = tl.minimum(tl.maximum(q_lo, 0.0), 15.0).to(tl.uint8)
     q_hi = tl.minimum(tl.maximum(q_hi, 0.0), 15.0).to(tl.uint8)
     packed = q_lo | (q_hi << 4)
@@ -102,8 +103,13 @@ def kv4_append_kernel(
     t = tl.arange(0, T_IN)
     j = tl.arange(0, HALF_D)
     xb = x_ptr + row.to(tl.int64) * stride_xn + h * stride_xh + t[:, None] * stride_xt
-    x_lo = tl.load(xb + (2 * j)[None, :] * stride_xd).to(tl.float32)      # [T_IN, HALF_D] channels 2j
-    x_hi = tl.load(xb + (2 * j + 1)[None, :] * stride_xd).to(tl.float32)  # channels 2j+1
+    # each token's D channels in one contiguous load (16-byte vectors when stride_xd == 1), split
+    # into even / odd channels in registers: two stride-2 gathers before (run 7/9: ~85-90 us per
+    # prefill call for ~21 MB), and the token-axis reductions of key groups then stay mostly
+    # inside a thread (the static main body at T_IN = 32: 2710 instructions per thread before)
+    d = tl.arange(0, 2 * HALF_D)
+    x = tl.load(xb + d[None, :] * stride_xd).to(tl.float32)
+    x_lo, x_hi = tl.split(tl.reshape(x, [T_IN, HALF_D, 2]))  # [T_IN, HALF_D]: channels 2j, 2j+1
     _quantize_store(x_lo, x_hi, packed_ptr, scale_ptr, zero_ptr, blk, off, h, t, j,
                     stride_pb, stride_ph, stride_pt, stride_sb, stride_sh, stride_st,
                     T_IN, HALF_D, GROUP, AXIS_CHANNEL)
