@@ -250,10 +250,15 @@ def _split_for(m: int, n: int, nb: int, bm: int, bn: int, programs_per_sm: int, 
     return max(1, min(programs_per_sm * num_sms // max(1, tiles), nb // 4 if nb >= 4 else 1))
 
 
+def _token_tile(m: int) -> int:
+    """The token tile of every candidate: the whole M up to 64 rows (a power of two >= 16)."""
+    return min(64, max(16, triton.next_power_of_2(max(1, m))))
+
+
 def w16_config(m: int, n: int, nb: int, num_sms: int = 132) -> W16Config:
     """The default config: the whole M (up to 64 rows) in one tile, 64 weight rows per program,
     and enough K splits for ~2 programs per SM (never fewer than 4 blocks per split)."""
-    bm = min(64, max(16, triton.next_power_of_2(max(1, m))))
+    bm = _token_tile(m)
     return W16Config(bm, 64, 4, 3, _split_for(m, n, nb, bm, 64, 2, num_sms))
 
 
@@ -308,7 +313,7 @@ def select_w16_config(m: int, n: int, nb: int, asym: bool, dtype: torch.dtype, n
 
     # per token tile and M bucket (eager serving sees every batch size from 1 to 256: one tuning
     # per bucket, not per M); a choice made at one M of the bucket is a valid launch at another
-    bm = min(64, max(16, triton.next_power_of_2(max(1, m))))
+    bm = _token_tile(m)
     key = ("w16", bm, m_bucket(m), n, nb, bool(asym), str(dtype).replace("torch.", ""), num_sms) + \
         (("graph",) if graph else ())
     hit = _W16_CHOICE.get(key)
