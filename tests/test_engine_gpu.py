@@ -22,6 +22,12 @@ def model16():
     return tiny_model().to("cuda", torch.float16)
 
 
+@pytest.fixture(scope="module")
+def model16_long():
+    """model16's geometry with room for 1024 positions (prompts longer than model16's 512)."""
+    return tiny_model(max_positions=1024).to("cuda", torch.float16)
+
+
 def _ids(n, seed):
     return torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
@@ -140,21 +146,23 @@ def test_async_scheduling_cuda_graphs_same_tokens(model16):
 
 @pytest.mark.parametrize("fresh", [24, 520])
 @pytest.mark.parametrize("what", ["fp", "kv4", "w4ax-kv4"])
-def test_mixed_prefill_step_never_syncs(model16, what, fresh):
+def test_mixed_prefill_step_never_syncs(model16, model16_long, what, fresh):
     """A warmed-up step that mixes a decode row, a continued prefill chunk (its cached prefix
     read back from the pool) and two fresh prompts queues all its kernels without waiting for
     the GPU (``torch.cuda.set_sync_debug_mode("error")``).  H100 run 7: the KV4 prefix read
     copied its block list with ``torch.as_tensor(list, device=cuda)`` -- a sync per layer --
     and every serving step with a continued chunk took ~90 ms more than the others.  ``fresh``:
     the two fresh prompts' length (step of 1 + 34 + 2 * fresh rows: the W4Ax linears' small-M
-    routes, and from 1024 rows the large-M ones)."""
-    model = model16
+    routes, and from 1024 rows the large-M ones; run 10 (H200): 520-token prompts need more than
+    model16's 512 positions -- the runner refused them before the sync check ran)."""
+    base_model = model16 if fresh <= model16.config.max_position_embeddings else model16_long
+    model = base_model
     if what == "w4ax-kv4":
         import copy
 
         from cometq import W4AxConfig, quantize_
 
-        model = copy.deepcopy(model16)
+        model = copy.deepcopy(base_model)
         quantize_(model, W4AxConfig(), calib_data=torch.randint(0, 256, (2, 64), device="cuda"))
     r = ModelRunner.build(model, kv4=what != "fp", num_blocks=96, block_size=32, max_seqs=16)
     a, b, c, d = _ids(40, 70), _ids(70, 71), _ids(fresh, 72), _ids(fresh, 73)
