@@ -13,6 +13,8 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include <type_traits>
+
 #include "cometq_kernels.h"
 
 namespace cometq {
@@ -315,16 +317,142 @@ __device__ __forceinline__ bool splitk_last_cta(int32_t* counters, int tile_id) 
   return last;
 }
 
+// How many slabs' loads a thread issues before it adds them.  The first version loaded one slab,
+// added it, loaded the next (`#pragma unroll 1`): in-order issue makes every load wait for the add
+// before it, so a tile's reduction cost (elements per thread) x (splits) L2 round trips.  H200 run 10
+// (2026-11-28): the CUDA w16 GEMM at 8B.o, M = 64 -- 64 elements per thread of a 64 x 128 tile --
+// took 49.5 us however it split (the Triton w16 GEMM: 19.8 us, FP16 cuBLAS: 8.3 us).
+constexpr int kSplitkLoadBatch = 4;
+// Positions (vectors) a thread reduces at once in splitk_reduce_tile (its register cost: below).
+constexpr int kSplitkPositions = 2;
+
 // out[out_idx] = ((slab 0 + slab 1) + ...) + bias[n] at element `at` of the [splits][M][N] slabs,
-// read from L2 (__ldcg: another SM's stores are not in this SM's L1).
+// read from L2 (__ldcg: another SM's stores are not in this SM's L1).  The loads of
+// kSplitkLoadBatch slabs are in flight together; the adds keep split order (the same bits).
 __device__ __forceinline__ void splitk_sum_store(const float* ws, int splits, int64_t slab, int64_t at, int n,
                                                  const void* bias, int bias_dtype, void* out, int64_t out_idx,
                                                  int out_dtype) {
   float v = __ldcg(ws + at);
 #pragma unroll 1
-  for (int z = 1; z < splits; ++z) v += __ldcg(ws + z * slab + at);
+  for (int z = 1; z < splits; z += kSplitkLoadBatch) {
+    float t[kSplitkLoadBatch];
+#pragma unroll
+    for (int u = 0; u < kSplitkLoadBatch; ++u) t[u] = z + u < splits ? __ldcg(ws + (z + u) * slab + at) : 0.f;
+#pragma unroll
+    for (int u = 0; u < kSplitkLoadBatch; ++u) {
+      if (z + u < splits) v += t[u];  // (skipped, not + 0.f: -0.f + 0.f would turn the sign)
+    }
+  }
   if (bias != nullptr) v += load_as_float(bias, n, bias_dtype);
   store_from_float(out, out_idx, v, out_dtype);
+}
+
+// The last split's reduction of one output tile, rows [m0, m0 + rows) x columns [n0, n0 + BN)
+// (columns past N skipped): out = slab sums in split order (+ bias), by all THREADS of the CTA.
+// Memory-level parallelism is the point (see kSplitkLoadBatch): a thread takes U positions a step,
+// VEC = 4 consecutive columns each when N % 4 == 0 (16-byte slab rows: one __ldcg.128 per slab;
+// the workspace is a fresh allocation, 16-byte aligned), and issues U x kSplitkLoadBatch loads
+// before the first add:
+//
+//     step (thread t):   positions t, t + THREADS, ..., t + (U - 1) THREADS of the tile's
+//                        rows x (BN / VEC) vectors, row-major (a warp reads 32 x 16 contiguous B)
+//     loads:  slab 0 of the U, then slabs z .. z + 3 of the U (4 U x 16 B in flight), add in order
+//
+// A 64 x 128 tile over 128 threads at U = 2: 8 steps of (1 + ceil((splits - 1) / 4)) round trips,
+// where the element-by-element loop waited 64 x splits.  U = kSplitkPositions (2) keeps the
+// kernels' register counts where they were (ptxas, sm_90a: at U = 4 the integer GEMM's 16-row
+// FIXUP tile went from 70-102 to 191-211 registers; its callers pass U = 1).  Same adds in the
+// same order as splitk_sum_store: the same bits as the finalize kernel.
+template <int BN, int THREADS, int VEC, int U>
+__device__ __forceinline__ void splitk_reduce_tile_v(const float* ws, int splits, int M, int N, int m0, int n0,
+                                                     int rows, const void* bias, int bias_dtype, void* out,
+                                                     int64_t ld_out, int out_dtype) {
+  static_assert(BN % VEC == 0, "whole vectors per tile row");
+  constexpr int Q = BN / VEC;  // vectors per tile row
+  using V = typename std::conditional<VEC == 4, float4, float>::type;
+  const int64_t slab = static_cast<int64_t>(M) * N;
+  const int total = rows * Q;
+  auto ld = [&](int64_t i) -> V { return __ldcg(reinterpret_cast<const V*>(ws + i)); };
+  auto add = [](V& a, const V& b) {
+    if constexpr (VEC == 4) {
+      a.x += b.x;
+      a.y += b.y;
+      a.z += b.z;
+      a.w += b.w;
+    } else {
+      a += b;
+    }
+  };
+#pragma unroll 1
+  for (int base = threadIdx.x; base < total; base += U * THREADS) {
+    int64_t at[U];
+    int mrow[U], ncol[U];
+    bool ok[U];
+    V v[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int idx = base + u * THREADS;
+      const int r = idx / Q, n = n0 + (idx % Q) * VEC;
+      ok[u] = idx < total && n < N;
+      mrow[u] = m0 + r;
+      ncol[u] = n;
+      at[u] = static_cast<int64_t>(m0 + r) * N + n;
+      if (ok[u]) v[u] = ld(at[u]);
+    }
+    // the bias of the step's columns, loaded with slab 0 (not one round trip per column at the end)
+    float bv[U][VEC];
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+#pragma unroll
+      for (int c = 0; c < VEC; ++c) bv[u][c] = (ok[u] && bias != nullptr) ? load_as_float(bias, ncol[u] + c, bias_dtype) : 0.f;
+#pragma unroll 1
+    for (int z = 1; z < splits; z += kSplitkLoadBatch) {
+      V t[kSplitkLoadBatch][U];
+#pragma unroll
+      for (int b = 0; b < kSplitkLoadBatch; ++b)
+#pragma unroll
+        for (int u = 0; u < U; ++u)
+          if (ok[u] && z + b < splits) t[b][u] = ld((z + b) * slab + at[u]);
+#pragma unroll
+      for (int b = 0; b < kSplitkLoadBatch; ++b)
+#pragma unroll
+        for (int u = 0; u < U; ++u)
+          if (ok[u] && z + b < splits) add(v[u], t[b][u]);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (!ok[u]) continue;
+      float e[VEC];
+      if constexpr (VEC == 4) {
+        e[0] = v[u].x;
+        e[1] = v[u].y;
+        e[2] = v[u].z;
+        e[3] = v[u].w;
+      } else {
+        e[0] = v[u];
+      }
+      const int64_t o = static_cast<int64_t>(mrow[u]) * ld_out + ncol[u];
+#pragma unroll
+      for (int c = 0; c < VEC; ++c) {
+        float x = e[c];
+        if (bias != nullptr) x += bv[u][c];
+        store_from_float(out, o + c, x, out_dtype);
+      }
+    }
+  }
+}
+
+template <int BN, int THREADS, int U = kSplitkPositions>
+__device__ __forceinline__ void splitk_reduce_tile(const float* ws, int splits, int M, int N, int m0, int n0, int rows,
+                                                   const void* bias, int bias_dtype, void* out, int64_t ld_out,
+                                                   int out_dtype) {
+  // (BN % 4 == 0 and n0 a multiple of BN: with N % 4 == 0 a vector never straddles N)
+  if (BN % 4 == 0 && (N & 3) == 0) {
+    splitk_reduce_tile_v<BN, THREADS, (BN % 4 == 0 ? 4 : 1), U>(ws, splits, M, N, m0, n0, rows, bias, bias_dtype, out,
+                                                              ld_out, out_dtype);
+  } else {
+    splitk_reduce_tile_v<BN, THREADS, 1, U>(ws, splits, M, N, m0, n0, rows, bias, bias_dtype, out, ld_out, out_dtype);
+  }
 }
 
 }  // namespace cometq

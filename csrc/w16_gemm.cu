@@ -354,32 +354,40 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::MIN_CTAS) w16_gemm_kernel(c
   __syncthreads();
   const bool split = gridDim.z > 1;
   const int rows = min(Cfg::BM, p.M - m0);
+  if (split && (p.N & 3) == 0) {
+    // this split's own slab, 16 bytes a store (sC rows: C_LD = BN + 4 floats, 16-byte aligned; slab
+    // rows of N % 4 == 0 floats in a fresh allocation: 16-byte aligned too)
+    constexpr int Q = Cfg::BN / 4;
 #pragma unroll 1
-  for (int idx = threadIdx.x; idx < rows * Cfg::BN; idx += Cfg::THREADS) {
-    const int r = idx / Cfg::BN, c = idx % Cfg::BN;
-    const int m = m0 + r, n = n0 + c;
-    if (n >= p.N) continue;
-    const float v = sC[r * Cfg::C_LD + c];
-    if (split) {
-      // this split's own slab (every (z, m, n) written by exactly one CTA: a split with no blocks
-      // writes zeros), summed in split order by the finalize kernel
-      p.workspace[(static_cast<int64_t>(blockIdx.z) * p.M + m) * p.N + n] = v;
-    } else {
-      store_from_float(p.out, static_cast<int64_t>(m) * p.ld_out + n,
-                       p.bias != nullptr ? v + load_as_float(p.bias, n, p.bias_dtype) : v, p.out_dtype);
+    for (int idx = threadIdx.x; idx < rows * Q; idx += Cfg::THREADS) {
+      const int r = idx / Q, c = (idx % Q) * 4;
+      const int n = n0 + c;
+      if (n >= p.N) continue;
+      *reinterpret_cast<float4*>(p.workspace + (static_cast<int64_t>(blockIdx.z) * p.M + m0 + r) * p.N + n) =
+          *reinterpret_cast<const float4*>(sC + r * Cfg::C_LD + c);
+    }
+  } else {
+#pragma unroll 1
+    for (int idx = threadIdx.x; idx < rows * Cfg::BN; idx += Cfg::THREADS) {
+      const int r = idx / Cfg::BN, c = idx % Cfg::BN;
+      const int m = m0 + r, n = n0 + c;
+      if (n >= p.N) continue;
+      const float v = sC[r * Cfg::C_LD + c];
+      if (split) {
+        // this split's own slab (every (z, m, n) written by exactly one CTA: a split with no blocks
+        // writes zeros), summed in split order by the finalize kernel
+        p.workspace[(static_cast<int64_t>(blockIdx.z) * p.M + m) * p.N + n] = v;
+      } else {
+        store_from_float(p.out, static_cast<int64_t>(m) * p.ld_out + n,
+                         p.bias != nullptr ? v + load_as_float(p.bias, n, p.bias_dtype) : v, p.out_dtype);
+      }
     }
   }
   if constexpr (FIXUP) {
     if (!split) return;
     if (!splitk_last_cta(p.tile_counters, blockIdx.y * gridDim.x + blockIdx.x)) return;
-    const int64_t slab = static_cast<int64_t>(p.M) * p.N;
-#pragma unroll 1
-    for (int idx = threadIdx.x; idx < rows * Cfg::BN; idx += Cfg::THREADS) {
-      const int m = m0 + idx / Cfg::BN, n = n0 + idx % Cfg::BN;
-      if (n >= p.N) continue;
-      splitk_sum_store(p.workspace, gridDim.z, slab, static_cast<int64_t>(m) * p.N + n, n, p.bias, p.bias_dtype,
-                       p.out, static_cast<int64_t>(m) * p.ld_out + n, p.out_dtype);
-    }
+    splitk_reduce_tile<Cfg::BN, Cfg::THREADS>(p.workspace, gridDim.z, p.M, p.N, m0, n0, rows, p.bias, p.bias_dtype,
+                                             p.out, p.ld_out, p.out_dtype);
   }
 }
 

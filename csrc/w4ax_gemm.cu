@@ -567,14 +567,12 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::MIN_CTAS) w4ax_gemm_kernel(
   if (!splitk_last_cta(p.tile_counters, blockIdx.y * gridDim.x + blockIdx.x)) return;
   // (the accumulators are dead here: a plain row-major walk of the tile, coalesced, adds no
   // register pressure -- the fragment-order walk made the 128-register s8 tiles spill in the K loop)
-  const int64_t slab = static_cast<int64_t>(p.M) * p.N;
-#pragma unroll 1
-  for (int r = threadIdx.x; r < Cfg::BM * Cfg::BN; r += Cfg::THREADS) {
-    const int m = m0 + r / Cfg::BN, n = n0 + r % Cfg::BN;
-    if (m >= p.M || n >= p.N) continue;
-    splitk_sum_store(p.workspace, gridDim.z, slab, static_cast<int64_t>(m) * p.N + n, n, p.bias, p.bias_dtype, p.out,
-                     static_cast<int64_t>(m) * p.ld_out + n, p.out_dtype);
-  }
+  // (splitk_reduce_tile: 16-byte loads, 4 slabs x U positions in flight per thread; U = 1 on the
+  // 16-row tile, whose FIXUP build otherwise needs ~30 more registers, and on the 4-CTA tile capped
+  // at 128 registers, which spilled 24 bytes at U = 2)
+  constexpr int kU = (Cfg::BM <= 16 || Cfg::MIN_CTAS >= 4) ? 1 : kSplitkPositions;
+  splitk_reduce_tile<Cfg::BN, Cfg::THREADS, kU>(p.workspace, gridDim.z, p.M, p.N, m0, n0, min(Cfg::BM, p.M - m0),
+                                                p.bias, p.bias_dtype, p.out, p.ld_out, p.out_dtype);
   }  // FIXUP
 }
 
