@@ -28,7 +28,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from .kv4_append import kv4_append_kernel, kv4_decode_append_kernel  # noqa: E402
+from .kv4_append import decode_append_chunk, decode_append_warps, kv4_append_kernel, kv4_decode_append_kernel  # noqa: E402
 from .layer_ops import rms_norm_kernel, rope_qkv_kernel, silu_mul_kernel  # noqa: E402
 from .kv4_attention import _DOT, attention_configs, attention_meta, kv4_attn_reduce_kernel, kv4_attn_split_kernel  # noqa: E402
 from .paged_attention import NUM_WARPS as PAGED_WARPS, TILE as PAGED_TILE, paged_attn_split_kernel  # noqa: E402
@@ -96,11 +96,16 @@ def jobs(quick: bool = False) -> List[tuple]:
         # the device-side decode append (one token per sequence, lengths advanced on the device)
         for ka, va in (axes[0], axes[1]) if not quick else axes[:1]:
             ptrs = dict(k_ptr=_TY[qd], v_ptr=_TY[qd], kp_ptr="*u8", vp_ptr="*u8", tk_ptr="*fp16", tv_ptr="*fp16",
-                        bt_ptr="*i32", lens_ptr="*i32", slot_ptr="*i32")
+                        bt_ptr="*i32", lens_ptr="*i32", slot_ptr="*i32", cnt_ptr="*i32")
             ptrs.update({n: "*fp16" for n in ("ks_ptr", "kz_ptr", "vs_ptr", "vz_ptr")})
-            ce = dict(HALF_D=64, GROUP=32, BLOCK_SIZE=64, STAGED="channel" in (ka, va), K_CHANNEL=ka == "channel",
-                      V_CHANNEL=va == "channel")
-            out.append((f"decode_append[{qd},{ka}/{va}]", kv4_decode_append_kernel, ptrs, ce, 4, "append"))
+            # G = 32 (the pool default) and 64 (bench_serving's: group = block size), one program per
+            # (row, head) and the per-row loop over heads (no counters while capturing)
+            for g, per_head in ((32, True), (64, True), (32, False)) if not quick else ((32, True),):
+                ce = dict(HALF_D=64, GROUP=g, BLOCK_SIZE=64, STAGED="channel" in (ka, va),
+                          K_CHANNEL=ka == "channel", V_CHANNEL=va == "channel", PER_HEAD=per_head,
+                          CHUNK=decode_append_chunk(128, g))
+                out.append((f"decode_append[{qd},{ka}/{va},G{g}{',per-head' if per_head else ''}]",
+                            kv4_decode_append_kernel, ptrs, ce, decode_append_warps(ce["STAGED"], g), "append"))
         # the serving runner's fused layer ops (Llama-3-8B widths; SmolLM2's 576 pads to 1024)
         out.append((f"layer_rms_norm[{qd},res]", rms_norm_kernel,
                     dict(x_ptr=_TY[qd], r_ptr=_TY[qd], w_ptr=_TY[qd], y_ptr=_TY[qd], h_ptr=_TY[qd]),
@@ -133,8 +138,9 @@ CI_SET = ("append[token,torch.float16]", "append[channel,torch.float16]",
           "attn-fold[torch.float16,channel/token,qpk=4,splits=8]",
           "attn-cfg[torch.float16,channel/token,qpk=4,splits=8,w2,t32,lazy]",
           "attn-cfg[torch.float16,channel/token,qpk=4,splits=8,w1,t32,lazy]",
-          "attn-cfg[torch.float16,channel/token,qpk=4,splits=8,w1,t16,lazy]", "decode_append[torch.float16,channel/token]",
-          "decode_append[torch.float16,token/token]", "layer_rms_norm[torch.float16,res]",
+          "attn-cfg[torch.float16,channel/token,qpk=4,splits=8,w1,t16,lazy]",
+          "decode_append[torch.float16,channel/token,G64,per-head]", "decode_append[torch.float16,channel/token,G32]",
+          "decode_append[torch.float16,token/token,G32,per-head]", "layer_rms_norm[torch.float16,res]",
           "layer_rope_qkv[torch.float16]", "layer_silu_mul[torch.float16]",
           "paged[torch.float16,qpk=4,direct]", "paged[torch.bfloat16,qpk=8,split]")
 
@@ -248,7 +254,7 @@ def compile_all(archs, quick: bool = False, ci: bool = False) -> List[dict]:
                     checks.append(("cp.async K/V stream", "cp.async" in ptx))
                 bad = [c for c, ok in checks if not ok]
                 r.update(ok=not bad, failed_checks=bad, shared=k.metadata.shared)
-                if kind in ("attn", "paged"):
+                if kind in ("attn", "paged") or name.startswith("decode_append"):
                     r.update(ptxas_usage(ptx, arch))
                     r.update(loop_profile(k.asm["cubin"]))
                     if r.get("loop_instructions"):

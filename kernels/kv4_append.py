@@ -23,14 +23,19 @@ import triton.language as tl
 
 from ._common import FAST_DIV, quotient_rn, rint_rne
 
+from cometq._counters import tile_counters
+
 
 @triton.jit
 def _quantize_store(x_lo, x_hi, packed_ptr, scale_ptr, zero_ptr, blk, off, h, t, j,
                     stride_pb, stride_ph, stride_pt, stride_sb, stride_sh, stride_st,
-                    T_IN: tl.constexpr, HALF_D: tl.constexpr, GROUP: tl.constexpr, AXIS_CHANNEL: tl.constexpr):
+                    T_IN: tl.constexpr, HALF_D: tl.constexpr, GROUP: tl.constexpr, AXIS_CHANNEL: tl.constexpr,
+                    g0):
     """Quantize ``T_IN`` tokens of one head -- fp32 halves ``x_lo`` (channels 2j) / ``x_hi``
     (2j+1), ``[T_IN, HALF_D]`` -- and store data, scales and zeros at token rows
-    ``off + t`` of pool block ``blk`` (shared by the append and the decode-append kernels)."""
+    ``off + t`` of pool block ``blk`` (shared by the append and the decode-append kernels).
+    ``HALF_D`` channel pairs from pair ``j[0]`` on: the head's whole width, or a chunk of it (the
+    decode append's group flush); token-axis groups of a chunk start at group ``g0``."""
     if AXIS_CHANNEL:
         # one group = the T_IN (== GROUP) tokens of each channel: reduce over tokens
         mn_lo = tl.min(x_lo, axis=0)[None, :]
@@ -52,7 +57,7 @@ def _quantize_store(x_lo, x_hi, packed_ptr, scale_ptr, zero_ptr, blk, off, h, t,
         s_g = tl.math.div_rn(mx - mn, 15.0).to(tl.float16)
         z_g = mn.to(tl.float16)
         # store the per-group scale/zero: [T_IN, NG] at token rows off + t
-        g = tl.arange(0, NG)
+        g = g0 + tl.arange(0, NG)
         sp = blk * stride_sb + h * stride_sh + (off + t)[:, None] * stride_st + g[None, :]
         tl.store(scale_ptr + sp, s_g)
         tl.store(zero_ptr + sp, z_g)
@@ -112,7 +117,7 @@ def kv4_append_kernel(
     x_lo, x_hi = tl.split(tl.reshape(x, [T_IN, HALF_D, 2]))  # [T_IN, HALF_D]: channels 2j, 2j+1
     _quantize_store(x_lo, x_hi, packed_ptr, scale_ptr, zero_ptr, blk, off, h, t, j,
                     stride_pb, stride_ph, stride_pt, stride_sb, stride_sh, stride_st,
-                    T_IN, HALF_D, GROUP, AXIS_CHANNEL)
+                    T_IN, HALF_D, GROUP, AXIS_CHANNEL, 0)
 
 
 def kv4_quantize_append_triton(x, packed, scale, zero, block_ids, offsets, group_size: int, axis: str) -> None:
@@ -136,8 +141,36 @@ def kv4_quantize_append_triton(x, packed, scale, zero, block_ids, offsets, group
 
 
 @triton.jit
+def _decode_token(src_ptr, tail_ptr, tb, tlen, stride_tt, full, packed_ptr, scale_ptr, zero_ptr, blk, off, h, t, d,
+                  stride_pb, stride_ph, stride_pt, stride_sb, stride_sh, stride_st,
+                  HALF_D: tl.constexpr, GROUP: tl.constexpr, AXIS_CHANNEL: tl.constexpr, CHUNK: tl.constexpr):
+    """One head's K or V token of a staged decode append: tail row ``tlen`` <- the token (rounded
+    to the tail dtype like ``Tensor.to``, nearest even); if it completes the group (``full``), the
+    group's ``GROUP`` tokens -- tail rows ``0..tlen-1`` from memory plus the token as just rounded,
+    in registers (no thread reads another's store) -- quantized into row ``off`` of block ``blk``,
+    ``CHUNK`` channels at a time (groups never straddle a chunk: per-channel groups trivially,
+    per-token groups because CHUNK is a multiple of GROUP), so one ``GROUP x CHUNK`` fp32 tile is
+    live instead of ``GROUP x D``.  Rows are loaded whole (16-byte vectors) and split into even /
+    odd channels in registers."""
+    x = tl.load(src_ptr + d).to(tail_ptr.dtype.element_ty)  # [2 * HALF_D]
+    tl.store(tail_ptr + tb + tlen * stride_tt + d, x)
+    if full:
+        old = (t < tlen)[:, None]
+        c = tl.arange(0, CHUNK)
+        for c0 in range(0, 2 * HALF_D, CHUNK):  # (a loop, not unrolled: one chunk's tile live at a time)
+            xc = tl.load(src_ptr + c0 + c).to(tail_ptr.dtype.element_ty)  # (the token's chunk, as stored)
+            g = tl.load(tail_ptr + tb + t[:, None] * stride_tt + c0 + c[None, :], mask=old, other=0.0)
+            g = tl.where((t == tlen)[:, None], xc.to(tl.float32)[None, :], g.to(tl.float32))
+            g_lo, g_hi = tl.split(tl.reshape(g, [GROUP, CHUNK // 2, 2]))  # channels c0 + 2j, + 1
+            _quantize_store(g_lo, g_hi, packed_ptr, scale_ptr, zero_ptr, blk, off, h, t,
+                            c0 // 2 + tl.arange(0, CHUNK // 2),
+                            stride_pb, stride_ph, stride_pt, stride_sb, stride_sh, stride_st,
+                            GROUP, CHUNK // 2, GROUP, AXIS_CHANNEL, c0 // GROUP)
+
+
+@triton.jit
 def kv4_decode_append_kernel(
-    k_ptr, v_ptr, kp_ptr, ks_ptr, kz_ptr, vp_ptr, vs_ptr, vz_ptr, tk_ptr, tv_ptr, bt_ptr, lens_ptr, slot_ptr,
+    k_ptr, v_ptr, kp_ptr, ks_ptr, kz_ptr, vp_ptr, vs_ptr, vz_ptr, tk_ptr, tv_ptr, bt_ptr, lens_ptr, slot_ptr, cnt_ptr,
     H,
     stride_kb, stride_kh, stride_vb, stride_vh,
     stride_pb, stride_ph, stride_pt,
@@ -146,11 +179,12 @@ def kv4_decode_append_kernel(
     stride_ts, stride_th, stride_tt,
     stride_bts, stride_l2, stride_ls,
     HALF_D: tl.constexpr, GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    STAGED: tl.constexpr, K_CHANNEL: tl.constexpr, V_CHANNEL: tl.constexpr,
+    STAGED: tl.constexpr, K_CHANNEL: tl.constexpr, V_CHANNEL: tl.constexpr, PER_HEAD: tl.constexpr,
+    CHUNK: tl.constexpr,
 ):
-    """The whole decode append of one token per sequence, on the device: program ``b``
-    appends ``k[b], v[b]`` ``[H, D]`` to slot ``slots[b]`` of a one-layer pool (``-1``: a
-    padding row, nothing happens) and advances the slot's lengths ``lens [2, S]`` itself.
+    """The whole decode append of one token per sequence, on the device: row ``b`` appends
+    ``k[b], v[b]`` ``[H, D]`` to slot ``slots[b]`` of a one-layer pool (``-1``: a padding row,
+    nothing happens) and advances the slot's lengths ``lens [2, S]`` itself.
 
     Nothing comes from the host but the slot ids, so a decode step (append + attention for
     every layer) can be captured in one CUDA graph: where the token goes and whether it
@@ -158,12 +192,20 @@ def kv4_decode_append_kernel(
 
     Staged pools (an axis is ``"channel"``): the token goes to tail row ``t = tail_len``;
     when ``t == G - 1`` it completes a group and the tail's G tokens are quantized into block
-    ``block_tables[s, q // BS]`` at row ``q % BS`` (``q = quant_len``), then ``q += G, t = 0``.
-    The group is assembled in registers -- tail rows ``0..G-2`` loaded from memory plus the
-    new token as just rounded to the tail dtype -- so no thread reads another thread's store
-    through global memory (no barrier needed).  The tail row is written either way (the
-    reference writes it before quantizing; the state stays bit-identical).  Token-axis pools
-    quantize the token straight into row ``q % BS``.
+    ``block_tables[s, q // BS]`` at row ``q % BS`` (``q = quant_len``), then ``q += G, t = 0``
+    (:func:`_decode_token`).  The tail row is written either way (the reference writes it before
+    quantizing; the state stays bit-identical).  Token-axis pools quantize the token straight
+    into row ``q % BS``.
+
+    ``PER_HEAD``: one program per (row, head) -- grid ``(B, H)`` -- instead of one per row
+    looping over the heads.  A group flush quantizes ``2 H`` tiles of ``G x D`` values; in one
+    program per row that ran serially on one SM while the rest of the grid had finished (H200
+    runs 9 and 10, batch-64 serving at G = 64: every step in which sequences crossed a group
+    took ~7 ms longer than the ~8.5 ms of the others, 8 steps in every 64).  The programs of a
+    row then share its lengths: each reads them first, and the row's last program to finish --
+    counted by ``atomic_add`` on ``cnt_ptr[slot]`` (acq_rel: every other program's reads of
+    ``lens`` precede its count) -- advances them and resets the counter to zero (the buffer is
+    zero between launches: ``cometq._counters``).
 
     A row whose destination block is missing (no reservation: the pool's host checks make
     that impossible) is skipped whole instead of writing through a ``-1`` block id."""
@@ -173,69 +215,74 @@ def kv4_decode_append_kernel(
         ql = tl.load(lens_ptr + slot * stride_ls)
         tlen = tl.load(lens_ptr + stride_l2 + slot * stride_ls)
         j = tl.arange(0, HALF_D)
+        d = tl.arange(0, 2 * HALF_D)
         b64 = b.to(tl.int64)
+        if PER_HEAD:
+            h_lo = tl.program_id(1)
+            h_hi = h_lo + 1
+        else:
+            h_lo = 0
+            h_hi = H
         if STAGED:
             full = tlen == GROUP - 1
             blk = tl.load(bt_ptr + slot * stride_bts + ql // BLOCK_SIZE, mask=full, other=0).to(tl.int64)
-            if blk >= 0:
-                t = tl.arange(0, GROUP)
-                off = ql % BLOCK_SIZE
-                for h in range(H):
-                    tb = slot * stride_ts + h * stride_th
-                    kb = k_ptr + b64 * stride_kb + h * stride_kh
-                    vb = v_ptr + b64 * stride_vb + h * stride_vh
-                    # round to the tail dtype like Tensor.to (nearest even)
-                    k_lo = tl.load(kb + 2 * j).to(tk_ptr.dtype.element_ty)
-                    k_hi = tl.load(kb + 2 * j + 1).to(tk_ptr.dtype.element_ty)
-                    v_lo = tl.load(vb + 2 * j).to(tv_ptr.dtype.element_ty)
-                    v_hi = tl.load(vb + 2 * j + 1).to(tv_ptr.dtype.element_ty)
-                    row = tb + tlen * stride_tt
-                    tl.store(tk_ptr + row + 2 * j, k_lo)
-                    tl.store(tk_ptr + row + 2 * j + 1, k_hi)
-                    tl.store(tv_ptr + row + 2 * j, v_lo)
-                    tl.store(tv_ptr + row + 2 * j + 1, v_hi)
-                    if full:
-                        old = (t < tlen)[:, None]
-                        new = (t == tlen)[:, None]
-                        rows = tb + t[:, None] * stride_tt
-                        xk_lo = tl.where(new, k_lo.to(tl.float32)[None, :],
-                                         tl.load(tk_ptr + rows + 2 * j[None, :], mask=old, other=0.0).to(tl.float32))
-                        xk_hi = tl.where(new, k_hi.to(tl.float32)[None, :],
-                                         tl.load(tk_ptr + rows + 2 * j[None, :] + 1, mask=old, other=0.0).to(tl.float32))
-                        xv_lo = tl.where(new, v_lo.to(tl.float32)[None, :],
-                                         tl.load(tv_ptr + rows + 2 * j[None, :], mask=old, other=0.0).to(tl.float32))
-                        xv_hi = tl.where(new, v_hi.to(tl.float32)[None, :],
-                                         tl.load(tv_ptr + rows + 2 * j[None, :] + 1, mask=old, other=0.0).to(tl.float32))
-                        _quantize_store(xk_lo, xk_hi, kp_ptr, ks_ptr, kz_ptr, blk, off, h, t, j,
-                                        stride_pb, stride_ph, stride_pt, stride_ksb, stride_ksh, stride_kst,
-                                        GROUP, HALF_D, GROUP, K_CHANNEL)
-                        _quantize_store(xv_lo, xv_hi, vp_ptr, vs_ptr, vz_ptr, blk, off, h, t, j,
-                                        stride_pb, stride_ph, stride_pt, stride_vsb, stride_vsh, stride_vst,
-                                        GROUP, HALF_D, GROUP, V_CHANNEL)
-                if full:
-                    tl.store(lens_ptr + slot * stride_ls, ql + GROUP)
-                    tl.store(lens_ptr + stride_l2 + slot * stride_ls, 0)
-                else:
-                    tl.store(lens_ptr + stride_l2 + slot * stride_ls, tlen + 1)
         else:
             blk = tl.load(bt_ptr + slot * stride_bts + ql // BLOCK_SIZE).to(tl.int64)
-            if blk >= 0:
-                t = tl.arange(0, 1)
-                off = ql % BLOCK_SIZE
-                for h in range(H):
-                    kb = k_ptr + b64 * stride_kb + h * stride_kh
-                    vb = v_ptr + b64 * stride_vb + h * stride_vh
-                    _quantize_store(tl.load(kb + 2 * j[None, :]).to(tl.float32),
-                                    tl.load(kb + 2 * j[None, :] + 1).to(tl.float32),
-                                    kp_ptr, ks_ptr, kz_ptr, blk, off, h, t, j,
+        if blk >= 0:
+            off = ql % BLOCK_SIZE
+            for h in range(h_lo, h_hi):
+                kb = k_ptr + b64 * stride_kb + h * stride_kh
+                vb = v_ptr + b64 * stride_vb + h * stride_vh
+                if STAGED:
+                    t = tl.arange(0, GROUP)
+                    tb = slot * stride_ts + h * stride_th
+                    # K's group, then V's: one G x D tile pair live at a time
+                    _decode_token(kb, tk_ptr, tb, tlen, stride_tt, full, kp_ptr, ks_ptr, kz_ptr, blk, off, h, t, d,
+                                  stride_pb, stride_ph, stride_pt, stride_ksb, stride_ksh, stride_kst,
+                                  HALF_D, GROUP, K_CHANNEL, CHUNK)
+                    _decode_token(vb, tv_ptr, tb, tlen, stride_tt, full, vp_ptr, vs_ptr, vz_ptr, blk, off, h, t, d,
+                                  stride_pb, stride_ph, stride_pt, stride_vsb, stride_vsh, stride_vst,
+                                  HALF_D, GROUP, V_CHANNEL, CHUNK)
+                else:
+                    t = tl.arange(0, 1)
+                    xk_lo, xk_hi = tl.split(tl.reshape(tl.load(kb + d).to(tl.float32), [1, HALF_D, 2]))
+                    _quantize_store(xk_lo, xk_hi, kp_ptr, ks_ptr, kz_ptr, blk, off, h, t, j,
                                     stride_pb, stride_ph, stride_pt, stride_ksb, stride_ksh, stride_kst,
-                                    1, HALF_D, GROUP, False)
-                    _quantize_store(tl.load(vb + 2 * j[None, :]).to(tl.float32),
-                                    tl.load(vb + 2 * j[None, :] + 1).to(tl.float32),
-                                    vp_ptr, vs_ptr, vz_ptr, blk, off, h, t, j,
+                                    1, HALF_D, GROUP, False, 0)
+                    xv_lo, xv_hi = tl.split(tl.reshape(tl.load(vb + d).to(tl.float32), [1, HALF_D, 2]))
+                    _quantize_store(xv_lo, xv_hi, vp_ptr, vs_ptr, vz_ptr, blk, off, h, t, j,
                                     stride_pb, stride_ph, stride_pt, stride_vsb, stride_vsh, stride_vst,
-                                    1, HALF_D, GROUP, False)
-                tl.store(lens_ptr + slot * stride_ls, ql + 1)
+                                    1, HALF_D, GROUP, False, 0)
+            last = True
+            if PER_HEAD:
+                last = tl.atomic_add(cnt_ptr + slot, 1) == H - 1
+            if last:
+                if PER_HEAD:
+                    tl.store(cnt_ptr + slot, 0)
+                if STAGED:
+                    if full:
+                        tl.store(lens_ptr + slot * stride_ls, ql + GROUP)
+                        tl.store(lens_ptr + stride_l2 + slot * stride_ls, 0)
+                    else:
+                        tl.store(lens_ptr + stride_l2 + slot * stride_ls, tlen + 1)
+                else:
+                    tl.store(lens_ptr + slot * stride_ls, ql + 1)
+
+
+def decode_append_chunk(head_dim: int, group_size: int) -> int:
+    """Channels a staged group flush quantizes at a time: 64, or the group when wider (token-axis
+    groups must not straddle chunks), at most the head."""
+    return min(head_dim, max(64, group_size))
+
+
+def decode_append_warps(staged: bool, group_size: int) -> int:
+    """Warps of a decode-append program.  A staged pool's group flush holds a ``G x CHUNK`` fp32
+    tile (and its quantization temporaries) in registers: ptxas, sm_90, at G = 64 (bench_serving's
+    pools) 4 warps spill (255 registers; the one-program-per-row kernel this replaced spilled 1016
+    bytes), 8 warps do not (199 registers; G = 32: 115).  Token-axis pools touch one token: 4.
+    ``group_size`` is kept for the record: 8 warps serve both group sizes in use."""
+    del group_size
+    return 8 if staged else 4
 
 
 def kv4_decode_append_triton(k, v, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, tail_k, tail_v,
@@ -255,8 +302,12 @@ def kv4_decode_append_triton(k, v, k_packed, k_scale, k_zero, v_packed, v_scale,
             or (tail_k.numel() and tail_k.stride(3) != 1)):
         raise ValueError("triton kv4 decode append needs k/v pools, scales/zeros and tails with matching strides")
     staged = "channel" in (key_axis, value_axis)
-    kv4_decode_append_kernel[(bsz,)](
+    # one program per (row, head) when the row's programs can count themselves in (see the kernel)
+    cnt = tile_counters(k.device, lens.shape[1]) if h > 1 else None
+    per_head = cnt is not None
+    kv4_decode_append_kernel[(bsz, h) if per_head else (bsz,)](
         k, v, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, tail_k, tail_v, block_tables, lens, slots,
+        cnt if per_head else lens,
         h,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_packed.stride(0), k_packed.stride(1), k_packed.stride(2),
@@ -265,5 +316,6 @@ def kv4_decode_append_triton(k, v, k_packed, k_scale, k_zero, v_packed, v_scale,
         tail_k.stride(0), tail_k.stride(1), tail_k.stride(2) if staged else 0,
         block_tables.stride(0), lens.stride(0), lens.stride(1),
         HALF_D=half, GROUP=group_size, BLOCK_SIZE=k_packed.shape[2], STAGED=staged,
-        K_CHANNEL=key_axis == "channel", V_CHANNEL=value_axis == "channel", num_warps=4,
+        K_CHANNEL=key_axis == "channel", V_CHANNEL=value_axis == "channel", PER_HEAD=per_head,
+        CHUNK=decode_append_chunk(d, group_size), num_warps=decode_append_warps(staged, group_size),
     )

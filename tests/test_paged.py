@@ -889,3 +889,39 @@ def test_prefill_of_back_to_back_prompts_equals_sequential_appends(axes, backend
     for a, b in zip(_state(pools[0]), _state(pools[1])):
         assert torch.equal(a, b)
     check_invariants(pools[0])
+
+
+@pytest.mark.parametrize("axes", [("channel", "token"), ("token", "token")])
+def test_decode_append_per_head_and_row_loop_same_state(monkeypatch, axes):
+    """The Triton decode append runs one program per (row, head) -- the row's last program, counted
+    on the shared zeroed counters, advances its lengths -- or, with no counters (a capture that
+    found none allocated), one program per row looping over the heads: the same pool state either
+    way, across group flushes, and the counters are left zero."""
+    import cometq.kernels.kv4_append as KA
+    from cometq import _counters
+
+    c = _cfg(*axes, tail_dtype=torch.float16, group_size=8, block_size=16, num_blocks=8, num_kv_heads=3)
+    dev = _dev("triton")
+    g = torch.Generator().manual_seed(11)
+    steps = [(torch.randn(2, 3, 32, generator=g), torch.randn(2, 3, 32, generator=g)) for _ in range(17)]
+    states = {}
+    for mode in ("per-head", "row-loop"):
+        if mode == "row-loop":
+            monkeypatch.setattr(KA, "tile_counters", lambda *a, **k: None)
+        pool = MultiLayerKV4Pool(c, 1, dev)
+        a, b = pool.add_sequence(), pool.add_sequence()
+        pool.reserve(a, 20)
+        pool.reserve(b, 20)
+        slots = torch.tensor([b, -1, a], dtype=torch.int32, device=dev)
+        for k, v in steps:
+            k, v = torch.cat([k[:1], torch.randn(1, 3, 32, generator=g), k[1:]]), torch.cat(
+                [v[:1], torch.randn(1, 3, 32, generator=g), v[1:]])  # a padding row in the middle
+            pool.decode_append_device(0, k.to(dev), v.to(dev), slots, "triton")
+        states[mode] = {n: getattr(pool, n).clone() for n in _POOL_TENSORS}
+        if mode == "per-head":
+            assert int(_counters.tile_counters(dev).abs().sum()) == 0
+    # 17 tokens each: two group flushes (G = 8) and one token in the tail, or all 17 quantized
+    assert states["per-head"]["quant_lens"][0].tolist()[:2] == ([16, 16] if c.staged else [17, 17])
+    assert states["per-head"]["tail_lens"][0].tolist()[:2] == ([1, 1] if c.staged else [0, 0])
+    for n in _POOL_TENSORS:
+        assert torch.equal(states["per-head"][n], states["row-loop"][n]), n
