@@ -119,8 +119,10 @@ cudaError_t cometq_w4ax_gemm(const CometqGemmArgs* args, cudaStream_t stream);
 // Not integer-exact: within cometq.kernels.dequant_gemm.DEQUANT_GEMM_RTOL of the reference.
 // ---------------------------------------------------------------------------
 // Tile variant (a tuning knob): AUTO = by M (16, 32 or 64 tokens x 128 weight rows per CTA, 4
-// warps); WIDE = 64 tokens x 256 weight rows, 8 warps (half the A' traffic per weight byte).
-enum { COMETQ_W16_TILE_AUTO = 0, COMETQ_W16_TILE_WIDE = 1 };
+// warps); WIDE = 64 tokens x 256 weight rows, 8 warps (half the A' traffic per weight byte);
+// N32 / N16 = the 32- / 16-token tile whatever M (more, lighter CTAs: each weight tile is read
+// once per token tile, from L2 after the first).
+enum { COMETQ_W16_TILE_AUTO = 0, COMETQ_W16_TILE_WIDE = 1, COMETQ_W16_TILE_N32 = 2, COMETQ_W16_TILE_N16 = 3 };
 
 typedef struct CometqW16Args {
   const void* a;            // [M, K_pad] fp16 or bf16 (a_dtype), row stride lda elements (a multiple

@@ -395,8 +395,8 @@ at::Tensor w16_gemm_cuda(const at::Tensor& a, const at::Tensor& qweight, const a
   int bias_code = COMETQ_DTYPE_F32;
   const void* bias_ptr = check_bias(bias, N, op, dev, &bias_code);
   TORCH_CHECK(split_k >= 0, op, ": split_k must be >= 0 (0 = auto), got ", split_k);
-  TORCH_CHECK(tile == COMETQ_W16_TILE_AUTO || tile == COMETQ_W16_TILE_WIDE, op,
-              ": tile must be 0 (by M) or 1 (the wide 64 x 256 tile), got ", tile);
+  TORCH_CHECK(tile >= COMETQ_W16_TILE_AUTO && tile <= COMETQ_W16_TILE_N16, op,
+              ": tile must be 0 (by M), 1 (64 x 256, 8 warps), 2 (32 x 128) or 3 (16 x 128), got ", tile);
   TORCH_CHECK(M <= INT32_MAX && N <= INT32_MAX && nb <= (1 << 20), op, ": problem too large (M=", M, ", N=", N,
               ", blocks=", nb, ")");
 

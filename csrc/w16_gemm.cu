@@ -433,15 +433,15 @@ cudaError_t w16_launch_fix(const CometqW16Args& a, cudaStream_t stream) {
                                                        : w16_launch_cfg<Cfg, false>(a, stream);
 }
 
-// tile by M (COMETQ_W16_TILE_AUTO) or the wide 8-warp tile
+// tile by M (COMETQ_W16_TILE_AUTO), the wide 8-warp tile, or a narrow token tile whatever M
 void w16_tile_dims(int M, int tile, int* bm, int* bn) {
   if (tile == COMETQ_W16_TILE_WIDE) {
     *bm = W16Wide::BM;
     *bn = W16Wide::BN;
-  } else if (M <= 16) {
+  } else if (M <= 16 || tile == COMETQ_W16_TILE_N16) {
     *bm = W16T16::BM;
     *bn = W16T16::BN;
-  } else if (M <= 32) {
+  } else if (M <= 32 || tile == COMETQ_W16_TILE_N32) {
     *bm = W16T32::BM;
     *bn = W16T32::BN;
   } else {
@@ -497,14 +497,14 @@ extern "C" cudaError_t cometq_w16_gemm(const CometqW16Args* args, cudaStream_t s
     return cudaErrorInvalidValue;  // (16-byte aligned A' rows: cp.async)
   }
   if (a.split_k < 1 || (a.split_k > 1 && a.workspace == nullptr)) return cudaErrorInvalidValue;
-  if (a.tile != COMETQ_W16_TILE_AUTO && a.tile != COMETQ_W16_TILE_WIDE) return cudaErrorInvalidValue;
+  if (a.tile < COMETQ_W16_TILE_AUTO || a.tile > COMETQ_W16_TILE_N16) return cudaErrorInvalidValue;
   if (!cometq_w16_offsets_fit(&a)) return cudaErrorInvalidValue;
   cudaError_t err;
   if (a.tile == COMETQ_W16_TILE_WIDE) {
     err = cometq::w16_launch_fix<cometq::W16Wide>(a, stream);
-  } else if (a.M <= 16) {
+  } else if (a.M <= 16 || a.tile == COMETQ_W16_TILE_N16) {
     err = cometq::w16_launch_fix<cometq::W16T16>(a, stream);
-  } else if (a.M <= 32) {
+  } else if (a.M <= 32 || a.tile == COMETQ_W16_TILE_N32) {
     err = cometq::w16_launch_fix<cometq::W16T32>(a, stream);
   } else {
     err = cometq::w16_launch_fix<cometq::W16T64>(a, stream);

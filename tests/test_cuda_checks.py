@@ -214,7 +214,7 @@ def test_good_w16_inputs_pass(sym):
     (dict(w_scales=torch.rand(24, 4)), ValueError, r"w_scales shape \(24, 4\) != \(24, 5\)"),
     (dict(bias=torch.randn(7)), ValueError, r"bias shape \(7,\) != \(24,\)"),
     (dict(split_k=-1), ValueError, r"split_k must be >= 0"),
-    (dict(tile=2), ValueError, r"tile must be 0 \(by M\) or 1"),
+    (dict(tile=4), ValueError, r"tile must be 0 \(by M\), 1 \(64 x 256, 8 warps\), 2 \(32 x 128\) or 3 \(16 x 128\), got 4"),
     (dict(out_dtype=torch.int8), TypeError, r"out_dtype must be"),
 ])
 def test_bad_w16_inputs_raise(change, exc, match):

@@ -318,6 +318,9 @@ int main() {
   CHECK(cometq_w16_num_tiles(33, 4096, COMETQ_W16_TILE_AUTO) == 32);    // 64 x 128
   CHECK(cometq_w16_num_tiles(100, 200, COMETQ_W16_TILE_AUTO) == 4);     // 2 x 2
   CHECK(cometq_w16_num_tiles(64, 28672, COMETQ_W16_TILE_WIDE) == 112);  // 64 x 256
+  CHECK(cometq_w16_num_tiles(64, 28672, COMETQ_W16_TILE_N32) == 448);   // 32 x 128 whatever M
+  CHECK(cometq_w16_num_tiles(64, 28672, COMETQ_W16_TILE_N16) == 896);   // 16 x 128
+  CHECK(cometq_w16_num_tiles(8, 4096, COMETQ_W16_TILE_N32) == 32);      // (M <= 16: the 16-token tile)
   CHECK(cometq_w16_choose_split(1, 4096, 32, 132, 0, 0) == 8);          // ceil(264 / 32) = 9, capped at 32 / 4
   CHECK(cometq_w16_choose_split(1, 28672, 32, 132, 0, 0) == 2);         // 224 tiles: ceil(264 / 224)
   CHECK(cometq_w16_choose_split(64, 28672, 32, 132, 0, 0) == 1);        // 224 tiles cover the SMs: no slabs

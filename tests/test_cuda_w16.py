@@ -147,7 +147,7 @@ def test_w16_rejects_bad_inputs(C):
         C.cuda_w16_gemm(torch.zeros(4, 384, dtype=torch.float16, device=DEV), qweight, sc, None, gs, None,
                         torch.float16)
     with pytest.raises(ValueError, match="tile must be"):
-        C.cuda_w16_gemm(a, qweight, sc, None, gs, None, torch.float16, tile=3)
+        C.cuda_w16_gemm(a, qweight, sc, None, gs, None, torch.float16, tile=4)
     with pytest.raises(ValueError, match="w_scales shape"):
         C.cuda_w16_gemm(a, qweight, sc[:, :0], None, gs, None, torch.float16)
     with pytest.raises(ValueError, match="tile_counters must be 1-D int32"):

@@ -224,6 +224,8 @@ def _case(m, n, nb, group, asym, dtype, seed):
     ("t32", 19, 72, 2, 16, True, "bf16", 1),       # G = 16: two groups per thread (q = 0 / 1)
     ("t64", 40, 130, 2, 64, True, "fp16", 3),      # G = 64, a split with no blocks (writes zeros)
     ("wide", 9, 260, 1, -1, False, "bf16", 1),     # per-channel scales, 8 warps
+    ("t16", 40, 136, 2, 128, True, "fp16", 2),     # COMETQ_W16_TILE_N16: 3 token tiles, the last partial
+    ("t32", 64, 130, 2, 32, False, "bf16", 1),     # COMETQ_W16_TILE_N32 at M = 64: 2 token tiles
 ])
 def test_emulated_w16_gemm_is_the_definition(tile, m, n, nb, group, asym, dtype, split):
     a16, a_vals, qweight, scales, offsets, g = _case(m, n, nb, group, asym, dtype, seed=m * 131 + n)

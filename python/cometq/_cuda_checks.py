@@ -177,8 +177,8 @@ def check_w16_gemm_inputs(a, qweight, w_scales, w_offsets, group_size, bias, out
     _check_weight_side(w_scales, w_offsets, bias, group_size, n, k_pad, dev)
     if int(split_k) < 0:
         raise ValueError(f"split_k must be >= 0 (0 = auto), got {split_k}")
-    if tile not in (0, 1):
-        raise ValueError(f"tile must be 0 (by M) or 1 (the wide 64 x 256 tile), got {tile!r}")
+    if tile not in (0, 1, 2, 3):
+        raise ValueError(f"tile must be 0 (by M), 1 (64 x 256, 8 warps), 2 (32 x 128) or 3 (16 x 128), got {tile!r}")
     if m > _INT_MAX or n > _INT_MAX or k_pad // BLOCK_K > (1 << 20):
         raise ValueError(f"problem too large (M={m}, N={n}, blocks={k_pad // BLOCK_K})")
     why = w16_extent_problem(a, qweight, w_scales)

@@ -54,8 +54,12 @@ MMA_PATHS = {"auto": 0, "s4": 1, "s8": 2}
 TILES = (0, 1)
 TILE_MID3_MAX_M = 64
 #: w16 GEMM tile variants (COMETQ_W16_TILE_*): 0 = by M (16 / 32 / 64 tokens x 128 weight rows),
-#: 1 = 64 tokens x 256 weight rows (8 warps)
-W16_TILES = (0, 1)
+#: 1 = 64 tokens x 256 weight rows (8 warps), 2 / 3 = 32 / 16 tokens x 128 rows whatever M (H200 run
+#: 10: the 64-token tile ran gate_up at M = 64 with ~7 warps per SM, ~40 % of the f16 MMA peak --
+#: latency-bound; the narrow tiles give the tuner more, lighter CTAs to try)
+W16_TILES = (0, 1, 2, 3)
+#: the largest M at which each narrow tile is the by-M tile already (no separate candidate there)
+W16_NARROW_M = {2: 32, 3: 16}
 #: launch variants of the CUDA KV4 attention kernel (csrc/kv4_attention.cu): 0 = 4 CTAs per SM,
 #: each tile loaded when it starts; 1 = 3 CTAs per SM, the next tile loaded while one computes
 KV4_ATTN_VARIANTS = (0, 1)
@@ -118,7 +122,8 @@ if HAS_W16:
                                  f"{tuple(tile_counters.shape)}")
         torch._check(a.dtype in (torch.float16, torch.bfloat16),
                      lambda: f"a must be float16 or bfloat16, got {a.dtype}")
-        torch._check(tile in W16_TILES, lambda: f"tile must be 0 (by M) or 1 (the wide tile), got tile={tile}")
+        torch._check(tile in W16_TILES, lambda: f"tile must be 0 (by M), 1 (64 x 256, 8 warps), 2 (32 x 128) or 3 "
+                                                f"(16 x 128), got tile={tile}")
         torch._check(split_k >= 0, lambda: f"split_k must be >= 0 (0 = auto), got {split_k}")
         return qweight.new_empty((a.shape[0], qweight.shape[0]), dtype=out_dtype)
 
@@ -272,7 +277,8 @@ def _w16_impl(a, qweight, w_scales, w_offsets, group, bias, out_dtype, stride_wb
         return cuda_w16_gemm(a, qweight, w_scales, w_offsets, group, bias, out_dtype, split_k=choice[0],
                              tile=choice[1], tile_counters=counters)
 
-    cands = [c for c in W16_CHOICES if c[0] <= max(1, nb // 2)]
+    m = a.shape[0]
+    cands = [c for c in W16_CHOICES if c[0] <= max(1, nb // 2) and m > W16_NARROW_M.get(c[1], -1)]
     key = ("w16",) + _cuda_split.split_key(a.shape[0], qweight.shape[0], nb, 0, int(group), w_offsets is not None,
                                            qweight.dim() == 3, "graph") + (str(a.dtype), bias is not None)
     choice = _cuda_split.tuned_choice(key, cands, a.device, launch)
