@@ -268,7 +268,11 @@ def w16_configs(m: int, n: int, nb: int, num_sms: int = 132) -> List[W16Config]:
     program (more programs for a small N; below wgmma's 64-row M, so mma.sync on Hopper too) and
     128 (half the activation-tile reloads per weight byte; 4 or 8 warps).  Five compiled variants
     per token tile, every one compiled ahead of time for sm_80 / sm_90 (kernels/aot.py; static:
-    no spills on sm_90, 107-255 registers; 64 x 128 with 4 warps spills 132 B on sm_80)."""
+    no spills on sm_90, 107-255 registers; 64 x 128 with 4 warps spills 132 B on sm_80).  From a
+    32-token tile on, also the default tile with half the tokens (twice the programs, each weight
+    tile read once per token tile; H200 run 10: the w16 GEMMs ran at M = 64 at ~200 TFLOP/s, a
+    third of the MMA peak, with ~2 programs per SM -- latency-bound, not byte-bound); its kernel
+    is the smaller token tile's default, compiled ahead of time as such."""
     d = w16_config(m, n, nb, num_sms)
     bm = d.block_m
     cands = [d, W16Config(bm, 64, 4, 4, d.split),
@@ -277,6 +281,8 @@ def w16_configs(m: int, n: int, nb: int, num_sms: int = 132) -> List[W16Config]:
              W16Config(bm, 32, 4, 3, _split_for(m, n, nb, bm, 32, 2, num_sms)),
              W16Config(bm, 128, 4, 3, _split_for(m, n, nb, bm, 128, 2, num_sms)),
              W16Config(bm, 128, 8, 3, _split_for(m, n, nb, bm, 128, 2, num_sms))]
+    if bm >= 32 and m > bm // 2:
+        cands.append(W16Config(bm // 2, 64, 4, 3, _split_for(m, n, nb, bm // 2, 64, 2, num_sms)))
     out: List[W16Config] = []
     for c in cands:
         if c not in out:
@@ -328,7 +334,7 @@ def select_w16_config(m: int, n: int, nb: int, asym: bool, dtype: torch.dtype, n
             cfg = W16Config(**stored) if isinstance(stored, dict) else None
         except (TypeError, ValueError):
             cfg = None
-        if cfg is not None and cfg.block_m == bm:
+        if cfg is not None and cfg.block_m in {c.block_m for c in w16_configs(m, n, nb, num_sms)}:
             _W16_CHOICE[key] = cfg
             return cfg
     if bench_fn is None:

@@ -305,8 +305,12 @@ def test_w16_tuning_candidates_and_choice(tmp_path, monkeypatch):
     for m, n, nb in ((1, 4096, 32), (64, 28672, 32), (17, 576, 5), (200, 6144, 112)):
         cands = W.w16_configs(m, n, nb, 132)
         assert cands[0] == w16_config(m, n, nb, 132) and len(set(cands)) == len(cands) >= 4
-        assert all(c.block_m == cands[0].block_m and 1 <= c.split <= max(1, nb // 4) for c in cands)
+        bm = cands[0].block_m
+        assert all(1 <= c.split <= max(1, nb // 4) for c in cands)
         assert {c.block_n for c in cands} == {32, 64, 128}
+        # from a 32-token tile on, one more: the default tile with half the tokens
+        narrow = [(c.block_m, c.block_n, c.num_warps, c.num_stages) for c in cands if c.block_m != bm]
+        assert narrow == ([(bm // 2, 64, 4, 3)] if bm >= 32 else []), (m, cands)
     monkeypatch.setenv("COMETQ_GEMM_CONFIG_CACHE", str(tmp_path / "cfg.json"))
     monkeypatch.setattr(W, "_W16_CHOICE", {})
     monkeypatch.setattr(W, "_W16_FILE_READ", set())
