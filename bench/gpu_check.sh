@@ -22,6 +22,7 @@
 #   gemm_large/gemm.json|md       bench_gemm.py at M = 1024 (TMA / dequant / pointer kernels vs FP16, FP8)
 #   gemm_shares/gemm.json|md      8B.gate_up at 0 % and 12.5 % INT8 blocks (issue #3's <= 10 % target)
 #   gemm_class/gemm.json|md       class scales + per-channel weights (int32 accumulation across blocks)
+#   ncu_w16.log                   Nsight Compute stall reasons of the w16 GEMMs at M = 64 (bench/diag_ncu_w16.py), if the image has ncu
 #   act_quant/gemm.json|md        activation quantization GB/s: Triton by rows / per block / FAKE, CUDA, copy
 #   attention.json|md             bench_attention.py --sweep at batch 16 and 64, context 4096 (KV4 paged decode vs SDPA)
 #   prefill/prefill.json          bench/diag_prefill.py: one 8 x 1024-token prefill step, W4Ax-KV4 vs FP16 runner, profiled
@@ -50,7 +51,7 @@
 #        MAX_JOBS (default 16), PYTHON (default python3), GPU_CHECK_BUDGET_S,
 #        PYTEST_ARGS (extra pytest arguments), PYTEST_WORKERS (xdist workers, default 8), GPU_CHECK_SKIP (comma list of stages
 #        to skip: build, triton_tests, cuda_tests, toolchain, diag, gemm, gemm_large, gemm_shares, gemm_class, microbench,
-#        attention, act_quant, raw_errors, cuda_act_rows_smoke, cuda_gemm_smoke, cuda_w16_smoke, cuda_fixup_smoke, cuda_attn_smoke, splitk_fixup_smoke, gemm_decode, prefill, serving, autotune, tune_decode), GEMM_ARGS / ATTENTION_ARGS / SERVING_ARGS (the stages' arguments),
+#        attention, act_quant, raw_errors, cuda_act_rows_smoke, cuda_gemm_smoke, cuda_w16_smoke, cuda_fixup_smoke, cuda_attn_smoke, splitk_fixup_smoke, gemm_decode, ncu_w16, prefill, serving, autotune, tune_decode), GEMM_ARGS / ATTENTION_ARGS / SERVING_ARGS (the stages' arguments),
 #        GEMM_CAP / ATTENTION_CAP / ACT_QUANT_CAP,
 #        TRITON_TEST_FILES / CUDA_TEST_FILES (the test files of the two test stages), TRITON_TEST_WORKERS (12) /
 #        CUDA_TEST_WORKERS, TRITON_TESTS_CAP / CUDA_TESTS_CAP / DIAG_CAP /
@@ -402,6 +403,17 @@ GL=$(limit "${GEMM_CAP:-45}")
 # shellcheck disable=SC2086
 bench gemm "$GL" $PY bench/bench_gemm.py ${GEMM_ARGS:---shapes 8B.gate_up,8B.qkv,8B.o,8B.down --ms 64,16 --shares 0.25 --weights asym-g128,sym --tune sym --graph} \
   --time-budget $((GL > 30 ? GL - 15 : 15)) --out "$W/gemm"
+# why the w16 GEMMs run at ~a third of the MMA peak at M = 64 (run 10): Nsight Compute's stall
+# reasons for each kernel once, if the image has ncu and lets us read the counters (else the log
+# says which); ~30 s.  After serving: a short lease spends its budget there first (a rerun with
+# GPU_CHECK_SKIP=<everything else> reaches it)
+NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+if [ -n "$NCU" ]; then
+  bench ncu_w16 "${NCU_CAP:-45}" "$NCU" --section WarpStateStats --section SchedulerStats --section Occupancy \
+    --section SpeedOfLight -k regex:w16_gemm --launch-skip 0 --launch-count 12 $PY bench/diag_ncu_w16.py --reps 1
+else
+  log "ncu_w16: no ncu on this image"; stage ncu_w16 "no ncu" 0
+fi
 
 # ---------------------------------------------------------------- CUDA-op and engine tests
 # (after the GEMM table and the attention row: the smoke stages above already ran the CUDA

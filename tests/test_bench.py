@@ -124,7 +124,7 @@ def test_gpu_check_plumbing_on_cpu(tmp_path):
     cost a lease's device time)."""
     out, work = tmp_path / "out", tmp_path / "work"
     env = dict(os.environ, OUT=str(out), GPU_CHECK_WORK=str(work), PYTHON=sys.executable, GPU_CHECK_BUDGET_S="200",
-               GPU_CHECK_SKIP="build,splitk_fixup_smoke,triton_tests,cuda_tests,toolchain,diag,gemm,gemm_large,gemm_shares,gemm_class,attention,prefill,serving,autotune,tune_decode")
+               GPU_CHECK_SKIP="build,splitk_fixup_smoke,triton_tests,cuda_tests,toolchain,diag,gemm,gemm_large,gemm_shares,gemm_class,attention,prefill,serving,autotune,tune_decode,ncu_w16")
     env.pop("TRITON_INTERPRET", None)
     r = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_check.sh")], env=env, capture_output=True, text=True,
                        timeout=600, cwd=ROOT)
@@ -137,6 +137,16 @@ def test_gpu_check_plumbing_on_cpu(tmp_path):
     with tarfile.open(out / "gpu_check.tgz") as t:
         names = {os.path.basename(n) for n in t.getnames()}
     assert {"microbench.json", "microbench.md", "steps.log", "gpu_check_summary.json"} <= names, names
+
+
+def test_diag_ncu_w16_driver_runs_without_a_gpu():
+    """bench/diag_ncu_w16.py (gpu_check's ncu_w16 stage driver) imports and exits cleanly here."""
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "diag_ncu_w16.py"), "--reps", "1"],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT,
+                       env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    if not __import__("torch").cuda.is_available():
+        assert "no CUDA device" in r.stdout
 
 
 def test_diag_prefill_dry_run(tmp_path):
