@@ -171,7 +171,7 @@ def _decode_token(src_ptr, tail_ptr, tb, tlen, stride_tt, full, packed_ptr, scal
 @triton.jit
 def kv4_decode_append_kernel(
     k_ptr, v_ptr, kp_ptr, ks_ptr, kz_ptr, vp_ptr, vs_ptr, vz_ptr, tk_ptr, tv_ptr, bt_ptr, lens_ptr, slot_ptr, cnt_ptr,
-    H,
+    H, HPP,
     stride_kb, stride_kh, stride_vb, stride_vh,
     stride_pb, stride_ph, stride_pt,
     stride_ksb, stride_ksh, stride_kst,
@@ -197,15 +197,17 @@ def kv4_decode_append_kernel(
     quantizing; the state stays bit-identical).  Token-axis pools quantize the token straight
     into row ``q % BS``.
 
-    ``PER_HEAD``: one program per (row, head) -- grid ``(B, H)`` -- instead of one per row
-    looping over the heads.  A group flush quantizes ``2 H`` tiles of ``G x D`` values; in one
-    program per row that ran serially on one SM while the rest of the grid had finished (H200
-    runs 9 and 10, batch-64 serving at G = 64: every step in which sequences crossed a group
-    took ~7 ms longer than the ~8.5 ms of the others, 8 steps in every 64).  The programs of a
-    row then share its lengths: each reads them first, and the row's last program to finish --
-    counted by ``atomic_add`` on ``cnt_ptr[slot]`` (acq_rel: every other program's reads of
-    ``lens`` precede its count) -- advances them and resets the counter to zero (the buffer is
-    zero between launches: ``cometq._counters``).
+    ``PER_HEAD``: one program per (row, ``HPP`` heads) -- grid ``(B, cdiv(H, HPP))`` -- instead of
+    one per row looping over all heads.  A group flush quantizes ``2 H`` tiles of ``G x D``
+    values; in one program per row that ran serially on one SM while the rest of the grid had
+    finished (H200 runs 9 and 10, batch-64 serving at G = 64: every step in which sequences
+    crossed a group took ~7 ms longer than the ~8.5 ms of the others, 8 steps in every 64).  The
+    programs of a row then share its lengths: each reads them first, and the row's last program
+    to finish -- counted by ``atomic_add`` on ``cnt_ptr[slot]`` (acq_rel: every other program's
+    reads of ``lens`` precede its count) -- advances them and resets the counter to zero (the
+    buffer is zero between launches: ``cometq._counters``).  ``HPP`` > 1 keeps the grid small on
+    the steps that flush nothing (the flush's registers allow ~1 program per SM: 8 heads x 64
+    rows as 512 programs would be ~4 waves of near-empty programs).
 
     A row whose destination block is missing (no reservation: the pool's host checks make
     that impossible) is skipped whole instead of writing through a ``-1`` block id."""
@@ -218,8 +220,8 @@ def kv4_decode_append_kernel(
         d = tl.arange(0, 2 * HALF_D)
         b64 = b.to(tl.int64)
         if PER_HEAD:
-            h_lo = tl.program_id(1)
-            h_hi = h_lo + 1
+            h_lo = tl.program_id(1) * HPP
+            h_hi = tl.minimum(h_lo + HPP, H)
         else:
             h_lo = 0
             h_hi = H
@@ -255,7 +257,7 @@ def kv4_decode_append_kernel(
                                     1, HALF_D, GROUP, False, 0)
             last = True
             if PER_HEAD:
-                last = tl.atomic_add(cnt_ptr + slot, 1) == H - 1
+                last = tl.atomic_add(cnt_ptr + slot, 1) == tl.cdiv(H, HPP) - 1
             if last:
                 if PER_HEAD:
                     tl.store(cnt_ptr + slot, 0)
@@ -275,11 +277,18 @@ def decode_append_chunk(head_dim: int, group_size: int) -> int:
     return min(head_dim, max(64, group_size))
 
 
+def decode_append_heads_per_program(heads: int) -> int:
+    """KV heads per decode-append program (with counters): a quarter of them, at least 1 -- 4
+    programs per row (Llama-3-8B's 8 KV heads: 2 each, 256 programs at batch 64)."""
+    return max(1, heads // 4)
+
+
 def decode_append_warps(staged: bool, group_size: int) -> int:
     """Warps of a decode-append program.  A staged pool's group flush holds a ``G x CHUNK`` fp32
     tile (and its quantization temporaries) in registers: ptxas, sm_90, at G = 64 (bench_serving's
     pools) 4 warps spill (255 registers; the one-program-per-row kernel this replaced spilled 1016
-    bytes), 8 warps do not (199 registers; G = 32: 115).  Token-axis pools touch one token: 4.
+    bytes), 8 warps do not (235 registers with the loop over a program's heads; G = 32: 175).
+    Token-axis pools touch one token: 4.
     ``group_size`` is kept for the record: 8 warps serve both group sizes in use."""
     del group_size
     return 8 if staged else 4
@@ -305,10 +314,11 @@ def kv4_decode_append_triton(k, v, k_packed, k_scale, k_zero, v_packed, v_scale,
     # one program per (row, head) when the row's programs can count themselves in (see the kernel)
     cnt = tile_counters(k.device, lens.shape[1]) if h > 1 else None
     per_head = cnt is not None
-    kv4_decode_append_kernel[(bsz, h) if per_head else (bsz,)](
+    hpp = decode_append_heads_per_program(h)
+    kv4_decode_append_kernel[(bsz, triton.cdiv(h, hpp)) if per_head else (bsz,)](
         k, v, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, tail_k, tail_v, block_tables, lens, slots,
         cnt if per_head else lens,
-        h,
+        h, hpp,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_packed.stride(0), k_packed.stride(1), k_packed.stride(2),
         k_scale.stride(0), k_scale.stride(1), k_scale.stride(2),

@@ -891,19 +891,23 @@ def test_prefill_of_back_to_back_prompts_equals_sequential_appends(axes, backend
     check_invariants(pools[0])
 
 
-@pytest.mark.parametrize("axes", [("channel", "token"), ("token", "token")])
-def test_decode_append_per_head_and_row_loop_same_state(monkeypatch, axes):
-    """The Triton decode append runs one program per (row, head) -- the row's last program, counted
-    on the shared zeroed counters, advances its lengths -- or, with no counters (a capture that
-    found none allocated), one program per row looping over the heads: the same pool state either
-    way, across group flushes, and the counters are left zero."""
+@pytest.mark.parametrize("axes,heads", [(("channel", "token"), 3), (("token", "token"), 3), (("channel", "token"), 9)])
+def test_decode_append_per_head_and_row_loop_same_state(monkeypatch, axes, heads):
+    """The Triton decode append runs one program per (row, group of heads) -- the row's last
+    program, counted on the shared zeroed counters, advances its lengths; 9 heads: 2 per program,
+    the last program of a row with one -- or, with no counters (a capture that found none
+    allocated), one program per row looping over the heads: the same pool state either way,
+    across group flushes, and the counters are left zero."""
     import cometq.kernels.kv4_append as KA
     from cometq import _counters
 
-    c = _cfg(*axes, tail_dtype=torch.float16, group_size=8, block_size=16, num_blocks=8, num_kv_heads=3)
+    c = _cfg(*axes, tail_dtype=torch.float16, group_size=8, block_size=16, num_blocks=8, num_kv_heads=heads)
+    import cometq.kernels.kv4_append as KA0
+
+    assert KA0.decode_append_heads_per_program(heads) == (2 if heads == 9 else 1)
     dev = _dev("triton")
     g = torch.Generator().manual_seed(11)
-    steps = [(torch.randn(2, 3, 32, generator=g), torch.randn(2, 3, 32, generator=g)) for _ in range(17)]
+    steps = [(torch.randn(2, heads, 32, generator=g), torch.randn(2, heads, 32, generator=g)) for _ in range(17)]
     states = {}
     for mode in ("per-head", "row-loop"):
         if mode == "row-loop":
@@ -914,8 +918,8 @@ def test_decode_append_per_head_and_row_loop_same_state(monkeypatch, axes):
         pool.reserve(b, 20)
         slots = torch.tensor([b, -1, a], dtype=torch.int32, device=dev)
         for k, v in steps:
-            k, v = torch.cat([k[:1], torch.randn(1, 3, 32, generator=g), k[1:]]), torch.cat(
-                [v[:1], torch.randn(1, 3, 32, generator=g), v[1:]])  # a padding row in the middle
+            k, v = torch.cat([k[:1], torch.randn(1, heads, 32, generator=g), k[1:]]), torch.cat(
+                [v[:1], torch.randn(1, heads, 32, generator=g), v[1:]])  # a padding row in the middle
             pool.decode_append_device(0, k.to(dev), v.to(dev), slots, "triton")
         states[mode] = {n: getattr(pool, n).clone() for n in _POOL_TENSORS}
         if mode == "per-head":
