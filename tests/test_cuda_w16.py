@@ -124,7 +124,7 @@ def test_w16_dispatch_and_route(C):
 
 
 @pytest.mark.parametrize("m,n,k,split_k,tile", [(1, 4096, 4096, 8, 0), (17, 264, 1280, 3, 0), (64, 520, 2048, 4, 1),
-                                                (100, 136, 640, 5, 0)])
+                                                (100, 136, 640, 5, 0), (40, 260, 2048, 3, 3), (64, 130, 1280, 2, 2)])
 def test_w16_splitk_fixup_bit_identical(C, m, n, k, split_k, tile):
     """The in-kernel split-K reduction (tile counters: each tile's last split sums the slabs) gives
     the finalize kernel's bits -- twice in a row and replayed from a CUDA graph -- and leaves every
