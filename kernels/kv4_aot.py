@@ -246,6 +246,11 @@ def compile_all(archs, quick: bool = False, ci: bool = False) -> List[dict]:
                 checks = []
                 if kind == "append":
                     checks.append(("div.rn.f32", "div.rn.f32" in ptx))
+                if name.startswith("decode_append") and "per-head" in name:
+                    # a row's programs count themselves in: a CTA barrier, then one gpu-scope
+                    # acq_rel atomic (every warp's reads of the lengths precede the count)
+                    at = ptx.find("atom.global.gpu.acq_rel.add")
+                    checks.append(("bar.sync then atom.acq_rel", at > 0 and "bar.sync" in ptx[:at]))
                 if kind in ("attn", "paged") and "fp32" not in name:
                     checks.append(("tensor-core mma", "mma" in ptx))
                 if kind == "attn":

@@ -257,6 +257,10 @@ def kv4_decode_append_kernel(
                                     1, HALF_D, GROUP, False, 0)
             last = True
             if PER_HEAD:
+                # every warp of this program has read the lengths (and done its part) before the
+                # count: a scalar atomic is one thread's, and nothing else here is a barrier on the
+                # steps that flush nothing (the classic __syncthreads-then-atomic of a split reduction)
+                tl.debug_barrier()
                 last = tl.atomic_add(cnt_ptr + slot, 1) == tl.cdiv(H, HPP) - 1
             if last:
                 if PER_HEAD:
