@@ -1,7 +1,9 @@
 """Tile counters of the in-kernel split-K reductions: the Triton GEMMs' (``COMETQ_SPLITK_FIXUP``,
 :mod:`cometq.kernels.w4ax_gemm`) and the CUDA GEMM's (``COMETQ_CUDA_SPLITK_FIXUP``,
 csrc/w4ax_gemm.cu).  Each split GEMM's tile counts its pieces in, the last one reduces and resets
-its counter, so one zeroed int32 buffer per device serves every such GEMM in stream order."""
+its counter, so one zeroed int32 buffer per device serves every such GEMM in stream order.  The
+KV4 decode append (:mod:`cometq.kernels.kv4_append`) uses the same buffer, one counter per pool
+slot: a sequence's programs count themselves in and the last advances its lengths."""
 from __future__ import annotations
 
 from typing import Dict, List, Optional
