@@ -530,6 +530,14 @@ def bench_gemm(args, rows, errors, dev, budget=None, flush=lambda: None):
                                                                        torch.float16))
                                             cb()
                                             _try(row, "cuda-w16-wbm", cb, args, flops, nbytes)
+                                        if 4 in CR.w16_tiles(a16.device, grp) and m > 16:
+                                            # the wgmma tile (sm_90) with the kernel's split rule, untuned:
+                                            # what the kernel does on its own beside the tuned choice
+                                            cw = (lambda: CR.cuda_w16_gemm(a16, qweight_bm if qweight_bm is not None
+                                                                           else qweight, w_sc, w_off, grp, None,
+                                                                           torch.float16, tile=4))
+                                            cw()
+                                            _try(row, "cuda-wgmma", cw, args, flops, nbytes)
                                 except Exception as e:  # noqa: BLE001
                                     row["cuda-w16_err"] = f"{type(e).__name__}: {str(e)[:160]}"
                         if qweight_bm is not None and m <= 64 and cfg is not None:
@@ -662,7 +670,7 @@ def markdown(rows, backends):
                 if "triton" in backends
                 else list(backends))
         if "cuda" in backends:
-            cols += ["cuda-wbm", "cuda-tuned", "cuda-w16", "cuda-w16-wbm"]
+            cols += ["cuda-wbm", "cuda-tuned", "cuda-w16", "cuda-w16-wbm", "cuda-wgmma"]
         head = ["shape", "M", "INT8 share", "weights", "MB moved", "FP16", "INT8", "FP8", "W4A16"] + cols
         head += [f"{b}+aq" for b in backends] + [f"{b} GB/s" for b in backends]
         head += [f"{c} vs FP16" for c in cols] + [f"{c} vs FP8" for c in cols]
@@ -707,13 +715,14 @@ def markdown(rows, backends):
                    "16-bit MMA on the activations quantized and dequantized once (kernels/w16_gemm.py; GEMM "
                    "alone, `-wbm` block-major weights, `+aq` with the one-pass activation quantize-dequantize; "
                    "not integer-exact); `cuda-w16`: the same GEMM in CUDA (csrc/w16_gemm.cu, split and tile "
-                   "tuned per case). "
+                   "tuned per case); `cuda-wgmma` (sm_90, G >= 128, M > 16): its wgmma kernel (64 tokens x 128 "
+                   "weight rows, the kernel's split rule, block-major weights where the row has them). "
                    "TFLOP/s and the configs are in gemm.json.")
     graphed = [r for r in ours if any(k.endswith("-graph_us") for k in r)]
     if graphed:
         gcols = [c for c in backends] + [f"{b}+aq" for b in backends]
         for extra in ("triton-tma", "triton-wbm", "triton-tma-wbm", "cuda-wbm", "cuda-tuned", "triton-w16",
-                      "triton-w16-wbm", "triton-w16+aq", "cuda-w16", "cuda-w16-wbm"):
+                      "triton-w16-wbm", "triton-w16+aq", "cuda-w16", "cuda-w16-wbm", "cuda-wgmma"):
             if any(f"{extra}-graph_us" in r for r in graphed):
                 gcols.append(extra)
         out.append("")

@@ -47,11 +47,11 @@ def main() -> int:
         for _ in range(args.reps):
             w16_gemm(a, qw, sc, off, 128, None, torch.float16, config=cfg)
             if has_cuda:
-                for tile in CR.W16_TILES:
+                for tile in CR.w16_tiles(dev, 128):
                     CR.cuda_w16_gemm(a, qw, sc, off, 128, None, torch.float16, split_k=1, tile=tile)
         torch.cuda.synchronize()
         print(f"{name}: M={args.m} N={n} K={k}: triton config {cfg}, cuda tiles "
-              f"{list(CR.W16_TILES) if has_cuda else 'none'}")
+              f"{list(CR.w16_tiles(dev, 128)) if has_cuda else 'none'}")
     return 0
 
 

@@ -316,8 +316,19 @@ fi
 # test file (~90 cases); a FAILED test makes every later stage run COMETQ_CUDA_W16=0 (the route
 # keeps the Triton w16 kernel).  The GEMM table's cuda-w16 columns and the serving rows use it.
 # Run 9's rerun (H200): ~86 of ~90 passed, 0 failed, in the 30 s cap (4 workers' start-up included): 40 s
+# The wgmma tiles (twentieth session, CPU-emulated only) first: a failure there only keeps them out of
+# the tuner's candidates (COMETQ_W16_WGMMA=0), the mma.sync tiles stay.
+if [ "$BUILD" = ok ] && ! skip cuda_wgmma_smoke && [ "${COMETQ_BACKEND:-auto}" != triton ]; then
+  PYTEST_WORKERS=2 run_pytest cuda_wgmma_smoke 30 tests/test_cuda_w16.py -k "wgmma" || true
+  if [ -s "$W/cuda_wgmma_smoke.failures.txt" ] || ! grep -q " passed" "$W/cuda_wgmma_smoke.log" 2>/dev/null; then
+    export COMETQ_W16_WGMMA=0
+    stage cuda_w16_wgmma "COMETQ_W16_WGMMA=0 (smoke failed or did not finish)" 0
+    log "cuda_wgmma_smoke had failures: later stages run with COMETQ_W16_WGMMA=0"
+  fi
+  pack
+fi
 if [ "$BUILD" = ok ] && ! skip cuda_w16_smoke && [ "${COMETQ_BACKEND:-auto}" != triton ]; then
-  PYTEST_WORKERS=4 run_pytest cuda_w16_smoke 40 tests/test_cuda_w16.py -k "not splitk_fixup" || true
+  PYTEST_WORKERS=4 run_pytest cuda_w16_smoke 40 tests/test_cuda_w16.py -k "not splitk_fixup and not wgmma" || true
   if [ -s "$W/cuda_w16_smoke.failures.txt" ]; then
     export COMETQ_CUDA_W16=0
     stage cuda_w16 "COMETQ_CUDA_W16=0 (smoke failed)" 0

@@ -395,8 +395,18 @@ at::Tensor w16_gemm_cuda(const at::Tensor& a, const at::Tensor& qweight, const a
   int bias_code = COMETQ_DTYPE_F32;
   const void* bias_ptr = check_bias(bias, N, op, dev, &bias_code);
   TORCH_CHECK(split_k >= 0, op, ": split_k must be >= 0 (0 = auto), got ", split_k);
-  TORCH_CHECK(tile >= COMETQ_W16_TILE_AUTO && tile <= COMETQ_W16_TILE_N16, op,
-              ": tile must be 0 (by M), 1 (64 x 256, 8 warps), 2 (32 x 128) or 3 (16 x 128), got ", tile);
+  TORCH_CHECK(tile >= COMETQ_W16_TILE_AUTO && tile <= COMETQ_W16_TILE_WG32, op,
+              ": tile must be 0 (by M), 1 (64 x 256, 8 warps), 2 (32 x 128), 3 (16 x 128) or a wgmma tile 4 (64 x 128), "
+              "5 (64 x 64), 6 (32 x 128), got ", tile);
+  if (tile >= COMETQ_W16_TILE_WG64) {
+    int major = 0, minor = 0;
+    check_cuda_error(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev.index()), op);
+    check_cuda_error(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev.index()), op);
+    TORCH_CHECK(major == 9 && minor == 0, op, ": tile=", tile,
+                " is a wgmma tile, which needs an sm_90 (Hopper) GPU; this device is sm_", major, minor);
+    TORCH_CHECK(G >= kBlockK, op, ": tile=", tile, " (a wgmma tile) needs a weight group of at least ", kBlockK,
+                " channels (one group per row and K block), got group_size=", group_size, " (G=", G, ")");
+  }
   TORCH_CHECK(M <= INT32_MAX && N <= INT32_MAX && nb <= (1 << 20), op, ": problem too large (M=", M, ", N=", N,
               ", blocks=", nb, ")");
 

@@ -184,6 +184,25 @@ __device__ __forceinline__ void mma16816(float (&c)[4], uint32_t a0, uint32_t a1
 }
 #undef COMETQ_W16_MMA
 
+// A stage's scale area: sS[gi * BN + r] = w_scales[n0 + r, grp0 + gi] for the block's GPB groups, the
+// offsets after GPB * BN of them; thread r < BN copies row r.  Rows past N repeat the last one (never
+// stored).
+template <int BN, bool HAS_OFF>
+__device__ __forceinline__ void w16_copy_scales(const CometqW16Args& p, float* sS, int n0, int gpb, int grp0) {
+  const int r = threadIdx.x;
+  if (r >= BN) return;
+  const int wr = min(n0 + r, p.N - 1);
+  const float* ws_row = p.w_scales + static_cast<unsigned>(wr * static_cast<int>(p.ld_ws) + grp0);
+#pragma unroll 1
+  for (int gi = 0; gi < gpb; ++gi) {
+    cp_async4(sS + gi * BN + r, ws_row + gi);
+    if (HAS_OFF) {
+      cp_async4(sS + (gpb + gi) * BN + r,
+                p.w_offsets + static_cast<unsigned>(wr * static_cast<int>(p.ld_wo) + grp0 + gi));
+    }
+  }
+}
+
 // K block b -> one pipeline stage: the W tile, the A' tile and the block's weight scales / offsets.
 template <class Cfg, bool HAS_OFF>
 __device__ __forceinline__ void w16_load_stage(const CometqW16Args& p, uint8_t* stage, int b, int m0, int n0,
@@ -202,18 +221,50 @@ __device__ __forceinline__ void w16_load_stage(const CometqW16Args& p, uint8_t* 
       sA + ra * Cfg::A_ROW + ((ca ^ (ra & 1)) << 4),
       static_cast<const uint8_t*>(p.a) + static_cast<int64_t>(b) * Cfg::A_ROW, m0 + ra, p.M,
       static_cast<int>(p.lda * 2), ca * 16);
-  // scales: sS[gi * BN + r] = w_scales[n0 + r, grp0 + gi] (one row per thread: BN == THREADS);
-  // offsets after GPB * BN of them.  Rows past N repeat the last one (never stored).
-  float* sS = reinterpret_cast<float*>(stage + Cfg::TILE_BYTES);
-  const int wr = min(n0 + tid, p.N - 1);
-  const float* ws_row = p.w_scales + static_cast<unsigned>(wr * static_cast<int>(p.ld_ws) + grp0);
+  w16_copy_scales<Cfg::BN, HAS_OFF>(p, reinterpret_cast<float*>(stage + Cfg::TILE_BYTES), n0, gpb, grp0);
+}
+
+// The epilogue of both w16 kernels: the CTA's fp32 tile sC[token][weight row] (row stride C_LD, filled
+// and synchronized by the caller) -> out (+ bias), or this split's slab of the workspace; with
+// FIXUP the tile's last split then sums the slabs (splitk_reduce_tile: the finalize kernel's adds).
+template <int BM, int BN, int C_LD, int THREADS, bool FIXUP>
+__device__ __forceinline__ void w16_store_tile(const CometqW16Args& p, const float* sC, int m0, int n0) {
+  const bool split = gridDim.z > 1;
+  const int rows = min(BM, p.M - m0);
+  if (split && (p.N & 3) == 0) {
+    // this split's own slab, 16 bytes a store (sC rows: C_LD = BN + 4 floats, 16-byte aligned; slab
+    // rows of N % 4 == 0 floats in a fresh allocation: 16-byte aligned too)
+    constexpr int Q = BN / 4;
 #pragma unroll 1
-  for (int gi = 0; gi < gpb; ++gi) {
-    cp_async4(sS + gi * Cfg::BN + tid, ws_row + gi);
-    if (HAS_OFF) {
-      cp_async4(sS + (gpb + gi) * Cfg::BN + tid,
-                p.w_offsets + static_cast<unsigned>(wr * static_cast<int>(p.ld_wo) + grp0 + gi));
+    for (int idx = threadIdx.x; idx < rows * Q; idx += THREADS) {
+      const int r = idx / Q, c = (idx % Q) * 4;
+      const int n = n0 + c;
+      if (n >= p.N) continue;
+      *reinterpret_cast<float4*>(p.workspace + (static_cast<int64_t>(blockIdx.z) * p.M + m0 + r) * p.N + n) =
+          *reinterpret_cast<const float4*>(sC + r * C_LD + c);
     }
+  } else {
+#pragma unroll 1
+    for (int idx = threadIdx.x; idx < rows * BN; idx += THREADS) {
+      const int r = idx / BN, c = idx % BN;
+      const int m = m0 + r, n = n0 + c;
+      if (n >= p.N) continue;
+      const float v = sC[r * C_LD + c];
+      if (split) {
+        // this split's own slab (every (z, m, n) written by exactly one CTA: a split with no blocks
+        // writes zeros), summed in split order by the finalize kernel
+        p.workspace[(static_cast<int64_t>(blockIdx.z) * p.M + m) * p.N + n] = v;
+      } else {
+        store_from_float(p.out, static_cast<int64_t>(m) * p.ld_out + n,
+                         p.bias != nullptr ? v + load_as_float(p.bias, n, p.bias_dtype) : v, p.out_dtype);
+      }
+    }
+  }
+  if constexpr (FIXUP) {
+    if (!split) return;
+    if (!splitk_last_cta(p.tile_counters, blockIdx.y * gridDim.x + blockIdx.x)) return;
+    splitk_reduce_tile<BN, THREADS>(p.workspace, gridDim.z, p.M, p.N, m0, n0, rows, p.bias, p.bias_dtype, p.out,
+                                    p.ld_out, p.out_dtype);
   }
 }
 
@@ -352,43 +403,325 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::MIN_CTAS) w16_gemm_kernel(c
         sC[m * Cfg::C_LD + n] = acc[i][j][e];
       }
   __syncthreads();
-  const bool split = gridDim.z > 1;
-  const int rows = min(Cfg::BM, p.M - m0);
-  if (split && (p.N & 3) == 0) {
-    // this split's own slab, 16 bytes a store (sC rows: C_LD = BN + 4 floats, 16-byte aligned; slab
-    // rows of N % 4 == 0 floats in a fresh allocation: 16-byte aligned too)
-    constexpr int Q = Cfg::BN / 4;
-#pragma unroll 1
-    for (int idx = threadIdx.x; idx < rows * Q; idx += Cfg::THREADS) {
-      const int r = idx / Q, c = (idx % Q) * 4;
-      const int n = n0 + c;
-      if (n >= p.N) continue;
-      *reinterpret_cast<float4*>(p.workspace + (static_cast<int64_t>(blockIdx.z) * p.M + m0 + r) * p.N + n) =
-          *reinterpret_cast<const float4*>(sC + r * Cfg::C_LD + c);
+  w16_store_tile<Cfg::BM, Cfg::BN, Cfg::C_LD, Cfg::THREADS, FIXUP>(p, sC, m0, n0);
+}
+
+// ============================================================================
+// The wgmma variant (sm_90a only; COMETQ_W16_TILE_WG*).  H200 run 10: the mma.sync kernel above and
+// the Triton w16 kernel ran the M = 64 decode GEMMs at ~200-210 TFLOP/s, a third of the f16
+// mma.sync peak; Hopper's full f16 rate is only reachable through wgmma (the warpgroup MMA), and
+// with wgmma the activation operand is read by the tensor cores from shared memory -- no LDS.128 of
+// A' per MMA, and a quarter of the MMA instructions (one m64nBMk16 per warpgroup instead of
+// 4 warps x BM/8 m16n8k16).  Triton issues wgmma for its w16 kernel too, but waits for each one
+// (`wgmma.wait_group 0`) before dequantizing the next weights: no overlap.
+//
+// One warpgroup (4 warps) per CTA computes out^T = W' A'^T for BN = 64 * MT weight rows x BM tokens.
+// Per K block and m64 weight tile: 8 wgmma.m64nBMk16, A (the weights) from registers, B (A'^T) from
+// shared memory through a matrix descriptor.  k-step c (c = 0..7) pairs two 8-position chunks of the
+// half-split A' block: chunk c (positions 8c .. 8c+7, the LOW nibbles of weight bytes 8c .. 8c+7) and
+// chunk c + 8 (positions 64 + 8c .., the HIGH nibbles of the same bytes):
+//     B k slots 0..7   <- A' chunk c       (the core matrix at the descriptor's start address)
+//     B k slots 8..15  <- A' chunk c + 8   (the next core matrix along K: LBO bytes further)
+// A fragment (PTX ISA, wgmma .m64nNk16 register fragment A: per warp the mma.m16n8k16 A layout, warp w
+// holding rows 16w .. 16w+15 of the m64 tile), thread (g = lane / 4, t = lane % 4):
+//     a0: row g,   slots 2t, 2t+1     = positions 8c+2t, 8c+2t+1       the low nibbles of bytes 8c+2t, 8c+2t+1
+//     a1: row g+8, the same
+//     a2: row g,   slots 8+2t, 9+2t   = positions 64+8c+2t, 64+8c+2t+1  the HIGH nibbles of the same bytes
+//     a3: row g+8, the same
+// so one 16-bit half-word per row and k-step -- half-word 4c + t of the row's 64 bytes: word 2c + t/2,
+// half t % 2 -- gives two A registers: one PRMT puts its two bytes under the two 16-bit lanes, then the
+// magic-exponent dequantization of the low and of the high nibbles (dequant above; same numerics).
+// D fragment: acc[r] (r = 0 .. BM/2-1) is row g + 8 * ((r >> 1) & 1), token 8 * (r >> 2) + 2t + (r & 1).
+//
+// Shared memory, one K block per stage:
+//   W tile   [BN rows][64 B]; 16-byte chunk j of row r at chunk j ^ ((r >> 1) & 3): a warp's LDS.32 of
+//            word 2c + t/2 from rows g = 0..7 hits 16 distinct banks (rows 2 apart would share them)
+//   A' tile  wgmma's K-major layout without swizzle: core matrices of 8 tokens x 16 bytes (8 positions),
+//            chunk c of token r at (r / 8) * SBO + c * 128 + (r % 8) * 16, so
+//                LBO (the next core matrix along K: chunk c -> c + 8) = 8 * 128 = 1024 B,
+//                SBO (the next 8 tokens)                             = 16 * 128 = 2048 B,
+//            and k-step c starts at byte 128 c.  cp.async: a warp's 32 chunks are 8 tokens x 4
+//            chunks, 128 contiguous bytes per chunk column: no bank conflict.
+//   scales   as the mma.sync kernel's.
+//
+// Pipeline.  cp.async stages as above, but the block prefetched at iteration `it` goes to the stage
+// block it - 2 used (AHEAD = STAGES - 2 blocks ahead): the wgmmas of block it - 1 may still be
+// reading theirs.  cp.async writes through the generic proxy and wgmma reads through the async
+// proxy, so each thread fences (fence.proxy.async) its landed copies before the CTA barrier.
+// Registers: k-step c dequantizes into set c % RING of a register ring after wgmma.wait_group
+// (RING - 1) -- the wgmmas of k-step c - RING, the last readers of that set, are done -- so the
+// tensor cores work on RING - 1 k-steps while the next weights are dequantized.
+// ============================================================================
+template <int BM_, int MT_, int STAGES_, int RING_, int MIN_CTAS_>
+struct W16WgCfg {
+  static constexpr int BM = BM_;  // tokens per CTA: the wgmma n
+  static constexpr int MT = MT_;  // m64 weight tiles per CTA
+  static constexpr int STAGES = STAGES_;
+  static constexpr int AHEAD = STAGES_ - 2;
+  static constexpr int RING = RING_;
+  static constexpr int MIN_CTAS = MIN_CTAS_;
+  static constexpr int THREADS = 128;  // one warpgroup
+  static constexpr int BN = 64 * MT;
+  static constexpr int NACC = BM / 2;  // fp32 accumulators per m64 tile and thread
+  static constexpr int W_BYTES = BN * 64;
+  static constexpr int A_BYTES = BM * 256;
+  static constexpr int TILE_BYTES = W_BYTES + A_BYTES;
+  static constexpr int C_LD = BN + 4;
+  static constexpr int LBO = 8 * 128;
+  static constexpr int SBO = 16 * 128;
+  __host__ __device__ static constexpr int stage_bytes(int gpb, bool off) {
+    // 128-byte aligned stages: the A' core matrices of every stage 128-byte aligned
+    return ((TILE_BYTES + (off ? 2 : 1) * BN * gpb * 4 + 127) / 128) * 128;
+  }
+  static_assert(BM == 32 || BM == 64, "the wgmma wrappers below: n = 32 or 64 tokens");
+  static_assert(STAGES >= 3 && RING >= 2 && 8 % RING == 0, "one stage of slack; the ring wraps at a block");
+  static_assert(BN <= THREADS, "one scale row per thread");
+};
+
+// 64 tokens x 128 weight rows (2 CTAs per SM: 4 stages of 25 KB); x 64 rows (twice the CTAs); 32 tokens
+using W16Wg64 = W16WgCfg<64, 2, 4, 4, 2>;
+using W16Wg64R64 = W16WgCfg<64, 1, 4, 4, 2>;
+using W16Wg32 = W16WgCfg<32, 2, 4, 4, 3>;
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define COMETQ_HAS_WGMMA 1
+#else
+#define COMETQ_HAS_WGMMA 0
+#endif
+
+#if COMETQ_HAS_WGMMA  // (the device pass for sm_90a only: elsewhere nothing calls these)
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// wgmma matrix descriptor, no swizzle: start address, LBO and SBO in 16-byte units (PTX ISA,
+// "Matrix Descriptor Format": bits 0-13, 16-29, 32-45; base offset 0; swizzle mode 0 in bits 62-63).
+__device__ __forceinline__ uint64_t wgmma_desc(uint32_t saddr, int lbo, int sbo) {
+  return static_cast<uint64_t>((saddr & 0x3FFFF) >> 4) | (static_cast<uint64_t>(lbo >> 4) << 16) |
+         (static_cast<uint64_t>(sbo >> 4) << 32);
+}
+
+// The compiler must not move register accesses across the asynchronous MMAs: an empty asm that
+// "modifies" the register pins it between the volatile wgmma / fence / wait statements.
+__device__ __forceinline__ void pin(float& r) { asm volatile("" : "+f"(r)::"memory"); }
+__device__ __forceinline__ void pin(uint32_t& r) { asm volatile("" : "+r"(r)::"memory"); }
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// this thread's completed cp.async writes (generic proxy) -> visible to wgmma's reads (async proxy)
+__device__ __forceinline__ void fence_proxy_async_smem() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+#endif
+
+// d += A B (wgmma.m64n{BM}k16, fp32 accumulate): A = the 4 registers of the fragment above, B through
+// desc; scale-d 1 (accumulate), scale-a / scale-b 1 (no negation), B not transposed (K-major).
+#define COMETQ_WGMMA_N64(TY)        \
+  asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY " "  \
+               "{%0, %1, %2, %3, %4, %5, %6, %7, "  \
+               "%8, %9, %10, %11, %12, %13, %14, %15, "  \
+               "%16, %17, %18, %19, %20, %21, %22, %23, "  \
+               "%24, %25, %26, %27, %28, %29, %30, %31}, "  \
+               "{%32, %33, %34, %35}, %36, 1, 1, 1, 0;\n"  \
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]),  \
+                 "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),  \
+                 "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),  \
+                 "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),  \
+                 "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]),  \
+                 "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),  \
+                 "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),  \
+                 "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])  \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc))
+
+#define COMETQ_WGMMA_N32(TY)        \
+  asm volatile("wgmma.mma_async.sync.aligned.m64n32k16.f32." TY "." TY " "  \
+               "{%0, %1, %2, %3, %4, %5, %6, %7, "  \
+               "%8, %9, %10, %11, %12, %13, %14, %15}, "  \
+               "{%16, %17, %18, %19}, %20, 1, 1, 1, 0;\n"  \
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]),  \
+                 "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),  \
+                 "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),  \
+                 "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])  \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc))
+
+template <typename T, int BM>
+__device__ __forceinline__ void wgmma_rs(float (&d)[BM / 2], const uint32_t (&a)[4], uint64_t desc) {
+#if COMETQ_HAS_WGMMA
+  if constexpr (BM == 64) {
+    if constexpr (std::is_same<T, __half>::value) {
+      COMETQ_WGMMA_N64("f16");
+    } else {
+      COMETQ_WGMMA_N64("bf16");
     }
   } else {
-#pragma unroll 1
-    for (int idx = threadIdx.x; idx < rows * Cfg::BN; idx += Cfg::THREADS) {
-      const int r = idx / Cfg::BN, c = idx % Cfg::BN;
-      const int m = m0 + r, n = n0 + c;
-      if (n >= p.N) continue;
-      const float v = sC[r * Cfg::C_LD + c];
-      if (split) {
-        // this split's own slab (every (z, m, n) written by exactly one CTA: a split with no blocks
-        // writes zeros), summed in split order by the finalize kernel
-        p.workspace[(static_cast<int64_t>(blockIdx.z) * p.M + m) * p.N + n] = v;
-      } else {
-        store_from_float(p.out, static_cast<int64_t>(m) * p.ld_out + n,
-                         p.bias != nullptr ? v + load_as_float(p.bias, n, p.bias_dtype) : v, p.out_dtype);
-      }
+    if constexpr (std::is_same<T, __half>::value) {
+      COMETQ_WGMMA_N32("f16");
+    } else {
+      COMETQ_WGMMA_N32("bf16");
     }
   }
-  if constexpr (FIXUP) {
-    if (!split) return;
-    if (!splitk_last_cta(p.tile_counters, blockIdx.y * gridDim.x + blockIdx.x)) return;
-    splitk_reduce_tile<Cfg::BN, Cfg::THREADS>(p.workspace, gridDim.z, p.M, p.N, m0, n0, rows, p.bias, p.bias_dtype,
-                                             p.out, p.ld_out, p.out_dtype);
+#else
+  __trap();
+#endif
+}
+#undef COMETQ_WGMMA_N64
+#undef COMETQ_WGMMA_N32
+
+// K block b -> one stage of the wgmma kernel (layouts in the header above).
+template <class Cfg, bool HAS_OFF>
+__device__ __forceinline__ void w16wg_load_stage(const CometqW16Args& p, uint8_t* stage, int b, int m0, int n0,
+                                                 int gpb, int grp0) {
+  const int tid = threadIdx.x;
+  uint8_t* sW = stage;
+  uint8_t* sA = stage + Cfg::W_BYTES;
+  const uint8_t* wbase = p.qweight + static_cast<int64_t>(b) * p.ld_wb;
+#pragma unroll
+  for (int i = 0; i < Cfg::BN * 4 / Cfg::THREADS; ++i) {
+    const int id = tid + i * Cfg::THREADS;
+    const int r = id >> 2, j = id & 3;
+    copy_row_chunk(sW + r * 64 + ((j ^ ((r >> 1) & 3)) << 4), wbase, n0 + r, p.N, static_cast<int>(p.ld_w), j * 16);
   }
+  const uint8_t* abase = static_cast<const uint8_t*>(p.a) + static_cast<int64_t>(b) * 256;
+#pragma unroll
+  for (int i = 0; i < Cfg::BM * 16 / Cfg::THREADS; ++i) {
+    const int id = tid + i * Cfg::THREADS;
+    const int r = (id & 7) + ((id >> 7) << 3), c = (id >> 3) & 15;  // 8 tokens x 4 chunks per warp
+    copy_row_chunk(sA + (r >> 3) * Cfg::SBO + c * 128 + (r & 7) * 16, abase, m0 + r, p.M,
+                   static_cast<int>(p.lda * 2), c * 16);
+  }
+  w16_copy_scales<Cfg::BN, HAS_OFF>(p, reinterpret_cast<float*>(stage + Cfg::TILE_BYTES), n0, gpb, grp0);
+}
+
+template <class Cfg, typename T, bool HAS_OFF, bool FIXUP>
+__global__ void __launch_bounds__(Cfg::THREADS, Cfg::MIN_CTAS) w16_wgmma_kernel(const CometqW16Args p) {
+#if COMETQ_HAS_WGMMA
+  constexpr int MT = Cfg::MT;
+  extern __shared__ __align__(128) uint8_t smem_wg[];  // (the stages' A' core matrices: 128-byte aligned)
+  uint8_t* smem = smem_wg;
+  constexpr int gpb = 1;  // G >= 128 (the launcher refuses smaller groups)
+  const int stage_b = Cfg::stage_bytes(gpb, HAS_OFF);
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int n0 = blockIdx.x * Cfg::BN, m0 = blockIdx.y * Cfg::BM;
+
+  const int per = (p.n_blocks + gridDim.z - 1) / gridDim.z;
+  const int kb_begin = min(p.n_blocks, static_cast<int>(blockIdx.z) * per);
+  const int nblk = min(p.n_blocks, kb_begin + per) - kb_begin;
+  const bool g_pow2 = (p.group & (p.group - 1)) == 0;
+  const int g_log2 = __ffs(p.group) - 1;
+  auto first_group = [&](int b) { return g_pow2 ? (b * kBlockK) >> g_log2 : (b * kBlockK) / p.group; };
+
+  // The thread's weight rows: 64 i + 16 warp + g + 8 h (m64 tile i, h = 0 / 1 for a0-a2 / a1-a3); the
+  // word of k-step c: chunk (c >> 1) ^ key (key = (g >> 1) & 3, the same for rows g and g + 8),
+  // word 2 (c & 1) + t / 2 within it.
+  const int key = (g >> 1) & 3;
+  const int row_off = (16 * warp + g) * 64 + ((t >> 1) << 2);
+  int chunk_off[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) chunk_off[j] = (j ^ key) << 4;
+  const uint32_t sel = (t & 1) ? 0x4342u : 0x4140u;  // half-word t % 2 -> the two 16-bit lanes
+
+  float acc[MT][Cfg::NACC];
+#pragma unroll
+  for (int i = 0; i < MT; ++i)
+#pragma unroll
+    for (int r = 0; r < Cfg::NACC; ++r) acc[i][r] = 0.f;
+  uint32_t af[Cfg::RING][MT][4];
+  uint32_t s2[MT][2], o2[MT][2];
+
+#pragma unroll
+  for (int s = 0; s < Cfg::AHEAD; ++s) {
+    if (s < nblk) {
+      w16wg_load_stage<Cfg, HAS_OFF>(p, smem + s * stage_b, kb_begin + s, m0, n0, gpb, first_group(kb_begin + s));
+    }
+    cp_async_commit();
+  }
+#pragma unroll
+  for (int i = 0; i < MT; ++i)
+#pragma unroll
+    for (int r = 0; r < Cfg::NACC; ++r) pin(acc[i][r]);
+
+  for (int it = 0; it < nblk; ++it) {
+    cp_async_wait<Cfg::AHEAD - 1>();
+    fence_proxy_async_smem();  // this thread's landed copies -> visible to the async proxy (wgmma)
+    __syncthreads();           // block `it` landed for everyone; every wgmma of block it - 2 is done
+    {
+      const int pf = it + Cfg::AHEAD;
+      if (pf < nblk) {
+        w16wg_load_stage<Cfg, HAS_OFF>(p, smem + (pf % Cfg::STAGES) * stage_b, kb_begin + pf, m0, n0, gpb,
+                                       first_group(kb_begin + pf));
+      }
+      cp_async_commit();
+    }
+    const uint8_t* sW = smem + (it % Cfg::STAGES) * stage_b;
+    const float* sS = reinterpret_cast<const float*>(sW + Cfg::TILE_BYTES);
+    const uint64_t desc0 = wgmma_desc(smem_u32(sW + Cfg::W_BYTES), Cfg::LBO, Cfg::SBO);
+    const uint8_t* wrow = sW + row_off;
+#pragma unroll
+    for (int c = 0; c < 8; ++c) {
+      if (c == 0) {
+        // G >= 128 only: one group per row and block.  (A reload at a group edge inside the block --
+        // a branch between the wgmmas -- made ptxas serialize every wgmma, C7513; G < 128 runs the
+        // mma.sync kernel.)
+#pragma unroll
+        for (int i = 0; i < MT; ++i)
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int r = 64 * i + 16 * warp + g + 8 * h;
+            s2[i][h] = pack2<T>(sS[r]);
+            o2[i][h] = HAS_OFF ? pack2<T>(sS[Cfg::BN + r]) : 0u;
+          }
+      }
+      const int set = c % Cfg::RING;
+      wgmma_wait<Cfg::RING - 1>();  // k-step c - RING (the last reader of set `set`) is done
+#pragma unroll
+      for (int i = 0; i < MT; ++i)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const uint32_t w = *reinterpret_cast<const uint32_t*>(wrow + (64 * i + 8 * h) * 64 + chunk_off[c >> 1] +
+                                                                8 * (c & 1));
+          const uint32_t pair = __byte_perm(w, 0u, sel);
+          af[set][i][h] = dequant<T, false, HAS_OFF>(pair, s2[i][h], o2[i][h]);
+          af[set][i][2 + h] = dequant<T, true, HAS_OFF>(pair, s2[i][h], o2[i][h]);
+        }
+#pragma unroll
+      for (int i = 0; i < MT; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) pin(af[set][i][e]);
+      wgmma_fence();
+#pragma unroll
+      for (int i = 0; i < MT; ++i) wgmma_rs<T, Cfg::BM>(acc[i], af[set][i], desc0 + static_cast<uint64_t>(8 * c));
+      wgmma_commit();
+    }
+  }
+  wgmma_wait<0>();
+#pragma unroll
+  for (int i = 0; i < MT; ++i)
+#pragma unroll
+    for (int r = 0; r < Cfg::NACC; ++r) pin(acc[i][r]);
+  cp_async_wait<0>();
+  __syncthreads();  // the stages are free: the epilogue tile reuses them
+
+  float* sC = reinterpret_cast<float*>(smem);
+#pragma unroll
+  for (int i = 0; i < MT; ++i)
+#pragma unroll
+    for (int r = 0; r < Cfg::NACC; ++r) {
+      const int n = 64 * i + 16 * warp + g + 8 * ((r >> 1) & 1);
+      const int m = 8 * (r >> 2) + 2 * t + (r & 1);
+      sC[m * Cfg::C_LD + n] = acc[i][r];
+    }
+  __syncthreads();
+  w16_store_tile<Cfg::BM, Cfg::BN, Cfg::C_LD, Cfg::THREADS, FIXUP>(p, sC, m0, n0);
+#else
+  static_assert(Cfg::AHEAD >= 1 && Cfg::NACC > 0 && Cfg::LBO > 0 && Cfg::SBO > 0, "(referenced on every arch)");
+  __trap();  // wgmma needs sm_90a (the launcher refuses other devices)
+#endif
 }
 
 template <class Cfg>
@@ -398,13 +731,29 @@ constexpr size_t w16_smem_bytes(int gpb, bool off) {
   return stages > ctile ? stages : ctile;
 }
 
-template <class Cfg, typename T, bool HAS_OFF, bool FIXUP>
+// WG: the wgmma kernel (Cfg a W16WgCfg), sm_90 devices only (its sm_90a code is the only one with
+// wgmma; on another device it returns cudaErrorInvalidDeviceFunction without launching).
+template <class Cfg, typename T, bool HAS_OFF, bool FIXUP, bool WG>
 cudaError_t w16_launch(const CometqW16Args& a, cudaStream_t stream) {
-  auto kernel = w16_gemm_kernel<Cfg, T, HAS_OFF, FIXUP>;
+  void (*kernel)(const CometqW16Args);
+  if constexpr (WG) {
+    kernel = w16_wgmma_kernel<Cfg, T, HAS_OFF, FIXUP>;
+  } else {
+    kernel = w16_gemm_kernel<Cfg, T, HAS_OFF, FIXUP>;
+  }
   const size_t smem = w16_smem_bytes<Cfg>(1 << groups_per_block_log2(a.group), HAS_OFF);
   int dev = 0, max_optin = 0;
   cudaError_t err = cudaGetDevice(&dev);
   if (err != cudaSuccess) return err;
+  if (WG) {
+    int major = 0, minor = 0;
+    err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+    if (err != cudaSuccess) return err;
+    err = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
+    if (err != cudaSuccess) return err;
+    if (major != 9 || minor != 0) return cudaErrorInvalidDeviceFunction;
+    if (a.group < kBlockK) return cudaErrorInvalidValue;  // one weight group per row and K block
+  }
   err = cudaDeviceGetAttribute(&max_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
   if (err != cudaSuccess) return err;
   if (smem > static_cast<size_t>(max_optin)) return cudaErrorInvalidValue;
@@ -417,25 +766,35 @@ cudaError_t w16_launch(const CometqW16Args& a, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-template <class Cfg, bool FIXUP>
+template <class Cfg, bool FIXUP, bool WG>
 cudaError_t w16_launch_cfg(const CometqW16Args& a, cudaStream_t stream) {
   const bool off = a.w_offsets != nullptr;
   if (a.a_dtype == COMETQ_DTYPE_F16) {
-    return off ? w16_launch<Cfg, __half, true, FIXUP>(a, stream) : w16_launch<Cfg, __half, false, FIXUP>(a, stream);
+    return off ? w16_launch<Cfg, __half, true, FIXUP, WG>(a, stream)
+               : w16_launch<Cfg, __half, false, FIXUP, WG>(a, stream);
   }
-  return off ? w16_launch<Cfg, __nv_bfloat16, true, FIXUP>(a, stream)
-             : w16_launch<Cfg, __nv_bfloat16, false, FIXUP>(a, stream);
+  return off ? w16_launch<Cfg, __nv_bfloat16, true, FIXUP, WG>(a, stream)
+             : w16_launch<Cfg, __nv_bfloat16, false, FIXUP, WG>(a, stream);
 }
 
-template <class Cfg>
+template <class Cfg, bool WG = false>
 cudaError_t w16_launch_fix(const CometqW16Args& a, cudaStream_t stream) {
-  return (a.tile_counters != nullptr && a.split_k > 1) ? w16_launch_cfg<Cfg, true>(a, stream)
-                                                       : w16_launch_cfg<Cfg, false>(a, stream);
+  return (a.tile_counters != nullptr && a.split_k > 1) ? w16_launch_cfg<Cfg, true, WG>(a, stream)
+                                                       : w16_launch_cfg<Cfg, false, WG>(a, stream);
 }
 
-// tile by M (COMETQ_W16_TILE_AUTO), the wide 8-warp tile, or a narrow token tile whatever M
+// tile by M (COMETQ_W16_TILE_AUTO), the wide 8-warp tile, a narrow token tile whatever M, or a wgmma tile
 void w16_tile_dims(int M, int tile, int* bm, int* bn) {
-  if (tile == COMETQ_W16_TILE_WIDE) {
+  if (tile == COMETQ_W16_TILE_WG64) {
+    *bm = W16Wg64::BM;
+    *bn = W16Wg64::BN;
+  } else if (tile == COMETQ_W16_TILE_WG64_R64) {
+    *bm = W16Wg64R64::BM;
+    *bn = W16Wg64R64::BN;
+  } else if (tile == COMETQ_W16_TILE_WG32) {
+    *bm = W16Wg32::BM;
+    *bn = W16Wg32::BN;
+  } else if (tile == COMETQ_W16_TILE_WIDE) {
     *bm = W16Wide::BM;
     *bn = W16Wide::BN;
   } else if (M <= 16 || tile == COMETQ_W16_TILE_N16) {
@@ -497,10 +856,16 @@ extern "C" cudaError_t cometq_w16_gemm(const CometqW16Args* args, cudaStream_t s
     return cudaErrorInvalidValue;  // (16-byte aligned A' rows: cp.async)
   }
   if (a.split_k < 1 || (a.split_k > 1 && a.workspace == nullptr)) return cudaErrorInvalidValue;
-  if (a.tile < COMETQ_W16_TILE_AUTO || a.tile > COMETQ_W16_TILE_N16) return cudaErrorInvalidValue;
+  if (a.tile < COMETQ_W16_TILE_AUTO || a.tile > COMETQ_W16_TILE_WG32) return cudaErrorInvalidValue;
   if (!cometq_w16_offsets_fit(&a)) return cudaErrorInvalidValue;
   cudaError_t err;
-  if (a.tile == COMETQ_W16_TILE_WIDE) {
+  if (a.tile == COMETQ_W16_TILE_WG64) {
+    err = cometq::w16_launch_fix<cometq::W16Wg64, true>(a, stream);
+  } else if (a.tile == COMETQ_W16_TILE_WG64_R64) {
+    err = cometq::w16_launch_fix<cometq::W16Wg64R64, true>(a, stream);
+  } else if (a.tile == COMETQ_W16_TILE_WG32) {
+    err = cometq::w16_launch_fix<cometq::W16Wg32, true>(a, stream);
+  } else if (a.tile == COMETQ_W16_TILE_WIDE) {
     err = cometq::w16_launch_fix<cometq::W16Wide>(a, stream);
   } else if (a.M <= 16 || a.tile == COMETQ_W16_TILE_N16) {
     err = cometq::w16_launch_fix<cometq::W16T16>(a, stream);

@@ -581,6 +581,38 @@ def test_cuda_split_tuned_split_uses_the_timing_modes_timer(monkeypatch):
     assert calls["eager"][3:] == [(0, 0), (1, 0), (2, 0), (0, 1), (1, 1), (2, 1)]  # M = 64: both tiles timed
 
 
+def test_cuda_tuned_choice_skips_a_candidate_whose_output_disagrees(monkeypatch):
+    """tuned_choice with a check: each candidate's output is compared with the first candidate's
+    before it is timed; the fastest candidate that disagrees is skipped (RuntimeWarning), so the
+    next fastest that agrees is kept.  Without a check the fastest wins whatever it returns."""
+    from cometq import _cuda_split as S
+
+    times = {(0, 0): 3.0, (1, 4): 1.0, (2, 4): 2.0, (1, 0): 4.0}
+    outs = {(0, 0): torch.ones(4), (1, 4): torch.full((4,), 9.0), (2, 4): torch.ones(4) + 1e-6, (1, 0): torch.ones(4)}
+    current = []
+
+    def launch(c):
+        current.append(c)
+        return outs[c].clone()
+
+    def timer(fn, dev):
+        fn()
+        return times[current[-1]]
+
+    monkeypatch.setattr(autotune, "cuda_graph_timer", timer)
+    monkeypatch.setattr(autotune, "_tracing_or_capturing", lambda dev: False)
+    cuda = torch.device("cuda")
+    cands = [(0, 0), (1, 4), (2, 4), (1, 0)]
+
+    def agree(ref, y):
+        return bool((y - ref).abs().max() <= 1e-3)
+    S.clear()
+    with pytest.warns(RuntimeWarning, match=r"launch choice \(1, 4\) disagrees with \(0, 0\)"):
+        assert S.tuned_choice(("k1",), cands, cuda, launch, check=agree) == (2, 4)
+    assert S.tuned_choice(("k2",), cands, cuda, launch) == (1, 4)  # unchecked: the fastest
+    S.clear()
+
+
 def test_serving_bench_reports_the_cuda_gemm_choices():
     """bench_serving's rows carry what the CUDA GEMM tuner kept (cometq.serve.bench.cuda_gemm_choices)."""
     from cometq import _cuda_split as S

@@ -35,7 +35,9 @@ EXPECTED_ENTRIES = {"w4ax_gemm.cu": 29, "act_quant.cu": 18,  # gemm: 4 tiles x s
                     # again with the in-kernel split-K reduction (FIXUP) + the finalize kernel;
                     # act_quant: class-row, block and rows kernels x 3 dtypes x packed / FAKE output
                     "kv4_attention.cu": 10,  # head_dim 64/128 x fp16/bf16 IO x 2 launch variants + 2 reduces
-                    "w16_gemm.cu": 32}  # 4 tiles x fp16/bf16 operands x sym/asym weights x in-kernel split-K or not
+                    # 4 mma.sync tiles + 3 wgmma tiles, each x fp16/bf16 operands x sym/asym weights x in-kernel
+                    # split-K or not
+                    "w16_gemm.cu": 56}
 # torch's extension build adds these defines to every nvcc call (no implicit half/bfloat16
 # conversions or operators): compile with them too, or code that only builds outside torch passes
 # here (run 9 on the H200: `T(0.f)` for T = __half broke the extension build)
@@ -211,6 +213,34 @@ def test_w16_ptx_uses_the_intended_instructions(builds, arch):
     assert not any("atom." in e for e in entries if e not in fixup)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_w16_wgmma_kernel_ptx(builds, arch):
+    """The wgmma kernel: on sm_90a, per K block 8 k-steps x (1 or 2 m64 tiles) of register-A wgmma
+    (f16 and bf16), a ring of A registers (wait_group 3, not 0: the tensor cores overlap the next
+    dequantization), the proxy fence between the cp.async copies and wgmma's reads -- and ptxas did
+    not serialize the wgmmas (C7513: any non-wgmma write to their input registers between issue and
+    retirement, e.g. a branch between them, makes ptxas wait for each one).  On sm_80 the entries
+    exist and trap (the launcher never starts them there)."""
+    ptx = _ptx(builds, "ptx-w16", "w16_gemm", arch)
+    entries = [e for e in re.split(r"\.entry ", ptx)[1:] if "w16_wgmma_kernel" in e.split("(")[0]]
+    assert len(entries) == 24
+    if arch == "sm_80":
+        assert all("trap;" in e and "wgmma.mma_async" not in e for e in entries)
+        return
+    for e in entries:
+        n = e.count("wgmma.mma_async.sync.aligned.m64n")
+        assert n in (8, 16), n
+        assert re.search(r"wgmma\.mma_async\.sync\.aligned\.m64n(32|64)k16\.f32\.(bf16\.bf16|f16\.f16) \{[^}]*\}, "
+                         r"\{%r\d+, %r\d+, %r\d+, %r\d+\}, %rd\d+", e), "A must come from registers"
+        assert "wgmma.wait_group.sync.aligned 3;" in e and "wgmma.fence.sync.aligned;" in e
+        assert "fence.proxy.async.shared::cta;" in e
+        assert "cp.async.cg.shared.global" in e
+    assert any(".f32.bf16.bf16" in e for e in entries) and any(".f32.f16.f16" in e for e in entries)
+    rc, out, _ = builds[("obj", "w16_gemm.cu", arch)]
+    assert rc == 0
+    assert "C7513" not in out and "serialized" not in out, [ln for ln in out.splitlines() if "serialized" in ln][:3]
+
+
 @pytest.mark.parametrize("std", ["c++17", "c++20"])
 def test_bindings_syntax(builds, std):
     if ("bindings", std) not in builds:
@@ -321,6 +351,10 @@ int main() {
   CHECK(cometq_w16_num_tiles(64, 28672, COMETQ_W16_TILE_N32) == 448);   // 32 x 128 whatever M
   CHECK(cometq_w16_num_tiles(64, 28672, COMETQ_W16_TILE_N16) == 896);   // 16 x 128
   CHECK(cometq_w16_num_tiles(8, 4096, COMETQ_W16_TILE_N32) == 32);      // (M <= 16: the 16-token tile)
+  CHECK(cometq_w16_num_tiles(64, 28672, COMETQ_W16_TILE_WG64) == 224);  // wgmma 64 x 128
+  CHECK(cometq_w16_num_tiles(64, 28672, COMETQ_W16_TILE_WG64_R64) == 448);  // wgmma 64 x 64
+  CHECK(cometq_w16_num_tiles(64, 28672, COMETQ_W16_TILE_WG32) == 448);  // wgmma 32 x 128 whatever M
+  CHECK(cometq_w16_num_tiles(8, 4096, COMETQ_W16_TILE_WG32) == 32);
   CHECK(cometq_w16_choose_split(1, 4096, 32, 132, 0, 0) == 8);          // ceil(264 / 32) = 9, capped at 32 / 4
   CHECK(cometq_w16_choose_split(1, 28672, 32, 132, 0, 0) == 2);         // 224 tiles: ceil(264 / 224)
   CHECK(cometq_w16_choose_split(64, 28672, 32, 132, 0, 0) == 1);        // 224 tiles cover the SMs: no slabs
@@ -344,7 +378,7 @@ int main() {
   CHECK(cometq_w16_gemm(&w, 0) == cudaErrorInvalidValue);
   w.lda = 128; w.split_k = 2;                                  // split without workspace
   CHECK(cometq_w16_gemm(&w, 0) == cudaErrorInvalidValue);
-  w.split_k = 1; w.tile = 5;                                   // no such tile
+  w.split_k = 1; w.tile = 7;                                   // no such tile
   CHECK(cometq_w16_gemm(&w, 0) == cudaErrorInvalidValue);
   w.tile = 0; w.M = 1 << 20; w.lda = 1 << 12;                  // A' spans 2^33 bytes: 32-bit offsets refused
   CHECK(cometq_w16_offsets_fit(&w) == 0);

@@ -65,12 +65,16 @@ def _check(y, ref, out_dtype):
     assert err <= RTOL[out_dtype] * scale, (out_dtype, err, scale)
 
 
+def _sm90():
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+
+
 @pytest.mark.parametrize("m", [1, 3, 16, 17, 33, 64, 100, 256])
 @pytest.mark.parametrize("dt", [torch.float16, torch.bfloat16])
 def test_w16_matches_reference_across_tiles(C, m, dt):
     a, qw, gs, _ = _operands(m, 136, 576, 128, False, dt, m)
     ref = ops._ref_w16_gemm(a, qw.qweight, qw.scales, qw.offsets, gs, None, torch.float32)
-    for tile in C.W16_TILES:
+    for tile in C.w16_tiles(DEV, gs):  # (the wgmma tiles on an sm_90 device)
         y = C.cuda_w16_gemm(_to(a), _to(qw.qweight), _to(qw.scales), _to(qw.offsets), gs, None, torch.float32,
                             tile=tile)
         _check(y, ref, torch.float32)
@@ -95,7 +99,7 @@ def test_w16_out_dtype_bias_split(C, out_dtype, bias_dtype, split_k):
     dt = torch.bfloat16 if out_dtype == torch.bfloat16 else torch.float16
     a, qw, gs, bias = _operands(17, 72, 512, 64, False, dt, split_k, bias_dtype)  # 4 blocks: split 5 has empty ones
     ref = ops._ref_w16_gemm(a, qw.qweight, qw.scales, qw.offsets, gs, bias, out_dtype)
-    for tile in C.W16_TILES:
+    for tile in C.w16_tiles(DEV, gs):
         y = C.cuda_w16_gemm(_to(a), _to(qw.qweight), _to(qw.scales), _to(qw.offsets), gs, _to(bias), out_dtype,
                             split_k=split_k, tile=tile)
         _check(y, ref, out_dtype)
@@ -124,11 +128,15 @@ def test_w16_dispatch_and_route(C):
 
 
 @pytest.mark.parametrize("m,n,k,split_k,tile", [(1, 4096, 4096, 8, 0), (17, 264, 1280, 3, 0), (64, 520, 2048, 4, 1),
-                                                (100, 136, 640, 5, 0), (40, 260, 2048, 3, 3), (64, 130, 1280, 2, 2)])
+                                                (100, 136, 640, 5, 0), (40, 260, 2048, 3, 3), (64, 130, 1280, 2, 2),
+                                                pytest.param(64, 520, 2048, 4, 4, id="wgmma-64x128"),
+                                                pytest.param(40, 200, 1280, 3, 5, id="wgmma-64x64")])
 def test_w16_splitk_fixup_bit_identical(C, m, n, k, split_k, tile):
     """The in-kernel split-K reduction (tile counters: each tile's last split sums the slabs) gives
     the finalize kernel's bits -- twice in a row and replayed from a CUDA graph -- and leaves every
     counter zero."""
+    if tile in C.W16_WGMMA_TILES and not _sm90():
+        pytest.skip("the wgmma tiles need an sm_90 device")
     a, qw, gs, bias = _operands(m, n, k, 128, False, torch.float16, m * 7 + split_k, torch.float16)
     args = (_to(a), _to(qw.qweight), _to(qw.scales), _to(qw.offsets), gs, _to(bias), torch.float16)
     kw = dict(split_k=split_k, tile=tile)
@@ -147,7 +155,7 @@ def test_w16_rejects_bad_inputs(C):
         C.cuda_w16_gemm(torch.zeros(4, 384, dtype=torch.float16, device=DEV), qweight, sc, None, gs, None,
                         torch.float16)
     with pytest.raises(ValueError, match="tile must be"):
-        C.cuda_w16_gemm(a, qweight, sc, None, gs, None, torch.float16, tile=4)
+        C.cuda_w16_gemm(a, qweight, sc, None, gs, None, torch.float16, tile=7)
     with pytest.raises(ValueError, match="w_scales shape"):
         C.cuda_w16_gemm(a, qweight, sc[:, :0], None, gs, None, torch.float16)
     with pytest.raises(ValueError, match="tile_counters must be 1-D int32"):
@@ -160,6 +168,44 @@ def test_w16_rejects_bad_inputs(C):
                        C.cuda_w16_gemm(a, qweight, sc, None, gs, None, torch.float32))
     # M = 0: an empty output, no launch
     assert C.cuda_w16_gemm(a[:0], qweight, sc, None, gs, None, torch.float16).shape == (0, 64)
+
+
+@pytest.mark.parametrize("tile", [4, 5, 6])
+@pytest.mark.parametrize("m,n,k,group,sym,block_major,dt", [
+    (64, 200, 1024, 128, False, False, torch.float16),   # the decode batch, N past a 128-row tile
+    (17, 136, 576, -1, True, True, torch.bfloat16),     # per-channel, K = 576 -> 640, block-major
+    (100, 384, 2048, 256, False, False, torch.bfloat16),  # two token tiles, G = 256
+    (33, 4096, 4096, 128, True, True, torch.float16),   # 8B.o, block-major (the serving format)
+])
+def test_w16_wgmma_tiles(C, tile, m, n, k, group, sym, block_major, dt):
+    """The wgmma kernel (sm_90 only) against the reference: both operand dtypes, both weight
+    formats and storage orders, a bias and every output dtype, with and without split-K."""
+    if not _sm90():
+        pytest.skip("the wgmma tiles need an sm_90 device")
+    a, qw, gs, bias = _operands(m, n, k, group, sym, dt, m + n + tile, torch.float16)
+    qweight = weights_block_major(_to(qw.qweight)) if block_major else _to(qw.qweight)
+    for out_dtype in (torch.float32, dt):
+        ref = ops._ref_w16_gemm(a, qw.qweight, qw.scales, qw.offsets, gs, bias, out_dtype)
+        for split_k in (1, 3, 0):
+            y = C.cuda_w16_gemm(_to(a), qweight, _to(qw.scales), _to(qw.offsets), gs, _to(bias), out_dtype,
+                                split_k=split_k, tile=tile)
+            _check(y, ref, out_dtype)
+
+
+def test_w16_wgmma_tiles_reject_what_they_cannot_run(C):
+    a, qw, gs, _ = _operands(32, 64, 256, 64, True, torch.float16, 5)
+    a, qweight, sc = _to(a), _to(qw.qweight), _to(qw.scales)
+    if _sm90():
+        with pytest.raises(ValueError, match="needs a weight group of at least 128"):
+            C.cuda_w16_gemm(a, qweight, sc, None, gs, None, torch.float16, tile=4)
+        with pytest.raises(RuntimeError, match="needs a weight group of at least 128"):  # the op's own check
+            torch.ops.cometq_C.w16_gemm(a, qweight, sc, None, gs, None, torch.float16, 1, 5, None)
+        assert set(C.w16_tiles(DEV, 128)) == set(C.W16_TILES) and not set(C.w16_tiles(DEV, 64)) & {4, 5, 6}
+    else:
+        a2, qw2, gs2, _ = _operands(32, 64, 256, 128, True, torch.float16, 6)
+        with pytest.raises(ValueError, match="needs an sm_90"):
+            C.cuda_w16_gemm(_to(a2), _to(qw2.qweight), _to(qw2.scales), None, gs2, None, torch.float16, tile=6)
+        assert not set(C.w16_tiles(DEV, 128)) & set(C.W16_WGMMA_TILES)
 
 
 def test_w16_opcheck(C):

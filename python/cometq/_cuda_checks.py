@@ -15,6 +15,10 @@ from .reference import check_group_size
 DEVICE_TYPE = "cuda"
 
 
+#: csrc/cometq_kernels.h COMETQ_W16_TILE_*: every tile id, and the wgmma kernel's (sm_90, G >= 128)
+W16_TILE_IDS = (0, 1, 2, 3, 4, 5, 6)
+W16_WGMMA_TILE_IDS = (4, 5, 6)
+
 def _scale_mode(scale_mode) -> str:
     if scale_mode not in ("block", "class"):
         raise ValueError(f"scale_mode must be one of ('block', 'class'), got {scale_mode!r}")
@@ -177,8 +181,18 @@ def check_w16_gemm_inputs(a, qweight, w_scales, w_offsets, group_size, bias, out
     _check_weight_side(w_scales, w_offsets, bias, group_size, n, k_pad, dev)
     if int(split_k) < 0:
         raise ValueError(f"split_k must be >= 0 (0 = auto), got {split_k}")
-    if tile not in (0, 1, 2, 3):
-        raise ValueError(f"tile must be 0 (by M), 1 (64 x 256, 8 warps), 2 (32 x 128) or 3 (16 x 128), got {tile!r}")
+    if tile not in W16_TILE_IDS:
+        raise ValueError(f"tile must be 0 (by M), 1 (64 x 256, 8 warps), 2 (32 x 128), 3 (16 x 128) or a wgmma tile "
+                         f"4 (64 x 128), 5 (64 x 64), 6 (32 x 128), got {tile!r}")
+    if tile in W16_WGMMA_TILE_IDS:
+        g = k_pad if group_size in (None, -1) else int(group_size)
+        if g < BLOCK_K:
+            raise ValueError(f"tile={tile} (a wgmma tile) needs a weight group of at least {BLOCK_K} channels (one group "
+                             f"per row and K block), got group_size={group_size}")
+        cap = tuple(torch.cuda.get_device_capability(dev)) if dev.type == "cuda" else None
+        if cap != (9, 0):
+            raise ValueError(f"tile={tile} is a wgmma tile, which needs an sm_90 (Hopper) GPU; this device is "
+                             + (f"sm_{cap[0]}{cap[1]}" if cap else str(dev)))
     if m > _INT_MAX or n > _INT_MAX or k_pad // BLOCK_K > (1 << 20):
         raise ValueError(f"problem too large (M={m}, N={n}, blocks={k_pad // BLOCK_K})")
     why = w16_extent_problem(a, qweight, w_scales)

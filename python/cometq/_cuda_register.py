@@ -36,9 +36,9 @@ import os
 from . import _cuda_split, ops
 from ._counters import COUNTERS_MIN as CUDA_COUNTERS_MIN
 from ._counters import tile_counters as cuda_tile_counters  # (shared with the Triton GEMMs' reduction)
-from ._cuda_checks import (check_kv4_attention_inputs, check_quantize_act_inputs, check_w4ax_gemm_inputs,
-                           check_w16_gemm_inputs, gemm_extent_problem, kv4_attention_unsupported,
-                           w16_extent_problem)
+from ._cuda_checks import (W16_TILE_IDS, W16_WGMMA_TILE_IDS, check_kv4_attention_inputs, check_quantize_act_inputs,
+                           check_w4ax_gemm_inputs, check_w16_gemm_inputs, gemm_extent_problem,
+                           kv4_attention_unsupported, w16_extent_problem)
 
 __all__ = ["SCALE_MODE_CODES", "MMA_PATHS", "cuda_quantize_act", "cuda_fake_quant_act", "cuda_w4ax_gemm", "cuda_w16_gemm",
            "cuda_kv4_decode_attention",
@@ -56,10 +56,30 @@ TILE_MID3_MAX_M = 64
 #: w16 GEMM tile variants (COMETQ_W16_TILE_*): 0 = by M (16 / 32 / 64 tokens x 128 weight rows),
 #: 1 = 64 tokens x 256 weight rows (8 warps), 2 / 3 = 32 / 16 tokens x 128 rows whatever M (H200 run
 #: 10: the 64-token tile ran gate_up at M = 64 with ~7 warps per SM, ~40 % of the f16 MMA peak --
-#: latency-bound; the narrow tiles give the tuner more, lighter CTAs to try)
-W16_TILES = (0, 1, 2, 3)
-#: the largest M at which each narrow tile is the by-M tile already (no separate candidate there)
-W16_NARROW_M = {2: 32, 3: 16}
+#: latency-bound; the narrow tiles give the tuner more, lighter CTAs to try); 4 / 5 / 6 = the wgmma
+#: kernel (sm_90 only, weight groups >= 128 channels): 64 tokens x 128 rows, 64 x 64, 32 x 128
+W16_TILES = W16_TILE_IDS
+W16_WGMMA_TILES = W16_WGMMA_TILE_IDS
+#: tiles offered to the tuner only above this M (the narrow ones are the by-M tile below it; a
+#: wgmma tile pads M up to 32 or 64 tokens, and M <= 16 is weight-bound: the 16-token tile's case)
+W16_TILE_ABOVE_M = {2: 32, 3: 16, 4: 16, 5: 16, 6: 16}
+
+
+#: ``COMETQ_W16_WGMMA=0``: the tuner never offers the wgmma tiles (bench/gpu_check.sh sets it when
+#: their GPU tests fail; a direct ``tile=4..6`` launch still runs them)
+W16_WGMMA_ENV = "COMETQ_W16_WGMMA"
+
+
+def w16_tiles(device, group: int) -> tuple:
+    """The tiles of :data:`W16_TILES` the "cuda" w16 GEMM may launch on ``device`` for resolved weight
+    group ``group``: the wgmma tiles only on an sm_90 device, for ``group >= 128``, and unless
+    ``COMETQ_W16_WGMMA=0``."""
+    dev = torch.device(device)
+    wg = (dev.type == "cuda" and group >= BLOCK_K and os.environ.get(W16_WGMMA_ENV, "1") != "0"
+          and torch.cuda.get_device_capability(dev if dev.index is not None else None) == (9, 0))
+    return tuple(t for t in W16_TILES if wg or t not in W16_WGMMA_TILES)
+
+
 #: launch variants of the CUDA KV4 attention kernel (csrc/kv4_attention.cu): 0 = 4 CTAs per SM,
 #: each tile loaded when it starts; 1 = 3 CTAs per SM, the next tile loaded while one computes
 KV4_ATTN_VARIANTS = (0, 1)
@@ -122,8 +142,9 @@ if HAS_W16:
                                  f"{tuple(tile_counters.shape)}")
         torch._check(a.dtype in (torch.float16, torch.bfloat16),
                      lambda: f"a must be float16 or bfloat16, got {a.dtype}")
-        torch._check(tile in W16_TILES, lambda: f"tile must be 0 (by M), 1 (64 x 256, 8 warps), 2 (32 x 128) or 3 "
-                                                f"(16 x 128), got tile={tile}")
+        torch._check(tile in W16_TILES, lambda: f"tile must be 0 (by M), 1 (64 x 256, 8 warps), 2 (32 x 128), 3 "
+                                                f"(16 x 128) or a wgmma tile 4 (64 x 128), 5 (64 x 64), 6 (32 x 128), "
+                                                f"got tile={tile}")
         torch._check(split_k >= 0, lambda: f"split_k must be >= 0 (0 = auto), got {split_k}")
         return qweight.new_empty((a.shape[0], qweight.shape[0]), dtype=out_dtype)
 
@@ -278,11 +299,28 @@ def _w16_impl(a, qweight, w_scales, w_offsets, group, bias, out_dtype, stride_wb
                              tile=choice[1], tile_counters=counters)
 
     m = a.shape[0]
-    cands = [c for c in W16_CHOICES if c[0] <= max(1, nb // 2) and m > W16_NARROW_M.get(c[1], -1)]
+    tiles = w16_tiles(a.device, int(group))
+    cands = [c for c in W16_CHOICES
+             if c[1] in tiles and c[0] <= max(1, nb // 2) and m > W16_TILE_ABOVE_M.get(c[1], -1)]
     key = ("w16",) + _cuda_split.split_key(a.shape[0], qweight.shape[0], nb, 0, int(group), w_offsets is not None,
                                            qweight.dim() == 3, "graph") + (str(a.dtype), bias is not None)
-    choice = _cuda_split.tuned_choice(key, cands, a.device, launch)
+    choice = _cuda_split.tuned_choice(key, cands, a.device, launch, check=_w16_outputs_agree(out_dtype))
     return launch(choice)
+
+
+def _w16_outputs_agree(out_dtype):
+    """The tuner's check of a candidate launch against the first (the tile by M, the kernel's own
+    split rule): each is within DEQUANT_GEMM_RTOL of the reference, so they may differ by twice it."""
+    from cometq.kernels.dequant_gemm import DEQUANT_GEMM_RTOL
+
+    rtol = 2 * DEQUANT_GEMM_RTOL.get(out_dtype, DEQUANT_GEMM_RTOL[torch.float32])
+
+    def agree(ref, y):
+        if ref.numel() == 0:
+            return True
+        err = float((y.float() - ref.float()).abs().max())
+        return err <= rtol * float(ref.float().abs().max())  # (NaN: False)
+    return agree
 
 
 def _act_impl(x, perm, block_bits, n_int8, scale_mode, int4_clip=1.0):

@@ -24,6 +24,7 @@ turns it off (the kernel's rule then decides, as before).  Never tunes while fro
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Callable, Dict, List, Optional, Tuple
 
 __all__ = ["TUNE_MAX_M", "SPLIT_CHOICES", "ENV_TUNE", "DEFAULT_CHOICE", "split_candidates", "split_key",
@@ -110,18 +111,34 @@ def tuned_split(m: int, n: int, n_blocks: int, n_int8: int, group: int, asym: bo
     return choose_split(key, cands, bench_fn)
 
 
-def tuned_choice(key: tuple, cands: List[Choice], device, launch: Callable[[Choice], object]) -> Choice:
+def tuned_choice(key: tuple, cands: List[Choice], device, launch: Callable[[Choice], object],
+                 check: Optional[Callable[[object, object], bool]] = None) -> Choice:
     """Like :func:`tuned_split` for another kernel's launch knobs: the cached choice for ``key``
     (the caller's full cache key) among ``cands`` (first = the untuned default), timed as CUDA-graph
-    replays when tuning is allowed here."""
+    replays when tuning is allowed here.  ``check(ref, out)``: before a candidate is timed, its
+    output must agree with the first candidate's (``ref``) -- one that does not is skipped with a
+    RuntimeWarning, so a fast but wrong launch variant is never chosen."""
     from . import autotune
 
     bench_fn = None
     if (tuning_enabled() and getattr(device, "type", None) == "cuda" and not autotune.frozen_now()
             and not autotune._tracing_or_capturing(device)):
+        ref: list = []
+
         def bench_fn(choice):
+            if check is not None and choice != cands[0]:
+                if not ref:
+                    ref.append(launch(cands[0]))
+                if not check(ref[0], launch(choice)):
+                    warnings.warn(f"cometq: launch choice {choice} disagrees with {cands[0]} on {key}; not used",
+                                  RuntimeWarning, stacklevel=2)
+                    raise CandidateMismatch(choice)
             return autotune.cuda_graph_timer(lambda: launch(choice), device)
     return choose_split(key, cands, bench_fn)
+
+
+class CandidateMismatch(RuntimeError):
+    """A launch candidate's output disagreed with the default's (:func:`tuned_choice`)."""
 
 
 def clear() -> None:
