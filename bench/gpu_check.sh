@@ -23,6 +23,7 @@
 #   gemm_shares/gemm.json|md      8B.gate_up at 0 % and 12.5 % INT8 blocks (issue #3's <= 10 % target)
 #   gemm_class/gemm.json|md       class scales + per-channel weights (int32 accumulation across blocks)
 #   ncu_w16.log                   Nsight Compute stall reasons of the w16 GEMMs at M = 64 (bench/diag_ncu_w16.py), if the image has ncu
+#   cuda_wgmma_smoke.log, wgmma_probe.json|log  the w16 GEMM's wgmma tiles (sm_90) vs the reference; where a wrong layout goes wrong
 #   act_quant/gemm.json|md        activation quantization GB/s: Triton by rows / per block / FAKE, CUDA, copy
 #   attention.json|md             bench_attention.py --sweep at batch 16 and 64, context 4096 (KV4 paged decode vs SDPA)
 #   prefill/prefill.json          bench/diag_prefill.py: one 8 x 1024-token prefill step, W4Ax-KV4 vs FP16 runner, profiled
@@ -51,7 +52,7 @@
 #        MAX_JOBS (default 16), PYTHON (default python3), GPU_CHECK_BUDGET_S,
 #        PYTEST_ARGS (extra pytest arguments), PYTEST_WORKERS (xdist workers, default 8), GPU_CHECK_SKIP (comma list of stages
 #        to skip: build, triton_tests, cuda_tests, toolchain, diag, gemm, gemm_large, gemm_shares, gemm_class, microbench,
-#        attention, act_quant, raw_errors, cuda_act_rows_smoke, cuda_gemm_smoke, cuda_w16_smoke, cuda_fixup_smoke, cuda_attn_smoke, splitk_fixup_smoke, gemm_decode, ncu_w16, prefill, serving, autotune, tune_decode), GEMM_ARGS / ATTENTION_ARGS / SERVING_ARGS (the stages' arguments),
+#        attention, act_quant, raw_errors, cuda_act_rows_smoke, cuda_gemm_smoke, cuda_wgmma_smoke, wgmma_probe, cuda_w16_smoke, cuda_fixup_smoke, cuda_attn_smoke, splitk_fixup_smoke, gemm_decode, ncu_w16, prefill, serving, autotune, tune_decode), GEMM_ARGS / ATTENTION_ARGS / SERVING_ARGS (the stages' arguments),
 #        GEMM_CAP / ATTENTION_CAP / ACT_QUANT_CAP,
 #        TRITON_TEST_FILES / CUDA_TEST_FILES (the test files of the two test stages), TRITON_TEST_WORKERS (12) /
 #        CUDA_TEST_WORKERS, TRITON_TESTS_CAP / CUDA_TESTS_CAP / DIAG_CAP /
@@ -325,7 +326,8 @@ if [ "$BUILD" = ok ] && ! skip cuda_wgmma_smoke && [ "${COMETQ_BACKEND:-auto}" !
     stage cuda_w16_wgmma "COMETQ_W16_WGMMA=0 (smoke failed or did not finish)" 0
     log "cuda_wgmma_smoke had failures: later stages run with COMETQ_W16_WGMMA=0"
   fi
-  pack
+  # where a wrong layout goes wrong (one-hot K positions, token rows; bench/diag_wgmma.py): ~10 s
+  bench wgmma_probe 30 $PY bench/diag_wgmma.py --out "$W/wgmma_probe.json"
 fi
 if [ "$BUILD" = ok ] && ! skip cuda_w16_smoke && [ "${COMETQ_BACKEND:-auto}" != triton ]; then
   PYTEST_WORKERS=4 run_pytest cuda_w16_smoke 40 tests/test_cuda_w16.py -k "not splitk_fixup and not wgmma" || true
@@ -422,7 +424,7 @@ bench gemm "$GL" $PY bench/bench_gemm.py ${GEMM_ARGS:---shapes 8B.gate_up,8B.qkv
 NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
 if [ -n "$NCU" ]; then
   bench ncu_w16 "${NCU_CAP:-45}" "$NCU" --section WarpStateStats --section SchedulerStats --section Occupancy \
-    --section SpeedOfLight -k regex:w16_gemm --launch-skip 0 --launch-count 12 $PY bench/diag_ncu_w16.py --reps 1
+    --section SpeedOfLight -k regex:"w16_(gemm|wgmma)_kernel" --launch-skip 0 --launch-count 20 $PY bench/diag_ncu_w16.py --reps 1
 else
   log "ncu_w16: no ncu on this image"; stage ncu_w16 "no ncu" 0
 fi

@@ -149,6 +149,53 @@ def test_diag_ncu_w16_driver_runs_without_a_gpu():
         assert "no CUDA device" in r.stdout
 
 
+def _load_bench_module(name):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "bench", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_diag_wgmma_probe_names_a_wrong_layout(tmp_path):
+    """bench/diag_wgmma.py (gpu_check's wgmma_probe stage): exits cleanly without a GPU, and its
+    analysis finds a K-position mix-up and a token-row mix-up when the kernel has them -- here a
+    stand-in kernel (the op's reference on permuted operands) -- and nothing on a correct one."""
+    import torch
+
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "diag_wgmma.py"), "--out",
+                        str(tmp_path / "p.json")], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    if not torch.cuda.is_available():
+        assert "skipped" in json.load(open(tmp_path / "p.json"))
+    from cometq import ops
+
+    mod = _load_bench_module("diag_wgmma")
+
+    def fake(perm_k=None, perm_m=None):
+        class CR:
+            W16_WGMMA_TILES = (4,)
+
+            @staticmethod
+            def cuda_w16_gemm(a, qweight, scales, offsets, group, bias, out_dtype, split_k=0, tile=0):
+                a = a[:, perm_k] if perm_k is not None else a
+                y = ops._ref_w16_gemm(a, qweight, scales, offsets, group, bias, out_dtype)
+                return y[perm_m] if perm_m is not None else y
+        return CR
+
+    ok = mod.probe_positions(fake(), torch.device("cpu"))["4"]
+    assert ok["positions_wrong"] == 0 and not ok["rows_not_scaling (p, rows)"] and ok["nan"] == 0
+    pk = torch.arange(128)
+    pk[[3, 70]] = pk[[70, 3]]  # positions 3 and 70 swapped (a low / high nibble mix-up)
+    bad = mod.probe_positions(fake(perm_k=pk), torch.device("cpu"))["4"]
+    assert bad["positions_wrong"] == 2 and bad["first_wrong (p, q)"] == [(3, 70), (70, 3)]
+    pm = torch.arange(64)
+    pm[[0, 9]] = pm[[9, 0]]  # output rows of tokens 0 and 9 swapped
+    rows = mod.probe_positions(fake(perm_m=pm), torch.device("cpu"))["4"]["rows_not_scaling (p, rows)"]
+    assert rows and rows[0] == (0, [0, 9])
+
+
 def test_diag_prefill_dry_run(tmp_path):
     """bench/diag_prefill.py (gpu_check's prefill stage) on the tiny model: both systems, each
     shape timed and profiled, JSON written; a bad --shapes value is refused."""
