@@ -395,9 +395,9 @@ at::Tensor w16_gemm_cuda(const at::Tensor& a, const at::Tensor& qweight, const a
   int bias_code = COMETQ_DTYPE_F32;
   const void* bias_ptr = check_bias(bias, N, op, dev, &bias_code);
   TORCH_CHECK(split_k >= 0, op, ": split_k must be >= 0 (0 = auto), got ", split_k);
-  TORCH_CHECK(tile >= COMETQ_W16_TILE_AUTO && tile <= COMETQ_W16_TILE_WG32, op,
+  TORCH_CHECK(tile >= COMETQ_W16_TILE_AUTO && tile <= COMETQ_W16_TILE_WG64_W, op,
               ": tile must be 0 (by M), 1 (64 x 256, 8 warps), 2 (32 x 128), 3 (16 x 128) or a wgmma tile 4 (64 x 128), "
-              "5 (64 x 64), 6 (32 x 128), got ", tile);
+              "5 (64 x 64), 6 (32 x 128), 7 (64 x 256), got ", tile);
   if (tile >= COMETQ_W16_TILE_WG64) {
     int major = 0, minor = 0;
     check_cuda_error(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev.index()), op);

@@ -415,7 +415,8 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::MIN_CTAS) w16_gemm_kernel(c
 // 4 warps x BM/8 m16n8k16).  Triton issues wgmma for its w16 kernel too, but waits for each one
 // (`wgmma.wait_group 0`) before dequantizing the next weights: no overlap.
 //
-// One warpgroup (4 warps) per CTA computes out^T = W' A'^T for BN = 64 * MT weight rows x BM tokens.
+// One or two warpgroups (4 warps each) per CTA compute out^T = W' A'^T for BN = 64 * MT * WG weight rows
+// x BM tokens (warpgroup wg: rows wg * 64 MT .., all of them sharing the CTA's A' tile).
 // Per K block and m64 weight tile: 8 wgmma.m64nBMk16, A (the weights) from registers, B (A'^T) from
 // shared memory through a matrix descriptor.  k-step c (c = 0..7) pairs two 8-position chunks of the
 // half-split A' block: chunk c (positions 8c .. 8c+7, the LOW nibbles of weight bytes 8c .. 8c+7) and
@@ -452,16 +453,17 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::MIN_CTAS) w16_gemm_kernel(c
 // (RING - 1) -- the wgmmas of k-step c - RING, the last readers of that set, are done -- so the
 // tensor cores work on RING - 1 k-steps while the next weights are dequantized.
 // ============================================================================
-template <int BM_, int MT_, int STAGES_, int RING_, int MIN_CTAS_>
+template <int BM_, int MT_, int WG_, int STAGES_, int RING_, int MIN_CTAS_>
 struct W16WgCfg {
   static constexpr int BM = BM_;  // tokens per CTA: the wgmma n
-  static constexpr int MT = MT_;  // m64 weight tiles per CTA
+  static constexpr int MT = MT_;  // m64 weight tiles per warpgroup
+  static constexpr int WG = WG_;  // warpgroups per CTA (each its own MT x 64 weight rows, one shared A' tile)
   static constexpr int STAGES = STAGES_;
   static constexpr int AHEAD = STAGES_ - 2;
   static constexpr int RING = RING_;
   static constexpr int MIN_CTAS = MIN_CTAS_;
-  static constexpr int THREADS = 128;  // one warpgroup
-  static constexpr int BN = 64 * MT;
+  static constexpr int THREADS = 128 * WG;
+  static constexpr int BN = 64 * MT * WG;
   static constexpr int NACC = BM / 2;  // fp32 accumulators per m64 tile and thread
   static constexpr int W_BYTES = BN * 64;
   static constexpr int A_BYTES = BM * 256;
@@ -478,10 +480,14 @@ struct W16WgCfg {
   static_assert(BN <= THREADS, "one scale row per thread");
 };
 
-// 64 tokens x 128 weight rows (2 CTAs per SM: 4 stages of 25 KB); x 64 rows (twice the CTAs); 32 tokens
-using W16Wg64 = W16WgCfg<64, 2, 4, 4, 2>;
-using W16Wg64R64 = W16WgCfg<64, 1, 4, 4, 2>;
-using W16Wg32 = W16WgCfg<32, 2, 4, 4, 3>;
+// 64 tokens x 128 weight rows (2 CTAs per SM: 4 stages of 25 KB); x 64 rows (twice the CTAs); 32 tokens;
+// 64 x 256 with two warpgroups (1 CTA per SM, 4 stages of 33 KB): every CTA reads the whole A' block
+// per K block -- 16 KB at 64 tokens, twice the 128-row tile's weight bytes -- from L2, so the wide
+// tile halves that traffic (gate_up at M = 64: ~115 MB of A' reads beside 59 MB of weights).
+using W16Wg64 = W16WgCfg<64, 2, 1, 4, 4, 2>;
+using W16Wg64R64 = W16WgCfg<64, 1, 1, 4, 4, 2>;
+using W16Wg32 = W16WgCfg<32, 2, 1, 4, 4, 3>;
+using W16Wg64W = W16WgCfg<64, 2, 2, 4, 4, 1>;
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define COMETQ_HAS_WGMMA 1
@@ -605,9 +611,11 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::MIN_CTAS) w16_wgmma_kernel(
   constexpr int gpb = 1;  // G >= 128 (the launcher refuses smaller groups)
   const int stage_b = Cfg::stage_bytes(gpb, HAS_OFF);
 
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31, warp = (threadIdx.x >> 5) & 3, wg = threadIdx.x >> 7;
   const int g = lane >> 2, t = lane & 3;
   const int n0 = blockIdx.x * Cfg::BN, m0 = blockIdx.y * Cfg::BM;
+  // the thread's first weight row in the tile: warpgroup wg owns rows wg * 64 MT .. + 64 MT - 1
+  const int wrow0 = wg * 64 * MT + 16 * warp + g;
 
   const int per = (p.n_blocks + gridDim.z - 1) / gridDim.z;
   const int kb_begin = min(p.n_blocks, static_cast<int>(blockIdx.z) * per);
@@ -616,11 +624,11 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::MIN_CTAS) w16_wgmma_kernel(
   const int g_log2 = __ffs(p.group) - 1;
   auto first_group = [&](int b) { return g_pow2 ? (b * kBlockK) >> g_log2 : (b * kBlockK) / p.group; };
 
-  // The thread's weight rows: 64 i + 16 warp + g + 8 h (m64 tile i, h = 0 / 1 for a0-a2 / a1-a3); the
-  // word of k-step c: chunk (c >> 1) ^ key (key = (g >> 1) & 3, the same for rows g and g + 8),
+  // The thread's weight rows: wrow0 + 64 i + 8 h (m64 tile i, h = 0 / 1 for a0-a2 / a1-a3); the
+  // word of k-step c: chunk (c >> 1) ^ key (key = (g >> 1) & 3 = (row >> 1) & 3 for all of them),
   // word 2 (c & 1) + t / 2 within it.
   const int key = (g >> 1) & 3;
-  const int row_off = (16 * warp + g) * 64 + ((t >> 1) << 2);
+  const int row_off = wrow0 * 64 + ((t >> 1) << 2);
   int chunk_off[4];
 #pragma unroll
   for (int j = 0; j < 4; ++j) chunk_off[j] = (j ^ key) << 4;
@@ -672,7 +680,7 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::MIN_CTAS) w16_wgmma_kernel(
         for (int i = 0; i < MT; ++i)
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
-            const int r = 64 * i + 16 * warp + g + 8 * h;
+            const int r = wrow0 + 64 * i + 8 * h;
             s2[i][h] = pack2<T>(sS[r]);
             o2[i][h] = HAS_OFF ? pack2<T>(sS[Cfg::BN + r]) : 0u;
           }
@@ -712,7 +720,7 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::MIN_CTAS) w16_wgmma_kernel(
   for (int i = 0; i < MT; ++i)
 #pragma unroll
     for (int r = 0; r < Cfg::NACC; ++r) {
-      const int n = 64 * i + 16 * warp + g + 8 * ((r >> 1) & 1);
+      const int n = wrow0 + 64 * i + 8 * ((r >> 1) & 1);
       const int m = 8 * (r >> 2) + 2 * t + (r & 1);
       sC[m * Cfg::C_LD + n] = acc[i][r];
     }
@@ -788,6 +796,9 @@ void w16_tile_dims(int M, int tile, int* bm, int* bn) {
   if (tile == COMETQ_W16_TILE_WG64) {
     *bm = W16Wg64::BM;
     *bn = W16Wg64::BN;
+  } else if (tile == COMETQ_W16_TILE_WG64_W) {
+    *bm = W16Wg64W::BM;
+    *bn = W16Wg64W::BN;
   } else if (tile == COMETQ_W16_TILE_WG64_R64) {
     *bm = W16Wg64R64::BM;
     *bn = W16Wg64R64::BN;
@@ -856,7 +867,7 @@ extern "C" cudaError_t cometq_w16_gemm(const CometqW16Args* args, cudaStream_t s
     return cudaErrorInvalidValue;  // (16-byte aligned A' rows: cp.async)
   }
   if (a.split_k < 1 || (a.split_k > 1 && a.workspace == nullptr)) return cudaErrorInvalidValue;
-  if (a.tile < COMETQ_W16_TILE_AUTO || a.tile > COMETQ_W16_TILE_WG32) return cudaErrorInvalidValue;
+  if (a.tile < COMETQ_W16_TILE_AUTO || a.tile > COMETQ_W16_TILE_WG64_W) return cudaErrorInvalidValue;
   if (!cometq_w16_offsets_fit(&a)) return cudaErrorInvalidValue;
   cudaError_t err;
   if (a.tile == COMETQ_W16_TILE_WG64) {
@@ -865,6 +876,8 @@ extern "C" cudaError_t cometq_w16_gemm(const CometqW16Args* args, cudaStream_t s
     err = cometq::w16_launch_fix<cometq::W16Wg64R64, true>(a, stream);
   } else if (a.tile == COMETQ_W16_TILE_WG32) {
     err = cometq::w16_launch_fix<cometq::W16Wg32, true>(a, stream);
+  } else if (a.tile == COMETQ_W16_TILE_WG64_W) {
+    err = cometq::w16_launch_fix<cometq::W16Wg64W, true>(a, stream);
   } else if (a.tile == COMETQ_W16_TILE_WIDE) {
     err = cometq::w16_launch_fix<cometq::W16Wide>(a, stream);
   } else if (a.M <= 16 || a.tile == COMETQ_W16_TILE_N16) {

@@ -11,6 +11,8 @@ so the two sums differ only in fp32-vs-fp64 summation order.
 """
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -291,8 +293,9 @@ def test_k_slots_cover_each_position_once_per_block():
 
 
 # ---------------------------------------------------------------------------- the wgmma kernel
-# tile variants of w16_wgmma_kernel (csrc/w16_gemm.cu W16WgCfg): (BM tokens, MT m64 weight tiles)
-WG_TILES = {"wg64": (64, 2), "wg64r64": (64, 1), "wg32": (32, 2)}
+# tile variants of w16_wgmma_kernel (csrc/w16_gemm.cu W16WgCfg): (BM tokens, MT m64 weight tiles per
+# warpgroup, WG warpgroups)
+WG_TILES = {"wg64": (64, 2, 1), "wg64r64": (64, 1, 1), "wg32": (32, 2, 1), "wg64w": (64, 2, 2)}
 WG_LBO, WG_SBO = 8 * 128, 16 * 128
 
 
@@ -324,8 +327,8 @@ def emulate_w16_wgmma(a16: np.ndarray, qweight: np.ndarray, scales, offsets, gro
     """out[m, n] as w16_wgmma_kernel computes it: its stage loader's shared-memory layouts (the
     swizzled W tile, the core-matrix A' tile), its per-thread weight words and dequantization, the
     wgmma fragment / descriptor semantics of the PTX ISA, its epilogue indices (float64 sums)."""
-    BM, MT = WG_TILES[tile]
-    BN, THREADS = 64 * MT, 128
+    BM, MT, WG = WG_TILES[tile]
+    BN, THREADS = 64 * MT * WG, 128 * WG
     assert group >= 128, "the wgmma kernel takes G >= 128 only"
     M, K_pad = a16.shape
     N = qweight.shape[0]
@@ -337,7 +340,7 @@ def emulate_w16_wgmma(a16: np.ndarray, qweight: np.ndarray, scales, offsets, gro
     lanes = np.arange(32)
     g, t = G_IDX, T_IDX
     for kb0, kb1, m0, n0 in _ctas(M, N, nb, BM, BN, split):
-        acc = np.zeros((MT, 64, BM))  # the D tiles, row = weight row within the m64 tile
+        acc = np.zeros((WG, MT, 64, BM))  # the D tiles, row = weight row within the m64 tile
         for b in range(kb0, kb1):
             # ---- w16wg_load_stage, thread by thread (every destination written exactly once)
             sW = np.full(BN * 64, -1, np.int32)
@@ -370,34 +373,31 @@ def emulate_w16_wgmma(a16: np.ndarray, qweight: np.ndarray, scales, offsets, gro
             sO = offsets[wr, grp] if asym else np.zeros(BN)
             key = (g >> 1) & 3
             sel = np.where(t & 1, 0x4342, 0x4140)
-            for c in range(8):
-                frags = [[None] * 4 for _ in range(MT)]
-                for i in range(MT):
-                    frag_w = []
-                    for w in range(4):
-                        regs = [None] * 4
-                        for h in range(2):
-                            rows = 64 * i + 16 * w + g + 8 * h
-                            byte = rows * 64 + ((t >> 1) << 2) + (((c >> 1) ^ key) << 4) + 8 * (c & 1)
-                            word = (sW8[byte].astype(np.uint32) | (sW8[byte + 1].astype(np.uint32) << 8)
-                                    | (sW8[byte + 2].astype(np.uint32) << 16)
-                                    | (sW8[byte + 3].astype(np.uint32) << 24))
-                            pair = np.stack([byte_perm(word[ln:ln + 1], 0, int(sel[ln]))[0] for ln in lanes])
-                            s = _round(sS[rows].astype(np.float64), dtype)
-                            o = _round(sO[rows].astype(np.float64), dtype) if asym else np.zeros(32)
-                            regs[h] = dequant_pair(pair, s, o, False, dtype, asym)      # a0 / a1
-                            regs[2 + h] = dequant_pair(pair, s, o, True, dtype, asym)   # a2 / a3
-                        frag_w.append(regs)
-                    acc[i] += wgmma_m64nk16(frag_w, sA8, c * 128, BM, dtype)
+            for c, wg, i in itertools.product(range(8), range(WG), range(MT)):
+                frag_w = []
+                for w in range(4):
+                    regs = [None] * 4
+                    for h in range(2):
+                        rows = wg * 64 * MT + 64 * i + 16 * w + g + 8 * h
+                        byte = rows * 64 + ((t >> 1) << 2) + (((c >> 1) ^ key) << 4) + 8 * (c & 1)
+                        word = (sW8[byte].astype(np.uint32) | (sW8[byte + 1].astype(np.uint32) << 8)
+                                | (sW8[byte + 2].astype(np.uint32) << 16)
+                                | (sW8[byte + 3].astype(np.uint32) << 24))
+                        pair = np.stack([byte_perm(word[ln:ln + 1], 0, int(sel[ln]))[0] for ln in lanes])
+                        s = _round(sS[rows].astype(np.float64), dtype)
+                        o = _round(sO[rows].astype(np.float64), dtype) if asym else np.zeros(32)
+                        regs[h] = dequant_pair(pair, s, o, False, dtype, asym)      # a0 / a1
+                        regs[2 + h] = dequant_pair(pair, s, o, True, dtype, asym)   # a2 / a3
+                    frag_w.append(regs)
+                acc[wg, i] += wgmma_m64nk16(frag_w, sA8, c * 128, BM, dtype)
         # ---- epilogue: D fragments -> sC[token][n] -> out / the split's slab
         sC = np.zeros((BM, BN))
-        for i in range(MT):
-            for w in range(4):
-                for r in range(BM // 2):
-                    n = 64 * i + 16 * w + g + 8 * ((r >> 1) & 1)
-                    m = 8 * (r >> 2) + 2 * t + (r & 1)
-                    # the D fragment of the PTX ISA: element r of lane (g, t) in warp w
-                    sC[m, n] = acc[i][16 * w + g + 8 * ((r >> 1) & 1), 8 * (r >> 2) + 2 * t + (r & 1)]
+        for wg, i, w in itertools.product(range(WG), range(MT), range(4)):
+            for r in range(BM // 2):
+                n = wg * 64 * MT + 64 * i + 16 * w + g + 8 * ((r >> 1) & 1)
+                m = 8 * (r >> 2) + 2 * t + (r & 1)
+                # the D fragment of the PTX ISA: element r of lane (g, t) in warp w of warpgroup wg
+                sC[m, n] = acc[wg, i][16 * w + g + 8 * ((r >> 1) & 1), 8 * (r >> 2) + 2 * t + (r & 1)]
         rows = min(BM, M - m0)
         cols = min(BN, N - n0)
         out[m0:m0 + rows, n0:n0 + cols] += sC[:rows, :cols]
@@ -409,6 +409,7 @@ def emulate_w16_wgmma(a16: np.ndarray, qweight: np.ndarray, scales, offsets, gro
     ("wg64", 40, 128, 3, -1, False, "bf16", 2),     # per-channel scales, a partial token tile, split-K
     ("wg64r64", 70, 72, 2, 128, True, "bf16", 1),   # two token tiles, the last with 6 rows
     ("wg32", 33, 130, 4, 256, False, "fp16", 3),    # G = 256 (two blocks per group), 3 splits
+    ("wg64w", 64, 300, 2, 128, True, "bf16", 2),    # two warpgroups (256 rows), N past the tile edge
 ])
 def test_emulated_w16_wgmma_is_the_definition(tile, m, n, nb, group, asym, dtype, split):
     a16, a_vals, qweight, scales, offsets, g = _case(m, n, nb, group, asym, dtype, seed=m * 7 + n)

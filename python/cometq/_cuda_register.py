@@ -56,13 +56,13 @@ TILE_MID3_MAX_M = 64
 #: w16 GEMM tile variants (COMETQ_W16_TILE_*): 0 = by M (16 / 32 / 64 tokens x 128 weight rows),
 #: 1 = 64 tokens x 256 weight rows (8 warps), 2 / 3 = 32 / 16 tokens x 128 rows whatever M (H200 run
 #: 10: the 64-token tile ran gate_up at M = 64 with ~7 warps per SM, ~40 % of the f16 MMA peak --
-#: latency-bound; the narrow tiles give the tuner more, lighter CTAs to try); 4 / 5 / 6 = the wgmma
-#: kernel (sm_90 only, weight groups >= 128 channels): 64 tokens x 128 rows, 64 x 64, 32 x 128
+#: latency-bound; the narrow tiles give the tuner more, lighter CTAs to try); 4 / 5 / 6 / 7 = the wgmma
+#: kernel (sm_90 only, weight groups >= 128 channels): 64 tokens x 128 rows, 64 x 64, 32 x 128, 64 x 256
 W16_TILES = W16_TILE_IDS
 W16_WGMMA_TILES = W16_WGMMA_TILE_IDS
 #: tiles offered to the tuner only above this M (the narrow ones are the by-M tile below it; a
 #: wgmma tile pads M up to 32 or 64 tokens, and M <= 16 is weight-bound: the 16-token tile's case)
-W16_TILE_ABOVE_M = {2: 32, 3: 16, 4: 16, 5: 16, 6: 16}
+W16_TILE_ABOVE_M = {2: 32, 3: 16, 4: 16, 5: 16, 6: 16, 7: 16}
 
 
 #: ``COMETQ_W16_WGMMA=0``: the tuner never offers the wgmma tiles (bench/gpu_check.sh sets it when
@@ -144,7 +144,7 @@ if HAS_W16:
                      lambda: f"a must be float16 or bfloat16, got {a.dtype}")
         torch._check(tile in W16_TILES, lambda: f"tile must be 0 (by M), 1 (64 x 256, 8 warps), 2 (32 x 128), 3 "
                                                 f"(16 x 128) or a wgmma tile 4 (64 x 128), 5 (64 x 64), 6 (32 x 128), "
-                                                f"got tile={tile}")
+                                                f"7 (64 x 256), got tile={tile}")
         torch._check(split_k >= 0, lambda: f"split_k must be >= 0 (0 = auto), got {split_k}")
         return qweight.new_empty((a.shape[0], qweight.shape[0]), dtype=out_dtype)
 
