@@ -209,6 +209,7 @@ __device__ __forceinline__ float warp_max(float a) {
 
 template <typename T, bool FAKE>
 __global__ void __launch_bounds__(kActMaxThreads) act_quant_kernel(const CometqActQuantArgs p) {
+  pdl_launch_dependents();  // (the GEMM after it may start its weight prefetch: it waits for this grid)
   extern __shared__ __align__(16) int act_smem[];
   const int nb = p.n_blocks;
   int* s_is8 = act_smem;
@@ -292,6 +293,7 @@ constexpr int kActBlockWarps = 4;  // warps (= blocks) per CTA of act_quant_bloc
 
 template <typename T, bool FAKE>
 __global__ void __launch_bounds__(32 * kActBlockWarps) act_quant_block_kernel(const CometqActQuantArgs p) {
+  pdl_launch_dependents();
   const int lane = threadIdx.x & 31;
   // rows on x (up to 2^31 - 1), block groups on y (n_blocks / 4 << 65535): neighbouring CTAs
   // are the same blocks of neighbouring rows, so they share the perm reads in L1 / L2
@@ -339,6 +341,7 @@ enum { kRowsSync = 0, kRowsAsync1 = 1, kRowsAsync2 = 2 };
 
 template <typename T, bool FAKE>
 __global__ void __launch_bounds__(32 * kActRowsWarps) act_quant_rows_kernel(const CometqActQuantArgs p, int mode) {
+  pdl_launch_dependents();
   extern __shared__ __align__(16) unsigned char rows_smem[];
   const int nb = p.n_blocks, K = p.K;
   int* s_is8 = reinterpret_cast<int*>(rows_smem);

@@ -141,6 +141,21 @@ __device__ __forceinline__ void cp_async4(void* smem_dst, const void* gmem_src) 
 #endif
 }
 
+// Programmatic dependent launch (sm_90+; PTX griddepcontrol, no-ops where nothing was launched that
+// way): a primary kernel lets the stream's next kernel start launching (its prologue overlaps this
+// kernel's tail); the dependent waits for the primary's completion and memory before reading what
+// it wrote.  Elsewhere: nothing.
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_wait_primary() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
 __device__ __forceinline__ void cp_async_commit() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.commit_group;\n" ::);

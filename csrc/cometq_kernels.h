@@ -159,6 +159,10 @@ typedef struct CometqW16Args {
   int group;                // effective weight group width G: 16, 32, 64 or a multiple of 128
   int split_k;              // >= 1 (cometq_w16_choose_split)
   int tile;                 // COMETQ_W16_TILE_*
+  int pdl;                  // wgmma tiles: launch as a programmatic dependent of the stream's previous
+                            // kernel (cudaLaunchAttributeProgrammaticStreamSerialization): the CTAs
+                            // start while it finishes and prefetch their first weight stages, then
+                            // wait for it (griddepcontrol.wait) before touching A' or any output
 } CometqW16Args;
 
 // Output tiles of an M x N launch (tile: COMETQ_W16_TILE_*).

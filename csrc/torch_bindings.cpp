@@ -363,7 +363,7 @@ at::Tensor w4ax_gemm_cuda(const at::Tensor& q4, const at::Tensor& q8, const at::
 at::Tensor w16_gemm_cuda(const at::Tensor& a, const at::Tensor& qweight, const at::Tensor& w_scales,
                          const std::optional<at::Tensor>& w_offsets, int64_t group_size,
                          const std::optional<at::Tensor>& bias, at::ScalarType out_dtype, int64_t split_k,
-                         int64_t tile, const std::optional<at::Tensor>& tile_counters) {
+                         int64_t tile, const std::optional<at::Tensor>& tile_counters, bool pdl) {
   constexpr const char* op = "cometq_C::w16_gemm";
   const at::Device dev = qweight.device();
   check_cuda(a, op, "a", dev);
@@ -407,6 +407,8 @@ at::Tensor w16_gemm_cuda(const at::Tensor& a, const at::Tensor& qweight, const a
     TORCH_CHECK(G >= kBlockK, op, ": tile=", tile, " (a wgmma tile) needs a weight group of at least ", kBlockK,
                 " channels (one group per row and K block), got group_size=", group_size, " (G=", G, ")");
   }
+  TORCH_CHECK(!pdl || tile >= COMETQ_W16_TILE_WG64, op, ": pdl=True (a programmatic dependent launch) applies to the "
+              "wgmma tiles 4-7 only, got tile=", tile);
   TORCH_CHECK(M <= INT32_MAX && N <= INT32_MAX && nb <= (1 << 20), op, ": problem too large (M=", M, ", N=", N,
               ", blocks=", nb, ")");
 
@@ -432,6 +434,7 @@ at::Tensor w16_gemm_cuda(const at::Tensor& a, const at::Tensor& qweight, const a
   p.group = static_cast<int>(G);
   p.split_k = split;
   p.tile = static_cast<int>(tile);
+  p.pdl = pdl ? 1 : 0;
   TORCH_CHECK(cometq_w16_offsets_fit(&p), op, ": operands too large for the kernel's 32-bit row offsets (a ",
               a.sizes(), ", qweight ", qweight.sizes(), ", w_scales ", w_scales.sizes(),
               "): each must span < 2^31 bytes (scales: elements)");
@@ -569,7 +572,7 @@ TORCH_LIBRARY(cometq_C, m) {
       "int mma_path, int tile=0, Tensor(a!)? tile_counters=None) -> Tensor");
   m.def(
       "w16_gemm(Tensor a, Tensor qweight, Tensor w_scales, Tensor? w_offsets, int group_size, Tensor? bias, "
-      "ScalarType out_dtype, int split_k, int tile=0, Tensor(a!)? tile_counters=None) -> Tensor");
+      "ScalarType out_dtype, int split_k, int tile=0, Tensor(a!)? tile_counters=None, bool pdl=False) -> Tensor");
   m.def(
       "kv4_decode_attention(Tensor q, Tensor k_packed, Tensor k_scale, Tensor k_zero, Tensor v_packed, "
       "Tensor v_scale, Tensor v_zero, Tensor tail_k, Tensor tail_v, Tensor block_tables, Tensor quant_lens, "

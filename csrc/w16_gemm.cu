@@ -577,20 +577,27 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[BM / 2], const uint32_t (&a)
 #undef COMETQ_WGMMA_N64
 #undef COMETQ_WGMMA_N32
 
-// K block b -> one stage of the wgmma kernel (layouts in the header above).
+// K block b -> one stage of the wgmma kernel (layouts in the header above), in two halves: the weight
+// side (W tile and scales: constant data) and the activation side (A', the previous kernel's output).
 template <class Cfg, bool HAS_OFF>
-__device__ __forceinline__ void w16wg_load_stage(const CometqW16Args& p, uint8_t* stage, int b, int m0, int n0,
-                                                 int gpb, int grp0) {
+__device__ __forceinline__ void w16wg_load_weights(const CometqW16Args& p, uint8_t* stage, int b, int n0, int gpb,
+                                                   int grp0) {
   const int tid = threadIdx.x;
-  uint8_t* sW = stage;
-  uint8_t* sA = stage + Cfg::W_BYTES;
   const uint8_t* wbase = p.qweight + static_cast<int64_t>(b) * p.ld_wb;
 #pragma unroll
   for (int i = 0; i < Cfg::BN * 4 / Cfg::THREADS; ++i) {
     const int id = tid + i * Cfg::THREADS;
     const int r = id >> 2, j = id & 3;
-    copy_row_chunk(sW + r * 64 + ((j ^ ((r >> 1) & 3)) << 4), wbase, n0 + r, p.N, static_cast<int>(p.ld_w), j * 16);
+    copy_row_chunk(stage + r * 64 + ((j ^ ((r >> 1) & 3)) << 4), wbase, n0 + r, p.N, static_cast<int>(p.ld_w),
+                   j * 16);
   }
+  w16_copy_scales<Cfg::BN, HAS_OFF>(p, reinterpret_cast<float*>(stage + Cfg::TILE_BYTES), n0, gpb, grp0);
+}
+
+template <class Cfg>
+__device__ __forceinline__ void w16wg_load_act(const CometqW16Args& p, uint8_t* stage, int b, int m0) {
+  const int tid = threadIdx.x;
+  uint8_t* sA = stage + Cfg::W_BYTES;
   const uint8_t* abase = static_cast<const uint8_t*>(p.a) + static_cast<int64_t>(b) * 256;
 #pragma unroll
   for (int i = 0; i < Cfg::BM * 16 / Cfg::THREADS; ++i) {
@@ -599,7 +606,6 @@ __device__ __forceinline__ void w16wg_load_stage(const CometqW16Args& p, uint8_t
     copy_row_chunk(sA + (r >> 3) * Cfg::SBO + c * 128 + (r & 7) * 16, abase, m0 + r, p.M,
                    static_cast<int>(p.lda * 2), c * 16);
   }
-  w16_copy_scales<Cfg::BN, HAS_OFF>(p, reinterpret_cast<float*>(stage + Cfg::TILE_BYTES), n0, gpb, grp0);
 }
 
 template <class Cfg, typename T, bool HAS_OFF, bool FIXUP>
@@ -642,11 +648,23 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::MIN_CTAS) w16_wgmma_kernel(
   uint32_t af[Cfg::RING][MT][4];
   uint32_t s2[MT][2], o2[MT][2];
 
+  // Prologue: the weight side of the first AHEAD blocks (one cp.async group), then -- under a
+  // programmatic dependent launch, once the previous kernel (A's producer) has completed -- their
+  // A' tiles, one group each.  Groups [W 0..AHEAD-1][A' 0]..[A' AHEAD-1], then one per prefetched
+  // block: the loop's wait_group(AHEAD - 1) still means "block `it` landed".  Nothing is written
+  // to global memory before pdl_wait_primary (an output buffer may be one the previous kernel
+  // still reads).
 #pragma unroll
   for (int s = 0; s < Cfg::AHEAD; ++s) {
     if (s < nblk) {
-      w16wg_load_stage<Cfg, HAS_OFF>(p, smem + s * stage_b, kb_begin + s, m0, n0, gpb, first_group(kb_begin + s));
+      w16wg_load_weights<Cfg, HAS_OFF>(p, smem + s * stage_b, kb_begin + s, n0, gpb, first_group(kb_begin + s));
     }
+  }
+  cp_async_commit();
+  pdl_wait_primary();
+#pragma unroll
+  for (int s = 0; s < Cfg::AHEAD; ++s) {
+    if (s < nblk) w16wg_load_act<Cfg>(p, smem + s * stage_b, kb_begin + s, m0);
     cp_async_commit();
   }
 #pragma unroll
@@ -661,8 +679,9 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::MIN_CTAS) w16_wgmma_kernel(
     {
       const int pf = it + Cfg::AHEAD;
       if (pf < nblk) {
-        w16wg_load_stage<Cfg, HAS_OFF>(p, smem + (pf % Cfg::STAGES) * stage_b, kb_begin + pf, m0, n0, gpb,
-                                       first_group(kb_begin + pf));
+        uint8_t* stage = smem + (pf % Cfg::STAGES) * stage_b;
+        w16wg_load_weights<Cfg, HAS_OFF>(p, stage, kb_begin + pf, n0, gpb, first_group(kb_begin + pf));
+        w16wg_load_act<Cfg>(p, stage, kb_begin + pf, m0);
       }
       cp_async_commit();
     }
@@ -770,7 +789,25 @@ cudaError_t w16_launch(const CometqW16Args& a, cudaStream_t stream) {
   const unsigned gx = static_cast<unsigned>((a.N + Cfg::BN - 1) / Cfg::BN);
   const unsigned gy = static_cast<unsigned>((a.M + Cfg::BM - 1) / Cfg::BM);
   if (gy > 65535u || a.split_k > 65535) return cudaErrorInvalidConfiguration;
-  kernel<<<dim3(gx, gy, static_cast<unsigned>(a.split_k)), Cfg::THREADS, smem, stream>>>(a);
+  const dim3 grid(gx, gy, static_cast<unsigned>(a.split_k));
+  if (WG && a.pdl) {
+    // a programmatic dependent of the stream's previous kernel (the wgmma kernel waits for it after
+    // its weight prefetch: griddepcontrol.wait); captured into CUDA graphs as a programmatic edge
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = dim3(Cfg::THREADS);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    err = cudaLaunchKernelEx(&cfg, kernel, a);
+    if (err != cudaSuccess) return err;
+    return cudaGetLastError();
+  }
+  kernel<<<grid, Cfg::THREADS, smem, stream>>>(a);
   return cudaGetLastError();
 }
 
@@ -868,6 +905,7 @@ extern "C" cudaError_t cometq_w16_gemm(const CometqW16Args* args, cudaStream_t s
   }
   if (a.split_k < 1 || (a.split_k > 1 && a.workspace == nullptr)) return cudaErrorInvalidValue;
   if (a.tile < COMETQ_W16_TILE_AUTO || a.tile > COMETQ_W16_TILE_WG64_W) return cudaErrorInvalidValue;
+  if (a.pdl != 0 && a.tile < COMETQ_W16_TILE_WG64) return cudaErrorInvalidValue;  // (only the wgmma kernel waits)
   if (!cometq_w16_offsets_fit(&a)) return cudaErrorInvalidValue;
   cudaError_t err;
   if (a.tile == COMETQ_W16_TILE_WG64) {

@@ -196,6 +196,15 @@ def test_diag_wgmma_probe_names_a_wrong_layout(tmp_path):
     assert rows and rows[0] == (0, [0, 9])
 
 
+def test_diag_pdl_runs_without_a_gpu(tmp_path):
+    """bench/diag_pdl.py (gpu_check's pdl stage) imports and exits cleanly here, saying why it skipped."""
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "diag_pdl.py"), "--out", str(tmp_path / "p.json")],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    if not __import__("torch").cuda.is_available():
+        assert json.load(open(tmp_path / "p.json"))["skipped"] == "needs an sm_90 device"
+
+
 def test_diag_prefill_dry_run(tmp_path):
     """bench/diag_prefill.py (gpu_check's prefill stage) on the tiny model: both systems, each
     shape timed and profiled, JSON written; a bad --shapes value is refused."""

@@ -225,7 +225,7 @@ def test_w16_wgmma_kernel_ptx(builds, arch):
     entries = [e for e in re.split(r"\.entry ", ptx)[1:] if "w16_wgmma_kernel" in e.split("(")[0]]
     assert len(entries) == 32
     if arch == "sm_80":
-        assert all("trap;" in e and "wgmma.mma_async" not in e for e in entries)
+        assert all("trap;" in e and "wgmma.mma_async" not in e and "griddepcontrol" not in e for e in entries)
         return
     for e in entries:
         n = e.count("wgmma.mma_async.sync.aligned.m64n")
@@ -235,10 +235,29 @@ def test_w16_wgmma_kernel_ptx(builds, arch):
         assert "wgmma.wait_group.sync.aligned 3;" in e and "wgmma.fence.sync.aligned;" in e
         assert "fence.proxy.async.shared::cta;" in e
         assert "cp.async.cg.shared.global" in e
+        # programmatic dependent launch: the weight prefetch, then the wait for A's producer, then A'
+        assert e.count("griddepcontrol.wait;") == 1
     assert any(".f32.bf16.bf16" in e for e in entries) and any(".f32.f16.f16" in e for e in entries)
     rc, out, _ = builds[("obj", "w16_gemm.cu", arch)]
     assert rc == 0
     assert "C7513" not in out and "serialized" not in out, [ln for ln in out.splitlines() if "serialized" in ln][:3]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_act_quant_lets_its_dependent_launch_early(builds, arch):
+    """The CUDA act-quant kernels (the w16 GEMM's producers) signal griddepcontrol.launch_dependents on
+    sm_90a, first thing (the wgmma GEMM launched after them as a programmatic dependent starts its
+    weight prefetch meanwhile); sm_80 code has no griddepcontrol at all."""
+    path = os.path.join(builds["_tmp"], f"act_quant.{arch}.ptx")
+    r = subprocess.run([NVCC, "-ptx", f"-arch={arch}", "-O3", "-std=c++17", "-I", CSRC,
+                        os.path.join(CSRC, "act_quant.cu"), "-o", path], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    entries = re.split(r"\.entry ", open(path).read())[1:]
+    assert len(entries) == EXPECTED_ENTRIES["act_quant.cu"]
+    if arch == "sm_80":
+        assert not any("griddepcontrol" in e for e in entries)
+    else:
+        assert all(e.count("griddepcontrol.launch_dependents;") == 1 for e in entries)
 
 
 @pytest.mark.parametrize("std", ["c++17", "c++20"])
@@ -381,6 +400,9 @@ int main() {
   CHECK(cometq_w16_gemm(&w, 0) == cudaErrorInvalidValue);
   w.split_k = 1; w.tile = 8;                                   // no such tile
   CHECK(cometq_w16_gemm(&w, 0) == cudaErrorInvalidValue);
+  w.tile = 0; w.pdl = 1;                                       // PDL: the wgmma tiles only
+  CHECK(cometq_w16_gemm(&w, 0) == cudaErrorInvalidValue);
+  w.pdl = 0;
   w.tile = 0; w.M = 1 << 20; w.lda = 1 << 12;                  // A' spans 2^33 bytes: 32-bit offsets refused
   CHECK(cometq_w16_offsets_fit(&w) == 0);
   CHECK(cometq_w16_gemm(&w, 0) == cudaErrorInvalidValue);

@@ -193,6 +193,44 @@ def test_w16_wgmma_tiles(C, tile, m, n, k, group, sym, block_major, dt):
             _check(y, ref, out_dtype)
 
 
+@pytest.mark.parametrize("tile", [4, 7])
+def test_w16_wgmma_pdl_same_bits_after_the_act_quant_kernel(C, tile):
+    """A programmatic dependent launch of the wgmma GEMM right after the CUDA act-quant kernel that
+    produces its A' (which lets it start early): the same bits as a plain launch, eagerly and
+    replayed from a CUDA graph (three rounds, the activations changed between replays)."""
+    if not _sm90():
+        pytest.skip("the wgmma tiles need an sm_90 device")
+    if not C.HAS_FAKE_QUANT:
+        pytest.skip("the built extension predates the FAKE act-quant op")
+    m, n, k = 64, 520, 2048
+    g = torch.Generator().manual_seed(tile)
+    qw = R.quantize_weight_rtn(torch.randn(n, k, generator=g) * 0.05, 128, sym=False)
+    qweight, sc, off = _to(qw.qweight), _to(qw.scales), _to(qw.offsets)
+    perm = torch.randperm(k, generator=g).to(DEV)
+    bits = (torch.arange(k // 128) % 4 == 0).to(torch.int32).to(DEV) * 4 + 4  # every 4th block INT8
+    x = torch.randn(m, k, generator=g).half().to(DEV)
+
+    def step(pdl):
+        a = C.cuda_fake_quant_act(x, perm, bits, int((bits == 8).sum()), "block", 1.0, torch.float16)
+        return C.cuda_w16_gemm(a, qweight, sc, off, 128, None, torch.float16, split_k=2, tile=tile, pdl=pdl)
+
+    want = step(False)
+    assert torch.equal(step(True), want)
+    graph = torch.cuda.CUDAGraph()
+    step(True)
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph):
+        y = step(True)
+    for _ in range(3):
+        x.copy_(torch.randn(m, k, generator=g).half().to(DEV))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y, step(False))
+    with pytest.raises(ValueError, match="pdl=True .* applies to the wgmma tiles"):
+        C.cuda_w16_gemm(x[:, :128].contiguous(), qweight[:, :64].contiguous(), sc[:, :1].contiguous(), None, 128,
+                        None, torch.float16, tile=0, pdl=True)
+
+
 def test_w16_wgmma_tiles_reject_what_they_cannot_run(C):
     a, qw, gs, _ = _operands(32, 64, 256, 64, True, torch.float16, 5)
     a, qweight, sc = _to(a), _to(qw.qweight), _to(qw.scales)

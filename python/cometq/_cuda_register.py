@@ -70,6 +70,16 @@ W16_TILE_ABOVE_M = {2: 32, 3: 16, 4: 16, 5: 16, 6: 16, 7: 16}
 W16_WGMMA_ENV = "COMETQ_W16_WGMMA"
 
 
+#: ``COMETQ_W16_PDL=1``: the wgmma tiles launch as programmatic dependents of the stream's previous
+#: kernel (the CUDA act-quant kernels let them start early: their weight prefetch overlaps the
+#: activation pass).  Off by default until a GPU run has measured it (bench/diag_pdl.py).
+W16_PDL_ENV = "COMETQ_W16_PDL"
+
+
+def w16_pdl_enabled() -> bool:
+    return os.environ.get(W16_PDL_ENV, "0") == "1"
+
+
 def w16_tiles(device, group: int) -> tuple:
     """The tiles of :data:`W16_TILES` the "cuda" w16 GEMM may launch on ``device`` for resolved weight
     group ``group``: the wgmma tiles only on an sm_90 device, for ``group >= 128``, and unless
@@ -135,7 +145,7 @@ HAS_W16 = hasattr(torch.ops.cometq_C, "w16_gemm")
 if HAS_W16:
     @torch.library.register_fake("cometq_C::w16_gemm")
     def _w16_gemm_fake(a, qweight, w_scales, w_offsets, group_size, bias, out_dtype, split_k, tile=0,
-                       tile_counters=None):
+                       tile_counters=None, pdl=False):
         if tile_counters is not None:
             torch._check(tile_counters.dtype == torch.int32 and tile_counters.dim() == 1,
                          lambda: f"tile_counters must be 1-D int32, got {tile_counters.dtype} "
@@ -146,6 +156,8 @@ if HAS_W16:
                                                 f"(16 x 128) or a wgmma tile 4 (64 x 128), 5 (64 x 64), 6 (32 x 128), "
                                                 f"7 (64 x 256), got tile={tile}")
         torch._check(split_k >= 0, lambda: f"split_k must be >= 0 (0 = auto), got {split_k}")
+        torch._check(not pdl or tile in W16_WGMMA_TILES,
+                     lambda: f"pdl=True (a programmatic dependent launch) applies to the wgmma tiles 4-7 only, got tile={tile}")
         return qweight.new_empty((a.shape[0], qweight.shape[0]), dtype=out_dtype)
 
 
@@ -263,19 +275,25 @@ def cuda_w4ax_gemm(q4, q8, a_scales, block_bits, qweight, w_scales, group_size, 
 
 
 def cuda_w16_gemm(a, qweight, w_scales, w_offsets, group, bias, out_dtype, stride_wb=None, config=None, *,
-                  split_k: int = 0, tile: int = 0, tile_counters=None):
+                  split_k: int = 0, tile: int = 0, tile_counters=None, pdl: bool = False):
     """The w16 route's GEMM in CUDA (csrc/w16_gemm.cu): same contract as
     :func:`cometq.kernels.w16_gemm.w16_gemm` for fp16 / bf16 ``a`` (``group``: the resolved width;
     ``stride_wb`` / ``config`` are the Triton kernel's launch details, ignored); ``split_k`` (0 =
     the kernel's rule) and ``tile`` (:data:`W16_TILES`) are tuning knobs; ``tile_counters``
-    (:func:`cuda_tile_counters`): a split launch sums its slabs in-kernel (same bits)."""
+    (:func:`cuda_tile_counters`): a split launch sums its slabs in-kernel (same bits); ``pdl``
+    (wgmma tiles): launched as a programmatic dependent of the stream's previous kernel -- its
+    weight prefetch overlaps that kernel, same result."""
     a = _aligned(a)
     check_w16_gemm_inputs(a, qweight, w_scales, w_offsets, group, bias, out_dtype, split_k, tile)
     _check_counters(tile_counters, qweight.device)
+    if pdl and tile not in W16_WGMMA_TILES:
+        raise ValueError(f"pdl=True (a programmatic dependent launch) applies to the wgmma tiles "
+                         f"{W16_WGMMA_TILES} only, got tile={tile}")
+    extra = (True,) if pdl else ()  # (an extension built before the flag still runs the others)
     return torch.ops.cometq_C.w16_gemm(
         a, qweight if qweight.dim() == 3 else _aligned(qweight), w_scales.contiguous(),
         None if w_offsets is None else w_offsets.contiguous(), int(group),
-        None if bias is None else bias.contiguous(), out_dtype, int(split_k), int(tile), tile_counters)
+        None if bias is None else bias.contiguous(), out_dtype, int(split_k), int(tile), tile_counters, *extra)
 
 
 #: ``(split_k, tile)`` candidates the "cuda" w16 GEMM times per case (split 0: the kernel's rule)
@@ -294,9 +312,11 @@ def _w16_impl(a, qweight, w_scales, w_offsets, group, bias, out_dtype, stride_wb
     counters = (cuda_tile_counters(qweight.device, -(-a.shape[0] // 16) * -(-qweight.shape[0] // 128))
                 if cuda_splitk_fixup_enabled() else None)
 
+    pdl = w16_pdl_enabled()
+
     def launch(choice):
         return cuda_w16_gemm(a, qweight, w_scales, w_offsets, group, bias, out_dtype, split_k=choice[0],
-                             tile=choice[1], tile_counters=counters)
+                             tile=choice[1], tile_counters=counters, pdl=pdl and choice[1] in W16_WGMMA_TILES)
 
     m = a.shape[0]
     tiles = w16_tiles(a.device, int(group))
