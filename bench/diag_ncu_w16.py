@@ -23,6 +23,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--m", type=int, default=64)
     ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--no-attention", action="store_true", help="only the w16 GEMMs")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to profile")
@@ -52,7 +53,37 @@ def main() -> int:
         torch.cuda.synchronize()
         print(f"{name}: M={args.m} N={n} K={k}: triton config {cfg}, cuda tiles "
               f"{list(CR.w16_tiles(dev, 128)) if has_cuda else 'none'}")
+    if has_cuda and not args.no_attention:
+        kv4_attention(CR, args.reps)
     return 0
+
+
+def kv4_attention(CR, reps: int) -> None:
+    """The CUDA KV4 decode attention kernel at #6's target row (batch 16, context 4096, 32 / 8 heads,
+    head_dim 128, key group 32: bench_attention.py's defaults), both launch variants at the default
+    split count: H200 run 10 timed it at 0.0572 ms, ~1.2 TB/s of the pool's bytes -- a quarter of
+    the HBM rate, with ~500 SASS instructions per 16 tokens and warp: the stall reasons say why."""
+    import importlib.util
+    import os
+
+    from cometq.paged import default_num_splits
+
+    spec = importlib.util.spec_from_file_location("bench_attention", os.path.join(os.path.dirname(__file__),
+                                                                                  "bench_attention.py"))
+    BA = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(BA)
+    b, t, hq, h, d, bs, grp = 16, 4096, 32, 8, 128, 64, 32
+    pool = BA.build_pool(b, t, h, d, bs, grp, "channel", "token", "cuda")
+    q = torch.randn(b, hq, d, device="cuda", dtype=torch.float16)
+    splits = default_num_splits(b, h, -(-t // bs))
+    raw = (q, pool["k_packed"], pool["k_scale"], pool["k_zero"], pool["v_packed"], pool["v_scale"], pool["v_zero"],
+           pool["tail_k"], pool["tail_v"], pool["block_tables"], pool["quant_lens"], pool["tail_lens"],
+           pool["seq_ids"], grp, "channel", "token", d ** -0.5, splits)
+    for _ in range(reps):
+        for var in CR.KV4_ATTN_VARIANTS:
+            CR.cuda_kv4_decode_attention(*raw, variant=var)
+    torch.cuda.synchronize()
+    print(f"kv4 attention: batch {b} context {t} splits {splits} variants {list(CR.KV4_ATTN_VARIANTS)}")
 
 
 if __name__ == "__main__":

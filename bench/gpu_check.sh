@@ -437,7 +437,7 @@ bench gemm "$GL" $PY bench/bench_gemm.py ${GEMM_ARGS:---shapes 8B.gate_up,8B.qkv
 NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
 if [ -n "$NCU" ]; then
   bench ncu_w16 "${NCU_CAP:-45}" "$NCU" --section WarpStateStats --section SchedulerStats --section Occupancy \
-    --section SpeedOfLight -k regex:"w16_(gemm|wgmma)_kernel" --launch-skip 0 --launch-count 20 $PY bench/diag_ncu_w16.py --reps 1
+    --section SpeedOfLight -k regex:"w16_(gemm|wgmma)_kernel|kv4_attn_kernel" --launch-skip 0 --launch-count 24 $PY bench/diag_ncu_w16.py --reps 1
 else
   log "ncu_w16: no ncu on this image"; stage ncu_w16 "no ncu" 0
 fi
