@@ -530,12 +530,13 @@ def bench_gemm(args, rows, errors, dev, budget=None, flush=lambda: None):
                                                                        torch.float16))
                                             cb()
                                             _try(row, "cuda-w16-wbm", cb, args, flops, nbytes)
-                                        if 4 in CR.w16_tiles(a16.device, grp) and m > 16:
+                                        wt = 8 if m <= 16 else 4
+                                        if wt in CR.w16_tiles(a16.device, grp) and m <= 64:
                                             # the wgmma tile (sm_90) with the kernel's split rule, untuned:
                                             # what the kernel does on its own beside the tuned choice
                                             cw = (lambda: CR.cuda_w16_gemm(a16, qweight_bm if qweight_bm is not None
                                                                            else qweight, w_sc, w_off, grp, None,
-                                                                           torch.float16, tile=4))
+                                                                           torch.float16, tile=wt))
                                             cw()
                                             _try(row, "cuda-wgmma", cw, args, flops, nbytes)
                                 except Exception as e:  # noqa: BLE001
@@ -715,8 +716,9 @@ def markdown(rows, backends):
                    "16-bit MMA on the activations quantized and dequantized once (kernels/w16_gemm.py; GEMM "
                    "alone, `-wbm` block-major weights, `+aq` with the one-pass activation quantize-dequantize; "
                    "not integer-exact); `cuda-w16`: the same GEMM in CUDA (csrc/w16_gemm.cu, split and tile "
-                   "tuned per case); `cuda-wgmma` (sm_90, G >= 128, M > 16): its wgmma kernel (64 tokens x 128 "
-                   "weight rows, the kernel's split rule, block-major weights where the row has them). "
+                   "tuned per case); `cuda-wgmma` (sm_90, G >= 128, M <= 64): its wgmma kernel (64 -- at M <= 16: "
+                   "16 -- tokens x 128 weight rows, the kernel's split rule, block-major weights where the row has "
+                   "them). "
                    "TFLOP/s and the configs are in gemm.json.")
     graphed = [r for r in ours if any(k.endswith("-graph_us") for k in r)]
     if graphed:

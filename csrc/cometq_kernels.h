@@ -123,7 +123,7 @@ cudaError_t cometq_w4ax_gemm(const CometqGemmArgs* args, cudaStream_t stream);
 // N32 / N16 = the 32- / 16-token tile whatever M (more, lighter CTAs: each weight tile is read
 // once per token tile, from L2 after the first).  WG64 / WG64_R64 / WG32 / WG64_W: the wgmma kernel
 // (sm_90 devices only, else cudaErrorInvalidDeviceFunction; weight groups >= 128 channels): 64
-// tokens x 128 weight rows, 64 x 64, 32 x 128, and 64 x 256 (two warpgroups).
+// tokens x 128 weight rows, 64 x 64, 32 x 128, 64 x 256 (two warpgroups), and 16 x 128 (M <= 16).
 enum {
   COMETQ_W16_TILE_AUTO = 0,
   COMETQ_W16_TILE_WIDE = 1,
@@ -132,7 +132,8 @@ enum {
   COMETQ_W16_TILE_WG64 = 4,
   COMETQ_W16_TILE_WG64_R64 = 5,
   COMETQ_W16_TILE_WG32 = 6,
-  COMETQ_W16_TILE_WG64_W = 7
+  COMETQ_W16_TILE_WG64_W = 7,
+  COMETQ_W16_TILE_WG16 = 8
 };
 
 typedef struct CometqW16Args {

@@ -395,9 +395,9 @@ at::Tensor w16_gemm_cuda(const at::Tensor& a, const at::Tensor& qweight, const a
   int bias_code = COMETQ_DTYPE_F32;
   const void* bias_ptr = check_bias(bias, N, op, dev, &bias_code);
   TORCH_CHECK(split_k >= 0, op, ": split_k must be >= 0 (0 = auto), got ", split_k);
-  TORCH_CHECK(tile >= COMETQ_W16_TILE_AUTO && tile <= COMETQ_W16_TILE_WG64_W, op,
+  TORCH_CHECK(tile >= COMETQ_W16_TILE_AUTO && tile <= COMETQ_W16_TILE_WG16, op,
               ": tile must be 0 (by M), 1 (64 x 256, 8 warps), 2 (32 x 128), 3 (16 x 128) or a wgmma tile 4 (64 x 128), "
-              "5 (64 x 64), 6 (32 x 128), 7 (64 x 256), got ", tile);
+              "5 (64 x 64), 6 (32 x 128), 7 (64 x 256), 8 (16 x 128), got ", tile);
   if (tile >= COMETQ_W16_TILE_WG64) {
     int major = 0, minor = 0;
     check_cuda_error(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev.index()), op);
@@ -408,7 +408,7 @@ at::Tensor w16_gemm_cuda(const at::Tensor& a, const at::Tensor& qweight, const a
                 " channels (one group per row and K block), got group_size=", group_size, " (G=", G, ")");
   }
   TORCH_CHECK(!pdl || tile >= COMETQ_W16_TILE_WG64, op, ": pdl=True (a programmatic dependent launch) applies to the "
-              "wgmma tiles 4-7 only, got tile=", tile);
+              "wgmma tiles 4-8 only, got tile=", tile);
   TORCH_CHECK(M <= INT32_MAX && N <= INT32_MAX && nb <= (1 << 20), op, ": problem too large (M=", M, ", N=", N,
               ", blocks=", nb, ")");
 

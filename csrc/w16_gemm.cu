@@ -475,7 +475,7 @@ struct W16WgCfg {
     // 128-byte aligned stages: the A' core matrices of every stage 128-byte aligned
     return ((TILE_BYTES + (off ? 2 : 1) * BN * gpb * 4 + 127) / 128) * 128;
   }
-  static_assert(BM == 32 || BM == 64, "the wgmma wrappers below: n = 32 or 64 tokens");
+  static_assert(BM == 16 || BM == 32 || BM == 64, "the wgmma wrappers below: n = 16, 32 or 64 tokens");
   static_assert(STAGES >= 3 && RING >= 2 && 8 % RING == 0, "one stage of slack; the ring wraps at a block");
   static_assert(BN <= THREADS, "one scale row per thread");
 };
@@ -488,6 +488,10 @@ using W16Wg64 = W16WgCfg<64, 2, 1, 4, 4, 2>;
 using W16Wg64R64 = W16WgCfg<64, 1, 1, 4, 4, 2>;
 using W16Wg32 = W16WgCfg<32, 2, 1, 4, 4, 3>;
 using W16Wg64W = W16WgCfg<64, 2, 2, 4, 4, 1>;
+// M <= 16: weight-bandwidth-bound; 16 tokens x 128 rows, 5 stages of 13 KB (3 blocks in flight, 3 CTAs
+// per SM): per k-step the same ~36 instructions per warp dequantize 1 KB of weights (the 16-token
+// mma.sync tile: ~4.4 B per instruction, ~1.6x more instructions per weight byte)
+using W16Wg16 = W16WgCfg<16, 2, 1, 5, 4, 3>;
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define COMETQ_HAS_WGMMA 1
@@ -543,6 +547,14 @@ __device__ __forceinline__ void fence_proxy_async_smem() {
                  "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])  \
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc))
 
+#define COMETQ_WGMMA_N16(TY)        \
+  asm volatile("wgmma.mma_async.sync.aligned.m64n16k16.f32." TY "." TY " "  \
+               "{%0, %1, %2, %3, %4, %5, %6, %7}, "  \
+               "{%8, %9, %10, %11}, %12, 1, 1, 1, 0;\n"  \
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]),  \
+                 "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])  \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc))
+
 #define COMETQ_WGMMA_N32(TY)        \
   asm volatile("wgmma.mma_async.sync.aligned.m64n32k16.f32." TY "." TY " "  \
                "{%0, %1, %2, %3, %4, %5, %6, %7, "  \
@@ -563,11 +575,17 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[BM / 2], const uint32_t (&a)
     } else {
       COMETQ_WGMMA_N64("bf16");
     }
-  } else {
+  } else if constexpr (BM == 32) {
     if constexpr (std::is_same<T, __half>::value) {
       COMETQ_WGMMA_N32("f16");
     } else {
       COMETQ_WGMMA_N32("bf16");
+    }
+  } else {
+    if constexpr (std::is_same<T, __half>::value) {
+      COMETQ_WGMMA_N16("f16");
+    } else {
+      COMETQ_WGMMA_N16("bf16");
     }
   }
 #else
@@ -576,6 +594,7 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[BM / 2], const uint32_t (&a)
 }
 #undef COMETQ_WGMMA_N64
 #undef COMETQ_WGMMA_N32
+#undef COMETQ_WGMMA_N16
 
 // K block b -> one stage of the wgmma kernel (layouts in the header above), in two halves: the weight
 // side (W tile and scales: constant data) and the activation side (A', the previous kernel's output).
@@ -836,6 +855,9 @@ void w16_tile_dims(int M, int tile, int* bm, int* bn) {
   } else if (tile == COMETQ_W16_TILE_WG64_W) {
     *bm = W16Wg64W::BM;
     *bn = W16Wg64W::BN;
+  } else if (tile == COMETQ_W16_TILE_WG16) {
+    *bm = W16Wg16::BM;
+    *bn = W16Wg16::BN;
   } else if (tile == COMETQ_W16_TILE_WG64_R64) {
     *bm = W16Wg64R64::BM;
     *bn = W16Wg64R64::BN;
@@ -904,7 +926,7 @@ extern "C" cudaError_t cometq_w16_gemm(const CometqW16Args* args, cudaStream_t s
     return cudaErrorInvalidValue;  // (16-byte aligned A' rows: cp.async)
   }
   if (a.split_k < 1 || (a.split_k > 1 && a.workspace == nullptr)) return cudaErrorInvalidValue;
-  if (a.tile < COMETQ_W16_TILE_AUTO || a.tile > COMETQ_W16_TILE_WG64_W) return cudaErrorInvalidValue;
+  if (a.tile < COMETQ_W16_TILE_AUTO || a.tile > COMETQ_W16_TILE_WG16) return cudaErrorInvalidValue;
   if (a.pdl != 0 && a.tile < COMETQ_W16_TILE_WG64) return cudaErrorInvalidValue;  // (only the wgmma kernel waits)
   if (!cometq_w16_offsets_fit(&a)) return cudaErrorInvalidValue;
   cudaError_t err;
@@ -916,6 +938,8 @@ extern "C" cudaError_t cometq_w16_gemm(const CometqW16Args* args, cudaStream_t s
     err = cometq::w16_launch_fix<cometq::W16Wg32, true>(a, stream);
   } else if (a.tile == COMETQ_W16_TILE_WG64_W) {
     err = cometq::w16_launch_fix<cometq::W16Wg64W, true>(a, stream);
+  } else if (a.tile == COMETQ_W16_TILE_WG16) {
+    err = cometq::w16_launch_fix<cometq::W16Wg16, true>(a, stream);
   } else if (a.tile == COMETQ_W16_TILE_WIDE) {
     err = cometq::w16_launch_fix<cometq::W16Wide>(a, stream);
   } else if (a.M <= 16 || a.tile == COMETQ_W16_TILE_N16) {

@@ -214,9 +214,9 @@ def test_good_w16_inputs_pass(sym):
     (dict(w_scales=torch.rand(24, 4)), ValueError, r"w_scales shape \(24, 4\) != \(24, 5\)"),
     (dict(bias=torch.randn(7)), ValueError, r"bias shape \(7,\) != \(24,\)"),
     (dict(split_k=-1), ValueError, r"split_k must be >= 0"),
-    (dict(tile=8), ValueError, r"tile must be 0 \(by M\), 1 \(64 x 256, 8 warps\), 2 \(32 x 128\), 3 \(16 x 128\) "
+    (dict(tile=9), ValueError, r"tile must be 0 \(by M\), 1 \(64 x 256, 8 warps\), 2 \(32 x 128\), 3 \(16 x 128\) "
                                r"or a wgmma tile 4 \(64 x 128\), 5 \(64 x 64\), 6 \(32 x 128\), 7 \(64 x 256\), "
-                               r"got 8"),
+                               r"8 \(16 x 128\), got 9"),
     (dict(tile=5), ValueError, r"tile=5 is a wgmma tile, which needs an sm_90 \(Hopper\) GPU; this device is cpu"),
     (dict(out_dtype=torch.int8), TypeError, r"out_dtype must be"),
 ])
@@ -228,7 +228,7 @@ def test_bad_w16_inputs_raise(change, exc, match):
 def test_w16_wgmma_tiles_need_whole_block_groups():
     a = _w16_args(group=64)
     CC.check_w16_gemm_inputs(**a)  # (the mma.sync tiles take G = 64)
-    for tile in (4, 5, 6, 7):
+    for tile in (4, 5, 6, 7, 8):
         with pytest.raises(ValueError, match=f"tile={tile} \\(a wgmma tile\\) needs a weight group of at least 128 "
                                              r"channels \(one group per row and K block\), got group_size=64"):
             CC.check_w16_gemm_inputs(**dict(a, tile=tile))

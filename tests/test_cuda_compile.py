@@ -35,9 +35,9 @@ EXPECTED_ENTRIES = {"w4ax_gemm.cu": 29, "act_quant.cu": 18,  # gemm: 4 tiles x s
                     # again with the in-kernel split-K reduction (FIXUP) + the finalize kernel;
                     # act_quant: class-row, block and rows kernels x 3 dtypes x packed / FAKE output
                     "kv4_attention.cu": 10,  # head_dim 64/128 x fp16/bf16 IO x 2 launch variants + 2 reduces
-                    # 4 mma.sync tiles + 4 wgmma tiles, each x fp16/bf16 operands x sym/asym weights x in-kernel
+                    # 4 mma.sync tiles + 5 wgmma tiles, each x fp16/bf16 operands x sym/asym weights x in-kernel
                     # split-K or not
-                    "w16_gemm.cu": 64}
+                    "w16_gemm.cu": 72}
 # torch's extension build adds these defines to every nvcc call (no implicit half/bfloat16
 # conversions or operators): compile with them too, or code that only builds outside torch passes
 # here (run 9 on the H200: `T(0.f)` for T = __half broke the extension build)
@@ -223,14 +223,14 @@ def test_w16_wgmma_kernel_ptx(builds, arch):
     exist and trap (the launcher never starts them there)."""
     ptx = _ptx(builds, "ptx-w16", "w16_gemm", arch)
     entries = [e for e in re.split(r"\.entry ", ptx)[1:] if "w16_wgmma_kernel" in e.split("(")[0]]
-    assert len(entries) == 32
+    assert len(entries) == 40
     if arch == "sm_80":
         assert all("trap;" in e and "wgmma.mma_async" not in e and "griddepcontrol" not in e for e in entries)
         return
     for e in entries:
         n = e.count("wgmma.mma_async.sync.aligned.m64n")
         assert n in (8, 16), n
-        assert re.search(r"wgmma\.mma_async\.sync\.aligned\.m64n(32|64)k16\.f32\.(bf16\.bf16|f16\.f16) \{[^}]*\}, "
+        assert re.search(r"wgmma\.mma_async\.sync\.aligned\.m64n(16|32|64)k16\.f32\.(bf16\.bf16|f16\.f16) \{[^}]*\}, "
                          r"\{%r\d+, %r\d+, %r\d+, %r\d+\}, %rd\d+", e), "A must come from registers"
         assert "wgmma.wait_group.sync.aligned 3;" in e and "wgmma.fence.sync.aligned;" in e
         assert "fence.proxy.async.shared::cta;" in e
@@ -375,6 +375,8 @@ int main() {
   CHECK(cometq_w16_num_tiles(64, 28672, COMETQ_W16_TILE_WG32) == 448);  // wgmma 32 x 128 whatever M
   CHECK(cometq_w16_num_tiles(8, 4096, COMETQ_W16_TILE_WG32) == 32);
   CHECK(cometq_w16_num_tiles(64, 28672, COMETQ_W16_TILE_WG64_W) == 112);  // wgmma 64 x 256, 2 warpgroups
+  CHECK(cometq_w16_num_tiles(16, 28672, COMETQ_W16_TILE_WG16) == 224);  // wgmma 16 x 128
+  CHECK(cometq_w16_num_tiles(40, 4096, COMETQ_W16_TILE_WG16) == 96);    // 3 token tiles whatever M
   CHECK(cometq_w16_choose_split(1, 4096, 32, 132, 0, 0) == 8);          // ceil(264 / 32) = 9, capped at 32 / 4
   CHECK(cometq_w16_choose_split(1, 28672, 32, 132, 0, 0) == 2);         // 224 tiles: ceil(264 / 224)
   CHECK(cometq_w16_choose_split(64, 28672, 32, 132, 0, 0) == 1);        // 224 tiles cover the SMs: no slabs
@@ -398,7 +400,7 @@ int main() {
   CHECK(cometq_w16_gemm(&w, 0) == cudaErrorInvalidValue);
   w.lda = 128; w.split_k = 2;                                  // split without workspace
   CHECK(cometq_w16_gemm(&w, 0) == cudaErrorInvalidValue);
-  w.split_k = 1; w.tile = 8;                                   // no such tile
+  w.split_k = 1; w.tile = 9;                                   // no such tile
   CHECK(cometq_w16_gemm(&w, 0) == cudaErrorInvalidValue);
   w.tile = 0; w.pdl = 1;                                       // PDL: the wgmma tiles only
   CHECK(cometq_w16_gemm(&w, 0) == cudaErrorInvalidValue);

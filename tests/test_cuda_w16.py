@@ -131,7 +131,8 @@ def test_w16_dispatch_and_route(C):
                                                 (100, 136, 640, 5, 0), (40, 260, 2048, 3, 3), (64, 130, 1280, 2, 2),
                                                 pytest.param(64, 520, 2048, 4, 4, id="wgmma-64x128"),
                                                 pytest.param(40, 200, 1280, 3, 5, id="wgmma-64x64"),
-                                                pytest.param(64, 600, 2048, 3, 7, id="wgmma-64x256")])
+                                                pytest.param(64, 600, 2048, 3, 7, id="wgmma-64x256"),
+                                                pytest.param(9, 4096, 4096, 4, 8, id="wgmma-16x128")])
 def test_w16_splitk_fixup_bit_identical(C, m, n, k, split_k, tile):
     """The in-kernel split-K reduction (tile counters: each tile's last split sums the slabs) gives
     the finalize kernel's bits -- twice in a row and replayed from a CUDA graph -- and leaves every
@@ -156,7 +157,7 @@ def test_w16_rejects_bad_inputs(C):
         C.cuda_w16_gemm(torch.zeros(4, 384, dtype=torch.float16, device=DEV), qweight, sc, None, gs, None,
                         torch.float16)
     with pytest.raises(ValueError, match="tile must be"):
-        C.cuda_w16_gemm(a, qweight, sc, None, gs, None, torch.float16, tile=8)
+        C.cuda_w16_gemm(a, qweight, sc, None, gs, None, torch.float16, tile=9)
     with pytest.raises(ValueError, match="w_scales shape"):
         C.cuda_w16_gemm(a, qweight, sc[:, :0], None, gs, None, torch.float16)
     with pytest.raises(ValueError, match="tile_counters must be 1-D int32"):
@@ -171,7 +172,7 @@ def test_w16_rejects_bad_inputs(C):
     assert C.cuda_w16_gemm(a[:0], qweight, sc, None, gs, None, torch.float16).shape == (0, 64)
 
 
-@pytest.mark.parametrize("tile", [4, 5, 6, 7])
+@pytest.mark.parametrize("tile", [4, 5, 6, 7, 8])
 @pytest.mark.parametrize("m,n,k,group,sym,block_major,dt", [
     (64, 200, 1024, 128, False, False, torch.float16),   # the decode batch, N past a 128-row tile
     (17, 136, 576, -1, True, True, torch.bfloat16),     # per-channel, K = 576 -> 640, block-major
@@ -239,7 +240,7 @@ def test_w16_wgmma_tiles_reject_what_they_cannot_run(C):
             C.cuda_w16_gemm(a, qweight, sc, None, gs, None, torch.float16, tile=4)
         with pytest.raises(RuntimeError, match="needs a weight group of at least 128"):  # the op's own check
             torch.ops.cometq_C.w16_gemm(a, qweight, sc, None, gs, None, torch.float16, 1, 5, None)
-        assert set(C.w16_tiles(DEV, 128)) == set(C.W16_TILES) and not set(C.w16_tiles(DEV, 64)) & {4, 5, 6, 7}
+        assert set(C.w16_tiles(DEV, 128)) == set(C.W16_TILES) and not set(C.w16_tiles(DEV, 64)) & {4, 5, 6, 7, 8}
     else:
         a2, qw2, gs2, _ = _operands(32, 64, 256, 128, True, torch.float16, 6)
         with pytest.raises(ValueError, match="needs an sm_90"):

@@ -295,7 +295,7 @@ def test_k_slots_cover_each_position_once_per_block():
 # ---------------------------------------------------------------------------- the wgmma kernel
 # tile variants of w16_wgmma_kernel (csrc/w16_gemm.cu W16WgCfg): (BM tokens, MT m64 weight tiles per
 # warpgroup, WG warpgroups)
-WG_TILES = {"wg64": (64, 2, 1), "wg64r64": (64, 1, 1), "wg32": (32, 2, 1), "wg64w": (64, 2, 2)}
+WG_TILES = {"wg64": (64, 2, 1), "wg64r64": (64, 1, 1), "wg32": (32, 2, 1), "wg64w": (64, 2, 2), "wg16": (16, 2, 1)}
 WG_LBO, WG_SBO = 8 * 128, 16 * 128
 
 
@@ -410,6 +410,7 @@ def emulate_w16_wgmma(a16: np.ndarray, qweight: np.ndarray, scales, offsets, gro
     ("wg64r64", 70, 72, 2, 128, True, "bf16", 1),   # two token tiles, the last with 6 rows
     ("wg32", 33, 130, 4, 256, False, "fp16", 3),    # G = 256 (two blocks per group), 3 splits
     ("wg64w", 64, 300, 2, 128, True, "bf16", 2),    # two warpgroups (256 rows), N past the tile edge
+    ("wg16", 5, 130, 3, 128, True, "fp16", 2),      # the M <= 16 tile: 5 tokens, split-K
 ])
 def test_emulated_w16_wgmma_is_the_definition(tile, m, n, nb, group, asym, dtype, split):
     a16, a_vals, qweight, scales, offsets, g = _case(m, n, nb, group, asym, dtype, seed=m * 7 + n)

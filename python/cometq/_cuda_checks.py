@@ -16,8 +16,8 @@ DEVICE_TYPE = "cuda"
 
 
 #: csrc/cometq_kernels.h COMETQ_W16_TILE_*: every tile id, and the wgmma kernel's (sm_90, G >= 128)
-W16_TILE_IDS = (0, 1, 2, 3, 4, 5, 6, 7)
-W16_WGMMA_TILE_IDS = (4, 5, 6, 7)
+W16_TILE_IDS = (0, 1, 2, 3, 4, 5, 6, 7, 8)
+W16_WGMMA_TILE_IDS = (4, 5, 6, 7, 8)
 
 def _scale_mode(scale_mode) -> str:
     if scale_mode not in ("block", "class"):
@@ -183,7 +183,7 @@ def check_w16_gemm_inputs(a, qweight, w_scales, w_offsets, group_size, bias, out
         raise ValueError(f"split_k must be >= 0 (0 = auto), got {split_k}")
     if tile not in W16_TILE_IDS:
         raise ValueError(f"tile must be 0 (by M), 1 (64 x 256, 8 warps), 2 (32 x 128), 3 (16 x 128) or a wgmma tile "
-                         f"4 (64 x 128), 5 (64 x 64), 6 (32 x 128), 7 (64 x 256), got {tile!r}")
+                         f"4 (64 x 128), 5 (64 x 64), 6 (32 x 128), 7 (64 x 256), 8 (16 x 128), got {tile!r}")
     if tile in W16_WGMMA_TILE_IDS:
         g = k_pad if group_size in (None, -1) else int(group_size)
         if g < BLOCK_K:

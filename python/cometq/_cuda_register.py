@@ -56,13 +56,16 @@ TILE_MID3_MAX_M = 64
 #: w16 GEMM tile variants (COMETQ_W16_TILE_*): 0 = by M (16 / 32 / 64 tokens x 128 weight rows),
 #: 1 = 64 tokens x 256 weight rows (8 warps), 2 / 3 = 32 / 16 tokens x 128 rows whatever M (H200 run
 #: 10: the 64-token tile ran gate_up at M = 64 with ~7 warps per SM, ~40 % of the f16 MMA peak --
-#: latency-bound; the narrow tiles give the tuner more, lighter CTAs to try); 4 / 5 / 6 / 7 = the wgmma
-#: kernel (sm_90 only, weight groups >= 128 channels): 64 tokens x 128 rows, 64 x 64, 32 x 128, 64 x 256
+#: latency-bound; the narrow tiles give the tuner more, lighter CTAs to try); 4 / 5 / 6 / 7 / 8 = the
+#: wgmma kernel (sm_90 only, weight groups >= 128 channels): 64 tokens x 128 rows, 64 x 64, 32 x 128,
+#: 64 x 256, 16 x 128
 W16_TILES = W16_TILE_IDS
 W16_WGMMA_TILES = W16_WGMMA_TILE_IDS
 #: tiles offered to the tuner only above this M (the narrow ones are the by-M tile below it; a
 #: wgmma tile pads M up to 32 or 64 tokens, and M <= 16 is weight-bound: the 16-token tile's case)
 W16_TILE_ABOVE_M = {2: 32, 3: 16, 4: 16, 5: 16, 6: 16, 7: 16}
+#: ... and only up to this M (the 16-token wgmma tile: M <= 16, where the weight bytes are the bound)
+W16_TILE_UP_TO_M = {8: 16}
 
 
 #: ``COMETQ_W16_WGMMA=0``: the tuner never offers the wgmma tiles (bench/gpu_check.sh sets it when
@@ -154,10 +157,10 @@ if HAS_W16:
                      lambda: f"a must be float16 or bfloat16, got {a.dtype}")
         torch._check(tile in W16_TILES, lambda: f"tile must be 0 (by M), 1 (64 x 256, 8 warps), 2 (32 x 128), 3 "
                                                 f"(16 x 128) or a wgmma tile 4 (64 x 128), 5 (64 x 64), 6 (32 x 128), "
-                                                f"7 (64 x 256), got tile={tile}")
+                                                f"7 (64 x 256), 8 (16 x 128), got tile={tile}")
         torch._check(split_k >= 0, lambda: f"split_k must be >= 0 (0 = auto), got {split_k}")
         torch._check(not pdl or tile in W16_WGMMA_TILES,
-                     lambda: f"pdl=True (a programmatic dependent launch) applies to the wgmma tiles 4-7 only, got tile={tile}")
+                     lambda: f"pdl=True (a programmatic dependent launch) applies to the wgmma tiles 4-8 only, got tile={tile}")
         return qweight.new_empty((a.shape[0], qweight.shape[0]), dtype=out_dtype)
 
 
@@ -321,7 +324,8 @@ def _w16_impl(a, qweight, w_scales, w_offsets, group, bias, out_dtype, stride_wb
     m = a.shape[0]
     tiles = w16_tiles(a.device, int(group))
     cands = [c for c in W16_CHOICES
-             if c[1] in tiles and c[0] <= max(1, nb // 2) and m > W16_TILE_ABOVE_M.get(c[1], -1)]
+             if c[1] in tiles and c[0] <= max(1, nb // 2) and W16_TILE_ABOVE_M.get(c[1], -1) < m
+             <= W16_TILE_UP_TO_M.get(c[1], m)]
     key = ("w16",) + _cuda_split.split_key(a.shape[0], qweight.shape[0], nb, 0, int(group), w_offsets is not None,
                                            qweight.dim() == 3, "graph") + (str(a.dtype), bias is not None)
     choice = _cuda_split.tuned_choice(key, cands, a.device, launch, check=_w16_outputs_agree(out_dtype))
