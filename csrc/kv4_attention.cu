@@ -357,14 +357,20 @@ __global__ void __launch_bounds__(kWarps * 32, PF ? 3 : 4) kv4_attn_kernel(const
         } else {
           load_tile<D>(p, cur, head_row + in_blk + 16 * u, min(16, lq - ttok), vgrp);
         }
+        // S^T over KC k-chunks in two accumulators (even / odd chunks), added at the end: two chains
+        // of KC / 2 dependent MMAs instead of one of KC (D = 128: 4 x ~33 cycles of MMA latency
+        // instead of 8 before the softmax can start; 4 more registers, 4 FADDs)
         float s[4] = {bias[0], bias[1], bias[2], bias[3]};
+        float s_odd[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
         for (int c = 0; c < KC; ++c) {
           const int w = (2 * c) / 4, sel = (2 * c) % 4;  // bytes 2c (p = 0) and 2c + 1 (p = 1)
-          mma_f16_m16n8k16(s, key_pair(cur.k[0].word(w), sel), key_pair(cur.k[1].word(w), sel),
+          mma_f16_m16n8k16((c & 1) ? s_odd : s, key_pair(cur.k[0].word(w), sel), key_pair(cur.k[1].word(w), sel),
                            key_pair(cur.k[0].word(w), sel + 1), key_pair(cur.k[1].word(w), sel + 1), qp[2 * c],
                            qp[2 * c + 1]);
         }
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[e] += s_odd[e];
         if (ttok + 16 > lq) {  // the sequence ends inside this tile
           if (ttok + g >= lq) s[0] = s[1] = kNegInf;
           if (ttok + g + 8 >= lq) s[2] = s[3] = kNegInf;

@@ -198,12 +198,13 @@ def emulate(q, kp, ks, kz, vp, vs, vz, tk, tv, bt, qlen, tlen, sids, G, sm_scale
                                             scv[j, lane] = vs_rows[row0 + tok[lane], vgrp[lane]]
                                             zrv[j, lane] = vz_rows[row0 + tok[lane], vgrp[lane]]
                                 kw = [words(kb[h], D // 8) for h in range(2)]
-                                s = bias.copy()
+                                acc = [bias.copy(), np.zeros_like(bias)]  # even / odd k-chunks
                                 for c in range(KC):
                                     w, sel = (2 * c) // 4, (2 * c) % 4
-                                    s = mma_f16(s, key_pair(kw[0][w], sel), key_pair(kw[1][w], sel),
-                                                key_pair(kw[0][w], sel + 1), key_pair(kw[1][w], sel + 1), qp[2 * c],
-                                                qp[2 * c + 1])
+                                    acc[c & 1] = mma_f16(acc[c & 1], key_pair(kw[0][w], sel), key_pair(kw[1][w], sel),
+                                                         key_pair(kw[0][w], sel + 1), key_pair(kw[1][w], sel + 1),
+                                                         qp[2 * c], qp[2 * c + 1])
+                                s = (acc[0] + acc[1]).astype(np.float32)
                                 if ttok + 16 > lq:
                                     s[ttok + G_ >= lq, 0:2] = NEG
                                     s[ttok + G_ + 8 >= lq, 2:4] = NEG
