@@ -93,7 +93,7 @@ try:
     raise SystemExit("float tile_counters were not rejected (w16)")
 except RuntimeError as err:
     assert "tile_counters must be 1-D int32" in str(err), err
-for bad, msg in (((torch.float32, 0, 0), "a must be float16 or bfloat16"), ((torch.float16, 0, 4), "tile must be"),
+for bad, msg in (((torch.float32, 0, 0), "a must be float16 or bfloat16"), ((torch.float16, 0, 9), "tile must be"),
                  ((torch.float16, -1, 0), "split_k must be >= 0")):
     try:
         torch.ops.cometq_C.w16_gemm(torch.empty(3, 640, dtype=bad[0], device="meta"), meta(qw.qweight),
@@ -101,6 +101,16 @@ for bad, msg in (((torch.float32, 0, 0), "a must be float16 or bfloat16"), ((tor
         raise SystemExit(f"{bad} was not rejected")
     except RuntimeError as err:
         assert msg in str(err), err
+# the wgmma tiles 4-8, and a programmatic dependent launch (pdl) on them only
+for tile in CR.W16_WGMMA_TILES:
+    assert torch.ops.cometq_C.w16_gemm(torch.empty(3, 640, dtype=torch.float16, device="meta"), meta(qw.qweight),
+                                       meta(qw.scales), None, 128, None, torch.float16, 0, tile, None, True).shape == (3, 40)
+try:
+    torch.ops.cometq_C.w16_gemm(torch.empty(3, 640, dtype=torch.float16, device="meta"), meta(qw.qweight),
+                                meta(qw.scales), None, 128, None, torch.float16, 0, 0, None, True)
+    raise SystemExit("pdl on an mma.sync tile was not rejected")
+except RuntimeError as err:
+    assert "applies to the wgmma tiles 4-8 only, got tile=0" in str(err), err
 e = lambda *s, dt=torch.float16: torch.empty(*s, dtype=dt, device="meta")
 i32 = torch.int32
 pool = [e(10, 2, 64, 64, dt=torch.uint8), e(10, 2, 2, 128), e(10, 2, 2, 128), e(10, 2, 64, 64, dt=torch.uint8),

@@ -6,6 +6,8 @@ messages), raising ValueError / TypeError.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .layout import BLOCK_K
@@ -13,6 +15,12 @@ from .reference import check_group_size
 
 #: the device type the raw ops take (a module attribute so the CPU tests can exercise the checks)
 DEVICE_TYPE = "cuda"
+
+
+@functools.lru_cache(maxsize=None)
+def device_capability(index: int) -> tuple:
+    """torch.cuda.get_device_capability, once per device (the eager w16 path asks on every call)."""
+    return tuple(torch.cuda.get_device_capability(index))
 
 
 #: csrc/cometq_kernels.h COMETQ_W16_TILE_*: every tile id, and the wgmma kernel's (sm_90, G >= 128)
@@ -189,7 +197,8 @@ def check_w16_gemm_inputs(a, qweight, w_scales, w_offsets, group_size, bias, out
         if g < BLOCK_K:
             raise ValueError(f"tile={tile} (a wgmma tile) needs a weight group of at least {BLOCK_K} channels (one group "
                              f"per row and K block), got group_size={group_size}")
-        cap = tuple(torch.cuda.get_device_capability(dev)) if dev.type == "cuda" else None
+        cap = device_capability(dev.index if dev.index is not None else torch.cuda.current_device()) \
+            if dev.type == "cuda" else None
         if cap != (9, 0):
             raise ValueError(f"tile={tile} is a wgmma tile, which needs an sm_90 (Hopper) GPU; this device is "
                              + (f"sm_{cap[0]}{cap[1]}" if cap else str(dev)))
