@@ -247,3 +247,91 @@ def test_kv4_attention_routing_of_the_cuda_backend():
     p = subprocess.run([sys.executable, "-c", _ATTN_ROUTING, os.path.join(root, "csrc", "torch_bindings.cpp")],
                        capture_output=True, text=True, timeout=300, env=env)
     assert p.returncode == 0 and "ROUTING OK" in p.stdout, p.stdout[-2000:] + p.stderr[-3000:]
+
+
+_W16_ROUTING = r"""
+import re, sys, types, torch, warnings
+src = open(sys.argv[1]).read()
+lib = torch.library.Library("cometq_C", "DEF")
+for d in re.findall(r'm\.def\(\s*((?:"[^"]*"\s*)+)\)', src):
+    lib.define("".join(re.findall(r'"([^"]*)"', d)))
+from cometq import ops, reference as R
+calls = []
+BAD_TILE = 4  # a stand-in wgmma launch variant that computes the wrong thing (and is the fastest)
+def cpu_kernel(a, qweight, w_scales, w_offsets, group, bias, out_dtype, split_k, tile=0, tile_counters=None, pdl=False):
+    calls.append((split_k, tile, pdl))
+    y = ops._ref_w16_gemm(a, qweight, w_scales, w_offsets, group, bias, out_dtype)
+    return y * 1.5 if tile == BAD_TILE else y
+lib.impl("w16_gemm", cpu_kernel, "CPU")
+sys.modules["cometq._C"] = types.ModuleType("cometq._C")
+import cometq._cuda_checks as CC
+CC.DEVICE_TYPE = "cpu"
+CC.capability_of = lambda dev: (9, 0)   # an sm_90 stand-in: the wgmma tiles are offered
+import cometq._cuda_register as CR
+from cometq import _cuda_split, autotune
+seen = {}
+def fake_tuned_choice(key, cands, device, launch, check=None):
+    # what tuned_choice does on a CUDA device, timed by a stand-in: bad tile fastest, tile 7 next
+    seen["cands"] = list(cands)
+    ref = launch(cands[0])
+    best = None
+    for c in cands:
+        if c != cands[0] and check is not None and not check(ref, launch(c)):
+            continue
+        t = 0.1 if c[1] == BAD_TILE else (0.5 if c == (0, 7) else 1.0)
+        if best is None or t < best[0]:
+            best = (t, c)
+    return best[1]
+CR._cuda_split.tuned_choice = fake_tuned_choice
+g = torch.Generator().manual_seed(0)
+qw = R.quantize_weight_rtn(torch.randn(24, 256, generator=g), 128, sym=False)
+def run(m, group=128, pdl="0"):
+    import os
+    os.environ[CR.W16_PDL_ENV] = pdl
+    a = torch.randn(m, 256, generator=g).half()
+    sc = qw.scales if group == 128 else torch.rand(24, 256 // group, generator=g)
+    off = qw.offsets if group == 128 else None
+    calls.clear()
+    y = CR._w16_impl(a, qw.qweight, sc, off, group, None, torch.float16)
+    want = ops._ref_w16_gemm(a, qw.qweight, sc, off, group, None, torch.float16)
+    assert torch.equal(y, want), (y - want).abs().max()
+    return seen["cands"], calls[-1]
+# M = 64: the mma.sync tiles 0-1, the 32-token tile 2 and 3, the wgmma tiles 4-7 (not 8: M > 16)
+cands, last = run(64)
+tiles = {t for _, t in cands}
+assert tiles == {0, 1, 2, 3, 4, 5, 6, 7}, tiles
+assert last == (0, 7, False), last   # the fastest candidate whose output agrees (the bad tile 4 was dropped)
+# M = 9: the 16-token wgmma tile 8 joins (tiles by M: 0, wide 1; no 2 / 3 / 4-7)
+cands, _ = run(9)
+assert {t for _, t in cands} == {0, 1, 8}, cands
+# G = 64: no wgmma tile at all
+cands, _ = run(64, group=64)
+assert not {t for _, t in cands} & {4, 5, 6, 7, 8}, cands
+# COMETQ_W16_PDL=1: the kept wgmma launch is a programmatic dependent one; an mma.sync one never is
+_, last = run(64, pdl="1")
+assert last == (0, 7, True), last
+assert all(p is False for s, t, p in calls if t not in CR.W16_WGMMA_TILES)
+import os
+os.environ[CR.W16_WGMMA_ENV] = "0"
+cands, _ = run(64)
+assert not {t for _, t in cands} & set(CR.W16_WGMMA_TILES), cands
+print("W16 ROUTING OK")
+"""
+
+
+def test_w16_tile_candidates_of_the_cuda_backend():
+    """The CUDA w16 GEMM's launch candidates and their plumbing, without the extension: a child process
+    defines the bindings' schemas with the reference as a CPU stand-in kernel (one wgmma tile made
+    wrong and fastest), claims an sm_90 device and stands in for the tuner's timer: which tiles are
+    offered at M = 64 / 9 and G = 64, that the check drops the wrong one, that COMETQ_W16_PDL reaches
+    the wgmma launches only, and that COMETQ_W16_WGMMA=0 removes them."""
+    import os
+    import subprocess
+
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(root, "python"), os.environ.get("PYTHONPATH", "")]))
+    for k in ("COMETQ_W16_WGMMA", "COMETQ_W16_PDL", "COMETQ_CUDA_SPLITK_FIXUP"):
+        env.pop(k, None)
+    p = subprocess.run([sys.executable, "-c", _W16_ROUTING, os.path.join(root, "csrc", "torch_bindings.cpp")],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0 and "W16 ROUTING OK" in p.stdout, p.stdout[-2000:] + p.stderr[-3000:]

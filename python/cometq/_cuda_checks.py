@@ -23,6 +23,13 @@ def device_capability(index: int) -> tuple:
     return tuple(torch.cuda.get_device_capability(index))
 
 
+def capability_of(dev: torch.device):
+    """The compute capability of a CUDA ``dev`` (its index, or the current device); None elsewhere."""
+    if dev.type != "cuda":
+        return None
+    return device_capability(dev.index if dev.index is not None else torch.cuda.current_device())
+
+
 #: csrc/cometq_kernels.h COMETQ_W16_TILE_*: every tile id, and the wgmma kernel's (sm_90, G >= 128)
 W16_TILE_IDS = (0, 1, 2, 3, 4, 5, 6, 7, 8)
 W16_WGMMA_TILE_IDS = (4, 5, 6, 7, 8)
@@ -197,8 +204,7 @@ def check_w16_gemm_inputs(a, qweight, w_scales, w_offsets, group_size, bias, out
         if g < BLOCK_K:
             raise ValueError(f"tile={tile} (a wgmma tile) needs a weight group of at least {BLOCK_K} channels (one group "
                              f"per row and K block), got group_size={group_size}")
-        cap = device_capability(dev.index if dev.index is not None else torch.cuda.current_device()) \
-            if dev.type == "cuda" else None
+        cap = capability_of(dev)
         if cap != (9, 0):
             raise ValueError(f"tile={tile} is a wgmma tile, which needs an sm_90 (Hopper) GPU; this device is "
                              + (f"sm_{cap[0]}{cap[1]}" if cap else str(dev)))

@@ -33,11 +33,11 @@ except ImportError as e:  # pragma: no cover - depends on the build
 
 import os
 
-from . import _cuda_split, ops
+from . import _cuda_checks, _cuda_split, ops
 from ._counters import COUNTERS_MIN as CUDA_COUNTERS_MIN
 from ._counters import tile_counters as cuda_tile_counters  # (shared with the Triton GEMMs' reduction)
 from ._cuda_checks import (W16_TILE_IDS, W16_WGMMA_TILE_IDS, check_kv4_attention_inputs, check_quantize_act_inputs,
-                           check_w4ax_gemm_inputs, check_w16_gemm_inputs, device_capability, gemm_extent_problem,
+                           check_w4ax_gemm_inputs, check_w16_gemm_inputs, gemm_extent_problem,
                            kv4_attention_unsupported, w16_extent_problem)
 
 __all__ = ["SCALE_MODE_CODES", "MMA_PATHS", "cuda_quantize_act", "cuda_fake_quant_act", "cuda_w4ax_gemm", "cuda_w16_gemm",
@@ -88,8 +88,8 @@ def w16_tiles(device, group: int) -> tuple:
     group ``group``: the wgmma tiles only on an sm_90 device, for ``group >= 128``, and unless
     ``COMETQ_W16_WGMMA=0``."""
     dev = torch.device(device)
-    wg = (dev.type == "cuda" and group >= BLOCK_K and os.environ.get(W16_WGMMA_ENV, "1") != "0"
-          and device_capability(dev.index if dev.index is not None else torch.cuda.current_device()) == (9, 0))
+    wg = (dev.type == _cuda_checks.DEVICE_TYPE and group >= BLOCK_K and os.environ.get(W16_WGMMA_ENV, "1") != "0"
+          and _cuda_checks.capability_of(dev) == (9, 0))
     return tuple(t for t in W16_TILES if wg or t not in W16_WGMMA_TILES)
 
 
