@@ -29,12 +29,17 @@ def test_cuda_backend_request_names_the_missing_extension():
     assert ops.resolve_backend("w4ax_gemm", torch.device("cpu"), "auto") == "reference"
 
 
-_FAKE_CHECK = r'''
+# Child-process prologue of the stand-in tests below: define the raw ops' schemas exactly as
+# csrc/torch_bindings.cpp does (parsed from its m.def calls; argv[1]), no kernels.
+_SCHEMAS = r'''
 import re, sys, types, torch
 src = open(sys.argv[1]).read()
 lib = torch.library.Library("cometq_C", "DEF")
 for d in re.findall(r'm\.def\(\s*((?:"[^"]*"\s*)+)\)', src):
     lib.define("".join(re.findall(r'"([^"]*)"', d)))
+'''
+
+_FAKE_CHECK = _SCHEMAS + r'''
 sys.modules["cometq._C"] = types.ModuleType("cometq._C")  # stand-in: the schemas above, no kernels
 import cometq._cuda_register  # registers the fakes against those schemas
 from cometq import reference as R
@@ -143,12 +148,7 @@ def test_fakes_accept_the_bindings_schemas():
     assert p.returncode == 0 and "FAKES OK" in p.stdout, p.stdout[-2000:] + p.stderr[-3000:]
 
 
-_ATTN_ROUTING = r"""
-import re, sys, types, torch
-src = open(sys.argv[1]).read()
-lib = torch.library.Library("cometq_C", "DEF")
-for d in re.findall(r'm\.def\(\s*((?:"[^"]*"\s*)+)\)', src):
-    lib.define("".join(re.findall(r'"([^"]*)"', d)))
+_ATTN_ROUTING = _SCHEMAS + r"""
 from cometq.paged import kv4_decode_attention_reference as ref
 cuda_calls = []
 def cpu_kernel(q, kp, ks, kz, vp, vs, vz, tk, tv, bt, ql, tl, sids, g, sm, ns, variant=0):
@@ -249,12 +249,7 @@ def test_kv4_attention_routing_of_the_cuda_backend():
     assert p.returncode == 0 and "ROUTING OK" in p.stdout, p.stdout[-2000:] + p.stderr[-3000:]
 
 
-_W16_ROUTING = r"""
-import re, sys, types, torch, warnings
-src = open(sys.argv[1]).read()
-lib = torch.library.Library("cometq_C", "DEF")
-for d in re.findall(r'm\.def\(\s*((?:"[^"]*"\s*)+)\)', src):
-    lib.define("".join(re.findall(r'"([^"]*)"', d)))
+_W16_ROUTING = _SCHEMAS + r"""
 from cometq import ops, reference as R
 calls = []
 BAD_TILE = 4  # a stand-in wgmma launch variant that computes the wrong thing (and is the fastest)
