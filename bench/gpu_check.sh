@@ -321,8 +321,8 @@ fi
 # The wgmma tiles (twentieth session, CPU-emulated only) first: a failure there only keeps them out of
 # the tuner's candidates (COMETQ_W16_WGMMA=0), the mma.sync tiles stay.
 if [ "$BUILD" = ok ] && ! skip cuda_wgmma_smoke && [ "${COMETQ_BACKEND:-auto}" != triton ]; then
-  PYTEST_WORKERS=2 run_pytest cuda_wgmma_smoke 30 tests/test_cuda_w16.py -k "wgmma" || true
-  if [ -s "$W/cuda_wgmma_smoke.failures.txt" ] || ! grep -q " passed" "$W/cuda_wgmma_smoke.log" 2>/dev/null; then
+  # (any non-zero exit -- a failed test, a crashed worker, the cap -- keeps the wgmma tiles out)
+  if ! PYTEST_WORKERS=4 run_pytest cuda_wgmma_smoke 45 tests/test_cuda_w16.py -k "wgmma"; then
     export COMETQ_W16_WGMMA=0
     stage cuda_w16_wgmma "COMETQ_W16_WGMMA=0 (smoke failed or did not finish)" 0
     log "cuda_wgmma_smoke had failures: later stages run with COMETQ_W16_WGMMA=0"
