@@ -34,6 +34,7 @@ def capability_of(dev: torch.device):
 W16_TILE_IDS = (0, 1, 2, 3, 4, 5, 6, 7, 8)
 W16_WGMMA_TILE_IDS = (4, 5, 6, 7, 8)
 
+
 def _scale_mode(scale_mode) -> str:
     if scale_mode not in ("block", "class"):
         raise ValueError(f"scale_mode must be one of ('block', 'class'), got {scale_mode!r}")
@@ -202,8 +203,8 @@ def check_w16_gemm_inputs(a, qweight, w_scales, w_offsets, group_size, bias, out
     if tile in W16_WGMMA_TILE_IDS:
         g = k_pad if group_size in (None, -1) else int(group_size)
         if g < BLOCK_K:
-            raise ValueError(f"tile={tile} (a wgmma tile) needs a weight group of at least {BLOCK_K} channels (one group "
-                             f"per row and K block), got group_size={group_size}")
+            raise ValueError(f"tile={tile} (a wgmma tile) needs a weight group of at least {BLOCK_K} channels "
+                             f"(one group per row and K block), got group_size={group_size}")
         cap = capability_of(dev)
         if cap != (9, 0):
             raise ValueError(f"tile={tile} is a wgmma tile, which needs an sm_90 (Hopper) GPU; this device is "

@@ -69,7 +69,7 @@ W16_TILE_UP_TO_M = {8: 16}
 
 
 #: ``COMETQ_W16_WGMMA=0``: the tuner never offers the wgmma tiles (bench/gpu_check.sh sets it when
-#: their GPU tests fail; a direct ``tile=4..6`` launch still runs them)
+#: their GPU tests fail; a direct ``tile=4..8`` launch still runs them)
 W16_WGMMA_ENV = "COMETQ_W16_WGMMA"
 
 
@@ -160,7 +160,8 @@ if HAS_W16:
                                                 f"7 (64 x 256), 8 (16 x 128), got tile={tile}")
         torch._check(split_k >= 0, lambda: f"split_k must be >= 0 (0 = auto), got {split_k}")
         torch._check(not pdl or tile in W16_WGMMA_TILES,
-                     lambda: f"pdl=True (a programmatic dependent launch) applies to the wgmma tiles 4-8 only, got tile={tile}")
+                     lambda: f"pdl=True (a programmatic dependent launch) applies to the wgmma tiles 4-8 only, "
+                             f"got tile={tile}")
         return qweight.new_empty((a.shape[0], qweight.shape[0]), dtype=out_dtype)
 
 
