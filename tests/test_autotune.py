@@ -622,7 +622,10 @@ def test_serving_bench_reports_the_cuda_gemm_choices():
     assert B.cuda_gemm_choices() == {}
     S._CACHE[S.split_key(64, 4096, 32, 8, 128, True, False, "graph")] = (3, 1)
     S._CACHE[S.split_key(16, 6144, 32, 8, 128, True, False, "graph")] = (0, 0)
+    S._CACHE[("w16",) + S.split_key(64, 28672, 32, 0, 128, True, True, "graph") + ("torch.float16", False)] = (0, 4)
     got = B.cuda_gemm_choices()
     assert got["M=64 N=4096 blocks=32 int8=8 group=128 asym=True block_major=False mode=graph"] == [3, 1]
-    assert len(got) == 2 and [0, 0] in got.values()
+    assert got["w16 M=64 N=28672 blocks=32 int8=0 group=128 asym=True block_major=True mode=graph dtype=float16 "
+               "bias=False"] == [0, 4]  # (tile 4: the wgmma kernel)
+    assert len(got) == 3 and [0, 0] in got.values()
     S.clear()

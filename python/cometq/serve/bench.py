@@ -288,13 +288,21 @@ def tuning_counts() -> Dict[str, int]:
 
 def cuda_gemm_choices() -> Dict[str, List[int]]:
     """The CUDA GEMM tuner's kept ``(split, tile)`` per key (``cometq._cuda_split``: M, N, K blocks,
-    INT8 blocks, group, asym, block-major, timing mode), keys as ``"M=64 N=4096 ..."`` strings;
-    empty when the CUDA backend never ran."""
+    INT8 blocks, group, asym, block-major, timing mode), keys as ``"M=64 N=4096 ..."`` strings --
+    the w16 GEMM's as ``"w16 M=64 N=4096 ... dtype=float16 bias=False"`` (its tiles 4-8 are the
+    wgmma kernel); empty when the CUDA backend never ran."""
     m = sys.modules.get("cometq._cuda_split")
     if m is None:
         return {}
     names = ("M", "N", "blocks", "int8", "group", "asym", "block_major", "mode")
-    return {" ".join(f"{n}={v}" for n, v in zip(names, k)): list(c) for k, c in sorted(m._CACHE.items(), key=repr)}
+    out = {}
+    for k, c in sorted(m._CACHE.items(), key=repr):
+        if k and k[0] == "w16":
+            label = "w16 " + " ".join(f"{n}={v}" for n, v in zip(names + ("dtype", "bias"), k[1:]))
+            out[label.replace("torch.", "")] = list(c)
+        else:
+            out[" ".join(f"{n}={v}" for n, v in zip(names, k))] = list(c)
+    return out
 
 
 def step_breakdown(step_s: List[float], shapes: List[tuple], k: int = 8) -> Dict:
