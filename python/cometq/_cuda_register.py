@@ -329,23 +329,21 @@ def _w16_impl(a, qweight, w_scales, w_offsets, group, bias, out_dtype, stride_wb
              <= W16_TILE_UP_TO_M.get(c[1], m)]
     key = ("w16",) + _cuda_split.split_key(a.shape[0], qweight.shape[0], nb, 0, int(group), w_offsets is not None,
                                            qweight.dim() == 3, "graph") + (str(a.dtype), bias is not None)
-    choice = _cuda_split.tuned_choice(key, cands, a.device, launch, check=_w16_outputs_agree(out_dtype))
+    choice = _cuda_split.tuned_choice(key, cands, a.device, launch, check=_w16_outputs_agree)
     return launch(choice)
 
 
-def _w16_outputs_agree(out_dtype):
-    """The tuner's check of a candidate launch against the first (the tile by M, the kernel's own
-    split rule): each is within DEQUANT_GEMM_RTOL of the reference, so they may differ by twice it."""
+def _w16_outputs_agree(ref, y) -> bool:
+    """The tuner's check of a candidate launch's output ``y`` against the first candidate's ``ref``
+    (the tile by M, the kernel's own split rule): each is within DEQUANT_GEMM_RTOL (of the output
+    dtype) of the reference, so they may differ by twice it.  Runs only while tuning."""
     from cometq.kernels.dequant_gemm import DEQUANT_GEMM_RTOL
 
-    rtol = 2 * DEQUANT_GEMM_RTOL.get(out_dtype, DEQUANT_GEMM_RTOL[torch.float32])
-
-    def agree(ref, y):
-        if ref.numel() == 0:
-            return True
-        err = float((y.float() - ref.float()).abs().max())
-        return err <= rtol * float(ref.float().abs().max())  # (NaN: False)
-    return agree
+    if ref.numel() == 0:
+        return True
+    rtol = 2 * DEQUANT_GEMM_RTOL.get(ref.dtype, DEQUANT_GEMM_RTOL[torch.float32])
+    err = float((y.float() - ref.float()).abs().max())
+    return err <= rtol * float(ref.float().abs().max())  # (NaN: False)
 
 
 def _act_impl(x, perm, block_bits, n_int8, scale_mode, int4_clip=1.0):
