@@ -17,7 +17,7 @@ Target: >= 3x over SDPA at batch 16, context 4096 (H100).
 
 Also timed when the CUDA extension is built and handles the pool format: the CUDA kernel
 (csrc/kv4_attention.cu, column ``cuda``: the best of 1x / 2x / 4x the split count and the one-wave
-count x its two launch
+count x its four launch
 variants, each recorded in ``cuda_sweep`` as "splits/v<variant>"), after the same correctness check (a CUDA kernel that fails it is reported
 in the JSON and not timed; the Triton columns still are).
 
@@ -230,7 +230,9 @@ def main(argv=None) -> int:
             cuda_sweep = {}
             if cuda_attn is not None:
                 nblk = -(-t // args.block_size)
-                for var in (0, 1):  # launch variants: 4 CTAs / SM; 3 CTAs / SM + next tile prefetched
+                # launch variants: 4 CTAs / SM; 3 CTAs / SM + next tile in registers; either + the next
+                # key group prefetched into L2
+                for var in CR.KV4_ATTN_VARIANTS:
                     # 1x / 2x / 4x the split count, and the count whose grid is one full wave of the
                     # variant's resident CTAs (what COMETQ_KV4_ATTN_CUDA=auto times too)
                     wave = CR.kv4_attention_wave_splits(b, args.kv_heads, var, props.multi_processor_count)

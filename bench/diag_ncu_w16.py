@@ -60,7 +60,7 @@ def main() -> int:
 
 def kv4_attention(CR, reps: int) -> None:
     """The CUDA KV4 decode attention kernel at #6's target row (batch 16, context 4096, 32 / 8 heads,
-    head_dim 128, key group 32: bench_attention.py's defaults), both launch variants at the default
+    head_dim 128, key group 32: bench_attention.py's defaults), every launch variant at the default
     split count: H200 run 10 timed it at 0.0572 ms, ~1.2 TB/s of the pool's bytes -- a quarter of
     the HBM rate, with ~500 SASS instructions per 16 tokens and warp: the stall reasons say why."""
     import importlib.util

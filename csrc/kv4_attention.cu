@@ -59,7 +59,8 @@
 //
 // Work split: grid (batch, kv head, split); a split owns a contiguous range of key groups;
 // warp w of the CTA takes groups w, w + WARPS, ... (each group: G/16 token tiles; launch
-// variant 1 loads the next tile's bytes while one computes), the last split also the tail.  The warps'
+// variants 1 / 3 load the next tile's bytes while one computes, 2 / 3 the warp's next group into
+// L2 at the start of each group), the last split also the tail.  The warps'
 // (max, sum, O) merge through shared memory at the end; one split writes the output, more
 // write fp32 partials that kv4_attn_reduce_kernel combines (flash-decoding).
 // ============================================================================
@@ -262,6 +263,42 @@ __device__ __forceinline__ void pv_tile(const TileRaw<D>& r, float (&o)[D / 16][
   }
 }
 
+// L2PF (launch variants 2, 3): at the start of each key group the warp asks L2 for the bytes of
+// its NEXT group (gi + kWarps): the group's G rows of K and of V nibbles and its four scale / zero
+// rows, 6 contiguous ranges of the pool (9 KB at G = 64, D = 128).  Why: the loop's own loads are
+// issued at most one tile ahead (variant 1) or at the tile (variant 0), so a warp has ~2 KB of HBM
+// reads in flight and each group start waits a full HBM round trip for its scales before the first
+// MMA; with the next group on its way to L2 while this one computes (~4 tiles of work), those
+// loads become L2 hits and ~9 KB per warp stay in flight without a register.  Nothing is read
+// twice from HBM and the results cannot change (a prefetch writes no register).  sm_90: one
+// cp.async.bulk.prefetch.L2 per range (TMA unit, one lane); earlier GPUs: prefetch.global.L2 per
+// 128-byte line across the warp.  Every range lies in allocated pool memory (the group's block is
+// in the block table: its tokens are < quant_lens).
+__device__ __forceinline__ void prefetch_l2(const void* ptr, uint32_t bytes, int lane) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (lane == 0)
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(ptr), "r"(bytes) : "memory");
+#else
+  for (uint32_t off = static_cast<uint32_t>(lane) * 128u; off < bytes; off += 32u * 128u)
+    asm volatile("prefetch.global.L2 [%0];\n" ::"l"(static_cast<const char*>(ptr) + off));
+#endif
+}
+
+template <int D>
+__device__ __forceinline__ void prefetch_group_l2(const CometqKv4AttnArgs& p, const int* bt, int kvh, int gi,
+                                                  int lane) {
+  const int G = p.G, tok0 = gi * G, phys = bt[tok0 / p.BS], in_blk = tok0 % p.BS;
+  const int64_t row0 = (static_cast<int64_t>(phys) * p.H + kvh) * p.BS + in_blk;  // as the group's own loads
+  const int64_t ks_off = ((static_cast<int64_t>(phys) * p.H + kvh) * (p.BS / G) + in_blk / G) * D;
+  const uint32_t nib = static_cast<uint32_t>(G) * (D / 2), sc = 2u * D;  // G rows of D/2 bytes; D halves
+  prefetch_l2(p.k_packed + row0 * (D / 2), nib, lane);
+  prefetch_l2(p.v_packed + row0 * (D / 2), nib, lane);
+  prefetch_l2(reinterpret_cast<const __half*>(p.k_scale) + ks_off, sc, lane);
+  prefetch_l2(reinterpret_cast<const __half*>(p.k_zero) + ks_off, sc, lane);
+  prefetch_l2(reinterpret_cast<const __half*>(p.v_scale) + row0 * (D / G), sc, lane);  // G rows x D/G halves
+  prefetch_l2(reinterpret_cast<const __half*>(p.v_zero) + row0 * (D / G), sc, lane);
+}
+
 template <int QW>
 __device__ __forceinline__ void load_query(const uint4 (*s_q)[32], int lane, uint32_t (&qs)[QW]) {
 #pragma unroll
@@ -271,11 +308,12 @@ __device__ __forceinline__ void load_query(const uint4 (*s_q)[32], int lane, uin
   }
 }
 
-// PF (launch variant 1): the next tile's bytes are loaded into registers while this one computes
-// (20 more registers: 3 CTAs = 12 warps per SM at <= 168); variant 0 loads each tile when it
-// starts and leaves latency hiding to 4 CTAs = 16 warps per SM (<= 128 registers; with the
-// prefetch at that bound it spilled).  Which wins is a measurement: the "auto" mode times both.
-template <int D, typename IO, bool PF>
+// PF (launch variants 1, 3): the next tile's bytes are loaded into registers while this one computes
+// (20 more registers: 3 CTAs = 12 warps per SM at <= 168); variants 0, 2 load each tile when it
+// starts and leave latency hiding to 4 CTAs = 16 warps per SM (<= 128 registers; with the
+// prefetch at that bound it spilled).  L2PF (variants 2, 3): the next key group prefetched into L2
+// (prefetch_group_l2).  Which wins is a measurement: the "auto" mode times all four.
+template <int D, typename IO, bool PF, bool L2PF>
 __global__ void __launch_bounds__(kWarps * 32, PF ? 3 : 4) kv4_attn_kernel(const CometqKv4AttnArgs p) {
   constexpr int KC = D / 16;  // k-chunks of QK (and d-tiles of PV)
   constexpr int QW = D / 8;   // query / key-scale half2 per thread (channels t*D/4 ..)
@@ -325,6 +363,9 @@ __global__ void __launch_bounds__(kWarps * 32, PF ? 3 : 4) kv4_attn_kernel(const
     const int gi = g_begin + it;
     if (gi < g_end) {
       // ---- a key group of G quantized tokens: fold its channel scales into the query
+      if constexpr (L2PF) {
+        if (gi + kWarps < g_end) prefetch_group_l2<D>(p, bt, kvh, gi + kWarps, lane);
+      }
       const int tok0 = gi * G;
       const int phys = bt[tok0 / p.BS];
       const int in_blk = tok0 % p.BS;
@@ -499,10 +540,12 @@ __global__ void kv4_attn_reduce_kernel(const float* __restrict__ part_o, const f
 template <int D, typename IO>
 cudaError_t launch(const CometqKv4AttnArgs& a, cudaStream_t stream) {
   const dim3 grid(a.B, a.H, a.splits);
-  if (a.variant == 1)
-    kv4_attn_kernel<D, IO, true><<<grid, kWarps * 32, 0, stream>>>(a);
-  else
-    kv4_attn_kernel<D, IO, false><<<grid, kWarps * 32, 0, stream>>>(a);
+  switch (a.variant) {  // bit 0: next tile in registers (PF); bit 1: next key group into L2 (L2PF)
+    case 0: kv4_attn_kernel<D, IO, false, false><<<grid, kWarps * 32, 0, stream>>>(a); break;
+    case 1: kv4_attn_kernel<D, IO, true, false><<<grid, kWarps * 32, 0, stream>>>(a); break;
+    case 2: kv4_attn_kernel<D, IO, false, true><<<grid, kWarps * 32, 0, stream>>>(a); break;
+    default: kv4_attn_kernel<D, IO, true, true><<<grid, kWarps * 32, 0, stream>>>(a); break;
+  }
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess || a.splits == 1) return err;
   kv4_attn_reduce_kernel<IO><<<a.B * a.Hq, D, 0, stream>>>(a.part_o, a.part_ml, a.splits, D,
@@ -528,7 +571,7 @@ extern "C" cudaError_t cometq_kv4_decode_attention(const CometqKv4AttnArgs* args
     return cudaErrorInvalidValue;
   if (a.B < 0 || a.B > 65535 || a.H > 65535 || a.H <= 0 || a.Hq % a.H != 0 || a.splits < 1 || a.BS % a.G != 0 ||
       !cometq_kv4_attention_supported(a.D, a.G, a.Hq / a.H) || (a.splits > 1 && (!a.part_o || !a.part_ml)) ||
-      (a.io_dtype != COMETQ_DTYPE_F16 && a.io_dtype != COMETQ_DTYPE_BF16) || (a.variant != 0 && a.variant != 1))
+      (a.io_dtype != COMETQ_DTYPE_F16 && a.io_dtype != COMETQ_DTYPE_BF16) || a.variant < 0 || a.variant > 3)
     return cudaErrorInvalidValue;
   if (a.io_dtype == COMETQ_DTYPE_F16)
     return a.D == 64 ? cometq::launch<64, __half>(a, stream) : cometq::launch<128, __half>(a, stream);

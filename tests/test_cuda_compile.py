@@ -34,7 +34,7 @@ KERNEL_FILES = ("w4ax_gemm.cu", "act_quant.cu", "kv4_attention.cu", "w16_gemm.cu
 EXPECTED_ENTRIES = {"w4ax_gemm.cu": 29, "act_quant.cu": 18,  # gemm: 4 tiles x s4/s8 x sym/asym + the 3 M <= 64 tiles
                     # again with the in-kernel split-K reduction (FIXUP) + the finalize kernel;
                     # act_quant: class-row, block and rows kernels x 3 dtypes x packed / FAKE output
-                    "kv4_attention.cu": 10,  # head_dim 64/128 x fp16/bf16 IO x 2 launch variants + 2 reduces
+                    "kv4_attention.cu": 18,  # head_dim 64/128 x fp16/bf16 IO x 4 launch variants + 2 reduces
                     # 4 mma.sync tiles + 5 wgmma tiles, each x fp16/bf16 operands x sym/asym weights x in-kernel
                     # split-K or not
                     "w16_gemm.cu": 72}
@@ -188,8 +188,15 @@ def test_kv4_attention_ptx_uses_the_intended_instructions(builds, arch):
     # the loop holds no shared-memory traffic of K/V: only the query (once per key group) and the
     # final merge of the warps use it
     entries = [e for e in re.split(r"\.entry ", ptx)[1:] if "kv4_attn_kernel" in e.split("(")[0]]
-    assert len(entries) == 8  # head_dim 64 / 128 x fp16 / bf16 query x 2 launch variants
+    assert len(entries) == 16  # head_dim 64 / 128 x fp16 / bf16 query x 4 launch variants
     assert all(e.count("bar.sync") <= 2 for e in entries)  # after the query, before the merge
+    # launch variants 2 / 3 (template flag L2PF, the last bool of the mangled name): each warp's next
+    # key group prefetched into L2 -- by the TMA unit on sm_90, per 128-byte line before; 0 / 1 never
+    l2pf = [e for e in entries if re.match(r"\S*Lb[01]ELb1EEEv", e)]
+    assert len(l2pf) == 8
+    want = "cp.async.bulk.prefetch.L2.global" if arch == "sm_90a" else "prefetch.global.L2"
+    assert all(e.count(want) >= 6 for e in l2pf)  # K, V, key scales / zeros, value scales / zeros
+    assert not any("prefetch" in e for e in entries if e not in l2pf)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -360,7 +367,9 @@ int main() {
   CHECK(cometq_kv4_decode_attention(&k, 0) == cudaErrorInvalidValue);
   k.splits = 1; k.io_dtype = COMETQ_DTYPE_F32;                 // fp32 queries: not this kernel's
   CHECK(cometq_kv4_decode_attention(&k, 0) == cudaErrorInvalidValue);
-  k.io_dtype = COMETQ_DTYPE_F16; k.variant = 2;                // no such launch variant
+  k.io_dtype = COMETQ_DTYPE_F16; k.variant = 4;                // no such launch variant
+  CHECK(cometq_kv4_decode_attention(&k, 0) == cudaErrorInvalidValue);
+  k.variant = -1;
   CHECK(cometq_kv4_decode_attention(&k, 0) == cudaErrorInvalidValue);
   // w16 GEMM: tiles, split rule, argument validation before any launch
   CHECK(cometq_w16_num_tiles(1, 4096, COMETQ_W16_TILE_AUTO) == 32);     // 16 x 128 tiles

@@ -203,6 +203,7 @@ out = run("auto")
 assert torch.equal(out, want)
 (key, choice), = CR._ATTN_CHOICE.items()
 assert choice == ("cuda", 2, 1), choice
+assert {v for _, v in cuda_calls} == set(CR.KV4_ATTN_VARIANTS) == {0, 1, 2, 3}  # every launch variant timed
 assert key[1:] == (128, 32, 4, 16, "eager"), key                            # 2 rows x 2 kv heads x 3 splits -> 16
 n = len(cuda_calls)
 run("auto"); assert cuda_calls[n:] == [(6, 1)]                              # the kept choice, no new timing

@@ -94,8 +94,9 @@ def w16_tiles(device, group: int) -> tuple:
 
 
 #: launch variants of the CUDA KV4 attention kernel (csrc/kv4_attention.cu): 0 = 4 CTAs per SM,
-#: each tile loaded when it starts; 1 = 3 CTAs per SM, the next tile loaded while one computes
-KV4_ATTN_VARIANTS = (0, 1)
+#: each tile loaded when it starts; 1 = 3 CTAs per SM, the next tile loaded while one computes;
+#: 2 / 3 = 0 / 1 with each warp's next key group prefetched into L2 (same results, bit for bit)
+KV4_ATTN_VARIANTS = (0, 1, 2, 3)
 
 
 # --------------------------------------------------------------------------
@@ -171,7 +172,7 @@ def _kv4_decode_attention_fake(q, k_packed, k_scale, k_zero, v_packed, v_scale, 
     torch._check(q.dim() == 3 and q.dtype in (torch.float16, torch.bfloat16),
                  lambda: f"q must be float16 or bfloat16 [B, Hq, D], got {q.dtype} {tuple(q.shape)}")
     torch._check(1 <= num_splits <= 1024, lambda: f"num_splits must be in [1, 1024], got {num_splits}")
-    torch._check(variant in KV4_ATTN_VARIANTS, lambda: f"variant must be 0 or 1, got {variant}")
+    torch._check(variant in KV4_ATTN_VARIANTS, lambda: f"variant must be one of {KV4_ATTN_VARIANTS}, got {variant}")
     return torch.empty_like(q)
 
 
@@ -373,7 +374,7 @@ def _gemm_impl(q4, q8, a_scales, block_bits, qweight, w_scales, w_offsets, group
 #: pools the CUDA kernel handles (the rest always run the Triton kernel):
 #:   "0": the Triton kernel;  "1": the CUDA kernel (csrc/kv4_attention.cu);
 #:   "auto" / unset: both timed on first use per (device, head_dim, group, GQA ratio, program-count
-#:   bucket, timing mode) -- the CUDA kernel in both launch variants at 1x / 2x / 4x the caller's split
+#:   bucket, timing mode) -- the CUDA kernel in all four launch variants at 1x / 2x / 4x the caller's split
 #:   count -- and the fastest kept.
 #: "auto" is the default since H100 run 6 (2026-11-27): the kernel passed its GPU tests and won all 6
 #: buckets the batch-64 serving run timed (decode-step attention 2.28 ms vs run 5's Triton 3.44 ms).
@@ -386,7 +387,7 @@ KV4_ATTN_SPLIT_FACTORS = (1, 2, 4)
 #: next tile's registers): "auto" also times the split count that makes the grid one full wave of
 #: them ("wave"), since (batch x KV heads x splits) CTAs a little above a wave run a second, mostly
 #: empty one -- batch 16 x 8 heads x the default 6 splits is 768 CTAs for 528 slots (1.45 waves)
-KV4_ATTN_CTAS_PER_SM = {0: 4, 1: 3}
+KV4_ATTN_CTAS_PER_SM = {0: 4, 1: 3, 2: 4, 3: 3}
 #: "auto" choices: key -> ("cuda", split factor, variant), ("cuda", "wave", variant) or ("triton", 1, 0)
 _ATTN_CHOICE: dict = {}
 _NUM_SMS: dict = {}
