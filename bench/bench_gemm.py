@@ -16,7 +16,8 @@ asymmetric group 128 with fp32 offsets), it times:
   whole linear
   (activation quantization + GEMM, ``+aq``);
 * peers: cuBLAS FP16 (``x @ w.T``), cuBLASLt INT8 (``torch._int_mm``, M > 16),
-  FP8 row-wise (``torch._scaled_mm``), W4A16 tinygemm (``torch._weight_int4pack_mm``).
+  FP8 row-wise (``torch._scaled_mm``; at M > 64 also with 1x128 x 1x128 block scales, column "FP8 1x128":
+  the fp8-block route's GEMM alone), W4A16 tinygemm (``torch._weight_int4pack_mm``).
 
 Every time is a ``triton.testing.do_bench`` median; beside it: TFLOP/s (TOPS for
 integer GEMMs) and achieved GB/s over the bytes each kernel must move at least:
@@ -369,6 +370,20 @@ def bench_gemm(args, rows, errors, dev, budget=None, flush=lambda: None):
                     w8 = peers["fp8_w"]
                     _try(prow, "fp8", lambda: torch._scaled_mm(x8, w8.t(), sa, sb, out_dtype=torch.bfloat16), args,
                          flops, n * k + m * k + 2 * m * n)
+                    if m > 64 and k % 128 == 0:
+                        # the same FP8 GEMM with 1x128 x 1x128 block scales (what the fp8-block route's
+                        # GEMM is, without its operand passes): the route's ceiling
+                        from cometq.kernels.fp8_gemm import fp8_route_unavailable, scaled_mm_block
+
+                        why = fp8_route_unavailable(dev)
+                        if why is None:
+                            sab = torch.ones(k // 128, m, device=dev)
+                            sbb = torch.ones(k // 128, n, device=dev)
+                            xu, wu = x8[:m].view(torch.uint8), w8.view(torch.uint8)
+                            _try(prow, "fp8-blk", lambda: scaled_mm_block(xu, sab, wu, sbb, torch.float16), args,
+                                 flops, n * k + m * k + 2 * m * n)
+                        else:
+                            prow["fp8-blk_err"] = why
                     if "w4p" in peers:
                         xb = x.bfloat16()
                         w4p, sz = peers["w4p"], peers["sz"]
@@ -491,6 +506,8 @@ def bench_gemm(args, rows, errors, dev, budget=None, flush=lambda: None):
                                 _try(row, "triton-dequant", qf, args, flops, nbytes)
                             except Exception as e:  # noqa: BLE001
                                 row["triton-dequant_err"] = f"{type(e).__name__}: {str(e)[:160]}"
+                            _fp8_block(row, q4, q8, a_sc, lay, qweight, w_sc, w_off, group, k_pad, qf, args, flops,
+                                       nbytes)
                         if m <= W16_MAX_M:
                             # the w16 route (kernels/w16_gemm.py): weights dequantized in registers, 16-bit
                             # MMA on the fake-quantized activations -- the GEMM alone from a ready A'
@@ -657,6 +674,34 @@ def bench_act_quant(args, rows, errors, dev, budget=None, flush=lambda: None):
 
 # --------------------------------------------------------------------------
 # reports
+def _fp8_block(row, q4, q8, a_sc, lay, qweight, w_sc, w_off, group, k_pad, ref_fn, args, flops, nbytes):
+    """Column ``fp8-block`` (M > 64, symmetric weights, groups of whole blocks): the large-M FP8
+    route (kernels/fp8_gemm.py: the W4Ax integers as e4m3 operands of cuBLAS's 1x128 x 1x128
+    block-scaled FP8 GEMM, operand passes included), after checking its output against the dequant
+    path's (``fp8-block_maxrel``: max |difference| / max |y|); why not, where it cannot run."""
+    from cometq.kernels.dequant_gemm import DEQUANT_GEMM_RTOL
+    from cometq.kernels.fp8_gemm import fp8_route_unavailable, w4ax_gemm_fp8
+
+    grp = k_pad if group == -1 else group
+    why = ("asymmetric weights" if w_off is not None else
+           f"group {group}" if grp % 128 else fp8_route_unavailable(qweight.device))
+    if why is not None:
+        row["fp8-block_err"] = why
+        return
+    ff = (lambda: w4ax_gemm_fp8(q4, q8, a_sc, lay.block_bits, qweight, w_sc, grp, None, torch.float16,
+                                args.scale_mode))
+    try:
+        ref = ref_fn().float()
+        rel = float((ff().float() - ref).abs().max()) / max(float(ref.abs().max()), 1e-30)
+        row["fp8-block_maxrel"] = rel
+        if not rel <= 2 * DEQUANT_GEMM_RTOL[torch.float16]:
+            row["fp8-block_err"] = f"disagrees with the dequant path (max rel {rel:.3g})"
+            return
+        _try(row, "fp8-block", ff, args, flops, nbytes)
+    except Exception as e:  # noqa: BLE001
+        row["fp8-block_err"] = f"{type(e).__name__}: {str(e)[:160]}"
+
+
 # --------------------------------------------------------------------------
 def markdown(rows, backends):
     out = []
@@ -666,13 +711,13 @@ def markdown(rows, backends):
     ours = sorted((r for r in rows if r.get("kind") == "ours"),
                   key=lambda r: (order.get(r["shape"], len(order)), r["M"], r["share"]))
     if ours:
-        cols = (backends + ["triton-persistent", "triton-tma", "triton-dequant", "triton-det", "triton-wbm",
+        cols = (backends + ["triton-persistent", "triton-tma", "triton-dequant", "fp8-block", "triton-det", "triton-wbm",
                             "triton-tma-wbm", "triton-w16", "triton-w16-wbm", "triton-w16+aq"]
                 if "triton" in backends
                 else list(backends))
         if "cuda" in backends:
             cols += ["cuda-wbm", "cuda-tuned", "cuda-w16", "cuda-w16-wbm", "cuda-wgmma"]
-        head = ["shape", "M", "INT8 share", "weights", "MB moved", "FP16", "INT8", "FP8", "W4A16"] + cols
+        head = ["shape", "M", "INT8 share", "weights", "MB moved", "FP16", "INT8", "FP8", "FP8 1x128", "W4A16"] + cols
         head += [f"{b}+aq" for b in backends] + [f"{b} GB/s" for b in backends]
         head += [f"{c} vs FP16" for c in cols] + [f"{c} vs FP8" for c in cols]
         out.append("| " + " | ".join(head) + " |")
@@ -691,7 +736,7 @@ def markdown(rows, backends):
 
             cells = [r["shape"], str(r["M"]), f"{100 * r['share']:.1f}%", r.get("weights", "–"),
                      f"{r['bytes'] / 1e6:.1f}" if "bytes" in r else "–", t(p, "fp16"), t(p, "int8"), t(p, "fp8"),
-                     t(p, "w4a16")]
+                     t(p, "fp8-blk"), t(p, "w4a16")]
             cells += [t(r, c) for c in cols] + [t(r, f"{b}+aq") for b in backends]
             cells += [str(r.get(f"{b}_gbps", "–")) for b in backends]
             cells += [ratio(r.get(c + "_us"), p.get("fp16_us")) for c in cols]
@@ -709,7 +754,9 @@ def markdown(rows, backends):
                    "the `triton` config with the weights stored block-major (layout.weights_block_major, M <= 64; "
                    "`triton-tma-wbm` / `cuda-wbm`: the same for the `triton-tma` config / the CUDA kernel); "
                    "`triton-dequant` (M > 64): both operands dequantized to fp16, then cuBLAS (an autotune "
-                   "candidate at M >= 1024; not integer-exact); `cuda`: the CUDA kernel with its own split rule "
+                   "candidate at M >= 1024; not integer-exact); `fp8-block` (M > 64, symmetric weights, groups "
+                   ">= 128): the W4Ax integers as e4m3 operands of cuBLAS's 1x128 x 1x128 block-scaled FP8 GEMM "
+                   "(kernels/fp8_gemm.py; INT8 blocks as two exact digits; operand passes included); `cuda`: the CUDA kernel with its own split rule "
                    "on the tile chosen by M; `cuda-tuned` (M <= 64): with the (split, tile) the ops layer's "
                    "tuner keeps (`cuda_tuned_choice` in gemm.json; tile 1 = the 3-stage 64x64 pipeline); "
                    "path='auto' picks between both; `triton-w16` (M <= 256): weights dequantized in registers, "

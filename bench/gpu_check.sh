@@ -210,9 +210,10 @@ if ! skip triton_tests; then
   # only delayed every benchmark -- run 6's serving stage (190 s) then covered 2 of 6 systems.
   # The capped tail of the Triton tests verified in runs 3-6 is the price.
   # (nineteenth session: the KV4 decode append's per-head programs and counters first -- test_paged,
-  # then the engine's graph steps that run it -- then the w16 tuning candidates)
+  # then the engine's graph steps that run it -- then the w16 tuning candidates; twenty-first: the
+  # large-M FP8 route's cuBLAS block-scaled GEMM second)
   PYTEST_WORKERS=${TRITON_TEST_WORKERS:-${PYTEST_WORKERS:-12}} run_pytest pytest-triton "${TRITON_TESTS_CAP:-75}" ${TRITON_TEST_FILES:-tests/test_paged.py \
-    tests/test_engine_gpu.py tests/test_w16_gemm.py tests/test_triton_act_quant.py tests/test_paged_attention.py tests/test_dequant_gemm.py tests/test_triton_asym.py tests/test_kv4_attention.py tests/test_layer_ops.py tests/test_triton_gemm.py \
+    tests/test_fp8_gemm.py tests/test_engine_gpu.py tests/test_w16_gemm.py tests/test_triton_act_quant.py tests/test_paged_attention.py tests/test_dequant_gemm.py tests/test_triton_asym.py tests/test_kv4_attention.py tests/test_layer_ops.py tests/test_triton_gemm.py \
     tests/test_ops.py tests/test_quantize.py::test_eager_linear_path_equals_op_path} || TESTS_OK=no
   pack
 fi

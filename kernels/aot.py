@@ -42,6 +42,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from .act_quant import ROWS_BLOCK_M, _gather_warps, act_quant_gather_kernel, act_quant_kernel, split_rows_kernel  # noqa: E402
 from .dequant_gemm import dequant_act_kernel, dequant_weight_kernel  # noqa: E402
+from .fp8_gemm import fp8_act_operand_kernel, fp8_weight_operand_kernel  # noqa: E402
 from .w16_gemm import w16_gemm_kernel, w16_reduce_kernel  # noqa: E402
 from .w4ax_gemm import (  # noqa: E402
     GemmConfig,
@@ -152,7 +153,7 @@ def all_configs(quick: bool = False) -> List[GemmConfig]:
 #: pointer, 16-byte aligned) with ``tt.divisibility=16``; without mirroring that here
 #: the AOT code would not vectorize loads the way the real one does.
 _DIVISIBLE = {"stride_q4m", "stride_q8m", "stride_wn", "stride_wb", "stride_om", "N", "stride_dm", "stride_dn", "stride_xm", "K",
-              "stride_ow"}
+              "stride_ow", "stride_w8n"}
 #: Arguments equal to 1 in every real launch (unit strides): the JIT turns them into constants.
 _UNIT = ("stride_on", "stride_xk")
 
@@ -242,6 +243,17 @@ def jobs(quick: bool = False) -> List[Tuple[str, object, Dict[str, str], Dict[st
                              stride_wn="i32", stride_wb="i32", stride_wsn="i32", stride_won="i32", stride_ow="i32",
                              BLOCK_N="constexpr", ASYM="constexpr", WHOLE_BLOCK_GROUPS="constexpr"),
                         dict(BLOCK_N=64, ASYM=asym, WHOLE_BLOCK_GROUPS=whole), 4, 1, "dequant"))
+    # the FP8 route's operand kernels (large M, sm_90: the FP8 block form of both operands)
+    for cm in (False, True):
+        out.append((f"fp8_operand_act[class={cm}]", fp8_act_operand_kernel,
+                    dict(q4_ptr="*u8", q8_ptr="*i8", as_ptr="*fp32", bits_ptr="*i32", slot_ptr="*i32", src_ptr="*i32",
+                         out_ptr="*u8", sa_ptr="*fp32", M="i32", NB="i32", stride_q4m="i32", stride_q8m="i32",
+                         stride_asm="i32", stride_om="i32", BLOCK_M="constexpr", CLASS_MODE="constexpr"),
+                    dict(BLOCK_M=32, CLASS_MODE=cm), 4, 1, "dequant"))
+    out.append(("fp8_operand_weight", fp8_weight_operand_kernel,
+                dict(qw_ptr="*u8", ws_ptr="*fp32", src_ptr="*i32", out_ptr="*u8", sb_ptr="*fp32", N="i32", GROUP="i32",
+                     stride_wn="i32", stride_wb="i32", stride_wsn="i32", stride_w8n="i32", BLOCK_N="constexpr"),
+                dict(BLOCK_N=64), 4, 1, "dequant"))
     # the w16 route (small M: weights dequantized in registers, 16-bit MMA): the default tiles
     # (16 and 64 rows x 64 weight rows), fp16 (exponent-trick dequant) and bf16 operands,
     # symmetric / asymmetric weights, groups inside or spanning a block; split-K partials are fp32
@@ -496,7 +508,8 @@ def ci_subset(todo, arch: int):
                 keep.append(j)  # block mode by rows: packed and FAKE, gather and identity
             elif name.startswith("act_quant_gather[") and ("ident=False" in name or "KP=4096" in name):
                 keep.append(j)  # the gather kernel: every tile size and mode (identity at one size)
-            elif name.startswith(("split_rows[", "dequant_", "w16[", "w16-fixup[", "w16_reduce[", "w16-cand[")):
+            elif name.startswith(("split_rows[", "dequant_", "fp8_operand", "w16[", "w16-fixup[", "w16_reduce[",
+                                  "w16-cand[")):
                 keep.append(j)
             elif name.startswith("gemm-variant[") and "16x64" in name and "g16" not in name:
                 keep.append(j)

@@ -58,14 +58,12 @@ def _row_tile(ROWS: tl.constexpr, limit):
 
 
 @triton.jit
-def dequant_act_kernel(q4_ptr, q8_ptr, as_ptr, bits_ptr, slot_ptr, out_ptr, M,
-                       stride_q4m, stride_q8m, stride_asm, stride_om,
-                       BLOCK_M: tl.constexpr, CLASS_MODE: tl.constexpr):
-    """``A'[m, b*128 : +128] = q[m, block b] * scale[m, b]`` for ``BLOCK_M`` tokens of block ``b``.
-    ``slot_ptr``: block ``b``'s rank among the blocks of its precision (the class slot table of
-    :mod:`cometq.kernels.act_quant`, cached per block map).  (It was counted here, one scalar load
-    per earlier block in a loop: a program of block 100 waited 100 dependent loads.)"""
-    mm, rm64, b = _row_tile(BLOCK_M, M)
+def block_values(q4_ptr, q8_ptr, as_ptr, bits_ptr, slot_ptr, b, rm64, mm, stride_q4m, stride_q8m, stride_asm,
+                 CLASS_MODE: tl.constexpr):
+    """The integers of activation block ``b`` for the rows ``rm64`` (mask ``mm``) as two int8
+    ``[rows, 64]`` halves -- even channels, odd channels: the low / high nibbles of a packed INT4
+    block, every other byte of an INT8 one -- with the rows' scale of the block and its bits
+    (shared by the dequant and FP8 operand kernels)."""
     bits = tl.load(bits_ptr + b)
     slot = tl.load(slot_ptr + b)
     if CLASS_MODE:
@@ -75,12 +73,27 @@ def dequant_act_kernel(q4_ptr, q8_ptr, as_ptr, bits_ptr, slot_ptr, out_ptr, M,
     j = tl.arange(0, 64)
     if bits == 8:
         base = q8_ptr + rm64[:, None] * stride_q8m + slot * 128 + 2 * j[None, :]
-        lo = tl.load(base, mask=mm[:, None], other=0)
-        hi = tl.load(base + 1, mask=mm[:, None], other=0)
+        ev = tl.load(base, mask=mm[:, None], other=0)
+        od = tl.load(base + 1, mask=mm[:, None], other=0)
     else:
         p = tl.load(q4_ptr + rm64[:, None] * stride_q4m + slot * 64 + j[None, :], mask=mm[:, None], other=0)
-        lo = unpack_lo(p)
-        hi = unpack_hi(p)
+        ev = unpack_lo(p)
+        od = unpack_hi(p)
+    return ev, od, s, bits
+
+
+@triton.jit
+def dequant_act_kernel(q4_ptr, q8_ptr, as_ptr, bits_ptr, slot_ptr, out_ptr, M,
+                       stride_q4m, stride_q8m, stride_asm, stride_om,
+                       BLOCK_M: tl.constexpr, CLASS_MODE: tl.constexpr):
+    """``A'[m, b*128 : +128] = q[m, block b] * scale[m, b]`` for ``BLOCK_M`` tokens of block ``b``.
+    ``slot_ptr``: block ``b``'s rank among the blocks of its precision (the class slot table of
+    :mod:`cometq.kernels.act_quant`, cached per block map).  (It was counted here, one scalar load
+    per earlier block in a loop: a program of block 100 waited 100 dependent loads.)"""
+    mm, rm64, b = _row_tile(BLOCK_M, M)
+    lo, hi, s, bits = block_values(q4_ptr, q8_ptr, as_ptr, bits_ptr, slot_ptr, b, rm64, mm, stride_q4m, stride_q8m,
+                                   stride_asm, CLASS_MODE)
+    j = tl.arange(0, 64)
     dst = out_ptr + rm64[:, None] * stride_om + b * 128 + j[None, :]  # half-split K order (above)
     ty = out_ptr.dtype.element_ty
     tl.store(dst, (lo.to(tl.float32) * s[:, None]).to(ty), mask=mm[:, None])

@@ -126,7 +126,7 @@ def test_w16_route_choice(monkeypatch):
     monkeypatch.setattr(autotune, "_measurable", lambda d: True)
     times = {"split": 2.0, "w16": 1.0}
     prev = autotune.set_timer(fake_route_timer(ran, times), "graph")  # (the route is timed as graph replays)
-    monkeypatch.setattr(ops, "_W16_AGREES", {})
+    monkeypatch.setattr(ops, "_ROUTE_AGREES", {})
     try:
         ran.clear()
         x, y = call(3)
@@ -196,7 +196,7 @@ def test_w16_route_never_kept_when_it_disagrees(monkeypatch):
     monkeypatch.setitem(ops._LINEAR_ROUTES, "w16", lambda *a: real(*a) * 1.01)  # 1 % off: a broken kernel
     ran = record_linear_routes(monkeypatch, ops, ("split", "w16"))
     monkeypatch.setattr(ops, "_fused_dequant_applies", lambda *a: True)
-    monkeypatch.setattr(ops, "_W16_AGREES", {})
+    monkeypatch.setattr(ops, "_ROUTE_AGREES", {})
     autotune.clear()
     monkeypatch.setattr(autotune, "_measurable", lambda d: True)
     prev = autotune.set_timer(fake_route_timer(ran, {"split": 2.0, "w16": 1.0}), "graph")
@@ -209,7 +209,7 @@ def test_w16_route_never_kept_when_it_disagrees(monkeypatch):
         assert ran == ["split", "w16", "split"]  # checked once, then split (never timed)
         ref = R.w4ax_gemm(R.quantize_activation(x, lay, "block"), qw)
         assert torch.equal(y, ref.to(y.dtype)) or torch.allclose(y, ref, rtol=1e-5, atol=1e-5)
-        assert list(ops._W16_AGREES.values()) == [False]
+        assert list(ops._ROUTE_AGREES.values()) == [False]
     finally:
         autotune.set_timer(prev, "graph")
         autotune.clear()

@@ -46,6 +46,10 @@ __all__ = [
     "split_activation_rows",
     "half_split_blocks",
     "weights_block_major",
+    "FP8_INT_MIN",
+    "FP8_INT_MAX",
+    "fp8_e4m3_int_codes",
+    "fp8_block_sources",
     "ActivationLayout",
     "check_tensor",
 ]
@@ -277,6 +281,45 @@ def half_split_blocks(v: torch.Tensor) -> torch.Tensor:
     lead = v.shape[:-1]
     nb = v.shape[-1] // BLOCK_K
     return v.reshape(*lead, nb, BLOCK_K // 2, 2).transpose(-1, -2).reshape(v.shape).contiguous()
+
+
+# --------------------------------------------------------------------------
+# the FP8 block form: W4Ax integers as e4m3 operands of a 1x128 block-scaled GEMM
+# --------------------------------------------------------------------------
+#: Integers the FP8 block form stores: every integer in this range is exact in e4m3 (3 mantissa
+#: bits hold 8..15 exactly; 16 is a power of two).
+FP8_INT_MIN, FP8_INT_MAX = -8, 16
+
+
+def fp8_e4m3_int_codes(device=None) -> torch.Tensor:
+    """uint8 ``[25]``: the ``torch.float8_e4m3fn`` byte of every integer ``v`` in
+    ``[FP8_INT_MIN, FP8_INT_MAX]`` at index ``v - FP8_INT_MIN`` (the kernels' lookup table)."""
+    v = torch.arange(FP8_INT_MIN, FP8_INT_MAX + 1, dtype=torch.float32)
+    return v.to(torch.float8_e4m3fn).view(torch.uint8).to(device)
+
+
+def fp8_block_sources(block_bits: torch.Tensor) -> torch.Tensor:
+    """int32 ``[nb + n8]``: which 128-channel block of the permuted K axis each block of the
+    **FP8 block form** holds -- the operands of the large-M FP8 route (``cometq.kernels.fp8_gemm``):
+    the INT4 / INT8 integers of both W4Ax operands written as e4m3 values, multiplied by a GEMM
+    that scales every (token, block) and (row, block) pair itself (1x128 x 1x128 block scaling:
+    ``y = sum_j sa[m, j] * sb[n, j] * (A8[m, block j] . W8[n, block j])``).  Every product and
+    every block sum of those integers is exact in FP8 tensor-core arithmetic, so the result is
+    the W4Ax reference's up to the fp32 rounding of the scaled sums.
+
+    INT4 values (-8..7) are e4m3 as they are; an INT8 value ``q`` (-127..127) is not, so its
+    block is stored twice, as the two exact digits ``q = 16 * hi + lo``::
+
+        FP8 block j < nb:        block j:  INT4 q  (scale sa)      | INT8 hi = q >> 4 (-8..7, scale 16 sa)
+        FP8 block nb + i:        INT8 block int8_blocks[i]: lo = q & 15 (0..15, scale sa)
+        weights:                 FP8 block j holds weight block sources[j] (INT8 blocks twice)
+
+    (within a block, the half-split order of :func:`half_split_blocks` in both operands).  The
+    cost: K grows by the INT8 blocks' share (12.5 % INT8 -> 1.125 K)."""
+    check_tensor("block_bits", block_bits, dtypes=_INT_DTYPES, ndim=1)
+    nb = block_bits.numel()
+    idx = torch.arange(nb, dtype=torch.int32, device=block_bits.device)
+    return torch.cat([idx, idx[block_bits == 8]])
 
 
 # --------------------------------------------------------------------------

@@ -385,6 +385,8 @@ def w4ax_linear_eager(x, perm, block_bits, n_int8: int, scale_mode: str, int4_cl
         # quantize + GEMM, timed per case like a backend; first untuned where the GEMM's own first
         # candidate is the dequant path anyway (M >= 4096: same result, two passes fewer)
         cands = ("fused", "split") if _autotune.bucket_m(m) >= 4096 else ("split", "fused")
+        if _fp8_route_applies(args) and _fp8_agrees(args):
+            cands += ("fp8",)  # FP8 tensor cores (kernels/fp8_gemm.py): never first until timed
         route = _autotune.order("w4ax_linear_route", x.device, cands, _LINEAR_ROUTES, args)[0]
         return _LINEAR_ROUTES[route](*args)
     if (0 < m <= W16_MAX_M and os.environ.get(ENV_W16, "1") != "0" and _fused_dequant_applies(*args)
@@ -400,38 +402,68 @@ def w4ax_linear_eager(x, perm, block_bits, n_int8: int, scale_mode: str, int4_cl
     return _LINEAR_ROUTES["split"](*args)
 
 
-#: per (GPU, case): did the w16 route's result agree with the integer-exact split route's
-#: (within the dequant path's tolerance) when the case was first tuned -- the tuner times speed
-#: only, and a fast wrong route must never be kept
-_W16_AGREES: dict = {}
+#: per (route, GPU, case): did a 16-bit or FP8 route's result agree with the integer-exact split
+#: route's (within the dequant path's tolerance) when the case was first tuned -- the tuner times
+#: speed only, and a fast wrong route must never be kept
+_ROUTE_AGREES: dict = {}
 
 
-def _w16_agrees(args) -> bool:
-    """Check the w16 route against "split" once per case, before the tuner may time it (one
-    device sync, at tuning time only).  Where nothing is timed (no measurable device, tuning
-    off) split runs first anyway: True.  While a CUDA graph is captured or tuning is frozen no
-    check can run: False (split) until one has."""
+def _route_agrees(route: str, args) -> bool:
+    """Check ``route`` against "split" once per case, before the tuner may time it (one device
+    sync, at tuning time only).  Where nothing is timed (no measurable device, tuning off) split
+    runs first anyway: True.  While a CUDA graph is captured or tuning is frozen no check can
+    run: False (split) until one has.  A route that raises disagrees (and says why)."""
     x, out_dtype = args[0], args[11]
     if not (_autotune._measurable(x.device) and _autotune.enabled()):
         return True
-    key = (_autotune._device_name(x.device), _key_linear_route(*args))
-    ok = _W16_AGREES.get(key)
+    key = (route, _autotune._device_name(x.device), _key_linear_route(*args))
+    ok = _ROUTE_AGREES.get(key)
     if ok is None:
         if _autotune._tracing_or_capturing(x.device) or _autotune.frozen_now():
             return False
         from cometq.kernels.dequant_gemm import DEQUANT_GEMM_RTOL
 
         ref = _LINEAR_ROUTES["split"](*args).float()
-        got = _LINEAR_ROUTES["w16"](*args).float()
-        err = float((got - ref).abs().max()) if ref.numel() else 0.0
-        tol = DEQUANT_GEMM_RTOL.get(out_dtype, DEQUANT_GEMM_RTOL[torch.float32]) * float(ref.abs().max()) \
-            if ref.numel() else 0.0
-        ok = _W16_AGREES[key] = bool(err <= tol)  # (NaN: False)
+        try:
+            got = _LINEAR_ROUTES[route](*args).float()
+        except Exception as e:  # noqa: BLE001 - a route that cannot run this case is not used for it
+            got, why = None, f"it raised {type(e).__name__}: {str(e)[:200]}"
+        if got is not None:
+            err = float((got - ref).abs().max()) if ref.numel() else 0.0
+            tol = DEQUANT_GEMM_RTOL.get(out_dtype, DEQUANT_GEMM_RTOL[torch.float32]) * float(ref.abs().max()) \
+                if ref.numel() else 0.0
+            why = f"max error {err:.3g} > {tol:.3g}"
+        ok = _ROUTE_AGREES[key] = got is not None and bool(err <= tol)  # (NaN: False)
         if not ok:
-            warnings.warn(f"cometq: the w16 route disagrees with quantize + GEMM on this case (max error {err:.3g} "
-                          f"> {tol:.3g}: M={x.shape[0]}, N={args[6].shape[0]}, K={x.shape[1]}); it is not used for "
-                          "it", RuntimeWarning, stacklevel=3)
+            warnings.warn(f"cometq: the {route} route disagrees with quantize + GEMM on this case ({why}: "
+                          f"M={x.shape[0]}, N={args[6].shape[0]}, K={x.shape[1]}); it is not used for it",
+                          RuntimeWarning, stacklevel=3)
     return ok
+
+
+def _w16_agrees(args) -> bool:
+    return _route_agrees("w16", args)
+
+
+def _fp8_agrees(args) -> bool:
+    return _route_agrees("fp8", args)
+
+
+def _fp8_route_applies(args) -> bool:
+    """The large-M FP8 route (:mod:`cometq.kernels.fp8_gemm`) may run this call: a Triton route
+    may (:func:`_fused_dequant_applies`, checked by the caller), symmetric weights whose groups span
+    whole blocks, N a multiple of 16 (FP8 GEMM operand alignment), and a GPU whose block-scaled
+    FP8 GEMM passed its probe (``fp8_route_unavailable``)."""
+    x, qweight, w_offsets, group_size = args[0], args[6], args[8], args[9]
+    if w_offsets is not None or qweight.shape[0] % 16:
+        return False
+    if group_size not in (None, -1) and int(group_size) % BLOCK_K:
+        return False
+    try:
+        from cometq.kernels.fp8_gemm import fp8_route_unavailable
+    except Exception:  # noqa: BLE001 - no Triton: no route
+        return False
+    return fp8_route_unavailable(x.device) is None
 
 
 #: rows from which :func:`w4ax_linear_eager` on CUDA also considers the fused dequant route
@@ -490,7 +522,19 @@ def _linear_w16(*args):
 W16_MAX_M = 256
 ENV_W16 = "COMETQ_LINEAR_W16"
 
-_LINEAR_ROUTES = {"split": _linear_split, "fused": _linear_fused, "w16": _linear_w16}
+def _linear_fp8(x, perm, block_bits, n_int8, scale_mode, int4_clip, qweight, w_scales, w_offsets, group_size, bias,
+                out_dtype, be):
+    """quantize_act (whichever backend, under ``be``), then the FP8 block form of both operands and
+    cuBLAS's block-scaled FP8 GEMM (:func:`cometq.kernels.fp8_gemm.w4ax_gemm_fp8`)."""
+    from cometq.kernels.fp8_gemm import w4ax_gemm_fp8
+
+    q4, q8, sc = _dispatch("quantize_act", x.device, be, x, perm, block_bits, n_int8, scale_mode, int4_clip)
+    group = block_bits.shape[0] * BLOCK_K if group_size in (None, -1) else int(group_size)
+    return w4ax_gemm_fp8(q4, q8, sc, block_bits, qweight, w_scales, group, bias, out_dtype, scale_mode,
+                         stride_wb=qweight.stride(1) if qweight.dim() == 3 else None)
+
+
+_LINEAR_ROUTES = {"split": _linear_split, "fused": _linear_fused, "w16": _linear_w16, "fp8": _linear_fp8}
 
 
 def _fused_dequant_applies(x, perm, block_bits, n_int8, scale_mode, int4_clip, qweight, w_scales, w_offsets,

@@ -25,12 +25,16 @@ import torch
 
 from .layout import (
     BLOCK_K,
+    FP8_INT_MIN,
     INT4_QMAX,
     INT8_QMAX,
     SCALE_MODES,
     UINT4_MAX,
     ActivationLayout,
     check_tensor,
+    fp8_block_sources,
+    fp8_e4m3_int_codes,
+    half_split_blocks,
     num_blocks,
     pack_int4,
     pack_uint4,
@@ -55,6 +59,9 @@ __all__ = [
     "w4ax_segment_scales",
     "w4ax_gemm",
     "w4ax_linear",
+    "fp8_block_applies",
+    "fp8_block_operands",
+    "fp8_block_mm",
     "fmpq_calibrate",
     "quantize_kv4",
     "dequantize_kv4",
@@ -503,6 +510,73 @@ def w4ax_linear(
     qa = quantize_activation(x.reshape(-1, x.shape[-1]), layout, scale_mode)
     y = w4ax_gemm(qa, qw, bias, out_dtype=x.dtype)
     return y.view(*lead, qw.out_features)
+
+
+# ==========================================================================
+# the FP8 block form of the W4Ax GEMM (cometq.layout.fp8_block_sources)
+# ==========================================================================
+def fp8_block_applies(qw: QuantizedWeight) -> Optional[str]:
+    """None if the FP8 block form holds ``qw``, else why not: symmetric weights whose groups
+    span whole 128-channel blocks (group 128, 256, ... or per channel) -- one weight scale per
+    (row, block), what 1x128 block scaling multiplies (an asymmetric weight's offset term is
+    not a product of FP8 integers)."""
+    if qw.offsets is not None:
+        return "asymmetric weights (the offset term)"
+    if qw.group_width % BLOCK_K:
+        return f"weight group {qw.group_width} (not a multiple of {BLOCK_K})"
+    return None
+
+
+def fp8_block_operands(qa: QuantizedActivation, qw: QuantizedWeight):
+    """The FP8 block form of a W4Ax product: ``(a8, sa, w8, sb)``.
+
+    ``a8`` uint8 ``[M, 128 nb']`` and ``w8`` uint8 ``[N, 128 nb']``: e4m3 bytes of the integers
+    (:func:`cometq.layout.fp8_e4m3_int_codes`), blocks as :func:`cometq.layout.fp8_block_sources`
+    says, half-split inside each block; ``sa`` float32 ``[nb', M]`` and ``sb`` float32 ``[nb', N]``:
+    the scale of every (block, token) and (block, weight row), block-major (the layout a
+    block-scaled GEMM reads: the non-K index contiguous).  INT8 "hi" blocks carry 16x the
+    activation scale (exact: a power of two).  ValueError where :func:`fp8_block_applies` says no.
+    """
+    _check_gemm_operands(qa, qw)
+    why = fp8_block_applies(qw)
+    if why is not None:
+        raise ValueError(f"the FP8 block form does not hold {why}")
+    lay = qa.layout
+    src = fp8_block_sources(lay.block_bits).long().to(qa.q4.device)
+    nb, m = lay.n_blocks, qa.m
+    codes = fp8_e4m3_int_codes(qa.q4.device)
+    q = qa.int_blocks().view(m, nb, BLOCK_K)
+    is8 = (lay.block_bits == 8).to(q.device)
+    a = q[:, src]  # [M, nb', 128]
+    a[:, :nb][:, is8] = a[:, :nb][:, is8] >> 4          # INT8 hi digits, -8..7
+    a[:, nb:] = a[:, nb:] & 15                           # INT8 lo digits, 0..15
+    a8 = codes[half_split_blocks(a.reshape(m, -1)).long() - FP8_INT_MIN]
+    sa = qa.block_scales()[:, src].clone()
+    sa[:, :nb][:, is8] *= 16.0
+    w = unpack_int4(qw.qweight).view(qw.out_features, nb, BLOCK_K)[:, src]
+    w8 = codes[half_split_blocks(w.reshape(qw.out_features, -1)).long() - FP8_INT_MIN]
+    sb = qw.scales[:, (src * BLOCK_K) // qw.group_width]
+    return a8.contiguous(), sa.t().contiguous(), w8.contiguous(), sb.t().contiguous()
+
+
+def fp8_block_mm(a8: torch.Tensor, sa: torch.Tensor, w8: torch.Tensor, sb: torch.Tensor) -> torch.Tensor:
+    """float64 ``[M, N]``: ``sum_j sa[j, m] * sb[j, n] * (A[m, block j] . W[n, block j])`` for the
+    e4m3 bytes ``a8 [M, 128 nb']`` / ``w8 [N, 128 nb']`` and the block-major scales of
+    :func:`fp8_block_operands` -- what a 1x128 x 1x128 block-scaled FP8 GEMM computes, in exact
+    arithmetic (the emulation CPU tests hold the route's operands to)."""
+    check_tensor("a8", a8, dtypes=(torch.uint8,), ndim=2)
+    check_tensor("w8", w8, dtypes=(torch.uint8,), ndim=2)
+    check_tensor("sa", sa, dtypes=(torch.float32,), ndim=2)
+    check_tensor("sb", sb, dtypes=(torch.float32,), ndim=2)
+    nbp = sa.shape[0]
+    if a8.shape[1] != w8.shape[1] or a8.shape[1] != nbp * BLOCK_K or tuple(sa.shape) != (nbp, a8.shape[0]) \
+            or tuple(sb.shape) != (nbp, w8.shape[0]):
+        raise ValueError(f"a8 {tuple(a8.shape)}, sa {tuple(sa.shape)}, w8 {tuple(w8.shape)}, sb {tuple(sb.shape)} "
+                         f"are not [M, 128 nb'], [nb', M], [N, 128 nb'], [nb', N]")
+    a = a8.view(torch.float8_e4m3fn).to(torch.float32).double().view(a8.shape[0], nbp, BLOCK_K)
+    w = w8.view(torch.float8_e4m3fn).to(torch.float32).double().view(w8.shape[0], nbp, BLOCK_K)
+    acc = torch.einsum("mjk,njk->jmn", a, w)  # exact: integers, |block sum| <= 128 * 16 * 8
+    return (acc * sa.double()[:, :, None] * sb.double()[:, None, :]).sum(0)
 
 
 # ==========================================================================

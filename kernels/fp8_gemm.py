@@ -1,0 +1,245 @@
+"""Triton + cuBLAS: the W4Ax GEMM for large M on FP8 tensor cores (the ``fp8`` route).
+
+Why: at prefill sizes the GEMM is compute-bound, and the dequant path (:mod:`.dequant_gemm`)
+runs it at FP16 tensor-core speed -- issue #3's "M >= 1024: 1.5x cuBLAS FP16" needs a faster
+unit.  Hopper has no INT4 MMA and its INT8 one is reached from cuBLAS only for unscaled int32
+products (``torch._int_mm``), but its FP8 (e4m3) MMA is ~1.7x BF16 (H100: 1350 vs 788 TFLOP/s
+measured) and cuBLAS scales it per 1x128 block of *both* operands -- exactly the W4Ax epilogue
+of the "block" scale mode with weight groups of 128 (or per channel):
+
+    y[m, n] = sum_j sa[m, j] * sb[n, j] * (A8[m, block j] . W8[n, block j])
+
+The W4Ax integers go in as e4m3 values, exactly: INT4 values (-8..7) as they are, an INT8 value
+``q`` as two exact digits ``q = 16 * (q >> 4) + (q & 15)`` in two blocks (K grows by the INT8
+share); every product and every 128-long block sum is an integer below 2^14, exact in the tensor
+cores' accumulator, and cuBLAS applies the fp32 scales per block (the FP8 block form:
+:func:`cometq.layout.fp8_block_sources`; reference :func:`cometq.reference.fp8_block_operands` /
+:func:`cometq.reference.fp8_block_mm`).  Numerics: the integer-exact result up to fp32 rounding of
+the scaled block sums -- closer to the reference than the dequant path, which rounds every operand
+element to 16 bits.  Symmetric weights only (an asymmetric weight's offset term is no product of
+FP8 integers: those layers keep the other routes).
+
+Cost besides the GEMM: one pass writing the e4m3 weight operand (1 byte per weight: half the
+dequant path's pass) and one over the quantized activation.  Whether the block-scaled FP8 GEMM
+beats cuBLAS FP16 by enough is a measurement (``bench_gemm.py --what large``, column ``fp8``);
+``cometq.ops`` offers the route to the large-M tuner only after it has checked the route's output
+against the integer route on the same case.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from cometq.layout import fp8_block_sources
+
+from ._common import derived, unpack_hi, unpack_lo
+from .dequant_gemm import _row_tile, block_values
+
+__all__ = ["fp8_act_operand", "fp8_weight_operand", "scaled_mm_block", "w4ax_gemm_fp8", "fp8_route_unavailable",
+           "FP8_ROUTE_ENV"]
+
+#: ``COMETQ_FP8_ROUTE=0``: never offer the fp8 route (the large-M tuner keeps split / fused)
+FP8_ROUTE_ENV = "COMETQ_FP8_ROUTE"
+
+
+@triton.jit
+def e4m3_int_code(v):
+    """int32 integers in [-8, 16] -> their float8_e4m3fn bytes (uint8), by arithmetic (no table
+    gather): sign | (e + 7) << 3 | mantissa, e = floor(log2 |v|); 0 -> 0."""
+    a = tl.abs(v)
+    e = (a >= 2).to(tl.int32) + (a >= 4).to(tl.int32) + (a >= 8).to(tl.int32) + (a >= 16).to(tl.int32)
+    code = ((v < 0).to(tl.int32) << 7) | ((e + 7) << 3) | (((a << 3) >> e) & 7)
+    return tl.where(a == 0, 0, code).to(tl.uint8)
+
+
+@triton.jit
+def fp8_act_operand_kernel(q4_ptr, q8_ptr, as_ptr, bits_ptr, slot_ptr, src_ptr, out_ptr, sa_ptr, M, NB,
+                           stride_q4m, stride_q8m, stride_asm, stride_om,
+                           BLOCK_M: tl.constexpr, CLASS_MODE: tl.constexpr):
+    """FP8 block ``j`` (axis 1) of ``BLOCK_M`` tokens: the e4m3 bytes of activation block
+    ``src[j]`` (INT4 values; INT8 hi digits for j < NB, lo digits after) in the half-split order,
+    and its scale into the block-major ``sa [NB', M]`` (x16 for hi digits)."""
+    mm, rm64, j = _row_tile(BLOCK_M, M)
+    b = tl.load(src_ptr + j)
+    ev8, od8, s, bits = block_values(q4_ptr, q8_ptr, as_ptr, bits_ptr, slot_ptr, b, rm64, mm, stride_q4m, stride_q8m,
+                                     stride_asm, CLASS_MODE)
+    ev = ev8.to(tl.int32)  # even channels
+    od = od8.to(tl.int32)
+    if bits == 8:
+        if j < NB:  # hi digit (arithmetic shift: -8..7), 16x the scale (exact)
+            ev = ev >> 4
+            od = od >> 4
+            s = s * 16.0
+        else:  # lo digit, 0..15
+            ev = ev & 15
+            od = od & 15
+    k = tl.arange(0, 64)
+    dst = out_ptr + rm64[:, None] * stride_om + j * 128 + k[None, :]
+    tl.store(dst, e4m3_int_code(ev), mask=mm[:, None])
+    tl.store(dst + 64, e4m3_int_code(od), mask=mm[:, None])
+    tl.store(sa_ptr + j * M + rm64, s, mask=mm)
+
+
+@triton.jit
+def fp8_weight_operand_kernel(qw_ptr, ws_ptr, src_ptr, out_ptr, sb_ptr, N, GROUP,
+                              stride_wn, stride_wb, stride_wsn, stride_w8n, BLOCK_N: tl.constexpr):
+    """FP8 block ``j`` (axis 1) of ``BLOCK_N`` weight rows: the e4m3 bytes of weight block
+    ``src[j]`` in the half-split order, and its group's scale into the block-major ``sb [NB', N]``
+    (groups span whole blocks: one scale per row and block)."""
+    r = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nm = r < N
+    rn64 = r.to(tl.int64)
+    j = tl.program_id(1)
+    b = tl.load(src_ptr + j)
+    k = tl.arange(0, 64)
+    # (both weight strides are multiples of 64 bytes -- K_pad / 2 or 64 per row, 64 or N * 64 per
+    # block: said so, the compiler moves each 64-byte piece in 16-byte vectors, not byte by byte)
+    off = tl.multiple_of(rn64 * stride_wn + b * stride_wb, 64)
+    p = tl.load(qw_ptr + off[:, None] + k[None, :], mask=nm[:, None], other=0)
+    dst = out_ptr + tl.multiple_of(rn64 * stride_w8n + j * 128, 64)[:, None] + k[None, :]  # (rows of 128 NB' bytes)
+    tl.store(dst, e4m3_int_code(unpack_lo(p).to(tl.int32)), mask=nm[:, None])
+    tl.store(dst + 64, e4m3_int_code(unpack_hi(p).to(tl.int32)), mask=nm[:, None])
+    sc = tl.load(ws_ptr + rn64 * stride_wsn + (b * 128) // GROUP, mask=nm, other=0.0)
+    tl.store(sb_ptr + j * N + rn64, sc, mask=nm)
+
+
+def _sources(block_bits: torch.Tensor) -> torch.Tensor:
+    return derived(block_bits, "fp8_gemm.sources", fp8_block_sources)
+
+
+def fp8_act_operand(q4, q8, a_scales, block_bits, scale_mode: str):
+    """``(a8 uint8 [M, 128 NB'], sa float32 [NB', M])``: the FP8 block form of a quantized
+    activation (``quantize_act``'s ``q4, q8, scales``), bit for bit
+    :func:`cometq.reference.fp8_block_operands`'s."""
+    from .act_quant import block_tables
+
+    m = a_scales.shape[0]
+    nb = block_bits.numel()
+    src = _sources(block_bits)
+    nbp = src.numel()
+    a8 = torch.empty(m, nbp * 128, dtype=torch.uint8, device=a_scales.device)
+    sa = torch.empty(nbp, m, dtype=torch.float32, device=a_scales.device)
+    if m and nbp:
+        bits, slots = block_tables(block_bits)
+        bm = 32
+        fp8_act_operand_kernel[(triton.cdiv(m, bm), nbp)](
+            q4, q8, a_scales, bits, slots, src, a8, sa, m, nb, q4.stride(0) if q4.numel() else 0,
+            q8.stride(0) if q8.numel() else 0, a_scales.stride(0), a8.stride(0), BLOCK_M=bm,
+            CLASS_MODE=scale_mode == "class", num_warps=4)
+    return a8, sa
+
+
+def fp8_weight_operand(qweight, w_scales, block_bits, group: int, stride_wb: Optional[int] = None):
+    """``(w8 uint8 [N, 128 NB'], sb float32 [NB', N])``: the FP8 block form of symmetric INT4
+    weights (``qweight [N, K_pad/2]`` or its block-major view; ``group`` the resolved group
+    width, a multiple of 128), bit for bit :func:`cometq.reference.fp8_block_operands`'s."""
+    if group % 128:
+        raise ValueError(f"the FP8 block form needs weight groups of whole 128-channel blocks, got group={group}")
+    if stride_wb is None:
+        stride_wb = qweight.stride(1) if qweight.dim() == 3 else 64
+    n = qweight.shape[0]
+    src = _sources(block_bits)
+    nbp = src.numel()
+    w8 = torch.empty(n, nbp * 128, dtype=torch.uint8, device=qweight.device)
+    sb = torch.empty(nbp, n, dtype=torch.float32, device=qweight.device)
+    if n and nbp:
+        bn = 64
+        fp8_weight_operand_kernel[(triton.cdiv(n, bn), nbp)](
+            qweight, w_scales, src, w8, sb, n, group, qweight.stride(0), stride_wb, w_scales.stride(0), w8.stride(0),
+            BLOCK_N=bn, num_warps=4)
+    return w8, sb
+
+
+def scaled_mm_block(a8, sa, w8, sb, out_dtype: torch.dtype) -> torch.Tensor:
+    """``y [M, N] = sum_j sa[j, m] sb[j, n] (A8[m, block j] . W8[n, block j])`` by cuBLAS's 1x128 x
+    1x128 block-scaled FP8 GEMM (sm_90; torch's ``scaled_mm`` / ``_scaled_mm``).  The scales are
+    passed as views of the block-major buffers: ``[M, NB']`` with strides ``(1, M)`` (the
+    "outer-dim-major" layout those block scales are read in)."""
+    a = a8.view(torch.float8_e4m3fn)
+    b = w8.view(torch.float8_e4m3fn).t()  # [K', N], column-major
+    scaled_mm = getattr(torch.nn.functional, "scaled_mm", None)
+    if scaled_mm is not None:
+        st = torch.nn.functional.ScalingType.BlockWise1x128
+        return scaled_mm(a, b, sa.t(), st, sb.t(), st, output_dtype=out_dtype)
+    return torch._scaled_mm(a, b, scale_a=sa.t(), scale_b=sb, out_dtype=out_dtype)
+
+
+def w4ax_gemm_fp8(q4, q8, a_scales, block_bits, qweight, w_scales, group: int, bias, out_dtype: torch.dtype,
+                  scale_mode: str, stride_wb: Optional[int] = None) -> torch.Tensor:
+    """The W4Ax GEMM (symmetric weights, groups of whole blocks) on the FP8 route: both operands
+    in the FP8 block form, cuBLAS's block-scaled FP8 GEMM into ``out_dtype``, the bias added after."""
+    a8, sa = fp8_act_operand(q4, q8, a_scales, block_bits, scale_mode)
+    w8, sb = fp8_weight_operand(qweight, w_scales, block_bits, group, stride_wb)
+    y = scaled_mm_block(a8, sa, w8, sb, out_dtype)
+    if bias is not None:
+        y += bias.to(y.dtype)
+    return y
+
+
+#: per device: why the block-scaled FP8 GEMM cannot serve the route there (None: it can)
+_UNAVAILABLE: dict = {}
+
+
+def fp8_route_unavailable(device) -> Optional[str]:
+    """None if the fp8 route can run on ``device``, else why not: not a CUDA device of compute
+    capability 9.0 (cuBLAS's 1x128 block scaling is Hopper's), ``COMETQ_FP8_ROUTE=0``, or the
+    GEMM failed or disagreed with :func:`cometq.reference.fp8_block_mm` on a small probe (run
+    once per device)."""
+    import os
+
+    if os.environ.get(FP8_ROUTE_ENV, "1") == "0":
+        return f"{FP8_ROUTE_ENV}=0"
+    device = torch.device(device)
+    if device.type != "cuda":
+        return f"device {device} is not a CUDA GPU"
+    key = (device.index if device.index is not None else torch.cuda.current_device())
+    if key in _UNAVAILABLE:
+        return _UNAVAILABLE[key]
+    why = None
+    if torch.cuda.get_device_capability(device) != (9, 0):
+        why = f"compute capability {torch.cuda.get_device_capability(device)} (block-scaled FP8 GEMM: 9.0)"
+    else:
+        why = _probe(device)
+    _UNAVAILABLE[key] = why
+    return why
+
+
+def _probe(device) -> Optional[str]:
+    """One small block-scaled GEMM on random integer operands vs the float64 emulation."""
+    from cometq.layout import fp8_e4m3_int_codes
+    from cometq.reference import fp8_block_mm
+
+    g = torch.Generator().manual_seed(0)
+    m, n, nbp = 64, 128, 3
+    codes = fp8_e4m3_int_codes()
+    a8 = codes[torch.randint(0, 25, (m, nbp * 128), generator=g)]
+    w8 = codes[torch.randint(0, 16, (n, nbp * 128), generator=g)]
+    sa = torch.rand(nbp, m, generator=g) + 0.5
+    sb = torch.rand(nbp, n, generator=g) + 0.5
+    want = fp8_block_mm(a8, sa, w8, sb)
+    try:
+        got = scaled_mm_block(a8.to(device), sa.to(device), w8.to(device), sb.to(device), torch.float32).double().cpu()
+    except Exception as e:  # noqa: BLE001 - the reason is the result
+        return f"block-scaled FP8 GEMM failed: {type(e).__name__}: {str(e)[:300]}"
+    err = float((got - want).abs().max())
+    if not err <= 1e-5 * float(want.abs().max()):
+        return f"block-scaled FP8 GEMM disagrees with the emulation (max error {err:.3g})"
+    return None
+
+
+def _e4m3_codes_probe(v: torch.Tensor) -> torch.Tensor:
+    """(tests) :func:`e4m3_int_code` over int32 ``v`` (on ``v``'s device, one program)."""
+    out = torch.empty(v.numel(), dtype=torch.uint8, device=v.device)
+    _codes_kernel[(1,)](v, out, v.numel(), BLOCK=triton.next_power_of_2(max(v.numel(), 16)))
+    return out
+
+
+@triton.jit
+def _codes_kernel(v_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    i = tl.arange(0, BLOCK)
+    v = tl.load(v_ptr + i, mask=i < n, other=0)
+    tl.store(out_ptr + i, e4m3_int_code(v), mask=i < n)
+

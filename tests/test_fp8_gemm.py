@@ -1,0 +1,206 @@
+"""The large-M FP8 route (kernels/fp8_gemm.py): the FP8 block form of the W4Ax operands.
+
+CPU: the reference form against the W4Ax reference GEMM (exact arithmetic), the Triton operand
+kernels under TRITON_INTERPRET=1 against the reference bytes (bit for bit), the refusals.  GPU
+(``-m gpu``): cuBLAS's block-scaled FP8 GEMM on those operands, and the route through cometq.ops.
+"""
+import pytest
+import torch
+
+from cometq import reference as R
+from cometq.layout import FP8_INT_MAX, FP8_INT_MIN, ActivationLayout, fp8_block_sources, fp8_e4m3_int_codes, \
+    padded_k, weights_block_major
+
+import cometq.kernels.fp8_gemm as F8  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+#: the FP8 route vs the integer-exact reference, relative to max |y|, per output dtype: the block
+#: sums are exact, the scaled sum runs in fp32, then one rounding to the output dtype
+FP8_GEMM_RTOL = {torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float32: 1e-5}
+PATTERNS = {"mixed": lambda nb: [8 if i % 3 == 0 else 4 for i in range(nb)], "int4": lambda nb: [4] * nb,
+            "int8": lambda nb: [8] * nb, "alternating": lambda nb: [8 if i % 2 else 4 for i in range(nb)]}
+
+
+def _case(m, k, n, pattern, scale_mode, group, seed, sym=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g) * (1 + 30 * (torch.rand(k, generator=g) > 0.95))  # outlier channels
+    w = torch.randn(n, k, generator=g) * 0.05
+    nb = -(-k // 128)
+    lay = ActivationLayout(torch.randperm(k, generator=g), torch.tensor(PATTERNS[pattern](nb), dtype=torch.int32))
+    return R.quantize_activation(x, lay, scale_mode), R.quantize_weight_rtn(w, group, sym=sym), lay
+
+
+def test_e4m3_codes():
+    codes = fp8_e4m3_int_codes()
+    ints = torch.arange(FP8_INT_MIN, FP8_INT_MAX + 1)
+    assert codes.dtype == torch.uint8 and codes.numel() == ints.numel()
+    assert torch.equal(codes.view(torch.float8_e4m3fn).float(), ints.float())  # every integer exact
+    # the kernels' arithmetic encoder agrees with torch's conversion on every integer it is given
+    got = F8._e4m3_codes_probe(ints.to(torch.int32).to(DEV)).cpu()
+    assert torch.equal(got, codes)
+
+
+def test_block_sources():
+    bits = torch.tensor([8, 4, 4, 8, 4], dtype=torch.int32)
+    assert fp8_block_sources(bits).tolist() == [0, 1, 2, 3, 4, 0, 3]
+    assert fp8_block_sources(torch.tensor([4, 4], dtype=torch.int32)).tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 576, 40), (17, 512, 96), (6, 1000, 130)])
+@pytest.mark.parametrize("pattern", sorted(PATTERNS))
+@pytest.mark.parametrize("scale_mode", ["block", "class"])
+@pytest.mark.parametrize("group", [128, 256, -1])
+def test_reference_form_is_the_w4ax_gemm(m, k, n, pattern, scale_mode, group):
+    if group == 256 and padded_k(k) % 256:
+        group = 384 if padded_k(k) % 384 == 0 else 128  # a multiple of 128 dividing K_pad (576 -> 640: 128)
+    qa, qw, _ = _case(m, k, n, pattern, scale_mode, group, m + k + n + group)
+    a8, sa, w8, sb = R.fp8_block_operands(qa, qw)
+    n8 = int((qa.layout.block_bits == 8).sum())
+    nbp = qa.layout.n_blocks + n8
+    assert a8.shape == (m, nbp * 128) and w8.shape == (n, nbp * 128) and sa.shape == (nbp, m) and sb.shape == (nbp, n)
+    # every byte is an integer of the form: INT4 / hi digits in [-8, 7], lo digits in [0, 15]
+    a = a8.view(torch.float8_e4m3fn).float().view(m, nbp, 128)
+    assert a.min() >= -8 and a.max() <= 15 and torch.equal(a, a.round())
+    assert (a[:, qa.layout.n_blocks:] >= 0).all()
+    want = R.w4ax_gemm(qa, qw, out_dtype=torch.float64)
+    got = R.fp8_block_mm(a8, sa, w8, sb)
+    assert float((got - want).abs().max()) <= 1e-12 * float(want.abs().max())
+
+
+def test_reference_form_refusals():
+    qa, qw, _ = _case(3, 256, 16, "mixed", "block", 128, 0, sym=False)
+    assert "asymmetric" in R.fp8_block_applies(qw)
+    with pytest.raises(ValueError, match="does not hold asymmetric weights"):
+        R.fp8_block_operands(qa, qw)
+    qa, qw, _ = _case(3, 256, 16, "mixed", "block", 64, 0)
+    with pytest.raises(ValueError, match=r"weight group 64 \(not a multiple of 128\)"):
+        R.fp8_block_operands(qa, qw)
+    with pytest.raises(ValueError, match="group=64"):
+        F8.fp8_weight_operand(qw.qweight, qw.scales, qa.layout.block_bits, 64)
+    a8, sa, w8, sb = R.fp8_block_operands(*_case(3, 256, 16, "mixed", "block", 128, 0)[:2])
+    with pytest.raises(ValueError, match=r"are not \[M, 128 nb'\]"):
+        R.fp8_block_mm(a8, sa, w8[:, :128], sb)
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 576, 40), (37, 512, 70)])
+@pytest.mark.parametrize("pattern", sorted(PATTERNS))
+@pytest.mark.parametrize("scale_mode", ["block", "class"])
+def test_operand_kernels_match_the_reference_bytes(m, k, n, pattern, scale_mode):
+    group = 256 if padded_k(k) % 256 == 0 else 128
+    qa, qw, lay = _case(m, k, n, pattern, scale_mode, group, 3 * m + n)
+    want = R.fp8_block_operands(qa, qw)
+    d = DEV
+    a8, sa = F8.fp8_act_operand(qa.q4.to(d), qa.q8.to(d), qa.scales.to(d), lay.block_bits.to(d), scale_mode)
+    assert torch.equal(a8.cpu(), want[0]) and torch.equal(sa.cpu(), want[1])
+    for qweight in (qw.qweight, weights_block_major(qw.qweight)):  # row-major and block-major storage
+        w8, sb = F8.fp8_weight_operand(qweight.to(d), qw.scales.to(d), lay.block_bits.to(d), group)
+        assert torch.equal(w8.cpu(), want[2]) and torch.equal(sb.cpu(), want[3])
+
+
+def test_route_availability_on_this_machine(monkeypatch):
+    monkeypatch.setenv(F8.FP8_ROUTE_ENV, "0")
+    assert F8.fp8_route_unavailable("cpu") == "COMETQ_FP8_ROUTE=0"
+    monkeypatch.delenv(F8.FP8_ROUTE_ENV)
+    assert "not a CUDA GPU" in F8.fp8_route_unavailable("cpu")
+
+
+def test_fp8_route_choice(monkeypatch):
+    """``ops.w4ax_linear_eager`` at M >= 1024: the fp8 route joins split / fused only where it
+    applies (symmetric weights, groups of whole blocks, N % 16 == 0, a GPU whose block-scaled
+    GEMM passed its probe) and after its output agreed with split's; the tuner keeps it where it
+    times fastest, and a disagreeing one is never used.  CPU stand-ins: the device checks, the
+    timer and cuBLAS's GEMM (its float64 emulation, :func:`cometq.reference.fp8_block_mm`); the
+    operand kernels are the real ones (interpreter)."""
+    import os
+
+    from cometq import autotune, ops
+    from cometq.testing import fake_route_timer, record_linear_routes
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("drives the route choice with fake device checks on CPU tensors: needs the interpreter")
+    monkeypatch.setattr(F8, "scaled_mm_block", lambda a8, sa, w8, sb, dt: R.fp8_block_mm(a8, sa, w8, sb).to(dt))
+    monkeypatch.setattr(F8, "fp8_route_unavailable", lambda d: None)
+    monkeypatch.setattr(ops, "_fused_dequant_applies", lambda *a: True)
+    monkeypatch.setattr(autotune, "_measurable", lambda d: True)
+    monkeypatch.setattr(ops, "_ROUTE_AGREES", {})
+    ran = record_linear_routes(monkeypatch, ops, ("split", "fused", "fp8"))
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1024, 256, generator=g)
+
+    def call(qw, group=128):
+        lay = _case(1, 256, 16, "mixed", "block", 128, 4)[2]
+        return ops.w4ax_linear_eager(x, lay.perm, lay.block_bits, lay.n_int8, "block", 1.0, qw.qweight, qw.scales,
+                                     qw.offsets, group, None, torch.float32), lay
+
+    w = torch.randn(48, 256, generator=g) * 0.05
+    autotune.clear()
+    prev = autotune.set_timer(fake_route_timer(ran, {"split": 2.0, "fused": 3.0, "fp8": 1.0}), "eager")
+    try:
+        qw = R.quantize_weight_rtn(w, 128)
+        y, lay = call(qw)
+        # checked against split once, the three timed, then fp8 runs
+        assert ran == ["split", "fp8", "split", "fused", "fp8", "fp8"], ran
+        want = R.w4ax_gemm(R.quantize_activation(x, lay, "block"), qw, out_dtype=torch.float64)
+        assert float((y.double() - want).abs().max()) <= FP8_GEMM_RTOL[torch.float32] * float(want.abs().max())
+        for bad in (R.quantize_weight_rtn(w, 128, sym=False), R.quantize_weight_rtn(w, 64),
+                    R.quantize_weight_rtn(w[:40], 128)):  # asymmetric, group 64, N = 40
+            ran.clear()
+            autotune.clear()
+            call(bad, 64 if bad.group_size == 64 else 128)
+            assert "fp8" not in ran, (bad.group_size, bad.offsets is None, ran)
+        # a route that disagrees (1 % off) is checked once, warned about and never timed
+        real = ops._LINEAR_ROUTES["fp8"]
+        monkeypatch.setitem(ops._LINEAR_ROUTES, "fp8", lambda *a: real(*a) * 1.01)
+        monkeypatch.setattr(ops, "_ROUTE_AGREES", {})
+        autotune.clear()
+        ran.clear()
+        with pytest.warns(RuntimeWarning, match=r"the fp8 route disagrees with quantize \+ GEMM .*M=1024, N=48"):
+            call(qw)
+        assert ran == ["split", "fp8", "split", "fused", "split"], ran  # the check ran it; never timed
+    finally:
+        autotune.set_timer(prev, "eager")
+        autotune.clear()
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: cuBLAS's block-scaled FP8 GEMM
+# ---------------------------------------------------------------------------------------------
+def _need_route():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    why = F8.fp8_route_unavailable("cuda")
+    if why is not None:
+        pytest.skip(f"fp8 route unavailable: {why}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,k,n", [(1024, 576, 256), (2048, 4096, 1024), (1100, 1024, 4096)])
+@pytest.mark.parametrize("pattern", ["mixed", "int4", "int8"])
+def test_fp8_gemm_matches_reference(m, k, n, pattern):
+    _need_route()
+    qa, qw, lay = _case(m, k, n, pattern, "block", 128, m + k)
+    b = torch.randn(n)
+    want = R.w4ax_gemm(qa, qw, b, out_dtype=torch.float64)
+    for dt in (torch.float16, torch.bfloat16, torch.float32):
+        y = F8.w4ax_gemm_fp8(qa.q4.cuda(), qa.q8.cuda(), qa.scales.cuda(), lay.block_bits.cuda(), qw.qweight.cuda(),
+                             qw.scales.cuda(), 128, b.cuda(), dt, "block")
+        assert y.dtype == dt and y.shape == (m, n)
+        err = float((y.double().cpu() - want).abs().max())
+        assert err <= FP8_GEMM_RTOL[dt] * float(want.abs().max()), (dt, err)
+
+
+@pytest.mark.gpu
+def test_fp8_route_through_ops():
+    """The route as the large-M tuner runs it (quantize_act + FP8 block form + cuBLAS), on a
+    calibrated-looking layer; it must agree with the integer route within its tolerance."""
+    _need_route()
+    from cometq import ops
+
+    qa, qw, lay = _case(1024, 1024, 512, "mixed", "block", 128, 5)
+    x = torch.randn(1024, 1024, generator=torch.Generator().manual_seed(1)).half().cuda()
+    args = (x, lay.perm.cuda(), lay.block_bits.cuda(), lay.n_int8, "block", 1.0, qw.qweight.cuda(),
+            qw.scales.cuda(), None, 128, None, torch.float16, None)
+    ref = ops._LINEAR_ROUTES["split"](*args).float()
+    got = ops._LINEAR_ROUTES["fp8"](*args).float()
+    assert float((got - ref).abs().max()) <= 2e-3 * float(ref.abs().max())
+
