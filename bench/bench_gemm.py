@@ -675,7 +675,7 @@ def bench_act_quant(args, rows, errors, dev, budget=None, flush=lambda: None):
 # --------------------------------------------------------------------------
 # reports
 def _fp8_block(row, q4, q8, a_sc, lay, qweight, w_sc, w_off, group, k_pad, ref_fn, args, flops, nbytes):
-    """Column ``fp8-block`` (M > 64, symmetric weights, groups of whole blocks): the large-M FP8
+    """Column ``fp8-block`` (M > 64, weight groups of whole blocks): the large-M FP8
     route (kernels/fp8_gemm.py: the W4Ax integers as e4m3 operands of cuBLAS's 1x128 x 1x128
     block-scaled FP8 GEMM, operand passes included), after checking its output against the dequant
     path's (``fp8-block_maxrel``: max |difference| / max |y|); why not, where it cannot run."""
@@ -683,13 +683,12 @@ def _fp8_block(row, q4, q8, a_sc, lay, qweight, w_sc, w_off, group, k_pad, ref_f
     from cometq.kernels.fp8_gemm import fp8_route_unavailable, w4ax_gemm_fp8
 
     grp = k_pad if group == -1 else group
-    why = ("asymmetric weights" if w_off is not None else
-           f"group {group}" if grp % 128 else fp8_route_unavailable(qweight.device))
+    why = f"group {group}" if grp % 128 else fp8_route_unavailable(qweight.device)
     if why is not None:
         row["fp8-block_err"] = why
         return
     ff = (lambda: w4ax_gemm_fp8(q4, q8, a_sc, lay.block_bits, qweight, w_sc, grp, None, torch.float16,
-                                args.scale_mode))
+                                args.scale_mode, w_offsets=w_off))
     try:
         ref = ref_fn().float()
         rel = float((ff().float() - ref).abs().max()) / max(float(ref.abs().max()), 1e-30)
@@ -754,8 +753,8 @@ def markdown(rows, backends):
                    "the `triton` config with the weights stored block-major (layout.weights_block_major, M <= 64; "
                    "`triton-tma-wbm` / `cuda-wbm`: the same for the `triton-tma` config / the CUDA kernel); "
                    "`triton-dequant` (M > 64): both operands dequantized to fp16, then cuBLAS (an autotune "
-                   "candidate at M >= 1024; not integer-exact); `fp8-block` (M > 64, symmetric weights, groups "
-                   ">= 128): the W4Ax integers as e4m3 operands of cuBLAS's 1x128 x 1x128 block-scaled FP8 GEMM "
+                   "candidate at M >= 1024; not integer-exact); `fp8-block` (M > 64, weight groups "
+                   ">= 128; asymmetric: + the offset term in one fp32 pass): the W4Ax integers as e4m3 operands of cuBLAS's 1x128 x 1x128 block-scaled FP8 GEMM "
                    "(kernels/fp8_gemm.py; INT8 blocks as two exact digits; operand passes included); `cuda`: the CUDA kernel with its own split rule "
                    "on the tile chosen by M; `cuda-tuned` (M <= 64): with the (split, tile) the ops layer's "
                    "tuner keeps (`cuda_tuned_choice` in gemm.json; tile 1 = the 3-stage 64x64 pipeline); "

@@ -42,7 +42,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from .act_quant import ROWS_BLOCK_M, _gather_warps, act_quant_gather_kernel, act_quant_kernel, split_rows_kernel  # noqa: E402
 from .dequant_gemm import dequant_act_kernel, dequant_weight_kernel  # noqa: E402
-from .fp8_gemm import fp8_act_operand_kernel, fp8_weight_operand_kernel  # noqa: E402
+from .fp8_gemm import fp8_act_operand_kernel, fp8_offset_epilogue_kernel, fp8_weight_operand_kernel  # noqa: E402
 from .w16_gemm import w16_gemm_kernel, w16_reduce_kernel  # noqa: E402
 from .w4ax_gemm import (  # noqa: E402
     GemmConfig,
@@ -244,12 +244,20 @@ def jobs(quick: bool = False) -> List[Tuple[str, object, Dict[str, str], Dict[st
                              BLOCK_N="constexpr", ASYM="constexpr", WHOLE_BLOCK_GROUPS="constexpr"),
                         dict(BLOCK_N=64, ASYM=asym, WHOLE_BLOCK_GROUPS=whole), 4, 1, "dequant"))
     # the FP8 route's operand kernels (large M, sm_90: the FP8 block form of both operands)
-    for cm in (False, True):
-        out.append((f"fp8_operand_act[class={cm}]", fp8_act_operand_kernel,
+    for cm, asym in ((False, False), (True, False), (False, True)):
+        out.append((f"fp8_operand_act[class={cm},asym={asym}]", fp8_act_operand_kernel,
                     dict(q4_ptr="*u8", q8_ptr="*i8", as_ptr="*fp32", bits_ptr="*i32", slot_ptr="*i32", src_ptr="*i32",
-                         out_ptr="*u8", sa_ptr="*fp32", M="i32", NB="i32", stride_q4m="i32", stride_q8m="i32",
-                         stride_asm="i32", stride_om="i32", BLOCK_M="constexpr", CLASS_MODE="constexpr"),
-                    dict(BLOCK_M=32, CLASS_MODE=cm), 4, 1, "dequant"))
+                         out_ptr="*u8", sa_ptr="*fp32", xs_ptr="*fp32", M="i32", NB="i32", stride_q4m="i32",
+                         stride_q8m="i32", stride_asm="i32", stride_om="i32", BLOCK_M="constexpr",
+                         CLASS_MODE="constexpr", ASYM="constexpr"),
+                    dict(BLOCK_M=32, CLASS_MODE=cm, ASYM=asym), 4, 1, "dequant"))
+    for dt in ("fp16", "bf16"):
+        out.append((f"fp8_operand_offsets[{dt}]", fp8_offset_epilogue_kernel,
+                    dict(y_ptr=_TY[dt], xs_ptr="*fp32", wo_ptr="*fp32", bias_ptr="*fp32", M="i32", N="i32", NB="i32",
+                         GROUP="i32", stride_ym="i32", stride_won="i32", BLOCK_M="constexpr", BLOCK_N="constexpr",
+                         NB_P2="constexpr", HAS_BIAS="constexpr", PRECISION="constexpr"),
+                    dict(BLOCK_M=64, BLOCK_N=64, NB_P2=128, HAS_BIAS=dt == "bf16", PRECISION="tf32x3"), 4, 1,
+                    "fp8_epilogue"))
     out.append(("fp8_operand_weight", fp8_weight_operand_kernel,
                 dict(qw_ptr="*u8", ws_ptr="*fp32", src_ptr="*i32", out_ptr="*u8", sb_ptr="*fp32", N="i32", GROUP="i32",
                      stride_wn="i32", stride_wb="i32", stride_wsn="i32", stride_w8n="i32", BLOCK_N="constexpr"),
@@ -618,6 +626,11 @@ def check_code(kind: str, arch: int, constexprs: Dict[str, object], num_warps: i
             return "the INT4 unpack is not the word-wide inline PTX"
         if _wide_stores(ptx) == 0:
             return "no 16-byte stores of the dequantized rows"
+        return None
+    if kind == "fp8_epilogue":
+        # the offset term on tensor cores at ~fp32 precision (tf32x3: three tf32 MMAs per product)
+        if "mma" not in ptx:
+            return "the offset term's dot is not on tensor cores"
         return None
     if kind == "w16":
         # 16-bit tensor-core MMAs (wgmma on sm_90 with the dequantized weights as the

@@ -16,8 +16,8 @@ cores' accumulator, and cuBLAS applies the fp32 scales per block (the FP8 block 
 :func:`cometq.layout.fp8_block_sources`; reference :func:`cometq.reference.fp8_block_operands` /
 :func:`cometq.reference.fp8_block_mm`).  Numerics: the integer-exact result up to fp32 rounding of
 the scaled block sums -- closer to the reference than the dequant path, which rounds every operand
-element to 16 bits.  Symmetric weights only (an asymmetric weight's offset term is no product of
-FP8 integers: those layers keep the other routes).
+element to 16 bits.  An asymmetric weight's offset term (``sum_b sa * asum * offset``, no product
+of FP8 integers) is a rank-NB product added in fp32 in one pass over the output after the GEMM.
 
 Cost besides the GEMM: one pass writing the e4m3 weight operand (1 byte per weight: half the
 dequant path's pass) and one over the quantized activation.  Whether the block-scaled FP8 GEMM
@@ -38,7 +38,8 @@ from cometq.layout import fp8_block_sources
 from ._common import derived, unpack_hi, unpack_lo
 from .dequant_gemm import _row_tile, block_values
 
-__all__ = ["fp8_act_operand", "fp8_weight_operand", "scaled_mm_block", "w4ax_gemm_fp8", "fp8_route_unavailable",
+__all__ = ["fp8_act_operand", "fp8_weight_operand", "add_offset_term", "scaled_mm_block", "w4ax_gemm_fp8",
+           "fp8_route_unavailable",
            "FP8_ROUTE_ENV"]
 
 #: ``COMETQ_FP8_ROUTE=0``: never offer the fp8 route (the large-M tuner keeps split / fused)
@@ -56,18 +57,22 @@ def e4m3_int_code(v):
 
 
 @triton.jit
-def fp8_act_operand_kernel(q4_ptr, q8_ptr, as_ptr, bits_ptr, slot_ptr, src_ptr, out_ptr, sa_ptr, M, NB,
+def fp8_act_operand_kernel(q4_ptr, q8_ptr, as_ptr, bits_ptr, slot_ptr, src_ptr, out_ptr, sa_ptr, xs_ptr, M, NB,
                            stride_q4m, stride_q8m, stride_asm, stride_om,
-                           BLOCK_M: tl.constexpr, CLASS_MODE: tl.constexpr):
+                           BLOCK_M: tl.constexpr, CLASS_MODE: tl.constexpr, ASYM: tl.constexpr):
     """FP8 block ``j`` (axis 1) of ``BLOCK_M`` tokens: the e4m3 bytes of activation block
     ``src[j]`` (INT4 values; INT8 hi digits for j < NB, lo digits after) in the half-split order,
-    and its scale into the block-major ``sa [NB', M]`` (x16 for hi digits)."""
+    and its scale into the block-major ``sa [NB', M]`` (x16 for hi digits).  ``ASYM``: also the
+    offset term's ``xs[m, b] = scale * sum of the block's integers`` (``[M, NB]``, j < NB)."""
     mm, rm64, j = _row_tile(BLOCK_M, M)
     b = tl.load(src_ptr + j)
     ev8, od8, s, bits = block_values(q4_ptr, q8_ptr, as_ptr, bits_ptr, slot_ptr, b, rm64, mm, stride_q4m, stride_q8m,
                                      stride_asm, CLASS_MODE)
     ev = ev8.to(tl.int32)  # even channels
     od = od8.to(tl.int32)
+    if ASYM:
+        if j < NB:  # (exact integer sum, then one fp32 multiply: the reference's fp8_offset_operands)
+            tl.store(xs_ptr + rm64 * NB + b, s * tl.sum(ev + od, axis=1).to(tl.float32), mask=mm)
     if bits == 8:
         if j < NB:  # hi digit (arithmetic shift: -8..7), 16x the scale (exact)
             ev = ev >> 4
@@ -106,14 +111,40 @@ def fp8_weight_operand_kernel(qw_ptr, ws_ptr, src_ptr, out_ptr, sb_ptr, N, GROUP
     tl.store(sb_ptr + j * N + rn64, sc, mask=nm)
 
 
+@triton.jit
+def fp8_offset_epilogue_kernel(y_ptr, xs_ptr, wo_ptr, bias_ptr, M, N, NB, GROUP, stride_ym, stride_won,
+                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NB_P2: tl.constexpr,
+                               HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
+    """``y[m, n] += sum_b xs[m, b] * offset[n, group(b)] (+ bias[n])`` in place, one
+    ``BLOCK_M x BLOCK_N`` tile of the FP8 GEMM's output per program: an asymmetric weight's
+    offset term (a rank-NB product, K = NB <= a few hundred) added in the pass that the output
+    needs anyway, in fp32 (``PRECISION`` "ieee" / "tf32x3": ~fp32 products on tensor cores), one
+    rounding to y's dtype."""
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mm, nm = rm < M, rn < N
+    b = tl.arange(0, NB_P2)
+    bm = b < NB
+    xs = tl.load(xs_ptr + rm.to(tl.int64)[:, None] * NB + b[None, :], mask=mm[:, None] & bm[None, :], other=0.0)
+    ob = tl.load(wo_ptr + rn.to(tl.int64)[None, :] * stride_won + ((b * 128) // GROUP)[:, None],
+                 mask=bm[:, None] & nm[None, :], other=0.0)
+    acc = tl.dot(xs, ob, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=nm, other=0.0).to(tl.float32)[None, :]
+    ptr = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :]
+    y = tl.load(ptr, mask=mm[:, None] & nm[None, :], other=0.0)
+    tl.store(ptr, (y.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=mm[:, None] & nm[None, :])
+
+
 def _sources(block_bits: torch.Tensor) -> torch.Tensor:
     return derived(block_bits, "fp8_gemm.sources", fp8_block_sources)
 
 
-def fp8_act_operand(q4, q8, a_scales, block_bits, scale_mode: str):
-    """``(a8 uint8 [M, 128 NB'], sa float32 [NB', M])``: the FP8 block form of a quantized
+def fp8_act_operand(q4, q8, a_scales, block_bits, scale_mode: str, offset_term: bool = False):
+    """``(a8 uint8 [M, 128 NB'], sa float32 [NB', M], xs)``: the FP8 block form of a quantized
     activation (``quantize_act``'s ``q4, q8, scales``), bit for bit
-    :func:`cometq.reference.fp8_block_operands`'s."""
+    :func:`cometq.reference.fp8_block_operands`'s; ``xs`` float32 ``[M, NB]`` (the offset term's
+    activation side, :func:`cometq.reference.fp8_offset_operands`) when ``offset_term``, else None."""
     from .act_quant import block_tables
 
     m = a_scales.shape[0]
@@ -122,14 +153,30 @@ def fp8_act_operand(q4, q8, a_scales, block_bits, scale_mode: str):
     nbp = src.numel()
     a8 = torch.empty(m, nbp * 128, dtype=torch.uint8, device=a_scales.device)
     sa = torch.empty(nbp, m, dtype=torch.float32, device=a_scales.device)
+    xs = torch.empty(m, nb, dtype=torch.float32, device=a_scales.device) if offset_term else None
     if m and nbp:
         bits, slots = block_tables(block_bits)
         bm = 32
         fp8_act_operand_kernel[(triton.cdiv(m, bm), nbp)](
-            q4, q8, a_scales, bits, slots, src, a8, sa, m, nb, q4.stride(0) if q4.numel() else 0,
-            q8.stride(0) if q8.numel() else 0, a_scales.stride(0), a8.stride(0), BLOCK_M=bm,
-            CLASS_MODE=scale_mode == "class", num_warps=4)
-    return a8, sa
+            q4, q8, a_scales, bits, slots, src, a8, sa, xs if offset_term else sa, m, nb,
+            q4.stride(0) if q4.numel() else 0, q8.stride(0) if q8.numel() else 0, a_scales.stride(0), a8.stride(0),
+            BLOCK_M=bm, CLASS_MODE=scale_mode == "class", ASYM=offset_term, num_warps=4)
+    return a8, sa, xs
+
+
+def add_offset_term(y, xs, w_offsets, group: int, bias=None) -> torch.Tensor:
+    """``y += xs @ offsets_by_block^T (+ bias)`` in place (:func:`fp8_offset_epilogue_kernel`)."""
+    from ._common import interpreting
+
+    m, n = y.shape
+    nb = xs.shape[1]
+    if m and n:
+        bm, bn = 64, 64
+        fp8_offset_epilogue_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
+            y, xs, w_offsets, bias if bias is not None else xs, m, n, nb, group, y.stride(0), w_offsets.stride(0),
+            BLOCK_M=bm, BLOCK_N=bn, NB_P2=max(16, triton.next_power_of_2(nb)), HAS_BIAS=bias is not None,
+            PRECISION="ieee" if interpreting() else "tf32x3", num_warps=4)
+    return y
 
 
 def fp8_weight_operand(qweight, w_scales, block_bits, group: int, stride_wb: Optional[int] = None):
@@ -168,12 +215,15 @@ def scaled_mm_block(a8, sa, w8, sb, out_dtype: torch.dtype) -> torch.Tensor:
 
 
 def w4ax_gemm_fp8(q4, q8, a_scales, block_bits, qweight, w_scales, group: int, bias, out_dtype: torch.dtype,
-                  scale_mode: str, stride_wb: Optional[int] = None) -> torch.Tensor:
-    """The W4Ax GEMM (symmetric weights, groups of whole blocks) on the FP8 route: both operands
-    in the FP8 block form, cuBLAS's block-scaled FP8 GEMM into ``out_dtype``, the bias added after."""
-    a8, sa = fp8_act_operand(q4, q8, a_scales, block_bits, scale_mode)
+                  scale_mode: str, stride_wb: Optional[int] = None, w_offsets: Optional[torch.Tensor] = None):
+    """The W4Ax GEMM (weight groups of whole blocks) on the FP8 route: both operands in the FP8
+    block form, cuBLAS's block-scaled FP8 GEMM into ``out_dtype``; an asymmetric weight's offset
+    term and the bias added in one pass over the output after (:func:`add_offset_term`)."""
+    a8, sa, xs = fp8_act_operand(q4, q8, a_scales, block_bits, scale_mode, offset_term=w_offsets is not None)
     w8, sb = fp8_weight_operand(qweight, w_scales, block_bits, group, stride_wb)
     y = scaled_mm_block(a8, sa, w8, sb, out_dtype)
+    if w_offsets is not None:
+        return add_offset_term(y, xs, w_offsets, group, bias)
     if bias is not None:
         y += bias.to(y.dtype)
     return y

@@ -49,11 +49,11 @@ def test_block_sources():
 @pytest.mark.parametrize("m,k,n", [(1, 576, 40), (17, 512, 96), (6, 1000, 130)])
 @pytest.mark.parametrize("pattern", sorted(PATTERNS))
 @pytest.mark.parametrize("scale_mode", ["block", "class"])
-@pytest.mark.parametrize("group", [128, 256, -1])
-def test_reference_form_is_the_w4ax_gemm(m, k, n, pattern, scale_mode, group):
+@pytest.mark.parametrize("group,sym", [(128, True), (256, True), (-1, True), (128, False), (-1, False)])
+def test_reference_form_is_the_w4ax_gemm(m, k, n, pattern, scale_mode, group, sym):
     if group == 256 and padded_k(k) % 256:
         group = 384 if padded_k(k) % 384 == 0 else 128  # a multiple of 128 dividing K_pad (576 -> 640: 128)
-    qa, qw, _ = _case(m, k, n, pattern, scale_mode, group, m + k + n + group)
+    qa, qw, _ = _case(m, k, n, pattern, scale_mode, group, m + k + n + group, sym=sym)
     a8, sa, w8, sb = R.fp8_block_operands(qa, qw)
     n8 = int((qa.layout.block_bits == 8).sum())
     nbp = qa.layout.n_blocks + n8
@@ -63,15 +63,18 @@ def test_reference_form_is_the_w4ax_gemm(m, k, n, pattern, scale_mode, group):
     assert a.min() >= -8 and a.max() <= 15 and torch.equal(a, a.round())
     assert (a[:, qa.layout.n_blocks:] >= 0).all()
     want = R.w4ax_gemm(qa, qw, out_dtype=torch.float64)
-    got = R.fp8_block_mm(a8, sa, w8, sb)
-    assert float((got - want).abs().max()) <= 1e-12 * float(want.abs().max())
+    got = R.fp8_block_mm(a8, sa, w8, sb, *(() if sym else R.fp8_offset_operands(qa, qw)))
+    # exact arithmetic on exact operands; the offset term's xs is rounded to fp32 once (2^-24 each)
+    assert float((got - want).abs().max()) <= (1e-12 if sym else 1e-6) * float(want.abs().max())
+    if not sym:  # the offset term is not optional: without it the result is wrong
+        assert float((R.fp8_block_mm(a8, sa, w8, sb) - want).abs().max()) > 1e-3 * float(want.abs().max())
 
 
 def test_reference_form_refusals():
-    qa, qw, _ = _case(3, 256, 16, "mixed", "block", 128, 0, sym=False)
-    assert "asymmetric" in R.fp8_block_applies(qw)
-    with pytest.raises(ValueError, match="does not hold asymmetric weights"):
-        R.fp8_block_operands(qa, qw)
+    qa, qw, _ = _case(3, 256, 16, "mixed", "block", 128, 0)
+    assert R.fp8_block_applies(qw) is None
+    with pytest.raises(ValueError, match="symmetric weights have no offset term"):
+        R.fp8_offset_operands(qa, qw)
     qa, qw, _ = _case(3, 256, 16, "mixed", "block", 64, 0)
     with pytest.raises(ValueError, match=r"weight group 64 \(not a multiple of 128\)"):
         R.fp8_block_operands(qa, qw)
@@ -87,14 +90,35 @@ def test_reference_form_refusals():
 @pytest.mark.parametrize("scale_mode", ["block", "class"])
 def test_operand_kernels_match_the_reference_bytes(m, k, n, pattern, scale_mode):
     group = 256 if padded_k(k) % 256 == 0 else 128
-    qa, qw, lay = _case(m, k, n, pattern, scale_mode, group, 3 * m + n)
+    qa, qw, lay = _case(m, k, n, pattern, scale_mode, group, 3 * m + n, sym=False)
     want = R.fp8_block_operands(qa, qw)
     d = DEV
-    a8, sa = F8.fp8_act_operand(qa.q4.to(d), qa.q8.to(d), qa.scales.to(d), lay.block_bits.to(d), scale_mode)
+    args = (qa.q4.to(d), qa.q8.to(d), qa.scales.to(d), lay.block_bits.to(d), scale_mode)
+    a8, sa, xs = F8.fp8_act_operand(*args)
+    assert torch.equal(a8.cpu(), want[0]) and torch.equal(sa.cpu(), want[1]) and xs is None
+    a8, sa, xs = F8.fp8_act_operand(*args, offset_term=True)  # + the offset term's activation side
     assert torch.equal(a8.cpu(), want[0]) and torch.equal(sa.cpu(), want[1])
+    assert torch.equal(xs.cpu(), R.fp8_offset_operands(qa, qw)[0])
     for qweight in (qw.qweight, weights_block_major(qw.qweight)):  # row-major and block-major storage
         w8, sb = F8.fp8_weight_operand(qweight.to(d), qw.scales.to(d), lay.block_bits.to(d), group)
         assert torch.equal(w8.cpu(), want[2]) and torch.equal(sb.cpu(), want[3])
+
+
+@pytest.mark.parametrize("dt", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("bias", [False, True])
+def test_offset_term_epilogue(dt, bias):
+    """``add_offset_term``: ``y += xs @ ob^T (+ bias)`` in place, in fp32, one rounding."""
+    qa, qw, _ = _case(70, 384, 72, "mixed", "block", 128, 11, sym=False)
+    xs, ob = R.fp8_offset_operands(qa, qw)
+    g = torch.Generator().manual_seed(5)
+    y0 = (torch.randn(70, 72, generator=g) * 4).to(dt)
+    b = torch.randn(72, generator=g) if bias else None
+    want = y0.double() + xs.double() @ ob.double().t() + (b.double() if bias else 0)
+    y = y0.to(DEV)
+    out = F8.add_offset_term(y, xs.to(DEV), qw.offsets.to(DEV), 128, None if b is None else b.to(DEV))
+    assert out.data_ptr() == y.data_ptr() and out.dtype == dt  # in place
+    err = float((out.double().cpu() - want).abs().max())
+    assert err <= FP8_GEMM_RTOL[dt] * float(want.abs().max()), err
 
 
 def test_route_availability_on_this_machine(monkeypatch):
@@ -142,12 +166,19 @@ def test_fp8_route_choice(monkeypatch):
         assert ran == ["split", "fp8", "split", "fused", "fp8", "fp8"], ran
         want = R.w4ax_gemm(R.quantize_activation(x, lay, "block"), qw, out_dtype=torch.float64)
         assert float((y.double() - want).abs().max()) <= FP8_GEMM_RTOL[torch.float32] * float(want.abs().max())
-        for bad in (R.quantize_weight_rtn(w, 128, sym=False), R.quantize_weight_rtn(w, 64),
-                    R.quantize_weight_rtn(w[:40], 128)):  # asymmetric, group 64, N = 40
+        for bad in (R.quantize_weight_rtn(w, 64), R.quantize_weight_rtn(w[:40], 128)):  # group 64, N = 40
             ran.clear()
             autotune.clear()
             call(bad, 64 if bad.group_size == 64 else 128)
-            assert "fp8" not in ran, (bad.group_size, bad.offsets is None, ran)
+            assert "fp8" not in ran, (bad.group_size, ran)
+        # asymmetric weights: a candidate too (the offset term after the GEMM)
+        ran.clear()
+        autotune.clear()
+        qa_w = R.quantize_weight_rtn(w, 128, sym=False)
+        y, lay = call(qa_w)
+        assert ran == ["split", "fp8", "split", "fused", "fp8", "fp8"], ran
+        want = R.w4ax_gemm(R.quantize_activation(x, lay, "block"), qa_w, out_dtype=torch.float64)
+        assert float((y.double() - want).abs().max()) <= FP8_GEMM_RTOL[torch.float32] * float(want.abs().max())
         # a route that disagrees (1 % off) is checked once, warned about and never timed
         real = ops._LINEAR_ROUTES["fp8"]
         monkeypatch.setitem(ops._LINEAR_ROUTES, "fp8", lambda *a: real(*a) * 1.01)
@@ -165,7 +196,7 @@ def test_fp8_route_choice(monkeypatch):
 # ---------------------------------------------------------------------------------------------
 # GPU: cuBLAS's block-scaled FP8 GEMM
 # ---------------------------------------------------------------------------------------------
-def _need_route():
+def _need_route():  # (GPU tests: the probe's reason when the route cannot run here)
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     why = F8.fp8_route_unavailable("cuda")
@@ -176,14 +207,16 @@ def _need_route():
 @pytest.mark.gpu
 @pytest.mark.parametrize("m,k,n", [(1024, 576, 256), (2048, 4096, 1024), (1100, 1024, 4096)])
 @pytest.mark.parametrize("pattern", ["mixed", "int4", "int8"])
-def test_fp8_gemm_matches_reference(m, k, n, pattern):
+@pytest.mark.parametrize("sym", [True, False])
+def test_fp8_gemm_matches_reference(m, k, n, pattern, sym):
     _need_route()
-    qa, qw, lay = _case(m, k, n, pattern, "block", 128, m + k)
+    qa, qw, lay = _case(m, k, n, pattern, "block", 128, m + k, sym=sym)
     b = torch.randn(n)
     want = R.w4ax_gemm(qa, qw, b, out_dtype=torch.float64)
     for dt in (torch.float16, torch.bfloat16, torch.float32):
         y = F8.w4ax_gemm_fp8(qa.q4.cuda(), qa.q8.cuda(), qa.scales.cuda(), lay.block_bits.cuda(), qw.qweight.cuda(),
-                             qw.scales.cuda(), 128, b.cuda(), dt, "block")
+                             qw.scales.cuda(), 128, b.cuda(), dt, "block",
+                             w_offsets=None if sym else qw.offsets.cuda())
         assert y.dtype == dt and y.shape == (m, n)
         err = float((y.double().cpu() - want).abs().max())
         assert err <= FP8_GEMM_RTOL[dt] * float(want.abs().max()), (dt, err)

@@ -451,11 +451,11 @@ def _fp8_agrees(args) -> bool:
 
 def _fp8_route_applies(args) -> bool:
     """The large-M FP8 route (:mod:`cometq.kernels.fp8_gemm`) may run this call: a Triton route
-    may (:func:`_fused_dequant_applies`, checked by the caller), symmetric weights whose groups span
-    whole blocks, N a multiple of 16 (FP8 GEMM operand alignment), and a GPU whose block-scaled
-    FP8 GEMM passed its probe (``fp8_route_unavailable``)."""
-    x, qweight, w_offsets, group_size = args[0], args[6], args[8], args[9]
-    if w_offsets is not None or qweight.shape[0] % 16:
+    may (:func:`_fused_dequant_applies`, checked by the caller), weight groups that span whole
+    blocks, N a multiple of 16 (FP8 GEMM operand alignment), and a GPU whose block-scaled FP8
+    GEMM passed its probe (``fp8_route_unavailable``)."""
+    x, qweight, group_size = args[0], args[6], args[9]
+    if qweight.shape[0] % 16:
         return False
     if group_size not in (None, -1) and int(group_size) % BLOCK_K:
         return False
@@ -531,7 +531,7 @@ def _linear_fp8(x, perm, block_bits, n_int8, scale_mode, int4_clip, qweight, w_s
     q4, q8, sc = _dispatch("quantize_act", x.device, be, x, perm, block_bits, n_int8, scale_mode, int4_clip)
     group = block_bits.shape[0] * BLOCK_K if group_size in (None, -1) else int(group_size)
     return w4ax_gemm_fp8(q4, q8, sc, block_bits, qweight, w_scales, group, bias, out_dtype, scale_mode,
-                         stride_wb=qweight.stride(1) if qweight.dim() == 3 else None)
+                         stride_wb=qweight.stride(1) if qweight.dim() == 3 else None, w_offsets=w_offsets)
 
 
 _LINEAR_ROUTES = {"split": _linear_split, "fused": _linear_fused, "w16": _linear_w16, "fp8": _linear_fp8}

@@ -61,6 +61,7 @@ __all__ = [
     "w4ax_linear",
     "fp8_block_applies",
     "fp8_block_operands",
+    "fp8_offset_operands",
     "fp8_block_mm",
     "fmpq_calibrate",
     "quantize_kv4",
@@ -516,12 +517,10 @@ def w4ax_linear(
 # the FP8 block form of the W4Ax GEMM (cometq.layout.fp8_block_sources)
 # ==========================================================================
 def fp8_block_applies(qw: QuantizedWeight) -> Optional[str]:
-    """None if the FP8 block form holds ``qw``, else why not: symmetric weights whose groups
-    span whole 128-channel blocks (group 128, 256, ... or per channel) -- one weight scale per
-    (row, block), what 1x128 block scaling multiplies (an asymmetric weight's offset term is
-    not a product of FP8 integers)."""
-    if qw.offsets is not None:
-        return "asymmetric weights (the offset term)"
+    """None if the FP8 block form holds ``qw``, else why not: weight groups that span whole
+    128-channel blocks (group 128, 256, ... or per channel) -- one weight scale per (row, block),
+    what 1x128 block scaling multiplies.  (An asymmetric weight's offset term is no product of
+    FP8 integers: :func:`fp8_offset_operands` carries it beside the GEMM.)"""
     if qw.group_width % BLOCK_K:
         return f"weight group {qw.group_width} (not a multiple of {BLOCK_K})"
     return None
@@ -536,6 +535,7 @@ def fp8_block_operands(qa: QuantizedActivation, qw: QuantizedWeight):
     the scale of every (block, token) and (block, weight row), block-major (the layout a
     block-scaled GEMM reads: the non-K index contiguous).  INT8 "hi" blocks carry 16x the
     activation scale (exact: a power of two).  ValueError where :func:`fp8_block_applies` says no.
+    (An asymmetric weight's offsets are not part of it: :func:`fp8_offset_operands`.)
     """
     _check_gemm_operands(qa, qw)
     why = fp8_block_applies(qw)
@@ -559,11 +559,31 @@ def fp8_block_operands(qa: QuantizedActivation, qw: QuantizedWeight):
     return a8.contiguous(), sa.t().contiguous(), w8.contiguous(), sb.t().contiguous()
 
 
-def fp8_block_mm(a8: torch.Tensor, sa: torch.Tensor, w8: torch.Tensor, sb: torch.Tensor) -> torch.Tensor:
+def fp8_offset_operands(qa: QuantizedActivation, qw: QuantizedWeight):
+    """``(xs, ob)`` of an asymmetric weight's offset term in the FP8 route,
+    ``sum_b xs[m, b] * ob[n, b]``: ``xs`` float32 ``[M, nb]`` = the block's activation scale times
+    the integer sum of its values (one fp32 multiply; the sum is exact), ``ob`` float32 ``[N, nb]``
+    = the offset of the group holding block b."""
+    _check_gemm_operands(qa, qw)
+    if qw.offsets is None:
+        raise ValueError("symmetric weights have no offset term")
+    why = fp8_block_applies(qw)
+    if why is not None:
+        raise ValueError(f"the FP8 block form does not hold {why}")
+    nb = qa.layout.n_blocks
+    asum = qa.int_blocks().to(torch.int32).view(qa.m, nb, BLOCK_K).sum(-1)
+    xs = qa.block_scales() * asum.float()
+    blk = torch.arange(nb, device=qw.offsets.device)
+    return xs.contiguous(), qw.offsets[:, (blk * BLOCK_K) // qw.group_width].contiguous()
+
+
+def fp8_block_mm(a8: torch.Tensor, sa: torch.Tensor, w8: torch.Tensor, sb: torch.Tensor,
+                 xs: Optional[torch.Tensor] = None, ob: Optional[torch.Tensor] = None) -> torch.Tensor:
     """float64 ``[M, N]``: ``sum_j sa[j, m] * sb[j, n] * (A[m, block j] . W[n, block j])`` for the
     e4m3 bytes ``a8 [M, 128 nb']`` / ``w8 [N, 128 nb']`` and the block-major scales of
     :func:`fp8_block_operands` -- what a 1x128 x 1x128 block-scaled FP8 GEMM computes, in exact
-    arithmetic (the emulation CPU tests hold the route's operands to)."""
+    arithmetic (the emulation CPU tests hold the route's operands to) -- plus, given, the offset
+    term ``xs @ ob^T`` of :func:`fp8_offset_operands`."""
     check_tensor("a8", a8, dtypes=(torch.uint8,), ndim=2)
     check_tensor("w8", w8, dtypes=(torch.uint8,), ndim=2)
     check_tensor("sa", sa, dtypes=(torch.float32,), ndim=2)
@@ -576,7 +596,10 @@ def fp8_block_mm(a8: torch.Tensor, sa: torch.Tensor, w8: torch.Tensor, sb: torch
     a = a8.view(torch.float8_e4m3fn).to(torch.float32).double().view(a8.shape[0], nbp, BLOCK_K)
     w = w8.view(torch.float8_e4m3fn).to(torch.float32).double().view(w8.shape[0], nbp, BLOCK_K)
     acc = torch.einsum("mjk,njk->jmn", a, w)  # exact: integers, |block sum| <= 128 * 16 * 8
-    return (acc * sa.double()[:, :, None] * sb.double()[:, None, :]).sum(0)
+    y = (acc * sa.double()[:, :, None] * sb.double()[:, None, :]).sum(0)
+    if xs is not None:
+        y = y + xs.double() @ ob.double().t()
+    return y
 
 
 # ==========================================================================
