@@ -200,18 +200,38 @@ def fp8_weight_operand(qweight, w_scales, block_bits, group: int, stride_wb: Opt
     return w8, sb
 
 
+def _call_v2(a, b, sa, sb, out_dtype):
+    # torch.nn.functional.scaled_mm (recipes named): both scales [rows, NB'], strides (1, rows)
+    st = torch.nn.functional.ScalingType.BlockWise1x128
+    return torch.nn.functional.scaled_mm(a, b, sa.t(), st, sb.t(), st, output_dtype=out_dtype)
+
+
+def _call_v1_kn(a, b, sa, sb, out_dtype):
+    # torch._scaled_mm (recipes from the scale shapes): scale_b as [NB', N] (N contiguous)
+    return torch._scaled_mm(a, b, scale_a=sa.t(), scale_b=sb, out_dtype=out_dtype)
+
+
+def _call_v1_nk(a, b, sa, sb, out_dtype):
+    # torch._scaled_mm with scale_b as the [N, NB'] view (strides (1, N))
+    return torch._scaled_mm(a, b, scale_a=sa.t(), scale_b=sb.t(), out_dtype=out_dtype)
+
+
+#: the ways torch versions spell the 1x128 x 1x128 call (the probe keeps the first that computes
+#: the right thing on the device; torch 2.11's exact convention is not documented for this pair)
+_CALLS = {"v2": _call_v2, "v1-kn": _call_v1_kn, "v1-nk": _call_v1_nk}
+_CALL_OF: dict = {}
+
+
 def scaled_mm_block(a8, sa, w8, sb, out_dtype: torch.dtype) -> torch.Tensor:
     """``y [M, N] = sum_j sa[j, m] sb[j, n] (A8[m, block j] . W8[n, block j])`` by cuBLAS's 1x128 x
     1x128 block-scaled FP8 GEMM (sm_90; torch's ``scaled_mm`` / ``_scaled_mm``).  The scales are
-    passed as views of the block-major buffers: ``[M, NB']`` with strides ``(1, M)`` (the
-    "outer-dim-major" layout those block scales are read in)."""
+    passed as views of the block-major buffers, ``[M, NB']`` with strides ``(1, M)`` (the
+    "outer-dim-major" layout block scales are read in), in the call convention the device's probe
+    found to work (:func:`fp8_route_unavailable`; before any probe: ``scaled_mm`` where torch has it)."""
     a = a8.view(torch.float8_e4m3fn)
     b = w8.view(torch.float8_e4m3fn).t()  # [K', N], column-major
-    scaled_mm = getattr(torch.nn.functional, "scaled_mm", None)
-    if scaled_mm is not None:
-        st = torch.nn.functional.ScalingType.BlockWise1x128
-        return scaled_mm(a, b, sa.t(), st, sb.t(), st, output_dtype=out_dtype)
-    return torch._scaled_mm(a, b, scale_a=sa.t(), scale_b=sb, out_dtype=out_dtype)
+    name = _CALL_OF.get(a8.device, "v2" if hasattr(torch.nn.functional, "scaled_mm") else "v1-kn")
+    return _CALLS[name](a, b, sa, sb, out_dtype)
 
 
 def w4ax_gemm_fp8(q4, q8, a_scales, block_bits, qweight, w_scales, group: int, bias, out_dtype: torch.dtype,
@@ -258,7 +278,9 @@ def fp8_route_unavailable(device) -> Optional[str]:
 
 
 def _probe(device) -> Optional[str]:
-    """One small block-scaled GEMM on random integer operands vs the float64 emulation."""
+    """One small block-scaled GEMM on random integer operands (distinct scales per block, row and
+    column, so a transposed or mis-strided scale cannot pass) vs the float64 emulation, in each
+    call convention until one agrees; None and that convention kept, or every failure."""
     from cometq.layout import fp8_e4m3_int_codes
     from cometq.reference import fp8_block_mm
 
@@ -270,14 +292,21 @@ def _probe(device) -> Optional[str]:
     sa = torch.rand(nbp, m, generator=g) + 0.5
     sb = torch.rand(nbp, n, generator=g) + 0.5
     want = fp8_block_mm(a8, sa, w8, sb)
-    try:
-        got = scaled_mm_block(a8.to(device), sa.to(device), w8.to(device), sb.to(device), torch.float32).double().cpu()
-    except Exception as e:  # noqa: BLE001 - the reason is the result
-        return f"block-scaled FP8 GEMM failed: {type(e).__name__}: {str(e)[:300]}"
-    err = float((got - want).abs().max())
-    if not err <= 1e-5 * float(want.abs().max()):
-        return f"block-scaled FP8 GEMM disagrees with the emulation (max error {err:.3g})"
-    return None
+    dev = (a8.to(device), sa.to(device), w8.to(device), sb.to(device))
+    fails = []
+    for name in _CALLS:
+        _CALL_OF[dev[0].device] = name
+        try:
+            got = scaled_mm_block(*dev, torch.float32).double().cpu()
+        except Exception as e:  # noqa: BLE001 - the reason is the result
+            fails.append(f"{name}: {type(e).__name__}: {str(e)[:160]}")
+            continue
+        err = float((got - want).abs().max())
+        if err <= 1e-5 * float(want.abs().max()):
+            return None
+        fails.append(f"{name}: disagrees with the emulation (max error {err:.3g})")
+    _CALL_OF.pop(dev[0].device, None)
+    return "block-scaled FP8 GEMM unusable: " + "; ".join(fails)
 
 
 def _e4m3_codes_probe(v: torch.Tensor) -> torch.Tensor:

@@ -121,6 +121,30 @@ def test_offset_term_epilogue(dt, bias):
     assert err <= FP8_GEMM_RTOL[dt] * float(want.abs().max()), err
 
 
+def test_probe_keeps_the_call_convention_that_computes_the_right_thing(monkeypatch):
+    """The probe tries each way torch spells the 1x128 x 1x128 call and keeps the first whose
+    result matches the float64 emulation (stand-ins here: one raises, one swaps the roles of the
+    two scales' rows -- what a mis-read stride does -- one is right)."""
+    def right(a, b, sa, sb, dt):
+        return R.fp8_block_mm(a.view(torch.uint8), sa, b.t().view(torch.uint8), sb).to(dt)
+
+    def wrong(a, b, sa, sb, dt):  # every block's scales reversed: close in size, wrong in place
+        return R.fp8_block_mm(a.view(torch.uint8), sa.flip(0).contiguous(), b.t().view(torch.uint8),
+                              sb.flip(0).contiguous()).to(dt)
+
+    def raises(*a):
+        raise RuntimeError("Invalid scaling configuration")
+
+    monkeypatch.setattr(F8, "_CALLS", {"v2": raises, "v1-kn": wrong, "v1-nk": right})
+    monkeypatch.setattr(F8, "_CALL_OF", {})
+    assert F8._probe("cpu") is None and F8._CALL_OF == {torch.device("cpu"): "v1-nk"}
+    monkeypatch.setattr(F8, "_CALLS", {"v2": raises, "v1-kn": wrong})
+    monkeypatch.setattr(F8, "_CALL_OF", {})
+    why = F8._probe("cpu")
+    assert why.startswith("block-scaled FP8 GEMM unusable: v2: RuntimeError: Invalid scaling configuration; "
+                          "v1-kn: disagrees with the emulation") and F8._CALL_OF == {}, why
+
+
 def test_route_availability_on_this_machine(monkeypatch):
     monkeypatch.setenv(F8.FP8_ROUTE_ENV, "0")
     assert F8.fp8_route_unavailable("cpu") == "COMETQ_FP8_ROUTE=0"
