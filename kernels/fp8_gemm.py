@@ -296,13 +296,13 @@ def _probe(device) -> Optional[str]:
     fails = []
     for name in _CALLS:
         _CALL_OF[dev[0].device] = name
-        try:
-            got = scaled_mm_block(*dev, torch.float32).double().cpu()
+        try:  # (bf16 out: what every FP8 GEMM of torch supports; 2^-8 relative rounding)
+            got = scaled_mm_block(*dev, torch.bfloat16).double().cpu()
         except Exception as e:  # noqa: BLE001 - the reason is the result
             fails.append(f"{name}: {type(e).__name__}: {str(e)[:160]}")
             continue
         err = float((got - want).abs().max())
-        if err <= 1e-5 * float(want.abs().max()):
+        if err <= 8e-3 * float(want.abs().max()):
             return None
         fails.append(f"{name}: disagrees with the emulation (max error {err:.3g})")
     _CALL_OF.pop(dev[0].device, None)

@@ -178,9 +178,10 @@ def test_fp8_route_choice(monkeypatch):
     def call(qw, group=128):
         lay = _case(1, 256, 16, "mixed", "block", 128, 4)[2]
         return ops.w4ax_linear_eager(x, lay.perm, lay.block_bits, lay.n_int8, "block", 1.0, qw.qweight, qw.scales,
-                                     qw.offsets, group, None, torch.float32), lay
+                                     qw.offsets, group, None, out_dtype), lay
 
     w = torch.randn(48, 256, generator=g) * 0.05
+    out_dtype = torch.float16
     autotune.clear()
     prev = autotune.set_timer(fake_route_timer(ran, {"split": 2.0, "fused": 3.0, "fp8": 1.0}), "eager")
     try:
@@ -189,7 +190,14 @@ def test_fp8_route_choice(monkeypatch):
         # checked against split once, the three timed, then fp8 runs
         assert ran == ["split", "fp8", "split", "fused", "fp8", "fp8"], ran
         want = R.w4ax_gemm(R.quantize_activation(x, lay, "block"), qw, out_dtype=torch.float64)
-        assert float((y.double() - want).abs().max()) <= FP8_GEMM_RTOL[torch.float32] * float(want.abs().max())
+        assert y.dtype == out_dtype
+        assert float((y.double() - want).abs().max()) <= FP8_GEMM_RTOL[out_dtype] * float(want.abs().max())
+        out_dtype = torch.float32  # an fp32 output: not a candidate (torch's FP8 GEMMs: fp16 / bf16 out)
+        ran.clear()
+        autotune.clear()
+        call(qw)
+        assert "fp8" not in ran, ran
+        out_dtype = torch.float16
         for bad in (R.quantize_weight_rtn(w, 64), R.quantize_weight_rtn(w[:40], 128)):  # group 64, N = 40
             ran.clear()
             autotune.clear()
@@ -202,7 +210,7 @@ def test_fp8_route_choice(monkeypatch):
         y, lay = call(qa_w)
         assert ran == ["split", "fp8", "split", "fused", "fp8", "fp8"], ran
         want = R.w4ax_gemm(R.quantize_activation(x, lay, "block"), qa_w, out_dtype=torch.float64)
-        assert float((y.double() - want).abs().max()) <= FP8_GEMM_RTOL[torch.float32] * float(want.abs().max())
+        assert float((y.double() - want).abs().max()) <= FP8_GEMM_RTOL[out_dtype] * float(want.abs().max())
         # a route that disagrees (1 % off) is checked once, warned about and never timed
         real = ops._LINEAR_ROUTES["fp8"]
         monkeypatch.setitem(ops._LINEAR_ROUTES, "fp8", lambda *a: real(*a) * 1.01)
@@ -237,7 +245,7 @@ def test_fp8_gemm_matches_reference(m, k, n, pattern, sym):
     qa, qw, lay = _case(m, k, n, pattern, "block", 128, m + k, sym=sym)
     b = torch.randn(n)
     want = R.w4ax_gemm(qa, qw, b, out_dtype=torch.float64)
-    for dt in (torch.float16, torch.bfloat16, torch.float32):
+    for dt in (torch.float16, torch.bfloat16):  # (the route's outputs; fp32: not a candidate)
         y = F8.w4ax_gemm_fp8(qa.q4.cuda(), qa.q8.cuda(), qa.scales.cuda(), lay.block_bits.cuda(), qw.qweight.cuda(),
                              qw.scales.cuda(), 128, b.cuda(), dt, "block",
                              w_offsets=None if sym else qw.offsets.cuda())

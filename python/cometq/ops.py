@@ -452,10 +452,11 @@ def _fp8_agrees(args) -> bool:
 def _fp8_route_applies(args) -> bool:
     """The large-M FP8 route (:mod:`cometq.kernels.fp8_gemm`) may run this call: a Triton route
     may (:func:`_fused_dequant_applies`, checked by the caller), weight groups that span whole
-    blocks, N a multiple of 16 (FP8 GEMM operand alignment), and a GPU whose block-scaled FP8
-    GEMM passed its probe (``fp8_route_unavailable``)."""
-    x, qweight, group_size = args[0], args[6], args[9]
-    if qweight.shape[0] % 16:
+    blocks, N a multiple of 16 (FP8 GEMM operand alignment), an fp16 / bf16 output (what torch's
+    FP8 GEMMs all support), and a GPU whose block-scaled FP8 GEMM passed its probe
+    (``fp8_route_unavailable``)."""
+    x, qweight, group_size, out_dtype = args[0], args[6], args[9], args[11]
+    if qweight.shape[0] % 16 or out_dtype not in (torch.float16, torch.bfloat16):
         return False
     if group_size not in (None, -1) and int(group_size) % BLOCK_K:
         return False
