@@ -237,7 +237,7 @@ def _need_route():  # (GPU tests: the probe's reason when the route cannot run h
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m,k,n", [(1024, 576, 256), (2048, 4096, 1024), (1100, 1024, 4096)])
+@pytest.mark.parametrize("m,k,n", [(1024, 576, 256), (1100, 1024, 2048)])  # (the float64 reference runs on the CPU)
 @pytest.mark.parametrize("pattern", ["mixed", "int4", "int8"])
 @pytest.mark.parametrize("sym", [True, False])
 def test_fp8_gemm_matches_reference(m, k, n, pattern, sym):
