@@ -19,7 +19,7 @@
 #                                 every decode config eager vs CUDA graph, attention sweep)
 #   gemm_decode/gemm.json|md      bench_gemm.py 8B.gate_up / 8B.o at M = 64 (asym-g128, graphs) before serving: the w16 GEMMs vs the rest
 #   gemm/gemm.json|md             bench_gemm.py at the decode-step shapes, M = 64 and 16, asym-g128 (the serving default) and sym-g128, 25 % INT8 blocks (CUDA-graph columns)
-#   gemm_large/gemm.json|md       bench_gemm.py at M = 1024 (TMA / dequant / pointer kernels vs FP16, FP8)
+#   gemm_large/gemm.json|md       bench_gemm.py at M = 1024, 4096 (TMA / dequant / pointer kernels / the fp8 route vs FP16, FP8)
 #   gemm_shares/gemm.json|md      8B.gate_up at 0 % and 12.5 % INT8 blocks (issue #3's <= 10 % target)
 #   gemm_class/gemm.json|md       class scales + per-channel weights (int32 accumulation across blocks)
 #   ncu_w16.log                   Nsight Compute stall reasons of the w16 GEMMs at M = 64 (bench/diag_ncu_w16.py), if the image has ncu
@@ -461,9 +461,10 @@ if [ "$BUILD" = ok ] && [ "${GPU_CHECK_TOOLCHAIN:-0}" = 1 ]; then
   bench toolchain 40 env W="$W" PY="$PY" bash bench/diag_toolchain.sh
 fi
 
-# large M (#3's M >= 1024 target): TMA vs dequant vs peers
-bench gemm_large 45 $PY bench/bench_gemm.py --shapes 8B.gate_up,8B.o --ms 1024 --shares 0.125 --weights sym \
-  --time-budget 30 --out "$W/gemm_large"
+# large M (#3's M >= 1024 target): TMA vs dequant vs the fp8 route (fp8-block; peer "FP8 1x128": its
+# cuBLAS GEMM alone) vs peers; M = 4096 too, where the fp8 route's weight pass is amortized
+bench gemm_large 55 $PY bench/bench_gemm.py --shapes 8B.gate_up,8B.o --ms 1024,4096 --shares 0.125 --weights sym \
+  --time-budget 40 --out "$W/gemm_large"
 # issue #3's INT8-share target (12.5 % INT8 blocks cost <= 10 % more than 0 %): never measured yet
 bench gemm_shares 40 $PY bench/bench_gemm.py --shapes 8B.gate_up --ms 16,1024 --shares 0,0.125 --weights sym \
   --graph --time-budget 28 --out "$W/gemm_shares"
