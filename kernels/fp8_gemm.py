@@ -21,9 +21,15 @@ of FP8 integers) is a rank-NB product added in fp32 in one pass over the output 
 
 Cost besides the GEMM: one pass writing the e4m3 weight operand (1 byte per weight: half the
 dequant path's pass) and one over the quantized activation.  Whether the block-scaled FP8 GEMM
-beats cuBLAS FP16 by enough is a measurement (``bench_gemm.py --what large``, column ``fp8``);
-``cometq.ops`` offers the route to the large-M tuner only after it has checked the route's output
-against the integer route on the same case.
+beats cuBLAS FP16 by enough is a measurement (``bench_gemm.py``, M > 64: column ``fp8-block``, and
+the peer column ``FP8 1x128`` for cuBLAS's GEMM alone); ``cometq.ops`` offers the route to the
+large-M tuner only after it has checked the route's output against the integer route on the same
+case.
+
+    K' order of both operands (NB blocks, n8 of them INT8, here blocks 0 and 3):
+      | blk 0 hi | blk 1 | blk 2 | blk 3 hi | ... | blk NB-1 | blk 0 lo | blk 3 lo |
+      scale:  16 sa      sa      sa     16 sa            sa        sa         sa
+      weights: W blk 0 | W blk 1 | ...                         | W blk 0  | W blk 3  |
 """
 from __future__ import annotations
 
@@ -39,8 +45,7 @@ from ._common import derived, unpack_hi, unpack_lo
 from .dequant_gemm import _row_tile, block_values
 
 __all__ = ["fp8_act_operand", "fp8_weight_operand", "add_offset_term", "scaled_mm_block", "w4ax_gemm_fp8",
-           "fp8_route_unavailable",
-           "FP8_ROUTE_ENV"]
+           "fp8_route_unavailable", "FP8_ROUTE_ENV"]
 
 #: ``COMETQ_FP8_ROUTE=0``: never offer the fp8 route (the large-M tuner keeps split / fused)
 FP8_ROUTE_ENV = "COMETQ_FP8_ROUTE"
@@ -165,7 +170,8 @@ def fp8_act_operand(q4, q8, a_scales, block_bits, scale_mode: str, offset_term: 
 
 
 def add_offset_term(y, xs, w_offsets, group: int, bias=None) -> torch.Tensor:
-    """``y += xs @ offsets_by_block^T (+ bias)`` in place (:func:`fp8_offset_epilogue_kernel`)."""
+    """``y [M, N] += xs @ offsets_by_block^T (+ bias)`` in place (:func:`fp8_offset_epilogue_kernel`):
+    ``xs`` float32 ``[M, NB]`` from :func:`fp8_act_operand`, ``w_offsets`` float32 ``[N, K_pad / group]``."""
     from ._common import interpreting
 
     m, n = y.shape
@@ -180,9 +186,10 @@ def add_offset_term(y, xs, w_offsets, group: int, bias=None) -> torch.Tensor:
 
 
 def fp8_weight_operand(qweight, w_scales, block_bits, group: int, stride_wb: Optional[int] = None):
-    """``(w8 uint8 [N, 128 NB'], sb float32 [NB', N])``: the FP8 block form of symmetric INT4
-    weights (``qweight [N, K_pad/2]`` or its block-major view; ``group`` the resolved group
-    width, a multiple of 128), bit for bit :func:`cometq.reference.fp8_block_operands`'s."""
+    """``(w8 uint8 [N, 128 NB'], sb float32 [NB', N])``: the FP8 block form of INT4 weights
+    (``qweight [N, K_pad/2]`` or its block-major view; ``group`` the resolved group width, a
+    multiple of 128; an asymmetric weight's offsets are not part of it: :func:`add_offset_term`),
+    bit for bit :func:`cometq.reference.fp8_block_operands`'s."""
     if group % 128:
         raise ValueError(f"the FP8 block form needs weight groups of whole 128-channel blocks, got group={group}")
     if stride_wb is None:
