@@ -19,6 +19,7 @@
 #                                 every decode config eager vs CUDA graph, attention sweep)
 #   gemm_decode/gemm.json|md      bench_gemm.py 8B.gate_up / 8B.o at M = 64 (asym-g128, graphs) before serving: the w16 GEMMs vs the rest
 #   gemm/gemm.json|md             bench_gemm.py at the decode-step shapes, M = 64 and 16, asym-g128 (the serving default) and sym-g128, 25 % INT8 blocks (CUDA-graph columns)
+#   fp8_probe.json                whether the large-M fp8 route's block-scaled FP8 GEMM runs here (call spelling / why not)
 #   gemm_large/gemm.json|md       bench_gemm.py at M = 1024, 4096 (TMA / dequant / pointer kernels / the fp8 route vs FP16, FP8)
 #   gemm_shares/gemm.json|md      8B.gate_up at 0 % and 12.5 % INT8 blocks (issue #3's <= 10 % target)
 #   gemm_class/gemm.json|md       class scales + per-channel weights (int32 accumulation across blocks)
@@ -379,6 +380,12 @@ if [ "$BUILD" = ok ] && ! skip cuda_attn_smoke; then
   fi
   pack
 fi
+# the large-M fp8 route (twenty-first session): can torch's 1x128 x 1x128 block-scaled FP8 GEMM run
+# here, in which call spelling, or why not (the probe against the float64 emulation; ~3 s)
+bench fp8_probe 20 $PY -c "import json, torch; import cometq.kernels.fp8_gemm as F; w = F.fp8_route_unavailable('cuda'); \
+json.dump(dict(unavailable=w, call=F._CALL_OF.get(torch.device('cuda', torch.cuda.current_device())), \
+torch=torch.__version__, scaled_mm=hasattr(torch.nn.functional, 'scaled_mm')), open('$W/fp8_probe.json', 'w'), indent=1); \
+print('fp8 route:', w or 'available', F._CALL_OF)"
 # the decode GEMM at the batch-64 serving shape before serving (seventeenth session: the CUDA w16
 # GEMM; runs 6-8 reached the full GEMM table at the end with 0-20 s left): 8B.gate_up and 8B.o at
 # M = 64, asym-g128, CUDA-graph replays -- FP16 / FP8 peers, the integer kernels, triton-w16 and
