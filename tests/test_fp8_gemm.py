@@ -211,6 +211,13 @@ def test_fp8_route_choice(monkeypatch):
         assert ran == ["split", "fp8", "split", "fused", "fp8", "fp8"], ran
         want = R.w4ax_gemm(R.quantize_activation(x, lay, "block"), qa_w, out_dtype=torch.float64)
         assert float((y.double() - want).abs().max()) <= FP8_GEMM_RTOL[out_dtype] * float(want.abs().max())
+        # between the w16 route's rows and the large-M ones: split and fp8 only
+        ran.clear()
+        autotune.clear()
+        x_mid = x[:300]
+        ops.w4ax_linear_eager(x_mid, lay.perm, lay.block_bits, lay.n_int8, "block", 1.0, qw.qweight, qw.scales, None,
+                              128, None, out_dtype)
+        assert ran == ["split", "fp8", "split", "fp8", "fp8"], ran
         # a route that disagrees (1 % off) is checked once, warned about and never timed
         real = ops._LINEAR_ROUTES["fp8"]
         monkeypatch.setitem(ops._LINEAR_ROUTES, "fp8", lambda *a: real(*a) * 1.01)

@@ -399,6 +399,12 @@ def w4ax_linear_eager(x, perm, block_bits, n_int8: int, scale_mode: str, int4_cl
         with _autotune.timing("graph"):
             route = _autotune.order("w4ax_linear_route", x.device, ("split", "w16"), _LINEAR_ROUTES, args)[0]
         return _LINEAR_ROUTES[route](*args)
+    if (W16_MAX_M < m < FUSED_DEQUANT_MIN_M and _fused_dequant_applies(*args) and _fp8_route_applies(args)
+            and _fp8_agrees(args)):
+        # between the w16 and the large-M routes: the fp8 route beside split (its 1 B/weight
+        # operand pass is a larger share of a smaller GEMM: only the timing can tell)
+        route = _autotune.order("w4ax_linear_route", x.device, ("split", "fp8"), _LINEAR_ROUTES, args)[0]
+        return _LINEAR_ROUTES[route](*args)
     return _LINEAR_ROUTES["split"](*args)
 
 
