@@ -613,6 +613,22 @@ def test_cuda_tuned_choice_skips_a_candidate_whose_output_disagrees(monkeypatch)
     S.clear()
 
 
+def test_serving_bench_reports_the_linear_routes():
+    """bench_serving's rows carry the route each linear case runs (cometq.serve.bench.linear_route_choices)."""
+    from cometq import autotune
+    from cometq.serve import bench as B
+
+    autotune.clear()
+    assert B.linear_route_choices() == {}
+    ck = ("w4ax_linear_route", "H200", (("M", 8192), ("N", 28672), ("timing", "eager")))
+    autotune._CACHE[ck] = autotune.Decision(ck[0], ck[1], ck[2], "fp8", {"split": 2.5, "fused": 2.0, "fp8": 1.25}, {})
+    ck2 = ("quantize_act", "H200", (("M", 64),))
+    autotune._CACHE[ck2] = autotune.Decision(ck2[0], ck2[1], ck2[2], "cuda", {"cuda": 0.1, "triton": 0.2}, {})
+    assert B.linear_route_choices() == {"M=8192 N=28672 timing=eager": {
+        "choice": "fp8", "ms": {"split": 2.5, "fused": 2.0, "fp8": 1.25}}}
+    autotune.clear()
+
+
 def test_serving_bench_reports_the_cuda_gemm_choices():
     """bench_serving's rows carry what the CUDA GEMM tuner kept (cometq.serve.bench.cuda_gemm_choices)."""
     from cometq import _cuda_split as S

@@ -241,6 +241,9 @@ def run_engine(model, *, kv4: bool, batch: int, in_len: int, out_len: int, block
     choices = cuda_gemm_choices()
     if choices:  # what the CUDA GEMM's tuner kept per decode shape: (split count, tile variant)
         res["cuda_gemm_choices"] = choices
+    routes = linear_route_choices()
+    if routes:  # which linear route (split / fused / w16 / fp8) each case runs, with the timings
+        res["linear_routes"] = routes
     reg = sys.modules.get("cometq._cuda_register")
     if reg is not None:  # KV4 attention kernel per shape class under COMETQ_KV4_ATTN_CUDA=auto
         res["kv4_attention_cuda"] = reg.kv4_attention_mode()
@@ -283,6 +286,25 @@ def tuning_counts() -> Dict[str, int]:
         m = sys.modules.get(mod)
         if m is not None and hasattr(m, attr):
             out[name] = len(getattr(m, attr))
+    return out
+
+
+def linear_route_choices() -> Dict[str, Dict]:
+    """The linear route the tuner kept per case (``cometq.ops.w4ax_linear_eager``: "split",
+    "fused", "w16" or "fp8"), keys ``"M=8192 N=28672 K=4096 ..."``, values ``{"choice": route,
+    "ms": {route: time}}`` (+ ``"skipped"``: a candidate that raised) -- the prefill steps' routes (the fp8 one included) and the decode
+    steps' (split / w16); empty when nothing was tuned."""
+    try:
+        from .. import autotune
+    except Exception:  # noqa: BLE001 - a diagnostic only
+        return {}
+    out = {}
+    for r in autotune.report():
+        if r["op"] == "w4ax_linear_route":
+            key = " ".join(f"{k}={v}" for k, v in r["key"].items())
+            out[key] = {"choice": r["choice"], "ms": {b: round(t, 4) for b, t in r["times_ms"].items()}}
+            if r.get("skipped"):  # a candidate that raised while timed, and why
+                out[key]["skipped"] = r["skipped"]
     return out
 
 
