@@ -468,9 +468,10 @@ def _fp8_route_applies(args) -> bool:
         return False
     try:
         from cometq.kernels.fp8_gemm import fp8_route_unavailable
-    except Exception:  # noqa: BLE001 - no Triton: no route
+
+        return fp8_route_unavailable(x.device) is None
+    except Exception:  # noqa: BLE001 - no Triton, or the probe itself broke: no route (the others run)
         return False
-    return fp8_route_unavailable(x.device) is None
 
 
 #: rows from which :func:`w4ax_linear_eager` on CUDA also considers the fused dequant route
