@@ -157,6 +157,7 @@ def fp8_act_operand(q4, q8, a_scales, block_bits, scale_mode: str, offset_term: 
     src = _sources(block_bits)
     nbp = src.numel()
     a8 = torch.empty(m, nbp * 128, dtype=torch.uint8, device=a_scales.device)
+    # (block-major and unpadded: torch checks the [M, NB'] view's strides to be exactly (1, M))
     sa = torch.empty(nbp, m, dtype=torch.float32, device=a_scales.device)
     xs = torch.empty(m, nb, dtype=torch.float32, device=a_scales.device) if offset_term else None
     if m and nbp:
