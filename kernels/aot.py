@@ -248,7 +248,7 @@ def jobs(quick: bool = False) -> List[Tuple[str, object, Dict[str, str], Dict[st
         out.append((f"fp8_operand_act[class={cm},asym={asym}]", fp8_act_operand_kernel,
                     dict(q4_ptr="*u8", q8_ptr="*i8", as_ptr="*fp32", bits_ptr="*i32", slot_ptr="*i32", src_ptr="*i32",
                          out_ptr="*u8", sa_ptr="*fp32", xs_ptr="*fp32", M="i32", NB="i32", stride_q4m="i32",
-                         stride_q8m="i32", stride_asm="i32", stride_om="i32", BLOCK_M="constexpr",
+                         stride_q8m="i32", stride_asm="i32", stride_om="i32", stride_saj="i32", BLOCK_M="constexpr",
                          CLASS_MODE="constexpr", ASYM="constexpr"),
                     dict(BLOCK_M=32, CLASS_MODE=cm, ASYM=asym), 4, 1, "dequant"))
     for dt in ("fp16", "bf16"):

@@ -63,7 +63,7 @@ def e4m3_int_code(v):
 
 @triton.jit
 def fp8_act_operand_kernel(q4_ptr, q8_ptr, as_ptr, bits_ptr, slot_ptr, src_ptr, out_ptr, sa_ptr, xs_ptr, M, NB,
-                           stride_q4m, stride_q8m, stride_asm, stride_om,
+                           stride_q4m, stride_q8m, stride_asm, stride_om, stride_saj,
                            BLOCK_M: tl.constexpr, CLASS_MODE: tl.constexpr, ASYM: tl.constexpr):
     """FP8 block ``j`` (axis 1) of ``BLOCK_M`` tokens: the e4m3 bytes of activation block
     ``src[j]`` (INT4 values; INT8 hi digits for j < NB, lo digits after) in the half-split order,
@@ -90,7 +90,7 @@ def fp8_act_operand_kernel(q4_ptr, q8_ptr, as_ptr, bits_ptr, slot_ptr, src_ptr, 
     dst = out_ptr + rm64[:, None] * stride_om + j * 128 + k[None, :]
     tl.store(dst, e4m3_int_code(ev), mask=mm[:, None])
     tl.store(dst + 64, e4m3_int_code(od), mask=mm[:, None])
-    tl.store(sa_ptr + j * M + rm64, s, mask=mm)
+    tl.store(sa_ptr + j * stride_saj + rm64, s, mask=mm)
 
 
 @triton.jit
@@ -145,20 +145,25 @@ def _sources(block_bits: torch.Tensor) -> torch.Tensor:
     return derived(block_bits, "fp8_gemm.sources", fp8_block_sources)
 
 
-def fp8_act_operand(q4, q8, a_scales, block_bits, scale_mode: str, offset_term: bool = False):
-    """``(a8 uint8 [M, 128 NB'], sa float32 [NB', M], xs)``: the FP8 block form of a quantized
+def fp8_act_operand(q4, q8, a_scales, block_bits, scale_mode: str, offset_term: bool = False,
+                    pad_rows_to: int = 1):
+    """``(a8 uint8 [M', 128 NB'], sa float32 [NB', M'], xs)``: the FP8 block form of a quantized
     activation (``quantize_act``'s ``q4, q8, scales``), bit for bit
     :func:`cometq.reference.fp8_block_operands`'s; ``xs`` float32 ``[M, NB]`` (the offset term's
-    activation side, :func:`cometq.reference.fp8_offset_operands`) when ``offset_term``, else None."""
+    activation side, :func:`cometq.reference.fp8_offset_operands`) when ``offset_term``, else None.
+    ``M'``: M rounded up to ``pad_rows_to``, the extra rows zero (bytes and scales)."""
     from .act_quant import block_tables
 
     m = a_scales.shape[0]
+    mp = -(-m // pad_rows_to) * pad_rows_to
     nb = block_bits.numel()
     src = _sources(block_bits)
     nbp = src.numel()
-    a8 = torch.empty(m, nbp * 128, dtype=torch.uint8, device=a_scales.device)
-    # (block-major and unpadded: torch checks the [M, NB'] view's strides to be exactly (1, M))
-    sa = torch.empty(nbp, m, dtype=torch.float32, device=a_scales.device)
+    a8 = torch.empty(mp, nbp * 128, dtype=torch.uint8, device=a_scales.device)
+    sa = torch.empty(nbp, mp, dtype=torch.float32, device=a_scales.device)
+    if mp > m:
+        a8[m:].zero_()
+        sa[:, m:].zero_()
     xs = torch.empty(m, nb, dtype=torch.float32, device=a_scales.device) if offset_term else None
     if m and nbp:
         bits, slots = block_tables(block_bits)
@@ -166,7 +171,7 @@ def fp8_act_operand(q4, q8, a_scales, block_bits, scale_mode: str, offset_term: 
         fp8_act_operand_kernel[(triton.cdiv(m, bm), nbp)](
             q4, q8, a_scales, bits, slots, src, a8, sa, xs if offset_term else sa, m, nb,
             q4.stride(0) if q4.numel() else 0, q8.stride(0) if q8.numel() else 0, a_scales.stride(0), a8.stride(0),
-            BLOCK_M=bm, CLASS_MODE=scale_mode == "class", ASYM=offset_term, num_warps=4)
+            sa.stride(0), BLOCK_M=bm, CLASS_MODE=scale_mode == "class", ASYM=offset_term, num_warps=4)
     return a8, sa, xs
 
 
@@ -247,9 +252,12 @@ def w4ax_gemm_fp8(q4, q8, a_scales, block_bits, qweight, w_scales, group: int, b
     """The W4Ax GEMM (weight groups of whole blocks) on the FP8 route: both operands in the FP8
     block form, cuBLAS's block-scaled FP8 GEMM into ``out_dtype``; an asymmetric weight's offset
     term and the bias added in one pass over the output after (:func:`add_offset_term`)."""
-    a8, sa, xs = fp8_act_operand(q4, q8, a_scales, block_bits, scale_mode, offset_term=w_offsets is not None)
+    # (rows padded to a multiple of 4: torch wants the scales' [M, NB'] view with strides exactly
+    # (1, M), and cuBLAS 16-byte aligned scale columns -- zero rows, sliced off after)
+    a8, sa, xs = fp8_act_operand(q4, q8, a_scales, block_bits, scale_mode, offset_term=w_offsets is not None,
+                                 pad_rows_to=4)
     w8, sb = fp8_weight_operand(qweight, w_scales, block_bits, group, stride_wb)
-    y = scaled_mm_block(a8, sa, w8, sb, out_dtype)
+    y = scaled_mm_block(a8, sa, w8, sb, out_dtype)[: a_scales.shape[0]]
     if w_offsets is not None:
         return add_offset_term(y, xs, w_offsets, group, bias)
     if bias is not None:

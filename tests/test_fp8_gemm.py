@@ -99,6 +99,11 @@ def test_operand_kernels_match_the_reference_bytes(m, k, n, pattern, scale_mode)
     a8, sa, xs = F8.fp8_act_operand(*args, offset_term=True)  # + the offset term's activation side
     assert torch.equal(a8.cpu(), want[0]) and torch.equal(sa.cpu(), want[1])
     assert torch.equal(xs.cpu(), R.fp8_offset_operands(qa, qw)[0])
+    a8, sa, _ = F8.fp8_act_operand(*args, pad_rows_to=4)  # rows up to a multiple of 4: zeros
+    mp = -(-m // 4) * 4
+    assert a8.shape[0] == mp and sa.shape[1] == mp and sa.is_contiguous()
+    assert torch.equal(a8[:m].cpu(), want[0]) and torch.equal(sa[:, :m].cpu(), want[1])
+    assert not a8[m:].any() and not sa[:, m:].any()
     for qweight in (qw.qweight, weights_block_major(qw.qweight)):  # row-major and block-major storage
         w8, sb = F8.fp8_weight_operand(qweight.to(d), qw.scales.to(d), lay.block_bits.to(d), group)
         assert torch.equal(w8.cpu(), want[2]) and torch.equal(sb.cpu(), want[3])
@@ -119,6 +124,31 @@ def test_offset_term_epilogue(dt, bias):
     assert out.data_ptr() == y.data_ptr() and out.dtype == dt  # in place
     err = float((out.double().cpu() - want).abs().max())
     assert err <= FP8_GEMM_RTOL[dt] * float(want.abs().max()), err
+
+
+@pytest.mark.parametrize("m", [1, 37])
+@pytest.mark.parametrize("sym", [True, False])
+def test_gemm_glue_with_the_gemm_emulated(m, sym, monkeypatch):
+    """``w4ax_gemm_fp8`` around the cuBLAS call (stood in for by its float64 emulation): rows padded
+    to a multiple of 4 and sliced off, the offset term and the bias on the sliced view."""
+    seen = []
+
+    def emulated(a8, sa, w8, sb, dt):
+        seen.append((a8.shape[0], sa.shape[1]))
+        return R.fp8_block_mm(a8, sa, w8, sb).to(dt)
+
+    monkeypatch.setattr(F8, "scaled_mm_block", emulated)
+    qa, qw, lay = _case(m, 384, 48, "mixed", "block", 128, m, sym=sym)
+    b = torch.randn(48)
+    want = R.w4ax_gemm(qa, qw, b, out_dtype=torch.float64)
+    d = DEV
+    y = F8.w4ax_gemm_fp8(qa.q4.to(d), qa.q8.to(d), qa.scales.to(d), lay.block_bits.to(d), qw.qweight.to(d),
+                         qw.scales.to(d), 128, b.to(d), torch.float16, "block",
+                         w_offsets=None if sym else qw.offsets.to(d))
+    mp = -(-m // 4) * 4
+    assert seen == [(mp, mp)] and y.shape == (m, 48) and y.dtype == torch.float16
+    err = float((y.double().cpu() - want).abs().max())
+    assert err <= FP8_GEMM_RTOL[torch.float16] * float(want.abs().max()), err
 
 
 def test_probe_keeps_the_call_convention_that_computes_the_right_thing(monkeypatch):
@@ -244,7 +274,7 @@ def _need_route():  # (GPU tests: the probe's reason when the route cannot run h
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m,k,n", [(1024, 576, 256), (1100, 1024, 2048)])  # (the float64 reference runs on the CPU)
+@pytest.mark.parametrize("m,k,n", [(1025, 576, 256), (1100, 1024, 2048)])  # (the float64 reference runs on the CPU)
 @pytest.mark.parametrize("pattern", ["mixed", "int4", "int8"])
 @pytest.mark.parametrize("sym", [True, False])
 def test_fp8_gemm_matches_reference(m, k, n, pattern, sym):
