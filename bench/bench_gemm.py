@@ -778,16 +778,23 @@ def markdown(rows, backends):
         out.append("")
         head = ["shape", "M", "INT8 share", "weights", "FP16 graph"] + [f"{c} graph" for c in gcols]
         head += [f"{b} graph vs FP16 graph" for b in backends]
+        head += ["FP8 graph", "best graph vs FP16 graph", "best graph vs FP8 graph"]  # (#3: M <= 16, >= 3x / 1.5x)
         out.append("| " + " | ".join(head) + " |")
         out.append("|" + "---|" * len(head))
         for r in graphed:
             p = peers.get((r["shape"], r["M"]), {})
-            f16 = p.get("fp16-graph_us")
+            f16, f8 = p.get("fp16-graph_us"), p.get("fp8-graph_us")
             cells = [r["shape"], str(r["M"]), f"{100 * r['share']:.1f}%", r.get("weights", "–"),
                      "–" if f16 is None else f"{f16:.1f}"]
             cells += ["–" if r.get(c + "-graph_us") is None else f"{r[c + '-graph_us']:.1f}" for c in gcols]
             cells += ["–" if (f16 is None or r.get(b + "-graph_us") is None) else f"{f16 / r[b + '-graph_us']:.2f}x"
                       for b in backends]
+            # the best GEMM-alone column (not the +aq ones: the peers get no activation quantization)
+            times = [r[c + "-graph_us"] for c in gcols if not c.endswith("+aq") and r.get(c + "-graph_us")]
+            best = min(times) if times else None
+            cells += ["–" if f8 is None else f"{f8:.1f}",
+                      "–" if (best is None or f16 is None) else f"{f16 / best:.2f}x",
+                      "–" if (best is None or f8 is None) else f"{f8 / best:.2f}x"]
             out.append("| " + " | ".join(cells) + " |")
     aq = [r for r in rows if r.get("kind") == "act_quant"]
     if aq:

@@ -41,12 +41,13 @@ def test_bench_gemm_graph_table():
         import bench_gemm as B
     finally:
         sys.path.pop(0)
-    rows = [dict(kind="peers", shape="8B.o", M=1, **{"fp16_us": 23.0, "fp16-graph_us": 10.0}),
+    rows = [dict(kind="peers", shape="8B.o", M=1, **{"fp16_us": 23.0, "fp16-graph_us": 10.0, "fp8-graph_us": 12.0}),
             dict(kind="ours", shape="8B.o", M=1, share=0.125, weights="sym", bytes=9e6,
-                 **{"triton_us": 40.0, "triton-graph_us": 16.0, "triton+aq-graph_us": 30.0})]
+                 **{"triton_us": 40.0, "triton-graph_us": 16.0, "triton+aq-graph_us": 30.0, "cuda-w16-graph_us": 5.0})]
     md = B.markdown(rows, ["triton"])
     assert "CUDA-graph replay" in md
-    assert "| 8B.o | 1 | 12.5% | sym | 10.0 | 16.0 | 30.0 | 0.62x |" in md
+    # FP16 | triton | triton+aq | cuda-w16 | triton vs FP16 | FP8 | best (cuda-w16, not a +aq) vs FP16 / FP8
+    assert "| 8B.o | 1 | 12.5% | sym | 10.0 | 16.0 | 30.0 | 5.0 | 0.62x | 12.0 | 2.00x | 2.40x |" in md, md
     assert "CUDA-graph replay" not in B.markdown(rows[:1] + [dict(rows[1], **{"triton-graph_us": None})][:0], ["triton"])
 
 
