@@ -54,7 +54,7 @@
 #        MAX_JOBS (default 16), PYTHON (default python3), GPU_CHECK_BUDGET_S,
 #        PYTEST_ARGS (extra pytest arguments), PYTEST_WORKERS (xdist workers, default 8), GPU_CHECK_SKIP (comma list of stages
 #        to skip: build, triton_tests, cuda_tests, toolchain, diag, gemm, gemm_large, gemm_shares, gemm_class, microbench,
-#        attention, act_quant, raw_errors, cuda_act_rows_smoke, cuda_gemm_smoke, cuda_wgmma_smoke, wgmma_probe, pdl, cuda_w16_smoke, cuda_fixup_smoke, cuda_attn_smoke, splitk_fixup_smoke, gemm_decode, ncu_w16, prefill, serving, autotune, tune_decode), GEMM_ARGS / ATTENTION_ARGS / SERVING_ARGS (the stages' arguments),
+#        attention, act_quant, raw_errors, cuda_act_rows_smoke, cuda_gemm_smoke, cuda_wgmma_smoke, wgmma_probe, pdl, cuda_w16_smoke, cuda_fixup_smoke, cuda_attn_smoke, splitk_fixup_smoke, gemm_decode, ncu_w16, prefill, serving, fp8_probe, autotune, tune_decode), GEMM_ARGS / ATTENTION_ARGS / SERVING_ARGS (the stages' arguments),
 #        GEMM_CAP / ATTENTION_CAP / ACT_QUANT_CAP,
 #        TRITON_TEST_FILES / CUDA_TEST_FILES (the test files of the two test stages), TRITON_TEST_WORKERS (12) /
 #        CUDA_TEST_WORKERS, TRITON_TESTS_CAP / CUDA_TESTS_CAP / DIAG_CAP /
@@ -380,12 +380,6 @@ if [ "$BUILD" = ok ] && ! skip cuda_attn_smoke; then
   fi
   pack
 fi
-# the large-M fp8 route (twenty-first session): can torch's 1x128 x 1x128 block-scaled FP8 GEMM run
-# here, in which call spelling, or why not (the probe against the float64 emulation; ~3 s)
-bench fp8_probe 20 $PY -c "import json, torch; import cometq.kernels.fp8_gemm as F; w = F.fp8_route_unavailable('cuda'); \
-json.dump(dict(unavailable=w, call=F._CALL_OF.get(torch.device('cuda', torch.cuda.current_device())), \
-torch=torch.__version__, scaled_mm=hasattr(torch.nn.functional, 'scaled_mm')), open('$W/fp8_probe.json', 'w'), indent=1); \
-print('fp8 route:', w or 'available', F._CALL_OF)"
 # the decode GEMM at the batch-64 serving shape before serving (seventeenth session: the CUDA w16
 # GEMM; runs 6-8 reached the full GEMM table at the end with 0-20 s left): 8B.gate_up and 8B.o at
 # M = 64, asym-g128, CUDA-graph replays -- FP16 / FP8 peers, the integer kernels, triton-w16 and
@@ -468,6 +462,13 @@ if [ "$BUILD" = ok ] && [ "${GPU_CHECK_TOOLCHAIN:-0}" = 1 ]; then
   bench toolchain 40 env W="$W" PY="$PY" bash bench/diag_toolchain.sh
 fi
 
+# the large-M fp8 route (twenty-first session): can torch's 1x128 x 1x128 block-scaled FP8 GEMM run
+# here, in which call spelling, or why not (the probe against the float64 emulation; ~5 s; after
+# serving, which runs the same probe inside its prefill steps and must keep its budget)
+bench fp8_probe 20 $PY -c "import json, torch; import cometq.kernels.fp8_gemm as F; w = F.fp8_route_unavailable('cuda'); \
+json.dump(dict(unavailable=w, call=F._CALL_OF.get(torch.device('cuda', torch.cuda.current_device())), \
+torch=torch.__version__, scaled_mm=hasattr(torch.nn.functional, 'scaled_mm')), open('$W/fp8_probe.json', 'w'), indent=1); \
+print('fp8 route:', w or 'available', F._CALL_OF)"
 # large M (#3's M >= 1024 target): TMA vs dequant vs the fp8 route (fp8-block; peer "FP8 1x128": its
 # cuBLAS GEMM alone) vs peers; M = 4096 too, where the fp8 route's weight pass is amortized
 bench gemm_large 55 $PY bench/bench_gemm.py --shapes 8B.gate_up,8B.o --ms 1024,4096 --shares 0.125 --weights sym \
