@@ -323,18 +323,3 @@ def _probe(device) -> Optional[str]:
         fails.append(f"{name}: disagrees with the emulation (max error {err:.3g})")
     _CALL_OF.pop(dev[0].device, None)
     return "block-scaled FP8 GEMM unusable: " + "; ".join(fails)
-
-
-def _e4m3_codes_probe(v: torch.Tensor) -> torch.Tensor:
-    """(tests) :func:`e4m3_int_code` over int32 ``v`` (on ``v``'s device, one program)."""
-    out = torch.empty(v.numel(), dtype=torch.uint8, device=v.device)
-    _codes_kernel[(1,)](v, out, v.numel(), BLOCK=triton.next_power_of_2(max(v.numel(), 16)))
-    return out
-
-
-@triton.jit
-def _codes_kernel(v_ptr, out_ptr, n, BLOCK: tl.constexpr):
-    i = tl.arange(0, BLOCK)
-    v = tl.load(v_ptr + i, mask=i < n, other=0)
-    tl.store(out_ptr + i, e4m3_int_code(v), mask=i < n)
-

@@ -571,8 +571,7 @@ def fp8_offset_operands(qa: QuantizedActivation, qw: QuantizedWeight):
     if why is not None:
         raise ValueError(f"the FP8 block form does not hold {why}")
     nb = qa.layout.n_blocks
-    asum = qa.int_blocks().to(torch.int32).view(qa.m, nb, BLOCK_K).sum(-1)
-    xs = qa.block_scales() * asum.float()
+    xs = qa.block_scales() * w4ax_act_sums(qa, qw).float()  # (segments are whole blocks here)
     blk = torch.arange(nb, device=qw.offsets.device)
     return xs.contiguous(), qw.offsets[:, (blk * BLOCK_K) // qw.group_width].contiguous()
 
