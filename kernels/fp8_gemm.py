@@ -213,9 +213,19 @@ def fp8_weight_operand(qweight, w_scales, block_bits, group: int, stride_wb: Opt
     return w8, sb
 
 
+def _recipe_1x128():
+    """torch's enum member for 1x128 block scaling, whatever this torch calls it (torch 2.13's
+    C enum: ``BlockWise1x128``; the earlier Python enum of the same values: ``Blockwise_1x128``)."""
+    st = torch.nn.functional.ScalingType
+    for name, member in st.__members__.items():
+        if name.replace("_", "").lower() == "blockwise1x128":
+            return member
+    raise AttributeError(f"torch.nn.functional.ScalingType has no 1x128 block recipe: {list(st.__members__)}")
+
+
 def _call_v2(a, b, sa, sb, out_dtype):
     # torch.nn.functional.scaled_mm (recipes named): both scales [rows, NB'], strides (1, rows)
-    st = torch.nn.functional.ScalingType.BlockWise1x128
+    st = _recipe_1x128()
     return torch.nn.functional.scaled_mm(a, b, sa.t(), st, sb.t(), st, output_dtype=out_dtype)
 
 

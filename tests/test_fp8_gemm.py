@@ -186,6 +186,45 @@ def test_probe_keeps_the_call_convention_that_computes_the_right_thing(monkeypat
                           "v1-kn: disagrees with the emulation") and F8._CALL_OF == {}, why
 
 
+def test_recipe_1x128_under_either_enum_spelling(monkeypatch):
+    """The v2 call names the 1x128 recipe by torch's enum, whose member names changed between
+    versions (``Blockwise_1x128`` in the earlier Python enum, ``BlockWise1x128`` in torch 2.13's C
+    enum); both resolve, to the value torch's ``_scaled_mm_v2`` takes for it (4)."""
+    import enum
+
+    import torch.nn.functional as F
+
+    got = F8._recipe_1x128()
+    assert got.value == 4 and "1x128" in got.name, got
+    old = enum.Enum("ScalingType", {"Tensorwise": 0, "Rowwise": 1, "Blockwise_1x16": 2, "Blockwise_1x32": 3,
+                                    "Blockwise_1x128": 4, "Blockwise_128x128": 5})
+    monkeypatch.setattr(F, "ScalingType", old)
+    assert F8._recipe_1x128() is old.Blockwise_1x128
+    monkeypatch.setattr(F, "ScalingType", enum.Enum("ScalingType", {"Tensorwise": 0, "Rowwise": 1}))
+    with pytest.raises(AttributeError, match="no 1x128 block recipe"):
+        F8._recipe_1x128()
+
+
+@pytest.mark.parametrize("name", ["v2", "v1-kn"])
+def test_call_spellings_pass_torchs_own_shape_checks(name, monkeypatch):
+    """The v2 and v1-kn spellings hand torch the scale views its 1x128 x 1x128 recipe asks for
+    (``[rows, K'/128]``, strides ``(1, rows)``): run on meta tensors, torch's meta registrations
+    (the same shape / stride rules as its CUDA kernels) accept them and give ``[M, N]``."""
+    import torch.nn.functional as F
+
+    if name == "v2" and not hasattr(F, "scaled_mm"):
+        pytest.skip("this torch has no torch.nn.functional.scaled_mm")
+    m, n, nbp = 68, 48, 3
+    a8 = torch.empty(m, nbp * 128, dtype=torch.uint8, device="meta")
+    w8 = torch.empty(n, nbp * 128, dtype=torch.uint8, device="meta")
+    sa, sb = torch.empty(nbp, m, device="meta"), torch.empty(nbp, n, device="meta")
+    monkeypatch.setattr(F8, "_CALL_OF", {a8.device: name})
+    y = F8.scaled_mm_block(a8, sa, w8, sb, torch.float16)
+    assert y.shape == (m, n) and y.dtype == torch.float16
+    with pytest.raises(RuntimeError):  # and reject a transposed scale: the check is real
+        F8.scaled_mm_block(a8, torch.empty(m, nbp, device="meta"), w8, sb, torch.float16)
+
+
 def test_route_availability_on_this_machine(monkeypatch):
     monkeypatch.setenv(F8.FP8_ROUTE_ENV, "0")
     assert F8.fp8_route_unavailable("cpu") == "COMETQ_FP8_ROUTE=0"
