@@ -373,14 +373,15 @@ def bench_gemm(args, rows, errors, dev, budget=None, flush=lambda: None):
                     if m > 64 and k % 128 == 0:
                         # the same FP8 GEMM with 1x128 x 1x128 block scales (what the fp8-block route's
                         # GEMM is, without its operand passes): the route's ceiling
-                        from cometq.kernels.fp8_gemm import fp8_route_unavailable, scaled_mm_block
+                        from cometq.kernels.fp8_gemm import fp8_gemm_out_dtype, fp8_route_unavailable, scaled_mm_block
 
                         why = fp8_route_unavailable(dev)
                         if why is None:
                             sab = torch.ones(k // 128, m, device=dev)
                             sbb = torch.ones(k // 128, n, device=dev)
                             xu, wu = x8[:m].view(torch.uint8), w8.view(torch.uint8)
-                            _try(prow, "fp8-blk", lambda: scaled_mm_block(xu, sab, wu, sbb, torch.float16), args,
+                            odt = fp8_gemm_out_dtype(dev, torch.float16)  # (bf16 where cuBLAS has no fp16 one)
+                            _try(prow, "fp8-blk", lambda: scaled_mm_block(xu, sab, wu, sbb, odt), args,
                                  flops, n * k + m * k + 2 * m * n)
                         else:
                             prow["fp8-blk_err"] = why

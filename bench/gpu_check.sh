@@ -467,8 +467,9 @@ fi
 # serving, which runs the same probe inside its prefill steps and must keep its budget)
 bench fp8_probe 20 $PY -c "import json, torch; import cometq.kernels.fp8_gemm as F; w = F.fp8_route_unavailable('cuda'); \
 json.dump(dict(unavailable=w, call=F._CALL_OF.get(torch.device('cuda', torch.cuda.current_device())), \
+fp16_output_problem=F._FP16_VIA_BF16.get(torch.cuda.current_device()), \
 torch=torch.__version__, scaled_mm=hasattr(torch.nn.functional, 'scaled_mm')), open('$W/fp8_probe.json', 'w'), indent=1); \
-print('fp8 route:', w or 'available', F._CALL_OF)"
+print('fp8 route:', w or 'available', F._CALL_OF, 'fp16 out:', F._FP16_VIA_BF16)"
 # large M (#3's M >= 1024 target): TMA vs dequant vs the fp8 route (fp8-block; peer "FP8 1x128": its
 # cuBLAS GEMM alone) vs peers; M = 4096 too, where the fp8 route's weight pass is amortized
 bench gemm_large 55 $PY bench/bench_gemm.py --shapes 8B.gate_up,8B.o --ms 1024,4096 --shares 0.125 --weights sym \

@@ -42,7 +42,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from .act_quant import ROWS_BLOCK_M, _gather_warps, act_quant_gather_kernel, act_quant_kernel, split_rows_kernel  # noqa: E402
 from .dequant_gemm import dequant_act_kernel, dequant_weight_kernel  # noqa: E402
-from .fp8_gemm import fp8_act_operand_kernel, fp8_offset_epilogue_kernel, fp8_weight_operand_kernel  # noqa: E402
+from .fp8_gemm import fp8_act_operand_kernel, fp8_epilogue_kernel, fp8_weight_operand_kernel  # noqa: E402
 from .w16_gemm import w16_gemm_kernel, w16_reduce_kernel  # noqa: E402
 from .w4ax_gemm import (  # noqa: E402
     GemmConfig,
@@ -153,7 +153,7 @@ def all_configs(quick: bool = False) -> List[GemmConfig]:
 #: pointer, 16-byte aligned) with ``tt.divisibility=16``; without mirroring that here
 #: the AOT code would not vectorize loads the way the real one does.
 _DIVISIBLE = {"stride_q4m", "stride_q8m", "stride_wn", "stride_wb", "stride_om", "N", "stride_dm", "stride_dn", "stride_xm", "K",
-              "stride_ow", "stride_w8n"}
+              "stride_ow", "stride_w8n", "stride_ym"}
 #: Arguments equal to 1 in every real launch (unit strides): the JIT turns them into constants.
 _UNIT = ("stride_on", "stride_xk")
 
@@ -251,13 +251,17 @@ def jobs(quick: bool = False) -> List[Tuple[str, object, Dict[str, str], Dict[st
                          stride_q8m="i32", stride_asm="i32", stride_om="i32", stride_saj="i32", BLOCK_M="constexpr",
                          CLASS_MODE="constexpr", ASYM="constexpr"),
                     dict(BLOCK_M=32, CLASS_MODE=cm, ASYM=asym), 4, 1, "dequant"))
-    for dt in ("fp16", "bf16"):
-        out.append((f"fp8_operand_offsets[{dt}]", fp8_offset_epilogue_kernel,
-                    dict(y_ptr=_TY[dt], xs_ptr="*fp32", wo_ptr="*fp32", bias_ptr="*fp32", M="i32", N="i32", NB="i32",
-                         GROUP="i32", stride_ym="i32", stride_won="i32", BLOCK_M="constexpr", BLOCK_N="constexpr",
-                         NB_P2="constexpr", HAS_BIAS="constexpr", PRECISION="constexpr"),
-                    dict(BLOCK_M=64, BLOCK_N=64, NB_P2=128, HAS_BIAS=dt == "bf16", PRECISION="tf32x3"), 4, 1,
-                    "fp8_epilogue"))
+    # the epilogue: the asymmetric offset term (+ bias) in place, or a bf16 GEMM output converted to
+    # fp16 (+ bias) where cuBLAS has no fp16 block-scaled output
+    for ydt, odt, offs, bias in (("fp16", "fp16", True, False), ("bf16", "bf16", True, True),
+                                 ("bf16", "fp16", False, True), ("bf16", "fp16", True, False)):
+        out.append((f"fp8_epilogue[{ydt}->{odt},offsets={offs},bias={bias}]", fp8_epilogue_kernel,
+                    dict(y_ptr=_TY[ydt], out_ptr=_TY[odt], xs_ptr="*fp32", wo_ptr="*fp32", bias_ptr="*fp32", M="i32",
+                         N="i32", NB="i32", GROUP="i32", stride_ym="i32", stride_om="i32", stride_won="i32",
+                         BLOCK_M="constexpr", BLOCK_N="constexpr", NB_P2="constexpr", HAS_OFFSETS="constexpr",
+                         HAS_BIAS="constexpr", PRECISION="constexpr"),
+                    dict(BLOCK_M=64, BLOCK_N=64, NB_P2=128 if offs else 16, HAS_OFFSETS=offs, HAS_BIAS=bias,
+                         PRECISION="tf32x3"), 4, 1, "fp8_epilogue"))
     out.append(("fp8_operand_weight", fp8_weight_operand_kernel,
                 dict(qw_ptr="*u8", ws_ptr="*fp32", src_ptr="*i32", out_ptr="*u8", sb_ptr="*fp32", N="i32", GROUP="i32",
                      stride_wn="i32", stride_wb="i32", stride_wsn="i32", stride_w8n="i32", BLOCK_N="constexpr"),
@@ -629,7 +633,7 @@ def check_code(kind: str, arch: int, constexprs: Dict[str, object], num_warps: i
         return None
     if kind == "fp8_epilogue":
         # the offset term on tensor cores at ~fp32 precision (tf32x3: three tf32 MMAs per product)
-        if "mma" not in ptx:
+        if constexprs.get("HAS_OFFSETS") and "mma" not in ptx:
             return "the offset term's dot is not on tensor cores"
         return None
     if kind == "w16":

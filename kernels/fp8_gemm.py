@@ -44,7 +44,7 @@ from cometq.layout import fp8_block_sources
 from ._common import derived, unpack_hi, unpack_lo
 from .dequant_gemm import _row_tile, block_values
 
-__all__ = ["fp8_act_operand", "fp8_weight_operand", "add_offset_term", "scaled_mm_block", "w4ax_gemm_fp8",
+__all__ = ["fp8_act_operand", "fp8_weight_operand", "fp8_epilogue", "fp8_gemm_out_dtype", "scaled_mm_block", "w4ax_gemm_fp8",
            "fp8_route_unavailable", "FP8_ROUTE_ENV"]
 
 #: ``COMETQ_FP8_ROUTE=0``: never offer the fp8 route (the large-M tuner keeps split / fused)
@@ -117,28 +117,30 @@ def fp8_weight_operand_kernel(qw_ptr, ws_ptr, src_ptr, out_ptr, sb_ptr, N, GROUP
 
 
 @triton.jit
-def fp8_offset_epilogue_kernel(y_ptr, xs_ptr, wo_ptr, bias_ptr, M, N, NB, GROUP, stride_ym, stride_won,
-                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NB_P2: tl.constexpr,
-                               HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
-    """``y[m, n] += sum_b xs[m, b] * offset[n, group(b)] (+ bias[n])`` in place, one
-    ``BLOCK_M x BLOCK_N`` tile of the FP8 GEMM's output per program: an asymmetric weight's
-    offset term (a rank-NB product, K = NB <= a few hundred) added in the pass that the output
-    needs anyway, in fp32 (``PRECISION`` "ieee" / "tf32x3": ~fp32 products on tensor cores), one
-    rounding to y's dtype."""
+def fp8_epilogue_kernel(y_ptr, out_ptr, xs_ptr, wo_ptr, bias_ptr, M, N, NB, GROUP, stride_ym, stride_om, stride_won,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NB_P2: tl.constexpr, HAS_OFFSETS: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
+    """``out[m, n] = y[m, n] (+ sum_b xs[m, b] * offset[n, group(b)]) (+ bias[n])``, one
+    ``BLOCK_M x BLOCK_N`` tile of the FP8 GEMM's output per program, in fp32 with one rounding to
+    out's dtype (``out`` may be ``y``: in place).  ``HAS_OFFSETS``: an asymmetric weight's offset
+    term (a rank-NB product, K = NB <= a few hundred; ``PRECISION`` "ieee" / "tf32x3": ~fp32
+    products on tensor cores), added in the pass the output needs anyway; without it the pass
+    only converts (a bf16 GEMM output into fp16, where cuBLAS has no fp16 one) and adds the bias."""
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mm, nm = rm < M, rn < N
-    b = tl.arange(0, NB_P2)
-    bm = b < NB
-    xs = tl.load(xs_ptr + rm.to(tl.int64)[:, None] * NB + b[None, :], mask=mm[:, None] & bm[None, :], other=0.0)
-    ob = tl.load(wo_ptr + rn.to(tl.int64)[None, :] * stride_won + ((b * 128) // GROUP)[:, None],
-                 mask=bm[:, None] & nm[None, :], other=0.0)
-    acc = tl.dot(xs, ob, input_precision=PRECISION)
+    msk = mm[:, None] & nm[None, :]
+    acc = tl.load(y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :], mask=msk, other=0.0).to(tl.float32)
+    if HAS_OFFSETS:
+        b = tl.arange(0, NB_P2)
+        bm = b < NB
+        xs = tl.load(xs_ptr + rm.to(tl.int64)[:, None] * NB + b[None, :], mask=mm[:, None] & bm[None, :], other=0.0)
+        ob = tl.load(wo_ptr + rn.to(tl.int64)[None, :] * stride_won + ((b * 128) // GROUP)[:, None],
+                     mask=bm[:, None] & nm[None, :], other=0.0)
+        acc = tl.dot(xs, ob, acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=nm, other=0.0).to(tl.float32)[None, :]
-    ptr = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :]
-    y = tl.load(ptr, mask=mm[:, None] & nm[None, :], other=0.0)
-    tl.store(ptr, (y.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=mm[:, None] & nm[None, :])
+    tl.store(out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=msk)
 
 
 def _sources(block_bits: torch.Tensor) -> torch.Tensor:
@@ -175,26 +177,33 @@ def fp8_act_operand(q4, q8, a_scales, block_bits, scale_mode: str, offset_term: 
     return a8, sa, xs
 
 
-def add_offset_term(y, xs, w_offsets, group: int, bias=None) -> torch.Tensor:
-    """``y [M, N] += xs @ offsets_by_block^T (+ bias)`` in place (:func:`fp8_offset_epilogue_kernel`):
-    ``xs`` float32 ``[M, NB]`` from :func:`fp8_act_operand`, ``w_offsets`` float32 ``[N, K_pad / group]``."""
+def fp8_epilogue(y, out_dtype: torch.dtype, xs=None, w_offsets=None, group: int = 128, bias=None) -> torch.Tensor:
+    """``y (+ xs @ offsets_by_block^T) (+ bias)`` as ``out_dtype`` in one pass
+    (:func:`fp8_epilogue_kernel`): in place when ``y`` already has that dtype.  ``xs`` float32
+    ``[M, NB]`` from :func:`fp8_act_operand`, ``w_offsets`` float32 ``[N, K_pad / group]`` (both or
+    neither)."""
     from ._common import interpreting
 
+    if (xs is None) != (w_offsets is None):
+        raise ValueError("fp8_epilogue: xs and w_offsets come together (the offset term), got one of them")
     m, n = y.shape
-    nb = xs.shape[1]
-    if m and n:
+    out = y if y.dtype == out_dtype else torch.empty(m, n, dtype=out_dtype, device=y.device)
+    nb = xs.shape[1] if xs is not None else 0
+    if m and n and (xs is not None or bias is not None or out is not y):
         bm, bn = 64, 64
-        fp8_offset_epilogue_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
-            y, xs, w_offsets, bias if bias is not None else xs, m, n, nb, group, y.stride(0), w_offsets.stride(0),
-            BLOCK_M=bm, BLOCK_N=bn, NB_P2=max(16, triton.next_power_of_2(nb)), HAS_BIAS=bias is not None,
-            PRECISION="ieee" if interpreting() else "tf32x3", num_warps=4)
-    return y
+        fp8_epilogue_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
+            y, out, xs if xs is not None else y, w_offsets if w_offsets is not None else y,
+            bias if bias is not None else y, m, n, nb, group, y.stride(0), out.stride(0),
+            w_offsets.stride(0) if w_offsets is not None else 0,
+            BLOCK_M=bm, BLOCK_N=bn, NB_P2=max(16, triton.next_power_of_2(nb)), HAS_OFFSETS=xs is not None,
+            HAS_BIAS=bias is not None, PRECISION="ieee" if interpreting() else "tf32x3", num_warps=4)
+    return out
 
 
 def fp8_weight_operand(qweight, w_scales, block_bits, group: int, stride_wb: Optional[int] = None):
     """``(w8 uint8 [N, 128 NB'], sb float32 [NB', N])``: the FP8 block form of INT4 weights
     (``qweight [N, K_pad/2]`` or its block-major view; ``group`` the resolved group width, a
-    multiple of 128; an asymmetric weight's offsets are not part of it: :func:`add_offset_term`),
+    multiple of 128; an asymmetric weight's offsets are not part of it: :func:`fp8_epilogue`),
     bit for bit :func:`cometq.reference.fp8_block_operands`'s."""
     if group % 128:
         raise ValueError(f"the FP8 block form needs weight groups of whole 128-channel blocks, got group={group}")
@@ -261,15 +270,18 @@ def w4ax_gemm_fp8(q4, q8, a_scales, block_bits, qweight, w_scales, group: int, b
                   scale_mode: str, stride_wb: Optional[int] = None, w_offsets: Optional[torch.Tensor] = None):
     """The W4Ax GEMM (weight groups of whole blocks) on the FP8 route: both operands in the FP8
     block form, cuBLAS's block-scaled FP8 GEMM into ``out_dtype``; an asymmetric weight's offset
-    term and the bias added in one pass over the output after (:func:`add_offset_term`)."""
+    term and the bias added in one pass over the output after (:func:`fp8_epilogue`), which also
+    converts a bf16 GEMM output to fp16 where the device's cuBLAS has no fp16 output for this GEMM
+    (:func:`fp8_gemm_out_dtype`)."""
     # (rows padded to a multiple of 4: torch wants the scales' [M, NB'] view with strides exactly
     # (1, M), and cuBLAS 16-byte aligned scale columns -- zero rows, sliced off after)
     a8, sa, xs = fp8_act_operand(q4, q8, a_scales, block_bits, scale_mode, offset_term=w_offsets is not None,
                                  pad_rows_to=4)
     w8, sb = fp8_weight_operand(qweight, w_scales, block_bits, group, stride_wb)
-    y = scaled_mm_block(a8, sa, w8, sb, out_dtype)[: a_scales.shape[0]]
-    if w_offsets is not None:
-        return add_offset_term(y, xs, w_offsets, group, bias)
+    gemm_dtype = fp8_gemm_out_dtype(a8.device, out_dtype)
+    y = scaled_mm_block(a8, sa, w8, sb, gemm_dtype)[: a_scales.shape[0]]
+    if w_offsets is not None or gemm_dtype != out_dtype:
+        return fp8_epilogue(y, out_dtype, xs, w_offsets, group, bias)
     if bias is not None:
         y += bias.to(y.dtype)
     return y
@@ -277,6 +289,38 @@ def w4ax_gemm_fp8(q4, q8, a_scales, block_bits, qweight, w_scales, group: int, b
 
 #: per device: why the block-scaled FP8 GEMM cannot serve the route there (None: it can)
 _UNAVAILABLE: dict = {}
+#: per device (probed): why the GEMM cannot write fp16 there (None: it can).  torch's own tests of
+#: the block-scaled GEMM cover bf16 and fp32 outputs only; where fp16 fails, fp16 outputs are
+#: computed as bf16 and converted in the epilogue pass (one more rounding: 2^-9 relative)
+_FP16_VIA_BF16: dict = {}
+
+
+def _index(device) -> int:
+    device = torch.device(device)
+    if device.index is not None:
+        return device.index
+    return torch.cuda.current_device() if device.type == "cuda" else 0
+
+
+def fp8_gemm_out_dtype(device, out_dtype: torch.dtype) -> torch.dtype:
+    """The output dtype to ask the block-scaled FP8 GEMM for on ``device``: ``out_dtype``, except
+    fp16 where the device's probe found the GEMM unable to write fp16 (then bf16, converted to
+    fp16 by :func:`fp8_epilogue`)."""
+    if out_dtype != torch.float16 or torch.device(device).type != "cuda":
+        return out_dtype
+    return torch.bfloat16 if _FP16_VIA_BF16.get(_index(device)) else out_dtype
+
+
+def _fp16_output_problem(dev, want) -> Optional[str]:
+    """None if the GEMM (in the spelling just found) writes fp16 matching the emulation, else why not."""
+    try:
+        got = scaled_mm_block(*dev, torch.float16).double().cpu()
+    except Exception as e:  # noqa: BLE001 - the reason is the result
+        return f"{type(e).__name__}: {str(e)[:160]}"
+    err = float((got - want).abs().max())
+    if not err <= 2e-3 * float(want.abs().max()):
+        return f"fp16 output disagrees with the emulation (max error {err:.3g})"
+    return None
 
 
 def fp8_route_unavailable(device) -> Optional[str]:
@@ -291,7 +335,7 @@ def fp8_route_unavailable(device) -> Optional[str]:
     device = torch.device(device)
     if device.type != "cuda":
         return f"device {device} is not a CUDA GPU"
-    key = (device.index if device.index is not None else torch.cuda.current_device())
+    key = _index(device)
     if key in _UNAVAILABLE:
         return _UNAVAILABLE[key]
     why = None
@@ -329,6 +373,7 @@ def _probe(device) -> Optional[str]:
             continue
         err = float((got - want).abs().max())
         if err <= 8e-3 * float(want.abs().max()):
+            _FP16_VIA_BF16[_index(device)] = _fp16_output_problem(dev, want)
             return None
         fails.append(f"{name}: disagrees with the emulation (max error {err:.3g})")
     _CALL_OF.pop(dev[0].device, None)

@@ -45,11 +45,12 @@ echo "built cometq._C against torch $TORCH_PIN in $(( $(date +%s) - start )) s"
 PYTHONPATH=python:. "$VENV/bin/python" - <<'EOF'
 import torch
 import cometq._C  # noqa: F401  (loads the library: its ops register)
-ops = sorted(n for n in dir(torch.ops.cometq_C) if not n.startswith("_") and n != "name")
-want = {"quantize_act", "fake_quant_act", "w4ax_gemm", "w16_gemm", "kv4_decode_attention"}
-missing = want - set(ops)
-assert not missing, f"cometq._C registers no {sorted(missing)} (has {ops})"
-print("cometq._C loads; ops:", ", ".join(ops))
+want = ("quantize_act", "fake_quant_act", "w4ax_gemm", "w16_gemm", "kv4_decode_attention")
+missing = [n for n in want if not hasattr(torch.ops.cometq_C, n)]
+assert not missing, f"cometq._C registers no {missing}"
+for n in want:
+    print(getattr(torch.ops.cometq_C, n).default._schema)
+print("cometq._C loads and registers", len(want), "ops")
 EOF
 if [ "${COMETQ_IMAGE_TESTS:-0}" = "1" ]; then
   PYTHONPATH=python:. "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests

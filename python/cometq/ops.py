@@ -436,7 +436,12 @@ def _route_agrees(route: str, args) -> bool:
             got, why = None, f"it raised {type(e).__name__}: {str(e)[:200]}"
         if got is not None:
             err = float((got - ref).abs().max()) if ref.numel() else 0.0
-            tol = DEQUANT_GEMM_RTOL.get(out_dtype, DEQUANT_GEMM_RTOL[torch.float32]) * float(ref.abs().max()) \
+            tol_dtype = out_dtype
+            if route == "fp8":  # (fp16 outputs computed as bf16 where the device's GEMM has no fp16 one)
+                from cometq.kernels.fp8_gemm import fp8_gemm_out_dtype
+
+                tol_dtype = fp8_gemm_out_dtype(x.device, out_dtype)
+            tol = DEQUANT_GEMM_RTOL.get(tol_dtype, DEQUANT_GEMM_RTOL[torch.float32]) * float(ref.abs().max()) \
                 if ref.numel() else 0.0
             why = f"max error {err:.3g} > {tol:.3g}"
         ok = _ROUTE_AGREES[key] = got is not None and bool(err <= tol)  # (NaN: False)
