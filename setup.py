@@ -50,8 +50,15 @@ def _cuda_extension():
     gencode = []
     for a in archs:
         a = a.strip()
-        if a:
-            gencode += [f"-gencode=arch=compute_{a},code=sm_{a}"]
+        if a == "90":
+            # plain sm_90 code has no wgmma (the w16 GEMM's wgmma kernel compiles to a trap there, and
+            # the launcher cannot tell): Hopper builds are sm_90a
+            print("cometq: COMETQ_CUDA_ARCHS lists 90; building 90a (wgmma needs the arch-specific target)",
+                  file=sys.stderr)
+            a = "90a"
+        flag = f"-gencode=arch=compute_{a},code=sm_{a}"
+        if a and flag not in gencode:
+            gencode.append(flag)
     # No -std flag: torch's BuildExtension adds the C++ standard its headers need
     # (-std=c++17 for both compilers on the GPU image's torch 2.11, run 9's build log); the
     # kernels and the bindings compile under C++17 and C++20 (tests/test_cuda_compile.py).
