@@ -17,7 +17,7 @@
 #   pytest-*.failures.txt         each failure with its traceback, written as it happens
 #   diag/diag_decode.json, diag_profile.txt   bench/diag_decode.py (small-M launch overhead,
 #                                 every decode config eager vs CUDA graph, attention sweep)
-#   gemm_decode/gemm.json|md      bench_gemm.py 8B.gate_up / 8B.o at M = 64 (asym-g128, graphs) before serving: the w16 GEMMs vs the rest
+#   gemm_decode/gemm.json|md      bench_gemm.py 8B.gate_up / 8B.o at M = 64 (asym-g128, graphs), after serving and attention: the w16 GEMMs vs the rest
 #   gemm/gemm.json|md             bench_gemm.py at the decode-step shapes, M = 64 and 16, asym-g128 (the serving default) and sym-g128, 25 % INT8 blocks (CUDA-graph columns)
 #   fp8_probe.json                whether the large-M fp8 route's block-scaled FP8 GEMM runs here (call spelling / why not)
 #   gemm_large/gemm.json|md       bench_gemm.py at M = 1024, 4096 (TMA / dequant / pointer kernels / the fp8 route vs FP16, FP8)
@@ -380,14 +380,6 @@ if [ "$BUILD" = ok ] && ! skip cuda_attn_smoke; then
   fi
   pack
 fi
-# the decode GEMM at the batch-64 serving shape before serving (seventeenth session: the CUDA w16
-# GEMM; runs 6-8 reached the full GEMM table at the end with 0-20 s left): 8B.gate_up and 8B.o at
-# M = 64, asym-g128, CUDA-graph replays -- FP16 / FP8 peers, the integer kernels, triton-w16 and
-# cuda-w16 side by side in one run
-# (cap 50 s since the eighteenth session: run 9's 25 s budget ended before the 8B.o row, and the
-# Triton w16 kernel now tunes its launch config -- a few compiles per shape)
-bench gemm_decode "${GEMM_DECODE_CAP:-50}" $PY bench/bench_gemm.py --shapes 8B.gate_up,8B.o --ms 64 --shares 0.25 \
-  --weights asym-g128 --graph --time-budget 38 --no-plot --out "$W/gemm_decode"
 # programmatic dependent launch of the wgmma GEMM after the CUDA act-quant kernel (twentieth session,
 # COMETQ_W16_PDL, off by default): 32 layers x 4 decode pairs in one graph, plain vs PDL, ~10 s
 if [ "$BUILD" = ok ] && [ "${COMETQ_W16_WGMMA:-1}" != 0 ]; then
@@ -399,6 +391,36 @@ if [ "$BUILD" = ok ] && [ "${COMETQ_W16_WGMMA:-1}" != 0 ]; then
     log "pdl paid: later stages run with COMETQ_W16_PDL=1"
   fi
 fi
+bench prefill "${PREFILL_CAP:-50}" env COMETQ_GEMM_TUNE="${COMETQ_GEMM_TUNE:-0}" \
+  $PY bench/diag_prefill.py ${PREFILL_ARGS:---shapes 8x1024 --systems w4ax,fp --reps 2} --out "$W/prefill"
+SL=$(limit "${SERVING_CAP:-230}")
+# #7's target shape: batch 64, 1024 prompt / 512 output tokens. Systems in priority order (a
+# capped run keeps the rows that finished: the JSON is rewritten after each): the target system
+# (W4AxConfig() default: asymmetric g128 weights), the FP16 engine it is compared with (#7's open
+# target, 1.5x, is this pair; twenty-second session: before HF, whose 3x target runs 7-10 met),
+# the HF baseline (~1 min at this shape), with piecewise graphs (its eager row was dropped in the
+# eighteenth session: 2.8x slower than with graphs in run 9, so not the baseline #7 compares with),
+# the target system with symmetric g128 weights (the TMA kernels' format), and last the target
+# system with async scheduling off (what queuing each decode step ahead of the host buys). The rows carry per-step times split into prefill and decode-only steps and what
+# was tuned inside the timed run.
+# shellcheck disable=SC2086
+bench serving "$SL" env COMETQ_GEMM_TUNE="${COMETQ_GEMM_TUNE:-0}" $PY bench/bench_serving.py \
+  ${SERVING_ARGS:---batch-sizes 64 --input-len 1024 --output-len 512 --systems cometq-w4ax-kv4+graphs,cometq-fp+graphs,hf-generate,cometq-w4ax-kv4+graphs@sym-g128} \
+  --out "$W/serving"
+# #6's target row before the GEMM table (run 6 never reached it; the CUDA kernel is new there)
+# (the launch config is tuned on each shape's first call; ATTENTION_ARGS=... --sweep also times
+# every candidate config at 0.5x..4x the default split count: run 5 has that table)
+bench attention "${ATTENTION_CAP:-40}" $PY bench/bench_attention.py ${ATTENTION_ARGS:---batch 16 --context 4096} \
+  --out "$W/attention"
+# the decode GEMM at the batch-64 serving shape (seventeenth session: the CUDA w16 GEMM; before serving
+# until the twenty-second session, which moved it and act_quant after serving and attention: the wgmma
+# smoke and the pdl stage now run before serving, and run 10's serving stage needed 183 of its 187 s): 8B.gate_up and 8B.o at
+# M = 64, asym-g128, CUDA-graph replays -- FP16 / FP8 peers, the integer kernels, triton-w16 and
+# cuda-w16 side by side in one run
+# (cap 50 s since the eighteenth session: run 9's 25 s budget ended before the 8B.o row, and the
+# Triton w16 kernel now tunes its launch config -- a few compiles per shape)
+bench gemm_decode "${GEMM_DECODE_CAP:-50}" $PY bench/bench_gemm.py --shapes 8B.gate_up,8B.o --ms 64 --shares 0.25 \
+  --weights asym-g128 --graph --time-budget 38 --no-plot --out "$W/gemm_decode"
 # issue #3's activation-quantization target (>= 70 % of copy bandwidth): the Triton gather kernel
 # (eighteenth session: one row per program, permuted on chip) beside the older kernels (the two
 # block-mode grids, the class-mode two-pass walk), the FAKE pass (the fused dequant route's A'), the
@@ -407,26 +429,6 @@ fi
 # as the W4Ax prefill step's largest extra (48.7 of 233.9 ms), and prefill / serving use the result
 bench act_quant "${ACT_QUANT_CAP:-30}" $PY bench/bench_gemm.py --what act_quant --shapes 8B.o,8B.down \
   --ms 64,1024,8192 --shares 0.25 --time-budget 20 --no-plot --out "$W/act_quant"
-bench prefill "${PREFILL_CAP:-50}" env COMETQ_GEMM_TUNE="${COMETQ_GEMM_TUNE:-0}" \
-  $PY bench/diag_prefill.py ${PREFILL_ARGS:---shapes 8x1024 --systems w4ax,fp --reps 2} --out "$W/prefill"
-SL=$(limit "${SERVING_CAP:-230}")
-# #7's target shape: batch 64, 1024 prompt / 512 output tokens. Systems in priority order (a
-# capped run keeps the rows that finished: the JSON is rewritten after each): the HF baseline
-# (~1 min at this shape), the target system (W4AxConfig() default: asymmetric g128 weights), the
-# FP16 engine it is compared with, with piecewise graphs (its eager row was dropped in the
-# eighteenth session: 2.8x slower than with graphs in run 9, so not the baseline #7 compares with),
-# the target system with symmetric g128 weights (the TMA kernels' format), and last the target
-# system with async scheduling off (what queuing each decode step ahead of the host buys). The rows carry per-step times split into prefill and decode-only steps and what
-# was tuned inside the timed run.
-# shellcheck disable=SC2086
-bench serving "$SL" env COMETQ_GEMM_TUNE="${COMETQ_GEMM_TUNE:-0}" $PY bench/bench_serving.py \
-  ${SERVING_ARGS:---batch-sizes 64 --input-len 1024 --output-len 512 --systems hf-generate,cometq-w4ax-kv4+graphs,cometq-fp+graphs,cometq-w4ax-kv4+graphs@sym-g128} \
-  --out "$W/serving"
-# #6's target row before the GEMM table (run 6 never reached it; the CUDA kernel is new there)
-# (the launch config is tuned on each shape's first call; ATTENTION_ARGS=... --sweep also times
-# every candidate config at 0.5x..4x the default split count: run 5 has that table)
-bench attention "${ATTENTION_CAP:-40}" $PY bench/bench_attention.py ${ATTENTION_ARGS:---batch 16 --context 4096} \
-  --out "$W/attention"
 # bench_gemm stops starting rows at --time-budget and rewrites its JSON after every row
 GL=$(limit "${GEMM_CAP:-45}")
 # shellcheck disable=SC2086
