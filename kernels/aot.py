@@ -751,15 +751,19 @@ def _wide_loads(ptx: str) -> int:
     return n
 
 
-def run(archs: List[int], level: str = "full") -> List[dict]:
-    """Compile and check; ``level`` "full" (every variant), "ci" (:func:`ci_subset`), "quick" (configs of 2 shapes)."""
+def run(archs: List[int], level: str = "full", shard: Tuple[int, int] = (0, 1)) -> List[dict]:
+    """Compile and check; ``level`` "full" (every variant), "ci" (:func:`ci_subset`), "quick" (configs of 2 shapes).
+    ``shard = (i, n)``: only every n-th job from the i-th on (per arch), so n processes share the work."""
     if level not in ("full", "ci", "quick"):
         raise ValueError(f"level must be full, ci or quick, got {level!r}")
+    i_shard, n_shard = shard
+    if not (n_shard >= 1 and 0 <= i_shard < n_shard):
+        raise ValueError(f"shard must be (i, n) with 0 <= i < n, got {shard!r}")
     results = []
     base = dedupe(jobs(quick=level == "quick"))
     for arch in archs:
         todo = ci_subset(base, arch) if level == "ci" else base
-        for name, kernel, sig, cons, w, s, kind in todo:
+        for name, kernel, sig, cons, w, s, kind in todo[i_shard::n_shard]:
             if kind == "tma" and arch < 90:
                 continue  # no TMA before Hopper (the dispatcher never offers the kernel there)
             t0 = time.time()
@@ -823,8 +827,14 @@ def main(argv=None) -> int:
                     help="full: every variant; ci: the representative CI set; quick: configs of 2 shapes")
     ap.add_argument("--json", help="write per-variant results here")
     ap.add_argument("--table", help="write a markdown table of the generated configs' sm_90 resources here")
+    ap.add_argument("--shard", default="0/1", help="I/N: compile every N-th job from the I-th on (N processes "
+                    "share the work; merge their --json files)")
     args = ap.parse_args(argv)
-    res = run(args.arch or [80, 90], level=args.level)
+    try:
+        i_shard, n_shard = (int(v) for v in args.shard.split("/"))
+    except ValueError:
+        ap.error(f"--shard must be I/N, got {args.shard!r}")
+    res = run(args.arch or [80, 90], level=args.level, shard=(i_shard, n_shard))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)
