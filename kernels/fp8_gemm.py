@@ -223,8 +223,8 @@ def fp8_weight_operand(qweight, w_scales, block_bits, group: int, stride_wb: Opt
 
 
 def _recipe_1x128():
-    """torch's enum member for 1x128 block scaling, whatever this torch calls it (torch 2.13's
-    C enum: ``BlockWise1x128``; the earlier Python enum of the same values: ``Blockwise_1x128``)."""
+    """torch's enum member for 1x128 block scaling, whatever this torch calls it (the C enum of
+    torch 2.11 / 2.13: ``BlockWise1x128``; the earlier Python enum of the same values: ``Blockwise_1x128``)."""
     st = torch.nn.functional.ScalingType
     for name, member in st.__members__.items():
         if name.replace("_", "").lower() == "blockwise1x128":

@@ -229,8 +229,8 @@ def test_probe_keeps_the_call_convention_that_computes_the_right_thing(monkeypat
 
 def test_recipe_1x128_under_either_enum_spelling(monkeypatch):
     """The v2 call names the 1x128 recipe by torch's enum, whose member names changed between
-    versions (``Blockwise_1x128`` in the earlier Python enum, ``BlockWise1x128`` in torch 2.13's C
-    enum); both resolve, to the value torch's ``_scaled_mm_v2`` takes for it (4)."""
+    versions (``Blockwise_1x128`` in the earlier Python enum, ``BlockWise1x128`` in the C enum of
+    torch 2.11 / 2.13); both resolve, to the value torch's ``_scaled_mm_v2`` takes for it (4)."""
     import enum
 
     import torch.nn.functional as F
