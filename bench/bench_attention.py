@@ -231,8 +231,8 @@ def main(argv=None) -> int:
             if cuda_attn is not None:
                 nblk = -(-t // args.block_size)
                 # launch variants: 4 CTAs / SM; 3 CTAs / SM + next tile in registers; either + the next
-                # key group prefetched into L2
-                for var in CR.KV4_ATTN_VARIANTS:
+                # key group prefetched into L2; 4 CTAs / SM streaming tiles through a shared-memory ring
+                for var in CR.kv4_attention_variants():
                     # 1x / 2x / 4x the split count, and the count whose grid is one full wave of the
                     # variant's resident CTAs (what COMETQ_KV4_ATTN_CUDA=auto times too)
                     wave = CR.kv4_attention_wave_splits(b, args.kv_heads, var, props.multi_processor_count)

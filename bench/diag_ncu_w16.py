@@ -80,10 +80,10 @@ def kv4_attention(CR, reps: int) -> None:
            pool["tail_k"], pool["tail_v"], pool["block_tables"], pool["quant_lens"], pool["tail_lens"],
            pool["seq_ids"], grp, "channel", "token", d ** -0.5, splits)
     for _ in range(reps):
-        for var in CR.KV4_ATTN_VARIANTS:
+        for var in CR.kv4_attention_variants():
             CR.cuda_kv4_decode_attention(*raw, variant=var)
     torch.cuda.synchronize()
-    print(f"kv4 attention: batch {b} context {t} splits {splits} variants {list(CR.KV4_ATTN_VARIANTS)}")
+    print(f"kv4 attention: batch {b} context {t} splits {splits} variants {list(CR.kv4_attention_variants())}")
 
 
 if __name__ == "__main__":

@@ -241,9 +241,10 @@ typedef struct CometqKv4AttnArgs {
   int splits;                 // >= 1: CTAs per (batch row, KV head), each a range of key groups
   float qk_scale;             // sm_scale * log2(e)
   int io_dtype;               // COMETQ_DTYPE_F16 or COMETQ_DTYPE_BF16 (q, out, tails)
-  int variant;                // a tuning knob, 0..3: bit 0 = 3 CTAs per SM, the next tile loaded while
-                              // this one computes (else 4 CTAs per SM, each tile loaded when it starts);
-                              // bit 1 = each warp's next key group prefetched into L2
+  int variant;                // a tuning knob, 0..4: for 0..3, bit 0 = 3 CTAs per SM, the next tile loaded
+                              // while this one computes (else 4 CTAs per SM, each tile loaded when it
+                              // starts); bit 1 = each warp's next key group prefetched into L2;
+                              // 4 = each warp's tiles streamed through a shared-memory ring (cp.async)
 } CometqKv4AttnArgs;
 
 // 1 if the kernel handles head_dim / group_size / query heads per KV head (D 64 or 128,

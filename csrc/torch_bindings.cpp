@@ -510,8 +510,8 @@ at::Tensor kv4_decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_pa
   TORCH_CHECK(seq_ids.dim() == 1 && seq_ids.size(0) == B, op, ": seq_ids shape ", seq_ids.sizes(), " must be [", B,
               "] (q shape ", q.sizes(), ")");
   TORCH_CHECK(num_splits >= 1 && num_splits <= 1024, op, ": num_splits must be in [1, 1024], got ", num_splits);
-  TORCH_CHECK(variant >= 0 && variant <= 3, op, ": variant must be in [0, 3] (bit 0: 3 CTAs per SM, next tile "
-              "prefetched; bit 1: next key group prefetched into L2), got ", variant);
+  TORCH_CHECK(variant >= 0 && variant <= 4, op, ": variant must be in [0, 4] (0-3: bit 0 = 3 CTAs per SM, next tile "
+              "prefetched; bit 1 = next key group prefetched into L2; 4: shared-memory ring), got ", variant);
   TORCH_CHECK(B <= 65535 && H <= 65535 && NB * H * BS <= (int64_t(1) << 40), op, ": problem too large (B=", B,
               ", H=", H, ", pool rows=", NB * H * BS, ")");
 

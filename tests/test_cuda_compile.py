@@ -34,7 +34,7 @@ KERNEL_FILES = ("w4ax_gemm.cu", "act_quant.cu", "kv4_attention.cu", "w16_gemm.cu
 EXPECTED_ENTRIES = {"w4ax_gemm.cu": 29, "act_quant.cu": 18,  # gemm: 4 tiles x s4/s8 x sym/asym + the 3 M <= 64 tiles
                     # again with the in-kernel split-K reduction (FIXUP) + the finalize kernel;
                     # act_quant: class-row, block and rows kernels x 3 dtypes x packed / FAKE output
-                    "kv4_attention.cu": 18,  # head_dim 64/128 x fp16/bf16 IO x 4 launch variants + 2 reduces
+                    "kv4_attention.cu": 22,  # head_dim 64/128 x fp16/bf16 IO x (4 launch variants + the ring) + 2 reduces
                     # 4 mma.sync tiles + 5 wgmma tiles, each x fp16/bf16 operands x sym/asym weights x in-kernel
                     # split-K or not
                     "w16_gemm.cu": 72}
@@ -197,6 +197,15 @@ def test_kv4_attention_ptx_uses_the_intended_instructions(builds, arch):
     want = "cp.async.bulk.prefetch.L2.global" if arch == "sm_90a" else "prefetch.global.L2"
     assert all(e.count(want) >= 6 for e in l2pf)  # K, V, key scales / zeros, value scales / zeros
     assert not any("prefetch" in e for e in entries if e not in l2pf)
+    # launch variant 4: each warp streams its tiles through a shared-memory ring -- cp.async copies
+    # (past the sequence's end zero-filled: src-size operand), waited on with 3 tiles still in flight,
+    # only warp barriers inside the loop
+    ring = [e for e in re.split(r"\.entry ", ptx)[1:] if "kv4_attn_ring_kernel" in e.split("(")[0]]
+    assert len(ring) == 4  # head_dim 64 / 128 x fp16 / bf16 query
+    for e in ring:
+        assert e.count("cp.async.cg.shared.global") >= 3 and "cp.async.commit_group" in e
+        assert re.search(r"cp\.async\.wait_group 3;", e) and re.search(r"cp\.async\.wait_group 0;", e)
+        assert "bar.warp.sync" in e and e.count("bar.sync") <= 2  # CTA barriers: after the query, before the merge
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -367,7 +376,7 @@ int main() {
   CHECK(cometq_kv4_decode_attention(&k, 0) == cudaErrorInvalidValue);
   k.splits = 1; k.io_dtype = COMETQ_DTYPE_F32;                 // fp32 queries: not this kernel's
   CHECK(cometq_kv4_decode_attention(&k, 0) == cudaErrorInvalidValue);
-  k.io_dtype = COMETQ_DTYPE_F16; k.variant = 4;                // no such launch variant
+  k.io_dtype = COMETQ_DTYPE_F16; k.variant = 5;                // no such launch variant
   CHECK(cometq_kv4_decode_attention(&k, 0) == cudaErrorInvalidValue);
   k.variant = -1;
   CHECK(cometq_kv4_decode_attention(&k, 0) == cudaErrorInvalidValue);

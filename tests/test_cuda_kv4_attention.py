@@ -30,7 +30,8 @@ def C():
 
 
 def _pool(lengths, kv_heads, head_dim, group, block=64, seed=0, dtype=torch.float16):
-    c = PagedKV4Config(num_blocks=96, num_kv_heads=kv_heads, head_dim=head_dim, block_size=block, group_size=group,
+    nblocks = max(96, sum(-(-n // block) + 1 for n in lengths) + 8)
+    c = PagedKV4Config(num_blocks=nblocks, num_kv_heads=kv_heads, head_dim=head_dim, block_size=block, group_size=group,
                        key_axis="channel", value_axis="token", max_seqs=8, tail_dtype=dtype)
     pool = PagedKV4Pool(c, "cuda")
     g = torch.Generator().manual_seed(seed)
@@ -69,14 +70,37 @@ def test_cuda_matches_reference(C, head_dim, group, kv_heads, qpk, splits, varia
     out = C.cuda_kv4_decode_attention(*a, sm, splits, variant=variant)
     assert out.dtype == torch.float16 and out.shape == q.shape
     # the launch variants load in a different order (and 2, 3 prefetch into L2), the math is the
-    # same: same bits
-    for other in C.KV4_ATTN_VARIANTS:
+    # same: same bits (the ring variant 4: test_cuda_ring_variant_same_bits, its own smoke stage)
+    for other in C.kv4_attention_variants():
         if other != variant:
             assert torch.equal(out, C.cuda_kv4_decode_attention(*a, sm, splits, variant=other)), other
     torch.testing.assert_close(out.float().cpu(), ref.float(), rtol=ATTN_FP16_RTOL, atol=ATTN_FP16_ATOL)
     # the Triton kernel on the same pool agrees too (the two are alternatives under one op)
     tri = ops.kv4_decode_attention(*a, sm, num_splits=splits, backend="triton")
     torch.testing.assert_close(out.float(), tri.float(), rtol=2 * ATTN_FP16_RTOL, atol=2 * ATTN_FP16_ATOL)
+
+
+@pytest.mark.parametrize("head_dim,group,kv_heads,qpk,block", [(128, 32, 2, 4, 64), (128, 32, 1, 8, 64),
+                                                               (64, 16, 3, 3, 64), (64, 32, 2, 1, 32),
+                                                               (128, 64, 2, 2, 64), (128, 16, 1, 5, 16),
+                                                               (128, 128, 2, 4, 128)])
+@pytest.mark.parametrize("splits", [1, 3, 8])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_cuda_ring_variant_same_bits(C, head_dim, group, kv_heads, qpk, block, splits, dtype):
+    """Launch variant 4 (each warp's tiles through a shared-memory ring, csrc/kv4_attention.cu) computes
+    variant 0's operands in variant 0's order: the same bits, over partial groups, fp16 tails, every
+    group size, and a 2200-token sequence (G = 16, one split: > 32 key groups per warp, so the
+    ring's block-table registers refill)."""
+    lengths = [1, 17, group, 2 * group + 5, 300, 64 * 3 + group - 1] + ([2200] if group == 16 else [])
+    pool, sids = _pool(lengths, kv_heads, head_dim, group, block=block, seed=head_dim + group, dtype=dtype)
+    order = sids[::-1] + [sids[1]]
+    q = torch.randn(len(order), kv_heads * qpk, head_dim, generator=torch.Generator().manual_seed(qpk)).cuda().to(dtype)
+    a = _args(pool, q, order)
+    sm = 1 / math.sqrt(head_dim)
+    out = C.cuda_kv4_decode_attention(*a, sm, splits, variant=C.KV4_ATTN_RING_VARIANT)
+    assert torch.equal(out, C.cuda_kv4_decode_attention(*a, sm, splits, variant=0))
+    ref = kv4_decode_attention_reference(*[t.cpu() if isinstance(t, torch.Tensor) else t for t in a], sm)
+    torch.testing.assert_close(out.float().cpu(), ref.float(), rtol=ATTN_FP16_RTOL, atol=ATTN_FP16_ATOL)
 
 
 @pytest.mark.parametrize("head_dim,group,kv_heads,qpk", [(128, 32, 2, 4), (64, 16, 3, 3)])
@@ -93,9 +117,11 @@ def test_cuda_bf16(C, head_dim, group, kv_heads, qpk):
         torch.testing.assert_close(out.float().cpu(), ref.float(), rtol=ATTN_FP16_RTOL, atol=ATTN_FP16_ATOL)
 
 
-def test_cuda_quant_lens_not_a_multiple_of_the_group(C):
+@pytest.mark.parametrize("variant", [0, pytest.param(4, id="ring")])
+def test_cuda_quant_lens_not_a_multiple_of_the_group(C, variant):
     """Raw pool tensors with a sequence ending inside a key group (appends never leave one, the kernel
-    masks it anyway) and garbage past the end: the masked tokens contribute exactly nothing."""
+    masks it anyway) and garbage past the end: the masked tokens contribute exactly nothing (the ring
+    variant zero-fills those rows and the partial scale chunk instead of reading them)."""
     g = torch.Generator().manual_seed(3)
     nb, h, bs, d, gs = 6, 2, 64, 128, 32
     kp = torch.randint(0, 256, (nb, h, bs, d // 2), dtype=torch.uint8, generator=g)
@@ -116,7 +142,7 @@ def test_cuda_quant_lens_not_a_multiple_of_the_group(C):
     ref = kv4_decode_attention_reference(*args, 0.1)
     for splits in (1, 2):
         out = C.cuda_kv4_decode_attention(*[t.cuda() if isinstance(t, torch.Tensor) else t for t in args], 0.1,
-                                          splits)
+                                          splits, variant=variant)
         assert torch.isfinite(out).all()
         torch.testing.assert_close(out.float().cpu(), ref.float(), rtol=ATTN_FP16_RTOL, atol=ATTN_FP16_ATOL)
 

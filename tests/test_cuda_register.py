@@ -203,7 +203,7 @@ out = run("auto")
 assert torch.equal(out, want)
 (key, choice), = CR._ATTN_CHOICE.items()
 assert choice == ("cuda", 2, 1), choice
-assert {v for _, v in cuda_calls} == set(CR.KV4_ATTN_VARIANTS) == {0, 1, 2, 3}  # every launch variant timed
+assert {v for _, v in cuda_calls} == set(CR.KV4_ATTN_VARIANTS) == {0, 1, 2, 3, 4}  # every launch variant timed
 assert key[1:] == (128, 32, 4, 16, "eager"), key                            # 2 rows x 2 kv heads x 3 splits -> 16
 n = len(cuda_calls)
 run("auto"); assert cuda_calls[n:] == [(6, 1)]                              # the kept choice, no new timing
@@ -224,6 +224,18 @@ assert torch.equal(out, want)
 assert (99, 1) in cuda_calls and (132, 0) in cuda_calls and (3, 0) in cuda_calls
 (key, choice), = CR._ATTN_CHOICE.items()
 assert choice == ("cuda", "wave", 1) and cuda_calls[-1] == (99, 1), (choice, cuda_calls[-1])
+# COMETQ_KV4_ATTN_RING=0 (gpu_check, when the ring variant's smoke fails): the ring is not timed
+os.environ[CR.KV4_ATTN_RING_ENV] = "0"
+assert CR.kv4_attention_variants() == (0, 1, 2, 3)
+CR._ATTN_CHOICE.clear(); cuda_calls.clear()
+run("auto")
+assert cuda_calls and CR.KV4_ATTN_RING_VARIANT not in {v for _, v in cuda_calls}, cuda_calls
+os.environ[CR.KV4_ATTN_RING_ENV] = "2"
+try:
+    CR.kv4_attention_variants(); raise SystemExit("bad ring setting accepted")
+except ValueError as err:
+    assert "COMETQ_KV4_ATTN_RING must be '0' or '1', got '2'" in str(err), err
+del os.environ[CR.KV4_ATTN_RING_ENV]
 os.environ[CR.KV4_ATTN_ENV] = "yes"
 try:
     CR._kv4_attn_impl(*args); raise SystemExit("bad mode accepted")

@@ -95,8 +95,24 @@ def w16_tiles(device, group: int) -> tuple:
 
 #: launch variants of the CUDA KV4 attention kernel (csrc/kv4_attention.cu): 0 = 4 CTAs per SM,
 #: each tile loaded when it starts; 1 = 3 CTAs per SM, the next tile loaded while one computes;
-#: 2 / 3 = 0 / 1 with each warp's next key group prefetched into L2 (same results, bit for bit)
-KV4_ATTN_VARIANTS = (0, 1, 2, 3)
+#: 2 / 3 = 0 / 1 with each warp's next key group prefetched into L2; 4 = 4 CTAs per SM, each warp
+#: streaming its tiles through a 4-slot shared-memory ring (cp.async, 3 tiles in flight). Same
+#: results, bit for bit.
+KV4_ATTN_VARIANTS = (0, 1, 2, 3, 4)
+#: the ring variant, and ``COMETQ_KV4_ATTN_RING=0``: the "auto" mode (and the benchmarks) leave it
+#: out -- bench/gpu_check.sh sets that when the ring's own GPU test fails, so a broken ring cannot take
+#: the other variants (and the CUDA kernel as a whole) down with it
+KV4_ATTN_RING_VARIANT = 4
+KV4_ATTN_RING_ENV = "COMETQ_KV4_ATTN_RING"
+
+
+def kv4_attention_variants() -> tuple:
+    """The launch variants "auto" times: all of :data:`KV4_ATTN_VARIANTS`, less the ring when
+    ``COMETQ_KV4_ATTN_RING=0``."""
+    ring = os.environ.get(KV4_ATTN_RING_ENV, "1")
+    if ring not in ("0", "1"):
+        raise ValueError(f"{KV4_ATTN_RING_ENV} must be '0' or '1', got {ring!r}")
+    return KV4_ATTN_VARIANTS if ring == "1" else tuple(v for v in KV4_ATTN_VARIANTS if v != KV4_ATTN_RING_VARIANT)
 
 
 # --------------------------------------------------------------------------
@@ -374,7 +390,7 @@ def _gemm_impl(q4, q8, a_scales, block_bits, qweight, w_scales, w_offsets, group
 #: pools the CUDA kernel handles (the rest always run the Triton kernel):
 #:   "0": the Triton kernel;  "1": the CUDA kernel (csrc/kv4_attention.cu);
 #:   "auto" / unset: both timed on first use per (device, head_dim, group, GQA ratio, program-count
-#:   bucket, timing mode) -- the CUDA kernel in all four launch variants at 1x / 2x / 4x the caller's split
+#:   bucket, timing mode) -- the CUDA kernel in all five launch variants at 1x / 2x / 4x the caller's split
 #:   count -- and the fastest kept.
 #: "auto" is the default since H100 run 6 (2026-11-27): the kernel passed its GPU tests and won all 6
 #: buckets the batch-64 serving run timed (decode-step attention 2.28 ms vs run 5's Triton 3.44 ms).
@@ -387,7 +403,7 @@ KV4_ATTN_SPLIT_FACTORS = (1, 2, 4)
 #: next tile's registers): "auto" also times the split count that makes the grid one full wave of
 #: them ("wave"), since (batch x KV heads x splits) CTAs a little above a wave run a second, mostly
 #: empty one -- batch 16 x 8 heads x the default 6 splits is 768 CTAs for 528 slots (1.45 waves)
-KV4_ATTN_CTAS_PER_SM = {0: 4, 1: 3, 2: 4, 3: 3}
+KV4_ATTN_CTAS_PER_SM = {0: 4, 1: 3, 2: 4, 3: 3, 4: 4}  # (4: 54 KB of shared memory per CTA, 4 fit sm_90's 228 KB)
 #: "auto" choices: key -> ("cuda", split factor, variant), ("cuda", "wave", variant) or ("triton", 1, 0)
 _ATTN_CHOICE: dict = {}
 _NUM_SMS: dict = {}
@@ -476,7 +492,7 @@ def _kv4_attn_impl(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, tail
         timer = autotune.cuda_graph_timer if tmode == "graph" else autotune.cuda_event_timer
         times = [(timer(lambda: triton_impl(*args), q.device, warmup=2, reps=8), ("triton", 1, 0))]
         tried = set()
-        for v in KV4_ATTN_VARIANTS:
+        for v in kv4_attention_variants():
             for f in KV4_ATTN_SPLIT_FACTORS + ("wave",):
                 c = ("cuda", f, v)
                 splits = _attn_splits(c, ns, q.shape[0], k_packed.shape[1], q.device)
