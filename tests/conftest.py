@@ -46,3 +46,25 @@ def pytest_runtest_logreport(report):
     text = getattr(report, "longreprtext", "") or str(report.longrepr)
     with open(path, "a", encoding="utf-8") as fh:
         fh.write(f"=== FAILED {report.nodeid} ({report.when})\n{text[-4000:]}\n\n")
+
+
+def pytest_collection_finish(session):
+    """Start the compile jobs of the selected tests that wait on compilers (tests/_background.py):
+    each test module with a ``background_start(names)`` gets the names of its selected tests."""
+    import _background
+
+    if not _background.enabled():
+        return
+    selected: dict = {}
+    for item in session.items:
+        mod = getattr(item, "module", None)
+        if mod is not None and callable(getattr(mod, "background_start", None)):
+            selected.setdefault(mod, set()).add(getattr(item, "originalname", None) or item.name)
+    for mod, names in selected.items():
+        mod.background_start(names)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import _background
+
+    _background.kill_all()

@@ -10,7 +10,8 @@
   without torch, see CMakeLists.txt); torch_bindings.cpp passes a host-compiler
   syntax check against the installed torch headers when they are available.
 
-All compilations run concurrently in one module fixture (about a minute on 2 cores).
+All compilations run concurrently in one module fixture (~3-4 min on 2 cores; one nvcc run per
+file and arch, whose PTX the PTX checks read).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import sysconfig
 import tempfile
 import time
 
+import _background
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -72,25 +74,26 @@ def _torch_include():
     return inc
 
 
-@pytest.fixture(scope="module")
-def builds():
-    """Launch every compilation at once; return {key: (returncode, output, seconds)}."""
-    tmp = tempfile.mkdtemp(prefix="cometq_nvcc_")
+def _arch_flags(arch):
+    """nvcc flags building SASS for ``arch`` and nothing else: nvcc 13's ``-arch=sm_90a`` also
+    compiles compute_90 PTX for embedding (a second cicc + ptxas pass over every file: half the
+    sm_90a compile time); one -gencode pair does not."""
+    virt = "compute_" + arch[len("sm_"):]
+    return [f"-gencode=arch={virt},code={arch}"]
+
+
+def _jobs(tmp):
+    """{key: command} of every compilation, outputs under ``tmp``."""
     jobs = {}
     for f in KERNEL_FILES:
         for arch in ARCHS:
             out = os.path.join(tmp, f"{f}.{arch}.o")
-            jobs[("obj", f, arch)] = [NVCC, "-c", f"-arch={arch}", *NVCC_FLAGS, os.path.join(CSRC, f), "-o", out]
-    for arch in ARCHS:
-        out = os.path.join(tmp, f"w4ax_gemm.{arch}.ptx")
-        jobs[("ptx", arch)] = [NVCC, "-ptx", f"-arch={arch}", "-O3", "-std=c++17", "-I", CSRC,
-                               os.path.join(CSRC, "w4ax_gemm.cu"), "-o", out]
-        out = os.path.join(tmp, f"w16_gemm.{arch}.ptx")
-        jobs[("ptx-w16", arch)] = [NVCC, "-ptx", f"-arch={arch}", "-O3", "-std=c++17", "-I", CSRC,
-                                   os.path.join(CSRC, "w16_gemm.cu"), "-o", out]
-        out = os.path.join(tmp, f"kv4_attention.{arch}.ptx")
-        jobs[("ptx-kv4", arch)] = [NVCC, "-ptx", f"-arch={arch}", "-O3", "-std=c++17", "-I", CSRC,
-                                   os.path.join(CSRC, "kv4_attention.cu"), "-o", out]
+            # -keep: the PTX the object was built from stays in its own directory for the PTX checks
+            # below (one cicc run per file and arch; separate `nvcc -ptx` runs cost ~110 s of CPU)
+            keep = os.path.join(tmp, f"keep-{f}-{arch}")
+            os.makedirs(keep)
+            jobs[("obj", f, arch)] = [NVCC, "-c", *_arch_flags(arch), *NVCC_FLAGS, "-keep", "-keep-dir", keep,
+                                      os.path.join(CSRC, f), "-o", out]
     inc = _torch_include()
     cxx = shutil.which("g++") or shutil.which("c++")
     if inc and cxx:
@@ -112,17 +115,36 @@ def builds():
         # C++20 elsewhere: the bindings compile under both
         for std in ("c++17", "c++20"):
             jobs[("bindings", std)] = [a if a != "-std=c++17" else f"-std={std}" for a in args]
-    procs = {}
-    t0 = time.time()
-    for key, cmd in jobs.items():
-        procs[key] = (subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), time.time())
-    results = {}
-    for key, (p, start) in procs.items():
-        out, _ = p.communicate(timeout=600)
-        results[key] = (p.returncode, out, time.time() - start)
-    results["_wall"] = time.time() - t0
-    sys.stderr.write(f"\n[nvcc] all compilations: {results['_wall']:.1f}s wall\n")
-    results["_tmp"] = tmp
+    return jobs
+
+
+_LAUNCH: dict = {}
+
+
+def _launch(nice=0):
+    """Submit every compilation (once): {"tmp": dir, "t0": time, "jobs": {key: _background.Job}}."""
+    if not _LAUNCH:
+        tmp = tempfile.mkdtemp(prefix="cometq_nvcc_")
+        _LAUNCH.update(tmp=tmp, t0=time.time(),
+                       jobs={k: _background.submit(("nvcc", k), cmd, nice=nice) for k, cmd in _jobs(tmp).items()})
+    return _LAUNCH
+
+
+def background_start(names):
+    """(tests/conftest.py, after collection) every compilation starts now, below the test process's
+    CPU priority: they run on the core the test run leaves idle (tests/_background.py)."""
+    if NVCC is not None:
+        _launch(nice=10)
+
+
+@pytest.fixture(scope="module")
+def builds():
+    """Every compilation (started after collection, or now); {key: (returncode, output, seconds)}."""
+    launch = _launch()
+    results = {key: job.wait(timeout=900) for key, job in launch["jobs"].items()}
+    results["_wall"] = time.time() - launch["t0"]
+    sys.stderr.write(f"\n[nvcc] all compilations: {results['_wall']:.1f}s since they started\n")
+    results["_tmp"] = tmp = launch["tmp"]
     yield results
     shutil.rmtree(tmp, ignore_errors=True)
 
@@ -142,16 +164,17 @@ def test_kernels_compile(builds, fname, arch):
     sys.stderr.write(f"\n[{fname} {arch}] {secs:.1f}s, registers {usage}, spill stores {spills}\n")
 
 
-def _ptx(builds, key, fname, arch):
-    rc, out, _ = builds[(key, arch)]
+def _ptx(builds, fname, arch):
+    """The PTX of csrc/<fname>.cu for ``arch``, as nvcc built the object from it (-keep)."""
+    rc, out, _ = builds[("obj", f"{fname}.cu", arch)]
     assert rc == 0, out
-    with open(os.path.join(builds["_tmp"], f"{fname}.{arch}.ptx")) as fh:
+    with open(os.path.join(builds["_tmp"], f"keep-{fname}.cu-{arch}", f"{fname}.ptx")) as fh:
         return fh.read()
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_ptx_uses_the_intended_instructions(builds, arch):
-    ptx = _ptx(builds, "ptx", "w4ax_gemm", arch)
+    ptx = _ptx(builds, "w4ax_gemm", arch)
     assert "mma.sync.aligned.m16n8k64.row.col.s32.s4.s4.s32" in ptx
     assert "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32" in ptx
     assert "cp.async.cg.shared.global" in ptx
@@ -177,7 +200,7 @@ def test_ptx_uses_the_intended_instructions(builds, arch):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_kv4_attention_ptx_uses_the_intended_instructions(builds, arch):
-    ptx = _ptx(builds, "ptx-kv4", "kv4_attention", arch)
+    ptx = _ptx(builds, "kv4_attention", arch)
     # fp16 tensor cores with fp32 accumulation for QK^T (keys on the rows) and PV (channels on the rows)
     assert "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in ptx
     # P goes from the S^T accumulator layout to the PV B operand by an 8x8 transpose, not shared memory
@@ -210,7 +233,7 @@ def test_kv4_attention_ptx_uses_the_intended_instructions(builds, arch):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_w16_ptx_uses_the_intended_instructions(builds, arch):
-    ptx = _ptx(builds, "ptx-w16", "w16_gemm", arch)
+    ptx = _ptx(builds, "w16_gemm", arch)
     # 16-bit tensor cores, fp32 accumulation, both operand dtypes
     assert "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in ptx
     assert "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" in ptx
@@ -237,7 +260,7 @@ def test_w16_wgmma_kernel_ptx(builds, arch):
     not serialize the wgmmas (C7513: any non-wgmma write to their input registers between issue and
     retirement, e.g. a branch between them, makes ptxas wait for each one).  On sm_80 the entries
     exist and trap (the launcher never starts them there)."""
-    ptx = _ptx(builds, "ptx-w16", "w16_gemm", arch)
+    ptx = _ptx(builds, "w16_gemm", arch)
     entries = [e for e in re.split(r"\.entry ", ptx)[1:] if "w16_wgmma_kernel" in e.split("(")[0]]
     assert len(entries) == 40
     if arch == "sm_80":
@@ -264,11 +287,7 @@ def test_act_quant_lets_its_dependent_launch_early(builds, arch):
     """The CUDA act-quant kernels (the w16 GEMM's producers) signal griddepcontrol.launch_dependents on
     sm_90a, first thing (the wgmma GEMM launched after them as a programmatic dependent starts its
     weight prefetch meanwhile); sm_80 code has no griddepcontrol at all."""
-    path = os.path.join(builds["_tmp"], f"act_quant.{arch}.ptx")
-    r = subprocess.run([NVCC, "-ptx", f"-arch={arch}", "-O3", "-std=c++17", "-I", CSRC,
-                        os.path.join(CSRC, "act_quant.cu"), "-o", path], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    entries = re.split(r"\.entry ", open(path).read())[1:]
+    entries = re.split(r"\.entry ", _ptx(builds, "act_quant", arch))[1:]
     assert len(entries) == EXPECTED_ENTRIES["act_quant.cu"]
     if arch == "sm_80":
         assert not any("griddepcontrol" in e for e in entries)

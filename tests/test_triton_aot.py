@@ -17,7 +17,9 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
+import _background
 import pytest
 
 pytest.importorskip("triton")
@@ -27,26 +29,38 @@ pytest.importorskip("triton")
 AOT_SHARDS = 2
 
 
-def _aot(level: str, tmp_path, timeout: int):
+def _aot_jobs(level: str, out_dir, nice=0):
+    """The AOT shards of ``level`` (submitted once: tests/_background.py): [(json path, Job)]."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    procs = []
+    jobs = []
     for i in range(AOT_SHARDS):
-        out = tmp_path / f"aot_{level}_{i}.json"
-        procs.append((out, subprocess.Popen(
-            [sys.executable, "-m", "cometq.kernels.aot", "--arch", "90", "--arch", "80", "--level", level,
-             "--json", str(out), "--shard", f"{i}/{AOT_SHARDS}"],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
+        key = ("triton-aot", level, i)
+        out = _AOT_OUT.setdefault(key, os.path.join(str(out_dir), f"aot_{level}_{i}.json"))
+        jobs.append((out, _background.submit(
+            key, [sys.executable, "-m", "cometq.kernels.aot", "--arch", "90", "--arch", "80", "--level", level,
+                  "--json", out, "--shard", f"{i}/{AOT_SHARDS}"], env=env, nice=nice)))
+    return jobs
+
+
+_AOT_OUT: dict = {}
+
+
+def background_start(names):
+    """(tests/conftest.py, after collection) the CI set's shards start now, at the lowest CPU
+    priority: they run on the core the test run leaves idle."""
+    if "test_aot_compile_ci_set" in names:
+        _aot_jobs("ci", tempfile.mkdtemp(prefix="cometq_aot_"), nice=19)
+
+
+def _aot(level: str, tmp_path, timeout: int):
     res, logs, rcs = [], [], []
-    for out, proc in procs:
-        try:
-            so, se = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            so, se = proc.communicate()
-        logs.append(so[-2000:] + se[-2000:])
-        rcs.append(proc.returncode)
-        assert out.exists(), f"AOT run produced no results (rc={proc.returncode}):\n{so[-3000:]}\n{se[-3000:]}"
-        res += json.loads(out.read_text())
+    for out, job in _aot_jobs(level, tmp_path):
+        rc, text, _ = job.wait(timeout=timeout)
+        logs.append(text[-4000:])
+        rcs.append(rc)
+        assert os.path.exists(out), f"AOT run produced no results (rc={rc}):\n{text[-6000:]}"
+        with open(out) as fh:
+            res += json.loads(fh.read())
     bad = [f"sm_{x['arch']} {x['name']}: {x.get('problem') or x.get('error')}" for x in res if not x["ok"]]
     assert not bad, "kernels the GPU compiler rejects or miscompiles:\n" + "\n".join(bad)
     assert rcs == [0] * AOT_SHARDS, "\n".join(logs)
