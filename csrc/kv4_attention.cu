@@ -629,17 +629,16 @@ struct RingSlot {
   static_assert(kWarpBytes >= kHeads * D * 4, "a warp's merge area (s_o) lies in its own ring");
 };
 
-// Issue the cp.async copies of tile u of key group gi (pool block `phys`) into slot `dst`.
+// Issue the cp.async copies of one tile into slot `dst`: its 16 pool rows from row0 (n_valid of
+// them before the sequence's end), and with a group's first tile (ks >= 0) the group's key scales /
+// zeros from half offset ks.
 template <int D>
-__device__ __forceinline__ void ring_issue(const CometqKv4AttnArgs& p, int kvh, int gi, int u, int phys, int lq,
+__device__ __forceinline__ void ring_issue(const CometqKv4AttnArgs& p, int64_t row0, int n_valid, int64_t ks,
                                            uint8_t* dst, int lane) {
   using L = RingSlot<D>;
   constexpr int CPR = D / 32;       // 16-byte chunks per K / V row (D/2 bytes)
   constexpr int NKV = 16 * CPR;     // chunks per tile of K (and of V)
-  const int G = p.G, vpg = D / G;
-  const int tok0 = gi * G + 16 * u, in_blk = (gi * G) % p.BS + 16 * u;
-  const int n_valid = min(16, lq - tok0);
-  const int64_t row0 = (static_cast<int64_t>(phys) * p.H + kvh) * p.BS + in_blk;  // pool row of the tile's token 0
+  const int vpg = D / p.G;
   const uint8_t* kb = p.k_packed + row0 * (D / 2);
   const uint8_t* vb = p.v_packed + row0 * (D / 2);
   static_assert(NKV % 32 == 0, "whole chunks per lane");
@@ -658,9 +657,8 @@ __device__ __forceinline__ void ring_issue(const CometqKv4AttnArgs& p, int kvh, 
     const uint8_t* src = reinterpret_cast<const uint8_t*>(zero ? p.v_zero : p.v_scale) + row0 * vpg * 2 + 16 * c;
     cp_async16_bytes(dst + (zero ? L::kVz : L::kVs) + 16 * c, src, static_cast<unsigned>(valid_bytes));
   }
-  if (u == 0) {  // the group's key scales / zeros: D/8 chunks each (2 x D/8 <= 32 lanes)
+  if (ks >= 0) {  // the group's key scales / zeros: D/8 chunks each (2 x D/8 <= 32 lanes)
     constexpr int NS = D / 8;
-    const int64_t ks = ((static_cast<int64_t>(phys) * p.H + kvh) * (p.BS / G) + (gi * G) % p.BS / G) * D;  // halves
     if (lane < 2 * NS) {
       const bool zero = lane >= NS;
       const int c = zero ? lane - NS : lane;
@@ -694,16 +692,33 @@ __device__ __forceinline__ void ring_read_tile(const uint8_t* slot, TileRaw<D>& 
   r.vz[1] = __halves2half2(zr[2], zr[3]);
 }
 
-// The warp's issue cursor: tile u of its key group gi = g_begin + warp + kWarps * k, and the pool
-// block of groups k0 .. k0 + 31 in lane k - k0's register.
+// The warp's issue cursor: tile u of its key group gi = g_first + kWarps * k (ntile tiles; pool
+// row of its token 0, half offset of its key scales, sequence index of its token 0: computed once
+// per group), and the pool block of groups k0 .. k0 + 31 (k0 = k & ~31) in lane k - k0's register.
 struct RingCursor {
-  int k, u, phys_lane;
+  int k, u, ntile, tok0;
+  int64_t row0, ks;
+  int phys_lane;
 };
 
 __device__ __forceinline__ int ring_group_block(const CometqKv4AttnArgs& p, const int* bt, int g_first, int g_end,
                                                 int k0, int lane) {
   const int gi = g_first + kWarps * (k0 + lane);
   return gi < g_end ? bt[gi * p.G / p.BS] : 0;
+}
+
+// (warp-uniform) Point the cursor at tile 0 of its group k (gi < g_end).
+template <int D>
+__device__ __forceinline__ void ring_enter_group(const CometqKv4AttnArgs& p, RingCursor& c, int g_first, int kvh,
+                                                 int lq) {
+  const int gi = g_first + kWarps * c.k, G = p.G;
+  const int phys = __shfl_sync(0xFFFFFFFFu, c.phys_lane, c.k & 31);
+  const int in_blk = (gi * G) % p.BS;
+  c.u = 0;
+  c.tok0 = gi * G;
+  c.ntile = min(G, lq - c.tok0 + 15) / 16;
+  c.row0 = (static_cast<int64_t>(phys) * p.H + kvh) * p.BS + in_blk;
+  c.ks = ((static_cast<int64_t>(phys) * p.H + kvh) * (p.BS / G) + in_blk / G) * D;
 }
 
 template <int D, typename IO>
@@ -724,17 +739,21 @@ __global__ void __launch_bounds__(kWarps * 32, 4) kv4_attn_ring_kernel(const Com
   uint8_t* ring = ring_smem + warp * L::kWarpBytes;
 
   // block-table entries of the warp's first 32 groups (loads in flight under the query staging)
-  RingCursor ic{0, 0, ring_group_block(p, bt, g_first, g_end, 0, lane)};
+  RingCursor ic;
+  ic.k = 0;
+  ic.phys_lane = ring_group_block(p, bt, g_first, g_end, 0, lane);
   stage_query<D, IO>(p, s_q, b, kvh, qpk);
+  bool issuing = g_first < g_end;
+  if (issuing) ring_enter_group<D>(p, ic, g_first, kvh, lq);
 
   auto issue_next = [&](int j_slot) {  // (warp-uniform) the next tile of the cursor, if any, into slot j_slot
-    const int gi = g_first + kWarps * ic.k;
-    if (gi >= g_end) return;
-    const int phys = __shfl_sync(0xFFFFFFFFu, ic.phys_lane, ic.k & 31);
-    ring_issue<D>(p, kvh, gi, ic.u, phys, lq, ring + j_slot * L::kSize, lane);
-    if (++ic.u == min(G, lq - gi * G + 15) / 16) {  // the group's tiles are issued: next group
-      ic.u = 0;
+    if (!issuing) return;
+    ring_issue<D>(p, ic.row0 + 16 * ic.u, min(16, lq - ic.tok0 - 16 * ic.u), ic.u == 0 ? ic.ks : -1,
+                  ring + j_slot * L::kSize, lane);
+    if (++ic.u == ic.ntile) {  // the group's tiles are issued: next group
       if ((++ic.k & 31) == 0) ic.phys_lane = ring_group_block(p, bt, g_first, g_end, ic.k, lane);
+      issuing = g_first + kWarps * ic.k < g_end;
+      if (issuing) ring_enter_group<D>(p, ic, g_first, kvh, lq);
     }
   };
 #pragma unroll

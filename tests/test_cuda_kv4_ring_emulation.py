@@ -8,8 +8,8 @@ end, partial scale chunks), whether what each lane then reads from the slot is b
 ``load_tile`` reads from the pool, whether the ring's schedule (issue ahead, wait_group, warp
 barriers, the block-table register per lane) ever reads a slot before its tile landed or reissues
 it while it is still read, shared-memory bank conflicts of the reads, and the shared-memory budget
-of 4 CTAs per SM.  This file transcribes ``ring_issue``, ``ring_read_tile``, the cursor of
-``kv4_attn_ring_kernel`` and ``RingSlot`` into Python and checks each against ``load_tile``'s
+of 4 CTAs per SM.  This file transcribes ``ring_issue``, ``ring_read_tile``, ``ring_enter_group``,
+the cursor of ``kv4_attn_ring_kernel`` and ``RingSlot`` into Python and checks each against ``load_tile``'s
 reads (tests/test_cuda_kv4_emulation.py emulates that one, and the whole kernel, against the
 reference).  On a GPU, tests/test_cuda_kv4_attention.py checks variant 4's output bit for bit
 against variants 0-3.
@@ -92,17 +92,29 @@ def _pool(D, G, H, BS, NB, seed):
     return kp, vp, ks, kz, vs, vz
 
 
-def ring_issue(pool, D, G, H, BS, kvh, gi, u, phys, lq, v_stride=None):
-    """The slot bytes after tile u of key group gi is copied (every lane's chunks), and the number
-    of times each byte was written (each must be written at most once)."""
-    kp, vp, ks, kz, vs, vz = pool
+def ring_enter_group(D, G, H, BS, kvh, gi, phys, lq):
+    """ring_enter_group: the cursor's per-group fields (u, tok0, ntile, row0, ks)."""
+    in_blk = (gi * G) % BS
+    return dict(u=0, tok0=gi * G, ntile=min(G, lq - gi * G + 15) // 16, row0=(phys * H + kvh) * BS + in_blk,
+                ks=((phys * H + kvh) * (BS // G) + in_blk // G) * D)
+
+
+def issue_args(cur, lq):
+    """What issue_next passes ring_issue for the cursor's tile: (row0, n_valid, ks)."""
+    u = cur["u"]
+    return cur["row0"] + 16 * u, min(16, lq - cur["tok0"] - 16 * u), cur["ks"] if u == 0 else -1
+
+
+def ring_issue(pool, D, G, row0, n_valid, ks, v_stride=None):
+    """The slot bytes after one tile is copied (every lane's chunks); each byte is written at most once."""
+    kp, vp, ksc, kzr, vs, vz = pool
     L = Slot(D)
     v_stride = L.v_stride if v_stride is None else v_stride
     slot = np.full(L.size, 0xEE, dtype=np.uint8)  # stale bytes from an earlier tile
     writes = np.zeros(L.size, dtype=np.int32)
     kb, vb = kp.reshape(-1), vp.reshape(-1)
     sb = {"vs": vs.reshape(-1).view(np.uint8), "vz": vz.reshape(-1).view(np.uint8),
-          "ks": ks.reshape(-1).view(np.uint8), "kz": kz.reshape(-1).view(np.uint8)}
+          "ks": ksc.reshape(-1).view(np.uint8), "kz": kzr.reshape(-1).view(np.uint8)}
 
     def copy(dst, src, start, nbytes):  # cp.async 16 bytes, of which nbytes read (the rest zero-filled)
         assert 0 <= dst and dst + 16 <= L.size and dst % 16 == 0
@@ -114,9 +126,6 @@ def ring_issue(pool, D, G, H, BS, kvh, gi, u, phys, lq, v_stride=None):
 
     CPR, NKV = D // 32, 16 * (D // 32)
     vpg = D // G
-    tok0, in_blk = gi * G + 16 * u, (gi * G) % BS + 16 * u
-    n_valid = min(16, lq - tok0)
-    row0 = (phys * H + kvh) * BS + in_blk
     for lane in LANES:
         for i in range(NKV // 32):
             c = lane + 32 * i
@@ -129,15 +138,21 @@ def ring_issue(pool, D, G, H, BS, kvh, gi, u, phys, lq, v_stride=None):
             c = lane - nvs if zero else lane
             valid = min(16, max(0, (n_valid * vpg - 8 * c) * 2))
             copy((L.vz if zero else L.vs) + 16 * c, sb["vz" if zero else "vs"], row0 * vpg * 2 + 16 * c, valid)
-        if u == 0:
+        if ks >= 0:
             NS = D // 8
-            srow = (phys * H + kvh) * (BS // G) + (gi * G) % BS // G
             if lane < 2 * NS:
                 zero = lane >= NS
                 c = lane - NS if zero else lane
-                copy((L.kz if zero else L.ks) + 16 * c, sb["kz" if zero else "ks"], srow * D * 2 + 16 * c, 16)
+                copy((L.kz if zero else L.ks) + 16 * c, sb["kz" if zero else "ks"], ks * 2 + 16 * c, 16)
     assert writes.max() <= 1
     return slot
+
+
+def issue_tile(pool, D, G, H, BS, kvh, gi, u, phys, lq, v_stride=None):
+    """The slot after the cursor, entered at group gi, has advanced to tile u and issued it."""
+    cur = ring_enter_group(D, G, H, BS, kvh, gi, phys, lq)
+    cur["u"] = u
+    return ring_issue(pool, D, G, *issue_args(cur, lq), v_stride=v_stride)
 
 
 def ring_read_tile(slot, D, G, lane, v_stride=None):
@@ -206,7 +221,7 @@ def test_slot_reads_are_load_tile_reads(D, G, H, BS, lq):
         for gi in range(-(-lq // G)):
             phys = int(blocks[gi * G // BS])
             for u in range(min(G, lq - gi * G + 15) // 16):
-                slot = ring_issue(pool, D, G, H, BS, kvh, gi, u, phys, lq)
+                slot = issue_tile(pool, D, G, H, BS, kvh, gi, u, phys, lq)
                 for lane in LANES:
                     want, want_ks = load_tile_reads(pool, D, G, H, BS, kvh, gi, u, phys, lq, lane)
                     assert ring_read_tile(slot, D, G, lane) == want, (kvh, gi, u, lane)
@@ -218,7 +233,7 @@ def test_the_slot_check_can_fail():
     """The same check with the V rows copied unpadded (the read side padded) fails."""
     D, G, H, BS, lq = CASES[0]
     pool = _pool(D, G, H, BS, 9, seed=1)
-    slot = ring_issue(pool, D, G, H, BS, 1, 0, 0, 3, lq, v_stride=D // 2)
+    slot = issue_tile(pool, D, G, H, BS, 1, 0, 0, 3, lq, v_stride=D // 2)
     want = [load_tile_reads(pool, D, G, H, BS, 1, 0, 0, 3, lq, lane)[0] for lane in LANES]
     assert [ring_read_tile(slot, D, G, lane) for lane in LANES] != want
 
@@ -259,6 +274,9 @@ def test_slot_reads_are_bank_conflict_free(D):
 # --------------------------------------------------------------------------
 # the warp's schedule: issue cursor, slots, wait_group, barriers, block-table registers
 # --------------------------------------------------------------------------
+D, H, KVH = 128, 3, 1  # (the schedule's pool geometry)
+
+
 def _schedule(lq, G, BS, nsplit, split, warp, bt):
     """kv4_attn_ring_kernel's loop for one warp, transcribed, with the cp.async groups modelled:
     returns the (gi, u) tiles it computes, asserting at each read that the slot holds that tile and
@@ -274,27 +292,44 @@ def _schedule(lq, G, BS, nsplit, split, warp, bt):
         gi = g_first + WARPS * (k0 + lane)
         return bt[gi * G // BS] if gi < g_end else 0
 
-    cur = dict(k=0, u=0, phys=[group_block(0, ln) for ln in LANES])
+    # the cursor (RingCursor): group k, its per-group fields, the block-table registers
+    cur = dict(k=0, phys=[group_block(0, ln) for ln in LANES])
+    issuing = g_first < g_end
+
+    def enter():  # ring_enter_group: phys by __shfl_sync from lane k & 31
+        gi = g_first + WARPS * cur["k"]
+        phys = cur["phys"][cur["k"] & 31]
+        assert phys == bt[gi * G // BS], (gi, phys)
+        cur.update(ring_enter_group(D, G, H, BS, KVH, gi, phys, lq), gi=gi)
+
+    if issuing:
+        enter()
     slots = [None] * STAGES  # tile held (or being copied into) each slot
     groups = []  # committed cp.async groups: the tile each copies (None: empty)
     done = 0  # groups known complete (waited on)
     last_read = {}  # slot -> tile index j that read it last
 
     def issue_next(s, j_now):
-        gi = g_first + WARPS * cur["k"]
-        if gi >= g_end:
+        nonlocal issuing
+        if not issuing:
             return None
-        phys = cur["phys"][cur["k"] & 31]  # __shfl_sync from lane k & 31
-        assert phys == bt[gi * G // BS], (gi, phys)
         assert last_read.get(s, -1) < j_now  # its last read came before the __syncwarp that starts step j_now
-        tile = (gi, cur["u"])
+        row0, n_valid, ks = issue_args(cur, lq)
+        gi, u = cur["gi"], cur["u"]
+        # the copy's pool rows / key scales are those of tile u of group gi (load_tile's)
+        phys = bt[gi * G // BS]
+        assert row0 == (phys * H + KVH) * BS + (gi * G) % BS + 16 * u and n_valid == min(16, lq - gi * G - 16 * u)
+        assert (ks >= 0) == (u == 0) and (u > 0 or ks == ((phys * H + KVH) * (BS // G) + (gi * G) % BS // G) * D)
+        tile = (gi, u)
         slots[s] = tile
         cur["u"] += 1
-        if cur["u"] == ntile(gi):
-            cur["u"] = 0
+        if cur["u"] == cur["ntile"]:
             cur["k"] += 1
             if cur["k"] & 31 == 0:
                 cur["phys"] = [group_block(cur["k"], ln) for ln in LANES]
+            issuing = g_first + WARPS * cur["k"] < g_end
+            if issuing:
+                enter()
         return tile
 
     for s in range(STAGES - 1):
