@@ -1,9 +1,10 @@
 """Compile jobs that tests wait for, started in the background as soon as the run's tests are known.
 
 Why: the suite runs in one process, so on CI's 2 cores one core idles for most of the run, while a
-few tests each wait minutes for subprocesses (nvcc over csrc/, the Triton AOT sets, the benchmark
-scripts' CPU dry runs).  Measured on the 2-core CI machine: pytest 1611 s -> 1227 s with the
-compilers in the background.  A test module
+few tests each wait minutes for compilers (nvcc over csrc/, the Triton AOT sets).  Measured on the
+2-core CI machine: pytest 1611 s -> 1227 s with the compilers in the background.  (The benchmark
+scripts' CPU dry runs as well: 1260 s, no gain -- their tests come first, so the test process waits
+on them anyway -- and gpu_check's plumbing run overshot its stage caps on a shared core.)  A test module
 may define ``background_start(names)`` (``names``: its selected test functions); tests/conftest.py
 calls it right after collection, and it submits the compile commands those tests will need.  They
 run at a lower CPU priority (``nice``), so they take the idle core, not the test process's; the
@@ -26,12 +27,12 @@ _JOBS: dict = {}
 
 
 class Job:
-    def __init__(self, cmd, env=None, nice=0, cwd=None):
+    def __init__(self, cmd, env=None, nice=0):
         fd, self.log_path = tempfile.mkstemp(prefix="cometq_bg_", suffix=".log")
         self.cmd = list(cmd)
         self.t0 = time.time()
         with os.fdopen(fd, "w") as log:
-            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd,
+            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                          preexec_fn=(lambda: os.nice(nice)) if nice else None)
         self._result = None
 
@@ -51,43 +52,12 @@ class Job:
         return self._result
 
 
-def submit(key, cmd, env=None, nice=0, cwd=None) -> Job:
+def submit(key, cmd, env=None, nice=0) -> Job:
     """The job under ``key``: started now unless it already was."""
     job = _JOBS.get(key)
     if job is None:
-        job = _JOBS[key] = Job(cmd, env=env, nice=nice, cwd=cwd)
+        job = _JOBS[key] = Job(cmd, env=env, nice=nice)
     return job
-
-
-class Result:
-    """What a test reads of a finished command (stdout and stderr together in both fields)."""
-
-    def __init__(self, rc, out):
-        self.returncode, self.stdout, self.stderr = rc, out, out
-
-
-_DIRS: dict = {}
-
-
-def submit_in_dir(key, cmd_for, env=None, nice=0, cwd=None, out_dir=None) -> Job:
-    """Submit ``cmd_for(directory)`` under ``key`` with its own output directory (``out_dir`` or a
-    new temporary one), unless it already was."""
-    if key not in _JOBS:
-        _DIRS[key] = str(out_dir) if out_dir is not None else tempfile.mkdtemp(prefix="cometq_bg_")
-        submit(key, cmd_for(_DIRS[key]), env=env, nice=nice, cwd=cwd)
-    return _JOBS[key]
-
-
-def run_in_dir(key, cmd_for, out_dir, env=None, cwd=None, timeout=600):
-    """For a test: the result of ``cmd_for(directory)`` and that directory -- the job submitted after
-    collection if there is one, else one started now in ``out_dir`` (the test's tmp_path)."""
-    job = submit_in_dir(key, cmd_for, env=env, cwd=cwd, out_dir=out_dir)
-    rc, out, _ = job.wait(timeout=timeout)
-    return Result(rc, out), _DIRS[key]
-
-
-def submitted(key) -> bool:
-    return key in _JOBS
 
 
 def enabled() -> bool:

@@ -53,7 +53,7 @@ def pytest_collection_finish(session):
     each test module with a ``background_start(names)`` gets the names of its selected tests."""
     import _background
 
-    if not _background.enabled():
+    if not _background.enabled() or session.config.option.collectonly:
         return
     selected: dict = {}
     for item in session.items:

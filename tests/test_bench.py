@@ -4,75 +4,14 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
-from pathlib import Path
-
-import _background
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _script(name):
-    return os.path.join(ROOT, "bench", name)
-
-
-def _interp_env():
-    return dict(os.environ, TRITON_INTERPRET="1")
-
-
-def _plumbing_env(d):
-    env = dict(os.environ, OUT=os.path.join(d, "out"), GPU_CHECK_WORK=os.path.join(d, "work"), PYTHON=sys.executable,
-               GPU_CHECK_BUDGET_S="200",
-               GPU_CHECK_SKIP="build,splitk_fixup_smoke,triton_tests,cuda_tests,toolchain,diag,gemm,gemm_large,gemm_shares,gemm_class,attention,prefill,serving,autotune,tune_decode,ncu_w16")
-    env.pop("TRITON_INTERPRET", None)
-    return env
-
-
-#: the scripts' end-to-end runs (several minutes of CPU together), by test: (command for an output
-#: directory, environment, working directory).  They start right after collection below the test
-#: process's CPU priority (tests/_background.py: on the core the test run leaves idle; nice 10, like
-#: the nvcc jobs -- these tests come first); a test run alone runs its own.
-DRY_RUNS = {
-    "test_bench_gemm_dry_run": (lambda d: [sys.executable, _script("bench_gemm.py"), "--dry-run", "--out", d],
-                                _interp_env, None),
-    "test_bench_act_quant_dry_run": (
-        lambda d: [sys.executable, _script("bench_gemm.py"), "--dry-run", "--what", "act_quant", "--ms", "3,300",
-                   "--shares", "0.25", "--no-plot", "--out", d], _interp_env, None),
-    "test_diag_decode_dry_run": (lambda d: [sys.executable, _script("diag_decode.py"), "--dry-run", "--ms", "1",
-                                            "--out", d], _interp_env, None),
-    "test_bench_attention_dry_run": (lambda d: [sys.executable, _script("bench_attention.py"), "--dry-run", "--sweep",
-                                                "--out", os.path.join(d, "attn")], _interp_env, None),
-    "test_microbench_smoke_and_table": (
-        lambda d: [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
-                   _script("test_microbench.py"), f"--benchmark-json={os.path.join(d, 'micro.json')}"],
-        lambda: dict(os.environ), ROOT),
-    "test_diag_prefill_dry_run": (lambda d: [sys.executable, _script("diag_prefill.py"), "--quick", "--shapes", "2x16",
-                                             "--reps", "1", "--out", d], lambda: dict(os.environ), None),
-}
-#: (the gpu_check plumbing run's environment names its directory)
-_PLUMBING = "test_gpu_check_plumbing_on_cpu"
-
-
-def background_start(names):
-    """(tests/conftest.py, after collection) the selected tests' script runs start now."""
-    for name in sorted(names & DRY_RUNS.keys()):
-        cmd_for, env_for, cwd = DRY_RUNS[name]
-        _background.submit_in_dir(name, cmd_for, env=env_for(), nice=10, cwd=cwd)
-    if _PLUMBING in names:
-        d = tempfile.mkdtemp(prefix="cometq_bg_")
-        _background.submit_in_dir(_PLUMBING, lambda _: ["bash", _script("gpu_check.sh")], env=_plumbing_env(d),
-                                  nice=10, cwd=ROOT, out_dir=d)
-
-
-def _dry_run(name, tmp_path, timeout=600):
-    """(result, output directory) of the test's script run."""
-    cmd_for, env_for, cwd = DRY_RUNS[name]
-    r, d = _background.run_in_dir(name, cmd_for, tmp_path, env=env_for(), cwd=cwd, timeout=timeout)
-    return r, Path(d)
-
-
 def test_bench_gemm_dry_run(tmp_path):
-    r, tmp_path = _dry_run("test_bench_gemm_dry_run", tmp_path)
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_gemm.py"), "--dry-run", "--out", str(tmp_path)],
+                       env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     files = os.listdir(tmp_path)
     js = [f for f in files if f.endswith(".json")]
@@ -113,7 +52,9 @@ def test_bench_gemm_graph_table():
 
 
 def test_diag_decode_dry_run(tmp_path):
-    r, tmp_path = _dry_run("test_diag_decode_dry_run", tmp_path)
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "diag_decode.py"), "--dry-run", "--ms", "1",
+                        "--out", str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     data = json.load(open(tmp_path / "diag_decode.json"))
     whats = {row["what"] for row in data["rows"]}
@@ -142,8 +83,10 @@ def test_tune_decode_dry_run(tmp_path):
 
 
 def test_bench_attention_dry_run(tmp_path):
-    r, tmp_path = _dry_run("test_bench_attention_dry_run", tmp_path)
+    env = dict(os.environ, TRITON_INTERPRET="1")
     out = tmp_path / "attn"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_attention.py"), "--dry-run", "--sweep",
+                        "--out", str(out)], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     data = json.load(open(str(out) + ".json"))
     row = data["rows"][0]
@@ -159,8 +102,10 @@ def test_bench_attention_dry_run(tmp_path):
 def test_microbench_smoke_and_table(tmp_path):
     """The pytest-benchmark microbenchmarks run (CPU: tiny shapes, reference ops) and their JSON
     turns into the ratio table."""
-    r, tmp_path = _dry_run("test_microbench_smoke_and_table", tmp_path)
     out = tmp_path / "micro.json"
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
+                        os.path.join(ROOT, "bench", "test_microbench.py"), f"--benchmark-json={out}"],
+                       capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     data = json.load(open(out))
     groups = {b["group"] for b in data["benchmarks"]}
@@ -178,9 +123,12 @@ def test_gpu_check_plumbing_on_cpu(tmp_path):
     """bench/gpu_check.sh end to end on CPU with every GPU stage skipped but the microbenchmarks:
     stage bookkeeping, the summary JSON and the tarball work (a broken script would otherwise
     cost a lease's device time)."""
-    r, d = _background.run_in_dir(_PLUMBING, lambda _: ["bash", _script("gpu_check.sh")], tmp_path,
-                                  env=_plumbing_env(str(tmp_path)), cwd=ROOT, timeout=600)
-    out = Path(d) / "out"
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = dict(os.environ, OUT=str(out), GPU_CHECK_WORK=str(work), PYTHON=sys.executable, GPU_CHECK_BUDGET_S="200",
+               GPU_CHECK_SKIP="build,splitk_fixup_smoke,triton_tests,cuda_tests,toolchain,diag,gemm,gemm_large,gemm_shares,gemm_class,attention,prefill,serving,autotune,tune_decode,ncu_w16")
+    env.pop("TRITON_INTERPRET", None)
+    r = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_check.sh")], env=env, capture_output=True, text=True,
+                       timeout=600, cwd=ROOT)
     assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]  # non-zero: the build was skipped (by design)
     summary = json.load(open(out / "gpu_check_summary.json"))
     assert summary["stages"]["microbench"]["status"] == "ok", summary
@@ -261,9 +209,10 @@ def test_diag_pdl_runs_without_a_gpu(tmp_path):
 def test_diag_prefill_dry_run(tmp_path):
     """bench/diag_prefill.py (gpu_check's prefill stage) on the tiny model: both systems, each
     shape timed and profiled, JSON written; a bad --shapes value is refused."""
-    r, out = _dry_run("test_diag_prefill_dry_run", tmp_path)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "diag_prefill.py"), "--quick", "--shapes", "2x16",
+                        "--reps", "1", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    data = json.load(open(out / "prefill.json"))
+    data = json.load(open(tmp_path / "prefill.json"))
     assert [(row["system"], row["tokens"]) for row in data["rows"]] == [("w4ax", 32), ("fp", 32)]
     assert all(row["ms"] > 0 and row["top_cpu_ops"] for row in data["rows"])
     r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "diag_prefill.py"), "--quick", "--shapes", "2x",
@@ -274,7 +223,10 @@ def test_diag_prefill_dry_run(tmp_path):
 def test_bench_act_quant_dry_run(tmp_path):
     """``--what act_quant``: every column (both block-mode grids, the FAKE pass, the copy), a row
     on each side of the by-rows threshold, and the markdown table with them."""
-    r, tmp_path = _dry_run("test_bench_act_quant_dry_run", tmp_path)
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_gemm.py"), "--dry-run", "--what", "act_quant",
+                        "--ms", "3,300", "--shares", "0.25", "--no-plot", "--out", str(tmp_path)],
+                       env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     data = json.load(open(tmp_path / "gemm.json"))
     aq = [x for x in data["rows"] if x.get("kind") == "act_quant"]
