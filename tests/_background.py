@@ -18,6 +18,7 @@ needs them: same commands, same checks.  ``COMETQ_TEST_BACKGROUND=0`` turns the 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import tempfile
 import time
@@ -65,8 +66,21 @@ def enabled() -> bool:
     return os.environ.get(ENV, "1") != "0" and not os.environ.get("PYTEST_XDIST_WORKER")
 
 
+_TEMP_DIRS: list = []
+
+
+def temp_dir(prefix: str) -> str:
+    """A directory for a background job's outputs, removed at the session's end (``kill_all``)."""
+    d = tempfile.mkdtemp(prefix=prefix)
+    _TEMP_DIRS.append(d)
+    return d
+
+
 def kill_all():
+    """(conftest, session end) kill the jobs still running, remove their temporary directories."""
     for job in _JOBS.values():
         if job.proc.poll() is None:
             job.proc.kill()
             job.proc.wait()
+    while _TEMP_DIRS:
+        shutil.rmtree(_TEMP_DIRS.pop(), ignore_errors=True)

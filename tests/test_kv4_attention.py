@@ -1,7 +1,6 @@
 """KV4 decode attention over the paged pool: Triton kernel (interpreter on CPU) vs the torch reference."""
 import os
 import sys
-import tempfile
 
 import _background
 import pytest
@@ -159,7 +158,7 @@ def background_start(names):
     """(tests/conftest.py, after collection) the AOT compile starts now, at the lowest CPU priority:
     it runs on the core the test run leaves idle."""
     if "test_aot_compile_sm80_sm90" in names:
-        _kv4_aot_job(tempfile.mkdtemp(prefix="cometq_kv4_aot_"), nice=19)
+        _kv4_aot_job(_background.temp_dir("cometq_kv4_aot_"), nice=19)
 
 
 def test_aot_compile_sm80_sm90(tmp_path):

@@ -17,7 +17,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 
 import _background
 import pytest
@@ -49,7 +48,7 @@ def background_start(names):
     """(tests/conftest.py, after collection) the CI set's shards start now, at the lowest CPU
     priority: they run on the core the test run leaves idle."""
     if "test_aot_compile_ci_set" in names:
-        _aot_jobs("ci", tempfile.mkdtemp(prefix="cometq_aot_"), nice=19)
+        _aot_jobs("ci", _background.temp_dir("cometq_aot_"), nice=19)
 
 
 def _aot(level: str, tmp_path, timeout: int):
