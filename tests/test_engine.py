@@ -3,12 +3,14 @@ import torch
 import pytest
 
 from cometq.testing import (RUNNER_FP32_ATOL, RUNNER_KV4_MIN_COSINE, RUNNER_KV4_VS_KV4CACHE_ATOL,
+                            RUNNER_LOGPROB_ATOL, penalized_greedy_reference, prompt_logprob_reference,
                             tiny_causal_lm)
 from cometq.nn import set_fast_path
 from cometq.serve.engine import Engine, EngineConfig, RequestRejected
 from cometq.serve.kv import PagedFPPool, PoolExhausted
 from cometq.serve.runner import Chunk, ModelRunner
-from cometq.serve.sampling import IncrementalDetokenizer, SamplingParams, make_generator, sample_token
+from cometq.serve.sampling import (IncrementalDetokenizer, SamplingParams, apply_penalties, make_generator,
+                                   sample_token, token_logprobs)
 from cometq.serve.tiny import byte_tokenizer, tiny_model
 
 
@@ -468,7 +470,85 @@ def test_sample_token_filters():
     assert draws == set(range(6))
 
 
+@pytest.mark.parametrize("num_blocks", [64, 12])  # 12 blocks of 4 tokens: forces preemption
+def test_engine_penalties_and_logprobs_match_reference(llama, num_blocks):
+    # each prompt ends in the model's own greedy continuation of its start: tokens it favours, so the
+    # repetition penalty's prompt part changes the choices
+    prompts = [q + _greedy_nocache(llama, q, 4) for q in (_rand_ids(n, 70 + n) for n in (1, 7, 15, 22))]
+    rep, freq, pres, k = 1.5, 0.7, 0.4, 3
+    params = SamplingParams(max_tokens=8, temperature=0, repetition_penalty=rep, frequency_penalty=freq,
+                            presence_penalty=pres, logprobs=k, prompt_logprobs=2)
+    r = ModelRunner.with_fp_pool(llama, num_blocks=num_blocks, block_size=4)
+    e = Engine(r, None, EngineConfig(max_num_seqs=4, max_num_batched_tokens=8))  # prompts in several chunks
+    outs = {}
+    reqs = [e.add_request(p, params, callback=lambda o: outs.setdefault(o.request_id, []).append(o))
+            for p in prompts]
+    for _ in range(2000):
+        if not e.has_work():
+            break
+        e.step()
+    assert not e.has_work() and e.pool.num_used_blocks == 0
+    if num_blocks == 12:
+        assert e.stats["preemptions"] > 0
+    for req, p in zip(reqs, prompts):
+        ids, lps, rows = penalized_greedy_reference(llama, p, 8, rep, freq, pres)
+        assert req.output_ids == ids
+        assert [x.token_id for x in req.output_logprobs] == ids
+        assert [x.logprob for x in req.output_logprobs] == pytest.approx(lps, abs=RUNNER_LOGPROB_ATOL)
+        for x, row in zip(req.output_logprobs, rows):
+            tv, ti = torch.topk(row, k)
+            assert [i for i, _ in x.top] == ti.tolist()
+            assert [v for _, v in x.top] == pytest.approx(tv.tolist(), abs=RUNNER_LOGPROB_ATOL)
+        # prompt log-probabilities: every prompt token once (a recomputed prompt is not scored again)
+        plp = prompt_logprob_reference(llama, p)
+        assert len(req.prompt_logprobs) == len(p) and req.prompt_logprobs[0] is None
+        assert [x.token_id for x in req.prompt_logprobs[1:]] == p[1:]
+        assert [x.logprob for x in req.prompt_logprobs[1:]] == pytest.approx(plp, abs=RUNNER_LOGPROB_ATOL)
+        assert all(len(x.top) == 2 for x in req.prompt_logprobs[1:])
+        # streamed: one log-probability per token id, the prompt's once, in the first output
+        got = outs[req.request_id]
+        assert sum((o.logprobs for o in got), []) == req.output_logprobs
+        assert all(len(o.logprobs) == len(o.token_ids) for o in got)
+        assert [o.prompt_logprobs is not None for o in got] == [True] + [False] * (len(got) - 1)
+
+
+def test_engine_plain_requests_carry_no_logprobs(llama):
+    r = ModelRunner.with_fp_pool(llama, num_blocks=32, block_size=4)
+    e = Engine(r, None)
+    outs = []
+    req = e.add_request(_rand_ids(5, 3), SamplingParams(max_tokens=4, temperature=0), callback=outs.append)
+    while e.has_work():
+        e.step()
+    assert req.output_logprobs == [] and req.prompt_logprobs is None
+    assert all(o.logprobs is None and o.prompt_logprobs is None for o in outs)
+
+
+def test_apply_penalties_and_token_logprobs():
+    logits = torch.tensor([2.0, -1.0, 0.5, 3.0, -2.0])
+    p = SamplingParams(repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.25)
+    # prompt [0, 1], output [3, 3, 2]: repetition on {0, 1, 2, 3}; frequency / presence on {3: 2, 2: 1}
+    got = apply_penalties(logits, p, [0, 1], [3, 3, 2])
+    want = torch.tensor([2.0 / 2, -1.0 * 2, 0.5 / 2 - 0.5 - 0.25, 3.0 / 2 - 1.0 - 0.25, -2.0])
+    assert torch.allclose(got, want) and torch.equal(logits, torch.tensor([2.0, -1.0, 0.5, 3.0, -2.0]))
+    assert torch.equal(apply_penalties(logits, SamplingParams(), [0], [3]), logits)
+    assert torch.equal(apply_penalties(logits, SamplingParams(frequency_penalty=1.0), [0, 1], []), logits)
+    rows = torch.randn(3, 7)
+    lp = torch.log_softmax(rows, -1)
+    got = token_logprobs(rows, [6, 0, 2], 2)
+    assert [x.token_id for x in got] == [6, 0, 2]
+    assert [x.logprob for x in got] == pytest.approx([lp[0, 6].item(), lp[1, 0].item(), lp[2, 2].item()])
+    assert [[i for i, _ in x.top] for x in got] == torch.topk(lp, 2).indices.tolist()
+    assert all(x.top == () for x in token_logprobs(rows, [1, 1, 1], 0))
+    assert SamplingParams(temperature=0).device_greedy
+    assert not SamplingParams(temperature=0, logprobs=0).device_greedy
+    assert not SamplingParams(temperature=0, repetition_penalty=1.1).device_greedy
+    assert not SamplingParams(temperature=0.5).device_greedy
+
+
 @pytest.mark.parametrize("kw,match", [
+    (dict(presence_penalty=2.5), "presence_penalty"), (dict(frequency_penalty=float("nan")), "frequency_penalty"),
+    (dict(repetition_penalty=0), "repetition_penalty"), (dict(repetition_penalty=2.5), "repetition_penalty"),
+    (dict(logprobs=21), "logprobs"), (dict(logprobs=True), "logprobs"), (dict(prompt_logprobs=-1), "prompt_logprobs"),
     (dict(max_tokens=0), "max_tokens"), (dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"),
     (dict(top_k=-2), "top_k"), (dict(seed="x"), "seed"), (dict(stop=("",)), "stop"),
     (dict(stop_token_ids=(-1,)), "stop_token_ids"), (dict(max_tokens=True), "max_tokens"),
@@ -476,6 +556,17 @@ def test_sample_token_filters():
 def test_sampling_params_validation(kw, match):
     with pytest.raises(ValueError, match=match):
         SamplingParams(**kw)
+
+
+def test_token_text_names_every_token_apart(tok):
+    from cometq.serve.sampling import TokenText
+
+    tt = TokenText(tok)
+    names = [tt(t)[0] for t in range(len(tok))]
+    assert len(set(names)) == len(names)
+    assert all(tt(t)[1] == bytes([t]) for t in range(256))  # byte-level pieces -> their byte
+    assert tt(ord("a")) == ("a", b"a") and tt(0xE6) == ("bytes:\\xe6", b"\xe6")
+    assert tt(tok.eos_token_id)[0] == tok.eos_token
 
 
 def test_incremental_detok_multibyte(tok):

@@ -14,6 +14,7 @@ httpx = pytest.importorskip("httpx")
 from cometq.serve.launch import build_engine, start_stack  # noqa: E402
 from cometq.serve.server import ServerConfig  # noqa: E402
 from cometq.serve.tiny import byte_tokenizer, tiny_model  # noqa: E402
+from cometq.testing import RUNNER_LOGPROB_ATOL, penalized_greedy_reference, prompt_logprob_reference  # noqa: E402
 
 MODEL = "tiny"
 TIMEOUT = 60
@@ -134,6 +135,86 @@ def test_seed_determinism(client):
     assert a == b and a != c
 
 
+def _lp_concat(chunks):
+    """The completions logprobs objects of a stream's chunks, joined (chunks without any skipped)."""
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for ch in chunks:
+        lp = ch.choices[0].logprobs if ch.choices else None
+        if lp is not None:
+            for k in out:
+                out[k] += getattr(lp, k)
+    return out
+
+
+def test_completion_logprobs_and_echo(client, model):
+    prompt = "Hello there"
+    kw = dict(model=MODEL, prompt=prompt, max_tokens=6, temperature=0, logprobs=3, echo=True,
+              extra_body={"ignore_eos": True})
+    full = client.completions.create(**kw)
+    c, n_p = full.choices[0], full.usage.prompt_tokens
+    assert c.text.startswith(prompt) and full.usage.completion_tokens == 6
+    lp = c.logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == n_p + 6
+    assert "".join(lp.tokens[:n_p]) == prompt
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    for tok_s, v, top in zip(lp.tokens[1:], lp.token_logprobs[1:], lp.top_logprobs[1:]):
+        assert v <= 0 and top[tok_s] == v and len(top) <= 4  # 3 alternatives + the chosen token
+    # the prompt's and the greedy tokens' log-probabilities are the model's own
+    ids = list(prompt.encode())
+    out_ids, out_lps, _ = penalized_greedy_reference(model, ids, 6)
+    assert lp.token_logprobs[1:n_p] == pytest.approx(prompt_logprob_reference(model, ids), abs=RUNNER_LOGPROB_ATOL)
+    assert lp.token_logprobs[n_p:] == pytest.approx(out_lps, abs=RUNNER_LOGPROB_ATOL)
+    # streamed: the prompt first, then the same text and rows
+    chunks = list(client.completions.create(stream=True, **kw))
+    assert chunks[0].choices[0].text == prompt
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == c.text
+    got = _lp_concat(chunks)
+    assert got["tokens"] == lp.tokens and got["text_offset"] == lp.text_offset
+    assert got["token_logprobs"][0] is None
+    assert got["token_logprobs"][1:] == pytest.approx(lp.token_logprobs[1:], abs=RUNNER_LOGPROB_ATOL)
+    # echo alone: the prompt's text, no log-probabilities
+    plain = client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, temperature=0, echo=True)
+    assert plain.choices[0].text.startswith(prompt) and plain.choices[0].logprobs is None
+
+
+def test_chat_logprobs(client):
+    msgs = [{"role": "user", "content": "hi"}]
+    kw = dict(model=MODEL, messages=msgs, max_tokens=5, temperature=0, logprobs=True, top_logprobs=2,
+              extra_body={"ignore_eos": True})
+    full = client.chat.completions.create(**kw)
+    content = full.choices[0].logprobs.content
+    assert len(content) == full.usage.completion_tokens == 5
+    for e in content:
+        assert len(e.top_logprobs) == 2 and e.top_logprobs[0].logprob >= e.top_logprobs[1].logprob
+        assert e.logprob == pytest.approx(e.top_logprobs[0].logprob)  # greedy: the chosen is the most likely
+        b = bytes(e.bytes)  # the byte tokenizer: one byte per token; text, or OpenAI's bytes: form
+        try:
+            want = b.decode()
+        except UnicodeDecodeError:
+            want = "bytes:" + "".join(f"\\x{x:02x}" for x in b)
+        assert len(b) == 1 and e.token == want
+    chunks = list(client.chat.completions.create(stream=True, **kw))
+    streamed = [e for ch in chunks if ch.choices and ch.choices[0].logprobs for e in ch.choices[0].logprobs.content]
+    assert [e.token for e in streamed] == [e.token for e in content]
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in content], abs=RUNNER_LOGPROB_ATOL)
+    assert client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=2).choices[0].logprobs is None
+
+
+def test_penalties_over_http_match_reference(client, model, tok):
+    ids = [ord(ch) for ch in "abcabcabc"]
+    pen = dict(repetition_penalty=1.6, frequency_penalty=0.8, presence_penalty=0.5)
+    r = client.completions.create(model=MODEL, prompt=ids, max_tokens=10, temperature=0, logprobs=0,
+                                  frequency_penalty=pen["frequency_penalty"], presence_penalty=pen["presence_penalty"],
+                                  extra_body={"ignore_eos": True, "repetition_penalty": pen["repetition_penalty"]})
+    want, want_lps, _ = penalized_greedy_reference(model, ids, 10, pen["repetition_penalty"],
+                                                   pen["frequency_penalty"], pen["presence_penalty"])
+    plain, _, _ = penalized_greedy_reference(model, ids, 10)
+    assert want != plain  # (the penalties change this continuation)
+    assert r.choices[0].text == tok.decode(want)
+    assert r.choices[0].logprobs.token_logprobs == pytest.approx(want_lps, abs=RUNNER_LOGPROB_ATOL)
+
+
 def test_raw_sse_format(stack):
     body = {"model": MODEL, "prompt": "sse", "max_tokens": 4, "temperature": 0, "stream": True, "ignore_eos": True}
     with httpx.stream("POST", stack.base_url + "/v1/completions", json=body, timeout=TIMEOUT) as r:
@@ -181,6 +262,18 @@ def test_32_concurrent_streams_get_their_own_tokens(stack, client):
     ("/v1/completions", b'{"prompt": "x", "model": "gpt-9"}', 404, "model"),
     ("/v1/completions", b'{"prompt": "x", "max_tokens": 256}', 400, "max_tokens"),
     ("/v1/completions", json.dumps({"prompt": "y" * 201}).encode(), 400, "prompt"),
+    ("/v1/completions", b'{"prompt": "x", "logprobs": 21}', 400, "logprobs"),
+    ("/v1/completions", b'{"prompt": "x", "logprobs": true}', 400, "logprobs"),
+    ("/v1/completions", b'{"prompt": "x", "top_logprobs": 2}', 400, "top_logprobs"),
+    ("/v1/completions", b'{"prompt": "x", "echo": "yes"}', 400, "echo"),
+    ("/v1/completions", b'{"prompt": "x", "presence_penalty": 2.5}', 400, "presence_penalty"),
+    ("/v1/completions", b'{"prompt": "x", "frequency_penalty": "high"}', 400, "frequency_penalty"),
+    ("/v1/completions", b'{"prompt": "x", "repetition_penalty": 0}', 400, "repetition_penalty"),
+    ("/v1/completions", b'{"prompt": "x", "logit_bias": {"1": 5}}', 400, "logit_bias"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}', 400,
+     "top_logprobs"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], "logprobs": 3}', 400, "logprobs"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], "echo": true}', 400, "echo"),
     ("/v1/chat/completions", b'{"messages": []}', 400, "messages"),
     ("/v1/chat/completions", b'{"messages": [{"role": "wizard", "content": "x"}]}', 400, "messages[0].role"),
     ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": 5}]}', 400, "messages[0].content"),

@@ -98,6 +98,9 @@ KVCACHE_LOGIT_REL_TOL = 0.25
 #: math, only the attention summation order and the ragged batching differ, so a
 #: few fp32 ulps of logits of magnitude <= ~10 (measured <= 4e-6).
 RUNNER_FP32_ATOL = 1e-4
+#: Serving log-probabilities (log-softmax of those logits) vs the same from the HF forward:
+#: a log-softmax moves by at most twice the largest logit difference.
+RUNNER_LOGPROB_ATOL = 2 * RUNNER_FP32_ATOL
 #: Runner with the paged KV4 pool vs the HF forward with full-precision K/V:
 #: 4-bit K/V (16 levels per group) perturbs attention; logits stay aligned
 #: (cosine similarity), measured >= 0.97 on the tiny outlier model.
@@ -229,3 +232,34 @@ def check_inkernel_reduction(launch, want, counters) -> None:
         g.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, want) and int(counters.abs().sum()) == 0
+
+
+def penalized_greedy_reference(model, prompt, n: int, rep: float = 1.0, freq: float = 0.0, pres: float = 0.0):
+    """Greedy decoding of an HF causal LM with serving's penalties, written out token by token
+    from the model's own forward (no cache, float64 logits): the repetition penalty over prompt +
+    output (a positive logit divided by ``rep``, a negative one multiplied), frequency / presence
+    over the output (``logit -= freq * count + pres``).  Returns (output ids, the chosen tokens'
+    raw log-probabilities, each step's raw log-softmax row)."""
+    seq, out, lps, rows = list(prompt), [], [], []
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(torch.tensor([seq])).logits[0, -1].double()
+            x = logits.clone()
+            for t in set(seq):
+                x[t] = x[t] / rep if x[t] > 0 else x[t] * rep
+            for t in set(out):
+                x[t] -= freq * out.count(t) + pres
+            tok = int(x.argmax())
+            lp = torch.log_softmax(logits, -1)
+            rows.append(lp)
+            lps.append(float(lp[tok]))
+            out.append(tok)
+            seq.append(tok)
+    return out, lps, rows
+
+
+def prompt_logprob_reference(model, prompt):
+    """Raw log-probabilities of ``prompt[1:]`` under the HF forward (float64)."""
+    with torch.no_grad():
+        lp = torch.log_softmax(model(torch.tensor([prompt])).logits[0].double(), -1)
+    return [float(lp[i, prompt[i + 1]]) for i in range(len(prompt) - 1)]

@@ -14,7 +14,9 @@ Scheduler policy (one ``step()`` = one forward of the runner):
    are admitted in FIFO order (no overtaking: the head of the queue waits until
    it fits).
 4. One forward over all chunks; sequences whose chunk reached their last token
-   sample one token; outputs are pushed to each request's callback.
+   sample one token (penalties applied first; log-probabilities recorded where asked, and
+   prompt log-probabilities from the prefill chunks' own rows); outputs are pushed to each
+   request's callback.
 5. Async scheduling (``EngineConfig.async_scheduling``, full-step decode graphs only): when
    the next step is sure to run the same greedy decode batch, it is queued on the GPU before
    this step's tokens are read (fed by the device); the following ``step()`` reads it.  Rows
@@ -39,7 +41,8 @@ import torch
 
 from .kv import KVPool, PoolExhausted
 from .runner import Chunk, ModelRunner
-from .sampling import IncrementalDetokenizer, SamplingParams, make_generator, sample_token
+from .sampling import (IncrementalDetokenizer, SamplingParams, TokenLogprob, apply_penalties, make_generator,
+                       sample_token, token_logprobs)
 
 __all__ = ["EngineConfig", "RequestOutput", "Request", "Engine", "EngineLoop", "RequestRejected"]
 
@@ -66,7 +69,8 @@ class EngineConfig:
       N's tokens (the host's bookkeeping, streaming and launch of a step then overlap the
       GPU's previous step instead of idling it).  Applies where the runner has full-step
       decode graphs (``ModelRunner.enable_cuda_graphs`` with the KV4 pool) and the step
-      after N is sure to run the same requests (all greedy and decoding, none reaching
+      after N is sure to run the same requests (all plain greedy -- no penalties, no
+      log-probabilities -- and decoding, none reaching
       ``max_tokens`` at N, no request waiting for a free slot, no abort pending); a request
       that stops at N (a stop token or string) has its extra step's token dropped.
       Outputs are identical either way.
@@ -100,6 +104,10 @@ class RequestOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: Optional[str] = None
+    # params.logprobs set: one entry per token of token_ids
+    logprobs: Optional[List[TokenLogprob]] = None
+    # params.prompt_logprobs set: one entry per prompt token (None for the first), in the first output
+    prompt_logprobs: Optional[List[Optional[TokenLogprob]]] = None
 
 
 _WAITING, _RUNNING, _FINISHED = "waiting", "running", "finished"
@@ -122,7 +130,10 @@ class Request:
     num_preemptions: int = 0
     generator: Optional[torch.Generator] = None
     detok: Optional[IncrementalDetokenizer] = None
+    output_logprobs: List[TokenLogprob] = field(default_factory=list)  # params.logprobs set: one per output id
+    prompt_logprobs: Optional[List[Optional[TokenLogprob]]] = None  # params.prompt_logprobs: filled by prefill
     _sent_ids: int = 0
+    _sent_prompt_logprobs: bool = False
 
     @property
     def all_ids(self) -> List[int]:
@@ -237,11 +248,15 @@ class Engine:
     def _emit(self, req: Request, final: bool = False, error: Optional[str] = None) -> None:
         text = req.detok.take(final) if req.detok is not None else ""
         new_ids = req.output_ids[req._sent_ids:]
+        lps = req.output_logprobs[req._sent_ids:len(req.output_ids)] if req.params.logprobs is not None else None
         req._sent_ids = len(req.output_ids)
         if req.callback is None or not (text or new_ids or final):
             return
+        plp = None
+        if req.params.prompt_logprobs is not None and not req._sent_prompt_logprobs:
+            plp, req._sent_prompt_logprobs = req.prompt_logprobs, True
         out = RequestOutput(req.request_id, text, new_ids, final, req.finish_reason if final else None,
-                            len(req.prompt_ids), len(req.output_ids), error)
+                            len(req.prompt_ids), len(req.output_ids), error, lps, plp)
         try:
             req.callback(out)
         except Exception:  # a broken consumer must not take the engine down
@@ -369,12 +384,13 @@ class Engine:
         n_dec = sum(1 for c in chunks if c.is_decode)
         self.last_step_shape = (n_dec, len(chunks) - n_dec, sum(len(c.tokens) for c in chunks if not c.is_decode))
         fut = None
+        extra, spans = self._prompt_logprob_rows(plan)
         try:
-            if (self._async and n_dec == len(chunks) and all(r.params.greedy for r, _ in plan)
+            if (self._async and n_dec == len(chunks) and all(r.params.device_greedy for r, _ in plan)
                     and self.runner.supports_async_decode(len(chunks))):
                 fut = self.runner.decode_async(chunks)  # None: run it through forward
             if fut is None:
-                logits = self.runner.forward(chunks)
+                logits = self.runner.forward(chunks, extra_rows=extra) if extra else self.runner.forward(chunks)
         except Exception as e:  # fail this step's requests loudly, keep serving the others
             traceback.print_exc()
             for r, _ in plan:
@@ -383,11 +399,42 @@ class Engine:
         if fut is not None:
             self._queue_ahead(plan, fut)
             return self._read_future(plan, fut, [True] * len(plan))
+        if extra:
+            self._record_prompt_logprobs(spans, logits[len(plan):].cpu())
+            logits = logits[:len(plan)]
         # one device->host transfer per step: argmax of every row, and the logits themselves
-        # only when some request samples (its torch.Generator lives on the CPU)
+        # only when some request samples, is penalized or wants log-probabilities (its
+        # torch.Generator and token history live on the CPU)
         greedy = logits.argmax(dim=-1).tolist()
-        host = logits.cpu() if any(not r.params.greedy for r, _ in plan) else None
+        host = logits.cpu() if any(not r.params.device_greedy for r, _ in plan) else None
         return self._process(plan, greedy, host)
+
+    def _prompt_logprob_rows(self, plan: List[tuple]):
+        """Rows of this step's tokens whose logits give prompt log-probabilities not computed yet
+        (row of position p -> the log-probability of prompt token p + 1), and per request the
+        ``(request, first position, end position)`` they cover.  A recomputed (preempted) prompt
+        is not scored twice."""
+        extra: List[int] = []
+        spans = []
+        off = 0
+        for req, n in plan:
+            if req.params.prompt_logprobs is not None:
+                if req.prompt_logprobs is None:
+                    req.prompt_logprobs = [None]  # the first prompt token has no log-probability
+                a = max(req.num_computed, len(req.prompt_logprobs) - 1)
+                b = min(req.num_computed + n, len(req.prompt_ids) - 1)
+                if b > a:
+                    extra.extend(range(off + a - req.num_computed, off + b - req.num_computed))
+                    spans.append((req, a, b))
+            off += n
+        return extra, spans
+
+    def _record_prompt_logprobs(self, spans, rows: torch.Tensor) -> None:
+        k = 0
+        for req, a, b in spans:
+            req.prompt_logprobs.extend(token_logprobs(rows[k:k + b - a], req.prompt_ids[a + 1:b + 1],
+                                                      req.params.prompt_logprobs))
+            k += b - a
 
     def _can_queue_ahead(self, reqs: List[Request]) -> bool:
         """Is the step after the one in flight sure to run exactly ``reqs``, one decode token
@@ -399,7 +446,7 @@ class Engine:
                 return False
         for r in reqs:
             # the step in flight adds one output token: the request must go on after it
-            if (not r.params.greedy or r.num_computed + 1 != r.num_tokens or len(r.output_ids) + 1 >= r.params.max_tokens
+            if (not r.params.device_greedy or r.num_computed + 1 != r.num_tokens or len(r.output_ids) + 1 >= r.params.max_tokens
                     or r.num_tokens + 1 >= self.max_model_len):
                 return False
         return True
@@ -448,17 +495,25 @@ class Engine:
             n_tok += n
             if req.num_computed < req.num_tokens:
                 continue  # mid-prefill chunk: nothing to sample yet
-            tok = greedy[i] if req.params.greedy else sample_token(host[i], req.params, req.generator)
+            p, lp = req.params, None
+            if p.device_greedy:
+                tok = greedy[i]
+            else:
+                row = host[i]
+                x = apply_penalties(row, p, req.prompt_ids, req.output_ids) if p.penalized else row
+                tok = sample_token(x, p, req.generator)
+                if p.logprobs is not None:
+                    lp = token_logprobs(row[None], [tok], p.logprobs)[0]
             if req.first_token_time is None:
                 req.first_token_time = now
                 self.stats["ttft_sum"] += now - req.arrival
                 self.stats["ttft_count"] += 1
                 self.stats["prompt_tokens"] += len(req.prompt_ids)
-            self._on_token(req, tok)
+            self._on_token(req, tok, lp)
         self._tok_events.append((now, n_tok))
         return n_tok
 
-    def _on_token(self, req: Request, tok: int) -> None:
+    def _on_token(self, req: Request, tok: int, lp: Optional[TokenLogprob] = None) -> None:
         p = req.params
         self.stats["generation_tokens"] += 1
         is_stop_id = tok in p.stop_token_ids or (not p.ignore_eos and tok in self.eos_token_ids)
@@ -466,6 +521,8 @@ class Engine:
             self._finish(req, "stop")
             return
         req.output_ids.append(tok)
+        if lp is not None:
+            req.output_logprobs.append(lp)
         hit = req.detok.add(tok) if req.detok is not None else None
         if hit is not None:
             self._finish(req, "stop")

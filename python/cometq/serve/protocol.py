@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from .sampling import SamplingParams
+from .sampling import MAX_LOGPROBS, SamplingParams
 
 __all__ = ["APIError", "ParsedRequest", "parse_completion", "parse_chat"]
 
@@ -40,6 +40,8 @@ class ParsedRequest:
     include_usage: bool
     model: str
     max_tokens_given: bool = True  # False: the default may be shortened to fit the context
+    echo: bool = False  # completions: the prompt's text (and log-probabilities) lead the output
+    prompt_text: str = ""  # what echo returns
 
 
 def _num(body, name, default, lo, hi, *, integer=False, lo_open=False):
@@ -57,18 +59,45 @@ def _num(body, name, default, lo, hi, *, integer=False, lo_open=False):
     return v
 
 
-def _common(body: Dict[str, Any], *, max_tokens_default: int,
-            max_tokens_names: Sequence[str]) -> Tuple[SamplingParams, bool, bool]:
+def _flag(body, name) -> bool:
+    v = body.get(name, False)
+    if v is None:
+        return False
+    if not isinstance(v, bool):
+        raise _bad(f"'{name}' must be a boolean, got {v!r}", name, "invalid_type")
+    return v
+
+
+def _logprob_fields(body: Dict[str, Any], chat: bool) -> Tuple[Optional[int], bool]:
+    """(``SamplingParams.logprobs``, echo).  Completions: ``logprobs`` = how many alternatives per
+    token (0..MAX_LOGPROBS; the chosen token's log-probability always comes back) and ``echo``; chat:
+    ``logprobs`` (bool) with ``top_logprobs`` (0..MAX_LOGPROBS, only with ``logprobs``)."""
+    if chat:
+        if body.get("echo") not in (None, False):
+            raise _bad("'echo' is not supported for chat completions", "echo", "unsupported_parameter")
+        want = _flag(body, "logprobs")
+        top = _num(body, "top_logprobs", None, 0, MAX_LOGPROBS, integer=True)
+        if top is not None and not want:
+            raise _bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+        return (top or 0) if want else None, False
+    if body.get("top_logprobs") is not None:
+        raise _bad("'top_logprobs' belongs to chat completions; completions take 'logprobs': <int>", "top_logprobs",
+                   "unsupported_parameter")
+    return _num(body, "logprobs", None, 0, MAX_LOGPROBS, integer=True), _flag(body, "echo")
+
+
+def _common(body: Dict[str, Any], *, max_tokens_default: int, max_tokens_names: Sequence[str],
+            chat: bool) -> Tuple[SamplingParams, bool, bool, bool]:
     for name, default in (("n", 1), ("best_of", 1)):
         v = body.get(name, default)
         if v is not None and v != 1:
             raise _bad(f"'{name}' must be 1 (only one choice per request is supported), got {v!r}", name,
                        "unsupported_value")
-    for name in ("presence_penalty", "frequency_penalty"):
-        v = _num(body, name, 0.0, -2.0, 2.0)
-        if v != 0:
-            raise _bad(f"'{name}' is not supported (must be 0), got {v!r}", name, "unsupported_value")
-    for name in ("logprobs", "echo", "top_logprobs", "logit_bias", "tools", "functions", "suffix"):
+    presence = _num(body, "presence_penalty", 0.0, -2.0, 2.0)
+    frequency = _num(body, "frequency_penalty", 0.0, -2.0, 2.0)
+    repetition = _num(body, "repetition_penalty", 1.0, 0.0, 2.0, lo_open=True)  # (vLLM's extension)
+    logprobs, echo = _logprob_fields(body, chat)
+    for name in ("logit_bias", "tools", "functions", "suffix"):
         v = body.get(name)
         if v not in (None, False, 0, {}, []):
             raise _bad(f"'{name}' is not supported", name, "unsupported_parameter")
@@ -120,8 +149,10 @@ def _common(body: Dict[str, Any], *, max_tokens_default: int,
         include_usage = bool(so.get("include_usage", False))
     params = SamplingParams(max_tokens=max_tokens, temperature=float(temperature), top_k=int(top_k),
                             top_p=float(top_p), seed=seed, stop=stop, stop_token_ids=tuple(stop_ids),
-                            ignore_eos=ignore_eos)
-    return params, stream, include_usage
+                            ignore_eos=ignore_eos, presence_penalty=float(presence),
+                            frequency_penalty=float(frequency), repetition_penalty=float(repetition),
+                            logprobs=logprobs, prompt_logprobs=logprobs if echo else None)
+    return params, stream, include_usage, echo
 
 
 def _model(body) -> str:
@@ -159,8 +190,10 @@ def parse_completion(body: Any, tokenizer, vocab: int, max_tokens_default: int =
                    "invalid_type")
     if not ids:
         raise _bad("'prompt' must not be empty", "prompt")
-    params, stream, usage = _common(body, max_tokens_default=max_tokens_default, max_tokens_names=("max_tokens",))
-    return ParsedRequest(ids, params, stream, usage, _model(body), body.get("max_tokens") is not None)
+    params, stream, usage, echo = _common(body, max_tokens_default=max_tokens_default,
+                                          max_tokens_names=("max_tokens",), chat=False)
+    text = (p if isinstance(p, str) else tokenizer.decode(ids)) if echo else ""
+    return ParsedRequest(ids, params, stream, usage, _model(body), body.get("max_tokens") is not None, echo, text)
 
 
 _ROLES = ("system", "user", "assistant", "developer", "tool")
@@ -210,7 +243,7 @@ def parse_chat(body: Any, tokenizer, vocab: int, max_tokens_default: int = 256) 
         clean.append({"role": "system" if role == "developer" else role,
                       "content": _content_text(m.get("content", ""), i)})
     ids = chat_prompt_ids(tokenizer, clean)
-    params, stream, usage = _common(body, max_tokens_default=max_tokens_default,
-                                    max_tokens_names=("max_completion_tokens", "max_tokens"))
+    params, stream, usage, _ = _common(body, max_tokens_default=max_tokens_default,
+                                       max_tokens_names=("max_completion_tokens", "max_tokens"), chat=True)
     given = body.get("max_completion_tokens") is not None or body.get("max_tokens") is not None
     return ParsedRequest(ids, params, stream, usage, _model(body), given)

@@ -501,15 +501,25 @@ class ModelRunner:
         return g.continue_full(prev)
 
     @torch.inference_mode()
-    def forward(self, chunks: Sequence[Chunk], *, all_logits: bool = False) -> torch.Tensor:
+    def forward(self, chunks: Sequence[Chunk], *, all_logits: bool = False,
+                extra_rows: Optional[Sequence[int]] = None) -> torch.Tensor:
         """Run one step.  Returns logits (float32) of each chunk's last token ``[len(chunks), V]``
-        (or of every token ``[T_total, V]`` with ``all_logits``).  The chunks' K/V are
-        written to the pool, which must already hold capacity for them (``pool.reserve``)."""
+        (or of every token ``[T_total, V]`` with ``all_logits``); ``extra_rows`` (indices into the
+        step's concatenated tokens, chunk after chunk) appends those tokens' logits after the last
+        tokens' rows (prompt log-probabilities).  The chunks' K/V are written to the pool, which
+        must already hold capacity for them (``pool.reserve``)."""
         ids, pos, offsets = self._flatten(chunks)
         t = len(ids)
         dev = self.device
+        extra = list(extra_rows or ())
+        bad = [r for r in extra if isinstance(r, bool) or not isinstance(r, int) or not 0 <= r < t]
+        if bad:
+            raise ValueError(f"extra_rows must index the step's {t} tokens, got {bad[:5]}")
+        if all_logits and extra:
+            raise ValueError("extra_rows and all_logits exclude each other (all_logits returns every row)")
         graphs = getattr(self, "_graphs", None)
-        if graphs is not None and not all_logits and all(c.is_decode for c in chunks) and graphs.fits(len(chunks)):
+        if (graphs is not None and not all_logits and not extra and all(c.is_decode for c in chunks)
+                and graphs.fits(len(chunks))):
             try:
                 if graphs.full:  # one host->device copy of its own (ids, positions, slots)
                     return graphs.run_full(chunks, ids, pos)
@@ -594,7 +604,7 @@ class ModelRunner:
                     ).to(out.dtype)
             h = self._finish_layer(layer, h, out.reshape(t, H * D))
         if not all_logits:
-            last = to_device_ints([o + len(c.tokens) - 1 for o, c in zip(offsets, chunks)], torch.long, dev)
+            last = to_device_ints([o + len(c.tokens) - 1 for o, c in zip(offsets, chunks)] + extra, torch.long, dev)
             h = h[last]
         return self._head(h)
 

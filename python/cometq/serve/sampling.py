@@ -3,12 +3,16 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["SamplingParams", "sample_token", "IncrementalDetokenizer", "make_generator"]
+__all__ = ["SamplingParams", "TokenLogprob", "TokenText", "sample_token", "apply_penalties", "token_logprobs",
+           "IncrementalDetokenizer", "make_generator", "bytes_to_unicode", "MAX_LOGPROBS"]
+
+MAX_LOGPROBS = 20  # most alternatives per token a request may ask for (vLLM's default max_logprobs)
 
 
 def _is_int(v) -> bool:
@@ -28,6 +32,16 @@ class SamplingParams:
     * ``seed``: a per-request ``torch.Generator`` seed (same seed + same prompt = same text).
     * ``stop``: strings that end generation (not included in the text);
       ``stop_token_ids``: token ids that end generation (EOS is one unless ``ignore_eos``).
+    * Penalties, applied to the logits before temperature / top-k / top-p (and before the argmax of
+      greedy decoding), in vLLM's order: ``repetition_penalty`` (> 0, 1 = off; HF / CTRL rule on every
+      token of prompt and output: a positive logit is divided by it, a negative one multiplied),
+      then ``frequency_penalty`` and ``presence_penalty`` (in [-2, 2], 0 = off; OpenAI's rule on
+      the output so far: ``logit[t] -= frequency * count[t] + presence * (count[t] > 0)``).
+    * ``logprobs``: return each output token's log-probability and the ``logprobs`` most likely
+      alternatives (0..MAX_LOGPROBS; None = off); ``prompt_logprobs``: the same for the prompt's
+      tokens (the first has none).  Log-probabilities are those of the model's own distribution
+      (log-softmax of the raw logits, before penalties and temperature: vLLM's default
+      ``raw_logprobs``), so they do not depend on how a token was sampled.
     """
 
     max_tokens: int = 16
@@ -38,6 +52,11 @@ class SamplingParams:
     stop: Tuple[str, ...] = ()
     stop_token_ids: Tuple[int, ...] = ()
     ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logprobs: Optional[int] = None
+    prompt_logprobs: Optional[int] = None
 
     def __post_init__(self):
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
@@ -58,10 +77,74 @@ class SamplingParams:
             raise ValueError(f"stop_token_ids must be a tuple of ints >= 0, got {self.stop_token_ids!r}")
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not _is_num(v) or not math.isfinite(v) or not -2 <= v <= 2:
+                raise ValueError(f"{name} must be a number in [-2, 2], got {v!r}")
+        v = self.repetition_penalty
+        if not _is_num(v) or not math.isfinite(v) or not 0 < v <= 2:
+            raise ValueError(f"repetition_penalty must be a number in (0, 2], got {v!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and (not _is_int(v) or not 0 <= v <= MAX_LOGPROBS):
+                raise ValueError(f"{name} must be an int in [0, {MAX_LOGPROBS}] or None, got {v!r}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def penalized(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
+    @property
+    def device_greedy(self) -> bool:
+        """The token is the argmax of the raw logits and nothing else is asked of them: the step's
+        device-side argmax serves it (and async scheduling may feed it back on the device)."""
+        return self.greedy and not self.penalized and self.logprobs is None
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One position's log-probabilities: the chosen token's and the ``top`` alternatives
+    (``[(token_id, logprob)]``, most likely first)."""
+
+    token_id: int
+    logprob: float
+    top: Tuple[Tuple[int, float], ...] = ()
+
+
+def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids: Sequence[int],
+                    output_ids: Sequence[int]) -> torch.Tensor:
+    """``logits`` ``[V]`` with the request's repetition / frequency / presence penalties applied (a new
+    float32 tensor; the input unchanged).  Token ids outside ``[0, V)`` are ignored."""
+    x = logits.float().clone()
+    V = x.numel()
+    if params.repetition_penalty != 1:
+        seen = torch.tensor([t for t in list(prompt_ids) + list(output_ids) if 0 <= t < V], dtype=torch.long)
+        if seen.numel():
+            seen = torch.unique(seen)
+            v = x[seen]
+            x[seen] = torch.where(v > 0, v / params.repetition_penalty, v * params.repetition_penalty)
+    if (params.frequency_penalty != 0 or params.presence_penalty != 0) and len(output_ids):
+        out = torch.tensor([t for t in output_ids if 0 <= t < V], dtype=torch.long)
+        counts = torch.bincount(out, minlength=V).to(x.dtype)
+        x -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(x.dtype)
+    return x
+
+
+def token_logprobs(logits: torch.Tensor, token_ids: Sequence[int], k: int) -> List[TokenLogprob]:
+    """Log-probabilities of ``token_ids[i]`` under row ``i`` of ``logits`` ``[N, V]`` (log-softmax in
+    float32) and each row's ``k`` most likely tokens."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    ids = torch.as_tensor(list(token_ids), dtype=torch.long)
+    chosen = lp.gather(1, ids[:, None])[:, 0].tolist()
+    if k:
+        tv, ti = torch.topk(lp, min(k, lp.shape[-1]), dim=-1)
+        tops = [tuple(zip(a, b)) for a, b in zip(ti.tolist(), tv.tolist())]
+    else:
+        tops = [()] * len(chosen)
+    return [TokenLogprob(int(t), float(c), top) for t, c, top in zip(ids.tolist(), chosen, tops)]
 
 
 def make_generator(seed: Optional[int], device="cpu") -> torch.Generator:
@@ -88,6 +171,64 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, generator: Option
     probs = torch.softmax(x, dim=-1)
     gen_dev = generator.device if generator is not None else probs.device
     return int(torch.multinomial(probs.to(gen_dev), 1, generator=generator))
+
+
+def bytes_to_unicode() -> dict:
+    """GPT-2's byte -> printable-character map (the ByteLevel pre-tokenizer's alphabet)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\u00a1"), ord("\u00ac") + 1))
+    bs += list(range(ord("\u00ae"), ord("\u00ff") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs]))
+
+
+_BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+
+
+class TokenText:
+    """What a token is when it stands alone (log-probability reports): its bytes, and its text --
+    the UTF-8 decoding of those bytes, or ``bytes:\\xNN...`` (OpenAI's form) where a token is part
+    of a multi-byte character, so two such tokens never share a name.  Bytes come from the
+    tokenizer's piece: byte-level BPE (GPT-2's alphabet), SentencePiece byte fallback
+    (``<0xNN>``), else the decoded text."""
+
+    def __init__(self, tokenizer, cache_size: int = 1 << 17):
+        self.tok = tokenizer
+        self._inv = {c: b for b, c in bytes_to_unicode().items()}
+        self._cache: dict = {}
+        self._cache_size = cache_size
+
+    def _bytes(self, t: int) -> bytes:
+        s = self.tok.decode([t])
+        if "\ufffd" not in s:
+            return s.encode("utf-8")
+        piece = self.tok.convert_ids_to_tokens(t)
+        if isinstance(piece, str):
+            m = _BYTE_PIECE.match(piece)
+            if m:
+                return bytes([int(m.group(1), 16)])
+            if piece and all(c in self._inv for c in piece):
+                return bytes(self._inv[c] for c in piece)
+        return s.encode("utf-8")
+
+    def __call__(self, t: int):
+        """(text, bytes) of token ``t``."""
+        hit = self._cache.get(t)
+        if hit is None:
+            b = self._bytes(t)
+            try:
+                text = b.decode("utf-8")
+            except UnicodeDecodeError:
+                text = "bytes:" + "".join(f"\\x{x:02x}" for x in b)
+            hit = (text, b)
+            if len(self._cache) < self._cache_size:
+                self._cache[t] = hit
+        return hit
 
 
 class IncrementalDetokenizer:

@@ -18,7 +18,7 @@ import json
 import threading
 import time
 import uuid
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .engine import EngineLoop, RequestOutput, RequestRejected
 from .protocol import APIError, ParsedRequest, parse_chat, parse_completion
+from .sampling import TokenText
 
 __all__ = ["ServerConfig", "create_app", "ServerThread"]
 
@@ -50,6 +51,9 @@ class ServerConfig:
 
 def _err(e: APIError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status)
+
+
+_LP_FLOOR = -9999.0  # -inf log-probabilities (a token the model rules out) as JSON can carry them (vLLM's)
 
 
 def create_app(loop_: EngineLoop, tokenizer, config: Optional[ServerConfig] = None) -> FastAPI:
@@ -155,12 +159,57 @@ def create_app(loop_: EngineLoop, tokenizer, config: Optional[ServerConfig] = No
             if not submitted:
                 state["in_flight"] -= 1
 
+    # ---- log-probabilities in OpenAI's two shapes. A row: (token id, log-probability or None (the
+    # prompt's first token), alternatives ((id, log-probability), ...) or None)
+    token_text = TokenText(tokenizer)
+
+    def _text(t: int) -> str:
+        return token_text(t)[0]
+
+    def _lp(v: float) -> float:
+        return max(float(v), _LP_FLOOR)
+
+    def _rows(lps) -> List[tuple]:
+        return [(x.token_id, x.logprob, x.top) for x in lps or ()]
+
+    def _prompt_rows(pr: ParsedRequest, plp) -> List[tuple]:
+        return [(pr.prompt_ids[0], None, None)] + _rows(plp[1:])
+
+    def _completion_logprobs(rows: Sequence[tuple], offset: int) -> Tuple[Dict[str, Any], int]:
+        """The legacy completions object (``tokens``, ``token_logprobs``, ``top_logprobs``: the
+        alternatives plus the chosen token, ``text_offset``: from ``offset`` on, the token texts'
+        running length, as vLLM counts it) and the offset after it."""
+        tokens, lps, tops, offs = [], [], [], []
+        for tid, lp, top in rows:
+            s = _text(tid)
+            tokens.append(s)
+            offs.append(offset)
+            offset += len(s)
+            if lp is None:
+                lps.append(None)
+                tops.append(None)
+            else:
+                lps.append(_lp(lp))
+                d = {_text(i): _lp(v) for i, v in top}
+                d.setdefault(s, _lp(lp))
+                tops.append(d)
+        return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offs}, offset
+
+    def _chat_logprobs(rows: Sequence[tuple]) -> Dict[str, Any]:
+        def ent(tid, lp):
+            s, b = token_text(tid)
+            return {"token": s, "logprob": _lp(lp), "bytes": list(b)}
+
+        return {"content": [dict(ent(t, lp), top_logprobs=[ent(i, v) for i, v in top]) for t, lp, top in rows],
+                "refusal": None}
+
     def _usage(out: RequestOutput) -> Dict[str, int]:
         return {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
                 "total_tokens": out.prompt_tokens + out.completion_tokens}
 
     async def _full(request, q, rid, pr, chat):
         text, last, last_check = [], None, [time.monotonic()]
+        rows, prompt_rows = [], []
         try:
             while True:
                 out = await _next(q, request, last_check)
@@ -168,6 +217,9 @@ def create_app(loop_: EngineLoop, tokenizer, config: Optional[ServerConfig] = No
                     loop_.abort(rid)
                     return PlainTextResponse("", status_code=499)
                 text.append(out.text)
+                rows += _rows(out.logprobs)
+                if out.prompt_logprobs is not None:
+                    prompt_rows = _prompt_rows(pr, out.prompt_logprobs)
                 if out.finished:
                     last = out
                     break
@@ -178,12 +230,14 @@ def create_app(loop_: EngineLoop, tokenizer, config: Optional[ServerConfig] = No
             raise APIError(500, f"generation failed: {last.error}", type="server_error", code="engine_error")
         created = int(time.time())
         reason = last.finish_reason if last.finish_reason in ("stop", "length") else "stop"
+        want_lp = pr.params.logprobs is not None
         if chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": "".join(text)},
-                      "logprobs": None, "finish_reason": reason}
+                      "logprobs": _chat_logprobs(rows) if want_lp else None, "finish_reason": reason}
             obj = "chat.completion"
         else:
-            choice = {"index": 0, "text": "".join(text), "logprobs": None, "finish_reason": reason}
+            lp = _completion_logprobs(prompt_rows + rows, 0)[0] if want_lp else None
+            choice = {"index": 0, "text": pr.prompt_text + "".join(text), "logprobs": lp, "finish_reason": reason}
             obj = "text_completion"
         return JSONResponse({"id": rid, "object": obj, "created": created, "model": cfg.model_name,
                              "choices": [choice], "usage": _usage(last)})
@@ -193,17 +247,32 @@ def create_app(loop_: EngineLoop, tokenizer, config: Optional[ServerConfig] = No
         obj = "chat.completion.chunk" if chat else "text_completion"
         done = False
         last_check = [time.monotonic()]
+        want_lp = pr.params.logprobs is not None
+        pending: List[tuple] = []  # log-probability rows of tokens whose text is not sent yet
+        offset = [0]  # completions' text_offset: characters of the stream so far
+        echo = pr.echo  # (completions) the prompt leads the stream
 
-        def chunk(delta_text: Optional[str], reason: Optional[str], first: bool = False) -> str:
+        def lp_obj(rows: List[tuple]):
+            if not want_lp or not rows:
+                return None
+            if chat:
+                return _chat_logprobs(rows)
+            obj_, offset[0] = _completion_logprobs(rows, offset[0])
+            return obj_
+
+        def chunk(delta_text: Optional[str], reason: Optional[str], first: bool = False,
+                  rows: Optional[List[tuple]] = None) -> str:
+            if rows is None:
+                rows, pending[:] = list(pending), []
             if chat:
                 delta: Dict[str, Any] = {}
                 if first:
                     delta["role"] = "assistant"
                 if delta_text is not None:
                     delta["content"] = delta_text
-                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+                choice = {"index": 0, "delta": delta, "logprobs": lp_obj(rows), "finish_reason": reason}
             else:
-                choice = {"index": 0, "text": delta_text or "", "logprobs": None, "finish_reason": reason}
+                choice = {"index": 0, "text": delta_text or "", "logprobs": lp_obj(rows), "finish_reason": reason}
             c = {"id": rid, "object": obj, "created": created, "model": cfg.model_name, "choices": [choice]}
             if pr.include_usage:
                 c["usage"] = None
@@ -211,11 +280,16 @@ def create_app(loop_: EngineLoop, tokenizer, config: Optional[ServerConfig] = No
 
         try:
             if chat:
-                yield chunk("", None, first=True)
+                yield chunk("", None, first=True, rows=[])
             while True:
                 out = await _next(q, request, last_check)
                 if out is None:
                     return
+                if echo:  # the prompt first, with its log-probabilities when asked
+                    prows = _prompt_rows(pr, out.prompt_logprobs) if out.prompt_logprobs is not None else []
+                    yield chunk(pr.prompt_text, None, rows=prows)
+                    echo = False
+                pending.extend(_rows(out.logprobs))
                 if out.finished and out.finish_reason == "error":
                     done = True
                     err = APIError(500, f"generation failed: {out.error}", type="server_error", code="engine_error")
