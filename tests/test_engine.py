@@ -9,7 +9,7 @@ from cometq.nn import set_fast_path
 from cometq.serve.engine import Engine, EngineConfig, RequestRejected
 from cometq.serve.kv import PagedFPPool, PoolExhausted
 from cometq.serve.runner import Chunk, ModelRunner
-from cometq.serve.sampling import (IncrementalDetokenizer, SamplingParams, apply_penalties, make_generator,
+from cometq.serve.sampling import (IncrementalDetokenizer, SamplingParams, process_logits, make_generator,
                                    sample_token, token_logprobs)
 from cometq.serve.tiny import byte_tokenizer, tiny_model
 
@@ -512,6 +512,25 @@ def test_engine_penalties_and_logprobs_match_reference(llama, num_blocks):
         assert [o.prompt_logprobs is not None for o in got] == [True] + [False] * (len(got) - 1)
 
 
+def test_engine_logit_bias_and_min_tokens(llama):
+    r = ModelRunner.with_fp_pool(llama, num_blocks=32, block_size=4)
+    e = Engine(r, None, eos_token_ids=[5])
+    p = _rand_ids(6, 4)
+    # a +100 bias makes a token the greedy choice every time
+    assert e.generate([p], SamplingParams(max_tokens=5, temperature=0, logit_bias=((17, 100.0),)))[0] == [17] * 5
+    # min_tokens: the first greedy token, made a stop id, cannot end the output before 3 tokens
+    first = _greedy_nocache(llama, p, 1)[0]
+    got = e.generate([p], SamplingParams(max_tokens=6, temperature=0, stop_token_ids=(first,)))[0]
+    assert got == []
+    got = e.generate([p], SamplingParams(max_tokens=6, temperature=0, stop_token_ids=(first,), min_tokens=3))[0]
+    with torch.no_grad():
+        row = llama(torch.tensor([p])).logits[0, -1].double()
+    row[first] = float("-inf")
+    assert len(got) >= 3 and first not in got[:3] and got[0] == int(row.argmax())
+    with pytest.raises(RequestRejected, match="logit_bias"):
+        e.add_request(p, SamplingParams(logit_bias=((r.vocab_size, 1.0),)))
+
+
 def test_engine_plain_requests_carry_no_logprobs(llama):
     r = ModelRunner.with_fp_pool(llama, num_blocks=32, block_size=4)
     e = Engine(r, None)
@@ -523,15 +542,15 @@ def test_engine_plain_requests_carry_no_logprobs(llama):
     assert all(o.logprobs is None and o.prompt_logprobs is None for o in outs)
 
 
-def test_apply_penalties_and_token_logprobs():
+def test_process_logits_and_token_logprobs():
     logits = torch.tensor([2.0, -1.0, 0.5, 3.0, -2.0])
     p = SamplingParams(repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.25)
     # prompt [0, 1], output [3, 3, 2]: repetition on {0, 1, 2, 3}; frequency / presence on {3: 2, 2: 1}
-    got = apply_penalties(logits, p, [0, 1], [3, 3, 2])
+    got = process_logits(logits, p, [0, 1], [3, 3, 2])
     want = torch.tensor([2.0 / 2, -1.0 * 2, 0.5 / 2 - 0.5 - 0.25, 3.0 / 2 - 1.0 - 0.25, -2.0])
     assert torch.allclose(got, want) and torch.equal(logits, torch.tensor([2.0, -1.0, 0.5, 3.0, -2.0]))
-    assert torch.equal(apply_penalties(logits, SamplingParams(), [0], [3]), logits)
-    assert torch.equal(apply_penalties(logits, SamplingParams(frequency_penalty=1.0), [0, 1], []), logits)
+    assert torch.equal(process_logits(logits, SamplingParams(), [0], [3]), logits)
+    assert torch.equal(process_logits(logits, SamplingParams(frequency_penalty=1.0), [0, 1], []), logits)
     rows = torch.randn(3, 7)
     lp = torch.log_softmax(rows, -1)
     got = token_logprobs(rows, [6, 0, 2], 2)
@@ -539,7 +558,17 @@ def test_apply_penalties_and_token_logprobs():
     assert [x.logprob for x in got] == pytest.approx([lp[0, 6].item(), lp[1, 0].item(), lp[2, 2].item()])
     assert [[i for i, _ in x.top] for x in got] == torch.topk(lp, 2).indices.tolist()
     assert all(x.top == () for x in token_logprobs(rows, [1, 1, 1], 0))
+    # min_tokens holds back the stop ids and EOS (unless ignore_eos); logit_bias adds
+    mt = SamplingParams(max_tokens=8, min_tokens=2, stop_token_ids=(4,), logit_bias=((1, 5.0), (9, -1.0)))
+    got = process_logits(logits, mt, [0], [3], eos_ids=(0,))
+    assert torch.equal(got, torch.tensor([float("-inf"), 4.0, 0.5, 3.0, float("-inf")]))
+    got = process_logits(logits, mt, [0], [3, 3], eos_ids=(0,))  # 2 output tokens: nothing held back
+    assert torch.equal(got, torch.tensor([2.0, 4.0, 0.5, 3.0, -2.0]))
+    got = process_logits(logits, SamplingParams(max_tokens=8, min_tokens=2, ignore_eos=True), [0], [], eos_ids=(0,))
+    assert torch.equal(got, logits)
     assert SamplingParams(temperature=0).device_greedy
+    assert not SamplingParams(temperature=0, min_tokens=1).device_greedy
+    assert not SamplingParams(temperature=0, logit_bias=((3, 1.0),)).device_greedy
     assert not SamplingParams(temperature=0, logprobs=0).device_greedy
     assert not SamplingParams(temperature=0, repetition_penalty=1.1).device_greedy
     assert not SamplingParams(temperature=0.5).device_greedy
@@ -548,7 +577,9 @@ def test_apply_penalties_and_token_logprobs():
 @pytest.mark.parametrize("kw,match", [
     (dict(presence_penalty=2.5), "presence_penalty"), (dict(frequency_penalty=float("nan")), "frequency_penalty"),
     (dict(repetition_penalty=0), "repetition_penalty"), (dict(repetition_penalty=2.5), "repetition_penalty"),
-    (dict(logprobs=21), "logprobs"), (dict(logprobs=True), "logprobs"), (dict(prompt_logprobs=-1), "prompt_logprobs"),
+    (dict(logprobs=21), "logprobs"), (dict(logit_bias=((1, 200.0),)), "logit_bias"),
+    (dict(logit_bias=((1, 1.0), (1, 2.0))), "logit_bias"), (dict(logit_bias={1: 1.0}), "logit_bias"),
+    (dict(max_tokens=2, min_tokens=3), "min_tokens"), (dict(logprobs=True), "logprobs"), (dict(prompt_logprobs=-1), "prompt_logprobs"),
     (dict(max_tokens=0), "max_tokens"), (dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"),
     (dict(top_k=-2), "top_k"), (dict(seed="x"), "seed"), (dict(stop=("",)), "stop"),
     (dict(stop_token_ids=(-1,)), "stop_token_ids"), (dict(max_tokens=True), "max_tokens"),

@@ -215,6 +215,19 @@ def test_penalties_over_http_match_reference(client, model, tok):
     assert r.choices[0].logprobs.token_logprobs == pytest.approx(want_lps, abs=RUNNER_LOGPROB_ATOL)
 
 
+def test_logit_bias_and_min_tokens_over_http(client):
+    r = client.completions.create(model=MODEL, prompt="bias", max_tokens=5, temperature=0,
+                                  logit_bias={str(ord("Q")): 100})
+    assert r.choices[0].text == "QQQQQ"
+    # the EOS bias makes it the greedy choice; min_tokens keeps it out of the first 3 tokens
+    eos = "<|im_end|>"
+    r = client.completions.create(model=MODEL, prompt="stop", max_tokens=8, temperature=0, logit_bias={"257": 100})
+    assert r.usage.completion_tokens == 0 and r.choices[0].finish_reason == "stop"
+    r = client.completions.create(model=MODEL, prompt="stop", max_tokens=8, temperature=0, logit_bias={"257": 100},
+                                  extra_body={"min_tokens": 3})
+    assert r.usage.completion_tokens == 3 and r.choices[0].finish_reason == "stop" and eos not in r.choices[0].text
+
+
 def test_raw_sse_format(stack):
     body = {"model": MODEL, "prompt": "sse", "max_tokens": 4, "temperature": 0, "stream": True, "ignore_eos": True}
     with httpx.stream("POST", stack.base_url + "/v1/completions", json=body, timeout=TIMEOUT) as r:
@@ -269,11 +282,15 @@ def test_32_concurrent_streams_get_their_own_tokens(stack, client):
     ("/v1/completions", b'{"prompt": "x", "presence_penalty": 2.5}', 400, "presence_penalty"),
     ("/v1/completions", b'{"prompt": "x", "frequency_penalty": "high"}', 400, "frequency_penalty"),
     ("/v1/completions", b'{"prompt": "x", "repetition_penalty": 0}', 400, "repetition_penalty"),
-    ("/v1/completions", b'{"prompt": "x", "logit_bias": {"1": 5}}', 400, "logit_bias"),
     ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}', 400,
      "top_logprobs"),
     ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], "logprobs": 3}', 400, "logprobs"),
     ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], "echo": true}', 400, "echo"),
+    ("/v1/completions", b'{"prompt": "x", "logit_bias": {"x": 5}}', 400, "logit_bias"),
+    ("/v1/completions", b'{"prompt": "x", "logit_bias": {"1": 101}}', 400, "logit_bias"),
+    ("/v1/completions", b'{"prompt": "x", "logit_bias": {"99999": 1}}', 400, "logit_bias"),
+    ("/v1/completions", b'{"prompt": "x", "logit_bias": [1]}', 400, "logit_bias"),
+    ("/v1/completions", b'{"prompt": "x", "max_tokens": 2, "min_tokens": 3}', 400, "min_tokens"),
     ("/v1/chat/completions", b'{"messages": []}', 400, "messages"),
     ("/v1/chat/completions", b'{"messages": [{"role": "wizard", "content": "x"}]}', 400, "messages[0].role"),
     ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": 5}]}', 400, "messages[0].content"),

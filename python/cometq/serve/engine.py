@@ -41,7 +41,7 @@ import torch
 
 from .kv import KVPool, PoolExhausted
 from .runner import Chunk, ModelRunner
-from .sampling import (IncrementalDetokenizer, SamplingParams, TokenLogprob, apply_penalties, make_generator,
+from .sampling import (IncrementalDetokenizer, SamplingParams, TokenLogprob, make_generator, process_logits,
                        sample_token, token_logprobs)
 
 __all__ = ["EngineConfig", "RequestOutput", "Request", "Engine", "EngineLoop", "RequestRejected"]
@@ -203,6 +203,10 @@ class Engine:
         bad = [t for t in prompt_ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < v]
         if bad:
             raise RequestRejected(f"prompt token ids out of range [0, {v}): {bad[:5]}", param="prompt",
+                                  code="invalid_token")
+        bad = [t for t, _ in params.logit_bias if t >= v]
+        if bad:
+            raise RequestRejected(f"logit_bias names token ids out of range [0, {v}): {bad[:5]}", param="logit_bias",
                                   code="invalid_token")
         if n + params.max_tokens > self.max_model_len:
             raise RequestRejected(
@@ -403,7 +407,7 @@ class Engine:
             self._record_prompt_logprobs(spans, logits[len(plan):].cpu())
             logits = logits[:len(plan)]
         # one device->host transfer per step: argmax of every row, and the logits themselves
-        # only when some request samples, is penalized or wants log-probabilities (its
+        # only when some request samples, has its logits processed or wants log-probabilities (its
         # torch.Generator and token history live on the CPU)
         greedy = logits.argmax(dim=-1).tolist()
         host = logits.cpu() if any(not r.params.device_greedy for r, _ in plan) else None
@@ -500,7 +504,8 @@ class Engine:
                 tok = greedy[i]
             else:
                 row = host[i]
-                x = apply_penalties(row, p, req.prompt_ids, req.output_ids) if p.penalized else row
+                x = (process_logits(row, p, req.prompt_ids, req.output_ids, self.eos_token_ids)
+                     if p.processes_logits else row)
                 tok = sample_token(x, p, req.generator)
                 if p.logprobs is not None:
                     lp = token_logprobs(row[None], [tok], p.logprobs)[0]

@@ -86,6 +86,26 @@ def _logprob_fields(body: Dict[str, Any], chat: bool) -> Tuple[Optional[int], bo
     return _num(body, "logprobs", None, 0, MAX_LOGPROBS, integer=True), _flag(body, "echo")
 
 
+def _logit_bias(body: Dict[str, Any]) -> Tuple[Tuple[int, float], ...]:
+    """OpenAI's ``logit_bias``: an object of token id (a string of digits) -> bias in [-100, 100]."""
+    lb = body.get("logit_bias")
+    if lb is None:
+        return ()
+    if not isinstance(lb, dict):
+        raise _bad(f"'logit_bias' must be an object of token id -> bias, got {type(lb).__name__}", "logit_bias",
+                   "invalid_type")
+    if len(lb) > 1024:
+        raise _bad(f"'logit_bias' takes at most 1024 tokens, got {len(lb)}", "logit_bias")
+    out = []
+    for k, v in lb.items():
+        if not (isinstance(k, str) and k.isdigit()):
+            raise _bad(f"'logit_bias' keys must be token ids, got {k!r}", "logit_bias", "invalid_type")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not -100 <= v <= 100:
+            raise _bad(f"'logit_bias' values must be numbers in [-100, 100], got {v!r} for token {k}", "logit_bias")
+        out.append((int(k), float(v)))
+    return tuple(sorted(out))
+
+
 def _common(body: Dict[str, Any], *, max_tokens_default: int, max_tokens_names: Sequence[str],
             chat: bool) -> Tuple[SamplingParams, bool, bool, bool]:
     for name, default in (("n", 1), ("best_of", 1)):
@@ -97,7 +117,9 @@ def _common(body: Dict[str, Any], *, max_tokens_default: int, max_tokens_names: 
     frequency = _num(body, "frequency_penalty", 0.0, -2.0, 2.0)
     repetition = _num(body, "repetition_penalty", 1.0, 0.0, 2.0, lo_open=True)  # (vLLM's extension)
     logprobs, echo = _logprob_fields(body, chat)
-    for name in ("logit_bias", "tools", "functions", "suffix"):
+    logit_bias = _logit_bias(body)
+    min_tokens = _num(body, "min_tokens", 0, 0, 1 << 20, integer=True)  # (vLLM's extension)
+    for name in ("tools", "functions", "suffix"):
         v = body.get(name)
         if v not in (None, False, 0, {}, []):
             raise _bad(f"'{name}' is not supported", name, "unsupported_parameter")
@@ -108,6 +130,8 @@ def _common(body: Dict[str, Any], *, max_tokens_default: int, max_tokens_names: 
             break
     if max_tokens is None:
         max_tokens = max_tokens_default
+    if min_tokens > max_tokens:
+        raise _bad(f"'min_tokens' ({min_tokens}) exceeds the maximum number of tokens ({max_tokens})", "min_tokens")
     temperature = _num(body, "temperature", 1.0, 0.0, 2.0)
     top_p = _num(body, "top_p", 1.0, 0.0, 1.0, lo_open=True)
     top_k = _num(body, "top_k", 0, -1, 1 << 20, integer=True)
@@ -151,7 +175,8 @@ def _common(body: Dict[str, Any], *, max_tokens_default: int, max_tokens_names: 
                             top_p=float(top_p), seed=seed, stop=stop, stop_token_ids=tuple(stop_ids),
                             ignore_eos=ignore_eos, presence_penalty=float(presence),
                             frequency_penalty=float(frequency), repetition_penalty=float(repetition),
-                            logprobs=logprobs, prompt_logprobs=logprobs if echo else None)
+                            logprobs=logprobs, prompt_logprobs=logprobs if echo else None,
+                            logit_bias=logit_bias, min_tokens=min_tokens)
     return params, stream, include_usage, echo
 
 

@@ -9,7 +9,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["SamplingParams", "TokenLogprob", "TokenText", "sample_token", "apply_penalties", "token_logprobs",
+__all__ = ["SamplingParams", "TokenLogprob", "TokenText", "sample_token", "process_logits", "token_logprobs",
            "IncrementalDetokenizer", "make_generator", "bytes_to_unicode", "MAX_LOGPROBS"]
 
 MAX_LOGPROBS = 20  # most alternatives per token a request may ask for (vLLM's default max_logprobs)
@@ -32,11 +32,13 @@ class SamplingParams:
     * ``seed``: a per-request ``torch.Generator`` seed (same seed + same prompt = same text).
     * ``stop``: strings that end generation (not included in the text);
       ``stop_token_ids``: token ids that end generation (EOS is one unless ``ignore_eos``).
-    * Penalties, applied to the logits before temperature / top-k / top-p (and before the argmax of
-      greedy decoding), in vLLM's order: ``repetition_penalty`` (> 0, 1 = off; HF / CTRL rule on every
-      token of prompt and output: a positive logit is divided by it, a negative one multiplied),
-      then ``frequency_penalty`` and ``presence_penalty`` (in [-2, 2], 0 = off; OpenAI's rule on
-      the output so far: ``logit[t] -= frequency * count[t] + presence * (count[t] > 0)``).
+    * Logit processing before temperature / top-k / top-p (and before the argmax of greedy
+      decoding), in vLLM's order: ``min_tokens`` (the stop token ids and EOS cannot be chosen
+      before that many output tokens), ``logit_bias`` (``((token_id, bias), ...)``, bias in
+      [-100, 100], added), ``repetition_penalty`` (> 0, 1 = off; HF / CTRL rule on every token of
+      prompt and output: a positive logit is divided by it, a negative one multiplied), then
+      ``frequency_penalty`` and ``presence_penalty`` (in [-2, 2], 0 = off; OpenAI's rule on the
+      output so far: ``logit[t] -= frequency * count[t] + presence * (count[t] > 0)``).
     * ``logprobs``: return each output token's log-probability and the ``logprobs`` most likely
       alternatives (0..MAX_LOGPROBS; None = off); ``prompt_logprobs``: the same for the prompt's
       tokens (the first has none).  Log-probabilities are those of the model's own distribution
@@ -57,6 +59,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logprobs: Optional[int] = None
     prompt_logprobs: Optional[int] = None
+    logit_bias: Tuple[Tuple[int, float], ...] = ()
+    min_tokens: int = 0
 
     def __post_init__(self):
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
@@ -88,20 +92,31 @@ class SamplingParams:
             v = getattr(self, name)
             if v is not None and (not _is_int(v) or not 0 <= v <= MAX_LOGPROBS):
                 raise ValueError(f"{name} must be an int in [0, {MAX_LOGPROBS}] or None, got {v!r}")
+        lb = self.logit_bias
+        if not isinstance(lb, tuple) or not all(
+                isinstance(e, tuple) and len(e) == 2 and _is_int(e[0]) and e[0] >= 0 and _is_num(e[1])
+                and math.isfinite(e[1]) and -100 <= e[1] <= 100 for e in lb):
+            raise ValueError(f"logit_bias must be a tuple of (token id >= 0, bias in [-100, 100]) pairs, got {lb!r}")
+        if len({t for t, _ in lb}) != len(lb):
+            raise ValueError(f"logit_bias names a token twice: {lb!r}")
+        if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens must be an int in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
 
     @property
-    def penalized(self) -> bool:
-        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+    def processes_logits(self) -> bool:
+        """Penalties, a logit bias or min_tokens: the logits are changed before sampling."""
+        return (self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+                or bool(self.logit_bias) or self.min_tokens > 0)
 
     @property
     def device_greedy(self) -> bool:
         """The token is the argmax of the raw logits and nothing else is asked of them: the step's
         device-side argmax serves it (and async scheduling may feed it back on the device)."""
-        return self.greedy and not self.penalized and self.logprobs is None
+        return self.greedy and not self.processes_logits and self.logprobs is None
 
 
 @dataclass(frozen=True)
@@ -114,12 +129,23 @@ class TokenLogprob:
     top: Tuple[Tuple[int, float], ...] = ()
 
 
-def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids: Sequence[int],
-                    output_ids: Sequence[int]) -> torch.Tensor:
-    """``logits`` ``[V]`` with the request's repetition / frequency / presence penalties applied (a new
-    float32 tensor; the input unchanged).  Token ids outside ``[0, V)`` are ignored."""
+def process_logits(logits: torch.Tensor, params: SamplingParams, prompt_ids: Sequence[int],
+                   output_ids: Sequence[int], eos_ids: Sequence[int] = ()) -> torch.Tensor:
+    """``logits`` ``[V]`` after the request's logit processing (see :class:`SamplingParams`: min_tokens
+    -- ``eos_ids`` are the EOS ids it holds back unless ``ignore_eos`` --, logit bias, repetition /
+    frequency / presence penalties), as a new float32 tensor (the input unchanged).  Token ids
+    outside ``[0, V)`` are ignored."""
     x = logits.float().clone()
     V = x.numel()
+    if len(output_ids) < params.min_tokens:
+        held = [t for t in tuple(params.stop_token_ids) + (() if params.ignore_eos else tuple(eos_ids)) if 0 <= t < V]
+        if held:
+            x[torch.tensor(held, dtype=torch.long)] = float("-inf")
+    if params.logit_bias:
+        ids = [t for t, _ in params.logit_bias if t < V]
+        if ids:
+            x[torch.tensor(ids, dtype=torch.long)] += torch.tensor([b for t, b in params.logit_bias if t < V],
+                                                                  dtype=x.dtype)
     if params.repetition_penalty != 1:
         seen = torch.tensor([t for t in list(prompt_ids) + list(output_ids) if 0 <= t < V], dtype=torch.long)
         if seen.numel():

@@ -90,6 +90,9 @@ def create_app(loop_: EngineLoop, tokenizer, config: Optional[ServerConfig] = No
                            param="prompt", code="context_length_exceeded")
         room = engine.max_model_len - len(pr.prompt_ids)
         if not pr.max_tokens_given and pr.params.max_tokens > room >= 1:
+            if room < pr.params.min_tokens:
+                raise APIError(400, f"'min_tokens' ({pr.params.min_tokens}) does not fit the context: the prompt "
+                               f"leaves room for {room} tokens", param="min_tokens", code="context_length_exceeded")
             pr.params = dataclasses.replace(pr.params, max_tokens=room)  # default length: fit the context
         if pr.model and pr.model != cfg.model_name:
             raise APIError(404, f"model {pr.model!r} does not exist (served: {cfg.model_name!r})",
