@@ -228,6 +228,52 @@ def test_logit_bias_and_min_tokens_over_http(client):
     assert r.usage.completion_tokens == 3 and r.choices[0].finish_reason == "stop" and eos not in r.choices[0].text
 
 
+def _metric(stack, name):
+    t0 = time.monotonic()
+    while True:  # (the in-flight gauge drops when the engine's last output reaches the event loop)
+        text = httpx.get(stack.base_url + "/metrics", timeout=TIMEOUT).text
+        v = float(next(ln.split()[1] for ln in text.splitlines() if ln.startswith(name + " ")))
+        if v == 0 or time.monotonic() - t0 > 5:
+            return v
+        time.sleep(0.02)
+
+
+def _choice_texts(chunks, n, chat=False):
+    texts, reasons = [[] for _ in range(n)], [[] for _ in range(n)]
+    for ch in chunks:
+        for c in ch.choices:
+            texts[c.index].append((c.delta.content or "") if chat else c.text)
+            if c.finish_reason:
+                reasons[c.index].append(c.finish_reason)
+    return ["".join(t) for t in texts], reasons
+
+
+def test_n_choices(stack, client):
+    kw = dict(model=MODEL, prompt="choices", max_tokens=8, temperature=1.0, extra_body={"ignore_eos": True})
+    full = client.completions.create(n=3, seed=11, **kw)
+    assert [c.index for c in full.choices] == [0, 1, 2] and full.usage.completion_tokens == 24
+    assert full.usage.prompt_tokens == len(b"choices")
+    # choice i samples with seed + i: each equals the single-choice request with that seed
+    solo = [client.completions.create(seed=11 + i, **kw).choices[0].text for i in range(3)]
+    assert [c.text for c in full.choices] == solo and len(set(solo)) > 1
+    chunks = list(client.completions.create(n=3, seed=11, stream=True, stream_options={"include_usage": True}, **kw))
+    texts, reasons = _choice_texts(chunks, 3)
+    assert texts == solo and reasons == [["length"]] * 3
+    assert chunks[-1].usage.completion_tokens == 24
+    # chat, with log-probabilities per choice
+    msgs = [{"role": "user", "content": "hi"}]
+    chat = client.chat.completions.create(model=MODEL, messages=msgs, n=2, max_tokens=4, temperature=0.7, seed=3,
+                                          logprobs=True, extra_body={"ignore_eos": True})
+    assert [c.index for c in chat.choices] == [0, 1]
+    assert all(len(c.logprobs.content) == 4 for c in chat.choices)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=msgs, n=2, max_tokens=4, temperature=0.7,
+                                                 seed=3, stream=True, extra_body={"ignore_eos": True}))
+    assert sum(1 for ch in chunks if ch.choices and ch.choices[0].delta.role == "assistant") == 2
+    texts, reasons = _choice_texts(chunks, 2, chat=True)
+    assert texts == [c.message.content for c in chat.choices] and reasons == [["length"]] * 2
+    assert _wait_idle(stack.engine) and _metric(stack, "cometq_http_requests_in_flight") == 0
+
+
 def test_raw_sse_format(stack):
     body = {"model": MODEL, "prompt": "sse", "max_tokens": 4, "temperature": 0, "stream": True, "ignore_eos": True}
     with httpx.stream("POST", stack.base_url + "/v1/completions", json=body, timeout=TIMEOUT) as r:
@@ -266,7 +312,9 @@ def test_32_concurrent_streams_get_their_own_tokens(stack, client):
     ("/v1/completions", b'{"prompt": "x", "max_tokens": "5"}', 400, "max_tokens"),
     ("/v1/completions", b'{"prompt": "x", "temperature": 3}', 400, "temperature"),
     ("/v1/completions", b'{"prompt": "x", "top_p": 0}', 400, "top_p"),
-    ("/v1/completions", b'{"prompt": "x", "n": 2}', 400, "n"),
+    ("/v1/completions", b'{"prompt": "x", "n": 17}', 400, "n"),
+    ("/v1/completions", b'{"prompt": "x", "n": 0}', 400, "n"),
+    ("/v1/completions", b'{"prompt": "x", "n": 2, "best_of": 3}', 400, "best_of"),
     ("/v1/completions", b'{"prompt": "x", "stop": 5}', 400, "stop"),
     ("/v1/completions", b'{"prompt": "x", "seed": 1.5}', 400, "seed"),
     ("/v1/completions", b'{"prompt": [1, 99999]}', 400, "prompt"),
@@ -311,15 +359,15 @@ def test_openai_client_raises_on_bad_request(client):
     assert ei.value.body["code"] == "context_length_exceeded"
 
 
-@pytest.mark.parametrize("stream", [True, False])
-def test_client_disconnect_frees_sequence(stack, stream):
+@pytest.mark.parametrize("stream,n", [(True, 1), (False, 1), (True, 3), (False, 2)])
+def test_client_disconnect_frees_sequence(stack, stream, n):
     eng = stack.engine
     assert _wait_idle(eng)
     aborted, finished = eng.stats["aborted"], eng.stats["finished"]
     orig_step = eng.step
     eng.step = lambda: (time.sleep(0.02), orig_step())[1]  # a slow engine: 240 tokens take >= 5 s
     body = {"model": MODEL, "prompt": "long one", "max_tokens": 240, "temperature": 0, "ignore_eos": True,
-            "stream": stream}
+            "stream": stream, "n": n}
     try:
         with httpx.stream("POST", stack.base_url + "/v1/completions", json=body,
                           timeout=None if stream else 0.5) as r:
@@ -333,7 +381,8 @@ def test_client_disconnect_frees_sequence(stack, stream):
         assert _wait_idle(eng), (eng.pool.num_used_blocks, len(eng.running))
     finally:
         eng.step = orig_step
-    assert eng.stats["aborted"] == aborted + 1 and eng.stats["finished"] == finished
+    assert eng.stats["aborted"] == aborted + n and eng.stats["finished"] == finished
+    assert _metric(stack, "cometq_http_requests_in_flight") == 0
 
 
 def test_pool_exhaustion_under_load(model, tok):
@@ -392,6 +441,30 @@ def test_kv4_server_and_limits(model, tok):
             eng.step = orig_step
         assert _wait_idle(s.engine)
         assert all(p.num_free_blocks == 16 for p in s.engine.pool.layers)
+    finally:
+        s.stop()
+
+
+def test_n_choices_all_or_none_on_a_full_queue(model, tok):
+    s = _stack(model, tok, kv4=False, num_blocks=32, block_size=16, max_queue=2)
+    try:
+        eng, gate = s.engine, threading.Event()
+        orig_step = eng.step
+        eng.step = lambda: (gate.wait(TIMEOUT), orig_step())[1]  # nothing leaves the queue meanwhile
+        state = s.server.config.app.state.server_state
+        aborted = eng.stats["aborted"]
+        try:
+            r = httpx.post(s.base_url + "/v1/completions", json={"model": MODEL, "prompt": "x", "n": 3},
+                           timeout=TIMEOUT)
+            assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"
+        finally:
+            gate.set()
+            eng.step = orig_step
+        assert _wait_idle(eng) and eng.stats["aborted"] == aborted + 2  # the two queued choices withdrawn
+        assert state["in_flight"] == 0
+        ok = httpx.post(s.base_url + "/v1/completions", json={"model": MODEL, "prompt": "x", "n": 2,
+                                                              "max_tokens": 3}, timeout=TIMEOUT)
+        assert ok.status_code == 200 and len(ok.json()["choices"]) == 2
     finally:
         s.stop()
 

@@ -48,7 +48,7 @@ def _malformed(rng: random.Random, max_prompt: int) -> tuple:
     if kind == 5:
         return path, json.dumps({"prompt": "x", "top_p": 0}).encode()
     if kind == 6:
-        return path, json.dumps({"prompt": "x", "n": 3}).encode()
+        return path, json.dumps({"prompt": "x", "n": rng.choice([0, 99, "3"])}).encode()
     if kind == 7:
         return "/v1/chat/completions", json.dumps({"messages": "hello"}).encode()
     if kind == 8:

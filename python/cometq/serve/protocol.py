@@ -11,7 +11,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .sampling import MAX_LOGPROBS, SamplingParams
 
-__all__ = ["APIError", "ParsedRequest", "parse_completion", "parse_chat"]
+__all__ = ["APIError", "ParsedRequest", "parse_completion", "parse_chat", "MAX_N"]
+
+MAX_N = 16  # choices per request (each is a sequence of its own in the engine)
 
 
 class APIError(Exception):
@@ -42,6 +44,7 @@ class ParsedRequest:
     max_tokens_given: bool = True  # False: the default may be shortened to fit the context
     echo: bool = False  # completions: the prompt's text (and log-probabilities) lead the output
     prompt_text: str = ""  # what echo returns
+    n: int = 1  # choices: n engine requests on the same prompt
 
 
 def _num(body, name, default, lo, hi, *, integer=False, lo_open=False):
@@ -107,12 +110,12 @@ def _logit_bias(body: Dict[str, Any]) -> Tuple[Tuple[int, float], ...]:
 
 
 def _common(body: Dict[str, Any], *, max_tokens_default: int, max_tokens_names: Sequence[str],
-            chat: bool) -> Tuple[SamplingParams, bool, bool, bool]:
-    for name, default in (("n", 1), ("best_of", 1)):
-        v = body.get(name, default)
-        if v is not None and v != 1:
-            raise _bad(f"'{name}' must be 1 (only one choice per request is supported), got {v!r}", name,
-                       "unsupported_value")
+            chat: bool) -> Tuple[SamplingParams, bool, bool, bool, int]:
+    n = _num(body, "n", 1, 1, MAX_N, integer=True)
+    best_of = body.get("best_of")
+    if best_of is not None and best_of != n:
+        raise _bad(f"'best_of' is not supported (leave it unset or equal to n={n}), got {best_of!r}", "best_of",
+                   "unsupported_value")
     presence = _num(body, "presence_penalty", 0.0, -2.0, 2.0)
     frequency = _num(body, "frequency_penalty", 0.0, -2.0, 2.0)
     repetition = _num(body, "repetition_penalty", 1.0, 0.0, 2.0, lo_open=True)  # (vLLM's extension)
@@ -177,7 +180,7 @@ def _common(body: Dict[str, Any], *, max_tokens_default: int, max_tokens_names: 
                             frequency_penalty=float(frequency), repetition_penalty=float(repetition),
                             logprobs=logprobs, prompt_logprobs=logprobs if echo else None,
                             logit_bias=logit_bias, min_tokens=min_tokens)
-    return params, stream, include_usage, echo
+    return params, stream, include_usage, echo, n
 
 
 def _model(body) -> str:
@@ -215,10 +218,10 @@ def parse_completion(body: Any, tokenizer, vocab: int, max_tokens_default: int =
                    "invalid_type")
     if not ids:
         raise _bad("'prompt' must not be empty", "prompt")
-    params, stream, usage, echo = _common(body, max_tokens_default=max_tokens_default,
-                                          max_tokens_names=("max_tokens",), chat=False)
+    params, stream, usage, echo, n = _common(body, max_tokens_default=max_tokens_default,
+                                             max_tokens_names=("max_tokens",), chat=False)
     text = (p if isinstance(p, str) else tokenizer.decode(ids)) if echo else ""
-    return ParsedRequest(ids, params, stream, usage, _model(body), body.get("max_tokens") is not None, echo, text)
+    return ParsedRequest(ids, params, stream, usage, _model(body), body.get("max_tokens") is not None, echo, text, n)
 
 
 _ROLES = ("system", "user", "assistant", "developer", "tool")
@@ -268,7 +271,7 @@ def parse_chat(body: Any, tokenizer, vocab: int, max_tokens_default: int = 256) 
         clean.append({"role": "system" if role == "developer" else role,
                       "content": _content_text(m.get("content", ""), i)})
     ids = chat_prompt_ids(tokenizer, clean)
-    params, stream, usage, _ = _common(body, max_tokens_default=max_tokens_default,
-                                       max_tokens_names=("max_completion_tokens", "max_tokens"), chat=True)
+    params, stream, usage, _, n = _common(body, max_tokens_default=max_tokens_default,
+                                          max_tokens_names=("max_completion_tokens", "max_tokens"), chat=True)
     given = body.get("max_completion_tokens") is not None or body.get("max_tokens") is not None
-    return ParsedRequest(ids, params, stream, usage, _model(body), given)
+    return ParsedRequest(ids, params, stream, usage, _model(body), given, n=n)

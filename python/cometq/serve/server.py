@@ -99,30 +99,47 @@ def create_app(loop_: EngineLoop, tokenizer, config: Optional[ServerConfig] = No
                            type="not_found_error", param="model", code="model_not_found")
         if not loop_.alive:
             raise APIError(503, "the engine is not running", type="server_error", code="engine_down")
+        # one engine request per choice (ids rid-0 .. rid-{n-1} when n > 1; with a seed, choice i
+        # samples with seed + i), outputs queued as (choice index, RequestOutput)
         q: asyncio.Queue = asyncio.Queue()
+        ids = [rid] if pr.n == 1 else [f"{rid}-{i}" for i in range(pr.n)]
+        left = [len(ids)]
 
-        def done() -> None:
-            state["in_flight"] -= 1
+        def done() -> None:  # the HTTP request is in flight until the engine is done with every choice
+            left[0] -= 1
+            if left[0] == 0:
+                state["in_flight"] -= 1
 
-        def cb(out: RequestOutput) -> None:  # engine thread
-            try:
-                aloop.call_soon_threadsafe(q.put_nowait, out)
-                if out.finished:  # a request is in flight until the engine is done with it
-                    aloop.call_soon_threadsafe(done)
-            except RuntimeError:  # event loop closed during shutdown
-                pass
+        def callback(i: int):
+            def cb(out: RequestOutput) -> None:  # engine thread
+                try:
+                    aloop.call_soon_threadsafe(q.put_nowait, (i, out))
+                    if out.finished:
+                        aloop.call_soon_threadsafe(done)
+                except RuntimeError:  # event loop closed during shutdown
+                    pass
+            return cb
 
+        submitted: List[str] = []
         try:
-            loop_.submit(pr.prompt_ids, pr.params, cb, request_id=rid)
+            for i, eid in enumerate(ids):
+                params = pr.params
+                if i and params.seed is not None:
+                    seed = params.seed + i
+                    params = dataclasses.replace(params, seed=seed - 2**64 if seed >= 2**64 else seed)
+                loop_.submit(pr.prompt_ids, params, callback(i), request_id=eid)
+                submitted.append(eid)
         except RequestRejected as e:
+            for eid in submitted:  # all choices or none (their finishes never reach left == 0)
+                loop_.abort(eid)
             status = 429 if e.code == "queue_full" else 400
             raise APIError(status, str(e), type="rate_limit_error" if status == 429 else "invalid_request_error",
                            param=e.param, code=e.code)
-        return q
+        return q, ids
 
-    async def _next(q: asyncio.Queue, request: Request, last_check: list) -> Optional[RequestOutput]:
-        """Next engine output, or None when the client went away (checked every poll interval,
-        also while outputs keep arriving)."""
+    async def _next(q: asyncio.Queue, request: Request, last_check: list) -> Optional[Tuple[int, RequestOutput]]:
+        """Next (choice index, engine output), or None when the client went away (checked every poll
+        interval, also while outputs keep arriving)."""
         while True:
             now = time.monotonic()
             if now - last_check[0] >= cfg.disconnect_poll_s:
@@ -149,12 +166,12 @@ def create_app(loop_: EngineLoop, tokenizer, config: Optional[ServerConfig] = No
             except ValueError as e:  # SamplingParams validation
                 raise APIError(400, str(e), code="invalid_value")
             rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-            q = _submit(pr, rid, asyncio.get_running_loop())
+            q, eids = _submit(pr, rid, asyncio.get_running_loop())
             submitted = True
             if pr.stream:
-                return StreamingResponse(_stream(request, q, rid, pr, chat), media_type="text/event-stream",
+                return StreamingResponse(_stream(request, q, rid, eids, pr, chat), media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache"})
-            return await _full(request, q, rid, pr, chat)
+            return await _full(request, q, rid, eids, pr, chat)
         except APIError as e:
             state["http_errors"] += 1
             return _err(e)
@@ -206,76 +223,92 @@ def create_app(loop_: EngineLoop, tokenizer, config: Optional[ServerConfig] = No
         return {"content": [dict(ent(t, lp), top_logprobs=[ent(i, v) for i, v in top]) for t, lp, top in rows],
                 "refusal": None}
 
-    def _usage(out: RequestOutput) -> Dict[str, int]:
-        return {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
-                "total_tokens": out.prompt_tokens + out.completion_tokens}
+    def _usage(outs: Sequence[RequestOutput]) -> Dict[str, int]:
+        p, c = outs[0].prompt_tokens, sum(o.completion_tokens for o in outs)
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
-    async def _full(request, q, rid, pr, chat):
-        text, last, last_check = [], None, [time.monotonic()]
-        rows, prompt_rows = [], []
+    def _abort(eids: Sequence[str]) -> None:
+        for eid in eids:
+            loop_.abort(eid)
+
+    def _engine_error(out: RequestOutput) -> APIError:
+        return APIError(500, f"generation failed: {out.error}", type="server_error", code="engine_error")
+
+    async def _full(request, q, rid, eids, pr, chat):
+        n = pr.n
+        texts: List[List[str]] = [[] for _ in range(n)]
+        rows: List[List[tuple]] = [[] for _ in range(n)]
+        prompt_rows: List[List[tuple]] = [[] for _ in range(n)]
+        last: List[Optional[RequestOutput]] = [None] * n
+        left, last_check = n, [time.monotonic()]
         try:
-            while True:
-                out = await _next(q, request, last_check)
-                if out is None:
-                    loop_.abort(rid)
+            while left:
+                item = await _next(q, request, last_check)
+                if item is None:
+                    _abort(eids)
                     return PlainTextResponse("", status_code=499)
-                text.append(out.text)
-                rows += _rows(out.logprobs)
+                i, out = item
+                if out.finished and out.finish_reason == "error":
+                    _abort(eids)
+                    raise _engine_error(out)
+                texts[i].append(out.text)
+                rows[i] += _rows(out.logprobs)
                 if out.prompt_logprobs is not None:
-                    prompt_rows = _prompt_rows(pr, out.prompt_logprobs)
+                    prompt_rows[i] = _prompt_rows(pr, out.prompt_logprobs)
                 if out.finished:
-                    last = out
-                    break
+                    last[i] = out
+                    left -= 1
         except asyncio.CancelledError:
-            loop_.abort(rid)
+            _abort(eids)
             raise
-        if last.finish_reason == "error":
-            raise APIError(500, f"generation failed: {last.error}", type="server_error", code="engine_error")
-        created = int(time.time())
-        reason = last.finish_reason if last.finish_reason in ("stop", "length") else "stop"
         want_lp = pr.params.logprobs is not None
-        if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": "".join(text)},
-                      "logprobs": _chat_logprobs(rows) if want_lp else None, "finish_reason": reason}
-            obj = "chat.completion"
-        else:
-            lp = _completion_logprobs(prompt_rows + rows, 0)[0] if want_lp else None
-            choice = {"index": 0, "text": pr.prompt_text + "".join(text), "logprobs": lp, "finish_reason": reason}
-            obj = "text_completion"
-        return JSONResponse({"id": rid, "object": obj, "created": created, "model": cfg.model_name,
-                             "choices": [choice], "usage": _usage(last)})
+        choices = []
+        for i in range(n):
+            reason = last[i].finish_reason if last[i].finish_reason in ("stop", "length") else "stop"
+            if chat:
+                choices.append({"index": i, "message": {"role": "assistant", "content": "".join(texts[i])},
+                                "logprobs": _chat_logprobs(rows[i]) if want_lp else None, "finish_reason": reason})
+            else:
+                lp = _completion_logprobs(prompt_rows[i] + rows[i], 0)[0] if want_lp else None
+                choices.append({"index": i, "text": pr.prompt_text + "".join(texts[i]), "logprobs": lp,
+                                "finish_reason": reason})
+        return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion",
+                             "created": int(time.time()), "model": cfg.model_name, "choices": choices,
+                             "usage": _usage(last)})
 
-    async def _stream(request, q, rid, pr, chat):
+    async def _stream(request, q, rid, eids, pr, chat):
         created = int(time.time())
         obj = "chat.completion.chunk" if chat else "text_completion"
+        n = pr.n
         done = False
         last_check = [time.monotonic()]
         want_lp = pr.params.logprobs is not None
-        pending: List[tuple] = []  # log-probability rows of tokens whose text is not sent yet
-        offset = [0]  # completions' text_offset: characters of the stream so far
-        echo = pr.echo  # (completions) the prompt leads the stream
+        pending: List[List[tuple]] = [[] for _ in range(n)]  # log-probability rows of tokens whose text is not sent
+        offset = [0] * n  # completions' text_offset: characters of each choice's stream so far
+        echo = [pr.echo] * n  # (completions) the prompt leads each choice's stream
+        last: List[Optional[RequestOutput]] = [None] * n
 
-        def lp_obj(rows: List[tuple]):
+        def lp_obj(i: int, rows: List[tuple]):
             if not want_lp or not rows:
                 return None
             if chat:
                 return _chat_logprobs(rows)
-            obj_, offset[0] = _completion_logprobs(rows, offset[0])
+            obj_, offset[i] = _completion_logprobs(rows, offset[i])
             return obj_
 
-        def chunk(delta_text: Optional[str], reason: Optional[str], first: bool = False,
+        def chunk(i: int, delta_text: Optional[str], reason: Optional[str], first: bool = False,
                   rows: Optional[List[tuple]] = None) -> str:
             if rows is None:
-                rows, pending[:] = list(pending), []
+                rows, pending[i] = pending[i], []
             if chat:
                 delta: Dict[str, Any] = {}
                 if first:
                     delta["role"] = "assistant"
                 if delta_text is not None:
                     delta["content"] = delta_text
-                choice = {"index": 0, "delta": delta, "logprobs": lp_obj(rows), "finish_reason": reason}
+                choice = {"index": i, "delta": delta, "logprobs": lp_obj(i, rows), "finish_reason": reason}
             else:
-                choice = {"index": 0, "text": delta_text or "", "logprobs": lp_obj(rows), "finish_reason": reason}
+                choice = {"index": i, "text": delta_text or "", "logprobs": lp_obj(i, rows), "finish_reason": reason}
             c = {"id": rid, "object": obj, "created": created, "model": cfg.model_name, "choices": [choice]}
             if pr.include_usage:
                 c["usage"] = None
@@ -283,37 +316,41 @@ def create_app(loop_: EngineLoop, tokenizer, config: Optional[ServerConfig] = No
 
         try:
             if chat:
-                yield chunk("", None, first=True, rows=[])
-            while True:
-                out = await _next(q, request, last_check)
-                if out is None:
+                for i in range(n):
+                    yield chunk(i, "", None, first=True, rows=[])
+            left = n
+            while left:
+                item = await _next(q, request, last_check)
+                if item is None:
                     return
-                if echo:  # the prompt first, with its log-probabilities when asked
-                    prows = _prompt_rows(pr, out.prompt_logprobs) if out.prompt_logprobs is not None else []
-                    yield chunk(pr.prompt_text, None, rows=prows)
-                    echo = False
-                pending.extend(_rows(out.logprobs))
+                i, out = item
                 if out.finished and out.finish_reason == "error":
                     done = True
-                    err = APIError(500, f"generation failed: {out.error}", type="server_error", code="engine_error")
-                    yield f"data: {json.dumps(err.body())}\n\n"
+                    _abort(eids)
+                    yield f"data: {json.dumps(_engine_error(out).body())}\n\n"
                     yield "data: [DONE]\n\n"
                     return
+                if echo[i]:  # the prompt first, with its log-probabilities when asked
+                    prows = _prompt_rows(pr, out.prompt_logprobs) if out.prompt_logprobs is not None else []
+                    yield chunk(i, pr.prompt_text, None, rows=prows)
+                    echo[i] = False
+                pending[i].extend(_rows(out.logprobs))
                 if out.text:
-                    yield chunk(out.text, None)
+                    yield chunk(i, out.text, None)
                 if out.finished:
-                    done = True
+                    last[i] = out
+                    left -= 1
                     reason = out.finish_reason if out.finish_reason in ("stop", "length") else "stop"
-                    yield chunk(None if chat else "", reason)
-                    if pr.include_usage:
-                        u = {"id": rid, "object": obj, "created": created, "model": cfg.model_name,
-                             "choices": [], "usage": _usage(out)}
-                        yield f"data: {json.dumps(u)}\n\n"
-                    yield "data: [DONE]\n\n"
-                    return
+                    yield chunk(i, None if chat else "", reason)
+            done = True
+            if pr.include_usage:
+                u = {"id": rid, "object": obj, "created": created, "model": cfg.model_name,
+                     "choices": [], "usage": _usage(last)}
+                yield f"data: {json.dumps(u)}\n\n"
+            yield "data: [DONE]\n\n"
         finally:
             if not done:
-                loop_.abort(rid)  # client went away or the stream was cancelled
+                _abort(eids)  # client went away or the stream was cancelled
 
     @app.post("/v1/completions")
     async def completions(request: Request):
