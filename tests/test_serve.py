@@ -274,6 +274,35 @@ def test_n_choices(stack, client):
     assert _wait_idle(stack.engine) and _metric(stack, "cometq_http_requests_in_flight") == 0
 
 
+def test_batched_prompts(stack, client):
+    prompts = ["first prompt", "the second", [104, 105]]
+    kw = dict(model=MODEL, max_tokens=5, temperature=0.9, seed=21, extra_body={"ignore_eos": True})
+    full = client.completions.create(prompt=prompts, n=2, echo=True, logprobs=1, **kw)
+    assert [c.index for c in full.choices] == list(range(6))
+    assert full.usage.prompt_tokens == len(b"first prompt") + len(b"the second") + 2
+    assert full.usage.completion_tokens == 30
+    # choice p * n + i = choice i of prompt p alone
+    for p, prompt in enumerate(prompts):
+        alone = client.completions.create(prompt=prompt, n=2, echo=True, logprobs=1, **kw)
+        for i in range(2):
+            got, want = full.choices[2 * p + i], alone.choices[i]
+            assert got.text == want.text and got.text.startswith("hi" if p == 2 else prompt)
+            assert got.logprobs.tokens == want.logprobs.tokens
+    chunks = list(client.completions.create(prompt=prompts, n=2, stream=True, **kw))
+    texts, reasons = _choice_texts(chunks, 6)
+    plain = client.completions.create(prompt=prompts, n=2, **kw)
+    assert texts == [c.text for c in plain.choices] and reasons == [["length"]] * 6
+    bad = httpx.post(stack.base_url + "/v1/completions", json={"model": MODEL, "prompt": ["a"] * 33, "n": 2},
+                     timeout=TIMEOUT)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "prompt"
+    bad = httpx.post(stack.base_url + "/v1/completions", json={"model": MODEL, "prompt": ["a", ""]}, timeout=TIMEOUT)
+    assert bad.status_code == 400 and "prompt 1" in bad.json()["error"]["message"]
+    bad = httpx.post(stack.base_url + "/v1/completions", json={"model": MODEL, "prompt": ["a", "b" * 201]},
+                     timeout=TIMEOUT)
+    assert bad.status_code == 400 and "prompt 1" in bad.json()["error"]["message"]
+    assert _wait_idle(stack.engine) and _metric(stack, "cometq_http_requests_in_flight") == 0
+
+
 def test_raw_sse_format(stack):
     body = {"model": MODEL, "prompt": "sse", "max_tokens": 4, "temperature": 0, "stream": True, "ignore_eos": True}
     with httpx.stream("POST", stack.base_url + "/v1/completions", json=body, timeout=TIMEOUT) as r:
@@ -313,6 +342,8 @@ def test_32_concurrent_streams_get_their_own_tokens(stack, client):
     ("/v1/completions", b'{"prompt": "x", "temperature": 3}', 400, "temperature"),
     ("/v1/completions", b'{"prompt": "x", "top_p": 0}', 400, "top_p"),
     ("/v1/completions", b'{"prompt": "x", "n": 17}', 400, "n"),
+    ("/v1/completions", b'{"prompt": ["x", 5]}', 400, "prompt"),
+    ("/v1/completions", b'{"prompt": [[1, 2], [true]]}', 400, "prompt"),
     ("/v1/completions", b'{"prompt": "x", "n": 0}', 400, "n"),
     ("/v1/completions", b'{"prompt": "x", "n": 2, "best_of": 3}', 400, "best_of"),
     ("/v1/completions", b'{"prompt": "x", "stop": 5}', 400, "stop"),

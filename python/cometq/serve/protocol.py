@@ -11,9 +11,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .sampling import MAX_LOGPROBS, SamplingParams
 
-__all__ = ["APIError", "ParsedRequest", "parse_completion", "parse_chat", "MAX_N"]
+__all__ = ["APIError", "ParsedRequest", "parse_completion", "parse_chat", "MAX_N", "MAX_CHOICES"]
 
-MAX_N = 16  # choices per request (each is a sequence of its own in the engine)
+MAX_N = 16  # choices per prompt (each is a sequence of its own in the engine)
+MAX_CHOICES = 64  # sequences per request: prompts x n
 
 
 class APIError(Exception):
@@ -36,15 +37,26 @@ def _bad(msg: str, param: Optional[str] = None, code: Optional[str] = "invalid_v
 
 @dataclass
 class ParsedRequest:
-    prompt_ids: List[int]
+    """One API request: ``n`` choices for each of ``prompts`` (completions take a batch of prompts;
+    choice ``p * n + i`` is choice ``i`` of prompt ``p``, as OpenAI numbers them)."""
+
+    prompts: List[List[int]]
     params: SamplingParams
     stream: bool
     include_usage: bool
     model: str
     max_tokens_given: bool = True  # False: the default may be shortened to fit the context
     echo: bool = False  # completions: the prompt's text (and log-probabilities) lead the output
-    prompt_text: str = ""  # what echo returns
-    n: int = 1  # choices: n engine requests on the same prompt
+    prompt_texts: Optional[List[str]] = None  # what echo returns, per prompt
+    n: int = 1
+
+    @property
+    def prompt_ids(self) -> List[int]:  # (the first prompt: the only one of a chat request)
+        return self.prompts[0]
+
+    @property
+    def num_choices(self) -> int:
+        return len(self.prompts) * self.n
 
 
 def _num(body, name, default, lo, hi, *, integer=False, lo_open=False):
@@ -205,23 +217,35 @@ def parse_completion(body: Any, tokenizer, vocab: int, max_tokens_default: int =
     if "prompt" not in body:
         raise _bad("'prompt' is required", "prompt", "missing_required_parameter")
     p = body["prompt"]
-    if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
-        p = p[0]  # a batch of one
-    if isinstance(p, str):
-        ids = tokenizer(p, add_special_tokens=False)["input_ids"] if p else []
-    elif isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
-        ids = _token_list(p, vocab, "prompt")
-    elif isinstance(p, list) and len(p) > 1 and all(isinstance(x, (str, list)) for x in p):
-        raise _bad("batched prompts are not supported: send one prompt per request", "prompt", "unsupported_value")
+    # one prompt (a string or a token id list) or a batch of them (a list of strings / id lists)
+    if isinstance(p, str) or (isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool)
+                                                               for t in p)):
+        batch = [p]
+    elif isinstance(p, list) and p and all(isinstance(x, (str, list)) for x in p):
+        batch = p
     else:
-        raise _bad(f"'prompt' must be a string or a list of token ids, got {type(p).__name__}", "prompt",
-                   "invalid_type")
-    if not ids:
-        raise _bad("'prompt' must not be empty", "prompt")
+        raise _bad(f"'prompt' must be a string, a list of token ids or a list of those, got {type(p).__name__}",
+                   "prompt", "invalid_type")
+    prompts = []
+    for j, x in enumerate(batch):
+        if isinstance(x, str):
+            ids = tokenizer(x, add_special_tokens=False)["input_ids"] if x else []
+        elif all(isinstance(t, int) and not isinstance(t, bool) for t in x):
+            ids = _token_list(x, vocab, "prompt")
+        else:
+            raise _bad(f"prompt {j} of the batch must be a string or a list of token ids", "prompt", "invalid_type")
+        if not ids:
+            raise _bad("'prompt' must not be empty" + (f" (prompt {j} of the batch is)" if len(batch) > 1 else ""),
+                       "prompt")
+        prompts.append(ids)
     params, stream, usage, echo, n = _common(body, max_tokens_default=max_tokens_default,
                                              max_tokens_names=("max_tokens",), chat=False)
-    text = (p if isinstance(p, str) else tokenizer.decode(ids)) if echo else ""
-    return ParsedRequest(ids, params, stream, usage, _model(body), body.get("max_tokens") is not None, echo, text, n)
+    if len(prompts) * n > MAX_CHOICES:
+        raise _bad(f"{len(prompts)} prompts x n={n} = {len(prompts) * n} choices exceeds {MAX_CHOICES} per request",
+                   "prompt" if len(prompts) > 1 else "n")
+    texts = [x if isinstance(x, str) else tokenizer.decode(ids) for x, ids in zip(batch, prompts)] if echo else None
+    return ParsedRequest(prompts, params, stream, usage, _model(body), body.get("max_tokens") is not None, echo,
+                         texts, n)
 
 
 _ROLES = ("system", "user", "assistant", "developer", "tool")
@@ -274,4 +298,4 @@ def parse_chat(body: Any, tokenizer, vocab: int, max_tokens_default: int = 256) 
     params, stream, usage, _, n = _common(body, max_tokens_default=max_tokens_default,
                                           max_tokens_names=("max_completion_tokens", "max_tokens"), chat=True)
     given = body.get("max_completion_tokens") is not None or body.get("max_tokens") is not None
-    return ParsedRequest(ids, params, stream, usage, _model(body), given, n=n)
+    return ParsedRequest([ids], params, stream, usage, _model(body), given, n=n)

@@ -84,11 +84,13 @@ def create_app(loop_: EngineLoop, tokenizer, config: Optional[ServerConfig] = No
         except (ValueError, UnicodeDecodeError) as e:
             raise APIError(400, f"could not parse the JSON body: {e}", code="invalid_json")
 
-    def _submit(pr: ParsedRequest, rid: str, aloop: asyncio.AbstractEventLoop) -> asyncio.Queue:
-        if len(pr.prompt_ids) > max_prompt:
-            raise APIError(400, f"the prompt has {len(pr.prompt_ids)} tokens, the limit is {max_prompt}",
+    def _submit(pr: ParsedRequest, rid: str, aloop: asyncio.AbstractEventLoop):
+        longest = max(len(p) for p in pr.prompts)
+        if longest > max_prompt:
+            which = "" if len(pr.prompts) == 1 else f" (prompt {[len(p) for p in pr.prompts].index(longest)})"
+            raise APIError(400, f"the prompt{which} has {longest} tokens, the limit is {max_prompt}",
                            param="prompt", code="context_length_exceeded")
-        room = engine.max_model_len - len(pr.prompt_ids)
+        room = engine.max_model_len - longest
         if not pr.max_tokens_given and pr.params.max_tokens > room >= 1:
             if room < pr.params.min_tokens:
                 raise APIError(400, f"'min_tokens' ({pr.params.min_tokens}) does not fit the context: the prompt "
@@ -99,10 +101,11 @@ def create_app(loop_: EngineLoop, tokenizer, config: Optional[ServerConfig] = No
                            type="not_found_error", param="model", code="model_not_found")
         if not loop_.alive:
             raise APIError(503, "the engine is not running", type="server_error", code="engine_down")
-        # one engine request per choice (ids rid-0 .. rid-{n-1} when n > 1; with a seed, choice i
-        # samples with seed + i), outputs queued as (choice index, RequestOutput)
+        # one engine request per choice (ids rid-0 .. rid-{k-1} when there are k > 1; choice p * n + i
+        # is choice i of prompt p, which samples with seed + i when a seed is given), outputs
+        # queued as (choice index, RequestOutput)
         q: asyncio.Queue = asyncio.Queue()
-        ids = [rid] if pr.n == 1 else [f"{rid}-{i}" for i in range(pr.n)]
+        ids = [rid] if pr.num_choices == 1 else [f"{rid}-{c}" for c in range(pr.num_choices)]
         left = [len(ids)]
 
         def done() -> None:  # the HTTP request is in flight until the engine is done with every choice
@@ -122,12 +125,12 @@ def create_app(loop_: EngineLoop, tokenizer, config: Optional[ServerConfig] = No
 
         submitted: List[str] = []
         try:
-            for i, eid in enumerate(ids):
-                params = pr.params
+            for c, eid in enumerate(ids):
+                params, i = pr.params, c % pr.n
                 if i and params.seed is not None:
                     seed = params.seed + i
                     params = dataclasses.replace(params, seed=seed - 2**64 if seed >= 2**64 else seed)
-                loop_.submit(pr.prompt_ids, params, callback(i), request_id=eid)
+                loop_.submit(pr.prompts[c // pr.n], params, callback(c), request_id=eid)
                 submitted.append(eid)
         except RequestRejected as e:
             for eid in submitted:  # all choices or none (their finishes never reach left == 0)
@@ -192,8 +195,11 @@ def create_app(loop_: EngineLoop, tokenizer, config: Optional[ServerConfig] = No
     def _rows(lps) -> List[tuple]:
         return [(x.token_id, x.logprob, x.top) for x in lps or ()]
 
-    def _prompt_rows(pr: ParsedRequest, plp) -> List[tuple]:
-        return [(pr.prompt_ids[0], None, None)] + _rows(plp[1:])
+    def _prompt_rows(pr: ParsedRequest, c: int, plp) -> List[tuple]:
+        return [(pr.prompts[c // pr.n][0], None, None)] + _rows(plp[1:])
+
+    def _echo(pr: ParsedRequest, c: int) -> str:
+        return pr.prompt_texts[c // pr.n] if pr.echo else ""
 
     def _completion_logprobs(rows: Sequence[tuple], offset: int) -> Tuple[Dict[str, Any], int]:
         """The legacy completions object (``tokens``, ``token_logprobs``, ``top_logprobs``: the
@@ -223,8 +229,8 @@ def create_app(loop_: EngineLoop, tokenizer, config: Optional[ServerConfig] = No
         return {"content": [dict(ent(t, lp), top_logprobs=[ent(i, v) for i, v in top]) for t, lp, top in rows],
                 "refusal": None}
 
-    def _usage(outs: Sequence[RequestOutput]) -> Dict[str, int]:
-        p, c = outs[0].prompt_tokens, sum(o.completion_tokens for o in outs)
+    def _usage(pr: ParsedRequest, outs: Sequence[RequestOutput]) -> Dict[str, int]:
+        p, c = sum(len(x) for x in pr.prompts), sum(o.completion_tokens for o in outs)
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
     def _abort(eids: Sequence[str]) -> None:
@@ -235,7 +241,7 @@ def create_app(loop_: EngineLoop, tokenizer, config: Optional[ServerConfig] = No
         return APIError(500, f"generation failed: {out.error}", type="server_error", code="engine_error")
 
     async def _full(request, q, rid, eids, pr, chat):
-        n = pr.n
+        n = pr.num_choices
         texts: List[List[str]] = [[] for _ in range(n)]
         rows: List[List[tuple]] = [[] for _ in range(n)]
         prompt_rows: List[List[tuple]] = [[] for _ in range(n)]
@@ -254,7 +260,7 @@ def create_app(loop_: EngineLoop, tokenizer, config: Optional[ServerConfig] = No
                 texts[i].append(out.text)
                 rows[i] += _rows(out.logprobs)
                 if out.prompt_logprobs is not None:
-                    prompt_rows[i] = _prompt_rows(pr, out.prompt_logprobs)
+                    prompt_rows[i] = _prompt_rows(pr, i, out.prompt_logprobs)
                 if out.finished:
                     last[i] = out
                     left -= 1
@@ -270,16 +276,16 @@ def create_app(loop_: EngineLoop, tokenizer, config: Optional[ServerConfig] = No
                                 "logprobs": _chat_logprobs(rows[i]) if want_lp else None, "finish_reason": reason})
             else:
                 lp = _completion_logprobs(prompt_rows[i] + rows[i], 0)[0] if want_lp else None
-                choices.append({"index": i, "text": pr.prompt_text + "".join(texts[i]), "logprobs": lp,
+                choices.append({"index": i, "text": _echo(pr, i) + "".join(texts[i]), "logprobs": lp,
                                 "finish_reason": reason})
         return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion",
                              "created": int(time.time()), "model": cfg.model_name, "choices": choices,
-                             "usage": _usage(last)})
+                             "usage": _usage(pr, last)})
 
     async def _stream(request, q, rid, eids, pr, chat):
         created = int(time.time())
         obj = "chat.completion.chunk" if chat else "text_completion"
-        n = pr.n
+        n = pr.num_choices
         done = False
         last_check = [time.monotonic()]
         want_lp = pr.params.logprobs is not None
@@ -331,8 +337,8 @@ def create_app(loop_: EngineLoop, tokenizer, config: Optional[ServerConfig] = No
                     yield "data: [DONE]\n\n"
                     return
                 if echo[i]:  # the prompt first, with its log-probabilities when asked
-                    prows = _prompt_rows(pr, out.prompt_logprobs) if out.prompt_logprobs is not None else []
-                    yield chunk(i, pr.prompt_text, None, rows=prows)
+                    prows = _prompt_rows(pr, i, out.prompt_logprobs) if out.prompt_logprobs is not None else []
+                    yield chunk(i, _echo(pr, i), None, rows=prows)
                     echo[i] = False
                 pending[i].extend(_rows(out.logprobs))
                 if out.text:
@@ -345,7 +351,7 @@ def create_app(loop_: EngineLoop, tokenizer, config: Optional[ServerConfig] = No
             done = True
             if pr.include_usage:
                 u = {"id": rid, "object": obj, "created": created, "model": cfg.model_name,
-                     "choices": [], "usage": _usage(last)}
+                     "choices": [], "usage": _usage(pr, last)}
                 yield f"data: {json.dumps(u)}\n\n"
             yield "data: [DONE]\n\n"
         finally:
