@@ -65,6 +65,25 @@ def test_quantize_then_eval_and_generate_from_checkpoint(tiny_dir, tmp_path, cap
     assert res["protocol"] == "decode (KV4 cache)" and math.isfinite(res["perplexity"])
 
 
+def test_generate_sampling_options(tiny_dir, capsys):
+    def run(*extra):
+        assert cli.main(["generate", "hello", "--model", tiny_dir, "--max-new-tokens", "12", *extra]) == 0
+        return capsys.readouterr().out
+
+    greedy = run()
+    assert run() == greedy
+    a = run("--temperature", "1.5", "--seed", "3")
+    assert run("--temperature", "1.5", "--seed", "3") == a  # same seed, same text
+    assert {run("--temperature", "1.5", "--seed", str(s)) for s in range(4, 8)} | {a} != {greedy}
+    assert run("--repetition-penalty", "1.8") != greedy
+    assert cli._sampling_kwargs(temperature=0.7, top_p=0.9, top_k=5) == dict(do_sample=True, temperature=0.7,
+                                                                                top_p=0.9, top_k=5)
+    for bad, msg in ((["--top-p", "0"], "top_p"), (["--temperature", "-1"], "temperature"),
+                     (["--repetition-penalty", "3"], "repetition_penalty")):
+        assert cli.main(["generate", "hello", "--model", tiny_dir, *bad]) == 2
+        assert msg in capsys.readouterr().err
+
+
 def test_eval_ppl_on_a_text_file(tiny_dir, tmp_path, capsys):
     f = tmp_path / "t.txt"
     f.write_text("the quick brown fox jumps over the lazy dog. " * 20)

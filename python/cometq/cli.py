@@ -13,6 +13,7 @@ With no model argument every command uses the embedded SmolLM2-135M-Instruct
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -124,9 +125,27 @@ def _chat_ids(tok, prompt: str):
         return tok(prompt, return_tensors="pt")
 
 
-def _generate(model, tok, prompt: str, max_new_tokens: int, kv4: bool = False) -> str:
+def _sampling_kwargs(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                     repetition_penalty: float = 1.0, seed: Optional[int] = None) -> dict:
+    """transformers ``generate`` arguments of the CLI's sampling options (validated as the server
+    validates them: :class:`cometq.serve.sampling.SamplingParams`); temperature 0 = greedy."""
+    from .serve.sampling import SamplingParams
+
+    SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
+                   seed=seed)
+    if temperature == 0:
+        kw = dict(do_sample=False)
+    else:
+        kw = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k or None)
+    if repetition_penalty != 1.0:
+        kw["repetition_penalty"] = repetition_penalty
+    return kw
+
+
+def _generate(model, tok, prompt: str, max_new_tokens: int, kv4: bool = False, **sampling) -> str:
     import torch
 
+    gen_kw = _sampling_kwargs(**sampling)
     enc = _chat_ids(tok, prompt)
     enc = {k: v.to(model.device) for k, v in enc.items()}
     kw = {}
@@ -134,8 +153,11 @@ def _generate(model, tok, prompt: str, max_new_tokens: int, kv4: bool = False) -
         from .kvcache import KV4Cache
 
         kw["past_key_values"] = KV4Cache.for_model(model)
-    with torch.no_grad():
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, **kw)
+    seed = sampling.get("seed")
+    with torch.no_grad(), torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext():
+        if seed is not None:
+            torch.manual_seed(seed)
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, **gen_kw, **kw)
     return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
@@ -294,7 +316,14 @@ def cmd_generate(args) -> int:
     model, tok = _load_any(args.model)
     cfg = getattr(model, "cometq_config", None)
     kv4 = args.kv4 if args.kv4 is not None else bool(cfg is not None and cfg.kv4)
-    print(_generate(model, tok, args.prompt, args.max_new_tokens, kv4=kv4))
+    try:
+        sampling = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                        repetition_penalty=args.repetition_penalty, seed=args.seed)
+        _sampling_kwargs(**sampling)
+    except ValueError as e:
+        print(f"cometq generate: {e}", file=sys.stderr)
+        return 2
+    print(_generate(model, tok, args.prompt, args.max_new_tokens, kv4=kv4, **sampling))
     return 0
 
 
@@ -344,10 +373,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score through the 4-bit KV cache (decode protocol: prefill, then 8 tokens per step)")
     e.set_defaults(fn=cmd_eval_ppl)
 
-    g = sub.add_parser("generate", help="greedy generation from a prompt (chat template applied)")
+    g = sub.add_parser("generate", help="generation from a prompt (chat template applied; greedy unless --temperature)")
     g.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT)
     g.add_argument("--model", default=DEFAULT_MODEL)
     g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 (default) = greedy; > 0 samples")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature)")
+    g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off; with --temperature)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="(0, 2], 1 = off")
+    g.add_argument("--seed", type=int, default=None, help="seed for sampling (same seed -> same text)")
     g.add_argument("--kv4", action=argparse.BooleanOptionalAction, default=None,
                    help="4-bit KV cache (default: what the checkpoint's config asks for; off for a plain model)")
     g.set_defaults(fn=cmd_generate)
