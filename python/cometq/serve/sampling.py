@@ -5,6 +5,7 @@ import math
 import os
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -106,13 +107,13 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
-    @property
+    @cached_property  # (frozen: computed once; the engine asks per request and step)
     def processes_logits(self) -> bool:
         """Penalties, a logit bias or min_tokens: the logits are changed before sampling."""
         return (self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
                 or bool(self.logit_bias) or self.min_tokens > 0)
 
-    @property
+    @cached_property
     def device_greedy(self) -> bool:
         """The token is the argmax of the raw logits and nothing else is asked of them: the step's
         device-side argmax serves it (and async scheduling may feed it back on the device)."""
