@@ -303,6 +303,34 @@ def test_batched_prompts(stack, client):
     assert _wait_idle(stack.engine) and _metric(stack, "cometq_http_requests_in_flight") == 0
 
 
+def test_tokenize_detokenize_version(stack, tok):
+    post = lambda path, body: httpx.post(stack.base_url + path, json=body, timeout=TIMEOUT)  # noqa: E731
+    r = post("/tokenize", {"prompt": "héllo"}).json()
+    assert r["tokens"] == tok("héllo", add_special_tokens=False)["input_ids"] and r["count"] == len("héllo".encode())
+    assert r["max_model_len"] == stack.engine.max_model_len
+    assert post("/detokenize", {"tokens": r["tokens"]}).json() == {"prompt": "héllo"}
+    msgs = [{"role": "user", "content": "hi"}]
+    chat = post("/tokenize", {"messages": msgs}).json()["tokens"]
+    assert chat == tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)["input_ids"]
+    bare = post("/tokenize", {"messages": msgs, "add_generation_prompt": False}).json()["tokens"]
+    assert chat[:len(bare)] == bare and len(bare) < len(chat)
+    # the chat endpoint's prompt is that tokenization
+    assert client_usage(stack, msgs) == len(chat)
+    assert httpx.get(stack.base_url + "/version", timeout=TIMEOUT).json()["version"]
+    for path, body, param in (("/tokenize", {}, "prompt"), ("/tokenize", {"prompt": "a", "messages": msgs}, "prompt"),
+                              ("/tokenize", {"prompt": 5}, "prompt"), ("/tokenize", {"messages": []}, "messages"),
+                              ("/detokenize", {"tokens": [1, 99999]}, "tokens"), ("/detokenize", {}, "tokens"),
+                              ("/detokenize", {"tokens": "abc"}, "tokens")):
+        r = post(path, body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (path, body, r.text)
+
+
+def client_usage(stack, msgs):
+    r = httpx.post(stack.base_url + "/v1/chat/completions", json={"model": MODEL, "messages": msgs, "max_tokens": 1},
+                   timeout=TIMEOUT)
+    return r.json()["usage"]["prompt_tokens"]
+
+
 def test_raw_sse_format(stack):
     body = {"model": MODEL, "prompt": "sse", "max_tokens": 4, "temperature": 0, "stream": True, "ignore_eos": True}
     with httpx.stream("POST", stack.base_url + "/v1/completions", json=body, timeout=TIMEOUT) as r:

@@ -266,19 +266,20 @@ def _content_text(c, i: int) -> str:
                "invalid_type")
 
 
-def chat_prompt_ids(tokenizer, messages: List[Dict[str, str]]) -> List[int]:
-    """Token ids of the conversation with the generation prompt, via the tokenizer's chat template
-    (a plain ``role: text`` transcript when the tokenizer has none)."""
+def chat_prompt_ids(tokenizer, messages: List[Dict[str, str]], add_generation_prompt: bool = True) -> List[int]:
+    """Token ids of the conversation (with the generation prompt unless told otherwise), via the
+    tokenizer's chat template (a plain ``role: text`` transcript when the tokenizer has none)."""
     if getattr(tokenizer, "chat_template", None):
-        out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        out = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
         if isinstance(out, dict) or hasattr(out, "keys"):
             out = out["input_ids"]
         return list(out)
-    text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+    text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + ("assistant:" if add_generation_prompt else "")
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def parse_chat(body: Any, tokenizer, vocab: int, max_tokens_default: int = 256) -> ParsedRequest:
+def parse_chat(body: Any, tokenizer, vocab: int, max_tokens_default: int = 256,
+               add_generation_prompt: bool = True) -> ParsedRequest:
     if not isinstance(body, dict):
         raise _bad("request body must be a JSON object", None, "invalid_json")
     msgs = body.get("messages")
@@ -294,7 +295,7 @@ def parse_chat(body: Any, tokenizer, vocab: int, max_tokens_default: int = 256) 
             raise _bad(f"messages[{i}].role must be one of {list(_ROLES)}, got {role!r}", f"messages[{i}].role")
         clean.append({"role": "system" if role == "developer" else role,
                       "content": _content_text(m.get("content", ""), i)})
-    ids = chat_prompt_ids(tokenizer, clean)
+    ids = chat_prompt_ids(tokenizer, clean, add_generation_prompt)
     params, stream, usage, _, n = _common(body, max_tokens_default=max_tokens_default,
                                           max_tokens_names=("max_completion_tokens", "max_tokens"), chat=True)
     given = body.get("max_completion_tokens") is not None or body.get("max_tokens") is not None

@@ -366,6 +366,58 @@ def create_app(loop_: EngineLoop, tokenizer, config: Optional[ServerConfig] = No
     async def chat_completions(request: Request):
         return await _handle(request, chat=True)
 
+    # vLLM's token utilities: the served tokenizer (and chat template) without running the model
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        try:
+            body = await _read_json(request)
+            if not isinstance(body, dict):
+                raise APIError(400, "request body must be a JSON object", code="invalid_json")
+            if ("prompt" in body) == ("messages" in body):
+                raise APIError(400, "give exactly one of 'prompt' (text) and 'messages' (a chat)", param="prompt",
+                               code="missing_required_parameter")
+            if "messages" in body:
+                add = body.get("add_generation_prompt", True)
+                if not isinstance(add, bool):
+                    raise APIError(400, f"'add_generation_prompt' must be a boolean, got {add!r}",
+                                   param="add_generation_prompt", code="invalid_type")
+                ids = parse_chat({"messages": body["messages"]}, tokenizer, vocab, add_generation_prompt=add).prompt_ids
+            else:
+                text = body["prompt"]
+                if not isinstance(text, str):
+                    raise APIError(400, f"'prompt' must be a string, got {type(text).__name__}", param="prompt",
+                                   code="invalid_type")
+                add_special = body.get("add_special_tokens", False)
+                if not isinstance(add_special, bool):
+                    raise APIError(400, f"'add_special_tokens' must be a boolean, got {add_special!r}",
+                                   param="add_special_tokens", code="invalid_type")
+                ids = tokenizer(text, add_special_tokens=add_special)["input_ids"] if text else []
+        except APIError as e:
+            return _err(e)
+        return {"tokens": list(ids), "count": len(ids), "max_model_len": engine.max_model_len}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        try:
+            body = await _read_json(request)
+            toks = body.get("tokens") if isinstance(body, dict) else None
+            if not isinstance(toks, list):
+                raise APIError(400, "'tokens' must be a list of token ids", param="tokens",
+                               code="missing_required_parameter" if toks is None else "invalid_type")
+            bad = [t for t in toks if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
+            if bad:
+                raise APIError(400, f"'tokens' holds values that are not token ids in [0, {vocab}): {bad[:5]}",
+                               param="tokens", code="invalid_token")
+        except APIError as e:
+            return _err(e)
+        return {"prompt": tokenizer.decode(toks)}
+
+    @app.get("/version")
+    async def version():
+        from .. import __version__
+
+        return {"version": __version__}
+
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": cfg.model_name, "object": "model", "created": state["created"],
