@@ -9,10 +9,11 @@ preemption happens) unless ``--url`` points at a running one.  The mix:
   out-of-range parameters, over-long prompts, unknown fields types): each must
   get a 4xx with an OpenAI error body;
 * ``--disconnect`` (default 10%) streams abandoned after a few chunks;
-* the rest: greedy completions / chat, streaming or not, over a fixed set of
-  prompts whose expected text is computed first, one request at a time: every
-  answer must equal its prompt's expected text exactly (nothing lost, nothing
-  mixed up between concurrent requests).
+* the rest: greedy completions / chat, streaming or not, a fifth of them with
+  ``n = 2`` choices, over a fixed set of prompts whose expected text is computed
+  first, one request at a time: every answer (every choice) must equal its
+  prompt's expected text exactly (nothing lost, nothing mixed up between
+  concurrent requests or choices).
 
 At the end the server must answer /health, and (own server) the KV pool must
 be empty.  Exit status 0 only when every request checked out.
@@ -56,8 +57,9 @@ def _malformed(rng: random.Random, max_prompt: int) -> tuple:
     return path, b"\xff\xfe not utf8"
 
 
-async def _sse_text(resp, chat: bool) -> tuple:
-    parts, reason, done = [], None, False
+async def _sse_text(resp, chat: bool, n: int = 1) -> tuple:
+    """([text of choice i], [finish reason of choice i]) of an SSE stream."""
+    parts, reasons, done = [[] for _ in range(n)], [None] * n, False
     async for line in resp.aiter_lines():
         if not line:
             continue
@@ -71,11 +73,12 @@ async def _sse_text(resp, chat: bool) -> tuple:
         if "error" in obj:
             raise ValueError(f"error event {obj['error']}")
         for c in obj["choices"]:
-            parts.append((c["delta"].get("content") or "") if chat else c["text"])
-            reason = c["finish_reason"] or reason
+            i = c["index"]
+            parts[i].append((c["delta"].get("content") or "") if chat else c["text"])
+            reasons[i] = c["finish_reason"] or reasons[i]
     if not done:
         raise ValueError("stream ended without [DONE]")
-    return "".join(parts), reason
+    return ["".join(p) for p in parts], reasons
 
 
 async def _run(url: str, n: int, concurrency: int, p_bad: float, p_disc: float, max_tokens: int,
@@ -122,6 +125,9 @@ async def _run(url: str, n: int, concurrency: int, p_bad: float, p_disc: float, 
                     chat = rng.random() < 0.3
                     i = rng.randrange(len(chats) if chat else len(prompts))
                     body = {**base, **({"messages": chats[i]} if chat else {"prompt": prompts[i]})}
+                    n_choices = 2 if rng.random() < 0.2 else 1  # (greedy: every choice is the reference)
+                    if n_choices > 1:
+                        body["n"] = n_choices
                     path = "/v1/chat/completions" if chat else "/v1/completions"
                     want = (expected_chat if chat else expected_c)[i]
                     if roll < p_bad + p_disc:  # open a stream, read a little, hang up
@@ -138,16 +144,19 @@ async def _run(url: str, n: int, concurrency: int, p_bad: float, p_disc: float, 
                             if r.status_code != 200:
                                 await r.aread()
                                 raise ValueError(f"status {r.status_code}: {r.text[:200]}")
-                            text, reason = await _sse_text(r, chat)
+                            texts, reasons = await _sse_text(r, chat, n_choices)
                     else:
                         r = await client.post(path, json=body)
                         if r.status_code != 200:
                             raise ValueError(f"status {r.status_code}: {r.text[:200]}")
-                        c = r.json()["choices"][0]
-                        text, reason = (c["message"]["content"] if chat else c["text"]), c["finish_reason"]
-                    if text != want or reason != "length":
-                        raise ValueError(f"wrong answer for prompt {i} (chat={chat}): {text!r} != {want!r} "
-                                         f"(finish {reason})")
+                        cs = r.json()["choices"]
+                        if [c["index"] for c in cs] != list(range(n_choices)):
+                            raise ValueError(f"choices {[c['index'] for c in cs]} for n={n_choices}")
+                        texts = [c["message"]["content"] if chat else c["text"] for c in cs]
+                        reasons = [c["finish_reason"] for c in cs]
+                    if texts != [want] * n_choices or reasons != ["length"] * n_choices:
+                        raise ValueError(f"wrong answer for prompt {i} (chat={chat}, n={n_choices}): {texts!r} != "
+                                         f"{want!r} (finish {reasons})")
                     stats["ok"] += 1
                     stats["latencies"].append(time.monotonic() - t0)
                 except Exception as e:  # noqa: BLE001 - every failure is recorded, none stops the run
