@@ -929,3 +929,153 @@ def test_decode_append_per_head_and_row_loop_same_state(monkeypatch, axes, heads
     assert states["per-head"]["tail_lens"][0].tolist()[:2] == ([1, 1] if c.staged else [0, 0])
     for n in _POOL_TENSORS:
         assert torch.equal(states["per-head"][n], states["row-loop"][n]), n
+
+
+# ---------------------------------------------------------------- prefix caching (shared full blocks)
+def test_prefix_cache_and_allocator_units():
+    from cometq.paged import BlockAllocator, PrefixCache
+
+    c = PrefixCache()
+    a = c.insert(PrefixCache.ROOT, (1, 2), block=5)
+    b = c.insert(a, (3, 4), block=7)
+    assert c.insert(a, (3, 4), block=9) == b and not c.holds(9)  # the same content: the node that exists
+    assert c.match([(1, 2), (3, 4), (5, 6)]) == [(a, 5), (b, 7)]
+    assert c.match([(1, 2), (3, 5)]) == [(a, 5)] and c.match([(3, 4)]) == []
+    with pytest.raises(ValueError, match="already holds"):
+        c.insert(b, (9, 9), block=5)
+    al = BlockAllocator(4, prefix_caching=True)
+    x, y = al.take(), al.take()
+    assert (x, y) == (0, 1) and al.num_free == 2
+    n0 = al.cache.insert(PrefixCache.ROOT, (1,), x)
+    al.release([x, y])  # x is cached: parked, y back on the free list
+    assert al.free == [3, 2, 1] and al.cache.num_parked == 1 and al.num_free == 4
+    al.share(x)
+    assert al.ref[x] == 1 and al.cache.num_parked == 0
+    al.share(x)
+    al.release([x])
+    assert al.ref[x] == 1 and al.cache.num_parked == 0
+    al.release([x])
+    with pytest.raises(ValueError, match="not a cached block"):
+        al.share(y)
+    assert [al.take() for _ in range(4)] == [1, 2, 3, x]  # free blocks first, then the parked one (evicted)
+    assert al.cache.match([(1,)]) == [] and not al.cache.holds(x) and al.num_free == 0
+    del n0
+
+
+def _prefix_kv(tokens, h, d):
+    """K/V of the last token of ``tokens``: a function of the whole prefix (as a causal model's)."""
+    g = torch.Generator().manual_seed(hash(tuple(tokens)) % (2 ** 31))
+    return torch.randn(h, d, generator=g) + 1.5 * torch.randn(d, generator=torch.Generator().manual_seed(7)), \
+        torch.randn(h, d, generator=g)
+
+
+_SHARED = list(range(1000, 1012))
+prefix_ops = st.lists(
+    st.one_of(st.tuples(st.just("run"), st.integers(0, 2), st.integers(1, 30), st.booleans()),
+              st.tuples(st.just("free"), st.integers(0, 3))),
+    max_size=14,
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=prefix_ops, axes=st.sampled_from(AXES))
+def test_prefix_caching_pool_invariants_and_contents(ops, axes):
+    """Sequences on 3 token streams sharing 12 leading tokens run through a small 2-layer pool with
+    prefix caching (match, adopt, reserve, append what is left, name the full blocks): blocks are
+    never lost or doubly owned, owners = reference counts, and every live sequence -- adopted
+    blocks included -- reads back exactly the reference quantization of its own tokens."""
+    h, d, bs = 2, 8, 8
+    cfg = _cfg(*axes, head_dim=d, group_size=4, block_size=bs, num_blocks=6, max_seqs=3)
+    m = MultiLayerKV4Pool(cfg, num_layers=2)
+    m.enable_prefix_caching()
+    streams = [_SHARED + [j * 100 + i for i in range(40)] for j in range(3)]
+    live = {}  # slot -> (tokens, cache nodes)
+    for op in ops:
+        if op[0] == "free":
+            if live:
+                s = sorted(live)[op[1] % len(live)]
+                m.free(s)
+                del live[s]
+        else:
+            _, j, n, keep = op
+            toks = streams[j][:n]
+            if not m.num_free_slots:
+                continue
+            s = m.add_sequence()
+            n_full = (n - 1) // bs
+            hit = m.match_prefix([tuple(toks[i * bs:(i + 1) * bs]) for i in range(n_full)])
+            m.adopt(s, [b for _, b in hit])
+            start = len(hit) * bs
+            owned_before = {b for t in live for b in m.blocks_of(t)}
+            try:
+                m.reserve(s, n)
+            except KV4PoolExhausted:
+                m.free(s)
+                continue
+            assert not owned_before & set(m.blocks_of(s)[len(hit):]), "a new block was someone else's"
+            kv = [_prefix_kv(toks[:t + 1], h, d) for t in range(start, n)]
+            for li in range(2):
+                if kv:
+                    m.append(li, s, torch.stack([x[0] for x in kv], 1), torch.stack([x[1] for x in kv], 1))
+            nodes = [nd for nd, _ in hit]
+            for i in range(len(hit), min(n, m.quant_len(s)) // bs):
+                nodes.append(m.register_block(s, i, nodes[-1] if nodes else 0, tuple(toks[i * bs:(i + 1) * bs])))
+            live[s] = (toks, nodes)
+            if not keep:
+                m.free(s)
+                del live[s]
+        # allocator invariants: owners = reference counts; free / parked / owned partition the blocks
+        al = m._alloc
+        owners = {}
+        for s in live:
+            for b in m.blocks_of(s):
+                owners[b] = owners.get(b, 0) + 1
+        assert all(al.ref[b] == owners.get(b, 0) for b in range(cfg.num_blocks))
+        parked = list(al.cache._parked)
+        assert sorted(al.free + parked + list(owners)) == list(range(cfg.num_blocks))
+        assert all(al.cache.holds(b) for b in parked)
+        assert m.num_free_blocks == len(al.free) + len(parked)
+        for s, (toks, _) in live.items():
+            want_k = torch.stack([_prefix_kv(toks[:t + 1], h, d)[0] for t in range(len(toks))], 1)
+            want_v = torch.stack([_prefix_kv(toks[:t + 1], h, d)[1] for t in range(len(toks))], 1)
+            for li in range(2):
+                k, v = m.gather(s, li)
+                nq = m.quant_len(s, li)
+                assert torch.equal(k, _expected(want_k, nq, cfg.group_size, cfg.key_axis))
+                assert torch.equal(v, _expected(want_v, nq, cfg.group_size, cfg.value_axis))
+
+
+def test_prefix_caching_eviction_forgets_blocks():
+    h, d, bs = 2, 8, 8
+    m = MultiLayerKV4Pool(_cfg("channel", "token", head_dim=d, group_size=4, block_size=bs, num_blocks=6,
+                               max_seqs=3), num_layers=1)
+    m.enable_prefix_caching()
+
+    def run(toks, keep):
+        s = m.add_sequence()
+        hit = m.match_prefix([tuple(toks[i * bs:(i + 1) * bs]) for i in range((len(toks) - 1) // bs)])
+        m.adopt(s, [b for _, b in hit])
+        m.reserve(s, len(toks))
+        kv = [_prefix_kv(toks[:t + 1], h, d) for t in range(len(hit) * bs, len(toks))]
+        m.append(0, s, torch.stack([x[0] for x in kv], 1), torch.stack([x[1] for x in kv], 1))
+        nodes = [nd for nd, _ in hit]
+        for i in range(len(hit), len(toks) // bs):
+            nodes.append(m.register_block(s, i, nodes[-1] if nodes else 0, tuple(toks[i * bs:(i + 1) * bs])))
+        if not keep:
+            m.free(s)
+        return s, len(hit)
+
+    a = [1] * 24
+    _, hit = run(a, keep=False)  # 3 blocks parked (released last block first)
+    assert hit == 0 and m.prefix_cache.num_parked == 3 and m.num_free_blocks == 6
+    c, _ = run([3] * 24, keep=True)  # takes the 3 free blocks
+    assert m.prefix_cache.num_parked == 3 and m.num_free_blocks == 3
+    e, _ = run([5] * 16, keep=True)  # evicts the 2 least recently parked: a's third and second blocks
+    assert m.prefix_cache.num_parked == 1 and m.num_free_blocks == 1
+    m.free(c)
+    m.free(e)
+    s, hit = run(a + [4], keep=True)  # only a's first block is still cached
+    assert hit == 1
+    k, _ = m.gather(s, 0)
+    want = torch.stack([_prefix_kv((a + [4])[:t + 1], h, d)[0] for t in range(25)], 1)
+    assert torch.equal(k, _expected(want, m.quant_len(s), 4, "channel"))

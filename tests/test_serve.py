@@ -528,6 +528,26 @@ def test_n_choices_all_or_none_on_a_full_queue(model, tok):
         s.stop()
 
 
+def test_prefix_caching_server(model, tok):
+    s = _stack(model, tok, kv4=False, num_blocks=64, block_size=16, enable_prefix_caching=True)
+    try:
+        c = openai.OpenAI(base_url=s.base_url + "/v1", api_key="none", max_retries=0, timeout=TIMEOUT)
+        system = {"role": "system", "content": "You are a terse assistant. " * 4}
+        kw = dict(model=MODEL, max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
+        a = c.chat.completions.create(messages=[system, {"role": "user", "content": "one"}], **kw)
+        b = c.chat.completions.create(messages=[system, {"role": "user", "content": "two"}], **kw)
+        a2 = c.chat.completions.create(messages=[system, {"role": "user", "content": "one"}], **kw)
+        assert a2.choices[0].message.content == a.choices[0].message.content
+        text = httpx.get(s.base_url + "/metrics", timeout=TIMEOUT).text
+        vals = {ln.split()[0]: float(ln.split()[1]) for ln in text.splitlines() if ln and not ln.startswith("#")}
+        # b and a2 take the system prompt's full blocks; a2 also its own (all but the last token's block)
+        assert vals["cometq_prefix_cache_hits_total"] >= 2 * 16 * ((len(b"You are a terse assistant. ") * 4) // 16)
+        assert 0 < vals["cometq_prefix_cache_hits_total"] <= vals["cometq_prefix_cache_queries_total"]
+        assert b.usage.prompt_tokens == a.usage.prompt_tokens  # (usage counts the whole prompt either way)
+    finally:
+        s.stop()
+
+
 def test_chat_default_max_tokens_fits_context(stack, tok):
     # no max_tokens: the chat default (256) is shortened to what the context (256) leaves
     r = httpx.post(stack.base_url + "/v1/chat/completions", timeout=TIMEOUT,

@@ -28,8 +28,12 @@ Names: ``NB`` blocks, ``H`` KV heads, ``BS`` tokens per block, ``D`` head_dim,
 * ``quant_lens``: int32 ``[S]`` tokens stored 4-bit; ``tail_lens``: int32 ``[S]``
   tokens in the tail.  Logical sequence = the quantized tokens then the tail.
 
-Blocks are owned by exactly one sequence (no sharing) and go back to the free
-list when the sequence is freed.  Allocation is all-or-nothing: a reservation
+Blocks are owned by one sequence and go back to the free list when it is freed -- unless
+prefix caching is on (:class:`PrefixCache`): then a full block whose tokens are known stays
+readable after its sequence is freed, and a later sequence that starts with the same tokens
+adopts it (read-only: appends only ever write past a sequence's full blocks) instead of
+computing it again; such blocks are reference-counted and evicted least recently used first
+when the free list runs dry.  Allocation is all-or-nothing: a reservation
 (or an append of :class:`PagedKV4Pool`, which reserves for itself) that needs
 more blocks than are free raises :class:`KV4PoolExhausted` (a ``RuntimeError`` a
 scheduler can catch to preempt) before touching any state.
@@ -49,9 +53,11 @@ token-axis pools and ``q(n) = floor(n / G) * G`` for staged pools (the last
 """
 from __future__ import annotations
 
+import itertools
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -63,6 +69,8 @@ __all__ = [
     "PagedKV4Config",
     "PagedKV4Pool",
     "MultiLayerKV4Pool",
+    "BlockAllocator",
+    "PrefixCache",
     "kv4_quantize_append_reference",
     "kv4_decode_append_reference",
     "kv4_decode_attention_reference",
@@ -391,6 +399,128 @@ def default_num_splits(batch: int, kv_heads: int, max_blocks: int, num_sms: int 
 # --------------------------------------------------------------------------
 # the pool: one shared allocator for all layers, and per-layer views
 # --------------------------------------------------------------------------
+class PrefixCache:
+    """Full blocks known by content, for prefix sharing (vLLM's automatic prefix caching).
+
+    A node is one full block: tokens ``[i*BS, (i+1)*BS)`` of a sequence whose first ``i`` blocks
+    are the nodes on its path from the root, so a node's key is ``(parent node, its BS tokens)``
+    -- exact token tuples, not hashes: two different prefixes never meet.  Each node names the
+    physical block that holds it.  A block whose last owner is freed is *parked* (readable,
+    evictable); the allocator evicts parked blocks least recently parked first when its free
+    list is empty.  Sequences release their blocks last-first, so a prefix's later blocks leave
+    before its earlier ones (an evicted node's descendants become unreachable and follow)."""
+
+    ROOT = 0
+
+    def __init__(self):
+        self._node: Dict[tuple, int] = {}  # (parent node, tokens) -> node
+        self._key: Dict[int, tuple] = {}  # node -> its key
+        self._block: Dict[int, int] = {}  # node -> block
+        self._node_of: Dict[int, int] = {}  # block -> node
+        self._parked: "OrderedDict[int, None]" = OrderedDict()  # blocks without an owner, oldest first
+        self._ids = itertools.count(self.ROOT + 1)
+
+    @property
+    def num_parked(self) -> int:
+        return len(self._parked)
+
+    def holds(self, block: int) -> bool:
+        return block in self._node_of
+
+    def match(self, token_blocks: Sequence[tuple]) -> List[Tuple[int, int]]:
+        """The longest run of cached blocks that starts the token blocks: ``[(node, block)]``."""
+        out, parent = [], self.ROOT
+        for toks in token_blocks:
+            node = self._node.get((parent, toks))
+            if node is None:
+                break
+            out.append((node, self._block[node]))
+            parent = node
+        return out
+
+    def insert(self, parent: int, tokens: tuple, block: int) -> int:
+        """Name ``block`` the node ``(parent, tokens)`` and return the node; when that node exists
+        already (another sequence computed the same prefix), return it and leave ``block`` unnamed."""
+        key = (parent, tokens)
+        node = self._node.get(key)
+        if node is not None:
+            return node
+        if block in self._node_of:
+            raise ValueError(f"block {block} already holds cached node {self._node_of[block]}")
+        node = next(self._ids)
+        self._node[key], self._key[node], self._block[node], self._node_of[block] = node, key, block, node
+        return node
+
+    def park(self, block: int) -> None:
+        self._parked[block] = None
+
+    def unpark(self, block: int) -> None:
+        del self._parked[block]
+
+    def evict(self) -> int:
+        """Forget the least recently parked block's node and hand the block out."""
+        block, _ = self._parked.popitem(last=False)
+        node = self._node_of.pop(block)
+        del self._node[self._key.pop(node)], self._block[node]
+        return block
+
+
+class BlockAllocator:
+    """Free list and reference counts of a pool's blocks, with an optional :class:`PrefixCache`.
+
+    ``take`` hands out a free block (low ids first), else evicts a parked cached one;
+    ``share`` adds an owner to a cached block (un-parking it); ``release`` drops an owner: a
+    block nobody owns goes back to the free list, or is parked when the cache names it."""
+
+    def __init__(self, num_blocks: int, prefix_caching: bool = False):
+        self.num_blocks = num_blocks
+        self.free: List[int] = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
+        self.ref: List[int] = [0] * num_blocks
+        self.cache: Optional[PrefixCache] = PrefixCache() if prefix_caching else None
+
+    @property
+    def num_free(self) -> int:
+        """Blocks a reservation can take: free ones and parked (evictable) cached ones."""
+        return len(self.free) + (self.cache.num_parked if self.cache is not None else 0)
+
+    def enable_prefix_caching(self) -> None:
+        if self.cache is None:
+            self.cache = PrefixCache()
+
+    def take(self) -> int:
+        if self.free:
+            b = self.free.pop()
+        elif self.cache is not None and self.cache.num_parked:
+            b = self.cache.evict()
+        else:
+            raise RuntimeError("no free block (the caller checks num_free first)")
+        self.ref[b] = 1
+        return b
+
+    def check_cached(self, blocks: Sequence[int]) -> None:
+        bad = [b for b in blocks if self.cache is None or not self.cache.holds(b)]
+        if bad:
+            raise ValueError(f"blocks {bad[:5]} are not cached blocks: only cached blocks are shared")
+
+    def share(self, b: int) -> None:
+        if self.cache is None or not self.cache.holds(b):
+            raise ValueError(f"block {b} is not a cached block: only cached blocks are shared")
+        if self.ref[b] == 0:
+            self.cache.unpark(b)
+        self.ref[b] += 1
+
+    def release(self, blocks: Sequence[int]) -> None:
+        """Drop one owner of each block (last block first, so free lists and the park order keep a
+        sequence's early blocks longest)."""
+        for b in reversed(blocks):
+            self.ref[b] -= 1
+            if self.ref[b] == 0:
+                if self.cache is not None and self.cache.holds(b):
+                    self.cache.park(b)
+                else:
+                    self.free.append(b)
+
+
 class MultiLayerKV4Pool:
     """Paged KV4 storage for ``num_layers`` attention layers with ONE block allocator.
 
@@ -433,7 +563,7 @@ class MultiLayerKV4Pool:
         self._lens = torch.zeros(2, nl, c.max_seqs, dtype=torch.int32, **kw)
         self.quant_lens, self.tail_lens = self._lens[0], self._lens[1]
         # host mirrors
-        self._free_blocks: List[int] = list(range(nb - 1, -1, -1))  # pop() hands out low ids first
+        self._alloc = BlockAllocator(nb)
         self._free_slots: List[int] = list(range(c.max_seqs - 1, -1, -1))
         self._blocks: Dict[int, List[int]] = {}
         self._qlen: List[List[int]] = [[0] * c.max_seqs for _ in range(nl)]
@@ -455,11 +585,16 @@ class MultiLayerKV4Pool:
     # -- bookkeeping ----------------------------------------------------------
     @property
     def num_free_blocks(self) -> int:
-        return len(self._free_blocks)
+        return self._alloc.num_free
 
     @property
     def num_used_blocks(self) -> int:
-        return self.config.num_blocks - len(self._free_blocks)
+        return self.config.num_blocks - self._alloc.num_free
+
+    @property
+    def _free_blocks(self) -> List[int]:
+        """Blocks on the free list (parked cached blocks are not on it)."""
+        return self._alloc.free
 
     @property
     def num_free_slots(self) -> int:
@@ -555,16 +690,16 @@ class MultiLayerKV4Pool:
                 )
             extra[s] = max(0, want - have)
             total += extra[s]
-        if total > len(self._free_blocks):
+        if total > self._alloc.num_free:
             detail = ", ".join(f"sequence {s}: +{e}" for s, e in extra.items() if e)
             raise KV4PoolExhausted(
-                f"reserve needs {total} blocks, only {len(self._free_blocks)} free of {self.config.num_blocks} "
+                f"reserve needs {total} blocks, only {self._alloc.num_free} free of {self.config.num_blocks} "
                 f"({detail}); nothing was allocated"
             )
         for s, e in extra.items():
             blocks = self._blocks[s]
             for _ in range(e):
-                b = self._free_blocks.pop()
+                b = self._alloc.take()
                 self.block_tables[s, len(blocks)] = b
                 blocks.append(b)
 
@@ -572,13 +707,63 @@ class MultiLayerKV4Pool:
         """Return every block and the slot of ``seq_id`` to the pool (all layers)."""
         self._check_seq(seq_id)
         blocks = self._blocks.pop(seq_id)
-        self._free_blocks.extend(reversed(blocks))
+        self._alloc.release(blocks)
         for li in range(self.num_layers):
             self._qlen[li][seq_id] = self._tlen[li][seq_id] = 0
         self.block_tables[seq_id] = -1
         self.quant_lens[:, seq_id] = 0
         self.tail_lens[:, seq_id] = 0
         self._free_slots.append(seq_id)
+
+    # -- prefix caching ------------------------------------------------------------
+    def enable_prefix_caching(self) -> None:
+        """Keep full blocks readable by content after their sequences leave (:class:`PrefixCache`)."""
+        self._alloc.enable_prefix_caching()
+
+    @property
+    def prefix_cache(self) -> Optional[PrefixCache]:
+        return self._alloc.cache
+
+    def match_prefix(self, token_blocks: Sequence[tuple]) -> List[Tuple[int, int]]:
+        """Cached ``(node, block)`` pairs for the leading full blocks of ``token_blocks`` (block_size
+        tokens each); empty without prefix caching."""
+        c = self._alloc.cache
+        return c.match(token_blocks) if c is not None else []
+
+    def adopt(self, seq_id: int, blocks: Sequence[int]) -> None:
+        """Start the fresh sequence ``seq_id`` with the cached ``blocks`` as its first
+        ``len(blocks) * block_size`` tokens, in every layer (read-only for it: later appends
+        write past them)."""
+        self._check_seq(seq_id)
+        c = self.config
+        if self._blocks[seq_id] or any(self._qlen[li][seq_id] or self._tlen[li][seq_id] for li in range(self.num_layers)):
+            raise ValueError(f"adopt needs a fresh sequence; {seq_id} holds {len(self._blocks[seq_id])} blocks")
+        if len(blocks) > c.blocks_per_seq:
+            raise KV4PoolExhausted(f"{len(blocks)} blocks > max_blocks_per_seq={c.blocks_per_seq}")
+        self._alloc.check_cached(blocks)
+        for b in blocks:
+            self._alloc.share(b)
+        n = len(blocks) * c.block_size  # (a multiple of G: blocks hold whole groups)
+        self._blocks[seq_id] = list(blocks)
+        if blocks:
+            self.block_tables[seq_id, :len(blocks)] = torch.tensor(list(blocks), dtype=torch.int32)
+        for li in range(self.num_layers):
+            self._qlen[li][seq_id] = n
+        self.quant_lens[:, seq_id] = n
+
+    def register_block(self, seq_id: int, index: int, parent: int, tokens: tuple) -> int:
+        """Name block ``index`` of ``seq_id`` -- full in every layer -- in the prefix cache under
+        ``(parent, tokens)``; returns its node (an existing one when the content is cached already)."""
+        self._check_seq(seq_id)
+        cache, bs = self._alloc.cache, self.config.block_size
+        if cache is None:
+            raise RuntimeError("prefix caching is off (enable_prefix_caching())")
+        if len(tokens) != bs:
+            raise ValueError(f"a block holds {bs} tokens, got {len(tokens)}")
+        if not 0 <= index < len(self._blocks[seq_id]) or any(
+                self._qlen[li][seq_id] < (index + 1) * bs for li in range(self.num_layers)):
+            raise ValueError(f"block {index} of sequence {seq_id} is not full in every layer")
+        return cache.insert(parent, tokens, self._blocks[seq_id][index])
 
     # -- appends ----------------------------------------------------------------
     def _check_fits(self, layer: int, lengths: Dict[int, int]) -> None:

@@ -40,6 +40,9 @@ def add_serve_args(p: argparse.ArgumentParser, default_model: str) -> None:
                    help="queue each decode step before reading the previous step's tokens, so the host's "
                         "bookkeeping overlaps the GPU (with CUDA graphs and the KV4 pool, greedy batches; "
                         "same outputs either way; default: on)")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=False,
+                   help="share full KV blocks between requests that start with the same tokens (a chat's "
+                        "system prompt is computed once; vLLM's automatic prefix caching)")
     p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=None,
                    help="run throw-away requests at start-up so compiles, tuning and graph captures do not "
                         "stall the first users (default: on for a CUDA device)")
@@ -97,7 +100,8 @@ def cmd_serve(args) -> int:
     engine = build_engine(model, tok, kv4=args.kv4, block_size=args.block_size, kv_tokens=args.kv_tokens,
                           max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                           max_model_len=args.max_model_len, cuda_graphs=use_cuda_graphs(args, device),
-                          async_scheduling=args.async_scheduling)
+                          async_scheduling=args.async_scheduling,
+                          enable_prefix_caching=args.enable_prefix_caching)
     if (device == "cuda") if args.warmup is None else args.warmup:
         t = time.time()
         sizes = engine.warmup()

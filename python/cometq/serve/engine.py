@@ -65,6 +65,10 @@ class EngineConfig:
     * ``max_model_len``: prompt + output tokens per request (default: the model's
       context, capped by what the pool holds).
     * ``max_queue``: waiting requests beyond which submissions are rejected.
+    * ``enable_prefix_caching``: full KV blocks stay readable by content after their request
+      ends; a new (or recomputed) request whose tokens start with cached blocks adopts them and
+      prefills only the rest (vLLM's automatic prefix caching; :class:`cometq.paged.PrefixCache`).
+      Requests that ask for prompt log-probabilities compute their whole prompt.
     * ``async_scheduling``: while the GPU runs decode step N, queue step N+1 before reading
       N's tokens (the host's bookkeeping, streaming and launch of a step then overlap the
       GPU's previous step instead of idling it).  Applies where the runner has full-step
@@ -81,14 +85,16 @@ class EngineConfig:
     max_model_len: Optional[int] = None
     max_queue: int = 1024
     async_scheduling: bool = True
+    enable_prefix_caching: bool = False
 
     def __post_init__(self):
         for n in ("max_num_seqs", "max_num_batched_tokens", "max_queue"):
             v = getattr(self, n)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{n} must be an int >= 1, got {v!r}")
-        if not isinstance(self.async_scheduling, bool):
-            raise TypeError(f"async_scheduling must be a bool, got {self.async_scheduling!r}")
+        for n in ("async_scheduling", "enable_prefix_caching"):
+            if not isinstance(getattr(self, n), bool):
+                raise TypeError(f"{n} must be a bool, got {getattr(self, n)!r}")
         v = self.max_model_len
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 2):
             raise ValueError(f"max_model_len must be an int >= 2 or None, got {v!r}")
@@ -134,6 +140,7 @@ class Request:
     prompt_logprobs: Optional[List[Optional[TokenLogprob]]] = None  # params.prompt_logprobs: filled by prefill
     _sent_ids: int = 0
     _sent_prompt_logprobs: bool = False
+    cache_nodes: List[int] = field(default_factory=list)  # prefix cache nodes of its full blocks, in order
 
     @property
     def all_ids(self) -> List[int]:
@@ -180,7 +187,12 @@ class Engine:
         # statistics (read by /metrics)
         self.stats = dict(steps=0, prompt_tokens=0, generation_tokens=0, preemptions=0, finished=0, aborted=0,
                           rejected=0, errors=0, ttft_sum=0.0, ttft_count=0, tpot_sum=0.0, tpot_count=0,
-                          e2e_sum=0.0, e2e_count=0)
+                          e2e_sum=0.0, e2e_count=0, prefix_query_tokens=0, prefix_hit_tokens=0)
+        self._prefix = config.enable_prefix_caching
+        if self._prefix:
+            if not hasattr(self.pool, "enable_prefix_caching"):
+                raise ValueError(f"enable_prefix_caching: the {type(self.pool).__name__} pool cannot share blocks")
+            self.pool.enable_prefix_caching()
         self._tok_events: Deque = deque()  # (time, tokens) for a recent tokens/s rate
         # what the last step ran: (decode sequences, prefill chunks, prefill tokens); benchmarks
         # read it to tell a slow prefill step from a slow decode step
@@ -271,6 +283,40 @@ class Engine:
             self.pool.free(req.seq_id)
             req.seq_id = -1
         req.num_computed = 0
+        req.cache_nodes = []
+
+    def _adopt_cached_prefix(self, req: Request) -> int:
+        """Prefix caching: start a request that holds no blocks with the cached full blocks its
+        tokens begin with (at least its last token is left to compute: its logits are needed).
+        Returns the full-block tokens it looked up."""
+        bs = self.pool.block_size
+        n_full = (req.num_tokens - 1) // bs
+        if n_full <= 0:
+            return 0
+        toks = req.token_slice(0, n_full * bs)
+        hit = self.pool.match_prefix([tuple(toks[i * bs:(i + 1) * bs]) for i in range(n_full)])
+        if hit:
+            seq = next(self._seq_ids)
+            try:
+                self.pool.adopt(seq, [b for _, b in hit])
+            except PoolExhausted:  # no sequence slot free: compute it all when it is admitted
+                return n_full * bs
+            req.seq_id = seq
+            req.num_computed = len(hit) * bs
+            req.cache_nodes = [node for node, _ in hit]
+        return n_full * bs
+
+    def _register_full_blocks(self, req: Request) -> None:
+        """Name the request's newly completed full blocks in the prefix cache."""
+        bs = self.pool.block_size
+        full, k = req.num_computed // bs, len(req.cache_nodes)
+        if full <= k:
+            return
+        parent = req.cache_nodes[-1] if k else 0  # (PrefixCache.ROOT)
+        toks = req.token_slice(k * bs, full * bs)
+        for i in range(k, full):
+            parent = self.pool.register_block(req.seq_id, i, parent, tuple(toks[(i - k) * bs:(i - k + 1) * bs]))
+            req.cache_nodes.append(parent)
 
     def _finish(self, req: Request, reason: str, error: Optional[str] = None) -> None:
         if req.status == _FINISHED:
@@ -351,11 +397,17 @@ class Engine:
                 if not self.waiting:
                     break
                 req = self.waiting[0]
+            queried = 0
+            if self._prefix and req.seq_id < 0 and req.params.prompt_logprobs is None:
+                queried = self._adopt_cached_prefix(req)
             n = min(req.num_tokens - req.num_computed, budget)
             if not self._reserve(req, req.num_computed + n):
-                if req.seq_id >= 0 and not self.pool.has_seq(req.seq_id):
+                if req.seq_id >= 0 and (req.cache_nodes or not self.pool.has_seq(req.seq_id)):
+                    self._release(req)  # (an adopted prefix is matched again when it fits)
                     req.seq_id = -1
                 break
+            self.stats["prefix_query_tokens"] += queried
+            self.stats["prefix_hit_tokens"] += req.num_computed if queried else 0
             with self._lock:
                 self.waiting.popleft()
             req.status = _RUNNING
@@ -497,6 +549,8 @@ class Engine:
                 continue
             req.num_computed += n
             n_tok += n
+            if self._prefix:
+                self._register_full_blocks(req)
             if req.num_computed < req.num_tokens:
                 continue  # mid-prefill chunk: nothing to sample yet
             p, lp = req.params, None

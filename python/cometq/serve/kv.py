@@ -22,13 +22,13 @@ Layout of :class:`PagedFPPool` (per layer)::
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from .. import ops
-from ..paged import _cat_rows, canonical_device, to_device_ints
+from ..paged import BlockAllocator, PrefixCache, _cat_rows, canonical_device, to_device_ints
 
 __all__ = ["PoolExhausted", "KVPool", "PagedFPPool"]
 
@@ -52,7 +52,7 @@ class KVPool:
         self.block_size = block_size
         self.n_kv_heads = n_kv_heads
         self.head_dim = head_dim
-        self._free: List[int] = list(range(num_blocks - 1, -1, -1))  # pop() gives low ids first
+        self._alloc = BlockAllocator(num_blocks)
         self._tables: Dict[int, List[int]] = {}
         self._capacity: Dict[int, int] = {}
 
@@ -64,11 +64,11 @@ class KVPool:
     # -- bookkeeping -----------------------------------------------------------
     @property
     def num_free_blocks(self) -> int:
-        return len(self._free)
+        return self._alloc.num_free
 
     @property
     def num_used_blocks(self) -> int:
-        return self.num_blocks - len(self._free)
+        return self.num_blocks - self._alloc.num_free
 
     def blocks_for(self, n_tokens: int) -> int:
         return math.ceil(n_tokens / self.block_size)
@@ -89,13 +89,13 @@ class KVPool:
         if n_tokens < 0:
             raise ValueError(f"n_tokens must be >= 0, got {n_tokens}")
         need = self.blocks_needed(seq_id, n_tokens)
-        if need > len(self._free):
+        if need > self._alloc.num_free:
             raise PoolExhausted(
-                f"sequence {seq_id} needs {need} more blocks for {n_tokens} tokens, {len(self._free)} free"
+                f"sequence {seq_id} needs {need} more blocks for {n_tokens} tokens, {self._alloc.num_free} free"
             )
         table = self._tables.setdefault(seq_id, [])
         for _ in range(need):
-            table.append(self._free.pop())
+            table.append(self._alloc.take())
         self._capacity[seq_id] = max(self._capacity.get(seq_id, 0), n_tokens)
         self._on_reserve(seq_id, n_tokens)
 
@@ -104,8 +104,44 @@ class KVPool:
         table = self._tables.pop(seq_id, None)
         self._capacity.pop(seq_id, None)
         if table:
-            self._free.extend(reversed(table))
+            self._alloc.release(table)
         self._on_free(seq_id)
+
+    # -- prefix caching (paged.PrefixCache: full blocks shared by content) ----------------
+    def enable_prefix_caching(self) -> None:
+        self._alloc.enable_prefix_caching()
+
+    @property
+    def prefix_cache(self) -> Optional[PrefixCache]:
+        return self._alloc.cache
+
+    def match_prefix(self, token_blocks: Sequence[tuple]) -> List[Tuple[int, int]]:
+        """Cached ``(node, block)`` pairs for the leading full blocks of ``token_blocks``."""
+        c = self._alloc.cache
+        return c.match(token_blocks) if c is not None else []
+
+    def adopt(self, seq_id: int, blocks: Sequence[int]) -> None:
+        """Start the new sequence ``seq_id`` with the cached ``blocks`` as its first tokens (all layers)."""
+        if seq_id in self._tables:
+            raise ValueError(f"adopt needs a new sequence; {seq_id} exists")
+        self._alloc.check_cached(blocks)
+        for b in blocks:
+            self._alloc.share(b)
+        self._tables[seq_id] = list(blocks)
+        n = len(blocks) * self.block_size
+        self._capacity[seq_id] = n
+        self._on_reserve(seq_id, n)
+
+    def register_block(self, seq_id: int, index: int, parent: int, tokens: tuple) -> int:
+        """Name block ``index`` of ``seq_id`` (written in every layer) in the prefix cache; returns its node."""
+        cache = self._alloc.cache
+        if cache is None:
+            raise RuntimeError("prefix caching is off (enable_prefix_caching())")
+        table = self.block_table(seq_id)
+        if len(tokens) != self.block_size or not 0 <= index < len(table):
+            raise ValueError(f"block {index} of sequence {seq_id} ({len(table)} blocks) with {len(tokens)} tokens "
+                             f"(block size {self.block_size})")
+        return cache.insert(parent, tokens, table[index])
 
     def block_table(self, seq_id: int) -> List[int]:
         if seq_id not in self._tables:

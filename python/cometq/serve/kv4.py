@@ -36,7 +36,7 @@ class KV4PagedPool(KVPool):
         super().__init__(num_layers=num_layers, num_blocks=num_blocks, block_size=block_size,
                          n_kv_heads=n_kv_heads, head_dim=head_dim)
         # the base class's ledger is not used: the KV4 pool's allocator is the only one
-        del self._free, self._tables, self._capacity
+        del self._alloc, self._tables, self._capacity
         self.config = PagedKV4Config(num_blocks=num_blocks, num_kv_heads=n_kv_heads, head_dim=head_dim,
                                      block_size=block_size, group_size=group_size, key_axis=key_axis,
                                      value_axis=value_axis, max_seqs=max_seqs, tail_dtype=tail_dtype)
@@ -92,6 +92,34 @@ class KV4PagedPool(KVPool):
         slot = self._slot.pop(seq_id, None)
         if slot is not None:
             self.kv.free(slot)
+
+    # -- prefix caching: the 4-bit pool's (a block holds whole quantization groups) ---------
+    def enable_prefix_caching(self) -> None:
+        self.kv.enable_prefix_caching()
+
+    @property
+    def prefix_cache(self):
+        return self.kv.prefix_cache
+
+    def match_prefix(self, token_blocks):
+        return self.kv.match_prefix(token_blocks)
+
+    def adopt(self, seq_id: int, blocks: Sequence[int]) -> None:
+        if seq_id in self._slot:
+            raise ValueError(f"adopt needs a new sequence; {seq_id} exists")
+        try:
+            slot = self.kv.add_sequence()
+        except KV4PoolExhausted as e:
+            raise PoolExhausted(f"sequence {seq_id}: {e}") from e
+        try:
+            self.kv.adopt(slot, blocks)
+        except Exception:
+            self.kv.free(slot)
+            raise
+        self._slot[seq_id] = slot
+
+    def register_block(self, seq_id: int, index: int, parent: int, tokens: tuple) -> int:
+        return self.kv.register_block(self._slot_of(seq_id), index, parent, tokens)
 
     def _slot_of(self, seq_id: int) -> int:
         if seq_id not in self._slot:

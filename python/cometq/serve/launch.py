@@ -30,7 +30,7 @@ def eos_ids(model, tokenizer) -> List[int]:
 def build_engine(model, tokenizer, *, kv4: bool = True, num_blocks: Optional[int] = None, block_size: int = 32,
                  kv_tokens: int = 8192, max_num_seqs: int = 32, max_num_batched_tokens: int = 512,
                  max_model_len: Optional[int] = None, max_queue: int = 1024, cuda_graphs: bool = False,
-                 async_scheduling: bool = True, **pool_kw) -> Engine:
+                 async_scheduling: bool = True, enable_prefix_caching: bool = False, **pool_kw) -> Engine:
     """An engine over a KV4 (``kv4=True``) or full-precision paged pool.
 
     The pool holds ``num_blocks`` blocks of ``block_size`` tokens (default:
@@ -39,6 +39,7 @@ def build_engine(model, tokenizer, *, kv4: bool = True, num_blocks: Optional[int
     CUDA graphs (:meth:`ModelRunner.enable_cuda_graphs`: one graph per step with the KV4 pool,
     piecewise otherwise; CUDA models only).  ``async_scheduling``: queue a decode step before
     reading the previous one's tokens where that applies (:class:`EngineConfig`).
+    ``enable_prefix_caching``: share full KV blocks between requests by content (:class:`EngineConfig`).
     """
     if num_blocks is None:
         num_blocks = max(1, -(-kv_tokens // block_size))
@@ -47,7 +48,8 @@ def build_engine(model, tokenizer, *, kv4: bool = True, num_blocks: Optional[int
     if cuda_graphs:
         runner.enable_cuda_graphs(max_batch=max_num_seqs)
     cfg = EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                       max_model_len=max_model_len, max_queue=max_queue, async_scheduling=async_scheduling)
+                       max_model_len=max_model_len, max_queue=max_queue, async_scheduling=async_scheduling,
+                       enable_prefix_caching=enable_prefix_caching)
     return Engine(runner, tokenizer, cfg, eos_token_ids=eos_ids(model, tokenizer))
 
 

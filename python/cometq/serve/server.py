@@ -452,6 +452,10 @@ def create_app(loop_: EngineLoop, tokenizer, config: Optional[ServerConfig] = No
         metric("engine_steps_total", "counter", "Engine steps (model forwards).", s["steps"])
         metric("preemptions_total", "counter", "Sequences preempted (recomputed later) on a full KV pool.",
                s["preemptions"])
+        metric("prefix_cache_queries_total", "counter", "Full-block tokens of admitted requests looked up in the "
+               "prefix cache.", s["prefix_query_tokens"])
+        metric("prefix_cache_hits_total", "counter", "Tokens admitted requests took from the prefix cache.",
+               s["prefix_hit_tokens"])
         for k in ("finished", "aborted", "rejected", "errors"):
             metric(f"requests_{k}_total", "counter", f"Requests {k}.", s[k])
         metric("http_requests_total", "counter", "Completion HTTP requests received.", state["http_requests"])
