@@ -71,6 +71,7 @@ __all__ = [
     "MultiLayerKV4Pool",
     "BlockAllocator",
     "PrefixCache",
+    "PrefixCaching",
     "kv4_quantize_append_reference",
     "kv4_decode_append_reference",
     "kv4_decode_attention_reference",
@@ -521,7 +522,27 @@ class BlockAllocator:
                     self.free.append(b)
 
 
-class MultiLayerKV4Pool:
+class PrefixCaching:
+    """The prefix-cache queries of a pool whose blocks come from ``self._alloc`` (a :class:`BlockAllocator`)."""
+
+    _alloc: BlockAllocator
+
+    def enable_prefix_caching(self) -> None:
+        """Keep full blocks readable by content after their sequences leave (:class:`PrefixCache`)."""
+        self._alloc.enable_prefix_caching()
+
+    @property
+    def prefix_cache(self) -> Optional[PrefixCache]:
+        return self._alloc.cache
+
+    def match_prefix(self, token_blocks: Sequence[tuple]) -> List[Tuple[int, int]]:
+        """Cached ``(node, block)`` pairs for the leading full blocks of ``token_blocks`` (block_size
+        tokens each); empty without prefix caching."""
+        c = self._alloc.cache
+        return c.match(token_blocks) if c is not None else []
+
+
+class MultiLayerKV4Pool(PrefixCaching):
     """Paged KV4 storage for ``num_layers`` attention layers with ONE block allocator.
 
     A sequence owns one slot and one block table, shared by every layer: block
@@ -715,21 +736,7 @@ class MultiLayerKV4Pool:
         self.tail_lens[:, seq_id] = 0
         self._free_slots.append(seq_id)
 
-    # -- prefix caching ------------------------------------------------------------
-    def enable_prefix_caching(self) -> None:
-        """Keep full blocks readable by content after their sequences leave (:class:`PrefixCache`)."""
-        self._alloc.enable_prefix_caching()
-
-    @property
-    def prefix_cache(self) -> Optional[PrefixCache]:
-        return self._alloc.cache
-
-    def match_prefix(self, token_blocks: Sequence[tuple]) -> List[Tuple[int, int]]:
-        """Cached ``(node, block)`` pairs for the leading full blocks of ``token_blocks`` (block_size
-        tokens each); empty without prefix caching."""
-        c = self._alloc.cache
-        return c.match(token_blocks) if c is not None else []
-
+    # -- prefix caching (enable_prefix_caching / prefix_cache / match_prefix: BlockAllocator) ----
     def adopt(self, seq_id: int, blocks: Sequence[int]) -> None:
         """Start the fresh sequence ``seq_id`` with the cached ``blocks`` as its first
         ``len(blocks) * block_size`` tokens, in every layer (read-only for it: later appends

@@ -22,13 +22,13 @@ Layout of :class:`PagedFPPool` (per layer)::
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from .. import ops
-from ..paged import BlockAllocator, PrefixCache, _cat_rows, canonical_device, to_device_ints
+from ..paged import BlockAllocator, PrefixCaching, _cat_rows, canonical_device, to_device_ints
 
 __all__ = ["PoolExhausted", "KVPool", "PagedFPPool"]
 
@@ -37,7 +37,7 @@ class PoolExhausted(RuntimeError):
     """Not enough free blocks for a reservation (the engine waits or preempts)."""
 
 
-class KVPool:
+class KVPool(PrefixCaching):
     """Block bookkeeping shared by every pool (subclasses own the tensors)."""
 
     kind = "abstract"
@@ -107,19 +107,7 @@ class KVPool:
             self._alloc.release(table)
         self._on_free(seq_id)
 
-    # -- prefix caching (paged.PrefixCache: full blocks shared by content) ----------------
-    def enable_prefix_caching(self) -> None:
-        self._alloc.enable_prefix_caching()
-
-    @property
-    def prefix_cache(self) -> Optional[PrefixCache]:
-        return self._alloc.cache
-
-    def match_prefix(self, token_blocks: Sequence[tuple]) -> List[Tuple[int, int]]:
-        """Cached ``(node, block)`` pairs for the leading full blocks of ``token_blocks``."""
-        c = self._alloc.cache
-        return c.match(token_blocks) if c is not None else []
-
+    # -- prefix caching (paged.PrefixCache: full blocks shared by content; queries: PrefixCaching) ----
     def adopt(self, seq_id: int, blocks: Sequence[int]) -> None:
         """Start the new sequence ``seq_id`` with the cached ``blocks`` as its first tokens (all layers)."""
         if seq_id in self._tables:
