@@ -237,3 +237,27 @@ def test_bench_system_weight_formats(tmp_path, capsys):
     assert [r["system"] for r in res["results"]] == ["cometq-w4ax-kv4", "cometq-w4ax-kv4@sym-g128"]
     assert all(r["output_tokens_per_s"] > 0 for r in res["results"])
     assert "| cometq-w4ax-kv4@sym-g128 | 2 |" in (tmp_path / "serving_w.md").read_text()
+
+
+def test_bench_shared_prefix_and_apc_systems(tmp_path):
+    """--shared-prefix gives every prompt the same head; a +apc system runs the engine with prefix
+    caching, and with a step budget that admits the prompts over several steps the later ones take
+    the head from the cache (the count is in the row); the plain twin takes nothing."""
+    from cometq.serve.bench import _prompts, _split_apc, parse_system
+
+    ps = _prompts(100, 3, 10, 0, shared=6)
+    assert ps[0][:6] == ps[1][:6] == ps[2][:6] and len({tuple(p[6:]) for p in ps}) == 3
+    assert all(len(p) == 10 for p in ps) and _prompts(100, 2, 5, 0, shared=0) != _prompts(100, 2, 5, 0, shared=5)
+    assert parse_system("cometq-fp+graphs+apc") == ("cometq-fp+graphs+apc", {})
+    assert _split_apc("cometq-fp+graphs+apc") == ("cometq-fp+graphs", True)
+    assert main(["bench", "--quick", "--systems", "cometq-fp+graphs+apc", "--device", "cpu",
+                 "--out", str(tmp_path)]) == 2  # (the graph systems need a CUDA device)
+    assert main(["bench", "--quick", "--batch-sizes", "4", "--input-len", "40", "--output-len", "3",
+                 "--block-size", "8", "--shared-prefix", "32", "--max-num-batched-tokens", "40",
+                 "--systems", "cometq-fp,cometq-fp+apc,cometq-w4ax-kv4+apc", "--out", str(tmp_path),
+                 "--tag", "apc"]) == 0
+    rows = {r["system"]: r for r in json.loads((tmp_path / "serving_apc.json").read_text())["results"]}
+    assert rows["cometq-fp"]["prefix_hit_tokens"] == 0
+    assert rows["cometq-fp+apc"]["prefix_hit_tokens"] == rows["cometq-w4ax-kv4+apc"]["prefix_hit_tokens"] == 3 * 32
+    assert "[shared prefix 32, 96 cached tokens used]" in (tmp_path / "serving_apc.md").read_text()
+    assert main(["bench", "--quick", "--input-len", "8", "--shared-prefix", "9", "--out", str(tmp_path)]) == 2

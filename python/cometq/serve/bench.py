@@ -15,6 +15,9 @@ once -- offline throughput at a given concurrency):
   attention captured) for the KV4 pool, piecewise graphs (attention eager) for the
   full-precision pool; ``cometq-w4ax-kv4+piecewise``: the KV4 system with piecewise graphs
   (what the full-step graph is measured against).
+* ``...+apc`` (``cometq-fp+apc``, ``cometq-w4ax-kv4+apc``, ``...+graphs+apc``): the same engine with
+  prefix caching on (``EngineConfig.enable_prefix_caching``); with ``--shared-prefix N`` every
+  prompt starts with the same N tokens (a common system prompt), the rest its own.
 
 On a GPU the default model is a Llama-3-8B-shaped random-weight model (no hub
 access needed), fp16, batch 1..64, 1024 in / 512 out.  On CPU: the embedded
@@ -46,12 +49,19 @@ SYSTEMS = ("cometq-w4ax-kv4", "cometq-fp", "hf-generate")
 #: "+piecewise" piecewise graphs (attention and appends eager between them)
 #: "+graphs-sync" the default scheme with the engine's async scheduling off (EngineConfig)
 ALL_SYSTEMS = SYSTEMS + ("cometq-w4ax-kv4+graphs", "cometq-fp+graphs", "cometq-w4ax-kv4+piecewise",
-                         "cometq-w4ax-kv4+graphs-sync")
+                         "cometq-w4ax-kv4+graphs-sync", "cometq-w4ax-kv4+apc", "cometq-fp+apc",
+                         "cometq-w4ax-kv4+graphs+apc", "cometq-fp+graphs+apc")
 _GRAPH_SUFFIXES = ("+graphs", "+piecewise", "+graphs-sync")
 #: a W4Ax system may name its weight format: "cometq-w4ax-kv4+graphs@sym-g128" (symmetric INT4
 #: weights in groups of 128: the Hopper TMA kernel's format), "@asym-g32", ...; without one the
 #: system runs ``W4AxConfig()``'s default (asymmetric, groups of 128)
 _WFMT = re.compile(r"^(sym|asym)-g(-1|\d+)$")
+
+
+def _split_apc(base: str):
+    """``"cometq-fp+graphs+apc"`` -> ``("cometq-fp+graphs", True)``: the engine system and whether
+    it runs with prefix caching."""
+    return (base[:-4], True) if base.endswith("+apc") else (base, False)
 
 
 def parse_system(system: str):
@@ -89,6 +99,9 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--input-len", type=int, default=None, help="prompt tokens (default: GPU 1024, CPU 64)")
     p.add_argument("--output-len", type=int, default=None, help="generated tokens (default: GPU 512, CPU 32)")
     p.add_argument("--block-size", type=int, default=64, help="KV pool block size (tokens)")
+    p.add_argument("--shared-prefix", type=int, default=0,
+                   help="the first N prompt tokens are the same in every request (a common system prompt; "
+                        "compare a system with its +apc twin, which runs with prefix caching)")
     p.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="engine token budget per step (default: 8192 GPU, 512 CPU)")
     p.add_argument("--quick", action="store_true", help="tiny model, few small points (smoke run)")
@@ -154,11 +167,13 @@ def _load(name: str, device: str, quick: bool):
 
 
 # --------------------------------------------------------------------------- runs
-def _prompts(vocab: int, batch: int, n: int, seed: int) -> List[List[int]]:
+def _prompts(vocab: int, batch: int, n: int, seed: int, shared: int = 0) -> List[List[int]]:
+    """``batch`` random prompts of ``n`` tokens; the first ``shared`` are the same in all of them."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, vocab, (n,), generator=g).tolist() for _ in range(batch)]
+    head = torch.randint(0, vocab, (min(shared, n),), generator=g).tolist()
+    return [head + torch.randint(0, vocab, (n - len(head),), generator=g).tolist() for _ in range(batch)]
 
 
 def _summ(ttft: List[float], tpot: List[float], wall: float, batch: int, in_len: int, out_len: int) -> Dict:
@@ -181,9 +196,11 @@ def _sync(device):
 
 def run_engine(model, *, kv4: bool, batch: int, in_len: int, out_len: int, block_size: int, budget: int,
                device: str, seed: int, cuda_graphs=False, step_profile: bool = True,
-               async_scheduling: bool = True) -> Dict:
+               async_scheduling: bool = True, prefix_caching: bool = False, shared_prefix: int = 0) -> Dict:
     """One engine run.  ``cuda_graphs``: False, True (the runner's default scheme) or
-    ``"piecewise"``; ``async_scheduling``: the engine's (EngineConfig)."""
+    ``"piecewise"``; ``async_scheduling`` / ``prefix_caching``: the engine's (EngineConfig);
+    ``shared_prefix``: leading prompt tokens common to all requests (the warm-up's prompts share
+    another prefix, so the timed run starts with a cold cache for its own)."""
     from .engine import Engine, EngineConfig
     from .runner import ModelRunner
     from .sampling import SamplingParams
@@ -194,7 +211,8 @@ def run_engine(model, *, kv4: bool, batch: int, in_len: int, out_len: int, block
     if cuda_graphs:  # captured during the warm-up below (first decode step of the batch)
         runner.enable_cuda_graphs(max_batch=max(batch, 1), full=False if cuda_graphs == "piecewise" else None)
     eng = Engine(runner, None, EngineConfig(max_num_seqs=batch, max_num_batched_tokens=budget,
-                                            max_model_len=in_len + out_len, async_scheduling=async_scheduling))
+                                            max_model_len=in_len + out_len, async_scheduling=async_scheduling,
+                                            enable_prefix_caching=prefix_caching))
     sp = SamplingParams(max_tokens=out_len, temperature=0, ignore_eos=True)
     # warm-up with the measured batch shape (full prompts, a few decode steps): every
     # kernel specialization and GEMM shape bucket the run hits is compiled (and tuned)
@@ -203,14 +221,15 @@ def run_engine(model, *, kv4: bool, batch: int, in_len: int, out_len: int, block
     # (prefill + eager decode) steps of the timed run, with their decode batch sizes, are warmed too
     prefill_steps = -(-batch * in_len // max(budget, 1))
     warm_sp = SamplingParams(max_tokens=min(out_len, prefill_steps + 3), temperature=0, ignore_eos=True)
-    for p in _prompts(runner.vocab_size, batch, in_len, seed + 1):
+    for p in _prompts(runner.vocab_size, batch, in_len, seed + 1, shared_prefix):
         eng.add_request(p, warm_sp)
     while eng.has_work():
         eng.step()
     _sync(device)
     tuned0 = tuning_counts()
+    hits0 = eng.stats["prefix_hit_tokens"]
     t0 = time.monotonic()
-    reqs = [eng.add_request(p, sp) for p in _prompts(runner.vocab_size, batch, in_len, seed)]
+    reqs = [eng.add_request(p, sp) for p in _prompts(runner.vocab_size, batch, in_len, seed, shared_prefix)]
     steps = 0
     # host wall time per step (each step ends in a device->host copy of the sampled ids, so it
     # includes the step's GPU time; a slow outlier = a capture, a compile, a tuning, an allocator
@@ -230,7 +249,9 @@ def run_engine(model, *, kv4: bool, batch: int, in_len: int, out_len: int, block
     ttft = [r.first_token_time - r.arrival for r in reqs]
     tpot = [(r.finish_time - r.first_token_time) / (out_len - 1) for r in reqs if out_len > 1]
     res = _summ(ttft, tpot, wall, batch, in_len, out_len)
-    res.update(steps=steps, preemptions=eng.stats["preemptions"], kv_pool_bytes=runner.pool.memory_bytes())
+    res.update(steps=steps, preemptions=eng.stats["preemptions"], kv_pool_bytes=runner.pool.memory_bytes(),
+               shared_prefix=shared_prefix, prefix_caching=prefix_caching,
+               prefix_hit_tokens=eng.stats["prefix_hit_tokens"] - hits0)
     if step_s:
         srt = sorted(step_s)
         res.update(step_ms_p50=srt[len(srt) // 2] * 1e3, step_ms_max=srt[-1] * 1e3,
@@ -525,11 +546,14 @@ def run_bench(args, progress=None) -> Dict:
     budget = args.max_num_batched_tokens or (8192 if gpu else 512)
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     parsed = {s: parse_system(s) for s in systems}  # (ValueError on a bad name or format)
-    if not gpu and any(parsed[s][0].endswith(_GRAPH_SUFFIXES) for s in systems):
+    if not gpu and any(_split_apc(parsed[s][0])[0].endswith(_GRAPH_SUFFIXES) for s in systems):
         raise ValueError("the +graphs / +piecewise systems need a CUDA device")
     for name, v in (("input-len", in_len), ("output-len", out_len), ("block-size", args.block_size)):
         if v < 1:
             raise ValueError(f"--{name} must be >= 1, got {v}")
+    shared = getattr(args, "shared_prefix", 0) or 0
+    if not 0 <= shared <= in_len:
+        raise ValueError(f"--shared-prefix must be in [0, input-len={in_len}], got {shared}")
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
@@ -564,6 +588,7 @@ def run_bench(args, progress=None) -> Dict:
                     r = run_hf_generate(model, batch=b, in_len=in_len, out_len=out_len, device=device, seed=args.seed)
                 else:
                     base, fmt = parsed[system]
+                    base, apc = _split_apc(base)
                     kv4 = base.startswith("cometq-w4ax-kv4")
                     r = run_engine(qmodels[tuple(sorted(fmt.items()))] if kv4 else model, kv4=kv4, batch=b,
                                    in_len=in_len, out_len=out_len,
@@ -571,6 +596,7 @@ def run_bench(args, progress=None) -> Dict:
                                    cuda_graphs="piecewise" if base.endswith("+piecewise")
                                    else base.endswith(("+graphs", "+graphs-sync")),
                                    async_scheduling=not base.endswith("-sync"),
+                                   prefix_caching=apc, shared_prefix=shared,
                                    # the graph systems only: the eager ones are host-bound by design
                                    step_profile=base.endswith(_GRAPH_SUFFIXES) and not getattr(args, "no_step_profile",
                                                                                         False))
@@ -622,6 +648,8 @@ def markdown(res: Dict) -> str:
             label += f" [eager buckets {', '.join(r['decode_graphs_failed'])}]"
         if r.get("async_steps"):  # decode steps queued ahead of the host (async scheduling)
             label += f" [async {r['async_steps']} steps]"
+        if r.get("shared_prefix"):  # a common prompt head; +apc rows: the tokens taken from the prefix cache
+            label += f" [shared prefix {r['shared_prefix']}, {r.get('prefix_hit_tokens', 0)} cached tokens used]"
         lines.append(f"| {label} | {r['batch']} | {r['input_len']}/{r['output_len']} | "
                      f"{r['output_tokens_per_s']:.1f} | {r['total_tokens_per_s']:.1f} | {r['ttft_mean_s'] * 1e3:.1f} | "
                      f"{r['ttft_p90_s'] * 1e3:.1f} | {r['tpot_mean_s'] * 1e3:.2f} | {prof} |")
