@@ -133,8 +133,7 @@ def create_app(loop_: EngineLoop, tokenizer, config: Optional[ServerConfig] = No
                 loop_.submit(pr.prompts[c // pr.n], params, callback(c), request_id=eid)
                 submitted.append(eid)
         except RequestRejected as e:
-            for eid in submitted:  # all choices or none (their finishes never reach left == 0)
-                loop_.abort(eid)
+            _abort(submitted)  # all choices or none (their finishes never reach left == 0)
             status = 429 if e.code == "queue_full" else 400
             raise APIError(status, str(e), type="rate_limit_error" if status == 429 else "invalid_request_error",
                            param=e.param, code=e.code)
