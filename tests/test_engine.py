@@ -441,6 +441,56 @@ def test_prefix_caching_same_outputs_fewer_tokens(llama, kv4):
     assert st["prefix_query_tokens"] == sum((len(p) - 1) // 16 * 16 for p in prompts)
 
 
+@pytest.mark.parametrize("kv4", [False, True])
+def test_prefix_caching_shares_blocks_being_computed(llama, kv4):
+    """Requests admitted together with a common head (the n choices of one prompt): the first
+    computes the head, the others wait for its blocks instead of computing them again, while an
+    unrelated request behind them starts at once; outputs stay the model's."""
+    p = _rand_ids(53, 400)  # 3 full blocks of 16 (+5)
+    other = _rand_ids(21, 401)
+    params = SamplingParams(max_tokens=5, temperature=0)
+    r = (ModelRunner.with_kv4_pool(llama, num_blocks=48, block_size=16, group_size=16, max_seqs=8) if kv4
+         else ModelRunner.with_fp_pool(llama, num_blocks=48, block_size=16))
+    e = Engine(r, None, EngineConfig(max_num_seqs=8, max_num_batched_tokens=256, enable_prefix_caching=True))
+    fed = _counting_forward(r)
+    reqs = [e.add_request(p, params) for _ in range(3)] + [e.add_request(other, params)]
+    e.step()
+    # step 1: the first copy of p and the unrelated prompt; copies 2 and 3 wait (skipped, not blocking)
+    assert [q.status for q in reqs] == ["running", "waiting", "waiting", "running"]
+    assert fed == [53 + 21] and e.stats["prefix_deferrals"] == 2
+    for _ in range(100):
+        if not e.has_work():
+            break
+        e.step()
+    assert not e.has_work() and e.pool.num_used_blocks == 0
+    # copies 2 and 3 adopted the 3 blocks in step 2 and fed 5 tokens each
+    assert fed[1] == 2 * 5 + 2 and e.stats["prefix_hit_tokens"] == 2 * 48
+    outs = [q.output_ids for q in reqs]
+    want = _greedy_nocache(llama, p, 5)
+    if kv4:  # the first copy = a KV4 engine without prefix caching (the others read its 4-bit blocks)
+        solo = Engine(ModelRunner.with_kv4_pool(llama, num_blocks=48, block_size=16, group_size=16), None)
+        assert outs[0] == solo.generate([p], params)[0] and [len(o) for o in outs] == [5] * 4
+    else:
+        assert outs == [want] * 3 + [_greedy_nocache(llama, other, 5)]
+
+
+def test_prefix_caching_waits_only_for_a_large_share(llama):
+    """A short common head (one block of a long prompt) is not worth a step's wait: both compute it."""
+    head = _rand_ids(16, 410)
+    prompts = [head + _rand_ids(40, 411), head + _rand_ids(40, 412)]
+    r = ModelRunner.with_fp_pool(llama, num_blocks=48, block_size=16)
+    e = Engine(r, None, EngineConfig(max_num_batched_tokens=256, enable_prefix_caching=True))
+    reqs = [e.add_request(q, SamplingParams(max_tokens=2, temperature=0)) for q in prompts]
+    e.step()
+    assert [q.status for q in reqs] == ["running", "running"] and e.stats["prefix_deferrals"] == 0
+    # the same head as most of a prompt: the second waits
+    e2 = Engine(ModelRunner.with_fp_pool(llama, num_blocks=48, block_size=16), None,
+                EngineConfig(max_num_batched_tokens=256, enable_prefix_caching=True))
+    reqs = [e2.add_request(head + head + q[16:20], SamplingParams(max_tokens=2, temperature=0)) for q in prompts]
+    e2.step()
+    assert [q.status for q in reqs] == ["running", "waiting"] and e2.stats["prefix_deferrals"] == 1
+
+
 def test_prefix_caching_under_preemption_and_eviction(llama, greedy_cases):
     prompts, refs = greedy_cases
     shared = _rand_ids(8, 77)

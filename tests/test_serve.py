@@ -5,6 +5,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import torch
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -176,6 +177,45 @@ def test_completion_logprobs_and_echo(client, model):
     # echo alone: the prompt's text, no log-probabilities
     plain = client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, temperature=0, echo=True)
     assert plain.choices[0].text.startswith(prompt) and plain.choices[0].logprobs is None
+
+
+def test_vllm_prompt_logprobs(client, model):
+    """vLLM's prompt_logprobs extension: per completions choice (per chat response), None for the
+    first token, then token id -> {logprob, rank, decoded_token} with the prompt token and the top k."""
+    ids = [ord(ch) for ch in "prompt scoring!"]
+    logits = model(torch.tensor([ids])).logits[0].double().detach()
+    lp_ref = torch.log_softmax(logits, -1)
+    r = client.completions.create(model=MODEL, prompt=ids, max_tokens=2, temperature=0, logprobs=1, echo=True,
+                                  extra_body={"prompt_logprobs": 3})
+    plp = r.choices[0].model_extra["prompt_logprobs"]
+    assert len(plp) == len(ids) and plp[0] is None
+    for pos, d in enumerate(plp[1:]):
+        row, tid = lp_ref[pos], ids[pos + 1]
+        top = torch.topk(row, 3).indices.tolist()
+        assert set(d) == {str(t) for t in top} | {str(tid)}
+        assert d[str(tid)]["logprob"] == pytest.approx(float(row[tid]), abs=RUNNER_LOGPROB_ATOL)
+        assert d[str(tid)]["rank"] == int((row > row[tid]).sum()) + 1 and d[str(tid)]["decoded_token"] == chr(tid)
+        assert [d[str(t)]["rank"] for t in top if t != tid] == [j + 1 for j, t in enumerate(top) if t != tid]
+    # echo's rows still carry `logprobs` = 1 alternative (+ the prompt token), from the same computation
+    lp = r.choices[0].logprobs
+    assert all(len(t) <= 2 for t in lp.top_logprobs[1:len(ids)])
+    assert lp.token_logprobs[1:len(ids)] == pytest.approx(prompt_logprob_reference(model, ids), abs=RUNNER_LOGPROB_ATOL)
+    # without echo / logprobs: only prompt_logprobs (k = 0: the prompt tokens alone); nothing else changes
+    r0 = client.completions.create(model=MODEL, prompt=ids, max_tokens=2, temperature=0, extra_body={"prompt_logprobs": 0})
+    assert r0.choices[0].logprobs is None and r0.choices[0].text == r.choices[0].text[len(ids):]
+    assert [list(d) for d in r0.choices[0].model_extra["prompt_logprobs"][1:]] == [[str(t)] for t in ids[1:]]
+    assert "prompt_logprobs" not in client.completions.create(model=MODEL, prompt=ids, max_tokens=1).choices[0].model_extra
+    # chat: once per response
+    c = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2, n=2,
+                                       extra_body={"prompt_logprobs": 1})
+    cp = c.model_extra["prompt_logprobs"]
+    assert cp[0] is None and len(cp) == c.usage.prompt_tokens and all(1 <= len(d) <= 2 for d in cp[1:])
+    # errors: streaming, out of range, wrong type
+    for extra in ({"prompt_logprobs": 2, "stream": True}, {"prompt_logprobs": -1}, {"prompt_logprobs": 99},
+                  {"prompt_logprobs": "3"}):
+        resp = httpx.post(str(client.base_url).rstrip("/") + "/completions", timeout=TIMEOUT,
+                          json={"model": MODEL, "prompt": "x", "max_tokens": 1, **extra})
+        assert resp.status_code == 400 and resp.json()["error"]["param"] == "prompt_logprobs", (extra, resp.text)
 
 
 def test_chat_logprobs(client):
@@ -544,8 +584,51 @@ def test_prefix_caching_server(model, tok):
         assert vals["cometq_prefix_cache_hits_total"] >= 2 * 16 * ((len(b"You are a terse assistant. ") * 4) // 16)
         assert 0 < vals["cometq_prefix_cache_hits_total"] <= vals["cometq_prefix_cache_queries_total"]
         assert b.usage.prompt_tokens == a.usage.prompt_tokens  # (usage counts the whole prompt either way)
+        # n choices of a new prompt: the first computes it, the others take all its full blocks (they
+        # wait for them when they arrive while it is computing them)
+        n3 = c.chat.completions.create(messages=[system, {"role": "user", "content": "three"}], n=3, seed=3,
+                                       **{**kw, "temperature": 0.9})
+        text = httpx.get(s.base_url + "/metrics", timeout=TIMEOUT).text
+        vals2 = {ln.split()[0]: float(ln.split()[1]) for ln in text.splitlines() if ln and not ln.startswith("#")}
+        full = (n3.usage.prompt_tokens - 1) // 16 * 16
+        sys_full = 16 * ((len(b"You are a terse assistant. ") * 4) // 16)  # (the first choice: cached system part)
+        assert vals2["cometq_prefix_cache_hits_total"] - vals["cometq_prefix_cache_hits_total"] >= 2 * full + sys_full
+        assert "cometq_prefix_cache_deferrals_total" in vals2 and len(n3.choices) == 3
     finally:
         s.stop()
+
+
+def test_api_key(model, tok):
+    """--api-key: /v1 routes want 'Authorization: Bearer <key>' (the openai client sends its api_key so);
+    health, metrics and the tokenizer routes stay open; the key never shows in the config's repr."""
+    s = _stack(model, tok, kv4=False, num_blocks=32, block_size=16,
+               server_config=ServerConfig(model_name=MODEL, api_key="s3cret-key"))
+    try:
+        ok = openai.OpenAI(base_url=s.base_url + "/v1", api_key="s3cret-key", max_retries=0, timeout=TIMEOUT)
+        r = ok.completions.create(model=MODEL, prompt="hi", max_tokens=3, temperature=0, extra_body={"ignore_eos": True})
+        assert r.usage.completion_tokens == 3
+        chunks = list(ok.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=3,
+                                                 stream=True, extra_body={"ignore_eos": True}))
+        assert chunks[-1].choices[0].finish_reason == "length"
+        assert [m.id for m in ok.models.list().data] == [MODEL]
+        for key in ("wrong", "s3cret-ke", "s3cret-key-"):
+            bad = openai.OpenAI(base_url=s.base_url + "/v1", api_key=key, max_retries=0, timeout=TIMEOUT)
+            with pytest.raises(openai.AuthenticationError) as ei:
+                bad.completions.create(model=MODEL, prompt="hi", max_tokens=1)
+            assert ei.value.status_code == 401 and ei.value.code == "invalid_api_key"
+        for headers in ({}, {"Authorization": "s3cret-key"}, {"Authorization": "Basic s3cret-key"}):
+            assert httpx.get(s.base_url + "/v1/models", headers=headers, timeout=TIMEOUT).status_code == 401
+        assert httpx.get(s.base_url + "/v1/models", headers={"authorization": "bearer s3cret-key"},
+                         timeout=TIMEOUT).status_code == 200
+        assert httpx.get(s.base_url + "/health", timeout=TIMEOUT).status_code == 200
+        assert httpx.get(s.base_url + "/metrics", timeout=TIMEOUT).status_code == 200
+        assert httpx.post(s.base_url + "/tokenize", json={"prompt": "ab"}, timeout=TIMEOUT).status_code == 200
+    finally:
+        s.stop()
+    assert "s3cret" not in repr(ServerConfig(api_key="s3cret-key"))
+    for bad in ("", " k", 5):
+        with pytest.raises(ValueError, match="api_key"):
+            ServerConfig(api_key=bad)
 
 
 def test_chat_default_max_tokens_fits_context(stack, tok):

@@ -26,6 +26,12 @@ def test_cli_parsers():
     assert build_parser().parse_args(["serve", "--cuda-graphs"]).cuda_graphs is True
     assert a.async_scheduling is True
     assert build_parser().parse_args(["serve", "--no-async-scheduling"]).async_scheduling is False
+    assert a.api_key is None and build_parser().parse_args(["serve", "--api-key", "k"]).api_key == "k"
+    # a bad key fails at once, before the model loads
+    with pytest.raises(ValueError, match="api_key must be a non-empty string"):
+        from cometq.serve.cli import cmd_serve
+
+        cmd_serve(build_parser().parse_args(["serve", "--api-key", " k ", "--model", "/nonexistent"]))
     from cometq.serve.bench import parse_system
     from cometq.serve.launch import build_engine
 
@@ -59,7 +65,7 @@ def test_cli_serve_subprocess(tmp_path):
     d = tmp_path / "tiny"
     tiny_model().save_pretrained(d)
     byte_tokenizer().save_pretrained(d)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", COMETQ_BACKEND="reference")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", COMETQ_BACKEND="reference", COMETQ_API_KEY="k-123")
     proc = subprocess.Popen([sys.executable, "-m", "cometq", "serve", "--model", str(d), "--port", "0",
                              "--no-quantize", "--kv4", "--block-size", "16", "--kv-tokens", "1024",
                              "--served-model-name", "tiny"],
@@ -75,9 +81,11 @@ def test_cli_serve_subprocess(tmp_path):
             url = m.group(1) if m else None
         assert url, "".join(lines[-20:])
         assert httpx.get(url + "/health", timeout=30).json() == {"status": "ok"}
-        r = httpx.post(url + "/v1/chat/completions", timeout=60,
-                       json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5,
-                             "temperature": 0, "ignore_eos": True})
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5,
+                "temperature": 0, "ignore_eos": True}
+        # COMETQ_API_KEY: the /v1 routes want it
+        assert httpx.post(url + "/v1/chat/completions", timeout=60, json=body).status_code == 401
+        r = httpx.post(url + "/v1/chat/completions", timeout=60, json=body, headers={"Authorization": "Bearer k-123"})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
         assert "cometq_kv_blocks_total 64" in httpx.get(url + "/metrics", timeout=30).text
     finally:

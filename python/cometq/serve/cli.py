@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -23,6 +24,9 @@ def add_serve_args(p: argparse.ArgumentParser, default_model: str) -> None:
                    help="4-bit paged KV cache (default: on); --no-kv4 keeps K/V in the model's dtype")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--served-model-name", default=None, help="model id reported by /v1/models")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer <key>' on the /v1 routes (default: the COMETQ_API_KEY "
+                        "environment variable; none: open)")
     p.add_argument("--max-num-seqs", type=int, default=32, help="sequences batched at once")
     p.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per engine step")
     p.add_argument("--kv-tokens", type=int, default=16384, help="KV pool capacity in tokens")
@@ -82,6 +86,14 @@ def cmd_serve(args) -> int:
         v = getattr(args, name)
         if v < (0 if name == "port" else 1):
             raise ValueError(f"--{name.replace('_', '-')} must be >= {0 if name == 'port' else 1}, got {v}")
+    # (server settings first: a bad one fails before minutes of loading and quantizing)
+    name = args.served_model_name or str(args.model)
+    api_key = args.api_key if args.api_key is not None else (os.environ.get("COMETQ_API_KEY") or None)
+    scfg = ServerConfig(model_name=name, max_prompt_tokens=args.max_prompt_tokens,
+                        max_concurrent_requests=args.max_concurrent_requests, api_key=api_key)
+    if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        _log(f"warning: serving on {args.host} without an API key: anyone who reaches the port can use it "
+             "(--api-key or COMETQ_API_KEY)")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     _log(f"loading {args.model} ...")
     model, tok = _load_any(args.model)
@@ -106,9 +118,6 @@ def cmd_serve(args) -> int:
         t = time.time()
         sizes = engine.warmup()
         _log(f"warmed up (batch sizes {sizes}) in {time.time() - t:.1f} s")
-    name = args.served_model_name or str(args.model)
-    scfg = ServerConfig(model_name=name, max_prompt_tokens=args.max_prompt_tokens,
-                        max_concurrent_requests=args.max_concurrent_requests)
     stack = start_stack(engine, tok, host=args.host, port=args.port, server_config=scfg, log_level="info")
     _log(f"cometq serving {name!r} ({'W4Ax' if _is_quantized(model) else 'unquantized'}, "
          f"{'KV4' if args.kv4 else 'full-precision KV'}, {engine.pool.num_blocks} x {engine.pool.block_size}-token "

@@ -68,7 +68,11 @@ class EngineConfig:
     * ``enable_prefix_caching``: full KV blocks stay readable by content after their request
       ends; a new (or recomputed) request whose tokens start with cached blocks adopts them and
       prefills only the rest (vLLM's automatic prefix caching; :class:`cometq.paged.PrefixCache`).
-      Requests that ask for prompt log-probabilities compute their whole prompt.
+      Requests that ask for prompt log-probabilities compute their whole prompt.  A request
+      whose next uncached blocks another running request is computing right now (the ``n``
+      choices of one prompt, a batch of prompts with a common head) waits for them instead of
+      computing them again, when they are at least half of what it would compute: it is skipped
+      at admission (requests behind it still start) until the blocks are named, then adopts them.
     * ``async_scheduling``: while the GPU runs decode step N, queue step N+1 before reading
       N's tokens (the host's bookkeeping, streaming and launch of a step then overlap the
       GPU's previous step instead of idling it).  Applies where the runner has full-step
@@ -141,6 +145,7 @@ class Request:
     _sent_ids: int = 0
     _sent_prompt_logprobs: bool = False
     cache_nodes: List[int] = field(default_factory=list)  # prefix cache nodes of its full blocks, in order
+    block_hashes: List[int] = field(default_factory=list)  # chain hashes of its leading full blocks (prefix caching)
 
     @property
     def all_ids(self) -> List[int]:
@@ -187,7 +192,8 @@ class Engine:
         # statistics (read by /metrics)
         self.stats = dict(steps=0, prompt_tokens=0, generation_tokens=0, preemptions=0, finished=0, aborted=0,
                           rejected=0, errors=0, ttft_sum=0.0, ttft_count=0, tpot_sum=0.0, tpot_count=0,
-                          e2e_sum=0.0, e2e_count=0, prefix_query_tokens=0, prefix_hit_tokens=0)
+                          e2e_sum=0.0, e2e_count=0, prefix_query_tokens=0, prefix_hit_tokens=0,
+                          prefix_deferrals=0)
         self._prefix = config.enable_prefix_caching
         if self._prefix:
             if not hasattr(self.pool, "enable_prefix_caching"):
@@ -285,26 +291,65 @@ class Engine:
         req.num_computed = 0
         req.cache_nodes = []
 
-    def _adopt_cached_prefix(self, req: Request) -> int:
-        """Prefix caching: start a request that holds no blocks with the cached full blocks its
-        tokens begin with (at least its last token is left to compute: its logits are needed).
-        Returns the full-block tokens it looked up."""
+    def _prefix_blocks(self, req: Request) -> List[tuple]:
+        """The token tuples of the full blocks a request may take from the cache (at least its
+        last token is left to compute: its logits are needed)."""
         bs = self.pool.block_size
         n_full = (req.num_tokens - 1) // bs
-        if n_full <= 0:
-            return 0
         toks = req.token_slice(0, n_full * bs)
-        hit = self.pool.match_prefix([tuple(toks[i * bs:(i + 1) * bs]) for i in range(n_full)])
+        return [tuple(toks[i * bs:(i + 1) * bs]) for i in range(n_full)]
+
+    @staticmethod
+    def _chain_hashes(req: Request, blocks: List[tuple]) -> List[int]:
+        """``hash((hash of the blocks before, block tokens))`` of each of ``blocks`` (the request's
+        leading full blocks, which never change once full), cached on the request.  Only used to
+        spot blocks another request is computing: a collision can only make a request wait for
+        a step it did not need to."""
+        hs = req.block_hashes
+        h = hs[-1] if hs else 0
+        for b in blocks[len(hs):]:
+            h = hash((h, b))
+            hs.append(h)
+        return hs[:len(blocks)]
+
+    def _pending_blocks(self) -> set:
+        """Chain hashes of the full blocks running requests have still to compute."""
+        bs = self.pool.block_size
+        pending = set()
+        for r in self.running:
+            self._add_pending(r, pending, bs)
+        return pending
+
+    def _add_pending(self, req: Request, pending: set, bs: int) -> None:
+        n_full = req.num_tokens // bs
+        first = req.num_computed // bs
+        if n_full > first and req.seq_id >= 0:
+            toks = req.token_slice(0, n_full * bs)
+            pending.update(self._chain_hashes(req, [tuple(toks[i * bs:(i + 1) * bs]) for i in range(n_full)])[first:])
+
+    def _should_wait(self, req: Request, blocks: List[tuple], hit: int, pending: set) -> bool:
+        """The blocks after the ``hit`` cached ones are being computed by another request and make
+        up at least half of what ``req`` would compute: wait for them to be named."""
+        if hit >= len(blocks) or not pending:
+            return False
+        hs = self._chain_hashes(req, blocks)
+        run = 0
+        while hit + run < len(hs) and hs[hit + run] in pending:
+            run += 1
+        return run > 0 and 2 * run * self.pool.block_size >= req.num_tokens - hit * self.pool.block_size
+
+    def _adopt_cached_prefix(self, req: Request, blocks: List[tuple], hit: List[tuple]) -> None:
+        """Prefix caching: start a request that holds no blocks with the ``hit`` = ``match_prefix``
+        ``(node, block)`` pairs of its leading full ``blocks``."""
         if hit:
             seq = next(self._seq_ids)
             try:
                 self.pool.adopt(seq, [b for _, b in hit])
             except PoolExhausted:  # no sequence slot free: compute it all when it is admitted
-                return n_full * bs
+                return
             req.seq_id = seq
-            req.num_computed = len(hit) * bs
+            req.num_computed = len(hit) * self.pool.block_size
             req.cache_nodes = [node for node, _ in hit]
-        return n_full * bs
 
     def _register_full_blocks(self, req: Request) -> None:
         """Name the request's newly completed full blocks in the prefix cache."""
@@ -392,14 +437,23 @@ class Engine:
                 i += 1
                 continue
             break  # req itself was preempted: it was the last running one
+        pending = self._pending_blocks() if self._prefix else None
+        skip = 0  # waiting requests passed over this step (waiting for another's blocks)
         while budget > 0 and len(self.running) < self.max_num_seqs:
-            with self._lock:
-                if not self.waiting:
+            with self._lock:  # (other threads only append to the queue)
+                if skip >= len(self.waiting):
                     break
-                req = self.waiting[0]
+                req = self.waiting[skip]
             queried = 0
             if self._prefix and req.seq_id < 0 and req.params.prompt_logprobs is None:
-                queried = self._adopt_cached_prefix(req)
+                blocks = self._prefix_blocks(req)
+                hit = self.pool.match_prefix(blocks) if blocks else []
+                if self._should_wait(req, blocks, len(hit), pending):
+                    skip += 1
+                    self.stats["prefix_deferrals"] += 1
+                    continue
+                queried = len(blocks) * self.pool.block_size
+                self._adopt_cached_prefix(req, blocks, hit)
             n = min(req.num_tokens - req.num_computed, budget)
             if not self._reserve(req, req.num_computed + n):
                 if req.seq_id >= 0 and (req.cache_nodes or not self.pool.has_seq(req.seq_id)):
@@ -409,11 +463,13 @@ class Engine:
             self.stats["prefix_query_tokens"] += queried
             self.stats["prefix_hit_tokens"] += req.num_computed if queried else 0
             with self._lock:
-                self.waiting.popleft()
+                self.waiting.remove(req)  # (identity: Request compares by id)
             req.status = _RUNNING
             self.running.append(req)
             plan.append((req, n))
             budget -= n
+            if pending is not None:
+                self._add_pending(req, pending, self.pool.block_size)
         return plan
 
     def step(self) -> int:

@@ -49,6 +49,9 @@ class ParsedRequest:
     echo: bool = False  # completions: the prompt's text (and log-probabilities) lead the output
     prompt_texts: Optional[List[str]] = None  # what echo returns, per prompt
     n: int = 1
+    # vLLM's ``prompt_logprobs`` extension: the prompt tokens' log-probabilities with this many
+    # alternatives, returned as ``prompt_logprobs`` (completions: per choice; chat: per response)
+    prompt_logprobs: Optional[int] = None
 
     @property
     def prompt_ids(self) -> List[int]:  # (the first prompt: the only one of a chat request)
@@ -122,7 +125,7 @@ def _logit_bias(body: Dict[str, Any]) -> Tuple[Tuple[int, float], ...]:
 
 
 def _common(body: Dict[str, Any], *, max_tokens_default: int, max_tokens_names: Sequence[str],
-            chat: bool) -> Tuple[SamplingParams, bool, bool, bool, int]:
+            chat: bool) -> Tuple[SamplingParams, bool, bool, bool, int, Optional[int]]:
     n = _num(body, "n", 1, 1, MAX_N, integer=True)
     best_of = body.get("best_of")
     if best_of is not None and best_of != n:
@@ -132,6 +135,7 @@ def _common(body: Dict[str, Any], *, max_tokens_default: int, max_tokens_names: 
     frequency = _num(body, "frequency_penalty", 0.0, -2.0, 2.0)
     repetition = _num(body, "repetition_penalty", 1.0, 0.0, 2.0, lo_open=True)  # (vLLM's extension)
     logprobs, echo = _logprob_fields(body, chat)
+    prompt_lp = _num(body, "prompt_logprobs", None, 0, MAX_LOGPROBS, integer=True)  # (vLLM's extension)
     logit_bias = _logit_bias(body)
     min_tokens = _num(body, "min_tokens", 0, 0, 1 << 20, integer=True)  # (vLLM's extension)
     for name in ("tools", "functions", "suffix"):
@@ -186,13 +190,17 @@ def _common(body: Dict[str, Any], *, max_tokens_default: int, max_tokens_names: 
         if not stream:
             raise _bad("'stream_options' is only allowed when 'stream' is true", "stream_options")
         include_usage = bool(so.get("include_usage", False))
+    if prompt_lp is not None and stream:  # (as vLLM: they would all precede the first token anyway)
+        raise _bad("'prompt_logprobs' is not available with 'stream': true", "prompt_logprobs", "unsupported_value")
+    # one computation of the prompt's rows serves echo's (``logprobs`` alternatives) and prompt_logprobs'
+    wanted = [k for k in (logprobs if echo else None, prompt_lp) if k is not None]
     params = SamplingParams(max_tokens=max_tokens, temperature=float(temperature), top_k=int(top_k),
                             top_p=float(top_p), seed=seed, stop=stop, stop_token_ids=tuple(stop_ids),
                             ignore_eos=ignore_eos, presence_penalty=float(presence),
                             frequency_penalty=float(frequency), repetition_penalty=float(repetition),
-                            logprobs=logprobs, prompt_logprobs=logprobs if echo else None,
+                            logprobs=logprobs, prompt_logprobs=max(wanted) if wanted else None,
                             logit_bias=logit_bias, min_tokens=min_tokens)
-    return params, stream, include_usage, echo, n
+    return params, stream, include_usage, echo, n, prompt_lp
 
 
 def _model(body) -> str:
@@ -238,14 +246,14 @@ def parse_completion(body: Any, tokenizer, vocab: int, max_tokens_default: int =
             raise _bad("'prompt' must not be empty" + (f" (prompt {j} of the batch is)" if len(batch) > 1 else ""),
                        "prompt")
         prompts.append(ids)
-    params, stream, usage, echo, n = _common(body, max_tokens_default=max_tokens_default,
-                                             max_tokens_names=("max_tokens",), chat=False)
+    params, stream, usage, echo, n, prompt_lp = _common(body, max_tokens_default=max_tokens_default,
+                                                        max_tokens_names=("max_tokens",), chat=False)
     if len(prompts) * n > MAX_CHOICES:
         raise _bad(f"{len(prompts)} prompts x n={n} = {len(prompts) * n} choices exceeds {MAX_CHOICES} per request",
                    "prompt" if len(prompts) > 1 else "n")
     texts = [x if isinstance(x, str) else tokenizer.decode(ids) for x, ids in zip(batch, prompts)] if echo else None
     return ParsedRequest(prompts, params, stream, usage, _model(body), body.get("max_tokens") is not None, echo,
-                         texts, n)
+                         texts, n, prompt_lp)
 
 
 _ROLES = ("system", "user", "assistant", "developer", "tool")
@@ -296,7 +304,8 @@ def parse_chat(body: Any, tokenizer, vocab: int, max_tokens_default: int = 256,
         clean.append({"role": "system" if role == "developer" else role,
                       "content": _content_text(m.get("content", ""), i)})
     ids = chat_prompt_ids(tokenizer, clean, add_generation_prompt)
-    params, stream, usage, _, n = _common(body, max_tokens_default=max_tokens_default,
-                                          max_tokens_names=("max_completion_tokens", "max_tokens"), chat=True)
+    params, stream, usage, _, n, prompt_lp = _common(body, max_tokens_default=max_tokens_default,
+                                                     max_tokens_names=("max_completion_tokens", "max_tokens"),
+                                                     chat=True)
     given = body.get("max_completion_tokens") is not None or body.get("max_tokens") is not None
-    return ParsedRequest([ids], params, stream, usage, _model(body), given, n=n)
+    return ParsedRequest([ids], params, stream, usage, _model(body), given, n=n, prompt_logprobs=prompt_lp)

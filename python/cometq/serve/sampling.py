@@ -122,12 +122,14 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class TokenLogprob:
-    """One position's log-probabilities: the chosen token's and the ``top`` alternatives
-    (``[(token_id, logprob)]``, most likely first)."""
+    """One position's log-probabilities: the chosen token's, the ``top`` alternatives
+    (``[(token_id, logprob)]``, most likely first) and the chosen token's ``rank`` (1 + the number
+    of strictly more likely tokens, vLLM's; 0: not computed)."""
 
     token_id: int
     logprob: float
     top: Tuple[Tuple[int, float], ...] = ()
+    rank: int = 0
 
 
 def process_logits(logits: torch.Tensor, params: SamplingParams, prompt_ids: Sequence[int],
@@ -162,16 +164,18 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, prompt_ids: Seq
 
 def token_logprobs(logits: torch.Tensor, token_ids: Sequence[int], k: int) -> List[TokenLogprob]:
     """Log-probabilities of ``token_ids[i]`` under row ``i`` of ``logits`` ``[N, V]`` (log-softmax in
-    float32) and each row's ``k`` most likely tokens."""
+    float32), their ranks and each row's ``k`` most likely tokens."""
     lp = torch.log_softmax(logits.float(), dim=-1)
     ids = torch.as_tensor(list(token_ids), dtype=torch.long)
-    chosen = lp.gather(1, ids[:, None])[:, 0].tolist()
+    chosen_t = lp.gather(1, ids[:, None])
+    ranks = ((lp > chosen_t).sum(dim=-1) + 1).tolist()
+    chosen = chosen_t[:, 0].tolist()
     if k:
         tv, ti = torch.topk(lp, min(k, lp.shape[-1]), dim=-1)
         tops = [tuple(zip(a, b)) for a, b in zip(ti.tolist(), tv.tolist())]
     else:
         tops = [()] * len(chosen)
-    return [TokenLogprob(int(t), float(c), top) for t, c, top in zip(ids.tolist(), chosen, tops)]
+    return [TokenLogprob(int(t), float(c), top, int(r)) for t, c, top, r in zip(ids.tolist(), chosen, tops, ranks)]
 
 
 def make_generator(seed: Optional[int], device="cpu") -> torch.Generator:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hmac
 import json
 import threading
 import time
@@ -33,11 +34,17 @@ __all__ = ["ServerConfig", "create_app", "ServerThread"]
 
 
 class ServerConfig:
-    """HTTP-level limits: prompt tokens per request, requests in flight, body size."""
+    """HTTP-level limits: prompt tokens per request, requests in flight, body size; ``api_key``:
+    when set, every ``/v1`` route asks for ``Authorization: Bearer <api_key>`` (vLLM's
+    ``--api-key``; ``/health``, ``/metrics``, ``/version`` and the tokenizer routes stay open)."""
 
     def __init__(self, *, model_name: str = "cometq", max_prompt_tokens: Optional[int] = None,
                  max_concurrent_requests: int = 256, max_body_bytes: int = 1 << 20,
-                 disconnect_poll_s: float = 0.25):
+                 disconnect_poll_s: float = 0.25, api_key: Optional[str] = None):
+        if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()
+                                    or api_key != api_key.strip()):
+            raise ValueError("api_key must be a non-empty string without surrounding whitespace, "
+                             f"got {'a ' + type(api_key).__name__ if not isinstance(api_key, str) else repr(api_key)}")
         if max_prompt_tokens is not None and (not isinstance(max_prompt_tokens, int) or max_prompt_tokens < 1):
             raise ValueError(f"max_prompt_tokens must be an int >= 1 or None, got {max_prompt_tokens!r}")
         if not isinstance(max_concurrent_requests, int) or max_concurrent_requests < 1:
@@ -47,10 +54,36 @@ class ServerConfig:
         self.max_concurrent_requests = max_concurrent_requests
         self.max_body_bytes = max_body_bytes
         self.disconnect_poll_s = disconnect_poll_s
+        self.api_key = api_key
+
+    def __repr__(self) -> str:  # (never prints the key)
+        return (f"ServerConfig(model_name={self.model_name!r}, max_prompt_tokens={self.max_prompt_tokens}, "
+                f"max_concurrent_requests={self.max_concurrent_requests}, api_key={'set' if self.api_key else None})")
 
 
 def _err(e: APIError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status)
+
+
+class _APIKeyCheck:
+    """ASGI middleware: ``/v1`` requests without ``Authorization: Bearer <key>`` get a 401 before
+    any route runs (a plain ASGI wrapper, not ``BaseHTTPMiddleware``: streaming responses and
+    disconnect detection pass through untouched)."""
+
+    def __init__(self, app, key: str):
+        self.app = app
+        self.key = key.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1") and scope["method"] != "OPTIONS":
+            auth = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+            scheme, _, key = auth.partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(key.strip(), self.key):
+                resp = _err(APIError(401, "incorrect or missing API key: send 'Authorization: Bearer <key>'",
+                                     param=None, code="invalid_api_key"))
+                await resp(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 _LP_FLOOR = -9999.0  # -inf log-probabilities (a token the model rules out) as JSON can carry them (vLLM's)
@@ -62,6 +95,8 @@ def create_app(loop_: EngineLoop, tokenizer, config: Optional[ServerConfig] = No
     vocab = engine.runner.vocab_size
     max_prompt = min(cfg.max_prompt_tokens or engine.max_model_len - 1, engine.max_model_len - 1)
     app = FastAPI(title="cometq", docs_url=None, redoc_url=None, openapi_url=None)
+    if cfg.api_key is not None:
+        app.add_middleware(_APIKeyCheck, key=cfg.api_key)
     state = {"in_flight": 0, "http_requests": 0, "http_errors": 0, "created": int(time.time())}
 
     @app.exception_handler(StarletteHTTPException)
@@ -195,7 +230,21 @@ def create_app(loop_: EngineLoop, tokenizer, config: Optional[ServerConfig] = No
         return [(x.token_id, x.logprob, x.top) for x in lps or ()]
 
     def _prompt_rows(pr: ParsedRequest, c: int, plp) -> List[tuple]:
-        return [(pr.prompts[c // pr.n][0], None, None)] + _rows(plp[1:])
+        """echo's rows: the prompt's first token, then each next one with ``logprobs`` alternatives
+        (the engine may have computed more for ``prompt_logprobs``)."""
+        k = pr.params.logprobs or 0
+        return [(pr.prompts[c // pr.n][0], None, None)] + [(x.token_id, x.logprob, x.top[:k]) for x in plp[1:]]
+
+    def _vllm_prompt_logprobs(pr: ParsedRequest, plp) -> List[Optional[Dict[str, Any]]]:
+        """vLLM's ``prompt_logprobs``: None for the first token, then per token an object of token id
+        -> ``{logprob, rank, decoded_token}`` holding the prompt token and the top alternatives."""
+        k, out = pr.prompt_logprobs, [None]
+        for x in plp[1:]:
+            d = {str(x.token_id): {"logprob": _lp(x.logprob), "rank": x.rank, "decoded_token": _text(x.token_id)}}
+            for r, (i, v) in enumerate(x.top[:k]):
+                d.setdefault(str(i), {"logprob": _lp(v), "rank": r + 1, "decoded_token": _text(i)})
+            out.append(d)
+        return out
 
     def _echo(pr: ParsedRequest, c: int) -> str:
         return pr.prompt_texts[c // pr.n] if pr.echo else ""
@@ -243,7 +292,7 @@ def create_app(loop_: EngineLoop, tokenizer, config: Optional[ServerConfig] = No
         n = pr.num_choices
         texts: List[List[str]] = [[] for _ in range(n)]
         rows: List[List[tuple]] = [[] for _ in range(n)]
-        prompt_rows: List[List[tuple]] = [[] for _ in range(n)]
+        plps: List[Optional[list]] = [None] * n  # each choice's prompt TokenLogprobs
         last: List[Optional[RequestOutput]] = [None] * n
         left, last_check = n, [time.monotonic()]
         try:
@@ -259,7 +308,7 @@ def create_app(loop_: EngineLoop, tokenizer, config: Optional[ServerConfig] = No
                 texts[i].append(out.text)
                 rows[i] += _rows(out.logprobs)
                 if out.prompt_logprobs is not None:
-                    prompt_rows[i] = _prompt_rows(pr, i, out.prompt_logprobs)
+                    plps[i] = out.prompt_logprobs
                 if out.finished:
                     last[i] = out
                     left -= 1
@@ -274,12 +323,17 @@ def create_app(loop_: EngineLoop, tokenizer, config: Optional[ServerConfig] = No
                 choices.append({"index": i, "message": {"role": "assistant", "content": "".join(texts[i])},
                                 "logprobs": _chat_logprobs(rows[i]) if want_lp else None, "finish_reason": reason})
             else:
-                lp = _completion_logprobs(prompt_rows[i] + rows[i], 0)[0] if want_lp else None
+                echoed = _prompt_rows(pr, i, plps[i]) if pr.echo and plps[i] is not None else []
+                lp = _completion_logprobs(echoed + rows[i], 0)[0] if want_lp else None
                 choices.append({"index": i, "text": _echo(pr, i) + "".join(texts[i]), "logprobs": lp,
                                 "finish_reason": reason})
-        return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion",
-                             "created": int(time.time()), "model": cfg.model_name, "choices": choices,
-                             "usage": _usage(pr, last)})
+                if pr.prompt_logprobs is not None:
+                    choices[-1]["prompt_logprobs"] = _vllm_prompt_logprobs(pr, plps[i])
+        resp = {"id": rid, "object": "chat.completion" if chat else "text_completion",
+                "created": int(time.time()), "model": cfg.model_name, "choices": choices, "usage": _usage(pr, last)}
+        if chat and pr.prompt_logprobs is not None:  # (one prompt: vLLM returns it once, beside the choices)
+            resp["prompt_logprobs"] = _vllm_prompt_logprobs(pr, plps[0])
+        return JSONResponse(resp)
 
     async def _stream(request, q, rid, eids, pr, chat):
         created = int(time.time())
@@ -455,6 +509,8 @@ def create_app(loop_: EngineLoop, tokenizer, config: Optional[ServerConfig] = No
                "prefix cache.", s["prefix_query_tokens"])
         metric("prefix_cache_hits_total", "counter", "Tokens admitted requests took from the prefix cache.",
                s["prefix_hit_tokens"])
+        metric("prefix_cache_deferrals_total", "counter", "Times a waiting request was passed over to wait for "
+               "prefix blocks another request was computing.", s["prefix_deferrals"])
         for k in ("finished", "aborted", "rejected", "errors"):
             metric(f"requests_{k}_total", "counter", f"Requests {k}.", s[k])
         metric("http_requests_total", "counter", "Completion HTTP requests received.", state["http_requests"])
