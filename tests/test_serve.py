@@ -218,6 +218,31 @@ def test_vllm_prompt_logprobs(client, model):
         assert resp.status_code == 400 and resp.json()["error"]["param"] == "prompt_logprobs", (extra, resp.text)
 
 
+def test_json_mode(client):
+    """response_format json_object: a complete JSON object (the request stops at its closing brace),
+    streamed = non-streamed; json_schema and unknown types are 400s naming the field."""
+    bias = {str(ord('"')): 6, str(ord("}")): 6}
+    kw = dict(model=MODEL, max_tokens=120, temperature=0.8, seed=5, logit_bias=bias,
+              response_format={"type": "json_object"})
+    r = client.chat.completions.create(messages=[{"role": "user", "content": "a JSON object please"}], **kw)
+    c = r.choices[0]
+    assert c.finish_reason == "stop" and isinstance(json.loads(c.message.content), dict), c.message.content
+    chunks = list(client.chat.completions.create(messages=[{"role": "user", "content": "a JSON object please"}],
+                                                 stream=True, **kw))
+    assert _stream_text(chunks, chat=True) == (c.message.content, ["stop"])
+    # completions (vLLM takes response_format there too; the openai client passes it as an extra field)
+    ckw = {k: v for k, v in kw.items() if k != "response_format"}
+    comp = client.completions.create(prompt="data:", extra_body={"response_format": {"type": "json_object"}}, **ckw)
+    assert comp.choices[0].finish_reason == "stop" and isinstance(json.loads(comp.choices[0].text), dict)
+    # text: the default, unconstrained
+    assert client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=3,
+                                          response_format={"type": "text"}).choices[0].message.content is not None
+    for rf in ({"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}, {"type": "xml"}, "json", {}):
+        resp = httpx.post(str(client.base_url).rstrip("/") + "/chat/completions", timeout=TIMEOUT,
+                          json={"model": MODEL, "messages": [{"role": "user", "content": "x"}], "response_format": rf})
+        assert resp.status_code == 400 and resp.json()["error"]["param"] == "response_format", (rf, resp.text)
+
+
 def test_chat_logprobs(client):
     msgs = [{"role": "user", "content": "hi"}]
     kw = dict(model=MODEL, messages=msgs, max_tokens=5, temperature=0, logprobs=True, top_logprobs=2,

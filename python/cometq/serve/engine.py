@@ -43,6 +43,7 @@ from .kv import KVPool, PoolExhausted
 from .runner import Chunk, ModelRunner
 from .sampling import (IncrementalDetokenizer, SamplingParams, TokenLogprob, make_generator, process_logits,
                        sample_token, token_logprobs)
+from .structured import JSON_START, JsonMasker, json_done, json_feed, token_bytes_table
 
 __all__ = ["EngineConfig", "RequestOutput", "Request", "Engine", "EngineLoop", "RequestRejected"]
 
@@ -146,6 +147,7 @@ class Request:
     _sent_prompt_logprobs: bool = False
     cache_nodes: List[int] = field(default_factory=list)  # prefix cache nodes of its full blocks, in order
     block_hashes: List[int] = field(default_factory=list)  # chain hashes of its leading full blocks (prefix caching)
+    json_state: Optional[tuple] = None  # JSON mode: the recognizer's state after the output so far
 
     @property
     def all_ids(self) -> List[int]:
@@ -209,6 +211,13 @@ class Engine:
         self._async = config.async_scheduling
         self.async_steps = 0
         self.async_dropped = 0  # rows computed ahead for requests that had stopped meanwhile
+        self._json_masker: Optional[JsonMasker] = None  # built on the first JSON-mode request
+
+    def json_masker(self) -> JsonMasker:
+        """The vocabulary's JSON-mode masker (token bytes in a trie; ~1 s for a 49k vocabulary)."""
+        if self._json_masker is None:
+            self._json_masker = JsonMasker(token_bytes_table(self.tokenizer, self.runner.vocab_size))
+        return self._json_masker
 
     # -- submission ---------------------------------------------------------------
     def validate(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
@@ -226,6 +235,9 @@ class Engine:
         if bad:
             raise RequestRejected(f"logit_bias names token ids out of range [0, {v}): {bad[:5]}", param="logit_bias",
                                   code="invalid_token")
+        if params.response_format is not None and self.tokenizer is None:
+            raise RequestRejected("response_format (JSON mode) needs the engine's tokenizer (the tokens' bytes)",
+                                  param="response_format", code="unsupported_value")
         if n + params.max_tokens > self.max_model_len:
             raise RequestRejected(
                 f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) = {n + params.max_tokens} exceeds the "
@@ -242,6 +254,8 @@ class Engine:
         except RequestRejected:
             self.stats["rejected"] += 1
             raise
+        if params.response_format is not None:
+            self.json_masker()  # (built once, here rather than inside a step)
         with self._lock:
             if len(self.waiting) >= self.config.max_queue:
                 self.stats["rejected"] += 1
@@ -251,6 +265,8 @@ class Engine:
                 raise RequestRejected(f"duplicate request id {rid!r}", param="request_id")
             req = Request(rid, prompt_ids, params, callback)
             req.generator = make_generator(params.seed, "cpu")
+            if params.response_format == "json_object":
+                req.json_state = JSON_START
             if self.tokenizer is not None:
                 req.detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop)
             self.requests[rid] = req
@@ -616,6 +632,11 @@ class Engine:
                 row = host[i]
                 x = (process_logits(row, p, req.prompt_ids, req.output_ids, self.eos_token_ids)
                      if p.processes_logits else row)
+                if req.json_state is not None:  # JSON mode: only tokens that continue the object
+                    x = self._json_masker.apply(x.clone() if x is row else x, req.json_state)
+                    if not bool(torch.isfinite(x).any()):
+                        self._finish(req, "error", error="no token of the vocabulary continues the JSON output")
+                        continue
                 tok = sample_token(x, p, req.generator)
                 if p.logprobs is not None:
                     lp = token_logprobs(row[None], [tok], p.logprobs)[0]
@@ -639,7 +660,14 @@ class Engine:
         if lp is not None:
             req.output_logprobs.append(lp)
         hit = req.detok.add(tok) if req.detok is not None else None
-        if hit is not None:
+        closed = False
+        if req.json_state is not None:
+            req.json_state = json_feed(req.json_state, self._json_masker.token_bytes[tok] or b"\x00")
+            if req.json_state is None:  # (masked tokens cannot be chosen: a broken invariant, said loudly)
+                self._finish(req, "error", error=f"token {tok} does not continue the JSON output")
+                return
+            closed = json_done(req.json_state)
+        if hit is not None or closed:  # (JSON mode: the object closed)
             self._finish(req, "stop")
         elif len(req.output_ids) >= p.max_tokens or req.num_tokens >= self.max_model_len:
             self._finish(req, "length")

@@ -10,7 +10,9 @@ preemption happens) unless ``--url`` points at a running one.  The mix:
   get a 4xx with an OpenAI error body;
 * ``--disconnect`` (default 10%) streams abandoned after a few chunks;
 * the rest: greedy completions / chat, streaming or not, a fifth of them with
-  ``n = 2`` choices, over a fixed set of prompts whose expected text is computed
+  ``n = 2`` choices and about a tenth in JSON mode (``response_format``
+  ``json_object``: the constraint's state must survive batching and preemption),
+  over a fixed set of prompts whose expected text (and finish reason) is computed
   first, one request at a time: every answer (every choice) must equal its
   prompt's expected text exactly (nothing lost, nothing mixed up between
   concurrent requests or choices).
@@ -34,8 +36,12 @@ __all__ = ["run_load_test", "main"]
 
 def _malformed(rng: random.Random, max_prompt: int) -> tuple:
     """(path, raw body bytes) of one malformed request."""
-    kind = rng.randrange(10)
+    kind = rng.randrange(12)
     path = "/v1/completions"
+    if kind == 10:
+        return path, json.dumps({"prompt": "x", "response_format": rng.choice([{"type": "json_schema"}, "json"])}).encode()
+    if kind == 11:
+        return path, json.dumps({"prompt": "x", "prompt_logprobs": 1, "stream": True}).encode()
     if kind == 0:
         return path, b'{"prompt": "x", "max_tokens": '
     if kind == 1:
@@ -102,6 +108,13 @@ async def _run(url: str, n: int, concurrency: int, p_bad: float, p_disc: float, 
             r = await client.post("/v1/chat/completions", json={**base, "messages": m})
             r.raise_for_status()
             expected_chat[i] = r.json()["choices"][0]["message"]["content"]
+        json_mode = {"response_format": {"type": "json_object"}}
+        expected_json = {}  # prompt -> (text, finish reason): JSON mode may close the object early
+        for i, p in enumerate(prompts[:8]):
+            r = await client.post("/v1/completions", json={**base, **json_mode, "prompt": p})
+            r.raise_for_status()
+            c = r.json()["choices"][0]
+            expected_json[i] = (c["text"], c["finish_reason"])
 
         sem = asyncio.Semaphore(concurrency)
         stats = {"ok": 0, "rejected_ok": 0, "disconnected": 0, "failures": [], "latencies": []}
@@ -123,13 +136,17 @@ async def _run(url: str, n: int, concurrency: int, p_bad: float, p_disc: float, 
                             stats["failures"].append(f"#{k} malformed {body[:40]!r}: {r.status_code} {r.text[:120]}")
                         return
                     chat = rng.random() < 0.3
-                    i = rng.randrange(len(chats) if chat else len(prompts))
+                    as_json = not chat and rng.random() < 0.15
+                    i = rng.randrange(len(chats) if chat else len(expected_json) if as_json else len(prompts))
                     body = {**base, **({"messages": chats[i]} if chat else {"prompt": prompts[i]})}
                     n_choices = 2 if rng.random() < 0.2 else 1  # (greedy: every choice is the reference)
                     if n_choices > 1:
                         body["n"] = n_choices
                     path = "/v1/chat/completions" if chat else "/v1/completions"
-                    want = (expected_chat if chat else expected_c)[i]
+                    want, want_reason = (expected_chat if chat else expected_c)[i], "length"
+                    if as_json:
+                        body.update(json_mode)
+                        want, want_reason = expected_json[i]
                     if roll < p_bad + p_disc:  # open a stream, read a little, hang up
                         async with client.stream("POST", path, json={**body, "stream": True}) as r:
                             got = 0
@@ -154,8 +171,9 @@ async def _run(url: str, n: int, concurrency: int, p_bad: float, p_disc: float, 
                             raise ValueError(f"choices {[c['index'] for c in cs]} for n={n_choices}")
                         texts = [c["message"]["content"] if chat else c["text"] for c in cs]
                         reasons = [c["finish_reason"] for c in cs]
-                    if texts != [want] * n_choices or reasons != ["length"] * n_choices:
-                        raise ValueError(f"wrong answer for prompt {i} (chat={chat}, n={n_choices}): {texts!r} != "
+                    if texts != [want] * n_choices or reasons != [want_reason] * n_choices:
+                        raise ValueError(f"wrong answer for prompt {i} (chat={chat}, json={as_json}, n={n_choices}): "
+                                         f"{texts!r} != "
                                          f"{want!r} (finish {reasons})")
                     stats["ok"] += 1
                     stats["latencies"].append(time.monotonic() - t0)

@@ -124,6 +124,25 @@ def _logit_bias(body: Dict[str, Any]) -> Tuple[Tuple[int, float], ...]:
     return tuple(sorted(out))
 
 
+def _response_format(body: Dict[str, Any]) -> Optional[str]:
+    """OpenAI's ``response_format``: ``{"type": "text"}`` (the default) or ``{"type": "json_object"}``
+    (JSON mode: the output is constrained to one JSON object)."""
+    rf = body.get("response_format")
+    if rf is None:
+        return None
+    if not isinstance(rf, dict) or not isinstance(rf.get("type"), str):
+        raise _bad(f"'response_format' must be an object with a 'type', got {rf!r}", "response_format", "invalid_type")
+    t = rf["type"]
+    if t == "text":
+        return None
+    if t == "json_object":
+        return "json_object"
+    if t == "json_schema":
+        raise _bad("'response_format' type 'json_schema' is not supported; 'json_object' (JSON mode) is",
+                   "response_format", "unsupported_value")
+    raise _bad(f"'response_format.type' must be 'text' or 'json_object', got {t!r}", "response_format")
+
+
 def _common(body: Dict[str, Any], *, max_tokens_default: int, max_tokens_names: Sequence[str],
             chat: bool) -> Tuple[SamplingParams, bool, bool, bool, int, Optional[int]]:
     n = _num(body, "n", 1, 1, MAX_N, integer=True)
@@ -137,6 +156,7 @@ def _common(body: Dict[str, Any], *, max_tokens_default: int, max_tokens_names: 
     logprobs, echo = _logprob_fields(body, chat)
     prompt_lp = _num(body, "prompt_logprobs", None, 0, MAX_LOGPROBS, integer=True)  # (vLLM's extension)
     logit_bias = _logit_bias(body)
+    response_format = _response_format(body)
     min_tokens = _num(body, "min_tokens", 0, 0, 1 << 20, integer=True)  # (vLLM's extension)
     for name in ("tools", "functions", "suffix"):
         v = body.get(name)
@@ -199,7 +219,7 @@ def _common(body: Dict[str, Any], *, max_tokens_default: int, max_tokens_names: 
                             ignore_eos=ignore_eos, presence_penalty=float(presence),
                             frequency_penalty=float(frequency), repetition_penalty=float(repetition),
                             logprobs=logprobs, prompt_logprobs=max(wanted) if wanted else None,
-                            logit_bias=logit_bias, min_tokens=min_tokens)
+                            logit_bias=logit_bias, min_tokens=min_tokens, response_format=response_format)
     return params, stream, include_usage, echo, n, prompt_lp
 
 

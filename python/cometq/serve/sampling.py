@@ -45,6 +45,9 @@ class SamplingParams:
       tokens (the first has none).  Log-probabilities are those of the model's own distribution
       (log-softmax of the raw logits, before penalties and temperature: vLLM's default
       ``raw_logprobs``), so they do not depend on how a token was sampled.
+    * ``response_format="json_object"``: OpenAI's JSON mode -- after logit processing, every token
+      that cannot continue a JSON object is masked (:mod:`cometq.serve.structured`), so the output
+      is always a prefix of one object, and the request ends ("stop") when the object closes.
     """
 
     max_tokens: int = 16
@@ -62,6 +65,7 @@ class SamplingParams:
     prompt_logprobs: Optional[int] = None
     logit_bias: Tuple[Tuple[int, float], ...] = ()
     min_tokens: int = 0
+    response_format: Optional[str] = None  # "json_object": OpenAI's JSON mode (cometq.serve.structured)
 
     def __post_init__(self):
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
@@ -102,6 +106,8 @@ class SamplingParams:
             raise ValueError(f"logit_bias names a token twice: {lb!r}")
         if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
             raise ValueError(f"min_tokens must be an int in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}")
+        if self.response_format not in (None, "json_object"):
+            raise ValueError(f"response_format must be None or 'json_object', got {self.response_format!r}")
 
     @property
     def greedy(self) -> bool:
@@ -117,7 +123,7 @@ class SamplingParams:
     def device_greedy(self) -> bool:
         """The token is the argmax of the raw logits and nothing else is asked of them: the step's
         device-side argmax serves it (and async scheduling may feed it back on the device)."""
-        return self.greedy and not self.processes_logits and self.logprobs is None
+        return self.greedy and not self.processes_logits and self.logprobs is None and self.response_format is None
 
 
 @dataclass(frozen=True)

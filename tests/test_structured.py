@@ -1,0 +1,235 @@
+"""JSON mode: the byte-level recognizer against Python's strict json parser, and the token masker
+against a token-by-token check of the whole vocabulary."""
+import json
+import random
+
+import pytest
+import torch
+
+from cometq.serve.structured import (JSON_START, MAX_DEPTH, MAX_WS, JsonMasker, json_done, json_feed, json_step,
+                                     token_bytes_table)
+from cometq.serve.tiny import byte_tokenizer
+
+
+def _reject_constant(name):
+    raise ValueError(f"not JSON: {name}")
+
+
+def _strict_object(data: bytes) -> bool:
+    """RFC 8259 strict: UTF-8, no NaN / Infinity, an object, no whitespace after it; our limits."""
+    try:
+        obj = json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return False
+    if not isinstance(obj, dict) or data[-1:] in (b" ", b"\t", b"\n", b"\r"):
+        return False
+    depth = run = deepest = longest = 0
+    in_str = esc = False
+    for c in data:  # (our two limits: nesting depth and whitespace runs between tokens)
+        if in_str:
+            esc, in_str = (False, True) if esc else (c == 0x5C, c != 0x22)
+            continue
+        run = run + 1 if c in b" \t\n\r" else 0
+        longest = max(longest, run)
+        if c in b"{[":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c in b"}]":
+            depth -= 1
+        elif c == 0x22:
+            in_str = True
+    return deepest <= MAX_DEPTH and longest <= MAX_WS
+
+
+def _rand_value(rng: random.Random, depth: int):
+    k = rng.randrange(9 if depth < 5 else 6)
+    if k == 0:
+        return rng.choice([True, False, None])
+    if k == 1:
+        return rng.randint(-10**12, 10**12)
+    if k == 2:
+        return rng.choice([0.0, -0.5, 1e-7, 3.25e21, -123.456, rng.uniform(-1e6, 1e6)])
+    if k in (3, 4, 5):
+        alphabet = "ab \"\\/\n\t\x01\x7f\u00e9\u4e2d\U0001f600\ud7ff\ue000"
+        return "".join(rng.choice(alphabet) for _ in range(rng.randrange(8)))
+    if k in (6, 7):
+        return {str(rng.randrange(100)) + rng.choice(["", "\u00e9", "\""]): _rand_value(rng, depth + 1)
+                for _ in range(rng.randrange(4))}
+    return [_rand_value(rng, depth + 1) for _ in range(rng.randrange(4))]
+
+
+def _rand_doc(rng: random.Random) -> bytes:
+    obj = {str(i): _rand_value(rng, 1) for i in range(rng.randrange(1, 5))} if rng.random() < 0.9 else {}
+    kw = rng.choice([{}, {"indent": 2}, {"separators": (",", ":")}, {"indent": "\t"}])
+    return json.dumps(obj, ensure_ascii=rng.random() < 0.5, **kw).encode("utf-8")
+
+
+def test_recognizer_accepts_every_prefix_of_valid_objects():
+    rng = random.Random(0)
+    for _ in range(300):
+        doc = (b" " * rng.randrange(3)) + _rand_doc(rng)
+        st = JSON_START
+        for i, c in enumerate(doc):
+            st = json_step(st, c)
+            assert st is not None, (doc, i)
+            assert json_done(st) == (i == len(doc) - 1), (doc, i)
+        for c in b" ,}x0":  # nothing follows the object
+            assert json_step(st, c) is None
+
+
+@pytest.mark.parametrize("doc", [
+    b"[1]", b"1", b'"a"', b"{,}", b'{"a"}', b'{"a":}', b'{"a":1,}', b'{"a":01}', b'{"a":-}', b'{"a":1.}',
+    b'{"a":1e}', b'{"a":.5}', b'{"a":+1}', b'{"a":tru}', b'{"a":NaN}', b'{"a":Infinity}', b"{'a':1}",
+    b'{"a":"\x01"}', b'{"a":"\\x"}', b'{"a":"\\u12G4"}', b'{"a":"\xc0\x80"}', b'{"a":"\xe0\x80\x80"}',
+    b'{"a":"\xed\xa0\x80"}', b'{"a":"\xf4\x90\x80\x80"}', b'{"a":"\xff"}', b'{"a":[1,]}', b'{"a":[1 2]}',
+    b'{"a":1}}', b'{"a":1} ', b"{" + b" " * (MAX_WS + 1) + b"}", b'{"a":' + b"[" * MAX_DEPTH + b"]" * MAX_DEPTH + b"}",
+])
+def test_recognizer_rejects(doc):
+    st = json_feed(JSON_START, doc)
+    assert not json_done(st)
+    assert not _strict_object(doc) or doc.endswith(b"}") and doc.count(b"[") >= MAX_DEPTH  # (our depth limit)
+
+
+def test_recognizer_agrees_with_json_on_mutations():
+    """Random byte edits of valid objects: complete and accepted exactly when strict json (with our
+    limits) takes them -- and a prefix the recognizer rejects is never the start of a valid one."""
+    rng = random.Random(1)
+    pool = b'{}[]",:\\ \n0123456789.-+eEtrufalsn\x00\x1f\x7f\xc3\xa9\xe4\xb8\xad\xed\xa0\xf0\x9f'
+    agree = 0
+    for _ in range(3000):
+        doc = bytearray(_rand_doc(rng))
+        for _ in range(rng.randrange(1, 3)):
+            i = rng.randrange(1, len(doc) + 1)
+            op = rng.randrange(3)
+            if op == 0 and i < len(doc):
+                del doc[i]
+            elif op == 1:
+                doc[i:i] = bytes([rng.choice(pool)])
+            elif i < len(doc):
+                doc[i] = rng.choice(pool)
+        doc = bytes(doc)
+        st = json_feed(JSON_START, doc)
+        assert json_done(st) == _strict_object(doc), doc
+        agree += json_done(st)
+        if st is None:  # the first rejected byte: no valid object starts with the bytes up to it
+            j = next(k for k in range(len(doc) + 1) if json_feed(JSON_START, doc[:k]) is None)
+            for tail in (b"", b"}", b'"}', b"]}", b'"]}', b"0}", b"e1}"):
+                assert not _strict_object(doc[:j] + tail)
+    assert agree > 50  # (some edits keep the object valid: both sides were exercised)
+
+
+def _vocab(rng: random.Random):
+    """All single bytes plus multi-byte pieces cut from JSON text (what a BPE vocabulary holds)."""
+    toks = {bytes([b]) for b in range(256)}
+    while len(toks) < 1500:
+        doc = _rand_doc(rng)
+        i = rng.randrange(len(doc))
+        toks.add(doc[i:i + rng.randrange(2, 7)])
+    toks |= {b" " * 4, b"\n" + b" " * 8, b'": "', b'"}', b"}}", b"]]}", b"\xc3", b"\xa9\"", b"\xe4\xb8", b"true,"}
+    return [None, b""] + sorted(toks)  # (a special token and an empty one: never allowed)
+
+
+def test_masker_equals_per_token_check():
+    rng = random.Random(2)
+    vocab = _vocab(rng)
+    m = JsonMasker(vocab)
+    states = [JSON_START]
+    for _ in range(40):
+        doc = _rand_doc(rng)
+        st = JSON_START
+        for c in doc:
+            st = json_step(st, c)
+            if rng.random() < 0.15:
+                states.append(st)
+    assert any(s[0] == 7 for s in states) and any(s[0] != 7 for s in states)  # (string and structural states)
+    for st in states:
+        want = torch.tensor([bool(b) and json_feed(st, b) is not None for b in vocab])
+        assert torch.equal(m.allowed(st), want), st
+    # apply(): disallowed (and LM-head padding columns) at -inf, the rest untouched
+    x = torch.randn(len(vocab) + 3)
+    y = m.apply(x.clone(), states[1])
+    ok = torch.cat([m.allowed(states[1]), torch.zeros(3, dtype=torch.bool)])
+    assert torch.equal(y[ok], x[ok]) and bool(torch.isinf(y[~ok]).all())
+
+
+def test_token_bytes_table():
+    tok = byte_tokenizer()
+    tb = token_bytes_table(tok, 264)
+    assert tb[:256] == [bytes([b]) for b in range(256)]
+    assert tb[256:] == [None] * 8  # specials and LM-head padding
+
+
+# -- the engine in JSON mode (tiny random model, byte tokenizer) ---------------------------------
+from cometq.serve.engine import Engine, EngineConfig, RequestRejected  # noqa: E402
+from cometq.serve.runner import ModelRunner  # noqa: E402
+from cometq.serve.sampling import SamplingParams  # noqa: E402
+from cometq.serve.tiny import tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_model(), byte_tokenizer()
+
+
+def _engine(model, tok, **kw):
+    return Engine(ModelRunner.with_fp_pool(model, num_blocks=64, block_size=16), tok, EngineConfig(**kw))
+
+
+def _json_greedy_reference(model, prompt, n, tb):
+    """Token by token through the HF model: the argmax over the tokens whose bytes continue the object."""
+    seq, st, out = list(prompt), JSON_START, []
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(torch.tensor([seq])).logits[0, -1].float()
+            ok = torch.tensor([bool(b) and json_feed(st, b) is not None for b in tb[:logits.numel()]])
+            t = int(logits.masked_fill(~ok, float("-inf")).argmax())
+            out.append(t)
+            seq.append(t)
+            st = json_feed(st, tb[t])
+            if json_done(st):
+                break
+    return out
+
+
+def test_engine_json_mode_greedy_matches_reference(tiny):
+    model, tok = tiny
+    tb = token_bytes_table(tok, 260)
+    prompts = [list(b"give me json: "), list(b"{")]
+    e = _engine(model, tok)
+    reqs = [e.add_request(p, SamplingParams(max_tokens=24, temperature=0, response_format="json_object"))
+            for p in prompts]
+    plain = e.add_request(prompts[0], SamplingParams(max_tokens=24, temperature=0))
+    while e.has_work():
+        e.step()
+    for p, r in zip(prompts, reqs):
+        assert r.output_ids == _json_greedy_reference(model, p, 24, tb)
+        assert json_feed(JSON_START, b"".join(tb[t] for t in r.output_ids)) is not None
+    assert plain.output_ids != reqs[0].output_ids  # (the constraint changed this continuation)
+
+
+def test_engine_json_mode_sampled_objects_close(tiny):
+    """Sampled (temperature, top-p, top-k) with a bias toward closing: every output is a complete
+    object, parsed by json; the request stops at its closing brace."""
+    model, tok = tiny
+    e = _engine(model, tok, max_num_seqs=16)
+    bias = ((ord('"'), 6.0), (ord("}"), 6.0), (ord("]"), 3.0))
+    reqs = [e.add_request(list(b"json: "), SamplingParams(max_tokens=200, temperature=1.0, top_p=0.95, top_k=50 * (i % 2),
+                                                          seed=i, logit_bias=bias, response_format="json_object"))
+            for i in range(8)]
+    while e.has_work():
+        e.step()
+    texts = set()
+    for r in reqs:
+        text = bytes(r.output_ids)  # (byte tokenizer: token id = byte)
+        assert r.finish_reason == "stop" and isinstance(json.loads(text.decode("utf-8")), dict), text
+        texts.add(text)
+    assert len(texts) > 2  # (different seeds, different objects)
+
+
+def test_engine_json_mode_needs_tokenizer(tiny):
+    model, _ = tiny
+    e = Engine(ModelRunner.with_fp_pool(model, num_blocks=8, block_size=16), None)
+    with pytest.raises(RequestRejected, match="response_format"):
+        e.add_request([1, 2], SamplingParams(response_format="json_object"))
+    with pytest.raises(ValueError, match="response_format"):
+        SamplingParams(response_format="json_schema")
