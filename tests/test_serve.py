@@ -237,10 +237,34 @@ def test_json_mode(client):
     # text: the default, unconstrained
     assert client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=3,
                                           response_format={"type": "text"}).choices[0].message.content is not None
-    for rf in ({"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}, {"type": "xml"}, "json", {}):
+    for rf in ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string"}}},
+               {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "not": {}}}},
+               {"type": "json_schema", "json_schema": {"name": "x"}}, {"type": "xml"}, "json", {}):
         resp = httpx.post(str(client.base_url).rstrip("/") + "/chat/completions", timeout=TIMEOUT,
                           json={"model": MODEL, "messages": [{"role": "user", "content": "x"}], "response_format": rf})
         assert resp.status_code == 400 and resp.json()["error"]["param"] == "response_format", (rf, resp.text)
+
+
+def test_json_schema_response_format(client):
+    """response_format json_schema: the output is a document of the schema (properties in order,
+    required ones present), parsed and checked; streamed = non-streamed."""
+    schema = {"type": "object", "additionalProperties": False, "required": ["name", "age", "tags"],
+              "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
+                             "tags": {"type": "array", "items": {"enum": ["x", "y", 7]}, "maxItems": 3},
+                             "ok": {"type": ["boolean", "null"]}}}
+    kw = dict(model=MODEL, max_tokens=150, temperature=0.7, seed=11, logit_bias={str(ord('"')): 5},
+              response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": schema,
+                                                                      "strict": True}})
+    msgs = [{"role": "user", "content": "a person"}]
+    r = client.chat.completions.create(messages=msgs, **kw)
+    c = r.choices[0]
+    assert c.finish_reason == "stop", c.message.content
+    v = json.loads(c.message.content)
+    assert list(v)[:3] == ["name", "age", "tags"] and set(v) <= {"name", "age", "tags", "ok"}
+    assert isinstance(v["name"], str) and isinstance(v["age"], int) and not isinstance(v["age"], bool)
+    assert len(v["tags"]) <= 3 and all(t in ("x", "y", 7) for t in v["tags"]) and v.get("ok", None) in (True, False, None)
+    chunks = list(client.chat.completions.create(messages=msgs, stream=True, **kw))
+    assert _stream_text(chunks, chat=True) == (c.message.content, ["stop"])
 
 
 def test_chat_logprobs(client):

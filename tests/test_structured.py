@@ -233,3 +233,285 @@ def test_engine_json_mode_needs_tokenizer(tiny):
         e.add_request([1, 2], SamplingParams(response_format="json_object"))
     with pytest.raises(ValueError, match="response_format"):
         SamplingParams(response_format="json_schema")
+
+
+# -- JSON Schema ----------------------------------------------------------------------------------
+from cometq.serve.structured import JsonSchemaGrammar, grammar_feed  # noqa: E402
+
+
+def _canon(v) -> str:
+    return json.dumps(v, sort_keys=True, separators=(",", ":"))
+
+
+def _validates(v, s, defs) -> bool:
+    """A plain validator of the supported subset (what the grammar's outputs must satisfy)."""
+    if s is True or s == {}:
+        return True
+    if "$ref" in s:
+        return _validates(v, defs[s["$ref"]], defs)
+    if "anyOf" in s:
+        return any(_validates(v, a, defs) for a in s["anyOf"])
+    if "const" in s:
+        return _canon(v) == _canon(s["const"])
+    if "enum" in s:
+        return any(_canon(v) == _canon(e) for e in s["enum"])
+    t = s.get("type")
+    if t is None:
+        return True
+    if isinstance(t, list):
+        return any(_validates(v, {**s, "type": x}, defs) for x in t)
+    if t == "object":
+        if not isinstance(v, dict) or not set(s.get("required", [])) <= set(v):
+            return False
+        props = s.get("properties", {})
+        if s.get("additionalProperties") is False and not set(v) <= set(props):
+            return False
+        return all(_validates(x, props[k], defs) for k, x in v.items() if k in props)
+    if t == "array":
+        return (isinstance(v, list) and s.get("minItems", 0) <= len(v) <= s.get("maxItems", 1 << 30)
+                and all(_validates(x, s.get("items", True), defs) for x in v))
+    return {"string": lambda: isinstance(v, str), "boolean": lambda: isinstance(v, bool), "null": lambda: v is None,
+            "integer": lambda: isinstance(v, int) and not isinstance(v, bool),
+            "number": lambda: isinstance(v, (int, float)) and not isinstance(v, bool)}[t]()
+
+
+_SCALARS = [0, 1, 10, -2, 1.5, "a", "ab", "\u00e9", True, False, None]
+
+
+def _rand_schema(rng: random.Random, depth: int, refs: list):
+    k = rng.randrange(12 if depth < 3 else 7)
+    if k == 0:
+        return {"type": rng.choice(["string", "number", "integer", "boolean", "null"])}
+    if k == 1:
+        return {"enum": rng.sample(_SCALARS, rng.randrange(1, 5))}
+    if k == 2:
+        return {"const": rng.choice(_SCALARS + [[1, "a"], {"x": None}])}
+    if k == 3:
+        return {"type": rng.sample(["string", "integer", "null", "boolean"], 2)}
+    if k == 4:
+        return {"type": "string", "description": "ignored"}
+    if k == 5 and refs:
+        return {"$ref": rng.choice(refs)}
+    if k == 6:
+        return {}
+    if k in (7, 8, 9):
+        props = {f"k{i}" + rng.choice(["", "\u00e9", " x"]): _rand_schema(rng, depth + 1, refs)
+                 for i in range(rng.randrange(4))}
+        out = {"type": "object", "properties": props, "required": [p for p in props if rng.random() < 0.5]}
+        if rng.random() < 0.5:
+            out["additionalProperties"] = False
+        return out
+    if k == 10:
+        mn = rng.randrange(2)
+        return {"type": "array", "items": _rand_schema(rng, depth + 1, refs), "minItems": mn,
+                **({"maxItems": mn + rng.randrange(3)} if rng.random() < 0.5 else {})}
+    return {"anyOf": [_rand_schema(rng, depth + 1, refs) for _ in range(rng.randrange(2, 4))]}
+
+
+def _rand_root(rng: random.Random):
+    defs = {"Node": {"type": "object", "properties": {"v": {"type": "integer"},
+                                                      "next": {"anyOf": [{"type": "null"}, {"$ref": "#/$defs/Node"}]}},
+                     "required": ["v"]}}
+    refs = ["#/$defs/Node"] if rng.random() < 0.3 else []
+    props = {f"p{i}": _rand_schema(rng, 1, refs) for i in range(rng.randrange(1, 5))}
+    root = {"type": "object", "properties": props, "required": [p for p in props if rng.random() < 0.6],
+            "additionalProperties": False}
+    if refs:
+        root["$defs"] = defs
+    return root
+
+
+def _instance(rng: random.Random, s, defs, depth=0):
+    """A random value of schema ``s`` (None when a branch has none within the depth budget)."""
+    if s is True or s == {}:
+        return rng.choice(_SCALARS + [[1, {"q": "r"}], {"z": [None]}])
+    if "$ref" in s:
+        return _instance(rng, defs[s["$ref"]], defs, depth + 1) if depth < 6 else None
+    if "anyOf" in s:
+        alts = s["anyOf"][:]
+        rng.shuffle(alts)
+        for a in alts:
+            v = _instance(rng, a, defs, depth + 1)
+            if v is not None or _validates(None, a, defs):
+                return v
+        return None
+    if "const" in s:
+        return s["const"]
+    if "enum" in s:
+        return rng.choice(s["enum"])
+    t = s.get("type")
+    if t is None:
+        return rng.choice(_SCALARS)
+    if isinstance(t, list):
+        t = rng.choice(t)
+    if t == "object":
+        out = {}
+        for k, sub in s.get("properties", {}).items():
+            if k in s.get("required", []) or rng.random() < 0.5:
+                v = _instance(rng, sub, defs, depth + 1)
+                if v is None and not _validates(None, sub, defs):
+                    if k in s.get("required", []):
+                        return None
+                    continue
+                out[k] = v
+        return out
+    if t == "array":
+        n = rng.randint(s.get("minItems", 0), s.get("maxItems", s.get("minItems", 0) + 2))
+        items = [_instance(rng, s.get("items", True), defs, depth + 1) for _ in range(n)]
+        return items if all(x is not None or _validates(None, s.get("items", True), defs) for x in items) else None
+    return {"string": lambda: rng.choice(["", "a b", "q\"\\\n\u4e2d"]), "boolean": lambda: rng.random() < 0.5,
+            "null": lambda: None, "integer": lambda: rng.randint(-10**6, 10**6),
+            "number": lambda: rng.choice([rng.randint(-99, 99), rng.uniform(-1e3, 1e3), 2.5e-8])}[t]()
+
+
+def _schema_cases(seed: int, n: int):
+    rng = random.Random(seed)
+    out = []
+    while len(out) < n:
+        root = _rand_root(rng)
+        defs = {f"#/$defs/{k}": v for k, v in root.get("$defs", {}).items()}
+        docs = []
+        for _ in range(6):
+            v = _instance(rng, root, defs)
+            if v is not None:
+                assert _validates(v, root, defs)
+                # (keys and enum values have one spelling: compact, UTF-8 as is -- not \u escapes)
+                docs.append(json.dumps(v, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
+        if docs:
+            out.append((root, defs, docs))
+    return out
+
+
+def test_schema_grammar_accepts_its_instances_and_only_valid_documents():
+    """Random schemas: every prefix of random valid instances (properties in schema order, enum
+    values compact) is accepted and the whole is complete; random byte edits that the grammar
+    still completes validate against the schema (a plain validator of the subset)."""
+    rng = random.Random(7)
+    accepted_edits = 0
+    for root, defs, docs in _schema_cases(3, 60):
+        g = JsonSchemaGrammar(root)
+        for doc in docs:
+            st = g.start
+            for i, c in enumerate(doc):
+                st = g.step(st, c)
+                assert st is not None, (root, doc, i)
+            assert g.done(st), (root, doc)
+            for _ in range(20):
+                d = bytearray(doc)
+                i = rng.randrange(1, len(d))
+                op = rng.randrange(3)
+                if op == 0:
+                    del d[i]
+                elif op == 1:
+                    d[i:i] = bytes([rng.choice(b'{}[]",:0123456789-.etrufalsn ak')])
+                else:
+                    d[i] = rng.choice(b'{}[]",:0123456789-.etrufalsn ak')
+                st = grammar_feed(g, g.start, bytes(d))
+                if g.done(st):
+                    accepted_edits += 1
+                    assert _validates(json.loads(bytes(d)), root, defs), (root, bytes(d))
+    assert accepted_edits > 20
+
+
+def test_schema_grammar_order_and_limits():
+    s = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "string"},
+                                          "c": {"type": "array", "items": {"type": "boolean"}, "minItems": 1,
+                                                "maxItems": 2}},
+         "required": ["b"], "additionalProperties": False}
+    g = JsonSchemaGrammar(s)
+    ok = [b'{"b":""}', b'{"a":1,"b":"x"}', b'{ "a" : -0 , "b" : "x" , "c" : [ true ] }', b'{"b":"","c":[true,false]}']
+    bad = [b'{}', b'{"a":1}', b'{"b":"x","a":1}', b'{"a":1.5,"b":""}', b'{"a":1e3,"b":""}', b'{"b":1}',
+           b'{"b":"","c":[]}', b'{"b":"","c":[true,true,true]}', b'{"b":"","d":1}', b'{"b":""} ', b'[]',
+           b'{"c":[true]}', b'{"a":1,"c":[true]}']
+    for d in ok:
+        assert g.done(grammar_feed(g, g.start, d)), d
+    for d in bad:
+        assert not g.done(grammar_feed(g, g.start, d)), d
+    # enum values that prefix each other (1 / 10), anyOf of objects told apart only by their keys
+    g = JsonSchemaGrammar({"type": "object", "properties": {"e": {"enum": [1, 10, "1"]}, "u": {"anyOf": [
+        {"type": "object", "properties": {"x": {"type": "null"}}, "required": ["x"]},
+        {"type": "object", "properties": {"y": {"type": "number"}}, "required": ["y"]}]}}, "required": ["e", "u"]})
+    for d in (b'{"e":1,"u":{"x":null}}', b'{"e":10,"u":{"y":2}}', b'{"e":"1","u":{"y":-1.5}}'):
+        assert g.done(grammar_feed(g, g.start, d)), d
+    for d in (b'{"e":100,"u":{"x":null}}', b'{"e":1,"u":{"x":2}}', b'{"e":1,"u":{"y":null}}', b'{"e":2,"u":{"x":null}}'):
+        assert not g.done(grammar_feed(g, g.start, d)), d
+
+
+@pytest.mark.parametrize("schema,match", [
+    ({"type": "string"}, "root must be an object"),
+    ({"type": "object", "properties": {"a": {"type": "string", "pattern": "^x"}}}, r"\.a: unsupported keyword\(s\) \['pattern'\]"),
+    ({"type": "object", "oneOf": []}, r"unsupported keyword\(s\) \['oneOf'\]"),
+    ({"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}, "not under"),
+    ({"type": "object", "properties": {}, "required": ["a"]}, r"required \['a'\] not in properties"),
+    ({"type": "object", "properties": {"a": {"type": "text"}}}, "must be one of"),
+    ({"type": "object", "additionalProperties": {"type": "string"}}, "additionalProperties must be true or false"),
+    ({"type": "object", "properties": {"a": {"type": "array", "minItems": 3, "maxItems": 1}}}, "minItems"),
+    ("not a schema", "must be an object"),
+])
+def test_schema_grammar_errors(schema, match):
+    with pytest.raises(ValueError, match=match):
+        JsonSchemaGrammar(schema)
+
+
+def test_masker_with_schema_grammar_equals_per_token_check():
+    rng = random.Random(4)
+    vocab = _vocab(rng)
+    m = JsonMasker(vocab)
+    checked = 0
+    for root, defs, docs in _schema_cases(5, 8):
+        g = JsonSchemaGrammar(root)
+        states = [g.start]
+        for doc in docs[:2]:
+            st = g.start
+            for c in doc:
+                st = g.step(st, c)
+                if rng.random() < 0.2:
+                    states.append(st)
+        for st in states:
+            want = torch.tensor([bool(b) and grammar_feed(g, st, b) is not None for b in vocab])
+            assert torch.equal(m.allowed(st, g), want), (root, st)
+            checked += 1
+    assert checked > 30
+
+
+def test_engine_json_schema_greedy_matches_reference_and_samples_validate(tiny):
+    model, tok = tiny
+    schema = {"type": "object", "properties": {"id": {"type": "integer"}, "tag": {"enum": ["a", "bc", None]},
+                                               "xs": {"type": "array", "items": {"type": "number"}, "maxItems": 2}},
+              "required": ["id", "tag"], "additionalProperties": False}
+    text = json.dumps(schema)
+    g = JsonSchemaGrammar(schema)
+    tb = token_bytes_table(tok, 260)
+    e = _engine(model, tok, max_num_seqs=16)
+    greedy = e.add_request(list(b"record: "), SamplingParams(max_tokens=40, temperature=0, response_format="json_schema",
+                                                             json_schema=text))
+    sampled = [e.add_request(list(b"record: "), SamplingParams(max_tokens=120, temperature=1.0, top_p=0.9, seed=i,
+                                                               logit_bias=((ord("]"), 4.0),), response_format="json_schema",
+                                                               json_schema=text)) for i in range(6)]
+    while e.has_work():
+        e.step()
+    # greedy = the argmax over the schema-allowed tokens, token by token through the HF model
+    seq, st, want = list(b"record: "), g.start, []
+    with torch.no_grad():
+        for _ in range(40):
+            logits = model(torch.tensor([seq])).logits[0, -1].float()
+            ok = torch.tensor([bool(b) and grammar_feed(g, st, b) is not None for b in tb[:logits.numel()]])
+            t = int(logits.masked_fill(~ok, float("-inf")).argmax())
+            want.append(t)
+            seq.append(t)
+            st = grammar_feed(g, st, tb[t])
+            if g.done(st):
+                break
+    assert greedy.output_ids == want
+    done = 0
+    for r in sampled + [greedy]:
+        if r.finish_reason == "stop":
+            done += 1
+            assert _validates(json.loads(bytes(r.output_ids)), schema, {}), bytes(r.output_ids)
+        else:
+            assert grammar_feed(g, g.start, bytes(r.output_ids)) is not None
+    assert done >= 3
+    with pytest.raises(ValueError, match="unsupported keyword"):
+        SamplingParams(response_format="json_schema", json_schema='{"type": "object", "format": "x"}')
+    with pytest.raises(ValueError, match="goes with response_format"):
+        SamplingParams(json_schema='{"type": "object"}')

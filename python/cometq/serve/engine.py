@@ -43,7 +43,7 @@ from .kv import KVPool, PoolExhausted
 from .runner import Chunk, ModelRunner
 from .sampling import (IncrementalDetokenizer, SamplingParams, TokenLogprob, make_generator, process_logits,
                        sample_token, token_logprobs)
-from .structured import JSON_START, JsonMasker, json_done, json_feed, token_bytes_table
+from .structured import JsonMasker, JsonObjectGrammar, grammar_feed, schema_grammar, token_bytes_table
 
 __all__ = ["EngineConfig", "RequestOutput", "Request", "Engine", "EngineLoop", "RequestRejected"]
 
@@ -147,7 +147,8 @@ class Request:
     _sent_prompt_logprobs: bool = False
     cache_nodes: List[int] = field(default_factory=list)  # prefix cache nodes of its full blocks, in order
     block_hashes: List[int] = field(default_factory=list)  # chain hashes of its leading full blocks (prefix caching)
-    json_state: Optional[tuple] = None  # JSON mode: the recognizer's state after the output so far
+    grammar: Optional[object] = None  # JSON mode / schema: the output's grammar (cometq.serve.structured)
+    json_state: Optional[object] = None  # ... and its state after the output so far
 
     @property
     def all_ids(self) -> List[int]:
@@ -265,8 +266,10 @@ class Engine:
                 raise RequestRejected(f"duplicate request id {rid!r}", param="request_id")
             req = Request(rid, prompt_ids, params, callback)
             req.generator = make_generator(params.seed, "cpu")
-            if params.response_format == "json_object":
-                req.json_state = JSON_START
+            if params.response_format is not None:
+                req.grammar = (JsonObjectGrammar if params.response_format == "json_object"
+                               else schema_grammar(params.json_schema))
+                req.json_state = req.grammar.start
             if self.tokenizer is not None:
                 req.detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop)
             self.requests[rid] = req
@@ -632,8 +635,8 @@ class Engine:
                 row = host[i]
                 x = (process_logits(row, p, req.prompt_ids, req.output_ids, self.eos_token_ids)
                      if p.processes_logits else row)
-                if req.json_state is not None:  # JSON mode: only tokens that continue the object
-                    x = self._json_masker.apply(x.clone() if x is row else x, req.json_state)
+                if req.grammar is not None:  # JSON mode / schema: only tokens that continue the document
+                    x = self._json_masker.apply(x.clone() if x is row else x, req.json_state, req.grammar)
                     if not bool(torch.isfinite(x).any()):
                         self._finish(req, "error", error="no token of the vocabulary continues the JSON output")
                         continue
@@ -661,13 +664,13 @@ class Engine:
             req.output_logprobs.append(lp)
         hit = req.detok.add(tok) if req.detok is not None else None
         closed = False
-        if req.json_state is not None:
-            req.json_state = json_feed(req.json_state, self._json_masker.token_bytes[tok] or b"\x00")
+        if req.grammar is not None:
+            req.json_state = grammar_feed(req.grammar, req.json_state, self._json_masker.token_bytes[tok] or b"\x00")
             if req.json_state is None:  # (masked tokens cannot be chosen: a broken invariant, said loudly)
                 self._finish(req, "error", error=f"token {tok} does not continue the JSON output")
                 return
-            closed = json_done(req.json_state)
-        if hit is not None or closed:  # (JSON mode: the object closed)
+            closed = req.grammar.done(req.json_state)
+        if hit is not None or closed:  # (JSON mode / schema: the document closed)
             self._finish(req, "stop")
         elif len(req.output_ids) >= p.max_tokens or req.num_tokens >= self.max_model_len:
             self._finish(req, "length")

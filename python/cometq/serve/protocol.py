@@ -5,11 +5,13 @@ Errors raise :class:`APIError`, which the server turns into
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .sampling import MAX_LOGPROBS, SamplingParams
+from .structured import schema_grammar
 
 __all__ = ["APIError", "ParsedRequest", "parse_completion", "parse_chat", "MAX_N", "MAX_CHOICES"]
 
@@ -124,23 +126,34 @@ def _logit_bias(body: Dict[str, Any]) -> Tuple[Tuple[int, float], ...]:
     return tuple(sorted(out))
 
 
-def _response_format(body: Dict[str, Any]) -> Optional[str]:
-    """OpenAI's ``response_format``: ``{"type": "text"}`` (the default) or ``{"type": "json_object"}``
-    (JSON mode: the output is constrained to one JSON object)."""
+def _response_format(body: Dict[str, Any]) -> Tuple[Optional[str], Optional[str]]:
+    """OpenAI's ``response_format`` -> (``SamplingParams.response_format``, ``json_schema`` text):
+    ``{"type": "text"}`` (the default), ``{"type": "json_object"}`` (JSON mode) or
+    ``{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}, "strict": ...}}``."""
     rf = body.get("response_format")
     if rf is None:
-        return None
+        return None, None
     if not isinstance(rf, dict) or not isinstance(rf.get("type"), str):
         raise _bad(f"'response_format' must be an object with a 'type', got {rf!r}", "response_format", "invalid_type")
     t = rf["type"]
     if t == "text":
-        return None
+        return None, None
     if t == "json_object":
-        return "json_object"
+        return "json_object", None
     if t == "json_schema":
-        raise _bad("'response_format' type 'json_schema' is not supported; 'json_object' (JSON mode) is",
-                   "response_format", "unsupported_value")
-    raise _bad(f"'response_format.type' must be 'text' or 'json_object', got {t!r}", "response_format")
+        js = rf.get("json_schema")
+        if not isinstance(js, dict) or not isinstance(js.get("schema"), dict):
+            raise _bad("'response_format.json_schema' must be an object holding the 'schema' (and a 'name')",
+                       "response_format", "invalid_type")
+        text = json.dumps(js["schema"])
+        try:
+            schema_grammar(text)  # (compiled once per distinct schema; unsupported keywords are named)
+        except RecursionError:
+            raise _bad("json_schema: nested too deeply", "response_format", "unsupported_value") from None
+        except ValueError as e:
+            raise _bad(str(e), "response_format", "unsupported_value") from None
+        return "json_schema", text
+    raise _bad(f"'response_format.type' must be 'text', 'json_object' or 'json_schema', got {t!r}", "response_format")
 
 
 def _common(body: Dict[str, Any], *, max_tokens_default: int, max_tokens_names: Sequence[str],
@@ -156,7 +169,7 @@ def _common(body: Dict[str, Any], *, max_tokens_default: int, max_tokens_names: 
     logprobs, echo = _logprob_fields(body, chat)
     prompt_lp = _num(body, "prompt_logprobs", None, 0, MAX_LOGPROBS, integer=True)  # (vLLM's extension)
     logit_bias = _logit_bias(body)
-    response_format = _response_format(body)
+    response_format, json_schema = _response_format(body)
     min_tokens = _num(body, "min_tokens", 0, 0, 1 << 20, integer=True)  # (vLLM's extension)
     for name in ("tools", "functions", "suffix"):
         v = body.get(name)
@@ -219,7 +232,8 @@ def _common(body: Dict[str, Any], *, max_tokens_default: int, max_tokens_names: 
                             ignore_eos=ignore_eos, presence_penalty=float(presence),
                             frequency_penalty=float(frequency), repetition_penalty=float(repetition),
                             logprobs=logprobs, prompt_logprobs=max(wanted) if wanted else None,
-                            logit_bias=logit_bias, min_tokens=min_tokens, response_format=response_format)
+                            logit_bias=logit_bias, min_tokens=min_tokens, response_format=response_format,
+                            json_schema=json_schema)
     return params, stream, include_usage, echo, n, prompt_lp
 
 

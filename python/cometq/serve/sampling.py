@@ -47,7 +47,9 @@ class SamplingParams:
       ``raw_logprobs``), so they do not depend on how a token was sampled.
     * ``response_format="json_object"``: OpenAI's JSON mode -- after logit processing, every token
       that cannot continue a JSON object is masked (:mod:`cometq.serve.structured`), so the output
-      is always a prefix of one object, and the request ends ("stop") when the object closes.
+      is always a prefix of one object, and the request ends ("stop") when the object closes;
+      ``"json_schema"`` with ``json_schema`` (the schema's JSON text): the same for documents of
+      that schema (:class:`cometq.serve.structured.JsonSchemaGrammar` lists the keywords).
     """
 
     max_tokens: int = 16
@@ -65,7 +67,8 @@ class SamplingParams:
     prompt_logprobs: Optional[int] = None
     logit_bias: Tuple[Tuple[int, float], ...] = ()
     min_tokens: int = 0
-    response_format: Optional[str] = None  # "json_object": OpenAI's JSON mode (cometq.serve.structured)
+    response_format: Optional[str] = None  # "json_object" / "json_schema" (cometq.serve.structured)
+    json_schema: Optional[str] = None  # response_format "json_schema": the schema as JSON text
 
     def __post_init__(self):
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
@@ -106,8 +109,17 @@ class SamplingParams:
             raise ValueError(f"logit_bias names a token twice: {lb!r}")
         if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
             raise ValueError(f"min_tokens must be an int in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}")
-        if self.response_format not in (None, "json_object"):
-            raise ValueError(f"response_format must be None or 'json_object', got {self.response_format!r}")
+        if self.response_format not in (None, "json_object", "json_schema"):
+            raise ValueError(f"response_format must be None, 'json_object' or 'json_schema', got {self.response_format!r}")
+        if (self.response_format == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema (the schema's JSON text) goes with response_format='json_schema' and only "
+                             f"with it, got response_format={self.response_format!r}")
+        if self.json_schema is not None:
+            if not isinstance(self.json_schema, str):
+                raise ValueError(f"json_schema must be the schema as JSON text, got {type(self.json_schema).__name__}")
+            from .structured import schema_grammar
+
+            schema_grammar(self.json_schema)  # (compiles it: an unsupported schema fails here, naming why)
 
     @property
     def greedy(self) -> bool:

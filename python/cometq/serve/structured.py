@@ -22,6 +22,8 @@ tokens and ``MAX_DEPTH`` nested containers.
 """
 from __future__ import annotations
 
+import functools
+import json
 import re
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -29,8 +31,8 @@ import torch
 
 from .sampling import bytes_to_unicode
 
-__all__ = ["JSON_START", "json_step", "json_feed", "json_done", "JsonMasker", "token_bytes_table",
-           "MAX_WS", "MAX_DEPTH"]
+__all__ = ["JSON_START", "json_step", "json_feed", "json_done", "JsonMasker", "JsonObjectGrammar",
+           "JsonSchemaGrammar", "schema_grammar", "grammar_feed", "token_bytes_table", "MAX_WS", "MAX_DEPTH"]
 
 MAX_WS = 48  # whitespace bytes in a row between tokens (a pretty-printed line break + indent fits)
 MAX_DEPTH = 32  # nested objects / arrays
@@ -228,15 +230,46 @@ def token_bytes_table(tokenizer, vocab_size: int) -> List[Optional[bytes]]:
     return out
 
 
+class JsonObjectGrammar:
+    """JSON mode as a grammar for :class:`JsonMasker`: states of :func:`json_step`."""
+
+    start = JSON_START
+
+    @staticmethod
+    def step(st, c: int):
+        return json_step(st, c)
+
+    @staticmethod
+    def done(st) -> bool:
+        return json_done(st)
+
+    @staticmethod
+    def in_plain_string(st) -> bool:
+        """Inside a string with no escape or UTF-8 character open: bytes other than a quote, a
+        backslash or a control byte keep it there, whatever else the state holds."""
+        return st[0] == _STRING and st[3] == _NO_UTF8
+
+
+def grammar_feed(grammar, st, data: bytes):
+    """``grammar.step`` over ``data`` (None once a byte is rejected)."""
+    for c in data:
+        if st is None:
+            return None
+        st = grammar.step(st, c)
+    return st
+
+
 class JsonMasker:
-    """Which tokens of a vocabulary may come next in a JSON-mode output.
+    """Which tokens of a vocabulary may come next under a grammar (:class:`JsonObjectGrammar`,
+    :class:`JsonSchemaGrammar`).
 
     ``token_bytes[t]``: the bytes token ``t`` adds (None or empty: never allowed).  Tokens sit in
     a byte trie; :meth:`allowed` walks it from a state, so tokens sharing a rejected prefix are
     dropped together (outside strings only tokens made of whitespace and JSON punctuation get
-    past their first bytes).  Inside a string with no UTF-8 character open, a token is allowed
-    iff it keeps the string open: precomputed (``_in_string``: complete UTF-8 with no quote,
-    backslash or control byte) plus a walk over the few tokens that do hold one of those."""
+    past their first bytes).  Inside a string with no escape or UTF-8 character open, a token is
+    allowed if it keeps the string open -- precomputed (``_in_string``: complete UTF-8 with no
+    quote, backslash or control byte) -- or if a walk over the few tokens that hold one of those
+    accepts it."""
 
     def __init__(self, token_bytes: Sequence[Optional[bytes]]):
         self.vocab_size = len(token_bytes)
@@ -260,20 +293,21 @@ class JsonMasker:
                 self._string_others.append(t)
         self._in_string = in_string
 
-    def allowed(self, st: tuple) -> torch.Tensor:
-        """Bool ``[vocab_size]``: the tokens whose bytes all follow state ``st``."""
-        if st[0] == _STRING and st[3] == _NO_UTF8:
+    def allowed(self, st, grammar=JsonObjectGrammar) -> torch.Tensor:
+        """Bool ``[vocab_size]``: the tokens whose bytes all follow state ``st`` of ``grammar``."""
+        if grammar.in_plain_string(st):
             mask = self._in_string.clone()
             for t in self._string_others:
-                if json_feed(st, self.token_bytes[t]) is not None:
+                if grammar_feed(grammar, st, self.token_bytes[t]) is not None:
                     mask[t] = True
             return mask
         ok: List[int] = []
         todo = [(self._trie, st)]
+        step = grammar.step
         while todo:  # depth-first over the trie; a rejected byte prunes its whole subtree
             node, s = todo.pop()
             for c, (child, ends) in node.items():
-                s2 = json_step(s, c)
+                s2 = step(s, c)
                 if s2 is None:
                     continue
                 ok.extend(ends)
@@ -284,12 +318,284 @@ class JsonMasker:
             mask[torch.tensor(ok, dtype=torch.long)] = True
         return mask
 
-    def apply(self, logits: torch.Tensor, st: tuple) -> torch.Tensor:
+    def apply(self, logits: torch.Tensor, st, grammar=JsonObjectGrammar) -> torch.Tensor:
         """``logits`` ``[V]`` (float, changed in place and returned) with disallowed tokens at -inf;
         columns past the vocabulary table (LM-head padding) are disallowed too."""
         V = logits.numel()
-        mask = self.allowed(st)
+        mask = self.allowed(st, grammar)
         if V > self.vocab_size:
             mask = torch.cat([mask, torch.zeros(V - self.vocab_size, dtype=torch.bool)])
         logits[~mask[:V]] = float("-inf")
         return logits
+
+
+# ---- JSON Schema (OpenAI's response_format json_schema) --------------------------------------
+# Frames of a configuration (a tuple of frames, innermost last):
+#   ("V", node, ws)                  a value of ``node`` starts (after ``ws`` whitespace bytes)
+#   ("G", json_step state, integer)  a string / number / any-value, lexed by json_step inside a
+#                                    fake one-element array: the value is complete when that state
+#                                    is back after its first element
+#   ("L", literals, pos)             enum / const / boolean / null: literal byte strings matched so far
+#   ("O", node, idx, phase, key, ws) an object; idx: the next property that may come
+#   ("A", node, count, phase, ws)    an array of ``count`` items so far
+# A state is a frozenset of configurations (anyOf / enum alternatives run side by side); the
+# empty configuration is the finished document.
+_O_FIRST, _O_KEY, _O_COLON, _O_VAL, _O_AFTER, _O_NEXT = range(6)
+_A_FIRST, _A_VAL, _A_AFTER, _A_NEXT = range(4)
+_G_VALUE = (_VALUE, "[", 0, None, 0)  # (json_step: a value as the first element of a fake array)
+_SCHEMA_KEYS = {"type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems", "enum",
+                "const", "anyOf", "$ref", "$defs", "definitions", "description", "title", "default", "examples",
+                "$schema", "$id", "$comment"}
+_TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
+MAX_FRAMES = 64
+
+
+@functools.lru_cache(maxsize=64)
+def schema_grammar(schema_json: str) -> "JsonSchemaGrammar":
+    """The grammar of a schema given as JSON text (compiled once per distinct text)."""
+    try:
+        schema = json.loads(schema_json)
+    except ValueError as e:
+        raise ValueError(f"json_schema: not JSON ({e})") from None
+    return JsonSchemaGrammar(schema)
+
+
+class JsonSchemaGrammar:
+    """A JSON Schema subset compiled to a byte-level recognizer (a grammar for :class:`JsonMasker`).
+
+    Keywords: ``type`` (one or a list), ``properties`` / ``required`` / ``additionalProperties``
+    (objects), ``items`` / ``minItems`` / ``maxItems`` (arrays), ``enum``, ``const``, ``anyOf``,
+    ``$ref`` into ``#/$defs`` / ``#/definitions`` (recursion allowed); ``description``, ``title``,
+    ``default``, ``examples`` are ignored.  Any other keyword is a ``ValueError`` naming it and
+    where it is.  Generated documents always validate: an object's properties come in the
+    schema's order, each required one present, optional ones possibly skipped, no others (as
+    OpenAI's strict mode and xgrammar generate them); enum / const values in compact JSON; a
+    schema without a type allows any JSON value.  The root must be an object schema (OpenAI's
+    rule; it also tells where the document ends)."""
+
+    def __init__(self, schema):
+        if not isinstance(schema, dict):
+            raise ValueError(f"json_schema: the schema must be an object, got {type(schema).__name__}")
+        self.schema = schema
+        self._defs = {}
+        for k in ("$defs", "definitions"):
+            d = schema.get(k, {})
+            if not isinstance(d, dict):
+                raise ValueError(f"json_schema: '{k}' must be an object")
+            for name, sub in d.items():
+                self._defs[f"#/{k}/{name}"] = sub
+        self.nodes: List = []
+        self._refs: Dict[str, int] = {}
+        self.root = self._compile(schema, "#")
+        if self.nodes[self.root][0] != "object":
+            raise ValueError("json_schema: the root must be an object schema ({'type': 'object', ...})")
+        self.start = frozenset({(("V", self.root, 0),)})
+
+    # -- compilation ------------------------------------------------------------------------------
+    def _new(self, node) -> int:
+        self.nodes.append(node)
+        return len(self.nodes) - 1
+
+    def _compile(self, s, path: str) -> int:
+        if s is True or s == {}:
+            return self._new(("any",))
+        if not isinstance(s, dict):
+            raise ValueError(f"json_schema: {path} must be a schema object, got {s!r}")
+        extra = sorted(set(s) - _SCHEMA_KEYS)
+        if extra:
+            raise ValueError(f"json_schema: {path}: unsupported keyword(s) {extra}")
+        if "$ref" in s:
+            ref = s["$ref"]
+            if ref not in self._defs:
+                raise ValueError(f"json_schema: {path}: $ref {ref!r} is not under #/$defs or #/definitions")
+            if ref not in self._refs:
+                self._refs[ref] = i = self._new(None)  # (placeholder first: recursive references)
+                self.nodes[i] = self.nodes[self._compile(self._defs[ref], ref)]
+            return self._refs[ref]
+        if "anyOf" in s:
+            alts = s["anyOf"]
+            if not isinstance(alts, list) or not alts:
+                raise ValueError(f"json_schema: {path}.anyOf must be a non-empty list")
+            return self._new(("union", tuple(self._compile(a, f"{path}.anyOf[{i}]") for i, a in enumerate(alts))))
+        if "const" in s or "enum" in s:
+            vals = [s["const"]] if "const" in s else s["enum"]
+            if not isinstance(vals, list) or not vals:
+                raise ValueError(f"json_schema: {path}.enum must be a non-empty list")
+            try:
+                lits = tuple(dict.fromkeys(json.dumps(v, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+                                           .encode("utf-8") for v in vals))
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"json_schema: {path}: enum / const values must be JSON ({e})") from None
+            return self._new(("literal", lits))
+        t = s.get("type")
+        if t is None:
+            return self._new(("any",))
+        types = t if isinstance(t, list) else [t]
+        bad = [x for x in types if x not in _TYPES]
+        if bad or not types:
+            raise ValueError(f"json_schema: {path}.type must be one of {list(_TYPES)} (or a list of them), got {t!r}")
+        if len(types) > 1:
+            return self._new(("union", tuple(self._compile({**s, "type": x}, path) for x in dict.fromkeys(types))))
+        t = types[0]
+        if t == "object":
+            props = s.get("properties", {})
+            req = s.get("required", [])
+            ap = s.get("additionalProperties", True)
+            if not isinstance(props, dict) or not isinstance(req, list):
+                raise ValueError(f"json_schema: {path}: 'properties' must be an object, 'required' a list")
+            missing = [r for r in req if r not in props]
+            if missing:
+                raise ValueError(f"json_schema: {path}: required {missing} not in properties")
+            if not isinstance(ap, bool):
+                raise ValueError(f"json_schema: {path}: additionalProperties must be true or false (a schema "
+                                 "for extra properties is not supported)")
+            plist = tuple((json.dumps(k, ensure_ascii=False).encode("utf-8"),
+                           self._compile(v, f"{path}.properties.{k}"), k in req) for k, v in props.items())
+            return self._new(("object", plist))
+        if t == "array":
+            mn, mx = s.get("minItems", 0), s.get("maxItems")
+            if not isinstance(mn, int) or mn < 0 or (mx is not None and (not isinstance(mx, int) or mx < mn)):
+                raise ValueError(f"json_schema: {path}: minItems / maxItems must be ints with 0 <= min <= max")
+            return self._new(("array", self._compile(s.get("items", True), f"{path}.items"), mn, mx))
+        if t == "boolean":
+            return self._new(("literal", (b"true", b"false")))
+        if t == "null":
+            return self._new(("literal", (b"null",)))
+        return self._new((t,))  # string, number, integer
+
+    # -- recognition --------------------------------------------------------------------------
+    @staticmethod
+    def done(st) -> bool:
+        return st is not None and () in st
+
+    @staticmethod
+    def in_plain_string(st) -> bool:
+        return any(cfg and cfg[-1][0] == "G" and cfg[-1][1][0] == _STRING and cfg[-1][1][3] == _NO_UTF8
+                   for cfg in st)
+
+    def step(self, st, c: int):
+        out = set()
+        for cfg in st:
+            if cfg:
+                out.update(self._step(cfg, c))
+        return frozenset(out) if out else None
+
+    def _complete(self, below: tuple) -> tuple:
+        """The configuration after the value on top of ``below`` ended."""
+        if not below:
+            return ()
+        p = below[-1]
+        if p[0] == "O":
+            return below[:-1] + (("O", p[1], p[2], _O_AFTER, None, 0),)
+        return below[:-1] + (("A", p[1], p[2] + 1, _A_AFTER, 0),)
+
+    def _start(self, nid: int, c: int, below: tuple, depth: int = 0) -> list:
+        """Configurations after byte ``c`` opens a value of node ``nid`` on top of ``below``."""
+        node = self.nodes[nid]
+        kind = node[0]
+        if kind == "union":
+            if depth > 16:  # (an anyOf that refers to itself first)
+                return []
+            return [x for alt in node[1] for x in self._start(alt, c, below, depth + 1)]
+        if len(below) >= MAX_FRAMES:
+            return []
+        if kind == "object":
+            return [below + (("O", nid, 0, _O_FIRST, None, 0),)] if c == 0x7B else []
+        if kind == "array":
+            return [below + (("A", nid, 0, _A_FIRST, 0),)] if c == 0x5B else []
+        if kind == "literal":
+            return self._literal(tuple(l for l in node[1]), 0, c, below)
+        if kind == "string" and c != 0x22:
+            return []
+        if kind in ("number", "integer") and c != 0x2D and c not in _DIGITS:
+            return []
+        g = json_step(_G_VALUE, c)
+        return [] if g is None else [below + (("G", g, kind == "integer"),)]
+
+    def _literal(self, lits: tuple, pos: int, c: int, below: tuple) -> list:
+        m = [l for l in lits if l[pos] == c]
+        out = [self._complete(below)] if any(len(l) == pos + 1 for l in m) else []
+        rest = tuple(l for l in m if len(l) > pos + 1)
+        if rest:
+            out.append(below + (("L", rest, pos + 1),))
+        return out
+
+    def _key_candidates(self, props: tuple, idx: int) -> tuple:
+        """Properties that may come next: from ``idx`` up to and including the first required one."""
+        out = []
+        for j in range(idx, len(props)):
+            out.append(j)
+            if props[j][2]:
+                break
+        return tuple(out)
+
+    @staticmethod
+    def _may_close(props: tuple, idx: int) -> bool:
+        return not any(p[2] for p in props[idx:])
+
+    def _step(self, cfg: tuple, c: int) -> list:
+        top, below = cfg[-1], cfg[:-1]
+        kind = top[0]
+        if kind == "V":
+            if c in _WS:
+                return [] if top[2] >= MAX_WS else [below + (("V", top[1], top[2] + 1),)]
+            return self._start(top[1], c, below)
+        if kind == "G":
+            g, integer = top[1], top[2]
+            if g[0] == _NUM and g[1] == "[":  # a number at the value's own level: it ends at a non-number byte
+                g2 = None if integer and c in b".eE" else json_step(g, c)
+                if g2 is not None and g2[0] == _NUM:
+                    return [below + (("G", g2, integer),)]
+                return self._step(self._complete(below), c) if _N_END_OK[g[2]] and below else []
+            g2 = json_step(g, c)
+            if g2 is None:
+                return []
+            if g2[0] == _AFTER and g2[1] == "[":
+                return [self._complete(below)]
+            return [below + (("G", g2, integer),)]
+        if kind == "L":
+            return self._literal(top[1], top[2], c, below)
+        if kind == "O":
+            _, nid, idx, phase, key, ws = top
+            props = self.nodes[nid][1]
+            if phase == _O_KEY:  # key: (candidate property indices, bytes matched)
+                cands, pos = key
+                m = [j for j in cands if props[j][0][pos] == c]
+                out = [below + (("O", nid, j + 1, _O_COLON, j, 0),) for j in m if len(props[j][0]) == pos + 1]
+                rest = tuple(j for j in m if len(props[j][0]) > pos + 1)
+                if rest:
+                    out.append(below + (("O", nid, idx, _O_KEY, (rest, pos + 1), 0),))
+                return out
+            if c in _WS:
+                return [] if ws >= MAX_WS else [below + (("O", nid, idx, phase, key, ws + 1),)]
+            if phase in (_O_FIRST, _O_NEXT):
+                if c == 0x22:
+                    cands = self._key_candidates(props, idx)
+                    return [below + (("O", nid, idx, _O_KEY, (cands, 1), 0),)] if cands else []
+                if c == 0x7D and phase == _O_FIRST and self._may_close(props, idx):
+                    return [self._complete(below)]
+                return []
+            if phase == _O_COLON:
+                if c != 0x3A:
+                    return []
+                return [below + (("O", nid, idx, _O_VAL, key, 0), ("V", props[key][1], 0))]
+            if phase == _O_AFTER:
+                if c == 0x2C and self._key_candidates(props, idx):
+                    return [below + (("O", nid, idx, _O_NEXT, None, 0),)]
+                if c == 0x7D and self._may_close(props, idx):
+                    return [self._complete(below)]
+            return []
+        # "A"
+        _, nid, count, phase, ws = top
+        _, item, mn, mx = self.nodes[nid]
+        if c in _WS and phase != _A_VAL:
+            return [] if ws >= MAX_WS else [below + (("A", nid, count, phase, ws + 1),)]
+        if phase == _A_AFTER:
+            if c == 0x2C and (mx is None or count < mx):
+                return [below + (("A", nid, count, _A_NEXT, 0),)]
+            return [self._complete(below)] if c == 0x5D and count >= mn else []
+        if c == 0x5D and phase == _A_FIRST:
+            return [self._complete(below)] if mn == 0 else []
+        if phase == _A_FIRST and mx == 0:
+            return []
+        return self._start(item, c, below + (("A", nid, count, _A_VAL, 0),))
