@@ -84,6 +84,27 @@ def test_generate_sampling_options(tiny_dir, capsys):
         assert msg in capsys.readouterr().err
 
 
+def test_generate_json_and_json_schema(tiny_dir, tmp_path, capsys):
+    """--json / --json-schema: the output is (a prefix of: random weights need not close it within
+    the token budget) a JSON object / a document of the schema."""
+    from cometq.serve.structured import JSON_START, JsonSchemaGrammar, grammar_feed, json_feed
+
+    assert cli.main(["generate", "hello", "--model", tiny_dir, "--max-new-tokens", "24", "--json"]) == 0
+    out = capsys.readouterr().out.strip().encode()
+    assert out.startswith(b"{") and json_feed(JSON_START, out) is not None
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    f = tmp_path / "s.json"
+    f.write_text(json.dumps(schema))
+    assert cli.main(["generate", "hello", "--model", tiny_dir, "--max-new-tokens", "24", "--json-schema", str(f)]) == 0
+    out = capsys.readouterr().out.strip().encode()
+    g = JsonSchemaGrammar(schema)
+    assert out.startswith(b"{") and grammar_feed(g, g.start, out) is not None
+    f.write_text(json.dumps({"type": "object", "properties": {"a": {"type": "string", "format": "date"}}}))
+    assert cli.main(["generate", "hello", "--model", tiny_dir, "--json-schema", str(f)]) == 2
+    assert "unsupported keyword(s) ['format']" in capsys.readouterr().err
+    assert cli.main(["generate", "hello", "--model", tiny_dir, "--json-schema", str(tmp_path / "none.json")]) == 2
+
+
 def test_eval_ppl_on_a_text_file(tiny_dir, tmp_path, capsys):
     f = tmp_path / "t.txt"
     f.write_text("the quick brown fox jumps over the lazy dog. " * 20)

@@ -6,8 +6,8 @@ import random
 import pytest
 import torch
 
-from cometq.serve.structured import (JSON_START, MAX_DEPTH, MAX_WS, JsonMasker, json_done, json_feed, json_step,
-                                     token_bytes_table)
+from cometq.serve.structured import (JSON_START, MAX_DEPTH, MAX_WS, JsonMasker, JsonObjectGrammar, json_done,
+                                     json_feed, json_step, token_bytes_table)
 from cometq.serve.tiny import byte_tokenizer
 
 
@@ -515,3 +515,46 @@ def test_engine_json_schema_greedy_matches_reference_and_samples_validate(tiny):
         SamplingParams(response_format="json_schema", json_schema='{"type": "object", "format": "x"}')
     with pytest.raises(ValueError, match="goes with response_format"):
         SamplingParams(json_schema='{"type": "object"}')
+
+
+def test_hf_generate_logits_processor(tiny):
+    """JsonLogitsProcessor in transformers generate: greedy = the engine's JSON-mode greedy; a
+    left-padded sampled batch ends each row with EOS right after a complete object."""
+    from transformers import LogitsProcessorList
+
+    from cometq.serve.structured import JsonLogitsProcessor
+
+    model, tok = tiny
+    prompt = list(b"give me json: ")
+    e = _engine(model, tok)
+    r = e.add_request(prompt, SamplingParams(max_tokens=30, temperature=0, response_format="json_object"))
+    while e.has_work():
+        e.step()
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=30, do_sample=False,
+                             logits_processor=LogitsProcessorList([JsonLogitsProcessor(tok)]),
+                             pad_token_id=tok.pad_token_id)
+    got = out[0, len(prompt):].tolist()
+    assert got[:len(r.output_ids)] == r.output_ids
+    if r.finish_reason == "stop":  # (the object closed: generate's next token is EOS)
+        assert got[len(r.output_ids)] == tok.eos_token_id
+
+    class Bias:  # (toward closing, so random weights finish objects)
+        def __call__(self, ids, scores):
+            scores[:, [ord('"'), ord("}")]] += 6.0
+            return scores
+
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    for proc in (JsonLogitsProcessor(tok), JsonLogitsProcessor(tok, schema=schema)):
+        enc = {"input_ids": torch.tensor([[tok.pad_token_id] * 3 + prompt, list(b"abc") + prompt]),
+               "attention_mask": torch.tensor([[0] * 3 + [1] * len(prompt), [1] * (3 + len(prompt))])}
+        torch.manual_seed(0)
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=80, do_sample=True, temperature=1.0, top_p=0.95,
+                                 logits_processor=LogitsProcessorList([Bias(), proc]), pad_token_id=tok.pad_token_id)
+        for row in out[:, enc["input_ids"].shape[1]:].tolist():
+            assert tok.eos_token_id in row, row
+            v = json.loads(bytes(row[:row.index(tok.eos_token_id)]))
+            assert isinstance(v, dict) and (proc.grammar is not JsonObjectGrammar) <= (isinstance(v.get("n"), int))
+    with pytest.raises(ValueError, match="EOS"):
+        JsonLogitsProcessor(type("T", (), {"eos_token_id": None})())

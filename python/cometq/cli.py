@@ -142,13 +142,18 @@ def _sampling_kwargs(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 
     return kw
 
 
-def _generate(model, tok, prompt: str, max_new_tokens: int, kv4: bool = False, **sampling) -> str:
+def _generate(model, tok, prompt: str, max_new_tokens: int, kv4: bool = False, json_processor=None,
+              **sampling) -> str:
     import torch
 
     gen_kw = _sampling_kwargs(**sampling)
     enc = _chat_ids(tok, prompt)
     enc = {k: v.to(model.device) for k, v in enc.items()}
     kw = {}
+    if json_processor is not None:  # (JSON mode / a JSON Schema: cometq.serve.structured)
+        from transformers import LogitsProcessorList
+
+        kw["logits_processor"] = LogitsProcessorList([json_processor])
     if kv4:
         from .kvcache import KV4Cache
 
@@ -320,10 +325,19 @@ def cmd_generate(args) -> int:
         sampling = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                         repetition_penalty=args.repetition_penalty, seed=args.seed)
         _sampling_kwargs(**sampling)
-    except ValueError as e:
+        proc = None
+        if args.json or args.json_schema:
+            from .serve.structured import JsonLogitsProcessor
+
+            schema = None
+            if args.json_schema:
+                with open(args.json_schema) as f:
+                    schema = f.read()
+            proc = JsonLogitsProcessor(tok, schema=schema)
+    except (ValueError, OSError) as e:
         print(f"cometq generate: {e}", file=sys.stderr)
         return 2
-    print(_generate(model, tok, args.prompt, args.max_new_tokens, kv4=kv4, **sampling))
+    print(_generate(model, tok, args.prompt, args.max_new_tokens, kv4=kv4, json_processor=proc, **sampling))
     return 0
 
 
@@ -384,6 +398,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None, help="seed for sampling (same seed -> same text)")
     g.add_argument("--kv4", action=argparse.BooleanOptionalAction, default=None,
                    help="4-bit KV cache (default: what the checkpoint's config asks for; off for a plain model)")
+    gj = g.add_mutually_exclusive_group()
+    gj.add_argument("--json", action="store_true", help="JSON mode: the output is one JSON object")
+    gj.add_argument("--json-schema", default=None, metavar="FILE",
+                    help="the output is a document of the JSON Schema in FILE (the subset `cometq serve` takes)")
     g.set_defaults(fn=cmd_generate)
 
     # serving (cometq.serve): OpenAI-compatible server and the serving benchmark

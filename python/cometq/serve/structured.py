@@ -32,7 +32,7 @@ import torch
 from .sampling import bytes_to_unicode
 
 __all__ = ["JSON_START", "json_step", "json_feed", "json_done", "JsonMasker", "JsonObjectGrammar",
-           "JsonSchemaGrammar", "schema_grammar", "grammar_feed", "token_bytes_table", "MAX_WS", "MAX_DEPTH"]
+           "JsonSchemaGrammar", "schema_grammar", "grammar_feed", "JsonLogitsProcessor", "masker_for", "token_bytes_table", "MAX_WS", "MAX_DEPTH"]
 
 MAX_WS = 48  # whitespace bytes in a row between tokens (a pretty-printed line break + indent fits)
 MAX_DEPTH = 32  # nested objects / arrays
@@ -599,3 +599,64 @@ class JsonSchemaGrammar:
         if phase == _A_FIRST and mx == 0:
             return []
         return self._start(item, c, below + (("A", nid, count, _A_VAL, 0),))
+
+
+# ---- transformers generate ----------------------------------------------------------------------
+_MASKERS: Dict[tuple, JsonMasker] = {}
+
+
+def masker_for(tokenizer, vocab_size: int) -> JsonMasker:
+    """One :class:`JsonMasker` per (tokenizer, vocabulary size) in this process."""
+    key = (id(tokenizer), len(tokenizer), vocab_size)
+    m = _MASKERS.get(key)
+    if m is None:
+        m = _MASKERS[key] = JsonMasker(token_bytes_table(tokenizer, vocab_size))
+    return m
+
+
+class JsonLogitsProcessor:
+    """A transformers ``LogitsProcessor``: ``model.generate(..., logits_processor=[JsonLogitsProcessor(
+    tok)])`` generates one JSON object (``schema``: a document of that JSON Schema, a dict or its
+    JSON text), the same masking as the server's JSON mode.  Once a row's document is complete
+    only EOS is allowed, so ``generate`` stops there.  Works with batches (each row has its own
+    state; left padding, as ``generate`` wants for decoder-only models) and with sampling:
+    transformers applies it before temperature / top-k / top-p, as the server does.  One
+    processor per ``generate`` call (it tells a new call by the input length)."""
+
+    def __init__(self, tokenizer, schema=None, eos_token_id: Optional[int] = None):
+        eos = eos_token_id if eos_token_id is not None else getattr(tokenizer, "eos_token_id", None)
+        if eos is None:
+            raise ValueError("JsonLogitsProcessor needs an EOS token id to end the output (eos_token_id=...)")
+        self.tokenizer = tokenizer
+        self.eos = int(eos)
+        if schema is None:
+            self.grammar = JsonObjectGrammar
+        else:
+            self.grammar = schema_grammar(schema if isinstance(schema, str) else json.dumps(schema))
+        self._seen: Optional[int] = None  # input length at the previous call
+        self._states: List = []
+        self._masker: Optional[JsonMasker] = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        B, V = scores.shape
+        if self._masker is None:
+            self._masker = masker_for(self.tokenizer, V)
+        T = input_ids.shape[1]
+        if self._seen is None or T != self._seen + 1 or len(self._states) != B:
+            self._states = [self.grammar.start] * B  # (a new generate call: fresh states)
+        else:
+            new = input_ids[:, -1].tolist()  # (called once per step: the token chosen last step)
+            for i, t in enumerate(new):
+                st = self._states[i]
+                if st is not None and not self.grammar.done(st):
+                    self._states[i] = grammar_feed(self.grammar, st, self._masker.token_bytes[t] or b"\x00")
+        self._seen = T
+        out = scores.clone()
+        for i, st in enumerate(self._states):
+            if st is None or self.grammar.done(st):  # complete (or broken): end the row
+                out[i] = float("-inf")
+                out[i, self.eos] = 0.0
+            else:
+                row = self._masker.apply(out[i].float().cpu(), st, self.grammar)
+                out[i] = row.to(out.dtype).to(out.device)
+        return out
