@@ -267,6 +267,91 @@ def test_json_schema_response_format(client):
     assert _stream_text(chunks, chat=True) == (c.message.content, ["stop"])
 
 
+_TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "weather in a city", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}, "unit": {"enum": ["C", "F"]}},
+    "required": ["city", "unit"], "additionalProperties": False}}},
+    {"type": "function", "function": {"name": "add", "parameters": {
+        "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"]}}}]
+
+
+def _tool_stream(chunks):
+    """(content, {index: [id, name, arguments]}, finish reasons) of a streamed chat with tool calls."""
+    content, calls, reasons = "", {}, []
+    for ch in chunks:
+        for c in ch.choices:
+            content += c.delta.content or ""
+            for tc in c.delta.tool_calls or ():
+                e = calls.setdefault(tc.index, [None, None, ""])
+                e[0] = tc.id or e[0]
+                e[1] = (tc.function.name if tc.function else None) or e[1]
+                e[2] += (tc.function.arguments or "") if tc.function else ""
+            if c.finish_reason:
+                reasons.append(c.finish_reason)
+    return content, calls, reasons
+
+
+def test_tool_calls(client):
+    """tools + tool_choice: a named function's arguments follow its parameters schema; 'required'
+    returns one or more calls (finish_reason tool_calls); streamed = non-streamed."""
+    msgs = [{"role": "user", "content": "weather in Paris?"}]
+    bias = {str(ord('"')): 4, str(ord("}")): 5, str(ord("]")): 5}
+    kw = dict(model=MODEL, messages=msgs, tools=_TOOLS, max_tokens=200, temperature=0.8, seed=2, logit_bias=bias)
+    named = dict(tool_choice={"type": "function", "function": {"name": "get_weather"}}, **kw)
+    r = client.chat.completions.create(**named)
+    m, c = r.choices[0].message, r.choices[0]
+    assert c.finish_reason == "stop" and m.content is None and len(m.tool_calls) == 1
+    call = m.tool_calls[0]
+    assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_")
+    args = json.loads(call.function.arguments)
+    assert list(args) == ["city", "unit"] and isinstance(args["city"], str) and args["unit"] in ("C", "F")
+    content, calls, reasons = _tool_stream(client.chat.completions.create(stream=True, **named))
+    assert content == "" and reasons == ["stop"] and list(calls) == [0]
+    assert calls[0][1] == "get_weather" and calls[0][2] == call.function.arguments and calls[0][0].startswith("call_")
+    req = dict(tool_choice="required", **kw)
+    r = client.chat.completions.create(**req)
+    c = r.choices[0]
+    assert c.finish_reason == "tool_calls" and c.message.tool_calls
+    for call in c.message.tool_calls:
+        args = json.loads(call.function.arguments)
+        assert (call.function.name, list(args)) in (("get_weather", ["city", "unit"]), ("add", ["a", "b"]))
+    content, calls, reasons = _tool_stream(client.chat.completions.create(stream=True, **req))
+    assert reasons == ["tool_calls"] and [(calls[j][1], calls[j][2]) for j in sorted(calls)] == \
+        [(t.function.name, t.function.arguments) for t in c.message.tool_calls]
+    # a conversation holding the call and its result is accepted; tool_choice none: plain text
+    hist = msgs + [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": "{\"a\":1,\"b\":2}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "3"}]
+    r = client.chat.completions.create(model=MODEL, messages=hist, tools=_TOOLS, tool_choice="none", max_tokens=3)
+    assert r.choices[0].message.tool_calls is None and r.choices[0].message.content is not None
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"tools": _TOOLS}, "tool_choice"),  # auto (the default with tools): no parser for the model's format
+    ({"tools": _TOOLS, "tool_choice": "auto"}, "tool_choice"),
+    ({"tools": _TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tools": [{"type": "function", "function": {"name": "bad name"}}], "tool_choice": "required"},
+     "tools[0].function.name"),
+    ({"tools": [{"type": "retrieval"}], "tool_choice": "required"}, "tools[0]"),
+    ({"tools": _TOOLS[:1] * 2, "tool_choice": "required"}, "tools[1].function.name"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+        "d": {"type": "string", "format": "date"}}}}}], "tool_choice": "required"}, "tools"),
+    ({"tools": _TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format"),
+])
+def test_tool_call_errors(stack, body, param):
+    resp = httpx.post(stack.base_url + "/v1/chat/completions", timeout=TIMEOUT,
+                      json={"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 2, **body})
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == param, resp.text
+    if param == "tool_choice" and "tool_choice" not in body:
+        assert "'required'" in resp.json()["error"]["message"]
+
+
+def test_tools_on_completions_rejected(stack):
+    resp = httpx.post(stack.base_url + "/v1/completions", timeout=TIMEOUT,
+                      json={"model": MODEL, "prompt": "x", "tools": _TOOLS, "tool_choice": "required"})
+    assert resp.status_code == 400 and resp.json()["error"]["code"] == "unsupported_parameter"
+
+
 def test_chat_logprobs(client):
     msgs = [{"role": "user", "content": "hi"}]
     kw = dict(model=MODEL, messages=msgs, max_tokens=5, temperature=0, logprobs=True, top_logprobs=2,

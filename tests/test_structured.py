@@ -438,7 +438,8 @@ def test_schema_grammar_order_and_limits():
 
 
 @pytest.mark.parametrize("schema,match", [
-    ({"type": "string"}, "root must be an object"),
+    ({"type": "string"}, "root must be an object or array"),
+    ({"anyOf": [{"type": "object"}, {"type": "array"}]}, "root must be an object or array"),
     ({"type": "object", "properties": {"a": {"type": "string", "pattern": "^x"}}}, r"\.a: unsupported keyword\(s\) \['pattern'\]"),
     ({"type": "object", "oneOf": []}, r"unsupported keyword\(s\) \['oneOf'\]"),
     ({"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}, "not under"),

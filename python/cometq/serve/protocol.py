@@ -5,8 +5,10 @@ Errors raise :class:`APIError`, which the server turns into
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -54,6 +56,10 @@ class ParsedRequest:
     # vLLM's ``prompt_logprobs`` extension: the prompt tokens' log-probabilities with this many
     # alternatives, returned as ``prompt_logprobs`` (completions: per choice; chat: per response)
     prompt_logprobs: Optional[int] = None
+    # chat tool calls: "named" (tool_choice names a function: its arguments are generated to its
+    # parameters schema) or "required" (a JSON array of {"name", "parameters"} calls)
+    tool_mode: Optional[str] = None
+    tool_name: Optional[str] = None
 
     @property
     def prompt_ids(self) -> List[int]:  # (the first prompt: the only one of a chat request)
@@ -171,10 +177,12 @@ def _common(body: Dict[str, Any], *, max_tokens_default: int, max_tokens_names: 
     logit_bias = _logit_bias(body)
     response_format, json_schema = _response_format(body)
     min_tokens = _num(body, "min_tokens", 0, 0, 1 << 20, integer=True)  # (vLLM's extension)
-    for name in ("tools", "functions", "suffix"):
+    for name in (("functions", "suffix") if chat else ("tools", "tool_choice", "functions", "suffix")):
         v = body.get(name)
         if v not in (None, False, 0, {}, []):
-            raise _bad(f"'{name}' is not supported", name, "unsupported_parameter")
+            raise _bad(f"'{name}' is not supported" + ("" if chat or name not in ("tools", "tool_choice")
+                                                        else " for completions (chat completions take tools)"),
+                       name, "unsupported_parameter")
     max_tokens = None
     for name in max_tokens_names:
         if body.get(name) is not None:
@@ -308,11 +316,77 @@ def _content_text(c, i: int) -> str:
                "invalid_type")
 
 
-def chat_prompt_ids(tokenizer, messages: List[Dict[str, str]], add_generation_prompt: bool = True) -> List[int]:
+_TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_NO_PARAMS = {"type": "object", "properties": {}}
+
+
+def _tools(body: Dict[str, Any]):
+    """(tools for the chat template, tool mode, tool name, schema JSON text of the output) of a chat
+    request's ``tools`` / ``tool_choice``.  ``tool_choice``: ``"none"``, ``"required"`` (one or more
+    calls: a JSON array of ``{"name", "parameters"}`` objects) or ``{"type": "function",
+    "function": {"name": ...}}`` (that function: its arguments).  ``"auto"`` (OpenAI's default with
+    tools) needs a parser for the model's own tool-call format, which cometq does not have: a 400
+    that says what to ask for instead (as vLLM without ``--enable-auto-tool-choice``)."""
+    tools, tc = body.get("tools"), body.get("tool_choice")
+    if tools in (None, []):
+        if tc not in (None, "none"):
+            raise _bad("'tool_choice' needs 'tools'", "tool_choice")
+        return None, None, None, None
+    if not isinstance(tools, list) or len(tools) > 128:
+        raise _bad("'tools' must be a list of at most 128 function tools", "tools", "invalid_type")
+    params: Dict[str, Any] = {}
+    for i, t in enumerate(tools):
+        f = t.get("function") if isinstance(t, dict) else None
+        if not isinstance(t, dict) or t.get("type") != "function" or not isinstance(f, dict):
+            raise _bad(f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ..., 'parameters': ...}}}}",
+                       f"tools[{i}]", "invalid_type")
+        name = f.get("name")
+        if not isinstance(name, str) or not _TOOL_NAME.match(name):
+            raise _bad(f"tools[{i}].function.name must be 1-64 letters, digits, '_' or '-', got {name!r}",
+                       f"tools[{i}].function.name")
+        if name in params:
+            raise _bad(f"tools name {name!r} twice", f"tools[{i}].function.name")
+        p = f.get("parameters", _NO_PARAMS)
+        if not isinstance(p, dict):
+            raise _bad(f"tools[{i}].function.parameters must be a JSON Schema object", f"tools[{i}].function.parameters",
+                       "invalid_type")
+        params[name] = p
+    if tc is None or tc == "auto":
+        raise _bad("tool_choice 'auto' (the default with tools) is not supported: it needs a parser for the model's "
+                   "own tool-call format; ask for 'required' or {'type': 'function', 'function': {'name': ...}} -- "
+                   "the calls are then generated to the tools' JSON Schemas", "tool_choice", "unsupported_value")
+    if tc == "none":
+        return None, None, None, None
+    if tc == "required":
+        mode, name = "required", None
+        schema = {"type": "array", "minItems": 1, "items": {"anyOf": [
+            {"type": "object", "properties": {"name": {"const": n}, "parameters": p}, "required": ["name", "parameters"],
+             "additionalProperties": False} for n, p in params.items()]}}
+    elif (isinstance(tc, dict) and tc.get("type") == "function" and isinstance(tc.get("function"), dict)
+          and tc["function"].get("name") in params):
+        mode, name = "named", tc["function"]["name"]
+        schema = params[name]
+    else:
+        raise _bad(f"'tool_choice' must be 'none', 'auto', 'required' or {{'type': 'function', 'function': {{'name': "
+                   f"one of {list(params)}}}}}, got {tc!r}", "tool_choice")
+    text = json.dumps(schema)
+    try:
+        schema_grammar(text)
+    except RecursionError:
+        raise _bad("tool parameters: nested too deeply", "tools", "unsupported_value") from None
+    except ValueError as e:
+        raise _bad(f"tool parameters: {e}", "tools", "unsupported_value") from None
+    return tools, mode, name, text
+
+
+def chat_prompt_ids(tokenizer, messages: List[Dict[str, Any]], add_generation_prompt: bool = True,
+                    tools: Optional[List[Dict[str, Any]]] = None) -> List[int]:
     """Token ids of the conversation (with the generation prompt unless told otherwise), via the
-    tokenizer's chat template (a plain ``role: text`` transcript when the tokenizer has none)."""
+    tokenizer's chat template (a plain ``role: text`` transcript when the tokenizer has none);
+    ``tools`` go to the template (templates that know tools describe them to the model)."""
     if getattr(tokenizer, "chat_template", None):
-        out = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+        kw = {"tools": tools} if tools else {}
+        out = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True, **kw)
         if isinstance(out, dict) or hasattr(out, "keys"):
             out = out["input_ids"]
         return list(out)
@@ -335,11 +409,30 @@ def parse_chat(body: Any, tokenizer, vocab: int, max_tokens_default: int = 256,
         role = m.get("role")
         if role not in _ROLES:
             raise _bad(f"messages[{i}].role must be one of {list(_ROLES)}, got {role!r}", f"messages[{i}].role")
-        clean.append({"role": "system" if role == "developer" else role,
-                      "content": _content_text(m.get("content", ""), i)})
-    ids = chat_prompt_ids(tokenizer, clean, add_generation_prompt)
+        calls = m.get("tool_calls") if role == "assistant" else None
+        if calls is not None and not (isinstance(calls, list) and all(isinstance(c, dict) for c in calls)):
+            raise _bad(f"messages[{i}].tool_calls must be a list of tool call objects", f"messages[{i}].tool_calls",
+                       "invalid_type")
+        content = m.get("content", "")
+        msg = {"role": "system" if role == "developer" else role,
+               "content": "" if content is None and (calls or role == "tool") else _content_text(content, i)}
+        if calls:
+            msg["tool_calls"] = calls
+        if role == "tool" and isinstance(m.get("tool_call_id"), str):
+            msg["tool_call_id"] = m["tool_call_id"]
+        clean.append(msg)
+    tools, tool_mode, tool_name, tool_schema = _tools(body)
+    try:
+        ids = chat_prompt_ids(tokenizer, clean, add_generation_prompt, tools=tools)
+    except Exception as e:  # (a template that cannot render these messages: the request's fault)
+        raise _bad(f"the chat template could not render the messages: {type(e).__name__}: {e}", "messages") from None
     params, stream, usage, _, n, prompt_lp = _common(body, max_tokens_default=max_tokens_default,
                                                      max_tokens_names=("max_completion_tokens", "max_tokens"),
                                                      chat=True)
+    if tool_mode is not None:
+        if params.response_format is not None:
+            raise _bad("'response_format' and tool calls exclude each other", "response_format")
+        params = dataclasses.replace(params, response_format="json_schema", json_schema=tool_schema)
     given = body.get("max_completion_tokens") is not None or body.get("max_tokens") is not None
-    return ParsedRequest([ids], params, stream, usage, _model(body), given, n=n, prompt_logprobs=prompt_lp)
+    return ParsedRequest([ids], params, stream, usage, _model(body), given, n=n, prompt_logprobs=prompt_lp,
+                         tool_mode=tool_mode, tool_name=tool_name)

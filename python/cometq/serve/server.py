@@ -288,6 +288,30 @@ def create_app(loop_: EngineLoop, tokenizer, config: Optional[ServerConfig] = No
     def _engine_error(out: RequestOutput) -> APIError:
         return APIError(500, f"generation failed: {out.error}", type="server_error", code="engine_error")
 
+    def _call_id() -> str:
+        return "call_" + uuid.uuid4().hex[:24]
+
+    def _tool_calls(pr: ParsedRequest, text: str, reason: str):
+        """(tool_calls, finish_reason) of a tool-call choice's generated text: ``named`` -- the text is
+        the arguments; ``required`` -- a JSON array of {"name", "parameters"} (None when it did not
+        complete: the raw text is then the content)."""
+        if pr.tool_mode == "named":
+            return [{"id": _call_id(), "type": "function", "function": {"name": pr.tool_name, "arguments": text}}], reason
+        if reason != "stop":
+            return None, reason
+        calls = json.loads(text)
+        return [{"id": _call_id(), "type": "function",
+                 "function": {"name": c["name"], "arguments": json.dumps(c["parameters"], ensure_ascii=False)}}
+                for c in calls], "tool_calls"
+
+    def _chat_message(pr: ParsedRequest, text: str, reason: str):
+        if pr.tool_mode is None:
+            return {"role": "assistant", "content": text}, reason
+        calls, reason = _tool_calls(pr, text, reason)
+        if calls is None:
+            return {"role": "assistant", "content": text}, reason
+        return {"role": "assistant", "content": None, "tool_calls": calls}, reason
+
     async def _full(request, q, rid, eids, pr, chat):
         n = pr.num_choices
         texts: List[List[str]] = [[] for _ in range(n)]
@@ -320,8 +344,9 @@ def create_app(loop_: EngineLoop, tokenizer, config: Optional[ServerConfig] = No
         for i in range(n):
             reason = last[i].finish_reason if last[i].finish_reason in ("stop", "length") else "stop"
             if chat:
-                choices.append({"index": i, "message": {"role": "assistant", "content": "".join(texts[i])},
-                                "logprobs": _chat_logprobs(rows[i]) if want_lp else None, "finish_reason": reason})
+                msg, reason = _chat_message(pr, "".join(texts[i]), reason)
+                choices.append({"index": i, "message": msg, "logprobs": _chat_logprobs(rows[i]) if want_lp else None,
+                                "finish_reason": reason})
             else:
                 echoed = _prompt_rows(pr, i, plps[i]) if pr.echo and plps[i] is not None else []
                 lp = _completion_logprobs(echoed + rows[i], 0)[0] if want_lp else None
@@ -355,15 +380,20 @@ def create_app(loop_: EngineLoop, tokenizer, config: Optional[ServerConfig] = No
             obj_, offset[i] = _completion_logprobs(rows, offset[i])
             return obj_
 
+        tool_text = [""] * n  # (tool calls) generated text so far
+        call_ids = [_call_id() for _ in range(n)] if pr.tool_mode == "named" else None
+
         def chunk(i: int, delta_text: Optional[str], reason: Optional[str], first: bool = False,
-                  rows: Optional[List[tuple]] = None) -> str:
+                  rows: Optional[List[tuple]] = None, tool_calls: Optional[list] = None) -> str:
             if rows is None:
                 rows, pending[i] = pending[i], []
             if chat:
                 delta: Dict[str, Any] = {}
                 if first:
                     delta["role"] = "assistant"
-                if delta_text is not None:
+                if tool_calls is not None:
+                    delta["tool_calls"] = tool_calls
+                elif delta_text is not None:
                     delta["content"] = delta_text
                 choice = {"index": i, "delta": delta, "logprobs": lp_obj(i, rows), "finish_reason": reason}
             else:
@@ -394,12 +424,26 @@ def create_app(loop_: EngineLoop, tokenizer, config: Optional[ServerConfig] = No
                     yield chunk(i, _echo(pr, i), None, rows=prows)
                     echo[i] = False
                 pending[i].extend(_rows(out.logprobs))
-                if out.text:
+                if out.text and chat and pr.tool_mode == "named":  # the arguments, streamed as they come
+                    head = {"id": call_ids[i], "type": "function", "function": {"name": pr.tool_name}} \
+                        if not tool_text[i] else {"function": {}}
+                    head["function"]["arguments"] = out.text
+                    tool_text[i] += out.text
+                    yield chunk(i, None, None, tool_calls=[{"index": 0, **head}])
+                elif out.text and chat and pr.tool_mode == "required":  # (sent whole once the array closes)
+                    tool_text[i] += out.text
+                elif out.text:
                     yield chunk(i, out.text, None)
                 if out.finished:
                     last[i] = out
                     left -= 1
                     reason = out.finish_reason if out.finish_reason in ("stop", "length") else "stop"
+                    if chat and pr.tool_mode == "required":
+                        calls, reason = _tool_calls(pr, tool_text[i], reason)
+                        if calls is None:
+                            yield chunk(i, tool_text[i], None)
+                        else:
+                            yield chunk(i, None, None, tool_calls=[{"index": j, **c} for j, c in enumerate(calls)])
                     yield chunk(i, None if chat else "", reason)
             done = True
             if pr.include_usage:

@@ -370,8 +370,9 @@ class JsonSchemaGrammar:
     where it is.  Generated documents always validate: an object's properties come in the
     schema's order, each required one present, optional ones possibly skipped, no others (as
     OpenAI's strict mode and xgrammar generate them); enum / const values in compact JSON; a
-    schema without a type allows any JSON value.  The root must be an object schema (OpenAI's
-    rule; it also tells where the document ends)."""
+    schema without a type allows any JSON value.  The root must be an object or an array schema
+    (OpenAI's rule is an object; an array is how several tool calls come back): either tells where
+    the document ends."""
 
     def __init__(self, schema):
         if not isinstance(schema, dict):
@@ -387,8 +388,8 @@ class JsonSchemaGrammar:
         self.nodes: List = []
         self._refs: Dict[str, int] = {}
         self.root = self._compile(schema, "#")
-        if self.nodes[self.root][0] != "object":
-            raise ValueError("json_schema: the root must be an object schema ({'type': 'object', ...})")
+        if self.nodes[self.root][0] not in ("object", "array"):
+            raise ValueError("json_schema: the root must be an object or array schema ({'type': 'object', ...})")
         self.start = frozenset({(("V", self.root, 0),)})
 
     # -- compilation ------------------------------------------------------------------------------
