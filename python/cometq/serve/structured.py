@@ -22,9 +22,11 @@ tokens and ``MAX_DEPTH`` nested containers.
 """
 from __future__ import annotations
 
+import collections
 import functools
 import json
 import re
+import threading
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -292,9 +294,28 @@ class JsonMasker:
             else:
                 self._string_others.append(t)
         self._in_string = in_string
+        self._cache: "collections.OrderedDict" = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    CACHE_SIZE = 256  # masks kept (a state recurs: every request inside a string at the same depth, ...)
 
     def allowed(self, st, grammar=JsonObjectGrammar) -> torch.Tensor:
-        """Bool ``[vocab_size]``: the tokens whose bytes all follow state ``st`` of ``grammar``."""
+        """Bool ``[vocab_size]`` (read-only: cached per state): the tokens whose bytes all follow
+        state ``st`` of ``grammar``."""
+        key = (grammar, st)
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+                return hit
+        mask = self._allowed(st, grammar)
+        with self._lock:
+            self._cache[key] = mask
+            if len(self._cache) > self.CACHE_SIZE:
+                self._cache.popitem(last=False)
+        return mask
+
+    def _allowed(self, st, grammar) -> torch.Tensor:
         if grammar.in_plain_string(st):
             mask = self._in_string.clone()
             for t in self._string_others:
@@ -325,7 +346,7 @@ class JsonMasker:
         mask = self.allowed(st, grammar)
         if V > self.vocab_size:
             mask = torch.cat([mask, torch.zeros(V - self.vocab_size, dtype=torch.bool)])
-        logits[~mask[:V]] = float("-inf")
+        logits.masked_fill_(~mask[:V], float("-inf"))
         return logits
 
 
