@@ -90,6 +90,9 @@ def test_server_binds_loopback(stack):
 def test_models_health_metrics(stack, client):
     ids = [m.id for m in client.models.list().data]
     assert ids == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL  # (GET /v1/models/{id})
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("other/model")
     r = httpx.get(stack.base_url + "/health", timeout=TIMEOUT)
     assert r.status_code == 200 and r.json() == {"status": "ok"}
     client.completions.create(model=MODEL, prompt="metrics", max_tokens=3, temperature=0,

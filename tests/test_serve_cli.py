@@ -27,6 +27,12 @@ def test_cli_parsers():
     assert a.async_scheduling is True
     assert build_parser().parse_args(["serve", "--no-async-scheduling"]).async_scheduling is False
     assert a.api_key is None and build_parser().parse_args(["serve", "--api-key", "k"]).api_key == "k"
+    from cometq.serve.cli import load_chat_template
+
+    assert load_chat_template("{{ messages[0]['content'] }}") == "{{ messages[0]['content'] }}"
+    for bad, msg in (("chatml", "neither a file nor"), ("{% for m in %}", "not a valid Jinja")):
+        with pytest.raises(ValueError, match=msg):
+            load_chat_template(bad)
     # a bad key fails at once, before the model loads
     with pytest.raises(ValueError, match="api_key must be a non-empty string"):
         from cometq.serve.cli import cmd_serve
@@ -66,9 +72,12 @@ def test_cli_serve_subprocess(tmp_path):
     tiny_model().save_pretrained(d)
     byte_tokenizer().save_pretrained(d)
     env = dict(os.environ, HF_HUB_OFFLINE="1", COMETQ_BACKEND="reference", COMETQ_API_KEY="k-123")
+    tmpl = tmp_path / "t.jinja"
+    tmpl.write_text("{% for m in messages %}<<{{ m['role'] }}|{{ m['content'] }}>>\n{% endfor %}"
+                    "{% if add_generation_prompt %}A:{% endif %}")
     proc = subprocess.Popen([sys.executable, "-m", "cometq", "serve", "--model", str(d), "--port", "0",
                              "--no-quantize", "--kv4", "--block-size", "16", "--kv-tokens", "1024",
-                             "--served-model-name", "tiny"],
+                             "--served-model-name", "tiny", "--chat-template", str(tmpl)],
                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
     try:
         url, lines, t0 = None, [], time.monotonic()
@@ -87,6 +96,9 @@ def test_cli_serve_subprocess(tmp_path):
         assert httpx.post(url + "/v1/chat/completions", timeout=60, json=body).status_code == 401
         r = httpx.post(url + "/v1/chat/completions", timeout=60, json=body, headers={"Authorization": "Bearer k-123"})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
+        # --chat-template: the served template (a transcript with a marker the prompt length shows)
+        tok_r = httpx.post(url + "/tokenize", timeout=30, json={"messages": body["messages"]})
+        assert tok_r.json()["tokens"] == list(b"<<user|hi>>\nA:")
         assert "cometq_kv_blocks_total 64" in httpx.get(url + "/metrics", timeout=30).text
     finally:
         proc.terminate()

@@ -24,6 +24,9 @@ def add_serve_args(p: argparse.ArgumentParser, default_model: str) -> None:
                    help="4-bit paged KV cache (default: on); --no-kv4 keeps K/V in the model's dtype")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--served-model-name", default=None, help="model id reported by /v1/models")
+    p.add_argument("--chat-template", default=None, metavar="FILE_OR_TEMPLATE",
+                   help="Jinja chat template for /v1/chat/completions: a file, or the template itself (default: "
+                        "the tokenizer's; without one, a plain 'role: text' transcript)")
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer <key>' on the /v1 routes (default: the COMETQ_API_KEY "
                         "environment variable; none: open)")
@@ -50,6 +53,25 @@ def add_serve_args(p: argparse.ArgumentParser, default_model: str) -> None:
     p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=None,
                    help="run throw-away requests at start-up so compiles, tuning and graph captures do not "
                         "stall the first users (default: on for a CUDA device)")
+
+
+def load_chat_template(arg: str) -> str:
+    """``--chat-template``: a file's text, or the argument itself when it is a Jinja template (vLLM's
+    rule); checked to compile, so a broken template fails before the model loads."""
+    if os.path.isfile(arg):
+        with open(arg, encoding="utf-8") as f:
+            text = f.read()
+    elif any(m in arg for m in ("{{", "{%")):
+        text = arg
+    else:
+        raise ValueError(f"--chat-template: {arg!r} is neither a file nor a Jinja template")
+    try:
+        import jinja2
+
+        jinja2.Environment().parse(text)
+    except jinja2.TemplateSyntaxError as e:
+        raise ValueError(f"--chat-template: not a valid Jinja template: {e}") from None
+    return text
 
 
 def use_cuda_graphs(args, device: str) -> bool:
@@ -94,9 +116,12 @@ def cmd_serve(args) -> int:
     if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         _log(f"warning: serving on {args.host} without an API key: anyone who reaches the port can use it "
              "(--api-key or COMETQ_API_KEY)")
+    template = load_chat_template(args.chat_template) if args.chat_template is not None else None
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     _log(f"loading {args.model} ...")
     model, tok = _load_any(args.model)
+    if template is not None:
+        tok.chat_template = template
     if device == "cuda":  # W4Ax buffers keep their dtypes: only an unquantized model is cast to fp16
         model = model.to(device) if _is_quantized(model) else model.to(device=device, dtype=torch.float16)
     if args.quantize and not _is_quantized(model):

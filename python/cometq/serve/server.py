@@ -515,10 +515,20 @@ def create_app(loop_: EngineLoop, tokenizer, config: Optional[ServerConfig] = No
 
         return {"version": __version__}
 
+    def _model_card() -> Dict[str, Any]:
+        return {"id": cfg.model_name, "object": "model", "created": state["created"], "owned_by": "cometq",
+                "max_model_len": engine.max_model_len}
+
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": cfg.model_name, "object": "model", "created": state["created"],
-                                            "owned_by": "cometq", "max_model_len": engine.max_model_len}]}
+        return {"object": "list", "data": [_model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):  # (OpenAI's retrieve; ids may hold '/', as paths do)
+        if model_id != cfg.model_name:
+            return _err(APIError(404, f"model {model_id!r} does not exist (served: {cfg.model_name!r})",
+                                 type="not_found_error", param="model", code="model_not_found"))
+        return _model_card()
 
     @app.get("/health")
     async def health():
