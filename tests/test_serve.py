@@ -320,6 +320,9 @@ def test_tool_calls(client):
     content, calls, reasons = _tool_stream(client.chat.completions.create(stream=True, **req))
     assert reasons == ["tool_calls"] and [(calls[j][1], calls[j][2]) for j in sorted(calls)] == \
         [(t.function.name, t.function.arguments) for t in c.message.tool_calls]
+    # a stop string cutting the array short: the raw text comes back as content, no tool_calls
+    cut = client.chat.completions.create(stop=["}"], **req)
+    assert cut.choices[0].message.tool_calls is None and cut.choices[0].message.content.lstrip().startswith("[")
     # a conversation holding the call and its result is accepted; tool_choice none: plain text
     hist = msgs + [{"role": "assistant", "content": None, "tool_calls": [
         {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": "{\"a\":1,\"b\":2}"}}]},

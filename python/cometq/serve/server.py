@@ -297,9 +297,12 @@ def create_app(loop_: EngineLoop, tokenizer, config: Optional[ServerConfig] = No
         complete: the raw text is then the content)."""
         if pr.tool_mode == "named":
             return [{"id": _call_id(), "type": "function", "function": {"name": pr.tool_name, "arguments": text}}], reason
-        if reason != "stop":
+        try:  # (a stop string or stop token may have cut the array short)
+            calls = json.loads(text) if reason == "stop" else None
+        except ValueError:
+            calls = None
+        if not isinstance(calls, list):
             return None, reason
-        calls = json.loads(text)
         return [{"id": _call_id(), "type": "function",
                  "function": {"name": c["name"], "arguments": json.dumps(c["parameters"], ensure_ascii=False)}}
                 for c in calls], "tool_calls"
