@@ -448,6 +448,8 @@ def test_schema_grammar_order_and_limits():
     ({"type": "object", "additionalProperties": {"type": "string"}}, "additionalProperties must be true or false"),
     ({"type": "object", "properties": {"a": {"type": "array", "minItems": 3, "maxItems": 1}}}, "minItems"),
     ("not a schema", "must be an object"),
+    ({"type": "object", "properties": {"a": {"$ref": "#/$defs/A"}}, "$defs": {"A": {"$ref": "#/$defs/A"}}},
+     "refers to itself"),
 ])
 def test_schema_grammar_errors(schema, match):
     with pytest.raises(ValueError, match=match):

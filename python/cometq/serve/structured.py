@@ -433,6 +433,8 @@ class JsonSchemaGrammar:
             if ref not in self._refs:
                 self._refs[ref] = i = self._new(None)  # (placeholder first: recursive references)
                 self.nodes[i] = self.nodes[self._compile(self._defs[ref], ref)]
+                if self.nodes[i] is None:
+                    raise ValueError(f"json_schema: {ref} refers to itself without describing a value")
             return self._refs[ref]
         if "anyOf" in s:
             alts = s["anyOf"]
