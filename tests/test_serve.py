@@ -358,6 +358,29 @@ def test_tools_on_completions_rejected(stack):
     assert resp.status_code == 400 and resp.json()["error"]["code"] == "unsupported_parameter"
 
 
+def test_guided_choice_and_vllm_structured_outputs(client, stack):
+    """vLLM's guided_choice / guided_json / structured_outputs extensions."""
+    kw = dict(model=MODEL, max_tokens=20, temperature=0.9, seed=4)
+    for extra in ({"guided_choice": ["red", "green", "blue"]}, {"structured_outputs": {"choice": ["red", "green"]}}):
+        r = client.chat.completions.create(messages=[{"role": "user", "content": "a colour"}], extra_body=extra, **kw)
+        assert r.choices[0].message.content in ("red", "green", "blue") and r.choices[0].finish_reason == "stop"
+        c = client.completions.create(prompt="colour:", extra_body=extra, **kw)
+        assert c.choices[0].text in ("red", "green", "blue")
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    for extra in ({"guided_json": schema}, {"structured_outputs": {"json": schema}}):
+        r = client.completions.create(prompt="j:", extra_body={**extra, "logit_bias": {str(ord("}")): 5}},
+                                      **{**kw, "max_tokens": 60})
+        assert r.choices[0].finish_reason == "stop" and isinstance(json.loads(r.choices[0].text)["ok"], bool)
+    for body, param in (({"guided_choice": ["a"], "guided_json": schema}, "guided_choice"),
+                        ({"guided_choice": ["a", "a"]}, "guided_choice"), ({"guided_choice": "a"}, "guided_choice"),
+                        ({"structured_outputs": {"regex": "a+"}}, "structured_outputs"),
+                        ({"structured_outputs": {"json": schema, "choice": ["a"]}}, "structured_outputs"),
+                        ({"guided_json": {"type": "object", "properties": {"a": {"pattern": "x"}}}}, "guided_json")):
+        resp = httpx.post(stack.base_url + "/v1/completions", timeout=TIMEOUT,
+                          json={"model": MODEL, "prompt": "x", "max_tokens": 2, **body})
+        assert resp.status_code == 400 and resp.json()["error"]["param"] == param, (body, resp.text)
+
+
 def test_chat_logprobs(client):
     msgs = [{"role": "user", "content": "hi"}]
     kw = dict(model=MODEL, messages=msgs, max_tokens=5, temperature=0, logprobs=True, top_logprobs=2,

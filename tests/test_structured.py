@@ -561,3 +561,30 @@ def test_hf_generate_logits_processor(tiny):
             assert isinstance(v, dict) and (proc.grammar is not JsonObjectGrammar) <= (isinstance(v.get("n"), int))
     with pytest.raises(ValueError, match="EOS"):
         JsonLogitsProcessor(type("T", (), {"eos_token_id": None})())
+
+
+def test_choice_grammar_and_engine(tiny):
+    from cometq.serve.structured import ChoiceGrammar
+
+    g = ChoiceGrammar(["yes", "no", "yes!", "\u00e9t\u00e9"])
+    st = grammar_feed(g, g.start, b"yes")
+    assert g.can_end(st) and not g.done(st) and g.done(grammar_feed(g, st, b"!"))
+    assert grammar_feed(g, g.start, b"ye?") is None and g.done(grammar_feed(g, g.start, "\u00e9t\u00e9".encode()))
+    model, tok = tiny
+    eos = tok.eos_token_id
+    e = Engine(ModelRunner.with_fp_pool(model, num_blocks=64, block_size=16), tok, eos_token_ids=[eos])
+    outs = {}
+    for name, bias, choices in (("eos", ((eos, 100.0),), ("yes", "yes!")), ("bang", ((ord("!"), 100.0),), ("yes", "yes!")),
+                                ("plain", (), ("yes", "no", "yes!"))):
+        r = e.add_request(list(b"answer: "), SamplingParams(max_tokens=10, temperature=0, logit_bias=bias,
+                                                            response_format="choice", choices=choices))
+        while e.has_work():
+            e.step()
+        outs[name] = (bytes(r.output_ids).decode(), r.finish_reason)
+    # EOS pushed up: it cannot come before a choice is complete, then it ends the shorter one
+    assert outs["eos"] == ("yes", "stop") and outs["bang"] == ("yes!", "stop")
+    assert outs["plain"][0] in ("yes", "no", "yes!") and outs["plain"][1] == "stop"
+    with pytest.raises(ValueError, match="choices"):
+        SamplingParams(response_format="choice", choices=("a", "a"))
+    with pytest.raises(ValueError, match="choices go with"):
+        SamplingParams(choices=("a",))

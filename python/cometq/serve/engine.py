@@ -43,7 +43,8 @@ from .kv import KVPool, PoolExhausted
 from .runner import Chunk, ModelRunner
 from .sampling import (IncrementalDetokenizer, SamplingParams, TokenLogprob, make_generator, process_logits,
                        sample_token, token_logprobs)
-from .structured import JsonMasker, JsonObjectGrammar, grammar_feed, schema_grammar, token_bytes_table
+from .structured import (JsonMasker, JsonObjectGrammar, choice_grammar, grammar_feed, schema_grammar,
+                         token_bytes_table)
 
 __all__ = ["EngineConfig", "RequestOutput", "Request", "Engine", "EngineLoop", "RequestRejected"]
 
@@ -268,6 +269,7 @@ class Engine:
             req.generator = make_generator(params.seed, "cpu")
             if params.response_format is not None:
                 req.grammar = (JsonObjectGrammar if params.response_format == "json_object"
+                               else choice_grammar(params.choices) if params.response_format == "choice"
                                else schema_grammar(params.json_schema))
                 req.json_state = req.grammar.start
             if self.tokenizer is not None:
@@ -635,8 +637,12 @@ class Engine:
                 row = host[i]
                 x = (process_logits(row, p, req.prompt_ids, req.output_ids, self.eos_token_ids)
                      if p.processes_logits else row)
-                if req.grammar is not None:  # JSON mode / schema: only tokens that continue the document
-                    x = self._json_masker.apply(x.clone() if x is row else x, req.json_state, req.grammar)
+                if req.grammar is not None:  # JSON mode / schema / choice: only tokens that continue it
+                    pre = x
+                    x = self._json_masker.apply(x.clone(), req.json_state, req.grammar)
+                    eos = [t for t in self.eos_token_ids if t < x.numel()] if not p.ignore_eos else []
+                    if eos and getattr(req.grammar, "can_end", None) and req.grammar.can_end(req.json_state):
+                        x[eos] = pre[eos]  # (a complete choice that a longer one extends: EOS may end it)
                     if not bool(torch.isfinite(x).any()):
                         self._finish(req, "error", error="no token of the vocabulary continues the JSON output")
                         continue

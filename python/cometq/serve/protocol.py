@@ -132,33 +132,70 @@ def _logit_bias(body: Dict[str, Any]) -> Tuple[Tuple[int, float], ...]:
     return tuple(sorted(out))
 
 
-def _response_format(body: Dict[str, Any]) -> Tuple[Optional[str], Optional[str]]:
-    """OpenAI's ``response_format`` -> (``SamplingParams.response_format``, ``json_schema`` text):
-    ``{"type": "text"}`` (the default), ``{"type": "json_object"}`` (JSON mode) or
-    ``{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}, "strict": ...}}``."""
-    rf = body.get("response_format")
-    if rf is None:
-        return None, None
-    if not isinstance(rf, dict) or not isinstance(rf.get("type"), str):
-        raise _bad(f"'response_format' must be an object with a 'type', got {rf!r}", "response_format", "invalid_type")
-    t = rf["type"]
-    if t == "text":
-        return None, None
+def _schema_text(schema: Any, param: str) -> str:
+    """A JSON Schema as the JSON text SamplingParams takes, compiled once here (unsupported keywords
+    are named in the 400)."""
+    text = json.dumps(schema)
+    try:
+        schema_grammar(text)
+    except RecursionError:
+        raise _bad("json_schema: nested too deeply", param, "unsupported_value") from None
+    except ValueError as e:
+        raise _bad(str(e), param, "unsupported_value") from None
+    return text
+
+
+def _choices(v: Any, param: str) -> Tuple[str, ...]:
+    if (not isinstance(v, list) or not v or len(v) > 256 or not all(isinstance(c, str) and c for c in v)
+            or len(set(v)) != len(v)):
+        raise _bad(f"'{param}' must be a list of 1-256 distinct non-empty strings, got {v!r}", param, "invalid_type")
+    return tuple(v)
+
+
+def _response_format(body: Dict[str, Any]) -> Dict[str, Any]:
+    """The constraint on the output, as SamplingParams fields: OpenAI's ``response_format``
+    (``{"type": "text"}``, the default; ``{"type": "json_object"}``, JSON mode; ``{"type":
+    "json_schema", "json_schema": {"name", "schema", "strict"}}``) or vLLM's extensions
+    ``guided_json`` (a schema), ``guided_choice`` (a list of strings: the output is one of them)
+    and ``structured_outputs`` (``{"json": schema}`` or ``{"choice": [...]}``).  One of them at most."""
+    given = [k for k in ("response_format", "guided_json", "guided_choice", "structured_outputs")
+             if body.get(k) is not None and not (k == "response_format" and isinstance(body[k], dict)
+                                                 and body[k].get("type") == "text")]
+    if len(given) > 1:
+        raise _bad(f"give at most one of {given}", given[1], "invalid_value")
+    if not given:
+        rf = body.get("response_format")
+        if rf is not None and not isinstance(rf, dict):
+            raise _bad(f"'response_format' must be an object with a 'type', got {rf!r}", "response_format",
+                       "invalid_type")
+        return {}
+    k = given[0]
+    v = body[k]
+    if k != "response_format":  # vLLM's: guided_json / guided_choice, or structured_outputs' json / choice
+        kind, name = k[len("guided_"):], k
+        if k == "structured_outputs":
+            if not isinstance(v, dict) or len([x for x in v if v[x] is not None]) != 1:
+                raise _bad("'structured_outputs' must be an object with one of 'json', 'choice'", k, "invalid_type")
+            (kind, v), = [(x, v[x]) for x in v if v[x] is not None]
+            name = f"structured_outputs.{kind}"
+            if kind not in ("json", "choice"):
+                raise _bad(f"'{name}' is not supported (json and choice are)", k, "unsupported_value")
+        if kind == "choice":
+            return {"response_format": "choice", "choices": _choices(v, k)}
+        if not isinstance(v, dict):
+            raise _bad(f"'{name}' must be a JSON Schema object", k, "invalid_type")
+        return {"response_format": "json_schema", "json_schema": _schema_text(v, k)}
+    if not isinstance(v, dict) or not isinstance(v.get("type"), str):
+        raise _bad(f"'response_format' must be an object with a 'type', got {v!r}", "response_format", "invalid_type")
+    t = v["type"]
     if t == "json_object":
-        return "json_object", None
+        return {"response_format": "json_object"}
     if t == "json_schema":
-        js = rf.get("json_schema")
+        js = v.get("json_schema")
         if not isinstance(js, dict) or not isinstance(js.get("schema"), dict):
             raise _bad("'response_format.json_schema' must be an object holding the 'schema' (and a 'name')",
                        "response_format", "invalid_type")
-        text = json.dumps(js["schema"])
-        try:
-            schema_grammar(text)  # (compiled once per distinct schema; unsupported keywords are named)
-        except RecursionError:
-            raise _bad("json_schema: nested too deeply", "response_format", "unsupported_value") from None
-        except ValueError as e:
-            raise _bad(str(e), "response_format", "unsupported_value") from None
-        return "json_schema", text
+        return {"response_format": "json_schema", "json_schema": _schema_text(js["schema"], "response_format")}
     raise _bad(f"'response_format.type' must be 'text', 'json_object' or 'json_schema', got {t!r}", "response_format")
 
 
@@ -175,7 +212,7 @@ def _common(body: Dict[str, Any], *, max_tokens_default: int, max_tokens_names: 
     logprobs, echo = _logprob_fields(body, chat)
     prompt_lp = _num(body, "prompt_logprobs", None, 0, MAX_LOGPROBS, integer=True)  # (vLLM's extension)
     logit_bias = _logit_bias(body)
-    response_format, json_schema = _response_format(body)
+    constraint = _response_format(body)
     min_tokens = _num(body, "min_tokens", 0, 0, 1 << 20, integer=True)  # (vLLM's extension)
     for name in (("functions", "suffix") if chat else ("tools", "tool_choice", "functions", "suffix")):
         v = body.get(name)
@@ -240,8 +277,7 @@ def _common(body: Dict[str, Any], *, max_tokens_default: int, max_tokens_names: 
                             ignore_eos=ignore_eos, presence_penalty=float(presence),
                             frequency_penalty=float(frequency), repetition_penalty=float(repetition),
                             logprobs=logprobs, prompt_logprobs=max(wanted) if wanted else None,
-                            logit_bias=logit_bias, min_tokens=min_tokens, response_format=response_format,
-                            json_schema=json_schema)
+                            logit_bias=logit_bias, min_tokens=min_tokens, **constraint)
     return params, stream, include_usage, echo, n, prompt_lp
 
 
@@ -369,13 +405,10 @@ def _tools(body: Dict[str, Any]):
     else:
         raise _bad(f"'tool_choice' must be 'none', 'auto', 'required' or {{'type': 'function', 'function': {{'name': "
                    f"one of {list(params)}}}}}, got {tc!r}", "tool_choice")
-    text = json.dumps(schema)
     try:
-        schema_grammar(text)
-    except RecursionError:
-        raise _bad("tool parameters: nested too deeply", "tools", "unsupported_value") from None
-    except ValueError as e:
-        raise _bad(f"tool parameters: {e}", "tools", "unsupported_value") from None
+        text = _schema_text(schema, "tools")
+    except APIError as e:
+        raise _bad(f"tool parameters: {e.message}", "tools", "unsupported_value") from None
     return tools, mode, name, text
 
 
@@ -431,7 +464,8 @@ def parse_chat(body: Any, tokenizer, vocab: int, max_tokens_default: int = 256,
                                                      chat=True)
     if tool_mode is not None:
         if params.response_format is not None:
-            raise _bad("'response_format' and tool calls exclude each other", "response_format")
+            raise _bad("'response_format' (or a guided_* constraint) and tool calls exclude each other",
+                       "response_format")
         params = dataclasses.replace(params, response_format="json_schema", json_schema=tool_schema)
     given = body.get("max_completion_tokens") is not None or body.get("max_tokens") is not None
     return ParsedRequest([ids], params, stream, usage, _model(body), given, n=n, prompt_logprobs=prompt_lp,

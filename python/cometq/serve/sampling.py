@@ -49,7 +49,9 @@ class SamplingParams:
       that cannot continue a JSON object is masked (:mod:`cometq.serve.structured`), so the output
       is always a prefix of one object, and the request ends ("stop") when the object closes;
       ``"json_schema"`` with ``json_schema`` (the schema's JSON text): the same for documents of
-      that schema (:class:`cometq.serve.structured.JsonSchemaGrammar` lists the keywords).
+      that schema (:class:`cometq.serve.structured.JsonSchemaGrammar` lists the keywords);
+      ``"choice"`` with ``choices``: the output is exactly one of those strings (vLLM's
+      ``guided_choice``).
     """
 
     max_tokens: int = 16
@@ -69,6 +71,7 @@ class SamplingParams:
     min_tokens: int = 0
     response_format: Optional[str] = None  # "json_object" / "json_schema" (cometq.serve.structured)
     json_schema: Optional[str] = None  # response_format "json_schema": the schema as JSON text
+    choices: Tuple[str, ...] = ()  # response_format "choice": the strings the output may be
 
     def __post_init__(self):
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
@@ -109,8 +112,14 @@ class SamplingParams:
             raise ValueError(f"logit_bias names a token twice: {lb!r}")
         if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
             raise ValueError(f"min_tokens must be an int in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}")
-        if self.response_format not in (None, "json_object", "json_schema"):
-            raise ValueError(f"response_format must be None, 'json_object' or 'json_schema', got {self.response_format!r}")
+        if self.response_format not in (None, "json_object", "json_schema", "choice"):
+            raise ValueError("response_format must be None, 'json_object', 'json_schema' or 'choice', got "
+                             f"{self.response_format!r}")
+        if (self.response_format == "choice") != bool(self.choices):
+            raise ValueError(f"choices go with response_format='choice' and only with it, got {self.choices!r}")
+        if self.choices and (not isinstance(self.choices, tuple) or len(self.choices) > 256 or not all(
+                isinstance(c, str) and c for c in self.choices) or len(set(self.choices)) != len(self.choices)):
+            raise ValueError(f"choices must be a tuple of 1-256 distinct non-empty strings, got {self.choices!r}")
         if (self.response_format == "json_schema") != (self.json_schema is not None):
             raise ValueError("json_schema (the schema's JSON text) goes with response_format='json_schema' and only "
                              f"with it, got response_format={self.response_format!r}")

@@ -34,7 +34,7 @@ import torch
 from .sampling import bytes_to_unicode
 
 __all__ = ["JSON_START", "json_step", "json_feed", "json_done", "JsonMasker", "JsonObjectGrammar",
-           "JsonSchemaGrammar", "schema_grammar", "grammar_feed", "JsonLogitsProcessor", "masker_for", "token_bytes_table", "MAX_WS", "MAX_DEPTH"]
+           "JsonSchemaGrammar", "schema_grammar", "ChoiceGrammar", "choice_grammar", "grammar_feed", "JsonLogitsProcessor", "masker_for", "token_bytes_table", "MAX_WS", "MAX_DEPTH"]
 
 MAX_WS = 48  # whitespace bytes in a row between tokens (a pretty-printed line break + indent fits)
 MAX_DEPTH = 32  # nested objects / arrays
@@ -623,6 +623,37 @@ class JsonSchemaGrammar:
         if phase == _A_FIRST and mx == 0:
             return []
         return self._start(item, c, below + (("A", nid, count, _A_VAL, 0),))
+
+
+class ChoiceGrammar:
+    """The output is exactly one of ``choices`` (vLLM's ``guided_choice``).  A state is (bytes
+    matched, indices of the choices still possible).  It is :meth:`done` when every remaining
+    choice is complete; where a complete choice is also the start of a longer one ("yes" /
+    "yes!"), :meth:`can_end` lets the engine allow EOS, so either may be the answer."""
+
+    def __init__(self, choices: Sequence[str]):
+        self.choices = tuple(c.encode("utf-8") for c in choices)
+        self.start = (0, tuple(range(len(self.choices))))
+
+    def step(self, st, c: int):
+        pos, cands = st
+        m = tuple(j for j in cands if len(self.choices[j]) > pos and self.choices[j][pos] == c)
+        return (pos + 1, m) if m else None
+
+    def done(self, st) -> bool:
+        return st is not None and all(len(self.choices[j]) == st[0] for j in st[1])
+
+    def can_end(self, st) -> bool:
+        return st is not None and any(len(self.choices[j]) == st[0] for j in st[1])
+
+    @staticmethod
+    def in_plain_string(st) -> bool:
+        return False
+
+
+@functools.lru_cache(maxsize=64)
+def choice_grammar(choices: Tuple[str, ...]) -> ChoiceGrammar:
+    return ChoiceGrammar(choices)
 
 
 # ---- transformers generate ----------------------------------------------------------------------
