@@ -1,5 +1,6 @@
 """cometq.serve HTTP server: the official openai client against a live loopback server (CPU)."""
 import json
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -366,6 +367,10 @@ def test_guided_choice_and_vllm_structured_outputs(client, stack):
         assert r.choices[0].message.content in ("red", "green", "blue") and r.choices[0].finish_reason == "stop"
         c = client.completions.create(prompt="colour:", extra_body=extra, **kw)
         assert c.choices[0].text in ("red", "green", "blue")
+    for extra in ({"guided_regex": r"\d{3}-[a-c]+"}, {"structured_outputs": {"regex": r"(ab|c)\d?"}}):
+        pat = extra.get("guided_regex") or extra["structured_outputs"]["regex"]
+        c = client.completions.create(prompt="code:", extra_body={**extra, "ignore_eos": False}, **kw)
+        assert re.fullmatch(pat, c.choices[0].text, re.ASCII) and c.choices[0].finish_reason == "stop", c.choices[0].text
     schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
     for extra in ({"guided_json": schema}, {"structured_outputs": {"json": schema}}):
         r = client.completions.create(prompt="j:", extra_body={**extra, "logit_bias": {str(ord("}")): 5}},
@@ -373,7 +378,8 @@ def test_guided_choice_and_vllm_structured_outputs(client, stack):
         assert r.choices[0].finish_reason == "stop" and isinstance(json.loads(r.choices[0].text)["ok"], bool)
     for body, param in (({"guided_choice": ["a"], "guided_json": schema}, "guided_choice"),
                         ({"guided_choice": ["a", "a"]}, "guided_choice"), ({"guided_choice": "a"}, "guided_choice"),
-                        ({"structured_outputs": {"regex": "a+"}}, "structured_outputs"),
+                        ({"structured_outputs": {"grammar": "root ::= x"}}, "structured_outputs"),
+                        ({"guided_regex": "(?=a)"}, "guided_regex"), ({"guided_regex": 5}, "guided_regex"),
                         ({"structured_outputs": {"json": schema, "choice": ["a"]}}, "structured_outputs"),
                         ({"guided_json": {"type": "object", "properties": {"a": {"pattern": "x"}}}}, "guided_json")):
         resp = httpx.post(stack.base_url + "/v1/completions", timeout=TIMEOUT,

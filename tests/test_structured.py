@@ -164,6 +164,7 @@ from cometq.serve.engine import Engine, EngineConfig, RequestRejected  # noqa: E
 from cometq.serve.runner import ModelRunner  # noqa: E402
 from cometq.serve.sampling import SamplingParams  # noqa: E402
 from cometq.serve.tiny import tiny_model  # noqa: E402
+from cometq.testing import constrained_greedy_reference  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -173,22 +174,6 @@ def tiny():
 
 def _engine(model, tok, **kw):
     return Engine(ModelRunner.with_fp_pool(model, num_blocks=64, block_size=16), tok, EngineConfig(**kw))
-
-
-def _json_greedy_reference(model, prompt, n, tb):
-    """Token by token through the HF model: the argmax over the tokens whose bytes continue the object."""
-    seq, st, out = list(prompt), JSON_START, []
-    with torch.no_grad():
-        for _ in range(n):
-            logits = model(torch.tensor([seq])).logits[0, -1].float()
-            ok = torch.tensor([bool(b) and json_feed(st, b) is not None for b in tb[:logits.numel()]])
-            t = int(logits.masked_fill(~ok, float("-inf")).argmax())
-            out.append(t)
-            seq.append(t)
-            st = json_feed(st, tb[t])
-            if json_done(st):
-                break
-    return out
 
 
 def test_engine_json_mode_greedy_matches_reference(tiny):
@@ -202,7 +187,7 @@ def test_engine_json_mode_greedy_matches_reference(tiny):
     while e.has_work():
         e.step()
     for p, r in zip(prompts, reqs):
-        assert r.output_ids == _json_greedy_reference(model, p, 24, tb)
+        assert r.output_ids == constrained_greedy_reference(model, p, 24, JsonObjectGrammar, tb)
         assert json_feed(JSON_START, b"".join(tb[t] for t in r.output_ids)) is not None
     assert plain.output_ids != reqs[0].output_ids  # (the constraint changed this continuation)
 
@@ -494,17 +479,7 @@ def test_engine_json_schema_greedy_matches_reference_and_samples_validate(tiny):
     while e.has_work():
         e.step()
     # greedy = the argmax over the schema-allowed tokens, token by token through the HF model
-    seq, st, want = list(b"record: "), g.start, []
-    with torch.no_grad():
-        for _ in range(40):
-            logits = model(torch.tensor([seq])).logits[0, -1].float()
-            ok = torch.tensor([bool(b) and grammar_feed(g, st, b) is not None for b in tb[:logits.numel()]])
-            t = int(logits.masked_fill(~ok, float("-inf")).argmax())
-            want.append(t)
-            seq.append(t)
-            st = grammar_feed(g, st, tb[t])
-            if g.done(st):
-                break
+    want = constrained_greedy_reference(model, list(b"record: "), 40, g, tb)
     assert greedy.output_ids == want
     done = 0
     for r in sampled + [greedy]:

@@ -263,3 +263,29 @@ def prompt_logprob_reference(model, prompt):
     with torch.no_grad():
         lp = torch.log_softmax(model(torch.tensor([prompt])).logits[0].double(), -1)
     return [float(lp[i, prompt[i + 1]]) for i in range(len(prompt) - 1)]
+
+
+def constrained_greedy_reference(model, prompt, n: int, grammar, token_bytes, eos=None):
+    """Greedy decoding under a grammar (:mod:`cometq.serve.structured` / :mod:`cometq.serve.regex`),
+    token by token through the HF forward: the argmax over the tokens whose bytes the grammar
+    accepts (and ``eos`` where ``grammar.can_end``), until EOS, a complete document or ``n`` tokens.
+    Checked token by token, not through the masker's trie."""
+    from .serve.structured import grammar_feed
+
+    seq, st, out = list(prompt), grammar.start, []
+    can_end = getattr(grammar, "can_end", None)
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(torch.tensor([seq])).logits[0, -1].float()
+            ok = torch.tensor([bool(b) and grammar_feed(grammar, st, b) is not None for b in token_bytes[:logits.numel()]])
+            if eos is not None and can_end is not None:
+                ok[eos] = bool(can_end(st))
+            t = int(logits.masked_fill(~ok, float("-inf")).argmax())
+            if t == eos:
+                break
+            out.append(t)
+            seq.append(t)
+            st = grammar_feed(grammar, st, token_bytes[t])
+            if grammar.done(st):
+                break
+    return out

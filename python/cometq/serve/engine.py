@@ -40,6 +40,7 @@ from typing import Callable, Deque, Dict, List, Optional, Sequence
 import torch
 
 from .kv import KVPool, PoolExhausted
+from .regex import regex_grammar
 from .runner import Chunk, ModelRunner
 from .sampling import (IncrementalDetokenizer, SamplingParams, TokenLogprob, make_generator, process_logits,
                        sample_token, token_logprobs)
@@ -268,8 +269,9 @@ class Engine:
             req = Request(rid, prompt_ids, params, callback)
             req.generator = make_generator(params.seed, "cpu")
             if params.response_format is not None:
-                req.grammar = (JsonObjectGrammar if params.response_format == "json_object"
-                               else choice_grammar(params.choices) if params.response_format == "choice"
+                fmt = params.response_format
+                req.grammar = (JsonObjectGrammar if fmt == "json_object" else choice_grammar(params.choices)
+                               if fmt == "choice" else regex_grammar(params.regex) if fmt == "regex"
                                else schema_grammar(params.json_schema))
                 req.json_state = req.grammar.start
             if self.tokenizer is not None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .sampling import MAX_LOGPROBS, SamplingParams
+from .regex import regex_grammar
 from .structured import schema_grammar
 
 __all__ = ["APIError", "ParsedRequest", "parse_completion", "parse_chat", "MAX_N", "MAX_CHOICES"]
@@ -156,9 +157,10 @@ def _response_format(body: Dict[str, Any]) -> Dict[str, Any]:
     """The constraint on the output, as SamplingParams fields: OpenAI's ``response_format``
     (``{"type": "text"}``, the default; ``{"type": "json_object"}``, JSON mode; ``{"type":
     "json_schema", "json_schema": {"name", "schema", "strict"}}``) or vLLM's extensions
-    ``guided_json`` (a schema), ``guided_choice`` (a list of strings: the output is one of them)
-    and ``structured_outputs`` (``{"json": schema}`` or ``{"choice": [...]}``).  One of them at most."""
-    given = [k for k in ("response_format", "guided_json", "guided_choice", "structured_outputs")
+    ``guided_json`` (a schema), ``guided_choice`` (a list of strings: the output is one of them),
+    ``guided_regex`` (a pattern the whole output matches) and ``structured_outputs`` (``{"json":
+    schema}``, ``{"choice": [...]}`` or ``{"regex": pattern}``).  One of them at most."""
+    given = [k for k in ("response_format", "guided_json", "guided_choice", "guided_regex", "structured_outputs")
              if body.get(k) is not None and not (k == "response_format" and isinstance(body[k], dict)
                                                  and body[k].get("type") == "text")]
     if len(given) > 1:
@@ -175,13 +177,22 @@ def _response_format(body: Dict[str, Any]) -> Dict[str, Any]:
         kind, name = k[len("guided_"):], k
         if k == "structured_outputs":
             if not isinstance(v, dict) or len([x for x in v if v[x] is not None]) != 1:
-                raise _bad("'structured_outputs' must be an object with one of 'json', 'choice'", k, "invalid_type")
+                raise _bad("'structured_outputs' must be an object with one of 'json', 'choice', 'regex'", k,
+                           "invalid_type")
             (kind, v), = [(x, v[x]) for x in v if v[x] is not None]
             name = f"structured_outputs.{kind}"
-            if kind not in ("json", "choice"):
-                raise _bad(f"'{name}' is not supported (json and choice are)", k, "unsupported_value")
+            if kind not in ("json", "choice", "regex"):
+                raise _bad(f"'{name}' is not supported (json, choice and regex are)", k, "unsupported_value")
         if kind == "choice":
             return {"response_format": "choice", "choices": _choices(v, k)}
+        if kind == "regex":
+            if not isinstance(v, str):
+                raise _bad(f"'{name}' must be a pattern string", k, "invalid_type")
+            try:
+                regex_grammar(v)
+            except ValueError as e:
+                raise _bad(str(e), k, "unsupported_value") from None
+            return {"response_format": "regex", "regex": v}
         if not isinstance(v, dict):
             raise _bad(f"'{name}' must be a JSON Schema object", k, "invalid_type")
         return {"response_format": "json_schema", "json_schema": _schema_text(v, k)}

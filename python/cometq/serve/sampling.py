@@ -51,7 +51,8 @@ class SamplingParams:
       ``"json_schema"`` with ``json_schema`` (the schema's JSON text): the same for documents of
       that schema (:class:`cometq.serve.structured.JsonSchemaGrammar` lists the keywords);
       ``"choice"`` with ``choices``: the output is exactly one of those strings (vLLM's
-      ``guided_choice``).
+      ``guided_choice``); ``"regex"`` with ``regex``: the output matches the pattern whole
+      (vLLM's ``guided_regex``; :mod:`cometq.serve.regex` lists the syntax).
     """
 
     max_tokens: int = 16
@@ -72,6 +73,7 @@ class SamplingParams:
     response_format: Optional[str] = None  # "json_object" / "json_schema" (cometq.serve.structured)
     json_schema: Optional[str] = None  # response_format "json_schema": the schema as JSON text
     choices: Tuple[str, ...] = ()  # response_format "choice": the strings the output may be
+    regex: Optional[str] = None  # response_format "regex": the pattern the whole output matches
 
     def __post_init__(self):
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
@@ -112,9 +114,15 @@ class SamplingParams:
             raise ValueError(f"logit_bias names a token twice: {lb!r}")
         if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
             raise ValueError(f"min_tokens must be an int in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}")
-        if self.response_format not in (None, "json_object", "json_schema", "choice"):
-            raise ValueError("response_format must be None, 'json_object', 'json_schema' or 'choice', got "
+        if self.response_format not in (None, "json_object", "json_schema", "choice", "regex"):
+            raise ValueError("response_format must be None, 'json_object', 'json_schema', 'choice' or 'regex', got "
                              f"{self.response_format!r}")
+        if (self.response_format == "regex") != (self.regex is not None):
+            raise ValueError(f"regex goes with response_format='regex' and only with it, got {self.regex!r}")
+        if self.regex is not None:
+            from .regex import regex_grammar
+
+            regex_grammar(self.regex)  # (compiles it: unsupported syntax fails here, naming it)
         if (self.response_format == "choice") != bool(self.choices):
             raise ValueError(f"choices go with response_format='choice' and only with it, got {self.choices!r}")
         if self.choices and (not isinstance(self.choices, tuple) or len(self.choices) > 256 or not all(
