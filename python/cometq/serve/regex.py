@@ -17,6 +17,8 @@ from typing import List, Optional, Tuple
 __all__ = ["RegexGrammar", "regex_grammar", "MAX_NFA_STATES"]
 
 MAX_NFA_STATES = 20000  # (bounded {n,m} expansion)
+_MEMO_SIZE = 1 << 18  # memoized transitions kept per pattern
+_MISSING = object()
 
 _DIGIT = frozenset(range(0x30, 0x3A))
 _WORD = frozenset(list(range(0x30, 0x3A)) + list(range(0x41, 0x5B)) + list(range(0x61, 0x7B)) + [0x5F])
@@ -244,6 +246,7 @@ class RegexGrammar:
         self.accept = end
         self.start = self._closure({start})
         self._fanout = [bool(e) for e in self.edges]
+        self._memo: dict = {}
 
     def _new(self) -> int:
         if len(self.edges) >= MAX_NFA_STATES:
@@ -321,8 +324,18 @@ class RegexGrammar:
         return frozenset(out)
 
     def step(self, st, c: int):
+        # memoized (state, byte) -> state: the DFA built lazily; a masker's trie walk meets the same
+        # pair at many nodes (on SmolLM2's vocabulary a permissive state's mask: ~0.4 s -> ~0.1 s)
+        key = (st, c)
+        hit = self._memo.get(key, _MISSING)
+        if hit is not _MISSING:
+            return hit
         nxt = {t for s in st for lo, hi, t in self.edges[s] if lo <= c <= hi}
-        return self._closure(nxt) if nxt else None
+        out = self._closure(nxt) if nxt else None
+        if len(self._memo) >= _MEMO_SIZE:
+            self._memo.clear()
+        self._memo[key] = out
+        return out
 
     def can_end(self, st) -> bool:
         return st is not None and self.accept in st

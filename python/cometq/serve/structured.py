@@ -60,6 +60,7 @@ _HEX = frozenset(b"0123456789abcdefABCDEF")
 _ESCAPES = frozenset(b'"\\/bfnrt')
 _LITERALS = {ord("t"): b"rue", ord("f"): b"alse", ord("n"): b"ull"}
 _NO_UTF8 = (0, 0x80, 0xBF)
+_MISSING = object()
 _LEAVES_STRING = frozenset(b'"\\')  # (the bytes that end a string or start an escape)
 
 
@@ -412,6 +413,7 @@ class JsonSchemaGrammar:
         if self.nodes[self.root][0] not in ("object", "array"):
             raise ValueError("json_schema: the root must be an object or array schema ({'type': 'object', ...})")
         self.start = frozenset({(("V", self.root, 0),)})
+        self._memo: dict = {}
 
     # -- compilation ------------------------------------------------------------------------------
     def _new(self, node) -> int:
@@ -498,11 +500,19 @@ class JsonSchemaGrammar:
                    for cfg in st)
 
     def step(self, st, c: int):
+        key = (st, c)  # (memoized: a masker's trie walk meets the same pair at many nodes)
+        hit = self._memo.get(key, _MISSING)
+        if hit is not _MISSING:
+            return hit
         out = set()
         for cfg in st:
             if cfg:
                 out.update(self._step(cfg, c))
-        return frozenset(out) if out else None
+        res = frozenset(out) if out else None
+        if len(self._memo) >= 1 << 18:
+            self._memo.clear()
+        self._memo[key] = res
+        return res
 
     def _complete(self, below: tuple) -> tuple:
         """The configuration after the value on top of ``below`` ended."""
