@@ -6,8 +6,10 @@ import random
 import pytest
 import torch
 
-from cometq.serve.structured import (JSON_START, MAX_DEPTH, MAX_WS, JsonMasker, JsonObjectGrammar, json_done,
-                                     json_feed, json_step, token_bytes_table)
+from cometq.serve.structured import (JSON_OBJECT, JSON_START, MAX_DEPTH, MAX_WS, JsonMasker, JsonObjectGrammar,
+                                     json_done, json_feed, json_step, token_bytes_table)
+
+WIDE = 64  # (a whitespace allowance that takes json.dumps(indent=...) documents)
 from cometq.serve.tiny import byte_tokenizer
 
 
@@ -15,7 +17,7 @@ def _reject_constant(name):
     raise ValueError(f"not JSON: {name}")
 
 
-def _strict_object(data: bytes) -> bool:
+def _strict_object(data: bytes, max_ws: int = MAX_WS) -> bool:
     """RFC 8259 strict: UTF-8, no NaN / Infinity, an object, no whitespace after it; our limits."""
     try:
         obj = json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
@@ -38,7 +40,7 @@ def _strict_object(data: bytes) -> bool:
             depth -= 1
         elif c == 0x22:
             in_str = True
-    return deepest <= MAX_DEPTH and longest <= MAX_WS
+    return deepest <= MAX_DEPTH and longest <= max_ws
 
 
 def _rand_value(rng: random.Random, depth: int):
@@ -70,11 +72,13 @@ def test_recognizer_accepts_every_prefix_of_valid_objects():
         doc = (b" " * rng.randrange(3)) + _rand_doc(rng)
         st = JSON_START
         for i, c in enumerate(doc):
-            st = json_step(st, c)
+            st = json_step(st, c, WIDE)
             assert st is not None, (doc, i)
             assert json_done(st) == (i == len(doc) - 1), (doc, i)
         for c in b" ,}x0":  # nothing follows the object
-            assert json_step(st, c) is None
+            assert json_step(st, c, WIDE) is None
+        # the default allowance: one whitespace byte between tokens
+        assert json_done(json_feed(JSON_START, doc)) == _strict_object(doc)
 
 
 @pytest.mark.parametrize("doc", [
@@ -108,13 +112,14 @@ def test_recognizer_agrees_with_json_on_mutations():
             elif i < len(doc):
                 doc[i] = rng.choice(pool)
         doc = bytes(doc)
-        st = json_feed(JSON_START, doc)
-        assert json_done(st) == _strict_object(doc), doc
+        st = json_feed(JSON_START, doc, WIDE)
+        assert json_done(st) == _strict_object(doc, WIDE), doc
         agree += json_done(st)
+        assert json_done(json_feed(JSON_START, doc)) == _strict_object(doc)  # (the default allowance)
         if st is None:  # the first rejected byte: no valid object starts with the bytes up to it
-            j = next(k for k in range(len(doc) + 1) if json_feed(JSON_START, doc[:k]) is None)
+            j = next(k for k in range(len(doc) + 1) if json_feed(JSON_START, doc[:k], WIDE) is None)
             for tail in (b"", b"}", b'"}', b"]}", b'"]}', b"0}", b"e1}"):
-                assert not _strict_object(doc[:j] + tail)
+                assert not _strict_object(doc[:j] + tail, WIDE)
     assert agree > 50  # (some edits keep the object valid: both sides were exercised)
 
 
@@ -133,22 +138,23 @@ def test_masker_equals_per_token_check():
     rng = random.Random(2)
     vocab = _vocab(rng)
     m = JsonMasker(vocab)
-    states = [JSON_START]
-    for _ in range(40):
-        doc = _rand_doc(rng)
+    states = [(JSON_START, JSON_OBJECT)]
+    for k in range(40):
+        g = JSON_OBJECT if k % 2 else JsonObjectGrammar(WIDE)  # (both allowances: indented documents too)
+        doc = _rand_doc(rng) if k % 2 == 0 else json.dumps(json.loads(_rand_doc(rng)), ensure_ascii=False).encode()
         st = JSON_START
         for c in doc:
-            st = json_step(st, c)
+            st = g.step(st, c)
             if rng.random() < 0.15:
-                states.append(st)
-    assert any(s[0] == 7 for s in states) and any(s[0] != 7 for s in states)  # (string and structural states)
-    for st in states:
-        want = torch.tensor([bool(b) and json_feed(st, b) is not None for b in vocab])
-        assert torch.equal(m.allowed(st), want), st
+                states.append((st, g))
+    assert any(s[0] == 7 for s, _ in states) and any(s[0] != 7 for s, _ in states)  # (string and structural)
+    for st, g in states:
+        want = torch.tensor([bool(b) and json_feed(st, b, g.max_ws) is not None for b in vocab])
+        assert torch.equal(m.allowed(st, g), want), st
     # apply(): disallowed (and LM-head padding columns) at -inf, the rest untouched
     x = torch.randn(len(vocab) + 3)
-    y = m.apply(x.clone(), states[1])
-    ok = torch.cat([m.allowed(states[1]), torch.zeros(3, dtype=torch.bool)])
+    y = m.apply(x.clone(), *states[1])
+    ok = torch.cat([m.allowed(*states[1]), torch.zeros(3, dtype=torch.bool)])
     assert torch.equal(y[ok], x[ok]) and bool(torch.isinf(y[~ok]).all())
 
 
@@ -187,7 +193,7 @@ def test_engine_json_mode_greedy_matches_reference(tiny):
     while e.has_work():
         e.step()
     for p, r in zip(prompts, reqs):
-        assert r.output_ids == constrained_greedy_reference(model, p, 24, JsonObjectGrammar, tb)
+        assert r.output_ids == constrained_greedy_reference(model, p, 24, JSON_OBJECT, tb)
         assert json_feed(JSON_START, b"".join(tb[t] for t in r.output_ids)) is not None
     assert plain.output_ids != reqs[0].output_ids  # (the constraint changed this continuation)
 
@@ -533,7 +539,7 @@ def test_hf_generate_logits_processor(tiny):
         for row in out[:, enc["input_ids"].shape[1]:].tolist():
             assert tok.eos_token_id in row, row
             v = json.loads(bytes(row[:row.index(tok.eos_token_id)]))
-            assert isinstance(v, dict) and (proc.grammar is not JsonObjectGrammar) <= (isinstance(v.get("n"), int))
+            assert isinstance(v, dict) and (proc.grammar is not JSON_OBJECT) <= (isinstance(v.get("n"), int))
     with pytest.raises(ValueError, match="EOS"):
         JsonLogitsProcessor(type("T", (), {"eos_token_id": None})())
 

@@ -44,7 +44,7 @@ from .regex import regex_grammar
 from .runner import Chunk, ModelRunner
 from .sampling import (IncrementalDetokenizer, SamplingParams, TokenLogprob, make_generator, process_logits,
                        sample_token, token_logprobs)
-from .structured import (JsonMasker, JsonObjectGrammar, choice_grammar, grammar_feed, schema_grammar,
+from .structured import (JSON_OBJECT, JsonMasker, choice_grammar, grammar_feed, schema_grammar,
                          token_bytes_table)
 
 __all__ = ["EngineConfig", "RequestOutput", "Request", "Engine", "EngineLoop", "RequestRejected"]
@@ -270,7 +270,7 @@ class Engine:
             req.generator = make_generator(params.seed, "cpu")
             if params.response_format is not None:
                 fmt = params.response_format
-                req.grammar = (JsonObjectGrammar if fmt == "json_object" else choice_grammar(params.choices)
+                req.grammar = (JSON_OBJECT if fmt == "json_object" else choice_grammar(params.choices)
                                if fmt == "choice" else regex_grammar(params.regex) if fmt == "regex"
                                else schema_grammar(params.json_schema))
                 req.json_state = req.grammar.start
