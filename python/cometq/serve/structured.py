@@ -27,6 +27,7 @@ import functools
 import json
 import re
 import threading
+import weakref
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -683,15 +684,19 @@ def choice_grammar(choices: Tuple[str, ...]) -> ChoiceGrammar:
 
 
 # ---- transformers generate ----------------------------------------------------------------------
-_MASKERS: Dict[tuple, JsonMasker] = {}
+_MASKERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # tokenizer -> {(len, vocab): masker}
 
 
 def masker_for(tokenizer, vocab_size: int) -> JsonMasker:
-    """One :class:`JsonMasker` per (tokenizer, vocabulary size) in this process."""
-    key = (id(tokenizer), len(tokenizer), vocab_size)
-    m = _MASKERS.get(key)
+    """One :class:`JsonMasker` per (tokenizer, vocabulary size), kept while the tokenizer lives."""
+    key = (len(tokenizer), vocab_size)
+    try:
+        per = _MASKERS.setdefault(tokenizer, {})
+    except TypeError:  # (a tokenizer that takes no weak references: no caching)
+        per = {}
+    m = per.get(key)
     if m is None:
-        m = _MASKERS[key] = JsonMasker(token_bytes_table(tokenizer, vocab_size))
+        m = per[key] = JsonMasker(token_bytes_table(tokenizer, vocab_size))
     return m
 
 
