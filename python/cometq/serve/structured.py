@@ -1,6 +1,7 @@
-"""Structured output: OpenAI's JSON mode (``response_format: {"type": "json_object"}``).
+"""Structured output: OpenAI's JSON mode (``response_format: {"type": "json_object"}``), a JSON
+Schema subset (``json_schema``, tool calls), vLLM's guided choice (regexes: :mod:`.regex`).
 
-Generation is constrained token by token so the output is always a prefix of one JSON object
+In JSON mode generation is constrained token by token so the output is always a prefix of one JSON object
 (RFC 8259 syntax, strict: no NaN / Infinity, no control characters in strings, well-formed UTF-8
 -- no overlong forms, no UTF-16 surrogates as raw bytes), and the request finishes ("stop") the
 moment the object closes.  Before each sampling step every token that cannot continue the
@@ -8,14 +9,18 @@ output is masked to -inf, so greedy decoding is the argmax of the allowed tokens
 (temperature, top-k, top-p) draws from the model's distribution restricted to them, as vLLM's
 guided decoding does.
 
-Two pieces:
+The pieces:
 
 * :func:`json_step` -- the byte-level recognizer: a pure function ``(state, byte) -> state``
   (``None``: the byte cannot follow).  States are small tuples, so a search can branch on them
   without copying anything.
-* :class:`JsonMasker` -- the allowed-token mask for a state over a whole vocabulary: token byte
-  strings in a trie walked depth-first from the state (a branch stops at its first rejected
+* grammars -- ``start``, ``step(state, byte)``, ``done(state)`` (and optionally ``can_end``:
+  EOS may end the output here), ``in_plain_string(state)``: :class:`JsonObjectGrammar`,
+  :class:`JsonSchemaGrammar`, :class:`ChoiceGrammar`, :class:`.regex.RegexGrammar`.
+* :class:`JsonMasker` -- the allowed-token mask for a grammar state over a whole vocabulary: token
+  byte strings in a trie walked depth-first from the state (a branch stops at its first rejected
   byte), with a precomputed fast path inside strings, where almost every token is allowed.
+* :class:`JsonLogitsProcessor` -- the same masks for transformers ``generate``.
 
 Two limits keep degenerate outputs finite: at most ``MAX_WS`` whitespace bytes in a row between
 tokens (1 by default: see its comment) and ``MAX_DEPTH`` nested containers.
