@@ -68,7 +68,7 @@ def test_regex_done_and_can_end():
     ("(?i)a", "lookaround, flags"), (r"\1", r"'\\1' is not supported"), (r"\b", r"'\\b' is not supported"),
     ("a++", "possessive"), ("a{3,2}", "maximum is below"), ("a{2000}", "above 1000"), ("[a", "missing '\\]'"),
     ("[^\u00e9]", "negated class may only list ASCII"), ("a^", "only supported at the start"), ("", "non-empty"),
-    ("(a{1000}){1000}", "NFA states"),
+    ("(a{1000}){1000}", "NFA states"), ("[\x00-\U0010ffff]", "more than 4096"),
 ])
 def test_regex_errors(pat, match):
     with pytest.raises(ValueError, match=match):

@@ -184,6 +184,8 @@ class _Parser:
                 hi = self.class_char()
                 if isinstance(hi, tuple) or ord(hi) < ord(lo):
                     self.error(f"bad range {lo!r}-{hi!r}")
+                if ord(hi) - max(ord(lo), 0x80) + 1 + len(other) > 4096:  # (checked before expanding it)
+                    self.error("a class with more than 4096 non-ASCII characters is not supported")
                 chars = [chr(c) for c in range(ord(lo), ord(hi) + 1)]
             else:
                 chars = [lo]
