@@ -44,8 +44,7 @@ from .regex import regex_grammar
 from .runner import Chunk, ModelRunner
 from .sampling import (IncrementalDetokenizer, SamplingParams, TokenLogprob, make_generator, process_logits,
                        sample_token, token_logprobs)
-from .structured import (JSON_OBJECT, JsonMasker, choice_grammar, grammar_feed, schema_grammar,
-                         token_bytes_table)
+from .structured import JSON_OBJECT, JsonMasker, choice_grammar, grammar_feed, masker_for, schema_grammar
 
 __all__ = ["EngineConfig", "RequestOutput", "Request", "Engine", "EngineLoop", "RequestRejected"]
 
@@ -219,7 +218,7 @@ class Engine:
     def json_masker(self) -> JsonMasker:
         """The vocabulary's JSON-mode masker (token bytes in a trie; ~1 s for a 49k vocabulary)."""
         if self._json_masker is None:
-            self._json_masker = JsonMasker(token_bytes_table(self.tokenizer, self.runner.vocab_size))
+            self._json_masker = masker_for(self.tokenizer, self.runner.vocab_size)  # (shared per tokenizer)
         return self._json_masker
 
     # -- submission ---------------------------------------------------------------

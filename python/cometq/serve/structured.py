@@ -30,14 +30,13 @@ from __future__ import annotations
 import collections
 import functools
 import json
-import re
 import threading
 import weakref
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .sampling import bytes_to_unicode
+from .sampling import _BYTE_PIECE, bytes_to_unicode
 
 __all__ = ["JSON_START", "JSON_OBJECT", "json_step", "json_feed", "json_done", "JsonMasker", "JsonObjectGrammar",
            "JsonSchemaGrammar", "schema_grammar", "ChoiceGrammar", "choice_grammar", "grammar_feed",
@@ -215,9 +214,6 @@ def json_feed(st: Optional[tuple], data: bytes, max_ws: int = MAX_WS) -> Optiona
 def json_done(st: Optional[tuple]) -> bool:
     """The top-level object is complete."""
     return st is not None and st[0] == _DONE
-
-
-_BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
 
 def token_bytes_table(tokenizer, vocab_size: int) -> List[Optional[bytes]]:
