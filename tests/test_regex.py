@@ -13,7 +13,8 @@ def _rand_pattern(rng: random.Random, depth: int = 0) -> str:
     if k == 0:
         return rng.choice(["a", "b", "\u00e9", "\\.", "1", " ", "\\n", "\u4e2d"])
     if k == 1:
-        return rng.choice([".", "\\d", "\\w", "\\s", "\\D", "[ab]", "[^a]", "[a-c1]", "[\u00e9a]", "[\\d.]"])
+        return rng.choice([".", "\\d", "\\w", "\\s", "\\D", "[ab]", "[^a]", "[a-c1]", "[\u00e9a]", "[\\d.]",
+                           "\\x41", "\\u00e9", "[\\x30-\\x39_]", "[\\u4e00-\\u4e2f]"])
     if k == 2:
         return rng.choice(["ab", "a\u00e9", "{", "x{,}"])
     if k in (3, 4):
@@ -35,7 +36,7 @@ def _complete(g, s: str) -> bool:
 
 def test_regex_agrees_with_re_fullmatch():
     rng = random.Random(0)
-    alphabet = "ab1 .\n\u00e9\u4e2dc{}"
+    alphabet = "ab1 .\n\u00e9\u4e2dc{}A5_\u4e00"
     agree_true = 0
     for _ in range(400):
         pat = _rand_pattern(rng)
@@ -69,6 +70,7 @@ def test_regex_done_and_can_end():
     ("a++", "possessive"), ("a{3,2}", "maximum is below"), ("a{2000}", "above 1000"), ("[a", "missing '\\]'"),
     ("[^\u00e9]", "negated class may only list ASCII"), ("a^", "only supported at the start"), ("", "non-empty"),
     ("(a{1000}){1000}", "NFA states"), ("[\x00-\U0010ffff]", "more than 4096"),
+    (r"\x4", "needs 2 hex digits"), (r"[\u12]", "needs 4 hex digits"), (r"\ud800", "surrogate"),
 ])
 def test_regex_errors(pat, match):
     with pytest.raises(ValueError, match=match):
@@ -106,3 +108,32 @@ def test_engine_regex_greedy_matches_reference_and_samples_match():
     assert sum(r.finish_reason == "stop" for r in sampled) >= 3
     with pytest.raises(ValueError, match="regex goes with"):
         SamplingParams(regex="a")
+
+
+@pytest.mark.parametrize("wide", [0, 1 << 30], ids=["column-walk", "trie-walk"])
+def test_masker_with_regex_equals_per_token_check(wide):
+    import torch
+
+    from _schema_check import per_token_mask
+
+    from cometq.serve.structured import TokenMasker
+
+    rng = random.Random(3)
+    alphabet = "ab1 .\n\u00e9\u4e2dc{}A5_"
+    pieces = {"".join(rng.choice(alphabet) for _ in range(rng.randint(1, 5))).encode() for _ in range(600)}
+    vocab = [None, b""] + sorted(pieces | {bytes([b]) for b in range(256)} | {b"\xc3", b"\xa9", b"\xe4\xb8"})
+    m = TokenMasker(vocab)
+    m.WIDE_STATE = wide
+    checked = 0
+    for _ in range(30):
+        g = RegexGrammar(_rand_pattern(rng))
+        st = g.start
+        for _ in range(6):
+            assert torch.equal(m.allowed(st, g), per_token_mask(g, st, vocab)), (g.pattern, st)
+            checked += 1
+            nxt = [b for b in range(256) if g.step(st, b) is not None]
+            if not nxt:
+                break
+            st = g.step(st, rng.choice(nxt))
+    assert checked > 60
+

@@ -342,7 +342,7 @@ def test_tool_calls(client):
     ({"tools": [{"type": "retrieval"}], "tool_choice": "required"}, "tools[0]"),
     ({"tools": _TOOLS[:1] * 2, "tool_choice": "required"}, "tools[1].function.name"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
-        "d": {"type": "string", "format": "date"}}}}}], "tool_choice": "required"}, "tools"),
+        "d": {"type": "string", "format": "ipv6"}}}}}], "tool_choice": "required"}, "tools"),
     ({"tools": _TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format"),
 ])
 def test_tool_call_errors(stack, body, param):

@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from cometq.serve.structured import (JSON_OBJECT, JSON_START, MAX_DEPTH, MAX_WS, JsonMasker, JsonObjectGrammar,
+from cometq.serve.structured import (JSON_OBJECT, JSON_START, MAX_DEPTH, MAX_WS, JsonObjectGrammar, TokenMasker,
                                      json_done, json_feed, json_step, token_bytes_table)
 
 WIDE = 64  # (a whitespace allowance that takes json.dumps(indent=...) documents)
@@ -134,10 +134,12 @@ def _vocab(rng: random.Random):
     return [None, b""] + sorted(toks)  # (a special token and an empty one: never allowed)
 
 
-def test_masker_equals_per_token_check():
+@pytest.mark.parametrize("wide", [0, 1 << 30], ids=["column-walk", "trie-walk"])
+def test_masker_equals_per_token_check(wide):
     rng = random.Random(2)
     vocab = _vocab(rng)
-    m = JsonMasker(vocab)
+    m = TokenMasker(vocab)
+    m.WIDE_STATE = wide
     states = [(JSON_START, JSON_OBJECT)]
     for k in range(40):
         g = JSON_OBJECT if k % 2 else JsonObjectGrammar(WIDE)  # (both allowances: indented documents too)
@@ -156,6 +158,12 @@ def test_masker_equals_per_token_check():
     y = m.apply(x.clone(), *states[1])
     ok = torch.cat([m.allowed(*states[1]), torch.zeros(3, dtype=torch.bool)])
     assert torch.equal(y[ok], x[ok]) and bool(torch.isinf(y[~ok]).all())
+
+
+def test_masker_old_name():
+    from cometq.serve.structured import JsonMasker
+
+    assert JsonMasker is TokenMasker
 
 
 def test_token_bytes_table():
@@ -227,50 +235,22 @@ def test_engine_json_mode_needs_tokenizer(tiny):
 
 
 # -- JSON Schema ----------------------------------------------------------------------------------
-from cometq.serve.structured import JsonSchemaGrammar, grammar_feed  # noqa: E402
+from cometq.serve.schema import JsonSchemaGrammar  # noqa: E402
+from cometq.serve.structured import grammar_feed  # noqa: E402
 
 
-def _canon(v) -> str:
-    return json.dumps(v, sort_keys=True, separators=(",", ":"))
+from _schema_check import canon as _canon  # noqa: E402
+from _schema_check import per_token_mask, rand_number_schema, rand_string_schema  # noqa: E402
+from _schema_check import validates as _validates  # noqa: E402
 
-
-def _validates(v, s, defs) -> bool:
-    """A plain validator of the supported subset (what the grammar's outputs must satisfy)."""
-    if s is True or s == {}:
-        return True
-    if "$ref" in s:
-        return _validates(v, defs[s["$ref"]], defs)
-    if "anyOf" in s:
-        return any(_validates(v, a, defs) for a in s["anyOf"])
-    if "const" in s:
-        return _canon(v) == _canon(s["const"])
-    if "enum" in s:
-        return any(_canon(v) == _canon(e) for e in s["enum"])
-    t = s.get("type")
-    if t is None:
-        return True
-    if isinstance(t, list):
-        return any(_validates(v, {**s, "type": x}, defs) for x in t)
-    if t == "object":
-        if not isinstance(v, dict) or not set(s.get("required", [])) <= set(v):
-            return False
-        props = s.get("properties", {})
-        if s.get("additionalProperties") is False and not set(v) <= set(props):
-            return False
-        return all(_validates(x, props[k], defs) for k, x in v.items() if k in props)
-    if t == "array":
-        return (isinstance(v, list) and s.get("minItems", 0) <= len(v) <= s.get("maxItems", 1 << 30)
-                and all(_validates(x, s.get("items", True), defs) for x in v))
-    return {"string": lambda: isinstance(v, str), "boolean": lambda: isinstance(v, bool), "null": lambda: v is None,
-            "integer": lambda: isinstance(v, int) and not isinstance(v, bool),
-            "number": lambda: isinstance(v, (int, float)) and not isinstance(v, bool)}[t]()
+_SAMPLERS = {}  # canon(schema) -> a sampler of its instances (constrained strings and numbers)
 
 
 _SCALARS = [0, 1, 10, -2, 1.5, "a", "ab", "\u00e9", True, False, None]
 
 
 def _rand_schema(rng: random.Random, depth: int, refs: list):
-    k = rng.randrange(12 if depth < 3 else 7)
+    k = rng.randrange(16 if depth < 3 else 9)
     if k == 0:
         return {"type": rng.choice(["string", "number", "integer", "boolean", "null"])}
     if k == 1:
@@ -283,19 +263,31 @@ def _rand_schema(rng: random.Random, depth: int, refs: list):
         return {"type": "string", "description": "ignored"}
     if k == 5 and refs:
         return {"$ref": rng.choice(refs)}
-    if k == 6:
-        return {}
-    if k in (7, 8, 9):
+    if k in (7, 8):  # a string with a pattern / format / lengths, a number with bounds
+        s, sample = rand_string_schema(rng) if k == 7 else rand_number_schema(rng)
+        _SAMPLERS[_canon(s)] = sample
+        return s
+    if k in (9, 10, 11):
         props = {f"k{i}" + rng.choice(["", "\u00e9", " x"]): _rand_schema(rng, depth + 1, refs)
                  for i in range(rng.randrange(4))}
         out = {"type": "object", "properties": props, "required": [p for p in props if rng.random() < 0.5]}
         if rng.random() < 0.5:
             out["additionalProperties"] = False
         return out
-    if k == 10:
+    if k == 12:
         mn = rng.randrange(2)
         return {"type": "array", "items": _rand_schema(rng, depth + 1, refs), "minItems": mn,
                 **({"maxItems": mn + rng.randrange(3)} if rng.random() < 0.5 else {})}
+    if k == 13:  # a tuple
+        pre = [_rand_schema(rng, depth + 1, refs) for _ in range(rng.randrange(1, 3))]
+        return {"type": "array", "prefixItems": pre, "minItems": rng.randrange(len(pre) + 1),
+                "items": False if rng.random() < 0.5 else _rand_schema(rng, depth + 1, refs)}
+    if k == 14:  # objects told apart by a discriminator
+        return {"oneOf": [{"type": "object", "properties": {"kind": {"const": tag}, "v": _rand_schema(rng, depth + 1, refs)},
+                           "required": ["kind"] + (["v"] if rng.random() < 0.5 else [])} for tag in ("a", "b")],
+                "discriminator": {"propertyName": "kind"}}
+    if k == 6:
+        return {}
     return {"anyOf": [_rand_schema(rng, depth + 1, refs) for _ in range(rng.randrange(2, 4))]}
 
 
@@ -318,8 +310,10 @@ def _instance(rng: random.Random, s, defs, depth=0):
         return rng.choice(_SCALARS + [[1, {"q": "r"}], {"z": [None]}])
     if "$ref" in s:
         return _instance(rng, defs[s["$ref"]], defs, depth + 1) if depth < 6 else None
-    if "anyOf" in s:
-        alts = s["anyOf"][:]
+    if _canon(s) in _SAMPLERS:
+        return _SAMPLERS[_canon(s)](rng)
+    if "anyOf" in s or "oneOf" in s:
+        alts = (s.get("anyOf") or s["oneOf"])[:]
         rng.shuffle(alts)
         for a in alts:
             v = _instance(rng, a, defs, depth + 1)
@@ -347,9 +341,12 @@ def _instance(rng: random.Random, s, defs, depth=0):
                 out[k] = v
         return out
     if t == "array":
-        n = rng.randint(s.get("minItems", 0), s.get("maxItems", s.get("minItems", 0) + 2))
-        items = [_instance(rng, s.get("items", True), defs, depth + 1) for _ in range(n)]
-        return items if all(x is not None or _validates(None, s.get("items", True), defs) for x in items) else None
+        pre = s.get("prefixItems", [])
+        hi = len(pre) if s.get("items", True) is False else s.get("maxItems", max(s.get("minItems", 0), len(pre)) + 2)
+        n = rng.randint(s.get("minItems", 0), hi)
+        subs = [pre[i] if i < len(pre) else s.get("items", True) for i in range(n)]
+        items = [_instance(rng, sub, defs, depth + 1) for sub in subs]
+        return items if all(x is not None or _validates(None, sub, defs) for x, sub in zip(items, subs)) else None
     return {"string": lambda: rng.choice(["", "a b", "q\"\\\n\u4e2d"]), "boolean": lambda: rng.random() < 0.5,
             "null": lambda: None, "integer": lambda: rng.randint(-10**6, 10**6),
             "number": lambda: rng.choice([rng.randint(-99, 99), rng.uniform(-1e3, 1e3), 2.5e-8])}[t]()
@@ -431,8 +428,38 @@ def test_schema_grammar_order_and_limits():
 @pytest.mark.parametrize("schema,match", [
     ({"type": "string"}, "root must be an object or array"),
     ({"anyOf": [{"type": "object"}, {"type": "array"}]}, "root must be an object or array"),
-    ({"type": "object", "properties": {"a": {"type": "string", "pattern": "^x"}}}, r"\.a: unsupported keyword\(s\) \['pattern'\]"),
-    ({"type": "object", "oneOf": []}, r"unsupported keyword\(s\) \['oneOf'\]"),
+    ({"type": "object", "properties": {"a": {"type": "array", "uniqueItems": True}}},
+     r"\.a: unsupported keyword\(s\) \['uniqueItems'\]"),
+    ({"oneOf": []}, "oneOf must be a non-empty list"),
+    ({"type": "object", "oneOf": [{"type": "object"}]}, r"\['type'\] beside 'oneOf' is not supported"),
+    ({"type": "object", "properties": {"a": {"oneOf": [{"type": "integer"}, {"type": "number", "maximum": 3}]}}},
+     r"a.oneOf\[0\] and \[1\] may both match"),
+    ({"type": "object", "properties": {"a": {"oneOf": [{"type": "object", "properties": {"k": {"const": 1}}},
+                                                       {"type": "object", "properties": {"k": {"const": 2}}}]}}},
+     "may both match"),  # (k is not required: {} matches both)
+    ({"type": "object", "properties": {"a": {"allOf": [{"type": "string"}, {"maxLength": 2}]}}}, "only one schema"),
+    ({"type": "object", "properties": {"a": {"$ref": "#/$defs/A", "type": "string"}}, "$defs": {"A": {}}},
+     r"\['type'\] beside '\$ref'"),
+    ({"type": "object", "properties": {"a": {"type": "string", "pattern": "a{3}", "maxLength": 2}}},
+     r"\.a: no string satisfies its pattern"),
+    ({"type": "object", "properties": {"a": {"type": "string", "pattern": "(?=x)y"}}}, r"\.a\.pattern: guided_regex: .*lookaround"),
+    ({"type": "object", "properties": {"a": {"type": "string", "pattern": "a\\x01"}}}, "no string satisfies"),
+    ({"type": "object", "properties": {"a": {"type": "string", "pattern": "\\x0"}}}, "needs 2 hex digits"),
+    ({"type": "object", "properties": {"a": {"type": "string", "pattern": "[\\x00-\\x07]"}}}, "no string satisfies"),
+    ({"type": "object", "properties": {"a": {"type": "string", "format": "ipv6"}}}, r"format 'ipv6' is not supported"),
+    ({"type": "object", "properties": {"a": {"type": "string", "format": "date", "pattern": "x"}}}, "together"),
+    ({"type": "object", "properties": {"a": {"type": "string", "minLength": 3, "maxLength": 2}}}, "minLength"),
+    ({"type": "object", "properties": {"a": {"type": "integer", "minimum": 0.5, "exclusiveMaximum": 1}}},
+     "no integer is within its bounds"),
+    ({"type": "object", "properties": {"a": {"type": "number", "minimum": 2, "maximum": 1}}}, "no number"),
+    ({"type": "object", "properties": {"a": {"type": "number", "minimum": "1"}}}, r"a.minimum must be a finite number"),
+    ({"type": "object", "properties": {"a": {"type": "number", "exclusiveMinimum": True}}}, "needs 'minimum'"),
+    ({"type": "object", "properties": {"a": {"minimum": 3}}}, r"'minimum' needs \"type\": \"number\""),
+    ({"type": "object", "properties": {"a": {"type": "string", "items": {}}}}, r"'items' needs \"type\": \"array\""),
+    ({"type": "object", "properties": {"a": {"required": ["b"]}}}, r"'required' needs \"type\": \"object\""),
+    ({"type": "object", "properties": {"a": {"type": "string", "enum": [1, 2]}}}, "no enum / const value satisfies"),
+    ({"type": "object", "properties": {"a": {"enum": ["a"], "format": "date", "type": "string"}}}, "'format' beside enum"),
+    ({"type": "array", "prefixItems": [{}], "items": False, "minItems": 2}, "at most 1 items"),
     ({"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}, "not under"),
     ({"type": "object", "properties": {}, "required": ["a"]}, r"required \['a'\] not in properties"),
     ({"type": "object", "properties": {"a": {"type": "text"}}}, "must be one of"),
@@ -447,10 +474,12 @@ def test_schema_grammar_errors(schema, match):
         JsonSchemaGrammar(schema)
 
 
-def test_masker_with_schema_grammar_equals_per_token_check():
+@pytest.mark.parametrize("wide", [0, 1 << 30], ids=["column-walk", "trie-walk"])
+def test_masker_with_schema_grammar_equals_per_token_check(wide):
     rng = random.Random(4)
     vocab = _vocab(rng)
-    m = JsonMasker(vocab)
+    m = TokenMasker(vocab)
+    m.WIDE_STATE = wide
     checked = 0
     for root, defs, docs in _schema_cases(5, 8):
         g = JsonSchemaGrammar(root)
@@ -462,25 +491,39 @@ def test_masker_with_schema_grammar_equals_per_token_check():
                 if rng.random() < 0.2:
                     states.append(st)
         for st in states:
-            want = torch.tensor([bool(b) and grammar_feed(g, st, b) is not None for b in vocab])
-            assert torch.equal(m.allowed(st, g), want), (root, st)
+            assert torch.equal(m.allowed(st, g), per_token_mask(g, st, vocab)), (root, st)
             checked += 1
     assert checked > 30
 
 
-def test_engine_json_schema_greedy_matches_reference_and_samples_validate(tiny):
+_ENGINE_SCHEMAS = [
+    {"type": "object", "properties": {"id": {"type": "integer"}, "tag": {"enum": ["a", "bc", None]},
+                                      "xs": {"type": "array", "items": {"type": "number"}, "maxItems": 2}},
+     "required": ["id", "tag"], "additionalProperties": False},
+    # pattern, format, lengths, bounds, a tuple (the byte tokenizer: the length fast path meets 1-char tokens)
+    {"type": "object", "properties": {"code": {"type": "string", "pattern": "^[A-Z]{2}-\\d{1,3}$"},
+                                      "day": {"type": "string", "format": "date"},
+                                      "n": {"type": "integer", "minimum": -3, "exclusiveMaximum": 250},
+                                      "x": {"type": "number", "minimum": 0.5, "maximum": 2},
+                                      "name": {"type": "string", "minLength": 1, "maxLength": 4},
+                                      "pair": {"type": "array", "prefixItems": [{"type": "boolean"}, {"type": "null"}],
+                                               "items": False, "minItems": 2}},
+     "required": ["code", "day", "n", "x", "name", "pair"], "additionalProperties": False},
+]
+
+
+@pytest.mark.parametrize("schema", _ENGINE_SCHEMAS, ids=["plain", "constrained"])
+def test_engine_json_schema_greedy_matches_reference_and_samples_validate(tiny, schema):
     model, tok = tiny
-    schema = {"type": "object", "properties": {"id": {"type": "integer"}, "tag": {"enum": ["a", "bc", None]},
-                                               "xs": {"type": "array", "items": {"type": "number"}, "maxItems": 2}},
-              "required": ["id", "tag"], "additionalProperties": False}
     text = json.dumps(schema)
     g = JsonSchemaGrammar(schema)
     tb = token_bytes_table(tok, 260)
     e = _engine(model, tok, max_num_seqs=16)
     greedy = e.add_request(list(b"record: "), SamplingParams(max_tokens=40, temperature=0, response_format="json_schema",
                                                              json_schema=text))
-    sampled = [e.add_request(list(b"record: "), SamplingParams(max_tokens=120, temperature=1.0, top_p=0.9, seed=i,
-                                                               logit_bias=((ord("]"), 4.0),), response_format="json_schema",
+    sampled = [e.add_request(list(b"record: "), SamplingParams(max_tokens=160, temperature=1.0, top_p=0.9, seed=i,
+                                                               logit_bias=((ord("]"), 4.0), (ord('"'), 2.0)),
+                                                               response_format="json_schema",
                                                                json_schema=text)) for i in range(6)]
     while e.has_work():
         e.step()
@@ -496,7 +539,7 @@ def test_engine_json_schema_greedy_matches_reference_and_samples_validate(tiny):
             assert grammar_feed(g, g.start, bytes(r.output_ids)) is not None
     assert done >= 3
     with pytest.raises(ValueError, match="unsupported keyword"):
-        SamplingParams(response_format="json_schema", json_schema='{"type": "object", "format": "x"}')
+        SamplingParams(response_format="json_schema", json_schema='{"type": "object", "uniqueItems": true}')
     with pytest.raises(ValueError, match="goes with response_format"):
         SamplingParams(json_schema='{"type": "object"}')
 

@@ -44,7 +44,8 @@ from .regex import regex_grammar
 from .runner import Chunk, ModelRunner
 from .sampling import (IncrementalDetokenizer, SamplingParams, TokenLogprob, make_generator, process_logits,
                        sample_token, token_logprobs)
-from .structured import JSON_OBJECT, JsonMasker, choice_grammar, grammar_feed, masker_for, schema_grammar
+from .schema import schema_grammar
+from .structured import JSON_OBJECT, TokenMasker, choice_grammar, grammar_feed, masker_for
 
 __all__ = ["EngineConfig", "RequestOutput", "Request", "Engine", "EngineLoop", "RequestRejected"]
 
@@ -213,9 +214,9 @@ class Engine:
         self._async = config.async_scheduling
         self.async_steps = 0
         self.async_dropped = 0  # rows computed ahead for requests that had stopped meanwhile
-        self._json_masker: Optional[JsonMasker] = None  # built on the first JSON-mode request
+        self._json_masker: Optional[TokenMasker] = None  # built on the first JSON-mode request
 
-    def json_masker(self) -> JsonMasker:
+    def json_masker(self) -> TokenMasker:
         """The vocabulary's JSON-mode masker (token bytes in a trie; ~1 s for a 49k vocabulary)."""
         if self._json_masker is None:
             self._json_masker = masker_for(self.tokenizer, self.runner.vocab_size)  # (shared per tokenizer)

@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .sampling import MAX_LOGPROBS, SamplingParams
 from .regex import regex_grammar
-from .structured import schema_grammar
+from .schema import schema_grammar
 
 __all__ = ["APIError", "ParsedRequest", "parse_completion", "parse_chat", "MAX_N", "MAX_CHOICES"]
 

@@ -3,6 +3,7 @@
 The output must match the whole pattern (``re.fullmatch``).  Supported: literals (any Unicode,
 matched as UTF-8), ``.`` (any character but a newline), classes ``[...]`` / ``[^...]`` with
 ranges and ``\\d \\w \\s \\D \\W \\S`` (ASCII meanings; a negated class may only list ASCII),
+``\\xhh`` / ``\\uhhhh`` characters,
 groups ``(...)`` / ``(?:...)`` / ``(?P<name>...)``, ``|``, quantifiers ``* + ? {n} {n,} {n,m}``
 (lazy forms accepted: the language is the same), escapes of metacharacters and ``\\n \\t \\r``,
 ``^`` at the start and ``$`` at the end (no-ops for a whole-output match).  Anything else
@@ -12,9 +13,10 @@ it.  Thompson construction: a state is the frozenset of NFA states reachable (ep
 from __future__ import annotations
 
 import functools
-from typing import List, Optional, Tuple
+from dataclasses import dataclass
+from typing import FrozenSet, List, Optional, Tuple
 
-__all__ = ["RegexGrammar", "regex_grammar", "MAX_NFA_STATES"]
+__all__ = ["RegexGrammar", "regex_grammar", "MAX_NFA_STATES", "CharClass", "class_repeat"]
 
 MAX_NFA_STATES = 20000  # (bounded {n,m} expansion)
 _MEMO_SIZE = 1 << 18  # memoized transitions kept per pattern
@@ -153,9 +155,23 @@ class _Parser:
             return ("chars", s, neg, ())
         if ch in _CHAR_ESC:
             return ("str", _CHAR_ESC[ch].encode())
+        if ch in "xu":
+            return ("str", self.hex_char(ch).encode("utf-8"))
         if ch in _META or not ch.isalnum():
             return ("str", ch.encode("utf-8"))
         self.error(f"'\\{ch}' is not supported")
+
+    def hex_char(self, kind: str) -> str:
+        """The character of ``\\xhh`` / ``\\uhhhh`` (the escape letter already taken)."""
+        n = 2 if kind == "x" else 4
+        digits = self.p[self.i:self.i + n]
+        if len(digits) != n or any(c not in "0123456789abcdefABCDEF" for c in digits):
+            self.error(f"'\\{kind}' needs {n} hex digits")
+        self.i += n
+        cp = int(digits, 16)
+        if 0xD800 <= cp <= 0xDFFF:
+            self.error(f"'\\u{digits}' is a UTF-16 surrogate (not a character)")
+        return chr(cp)
 
     def char_class(self):
         self.take()
@@ -212,6 +228,8 @@ class _Parser:
                 return _CLASS_ESC[e]
             if e in _CHAR_ESC:
                 return _CHAR_ESC[e]
+            if e in "xu":
+                return self.hex_char(e)
             if e.isalnum():
                 self.error(f"'\\{e}' is not supported")
             return e
@@ -348,6 +366,41 @@ class RegexGrammar:
     @staticmethod
     def in_plain_string(st) -> bool:
         return False
+
+
+@dataclass(frozen=True)
+class CharClass:
+    """One character class of a pattern (``[...]``, ``.``, ``\\w``, ...): ASCII members (all the
+    ASCII ones but these when ``neg``), and non-ASCII characters (every one when ``neg``)."""
+
+    ascii: FrozenSet[int]
+    neg: bool
+    other: FrozenSet[str]
+
+    def contains(self, ch: str) -> bool:
+        if ord(ch) < 0x80:
+            return (ord(ch) in self.ascii) != self.neg
+        return self.neg or ch in self.other
+
+
+def class_repeat(pattern: str) -> Optional[Tuple[CharClass, int, Optional[int]]]:
+    """(class, min, max) when the whole pattern is one character class repeated (``\\w+``,
+    ``.{0,60}``, ``[^\\n]*``, ``\\d``): any string of ``min`` to ``max`` characters of the class
+    matches it, so a masker can allow tokens by their characters alone.  None otherwise."""
+    node = _Parser(pattern).parse()
+    lo, hi = 1, 1
+    if node[0] == "rep":
+        node, lo, hi = node[1], node[2], node[3]
+    if node[0] == "str":
+        ch = node[1].decode("utf-8")
+        if len(ch) != 1:
+            return None
+        node = ("chars", frozenset({ord(ch)}) if ord(ch) < 0x80 else frozenset(), False,
+                (ch,) if ord(ch) >= 0x80 else ())
+    if node[0] != "chars":
+        return None
+    _, ascii_set, neg, other = node
+    return CharClass(frozenset(ascii_set), neg, frozenset(other)), lo, hi
 
 
 def _ranges(members: List[int]) -> List[Tuple[int, int]]:

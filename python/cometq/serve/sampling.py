@@ -49,7 +49,7 @@ class SamplingParams:
       that cannot continue a JSON object is masked (:mod:`cometq.serve.structured`), so the output
       is always a prefix of one object, and the request ends ("stop") when the object closes;
       ``"json_schema"`` with ``json_schema`` (the schema's JSON text): the same for documents of
-      that schema (:class:`cometq.serve.structured.JsonSchemaGrammar` lists the keywords);
+      that schema (:class:`cometq.serve.schema.JsonSchemaGrammar` lists the keywords);
       ``"choice"`` with ``choices``: the output is exactly one of those strings (vLLM's
       ``guided_choice``); ``"regex"`` with ``regex``: the output matches the pattern whole
       (vLLM's ``guided_regex``; :mod:`cometq.serve.regex` lists the syntax).
@@ -134,7 +134,7 @@ class SamplingParams:
         if self.json_schema is not None:
             if not isinstance(self.json_schema, str):
                 raise ValueError(f"json_schema must be the schema as JSON text, got {type(self.json_schema).__name__}")
-            from .structured import schema_grammar
+            from .schema import schema_grammar
 
             schema_grammar(self.json_schema)  # (compiles it: an unsupported schema fails here, naming why)
 
