@@ -333,7 +333,7 @@ def test_tool_calls(client):
 
 
 @pytest.mark.parametrize("body,param", [
-    ({"tools": _TOOLS}, "tool_choice"),  # auto (the default with tools): no parser for the model's format
+    ({"tools": _TOOLS}, "tool_choice"),  # auto (the default with tools): this server has no tool-call parser
     ({"tools": _TOOLS, "tool_choice": "auto"}, "tool_choice"),
     ({"tools": _TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
     ({"tool_choice": "required"}, "tool_choice"),
@@ -350,7 +350,48 @@ def test_tool_call_errors(stack, body, param):
                       json={"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 2, **body})
     assert resp.status_code == 400 and resp.json()["error"]["param"] == param, resp.text
     if param == "tool_choice" and "tool_choice" not in body:
-        assert "'required'" in resp.json()["error"]["message"]
+        msg = resp.json()["error"]["message"]
+        assert "'required'" in msg and "--enable-auto-tool-choice" in msg
+
+
+def test_auto_tool_choice_with_a_parser(model, tok):
+    """A server with a tool-call parser (hermes) answers tool_choice auto: the model's text (here
+    forced by a guided_regex, as the tiny model would not write it) becomes tool_calls with the
+    content before them, finish_reason tool_calls; streamed = non-streamed; plain text stays
+    content; a call to a tool the request lacks stays content too."""
+    s = _stack(model, tok, kv4=False, num_blocks=64, block_size=16, max_num_seqs=8, max_num_batched_tokens=256,
+               max_model_len=256, server_config=ServerConfig(model_name=MODEL, max_prompt_tokens=200,
+                                                             tool_call_parser="hermes"))
+    try:
+        client = openai.OpenAI(base_url=s.base_url + "/v1", api_key="none", max_retries=0, timeout=TIMEOUT)
+        msgs = [{"role": "user", "content": "add 1 and 2"}]
+        call = '<tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>'
+        kw = dict(model=MODEL, messages=msgs, tools=_TOOLS, max_tokens=120, temperature=0)
+        for tc in ({}, {"tool_choice": "auto"}):
+            r = client.chat.completions.create(extra_body={"guided_regex": "Sure\\. " + re.escape(call)}, **kw, **tc)
+            c = r.choices[0]
+            assert c.finish_reason == "tool_calls" and c.message.content == "Sure. " and len(c.message.tool_calls) == 1
+            t = c.message.tool_calls[0]
+            assert t.function.name == "add" and json.loads(t.function.arguments) == {"a": 1, "b": 2}
+            assert t.id.startswith("call_") and t.type == "function"
+        content, calls, reasons = _tool_stream(client.chat.completions.create(
+            stream=True, extra_body={"guided_regex": "Sure\\. " + re.escape(call)}, **kw))
+        assert content == "Sure. " and reasons == ["tool_calls"] and list(calls) == [0]
+        assert calls[0][1] == "add" and json.loads(calls[0][2]) == {"a": 1, "b": 2}
+        for forced in ("just text", '<tool_call>{"name": "sub", "arguments": {}}</tool_call>'):
+            r = client.chat.completions.create(extra_body={"guided_regex": re.escape(forced)}, **kw)
+            assert r.choices[0].message.content == forced and r.choices[0].message.tool_calls is None
+            assert r.choices[0].finish_reason == "stop"
+            content, calls, reasons = _tool_stream(client.chat.completions.create(
+                stream=True, extra_body={"guided_regex": re.escape(forced)}, **kw))
+            assert content == forced and not calls and reasons == ["stop"]
+        # the other modes still work beside it
+        r = client.chat.completions.create(tool_choice={"type": "function", "function": {"name": "add"}},
+                                           **{**kw, "max_tokens": 60, "temperature": 0.8, "seed": 1,
+                                              "logit_bias": {str(ord("}")): 6}})
+        assert r.choices[0].message.tool_calls[0].function.name == "add"
+    finally:
+        s.stop()
 
 
 def test_tools_on_completions_rejected(stack):

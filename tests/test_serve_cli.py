@@ -33,11 +33,17 @@ def test_cli_parsers():
     for bad, msg in (("chatml", "neither a file nor"), ("{% for m in %}", "not a valid Jinja")):
         with pytest.raises(ValueError, match=msg):
             load_chat_template(bad)
-    # a bad key fails at once, before the model loads
+    # a bad key (or tool-call flag) fails at once, before the model loads
     with pytest.raises(ValueError, match="api_key must be a non-empty string"):
         from cometq.serve.cli import cmd_serve
 
         cmd_serve(build_parser().parse_args(["serve", "--api-key", " k ", "--model", "/nonexistent"]))
+    for flags, msg in ((["--enable-auto-tool-choice"], "only --enable-auto-tool-choice"),
+                       (["--tool-call-parser", "hermes"], "only --tool-call-parser hermes")):
+        with pytest.raises(ValueError, match=msg):
+            cmd_serve(build_parser().parse_args(["serve", *flags, "--model", "/nonexistent"]))
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--tool-call-parser", "nope"])
     from cometq.serve.bench import parse_system
     from cometq.serve.launch import build_engine
 

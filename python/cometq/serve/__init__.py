@@ -4,6 +4,7 @@
 * :mod:`.kv`, :mod:`.kv4` -- the full-precision paged pool and the adapter over :mod:`cometq.paged`;
 * :mod:`.engine` -- :class:`Engine` (scheduler, sampling, streaming outputs) and :class:`EngineLoop`;
 * :mod:`.server` -- the FastAPI app (needs ``fastapi`` and ``uvicorn``); :mod:`.launch` wires it all;
+* :mod:`.structured`, :mod:`.schema`, :mod:`.regex` -- constrained decoding; :mod:`.tools` -- tool-call parsers;
 * :mod:`.bench`, :mod:`.loadtest` -- the serving benchmark and the loopback load test.
 
 See docs/SERVING.md.  Importing this package does not import fastapi.

@@ -6,6 +6,8 @@ import os
 import sys
 import time
 
+from .tools import TOOL_PARSERS
+
 __all__ = ["add_serve_args", "cmd_serve", "add_bench_parser", "cmd_bench"]
 
 
@@ -30,6 +32,12 @@ def add_serve_args(p: argparse.ArgumentParser, default_model: str) -> None:
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer <key>' on the /v1 routes (default: the COMETQ_API_KEY "
                         "environment variable; none: open)")
+    p.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="answer chat requests with tools and tool_choice 'auto' (OpenAI's default): the model "
+                        "writes calls in its own format, parsed by --tool-call-parser into tool_calls")
+    p.add_argument("--tool-call-parser", default=None, choices=sorted(TOOL_PARSERS),
+                   help="the model's tool-call format (with --enable-auto-tool-choice): hermes (Hermes, Qwen), "
+                        "llama3_json (Llama 3.1 / 3.2), mistral, pythonic")
     p.add_argument("--max-num-seqs", type=int, default=32, help="sequences batched at once")
     p.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per engine step")
     p.add_argument("--kv-tokens", type=int, default=16384, help="KV pool capacity in tokens")
@@ -111,8 +119,13 @@ def cmd_serve(args) -> int:
     # (server settings first: a bad one fails before minutes of loading and quantizing)
     name = args.served_model_name or str(args.model)
     api_key = args.api_key if args.api_key is not None else (os.environ.get("COMETQ_API_KEY") or None)
+    if args.enable_auto_tool_choice != (args.tool_call_parser is not None):
+        raise ValueError("--enable-auto-tool-choice and --tool-call-parser go together (vLLM's pair), got "
+                         + ("only --enable-auto-tool-choice" if args.enable_auto_tool_choice
+                            else f"only --tool-call-parser {args.tool_call_parser}"))
     scfg = ServerConfig(model_name=name, max_prompt_tokens=args.max_prompt_tokens,
-                        max_concurrent_requests=args.max_concurrent_requests, api_key=api_key)
+                        max_concurrent_requests=args.max_concurrent_requests, api_key=api_key,
+                        tool_call_parser=args.tool_call_parser)
     if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         _log(f"warning: serving on {args.host} without an API key: anyone who reaches the port can use it "
              "(--api-key or COMETQ_API_KEY)")

@@ -59,8 +59,12 @@ class ParsedRequest:
     prompt_logprobs: Optional[int] = None
     # chat tool calls: "named" (tool_choice names a function: its arguments are generated to its
     # parameters schema) or "required" (a JSON array of {"name", "parameters"} calls)
+    # or "auto" (the model's own format, parsed afterwards by ``tool_parser``; ``tool_names``: the
+    # request's tools)
     tool_mode: Optional[str] = None
     tool_name: Optional[str] = None
+    tool_parser: Optional[str] = None
+    tool_names: Tuple[str, ...] = ()
 
     @property
     def prompt_ids(self) -> List[int]:  # (the first prompt: the only one of a chat request)
@@ -367,18 +371,19 @@ _TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _NO_PARAMS = {"type": "object", "properties": {}}
 
 
-def _tools(body: Dict[str, Any]):
-    """(tools for the chat template, tool mode, tool name, schema JSON text of the output) of a chat
-    request's ``tools`` / ``tool_choice``.  ``tool_choice``: ``"none"``, ``"required"`` (one or more
-    calls: a JSON array of ``{"name", "parameters"}`` objects) or ``{"type": "function",
-    "function": {"name": ...}}`` (that function: its arguments).  ``"auto"`` (OpenAI's default with
-    tools) needs a parser for the model's own tool-call format, which cometq does not have: a 400
-    that says what to ask for instead (as vLLM without ``--enable-auto-tool-choice``)."""
+def _tools(body: Dict[str, Any], tool_parser: Optional[str] = None):
+    """(tools for the chat template, tool mode, tool name, schema JSON text of the output, tool
+    names) of a chat request's ``tools`` / ``tool_choice``.  ``tool_choice``: ``"none"``,
+    ``"required"`` (one or more calls: a JSON array of ``{"name", "parameters"}`` objects) or
+    ``{"type": "function", "function": {"name": ...}}`` (that function: its arguments).
+    ``"auto"`` (OpenAI's default with tools): the model writes calls in its own format, parsed by
+    the server's ``tool_parser`` (:mod:`.tools`); a server without one answers 400 saying what to
+    ask for instead (as vLLM without ``--enable-auto-tool-choice``)."""
     tools, tc = body.get("tools"), body.get("tool_choice")
     if tools in (None, []):
         if tc not in (None, "none"):
             raise _bad("'tool_choice' needs 'tools'", "tool_choice")
-        return None, None, None, None
+        return None, None, None, None, ()
     if not isinstance(tools, list) or len(tools) > 128:
         raise _bad("'tools' must be a list of at most 128 function tools", "tools", "invalid_type")
     params: Dict[str, Any] = {}
@@ -399,11 +404,14 @@ def _tools(body: Dict[str, Any]):
                        "invalid_type")
         params[name] = p
     if tc is None or tc == "auto":
-        raise _bad("tool_choice 'auto' (the default with tools) is not supported: it needs a parser for the model's "
-                   "own tool-call format; ask for 'required' or {'type': 'function', 'function': {'name': ...}} -- "
-                   "the calls are then generated to the tools' JSON Schemas", "tool_choice", "unsupported_value")
+        if tool_parser is not None:
+            return tools, "auto", None, None, tuple(params)
+        raise _bad("tool_choice 'auto' (the default with tools) needs a parser for the model's own tool-call format, "
+                   "which this server was started without (cometq serve --enable-auto-tool-choice --tool-call-parser "
+                   "NAME); ask for 'required' or {'type': 'function', 'function': {'name': ...}} -- the calls are "
+                   "then generated to the tools' JSON Schemas", "tool_choice", "unsupported_value")
     if tc == "none":
-        return None, None, None, None
+        return None, None, None, None, ()
     if tc == "required":
         mode, name = "required", None
         schema = {"type": "array", "minItems": 1, "items": {"anyOf": [
@@ -420,7 +428,7 @@ def _tools(body: Dict[str, Any]):
         text = _schema_text(schema, "tools")
     except APIError as e:
         raise _bad(f"tool parameters: {e.message}", "tools", "unsupported_value") from None
-    return tools, mode, name, text
+    return tools, mode, name, text, tuple(params)
 
 
 def chat_prompt_ids(tokenizer, messages: List[Dict[str, Any]], add_generation_prompt: bool = True,
@@ -439,7 +447,7 @@ def chat_prompt_ids(tokenizer, messages: List[Dict[str, Any]], add_generation_pr
 
 
 def parse_chat(body: Any, tokenizer, vocab: int, max_tokens_default: int = 256,
-               add_generation_prompt: bool = True) -> ParsedRequest:
+               add_generation_prompt: bool = True, tool_parser: Optional[str] = None) -> ParsedRequest:
     if not isinstance(body, dict):
         raise _bad("request body must be a JSON object", None, "invalid_json")
     msgs = body.get("messages")
@@ -465,7 +473,7 @@ def parse_chat(body: Any, tokenizer, vocab: int, max_tokens_default: int = 256,
         if role == "tool" and isinstance(m.get("tool_call_id"), str):
             msg["tool_call_id"] = m["tool_call_id"]
         clean.append(msg)
-    tools, tool_mode, tool_name, tool_schema = _tools(body)
+    tools, tool_mode, tool_name, tool_schema, tool_names = _tools(body, tool_parser)
     try:
         ids = chat_prompt_ids(tokenizer, clean, add_generation_prompt, tools=tools)
     except Exception as e:  # (a template that cannot render these messages: the request's fault)
@@ -473,11 +481,12 @@ def parse_chat(body: Any, tokenizer, vocab: int, max_tokens_default: int = 256,
     params, stream, usage, _, n, prompt_lp = _common(body, max_tokens_default=max_tokens_default,
                                                      max_tokens_names=("max_completion_tokens", "max_tokens"),
                                                      chat=True)
-    if tool_mode is not None:
+    if tool_mode in ("named", "required"):
         if params.response_format is not None:
             raise _bad("'response_format' (or a guided_* constraint) and tool calls exclude each other",
                        "response_format")
         params = dataclasses.replace(params, response_format="json_schema", json_schema=tool_schema)
     given = body.get("max_completion_tokens") is not None or body.get("max_tokens") is not None
     return ParsedRequest([ids], params, stream, usage, _model(body), given, n=n, prompt_logprobs=prompt_lp,
-                         tool_mode=tool_mode, tool_name=tool_name)
+                         tool_mode=tool_mode, tool_name=tool_name,
+                         tool_parser=tool_parser if tool_mode == "auto" else None, tool_names=tool_names)

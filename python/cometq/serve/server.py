@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .engine import EngineLoop, RequestOutput, RequestRejected
 from .protocol import APIError, ParsedRequest, parse_chat, parse_completion
+from .tools import TOOL_PARSERS, StreamingToolParser, parse_tool_calls
 from .sampling import TokenText
 
 __all__ = ["ServerConfig", "create_app", "ServerThread"]
@@ -36,11 +37,16 @@ __all__ = ["ServerConfig", "create_app", "ServerThread"]
 class ServerConfig:
     """HTTP-level limits: prompt tokens per request, requests in flight, body size; ``api_key``:
     when set, every ``/v1`` route asks for ``Authorization: Bearer <api_key>`` (vLLM's
-    ``--api-key``; ``/health``, ``/metrics``, ``/version`` and the tokenizer routes stay open)."""
+    ``--api-key``; ``/health``, ``/metrics``, ``/version`` and the tokenizer routes stay open);
+    ``tool_call_parser``: a :data:`.tools.TOOL_PARSERS` name, which enables chat ``tool_choice:
+    "auto"`` (vLLM's ``--enable-auto-tool-choice --tool-call-parser``)."""
 
     def __init__(self, *, model_name: str = "cometq", max_prompt_tokens: Optional[int] = None,
                  max_concurrent_requests: int = 256, max_body_bytes: int = 1 << 20,
-                 disconnect_poll_s: float = 0.25, api_key: Optional[str] = None):
+                 disconnect_poll_s: float = 0.25, api_key: Optional[str] = None,
+                 tool_call_parser: Optional[str] = None):
+        if tool_call_parser is not None and tool_call_parser not in TOOL_PARSERS:
+            raise ValueError(f"tool_call_parser must be one of {sorted(TOOL_PARSERS)}, got {tool_call_parser!r}")
         if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()
                                     or api_key != api_key.strip()):
             raise ValueError("api_key must be a non-empty string without surrounding whitespace, "
@@ -55,10 +61,12 @@ class ServerConfig:
         self.max_body_bytes = max_body_bytes
         self.disconnect_poll_s = disconnect_poll_s
         self.api_key = api_key
+        self.tool_call_parser = tool_call_parser
 
     def __repr__(self) -> str:  # (never prints the key)
         return (f"ServerConfig(model_name={self.model_name!r}, max_prompt_tokens={self.max_prompt_tokens}, "
-                f"max_concurrent_requests={self.max_concurrent_requests}, api_key={'set' if self.api_key else None})")
+                f"max_concurrent_requests={self.max_concurrent_requests}, api_key={'set' if self.api_key else None}, "
+                f"tool_call_parser={self.tool_call_parser!r})")
 
 
 def _err(e: APIError) -> JSONResponse:
@@ -199,7 +207,8 @@ def create_app(loop_: EngineLoop, tokenizer, config: Optional[ServerConfig] = No
         try:
             body = await _read_json(request)
             try:
-                pr = (parse_chat if chat else parse_completion)(body, tokenizer, vocab)
+                pr = (parse_chat(body, tokenizer, vocab, tool_parser=cfg.tool_call_parser) if chat
+                      else parse_completion(body, tokenizer, vocab))
             except ValueError as e:  # SamplingParams validation
                 raise APIError(400, str(e), code="invalid_value")
             rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
@@ -291,10 +300,14 @@ def create_app(loop_: EngineLoop, tokenizer, config: Optional[ServerConfig] = No
     def _call_id() -> str:
         return "call_" + uuid.uuid4().hex[:24]
 
+    def _call_objs(calls) -> List[Dict[str, Any]]:
+        return [{"id": _call_id(), "type": "function",
+                 "function": {"name": name, "arguments": json.dumps(args, ensure_ascii=False)}} for name, args in calls]
+
     def _tool_calls(pr: ParsedRequest, text: str, reason: str):
         """(tool_calls, finish_reason) of a tool-call choice's generated text: ``named`` -- the text is
         the arguments; ``required`` -- a JSON array of {"name", "parameters"} (None when it did not
-        complete: the raw text is then the content)."""
+        complete: the raw text is then the content); ``auto``: :meth:`_chat_message` parses it."""
         if pr.tool_mode == "named":
             return [{"id": _call_id(), "type": "function", "function": {"name": pr.tool_name, "arguments": text}}], reason
         try:  # (a stop string or stop token may have cut the array short)
@@ -303,13 +316,16 @@ def create_app(loop_: EngineLoop, tokenizer, config: Optional[ServerConfig] = No
             calls = None
         if not isinstance(calls, list):
             return None, reason
-        return [{"id": _call_id(), "type": "function",
-                 "function": {"name": c["name"], "arguments": json.dumps(c["parameters"], ensure_ascii=False)}}
-                for c in calls], "tool_calls"
+        return _call_objs((c["name"], c["parameters"]) for c in calls), "tool_calls"
 
     def _chat_message(pr: ParsedRequest, text: str, reason: str):
         if pr.tool_mode is None:
             return {"role": "assistant", "content": text}, reason
+        if pr.tool_mode == "auto":  # (the model's own format; plain content unless it is all calls)
+            parsed = parse_tool_calls(pr.tool_parser, text, pr.tool_names)
+            if parsed is None:
+                return {"role": "assistant", "content": text}, reason
+            return {"role": "assistant", "content": parsed[0], "tool_calls": _call_objs(parsed[1])}, "tool_calls"
         calls, reason = _tool_calls(pr, text, reason)
         if calls is None:
             return {"role": "assistant", "content": text}, reason
@@ -385,6 +401,8 @@ def create_app(loop_: EngineLoop, tokenizer, config: Optional[ServerConfig] = No
 
         tool_text = [""] * n  # (tool calls) generated text so far
         call_ids = [_call_id() for _ in range(n)] if pr.tool_mode == "named" else None
+        auto = [StreamingToolParser(pr.tool_parser, pr.tool_names) for _ in range(n)] \
+            if chat and pr.tool_mode == "auto" else None
 
         def chunk(i: int, delta_text: Optional[str], reason: Optional[str], first: bool = False,
                   rows: Optional[List[tuple]] = None, tool_calls: Optional[list] = None) -> str:
@@ -435,6 +453,10 @@ def create_app(loop_: EngineLoop, tokenizer, config: Optional[ServerConfig] = No
                     yield chunk(i, None, None, tool_calls=[{"index": 0, **head}])
                 elif out.text and chat and pr.tool_mode == "required":  # (sent whole once the array closes)
                     tool_text[i] += out.text
+                elif out.text and auto is not None:  # content while no call can have begun
+                    text = auto[i].feed(out.text)
+                    if text:
+                        yield chunk(i, text, None)
                 elif out.text:
                     yield chunk(i, out.text, None)
                 if out.finished:
@@ -447,6 +469,14 @@ def create_app(loop_: EngineLoop, tokenizer, config: Optional[ServerConfig] = No
                             yield chunk(i, tool_text[i], None)
                         else:
                             yield chunk(i, None, None, tool_calls=[{"index": j, **c} for j, c in enumerate(calls)])
+                    elif auto is not None:
+                        rest, parsed = auto[i].finish()
+                        if rest:
+                            yield chunk(i, rest, None)
+                        if parsed is not None:
+                            reason = "tool_calls"
+                            yield chunk(i, None, None,
+                                        tool_calls=[{"index": j, **c} for j, c in enumerate(_call_objs(parsed))])
                     yield chunk(i, None if chat else "", reason)
             done = True
             if pr.include_usage:
