@@ -93,9 +93,10 @@ def validates(v, s, defs) -> bool:
         props = s.get("properties", {})
         if not set(s.get("required", [])) <= set(v):
             return False
-        if s.get("additionalProperties") is False and not set(v) <= set(props):
+        extra = s.get("additionalProperties", True)
+        if extra is False and not set(v) <= set(props):
             return False
-        return all(validates(x, props[k], defs) for k, x in v.items() if k in props)
+        return all(validates(x, props[k] if k in props else extra, defs) for k, x in v.items())
     if isinstance(v, list):
         if not s.get("minItems", 0) <= len(v) <= s.get("maxItems", 1 << 30):
             return False

@@ -9,7 +9,7 @@ import json
 import random
 import uuid
 from fractions import Fraction
-from typing import List, Literal, Optional, Tuple, Union
+from typing import Dict, List, Literal, Optional, Tuple, Union
 
 import pytest
 import torch
@@ -185,6 +185,27 @@ def test_one_of_tuples_and_enum_filters():
         {"type": "number", "maximum": 0}, {"type": "integer", "exclusiveMinimum": 0}, {"enum": ["x", True]}]}}})
 
 
+def test_additional_properties_schema():
+    """additionalProperties as a schema: other keys after the declared ones, their values of it;
+    never a declared name, however it is escaped."""
+    s = {"type": "object", "properties": {"a": {"type": "integer"}, "b/c": {"type": "boolean"}}, "required": ["a"],
+         "additionalProperties": {"type": "string", "maxLength": 2}}
+    g = JsonSchemaGrammar(s)
+    for d in (b'{"a":1}', b'{"a":1,"x":"s"}', b'{"a":1,"b/c":true,"x":"","y\\n":"zz"}', b'{"a":1,"ab":"q","ab":"r"}',
+              b'{"a":1,"b":"q"}', '{"a":1,"\u00e9t\u00e9":"ok"}'.encode()):
+        assert _done(g, d), d
+        assert validates(json.loads(d), s, {}), d
+    for d in (b'{"x":"s","a":1}', b'{"a":1,"x":2}', b'{"a":1,"x":"abc"}', b'{"a":1,"a":"s"}', b'{"a":1,"b\/c":"s"}',
+              b'{"a":1,"\u0061":"s"}', b'{"a":1,"b/c":true,"b/c":"s"}', b'{"a":1,"x":"s","b/c":true}'):
+        assert not _done(g, d), d
+    # the declared key and an additional one that starts like it run side by side
+    assert grammar_feed(g, g.start, b'{"a":1,"b/c') is not None and _done(g, b'{"a":1,"b/cd":"s"}')
+    # enum values are kept only where the other keywords (additionalProperties too) take them
+    g = JsonSchemaGrammar({"type": "object", "properties": {"o": {
+        "type": "object", "enum": [{"x": 1}, {"x": "s"}], "additionalProperties": {"type": "string"}}}})
+    assert _done(g, b'{"o":{"x":"s"}}') and not _done(g, b'{"o":{"x":1}}')
+
+
 @pytest.mark.parametrize("wide", [0, 1 << 30], ids=["column-walk", "trie-walk"])
 def test_masker_length_budget_equals_per_token_check(wide):
     """The in-string fast paths (a length limit: quote-free tokens of at most the characters
@@ -260,6 +281,7 @@ class Order(pydantic.BaseModel):
     lines: List[Line] = pydantic.Field(min_length=1, max_length=2)
     pet: Union[Cat, Dog] = pydantic.Field(discriminator="kind")
     point: Tuple[int, int]
+    counts: Dict[str, int] = {}
 
 
 def test_pydantic_schema_documents_validate():
@@ -275,7 +297,8 @@ def test_pydantic_schema_documents_validate():
     assert ok >= 20
     sample = Order(id=uuid.uuid4(), when=datetime.datetime(2024, 5, 6, 7, 8, 9, 120000, tzinfo=datetime.timezone.utc),
                    day=datetime.date(2024, 2, 28), host="10.0.0.255", color=Color.green, note=None,
-                   lines=[Line(sku="ABC-12", qty=3, price=9.5)], pet=Dog(kind="dog", name="rex"), point=(1, -2))
+                   lines=[Line(sku="ABC-12", qty=3, price=9.5)], pet=Dog(kind="dog", name="rex"), point=(1, -2),
+                   counts={"apples": 3, "pears": -1})
     # pydantic writes properties in schema order, compact: the grammar accepts its own dump
     # (datetime 'Z', as pydantic writes UTC)
     assert _done(g, sample.model_dump_json().encode()), sample.model_dump_json()

@@ -271,8 +271,11 @@ def _rand_schema(rng: random.Random, depth: int, refs: list):
         props = {f"k{i}" + rng.choice(["", "\u00e9", " x"]): _rand_schema(rng, depth + 1, refs)
                  for i in range(rng.randrange(4))}
         out = {"type": "object", "properties": props, "required": [p for p in props if rng.random() < 0.5]}
-        if rng.random() < 0.5:
+        r = rng.random()
+        if r < 0.4:
             out["additionalProperties"] = False
+        elif r < 0.6:  # (other keys, of a schema)
+            out["additionalProperties"] = _rand_schema(rng, depth + 1, refs)
         return out
     if k == 12:
         mn = rng.randrange(2)
@@ -331,6 +334,7 @@ def _instance(rng: random.Random, s, defs, depth=0):
         t = rng.choice(t)
     if t == "object":
         out = {}
+        extra = s.get("additionalProperties")
         for k, sub in s.get("properties", {}).items():
             if k in s.get("required", []) or rng.random() < 0.5:
                 v = _instance(rng, sub, defs, depth + 1)
@@ -339,6 +343,13 @@ def _instance(rng: random.Random, s, defs, depth=0):
                         return None
                     continue
                 out[k] = v
+        if isinstance(extra, dict):  # (other keys: after the declared ones, as the grammar writes them)
+            for k in rng.sample(["zz", "k0x", "\u00e9 \"q\"", "k1/"], rng.randrange(3)):
+                if k not in s.get("properties", {}):
+                    v = _instance(rng, extra, defs, depth + 1)
+                    if v is None and not _validates(None, extra, defs):
+                        continue
+                    out[k] = v
         return out
     if t == "array":
         pre = s.get("prefixItems", [])
@@ -463,7 +474,7 @@ def test_schema_grammar_order_and_limits():
     ({"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}, "not under"),
     ({"type": "object", "properties": {}, "required": ["a"]}, r"required \['a'\] not in properties"),
     ({"type": "object", "properties": {"a": {"type": "text"}}}, "must be one of"),
-    ({"type": "object", "additionalProperties": {"type": "string"}}, "additionalProperties must be true or false"),
+    ({"type": "object", "additionalProperties": 5}, "additionalProperties must be true, false or a schema"),
     ({"type": "object", "properties": {"a": {"type": "array", "minItems": 3, "maxItems": 1}}}, "minItems"),
     ("not a schema", "must be an object"),
     ({"type": "object", "properties": {"a": {"$ref": "#/$defs/A"}}, "$defs": {"A": {"$ref": "#/$defs/A"}}},

@@ -14,7 +14,9 @@ alternatives run side by side), each a tuple of frames, innermost last:
                                    backslash; ``mid``: continuation bytes still due in a character
   ("N", node, text)                a number with bounds: its bytes so far (no exponent)
   ("L", literals, pos)             enum / const / boolean / null: literal byte strings matched so far
-  ("O", node, idx, phase, key, ws) an object; idx: the next property that may come
+  ("O", node, idx, phase, key, ws) an object; idx: the next property that may come; an additional
+                                   property's key (``additionalProperties`` a schema) is lexed by
+                                   ``json_step`` in phase _O_XKEY, key = (state, its bytes)
   ("A", node, count, phase, ws)    an array of ``count`` items so far
 
 The empty configuration is the finished document.  Every state the grammar reaches can still be
@@ -34,7 +36,8 @@ from .structured import _AFTER, _DIGITS, _ESC, _MISSING, _N_END_OK, _NO_UTF8, _N
 
 __all__ = ["JsonSchemaGrammar", "schema_grammar", "FORMATS", "MAX_FRAMES"]
 
-_O_FIRST, _O_KEY, _O_COLON, _O_VAL, _O_AFTER, _O_NEXT = range(6)
+_O_FIRST, _O_KEY, _O_COLON, _O_VAL, _O_AFTER, _O_NEXT, _O_XKEY = range(7)
+_EXTRA = -1  # (the key index of an additional property: its value follows additionalProperties)
 _A_FIRST, _A_VAL, _A_AFTER, _A_NEXT = range(4)
 _G_VALUE = (_VALUE, "[", 0, None, 0)  # (json_step: a value as the first element of a fake array)
 _G_STRING = (_STRING, "[", 0, _NO_UTF8, 0)  # (the same, just after a string's opening quote)
@@ -363,7 +366,8 @@ class JsonSchemaGrammar:
     :class:`.structured.JsonMasker`).
 
     Keywords: ``type`` (one or a list); objects: ``properties`` / ``required`` /
-    ``additionalProperties`` (true or false); arrays: ``items`` (a schema or false) /
+    ``additionalProperties`` (true, false, or a schema: other keys may follow the declared ones,
+    their values of that schema); arrays: ``items`` (a schema or false) /
     ``prefixItems`` / ``minItems`` / ``maxItems``; strings: ``pattern`` (the regex subset of
     :mod:`.regex`), ``format`` (the keys of :data:`FORMATS`), ``minLength`` / ``maxLength``;
     numbers: ``minimum`` / ``maximum`` / ``exclusiveMinimum`` / ``exclusiveMaximum`` (numbers, or
@@ -376,8 +380,9 @@ class JsonSchemaGrammar:
     "number"``), is a ``ValueError`` naming it and where it is.
 
     Generated documents always validate: an object's properties come in the schema's order, each
-    required one present, optional ones possibly skipped, no others (as OpenAI's strict mode and
-    xgrammar generate them); enum / const values in compact JSON; a string with a ``pattern`` /
+    required one present, optional ones possibly skipped, no others unless ``additionalProperties``
+    is a schema (then after them: any other key, possibly repeated, as JSON allows -- parsers keep
+    the last) (as OpenAI's strict mode and xgrammar generate them); enum / const values in compact JSON; a string with a ``pattern`` /
     ``format`` matches it in whole (so it also has the unanchored match JSON Schema asks for)
     and is written with raw UTF-8 and JSON's short escapes (never ``\\uXXXX``); a number with
     bounds has no exponent; a schema without a type allows any JSON value.  The root must be an
@@ -497,12 +502,15 @@ class JsonSchemaGrammar:
             missing = [r for r in req if r not in props]
             if missing:
                 raise ValueError(f"json_schema: {path}: required {missing} not in properties")
-            if not isinstance(ap, bool):
-                raise ValueError(f"json_schema: {path}: additionalProperties must be true or false (a schema "
-                                 "for extra properties is not supported)")
             plist = tuple((json.dumps(k, ensure_ascii=False).encode("utf-8"),
                            self._compile(v, f"{path}.properties.{k}"), k in req) for k, v in props.items())
-            return self._new(("object", plist, ap))
+            extra = None
+            if isinstance(ap, dict):  # (additional properties of that schema, after the declared ones)
+                extra = self._compile(ap, f"{path}.additionalProperties")
+            elif not isinstance(ap, bool):
+                raise ValueError(f"json_schema: {path}: additionalProperties must be true, false or a schema, "
+                                 f"got {ap!r}")
+            return self._new(("object", plist, ap is not False, extra))
         if t == "array":
             return self._array(s, path)
         if t == "boolean":
@@ -623,7 +631,7 @@ class JsonSchemaGrammar:
         if A[0] == "object" and B[0] == "object":
             pa = {k: (n, r) for k, n, r in A[1]}
             pb = {k: (n, r) for k, n, r in B[1]}
-            if any(r and k not in pa for k, (_, r) in pb.items()):
+            if A[3] is None and any(r and k not in pa for k, (_, r) in pb.items()):
                 return True  # (b requires a property a never writes)
             for k, (na, ra) in pa.items():  # (a property both require, with values that cannot agree)
                 if ra and k in pb and pb[k][1] and self._excludes(na, pb[k][0], depth + 1):
@@ -672,6 +680,9 @@ class JsonSchemaGrammar:
                 return False
             props = {json.loads(key): (n, r) for key, n, r in node[1]}
             if not node[2] and not set(v) <= set(props):
+                return False
+            if node[3] is not None and not all(self._accepts_value(node[3], x, depth + 1)
+                                               for key, x in v.items() if key not in props):
                 return False
             return (all(key in v for key, (_, r) in props.items() if r)
                     and all(self._accepts_value(props[key][0], x, depth + 1) for key, x in v.items() if key in props))
@@ -858,7 +869,16 @@ class JsonSchemaGrammar:
             return self._literal(top[1], top[2], c, below)
         if kind == "O":
             _, nid, idx, phase, key, ws = top
-            props = self.nodes[nid][1]
+            props, extra = self.nodes[nid][1], self.nodes[nid][3]
+            if phase == _O_XKEY:  # an additional property's key: any string but a declared one
+                g, raw = key
+                if g[0] == _STRING and g[3] == _NO_UTF8 and c == 0x22:
+                    name = json.loads(b'"' + raw + b'"')  # (decoded: "\u0061" is "a")
+                    if any(json.loads(p[0]) == name for p in props):
+                        return []
+                    return [below + (("O", nid, len(props), _O_COLON, _EXTRA, 0),)]
+                g2 = json_step(g, c, self.max_ws)
+                return [] if g2 is None else [below + (("O", nid, idx, _O_XKEY, (g2, raw + bytes((c,))), 0),)]
             if phase == _O_KEY:  # key: (candidate property indices, bytes matched)
                 cands, pos = key
                 m = [j for j in cands if props[j][0][pos] == c]
@@ -872,16 +892,20 @@ class JsonSchemaGrammar:
             if phase in (_O_FIRST, _O_NEXT):
                 if c == 0x22:
                     cands = self._key_candidates(props, idx)
-                    return [below + (("O", nid, idx, _O_KEY, (cands, 1), 0),)] if cands else []
+                    out = [below + (("O", nid, idx, _O_KEY, (cands, 1), 0),)] if cands else []
+                    if extra is not None and self._may_close(props, idx):
+                        out.append(below + (("O", nid, len(props), _O_XKEY, (_G_STRING, b""), 0),))
+                    return out
                 if c == 0x7D and phase == _O_FIRST and self._may_close(props, idx):
                     return [self._complete(below)]
                 return []
             if phase == _O_COLON:
                 if c != 0x3A:
                     return []
-                return [below + (("O", nid, idx, _O_VAL, key, 0), ("V", props[key][1], 0))]
+                return [below + (("O", nid, idx, _O_VAL, key, 0), ("V", extra if key == _EXTRA else props[key][1], 0))]
             if phase == _O_AFTER:
-                if c == 0x2C and self._key_candidates(props, idx):
+                more = self._key_candidates(props, idx) or (extra is not None and self._may_close(props, idx))
+                if c == 0x2C and more:
                     return [below + (("O", nid, idx, _O_NEXT, None, 0),)]
                 if c == 0x7D and self._may_close(props, idx):
                     return [self._complete(below)]
