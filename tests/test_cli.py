@@ -1,6 +1,7 @@
 """The `cometq` command line on a tiny random Llama saved to disk (the real model runs in the demo)."""
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -100,6 +101,13 @@ def test_generate_json_and_json_schema(tiny_dir, tmp_path, capsys):
     out = capsys.readouterr().out.strip().encode()
     g = JsonSchemaGrammar(schema)
     assert out.startswith(b"{") and grammar_feed(g, g.start, out) is not None
+    for flags, ok in ((["--regex", "[a-c]{2}\\d{1,3}"], lambda t: re.fullmatch(r"[a-c]{2}\d{1,3}", t)),
+                      (["--choice", "red", "green"], lambda t: t in ("red", "green"))):
+        assert cli.main(["generate", "hello", "--model", tiny_dir, "--max-new-tokens", "8", *flags]) == 0
+        out = capsys.readouterr().out.strip()
+        assert ok(out), (flags, out)  # (at most 5 characters: complete within 8 tokens)
+    assert cli.main(["generate", "hello", "--model", tiny_dir, "--regex", "(?<=x)"]) == 2
+    assert "lookaround" in capsys.readouterr().err
     f.write_text(json.dumps({"type": "object", "properties": {"a": {"type": "array", "uniqueItems": True}}}))
     assert cli.main(["generate", "hello", "--model", tiny_dir, "--json-schema", str(f)]) == 2
     assert "unsupported keyword(s) ['uniqueItems']" in capsys.readouterr().err

@@ -598,6 +598,62 @@ def test_hf_generate_logits_processor(tiny):
         JsonLogitsProcessor(type("T", (), {"eos_token_id": None})())
 
 
+def test_hf_generate_regex_and_choice_processors(tiny):
+    """GrammarLogitsProcessor.for_regex / for_choice in transformers generate: greedy = the
+    token-by-token constrained reference (EOS allowed where the match is complete); sampled rows
+    match the pattern / are one of the choices."""
+    import re
+
+    from transformers import LogitsProcessorList
+
+    from cometq.serve.regex import regex_grammar
+    from cometq.serve.structured import GrammarLogitsProcessor, choice_grammar
+
+    model, tok = tiny
+    eos = tok.eos_token_id
+    prompt = list(b"id: ")
+    tb = token_bytes_table(tok, 260)
+    for make, grammar, ok in (
+            (lambda: GrammarLogitsProcessor.for_regex(tok, r"[a-c]{2}\d{1,3}"), regex_grammar(r"[a-c]{2}\d{1,3}"),
+             lambda t: re.fullmatch(r"[a-c]{2}\d{1,3}", t)),
+            (lambda: GrammarLogitsProcessor.for_choice(tok, ["yes", "no", "yes!"]), choice_grammar(("yes", "no", "yes!")),
+             lambda t: t in ("yes", "no", "yes!"))):
+        with torch.no_grad():
+            out = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False,
+                                 logits_processor=LogitsProcessorList([make()]), pad_token_id=tok.pad_token_id)
+        got = out[0, len(prompt):].tolist()
+        want = constrained_greedy_reference(model, prompt, 8, grammar, tb, eos=eos)
+        assert got[:len(want)] == want
+        torch.manual_seed(1)
+        with torch.no_grad():
+            out = model.generate(torch.tensor([prompt] * 4), max_new_tokens=8, do_sample=True, temperature=1.0,
+                                 logits_processor=LogitsProcessorList([make()]), pad_token_id=tok.pad_token_id)
+        for row in out[:, len(prompt):].tolist():
+            text = bytes(row[:row.index(eos)] if eos in row else row).decode()
+            assert ok(text) or (eos not in row and grammar_feed(grammar, grammar.start, text.encode()) is not None), text
+    # EOS: masked until the match is complete, then allowed at its own score; the only token once done
+    proc = GrammarLogitsProcessor.for_regex(tok, r"[a-c]{2}\d{1,3}")
+    ids = torch.tensor([prompt])
+    for k, (nxt, eos_state) in enumerate(((b"a", "masked"), (b"b", "masked"), (b"1", "masked"), (b"2", "own"),
+                                          (b"3", "own"), (None, "only"))):
+        scores = torch.randn(1, 260)
+        out = proc(ids, scores)
+        if eos_state == "masked":
+            assert out[0, eos] == float("-inf")
+        elif eos_state == "own":
+            assert out[0, eos] == scores[0, eos] and torch.isfinite(out[0, ord("4")])
+        else:
+            assert out[0, eos] == 0 and bool(torch.isinf(out[0, :eos]).all())
+        if nxt is not None:
+            ids = torch.cat([ids, torch.tensor([[nxt[0]]])], dim=1)
+    with pytest.raises(ValueError, match="distinct non-empty"):
+        GrammarLogitsProcessor.for_choice(tok, ["a", "a"])
+    with pytest.raises(ValueError, match="guided_regex"):
+        GrammarLogitsProcessor.for_regex(tok, "(?=x)")
+    with pytest.raises(TypeError, match="start / step / done"):
+        GrammarLogitsProcessor(tok, object())
+
+
 def test_choice_grammar_and_engine(tiny):
     from cometq.serve.structured import ChoiceGrammar
 

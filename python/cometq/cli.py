@@ -142,7 +142,7 @@ def _sampling_kwargs(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 
     return kw
 
 
-def _generate(model, tok, prompt: str, max_new_tokens: int, kv4: bool = False, json_processor=None,
+def _generate(model, tok, prompt: str, max_new_tokens: int, kv4: bool = False, grammar_processor=None,
               **sampling) -> str:
     import torch
 
@@ -150,10 +150,10 @@ def _generate(model, tok, prompt: str, max_new_tokens: int, kv4: bool = False, j
     enc = _chat_ids(tok, prompt)
     enc = {k: v.to(model.device) for k, v in enc.items()}
     kw = {}
-    if json_processor is not None:  # (JSON mode / a JSON Schema: cometq.serve.structured)
+    if grammar_processor is not None:  # (JSON mode, a JSON Schema, a regex, a choice: cometq.serve.structured)
         from transformers import LogitsProcessorList
 
-        kw["logits_processor"] = LogitsProcessorList([json_processor])
+        kw["logits_processor"] = LogitsProcessorList([grammar_processor])
     if kv4:
         from .kvcache import KV4Cache
 
@@ -334,10 +334,15 @@ def cmd_generate(args) -> int:
                 with open(args.json_schema) as f:
                     schema = f.read()
             proc = JsonLogitsProcessor(tok, schema=schema)
+        elif args.regex is not None or args.choice is not None:
+            from .serve.structured import GrammarLogitsProcessor
+
+            proc = (GrammarLogitsProcessor.for_regex(tok, args.regex) if args.regex is not None
+                    else GrammarLogitsProcessor.for_choice(tok, args.choice))
     except (ValueError, OSError) as e:
         print(f"cometq generate: {e}", file=sys.stderr)
         return 2
-    print(_generate(model, tok, args.prompt, args.max_new_tokens, kv4=kv4, json_processor=proc, **sampling))
+    print(_generate(model, tok, args.prompt, args.max_new_tokens, kv4=kv4, grammar_processor=proc, **sampling))
     return 0
 
 
@@ -402,6 +407,10 @@ def build_parser() -> argparse.ArgumentParser:
     gj.add_argument("--json", action="store_true", help="JSON mode: the output is one JSON object")
     gj.add_argument("--json-schema", default=None, metavar="FILE",
                     help="the output is a document of the JSON Schema in FILE (the subset `cometq serve` takes)")
+    gj.add_argument("--regex", default=None, metavar="PATTERN",
+                    help="the output matches PATTERN in whole (the regex subset of `cometq serve`'s guided_regex)")
+    gj.add_argument("--choice", nargs="+", default=None, metavar="TEXT",
+                    help="the output is exactly one of these strings")
     g.set_defaults(fn=cmd_generate)
 
     # serving (cometq.serve): OpenAI-compatible server and the serving benchmark

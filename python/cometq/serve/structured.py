@@ -22,7 +22,8 @@ The pieces:
   byte strings in a trie walked depth-first from the state (a branch stops at its first rejected
   byte), or, where the state lets most tokens start, byte column by byte column over all tokens
   at once; precomputed fast paths inside strings, where almost every token is allowed.
-* :class:`JsonLogitsProcessor` -- the same masks for transformers ``generate``.
+* :class:`GrammarLogitsProcessor` / :class:`JsonLogitsProcessor` -- the same masks for transformers
+  ``generate``.
 
 Two limits keep degenerate outputs finite: at most ``MAX_WS`` whitespace bytes in a row between
 tokens (1 by default: see its comment) and ``MAX_DEPTH`` nested containers.
@@ -43,7 +44,8 @@ from .sampling import _BYTE_PIECE, bytes_to_unicode
 
 __all__ = ["JSON_START", "JSON_OBJECT", "json_step", "json_feed", "json_done", "TokenMasker", "JsonMasker",
            "JsonObjectGrammar", "JsonSchemaGrammar", "schema_grammar", "ChoiceGrammar", "choice_grammar",
-           "grammar_feed", "JsonLogitsProcessor", "masker_for", "token_bytes_table", "MAX_WS", "MAX_DEPTH"]
+           "grammar_feed", "GrammarLogitsProcessor", "JsonLogitsProcessor", "masker_for", "token_bytes_table",
+           "MAX_WS", "MAX_DEPTH"]
 
 # whitespace bytes in a row between JSON tokens (the default; grammars take ``max_ws``).  One, as
 # outlines' ``[ ]?`` but a newline or tab may be that byte: measured on SmolLM2-135M (2026-11-28,
@@ -522,31 +524,47 @@ def masker_for(tokenizer, vocab_size: int) -> TokenMasker:
     return m
 
 
-class JsonLogitsProcessor:
-    """A transformers ``LogitsProcessor``: ``model.generate(..., logits_processor=[JsonLogitsProcessor(
-    tok)])`` generates one JSON object (``schema``: a document of that JSON Schema, a dict or its
-    JSON text), the same masking as the server's JSON mode.  Once a row's document is complete
-    only EOS is allowed, so ``generate`` stops there.  Works with batches (each row has its own
-    state; left padding, as ``generate`` wants for decoder-only models) and with sampling:
-    transformers applies it before temperature / top-k / top-p, as the server does.  One
-    processor per ``generate`` call (it tells a new call by the input length)."""
+class GrammarLogitsProcessor:
+    """A transformers ``LogitsProcessor`` that constrains ``model.generate`` to a grammar's outputs,
+    the same masking as the server: ``model.generate(..., logits_processor=[GrammarLogitsProcessor.
+    for_regex(tok, r"\\d{3}-\\d{4}")])`` (also :meth:`for_choice`, and :class:`JsonLogitsProcessor`
+    for JSON mode / a JSON Schema).  EOS is allowed where the grammar ``can_end`` (a complete
+    regex match or choice) and is the only token once it is ``done``, so ``generate`` stops there.
+    Works with batches (each row has its own state; left padding, as ``generate`` wants for
+    decoder-only models) and with sampling: transformers applies it before temperature / top-k /
+    top-p, as the server does.  One processor per ``generate`` call (it tells a new call by the
+    input length)."""
 
-    def __init__(self, tokenizer, schema=None, eos_token_id: Optional[int] = None):
+    def __init__(self, tokenizer, grammar, eos_token_id: Optional[int] = None):
         eos = eos_token_id if eos_token_id is not None else getattr(tokenizer, "eos_token_id", None)
         if eos is None:
-            raise ValueError("JsonLogitsProcessor needs an EOS token id to end the output (eos_token_id=...)")
+            raise ValueError(f"{type(self).__name__} needs an EOS token id to end the output (eos_token_id=...)")
+        for attr in ("start", "step", "done"):
+            if not hasattr(grammar, attr):
+                raise TypeError(f"{type(self).__name__}: grammar must have start / step / done, "
+                                f"got {type(grammar).__name__}")
         self.tokenizer = tokenizer
         self.eos = int(eos)
-        if schema is None:
-            self.grammar = JSON_OBJECT
-        elif not isinstance(schema, (str, dict)):
-            raise TypeError(f"JsonLogitsProcessor: schema must be a dict or JSON text, got {type(schema).__name__}")
-        else:
-            from .schema import schema_grammar
-            self.grammar = schema_grammar(schema if isinstance(schema, str) else json.dumps(schema))
+        self.grammar = grammar
         self._seen: Optional[int] = None  # input length at the previous call
         self._states: List = []
         self._masker: Optional[TokenMasker] = None
+
+    @classmethod
+    def for_regex(cls, tokenizer, pattern: str, eos_token_id: Optional[int] = None) -> "GrammarLogitsProcessor":
+        """The output matches ``pattern`` in whole (vLLM's ``guided_regex`` subset: :mod:`.regex`)."""
+        from .regex import regex_grammar
+
+        return cls(tokenizer, regex_grammar(pattern), eos_token_id)
+
+    @classmethod
+    def for_choice(cls, tokenizer, choices: Sequence[str],
+                   eos_token_id: Optional[int] = None) -> "GrammarLogitsProcessor":
+        """The output is exactly one of ``choices`` (vLLM's ``guided_choice``)."""
+        if (isinstance(choices, str) or not choices or not all(isinstance(c, str) and c for c in choices)
+                or len(set(choices)) != len(choices)):
+            raise ValueError(f"choices must be distinct non-empty strings, got {choices!r}")
+        return cls(tokenizer, choice_grammar(tuple(choices)), eos_token_id)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         B, V = scores.shape
@@ -563,14 +581,34 @@ class JsonLogitsProcessor:
                     self._states[i] = grammar_feed(self.grammar, st, self._masker.token_bytes[t] or b"\x00")
         self._seen = T
         out = scores.clone()
+        can_end = getattr(self.grammar, "can_end", None)
         for i, st in enumerate(self._states):
             if st is None or self.grammar.done(st):  # complete (or broken): end the row
                 out[i] = float("-inf")
                 out[i, self.eos] = 0.0
             else:
+                eos_score = out[i, self.eos].clone()
                 row = self._masker.apply(out[i].float().cpu(), st, self.grammar)
                 out[i] = row.to(out.dtype).to(out.device)
+                if can_end is not None and can_end(st):  # (a complete match may end here, or go on)
+                    out[i, self.eos] = eos_score
         return out
+
+
+class JsonLogitsProcessor(GrammarLogitsProcessor):
+    """``model.generate(..., logits_processor=[JsonLogitsProcessor(tok)])`` generates one JSON object
+    (``schema``: a document of that JSON Schema, a dict or its JSON text), the same masking as the
+    server's JSON mode (see :class:`GrammarLogitsProcessor`)."""
+
+    def __init__(self, tokenizer, schema=None, eos_token_id: Optional[int] = None):
+        if schema is None:
+            grammar = JSON_OBJECT
+        elif not isinstance(schema, (str, dict)):
+            raise TypeError(f"JsonLogitsProcessor: schema must be a dict or JSON text, got {type(schema).__name__}")
+        else:
+            from .schema import schema_grammar
+            grammar = schema_grammar(schema if isinstance(schema, str) else json.dumps(schema))
+        super().__init__(tokenizer, grammar, eos_token_id)
 
 
 JsonMasker = TokenMasker  # (its first name: it began with JSON mode)
