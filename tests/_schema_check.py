@@ -17,7 +17,8 @@ def canon(v) -> str:
 
 def _type_ok(v, t: str) -> bool:
     return {"string": lambda: isinstance(v, str), "boolean": lambda: isinstance(v, bool), "null": lambda: v is None,
-            "integer": lambda: (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, float) and v.is_integer()),
+            "integer": lambda: ((isinstance(v, int) and not isinstance(v, bool))
+                                or (isinstance(v, float) and v.is_integer())),
             "number": lambda: isinstance(v, (int, float)) and not isinstance(v, bool),
             "object": lambda: isinstance(v, dict), "array": lambda: isinstance(v, list)}[t]()
 

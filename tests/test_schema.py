@@ -212,8 +212,8 @@ def test_masker_length_budget_equals_per_token_check(wide):
     left; a repeated class: those of the class), the rest by a walk of the trie or of the byte
     columns -- the same as checking every token."""
     rng = random.Random(1)
-    pieces = ["a", "ab", "abc", "abcd", "\u00e9\u00e9", "\u4e2d", "x\u4e2dy", "\U0001f600", '"', '",', '"}', "\\", "\\n",
-              "\\u00", " ", "  ", "1", "12", "123", "-", ".", "}", ",", ":", '{"', 'a"', '"s":"', "\xe9", "x1", "b_c",
+    pieces = ["a", "ab", "abc", "abcd", "\u00e9\u00e9", "\u4e2d", "x\u4e2dy", "\U0001f600", '"', '",', '"}', "\\",
+              "\\n", "\\u00", " ", "  ", "1", "12", "123", "-", ".", "}", ",", ":", '{"', 'a"', '"s":"', "\xe9", "x1", "b_c",
               "a\tb", "cab", "\u00e9\u00e9\u00e9\u00e9"]
     vocab = [p.encode() for p in pieces] + [b"\xc3", b"\xa9", b"\xe4\xb8"] + [bytes([b]) for b in range(256)]
     m = TokenMasker(vocab)

@@ -1,4 +1,4 @@
-"""JSON Schema as a byte-level grammar for :class:`.structured.JsonMasker` (OpenAI's
+"""JSON Schema as a byte-level grammar for :class:`.structured.TokenMasker` (OpenAI's
 ``response_format: json_schema``, vLLM's ``guided_json``, tool-call arguments).
 
 A schema compiles to nodes; a grammar state is a frozenset of configurations (``anyOf`` / ``enum``
@@ -32,7 +32,8 @@ from fractions import Fraction
 from typing import Dict, List, Optional
 
 from .regex import RegexGrammar, class_repeat, regex_grammar
-from .structured import _AFTER, _DIGITS, _ESC, _MISSING, _N_END_OK, _NO_UTF8, _NUM, _STRING, _VALUE, _WS, MAX_WS, json_step
+from .structured import (_AFTER, _DIGITS, _ESC, _MISSING, _N_END_OK, _NO_UTF8, _NUM, _STRING, _VALUE, _WS, MAX_WS,
+                         json_step)
 
 __all__ = ["JsonSchemaGrammar", "schema_grammar", "FORMATS", "MAX_FRAMES"]
 
@@ -363,7 +364,7 @@ def schema_grammar(schema_json: str) -> "JsonSchemaGrammar":
 
 class JsonSchemaGrammar:
     """A JSON Schema subset compiled to a byte-level recognizer (a grammar for
-    :class:`.structured.JsonMasker`).
+    :class:`.structured.TokenMasker`).
 
     Keywords: ``type`` (one or a list); objects: ``properties`` / ``required`` /
     ``additionalProperties`` (true, false, or a schema: other keys may follow the declared ones,
@@ -380,10 +381,10 @@ class JsonSchemaGrammar:
     "number"``), is a ``ValueError`` naming it and where it is.
 
     Generated documents always validate: an object's properties come in the schema's order, each
-    required one present, optional ones possibly skipped, no others unless ``additionalProperties``
-    is a schema (then after them: any other key, possibly repeated, as JSON allows -- parsers keep
-    the last) (as OpenAI's strict mode and xgrammar generate them); enum / const values in compact JSON; a string with a ``pattern`` /
-    ``format`` matches it in whole (so it also has the unanchored match JSON Schema asks for)
+    required one present, optional ones possibly skipped, no others (as OpenAI's strict mode and
+    xgrammar generate them) unless ``additionalProperties`` is a schema (then after them: any
+    other key, possibly repeated, as JSON allows -- parsers keep the last); enum / const values in
+    compact JSON; a string with a ``pattern`` / ``format`` matches it in whole (so it also has the unanchored match JSON Schema asks for)
     and is written with raw UTF-8 and JSON's short escapes (never ``\\uXXXX``); a number with
     bounds has no exponent; a schema without a type allows any JSON value.  The root must be an
     object or an array schema (OpenAI's rule is an object; an array is how several tool calls

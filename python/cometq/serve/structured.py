@@ -223,7 +223,8 @@ def json_done(st: Optional[tuple]) -> bool:
 
 def token_bytes_table(tokenizer, vocab_size: int) -> List[Optional[bytes]]:
     """The bytes each token adds to the decoded text (None: a special token -- EOS included: the
-    request ends when the object closes -- or an unknown one; never allowed by a constraint).  Byte-level BPE pieces map back through GPT-2's byte alphabet,
+    request ends when the object closes -- or an unknown one; never allowed by a constraint).
+    Byte-level BPE pieces map back through GPT-2's byte alphabet,
     SentencePiece pieces turn '▁' into a space and ``<0xNN>`` into that byte (decoding a token
     alone would drop SentencePiece's leading space, and two digits then read as one number)."""
     inv = {ch: b for b, ch in bytes_to_unicode().items()}
@@ -292,10 +293,10 @@ class TokenMasker:
     a byte trie; :meth:`allowed` walks it from a state, so tokens sharing a rejected prefix are
     dropped together (outside strings only tokens made of whitespace and JSON punctuation get
     past their first bytes).  A state whose allowed first bytes start more than ``WIDE_STATE``
-    tokens (a permissive regex) is walked by byte columns instead (:meth:`_walk_columns`).  Inside a string with no escape or UTF-8 character open, a token is
-    allowed if it keeps the string open -- precomputed (``_in_string``: complete UTF-8 with no
-    quote, backslash or control byte) -- or if a walk over the few tokens that hold one of those
-    accepts it.  A grammar with ``plain_string_spec(state)`` (:class:`.schema.JsonSchemaGrammar`:
+    tokens (a permissive regex) is walked by byte columns instead (:meth:`_walk_columns`).  Inside
+    a string with no escape or UTF-8 character open, a token is allowed if it keeps the string
+    open -- precomputed (``_in_string``: complete UTF-8 with no quote, backslash or control byte)
+    -- or if a walk over the few tokens that hold one of those accepts it.  A grammar with ``plain_string_spec(state)`` (:class:`.schema.JsonSchemaGrammar`:
     strings with a length limit or a repeated character class) narrows the quote-free tokens to a
     class and a most number of characters (``_chars``: characters per token)."""
 
