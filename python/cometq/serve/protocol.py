@@ -65,6 +65,7 @@ class ParsedRequest:
     tool_name: Optional[str] = None
     tool_parser: Optional[str] = None
     tool_names: Tuple[str, ...] = ()
+    parallel_tool_calls: bool = True  # (False: at most one call)
 
     @property
     def prompt_ids(self) -> List[int]:  # (the first prompt: the only one of a chat request)
@@ -403,6 +404,9 @@ def _tools(body: Dict[str, Any], tool_parser: Optional[str] = None):
             raise _bad(f"tools[{i}].function.parameters must be a JSON Schema object", f"tools[{i}].function.parameters",
                        "invalid_type")
         params[name] = p
+    parallel = body.get("parallel_tool_calls", True)
+    if not isinstance(parallel, bool):
+        raise _bad(f"'parallel_tool_calls' must be a boolean, got {parallel!r}", "parallel_tool_calls", "invalid_type")
     if tc is None or tc == "auto":
         if tool_parser is not None:
             return tools, "auto", None, None, tuple(params)
@@ -414,7 +418,7 @@ def _tools(body: Dict[str, Any], tool_parser: Optional[str] = None):
         return None, None, None, None, ()
     if tc == "required":
         mode, name = "required", None
-        schema = {"type": "array", "minItems": 1, "items": {"anyOf": [
+        schema = {"type": "array", "minItems": 1, **({} if parallel else {"maxItems": 1}), "items": {"anyOf": [
             {"type": "object", "properties": {"name": {"const": n}, "parameters": p}, "required": ["name", "parameters"],
              "additionalProperties": False} for n, p in params.items()]}}
     elif (isinstance(tc, dict) and tc.get("type") == "function" and isinstance(tc.get("function"), dict)
@@ -489,4 +493,5 @@ def parse_chat(body: Any, tokenizer, vocab: int, max_tokens_default: int = 256,
     given = body.get("max_completion_tokens") is not None or body.get("max_tokens") is not None
     return ParsedRequest([ids], params, stream, usage, _model(body), given, n=n, prompt_logprobs=prompt_lp,
                          tool_mode=tool_mode, tool_name=tool_name,
-                         tool_parser=tool_parser if tool_mode == "auto" else None, tool_names=tool_names)
+                         tool_parser=tool_parser if tool_mode == "auto" else None, tool_names=tool_names,
+                         parallel_tool_calls=body.get("parallel_tool_calls", True) is not False)

@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .engine import EngineLoop, RequestOutput, RequestRejected
 from .protocol import APIError, ParsedRequest, parse_chat, parse_completion
+from .responses import ResponseStore, history_after, new_response_id, output_items, parse_responses, response_object
 from .tools import TOOL_PARSERS, StreamingToolParser, parse_tool_calls
 from .sampling import TokenText
 
@@ -196,16 +197,33 @@ def create_app(loop_: EngineLoop, tokenizer, config: Optional[ServerConfig] = No
             except asyncio.TimeoutError:
                 continue
 
-    async def _handle(request: Request, chat: bool):
+    async def _admitted(request: Request, run):
+        """Count the request, answer 429 past the concurrency limit, else ``await run(body,
+        submitted)`` with the parsed JSON body; API errors become their responses.  The request is
+        in flight until ``submitted()`` hands it to the engine (whose final output then ends it) or
+        it fails before that."""
         state["http_requests"] += 1
         if state["in_flight"] >= cfg.max_concurrent_requests:
             state["http_errors"] += 1
             return _err(APIError(429, f"too many concurrent requests (limit {cfg.max_concurrent_requests})",
                                  type="rate_limit_error", code="too_many_requests"))
         state["in_flight"] += 1
-        submitted = False  # after submission the engine's final output ends the in-flight count
+        sub = [False]
+
+        def submitted() -> None:
+            sub[0] = True
+
         try:
-            body = await _read_json(request)
+            return await run(await _read_json(request), submitted)
+        except APIError as e:
+            state["http_errors"] += 1
+            return _err(e)
+        finally:
+            if not sub[0]:
+                state["in_flight"] -= 1
+
+    async def _handle(request: Request, chat: bool):
+        async def run(body, submitted):
             try:
                 pr = (parse_chat(body, tokenizer, vocab, tool_parser=cfg.tool_call_parser) if chat
                       else parse_completion(body, tokenizer, vocab))
@@ -213,17 +231,12 @@ def create_app(loop_: EngineLoop, tokenizer, config: Optional[ServerConfig] = No
                 raise APIError(400, str(e), code="invalid_value")
             rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
             q, eids = _submit(pr, rid, asyncio.get_running_loop())
-            submitted = True
+            submitted()
             if pr.stream:
                 return StreamingResponse(_stream(request, q, rid, eids, pr, chat), media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache"})
             return await _full(request, q, rid, eids, pr, chat)
-        except APIError as e:
-            state["http_errors"] += 1
-            return _err(e)
-        finally:
-            if not submitted:
-                state["in_flight"] -= 1
+        return await _admitted(request, run)
 
     # ---- log-probabilities in OpenAI's two shapes. A row: (token id, log-probability or None (the
     # prompt's first token), alternatives ((id, log-probability), ...) or None)
@@ -325,7 +338,8 @@ def create_app(loop_: EngineLoop, tokenizer, config: Optional[ServerConfig] = No
             parsed = parse_tool_calls(pr.tool_parser, text, pr.tool_names)
             if parsed is None:
                 return {"role": "assistant", "content": text}, reason
-            return {"role": "assistant", "content": parsed[0], "tool_calls": _call_objs(parsed[1])}, "tool_calls"
+            calls = parsed[1] if pr.parallel_tool_calls else parsed[1][:1]
+            return {"role": "assistant", "content": parsed[0], "tool_calls": _call_objs(calls)}, "tool_calls"
         calls, reason = _tool_calls(pr, text, reason)
         if calls is None:
             return {"role": "assistant", "content": text}, reason
@@ -473,6 +487,8 @@ def create_app(loop_: EngineLoop, tokenizer, config: Optional[ServerConfig] = No
                         rest, parsed = auto[i].finish()
                         if rest:
                             yield chunk(i, rest, None)
+                        if parsed is not None and not pr.parallel_tool_calls:
+                            parsed = parsed[:1]
                         if parsed is not None:
                             reason = "tool_calls"
                             yield chunk(i, None, None,
@@ -495,6 +511,162 @@ def create_app(loop_: EngineLoop, tokenizer, config: Optional[ServerConfig] = No
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         return await _handle(request, chat=True)
+
+    # ---- OpenAI's Responses API (cometq.serve.responses): a chat request underneath
+    store = ResponseStore()
+
+    async def _gather(request, q, eids) -> Optional[Tuple[str, RequestOutput]]:
+        """(the whole text, the last output) of a one-choice request; None when the client left."""
+        texts, last_check = [], [time.monotonic()]
+        try:
+            while True:
+                item = await _next(q, request, last_check)
+                if item is None:
+                    _abort(eids)
+                    return None
+                out = item[1]
+                if out.finished and out.finish_reason == "error":
+                    _abort(eids)
+                    raise _engine_error(out)
+                texts.append(out.text)
+                if out.finished:
+                    return "".join(texts), out
+        except asyncio.CancelledError:
+            _abort(eids)
+            raise
+
+    def _reply(pr: ParsedRequest, text: str, out: RequestOutput):
+        """(content or None, chat tool_calls or None, incomplete) of a Responses reply."""
+        reason = out.finish_reason if out.finish_reason in ("stop", "length") else "stop"
+        msg, _ = _chat_message(pr, text, reason)
+        content = msg.get("content")
+        if msg.get("tool_calls") and not (content or "").strip():
+            content = None
+        return content, msg.get("tool_calls"), reason == "length"
+
+    def _finish_response(rid, created, echo, msgs, pr, text, out):
+        content, calls, incomplete = _reply(pr, text, out)
+        items = output_items(rid, content, calls, incomplete)
+        resp = response_object(rid, created, cfg.model_name, echo, items, "incomplete" if incomplete else "completed",
+                               _usage(pr, [out]))
+        if echo["store"]:
+            store.put(resp, history_after(msgs, content, calls))
+        return resp
+
+    @app.post("/v1/responses")
+    async def responses(request: Request):
+        async def run(body, submitted):
+            try:
+                pr, echo, msgs = parse_responses(body, tokenizer, vocab, store, tool_parser=cfg.tool_call_parser)
+            except ValueError as e:  # SamplingParams validation
+                raise APIError(400, str(e), code="invalid_value")
+            rid, created = new_response_id(), time.time()
+            q, eids = _submit(pr, rid, asyncio.get_running_loop())
+            submitted()
+            if pr.stream:
+                return StreamingResponse(_responses_stream(request, q, rid, eids, pr, echo, msgs, created),
+                                         media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            got = await _gather(request, q, eids)
+            if got is None:
+                return PlainTextResponse("", status_code=499)
+            return JSONResponse(_finish_response(rid, created, echo, msgs, pr, *got))
+        return await _admitted(request, run)
+
+    async def _responses_stream(request, q, rid, eids, pr, echo, msgs, created):
+        seq = [0]
+
+        def ev(obj: Dict[str, Any]) -> str:
+            obj["sequence_number"] = seq[0]
+            seq[0] += 1
+            return f"event: {obj['type']}\ndata: {json.dumps(obj)}\n\n"
+
+        msg_id = "msg_" + rid[5:]
+        msg_open = [False]
+        streamed: List[str] = []
+
+        def open_message():
+            msg_open[0] = True
+            item = {"type": "message", "id": msg_id, "status": "in_progress", "role": "assistant", "content": []}
+            return [ev({"type": "response.output_item.added", "output_index": 0, "item": item}),
+                    ev({"type": "response.content_part.added", "item_id": msg_id, "output_index": 0,
+                        "content_index": 0, "part": {"type": "output_text", "text": "", "annotations": []}})]
+
+        def delta(text: str):
+            out = open_message() if not msg_open[0] else []
+            streamed.append(text)
+            return out + [ev({"type": "response.output_text.delta", "item_id": msg_id, "output_index": 0,
+                              "content_index": 0, "delta": text, "logprobs": []})]
+
+        auto = StreamingToolParser(pr.tool_parser, pr.tool_names) if pr.tool_mode == "auto" else None
+        done, last_check, texts = False, [time.monotonic()], []
+        try:
+            skeleton = response_object(rid, created, cfg.model_name, echo, [], "in_progress", None)
+            yield ev({"type": "response.created", "response": skeleton})
+            yield ev({"type": "response.in_progress", "response": skeleton})
+            while True:
+                item = await _next(q, request, last_check)
+                if item is None:
+                    return
+                out = item[1]
+                if out.finished and out.finish_reason == "error":
+                    done = True
+                    _abort(eids)
+                    err = _engine_error(out)
+                    yield ev({"type": "error", "code": err.code, "message": err.message, "param": None})
+                    return
+                texts.append(out.text)
+                if out.text and pr.tool_mode is None:
+                    for e in delta(out.text):
+                        yield e
+                elif out.text and auto is not None:
+                    sent = auto.feed(out.text)
+                    if sent:
+                        for e in delta(sent):
+                            yield e
+                if out.finished:
+                    break
+            if auto is not None:  # (the rest of the content: what follows is the final reply)
+                rest, _ = auto.finish()
+                if rest:
+                    for e in delta(rest):
+                        yield e
+            resp = _finish_response(rid, created, echo, msgs, pr, "".join(texts), out)
+            for k, it in enumerate(resp["output"]):
+                if it["type"] == "message":
+                    if not msg_open[0]:  # (not streamed: a tool-call reply that fell back to text)
+                        for e in open_message():
+                            yield e
+                        if it["content"][0]["text"]:
+                            yield ev({"type": "response.output_text.delta", "item_id": msg_id, "output_index": 0,
+                                      "content_index": 0, "delta": it["content"][0]["text"], "logprobs": []})
+                    part = it["content"][0]
+                    yield ev({"type": "response.output_text.done", "item_id": msg_id, "output_index": k,
+                              "content_index": 0, "text": part["text"], "logprobs": []})
+                    yield ev({"type": "response.content_part.done", "item_id": msg_id, "output_index": k,
+                              "content_index": 0, "part": part})
+                else:
+                    yield ev({"type": "response.output_item.added", "output_index": k,
+                              "item": {**it, "arguments": "", "status": "in_progress"}})
+                    yield ev({"type": "response.function_call_arguments.delta", "item_id": it["id"], "output_index": k,
+                              "delta": it["arguments"]})
+                    yield ev({"type": "response.function_call_arguments.done", "item_id": it["id"],
+                              "output_index": k, "arguments": it["arguments"]})
+                yield ev({"type": "response.output_item.done", "output_index": k, "item": it})
+            done = True
+            yield ev({"type": "response.completed" if resp["status"] == "completed" else "response.incomplete",
+                      "response": resp})
+        finally:
+            if not done:
+                _abort(eids)
+
+    @app.get("/v1/responses/{response_id}")
+    async def get_response(response_id: str):
+        got = store.get(response_id)
+        if got is None:
+            return _err(APIError(404, f"response {response_id!r} not found (kept in memory while the server runs, "
+                                 f"the last {store.size} with store: true)", type="not_found_error",
+                                 param="response_id", code="response_not_found"))
+        return JSONResponse(got[0])
 
     # vLLM's token utilities: the served tokenizer (and chat template) without running the model
     @app.post("/tokenize")
