@@ -64,7 +64,7 @@ FORMAT_CHECKS = {
     "uuid": _uuid_ok,
     "ipv4": _ipv4_ok,
     "hostname": lambda v: len(v) <= 253 and all(_LABEL.fullmatch(x) for x in v.split(".")),
-    "email": lambda v: v.count("@") == 1 and all(v.split("@")) and "." in v.split("@")[1],
+    "email": lambda v: len(v) <= 254 and v.count("@") == 1 and all(v.split("@")) and "." in v.split("@")[1],
     "uri": lambda v: bool(re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s/?#]+(/[^\s?#]*)?(\?[^\s#]*)?", v))
     and not re.search(r"%(?![0-9A-Fa-f]{2})", v),
 }

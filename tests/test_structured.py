@@ -458,6 +458,8 @@ def test_schema_grammar_order_and_limits():
     ({"type": "object", "properties": {"a": {"type": "string", "pattern": "\\x0"}}}, "needs 2 hex digits"),
     ({"type": "object", "properties": {"a": {"type": "string", "pattern": "[\\x00-\\x07]"}}}, "no string satisfies"),
     ({"type": "object", "properties": {"a": {"type": "string", "format": "ipv6"}}}, r"format 'ipv6' is not supported"),
+    ({"type": "object", "properties": {"a": {"type": "string", "format": "hostname", "minLength": 300}}},
+     "a hostname has at most 253 characters"),
     ({"type": "object", "properties": {"a": {"type": "string", "format": "date", "pattern": "x"}}}, "together"),
     ({"type": "object", "properties": {"a": {"type": "string", "minLength": 3, "maxLength": 2}}}, "minLength"),
     ({"type": "object", "properties": {"a": {"type": "integer", "minimum": 0.5, "exclusiveMaximum": 1}}},

@@ -79,6 +79,10 @@ FORMATS = {
            rf"(?:\?(?:{_PCHAR}|[/?])*)?",
 }
 
+# formats with a length limit of their own: RFC 1035's 253 characters for a host name, RFC 5321's
+# 254 for an address (what validators check; the masks also keep a small model from rambling)
+_FORMAT_MAX = {"hostname": 253, "email": 254}
+
 # a JSON escape -> the character it stands for (\u escapes are never generated inside a constrained
 # string: a surrogate pair would count as one character or two depending on the validator)
 _ESC_CHAR = {0x22: 0x22, 0x5C: 0x5C, 0x2F: 0x2F, 0x62: 0x08, 0x66: 0x0C, 0x6E: 0x0A, 0x72: 0x0D, 0x74: 0x09}
@@ -559,6 +563,10 @@ class JsonSchemaGrammar:
             if fmt not in FORMATS:
                 raise ValueError(f"json_schema: {path}: format {fmt!r} is not supported (supported: {sorted(FORMATS)})")
             regex = regex_grammar(FORMATS[fmt])
+            if fmt in _FORMAT_MAX:
+                mx = _FORMAT_MAX[fmt] if mx is None else min(mx, _FORMAT_MAX[fmt])
+                if mx < mn:
+                    raise ValueError(f"json_schema: {path}: a {fmt} has at most {mx} characters, minLength is {mn}")
         elif pattern is not None:
             if not isinstance(pattern, str):
                 raise ValueError(f"json_schema: {path}.pattern must be a string, got {pattern!r}")
