@@ -152,7 +152,8 @@ def test_formats(fmt):
            "date-time": ["2023-01-01 12:00:00Z", "2023-01-01T12:00:00"],
            "uuid": ["1234", "123e4567-e89b-12d3-a456-42661417400g"],
            "ipv4": ["1.2.3.256", "01.2.3.4", "1.2.3"], "hostname": ["-a.com", "a..b", ".".join(["a" * 60] * 5)],
-           "email": ["a@b", "@b.co", "a b@c.d", "a" * 250 + "@b.co"], "uri": ["example.com", "http://a b", "http://h/%zz"]}[fmt]
+           "email": ["a@b", "@b.co", "a b@c.d", "a" * 250 + "@b.co"],
+           "uri": ["example.com", "http://a b", "http://h/%zz"]}[fmt]
     for v in bad:
         assert not _done(g, json.dumps({"v": v}).encode()), v
 

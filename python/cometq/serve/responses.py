@@ -89,7 +89,8 @@ def _messages(inp) -> List[Dict[str, Any]]:
         elif t == "function_call":
             if not all(isinstance(it.get(k), str) for k in ("call_id", "name", "arguments")):
                 raise _bad(f"{where}: a function_call item needs string 'call_id', 'name' and 'arguments'", "input")
-            call = {"id": it["call_id"], "type": "function", "function": {"name": it["name"], "arguments": it["arguments"]}}
+            call = {"id": it["call_id"], "type": "function",
+                    "function": {"name": it["name"], "arguments": it["arguments"]}}
             if msgs and msgs[-1]["role"] == "assistant" and msgs[-1].get("tool_calls"):
                 msgs[-1]["tool_calls"].append(call)  # (calls in a row: one assistant turn)
             else:

@@ -388,11 +388,11 @@ class JsonSchemaGrammar:
     required one present, optional ones possibly skipped, no others (as OpenAI's strict mode and
     xgrammar generate them) unless ``additionalProperties`` is a schema (then after them: any
     other key, possibly repeated, as JSON allows -- parsers keep the last); enum / const values in
-    compact JSON; a string with a ``pattern`` / ``format`` matches it in whole (so it also has the unanchored match JSON Schema asks for)
-    and is written with raw UTF-8 and JSON's short escapes (never ``\\uXXXX``); a number with
-    bounds has no exponent; a schema without a type allows any JSON value.  The root must be an
-    object or an array schema (OpenAI's rule is an object; an array is how several tool calls
-    come back): either tells where the document ends."""
+    compact JSON; a string with a ``pattern`` / ``format`` matches it in whole (so it also has the
+    unanchored match JSON Schema asks for) and is written with raw UTF-8 and JSON's short escapes
+    (never ``\\uXXXX``); a number with bounds has no exponent; a schema without a type allows any
+    JSON value.  The root must be an object or an array schema (OpenAI's rule is an object; an
+    array is how several tool calls come back): either tells where the document ends."""
 
     def __init__(self, schema, max_ws: int = MAX_WS):
         if not isinstance(schema, dict):

@@ -296,9 +296,10 @@ class TokenMasker:
     tokens (a permissive regex) is walked by byte columns instead (:meth:`_walk_columns`).  Inside
     a string with no escape or UTF-8 character open, a token is allowed if it keeps the string
     open -- precomputed (``_in_string``: complete UTF-8 with no quote, backslash or control byte)
-    -- or if a walk over the few tokens that hold one of those accepts it.  A grammar with ``plain_string_spec(state)`` (:class:`.schema.JsonSchemaGrammar`:
-    strings with a length limit or a repeated character class) narrows the quote-free tokens to a
-    class and a most number of characters (``_chars``: characters per token)."""
+    -- or if a walk over the few tokens that hold one of those accepts it.  A grammar with
+    ``plain_string_spec(state)`` (:class:`.schema.JsonSchemaGrammar`: strings with a length limit
+    or a repeated character class) narrows the quote-free tokens to a class and a most number of
+    characters (``_chars``: characters per token)."""
 
     def __init__(self, token_bytes: Sequence[Optional[bytes]]):
         self.vocab_size = len(token_bytes)
