@@ -9,9 +9,10 @@ preemption happens) unless ``--url`` points at a running one.  The mix:
   out-of-range parameters, over-long prompts, unknown fields types): each must
   get a 4xx with an OpenAI error body;
 * ``--disconnect`` (default 10%) streams abandoned after a few chunks;
-* the rest: greedy completions / chat, streaming or not, a fifth of them with
-  ``n = 2`` choices and about a tenth in JSON mode (``response_format``
-  ``json_object``: the constraint's state must survive batching and preemption),
+* the rest: greedy completions / chat / Responses API requests (``/v1/responses``),
+  streaming or not, a fifth of the completions and chats with ``n = 2`` choices and
+  about a tenth in JSON mode (``response_format`` ``json_object``: the constraint's
+  state must survive batching and preemption),
   over a fixed set of prompts whose expected text (and finish reason) is computed
   first, one request at a time: every answer (every choice) must equal its
   prompt's expected text exactly (nothing lost, nothing mixed up between
@@ -36,8 +37,12 @@ __all__ = ["run_load_test", "main"]
 
 def _malformed(rng: random.Random, max_prompt: int) -> tuple:
     """(path, raw body bytes) of one malformed request."""
-    kind = rng.randrange(12)
+    kind = rng.randrange(14)
     path = "/v1/completions"
+    if kind == 12:
+        return "/v1/responses", json.dumps({"input": rng.choice([None, [], 5, [{"type": "input_image"}]])}).encode()
+    if kind == 13:
+        return "/v1/responses", json.dumps({"input": "x", "background": True}).encode()
     if kind == 10:
         return path, json.dumps({"prompt": "x", "response_format": rng.choice([{"type": "json_schema"}, "json"])}).encode()
     if kind == 11:
@@ -87,6 +92,32 @@ async def _sse_text(resp, chat: bool, n: int = 1) -> tuple:
     return ["".join(p) for p in parts], reasons
 
 
+async def _sse_response(resp) -> tuple:
+    """(output text, final status) of a Responses event stream (``event:`` / ``data:`` pairs,
+    sequence numbers in order, ending with response.completed / .incomplete)."""
+    parts, final, seq = [], None, 0
+    async for line in resp.aiter_lines():
+        if not line or line.startswith("event: "):
+            continue
+        if not line.startswith("data: "):
+            raise ValueError(f"bad SSE line {line[:80]!r}")
+        obj = json.loads(line[6:])
+        if obj.get("type") == "error":
+            raise ValueError(f"error event {obj}")
+        if obj.get("sequence_number") != seq:
+            raise ValueError(f"sequence_number {obj.get('sequence_number')} where {seq} was due")
+        seq += 1
+        if obj["type"] == "response.output_text.delta":
+            parts.append(obj["delta"])
+        elif obj["type"] in ("response.completed", "response.incomplete"):
+            final = obj["response"]
+    if final is None:
+        raise ValueError("stream ended without response.completed / response.incomplete")
+    if final["output"][0]["content"][0]["text"] != "".join(parts):
+        raise ValueError("the deltas do not add up to the final response's text")
+    return "".join(parts), final["status"]
+
+
 async def _run(url: str, n: int, concurrency: int, p_bad: float, p_disc: float, max_tokens: int,
                max_prompt: int, seed: int, timeout: float) -> Dict:
     import httpx
@@ -134,6 +165,33 @@ async def _run(url: str, n: int, concurrency: int, p_bad: float, p_disc: float, 
                             stats["rejected_ok"] += 1
                         else:
                             stats["failures"].append(f"#{k} malformed {body[:40]!r}: {r.status_code} {r.text[:120]}")
+                        return
+                    if rng.random() < 0.15:  # the Responses API: a chat prompt as input, the chat's answer
+                        i = rng.randrange(len(chats))
+                        body = {"model": base["model"], "input": chats[i][0]["content"], "temperature": 0,
+                                "max_output_tokens": max_tokens, "ignore_eos": True}
+                        if roll < p_bad + p_disc:
+                            async with client.stream("POST", "/v1/responses", json={**body, "stream": True}) as r:
+                                async for _ in r.aiter_lines():
+                                    break
+                            stats["disconnected"] += 1
+                            return
+                        if rng.random() < 0.5:
+                            async with client.stream("POST", "/v1/responses", json={**body, "stream": True}) as r:
+                                if r.status_code != 200:
+                                    await r.aread()
+                                    raise ValueError(f"status {r.status_code}: {r.text[:200]}")
+                                text, status = await _sse_response(r)
+                        else:
+                            r = await client.post("/v1/responses", json=body)
+                            if r.status_code != 200:
+                                raise ValueError(f"status {r.status_code}: {r.text[:200]}")
+                            text, status = r.json()["output"][0]["content"][0]["text"], r.json()["status"]
+                        if (text, status) != (expected_chat[i], "incomplete"):
+                            raise ValueError(f"wrong Responses answer for chat prompt {i}: {text!r} != "
+                                             f"{expected_chat[i]!r} (status {status})")
+                        stats["ok"] += 1
+                        stats["latencies"].append(time.monotonic() - t0)
                         return
                     chat = rng.random() < 0.3
                     as_json = not chat and rng.random() < 0.15
