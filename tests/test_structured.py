@@ -190,6 +190,52 @@ def _engine(model, tok, **kw):
     return Engine(ModelRunner.with_fp_pool(model, num_blocks=64, block_size=16), tok, EngineConfig(**kw))
 
 
+def test_engine_computes_masks_while_the_step_runs(tiny):
+    """The masks a step's constrained samplers need are computed after its forward is queued and
+    before its logits are read (on a GPU: overlapped with the step), then served from the cache."""
+    model, tok = tiny
+    e = _engine(model, tok)
+    events = []
+    forward = e.runner.forward
+
+    class Logits:  # (records when the step's logits are first read)
+        def __init__(self, t):
+            self.t = t
+
+        def argmax(self, dim):
+            events.append("read")
+            return self.t.argmax(dim=dim)
+
+        def cpu(self):
+            return self.t.cpu()
+
+    def fwd(chunks, **kw):
+        events.append("forward")
+        return Logits(forward(chunks, **kw))
+
+    e.runner.forward = fwd
+    r = e.add_request(list(b"json: "), SamplingParams(max_tokens=6, temperature=0.5, seed=1,
+                                                       response_format="json_object"))
+    masker = e.json_masker()
+    allowed = masker.allowed
+    computed = []
+
+    def spy(st, grammar=JSON_OBJECT):
+        hit = (grammar, st) in masker._cache
+        events.append("mask-hit" if hit else "mask")
+        if not hit:
+            computed.append(st)
+        return allowed(st, grammar)
+
+    masker.allowed = spy
+    while e.has_work():
+        e.step()
+    assert len(r.output_ids) == 6
+    steps = " ".join(events).split("forward")[1:]
+    assert len(steps) == 6 and all(s.split()[0] in ("mask", "mask-hit") and s.split()[1] == "read" for s in steps)
+    assert all(s.split()[2:] in (["mask-hit"],) for s in steps)  # (_process applies the cached mask)
+
+
 def test_engine_json_mode_greedy_matches_reference(tiny):
     model, tok = tiny
     tb = token_bytes_table(tok, 260)

@@ -526,6 +526,7 @@ class Engine:
                 fut = self.runner.decode_async(chunks)  # None: run it through forward
             if fut is None:
                 logits = self.runner.forward(chunks, extra_rows=extra) if extra else self.runner.forward(chunks)
+                self._prefetch_masks(plan)  # (while the device runs the step: nothing has synchronized yet)
         except Exception as e:  # fail this step's requests loudly, keep serving the others
             traceback.print_exc()
             for r, _ in plan:
@@ -543,6 +544,15 @@ class Engine:
         greedy = logits.argmax(dim=-1).tolist()
         host = logits.cpu() if any(not r.params.device_greedy for r, _ in plan) else None
         return self._process(plan, greedy, host)
+
+    def _prefetch_masks(self, plan: List[tuple]) -> None:
+        """Compute (into the masker's cache) the token masks this step's constrained samplers will
+        apply, between queueing the forward and reading its logits: on a GPU the host's mask work
+        then overlaps the device's step instead of following it."""
+        for req, n in plan:
+            if (req.grammar is not None and req.json_state is not None and req.num_computed + n >= req.num_tokens
+                    and not req.grammar.done(req.json_state)):
+                self._json_masker.allowed(req.json_state, req.grammar)
 
     def _prompt_logprob_rows(self, plan: List[tuple]):
         """Rows of this step's tokens whose logits give prompt log-probabilities not computed yet
