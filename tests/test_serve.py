@@ -575,6 +575,38 @@ def test_tokenize_detokenize_version(stack, tok):
         assert r.status_code == 400 and r.json()["error"]["param"] == param, (path, body, r.text)
 
 
+def test_chat_template_options(stack, tok):
+    """vLLM's continue_final_message (a prefilled answer continues), chat_template_kwargs (more
+    template variables), add_generation_prompt: the chat endpoint and /tokenize agree."""
+    post = lambda path, body: httpx.post(stack.base_url + path, json=body, timeout=TIMEOUT)  # noqa: E731
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hel"}]
+    want = tok.apply_chat_template(msgs, continue_final_message=True, tokenize=True)["input_ids"]
+    assert bytes(want[-3:]) == b"Hel"  # (left open: no end-of-message token after it)
+    got = post("/tokenize", {"messages": msgs, "continue_final_message": True}).json()["tokens"]
+    assert got == want
+    r = post("/v1/chat/completions", {"model": MODEL, "messages": msgs, "continue_final_message": True,
+                                      "max_tokens": 3, "temperature": 0})
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == len(want)
+    for body, param in (({"continue_final_message": True, "add_generation_prompt": True}, "continue_final_message"),
+                        ({"continue_final_message": "yes"}, "continue_final_message"),
+                        ({"add_generation_prompt": 1}, "add_generation_prompt"),
+                        ({"chat_template_kwargs": ["x"]}, "chat_template_kwargs"),
+                        ({"chat_template_kwargs": {"messages": []}}, "chat_template_kwargs")):
+        r = post("/v1/chat/completions", {"model": MODEL, "messages": msgs, "max_tokens": 2, **body})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (body, r.text)
+    r = post("/v1/chat/completions", {"model": MODEL, "messages": msgs[:1], "continue_final_message": True})
+    assert r.status_code == 400 and "assistant" in r.json()["error"]["message"]
+    # template variables reach the template
+    from cometq.serve.protocol import parse_chat
+    from cometq.serve.tiny import CHATML, byte_tokenizer
+
+    t2 = byte_tokenizer()
+    t2.chat_template = CHATML + "{% if enable_thinking %}<think>{% endif %}"
+    on = parse_chat({"messages": msgs[:1], "chat_template_kwargs": {"enable_thinking": True}}, t2, 260).prompt_ids
+    off = parse_chat({"messages": msgs[:1]}, t2, 260).prompt_ids
+    assert on[:len(off)] == off and bytes(on[len(off):]) == b"<think>"
+
+
 def client_usage(stack, msgs):
     r = httpx.post(stack.base_url + "/v1/chat/completions", json={"model": MODEL, "messages": msgs, "max_tokens": 1},
                    timeout=TIMEOUT)

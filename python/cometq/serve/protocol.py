@@ -436,18 +436,60 @@ def _tools(body: Dict[str, Any], tool_parser: Optional[str] = None):
 
 
 def chat_prompt_ids(tokenizer, messages: List[Dict[str, Any]], add_generation_prompt: bool = True,
-                    tools: Optional[List[Dict[str, Any]]] = None) -> List[int]:
+                    tools: Optional[List[Dict[str, Any]]] = None, continue_final_message: bool = False,
+                    template_kwargs: Optional[Dict[str, Any]] = None) -> List[int]:
     """Token ids of the conversation (with the generation prompt unless told otherwise), via the
     tokenizer's chat template (a plain ``role: text`` transcript when the tokenizer has none);
-    ``tools`` go to the template (templates that know tools describe them to the model)."""
+    ``tools`` go to the template (templates that know tools describe them to the model);
+    ``continue_final_message``: the last message is left open, so the reply continues it (a
+    prefilled answer); ``template_kwargs``: more variables for the template (vLLM's
+    ``chat_template_kwargs``, e.g. ``enable_thinking``)."""
     if getattr(tokenizer, "chat_template", None):
-        kw = {"tools": tools} if tools else {}
+        kw = dict(template_kwargs or {})
+        if tools:
+            kw["tools"] = tools
+        if continue_final_message:
+            kw["continue_final_message"] = True
         out = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True, **kw)
         if isinstance(out, dict) or hasattr(out, "keys"):
             out = out["input_ids"]
         return list(out)
     text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + ("assistant:" if add_generation_prompt else "")
+    if continue_final_message:
+        text = text[:-1]  # (the last line stays open)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+_TEMPLATE_RESERVED = {"messages", "conversation", "tools", "documents", "add_generation_prompt", "continue_final_message",
+                      "tokenize", "return_dict", "return_tensors", "chat_template", "tokenizer_kwargs"}
+
+
+def _template_options(body: Dict[str, Any], messages: List[Dict[str, Any]], add_default: bool):
+    """vLLM's chat template options: ``add_generation_prompt`` (default true),
+    ``continue_final_message`` (the last message, an assistant's, stays open: the reply continues
+    it; excludes a generation prompt) and ``chat_template_kwargs`` (more template variables)."""
+    add = body.get("add_generation_prompt", add_default)
+    cont = body.get("continue_final_message", False)
+    for name, v in (("add_generation_prompt", add), ("continue_final_message", cont)):
+        if not isinstance(v, bool):
+            raise _bad(f"'{name}' must be a boolean, got {v!r}", name, "invalid_type")
+    if cont:
+        if "add_generation_prompt" in body and add:
+            raise _bad("'continue_final_message' and 'add_generation_prompt' exclude each other (the reply either "
+                       "continues the last message or starts a new one)", "continue_final_message")
+        add = False
+        if messages[-1]["role"] != "assistant":
+            raise _bad(f"'continue_final_message' needs the last message to be an assistant's, got "
+                       f"{messages[-1]['role']!r}", "continue_final_message")
+    tkw = body.get("chat_template_kwargs")
+    if tkw is not None:
+        if not isinstance(tkw, dict) or not all(isinstance(k, str) for k in tkw):
+            raise _bad("'chat_template_kwargs' must be an object", "chat_template_kwargs", "invalid_type")
+        clash = sorted(set(tkw) & _TEMPLATE_RESERVED)
+        if clash:
+            raise _bad(f"'chat_template_kwargs' may not set {clash} (the request's own fields)",
+                       "chat_template_kwargs")
+    return add, cont, tkw
 
 
 def parse_chat(body: Any, tokenizer, vocab: int, max_tokens_default: int = 256,
@@ -478,8 +520,10 @@ def parse_chat(body: Any, tokenizer, vocab: int, max_tokens_default: int = 256,
             msg["tool_call_id"] = m["tool_call_id"]
         clean.append(msg)
     tools, tool_mode, tool_name, tool_schema, tool_names = _tools(body, tool_parser)
+    add_generation_prompt, cont, tkw = _template_options(body, clean, add_generation_prompt)
     try:
-        ids = chat_prompt_ids(tokenizer, clean, add_generation_prompt, tools=tools)
+        ids = chat_prompt_ids(tokenizer, clean, add_generation_prompt, tools=tools, continue_final_message=cont,
+                              template_kwargs=tkw)
     except Exception as e:  # (a template that cannot render these messages: the request's fault)
         raise _bad(f"the chat template could not render the messages: {type(e).__name__}: {e}", "messages") from None
     params, stream, usage, _, n, prompt_lp = _common(body, max_tokens_default=max_tokens_default,

@@ -678,12 +678,9 @@ def create_app(loop_: EngineLoop, tokenizer, config: Optional[ServerConfig] = No
             if ("prompt" in body) == ("messages" in body):
                 raise APIError(400, "give exactly one of 'prompt' (text) and 'messages' (a chat)", param="prompt",
                                code="missing_required_parameter")
-            if "messages" in body:
-                add = body.get("add_generation_prompt", True)
-                if not isinstance(add, bool):
-                    raise APIError(400, f"'add_generation_prompt' must be a boolean, got {add!r}",
-                                   param="add_generation_prompt", code="invalid_type")
-                ids = parse_chat({"messages": body["messages"]}, tokenizer, vocab, add_generation_prompt=add).prompt_ids
+            if "messages" in body:  # (the ids the chat endpoint would run, template options included)
+                keep = ("messages", "add_generation_prompt", "continue_final_message", "chat_template_kwargs")
+                ids = parse_chat({k: body[k] for k in keep if k in body}, tokenizer, vocab).prompt_ids
             else:
                 text = body["prompt"]
                 if not isinstance(text, str):
