@@ -132,6 +132,21 @@ def test_chat_stream_matches_non_stream(client, tok):
     assert text == msg.content and reasons == ["length"]
 
 
+def test_continuous_usage_stats(stack):
+    """vLLM's stream_options.continuous_usage_stats: every chunk carries the usage so far, ending
+    at the totals of the non-streamed request."""
+    body = {"model": MODEL, "prompt": "count", "max_tokens": 6, "temperature": 0, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    with httpx.stream("POST", stack.base_url + "/v1/completions", json=body, timeout=TIMEOUT) as r:
+        objs = [json.loads(ln[6:]) for ln in r.iter_lines() if ln.startswith("data: ") and ln != "data: [DONE]"]
+    used = [o["usage"]["completion_tokens"] for o in objs]
+    assert all(o["usage"]["prompt_tokens"] == 5 for o in objs) and used == sorted(used) and used[-1] == 6
+    assert [o["usage"]["total_tokens"] for o in objs] == [5 + u for u in used] and objs[-1]["choices"] == []
+    r = httpx.post(stack.base_url + "/v1/completions", timeout=TIMEOUT,
+                   json={**body, "stream_options": {"continuous_usage_stats": "yes"}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stream_options"
+
+
 def test_seed_determinism(client):
     kw = dict(model=MODEL, prompt="seeded", max_tokens=16, temperature=1.0, top_p=0.9, extra_body={"ignore_eos": True})
     a = client.completions.create(seed=42, **kw).choices[0].text

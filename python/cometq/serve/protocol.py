@@ -66,6 +66,8 @@ class ParsedRequest:
     tool_parser: Optional[str] = None
     tool_names: Tuple[str, ...] = ()
     parallel_tool_calls: bool = True  # (False: at most one call)
+    # vLLM's stream_options.continuous_usage_stats: every chunk carries the usage so far
+    continuous_usage: bool = False
 
     @property
     def prompt_ids(self) -> List[int]:  # (the first prompt: the only one of a chat request)
@@ -284,6 +286,8 @@ def _common(body: Dict[str, Any], *, max_tokens_default: int, max_tokens_names: 
         if not stream:
             raise _bad("'stream_options' is only allowed when 'stream' is true", "stream_options")
         include_usage = bool(so.get("include_usage", False))
+        if not isinstance(so.get("continuous_usage_stats", False), bool):
+            raise _bad("'stream_options.continuous_usage_stats' must be a boolean", "stream_options", "invalid_type")
     if prompt_lp is not None and stream:  # (as vLLM: they would all precede the first token anyway)
         raise _bad("'prompt_logprobs' is not available with 'stream': true", "prompt_logprobs", "unsupported_value")
     # one computation of the prompt's rows serves echo's (``logprobs`` alternatives) and prompt_logprobs'
@@ -295,6 +299,12 @@ def _common(body: Dict[str, Any], *, max_tokens_default: int, max_tokens_names: 
                             logprobs=logprobs, prompt_logprobs=max(wanted) if wanted else None,
                             logit_bias=logit_bias, min_tokens=min_tokens, **constraint)
     return params, stream, include_usage, echo, n, prompt_lp
+
+
+def _continuous_usage(body) -> bool:
+    """vLLM's ``stream_options.continuous_usage_stats`` (checked in :func:`_common`)."""
+    so = body.get("stream_options")
+    return isinstance(so, dict) and so.get("continuous_usage_stats") is True
 
 
 def _model(body) -> str:
@@ -347,7 +357,7 @@ def parse_completion(body: Any, tokenizer, vocab: int, max_tokens_default: int =
                    "prompt" if len(prompts) > 1 else "n")
     texts = [x if isinstance(x, str) else tokenizer.decode(ids) for x, ids in zip(batch, prompts)] if echo else None
     return ParsedRequest(prompts, params, stream, usage, _model(body), body.get("max_tokens") is not None, echo,
-                         texts, n, prompt_lp)
+                         texts, n, prompt_lp, continuous_usage=_continuous_usage(body))
 
 
 _ROLES = ("system", "user", "assistant", "developer", "tool")
@@ -538,4 +548,5 @@ def parse_chat(body: Any, tokenizer, vocab: int, max_tokens_default: int = 256,
     return ParsedRequest([ids], params, stream, usage, _model(body), given, n=n, prompt_logprobs=prompt_lp,
                          tool_mode=tool_mode, tool_name=tool_name,
                          tool_parser=tool_parser if tool_mode == "auto" else None, tool_names=tool_names,
-                         parallel_tool_calls=body.get("parallel_tool_calls", True) is not False)
+                         parallel_tool_calls=body.get("parallel_tool_calls", True) is not False,
+                         continuous_usage=_continuous_usage(body))

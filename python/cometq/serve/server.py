@@ -414,6 +414,7 @@ def create_app(loop_: EngineLoop, tokenizer, config: Optional[ServerConfig] = No
             return obj_
 
         tool_text = [""] * n  # (tool calls) generated text so far
+        ctoks = [0] * n  # tokens generated so far per choice (continuous usage)
         call_ids = [_call_id() for _ in range(n)] if pr.tool_mode == "named" else None
         auto = [StreamingToolParser(pr.tool_parser, pr.tool_names) for _ in range(n)] \
             if chat and pr.tool_mode == "auto" else None
@@ -434,7 +435,10 @@ def create_app(loop_: EngineLoop, tokenizer, config: Optional[ServerConfig] = No
             else:
                 choice = {"index": i, "text": delta_text or "", "logprobs": lp_obj(i, rows), "finish_reason": reason}
             c = {"id": rid, "object": obj, "created": created, "model": cfg.model_name, "choices": [choice]}
-            if pr.include_usage:
+            if pr.continuous_usage:  # (vLLM: the usage so far on every chunk)
+                p, done_ = sum(len(x) for x in pr.prompts), sum(ctoks)
+                c["usage"] = {"prompt_tokens": p, "completion_tokens": done_, "total_tokens": p + done_}
+            elif pr.include_usage:
                 c["usage"] = None
             return f"data: {json.dumps(c)}\n\n"
 
@@ -459,6 +463,7 @@ def create_app(loop_: EngineLoop, tokenizer, config: Optional[ServerConfig] = No
                     yield chunk(i, _echo(pr, i), None, rows=prows)
                     echo[i] = False
                 pending[i].extend(_rows(out.logprobs))
+                ctoks[i] = out.completion_tokens
                 if out.text and chat and pr.tool_mode == "named":  # the arguments, streamed as they come
                     head = {"id": call_ids[i], "type": "function", "function": {"name": pr.tool_name}} \
                         if not tool_text[i] else {"function": {}}
