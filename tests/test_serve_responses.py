@@ -181,6 +181,8 @@ def test_store_and_previous_response_id(client, stack):
     ({"input": "x", "tools": [{"type": "web_search"}]}, 400, "tools[0]"),
     ({"input": "x", "background": True}, 400, "background"),
     ({"input": "x", "reasoning": {"effort": "high"}}, 400, "reasoning"),
+    ({"input": "x", "top_logprobs": 2}, 400, "top_logprobs"),
+    ({"input": "x", "include": ["message.output_text.logprobs"]}, 400, "include"),
     ({"input": "x", "text": {"format": "json"}}, 400, "text"),
     ({"input": "x", "text": {"format": {"type": "xml"}}}, 400, "text"),
     ({"input": "x", "max_output_tokens": 0}, 400, "max_output_tokens"),

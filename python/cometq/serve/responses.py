@@ -29,7 +29,10 @@ _PASS = ("model", "temperature", "top_p", "stream", "seed", "stop", "top_k", "mi
          "presence_penalty", "frequency_penalty", "logit_bias", "ignore_eos", "guided_json", "guided_choice",
          "guided_regex", "structured_outputs", "parallel_tool_calls")
 _UNSUPPORTED = {"background": (False, None), "conversation": (None,), "prompt": (None,), "reasoning": (None, {}),
-                "max_tool_calls": (None,)}
+                "max_tool_calls": (None,), "top_logprobs": (None, 0), "include": (None, []),
+                "truncation": (None, "disabled", "auto")}
+# (field -> the values that ask for nothing unsupported; truncation "auto" only differs past the
+# context, where the request is a 400 naming the prompt's length instead)
 
 
 class ResponseStore:
@@ -193,7 +196,7 @@ def parse_responses(body: Any, tokenizer, vocab: int, store: ResponseStore, tool
             "tools": body.get("tools") or [], "tool_choice": body.get("tool_choice", "auto"),
             "parallel_tool_calls": body.get("parallel_tool_calls", True), "previous_response_id": prev,
             "store": body.get("store", True), "metadata": meta or {}, "text": {"format": fmt or {"type": "text"}},
-            "user": body.get("user"), "truncation": "disabled"}
+            "user": body.get("user"), "truncation": body.get("truncation") or "disabled"}
     return pr, echo, msgs
 
 
