@@ -110,8 +110,9 @@ def test_engine_regex_greedy_matches_reference_and_samples_match():
         SamplingParams(regex="a")
 
 
-@pytest.mark.parametrize("wide", [0, 1 << 30], ids=["column-walk", "trie-walk"])
-def test_masker_with_regex_equals_per_token_check(wide):
+@pytest.mark.parametrize("wide,cols", [(0, 64), (0, 3), (1 << 30, 64)],
+                         ids=["column-walk", "column-walk-3", "trie-walk"])
+def test_masker_with_regex_equals_per_token_check(wide, cols):
     import torch
 
     from _schema_check import per_token_mask
@@ -123,7 +124,7 @@ def test_masker_with_regex_equals_per_token_check(wide):
     pieces = {"".join(rng.choice(alphabet) for _ in range(rng.randint(1, 5))).encode() for _ in range(600)}
     vocab = [None, b""] + sorted(pieces | {bytes([b]) for b in range(256)} | {b"\xc3", b"\xa9", b"\xe4\xb8"})
     m = TokenMasker(vocab)
-    m.WIDE_STATE = wide
+    m.WIDE_STATE, m.MAX_COLUMNS = wide, cols
     checked = 0
     for _ in range(30):
         g = RegexGrammar(_rand_pattern(rng))

@@ -207,8 +207,9 @@ def test_additional_properties_schema():
     assert _done(g, b'{"o":{"x":"s"}}') and not _done(g, b'{"o":{"x":1}}')
 
 
-@pytest.mark.parametrize("wide", [0, 1 << 30], ids=["column-walk", "trie-walk"])
-def test_masker_length_budget_equals_per_token_check(wide):
+@pytest.mark.parametrize("wide,cols", [(0, 64), (0, 3), (1 << 30, 64)],
+                         ids=["column-walk", "column-walk-3", "trie-walk"])
+def test_masker_length_budget_equals_per_token_check(wide, cols):
     """The in-string fast paths (a length limit: quote-free tokens of at most the characters
     left; a repeated class: those of the class), the rest by a walk of the trie or of the byte
     columns -- the same as checking every token."""
@@ -218,7 +219,7 @@ def test_masker_length_budget_equals_per_token_check(wide):
               "a\tb", "cab", "\u00e9\u00e9\u00e9\u00e9"]
     vocab = [p.encode() for p in pieces] + [b"\xc3", b"\xa9", b"\xe4\xb8"] + [bytes([b]) for b in range(256)]
     m = TokenMasker(vocab)
-    m.WIDE_STATE = wide
+    m.WIDE_STATE, m.MAX_COLUMNS = wide, cols
     schemas = [{"type": "string", "minLength": 1, "maxLength": 3}, {"type": "string", "maxLength": 0},
                {"type": "string", "minLength": 2}, {"type": "string", "pattern": "^[a-c]{1,4}$", "maxLength": 3},
                {"type": "string", "format": "date"}, {"type": "integer", "minimum": 5, "maximum": 120},

@@ -134,12 +134,13 @@ def _vocab(rng: random.Random):
     return [None, b""] + sorted(toks)  # (a special token and an empty one: never allowed)
 
 
-@pytest.mark.parametrize("wide", [0, 1 << 30], ids=["column-walk", "trie-walk"])
-def test_masker_equals_per_token_check(wide):
+@pytest.mark.parametrize("wide,cols", [(0, 64), (0, 3), (1 << 30, 64)],
+                         ids=["column-walk", "column-walk-3", "trie-walk"])
+def test_masker_equals_per_token_check(wide, cols):
     rng = random.Random(2)
     vocab = _vocab(rng)
     m = TokenMasker(vocab)
-    m.WIDE_STATE = wide
+    m.WIDE_STATE, m.MAX_COLUMNS = wide, cols
     states = [(JSON_START, JSON_OBJECT)]
     for k in range(40):
         g = JSON_OBJECT if k % 2 else JsonObjectGrammar(WIDE)  # (both allowances: indented documents too)
@@ -534,12 +535,13 @@ def test_schema_grammar_errors(schema, match):
         JsonSchemaGrammar(schema)
 
 
-@pytest.mark.parametrize("wide", [0, 1 << 30], ids=["column-walk", "trie-walk"])
-def test_masker_with_schema_grammar_equals_per_token_check(wide):
+@pytest.mark.parametrize("wide,cols", [(0, 64), (0, 3), (1 << 30, 64)],
+                         ids=["column-walk", "column-walk-3", "trie-walk"])
+def test_masker_with_schema_grammar_equals_per_token_check(wide, cols):
     rng = random.Random(4)
     vocab = _vocab(rng)
     m = TokenMasker(vocab)
-    m.WIDE_STATE = wide
+    m.WIDE_STATE, m.MAX_COLUMNS = wide, cols
     checked = 0
     for root, defs, docs in _schema_cases(5, 8):
         g = JsonSchemaGrammar(root)

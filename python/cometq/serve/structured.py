@@ -388,15 +388,21 @@ class TokenMasker:
     # takes ~1 ms in structural states, where the column walk takes ~2.
     WIDE_STATE = 4096
 
+    MAX_COLUMNS = 64  # token bytes the matrix holds (a vocabulary's few longer tokens are finished one by one)
+
     def _token_matrix(self) -> np.ndarray:
-        """The tokens' bytes as rows ``[V, longest + 1]`` padded with 256 (built once, on first use)."""
+        """The tokens' first bytes as rows ``[V, W + 1]`` (W = the longest token, at most
+        ``MAX_COLUMNS``), padded with 256; column W is 257 for a token with more bytes than W
+        (built once, on first use; ~6.4 MB for SmolLM2's 49k tokens)."""
         with self._lock:
             if self._bytes is None:
-                lens = [len(b) if b else 0 for b in self.token_bytes]
-                mat = np.full((self.vocab_size, max(lens) + 1), 256, dtype=np.int16)
+                w = min(max(len(b) if b else 0 for b in self.token_bytes), self.MAX_COLUMNS)
+                mat = np.full((self.vocab_size, w + 1), 256, dtype=np.int16)
                 for t, b in enumerate(self.token_bytes):
                     if b:
-                        mat[t, :len(b)] = np.frombuffer(b, dtype=np.uint8)
+                        mat[t, :min(len(b), w)] = np.frombuffer(b[:w], dtype=np.uint8)
+                        if len(b) > w:
+                            mat[t, w] = 257
                 self._bytes = mat
             return self._bytes
 
@@ -420,6 +426,11 @@ class TokenMasker:
                 idx, cur, b = idx[live], cur[live], b[live]
                 if not len(idx):
                     break
+            if j == mat.shape[1] - 1:  # (tokens longer than the matrix: their other bytes one by one)
+                rest = [t for t, k in zip(idx.tolist(), cur.tolist())
+                        if grammar_feed(grammar, states[k], self.token_bytes[t][j:]) is not None]
+                ok.append(np.array(rest, dtype=np.int64))
+                break
             codes = cur * 256 + b
             table = np.full(len(states) * 256, -1, dtype=np.int64)
             seen = np.zeros(len(table), dtype=bool)
@@ -449,16 +460,18 @@ class TokenMasker:
             hit = self._class_masks.get(klass)
         if hit is None:
             mat = self._token_matrix()
-            tab = np.zeros(257, dtype=bool)
-            tab[256] = True
+            tab = np.zeros(258, dtype=bool)  # (257, a longer token's mark, is checked below)
+            tab[256] = tab[257] = True
             for b in range(0x80):
                 tab[b] = (b in klass.ascii) != klass.neg
             tab[0x80:0x100] = klass.neg
             plain = self._in_string.numpy()
             ok = tab[mat].all(axis=1) & plain
+            check = plain & (mat[:, -1] == 257)  # (longer than the matrix: checked whole)
             if klass.other and not klass.neg:
-                wide = plain & ((mat >= 0x80) & (mat < 0x100)).any(axis=1)  # (plain tokens with non-ASCII)
-                for t in np.nonzero(wide)[0].tolist():
+                check |= plain & ((mat >= 0x80) & (mat < 0x100)).any(axis=1)  # (plain tokens with non-ASCII)
+            if check.any():
+                for t in np.nonzero(check)[0].tolist():
                     ok[t] = all(klass.contains(ch) for ch in self.token_bytes[t].decode("utf-8"))
             hit = torch.from_numpy(ok)
             with self._lock:
