@@ -24,6 +24,8 @@ CASES = [
     ("hermes", '<tool_call>{"name": "nope", "arguments": {}}</tool_call>', None),  # (not a tool of the request)
     ("hermes", '<tool_call>{"name": "add", "arguments": [1]}</tool_call>', None),  # (arguments not an object)
     ("hermes", '<tool_call>{"name": "add"} trailing</tool_call>', None),
+    ("hermes", '<tool_call>{"name": "add", "arguments": {"a": NaN}}</tool_call>', None),  # (not strict JSON)
+    ("hermes", '<tool_call>{"name": "add", "arguments": "{\\"a\\": Infinity}"}</tool_call>', None),
     ("hermes", '<tool_call>{"name": "add"}</tool_call> and then text', None),
     ("llama3_json", '{"name": "add", "parameters": {"a": 1, "b": 2}}', (None, [ADD])),
     ("llama3_json", '<|python_tag|>{"name": "add", "parameters": {"a": 1, "b": 2}}; '
@@ -41,6 +43,7 @@ CASES = [
     ("pythonic", '  [add(a=1, b=2)]\n', (None, [ADD])),
     ("pythonic", "[add(1, 2)]", None),  # (positional arguments: no names to give them)
     ("pythonic", "[add(a=x)]", None),  # (not a literal)
+    ("pythonic", "[add(a=1e999)]", None),  # (infinite: not JSON)
     ("pythonic", "[print(a=1)]", None),
     ("pythonic", "[1, 2, 3]", None),
     ("pythonic", "The answer: [add(a=1)]", None),

@@ -187,10 +187,8 @@ def parse_responses(body: Any, tokenizer, vocab: int, store: ResponseStore, tool
         p = e.param or ""
         e.param = ("input" if p.startswith("messages") else "max_output_tokens" if p in ("max_tokens", "min_tokens")
                    else "text" if p == "response_format" else p or None)
-        e.message = e.message.replace("'max_tokens'", "'max_output_tokens'").replace("messages[", "input[")
+        e.message = e.message.replace("'max_tokens'", "'max_output_tokens'")
         raise
-    if pr.n != 1:
-        raise _bad("'n' is not a Responses parameter", "n", "unsupported_parameter")
     echo = {"instructions": instructions, "max_output_tokens": body.get("max_output_tokens"),
             "temperature": body.get("temperature", 1.0), "top_p": body.get("top_p", 1.0),
             "tools": body.get("tools") or [], "tool_choice": body.get("tool_choice", "auto"),

@@ -30,6 +30,13 @@ __all__ = ["TOOL_PARSERS", "parse_tool_calls", "StreamingToolParser"]
 Call = Tuple[str, Dict]  # (name, arguments)
 
 
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")  # (NaN / Infinity: arguments must be strict JSON)
+
+
+_DECODER = json.JSONDecoder(parse_constant=_no_constant)
+
+
 def _call(obj, arg_keys: Sequence[str], names) -> Optional[Call]:
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or obj["name"] not in names:
         return None
@@ -38,7 +45,7 @@ def _call(obj, arg_keys: Sequence[str], names) -> Optional[Call]:
             args = obj[k]
             if isinstance(args, str):  # (some models write the arguments as JSON text)
                 try:
-                    args = json.loads(args)
+                    args = _DECODER.decode(args)
                 except ValueError:
                     return None
             return (obj["name"], args) if isinstance(args, dict) else None
@@ -47,7 +54,7 @@ def _call(obj, arg_keys: Sequence[str], names) -> Optional[Call]:
 
 def _json_objects(text: str, sep: str = "") -> Optional[list]:
     """JSON values one after another (whitespace and ``sep`` between them), or None."""
-    dec, out, i = json.JSONDecoder(), [], 0
+    dec, out, i = _DECODER, [], 0
     while True:
         while i < len(text) and (text[i].isspace() or (sep and text[i] == sep and out)):
             i += 1
@@ -119,7 +126,7 @@ def _pythonic(text: str, names) -> Optional[Tuple[str, List[Call]]]:
             return None
         try:
             args = {k.arg: ast.literal_eval(k.value) for k in e.keywords}
-            json.dumps(args)
+            json.dumps(args, allow_nan=False)  # (JSON-able, strictly)
         except (ValueError, TypeError, SyntaxError, RecursionError):
             return None
         calls.append((e.func.id, args))
