@@ -400,6 +400,15 @@ def test_auto_tool_choice_with_a_parser(model, tok):
             content, calls, reasons = _tool_stream(client.chat.completions.create(
                 stream=True, extra_body={"guided_regex": re.escape(forced)}, **kw))
             assert content == forced and not calls and reasons == ["stop"]
+        # parallel_tool_calls false: the first of the calls the model wrote
+        two = call + '<tool_call>{"name": "get_weather", "arguments": {"city": "X", "unit": "C"}}</tool_call>'
+        kw2 = {**kw, "max_tokens": 200, "extra_body": {"guided_regex": re.escape(two)}}
+        for par, want in ((True, ["add", "get_weather"]), (False, ["add"])):
+            r = client.chat.completions.create(parallel_tool_calls=par, **kw2)
+            assert [t.function.name for t in r.choices[0].message.tool_calls] == want
+            content, calls, reasons = _tool_stream(client.chat.completions.create(stream=True, parallel_tool_calls=par,
+                                                                                   **kw2))
+            assert [calls[j][1] for j in sorted(calls)] == want and reasons == ["tool_calls"]
         # the other modes still work beside it
         r = client.chat.completions.create(tool_choice={"type": "function", "function": {"name": "add"}},
                                            **{**kw, "max_tokens": 60, "temperature": 0.8, "seed": 1,

@@ -313,6 +313,10 @@ def create_app(loop_: EngineLoop, tokenizer, config: Optional[ServerConfig] = No
     def _call_id() -> str:
         return "call_" + uuid.uuid4().hex[:24]
 
+    def _allowed_calls(pr: ParsedRequest, calls: list) -> list:
+        """``parallel_tool_calls: false``: the first call the model wrote."""
+        return calls if pr.parallel_tool_calls else calls[:1]
+
     def _call_objs(calls) -> List[Dict[str, Any]]:
         return [{"id": _call_id(), "type": "function",
                  "function": {"name": name, "arguments": json.dumps(args, ensure_ascii=False)}} for name, args in calls]
@@ -338,8 +342,8 @@ def create_app(loop_: EngineLoop, tokenizer, config: Optional[ServerConfig] = No
             parsed = parse_tool_calls(pr.tool_parser, text, pr.tool_names)
             if parsed is None:
                 return {"role": "assistant", "content": text}, reason
-            calls = parsed[1] if pr.parallel_tool_calls else parsed[1][:1]
-            return {"role": "assistant", "content": parsed[0], "tool_calls": _call_objs(calls)}, "tool_calls"
+            return ({"role": "assistant", "content": parsed[0], "tool_calls": _call_objs(_allowed_calls(pr, parsed[1]))},
+                    "tool_calls")
         calls, reason = _tool_calls(pr, text, reason)
         if calls is None:
             return {"role": "assistant", "content": text}, reason
@@ -492,12 +496,10 @@ def create_app(loop_: EngineLoop, tokenizer, config: Optional[ServerConfig] = No
                         rest, parsed = auto[i].finish()
                         if rest:
                             yield chunk(i, rest, None)
-                        if parsed is not None and not pr.parallel_tool_calls:
-                            parsed = parsed[:1]
                         if parsed is not None:
                             reason = "tool_calls"
-                            yield chunk(i, None, None,
-                                        tool_calls=[{"index": j, **c} for j, c in enumerate(_call_objs(parsed))])
+                            calls = _call_objs(_allowed_calls(pr, parsed))
+                            yield chunk(i, None, None, tool_calls=[{"index": j, **c} for j, c in enumerate(calls)])
                     yield chunk(i, None if chat else "", reason)
             done = True
             if pr.include_usage:
@@ -587,7 +589,6 @@ def create_app(loop_: EngineLoop, tokenizer, config: Optional[ServerConfig] = No
 
         msg_id = "msg_" + rid[5:]
         msg_open = [False]
-        streamed: List[str] = []
 
         def open_message():
             msg_open[0] = True
@@ -598,7 +599,6 @@ def create_app(loop_: EngineLoop, tokenizer, config: Optional[ServerConfig] = No
 
         def delta(text: str):
             out = open_message() if not msg_open[0] else []
-            streamed.append(text)
             return out + [ev({"type": "response.output_text.delta", "item_id": msg_id, "output_index": 0,
                               "content_index": 0, "delta": text, "logprobs": []})]
 
